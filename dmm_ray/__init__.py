@@ -1,0 +1,23 @@
+"""dmm-ray: distillation-based model merging of Stable Diffusion checkpoints on Ray."""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "StyleUNet": "dmm_ray.models.style_unet",
+    "DMMPipeline": "dmm_ray.pipeline",
+    "DMMXLPipeline": "dmm_ray.pipeline",
+    "TeacherSpec": "dmm_ray.teachers",
+    "load_teacher": "dmm_ray.teachers",
+    "tiny_sd_components": "dmm_ray.tiny",
+}
+
+
+def __getattr__(name):  # lazy: `import dmm_ray` must not import torch/diffusers
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = list(_LAZY)
