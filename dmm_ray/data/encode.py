@@ -199,7 +199,7 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
             fn_kwargs=dict(resolution=e.resolution, filesystem=index.filesystem),
         )
         ds = ds.map_batches(
-            VAEEncoder, batch_size=e.batch_size, batch_format="numpy", concurrency=e.concurrency, num_gpus=e.num_gpus,
+            VAEEncoder, batch_size=e.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_gpus=e.num_gpus,
             fn_constructor_kwargs=dict(vae_path=cfg.vae_path(), resolution=e.resolution, use_gpu=e.num_gpus > 0, dtype=e.dtype,
                                        latent_sampling=e.latent_sampling, seed=cfg.stream.seed),
         )

@@ -110,7 +110,7 @@ def build_latent_dataset(cfg: DataConfig, shards: Optional[str] = None):
         fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer_path()),
         batch_format="pyarrow",
         batch_size=max(256, cfg.stream.batch_size),
-        concurrency=cfg.stream.tokenize_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.stream.tokenize_concurrency),
     )
 
 
