@@ -49,7 +49,10 @@ def validate_before_ray(cfg: MergeConfig) -> None:
 
 def init_ray(cfg: MergeConfig):
     import ray
+    from ray.data import DataContext
 
+    # The training loop shows one progress bar per stage; Ray Data's per-operator bars would drown it.
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")

@@ -49,9 +49,9 @@ def tiny_merge_config(world: dict, out: Path, **sections) -> dict:
         "output_dir": str(out),
         "teachers": world["teachers"],
         "student": {"base": world["base"]},
-        "data": {"base": world["base"], "shards": world["shards"], "stream": {"batch_size": 4, "tokenize_concurrency": 1}, "encode": {"resolution": 32}},
+        "data": {"base": world["base"], "shards": world["shards"], "stream": {"batch_size": 4}, "encode": {"resolution": 32}},
         "distill": {"steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-4},
-        "scaling": {"workers_per_teacher": 1, "cpus_per_worker": 1},
+        "scaling": {"workers_per_teacher": 1, "cpus_per_worker": 0.5},
         "synthesis": {"images_per_teacher": 4, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2, "finetune_batch_size": 2, "resolution": 32},
     }
     for key, value in sections.items():
