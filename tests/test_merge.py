@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,11 +100,13 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     dashboard = ray_cluster.dashboard_url
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{dashboard}", "--working-dir", str(REPO),
-         "--", sys.executable, "jobs/merge.py", "--config", str(path)],
-        capture_output=True, text=True, timeout=900,
-    )
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{dashboard}", "--working-dir", str(REPO),
+               "--", sys.executable, "jobs/merge.py", "--config", str(path)]
+    for _ in range(30):  # the head's job agent registers a little after the head is up
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stderr:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "merged" / "unet" / "config.json").exists()
     assert "merged model:" in proc.stdout
