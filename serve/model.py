@@ -89,7 +89,7 @@ class StyleModelBackend:
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         t0 = time.perf_counter()
         try:
-            pipe = DMMPipeline.from_pretrained(str(path), torch_dtype=dtype)
+            pipe = DMMPipeline.from_pretrained(str(path), dtype=dtype)
         except Exception as exc:  # corrupt / foreign folder: say which folder
             raise ModelLoadError(f"could not load a DMMPipeline from {str(path)!r}: {exc}") from exc
         self.pipe = pipe.to(self.device)
