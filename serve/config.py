@@ -58,6 +58,9 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most samples (images) in one forward")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: how long to wait to fill a batch")
     max_ongoing_requests: int = Field(32, ge=1, description="queued samples per model replica before backpressure")
+    router_max_ongoing_requests: int = Field(
+        256, ge=1, description="concurrent HTTP requests per router replica (each waits on the model's batches)"
+    )
     default_steps: int = Field(25, ge=1, description="num_inference_steps when a request names none (paper: 25)")
     default_guidance: float = Field(7.0, ge=0, description="CFG scale when a request names none (paper: 7)")
     limits: ServeLimits = Field(default_factory=ServeLimits)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import Counter
+import time
+from collections import Counter, defaultdict, deque
 from typing import Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ class StyleModel:
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: Counter = Counter()
         self.mixed_style_batches = 0
+        self.forward_s: dict[int, deque] = defaultdict(lambda: deque(maxlen=1000))  # batch size -> seconds
 
     def info(self) -> dict:
         """Styles, native size, and batching counters (tests and the benchmark read them)."""
@@ -47,7 +49,10 @@ class StyleModel:
             "pid": os.getpid(),
             "batch_sizes": dict(self.batch_sizes),
             "mixed_style_batches": self.mixed_style_batches,
+            "forward_s": {k: list(v) for k, v in self.forward_s.items()},
             "load_seconds": self.backend.load_seconds,
+            "rss_bytes": rss_bytes(),
+            "param_bytes": self.backend.param_bytes(),
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -56,7 +61,21 @@ class StyleModel:
         if len({s.weights for s in samples}) > 1:
             self.mixed_style_batches += 1
         # The forward runs off the event loop so the replica keeps queueing the next batch.
-        return await asyncio.to_thread(self.backend.generate, samples)
+        t0 = time.perf_counter()
+        images = await asyncio.to_thread(self.backend.generate, samples)
+        self.forward_s[len(samples)].append(time.perf_counter() - t0)
+        return images
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class HandleService:
@@ -112,4 +131,5 @@ def build_deployments(cfg: ServeConfig):
     model = StyleModel.options(**model_options).bind(
         cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s
     )
-    return StyleRouter.bind(model, cfg.model_dump())
+    router = StyleRouter.options(max_ongoing_requests=cfg.router_max_ongoing_requests)
+    return router.bind(model, cfg.model_dump())

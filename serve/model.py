@@ -77,6 +77,15 @@ def pick_device(device: str) -> str:
     return device
 
 
+def pipeline_param_bytes(pipe) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name in ("unet", "vae", "text_encoder")
+        if getattr(pipe, name, None) is not None
+        for p in getattr(pipe, name).parameters()
+    )
+
+
 class StyleModelBackend:
     """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`."""
 
@@ -104,6 +113,10 @@ class StyleModelBackend:
             int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
         )
         logger.info("loaded %s (%d styles) on %s in %.1fs", path, len(self.style_names), self.device, self.load_seconds)
+
+    def param_bytes(self) -> int:
+        """Bytes of every weight the pipeline holds (UNet, VAE, text encoder)."""
+        return pipeline_param_bytes(self.pipe)
 
     def styles(self) -> list[StyleInfo]:
         return [StyleInfo(index=i, name=n, description=d) for i, (n, d) in enumerate(zip(self.style_names, self.descriptions))]
