@@ -79,22 +79,38 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+EXAMPLE_BODY = '{"prompt": "a red circle", "style": 0}'
+# Fields whose type is a union: pydantic reports one error per member; say it once, in words.
+UNION_EXPECTED = {
+    "prompt": "a string or a list of strings",
+    "style": "a style name (string) or index (integer)",
+    "weights": "an object {style name: weight} or a list with one number per style",
+}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     """FastAPI's error list -> (status, one readable line per bad field)."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
-        return 400, f"malformed JSON body ({detail}); send a JSON object like {{\"prompt\": \"a red circle\", \"style\": 0}}"
+        return 400, f"malformed JSON body ({detail}); send a JSON object like {EXAMPLE_BODY}"
     lines = []
     for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        if e.get("type") == "extra_forbidden":
-            lines.append(f"unknown field {loc!r}; allowed fields: {', '.join(GenerateRequest.model_fields)}")
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        name = ".".join(loc)
+        if not loc:
+            if e.get("type") == "missing":
+                lines.append(f"request body is missing; send a JSON object like {EXAMPLE_BODY}")
+            else:
+                lines.append(f"the body must be a JSON object like {EXAMPLE_BODY} (got {e.get('input')!r})")
+        elif e.get("type") == "extra_forbidden":
+            lines.append(f"unknown field {name!r}; allowed fields: {', '.join(GenerateRequest.model_fields)}")
         elif e.get("type") == "missing":
-            lines.append(f"missing required field {loc!r}")
+            lines.append(f"missing required field {name!r}")
+        elif loc[0] in UNION_EXPECTED and len(loc) == 2 and not loc[1].isdigit():
+            lines.append(f"{loc[0]} must be {UNION_EXPECTED[loc[0]]} (got {e.get('input')!r})")
         else:
-            lines.append(f"{loc}: {e.get('msg')} (got {e.get('input')!r})")
-    # pydantic reports a union field once per member type; keep each line once.
+            lines.append(f"{name}: {e.get('msg')} (got {e.get('input')!r})")
     return 422, "; ".join(dict.fromkeys(lines))
 
 

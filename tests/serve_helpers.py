@@ -61,26 +61,33 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
     raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})")
 
 
-_HTTP_PORT: int | None = None
+def serve_http_port() -> int:
+    """Port of the Serve HTTP proxy on the current cluster, starting Serve on a free loopback port if needed."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        client = _get_global_client()
+    return int(client.http_config.port)
 
 
 @contextmanager
 def serve_on_cluster(name: str = "dmm-test", **overrides):
-    """Run the real app (router -> batched model) on the session Ray cluster; delete it after.
+    """Run the real app (router -> batched model) on the session Ray cluster under /<name>; delete it after.
 
-    Yields the base URL (loopback). Serve is started once per cluster on a free port.
+    Yields the app's base URL (loopback). A route prefix per app keeps tests from colliding
+    with other apps on the shared cluster.
     """
-    global _HTTP_PORT
     from ray import serve
 
     from serve.app import build_app
 
-    if _HTTP_PORT is None:
-        _HTTP_PORT = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _HTTP_PORT})
+    port = serve_http_port()
     args = dict(model=str(tiny_model_dir()), num_cpus=0.5, default_steps=TINY_STEPS) | overrides
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{_HTTP_PORT}"
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{name}"
     try:
         wait_http(url + "/healthz", timeout=90)
         yield url

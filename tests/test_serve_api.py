@@ -128,7 +128,9 @@ BAD_REQUESTS = [
     ({"prompt": []}, 422, ["prompt list is empty"]),
     ({"prompt": ["ok", ""]}, 422, ["prompt[1] is empty"]),
     ({"prompt": "x" * 1001}, 422, ["1001 characters"]),
-    ({"prompt": None}, 422, ["prompt"]),
+    ({"prompt": None}, 422, ["prompt must be a string or a list of strings"]),
+    ({"style": 1.5}, 422, ["style must be a style name (string) or index (integer)"]),
+    ({"weights": "x"}, 422, ["weights must be an object"]),
     ({"guidance": -1}, 422, ["guidance"]),
     ({"seed": -5}, 422, ["seed"]),
     ({"colour": "red"}, 422, ["unknown field 'colour'", "allowed fields", "prompt"]),
@@ -157,6 +159,8 @@ def test_malformed_json_is_4xx(client, raw):
     assert r.json()["error"]
     if raw in (b"{not json", b'{"prompt": "a", }'):
         assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    else:
+        assert "JSON object" in r.json()["error"]
     assert client.get("/healthz").status_code == 200
 
 
@@ -174,7 +178,7 @@ def test_api_key_guards_generate_only(backend):
 def test_playground_page_has_prompt_sliders_button(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    for part in ('id="prompt"', 'type="range"', 'id="generate"', 'id="image"', 'fetch("/styles")'):
+    for part in ('id="prompt"', 'type="range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
         assert part in r.text
 
 
