@@ -68,7 +68,8 @@ def zoo_teachers(zoo: Path) -> dict[str, dict]:
     from dmm_ray.teachers import TeacherSpec
 
     manifest = yaml.safe_load((zoo / "zoo.yaml").read_text())
-    specs = [TeacherSpec(**t).resolve_paths(zoo) for t in manifest["teachers"]]
+    fields = set(TeacherSpec.model_fields)  # the manifest may carry zoo-only keys (group, ...)
+    specs = [TeacherSpec(**{k: v for k, v in t.items() if k in fields}).resolve_paths(zoo) for t in manifest["teachers"]]
     if manifest.get("base"):
         base = str(zoo / manifest["base"]) if not Path(manifest["base"]).is_absolute() else manifest["base"]
         specs = [s if s.base is not None or s.resolved_format() == "diffusers" else s.model_copy(update={"base": base}) for s in specs]
@@ -91,7 +92,7 @@ def make_teacher_mux(max_models: int):
             self.device = device
             self.load_s: list[float] = []
             self.forward_s: list[float] = []
-            self.loaded: dict[str, object] = {}
+            self.model_bytes: dict[str, int] = {}  # no references kept: the multiplex LRU owns the models
             self._gpu = asyncio.Lock()  # one forward at a time per replica, like one accelerator
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
@@ -109,7 +110,9 @@ def make_teacher_mux(max_models: int):
             pipe = pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
             self.load_s.append(time.perf_counter() - t0)
-            self.loaded[model_id] = pipe
+            from serve.model import pipeline_param_bytes
+
+            self.model_bytes[model_id] = pipeline_param_bytes(pipe)
             return pipe
 
         async def __call__(self, request: Request):
@@ -135,12 +138,10 @@ def make_teacher_mux(max_models: int):
 
         def stats(self) -> dict:
             from serve.deployments import rss_bytes
-            from serve.model import pipeline_param_bytes
 
-            # Models the LRU still holds: the multiplex wrapper keeps at most max_models.
-            held = list(self.loaded.items())[-max_models:]
-            return {"load_s": self.load_s, "forward_s": self.forward_s, "rss_bytes": rss_bytes(),
-                    "param_bytes": sum(pipeline_param_bytes(p) for _, p in held)}
+            # Weights resident once the LRU is full: the max_models largest checkpoints.
+            held = sorted(self.model_bytes.values(), reverse=True)[:max_models]
+            return {"load_s": self.load_s, "forward_s": self.forward_s, "rss_bytes": rss_bytes(), "param_bytes": sum(held)}
 
     return TeacherMux
 

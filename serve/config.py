@@ -63,7 +63,18 @@ class ServeConfig(BaseModel):
     )
     default_steps: int = Field(25, ge=1, description="num_inference_steps when a request names none (paper: 25)")
     default_guidance: float = Field(7.0, ge=0, description="CFG scale when a request names none (paper: 7)")
+    default_size: Optional[int] = Field(
+        None, ge=8, description="width/height when a request names none; default: the model's native size "
+        "(UNet sample_size x VAE factor)"
+    )
     limits: ServeLimits = Field(default_factory=ServeLimits)
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_multiple_of_8(cls, v):
+        if v is not None and v % 8:
+            raise ValueError(f"default_size={v} must be a multiple of 8")
+        return v
 
     @field_validator("model")
     @classmethod

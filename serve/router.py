@@ -115,6 +115,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
 
 
 def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
+    async def model_info() -> ModelInfo:
+        info = await service.info()
+        if cfg.default_size is not None:
+            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size))
+        return info
+
     api = FastAPI(
         title="dmm-ray style router",
         description="One merged DMM model serving every style (and mixtures of styles) in shared batches.",
@@ -137,14 +143,14 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     @api.get("/healthz")
     async def healthz():
         try:
-            info = await asyncio.wait_for(service.info(), timeout=10)
+            info = await asyncio.wait_for(model_info(), timeout=10)
         except Exception as exc:  # model deployment unreachable: not healthy, but say why
             return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}, status_code=503)
         return {"status": "ok", "model": cfg.model, "num_styles": len(info.styles)}
 
     @api.get("/styles", response_model=StylesResponse)
     async def styles():
-        info = await service.info()
+        info = await model_info()
         return StylesResponse(
             styles=info.styles,
             default_steps=cfg.default_steps,
@@ -165,7 +171,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
                 raise RequestError(401, "missing API key: send header `X-API-Key: <key>`")
             if not hmac.compare_digest(x_api_key.encode(), cfg.api_key.encode()):
                 raise RequestError(403, "wrong API key (header X-API-Key)")
-        info = await service.info()
+        info = await model_info()
         resolved = resolve_request(req, info.style_names, cfg, info.native_size)
         images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])

@@ -100,6 +100,15 @@ def test_weights_as_list_equal_dict_and_one_hot_equals_style(client):
     assert np.array_equal(c, d)
 
 
+def test_default_size_is_native_unless_configured(client, backend):
+    info = client.get("/styles").json()
+    assert (info["default_width"], info["default_height"]) == backend.native_size
+    with make_client(backend, default_size=24) as c:
+        assert c.get("/styles").json()["default_width"] == 24
+        r = c.post("/generate", json={"prompt": "a red circle", "steps": TINY_STEPS, "seed": 1})
+        assert r.status_code == 200 and png_array(r.content).shape == (24, 24, 3)
+
+
 def test_json_format_for_one_image_and_default_style(client):
     r = gen(client, response_format="json", seed=1)
     assert r.status_code == 200 and r.json()["mixture"] == {"watercolor": 1.0}

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,8 +56,12 @@ def serve_target(kind: str, tmp_path: Path) -> tuple[int, str]:
 def test_serve_run_from_fresh_shell(tmp_path, kind):
     port, target = serve_target(kind, tmp_path)
     serve_cli = Path(sys.executable).parent / "serve"
+    # A private Ray temp dir (short: Ray's socket paths must stay < 108 chars): `serve run` then
+    # starts its own local cluster instead of joining one that `ray start` left on this machine.
+    ray_tmp = tempfile.mkdtemp(prefix="dmmsr", dir="/tmp")
     env = {  # a fresh shell: nothing inherited but the basics
         "PATH": f"{serve_cli.parent}:/usr/bin:/bin",
+        "RAY_TMPDIR": ray_tmp,
         "HOME": os.environ.get("HOME", "/root"),
         "PYTHONPATH": str(REPO),
         "DMM_MODEL": str(tiny_model_dir()),
@@ -88,3 +94,4 @@ def test_serve_run_from_fresh_shell(tmp_path, kind):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
