@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     from serve_helpers import free_port, tiny_model_dir
 
     model = args.model or str(tiny_model_dir())
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

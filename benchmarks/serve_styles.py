@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         root = Path(tempfile.gettempdir()) / f"dmm-bench-tiny-{args.num_styles}"
         merged, teachers = build_tiny_world(root, args.num_styles)
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "merged": str(merged), "teachers": sorted(teachers)}
     try:
         port = free_port()
