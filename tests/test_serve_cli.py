@@ -50,8 +50,7 @@ def serve_target(kind: str, tmp_path: Path) -> tuple[int, str]:
     return port, str(target)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["import_path", "config_file"])
+@pytest.mark.parametrize("kind", ["import_path", pytest.param("config_file", marks=pytest.mark.slow)])
 def test_serve_run_from_fresh_shell(tmp_path, kind):
     port, target = serve_target(kind, tmp_path)
     serve_cli = Path(sys.executable).parent / "serve"
