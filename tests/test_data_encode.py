@@ -3,6 +3,8 @@ not fatal, re-runs skip committed shards, and a half-written shard is never take
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,8 @@ import torch
 from data_fixtures import caption, make_folder, make_journeydb, save_tiny_base
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +126,28 @@ def test_encode_journeydb_counts_skips_matches_vae_and_resumes(ray_cluster, tmp_
 
 
 @pytest.mark.ray
-def test_encode_folder_source_via_file_uri(ray_cluster, tmp_path, tiny_base):
-    from dmm_ray.data.encode import run_encode
+def test_encode_job_cli_on_a_folder_source_via_file_uri(ray_cluster, tmp_path, tiny_base):
+    import encode_latents  # jobs/encode_latents.py
 
     make_folder(tmp_path / "imgs", n=5, manifest="csv")
-    cfg = DataConfig(base=str(tiny_base), shards=f"file://{tmp_path / 'shards'}", source=dict(kind="folder", root=f"file://{tmp_path / 'imgs'}"),
-                     encode=dict(resolution=16, shard_size=10, batch_size=4))
-    report = run_encode(cfg, show_progress=False)
-    assert (report.encoded_this_run, report.shards_total, sum(report.skipped.values())) == (5, 1, 0)
+    (tmp_path / "data.yaml").write_text(f"data:\n  base: {tiny_base}\n  encode: {{shard_size: 10, batch_size: 4}}\n")
+    rc = encode_latents.main(["--config", str(tmp_path / "data.yaml"), "--source", "folder", "--root", f"file://{tmp_path / 'imgs'}",
+                              "--out", f"file://{tmp_path / 'shards'}", "--set", "data.encode.resolution=16", "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "shards" / "_encode_report.json").read_text())
+    assert (report["encoded_this_run"], report["shards_total"], report["skipped"]) == (5, 1, {})
     t = pq.read_table(tmp_path / "shards" / "shard-00000.parquet")
     assert t.column("source_id").to_pylist() == [f"img-{i}" for i in range(5)]
     assert t.column("latent_shape").to_pylist()[0] == [4, 8, 8]
+
+
+def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
+    import encode_latents
+
+    with pytest.raises(SystemExit) as e:
+        encode_latents.main(["--help"])
+    assert e.value.code == 0
+    assert "--num-gpus" in capsys.readouterr().out
+    rc = encode_latents.main(["--base", "/b", "--out", str(tmp_path), "--root", str(tmp_path), "--set", "encode.batchsize=3"])
+    assert rc == 2
+    assert "encode.batchsize" in capsys.readouterr().err
