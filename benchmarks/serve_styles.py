@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Serving N styles: one merged DMM model (shared batches) vs one teacher per style (multiplexing).
+
+Same machine, same request stream (a uniformly random style per request, fixed seed),
+same concurrency (16), same replica count, one deployment at a time:
+  (a) merged   - this project's app: style router -> StyleModel with @serve.batch; a batch
+                 mixes styles because the style is a per-sample embedding;
+  (a1) merged, unbatched (max_batch_size=1) - separates the batching gain from the switch cost;
+  (b) multiplexed teachers - the usual alternative: one checkpoint per style loaded on demand
+                 with @serve.multiplexed, at most --max-models per replica (the same memory
+                 budget as one merged model, up to 2x), one forward at a time per replica.
+Reports throughput, p50/p99 latency, the cost of a style switch (embedding change vs checkpoint
+load) and memory per replica, and the ratios merged / multiplexed.
+
+    python benchmarks/serve_styles.py                          # 8 tiny styles built in code
+    python benchmarks/serve_styles.py --zoo outputs/zoo --merged outputs/demo/merged
+    python benchmarks/serve_styles.py --requests 320 --steps 4 --out outputs/bench/serve_styles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from serve.loadgen import Call, dumps, latency_summary, run_calls, style_stream  # noqa: E402
+
+MUX_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes HTTP requests by this header
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def build_tiny_world(root: Path, num_styles: int) -> tuple[Path, dict[str, dict]]:
+    """A merged tiny model with `num_styles` styles and one tiny teacher folder per style (same architecture)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import DMMPipeline
+    from dmm_ray.tiny import tiny_sd_components
+
+    names = [f"style{i}" for i in range(num_styles)]
+    teachers = {}
+    for i, name in enumerate(names):
+        folder = root / "teachers" / name
+        if not (folder / "model_index.json").is_file():
+            StableDiffusionPipeline(**tiny_sd_components(seed=100 + i)).save_pretrained(str(folder))
+        teachers[name] = {"name": name, "source": str(folder), "format": "diffusers"}
+    merged = root / "merged"
+    if not (merged / "model_index.json").is_file():
+        c = tiny_sd_components(seed=0)
+        student = StyleUNet.from_unet(c["unet"], names)
+        DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(str(merged))
+    return merged, teachers
+
+
+def zoo_teachers(zoo: Path) -> dict[str, dict]:
+    import yaml
+
+    from dmm_ray.teachers import TeacherSpec
+
+    manifest = yaml.safe_load((zoo / "zoo.yaml").read_text())
+    fields = set(TeacherSpec.model_fields)  # the manifest may carry zoo-only keys (group, ...)
+    specs = [TeacherSpec(**{k: v for k, v in t.items() if k in fields}).resolve_paths(zoo) for t in manifest["teachers"]]
+    if manifest.get("base"):
+        base = str(zoo / manifest["base"]) if not Path(manifest["base"]).is_absolute() else manifest["base"]
+        specs = [s if s.base is not None or s.resolved_format() == "diffusers" else s.model_copy(update={"base": base}) for s in specs]
+    return {s.name: s.model_dump() for s in specs}
+
+
+# ---- the multiplexed alternative ------------------------------------------------------------
+
+
+def make_teacher_mux(max_models: int):
+    """Deployment serving one teacher checkpoint per style; models are loaded on demand (LRU)."""
+    from fastapi import Request
+    from fastapi.responses import Response
+    from ray import serve
+
+    @serve.deployment(name="TeacherMux", max_ongoing_requests=32)
+    class TeacherMux:
+        def __init__(self, teachers: dict[str, dict], device: str = "cpu"):
+            self.teachers = teachers
+            self.device = device
+            self.load_s: list[float] = []
+            self.forward_s: list[float] = []
+            self.model_bytes: dict[str, int] = {}  # no references kept: the multiplex LRU owns the models
+            self._gpu = asyncio.Lock()  # one forward at a time per replica, like one accelerator
+
+        @serve.multiplexed(max_num_models_per_replica=max_models)
+        async def get_model(self, model_id: str):
+            import torch
+            from diffusers import DPMSolverMultistepScheduler
+
+            from dmm_ray.teachers import TeacherSpec, load_teacher_pipeline
+
+            if model_id not in self.teachers:
+                raise KeyError(f"unknown style {model_id!r}; known: {sorted(self.teachers)}")
+            t0 = time.perf_counter()
+            pipe = await asyncio.to_thread(load_teacher_pipeline, TeacherSpec(**self.teachers[model_id]), torch.float32)
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+            pipe = pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self.load_s.append(time.perf_counter() - t0)
+            from serve.model import pipeline_param_bytes
+
+            self.model_bytes[model_id] = pipeline_param_bytes(pipe)
+            return pipe
+
+        async def __call__(self, request: Request):
+            import numpy as np
+            import torch
+            from PIL import Image
+
+            from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+
+            body = await request.json()
+            pipe = await self.get_model(serve.get_multiplexed_model_id())
+            async with self._gpu:
+                t0 = time.perf_counter()
+                out = await asyncio.to_thread(
+                    pipe, prompt=body["prompt"], negative_prompt=PAPER_NEGATIVE_PROMPT,
+                    num_inference_steps=body["steps"], guidance_scale=7.0, width=body["width"], height=body["height"],
+                    generator=torch.Generator("cpu").manual_seed(body["seed"]), output_type="np",
+                )
+                self.forward_s.append(time.perf_counter() - t0)
+            buf = io.BytesIO()
+            Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+            return Response(buf.getvalue(), media_type="image/png")
+
+        def stats(self) -> dict:
+            from serve.deployments import rss_bytes
+
+            # Weights resident once the LRU is full: the max_models largest checkpoints.
+            held = sorted(self.model_bytes.values(), reverse=True)[:max_models]
+            return {"load_s": self.load_s, "forward_s": self.forward_s, "rss_bytes": rss_bytes(), "param_bytes": sum(held)}
+
+    return TeacherMux
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+
+def replica_stats(app: str, deployment: str, method: str, replicas: int) -> list[dict]:
+    """Ask each replica (the handle spreads calls; collect distinct pids/objects)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    return [getattr(handle, method).remote().result() for _ in range(max(1, replicas))]
+
+
+def embedding_switch_cost(merged: Path, style_names: list[str], repeats: int = 50) -> float:
+    """In process: what a style switch costs the merged model - a new codebook mixture + MLP, (1, d)."""
+    import torch
+
+    from serve.model import StyleModelBackend
+
+    backend = StyleModelBackend(str(merged), device="cpu")
+    unet = backend.pipe.unet
+    n = len(style_names)
+    switch = []
+    with torch.no_grad():
+        for r in range(repeats):
+            w = torch.zeros(1, n)
+            w[0, r % n] = 1.0
+            t0 = time.perf_counter()
+            unet.class_embedding(unet.style_embeds_for(style_weights=w))  # (1, d): all a switch changes
+            switch.append(time.perf_counter() - t0)
+    return statistics.median(switch)
+
+
+def run_stream(url: str, calls: list[Call], concurrency: int) -> dict:
+    results = asyncio.run(run_calls(url, calls, concurrency))
+    failed = [r for r in results if r.status != 200]
+    summary = latency_summary(results)
+    summary["failed"] = len(failed)
+    if failed:
+        summary["failed_sample"] = [(r.status, r.error[:200]) for r in failed[:3]]
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
+    p.add_argument("--merged", type=Path, help="merged model folder (with --zoo; default outputs/demo/merged)")
+    p.add_argument("--num-styles", type=int, default=8, help="styles when building the tiny world")
+    p.add_argument("--requests", type=int, default=160)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--replicas", type=int, default=1, help="replicas of each deployment")
+    p.add_argument("--max-models", type=int, default=2, help="teachers held per multiplexed replica")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
+    p.add_argument("--skip-unbatched", action="store_true")
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    args = p.parse_args(argv)
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from serve_helpers import free_port
+
+    if args.zoo:
+        teachers = zoo_teachers(args.zoo)
+        merged = args.merged or REPO / "outputs/demo/merged"
+    else:
+        root = Path(tempfile.gettempdir()) / f"dmm-bench-tiny-{args.num_styles}"
+        merged, teachers = build_tiny_world(root, args.num_styles)
+
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "merged": str(merged), "teachers": sorted(teachers)}
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
+
+        variants = [("merged", args.max_batch_size)] + ([] if args.skip_unbatched else [("merged_unbatched", 1)])
+        style_names = None
+        for name, batch in variants:
+            serve.run(build_app({"model": str(merged), "num_replicas": args.replicas, "max_batch_size": batch,
+                                 "batch_wait_timeout_s": 0.01, "limits": {"max_width": max(768, args.size)}}),
+                      name=name, route_prefix=f"/{name}")
+            style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
+            missing = set(style_names) ^ set(teachers)
+            if missing:
+                raise SystemExit(f"merged styles and teachers differ: {sorted(missing)}")
+            calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
+            for c in calls:
+                c.path = f"/{name}/generate"
+            asyncio.run(run_calls(base, calls[:4], 4))  # warm-up, not counted
+            report[name] = run_stream(base, calls, args.concurrency)
+            stats = replica_stats(name, "StyleModel", "info", args.replicas)
+            report[name]["rss_bytes"] = max(s["rss_bytes"] for s in stats)
+            report[name]["param_bytes"] = max(s["param_bytes"] for s in stats)
+            report[name]["batch_sizes"] = stats[0]["batch_sizes"]
+            report[name]["mixed_style_batches"] = stats[0]["mixed_style_batches"]
+            one = stats[0]["forward_s"].get("1") or stats[0]["forward_s"].get(1) or []
+            report[name]["forward_s_median_batch1"] = statistics.median(one) if one else float("nan")
+            serve.delete(name)
+
+        mux = make_teacher_mux(args.max_models)
+        serve.run(mux.options(num_replicas=args.replicas).bind(teachers), name="mux", route_prefix="/mux")
+        calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
+        for c in calls:
+            c.path, c.headers = "/mux", {MUX_HEADER: c.style}
+        asyncio.run(run_calls(base, calls[:4], 4))
+        report["multiplexed"] = run_stream(base, calls, args.concurrency)
+        stats = replica_stats("mux", "TeacherMux", "stats", args.replicas)
+        loads = [x for s in stats[:1] for x in s["load_s"]]
+        fwds = [x for s in stats[:1] for x in s["forward_s"]]
+        report["multiplexed"].update(
+            rss_bytes=max(s["rss_bytes"] for s in stats), param_bytes=max(s["param_bytes"] for s in stats),
+            checkpoint_loads=sum(len(s["load_s"]) for s in stats[:1]),
+            load_s_median=statistics.median(loads) if loads else float("nan"),
+            forward_s_median=statistics.median(fwds) if fwds else float("nan"),
+        )
+        serve.delete("mux")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    a, b = report["merged"], report["multiplexed"]
+    # Forward time of one image in a merged replica: from the unbatched run when there is one.
+    fwd = report.get("merged_unbatched", a)["forward_s_median_batch1"]
+    sw = report["merged_switch"] = {"switch_s": embedding_switch_cost(merged, style_names), "forward_s": fwd}
+    report["ratios_merged_over_multiplexed"] = {
+        "throughput": a["throughput_rps"] / b["throughput_rps"],
+        "p50_latency": a["p50_s"] / b["p50_s"],
+        "p99_latency": a["p99_s"] / b["p99_s"],
+        "style_switch_cost": sw["switch_s"] / b["load_s_median"],
+        "rss_per_replica": a["rss_bytes"] / b["rss_bytes"],
+        "weights_per_replica": a["param_bytes"] / b["param_bytes"],
+    }
+    report["switch_cost_over_forward"] = {
+        "merged_embedding_change": sw["switch_s"] / sw["forward_s"],
+        "multiplexed_checkpoint_load": b["load_s_median"] / b["forward_s_median"],
+    }
+    print(dumps(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Serve entry points.
+
+    serve run serve.app                      # model from $DMM_MODEL, default outputs/demo/merged
+    serve run serve:build_app model=/path    # builder with key=value overrides of ServeConfig
+    serve run serve/config.yaml              # replicas / autoscaling / resources from a Serve config
+
+Importing this module only binds the deployments; models load inside the replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ray.serve import Application
+
+from serve.config import ServeConfig
+from serve.deployments import build_deployments
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """Serve application builder: ServeConfig from env + `args` (Serve config `args:` or CLI key=value)."""
+    return build_deployments(ServeConfig.from_env(overrides=dict(args or {})))
+
+
+app = build_app({})

@@ -1,0 +1,133 @@
+"""ServeConfig: every knob of the style-serving application, validated at bind time.
+
+Values come from (lowest to highest precedence): the defaults below, a YAML file named by
+`DMM_SERVE_CONFIG`, the environment (`DMM_MODEL`, `DMM_API_KEY`), and the `args:` of a
+Serve config file (`serve run serve/config.yaml`) or `serve run serve:build_app key=value`.
+Unknown keys fail naming the key (extra="forbid"), never inside a replica.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What `make demo` writes; served when nothing else is named.
+DEFAULT_MODEL = "outputs/demo/merged"
+
+
+class ServeLimits(BaseModel):
+    """Upper bounds on one request: a request above any of them is a 422 naming the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_width: int = Field(768, ge=8, description="largest image width in pixels")
+    max_height: int = Field(768, ge=8, description="largest image height in pixels")
+    max_steps: int = Field(50, ge=1, description="largest num_inference_steps")
+    max_images: int = Field(4, ge=1, description="largest number of images per request (prompts x num_images)")
+    max_prompt_chars: int = Field(1000, ge=1, description="longest prompt / negative prompt, in characters")
+
+    @model_validator(mode="after")
+    def _multiples_of_8(self):
+        for key in ("max_width", "max_height"):
+            if getattr(self, key) % 8:
+                raise ValueError(f"limits.{key}={getattr(self, key)} must be a multiple of 8 (the VAE downsamples by 8 on SD)")
+        return self
+
+
+class ServeConfig(BaseModel):
+    """The application's settings (`build_app(ServeConfig)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="merged-model folder (diffusers DMMPipeline layout) or an MLflow URI `models:/name/version`",
+    )
+    api_key: Optional[str] = Field(None, description="when set, POST /generate needs header `X-API-Key: <key>`")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica sees a GPU")
+    num_gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs per model replica; None = 1 if this process sees CUDA, else 0"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
+    num_replicas: int = Field(1, ge=1, description="model replicas (a Serve config's autoscaling_config overrides)")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: most samples (images) in one forward")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: how long to wait to fill a batch")
+    max_ongoing_requests: int = Field(32, ge=1, description="queued samples per model replica before backpressure")
+    router_max_ongoing_requests: int = Field(
+        256, ge=1, description="concurrent HTTP requests per router replica (each waits on the model's batches)"
+    )
+    default_steps: int = Field(25, ge=1, description="num_inference_steps when a request names none (paper: 25)")
+    default_guidance: float = Field(7.0, ge=0, description="CFG scale when a request names none (paper: 7)")
+    default_size: Optional[int] = Field(
+        None, ge=8, description="width/height when a request names none; default: the model's native size "
+        "(UNet sample_size x VAE factor)"
+    )
+    limits: ServeLimits = Field(default_factory=ServeLimits)
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_multiple_of_8(cls, v):
+        if v is not None and v % 8:
+            raise ValueError(f"default_size={v} must be a multiple of 8")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must name a merged-model folder or `models:/name/version`")
+        return v.strip()
+
+    @property
+    def is_registry_uri(self) -> bool:
+        return self.model.startswith("models:/") or self.model.startswith("runs:/")
+
+    def model_location(self) -> str:
+        """An absolute folder, or the URI unchanged (resolved lazily on the replica).
+
+        Relative folders are taken from the current directory when they exist there, else
+        from the repo root: a Serve config is built inside the Serve controller, whose
+        working directory is not the one `serve run` was started from.
+        """
+        if self.is_registry_uri:
+            return self.model
+        path = Path(self.model).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if path.exists():
+            return str(path.resolve())
+        return str((REPO_ROOT / path).resolve())
+
+    def replica_num_gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        if self.device == "cpu":
+            return 0.0
+        try:
+            import torch
+
+            return 1.0 if torch.cuda.is_available() else 0.0
+        except Exception:  # torch missing on a head node: serve on CPU rather than fail
+            return 0.0
+
+    @classmethod
+    def from_env(cls, overrides: Optional[dict] = None, environ: Optional[dict] = None) -> "ServeConfig":
+        """Defaults < YAML at $DMM_SERVE_CONFIG < $DMM_MODEL / $DMM_API_KEY < `overrides`."""
+        env = os.environ if environ is None else environ
+        data: dict = {}
+        if env.get("DMM_SERVE_CONFIG"):
+            cfg_path = Path(env["DMM_SERVE_CONFIG"])
+            if not cfg_path.is_file():
+                raise FileNotFoundError(f"DMM_SERVE_CONFIG={cfg_path} is not a file (a YAML of ServeConfig fields)")
+            data.update(yaml.safe_load(cfg_path.read_text()) or {})
+        if env.get("DMM_MODEL"):
+            data["model"] = env["DMM_MODEL"]
+        if env.get("DMM_API_KEY"):
+            data["api_key"] = env["DMM_API_KEY"]
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.model_validate(data)

@@ -1,0 +1,152 @@
+"""The model-facing side of serving: load a merged DMM model, generate a batch of samples.
+
+`StyleModelBackend` is plain Python (no Ray): the Serve deployment wraps it, tests call it
+directly. One `generate(samples)` call runs ONE pipeline forward per group of samples that
+share (steps, guidance, width, height); styles, prompts and seeds may differ per sample
+because the style is a per-sample embedding row and diffusers takes one generator per image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from serve.schemas import Sample, StyleInfo
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be found or loaded (message says what to set)."""
+
+
+def resolve_model_location(location: str) -> Path:
+    """A merged-model folder, or an MLflow `models:/name/version` URI -> a local folder."""
+    if location.startswith(("models:/", "runs:/")):
+        try:
+            from dmm_ray.tracking import resolve_model_uri  # lazy: MLflow is only needed for registry URIs
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"model {location!r} is an MLflow URI but dmm_ray.tracking.resolve_model_uri is not available "
+                f"({exc}); set DMM_MODEL to a merged-model folder instead"
+            ) from exc
+        path = Path(resolve_model_uri(location))
+    else:
+        path = Path(location)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"merged-model folder {str(path)!r} does not exist; run `make demo` (writes outputs/demo/merged) "
+            "or set DMM_MODEL to a merged-model folder or `models:/name/version`"
+        )
+    if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        raise ModelLoadError(
+            f"{str(path)!r} is not a merged-model folder: it needs model_index.json and unet/ "
+            "(written by DMMPipeline.save_pretrained)"
+        )
+    return path
+
+
+def read_style_descriptions(path: Path, style_names: Sequence[str]) -> list[str]:
+    """Optional `styles.json` beside the weights: [{name, description}] or {name: description}."""
+    file = path / "styles.json"
+    if not file.is_file():
+        return [""] * len(style_names)
+    data = json.loads(file.read_text())
+    if isinstance(data, dict) and "styles" in data:
+        data = data["styles"]
+    if isinstance(data, list):
+        data = {str(d.get("name")): str(d.get("description", "")) for d in data if isinstance(d, dict)}
+    if not isinstance(data, dict):
+        return [""] * len(style_names)
+    return [str(data.get(name, "")) for name in style_names]
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device='cuda' but this replica sees no GPU; use device='auto' or give it num_gpus")
+    return device
+
+
+def pipeline_param_bytes(pipe) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name in ("unet", "vae", "text_encoder")
+        if getattr(pipe, name, None) is not None
+        for p in getattr(pipe, name).parameters()
+    )
+
+
+class StyleModelBackend:
+    """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`."""
+
+    def __init__(self, location: str, device: str = "auto"):
+        import torch
+        from dmm_ray.pipeline import DMMPipeline
+
+        path = resolve_model_location(location)
+        self.device = pick_device(device)
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        t0 = time.perf_counter()
+        try:
+            pipe = DMMPipeline.from_pretrained(str(path), dtype=dtype)
+        except Exception as exc:  # corrupt / foreign folder: say which folder
+            raise ModelLoadError(f"could not load a DMMPipeline from {str(path)!r}: {exc}") from exc
+        self.pipe = pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - t0
+        self.path = path
+        self.style_names: list[str] = list(self.pipe.styles)
+        self.descriptions = read_style_descriptions(path, self.style_names)
+        # Native image size: UNet latent size x VAE downsampling (512 for SD1.5, 32 for the tiny model).
+        self.native_size = (
+            int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
+            int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
+        )
+        logger.info("loaded %s (%d styles) on %s in %.1fs", path, len(self.style_names), self.device, self.load_seconds)
+
+    def param_bytes(self) -> int:
+        """Bytes of every weight the pipeline holds (UNet, VAE, text encoder)."""
+        return pipeline_param_bytes(self.pipe)
+
+    def styles(self) -> list[StyleInfo]:
+        return [StyleInfo(index=i, name=n, description=d) for i, (n, d) in enumerate(zip(self.style_names, self.descriptions))]
+
+    def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
+        """One pipeline forward per (steps, guidance, width, height) group; results in input order."""
+        import torch
+        from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+
+        out: list[Optional[np.ndarray]] = [None] * len(samples)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
+            groups[s.group_key()].append(i)
+        for (steps, guidance, width, height), idx in groups.items():
+            batch = [samples[i] for i in idx]
+            # One CPU generator per image: the initial latents of image i depend only on its
+            # own seed, so a mixed batch reproduces one-by-one generation.
+            generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+            result = self.pipe(
+                prompt=[s.prompt for s in batch],
+                style_weights=[list(s.weights) for s in batch],  # (B, N) one mixture per sample
+                negative_prompt=[s.negative_prompt or PAPER_NEGATIVE_PROMPT for s in batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=generators,
+                output_type="np",
+            )
+            images = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)  # (B, H, W, 3)
+            for j, i in enumerate(idx):
+                out[i] = images[j]
+        return out  # type: ignore[return-value]

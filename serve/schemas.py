@@ -1,0 +1,223 @@
+"""HTTP request/response models and the request -> per-image samples resolution.
+
+Shape checks (types, ranges that never change) live in the pydantic models; checks that
+depend on the served model (known styles) or on ServeConfig limits live in
+`resolve_request`, which raises `RequestError(status, message)` -> a 4xx JSON body.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.config import ServeConfig
+
+# 2**31 - 1 so a seed fits every RNG (torch, numpy) and `seed + k` for k < max_images too.
+MAX_SEED = 2**31 - 1 - 1024
+
+
+class RequestError(Exception):
+    """A client error: `status` (4xx) and a message that says what would be right."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class StyleInfo(BaseModel):
+    index: int
+    name: str
+    description: str = ""
+
+
+class StylesResponse(BaseModel):
+    styles: list[StyleInfo]
+    default_steps: int
+    default_guidance: float
+    default_width: int
+    default_height: int
+    limits: dict
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate body. Give `style` (name or index) OR `weights` (a mixture), not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Union[str, list[str]] = Field(..., description="one prompt, or a list (one image set per prompt)")
+    style: Optional[Union[int, str]] = Field(None, description="style name or index; default: style 0")
+    weights: Optional[Union[dict[str, float], list[float]]] = Field(
+        None, description="mixture over styles: {name: weight} or one weight per style; >= 0, normalised to sum 1"
+    )
+    negative_prompt: Optional[str] = Field(None, description="default: the paper's negative prompt")
+    steps: Optional[int] = Field(None, ge=1, description="num_inference_steps (default from server config)")
+    guidance: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale")
+    width: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")
+    height: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="image k of the request uses seed + k; default random")
+    num_images: int = Field(1, ge=1, description="images per prompt")
+    response_format: Literal["auto", "png", "json"] = Field(
+        "auto", description="auto: PNG when the request makes one image, else JSON with base64 PNGs"
+    )
+
+
+class GeneratedImage(BaseModel):
+    prompt: str
+    seed: int
+    png_base64: str
+
+
+class GenerateResponse(BaseModel):
+    images: list[GeneratedImage]
+    seed: int
+    mixture: dict[str, float]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to generate: everything a model replica needs, per sample.
+
+    `weights` has one entry per style (sums to 1); a batch may mix any samples that share
+    (steps, guidance, width, height): the style is a per-sample embedding.
+    """
+
+    prompt: str
+    negative_prompt: Optional[str]
+    weights: tuple[float, ...]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+
+    def group_key(self) -> tuple:
+        return (self.steps, self.guidance, self.width, self.height)
+
+
+@dataclass
+class ResolvedRequest:
+    samples: list[Sample]
+    mixture: dict[str, float]
+    seed: int
+    response_format: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    prompts: list[str] = field(default_factory=list)
+
+
+def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
+    """(`style` | `weights`) -> a normalised weight per style; RequestError naming the known styles."""
+    known = ", ".join(f"{i}={n!r}" for i, n in enumerate(style_names))
+    n = len(style_names)
+    if style is not None and weights is not None:
+        raise RequestError(422, "give either `style` (one style) or `weights` (a mixture), not both")
+    if weights is None:
+        if style is None:
+            style = 0
+        if isinstance(style, bool):
+            raise RequestError(422, f"style must be a name or an index; known styles: {known}")
+        if isinstance(style, int):
+            if not 0 <= style < n:
+                raise RequestError(422, f"style index {style} out of range 0..{n - 1}; known styles: {known}")
+            idx = style
+        else:
+            if style not in style_names:
+                raise RequestError(422, f"unknown style {style!r}; known styles: {known}")
+            idx = style_names.index(style)
+        return [1.0 if i == idx else 0.0 for i in range(n)]
+
+    if isinstance(weights, dict):
+        unknown = [k for k in weights if k not in style_names]
+        if unknown:
+            raise RequestError(422, f"unknown style(s) in weights: {unknown}; known styles: {known}")
+        vec = [float(weights.get(name, 0.0)) for name in style_names]
+    else:
+        if len(weights) != n:
+            raise RequestError(
+                422, f"weights has {len(weights)} entries but the model has {n} styles (one weight per style: {known})"
+            )
+        vec = [float(w) for w in weights]
+    negative = {style_names[i]: w for i, w in enumerate(vec) if w < 0}
+    if negative:
+        raise RequestError(422, f"weights must be >= 0; negative: {negative}; known styles: {known}")
+    if any(w != w or w == float("inf") for w in vec):
+        raise RequestError(422, "weights must be finite numbers")
+    total = sum(vec)
+    if total <= 0:
+        raise RequestError(422, f"weights are all zero; give a positive weight to at least one of: {known}")
+    return [w / total for w in vec]
+
+
+def resolve_request(
+    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int]
+) -> ResolvedRequest:
+    """Check a request against the model and the limits; expand it into per-image samples."""
+    lim = cfg.limits
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts:
+        raise RequestError(422, "prompt list is empty; give at least one non-empty prompt")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            where = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
+            raise RequestError(422, f"{where} is empty; give a text prompt")
+        if len(p) > lim.max_prompt_chars:
+            raise RequestError(422, f"prompt has {len(p)} characters; the maximum is {lim.max_prompt_chars}")
+    if req.negative_prompt is not None and len(req.negative_prompt) > lim.max_prompt_chars:
+        raise RequestError(422, f"negative_prompt longer than {lim.max_prompt_chars} characters")
+
+    weights = resolve_mixture(style_names, req.style, req.weights)
+
+    steps = cfg.default_steps if req.steps is None else req.steps
+    if steps > lim.max_steps:
+        raise RequestError(422, f"steps={steps} is above the maximum {lim.max_steps}")
+    width = native_size[0] if req.width is None else req.width
+    height = native_size[1] if req.height is None else req.height
+    for name, value, top in (("width", width, lim.max_width), ("height", height, lim.max_height)):
+        if value % 8:
+            raise RequestError(422, f"{name}={value} is not a multiple of 8 (try {max(8, value // 8 * 8)})")
+        if value > top:
+            raise RequestError(422, f"{name}={value} is above the maximum {top}")
+    total = len(prompts) * req.num_images
+    if total > lim.max_images:
+        raise RequestError(
+            422,
+            f"request asks for {total} images ({len(prompts)} prompt(s) x num_images={req.num_images}); "
+            f"the maximum is {lim.max_images}",
+        )
+    guidance = cfg.default_guidance if req.guidance is None else req.guidance
+    seed = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
+
+    samples = []
+    k = 0
+    for p in prompts:
+        for _ in range(req.num_images):
+            samples.append(
+                Sample(
+                    prompt=p,
+                    negative_prompt=req.negative_prompt,
+                    weights=tuple(weights),
+                    steps=steps,
+                    guidance=float(guidance),
+                    width=width,
+                    height=height,
+                    seed=seed + k,
+                )
+            )
+            k += 1
+    fmt = req.response_format
+    if fmt == "auto":
+        fmt = "png" if len(samples) == 1 else "json"
+    if fmt == "png" and len(samples) != 1:
+        raise RequestError(422, f"response_format='png' needs exactly one image; this request makes {len(samples)}")
+    mixture = {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
+    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts)

@@ -1,0 +1,95 @@
+"""Helpers shared by tests/test_serve*.py: a tiny merged model on disk, free ports, a Serve app on the test cluster."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+STYLE_NAMES = ["watercolor", "neon", "sketch"]
+STYLE_DESCRIPTIONS = {"watercolor": "soft washes", "neon": "glowing edges", "sketch": "pencil lines"}
+# Small enough that one request costs a few ms on CPU; 32 px is a multiple of 8 and within limits.
+TINY_STEPS = 2
+TINY_SIZE = 32
+
+_TINY_DIR: Path | None = None
+
+
+def tiny_model_dir() -> Path:
+    """A merged-model folder built once per process from the foundation's tiny components."""
+    global _TINY_DIR
+    if _TINY_DIR is None or not (_TINY_DIR / "model_index.json").is_file():
+        from dmm_ray.models.style_unet import StyleUNet
+        from dmm_ray.pipeline import DMMPipeline
+        from dmm_ray.tiny import tiny_sd_components
+
+        c = tiny_sd_components(seed=0)
+        student = StyleUNet.from_unet(c["unet"], STYLE_NAMES)
+        pipe = DMMPipeline.from_components(
+            student=student, vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], scheduler=c["scheduler"]
+        )
+        out = Path(tempfile.mkdtemp(prefix="dmm-serve-tiny-")) / "merged"
+        pipe.save_pretrained(str(out))
+        (out / "styles.json").write_text(json.dumps([{"name": n, "description": STYLE_DESCRIPTIONS[n]} for n in STYLE_NAMES]))
+        _TINY_DIR = out
+    return _TINY_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == status:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})")
+
+
+def serve_http_port() -> int:
+    """Port of the Serve HTTP proxy on the current cluster, starting Serve on a free loopback port if needed."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        client = _get_global_client()
+    return int(client.http_config.port)
+
+
+@contextmanager
+def serve_on_cluster(name: str = "dmm-test", **overrides):
+    """Run the real app (router -> batched model) on the session Ray cluster under /<name>; delete it after.
+
+    Yields the app's base URL (loopback). A route prefix per app keeps tests from colliding
+    with other apps on the shared cluster.
+    """
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = serve_http_port()
+    args = dict(model=str(tiny_model_dir()), num_cpus=0.5, default_steps=TINY_STEPS) | overrides
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{name}"
+    try:
+        wait_http(url + "/healthz", timeout=90)
+        yield url
+    finally:
+        serve.delete(name)

@@ -1,0 +1,243 @@
+"""The style router's HTTP contract, in process (no Ray): FastAPI TestClient over the tiny merged model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve.config import ServeConfig
+from serve.model import ModelLoadError, StyleModelBackend
+from serve.router import LocalService, create_api
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return StyleModelBackend(str(tiny_model_dir()), device="cpu")
+
+
+def make_client(backend, **cfg) -> TestClient:
+    config = ServeConfig(model=str(backend.path), default_steps=TINY_STEPS, **cfg)
+    return TestClient(create_api(LocalService(backend), config))
+
+
+@pytest.fixture(scope="module")
+def client(backend):
+    with make_client(backend) as c:
+        yield c
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def gen(client, **body):
+    body = {"prompt": "a red circle", "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE} | body
+    return client.post("/generate", json=body)
+
+
+def test_styles_lists_names_indices_descriptions(client):
+    r = client.get("/styles")
+    assert r.status_code == 200
+    info = r.json()
+    assert [s["name"] for s in info["styles"]] == STYLE_NAMES
+    assert [s["index"] for s in info["styles"]] == [0, 1, 2]
+    assert info["styles"][1]["description"] == "glowing edges"
+    assert info["limits"]["max_steps"] == 50 and info["limits"]["api_key_required"] is False
+
+
+def test_healthz_and_openapi_docs(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["num_styles"] == 3
+    schema = client.get("/openapi.json").json()
+    assert {"/generate", "/styles", "/healthz"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_one_image_is_png_with_seed_and_mixture_headers(client):
+    r = gen(client, style="neon", seed=7)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-seed"] == "7"
+    assert r.headers["x-style-mixture"] == '{"neon": 1.0}'
+    assert png_array(r.content).shape == (TINY_SIZE, TINY_SIZE, 3)
+
+
+def test_many_images_are_json_base64_with_consecutive_seeds(client):
+    r = gen(client, prompt=["a red circle", "a blue square"], num_images=2, seed=100, weights={"watercolor": 1, "sketch": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 100
+    assert [im["seed"] for im in body["images"]] == [100, 101, 102, 103]
+    assert [im["prompt"] for im in body["images"]] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert body["mixture"] == {"watercolor": 0.25, "sketch": 0.75}
+    arrays = [png_array(base64.b64decode(im["png_base64"])) for im in body["images"]]
+    assert all(a.shape == (TINY_SIZE, TINY_SIZE, 3) for a in arrays)
+    assert not np.array_equal(arrays[0], arrays[1])  # different seeds -> different images
+
+
+def test_same_seed_same_image_and_style_changes_image(client):
+    a = png_array(gen(client, style=0, seed=3).content)
+    b = png_array(gen(client, style="watercolor", seed=3).content)
+    c = png_array(gen(client, style=1, seed=3).content)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_weights_as_list_equal_dict_and_one_hot_equals_style(client):
+    a = png_array(gen(client, weights=[0, 2, 2], seed=5).content)
+    b = png_array(gen(client, weights={"neon": 1, "sketch": 1}, seed=5).content)
+    assert np.array_equal(a, b)
+    c = png_array(gen(client, weights={"sketch": 1}, seed=5).content)
+    d = png_array(gen(client, style="sketch", seed=5).content)
+    assert np.array_equal(c, d)
+
+
+def test_default_size_is_native_unless_configured(client, backend):
+    info = client.get("/styles").json()
+    assert (info["default_width"], info["default_height"]) == backend.native_size
+    with make_client(backend, default_size=24) as c:
+        assert c.get("/styles").json()["default_width"] == 24
+        r = c.post("/generate", json={"prompt": "a red circle", "steps": TINY_STEPS, "seed": 1})
+        assert r.status_code == 200 and png_array(r.content).shape == (24, 24, 3)
+
+
+def test_json_format_for_one_image_and_default_style(client):
+    r = gen(client, response_format="json", seed=1)
+    assert r.status_code == 200 and r.json()["mixture"] == {"watercolor": 1.0}
+
+
+# Every validation error: (request body, status, words the message must contain).
+BAD_REQUESTS = [
+    ({"style": "oil"}, 422, ["unknown style 'oil'", "watercolor", "neon", "sketch"]),
+    ({"style": 3}, 422, ["out of range", "watercolor"]),
+    ({"style": -1}, 422, ["out of range"]),
+    ({"weights": {"neon": -1, "sketch": 2}}, 422, [">= 0", "neon"]),
+    ({"weights": {"neon": 0, "sketch": 0}}, 422, ["all zero", "watercolor"]),
+    ({"weights": [0, 0, 0]}, 422, ["all zero"]),
+    ({"weights": [1, 2]}, 422, ["2 entries", "3 styles"]),
+    ({"weights": {"oil": 1}}, 422, ["unknown style", "oil", "sketch"]),
+    ({"style": "neon", "weights": [1, 0, 0]}, 422, ["not both"]),
+    ({"width": 36}, 422, ["width=36", "multiple of 8"]),
+    ({"height": 44}, 422, ["height=44", "multiple of 8"]),
+    ({"width": 1024}, 422, ["width=1024", "maximum 768"]),
+    ({"steps": 51}, 422, ["steps=51", "maximum 50"]),
+    ({"steps": 0}, 422, ["steps"]),
+    ({"num_images": 5}, 422, ["5 images", "maximum is 4"]),
+    ({"prompt": ["a", "b", "c"], "num_images": 2}, 422, ["6 images"]),
+    ({"prompt": ""}, 422, ["prompt is empty"]),
+    ({"prompt": "   "}, 422, ["prompt is empty"]),
+    ({"prompt": []}, 422, ["prompt list is empty"]),
+    ({"prompt": ["ok", ""]}, 422, ["prompt[1] is empty"]),
+    ({"prompt": "x" * 1001}, 422, ["1001 characters"]),
+    ({"prompt": None}, 422, ["prompt must be a string or a list of strings"]),
+    ({"style": 1.5}, 422, ["style must be a style name (string) or index (integer)"]),
+    ({"weights": "x"}, 422, ["weights must be an object"]),
+    ({"guidance": -1}, 422, ["guidance"]),
+    ({"seed": -5}, 422, ["seed"]),
+    ({"colour": "red"}, 422, ["unknown field 'colour'", "allowed fields", "prompt"]),
+    ({"steps": "many"}, 422, ["steps", "many"]),
+    ({"response_format": "png", "num_images": 2}, 422, ["needs exactly one image"]),
+    ({"response_format": "gif"}, 422, ["response_format"]),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD_REQUESTS, ids=[str(b)[:40] for b, _, _ in BAD_REQUESTS])
+def test_validation_errors_are_4xx_with_clear_messages(client, body, status, words):
+    r = gen(client, **body)
+    assert r.status_code == status, r.text
+    message = r.json()["error"]
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert client.get("/healthz").status_code == 200  # server still up
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b'{"prompt": "a", }', b"", b"[1, 2]", b'"just a string"'], ids=["broken", "trailing", "empty", "list", "str"]
+)
+def test_malformed_json_is_4xx(client, raw):
+    r = client.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]
+    if raw in (b"{not json", b'{"prompt": "a", }'):
+        assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    else:
+        assert "JSON object" in r.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_api_key_guards_generate_only(backend):
+    with make_client(backend, api_key="s3cret") as c:
+        assert c.get("/styles").json()["limits"]["api_key_required"] is True
+        r = gen(c, seed=1)
+        assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+        r = c.post("/generate", json={"prompt": "a", "steps": 2}, headers={"X-API-Key": "wrong"})
+        assert r.status_code == 403
+        r = c.post("/generate", json={"prompt": "a", "steps": 2, "width": 32, "height": 32}, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def test_playground_page_has_prompt_sliders_button(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    for part in ('id="prompt"', 'type="range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
+        assert part in r.text
+
+
+# ---- configuration and model loading ---------------------------------------------------------
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_batchsize"):
+        ServeConfig(max_batchsize=4)
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        ServeConfig(limits={"max_width": 100})
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServeConfig(max_batch_size=0)
+
+
+def test_config_from_env_and_overrides(tmp_path):
+    yaml_file = tmp_path / "serve.yaml"
+    yaml_file.write_text("max_batch_size: 4\nlimits: {max_steps: 10}\n")
+    env = {"DMM_MODEL": "/models/m", "DMM_API_KEY": "k", "DMM_SERVE_CONFIG": str(yaml_file)}
+    cfg = ServeConfig.from_env({"max_batch_size": "16"}, environ=env)
+    assert (cfg.model, cfg.api_key, cfg.max_batch_size, cfg.limits.max_steps) == ("/models/m", "k", 16, 10)
+    assert ServeConfig.from_env(environ={}).model == "outputs/demo/merged"
+    assert ServeConfig(model="models:/dmm/3").model_location() == "models:/dmm/3"
+    assert ServeConfig(model="outputs/demo/merged").model_location().endswith("outputs/demo/merged")
+
+
+def test_missing_model_folder_says_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="make demo.*DMM_MODEL"):
+        StyleModelBackend(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        StyleModelBackend(str(tmp_path))
+
+
+def test_registry_uri_resolved_lazily_through_tracking(monkeypatch):
+    seen = []
+
+    def resolve_model_uri(uri):
+        seen.append(uri)
+        return str(tiny_model_dir())
+
+    fake = types.ModuleType("dmm_ray.tracking")
+    fake.resolve_model_uri = resolve_model_uri
+    monkeypatch.setitem(sys.modules, "dmm_ray.tracking", fake)
+    b = StyleModelBackend("models:/dmm-merged/2", device="cpu")
+    assert seen == ["models:/dmm-merged/2"] and b.style_names == STYLE_NAMES
+
+
+def test_registry_uri_without_tracking_module_is_clear(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dmm_ray.tracking", None)  # import fails
+    with pytest.raises(ModelLoadError, match="resolve_model_uri is not available"):
+        StyleModelBackend("models:/dmm-merged/2")

@@ -1,0 +1,82 @@
+"""One forward serves a batch that mixes styles, and gives the images one-by-one generation gives."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.model import StyleModelBackend
+from serve.schemas import Sample
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
+
+# uint8 images: batched vs single convolutions may differ in the last float bit, which can
+# flip a rounding; anything beyond one level would be a real difference.
+MAX_LEVEL_DIFF = 1
+
+
+def sample(prompt, weights, seed, negative=None) -> Sample:
+    return Sample(prompt, negative, tuple(weights), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, seed)
+
+
+MIXED = [
+    sample("a red circle", (1, 0, 0), 11),
+    sample("a blue square", (0, 1, 0), 12),
+    sample("a green triangle", (0, 0, 1), 13, negative="lowres"),
+    sample("a red circle", (0.5, 0.25, 0.25), 14),
+    sample("a red circle", (0, 1, 0), 11),  # same prompt + seed as [0], other style
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return StyleModelBackend(str(tiny_model_dir()), device="cpu")
+
+
+def test_mixed_style_batch_equals_one_by_one(backend):
+    batched = backend.generate(MIXED)
+    for s, img in zip(MIXED, batched):
+        alone = backend.generate([s])[0]
+        assert img.shape == (TINY_SIZE, TINY_SIZE, 3) and img.dtype == np.uint8
+        assert np.abs(img.astype(int) - alone.astype(int)).max() <= MAX_LEVEL_DIFF
+    # The style really is per sample: same prompt and seed, other style -> other image.
+    assert np.abs(batched[0].astype(int) - batched[4].astype(int)).mean() > 0.5
+
+
+def test_groups_by_steps_and_size_keep_order(backend):
+    other = Sample("a red circle", None, (1, 0, 0), 1, 7.0, 16, 16, 11)
+    out = backend.generate([MIXED[0], other, MIXED[1]])
+    assert [o.shape for o in out] == [(32, 32, 3), (16, 16, 3), (32, 32, 3)]
+    assert np.abs(out[2].astype(int) - backend.generate([MIXED[1]])[0].astype(int)).max() <= MAX_LEVEL_DIFF
+
+
+@pytest.mark.ray
+def test_serve_batches_concurrent_requests_across_styles(ray_cluster, backend):
+    import httpx
+    from ray import serve
+
+    bodies = [
+        {"prompt": s.prompt, "weights": list(s.weights), "seed": s.seed, "negative_prompt": s.negative_prompt,
+         "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE}
+        for s in MIXED
+    ]
+    name = "dmm-test-batch"
+    # A long batch window so the concurrent requests land in one batch.
+    with serve_on_cluster(name, batch_wait_timeout_s=0.5, max_batch_size=8) as url:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: httpx.post(url + "/generate", json=b, timeout=60), bodies))
+        info = serve.get_deployment_handle("StyleModel", app_name=name).info.remote().result()
+        page, schema = httpx.get(url + "/"), httpx.get(url + "/openapi.json")
+    assert page.status_code == 200 and 'type="range"' in page.text
+    assert "/generate" in schema.json()["paths"]
+    for s, r in zip(MIXED, responses):
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+        want = backend.generate([s])[0]
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= MAX_LEVEL_DIFF
+    assert info["mixed_style_batches"] >= 1, info
+    assert max(int(k) for k in info["batch_sizes"]) >= 2, info
+    assert [s["name"] for s in info["styles"]] == STYLE_NAMES
