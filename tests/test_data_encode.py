@@ -199,3 +199,12 @@ def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base)
     out = mean(bad)["latent"]
     np.testing.assert_allclose(out[0], m[0], rtol=1e-5, atol=1e-6)
     assert not out[1].any()
+
+
+def test_journeydb_preset_and_overrides_validate():
+    import encode_latents
+
+    preset = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "data_journeydb.yaml"
+    cfg = encode_latents.build_config(encode_latents.parse_args(["--config", str(preset), "--set", "base=/m/sd15", "--batch-size", "8"]))
+    assert cfg.source.kind == "journeydb" and cfg.source.caption_fields == ["prompt", "Task2.Caption"]
+    assert (cfg.vae_path(), cfg.encode.batch_size, cfg.encode.resolution) == ("/m/sd15/vae", 8, 512)

@@ -243,7 +243,7 @@ def _commit_shard(fs: pafs.FileSystem, root: str, shard: int, parts: list[dict])
     skips = Counter(str(s) for s in cols["status"][~ok])
     if ok.any():
         shape = tuple(int(x) for x in cols["latent_shape"][ok][0])
-        latents = np.stack(list(cols["latent"][ok])).reshape(-1, *shape)  # (n, C, h, w)
+        latents = np.asarray(cols["latent"][ok], dtype=np.float32).reshape(-1, *shape)  # (n, C*h*w) -> (n, C, h, w)
         table = sh.latent_table(latents, list(cols["caption"][ok]), list(cols["source_id"][ok]))
     else:
         table = sh.empty_table()
