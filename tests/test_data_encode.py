@@ -3,6 +3,8 @@ not fatal, re-runs skip committed shards, and a half-written shard is never take
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,8 @@ import torch
 from data_fixtures import caption, make_folder, make_journeydb, save_tiny_base
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +126,85 @@ def test_encode_journeydb_counts_skips_matches_vae_and_resumes(ray_cluster, tmp_
 
 
 @pytest.mark.ray
-def test_encode_folder_source_via_file_uri(ray_cluster, tmp_path, tiny_base):
-    from dmm_ray.data.encode import run_encode
+def test_encode_job_cli_on_a_folder_source_via_file_uri(ray_cluster, tmp_path, tiny_base):
+    import encode_latents  # jobs/encode_latents.py
 
     make_folder(tmp_path / "imgs", n=5, manifest="csv")
-    cfg = DataConfig(base=str(tiny_base), shards=f"file://{tmp_path / 'shards'}", source=dict(kind="folder", root=f"file://{tmp_path / 'imgs'}"),
-                     encode=dict(resolution=16, shard_size=10, batch_size=4))
-    report = run_encode(cfg, show_progress=False)
-    assert (report.encoded_this_run, report.shards_total, sum(report.skipped.values())) == (5, 1, 0)
+    (tmp_path / "data.yaml").write_text(f"data:\n  base: {tiny_base}\n  encode: {{shard_size: 10, batch_size: 4}}\n")
+    rc = encode_latents.main(["--config", str(tmp_path / "data.yaml"), "--source", "folder", "--root", f"file://{tmp_path / 'imgs'}",
+                              "--out", f"file://{tmp_path / 'shards'}", "--set", "data.encode.resolution=16", "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "shards" / "_encode_report.json").read_text())
+    assert (report["encoded_this_run"], report["shards_total"], report["skipped"]) == (5, 1, {})
     t = pq.read_table(tmp_path / "shards" / "shard-00000.parquet")
     assert t.column("source_id").to_pylist() == [f"img-{i}" for i in range(5)]
     assert t.column("latent_shape").to_pylist()[0] == [4, 8, 8]
+
+
+def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
+    import encode_latents
+
+    with pytest.raises(SystemExit) as e:
+        encode_latents.main(["--help"])
+    assert e.value.code == 0
+    assert "--num-gpus" in capsys.readouterr().out
+    rc = encode_latents.main(["--base", "/b", "--out", str(tmp_path), "--root", str(tmp_path), "--set", "encode.batchsize=3"])
+    assert rc == 2
+    assert "encode.batchsize" in capsys.readouterr().err
+
+
+# ---- the two stages, in-process (no Ray) -------------------------------------------------------
+
+def test_decode_stage_reports_reasons_per_row(tmp_path):
+    from dmm_ray.data.encode import decode_images
+
+    make_folder(tmp_path, n=2)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    paths = [str(tmp_path / "images" / "000.png"), str(tmp_path / "nope.png"), str(tmp_path / "broken.png")]
+    out = decode_images({"path": np.array(paths, dtype=object), "source_id": np.array(["a", "b", "c"], dtype=object)}, 16, pafs.LocalFileSystem())
+    assert list(out["status"]) == ["ok", "missing_file", "unreadable_image"]
+    assert out["pixels"].shape == (3, 16, 16, 3) and out["pixels"][0].any() and not out["pixels"][1:].any()
+    assert "path" not in out and list(out["source_id"]) == ["a", "b", "c"]
+
+
+def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base):
+    from dmm_ray.data.encode import VAEEncoder
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+
+    def batch(order):
+        return {"pixels": px[order], "status": np.array(["ok"] * len(order), dtype=object),
+                "source_id": np.array([f"id{i}" for i in order], dtype=object)}
+
+    sample = VAEEncoder(str(tiny_base / "vae"), resolution=16, latent_sampling="sample", seed=1)
+    mean = VAEEncoder(str(tiny_base / "vae"), resolution=16, latent_sampling="mean")
+    a, b = sample(batch([0, 1, 2])), sample(batch([2, 0]))
+    assert a["latent"].shape == (3, 4 * 8 * 8) and list(a["latent_shape"][0]) == [4, 8, 8]
+    np.testing.assert_array_equal(a["latent"][[2, 0]], b["latent"])  # same image, same draw, whatever the batch
+    m = mean(batch([0, 1, 2]))["latent"]
+    # exactly diffusers' DiagonalGaussian sample (mean + std * eps), eps drawn from the id-keyed generator
+    from dmm_ray.data.encode import _sample_key
+    from dmm_ray.data.images import to_model_input
+
+    with torch.no_grad():
+        dist = mean.vae.encode(torch.from_numpy(to_model_input(px))).latent_dist
+    eps = np.stack([np.random.default_rng(_sample_key(f"id{i}", 1)).standard_normal((4, 8, 8), dtype=np.float32) for i in range(3)])
+    want = (dist.mean + dist.std * torch.from_numpy(eps)) * mean.scaling
+    np.testing.assert_allclose(a["latent"], want.reshape(3, -1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m, (dist.mean * mean.scaling).reshape(3, -1).numpy(), rtol=1e-5, atol=1e-5)
+    # rows that failed decoding come back as zeros (the shard writer drops them)
+    bad = batch([0, 1])
+    bad["status"] = np.array(["ok", "missing_file"], dtype=object)
+    out = mean(bad)["latent"]
+    np.testing.assert_allclose(out[0], m[0], rtol=1e-5, atol=1e-6)
+    assert not out[1].any()
+
+
+def test_journeydb_preset_and_overrides_validate():
+    import encode_latents
+
+    preset = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "data_journeydb.yaml"
+    cfg = encode_latents.build_config(encode_latents.parse_args(["--config", str(preset), "--set", "base=/m/sd15", "--batch-size", "8"]))
+    assert cfg.source.kind == "journeydb" and cfg.source.caption_fields == ["prompt", "Task2.Caption"]
+    assert (cfg.vae_path(), cfg.encode.batch_size, cfg.encode.resolution) == ("/m/sd15/vae", 8, 512)

@@ -97,7 +97,7 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: Optional[str] = Field(
-        default=None, description="base SD diffusers folder: its vae/, tokenizer/ and scheduler/ are used (or give vae/tokenizer explicitly)"
+        default=None, description="base SD diffusers folder, local and present on every node: its vae/, tokenizer/ and scheduler/ are used (or give vae/tokenizer explicitly)"
     )
     vae: Optional[str] = Field(default=None, description="VAE folder (default: <base>/vae)")
     tokenizer: Optional[str] = Field(default=None, description="tokenizer folder (default: <base>/tokenizer)")

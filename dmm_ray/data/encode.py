@@ -11,7 +11,9 @@ Pipeline (streaming; one Ray Data block per pending shard at the input):
 Shards are fixed slices of the index (shard k = records [k*S, (k+1)*S)), so a re-run skips
 committed shards and redoes only the rest. Missing, unreadable images are skipped and counted
 by reason (empty captions and bad annotation lines are counted when indexing); nothing aborts.
-The driver receives only latents (SD1.5 at 512 px: 64 KiB per image), so it is not the
+With encode.num_gpus == 0 Ray fuses the decode and VAE stages into one CPU actor (same
+resources); with GPUs they stay separate, so decoding never holds a GPU actor. The driver
+receives only latents (SD1.5 at 512 px: 64 KiB per image), so it is not the
 bottleneck next to VAE encoding.
 """
 
@@ -160,6 +162,8 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
             raise ValueError(f"{shards_uri!r} holds shards but no {sh.META_NAME}; use an empty folder for data.shards")
         return
     diffs = [k for k in meta if old.get(k) != meta[k]]
+    if diffs and not any(sh.is_shard_complete(fs, root, i) for i in sh.shard_indices(fs, root)):
+        return  # nothing finished under the old settings: start over with the new ones
     if diffs:
         detail = "; ".join(f"{k}: shards have {old.get(k)!r}, config gives {meta[k]!r}" for k in diffs)
         raise ValueError(f"cannot resume encoding into {shards_uri!r}, it was made with different settings ({detail}). "
@@ -239,7 +243,7 @@ def _commit_shard(fs: pafs.FileSystem, root: str, shard: int, parts: list[dict])
     skips = Counter(str(s) for s in cols["status"][~ok])
     if ok.any():
         shape = tuple(int(x) for x in cols["latent_shape"][ok][0])
-        latents = np.stack(list(cols["latent"][ok])).reshape(-1, *shape)  # (n, C, h, w)
+        latents = np.asarray(cols["latent"][ok], dtype=np.float32).reshape(-1, *shape)  # (n, C*h*w) -> (n, C, h, w)
         table = sh.latent_table(latents, list(cols["caption"][ok]), list(cols["source_id"][ok]))
     else:
         table = sh.empty_table()

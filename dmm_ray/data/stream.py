@@ -29,7 +29,6 @@ import hashlib
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.shards import complete_shards
@@ -139,8 +138,10 @@ def draw_sample_randomness(
 
 
 def noised_batch(batch: dict, *, scheduler, empty_ids: np.ndarray, seed: int, epoch: int, caption_dropout: float,
-                 device: Optional[torch.device] = None) -> dict:
+                 device: Optional["torch.device"] = None) -> dict:
     """Turn one tokenised batch (numpy, from build_latent_dataset) into the training batch dict."""
+    import torch  # here, not at module level: Ray Data's tokenise tasks import this module and need no torch
+
     x0 = torch.from_numpy(np.ascontiguousarray(batch["latents"], dtype=np.float32))  # (B, C, h, w)
     t, eps, dropped = draw_sample_randomness(
         batch["source_id"], x0.shape[1:], seed=seed, epoch=epoch,
@@ -176,7 +177,7 @@ def _world_rank() -> int:
 
 
 def iter_noised_batches(
-    shard, cfg: DataConfig, *, epoch: int = 0, device: Optional[torch.device] = None, rank: Optional[int] = None, scheduler=None
+    shard, cfg: DataConfig, *, epoch: int = 0, device: Optional["torch.device"] = None, rank: Optional[int] = None, scheduler=None
 ) -> Iterator[dict]:
     """Iterate one epoch of training batches from `shard` (the worker's `ray.train.get_dataset_shard`,
     or any Ray Dataset / DataIterator). Tokenizer and scheduler are loaded here, in the worker."""

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Is the data stream fast enough? Batches/s the noised-batch stream delivers vs. distillation steps/s.
+
+Stream: synthetic latent shards -> build_latent_dataset (read_parquet + tokenise on Ray Data) ->
+iter_noised_batches (per-sample t, eps, dropout; add_noise) exactly as a Train worker consumes it.
+Step: one DMM distillation step at the same batch size on the tiny SD components: base and teacher
+text-encoder forwards, teacher UNet forward with block features (no grad), StyleUNet student forward
+with block features, output + feature MSE, backward and AdamW step.
+
+The stream must not be the bottleneck: ratio = stream batches/s / steps/s, target >= 3.
+
+  PYTHONPATH=. python benchmarks/data_throughput.py --batch-size 20 --rows 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=20, help="samples per batch (paper: 20 per GPU)")
+    p.add_argument("--rows", type=int, default=2000, help="latent rows in the synthetic shards")
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--latent-hw", type=int, default=16, help="latent height/width (tiny VAE at 32 px: 16)")
+    p.add_argument("--styles", type=int, default=8, help="number of styles in the student codebook")
+    p.add_argument("--steps", type=int, default=15, help="timed distillation steps (after 3 warm-up steps)")
+    p.add_argument("--epochs", type=int, default=2, help="timed stream epochs (after one warm-up epoch)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads for the step (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the distillation step")
+    return p.parse_args(argv)
+
+
+def make_world(tmp: Path, args):
+    """Tiny base folder (vae/tokenizer/scheduler) and synthetic latent shards."""
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data import shards as sh
+    from dmm_ray.tiny import tiny_sd_components
+
+    comps = tiny_sd_components(seed=0)
+    for name in ("vae", "tokenizer", "scheduler"):
+        comps[name].save_pretrained(tmp / "base" / name)
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "circle", "square", "triangle", "left", "right", "small", "large"]
+    fs = pafs.LocalFileSystem()
+    for k, start in enumerate(range(0, args.rows, args.shard_size)):
+        n = min(args.shard_size, args.rows - start)
+        lat = rng.standard_normal((n, 4, args.latent_hw, args.latent_hw)).astype(np.float32)
+        caps = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+        sh.write_shard(fs, str(tmp / "shards"), k, sh.latent_table(lat, caps, [f"r{start + i}" for i in range(n)]))
+    return comps
+
+
+def stream_rate(cfg, epochs: int) -> tuple[float, int]:
+    from ray.data import DataContext
+
+    from dmm_ray.data.stream import build_latent_dataset, iter_noised_batches
+
+    DataContext.get_current().execution_options.preserve_order = True  # as train_dataset_config() gives the Trainer
+    ds = build_latent_dataset(cfg)
+    for _ in iter_noised_batches(ds.iterator(), cfg, epoch=0):  # warm-up: worker processes, imports, tokenizer
+        pass
+    n, t0 = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for _ in iter_noised_batches(ds.iterator(), cfg, epoch=epoch):
+            n += 1
+    return n / (time.perf_counter() - t0), n
+
+
+def step_rate(comps, args) -> float:
+    from dmm_ray.models.features import capture_block_features
+    from dmm_ray.models.style_unet import StyleUNet
+
+    dev = torch.device(args.device)
+    teacher = comps["unet"].to(dev).eval().requires_grad_(False)
+    student = StyleUNet.from_unet(comps["unet"], [f"s{i}" for i in range(args.styles)]).to(dev).train()
+    text_encoder = comps["text_encoder"].to(dev).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=1e-2)
+    b, hw = args.batch_size, args.latent_hw
+    ids = torch.randint(0, comps["tokenizer"].vocab_size - 2, (b, 77), device=dev)
+
+    def step():
+        x_t = torch.randn(b, 4, hw, hw, device=dev)  # (B, 4, h, w)
+        t = torch.randint(0, 1000, (b,), device=dev)
+        with torch.no_grad():
+            ctx_student = text_encoder(ids)[0]  # (B, 77, d) base text encoder
+            ctx_teacher = text_encoder(ids)[0]  # the teacher's own text encoder (same size)
+            with capture_block_features(teacher) as f_t:
+                eps_t = teacher(x_t, t, ctx_teacher).sample
+        with capture_block_features(student) as f_s:
+            eps_s = student(x_t, t, ctx_student, style_ids=torch.full((b,), 1, device=dev)).sample
+        loss = torch.nn.functional.mse_loss(eps_s, eps_t) + 1e-3 * sum(torch.nn.functional.mse_loss(a, c) for a, c in zip(f_s, f_t)) / len(f_s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    import ray
+
+    from dmm_ray.data.config import DataConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        comps = make_world(tmp, args)
+        cfg = DataConfig(base=str(tmp / "base"), shards=str(tmp / "shards"), stream=dict(batch_size=args.batch_size, shuffle_buffer=4 * args.batch_size))
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            sps = step_rate(comps, args)
+            bps, n = stream_rate(cfg, args.epochs)
+        finally:
+            ray.shutdown()
+    print(f"batch size {args.batch_size}, latents (4, {args.latent_hw}, {args.latent_hw}), {args.rows} rows, {args.styles} styles, step on {args.device} ({torch.get_num_threads()} torch threads), {os.cpu_count()} CPUs")
+    print(f"stream:       {bps:8.2f} batches/s  ({n} batches timed)")
+    print(f"distillation: {sps:8.2f} steps/s   (tiny StyleUNet student fwd+bwd + teacher fwd + 2 text encoders)")
+    ratio = bps / sps
+    print(f"ratio stream/step = {ratio:.2f}  ({'OK' if ratio >= 3 else 'BELOW'} target >= 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
