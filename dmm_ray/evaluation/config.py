@@ -1,0 +1,98 @@
+"""EvalConfig: everything that decides which images are generated and how they are compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Paper A.5 (kept here, not imported from dmm_ray.pipeline, so `import` stays light).
+PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
+
+
+class SamplerConfig(BaseModel):
+    """Sampler settings shared by student and teachers (part of the teacher-cache key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.0, ge=0)
+    negative_prompt: str = PAPER_NEGATIVE_PROMPT
+    height: int | None = Field(None, ge=8, description="None: the pipeline's default (unet sample_size * vae factor)")
+    width: int | None = Field(None, ge=8)
+
+
+class ExtractorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zoo", "inception"] = "zoo"
+    path: str | None = Field(
+        None, description="zoo: the zoo feature-net folder (default: zoo.yaml's feature_net); inception: the pt_inception-2015-12-05 weights file"
+    )
+    device: str = "auto"
+
+
+class EvalConfig(BaseModel):
+    """FID-matrix evaluation (paper 4.1). Seed set A: student and M_ref rows; seed set B: teacher columns.
+
+    Every (prompt, k) image gets its own seed `seed_X + prompt_index * images_per_prompt + k`, so the
+    two sets never share initial noise.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
+    prompts_file: str | None = Field(None, description="text file, one prompt per line (the zoo's eval_prompts)")
+    max_prompts: int | None = Field(None, ge=1)
+    images_per_prompt: int = Field(4, ge=1)
+    seed_a: int = Field(0, ge=0)
+    seed_b: int = Field(1_000_000, ge=0)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
+    batch_size: int = Field(8, ge=1, description="images per pipeline call inside a worker")
+    cache_dir: str = ".cache/fid"
+    output_dir: str = "outputs/eval"
+    use_ray: bool = True
+    num_student_workers: int = Field(1, ge=1, description="student styles are split over this many actors")
+    worker_num_cpus: float = Field(1.0, gt=0)
+    worker_num_gpus: float = Field(0.0, ge=0)
+    device: str = "auto"
+    grid_prompts: int = Field(4, ge=1, description="prompts (columns) in the style x prompt grid")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ValueError("give either prompts or prompts_file, not both")
+        if self.prompts is not None and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("prompts is empty; give at least one evaluation prompt")
+        return self
+
+    def load_prompts(self) -> list[str]:
+        if self.prompts is not None:
+            prompts = [p for p in self.prompts if p.strip()]
+        elif self.prompts_file is not None:
+            path = Path(self.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts_file '{path}' does not exist")
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"prompts_file '{path}' has no prompts")
+        else:
+            raise ValueError("no evaluation prompts: set prompts or prompts_file (the zoo.yaml eval_prompts)")
+        return prompts[: self.max_prompts] if self.max_prompts else prompts
+
+    def seeds(self, which: Literal["a", "b"], num_prompts: int) -> list[list[int]]:
+        """Per-prompt seed lists for seed set A or B: (num_prompts, images_per_prompt)."""
+        base = self.seed_a if which == "a" else self.seed_b
+        k = self.images_per_prompt
+        return [[base + p * k + j for j in range(k)] for p in range(num_prompts)]
+
+    def check_seed_sets(self, num_prompts: int) -> None:
+        n = num_prompts * self.images_per_prompt
+        lo, hi = sorted([self.seed_a, self.seed_b])
+        if hi < lo + n:
+            raise ValueError(
+                f"seed sets overlap: seed_a={self.seed_a}, seed_b={self.seed_b} but each set uses {n} consecutive seeds; "
+                f"set seed_b >= seed_a + {n}"
+            )

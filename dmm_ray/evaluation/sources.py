@@ -1,0 +1,104 @@
+"""Build evaluation sources from what users have on disk: a merged model folder, TeacherSpecs,
+or a toy-zoo `zoo.yaml` manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dmm_ray.evaluation.matrix import StudentSource
+from dmm_ray.evaluation.stats import ModelSource
+
+
+def _load_student_pipeline(path: str):
+    from dmm_ray.pipeline import DMMPipeline
+
+    return DMMPipeline.from_pretrained(path)
+
+
+def _load_teacher_pipeline(spec):
+    from dmm_ray.teachers import load_teacher_pipeline
+
+    return load_teacher_pipeline(spec)
+
+
+def _load_plain_pipeline(path: str):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+
+def student_style_names(path: str | Path) -> list[str]:
+    """Style names recorded in a merged model folder's `unet/config.json`, without loading weights."""
+    cfg = Path(path) / "unet" / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"'{path}' is not a merged-model folder: missing unet/config.json")
+    names = json.loads(cfg.read_text()).get("style_names")
+    if not names:
+        raise ValueError(f"'{cfg}' has no style_names; is '{path}' a DMM merged model (StyleUNet)?")
+    return list(names)
+
+
+def student_source(path: str | Path) -> StudentSource:
+    path = str(Path(path).resolve())
+    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path), style_names=student_style_names(path))
+
+
+def teacher_sources(specs: Sequence[Any]) -> list[ModelSource]:
+    """TeacherSpecs -> cacheable ModelSources keyed by `teacher_checksum(spec)`."""
+    from dmm_ray.teachers import teacher_checksum
+
+    return [ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s), checksum=teacher_checksum(s)) for s in specs]
+
+
+def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False) -> ModelSource:
+    """A plain diffusers folder (e.g. the weighted-merge baseline); cacheable keys on its file digest."""
+    from dmm_ray.evaluation.extractors import dir_digest
+
+    path = str(Path(path).resolve())
+    return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path), checksum=dir_digest(Path(path)) if cacheable else None)
+
+
+@dataclass
+class ZooManifest:
+    root: Path
+    teachers: list[Any]  # TeacherSpec
+    eval_prompts: Path | None
+    feature_net: Path | None
+    base: Path | None
+
+
+def load_zoo_manifest(path: str | Path) -> ZooManifest:
+    """Read `zoo.yaml` (paths relative to its folder) into TeacherSpecs and resolved paths."""
+    from dmm_ray.teachers import TeacherSpec
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers manifest '{path}' not found (expected a zoo.yaml)")
+    root = path.resolve().parent
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not data.get("teachers"):
+        raise ValueError(f"'{path}' has no 'teachers' list")
+
+    def rel(p):
+        return None if p is None else (root / p).resolve()
+
+    specs = []
+    for i, t in enumerate(data["teachers"]):
+        if "name" not in t or "source" not in t:
+            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got keys {sorted(t)}")
+        fields = dict(t)
+        fields["source"] = str(rel(fields["source"]))
+        if fields.get("base"):
+            fields["base"] = str(rel(fields["base"]))
+        elif data.get("base") and fields.get("format") == "lora":
+            fields["base"] = str(rel(data["base"]))
+        specs.append(TeacherSpec(**fields))
+    return ZooManifest(
+        root=root, teachers=specs, eval_prompts=rel(data.get("eval_prompts")), feature_net=rel(data.get("feature_net")), base=rel(data.get("base"))
+    )
