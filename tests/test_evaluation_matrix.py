@@ -31,7 +31,7 @@ class CountingFactory:
 def _config(tmp_path, **kw):
     base = dict(
         prompts=["a red circle", "a blue square"],
-        images_per_prompt=2,
+        images_per_prompt=1,
         sampler=SamplerConfig(num_inference_steps=2),
         batch_size=4,
         use_ray=False,
@@ -65,7 +65,7 @@ def test_matrix_shape_labels_and_perfect_student(first_run):
     assert r.fidt == pytest.approx(np.trace(r.ref_matrix)) and r.ratio == pytest.approx(1.0)
     # Teachers are different networks: off-diagonal FID exceeds the diagonal's on average.
     assert r.ref_matrix[0, 1] + r.ref_matrix[1, 0] > r.ref_matrix[0, 0] + r.ref_matrix[1, 1]
-    assert r.images_per_set == 4
+    assert r.images_per_set == 2
     assert sorted(r.generated) == sorted(["teacher/watercolor/A", "teacher/watercolor/B", "teacher/pixel art/A", "teacher/pixel art/B", "student/watercolor", "student/pixel art"])
     assert r.student_previews["watercolor"].shape[0] == 2 and r.student_previews["watercolor"].dtype == np.uint8
 
@@ -99,7 +99,7 @@ def test_cache_hit_generates_no_teacher_images(first_run):
 
 def test_cache_key_changes_with_extractor(first_run):
     other = SeededConvExtractor(seed=1)
-    r = evaluate_sources(None, first_run["teachers"][:1], first_run["cfg"], other, prompts=["a red circle"])
+    r = evaluate_sources(None, first_run["teachers"][:1], first_run["cfg"], other, prompts=["a red circle", "a green star"])
     assert sorted(r.generated) == ["teacher/watercolor/A", "teacher/watercolor/B"]
     assert first_run["factories"][0].calls == 2
     assert np.isnan(r.matrix).all() and r.ref_matrix.shape == (1, 1)
