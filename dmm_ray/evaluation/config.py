@@ -96,3 +96,37 @@ class EvalConfig(BaseModel):
                 f"seed sets overlap: seed_a={self.seed_a}, seed_b={self.seed_b} but each set uses {n} consecutive seeds; "
                 f"set seed_b >= seed_a + {n}"
             )
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """`--set a.b=value` overrides (value parsed as YAML: numbers, bools, lists) onto a dict."""
+    import yaml
+
+    data = dict(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None) -> EvalConfig:
+    """EvalConfig from a YAML file (optionally its `section`, e.g. 'eval' of a merge config) + overrides."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file '{p}' not found")
+        data = yaml.safe_load(p.read_text()) or {}
+        if section is not None:
+            data = data.get(section, {}) or {}
+    return EvalConfig.model_validate(apply_overrides(data, overrides))
