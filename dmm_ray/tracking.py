@@ -260,3 +260,95 @@ def _find_pipeline_folder(path: Path, uri: str) -> Path:
     if not candidates:
         raise FileNotFoundError(f"'{uri}' holds no diffusers pipeline folder (no model_index.json under {path})")
     return candidates[0]
+
+
+# --- driver glue for jobs/merge.py (replaces dmm_ray.tracking_hooks) ---------------------------
+def eval_config_from_merge(cfg) -> "Any":
+    """EvalConfig from a MergeConfig's free-form `evaluation` section.
+
+    Accepts the zoo defaults `dmm_ray.config` fills in: `prompts` as a prompt-file path and
+    `feature_net` (the zoo feature-net folder), besides every EvalConfig field.
+    """
+    from dmm_ray.evaluation.config import EvalConfig
+
+    data = dict(getattr(cfg, "evaluation", {}) or {})
+    if isinstance(data.get("prompts"), str):
+        data["prompts_file"] = data.pop("prompts")
+    feature_net = data.pop("feature_net", None)
+    if feature_net is not None:
+        ext = dict(data.get("extractor") or {})
+        if ext.get("kind", "zoo") == "zoo":
+            ext.setdefault("path", feature_net)
+        data["extractor"] = ext
+    data.setdefault("output_dir", str(Path(getattr(cfg, "output_dir", "outputs/merge")) / "evaluation"))
+    return EvalConfig.model_validate(data)
+
+
+def tracking_config_from_merge(cfg) -> TrackingConfig:
+    data = dict(getattr(cfg, "tracking", {}) or {})
+    name = getattr(cfg, "name", None)
+    if name:
+        data.setdefault("project", name)
+        data.setdefault("registered_model_name", name)
+    return TrackingConfig.model_validate(data)
+
+
+class StageTracker(MergeTracker):
+    """Imperative stage API for the merge driver:
+
+    handle = tracker.start_stage("merge", cfg)   # parent (resumed by project name) + nested run;
+                                                 # handle = {"uri", "run_id", ...} for Train workers
+    ... workers: MlflowClient(handle["uri"]).log_batch(handle["run_id"], ...) per step ...
+    evaluation = tracker.finish_stage(cfg, result)  # evaluate, log FIDt & artifacts, register model
+    """
+
+    def __init__(self, config: TrackingConfig | None = None):
+        super().__init__(config)
+        self._stack = contextlib.ExitStack()
+        self.stage_run_id: str | None = None
+
+    def start_stage(self, name: str, cfg: Any = None) -> dict | None:
+        if not self.enabled:
+            return None
+        mlflow = _mlflow()
+        if mlflow.active_run() is None:
+            self._stack.enter_context(self.project())
+        run = self._stack.enter_context(self.stage(name, config=cfg))
+        self.stage_run_id = run.info.run_id
+        return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
+
+    def finish_stage(self, cfg: Any, result: Any) -> Any:
+        """Evaluate the merged model (unless evaluation.enabled is false), log it, register the model,
+        close the stage and project runs. Returns the EvalResult (or None)."""
+        evaluation = None
+        try:
+            eval_cfg = eval_config_from_merge(cfg) if cfg is not None else None
+            if eval_cfg is not None and eval_cfg.enabled and getattr(cfg, "teachers", None):
+                from dmm_ray.evaluation.api import evaluate_merge
+
+                evaluation = evaluate_merge(result.merged_path, cfg.teachers, eval_cfg)
+                self.log_evaluation(evaluation)
+            if self.enabled:
+                stage_metrics = getattr(result, "stage_metrics", {}) or {}
+                self.log_metrics({f"{stage}/{k}": v for stage, m in stage_metrics.items() for k, v in m.items() if isinstance(v, (int, float))})
+                if getattr(result, "seconds", None):
+                    self.log_metrics({"seconds": result.seconds})
+                self.log_merged_model(result.merged_path)
+        except BaseException:
+            self.abort("FAILED")
+            raise
+        self._stack.close()
+        return evaluation
+
+    def abort(self, status: str = "FAILED") -> None:
+        """End the open runs with `status` (e.g. after an exception in the driver)."""
+        if self.enabled:
+            mlflow = _mlflow()
+            while mlflow.active_run() is not None:
+                mlflow.end_run(status=status)
+        self._stack = contextlib.ExitStack()
+
+
+def make_tracker(cfg) -> StageTracker:
+    """The merge driver's tracker from a MergeConfig (`tracking:` section, project = cfg.name)."""
+    return StageTracker(tracking_config_from_merge(cfg))

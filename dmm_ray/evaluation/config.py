@@ -42,6 +42,7 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(True, description="the merge job evaluates the merged model after saving it")
     prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
     prompts_file: str | None = Field(None, description="text file, one prompt per line (the zoo's eval_prompts)")
     max_prompts: int | None = Field(None, ge=1)

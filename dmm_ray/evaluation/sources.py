@@ -90,15 +90,12 @@ def load_zoo_manifest(path: str | Path) -> ZooManifest:
 
     specs = []
     for i, t in enumerate(data["teachers"]):
-        if "name" not in t or "source" not in t:
-            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got keys {sorted(t)}")
-        fields = dict(t)
-        fields["source"] = str(rel(fields["source"]))
-        if fields.get("base"):
-            fields["base"] = str(rel(fields["base"]))
-        elif data.get("base") and fields.get("format") == "lora":
-            fields["base"] = str(rel(data["base"]))
-        specs.append(TeacherSpec(**fields))
+        if not isinstance(t, dict) or "name" not in t or "source" not in t:
+            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
+        fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}  # zoo extras (e.g. style params) are not spec fields
+        if not fields.get("base") and data.get("base") and fields.get("format") in ("lora", "single_file"):
+            fields["base"] = data["base"]
+        specs.append(TeacherSpec(**fields).resolve_paths(root))
     return ZooManifest(
         root=root, teachers=specs, eval_prompts=rel(data.get("eval_prompts")), feature_net=rel(data.get("feature_net")), base=rel(data.get("base"))
     )
