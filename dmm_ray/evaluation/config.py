@@ -26,9 +26,11 @@ class SamplerConfig(BaseModel):
 class ExtractorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["zoo", "inception"] = "zoo"
+    kind: Literal["zoo", "inception", "import"] = "zoo"
     path: str | None = Field(
-        None, description="zoo: the zoo feature-net folder (default: zoo.yaml's feature_net); inception: the pt_inception-2015-12-05 weights file"
+        None,
+        description="zoo: the zoo feature-net folder (default: zoo.yaml's feature_net); inception: the "
+        "pt_inception-2015-12-05 weights file; import: 'package.module:factory' returning an extractor",
     )
     device: str = "auto"
 

@@ -5,7 +5,7 @@ and features (B, D), plus a string attribute `name` that identifies the network 
 weights* (it is part of the teacher-statistics cache key, so two different networks must
 never share a name).
 
-Two built in:
+Built in (EvalConfig.extractor.kind):
 - `ZooFeatureExtractor`: the toy zoo's feature net (`dmm_ray.zoo.feature_net.ZooFeatureNet`),
   trained on the zoo's ground truth (shape, colour, style transform) — the offline default;
   InceptionV3 features say little about 32 px procedural shapes.
@@ -13,6 +13,8 @@ Two built in:
   weights, the ones pytorch-fid / torch-fidelity use) read from a local file the user names,
   through torchmetrics' `NoTrainInceptionV3` (needs the `torch-fidelity` package). Never
   downloads: a missing file is an error naming the path.
+- kind "import": `extractor.path = "package.module:factory"`, any factory returning an extractor
+  (e.g. CLIP or DINOv2 features you load yourself).
 """
 
 from __future__ import annotations
@@ -119,14 +121,35 @@ class ZooFeatureExtractor:
         return self.net.features(images.float().to(self.device)).reshape(images.shape[0], -1).float().cpu()  # (B, D)
 
 
+def import_extractor(spec: str) -> FeatureExtractor:
+    """`package.module:factory` -> factory() (any callable returning an extractor, e.g. a class)."""
+    import importlib
+
+    module, _, attr = str(spec).partition(":")
+    if not module or not attr:
+        raise ValueError(f"extractor.path for kind='import' must look like 'package.module:factory', got '{spec}'")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import extractor factory '{spec}': {e}") from e
+    extractor = factory()
+    if not isinstance(getattr(extractor, "name", None), str) or not callable(extractor):
+        raise TypeError(f"'{spec}' returned {type(extractor).__name__}, which lacks a str `name` or is not callable")
+    return extractor
+
+
 def build_extractor(kind: str, path: str | Path | None, device: str = "auto") -> FeatureExtractor:
     if path is None:
-        raise ValueError(f"extractor.path is required for extractor.kind='{kind}' (zoo: feature-net folder; inception: weights file)")
+        raise ValueError(
+            f"extractor.path is required for extractor.kind='{kind}' (zoo: feature-net folder; inception: weights file; import: module:factory)"
+        )
     if kind == "zoo":
         return ZooFeatureExtractor(path, device)
     if kind == "inception":
         return InceptionFeatureExtractor(path, device)
-    raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo' or 'inception'")
+    if kind == "import":
+        return import_extractor(str(path))
+    raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo', 'inception' or 'import'")
 
 
 class ExtractorFactory:
@@ -143,11 +166,13 @@ class ExtractorFactory:
     def name(self) -> str:
         if self.path is None:
             raise ValueError(f"extractor.path is required for extractor.kind='{self.kind}'")
-        path = Path(self.path).expanduser()
+        path = Path(str(self.path)).expanduser()
         if self.kind == "inception" and path.is_file():
             return f"inception-v3-fid:{file_digest(path)[:16]}"
         if self.kind == "zoo" and path.is_dir():
             return f"zoo-feature-net:{dir_digest(path)[:16]}"
+        if self.kind == "import":
+            return import_extractor(str(self.path)).name
         return build_extractor(self.kind, self.path, "cpu").name  # raises the clear not-found error
 
     def __call__(self) -> FeatureExtractor:
