@@ -102,3 +102,37 @@ def test_stage_needs_project_and_config_rejects_unknown_keys(tracker):
 def test_helpers():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
     assert metric_name("fid_diag/ink (v2)*") == "fid_diag/ink _v2__"
+
+
+def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_components):
+    """start_stage -> workers log per-step metrics by run id -> finish_stage logs + registers."""
+    from types import SimpleNamespace
+
+    import mlflow
+    from diffusers import StableDiffusionPipeline
+    from mlflow.entities import Metric
+
+    from dmm_ray.tracking import eval_config_from_merge, make_tracker
+
+    monkeypatch.chdir(tmp_path)
+    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "merged")
+    cfg = SimpleNamespace(
+        name="toy-merge",
+        output_dir=str(tmp_path),
+        teachers=[],
+        evaluation={"enabled": False, "prompts": "prompts.txt", "feature_net": "fnet"},
+        tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    ev = eval_config_from_merge(cfg)
+    assert ev.prompts_file == "prompts.txt" and ev.extractor.path == "fnet" and not ev.enabled
+    tracker = make_tracker(cfg)
+    handle = tracker.start_stage("merge", {"distill": {"steps": 3}})
+    client = mlflow.MlflowClient(handle["uri"])
+    client.log_batch(handle["run_id"], metrics=[Metric("distill/loss", 0.5, 0, s) for s in range(2)])
+    result = SimpleNamespace(merged_path=tmp_path / "merged", stage_metrics={"distill": {"loss": 0.4, "seconds": 2.0}}, seconds=3.0)
+    assert tracker.finish_stage(cfg, result) is None
+    assert mlflow.active_run() is None
+    run = client.get_run(handle["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == handle["parent_run_id"] and run.data.params["distill.steps"] == "3"
+    assert run.data.metrics["distill/seconds"] == 2.0 and run.info.status == "FINISHED"
+    assert client.get_registered_model("toy-merge").latest_versions[0].version in (1, "1")
