@@ -205,8 +205,6 @@ class MergeTracker:
             return str(Path(model_dir).resolve())
         import mlflow.pyfunc
 
-        from dmm_ray.mlflow_model import DMMPyfuncModel
-
         model_dir = Path(model_dir)
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"'{model_dir}' is not a diffusers pipeline folder (no model_index.json)")
@@ -214,6 +212,8 @@ class MergeTracker:
         with warnings.catch_warnings():
             # predict() takes a DataFrame of prompts/styles; MLflow's type-hint nudge does not apply.
             warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+            from dmm_ray.mlflow_model import DMMPyfuncModel  # the nudge fires when the class is defined
+
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
                 python_model=DMMPyfuncModel(),

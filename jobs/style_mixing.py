@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     if args.no_ray:
         data["use_ray"] = False
     cfg = cfg.model_validate(data)
-    student = student_source(resolve_model_uri(args.model))
-    teachers = {t.name: t for t in teacher_sources(manifest.teachers)}
+    student = student_source(resolve_model_uri(args.model), cfg.dtype)
+    teachers = {t.name: t for t in teacher_sources(manifest.teachers, cfg.dtype)}
     extractor = default_extractor(cfg)
     out = Path(args.out)
     if args.group:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
             specs = {s.name: s for s in manifest.teachers}
             weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
-        res = mixing_comparison(student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True), cfg, extractor)
+        res = mixing_comparison(student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor)
         print(res.format_table())
         print("written:", res.write(out))
     if args.sweep:

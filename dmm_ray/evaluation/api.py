@@ -30,8 +30,10 @@ def evaluate_merge(
     `output_dir` (default `eval_config.output_dir`) and records their paths in `result.files`.
     `student_path=None` evaluates only the teacher reference M_ref.
     """
-    student = student_source(student_path) if student_path is not None else None
-    result = evaluate_sources(student, teacher_sources(teacher_specs), eval_config, extractor or default_extractor(eval_config))
+    dtype = eval_config.dtype
+    student = student_source(student_path, dtype) if student_path is not None else None
+    teachers = teacher_sources(teacher_specs, dtype)
+    result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:
         result.files = write_outputs(result, output_dir or eval_config.output_dir)
         if print_table:

@@ -61,6 +61,7 @@ class EvalConfig(BaseModel):
     worker_num_cpus: float = Field(1.0, gt=0)
     worker_num_gpus: float = Field(0.0, ge=0)
     device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="pipeline weights dtype (float16 on GPUs)")
     grid_prompts: int = Field(4, ge=1, description="prompts (columns) in the style x prompt grid")
 
     @model_validator(mode="after")

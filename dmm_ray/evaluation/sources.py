@@ -15,22 +15,35 @@ from dmm_ray.evaluation.matrix import StudentSource
 from dmm_ray.evaluation.stats import ModelSource
 
 
-def _load_student_pipeline(path: str):
+def _torch_dtype(dtype: str):
+    import torch
+
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def _dtype_suffix(dtype: str) -> str:
+    # Part of the cache key: half-precision images differ slightly from float32 ones.
+    return "" if dtype == "float32" else f":{dtype}"
+
+
+def _load_student_pipeline(path: str, dtype: str = "float32"):
     from dmm_ray.pipeline import DMMPipeline
 
-    return DMMPipeline.from_pretrained(path)
+    kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
+    return DMMPipeline.from_pretrained(path, **kwargs)
 
 
-def _load_teacher_pipeline(spec):
+def _load_teacher_pipeline(spec, dtype: str = "float32"):
     from dmm_ray.teachers import load_teacher_pipeline
 
-    return load_teacher_pipeline(spec)
+    return load_teacher_pipeline(spec, torch_dtype=_torch_dtype(dtype))
 
 
-def _load_plain_pipeline(path: str):
+def _load_plain_pipeline(path: str, dtype: str = "float32"):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
 
 
 def student_style_names(path: str | Path) -> list[str]:
@@ -44,24 +57,28 @@ def student_style_names(path: str | Path) -> list[str]:
     return list(names)
 
 
-def student_source(path: str | Path) -> StudentSource:
+def student_source(path: str | Path, dtype: str = "float32") -> StudentSource:
     path = str(Path(path).resolve())
-    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path), style_names=student_style_names(path))
+    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path, dtype), style_names=student_style_names(path))
 
 
-def teacher_sources(specs: Sequence[Any]) -> list[ModelSource]:
-    """TeacherSpecs -> cacheable ModelSources keyed by `teacher_checksum(spec)`."""
+def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelSource]:
+    """TeacherSpecs -> cacheable ModelSources keyed by `teacher_checksum(spec)` (+ dtype)."""
     from dmm_ray.teachers import teacher_checksum
 
-    return [ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s), checksum=teacher_checksum(s)) for s in specs]
+    return [
+        ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s, dtype), checksum=teacher_checksum(s) + _dtype_suffix(dtype))
+        for s in specs
+    ]
 
 
-def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False) -> ModelSource:
+def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False, dtype: str = "float32") -> ModelSource:
     """A plain diffusers folder (e.g. the weighted-merge baseline); cacheable keys on its file digest."""
     from dmm_ray.evaluation.extractors import dir_digest
 
     path = str(Path(path).resolve())
-    return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path), checksum=dir_digest(Path(path)) if cacheable else None)
+    checksum = dir_digest(Path(path)) + _dtype_suffix(dtype) if cacheable else None
+    return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path, dtype), checksum=checksum)
 
 
 @dataclass
