@@ -33,6 +33,7 @@ def test_frechet_matches_scipy_sqrtm_reference(seed):
     ref = scipy_reference_fid(sa.mu, sa.sigma, sb.mu, sb.sigma)
     assert ref > 0.1
     assert abs(ours - ref) / ref < 1e-6
+    assert abs(fid_from_stats(sa, sb) - ref) / ref < 1e-6  # the cached-sqrt path used by the matrix
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_mean_shift():

@@ -12,6 +12,7 @@ with scipy's `sqrtm` reference (pytorch-fid's formula) to ~1e-10 relative on wel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +39,11 @@ class FeatureStats:
         if not np.isfinite(x).all():
             raise ValueError("features contain NaN or inf; check the generated images and the extractor")
         return cls(mu=x.mean(axis=0), sigma=np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]), n=int(x.shape[0]))
+
+    @cached_property
+    def sigma_sqrt(self) -> np.ndarray:
+        """sigma^(1/2), computed once per set: a matrix row reuses it for all N columns."""
+        return _psd_sqrt(self.sigma)
 
     @property
     def dim(self) -> int:
@@ -75,7 +81,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    root1 = _psd_sqrt(s1)
+    return _frechet(mu1, s1, _psd_sqrt(s1), mu2, s2)
+
+
+def _frechet(mu1, s1, root1, mu2, s2) -> float:
     inner = root1 @ s2 @ root1  # symmetric PSD (D, D)
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
@@ -88,7 +97,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     if a.dim != b.dim:
         raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim} (were they made by the same extractor?)")
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    return _frechet(a.mu, a.sigma, a.sigma_sqrt, b.mu, b.sigma)
 
 
 def fid_from_features(x, y) -> float:
