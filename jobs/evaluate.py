@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="merged model folder or MLflow URI (models:/name/version); omit with --reference-only")
-    p.add_argument("--teachers", required=True, help="zoo.yaml (or any YAML with a 'teachers' list; paths relative to it)")
+    p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
     p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (e.g. 'eval')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10")
@@ -39,33 +39,25 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.api import evaluate_merge
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.outputs import format_table
-    from dmm_ray.evaluation.sources import load_zoo_manifest
+    from dmm_ray.evaluation.sources import load_eval_setup
 
     if not args.model and not args.reference_only:
         print("error: give --model (a merged model) or --reference-only", file=sys.stderr)
         return 2
-    manifest = load_zoo_manifest(args.teachers)
-    cfg = load_eval_config(args.config, args.set, args.section)
-    data = cfg.model_dump()
-    if cfg.prompts is None and cfg.prompts_file is None:
-        if manifest.eval_prompts is None:
-            print(f"error: no prompts: '{args.teachers}' has no eval_prompts; set prompts or prompts_file", file=sys.stderr)
-            return 2
-        data["prompts_file"] = str(manifest.eval_prompts)
-    if cfg.extractor.kind == "zoo" and cfg.extractor.path is None and manifest.feature_net is not None:
-        data["extractor"]["path"] = str(manifest.feature_net)
+    setup = load_eval_setup(args.teachers)
+    extra = []
     if args.no_ray:
-        data["use_ray"] = False
+        extra.append("use_ray=false")
     if args.out:
-        data["output_dir"] = args.out
-    cfg = cfg.model_validate(data)
+        extra.append(f"output_dir={args.out}")
+    cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
 
     model_path = None
     if args.model:
         from dmm_ray.tracking import resolve_model_uri
 
         model_path = resolve_model_uri(args.model)
-    result = evaluate_merge(model_path, manifest.teachers, cfg, print_table=False)
+    result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
         for name, row in zip(result.style_names, result.ref_matrix):

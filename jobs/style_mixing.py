@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="merged model folder or models:/name/version")
-    p.add_argument("--teachers", required=True, help="zoo.yaml or any YAML with a 'teachers' list")
+    p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--group", help="comma-separated styles to mix (Table 3); needs --weighted-merge")
     p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (built here if missing)")
     p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
@@ -41,21 +41,13 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.api import default_extractor
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
-    from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source, student_source, teacher_sources
+    from dmm_ray.evaluation.sources import load_eval_setup, pipeline_folder_source, student_source, teacher_sources
     from dmm_ray.tracking import resolve_model_uri
 
-    manifest = load_zoo_manifest(args.teachers)
-    cfg = load_eval_config(args.config, args.set)
-    data = cfg.model_dump()
-    if cfg.prompts is None and cfg.prompts_file is None and manifest.eval_prompts:
-        data["prompts_file"] = str(manifest.eval_prompts)
-    if cfg.extractor.kind == "zoo" and cfg.extractor.path is None and manifest.feature_net:
-        data["extractor"]["path"] = str(manifest.feature_net)
-    if args.no_ray:
-        data["use_ray"] = False
-    cfg = cfg.model_validate(data)
+    setup = load_eval_setup(args.teachers)
+    cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
     student = student_source(resolve_model_uri(args.model), cfg.dtype)
-    teachers = {t.name: t for t in teacher_sources(manifest.teachers, cfg.dtype)}
+    teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
     extractor = default_extractor(cfg)
     out = Path(args.out)
     if args.group:
@@ -68,7 +60,7 @@ def main(argv=None) -> int:
         if not (wm_dir / "model_index.json").is_file():
             from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
 
-            specs = {s.name: s for s in manifest.teachers}
+            specs = {s.name: s for s in setup.teachers}
             weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
         res = mixing_comparison(student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor)
         print(res.format_table())

@@ -23,7 +23,7 @@ def _csv(s: str | None):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", required=True, help="zoo.yaml or any YAML with a 'teachers' list")
+    p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--names", help="comma-separated teacher names to merge (default: all)")
     p.add_argument("--weights", help="comma-separated weights, one per teacher, >= 0, summing to 1 (default: equal)")
     p.add_argument("--out", required=True, help="output diffusers folder")
@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dmm_ray.baselines.weighted_merge import MergeWeightsError, validate_weights, weighted_merge_teachers
-    from dmm_ray.evaluation.sources import load_zoo_manifest
+    from dmm_ray.evaluation.sources import load_eval_setup
 
-    specs = load_zoo_manifest(args.teachers).teachers
+    specs = load_eval_setup(args.teachers).teachers
     names = _csv(args.names)
     if names:
         known = {s.name: s for s in specs}

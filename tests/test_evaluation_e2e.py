@@ -129,3 +129,20 @@ def test_mixing_comparison_and_sweep(world, tmp_path):
     assert sweep.write(tmp_path / "sweep")["png"].is_file()
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
         interpolation_sweep(student, teachers[0], teachers[1], cfg, ext, weights=[1.5])
+
+
+def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    setup = load_eval_setup(world / "zoo.yaml")
+    assert [t.name for t in setup.teachers] == STYLES
+    assert load_eval_config(defaults=setup.defaults).prompts_file == str(world / "prompts.txt")
+    # Explicit prompts replace the zoo's prompt file instead of clashing with it.
+    cfg = load_eval_config(overrides=["prompts=[a red circle]"], defaults=setup.defaults)
+    assert cfg.prompts == ["a red circle"] and cfg.prompts_file is None
+    # A zoo feature-net default does not leak into another extractor kind.
+    setup.defaults["extractor"] = {"path": "/zoo/feature_net"}
+    cfg = load_eval_config(overrides=["extractor.kind=inception"], defaults=setup.defaults)
+    assert cfg.extractor.kind == "inception" and cfg.extractor.path is None
+    assert load_eval_config(defaults=setup.defaults).extractor.path == "/zoo/feature_net"

@@ -104,9 +104,11 @@ class EvalConfig(BaseModel):
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """`--set a.b=value` overrides (value parsed as YAML: numbers, bools, lists) onto a dict."""
+    import copy
+
     import yaml
 
-    data = dict(data)
+    data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got '{item}'")
@@ -121,9 +123,13 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None) -> EvalConfig:
-    """EvalConfig from a YAML file (optionally its `section`, e.g. 'eval' of a merge config) + overrides."""
+def load_eval_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None, defaults: dict | None = None
+) -> EvalConfig:
+    """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides."""
     import yaml
+
+    from dmm_ray.evaluation.sources import merge_defaults
 
     data: dict = {}
     if path is not None:
@@ -133,4 +139,13 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | None
         data = yaml.safe_load(p.read_text()) or {}
         if section is not None:
             data = data.get(section, {}) or {}
-    return EvalConfig.model_validate(apply_overrides(data, overrides))
+    defaults = defaults or {}
+    data = apply_overrides(merge_defaults(defaults, data), overrides)
+    # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
+    # zoo feature-net folder vs another extractor kind).
+    if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):
+        data.pop("prompts_file", None)
+    ext, default_ext = data.get("extractor") or {}, defaults.get("extractor") or {}
+    if ext.get("kind", "zoo") != "zoo" and ext.get("path") is not None and ext.get("path") == default_ext.get("path"):
+        ext.pop("path")
+    return EvalConfig.model_validate(data)

@@ -116,3 +116,49 @@ def load_zoo_manifest(path: str | Path) -> ZooManifest:
     return ZooManifest(
         root=root, teachers=specs, eval_prompts=rel(data.get("eval_prompts")), feature_net=rel(data.get("feature_net")), base=rel(data.get("base"))
     )
+
+
+MERGE_CONFIG_KEYS = {"zoo", "data", "distill", "student", "evaluation", "synthesis", "incremental"}
+
+
+@dataclass
+class EvalSetup:
+    """Teachers plus the EvalConfig defaults implied by a zoo.yaml or a merge config."""
+
+    teachers: list[Any]
+    defaults: dict  # EvalConfig fields (prompts_file, extractor.path, ...) to apply under user settings
+
+
+def load_eval_setup(path: str | Path) -> EvalSetup:
+    """`--teachers` file: a zoo.yaml manifest, or a merge config (its teachers, or its zoo's, and its
+    `evaluation:` section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers file '{path}' not found (expected a zoo.yaml or a merge config)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and MERGE_CONFIG_KEYS & set(data):
+        try:
+            from dmm_ray.config import load_config
+        except ImportError as e:
+            raise ImportError(f"'{path}' looks like a merge config but dmm_ray.config is unavailable: {e}") from e
+        from dmm_ray.tracking import eval_config_from_merge
+
+        merge_cfg = load_config(path)
+        return EvalSetup(teachers=list(merge_cfg.teachers), defaults=eval_config_from_merge(merge_cfg).model_dump(exclude_unset=True))
+    m = load_zoo_manifest(path)
+    defaults: dict = {}
+    if m.eval_prompts is not None:
+        defaults["prompts_file"] = str(m.eval_prompts)
+    if m.feature_net is not None:
+        defaults["extractor"] = {"path": str(m.feature_net)}
+    return EvalSetup(teachers=m.teachers, defaults=defaults)
+
+
+def merge_defaults(defaults: dict, data: dict) -> dict:
+    """Deep-merge into a fresh dict (inputs untouched): `data` (the user's settings) wins over `defaults`."""
+    import copy
+
+    out = copy.deepcopy(defaults)
+    for k, v in data.items():
+        out[k] = merge_defaults(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
