@@ -156,7 +156,7 @@ def run_plans(
         actors = []
         try:
             for plan in plans:
-                actor = actor_cls.options(name=None).remote(plan.pipeline_factory, extractor_factory, device)
+                actor = actor_cls.remote(plan.pipeline_factory, extractor_factory, device)
                 actors.append(actor)
                 # One call per job so progress advances per job; the actor runs them in order.
                 for i, job in enumerate(plan.jobs):
