@@ -13,15 +13,66 @@ import torch
 torch.set_num_threads(2)
 
 
+class _Cluster:
+    """The `ray` module plus the test cluster's addresses (`address`, `dashboard_url`)."""
+
+    def __init__(self, address: str, dashboard_url: str):
+        self.address, self.dashboard_url = address, dashboard_url
+
+    def __getattr__(self, name):
+        import ray
+
+        return getattr(ray, name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance shared by every test marked `ray` (starting Ray costs ~10 s)."""
+    """One local Ray head (with the job server, for `ray job submit` tests) shared by every test marked
+    `ray`. Started with `ray start --block` in its own process group so teardown stops only this cluster."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
+    port, dashboard_port = _free_port(), _free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            break
+        except Exception:
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                raise
+            time.sleep(2)
+    os.environ["RAY_ADDRESS"] = address  # jobs started by tests join this cluster instead of starting one
+    try:
+        yield _Cluster(address, f"127.0.0.1:{dashboard_port}")
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
 
 @pytest.fixture

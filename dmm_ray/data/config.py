@@ -88,7 +88,6 @@ class StreamConfig(BaseModel):
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = no local shuffle)")
     shuffle_blocks: bool = Field(True, description="randomise the order of shard blocks (seeded) before splitting to workers")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches")
-    tokenize_concurrency: int = Field(1, gt=0, description="number of tokenizer actors in the Ray Data stage")
     drop_last: bool = Field(True, description="drop a final batch smaller than batch_size (keeps DDP step shapes equal)")
 
 

@@ -49,13 +49,14 @@ class EncodeReport:
     shards_already_complete: int
     shards_written: int
     encoded_this_run: int
+    latents_total: int = 0  # rows in all complete shards (this run and earlier ones)
     skipped: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
             f"{self.records} indexed records in {self.shards_total} shards: {self.shards_already_complete} already complete, "
-            f"{self.shards_written} written now ({self.encoded_this_run} images encoded). Skipped: {reasons}"
+            f"{self.shards_written} written now ({self.encoded_this_run} images encoded); {self.latents_total} latents in total. Skipped: {reasons}"
         )
 
 
@@ -199,7 +200,7 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
             fn_kwargs=dict(resolution=e.resolution, filesystem=index.filesystem),
         )
         ds = ds.map_batches(
-            VAEEncoder, batch_size=e.batch_size, batch_format="numpy", concurrency=e.concurrency, num_gpus=e.num_gpus,
+            VAEEncoder, batch_size=e.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_gpus=e.num_gpus,
             fn_constructor_kwargs=dict(vae_path=cfg.vae_path(), resolution=e.resolution, use_gpu=e.num_gpus > 0, dtype=e.dtype,
                                        latent_sampling=e.latent_sampling, seed=cfg.stream.seed),
         )
@@ -226,7 +227,8 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
 
     skipped = Counter(index.skipped)
     skipped.update(sh.skipped_totals(out_fs, out_root, range(n_shards)))
-    return EncodeReport(len(records), n_shards, len(done), written, encoded, skipped)
+    total = sum((sh.read_marker(out_fs, out_root, k) or {}).get("rows", 0) for k in range(n_shards))
+    return EncodeReport(len(records), n_shards, len(done), written, encoded, total, skipped)
 
 
 def _commit_shard(fs: pafs.FileSystem, root: str, shard: int, parts: list[dict]) -> tuple[int, Counter]:

@@ -67,30 +67,27 @@ def load_noise_scheduler(cfg: Optional[DataConfig] = None):
     return DDPMScheduler.from_pretrained(path)
 
 
-class TokenizeCaptions:
-    """Ray Data actor stage: list-encoded latents -> (B, C, h, w) arrays, captions -> token ids."""
+def tokenize_latent_rows(table, tokenizer_path: str) -> dict:
+    """Ray Data stage: list-encoded latents -> (B, C, h, w) arrays, captions -> token ids.
 
-    def __init__(self, tokenizer_path: str):
-        self.tokenizer = load_tokenizer(tokenizer_path)
-
-    def __call__(self, table) -> dict:
-        import pyarrow as pa  # noqa: F401  (batch_format="pyarrow": flatten list columns without Python loops)
-
-        n = table.num_rows
-        shapes = np.asarray(table.column("latent_shape").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(n, -1)
-        if n and not (shapes == shapes[0]).all():
-            raise ValueError(f"latent shards mix latent shapes {np.unique(shapes, axis=0).tolist()}; encode all shards at one resolution")
-        flat = table.column("latent").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        captions = table.column("caption").to_pylist()
-        out = {
-            "latents": np.asarray(flat, dtype=np.float32).reshape(n, *shapes[0]) if n else np.zeros((0, 1, 1, 1), np.float32),  # (B, C, h, w)
-            "input_ids": tokenize(self.tokenizer, captions) if n else np.zeros((0, self.tokenizer.model_max_length), np.int64),  # (B, L)
-            "caption": np.array(captions, dtype=object),
-            "source_id": np.array(table.column("source_id").to_pylist(), dtype=object),
-        }
-        if "style" in table.column_names:
-            out["style"] = table.column("style").to_numpy().astype(np.int64)
-        return out
+    A plain task function: Ray reuses worker processes across tasks, and the tokenizer is loaded
+    from its folder once per process (`_cached_tokenizer`), so nothing big is pickled or re-imported."""
+    tokenizer = _cached_tokenizer(tokenizer_path)
+    n = table.num_rows
+    shapes = np.asarray(table.column("latent_shape").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(n, -1)
+    if n and not (shapes == shapes[0]).all():
+        raise ValueError(f"latent shards mix latent shapes {np.unique(shapes, axis=0).tolist()}; encode all shards at one resolution")
+    flat = table.column("latent").combine_chunks().flatten().to_numpy(zero_copy_only=False)  # (B*C*h*w,)
+    captions = table.column("caption").to_pylist()
+    out = {
+        "latents": np.asarray(flat, dtype=np.float32).reshape(n, *shapes[0]) if n else np.zeros((0, 1, 1, 1), np.float32),  # (B, C, h, w)
+        "input_ids": tokenize(tokenizer, captions) if n else np.zeros((0, tokenizer.model_max_length), np.int64),  # (B, L)
+        "caption": np.array(captions, dtype=object),
+        "source_id": np.array(table.column("source_id").to_pylist(), dtype=object),
+    }
+    if "style" in table.column_names:
+        out["style"] = table.column("style").to_numpy().astype(np.int64)  # (B,)
+    return out
 
 
 def build_latent_dataset(cfg: DataConfig, shards: Optional[str] = None):
@@ -106,11 +103,7 @@ def build_latent_dataset(cfg: DataConfig, shards: Optional[str] = None):
     if cfg.stream.shuffle_blocks:
         ds = ds.randomize_block_order(seed=cfg.stream.seed)  # seeded: same order every run
     return ds.map_batches(
-        TokenizeCaptions,
-        fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer_path()),
-        batch_format="pyarrow",
-        batch_size=max(256, cfg.stream.batch_size),
-        concurrency=cfg.stream.tokenize_concurrency,
+        tokenize_latent_rows, fn_kwargs=dict(tokenizer_path=cfg.tokenizer_path()), batch_format="pyarrow", batch_size=max(256, cfg.stream.batch_size)
     )
 
 

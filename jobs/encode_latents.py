@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Encode captioned images (JourneyDB, an image folder, the toy zoo's image set) into VAE latent
+parquet shards with Ray Data. Resumable: re-running skips committed shards.
+
+Examples:
+  # JourneyDB (images extracted under data/train/imgs/, annotations as released)
+  python jobs/encode_latents.py --source journeydb --root /data/JourneyDB/data/train/imgs \\
+      --annotations /data/JourneyDB/data/train/train_anno_realease_repath.jsonl \\
+      --base /models/sd15 --out s3://bucket/jdb-latents-512 --resolution 512 --num-gpus 1 --concurrency 8
+
+  # the toy zoo's image set, from a config file plus overrides
+  python jobs/encode_latents.py --config jobs/configs/data.yaml --set encode.batch_size=64
+
+Options given on the command line override the config file; `--set key=value` (YAML value,
+keys as in DataConfig, an optional leading `data.` is accepted) overrides both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import yaml
+from pydantic import ValidationError
+
+from dmm_ray.data.config import DataConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML with a DataConfig mapping, or a full dmm-ray config with a `data:` section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one config value (repeatable)")
+    g = p.add_argument_group("source")
+    g.add_argument("--source", choices=["journeydb", "folder"], help="source.kind")
+    g.add_argument("--root", help="source.root: image folder (path or pyarrow URI: file://, s3://, gs://)")
+    g.add_argument("--annotations", nargs="+", help="source.annotations: JourneyDB JSONL files or folders")
+    g.add_argument("--manifest", help="source.manifest: folder manifest relative to root (.jsonl/.csv/.parquet)")
+    g.add_argument("--limit", type=int, help="source.limit: first N records only")
+    g = p.add_argument_group("models and output")
+    g.add_argument("--base", help="base SD diffusers folder (its vae/ is used)")
+    g.add_argument("--vae", help="VAE folder (default <base>/vae)")
+    g.add_argument("--out", dest="shards", help="latent shard folder (path or pyarrow URI)")
+    g = p.add_argument_group("encoding")
+    g.add_argument("--resolution", type=int, help="encode.resolution (px, multiple of 8)")
+    g.add_argument("--shard-size", type=int, help="encode.shard_size (records per shard)")
+    g.add_argument("--batch-size", type=int, help="encode.batch_size (images per VAE forward)")
+    g.add_argument("--concurrency", type=int, help="encode.concurrency (VAE actors)")
+    g.add_argument("--num-gpus", type=float, help="encode.num_gpus (GPUs per VAE actor; 0 = CPU)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="encode.dtype (VAE compute dtype)")
+    g.add_argument("--latent-sampling", choices=["mean", "sample"], help="encode.latent_sampling")
+    p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a new local one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def build_config(args: argparse.Namespace) -> DataConfig:
+    tree: dict = {}
+    if args.config:
+        doc = yaml.safe_load(Path(args.config).read_text()) or {}
+        tree = doc.get("data", doc) if isinstance(doc, dict) else {}
+    flags = {
+        "source.kind": args.source, "source.root": args.root, "source.annotations": args.annotations,
+        "source.manifest": args.manifest, "source.limit": args.limit, "base": args.base, "vae": args.vae, "shards": args.shards,
+        "encode.resolution": args.resolution, "encode.shard_size": args.shard_size, "encode.batch_size": args.batch_size,
+        "encode.concurrency": args.concurrency, "encode.num_gpus": args.num_gpus, "encode.dtype": args.dtype,
+        "encode.latent_sampling": args.latent_sampling,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for item in args.overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.removeprefix("data."), yaml.safe_load(raw))
+    return DataConfig.model_validate(tree)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+    except ValidationError as e:
+        print(f"invalid data config:\n{e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.encode import run_encode
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, log_to_driver=False)
+    try:
+        report = run_encode(cfg, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    out_fs, root = fsu.resolve(cfg.shards)
+    fsu.write_bytes_atomic(out_fs, fsu.join(root, "_encode_report.json"), json.dumps({**report.__dict__, "skipped": dict(report.skipped)}, indent=1).encode())
+    if report.latents_total == 0:
+        print("error: no image could be encoded (see skip reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

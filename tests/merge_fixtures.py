@@ -1,0 +1,59 @@
+"""A tiny merging world for tests: base, N perturbed teachers, random latent shards, a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm_ray.tiny import tiny_sd_components
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle on a white background", "two yellow stars"]
+
+
+def build_world(root: Path, num_teachers: int = 2, rows: int = 64, names=None) -> dict:
+    from pyarrow import fs as pafs
+
+    from dmm_ray.data.shards import latent_table, write_shard
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / "base"
+    if not base.exists():
+        StableDiffusionPipeline(**tiny_sd_components(seed=0)).save_pretrained(base)
+    names = names or [f"style{i}" for i in range(num_teachers)]
+    teachers = []
+    for i, name in enumerate(names):
+        path = root / "teachers" / name
+        if not path.exists():
+            c = tiny_sd_components(seed=0)
+            g = torch.Generator().manual_seed(100 + i)
+            with torch.no_grad():
+                for p in c["unet"].parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+            StableDiffusionPipeline(**c).save_pretrained(path)
+        teachers.append({"name": name, "source": str(path)})
+    shards = root / "shards"
+    if not shards.exists():
+        rng = np.random.default_rng(0)
+        latents = rng.standard_normal((rows, 4, 8, 8)).astype(np.float32)
+        caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)]
+        write_shard(pafs.LocalFileSystem(), str(shards.resolve()), 0, latent_table(latents, caps, [f"r{i}" for i in range(rows)]))
+    return {"base": str(base), "teachers": teachers, "shards": str(shards.resolve())}
+
+
+def tiny_merge_config(world: dict, out: Path, **sections) -> dict:
+    config = {
+        "name": "test-merge",
+        "output_dir": str(out),
+        "teachers": world["teachers"],
+        "student": {"base": world["base"]},
+        "data": {"base": world["base"], "shards": world["shards"], "stream": {"batch_size": 4}, "encode": {"resolution": 32}},
+        "distill": {"steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-4},
+        "scaling": {"workers_per_teacher": 1, "cpus_per_worker": 0.5},
+        "synthesis": {"images_per_teacher": 4, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2, "finetune_batch_size": 2, "resolution": 32},
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config

@@ -1,0 +1,61 @@
+import pytest
+
+from dmm_ray.config import ConfigError, load_config
+from dmm_ray.distill.layout import worker_layout
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+teachers: [{name: a, source: /x/a}, {name: b, source: /x/b}, {name: c, source: /x/c}]
+student: {base: /x/base}
+data: {base: /x/base, shards: /x/shards}
+"""
+
+
+def test_overrides_and_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["distill.steps=7", "teachers.1.name=bee", "scaling.workers_per_teacher=2"])
+    assert cfg.distill.steps == 7 and cfg.teachers[1].name == "bee"
+    assert cfg.num_workers == 6 and cfg.distill.lambda_feat == 0.001 and cfg.distill.lambda_adv == 0.01
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.stepz=3", "distill.stepz: Extra inputs are not permitted"),
+    ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
+    ("scaling.num_workers=4", "scaling.num_workers=4 is not a multiple of the 3 teachers"),
+    ("teachers.2.name=a", "duplicate names"),
+])
+def test_bad_values_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(_write(tmp_path, BASE), [override])
+
+
+def test_num_workers_multiple_of_teachers_accepted(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["scaling.num_workers=6"])
+    assert cfg.workers_per_teacher == 2
+
+
+def test_incremental_layout_adds_one_regulariser(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["incremental.base_merged=/x/merged", "scaling.num_workers=7"])
+    assert cfg.num_workers == 7 and cfg.regularization_workers == 1
+    with pytest.raises(ConfigError, match=r"N\*k \+ 1"):
+        load_config(_write(tmp_path, BASE), ["incremental.base_merged=/x/merged", "scaling.num_workers=6"])
+    roles = worker_layout(3, 2, num_old_styles=4, regularization=True)
+    assert [r.style_index for r in roles] == [4, 5, 6, 4, 5, 6, None]
+    assert roles[-1].kind == "regularizer" and len(roles) == 3 * 2 + 1
+
+
+def test_layout_rank_mod_n():
+    roles = worker_layout(4, 2)
+    assert [r.teacher_index for r in roles] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_missing_file_and_bad_set(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(_write(tmp_path, BASE), ["distill.steps"])

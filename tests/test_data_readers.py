@@ -1,0 +1,113 @@
+"""Readers and config: JourneyDB layout (local path and file:// URI), image folders with
+JSONL / CSV / parquet manifests, prompt lists, and image preprocessing. No Ray needed."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from data_fixtures import caption, make_folder, make_journeydb
+from dmm_ray.data.config import DataConfig, SourceConfig
+from dmm_ray.data.images import preprocess_image
+from dmm_ray.data.readers import read_image_index, read_prompts
+
+
+def test_journeydb_index_captions_paths_and_skips(tmp_path):
+    make_journeydb(tmp_path, n=10)
+    root = tmp_path / "data" / "train" / "imgs"
+    idx = read_image_index(SourceConfig(kind="journeydb", root=str(root), annotations=[str(tmp_path / "data" / "train" / "train_anno.jsonl")]))
+    # 10 records + 1 malformed line: the malformed line and the empty caption are counted, not fatal.
+    assert idx.skipped == {"bad_annotation": 1, "empty_caption": 1}
+    assert len(idx) == 9
+    rec = idx.records.set_index("source_id")
+    # img_path "./000/img0000.jpg" is relative to root; it is also the source id (JourneyDB has no id field).
+    assert rec.loc["000/img0000.jpg", "path"] == str(root / "000" / "img0000.jpg")
+    assert rec.loc["000/img0000.jpg", "caption"] == caption(0) + ", photo"  # prompt wins
+    assert rec.loc["001/img0001.jpg", "caption"] == caption(1)  # empty prompt -> Task2.Caption
+    # Missing / broken files are not detected here (no image is opened when indexing).
+    assert "000/img0006.jpg" in rec.index and "001/img0003.jpg" in rec.index
+
+
+def test_journeydb_file_uri_folder_of_annotations_caption_field_choice_and_limit(tmp_path):
+    make_journeydb(tmp_path, n=6, bad_line=False)
+    train = tmp_path / "data" / "train"
+    src = SourceConfig(kind="journeydb", root=f"file://{train / 'imgs'}", annotations=[f"file://{train}"],
+                       caption_fields=["Task2.Caption"], limit=4)
+    idx = read_image_index(src)
+    assert list(idx.records["caption"]) == [caption(i) for i in range(4)]
+    assert idx.filesystem.type_name == "local"
+
+
+def test_journeydb_missing_annotations_is_a_clear_error(tmp_path):
+    make_journeydb(tmp_path, n=2)
+    with pytest.raises(FileNotFoundError, match="source.annotations.*nope.jsonl"):
+        read_image_index(SourceConfig(kind="journeydb", root=str(tmp_path), annotations=[str(tmp_path / "nope.jsonl")]))
+
+
+@pytest.mark.parametrize("manifest", ["jsonl", "csv", "parquet"])
+def test_folder_manifests(tmp_path, manifest):
+    make_folder(tmp_path, n=5, manifest=manifest)
+    idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path)))
+    assert list(idx.records["source_id"]) == [f"img-{i}" for i in range(5)]
+    assert list(idx.records["caption"]) == [caption(i) for i in range(5)]
+    assert idx.records["path"].iloc[2] == str(tmp_path / "images" / "002.png")
+    assert not idx.skipped
+
+
+def test_toy_zoo_image_set_layout(tmp_path):
+    # zoo contract: DIR/images/manifest.jsonl with {"id", "file" (relative to DIR/images), "caption", ...ground truth}
+    images = tmp_path / "zoo" / "images"
+    make_folder(images, n=3)
+    (images / "manifest.jsonl").write_text("".join(
+        json.dumps({"id": f"z{i}", "file": f"images/{i:03d}.png", "caption": caption(i), "style": None, "colour": "red"}) + "\n" for i in range(3)))
+    idx = read_image_index(SourceConfig(root=str(images)))
+    assert list(idx.records["source_id"]) == ["z0", "z1", "z2"]
+    assert all(p.startswith(str(images)) for p in idx.records["path"])
+
+
+def test_folder_without_manifest_names_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.jsonl, manifest.csv, manifest.parquet"):
+        read_image_index(SourceConfig(root=str(tmp_path)))
+
+
+def test_prompts_from_coco_json_and_txt(tmp_path):
+    coco = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "id": 7, "caption": " A cat on a mat. "},
+                                                   {"image_id": 1, "id": 8, "caption": ""},
+                                                   {"image_id": 2, "id": 9, "caption": "Two dogs."}]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    assert read_prompts(str(tmp_path / "captions_val2014.json")) == ["A cat on a mat.", "Two dogs."]
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  a blue square  \nthird\n")
+    assert read_prompts(str(tmp_path / "prompts.txt")) == ["a red circle", "a blue square", "third"]
+    assert read_prompts(f"file://{tmp_path / 'prompts.txt'}", limit=2) == ["a red circle", "a blue square"]
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="annotations"):
+        read_prompts(str(tmp_path / "bad.json"))
+
+
+def test_config_forbids_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="batchsize"):
+        DataConfig(base="/b", shards="/s", encode={"batchsize": 4})
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        DataConfig(base="/b", shards="/s", encode={"resolution": 30})
+    with pytest.raises(ValidationError, match="caption_dropout"):
+        DataConfig(base="/b", shards="/s", stream={"caption_dropout": 1.5})
+    with pytest.raises(ValidationError, match="data.vae and data.tokenizer"):
+        DataConfig(shards="/s")
+    cfg = DataConfig(base="s3://bucket/base", shards="/s")
+    assert (cfg.vae_path(), cfg.tokenizer_path(), cfg.scheduler_path()) == ("s3://bucket/base/vae", "s3://bucket/base/tokenizer", "s3://bucket/base/scheduler")
+
+
+def test_preprocess_resizes_short_side_and_centre_crops():
+    # 64x32 image: left half black, right half white -> resized to 32 short side = 64x32 -> centre crop 32x32
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:, 16:48] = 255  # the centre 32 columns are white
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = preprocess_image(buf.getvalue(), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out[:, 2:-2].min() > 200  # only the white centre survives the crop
+    with pytest.raises(Exception):
+        preprocess_image(b"\x89PNG\r\n\x1a\n truncated", 16)

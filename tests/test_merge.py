@@ -1,0 +1,107 @@
+"""End-to-end merge on the shared local Ray cluster with tiny models (2 steps per stage)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmm_ray.config import ConfigError, MergeConfig, load_config
+from merge_fixtures import build_world, tiny_merge_config
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("merge_world"))
+
+
+def _train_state(result_checkpoint_dir):
+    from dmm_ray.distill.checkpointing import load_training_state
+
+    return load_training_state(Path(result_checkpoint_dir))
+
+
+def test_merge_end_to_end(ray_cluster, world, tmp_path):
+    from dmm_ray import DMMPipeline
+    from dmm_ray.merge import run_merge
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out"))
+    result = run_merge(cfg)
+    assert result.stage_metrics["distill"]["step"] == 2 and result.stage_metrics["finetune"]["step"] == 2
+    for key in ("loss_score", "loss_feat", "loss_adv", "loss_disc"):
+        assert key in result.stage_metrics["distill"]
+    # one synthesized shard per teacher, tagged with its style
+    assert sorted(p.name for p in (tmp_path / "out" / "synthesized").iterdir()) == ["style_0", "style_1"]
+    pipe = DMMPipeline.from_pretrained(result.merged_path, local_files_only=True)
+    assert pipe.styles == ["style0", "style1"]
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", style="style1", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    # the codebook moved away from its initialisation (the student really trained)
+    from dmm_ray.models.style_unet import StyleUNet
+
+    torch.manual_seed(cfg.student.codebook_seed)
+    init = StyleUNet.from_unet(__import__("diffusers").UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"])
+    assert not torch.equal(init.class_embedding.codebook.weight, pipe.unet.class_embedding.codebook.weight)
+
+
+def test_resume_continues_at_the_right_step(ray_cluster, world, tmp_path):
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": 2, "checkpoint_every": 1}))
+    first = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
+    with first.checkpoint.as_directory() as d:
+        state_2 = _train_state(d)
+    assert state_2["step"] == 2
+    # Same run name + storage: Ray Train restores the latest checkpoint and the loop continues from step 2.
+    cfg4 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})})
+    second = build_trainer(cfg4, "distill", {"train": build_latent_dataset(cfg4.data)}).fit()
+    assert second.metrics["resumed_from"] == 2 and second.metrics["step"] == 3
+    with second.checkpoint.as_directory() as d:
+        state_3 = _train_state(d)
+    assert state_3["step"] == 3 and state_3["batches_in_epoch"] == state_2["batches_in_epoch"] + 1
+    assert state_3["opt_student"]["state"][0]["step"].item() == 3  # optimizer state carried over, not restarted
+
+
+def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", distill={"steps": 3, "checkpoint_every": 1, "fail_at_step": 2}, scaling={"max_failures": 1}))
+    result = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
+    assert (tmp_path / "out" / ".failed_once_distill").read_text() == "2"  # the worker really died at step 2
+    assert result.metrics["step"] == 3 and result.metrics["resumed_from"] == 2  # restarted from the step-2 checkpoint
+
+
+def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):
+    config = tiny_merge_config(world, tmp_path / "out", scaling={"num_workers": 3})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="num_workers=3 is not a multiple of the 2 teachers"):
+        load_config(path)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a multiple of the 2 teachers" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+
+
+def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster."""
+    config = tiny_merge_config(world, tmp_path / "out", synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dashboard = ray_cluster.dashboard_url
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{dashboard}", "--working-dir", str(REPO),
+         "--", sys.executable, "jobs/merge.py", "--config", str(path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "out" / "merged" / "unet" / "config.json").exists()
+    assert "merged model:" in proc.stdout
