@@ -264,28 +264,21 @@ def _find_pipeline_folder(path: Path, uri: str) -> Path:
 
 # --- driver glue for jobs/merge.py (replaces dmm_ray.tracking_hooks) ---------------------------
 def eval_config_from_merge(cfg) -> "Any":
-    """EvalConfig from a MergeConfig's free-form `evaluation` section.
-
-    Accepts the zoo defaults `dmm_ray.config` fills in: `prompts` as a prompt-file path and
-    `feature_net` (the zoo feature-net folder), besides every EvalConfig field.
-    """
-    from dmm_ray.evaluation.config import EvalConfig
+    """EvalConfig from a MergeConfig's free-form `evaluation` section (shorthands: see
+    `dmm_ray.evaluation.config.eval_config_from_section`); output under `<output_dir>/evaluation`."""
+    from dmm_ray.evaluation.config import eval_config_from_section
 
     data = dict(getattr(cfg, "evaluation", {}) or {})
-    if isinstance(data.get("prompts"), str):
-        data["prompts_file"] = data.pop("prompts")
-    feature_net = data.pop("feature_net", None)
-    if feature_net is not None:
-        ext = dict(data.get("extractor") or {})
-        if ext.get("kind", "zoo") == "zoo":
-            ext.setdefault("path", feature_net)
-        data["extractor"] = ext
-    data.setdefault("output_dir", str(Path(getattr(cfg, "output_dir", "outputs/merge")) / "evaluation"))
-    return EvalConfig.model_validate(data)
+    data.setdefault("output_dir", str(Path(str(getattr(cfg, "output_dir", "outputs/merge"))) / "evaluation"))
+    return eval_config_from_section(data)
 
 
 def tracking_config_from_merge(cfg) -> TrackingConfig:
+    """TrackingConfig from a MergeConfig's `tracking` section (`uri` is short for `tracking_uri`);
+    project and registered model are named after the merge (`name`)."""
     data = dict(getattr(cfg, "tracking", {}) or {})
+    if "uri" in data:
+        data["tracking_uri"] = data.pop("uri")
     name = getattr(cfg, "name", None)
     if name:
         data.setdefault("project", name)

@@ -146,3 +146,28 @@ def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
     cfg = load_eval_config(overrides=["extractor.kind=inception"], defaults=setup.defaults)
     assert cfg.extractor.kind == "inception" and cfg.extractor.path is None
     assert load_eval_config(defaults=setup.defaults).extractor.path == "/zoo/feature_net"
+
+
+def test_eval_setup_from_a_merge_config(world, tmp_path):
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    cfg_path = tmp_path / "merge.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy-eval",
+                "output_dir": str(tmp_path / "merge_out"),
+                "teachers": [{"name": n, "source": str(world / "teachers" / n)} for n in STYLES],
+                "student": {"base": str(world / "teachers" / "ink")},
+                "data": {"base": str(world / "teachers" / "ink"), "shards": str(tmp_path / "shards")},
+                "evaluation": {"prompts": str(world / "prompts.txt"), "num_prompts": 1, "num_inference_steps": 3},
+            }
+        )
+    )
+    setup = load_eval_setup(cfg_path)
+    assert [t.name for t in setup.teachers] == STYLES
+    cfg = load_eval_config(overrides=["images_per_prompt=2"], defaults=setup.defaults)
+    assert cfg.prompts_file == str(world / "prompts.txt") and cfg.max_prompts == 1 and cfg.images_per_prompt == 2
+    assert cfg.sampler.num_inference_steps == 3 and cfg.output_dir == str(tmp_path / "merge_out" / "evaluation")
+    assert cfg.load_prompts() == ["a red circle"]

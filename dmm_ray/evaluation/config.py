@@ -46,7 +46,9 @@ class EvalConfig(BaseModel):
 
     enabled: bool = Field(True, description="the merge job evaluates the merged model after saving it")
     prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
-    prompts_file: str | None = Field(None, description="text file, one prompt per line (the zoo's eval_prompts)")
+    prompts_file: str | None = Field(
+        None, description="text file, one prompt per line (the zoo's eval_prompts), or a COCO captions JSON (paper: COCO val)"
+    )
     max_prompts: int | None = Field(None, ge=1)
     images_per_prompt: int = Field(4, ge=1)
     seed_a: int = Field(0, ge=0)
@@ -79,7 +81,7 @@ class EvalConfig(BaseModel):
             path = Path(self.prompts_file)
             if not path.is_file():
                 raise FileNotFoundError(f"prompts_file '{path}' does not exist")
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            prompts = _read_prompt_file(path)
             if not prompts:
                 raise ValueError(f"prompts_file '{path}' has no prompts")
         else:
@@ -148,4 +150,62 @@ def load_eval_config(
     ext, default_ext = data.get("extractor") or {}, defaults.get("extractor") or {}
     if ext.get("kind", "zoo") != "zoo" and ext.get("path") is not None and ext.get("path") == default_ext.get("path"):
         ext.pop("path")
+    return EvalConfig.model_validate(data)
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line, or a COCO captions JSON (`{"annotations": [{"caption": ...}]}`), or a JSON list."""
+    import json
+
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            captions = [a.get("caption", "") for a in data["annotations"]]
+        elif isinstance(data, list):
+            captions = [c if isinstance(c, str) else c.get("caption", "") for c in data]
+        else:
+            raise ValueError(f"prompts_file '{path}': expected COCO captions ('annotations' list) or a JSON list of prompts")
+        # COCO has ~5 captions per image: keep the first occurrence of each, in file order.
+        return list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# Short keys a merge config's `evaluation:` section may use (jobs/configs/*.yaml), -> EvalConfig fields.
+SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+
+
+def eval_config_from_section(section: dict | None) -> EvalConfig:
+    """EvalConfig from a merge config's `evaluation:` section, accepting its shorthands:
+    `prompts: <file>` (-> prompts_file), `num_prompts` (-> max_prompts), `feature_net: <dir>`
+    (zoo extractor), `inception_weights: <file>` (Inception extractor), `resolution` and flat
+    sampler keys (`num_inference_steps`, ... -> sampler.*). Unknown keys still fail by name."""
+    import copy
+
+    data = copy.deepcopy(dict(section or {}))
+    if isinstance(data.get("prompts"), str):
+        data["prompts_file"] = data.pop("prompts")
+    if "num_prompts" in data:
+        data["max_prompts"] = data.pop("num_prompts")
+    ext = dict(data.get("extractor") or {})
+    if "inception_weights" in data:
+        ext.setdefault("kind", "inception")
+        if ext["kind"] == "inception":
+            ext.setdefault("path", data["inception_weights"])
+        data.pop("inception_weights")
+    if "feature_net" in data:
+        if ext.get("kind", "zoo") == "zoo":
+            ext.setdefault("path", data["feature_net"])
+        data.pop("feature_net")
+    if ext:
+        data["extractor"] = ext
+    sampler = dict(data.get("sampler") or {})
+    if "resolution" in data:
+        r = data.pop("resolution")
+        sampler.setdefault("height", r)
+        sampler.setdefault("width", r)
+    for k in SAMPLER_KEYS:
+        if k in data:
+            sampler.setdefault(k, data.pop(k))
+    if sampler:
+        data["sampler"] = sampler
     return EvalConfig.model_validate(data)
