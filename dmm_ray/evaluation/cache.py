@@ -21,7 +21,7 @@ import numpy as np
 from dmm_ray.evaluation.config import SamplerConfig
 from dmm_ray.evaluation.fid import FeatureStats
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -37,8 +37,9 @@ def stats_cache_key(
     sampler: SamplerConfig,
     extractor_name: str,
     call_kwargs: dict | None = None,
-    num_previews: int = 0,
 ) -> tuple[str, dict]:
+    """Key over everything that decides the images and features (not how many previews are kept:
+    a cached entry with too few previews is treated as a miss by the caller)."""
     material = {
         "format": CACHE_FORMAT,
         "model": model_key,
@@ -47,7 +48,6 @@ def stats_cache_key(
         "sampler": sampler.model_dump(),
         "extractor": extractor_name,
         "call_kwargs": call_kwargs or {},
-        "num_previews": num_previews,
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
     return digest, material

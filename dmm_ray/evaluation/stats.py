@@ -54,11 +54,9 @@ def collect_stats(requests: Sequence[StatsRequest], config: EvalConfig, extracto
     for req in requests:
         cache_key = material = None
         if req.source.checksum is not None:
-            cache_key, material = stats_cache_key(
-                req.source.checksum, prompts, seeds[req.seed_set], config.sampler, ext_name, req.call_kwargs, req.num_previews
-            )
+            cache_key, material = stats_cache_key(req.source.checksum, prompts, seeds[req.seed_set], config.sampler, ext_name, req.call_kwargs)
             hit = cache.load(cache_key)
-            if hit is not None:
+            if hit is not None and hit.previews.shape[0] >= req.num_previews:
                 log.info("FID cache hit for %s", req.key)
                 out[req.key] = hit
                 continue
@@ -93,4 +91,7 @@ def collect_stats(requests: Sequence[StatsRequest], config: EvalConfig, extracto
         if cache_key is not None:
             cache.save(cache_key, material, cached.stats, cached.previews)
         out[key] = cached
+    for key, cached in out.items():  # hand out exactly the previews each request asked for
+        want = next(r.num_previews for r in requests if r.key == key)
+        cached.previews = cached.previews[:want]
     return StatsRun(stats=out, generated=list(misses))
