@@ -99,6 +99,20 @@ def test_evaluate_job_cli(world, capsys):
     data = json.loads((world / "job_out" / "fid_matrix.json").read_text())
     assert data["styles"] == STYLES
 
+    # Reference only (teachers all cached by now), logged to MLflow as an 'evaluation' stage.
+    db = world / "mlflow.db"
+    rc = job.main(
+        ["--reference-only", "--teachers", str(world / "zoo.yaml"), "--no-ray", "--track", "--tracking-uri", f"sqlite:///{db}",
+         "--project", "cli-eval", "--set", "sampler.num_inference_steps=2", "--set", "images_per_prompt=1",
+         "--set", f"cache_dir={world / 'cache'}", "--set", "extractor.kind=import", "--set", f"extractor.path={EXTRACTOR}"]
+    )
+    assert rc == 0 and "FIDt_ref" in capsys.readouterr().out
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs([mlflow.get_experiment_by_name("dmm-ray").experiment_id])
+    stage = next(r for r in runs if r.info.run_name == "evaluation")
+    assert stage.data.metrics["FIDt_ref"] == pytest.approx(data["FIDt_ref"])
+
 
 def test_evaluate_job_rejects_unknown_config_key(world):
     import evaluate as job
