@@ -77,6 +77,7 @@ class MergeConfig(_Section):
     output_dir: str = Field("outputs/merge", description="where checkpoints, shards and the merged model go")
     seed: int = 0
     zoo: Optional[str] = Field(None, description="a toy-zoo manifest (zoo.yaml): fills teachers, student.base and data defaults")
+    zoo_teachers: Optional[list[int | str]] = Field(None, description="use only these zoo teachers (indices or names), in this order")
     teachers: list[TeacherSpec] = Field(default_factory=list)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig
@@ -165,9 +166,21 @@ def _zoo_defaults(tree: dict, base_dir: Path) -> None:
         return p if p is None or os.path.isabs(p) else str(root / p)
 
     if not tree.get("teachers"):
+        listed = zoo["teachers"]
+        if tree.get("zoo_teachers") is not None:
+            names = [t["name"] for t in listed]
+            picked = []
+            for item in tree["zoo_teachers"]:
+                if isinstance(item, int) and 0 <= item < len(listed):
+                    picked.append(listed[item])
+                elif item in names:
+                    picked.append(listed[names.index(item)])
+                else:
+                    raise ConfigError(f"zoo_teachers: {item!r} is not a teacher of {zoo_path} (teachers: {names})")
+            listed = picked
         tree["teachers"] = [
             {k: (rel(v) if k in ("source", "base") else v) for k, v in t.items() if k in TeacherSpec.model_fields}
-            for t in zoo["teachers"]
+            for t in listed
         ]
     tree.setdefault("student", {}).setdefault("base", rel(zoo["base"]))
     data = tree.setdefault("data", {})

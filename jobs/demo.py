@@ -1,33 +1,42 @@
-"""`make demo`: the most complete path available end to end (replaced by zoo -> merge when those land)."""
+"""`make demo`: the toy world end to end on local Ray.
+
+1. build the toy zoo (cached: instant the second time)      python jobs/build_zoo.py --out .zoo
+2. merge its teachers into one model with the toy preset     python jobs/merge.py --config jobs/configs/toy.yaml
+3. print where the merged model, the MLflow store and the sample images are, and the FIDt table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
+def run(*args: str) -> None:
+    print("+ " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default=".zoo", help="zoo folder (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to jobs/merge.py")
     args = parser.parse_args(argv)
-    from diffusers.utils import make_image_grid
-
-    from dmm_ray import DMMPipeline, StyleUNet
-    from dmm_ray.tiny import tiny_sd_components
-
-    c = tiny_sd_components(seed=0)
-    student = StyleUNet.from_unet(c["unet"], ["noir", "neon", "pastel"])
-    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
-    images = [pipe("a red circle", style=s, num_inference_steps=4, height=32, width=32,
-                   generator=torch.Generator().manual_seed(0)).images[0] for s in pipe.styles]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out / "merged")
-    make_image_grid(images, rows=1, cols=len(images)).save(out / "styles.png")
-    print(f"merged pipeline: {out / 'merged'}\nstyle grid: {out / 'styles.png'}")
+    run("jobs/build_zoo.py", "--out", args.zoo)
+    merge_args = ["jobs/merge.py", "--config", "jobs/configs/toy.yaml", "--set", f"zoo={args.zoo}/zoo.yaml"]
+    for override in args.overrides:
+        merge_args += ["--set", override]
+    run(*merge_args)
+    out = REPO / "outputs" / "toy"
+    print("\nDemo finished.")
+    print(f"  merged model:   {out / 'merged'}   (DMMPipeline.from_pretrained / serve run serve.app)")
+    print(f"  evaluation:     {out / 'evaluation'}   (FID matrices, heatmaps, style x prompt grid)")
+    print(f"  MLflow store:   {REPO / 'mlflow.db'}   (mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

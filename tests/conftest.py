@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test cluster listens on loopback only. Ray's token auth keeps one token file per user, which
+# concurrently started clusters overwrite; tests opt out rather than flake on a stale token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest
 import torch

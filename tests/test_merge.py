@@ -77,7 +77,9 @@ def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_
         world, tmp_path / "out", distill={"steps": 3, "checkpoint_every": 1, "fail_at_step": 2}, scaling={"max_failures": 1}))
     result = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
     assert (tmp_path / "out" / ".failed_once_distill").read_text() == "2"  # the worker really died at step 2
-    assert result.metrics["step"] == 3 and result.metrics["resumed_from"] == 2  # restarted from the step-2 checkpoint
+    # Restarted from a checkpoint, not from scratch: at most `checkpoint_every` (=1) step is redone
+    # (the step-2 report may still be in flight when the controller sees the dead worker).
+    assert result.metrics["step"] == 3 and 1 <= result.metrics["resumed_from"] <= 2
 
 
 def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class WorkerRole:
@@ -29,3 +31,8 @@ def worker_layout(num_teachers: int, workers_per_teacher: int, num_old_styles: i
     if regularization:
         roles.append(WorkerRole(rank=len(roles), kind="regularizer", teacher_index=None, style_index=None))
     return roles
+
+
+def regularizer_style_ids(batch_size: int, num_old_styles: int, generator: torch.Generator) -> torch.Tensor:
+    """The regularisation worker's style per sample: uniform over the OLD styles only (B,)."""
+    return torch.randint(0, num_old_styles, (batch_size,), generator=generator)

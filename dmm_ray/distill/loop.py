@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
-    from dmm_ray.distill.layout import worker_layout
+    from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings
     from dmm_ray.models.discriminator import MultiClassDiscriminator
     from dmm_ray.models.style_unet import StyleUNet
@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
             if role.style_index is not None:
                 ids = torch.full((b,), role.style_index, dtype=torch.long, device=device)
             else:  # regulariser: a random old style per sample
-                ids = torch.randint(0, len(old_styles), (b,), generator=rng).to(device)
+                ids = regularizer_style_ids(b, len(old_styles), rng).to(device)
             micro.append(batch)
             styles.append(ids)
         if d.fail_at_step is not None and step == d.fail_at_step and rank == min(1, world - 1):

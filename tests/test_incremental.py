@@ -1,0 +1,94 @@
+"""Incremental merging (paper 3.5): codebook growth, the frozen regulariser, early rejections."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm_ray import DMMPipeline, StyleUNet
+from dmm_ray.config import MergeConfig
+from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
+from dmm_ray.distill.step import DistillStep, LossSettings
+from dmm_ray.merge import validate_before_ray
+from dmm_ray.teachers import TeacherError
+from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
+from merge_fixtures import build_world, tiny_merge_config
+
+
+@pytest.fixture(scope="module")
+def merged_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incr")
+    world = build_world(root, names=["old0", "old1", "new0"])
+    c = tiny_sd_components(seed=0)
+    torch.manual_seed(0)
+    pipe = DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], ["old0", "old1"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.save_pretrained(root / "merged")
+    world["merged"] = str(root / "merged")
+    return world
+
+
+def test_regulariser_draws_only_old_styles():
+    ids = regularizer_style_ids(10_000, 4, torch.Generator().manual_seed(0))
+    assert ids.min() >= 0 and ids.max() <= 3 and set(ids.tolist()) == {0, 1, 2, 3}
+
+
+def test_layout_is_new_teachers_times_k_plus_one():
+    roles = worker_layout(num_teachers=4, workers_per_teacher=2, num_old_styles=4, regularization=True)
+    assert len(roles) == 4 * 2 + 1
+    assert [r.style_index for r in roles[:4]] == [4, 5, 6, 7]  # new rows come after the old ones
+    assert roles[-1].kind == "regularizer" and roles[-1].style_index is None
+    assert len(worker_layout(4, 2, num_old_styles=4, regularization=False)) == 8
+
+
+def test_regularisation_teacher_never_changes(merged_world):
+    frozen = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet").requires_grad_(False).eval()
+    student = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet")
+    student.add_styles(["new0"], seed=0)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    c = tiny_sd_components(seed=0)
+    text = c["text_encoder"].requires_grad_(False)
+    sched = training_noise_scheduler()
+    step = DistillStep(student, text, frozen, text, sched, LossSettings(lambda_adv=0), num_styles=3, teacher_takes_style=True)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    x0 = torch.randn(4, 4, 8, 8)
+    t = torch.randint(0, 1000, (4,))
+    batch = {"noisy_latents": sched.add_noise(x0, torch.randn_like(x0), t), "timesteps": t,
+             "input_ids": torch.tensor(c["tokenizer"](["a red circle"] * 4, padding="max_length", max_length=77).input_ids)}
+    ids = regularizer_style_ids(4, 2, torch.Generator().manual_seed(1))
+    for _ in range(2):
+        logs = step.run([batch], [ids], opt)
+    assert logs["loss_score"] > 0
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
+    assert all(p.grad is None for p in frozen.parameters())
+    assert not torch.equal(student.conv_in.weight, frozen.conv_in.weight)  # the student did move
+
+
+def test_duplicate_style_name_rejected_before_ray(merged_world, tmp_path):
+    teachers = [t for t in merged_world["teachers"] if t["name"] == "old1"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, tmp_path, teachers=teachers, incremental={"base_merged": merged_world["merged"]}))
+    with pytest.raises(TeacherError, match=r"\['old1'\] are already styles"):
+        validate_before_ray(cfg)
+
+
+def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
+    StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        merged_world, tmp_path, teachers=[{"name": "odd", "source": str(tmp_path / "odd")}], incremental={"base_merged": merged_world["merged"]}))
+    with pytest.raises(TeacherError, match="teacher 'odd'.*cross_attention_dim"):
+        validate_before_ray(cfg)
+
+
+@pytest.mark.ray
+def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
+    from dmm_ray.merge import run_merge
+
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        merged_world, tmp_path / "out", teachers=new, incremental={"base_merged": merged_world["merged"]},
+        synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0}))
+    assert cfg.num_workers == 2  # 1 new teacher x 1 + the regulariser
+    old = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet")
+    result = run_merge(cfg)
+    merged = DMMPipeline.from_pretrained(result.merged_path)
+    assert merged.styles == ["old0", "old1", "new0"]
+    assert merged.unet.class_embedding.codebook.weight.shape[0] == 3
+    assert not torch.equal(merged.unet.class_embedding.codebook.weight[:2], old.class_embedding.codebook.weight)  # old rows fine-tuned by the regulariser
