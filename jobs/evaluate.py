@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Evaluate a merged model against its teachers: FID matrix M, reference M_ref, FIDt (paper 4.1).
+
+  python jobs/evaluate.py --model outputs/merge/model --teachers .zoo/zoo.yaml
+  ray job submit -- python jobs/evaluate.py --model ... --teachers ... --set images_per_prompt=50
+
+Teacher statistics are cached (EvalConfig.cache_dir), so re-running after another merge only
+samples the student. Writes fid_matrix.json, M.csv, M_ref.csv, fid_heatmaps.png, style_grid.png
+to --out and prints FIDt, FIDt_ref and their ratio. --track logs it all to MLflow as a stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="merged model folder or MLflow URI (models:/name/version); omit with --reference-only")
+    p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
+    p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
+    p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (e.g. 'eval')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10")
+    p.add_argument("--out", help="output folder (default: EvalConfig.output_dir)")
+    p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
+    p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")
+    p.add_argument("--track", action="store_true", help="log to MLflow (stage 'evaluation' under --project)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--project", default="dmm-merge", help="MLflow parent run (merge project) name")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dmm_ray.evaluation.api import evaluate_merge
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.outputs import format_table
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    if not args.model and not args.reference_only:
+        print("error: give --model (a merged model) or --reference-only", file=sys.stderr)
+        return 2
+    setup = load_eval_setup(args.teachers)
+    extra = []
+    if args.no_ray:
+        extra.append("use_ray=false")
+    if args.out:
+        extra.append(f"output_dir={args.out}")
+    cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
+
+    model_path = None
+    if args.model:
+        from dmm_ray.tracking import resolve_model_uri
+
+        model_path = resolve_model_uri(args.model)
+    result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
+    if args.reference_only:
+        print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
+        for name, row in zip(result.style_names, result.ref_matrix):
+            print(f"  {name:<16} " + " ".join(f"{v:10.4f}" for v in row))
+        print(f"FIDt_ref = {result.fidt_ref:.4f}")
+        result.files = {}
+    else:
+        print(format_table(result))
+        print(f"outputs: {Path(cfg.output_dir).resolve()}")
+    if args.track:
+        from dmm_ray.tracking import MergeTracker, TrackingConfig
+
+        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri, project=args.project))
+        with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
+            if args.reference_only:
+                tracker.log_metrics({"FIDt_ref": result.fidt_ref})
+            else:
+                tracker.log_evaluation(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

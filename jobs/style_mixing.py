@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Style-mixing studies with the FID machinery.
+
+Table 3: DMM with equal style weights over --group vs the weighted merge of the same teachers
+(built with jobs/weighted_merge.py, or here if --weighted-merge does not exist yet); FID to each
+group teacher and to their union. Fig. 10: --sweep A,B interpolates A -> B with weights
+0.0, 0.1, ..., 1.0 and plots FID to A (rising) and to B (falling).
+
+  python jobs/style_mixing.py --model outputs/merge/model --teachers .zoo/zoo.yaml \\
+      --group ink,neon,oil,pixel --weighted-merge outputs/wm --sweep ink,neon --out outputs/mixing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="merged model folder or models:/name/version")
+    p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
+    p.add_argument("--group", help="comma-separated styles to mix (Table 3); needs --weighted-merge")
+    p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (built here if missing)")
+    p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
+    p.add_argument("--config", help="YAML with EvalConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
+    p.add_argument("--out", default="outputs/mixing")
+    p.add_argument("--no-ray", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.group and not args.sweep:
+        print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
+        return 2
+    from dmm_ray.evaluation.api import default_extractor
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
+    from dmm_ray.evaluation.sources import load_eval_setup, pipeline_folder_source, student_source, teacher_sources
+    from dmm_ray.tracking import resolve_model_uri
+
+    setup = load_eval_setup(args.teachers)
+    cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    student = student_source(resolve_model_uri(args.model), cfg.dtype)
+    teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
+    extractor = default_extractor(cfg)
+    out = Path(args.out)
+    if args.group:
+        group = [g.strip() for g in args.group.split(",")]
+        unknown = [g for g in group if g not in teachers]
+        if unknown:
+            print(f"error: unknown style(s) {unknown}; known: {list(teachers)}", file=sys.stderr)
+            return 2
+        wm_dir = Path(args.weighted_merge or out / "weighted_merge")
+        if not (wm_dir / "model_index.json").is_file():
+            from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
+
+            specs = {s.name: s for s in setup.teachers}
+            weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
+        res = mixing_comparison(student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor)
+        print(res.format_table())
+        print("written:", res.write(out))
+    if args.sweep:
+        a, b = [x.strip() for x in args.sweep.split(",")]
+        sweep = interpolation_sweep(student, teachers[a], teachers[b], cfg, extractor)
+        for w, fa, fb in zip(sweep.weights, sweep.fid_a, sweep.fid_b):
+            print(f"w({b})={w:.1f}  FID to {a}: {fa:9.4f}  FID to {b}: {fb:9.4f}")
+        print("written:", sweep.write(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

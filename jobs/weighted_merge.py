@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Weighted-merge baseline: the parameter-space weighted sum of N teacher checkpoints, saved as a
+diffusers folder (what supermerger / diffusers' CheckpointMerger do; paper Fig. 8, Table 3 "WM").
+
+  python jobs/weighted_merge.py --teachers .zoo/zoo.yaml --names ink,neon --weights 0.5,0.5 --out outputs/wm
+
+Weights must be >= 0 and sum to 1 (default: equal). --track logs the folder to MLflow as a
+'weighted-merge' stage and registers it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _csv(s: str | None):
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
+    p.add_argument("--names", help="comma-separated teacher names to merge (default: all)")
+    p.add_argument("--weights", help="comma-separated weights, one per teacher, >= 0, summing to 1 (default: equal)")
+    p.add_argument("--out", required=True, help="output diffusers folder")
+    p.add_argument("--no-text-encoder", action="store_true", help="keep the first teacher's text encoder instead of merging them")
+    p.add_argument("--track", action="store_true", help="log + register in MLflow")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--project", default="dmm-merge")
+    p.add_argument("--registered-name", default="dmm-weighted-merge")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dmm_ray.baselines.weighted_merge import MergeWeightsError, validate_weights, weighted_merge_teachers
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    specs = load_eval_setup(args.teachers).teachers
+    names = _csv(args.names)
+    if names:
+        known = {s.name: s for s in specs}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            print(f"error: unknown teacher(s) {unknown}; known: {list(known)}", file=sys.stderr)
+            return 2
+        specs = [known[n] for n in names]
+    try:
+        weights = validate_weights([float(w) for w in _csv(args.weights)] if args.weights else None, [s.name for s in specs])
+    except (MergeWeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder)
+    print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
+    if args.track:
+        from dmm_ray.tracking import MergeTracker, TrackingConfig
+
+        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri, project=args.project, registered_model_name=args.registered_name))
+        with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
+            print("registered:", tracker.log_merged_model(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""End to end on disk: a saved DMMPipeline student, TeacherSpec teachers from a zoo.yaml,
+jobs/evaluate.py, and the Table-3 / Fig.-10 mixing studies (in-process, tiny, 2 steps)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from dmm_ray import DMMPipeline, StyleUNet
+from dmm_ray.evaluation.api import evaluate_merge
+from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
+from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
+from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source, student_source, teacher_sources
+from dmm_ray.evaluation.testing import SeededConvExtractor
+from dmm_ray.tiny import tiny_sd_components
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+
+STYLES = ["ink", "neon"]
+EXTRACTOR = "dmm_ray.evaluation.testing:SeededConvExtractor"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    for name, seed in zip(STYLES, (0, 3)):
+        StableDiffusionPipeline(**tiny_sd_components(seed=seed)).save_pretrained(root / "teachers" / name)
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    (root / "zoo.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "teachers/ink",
+                "eval_prompts": "prompts.txt",
+                "teachers": [{"name": n, "format": "diffusers", "source": f"teachers/{n}", "description": "toy"} for n in STYLES],
+            }
+        )
+    )
+    c = tiny_sd_components(seed=0)
+    torch.manual_seed(0)
+    student = StyleUNet.from_unet(c["unet"], STYLES)
+    with torch.no_grad():  # spread the codebook so styles differ on an untrained student
+        student.class_embedding.codebook.weight.mul_(20)
+    DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(root / "student")
+    return root
+
+
+def _cfg(world, **kw):
+    base = dict(
+        prompts_file=str(world / "prompts.txt"),
+        images_per_prompt=1,
+        sampler=SamplerConfig(num_inference_steps=2),
+        use_ray=False,
+        cache_dir=str(world / "cache"),
+        output_dir=str(world / "out"),
+        extractor={"kind": "import", "path": EXTRACTOR},
+        grid_prompts=2,
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_zoo_manifest_resolves_paths(world):
+    m = load_zoo_manifest(world / "zoo.yaml")
+    assert [t.name for t in m.teachers] == STYLES
+    assert Path(m.teachers[0].source) == world / "teachers" / "ink"
+    assert m.eval_prompts == world / "prompts.txt" and m.feature_net is None
+    with pytest.raises(FileNotFoundError, match="zoo.yaml"):
+        load_zoo_manifest(world / "nope" / "zoo.yaml")
+
+
+def test_evaluate_merge_with_dmm_student_and_teacher_specs(world, capsys):
+    specs = load_zoo_manifest(world / "zoo.yaml").teachers
+    r = evaluate_merge(world / "student", specs, _cfg(world))
+    assert r.style_names == STYLES and r.matrix.shape == (2, 2) and np.isfinite(r.matrix).all()
+    assert r.fidt > 0 and r.fidt_ref > 0
+    assert {"json", "csv", "ref_csv", "heatmaps", "grid"} <= set(r.files)
+    assert "FIDt" in capsys.readouterr().out
+    # Second evaluation (e.g. after an incremental merge): only the student is sampled.
+    r2 = evaluate_merge(world / "student", specs, _cfg(world), print_table=False)
+    assert sorted(r2.generated) == ["student/ink", "student/neon"]
+    np.testing.assert_allclose(r2.matrix, r.matrix, atol=1e-9)
+
+
+def test_evaluate_job_cli(world, capsys):
+    import evaluate as job
+
+    rc = job.main(
+        ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--no-ray", "--out", str(world / "job_out"),
+         "--set", "sampler.num_inference_steps=2", "--set", "images_per_prompt=1", "--set", f"cache_dir={world / 'cache'}",
+         "--set", "extractor.kind=import", "--set", f"extractor.path={EXTRACTOR}"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "FIDt" in out and "ratio" in out
+    data = json.loads((world / "job_out" / "fid_matrix.json").read_text())
+    assert data["styles"] == STYLES
+
+    # Reference only (teachers all cached by now), logged to MLflow as an 'evaluation' stage.
+    db = world / "mlflow.db"
+    rc = job.main(
+        ["--reference-only", "--teachers", str(world / "zoo.yaml"), "--no-ray", "--track", "--tracking-uri", f"sqlite:///{db}",
+         "--project", "cli-eval", "--set", "sampler.num_inference_steps=2", "--set", "images_per_prompt=1",
+         "--set", f"cache_dir={world / 'cache'}", "--set", "extractor.kind=import", "--set", f"extractor.path={EXTRACTOR}"]
+    )
+    assert rc == 0 and "FIDt_ref" in capsys.readouterr().out
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs([mlflow.get_experiment_by_name("dmm-ray").experiment_id])
+    stage = next(r for r in runs if r.info.run_name == "evaluation")
+    assert stage.data.metrics["FIDt_ref"] == pytest.approx(data["FIDt_ref"])
+
+
+def test_evaluate_job_rejects_unknown_config_key(world):
+    import evaluate as job
+
+    with pytest.raises(ValueError, match="bogus_key"):
+        job.main(["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--set", "bogus_key=1"])
+
+
+def test_mixing_comparison_and_sweep(world, tmp_path):
+    from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
+
+    specs = load_zoo_manifest(world / "zoo.yaml").teachers
+    wm = weighted_merge_teachers(specs, [0.5, 0.5], tmp_path / "wm")
+    assert json.loads((wm / "weighted_merge.json").read_text())["weights"] == [0.5, 0.5]
+    cfg = _cfg(world)
+    student = student_source(world / "student")
+    teachers = teacher_sources(specs)
+    ext = SeededConvExtractor()
+    res = mixing_comparison(student, teachers, STYLES, pipeline_folder_source("weighted merge", wm), cfg, ext)
+    assert res.rows == ["DMM mix", "weighted merge", "teachers (ref)"] and res.columns == STYLES + ["union"]
+    assert res.table.shape == (3, 3) and (res.table >= 0).all()
+    paths = res.write(tmp_path / "mix")
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and "weighted merge" in paths["csv"].read_text()
+
+    sweep = interpolation_sweep(student, teachers[0], teachers[1], cfg, ext, weights=[0.0, 0.5, 1.0])
+    assert sweep.weights == [0.0, 0.5, 1.0] and len(sweep.fid_a) == len(sweep.fid_b) == 3
+    assert all(np.isfinite(sweep.fid_a + sweep.fid_b))
+    assert sweep.write(tmp_path / "sweep")["png"].is_file()
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        interpolation_sweep(student, teachers[0], teachers[1], cfg, ext, weights=[1.5])
+
+
+def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    setup = load_eval_setup(world / "zoo.yaml")
+    assert [t.name for t in setup.teachers] == STYLES
+    assert load_eval_config(defaults=setup.defaults).prompts_file == str(world / "prompts.txt")
+    # Explicit prompts replace the zoo's prompt file instead of clashing with it.
+    cfg = load_eval_config(overrides=["prompts=[a red circle]"], defaults=setup.defaults)
+    assert cfg.prompts == ["a red circle"] and cfg.prompts_file is None
+    # A zoo feature-net default does not leak into another extractor kind.
+    setup.defaults["extractor"] = {"path": "/zoo/feature_net"}
+    cfg = load_eval_config(overrides=["extractor.kind=inception"], defaults=setup.defaults)
+    assert cfg.extractor.kind == "inception" and cfg.extractor.path is None
+    assert load_eval_config(defaults=setup.defaults).extractor.path == "/zoo/feature_net"
+
+
+def test_eval_setup_from_a_merge_config(world, tmp_path):
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    cfg_path = tmp_path / "merge.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy-eval",
+                "output_dir": str(tmp_path / "merge_out"),
+                "teachers": [{"name": n, "source": str(world / "teachers" / n)} for n in STYLES],
+                "student": {"base": str(world / "teachers" / "ink")},
+                "data": {"base": str(world / "teachers" / "ink"), "shards": str(tmp_path / "shards")},
+                "evaluation": {"prompts": str(world / "prompts.txt"), "num_prompts": 1, "num_inference_steps": 3},
+            }
+        )
+    )
+    setup = load_eval_setup(cfg_path)
+    assert [t.name for t in setup.teachers] == STYLES
+    cfg = load_eval_config(overrides=["images_per_prompt=2"], defaults=setup.defaults)
+    assert cfg.prompts_file == str(world / "prompts.txt") and cfg.max_prompts == 1 and cfg.images_per_prompt == 2
+    assert cfg.sampler.num_inference_steps == 3 and cfg.output_dir == str(tmp_path / "merge_out" / "evaluation")
+    assert cfg.load_prompts() == ["a red circle"]

@@ -1,0 +1,111 @@
+"""FID matrix with tiny pipelines, in-process (no Ray): labels, outputs, teacher-statistics cache."""
+
+import csv
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+
+from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
+from dmm_ray.evaluation.matrix import StudentSource, evaluate_sources
+from dmm_ray.evaluation.outputs import format_table, write_outputs
+from dmm_ray.evaluation.stats import ModelSource
+from dmm_ray.evaluation.testing import SeededConvExtractor, routing_student, tiny_teacher_pipeline
+
+NAMES = ["watercolor", "pixel art"]
+SEEDS = [0, 7]
+
+
+class CountingFactory:
+    """Pipeline factory that counts how often a pipeline was built (in-process mode)."""
+
+    def __init__(self, seed):
+        self.seed, self.calls = seed, 0
+
+    def __call__(self):
+        self.calls += 1
+        return tiny_teacher_pipeline(self.seed)
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        prompts=["a red circle", "a blue square"],
+        images_per_prompt=1,
+        sampler=SamplerConfig(num_inference_steps=2),
+        batch_size=4,
+        use_ray=False,
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        grid_prompts=2,
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    factories = [CountingFactory(s) for s in SEEDS]
+    teachers = [ModelSource(n, f, checksum=f"tiny-{s}") for n, f, s in zip(NAMES, factories, SEEDS)]
+    student = StudentSource(partial(routing_student, NAMES, SEEDS), NAMES)
+    extractor = SeededConvExtractor(seed=0)
+    cfg = _config(tmp)
+    result = evaluate_sources(student, teachers, cfg, extractor)
+    return dict(tmp=tmp, factories=factories, teachers=teachers, student=student, extractor=extractor, cfg=cfg, result=result)
+
+
+def test_matrix_shape_labels_and_perfect_student(first_run):
+    r = first_run["result"]
+    assert r.style_names == NAMES
+    assert r.matrix.shape == r.ref_matrix.shape == (2, 2)
+    assert np.isfinite(r.matrix).all() and (r.ref_matrix >= 0).all()
+    # The routing student *is* the teachers, on the same seed set A: M must equal M_ref exactly.
+    np.testing.assert_allclose(r.matrix, r.ref_matrix, rtol=0, atol=1e-12)
+    assert r.fidt == pytest.approx(np.trace(r.ref_matrix)) and r.ratio == pytest.approx(1.0)
+    # Teachers are different networks: off-diagonal FID exceeds the diagonal's on average.
+    assert r.ref_matrix[0, 1] + r.ref_matrix[1, 0] > r.ref_matrix[0, 0] + r.ref_matrix[1, 1]
+    assert r.images_per_set == 2
+    assert sorted(r.generated) == sorted(["teacher/watercolor/A", "teacher/watercolor/B", "teacher/pixel art/A", "teacher/pixel art/B", "student/watercolor", "student/pixel art"])
+    assert r.student_previews["watercolor"].shape[0] == 2 and r.student_previews["watercolor"].dtype == np.uint8
+
+
+def test_outputs_are_labelled_with_style_names(first_run):
+    r = first_run["result"]
+    paths = write_outputs(r, first_run["tmp"] / "out")
+    data = json.loads(paths["json"].read_text())
+    assert data["styles"] == NAMES and np.allclose(data["M"], r.matrix) and data["FIDt"] == pytest.approx(r.fidt)
+    assert set(data["diagonal"]) == set(NAMES)
+    rows = list(csv.reader(paths["csv"].open()))
+    assert rows[0] == ["M", "teacher:watercolor", "teacher:pixel art"]
+    assert [row[0] for row in rows[1:]] == ["student:watercolor", "student:pixel art"]
+    assert float(rows[1][2]) == pytest.approx(r.matrix[0, 1], abs=1e-6)
+    for key in ("heatmaps", "grid"):
+        assert paths[key].stat().st_size > 1000 and paths[key].read_bytes()[:4] == b"\x89PNG"
+    table = format_table(r)
+    assert "FIDt" in table and "watercolor" in table and "1.000" in table
+
+
+def test_cache_hit_generates_no_teacher_images(first_run):
+    assert [f.calls for f in first_run["factories"]] == [1, 1]
+    again = evaluate_sources(first_run["student"], first_run["teachers"], first_run["cfg"], first_run["extractor"])
+    assert [f.calls for f in first_run["factories"]] == [1, 1]  # no teacher pipeline was even built
+    assert sorted(again.generated) == ["student/pixel art", "student/watercolor"]
+    np.testing.assert_allclose(again.ref_matrix, first_run["result"].ref_matrix, rtol=0, atol=0)
+    np.testing.assert_allclose(again.matrix, first_run["result"].matrix, atol=1e-12)
+    # The teacher previews for the style grid come from the cache too.
+    np.testing.assert_array_equal(again.teacher_previews["watercolor"], first_run["result"].teacher_previews["watercolor"])
+
+
+def test_cache_key_changes_with_extractor(first_run):
+    other = SeededConvExtractor(seed=1)
+    r = evaluate_sources(None, first_run["teachers"][:1], first_run["cfg"], other, prompts=["a red circle", "a green star"])
+    assert sorted(r.generated) == ["teacher/watercolor/A", "teacher/watercolor/B"]
+    assert first_run["factories"][0].calls == 2
+    assert np.isnan(r.matrix).all() and r.ref_matrix.shape == (1, 1)
+
+
+def test_student_must_have_every_teacher_style(first_run):
+    student = StudentSource(first_run["student"].pipeline_factory, ["watercolor", "oil"])
+    with pytest.raises(ValueError, match="no style named \\['pixel art'\\]"):
+        evaluate_sources(student, first_run["teachers"], first_run["cfg"], first_run["extractor"])

@@ -1,0 +1,138 @@
+"""MLflow run tree on a temporary SQLite store: parent run, nested stages, metrics, artifacts,
+the merged model registered and resolvable to a local diffusers folder."""
+
+import numpy as np
+import pytest
+
+from dmm_ray.evaluation.config import EvalConfig
+from dmm_ray.evaluation.matrix import EvalResult
+from dmm_ray.tracking import MergeTracker, TrackingConfig, flatten, metric_name, resolve_model_uri
+
+
+@pytest.fixture
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "artifacts"), project="zoo-merge")
+    return MergeTracker(cfg)
+
+
+def _result():
+    return EvalResult(
+        style_names=["ink", "neon glow"],
+        matrix=np.array([[1.5, 4.0], [3.0, 2.5]]),
+        ref_matrix=np.array([[1.0, 4.0], [3.0, 2.0]]),
+        prompts=["a red circle"],
+        images_per_set=2,
+        extractor="seeded-cnn:0:16",
+    )
+
+
+def test_run_tree_metrics_artifacts_and_registered_model(tracker, tmp_path, tiny_components):
+    import mlflow
+    from diffusers import StableDiffusionPipeline
+
+    model_dir = tmp_path / "merged"
+    StableDiffusionPipeline(**tiny_components).save_pretrained(model_dir)
+    with tracker.project(params={"teachers": ["ink", "neon glow"]}):
+        with tracker.stage("initial-merge", config=EvalConfig(prompts=["a red circle"])):
+            for step in range(3):
+                tracker.log_metrics({"loss/total": 1.0 / (step + 1)}, step=step)
+            tracker.log_evaluation(_result())
+            uri = tracker.log_merged_model(model_dir)
+    # A later incremental merge resumes the same parent run.
+    with tracker.project():
+        with tracker.stage("incremental-1", params={"new_teachers": ["oil"]}):
+            tracker.log_metrics({"FIDt": 5.0})
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([tracker.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"zoo-merge", "initial-merge", "incremental-1"}
+    parent = by_name["zoo-merge"]
+    for stage in ("initial-merge", "incremental-1"):
+        assert by_name[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.params["teachers"] == '["ink", "neon glow"]'
+
+    stage = by_name["initial-merge"]
+    m = stage.data.metrics
+    assert m["FIDt"] == pytest.approx(4.0) and m["FIDt_ref"] == pytest.approx(3.0)
+    assert m["FIDt_ratio"] == pytest.approx(4.0 / 3.0)
+    assert m["fid_diag/ink"] == pytest.approx(1.5) and m["fid_diag/neon glow"] == pytest.approx(2.5)
+    assert [x.value for x in client.get_metric_history(stage.info.run_id, "loss/total")] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert stage.data.params["sampler.num_inference_steps"] == "25"  # full config as params
+    artifacts = {a.path for a in client.list_artifacts(stage.info.run_id)}
+    assert "config.yaml" in artifacts and "evaluation" in artifacts
+    eval_files = {a.path.split("/")[-1] for a in client.list_artifacts(stage.info.run_id, "evaluation")}
+    assert {"fid_matrix.json", "M.csv", "M_ref.csv", "fid_heatmaps.png"} <= eval_files
+
+    assert uri == "models:/dmm-merged/1"
+    local = resolve_model_uri(uri, dst=tmp_path / "download")
+    assert (local / "model_index.json").is_file() and (local / "unet" / "config.json").is_file()
+
+
+def test_resolve_model_uri_local_and_errors(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "model_index.json").write_text("{}")
+    assert resolve_model_uri(str(tmp_path / "m")) == tmp_path / "m"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_uri(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no diffusers pipeline folder"):
+        resolve_model_uri(str(tmp_path / "empty"))
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = MergeTracker(TrackingConfig(enabled=False))
+    with t.project(params={"a": 1}):
+        with t.stage("s"):
+            t.log_metrics({"x": 1.0})
+            t.log_evaluation(_result())
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_stage_needs_project_and_config_rejects_unknown_keys(tracker):
+    with pytest.raises(RuntimeError, match="open the project run first"):
+        with tracker.stage("orphan"):
+            pass
+    with pytest.raises(ValueError, match="tracking_url"):
+        TrackingConfig(tracking_url="sqlite:///x.db")
+
+
+def test_helpers():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+    assert metric_name("fid_diag/ink (v2)*") == "fid_diag/ink _v2__"
+
+
+def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_components):
+    """start_stage -> workers log per-step metrics by run id -> finish_stage logs + registers."""
+    from types import SimpleNamespace
+
+    import mlflow
+    from diffusers import StableDiffusionPipeline
+    from mlflow.entities import Metric
+
+    from dmm_ray.tracking import eval_config_from_merge, make_tracker
+
+    monkeypatch.chdir(tmp_path)
+    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "merged")
+    cfg = SimpleNamespace(
+        name="toy-merge",
+        output_dir=str(tmp_path),
+        teachers=[],
+        evaluation={"enabled": False, "prompts": "prompts.txt", "feature_net": "fnet"},
+        tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    ev = eval_config_from_merge(cfg)
+    assert ev.prompts_file == "prompts.txt" and ev.extractor.path == "fnet" and not ev.enabled
+    tracker = make_tracker(cfg)
+    handle = tracker.start_stage("merge", {"distill": {"steps": 3}})
+    client = mlflow.MlflowClient(handle["uri"])
+    client.log_batch(handle["run_id"], metrics=[Metric("distill/loss", 0.5, 0, s) for s in range(2)])
+    result = SimpleNamespace(merged_path=tmp_path / "merged", stage_metrics={"distill": {"loss": 0.4, "seconds": 2.0}}, seconds=3.0)
+    assert tracker.finish_stage(cfg, result) is None
+    assert mlflow.active_run() is None
+    run = client.get_run(handle["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == handle["parent_run_id"] and run.data.params["distill.steps"] == "3"
+    assert run.data.metrics["distill/seconds"] == 2.0 and run.info.status == "FINISHED"
+    assert client.get_registered_model("toy-merge").latest_versions[0].version in (1, "1")
