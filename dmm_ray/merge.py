@@ -3,6 +3,7 @@ fine-tune -> save the merged DMMPipeline -> evaluate -> track. Runs on the Ray d
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -88,6 +89,23 @@ def _student_from_result(result, dest: Path) -> Path:
     return dest
 
 
+MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
+STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
+
+
+def all_teachers(cfg: MergeConfig) -> list:
+    """Teacher specs of every style of the merged model, in codebook order (old styles first)."""
+    from dmm_ray.teachers import TeacherSpec
+
+    if not cfg.incremental.base_merged:
+        return list(cfg.teachers)
+    record = Path(cfg.incremental.base_merged) / MERGE_RECORD
+    if not record.exists():
+        raise FileNotFoundError(f"{record} is missing: the previous merged model does not list its teachers, so old styles cannot be evaluated")
+    old = [TeacherSpec.model_validate(t) for t in json.loads(record.read_text())["teachers"]]
+    return old + list(cfg.teachers)
+
+
 def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model."""
@@ -107,6 +125,13 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        teachers = all_teachers(cfg)
+    except FileNotFoundError:  # a previous model made elsewhere: its old styles have no teacher record
+        teachers = list(cfg.teachers)
+    described = {t.name: t.description for t in teachers}
+    (tmp / MERGE_RECORD).write_text(json.dumps({"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}, indent=1))
+    (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
     DMMPipeline.from_pretrained(tmp, local_files_only=True)  # verify it loads before it replaces anything
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
@@ -137,10 +162,6 @@ def _synthesis_prompts(cfg: MergeConfig) -> list[str]:
 def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     import ray
 
-    from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.synthesis import synthesize
-    from dmm_ray.distill.trainer import build_trainer
-
     started = time.time()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +174,20 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     result = MergeResult(merged_path=out / "merged")
     stage_name = "incremental" if cfg.incremental.base_merged else "merge"
     tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+    try:
+        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray)
+    except BaseException:
+        if tracker is not None and hasattr(tracker, "abort"):
+            tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
+        raise
+
+
+def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
+    import ray
+
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.synthesis import synthesize
+    from dmm_ray.distill.trainer import build_trainer
 
     # 1. score distillation on the common latent stream
     log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x batch {cfg.data.stream.batch_size}")
@@ -188,7 +223,9 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     log(f"merged model saved: {result.merged_path}")
     result.seconds = time.time() - started
     if tracker:
-        result.evaluation = tracker.finish_stage(cfg, result)
+        log("stage evaluate + track")
+        # evaluate every style merged so far (incremental: old teachers + new ones)
+        result.evaluation = tracker.finish_stage(cfg.model_copy(update={"teachers": all_teachers(cfg)}), result)
         result.run_id = tracking["run_id"] if tracking else None
     if we_started_ray:
         ray.shutdown()

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
             print(cfg.model_dump_json(indent=2))
             print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
             return 0
-        from dmm_ray.tracking_hooks import make_tracker
+        from dmm_ray.tracking import make_tracker
 
         result = run_merge(cfg, tracker=make_tracker(cfg))
     except (ConfigError, TeacherError, FileNotFoundError) as error:
