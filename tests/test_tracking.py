@@ -66,7 +66,7 @@ def test_run_tree_metrics_artifacts_and_registered_model(tracker, tmp_path, tiny
     assert {"fid_matrix.json", "M.csv", "M_ref.csv", "fid_heatmaps.png"} <= eval_files
 
     assert uri == "models:/dmm-merged/1"
-    local = resolve_model_uri(uri, dst=tmp_path / "download")
+    local = resolve_model_uri(uri, dst=tmp_path / "download", tracking_uri=tracker.config.tracking_uri)
     assert (local / "model_index.json").is_file() and (local / "unet" / "config.json").is_file()
 
 
