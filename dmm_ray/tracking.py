@@ -234,16 +234,25 @@ class MergeTracker:
 
 def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """A local diffusers folder for `uri`: a local path, `models:/<name>/<version|alias>`, `runs:/...`,
-    or any MLflow artifact URI of a logged merged model (downloaded under `dst`)."""
+    or any MLflow artifact URI of a logged merged model (downloaded under `dst`).
+
+    The store is `tracking_uri`, else the one already set (mlflow.set_tracking_uri or
+    $MLFLOW_TRACKING_URI), else `sqlite:///mlflow.db`."""
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if not local.exists():
             raise FileNotFoundError(f"model path '{uri}' does not exist")
         return _find_pipeline_folder(local, uri)
+    import os
+
     mlflow = _mlflow()
-    if tracking_uri:
+    # Store: the argument, else one already chosen (mlflow.set_tracking_uri / $MLFLOW_TRACKING_URI),
+    # else the project's default sqlite:///mlflow.db (MLflow's own default would be ./mlruns).
+    if tracking_uri is None and not _tracking_uri_is_set():
+        tracking_uri = TrackingConfig().tracking_uri
+    if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="dmm-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     try:
@@ -251,6 +260,16 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     except Exception as e:
         raise FileNotFoundError(f"could not resolve model URI '{uri}' with tracking URI '{mlflow.get_tracking_uri()}': {e}") from e
     return _find_pipeline_folder(path, uri)
+
+
+def _tracking_uri_is_set() -> bool:
+    import os
+
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # pragma: no cover - private helper moved
+        return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return is_tracking_uri_set()
 
 
 def _find_pipeline_folder(path: Path, uri: str) -> Path:

@@ -66,7 +66,7 @@ def test_run_tree_metrics_artifacts_and_registered_model(tracker, tmp_path, tiny
     assert {"fid_matrix.json", "M.csv", "M_ref.csv", "fid_heatmaps.png"} <= eval_files
 
     assert uri == "models:/dmm-merged/1"
-    local = resolve_model_uri(uri, dst=tmp_path / "download")
+    local = resolve_model_uri(uri, dst=tmp_path / "download", tracking_uri=tracker.config.tracking_uri)
     assert (local / "model_index.json").is_file() and (local / "unet" / "config.json").is_file()
 
 
@@ -136,3 +136,20 @@ def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_com
     assert run.data.tags["mlflow.parentRunId"] == handle["parent_run_id"] and run.data.params["distill.steps"] == "3"
     assert run.data.metrics["distill/seconds"] == 2.0 and run.info.status == "FINISHED"
     assert client.get_registered_model("toy-merge").latest_versions[0].version in (1, "1")
+
+
+def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, tiny_components):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from dmm_ray import DMMPipeline, StyleUNet
+
+    c = tiny_components
+    student = StyleUNet.from_unet(c["unet"], ["ink", "neon"])
+    DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(tmp_path / "dmm")
+    with tracker.project(), tracker.stage("merge"):
+        uri = tracker.log_merged_model(tmp_path / "dmm")
+    model = mlflow.pyfunc.load_model(uri)
+    images = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "neon"]}))
+    assert len(images) == 2 and images[0].size == images[1].size
+    assert StyleUNet.load_config(resolve_model_uri(uri, dst=tmp_path / "dl") / "unet")["style_names"] == ["ink", "neon"]
