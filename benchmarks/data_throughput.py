@@ -3,9 +3,9 @@
 
 Stream: synthetic latent shards -> build_latent_dataset (read_parquet + tokenise on Ray Data) ->
 iter_noised_batches (per-sample t, eps, dropout; add_noise) exactly as a Train worker consumes it.
-Step: one DMM distillation step at the same batch size on the tiny SD components: base and teacher
+Step: one DMM distillation step (dmm_ray.distill.step.DistillStep, all three losses) at the same batch size: base and teacher
 text-encoder forwards, teacher UNet forward with block features (no grad), StyleUNet student forward
-with block features, output + feature MSE, backward and AdamW step.
+with block features, score + feature + adversarial losses, backward, AdamW, discriminator step.
 
 The stream must not be the bottleneck: ratio = stream batches/s / steps/s, target >= 3.
 
@@ -84,43 +84,12 @@ def stream_rate(cfg, epochs: int) -> tuple[float, int]:
 
 
 def step_rate(comps, args) -> float:
-    from dmm_ray.models.features import capture_block_features
-    from dmm_ray.models.style_unet import StyleUNet
+    """Steps/s of the real DistillStep (score + feature + adversarial losses, discriminator step)."""
+    from dmm_ray.distill.benchmarking import build_benchmark_step, timed_steps
 
-    dev = torch.device(args.device)
-    teacher = comps["unet"].to(dev).eval().requires_grad_(False)
-    student = StyleUNet.from_unet(comps["unet"], [f"s{i}" for i in range(args.styles)]).to(dev).train()
-    text_encoder = comps["text_encoder"].to(dev).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=1e-2)
-    b, hw = args.batch_size, args.latent_hw
-    ids = torch.randint(0, comps["tokenizer"].vocab_size - 2, (b, 77), device=dev)
-
-    def step():
-        x_t = torch.randn(b, 4, hw, hw, device=dev)  # (B, 4, h, w)
-        t = torch.randint(0, 1000, (b,), device=dev)
-        with torch.no_grad():
-            ctx_student = text_encoder(ids)[0]  # (B, 77, d) base text encoder
-            ctx_teacher = text_encoder(ids)[0]  # the teacher's own text encoder (same size)
-            with capture_block_features(teacher) as f_t:
-                eps_t = teacher(x_t, t, ctx_teacher).sample
-        with capture_block_features(student) as f_s:
-            eps_s = student(x_t, t, ctx_student, style_ids=torch.full((b,), 1, device=dev)).sample
-        loss = torch.nn.functional.mse_loss(eps_s, eps_t) + 1e-3 * sum(torch.nn.functional.mse_loss(a, c) for a, c in zip(f_s, f_t)) / len(f_s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-
-    for _ in range(3):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return args.steps / (time.perf_counter() - t0)
+    step, opt_s, opt_d, batches = build_benchmark_step(None, args.batch_size, num_styles=args.styles, device=args.device,
+                                                       latent_size=args.latent_hw)
+    return timed_steps(step, opt_s, opt_d, batches, args.steps, warmup=3) / args.batch_size
 
 
 def main(argv=None) -> int:
@@ -143,7 +112,7 @@ def main(argv=None) -> int:
             ray.shutdown()
     print(f"batch size {args.batch_size}, latents (4, {args.latent_hw}, {args.latent_hw}), {args.rows} rows, {args.styles} styles, step on {args.device} ({torch.get_num_threads()} torch threads), {os.cpu_count()} CPUs")
     print(f"stream:       {bps:8.2f} batches/s  ({n} batches timed)")
-    print(f"distillation: {sps:8.2f} steps/s   (tiny StyleUNet student fwd+bwd + teacher fwd + 2 text encoders)")
+    print(f"distillation: {sps:8.2f} steps/s   (DistillStep: student fwd+bwd, teacher fwd, 2 text encoders, discriminator)")
     ratio = bps / sps
     print(f"ratio stream/step = {ratio:.2f}  ({'OK' if ratio >= 3 else 'BELOW'} target >= 3)")
     return 0

@@ -13,7 +13,8 @@ from dmm_ray.models.discriminator import MultiClassDiscriminator
 from dmm_ray.models.style_unet import StyleUNet
 
 
-def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2, device: str = "cpu", seed: int = 0):
+def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2, device: str = "cpu", seed: int = 0,
+                         latent_size: int | None = None):
     """(step, opt_student, opt_disc, batches): `batches(n)` yields n synthetic noised batches."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -37,6 +38,7 @@ def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2,
     opt_d = torch.optim.AdamW(disc.head.parameters(), lr=1e-5)
     ids = torch.tensor(tok(["a red circle on a blue background"] * batch_size, padding="max_length", max_length=tok.model_max_length).input_ids)
     channels = unet.config.in_channels
+    side = latent_size or side
 
     def batches(n: int):
         g = torch.Generator().manual_seed(seed)
