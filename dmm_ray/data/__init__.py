@@ -28,12 +28,9 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+from dmm_ray._lazy import lazy_getattr  # noqa: E402
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(_LAZY)
 
 
 __all__ = list(_LAZY)
