@@ -19,13 +19,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
 
 
 class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = True
     tracking_uri: str = Field("sqlite:///mlflow.db", description="any MLflow tracking URI; default: SQLite file in the working dir")
@@ -45,6 +46,16 @@ class TrackingConfig(BaseModel):
     project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
     registered_model_name: str | None = Field("dmm-merged", description="register logged merged models under this name; None: log only")
     artifact_location: str | None = Field(None, description="artifact root for a newly created experiment (default: MLflow's)")
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _absolute_sqlite(cls, uri: str | None) -> str | None:
+        """`sqlite:///mlflow.db` is relative to the driver's working dir; Ray workers run elsewhere
+        (e.g. a job's unpacked working_dir), so pin it to an absolute path once, on the driver."""
+        prefix = "sqlite:///"
+        if uri and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            return prefix + os.path.abspath(uri[len(prefix):])
+        return uri
 
 
 def _mlflow():

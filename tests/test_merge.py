@@ -96,7 +96,8 @@ def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):
 
 def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster."""
-    config = tiny_merge_config(world, tmp_path / "out", synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0})
+    config = tiny_merge_config(world, tmp_path / "out", synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0},
+                               tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}, evaluation={"enabled": False})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     dashboard = ray_cluster.dashboard_url
@@ -110,3 +111,10 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "merged" / "unet" / "config.json").exists()
     assert "merged model:" in proc.stdout
+    # rank 0 logged per-step losses into the nested stage run of the MLflow store the config names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert stage and len(client.get_metric_history(stage[0].info.run_id, "distill/loss_score")) == 2

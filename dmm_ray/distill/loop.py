@@ -174,6 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(str(step))
                 print(f"[rank {rank}] fault injection: killing this worker at step {step}", flush=True)
+                time.sleep(10)  # crash a moment *after* the last checkpoint was reported, as a real fault would
                 os._exit(1)
         logs = step_fn.run(micro, styles, opt_student, opt_disc, generator=rng)
         if ema is not None:
