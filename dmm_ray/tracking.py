@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class TrackingConfig(BaseModel):
         if uri and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
             return prefix + os.path.abspath(uri[len(prefix):])
         return uri
+
+    @model_validator(mode="after")
+    def _artifacts_beside_sqlite(self) -> "TrackingConfig":
+        # MLflow's default artifact root is relative to the cwd of whoever creates the experiment
+        # (inside a Ray job's temporary working_dir): keep artifacts beside the SQLite file instead.
+        if self.artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri[len("sqlite:///"):])
+            self.artifact_location = (db.parent / "mlartifacts").as_uri()
+        return self
 
 
 def _mlflow():

@@ -117,4 +117,5 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert stage and len(client.get_metric_history(stage[0].info.run_id, "distill/loss_score")) == 2
+    history = client.get_metric_history(stage[0].info.run_id, "distill/loss_score") if stage else []
+    assert sorted({m.step for m in history} - {0}) == [1, 2]  # steps 1 and 2 (plus the stage summary)
