@@ -98,6 +98,8 @@ class MergeConfig(_Section):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"teachers: duplicate names {dups}")
+        _check_section("evaluation", self.evaluation)
+        _check_section("tracking", self.tracking)
         n = len(self.teachers)
         expected = n * self.scaling.workers_per_teacher + self.regularization_workers
         if self.scaling.num_workers is not None and self.scaling.num_workers != expected:
@@ -123,6 +125,25 @@ class MergeConfig(_Section):
     @property
     def num_workers(self) -> int:
         return len(self.teachers) * self.workers_per_teacher + self.regularization_workers
+
+
+def _check_section(name: str, section: dict) -> None:
+    """Validate the free-form evaluation/tracking sections now, naming the bad key."""
+    if name == "evaluation":
+        from dmm_ray.evaluation.config import eval_config_from_section as parse
+    else:
+        from dmm_ray.tracking import TrackingConfig
+
+        def parse(data):
+            data = dict(data)
+            if "uri" in data:
+                data["tracking_uri"] = data.pop("uri")
+            return TrackingConfig.model_validate(data)
+    try:
+        parse(section)
+    except ValidationError as error:
+        problems = "; ".join(f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise ValueError(problems) from None
 
 
 class ConfigError(ValueError):

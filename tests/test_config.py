@@ -28,6 +28,8 @@ def test_overrides_and_defaults(tmp_path):
     ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
     ("scaling.num_workers=4", "scaling.num_workers=4 is not a multiple of the 3 teachers"),
     ("teachers.2.name=a", "duplicate names"),
+    ("evaluation.imagez_per_prompt=3", "evaluation.imagez_per_prompt: Extra inputs are not permitted"),
+    ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
