@@ -59,9 +59,30 @@ def init_ray(cfg: MergeConfig):
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # A local Ray with some logical headroom: Train workers + Ray Data actors share 2 cores fine.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        return
+    running = _running_local_cluster()
+    if running:  # a cluster started on this machine with `ray start --head`
+        ray.init(address=running, log_to_driver=True)
+        log(f"joined the running Ray cluster at {running}")
+        return
+    # None: start a local Ray with logical headroom, since Train workers and Ray Data tasks share
+    # the cores and most of a toy step is waiting on each other.
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def _running_local_cluster() -> str | None:
+    """The address `ray start --head` recorded on this machine, if something still listens there
+    (a stale record would otherwise make ray.init(address="auto") wait for a dead GCS)."""
+    import socket
+
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_latents(cfg: MergeConfig) -> None:
@@ -70,6 +91,7 @@ def ensure_latents(cfg: MergeConfig) -> None:
     _, paths = complete_shards(cfg.data.shards, require=False)
     if paths:
         log(f"latent shards: {len(paths)} complete shard(s) in {cfg.data.shards}")
+        _check_enough_rows(cfg)
         return
     if cfg.data.source is None:
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
@@ -77,6 +99,22 @@ def ensure_latents(cfg: MergeConfig) -> None:
 
     log(f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
     print(run_encode(cfg.data).summary(), flush=True)
+    _check_enough_rows(cfg)
+
+
+def _check_enough_rows(cfg: MergeConfig) -> None:
+    """Every worker needs at least one full batch per epoch; say so before Ray Train starts."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import read_marker, shard_indices
+
+    fs, root = fsu.resolve(cfg.data.shards)
+    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
+    need = cfg.data.stream.batch_size * cfg.num_workers
+    if rows < need:
+        raise ValueError(
+            f"data.shards has {rows} latents but {cfg.num_workers} workers x data.stream.batch_size "
+            f"{cfg.data.stream.batch_size} need at least {need}; add data or lower data.stream.batch_size"
+        )
 
 
 def _student_from_result(result, dest: Path) -> Path:

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         from dmm_ray.tracking import make_tracker
 
         result = run_merge(cfg, tracker=make_tracker(cfg))
-    except (ConfigError, TeacherError, FileNotFoundError) as error:
+    except (ConfigError, TeacherError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nmerged model: {result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")
