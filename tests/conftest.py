@@ -29,3 +29,15 @@ def tiny_components():
     from dmm_ray.tiny import tiny_sd_components
 
     return tiny_sd_components(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny SD base pipeline saved as a diffusers folder (session-scoped, built once)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.tiny import tiny_sd_components
+
+    path = tmp_path_factory.mktemp("base") / "base"
+    StableDiffusionPipeline(**tiny_sd_components(seed=0)).save_pretrained(path)
+    return path

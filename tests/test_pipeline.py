@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from dmm_ray import DMMPipeline, StyleUNet
+from dmm_ray.models.style_unet import StyleError
+from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+
+STYLES = ["noir", "neon", "pastel"]
+
+
+@pytest.fixture
+def pipe(tiny_components):
+    torch.manual_seed(0)
+    student = StyleUNet.from_unet(tiny_components["unet"], STYLES)
+    with torch.no_grad():  # spread the codebook so styles visibly differ on an untrained model
+        student.class_embedding.codebook.weight.mul_(20)
+    c = tiny_components
+    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gen(pipe, prompts, **kw):
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=2, height=32, width=32, output_type="pt", generator=generators, **kw).images
+
+
+def test_paper_defaults(pipe):
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    import inspect
+
+    sig = inspect.signature(DMMPipeline.__call__)
+    assert sig.parameters["num_inference_steps"].default == 25 and sig.parameters["guidance_scale"].default == 7.0
+    assert "nsfw" in PAPER_NEGATIVE_PROMPT
+
+
+def test_one_image_per_style_and_styles_differ(pipe):
+    images = [_gen(pipe, ["a red circle"], style=s) for s in STYLES]
+    assert all(img.shape == (1, 3, 32, 32) for img in images)
+    assert not torch.allclose(images[0], images[1]) and not torch.allclose(images[1], images[2])
+    assert pipe.styles == STYLES
+
+
+def test_per_prompt_styles_under_cfg_match_single_runs(pipe):
+    mixed = _gen(pipe, ["a red circle", "a blue square"], style=["noir", 2])
+    noir = _gen(pipe, ["a red circle", "a blue square"], style="noir")
+    pastel = _gen(pipe, ["a red circle", "a blue square"], style="pastel")
+    torch.testing.assert_close(mixed[0], noir[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[1], pastel[1], rtol=0, atol=1e-6)
+
+
+def test_style_weights_mixture(pipe):
+    one_hot = _gen(pipe, ["a red circle"], style_weights={"neon": 1.0})
+    assert torch.equal(one_hot, _gen(pipe, ["a red circle"], style="neon"))
+    mix = _gen(pipe, ["a red circle"], style_weights=[1.0, 1.0, 0.0])
+    assert not torch.allclose(mix, one_hot)
+
+
+def test_bad_style_errors(pipe):
+    with pytest.raises(StyleError, match="known styles"):
+        _gen(pipe, ["x"], style="anime")
+    with pytest.raises(StyleError, match="exactly one"):
+        _gen(pipe, ["x"])
+    with pytest.raises(StyleError, match="one per prompt"):
+        _gen(pipe, ["x", "y"], style=["noir"])
+
+
+def test_save_and_load_offline(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = DMMPipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.unet, StyleUNet) and loaded.styles == STYLES
+    assert torch.equal(_gen(loaded, ["a red circle"], style="neon"), _gen(pipe, ["a red circle"], style="neon"))

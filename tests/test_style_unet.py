@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from dmm_ray import StyleUNet
+from dmm_ray.models.features import capture_block_features
+from dmm_ray.models.official_format import load_official_unet, save_official_unet
+from dmm_ray.models.style_unet import StyleError, extra_parameter_count, resolve_style
+from dmm_ray.tiny import tiny_sdxl_unet_config, tiny_unet_config
+
+STYLES = ["real", "anime", "ink"]
+
+
+@pytest.fixture
+def student(tiny_components):
+    torch.manual_seed(1)
+    return StyleUNet.from_unet(tiny_components["unet"], STYLES).eval()
+
+
+def _inputs(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.randint(0, 1000, (batch,), generator=g),
+        torch.randn(batch, 77, 32, generator=g),
+    )
+
+
+def test_from_unet_copies_every_base_weight(tiny_components, student):
+    base = tiny_components["unet"].state_dict()
+    ours = student.state_dict()
+    assert set(ours) - set(base) == {
+        "class_embedding.codebook.weight",
+        "class_embedding.mlp.linear_1.weight",
+        "class_embedding.mlp.linear_1.bias",
+        "class_embedding.mlp.linear_2.weight",
+        "class_embedding.mlp.linear_2.bias",
+    }
+    assert all(torch.equal(base[k], ours[k]) for k in base)
+
+
+def test_sd15_extra_parameters_exact():
+    # The real SD1.5 UNet config (diffusers defaults are SD1.5's), on meta tensors: no download, no memory.
+    with torch.device("meta"):
+        base = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        student = StyleUNet(**{k: v for k, v in base.config.items() if not k.startswith("_")}, style_names=[f"s{i}" for i in range(8)])
+    extra = sum(p.numel() for p in student.parameters()) - sum(p.numel() for p in base.parameters())
+    assert extra == 8 * 1280 + 2 * (1280**2 + 1280) == extra_parameter_count(8, 1280) == 3_289_600
+
+
+def test_one_hot_weights_equal_index_path_bit_exactly(student):
+    x, t, h = _inputs()
+    ids = torch.tensor([0, 2, 1])
+    by_index = student(x, t, h, style_ids=ids).sample
+    by_weights = student(x, t, h, style_weights=torch.nn.functional.one_hot(ids, 3).float()).sample
+    assert torch.equal(by_index, by_weights)
+
+
+def test_mixture_equals_interpolated_embeddings(student):
+    x, t, h = _inputs(batch=1)
+    w = torch.tensor([[0.25, 0.0, 0.75]])
+    codebook = student.class_embedding.codebook.weight
+    explicit = 0.25 * codebook[0] + 0.75 * codebook[2]
+    out_w = student(x, t, h, style_weights=w).sample
+    out_e = student(x, t, h, style_embeds=explicit[None]).sample
+    torch.testing.assert_close(out_w, out_e, rtol=1e-5, atol=1e-6)
+    # and it is not just one of the endpoints
+    assert not torch.allclose(out_w, student(x, t, h, style_ids=torch.tensor([2])).sample)
+
+
+def test_different_rows_give_different_outputs(student):
+    x, t, h = _inputs(batch=1)
+    outs = [student(x, t, h, style_ids=torch.tensor([i])).sample for i in range(3)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_save_load_round_trip_bit_exact(student, tmp_path):
+    student.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["style_names"] == STYLES
+    loaded = StyleUNet.from_pretrained(tmp_path)
+    assert loaded.style_names == STYLES
+    a, b = student.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t, h = _inputs()
+    assert torch.equal(student(x, t, h, style_ids=torch.tensor([0, 1, 2])).sample, loaded(x, t, h, style_ids=torch.tensor([0, 1, 2])).sample)
+
+
+def test_add_styles_keeps_old_rows(student):
+    old = student.class_embedding.codebook.weight.detach().clone()
+    new_ids = student.add_styles(["pixel", "sepia"], seed=3)
+    assert new_ids == [3, 4] and student.style_names == STYLES + ["pixel", "sepia"]
+    grown = student.class_embedding.codebook.weight
+    assert grown.shape == (5, old.shape[1]) and torch.equal(grown[:3], old)
+    assert not torch.equal(grown[3], grown[4])
+    with pytest.raises(StyleError, match="duplicate"):
+        student.add_styles(["anime"])
+
+
+def test_block_features_cover_down_mid_up(student):
+    x, t, h = _inputs(batch=2)
+    with capture_block_features(student) as feats:
+        student(x, t, h, style_ids=torch.tensor([0, 1]))
+    n_blocks = len(student.down_blocks) + 1 + len(student.up_blocks)
+    assert len(feats) == n_blocks and all(f.shape[0] == 2 and f.ndim == 4 for f in feats)
+    # hooks are removed afterwards
+    student(x, t, h, style_ids=torch.tensor([0, 1]))
+    assert len(feats) == n_blocks
+
+
+def test_official_format_round_trip(student, tmp_path):
+    save_official_unet(student, tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] == "model_merge" and config["num_models"] == 3
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")).keys()
+    assert "model_embedding.weight" in keys and "add_embedding.linear_1.weight" in keys
+    loaded = load_official_unet(tmp_path / "unet")
+    a, b = student.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x, t, h = _inputs()
+    ids = torch.tensor([2, 1, 0])
+    # the reference fork's calling convention works too
+    assert torch.equal(student(x, t, h, style_ids=ids).sample, loaded(x, t, h, added_cond_kwargs={"model_ids": ids}).sample)
+
+
+def test_sdxl_style_unet_keeps_text_time():
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    student = StyleUNet.from_unet(base, ["a", "b"]).eval()
+    assert student.add_embedding is not None  # SDXL's text_time embedding kept
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    h = torch.randn(2, 77, 64)
+    out_a = student(x, torch.tensor([5, 5]), h, style_ids=torch.tensor([0, 0]), added_cond_kwargs=cond).sample
+    out_b = student(x, torch.tensor([5, 5]), h, style_ids=torch.tensor([1, 1]), added_cond_kwargs=cond).sample
+    assert out_a.shape == x.shape and not torch.allclose(out_a, out_b)
+
+
+def test_resolve_style_errors_name_known_styles():
+    assert torch.equal(resolve_style(STYLES, "ink"), torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(resolve_style(STYLES, {"real": 1, "ink": 3}), torch.tensor([0.25, 0.0, 0.75]))
+    for bad, match in [("manga", "unknown style 'manga'.*0:real, 1:anime, 2:ink"), (7, "out of range"),
+                       ({"real": -1, "ink": 2}, ">= 0"), ([0, 0, 0], "all zero"), ([1, 2], "one entry per style")]:
+        with pytest.raises(StyleError, match=match):
+            resolve_style(STYLES, bad)
+
+
+def test_missing_style_is_a_clear_error(student):
+    x, t, h = _inputs(batch=1)
+    with pytest.raises(StyleError, match="no style given"):
+        student(x, t, h)

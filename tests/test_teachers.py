@@ -1,0 +1,109 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm_ray import TeacherSpec, load_teacher
+from dmm_ray.formats.single_file import export_single_file
+from dmm_ray.teachers import TeacherArchitectureError, TeacherError, teacher_checksum, validate_teachers
+from dmm_ray.tiny import tiny_sd_components
+
+
+def _perturbed(seed):
+    """A 'fine-tuned' teacher: the base with its UNet nudged."""
+    c = tiny_sd_components(seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in c["unet"].parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return StableDiffusionPipeline(**c)
+
+
+@pytest.fixture(scope="session")
+def teacher_files(tiny_base_dir, tmp_path_factory):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("teachers")
+    folder = _perturbed(1)
+    folder.save_pretrained(root / "folder")
+    single = _perturbed(2)
+    export_single_file(single, root / "single.safetensors")
+    lora_pipe = StableDiffusionPipeline.from_pretrained(tiny_base_dir)
+    torch.manual_seed(3)
+    lora_pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in lora_pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    StableDiffusionPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(lora_pipe.unet), safe_serialization=True)
+    return dict(root=root, folder_pipe=folder, single_pipe=single, lora_pipe=lora_pipe)
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([300]), h).sample
+
+
+def test_three_formats_load_frozen(teacher_files, tiny_base_dir):
+    root = teacher_files["root"]
+    specs = [
+        TeacherSpec(name="folder", source=str(root / "folder")),
+        TeacherSpec(name="single", source=str(root / "single.safetensors"), base=str(tiny_base_dir)),
+        TeacherSpec(name="lora", source=str(root / "lora" / "pytorch_lora_weights.safetensors"), base=str(tiny_base_dir)),
+    ]
+    assert [s.resolved_format() for s in specs] == ["diffusers", "single_file", "lora"]
+    validate_teachers(specs, str(tiny_base_dir))
+    teachers = [load_teacher(s) for s in specs]
+    for t in teachers:
+        assert not any(p.requires_grad for p in t.unet.parameters())
+        assert not any(p.requires_grad for p in t.text_encoder.parameters())
+    # single-file export -> load is bit-exact
+    a, b = teacher_files["single_pipe"].unet.state_dict(), teachers[1].unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the fused LoRA teacher computes what the base + active adapter computes
+    torch.testing.assert_close(_unet_out(teachers[2].unet), _unet_out(teacher_files["lora_pipe"].unet), rtol=1e-4, atol=1e-5)
+    base = load_teacher(TeacherSpec(name="base", source=str(tiny_base_dir)))
+    assert not torch.allclose(_unet_out(teachers[2].unet), _unet_out(base.unet))
+
+
+def test_architecture_mismatch_names_teacher_and_field(tmp_path, tiny_base_dir):
+    StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'odd'.*unet.cross_attention_dim is 16 .* has 32"):
+        validate_teachers([TeacherSpec(name="odd", source=str(tmp_path / "odd"))], str(tiny_base_dir))
+    export_single_file(StableDiffusionPipeline.from_pretrained(tmp_path / "odd"), tmp_path / "odd.safetensors")
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'odd1'.*attn2.to_k.weight has shape"):
+        validate_teachers([TeacherSpec(name="odd1", source=str(tmp_path / "odd.safetensors"), base=str(tiny_base_dir))], str(tiny_base_dir))
+
+
+def test_corrupt_missing_and_pickled_files(teacher_files, tiny_base_dir, tmp_path):
+    good = (teacher_files["root"] / "single.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(TeacherError, match="teacher 'cut'.*truncated or not a valid safetensors"):
+        load_teacher(TeacherSpec(name="cut", source=str(tmp_path / "trunc.safetensors"), base=str(tiny_base_dir)))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(TeacherError, match="teacher 'junk'"):
+        load_teacher(TeacherSpec(name="junk", source=str(tmp_path / "junk.safetensors"), base=str(tiny_base_dir)))
+    with pytest.raises(TeacherError, match="teacher 'gone'.*does not exist"):
+        load_teacher(TeacherSpec(name="gone", source=str(tmp_path / "nope.safetensors")))
+    with pytest.raises(TeacherError, match="needs `base:`"):
+        load_teacher(TeacherSpec(name="nobase", source=str(teacher_files["root"] / "single.safetensors")))
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(teacher_files["root"] / "single.safetensors")), tmp_path / "t.ckpt")
+    with pytest.raises(TeacherError, match="pickled checkpoint.*allow_pickle"):
+        load_teacher(TeacherSpec(name="pkl", source=str(tmp_path / "t.ckpt"), base=str(tiny_base_dir)))
+    teacher = load_teacher(TeacherSpec(name="pkl", source=str(tmp_path / "t.ckpt"), base=str(tiny_base_dir), allow_pickle=True))
+    assert torch.equal(teacher.unet.conv_in.weight, teacher_files["single_pipe"].unet.conv_in.weight)
+
+
+def test_checksum_tracks_content(teacher_files, tmp_path):
+    import shutil
+
+    shutil.copytree(teacher_files["root"] / "folder", tmp_path / "copy")
+    a = teacher_checksum(TeacherSpec(name="t", source=str(teacher_files["root"] / "folder")))
+    b = teacher_checksum(TeacherSpec(name="t", source=str(tmp_path / "copy")))
+    assert a == b
+    teacher_files["single_pipe"].save_pretrained(tmp_path / "copy")
+    assert teacher_checksum(TeacherSpec(name="t", source=str(tmp_path / "copy"))) != a
