@@ -53,8 +53,8 @@ class ZooConfig(BaseModel):
     batch_size: int = Field(64, gt=0)
     vae_lr: float = 2e-3
     base_lr: float = 1e-3
-    teacher_lr: float = 4e-4
-    lora_lr: float = 2e-3
+    teacher_lr: float = 5e-4
+    lora_lr: float = 3e-3
     lora_rank: int = Field(8, gt=0)
     base_ema: float = 0.995
 
@@ -90,11 +90,11 @@ PRESETS: dict[str, dict] = {
         pool_images=8192,
         base_scenes=16384,
         teacher_scenes=4096,
-        vae_steps=300,
-        base_steps=900,
-        teacher_steps=110,
-        lora_steps=110,
-        feature_steps=300,
+        vae_steps=250,
+        base_steps=800,
+        teacher_steps=120,
+        lora_steps=120,
+        feature_steps=250,
     ),
     # 3 styles, one per format, a few steps each: for integration tests (well under a minute).
     "micro": dict(
@@ -103,10 +103,10 @@ PRESETS: dict[str, dict] = {
             TeacherPlan(style="noir", format="single_file"),
             TeacherPlan(style="sketch", format="lora"),
         ],
-        disk_images=64,
-        pool_images=256,
-        base_scenes=256,
-        teacher_scenes=128,
+        disk_images=32,
+        pool_images=128,
+        base_scenes=128,
+        teacher_scenes=64,
         vae_steps=4,
         base_steps=4,
         teacher_steps=2,
