@@ -136,7 +136,14 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
     c = zoo_components(config.seed, config.image_size)
     vae, tokenizer, text_encoder, unet = c["vae"], c["tokenizer"], c["text_encoder"], c["unet"]
     pool_scenes, pool_clean, pool_style, pool = _style_pool(config, styles)
-    metrics["vae_loss"] = train_vae(vae, pool, config.vae_steps, config.batch_size, config.vae_lr, seed=config.seed + 11, progress=progress)[-1]
+    with torch.no_grad():  # start with a near-deterministic posterior (std ~3e-4) so early decoder
+        # inputs are not drowned in sampling noise; the KL term is free to widen it
+        moments = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out  # -> (mean, logvar)
+        moments.bias[vae.config.latent_channels :] = -16.0
+    metrics["vae_loss"] = train_vae(
+        vae, pool, config.vae_steps, config.vae_batch_size, config.vae_lr, object_weight=config.vae_object_weight,
+        seed=config.seed + 11, progress=progress,
+    )[-1]
     metrics["vae_scaling_factor"] = calibrate_scaling_factor(vae, pool[:2048])
     vae.requires_grad_(False)
     held_scenes = S.sample_scenes(min(512, config.pool_images), config.seed, "eval")
@@ -144,6 +151,7 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
     metrics["vae_psnr_db"] = {"clean": round(psnr(vae, held), 2)}
     for name in styles:
         metrics["vae_psnr_db"][name] = round(psnr(vae, apply_style(name, held)), 2)
+    tqdm.write(f"VAE PSNR (dB): {metrics['vae_psnr_db']}")
     stage("vae", t0)
 
     # 3. base UNet + text encoder on clean captioned latents -----------------------------------

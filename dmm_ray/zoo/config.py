@@ -51,7 +51,9 @@ class ZooConfig(BaseModel):
     lora_steps: int = Field(gt=0)
     feature_steps: int = Field(gt=0)
     batch_size: int = Field(64, gt=0)
-    vae_lr: float = 2e-3
+    vae_batch_size: int = Field(16, gt=0, description="small batches: more updates per CPU second for the VAE")
+    vae_lr: float = 3e-3
+    vae_object_weight: float = Field(4.0, ge=0, description="extra loss weight on object pixels")
     base_lr: float = 1e-3
     teacher_lr: float = 5e-4
     lora_lr: float = 3e-3
@@ -90,8 +92,8 @@ PRESETS: dict[str, dict] = {
         pool_images=8192,
         base_scenes=16384,
         teacher_scenes=4096,
-        vae_steps=250,
-        base_steps=800,
+        vae_steps=1000,
+        base_steps=2000,
         teacher_steps=120,
         lora_steps=120,
         feature_steps=250,

@@ -93,6 +93,23 @@ def grid_png(rows: dict[str, torch.Tensor], prompts: list[str], path: Path, scal
     return path
 
 
+def pick_grid_prompts(prompts: list[str], n: int = 8) -> list[str]:
+    """`n` prompts with pairwise different colours and, as far as possible, different shapes."""
+    picked, colours, shapes = [], set(), set()
+    for p in prompts:
+        gt = parse_caption(p)
+        if gt["colour"] not in colours and gt["shape"] not in shapes:
+            picked.append(p)
+            colours.add(gt["colour"])
+            shapes.add(gt["shape"])
+    for p in prompts:  # fewer shapes than colours: fill up with unseen colours
+        gt = parse_caption(p)
+        if len(picked) < n and gt["colour"] not in colours:
+            picked.append(p)
+            colours.add(gt["colour"])
+    return picked[:n]
+
+
 def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance: float = 5.0, progress: bool = True, force: bool = False) -> dict:
     """Compute (or read back, if cached with the same settings) the zoo's quality report."""
     from dmm_ray.teachers import load_teacher_pipeline
@@ -109,7 +126,7 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
     net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
     eval_prompts = read_prompts(root / manifest["eval_prompts"])
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(n_per_set)]
-    grid_prompts = eval_prompts[:: max(1, len(eval_prompts) // 8)][:8]
+    grid_prompts = pick_grid_prompts(eval_prompts)
 
     base = load_base_pipeline(root)
     base_a = sample_images(base, prompts, SEED_SET_A, steps, guidance)
