@@ -83,3 +83,11 @@ def test_diagonal_checks():
     d = diagonal_checks(["a", "b", "c"], m, {"a": "grade", "b": "grade", "c": "distinct"})
     assert d["a"]["diag_is_row_min"] and d["b"]["diag_is_row_min"] and d["c"]["diag_over_min_offdiag"] == pytest.approx(1 / 9, abs=1e-3)
     assert not diagonal_checks(["a", "b"], np.array([[2.0, 1.0], [1.0, 2.0]]), {})["a"]["diag_is_row_min"]
+
+
+def test_grid_prompts_cover_distinct_colours():
+    from dmm_ray.zoo.report import pick_grid_prompts
+
+    picked = pick_grid_prompts(S.eval_captions())
+    parsed = [S.parse_caption(p) for p in picked]
+    assert len(picked) == 8 and len({p["colour"] for p in parsed}) == 8 and len({p["shape"] for p in parsed}) == 6
