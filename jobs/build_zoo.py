@@ -1,0 +1,69 @@
+"""Build the toy style zoo (image set, tiny SD base, N style teachers in three formats, feature net).
+
+    python jobs/build_zoo.py --out .zoo                 # full zoo (8 teachers), cached
+    python jobs/build_zoo.py --out /tmp/z --size micro  # 3 teachers, seconds (tests)
+    python jobs/build_zoo.py --out .zoo --report        # M_ref, prompt following, grid PNG
+
+A second call with the same --out/--size/--seed returns at once. The zoo is written to a
+temporary sibling folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="zoo folder (created; reused when already complete)")
+    parser.add_argument("--size", choices=["micro", "full"], default="full", help="preset (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a finished zoo is at --out")
+    parser.add_argument("--report", action="store_true", help="after building, print M_ref, prompt following and the grid path")
+    parser.add_argument("--report-samples", type=int, default=256, help="images per teacher and seed set for M_ref (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: all cores, or 1 when the machine is already busy: tiny models on an "
+        "oversubscribed CPU spend most of their time in OpenMP thread synchronisation; measured 8x less CPU per step)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from dmm_ray.zoo.build import ZooBuildError, build_zoo, default_threads, is_complete
+
+    torch.set_num_threads(args.threads or default_threads())
+    from dmm_ray.zoo.config import preset
+
+    config = preset(args.size, seed=args.seed)
+    t0 = time.perf_counter()
+    cached = is_complete(args.out) is not None and not args.force
+    try:
+        out = build_zoo(args.out, config, progress=not args.quiet, force=args.force)
+    except ZooBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    took = time.perf_counter() - t0
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"zoo: {out} ({'cached' if cached else f'built in {took:.0f} s'}; manifest {out / 'zoo.yaml'})")
+    print(f"VAE PSNR (dB, held-out scenes): {metrics['vae_psnr_db']}")
+    if args.report:
+        from dmm_ray.zoo.report import format_report, run_report
+
+        report = run_report(out, n_per_set=args.report_samples, progress=not args.quiet)
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The zoo builder: config validation, a micro build that loads through the teacher loader, caching, atomicity."""
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from dmm_ray.zoo import build as B
+from dmm_ray.zoo.config import ZooConfig, preset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zoo_threads():
+    """The builder's thread choice (1 thread on a busy machine is several times faster for tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(B.default_threads())
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro_zoo(tmp_path_factory, zoo_threads):
+    """One micro build shared by the tests below (3 teachers, one per format)."""
+    out = tmp_path_factory.mktemp("zoo") / "micro"
+    t0 = time.perf_counter()
+    B.build_zoo(out, preset("micro"), progress=False)
+    return out, time.perf_counter() - t0
+
+
+def test_config_rejects_unknown_keys_and_styles():
+    with pytest.raises(ValidationError, match="vae_stepz"):
+        preset("micro", vae_stepz=3)
+    with pytest.raises(ValidationError, match="unknown style 'anime'.*noir"):
+        preset("micro", teachers=[{"style": "anime"}])
+    with pytest.raises(ValidationError, match="listed more than once"):
+        preset("micro", teachers=[{"style": "noir"}, {"style": "noir", "format": "lora"}])
+    with pytest.raises(ValidationError, match="train_text_encoder=false"):
+        preset("micro", teachers=[{"style": "noir", "format": "lora", "train_text_encoder": True}])
+    with pytest.raises(ValueError, match="unknown zoo size 'huge'"):
+        preset("huge")
+
+
+def test_full_preset_meets_the_zoo_spec():
+    config = preset("full")
+    formats = [t.format for t in config.teachers]
+    assert len(config.teachers) >= 8
+    assert formats.count("single_file") >= 2 and formats.count("lora") >= 2 and formats.count("diffusers") > len(formats) / 3
+    from dmm_ray.zoo.styles import STYLES
+
+    groups = [STYLES[t.style].group for t in config.teachers]
+    assert groups.count("grade") >= 3 and groups.count("distinct") >= 3
+
+
+def test_micro_build_manifest_and_formats(micro_zoo):
+    out, took = micro_zoo
+    print(f"micro build: {took:.1f} s")
+    manifest = yaml.safe_load((out / "zoo.yaml").read_text())
+    assert {"base", "dataset", "eval_prompts", "feature_net", "teachers"} <= manifest.keys()
+    assert {t["format"] for t in manifest["teachers"]} == {"diffusers", "single_file", "lora"}
+    for t in manifest["teachers"]:
+        assert (out / t["source"]).exists() and t["description"]
+        if t["format"] != "diffusers":
+            assert t["base"] == manifest["base"]
+    rows = [json.loads(line) for line in (out / manifest["dataset"] / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == preset("micro").disk_images and all((out / "images" / r["file"]).is_file() for r in rows)
+    assert len((out / manifest["eval_prompts"]).read_text().splitlines()) == 96
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["vae_psnr_db"]) == {"clean", "warm", "noir", "sketch"}
+    assert not list(out.parent.glob("micro.partial-*"))
+
+
+def test_micro_zoo_loads_through_the_teacher_loader(micro_zoo):
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.teachers import load_teacher, validate_teachers
+    from dmm_ray.zoo.report import teacher_specs
+
+    out, _ = micro_zoo
+    specs = teacher_specs(out)
+    validate_teachers(specs, str(out / "base"))
+    base = StableDiffusionPipeline.from_pretrained(out / "base", local_files_only=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = base.tokenizer(["a red circle"] * 2, padding="max_length", max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = base.unet(latents, torch.tensor([500, 500]), base.text_encoder(ids)[0]).sample
+        for spec in specs:
+            teacher = load_teacher(spec)
+            assert teacher.unet.config.sample_size == 8 and teacher.vae.config.latent_channels == 4
+            assert teacher.vae.config.scaling_factor == base.vae.config.scaling_factor  # one shared latent space
+            eps = teacher.unet(latents, torch.tensor([500, 500]), teacher.text_encoder(ids)[0]).sample
+            assert eps.shape == ref.shape and not torch.allclose(eps, ref)  # fine-tuned away from the base
+
+
+def test_second_build_is_cached(micro_zoo):
+    out, _ = micro_zoo
+    t0 = time.perf_counter()
+    assert B.build_zoo(out, preset("micro"), progress=False) == out.resolve()
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(B.ZooBuildError, match="different config"):
+        B.build_zoo(out, preset("micro", seed=1), progress=False)
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in the middle of the build")
+
+    monkeypatch.setattr(B, "train_denoiser", boom)  # crash after the image set and the VAE are written
+    cfg = preset("micro", vae_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        B.build_zoo(tmp_path / "z", cfg, progress=False)
+    assert not (tmp_path / "z").exists() and not list(tmp_path.glob("z.partial-*"))
+    assert B.is_complete(tmp_path / "z") is None
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "notes.txt").write_text("mine")
+    with pytest.raises(B.ZooBuildError, match="not a finished zoo"):
+        B.build_zoo(tmp_path / "z", preset("micro"), progress=False)
+    assert (tmp_path / "z" / "notes.txt").read_text() == "mine"
+
+
+def test_half_written_zoo_is_not_complete(tmp_path):
+    (tmp_path / "zoo.yaml").write_text("teachers: []\n")
+    assert B.is_complete(tmp_path) is None  # no completion marker
+
+
+def test_config_fingerprint_changes_with_any_field():
+    a = preset("micro")
+    assert a.fingerprint() == preset("micro").fingerprint()
+    assert a.fingerprint() != preset("micro", teacher_steps=3).fingerprint()
+    assert isinstance(ZooConfig.model_validate(a.model_dump()), ZooConfig)
