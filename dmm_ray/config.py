@@ -60,6 +60,7 @@ class SynthesisConfig(_Section):
     prompts: Optional[str] = Field(None, description="prompt file (txt or COCO captions json); default: training captions")
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.0, ge=0)
+    negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
     resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
     batch_size: int = Field(10, ge=1, description="images per teacher forward")
     finetune_steps: int = Field(10000, ge=0, description="paper: 10k iterations at batch 10")

@@ -245,7 +245,8 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
         resolution = s.resolution or cfg.data.encode.resolution
         log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
         shard_dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
-                                s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu)
+                                s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
+                                s.negative_prompt)
         datasets = {f"synth_{i}": build_latent_dataset(cfg.data, shards=d) for i, d in shard_dirs.items()}
         if cfg.regularization_workers:
             datasets["regularizer"] = build_latent_dataset(cfg.data, shards=next(iter(shard_dirs.values())))

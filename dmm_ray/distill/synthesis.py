@@ -26,15 +26,16 @@ class TeacherSynthesizer:
         self.pipe.set_progress_bar_config(disable=True)
 
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-                 height: int, width: int, batch_size: int) -> np.ndarray:
+                 height: int, width: int, batch_size: int, negative_prompt: str | None = None) -> np.ndarray:
         from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
 
+        negative = PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             generators = [torch.Generator(self.device).manual_seed(s) for s in seeds[start : start + batch_size]]
             latents = self.pipe(
-                chunk, negative_prompt=[PAPER_NEGATIVE_PROMPT] * len(chunk), num_inference_steps=num_inference_steps,
+                chunk, negative_prompt=[negative] * len(chunk), num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="latent",
             ).images  # (b, C, h, w): x0 in the space the UNet is trained in
             out.append(latents.float().cpu().numpy())
@@ -43,7 +44,7 @@ class TeacherSynthesizer:
 
 def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: str | Path, images_per_teacher: int,
                num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int, seed: int = 0,
-               use_gpu: bool = False) -> dict[int, str]:
+               use_gpu: bool = False, negative_prompt: str | None = None) -> dict[int, str]:
     """Fan out to one actor per teacher; write shards `out_dir/style_<i>`; returns {style index: shard dir}.
     Finished styles (complete shards) are not generated again."""
     from dmm_ray.data import fs as fsu
@@ -63,7 +64,7 @@ def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: s
         if is_shard_complete(fs, root, 0):
             continue
         actor = TeacherSynthesizer.options(num_gpus=1 if use_gpu else 0, num_cpus=1).remote(spec.model_dump(), use_gpu)
-        pending[style] = (actor.generate.remote(chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size), root, spec.name)
+        pending[style] = (actor.generate.remote(chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size, negative_prompt), root, spec.name)
     for style, (ref, root, name) in pending.items():
         latents = ray.get(ref)
         ids = [f"synth-{name}-{i}" for i in range(len(chosen))]
