@@ -8,7 +8,7 @@ from dmm_ray import StyleUNet
 from dmm_ray.models.features import capture_block_features
 from dmm_ray.models.official_format import load_official_unet, save_official_unet
 from dmm_ray.models.style_unet import StyleError, extra_parameter_count, resolve_style
-from dmm_ray.tiny import tiny_sdxl_unet_config, tiny_unet_config
+from dmm_ray.tiny import tiny_sdxl_unet_config
 
 STYLES = ["real", "anime", "ink"]
 

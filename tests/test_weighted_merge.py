@@ -1,8 +1,5 @@
 """Weighted-merge baseline: identity on identical models, linearity, weight validation."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ synthetic noised batches, built identically inside and outside Ray Train."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 

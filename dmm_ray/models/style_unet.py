@@ -14,7 +14,6 @@ We reuse diffusers' own forward unchanged: the style module sits in the UNet's
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import contextmanager
 from typing import Iterable, Mapping, Sequence
 

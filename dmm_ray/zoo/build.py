@@ -29,7 +29,7 @@ from .config import ZooConfig
 from .dataset import write_eval_prompts, write_image_set
 from .feature_net import ZooFeatureNet, scene_labels, train_feature_net
 from .formats import LORA_TARGETS, save_teacher
-from .styles import STYLES, apply_style, get_style
+from .styles import apply_style, get_style
 from .train import calibrate_scaling_factor, decode_latents, encode_latents, psnr, train_denoiser, train_vae
 
 MARKER = ".zoo_complete.json"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .dataset import read_prompts
 from .feature_net import ZooFeatureNet
-from .frechet import frechet_distance, which_implementation
+from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
 from .scenes import parse_caption, to_uint8
 
 SEED_SET_A = 1000
@@ -130,13 +130,12 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
 
     base = load_base_pipeline(root)
     base_a = sample_images(base, prompts, SEED_SET_A, steps, guidance)
-    report = {"settings": settings, "feature_net": net.name, "frechet": which_implementation()}
+    report = {"settings": settings, "feature_net": net.name, "frechet": "dmm_ray.evaluation.fid.fid_from_features"}
     report["base_prompt_following"] = prompt_following(net, base_a, prompts)
     grid = {"base": sample_images(base, grid_prompts, 7, steps, guidance)}
 
     names, feats_a, feats_b, per_teacher = [], [], [], {}
     specs = teacher_specs(root)
-    style_names = net.label_names["style"]
     for spec in tqdm(specs, desc="teachers", disable=not progress, leave=False):
         pipe = load_teacher_pipeline(spec)
         a = sample_images(pipe, prompts, SEED_SET_A, steps, guidance)

@@ -13,7 +13,6 @@ every colour, shape and background is still seen in training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
