@@ -60,29 +60,9 @@ def init_ray(cfg: MergeConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    running = _running_local_cluster()
-    if running:  # a cluster started on this machine with `ray start --head`
-        ray.init(address=running, log_to_driver=True)
-        log(f"joined the running Ray cluster at {running}")
-        return
-    # None: start a local Ray with logical headroom, since Train workers and Ray Data tasks share
-    # the cores and most of a toy step is waiting on each other.
+    # No address: start a private local Ray (to join a running `ray start --head`, set RAY_ADDRESS=auto).
+    # Logical headroom, since Train workers and Ray Data tasks share the cores.
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-
-
-def _running_local_cluster() -> str | None:
-    """The address `ray start --head` recorded on this machine, if something still listens there
-    (a stale record would otherwise make ray.init(address="auto") wait for a dead GCS)."""
-    import socket
-
-    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
-    try:
-        address = record.read_text().strip()
-        host, port = address.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=1):
-            return address
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_latents(cfg: MergeConfig) -> None:
