@@ -31,6 +31,14 @@ def validate_before_ray(cfg: MergeConfig) -> None:
     from dmm_ray.teachers import TeacherError, validate_teachers
 
     validate_teachers(cfg.teachers, cfg.student.base)
+    from dmm_ray.teachers import folder_architecture
+
+    if folder_architecture(cfg.student.base).get("unet.addition_embed_type") == "text_time":
+        raise TeacherError(
+            f"student.base {cfg.student.base} is an SDXL-architecture model: StyleUNet and DMMXLPipeline support it, "
+            "but the distillation loop does not feed SDXL's second text encoder and size conditioning yet; "
+            "merge SD1.5-architecture teachers for now"
+        )
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import StyleUNet
         from dmm_ray.teachers import folder_architecture
