@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import CLIPTextModel
 
     from dmm_ray.config import MergeConfig
-    from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler
+    from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, noised_batch, tokenize
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings
@@ -137,9 +137,22 @@ def train_loop_per_worker(config: dict) -> None:
         dataset_name = "regularizer"
     shard = ray.train.get_dataset_shard(dataset_name)
     data_cfg = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": config.get("batch_size", cfg.data.stream.batch_size)})})
+    empty_ids = tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
+
+    cached: list | None = None
 
     def batches_from(ep: int, skip: int):
-        it = iter_noised_batches(shard, data_cfg, epoch=ep, device=device, rank=rank)
+        nonlocal cached
+        if stage == "finetune":
+            # Synthesized sets are small (paper: 1.5k images/teacher): read the worker's style once and
+            # re-noise it every epoch, instead of re-running a Ray Data execution each few steps.
+            if cached is None:
+                cached = list(shard.iter_batches(batch_size=data_cfg.stream.batch_size, batch_format="numpy", drop_last=True))
+            s = data_cfg.stream
+            it = (noised_batch(b, scheduler=noise_scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
+                               caption_dropout=s.caption_dropout, device=device) for b in cached)
+        else:
+            it = iter_noised_batches(shard, data_cfg, epoch=ep, device=device, rank=rank)
         return itertools.islice(it, skip, None)  # data position: skip what the checkpoint consumed
 
     step, batches_in_epoch = start_step, skip_batches
