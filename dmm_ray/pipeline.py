@@ -75,22 +75,23 @@ class _StyleCallMixin:
         return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 
 
+def _styled_call(parent_call):
+    """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop."""
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, style: Any = None, style_weights: Any = None,
+                 num_inference_steps: int = PAPER_STEPS, guidance_scale: float = PAPER_GUIDANCE,
+                 num_images_per_prompt: int = 1, **kwargs):
+        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return self._style_call(parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs)
+
+    return __call__
+
+
 class DMMPipeline(_StyleCallMixin, StableDiffusionPipeline):
     """Style-promptable SD1.5-architecture pipeline. `pipe(prompt, style="anime")`."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        style: Any = None,
-        style_weights: Any = None,
-        num_inference_steps: int = PAPER_STEPS,
-        guidance_scale: float = PAPER_GUIDANCE,
-        num_images_per_prompt: int = 1,
-        **kwargs,
-    ):
-        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        return self._style_call(StableDiffusionPipeline.__call__, prompt, style, style_weights, num_images_per_prompt, kwargs)
+    __call__ = _styled_call(StableDiffusionPipeline.__call__)
 
     @classmethod
     def from_components(cls, student: StyleUNet, vae, text_encoder, tokenizer, scheduler) -> "DMMPipeline":
@@ -117,16 +118,4 @@ class DMMPipeline(_StyleCallMixin, StableDiffusionPipeline):
 class DMMXLPipeline(_StyleCallMixin, StableDiffusionXLPipeline):
     """Style-promptable SDXL-architecture pipeline (SDXL's text_time embedding kept)."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        style: Any = None,
-        style_weights: Any = None,
-        num_inference_steps: int = PAPER_STEPS,
-        guidance_scale: float = PAPER_GUIDANCE,
-        num_images_per_prompt: int = 1,
-        **kwargs,
-    ):
-        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        return self._style_call(StableDiffusionXLPipeline.__call__, prompt, style, style_weights, num_images_per_prompt, kwargs)
+    __call__ = _styled_call(StableDiffusionXLPipeline.__call__)
