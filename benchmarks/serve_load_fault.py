@@ -10,7 +10,7 @@ after a third of the requests and checks:
   * requests sent after the replacement succeed.
 
     python benchmarks/serve_load_fault.py                 # tiny model built in code
-    python benchmarks/serve_load_fault.py --model outputs/demo/merged --requests 1000
+    python benchmarks/serve_load_fault.py --model outputs/toy/merged --requests 1000
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Reports throughput, p50/p99 latency, the cost of a style switch (embedding chang
 load) and memory per replica, and the ratios merged / multiplexed.
 
     python benchmarks/serve_styles.py                          # 8 tiny styles built in code
-    python benchmarks/serve_styles.py --zoo outputs/zoo --merged outputs/demo/merged
+    python benchmarks/serve_styles.py --zoo .zoo --merged outputs/toy/merged
     python benchmarks/serve_styles.py --requests 320 --steps 4 --out outputs/bench/serve_styles.json
 """
 
@@ -190,7 +190,7 @@ def run_stream(url: str, calls: list[Call], concurrency: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
-    p.add_argument("--merged", type=Path, help="merged model folder (with --zoo; default outputs/demo/merged)")
+    p.add_argument("--merged", type=Path, help="merged model folder (with --zoo; default outputs/toy/merged)")
     p.add_argument("--num-styles", type=int, default=8, help="styles when building the tiny world")
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--concurrency", type=int, default=16)
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
     if args.zoo:
         teachers = zoo_teachers(args.zoo)
-        merged = args.merged or REPO / "outputs/demo/merged"
+        merged = args.merged or REPO / "outputs/toy/merged"
     else:
         root = Path(tempfile.gettempdir()) / f"dmm-bench-tiny-{args.num_styles}"
         merged, teachers = build_tiny_world(root, args.num_styles)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What `make demo` writes; served when nothing else is named.
-DEFAULT_MODEL = "outputs/demo/merged"
+DEFAULT_MODEL = "outputs/toy/merged"
 
 
 class ServeLimits(BaseModel):

@@ -211,9 +211,9 @@ def test_config_from_env_and_overrides(tmp_path):
     env = {"DMM_MODEL": "/models/m", "DMM_API_KEY": "k", "DMM_SERVE_CONFIG": str(yaml_file)}
     cfg = ServeConfig.from_env({"max_batch_size": "16"}, environ=env)
     assert (cfg.model, cfg.api_key, cfg.max_batch_size, cfg.limits.max_steps) == ("/models/m", "k", 16, 10)
-    assert ServeConfig.from_env(environ={}).model == "outputs/demo/merged"
+    assert ServeConfig.from_env(environ={}).model == "outputs/toy/merged"
     assert ServeConfig(model="models:/dmm/3").model_location() == "models:/dmm/3"
-    assert ServeConfig(model="outputs/demo/merged").model_location().endswith("outputs/demo/merged")
+    assert ServeConfig(model="outputs/toy/merged").model_location().endswith("outputs/toy/merged")
 
 
 def test_missing_model_folder_says_what_to_do(tmp_path):
