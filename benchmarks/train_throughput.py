@@ -29,25 +29,33 @@ def _ray_worker(config: dict) -> None:
     step, opt_s, opt_d, batches = build_benchmark_step(config["base"], config["batch"])
     step.student = ray.train.torch.prepare_model(step.student)  # the DDP wrapper the real loop uses
     rate = timed_steps(step, opt_s, opt_d, batches, config["steps"], config["warmup"])
-    ray.train.report({"samples_per_s": rate, "peak_mb": peak_memory_mb()})
+    import tempfile
+
+    # Ray Train V2 keeps the metrics of reports that carry a checkpoint: attach an empty one.
+    ray.train.report({"samples_per_s": rate, "peak_mb": peak_memory_mb()},
+                     checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp()))
 
 
 def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> dict:
     import ray
     import torch
-    from ray.train import ScalingConfig
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dmm_ray.distill.benchmarking import build_benchmark_step, peak_memory_mb, timed_steps
 
     torch.set_num_threads(threads)
+    base = str(Path(base).resolve()) if base else None  # Ray workers run in another directory
     step, opt_s, opt_d, batches = build_benchmark_step(base, batch)
     plain = timed_steps(step, opt_s, opt_d, batches, steps, warmup)
     plain_mb = peak_memory_mb()
     del step, opt_s, opt_d
-    ray.init(num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
     trainer = TorchTrainer(_ray_worker, train_loop_config=dict(base=base, batch=batch, steps=steps, warmup=warmup, threads=threads),
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}))
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+                           run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dmm-bench-")))
     metrics = trainer.fit().metrics
     ray.shutdown()
     return {"batch": batch, "plain_samples_per_s": plain, "ray_samples_per_s": metrics["samples_per_s"],
