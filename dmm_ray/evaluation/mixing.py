@@ -21,6 +21,19 @@ UNION = "union"
 SWEEP_WEIGHTS = tuple(round(0.1 * k, 1) for k in range(11))  # paper Fig. 10
 
 
+def _write_json_csv(out_dir: str | Path, stem: str, data: dict, header: list[str], rows: list[list[str]]) -> dict[str, Path]:
+    """`<stem>.json` and `<stem>.csv` in out_dir; returns their paths plus the `<stem>.png` path to draw."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(data, indent=1))
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return paths
+
+
 @dataclass
 class MixingResult:
     """FID of each mixed model (rows) to each teacher of the group and to their union (columns)."""
@@ -34,15 +47,8 @@ class MixingResult:
         return {"group": self.group, "rows": self.rows, "columns": self.columns, "fid": self.table.tolist()}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "mixing.json", "csv": out / "mixing.csv", "png": out / "mixing.png"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["model"] + [f"FID to {c}" for c in self.columns])
-            for r, row in zip(self.rows, self.table):
-                w.writerow([r] + [f"{v:.6f}" for v in row])
+        paths = _write_json_csv(out_dir, "mixing", self.to_dict(), ["model"] + [f"FID to {c}" for c in self.columns],
+                                [[r] + [f"{v:.6f}" for v in row] for r, row in zip(self.rows, self.table)])
         plt = _plt()
         fig, ax = plt.subplots(figsize=(1.2 * len(self.columns) + 3, 3.5), constrained_layout=True)
         x = np.arange(len(self.columns))
@@ -119,15 +125,9 @@ class SweepResult:
         return {"style_a": self.style_a, "style_b": self.style_b, "weight_b": self.weights, "fid_to_a": self.fid_a, "fid_to_b": self.fid_b}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "interpolation.json", "csv": out / "interpolation.csv", "png": out / "interpolation.png"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"])
-            for row in zip(self.weights, self.fid_a, self.fid_b):
-                w.writerow([f"{row[0]:.2f}", f"{row[1]:.6f}", f"{row[2]:.6f}"])
+        paths = _write_json_csv(out_dir, "interpolation", self.to_dict(),
+                                [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"],
+                                [[f"{w:.2f}", f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)])
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
         ax.plot(self.weights, self.fid_a, "o-", label=f"FID to {self.style_a}")
