@@ -31,14 +31,6 @@ def validate_before_ray(cfg: MergeConfig) -> None:
     from dmm_ray.teachers import TeacherError, validate_teachers
 
     validate_teachers(cfg.teachers, cfg.student.base)
-    from dmm_ray.teachers import folder_architecture
-
-    if folder_architecture(cfg.student.base).get("unet.addition_embed_type") == "text_time":
-        raise TeacherError(
-            f"student.base {cfg.student.base} is an SDXL-architecture model: StyleUNet and DMMXLPipeline support it, "
-            "but the distillation loop does not feed SDXL's second text encoder and size conditioning yet; "
-            "merge SD1.5-architecture teachers for now"
-        )
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import StyleUNet
         from dmm_ray.teachers import folder_architecture
@@ -135,18 +127,11 @@ def all_teachers(cfg: MergeConfig) -> list:
 def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.models.style_unet import StyleUNet
-    from dmm_ray.pipeline import DMMPipeline
 
-    base = Path(cfg.student.base)
-    pipe = DMMPipeline.from_components(
-        StyleUNet.from_pretrained(student_dir), AutoencoderKL.from_pretrained(base / "vae"),
-        CLIPTextModel.from_pretrained(base / "text_encoder"), CLIPTokenizer.from_pretrained(base / "tokenizer"),
-        DDPMScheduler.from_pretrained(base / "scheduler"),
-    )
+    # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
+    pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -158,7 +143,7 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
     described = {t.name: t.description for t in teachers}
     (tmp / MERGE_RECORD).write_text(json.dumps({"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}, indent=1))
     (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
-    DMMPipeline.from_pretrained(tmp, local_files_only=True)  # verify it loads before it replaces anything
+    load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         if old.exists():

@@ -13,9 +13,9 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     """DataFrame with `prompt` and optional `style` (name or index) columns -> list of PIL images."""
 
     def load_context(self, context):
-        from dmm_ray.pipeline import DMMPipeline
+        from dmm_ray.architectures import load_dmm_pipeline
 
-        self.pipe = DMMPipeline.from_pretrained(context.artifacts["pipeline"])
+        self.pipe = load_dmm_pipeline(context.artifacts["pipeline"])  # DMMPipeline or DMMXLPipeline
 
     def predict(self, context, model_input, params=None):
         params = params or {}

@@ -61,13 +61,23 @@ class _StyleCallMixin:
         weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
         weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
         if kwargs.get("negative_prompt_embeds") is None:
-            negative = kwargs.get("negative_prompt") or PAPER_NEGATIVE_PROMPT
+            negative = PAPER_NEGATIVE_PROMPT if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
             # diffusers wants the negative prompt in the same form (str or list) as the prompt.
             kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
         with torch.no_grad():
             embeds = self.unet.style_embeds_for(style_weights=weights.to(self.unet.device))
         with self.unet.style_context(embeds):
             return parent_call(self, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    @classmethod
+    def from_base(cls, base_dir: str | Path, student: StyleUNet, **kwargs):
+        """The merged pipeline: `student` inside the base folder's VAE, text encoder(s), tokenizer(s)
+        and noise schedule (sampled with the paper's DPM-Solver++)."""
+        from dmm_ray.architectures import pipeline_kwargs
+
+        pipe = cls.from_pretrained(str(base_dir), unet=student, **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
+        pipe.scheduler = cls.paper_scheduler(pipe.scheduler)
+        return pipe
 
     @classmethod
     def paper_scheduler(cls, scheduler) -> DPMSolverMultistepScheduler:

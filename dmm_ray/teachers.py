@@ -75,6 +75,8 @@ class Teacher:
     vae: Any
     scheduler: Any
     spec: TeacherSpec
+    text_encoder_2: Any = None  # SDXL teachers: the second text encoder and its tokenizer
+    tokenizer_2: Any = None
 
 
 def detect_format(source: str, has_base: bool = False, name: str = "?") -> str:
@@ -123,12 +125,13 @@ def _require_base(spec: TeacherSpec, fmt: str) -> str:
 
 
 def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = None, pipeline_class=None):
-    """A teacher as a diffusers StableDiffusionPipeline (offline, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    """A teacher as a diffusers StableDiffusionPipeline, or StableDiffusionXLPipeline when its folder
+    (or, for single files and LoRAs, its base) is SDXL-architecture; offline, no safety checker."""
+    from dmm_ray.architectures import base_pipeline_class, pipeline_kwargs
 
-    cls = pipeline_class or StableDiffusionPipeline
     fmt = spec.resolved_format()
-    common = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    cls = pipeline_class or base_pipeline_class(spec.source if fmt == "diffusers" else (spec.base or spec.source))
+    common = dict(**pipeline_kwargs(cls), local_files_only=True)
     if torch_dtype is not None:
         common["torch_dtype"] = torch_dtype
     try:
@@ -175,9 +178,12 @@ def _load_pickled(spec: TeacherSpec, cls, common):
 def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> Teacher:
     """Load and freeze a teacher (UNet + its own text encoder + tokenizer; VAE and scheduler too)."""
     pipe = load_teacher_pipeline(spec, torch_dtype=torch_dtype)
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False).eval().to(device)
-    return Teacher(spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return Teacher(spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec,
+                   text_encoder_2, getattr(pipe, "tokenizer_2", None))
 
 
 # ---- architecture validation (before anything is trained or Ray is started) ------------------

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # The words our toy captions are made of; anything else falls back to characters.
 DEFAULT_WORDS = (
@@ -170,3 +170,27 @@ def tiny_sdxl_unet_config(**overrides) -> dict:
         use_linear_projection=True,
     )
     return config
+
+
+def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS) -> dict:
+    """Complete tiny SDXL-style component set for `StableDiffusionXLPipeline(**components)`: two text
+    encoders (hidden 32 each, concatenated to the UNet's 64-wide cross-attention), the second with a
+    projection whose pooled output feeds SDXL's text_time embedding together with the size ids."""
+    tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**tiny_vae_config(latent_channels=unet.config.in_channels))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer)))
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++"),
+    )

@@ -91,14 +91,14 @@ class StyleModelBackend:
 
     def __init__(self, location: str, device: str = "auto"):
         import torch
-        from dmm_ray.pipeline import DMMPipeline
+        from dmm_ray.architectures import load_dmm_pipeline
 
         path = resolve_model_location(location)
         self.device = pick_device(device)
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         t0 = time.perf_counter()
         try:
-            pipe = DMMPipeline.from_pretrained(str(path), dtype=dtype)
+            pipe = load_dmm_pipeline(path, dtype=dtype)  # DMMPipeline or DMMXLPipeline
         except Exception as exc:  # corrupt / foreign folder: say which folder
             raise ModelLoadError(f"could not load a DMMPipeline from {str(path)!r}: {exc}") from exc
         self.pipe = pipe.to(self.device)
@@ -138,7 +138,7 @@ class StyleModelBackend:
             result = self.pipe(
                 prompt=[s.prompt for s in batch],
                 style_weights=[list(s.weights) for s in batch],  # (B, N) one mixture per sample
-                negative_prompt=[s.negative_prompt or PAPER_NEGATIVE_PROMPT for s in batch],
+                negative_prompt=[PAPER_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt for s in batch],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,

@@ -6,33 +6,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from dmm_ray.tiny import tiny_sd_components
+from dmm_ray.tiny import tiny_sd_components, tiny_sdxl_components
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle on a white background", "two yellow stars"]
 
 
-def build_world(root: Path, num_teachers: int = 2, rows: int = 64, names=None) -> dict:
+def build_world(root: Path, num_teachers: int = 2, rows: int = 64, names=None, sdxl: bool = False) -> dict:
+    """SD1.5-architecture by default; `sdxl=True`: two text encoders and text_time conditioning."""
     from pyarrow import fs as pafs
 
     from dmm_ray.data.shards import latent_table, write_shard
 
+    pipeline_class, components = (StableDiffusionXLPipeline, tiny_sdxl_components) if sdxl else (StableDiffusionPipeline, tiny_sd_components)
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base"
     if not base.exists():
-        StableDiffusionPipeline(**tiny_sd_components(seed=0)).save_pretrained(base)
+        pipeline_class(**components(seed=0)).save_pretrained(base)
     names = names or [f"style{i}" for i in range(num_teachers)]
     teachers = []
     for i, name in enumerate(names):
         path = root / "teachers" / name
         if not path.exists():
-            c = tiny_sd_components(seed=0)
+            c = components(seed=0)
             g = torch.Generator().manual_seed(100 + i)
             with torch.no_grad():
                 for p in c["unet"].parameters():
                     p.add_(0.02 * torch.randn(p.shape, generator=g))
-            StableDiffusionPipeline(**c).save_pretrained(path)
+            pipeline_class(**c).save_pretrained(path)
         teachers.append({"name": name, "source": str(path)})
     shards = root / "shards"
     if not shards.exists():

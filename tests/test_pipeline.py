@@ -72,3 +72,32 @@ def test_save_and_load_offline(pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.unet, StyleUNet) and loaded.styles == STYLES
     assert torch.equal(_gen(loaded, ["a red circle"], style="neon"), _gen(pipe, ["a red circle"], style="neon"))
+
+
+def test_negative_prompt_default_and_explicit_empty(pipe):
+    """None means the paper's negative prompt; an explicit "" (what the zoo models were trained
+    with as their unconditional caption) is kept, not replaced."""
+    default = _gen(pipe, ["a red circle"], style="noir")
+    paper = _gen(pipe, ["a red circle"], style="noir", negative_prompt=PAPER_NEGATIVE_PROMPT)
+    empty = _gen(pipe, ["a red circle"], style="noir", negative_prompt="")
+    torch.testing.assert_close(default, paper)
+    assert not torch.allclose(empty, paper)
+
+
+def test_sdxl_merged_pipeline_from_base(tmp_path):
+    """DMMXLPipeline.from_base wraps a StyleUNet in an SDXL base folder; the loader picks the XL class."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    c = tiny_sdxl_components(seed=0)
+    StableDiffusionXLPipeline(**c).save_pretrained(tmp_path / "base")
+    xl = DMMXLPipeline.from_base(tmp_path / "base", StyleUNet.from_unet(c["unet"], STYLES))
+    xl.save_pretrained(tmp_path / "merged")
+    loaded = load_dmm_pipeline(tmp_path / "merged")
+    assert isinstance(loaded, DMMXLPipeline) and loaded.styles == STYLES
+    loaded.set_progress_bar_config(disable=True)
+    images = _gen(loaded, ["a red circle", "a blue square"], style=["noir", "pastel"])
+    assert images.shape == (2, 3, 32, 32)

@@ -51,10 +51,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel
-
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, noised_batch, tokenize
+    from dmm_ray.distill.conditioning import conditioner_for, load_base_conditioner, vae_scale_factor
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings
@@ -83,13 +82,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- models -----------------------------------------------------------------------------
     base_dir = Path(cfg.student.base)
-    student_text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").requires_grad_(False).eval().to(device)
+    # Conditioners: SD1.5 -> one CLIP on the stream's token ids; SDXL -> both encoders, pooled, size ids.
+    student_conditioner = load_base_conditioner(base_dir, device)  # the base's text encoder(s), frozen
     if role.kind == "teacher":
         teacher = load_teacher(cfg.teachers[role.teacher_index], device=device)
-        teacher_unet, teacher_text_encoder, teacher_takes_style = teacher.unet, teacher.text_encoder, False
+        teacher_unet, teacher_takes_style = teacher.unet, False
+        teacher_conditioner = conditioner_for(teacher, vae_scale_factor(base_dir), device)  # the teacher's own encoder(s)
     else:  # regularisation worker: the frozen previous merged model supervises random old styles
         teacher_unet = StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet").requires_grad_(False).eval().to(device)
-        teacher_text_encoder, teacher_takes_style = student_text_encoder, True
+        teacher_conditioner, teacher_takes_style = student_conditioner, True
     student = _load_student(cfg, stage, config.get("init_student"), style_names).to(device).train()
     discriminator = None
     if d.lambda_adv > 0:
@@ -122,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     student_ddp = ray.train.torch.prepare_model(student) if world > 1 or device.type == "cuda" else student
     disc_ddp = ray.train.torch.prepare_model(discriminator) if discriminator is not None and (world > 1 or device.type == "cuda") else discriminator
     step_fn = DistillStep(
-        student_ddp, student_text_encoder, teacher_unet, teacher_text_encoder, noise_scheduler,
+        student_ddp, student_conditioner, teacher_unet, teacher_conditioner, noise_scheduler,
         LossSettings(score=d.score, lambda_feat=d.lambda_feat, lambda_adv=d.lambda_adv, grad_clip=d.grad_clip,
                      renoise_max_timestep=d.renoise_max_timestep),
         num_styles=len(style_names), discriminator=disc_ddp, teacher_takes_style=teacher_takes_style,

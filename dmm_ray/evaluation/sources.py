@@ -27,10 +27,10 @@ def _dtype_suffix(dtype: str) -> str:
 
 
 def _load_student_pipeline(path: str, dtype: str = "float32"):
-    from dmm_ray.pipeline import DMMPipeline
+    from dmm_ray.architectures import load_dmm_pipeline
 
     kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
-    return DMMPipeline.from_pretrained(path, **kwargs)
+    return load_dmm_pipeline(path, **kwargs)  # DMMPipeline or DMMXLPipeline
 
 
 def _load_teacher_pipeline(spec, dtype: str = "float32"):
@@ -40,10 +40,10 @@ def _load_teacher_pipeline(spec, dtype: str = "float32"):
 
 
 def _load_plain_pipeline(path: str, dtype: str = "float32"):
-    from diffusers import StableDiffusionPipeline
+    from dmm_ray.architectures import load_plain_pipeline
 
     kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
+    return load_plain_pipeline(path, **kwargs)
 
 
 def student_style_names(path: str | Path) -> list[str]:

@@ -48,19 +48,21 @@ class MultiClassDiscriminator(nn.Module):
         self.backbone.eval()  # frozen: no dropout/statistics changes
         return self
 
-    def mid_features(self, noisy_x0: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Backbone mid-block output (B, C, h/2^k, w/2^k); the forward exits right after it."""
+    def mid_features(self, noisy_x0: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """Backbone mid-block output (B, C, h/2^k, w/2^k); the forward exits right after it.
+        `added_cond_kwargs`: SDXL's text_embeds and time_ids (None for SD1.5)."""
         def stop(_module, _inputs, output):
             raise _StopForward(output)
 
         handle = self.backbone.mid_block.register_forward_hook(stop)
         try:
-            self.backbone(noisy_x0, timesteps, encoder_hidden_states)
+            self.backbone(noisy_x0, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
         except _StopForward as done:
             return done.output
         finally:
             handle.remove()
         raise RuntimeError("backbone has no mid block")
 
-    def forward(self, noisy_x0, timesteps, encoder_hidden_states) -> torch.Tensor:  # -> (B, 2N) logits
-        return self.head(self.mid_features(noisy_x0, timesteps, encoder_hidden_states))
+    def forward(self, noisy_x0, timesteps, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:  # -> (B, 2N) logits
+        return self.head(self.mid_features(noisy_x0, timesteps, encoder_hidden_states, added_cond_kwargs))
