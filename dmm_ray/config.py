@@ -113,6 +113,30 @@ class MergeConfig(_Section):
                 )
         return self
 
+    def with_absolute_paths(self, root: str | os.PathLike | None = None) -> "MergeConfig":
+        """Local relative paths made absolute against `root` (default: the current directory).
+
+        The driver calls this before Ray starts: Train workers and actors run in other working
+        directories, so `outputs/toy_first4/merged` must mean the same folder everywhere.
+        URIs (`s3://...`) and absolute paths are left as they are."""
+        root = Path(root or os.getcwd())
+
+        def fix(p):
+            return p if p is None or "://" in p or os.path.isabs(p) else str((root / p).resolve())
+
+        data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in ("base", "vae", "tokenizer", "shards")})
+        if data.source is not None:
+            data = data.model_copy(update={"source": data.source.model_copy(update={
+                "root": fix(data.source.root), "annotations": [fix(a) for a in data.source.annotations]})})  # manifest: relative to root
+        return self.model_copy(update={
+            "output_dir": fix(self.output_dir),
+            "teachers": [t.model_copy(update={"source": fix(t.source), "base": fix(t.base)}) for t in self.teachers],
+            "student": self.student.model_copy(update={"base": fix(self.student.base)}),
+            "data": data,
+            "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
+            "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
+        })
+
     @property
     def regularization_workers(self) -> int:
         return int(self.incremental.base_merged is not None and self.incremental.regularization)

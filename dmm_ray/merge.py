@@ -49,20 +49,13 @@ def validate_before_ray(cfg: MergeConfig) -> None:
 
 
 def init_ray(cfg: MergeConfig):
-    import ray
     from ray.data import DataContext
+
+    from dmm_ray.ray_session import ensure_ray
 
     # The training loop shows one progress bar per stage; Ray Data's per-operator bars would drown it.
     DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        return
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    # No address: start a private local Ray (to join a running `ray start --head`, set RAY_ADDRESS=auto).
-    # Logical headroom, since Train workers and Ray Data tasks share the cores.
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ensure_ray(cfg.scaling.ray_address)
 
 
 def ensure_latents(cfg: MergeConfig) -> None:
@@ -174,7 +167,8 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     import ray
 
     started = time.time()
-    out = Path(cfg.output_dir).resolve()
+    cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))

@@ -103,13 +103,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import ray
-
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.encode import run_encode
+    from dmm_ray.ray_session import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+    ensure_ray(args.address, log_to_driver=False)
     try:
         report = run_encode(cfg, show_progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:

@@ -92,3 +92,19 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
     assert merged.styles == ["old0", "old1", "new0"]
     assert merged.unet.class_embedding.codebook.weight.shape[0] == 3
     assert not torch.equal(merged.unet.class_embedding.codebook.weight[:2], old.class_embedding.codebook.weight)  # old rows fine-tuned by the regulariser
+
+
+def test_relative_paths_are_made_absolute_for_workers(tmp_path):
+    """Train workers run in another directory: `outputs/x/merged` must name the same folder there."""
+    from dmm_ray.config import MergeConfig
+
+    cfg = MergeConfig.model_validate({
+        "teachers": [{"name": "new", "source": "zoo/teachers/new"}], "student": {"base": "zoo/base"},
+        "data": {"base": "zoo/base", "shards": "outputs/latents", "source": {"root": "zoo/images", "manifest": "manifest.jsonl"}},
+        "incremental": {"base_merged": "outputs/first/merged"}, "output_dir": "outputs/incr", "synthesis": {"prompts": "s3://bucket/prompts.txt"},
+    }).with_absolute_paths(tmp_path)
+    assert cfg.incremental.base_merged == str(tmp_path / "outputs/first/merged")
+    assert cfg.output_dir == str(tmp_path / "outputs/incr") and cfg.student.base == str(tmp_path / "zoo/base")
+    assert cfg.teachers[0].source == str(tmp_path / "zoo/teachers/new") and cfg.data.shards == str(tmp_path / "outputs/latents")
+    assert cfg.data.source.root == str(tmp_path / "zoo/images") and cfg.data.source.manifest == "manifest.jsonl"  # relative to root
+    assert cfg.synthesis.prompts == "s3://bucket/prompts.txt"  # URIs untouched

@@ -149,8 +149,9 @@ def run_plans(
 
         import ray
 
-        if not ray.is_initialized():
-            ray.init()
+        from dmm_ray.ray_session import ensure_ray
+
+        ensure_ray()
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(GenerationWorker)
         pending: dict[Any, tuple[Any, WorkerPlan, int]] = {}
         actors = []
