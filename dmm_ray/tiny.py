@@ -130,7 +130,8 @@ def tiny_text_encoder_config(vocab_size: int, hidden_size: int = 32, max_positio
 def tiny_sd_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **unet_overrides) -> dict:
     """Complete tiny SD1.5-style component set for `StableDiffusionPipeline(**components)`.
 
-    Latents are 4 channels at 1/4 resolution (two VAE blocks), e.g. 32 px images -> (4, 8, 8).
+    Latents are 4 channels at 1/2 resolution (two VAE blocks = one 2x downsampling), e.g. 32 px
+    images -> (4, 16, 16); the toy zoo uses three blocks for 4x.
     """
     tokenizer = build_clip_tokenizer(words)
     text_config = tiny_text_encoder_config(len(tokenizer), hidden_size=unet_overrides.get("cross_attention_dim", 32))

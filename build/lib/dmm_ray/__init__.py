@@ -1,0 +1,20 @@
+"""dmm-ray: distillation-based model merging of Stable Diffusion checkpoints on Ray."""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "StyleUNet": "dmm_ray.models.style_unet",
+    "DMMPipeline": "dmm_ray.pipeline",
+    "DMMXLPipeline": "dmm_ray.pipeline",
+    "TeacherSpec": "dmm_ray.teachers",
+    "load_teacher": "dmm_ray.teachers",
+    "tiny_sd_components": "dmm_ray.tiny",
+}
+
+
+from dmm_ray._lazy import lazy_getattr  # noqa: E402
+
+__getattr__ = lazy_getattr(_LAZY)  # `import dmm_ray` must not import torch/diffusers
+
+
+__all__ = list(_LAZY)

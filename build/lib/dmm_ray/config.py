@@ -1,0 +1,267 @@
+"""One validated config tree for a merge (YAML + `--set a.b=value` overrides).
+
+Every section forbids unknown keys and checks impossible values when the file is loaded, so a
+typo or a bad layout fails at once with the key's dotted name, never inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dmm_ray.data.config import DataConfig
+from dmm_ray.teachers import TeacherSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentConfig(_Section):
+    base: Optional[str] = Field(None, description="student base diffusers folder (SD1.5/SDXL architecture); default: the zoo's base")
+    codebook_seed: int = Field(0, description="seed of the style codebook's random initialisation")
+
+
+class DistillConfig(_Section):
+    steps: int = Field(1000, ge=0, description="optimizer steps of score distillation (paper: 100k)")
+    lr: float = Field(1e-5, gt=0, description="student AdamW learning rate (paper 1e-5)")
+    disc_lr: float = Field(1e-5, gt=0, description="discriminator AdamW learning rate (paper 1e-5)")
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    score: bool = Field(True, description="score distillation MSE(eps_S, eps_T) (eq. 9)")
+    lambda_feat: float = Field(0.001, ge=0, description="feature imitation weight (eq. 10); 0 switches it off")
+    lambda_adv: float = Field(0.01, ge=0, description="multi-class adversarial weight (eq. 11); 0 switches it and the discriminator off")
+    renoise_max_timestep: int = Field(500, gt=0, le=1000, description="discriminator inputs are re-noised at t' < this (A.2)")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the student (e.g. 0.999); saved as the merged model")
+    bf16: bool = Field(True, description="bf16 autocast on GPU workers (ignored on CPU)")
+    checkpoint_every: int = Field(100, gt=0, description="ray.train.report a checkpoint every K steps")
+    log_every: int = Field(10, gt=0, description="log losses to MLflow every K steps (rank 0)")
+    fail_at_step: Optional[int] = Field(None, description="testing only: kill worker 1 once at this step (fault-tolerance test)")
+
+
+class ScalingSection(_Section):
+    workers_per_teacher: int = Field(1, ge=1, description="k: W = N*k workers, worker r hosts teacher r mod N")
+    num_workers: Optional[int] = Field(None, ge=1, description="explicit W (must be N*k, +1 with incremental regularisation)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    max_failures: int = Field(2, ge=-1, description="FailureConfig: restarts from the last checkpoint (-1 = unlimited)")
+    ray_address: Optional[str] = Field(None, description="ray.init address; default: RAY_ADDRESS or a local Ray")
+
+
+class SynthesisConfig(_Section):
+    enabled: bool = True
+    images_per_teacher: int = Field(1500, ge=1, description="paper: 1.5k per teacher")
+    prompts: Optional[str] = Field(None, description="prompt file (txt or COCO captions json); default: training captions")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.0, ge=0)
+    negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
+    resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
+    batch_size: int = Field(10, ge=1, description="images per teacher forward")
+    finetune_steps: int = Field(10000, ge=0, description="paper: 10k iterations at batch 10")
+    finetune_batch_size: int = Field(10, ge=1)
+    finetune_lr: Optional[float] = Field(None, gt=0, description="default: distill.lr")
+
+
+class IncrementalConfig(_Section):
+    base_merged: Optional[str] = Field(None, description="previous merged DMMPipeline folder; teachers: then lists only the new ones")
+    regularization: bool = Field(True, description="one extra worker supervises old styles with the frozen previous model (paper 3.5)")
+
+
+class MergeConfig(_Section):
+    name: str = Field("dmm-merge", description="merge project name: MLflow parent run and registered model name")
+    output_dir: str = Field("outputs/merge", description="where checkpoints, shards and the merged model go")
+    seed: int = 0
+    zoo: Optional[str] = Field(None, description="a toy-zoo manifest (zoo.yaml): fills teachers, student.base and data defaults")
+    zoo_teachers: Optional[list[int | str]] = Field(None, description="use only these zoo teachers (indices or names), in this order")
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
+    tracking: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.tracking.TrackingConfig")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        if not self.teachers:
+            raise ValueError("teachers: give at least one teacher (or zoo: a zoo.yaml)")
+        if self.student.base is None:
+            raise ValueError("student.base: give the student base diffusers folder (or zoo:)")
+        names = [t.name for t in self.teachers]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"teachers: duplicate names {dups}")
+        _check_section("evaluation", self.evaluation)
+        _check_section("tracking", self.tracking)
+        n = len(self.teachers)
+        expected = n * self.scaling.workers_per_teacher + self.regularization_workers
+        if self.scaling.num_workers is not None and self.scaling.num_workers != expected:
+            k_ok = (self.scaling.num_workers - self.regularization_workers) % n == 0 and self.scaling.num_workers > self.regularization_workers
+            if not k_ok:
+                reg = " + 1 regularisation worker" if self.regularization_workers else ""
+                raise ValueError(
+                    f"scaling.num_workers={self.scaling.num_workers} is not a multiple of the {n} teachers{reg}; "
+                    f"use N*k{' + 1' if reg else ''} workers, e.g. {expected}"
+                )
+        return self
+
+    def with_absolute_paths(self, root: str | os.PathLike | None = None) -> "MergeConfig":
+        """Local relative paths made absolute against `root` (default: the current directory).
+
+        The driver calls this before Ray starts: Train workers and actors run in other working
+        directories, so `outputs/toy_first4/merged` must mean the same folder everywhere.
+        URIs (`s3://...`) and absolute paths are left as they are."""
+        root = Path(root or os.getcwd())
+
+        def fix(p):
+            return p if p is None or "://" in p or os.path.isabs(p) else str((root / p).resolve())
+
+        data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in ("base", "vae", "tokenizer", "shards")})
+        if data.source is not None:
+            data = data.model_copy(update={"source": data.source.model_copy(update={
+                "root": fix(data.source.root), "annotations": [fix(a) for a in data.source.annotations]})})  # manifest: relative to root
+        return self.model_copy(update={
+            "output_dir": fix(self.output_dir),
+            "teachers": [t.model_copy(update={"source": fix(t.source), "base": fix(t.base)}) for t in self.teachers],
+            "student": self.student.model_copy(update={"base": fix(self.student.base)}),
+            "data": data,
+            "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
+            "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
+        })
+
+    @property
+    def regularization_workers(self) -> int:
+        return int(self.incremental.base_merged is not None and self.incremental.regularization)
+
+    @property
+    def workers_per_teacher(self) -> int:
+        if self.scaling.num_workers is None:
+            return self.scaling.workers_per_teacher
+        return (self.scaling.num_workers - self.regularization_workers) // len(self.teachers)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.teachers) * self.workers_per_teacher + self.regularization_workers
+
+
+def _check_section(name: str, section: dict) -> None:
+    """Validate the free-form evaluation/tracking sections now, naming the bad key."""
+    if name == "evaluation":
+        from dmm_ray.evaluation.config import eval_config_from_section as parse
+    else:
+        from dmm_ray.tracking import TrackingConfig
+
+        def parse(data):
+            data = dict(data)
+            if "uri" in data:
+                data["tracking_uri"] = data.pop("uri")
+            return TrackingConfig.model_validate(data)
+    try:
+        parse(section)
+    except ValidationError as error:
+        problems = "; ".join(f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise ValueError(problems) from None
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. distill.steps=10")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _zoo_defaults(tree: dict, base_dir: Path) -> None:
+    """Fill teachers / student.base / data paths from a zoo.yaml (explicit keys win)."""
+    zoo_path = Path(tree["zoo"])
+    if not zoo_path.is_absolute():
+        zoo_path = (base_dir / zoo_path) if (base_dir / zoo_path).exists() else Path.cwd() / zoo_path
+    if not zoo_path.exists():
+        raise ConfigError(f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`")
+    zoo = yaml.safe_load(zoo_path.read_text())
+    root = zoo_path.parent
+
+    def rel(p):
+        return p if p is None or os.path.isabs(p) else str(root / p)
+
+    if not tree.get("teachers"):
+        listed = zoo["teachers"]
+        if tree.get("zoo_teachers") is not None:
+            names = [t["name"] for t in listed]
+            picked = []
+            for item in tree["zoo_teachers"]:
+                if isinstance(item, int) and 0 <= item < len(listed):
+                    picked.append(listed[item])
+                elif item in names:
+                    picked.append(listed[names.index(item)])
+                else:
+                    raise ConfigError(f"zoo_teachers: {item!r} is not a teacher of {zoo_path} (teachers: {names})")
+            listed = picked
+        tree["teachers"] = [
+            {k: (rel(v) if k in ("source", "base") else v) for k, v in t.items() if k in TeacherSpec.model_fields}
+            for t in listed
+        ]
+    tree.setdefault("student", {}).setdefault("base", rel(zoo["base"]))
+    data = tree.setdefault("data", {})
+    data.setdefault("base", rel(zoo["base"]))
+    if zoo.get("dataset"):
+        source = data.setdefault("source", {})
+        source.setdefault("kind", "folder")
+        source.setdefault("root", rel(zoo["dataset"]))
+    if zoo.get("eval_prompts"):
+        tree.setdefault("evaluation", {}).setdefault("prompts", rel(zoo["eval_prompts"]))
+    if zoo.get("feature_net"):
+        tree.setdefault("evaluation", {}).setdefault("feature_net", rel(zoo["feature_net"]))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> MergeConfig:
+    tree: dict = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in (extra or {}).items():
+        tree[key] = value
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    if tree.get("zoo"):
+        _zoo_defaults(tree, base_dir)
+    try:
+        return MergeConfig.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for e in error.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,155 @@
+"""Latent parquet shards on disk or object storage, committed so a half-written shard is never
+mistaken for a finished one.
+
+Layout of a shard folder:
+    _encode.json             what produced the shards (resolution, VAE, shard size, record count)
+    shard-00000.parquet      columns latent list<float32> (C*h*w, scaled), latent_shape list<int32>
+                             ([C, h, w]), caption string, source_id string (+ optional style int)
+    shard-00000.done.json    commit marker, written LAST: {"rows", "bytes", "skipped": {reason: n}}
+
+A shard counts as complete only if its marker exists and the parquet footer's row count and
+file size match the marker. The parquet is written to `.tmp` and moved into place first, so a
+crash at any point leaves either no marker (shard redone) or a complete shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dmm_ray.data import fs as fsu
+
+log = logging.getLogger(__name__)
+
+META_NAME = "_encode.json"
+_SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
+
+LATENT_SCHEMA = pa.schema(
+    [
+        ("latent", pa.list_(pa.float32())),
+        ("latent_shape", pa.list_(pa.int32())),
+        ("caption", pa.string()),
+        ("source_id", pa.string()),
+    ]
+)
+
+
+def shard_path(root: str, index: int) -> str:
+    return fsu.join(root, f"shard-{index:05d}.parquet")
+
+
+def marker_path(root: str, index: int) -> str:
+    return fsu.join(root, f"shard-{index:05d}.done.json")
+
+
+def latent_table(latents: np.ndarray, captions: Sequence[str], source_ids: Sequence[str], styles: Optional[Sequence[int]] = None) -> pa.Table:
+    """(N, C, h, w) float latents (already scaled) + per-row text -> a table in the shard schema."""
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be (N, C, h, w), got shape {latents.shape}")
+    n, shape = latents.shape[0], list(latents.shape[1:])
+    flat = pa.array(latents.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * int(np.prod(shape)), type=pa.int32())
+    columns = {
+        "latent": pa.ListArray.from_arrays(offsets, flat),
+        "latent_shape": pa.array([shape] * n, type=pa.list_(pa.int32())),
+        "caption": pa.array(list(captions), type=pa.string()),
+        "source_id": pa.array(list(source_ids), type=pa.string()),
+    }
+    if styles is not None:
+        columns["style"] = pa.array(list(styles), type=pa.int64())
+    return pa.table(columns)
+
+
+def empty_table() -> pa.Table:
+    return LATENT_SCHEMA.empty_table()
+
+
+def write_shard(fs: pafs.FileSystem, root: str, index: int, table: pa.Table, skipped: Optional[dict] = None) -> None:
+    """Write and commit one shard (parquet via .tmp + move, then the marker)."""
+    path = shard_path(root, index)
+    fs.create_dir(root, recursive=True)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    fsu.write_bytes_atomic(fs, path, data)
+    marker = {"rows": table.num_rows, "bytes": len(data), "skipped": dict(skipped or {})}
+    fsu.write_bytes_atomic(fs, marker_path(root, index), json.dumps(marker).encode())
+
+
+def read_marker(fs: pafs.FileSystem, root: str, index: int) -> Optional[dict]:
+    try:
+        marker = json.loads(fsu.read_bytes(fs, marker_path(root, index)))
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) and {"rows", "bytes"} <= marker.keys() else None
+
+
+def is_shard_complete(fs: pafs.FileSystem, root: str, index: int) -> bool:
+    """True only for a committed shard whose parquet still matches its marker."""
+    marker = read_marker(fs, root, index)
+    if marker is None:
+        return False
+    path = shard_path(root, index)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File or info.size != marker["bytes"]:
+        return False
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows == marker["rows"]
+    except Exception:  # truncated footer, not parquet at all
+        return False
+
+
+def shard_indices(fs: pafs.FileSystem, root: str) -> list[int]:
+    """Indices of every shard-*.parquet present (complete or not), sorted."""
+    return sorted(int(m.group(1)) for p in fsu.list_files(fs, root, (".parquet",)) if (m := _SHARD_RE.search(p)))
+
+
+def complete_shards(shards: str, *, require: bool = True) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, paths) of the complete, non-empty shards under `shards`; incomplete ones are
+    logged and left out. With `require`, no complete shard at all is an error."""
+    fs, root = fsu.resolve(shards)
+    paths, incomplete = [], []
+    for i in shard_indices(fs, root):
+        if is_shard_complete(fs, root, i):
+            if read_marker(fs, root, i)["rows"] > 0:
+                paths.append(shard_path(root, i))
+        else:
+            incomplete.append(i)
+    if incomplete:
+        log.warning("ignoring %d incomplete shard(s) in %s: %s (re-run encode_latents to finish them)", len(incomplete), shards, incomplete[:10])
+    if require and not paths:
+        raise FileNotFoundError(f"no complete latent shards in {shards!r} (run jobs/encode_latents.py first)")
+    return fs, paths
+
+
+def skipped_totals(fs: pafs.FileSystem, root: str, indices: Sequence[int]) -> Counter:
+    """Sum of the per-reason skip counts recorded in the markers of `indices`."""
+    total: Counter = Counter()
+    for i in indices:
+        marker = read_marker(fs, root, i)
+        if marker:
+            total.update(marker.get("skipped", {}))
+    return total
+
+
+def read_meta(fs: pafs.FileSystem, root: str) -> Optional[dict]:
+    try:
+        return json.loads(fsu.read_bytes(fs, fsu.join(root, META_NAME)))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_meta(fs: pafs.FileSystem, root: str, meta: dict) -> None:
+    fs.create_dir(root, recursive=True)
+    fsu.write_bytes_atomic(fs, fsu.join(root, META_NAME), json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -1,0 +1,138 @@
+"""One DMM training step (Algorithm 1, lines 4-18) for one worker's style(s).
+
+Shapes: x_t, eps: (B, 4, h, w); t: (B,); input_ids: (B, L); style_ids: (B,).
+Student and teacher each come with a *conditioner* (`distill/conditioning.py`) that turns the batch
+into their own text conditioning: SD1.5 a CLIP text encoder, SDXL two encoders + pooled embedding +
+size ids. A plain CLIP text encoder is accepted too. The teacher UNet is a loaded teacher checkpoint
+or, on the incremental-merge regularisation worker, the frozen previous merged StyleUNet, which then
+also receives `style_ids`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dmm_ray.distill.conditioning import as_conditioner
+from dmm_ray.distill.losses import feature_loss, multiclass_ce_per_sample, predict_x0, renoise, score_loss
+from dmm_ray.models.features import capture_block_features
+
+
+@dataclass
+class LossSettings:
+    score: bool = True
+    lambda_feat: float = 0.001  # 0 disables feature imitation
+    lambda_adv: float = 0.01  # 0 disables the adversarial term and the discriminator step
+    grad_clip: float = 1.0
+    x0_clamp: float = 10.0
+    renoise_max_timestep: int = 500
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class DistillStep:
+    def __init__(self, student, student_conditioner, teacher_unet, teacher_conditioner, noise_scheduler,
+                 settings: LossSettings, num_styles: int, discriminator=None, teacher_takes_style: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
+        self.student, self.student_conditioner = student, as_conditioner(student_conditioner)
+        self.teacher_unet, self.teacher_conditioner = teacher_unet, as_conditioner(teacher_conditioner)
+        self.noise_scheduler, self.settings, self.num_styles = noise_scheduler, settings, num_styles
+        self.discriminator = discriminator if settings.lambda_adv > 0 else None
+        self.teacher_takes_style = teacher_takes_style
+        self.autocast_dtype = autocast_dtype
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod
+        if not (settings.score or settings.lambda_feat > 0 or settings.lambda_adv > 0):
+            raise ValueError("all losses are switched off: enable score, lambda_feat > 0 or lambda_adv > 0")
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None or device.type != "cuda":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    def generator_losses(self, batch: dict, style_ids: torch.Tensor, generator: torch.Generator | None = None):
+        """Student losses for one micro-batch; returns (total, terms, x0_student, x0_teacher, student_cond)
+        where student_cond = (encoder_hidden_states, added_cond_kwargs) also conditions the discriminator."""
+        s = self.settings
+        noisy, t = batch["noisy_latents"], batch["timesteps"]
+        use_feat = s.lambda_feat > 0
+        with self._autocast(noisy.device):
+            with torch.no_grad():
+                teacher_text, teacher_added = self.teacher_conditioner(batch)  # (B, L, D): the teacher's own text encoder(s)
+                student_text, student_added = self.student_conditioner(batch)  # frozen base text encoder(s)
+                kwargs = {"style_ids": style_ids} if self.teacher_takes_style else {}
+                with capture_block_features(self.teacher_unet) if use_feat else nullcontext([]) as teacher_feats:
+                    teacher_eps = self.teacher_unet(noisy, t, teacher_text, added_cond_kwargs=teacher_added, **kwargs).sample
+            with capture_block_features(self.student) if use_feat else nullcontext([]) as student_feats:
+                student_eps = self.student(noisy, t, student_text, added_cond_kwargs=student_added, style_ids=style_ids).sample
+            terms: dict[str, torch.Tensor] = {}
+            total = student_eps.new_zeros((), dtype=torch.float32)
+            if s.score:
+                terms["score"] = score_loss(student_eps, teacher_eps)
+                total = total + terms["score"]
+            if use_feat:
+                terms["feat"] = feature_loss(student_feats, teacher_feats)
+                total = total + s.lambda_feat * terms["feat"]
+            x0_student = predict_x0(noisy, student_eps, t, self.alphas_cumprod, s.x0_clamp)
+            x0_teacher = predict_x0(noisy, teacher_eps, t, self.alphas_cumprod, s.x0_clamp)
+            if self.discriminator is not None:
+                # Generator term: the student's x0 should be classified as the *real* style i.
+                disc = _unwrap(self.discriminator)  # bypass DDP: D must not be synced/updated here
+                disc.requires_grad_(False)
+                try:
+                    noisy_x0, t_d = renoise(x0_student, self.noise_scheduler, generator, s.renoise_max_timestep)
+                    logits = disc(noisy_x0, t_d, student_text, student_added)
+                finally:
+                    disc.head.requires_grad_(True)
+                terms["adv"] = multiclass_ce_per_sample(logits, style_ids)
+                total = total + s.lambda_adv * terms["adv"]
+        if not terms:
+            raise ValueError("no loss term is enabled")
+        return total, terms, x0_student.detach(), x0_teacher.detach(), (student_text, student_added)
+
+    def discriminator_loss(self, x0_student, x0_teacher, style_ids, cond, generator=None) -> torch.Tensor:
+        """CE(D(x0_S), N + i) + CE(D(x0_T), i)   (Algorithm 1, line 17). `cond`: the student's
+        (encoder_hidden_states, added_cond_kwargs) from generator_losses, for fake and real alike."""
+        s = self.settings
+        text, added = cond
+        twice = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
+        with self._autocast(x0_student.device):
+            fake, t_f = renoise(x0_student, self.noise_scheduler, generator, s.renoise_max_timestep)
+            real, t_r = renoise(x0_teacher, self.noise_scheduler, generator, s.renoise_max_timestep)
+            logits = self.discriminator(torch.cat([fake, real]), torch.cat([t_f, t_r]), torch.cat([text, text]), twice)
+            fake_logits, real_logits = logits.chunk(2)
+            return multiclass_ce_per_sample(fake_logits, style_ids + self.num_styles) + multiclass_ce_per_sample(real_logits, style_ids)
+
+    def run(self, micro_batches: list[dict], style_ids_per_batch: list[torch.Tensor], opt_student, opt_disc=None,
+            generator: torch.Generator | None = None) -> dict[str, float]:
+        """Gradient accumulation over micro-batches, then one student and one discriminator update."""
+        n = len(micro_batches)
+        logs: dict[str, float] = {}
+        saved = []
+        opt_student.zero_grad(set_to_none=True)
+        for k, (batch, style_ids) in enumerate(zip(micro_batches, style_ids_per_batch)):
+            sync = k == n - 1
+            with nullcontext() if sync or not hasattr(self.student, "no_sync") else self.student.no_sync():
+                total, terms, x0_s, x0_t, cond = self.generator_losses(batch, style_ids, generator)
+                (total / n).backward()
+            saved.append((x0_s, x0_t, style_ids, cond))
+            for name, value in terms.items():
+                logs[f"loss_{name}"] = logs.get(f"loss_{name}", 0.0) + value.item() / n
+            logs["loss_total"] = logs.get("loss_total", 0.0) + total.item() / n
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.settings.grad_clip))
+        opt_student.step()
+        if self.discriminator is not None and opt_disc is not None:
+            opt_disc.zero_grad(set_to_none=True)
+            for k, (x0_s, x0_t, style_ids, cond) in enumerate(saved):
+                sync = k == n - 1
+                with nullcontext() if sync or not hasattr(self.discriminator, "no_sync") else self.discriminator.no_sync():
+                    d_loss = self.discriminator_loss(x0_s, x0_t, style_ids, cond, generator) / n
+                    d_loss.backward()
+                logs["loss_disc"] = logs.get("loss_disc", 0.0) + d_loss.item()
+            torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.settings.grad_clip)
+            opt_disc.step()
+        return logs

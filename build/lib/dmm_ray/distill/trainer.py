@@ -1,0 +1,38 @@
+"""Thin driver side: ScalingConfig + RunConfig + TorchTrainer for a merge stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmm_ray.config import MergeConfig
+
+
+def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dict | None = None, init_student: str | None = None,
+                  steps: int | None = None, batch_size: int | None = None, lr: float | None = None, split_datasets=True):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dmm_ray.data.stream import train_dataset_config
+    from dmm_ray.distill.loop import train_loop_per_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    loop_config = {"merge": cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student}
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            loop_config[key] = value
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{stage}",
+            storage_path=str((Path(cfg.output_dir) / "ray_results").resolve()),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=train_dataset_config("all" if split_datasets else []),
+    )

@@ -1,0 +1,211 @@
+"""EvalConfig: everything that decides which images are generated and how they are compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Paper A.5 (kept here, not imported from dmm_ray.pipeline, so `import` stays light).
+PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
+
+
+class SamplerConfig(BaseModel):
+    """Sampler settings shared by student and teachers (part of the teacher-cache key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.0, ge=0)
+    negative_prompt: str = PAPER_NEGATIVE_PROMPT
+    height: int | None = Field(None, ge=8, description="None: the pipeline's default (unet sample_size * vae factor)")
+    width: int | None = Field(None, ge=8)
+
+
+class ExtractorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zoo", "inception", "import"] = "zoo"
+    path: str | None = Field(
+        None,
+        description="zoo: the zoo feature-net folder (default: zoo.yaml's feature_net); inception: the "
+        "pt_inception-2015-12-05 weights file; import: 'package.module:factory' returning an extractor",
+    )
+    device: str = "auto"
+
+
+class EvalConfig(BaseModel):
+    """FID-matrix evaluation (paper 4.1). Seed set A: student and M_ref rows; seed set B: teacher columns.
+
+    Every (prompt, k) image gets its own seed `seed_X + prompt_index * images_per_prompt + k`, so the
+    two sets never share initial noise.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="the merge job evaluates the merged model after saving it")
+    prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
+    prompts_file: str | None = Field(
+        None, description="text file, one prompt per line (the zoo's eval_prompts), or a COCO captions JSON (paper: COCO val)"
+    )
+    max_prompts: int | None = Field(None, ge=1)
+    images_per_prompt: int = Field(4, ge=1)
+    seed_a: int = Field(0, ge=0)
+    seed_b: int = Field(1_000_000, ge=0)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
+    batch_size: int = Field(8, ge=1, description="images per pipeline call inside a worker")
+    cache_dir: str = ".cache/fid"
+    output_dir: str = "outputs/eval"
+    use_ray: bool = True
+    num_student_workers: int = Field(1, ge=1, description="student styles are split over this many actors")
+    worker_num_cpus: float = Field(1.0, gt=0)
+    worker_num_gpus: float = Field(0.0, ge=0)
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="pipeline weights dtype (float16 on GPUs)")
+    grid_prompts: int = Field(4, ge=1, description="prompts (columns) in the style x prompt grid")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ValueError("give either prompts or prompts_file, not both")
+        if self.prompts is not None and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("prompts is empty; give at least one evaluation prompt")
+        return self
+
+    def load_prompts(self) -> list[str]:
+        if self.prompts is not None:
+            prompts = [p for p in self.prompts if p.strip()]
+        elif self.prompts_file is not None:
+            path = Path(self.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts_file '{path}' does not exist")
+            prompts = _read_prompt_file(path)
+            if not prompts:
+                raise ValueError(f"prompts_file '{path}' has no prompts")
+        else:
+            raise ValueError("no evaluation prompts: set prompts or prompts_file (the zoo.yaml eval_prompts)")
+        return prompts[: self.max_prompts] if self.max_prompts else prompts
+
+    def seeds(self, which: Literal["a", "b"], num_prompts: int) -> list[list[int]]:
+        """Per-prompt seed lists for seed set A or B: (num_prompts, images_per_prompt)."""
+        base = self.seed_a if which == "a" else self.seed_b
+        k = self.images_per_prompt
+        return [[base + p * k + j for j in range(k)] for p in range(num_prompts)]
+
+    def check_seed_sets(self, num_prompts: int) -> None:
+        n = num_prompts * self.images_per_prompt
+        lo, hi = sorted([self.seed_a, self.seed_b])
+        if hi < lo + n:
+            raise ValueError(
+                f"seed sets overlap: seed_a={self.seed_a}, seed_b={self.seed_b} but each set uses {n} consecutive seeds; "
+                f"set seed_b >= seed_a + {n}"
+            )
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """`--set a.b=value` overrides (value parsed as YAML: numbers, bools, lists) onto a dict."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_eval_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None, defaults: dict | None = None
+) -> EvalConfig:
+    """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides."""
+    import yaml
+
+    from dmm_ray.evaluation.sources import merge_defaults
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file '{p}' not found")
+        data = yaml.safe_load(p.read_text()) or {}
+        if section is not None:
+            data = data.get(section, {}) or {}
+    defaults = defaults or {}
+    data = apply_overrides(merge_defaults(defaults, data), overrides)
+    # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
+    # zoo feature-net folder vs another extractor kind).
+    if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):
+        data.pop("prompts_file", None)
+    ext, default_ext = data.get("extractor") or {}, defaults.get("extractor") or {}
+    if ext.get("kind", "zoo") != "zoo" and ext.get("path") is not None and ext.get("path") == default_ext.get("path"):
+        ext.pop("path")
+    return EvalConfig.model_validate(data)
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line, or a COCO captions JSON (`{"annotations": [{"caption": ...}]}`), or a JSON list."""
+    import json
+
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            captions = [a.get("caption", "") for a in data["annotations"]]
+        elif isinstance(data, list):
+            captions = [c if isinstance(c, str) else c.get("caption", "") for c in data]
+        else:
+            raise ValueError(f"prompts_file '{path}': expected COCO captions ('annotations' list) or a JSON list of prompts")
+        # COCO has ~5 captions per image: keep the first occurrence of each, in file order.
+        return list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# Short keys a merge config's `evaluation:` section may use (jobs/configs/*.yaml), -> EvalConfig fields.
+SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+
+
+def eval_config_from_section(section: dict | None) -> EvalConfig:
+    """EvalConfig from a merge config's `evaluation:` section, accepting its shorthands:
+    `prompts: <file>` (-> prompts_file), `num_prompts` (-> max_prompts), `feature_net: <dir>`
+    (zoo extractor), `inception_weights: <file>` (Inception extractor), `resolution` and flat
+    sampler keys (`num_inference_steps`, ... -> sampler.*). Unknown keys still fail by name."""
+    import copy
+
+    data = copy.deepcopy(dict(section or {}))
+    if isinstance(data.get("prompts"), str):
+        data["prompts_file"] = data.pop("prompts")
+    if "num_prompts" in data:
+        data["max_prompts"] = data.pop("num_prompts")
+    ext = dict(data.get("extractor") or {})
+    if "inception_weights" in data:
+        ext.setdefault("kind", "inception")
+        if ext["kind"] == "inception":
+            ext.setdefault("path", data["inception_weights"])
+        data.pop("inception_weights")
+    if "feature_net" in data:
+        if ext.get("kind", "zoo") == "zoo":
+            ext.setdefault("path", data["feature_net"])
+        data.pop("feature_net")
+    if ext:
+        data["extractor"] = ext
+    sampler = dict(data.get("sampler") or {})
+    if "resolution" in data:
+        r = data.pop("resolution")
+        sampler.setdefault("height", r)
+        sampler.setdefault("width", r)
+    for k in SAMPLER_KEYS:
+        if k in data:
+            sampler.setdefault(k, data.pop(k))
+    if sampler:
+        data["sampler"] = sampler
+    return EvalConfig.model_validate(data)

@@ -1,0 +1,196 @@
+"""FID feature extractors.
+
+Protocol: any callable `extractor(images) -> features` with images float (B, 3, H, W) in [0, 1]
+and features (B, D), plus a string attribute `name` that identifies the network *and its
+weights* (it is part of the teacher-statistics cache key, so two different networks must
+never share a name).
+
+Built in (EvalConfig.extractor.kind):
+- `ZooFeatureExtractor`: the toy zoo's feature net (`dmm_ray.zoo.feature_net.ZooFeatureNet`),
+  trained on the zoo's ground truth (shape, colour, style transform) — the offline default;
+  InceptionV3 features say little about 32 px procedural shapes.
+- `InceptionFeatureExtractor`: the standard FID InceptionV3 (`pt_inception-2015-12-05`
+  weights, the ones pytorch-fid / torch-fidelity use) read from a local file the user names,
+  through torchmetrics' `NoTrainInceptionV3` (needs the `torch-fidelity` package). Never
+  downloads: a missing file is an error naming the path.
+- kind "import": `extractor.path = "package.module:factory"`, any factory returning an extractor
+  (e.g. CLIP or DINOv2 features you load yourself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+INCEPTION_WEIGHTS_HINT = (
+    "the FID InceptionV3 weights file 'pt_inception-2015-12-05-6726825d.pth' (the one pytorch-fid and "
+    "torch-fidelity use); copy it to this machine and pass its path as extractor.path"
+)
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(path).rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+
+
+class InceptionFeatureExtractor:
+    """Pool3 (2048-d) features of the TF-ported FID InceptionV3, weights from a local file."""
+
+    def __init__(self, weights_path: str | Path, device: str = "auto"):
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"InceptionV3 FID weights not found at '{path}'; expected {INCEPTION_WEIGHTS_HINT}")
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+        except ImportError as e:  # pragma: no cover - torchmetrics is a hard dependency
+            raise ImportError("the Inception extractor needs torchmetrics") from e
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ImportError(
+                "the Inception FID extractor needs the 'torch-fidelity' package (and a torchvision matching your "
+                "torch): pip install torch-fidelity; or use extractor.kind='zoo'"
+            )
+        self.device = resolve_device(device)
+        # antialias=False: TF1-style bilinear resize to 299 px, as in the reference FID implementation.
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path), antialias=False
+        ).to(self.device)
+        self.name = f"inception-v3-fid:{file_digest(path)[:16]}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        x = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.device)  # (B, 3, H, W) uint8, as the net expects
+        return self.net(x).reshape(x.shape[0], -1).float().cpu()  # (B, 2048)
+
+
+class ZooFeatureExtractor:
+    """The toy zoo's feature net, `ZooFeatureNet.from_pretrained(dir).features(images)`."""
+
+    def __init__(self, net_dir: str | Path, device: str = "auto"):
+        path = Path(net_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"zoo feature net folder not found at '{path}'; build the toy zoo first (its zoo.yaml names it as "
+                "feature_net) or set extractor.path"
+            )
+        from dmm_ray.zoo.feature_net import ZooFeatureNet
+
+        self.device = resolve_device(device)
+        self.net = ZooFeatureNet.from_pretrained(str(path))
+        if isinstance(self.net, torch.nn.Module):
+            self.net = self.net.to(self.device).eval()
+        self.name = f"zoo-feature-net:{dir_digest(path)[:16]}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        return self.net.features(images.float().to(self.device)).reshape(images.shape[0], -1).float().cpu()  # (B, D)
+
+
+def import_extractor(spec: str) -> FeatureExtractor:
+    """`package.module:factory` -> factory() (any callable returning an extractor, e.g. a class)."""
+    import importlib
+
+    module, _, attr = str(spec).partition(":")
+    if not module or not attr:
+        raise ValueError(f"extractor.path for kind='import' must look like 'package.module:factory', got '{spec}'")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import extractor factory '{spec}': {e}") from e
+    extractor = factory()
+    if not isinstance(getattr(extractor, "name", None), str) or not callable(extractor):
+        raise TypeError(f"'{spec}' returned {type(extractor).__name__}, which lacks a str `name` or is not callable")
+    return extractor
+
+
+def build_extractor(kind: str, path: str | Path | None, device: str = "auto") -> FeatureExtractor:
+    if path is None:
+        raise ValueError(
+            f"extractor.path is required for extractor.kind='{kind}' (zoo: feature-net folder; inception: weights file; import: module:factory)"
+        )
+    if kind == "zoo":
+        return ZooFeatureExtractor(path, device)
+    if kind == "inception":
+        return InceptionFeatureExtractor(path, device)
+    if kind == "import":
+        return import_extractor(str(path))
+    raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo', 'inception' or 'import'")
+
+
+class ExtractorFactory:
+    """Picklable recipe that builds the extractor inside each generation worker.
+
+    `.name` is computed from the weights on disk without building the network, so the driver
+    can form cache keys cheaply.
+    """
+
+    def __init__(self, kind: str, path: str | Path | None, device: str = "auto"):
+        self.kind, self.path, self.device = kind, path, device
+
+    @property
+    def name(self) -> str:
+        if self.path is None:
+            raise ValueError(f"extractor.path is required for extractor.kind='{self.kind}'")
+        path = Path(str(self.path)).expanduser()
+        if self.kind == "inception" and path.is_file():
+            return f"inception-v3-fid:{file_digest(path)[:16]}"
+        if self.kind == "zoo" and path.is_dir():
+            return f"zoo-feature-net:{dir_digest(path)[:16]}"
+        if self.kind == "import":
+            return import_extractor(str(self.path)).name
+        return build_extractor(self.kind, self.path, "cpu").name  # raises the clear not-found error
+
+    def __call__(self) -> FeatureExtractor:
+        return build_extractor(self.kind, self.path, self.device)
+
+
+def extractor_name(extractor) -> str:
+    """The cache-key name of an extractor instance or factory."""
+    name = getattr(extractor, "name", None)
+    if isinstance(name, str):
+        return name
+    return extractor().name
+
+
+def as_factory(extractor) -> Callable[[], FeatureExtractor]:
+    """Accept an extractor instance, or a zero-argument factory returning one."""
+    if isinstance(getattr(extractor, "name", None), str) and callable(extractor) and not isinstance(extractor, ExtractorFactory):
+        return lambda: extractor
+    if callable(extractor):
+        return extractor
+    raise TypeError(f"expected a feature extractor (callable with .name) or a factory, got {type(extractor).__name__}")

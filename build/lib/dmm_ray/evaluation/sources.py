@@ -1,0 +1,164 @@
+"""Build evaluation sources from what users have on disk: a merged model folder, TeacherSpecs,
+or a toy-zoo `zoo.yaml` manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dmm_ray.evaluation.matrix import StudentSource
+from dmm_ray.evaluation.stats import ModelSource
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def _dtype_suffix(dtype: str) -> str:
+    # Part of the cache key: half-precision images differ slightly from float32 ones.
+    return "" if dtype == "float32" else f":{dtype}"
+
+
+def _load_student_pipeline(path: str, dtype: str = "float32"):
+    from dmm_ray.architectures import load_dmm_pipeline
+
+    kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
+    return load_dmm_pipeline(path, **kwargs)  # DMMPipeline or DMMXLPipeline
+
+
+def _load_teacher_pipeline(spec, dtype: str = "float32"):
+    from dmm_ray.teachers import load_teacher_pipeline
+
+    return load_teacher_pipeline(spec, torch_dtype=_torch_dtype(dtype))
+
+
+def _load_plain_pipeline(path: str, dtype: str = "float32"):
+    from dmm_ray.architectures import load_plain_pipeline
+
+    kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
+    return load_plain_pipeline(path, **kwargs)
+
+
+def student_style_names(path: str | Path) -> list[str]:
+    """Style names recorded in a merged model folder's `unet/config.json`, without loading weights."""
+    cfg = Path(path) / "unet" / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"'{path}' is not a merged-model folder: missing unet/config.json")
+    names = json.loads(cfg.read_text()).get("style_names")
+    if not names:
+        raise ValueError(f"'{cfg}' has no style_names; is '{path}' a DMM merged model (StyleUNet)?")
+    return list(names)
+
+
+def student_source(path: str | Path, dtype: str = "float32") -> StudentSource:
+    path = str(Path(path).resolve())
+    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path, dtype), style_names=student_style_names(path))
+
+
+def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelSource]:
+    """TeacherSpecs -> cacheable ModelSources keyed by `teacher_checksum(spec)` (+ dtype)."""
+    from dmm_ray.teachers import teacher_checksum
+
+    return [
+        ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s, dtype), checksum=teacher_checksum(s) + _dtype_suffix(dtype))
+        for s in specs
+    ]
+
+
+def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False, dtype: str = "float32") -> ModelSource:
+    """A plain diffusers folder (e.g. the weighted-merge baseline); cacheable keys on its file digest."""
+    from dmm_ray.evaluation.extractors import dir_digest
+
+    path = str(Path(path).resolve())
+    checksum = dir_digest(Path(path)) + _dtype_suffix(dtype) if cacheable else None
+    return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path, dtype), checksum=checksum)
+
+
+@dataclass
+class ZooManifest:
+    root: Path
+    teachers: list[Any]  # TeacherSpec
+    eval_prompts: Path | None
+    feature_net: Path | None
+    base: Path | None
+
+
+def load_zoo_manifest(path: str | Path) -> ZooManifest:
+    """Read `zoo.yaml` (paths relative to its folder) into TeacherSpecs and resolved paths."""
+    from dmm_ray.teachers import TeacherSpec
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers manifest '{path}' not found (expected a zoo.yaml)")
+    root = path.resolve().parent
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not data.get("teachers"):
+        raise ValueError(f"'{path}' has no 'teachers' list")
+
+    def rel(p):
+        return None if p is None else (root / p).resolve()
+
+    specs = []
+    for i, t in enumerate(data["teachers"]):
+        if not isinstance(t, dict) or "name" not in t or "source" not in t:
+            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
+        fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}  # zoo extras (e.g. style params) are not spec fields
+        if not fields.get("base") and data.get("base") and fields.get("format") in ("lora", "single_file"):
+            fields["base"] = data["base"]
+        specs.append(TeacherSpec(**fields).resolve_paths(root))
+    return ZooManifest(
+        root=root, teachers=specs, eval_prompts=rel(data.get("eval_prompts")), feature_net=rel(data.get("feature_net")), base=rel(data.get("base"))
+    )
+
+
+MERGE_CONFIG_KEYS = {"zoo", "data", "distill", "student", "evaluation", "synthesis", "incremental"}
+
+
+@dataclass
+class EvalSetup:
+    """Teachers plus the EvalConfig defaults implied by a zoo.yaml or a merge config."""
+
+    teachers: list[Any]
+    defaults: dict  # EvalConfig fields (prompts_file, extractor.path, ...) to apply under user settings
+
+
+def load_eval_setup(path: str | Path) -> EvalSetup:
+    """`--teachers` file: a zoo.yaml manifest, or a merge config (its teachers, or its zoo's, and its
+    `evaluation:` section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers file '{path}' not found (expected a zoo.yaml or a merge config)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and MERGE_CONFIG_KEYS & set(data):
+        try:
+            from dmm_ray.config import load_config
+        except ImportError as e:
+            raise ImportError(f"'{path}' looks like a merge config but dmm_ray.config is unavailable: {e}") from e
+        from dmm_ray.tracking import eval_config_from_merge
+
+        merge_cfg = load_config(path)
+        return EvalSetup(teachers=list(merge_cfg.teachers), defaults=eval_config_from_merge(merge_cfg).model_dump(exclude_unset=True))
+    m = load_zoo_manifest(path)
+    defaults: dict = {}
+    if m.eval_prompts is not None:
+        defaults["prompts_file"] = str(m.eval_prompts)
+    if m.feature_net is not None:
+        defaults["extractor"] = {"path": str(m.feature_net)}
+    return EvalSetup(teachers=m.teachers, defaults=defaults)
+
+
+def merge_defaults(defaults: dict, data: dict) -> dict:
+    """Deep-merge into a fresh dict (inputs untouched): `data` (the user's settings) wins over `defaults`."""
+    import copy
+
+    out = copy.deepcopy(defaults)
+    for k, v in data.items():
+        out[k] = merge_defaults(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out

@@ -1,0 +1,1 @@
+"""Checkpoint formats: the original LDM single-file layout (export), official DMM UNet interop."""

@@ -1,0 +1,128 @@
+"""Export a diffusers SD pipeline to the original LDM single-file layout (as community sites ship).
+
+diffusers reads this layout (`from_single_file`, `convert_ldm_*_checkpoint`) but does not write it.
+The mapping below is the exact inverse of diffusers' converters for any block count and
+`layers_per_block`, so export -> `StableDiffusionPipeline.from_single_file(path, config=folder)`
+round-trips every weight bit-exactly (tested on tiny models).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY
+from safetensors.torch import save_file
+
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+_RESNET_TO_LDM = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+
+def _resnet(rest: str) -> str:
+    for ours, ldm in _RESNET_TO_LDM:
+        if rest.startswith(ours + "."):
+            return ldm + rest[len(ours) :]
+    raise KeyError(rest)
+
+
+def unet_key_to_ldm(key: str, config) -> str:
+    """diffusers UNet2DConditionModel key -> LDM `model.diffusion_model.*` key."""
+    layers = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in layers:
+        return LDM_UNET_KEY + layers[key]
+    if config.get("addition_embed_type") == "text_time" and key.startswith("add_embedding."):
+        return LDM_UNET_KEY + DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"][key]
+    per_block = config["layers_per_block"] + 1  # LDM counts the down/upsampler as a layer
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = per_block * block + layer + 1
+        return LDM_UNET_KEY + (f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}")
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return LDM_UNET_KEY + f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return LDM_UNET_KEY + f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+        return LDM_UNET_KEY + f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = per_block * block + layer
+        return LDM_UNET_KEY + (f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}")
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        block = int(m[1])
+        has_attention = "CrossAttn" in config["up_block_types"][block]
+        index = per_block * block + per_block - 1
+        return LDM_UNET_KEY + f"output_blocks.{index}.{2 if has_attention else 1}.conv.{m[2]}"
+    raise KeyError(f"UNet key {key!r} has no LDM single-file equivalent")
+
+
+_VAE_ATTENTION_TO_LDM = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def vae_key_to_ldm(key: str, config) -> str:
+    """diffusers AutoencoderKL key -> LDM `first_stage_model.*` key."""
+    direct = DIFFUSERS_TO_LDM_MAPPING["vae"]  # diffusers key -> LDM key for the top-level layers
+    if key in direct:
+        return VAE_PREFIX + direct[key]
+    n_up = len(config["up_block_types"])
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return VAE_PREFIX + f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return VAE_PREFIX + f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return VAE_PREFIX + f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        return VAE_PREFIX + f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
+        return VAE_PREFIX + f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
+        rest = m[2]
+        for ours, ldm in _VAE_ATTENTION_TO_LDM:
+            if rest.startswith(ours):
+                rest = ldm + rest[len(ours) :]
+                break
+        return VAE_PREFIX + f"{m[1]}.mid.attn_1.{rest}"
+    raise KeyError(f"VAE key {key!r} has no LDM single-file equivalent")
+
+
+def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The three components' weights in one LDM-layout state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        out[unet_key_to_ldm(key, unet.config)] = value
+    for key, value in vae.state_dict().items():
+        ldm_key = vae_key_to_ldm(key, vae.config)
+        if ".mid.attn_1." in ldm_key and ldm_key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
+        out[ldm_key] = value
+    for key, value in text_encoder.state_dict().items():
+        # transformers 5 drops the `text_model.` level from CLIPTextModel keys; the LDM layout has it.
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out[CLIP_PREFIX + key] = value
+    return out
+
+
+def export_single_file(pipeline, path: str | os.PathLike) -> Path:
+    """Write `pipeline` (unet, vae, text_encoder) as one LDM-layout .safetensors file, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
+    unet = pipeline.unet
+    if getattr(unet.config, "style_names", None) is not None:
+        raise ValueError("a merged StyleUNet has no single-file equivalent; export one style with DMMPipeline.bake_style first")
+    state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray"})
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+    return path

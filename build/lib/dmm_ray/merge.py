@@ -1,0 +1,238 @@
+"""The merge job's driver: validate -> encode latents (if needed) -> distill -> synthesize ->
+fine-tune -> save the merged DMMPipeline -> evaluate -> track. Runs on the Ray driver only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmm_ray.config import MergeConfig
+
+
+@dataclass
+class MergeResult:
+    merged_path: Path
+    stage_metrics: dict = field(default_factory=dict)
+    evaluation: object | None = None
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+def log(msg: str) -> None:
+    print(f"[dmm-merge {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def validate_before_ray(cfg: MergeConfig) -> None:
+    """Everything that can be checked without Ray: teachers' formats and architectures, style names."""
+    from dmm_ray.teachers import TeacherError, validate_teachers
+
+    validate_teachers(cfg.teachers, cfg.student.base)
+    if cfg.incremental.base_merged:
+        from dmm_ray.models.style_unet import StyleUNet
+        from dmm_ray.teachers import folder_architecture
+
+        merged = Path(cfg.incremental.base_merged)
+        if not (merged / "unet" / "config.json").exists():
+            raise TeacherError(f"incremental.base_merged: {merged} is not a merged DMMPipeline folder (no unet/config.json)")
+        old = StyleUNet.load_config(merged / "unet").get("style_names") or []
+        clash = sorted(set(old) & {t.name for t in cfg.teachers})
+        if clash:
+            raise TeacherError(f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names")
+        want, got = folder_architecture(cfg.student.base), folder_architecture(merged)
+        for key, value in want.items():
+            if key != "unet.addition_embed_type" and got.get(key) != value:
+                raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+
+
+def init_ray(cfg: MergeConfig):
+    from ray.data import DataContext
+
+    from dmm_ray.ray_session import ensure_ray
+
+    # The training loop shows one progress bar per stage; Ray Data's per-operator bars would drown it.
+    DataContext.get_current().enable_progress_bars = False
+    ensure_ray(cfg.scaling.ray_address)
+
+
+def ensure_latents(cfg: MergeConfig) -> None:
+    from dmm_ray.data.shards import complete_shards
+
+    _, paths = complete_shards(cfg.data.shards, require=False)
+    if paths:
+        log(f"latent shards: {len(paths)} complete shard(s) in {cfg.data.shards}")
+        _check_enough_rows(cfg)
+        return
+    if cfg.data.source is None:
+        raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
+    from dmm_ray.data.encode import run_encode
+
+    log(f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
+    print(run_encode(cfg.data).summary(), flush=True)
+    _check_enough_rows(cfg)
+
+
+def _check_enough_rows(cfg: MergeConfig) -> None:
+    """Every worker needs at least one full batch per epoch; say so before Ray Train starts."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import read_marker, shard_indices
+
+    fs, root = fsu.resolve(cfg.data.shards)
+    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
+    need = cfg.data.stream.batch_size * cfg.num_workers
+    if rows < need:
+        raise ValueError(
+            f"data.shards has {rows} latents but {cfg.num_workers} workers x data.stream.batch_size "
+            f"{cfg.data.stream.batch_size} need at least {need}; add data or lower data.stream.batch_size"
+        )
+
+
+def _student_from_result(result, dest: Path) -> Path:
+    if result.checkpoint is None:
+        raise RuntimeError("training produced no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(Path(folder) / "student", dest)
+    return dest
+
+
+MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
+STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
+
+
+def all_teachers(cfg: MergeConfig) -> list:
+    """Teacher specs of every style of the merged model, in codebook order (old styles first)."""
+    from dmm_ray.teachers import TeacherSpec
+
+    if not cfg.incremental.base_merged:
+        return list(cfg.teachers)
+    record = Path(cfg.incremental.base_merged) / MERGE_RECORD
+    if not record.exists():
+        raise FileNotFoundError(f"{record} is missing: the previous merged model does not list its teachers, so old styles cannot be evaluated")
+    old = [TeacherSpec.model_validate(t) for t in json.loads(record.read_text())["teachers"]]
+    return old + list(cfg.teachers)
+
+
+def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
+    """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
+    the last good model."""
+    from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
+    from dmm_ray.models.style_unet import StyleUNet
+
+    # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
+    pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        teachers = all_teachers(cfg)
+    except FileNotFoundError:  # a previous model made elsewhere: its old styles have no teacher record
+        teachers = list(cfg.teachers)
+    described = {t.name: t.description for t in teachers}
+    (tmp / MERGE_RECORD).write_text(json.dumps({"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}, indent=1))
+    (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
+    load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+    return dest
+
+
+def _synthesis_prompts(cfg: MergeConfig) -> list[str]:
+    from dmm_ray.data.readers import read_prompts
+
+    if cfg.synthesis.prompts:
+        return read_prompts(cfg.synthesis.prompts)
+    import pyarrow.parquet as pq
+
+    from dmm_ray.data.shards import complete_shards
+
+    fs, paths = complete_shards(cfg.data.shards)
+    with fs.open_input_file(paths[0]) as f:
+        captions = [c for c in pq.read_table(f, columns=["caption"])["caption"].to_pylist() if c]
+    return captions
+
+
+def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
+    import ray
+
+    started = time.time()
+    cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
+        + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
+    validate_before_ray(cfg)
+    we_started_ray = not ray.is_initialized()
+    init_ray(cfg)
+    ensure_latents(cfg)
+    result = MergeResult(merged_path=out / "merged")
+    stage_name = "incremental" if cfg.incremental.base_merged else "merge"
+    tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+    try:
+        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray)
+    except BaseException:
+        if tracker is not None and hasattr(tracker, "abort"):
+            tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
+        raise
+
+
+def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
+    import ray
+
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.synthesis import synthesize
+    from dmm_ray.distill.trainer import build_trainer
+
+    # 1. score distillation on the common latent stream
+    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x batch {cfg.data.stream.batch_size}")
+    t0 = time.time()
+    distill = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}, tracking=tracking and {**tracking, "prefix": "distill/"}).fit()
+    result.stage_metrics["distill"] = {**distill.metrics, "seconds": time.time() - t0}
+    student_dir = _student_from_result(distill, out / "stages" / "distill_student")
+
+    # 2. synthesis fan-out + fine-tune on the teachers' own samples
+    s = cfg.synthesis
+    if s.enabled and s.finetune_steps > 0:
+        old = 0
+        if cfg.incremental.base_merged:
+            from dmm_ray.models.style_unet import StyleUNet
+
+            old = len(StyleUNet.load_config(Path(cfg.incremental.base_merged) / "unet")["style_names"])
+        resolution = s.resolution or cfg.data.encode.resolution
+        log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
+        shard_dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
+                                s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
+                                s.negative_prompt)
+        datasets = {f"synth_{i}": build_latent_dataset(cfg.data, shards=d) for i, d in shard_dirs.items()}
+        if cfg.regularization_workers:
+            datasets["regularizer"] = build_latent_dataset(cfg.data, shards=next(iter(shard_dirs.values())))
+        log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}")
+        t0 = time.time()
+        finetune = build_trainer(cfg, "finetune", datasets, tracking=tracking and {**tracking, "prefix": "finetune/"}, init_student=str(student_dir),
+                                 steps=s.finetune_steps, batch_size=s.finetune_batch_size, lr=s.finetune_lr, split_datasets=False).fit()
+        result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
+        student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
+
+    # 3. the merged model: one diffusers folder, style names in unet/config.json
+    save_merged(cfg, student_dir, result.merged_path)
+    log(f"merged model saved: {result.merged_path}")
+    result.seconds = time.time() - started
+    if tracker:
+        log("stage evaluate + track")
+        # evaluate every style merged so far (incremental: old teachers + new ones)
+        result.evaluation = tracker.finish_stage(cfg.model_copy(update={"teachers": all_teachers(cfg)}), result)
+        result.run_id = tracking["run_id"] if tracking else None
+    if we_started_ray:
+        ray.shutdown()
+    return result

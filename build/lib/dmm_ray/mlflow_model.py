@@ -1,0 +1,27 @@
+"""The merged model as an MLflow pyfunc: the diffusers folder is the model's `pipeline` artifact.
+
+`mlflow.pyfunc.load_model("models:/dmm-merged/1").predict(pd.DataFrame({"prompt": [...], "style": [...]}))`
+returns PIL images; Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
+    """DataFrame with `prompt` and optional `style` (name or index) columns -> list of PIL images."""
+
+    def load_context(self, context):
+        from dmm_ray.architectures import load_dmm_pipeline
+
+        self.pipe = load_dmm_pipeline(context.artifacts["pipeline"])  # DMMPipeline or DMMXLPipeline
+
+    def predict(self, context, model_input, params=None):
+        params = params or {}
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        steps = int(params.get("num_inference_steps", 25))
+        images = []
+        for r in rows:
+            images += self.pipe(r["prompt"], style=r.get("style", 0), num_inference_steps=steps).images
+        return images

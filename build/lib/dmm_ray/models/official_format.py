@@ -1,0 +1,88 @@
+"""Interop with the published DMM checkpoints (MCG-NJU/DMM, a diffusers fork).
+
+Their UNet config says `addition_embed_type: "model_merge"` (SD1.5) or `"model_merge_xl"` (SDXL)
+with `num_models: N`; weights hold `model_embedding.weight` (N, 1280) and an `add_embedding`
+TimestepEmbedding(1280, 1280) (SD1.5). In the XL variant `add_embedding` stays SDXL's text_time
+embedding and the style MLP is a second TimestepEmbedding (`add_embedding_2`).
+Our StyleUNet keeps the same numbers under `class_embedding.codebook` / `class_embedding.mlp`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from dmm_ray.models.style_unet import StyleUNet
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+_OURS_CODEBOOK = "class_embedding.codebook.weight"
+_OURS_MLP = "class_embedding.mlp."
+
+
+def _mlp_prefix(is_xl: bool) -> str:
+    return "add_embedding_2." if is_xl else "add_embedding."
+
+
+def official_to_ours(state_dict: dict, config: dict) -> tuple[dict, dict]:
+    """Map an official DMM UNet (state dict, config) to StyleUNet's (state dict, config)."""
+    kind = config.get("addition_embed_type")
+    if kind not in ("model_merge", "model_merge_xl"):
+        raise ValueError(f"not a DMM checkpoint: addition_embed_type is {kind!r}, expected 'model_merge' or 'model_merge_xl'")
+    is_xl = kind == "model_merge_xl"
+    num_models = int(config["num_models"])
+    config = {k: v for k, v in config.items() if k not in ("num_models", "_class_name", "_diffusers_version")}
+    config["addition_embed_type"] = "text_time" if is_xl else None
+    config.setdefault("style_names", [f"style_{i}" for i in range(num_models)])
+    mlp = _mlp_prefix(is_xl)
+    ours = {}
+    for key, value in state_dict.items():
+        if key == "model_embedding.weight":
+            ours[_OURS_CODEBOOK] = value
+        elif key.startswith(mlp):
+            ours[_OURS_MLP + key[len(mlp) :]] = value
+        else:
+            ours[key] = value
+    if _OURS_CODEBOOK not in ours:
+        raise ValueError("DMM checkpoint has no model_embedding.weight")
+    return ours, config
+
+
+def ours_to_official(state_dict: dict, config: dict) -> tuple[dict, dict]:
+    """Inverse of `official_to_ours`."""
+    is_xl = config.get("addition_embed_type") == "text_time"
+    mlp = _mlp_prefix(is_xl)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["num_models"] = len(config["style_names"])
+    config["addition_embed_type"] = "model_merge_xl" if is_xl else "model_merge"
+    official = {}
+    for key, value in state_dict.items():
+        if key == _OURS_CODEBOOK:
+            official["model_embedding.weight"] = value
+        elif key.startswith(_OURS_MLP):
+            official[mlp + key[len(_OURS_MLP) :]] = value
+        else:
+            official[key] = value
+    return official, config
+
+
+def load_official_unet(folder: str | Path) -> StyleUNet:
+    """Load a DMM `unet/` folder (config.json + diffusion_pytorch_model.safetensors) into a StyleUNet."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    state_dict, our_config = official_to_ours(load_file(str(folder / WEIGHTS)), config)
+    unet = StyleUNet(**our_config)
+    unet.load_state_dict(state_dict, strict=True)
+    return unet.eval()
+
+
+def save_official_unet(unet: StyleUNet, folder: str | Path) -> None:
+    """Write a StyleUNet in the official DMM layout (loadable by their diffusers fork)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    official, config = ours_to_official(state_dict, dict(unet.config))
+    config["_class_name"] = "UNet2DConditionModel"
+    save_file(official, str(folder / WEIGHTS))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))

@@ -1,0 +1,240 @@
+"""StyleUNet: a diffusers UNet2DConditionModel with DMM's style-prompt codebook (paper 3.3, A.1).
+
+The student gets N learnable style prompts e_1..e_N (a codebook of width d = time_embed_dim,
+1280 for SD1.5) and an MLP (Linear -> SiLU -> Linear, d -> d). The MLP output is added to the
+timestep embedding: emb = time_embedding(t) + MLP(e~), with e~ = sum_i w_i e_i for a mixture
+(paper 4.5, interpolation in codebook space *before* the MLP).
+
+We reuse diffusers' own forward unchanged: the style module sits in the UNet's
+`class_embedding` slot, whose output diffusers adds to the timestep embedding. So SD1.5 and SDXL
+(whose `text_time` add-embedding is kept) both work, and so does every diffusers feature
+(attention processors, LoRA, ControlNet residuals).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: see below)
+from diffusers.models.embeddings import TimestepEmbedding
+from torch import nn
+
+# diffusers' pipeline loader looks up the loadable base classes (ModelMixin, ...) as attributes of
+# the module named in model_index.json, so `DMMPipeline.from_pretrained` needs ModelMixin here.
+__all__ = ["StyleUNet", "StyleEmbedding", "StyleError", "resolve_style", "ModelMixin"]
+
+StyleSpec = "int | str | Mapping[str, float] | Sequence[float] | torch.Tensor"
+
+
+class StyleError(ValueError):
+    """Unknown style name/index or invalid mixture weights (message names the known styles)."""
+
+
+class StyleEmbedding(nn.Module):
+    """Codebook of style prompts + MLP. Input: codebook-space embeddings e~ (B, d)."""
+
+    def __init__(self, num_styles: int, dim: int):
+        super().__init__()
+        self.codebook = nn.Embedding(num_styles, dim)  # (N, d), PyTorch default init like the reference
+        self.mlp = TimestepEmbedding(dim, dim)  # linear_1 -> SiLU -> linear_2
+
+    def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
+        return self.mlp(style_embeds)
+
+
+def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
+    """One style selection -> normalised weight vector (N,) float32.
+
+    Accepts a name, an index, a dict name->weight, or a list/tensor of N weights.
+    Weights must be >= 0 and not all zero; they are normalised to sum to 1.
+    """
+    names = list(style_names)
+    known = ", ".join(f"{i}:{n}" for i, n in enumerate(names))
+    n = len(names)
+    if isinstance(style, bool):
+        raise StyleError(f"style must be a name, an index or weights, got {style!r}; known styles: {known}")
+    if isinstance(style, (int,)) or (isinstance(style, torch.Tensor) and style.ndim == 0 and not style.is_floating_point()):
+        index = int(style)
+        if not 0 <= index < n:
+            raise StyleError(f"style index {index} is out of range [0, {n}); known styles: {known}")
+        weights = torch.zeros(n)
+        weights[index] = 1.0
+        return weights
+    if isinstance(style, str):
+        if style in names:
+            return resolve_style(names, names.index(style))
+        if style.isdigit():
+            return resolve_style(names, int(style))
+        raise StyleError(f"unknown style {style!r}; known styles: {known}")
+    if isinstance(style, Mapping):
+        weights = torch.zeros(n)
+        for key, value in style.items():
+            index = resolve_style(names, key).argmax().item() if not isinstance(key, int) else key
+            if isinstance(key, int) and not 0 <= key < n:
+                raise StyleError(f"style index {key} is out of range [0, {n}); known styles: {known}")
+            weights[index] += float(value)
+        return _normalise(weights, known)
+    weights = torch.as_tensor(style, dtype=torch.float32).flatten()
+    if weights.numel() != n:
+        raise StyleError(f"style weights must have one entry per style ({n}), got {weights.numel()}; known styles: {known}")
+    return _normalise(weights, known)
+
+
+def _normalise(weights: torch.Tensor, known: str) -> torch.Tensor:
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise StyleError(f"style weights must be finite and >= 0, got {weights.tolist()}; known styles: {known}")
+    total = weights.sum()
+    if total <= 0:
+        raise StyleError(f"style weights are all zero; give at least one positive weight; known styles: {known}")
+    return weights / total
+
+
+def _parent_init_parameters():
+    return list(inspect.signature(UNet2DConditionModel.__init__).parameters.values())
+
+
+class StyleUNet(UNet2DConditionModel):
+    """UNet2DConditionModel + style codebook. Config field `style_names` keeps name <-> index."""
+
+    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), **kwargs):
+        if kwargs.get("class_embed_type") is not None or kwargs.get("num_class_embeds") is not None:
+            raise ValueError("StyleUNet uses the class-embedding slot for styles; the base UNet must have none")
+        super().__init__(*args, **kwargs)
+        style_names = [str(s) for s in style_names]
+        _check_unique(style_names)
+        self.register_to_config(style_names=style_names)
+        time_embed_dim = self.time_embedding.linear_2.out_features
+        self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim)
+        self._style_context: torch.Tensor | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str]) -> "StyleUNet":
+        """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new."""
+        config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        config.pop("style_names", None)
+        device, dtype = unet.device, unet.dtype
+        student = cls(**config, style_names=list(style_names))
+        missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+        new = [k for k in missing if not k.startswith("class_embedding.")]
+        if new or unexpected:
+            raise ValueError(f"base UNet does not match StyleUNet: missing {new[:5]}, unexpected {unexpected[:5]}")
+        return student.to(device=device, dtype=dtype)
+
+    @property
+    def style_names(self) -> list[str]:
+        return list(self.config.style_names)
+
+    @property
+    def num_styles(self) -> int:
+        return len(self.config.style_names)
+
+    @property
+    def style_dim(self) -> int:
+        return self.class_embedding.codebook.embedding_dim
+
+    def add_styles(self, names: Iterable[str], seed: int | None = None) -> list[int]:
+        """Append randomly initialised codebook rows (incremental merge); old rows stay bit-identical."""
+        names = [str(n) for n in names]
+        _check_unique(self.style_names + names)
+        old = self.class_embedding.codebook
+        grown = nn.Embedding(old.num_embeddings + len(names), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            if seed is not None:
+                generator = torch.Generator().manual_seed(seed)
+                grown.weight[old.num_embeddings :] = torch.randn(len(names), old.embedding_dim, generator=generator).to(grown.weight)
+            grown.weight[: old.num_embeddings] = old.weight
+        self.class_embedding.codebook = grown
+        self.register_to_config(style_names=self.style_names + names)
+        return list(range(old.num_embeddings, grown.num_embeddings))
+
+    # ---- style conditioning -------------------------------------------------------------
+    def style_embeds_for(
+        self,
+        style_ids: torch.Tensor | None = None,
+        style_weights: torch.Tensor | None = None,
+        style_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Codebook-space embeddings e~ (B, d) from exactly one of ids (B,), weights (B, N), embeds (B, d)."""
+        given = [x is not None for x in (style_ids, style_weights, style_embeds)]
+        if sum(given) != 1:
+            raise StyleError("give exactly one of style_ids, style_weights, style_embeds")
+        codebook = self.class_embedding.codebook.weight  # (N, d)
+        if style_ids is not None:
+            style_ids = style_ids.to(codebook.device).long().reshape(-1)
+            if style_ids.numel() and (style_ids.min() < 0 or style_ids.max() >= self.num_styles):
+                raise StyleError(f"style ids must be in [0, {self.num_styles}); known styles: {self.style_names}")
+            return self.class_embedding.codebook(style_ids)
+        if style_weights is not None:
+            if style_weights.ndim != 2 or style_weights.shape[1] != self.num_styles:
+                raise StyleError(f"style_weights must be (B, {self.num_styles}), got {tuple(style_weights.shape)}")
+            # Elementwise product + sum (not a matmul) so a one-hot row reproduces the index path bit-exactly.
+            return (style_weights.to(codebook)[:, :, None] * codebook[None]).sum(dim=1)
+        if style_embeds.ndim != 2 or style_embeds.shape[1] != self.style_dim:
+            raise StyleError(f"style_embeds must be (B, {self.style_dim}), got {tuple(style_embeds.shape)}")
+        return style_embeds.to(codebook)
+
+    @contextmanager
+    def style_context(self, style_embeds: torch.Tensor):
+        """Use these e~ rows (B, d) for calls that pass no style (diffusers pipelines' loops)."""
+        previous, self._style_context = self._style_context, style_embeds
+        try:
+            yield self
+        finally:
+            self._style_context = previous
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        style_ids: torch.Tensor | None = None,
+        style_weights: torch.Tensor | None = None,
+        style_embeds: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        if added_cond_kwargs and "model_ids" in added_cond_kwargs:  # the reference code's calling convention
+            added_cond_kwargs = dict(added_cond_kwargs)
+            style_ids = added_cond_kwargs.pop("model_ids")
+        if class_labels is not None:  # explicit codebook-space embeddings
+            style_embeds = class_labels
+        if style_ids is None and style_weights is None and style_embeds is None:
+            if self._style_context is None:
+                raise StyleError(f"no style given: pass style_ids, style_weights or style_embeds; known styles: {self.style_names}")
+            style_embeds = self._style_context
+        embeds = self.style_embeds_for(style_ids, style_weights, style_embeds)
+        if embeds.shape[0] != sample.shape[0]:
+            if sample.shape[0] % embeds.shape[0]:
+                raise StyleError(f"{embeds.shape[0]} style rows for a batch of {sample.shape[0]}")
+            embeds = embeds.repeat(sample.shape[0] // embeds.shape[0], 1)
+        return super().forward(
+            sample, timestep, encoder_hidden_states, class_labels=embeds, added_cond_kwargs=added_cond_kwargs or None, **kwargs
+        )
+
+
+def _check_unique(names: Sequence[str]) -> None:
+    seen = set()
+    for name in names:
+        if not name:
+            raise StyleError("style names must be non-empty")
+        if name in seen:
+            raise StyleError(f"duplicate style name {name!r}; style names must be unique")
+        seen.add(name)
+
+
+# diffusers reads the constructor signature to decide which config keys to pass back on load:
+# expose the parent's parameters plus ours, so from_pretrained/from_config round-trip.
+StyleUNet.__init__.__signature__ = inspect.Signature(
+    [p for p in _parent_init_parameters() if p.kind is not p.VAR_KEYWORD]
+    + [inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",))]
+)
+
+
+def extra_parameter_count(num_styles: int, time_embed_dim: int) -> int:
+    """N*d + 2(d^2 + d): the codebook and the two MLP linears (3,289,600 for N=8, d=1280)."""
+    return num_styles * time_embed_dim + 2 * (time_embed_dim**2 + time_embed_dim)

@@ -1,0 +1,131 @@
+"""DMMPipeline: StableDiffusionPipeline (and the SDXL one) with `style=` / `style_weights=`.
+
+Paper defaults (A.5): DPM-Solver++ 25 steps, CFG 7, negative prompt below. The style rows are
+handed to the StyleUNet through `style_context`; under classifier-free guidance diffusers
+doubles the batch ([uncond; cond]) and StyleUNet repeats the rows, so both halves carry the
+prompt's own style.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
+
+PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
+PAPER_STEPS = 25
+PAPER_GUIDANCE = 7.0
+
+
+def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_weights=None) -> torch.Tensor:
+    """Per-prompt normalised style weights (batch_size, N) from the user's `style` / `style_weights`.
+
+    `style`: a name or index for every prompt, or a list with one (name, index or dict) per prompt.
+    `style_weights`: one mixture (dict name->weight, or a list of N weights) for every prompt, or a
+    list with one mixture per prompt.
+    """
+    names = list(style_names)
+    if (style is None) == (style_weights is None):
+        raise StyleError(f"pass exactly one of style= or style_weights=; known styles: {', '.join(names)}")
+    selection = style if style is not None else style_weights
+    per_prompt = isinstance(selection, (list, tuple)) and (
+        style is not None or (len(selection) > 0 and isinstance(selection[0], (Mapping, list, tuple, torch.Tensor)))
+    )
+    if per_prompt:
+        if len(selection) != batch_size:
+            raise StyleError(f"got {len(selection)} styles for {batch_size} prompts; give one per prompt or a single style")
+        return torch.stack([resolve_style(names, s) for s in selection])
+    return resolve_style(names, selection)[None].repeat(batch_size, 1)
+
+
+class _StyleCallMixin:
+    """Shared by the SD1.5 and SDXL pipelines: resolve styles, then run diffusers' own loop."""
+
+    @property
+    def styles(self) -> list[str]:
+        return self.unet.style_names
+
+    def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
+        if not isinstance(self.unet, StyleUNet):
+            raise TypeError(f"{type(self).__name__} needs a StyleUNet, got {type(self.unet).__name__}")
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = kwargs["prompt_embeds"].shape[0]
+        if style is None and style_weights is None and self.unet.num_styles == 1:
+            style = 0
+        weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
+        weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
+        if kwargs.get("negative_prompt_embeds") is None:
+            negative = PAPER_NEGATIVE_PROMPT if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
+            # diffusers wants the negative prompt in the same form (str or list) as the prompt.
+            kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
+        with torch.no_grad():
+            embeds = self.unet.style_embeds_for(style_weights=weights.to(self.unet.device))
+        with self.unet.style_context(embeds):
+            return parent_call(self, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    @classmethod
+    def from_base(cls, base_dir: str | Path, student: StyleUNet, **kwargs):
+        """The merged pipeline: `student` inside the base folder's VAE, text encoder(s), tokenizer(s)
+        and noise schedule (sampled with the paper's DPM-Solver++)."""
+        from dmm_ray.architectures import pipeline_kwargs
+
+        pipe = cls.from_pretrained(str(base_dir), unet=student, **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
+        pipe.scheduler = cls.paper_scheduler(pipe.scheduler)
+        return pipe
+
+    @classmethod
+    def paper_scheduler(cls, scheduler) -> DPMSolverMultistepScheduler:
+        """DPM-Solver++ with the given scheduler's noise schedule."""
+        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
+
+
+def _styled_call(parent_call):
+    """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop."""
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, style: Any = None, style_weights: Any = None,
+                 num_inference_steps: int = PAPER_STEPS, guidance_scale: float = PAPER_GUIDANCE,
+                 num_images_per_prompt: int = 1, **kwargs):
+        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return self._style_call(parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs)
+
+    return __call__
+
+
+class DMMPipeline(_StyleCallMixin, StableDiffusionPipeline):
+    """Style-promptable SD1.5-architecture pipeline. `pipe(prompt, style="anime")`."""
+
+    __call__ = _styled_call(StableDiffusionPipeline.__call__)
+
+    @classmethod
+    def from_components(cls, student: StyleUNet, vae, text_encoder, tokenizer, scheduler) -> "DMMPipeline":
+        return cls(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=student,
+            scheduler=cls.paper_scheduler(scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @classmethod
+    def from_official(cls, path: str | Path, **kwargs) -> "DMMPipeline":
+        """Load a published DMM pipeline folder (unet in the `model_merge` format)."""
+        from dmm_ray.models.official_format import load_official_unet
+
+        unet = load_official_unet(Path(path) / "unet")
+        return cls.from_pretrained(path, unet=unet, safety_checker=None, requires_safety_checker=False, **kwargs)
+
+
+class DMMXLPipeline(_StyleCallMixin, StableDiffusionXLPipeline):
+    """Style-promptable SDXL-architecture pipeline (SDXL's text_time embedding kept)."""
+
+    __call__ = _styled_call(StableDiffusionXLPipeline.__call__)

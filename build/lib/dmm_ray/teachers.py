@@ -1,0 +1,280 @@
+"""Teacher checkpoints: specs, format detection, loading (frozen), and architecture validation.
+
+Formats (what community sites ship):
+  diffusers    a StableDiffusionPipeline folder (model_index.json)
+  single_file  one .safetensors in the original LDM layout; `base:` names a diffusers folder of the
+               same architecture for configs/tokenizer (nothing is downloaded)
+  lora         a LoRA file diffusers' `load_lora_weights` accepts, on top of `base:`; fused at load
+  ckpt         a pickled .ckpt/.pt; only with `allow_pickle: true`, read with torch.load(weights_only=True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+FORMATS = ("diffusers", "single_file", "lora", "ckpt")
+
+# Fields that must agree between every teacher and the student base for score distillation to
+# make sense: same UNet shapes, same latent space, same noise schedule / parameterisation.
+UNET_FIELDS = (
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+    "up_block_types", "cross_attention_dim", "attention_head_dim", "addition_embed_type",
+)
+VAE_FIELDS = ("latent_channels", "scaling_factor")
+SCHEDULER_FIELDS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+
+
+class TeacherError(ValueError):
+    """A teacher checkpoint is missing, corrupt, or in the wrong format."""
+
+
+class TeacherArchitectureError(TeacherError):
+    """A teacher's architecture differs from the student base (names the teacher and the field)."""
+
+
+class TeacherSpec(BaseModel):
+    """One teacher: `TeacherSpec(name="anime", source="zoo/anime")`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str
+    format: Literal["diffusers", "single_file", "lora", "ckpt"] | None = None
+    base: str | None = None
+    description: str = ""
+    lora_scale: float = 1.0
+    allow_pickle: bool = False
+
+    def resolved_format(self) -> str:
+        return self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)
+
+    def resolve_paths(self, root: str | os.PathLike) -> "TeacherSpec":
+        """Paths relative to `root` (e.g. the folder of zoo.yaml) made absolute."""
+        def fix(p):
+            return p if p is None or "://" in p or os.path.isabs(p) else str(Path(root) / p)
+        return self.model_copy(update={"source": fix(self.source), "base": fix(self.base)})
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher: the UNet and its own text encoder (paper: teachers keep theirs)."""
+
+    name: str
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scheduler: Any
+    spec: TeacherSpec
+    text_encoder_2: Any = None  # SDXL teachers: the second text encoder and its tokenizer
+    tokenizer_2: Any = None
+
+
+def detect_format(source: str, has_base: bool = False, name: str = "?") -> str:
+    path = Path(source)
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            return "diffusers"
+        raise TeacherError(f"teacher {name!r}: folder {source} is not a diffusers pipeline (no model_index.json)")
+    if not path.exists():
+        raise TeacherError(f"teacher {name!r}: {source} does not exist")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return "ckpt"
+    if path.suffix != ".safetensors":
+        raise TeacherError(f"teacher {name!r}: cannot tell the format of {path.name}; expected a diffusers folder, .safetensors or .ckpt")
+    keys = _safetensors_keys(path, name)
+    if any("lora" in k for k in keys[:50]):
+        if not has_base:
+            raise TeacherError(f"teacher {name!r}: {path.name} is a LoRA file; give `base:` (the diffusers folder it was trained on)")
+        return "lora"
+    return "single_file"
+
+
+def _safetensors_keys(path: Path, name: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            # Touch the last tensor: a truncated file fails here rather than mid-training.
+            if keys:
+                handle.get_slice(keys[-1])
+            return keys
+    except Exception as error:  # safetensors raises several types for bad headers/lengths
+        raise TeacherError(f"teacher {name!r}: {path} is truncated or not a valid safetensors file ({error})") from None
+
+
+def _require_base(spec: TeacherSpec, fmt: str) -> str:
+    if not spec.base:
+        raise TeacherError(
+            f"teacher {spec.name!r}: format {fmt!r} needs `base:` (a diffusers folder with the same architecture, "
+            "for configs and tokenizer; nothing is downloaded)"
+        )
+    if not (Path(spec.base) / "model_index.json").exists():
+        raise TeacherError(f"teacher {spec.name!r}: base {spec.base} is not a diffusers pipeline folder")
+    return spec.base
+
+
+def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = None, pipeline_class=None):
+    """A teacher as a diffusers StableDiffusionPipeline, or StableDiffusionXLPipeline when its folder
+    (or, for single files and LoRAs, its base) is SDXL-architecture; offline, no safety checker."""
+    from dmm_ray.architectures import base_pipeline_class, pipeline_kwargs
+
+    fmt = spec.resolved_format()
+    cls = pipeline_class or base_pipeline_class(spec.source if fmt == "diffusers" else (spec.base or spec.source))
+    common = dict(**pipeline_kwargs(cls), local_files_only=True)
+    if torch_dtype is not None:
+        common["torch_dtype"] = torch_dtype
+    try:
+        if fmt == "diffusers":
+            return cls.from_pretrained(spec.source, **common)
+        if fmt == "single_file":
+            base = _require_base(spec, fmt)
+            _safetensors_keys(Path(spec.source), spec.name)
+            return cls.from_single_file(spec.source, config=base, **common)
+        if fmt == "lora":
+            base = _require_base(spec, fmt)
+            _safetensors_keys(Path(spec.source), spec.name)
+            pipe = cls.from_pretrained(base, **common)
+            pipe.load_lora_weights(spec.source, adapter_name="teacher")
+            pipe.fuse_lora(lora_scale=spec.lora_scale)  # fused: no LoRA overhead per step
+            pipe.unload_lora_weights()
+            return pipe
+        if fmt == "ckpt":
+            return _load_pickled(spec, cls, common)
+    except TeacherError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise TeacherError(f"teacher {spec.name!r}: could not load {spec.source} as {fmt}: {error}") from error
+    raise TeacherError(f"teacher {spec.name!r}: unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def _load_pickled(spec: TeacherSpec, cls, common):
+    if not spec.allow_pickle:
+        raise TeacherError(
+            f"teacher {spec.name!r}: {Path(spec.source).name} is a pickled checkpoint, which can run code when loaded; "
+            "convert it to .safetensors or set `allow_pickle: true` (it is then read with torch.load(weights_only=True))"
+        )
+    base = _require_base(spec, "ckpt")
+    from safetensors.torch import save_file
+
+    state = torch.load(spec.source, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = Path(tmp) / "teacher.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(converted))
+        return cls.from_single_file(str(converted), config=base, **common)
+
+
+def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> Teacher:
+    """Load and freeze a teacher (UNet + its own text encoder + tokenizer; VAE and scheduler too)."""
+    pipe = load_teacher_pipeline(spec, torch_dtype=torch_dtype)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return Teacher(spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec,
+                   text_encoder_2, getattr(pipe, "tokenizer_2", None))
+
+
+# ---- architecture validation (before anything is trained or Ray is started) ------------------
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def folder_architecture(folder: str | os.PathLike) -> dict[str, Any]:
+    """Architecture fields of a diffusers pipeline folder, read from its configs (no weights)."""
+    folder = Path(folder)
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    arch = {f"unet.{k}": _norm(unet.get(k)) for k in UNET_FIELDS}
+    arch.update({f"vae.{k}": _norm(vae.get(k)) for k in VAE_FIELDS})
+    arch.update({f"scheduler.{k}": _norm(scheduler.get(k, "epsilon" if k == "prediction_type" else None)) for k in SCHEDULER_FIELDS})
+    return arch
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _single_file_shape_mismatch(spec: TeacherSpec, base: str) -> str | None:
+    """Compare a single file's tensor shapes with the base exported to the same layout (meta tensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
+
+    from dmm_ray.formats.single_file import unet_key_to_ldm, vae_key_to_ldm
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base) / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(Path(base) / "vae"))
+    expected = {unet_key_to_ldm(k, unet.config): tuple(v.shape) for k, v in unet.state_dict().items()}
+    expected_vae = {vae_key_to_ldm(k, vae.config): tuple(v.shape) for k, v in vae.state_dict().items()}
+    with safe_open(spec.source, framework="pt") as handle:
+        got = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    for key, shape in expected.items():
+        if key not in got:
+            return f"UNet tensor {key} is missing (the base has it with shape {shape})"
+        if got[key] != shape:
+            return f"UNet tensor {key} has shape {got[key]} but the base has {shape}"
+    for key, shape in expected_vae.items():
+        if key in got and got[key][:2] != shape[:2]:
+            return f"VAE tensor {key} has shape {got[key]} but the base has {shape} (different latent space)"
+    return None
+
+
+def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
+    """Fail early, naming the teacher and the field, if any teacher differs from the student base."""
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise TeacherError(f"duplicate teacher names {duplicates}; each teacher (style) needs a unique name")
+    if not (Path(base) / "model_index.json").exists():
+        raise TeacherError(f"student base {base} is not a diffusers pipeline folder (no model_index.json)")
+    want = folder_architecture(base)
+    for spec in specs:
+        fmt = spec.resolved_format()
+        if fmt == "diffusers":
+            got = folder_architecture(spec.source)
+        elif fmt in ("lora", "ckpt"):
+            got = folder_architecture(_require_base(spec, fmt))
+        else:
+            problem = _single_file_shape_mismatch(spec, _require_base(spec, fmt))
+            if problem:
+                raise TeacherArchitectureError(f"teacher {spec.name!r} ({spec.source}): {problem}; all teachers must share the base's architecture")
+            got = folder_architecture(spec.base)
+        for field, value in want.items():
+            if got.get(field) != value:
+                raise TeacherArchitectureError(
+                    f"teacher {spec.name!r} ({spec.source}): {field} is {got.get(field)!r} but the student base has {value!r}; "
+                    "all teachers must share the base's UNet architecture, latent space and noise schedule"
+                )
+
+
+def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24) -> str:
+    """Content fingerprint of a teacher (and its LoRA/base): sha256 over every weight/config file's
+    size and its first and last 16 MiB. Cheap on multi-GB checkpoints, changes when weights change."""
+    digest = hashlib.sha256(f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}".encode())
+    paths = [spec.source] + ([spec.base] if spec.base else [])
+    for root in paths:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(chunk))
+                if size > 2 * chunk:
+                    handle.seek(-chunk, os.SEEK_END)
+                    digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]

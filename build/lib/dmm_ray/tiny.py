@@ -1,0 +1,196 @@
+"""Tiny, seeded, offline Stable Diffusion components (the `get_dummy_components` of dmm-ray).
+
+Everything here is built in code, in well under a second, with the real diffusers /
+transformers classes, so every code path that runs on SD1.5 runs unchanged on these.
+The tokenizer is a real CLIP BPE tokenizer whose vocabulary is built from a word list,
+so `save_pretrained` / `from_pretrained` round-trip offline.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+# The words our toy captions are made of; anything else falls back to characters.
+DEFAULT_WORDS = (
+    "a an the of on in with and small large big tiny one two three four five "
+    "red green blue yellow orange purple pink white black gray grey brown cyan "
+    "circle square triangle cross ring star stripe stripes dot dots shape shapes "
+    "left right top bottom center middle corner background photo painting picture "
+    "worst quality low normal lowres watermark nsfw"
+).split()
+
+# Same noise schedule as SD1.5, so add_noise / g(x_t, eps) behave like the real thing.
+SD_SCHEDULE = dict(num_train_timesteps=1000, steps_offset=1, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet (same table as transformers' CLIP tokenizer)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges turn every word in `words` into one token.
+
+    Unknown words still tokenize (into characters), exactly like real CLIP on rare words.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    seen = set(vocab_list)
+    for word in dict.fromkeys(w.lower() for w in words):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merges.append(f"{current} {nxt}")
+            current = current + nxt
+            if current not in seen:
+                seen.add(current)
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    merges = list(dict.fromkeys(merges))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer(
+            vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=model_max_length
+        )
+    return tokenizer
+
+
+def tiny_unet_config(
+    block_out_channels=(32, 64),
+    cross_attention_dim: int = 32,
+    sample_size: int = 8,
+    latent_channels: int = 4,
+    layers_per_block: int = 1,
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 8,
+) -> dict:
+    n = len(block_out_channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def tiny_vae_config(block_out_channels=(32, 64), latent_channels: int = 4, sample_size: int = 32, norm_num_groups: int = 8) -> dict:
+    n = len(block_out_channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def tiny_text_encoder_config(vocab_size: int, hidden_size: int = 32, max_position_embeddings: int = 77) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=hidden_size,
+    )
+
+
+def tiny_sd_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **unet_overrides) -> dict:
+    """Complete tiny SD1.5-style component set for `StableDiffusionPipeline(**components)`.
+
+    Latents are 4 channels at 1/4 resolution (two VAE blocks), e.g. 32 px images -> (4, 8, 8).
+    """
+    tokenizer = build_clip_tokenizer(words)
+    text_config = tiny_text_encoder_config(len(tokenizer), hidden_size=unet_overrides.get("cross_attention_dim", 32))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(**unet_overrides))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**tiny_vae_config(latent_channels=unet.config.in_channels))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++")
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def training_noise_scheduler() -> DDPMScheduler:
+    """The DDPM schedule teachers were trained with (x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps)."""
+    return DDPMScheduler(**SD_SCHEDULE)
+
+
+def tiny_sdxl_unet_config(**overrides) -> dict:
+    """A tiny SDXL-style UNet config (text_time add-embedding, two text encoders' width)."""
+    config = tiny_unet_config(**overrides)
+    config.update(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+        transformer_layers_per_block=1,
+        cross_attention_dim=64,
+        use_linear_projection=True,
+    )
+    return config
+
+
+def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS) -> dict:
+    """Complete tiny SDXL-style component set for `StableDiffusionXLPipeline(**components)`: two text
+    encoders (hidden 32 each, concatenated to the UNet's 64-wide cross-attention), the second with a
+    projection whose pooled output feeds SDXL's text_time embedding together with the size ids."""
+    tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**tiny_vae_config(latent_channels=unet.config.in_channels))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer)))
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++"),
+    )

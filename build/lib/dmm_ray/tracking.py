@@ -1,0 +1,386 @@
+"""MLflow tracking for merge projects.
+
+Run tree: one parent run per merge project (found again by its `dmm.project` tag, so a later
+incremental merge lands under the same parent) and one nested run per stage (initial merge,
+each incremental merge, baselines, evaluation). Each stage logs its full config as params and
+as a YAML artifact, per-step training metrics, FIDt / FIDt_ref / FIDt_ratio, one diagonal-FID
+metric per style (`fid_diag/<style>`), the matrices and plots as artifacts, and the merged model
+as an MLflow pyfunc model (the diffusers folder rides along as an artifact) registered under
+`registered_model_name`, so `resolve_model_uri("models:/<name>/<version>")` (used by Serve)
+returns a local diffusers folder.
+
+Default store: `sqlite:///mlflow.db` in the working directory; browse with
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+PROJECT_TAG = "dmm.project"
+STAGE_TAG = "dmm.stage"
+MODEL_ARTIFACT = "merged_model"
+MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    enabled: bool = True
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="any MLflow tracking URI; default: SQLite file in the working dir")
+    registry_uri: str | None = Field(None, description="model registry URI (default: the tracking URI)")
+    experiment: str = "dmm-ray"
+    project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
+    registered_model_name: str | None = Field("dmm-merged", description="register logged merged models under this name; None: log only")
+    artifact_location: str | None = Field(None, description="artifact root for a newly created experiment (default: MLflow's)")
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _absolute_sqlite(cls, uri: str | None) -> str | None:
+        """`sqlite:///mlflow.db` is relative to the driver's working dir; Ray workers run elsewhere
+        (e.g. a job's unpacked working_dir), so pin it to an absolute path once, on the driver."""
+        prefix = "sqlite:///"
+        if uri and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            return prefix + os.path.abspath(uri[len(prefix):])
+        return uri
+
+    @model_validator(mode="after")
+    def _artifacts_beside_sqlite(self) -> "TrackingConfig":
+        # MLflow's default artifact root is relative to the cwd of whoever creates the experiment
+        # (inside a Ray job's temporary working_dir): keep artifacts beside the SQLite file instead.
+        if self.artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri[len("sqlite:///"):])
+            self.artifact_location = (db.parent / "mlartifacts").as_uri()
+        return self
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, BaseModel):
+            v = v.model_dump(mode="json")
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, default=str)
+        else:
+            out[key] = v
+    return out
+
+
+_METRIC_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . space and /; replace anything else by _."""
+    return _METRIC_BAD.sub("_", name)
+
+
+def _config_dict(config: Any) -> dict:
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"config must be a pydantic model or a mapping, got {type(config).__name__}")
+
+
+class MergeTracker:
+    """Thin, explicit wrapper over MLflow for one merge project. With `enabled=False` every
+    method is a no-op, so jobs call it unconditionally."""
+
+    def __init__(self, config: TrackingConfig | None = None):
+        self.config = config or TrackingConfig()
+        self.enabled = self.config.enabled
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        if self.enabled:
+            mlflow = _mlflow()
+            mlflow.set_tracking_uri(self.config.tracking_uri)
+            mlflow.set_registry_uri(self.config.registry_uri or self.config.tracking_uri)
+            exp = mlflow.get_experiment_by_name(self.config.experiment)
+            self.experiment_id = (
+                exp.experiment_id if exp is not None else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
+            )
+
+    # --- run tree -------------------------------------------------------------------------
+    def find_project_run(self) -> str | None:
+        """The newest parent run of this project, if one exists."""
+        mlflow = _mlflow()
+        runs = mlflow.search_runs(
+            experiment_ids=[self.experiment_id],
+            filter_string=f"tags.`{PROJECT_TAG}` = '{self.config.project}' and tags.`dmm.kind` = 'project'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        return runs[0].info.run_id if runs else None
+
+    @contextlib.contextmanager
+    def project(self, params: Mapping[str, Any] | None = None, new: bool = False) -> Iterator[Any]:
+        """Open (or resume) the project's parent run; stages opened inside nest under it."""
+        if not self.enabled:
+            yield None
+            return
+        mlflow = _mlflow()
+        run_id = None if new else self.find_project_run()
+        tags = {PROJECT_TAG: self.config.project, "dmm.kind": "project"}
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, run_name=self.config.project, tags=tags) as run:
+            self.parent_run_id = run.info.run_id
+            if params:
+                self.log_params(params)
+            yield run
+
+    @contextlib.contextmanager
+    def stage(self, name: str, config: Any = None, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+        """A nested run for one stage (e.g. 'initial-merge', 'incremental-1', 'weighted-merge')."""
+        if not self.enabled:
+            yield None
+            return
+        mlflow = _mlflow()
+        if mlflow.active_run() is None:
+            raise RuntimeError("open the project run first: `with tracker.project(): with tracker.stage(...)`")
+        tags = {PROJECT_TAG: self.config.project, STAGE_TAG: name, "dmm.kind": "stage"}
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id, tags=tags) as run:
+            if config is not None:
+                self.log_config(config)
+            if params:
+                self.log_params(params)
+            yield run
+
+    # --- logging --------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        flat = {k: (str(v) if len(str(v)) <= MAX_PARAM_LEN else str(v)[: MAX_PARAM_LEN - 3] + "...") for k, v in flatten(params).items()}
+        _mlflow().log_params(flat)
+
+    def log_config(self, config: Any, name: str = "config") -> None:
+        """Every config field as a param (dotted keys) plus the whole tree as `<name>.yaml`."""
+        if not self.enabled:
+            return
+        import yaml
+
+        d = _config_dict(config)
+        self.log_params(d)
+        _mlflow().log_text(yaml.safe_dump(d, sort_keys=False), f"{name}.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {metric_name(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        _mlflow().log_metrics(clean, step=step)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            _mlflow().log_artifacts(str(local_dir), artifact_path)
+
+    def log_evaluation(self, result, artifact_path: str = "evaluation", step: int | None = None) -> None:
+        """FIDt, FIDt_ref, FIDt_ratio, fid_diag/<style>, fid_ref_diag/<style>; matrices and plots as artifacts.
+
+        `result`: a `dmm_ray.evaluation.matrix.EvalResult`; its outputs are written if it has none yet.
+        """
+        if not self.enabled:
+            return
+        metrics = {"FIDt": result.fidt, "FIDt_ref": result.fidt_ref, "FIDt_ratio": result.ratio}
+        metrics.update({f"fid_diag/{s}": v for s, v in result.diagonal().items()})
+        metrics.update({f"fid_ref_diag/{s}": v for s, v in result.ref_diagonal().items()})
+        self.log_metrics(metrics, step=step)
+        mlflow = _mlflow()
+        files = getattr(result, "files", None) or {}
+        if files:
+            for p in files.values():
+                mlflow.log_artifact(str(p), artifact_path)
+        else:
+            from dmm_ray.evaluation.outputs import write_outputs
+
+            with tempfile.TemporaryDirectory() as tmp:
+                write_outputs(result, tmp)
+                mlflow.log_artifacts(tmp, artifact_path)
+
+    def log_merged_model(self, model_dir: str | Path, registered_name: str | None = "__config__", description: str = "") -> str:
+        """Log the merged diffusers folder as a pyfunc model; register it. Returns a model URI
+        (`models:/<name>/<version>` when registered, else the logged model's URI)."""
+        if not self.enabled:
+            return str(Path(model_dir).resolve())
+        import mlflow.pyfunc
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "model_index.json").is_file():
+            raise FileNotFoundError(f"'{model_dir}' is not a diffusers pipeline folder (no model_index.json)")
+        name = self.config.registered_model_name if registered_name == "__config__" else registered_name
+        with warnings.catch_warnings():
+            # predict() takes a DataFrame of prompts/styles; MLflow's type-hint nudge does not apply.
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+            from dmm_ray.mlflow_model import DMMPyfuncModel  # the nudge fires when the class is defined
+
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=DMMPyfuncModel(),
+                artifacts={"pipeline": str(model_dir)},
+                # Explicit requirements: MLflow's inference would import and probe the whole env (slow, noisy).
+                pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
+                registered_model_name=name,
+            )
+        if name:
+            version = info.registered_model_version
+            if description:
+                from mlflow import MlflowClient
+
+                MlflowClient().update_model_version(name, str(version), description=description)
+            return f"models:/{name}/{version}"
+        return info.model_uri
+
+
+def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """A local diffusers folder for `uri`: a local path, `models:/<name>/<version|alias>`, `runs:/...`,
+    or any MLflow artifact URI of a logged merged model (downloaded under `dst`).
+
+    The store is `tracking_uri`, else the one already set (mlflow.set_tracking_uri or
+    $MLFLOW_TRACKING_URI), else `sqlite:///mlflow.db`."""
+    local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        if not local.exists():
+            raise FileNotFoundError(f"model path '{uri}' does not exist")
+        return _find_pipeline_folder(local, uri)
+    import os
+
+    mlflow = _mlflow()
+    # Store: the argument, else one already chosen (mlflow.set_tracking_uri / $MLFLOW_TRACKING_URI),
+    # else the project's default sqlite:///mlflow.db (MLflow's own default would be ./mlruns).
+    if tracking_uri is None and not _tracking_uri_is_set():
+        tracking_uri = TrackingConfig().tracking_uri
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="dmm-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as e:
+        raise FileNotFoundError(f"could not resolve model URI '{uri}' with tracking URI '{mlflow.get_tracking_uri()}': {e}") from e
+    return _find_pipeline_folder(path, uri)
+
+
+def _tracking_uri_is_set() -> bool:
+    import os
+
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # pragma: no cover - private helper moved
+        return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return is_tracking_uri_set()
+
+
+def _find_pipeline_folder(path: Path, uri: str) -> Path:
+    if (path / "model_index.json").is_file():
+        return path
+    candidates = sorted(p.parent for p in path.rglob("model_index.json"))
+    if not candidates:
+        raise FileNotFoundError(f"'{uri}' holds no diffusers pipeline folder (no model_index.json under {path})")
+    return candidates[0]
+
+
+# --- driver glue for jobs/merge.py (replaces dmm_ray.tracking_hooks) ---------------------------
+def eval_config_from_merge(cfg) -> "Any":
+    """EvalConfig from a MergeConfig's free-form `evaluation` section (shorthands: see
+    `dmm_ray.evaluation.config.eval_config_from_section`); output under `<output_dir>/evaluation`."""
+    from dmm_ray.evaluation.config import eval_config_from_section
+
+    data = dict(getattr(cfg, "evaluation", {}) or {})
+    data.setdefault("output_dir", str(Path(str(getattr(cfg, "output_dir", "outputs/merge"))) / "evaluation"))
+    return eval_config_from_section(data)
+
+
+def tracking_config_from_merge(cfg) -> TrackingConfig:
+    """TrackingConfig from a MergeConfig's `tracking` section (`uri` is short for `tracking_uri`);
+    project and registered model are named after the merge (`name`)."""
+    data = dict(getattr(cfg, "tracking", {}) or {})
+    if "uri" in data:
+        data["tracking_uri"] = data.pop("uri")
+    name = getattr(cfg, "name", None)
+    if name:
+        data.setdefault("project", name)
+        data.setdefault("registered_model_name", name)
+    return TrackingConfig.model_validate(data)
+
+
+class StageTracker(MergeTracker):
+    """Imperative stage API for the merge driver:
+
+    handle = tracker.start_stage("merge", cfg)   # parent (resumed by project name) + nested run;
+                                                 # handle = {"uri", "run_id", ...} for Train workers
+    ... workers: MlflowClient(handle["uri"]).log_batch(handle["run_id"], ...) per step ...
+    evaluation = tracker.finish_stage(cfg, result)  # evaluate, log FIDt & artifacts, register model
+    """
+
+    def __init__(self, config: TrackingConfig | None = None):
+        super().__init__(config)
+        self._stack = contextlib.ExitStack()
+        self.stage_run_id: str | None = None
+
+    def start_stage(self, name: str, cfg: Any = None) -> dict | None:
+        if not self.enabled:
+            return None
+        mlflow = _mlflow()
+        if mlflow.active_run() is None:
+            self._stack.enter_context(self.project())
+        run = self._stack.enter_context(self.stage(name, config=cfg))
+        self.stage_run_id = run.info.run_id
+        return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
+
+    def finish_stage(self, cfg: Any, result: Any) -> Any:
+        """Evaluate the merged model (unless evaluation.enabled is false), log it, register the model,
+        close the stage and project runs. Returns the EvalResult (or None)."""
+        evaluation = None
+        try:
+            eval_cfg = eval_config_from_merge(cfg) if cfg is not None else None
+            if eval_cfg is not None and eval_cfg.enabled and getattr(cfg, "teachers", None):
+                from dmm_ray.evaluation.api import evaluate_merge
+
+                evaluation = evaluate_merge(result.merged_path, cfg.teachers, eval_cfg)
+                self.log_evaluation(evaluation)
+            if self.enabled:
+                stage_metrics = getattr(result, "stage_metrics", {}) or {}
+                self.log_metrics({f"{stage}/{k}": v for stage, m in stage_metrics.items() for k, v in m.items() if isinstance(v, (int, float))})
+                if getattr(result, "seconds", None):
+                    self.log_metrics({"seconds": result.seconds})
+                self.log_merged_model(result.merged_path)
+        except BaseException:
+            self.abort("FAILED")
+            raise
+        self._stack.close()
+        return evaluation
+
+    def abort(self, status: str = "FAILED") -> None:
+        """End the open runs with `status` (e.g. after an exception in the driver)."""
+        if self.enabled:
+            mlflow = _mlflow()
+            while mlflow.active_run() is not None:
+                mlflow.end_run(status=status)
+        self._stack = contextlib.ExitStack()
+
+
+def make_tracker(cfg) -> StageTracker:
+    """The merge driver's tracker from a MergeConfig (`tracking:` section, project = cfg.name)."""
+    return StageTracker(tracking_config_from_merge(cfg))

@@ -1,0 +1,35 @@
+"""The toy style zoo: a complete miniature of the real merging problem, built offline in minutes.
+
+    from dmm_ray.zoo import build_zoo, preset, teacher_specs
+    root = build_zoo(".zoo", preset("full"))          # cached; `python jobs/build_zoo.py --out .zoo`
+    specs = teacher_specs(root)                      # -> list[dmm_ray.teachers.TeacherSpec]
+
+Modules: scenes (procedural captioned scenes), styles (teacher style transforms), dataset
+(on-disk image set), components (sizes), train (training loops), feature_net (FID extractor and
+prompt-following checker), formats (teacher formats), build (the builder), report (M_ref, grid).
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "build_zoo": "build",
+    "is_complete": "build",
+    "ZooBuildError": "build",
+    "ZooConfig": "config",
+    "preset": "config",
+    "STYLES": "styles",
+    "apply_style": "styles",
+    "ZooFeatureNet": "feature_net",
+    "FeatureExtractor": "feature_net",
+    "load_manifest": "report",
+    "teacher_specs": "report",
+    "run_report": "report",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy: importing dmm_ray.zoo.feature_net (the FID extractor) must not pull in peft/the builder.
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,125 @@
+"""Zoo build configuration (pydantic, unknown keys fail naming the key) and the two presets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .styles import STYLES
+
+TeacherFormat = Literal["diffusers", "single_file", "lora"]
+
+
+class TeacherPlan(BaseModel):
+    """One teacher: the base fine-tuned on the image set restyled by `style`, saved as `format`."""
+
+    model_config = ConfigDict(extra="forbid")
+    style: str
+    format: TeacherFormat = "diffusers"
+    train_text_encoder: bool = Field(False, description="fine-tune its own text encoder too (not allowed for LoRA)")
+
+    @field_validator("style")
+    @classmethod
+    def _known_style(cls, v: str) -> str:
+        if v not in STYLES:
+            raise ValueError(f"unknown style {v!r}; known styles: {list(STYLES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_keeps_base_text_encoder(self):
+        if self.format == "lora" and self.train_text_encoder:
+            raise ValueError(f"teacher {self.style!r}: format 'lora' trains only a UNet adapter; set train_text_encoder=false")
+        return self
+
+
+class ZooConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: Literal["micro", "full", "custom"] = "custom"
+    seed: int = 0
+    image_size: Literal[32] = 32
+    teachers: list[TeacherPlan]
+    disk_images: int = Field(gt=0, description="captioned images written to images/ (the on-disk image set)")
+    pool_images: int = Field(gt=0, description="rendered + restyled images the VAE and feature net train on")
+    base_scenes: int = Field(gt=0, description="distinct training scenes the base UNet sees (latents precomputed)")
+    teacher_scenes: int = Field(gt=0, description="distinct scenes per teacher fine-tune")
+    vae_steps: int = Field(gt=0)
+    base_steps: int = Field(gt=0)
+    teacher_steps: int = Field(gt=0)
+    lora_steps: int = Field(gt=0)
+    feature_steps: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0)
+    vae_batch_size: int = Field(16, gt=0, description="small batches: more updates per CPU second for the VAE")
+    vae_lr: float = 3e-3
+    vae_object_weight: float = Field(4.0, ge=0, description="extra loss weight on object pixels")
+    base_lr: float = 1e-3
+    teacher_lr: float = 5e-4
+    lora_lr: float = 3e-3
+    lora_rank: int = Field(8, gt=0)
+    base_ema: float = 0.995
+
+    @model_validator(mode="after")
+    def _distinct_styles(self):
+        names = [t.style for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teachers: style(s) {dup} listed more than once")
+        if not names:
+            raise ValueError("teachers: at least one teacher is needed")
+        return self
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+FULL_TEACHERS = [
+    TeacherPlan(style="warm", format="diffusers"),
+    TeacherPlan(style="cool", format="lora"),
+    TeacherPlan(style="faded", format="single_file"),
+    TeacherPlan(style="bright", format="diffusers"),
+    TeacherPlan(style="noir", format="diffusers", train_text_encoder=True),
+    TeacherPlan(style="neon", format="single_file"),
+    TeacherPlan(style="pixel", format="lora"),
+    TeacherPlan(style="sketch", format="diffusers"),
+]
+
+PRESETS: dict[str, dict] = {
+    "full": dict(
+        teachers=FULL_TEACHERS,
+        disk_images=6000,
+        pool_images=8192,
+        base_scenes=16384,
+        teacher_scenes=4096,
+        vae_steps=1000,
+        base_steps=2000,
+        teacher_steps=120,
+        lora_steps=120,
+        feature_steps=250,
+    ),
+    # 3 styles, one per format, a few steps each: for integration tests (well under a minute).
+    "micro": dict(
+        teachers=[
+            TeacherPlan(style="warm", format="diffusers"),
+            TeacherPlan(style="noir", format="single_file"),
+            TeacherPlan(style="sketch", format="lora"),
+        ],
+        disk_images=32,
+        pool_images=128,
+        base_scenes=128,
+        teacher_scenes=64,
+        vae_steps=4,
+        base_steps=4,
+        teacher_steps=2,
+        lora_steps=2,
+        feature_steps=4,
+        batch_size=16,
+    ),
+}
+
+
+def preset(size: str, seed: int = 0, **overrides) -> ZooConfig:
+    if size not in PRESETS:
+        raise ValueError(f"unknown zoo size {size!r}; known sizes: {list(PRESETS)}")
+    return ZooConfig(size=size, seed=seed, **(PRESETS[size] | overrides))
