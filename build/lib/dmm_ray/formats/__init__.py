@@ -1,1 +1,0 @@
-"""Checkpoint formats: the original LDM single-file layout (export), official DMM UNet interop."""
