@@ -99,12 +99,13 @@ def main(argv=None) -> int:
     import ray
 
     from dmm_ray.data.config import DataConfig
+    from dmm_ray.ray_session import ensure_ray
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         comps = make_world(tmp, args)
         cfg = DataConfig(base=str(tmp / "base"), shards=str(tmp / "shards"), stream=dict(batch_size=args.batch_size, shuffle_buffer=4 * args.batch_size))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=args.num_cpus, log_to_driver=False)
         try:
             sps = step_rate(comps, args)
             bps, n = stream_rate(cfg, args.epochs)

@@ -32,13 +32,14 @@ def validate_before_ray(cfg: MergeConfig) -> None:
 
     validate_teachers(cfg.teachers, cfg.student.base)
     if cfg.incremental.base_merged:
-        from dmm_ray.models.style_unet import StyleUNet
+        from dmm_ray.models.style_unet import merged_style_names
         from dmm_ray.teachers import folder_architecture
 
         merged = Path(cfg.incremental.base_merged)
-        if not (merged / "unet" / "config.json").exists():
-            raise TeacherError(f"incremental.base_merged: {merged} is not a merged DMMPipeline folder (no unet/config.json)")
-        old = StyleUNet.load_config(merged / "unet").get("style_names") or []
+        try:
+            old = merged_style_names(merged)
+        except (FileNotFoundError, ValueError) as error:
+            raise TeacherError(f"incremental.base_merged: {error}") from None
         clash = sorted(set(old) & {t.name for t in cfg.teachers})
         if clash:
             raise TeacherError(f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names")
@@ -206,9 +207,9 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
     if s.enabled and s.finetune_steps > 0:
         old = 0
         if cfg.incremental.base_merged:
-            from dmm_ray.models.style_unet import StyleUNet
+            from dmm_ray.models.style_unet import merged_style_names
 
-            old = len(StyleUNet.load_config(Path(cfg.incremental.base_merged) / "unet")["style_names"])
+            old = len(merged_style_names(cfg.incremental.base_merged))
         resolution = s.resolution or cfg.data.encode.resolution
         log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
         shard_dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -164,15 +163,8 @@ def _load_pickled(spec: TeacherSpec, cls, common):
             f"teacher {spec.name!r}: {Path(spec.source).name} is a pickled checkpoint, which can run code when loaded; "
             "convert it to .safetensors or set `allow_pickle: true` (it is then read with torch.load(weights_only=True))"
         )
-    base = _require_base(spec, "ckpt")
-    from safetensors.torch import save_file
-
-    state = torch.load(spec.source, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    with tempfile.TemporaryDirectory() as tmp:
-        converted = Path(tmp) / "teacher.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(converted))
-        return cls.from_single_file(str(converted), config=base, **common)
+    # diffusers reads non-safetensors single files with torch.load(weights_only=True) and unwraps "state_dict".
+    return cls.from_single_file(spec.source, config=_require_base(spec, "ckpt"), **common)
 
 
 def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> Teacher:

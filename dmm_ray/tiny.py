@@ -43,34 +43,52 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges turn every word in `words` into one token.
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
 
-    Unknown words still tokenize (into characters), exactly like real CLIP on rare words.
+
+def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in which every word of `words` is exactly one token.
+
+    BPE applies the globally lowest-ranked pair first, so naively adding each word's left-to-right
+    merge chain lets an earlier word's merge pre-empt a later word's ("la" from "large" would split
+    "black" into b/la/c/k). Each word's merges therefore continue from its segmentation under the
+    merges so far, and the result is verified. Unknown words still tokenize (into characters),
+    exactly like real CLIP on rare words.
     """
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
     seen = set(vocab_list)
-    for word in dict.fromkeys(w.lower() for w in words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    words = list(dict.fromkeys(w.lower() for w in words))
+    for word in words:
+        symbols = _bpe(word, ranks)
         current = symbols[0]
         for nxt in symbols[1:]:
-            merges.append(f"{current} {nxt}")
+            if (current, nxt) not in ranks:
+                ranks[(current, nxt)] = len(merges)
+                merges.append((current, nxt))
             current = current + nxt
             if current not in seen:
                 seen.add(current)
                 vocab_list.append(current)
+    broken = [w for w in words if len(_bpe(w, ranks)) != 1]
+    if broken:
+        raise RuntimeError(f"tokenizer construction left words split into several tokens: {broken}")
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    merges = list(dict.fromkeys(merges))
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer(
-            vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=model_max_length
-        )
-    return tokenizer
+        (Path(tmp) / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+        return CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
 
 
 def tiny_unet_config(

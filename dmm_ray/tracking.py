@@ -263,7 +263,6 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
         if not local.exists():
             raise FileNotFoundError(f"model path '{uri}' does not exist")
         return _find_pipeline_folder(local, uri)
-    import os
 
     mlflow = _mlflow()
     # Store: the argument, else one already chosen (mlflow.set_tracking_uri / $MLFLOW_TRACKING_URI),
@@ -283,12 +282,8 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
 
 
 def _tracking_uri_is_set() -> bool:
-    import os
+    from mlflow.tracking import is_tracking_uri_set  # mlflow.set_tracking_uri() or $MLFLOW_TRACKING_URI
 
-    try:
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-    except ImportError:  # pragma: no cover - private helper moved
-        return bool(os.environ.get("MLFLOW_TRACKING_URI"))
     return is_tracking_uri_set()
 
 

@@ -68,14 +68,10 @@ class StyleModel:
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Resident memory of this process."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 class HandleService:
@@ -86,8 +82,8 @@ class HandleService:
         self.retries = retries
         self._info: ModelInfo | None = None
 
-    async def info(self) -> ModelInfo:
-        if self._info is None:
+    async def info(self, refresh: bool = False) -> ModelInfo:
+        if self._info is None or refresh:
             raw = await self.model.info.remote()
             self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]))
         return self._info

@@ -78,12 +78,10 @@ def pick_device(device: str) -> str:
 
 
 def pipeline_param_bytes(pipe) -> int:
-    return sum(
-        p.numel() * p.element_size()
-        for name in ("unet", "vae", "text_encoder")
-        if getattr(pipe, name, None) is not None
-        for p in getattr(pipe, name).parameters()
-    )
+    """Weights of every module of the pipeline (SDXL's second text encoder included)."""
+    import torch
+
+    return sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
 
 
 class StyleModelBackend:

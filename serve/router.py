@@ -49,7 +49,9 @@ class ModelInfo:
 
 
 class GenerationService(Protocol):
-    async def info(self) -> ModelInfo: ...
+    async def info(self, refresh: bool = False) -> ModelInfo:
+        """Styles and native size; `refresh=True` asks the model itself (health checks), not a cache."""
+        ...
 
     async def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
         """(H, W, 3) uint8 per sample, in order."""
@@ -63,7 +65,7 @@ class LocalService:
         self.backend = backend
         self._lock = asyncio.Lock()
 
-    async def info(self) -> ModelInfo:
+    async def info(self, refresh: bool = False) -> ModelInfo:
         return ModelInfo(self.backend.styles(), self.backend.native_size)
 
     async def generate(self, samples):
@@ -143,7 +145,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     @api.get("/healthz")
     async def healthz():
         try:
-            info = await asyncio.wait_for(model_info(), timeout=10)
+            info = await asyncio.wait_for(service.info(refresh=True), timeout=10)  # reach the model, not a cache
         except Exception as exc:  # model deployment unreachable: not healthy, but say why
             return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}, status_code=503)
         return {"status": "ok", "model": cfg.model, "num_styles": len(info.styles)}

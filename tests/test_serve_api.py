@@ -241,3 +241,28 @@ def test_registry_uri_without_tracking_module_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "dmm_ray.tracking", None)  # import fails
     with pytest.raises(ModelLoadError, match="resolve_model_uri is not available"):
         StyleModelBackend("models:/dmm-merged/2")
+
+
+def test_healthz_reaches_the_model_not_the_styles_cache():
+    """Once the style list is cached, /styles keeps answering from it, but /healthz must say 503
+    when the model deployment no longer answers."""
+    from serve.deployments import HandleService
+
+    class Method:
+        def __init__(self, fn):
+            self.remote = fn
+
+    state = {"alive": True}
+
+    async def info():
+        if not state["alive"]:
+            raise RuntimeError("no replica")
+        return {"styles": [{"name": "a", "index": 0, "description": ""}], "native_size": [32, 32]}
+
+    handle = types.SimpleNamespace(info=Method(info), generate=Method(None))
+    with TestClient(create_api(HandleService(handle), ServeConfig(model="m"))) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/styles").status_code == 200
+        state["alive"] = False
+        assert c.get("/styles").status_code == 200  # cached
+        r = c.get("/healthz")
+        assert r.status_code == 503 and "no replica" in r.json()["error"]

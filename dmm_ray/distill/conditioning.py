@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -54,7 +53,7 @@ class SDXLConditioner:
 
 def as_conditioner(model_or_conditioner):
     """Accept a plain CLIP text encoder (SD1.5) where a conditioner is expected."""
-    return model_or_conditioner if callable(model_or_conditioner) and not isinstance(model_or_conditioner, nn.Module) else ClipConditioner(model_or_conditioner)
+    return ClipConditioner(model_or_conditioner) if isinstance(model_or_conditioner, nn.Module) else model_or_conditioner
 
 
 def vae_scale_factor(base_dir) -> int:
@@ -62,30 +61,20 @@ def vae_scale_factor(base_dir) -> int:
     return 2 ** (len(json.loads((Path(base_dir) / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
 
 
-def conditioner_for(pipeline_parts, scale_factor: int, device=None):
+def conditioner_for(parts, scale_factor: int, device=None):
     """The conditioner of a loaded pipeline (or anything with text_encoder[_2] / tokenizer[_2]), frozen."""
-    text_encoder = pipeline_parts.text_encoder.requires_grad_(False).eval()
-    text_encoder_2 = getattr(pipeline_parts, "text_encoder_2", None)
-    if device is not None:
-        text_encoder = text_encoder.to(device)
-    if text_encoder_2 is None:
-        return ClipConditioner(text_encoder)
-    text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
-    if device is not None:
-        text_encoder_2 = text_encoder_2.to(device)
-    return SDXLConditioner(text_encoder, text_encoder_2, pipeline_parts.tokenizer, pipeline_parts.tokenizer_2, scale_factor)
+    def frozen(encoder):
+        encoder = encoder.requires_grad_(False).eval()
+        return encoder if device is None else encoder.to(device)
+
+    if getattr(parts, "text_encoder_2", None) is None:
+        return ClipConditioner(frozen(parts.text_encoder))
+    return SDXLConditioner(frozen(parts.text_encoder), frozen(parts.text_encoder_2), parts.tokenizer, parts.tokenizer_2, scale_factor)
 
 
 def load_base_conditioner(base_dir, device=None):
-    """The student's frozen conditioner: the base's own text encoder(s), read from its folder."""
-    from transformers import CLIPTextModel
+    """The student's frozen conditioner: the base folder's own text encoder(s) and tokenizer(s)."""
+    from dmm_ray.architectures import load_plain_pipeline
 
-    base_dir = Path(base_dir)
-    parts = SimpleNamespace(text_encoder=CLIPTextModel.from_pretrained(base_dir / "text_encoder"))
-    if (base_dir / "text_encoder_2").is_dir():
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        parts.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base_dir / "text_encoder_2")
-        parts.tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
-        parts.tokenizer_2 = CLIPTokenizer.from_pretrained(base_dir / "tokenizer_2")
-    return conditioner_for(parts, vae_scale_factor(base_dir), device)
+    text_only = load_plain_pipeline(base_dir, unet=None, vae=None)  # UNet and VAE weights are not read
+    return conditioner_for(text_only, vae_scale_factor(base_dir), device)

@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings
     from dmm_ray.models.discriminator import MultiClassDiscriminator
-    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.models.style_unet import StyleUNet, merged_style_names
     from dmm_ray.teachers import load_teacher
 
     cfg = MergeConfig.model_validate(config["merge"])
@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- who am I ---------------------------------------------------------------------------
     old_styles: list[str] = []
     if cfg.incremental.base_merged:
-        old_styles = list(StyleUNet.load_config(Path(cfg.incremental.base_merged) / "unet")["style_names"])
+        old_styles = merged_style_names(cfg.incremental.base_merged)
     style_names = old_styles + [t.name for t in cfg.teachers]
     roles = worker_layout(len(cfg.teachers), cfg.workers_per_teacher, len(old_styles), cfg.regularization_workers > 0)
     if len(roles) != world:
@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
             it = (noised_batch(b, scheduler=noise_scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
                                caption_dropout=s.caption_dropout, device=device) for b in cached)
         else:
-            it = iter_noised_batches(shard, data_cfg, epoch=ep, device=device, rank=rank)
+            it = iter_noised_batches(shard, data_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler)
         return itertools.islice(it, skip, None)  # data position: skip what the checkpoint consumed
 
     step, batches_in_epoch = start_step, skip_batches

@@ -19,6 +19,7 @@ Built in (EvalConfig.extractor.kind):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -162,8 +163,9 @@ class ExtractorFactory:
     def __init__(self, kind: str, path: str | Path | None, device: str = "auto"):
         self.kind, self.path, self.device = kind, path, device
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
+        """Cache-key name; hashes the weights, so it is computed once per factory."""
         if self.path is None:
             raise ValueError(f"extractor.path is required for extractor.kind='{self.kind}'")
         path = Path(str(self.path)).expanduser()
@@ -189,7 +191,9 @@ def extractor_name(extractor) -> str:
 
 def as_factory(extractor) -> Callable[[], FeatureExtractor]:
     """Accept an extractor instance, or a zero-argument factory returning one."""
-    if isinstance(getattr(extractor, "name", None), str) and callable(extractor) and not isinstance(extractor, ExtractorFactory):
+    if isinstance(extractor, ExtractorFactory):  # checked first: reading .name would hash the weights
+        return extractor
+    if isinstance(getattr(extractor, "name", None), str) and callable(extractor):
         return lambda: extractor
     if callable(extractor):
         return extractor

@@ -3,7 +3,6 @@ or a toy-zoo `zoo.yaml` manifest."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,20 +45,11 @@ def _load_plain_pipeline(path: str, dtype: str = "float32"):
     return load_plain_pipeline(path, **kwargs)
 
 
-def student_style_names(path: str | Path) -> list[str]:
-    """Style names recorded in a merged model folder's `unet/config.json`, without loading weights."""
-    cfg = Path(path) / "unet" / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"'{path}' is not a merged-model folder: missing unet/config.json")
-    names = json.loads(cfg.read_text()).get("style_names")
-    if not names:
-        raise ValueError(f"'{cfg}' has no style_names; is '{path}' a DMM merged model (StyleUNet)?")
-    return list(names)
-
-
 def student_source(path: str | Path, dtype: str = "float32") -> StudentSource:
     path = str(Path(path).resolve())
-    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path, dtype), style_names=student_style_names(path))
+    from dmm_ray.models.style_unet import merged_style_names
+
+    return StudentSource(pipeline_factory=partial(_load_student_pipeline, path, dtype), style_names=merged_style_names(path))
 
 
 def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelSource]:

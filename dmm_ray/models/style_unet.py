@@ -217,6 +217,20 @@ class StyleUNet(UNet2DConditionModel):
         )
 
 
+def merged_style_names(folder) -> list[str]:
+    """Style names a merged model folder records in `unet/config.json`, read without loading weights."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(folder) / "unet" / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"'{folder}' is not a merged-model folder: missing unet/config.json")
+    names = json.loads(cfg.read_text()).get("style_names")
+    if not names:
+        raise ValueError(f"'{cfg}' has no style_names; is '{folder}' a DMM merged model (StyleUNet)?")
+    return list(names)
+
+
 def _check_unique(names: Sequence[str]) -> None:
     seen = set()
     for name in names:

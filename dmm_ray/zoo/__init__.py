@@ -9,7 +9,7 @@ Modules: scenes (procedural captioned scenes), styles (teacher style transforms)
 prompt-following checker), formats (teacher formats), build (the builder), report (M_ref, grid).
 """
 
-from importlib import import_module
+from dmm_ray._lazy import lazy_getattr
 
 _EXPORTS = {
     "build_zoo": "build",
@@ -27,9 +27,5 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    # Lazy: importing dmm_ray.zoo.feature_net (the FID extractor) must not pull in peft/the builder.
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Lazy: importing dmm_ray.zoo.feature_net (the FID extractor) must not pull in peft/the builder.
+__getattr__ = lazy_getattr({name: f"{__name__}.{module}" for name, module in _EXPORTS.items()})

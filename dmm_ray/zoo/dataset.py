@@ -57,6 +57,3 @@ def write_eval_prompts(path: str | Path) -> Path:
     path.write_text("\n".join(eval_captions()) + "\n")
     return path
 
-
-def read_prompts(path: str | Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

@@ -20,8 +20,8 @@ import yaml
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .dataset import read_prompts
 from .feature_net import ZooFeatureNet
+from dmm_ray.data.readers import read_prompts
 from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
 from .scenes import parse_caption, to_uint8
 
@@ -67,9 +67,11 @@ def sample_images(pipe, prompts: list[str], seed: int, steps: int = 15, guidance
     return torch.cat(out)
 
 
-def prompt_following(net: ZooFeatureNet, images: torch.Tensor, prompts: list[str], heads=("colour", "shape", "background", "count")) -> dict:
-    """Fraction of images whose feature-net prediction matches the caption, per attribute."""
-    pred = net.predict(images)
+def prompt_following(net: ZooFeatureNet, images: torch.Tensor, prompts: list[str], heads=("colour", "shape", "background", "count"),
+                     pred: dict | None = None) -> dict:
+    """Fraction of images whose feature-net prediction matches the caption, per attribute
+    (`pred`: `net.predict(images)` when the caller already has it)."""
+    pred = net.predict(images) if pred is None else pred
     truth = [parse_caption(p) for p in prompts]
     return {h: float(np.mean([p == t[h] for p, t in zip(pred[h], truth)])) for h in heads}
 
@@ -124,7 +126,7 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
             return report
     manifest = load_manifest(root)
     net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
-    eval_prompts = read_prompts(root / manifest["eval_prompts"])
+    eval_prompts = read_prompts(str(root / manifest["eval_prompts"]))
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(n_per_set)]
     grid_prompts = pick_grid_prompts(eval_prompts)
 
@@ -144,8 +146,9 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
         names.append(spec.name)
         feats_a.append(net.features(a))
         feats_b.append(net.features(b))
-        pf = prompt_following(net, a, prompts, heads=("shape", "colour", "count"))
-        pf["style_recognised"] = float(np.mean([s == spec.name for s in net.predict(a)["style"]]))
+        pred = net.predict(a)  # once: prompt following and style recognition read the same predictions
+        pf = prompt_following(net, a, prompts, heads=("shape", "colour", "count"), pred=pred)
+        pf["style_recognised"] = float(np.mean([s == spec.name for s in pred["style"]]))
         per_teacher[spec.name] = pf
         del pipe
     m = np.array([[frechet_distance(fa, fb) for fb in feats_b] for fa in feats_a])
