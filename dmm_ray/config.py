@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,11 @@ class _Section(BaseModel):
 class StudentConfig(_Section):
     base: Optional[str] = Field(None, description="student base diffusers folder (SD1.5/SDXL architecture); default: the zoo's base")
     codebook_seed: int = Field(0, description="seed of the style codebook's random initialisation")
+    style_init: Literal["random", "zero"] = Field(
+        "random",
+        description="random: PyTorch default init of the style MLP (the reference code); zero: its last linear starts at 0, "
+        "so the student starts exactly at the base output (pair it with distill.style_lr_mult)",
+    )
 
 
 class DistillConfig(_Section):
@@ -37,7 +42,11 @@ class DistillConfig(_Section):
     lambda_feat: float = Field(0.001, ge=0, description="feature imitation weight (eq. 10); 0 switches it off")
     lambda_adv: float = Field(0.01, ge=0, description="multi-class adversarial weight (eq. 11); 0 switches it and the discriminator off")
     renoise_max_timestep: int = Field(500, gt=0, le=1000, description="discriminator inputs are re-noised at t' < this (A.2)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="lr after warmup: constant (paper), cosine or linear decay to 0")
+    warmup_steps: int = Field(0, ge=0, description="linear lr warmup from 0 over this many steps")
+    style_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the style codebook and MLP (the only new parameters)")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the student (e.g. 0.999); saved as the merged model")
+    ema_warmup: bool = Field(True, description="EMA decay ramps up as 1 - (1 + step)^-3/4 until ema_decay (short runs)")
     bf16: bool = Field(True, description="bf16 autocast on GPU workers (ignored on CPU)")
     checkpoint_every: int = Field(100, gt=0, description="ray.train.report a checkpoint every K steps")
     log_every: int = Field(10, gt=0, description="log losses to MLflow every K steps (rank 0)")
@@ -49,6 +58,9 @@ class ScalingSection(_Section):
     num_workers: Optional[int] = Field(None, ge=1, description="explicit W (must be N*k, +1 with incremental regularisation)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per worker (default: cpus_per_worker rounded, at least 1)")
+    teachers_per_worker: int = Field(1, ge=1, description="k teachers on one worker; each step every teacher gets its own "
+                                     "batch of its style (W = ceil(N/k) * workers_per_teacher)")
     gpus_per_worker: float = Field(1.0, ge=0)
     max_failures: int = Field(2, ge=-1, description="FailureConfig: restarts from the last checkpoint (-1 = unlimited)")
     ray_address: Optional[str] = Field(None, description="ray.init address; default: RAY_ADDRESS or a local Ray")
@@ -66,6 +78,8 @@ class SynthesisConfig(_Section):
     finetune_steps: int = Field(10000, ge=0, description="paper: 10k iterations at batch 10")
     finetune_batch_size: int = Field(10, ge=1)
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: distill.lr")
+    finetune_continue: bool = Field(False, description="the fine-tune continues the distill stage's discriminator head, "
+                                    "both optimizers' state and the EMA (else: fresh ones)")
 
 
 class IncrementalConfig(_Section):
@@ -101,14 +115,18 @@ class MergeConfig(_Section):
             raise ValueError(f"teachers: duplicate names {dups}")
         _check_section("evaluation", self.evaluation)
         _check_section("tracking", self.tracking)
-        n = len(self.teachers)
-        expected = n * self.scaling.workers_per_teacher + self.regularization_workers
+        if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
+            raise ValueError("data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; "
+                             "it needs synthesis.enabled: true")
+        n, groups = len(self.teachers), self.teacher_groups
+        expected = groups * self.scaling.workers_per_teacher + self.regularization_workers
         if self.scaling.num_workers is not None and self.scaling.num_workers != expected:
-            k_ok = (self.scaling.num_workers - self.regularization_workers) % n == 0 and self.scaling.num_workers > self.regularization_workers
+            k_ok = (self.scaling.num_workers - self.regularization_workers) % groups == 0 and self.scaling.num_workers > self.regularization_workers
             if not k_ok:
                 reg = " + 1 regularisation worker" if self.regularization_workers else ""
+                what = f"the {n} teachers" if groups == n else f"the {groups} teacher groups ({n} teachers, {self.scaling.teachers_per_worker} per worker)"
                 raise ValueError(
-                    f"scaling.num_workers={self.scaling.num_workers} is not a multiple of the {n} teachers{reg}; "
+                    f"scaling.num_workers={self.scaling.num_workers} is not a multiple of {what}{reg}; "
                     f"use N*k{' + 1' if reg else ''} workers, e.g. {expected}"
                 )
         return self
@@ -142,14 +160,19 @@ class MergeConfig(_Section):
         return int(self.incremental.base_merged is not None and self.incremental.regularization)
 
     @property
+    def teacher_groups(self) -> int:
+        """G = ceil(N / teachers_per_worker): the distinct sets of teachers a worker can host."""
+        return -(-len(self.teachers) // self.scaling.teachers_per_worker)
+
+    @property
     def workers_per_teacher(self) -> int:
         if self.scaling.num_workers is None:
             return self.scaling.workers_per_teacher
-        return (self.scaling.num_workers - self.regularization_workers) // len(self.teachers)
+        return (self.scaling.num_workers - self.regularization_workers) // self.teacher_groups
 
     @property
     def num_workers(self) -> int:
-        return len(self.teachers) * self.workers_per_teacher + self.regularization_workers
+        return self.teacher_groups * self.workers_per_teacher + self.regularization_workers
 
 
 def _check_section(name: str, section: dict) -> None:

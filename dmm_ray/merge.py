@@ -188,47 +188,95 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
         raise
 
 
+def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
+    """Synthesis fan-out: one Ray actor per teacher; returns {style index: shard dir}."""
+    from dmm_ray.distill.synthesis import synthesize
+
+    s = cfg.synthesis
+    old = 0
+    if cfg.incremental.base_merged:
+        from dmm_ray.models.style_unet import merged_style_names
+
+        old = len(merged_style_names(cfg.incremental.base_merged))
+    resolution = s.resolution or cfg.data.encode.resolution
+    log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
+    t0 = time.time()
+    dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
+                      s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
+                      s.negative_prompt)
+    log(f"synthesis done in {time.time() - t0:.0f} s")
+    return dirs
+
+
+def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
+    from dmm_ray.data.stream import build_latent_dataset
+
+    datasets = {f"synth_{i}": build_latent_dataset(cfg.data, shards=d) for i, d in shard_dirs.items()}
+    if cfg.regularization_workers:
+        datasets["regularizer"] = build_latent_dataset(cfg.data, shards=next(iter(shard_dirs.values())))
+    return datasets
+
+
+def _state_from_result(result, dest: Path) -> Path:
+    """The stage's final training state (student, discriminator head, optimizers, EMA) -> dest."""
+    if result.checkpoint is None:
+        raise RuntimeError("training produced no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(Path(folder), dest)
+    return dest
+
+
 def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
     import ray
 
     from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.synthesis import synthesize
     from dmm_ray.distill.trainer import build_trainer
 
-    # 1. score distillation on the common latent stream
-    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x batch {cfg.data.stream.batch_size}")
+    s = cfg.synthesis
+    synthesize_first = cfg.data.synthetic_fraction > 0  # the teachers' samples join distillation from step 0
+    shard_dirs = None
+    if synthesize_first:
+        t0 = time.time()
+        shard_dirs = _synthesize(cfg, out)
+        result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
+
+    # 1. score distillation on the common latent stream (+ each style's own synthesized samples)
+    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
+        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if synthesize_first else ""))
     t0 = time.time()
-    distill = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}, tracking=tracking and {**tracking, "prefix": "distill/"}).fit()
+    datasets = {"train": build_latent_dataset(cfg.data)}
+    if synthesize_first:
+        datasets.update(_synthetic_datasets(cfg, shard_dirs))
+    distill = build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}).fit()
     result.stage_metrics["distill"] = {**distill.metrics, "seconds": time.time() - t0}
     student_dir = _student_from_result(distill, out / "stages" / "distill_student")
 
     # 2. synthesis fan-out + fine-tune on the teachers' own samples
-    s = cfg.synthesis
     if s.enabled and s.finetune_steps > 0:
-        old = 0
-        if cfg.incremental.base_merged:
-            from dmm_ray.models.style_unet import merged_style_names
-
-            old = len(merged_style_names(cfg.incremental.base_merged))
-        resolution = s.resolution or cfg.data.encode.resolution
-        log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
-        shard_dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
-                                s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
-                                s.negative_prompt)
-        datasets = {f"synth_{i}": build_latent_dataset(cfg.data, shards=d) for i, d in shard_dirs.items()}
-        if cfg.regularization_workers:
-            datasets["regularizer"] = build_latent_dataset(cfg.data, shards=next(iter(shard_dirs.values())))
-        log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}")
+        if shard_dirs is None:
+            t0 = time.time()
+            shard_dirs = _synthesize(cfg, out)
+            result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
+        init_state = None
+        if s.finetune_continue:
+            init_state = str(out / "stages" / "distill_state")
+            _state_from_result(distill, Path(init_state))
+        log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
+            + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
         t0 = time.time()
-        finetune = build_trainer(cfg, "finetune", datasets, tracking=tracking and {**tracking, "prefix": "finetune/"}, init_student=str(student_dir),
-                                 steps=s.finetune_steps, batch_size=s.finetune_batch_size, lr=s.finetune_lr, split_datasets=False).fit()
+        finetune = build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
+                                 init_student=str(student_dir), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
+                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state).fit()
         result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
         student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 
     # 3. the merged model: one diffusers folder, style names in unet/config.json
     save_merged(cfg, student_dir, result.merged_path)
-    log(f"merged model saved: {result.merged_path}")
     result.seconds = time.time() - started
+    split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
+    log(f"merged model saved: {result.merged_path} ({result.seconds:.0f} s since start: {split})")
     if tracker:
         log("stage evaluate + track")
         # evaluate every style merged so far (incremental: old teachers + new ones)

@@ -105,6 +105,11 @@ class DataConfig(BaseModel):
     source: Optional[SourceConfig] = Field(default=None, description="images+captions to encode (needed by encode_latents only)")
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    synthetic_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="share of each style's distillation batch drawn from its own teacher's synthesized samples "
+        "(synthesis then runs before distillation); 0 = the paper: distill on the common stream only",
+    )
 
     @model_validator(mode="after")
     def _models_locatable(self) -> "DataConfig":

@@ -1,6 +1,11 @@
-"""Which worker hosts which teacher (Algorithm 1, line 2: teacher index = rank mod N).
+"""Which worker hosts which teacher(s) (Algorithm 1, line 2: teacher index = rank mod N).
 
-Incremental merge (paper 3.5): N_new*k teacher workers plus ONE regularisation worker that hosts
+One teacher per worker is the design (and the paper's layout): worker r hosts teacher r mod N.
+With `teachers_per_worker = k` the N teachers form G = ceil(N/k) groups of consecutive teachers,
+and worker r hosts group r mod G; each step every hosted teacher gets its own batch of its
+style, so every style still gets the same number of samples per step.
+
+Incremental merge (paper 3.5): the teacher workers plus ONE regularisation worker that hosts
 the frozen previous merged model and supervises a random old style each step.
 """
 
@@ -15,21 +20,35 @@ import torch
 class WorkerRole:
     rank: int
     kind: str  # "teacher" | "regularizer"
-    teacher_index: int | None  # index into the config's (new) teachers
-    style_index: int | None  # codebook row this worker trains; None = random old style per sample
+    teacher_indices: tuple[int, ...] = ()  # indices into the config's (new) teachers
+    style_indices: tuple[int, ...] = ()  # the codebook rows those teachers train (same order)
+
+    @property
+    def teacher_index(self) -> int | None:
+        """The first hosted teacher (the only one with one teacher per worker); None: regulariser."""
+        return self.teacher_indices[0] if self.teacher_indices else None
+
+    @property
+    def style_index(self) -> int | None:
+        """The first hosted style; None: the regulariser (a random old style per sample)."""
+        return self.style_indices[0] if self.style_indices else None
 
 
-def worker_layout(num_teachers: int, workers_per_teacher: int, num_old_styles: int = 0, regularization: bool = False) -> list[WorkerRole]:
-    if num_teachers < 1 or workers_per_teacher < 1:
-        raise ValueError("need at least one teacher and one worker per teacher")
+def worker_layout(num_teachers: int, workers_per_teacher: int, num_old_styles: int = 0, regularization: bool = False,
+                  teachers_per_worker: int = 1) -> list[WorkerRole]:
+    if num_teachers < 1 or workers_per_teacher < 1 or teachers_per_worker < 1:
+        raise ValueError("need at least one teacher, one worker per teacher and one teacher per worker")
     if regularization and num_old_styles < 1:
         raise ValueError("regularisation needs a previous merged model with at least one style")
+    k = teachers_per_worker
+    groups = [tuple(range(g, min(g + k, num_teachers))) for g in range(0, num_teachers, k)]
     roles = [
-        WorkerRole(rank=r, kind="teacher", teacher_index=r % num_teachers, style_index=num_old_styles + r % num_teachers)
-        for r in range(num_teachers * workers_per_teacher)
+        WorkerRole(rank=r, kind="teacher", teacher_indices=groups[r % len(groups)],
+                   style_indices=tuple(num_old_styles + i for i in groups[r % len(groups)]))
+        for r in range(len(groups) * workers_per_teacher)
     ]
     if regularization:
-        roles.append(WorkerRole(rank=len(roles), kind="regularizer", teacher_index=None, style_index=None))
+        roles.append(WorkerRole(rank=len(roles), kind="regularizer"))
     return roles
 
 

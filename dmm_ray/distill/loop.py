@@ -28,7 +28,8 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
         student.add_styles([t.name for t in cfg.teachers], seed=cfg.student.codebook_seed)
         return student
     torch.manual_seed(cfg.student.codebook_seed)  # identical codebook init on every rank
-    return StyleUNet.from_unet(UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet"), style_names)
+    base = UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet")
+    return StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init)
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):
@@ -47,16 +48,75 @@ def _mlflow_logger(tracking: dict | None, rank: int):
     return log
 
 
+def _optimizer(student, d, lr: float, steps: int, warmup: int):
+    """AdamW over the student (the style codebook + MLP at lr * style_lr_mult) and its lr schedule."""
+    from diffusers.optimization import get_scheduler
+
+    style = [p for n, p in student.named_parameters() if n.startswith("class_embedding.")]
+    rest = [p for n, p in student.named_parameters() if not n.startswith("class_embedding.")]
+    groups = [{"params": rest, "lr": lr}, {"params": style, "lr": lr * d.style_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=d.weight_decay)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[d.lr_schedule]
+    return opt, get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=max(1, steps))
+
+
+class EpochStream:
+    """Batches of one dataset, epoch after epoch (each epoch re-draws t, eps and caption dropout,
+    keyed by the epoch), starting at a checkpointed (epoch, position)."""
+
+    def __init__(self, make_epoch, name: str, epoch: int = 0, position: int = 0):
+        self.make_epoch, self.name = make_epoch, name
+        self.epoch, self.position = epoch, position
+        self._it = itertools.islice(make_epoch(epoch), position, None)
+
+    def next(self) -> dict:
+        batch = next(self._it, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._it = self.make_epoch(self.epoch)
+            batch = next(self._it, None)
+            if batch is None:
+                raise RuntimeError(f"dataset {self.name!r} yielded no batch; it needs at least one full batch per worker")
+        self.position += 1
+        return batch
+
+
+def cached_stream(shard, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
+    """A small dataset (synthesized samples: paper 1.5k images/teacher) read ONCE into memory and
+    re-noised every epoch. Its position follows from the number of batches already consumed."""
+    from dmm_ray.data.stream import noised_batch
+
+    rows = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True))
+    if not rows:
+        raise RuntimeError(f"dataset {name!r} has fewer than {batch_size} rows; synthesize more images or lower the batch size")
+    s = data_cfg.stream
+
+    def epoch_batches(ep: int):
+        return (noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
+                             caption_dropout=s.caption_dropout, device=device) for b in rows)
+
+    return EpochStream(epoch_batches, name, consumed // len(rows), consumed % len(rows))
+
+
+def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
+    """(rows from the common stream, rows from the style's own synthesized set) of one style's batch."""
+    synthetic = int(round(batch_size * synthetic_fraction))
+    if synthetic_fraction > 0 and not 0 < synthetic < batch_size:
+        raise ValueError(f"data.synthetic_fraction={synthetic_fraction} of a batch of {batch_size} leaves "
+                         f"{synthetic} synthetic rows; use a larger data.stream.batch_size or another fraction")
+    return batch_size - synthetic, synthetic
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from diffusers.training_utils import EMAModel
     from dmm_ray.config import MergeConfig
-    from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, noised_batch, tokenize
+    from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, tokenize
     from dmm_ray.distill.conditioning import conditioner_for, load_base_conditioner, vae_scale_factor
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
-    from dmm_ray.distill.step import DistillStep, LossSettings
+    from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
     from dmm_ray.models.discriminator import MultiClassDiscriminator
     from dmm_ray.models.style_unet import StyleUNet, merged_style_names
     from dmm_ray.teachers import load_teacher
@@ -66,16 +126,18 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, round(cfg.scaling.cpus_per_worker)))
     d = cfg.distill
     steps = config.get("steps", d.steps)
+    lr = config.get("lr", d.lr)
 
     # ---- who am I ---------------------------------------------------------------------------
     old_styles: list[str] = []
     if cfg.incremental.base_merged:
         old_styles = merged_style_names(cfg.incremental.base_merged)
     style_names = old_styles + [t.name for t in cfg.teachers]
-    roles = worker_layout(len(cfg.teachers), cfg.workers_per_teacher, len(old_styles), cfg.regularization_workers > 0)
+    roles = worker_layout(len(cfg.teachers), cfg.workers_per_teacher, len(old_styles), cfg.regularization_workers > 0,
+                          teachers_per_worker=cfg.scaling.teachers_per_worker)
     if len(roles) != world:
         raise RuntimeError(f"worker layout has {len(roles)} roles but Ray started {world} workers")
     role = roles[rank]
@@ -85,12 +147,12 @@ def train_loop_per_worker(config: dict) -> None:
     # Conditioners: SD1.5 -> one CLIP on the stream's token ids; SDXL -> both encoders, pooled, size ids.
     student_conditioner = load_base_conditioner(base_dir, device)  # the base's text encoder(s), frozen
     if role.kind == "teacher":
-        teacher = load_teacher(cfg.teachers[role.teacher_index], device=device)
-        teacher_unet, teacher_takes_style = teacher.unet, False
-        teacher_conditioner = conditioner_for(teacher, vae_scale_factor(base_dir), device)  # the teacher's own encoder(s)
+        teachers = [load_teacher(cfg.teachers[i], device=device) for i in role.teacher_indices]
+        teacher_unets, teacher_takes_style = [t.unet for t in teachers], False
+        teacher_conditioners = [conditioner_for(t, vae_scale_factor(base_dir), device) for t in teachers]  # their own encoders
     else:  # regularisation worker: the frozen previous merged model supervises random old styles
-        teacher_unet = StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet").requires_grad_(False).eval().to(device)
-        teacher_conditioner, teacher_takes_style = student_conditioner, True
+        teacher_unets = [StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet").requires_grad_(False).eval().to(device)]
+        teacher_conditioners, teacher_takes_style = [student_conditioner], True
     student = _load_student(cfg, stage, config.get("init_student"), style_names).to(device).train()
     discriminator = None
     if d.lambda_adv > 0:
@@ -100,9 +162,26 @@ def train_loop_per_worker(config: dict) -> None:
         discriminator = MultiClassDiscriminator(UNet2DConditionModel.from_pretrained(base_dir / "unet"), len(style_names)).to(device)
     noise_scheduler = load_noise_scheduler(cfg.data)
 
-    ema = EMAModel(student.parameters(), decay=d.ema_decay) if d.ema_decay else None
-    opt_student = torch.optim.AdamW(student.parameters(), lr=config.get("lr", d.lr), weight_decay=d.weight_decay)
+    ema = EMAModel(student.parameters(), decay=d.ema_decay, use_ema_warmup=d.ema_warmup, power=3 / 4) if d.ema_decay else None
+    init_state = config.get("init_state")  # fine-tune: the distill stage's final training state
+    warmup = 0 if init_state else min(d.warmup_steps, steps)
+    opt_student, lr_scheduler = _optimizer(student, d, lr, steps, warmup)
     opt_disc = torch.optim.AdamW(discriminator.head.parameters(), lr=d.disc_lr, weight_decay=d.weight_decay) if discriminator else None
+
+    def restore(state: dict, folder: Path | None, same_stage: bool):
+        if folder is not None:
+            student.load_state_dict(StyleUNet.from_pretrained(folder / "student").state_dict())
+        opt_student.load_state_dict(state["opt_student"])
+        if discriminator is not None and state["disc_head"] is not None:
+            discriminator.head.load_state_dict(state["disc_head"])
+            opt_disc.load_state_dict(state["opt_disc"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        if same_stage and state.get("lr_scheduler") is not None:
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        elif not same_stage:  # a new stage continues the optimizer's moments at its own lr
+            for group, base_lr in zip(opt_student.param_groups, lr_scheduler.base_lrs):
+                group["lr"] = group["initial_lr"] = base_lr
 
     # ---- resume (FailureConfig restarts and re-submitted jobs land here) ----------------------
     start_step, epoch, skip_batches = 0, 0, 0
@@ -110,20 +189,17 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder))
-            student.load_state_dict(StyleUNet.from_pretrained(Path(folder) / "student").state_dict())
-            opt_student.load_state_dict(state["opt_student"])
-            if discriminator is not None and state["disc_head"] is not None:
-                discriminator.head.load_state_dict(state["disc_head"])
-                opt_disc.load_state_dict(state["opt_disc"])
-            if ema is not None and state["ema"] is not None:
-                ema.load_state_dict(state["ema"])
+            restore(state, Path(folder), same_stage=True)
             start_step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         print(f"[rank {rank}] resumed from step {start_step} (epoch {epoch}, batch {skip_batches})", flush=True)
+    elif init_state:
+        restore(load_training_state(Path(init_state)), None, same_stage=False)
+        print(f"[rank {rank}] {stage}: continuing the distill stage's discriminator head and optimizer state", flush=True)
 
     student_ddp = ray.train.torch.prepare_model(student) if world > 1 or device.type == "cuda" else student
     disc_ddp = ray.train.torch.prepare_model(discriminator) if discriminator is not None and (world > 1 or device.type == "cuda") else discriminator
     step_fn = DistillStep(
-        student_ddp, student_conditioner, teacher_unet, teacher_conditioner, noise_scheduler,
+        student_ddp, student_conditioner, teacher_unets, teacher_conditioners, noise_scheduler,
         LossSettings(score=d.score, lambda_feat=d.lambda_feat, lambda_adv=d.lambda_adv, grad_clip=d.grad_clip,
                      renoise_max_timestep=d.renoise_max_timestep),
         num_styles=len(style_names), discriminator=disc_ddp, teacher_takes_style=teacher_takes_style,
@@ -133,31 +209,48 @@ def train_loop_per_worker(config: dict) -> None:
     rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     # ---- data ---------------------------------------------------------------------------------
-    dataset_name = f"synth_{role.style_index}" if stage == "finetune" and role.kind == "teacher" else "train"
-    if stage == "finetune" and role.kind == "regularizer":
-        dataset_name = "regularizer"
-    shard = ray.train.get_dataset_shard(dataset_name)
-    data_cfg = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": config.get("batch_size", cfg.data.stream.batch_size)})})
+    # Each hosted style's batch: rows of the common stream (distill) plus, with data.synthetic_fraction,
+    # rows of its own teacher's synthesized set; the fine-tune reads only the synthesized sets.
+    batch_size = config.get("batch_size", cfg.data.stream.batch_size)
+    data_cfg = cfg.data
     empty_ids = tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
+    consumed = start_step * d.grad_accum  # batches each cached stream has given so far
+    common, synthetic = None, [None] * max(1, len(role.style_indices))
+    if stage == "finetune":
+        names = [f"synth_{i}" for i in role.style_indices] if role.kind == "teacher" else ["regularizer"]
+        synthetic = [cached_stream(ray.train.get_dataset_shard(n), batch_size, data_cfg, noise_scheduler, empty_ids, device, n, consumed)
+                     for n in names]
+    else:
+        fraction = data_cfg.synthetic_fraction if role.kind == "teacher" else 0.0
+        n_common, n_synth = split_batch(batch_size, fraction)
+        stream_cfg = data_cfg.model_copy(update={"stream": data_cfg.stream.model_copy(update={"batch_size": n_common})})
+        shard = ray.train.get_dataset_shard("train")
+        common = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler),
+                             "train", epoch, skip_batches)
+        if n_synth:
+            synthetic = [cached_stream(ray.train.get_dataset_shard(f"synth_{i}"), n_synth, data_cfg, noise_scheduler, empty_ids, device,
+                                       f"synth_{i}", consumed) for i in role.style_indices]
 
-    cached: list | None = None
+    def style_batch(j: int) -> dict:
+        parts = ([common.next()] if common is not None else []) + ([synthetic[j].next()] if synthetic[j] is not None else [])
+        if len(parts) == 1:
+            return parts[0]
+        shapes = {tuple(p["latents"].shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
+                             "set synthesis.resolution to the shards' data.encode.resolution")
+        return concat_batches(parts, slices=False)
 
-    def batches_from(ep: int, skip: int):
-        nonlocal cached
-        if stage == "finetune":
-            # Synthesized sets are small (paper: 1.5k images/teacher): read the worker's style once and
-            # re-noise it every epoch, instead of re-running a Ray Data execution each few steps.
-            if cached is None:
-                cached = list(shard.iter_batches(batch_size=data_cfg.stream.batch_size, batch_format="numpy", drop_last=True))
-            s = data_cfg.stream
-            it = (noised_batch(b, scheduler=noise_scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
-                               caption_dropout=s.caption_dropout, device=device) for b in cached)
-        else:
-            it = iter_noised_batches(shard, data_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler)
-        return itertools.islice(it, skip, None)  # data position: skip what the checkpoint consumed
+    def next_micro_batch() -> tuple[dict, torch.Tensor]:
+        if role.kind == "regularizer":  # a random old style per sample
+            batch = style_batch(0)
+            return batch, regularizer_style_ids(batch["noisy_latents"].shape[0], len(old_styles), rng).to(device)
+        subs = [style_batch(j) for j in range(len(role.style_indices))]  # one batch per hosted teacher
+        ids = torch.cat([torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=device)
+                         for b, s in zip(subs, role.style_indices)])
+        return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
 
-    step, batches_in_epoch = start_step, skip_batches
-    stream = batches_from(epoch, skip_batches)
+    step = start_step
     started = time.time()
     progress = None
     if rank == 0:
@@ -166,20 +259,8 @@ def train_loop_per_worker(config: dict) -> None:
         progress = tqdm(total=steps, initial=start_step, desc=f"{stage}", unit="step", mininterval=5)
     while step < steps:
         micro, styles = [], []
-        while len(micro) < d.grad_accum:
-            batch = next(stream, None)
-            if batch is None:  # epoch done: the next epoch re-draws t, eps and dropout (keyed by epoch)
-                epoch, batches_in_epoch = epoch + 1, 0
-                stream = batches_from(epoch, 0)
-                batch = next(stream, None)
-                if batch is None:
-                    raise RuntimeError(f"[rank {rank}] dataset {dataset_name!r} yielded no batch; it needs at least {data_cfg.stream.batch_size * world} rows")
-            batches_in_epoch += 1
-            b = batch["noisy_latents"].shape[0]
-            if role.style_index is not None:
-                ids = torch.full((b,), role.style_index, dtype=torch.long, device=device)
-            else:  # regulariser: a random old style per sample
-                ids = regularizer_style_ids(b, len(old_styles), rng).to(device)
+        for _ in range(d.grad_accum):
+            batch, ids = next_micro_batch()
             micro.append(batch)
             styles.append(ids)
         if d.fail_at_step is not None and step == d.fail_at_step and rank == min(1, world - 1):
@@ -191,27 +272,32 @@ def train_loop_per_worker(config: dict) -> None:
                 time.sleep(10)  # crash a moment *after* the last checkpoint was reported, as a real fault would
                 os._exit(1)
         logs = step_fn.run(micro, styles, opt_student, opt_disc, generator=rng)
+        lr_scheduler.step()
         if ema is not None:
             ema.step(student.parameters())
         step += 1
         if progress is not None:
             progress.update(1)
             progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
-        metrics = {**logs, "step": step, "epoch": epoch, "resumed_from": start_step,
-                   "samples_per_s": step and (step - start_step) * b * d.grad_accum * world / (time.time() - started)}
+        rows = sum(s.shape[0] for s in styles)
+        metrics = {**logs, "step": step, "epoch": common.epoch if common else 0, "resumed_from": start_step,
+                   "lr": opt_student.param_groups[0]["lr"],
+                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started)}
         if step % d.log_every == 0 or step == steps:
             log({k: v for k, v in metrics.items() if k not in ("step",)}, step)
         if step % d.checkpoint_every == 0 or step == steps:
             folder = None
             if rank == 0:
                 folder = temp_checkpoint_dir()
-                final_student = student
-                if ema is not None and step == steps:
+                final = ema is not None and step == steps
+                if final:
                     ema.store(student.parameters())
                     ema.copy_to(student.parameters())  # the saved student is the EMA
-                save_training_state(folder, student=final_student, discriminator=discriminator, opt_student=opt_student,
-                                    opt_disc=opt_disc, ema=ema, step=step, epoch=epoch, batches_in_epoch=batches_in_epoch)
-                if ema is not None and step == steps:
+                save_training_state(folder, student=student, discriminator=discriminator, opt_student=opt_student,
+                                    opt_disc=opt_disc, ema=ema, step=step, epoch=common.epoch if common else 0,
+                                    batches_in_epoch=common.position if common else 0,
+                                    extra={"lr_scheduler": lr_scheduler.state_dict()})
+                if final:
                     ema.restore(student.parameters())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
     if progress is not None:

@@ -1,6 +1,9 @@
 """One DMM training step (Algorithm 1, lines 4-18) for one worker's style(s).
 
 Shapes: x_t, eps: (B, 4, h, w); t: (B,); input_ids: (B, L); style_ids: (B,).
+A worker may host several teachers (`scaling.teachers_per_worker`): the batch is then the
+concatenation of one sub-batch per teacher (`concat_batches`), each teacher runs on its own
+slice, and the student runs ONCE on the whole batch with per-sample style ids.
 Student and teacher each come with a *conditioner* (`distill/conditioning.py`) that turns the batch
 into their own text conditioning: SD1.5 a CLIP text encoder, SDXL two encoders + pooled embedding +
 size ids. A plain CLIP text encoder is accepted too. The teacher UNet is a loaded teacher checkpoint
@@ -35,12 +38,46 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+TEACHER_SLICES = "teacher_slices"  # batch key: [(teacher j, start, stop), ...] when a worker hosts several teachers
+
+
+def concat_batches(batches: list[dict], slices: bool = True) -> dict:
+    """One batch from sub-batches (tensors concatenated on dim 0, lists joined; keys all of them have).
+    With `slices`, `teacher_slices` records which rows belong to teacher j = the sub-batch's position."""
+    out: dict = {}
+    for key in batches[0]:
+        if key == TEACHER_SLICES or any(key not in b for b in batches):
+            continue
+        values = [b[key] for b in batches]
+        out[key] = torch.cat(values) if torch.is_tensor(values[0]) else [v for part in values for v in part]
+    if not slices:
+        return out
+    slices, start = [], 0
+    for j, b in enumerate(batches):
+        n = b["noisy_latents"].shape[0]
+        slices.append((j, start, start + n))
+        start += n
+    out[TEACHER_SLICES] = slices
+    return out
+
+
+def slice_batch(batch: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items() if k != TEACHER_SLICES}
+
+
 class DistillStep:
     def __init__(self, student, student_conditioner, teacher_unet, teacher_conditioner, noise_scheduler,
                  settings: LossSettings, num_styles: int, discriminator=None, teacher_takes_style: bool = False,
                  autocast_dtype: torch.dtype | None = None):
+        """`teacher_unet` / `teacher_conditioner`: one teacher, or equal-length lists (teacher j serves
+        the rows of `batch["teacher_slices"]` marked j)."""
         self.student, self.student_conditioner = student, as_conditioner(student_conditioner)
-        self.teacher_unet, self.teacher_conditioner = teacher_unet, as_conditioner(teacher_conditioner)
+        unets = list(teacher_unet) if isinstance(teacher_unet, (list, tuple)) else [teacher_unet]
+        conds = list(teacher_conditioner) if isinstance(teacher_conditioner, (list, tuple)) else [teacher_conditioner]
+        if len(unets) != len(conds):
+            raise ValueError(f"{len(unets)} teacher UNets but {len(conds)} teacher conditioners")
+        self.teachers = [(u, as_conditioner(c)) for u, c in zip(unets, conds)]
+        self.teacher_unet, self.teacher_conditioner = self.teachers[0]
         self.noise_scheduler, self.settings, self.num_styles = noise_scheduler, settings, num_styles
         self.discriminator = discriminator if settings.lambda_adv > 0 else None
         self.teacher_takes_style = teacher_takes_style
@@ -62,11 +99,8 @@ class DistillStep:
         use_feat = s.lambda_feat > 0
         with self._autocast(noisy.device):
             with torch.no_grad():
-                teacher_text, teacher_added = self.teacher_conditioner(batch)  # (B, L, D): the teacher's own text encoder(s)
                 student_text, student_added = self.student_conditioner(batch)  # frozen base text encoder(s)
-                kwargs = {"style_ids": style_ids} if self.teacher_takes_style else {}
-                with capture_block_features(self.teacher_unet) if use_feat else nullcontext([]) as teacher_feats:
-                    teacher_eps = self.teacher_unet(noisy, t, teacher_text, added_cond_kwargs=teacher_added, **kwargs).sample
+                teacher_eps, teacher_feats = self._teacher_outputs(batch, style_ids, use_feat)
             with capture_block_features(self.student) if use_feat else nullcontext([]) as student_feats:
                 student_eps = self.student(noisy, t, student_text, added_cond_kwargs=student_added, style_ids=style_ids).sample
             terms: dict[str, torch.Tensor] = {}
@@ -93,6 +127,24 @@ class DistillStep:
         if not terms:
             raise ValueError("no loss term is enabled")
         return total, terms, x0_student.detach(), x0_teacher.detach(), (student_text, student_added)
+
+    @torch.no_grad()
+    def _teacher_outputs(self, batch: dict, style_ids: torch.Tensor, use_feat: bool):
+        """eps_T (B, C, h, w) and the teachers' block features, each teacher on its own rows."""
+        n = batch["noisy_latents"].shape[0]
+        slices = batch.get(TEACHER_SLICES) or [(0, 0, n)]
+        eps, feats = [], []
+        for j, start, stop in slices:
+            unet, conditioner = self.teachers[j]
+            sub = batch if (start, stop) == (0, n) else slice_batch(batch, start, stop)
+            text, added = conditioner(sub)  # (b, L, D): the teacher's own text encoder(s)
+            kwargs = {"style_ids": style_ids[start:stop]} if self.teacher_takes_style else {}
+            with capture_block_features(unet) if use_feat else nullcontext([]) as captured:
+                eps.append(unet(sub["noisy_latents"], sub["timesteps"], text, added_cond_kwargs=added, **kwargs).sample)
+            feats.append(list(captured))
+        if len(eps) == 1:
+            return eps[0], feats[0]
+        return torch.cat(eps), [torch.cat(maps) for maps in zip(*feats)]
 
     def discriminator_loss(self, x0_student, x0_teacher, style_ids, cond, generator=None) -> torch.Tensor:
         """CE(D(x0_S), N + i) + CE(D(x0_T), i)   (Algorithm 1, line 17). `cond`: the student's

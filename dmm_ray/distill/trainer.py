@@ -8,7 +8,10 @@ from dmm_ray.config import MergeConfig
 
 
 def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dict | None = None, init_student: str | None = None,
-                  steps: int | None = None, batch_size: int | None = None, lr: float | None = None, split_datasets=True):
+                  steps: int | None = None, batch_size: int | None = None, lr: float | None = None, split_datasets=True,
+                  init_state: str | None = None):
+    """`datasets["train"]` (the common stream) is split across workers; every other dataset (a
+    teacher's synthesized set) is read whole by the workers that host its style."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -19,7 +22,8 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    loop_config = {"merge": cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student}
+    loop_config = {"merge": cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student,
+                   "init_state": init_state}
     for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
         if value is not None:
             loop_config[key] = value
@@ -34,5 +38,5 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
-        dataset_config=train_dataset_config("all" if split_datasets else []),
+        dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else []),
     )

@@ -112,8 +112,13 @@ class StyleUNet(UNet2DConditionModel):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str]) -> "StyleUNet":
-        """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new."""
+    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str], style_init: str = "random") -> "StyleUNet":
+        """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new.
+
+        style_init="random": PyTorch's default init (the reference code); "zero": the MLP's last
+        linear starts at 0, so MLP(e) = 0 and the student's output equals the base's exactly."""
+        if style_init not in ("random", "zero"):
+            raise ValueError(f"style_init must be 'random' or 'zero', got {style_init!r}")
         config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
         config.pop("style_names", None)
         device, dtype = unet.device, unet.dtype
@@ -122,6 +127,10 @@ class StyleUNet(UNet2DConditionModel):
         new = [k for k in missing if not k.startswith("class_embedding.")]
         if new or unexpected:
             raise ValueError(f"base UNet does not match StyleUNet: missing {new[:5]}, unexpected {unexpected[:5]}")
+        if style_init == "zero":
+            with torch.no_grad():
+                student.class_embedding.mlp.linear_2.weight.zero_()
+                student.class_embedding.mlp.linear_2.bias.zero_()
         return student.to(device=device, dtype=dtype)
 
     @property

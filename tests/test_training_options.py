@@ -1,0 +1,148 @@
+"""Fidelity options of the merge loop (issue: close the fidelity gap): each test checks the mechanics
+that would break if the option did nothing or did the wrong thing."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmm_ray.config import DistillConfig, MergeConfig
+from dmm_ray.distill.layout import worker_layout
+from dmm_ray.distill.loop import _optimizer, split_batch
+from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
+from dmm_ray.models.style_unet import StyleUNet
+from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
+from merge_fixtures import build_world, tiny_merge_config
+
+
+def _batch(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sched = training_noise_scheduler()
+    x0 = torch.randn(b, 4, 8, 8, generator=g)
+    eps = torch.randn(b, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    return {"noisy_latents": sched.add_noise(x0, eps, t), "timesteps": t, "noise": eps, "latents": x0,
+            "input_ids": torch.randint(0, 50, (b, 77), generator=g), "captions": ["a red circle"] * b}
+
+
+def test_zero_style_init_starts_exactly_at_the_base():
+    c = tiny_sd_components(seed=0)
+    base = c["unet"].eval()
+    b = _batch()
+    text = c["text_encoder"](b["input_ids"])[0]
+    with torch.no_grad():
+        want = base(b["noisy_latents"], b["timesteps"], text).sample
+        zero = StyleUNet.from_unet(base, ["a", "b", "c"], style_init="zero").eval()
+        rand = StyleUNet.from_unet(base, ["a", "b", "c"], style_init="random").eval()
+        for style in range(3):
+            ids = torch.full((4,), style)
+            assert torch.equal(zero(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample, want)
+        assert not torch.allclose(rand(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample, want, atol=1e-4)
+    # ... and it can still learn: the zeroed layer gets a gradient at once
+    out = zero.train()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample
+    out.square().mean().backward()
+    assert zero.class_embedding.mlp.linear_2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedule_follows_its_formula(kind):
+    student = StyleUNet.from_unet(tiny_sd_components(seed=0)["unet"], ["a", "b"])
+    d = DistillConfig(lr=1e-3, lr_schedule=kind, warmup_steps=10, style_lr_mult=5.0)
+    steps = 100
+    opt, sched = _optimizer(student, d, d.lr, steps, d.warmup_steps)
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for step, (unet_lr, style_lr) in enumerate(seen):
+        if step < 10:
+            factor = step / 10
+        else:
+            progress = (step - 10) / (steps - 10)
+            factor = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[kind]
+        assert unet_lr == pytest.approx(1e-3 * factor, abs=1e-12)
+        assert style_lr == pytest.approx(5e-3 * factor, abs=1e-12)  # the style parameters learn style_lr_mult x faster
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert all(names[id(p)].startswith("class_embedding.") for p in opt.param_groups[1]["params"])
+    assert not any(names[id(p)].startswith("class_embedding.") for p in opt.param_groups[0]["params"])
+
+
+def test_split_batch_keeps_the_configured_fraction():
+    assert split_batch(32, 0.0) == (32, 0)
+    assert split_batch(32, 0.25) == (24, 8)
+    assert split_batch(20, 0.5) == (10, 10)
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        split_batch(2, 0.1)
+
+
+def test_teacher_packing_layout():
+    roles = worker_layout(8, 1, teachers_per_worker=8)
+    assert len(roles) == 1 and roles[0].teacher_indices == tuple(range(8))
+    roles = worker_layout(5, 2, teachers_per_worker=2)  # G = 3 groups, each on 2 workers
+    assert [r.teacher_indices for r in roles] == [(0, 1), (2, 3), (4,), (0, 1), (2, 3), (4,)]
+    roles = worker_layout(4, 1, num_old_styles=3, regularization=True, teachers_per_worker=2)
+    assert [r.style_indices for r in roles] == [(3, 4), (5, 6), ()] and roles[-1].kind == "regularizer"
+
+
+def test_packed_step_equals_one_teacher_per_batch():
+    """Two teachers on one worker, one student pass over both sub-batches == the per-teacher losses."""
+    c = tiny_sd_components(seed=0)
+    text = c["text_encoder"].requires_grad_(False)
+    teachers = []
+    for seed in (1, 2):
+        t = tiny_sd_components(seed=0)["unet"]
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        teachers.append(t.requires_grad_(False).eval())
+    student = StyleUNet.from_unet(c["unet"], ["a", "b"]).eval()
+    settings = LossSettings(lambda_adv=0)
+    sched = training_noise_scheduler()
+    b0, b1 = _batch(seed=10), _batch(seed=11)
+    packed = DistillStep(student, text, teachers, [text, text], sched, settings, num_styles=2)
+    ids = torch.tensor([0] * 4 + [1] * 4)
+    total, terms, *_ = packed.generator_losses(concat_batches([b0, b1]), ids)
+    singles = [DistillStep(student, text, t, text, sched, settings, num_styles=2).generator_losses(b, torch.full((4,), i))[1]
+               for i, (t, b) in enumerate(zip(teachers, (b0, b1)))]
+    for name in ("score", "feat"):
+        assert terms[name].item() == pytest.approx((singles[0][name].item() + singles[1][name].item()) / 2, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("options_world"), num_teachers=2, rows=64)
+
+
+@pytest.mark.ray
+def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, world, tmp_path):
+    """One worker hosts both teachers; the distill stream mixes in each teacher's samples; the fine-tune
+    restores the distill stage's discriminator head and optimizer state; the EMA is what is saved."""
+    from dmm_ray.distill.checkpointing import load_training_state
+    from dmm_ray.merge import run_merge
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 1},
+        data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5},
+        distill={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 1},
+        synthesis={"images_per_teacher": 8, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2,
+                   "finetune_batch_size": 2, "resolution": 16, "finetune_continue": True},
+    ))
+    assert cfg.num_workers == 1
+    result = run_merge(cfg)
+    assert result.stage_metrics["distill"]["step"] == 3 and result.stage_metrics["finetune"]["step"] == 2
+    assert result.stage_metrics["synthesize"]["seconds"] > 0  # synthesis ran before distillation
+    state_dir = tmp_path / "out" / "stages" / "distill_state"
+    distill_state = load_training_state(state_dir)
+    # the saved distill student is the EMA of the raw weights, not the raw weights
+    saved = StyleUNet.from_pretrained(state_dir / "student")
+    ema = distill_state["ema"]["shadow_params"]
+    for p, shadow in zip(saved.parameters(), ema):
+        assert torch.equal(p.detach(), shadow)
+    # the fine-tune started from the distill discriminator head: its Adam step count continued (3 + 2)
+    ft_states = sorted((tmp_path / "out" / "ray_results").glob("*finetune*/checkpoint_*/train_state.pt"))
+    ft = torch.load(ft_states[-1], weights_only=True)
+    assert ft["opt_disc"]["state"][0]["step"].item() == 5
+    assert ft["opt_student"]["state"][0]["step"].item() == 5
