@@ -29,6 +29,8 @@ class StudentConfig(_Section):
         description="random: PyTorch default init of the style MLP (the reference code); zero: its last linear starts at 0, "
         "so the student starts exactly at the base output (pair it with distill.style_lr_mult)",
     )
+    style_film: bool = Field(False, description="extension (not in the paper): a zero-initialised per-ResNet-block scale and "
+                             "shift from the style vector, on top of the time-embedding injection")
 
 
 class DistillConfig(_Section):

@@ -29,7 +29,7 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
         return student
     torch.manual_seed(cfg.student.codebook_seed)  # identical codebook init on every rank
     base = UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet")
-    return StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init)
+    return StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init, style_film=cfg.student.style_film)
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):

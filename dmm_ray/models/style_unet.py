@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: see below)
 from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 # diffusers' pipeline loader looks up the loadable base classes (ModelMixin, ...) as attributes of
@@ -34,15 +35,37 @@ class StyleError(ValueError):
 
 
 class StyleEmbedding(nn.Module):
-    """Codebook of style prompts + MLP. Input: codebook-space embeddings e~ (B, d)."""
+    """Codebook of style prompts + MLP. Input: codebook-space embeddings e~ (B, d).
 
-    def __init__(self, num_styles: int, dim: int):
+    Optional extension (`film_channels`, not in the paper): one zero-initialised Linear(d, 2C) per
+    ResNet block maps SiLU(MLP(e~)) to a per-channel scale and shift of that block's norm2 output,
+    so each style gets its own gain and bias in every block instead of only the bias it can reach
+    through the shared time embedding. At initialisation it is the identity."""
+
+    def __init__(self, num_styles: int, dim: int, film_channels: Sequence[int] = ()):
         super().__init__()
         self.codebook = nn.Embedding(num_styles, dim)  # (N, d), PyTorch default init like the reference
         self.mlp = TimestepEmbedding(dim, dim)  # linear_1 -> SiLU -> linear_2
+        self.film = nn.ModuleList(nn.Linear(dim, 2 * c) for c in film_channels)
+        for layer in self.film:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self._current: torch.Tensor | None = None  # MLP(e~) of the forward in progress, read by the FiLM hooks
 
     def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
-        return self.mlp(style_embeds)
+        out = self.mlp(style_embeds)
+        self._current = out
+        return out
+
+    def film_params(self, k: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of ResNet block k, each (B, C_k, 1, 1)."""
+        s = self._current
+        if s is None:
+            raise RuntimeError("style FiLM used outside a StyleUNet forward")
+        gamma, beta = self.film[k](torch.nn.functional.silu(s)).chunk(2, dim=1)
+        if gamma.shape[0] != batch:
+            gamma, beta = gamma.repeat(batch // gamma.shape[0], 1), beta.repeat(batch // beta.shape[0], 1)
+        return gamma[:, :, None, None], beta[:, :, None, None]
 
 
 def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
@@ -99,20 +122,31 @@ def _parent_init_parameters():
 class StyleUNet(UNet2DConditionModel):
     """UNet2DConditionModel + style codebook. Config field `style_names` keeps name <-> index."""
 
-    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), **kwargs):
+    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), style_film: bool = False, **kwargs):
         if kwargs.get("class_embed_type") is not None or kwargs.get("num_class_embeds") is not None:
             raise ValueError("StyleUNet uses the class-embedding slot for styles; the base UNet must have none")
         super().__init__(*args, **kwargs)
         style_names = [str(s) for s in style_names]
         _check_unique(style_names)
-        self.register_to_config(style_names=style_names)
+        self.register_to_config(style_names=style_names, style_film=bool(style_film))
         time_embed_dim = self.time_embedding.linear_2.out_features
-        self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim)
+        resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)] if style_film else []
+        self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim, [r.norm2.num_channels for r in resnets])
+        for k, resnet in enumerate(resnets):
+            resnet.norm2.register_forward_hook(self._film_hook(k))
         self._style_context: torch.Tensor | None = None
+
+    def _film_hook(self, k: int):
+        def hook(_module, _inputs, output):  # norm2 output (B, C_k, h, w) -> scaled and shifted per style
+            gamma, beta = self.class_embedding.film_params(k, output.shape[0])
+            return output * (1 + gamma.to(output.dtype)) + beta.to(output.dtype)
+
+        return hook
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str], style_init: str = "random") -> "StyleUNet":
+    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str], style_init: str = "random",
+                  style_film: bool = False) -> "StyleUNet":
         """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new.
 
         style_init="random": PyTorch's default init (the reference code); "zero": the MLP's last
@@ -121,8 +155,9 @@ class StyleUNet(UNet2DConditionModel):
             raise ValueError(f"style_init must be 'random' or 'zero', got {style_init!r}")
         config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
         config.pop("style_names", None)
+        config.pop("style_film", None)
         device, dtype = unet.device, unet.dtype
-        student = cls(**config, style_names=list(style_names))
+        student = cls(**config, style_names=list(style_names), style_film=style_film)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         new = [k for k in missing if not k.startswith("class_embedding.")]
         if new or unexpected:
@@ -254,7 +289,8 @@ def _check_unique(names: Sequence[str]) -> None:
 # expose the parent's parameters plus ours, so from_pretrained/from_config round-trip.
 StyleUNet.__init__.__signature__ = inspect.Signature(
     [p for p in _parent_init_parameters() if p.kind is not p.VAR_KEYWORD]
-    + [inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",))]
+    + [inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",)),
+       inspect.Parameter("style_film", inspect.Parameter.KEYWORD_ONLY, default=False)]
 )
 
 

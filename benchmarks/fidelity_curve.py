@@ -1,0 +1,186 @@
+"""Fidelity against training budget: FIDt / FIDt_ref of merges at increasing distill steps.
+
+  python benchmarks/fidelity_curve.py --config jobs/configs/toy.yaml --steps 150,300,600 --out outputs/curve
+  python benchmarks/fidelity_curve.py --config jobs/configs/toy.yaml --steps 300 --label zero-init \
+      --set student.style_init=zero --set distill.style_lr_mult=10 --out outputs/ablation
+  python benchmarks/fidelity_curve.py --config jobs/configs/toy_quality.yaml --steps 1200 --seed-sets 2 ...
+
+Each budget is one full `jobs/merge.py` run in its own fresh output folder (`<out>/<label>/steps_<S>`;
+a folder that already holds a finished evaluation is read back, not re-run). All of them share the
+config's latent shards and the teacher-statistics cache, so only the merge and the student are
+recomputed. Every merge is a nested run under ONE MLflow parent run (project `<name>-curve-<label>`),
+which also gets the curve's CSV and PNG. `--seed-sets 2` re-evaluates each merged model on a second,
+disjoint pair of seed sets and reports both ratios (the spread of the measurement).
+
+Writes `<out>/<label>/curve.csv` (one row per budget: steps, wall seconds by stage, FIDt, FIDt_ref,
+ratio, rows where the diagonal is the row minimum, per-style diagonal) and `curve.png` (ratio against
+distill steps and against merge wall time, one line per style: M(i,i) / M_ref(i,i)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECOND_SEEDS = ("seed_a=2000000", "seed_b=3000000")  # a disjoint second pair of seed sets
+
+
+def _merge(config: str, out: Path, steps: int, project: str, overrides: list[str]) -> dict:
+    """One merge + its evaluation; returns the point (read back if it is already done)."""
+    record = out / "point.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} exists without a finished point; remove it or use another --out/--label")
+    cmd = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", config, "--set", f"output_dir={out}",
+           "--set", f"distill.steps={steps}", "--set", f"name={project}", "--set", f"tracking.project={project}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    print("+ " + " ".join(cmd[1:]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(out / "merge.log", "w") as logf:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"error: the merge at {steps} steps failed (exit {proc.returncode}); see {out / 'merge.log'}")
+    wall = time.time() - started
+    evaluation = json.loads((out / "evaluation" / "fid_matrix.json").read_text())
+    stages = {}
+    for line in (out / "merge.log").read_text().splitlines():  # "... merged model saved: ... (N s since start: distill 12 s, ...)"
+        if "since start:" in line:
+            stages["merge"] = float(line.split("(")[-1].split()[0])
+            for part in line.split("since start:")[1].rstrip(")").split(","):
+                name, seconds, _ = part.split()
+                stages[name] = float(seconds)
+    point = {"steps": steps, "wall_s": stages.get("merge", wall), "with_eval_s": wall, "stage_s": stages, **_summary(evaluation)}
+    record.write_text(json.dumps(point, indent=1))
+    return point
+
+
+def _summary(evaluation: dict) -> dict:
+    import numpy as np
+
+    m, ref = np.array(evaluation["M"]), np.array(evaluation["M_ref"])
+    styles = evaluation["styles"]
+    return {"FIDt": float(np.trace(m)), "FIDt_ref": float(np.trace(ref)), "ratio": float(np.trace(m) / np.trace(ref)),
+            "row_min": int(sum(int(np.argmin(m[i]) == i) for i in range(len(styles)))),
+            "diag": {s: float(m[i, i]) for i, s in enumerate(styles)},
+            "ref_diag": {s: float(ref[i, i]) for i, s in enumerate(styles)}}
+
+
+def _second_seed_set(config: str, out: Path) -> dict:
+    record = out / "point_seeds2.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    cmd = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", str(out / "merged"), "--teachers", config,
+           "--section", "evaluation", "--config", config, "--out", str(out / "evaluation_seeds2")]
+    for s in SECOND_SEEDS:
+        cmd += ["--set", s]
+    with open(out / "evaluate_seeds2.log", "w") as logf:
+        subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, check=True)
+    point = _summary(json.loads((out / "evaluation_seeds2" / "fid_matrix.json").read_text()))
+    record.write_text(json.dumps(point, indent=1))
+    return point
+
+
+def write_outputs(points: list[dict], folder: Path, title: str) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = list(points[0]["diag"])
+    csv_path = folder / "curve.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        stage_names = sorted({k for p in points for k in p["stage_s"]})
+        w.writerow(["steps", "wall_s", *[f"{k}_s" for k in stage_names], "FIDt", "FIDt_ref", "ratio", "row_min",
+                    "ratio_seeds2", *[f"diag_{s}" for s in styles], *[f"ref_diag_{s}" for s in styles]])
+        for p in points:
+            w.writerow([p["steps"], round(p["wall_s"], 1), *[round(p["stage_s"].get(k, 0.0), 1) for k in stage_names],
+                        round(p["FIDt"], 2), round(p["FIDt_ref"], 2), round(p["ratio"], 4), p["row_min"],
+                        round(p["seeds2"]["ratio"], 4) if p.get("seeds2") else "",
+                        *[round(p["diag"][s], 2) for s in styles], *[round(p["ref_diag"][s], 2) for s in styles]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "steps", "distill steps"), (axes[1], "wall_s", "merge wall time (s)")):
+        xs = [p[key] for p in points]
+        ax.plot(xs, [p["ratio"] for p in points], "k-o", lw=2.5, label="FIDt / FIDt_ref")
+        if any(p.get("seeds2") for p in points):
+            ax.plot([p[key] for p in points if p.get("seeds2")], [p["seeds2"]["ratio"] for p in points if p.get("seeds2")],
+                    "k--s", lw=1.5, label="FIDt / FIDt_ref (seed sets 2)")
+        for s in styles:
+            ax.plot(xs, [p["diag"][s] / max(p["ref_diag"][s], 1e-9) for p in points], "-", alpha=0.6, label=f"{s}: M(i,i)/M_ref(i,i)")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ratio to the teacher reference")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    png_path = folder / "curve.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[Path, Path], label: str, overrides: list[str]) -> None:
+    sys.path.insert(0, str(REPO))
+    from dmm_ray.config import load_config
+    from dmm_ray.tracking import MergeTracker, tracking_config_from_merge
+
+    cfg = load_config(config, [f"name={project}", f"tracking.project={project}"])
+    tracker = MergeTracker(tracking_config_from_merge(cfg))
+    if not tracker.enabled:
+        return
+    with tracker.project(params={"curve.label": label, "curve.overrides": json.dumps(overrides)}):
+        for p in points:
+            tracker.log_metrics({"curve/FIDt": p["FIDt"], "curve/FIDt_ratio": p["ratio"], "curve/wall_s": p["wall_s"],
+                                 "curve/row_min": p["row_min"], **{f"curve/diag/{s}": v for s, v in p["diag"].items()},
+                                 **({"curve/FIDt_ratio_seeds2": p["seeds2"]["ratio"]} if p.get("seeds2") else {})}, step=p["steps"])
+        import mlflow
+
+        for f in files:
+            mlflow.log_artifact(str(f), "curve")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/toy.yaml")
+    p.add_argument("--steps", default="150,300,600", help="comma-separated distill budgets")
+    p.add_argument("--out", default="outputs/fidelity_curve")
+    p.add_argument("--label", default="default", help="names this curve (sub-folder and MLflow project suffix)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every merge")
+    p.add_argument("--seed-sets", type=int, choices=(1, 2), default=1, help="2: also evaluate on a second pair of seed sets")
+    args = p.parse_args(argv)
+    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    folder = (Path(args.out) / args.label).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    from dmm_ray.config import load_config
+
+    config = str(Path(args.config).resolve())
+    project = f"{load_config(config, args.overrides).name}-curve-{args.label}"
+    points = []
+    for s in steps:
+        point = _merge(config, folder / f"steps_{s}", s, project, args.overrides)
+        if args.seed_sets == 2:
+            point["seeds2"] = _second_seed_set(config, folder / f"steps_{s}")
+        points.append(point)
+        extra = f", seed sets 2: ratio {point['seeds2']['ratio']:.3f}" if point.get("seeds2") else ""
+        print(f"steps {s}: FIDt {point['FIDt']:.1f} / FIDt_ref {point['FIDt_ref']:.1f} = ratio {point['ratio']:.3f}, "
+              f"diagonal row minimum {point['row_min']}/{len(point['diag'])}, merge {point['wall_s']:.0f} s{extra}", flush=True)
+    files = write_outputs(points, folder, f"{project}: {' '.join(args.overrides) or 'preset'}")
+    _log_to_mlflow(config, project, points, files, args.label, args.overrides)
+    print(f"curve: {files[0]}\nplot:  {files[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
