@@ -209,12 +209,11 @@ def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
 
 
 def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
+    """ONE dataset of every teacher's synthesized samples (rows carry their style): each worker
+    reads it once and keeps the styles it hosts (one Ray Data execution, not one per style)."""
     from dmm_ray.data.stream import build_latent_dataset
 
-    datasets = {f"synth_{i}": build_latent_dataset(cfg.data, shards=d) for i, d in shard_dirs.items()}
-    if cfg.regularization_workers:
-        datasets["regularizer"] = build_latent_dataset(cfg.data, shards=next(iter(shard_dirs.values())))
-    return datasets
+    return {"synth": build_latent_dataset(cfg.data, shards=[shard_dirs[i] for i in sorted(shard_dirs)])}
 
 
 def _state_from_result(result, dest: Path) -> Path:

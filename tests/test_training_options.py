@@ -146,3 +146,30 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
     ft = torch.load(ft_states[-1], weights_only=True)
     assert ft["opt_disc"]["state"][0]["step"].item() == 5
     assert ft["opt_student"]["state"][0]["step"].item() == 5
+
+
+def test_style_film_starts_as_identity_and_round_trips(tmp_path):
+    """The FiLM extension is the identity at init (a plain StyleUNet's output), learns per style, and
+    its config and weights survive save/load."""
+    c = tiny_sd_components(seed=0)
+    b = _batch()
+    text = c["text_encoder"](b["input_ids"])[0].detach()
+    torch.manual_seed(0)
+    plain = StyleUNet.from_unet(c["unet"], ["a", "b"]).eval()
+    torch.manual_seed(0)
+    film = StyleUNet.from_unet(c["unet"], ["a", "b"], style_film=True).eval()
+    ids = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        assert torch.equal(film(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+                           plain(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample)
+    assert len(film.class_embedding.film) == sum(1 for m in film.modules() if type(m).__name__ == "ResnetBlock2D")
+    film.train()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample.square().mean().backward()
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in film.class_embedding.film)
+    with torch.no_grad():
+        for layer in film.class_embedding.film:
+            layer.weight.normal_(0, 0.1)
+        film.save_pretrained(tmp_path / "unet")
+        loaded = StyleUNet.from_pretrained(tmp_path / "unet").eval()
+        assert loaded.config.style_film
+        assert torch.equal(loaded(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+                           film.eval()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample)

@@ -89,15 +89,20 @@ def tokenize_latent_rows(table, tokenizer_path: str) -> dict:
     return out
 
 
-def build_latent_dataset(cfg: DataConfig, shards: Optional[str] = None):
-    """Ray Dataset of tokenised latent rows from every complete shard in `shards` (default cfg.shards).
+def build_latent_dataset(cfg: DataConfig, shards: "Optional[str | Sequence[str]]" = None):
+    """Ray Dataset of tokenised latent rows from every complete shard in `shards` (a folder or a list
+    of folders on one filesystem; default cfg.shards).
 
     Columns: latents (C, h, w) float32, input_ids (L,) int64, caption, source_id[, style].
     Incomplete shards are left out with a warning; no complete shard is an error.
     """
     import ray
 
-    fs, paths = complete_shards(shards or cfg.shards)
+    folders = [shards or cfg.shards] if shards is None or isinstance(shards, str) else list(shards)
+    paths = []
+    for folder in folders:
+        fs, found = complete_shards(folder)
+        paths += found
     ds = ray.data.read_parquet(paths, filesystem=fs)
     if cfg.stream.shuffle_blocks:
         ds = ds.randomize_block_order(seed=cfg.stream.seed)  # seeded: same order every run

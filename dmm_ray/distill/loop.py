@@ -81,21 +81,37 @@ class EpochStream:
         return batch
 
 
-def cached_stream(shard, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
-    """A small dataset (synthesized samples: paper 1.5k images/teacher) read ONCE into memory and
-    re-noised every epoch. Its position follows from the number of batches already consumed."""
+def read_synthesized(shard, styles: list[int] | None) -> dict[int, dict]:
+    """The synthesized set (paper: 1.5k images/teacher, small) read ONCE into memory, split by style:
+    {style: numpy columns}. `styles=None` keeps every style (the regularisation worker)."""
+    import numpy as np
+
+    parts: dict[int, list[dict]] = {}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for style in np.unique(batch["style"]):
+            if styles is None or int(style) in styles:
+                keep = batch["style"] == style
+                parts.setdefault(int(style), []).append({k: v[keep] for k, v in batch.items()})
+    return {style: {k: np.concatenate([p[k] for p in chunks]) for k in chunks[0]} for style, chunks in parts.items()}
+
+
+def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
+    """In-memory rows (numpy columns) in fixed batches, re-noised every epoch (t, eps and dropout
+    keyed by the epoch). The position follows from the number of batches already consumed."""
     from dmm_ray.data.stream import noised_batch
 
-    rows = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True))
-    if not rows:
-        raise RuntimeError(f"dataset {name!r} has fewer than {batch_size} rows; synthesize more images or lower the batch size")
+    n = len(rows["latents"]) // batch_size
+    if n == 0:
+        raise RuntimeError(f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
+                           "synthesize more images (synthesis.images_per_teacher) or lower the batch size")
+    batches = [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
     s = data_cfg.stream
 
     def epoch_batches(ep: int):
         return (noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
-                             caption_dropout=s.caption_dropout, device=device) for b in rows)
+                             caption_dropout=s.caption_dropout, device=device) for b in batches)
 
-    return EpochStream(epoch_batches, name, consumed // len(rows), consumed % len(rows))
+    return EpochStream(epoch_batches, name, consumed // n, consumed % n)
 
 
 def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
@@ -216,10 +232,22 @@ def train_loop_per_worker(config: dict) -> None:
     empty_ids = tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
     consumed = start_step * d.grad_accum  # batches each cached stream has given so far
     common, synthetic = None, [None] * max(1, len(role.style_indices))
+    def synthetic_streams(size: int) -> list:
+        hosted = list(role.style_indices) if role.kind == "teacher" else None
+        by_style = read_synthesized(ray.train.get_dataset_shard("synth"), hosted)
+        if hosted is None:  # regulariser: any synthesized images, re-labelled with random old styles per step
+            import numpy as np
+
+            pooled = {k: np.concatenate([r[k] for r in by_style.values()]) for k in next(iter(by_style.values()))}
+            return [cached_stream(pooled, size, data_cfg, noise_scheduler, empty_ids, device, "synthesized samples", consumed)]
+        missing = [i for i in hosted if i not in by_style]
+        if missing:
+            raise RuntimeError(f"the synthesized set has no samples of style(s) {missing}")
+        return [cached_stream(by_style[i], size, data_cfg, noise_scheduler, empty_ids, device, f"style {i}'s synthesized samples", consumed)
+                for i in hosted]
+
     if stage == "finetune":
-        names = [f"synth_{i}" for i in role.style_indices] if role.kind == "teacher" else ["regularizer"]
-        synthetic = [cached_stream(ray.train.get_dataset_shard(n), batch_size, data_cfg, noise_scheduler, empty_ids, device, n, consumed)
-                     for n in names]
+        synthetic = synthetic_streams(batch_size)
     else:
         fraction = data_cfg.synthetic_fraction if role.kind == "teacher" else 0.0
         n_common, n_synth = split_batch(batch_size, fraction)
@@ -228,8 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
         common = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler),
                              "train", epoch, skip_batches)
         if n_synth:
-            synthetic = [cached_stream(ray.train.get_dataset_shard(f"synth_{i}"), n_synth, data_cfg, noise_scheduler, empty_ids, device,
-                                       f"synth_{i}", consumed) for i in role.style_indices]
+            synthetic = synthetic_streams(n_synth)
 
     def style_batch(j: int) -> dict:
         parts = ([common.next()] if common is not None else []) + ([synthetic[j].next()] if synthetic[j] is not None else [])
