@@ -77,6 +77,9 @@ class SynthesisConfig(_Section):
     negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
     resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
     batch_size: int = Field(10, ge=1, description="images per teacher forward")
+    actors: Optional[int] = Field(None, ge=1, description="synthesis actors (default: one per teacher); each serves its "
+                                  "teachers in turn, so a CPU machine can run one actor per core")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per synthesis actor (also its torch threads)")
     finetune_steps: int = Field(10000, ge=0, description="paper: 10k iterations at batch 10")
     finetune_batch_size: int = Field(10, ge=1)
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: distill.lr")

@@ -203,7 +203,7 @@ def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
     t0 = time.time()
     dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
                       s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
-                      s.negative_prompt)
+                      s.negative_prompt, actors=s.actors, cpus_per_actor=s.cpus_per_actor)
     log(f"synthesis done in {time.time() - t0:.0f} s")
     return dirs
 

@@ -118,7 +118,8 @@ def world(tmp_path_factory):
 
 @pytest.mark.ray
 def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, world, tmp_path):
-    """One worker hosts both teachers; the distill stream mixes in each teacher's samples; the fine-tune
+    """One worker hosts both teachers; one synthesis actor serves both teachers in turn; the distill
+    stream mixes in each teacher's samples; the fine-tune
     restores the distill stage's discriminator head and optimizer state; the EMA is what is saved."""
     from dmm_ray.distill.checkpointing import load_training_state
     from dmm_ray.merge import run_merge
@@ -128,7 +129,7 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
         data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5},
         distill={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 1},
         synthesis={"images_per_teacher": 8, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2,
-                   "finetune_batch_size": 2, "resolution": 16, "finetune_continue": True},
+                   "finetune_batch_size": 2, "resolution": 16, "finetune_continue": True, "actors": 1},
     ))
     assert cfg.num_workers == 1
     result = run_merge(cfg)

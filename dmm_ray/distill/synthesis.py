@@ -12,18 +12,28 @@ import torch
 
 @ray.remote
 class TeacherSynthesizer:
-    """Hosts one teacher pipeline; generates latents (model space, i.e. VAE-scaled) for prompts."""
+    """Hosts one teacher pipeline at a time; generates latents (model space, i.e. VAE-scaled) for
+    prompts. An actor may serve several teachers one after the other (`load`), so a small machine
+    runs as many actors as it has CPUs instead of one process per teacher."""
 
-    def __init__(self, spec: dict, use_gpu: bool = False):
+    def __init__(self, spec: dict | None = None, use_gpu: bool = False, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if spec is not None:
+            self.load(spec)
+
+    def load(self, spec: dict) -> None:
         from dmm_ray.pipeline import DMMPipeline
         from dmm_ray.teachers import TeacherSpec, load_teacher_pipeline
 
-        torch.set_num_threads(1)
         self.spec = TeacherSpec.model_validate(spec)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.pipe = load_teacher_pipeline(self.spec).to(self.device)
         self.pipe.scheduler = DMMPipeline.paper_scheduler(self.pipe.scheduler)  # DPM-Solver++
         self.pipe.set_progress_bar_config(disable=True)
+
+    def load_and_generate(self, spec: dict, *args) -> np.ndarray:
+        self.load(spec)
+        return self.generate(*args)
 
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
                  height: int, width: int, batch_size: int, negative_prompt: str | None = None) -> np.ndarray:
@@ -44,9 +54,11 @@ class TeacherSynthesizer:
 
 def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: str | Path, images_per_teacher: int,
                num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int, seed: int = 0,
-               use_gpu: bool = False, negative_prompt: str | None = None) -> dict[int, str]:
-    """Fan out to one actor per teacher; write shards `out_dir/style_<i>`; returns {style index: shard dir}.
-    Finished styles (complete shards) are not generated again."""
+               use_gpu: bool = False, negative_prompt: str | None = None, actors: int | None = None,
+               cpus_per_actor: float = 1.0) -> dict[int, str]:
+    """Fan out to `actors` Ray actors (default: one per teacher; teachers are dealt round-robin, each
+    actor serves its teachers one after the other); write shards `out_dir/style_<i>`; returns
+    {style index: shard dir}. Finished styles (complete shards) are not generated again."""
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.shards import is_shard_complete, latent_table, write_shard
 
@@ -56,18 +68,27 @@ def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: s
     fs, _ = fsu.resolve(str(out_dir))
     chosen = [prompts[i % len(prompts)] for i in range(images_per_teacher)]
     seeds = [seed * 100003 + i for i in range(images_per_teacher)]
-    pending, result = {}, {}
+    todo, result = [], {}
     for k, spec in enumerate(teachers):
         style = style_offset + k
         root = str((out_dir / f"style_{style}").resolve())
         result[style] = root
-        if is_shard_complete(fs, root, 0):
-            continue
-        actor = TeacherSynthesizer.options(num_gpus=1 if use_gpu else 0, num_cpus=1).remote(spec.model_dump(), use_gpu)
-        pending[style] = (actor.generate.remote(chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size, negative_prompt), root, spec.name)
-    for style, (ref, root, name) in pending.items():
+        if not is_shard_complete(fs, root, 0):
+            todo.append((style, root, spec))
+    if not todo:
+        return result
+    n_actors = min(actors or len(todo), len(todo))
+    pool = [TeacherSynthesizer.options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor).remote(None, use_gpu, round(cpus_per_actor))
+            for _ in range(n_actors)]
+    args = (chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size, negative_prompt)
+    # An actor runs its calls in order: teacher k goes to actor k mod A, so every actor stays busy.
+    pending = [(style, root, spec.name, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args))
+               for k, (style, root, spec) in enumerate(todo)]
+    for style, root, name, ref in pending:
         latents = ray.get(ref)
         ids = [f"synth-{name}-{i}" for i in range(len(chosen))]
         write_shard(fs, root, 0, latent_table(latents, chosen, ids, styles=[style] * len(chosen)))
         print(f"synthesized {len(chosen)} samples from teacher {name!r} -> {root}", flush=True)
+    for actor in pool:
+        ray.kill(actor)
     return result
