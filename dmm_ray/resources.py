@@ -87,8 +87,8 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     plan = ResourcePlan(cpus, gpus, workers, per_worker, gpus_per_worker, s.data_cpus)
     if per_worker > 0 and plan.train_cpus + s.data_cpus > cpus + 1e-9:
         problems.append(
-            f"CPUs: needed {_n(plan.train_cpus + s.data_cpus)} = {layout} x scaling.cpus_per_worker={_n(per_worker)} "
-            f"+ scaling.data_cpus={_n(s.data_cpus)} for Ray Data's shard reads, available {_n(cpus)}")
+            f"CPUs: needed {_n(plan.train_cpus + s.data_cpus)} = {workers} workers x scaling.cpus_per_worker={_n(per_worker)} "
+            f"+ scaling.data_cpus={_n(s.data_cpus)} (Ray Data's shard reads), available {_n(cpus)}")
     if plan.train_gpus > gpus + 1e-9:
         problems.append(f"GPUs: needed {_n(plan.train_gpus)} = {workers} workers x scaling.gpus_per_worker={_n(gpus_per_worker)}, available {_n(gpus)}")
     # Stages that do not overlap with training: each of their actors must at least fit on its own.

@@ -114,7 +114,7 @@ def test_resource_check_refuses_what_the_cluster_cannot_hold_naming_the_numbers(
     with pytest.raises(ResourceError) as error:
         plan_resources(_cfg(cpus_per_worker=0.25), {"CPU": 2.0})
     message = str(error.value)
-    assert "needed 3 = 8 Train workers" in message and "available 2" in message and "scaling.data_cpus=1" in message
+    assert "needed 3 = 8 workers x scaling.cpus_per_worker=0.25" in message and "available 2" in message and "scaling.data_cpus=1" in message
     for knob in ("scaling.workers_per_teacher", "scaling.cpus_per_worker", "scaling.teachers_per_worker", "--set scaling.num_workers"):
         assert knob in message
     # GPUs: 8 workers x 1 GPU on a 4-GPU cluster
