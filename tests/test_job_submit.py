@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MICRO_STYLES = ["warm", "noir", "sketch"]  # dmm_ray.zoo.config PRESETS["micro"]
 # A few steps of everything on the micro zoo (3 teachers -> 3 workers); the rest is the embedded default.
-SMALL = ["zoo=micro", "distill.steps=2", "data.stream.batch_size=4", "synthesis.images_per_teacher=4", "synthesis.finetune_steps=2",
+SMALL = ["zoo=micro", "distill.steps=2", "distill.log_every=1", "data.stream.batch_size=4", "synthesis.images_per_teacher=4", "synthesis.finetune_steps=2",
          "synthesis.finetune_batch_size=2", "evaluation.num_prompts=4", "evaluation.images_per_prompt=4"]
 
 
