@@ -142,3 +142,18 @@ def test_resource_plan_auto_and_fixed_layouts_leave_ray_data_room():
     with pytest.raises(ValueError, match="must be > 0 or .auto."):
         _cfg(cpus_per_worker=0)
     assert os.environ["DMM_HOME"]  # conftest keeps tests out of ~/.dmm-ray
+
+
+def test_locations_warn_when_outputs_would_land_in_rays_temporary_copy(tmp_path, home, monkeypatch):
+    """A relative --set path inside `ray job submit`'s unpacked working dir is deleted with the job: say so."""
+    from dmm_ray.merge import format_locations
+
+    pkg = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    pkg.mkdir(parents=True)
+    (pkg / "c.yaml").write_text(yaml.safe_dump({"teachers": TEACHERS[:2], "student": {"base": "/x/base"}, "data": {"base": "/x/base"}}))
+    monkeypatch.chdir(pkg)
+    text = format_locations(load_config(pkg / "c.yaml"), "locations")
+    assert f"output_dir:    {home / 'outputs' / 'dmm-merge'}" in text and "WARNING" not in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db" in text
+    text = format_locations(load_config(pkg / "c.yaml", ["output_dir=outputs/x", "tracking.uri=sqlite:///m.db"]), "locations")
+    assert f"WARNING: output_dir, latent shards, MLflow store lie(s) in Ray's temporary working dir {pkg}" in text
