@@ -157,3 +157,17 @@ def test_locations_warn_when_outputs_would_land_in_rays_temporary_copy(tmp_path,
     assert f"mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db" in text
     text = format_locations(load_config(pkg / "c.yaml", ["output_dir=outputs/x", "tracking.uri=sqlite:///m.db"]), "locations")
     assert f"WARNING: output_dir, latent shards, MLflow store lie(s) in Ray's temporary working dir {pkg}" in text
+
+
+def test_zoo_preset_is_built_on_first_use_and_then_reused(tmp_path, home, capsys):
+    """`zoo: micro` with build_zoo=True (what jobs/merge.py passes): built once into $DMM_HOME/zoo/micro."""
+    config = tmp_path / "c.yaml"
+    config.write_text("zoo: micro\n")
+    cfg = load_config(config, build_zoo=True)
+    assert "building the toy zoo preset 'micro'" in capsys.readouterr().out
+    assert cfg.zoo == str(home / "zoo" / "micro" / "zoo.yaml") and [t.name for t in cfg.teachers] == ["warm", "noir", "sketch"]
+    stamp = (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns
+    assert load_config(config, build_zoo=True).teachers == cfg.teachers
+    assert "building" not in capsys.readouterr().out and (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match=r"zoo: 'mirco': unknown zoo size 'mirco'; known sizes: \['full', 'micro'\]"):
+        load_config(config, ["zoo=mirco"], build_zoo=True)
