@@ -165,10 +165,12 @@ def main(argv=None) -> int:
     from dmm_ray.config import load_config
 
     config = str(Path(args.config).resolve())
-    project = f"{load_config(config, args.overrides).name}-curve-{args.label}"
+    base = load_config(config, args.overrides, build_zoo=True)
+    project = f"{base.name}-curve-{args.label}"
+    shared = [f"data.shards={base.data.shards}"]  # every point reads the preset's latents (encoded once)
     points = []
     for s in steps:
-        point = _merge(config, folder / f"steps_{s}", s, project, args.overrides)
+        point = _merge(config, folder / f"steps_{s}", s, project, shared + args.overrides)
         if args.seed_sets == 2:
             point["seeds2"] = _second_seed_set(config, folder / f"steps_{s}")
         points.append(point)

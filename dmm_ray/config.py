@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
 from dmm_ray.teachers import TeacherSpec
 
@@ -59,13 +60,26 @@ class ScalingSection(_Section):
     workers_per_teacher: int = Field(1, ge=1, description="k: W = N*k workers, worker r hosts teacher r mod N")
     num_workers: Optional[int] = Field(None, ge=1, description="explicit W (must be N*k, +1 with incremental regularisation)")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | Literal["auto"] = Field(
+        1.0, description="CPUs Ray reserves per Train worker; auto: the cluster's CPUs minus data_cpus, shared equally "
+        "by the workers (planned in dmm_ray.resources before Ray Train starts)")
+    data_cpus: float = Field(1.0, ge=1, description="CPUs left free for Ray Data (shard reads, tokenisation: 1 CPU per task) "
+                             "while Train workers run; the merge refuses to start when the cluster cannot keep them free")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per worker (default: cpus_per_worker rounded, at least 1)")
     teachers_per_worker: int = Field(1, ge=1, description="k teachers on one worker; each step every teacher gets its own "
                                      "batch of its style (W = ceil(N/k) * workers_per_teacher)")
     gpus_per_worker: float = Field(1.0, ge=0)
+    check_resources: bool = Field(True, description="refuse a layout the cluster cannot hold (needed vs available CPUs/GPUs) "
+                                  "before Ray Train starts; false on an autoscaling cluster whose nodes join on demand")
     max_failures: int = Field(2, ge=-1, description="FailureConfig: restarts from the last checkpoint (-1 = unlimited)")
     ray_address: Optional[str] = Field(None, description="ray.init address; default: RAY_ADDRESS or a local Ray")
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive_cpus(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError(f"must be > 0 or 'auto', got {v}")
+        return v
 
 
 class SynthesisConfig(_Section):
@@ -94,9 +108,10 @@ class IncrementalConfig(_Section):
 
 class MergeConfig(_Section):
     name: str = Field("dmm-merge", description="merge project name: MLflow parent run and registered model name")
-    output_dir: str = Field("outputs/merge", description="where checkpoints, shards and the merged model go")
+    output_dir: str = Field(description="where checkpoints, shards and the merged model go; default $DMM_HOME/outputs/<name>")
     seed: int = 0
-    zoo: Optional[str] = Field(None, description="a toy-zoo manifest (zoo.yaml): fills teachers, student.base and data defaults")
+    zoo: Optional[str] = Field(None, description="a toy-zoo manifest (zoo.yaml or its folder), or a preset name (full, micro): "
+                               "$DMM_HOME/zoo/<name>, built on first use; fills teachers, student.base and data defaults")
     zoo_teachers: Optional[list[int | str]] = Field(None, description="use only these zoo teachers (indices or names), in this order")
     teachers: list[TeacherSpec] = Field(default_factory=list)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -107,6 +122,22 @@ class MergeConfig(_Section):
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
     tracking: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.tracking.TrackingConfig")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_locations(cls, data: Any) -> Any:
+        """output_dir defaults to $DMM_HOME/outputs/<name>, data.shards to <output_dir>/latents."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("output_dir") is None:
+            data["output_dir"] = str(paths.outputs_dir(data.get("name") or cls.model_fields["name"].default))
+        section = data.get("data")
+        if isinstance(section, dict) and section.get("shards") is None:
+            data["data"] = {**section, "shards": str(data["output_dir"]).rstrip("/") + "/latents"}
+        elif section is None:
+            data["data"] = {"shards": str(data["output_dir"]).rstrip("/") + "/latents"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
@@ -137,15 +168,13 @@ class MergeConfig(_Section):
         return self
 
     def with_absolute_paths(self, root: str | os.PathLike | None = None) -> "MergeConfig":
-        """Local relative paths made absolute against `root` (default: the current directory).
-
-        The driver calls this before Ray starts: Train workers and actors run in other working
-        directories, so `outputs/toy_first4/merged` must mean the same folder everywhere.
-        URIs (`s3://...`) and absolute paths are left as they are."""
-        root = Path(root or os.getcwd())
+        """Local relative paths made absolute against `root` (default: the current directory), by
+        `dmm_ray.paths.resolve`. `load_config` has already resolved a file's paths against its folder;
+        this covers configs built in Python. The driver calls it before Ray starts: Train workers
+        and actors run in other working directories. URIs and absolute paths stay as they are."""
 
         def fix(p):
-            return p if p is None or "://" in p or os.path.isabs(p) else str((root / p).resolve())
+            return paths.resolve(p, root)
 
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in ("base", "vae", "tokenizer", "shards")})
         if data.source is not None:
@@ -226,13 +255,87 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         node[last] = value
 
 
-def _zoo_defaults(tree: dict, base_dir: Path) -> None:
-    """Fill teachers / student.base / data paths from a zoo.yaml (explicit keys win)."""
-    zoo_path = Path(tree["zoo"])
-    if not zoo_path.is_absolute():
-        zoo_path = (base_dir / zoo_path) if (base_dir / zoo_path).exists() else Path.cwd() / zoo_path
+# Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
+_PATH_KEYS = {
+    "": ("output_dir",),
+    "student": ("base",),
+    "data": ("base", "vae", "tokenizer", "shards"),
+    "synthesis": ("prompts",),
+    "incremental": ("base_merged",),
+    "evaluation": ("prompts", "prompts_file", "feature_net", "inception_weights", "cache_dir", "output_dir"),
+}
+_TRACKING_URI_KEYS = ("uri", "tracking_uri", "registry_uri")
+
+
+def is_zoo_preset(value: str) -> bool:
+    """`zoo: full` / `zoo: micro` name a preset (no slash, no .yaml); `./full` is a folder."""
+    return "/" not in value and not value.endswith((".yaml", ".yml")) and value not in (".", "..") and "$" not in value and "~" not in value
+
+
+def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
+    """Make every relative local path in a raw config tree absolute against `base`, in place
+    (`dmm_ray.paths.resolve`: `$DMM_HOME` and `~` expand, URIs and absolute paths stay)."""
+
+    def fix(section: Any, keys) -> None:
+        if isinstance(section, dict):
+            for key in keys:
+                if isinstance(section.get(key), str):
+                    section[key] = paths.resolve(section[key], base)
+
+    for name, keys in _PATH_KEYS.items():
+        fix(tree if not name else tree.get(name), keys)
+    if isinstance(tree.get("zoo"), str) and not is_zoo_preset(tree["zoo"]):
+        tree["zoo"] = paths.resolve(tree["zoo"], base)
+    for teacher in tree.get("teachers") or []:
+        fix(teacher, ("source", "base"))
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        source = data["source"]
+        fix(source, ("root",))  # source.manifest is relative to source.root
+        if isinstance(source.get("annotations"), list):
+            source["annotations"] = [paths.resolve(a, base) if isinstance(a, str) else a for a in source["annotations"]]
+        elif isinstance(source.get("annotations"), str):
+            source["annotations"] = paths.resolve(source["annotations"], base)
+    evaluation = tree.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("extractor"), dict) and evaluation["extractor"].get("kind") != "import":
+        fix(evaluation["extractor"], ("path",))  # kind import: 'package.module:factory', not a path
+    tracking = tree.get("tracking")
+    if isinstance(tracking, dict):
+        for key in _TRACKING_URI_KEYS:
+            if isinstance(tracking.get(key), str):
+                tracking[key] = paths.resolve_tracking_uri(tracking[key], base)
+        fix(tracking, ("artifact_location",))
+
+
+def _zoo_manifest(value: str, build: bool) -> Path:
+    """The zoo.yaml that `zoo:` names: an (already resolved) file or folder, or a preset name."""
+    if is_zoo_preset(value):
+        folder = paths.zoo_dir(value)
+        if build:
+            from dmm_ray.zoo.build import ZooBuildError, ensure_zoo_preset
+
+            try:
+                ensure_zoo_preset(value, folder)
+            except (ZooBuildError, ValueError) as error:
+                raise ConfigError(f"zoo: {value!r}: {error}") from None
+        elif not (folder / "zoo.yaml").is_file():
+            raise ConfigError(
+                f"zoo: {value!r} names the toy-zoo preset at {folder}, which is not built yet; build it with "
+                f"`python jobs/build_zoo.py --size {value}` (jobs/merge.py builds it on first use)")
+        return folder / "zoo.yaml"
+    zoo_path = Path(value)
+    if zoo_path.is_dir():
+        zoo_path = zoo_path / "zoo.yaml"
     if not zoo_path.exists():
-        raise ConfigError(f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`")
+        raise ConfigError(f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`, "
+                          f"or name a preset (zoo: full / zoo: micro, built on first use under $DMM_HOME/zoo)")
+    return zoo_path
+
+
+def _zoo_defaults(tree: dict, build: bool = False) -> None:
+    """Fill teachers / student.base / data paths from a zoo.yaml (explicit keys win)."""
+    zoo_path = _zoo_manifest(tree["zoo"], build)
+    tree["zoo"] = str(zoo_path)  # the preset name becomes the manifest it names
     zoo = yaml.safe_load(zoo_path.read_text())
     root = zoo_path.parent
 
@@ -269,9 +372,14 @@ def _zoo_defaults(tree: dict, base_dir: Path) -> None:
         tree.setdefault("evaluation", {}).setdefault("feature_net", rel(zoo["feature_net"]))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> MergeConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None,
+                build_zoo: bool = False) -> MergeConfig:
+    """The validated config of a YAML file plus `--set` overrides (and `extra` top-level keys).
+
+    Relative paths in the file resolve against the file's folder, those in overrides and `extra`
+    against the current directory (`dmm_ray.paths`). `zoo: <preset>` needs the preset built under
+    $DMM_HOME/zoo; `build_zoo=True` builds it when missing (the merge job does)."""
     tree: dict = {}
-    base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -279,12 +387,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        resolve_tree_paths(tree, path.resolve().parent)
     for key, value in (extra or {}).items():
         tree[key] = value
     for text in overrides:
         apply_override(tree, *parse_override(text))
+    resolve_tree_paths(tree, Path.cwd())  # what the file held is absolute by now: only overrides / extra change
     if tree.get("zoo"):
-        _zoo_defaults(tree, base_dir)
+        _zoo_defaults(tree, build=build_zoo)
     try:
         return MergeConfig.model_validate(tree)
     except ValidationError as error:

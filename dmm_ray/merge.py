@@ -59,6 +59,58 @@ def init_ray(cfg: MergeConfig):
     ensure_ray(cfg.scaling.ray_address)
 
 
+def plan_cluster(cfg: MergeConfig):
+    """`dmm_ray.resources.check_cluster` on the connected cluster (encode counted if shards are missing)."""
+    from dmm_ray.data.shards import complete_shards
+    from dmm_ray.resources import check_cluster
+
+    _, shards = complete_shards(cfg.data.shards, require=False)
+    return check_cluster(cfg, needs_encode=not shards)
+
+
+def with_plan(cfg: MergeConfig, plan) -> MergeConfig:
+    from dmm_ray.resources import with_plan as apply
+
+    return apply(cfg, plan)
+
+
+def locations(cfg: MergeConfig) -> dict[str, str]:
+    """Where this merge reads and writes (absolute; printed by jobs/merge.py at start and end)."""
+    from dmm_ray import paths
+    from dmm_ray.tracking import tracking_config_from_merge
+
+    out = Path(cfg.output_dir) if "://" not in cfg.output_dir else None
+    tracking = tracking_config_from_merge(cfg)
+    where = {
+        "DMM_HOME": str(paths.dmm_home()),
+        "zoo": cfg.zoo or "-",
+        "output_dir": cfg.output_dir,
+        "latent shards": cfg.data.shards,
+        "merged model": str(out / "merged") if out else cfg.output_dir.rstrip("/") + "/merged",
+        "MLflow store": tracking.tracking_uri if tracking.enabled else "(tracking.enabled: false)",
+    }
+    return where
+
+
+def format_locations(cfg: MergeConfig, title: str) -> str:
+    from dmm_ray import paths
+
+    where = locations(cfg)
+    lines = [f"{title}:"] + [f"  {k + ':':<15}{v}" for k, v in where.items()]
+    store = where["MLflow store"]
+    if store.startswith("sqlite:///") or "://" in store:
+        lines.append(f"  {'browse:':<15}mlflow ui --backend-store-uri {store}")
+    lines.append(f"  {'serve:':<15}DMM_MODEL={where['merged model']} serve run serve.app")
+    temporary = [k for k in ("output_dir", "latent shards") if paths.in_temporary_dir(where[k])]
+    db = paths.sqlite_path(store)
+    if db is not None and paths.in_temporary_dir(str(db)):
+        temporary.append("MLflow store")
+    if temporary:
+        lines.append(f"  WARNING: {', '.join(temporary)} lie(s) in Ray's temporary working dir {paths.ray_job_working_dir()}, "
+                     "which Ray deletes with the job's session; leave them unset ($DMM_HOME) or give absolute paths")
+    return "\n".join(lines)
+
+
 def ensure_latents(cfg: MergeConfig) -> None:
     from dmm_ray.data.shards import complete_shards
 
@@ -176,12 +228,14 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     validate_before_ray(cfg)
     we_started_ray = not ray.is_initialized()
     init_ray(cfg)
+    plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
+    cfg = with_plan(cfg, plan)
     ensure_latents(cfg)
     result = MergeResult(merged_path=out / "merged")
     stage_name = "incremental" if cfg.incremental.base_merged else "merge"
     tracking = tracker.start_stage(stage_name, cfg) if tracker else None
     try:
-        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray)
+        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan)
     except BaseException:
         if tracker is not None and hasattr(tracker, "abort"):
             tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
@@ -227,7 +281,7 @@ def _state_from_result(result, dest: Path) -> Path:
     return dest
 
 
-def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
+def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan):
     import ray
 
     from dmm_ray.data.stream import build_latent_dataset
@@ -248,7 +302,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
     datasets = {"train": build_latent_dataset(cfg.data)}
     if synthesize_first:
         datasets.update(_synthetic_datasets(cfg, shard_dirs))
-    distill = build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}).fit()
+    distill = build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=plan).fit()
     result.stage_metrics["distill"] = {**distill.metrics, "seconds": time.time() - t0}
     student_dir = _student_from_result(distill, out / "stages" / "distill_student")
 
@@ -267,7 +321,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray):
         t0 = time.time()
         finetune = build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
                                  init_student=str(student_dir), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
-                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state).fit()
+                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan).fit()
         result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
         student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 

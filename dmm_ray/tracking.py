@@ -9,8 +9,9 @@ as an MLflow pyfunc model (the diffusers folder rides along as an artifact) regi
 `registered_model_name`, so `resolve_model_uri("models:/<name>/<version>")` (used by Serve)
 returns a local diffusers folder.
 
-Default store: `sqlite:///mlflow.db` in the working directory; browse with
-`mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+Default store: `sqlite:///$DMM_HOME/mlflow.db` (`dmm_ray.paths`; DMM_HOME defaults to ~/.dmm-ray),
+the same file from a checkout and from a Ray job; browse with
+`mlflow ui --backend-store-uri sqlite:///$HOME/.dmm-ray/mlflow.db`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any, Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dmm_ray import paths
+
 log = logging.getLogger(__name__)
 
 PROJECT_TAG = "dmm.project"
@@ -40,7 +43,8 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = True
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="any MLflow tracking URI; default: SQLite file in the working dir")
+    tracking_uri: str = Field(default_factory=paths.default_tracking_uri,
+                              description="any MLflow tracking URI; default: sqlite:///$DMM_HOME/mlflow.db")
     registry_uri: str | None = Field(None, description="model registry URI (default: the tracking URI)")
     experiment: str = "dmm-ray"
     project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
@@ -50,12 +54,10 @@ class TrackingConfig(BaseModel):
     @field_validator("tracking_uri", "registry_uri")
     @classmethod
     def _absolute_sqlite(cls, uri: str | None) -> str | None:
-        """`sqlite:///mlflow.db` is relative to the driver's working dir; Ray workers run elsewhere
-        (e.g. a job's unpacked working_dir), so pin it to an absolute path once, on the driver."""
-        prefix = "sqlite:///"
-        if uri and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-            return prefix + os.path.abspath(uri[len(prefix):])
-        return uri
+        """A relative `sqlite:///mlflow.db` is relative to the current directory (a config file's
+        relative store was already resolved against its folder by load_config); Ray workers run
+        elsewhere, so pin it to an absolute path once, on the driver."""
+        return paths.resolve_tracking_uri(uri)
 
     @model_validator(mode="after")
     def _artifacts_beside_sqlite(self) -> "TrackingConfig":
@@ -257,7 +259,7 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     or any MLflow artifact URI of a logged merged model (downloaded under `dst`).
 
     The store is `tracking_uri`, else the one already set (mlflow.set_tracking_uri or
-    $MLFLOW_TRACKING_URI), else `sqlite:///mlflow.db`."""
+    $MLFLOW_TRACKING_URI), else the default store `sqlite:///$DMM_HOME/mlflow.db`."""
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if not local.exists():
@@ -266,7 +268,7 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
 
     mlflow = _mlflow()
     # Store: the argument, else one already chosen (mlflow.set_tracking_uri / $MLFLOW_TRACKING_URI),
-    # else the project's default sqlite:///mlflow.db (MLflow's own default would be ./mlruns).
+    # else the project's default store in $DMM_HOME (MLflow's own default would be ./mlruns).
     if tracking_uri is None and not _tracking_uri_is_set():
         tracking_uri = TrackingConfig().tracking_uri
     if tracking_uri is not None:
@@ -304,6 +306,7 @@ def eval_config_from_merge(cfg) -> "Any":
 
     data = dict(getattr(cfg, "evaluation", {}) or {})
     data.setdefault("output_dir", str(Path(str(getattr(cfg, "output_dir", "outputs/merge"))) / "evaluation"))
+    data.setdefault("cache_dir", str(paths.fid_cache_dir()))  # not the cwd: a Ray job's working dir is temporary
     return eval_config_from_section(data)
 
 

@@ -1,6 +1,7 @@
 """Build the toy style zoo (image set, tiny SD base, N style teachers in three formats, feature net).
 
-    python jobs/build_zoo.py --out .zoo                 # full zoo (8 teachers), cached
+    python jobs/build_zoo.py                            # full zoo (8 teachers) in $DMM_HOME/zoo/full, cached
+    python jobs/build_zoo.py --out .zoo                 # full zoo (8 teachers) in .zoo, cached
     python jobs/build_zoo.py --out /tmp/z --size micro  # 3 teachers, seconds (tests)
     python jobs/build_zoo.py --out .zoo --report        # M_ref, prompt following, grid PNG
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="zoo folder (created; reused when already complete)")
+    parser.add_argument("--out", default=None, help="zoo folder (created; reused when already complete); default: "
+                        "$DMM_HOME/zoo/<size>, the folder a merge config's `zoo: <size>` uses")
     parser.add_argument("--size", choices=["micro", "full"], default="full", help="preset (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished zoo is at --out")
@@ -46,6 +48,10 @@ def main(argv=None) -> int:
     from dmm_ray.zoo.config import preset
 
     config = preset(args.size, seed=args.seed)
+    if args.out is None:
+        from dmm_ray.paths import zoo_dir
+
+        args.out = str(zoo_dir(args.size))
     t0 = time.perf_counter()
     cached = is_complete(args.out) is not None and not args.force
     try:

@@ -1,8 +1,11 @@
 """`make demo`: the toy world end to end on local Ray.
 
-1. build the toy zoo (cached: instant the second time)      python jobs/build_zoo.py --out .zoo
-2. merge its teachers into one model with the toy preset     python jobs/merge.py --config jobs/configs/toy.yaml
-3. print where the merged model, the MLflow store and the sample images are, and the FIDt table.
+1. build the toy zoo (cached: instant the second time)      python jobs/build_zoo.py  ($DMM_HOME/zoo/full)
+2. merge its teachers into one model: the embedded default   python jobs/merge.py      (jobs/configs/toy.yaml)
+3. print where the merged model, the MLflow store and the evaluation are, and the FIDt table.
+
+Everything lands under $DMM_HOME (default ~/.dmm-ray; dmm_ray/paths.py), where `ray job submit
+-- python jobs/merge.py`, `mlflow ui` and `serve run serve.app` find it too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def run(*args: str) -> None:
@@ -22,19 +26,24 @@ def run(*args: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", default=".zoo", help="zoo folder (default: %(default)s)")
+    parser.add_argument("--zoo", default=None, help="zoo folder (default: the preset's, $DMM_HOME/zoo/full)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to jobs/merge.py")
     args = parser.parse_args(argv)
-    run("jobs/build_zoo.py", "--out", args.zoo)
-    merge_args = ["jobs/merge.py", "--config", "jobs/configs/toy.yaml", "--set", f"zoo={args.zoo}/zoo.yaml"]
-    for override in args.overrides:
+    run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
+    overrides = ([f"zoo={Path(args.zoo).resolve()}"] if args.zoo else []) + args.overrides
+    merge_args = ["jobs/merge.py"]
+    for override in overrides:
         merge_args += ["--set", override]
     run(*merge_args)
-    out = REPO / "outputs" / "toy"
+
+    from dmm_ray.config import load_config
+    from dmm_ray.merge import locations
+
+    where = locations(load_config(REPO / "jobs" / "configs" / "toy.yaml", overrides))
     print("\nDemo finished.")
-    print(f"  merged model:   {out / 'merged'}   (DMMPipeline.from_pretrained / serve run serve.app)")
-    print(f"  evaluation:     {out / 'evaluation'}   (FID matrices, heatmaps, style x prompt grid)")
-    print(f"  MLflow store:   {REPO / 'mlflow.db'}   (mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    print(f"  merged model:   {where['merged model']}   (DMMPipeline.from_pretrained / serve run serve.app)")
+    print(f"  evaluation:     {Path(where['output_dir']) / 'evaluation'}   (FID matrices, heatmaps, style x prompt grid)")
+    print(f"  MLflow store:   {where['MLflow store']}   (mlflow ui --backend-store-uri {where['MLflow store']})")
     return 0
 
 

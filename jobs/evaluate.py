@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")
     p.add_argument("--track", action="store_true", help="log to MLflow (stage 'evaluation' under --project)")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)")
     p.add_argument("--project", default="dmm-merge", help="MLflow parent run (merge project) name")
     return p
 
@@ -68,9 +68,10 @@ def main(argv=None) -> int:
         print(format_table(result))
         print(f"outputs: {Path(cfg.output_dir).resolve()}")
     if args.track:
+        from dmm_ray.paths import default_tracking_uri
         from dmm_ray.tracking import MergeTracker, TrackingConfig
 
-        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri, project=args.project))
+        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project))
         with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
             if args.reference_only:
                 tracker.log_metrics({"FIDt_ref": result.fidt_ref})

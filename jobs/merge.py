@@ -1,7 +1,13 @@
 """Merge N teacher checkpoints into one style-promptable model (DMM) on Ray.
 
-  python jobs/merge.py --config jobs/configs/toy.yaml [--set distill.steps=10 ...]
-  ray job submit --working-dir . -- python jobs/merge.py --config jobs/configs/toy.yaml
+  python jobs/merge.py                                   # the embedded default: jobs/configs/toy.yaml
+  python jobs/merge.py --config jobs/configs/toy.yaml --set distill.steps=10
+  ray job submit --working-dir . -- python jobs/merge.py
+
+Without --config the toy preset runs: its zoo is built on first use and cached, and the zoo,
+outputs, latents and MLflow store live under $DMM_HOME (default ~/.dmm-ray; dmm_ray/paths.py),
+the same folders from a checkout and from a Ray job's temporary working dir. Relative paths in a
+config file resolve against the file's folder; relative --set paths against the current directory.
 """
 
 from __future__ import annotations
@@ -12,22 +18,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML preset, e.g. jobs/configs/toy.yaml")
+    parser.add_argument("--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set distill.steps=10 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and teachers, print the plan, start nothing")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and teachers, print the plan, start nothing "
+                        "(a zoo preset must be built already)")
     args = parser.parse_args(argv)
+    config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config
     from dmm_ray.teachers import TeacherError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        from dmm_ray.merge import run_merge, validate_before_ray
+        print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
+        cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
+        from dmm_ray.merge import format_locations, run_merge, validate_before_ray
 
+        print(format_locations(cfg, "locations"), flush=True)
         if args.dry_run:
             validate_before_ray(cfg)
             print(cfg.model_dump_json(indent=2))
@@ -43,6 +55,7 @@ def main(argv=None) -> int:
     for stage, metrics in result.stage_metrics.items():
         losses = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss")}
         print(f"{stage}: {losses}")
+    print(format_locations(cfg, "results"), flush=True)
     return 0
 
 

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output diffusers folder")
     p.add_argument("--no-text-encoder", action="store_true", help="keep the first teacher's text encoder instead of merging them")
     p.add_argument("--track", action="store_true", help="log + register in MLflow")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)")
     p.add_argument("--project", default="dmm-merge")
     p.add_argument("--registered-name", default="dmm-weighted-merge")
     return p
@@ -57,9 +57,10 @@ def main(argv=None) -> int:
     out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder)
     print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
     if args.track:
+        from dmm_ray.paths import default_tracking_uri
         from dmm_ray.tracking import MergeTracker, TrackingConfig
 
-        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri, project=args.project, registered_model_name=args.registered_name))
+        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name))
         with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
             print("registered:", tracker.log_merged_model(out))
     return 0

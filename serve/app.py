@@ -1,6 +1,6 @@
 """Serve entry points.
 
-    serve run serve.app                      # model from $DMM_MODEL, default outputs/toy/merged
+    serve run serve.app                      # model from $DMM_MODEL, default $DMM_HOME/outputs/dmm-toy/merged
     serve run serve:build_app model=/path    # builder with key=value overrides of ServeConfig
     serve run serve/config.yaml              # replicas / autoscaling / resources from a Serve config
 

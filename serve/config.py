@@ -15,9 +15,12 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dmm_ray import paths
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What `make demo` writes; served when nothing else is named.
-DEFAULT_MODEL = "outputs/toy/merged"
+# The merged model of the embedded default merge (jobs/configs/toy.yaml, name dmm-toy): what
+# `make demo`, `python jobs/merge.py` and `ray job submit -- python jobs/merge.py` write.
+DEFAULT_MODEL = "$DMM_HOME/outputs/dmm-toy/merged"
 
 
 class ServeLimits(BaseModel):
@@ -46,7 +49,8 @@ class ServeConfig(BaseModel):
 
     model: str = Field(
         DEFAULT_MODEL,
-        description="merged-model folder (diffusers DMMPipeline layout) or an MLflow URI `models:/name/version`",
+        description="merged-model folder (diffusers DMMPipeline layout) or an MLflow URI `models:/name/version`; "
+        "default: the embedded default merge's model, $DMM_HOME/outputs/dmm-toy/merged",
     )
     api_key: Optional[str] = Field(None, description="when set, POST /generate needs header `X-API-Key: <key>`")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica sees a GPU")
@@ -90,13 +94,13 @@ class ServeConfig(BaseModel):
     def model_location(self) -> str:
         """An absolute folder, or the URI unchanged (resolved lazily on the replica).
 
-        Relative folders are taken from the current directory when they exist there, else
-        from the repo root: a Serve config is built inside the Serve controller, whose
-        working directory is not the one `serve run` was started from.
+        `$DMM_HOME` and `~` expand (`dmm_ray.paths`). Relative folders are taken from the current
+        directory when they exist there, else from the repo root: a Serve config is built inside
+        the Serve controller, whose working directory is not the one `serve run` was started from.
         """
         if self.is_registry_uri:
             return self.model
-        path = Path(self.model).expanduser()
+        path = Path(paths.expand(self.model))
         if path.is_absolute():
             return str(path)
         if path.exists():

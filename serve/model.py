@@ -41,7 +41,8 @@ def resolve_model_location(location: str) -> Path:
         path = Path(location)
     if not path.is_dir():
         raise ModelLoadError(
-            f"merged-model folder {str(path)!r} does not exist; run `make demo` (writes outputs/toy/merged) "
+            f"merged-model folder {str(path)!r} does not exist; run `make demo` or `python jobs/merge.py` "
+            "(write $DMM_HOME/outputs/dmm-toy/merged) "
             "or set DMM_MODEL to a merged-model folder or `models:/name/version`"
         )
     if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():

@@ -9,6 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test cluster listens on loopback only. Ray's token auth keeps one token file per user, which
 # concurrently started clusters overwrite; tests opt out rather than flake on a stale token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Default locations (zoo presets, outputs, MLflow store, FID cache; dmm_ray/paths.py) go to a private
+# folder, never the user's ~/.dmm-ray. Set before the shared cluster starts, so its workers see it too.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ["DMM_HOME"] = tempfile.mkdtemp(prefix="dmm-home-tests-")
+atexit.register(shutil.rmtree, os.environ["DMM_HOME"], True)
 
 import pytest
 import torch

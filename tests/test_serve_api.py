@@ -6,6 +6,7 @@ import base64
 import io
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,9 +212,22 @@ def test_config_from_env_and_overrides(tmp_path):
     env = {"DMM_MODEL": "/models/m", "DMM_API_KEY": "k", "DMM_SERVE_CONFIG": str(yaml_file)}
     cfg = ServeConfig.from_env({"max_batch_size": "16"}, environ=env)
     assert (cfg.model, cfg.api_key, cfg.max_batch_size, cfg.limits.max_steps) == ("/models/m", "k", 16, 10)
-    assert ServeConfig.from_env(environ={}).model == "outputs/toy/merged"
+    assert ServeConfig.from_env(environ={}).model == "$DMM_HOME/outputs/dmm-toy/merged"
     assert ServeConfig(model="models:/dmm/3").model_location() == "models:/dmm/3"
     assert ServeConfig(model="outputs/toy/merged").model_location().endswith("outputs/toy/merged")
+
+
+def test_default_model_is_the_default_merge_output_under_dmm_home(tmp_path, monkeypatch):
+    """Serve's default is where `python jobs/merge.py` (no arguments) writes its merged model."""
+    import yaml
+
+    from dmm_ray import paths
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    toy = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml").read_text())
+    assert "output_dir" not in toy  # the embedded default keeps its outputs in $DMM_HOME/outputs/<name>
+    expected = paths.outputs_dir(toy["name"]) / "merged"
+    assert ServeConfig().model_location() == str(expected) == str(tmp_path / "home" / "outputs" / "dmm-toy" / "merged")
 
 
 def test_missing_model_folder_says_what_to_do(tmp_path):

@@ -111,12 +111,16 @@ def build_latent_dataset(cfg: DataConfig, shards: "Optional[str | Sequence[str]]
     )
 
 
-def train_dataset_config(datasets_to_split: Any = "all"):
-    """`dataset_config=` for TorchTrainer: preserve_order makes the split to workers deterministic."""
-    from ray.data import ExecutionOptions
+def train_dataset_config(datasets_to_split: Any = "all", data_cpus: Optional[float] = None):
+    """`dataset_config=` for TorchTrainer: preserve_order makes the split to workers deterministic;
+    `data_cpus` caps Ray Data's CPUs at what the Train workers leave free (dmm_ray.resources)."""
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train import DataConfig as RayDataConfig
 
-    return RayDataConfig(datasets_to_split=datasets_to_split, execution_options=ExecutionOptions(preserve_order=True))
+    options = ExecutionOptions(preserve_order=True)
+    if data_cpus is not None:
+        options.resource_limits = ExecutionResources(cpu=data_cpus)
+    return RayDataConfig(datasets_to_split=datasets_to_split, execution_options=options)
 
 
 def _sample_key(seed: int, epoch: int, source_id: str) -> list[int]:

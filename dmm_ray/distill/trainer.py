@@ -9,15 +9,22 @@ from dmm_ray.config import MergeConfig
 
 def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dict | None = None, init_student: str | None = None,
                   steps: int | None = None, batch_size: int | None = None, lr: float | None = None, split_datasets=True,
-                  init_state: str | None = None):
+                  init_state: str | None = None, plan=None):
     """`datasets["train"]` (the common stream) is split across workers; every other dataset (a
-    teacher's synthesized set) is read whole by the workers that host its style."""
+    teacher's synthesized set) is read whole by the workers that host its style.
+
+    `plan` (a `dmm_ray.resources.ResourcePlan`; planned here from the cluster when absent) fixes
+    the CPUs per worker (`auto`) and caps Ray Data at the CPUs the workers leave free."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dmm_ray.data.stream import train_dataset_config
     from dmm_ray.distill.loop import train_loop_per_worker
+    from dmm_ray.resources import check_cluster, with_plan
 
+    if plan is None:
+        plan = check_cluster(cfg)
+    cfg = with_plan(cfg, plan)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -38,5 +45,5 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
-        dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else []),
+        dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else [], data_cpus=plan.data_limit_cpus),
     )

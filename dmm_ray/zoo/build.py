@@ -86,6 +86,30 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
     return out
 
 
+def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path:
+    """The preset zoo `size` at `out`, built first if missing (the merge job's `zoo: <preset>`).
+
+    A file lock beside `out` makes concurrent first uses (two jobs) wait for one build instead of
+    racing; torch runs on `default_threads()` threads during the build."""
+    import fcntl
+
+    from .config import preset
+
+    config = preset(size)  # ValueError naming the known sizes
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(out) is None:
+            print(f"building the toy zoo preset {size!r} in {out} (first use; cached for later runs)", flush=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(default_threads())
+        try:
+            return build_zoo(out, config, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Delete `DIR.partial-<pid>` folders of builds that were killed (their pid no longer runs)."""
     for stale in out.parent.glob(f"{out.name}.partial-*"):

@@ -1,0 +1,114 @@
+"""Where dmm-ray keeps things by default, and the one rule for relative paths.
+
+Default locations live under `$DMM_HOME` (default `~/.dmm-ray`), the same absolute folder whether a
+job runs from a checkout or from the temporary working-dir copy of `ray job submit`:
+
+    $DMM_HOME/zoo/<size>/          toy-zoo presets (`zoo: full` / `zoo: micro`), built on first use
+    $DMM_HOME/outputs/<name>/      a merge's output_dir: merged/, latents/, stages/, evaluation/, ray_results/
+    $DMM_HOME/mlflow.db            the MLflow store (artifacts in $DMM_HOME/mlartifacts/)
+    $DMM_HOME/cache/fid/           FID statistics cache of the merge job's evaluation
+
+Relative paths resolve against the directory of the config file that names them; paths given on
+the command line (`--set key=value`, CLI flags) against the current directory. `$DMM_HOME` and `~`
+expand anywhere; URIs (`s3://...`) and absolute paths stay as they are. On a multi-node cluster
+point DMM_HOME at a filesystem every node mounts (or give URIs).
+
+A leaf module (os/pathlib only): config, tracking and serve all resolve through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+HOME_ENV = "DMM_HOME"
+DEFAULT_HOME = "~/.dmm-ray"
+SQLITE = "sqlite:///"
+# `ray job submit --working-dir` unpacks the upload here; Ray deletes it with the job's session.
+RAY_WORKING_DIR_MARKER = "/runtime_resources/working_dir_files/"
+
+_HOME_VAR = re.compile(r"^(\$DMM_HOME|\$\{DMM_HOME\})(?=/|$)")
+
+
+def dmm_home() -> Path:
+    """`$DMM_HOME`, default `~/.dmm-ray`, as an absolute path (not created here)."""
+    return Path(os.path.expanduser(os.environ.get(HOME_ENV) or DEFAULT_HOME)).resolve()
+
+
+def zoo_dir(size: str) -> Path:
+    return dmm_home() / "zoo" / size
+
+
+def outputs_dir(name: str) -> Path:
+    """The default `output_dir` of a merge named `name`."""
+    return dmm_home() / "outputs" / name
+
+
+def default_tracking_uri() -> str:
+    return SQLITE + str(dmm_home() / "mlflow.db")
+
+
+def fid_cache_dir() -> Path:
+    return dmm_home() / "cache" / "fid"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def expand(path: str) -> str:
+    """`$DMM_HOME/...` (also when the variable is unset: its default) and `~/...` expanded."""
+    path = _HOME_VAR.sub(lambda _: str(dmm_home()), path.strip())
+    return os.path.expanduser(path)
+
+
+def resolve(path: Optional[str], base: str | os.PathLike | None = None) -> Optional[str]:
+    """THE rule: None and URIs unchanged; `$DMM_HOME`/`~` expanded; a relative path joined to
+    `base` (a config file's folder; default: the current directory) and made absolute."""
+    if path is None or is_uri(path):
+        return path
+    path = expand(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    return str((Path(base) if base is not None else Path.cwd()).joinpath(path).resolve())
+
+
+def resolve_tracking_uri(uri: Optional[str], base: str | os.PathLike | None = None) -> Optional[str]:
+    """A `sqlite:///relative.db` store made absolute by `resolve` (other URIs unchanged)."""
+    if uri is None or not uri.startswith(SQLITE):
+        return uri
+    db = uri[len(SQLITE):]
+    if db.startswith("/") or db == ":memory:":
+        return uri
+    return SQLITE + resolve(db, base)
+
+
+def sqlite_path(uri: Optional[str]) -> Optional[Path]:
+    """The database file of an absolute `sqlite:///` URI, else None."""
+    if uri and uri.startswith(SQLITE) and uri[len(SQLITE):].startswith("/"):
+        return Path(uri[len(SQLITE):])
+    return None
+
+
+def ray_job_working_dir(cwd: str | os.PathLike | None = None) -> Optional[Path]:
+    """The temporary working-dir copy this process runs in under `ray job submit --working-dir`, or None."""
+    cwd = str(Path(cwd) if cwd is not None else Path.cwd())
+    i = cwd.find(RAY_WORKING_DIR_MARKER)
+    if i < 0:
+        return None
+    rest = cwd[i + len(RAY_WORKING_DIR_MARKER):].split("/", 1)[0]  # the _ray_pkg_<hash> folder
+    return Path(cwd[: i + len(RAY_WORKING_DIR_MARKER)] + rest)
+
+
+def in_temporary_dir(path: Optional[str], cwd: str | os.PathLike | None = None) -> bool:
+    """True when `path` lies inside the Ray job's temporary working dir (deleted with the session)."""
+    tmp = ray_job_working_dir(cwd)
+    if tmp is None or path is None or is_uri(path):
+        return False
+    try:
+        Path(path).resolve().relative_to(tmp.resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,173 @@
+"""Default locations ($DMM_HOME), the relative-path rule, and the resource check (no Ray needed)."""
+
+import os
+
+import pytest
+import yaml
+
+from dmm_ray import paths
+from dmm_ray.config import ConfigError, MergeConfig, load_config
+from dmm_ray.resources import ResourceError, plan_resources
+
+TEACHERS = [{"name": n, "source": f"/x/{n}"} for n in "abcdefgh"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_resolve_rule(tmp_path, home, monkeypatch):
+    assert paths.dmm_home() == home
+    assert paths.resolve("a/b", tmp_path) == str(tmp_path / "a" / "b")
+    assert paths.resolve("$DMM_HOME/outputs/x", tmp_path) == str(home / "outputs" / "x")
+    assert paths.resolve("${DMM_HOME}", tmp_path) == str(home)
+    assert paths.resolve("s3://bucket/x", tmp_path) == "s3://bucket/x" and paths.resolve(None, tmp_path) is None
+    assert paths.resolve("/abs/../y", tmp_path) == "/y"
+    assert paths.resolve_tracking_uri("sqlite:///m.db", tmp_path) == f"sqlite:///{tmp_path}/m.db"
+    assert paths.resolve_tracking_uri("sqlite:///$DMM_HOME/m.db", tmp_path) == f"sqlite:///{home}/m.db"
+    assert paths.resolve_tracking_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"
+    monkeypatch.delenv("DMM_HOME")
+    assert paths.dmm_home() == (paths.Path.home() / ".dmm-ray").resolve()
+    assert paths.default_tracking_uri() == f"sqlite:///{paths.Path.home().resolve()}/.dmm-ray/mlflow.db"
+
+
+def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tmp_path, home, monkeypatch):
+    folder = tmp_path / "configs" / "sub"
+    folder.mkdir(parents=True)
+    (folder / "c.yaml").write_text(yaml.safe_dump({
+        "name": "proj",
+        "teachers": [{"name": "a", "source": "../models/a"}, {"name": "b", "source": "/x/b", "base": "base"}],
+        "student": {"base": "../models/base"},
+        "data": {"base": "../models/base", "source": {"root": "imgs", "annotations": ["ann.jsonl"], "manifest": "m.jsonl"}},
+        "incremental": {"base_merged": "$DMM_HOME/outputs/first/merged"},
+        "evaluation": {"prompts": "p.txt", "extractor": {"kind": "import", "path": "pkg.mod:factory"}},
+        "tracking": {"uri": "sqlite:///db/mlflow.db"},
+    }))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the process cwd must not matter for paths written in the file
+    cfg = load_config(folder / "c.yaml", ["synthesis.prompts=prompts.txt"])
+    models = tmp_path / "configs" / "models"
+    assert cfg.teachers[0].source == str(models / "a") and cfg.teachers[1].base == str(folder / "base")
+    assert cfg.student.base == cfg.data.base == str(models / "base")
+    assert cfg.data.source.root == str(folder / "imgs") and cfg.data.source.annotations == [str(folder / "ann.jsonl")]
+    assert cfg.data.source.manifest == "m.jsonl"  # relative to source.root by design
+    assert cfg.incremental.base_merged == str(home / "outputs" / "first" / "merged")
+    assert cfg.evaluation["prompts"] == str(folder / "p.txt") and cfg.evaluation["extractor"]["path"] == "pkg.mod:factory"
+    assert cfg.tracking["uri"] == f"sqlite:///{folder}/db/mlflow.db"
+    assert cfg.synthesis.prompts == str(elsewhere / "prompts.txt")  # --set: the current directory
+    # nothing given: output_dir, shards and the MLflow store default to $DMM_HOME
+    assert cfg.output_dir == str(home / "outputs" / "proj") and cfg.data.shards == str(home / "outputs" / "proj" / "latents")
+    from dmm_ray.tracking import TrackingConfig, eval_config_from_merge, tracking_config_from_merge
+
+    bare = cfg.model_copy(update={"tracking": {}})
+    assert tracking_config_from_merge(bare).tracking_uri == f"sqlite:///{home}/mlflow.db"
+    assert TrackingConfig().artifact_location == (home / "mlartifacts").as_uri()
+    assert eval_config_from_merge(cfg).cache_dir == str(home / "cache" / "fid")
+    assert eval_config_from_merge(cfg).output_dir == str(home / "outputs" / "proj" / "evaluation")
+
+
+def test_zoo_preset_lives_in_dmm_home(tmp_path, home):
+    config = tmp_path / "c.yaml"
+    config.write_text("zoo: micro\n")
+    with pytest.raises(ConfigError, match=r"not built yet.*python jobs/build_zoo.py --size micro"):
+        load_config(config)
+    zoo = home / "zoo" / "micro"
+    zoo.mkdir(parents=True)
+    (zoo / "zoo.yaml").write_text(yaml.safe_dump({
+        "base": "base", "dataset": "images", "eval_prompts": "eval_prompts.txt", "feature_net": "feature_net",
+        "teachers": [{"name": "warm", "source": "teachers/warm", "format": "diffusers"},
+                     {"name": "noir", "source": "teachers/noir.safetensors", "format": "single_file", "base": "base"}]}))
+    cfg = load_config(config, ["scaling.cpus_per_worker=auto"])
+    assert cfg.zoo == str(zoo / "zoo.yaml")
+    assert [t.source for t in cfg.teachers] == [str(zoo / "teachers/warm"), str(zoo / "teachers/noir.safetensors")]
+    assert cfg.student.base == str(zoo / "base") and cfg.data.source.root == str(zoo / "images")
+    assert cfg.scaling.cpus_per_worker == "auto"
+    # a folder (or its zoo.yaml) named by a relative path in a file: relative to that file
+    (tmp_path / "c2.yaml").write_text("zoo: home/zoo/micro\n")
+    assert load_config(tmp_path / "c2.yaml").zoo == str(zoo / "zoo.yaml")
+
+
+def test_embedded_default_config_has_no_relative_paths():
+    """jobs/configs/toy.yaml runs from Ray's temporary working dir too: only $DMM_HOME defaults."""
+    toy = yaml.safe_load((paths.Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml").read_text())
+    assert toy["zoo"] == "full" and "output_dir" not in toy and "shards" not in toy["data"] and "tracking" not in toy
+    assert toy["scaling"]["cpus_per_worker"] == "auto"
+
+
+def test_ray_job_working_dir_detection():
+    tmp = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    assert str(paths.ray_job_working_dir(tmp + "/jobs")) == tmp
+    assert paths.in_temporary_dir(tmp + "/outputs/x", cwd=tmp) and not paths.in_temporary_dir("/home/u/.dmm-ray", cwd=tmp)
+    assert paths.ray_job_working_dir("/home/u/repo") is None
+
+
+def _cfg(**scaling):
+    return MergeConfig.model_validate({"teachers": TEACHERS, "student": {"base": "/x/base"}, "output_dir": "/x/out",
+                                       "data": {"base": "/x/base", "shards": "/x/s"}, "scaling": scaling})
+
+
+def test_resource_check_refuses_what_the_cluster_cannot_hold_naming_the_numbers():
+    # the issue's hang: 8 workers x 0.25 CPU take both CPUs of `ray start --head --num-cpus 2`
+    with pytest.raises(ResourceError) as error:
+        plan_resources(_cfg(cpus_per_worker=0.25), {"CPU": 2.0})
+    message = str(error.value)
+    assert "needed 3 = 8 workers x scaling.cpus_per_worker=0.25" in message and "available 2" in message and "scaling.data_cpus=1" in message
+    for knob in ("scaling.workers_per_teacher", "scaling.cpus_per_worker", "scaling.teachers_per_worker", "--set scaling.num_workers"):
+        assert knob in message
+    # GPUs: 8 workers x 1 GPU on a 4-GPU cluster
+    with pytest.raises(ResourceError, match=r"GPUs: needed 8 = 8 workers x scaling.gpus_per_worker=1, available 4"):
+        plan_resources(_cfg(use_gpu=True, cpus_per_worker=1), {"CPU": 64.0, "GPU": 4.0})
+    # auto: nothing left to share once Ray Data's CPU is kept free
+    with pytest.raises(ResourceError, match=r"needed more than 1 .* available 1"):
+        plan_resources(_cfg(cpus_per_worker="auto"), {"CPU": 1.0})
+    # an evaluation actor larger than the cluster
+    cfg = _cfg(cpus_per_worker="auto").model_copy(update={"evaluation": {"worker_num_cpus": 4}})
+    with pytest.raises(ResourceError, match=r"an evaluation actor needs 4 CPUs, the cluster has 2 CPUs"):
+        plan_resources(cfg, {"CPU": 2.0})
+
+
+def test_resource_plan_auto_and_fixed_layouts_leave_ray_data_room():
+    plan = plan_resources(_cfg(cpus_per_worker="auto"), {"CPU": 2.0})
+    assert plan.cpus_per_worker == 0.125 and plan.train_cpus + plan.data_cpus <= 2.0 and plan.data_limit_cpus == 1.0
+    plan = plan_resources(_cfg(cpus_per_worker="auto", teachers_per_worker=2), {"CPU": 4.0})
+    assert plan.workers == 4 and plan.cpus_per_worker == 0.75
+    plan = plan_resources(_cfg(cpus_per_worker=1), {"CPU": 12.0})
+    assert plan.train_cpus == 8 and plan.data_limit_cpus == 4
+    assert "8 Train workers x 1 CPU = 8 CPUs" in plan.summary() and "4 CPUs left for Ray Data" in plan.summary()
+    plan = plan_resources(_cfg(cpus_per_worker=8, use_gpu=True, workers_per_teacher=2), {"CPU": 160.0, "GPU": 16.0})
+    assert (plan.workers, plan.train_gpus) == (16, 16)
+    with pytest.raises(ValueError, match="must be > 0 or .auto."):
+        _cfg(cpus_per_worker=0)
+    assert os.environ["DMM_HOME"]  # conftest keeps tests out of ~/.dmm-ray
+
+
+def test_locations_warn_when_outputs_would_land_in_rays_temporary_copy(tmp_path, home, monkeypatch):
+    """A relative --set path inside `ray job submit`'s unpacked working dir is deleted with the job: say so."""
+    from dmm_ray.merge import format_locations
+
+    pkg = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    pkg.mkdir(parents=True)
+    (pkg / "c.yaml").write_text(yaml.safe_dump({"teachers": TEACHERS[:2], "student": {"base": "/x/base"}, "data": {"base": "/x/base"}}))
+    monkeypatch.chdir(pkg)
+    text = format_locations(load_config(pkg / "c.yaml"), "locations")
+    assert f"output_dir:    {home / 'outputs' / 'dmm-merge'}" in text and "WARNING" not in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db" in text
+    text = format_locations(load_config(pkg / "c.yaml", ["output_dir=outputs/x", "tracking.uri=sqlite:///m.db"]), "locations")
+    assert f"WARNING: output_dir, latent shards, MLflow store lie(s) in Ray's temporary working dir {pkg}" in text
+
+
+def test_zoo_preset_is_built_on_first_use_and_then_reused(tmp_path, home, capsys):
+    """`zoo: micro` with build_zoo=True (what jobs/merge.py passes): built once into $DMM_HOME/zoo/micro."""
+    config = tmp_path / "c.yaml"
+    config.write_text("zoo: micro\n")
+    cfg = load_config(config, build_zoo=True)
+    assert "building the toy zoo preset 'micro'" in capsys.readouterr().out
+    assert cfg.zoo == str(home / "zoo" / "micro" / "zoo.yaml") and [t.name for t in cfg.teachers] == ["warm", "noir", "sketch"]
+    stamp = (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns
+    assert load_config(config, build_zoo=True).teachers == cfg.teachers
+    assert "building" not in capsys.readouterr().out and (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match=r"zoo: 'mirco': unknown zoo size 'mirco'; known sizes: \['full', 'micro'\]"):
+        load_config(config, ["zoo=mirco"], build_zoo=True)
