@@ -142,7 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, round(cfg.scaling.cpus_per_worker)))
+    # Logical CPUs may exceed the cores (a private local Ray declares max(4, cores)): never more threads than cores.
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, min(round(cfg.scaling.cpus_per_worker), os.cpu_count() or 1)))
     d = cfg.distill
     steps = config.get("steps", d.steps)
     lr = config.get("lr", d.lr)
