@@ -143,14 +143,20 @@ def _check_enough_rows(cfg: MergeConfig) -> None:
         )
 
 
-def _student_from_result(result, dest: Path) -> Path:
+def _copy_from_result(result, dest: Path, part: str = "") -> Path:
+    """Copy the stage's final checkpoint (`part=""`: the whole training state: student, discriminator
+    head, optimizers, EMA) or one part of it (`"student"`) to `dest`."""
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(Path(folder) / "student", dest)
+        shutil.copytree(Path(folder) / part, dest)
     return dest
+
+
+def _student_from_result(result, dest: Path) -> Path:
+    return _copy_from_result(result, dest, "student")
 
 
 MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
@@ -270,17 +276,6 @@ def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
     return {"synth": build_latent_dataset(cfg.data, shards=[shard_dirs[i] for i in sorted(shard_dirs)])}
 
 
-def _state_from_result(result, dest: Path) -> Path:
-    """The stage's final training state (student, discriminator head, optimizers, EMA) -> dest."""
-    if result.checkpoint is None:
-        raise RuntimeError("training produced no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(Path(folder), dest)
-    return dest
-
-
 def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan):
     import ray
 
@@ -315,7 +310,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
         init_state = None
         if s.finetune_continue:
             init_state = str(out / "stages" / "distill_state")
-            _state_from_result(distill, Path(init_state))
+            _copy_from_result(distill, Path(init_state))
         log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
             + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
         t0 = time.time()
