@@ -135,6 +135,8 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
     result = run_merge(cfg)
     assert result.stage_metrics["distill"]["step"] == 3 and result.stage_metrics["finetune"]["step"] == 2
     assert result.stage_metrics["synthesize"]["seconds"] > 0  # synthesis ran before distillation
+    assert result.stage_metrics["distill"]["synthetic_share"] == 0.5  # half of every style's rows: its teacher's samples
+    assert result.stage_metrics["finetune"]["synthetic_share"] == 1.0
     state_dir = tmp_path / "out" / "stages" / "distill_state"
     distill_state = load_training_state(state_dir)
     # the saved distill student is the EMA of the raw weights, not the raw weights

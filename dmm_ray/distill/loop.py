@@ -308,7 +308,9 @@ def train_loop_per_worker(config: dict) -> None:
             progress.update(1)
             progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
         rows = sum(s.shape[0] for s in styles)
+        synthetic_rows = sum(sum(1 for sid in b["source_ids"] if sid.startswith("synth-")) for b in micro)
         metrics = {**logs, "step": step, "epoch": common.epoch if common else 0, "resumed_from": start_step,
+                   "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
                    "lr": opt_student.param_groups[0]["lr"],
                    "samples_per_s": (step - start_step) * rows * world / (time.time() - started)}
         if step % d.log_every == 0 or step == steps:
