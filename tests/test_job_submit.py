@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MICRO_STYLES = ["warm", "noir", "sketch"]  # dmm_ray.zoo.config PRESETS["micro"]
 # A few steps of everything on the micro zoo (3 teachers -> 3 workers); the rest is the embedded default.
-SMALL = ["zoo=micro", "distill.steps=2", "distill.log_every=1", "data.stream.batch_size=4", "synthesis.images_per_teacher=4", "synthesis.finetune_steps=2",
+# one teacher per worker (the GPU layout; the toy preset packs them): 3 workers share the head's CPUs
+SMALL = ["zoo=micro", "scaling.teachers_per_worker=1", "distill.steps=2", "distill.log_every=1", "data.stream.batch_size=4", "synthesis.images_per_teacher=4", "synthesis.finetune_steps=2",
          "synthesis.finetune_batch_size=2", "evaluation.num_prompts=4", "evaluation.images_per_prompt=4"]
 
 
@@ -218,7 +219,7 @@ def _port_free(port: int) -> bool:
 def test_impossible_layout_is_refused_at_once_naming_the_numbers(head):
     """3 workers x 0.5 CPU + 1 CPU for Ray Data do not fit 2 CPUs: the job stops before Ray Train starts."""
     t0 = time.time()
-    proc = submit(head, "zoo=micro", "scaling.cpus_per_worker=0.5", timeout=600)
+    proc = submit(head, "zoo=micro", "scaling.teachers_per_worker=1", "scaling.cpus_per_worker=0.5", timeout=600)
     took = time.time() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "failed" in out, out[-4000:]
