@@ -44,6 +44,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    """Whether a loopback port can be bound now (Serve's default 8000 may be taken by another Serve)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
     import httpx
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve_helpers import free_port, wait_http
+from serve_helpers import free_port, port_free, wait_http
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def _serve_finds(head, merged: Path) -> None:
         assert ServeConfig.from_env(environ={}).model_location() == str(merged)
     finally:
         os.environ["DMM_HOME"] = saved
-    port = 8000 if _port_free(8000) else free_port()
+    port = 8000 if port_free(8000) else free_port()
     target = "serve.app"
     if port != 8000:  # the same import path through a Serve config, on a free port
         import yaml
@@ -203,17 +203,6 @@ def _serve_finds(head, merged: Path) -> None:
         _stop_group(proc, grace=5)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_impossible_layout_is_refused_at_once_naming_the_numbers(head):

@@ -19,18 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_helpers import TINY_SIZE, free_port, tiny_model_dir, wait_http
+from serve_helpers import TINY_SIZE, free_port, port_free, tiny_model_dir, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def serve_target(kind: str, tmp_path: Path) -> tuple[int, str]:
