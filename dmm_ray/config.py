@@ -42,6 +42,10 @@ class DistillConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     score: bool = Field(True, description="score distillation MSE(eps_S, eps_T) (eq. 9)")
+    score_weighting: Literal["eps", "v"] = Field("eps", description="per-timestep weight of the score MSE: eps (paper: uniform) "
+                                                 "or v (weight 1/alpha_bar_t, the error of the v / x0 estimate the sampler steps "
+                                                 "with, clipped at score_weight_clip, normalised to mean 1 over t)")
+    score_weight_clip: float = Field(20.0, ge=1, description="upper clip of the v weighting 1/alpha_bar_t (t near T reaches ~200)")
     lambda_feat: float = Field(0.001, ge=0, description="feature imitation weight (eq. 10); 0 switches it off")
     lambda_adv: float = Field(0.01, ge=0, description="multi-class adversarial weight (eq. 11); 0 switches it and the discriminator off")
     renoise_max_timestep: int = Field(500, gt=0, le=1000, description="discriminator inputs are re-noised at t' < this (A.2)")

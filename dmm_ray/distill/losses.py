@@ -18,9 +18,25 @@ def predict_x0(noisy_latents: torch.Tensor, noise_pred: torch.Tensor, timesteps:
     return x0.clamp(-clamp, clamp).to(noise_pred.dtype) if clamp else x0.to(noise_pred.dtype)
 
 
-def score_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
-    """||eps_S - eps_T||^2 (eq. 9), mean over elements."""
-    return F.mse_loss(student_eps.float(), teacher_eps.float())
+def score_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """||eps_S - eps_T||^2 (eq. 9), mean over elements; `weights` (B,) weigh the samples (mean 1 keeps the scale)."""
+    if weights is None:
+        return F.mse_loss(student_eps.float(), teacher_eps.float())
+    per_sample = (student_eps.float() - teacher_eps.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return (weights.to(per_sample) * per_sample).mean()
+
+
+def timestep_weights(alphas_cumprod: torch.Tensor, kind: str = "eps", clip: float = 20.0) -> torch.Tensor:
+    """(T,) weight of the score loss per timestep. "eps": 1 (the paper). "v": min(1/alpha_bar_t, clip),
+    normalised to mean 1 over t: an eps error d becomes an x0 error d*sqrt(1-a)/sqrt(a) and a v error
+    d/sqrt(a), so near t = T (a ~ 0.005) the sampler's first, composition- and colour-setting steps
+    amplify it ~15x, while the uniform eps MSE is dominated by small-t errors that barely show."""
+    if kind == "eps":
+        return torch.ones_like(alphas_cumprod, dtype=torch.float32)
+    if kind != "v":
+        raise ValueError(f"score weighting {kind!r}: use 'eps' or 'v'")
+    w = (1.0 / alphas_cumprod.float()).clamp(max=clip)
+    return w / w.mean()
 
 
 def feature_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from dmm_ray.distill.conditioning import as_conditioner
-from dmm_ray.distill.losses import feature_loss, multiclass_ce_per_sample, predict_x0, renoise, score_loss
+from dmm_ray.distill.losses import feature_loss, multiclass_ce_per_sample, predict_x0, renoise, score_loss, timestep_weights
 from dmm_ray.models.features import capture_block_features
 
 
 @dataclass
 class LossSettings:
     score: bool = True
+    score_weighting: str = "eps"  # "v": weight 1/alpha_bar_t (clipped, mean 1): see losses.timestep_weights
+    score_weight_clip: float = 20.0
     lambda_feat: float = 0.001  # 0 disables feature imitation
     lambda_adv: float = 0.01  # 0 disables the adversarial term and the discriminator step
     grad_clip: float = 1.0
@@ -83,6 +85,8 @@ class DistillStep:
         self.teacher_takes_style = teacher_takes_style
         self.autocast_dtype = autocast_dtype
         self.alphas_cumprod = noise_scheduler.alphas_cumprod
+        self.score_weights = None if settings.score_weighting == "eps" else \
+            timestep_weights(self.alphas_cumprod, settings.score_weighting, settings.score_weight_clip)  # (T,)
         if not (settings.score or settings.lambda_feat > 0 or settings.lambda_adv > 0):
             raise ValueError("all losses are switched off: enable score, lambda_feat > 0 or lambda_adv > 0")
 
@@ -106,7 +110,8 @@ class DistillStep:
             terms: dict[str, torch.Tensor] = {}
             total = student_eps.new_zeros((), dtype=torch.float32)
             if s.score:
-                terms["score"] = score_loss(student_eps, teacher_eps)
+                weights = None if self.score_weights is None else self.score_weights.to(t.device)[t]  # (B,)
+                terms["score"] = score_loss(student_eps, teacher_eps, weights)
                 total = total + terms["score"]
             if use_feat:
                 terms["feat"] = feature_loss(student_feats, teacher_feats)
