@@ -111,6 +111,38 @@ def test_packed_step_equals_one_teacher_per_batch():
         assert terms[name].item() == pytest.approx((singles[0][name].item() + singles[1][name].item()) / 2, rel=1e-5)
 
 
+def test_v_score_weighting_weighs_each_sample_by_its_timestep():
+    """score_weighting=v: the score term is the per-sample eps MSE times min(1/alpha_bar_t, clip), normalised
+    to mean 1 over t; eps keeps the paper's plain MSE."""
+    from dmm_ray.distill.losses import timestep_weights
+
+    sched = training_noise_scheduler()
+    a = sched.alphas_cumprod
+    w = timestep_weights(a, "v", clip=20.0)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert w[999] / w[0] == pytest.approx(20.0 / (1 / a[0].item()), rel=1e-4)  # clipped at T, ~1 at t = 0
+    assert torch.all(w[1:] >= w[:-1])  # more weight the noisier the input
+    with pytest.raises(ValueError, match="'eps' or 'v'"):
+        timestep_weights(a, "x0")
+
+    c = tiny_sd_components(seed=0)
+    text = c["text_encoder"].requires_grad_(False)
+    teacher = tiny_sd_components(seed=3)["unet"].requires_grad_(False).eval()
+    student = StyleUNet.from_unet(c["unet"], ["a"]).eval()
+    b = _batch(seed=5)
+    b["timesteps"] = torch.tensor([0, 300, 800, 999])
+    ids = torch.zeros(4, dtype=torch.long)
+    plain = DistillStep(student, text, teacher, text, sched, LossSettings(lambda_adv=0, lambda_feat=0), num_styles=1)
+    weighted = DistillStep(student, text, teacher, text, sched, LossSettings(lambda_adv=0, lambda_feat=0, score_weighting="v"), num_styles=1)
+    with torch.no_grad():
+        per_sample = torch.stack([plain.generator_losses({k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in b.items()},
+                                                         ids[:1])[1]["score"] for i in range(4)])
+        assert plain.generator_losses(b, ids)[1]["score"].item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+        got = weighted.generator_losses(b, ids)[1]["score"].item()
+    assert got == pytest.approx((w[b["timesteps"]] * per_sample).mean().item(), rel=1e-5)
+    assert got != pytest.approx(per_sample.mean().item(), rel=1e-2)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("options_world"), num_teachers=2, rows=64)
