@@ -135,7 +135,7 @@ def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[P
     from dmm_ray.config import load_config
     from dmm_ray.tracking import MergeTracker, tracking_config_from_merge
 
-    cfg = load_config(config, [f"name={project}", f"tracking.project={project}"])
+    cfg = load_config(config, [*overrides, f"name={project}", f"tracking.project={project}"])  # the zoo / tracking the points used
     tracker = MergeTracker(tracking_config_from_merge(cfg))
     if not tracker.enabled:
         return
