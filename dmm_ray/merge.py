@@ -222,7 +222,31 @@ def _synthesis_prompts(cfg: MergeConfig) -> list[str]:
     return captions
 
 
-def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
+def stages_with_state(cfg: MergeConfig) -> list[str]:
+    """The stages of this merge that leave resumable state in output_dir."""
+    s = cfg.synthesis
+    stages = ["distill"]
+    if cfg.data.synthetic_fraction > 0 or (s.enabled and s.finetune_steps > 0):
+        stages.insert(0, "synthesize")
+    if s.enabled and s.finetune_steps > 0:
+        stages.append("finetune")
+    return stages
+
+
+def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
+    """Before Ray starts: `restart` discards the old stage state; otherwise state made with other
+    settings stops the merge (dmm_ray.fingerprint.StaleStateError) instead of being resumed."""
+    from dmm_ray import fingerprint
+
+    out = Path(cfg.output_dir)
+    if restart:
+        removed = fingerprint.discard_state(cfg, out)
+        if removed:
+            log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
+    fingerprint.check_resume(cfg, out, stages_with_state(cfg))
+
+
+def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
     import ray
 
     started = time.time()
@@ -232,6 +256,7 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
     validate_before_ray(cfg)
+    check_output_dir(cfg, restart)
     we_started_ray = not ray.is_initialized()
     init_ray(cfg)
     plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
@@ -250,8 +275,10 @@ def run_merge(cfg: MergeConfig, tracker=None) -> MergeResult:
 
 def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
     """Synthesis fan-out: one Ray actor per teacher; returns {style index: shard dir}."""
+    from dmm_ray import fingerprint
     from dmm_ray.distill.synthesis import synthesize
 
+    fingerprint.record(cfg, out, "synthesize")
     s = cfg.synthesis
     old = 0
     if cfg.incremental.base_merged:
@@ -279,6 +306,7 @@ def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
 def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan):
     import ray
 
+    from dmm_ray import fingerprint
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
 
@@ -294,6 +322,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
         f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if synthesize_first else ""))
     t0 = time.time()
+    fingerprint.record(cfg, out, "distill")
     datasets = {"train": build_latent_dataset(cfg.data)}
     if synthesize_first:
         datasets.update(_synthetic_datasets(cfg, shard_dirs))
@@ -314,6 +343,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
         log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
             + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
         t0 = time.time()
+        fingerprint.record(cfg, out, "finetune")
         finetune = build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
                                  init_student=str(student_dir), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
                                  lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan).fit()

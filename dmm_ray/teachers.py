@@ -253,12 +253,11 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
                 )
 
 
-def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24) -> str:
-    """Content fingerprint of a teacher (and its LoRA/base): sha256 over every weight/config file's
-    size and its first and last 16 MiB. Cheap on multi-GB checkpoints, changes when weights change."""
-    digest = hashlib.sha256(f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}".encode())
-    paths = [spec.source] + ([spec.base] if spec.base else [])
-    for root in paths:
+def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24) -> str:
+    """sha256 over every file's relative name, size and its first and last `chunk` bytes (folders:
+    every file below). Cheap on multi-GB checkpoints, changes when weights change."""
+    digest = hashlib.sha256(salt.encode())
+    for root in roots:
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for file in files:
@@ -270,3 +269,10 @@ def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24) -> str:
                     handle.seek(-chunk, os.SEEK_END)
                     digest.update(handle.read(chunk))
     return digest.hexdigest()[:16]
+
+
+def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24) -> str:
+    """Content fingerprint of a teacher (and its LoRA/base): `files_checksum` of its files, salted
+    with its name, format and LoRA scale."""
+    paths = [spec.source] + ([spec.base] if spec.base else [])
+    return files_checksum(paths, f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}", chunk)

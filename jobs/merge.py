@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set distill.steps=10 (repeatable)")
+    parser.add_argument("--restart", action="store_true", help="discard output_dir's resumable state (checkpoints, synthesized "
+                        "sets) made with other settings; the last merged model stays until the new one replaces it")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and teachers, print the plan, start nothing "
                         "(a zoo preset must be built already)")
     args = parser.parse_args(argv)
@@ -37,17 +39,19 @@ def main(argv=None) -> int:
     try:
         print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
         cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
-        from dmm_ray.merge import format_locations, run_merge, validate_before_ray
+        from dmm_ray.merge import check_output_dir, format_locations, run_merge, validate_before_ray
 
         print(format_locations(cfg, "locations"), flush=True)
         if args.dry_run:
             validate_before_ray(cfg)
+            if not args.restart:
+                check_output_dir(cfg.with_absolute_paths())
             print(cfg.model_dump_json(indent=2))
             print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
             return 0
         from dmm_ray.tracking import make_tracker
 
-        result = run_merge(cfg, tracker=make_tracker(cfg))
+        result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)
     except (ConfigError, TeacherError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,178 @@
+"""What determines each merge stage's result, recorded beside the stage's state in `output_dir`.
+
+A re-run with the same `output_dir` resumes a stage (Ray Train restores its last checkpoint, finished
+synthesized sets are kept) only when the stage's inputs are what they were when that state was made.
+Otherwise the merge stops before Ray starts, naming what changed and the two ways out.
+
+Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
+  synthesize  teachers (order, sources, content checksums), synthesis settings, prompts, seed
+  distill     teachers, student base (checksum) and options, distill settings, data stream, latent shards,
+              worker layout, incremental settings, seed (+ the synthesized set's inputs when it is mixed in)
+  finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
+Settings that change how, not what, is computed (checkpoint/log cadence, actors, CPUs, MLflow) are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+RECORD = "fingerprints.json"
+STAGES = ("synthesize", "distill", "finetune")
+# how, not what: never part of a fingerprint
+_DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16"}
+_SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guidance_scale", "negative_prompt", "resolution", "batch_size")
+_FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
+
+
+class StaleStateError(ValueError):
+    """`output_dir` holds state made with other settings."""
+
+
+def _teachers(cfg) -> list[dict]:
+    from dmm_ray.teachers import teacher_checksum
+
+    return [{"name": t.name, "format": t.resolved_format(), "source": str(t.source), "base": t.base and str(t.base),
+             "lora_scale": t.lora_scale, "checksum": teacher_checksum(t)} for t in cfg.teachers]
+
+
+def _shards(cfg) -> dict:
+    """Where the latent shards are and [shard index, rows] of each (what the stream will read)."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import read_marker, shard_indices
+
+    try:
+        fs, root = fsu.resolve(cfg.data.shards)
+        rows = [[i, (read_marker(fs, root, i) or {}).get("rows")] for i in shard_indices(fs, root)]
+    except (FileNotFoundError, OSError):
+        rows = []
+    return {"path": str(cfg.data.shards), "rows": rows}
+
+
+def _base_checksum(base: str) -> str:
+    from dmm_ray.teachers import files_checksum
+
+    unet = Path(base) / "unet"
+    return files_checksum([unet if unet.exists() else Path(base)])
+
+
+def stage_inputs(cfg, stage: str) -> dict[str, Any]:
+    """Everything that determines `stage`'s result, as flat dotted keys."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages with state: {STAGES}")
+    s = cfg.synthesis
+    synthesize = {
+        "teachers": _teachers(cfg),
+        "seed": cfg.seed,
+        **{f"synthesis.{k}": getattr(s, k) for k in _SYNTHESIS_KEYS},
+        "data.encode.resolution": cfg.data.encode.resolution,
+        "incremental.base_merged": cfg.incremental.base_merged,
+    }
+    if not s.prompts:  # prompts come from the latent shards' captions
+        synthesize["data.shards"] = _shards(cfg)
+    if stage == "synthesize":
+        return synthesize
+    distill = {
+        "teachers": synthesize["teachers"],
+        "seed": cfg.seed,
+        "student.base.checksum": _base_checksum(cfg.student.base),
+        **{f"student.{k}": v for k, v in cfg.student.model_dump(mode="json").items() if k != "base"},
+        **{f"distill.{k}": v for k, v in cfg.distill.model_dump(mode="json").items() if k not in _DISTILL_IGNORED},
+        **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
+        "data.synthetic_fraction": cfg.data.synthetic_fraction,
+        "data.shards": _shards(cfg),
+        "scaling.teachers_per_worker": cfg.scaling.teachers_per_worker,
+        "scaling.workers_per_teacher": cfg.workers_per_teacher,
+        "workers": cfg.num_workers,
+        **{f"incremental.{k}": v for k, v in cfg.incremental.model_dump(mode="json").items()},
+    }
+    if cfg.data.synthetic_fraction > 0:
+        distill.update({f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"})
+    if stage == "distill":
+        return distill
+    return {**distill, **{f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"},
+            **{f"synthesis.{k}": getattr(s, k) for k in _FINETUNE_KEYS}}
+
+
+def state_paths(cfg, out: Path, stage: str) -> list[Path]:
+    """The folders holding `stage`'s resumable state (existing or not)."""
+    if stage == "synthesize":
+        return [out / "synthesized"]
+    return [out / "ray_results" / f"{cfg.name}-{stage}"]
+
+
+def _has_state(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _read(out: Path) -> dict:
+    path = out / RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if key == "teachers" and old.get(key) and new.get(key):
+                was, now = [t["name"] for t in old[key]], [t["name"] for t in new[key]]
+                if was != now:
+                    lines.append(f"teachers (order): {was} -> {now}")
+                for t_old, t_new in zip(old[key], new[key]):
+                    changed = [f for f in t_new if t_old.get(f) != t_new.get(f)]
+                    if t_old["name"] == t_new["name"] and changed:
+                        lines.append(f"teacher {t_new['name']!r}: {', '.join(changed)} changed")
+                if was == now and not lines:
+                    lines.append("teachers changed")
+            else:
+                lines.append(f"{key}: {json.dumps(old.get(key, '(not set)'))} -> {json.dumps(new.get(key, '(not set)'))}")
+    return lines
+
+
+def check_resume(cfg, out: Path, stages: list[str]) -> None:
+    """Refuse (StaleStateError) when a stage's existing state was made with other inputs, or its
+    inputs were never recorded (state from an older dmm-ray, or foreign files)."""
+    recorded = _read(out)
+    problems = []
+    for stage in stages:
+        existing = [p for p in state_paths(cfg, out, stage) if _has_state(p)]
+        if not existing:
+            continue
+        if stage not in recorded:
+            problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
+            continue
+        diff = _differences(recorded[stage], json.loads(json.dumps(stage_inputs(cfg, stage))))
+        if diff:
+            problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
+    if problems:
+        raise StaleStateError(
+            f"output_dir {out} holds the state of a merge with other settings, which a re-run would resume:\n  "
+            + "\n  ".join(problems)
+            + "\nEither write this merge elsewhere (--set output_dir=NEW_DIR, or another name), or discard the old state "
+            "(jobs/merge.py --restart; the last merged model stays until the new one replaces it)."
+        )
+
+
+def record(cfg, out: Path, stage: str) -> None:
+    """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state)."""
+    recorded = _read(out)
+    recorded[stage] = json.loads(json.dumps(stage_inputs(cfg, stage)))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(recorded, indent=1))
+    tmp.replace(out / RECORD)
+
+
+def discard_state(cfg, out: Path) -> list[Path]:
+    """--restart: remove every stage's resumable state and the record; the merged model is kept."""
+    removed = []
+    for path in [p for stage in STAGES for p in state_paths(cfg, out, stage)] + [out / "stages", out / RECORD]:
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed

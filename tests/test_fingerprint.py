@@ -1,0 +1,111 @@
+"""A re-run never resumes state made with other settings (dmm_ray/fingerprint.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmm_ray import fingerprint
+from dmm_ray.config import MergeConfig
+from dmm_ray.fingerprint import StaleStateError
+from merge_fixtures import build_world, tiny_merge_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("fingerprint_world"))
+
+
+def _cfg(world, out, **sections):
+    return MergeConfig.model_validate(tiny_merge_config(world, out, **sections)).with_absolute_paths()
+
+
+def _fake_state(cfg, out: Path, stage: str) -> None:
+    folder = fingerprint.state_paths(cfg, out, stage)[0] / "checkpoint_000001"
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"x")
+
+
+def test_same_settings_resume_changed_settings_refuse(world, tmp_path):
+    out = tmp_path / "out"
+    cfg = _cfg(world, out)
+    for stage in ("synthesize", "distill", "finetune"):
+        fingerprint.record(cfg, out, stage)
+        _fake_state(cfg, out, stage)
+    fingerprint.check_resume(cfg, out, ["synthesize", "distill", "finetune"])  # unchanged: resume
+    # how, not what: checkpoint cadence and CPUs never block a resume
+    fingerprint.check_resume(_cfg(world, out, distill={"checkpoint_every": 7}, scaling={"cpus_per_worker": 1.0}), out, ["distill"])
+
+    with pytest.raises(StaleStateError) as error:
+        fingerprint.check_resume(_cfg(world, out, distill={"lr": 1e-3}), out, ["synthesize", "distill", "finetune"])
+    message = str(error.value)
+    assert "distill.lr: 0.0001 -> 0.001" in message and "--restart" in message and "output_dir" in message
+    assert "synthesize (" not in message  # synthesis does not depend on the lr
+
+    with pytest.raises(StaleStateError, match="distill.steps: 2 -> 5"):
+        fingerprint.check_resume(_cfg(world, out, distill={"steps": 5}), out, ["distill"])
+    swapped = tiny_merge_config(world, out)
+    swapped["teachers"] = swapped["teachers"][::-1]
+    with pytest.raises(StaleStateError, match=r"teachers \(order\): \['style0', 'style1'\] -> \['style1', 'style0'\]"):
+        fingerprint.check_resume(MergeConfig.model_validate(swapped).with_absolute_paths(), out, ["synthesize"])
+    with pytest.raises(StaleStateError, match="synthesis.guidance_scale"):
+        fingerprint.check_resume(_cfg(world, out, synthesis={"guidance_scale": 3.0}), out, ["synthesize"])
+
+
+def test_changed_teacher_weights_refuse(world, tmp_path):
+    import shutil
+
+    teachers = tmp_path / "teachers"
+    shutil.copytree(Path(world["teachers"][0]["source"]), teachers / "t0")
+    local = {**world, "teachers": [{"name": "style0", "source": str(teachers / "t0")}, world["teachers"][1]]}
+    out = tmp_path / "out"
+    cfg = _cfg(local, out)
+    fingerprint.record(cfg, out, "distill")
+    _fake_state(cfg, out, "distill")
+    weights = next((teachers / "t0" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StaleStateError, match="teacher 'style0': checksum changed"):
+        fingerprint.check_resume(cfg, out, ["distill"])
+
+
+def test_unrecorded_state_refuses_and_restart_discards_it(world, tmp_path):
+    out = tmp_path / "out"
+    cfg = _cfg(world, out)
+    _fake_state(cfg, out, "distill")  # e.g. left by an older dmm-ray
+    (out / "merged").mkdir()
+    with pytest.raises(StaleStateError, match="records no settings"):
+        fingerprint.check_resume(cfg, out, ["distill"])
+    removed = fingerprint.discard_state(cfg, out)
+    assert fingerprint.state_paths(cfg, out, "distill")[0] in removed
+    fingerprint.check_resume(cfg, out, ["distill"])
+    assert (out / "merged").is_dir()  # the last good model stays
+
+
+@pytest.mark.ray
+def test_rerun_with_changed_settings_stops_before_ray_and_restart_runs(ray_cluster, world, tmp_path):
+    from dmm_ray.merge import run_merge
+
+    out = tmp_path / "out"
+    base = tiny_merge_config(world, out, synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0})
+    run_merge(MergeConfig.model_validate(base))
+    first = (out / "merged" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**base, "distill": {**base["distill"], "lr": 1e-3}}))
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(changed)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "distill.lr: 0.0001 -> 0.001" in proc.stderr and "--restart" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr  # refused before Ray starts
+
+    cfg = MergeConfig.model_validate(yaml.safe_load(changed.read_text()))
+    result = run_merge(cfg, restart=True)  # the old state is discarded, the new settings really train
+    assert result.stage_metrics["distill"]["resumed_from"] == 0 and result.stage_metrics["distill"]["step"] == 2
+    assert (out / "merged" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != first
+    assert fingerprint._read(out)["distill"]["distill.lr"] == 1e-3
