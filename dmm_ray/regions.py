@@ -508,7 +508,6 @@ def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, s
             if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
                 pooled = encoded[2]
     with regional_forward(unet, lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds,
-                                                           pooled, f)) as wrapper:
+                                                           pooled, f)):
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
-    pipe._last_regional_calls = wrapper.calls
     return out

@@ -61,6 +61,14 @@ def test_one_region_covering_everything_equals_plain_bit_for_bit(pipe):
     assert torch.equal(mask, plain)
 
 
+def test_images_per_prompt_and_region_prompt_batch_equal_plain(pipe):
+    gens = lambda: [torch.Generator().manual_seed(k) for k in range(4)]  # noqa: E731
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="pt", num_images_per_prompt=2)
+    plain = pipe(["a red circle", "a blue square"], style="noir", generator=gens(), **kw).images
+    regional = pipe(["a red circle", "a blue square"], regions=[Region(box=ALL, style="noir")], generator=gens(), **kw).images
+    assert torch.equal(regional, plain)
+
+
 def test_two_regions_with_the_same_style_equal_plain(pipe):
     plain = _gen(pipe, style="pastel")
     two = _gen(pipe, regions=[Region(box=LEFT, style="pastel"), Region(box=RIGHT, style="pastel")], feather=6)
