@@ -250,3 +250,18 @@ def test_sdxl_regions_and_panorama(tmp_path):
     assert (mixed - plain[:1]).abs().max() > 1e-3
     pano = _gen(xl, ["a red circle"], size=(16, 48), style_map=sweep("noir", "neon"))
     assert pano.shape == (1, 3, 16, 48) and torch.isfinite(pano).all()
+
+
+def test_benchmark_seam_ratio():
+    """benchmarks/regions.py's seam number: ~1 for a smooth image, large for a pasted hard edge."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "regions.py"
+    spec = importlib.util.spec_from_file_location("regions_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 32, 64)
+    assert abs(bench.seam_ratio(ramp, 32)[0] - 1) < 1e-4
+    paste = torch.cat([torch.full((1, 3, 32, 32), 0.2), torch.full((1, 3, 32, 32), 0.8)], dim=-1) + 0.01 * torch.rand(1, 3, 32, 64)
+    assert bench.seam_ratio(paste, 32)[0] > 20
