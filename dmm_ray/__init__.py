@@ -9,6 +9,8 @@ _LAZY = {
     "TeacherSpec": "dmm_ray.teachers",
     "load_teacher": "dmm_ray.teachers",
     "tiny_sd_components": "dmm_ray.tiny",
+    "Region": "dmm_ray.regions",
+    "sweep": "dmm_ray.regions",
 }
 
 

@@ -1,5 +1,8 @@
 """DMMPipeline: StableDiffusionPipeline (and the SDXL one) with `style=` / `style_weights=`.
 
+Regional styles (`regions=[Region(...)]`, `background=`) and panoramas (`style_map=`,
+`window_stride=`, `max_batch=`) are in dmm_ray/regions.py.
+
 Paper defaults (A.5): DPM-Solver++ 25 steps, CFG 7, negative prompt below. The style rows are
 handed to the StyleUNet through `style_context`; under classifier-free guidance diffusers
 doubles the batch ([uncond; cond]) and StyleUNet repeats the rows, so both halves carry the
@@ -91,8 +94,19 @@ def _styled_call(parent_call):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, style: Any = None, style_weights: Any = None,
                  num_inference_steps: int = PAPER_STEPS, guidance_scale: float = PAPER_GUIDANCE,
-                 num_images_per_prompt: int = 1, **kwargs):
+                 num_images_per_prompt: int = 1, regions: Any = None, background: Any = None, style_map: Any = None,
+                 window_stride: int | None = None, max_batch: int | None = None, feather: float | None = None, **kwargs):
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        if regions is not None or style_map is not None or window_stride is not None or background is not None:
+            # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.
+            from dmm_ray.regions import regional_call
+
+            return regional_call(self, parent_call, prompt, regions=regions, background=background, style=style,
+                                 style_weights=style_weights, style_map=style_map, window_stride=window_stride,
+                                 max_batch=max_batch, feather=feather, num_images_per_prompt=num_images_per_prompt,
+                                 kwargs=kwargs)
+        if max_batch is not None or feather is not None:
+            raise ValueError("max_batch= and feather= apply to regions= or a panorama (style_map=, window_stride=)")
         return self._style_call(parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs)
 
     return __call__

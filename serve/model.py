@@ -129,14 +129,23 @@ class StyleModelBackend:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
             groups[s.group_key()].append(i)
-        for (steps, guidance, width, height), idx in groups.items():
+        for (steps, guidance, width, height, regions, background), idx in groups.items():
             batch = [samples[i] for i in idx]
             # One CPU generator per image: the initial latents of image i depend only on its
             # own seed, so a mixed batch reproduces one-by-one generation.
             generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+            if regions:  # regional styles: the group shares its regions; one batched UNet pass per step
+                from dmm_ray.regions import Region
+
+                style = dict(
+                    regions=[Region(box=box, style_weights=list(w), prompt=p) for box, w, p in regions],
+                    background=None if background is None else list(background),
+                )
+            else:
+                style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample
             result = self.pipe(
                 prompt=[s.prompt for s in batch],
-                style_weights=[list(s.weights) for s in batch],  # (B, N) one mixture per sample
+                **style,
                 negative_prompt=[PAPER_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt for s in batch],
                 num_inference_steps=steps,
                 guidance_scale=guidance,

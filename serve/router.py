@@ -27,6 +27,7 @@ from serve.schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    RegionRequest,
     RequestError,
     Sample,
     StyleInfo,
@@ -105,8 +106,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
                 lines.append(f"request body is missing; send a JSON object like {EXAMPLE_BODY}")
             else:
                 lines.append(f"the body must be a JSON object like {EXAMPLE_BODY} (got {e.get('input')!r})")
+        elif e.get("type") == "extra_forbidden" and loc[0] == "regions" and len(loc) == 3:
+            lines.append(f"regions[{loc[1]}]: unknown field {loc[2]!r}; allowed fields: {', '.join(RegionRequest.model_fields)}")
         elif e.get("type") == "extra_forbidden":
             lines.append(f"unknown field {name!r}; allowed fields: {', '.join(GenerateRequest.model_fields)}")
+        elif loc[0] == "regions" and len(loc) >= 3 and loc[1].isdigit():
+            expected = {"style": UNION_EXPECTED["style"], "weights": UNION_EXPECTED["weights"],
+                        "box": "[x0, y0, x1, y1], four fractions of the canvas"}.get(loc[2])
+            detail = f"must be {expected}" if expected else e.get("msg")
+            lines.append(f"regions[{loc[1]}]: {loc[2]} {detail} (got {e.get('input')!r})")
         elif e.get("type") == "missing":
             lines.append(f"missing required field {name!r}")
         elif loc[0] in UNION_EXPECTED and len(loc) == 2 and not loc[1].isdigit():
@@ -181,7 +189,8 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             return Response(
                 pngs[0],
                 media_type="image/png",
-                headers={"X-Seed": str(resolved.seed), "X-Style-Mixture": json.dumps(resolved.mixture)},
+                headers={"X-Seed": str(resolved.seed), "X-Style-Mixture": json.dumps(resolved.mixture)}
+                | ({"X-Regions": json.dumps([r.model_dump() for r in resolved.regions])} if resolved.regions else {}),
             )
         return GenerateResponse(
             images=[
@@ -190,6 +199,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             ],
             seed=resolved.seed,
             mixture=resolved.mixture,
+            regions=resolved.regions,
             steps=resolved.steps,
             guidance=resolved.guidance,
             width=resolved.width,

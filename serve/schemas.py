@@ -17,6 +17,8 @@ from serve.config import ServeConfig
 
 # 2**31 - 1 so a seed fits every RNG (torch, numpy) and `seed + k` for k < max_images too.
 MAX_SEED = 2**31 - 1 - 1024
+# Regional styles: each region is one more row of the batched UNet call per step.
+MAX_REGIONS = 8
 
 
 class RequestError(Exception):
@@ -43,6 +45,17 @@ class StylesResponse(BaseModel):
     limits: dict
 
 
+class RegionRequest(BaseModel):
+    """One styled part of the image: a box in fractions of the canvas, its style, optionally its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    box: list[float] = Field(..., min_length=4, max_length=4, description="[x0, y0, x1, y1] as fractions of width/height, 0 <= x0 < x1 <= 1")
+    style: Optional[Union[int, str]] = Field(None, description="style name or index of this region")
+    weights: Optional[Union[dict[str, float], list[float]]] = Field(None, description="mixture over styles for this region")
+    prompt: Optional[str] = Field(None, description="this region's own prompt; default: the request's prompt")
+
+
 class GenerateRequest(BaseModel):
     """POST /generate body. Give `style` (name or index) OR `weights` (a mixture), not both."""
 
@@ -63,6 +76,11 @@ class GenerateRequest(BaseModel):
     response_format: Literal["auto", "png", "json"] = Field(
         "auto", description="auto: PNG when the request makes one image, else JSON with base64 PNGs"
     )
+    regions: Optional[list[RegionRequest]] = Field(
+        None,
+        description="regional styles: [{box: [x0, y0, x1, y1] (fractions), style | weights, prompt?}]; the request's "
+        "style/weights, if given, fill what the boxes leave (the background); one batched UNet pass per step",
+    )
 
 
 class GeneratedImage(BaseModel):
@@ -71,10 +89,17 @@ class GeneratedImage(BaseModel):
     png_base64: str
 
 
+class RegionInfo(BaseModel):
+    box: list[float]
+    mixture: dict[str, float]
+    prompt: Optional[str] = None
+
+
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     seed: int
     mixture: dict[str, float]
+    regions: Optional[list[RegionInfo]] = None
     steps: int
     guidance: float
     width: int
@@ -97,9 +122,13 @@ class Sample:
     width: int
     height: int
     seed: int
+    # Regional styles: ((x0, y0, x1, y1), weights, prompt or None) per region; `background` (weights or
+    # None) fills what the boxes leave. Samples batch together only with the same regions.
+    regions: tuple = ()
+    background: Optional[tuple[float, ...]] = None
 
     def group_key(self) -> tuple:
-        return (self.steps, self.guidance, self.width, self.height)
+        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background)
 
 
 @dataclass
@@ -113,6 +142,7 @@ class ResolvedRequest:
     width: int
     height: int
     prompts: list[str] = field(default_factory=list)
+    regions: Optional[list[RegionInfo]] = None
 
 
 def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
@@ -176,6 +206,19 @@ def resolve_request(
         raise RequestError(422, f"negative_prompt longer than {lim.max_prompt_chars} characters")
 
     weights = resolve_mixture(style_names, req.style, req.weights)
+    regions, background = (), None
+    if req.regions is not None:
+        regions = resolve_regions(req.regions, style_names, lim.max_prompt_chars)
+        if req.style is not None or req.weights is not None:
+            background = tuple(weights)
+        else:
+            uncovered = uncovered_fraction([r[0] for r in regions])
+            if uncovered > 0:
+                raise RequestError(
+                    422,
+                    f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` "
+                    "for the background",
+                )
 
     steps = cfg.default_steps if req.steps is None else req.steps
     if steps > lim.max_steps:
@@ -211,6 +254,8 @@ def resolve_request(
                     width=width,
                     height=height,
                     seed=seed + k,
+                    regions=regions,
+                    background=background,
                 )
             )
             k += 1
@@ -220,4 +265,52 @@ def resolve_request(
     if fmt == "png" and len(samples) != 1:
         raise RequestError(422, f"response_format='png' needs exactly one image; this request makes {len(samples)}")
     mixture = {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
-    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts)
+    info = None
+    if regions:
+        mixture = {} if background is None else mixture
+        info = [RegionInfo(box=list(box), mixture=_named(style_names, w), prompt=p) for box, w, p in regions]
+    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts, info)
+
+
+def _named(style_names: list[str], weights) -> dict[str, float]:
+    return {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
+
+
+def resolve_regions(regions: list[RegionRequest], style_names: list[str], max_prompt_chars: int) -> tuple:
+    """Check each region (box, style, prompt); RequestError(422) naming the region: `regions[i]`."""
+    if not regions:
+        raise RequestError(422, "regions is empty; give at least one {box, style} or leave regions out")
+    if len(regions) > MAX_REGIONS:
+        raise RequestError(422, f"{len(regions)} regions; the maximum is {MAX_REGIONS}")
+    out = []
+    for i, r in enumerate(regions):
+        where = f"regions[{i}]"
+        x0, y0, x1, y1 = r.box
+        if not all(v == v and abs(v) != float("inf") for v in r.box) or not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise RequestError(
+                422, f"{where}: box {r.box} must be [x0, y0, x1, y1] fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+            )
+        if r.style is None and r.weights is None:
+            raise RequestError(422, f"{where}: give `style` (one style) or `weights` (a mixture); known styles: "
+                                    + ", ".join(f"{k}={n!r}" for k, n in enumerate(style_names)))
+        try:
+            w = resolve_mixture(style_names, r.style, r.weights)
+        except RequestError as exc:
+            raise RequestError(exc.status, f"{where}: {exc.message}") from None
+        if r.prompt is not None and (not r.prompt.strip() or len(r.prompt) > max_prompt_chars):
+            raise RequestError(422, f"{where}: prompt must be non-empty and at most {max_prompt_chars} characters (or left out)")
+        out.append((tuple(float(v) for v in r.box), tuple(w), r.prompt))
+    return tuple(out)
+
+
+def uncovered_fraction(boxes) -> float:
+    """Exact area of the unit square that no box covers (coordinate compression over the box edges)."""
+    xs = sorted({0.0, 1.0, *[b[0] for b in boxes], *[b[2] for b in boxes]})
+    ys = sorted({0.0, 1.0, *[b[1] for b in boxes], *[b[3] for b in boxes]})
+    area = 0.0
+    for xa, xb in zip(xs, xs[1:]):
+        for ya, yb in zip(ys, ys[1:]):
+            cx, cy = (xa + xb) / 2, (ya + yb) / 2
+            if not any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes):
+                area += (xb - xa) * (yb - ya)
+    return area

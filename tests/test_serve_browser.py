@@ -88,3 +88,49 @@ def test_playground_generates_an_image(playground_url, tmp_path):
             page.screenshot(path=str(tmp_path / "playground.png"))
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
+    """Split the canvas into 3 vertical bands, pick a style per band: the request carries `regions`
+    (one box per band, covering the canvas), the image appears and the meta line names the bands."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
+    chromium = ensure_chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.post_data_json) if r.url.endswith("/generate") else None)
+            page.goto(playground_url + "/")
+            page.locator("input[type=range]").nth(2).wait_for()
+            assert page.locator("#bandstyles select").count() == 0  # bands off by default
+            page.select_option("#bands", "3")
+            assert page.locator("#bandstyles select").count() == 3
+            page.select_option("#band0", "sketch")
+            page.select_option("#band2", "watercolor")  # band 1 keeps its default (neon)
+            assert page.locator("#bandpreview div").all_text_contents() == ["sketch", "neon", "watercolor"]
+            page.select_option("#orientation", "horizontal")  # styles picked so far stay
+            assert page.eval_on_selector("#bandpreview", "e => e.className") == "horizontal"
+            page.select_option("#orientation", "vertical")
+            page.fill("#prompt", "a red circle on a blue background")
+            page.fill("#seed", "9")
+            page.click("#generate")
+            page.wait_for_function(
+                "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",
+                timeout=60_000,
+            )
+            assert page.text_content("#error") == ""
+            meta = page.text_content("#meta")
+            assert "seed 9" in meta and "regions sketch | neon | watercolor" in meta, meta
+            body = requests[-1]
+            assert "weights" not in body and [r["style"] for r in body["regions"]] == ["sketch", "neon", "watercolor"]
+            assert body["regions"][0]["box"] == [0, 0, 1 / 3, 1] and body["regions"][2]["box"] == [2 / 3, 0, 1, 1]
+            # bands off again: back to the slider mixture
+            page.select_option("#bands", "1")
+            page.click("#generate")
+            page.wait_for_function("() => document.getElementById('meta').textContent.includes('mixture')", timeout=60_000)
+            assert "regions" not in requests[-1] and "weights" in requests[-1]
+            page.screenshot(path=str(tmp_path / "playground_bands.png"))
+        finally:
+            browser.close()

@@ -1,0 +1,294 @@
+"""Regional styles on the toy zoo: does each region get its style, how visible is the seam, what does it cost.
+
+  python benchmarks/regions.py --model /path/to/merged --zoo .zoo --out outputs/regions
+
+1. Two-region test. For every ordered pair (A, B) of the zoo's 4 *distinct* styles (noir, neon,
+   pixel, sketch: zoo.yaml group "distinct"), 64 seeds: a 64x32 image (two native 32 px squares
+   side by side) with `regions=[left half: A, right half: B]`; the zoo feature net's style head
+   classifies the left 32x32 crop and the right one. Success = left is A and right is B.
+   Ceiling: the same crops of whole images of A and of B generated normally at the same size and
+   seed (left crop of the A image is A and right crop of the B image is B). Both as the 9-way
+   argmax (none + 8 styles) and as the 2-way choice between A and B (logit_A vs logit_B).
+2. Seam: mean |column 32 - column 31| over mean |column j+1 - column j| of the same image (1 = no
+   seam). Also for plain images and for the naive paste (left half of plain A + right half of plain B).
+3. Cost: seconds per image, 64x32, for plain generation, K = 2 and 4 regions (one batched UNet call
+   per step), and the only route without DMM: K teacher pipelines, each step running every
+   teacher's UNet on the latent and blending, either (a) all K teachers resident, or (b) one UNet
+   whose weights are switched to the next teacher before each call (what K full checkpoints that
+   do not fit together must do). Batch 1 (latency) and batch 16 (throughput); median of --reps,
+   the variants interleaved; wall seconds and CPU seconds of this process (one torch thread).
+4. Grid PNG: 8 two-region images and a 4-style panorama (style map, tiled windows, max_batch).
+
+Sampler: the zoo's (DPM-Solver++ 15 steps, guidance 5, empty negative prompt). Prompt i of the
+zoo's held-out prompts with seed i. Writes <out>/regions.json and <out>/regions_grid.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+STEPS, GUIDANCE, NEGATIVE = 15, 5.0, ""
+H, W = 32, 64
+
+
+def _load(model: str, zoo: Path):
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.zoo.feature_net import ZooFeatureNet
+    from dmm_ray.zoo.report import load_manifest
+
+    pipe = load_dmm_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    manifest = load_manifest(zoo)
+    net = ZooFeatureNet.from_pretrained(str(zoo / manifest["feature_net"])).eval()
+    prompts = [line.strip() for line in (zoo / manifest["eval_prompts"]).read_text().splitlines() if line.strip()]
+    distinct = [t["name"] for t in manifest["teachers"] if t.get("group") == "distinct"]
+    return pipe, net, prompts, distinct
+
+
+def _generate(pipe, prompts, seeds, **kw):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE] * len(prompts),
+                height=H, width=W, generator=gens, output_type="pt", **kw).images
+
+
+def _halves(pipe):
+    from dmm_ray.regions import Region
+
+    return lambda a, b: [Region(box=(0, 0, 0.5, 1), style=a), Region(box=(0.5, 0, 1, 1), style=b)]
+
+
+@torch.no_grad()
+def _style_logits(net, images):
+    return net(images.float())["style"]  # (B, 1 + N): none, styles...
+
+
+def seam_ratio(images: torch.Tensor, column: int) -> list[float]:
+    """Per image: mean |I[..., column] - I[..., column-1]| / mean over j of |I[..., j+1] - I[..., j]|."""
+    diffs = (images[..., 1:] - images[..., :-1]).abs()  # (B, 3, H, W-1)
+    seam = diffs[..., column - 1].mean(dim=(1, 2))
+    mean = diffs.mean(dim=(1, 2, 3))
+    return (seam / mean).tolist()
+
+
+def two_region_test(pipe, net, prompts, styles, seeds, batch):
+    names = net.label_names["style"]
+    halves = _halves(pipe)
+    plain, out = {}, {"pairs": {}, "ceiling": {}}
+    for s in styles:  # whole images of each style, same size and seeds: the ceiling
+        imgs = [_generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], style=s)
+                for k in range(0, len(seeds), batch)]
+        plain[s] = torch.cat(imgs)
+    seams = {"regions": [], "plain": [], "paste": []}
+    examples = {}
+    for s in styles:
+        seams["plain"] += seam_ratio(plain[s], W // 2)
+    for a, b in itertools.permutations(styles, 2):
+        t0 = time.time()
+        imgs = torch.cat([
+            _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], regions=halves(a, b))
+            for k in range(0, len(seeds), batch)
+        ])
+        examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
+        ia, ib = names.index(a), names.index(b)
+        left, right = _style_logits(net, imgs[..., : W // 2]), _style_logits(net, imgs[..., W // 2 :])
+        cl, cr = _style_logits(net, plain[a][..., : W // 2]), _style_logits(net, plain[b][..., W // 2 :])
+        argmax = lambda lg, i: lg.argmax(1) == i  # noqa: E731
+        pair = lambda lg, i, j: lg[:, i] > lg[:, j]  # noqa: E731
+        row = {
+            "regions_9way": float((argmax(left, ia) & argmax(right, ib)).float().mean()),
+            "ceiling_9way": float((argmax(cl, ia) & argmax(cr, ib)).float().mean()),
+            "regions_2way": float((pair(left, ia, ib) & pair(right, ib, ia)).float().mean()),
+            "ceiling_2way": float((pair(cl, ia, ib) & pair(cr, ib, ia)).float().mean()),
+            "regions_left_is_a": float(argmax(left, ia).float().mean()),
+            "regions_right_is_b": float(argmax(right, ib).float().mean()),
+            "seconds": time.time() - t0,
+        }
+        out["pairs"][f"{a}|{b}"] = row
+        seams["regions"] += seam_ratio(imgs, W // 2)
+        paste = torch.cat([plain[a][..., : W // 2], plain[b][..., W // 2 :]], dim=-1)
+        seams["paste"] += seam_ratio(paste, W // 2)
+        print(f"  {a:>6} | {b:<6} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+    for s in styles:
+        ix = names.index(s)
+        for side, sl in (("left", slice(0, W // 2)), ("right", slice(W // 2, W))):
+            out["ceiling"][f"{s}_{side}_9way"] = float((_style_logits(net, plain[s][..., sl]).argmax(1) == ix).float().mean())
+    keys = ["regions_9way", "ceiling_9way", "regions_2way", "ceiling_2way"]
+    out["mean"] = {k: statistics.mean(r[k] for r in out["pairs"].values()) for k in keys}
+    out["min"] = {k: min(r[k] for r in out["pairs"].values()) for k in keys}
+    out["seam"] = {k: {"mean": statistics.mean(v), "median": statistics.median(v)} for k, v in seams.items()}
+    return out, examples, plain
+
+
+# ---- cost -------------------------------------------------------------------------------------
+class TeacherRegions:
+    """The route without DMM: K teacher pipelines (own UNet + own text encoder), one call per teacher
+    per step on the shared latent, noise predictions blended with the same normalised masks."""
+
+    def __init__(self, teachers: list, pipe, switch: bool):
+        self.teachers, self.switch = teachers, switch
+        self.vae, self.scheduler = pipe.vae, type(pipe.scheduler).from_config(pipe.scheduler.config)
+        if switch:  # ONE resident UNet; each teacher's weights sit in host memory and are copied in per call
+            import copy
+
+            self.unet = copy.deepcopy(teachers[0].unet)
+            self.states = [{k: v.clone() for k, v in t.unet.state_dict().items()} for t in teachers]
+
+    def _embeds(self, teacher, prompts):
+        pos, neg = teacher.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[NEGATIVE] * len(prompts))
+        return torch.cat([neg, pos])
+
+    @torch.no_grad()
+    def __call__(self, prompts, seeds, weights):
+        B = len(prompts)
+        embeds = [self._embeds(t, prompts) for t in self.teachers]
+        f = self.teachers[0].vae_scale_factor
+        latents = torch.cat([torch.randn((1, 4, H // f, W // f), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        sched = self.scheduler
+        sched.set_timesteps(STEPS)
+        latents = latents * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents] * 2), t)
+            eps = torch.zeros_like(x)
+            for k, teacher in enumerate(self.teachers):
+                if self.switch:
+                    self.unet.load_state_dict(self.states[k])
+                    unet = self.unet
+                else:
+                    unet = teacher.unet
+                eps += unet(x, t, encoder_hidden_states=embeds[k], return_dict=False)[0] * weights[k]
+            u, c = eps.chunk(2)
+            latents = sched.step(u + GUIDANCE * (c - u), t, latents, return_dict=False)[0]
+        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1)
+
+
+def _timed(cells: dict, reps: int) -> dict:
+    """Median wall and CPU seconds per cell; the cells run round-robin (rep by rep) so that load from
+    other processes on a shared machine falls on every cell alike. CPU time (this process, one torch
+    thread) is the robust number on a busy machine; wall time is what a user waits."""
+    for fn in cells.values():
+        fn()  # warm-up
+    wall, cpu = {k: [] for k in cells}, {k: [] for k in cells}
+    for _ in range(reps):
+        for k, fn in cells.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - w0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in cells}
+
+
+def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16)):
+    from dmm_ray.regions import Region, build_region_views
+    from dmm_ray.teachers import load_teacher_pipeline
+    from dmm_ray.zoo.report import teacher_specs
+
+    specs = {s.name: s for s in teacher_specs(zoo)}
+    teachers = {}
+    for name in styles:
+        t = load_teacher_pipeline(specs[name])
+        t.set_progress_bar_config(disable=True)
+        teachers[name] = t
+    res = {}
+    for B in batches:
+        ps, seeds = [prompts[i] for i in range(B)], list(range(B))
+        cells = {"plain": lambda: _generate(pipe, ps, seeds, style=styles[0])}
+        for K in (2, 4):
+            regs = [Region(box=(k / K, 0, (k + 1) / K, 1), style=styles[k % len(styles)]) for k in range(K)]
+            cells[f"dmm_k{K}"] = lambda regs=regs: _generate(pipe, ps, seeds, regions=regs)
+            views, _ = build_region_views(regs, pipe.styles, (H, W), pipe.vae_scale_factor)
+            weights = [v.weight for v in views]
+            ts = [teachers[styles[k % len(styles)]] for k in range(K)]
+            for mode, switch in (("teachers_resident", False), ("teachers_switching", True)):
+                runner = TeacherRegions(ts, pipe, switch)
+                cells[f"{mode}_k{K}"] = lambda runner=runner, weights=weights: runner(ps, seeds, weights)
+        timed = _timed(cells, reps)
+        row = {}
+        for unit, j in (("wall", 0), ("cpu", 1)):
+            r = {k: v[j] / B for k, v in timed.items()}
+            for K in (2, 4):
+                r[f"ratio_dmm_k{K}_vs_plain"] = r[f"dmm_k{K}"] / r["plain"]
+                r[f"ratio_teachers_resident_k{K}_vs_dmm"] = r[f"teachers_resident_k{K}"] / r[f"dmm_k{K}"]
+                r[f"ratio_teachers_switching_k{K}_vs_dmm"] = r[f"teachers_switching_k{K}"] / r[f"dmm_k{K}"]
+            row[unit] = r
+            print(f"  batch {B} {unit}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
+        res[f"batch_{B}"] = row
+    return res
+
+
+# ---- grid -------------------------------------------------------------------------------------
+def grid(pipe, examples, styles, prompts, out: Path, scale: int = 4) -> dict:
+    from PIL import Image, ImageDraw
+
+    from dmm_ray.regions import sweep  # noqa: F401  (documented alternative style map)
+
+    pairs = list(examples)[:8]
+    tiles = [(f"{a} | {b}", examples[(a, b)]) for a, b in pairs]
+    pano_w = 256
+    style_map = [(i / 4, (i + 1) / 4, s) for i, s in enumerate(styles)]
+    t0 = time.time()
+    pano = pipe([prompts[3]], num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE],
+                height=H, width=pano_w, style_map=style_map, window_stride=16, max_batch=8,
+                generator=[torch.Generator().manual_seed(3)], output_type="pt").images[0]
+    pano_s = time.time() - t0
+    to_pil = lambda t: Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))  # noqa: E731
+    tw, th, label = W * scale, H * scale, 14
+    cols = 4
+    rows = (len(tiles) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (tw + 8) + 8, rows * (th + label + 8) + th + 2 * label + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (name, img) in enumerate(tiles):
+        x, y = 8 + (k % cols) * (tw + 8), 8 + (k // cols) * (th + label + 8)
+        draw.text((x, y), name, fill="black")
+        canvas.paste(to_pil(img).resize((tw, th), Image.NEAREST), (x, y + label))
+    y = 8 + rows * (th + label + 8)
+    draw.text((8, y), "panorama 256x32: " + " | ".join(styles) + " (style map, 15 windows, max_batch 8)", fill="black")
+    pano_img = to_pil(pano).resize((pano_w * 2, H * 2), Image.NEAREST)
+    canvas.paste(pano_img.resize((cols * (tw + 8) - 8, int(H * (cols * (tw + 8) - 8) / pano_w)), Image.NEAREST), (8, y + label))
+    canvas = canvas.crop((0, 0, canvas.width, y + label + int(H * (cols * (tw + 8) - 8) / pano_w) + 8))
+    canvas.save(out / "regions_grid.png")
+    return {"panorama_seconds": pano_s, "grid": str(out / "regions_grid.png")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="merged-model folder (the toy zoo's merge)")
+    ap.add_argument("--zoo", default=".zoo", help="the zoo the model was merged from (feature net, prompts, teachers)")
+    ap.add_argument("--out", default="outputs/regions")
+    ap.add_argument("--seeds", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cost cell (median)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    zoo = Path(args.zoo)
+    pipe, net, prompts, distinct = _load(args.model, zoo)
+    settings = dict(model=args.model, zoo=str(zoo), size=[H, W], steps=STEPS, guidance=GUIDANCE, negative_prompt=NEGATIVE,
+                    seeds=args.seeds, styles=distinct, threads=args.threads, feather_px=max(pipe.vae_scale_factor, min(H, W) / 16))
+    print("settings:", json.dumps(settings), flush=True)
+    result = {"settings": settings}
+    print("cost (seconds per image):", flush=True)
+    result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps)
+    (out / "regions.json").write_text(json.dumps(result, indent=1))
+    print("two-region test:", flush=True)
+    t0 = time.time()
+    result["two_region"], examples, _ = two_region_test(pipe, net, prompts, distinct, list(range(args.seeds)), args.batch)
+    result["two_region"]["seconds"] = time.time() - t0
+    (out / "regions.json").write_text(json.dumps(result, indent=1))
+    result["grid"] = grid(pipe, examples, distinct, prompts, out)
+    (out / "regions.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result["two_region"][k] for k in ("mean", "min", "seam", "ceiling")}, indent=1))
+    print(f"wrote {out / 'regions.json'} and {out / 'regions_grid.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""Regional styles and panoramas: several styles in one image, ONE batched UNet pass per step.
+
+A merged model holds every style in one network and a batch may carry a different style per
+sample, so K regional styles need no model switching (MultiDiffusion, Bar-Tal et al. 2023;
+Mixture-of-Diffusers, Jiménez 2023; the DMM paper's panoramas, Fig. 11/21):
+
+    every denoising step:
+        views  = K copies of the latent (regions) or K windows of it (panorama tiles)
+        eps_v  = UNet(views, t, prompt_v, style_v)          # ONE call over the batch (x2 under CFG)
+        eps    = sum_v  w_v * eps_v   (w_v: soft masks normalised to sum 1 at every latent pixel)
+        latent = scheduler.step(eps, t, latent)             # diffusers' own loop, one step
+
+The pipeline's own diffusers loop runs unchanged (encode_prompt, prepare_latents, the scheduler,
+CFG, guidance_rescale, callbacks, decoding): for the duration of the call the StyleUNet's
+`forward` is replaced by `RegionalUNet`, which expands the pipeline's batch into views, makes one
+UNet forward over all of them (in chunks of `max_batch` rows when set), and blends the noise
+predictions back onto the shared latent. CFG is linear, so blending before or after the guidance
+combination is the same.
+
+Public API (also `DMMPipeline.__call__(regions=, background=, style_map=, ...)`):
+    Region(box=(x0, y0, x1, y1) | mask=..., style=... | style_weights=..., prompt=None, feather=None)
+    sweep("noir", "neon")     a panorama style map: a mixture that moves from A to B left to right
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dmm_ray.models.style_unet import StyleError, resolve_style
+
+__all__ = ["Region", "sweep", "RegionalPlan", "View", "build_region_views", "build_panorama_views", "regional_call",
+           "feathered", "gaussian_window", "window_starts", "RegionError"]
+
+
+class RegionError(ValueError):
+    """A malformed region, mask, box or style map (the message names the region)."""
+
+
+@dataclass
+class Region:
+    """One styled part of the canvas.
+
+    box:    (x0, y0, x1, y1) as fractions of the canvas width/height, 0 <= x0 < x1 <= 1.
+    mask:   soft mask in [0, 1] at image size (H, W) or latent size (H/f, W/f); a tensor,
+            numpy array or PIL image (uint8 masks are read as 0..255).
+    style / style_weights: one style (name or index) or a mixture, as for `pipe(style=...)`.
+    prompt: this region's own prompt (default: the call's prompt).
+    feather: Gaussian sigma of the soft edge in image pixels (default: the call's `feather`).
+    name:   used in error messages (default: "region <i>").
+    """
+
+    box: Sequence[float] | None = None
+    mask: Any = None
+    style: Any = None
+    style_weights: Any = None
+    prompt: str | None = None
+    feather: float | None = None
+    name: str | None = None
+
+
+def sweep(start: Any, end: Any) -> Callable[[float], dict]:
+    """Panorama style map: at horizontal position x in [0, 1] the mixture (1 - x)·start + x·end,
+    interpolated in codebook space (paper 4.5). `start`/`end`: style names or indices."""
+
+    def style_at(x: float) -> dict:
+        x = min(max(float(x), 0.0), 1.0)
+        return {start: 1.0 - x, end: x} if start != end else {start: 1.0}
+
+    style_at.sweep = (start, end)  # type: ignore[attr-defined]
+    return style_at
+
+
+@dataclass
+class View:
+    """One row of the batched UNet call: a latent window, its style, prompt and blend weight."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    style_row: torch.Tensor  # (N,) normalised style weights
+    weight: torch.Tensor  # (y1 - y0, x1 - x0) float32, normalised over the canvas (sum over views = 1)
+    prompt_index: int | None = None  # index into RegionalPlan.prompts, None = the call's prompt
+    label: str = ""
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+@dataclass
+class RegionalPlan:
+    views: list[View]
+    latent_size: tuple[int, int]  # (h, w)
+    prompts: list[str] = field(default_factory=list)
+    max_batch: int | None = None
+    windowed: bool = False  # views are tiles smaller than the canvas (SDXL: per-tile size ids)
+
+
+# ---- geometry -------------------------------------------------------------------------------
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return (k / k.sum()).float()
+
+
+def feathered(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur (separable, edge values replicated: a region touching the canvas edge stays
+    solid there) of a (h, w) mask; sigma in latent pixels, 0 = hard edges."""
+    if sigma <= 0:
+        return mask.clone()
+    k = _gaussian_kernel(sigma)
+    r = (k.numel() - 1) // 2
+    x = mask[None, None].float()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x[0, 0]
+
+
+def _box_coverage(a: float, b: float, n: int) -> torch.Tensor:
+    """Fraction of each of n equal cells of [0, 1] covered by [a, b]."""
+    edges = torch.arange(n + 1, dtype=torch.float64) / n
+    cover = (torch.minimum(edges[1:], torch.tensor(b, dtype=torch.float64)) - torch.maximum(edges[:-1], torch.tensor(a, dtype=torch.float64)))
+    return (cover.clamp(min=0) * n).clamp(max=1).float()
+
+
+def box_mask(box: Sequence[float], latent_size: tuple[int, int], label: str = "region") -> torch.Tensor:
+    """(x0, y0, x1, y1) fractions -> (h, w) coverage mask (anti-aliased at cell edges)."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RegionError(f"{label}: box must be 4 numbers (x0, y0, x1, y1) as fractions of the canvas, got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise RegionError(f"{label}: box values must be finite, got {list(box)}")
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise RegionError(
+            f"{label}: box {list(box)} must be fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+        )
+    h, w = latent_size
+    return _box_coverage(y0, y1, h)[:, None] * _box_coverage(x0, x1, w)[None, :]
+
+
+def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
+    if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL image
+        import numpy as np
+
+        mask = np.array(mask.convert("L"))
+    raw = torch.as_tensor(mask)
+    if raw.dtype == torch.uint8:
+        t = raw.float() / 255.0
+    elif raw.dtype == torch.bool:
+        t = raw.float()
+    else:
+        t = raw.float()
+    while t.ndim > 2 and t.shape[0] == 1:  # (1, H, W) / (1, 1, H, W)
+        t = t[0]
+    if t.ndim != 2:
+        raise RegionError(f"{label}: mask must be 2-D (H, W), got shape {tuple(raw.shape)}")
+    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+        raise RegionError(f"{label}: mask values must be in [0, 1] (or uint8 0..255)")
+    return t
+
+
+def region_mask(region: Region, image_size: tuple[int, int], latent_size: tuple[int, int], label: str) -> torch.Tensor:
+    """A Region's hard (unfeathered) mask at latent size (h, w)."""
+    if (region.box is None) == (region.mask is None):
+        raise RegionError(f"{label}: give exactly one of box= or mask=")
+    if region.box is not None:
+        mask = box_mask(region.box, latent_size, label)
+    else:
+        mask = _as_mask_tensor(region.mask, label)
+        (H, W), (h, w) = image_size, latent_size
+        if tuple(mask.shape) == (H, W):
+            mask = F.adaptive_avg_pool2d(mask[None, None], (h, w))[0, 0] if (H, W) != (h, w) else mask
+        elif tuple(mask.shape) != (h, w):
+            raise RegionError(
+                f"{label}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but this image is {H}x{W} "
+                f"(latent {h}x{w}); give the mask at image or latent size"
+            )
+    if float(mask.max()) <= 0:
+        raise RegionError(f"{label}: its {'box' if region.box is not None else 'mask'} covers nothing (all zero)")
+    return mask
+
+
+def _region_style(style_names: Sequence[str], region: Region, label: str) -> torch.Tensor:
+    if (region.style is None) == (region.style_weights is None):
+        raise StyleError(f"{label}: give exactly one of style= or style_weights=; known styles: {', '.join(style_names)}")
+    try:
+        return resolve_style(style_names, region.style if region.style is not None else region.style_weights)
+    except StyleError as exc:
+        raise StyleError(f"{label}: {exc}") from None
+
+
+def build_region_views(
+    regions: Sequence[Region],
+    style_names: Sequence[str],
+    image_size: tuple[int, int],
+    vae_scale_factor: int,
+    background: Any = None,
+    feather: float | None = None,
+) -> tuple[list[View], list[str]]:
+    """Full-canvas views, one per region (+ background): feathered masks normalised to sum 1."""
+    H, W = image_size
+    latent = (H // vae_scale_factor, W // vae_scale_factor)
+    if not isinstance(regions, (list, tuple)) or not regions:
+        raise RegionError("regions must be a non-empty list of Region(...)")
+    if feather is None:
+        feather = max(float(vae_scale_factor), min(H, W) / 16)
+    if feather < 0 or not math.isfinite(feather):
+        raise RegionError(f"feather must be a finite sigma >= 0 in image pixels, got {feather}")
+    prompts: list[str] = []
+    hard, soft, rows, prompt_idx, labels = [], [], [], [], []
+    for i, region in enumerate(regions):
+        if isinstance(region, dict):
+            region = Region(**region)
+        if not isinstance(region, Region):
+            raise RegionError(f"region {i}: expected Region(...) or a dict of its fields, got {type(region).__name__}")
+        label = f"region {i}" + (f" ({region.name})" if region.name else "")
+        mask = region_mask(region, image_size, latent, label)
+        rows.append(_region_style(style_names, region, label))
+        sigma = feather if region.feather is None else float(region.feather)
+        if sigma < 0 or not math.isfinite(sigma):
+            raise RegionError(f"{label}: feather must be a finite sigma >= 0 in image pixels, got {region.feather}")
+        hard.append(mask)
+        soft.append(feathered(mask, sigma / vae_scale_factor))
+        if region.prompt is not None:
+            if not isinstance(region.prompt, str) or not region.prompt.strip():
+                raise RegionError(f"{label}: prompt must be a non-empty string (or None for the call's prompt)")
+            prompts.append(region.prompt)
+            prompt_idx.append(len(prompts) - 1)
+        else:
+            prompt_idx.append(None)
+        labels.append(label)
+    union = torch.stack(hard).sum(0).clamp(max=1)
+    if background is not None:
+        try:
+            bg_row = resolve_style(style_names, background)
+        except StyleError as exc:
+            raise StyleError(f"background: {exc}") from None
+        bg_hard = 1 - union
+        if float(bg_hard.max()) > 0:
+            hard.append(bg_hard)
+            soft.append(feathered(bg_hard, feather / vae_scale_factor))
+            rows.append(bg_row)
+            prompt_idx.append(None)
+            labels.append("background")
+    elif float(union.min()) <= 0:
+        uncovered = float((union <= 0).float().mean())
+        raise RegionError(
+            f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or pass background=<style>"
+        )
+    total = torch.stack(soft).sum(0)
+    if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
+        raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")
+    views = [
+        View(0, latent[0], 0, latent[1], row, s / total, p, lab)
+        for row, s, p, lab in zip(rows, soft, prompt_idx, labels)
+    ]
+    return views, prompts
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of `window` cells with `stride` covering [0, size); the last one flush with the end."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def gaussian_window(h: int, w: int, sigma_frac: float = 0.25) -> torch.Tensor:
+    """Mixture-of-Diffusers tile weights: a 2-D Gaussian centred on the tile, sigma = sigma_frac x side."""
+
+    def g(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        return torch.exp(-(x**2) / (2 * (sigma_frac * n) ** 2))
+
+    return (g(h)[:, None] * g(w)[None, :]).float()
+
+
+def _style_map_row(style_names: Sequence[str], style_map: Any, x: float, fallback: torch.Tensor | None, label: str) -> torch.Tensor:
+    try:
+        if style_map is None:
+            if fallback is None:
+                raise StyleError("no style: pass style_map= or style=")
+            return fallback
+        if callable(style_map):
+            return resolve_style(style_names, style_map(x))
+        for entry in style_map:
+            try:
+                a, b, style = entry
+            except (TypeError, ValueError):
+                raise RegionError(f"style_map entries must be (x0, x1, style) with fractions 0 <= x0 < x1 <= 1, got {entry!r}") from None
+            if not (0 <= float(a) < float(b) <= 1):
+                raise RegionError(f"style_map entry {entry!r}: need 0 <= x0 < x1 <= 1 (fractions of the width)")
+            if float(a) <= x < float(b) or (x == 1.0 and float(b) == 1.0):
+                return resolve_style(style_names, style)
+        raise RegionError(f"{label}: style_map has no range covering x = {x:.3f} (fraction of the width)")
+    except StyleError as exc:
+        raise StyleError(f"{label}: {exc}") from None
+
+
+def build_panorama_views(
+    style_names: Sequence[str],
+    image_size: tuple[int, int],
+    vae_scale_factor: int,
+    window: int,
+    stride: int | None = None,
+    style_map: Any = None,
+    default_style: torch.Tensor | None = None,
+    sigma_frac: float = 0.25,
+) -> list[View]:
+    """Overlapping native-size windows over a wide (or tall) canvas; each window's style from the
+    style map at its centre (x as a fraction of the width); Gaussian tile weights normalised to 1."""
+    H, W = image_size
+    h, w = H // vae_scale_factor, W // vae_scale_factor
+    win = window // vae_scale_factor
+    step = win // 2 if stride is None else max(1, stride // vae_scale_factor)
+    if stride is not None and (stride <= 0 or stride % vae_scale_factor):
+        raise RegionError(f"window_stride must be a positive multiple of {vae_scale_factor} pixels, got {stride}")
+    wh, ww = min(win, h), min(win, w)
+    boxes = [(y, x) for y in window_starts(h, wh, step) for x in window_starts(w, ww, step)]
+    tile = gaussian_window(wh, ww, sigma_frac)
+    total = torch.zeros(h, w)
+    for y, x in boxes:
+        total[y : y + wh, x : x + ww] += tile
+    views = []
+    for k, (y, x) in enumerate(boxes):
+        label = f"window {k} (x {x * vae_scale_factor}..{(x + ww) * vae_scale_factor} px)"
+        centre = (x + ww / 2) / w
+        row = _style_map_row(style_names, style_map, centre, default_style, label)
+        views.append(View(y, y + wh, x, x + ww, row, tile / total[y : y + wh, x : x + ww], None, label))
+    return views
+
+
+# ---- the batched, blending UNet forward -------------------------------------------------------
+class RegionalUNet:
+    """Stands in for `unet.forward` during a call: pipeline batch (M, C, h, w) -> views -> ONE UNet
+    forward (chunks of `max_batch` rows when set) -> blended noise prediction (M, C, h, w).
+
+    The pipeline batch is [uncond images; cond images] under CFG, [images] without. View rows keep
+    that order (half, image, view), so one full-canvas region reproduces plain generation exactly."""
+
+    def __init__(self, unet, inner_forward, plan: RegionalPlan, num_images: int, style_embeds: torch.Tensor,
+                 prompt_embeds: torch.Tensor | None = None, pooled_embeds: torch.Tensor | None = None,
+                 vae_scale_factor: int = 8):
+        self.unet, self.inner, self.plan, self.num_images = unet, inner_forward, plan, num_images
+        self.style_embeds = style_embeds  # (V, d) codebook-space rows, one per view
+        self.prompt_embeds = prompt_embeds  # (P, L, D) region prompts (cond half)
+        self.pooled_embeds = pooled_embeds  # (P, D') SDXL pooled region prompts
+        self.vae_scale_factor = vae_scale_factor
+        self.calls = 0  # inner UNet forwards made
+
+    def __call__(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, timestep_cond=None,
+                 return_dict: bool = True, **kwargs):
+        plan, B = self.plan, self.num_images
+        M = sample.shape[0]
+        if args:
+            raise TypeError("RegionalUNet takes sample, timestep, encoder_hidden_states positionally, the rest by keyword")
+        if M % B:
+            raise RuntimeError(f"regional UNet got a batch of {M} for {B} images")
+        halves = M // B  # 2 under classifier-free guidance ([uncond; cond]), else 1
+        rows = [(h * B + b, v, halves == 1 or h == 1) for h in range(halves) for b in range(B) for v in range(len(plan.views))]
+        crops, ehs, styles, text, tids, tconds, tsteps = [], [], [], [], [], [], []
+        added = dict(added_cond_kwargs or {})
+        per_sample_t = isinstance(timestep, torch.Tensor) and timestep.ndim > 0 and timestep.numel() == M
+        for i, v, cond in rows:
+            view = plan.views[v]
+            crops.append(sample[i, :, view.y0 : view.y1, view.x0 : view.x1])
+            use_region_prompt = cond and view.prompt_index is not None
+            ehs.append(self.prompt_embeds[view.prompt_index] if use_region_prompt else encoder_hidden_states[i])
+            styles.append(self.style_embeds[v])
+            if "text_embeds" in added:
+                text.append(self.pooled_embeds[view.prompt_index] if use_region_prompt else added["text_embeds"][i])
+            if "time_ids" in added:
+                tid = added["time_ids"][i]
+                if plan.windowed:  # SDXL size conditioning of the tile, not of the whole panorama
+                    th, tw = (view.y1 - view.y0) * self.vae_scale_factor, (view.x1 - view.x0) * self.vae_scale_factor
+                    tid = torch.tensor([th, tw, 0, 0, th, tw], dtype=tid.dtype, device=tid.device)
+                tids.append(tid)
+            if timestep_cond is not None:
+                tconds.append(timestep_cond[i])
+            if per_sample_t:
+                tsteps.append(timestep[i])
+        n = len(rows)
+        chunk = n if not plan.max_batch else plan.max_batch
+        outs = []
+        for s in range(0, n, chunk):
+            sl = slice(s, min(n, s + chunk))
+            extra = {}
+            if added:
+                extra_added = {k: val for k, val in added.items() if k not in ("text_embeds", "time_ids")}
+                if text:
+                    extra_added["text_embeds"] = torch.stack(text[sl])
+                if tids:
+                    extra_added["time_ids"] = torch.stack(tids[sl])
+                extra["added_cond_kwargs"] = extra_added
+            if tconds:
+                extra["timestep_cond"] = torch.stack(tconds[sl])
+            t = torch.stack(tsteps[sl]) if per_sample_t else timestep
+            out = self.inner(
+                torch.stack(crops[sl]), t, torch.stack(ehs[sl]),
+                style_embeds=torch.stack(styles[sl]), return_dict=False, **extra, **kwargs,
+            )[0]
+            self.calls += 1
+            outs.append(out)
+        eps = torch.cat(outs) if len(outs) > 1 else outs[0]
+        blended = torch.zeros(sample.shape, dtype=torch.float32, device=sample.device)
+        for j, (i, v, _) in enumerate(rows):
+            view = plan.views[v]
+            w = view.weight.to(device=sample.device)
+            blended[i, :, view.y0 : view.y1, view.x0 : view.x1] += eps[j].float() * w
+        blended = blended.to(eps.dtype)
+        if not return_dict:
+            return (blended,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=blended)
+
+
+@contextmanager
+def regional_forward(unet, make: Callable[[Callable], RegionalUNet]):
+    """Replace `unet.forward` (an instance attribute, so accelerate hooks stay below it) for one call."""
+    previous = unet.__dict__.get("forward")
+    inner = unet.forward
+    wrapper = make(inner)
+    unet.forward = wrapper
+    try:
+        yield wrapper
+    finally:
+        if previous is None:
+            del unet.forward
+        else:
+            unet.forward = previous
+
+
+# ---- the pipeline entry point ----------------------------------------------------------------
+def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, style=None, style_weights=None,
+                  style_map=None, window_stride=None, max_batch=None, feather=None, num_images_per_prompt: int = 1,
+                  kwargs: dict):
+    """`pipe(prompt, regions=[...])` / `pipe(prompt, width=..., style_map=...)`: build the views,
+    encode the region prompts, then run the pipeline's own diffusers loop with `RegionalUNet`."""
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+
+    unet = pipe.unet
+    if not isinstance(unet, StyleUNet):
+        raise TypeError(f"{type(pipe).__name__} needs a StyleUNet, got {type(unet).__name__}")
+    names = unet.style_names
+    if regions is not None and style_map is not None:
+        raise RegionError("give regions= (styled parts of one canvas) or style_map= (a panorama's styles), not both")
+    if style is not None and style_weights is not None:
+        raise StyleError(f"pass at most one of style= or style_weights=; known styles: {', '.join(names)}")
+    call_style = style if style is not None else style_weights
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise RegionError(f"max_batch must be a positive integer, got {max_batch!r}")
+    f = pipe.vae_scale_factor
+    native = unet.config.sample_size * f
+    height = kwargs.get("height") or native
+    width = kwargs.get("width") or native
+    if height % f or width % f:
+        raise RegionError(f"height and width must be multiples of {f}, got {height}x{width}")
+    kwargs.update(height=height, width=width)
+
+    if regions is not None:
+        if background is not None and call_style is not None:
+            raise StyleError("with regions, give the background as background= or style=, not both")
+        bg = background if background is not None else call_style
+        views, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather)
+        plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=False)
+    else:
+        if background is not None:
+            raise RegionError("background= goes with regions=; for a panorama give style_map= (or style=)")
+        default = None
+        if call_style is not None:
+            default = resolve_style(names, call_style)
+        elif unet.num_styles == 1:
+            default = resolve_style(names, 0)
+        views = build_panorama_views(names, (height, width), f, native, window_stride, style_map, default)
+        plan = RegionalPlan(views, (height // f, width // f), [], max_batch, windowed=True)
+
+    if prompt is not None:
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    else:
+        batch_size = kwargs["prompt_embeds"].shape[0]
+    num_images = batch_size * num_images_per_prompt
+    if kwargs.get("negative_prompt_embeds") is None:
+        negative = PAPER_NEGATIVE_PROMPT if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
+        kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
+
+    device = pipe._execution_device
+    with torch.no_grad():
+        rows = torch.stack([v.style_row for v in plan.views]).to(device)
+        style_embeds = unet.style_embeds_for(style_weights=rows)
+        prompt_embeds = pooled = None
+        if plan.prompts:
+            encoded = pipe.encode_prompt(prompt=plan.prompts, device=device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)
+            prompt_embeds = encoded[0]
+            if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+                pooled = encoded[2]
+    with regional_forward(unet, lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds,
+                                                           pooled, f)):
+        out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+    return out

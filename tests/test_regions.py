@@ -1,0 +1,267 @@
+"""Regional styles and panoramas (dmm_ray/regions.py) on tiny seeded models.
+
+The tiny SD components have a 2x VAE and an 8x8-latent UNet: native images are 16 px; 32 px
+images have 16x16 latents. The codebook is spread (x20) so styles visibly differ untrained.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmm_ray import DMMPipeline, StyleUNet
+from dmm_ray.models.style_unet import StyleError
+from dmm_ray.regions import Region, RegionError, build_panorama_views, feathered, sweep, window_starts
+
+STYLES = ["noir", "neon", "pastel"]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from dmm_ray.tiny import tiny_sd_components
+
+    c = tiny_sd_components(seed=0)
+    torch.manual_seed(0)
+    student = StyleUNet.from_unet(c["unet"], STYLES)
+    with torch.no_grad():
+        student.class_embedding.codebook.weight.mul_(20)
+    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gen(pipe, prompts=("a red circle",), size=(32, 32), **kw):
+    prompts = list(prompts)
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=STEPS, height=size[0], width=size[1], output_type="pt",
+                generator=generators, **kw).images
+
+
+@pytest.fixture
+def unet_calls(pipe):
+    """Counter hook on the UNet's first conv: one entry (the batch size) per real network pass."""
+    calls = []
+    handle = pipe.unet.conv_in.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    yield calls
+    handle.remove()
+
+
+LEFT, RIGHT, ALL = (0, 0, 0.5, 1), (0.5, 0, 1, 1), (0, 0, 1, 1)
+
+
+# ---- equivalence with plain generation ------------------------------------------------------
+def test_one_region_covering_everything_equals_plain_bit_for_bit(pipe):
+    prompts = ["a red circle", "a blue square"]
+    plain = _gen(pipe, prompts, style="neon")
+    regional = _gen(pipe, prompts, regions=[Region(box=ALL, style="neon")])
+    assert torch.equal(regional, plain)
+    mask = _gen(pipe, prompts, regions=[Region(mask=torch.ones(32, 32), style_weights={"neon": 1})])
+    assert torch.equal(mask, plain)
+
+
+def test_images_per_prompt_and_region_prompt_batch_equal_plain(pipe):
+    gens = lambda: [torch.Generator().manual_seed(k) for k in range(4)]  # noqa: E731
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="pt", num_images_per_prompt=2)
+    plain = pipe(["a red circle", "a blue square"], style="noir", generator=gens(), **kw).images
+    regional = pipe(["a red circle", "a blue square"], regions=[Region(box=ALL, style="noir")], generator=gens(), **kw).images
+    assert torch.equal(regional, plain)
+
+
+def test_two_regions_with_the_same_style_equal_plain(pipe):
+    plain = _gen(pipe, style="pastel")
+    two = _gen(pipe, regions=[Region(box=LEFT, style="pastel"), Region(box=RIGHT, style="pastel")], feather=6)
+    torch.testing.assert_close(two, plain, rtol=0, atol=1e-5)
+    overlapping = _gen(pipe, regions=[Region(box=(0, 0, 0.7, 1), style=2), Region(box=(0.3, 0, 1, 1), style="pastel")])
+    torch.testing.assert_close(overlapping, plain, rtol=0, atol=1e-5)
+
+
+def test_region_prompt_equal_to_the_call_prompt_changes_nothing_and_another_prompt_does(pipe):
+    plain = _gen(pipe, style="noir")
+    same = _gen(pipe, regions=[Region(box=ALL, style="noir", prompt="a red circle")])
+    torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)
+    other = _gen(pipe, regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="noir", prompt="a blue square")])
+    assert (other - plain).abs().max() > 1e-3
+
+
+def test_two_styles_left_looks_like_a_right_like_b(pipe):
+    a, b = _gen(pipe, style="noir"), _gen(pipe, style="neon")
+    mixed = _gen(pipe, regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")], feather=0)
+    left, right = (slice(None), slice(None), slice(None), slice(0, 12)), (slice(None), slice(None), slice(None), slice(20, 32))
+    assert (mixed[left] - a[left]).abs().mean() < (mixed[left] - b[left]).abs().mean()
+    assert (mixed[right] - b[right]).abs().mean() < (mixed[right] - a[right]).abs().mean()
+
+
+# ---- one UNet call per step -----------------------------------------------------------------
+def test_one_batched_unet_call_per_step_for_k_regions(pipe, unet_calls):
+    regions = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=STYLES[i % 3]) for i in range(4)]
+    _gen(pipe, ["a red circle", "a blue square"], regions=regions)
+    assert len(unet_calls) == STEPS  # one pass per denoising step
+    assert unet_calls == [2 * 2 * 4] * STEPS  # CFG halves x 2 prompts x 4 regions, all in that one pass
+    unet_calls.clear()
+    _gen(pipe, regions=regions, guidance_scale=1.0)  # no CFG: one half
+    assert unet_calls == [4] * STEPS
+    assert "forward" not in pipe.unet.__dict__  # the regional forward is removed after the call
+
+
+def test_regional_forward_is_restored_after_an_error(pipe):
+    with pytest.raises(ValueError):
+        _gen(pipe, regions=[Region(box=ALL, style="noir")], negative_prompt=["x", "y", "z"])  # diffusers rejects the batch
+    assert "forward" not in pipe.unet.__dict__
+    assert _gen(pipe, style="noir").shape == (1, 3, 32, 32)
+
+
+# ---- panoramas ------------------------------------------------------------------------------
+def test_panorama_at_native_size_equals_plain(pipe):
+    plain = _gen(pipe, size=(16, 16), style="neon")
+    pano = _gen(pipe, size=(16, 16), style_map=[(0, 1, "neon")])
+    assert torch.equal(pano, plain)
+
+
+def test_panorama_windows_style_map_and_max_batch_chunks(pipe, unet_calls):
+    # 16 x 64 px: latent 8 x 32, native windows of 8 with stride 4 -> 7 windows
+    image = _gen(pipe, size=(16, 64), style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")], window_stride=8, max_batch=4)
+    assert image.shape == (1, 3, 16, 64)
+    rows = 2 * 7  # CFG x windows
+    assert unet_calls == [4, 4, 4, 2] * STEPS and sum(unet_calls) == rows * STEPS
+    unet_calls.clear()
+    one_call = _gen(pipe, size=(16, 64), style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")], window_stride=8)
+    assert unet_calls == [rows] * STEPS
+    torch.testing.assert_close(one_call, image, rtol=0, atol=1e-5)  # chunking changes nothing
+
+
+def test_panorama_sweep_gives_each_window_its_mixture():
+    views = build_panorama_views(STYLES, (16, 64), 2, window=16, stride=8, style_map=sweep("noir", "neon"))
+    centres = [(v.x0 + v.x1) / 2 / 32 for v in views]
+    for v, x in zip(views, centres):
+        torch.testing.assert_close(v.style_row, torch.tensor([1 - x, x, 0.0]))
+    total = torch.zeros(8, 32)
+    for v in views:
+        total[v.y0 : v.y1, v.x0 : v.x1] += v.weight
+    torch.testing.assert_close(total, torch.ones(8, 32))  # normalised blend weights
+
+
+def test_window_starts_cover_the_canvas_flush_with_the_end():
+    assert window_starts(32, 8, 4) == list(range(0, 25, 4))
+    assert window_starts(30, 8, 8) == [0, 8, 16, 22]
+    assert window_starts(8, 8, 4) == [0]
+
+
+# ---- feathering -----------------------------------------------------------------------------
+def test_gaussian_feathering():
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    assert torch.equal(feathered(mask, 0), mask)
+    soft = feathered(mask, 1.5)
+    torch.testing.assert_close(soft[:, 0], torch.ones(16))  # the canvas edge stays solid
+    row = soft[5]
+    assert all(row[i] >= row[i + 1] for i in range(15)) and 0.3 < row[7] < 1 and 0 < row[8] < 0.7
+    torch.testing.assert_close(feathered(torch.ones(8, 8), 2.0), torch.ones(8, 8))
+    torch.testing.assert_close(soft + feathered(1 - mask, 1.5), torch.ones(16, 16))  # complementary masks sum to 1
+
+
+def test_feather_width_changes_the_seam(pipe):
+    regions = [Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")]
+    hard, soft = _gen(pipe, regions=regions, feather=0), _gen(pipe, regions=regions, feather=8)
+    assert (hard - soft).abs().max() > 1e-3
+
+
+def test_mask_at_image_size_latent_size_or_pil_equal_the_box(pipe):
+    from PIL import Image
+
+    box = _gen(pipe, regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")])
+    image_mask = torch.zeros(32, 32)
+    image_mask[:, :16] = 1
+    latent_mask = torch.zeros(16, 16)
+    latent_mask[:, :8] = 1
+    pil = Image.fromarray((image_mask.numpy() * 255).astype(np.uint8))
+    for left in (image_mask, latent_mask, pil):
+        out = _gen(pipe, regions=[Region(mask=left, style="noir"), Region(box=RIGHT, style="neon")])
+        torch.testing.assert_close(out, box, rtol=0, atol=1e-6)
+
+
+def test_background_fills_what_the_regions_leave(pipe):
+    plain = _gen(pipe, style="pastel")
+    out = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="pastel")], background="pastel")
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+    # style= acts as the background when background= is absent
+    out2 = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="noir")], style="pastel")
+    out3 = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="noir")], background="pastel")
+    assert torch.equal(out2, out3)
+
+
+# ---- validation -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(regions=[Region(box=ALL, style="noir"), Region(mask=torch.ones(10, 10), style="neon")]), RegionError,
+         r"region 1: mask is 10x10 .* image is 32x32"),
+        (dict(regions=[Region(mask=torch.zeros(32, 32), style="noir"), Region(box=ALL, style="neon")]), RegionError,
+         r"region 0: .*covers nothing"),
+        (dict(regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="anime", name="sky")]), StyleError,
+         r"region 1 \(sky\): unknown style 'anime'; known styles: 0:noir"),
+        (dict(regions=[Region(box=LEFT, style_weights={"noir": 0, "neon": 0})]), StyleError, r"region 0: .*all zero"),
+        (dict(regions=[Region(box=LEFT, style="noir")]), RegionError, r"leave 50% of the canvas uncovered.*background="),
+        (dict(regions=[Region(box=(0.5, 0, 0.2, 1), style="noir")]), RegionError, r"region 0: box .*0 <= x0 < x1 <= 1"),
+        (dict(regions=[Region(box=(0, 0, 2, 1), style="noir")]), RegionError, r"region 0: box .*fractions"),
+        (dict(regions=[Region(box=ALL, mask=torch.ones(32, 32), style="noir")]), RegionError, r"region 0: .*exactly one of box"),
+        (dict(regions=[Region(box=ALL)]), StyleError, r"region 0: give exactly one of style"),
+        (dict(regions=[Region(mask=torch.full((32, 32), 2.0), style="noir")]), RegionError, r"region 0: mask values"),
+        (dict(regions=[]), RegionError, r"non-empty list"),
+        (dict(regions=[Region(box=LEFT, style="noir")], background="sepia"), StyleError, r"background: unknown style"),
+        (dict(regions=[Region(box=ALL, style="noir")], style_map=[(0, 1, "noir")]), RegionError, r"not both"),
+        (dict(style_map=[(0, 0.5, "noir")], window_stride=8), RegionError, r"window .*no range covering"),
+        (dict(style_map=[(0, 1, "sepia")]), StyleError, r"window 0 .*unknown style 'sepia'"),
+    ],
+)
+def test_validation_errors_name_the_region(pipe, kwargs, error, match):
+    size = (16, 64) if "style_map" in kwargs and "regions" not in kwargs else (32, 32)
+    with pytest.raises(error, match=match):
+        _gen(pipe, size=size, **kwargs)
+    assert "forward" not in pipe.unet.__dict__
+
+
+def test_plain_only_options_are_rejected(pipe):
+    with pytest.raises(ValueError, match="max_batch"):
+        _gen(pipe, style="noir", max_batch=2)
+
+
+# ---- SDXL -----------------------------------------------------------------------------------
+def test_sdxl_regions_and_panorama(tmp_path):
+    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    c = tiny_sdxl_components(seed=0)
+    student = StyleUNet.from_unet(c["unet"], STYLES)
+    with torch.no_grad():
+        student.class_embedding.codebook.weight.mul_(20)
+    xl = DMMXLPipeline(**{**c, "unet": student})
+    xl.scheduler = DMMXLPipeline.paper_scheduler(xl.scheduler)
+    xl.set_progress_bar_config(disable=True)
+    plain = _gen(xl, ["a red circle", "a blue square"], style="neon")
+    one = _gen(xl, ["a red circle", "a blue square"], regions=[Region(box=ALL, style="neon")])
+    assert torch.equal(one, plain)
+    two = _gen(xl, ["a red circle", "a blue square"], regions=[Region(box=LEFT, style="neon"), Region(box=RIGHT, style="neon")])
+    torch.testing.assert_close(two, plain, rtol=0, atol=1e-5)
+    same_prompt = _gen(xl, ["a red circle"], regions=[Region(box=ALL, style="neon", prompt="a red circle")])
+    torch.testing.assert_close(same_prompt, plain[:1], rtol=0, atol=1e-5)  # pooled + sequence embeds of the region prompt
+    mixed = _gen(xl, ["a red circle"], regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon", prompt="a blue star")])
+    assert (mixed - plain[:1]).abs().max() > 1e-3
+    pano = _gen(xl, ["a red circle"], size=(16, 48), style_map=sweep("noir", "neon"))
+    assert pano.shape == (1, 3, 16, 48) and torch.isfinite(pano).all()
+
+
+def test_benchmark_seam_ratio():
+    """benchmarks/regions.py's seam number: ~1 for a smooth image, large for a pasted hard edge."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "regions.py"
+    spec = importlib.util.spec_from_file_location("regions_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 32, 64)
+    assert abs(bench.seam_ratio(ramp, 32)[0] - 1) < 1e-4
+    paste = torch.cat([torch.full((1, 3, 32, 32), 0.2), torch.full((1, 3, 32, 32), 0.8)], dim=-1) + 0.01 * torch.rand(1, 3, 32, 64)
+    assert bench.seam_ratio(paste, 32)[0] > 20

@@ -1,0 +1,115 @@
+"""POST /generate with `regions` (in process, FastAPI TestClient over the tiny merged model; no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve.config import ServeConfig
+from serve.model import StyleModelBackend
+from serve.router import LocalService, create_api
+from serve.schemas import MAX_REGIONS, Sample, uncovered_fraction
+from serve_helpers import TINY_SIZE, TINY_STEPS, tiny_model_dir
+
+LEFT, RIGHT = [0, 0, 0.5, 1], [0.5, 0, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return StyleModelBackend(str(tiny_model_dir()), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(backend):
+    config = ServeConfig(model=str(backend.path), default_steps=TINY_STEPS)
+    with TestClient(create_api(LocalService(backend), config)) as c:
+        yield c
+
+
+def gen(client, **body):
+    body = {"prompt": "a red circle", "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE, "seed": 3} | body
+    return client.post("/generate", json=body)
+
+
+def png(r) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+
+
+def test_regions_png_with_region_header_and_equal_to_the_pipeline(client, backend):
+    from dmm_ray.regions import Region
+
+    r = gen(client, regions=[{"box": LEFT, "style": "watercolor"}, {"box": RIGHT, "style": "neon", "prompt": "a blue star"}])
+    image = png(r)
+    regions = json.loads(r.headers["X-Regions"])
+    assert [list(g["mixture"]) for g in regions] == [["watercolor"], ["neon"]] and regions[1]["prompt"] == "a blue star"
+    direct = backend.pipe(["a red circle"], regions=[Region(box=LEFT, style="watercolor"), Region(box=RIGHT, style="neon", prompt="a blue star")],
+                          num_inference_steps=TINY_STEPS, width=TINY_SIZE, height=TINY_SIZE, output_type="np",
+                          generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(image, (np.clip(direct, 0, 1) * 255).round().astype(int))
+    assert not np.array_equal(image, png(gen(client, style="watercolor")))
+
+
+def test_one_full_region_equals_the_style_and_two_same_style_bands_match(client):
+    plain = png(gen(client, style="neon"))
+    assert np.array_equal(png(gen(client, regions=[{"box": [0, 0, 1, 1], "style": "neon"}])), plain)
+    bands = png(gen(client, regions=[{"box": [0, 0, 1, 0.5], "style": 1}, {"box": [0, 0.5, 1, 1], "weights": {"neon": 2}}]))
+    assert np.abs(bands - plain).max() <= 1  # float tolerance, rounded to uint8
+
+
+def test_request_style_is_the_background_and_json_lists_regions(client):
+    r = gen(client, regions=[{"box": [0.25, 0.25, 0.75, 0.75], "style": "sketch"}], style="neon", num_images=2)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 2 and body["mixture"] == {"neon": 1.0}
+    assert body["regions"] == [{"box": [0.25, 0.25, 0.75, 0.75], "mixture": {"sketch": 1.0}, "prompt": None}]
+
+
+@pytest.mark.parametrize(
+    "regions, extra, words",
+    [
+        ([{"box": LEFT, "style": "neon"}, {"box": RIGHT, "style": "anime"}], {}, ["regions[1]", "unknown style 'anime'", "known styles"]),
+        ([{"box": LEFT, "style": 0}, {"box": RIGHT, "style": 7}], {}, ["regions[1]", "out of range"]),
+        ([{"box": LEFT, "weights": {"neon": -1}}, {"box": RIGHT, "style": 0}], {}, ["regions[0]", ">= 0"]),
+        ([{"box": LEFT, "style": "neon", "weights": [1, 0, 0]}, {"box": RIGHT, "style": 0}], {}, ["regions[0]", "not both"]),
+        ([{"box": LEFT}, {"box": RIGHT, "style": 0}], {}, ["regions[0]", "give `style`"]),
+        ([{"box": [0.6, 0, 0.4, 1], "style": 0}], {}, ["regions[0]", "box", "0 <= x0 < x1 <= 1"]),
+        ([{"box": [0, 0, 1.5, 1], "style": 0}], {}, ["regions[0]", "box"]),
+        ([{"box": [0, 0, 1], "style": 0}], {}, ["regions[0]", "box", "four fractions"]),
+        ([{"box": LEFT, "style": 0, "colour": "red"}], {}, ["regions[0]", "unknown field 'colour'", "box"]),
+        ([{"box": LEFT, "style": {"a": 1}}], {}, ["regions[0]", "style must be"]),
+        ([{"box": LEFT, "style": 0}], {}, ["uncovered", "50%", "background"]),
+        ([{"box": [0, 0, 1, 1], "style": 0, "prompt": "  "}], {}, ["regions[0]", "prompt"]),
+        ([], {}, ["regions is empty"]),
+        ([{"box": [0, 0, 1, 1], "style": 0}] * (MAX_REGIONS + 1), {}, [f"maximum is {MAX_REGIONS}"]),
+    ],
+)
+def test_region_errors_are_422_naming_the_region(client, regions, extra, words):
+    r = gen(client, regions=regions, **extra)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]
+    assert all(w in message for w in words), message
+
+
+def test_uncovered_fraction_is_exact():
+    assert uncovered_fraction([(0, 0, 0.5, 1), (0.5, 0, 1, 1)]) == 0
+    assert uncovered_fraction([(0, 0, 1 / 3, 1), (1 / 3, 0, 2 / 3, 1), (2 / 3, 0, 1, 1)]) == 0
+    assert abs(uncovered_fraction([(0.25, 0.25, 0.75, 0.75)]) - 0.75) < 1e-12
+    assert abs(uncovered_fraction([(0, 0, 0.6, 1), (0.4, 0, 0.8, 1)]) - 0.2) < 1e-12
+
+
+def test_backend_batch_mixes_regional_and_plain_samples_in_order(backend):
+    regions = (((0.0, 0.0, 0.5, 1.0), (1.0, 0.0, 0.0), None), ((0.5, 0.0, 1.0, 1.0), (0.0, 1.0, 0.0), None))
+    plain = Sample("a red circle", None, (0.0, 0.0, 1.0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 5)
+    regional = Sample("a blue star", None, (1.0, 0.0, 0.0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 6, regions=regions)
+    regional2 = Sample("a red circle", None, (1.0, 0.0, 0.0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 7, regions=regions)
+    together = backend.generate([regional, plain, regional2])
+    alone = [backend.generate([s])[0] for s in (regional, plain, regional2)]
+    for a, b in zip(together, alone):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
