@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="jobs/configs/toy.yaml")
     p.add_argument("--out", default="outputs/table1")
+    p.add_argument("--rows", default="1,2,3,4", help="which rows to run (1-4), e.g. --rows 1,2,3 when the preset's own merge is row 4")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every row")
     args = p.parse_args(argv)
     from dmm_ray.config import load_config
@@ -38,7 +39,12 @@ def main(argv=None) -> int:
     config = str(Path(args.config).resolve())
     cfg = load_config(config, args.overrides)
     lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
+    wanted = {int(r) for r in args.rows.split(",")}
+    if not wanted <= set(range(1, len(ROWS) + 1)):
+        p.error(f"--rows takes numbers 1-{len(ROWS)}, got {args.rows!r}")
     for i, (name, sets) in enumerate(ROWS):
+        if i + 1 not in wanted:
+            continue
         label = f"row{i + 1}"
         folder = (Path(args.out) / label).resolve()
         point = fc._merge(config, folder / f"steps_{cfg.distill.steps}", cfg.distill.steps, f"{cfg.name}-table1", args.overrides + sets)
