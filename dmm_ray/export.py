@@ -247,8 +247,8 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
     out = Path(out)
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
     metadata["dmm.dtype"] = dtype
-    if dtype != "fp32":
-        pipe = pipe.to(DTYPES[dtype])
+    if pipe.unet.dtype != DTYPES[dtype]:
+        pipe = _cast_copy(pipe, DTYPES[dtype])  # never cast the caller's (shared) modules in place
     if fmt == "single_file":
         return export_single_file(pipe, out, metadata=metadata)
     if fmt != "diffusers":
@@ -265,6 +265,17 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _cast_copy(pipe, dtype: torch.dtype):
+    """The same pipeline class over copies of its modules cast to `dtype`."""
+    import copy
+    import inspect
+
+    parts = {k: (copy.deepcopy(v).to(dtype) if isinstance(v, torch.nn.Module) else v) for k, v in pipe.components.items()}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        parts["requires_safety_checker"] = False
+    return type(pipe)(**parts)
 
 
 def _rewrite_with_metadata(file: Path, metadata: Mapping[str, str]) -> None:

@@ -187,5 +187,8 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file mode (the writer may create it private)
     os.replace(tmp, path)  # never leave a half-written file under the final name
     return path
