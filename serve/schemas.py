@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,7 @@ from serve.config import ServeConfig
 
 # 2**31 - 1 so a seed fits every RNG (torch, numpy) and `seed + k` for k < max_images too.
 MAX_SEED = 2**31 - 1 - 1024
+MAX_LORA_WEIGHT = 10.0
 
 
 class RequestError(Exception):
@@ -41,6 +42,7 @@ class StylesResponse(BaseModel):
     default_width: int
     default_height: int
     limits: dict
+    lora: list[str] = Field(default_factory=list, description="names of the preloaded LoRA adapters (`lora` in /generate)")
 
 
 class GenerateRequest(BaseModel):
@@ -63,6 +65,19 @@ class GenerateRequest(BaseModel):
     response_format: Literal["auto", "png", "json"] = Field(
         "auto", description="auto: PNG when the request makes one image, else JSON with base64 PNGs"
     )
+    lora: Optional[dict[str, float]] = Field(
+        None, description="LoRA adapters preloaded by the server (GET /styles lists them), {name: weight}; default none"
+    )
+
+
+class ExportCommandRequest(BaseModel):
+    """POST /export_command body: the style (or mixture) whose `jobs/export.py` command to show."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: Optional[Union[int, str]] = Field(None, description="style name or index")
+    weights: Optional[Union[dict[str, float], list[float]]] = Field(None, description="a mixture, as for /generate")
+    format: Literal["single_file", "diffusers"] = Field("single_file", description="jobs/export.py --format")
 
 
 class GeneratedImage(BaseModel):
@@ -79,6 +94,7 @@ class GenerateResponse(BaseModel):
     guidance: float
     width: int
     height: int
+    lora: dict[str, float] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,11 @@ class Sample:
     width: int
     height: int
     seed: int
+    lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
 
     def group_key(self) -> tuple:
-        return (self.steps, self.guidance, self.width, self.height)
+        # Samples with different LoRA sets never share a forward: the adapters are set per forward.
+        return (self.steps, self.guidance, self.width, self.height, self.lora)
 
 
 @dataclass
@@ -113,6 +131,21 @@ class ResolvedRequest:
     width: int
     height: int
     prompts: list[str] = field(default_factory=list)
+    lora: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_lora(lora: Optional[dict[str, float]], known: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """A request's `lora` -> sorted (name, weight) pairs of preloaded adapters (zero weights dropped)."""
+    if not lora:
+        return ()
+    unknown = [name for name in lora if name not in known]
+    if unknown:
+        listed = ", ".join(repr(n) for n in known) if known else "none (the server preloads no LoRA adapters)"
+        raise RequestError(422, f"unknown LoRA adapter(s) {unknown}; preloaded adapters: {listed}")
+    bad = {n: w for n, w in lora.items() if w != w or abs(w) == float("inf") or abs(w) > MAX_LORA_WEIGHT}
+    if bad:
+        raise RequestError(422, f"LoRA weights must be finite numbers in [-{MAX_LORA_WEIGHT:g}, {MAX_LORA_WEIGHT:g}], got {bad}")
+    return tuple(sorted((n, float(w)) for n, w in lora.items() if w != 0))
 
 
 def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
@@ -159,7 +192,8 @@ def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
 
 
 def resolve_request(
-    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int]
+    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int],
+    lora_names: Sequence[str] = (),
 ) -> ResolvedRequest:
     """Check a request against the model and the limits; expand it into per-image samples."""
     lim = cfg.limits
@@ -176,6 +210,7 @@ def resolve_request(
         raise RequestError(422, f"negative_prompt longer than {lim.max_prompt_chars} characters")
 
     weights = resolve_mixture(style_names, req.style, req.weights)
+    lora = resolve_lora(req.lora, list(lora_names))
 
     steps = cfg.default_steps if req.steps is None else req.steps
     if steps > lim.max_steps:
@@ -211,6 +246,7 @@ def resolve_request(
                     width=width,
                     height=height,
                     seed=seed + k,
+                    lora=lora,
                 )
             )
             k += 1
@@ -220,4 +256,4 @@ def resolve_request(
     if fmt == "png" and len(samples) != 1:
         raise RequestError(422, f"response_format='png' needs exactly one image; this request makes {len(samples)}")
     mixture = {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
-    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts)
+    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts, dict(lora))
