@@ -15,6 +15,13 @@ load) and memory per replica, and the ratios merged / multiplexed.
     python benchmarks/serve_styles.py                          # 8 tiny styles built in code
     python benchmarks/serve_styles.py --zoo .zoo --merged outputs/toy/merged
     python benchmarks/serve_styles.py --requests 320 --steps 4 --out outputs/bench/serve_styles.json
+    python benchmarks/serve_styles.py --lora-fractions 0,0.25,0.5   # the cost of per-request LoRA adapters
+
+With --lora-fractions, only the merged deployment runs, with one preloaded LoRA adapter (a tiny random
+one built in code for the model), once per fraction f: a share f of the requests carries
+`"lora": {"subject": 1.0}`. Requests with different adapter sets never share a forward, so a shared
+batch splits into (up to) two forwards; the report gives throughput and latency per fraction and the
+throughput relative to f = 0.
 """
 
 from __future__ import annotations
@@ -187,6 +194,47 @@ def run_stream(url: str, calls: list[Call], concurrency: int) -> dict:
     return summary
 
 
+def lora_cost(args, merged: Path) -> dict:
+    """Throughput of the merged deployment when a share of requests names a preloaded LoRA adapter."""
+    import random
+
+    import httpx
+    from ray import serve
+
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.tiny_plugins import make_lora
+    from serve.app import build_app
+    from serve_helpers import free_port
+
+    lora = make_lora(StyleUNet.from_pretrained(Path(merged) / "unet"), Path(tempfile.mkdtemp(prefix="dmm-bench-lora-")), seed=1)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {"adapter": str(lora)}
+    for frac in [float(f) for f in args.lora_fractions.split(",")]:
+        name = f"lora{int(round(frac * 100))}"
+        serve.run(build_app({"model": str(merged), "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
+                             "batch_wait_timeout_s": 0.01, "limits": {"max_width": max(768, args.size)},
+                             "lora_adapters": {"subject": str(lora)}}), name=name, route_prefix=f"/{name}")
+        style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
+        calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
+        rng = random.Random(1)
+        for c in calls:
+            c.path = f"/{name}/generate"
+            if rng.random() < frac:
+                c.body = {**c.body, "lora": {"subject": 1.0}}
+        asyncio.run(run_calls(base, calls[:4], 4))  # warm-up, not counted
+        out[str(frac)] = run_stream(base, calls, args.concurrency)
+        stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
+        out[str(frac)].update(batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"],
+                              lora_requests=sum(1 for c in calls if "lora" in c.body))
+        serve.delete(name)
+    ref = out.get("0.0", {}).get("throughput_rps")
+    if ref:
+        out["throughput_relative_to_no_lora"] = {k: v["throughput_rps"] / ref for k, v in out.items() if isinstance(v, dict) and "throughput_rps" in v}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
@@ -202,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--skip-unbatched", action="store_true")
     p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--lora-fractions", help="comma-separated shares of requests that name a preloaded LoRA adapter "
+                                            "(e.g. 0,0.5): measure only the merged deployment at each")
     args = p.parse_args(argv)
 
     import httpx
@@ -222,6 +272,17 @@ def main(argv=None) -> int:
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "merged": str(merged), "teachers": sorted(teachers)}
+    if args.lora_fractions:
+        try:
+            report["lora"] = lora_cost(args, merged)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        print(dumps(report))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(dumps(report))
+        return 0
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
