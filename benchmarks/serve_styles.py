@@ -228,6 +228,7 @@ def lora_cost(args, merged: Path) -> dict:
         stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
         out[str(frac)].update(batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"],
                               lora_requests=sum(1 for c in calls if "lora" in c.body))
+        print(f"lora fraction {frac}: {dumps(out[str(frac)])}", flush=True)
         serve.delete(name)
     ref = out.get("0.0", {}).get("throughput_rps")
     if ref:

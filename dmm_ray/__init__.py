@@ -9,6 +9,9 @@ _LAZY = {
     "TeacherSpec": "dmm_ray.teachers",
     "load_teacher": "dmm_ray.teachers",
     "tiny_sd_components": "dmm_ray.tiny",
+    "bake": "dmm_ray.export",
+    "DMMControlNetPipeline": "dmm_ray.plugins",
+    "DMMXLControlNetPipeline": "dmm_ray.plugins",
 }
 
 

@@ -273,8 +273,11 @@ def _cast_copy(pipe, dtype: torch.dtype):
     import inspect
 
     parts = {k: (copy.deepcopy(v).to(dtype) if isinstance(v, torch.nn.Module) else v) for k, v in pipe.components.items()}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+    params = inspect.signature(type(pipe).__init__).parameters
+    if "requires_safety_checker" in params:
         parts["requires_safety_checker"] = False
+    if "force_zeros_for_empty_prompt" in params:
+        parts["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
     return type(pipe)(**parts)
 
 
