@@ -194,6 +194,43 @@ def run_stream(url: str, calls: list[Call], concurrency: int) -> dict:
     return summary
 
 
+def lora_forward_cost(merged: Path, lora: Path, steps: int, size: int, repeats: int = 12) -> dict:
+    """In process, one image per forward: seconds per image with no adapter loaded, adapter loaded but
+    off, adapter on, and alternating on/off every image (each alternation is a set_adapters switch)."""
+    from serve.model import StyleModelBackend
+    from serve.schemas import Sample
+
+    def per_image(backend, seq) -> float:
+        backend.generate([sample(seq[0])])  # warm-up
+        t0 = time.perf_counter()
+        for lo in seq:
+            backend.generate([sample(lo)])
+        return (time.perf_counter() - t0) / len(seq)
+
+    names = None
+
+    def sample(lo):
+        return Sample("a red circle", None, tuple(1.0 if i == 0 else 0.0 for i in range(len(names))), steps, 7.0, size, size, 1, lora=lo)
+
+    on = (("subject", 1.0),)
+    bare = StyleModelBackend(str(merged), device="cpu")
+    names = bare.style_names
+    out = {"no_adapter_loaded_s": per_image(bare, [()] * repeats)}
+    del bare
+    backend = StyleModelBackend(str(merged), device="cpu", lora_adapters={"subject": str(lora)})
+    out["adapter_off_s"] = per_image(backend, [()] * repeats)
+    out["adapter_on_s"] = per_image(backend, [on] * repeats)
+    switches = backend.lora_switches
+    out["alternating_s"] = per_image(backend, [(), on] * (repeats // 2))
+    out["alternating_switches"] = backend.lora_switches - switches
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        backend._set_lora(on)
+        backend._set_lora(())
+    out["switch_s"] = (time.perf_counter() - t0) / (2 * repeats)
+    return out
+
+
 def lora_cost(args, merged: Path) -> dict:
     """Throughput of the merged deployment when a share of requests names a preloaded LoRA adapter."""
     import random
@@ -230,6 +267,8 @@ def lora_cost(args, merged: Path) -> dict:
                               lora_requests=sum(1 for c in calls if "lora" in c.body))
         print(f"lora fraction {frac}: {dumps(out[str(frac)])}", flush=True)
         serve.delete(name)
+    out["in_process"] = lora_forward_cost(merged, lora, args.steps, args.size)
+    print(f"lora in process: {dumps(out['in_process'])}", flush=True)
     ref = out.get("0.0", {}).get("throughput_rps")
     if ref:
         out["throughput_relative_to_no_lora"] = {k: v["throughput_rps"] / ref for k, v in out.items() if isinstance(v, dict) and "throughput_rps" in v}

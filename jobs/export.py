@@ -17,6 +17,9 @@ Every export carries its provenance in the safetensors metadata (merged model, s
 teachers with checksums, dmm-ray version; `dmm_ray.export.read_metadata(path)`), and is logged as an
 artifact (`exports/`) of the MLflow run of the merge it came from: the run recorded in the merged
 folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
+
+Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (unknown style,
+bad weights, not a merged model; nothing written), 3 written but MLflow logging failed.
 """
 
 from __future__ import annotations

@@ -108,6 +108,8 @@ class StyleModelBackend:
         self.path = path
         self.style_names: list[str] = list(self.pipe.styles)
         self.descriptions = read_style_descriptions(path, self.style_names)
+        self._active_lora: tuple = ()
+        self.lora_switches = 0
         self.lora_names = self._load_lora(lora_adapters or {})
         self.forward_groups: list[tuple] = []  # (group key, samples) of recent forwards (tests, counters)
         # Native image size: UNet latent size x VAE downsampling (512 for SD1.5, 32 for the tiny model).
@@ -135,14 +137,18 @@ class StyleModelBackend:
         return list(adapters)
 
     def _set_lora(self, lora: tuple) -> None:
-        """Activate exactly this adapter set with these weights for the next forward (none: all off)."""
-        if not self.lora_names:
+        """Activate exactly this adapter set with these weights for the next forward (none: all off).
+        A switch walks every adapted layer, so it is done only when the set changes."""
+        if not self.lora_names or lora == self._active_lora:
             return
         if lora:
-            self.pipe.enable_lora()
+            if not self._active_lora:
+                self.pipe.enable_lora()
             self.pipe.set_adapters([n for n, _ in lora], adapter_weights=[w for _, w in lora])
         else:
             self.pipe.disable_lora()
+        self._active_lora = lora
+        self.lora_switches += 1
 
     def param_bytes(self) -> int:
         """Bytes of every weight the pipeline holds (UNet, VAE, text encoder)."""

@@ -122,6 +122,13 @@ def test_different_adapter_sets_never_share_a_forward(backend):
         alone = backend.generate([s])[0]
         assert np.abs(img.astype(int) - alone.astype(int)).max() <= MAX_LEVEL_DIFF
     assert np.abs(batched[0].astype(int) - batched[4].astype(int)).mean() > 0.5  # same seed + style, LoRA on
+    # adapters are switched only when the set changes
+    backend.generate([samples[1]])
+    switches = backend.lora_switches
+    backend.generate([samples[1], samples[5]])
+    assert backend.lora_switches == switches
+    backend.generate([samples[0]])
+    assert backend.lora_switches == switches + 1
 
 
 def test_lora_config_is_validated_and_paths_come_from_config_only(tmp_path):
