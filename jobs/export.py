@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model(model: str) -> tuple[Path, str | None, str | None]:
-    """(local folder, run id, tracking uri) for a folder or an MLflow models:/ URI."""
+def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, str | None, str | None]:
+    """(local folder, run id, tracking uri) for a folder or an MLflow models:/ URI (read from
+    `tracking_uri`, else the store already set, else sqlite:///$DMM_HOME/mlflow.db)."""
     from dmm_ray.export import merge_record
 
     if model.startswith(("models:/", "runs:/")):
@@ -77,7 +78,7 @@ def resolve_model(model: str) -> tuple[Path, str | None, str | None]:
 
         from dmm_ray.tracking import resolve_model_uri
 
-        folder = Path(resolve_model_uri(model))
+        folder = Path(resolve_model_uri(model, tracking_uri=tracking_uri))
         run_id = None
         if model.startswith("runs:/"):
             run_id = model.split("/")[1]
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         print(f"error: --format single_file writes a .safetensors file; --out {out} has no .safetensors suffix", file=sys.stderr)
         return 2
     try:
-        folder, run_id, tracking_uri = resolve_model(args.model)
+        folder, run_id, tracking_uri = resolve_model(args.model, args.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - a missing registry entry, store, ...: say which
         print(f"error: cannot resolve --model {args.model}: {exc}", file=sys.stderr)
         return 2

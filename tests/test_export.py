@@ -185,6 +185,31 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     assert job.main(["--model", str(tmp_path), "--style", "ink", "--out", str(tmp_path / "y.safetensors")]) == 2
 
 
+def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_path, capsys):
+    """--model models:/name/version: the folder comes from the registry, the export goes to its run."""
+    from mlflow import MlflowClient
+
+    import export as job
+
+    from dmm_ray.export import read_metadata
+    from dmm_ray.tracking import MergeTracker, TrackingConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MergeTracker(TrackingConfig(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), project="tiny"))
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers")
+    with tracker.project(), tracker.stage("merge") as run:
+        model_uri = tracker.log_merged_model(folder, registered_name="tiny-merged")
+        run_id = run.info.run_id
+    assert model_uri == "models:/tiny-merged/1"
+    out = tmp_path / "pixel.safetensors"
+    assert job.main(["--model", model_uri, "--style", "pixel", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert f"logged under run {run_id}" in capsys.readouterr().out
+    md = read_metadata(out)
+    assert md["dmm.merged_model"] == model_uri and md["dmm.merge_run_id"] == run_id and md["dmm.style"] == "pixel"
+    assert [t["name"] for t in json.loads(md["dmm.teachers"])] == STYLES  # dmm_merge.json travelled with the model
+    assert "exports/pixel.safetensors" in {a.path for a in MlflowClient(uri).list_artifacts(run_id, "exports")}
+
+
 def test_export_help_documents_every_flag():
     import export as job
 
