@@ -15,6 +15,13 @@ load) and memory per replica, and the ratios merged / multiplexed.
     python benchmarks/serve_styles.py                          # 8 tiny styles built in code
     python benchmarks/serve_styles.py --zoo .zoo --merged outputs/toy/merged
     python benchmarks/serve_styles.py --requests 320 --steps 4 --out outputs/bench/serve_styles.json
+    python benchmarks/serve_styles.py --lora-fractions 0,0.25,0.5   # the cost of per-request LoRA adapters
+
+With --lora-fractions, only the merged deployment runs, with one preloaded LoRA adapter (a tiny random
+one built in code for the model), once per fraction f: a share f of the requests carries
+`"lora": {"subject": 1.0}`. Requests with different adapter sets never share a forward, so a shared
+batch splits into (up to) two forwards; the report gives throughput and latency per fraction and the
+throughput relative to f = 0.
 """
 
 from __future__ import annotations
@@ -187,6 +194,98 @@ def run_stream(url: str, calls: list[Call], concurrency: int) -> dict:
     return summary
 
 
+def lora_forward_cost(merged: Path, lora: Path, steps: int, size: int, repeats: int = 20) -> dict:
+    """In process, one image per forward: seconds per image with no adapter loaded, adapter loaded but
+    off, adapter on, and alternating on/off every image (each alternation is a set_adapters switch)."""
+    from serve.model import StyleModelBackend
+    from serve.schemas import Sample
+
+    cpu: dict[str, float] = {}
+
+    def per_image(backend, seq, key: str) -> float:
+        """Wall seconds per image; CPU seconds per image (all threads of this process) go to cpu[key],
+        which a busy shared machine disturbs far less than wall time."""
+        for _ in range(3):  # warm-up
+            backend.generate([sample(seq[0])])
+        t0, c0 = time.perf_counter(), time.process_time()
+        for lo in seq:
+            backend.generate([sample(lo)])
+        cpu[key] = (time.process_time() - c0) / len(seq)
+        return (time.perf_counter() - t0) / len(seq)
+
+    names = None
+
+    def sample(lo):
+        return Sample("a red circle", None, tuple(1.0 if i == 0 else 0.0 for i in range(len(names))), steps, 7.0, size, size, 1, lora=lo)
+
+    on = (("subject", 1.0),)
+    bare = StyleModelBackend(str(merged), device="cpu")
+    names = bare.style_names
+    out = {"no_adapter_loaded_s": per_image(bare, [()] * repeats, "no_adapter_loaded_cpu_s")}
+    del bare
+    backend = StyleModelBackend(str(merged), device="cpu", lora_adapters={"subject": str(lora)})
+    out["adapter_off_s"] = per_image(backend, [()] * repeats, "adapter_off_cpu_s")
+    out["adapter_on_s"] = per_image(backend, [on] * repeats, "adapter_on_cpu_s")
+    switches = backend.lora_switches
+    out["alternating_s"] = per_image(backend, [(), on] * (repeats // 2), "alternating_cpu_s")
+    out["alternating_switches"] = backend.lora_switches - switches
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        backend._set_lora(on)
+        backend._set_lora(())
+    out["switch_s"] = (time.perf_counter() - t0) / (2 * repeats)
+    out.update(cpu)
+    return out
+
+
+def lora_cost(args, merged: Path) -> dict:
+    """Throughput of the merged deployment when a share of requests names a preloaded LoRA adapter."""
+    import random
+
+    import httpx
+    from ray import serve
+
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.tiny_plugins import make_lora
+    from serve.app import build_app
+    from serve_helpers import free_port
+
+    lora = make_lora(StyleUNet.from_pretrained(Path(merged) / "unet"), Path(tempfile.mkdtemp(prefix="dmm-bench-lora-")), seed=1)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {"adapter": str(lora)}
+    fractions = [float(f) for f in args.lora_fractions.split(",")]
+    for rep, frac in [(r, f) for r in range(args.lora_repeats) for f in fractions]:  # interleaved: load drifts hit all
+        name = f"lora{int(round(frac * 100))}r{rep}"
+        serve.run(build_app({"model": str(merged), "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
+                             "batch_wait_timeout_s": 0.01, "limits": {"max_width": max(768, args.size)},
+                             "lora_adapters": {"subject": str(lora)}}), name=name, route_prefix=f"/{name}")
+        style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
+        calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
+        rng = random.Random(1)
+        for c in calls:
+            c.path = f"/{name}/generate"
+            if rng.random() < frac:
+                c.body = {**c.body, "lora": {"subject": 1.0}}
+        asyncio.run(run_calls(base, calls[:4], 4))  # warm-up, not counted
+        key = f"{frac}#{rep}"
+        out[key] = run_stream(base, calls, args.concurrency)
+        stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
+        out[key].update(batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"],
+                        lora_requests=sum(1 for c in calls if "lora" in c.body))
+        print(f"lora fraction {frac} (run {rep}): {dumps(out[key])}", flush=True)
+        serve.delete(name)
+    out["in_process"] = lora_forward_cost(merged, lora, args.steps, args.size)
+    print(f"lora in process: {dumps(out['in_process'])}", flush=True)
+    out["throughput_rps_median"] = {
+        str(f): statistics.median(out[f"{f}#{r}"]["throughput_rps"] for r in range(args.lora_repeats)) for f in fractions}
+    ref = out["throughput_rps_median"].get("0.0")
+    if ref:
+        out["throughput_relative_to_no_lora"] = {k: v / ref for k, v in out["throughput_rps_median"].items()}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
@@ -202,6 +301,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--skip-unbatched", action="store_true")
     p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--lora-fractions", help="comma-separated shares of requests that name a preloaded LoRA adapter "
+                                            "(e.g. 0,0.5): measure only the merged deployment at each")
+    p.add_argument("--lora-repeats", type=int, default=1, help="with --lora-fractions: run the fractions this many "
+                                                               "times, interleaved, and report medians")
     args = p.parse_args(argv)
 
     import httpx
@@ -222,6 +325,17 @@ def main(argv=None) -> int:
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "merged": str(merged), "teachers": sorted(teachers)}
+    if args.lora_fractions:
+        try:
+            report["lora"] = lora_cost(args, merged)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        print(dumps(report))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(dumps(report))
+        return 0
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

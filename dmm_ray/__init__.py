@@ -11,6 +11,9 @@ _LAZY = {
     "tiny_sd_components": "dmm_ray.tiny",
     "Region": "dmm_ray.regions",
     "sweep": "dmm_ray.regions",
+    "bake": "dmm_ray.export",
+    "DMMControlNetPipeline": "dmm_ray.plugins",
+    "DMMXLControlNetPipeline": "dmm_ray.plugins",
 }
 
 

@@ -176,9 +176,10 @@ def all_teachers(cfg: MergeConfig) -> list:
     return old + list(cfg.teachers)
 
 
-def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
+def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
-    the last good model."""
+    the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
+    dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from."""
     from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.models.style_unet import StyleUNet
 
@@ -193,7 +194,10 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path) -> Path:
     except FileNotFoundError:  # a previous model made elsewhere: its old styles have no teacher record
         teachers = list(cfg.teachers)
     described = {t.name: t.description for t in teachers}
-    (tmp / MERGE_RECORD).write_text(json.dumps({"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}, indent=1))
+    record = {"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}
+    if tracking and tracking.get("run_id"):
+        record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
+    (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
     load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
     old = dest.with_name(dest.name + ".old")
@@ -351,7 +355,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
         student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 
     # 3. the merged model: one diffusers folder, style names in unet/config.json
-    save_merged(cfg, student_dir, result.merged_path)
+    save_merged(cfg, student_dir, result.merged_path, tracking=tracking)
     result.seconds = time.time() - started
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
     log(f"merged model saved: {result.merged_path} ({result.seconds:.0f} s since start: {split})")

@@ -177,33 +177,35 @@ def training_noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SD_SCHEDULE)
 
 
-def tiny_sdxl_unet_config(**overrides) -> dict:
-    """A tiny SDXL-style UNet config (text_time add-embedding, two text encoders' width)."""
+def tiny_sdxl_unet_config(text_hidden_2: int = 32, **overrides) -> dict:
+    """A tiny SDXL-style UNet config (text_time add-embedding, two text encoders' width: 32 + text_hidden_2)."""
     config = tiny_unet_config(**overrides)
     config.update(
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32,
+        projection_class_embeddings_input_dim=8 * 6 + text_hidden_2,
         transformer_layers_per_block=1,
-        cross_attention_dim=64,
+        cross_attention_dim=32 + text_hidden_2,
         use_linear_projection=True,
     )
     return config
 
 
-def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS) -> dict:
+def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, text_hidden_2: int = 32) -> dict:
     """Complete tiny SDXL-style component set for `StableDiffusionXLPipeline(**components)`: two text
-    encoders (hidden 32 each, concatenated to the UNet's 64-wide cross-attention), the second with a
-    projection whose pooled output feeds SDXL's text_time embedding together with the size ids."""
+    encoders (hidden 32 and `text_hidden_2`, concatenated to the UNet's cross-attention width), the
+    second with a projection whose pooled output feeds SDXL's text_time embedding together with the
+    size ids. Give the two encoders different widths (as real SDXL's 768 / 1280) when the pipeline must
+    go through diffusers' single-file loader, which tells the two apart by their width."""
     tokenizer = build_clip_tokenizer(words)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config(text_hidden_2=text_hidden_2))
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**tiny_vae_config(latent_channels=unet.config.in_channels))
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer), hidden_size=text_hidden_2))
     return dict(
         unet=unet.eval(),
         vae=vae.eval(),

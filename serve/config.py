@@ -72,6 +72,12 @@ class ServeConfig(BaseModel):
         "(UNet sample_size x VAE factor)"
     )
     limits: ServeLimits = Field(default_factory=ServeLimits)
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters preloaded on every model replica, {name: path to a LoRA .safetensors file or folder "
+        "that diffusers' load_lora_weights reads}; a request picks them by name (`\"lora\": {name: weight}`). "
+        "Paths come only from this config, never from a request",
+    )
 
     @field_validator("default_size")
     @classmethod
@@ -79,6 +85,26 @@ class ServeConfig(BaseModel):
         if v is not None and v % 8:
             raise ValueError(f"default_size={v} must be a multiple of 8")
         return v
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not name or not all(ch.isalnum() or ch in "-_" for ch in name):
+                raise ValueError(f"lora_adapters: adapter name {name!r} must be non-empty letters, digits, '-' or '_'")
+            if not str(path).strip():
+                raise ValueError(f"lora_adapters.{name}: give the path of a LoRA file or folder")
+        return v
+
+    def lora_locations(self) -> dict[str, str]:
+        """Adapter paths with `$DMM_HOME` / `~` expanded and relative paths resolved like `model`."""
+        out = {}
+        for name, raw in self.lora_adapters.items():
+            path = Path(paths.expand(raw))
+            if not path.is_absolute():
+                path = path.resolve() if path.exists() else (REPO_ROOT / path).resolve()
+            out[name] = str(path)
+        return out
 
     @field_validator("model")
     @classmethod

@@ -32,8 +32,10 @@ RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 @serve.deployment(name="StyleModel")
 class StyleModel:
-    def __init__(self, model: str, device: str = "auto", max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02):
-        self.backend = StyleModelBackend(model, device)
+    def __init__(self, model: str, device: str = "auto", max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
+                 lora_adapters: dict | None = None):
+        self.backend = StyleModelBackend(model, device, lora_adapters=lora_adapters)
+        self.lora_split_batches = 0  # @serve.batch batches that held more than one LoRA set (run as separate forwards)
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: Counter = Counter()
@@ -49,6 +51,8 @@ class StyleModel:
             "pid": os.getpid(),
             "batch_sizes": dict(self.batch_sizes),
             "mixed_style_batches": self.mixed_style_batches,
+            "lora": list(self.backend.lora_names),
+            "lora_split_batches": self.lora_split_batches,
             "forward_s": {k: list(v) for k, v in self.forward_s.items()},
             "load_seconds": self.backend.load_seconds,
             "rss_bytes": rss_bytes(),
@@ -60,6 +64,8 @@ class StyleModel:
         self.batch_sizes[len(samples)] += 1
         if len({s.weights for s in samples}) > 1:
             self.mixed_style_batches += 1
+        if len({s.lora for s in samples}) > 1:
+            self.lora_split_batches += 1
         # The forward runs off the event loop so the replica keeps queueing the next batch.
         t0 = time.perf_counter()
         images = await asyncio.to_thread(self.backend.generate, samples)
@@ -85,7 +91,7 @@ class HandleService:
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
             raw = await self.model.info.remote()
-            self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]))
+            self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])))
         return self._info
 
     async def _one(self, sample: Sample) -> np.ndarray:
@@ -125,7 +131,7 @@ def build_deployments(cfg: ServeConfig):
         # Left unset at 1 so a Serve config file may give autoscaling_config instead.
         model_options["num_replicas"] = cfg.num_replicas
     model = StyleModel.options(**model_options).bind(
-        cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s
+        cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations()
     )
     router = StyleRouter.options(max_ongoing_requests=cfg.router_max_ongoing_requests)
     return router.bind(model, cfg.model_dump())

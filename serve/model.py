@@ -2,8 +2,10 @@
 
 `StyleModelBackend` is plain Python (no Ray): the Serve deployment wraps it, tests call it
 directly. One `generate(samples)` call runs ONE pipeline forward per group of samples that
-share (steps, guidance, width, height); styles, prompts and seeds may differ per sample
-because the style is a per-sample embedding row and diffusers takes one generator per image.
+share (steps, guidance, width, height, LoRA adapter set); styles, prompts and seeds may differ per
+sample because the style is a per-sample embedding row and diffusers takes one generator per image.
+LoRA adapters are model weights, not per-sample inputs, so samples with different adapter sets
+(or weights) always run in separate forwards.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def pipeline_param_bytes(pipe) -> int:
 class StyleModelBackend:
     """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`."""
 
-    def __init__(self, location: str, device: str = "auto"):
+    def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
         from dmm_ray.architectures import load_dmm_pipeline
 
@@ -106,12 +108,47 @@ class StyleModelBackend:
         self.path = path
         self.style_names: list[str] = list(self.pipe.styles)
         self.descriptions = read_style_descriptions(path, self.style_names)
+        self._active_lora: tuple = ()
+        self.lora_switches = 0
+        self.lora_names = self._load_lora(lora_adapters or {})
+        self.forward_groups: list[tuple] = []  # (group key, samples) of recent forwards (tests, counters)
         # Native image size: UNet latent size x VAE downsampling (512 for SD1.5, 32 for the tiny model).
         self.native_size = (
             int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
             int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
         )
         logger.info("loaded %s (%d styles) on %s in %.1fs", path, len(self.style_names), self.device, self.load_seconds)
+
+    def _load_lora(self, adapters: dict[str, str]) -> list[str]:
+        """Preload every configured adapter (diffusers' load_lora_weights), all off until a request names one."""
+        for name, location in adapters.items():
+            path = Path(location)
+            if not path.exists():
+                raise ModelLoadError(f"LoRA adapter {name!r}: {location} does not exist (serve config lora_adapters)")
+            try:
+                if path.is_file():
+                    self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                else:
+                    self.pipe.load_lora_weights(str(path), adapter_name=name)
+            except Exception as exc:
+                raise ModelLoadError(f"LoRA adapter {name!r}: could not load {location}: {exc}") from exc
+        if adapters:
+            self.pipe.disable_lora()
+        return list(adapters)
+
+    def _set_lora(self, lora: tuple) -> None:
+        """Activate exactly this adapter set with these weights for the next forward (none: all off).
+        A switch walks every adapted layer, so it is done only when the set changes."""
+        if not self.lora_names or lora == self._active_lora:
+            return
+        if lora:
+            if not self._active_lora:
+                self.pipe.enable_lora()
+            self.pipe.set_adapters([n for n, _ in lora], adapter_weights=[w for _, w in lora])
+        else:
+            self.pipe.disable_lora()
+        self._active_lora = lora
+        self.lora_switches += 1
 
     def param_bytes(self) -> int:
         """Bytes of every weight the pipeline holds (UNet, VAE, text encoder)."""
@@ -121,7 +158,7 @@ class StyleModelBackend:
         return [StyleInfo(index=i, name=n, description=d) for i, (n, d) in enumerate(zip(self.style_names, self.descriptions))]
 
     def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
-        """One pipeline forward per (steps, guidance, width, height) group; results in input order."""
+        """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order."""
         import torch
         from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
 
@@ -129,8 +166,11 @@ class StyleModelBackend:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
             groups[s.group_key()].append(i)
-        for (steps, guidance, width, height, regions, background), idx in groups.items():
+        for key, idx in groups.items():
+            steps, guidance, width, height, regions, background, lora = key
             batch = [samples[i] for i in idx]
+            self._set_lora(lora)
+            self.forward_groups = (self.forward_groups + [(key, len(batch))])[-1000:]
             # One CPU generator per image: the initial latents of image i depend only on its
             # own seed, so a mixed batch reproduces one-by-one generation.
             generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]

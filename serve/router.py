@@ -13,7 +13,7 @@ import hmac
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from serve.config import ServeConfig
 from serve.schemas import (
+    ExportCommandRequest,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -32,6 +33,7 @@ from serve.schemas import (
     Sample,
     StyleInfo,
     StylesResponse,
+    resolve_mixture,
     resolve_request,
 )
 
@@ -43,6 +45,7 @@ PLAYGROUND_HTML = Path(__file__).with_name("playground.html")
 class ModelInfo:
     styles: list[StyleInfo]
     native_size: tuple[int, int]  # (width, height)
+    lora_names: list[str] = field(default_factory=list)  # preloaded LoRA adapters
 
     @property
     def style_names(self) -> list[str]:
@@ -67,7 +70,7 @@ class LocalService:
         self._lock = asyncio.Lock()
 
     async def info(self, refresh: bool = False) -> ModelInfo:
-        return ModelInfo(self.backend.styles(), self.backend.native_size)
+        return ModelInfo(self.backend.styles(), self.backend.native_size, list(getattr(self.backend, "lora_names", [])))
 
     async def generate(self, samples):
         async with self._lock:  # one forward at a time, like one replica
@@ -128,7 +131,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     async def model_info() -> ModelInfo:
         info = await service.info()
         if cfg.default_size is not None:
-            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size))
+            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size), info.lora_names)
         return info
 
     api = FastAPI(
@@ -168,7 +171,24 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             default_width=info.native_size[0],
             default_height=info.native_size[1],
             limits=cfg.limits.model_dump() | {"api_key_required": cfg.api_key is not None},
+            lora=info.lora_names,
         )
+
+    @api.post("/export_command")
+    async def export_command(req: ExportCommandRequest):
+        """The exact `jobs/export.py` command that bakes this style or mixture into a stock checkpoint
+        (the playground shows it; the server itself never writes or serves model files)."""
+        from dmm_ray.export import export_command as build_command
+
+        info = await model_info()
+        names = info.style_names
+        weights = resolve_mixture(names, req.style, req.weights)
+        chosen = {n: w for n, w in zip(names, weights) if w > 0}
+        if len(chosen) == 1:
+            command = build_command(cfg.model_location(), style=next(iter(chosen)), fmt=req.format)
+        else:
+            command = build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format)
+        return {"command": command, "mixture": {n: round(w, 6) for n, w in chosen.items()}}
 
     @api.post(
         "/generate",
@@ -182,7 +202,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             if not hmac.compare_digest(x_api_key.encode(), cfg.api_key.encode()):
                 raise RequestError(403, "wrong API key (header X-API-Key)")
         info = await model_info()
-        resolved = resolve_request(req, info.style_names, cfg, info.native_size)
+        resolved = resolve_request(req, info.style_names, cfg, info.native_size, info.lora_names)
         images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])
         if resolved.response_format == "png":
@@ -190,7 +210,8 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
                 pngs[0],
                 media_type="image/png",
                 headers={"X-Seed": str(resolved.seed), "X-Style-Mixture": json.dumps(resolved.mixture)}
-                | ({"X-Regions": json.dumps([r.model_dump() for r in resolved.regions])} if resolved.regions else {}),
+                | ({"X-Regions": json.dumps([r.model_dump() for r in resolved.regions])} if resolved.regions else {})
+                | ({"X-LoRA": json.dumps(resolved.lora)} if resolved.lora else {}),
             )
         return GenerateResponse(
             images=[
@@ -204,6 +225,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             guidance=resolved.guidance,
             width=resolved.width,
             height=resolved.height,
+            lora=resolved.lora,
         )
 
     return api

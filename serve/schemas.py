@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,7 @@ from serve.config import ServeConfig
 MAX_SEED = 2**31 - 1 - 1024
 # Regional styles: each region is one more row of the batched UNet call per step.
 MAX_REGIONS = 8
+MAX_LORA_WEIGHT = 10.0
 
 
 class RequestError(Exception):
@@ -43,6 +44,7 @@ class StylesResponse(BaseModel):
     default_width: int
     default_height: int
     limits: dict
+    lora: list[str] = Field(default_factory=list, description="names of the preloaded LoRA adapters (`lora` in /generate)")
 
 
 class RegionRequest(BaseModel):
@@ -81,6 +83,19 @@ class GenerateRequest(BaseModel):
         description="regional styles: [{box: [x0, y0, x1, y1] (fractions), style | weights, prompt?}]; the request's "
         "style/weights, if given, fill what the boxes leave (the background); one batched UNet pass per step",
     )
+    lora: Optional[dict[str, float]] = Field(
+        None, description="LoRA adapters preloaded by the server (GET /styles lists them), {name: weight}; default none"
+    )
+
+
+class ExportCommandRequest(BaseModel):
+    """POST /export_command body: the style (or mixture) whose `jobs/export.py` command to show."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: Optional[Union[int, str]] = Field(None, description="style name or index")
+    weights: Optional[Union[dict[str, float], list[float]]] = Field(None, description="a mixture, as for /generate")
+    format: Literal["single_file", "diffusers"] = Field("single_file", description="jobs/export.py --format")
 
 
 class GeneratedImage(BaseModel):
@@ -104,6 +119,7 @@ class GenerateResponse(BaseModel):
     guidance: float
     width: int
     height: int
+    lora: dict[str, float] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,9 +142,11 @@ class Sample:
     # None) fills what the boxes leave. Samples batch together only with the same regions.
     regions: tuple = ()
     background: Optional[tuple[float, ...]] = None
+    lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
 
     def group_key(self) -> tuple:
-        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background)
+        # Samples with different regions or LoRA sets never share a forward (both are set per forward).
+        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.lora)
 
 
 @dataclass
@@ -143,6 +161,21 @@ class ResolvedRequest:
     height: int
     prompts: list[str] = field(default_factory=list)
     regions: Optional[list[RegionInfo]] = None
+    lora: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_lora(lora: Optional[dict[str, float]], known: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """A request's `lora` -> sorted (name, weight) pairs of preloaded adapters (zero weights dropped)."""
+    if not lora:
+        return ()
+    unknown = [name for name in lora if name not in known]
+    if unknown:
+        listed = ", ".join(repr(n) for n in known) if known else "none (the server preloads no LoRA adapters)"
+        raise RequestError(422, f"unknown LoRA adapter(s) {unknown}; preloaded adapters: {listed}")
+    bad = {n: w for n, w in lora.items() if w != w or abs(w) == float("inf") or abs(w) > MAX_LORA_WEIGHT}
+    if bad:
+        raise RequestError(422, f"LoRA weights must be finite numbers in [-{MAX_LORA_WEIGHT:g}, {MAX_LORA_WEIGHT:g}], got {bad}")
+    return tuple(sorted((n, float(w)) for n, w in lora.items() if w != 0))
 
 
 def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
@@ -189,7 +222,8 @@ def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
 
 
 def resolve_request(
-    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int]
+    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int],
+    lora_names: Sequence[str] = (),
 ) -> ResolvedRequest:
     """Check a request against the model and the limits; expand it into per-image samples."""
     lim = cfg.limits
@@ -219,6 +253,7 @@ def resolve_request(
                     f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` "
                     "for the background",
                 )
+    lora = resolve_lora(req.lora, list(lora_names))
 
     steps = cfg.default_steps if req.steps is None else req.steps
     if steps > lim.max_steps:
@@ -256,6 +291,7 @@ def resolve_request(
                     seed=seed + k,
                     regions=regions,
                     background=background,
+                    lora=lora,
                 )
             )
             k += 1
@@ -269,7 +305,7 @@ def resolve_request(
     if regions:
         mixture = {} if background is None else mixture
         info = [RegionInfo(box=list(box), mixture=_named(style_names, w), prompt=p) for box, w, p in regions]
-    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts, info)
+    return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts, info, dict(lora))
 
 
 def _named(style_names: list[str], weights) -> dict[str, float]:

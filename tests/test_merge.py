@@ -119,3 +119,6 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     history = client.get_metric_history(stage[0].info.run_id, "distill/loss_score") if stage else []
     assert sorted({m.step for m in history} - {0}) == [1, 2]  # steps 1 and 2 (plus the stage summary)
+    # the merged folder names its stage run, so jobs/export.py logs exports to it
+    record = __import__("json").loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
+    assert record["mlflow"]["run_id"] == stage[0].info.run_id

@@ -77,6 +77,11 @@ def test_playground_generates_an_image(playground_url, tmp_path):
             page.fill("#seed", "5")
             sliders.nth(1).fill("60")  # fires `input`: the neon weight goes 0 -> 60
             assert page.text_content("#o1") == "60"
+            # the exact jobs/export.py command for this mixture (issue 16): shown, updated with the sliders
+            page.wait_for_function(
+                "() => document.getElementById('exportcmd').textContent.includes('neon=0.375')", timeout=30_000)
+            command = page.text_content("#exportcmd")
+            assert command.startswith("python jobs/export.py --model ") and "--weights watercolor=0.625,neon=0.375" in command, command
             page.click("#generate")
             page.wait_for_function(
                 "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",

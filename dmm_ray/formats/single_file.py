@@ -4,6 +4,12 @@ diffusers reads this layout (`from_single_file`, `convert_ldm_*_checkpoint`) but
 The mapping below is the exact inverse of diffusers' converters for any block count and
 `layers_per_block`, so export -> `StableDiffusionPipeline.from_single_file(path, config=folder)`
 round-trips every weight bit-exactly (tested on tiny models).
+
+SDXL (a pipeline with `text_encoder_2`) is written in SDXL's original layout: the UNet and VAE as
+for SD1.5 (plus `label_emb` for the text_time embedding), the first text encoder under
+`conditioner.embedders.0.transformer.`, the second in OpenCLIP layout under
+`conditioner.embedders.1.model.` (fused `in_proj` q/k/v, `text_projection` transposed), which
+`StableDiffusionXLPipeline.from_single_file(path, config=folder)` reads back.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from safetensors.torch import save_file
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET_TO_LDM = [
     ("norm1", "in_layers.0"),
@@ -95,8 +103,57 @@ def vae_key_to_ldm(key: str, config) -> str:
     raise KeyError(f"VAE key {key!r} has no LDM single-file equivalent")
 
 
-def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three components' weights in one LDM-layout state dict."""
+_OPENCLIP_LAYER = [  # diffusers CLIP encoder layer -> OpenCLIP resblock (inverse of convert_open_clip_checkpoint)
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+]
+_OPENCLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def open_clip_state_dict(text_encoder, prefix: str = SDXL_OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP layout (SDXL's second text encoder)."""
+    state = {}
+    for key, value in text_encoder.state_dict().items():
+        if key != "text_projection.weight" and not key.startswith("text_model."):
+            key = "text_model." + key  # transformers 5 may drop the `text_model.` level
+        state[key] = value
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key in _OPENCLIP_TOP:
+            out[prefix + _OPENCLIP_TOP[key]] = value
+        elif m := re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key):
+            layer, rest = int(m[1]), m[2]
+            if pm := re.match(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest):
+                qkv.setdefault((layer, pm[2]), {})[pm[1]] = value
+                continue
+            for ours, theirs in _OPENCLIP_LAYER:
+                if rest.startswith(ours):
+                    out[prefix + f"transformer.resblocks.{layer}.{theirs}{rest[len(ours):]}"] = value
+                    break
+            else:
+                raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+        else:
+            raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+    for (layer, kind), parts in qkv.items():
+        out[prefix + f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The components' weights in one LDM-layout state dict (SDXL's layout when `text_encoder_2` is given)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
         out[unet_key_to_ldm(key, unet.config)] = value
@@ -108,21 +165,30 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     for key, value in text_encoder.state_dict().items():
         # transformers 5 drops the `text_model.` level from CLIPTextModel keys; the LDM layout has it.
         key = key if key.startswith("text_model.") else "text_model." + key
-        out[CLIP_PREFIX + key] = value
+        out[(SDXL_CLIP_PREFIX if text_encoder_2 is not None else CLIP_PREFIX) + key] = value
+    if text_encoder_2 is not None:
+        out.update(open_clip_state_dict(text_encoder_2))
     return out
 
 
-def export_single_file(pipeline, path: str | os.PathLike) -> Path:
-    """Write `pipeline` (unet, vae, text_encoder) as one LDM-layout .safetensors file, atomically."""
+def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write `pipeline` (unet, vae, text_encoder[, text_encoder_2]) as one LDM-layout .safetensors
+    file, atomically; `metadata` (str -> str) goes into the safetensors header."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
     unet = pipeline.unet
     if getattr(unet.config, "style_names", None) is not None:
-        raise ValueError("a merged StyleUNet has no single-file equivalent; export one style with DMMPipeline.bake_style first")
-    state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder).items()}
+        raise ValueError("a merged StyleUNet has no single-file equivalent; bake one style first: "
+                         "dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`")
+    text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+    state = {k: v.detach().contiguous().cpu()
+             for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray"})
+    save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file mode (the writer may create it private)
     os.replace(tmp, path)  # never leave a half-written file under the final name
     return path

@@ -1,0 +1,349 @@
+"""Bake a style (or a mixture of styles) into a stock Stable Diffusion checkpoint, exactly.
+
+The style enters a StyleUNet in two places, both constants once the style is fixed:
+
+* `MLP(e~)` is added to the timestep embedding before its activation (diffusers:
+  `emb = time_embedding(t) + class_embedding(e~)`, and `time_embedding` ends in `linear_2`), so it
+  folds into `time_embedding.linear_2.bias`: `W h + b + c = W h + (b + c)`.
+* with `style_film`, each ResNet block's norm2 output y is mapped to `y (1 + s) + sh`, with
+  (s, sh) = FiLM_k(SiLU(MLP(e~))) per channel. norm2 is a GroupNorm with an affine (w, b):
+  `y = n w + b`, so `y (1 + s) + sh = n w (1 + s) + b (1 + s) + sh`, i.e. `w' = w (1 + s)`,
+  `b' = b (1 + s) + sh`.
+
+What remains is a plain `UNet2DConditionModel` with no class embedding and no hooks: any
+diffusers, ComfyUI or A1111 user loads it as an ordinary SD1.5 / SDXL checkpoint. CFG is
+unaffected (both halves carry the same style); SDXL's `text_time` add-embedding is kept.
+
+    from dmm_ray.export import bake, export_pipeline
+    plain = bake(merged_pipe, style="noir")                          # StableDiffusion(XL)Pipeline
+    plain = bake(merged_pipe, style_weights={"noir": 0.5, "neon": 0.5})
+    export_pipeline(plain, "noir.safetensors", fmt="single_file", metadata=provenance(...))
+
+`jobs/export.py` is the command-line front end (provenance metadata, MLflow artifact logging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
+
+STYLE_CONFIG_KEYS = ("style_names", "style_film")
+EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
+
+
+class ExportError(ValueError):
+    """A model that cannot be baked or written as asked (message says what to do)."""
+
+
+# ---- the fold ---------------------------------------------------------------------------------
+def style_vector(unet: StyleUNet, style=None, style_weights=None) -> torch.Tensor:
+    """Normalised weights (N,) for one style (name/index) or one mixture (dict / list of N weights)."""
+    if (style is None) == (style_weights is None):
+        raise StyleError(f"give exactly one of style= or style_weights=; known styles: {', '.join(unet.style_names)}")
+    return resolve_style(unet.style_names, style if style is not None else style_weights)
+
+
+@torch.no_grad()
+def bake_unet(unet: StyleUNet, style=None, style_weights=None):
+    """A plain `UNet2DConditionModel` whose output equals `unet`'s with that style (float tolerance)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if not isinstance(unet, StyleUNet):
+        raise ExportError(f"bake needs a merged model's StyleUNet, got {type(unet).__name__} (already a plain UNet?)")
+    if getattr(unet, "peft_config", None):
+        raise ExportError("the UNet has LoRA adapters loaded; bake the merged model alone "
+                          "(pipe.unload_lora_weights()) and load the LoRA on the baked export instead")
+    if unet.config.get("encoder_hid_dim_type") == "ip_image_proj":
+        raise ExportError("the UNet has an IP-Adapter loaded; bake first, then load_ip_adapter on the baked export")
+    if unet.config.get("class_embeddings_concat"):
+        raise ExportError("class_embeddings_concat=True concatenates the style instead of adding it; it cannot be folded")
+    te = unet.time_embedding
+    if getattr(te, "post_act", None) is not None:
+        raise ExportError("time_embedding has a post-activation (timestep_post_act); the style cannot be folded into linear_2")
+
+    weights = style_vector(unet, style, style_weights)
+    style_module = unet.class_embedding
+    compute = torch.float32  # fold in float32 whatever the model's dtype, cast back at the end
+    codebook = style_module.codebook.weight.to(compute)
+    e = (weights.to(codebook)[:, None] * codebook).sum(dim=0, keepdim=True)  # (1, d), as style_embeds_for
+    c = _mlp_float32(style_module.mlp, e)  # (1, d): MLP(e~), the constant added to the timestep embedding
+
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k not in STYLE_CONFIG_KEYS}
+    plain = UNet2DConditionModel(**config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"the StyleUNet does not map onto a plain UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    dtype = unet.dtype
+    bias = plain.time_embedding.linear_2.bias
+    bias.copy_(unet.time_embedding.linear_2.bias.to(compute) + c[0])
+
+    if unet.config.get("style_film"):
+        s = torch.nn.functional.silu(c)
+        resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]  # the hooks' order (StyleUNet.__init__)
+        plain_resnets = [m for m in plain.modules() if isinstance(m, ResnetBlock2D)]
+        if len(resnets) != len(style_module.film) or len(plain_resnets) != len(resnets):
+            raise ExportError(f"style FiLM has {len(style_module.film)} layers for {len(resnets)} ResNet blocks")
+        for k, (src, dst) in enumerate(zip(resnets, plain_resnets)):
+            film = style_module.film[k]
+            gamma, beta = torch.nn.functional.linear(s, film.weight.to(compute), film.bias.to(compute)).chunk(2, dim=1)
+            gamma, beta = gamma[0], beta[0]
+            norm = src.norm2
+            if not norm.affine:
+                raise ExportError("a ResNet norm2 without affine parameters cannot take the style FiLM")
+            dst.norm2.weight.copy_(norm.weight.to(compute) * (1 + gamma))
+            dst.norm2.bias.copy_(norm.bias.to(compute) * (1 + gamma) + beta)
+    plain = plain.to(unet.device)
+    return (plain if dtype == torch.float32 else plain.to(dtype)).eval()
+
+
+def _mlp_float32(mlp, e: torch.Tensor) -> torch.Tensor:
+    """TimestepEmbedding(linear_1 -> act -> linear_2 [-> post_act]) in float32 without touching the module."""
+    h = torch.nn.functional.linear(e, mlp.linear_1.weight.float(), mlp.linear_1.bias.float())
+    h = mlp.act(h)
+    h = torch.nn.functional.linear(h, mlp.linear_2.weight.float(), mlp.linear_2.bias.float())
+    if getattr(mlp, "post_act", None) is not None:
+        h = mlp.post_act(h)
+    return h
+
+
+def bake(pipe, style=None, style_weights=None):
+    """A merged `DMMPipeline` / `DMMXLPipeline` with one style or mixture -> a plain
+    `StableDiffusionPipeline` / `StableDiffusionXLPipeline` with identical outputs.
+
+    The VAE, text encoder(s), tokenizer(s), scheduler and any image encoder are shared with `pipe`
+    (not copied); only the UNet is new. Exactly one of `style` (name or index) and
+    `style_weights` (dict name -> weight, or N weights; normalised) must be given."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet = bake_unet(pipe.unet, style, style_weights)
+    common = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
+                  image_encoder=getattr(pipe, "image_encoder", None), feature_extractor=getattr(pipe, "feature_extractor", None))
+    if getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "components", {}):
+        force_zeros = pipe.config.get("force_zeros_for_empty_prompt", True) if hasattr(pipe, "config") else True
+        return StableDiffusionXLPipeline(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                                         force_zeros_for_empty_prompt=force_zeros, **common)
+    return StableDiffusionPipeline(safety_checker=None, requires_safety_checker=False, **common)
+
+
+# ---- provenance -------------------------------------------------------------------------------
+def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """sha256 over a file's (or folder's weight files') size and first/last 16 MiB, like teacher_checksum."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*.safetensors") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(chunk))
+            if size > 2 * chunk:
+                handle.seek(-chunk, os.SEEK_END)
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def merge_record(model_dir: str | os.PathLike | None) -> dict:
+    """`dmm_merge.json` of a merged folder (name, styles, teachers, mlflow run), or {}."""
+    if model_dir is None:
+        return {}
+    record = Path(model_dir) / "dmm_merge.json"
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:
+    """[{name, source, format, checksum}] for the teachers a merge record lists (checksum
+    `unavailable: ...` when a teacher's files are no longer where the merge read them)."""
+    from dmm_ray.teachers import TeacherSpec, teacher_checksum
+
+    out = []
+    for raw in record.get("teachers", []):
+        spec = TeacherSpec.model_validate(raw)
+        try:
+            checksum = teacher_checksum(spec)
+        except OSError as exc:
+            checksum = f"unavailable: {type(exc).__name__}"
+        out.append({"name": spec.name, "source": str(spec.source), "format": spec.resolved_format(), "checksum": checksum})
+    return out
+
+
+def provenance(pipe, model: str, style=None, style_weights=None, model_dir: str | os.PathLike | None = None,
+               run_id: str | None = None) -> dict[str, str]:
+    """safetensors metadata (str -> str) for a baked export: where it came from and with which style.
+
+    Keys: `dmm.merged_model` (the --model argument), `dmm.merged_name`, `dmm.merged_unet_fingerprint`,
+    `dmm.merge_run_id`, `dmm.style` or `dmm.style_weights` (JSON, normalised, by name), `dmm.styles`
+    (all names, codebook order), `dmm.teachers` (JSON: name, source, format, checksum),
+    `dmm.architecture` (sd15 / sdxl), `dmm.version`, `dmm.exported_at` (UTC)."""
+    import dmm_ray
+
+    names = pipe.unet.style_names
+    weights = style_vector(pipe.unet, style, style_weights)
+    record = merge_record(model_dir)
+    meta = {
+        "format": "pt",
+        "exported_by": "dmm-ray",
+        "dmm.version": dmm_ray.__version__,
+        "dmm.merged_model": str(model),
+        "dmm.merged_name": str(record.get("name", "")),
+        "dmm.merge_run_id": str(run_id or (record.get("mlflow") or {}).get("run_id") or ""),
+        "dmm.styles": json.dumps(names),
+        "dmm.architecture": "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15",
+        "dmm.teachers": json.dumps(teacher_checksums(record)),
+        "dmm.exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if model_dir is not None and (Path(model_dir) / "unet").is_dir():
+        meta["dmm.merged_unet_fingerprint"] = file_fingerprint(Path(model_dir) / "unet")
+    if style is not None:
+        meta["dmm.style"] = names[int(weights.argmax())]
+    else:
+        meta["dmm.style_weights"] = json.dumps({n: round(float(w), 6) for n, w in zip(names, weights.tolist()) if w > 0})
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of an export (a single file, or a diffusers folder's UNet weights)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = _unet_weights(path)
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _unet_weights(folder: Path) -> Path:
+    files = sorted((folder / "unet").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}/unet has no .safetensors weights")
+    return files[0]
+
+
+# ---- writing ----------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtype: str = "fp32",
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a plain (baked) pipeline as a diffusers folder or one original-layout .safetensors file
+    (SD1.5 or SDXL), carrying `metadata` in the safetensors header. Written beside `out` and
+    moved into place, so a failed export never leaves a half-written file under the final name."""
+    from dmm_ray.formats.single_file import export_single_file
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(pipe.unet, StyleUNet):
+        raise ExportError("this pipeline still holds a StyleUNet; bake(pipe, style=...) first")
+    out = Path(out)
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    metadata["dmm.dtype"] = dtype
+    if pipe.unet.dtype != DTYPES[dtype]:
+        pipe = _cast_copy(pipe, DTYPES[dtype])  # never cast the caller's (shared) modules in place
+    if fmt == "single_file":
+        return export_single_file(pipe, out, metadata=metadata)
+    if fmt != "diffusers":
+        raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
+    if out.exists() and not (out / "model_index.json").is_file():
+        raise ExportError(f"{out} exists and is not a diffusers folder; refusing to overwrite it")
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    _rewrite_with_metadata(_unet_weights(tmp), metadata)
+    (tmp / EXPORT_RECORD).write_text(json.dumps(metadata, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _cast_copy(pipe, dtype: torch.dtype):
+    """The same pipeline class over copies of its modules cast to `dtype`."""
+    import copy
+    import inspect
+
+    parts = {k: (copy.deepcopy(v).to(dtype) if isinstance(v, torch.nn.Module) else v) for k, v in pipe.components.items()}
+    params = inspect.signature(type(pipe).__init__).parameters
+    if "requires_safety_checker" in params:
+        parts["requires_safety_checker"] = False
+    if "force_zeros_for_empty_prompt" in params:
+        parts["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
+    return type(pipe)(**parts)
+
+
+def _rewrite_with_metadata(file: Path, metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(file))
+    save_file(state, str(file), metadata={"format": "pt", **metadata})
+
+
+def write_config_folder(pipe, folder: str | os.PathLike) -> Path:
+    """The configs (no weights) of a plain pipeline: what `from_single_file(path, config=folder)` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_config(folder)
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        sub = folder / name
+        if hasattr(component, "save_config"):  # diffusers models and schedulers
+            component.save_config(sub)
+        elif hasattr(component, "config") and hasattr(component.config, "save_pretrained"):  # transformers models
+            sub.mkdir(parents=True, exist_ok=True)
+            component.config.save_pretrained(sub)
+        elif hasattr(component, "save_pretrained"):  # tokenizers, image processors
+            component.save_pretrained(sub)
+    return folder
+
+
+def export_command(model: str, style=None, style_weights: Mapping[str, float] | None = None, out: str | None = None,
+                   fmt: str = "single_file") -> str:
+    """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it)."""
+    import shlex
+
+    if (style is None) == (style_weights is None):
+        raise StyleError("give exactly one of style= or style_weights=")
+    if style is not None:
+        selection, stem = ["--style", str(style)], str(style)
+    else:
+        weights = {k: float(v) for k, v in style_weights.items() if float(v) > 0}
+        selection = ["--weights", ",".join(f"{k}={_num(v)}" for k, v in weights.items())]
+        stem = "-".join(weights)
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem) or "style"
+    out = out or (f"{stem}.safetensors" if fmt == "single_file" else stem)
+    args = ["python", "jobs/export.py", "--model", model, *selection, "--out", out, "--format", fmt]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """`a=0.5,b=0.5` -> {"a": 0.5, "b": 0.5} (names, or indices as names)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise StyleError(f"--weights wants name=weight pairs separated by commas (a=0.5,b=0.5), got {part!r}")
+        name, value = part.split("=", 1)
+        try:
+            out[name.strip()] = out.get(name.strip(), 0.0) + float(value)
+        except ValueError:
+            raise StyleError(f"--weights: {value!r} is not a number (in {part!r})") from None
+    if not out:
+        raise StyleError("--weights is empty; give name=weight pairs (a=0.5,b=0.5)")
+    return out

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Bake one style (or a mixture of styles) of a merged model into a stock SD1.5 / SDXL checkpoint.
+
+  python jobs/export.py --model $DMM_HOME/outputs/dmm-toy/merged --style noir --out noir.safetensors
+  python jobs/export.py --model models:/dmm-toy/3 --weights noir=0.5,neon=0.5 --out noir-neon --format diffusers
+  python jobs/export.py --model outputs/sdxl/merged --style anime --out anime.safetensors --dtype fp16
+
+The style is folded exactly into the UNet (`time_embedding.linear_2.bias`, and each ResNet norm2's
+affine when the model uses style FiLM): the result is a plain UNet2DConditionModel whose output equals
+the merged model's with that style to float rounding. Load it anywhere:
+
+  StableDiffusionPipeline.from_single_file("noir.safetensors", config="noir.config")     # SDXL: StableDiffusionXLPipeline
+  StableDiffusionPipeline.from_pretrained("noir-neon")                                   # --format diffusers
+  ComfyUI / A1111: copy noir.safetensors into models/checkpoints (models/Stable-diffusion)
+
+Every export carries its provenance in the safetensors metadata (merged model, style or weights,
+teachers with checksums, dmm-ray version; `dmm_ray.export.read_metadata(path)`), and is logged as an
+artifact (`exports/`) of the MLflow run of the merge it came from: the run recorded in the merged
+folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
+
+Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (unknown style,
+bad weights, not a merged model; nothing written), 3 written but MLflow logging failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged) "
+                        "or an MLflow model URI models:/<name>/<version>")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--style", help="one style, by name (or index) as the merged model lists them")
+    which.add_argument("--weights", help="a mixture: name=weight pairs separated by commas, e.g. noir=0.5,neon=0.5 "
+                                         "(weights >= 0, normalised to sum 1; unnamed styles get 0)")
+    p.add_argument("--out", required=True,
+                   help="where to write: a .safetensors file (--format single_file) or a folder (--format diffusers)")
+    p.add_argument("--format", choices=["diffusers", "single_file"], default=None,
+                   help="single_file: one original-layout (LDM / SDXL) .safetensors with UNet, VAE and text encoder(s), "
+                        "as ComfyUI, A1111 and from_single_file read it; diffusers: a StableDiffusion(XL)Pipeline folder. "
+                        "Default: single_file when --out ends in .safetensors, else diffusers")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the written weights (the fold itself is always computed in float32); default fp32")
+    p.add_argument("--config-dir", default=None,
+                   help="single_file only: where to write the pipeline's configs (no weights), the `config=` that "
+                        "from_single_file needs for a model that is not a stock SD1.5/SDXL shape; "
+                        "default: --out with the suffix .config; 'none' to skip")
+    p.add_argument("--verify", action="store_true",
+                   help="after writing, reload the export and check its UNet output against the merged model's with "
+                        "this style on random inputs (relative error <= 1e-5 in float32; exits 1 otherwise)")
+    p.add_argument("--device", default="cpu", help="device to bake on (cpu or cuda); default cpu")
+    p.add_argument("--run-id", default=None,
+                   help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json "
+                        "(or the run of a models:/ URI)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db")
+    p.add_argument("--no-track", action="store_true", help="do not log the export to MLflow")
+    return p
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, str | None, str | None]:
+    """(local folder, run id, tracking uri) for a folder or an MLflow models:/ URI (read from
+    `tracking_uri`, else the store already set, else sqlite:///$DMM_HOME/mlflow.db)."""
+    from dmm_ray.export import merge_record
+
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow
+        from mlflow import MlflowClient
+
+        from dmm_ray.tracking import resolve_model_uri
+
+        folder = Path(resolve_model_uri(model, tracking_uri=tracking_uri))
+        run_id = None
+        if model.startswith("runs:/"):
+            run_id = model.split("/")[1]
+        else:
+            name, _, version = model[len("models:/"):].partition("/")
+            client = MlflowClient()
+            mv = client.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else client.get_model_version(name, version)
+            run_id = mv.run_id
+        return folder, run_id, mlflow.get_tracking_uri()
+    folder = Path(model).expanduser()
+    record = merge_record(folder).get("mlflow") or {}
+    return folder, record.get("run_id"), record.get("tracking_uri")
+
+
+def log_to_mlflow(out: Path, config_dir: Path | None, metadata: dict, run_id: str, tracking_uri: str) -> None:
+    """The export (file or folder), its config folder and its metadata as artifacts of `run_id` under exports/."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.get_run(run_id)  # fails clearly when the run is not in this store
+    if out.is_dir():
+        client.log_artifacts(run_id, str(out), f"exports/{out.name}")
+    else:
+        client.log_artifact(run_id, str(out), "exports")
+    if config_dir is not None and config_dir.is_dir():
+        client.log_artifacts(run_id, str(config_dir), f"exports/{config_dir.name}")
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / f"{out.name}.json"
+        record.write_text(json.dumps(metadata, indent=1))
+        client.log_artifact(run_id, str(record), "exports")
+    client.set_tag(run_id, f"dmm.export.{out.name}", metadata.get("dmm.style") or metadata.get("dmm.style_weights", ""))
+
+
+def verify(export: Path, fmt: str, config_dir: Path | None, merged, style, style_weights) -> float:
+    """Max relative difference between the export's UNet and the merged model's with the style."""
+
+    from dmm_ray.architectures import base_pipeline_class
+
+    if fmt == "diffusers":
+        plain = base_pipeline_class(export).from_pretrained(str(export), local_files_only=True)
+    else:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cls = StableDiffusionXLPipeline if getattr(merged, "text_encoder_2", None) is not None else StableDiffusionPipeline
+        plain = cls.from_single_file(str(export), config=str(config_dir), local_files_only=True)
+    return unet_relative_error(merged.unet, plain.unet, style, style_weights)
+
+
+def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, batch: int = 2, seed: int = 0) -> float:
+    """max |eps_style - eps_plain| / max |eps_style| on random latents, timesteps and text states (float32)."""
+    import torch
+
+    from dmm_ray.export import style_vector
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = style_unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    h = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": torch.rand(batch, 6, generator=g) * size * 8}
+    w = style_vector(style_unet, style, style_weights)[None].repeat(batch, 1)
+    with torch.no_grad():
+        su, pu = style_unet.float(), plain_unet.float()
+        a = su(x, t, h, style_weights=w, added_cond_kwargs=added).sample
+        b = pu(x, t, h, added_cond_kwargs=added).sample
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.export import ExportError, bake, export_pipeline, parse_weights, provenance, write_config_folder
+    from dmm_ray.models.style_unet import StyleError
+
+    out = Path(args.out).expanduser()
+    fmt = args.format or ("single_file" if out.suffix == ".safetensors" else "diffusers")
+    if fmt == "single_file" and out.suffix != ".safetensors":
+        print(f"error: --format single_file writes a .safetensors file; --out {out} has no .safetensors suffix", file=sys.stderr)
+        return 2
+    try:
+        folder, run_id, tracking_uri = resolve_model(args.model, args.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - a missing registry entry, store, ...: say which
+        print(f"error: cannot resolve --model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    if not (folder / "unet").is_dir():
+        print(f"error: {folder} is not a merged-model folder (no unet/); give jobs/merge.py's <output_dir>/merged", file=sys.stderr)
+        return 2
+    run_id = args.run_id or run_id
+    if args.tracking_uri:
+        tracking_uri = args.tracking_uri
+    if tracking_uri is None:
+        from dmm_ray.paths import default_tracking_uri
+
+        tracking_uri = default_tracking_uri()
+
+    t0 = time.perf_counter()
+    pipe = load_dmm_pipeline(folder).to(args.device)
+    load_s = time.perf_counter() - t0
+    try:
+        style, weights = (args.style, None) if args.style is not None else (None, parse_weights(args.weights))
+        if style is not None and style not in pipe.styles and style.isdigit():
+            style = int(style)
+        t1 = time.perf_counter()
+        plain = bake(pipe, style=style, style_weights=weights)
+        bake_s = time.perf_counter() - t1
+        metadata = provenance(pipe, args.model, style=style, style_weights=weights, model_dir=folder, run_id=run_id)
+    except (StyleError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t2 = time.perf_counter()
+    plain = plain.to("cpu")
+    config_dir = None
+    if fmt == "single_file" and (args.config_dir or "").lower() != "none":
+        config_dir = Path(args.config_dir).expanduser() if args.config_dir else out.with_suffix(".config")
+        write_config_folder(plain, config_dir)
+    export_pipeline(plain, out, fmt=fmt, dtype=args.dtype, metadata=metadata)
+    write_s = time.perf_counter() - t2
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
+    what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"
+    print(f"exported {what} of {args.model} -> {out} ({fmt}, {args.dtype}, {size / 2**20:.1f} MiB); "
+          f"load {load_s:.1f} s, bake {bake_s:.2f} s, write {write_s:.1f} s")
+    if config_dir is not None:
+        loader = "StableDiffusionXLPipeline" if metadata["dmm.architecture"] == "sdxl" else "StableDiffusionPipeline"
+        print(f"load it with: {loader}.from_single_file({str(out)!r}, config={str(config_dir)!r})")
+
+    if args.verify:
+        if args.dtype != "fp32":
+            print("note: --verify compares in float32; an fp16/bf16 export differs by its rounding")
+        err = verify(out, fmt, config_dir or folder, load_dmm_pipeline(folder), style, weights)
+        ok = err <= (1e-5 if args.dtype == "fp32" else 1e-2)
+        print(f"verify: max relative UNet difference {err:.2e} ({'ok' if ok else 'TOO LARGE'})")
+        if not ok:
+            return 1
+
+    if args.no_track:
+        print("MLflow: not logged (--no-track)")
+    elif run_id is None:
+        print("MLflow: not logged: the model records no merge run (dmm_merge.json has no mlflow entry); pass --run-id")
+    else:
+        try:
+            log_to_mlflow(out, config_dir, metadata, run_id, tracking_uri)
+            print(f"MLflow: logged under run {run_id} (artifacts exports/) in {tracking_uri}")
+        except Exception as exc:  # noqa: BLE001 - the export itself is written; say why tracking failed
+            print(f"warning: export written but not logged to MLflow run {run_id} at {tracking_uri}: {exc}", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Baking a style into a stock checkpoint is exact (SD1.5 and SDXL, style FiLM included), and the
+exports load with diffusers' own loaders and carry their provenance (issue 16, section 1)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export_helpers import MIXTURE, OTHER_MIXTURE, STYLES, gen, save_merged, tiny_merged
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+
+@pytest.fixture(scope="module")
+def merged():
+    return {arch: tiny_merged(arch) for arch in ("sd15", "sdxl")}
+
+
+def relative_error(style_unet, plain_unet, **style) -> float:
+    from export import unet_relative_error
+
+    return unet_relative_error(style_unet, plain_unet, batch=3, **style)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("film", [True, False])
+@pytest.mark.parametrize("style", [{"style": "neon"}, {"style": 2}, {"style_weights": MIXTURE}])
+def test_baked_unet_equals_style_unet(arch, film, style):
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.export import bake_unet
+    pipe = tiny_merged(arch, film=film)
+    plain = bake_unet(pipe.unet, **style)
+    assert type(plain) is UNet2DConditionModel and plain.class_embedding is None
+    assert "style_names" not in plain.config and "style_film" not in plain.config
+    assert not plain._forward_hooks and all(not m._forward_hooks for m in plain.modules())
+    assert relative_error(pipe.unet, plain, **style) <= 1e-5
+    # Not vacuous: the style moves the output far beyond the tolerance, and so does FiLM.
+    other = bake_unet(pipe.unet, style="ink")
+    assert relative_error(pipe.unet, other, **style) > 1e-2
+    if film:
+        no_film = copy.deepcopy(pipe.unet)  # same trunk, FiLM at its identity init
+        with torch.no_grad():
+            for p in no_film.class_embedding.film.parameters():
+                p.zero_()
+        assert relative_error(pipe.unet, bake_unet(no_film, **style), **style) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_baked_pipeline_generates_the_same_image(merged, arch):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from dmm_ray.export import bake
+
+    pipe = merged[arch]
+    for style in ({"style": "pixel"}, {"style_weights": MIXTURE}):
+        plain = bake(pipe, **style)
+        assert type(plain) is (StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline)
+        a, b = gen(pipe, **style), gen(plain, styled=False)
+        assert np.abs(a - b).max() < 1e-4, style
+        assert ((a * 255).round() == (b * 255).round()).all()  # identical 8-bit images
+    assert np.abs(gen(pipe, style="pixel") - gen(pipe, style="ink")).mean() > 1e-3  # the style shows in the image
+    assert np.abs(gen(bake(pipe, style_weights=MIXTURE), styled=False) - gen(bake(pipe, style_weights=OTHER_MIXTURE), styled=False)).mean() > 1e-3
+    assert isinstance(pipe.unet, type(merged[arch].unet)) and pipe.unet.class_embedding is not None  # pipe untouched
+
+
+def test_bake_leaves_the_merged_model_untouched_and_rejects_bad_styles(merged):
+    from dmm_ray.export import ExportError, bake, bake_unet
+    from dmm_ray.models.style_unet import StyleError
+
+    pipe = merged["sd15"]
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    bake(pipe, style="ink")
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(StyleError, match="known styles"):
+        bake(pipe, style="watercolor")
+    with pytest.raises(StyleError, match=">= 0"):
+        bake(pipe, style_weights={"ink": -1, "neon": 2})
+    with pytest.raises(StyleError, match="exactly one"):
+        bake(pipe, style="ink", style_weights=MIXTURE)
+    with pytest.raises(ExportError, match="plain UNet"):
+        bake_unet(bake(pipe, style="ink").unet, style="ink")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_single_file_loads_with_from_single_file_and_carries_provenance(merged, arch, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from dmm_ray.export import bake, export_pipeline, provenance, read_metadata, write_config_folder
+    from dmm_ray.teachers import TeacherSpec, teacher_checksum
+
+    pipe = merged[arch]
+    folder = save_merged(pipe, tmp_path / "merged", teachers_root=tmp_path / "teachers", mlflow={"run_id": "abc123", "tracking_uri": "x"})
+    plain = bake(pipe, style_weights=MIXTURE)
+    meta = provenance(pipe, str(folder), style_weights=MIXTURE, model_dir=folder)
+    path = export_pipeline(plain, tmp_path / "mix.safetensors", fmt="single_file", metadata=meta)
+    config = write_config_folder(plain, tmp_path / "mix.config")
+    assert not list(config.rglob("*.safetensors"))  # configs only
+
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    extra = {} if arch == "sdxl" else {"safety_checker": None}
+    loaded = cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+    for name in ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else []):
+        want, got = getattr(plain, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(want) <= set(got), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    loaded.set_progress_bar_config(disable=True)
+    loaded.scheduler = plain.scheduler
+    assert np.abs(gen(loaded, styled=False) - gen(pipe, style_weights=MIXTURE)).max() < 1e-4
+
+    md = read_metadata(path)
+    assert md["dmm.merged_model"] == str(folder) and md["dmm.merged_name"] == "tiny-merge"
+    assert md["dmm.merge_run_id"] == "abc123"
+    assert json.loads(md["dmm.style_weights"]) == MIXTURE and "dmm.style" not in md
+    assert json.loads(md["dmm.styles"]) == STYLES
+    assert md["dmm.architecture"] == arch and md["dmm.version"] == __import__("dmm_ray").__version__
+    assert len(md["dmm.merged_unet_fingerprint"]) == 16
+    teachers = json.loads(md["dmm.teachers"])
+    assert [t["name"] for t in teachers] == STYLES
+    record = json.loads((folder / "dmm_merge.json").read_text())["teachers"]
+    assert [t["checksum"] for t in teachers] == [teacher_checksum(TeacherSpec.model_validate(t)) for t in record]
+    assert len(set(t["checksum"] for t in teachers)) == 3
+
+
+def test_fp16_export_and_diffusers_folder(merged, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.export import EXPORT_RECORD, bake, export_pipeline, read_metadata
+
+    plain = bake(merged["sd15"], style="neon")
+    out = export_pipeline(plain, tmp_path / "neon", fmt="diffusers", metadata={"dmm.style": "neon"})
+    assert read_metadata(out)["dmm.style"] == "neon" and json.loads((out / EXPORT_RECORD).read_text())["dmm.style"] == "neon"
+    loaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert all(torch.equal(v, loaded.unet.state_dict()[k]) for k, v in plain.unet.state_dict().items())
+    full = export_pipeline(plain, tmp_path / "neon32.safetensors")
+    half = export_pipeline(plain, tmp_path / "neon16.safetensors", dtype="fp16")
+    assert plain.unet.dtype == plain.vae.dtype == torch.float32  # the caller's modules are not cast in place
+    from safetensors import safe_open
+
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert f.metadata()["dmm.dtype"] == "fp16"
+    assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
+
+
+def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
+    """jobs/export.py: bake, write, verify, and log the export under the merge's MLflow run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    import export as job
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("dmm-ray", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp, run_name="merge")
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers",
+                         mlflow={"run_id": run.info.run_id, "tracking_uri": uri})
+    out = tmp_path / "ink.safetensors"
+    assert job.main(["--model", str(folder), "--style", "ink", "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify: max relative UNet difference" in printed and "(ok)" in printed
+    assert f"logged under run {run.info.run_id}" in printed
+    assert out.is_file() and (tmp_path / "ink.config" / "model_index.json").is_file()
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "exports")}
+    assert {"exports/ink.safetensors", "exports/ink.safetensors.json", "exports/ink.config"} <= arts
+    assert client.get_run(run.info.run_id).data.tags["dmm.export.ink.safetensors"] == "ink"
+    del mlflow
+
+    # a mixture as a diffusers folder, no tracking
+    assert job.main(["--model", str(folder), "--weights", "ink=1,pixel=3", "--out", str(tmp_path / "mix"), "--no-track"]) == 0
+    from dmm_ray.export import read_metadata
+
+    assert json.loads(read_metadata(tmp_path / "mix")["dmm.style_weights"]) == {"ink": 0.25, "pixel": 0.75}
+    # bad input: a clear error and exit code 2, nothing written
+    assert job.main(["--model", str(folder), "--style", "nope", "--out", str(tmp_path / "x.safetensors"), "--no-track"]) == 2
+    assert "known styles" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert job.main(["--model", str(tmp_path), "--style", "ink", "--out", str(tmp_path / "y.safetensors")]) == 2
+
+
+def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_path, capsys):
+    """--model models:/name/version: the folder comes from the registry, the export goes to its run."""
+    from mlflow import MlflowClient
+
+    import export as job
+
+    from dmm_ray.export import read_metadata
+    from dmm_ray.tracking import MergeTracker, TrackingConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MergeTracker(TrackingConfig(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), project="tiny"))
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers")
+    with tracker.project(), tracker.stage("merge") as run:
+        model_uri = tracker.log_merged_model(folder, registered_name="tiny-merged")
+        run_id = run.info.run_id
+    assert model_uri == "models:/tiny-merged/1"
+    out = tmp_path / "pixel.safetensors"
+    assert job.main(["--model", model_uri, "--style", "pixel", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert f"logged under run {run_id}" in capsys.readouterr().out
+    md = read_metadata(out)
+    assert md["dmm.merged_model"] == model_uri and md["dmm.merge_run_id"] == run_id and md["dmm.style"] == "pixel"
+    assert [t["name"] for t in json.loads(md["dmm.teachers"])] == STYLES  # dmm_merge.json travelled with the model
+    assert "exports/pixel.safetensors" in {a.path for a in MlflowClient(uri).list_artifacts(run_id, "exports")}
+
+
+def test_export_help_documents_every_flag():
+    import export as job
+
+    parser = job.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        assert action.help, action.option_strings
+    for flag in ("--model", "--style", "--weights", "--out", "--format", "--dtype", "--config-dir", "--verify", "--run-id",
+                 "--tracking-uri", "--no-track", "--device"):
+        assert flag in text
+
+
+def test_export_command_round_trips_through_the_parser():
+    import shlex
+
+    import export as job
+
+    from dmm_ray.export import export_command, parse_weights
+
+    cmd = export_command("/m/merged dir", style_weights={"ink": 0.25, "neon": 0.75, "pixel": 0})
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["python", "jobs/export.py"]
+    args = job.build_parser().parse_args(argv[2:])
+    assert args.model == "/m/merged dir" and parse_weights(args.weights) == {"ink": 0.25, "neon": 0.75}
+    assert args.out == "ink-neon.safetensors" and args.format == "single_file"
+    args = job.build_parser().parse_args(shlex.split(export_command("m", style="neon"))[2:])
+    assert args.style == "neon" and args.out == "neon.safetensors"

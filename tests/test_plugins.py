@@ -1,0 +1,199 @@
+"""Plugins on the merged model, as a matrix (issue 16, section 2).
+
+For every plugin (LoRA, ControlNet, IP-Adapter, LCM-LoRA) x architecture (SD1.5, SDXL) x way of
+choosing the style (one style, a mixture, a baked single-file export loaded with diffusers' own
+`from_single_file`): it runs, the plugin changes the image, and the style still changes the image.
+Every component and plugin is tiny, seeded and built in code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export_helpers import MIXTURE, OTHER_MIXTURE, SIZE, STYLES, gen, tiny_merged
+
+ARCHS = ["sd15", "sdxl"]
+MODES = ["style", "mixture", "baked"]
+PLUGINS = ["lora", "controlnet", "ip_adapter", "lcm_lora"]
+SELECTIONS = {
+    "style": ({"style": "ink"}, {"style": "neon"}),
+    "mixture": ({"style_weights": MIXTURE}, {"style_weights": OTHER_MIXTURE}),
+    "baked": ({"style": "ink"}, {"style": "neon"}),
+}
+MIN_CHANGE = 1e-3  # mean |difference| of two images in [0, 1] that must differ (observed >= 4e-3)
+
+
+def differ(a, b) -> float:
+    return float(np.abs(a - b).mean())
+
+
+@pytest.fixture(scope="module")
+def plugin_files(tmp_path_factory):
+    """Per architecture: a subject LoRA, an LCM-LoRA, an IP-Adapter folder, a ControlNet made with
+    `ControlNetModel.from_unet(merged.unet)`, and the baked single-file exports of two styles."""
+    from dmm_ray.export import bake, export_pipeline, write_config_folder
+    from dmm_ray.tiny_plugins import make_controlnet, make_ip_adapter, make_lora
+
+    root = tmp_path_factory.mktemp("plugins")
+    files = {}
+    for arch in ARCHS:
+        merged = tiny_merged(arch)
+        baked = {}
+        for selection in SELECTIONS["baked"]:
+            plain = bake(merged, **selection)
+            name = selection["style"]
+            baked[name] = (export_pipeline(plain, root / arch / f"{name}.safetensors"),
+                           write_config_folder(plain, root / arch / f"{name}.config"))
+        files[arch] = {
+            "lora": make_lora(merged.unet, root / arch / "lora", seed=1),
+            "lcm_lora": make_lora(merged.unet, root / arch / "lcm", seed=2),
+            "ip_adapter": make_ip_adapter(merged.unet, root / arch / "ip", seed=3),
+            "controlnet": make_controlnet(merged.unet, seed=4, scale=0.1),
+            "baked": baked,
+        }
+    return files
+
+
+def load_pipe(arch: str, mode: str, selection: dict, files):
+    """(pipeline, call kwargs): the merged model with style=/style_weights=, or a baked export from disk."""
+    if mode != "baked":
+        return tiny_merged(arch), dict(selection)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path, config = files[arch]["baked"][selection["style"]]
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+    pipe.scheduler = tiny_merged(arch).scheduler  # the merged model's DPM-Solver++ (a config folder carries it too)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {}
+
+
+def attach(plugin: str, pipe, files, arch: str):
+    """The plugin attached with diffusers' own API; returns (pipeline, extra call kwargs)."""
+    from diffusers import LCMScheduler
+
+    from dmm_ray.plugins import with_controlnet
+    from dmm_ray.tiny_plugins import control_image, reference_image
+
+    f = files[arch]
+    if plugin == "lora":
+        pipe.load_lora_weights(str(f["lora"]), adapter_name="subject")
+        return pipe, {}
+    if plugin == "lcm_lora":
+        pipe.load_lora_weights(str(f["lcm_lora"]), adapter_name="lcm")
+        return pipe, {"guidance": 1.0}
+    if plugin == "ip_adapter":
+        pipe.load_ip_adapter(str(f["ip_adapter"]), subfolder="", weight_name="ip_adapter.safetensors")
+        return pipe, {"ip_adapter_image": reference_image()}
+    if plugin == "controlnet":
+        out = with_controlnet(pipe, f["controlnet"])
+        out.set_progress_bar_config(disable=True)
+        return out, {"image": control_image(SIZE)}
+    raise ValueError(plugin)
+
+
+def prepare(plugin: str, pipe):
+    """What the plugin needs before the baseline image: LCM-LoRA runs with the LCM scheduler."""
+    from diffusers import LCMScheduler
+
+    if plugin == "lcm_lora":
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        return {"guidance": 1.0}
+    return {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_plugin_matrix(plugin, arch, mode, plugin_files):
+    first, second = SELECTIONS[mode]
+    pipe, style_kwargs = load_pipe(arch, mode, first, plugin_files)
+    base_kwargs = prepare(plugin, pipe)
+    without = gen(pipe, styled=mode != "baked", **style_kwargs, **base_kwargs)
+
+    pipe, extra = attach(plugin, pipe, plugin_files, arch)
+    with_plugin = gen(pipe, styled=mode != "baked", **style_kwargs, **{**base_kwargs, **extra})
+    assert with_plugin.shape == (SIZE, SIZE, 3) and np.isfinite(with_plugin).all()
+    assert differ(with_plugin, without) > MIN_CHANGE, "the plugin does not change the image"
+
+    if mode == "baked":  # the other style is another export, with the same plugin
+        other, other_kwargs = load_pipe(arch, mode, second, plugin_files)
+        prepare(plugin, other)
+        other, _ = attach(plugin, other, plugin_files, arch)
+    else:
+        other, other_kwargs = pipe, dict(second)
+    other_style = gen(other, styled=mode != "baked", **other_kwargs, **{**base_kwargs, **extra})
+    assert differ(with_plugin, other_style) > MIN_CHANGE, "the style no longer changes the image under the plugin"
+    if mode != "baked":  # and the style module is untouched by the plugin
+        assert pipe.unet.class_embedding.codebook.weight.shape[0] == len(STYLES)
+
+
+def test_lora_set_adapters_weights_are_honoured(plugin_files, tmp_path):
+    from dmm_ray.tiny_plugins import make_lora
+
+    pipe = tiny_merged("sd15")
+    plain = gen(pipe, style="ink")
+    pipe.load_lora_weights(str(plugin_files["sd15"]["lora"]), adapter_name="subject")
+    pipe.load_lora_weights(str(make_lora(pipe.unet, tmp_path / "b", seed=9)), adapter_name="detail")
+    pipe.set_adapters(["subject"], adapter_weights=[0.0])
+    assert differ(gen(pipe, style="ink"), plain) < 1e-6  # weight 0 is no LoRA
+    pipe.set_adapters(["subject"], adapter_weights=[1.0])
+    full = gen(pipe, style="ink")
+    pipe.set_adapters(["subject"], adapter_weights=[0.5])
+    half = gen(pipe, style="ink")
+    assert differ(full, plain) > MIN_CHANGE and differ(half, full) > MIN_CHANGE / 2 and differ(half, plain) > MIN_CHANGE / 2
+    pipe.set_adapters(["subject", "detail"], adapter_weights=[1.0, 1.0])
+    both = gen(pipe, style="ink")
+    assert differ(both, full) > MIN_CHANGE
+    assert differ(both, gen(pipe, style_weights=MIXTURE)) > MIN_CHANGE  # styles still switch with two adapters on
+    pipe.disable_lora()
+    assert differ(gen(pipe, style="ink"), plain) < 1e-6
+
+
+def test_lora_fuse_unfuse_keeps_the_style_module_intact(plugin_files):
+    pipe = tiny_merged("sd15")
+    style_state = {k: v.clone() for k, v in pipe.unet.class_embedding.state_dict().items()}
+    plain = gen(pipe, style="neon")
+    pipe.load_lora_weights(str(plugin_files["sd15"]["lora"]), adapter_name="subject")
+    active = gen(pipe, style="neon")
+    pipe.fuse_lora(lora_scale=1.0)
+    fused_state = pipe.unet.class_embedding.state_dict()
+    assert all(torch.equal(v, fused_state[k]) for k, v in style_state.items())  # codebook, MLP, FiLM untouched
+    assert differ(gen(pipe, style="neon"), active) < 1e-5
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert all(torch.equal(v, pipe.unet.class_embedding.state_dict()[k]) for k, v in style_state.items())
+    assert differ(gen(pipe, style="neon"), plain) < 1e-5
+    assert differ(gen(pipe, style="neon"), gen(pipe, style="ink")) > MIN_CHANGE
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_controlnet_from_merged_unet_starts_as_identity(arch):
+    """`ControlNetModel.from_unet(merged.unet)` works; untrained (zero convs), it leaves the styled image as it is."""
+    from diffusers import ControlNetModel
+
+    from dmm_ray.plugins import DMMControlNetPipeline, DMMXLControlNetPipeline, with_controlnet
+    from dmm_ray.tiny_plugins import control_image
+
+    pipe = tiny_merged(arch)
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+    cpipe = with_controlnet(pipe, net)
+    cpipe.set_progress_bar_config(disable=True)
+    assert type(cpipe) is (DMMXLControlNetPipeline if arch == "sdxl" else DMMControlNetPipeline)
+    assert cpipe.unet is pipe.unet and cpipe.vae is pipe.vae  # shared, not copied
+    for selection in ({"style": "pixel"}, {"style_weights": MIXTURE}):
+        assert differ(gen(cpipe, image=control_image(SIZE), **selection), gen(pipe, **selection)) < 1e-6
+
+
+def test_bake_refuses_a_model_with_plugins_loaded(plugin_files):
+    from dmm_ray.export import ExportError, bake
+
+    pipe = tiny_merged("sd15")
+    pipe.load_lora_weights(str(plugin_files["sd15"]["lora"]), adapter_name="subject")
+    with pytest.raises(ExportError, match="LoRA"):
+        bake(pipe, style="ink")
+    pipe.unload_lora_weights()
+    bake(pipe, style="ink")
