@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) jobs/demo.py
+	$(PY) jobs/demo.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
