@@ -24,7 +24,6 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -139,18 +138,9 @@ def bake(pipe, style=None, style_weights=None):
 # ---- provenance -------------------------------------------------------------------------------
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """sha256 over a file's (or folder's weight files') size and first/last 16 MiB, like teacher_checksum."""
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*.safetensors") if p.is_file()) if root.is_dir() else [root]
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(chunk))
-            if size > 2 * chunk:
-                handle.seek(-chunk, os.SEEK_END)
-                digest.update(handle.read(chunk))
-    return digest.hexdigest()[:16]
+    from dmm_ray.teachers import files_checksum
+
+    return files_checksum([path], chunk=chunk, pattern="*.safetensors")
 
 
 def merge_record(model_dir: str | os.PathLike | None) -> dict:

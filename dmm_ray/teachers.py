@@ -253,13 +253,13 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
                 )
 
 
-def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24) -> str:
+def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*") -> str:
     """sha256 over every file's relative name, size and its first and last `chunk` bytes (folders:
-    every file below). Cheap on multi-GB checkpoints, changes when weights change."""
+    every file below matching `pattern`). Cheap on multi-GB checkpoints, changes when weights change."""
     digest = hashlib.sha256(salt.encode())
     for root in roots:
         root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = sorted(p for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else [root]
         for file in files:
             size = file.stat().st_size
             digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
