@@ -166,7 +166,8 @@ class StyleUNet(UNet2DConditionModel):
             with torch.no_grad():
                 student.class_embedding.mlp.linear_2.weight.zero_()
                 student.class_embedding.mlp.linear_2.bias.zero_()
-        return student.to(device=device, dtype=dtype)
+        # dtype only when it differs: diffusers warns on every dtype cast of a model with _keep_in_fp32_modules
+        return student.to(device=device) if dtype == student.dtype else student.to(device=device, dtype=dtype)
 
     @property
     def style_names(self) -> list[str]:
