@@ -70,6 +70,23 @@ def test_resume_continues_at_the_right_step(ray_cluster, world, tmp_path):
     assert state_3["opt_student"]["state"][0]["step"].item() == 3  # optimizer state carried over, not restarted
 
 
+def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, tmp_path):
+    """20 steps with a checkpoint every step: no dmm-ckpt-* temp folder stays behind, and storage keeps
+    only CheckpointConfig.num_to_keep checkpoints."""
+    import tempfile
+
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer
+
+    before = set(Path(tempfile.gettempdir()).glob("dmm-ckpt-*"))
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": 20, "checkpoint_every": 1, "lambda_adv": 0}))
+    result = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
+    assert result.metrics["step"] == 20
+    assert set(Path(tempfile.gettempdir()).glob("dmm-ckpt-*")) - before == set()
+    kept = list((tmp_path / "out" / "ray_results" / f"{cfg.name}-distill").glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2, kept
+
+
 def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer

@@ -329,6 +329,8 @@ def train_loop_per_worker(config: dict) -> None:
                                     extra={"lr_scheduler": lr_scheduler.state_dict()})
                 if final:
                     ema.restore(student.parameters())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
+            # the temp folder is removed once Ray Train has persisted it (storage keeps num_to_keep)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+                             delete_local_checkpoint_after_upload=True if folder else None)
     if progress is not None:
         progress.close()
