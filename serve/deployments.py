@@ -86,7 +86,7 @@ class StyleModel:
     async def generate_batch(self, samples: list[Sample]) -> list:
         """An image or an exception per sample: one bad sample never fails the others' requests."""
         self.batch_sizes[len(samples)] += 1
-        if len({s.weights for s in samples}) > 1:
+        if len({repr(s.weights) for s in samples}) > 1:
             self.mixed_style_batches += 1
         out: list = [None] * len(samples)
         good = []
@@ -94,9 +94,9 @@ class StyleModel:
             try:
                 check_sample(s, len(self.backend.style_names))
                 good.append(i)
-            except RequestError as exc:
+            except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
                 self.sample_failures["client"] += 1
-                out[i] = exc
+                out[i] = exc if isinstance(exc, RequestError) else RequestError(422, f"malformed sample: {type(exc).__name__}")
         # The forward runs off the event loop so the replica keeps queueing the next batch.
         t0 = time.perf_counter()
         try:
@@ -116,7 +116,7 @@ class StyleModel:
             return (await asyncio.to_thread(self.backend.generate, [sample]))[0]
         except Exception as exc:
             self.sample_failures["server"] += 1
-            logger.error("sample failed alone (prompt %r): %s", sample.prompt[:80], exc, exc_info=True)
+            logger.error("sample failed alone (prompt %s): %s", repr(sample.prompt)[:80], exc, exc_info=True)
             return SampleFailed("the model failed to generate this image")
 
 

@@ -190,7 +190,7 @@ def test_api_key_guards_generate_only(backend):
 def test_playground_page_has_prompt_sliders_button(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    for part in ('id="prompt"', 'type="range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
+    for part in ('id="prompt"', 'slider.type = "range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
         assert part in r.text
 
 

@@ -320,6 +320,7 @@ def test_serve_config_sets_serve_overload_limits():
 # ---- on the shared Ray cluster: the real app --------------------------------------------------
 
 
+@pytest.mark.slow  # ~70 s on 2 busy cores (the app's deploy dominates); in-process twin above
 @pytest.mark.ray
 def test_serve_batch_with_poisoned_samples_keeps_the_others(ray_cluster, backend):
     """Through Serve: valid requests, overflowing-weight requests and (straight to the model handle)
@@ -357,6 +358,7 @@ def test_serve_batch_with_poisoned_samples_keeps_the_others(ray_cluster, backend
     assert info["sample_failures"] == {"client": 1, "server": 1}, info
 
 
+@pytest.mark.slow  # ~85 s on 2 busy cores; in-process twins: test_full_model_queue_is_503..., test_healthz_answers...
 @pytest.mark.ray
 def test_serve_overload_sheds_503_with_retry_after_and_healthz_stays_fast(ray_cluster):
     """A model that holds 2 images and queues 2 more, hit by 24 concurrent requests: the excess gets
