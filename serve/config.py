@@ -61,10 +61,30 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, description="model replicas (a Serve config's autoscaling_config overrides)")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most samples (images) in one forward")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: how long to wait to fill a batch")
-    max_ongoing_requests: int = Field(32, ge=1, description="queued samples per model replica before backpressure")
-    router_max_ongoing_requests: int = Field(
-        256, ge=1, description="concurrent HTTP requests per router replica (each waits on the model's batches)"
+    # --- overload and failure limits (README "Serving limits"; serve/config.yaml) ---
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="images in flight per model replica (batches running + waiting in @serve.batch)"
     )
+    max_queued_requests: int = Field(
+        64, ge=1, description="images each router replica queues for the model when every replica is full; "
+        "beyond it /generate answers 503 + Retry-After at once (Serve's BackPressureError)"
+    )
+    router_max_ongoing_requests: int = Field(
+        256, ge=1, description="concurrent HTTP requests per router replica; keep it above max_ongoing_requests x "
+        "model replicas + max_queued_requests so /healthz never queues behind generation"
+    )
+    router_max_queued_requests: int = Field(
+        128, ge=1, description="requests the HTTP proxy queues for the router; beyond it Serve answers 503 + Retry-After"
+    )
+    retry_after_s: float = Field(2.0, gt=0, description="Retry-After (seconds) on every 503 the server sheds")
+    max_retries: int = Field(
+        1, ge=0, description="times one image is retried on another model replica after its replica died; a request "
+        "that crashes replicas takes down at most 1 + max_retries of them, then gets a 500"
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="largest POST body in bytes (413 above it), checked before the body is parsed"
+    )
+    readyz_timeout_s: float = Field(2.0, gt=0, description="GET /readyz: how long the model may take to answer")
     default_steps: int = Field(25, ge=1, description="num_inference_steps when a request names none (paper: 25)")
     default_guidance: float = Field(7.0, ge=0, description="CFG scale when a request names none (paper: 7)")
     default_size: Optional[int] = Field(
@@ -105,6 +125,13 @@ class ServeConfig(BaseModel):
                 path = path.resolve() if path.exists() else (REPO_ROOT / path).resolve()
             out[name] = str(path)
         return out
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_empty(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("api_key is empty: set a non-empty key, or leave api_key / DMM_API_KEY unset for no key")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -157,7 +184,7 @@ class ServeConfig(BaseModel):
             data.update(yaml.safe_load(cfg_path.read_text()) or {})
         if env.get("DMM_MODEL"):
             data["model"] = env["DMM_MODEL"]
-        if env.get("DMM_API_KEY"):
+        if "DMM_API_KEY" in env:  # set but empty is a config error (the validator says so), never "no key"
             data["api_key"] = env["DMM_API_KEY"]
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.model_validate(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter, defaultdict, deque
@@ -17,17 +18,34 @@ from typing import Sequence
 import numpy as np
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve.config import ServeConfig
 from serve.model import StyleModelBackend
-from serve.router import ModelInfo, create_api
-from serve.schemas import Sample, StyleInfo
+from serve.router import ModelInfo, Overloaded, SampleFailed, create_api
+from serve.schemas import RequestError, Sample, StyleInfo
 
 logger = logging.getLogger("ray.serve")
 
-# Replica-death errors the router retries on another replica (a killed or crashed replica
-# must not turn the requests it held into 5xx while a healthy replica exists).
+# Replica-death errors the router retries on another replica, at most `max_retries` times per
+# image: a killed replica must not turn the requests it held into 5xx while a healthy replica
+# exists, but a request that itself crashes replicas must not take down one replica after another.
 RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def check_sample(sample: Sample, num_styles: int) -> None:
+    """The model's own guard (the router checks the same first): weights that would poison a batch
+    are this sample's client error (422), never the batch's."""
+    mixtures = [("weights", sample.weights)]
+    if sample.background is not None:
+        mixtures.append(("background weights", sample.background))
+    mixtures += [(f"regions[{i}] weights", r[1]) for i, r in enumerate(sample.regions)]
+    for name, w in mixtures:
+        if len(w) != num_styles:
+            raise RequestError(422, f"{name} has {len(w)} entries; the model has {num_styles} styles")
+        if not all(math.isfinite(x) and x >= 0 for x in w) or not math.isclose(sum(w), 1.0, abs_tol=1e-6):
+            raise RequestError(422, f"{name} must be finite, >= 0 and sum to 1 (got {list(w)!r})")
 
 
 @serve.deployment(name="StyleModel")
@@ -36,10 +54,11 @@ class StyleModel:
                  lora_adapters: dict | None = None):
         self.backend = StyleModelBackend(model, device, lora_adapters=lora_adapters)
         self.lora_split_batches = 0  # @serve.batch batches that held more than one LoRA set (run as separate forwards)
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: Counter = Counter()
         self.mixed_style_batches = 0
+        self.sample_failures: Counter = Counter()  # "client" (4xx) / "server" (500) per failed sample
         self.forward_s: dict[int, deque] = defaultdict(lambda: deque(maxlen=1000))  # batch size -> seconds
 
     def info(self) -> dict:
@@ -53,24 +72,58 @@ class StyleModel:
             "mixed_style_batches": self.mixed_style_batches,
             "lora": list(self.backend.lora_names),
             "lora_split_batches": self.lora_split_batches,
+            "sample_failures": dict(self.sample_failures),
             "forward_s": {k: list(v) for k, v in self.forward_s.items()},
             "load_seconds": self.backend.load_seconds,
             "rss_bytes": rss_bytes(),
             "param_bytes": self.backend.param_bytes(),
         }
 
+    async def generate(self, sample: Sample) -> np.ndarray:
+        """One image. Joins a shared batch; a failure of this sample raises here, for this request only."""
+        result = await self.generate_batch(sample)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate(self, samples: list[Sample]) -> list[np.ndarray]:
+    async def generate_batch(self, samples: list[Sample]) -> list:
+        """An image or an exception per sample: one bad sample never fails the others' requests."""
         self.batch_sizes[len(samples)] += 1
-        if len({s.weights for s in samples}) > 1:
+        if len({repr(s.weights) for s in samples}) > 1:
             self.mixed_style_batches += 1
         if len({s.lora for s in samples}) > 1:
             self.lora_split_batches += 1
+        out: list = [None] * len(samples)
+        good = []
+        for i, s in enumerate(samples):
+            try:
+                check_sample(s, len(self.backend.style_names))
+                good.append(i)
+            except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
+                self.sample_failures["client"] += 1
+                out[i] = exc if isinstance(exc, RequestError) else RequestError(422, f"malformed sample: {type(exc).__name__}")
         # The forward runs off the event loop so the replica keeps queueing the next batch.
         t0 = time.perf_counter()
-        images = await asyncio.to_thread(self.backend.generate, samples)
-        self.forward_s[len(samples)].append(time.perf_counter() - t0)
-        return images
+        try:
+            images = await asyncio.to_thread(self.backend.generate, [samples[i] for i in good]) if good else []
+            self.forward_s[len(good)].append(time.perf_counter() - t0)
+            pairs = list(zip(good, images))
+        except Exception:
+            # Something in the batch broke the forward: run each sample alone so only the culprit fails.
+            logger.warning("batch of %d failed; retrying its samples one by one", len(good), exc_info=True)
+            pairs = [(i, await self._alone(samples[i])) for i in good]
+        for i, image in pairs:
+            out[i] = image
+        return out
+
+    async def _alone(self, sample: Sample):
+        try:
+            return (await asyncio.to_thread(self.backend.generate, [sample]))[0]
+        except Exception as exc:
+            self.sample_failures["server"] += 1
+            logger.error("sample failed alone (prompt %s): %s", repr(sample.prompt)[:80], exc, exc_info=True)
+            return SampleFailed("the model failed to generate this image")
 
 
 def rss_bytes() -> int:
@@ -81,11 +134,13 @@ def rss_bytes() -> int:
 
 
 class HandleService:
-    """GenerationService over a DeploymentHandle to StyleModel: one call per image, retried on replica death."""
+    """GenerationService over a DeploymentHandle to StyleModel: one call per image, retried on replica
+    death at most `retries` times; a full model queue (Serve's max_queued_requests) is `Overloaded` (503)."""
 
-    def __init__(self, model_handle, retries: int = 3):
+    def __init__(self, model_handle, retries: int = 1, retry_after_s: float = 2.0):
         self.model = model_handle
         self.retries = retries
+        self.retry_after_s = retry_after_s
         self._info: ModelInfo | None = None
 
     async def info(self, refresh: bool = False) -> ModelInfo:
@@ -98,16 +153,29 @@ class HandleService:
         for attempt in range(self.retries + 1):
             try:
                 return await self.model.generate.remote(sample)
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
             except RETRYABLE as exc:
                 if attempt == self.retries:
-                    raise
+                    logger.error("model replica lost %d time(s) on one sample; failing its request: %s", attempt + 1, exc)
+                    raise SampleFailed("the model replica failed while generating this image") from exc
                 logger.warning("model replica lost (%s); retrying sample on another replica", type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
+            except RequestError as exc:  # the replica's own check: this sample's client error
+                raise RequestError(exc.status, exc.message) from None
+            except SampleFailed as exc:
+                raise SampleFailed(exc.message) from None
         raise AssertionError("unreachable")
 
     async def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
-        # Fan out per image so the model's @serve.batch can mix them with other requests' images.
-        return list(await asyncio.gather(*(self._one(s) for s in samples)))
+        # Fan out per image so the model's @serve.batch can mix them with other requests' images;
+        # the first failure cancels the request's other images (no work for an answer nobody reads).
+        tasks = [asyncio.ensure_future(self._one(s)) for s in samples]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
 @serve.deployment(name="StyleRouter", ray_actor_options={"num_cpus": 0.25})
@@ -115,7 +183,7 @@ class HandleService:
 class StyleRouter:
     def __init__(self, model_handle, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.service = HandleService(model_handle)
+        self.service = HandleService(model_handle, retries=self.cfg.max_retries, retry_after_s=self.cfg.retry_after_s)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.cfg)
@@ -123,9 +191,15 @@ class StyleRouter:
 
 def build_deployments(cfg: ServeConfig):
     """ServeConfig -> the bound application (router -> model). Binding only: no model is loaded here."""
+    # Overload: each router replica queues at most `max_queued_requests` images for the model
+    # (then BackPressureError -> 503 + Retry-After from the router); the HTTP proxy queues at most
+    # `router_max_queued_requests` requests for the router (then Serve's own 503 + Retry-After).
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)
     model_options = dict(
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.replica_num_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=backpressure,
     )
     if cfg.num_replicas != 1:
         # Left unset at 1 so a Serve config file may give autoscaling_config instead.
@@ -133,5 +207,9 @@ def build_deployments(cfg: ServeConfig):
     model = StyleModel.options(**model_options).bind(
         cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations()
     )
-    router = StyleRouter.options(max_ongoing_requests=cfg.router_max_ongoing_requests)
+    router = StyleRouter.options(
+        max_ongoing_requests=cfg.router_max_ongoing_requests,
+        max_queued_requests=cfg.router_max_queued_requests,
+        backpressure_config=backpressure,
+    )
     return router.bind(model, cfg.model_dump())

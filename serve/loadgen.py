@@ -74,12 +74,22 @@ def malformed_call(kind: str, rng: random.Random, base: dict) -> Call:
     return Call("/generate", body=body, valid=False, kind=kind)
 
 
+def poisoned_call(styles: list[str], base: dict) -> Call:
+    """Weights that each are finite but sum to infinity: once a 500 for a whole shared batch, now a 422."""
+    body = {k: v for k, v in base.items() if k != "style"}
+    body["weights"] = [1e308, 1e308] + [0.0] * (len(styles) - 2)
+    return Call("/generate", body=body, valid=False, kind="poisoned")
+
+
 def style_stream(
-    styles: list[str], n: int, seed: int = 0, malformed_fraction: float = 0.0, steps: int = 2, size: int = 32
+    styles: list[str], n: int, seed: int = 0, malformed_fraction: float = 0.0, steps: int = 2, size: int = 32,
+    poisoned_fraction: float = 0.0,
 ) -> list[Call]:
-    """`n` generate calls, each with a uniformly random style; every 1/fraction-th one malformed."""
+    """`n` generate calls, each with a uniformly random style; every 1/fraction-th one malformed, and
+    (at other positions) every 1/poisoned_fraction-th one poisoned (overflowing weights)."""
     rng = random.Random(seed)
     every = int(round(1 / malformed_fraction)) if malformed_fraction > 0 else 0
+    every_p = int(round(1 / poisoned_fraction)) if poisoned_fraction > 0 else 0
     calls = []
     for i in range(n):
         style = rng.choice(styles)
@@ -87,6 +97,8 @@ def style_stream(
                 "steps": steps, "width": size, "height": size}
         if every and i % every == every - 1:
             calls.append(malformed_call(MALFORMED_KINDS[(i // every) % len(MALFORMED_KINDS)], rng, body))
+        elif every_p and i % every_p == every_p // 2:
+            calls.append(poisoned_call(styles, body))
         else:
             calls.append(Call("/generate", body=body, style=style))
     return calls
@@ -101,6 +113,7 @@ class Result:
     started_s: float
     content_type: str = ""
     error: str = ""
+    retry_after: Optional[str] = None
 
 
 async def run_calls(
@@ -137,7 +150,8 @@ async def run_calls(
                     r = await client.post(call.path, content=call.raw, headers={"Content-Type": "application/json", **call.headers})
                 else:
                     r = await client.post(call.path, json=call.body, headers=call.headers)
-                res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""))
+                res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
+                             retry_after=r.headers.get("retry-after"))
                 if r.status_code >= 400:
                     res.error = r.text[:300]
             except httpx.HTTPError as exc:
@@ -150,6 +164,34 @@ async def run_calls(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return results  # type: ignore[return-value]
+
+
+async def run_open_loop(base_url: str, calls: list[Call], rate_rps: float, timeout_s: float = 120.0) -> list[Result]:
+    """Open loop: start call k at k / rate_rps seconds whatever the answers (a closed loop would slow
+    down with the server and never overload it); each call once, bounded by `len(calls)`."""
+    import httpx
+
+    check_loopback(base_url)
+    results: list[Optional[Result]] = [None] * len(calls)
+    t0 = time.perf_counter()
+
+    async def one(client, i, call):
+        await asyncio.sleep(max(0.0, t0 + i / rate_rps - time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            r = await client.post(call.path, json=call.body, headers=call.headers)
+            res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
+                         retry_after=r.headers.get("retry-after"))
+            if r.status_code >= 400:
+                res.error = r.text[:300]
+        except httpx.HTTPError as exc:
+            res = Result(i, call, 0, time.perf_counter() - start, start - t0, error=repr(exc))
+        results[i] = res
+
+    limits = httpx.Limits(max_connections=len(calls), max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+        await asyncio.gather(*(one(client, i, c) for i, c in enumerate(calls)))
     return results  # type: ignore[return-value]
 
 

@@ -1,4 +1,4 @@
-"""The style router: the FastAPI app in front of the model (GET /, /styles, /healthz; POST /generate).
+"""The style router: the FastAPI app in front of the model (GET /, /styles, /healthz, /readyz; POST /generate).
 
 `create_api(service, cfg)` builds the app around any `GenerationService` - the Ray Serve
 ingress (serve/deployments.py) passes one that calls the batched model deployment; tests can
@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -39,6 +40,87 @@ from serve.schemas import (
 
 logger = logging.getLogger(__name__)
 PLAYGROUND_HTML = Path(__file__).with_name("playground.html")
+
+
+class Overloaded(RequestError):
+    """The model's queue is full: 503 with `Retry-After` (the client may retry; nothing was wrong with it)."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0):
+        super().__init__(503, message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class SampleFailed(Exception):
+    """The model failed on one image (not the client's fault): a 500 for that image's request alone.
+    The message is generic; the cause is logged on the replica / router, never sent to the client."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+
+def _json_error(status: int, message: str, headers: Optional[dict] = None) -> list[dict]:
+    body = json.dumps({"error": message}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    return [{"type": "http.response.start", "status": status, "headers": head}, {"type": "http.response.body", "body": body}]
+
+
+class GuardMiddleware:
+    """Runs before FastAPI reads a body: on every POST, the API key (401/403) first, then the body size
+    (413 above `max_body_bytes`, from Content-Length or counted while reading, never buffered past it)."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+
+        async def reply(status, message):
+            for m in _json_error(status, message):
+                await send(m)
+
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.cfg.api_key is not None:
+            key = headers.get("x-api-key")
+            if key is None:
+                return await reply(401, "missing API key: send header `X-API-Key: <key>`")
+            if not hmac.compare_digest(key, self.cfg.api_key.encode()):
+                return await reply(403, "wrong API key (header X-API-Key)")
+        limit = self.cfg.max_body_bytes
+        too_big = f"request body larger than {limit} bytes; a /generate request is a small JSON object"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await reply(413 if length.isdigit() else 400, too_big if length.isdigit() else "bad Content-Length")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await reply(413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 @dataclass
@@ -142,7 +224,18 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
 
     @api.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @api.exception_handler(SampleFailed)
+    async def _sample_failed(_: Request, exc: SampleFailed):
+        return JSONResponse({"error": exc.message}, status_code=500)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # logged in full; the client gets no internals
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error"}, status_code=500)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -155,11 +248,20 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz():
+        """Liveness of this router: answers at once, never waits on the model (or behind generation)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz():
+        """Readiness: the model deployment answers within `readyz_timeout_s` (a cache does not count).
+        Says nothing about why not (that is logged): no exception text or paths to unauthenticated clients."""
         try:
-            info = await asyncio.wait_for(service.info(refresh=True), timeout=10)  # reach the model, not a cache
-        except Exception as exc:  # model deployment unreachable: not healthy, but say why
-            return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}, status_code=503)
-        return {"status": "ok", "model": cfg.model, "num_styles": len(info.styles)}
+            info = await asyncio.wait_for(service.info(refresh=True), timeout=cfg.readyz_timeout_s)
+        except Exception as exc:
+            logger.warning("readyz: model not ready: %s: %s", type(exc).__name__, exc)
+            headers = {"Retry-After": str(max(1, math.ceil(cfg.retry_after_s)))}
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers=headers)
+        return {"status": "ready", "num_styles": len(info.styles)}
 
     @api.get("/styles", response_model=StylesResponse)
     async def styles():
@@ -196,11 +298,10 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         responses={200: {"content": {"image/png": {}}, "description": "PNG when the request makes one image"}},
     )
     async def generate(req: GenerateRequest, x_api_key: Optional[str] = Header(None)):
-        if cfg.api_key is not None:
-            if x_api_key is None:
-                raise RequestError(401, "missing API key: send header `X-API-Key: <key>`")
-            if not hmac.compare_digest(x_api_key.encode(), cfg.api_key.encode()):
-                raise RequestError(403, "wrong API key (header X-API-Key)")
+        # The API key (and the body size) were checked by GuardMiddleware before the body was read;
+        # checked again here so the route is safe even if mounted without the middleware.
+        if cfg.api_key is not None and not hmac.compare_digest((x_api_key or "").encode(), cfg.api_key.encode()):
+            raise RequestError(401 if x_api_key is None else 403, "missing or wrong API key (header X-API-Key)")
         info = await model_info()
         resolved = resolve_request(req, info.style_names, cfg, info.native_size, info.lora_names)
         images = await service.generate(resolved.samples)
@@ -228,4 +329,5 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             lora=resolved.lora,
         )
 
+    api.add_middleware(GuardMiddleware, cfg=cfg)
     return api

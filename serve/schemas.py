@@ -7,6 +7,7 @@ depend on the served model (known styles) or on ServeConfig limits live in
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence, Union
@@ -30,6 +31,9 @@ class RequestError(Exception):
         self.status = status
         self.message = message
 
+    def __reduce__(self):  # crosses process boundaries (a model replica's per-sample error) intact
+        return (type(self), (self.status, self.message))
+
 
 class StyleInfo(BaseModel):
     index: int
@@ -50,7 +54,7 @@ class StylesResponse(BaseModel):
 class RegionRequest(BaseModel):
     """One styled part of the image: a box in fractions of the canvas, its style, optionally its prompt."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `style: true` is a 422, never 1
 
     box: list[float] = Field(..., min_length=4, max_length=4, description="[x0, y0, x1, y1] as fractions of width/height, 0 <= x0 < x1 <= 1")
     style: Optional[Union[int, str]] = Field(None, description="style name or index of this region")
@@ -61,7 +65,7 @@ class RegionRequest(BaseModel):
 class GenerateRequest(BaseModel):
     """POST /generate body. Give `style` (name or index) OR `weights` (a mixture), not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `style: true` is a 422, never 1
 
     prompt: Union[str, list[str]] = Field(..., description="one prompt, or a list (one image set per prompt)")
     style: Optional[Union[int, str]] = Field(None, description="style name or index; default: style 0")
@@ -213,12 +217,17 @@ def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
     negative = {style_names[i]: w for i, w in enumerate(vec) if w < 0}
     if negative:
         raise RequestError(422, f"weights must be >= 0; negative: {negative}; known styles: {known}")
-    if any(w != w or w == float("inf") for w in vec):
+    if not all(math.isfinite(w) for w in vec):
         raise RequestError(422, "weights must be finite numbers")
     total = sum(vec)
+    if not math.isfinite(total):  # e.g. [1e308, 1e308, 0]: each finite, the sum is not
+        raise RequestError(422, f"weights sum to {total}; use smaller numbers (they are normalised to sum 1)")
     if total <= 0:
         raise RequestError(422, f"weights are all zero; give a positive weight to at least one of: {known}")
-    return [w / total for w in vec]
+    out = [w / total for w in vec]
+    if not math.isclose(math.fsum(out), 1.0, abs_tol=1e-6):  # e.g. subnormal weights
+        raise RequestError(422, f"weights {vec} cannot be normalised to sum 1; use numbers between 1e-6 and 1e6")
+    return out
 
 
 def resolve_request(

@@ -99,7 +99,7 @@ def serve_on_cluster(name: str = "dmm-test", **overrides):
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}/{name}"
     try:
-        wait_http(url + "/healthz", timeout=90)
+        wait_http(url + "/readyz", timeout=90)
         yield url
     finally:
         serve.delete(name)

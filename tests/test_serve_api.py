@@ -56,9 +56,11 @@ def test_styles_lists_names_indices_descriptions(client):
 
 def test_healthz_and_openapi_docs(client):
     r = client.get("/healthz")
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["num_styles"] == 3
+    assert r.status_code == 200 and r.json() == {"status": "ok"}  # liveness: nothing else, no model path
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready", "num_styles": 3}
     schema = client.get("/openapi.json").json()
-    assert {"/generate", "/styles", "/healthz"} <= set(schema["paths"])
+    assert {"/generate", "/styles", "/healthz", "/readyz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
 
 
@@ -188,7 +190,7 @@ def test_api_key_guards_generate_only(backend):
 def test_playground_page_has_prompt_sliders_button(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    for part in ('id="prompt"', 'type="range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
+    for part in ('id="prompt"', 'slider.type = "range"', 'id="generate"', 'id="image"', 'fetch(BASE + "styles")'):
         assert part in r.text
 
 
@@ -257,9 +259,10 @@ def test_registry_uri_without_tracking_module_is_clear(monkeypatch):
         StyleModelBackend("models:/dmm-merged/2")
 
 
-def test_healthz_reaches_the_model_not_the_styles_cache():
-    """Once the style list is cached, /styles keeps answering from it, but /healthz must say 503
-    when the model deployment no longer answers."""
+def test_readyz_reaches_the_model_not_the_styles_cache_and_leaks_nothing(caplog):
+    """Once the style list is cached, /styles keeps answering from it, but /readyz must say 503 when the
+    model deployment no longer answers - without the exception text or paths (those go to the log),
+    while /healthz (liveness) stays 200."""
     from serve.deployments import HandleService
 
     class Method:
@@ -270,13 +273,18 @@ def test_healthz_reaches_the_model_not_the_styles_cache():
 
     async def info():
         if not state["alive"]:
-            raise RuntimeError("no replica")
+            raise RuntimeError("no replica at /secret/models/merged")
         return {"styles": [{"name": "a", "index": 0, "description": ""}], "native_size": [32, 32]}
 
     handle = types.SimpleNamespace(info=Method(info), generate=Method(None))
-    with TestClient(create_api(HandleService(handle), ServeConfig(model="m"))) as c:
-        assert c.get("/healthz").status_code == 200 and c.get("/styles").status_code == 200
+    with TestClient(create_api(HandleService(handle), ServeConfig(model="/secret/models/merged"))) as c:
+        assert c.get("/readyz").status_code == 200 and c.get("/styles").status_code == 200
         state["alive"] = False
         assert c.get("/styles").status_code == 200  # cached
-        r = c.get("/healthz")
-        assert r.status_code == 503 and "no replica" in r.json()["error"]
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "unavailable"} and r.headers["retry-after"] == "2"
+        h = c.get("/healthz")
+        assert h.status_code == 200 and h.json() == {"status": "ok"}
+        for text in (r.text, h.text):
+            assert "secret" not in text and "RuntimeError" not in text and "no replica" not in text
+    assert "no replica" in caplog.text  # logged for the operator instead

@@ -139,3 +139,71 @@ def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
             page.screenshot(path=str(tmp_path / "playground_bands.png"))
         finally:
             browser.close()
+
+
+EVIL_NAME = "<img src=x onerror=alert(1)>"
+EVIL_DESCRIPTION = '"><script>alert(2)</script><b>bold</b>'
+
+
+@pytest.fixture
+def evil_playground_url():
+    """The router over the tiny model, but the model's styles are named like an attack: the page must
+    show the names as text and run nothing (the style list comes from a model folder, not the operator)."""
+    import threading
+
+    import uvicorn
+
+    from serve.config import ServeConfig
+    from serve.model import StyleModelBackend
+    from serve.router import LocalService, ModelInfo, create_api
+    from serve.schemas import StyleInfo
+
+    cfg = ServeConfig(model=str(tiny_model_dir()), default_steps=2)
+
+    class EvilNames(LocalService):
+        async def info(self, refresh=False):
+            info = await super().info(refresh)
+            styles = [StyleInfo(index=0, name=EVIL_NAME, description=EVIL_DESCRIPTION)] + info.styles[1:]
+            return ModelInfo(styles, info.native_size)
+
+    api = create_api(EvilNames(StyleModelBackend(cfg.model, device="cpu")), cfg)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", timeout=30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.browser
+def test_playground_shows_html_in_style_names_as_text(evil_playground_url):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
+    chromium = ensure_chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            dialogs = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(evil_playground_url + "/")
+            page.locator("input[type=range]").nth(2).wait_for()
+            styles = page.locator("#styles")
+            assert styles.locator("img").count() == 0 and styles.locator("script").count() == 0
+            assert styles.locator("b").count() == 0
+            text = styles.inner_text()
+            assert EVIL_NAME in text and "<script>alert(2)</script>" in text, text
+            assert page.eval_on_selector("#w0", "e => e.dataset.style") == EVIL_NAME
+            assert page.eval_on_selector("#w0", "e => e.getAttribute('aria-label')") == "weight of " + EVIL_NAME
+            assert page.eval_on_selector("#styles span", "e => e.title") == EVIL_DESCRIPTION
+            page.select_option("#bands", "2")  # the band selects and the preview show the name as text too
+            assert page.locator("#bandpreview img").count() == 0
+            assert page.locator("#bandpreview div").first.text_content() == EVIL_NAME
+            page.wait_for_timeout(500)
+            assert dialogs == [], dialogs
+        finally:
+            browser.close()

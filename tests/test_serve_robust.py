@@ -1,0 +1,383 @@
+"""One bad request must never hurt another (issue 15): finite weight sums, strict types, the API key and
+the body size checked before parsing, a batch where one sample's failure fails only its own request,
+liveness that never waits behind generation, overload shed as 503 + Retry-After, a bounded retry of
+replica deaths. In process (no Ray) except the two `ray` tests at the end, which run the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.config import ServeConfig
+from serve.model import StyleModelBackend
+from serve.router import LocalService, ModelInfo, SampleFailed, create_api
+from serve.schemas import RequestError, Sample, StyleInfo
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
+
+GOOD = {"prompt": "a red circle", "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return StyleModelBackend(str(tiny_model_dir()), device="cpu")
+
+
+def make_client(service, **cfg) -> TestClient:
+    config = ServeConfig(model=str(tiny_model_dir()), default_steps=TINY_STEPS, **cfg)
+    return TestClient(create_api(service, config), raise_server_exceptions=False)
+
+
+# ---- request validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"weights": [1e308, 1e308, 0]},
+        {"weights": {"watercolor": 1e308, "neon": 1e308}},
+        {"regions": [{"box": [0, 0, 1, 1], "weights": [1e308, 1e308, 0]}]},
+        {"regions": [{"box": [0, 0, 1, 1], "style": 0}], "weights": [1.5e308, 1.5e308, 1e308]},
+    ],
+    ids=["list", "dict", "region", "background"],
+)
+def test_weights_whose_sum_overflows_are_422_not_a_batch_failure(backend, body):
+    with make_client(LocalService(backend)) as c:
+        r = c.post("/generate", json=GOOD | body)
+        assert r.status_code == 422, r.text
+        assert "sum" in r.json()["error"] and "inf" in r.json()["error"]
+
+
+def test_tiny_weights_still_normalise(backend):
+    with make_client(LocalService(backend)) as c:
+        r = c.post("/generate", json=GOOD | {"weights": [1e-300, 3e-300, 0], "response_format": "json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["mixture"] == {"watercolor": 0.25, "neon": 0.75}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"style": True}, {"style": False}, {"weights": [True, False, False]}, {"weights": {"neon": True}},
+     {"steps": True}, {"seed": True}, {"num_images": True}, {"guidance": True},
+     {"regions": [{"box": [0, 0, 1, 1], "style": True}]}],
+    ids=lambda b: str(b)[:40],
+)
+def test_booleans_are_rejected_not_coerced(backend, body):
+    with make_client(LocalService(backend)) as c:
+        r = c.post("/generate", json=GOOD | body)
+        assert r.status_code == 422, r.text
+        assert "True" in r.json()["error"] or "False" in r.json()["error"]
+
+
+# ---- API key and body size, before the body is parsed -------------------------------------------
+
+
+class NoCallService:
+    """Fails the test if a rejected request reaches the model."""
+
+    async def info(self, refresh=False):
+        return ModelInfo([StyleInfo(index=i, name=n) for i, n in enumerate(STYLE_NAMES)], (TINY_SIZE, TINY_SIZE))
+
+    async def generate(self, samples):
+        raise AssertionError("a rejected request reached the model")
+
+
+def test_api_key_is_checked_before_the_body_is_parsed():
+    with make_client(NoCallService(), api_key="s3cret") as c:
+        for raw in (b"{not json", b"x" * 200_000):  # broken JSON and an oversized body: the key decides first
+            r = c.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401, (raw[:10], r.status_code, r.text)
+            r = c.post("/generate", content=raw, headers={"Content-Type": "application/json", "X-API-Key": "nope"})
+            assert r.status_code == 403, r.text
+        r = c.post("/generate", content=b"{not json", headers={"Content-Type": "application/json", "X-API-Key": "s3cret"})
+        assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+
+
+def test_body_over_the_limit_is_413_before_parsing():
+    with make_client(NoCallService()) as c:
+        big = b'{"prompt": "' + b"a" * 70_000 + b'"}'  # valid JSON, 64 KiB+ : 413, not a 422 about the prompt
+        r = c.post("/generate", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "65536 bytes" in r.json()["error"], r.text
+
+        def chunks():  # no Content-Length (chunked): counted while reading, stopped at the limit
+            for _ in range(100):
+                yield b"a" * 1024
+
+        r = c.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert c.get("/healthz").status_code == 200
+    with make_client(NoCallService(), max_body_bytes=2048) as c:
+        r = c.post("/generate", json={"prompt": "a" * 3000})
+        assert r.status_code == 413
+
+
+def test_empty_api_key_is_a_config_error():
+    from pydantic import ValidationError
+
+    for key in ("", "   "):
+        with pytest.raises(ValidationError, match="api_key is empty"):
+            ServeConfig(api_key=key)
+    with pytest.raises(ValidationError, match="api_key is empty"):
+        ServeConfig.from_env(environ={"DMM_API_KEY": ""})
+    assert ServeConfig.from_env(environ={}).api_key is None
+
+
+# ---- liveness, readiness, overload, retries: the router over a fake model handle ----------------
+
+
+class Method:
+    def __init__(self, fn):
+        self.calls = 0
+        self.fn = fn
+
+    def remote(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def fake_handle(generate, info=None):
+    async def default_info():
+        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
+                "native_size": [TINY_SIZE, TINY_SIZE]}
+
+    return types.SimpleNamespace(info=Method(info or default_info), generate=Method(generate))
+
+
+def test_healthz_answers_while_the_model_is_busy():
+    """The model's every slot is taken by a generation that takes 30 s: /healthz still answers at once
+    (it never calls the model), and /readyz says 503 within its timeout instead of hanging."""
+    from serve.deployments import HandleService
+
+    release = threading.Event()
+
+    async def slow_generate(sample):
+        while not release.is_set():
+            await asyncio.sleep(0.05)
+        return np.zeros((TINY_SIZE, TINY_SIZE, 3), np.uint8)
+
+    busy = {"on": False}
+
+    async def info():  # like a saturated replica: info queues behind generation
+        if busy["on"]:
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
+                "native_size": [TINY_SIZE, TINY_SIZE]}
+
+    handle = fake_handle(slow_generate, info)
+    with make_client(HandleService(handle), readyz_timeout_s=0.5) as c:
+        assert c.get("/readyz").status_code == 200  # caches the style list
+        busy["on"] = True
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(c.post, "/generate", json=GOOD)
+            while handle.generate.calls == 0:
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            r = c.get("/healthz")
+            assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
+            t0 = time.perf_counter()
+            r = c.get("/readyz")
+            assert r.status_code == 503 and time.perf_counter() - t0 < 2.0
+            release.set()
+            assert pending.result(timeout=30).status_code == 200
+
+
+def test_full_model_queue_is_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.deployments import HandleService
+
+    async def full(sample):
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    with make_client(HandleService(fake_handle(full), retry_after_s=3)) as c:
+        r = c.post("/generate", json=GOOD)
+        assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+        assert "capacity" in r.json()["error"]
+
+
+def test_a_request_that_crashes_replicas_is_retried_at_most_max_retries_times():
+    from ray.exceptions import ActorDiedError
+
+    from serve.deployments import HandleService
+
+    async def crash(sample):
+        raise ActorDiedError()
+
+    for retries in (0, 1):
+        handle = fake_handle(crash)
+        with make_client(HandleService(handle, retries=retries)) as c:
+            r = c.post("/generate", json=GOOD)
+        assert r.status_code == 500 and r.json() == {"error": "the model replica failed while generating this image"}
+        assert handle.generate.calls == 1 + retries  # not 4 replicas taken down by one request
+
+
+def test_replica_errors_map_to_the_right_status_without_internals():
+    from serve.deployments import HandleService
+
+    async def client_fault(sample):
+        raise RequestError(422, "weights must be finite, >= 0 and sum to 1")
+
+    async def server_fault(sample):
+        raise SampleFailed("the model failed to generate this image")
+
+    async def unexpected(sample):
+        raise KeyError("/secret/path/unet.safetensors")
+
+    with make_client(HandleService(fake_handle(client_fault))) as c:
+        r = c.post("/generate", json=GOOD)
+        assert r.status_code == 422 and "finite" in r.json()["error"]
+    with make_client(HandleService(fake_handle(server_fault))) as c:
+        r = c.post("/generate", json=GOOD)
+        assert r.status_code == 500 and r.json() == {"error": "the model failed to generate this image"}
+    with make_client(HandleService(fake_handle(unexpected))) as c:
+        r = c.post("/generate", json=GOOD)
+        assert r.status_code == 500 and "secret" not in r.text
+
+
+# ---- the batch: one sample's failure is its own ------------------------------------------------
+
+
+def sample(prompt, weights, seed) -> Sample:
+    return Sample(prompt, None, tuple(weights), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, seed)
+
+
+def test_a_poisoned_sample_fails_only_its_own_request_in_a_shared_batch(backend, monkeypatch):
+    """StyleModel's @serve.batch method outside Serve: one batch holds two good samples, one whose
+    weights overflow (client error: 422) and one that breaks the forward (server error: 500). The good
+    two get the images they get alone; the bad two fail with their own error."""
+    from ray import serve
+
+    from serve.deployments import StyleModel
+
+    # @serve.batch reads the replica's max_ongoing_requests (a warning check); outside Serve, give it one.
+    context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    cls = StyleModel.func_or_class
+    model = cls.__new__(cls)
+    cls.__init__(model, str(backend.path), "cpu", 8, 0.5)
+    real = model.backend.generate
+
+    def generate(samples):
+        if any(s.prompt == "poison" for s in samples):
+            raise RuntimeError("forward blew up")
+        return real(samples)
+
+    monkeypatch.setattr(model.backend, "generate", generate)
+    batch = [sample("a red circle", (1, 0, 0), 1), sample("overflow", (1e308, 1e308, 0), 2),
+             sample("poison", (0, 1, 0), 3), sample("a blue square", (0, 0, 1), 4)]
+
+    async def run():
+        return await asyncio.gather(*(model.generate(s) for s in batch), return_exceptions=True)
+
+    try:
+        out = asyncio.run(run())
+    finally:  # the batch queue lives on the class (bound to this test's loop): drop it, keep the class picklable
+        cls.generate_batch.set_max_batch_size.__self__._queue = None
+    assert model.batch_sizes == {4: 1}  # one shared batch
+    assert isinstance(out[0], np.ndarray) and isinstance(out[3], np.ndarray)
+    assert np.abs(out[0].astype(int) - real([batch[0]])[0].astype(int)).max() <= 1
+    assert np.abs(out[3].astype(int) - real([batch[3]])[0].astype(int)).max() <= 1
+    assert isinstance(out[1], RequestError) and out[1].status == 422
+    assert isinstance(out[2], SampleFailed) and "forward blew up" not in out[2].message
+    assert model.sample_failures == {"client": 1, "server": 1}
+
+
+# ---- config: Serve's own overload settings ------------------------------------------------------
+
+
+def test_serve_config_sets_serve_overload_limits():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` validates
+    assert config["http_options"]["request_timeout_s"] > 0
+    args = config["applications"][0]["args"]
+    cfg = ServeConfig.model_validate(args)
+    assert cfg.max_body_bytes == 65536 and cfg.max_retries == 1
+    max_model_replicas = config["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"]
+    # /healthz never queues behind generation: the router has room beyond every image it can hold
+    assert cfg.router_max_ongoing_requests > cfg.max_ongoing_requests * max_model_replicas + cfg.max_queued_requests
+    router = build_app(args | {"model": "/tmp/m"})._bound_deployment
+    model = router.init_args[0]._bound_deployment
+    assert (model.max_ongoing_requests, model.max_queued_requests) == (32, 64)
+    assert (router.max_ongoing_requests, router.max_queued_requests) == (256, 128)
+    for d in (router, model):
+        assert d.backpressure_config.status_code == 503 and d.backpressure_config.retry_after_s == 2
+
+
+# ---- on the shared Ray cluster: the real app --------------------------------------------------
+
+
+@pytest.mark.slow  # ~70 s on 2 busy cores (the app's deploy dominates); in-process twin above
+@pytest.mark.ray
+def test_serve_batch_with_poisoned_samples_keeps_the_others(ray_cluster, backend):
+    """Through Serve: valid requests, overflowing-weight requests and (straight to the model handle)
+    samples that poison the batch, all at once. Valid ones: 200 and the image one-by-one gives;
+    the overflow requests: 422; the poisoned samples: their own error, nobody else's."""
+    import httpx
+    from ray import serve
+
+    name = "dmm-test-robust"
+    good = [sample("a red circle", (1, 0, 0), 11), sample("a blue square", (0, 1, 0), 12), sample("a star", (0, 0, 1), 13)]
+    with serve_on_cluster(name, batch_wait_timeout_s=0.5, max_batch_size=8) as url:
+        model = serve.get_deployment_handle("StyleModel", app_name=name)
+        # Straight to the model: weights that overflow, and a prompt that breaks the tokenizer.
+        poisoned = [sample("overflow", (1e308, 1e308, 0), 1), Sample(None, None, (1, 0, 0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 2)]
+        direct = [model.generate.remote(s) for s in poisoned + good]
+        bodies = [{"prompt": s.prompt, "weights": list(s.weights), "seed": s.seed, "steps": TINY_STEPS,
+                   "width": TINY_SIZE, "height": TINY_SIZE} for s in good]
+        bodies += [dict(bodies[0], weights=[1e308, 1e308, 0])] * 2
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: httpx.post(url + "/generate", json=b, timeout=120), bodies))
+        results = []
+        for d in direct:
+            try:
+                results.append(d.result(timeout_s=120))
+            except Exception as exc:  # noqa: BLE001 - the per-sample error is what is tested
+                results.append(exc)
+        info = model.info.remote().result()
+    assert [r.status_code for r in responses] == [200, 200, 200, 422, 422], [r.text[:200] for r in responses]
+    assert isinstance(results[0], RequestError) and results[0].status == 422, results[0]
+    assert isinstance(results[1], SampleFailed), results[1]
+    for s, img in zip(good, results[2:]):
+        assert isinstance(img, np.ndarray), img
+        assert np.abs(img.astype(int) - backend.generate([s])[0].astype(int)).max() <= 1
+    assert max(int(k) for k in info["batch_sizes"]) >= 3, info  # the poisoned samples shared a batch with good ones
+    assert info["sample_failures"] == {"client": 1, "server": 1}, info
+
+
+@pytest.mark.slow  # ~85 s on 2 busy cores; in-process twins: test_full_model_queue_is_503..., test_healthz_answers...
+@pytest.mark.ray
+def test_serve_overload_sheds_503_with_retry_after_and_healthz_stays_fast(ray_cluster):
+    """A model that holds 2 images and queues 2 more, hit by 24 concurrent requests: the excess gets
+    503 + Retry-After at once (never a 500, never an unbounded queue); /healthz answers meanwhile."""
+    import httpx
+
+    name = "dmm-test-overload"
+    body = {"prompt": "a red circle", "steps": 20, "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1}
+    with serve_on_cluster(name, max_ongoing_requests=2, max_queued_requests=2, max_batch_size=1, retry_after_s=3) as url:
+        with ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(httpx.post, url + "/generate", json=body, timeout=120) for _ in range(24)]
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            health = httpx.get(url + "/healthz", timeout=30)
+            health_s = time.perf_counter() - t0
+            responses = [f.result() for f in futures]
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 10 and statuses.count(200) >= 4, statuses
+    shed = [r for r in responses if r.status_code == 503]
+    assert all(r.headers.get("retry-after") == "3" for r in shed), [dict(r.headers) for r in shed[:2]]
+    assert health.status_code == 200 and health_s < 5, health_s
