@@ -60,6 +60,16 @@ def playground_url():
         thread.join(timeout=10)
 
 
+def generate_and_wait(page) -> None:
+    """Click Generate, wait until the image is shown, and check no error is displayed."""
+    page.click("#generate")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",
+        timeout=60_000,
+    )
+    assert page.text_content("#error") == ""
+
+
 @pytest.mark.browser
 def test_playground_generates_an_image(playground_url, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
@@ -82,12 +92,7 @@ def test_playground_generates_an_image(playground_url, tmp_path):
                 "() => document.getElementById('exportcmd').textContent.includes('neon=0.375')", timeout=30_000)
             command = page.text_content("#exportcmd")
             assert command.startswith("python jobs/export.py --model ") and "--weights watercolor=0.625,neon=0.375" in command, command
-            page.click("#generate")
-            page.wait_for_function(
-                "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",
-                timeout=60_000,
-            )
-            assert page.text_content("#error") == ""
+            generate_and_wait(page)
             meta = page.text_content("#meta")
             assert "seed 5" in meta and '"watercolor": 0.625' in meta and '"neon": 0.375' in meta, meta
             page.screenshot(path=str(tmp_path / "playground.png"))
@@ -120,12 +125,7 @@ def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
             page.select_option("#orientation", "vertical")
             page.fill("#prompt", "a red circle on a blue background")
             page.fill("#seed", "9")
-            page.click("#generate")
-            page.wait_for_function(
-                "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",
-                timeout=60_000,
-            )
-            assert page.text_content("#error") == ""
+            generate_and_wait(page)
             meta = page.text_content("#meta")
             assert "seed 9" in meta and "regions sketch | neon | watercolor" in meta, meta
             body = requests[-1]
