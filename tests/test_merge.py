@@ -84,7 +84,9 @@ def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, t
     assert result.metrics["step"] == 20
     assert set(Path(tempfile.gettempdir()).glob("dmm-ckpt-*")) - before == set()
     kept = list((tmp_path / "out" / "ray_results" / f"{cfg.name}-distill").glob("checkpoint_*"))
-    assert 1 <= len(kept) <= 2, kept
+    # CheckpointConfig(num_to_keep=2): Ray Train drops the oldest once a newer one is registered, so
+    # at most num_to_keep + 1 of the 20 reported checkpoints are on disk at any time
+    assert 1 <= len(kept) <= 3, kept
 
 
 def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
