@@ -88,6 +88,7 @@ def test_unrecorded_state_refuses_and_restart_discards_it(world, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # over 60 s on 2 cores: make test-slow
 def test_rerun_with_changed_settings_stops_before_ray_and_restart_runs(ray_cluster, world, tmp_path):
     from dmm_ray.merge import run_merge
 

@@ -70,6 +70,7 @@ def test_resume_continues_at_the_right_step(ray_cluster, world, tmp_path):
     assert state_3["opt_student"]["state"][0]["step"].item() == 3  # optimizer state carried over, not restarted
 
 
+@pytest.mark.slow  # over 60 s on 2 cores: make test-slow
 def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, tmp_path):
     """20 steps with a checkpoint every step: no dmm-ckpt-* temp folder stays behind, and storage keeps
     only CheckpointConfig.num_to_keep checkpoints."""
