@@ -116,6 +116,25 @@ class Result:
     retry_after: Optional[str] = None
 
 
+async def _post(client, i: int, call: "Call", t0: float) -> "Result":
+    """One timed POST (raw bytes or JSON body) -> its Result; a transport error is status 0."""
+    import httpx
+
+    start = time.perf_counter()
+    try:
+        if call.raw is not None:
+            r = await client.post(call.path, content=call.raw, headers={"Content-Type": "application/json", **call.headers})
+        else:
+            r = await client.post(call.path, json=call.body, headers=call.headers)
+        res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
+                     retry_after=r.headers.get("retry-after"))
+        if r.status_code >= 400:
+            res.error = r.text[:300]
+    except httpx.HTTPError as exc:
+        res = Result(i, call, 0, time.perf_counter() - start, start - t0, error=repr(exc))
+    return res
+
+
 async def run_calls(
     base_url: str,
     calls: list[Call],
@@ -144,19 +163,7 @@ async def run_calls(
                 return
             if transform is not None:
                 call = transform(call)
-            start = time.perf_counter()
-            try:
-                if call.raw is not None:
-                    r = await client.post(call.path, content=call.raw, headers={"Content-Type": "application/json", **call.headers})
-                else:
-                    r = await client.post(call.path, json=call.body, headers=call.headers)
-                res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
-                             retry_after=r.headers.get("retry-after"))
-                if r.status_code >= 400:
-                    res.error = r.text[:300]
-            except httpx.HTTPError as exc:
-                res = Result(i, call, 0, time.perf_counter() - start, start - t0, error=repr(exc))
-            results[i] = res
+            results[i] = await _post(client, i, call, t0)
             done += 1
             if on_progress is not None:
                 on_progress(done)
@@ -178,16 +185,7 @@ async def run_open_loop(base_url: str, calls: list[Call], rate_rps: float, timeo
 
     async def one(client, i, call):
         await asyncio.sleep(max(0.0, t0 + i / rate_rps - time.perf_counter()))
-        start = time.perf_counter()
-        try:
-            r = await client.post(call.path, json=call.body, headers=call.headers)
-            res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
-                         retry_after=r.headers.get("retry-after"))
-            if r.status_code >= 400:
-                res.error = r.text[:300]
-        except httpx.HTTPError as exc:
-            res = Result(i, call, 0, time.perf_counter() - start, start - t0, error=repr(exc))
-        results[i] = res
+        results[i] = await _post(client, i, call, t0)
 
     limits = httpx.Limits(max_connections=len(calls), max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:

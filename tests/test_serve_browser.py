@@ -34,19 +34,12 @@ def ensure_chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture
-def playground_url():
-    """The router app over the tiny model on a loopback port (uvicorn in a thread)."""
+def serve_in_thread(api):
+    """Run the FastAPI app with uvicorn in a daemon thread; yield its URL once /healthz answers."""
     import threading
 
     import uvicorn
 
-    from serve.config import ServeConfig
-    from serve.model import StyleModelBackend
-    from serve.router import LocalService, create_api
-
-    cfg = ServeConfig(model=str(tiny_model_dir()), default_steps=2)
-    api = create_api(LocalService(StyleModelBackend(cfg.model, device="cpu")), cfg)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -58,6 +51,18 @@ def playground_url():
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def playground_url():
+    """The router app over the tiny model on a loopback port (uvicorn in a thread)."""
+    from serve.config import ServeConfig
+    from serve.model import StyleModelBackend
+    from serve.router import LocalService, create_api
+
+    cfg = ServeConfig(model=str(tiny_model_dir()), default_steps=2)
+    api = create_api(LocalService(StyleModelBackend(cfg.model, device="cpu")), cfg)
+    yield from serve_in_thread(api)
 
 
 def generate_and_wait(page) -> None:
@@ -149,10 +154,6 @@ EVIL_DESCRIPTION = '"><script>alert(2)</script><b>bold</b>'
 def evil_playground_url():
     """The router over the tiny model, but the model's styles are named like an attack: the page must
     show the names as text and run nothing (the style list comes from a model folder, not the operator)."""
-    import threading
-
-    import uvicorn
-
     from serve.config import ServeConfig
     from serve.model import StyleModelBackend
     from serve.router import LocalService, ModelInfo, create_api
@@ -167,17 +168,7 @@ def evil_playground_url():
             return ModelInfo(styles, info.native_size)
 
     api = create_api(EvilNames(StyleModelBackend(cfg.model, device="cpu")), cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz", timeout=30)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    yield from serve_in_thread(api)
 
 
 @pytest.mark.browser
