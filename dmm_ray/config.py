@@ -22,6 +22,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StyleAdaptersConfig(_Section):
+    """Per-style low-rank adapters (extension, not in the paper; dmm_ray/models/style_adapters.py)."""
+
+    rank: int = Field(0, ge=0, description="rank r of each style's delta on every target layer; 0 switches adapters off")
+    init: Literal["svd", "zero"] = Field("svd", description="svd: style i starts at the best rank-r approximation of teacher "
+                                         "i's weight delta (LoRA extraction); zero: at the base")
+    targets: list[str] = Field(
+        # what SD LoRAs adapt, plus the ResNet convs (colour and texture live there); PEFT's target_modules rule
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                                 "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj"],
+        description="Linear/Conv2d module names (or name suffixes) that get per-style adapters",
+    )
+
+
 class StudentConfig(_Section):
     base: Optional[str] = Field(None, description="student base diffusers folder (SD1.5/SDXL architecture); default: the zoo's base")
     codebook_seed: int = Field(0, description="seed of the style codebook's random initialisation")
@@ -32,6 +46,7 @@ class StudentConfig(_Section):
     )
     style_film: bool = Field(False, description="extension (not in the paper): a zero-initialised per-ResNet-block scale and "
                              "shift from the style vector, on top of the time-embedding injection")
+    style_adapters: StyleAdaptersConfig = Field(default_factory=StyleAdaptersConfig)
 
 
 class DistillConfig(_Section):

@@ -5,6 +5,8 @@ The style enters a StyleUNet in two places, both constants once the style is fix
 * `MLP(e~)` is added to the timestep embedding before its activation (diffusers:
   `emb = time_embedding(t) + class_embedding(e~)`, and `time_embedding` ends in `linear_2`), so it
   folds into `time_embedding.linear_2.bias`: `W h + b + c = W h + (b + c)`.
+* with `style_adapter_rank`, each adapted layer gets `W + sum_i w_i B_i A_i` and
+  `b + sum_i w_i c_i` (models/style_adapters.py).
 * with `style_film`, each ResNet block's norm2 output y is mapped to `y (1 + s) + sh`, with
   (s, sh) = FiLM_k(SiLU(MLP(e~))) per channel. norm2 is a GroupNorm with an affine (w, b):
   `y = n w + b`, so `y (1 + s) + sh = n w (1 + s) + b (1 + s) + sh`, i.e. `w' = w (1 + s)`,
@@ -33,9 +35,8 @@ from typing import Any, Mapping
 
 import torch
 
-from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
-
-STYLE_CONFIG_KEYS = ("style_names", "style_film")
+from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
+from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
 
 
@@ -102,6 +103,17 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
                 raise ExportError("a ResNet norm2 without affine parameters cannot take the style FiLM")
             dst.norm2.weight.copy_(norm.weight.to(compute) * (1 + gamma))
             dst.norm2.bias.copy_(norm.bias.to(compute) * (1 + gamma) + beta)
+    if unet.config.get("style_adapter_rank"):
+        # per-style low-rank adapters: W' = W + sum_i w_i B_i A_i, b' = b + sum_i w_i c_i, with the
+        # weights the forward derives from e~ (least squares against the codebook)
+        w = weights_from_embeds(e, codebook)[0]
+        plain_modules, src_modules = dict(plain.named_modules()), dict(unet.named_modules())
+        for name in unet.config.style_adapter_modules:
+            layer, src = plain_modules[name], src_modules[name]
+            dw, db = style_module.adapters[adapter_key(name)].folded(w, layer.weight.shape)
+            layer.weight.copy_(src.weight.to(compute) + dw)
+            if db is not None:
+                layer.bias.copy_(src.bias.to(compute) + db)
     plain = plain.to(unet.device)
     return (plain if dtype == torch.float32 else plain.to(dtype)).eval()
 

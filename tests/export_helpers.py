@@ -24,7 +24,7 @@ def randomise_style(unet, seed: int = 1, scale: float = 0.2) -> None:
         unet.class_embedding.codebook.weight.mul_(5)
 
 
-def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0):
+def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0, adapter_rank: int = 0):
     """A DMMPipeline / DMMXLPipeline over tiny components with three styles. SDXL's two text encoders
     get different widths (32, 48) as in real SDXL, so diffusers' single-file loader tells them apart."""
     from dmm_ray.models.style_unet import StyleUNet
@@ -37,7 +37,8 @@ def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0):
     else:
         c = {k: v for k, v in tiny_sd_components(seed=seed).items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
         cls = DMMPipeline
-    student = StyleUNet.from_unet(c.pop("unet"), STYLES, style_film=film)
+    student = StyleUNet.from_unet(c.pop("unet"), STYLES, style_film=film, adapter_rank=adapter_rank,
+                                  adapter_targets=["to_q", "to_out.0", "conv1", "conv_out", "time_emb_proj"])
     randomise_style(student, seed=seed + 1)
     if arch == "sdxl":
         pipe = cls(unet=student.eval(), **c)

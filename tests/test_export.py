@@ -30,13 +30,13 @@ def relative_error(style_unet, plain_unet, **style) -> float:
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-@pytest.mark.parametrize("film", [True, False])
+@pytest.mark.parametrize("film,adapters", [(True, 0), (False, 0), (True, 2)])
 @pytest.mark.parametrize("style", [{"style": "neon"}, {"style": 2}, {"style_weights": MIXTURE}])
-def test_baked_unet_equals_style_unet(arch, film, style):
+def test_baked_unet_equals_style_unet(arch, film, adapters, style):
     from diffusers import UNet2DConditionModel
 
     from dmm_ray.export import bake_unet
-    pipe = tiny_merged(arch, film=film)
+    pipe = tiny_merged(arch, film=film, adapter_rank=adapters)
     plain = bake_unet(pipe.unet, **style)
     assert type(plain) is UNet2DConditionModel and plain.class_embedding is None
     assert "style_names" not in plain.config and "style_film" not in plain.config
@@ -51,6 +51,12 @@ def test_baked_unet_equals_style_unet(arch, film, style):
             for p in no_film.class_embedding.film.parameters():
                 p.zero_()
         assert relative_error(pipe.unet, bake_unet(no_film, **style), **style) > 1e-3
+    if adapters:  # and so do the per-style adapters
+        no_adapters = copy.deepcopy(pipe.unet)
+        with torch.no_grad():
+            for a in no_adapters.class_embedding.adapters.values():
+                a.up.zero_()
+        assert relative_error(pipe.unet, bake_unet(no_adapters, **style), **style) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -208,3 +208,35 @@ def test_style_film_starts_as_identity_and_round_trips(tmp_path):
         assert loaded.config.style_film
         assert torch.equal(loaded(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
                            film.eval()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample)
+
+
+def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
+    """student.style_adapters (extension): the distill student's adapters for style i hold the best
+    rank-r approximation of teacher i's weight change, and they train at the UNet's lr, not the style lr."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.distill.loop import _load_student, _optimizer
+    from dmm_ray.models.style_adapters import adapter_key
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", student={"base": world["base"], "style_adapters": {"rank": 2, "targets": ["to_q", "conv1"]}},
+        distill={"steps": 2, "style_lr_mult": 10}))
+    names = [t.name for t in cfg.teachers]
+    student = _load_student(cfg, "distill", None, names)
+    modules = student.config.style_adapter_modules
+    assert modules and all(m.endswith(("to_q", "conv1")) for m in modules)
+    base = UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet").state_dict()
+    for i, teacher in enumerate(world["teachers"]):
+        tuned = UNet2DConditionModel.from_pretrained(Path(teacher["source"]) / "unet").state_dict()
+        for name in modules:
+            adapter = student.class_embedding.adapters[adapter_key(name)]
+            rows = slice(2 * i, 2 * i + 2)
+            got = adapter.up[:, rows] @ adapter.down[rows].flatten(1)
+            u, s, vh = torch.linalg.svd((tuned[name + ".weight"] - base[name + ".weight"]).flatten(1), full_matrices=False)
+            assert torch.allclose(got, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5), name
+            if adapter.bias is not None:
+                assert torch.allclose(adapter.bias[i], tuned[name + ".bias"] - base[name + ".bias"], atol=1e-6)
+    opt, _ = _optimizer(student, cfg.distill, 1e-3, 2, 0)
+    fast = {id(p) for p in opt.param_groups[1]["params"]}
+    assert all(id(p) not in fast for p in student.class_embedding.adapters.parameters())
+    assert id(student.class_embedding.codebook.weight) in fast

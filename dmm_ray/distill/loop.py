@@ -23,13 +23,32 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
 
     if init_student:  # fine-tune stage: continue from the distilled student
         return StyleUNet.from_pretrained(init_student)
+    adapters = cfg.student.style_adapters
+    base = UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet")
     if cfg.incremental.base_merged:
         student = StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet")
-        student.add_styles([t.name for t in cfg.teachers], seed=cfg.student.codebook_seed)
-        return student
-    torch.manual_seed(cfg.student.codebook_seed)  # identical codebook init on every rank
-    base = UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet")
-    return StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init, style_film=cfg.student.style_film)
+        first = student.add_styles([t.name for t in cfg.teachers], seed=cfg.student.codebook_seed)[0]
+    else:
+        torch.manual_seed(cfg.student.codebook_seed)  # identical codebook (and adapter) init on every rank
+        student = StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init, style_film=cfg.student.style_film,
+                                      adapter_rank=adapters.rank, adapter_targets=adapters.targets)
+        first = 0
+    if student.config.get("style_adapter_rank") and adapters.init == "svd":
+        _init_adapters_from_teachers(cfg, student, base, first)
+    return student
+
+
+def _init_adapters_from_teachers(cfg, student, base, first: int) -> None:
+    """Each new style's adapters start at its teacher's rank-r weight delta (one teacher in memory
+    at a time, on CPU; deterministic, so every rank computes the same start)."""
+    from dmm_ray.models.style_adapters import init_from_teachers
+    from dmm_ray.teachers import load_teacher
+
+    base_state = base.state_dict()
+    for j, spec in enumerate(cfg.teachers):
+        kept = init_from_teachers(student, base_state, [load_teacher(spec, device="cpu").unet.state_dict()], first_style=first + j)
+        print(f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
+              f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change")
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):
@@ -52,8 +71,10 @@ def _optimizer(student, d, lr: float, steps: int, warmup: int):
     """AdamW over the student (the style codebook + MLP at lr * style_lr_mult) and its lr schedule."""
     from diffusers.optimization import get_scheduler
 
-    style = [p for n, p in student.named_parameters() if n.startswith("class_embedding.")]
-    rest = [p for n, p in student.named_parameters() if not n.startswith("class_embedding.")]
+    # the codebook, MLP and FiLM are new and learn fast; the per-style adapters are UNet weights and keep the UNet's lr
+    is_style = lambda n: n.startswith("class_embedding.") and not n.startswith("class_embedding.adapters.")  # noqa: E731
+    style = [p for n, p in student.named_parameters() if is_style(n)]
+    rest = [p for n, p in student.named_parameters() if not is_style(n)]
     groups = [{"params": rest, "lr": lr}, {"params": style, "lr": lr * d.style_lr_mult}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=d.weight_decay)
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[d.lr_schedule]

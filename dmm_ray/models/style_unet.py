@@ -23,9 +23,14 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from dmm_ray.models.style_adapters import StyleAdapter, adapter_key, target_modules, weights_from_embeds
+
 # diffusers' pipeline loader looks up the loadable base classes (ModelMixin, ...) as attributes of
 # the module named in model_index.json, so `DMMPipeline.from_pretrained` needs ModelMixin here.
 __all__ = ["StyleUNet", "StyleEmbedding", "StyleError", "resolve_style", "ModelMixin"]
+
+# config keys a StyleUNet adds to UNet2DConditionModel's (dropped when a plain UNet is made from one)
+STYLE_CONFIG_KEYS = ("style_names", "style_film", "style_adapter_rank", "style_adapter_modules")
 
 StyleSpec = "int | str | Mapping[str, float] | Sequence[float] | torch.Tensor"
 
@@ -44,6 +49,7 @@ class StyleEmbedding(nn.Module):
 
     def __init__(self, num_styles: int, dim: int, film_channels: Sequence[int] = ()):
         super().__init__()
+        self.adapters = nn.ModuleDict()  # per-style low-rank deltas (style_adapters.py), filled by StyleUNet
         self.codebook = nn.Embedding(num_styles, dim)  # (N, d), PyTorch default init like the reference
         self.mlp = TimestepEmbedding(dim, dim)  # linear_1 -> SiLU -> linear_2
         self.film = nn.ModuleList(nn.Linear(dim, 2 * c) for c in film_channels)
@@ -55,7 +61,16 @@ class StyleEmbedding(nn.Module):
     def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
         out = self.mlp(style_embeds)
         self._current = out
+        if len(self.adapters):
+            self._weights = weights_from_embeds(style_embeds, self.codebook.weight)  # (B, N), read by the adapter hooks
         return out
+
+    def adapter_weights(self, batch: int) -> torch.Tensor:
+        """Style weights (B, N) of the forward in progress, repeated to the layer's batch (CFG halves)."""
+        w = getattr(self, "_weights", None)
+        if w is None or self._current is None:
+            raise RuntimeError("style adapters used outside a StyleUNet forward")
+        return w if w.shape[0] == batch else w.repeat(batch // w.shape[0], 1)
 
     def film_params(self, k: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) of ResNet block k, each (B, C_k, 1, 1)."""
@@ -66,6 +81,29 @@ class StyleEmbedding(nn.Module):
         if gamma.shape[0] != batch:
             gamma, beta = gamma.repeat(batch // gamma.shape[0], 1), beta.repeat(batch // beta.shape[0], 1)
         return gamma[:, :, None, None], beta[:, :, None, None]
+
+
+class _FilmHook:
+    """norm2 output (B, C_k, h, w) -> scaled and shifted per style. A callable object, not a closure,
+    so copy.deepcopy / pickle of the UNet carry hooks that point at the copy's own style module."""
+
+    def __init__(self, style_module: StyleEmbedding, k: int):
+        self.style_module, self.k = style_module, k
+
+    def __call__(self, _module, _inputs, output):
+        gamma, beta = self.style_module.film_params(self.k, output.shape[0])
+        return output * (1 + gamma.to(output.dtype)) + beta.to(output.dtype)
+
+
+class _AdapterHook:
+    """Layer output + the sample's per-style low-rank delta (same deepcopy-safe form as _FilmHook)."""
+
+    def __init__(self, style_module: StyleEmbedding, adapter: StyleAdapter):
+        self.style_module, self.adapter = style_module, adapter
+
+    def __call__(self, _module, inputs, output):
+        x = inputs[0]
+        return output + self.adapter.delta(x, self.style_module.adapter_weights(x.shape[0]))
 
 
 def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
@@ -122,42 +160,49 @@ def _parent_init_parameters():
 class StyleUNet(UNet2DConditionModel):
     """UNet2DConditionModel + style codebook. Config field `style_names` keeps name <-> index."""
 
-    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), style_film: bool = False, **kwargs):
+    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), style_film: bool = False,
+                 style_adapter_rank: int = 0, style_adapter_modules: Sequence[str] = (), **kwargs):
         if kwargs.get("class_embed_type") is not None or kwargs.get("num_class_embeds") is not None:
             raise ValueError("StyleUNet uses the class-embedding slot for styles; the base UNet must have none")
         super().__init__(*args, **kwargs)
         style_names = [str(s) for s in style_names]
         _check_unique(style_names)
-        self.register_to_config(style_names=style_names, style_film=bool(style_film))
+        style_adapter_modules = list(style_adapter_modules) if style_adapter_rank else []
+        self.register_to_config(style_names=style_names, style_film=bool(style_film), style_adapter_rank=int(style_adapter_rank),
+                                style_adapter_modules=style_adapter_modules)
         time_embed_dim = self.time_embedding.linear_2.out_features
         resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)] if style_film else []
         self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim, [r.norm2.num_channels for r in resnets])
         for k, resnet in enumerate(resnets):
-            resnet.norm2.register_forward_hook(self._film_hook(k))
+            resnet.norm2.register_forward_hook(_FilmHook(self.class_embedding, k))
+        modules = dict(self.named_modules())
+        for name in style_adapter_modules:
+            if name not in modules:
+                raise ValueError(f"style adapter module {name!r} is not a module of this UNet")
+            adapter = StyleAdapter(modules[name], len(style_names), int(style_adapter_rank))
+            self.class_embedding.adapters[adapter_key(name)] = adapter
+            modules[name].register_forward_hook(_AdapterHook(self.class_embedding, adapter))
         self._style_context: torch.Tensor | None = None
-
-    def _film_hook(self, k: int):
-        def hook(_module, _inputs, output):  # norm2 output (B, C_k, h, w) -> scaled and shifted per style
-            gamma, beta = self.class_embedding.film_params(k, output.shape[0])
-            return output * (1 + gamma.to(output.dtype)) + beta.to(output.dtype)
-
-        return hook
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str], style_init: str = "random",
-                  style_film: bool = False) -> "StyleUNet":
+                  style_film: bool = False, adapter_rank: int = 0, adapter_targets: Sequence[str] = ()) -> "StyleUNet":
         """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new.
 
         style_init="random": PyTorch's default init (the reference code); "zero": the MLP's last
-        linear starts at 0, so MLP(e) = 0 and the student's output equals the base's exactly."""
+        linear starts at 0, so MLP(e) = 0 and the student's output equals the base's exactly.
+        adapter_rank > 0 adds per-style rank-r adapters on the `adapter_targets` layers (zero delta;
+        `style_adapters.init_from_teachers` sets them from the teachers)."""
         if style_init not in ("random", "zero"):
             raise ValueError(f"style_init must be 'random' or 'zero', got {style_init!r}")
         config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-        config.pop("style_names", None)
-        config.pop("style_film", None)
+        for key in STYLE_CONFIG_KEYS:
+            config.pop(key, None)
         device, dtype = unet.device, unet.dtype
-        student = cls(**config, style_names=list(style_names), style_film=style_film)
+        modules = target_modules(unet, adapter_targets) if adapter_rank else []
+        student = cls(**config, style_names=list(style_names), style_film=style_film, style_adapter_rank=adapter_rank,
+                      style_adapter_modules=modules)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         new = [k for k in missing if not k.startswith("class_embedding.")]
         if new or unexpected:
@@ -193,6 +238,8 @@ class StyleUNet(UNet2DConditionModel):
                 grown.weight[old.num_embeddings :] = torch.randn(len(names), old.embedding_dim, generator=generator).to(grown.weight)
             grown.weight[: old.num_embeddings] = old.weight
         self.class_embedding.codebook = grown
+        for adapter in self.class_embedding.adapters.values():
+            adapter.grow(len(names))
         self.register_to_config(style_names=self.style_names + names)
         return list(range(old.num_embeddings, grown.num_embeddings))
 
@@ -291,7 +338,9 @@ def _check_unique(names: Sequence[str]) -> None:
 StyleUNet.__init__.__signature__ = inspect.Signature(
     [p for p in _parent_init_parameters() if p.kind is not p.VAR_KEYWORD]
     + [inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",)),
-       inspect.Parameter("style_film", inspect.Parameter.KEYWORD_ONLY, default=False)]
+       inspect.Parameter("style_film", inspect.Parameter.KEYWORD_ONLY, default=False),
+       inspect.Parameter("style_adapter_rank", inspect.Parameter.KEYWORD_ONLY, default=0),
+       inspect.Parameter("style_adapter_modules", inspect.Parameter.KEYWORD_ONLY, default=())]
 )
 
 

@@ -1,0 +1,162 @@
+"""Per-style low-rank adapters: an extension of the style codebook (not in the paper).
+
+The paper's student separates its N styles only through one vector added to the timestep
+embedding. On the toy zoo that is where most of the fidelity gap sits: styles interfere in the
+shared weights (README, "Fidelity on the toy zoo"). A style adapter gives every style its own
+rank-r delta on chosen Linear / Conv2d layers (the layers SD LoRAs adapt), plus its own bias:
+
+    y = W x + b + sum_i w_i (B_i A_i x + c_i)          w = the sample's style weights (N,)
+
+For one style w is one-hot and the layer is `W + B_i A_i`; a mixture blends the deltas with the
+same weights as the codebook. The weights come from the sample's codebook-space embedding
+e~ = sum_i w_i e_i by least squares against the codebook (`w = e~ C^+`), so every way of passing a
+style (ids, weights, raw embeddings, a pipeline's style context) selects the same adapters.
+
+`init="svd"` starts style i at the best rank-r approximation of teacher i's own weight delta
+(Eckart-Young, as LoRA extraction does): exact for a LoRA teacher of rank <= r, and for full
+fine-tunes the largest part of their change. `init="zero"` starts at the base (B = 0, c = 0).
+
+Everything folds into a stock checkpoint (`dmm_ray.export`): `W' = W + sum_i w_i B_i A_i`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+def adapter_key(module_name: str) -> str:
+    """A UNet module name as a ModuleDict key (no dots)."""
+    return module_name.replace(".", "__")
+
+
+def target_modules(unet: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Names of the Linear / Conv2d modules of `unet` whose name is a target or ends in '.' + target
+    (PEFT's `target_modules` rule), outside the style module itself."""
+    targets = list(targets)
+    names = []
+    for name, module in unet.named_modules():
+        if name.startswith("class_embedding") or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            names.append(name)
+    if targets and not names:
+        raise ValueError(f"style adapter targets {targets} match no Linear/Conv2d module of the UNet")
+    return names
+
+
+class StyleAdapter(nn.Module):
+    """The N per-style deltas of one layer, stacked: down (N r, in[, k, k]), up (out, N r), bias (N, out)."""
+
+    def __init__(self, layer: nn.Module, num_styles: int, rank: int):
+        super().__init__()
+        self.num_styles, self.rank = num_styles, rank
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1:
+                raise ValueError("style adapters support ungrouped convolutions only")
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+            shape = (num_styles * rank, layer.in_channels, *layer.kernel_size)
+            out = layer.out_channels
+        elif isinstance(layer, nn.Linear):
+            self.conv = None
+            shape, out = (num_styles * rank, layer.in_features), layer.out_features
+        else:
+            raise TypeError(f"style adapters wrap Linear or Conv2d layers, not {type(layer).__name__}")
+        self.down = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_uniform_(self.down, a=5**0.5)  # LoRA's A init; up = 0 makes the delta 0
+        self.up = nn.Parameter(torch.zeros(out, num_styles * rank))
+        self.bias = nn.Parameter(torch.zeros(num_styles, out)) if layer.bias is not None else None
+
+    def delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i (B_i A_i x + c_i) for x (B, ..., in) or (B, in, H, W) and weights (B, N)."""
+        scale = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (B, N r)
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if self.conv is not None:
+            h = F.conv2d(x, down, None, **self.conv) * scale[:, :, None, None]  # (B, N r, H', W')
+            out = F.conv2d(h, up[:, :, None, None])
+            return out if self.bias is None else out + (weights.to(x.dtype) @ self.bias.to(x.dtype))[:, :, None, None]
+        view = (x.shape[0],) + (1,) * (x.ndim - 2) + (-1,)
+        out = F.linear(F.linear(x, down) * scale.view(view), up)
+        return out if self.bias is None else out + (weights.to(x.dtype) @ self.bias.to(x.dtype)).view(view)
+
+    @torch.no_grad()
+    def folded(self, weights: torch.Tensor, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(delta W, delta b) in float32 for one weight vector (N,): what `bake` adds to the layer."""
+        w = weights.float().repeat_interleave(self.rank)  # (N r,)
+        dw = (self.up.float() * w[None]) @ self.down.float().flatten(1)  # (out, in[*k*k])
+        db = None if self.bias is None else weights.float() @ self.bias.float()
+        return dw.reshape(weight_shape), db
+
+    @torch.no_grad()
+    def set_style(self, i: int, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Style i's factors: up (out, r), down (r, in[, k, k]), bias (out,) or None."""
+        rows = slice(i * self.rank, (i + 1) * self.rank)
+        self.up[:, rows] = up.to(self.up)
+        self.down[rows] = down.reshape(self.down[rows].shape).to(self.down)
+        if self.bias is not None and bias is not None:
+            self.bias[i] = bias.to(self.bias)
+
+    @torch.no_grad()
+    def grow(self, k: int) -> None:
+        """Append k styles at zero delta (incremental merge); the old styles stay bit-identical."""
+        down = torch.empty(k * self.rank, *self.down.shape[1:], dtype=self.down.dtype, device=self.down.device)
+        nn.init.kaiming_uniform_(down, a=5**0.5)
+        self.down = nn.Parameter(torch.cat([self.down.data, down]))
+        self.up = nn.Parameter(torch.cat([self.up.data, self.up.new_zeros(self.up.shape[0], k * self.rank)], dim=1))
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.cat([self.bias.data, self.bias.new_zeros(k, self.bias.shape[1])]))
+        self.num_styles += k
+
+
+def weights_from_embeds(style_embeds: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Least-squares style weights (B, N) of codebook-space embeddings (B, d): e~ C^+ (float32,
+    no gradient: the adapters are selected by the style, not trained through the selection)."""
+    with torch.no_grad(), torch.autocast(style_embeds.device.type, enabled=False):
+        c = codebook.detach().float()  # (N, d)
+        return style_embeds.detach().float() @ torch.linalg.pinv(c)  # (B, N)
+
+
+@torch.no_grad()
+def low_rank_delta(base: torch.Tensor, tuned: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors (up (out, r), down (r, in...)) of tuned - base (Eckart-Young, split as
+    U sqrt(S), sqrt(S) V^T so both factors share the scale)."""
+    delta = (tuned.float() - base.float()).flatten(1)  # (out, in[*k*k])
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    up = torch.zeros(delta.shape[0], rank)
+    down = torch.zeros(rank, delta.shape[1])
+    up[:, :r] = u[:, :r] * root
+    down[:r] = root[:, None] * vh[:r]
+    return up, down.reshape(rank, *base.shape[1:])
+
+
+@torch.no_grad()
+def init_from_teachers(student, base_state: Mapping[str, torch.Tensor], teacher_states: Sequence[Mapping[str, torch.Tensor] | None],
+                       first_style: int = 0) -> dict[str, float]:
+    """Set styles first_style.. of `student`'s adapters to their teachers' low-rank deltas.
+
+    teacher_states[j]: teacher j's UNet state dict (None: leave that style at zero delta).
+    Returns the fraction of each teacher's adapted-layer delta energy (squared Frobenius) the
+    rank-r factors keep, keyed by style name, for the logs."""
+    adapters = student.class_embedding.adapters
+    kept: dict[str, float] = {}
+    for j, state in enumerate(teacher_states):
+        if state is None:
+            continue
+        total = captured = 0.0
+        for name in student.config.style_adapter_modules:
+            adapter = adapters[adapter_key(name)]
+            w0, wt = base_state[name + ".weight"], state[name + ".weight"]
+            up, down = low_rank_delta(w0, wt, adapter.rank)
+            bias = None
+            if adapter.bias is not None:
+                bias = state[name + ".bias"].float() - base_state[name + ".bias"].float()
+            adapter.set_style(first_style + j, up, down, bias)
+            full = (wt.float() - w0.float()).pow(2).sum().item()
+            total += full
+            captured += full - ((wt.float() - w0.float()).flatten(1) - up @ down.flatten(1)).pow(2).sum().item()
+        kept[student.style_names[first_style + j]] = captured / total if total else 1.0
+    return kept

@@ -1,0 +1,142 @@
+"""Per-style low-rank adapters (student.style_adapters): the student starts at the base, SVD
+init reproduces a low-rank teacher exactly, mixtures blend the deltas, and the adapters survive
+save/load, deepcopy, incremental growth and the bake to a stock checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dmm_ray.models.style_adapters import init_from_teachers, low_rank_delta, target_modules, weights_from_embeds
+from dmm_ray.models.style_unet import StyleUNet
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj", "ff.net.2"]
+STYLES = ["ink", "neon", "pixel"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from dmm_ray.tiny import tiny_sd_components
+
+    torch.manual_seed(0)
+    return tiny_sd_components(seed=0)["unet"].eval()
+
+
+def inputs(batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 700][:batch]), torch.randn(batch, 77, 32, generator=g)
+
+
+def low_rank_teacher(base, modules, rank: int, seed: int):
+    """The base plus a rank-`rank` delta (and a bias shift) on every adapted layer: a LoRA-like teacher."""
+    teacher, g = copy.deepcopy(base), torch.Generator().manual_seed(seed)
+    state = teacher.state_dict()
+    for name in modules:
+        w = state[name + ".weight"]
+        state[name + ".weight"] = w + (torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w[0].numel(), generator=g)
+                                       * 0.05).reshape(w.shape)
+        if name + ".bias" in state:
+            state[name + ".bias"] = state[name + ".bias"] + 0.1 * torch.randn(w.shape[0], generator=g)
+    teacher.load_state_dict(state)
+    return teacher
+
+
+def without_style_mlp(student):
+    """The student with MLP(e) = 0, so only the adapters tell the styles apart."""
+    s = copy.deepcopy(student)
+    with torch.no_grad():
+        s.class_embedding.mlp.linear_2.weight.zero_()
+        s.class_embedding.mlp.linear_2.bias.zero_()
+    return s
+
+
+@torch.no_grad()
+def test_adapters_start_at_zero_delta_and_svd_init_reproduces_a_low_rank_teacher(base):
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS)
+    modules = student.config.style_adapter_modules
+    assert len(modules) == len(target_modules(base, TARGETS)) > 20
+    x, t, ehs = inputs()
+    plain = without_style_mlp(student)  # deepcopy: its hooks must use the copy's own adapters
+    ref = base(x, t, ehs).sample
+    assert torch.allclose(plain(x, t, ehs, style_ids=torch.tensor([0, 2])).sample, ref, atol=1e-5)  # zero delta: the base
+
+    teacher = low_rank_teacher(base, modules, rank=2, seed=1)
+    kept = init_from_teachers(student, base.state_dict(), [None, teacher.state_dict()])
+    assert kept == {"neon": pytest.approx(1.0, abs=1e-6)}  # rank 2 holds a rank-2 delta exactly
+    plain = without_style_mlp(student)
+    out_t = teacher(x, t, ehs).sample
+    assert (out_t - ref).abs().max() > 0.05  # not vacuous: the teacher is far from the base
+    assert torch.allclose(plain(x, t, ehs, style_ids=torch.tensor([1, 1])).sample, out_t, atol=1e-4)
+    assert torch.allclose(plain(x, t, ehs, style_ids=torch.tensor([0, 0])).sample, ref, atol=1e-5)  # other styles untouched
+    # per-sample: one batch carries both styles
+    mixed = plain(x, t, ehs, style_ids=torch.tensor([1, 0])).sample
+    assert torch.allclose(mixed[0], out_t[0], atol=1e-4) and torch.allclose(mixed[1], ref[1], atol=1e-5)
+
+    # a rank-1 student keeps only part of the rank-2 teacher, and says how much
+    small = StyleUNet.from_unet(base, STYLES, adapter_rank=1, adapter_targets=TARGETS)
+    part = init_from_teachers(small, base.state_dict(), [None, teacher.state_dict()])["neon"]
+    assert 0.3 < part < 0.999
+
+
+@torch.no_grad()
+def test_mixture_blends_the_deltas_linearly_and_every_style_input_selects_the_same_adapters(base):
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS)
+    modules = student.config.style_adapter_modules
+    init_from_teachers(student, base.state_dict(), [low_rank_teacher(base, modules, 2, s).state_dict() for s in (1, 2, 3)])
+    plain = without_style_mlp(student)
+    x, t, ehs = inputs()
+    w = torch.tensor([[0.25, 0.75, 0.0]] * 2)
+    by_weights = plain(x, t, ehs, style_weights=w).sample
+    by_embeds = plain(x, t, ehs, style_embeds=plain.style_embeds_for(style_weights=w)).sample
+    assert torch.allclose(by_weights, by_embeds, atol=1e-6)
+    # the least-squares weights of a codebook mixture are the mixture's weights
+    got = weights_from_embeds(plain.style_embeds_for(style_weights=w), plain.class_embedding.codebook.weight)
+    assert torch.allclose(got, w, atol=1e-5)
+    # a layer's delta is linear in the weights: the mixed model differs from both pure styles
+    a = plain(x, t, ehs, style_ids=torch.tensor([0, 0])).sample
+    b = plain(x, t, ehs, style_ids=torch.tensor([1, 1])).sample
+    assert (by_weights - a).abs().max() > 1e-3 and (by_weights - b).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_adapters_round_trip_through_save_load_and_incremental_growth(base, tmp_path):
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS)
+    modules = student.config.style_adapter_modules
+    init_from_teachers(student, base.state_dict(), [low_rank_teacher(base, modules, 2, s).state_dict() for s in (1, 2, 3)])
+    x, t, ehs = inputs()
+    ids = torch.tensor([1, 2])
+    ref = student(x, t, ehs, style_ids=ids).sample
+    student.save_pretrained(tmp_path / "unet")
+    loaded = StyleUNet.from_pretrained(tmp_path / "unet")
+    assert loaded.config.style_adapter_rank == 2 and loaded.config.style_adapter_modules == modules
+    assert torch.equal(loaded(x, t, ehs, style_ids=ids).sample, ref)
+    new = loaded.add_styles(["sketch"], seed=0)
+    assert new == [3]
+    assert torch.allclose(loaded(x, t, ehs, style_ids=ids).sample, ref, atol=1e-5)  # old styles keep their adapters
+    grown = loaded.class_embedding.adapters[next(iter(loaded.class_embedding.adapters))]
+    assert grown.up.shape[1] == 4 * 2 and torch.count_nonzero(grown.up[:, 6:]) == 0  # the new style starts at zero delta
+
+
+def test_low_rank_delta_is_the_truncated_svd():
+    g = torch.Generator().manual_seed(0)
+    base, tuned = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    up, down = low_rank_delta(base, tuned, 2)
+    u, s, vh = torch.linalg.svd(tuned - base)
+    assert torch.allclose(up @ down, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5)
+    conv_up, conv_down = low_rank_delta(torch.zeros(3, 2, 3, 3), torch.randn(3, 2, 3, 3, generator=g), 8)  # rank > min dim
+    assert conv_down.shape == (8, 2, 3, 3) and torch.count_nonzero(conv_up[:, 3:]) == 0
+
+
+def test_unknown_targets_and_bad_config_fail_clearly(base):
+    with pytest.raises(ValueError, match="match no Linear/Conv2d"):
+        StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=["no_such_layer"])
+    from pydantic import ValidationError
+
+    from dmm_ray.config import StudentConfig
+
+    with pytest.raises(ValidationError, match="rank"):
+        StudentConfig(style_adapters={"rank": -1})
+    with pytest.raises(ValidationError, match="init"):
+        StudentConfig(style_adapters={"rank": 2, "init": "pca"})
