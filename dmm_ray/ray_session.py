@@ -22,5 +22,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # Logical headroom over the cores: Train workers, Ray Data tasks and actors share them.
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver)
+        # No dashboard on a private Ray (it would take a core's worth of CPU on a small machine), so no
+        # State API either: Ray Train's placement-group cleaner then warns every second that it cannot
+        # query its controller (hundreds of identical lines per merge). Its cleanup still happens when
+        # the run ends; the setup hook mutes only that logger in Ray's worker processes.
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs"})
     return True
+
+
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_worker_logs() -> None:
+    """Worker-process setup hook of a private Ray: errors only from the placement-group cleaner."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
