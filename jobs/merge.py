@@ -2,6 +2,7 @@
 
   python jobs/merge.py                                   # the embedded default: jobs/configs/toy.yaml
   python jobs/merge.py --config jobs/configs/toy.yaml --set distill.steps=10
+  python jobs/merge.py --config jobs/configs/toy.yaml --dry-run --deep   # check config + teachers (every tensor finite)
   ray job submit --working-dir . -- python jobs/merge.py
 
 Without --config the toy preset runs: its zoo is built on first use and cached, and the zoo,

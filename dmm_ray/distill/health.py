@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-HINT = ("nothing from this step on was saved (no checkpoint, no merged model, no registered model). A NaN/Inf teacher "
+HINT = ("Nothing from this step on was saved (no checkpoint, no merged model, no registered model). A NaN/Inf teacher "
         "is named by `python jobs/merge.py --dry-run --deep` (a full finite-check of every tensor); with finite "
         "teachers, lower distill.lr or keep distill.grad_clip > 0")
 
@@ -42,13 +42,13 @@ def describe_nonfinite(bad: Mapping[str, float], *, stage: str, step: int, steps
     terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
     if set(bad) == {"grad_norm"}:
         return (f"non-finite gradient in {stage} step {step} of {steps} on rank {rank} ({hosts}): {terms} "
-                "with finite losses here (the student's update overflowed)")
+                "with finite losses on every worker (the student's update overflowed)")
     return f"non-finite loss in {stage} step {step} of {steps} on rank {rank} ({hosts}): {terms}"
 
 
 def agree_on_nonfinite(local: str | None, device) -> list[str]:
-    """Every worker's message when ANY worker saw a non-finite value (the same list on every rank,
-    loss problems first); [] when all are finite. One 1-element all-reduce per step with several
+    """The workers' messages when ANY worker saw a non-finite value (the same list on every rank:
+    the non-finite losses, else the gradients); [] when all are finite. One 1-element all-reduce per step with several
     workers; the messages are gathered only on the failing step."""
     import torch
     import torch.distributed as dist
@@ -62,7 +62,8 @@ def agree_on_nonfinite(local: str | None, device) -> list[str]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     messages = [m for m in gathered if m]
-    return sorted(messages, key=lambda m: not m.startswith("non-finite loss"))
+    losses = [m for m in messages if m.startswith("non-finite loss")]
+    return losses or messages  # a NaN loss makes every worker's gradient NaN too: name the cause only
 
 
 def raise_if_nonfinite(messages: Sequence[str]) -> None:
