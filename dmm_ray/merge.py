@@ -26,10 +26,12 @@ def log(msg: str) -> None:
     print(f"[dmm-merge {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def validate_before_ray(cfg: MergeConfig) -> None:
-    """Everything that can be checked without Ray: teachers' formats and architectures, style names."""
-    from dmm_ray.teachers import TeacherError, validate_teachers
+def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
+    """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
+    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names."""
+    from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
+    check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import merged_style_names
@@ -312,7 +314,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
 
     from dmm_ray import fingerprint
     from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.trainer import build_trainer
+    from dmm_ray.distill.trainer import build_trainer, fit_stage
 
     s = cfg.synthesis
     synthesize_first = cfg.data.synthetic_fraction > 0  # the teachers' samples join distillation from step 0
@@ -330,7 +332,7 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     datasets = {"train": build_latent_dataset(cfg.data)}
     if synthesize_first:
         datasets.update(_synthetic_datasets(cfg, shard_dirs))
-    distill = build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=plan).fit()
+    distill = fit_stage(build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=plan))
     result.stage_metrics["distill"] = {**distill.metrics, "seconds": time.time() - t0}
     student_dir = _student_from_result(distill, out / "stages" / "distill_student")
 
@@ -348,9 +350,9 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
             + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
         t0 = time.time()
         fingerprint.record(cfg, out, "finetune")
-        finetune = build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
+        finetune = fit_stage(build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
                                  init_student=str(student_dir), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
-                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan).fit()
+                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan))
         result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
         student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 

@@ -157,12 +157,16 @@ def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = N
     raise TeacherError(f"teacher {spec.name!r}: unknown format {fmt!r}; expected one of {FORMATS}")
 
 
+def _pickle_refused(spec: TeacherSpec) -> TeacherError:
+    return TeacherError(
+        f"teacher {spec.name!r}: {Path(spec.source).name} is a pickled checkpoint, which can run code when loaded; "
+        "convert it to .safetensors or set `allow_pickle: true` (it is then read with torch.load(weights_only=True))"
+    )
+
+
 def _load_pickled(spec: TeacherSpec, cls, common):
     if not spec.allow_pickle:
-        raise TeacherError(
-            f"teacher {spec.name!r}: {Path(spec.source).name} is a pickled checkpoint, which can run code when loaded; "
-            "convert it to .safetensors or set `allow_pickle: true` (it is then read with torch.load(weights_only=True))"
-        )
+        raise _pickle_refused(spec)
     # diffusers reads non-safetensors single files with torch.load(weights_only=True) and unwraps "state_dict".
     return cls.from_single_file(spec.source, config=_require_base(spec, "ckpt"), **common)
 
@@ -176,6 +180,142 @@ def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dt
             module.requires_grad_(False).eval().to(device)
     return Teacher(spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec,
                    text_encoder_2, getattr(pipe, "tokenizer_2", None))
+
+
+# ---- file checks (jobs/merge.py --dry-run; run_merge before Ray starts) -----------------------
+
+# bytes per element of the safetensors dtypes
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                   "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # folders that must have config.json + weights
+
+
+def scan_safetensors(path: str | os.PathLike, who: str, deep: bool = False) -> None:
+    """Cheap check of one .safetensors file from its header alone: the header parses, every tensor's
+    byte range matches its shape and dtype, and the file holds all the bytes the header promises (a
+    truncated download fails here). `deep`: also read every tensor and fail on NaN/Inf values."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"{who}: {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise TeacherError(f"{who}: {path} is truncated or not a safetensors file ({size} bytes; its header "
+                               f"{'is cut off' if length >= 2 else 'is missing'}); copy or download it again")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as error:
+            raise TeacherError(f"{who}: {path} has a corrupt safetensors header ({error}); copy or download it again") from None
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise TeacherError(f"{who}: {path}: tensor {key!r} has a malformed header entry {info!r}") from None
+        width = _ST_DTYPE_BYTES.get(dtype)
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if width is not None and stop - start != numel * width:
+            raise TeacherError(f"{who}: {path}: tensor {key!r} of shape {shape} ({dtype}) needs {numel * width} bytes but the "
+                               f"header gives it {stop - start}; the file is corrupt, copy or download it again")
+        end = max(end, stop)
+    have = size - 8 - length
+    if have < end:
+        raise TeacherError(f"{who}: {path} is truncated: its header describes {end} bytes of tensors but only {have} follow "
+                           "(an interrupted download or copy?); copy or download it again")
+    if deep:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                _check_finite(handle.get_tensor(key), key, path, who)
+
+
+def _check_finite(tensor, key: str, path: Path, who: str) -> None:
+    if torch.is_tensor(tensor) and tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise TeacherError(f"{who}: {path}: tensor {key!r} has {bad} NaN/Inf value(s) of {tensor.numel()}; distilling from "
+                               "it would make the loss NaN. Use an intact copy of this checkpoint (or drop the teacher)")
+
+
+def _scan_pickled(spec: TeacherSpec, who: str) -> None:
+    """--deep on an allowed .ckpt: every tensor of its state dict (torch.load(weights_only=True), memory-mapped)."""
+    path = Path(spec.source)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise TeacherError(f"{who}: could not read {path} ({type(error).__name__}: {error}); it is truncated or corrupt") from None
+    stack = [("", state)]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{prefix}{k}.", v) for k, v in value.items()]
+        else:
+            _check_finite(value, prefix.rstrip("."), path, who)
+
+
+def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = False, require_weights: bool = True) -> None:
+    """Every component model_index.json lists is there: each model folder (unet, vae, text encoders)
+    has its config.json and its weights (every .safetensors header scanned, see `scan_safetensors`)."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise TeacherError(f"{who}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as error:
+        raise TeacherError(f"{who}: {index_file} is not valid JSON ({error})") from None
+    for component, value in index.items():
+        if component.startswith("_") or not isinstance(value, (list, tuple)) or None in value:
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            raise TeacherError(f"{who}: {sub} is missing (model_index.json lists {component}: {list(value)}); the pipeline folder is incomplete")
+        if component in _MODEL_COMPONENTS and not (sub / "config.json").is_file():
+            raise TeacherError(f"{who}: {sub / 'config.json'} is missing; the pipeline folder is incomplete")
+        if component == "scheduler" and not (sub / "scheduler_config.json").is_file():
+            raise TeacherError(f"{who}: {sub / 'scheduler_config.json'} is missing; the pipeline folder is incomplete")
+        if not (sub / "config.json").is_file():
+            continue  # tokenizer, scheduler, feature extractor: no weights
+        for index_json in sub.glob("*.safetensors.index.json"):  # sharded weights: every shard present
+            shards = sorted(set(json.loads(index_json.read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (sub / s).is_file()]
+            if missing:
+                raise TeacherError(f"{who}: {index_json} lists shard(s) {missing} that are missing; the pipeline folder is incomplete")
+        weights = sorted(p for p in sub.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+        if not weights and require_weights and component in _MODEL_COMPONENTS:
+            raise TeacherError(f"{who}: {sub} has no weights file (e.g. diffusion_pytorch_model.safetensors / model.safetensors); "
+                               "the pipeline folder is incomplete, copy it again")
+        for weight in weights:
+            if weight.suffix == ".safetensors":
+                scan_safetensors(weight, who, deep)
+
+
+def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> None:
+    """What can be checked of the teachers' files without loading them: present, formats allowed
+    (`.ckpt` needs allow_pickle), safetensors headers and sizes intact (a truncated file), pipeline
+    folders complete. `deep` also reads every tensor and fails on NaN/Inf (slow: all the weights).
+    Errors name the teacher and the file."""
+    for spec in specs:
+        who = f"teacher {spec.name!r}"
+        fmt = spec.resolved_format()  # a missing source fails here, naming the teacher
+        if fmt == "ckpt" and not spec.allow_pickle:
+            raise _pickle_refused(spec)
+        if fmt == "diffusers":
+            check_pipeline_folder(spec.source, who, deep)
+        elif fmt in ("single_file", "lora"):
+            scan_safetensors(spec.source, who, deep)
+        elif fmt == "ckpt" and deep:
+            _scan_pickled(spec, who)
+        if spec.base and fmt != "diffusers":
+            # a LoRA uses all of its base; a single file takes configs and tokenizer from it
+            check_pipeline_folder(_require_base(spec, fmt), f"{who} (its base)", deep, require_weights=fmt == "lora")
 
 
 # ---- architecture validation (before anything is trained or Ray is started) ------------------

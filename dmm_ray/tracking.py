@@ -16,6 +16,7 @@ the same file from a checkout and from a Ray job; browse with
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -252,6 +254,89 @@ class MergeTracker:
                 MlflowClient().update_model_version(name, str(version), description=description)
             return f"models:/{name}/{version}"
         return info.model_uri
+
+
+class BufferedMetricLogger:
+    """Per-step training metrics that never raise into the training loop.
+
+    `write(entries)` sends [(metrics, step, timestamp_ms), ...] (at most `batch_limit` metrics per
+    call) to the tracking store. When it raises (MLflow server down, SQLite locked) ONE warning is
+    logged, training goes on, and the steps wait in a bounded buffer (`max_buffered` steps; the
+    oldest are dropped beyond that). The next attempt comes `retry_s` later (doubling up to 5
+    minutes) on a later call; when the store answers again the buffered steps are written in order.
+    `close()` tries once more and drops what is left. Only the first problem is a warning; later
+    ones (drops, the final count) are info lines.
+    `write=None` is a no-op logger (not rank 0, or tracking off)."""
+
+    def __init__(self, write=None, max_buffered: int = 1000, retry_s: float = 30.0, batch_limit: int = 1000,
+                 what: str = "MLflow", clock=None):
+        self._write, self.max_buffered, self.batch_limit, self.what = write, max_buffered, batch_limit, what
+        self.retry_s, self._backoff, self._next_try = retry_s, retry_s, 0.0
+        self._clock = clock or time.monotonic
+        self.buffer: collections.deque = collections.deque()
+        self.failing = False
+        self.written = self.dropped = self.warnings = 0
+        self._warned_down = self._warned_dropped = False
+
+    def _warn(self, message: str) -> None:
+        """The first problem is a warning; later ones (more drops, the final count) are info lines."""
+        self.warnings += 1
+        (log.warning if self.warnings == 1 else log.info)(message)
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._write is None:
+            return
+        self.buffer.append((dict(metrics), step, int(time.time() * 1000)))
+        while len(self.buffer) > self.max_buffered:
+            self.buffer.popleft()
+            self.dropped += 1
+            if not self._warned_dropped:
+                self._warned_dropped = True
+                self._warn(f"{self.what} is still unreachable: more than {self.max_buffered} steps of training metrics are "
+                           "waiting, so the oldest are dropped from now on (training goes on)")
+        if self.failing and self._clock() < self._next_try:
+            return
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write every buffered step; False (and nothing raised) if the store is unreachable."""
+        try:
+            while self.buffer:
+                chunk, size = [], 0
+                for entry in self.buffer:
+                    if chunk and size + len(entry[0]) > self.batch_limit:
+                        break
+                    chunk.append(entry)
+                    size += len(entry[0])
+                self._write(chunk)
+                for _ in chunk:
+                    self.buffer.popleft()
+                self.written += len(chunk)
+        except Exception as error:  # any failure of the store: never a reason to stop (or retry) training
+            if not self._warned_down:
+                self._warned_down = True
+                self._warn(f"{self.what} did not take the training metrics ({type(error).__name__}: {str(error)[:300]}); "
+                           f"training goes on: up to {self.max_buffered} steps of metrics are kept and written when it "
+                           "answers again, older ones and any left at the end of training are dropped (this warning is "
+                           "shown once)")
+            if self.failing:
+                self._backoff = min(2 * self._backoff, 300.0)
+            self.failing, self._next_try = True, self._clock() + self._backoff
+            return False
+        if self.failing:
+            log.info("%s answers again: buffered training metrics written", self.what)
+        self.failing, self._backoff = False, self.retry_s
+        return True
+
+    def close(self) -> None:
+        """Last attempt at the end of training; whatever is still buffered is dropped with one warning."""
+        if self._write is None or not self.buffer:
+            return
+        if not self.flush():
+            self.dropped += len(self.buffer)
+            self._warn(f"{self.what} is unreachable at the end of training: {len(self.buffer)} buffered step(s) of "
+                       "metrics were dropped (the merge itself is unaffected)")
+            self.buffer.clear()
 
 
 def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:

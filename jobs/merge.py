@@ -2,6 +2,7 @@
 
   python jobs/merge.py                                   # the embedded default: jobs/configs/toy.yaml
   python jobs/merge.py --config jobs/configs/toy.yaml --set distill.steps=10
+  python jobs/merge.py --config jobs/configs/toy.yaml --dry-run --deep   # check config + teachers (every tensor finite)
   ray job submit --working-dir . -- python jobs/merge.py
 
 Without --config the toy preset runs: its zoo is built on first use and cached, and the zoo,
@@ -29,8 +30,13 @@ def main(argv=None) -> int:
     parser.add_argument("--restart", action="store_true", help="discard output_dir's resumable state (checkpoints, synthesized "
                         "sets) made with other settings; the last merged model stays until the new one replaces it")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and teachers, print the plan, start nothing "
-                        "(a zoo preset must be built already)")
+                        "(a zoo preset must be built already); teachers' files are checked cheaply: present, safetensors "
+                        "headers and sizes intact (truncated files), .ckpt only with allow_pickle")
+    parser.add_argument("--deep", action="store_true", help="with --dry-run: also read every tensor of every teacher and fail on "
+                        "NaN/Inf, naming the teacher, file and tensor (reads all the weights: minutes on real checkpoints)")
     args = parser.parse_args(argv)
+    if args.deep and not args.dry_run:
+        parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config
@@ -43,7 +49,9 @@ def main(argv=None) -> int:
 
         print(format_locations(cfg, "locations"), flush=True)
         if args.dry_run:
-            validate_before_ray(cfg)
+            validate_before_ray(cfg, deep=args.deep)
+            if args.deep:
+                print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
             if not args.restart:
                 check_output_dir(cfg.with_absolute_paths())
             print(cfg.model_dump_json(indent=2))

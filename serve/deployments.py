@@ -61,6 +61,13 @@ class StyleModel:
         self.sample_failures: Counter = Counter()  # "client" (4xx) / "server" (500) per failed sample
         self.forward_s: dict[int, deque] = defaultdict(lambda: deque(maxlen=1000))  # batch size -> seconds
 
+    def __del__(self):
+        """Serve calls this when the replica shuts down (scale-down, redeploy, a replaced model):
+        the temporary download of a `models:/` model goes with it."""
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+
     def info(self) -> dict:
         """Styles, native size, and batching counters (tests and the benchmark read them)."""
         return {

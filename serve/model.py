@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,9 +29,14 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be found or loaded (message says what to set)."""
 
 
-def resolve_model_location(location: str) -> Path:
-    """A merged-model folder, or an MLflow `models:/name/version` URI -> a local folder."""
-    if location.startswith(("models:/", "runs:/")):
+def is_mlflow_uri(location: str) -> bool:
+    return location.startswith(("models:/", "runs:/"))
+
+
+def resolve_model_location(location: str, download_dir: str | Path | None = None) -> Path:
+    """A merged-model folder, or an MLflow `models:/name/version` URI -> a local folder (downloaded
+    under `download_dir`, which the caller owns and deletes; default: a new temporary folder)."""
+    if is_mlflow_uri(location):
         try:
             from dmm_ray.tracking import resolve_model_uri  # lazy: MLflow is only needed for registry URIs
         except ImportError as exc:
@@ -38,7 +44,7 @@ def resolve_model_location(location: str) -> Path:
                 f"model {location!r} is an MLflow URI but dmm_ray.tracking.resolve_model_uri is not available "
                 f"({exc}); set DMM_MODEL to a merged-model folder instead"
             ) from exc
-        path = Path(resolve_model_uri(location))
+        path = Path(resolve_model_uri(location, dst=download_dir))
     else:
         path = Path(location)
     if not path.is_dir():
@@ -88,20 +94,31 @@ def pipeline_param_bytes(pipe) -> int:
 
 
 class StyleModelBackend:
-    """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`."""
+    """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`.
+
+    A `models:/` / `runs:/` model is downloaded into a temporary folder the backend owns: `close()`
+    (the Serve replica's shutdown, or garbage collection) deletes it, so replacing the model or
+    restarting replicas does not leave a copy of the weights behind per load."""
 
     def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
         from dmm_ray.architectures import load_dmm_pipeline
 
-        path = resolve_model_location(location)
-        self.device = pick_device(device)
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
-        t0 = time.perf_counter()
+        self.download_dir: Optional[tempfile.TemporaryDirectory] = None
+        if is_mlflow_uri(location):
+            self.download_dir = tempfile.TemporaryDirectory(prefix="dmm-serve-model-")
         try:
-            pipe = load_dmm_pipeline(path, dtype=dtype)  # DMMPipeline or DMMXLPipeline
-        except Exception as exc:  # corrupt / foreign folder: say which folder
-            raise ModelLoadError(f"could not load a DMMPipeline from {str(path)!r}: {exc}") from exc
+            path = resolve_model_location(location, self.download_dir.name if self.download_dir else None)
+            self.device = pick_device(device)
+            dtype = torch.float16 if self.device == "cuda" else torch.float32
+            t0 = time.perf_counter()
+            try:
+                pipe = load_dmm_pipeline(path, dtype=dtype)  # DMMPipeline or DMMXLPipeline
+            except Exception as exc:  # corrupt / foreign folder: say which folder
+                raise ModelLoadError(f"could not load a DMMPipeline from {str(path)!r}: {exc}") from exc
+        except BaseException:
+            self.close()  # a failed load leaves no download behind
+            raise
         self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - t0
@@ -118,6 +135,20 @@ class StyleModelBackend:
             int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor),
         )
         logger.info("loaded %s (%d styles) on %s in %.1fs", path, len(self.style_names), self.device, self.load_seconds)
+
+    def close(self) -> None:
+        """Delete the temporary download of an MLflow model (idempotent; the loaded weights stay usable
+        in memory until the backend itself is dropped)."""
+        download, self.download_dir = getattr(self, "download_dir", None), None
+        if download is not None:
+            download.cleanup()
+            logger.info("removed the downloaded model folder %s", download.name)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: TemporaryDirectory's own finalizer still runs
+            pass
 
     def _load_lora(self, adapters: dict[str, str]) -> list[str]:
         """Preload every configured adapter (diffusers' load_lora_weights), all off until a request names one."""

@@ -52,19 +52,29 @@ def _init_adapters_from_teachers(cfg, student, base, first: int) -> None:
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):
+    """Rank 0's per-step metric logger: a `BufferedMetricLogger`, so an MLflow outage (server down,
+    SQLite locked) costs one warning and buffered metrics, never an exception (or a Ray Train retry)."""
+    from dmm_ray.tracking import BufferedMetricLogger
+
     if not tracking or rank != 0 or not tracking.get("run_id"):
-        return lambda metrics, step: None
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client, run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
+        return BufferedMetricLogger(None)
+    # A down HTTP server must not stall a step for minutes of MLflow's default retries (user settings win).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri, run_id = tracking["uri"], tracking["run_id"]
     prefix = tracking.get("prefix", "")
+    client = None
 
-    def log(metrics: dict, step: int):
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(prefix + k, float(v), now, step) for k, v in metrics.items()])
+    def write(entries: list):
+        nonlocal client
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
 
-    return log
+        if client is None:
+            client = MlflowClient(uri)
+        client.log_batch(run_id, metrics=[Metric(prefix + k, float(v), ts, step) for metrics, step, ts in entries for k, v in metrics.items()])
+
+    return BufferedMetricLogger(write, retry_s=tracking.get("retry_s", 30.0), what=f"MLflow ({uri})")
 
 
 def _optimizer(student, d, lr: float, steps: int, warmup: int):
@@ -152,6 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, tokenize
     from dmm_ray.distill.conditioning import conditioner_for, load_base_conditioner, vae_scale_factor
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
+    from dmm_ray.distill.health import agree_on_nonfinite, describe_nonfinite, nonfinite_terms, raise_if_nonfinite
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
     from dmm_ray.models.discriminator import MultiClassDiscriminator
@@ -244,6 +255,10 @@ def train_loop_per_worker(config: dict) -> None:
         autocast_dtype=torch.bfloat16 if d.bf16 else None,
     )
     log = _mlflow_logger(config.get("tracking"), rank)
+    if role.kind == "teacher":
+        hosts = ", ".join(f"style {style_names[s]!r}, teacher {cfg.teachers[i].source}" for i, s in zip(role.teacher_indices, role.style_indices))
+    else:
+        hosts = f"regularisation of the old styles, teacher: the previous merged model {cfg.incremental.base_merged}"
     rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -321,6 +336,10 @@ def train_loop_per_worker(config: dict) -> None:
                 time.sleep(10)  # crash a moment *after* the last checkpoint was reported, as a real fault would
                 os._exit(1)
         logs = step_fn.run(micro, styles, opt_student, opt_disc, generator=rng)
+        # NaN/Inf stops here, on every worker at the same step, before anything is saved (never retried)
+        bad = nonfinite_terms(logs)
+        local = describe_nonfinite(bad, stage=stage, step=step + 1, steps=steps, rank=rank, hosts=hosts) if bad else None
+        raise_if_nonfinite(agree_on_nonfinite(local, device))
         lr_scheduler.step()
         if ema is not None:
             ema.step(student.parameters())
@@ -353,5 +372,6 @@ def train_loop_per_worker(config: dict) -> None:
             # the temp folder is removed once Ray Train has persisted it (storage keeps num_to_keep)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
                              delete_local_checkpoint_after_upload=True if folder else None)
+    log.close()  # buffered metrics of an MLflow outage: written now, or dropped with one warning
     if progress is not None:
         progress.close()

@@ -19,6 +19,7 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
     from ray.train.torch import TorchTrainer
 
     from dmm_ray.data.stream import train_dataset_config
+    from dmm_ray.distill.health import StopOnNonFinite, controller_callbacks
     from dmm_ray.distill.loop import train_loop_per_worker
     from dmm_ray.resources import check_cluster, with_plan
 
@@ -43,7 +44,25 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
             storage_path=str((Path(cfg.output_dir) / "ray_results").resolve()),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # a NaN/Inf loss is deterministic: stop at once instead of retrying it max_failures times
+            callbacks=[StopOnNonFinite()] if controller_callbacks() else None,
         ),
         datasets=datasets,
         dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else [], data_cpus=plan.data_limit_cpus),
     )
+
+
+def fit_stage(trainer):
+    """`trainer.fit()`, with a non-finite loss raised as the worker's own NonFiniteLossError (its
+    message names the step, the term and the style) instead of Ray Train's wrapper."""
+    from ray.train import TrainingFailedError
+
+    from dmm_ray.distill.health import unwrap_training_error
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as error:
+        nonfinite = unwrap_training_error(error)
+        if nonfinite is None:
+            raise
+        raise type(nonfinite)(str(nonfinite)) from None

@@ -1,0 +1,346 @@
+"""Reliability of the merge job and of serving: a NaN loss stops a merge with a clear message and
+writes nothing; an MLflow outage never stops training; --dry-run catches broken teacher files
+(--deep: NaN/Inf tensors); Serve deletes the temporary download of a `models:/` model."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merge_fixtures import build_world, tiny_merge_config
+
+
+def _save_teacher(path: Path, nan: bool = False, seed: int = 100) -> Path:
+    """A tiny diffusers-folder teacher like merge_fixtures builds; `nan`: NaN in its UNet's output conv."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.tiny import tiny_sd_components
+
+    c = tiny_sd_components(seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in c["unet"].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+        if nan:
+            c["unet"].conv_out.bias[0] = float("nan")
+    StableDiffusionPipeline(**c).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("reliability_world"))
+
+
+# ---- 1. a non-finite loss stops the merge ----------------------------------------------------
+
+def test_nonfinite_terms_and_message():
+    from dmm_ray.distill.health import NonFiniteLossError, describe_nonfinite, nonfinite_terms, raise_if_nonfinite
+
+    assert nonfinite_terms({"loss_score": 0.5, "loss_total": 0.5, "grad_norm": 1.0}) == {}
+    bad = nonfinite_terms({"loss_score": float("nan"), "loss_feat": 0.1, "loss_total": float("nan"), "grad_norm": float("nan")})
+    assert set(bad) == {"loss_score", "loss_total"}  # the loss terms, not the gradient they poisoned
+    assert nonfinite_terms({"loss_score": 0.1, "grad_norm": float("inf")}) == {"grad_norm": float("inf")}
+    message = describe_nonfinite(bad, stage="distill", step=3, steps=10, rank=1, hosts="style 'ink', teacher /t/ink")
+    with pytest.raises(NonFiniteLossError, match=r"distill step 3 of 10 on rank 1 \(style 'ink', teacher /t/ink\): loss_score = nan") as info:
+        raise_if_nonfinite([message])
+    assert "--dry-run --deep" in str(info.value)
+    raise_if_nonfinite([])  # nothing non-finite: no error
+
+
+def test_nonfinite_error_is_stopped_on_the_controller_not_retried():
+    """Raised in the controller callback, Ray Train makes it a ControllerError, which it never retries;
+    the driver gets the worker's own error back out of either wrapper."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from dmm_ray.distill.health import NonFiniteLossError, StopOnNonFinite, controller_callbacks, unwrap_training_error
+
+    assert controller_callbacks()
+    callback = StopOnNonFinite()
+    callback.after_exception(None, {0: RuntimeError("a crash a restart can get past")})  # other errors: Ray retries them
+    with pytest.raises(NonFiniteLossError, match="loss_score"):
+        callback.after_exception(None, {0: RuntimeError("collateral"), 1: NonFiniteLossError("non-finite loss ... loss_score = nan")})
+    error = NonFiniteLossError("non-finite loss in distill step 1")
+    assert unwrap_training_error(ControllerError(error)) is error
+    assert unwrap_training_error(WorkerGroupError("w", {1: error})) is error
+    assert unwrap_training_error(WorkerGroupError("w", {1: RuntimeError("x")})) is None
+
+
+@pytest.mark.ray
+def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_cluster, world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.distill.health import NonFiniteLossError
+    from dmm_ray.merge import run_merge
+
+    broken = _save_teacher(tmp_path / "teachers" / "broken", nan=True)
+    teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config({**world, "teachers": teachers}, out,
+                                                       distill={"steps": 3, "checkpoint_every": 1}, synthesis={"finetune_steps": 0}))
+    with pytest.raises(NonFiniteLossError) as info:
+        run_merge(cfg)
+    message = str(info.value)
+    assert message.startswith("non-finite loss in distill step 1 of 3 on rank 1")  # the worker's own words, no Ray wrapper
+    assert "style0" not in message  # only the cause: the other worker's NaN gradient is its consequence
+    assert "loss_score = nan" in message and "style 'broken'" in message and str(broken) in message
+    assert not (out / "merged").exists() and not (out / "merged.tmp").exists()
+    assert not list((out / "ray_results").rglob("checkpoint_*"))  # no NaN checkpoint either
+
+
+# ---- 2. an MLflow outage never stops training -------------------------------------------------
+
+class _FlakyClient:
+    """Stands in for mlflow's MlflowClient: raises on the first `failures` log_batch calls."""
+
+    failures = 0
+    calls = 0
+    logged: list = []
+
+    def __init__(self, uri):
+        self.uri = uri
+
+    def log_batch(self, run_id, metrics=()):
+        type(self).calls += 1
+        if type(self).calls <= type(self).failures:
+            raise ConnectionError("mlflow server unreachable (fake)")
+        type(self).logged.extend(metrics)
+
+
+def _fake_mlflow(monkeypatch, failures: int):
+    import mlflow.tracking
+
+    client = type("Client", (_FlakyClient,), {"failures": failures, "calls": 0, "logged": []})
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", client)
+    return client
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "dmm_ray.tracking"]
+
+
+def test_mlflow_outage_buffers_metrics_and_writes_them_when_it_returns(monkeypatch, caplog):
+    from dmm_ray.distill.loop import _mlflow_logger
+
+    client = _fake_mlflow(monkeypatch, failures=3)
+    log = _mlflow_logger({"uri": "http://127.0.0.1:1", "run_id": "r1", "prefix": "distill/", "retry_s": 0}, rank=0)
+    with caplog.at_level(logging.INFO, logger="dmm_ray.tracking"):
+        for step in range(1, 6):
+            log({"loss_score": 0.1 * step, "lr": 1e-4}, step)  # steps 1-3 fail, step 4 writes 1-4, step 5 writes 5
+        log.close()
+    assert [(m.key, m.step) for m in client.logged if m.key == "distill/loss_score"] == [("distill/loss_score", s) for s in range(1, 6)]
+    assert client.logged[0].value == pytest.approx(0.1)
+    assert len(_warnings(caplog)) == 1 and "training goes on" in _warnings(caplog)[0]
+    assert log.dropped == 0 and not log.buffer
+
+
+def test_mlflow_always_down_warns_once_and_never_raises(monkeypatch, caplog):
+    from dmm_ray.distill.loop import _mlflow_logger
+
+    client = _fake_mlflow(monkeypatch, failures=10**9)
+    log = _mlflow_logger({"uri": "sqlite:///locked.db", "run_id": "r1", "retry_s": 0}, rank=0)
+    log.max_buffered = 5  # bounded: the oldest steps go
+    with caplog.at_level(logging.WARNING, logger="dmm_ray.tracking"):
+        for step in range(1, 21):
+            log({"loss_score": 1.0}, step)  # the training loop's call: never raises
+        log.close()
+    assert client.calls >= 20 and client.logged == []
+    assert len(_warnings(caplog)) == 1, _warnings(caplog)
+    assert log.dropped == 20 and not log.buffer
+
+
+def test_mlflow_logger_backs_off_while_down():
+    """While the store is down it is not asked again every step (a down HTTP server costs a timeout)."""
+    from dmm_ray.tracking import BufferedMetricLogger
+
+    now = [0.0]
+    calls = []
+
+    def write(entries):
+        calls.append(len(entries))
+        if now[0] < 100:
+            raise OSError("database is locked")
+
+    log = BufferedMetricLogger(write, retry_s=30, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] = step
+        log({"loss": 1.0}, step)
+    assert calls == [1]  # one try, then waits 30 s
+    now[0] = 120
+    log({"loss": 1.0}, 11)
+    assert calls == [1, 11] and not log.buffer  # back: the 10 buffered steps and this one in one batch
+    assert BufferedMetricLogger(None)({"loss": 1.0}, 1) is None  # not rank 0 / tracking off: a no-op
+
+
+# ---- 3. --dry-run catches broken teacher files -----------------------------------------------
+
+@pytest.fixture
+def dry_run(world, tmp_path, capsys):
+    """Copy of the world's teachers under tmp_path; run(teachers, *flags) -> (exit code, stderr)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import merge as merge_job
+
+    def run(teachers, *flags):
+        config = tmp_path / "merge.yaml"
+        config.write_text(yaml.safe_dump(tiny_merge_config({**world, "teachers": teachers}, tmp_path / "out")))
+        code = merge_job.main(["--config", str(config), "--dry-run", *flags])
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _copy_teacher(world, tmp_path, name="style1") -> Path:
+    src = next(t["source"] for t in world["teachers"] if t["name"] == name)
+    dst = tmp_path / "copies" / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_dry_run_passes_intact_teachers(dry_run, world):
+    code, err = dry_run(world["teachers"], "--deep")
+    assert code == 0, err
+
+
+def test_dry_run_catches_truncated_unet_safetensors(dry_run, world, tmp_path):
+    teacher = _copy_teacher(world, tmp_path)
+    weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    code, err = dry_run([world["teachers"][0], {"name": "style1", "source": str(teacher)}])
+    assert code == 2
+    assert "teacher 'style1'" in err and str(weights) in err and "truncated" in err
+
+
+def test_dry_run_catches_pickled_ckpt_without_allow_pickle(dry_run, world, tmp_path):
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, ckpt)
+    code, err = dry_run([world["teachers"][0], {"name": "legacy", "source": str(ckpt), "base": world["base"]}])
+    assert code == 2
+    assert "teacher 'legacy'" in err and "old.ckpt" in err and "allow_pickle: true" in err
+
+
+def test_dry_run_catches_missing_files(dry_run, world, tmp_path):
+    teacher = _copy_teacher(world, tmp_path)
+    (teacher / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    code, err = dry_run([world["teachers"][0], {"name": "style1", "source": str(teacher)}])
+    assert code == 2 and "teacher 'style1'" in err and str(teacher / "unet") in err and "no weights file" in err
+
+    shutil.rmtree(teacher / "vae")
+    (teacher / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # and an empty one
+    code, err = dry_run([world["teachers"][0], {"name": "style1", "source": str(teacher)}])
+    assert code == 2 and "teacher 'style1'" in err and "truncated or not a safetensors file" in err
+
+    code, err = dry_run([world["teachers"][0], {"name": "gone", "source": str(tmp_path / "nowhere")}])
+    assert code == 2 and "teacher 'gone'" in err and "does not exist" in err
+
+
+def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
+    broken = _save_teacher(tmp_path / "broken", nan=True)
+    teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
+    code, err = dry_run(teachers)  # the cheap scan reads headers only: a NaN value passes it
+    assert code == 0, err
+    code, err = dry_run(teachers, "--deep")
+    assert code == 2
+    assert "teacher 'broken'" in err and "unet/diffusion_pytorch_model.safetensors" in err
+    assert "'conv_out.bias' has 1 NaN/Inf value(s)" in err
+
+
+def test_file_check_takes_every_teacher_format(world, tmp_path):
+    """No false alarm on single files, LoRAs (+ their base) and allowed .ckpt; a truncated single file is caught."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from dmm_ray.formats.single_file import export_single_file
+    from dmm_ray.teachers import TeacherError, TeacherSpec, check_teacher_files
+
+    pipe = StableDiffusionPipeline.from_pretrained(world["base"])
+    export_single_file(pipe, tmp_path / "single.safetensors")
+    torch.save(pipe.unet.state_dict(), tmp_path / "unet.ckpt")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet), safe_serialization=True)
+    lora = next((tmp_path / "lora").glob("*.safetensors"))
+    specs = [TeacherSpec(name="single", source=str(tmp_path / "single.safetensors"), base=world["base"]),
+             TeacherSpec(name="lora", source=str(lora), base=world["base"]),
+             TeacherSpec(name="ckpt", source=str(tmp_path / "unet.ckpt"), base=world["base"], allow_pickle=True)]
+    check_teacher_files(specs, deep=True)
+    data = (tmp_path / "single.safetensors").read_bytes()
+    (tmp_path / "single.safetensors").write_bytes(data[:-100])
+    with pytest.raises(TeacherError, match=r"teacher 'single': .*single.safetensors is truncated"):
+        check_teacher_files(specs[:1])
+
+
+def test_deep_without_dry_run_is_refused(dry_run):
+    import merge as merge_job
+
+    with pytest.raises(SystemExit):
+        merge_job.main(["--deep"])
+
+
+# ---- 4. Serve deletes the temporary download of a models:/ model -----------------------------
+
+@pytest.fixture
+def logged_model_uri(tmp_path, monkeypatch):
+    """The tiny merged model logged as a run artifact of a fresh SQLite store: `runs:/<id>/merged_model`."""
+    import mlflow
+
+    from serve_helpers import tiny_model_dir
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.create_experiment("serve-cleanup", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifacts(str(tiny_model_dir()), "merged_model")
+    return f"runs:/{run.info.run_id}/merged_model"
+
+
+def test_serve_backend_deletes_its_download_on_close(logged_model_uri, tmp_path):
+    from serve.model import StyleModelBackend
+
+    backend = StyleModelBackend(logged_model_uri, device="cpu")
+    download = Path(backend.download_dir.name)
+    assert download.is_dir() and download in backend.path.parents  # the model was really downloaded there
+    assert download.name.startswith("dmm-serve-model-")
+    assert backend.style_names  # and loaded
+    backend.close()
+    assert not download.exists()
+    backend.close()  # idempotent
+
+
+def test_serve_replica_shutdown_deletes_the_download(logged_model_uri):
+    """Serve calls the replica's __del__ when it shuts down (redeploy, a replaced model, scale-down)."""
+    from serve.deployments import StyleModel
+
+    replica = StyleModel.func_or_class(logged_model_uri, device="cpu")
+    download = Path(replica.backend.download_dir.name)
+    assert download.is_dir()
+    replica.__del__()
+    assert not download.exists()
+    del replica
+    gc.collect()
+
+
+def test_serve_failed_load_leaves_no_download(logged_model_uri, monkeypatch):
+    import serve.model as model
+
+    made = []
+    real = model.tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(model.tempfile, "TemporaryDirectory", recording)
+    import dmm_ray.architectures as architectures
+
+    monkeypatch.setattr(architectures, "load_dmm_pipeline", lambda *a, **k: (_ for _ in ()).throw(OSError("corrupt")))
+    with pytest.raises(model.ModelLoadError, match="could not load a DMMPipeline"):
+        model.StyleModelBackend(logged_model_uri, device="cpu")
+    assert made and not Path(made[0].name).exists()
