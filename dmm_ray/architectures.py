@@ -7,6 +7,7 @@ evaluation and Serve code load any base, teacher or merged model the same way.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 
@@ -41,8 +42,23 @@ def pipeline_kwargs(cls) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if issubclass(cls, StableDiffusionPipeline) else {}
 
 
+def merged_folder(path: str | Path) -> str | Path:
+    """`path`, or its `.old` sibling when `path` is missing because a save of the merged model was
+    interrupted between its two renames (dmm_ray/merge.py `_swap_in`): the last good model, read in
+    place. The next merge on that output_dir renames it back (`recover_merged`)."""
+    folder = Path(path)
+    old = folder.with_name(folder.name + ".old")
+    if "://" not in str(path) and not folder.exists() and (old / "unet" / "config.json").is_file():
+        logging.getLogger(__name__).warning(
+            "%s is missing but %s holds the previous merged model (a save was interrupted); loading that. "
+            "Re-run the merge (jobs/merge.py) on the same output_dir to restore %s.", folder, old, folder.name)
+        return old
+    return path
+
+
 def load_dmm_pipeline(path: str | Path, **kwargs):
-    """A merged model folder as DMMPipeline / DMMXLPipeline, offline."""
+    """A merged model folder as DMMPipeline / DMMXLPipeline, offline (see `merged_folder`)."""
+    path = merged_folder(path)
     cls = dmm_pipeline_class(path)
     return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
 

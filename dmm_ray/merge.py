@@ -63,11 +63,10 @@ def init_ray(cfg: MergeConfig):
 
 def plan_cluster(cfg: MergeConfig):
     """`dmm_ray.resources.check_cluster` on the connected cluster (encode counted if shards are missing)."""
-    from dmm_ray.data.shards import complete_shards
+    from dmm_ray.data.shards import shard_set_state
     from dmm_ray.resources import check_cluster
 
-    _, shards = complete_shards(cfg.data.shards, require=False)
-    return check_cluster(cfg, needs_encode=not shards)
+    return check_cluster(cfg, needs_encode=shard_set_state(cfg.data.shards).status != "complete")
 
 
 def with_plan(cfg: MergeConfig, plan) -> MergeConfig:
@@ -114,19 +113,32 @@ def format_locations(cfg: MergeConfig, title: str) -> str:
 
 
 def ensure_latents(cfg: MergeConfig) -> None:
-    from dmm_ray.data.shards import complete_shards
+    """Latent shards to train on: a complete set is used as it is; none, or a set whose encode did not
+    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
+    from dmm_ray.data.shards import shard_set_state
 
-    _, paths = complete_shards(cfg.data.shards, require=False)
-    if paths:
-        log(f"latent shards: {len(paths)} complete shard(s) in {cfg.data.shards}")
+    state = shard_set_state(cfg.data.shards)
+    if state.status == "complete":
+        log(f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
         _check_enough_rows(cfg)
         return
     if cfg.data.source is None:
+        if state.status == "partial":
+            raise FileNotFoundError(
+                f"data.shards {cfg.data.shards} holds an unfinished encode ({state.detail()}) and data.source is not set to finish it; "
+                "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set")
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
     from dmm_ray.data.encode import run_encode
 
-    log(f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
+    if state.status == "partial":
+        log(f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
+            f"resuming the encode from {cfg.data.source.root} instead of training on a subset")
+    else:
+        log(f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
     print(run_encode(cfg.data).summary(), flush=True)
+    after = shard_set_state(cfg.data.shards)
+    if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path
+        raise RuntimeError(f"encoding into {cfg.data.shards} left an incomplete set ({after.detail()})")
     _check_enough_rows(cfg)
 
 
@@ -187,9 +199,9 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
 
     # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
     pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp, _ = _save_siblings(dest)
     if tmp.exists():
-        shutil.rmtree(tmp)
+        _remove(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     try:
         teachers = all_teachers(cfg)
@@ -202,15 +214,51 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
     load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
-    old = dest.with_name(dest.name + ".old")
+    _swap_in(tmp, dest)
+    return dest
+
+
+def _save_siblings(dest: Path) -> tuple[Path, Path]:
+    """(`merged.tmp`, `merged.old`): where a save writes the new model and parks the previous one."""
+    return dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """dest -> dest.old, tmp -> dest, drop dest.old. A crash between the two renames leaves no `dest`
+    but a complete `dest.old`, which `recover_merged` (at the start of every merge) renames back."""
+    _, old = _save_siblings(dest)
     if dest.exists():
         if old.exists():
-            shutil.rmtree(old)
+            _remove(old)
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old.exists():
-        shutil.rmtree(old)
-    return dest
+        _remove(old)
+
+
+def recover_merged(dest: Path) -> list[str]:
+    """Undo a save of the merged model that was interrupted (see `_swap_in`): `merged` missing but
+    `merged.old` there -> rename it back; then remove leftover `merged.tmp` / `merged.old`. Returns
+    (and logs) what it did. Call only while holding output_dir's lock (no save can be under way)."""
+    tmp, old = _save_siblings(dest)
+    done = []
+    if not dest.exists() and old.is_dir():
+        os.replace(old, dest)
+        done.append(f"restored {dest} from {old.name} (a save of the merged model was interrupted between its two renames)")
+    for stale in (tmp, old):
+        if stale.exists() or stale.is_symlink():
+            _remove(stale)
+            done.append(f"removed {stale} left behind by an interrupted save")
+    for line in done:
+        log(line)
+    return done
 
 
 def _synthesis_prompts(cfg: MergeConfig) -> list[str]:
@@ -253,12 +301,22 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
 
 
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
-    import ray
+    """The whole merge, holding `output_dir`'s lock (dmm_ray/output_lock.py) from before Ray starts
+    until it returns or raises: a second merge on the same folder refuses instead of mixing state."""
+    from dmm_ray import output_lock
 
     started = time.time()
     cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock.hold(out, warn=log):
+        return _merge(cfg, out, tracker, restart, started)
+
+
+def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
+    import ray
+
+    recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
     validate_before_ray(cfg)

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config
+    from dmm_ray.output_lock import OutputDirBusyError
     from dmm_ray.teachers import TeacherError
 
     try:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         from dmm_ray.tracking import make_tracker
 
         result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)
-    except (ConfigError, TeacherError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, TeacherError, OutputDirBusyError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nmerged model: {result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")

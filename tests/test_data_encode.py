@@ -72,6 +72,91 @@ def test_half_written_shards_are_detected(tmp_path):
         sh.complete_shards(root)
 
 
+# ---- an encode that did not finish is never trained on (no Ray) ------------------------------
+
+def _encoded_set(root: str, rows_per_shard=(3, 3, 3), manifest=True, meta=True) -> pafs.FileSystem:
+    """Shards as run_encode leaves them: _encode.json first, then the shards, _complete.json last."""
+    fs = pafs.LocalFileSystem()
+    if meta:
+        sh.write_meta(fs, root, {"records": sum(rows_per_shard), "shard_size": 3})
+    for i, n in enumerate(rows_per_shard):
+        sh.write_shard(fs, root, i, _table(n))
+    if manifest:
+        sh.write_manifest(fs, root, len(rows_per_shard), sum(rows_per_shard), sum(rows_per_shard))
+    return fs
+
+
+def _drop_shard(root: str, index: int) -> None:
+    os.remove(sh.shard_path(root, index))
+    os.remove(sh.marker_path(root, index))
+
+
+def test_shard_set_state_tells_a_finished_encode_from_an_interrupted_one(tmp_path):
+    root = str(tmp_path / "a")
+    fs = _encoded_set(root)
+    state = sh.shard_set_state(root)
+    assert (state.status, state.shards, state.rows, state.expected_shards, state.expected_rows) == ("complete", 3, 9, 3, 9)
+    # a set encoded before the manifest existed: _encode.json's record count says every shard is there
+    sh.remove_manifest(fs, root)
+    assert sh.shard_set_state(root).status == "complete"
+    # killed mid-encode: shards 0 and 1 committed, shard 2 never written, no manifest
+    _drop_shard(root, 2)
+    state = sh.shard_set_state(root)
+    assert state.status == "partial" and state.detail() == "2 of 3 shards complete"
+    # the manifest's counts are checked too (a shard lost after the encode finished)
+    sh.write_manifest(fs, root, 3, 9, 9)
+    assert sh.shard_set_state(root).detail() == "2 of 3 shards complete, 6 of 9 latents"
+    # shards written by other code (no encode records): complete as soon as one is; none: empty
+    _encoded_set(str(tmp_path / "b"), (2,), manifest=False, meta=False)
+    assert sh.shard_set_state(str(tmp_path / "b")).status == "complete"
+    assert sh.shard_set_state(str(tmp_path / "missing")).status == "empty"
+
+
+def _merge_cfg(tmp_path, shards, source=True):
+    from dmm_ray.config import MergeConfig
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "world", rows=8)
+    data = {"shards": str(shards), "stream": {"batch_size": 2}}
+    if source:
+        data["source"] = {"kind": "folder", "root": str(tmp_path / "images")}
+    return MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", data=data))
+
+
+def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_path, monkeypatch, capsys):
+    from dmm_ray import merge
+    from dmm_ray.data import encode
+
+    shards = tmp_path / "latents"
+    fs = _encoded_set(str(shards), manifest=False)
+    _drop_shard(str(shards), 2)  # the crash: 6 of 9 latents on disk, and nothing says so but the count
+    calls = []
+
+    def finish(data_cfg, show_progress=True):  # what run_encode does on resume: the missing shard, then the manifest
+        calls.append(data_cfg.shards)
+        sh.write_shard(fs, str(shards), 2, _table(3))
+        sh.write_manifest(fs, str(shards), 3, 9, 9)
+        return encode.EncodeReport(9, 3, 2, 1, 3, 9)
+
+    monkeypatch.setattr(encode, "run_encode", finish)
+    merge.ensure_latents(_merge_cfg(tmp_path, shards))
+    assert calls == [str(shards)]
+    assert "are incomplete (2 of 3 shards complete; an encode did not finish): resuming the encode" in capsys.readouterr().out
+    # a whole set is used as it is
+    merge.ensure_latents(_merge_cfg(tmp_path, shards))
+    assert calls == [str(shards)]
+
+
+def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
+    from dmm_ray import merge
+
+    shards = tmp_path / "latents"
+    _encoded_set(str(shards), manifest=False)
+    _drop_shard(str(shards), 1)
+    with pytest.raises(FileNotFoundError, match=r"unfinished encode \(2 of 3 shards complete\) and data.source is not set"):
+        merge.ensure_latents(_merge_cfg(tmp_path, shards, source=False))
+
+
 # ---- the Ray job -----------------------------------------------------------------------------
 
 @pytest.mark.ray
@@ -123,6 +208,34 @@ def test_encode_journeydb_counts_skips_matches_vae_and_resumes(ray_cluster, tmp_
     with pytest.raises(ValueError, match="resolution"):
         run_encode(_jdb_config(tmp_path, tiny_base, shards).model_copy(update={"encode": cfg.encode.model_copy(update={"resolution": 64})}),
                    show_progress=False)
+
+
+@pytest.mark.ray
+def test_encode_records_its_manifest_only_once_every_shard_is_committed(ray_cluster, tmp_path, tiny_base, monkeypatch):
+    from dmm_ray.data import encode
+
+    make_journeydb(tmp_path, n=10)  # 9 indexed records -> 3 shards of 4, 7 latents (see the test above)
+    cfg = _jdb_config(tmp_path, tiny_base, tmp_path / "shards")
+    root = str(tmp_path / "shards")
+    commit, committed = encode._commit_shard, []
+
+    def killed_after_one_shard(*args):
+        if committed:
+            raise RuntimeError("killed mid-encode")
+        committed.append(commit(*args))
+        return committed[-1]
+
+    monkeypatch.setattr(encode, "_commit_shard", killed_after_one_shard)
+    with pytest.raises(RuntimeError, match="killed mid-encode"):
+        encode.run_encode(cfg, show_progress=False)
+    assert sh.read_manifest(pafs.LocalFileSystem(), root) is None
+    state = sh.shard_set_state(root)
+    assert (state.status, state.shards, state.expected_shards) == ("partial", 1, 3)
+    monkeypatch.setattr(encode, "_commit_shard", commit)
+    report = encode.run_encode(cfg, show_progress=False)  # the resume: the two missing shards only
+    assert (report.shards_already_complete, report.shards_written) == (1, 2)
+    assert sh.read_manifest(pafs.LocalFileSystem(), root) == {"shards": 3, "rows": 7, "records": 9}
+    assert sh.shard_set_state(root).status == "complete"
 
 
 @pytest.mark.ray

@@ -1,5 +1,7 @@
 """End-to-end merge on the shared local Ray cluster with tiny models (2 steps per stage)."""
 
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +103,38 @@ def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_
     # Restarted from a checkpoint, not from scratch: at most `checkpoint_every` (=1) step is redone
     # (the step-2 report may still be in flight when the controller sees the dead worker).
     assert result.metrics["step"] == 3 and 1 <= result.metrics["resumed_from"] <= 2
+
+
+@pytest.mark.slow  # two merges through jobs/merge.py: minutes on 2 cores
+def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray_cluster, world, tmp_path):
+    """SIGKILL the jobs/merge.py driver once distill has checkpointed, run the same command again: it takes
+    over the dead driver's lock, resumes from a checkpoint (not step 0) and leaves only `merged` behind."""
+    out = tmp_path / "out"
+    config = tiny_merge_config(world, out, synthesis={"enabled": False}, distill={"steps": 10, "checkpoint_every": 1, "lambda_adv": 0},
+                               tracking={"enabled": False}, evaluation={"enabled": False})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)]  # RAY_ADDRESS: joins the test cluster
+    checkpoints = out / "ray_results" / "test-merge-distill"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 500
+        while len(list(checkpoints.glob("checkpoint_*"))) < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # two on disk: the first is registered with Ray Train, so a resume can start from it
+        if first.poll() is None:
+            first.send_signal(signal.SIGKILL)
+        first.wait(60)
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert (out / "merge.lock").exists() and not (out / "merged").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-4000:]
+    assert "taking over the stale lock" in text
+    resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", text)]
+    assert resumed and min(resumed) >= 1, text[-4000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("merge")) == ["merged"]  # no merged.tmp/.old, no lock
+    assert (out / "merged" / "unet" / "config.json").exists()
 
 
 def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):

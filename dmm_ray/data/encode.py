@@ -9,7 +9,8 @@ Pipeline (streaming; one Ray Data block per pending shard at the input):
          rows (encoded or skipped) have arrived.
 
 Shards are fixed slices of the index (shard k = records [k*S, (k+1)*S)), so a re-run skips
-committed shards and redoes only the rest. Missing, unreadable images are skipped and counted
+committed shards and redoes only the rest; `_complete.json` (shard and row count) is written
+once every shard is committed, so an unfinished set is never mistaken for a whole one. Missing, unreadable images are skipped and counted
 by reason (empty captions and bad annotation lines are counted when indexing); nothing aborts.
 With encode.num_gpus == 0 Ray fuses the decode and VAE stages into one CPU actor (same
 resources); with GPUs they stay separate, so decoding never holds a GPU actor. The driver
@@ -188,6 +189,7 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
     out_fs, out_root = fsu.resolve(cfg.shards)
     meta = _fingerprint(cfg, records)
     _check_resumable(out_fs, out_root, meta, cfg.shards)
+    sh.remove_manifest(out_fs, out_root)  # written again only once every shard is committed
     sh.write_meta(out_fs, out_root, meta)
 
     done = {k for k in range(n_shards) if sh.is_shard_complete(out_fs, out_root, k)}
@@ -232,7 +234,16 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
     skipped = Counter(index.skipped)
     skipped.update(sh.skipped_totals(out_fs, out_root, range(n_shards)))
     total = sum((sh.read_marker(out_fs, out_root, k) or {}).get("rows", 0) for k in range(n_shards))
+    _finish(out_fs, out_root, n_shards, total, len(records))
     return EncodeReport(len(records), n_shards, len(done), written, encoded, total, skipped)
+
+
+def _finish(fs: pafs.FileSystem, root: str, n_shards: int, rows: int, records: int) -> None:
+    """Write the set's manifest (`_complete.json`) once every shard is committed: the mark of a finished encode."""
+    missing = [k for k in range(n_shards) if not sh.is_shard_complete(fs, root, k)]
+    if missing:
+        raise RuntimeError(f"encoding ended with shards {missing[:10]} not committed in {root}; run it again to finish them")
+    sh.write_manifest(fs, root, n_shards, rows, records)
 
 
 def _commit_shard(fs: pafs.FileSystem, root: str, shard: int, parts: list[dict]) -> tuple[int, Counter]:

@@ -3,13 +3,17 @@ mistaken for a finished one.
 
 Layout of a shard folder:
     _encode.json             what produced the shards (resolution, VAE, shard size, record count)
+    _complete.json           written by the encode LAST, once every shard is committed:
+                             {"shards", "rows", "records"} (what a finished set holds)
     shard-00000.parquet      columns latent list<float32> (C*h*w, scaled), latent_shape list<int32>
                              ([C, h, w]), caption string, source_id string (+ optional style int)
     shard-00000.done.json    commit marker, written LAST: {"rows", "bytes", "skipped": {reason: n}}
 
 A shard counts as complete only if its marker exists and the parquet footer's row count and
 file size match the marker. The parquet is written to `.tmp` and moved into place first, so a
-crash at any point leaves either no marker (shard redone) or a complete shard.
+crash at any point leaves either no marker (shard redone) or a complete shard. A crash mid-encode
+leaves some shards committed and no `_complete.json`: `shard_set_state` says the set is partial, so
+the merge finishes the encode instead of training on a subset.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -31,6 +36,7 @@ from dmm_ray.data import fs as fsu
 log = logging.getLogger(__name__)
 
 META_NAME = "_encode.json"
+MANIFEST_NAME = "_complete.json"
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
 
 LATENT_SCHEMA = pa.schema(
@@ -153,3 +159,69 @@ def read_meta(fs: pafs.FileSystem, root: str) -> Optional[dict]:
 def write_meta(fs: pafs.FileSystem, root: str, meta: dict) -> None:
     fs.create_dir(root, recursive=True)
     fsu.write_bytes_atomic(fs, fsu.join(root, META_NAME), json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def write_manifest(fs: pafs.FileSystem, root: str, shards: int, rows: int, records: int) -> None:
+    """Record a finished encode: `shards` shards (0..shards-1) holding `rows` latents of `records` records."""
+    manifest = {"shards": shards, "rows": rows, "records": records}
+    fsu.write_bytes_atomic(fs, fsu.join(root, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(fs: pafs.FileSystem, root: str) -> Optional[dict]:
+    try:
+        manifest = json.loads(fsu.read_bytes(fs, fsu.join(root, MANIFEST_NAME)))
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and {"shards", "rows"} <= manifest.keys() else None
+
+
+def remove_manifest(fs: pafs.FileSystem, root: str) -> None:
+    try:
+        fs.delete_file(fsu.join(root, MANIFEST_NAME))
+    except (FileNotFoundError, OSError):
+        pass
+
+
+@dataclass
+class ShardSetState:
+    """`status`: "complete" (safe to train on), "partial" (an encode that did not finish) or "empty"."""
+
+    status: str
+    shards: int  # complete shards present
+    rows: int  # latents in them
+    expected_shards: Optional[int] = None
+    expected_rows: Optional[int] = None
+
+    def detail(self) -> str:
+        if self.status == "empty":
+            return "no complete shards"
+        text = f"{self.shards} of {self.expected_shards if self.expected_shards is not None else '?'} shards complete"
+        if self.expected_rows is not None:
+            text += f", {self.rows} of {self.expected_rows} latents"
+        return text
+
+
+def shard_set_state(shards: str) -> ShardSetState:
+    """Is the latent set under `shards` whole? Checked against `_complete.json` (shard and row count of
+    the finished encode); without it against `_encode.json` (an encode that started: its record count
+    fixes the shard count; sets encoded before the manifest existed pass when every shard is there).
+    Shards with neither record (written by other code) count as complete when any is."""
+    fs, root = fsu.resolve(shards)
+    try:
+        present = shard_indices(fs, root)
+    except (FileNotFoundError, OSError):
+        present = []
+    done = {i: read_marker(fs, root, i)["rows"] for i in present if is_shard_complete(fs, root, i)}
+    manifest, meta = read_manifest(fs, root), read_meta(fs, root)
+    if manifest is not None:
+        expected, expected_rows = int(manifest["shards"]), int(manifest["rows"])
+    elif meta and meta.get("records") and meta.get("shard_size"):
+        expected, expected_rows = -(-int(meta["records"]) // int(meta["shard_size"])), None
+    else:
+        rows = sum(done.values())
+        return ShardSetState("complete" if rows else "empty", len(done), rows)
+    ours = {i: n for i, n in done.items() if i < expected}
+    rows = sum(ours.values())
+    whole = len(ours) == expected and (expected_rows is None or rows == expected_rows)
+    status = "complete" if whole else ("partial" if ours else "empty")
+    return ShardSetState(status, len(ours), rows, expected, expected_rows)

@@ -1,0 +1,130 @@
+"""One merge per `output_dir` at a time: a lock file beside the merge's state.
+
+`<output_dir>/merge.lock` holds {"host", "pid", "started"} of the merge that owns the folder. It is
+created with O_CREAT | O_EXCL (atomic: of two merges starting together exactly one gets it) and
+removed when the merge returns or raises. A second merge on the same folder refuses before Ray
+starts, naming the owner. A lock left by a merge that died without cleaning up (SIGKILL, a crash,
+a reboot) is recognised when its owner ran on this host and that process is gone (or the pid now
+belongs to a process started after the lock): it is taken over with a warning. A lock from another
+host cannot be checked from here and always refuses; the message says how to remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+LOCK_NAME = "merge.lock"
+_CLOCK_SLACK_S = 2.0  # process start times from the OS are coarse (boot time in whole seconds)
+
+
+class OutputDirBusyError(RuntimeError):
+    """Another merge (alive, or on another host) holds `output_dir`."""
+
+
+def lock_path(out: Path) -> Path:
+    return Path(out) / LOCK_NAME
+
+
+def read_owner(path: Path) -> Optional[dict]:
+    """The lock's {"host", "pid", "started"}, or None if there is none; unreadable content -> {}."""
+    try:
+        owner = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _process_start(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # no psutil, no such process, access denied: the caller decides by os.kill alone
+        return None
+
+
+def owner_alive(owner: dict) -> bool:
+    """Is the lock's owner a running process on this host? (Only meaningful for this host's locks.)"""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    started, locked = _process_start(pid), owner.get("started")
+    if started is not None and isinstance(locked, (int, float)) and started > locked + _CLOCK_SLACK_S:
+        return False  # the pid was reused by a process that started after the lock (e.g. after a reboot)
+    return True
+
+
+def describe(owner: dict) -> str:
+    when = owner.get("started")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "?"
+    return f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {since}"
+
+
+def _create(path: Path, owner: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(owner))
+    return True
+
+
+def acquire(out: Path, warn=print) -> dict:
+    """Take `out`'s lock or raise OutputDirBusyError naming its owner. Returns the owner record written."""
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(3):  # a stale lock taken over, then a race with another merge taking it over too
+        if _create(path, me):
+            return me
+        owner = read_owner(path)
+        if owner is None:
+            continue  # released between our two looks
+        if owner.get("host") != me["host"]:
+            raise OutputDirBusyError(
+                f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
+                "Wait for it to finish, or write this merge elsewhere (--set output_dir=NEW_DIR). "
+                f"If that merge is no longer running, delete {path} and run again.")
+        if owner_alive(owner):
+            raise OutputDirBusyError(
+                f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
+                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this merge elsewhere (--set output_dir=NEW_DIR).")
+        warn(f"warning: taking over the stale lock {path} of a merge that is no longer running ({describe(owner)})")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    raise OutputDirBusyError(f"could not take the lock {path}: other merges keep taking it; run one merge per output_dir")
+
+
+def release(out: Path, owner: dict) -> None:
+    """Remove `out`'s lock if it is still `owner`'s (never another merge's)."""
+    path = lock_path(out)
+    current = read_owner(path)
+    if current and current.get("pid") == owner["pid"] and current.get("host") == owner["host"] and current.get("started") == owner["started"]:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def hold(out: Path, warn=print) -> Iterator[dict]:
+    """`with hold(out):` the merge body; the lock is released when it returns or raises."""
+    owner = acquire(out, warn)
+    try:
+        yield owner
+    finally:
+        release(out, owner)

@@ -1,0 +1,206 @@
+"""One merge per output_dir (dmm_ray/output_lock.py) and a merged model that survives a crash mid-save
+(dmm_ray/merge.py: _swap_in / recover_merged). No Ray: the lock is taken before Ray starts, and the
+crash states are made on disk."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmm_ray import merge, output_lock
+from dmm_ray.config import MergeConfig
+from dmm_ray.output_lock import OutputDirBusyError
+from merge_fixtures import build_world, tiny_merge_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("output_dir_world"))
+
+
+def _write_lock(out: Path, pid: int, host: str | None = None, started: float | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = output_lock.lock_path(out)
+    path.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "started": time.time() - 5 if started is None else started}))
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# ---- 1. the lock ---------------------------------------------------------------------------------
+
+def test_live_lock_refuses_before_ray_and_names_the_owner(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    lock = _write_lock(out, os.getpid())  # another "owner" that is alive: this very process
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge body ran although output_dir is locked"))
+    with pytest.raises(OutputDirBusyError) as error:
+        merge.run_merge(MergeConfig.model_validate(tiny_merge_config(world, out)))
+    text = str(error.value)
+    assert f"pid {os.getpid()}" in text and f"host {socket.gethostname()}" in text and "output_dir=NEW_DIR" in text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()  # the owner's lock is untouched
+
+
+def test_lock_of_another_host_refuses_and_says_how_to_remove_it(tmp_path):
+    lock = _write_lock(tmp_path, 1, host="some-other-node")
+    with pytest.raises(OutputDirBusyError, match="host some-other-node, pid 1") as error:
+        output_lock.acquire(tmp_path)
+    assert f"delete {lock}" in str(error.value)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
+    _write_lock(tmp_path, _dead_pid())
+    warnings = []
+    owner = output_lock.acquire(tmp_path, warn=warnings.append)
+    assert owner["pid"] == os.getpid() and json.loads(output_lock.lock_path(tmp_path).read_text()) == owner
+    assert len(warnings) == 1 and "stale lock" in warnings[0] and "no longer running" in warnings[0]
+    output_lock.release(tmp_path, owner)
+    assert not output_lock.lock_path(tmp_path).exists()
+
+
+def test_lock_whose_pid_was_reused_after_it_was_written_is_stale(tmp_path):
+    # this process is alive but started long after the lock (as after a reboot that reused the pid)
+    _write_lock(tmp_path, os.getpid(), started=1_000_000.0)
+    owner = output_lock.acquire(tmp_path, warn=lambda _: None)
+    assert owner["started"] > 1_000_000.0
+
+
+def test_lock_is_held_during_the_merge_and_gone_after_it_returns_or_raises(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out))
+    seen = []
+
+    def body(cfg, out, tracker, restart, started):
+        seen.append(json.loads(output_lock.lock_path(out).read_text()))
+        return "result"
+
+    monkeypatch.setattr(merge, "_merge", body)
+    assert merge.run_merge(cfg) == "result"
+    assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
+    assert not output_lock.lock_path(out).exists()
+
+    def crash(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(merge, "_merge", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        merge.run_merge(cfg)
+    assert not output_lock.lock_path(out).exists()
+    # after a crash that skipped the cleanup (SIGKILL), the next run takes the dead owner's lock over
+    _write_lock(out, _dead_pid())
+    monkeypatch.setattr(merge, "_merge", body)
+    assert merge.run_merge(cfg) == "result" and not output_lock.lock_path(out).exists()
+
+
+def test_release_never_removes_another_owners_lock(tmp_path):
+    owner = output_lock.acquire(tmp_path)
+    _write_lock(tmp_path, 1, host="some-other-node")  # e.g. someone deleted ours and another merge took it
+    output_lock.release(tmp_path, owner)
+    assert output_lock.read_owner(output_lock.lock_path(tmp_path))["host"] == "some-other-node"
+
+
+def test_merge_job_refuses_a_locked_output_dir_with_exit_2(world, tmp_path):
+    out = tmp_path / "out"
+    _write_lock(out, os.getpid())
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"pid {os.getpid()}" in proc.stderr and "in use by another merge" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+
+
+# ---- 2. the merged model survives a crash mid-save -----------------------------------------------
+
+def _model(path: Path, tag: str) -> Path:
+    (path / "unet").mkdir(parents=True)
+    (path / "unet" / "config.json").write_text(json.dumps({"tag": tag}))
+    return path
+
+
+def _tag(path: Path) -> str:
+    return json.loads((path / "unet" / "config.json").read_text())["tag"]
+
+
+def test_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
+    dest = _model(tmp_path / "merged", "good")
+    _model(tmp_path / "merged.tmp", "new")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(merge.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        merge._swap_in(tmp_path / "merged.tmp", dest)
+    monkeypatch.setattr(merge.os, "replace", real_replace)
+    assert not dest.exists() and (tmp_path / "merged.old").is_dir()  # the state a crash leaves
+
+    from dmm_ray.architectures import merged_folder
+
+    assert merged_folder(dest) == tmp_path / "merged.old"  # a loader still finds the last good model
+    done = merge.recover_merged(dest)
+    assert _tag(dest) == "good" and len(done) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert merged_folder(dest) == dest
+
+
+@pytest.mark.parametrize("leftover", ["merged.old", "merged.tmp"])
+def test_leftovers_beside_a_good_model_are_removed(tmp_path, leftover):
+    dest = _model(tmp_path / "merged", "good")
+    _model(tmp_path / leftover, "stale")
+    assert merge.recover_merged(dest) == [f"removed {tmp_path / leftover} left behind by an interrupted save"]
+    assert _tag(dest) == "good" and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert merge.recover_merged(dest) == []  # nothing to do on a clean folder
+
+
+def test_a_half_written_first_save_is_removed(tmp_path):
+    (tmp_path / "merged.tmp").mkdir()  # killed inside save_pretrained before any model existed
+    merge.recover_merged(tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_recovers_before_anything_else(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _model(out / "merged.old", "good")
+    _model(out / "merged.tmp", "new")
+
+    def stop(cfg):
+        raise RuntimeError("stop after recovery")
+
+    monkeypatch.setattr(merge, "validate_before_ray", stop)
+    with pytest.raises(RuntimeError, match="stop after recovery"):
+        merge.run_merge(MergeConfig.model_validate(tiny_merge_config(world, out)))
+    assert _tag(out / "merged") == "good" and not (out / "merged.old").exists() and not (out / "merged.tmp").exists()
+
+
+def test_save_merged_leaves_only_the_new_model(world, tmp_path):
+    import diffusers
+
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.models.style_unet import StyleUNet
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out")).with_absolute_paths()
+    student = tmp_path / "student"
+    StyleUNet.from_unet(diffusers.UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"]).save_pretrained(student)
+    dest = tmp_path / "out" / "merged"
+    merge.save_merged(cfg, student, dest)
+    _model(tmp_path / "out" / "merged.old", "stale")  # a leftover from an older crash is no obstacle
+    merge.save_merged(cfg, student, dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["merged"]
+    assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
