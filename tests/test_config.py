@@ -61,3 +61,17 @@ def test_missing_file_and_bad_set(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(_write(tmp_path, BASE), ["distill.steps"])
+
+
+def test_evaluate_job_reads_a_merge_configs_evaluation_section():
+    """`jobs/evaluate.py --config jobs/configs/toy.yaml --section evaluation` (what the fidelity curve's
+    second seed set runs) takes the merge section's shorthands, with --set overrides on top."""
+    from pathlib import Path
+
+    from dmm_ray.evaluation.config import load_eval_config
+
+    toy = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml"
+    cfg = load_eval_config(toy, ["seed_a=2000000", "seed_b=3000000", "num_inference_steps=4"], "evaluation")
+    assert cfg.max_prompts == 32 and cfg.images_per_prompt == 4
+    assert cfg.sampler.num_inference_steps == 4 and cfg.sampler.guidance_scale == 5.0 and cfg.sampler.negative_prompt == ""
+    assert (cfg.seed_a, cfg.seed_b) == (2000000, 3000000)

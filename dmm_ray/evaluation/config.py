@@ -142,7 +142,8 @@ def load_eval_config(
         if section is not None:
             data = data.get(section, {}) or {}
     defaults = defaults or {}
-    data = apply_overrides(merge_defaults(defaults, data), overrides)
+    # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...)
+    data = expand_section_shorthands(apply_overrides(merge_defaults(defaults, expand_section_shorthands(data)), overrides))
     # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
     # zoo feature-net folder vs another extractor kind).
     if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):
@@ -175,7 +176,12 @@ SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "hei
 
 
 def eval_config_from_section(section: dict | None) -> EvalConfig:
-    """EvalConfig from a merge config's `evaluation:` section, accepting its shorthands:
+    """EvalConfig from a merge config's `evaluation:` section (see expand_section_shorthands)."""
+    return EvalConfig.model_validate(expand_section_shorthands(section))
+
+
+def expand_section_shorthands(section: dict | None) -> dict:
+    """A merge config's `evaluation:` shorthands as EvalConfig fields (idempotent):
     `prompts: <file>` (-> prompts_file), `num_prompts` (-> max_prompts), `feature_net: <dir>`
     (zoo extractor), `inception_weights: <file>` (Inception extractor), `resolution` and flat
     sampler keys (`num_inference_steps`, ... -> sampler.*). Unknown keys still fail by name."""
@@ -205,7 +211,7 @@ def eval_config_from_section(section: dict | None) -> EvalConfig:
         sampler.setdefault("width", r)
     for k in SAMPLER_KEYS:
         if k in data:
-            sampler.setdefault(k, data.pop(k))
+            sampler[k] = data.pop(k)  # a flat key (also a later --set) wins over sampler.*
     if sampler:
         data["sampler"] = sampler
-    return EvalConfig.model_validate(data)
+    return data
