@@ -57,7 +57,13 @@ def merged_folder(path: str | Path) -> str | Path:
 
 
 def load_dmm_pipeline(path: str | Path, **kwargs):
-    """A merged model folder as DMMPipeline / DMMXLPipeline, offline (see `merged_folder`)."""
+    """A merged model folder as DMMPipeline / DMMXLPipeline, offline (see `merged_folder`). A URI
+    (`s3://bucket/merges/toy/merged`, `file:///...`: jobs/merge.py's <output_dir>/merged) is first
+    downloaded through pyarrow to `$DMM_HOME/cache/download/<name>-<hash>` (refreshed each load)."""
+    if "://" in str(path):
+        from dmm_ray.data import fs as fsu
+
+        path = fsu.local_copy(str(path))
     path = merged_folder(path)
     cls = dmm_pipeline_class(path)
     return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})

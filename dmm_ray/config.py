@@ -168,6 +168,15 @@ class MergeConfig(_Section):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"teachers: duplicate names {dups}")
+        from dmm_ray.data import fs as fsu
+
+        fsu.check_location("output_dir", self.output_dir)  # URIs: pyarrow schemes; never a local folder named `s3:`
+        fsu.check_location("data.shards", self.data.shards)
+        fsu.require_local("student.base", self.student.base)
+        if self.incremental.base_merged:
+            fsu.require_local("incremental.base_merged", self.incremental.base_merged)
+        if isinstance(self.evaluation.get("output_dir"), str):
+            fsu.require_local("evaluation.output_dir", self.evaluation["output_dir"])
         _check_section("evaluation", self.evaluation)
         _check_section("tracking", self.tracking)
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:

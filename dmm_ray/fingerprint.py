@@ -10,6 +10,9 @@ Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
               worker layout, incremental settings, seed (+ the synthesized set's inputs when it is mixed in)
   finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
 Settings that change how, not what, is computed (checkpoint/log cadence, actors, CPUs, MLflow) are left out.
+
+`out` is the merge's state location: a local folder (Path) or, for an `output_dir` URI, that URI
+(a string; read and written through pyarrow, dmm_ray/data/fs.py).
 """
 
 from __future__ import annotations
@@ -96,18 +99,38 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
             **{f"synthesis.{k}": getattr(s, k) for k in _FINETUNE_KEYS}}
 
 
-def state_paths(cfg, out: Path, stage: str) -> list[Path]:
-    """The folders holding `stage`'s resumable state (existing or not)."""
+def _remote(out) -> bool:
+    from dmm_ray.data import fs as fsu
+
+    return fsu.is_uri(out)
+
+
+def state_paths(cfg, out: Path | str, stage: str) -> list:
+    """The folders holding `stage`'s resumable state (existing or not): Paths, or URIs for a URI `out`."""
+    from dmm_ray.data import fs as fsu
+
     if stage == "synthesize":
-        return [out / "synthesized"]
-    return [out / "ray_results" / f"{cfg.name}-{stage}"]
+        return [fsu.location_join(out, "synthesized")]
+    return [fsu.location_join(out, "ray_results", f"{cfg.name}-{stage}")]
 
 
-def _has_state(path: Path) -> bool:
+def _has_state(path) -> bool:
+    if _remote(path):
+        from dmm_ray.data import fs as fsu
+
+        return fsu.has_entries(*fsu.resolve(path))
     return path.is_dir() and any(path.iterdir())
 
 
-def _read(out: Path) -> dict:
+def _read(out) -> dict:
+    if _remote(out):
+        from dmm_ray.data import fs as fsu
+
+        fs, root = fsu.resolve(out)
+        try:
+            return json.loads(fsu.read_bytes(fs, fsu.join(root, RECORD)))
+        except FileNotFoundError:
+            return {}
     path = out / RECORD
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -131,7 +154,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     return lines
 
 
-def check_resume(cfg, out: Path, stages: list[str]) -> None:
+def check_resume(cfg, out: Path | str, stages: list[str]) -> None:
     """Refuse (StaleStateError) when a stage's existing state was made with other inputs, or its
     inputs were never recorded (state from an older dmm-ray, or foreign files)."""
     recorded = _read(out)
@@ -155,21 +178,34 @@ def check_resume(cfg, out: Path, stages: list[str]) -> None:
         )
 
 
-def record(cfg, out: Path, stage: str) -> None:
+def record(cfg, out: Path | str, stage: str) -> None:
     """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state)."""
     recorded = _read(out)
     recorded[stage] = json.loads(json.dumps(stage_inputs(cfg, stage)))
+    if _remote(out):
+        from dmm_ray.data import fs as fsu
+
+        fs, root = fsu.resolve(out)
+        fs.create_dir(root, recursive=True)
+        fsu.write_bytes_atomic(fs, fsu.join(root, RECORD), json.dumps(recorded, indent=1).encode())
+        return
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (RECORD + ".tmp")
     tmp.write_text(json.dumps(recorded, indent=1))
     tmp.replace(out / RECORD)
 
 
-def discard_state(cfg, out: Path) -> list[Path]:
+def discard_state(cfg, out: Path | str) -> list[Path]:
     """--restart: remove every stage's resumable state and the record; the merged model is kept."""
+    from dmm_ray.data import fs as fsu
+
     removed = []
-    for path in [p for stage in STAGES for p in state_paths(cfg, out, stage)] + [out / "stages", out / RECORD]:
-        if path.is_dir():
+    targets = [p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages"), fsu.location_join(out, RECORD)]
+    for path in targets:
+        if _remote(path):
+            if fsu.delete(*fsu.resolve(path)):
+                removed.append(path)
+        elif path.is_dir():
             shutil.rmtree(path)
             removed.append(path)
         elif path.exists():

@@ -15,11 +15,27 @@ from dmm_ray.config import MergeConfig
 
 @dataclass
 class MergeResult:
-    merged_path: Path
+    merged_path: Path  # a local folder (for a URI output_dir: the staged copy that was uploaded)
     stage_metrics: dict = field(default_factory=dict)
     evaluation: object | None = None
     run_id: str | None = None
     seconds: float = 0.0
+    location: str = ""  # where the merged model is: merged_path, or <output_dir URI>/merged
+
+
+def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
+    """(local folder the driver works in, output_dir URI or None). A local output_dir is both; for a
+    URI (s3://, gs://, file://) the driver stages its local work in `$DMM_HOME/staging/<name>-<hash>`
+    (lock, stage students, the merged model and evaluation outputs before upload), while the
+    resumable state (Ray Train checkpoints, synthesized sets, fingerprints.json) and the uploaded
+    results live at the URI."""
+    from dmm_ray import paths
+    from dmm_ray.data import fs as fsu
+
+    fsu.check_location("output_dir", cfg.output_dir)
+    if fsu.is_uri(cfg.output_dir):
+        return paths.staging_dir(cfg.output_dir), cfg.output_dir.rstrip("/")
+    return Path(cfg.output_dir), None
 
 
 def log(msg: str) -> None:
@@ -90,6 +106,8 @@ def locations(cfg: MergeConfig) -> dict[str, str]:
         "merged model": str(out / "merged") if out else cfg.output_dir.rstrip("/") + "/merged",
         "MLflow store": tracking.tracking_uri if tracking.enabled else "(tracking.enabled: false)",
     }
+    if out is None:
+        where["local staging"] = str(paths.staging_dir(cfg.output_dir))
     return where
 
 
@@ -292,11 +310,12 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     settings stops the merge (dmm_ray.fingerprint.StaleStateError) instead of being resumed."""
     from dmm_ray import fingerprint
 
-    out = Path(cfg.output_dir)
+    local, remote = output_location(cfg)
+    out = remote or local  # where the resumable state is
     if restart:
         removed = fingerprint.discard_state(cfg, out)
         if removed:
-            log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
+            log(f"--restart: removed {', '.join(str(p)[len(str(out)):].lstrip('/') for p in removed)} from {out}")
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
 
@@ -307,15 +326,21 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
 
     started = time.time()
     cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
-    out = Path(cfg.output_dir)
+    out, remote = output_location(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if remote:
+        log(f"output_dir {remote} is a URI: checkpoints, synthesized sets and fingerprints live there; local work is staged in {out} "
+            "and the merged model and evaluation are uploaded when saved. The merge lock is taken in the staging folder: "
+            "it guards this machine only, so run one merge per output_dir URI")
     with output_lock.hold(out, warn=log):
         return _merge(cfg, out, tracker, restart, started)
 
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
+    """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI)."""
     import ray
 
+    remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
@@ -326,20 +351,22 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
     plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
     cfg = with_plan(cfg, plan)
     ensure_latents(cfg)
-    result = MergeResult(merged_path=out / "merged")
+    result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
     stage_name = "incremental" if cfg.incremental.base_merged else "merge"
     tracking = tracker.start_stage(stage_name, cfg) if tracker else None
     try:
-        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan)
+        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan, remote)
     except BaseException:
         if tracker is not None and hasattr(tracker, "abort"):
             tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
         raise
 
 
-def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
-    """Synthesis fan-out: one Ray actor per teacher; returns {style index: shard dir}."""
+def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
+    """Synthesis fan-out: one Ray actor per teacher; returns {style index: shard dir}. `out`: the
+    state location (a local folder, or the output_dir URI)."""
     from dmm_ray import fingerprint
+    from dmm_ray.data import fs as fsu
     from dmm_ray.distill.synthesis import synthesize
 
     fingerprint.record(cfg, out, "synthesize")
@@ -352,7 +379,7 @@ def _synthesize(cfg: MergeConfig, out: Path) -> dict[int, str]:
     resolution = s.resolution or cfg.data.encode.resolution
     log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
     t0 = time.time()
-    dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), out / "synthesized", s.images_per_teacher,
+    dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), fsu.location_join(out, "synthesized"), s.images_per_teacher,
                       s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
                       s.negative_prompt, actors=s.actors, cpus_per_actor=s.cpus_per_actor)
     log(f"synthesis done in {time.time() - t0:.0f} s")
@@ -367,7 +394,30 @@ def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
     return {"synth": build_latent_dataset(cfg.data, shards=[shard_dirs[i] for i in sorted(shard_dirs)])}
 
 
-def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan):
+def _stage_folder(local: Path, remote: str | None, name: str) -> str:
+    """A stage's student/state extracted on the driver, as Train workers will read it: the local
+    folder, or (URI output_dir) its upload to <output_dir>/stages/<name>, so workers on other nodes
+    never read the driver's disk."""
+    if remote is None:
+        return str(local)
+    from dmm_ray.data import fs as fsu
+
+    uri = f"{remote}/stages/{name}"
+    fsu.upload(local, uri, last=())
+    return uri
+
+
+def _upload_results(out: Path, remote: str, what: tuple[str, ...]) -> None:
+    from dmm_ray.data import fs as fsu
+
+    for name in what:
+        if (out / name).is_dir():
+            t0 = time.time()
+            fsu.upload(out / name, f"{remote}/{name}")
+            log(f"uploaded {name}/ -> {remote}/{name} ({time.time() - t0:.1f} s)")
+
+
+def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan, remote=None):
     import ray
 
     from dmm_ray import fingerprint
@@ -375,18 +425,19 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     from dmm_ray.distill.trainer import build_trainer, fit_stage
 
     s = cfg.synthesis
+    state = remote or out  # checkpoints, synthesized sets, fingerprints.json
     synthesize_first = cfg.data.synthetic_fraction > 0  # the teachers' samples join distillation from step 0
     shard_dirs = None
     if synthesize_first:
         t0 = time.time()
-        shard_dirs = _synthesize(cfg, out)
+        shard_dirs = _synthesize(cfg, state)
         result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
 
     # 1. score distillation on the common latent stream (+ each style's own synthesized samples)
     log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
         f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if synthesize_first else ""))
     t0 = time.time()
-    fingerprint.record(cfg, out, "distill")
+    fingerprint.record(cfg, state, "distill")
     datasets = {"train": build_latent_dataset(cfg.data)}
     if synthesize_first:
         datasets.update(_synthetic_datasets(cfg, shard_dirs))
@@ -398,32 +449,36 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     if s.enabled and s.finetune_steps > 0:
         if shard_dirs is None:
             t0 = time.time()
-            shard_dirs = _synthesize(cfg, out)
+            shard_dirs = _synthesize(cfg, state)
             result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
         init_state = None
         if s.finetune_continue:
-            init_state = str(out / "stages" / "distill_state")
-            _copy_from_result(distill, Path(init_state))
+            _copy_from_result(distill, out / "stages" / "distill_state")
+            init_state = _stage_folder(out / "stages" / "distill_state", remote, "distill_state")
         log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
             + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
         t0 = time.time()
-        fingerprint.record(cfg, out, "finetune")
+        fingerprint.record(cfg, state, "finetune")
         finetune = fit_stage(build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
-                                 init_student=str(student_dir), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
+                                 init_student=_stage_folder(student_dir, remote, student_dir.name), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
                                  lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan))
         result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
         student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 
     # 3. the merged model: one diffusers folder, style names in unet/config.json
     save_merged(cfg, student_dir, result.merged_path, tracking=tracking)
+    if remote:  # after the atomic local save: the staged model is complete and loads
+        _upload_results(out, remote, ("merged",))
     result.seconds = time.time() - started
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
-    log(f"merged model saved: {result.merged_path} ({result.seconds:.0f} s since start: {split})")
+    log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")
     if tracker:
         log("stage evaluate + track")
         # evaluate every style merged so far (incremental: old teachers + new ones)
         result.evaluation = tracker.finish_stage(cfg.model_copy(update={"teachers": all_teachers(cfg)}), result)
         result.run_id = tracking["run_id"] if tracking else None
+        if remote:
+            _upload_results(out, remote, ("evaluation",))
     if we_started_ray:
         ray.shutdown()
     return result

@@ -13,11 +13,18 @@ the command line (`--set key=value`, CLI flags) against the current directory. `
 expand anywhere; URIs (`s3://...`) and absolute paths stay as they are. On a multi-node cluster
 point DMM_HOME at a filesystem every node mounts (or give URIs).
 
+    $DMM_HOME/staging/<name>-<hash>/  the driver's local work folder of a merge whose output_dir is a URI
+    $DMM_HOME/cache/download/<hash>/  merged models (and stage students) downloaded from URIs before loading
+
+A string that looks like a URI which lost a slash (`s3:/bucket/x`, `s3:`) is refused by `resolve`
+instead of becoming a local folder named `s3:`.
+
 A leaf module (os/pathlib only): config, tracking and serve all resolve through it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -55,7 +62,36 @@ def fid_cache_dir() -> Path:
 
 
 def is_uri(path: str) -> bool:
-    return "://" in path
+    return "://" in str(path)
+
+
+# `scheme:/x` or `scheme:` alone: what `Path("s3://b/x")` leaves of a URI (a local folder named `s3:`)
+_MANGLED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/(?!/)|$)")
+
+
+def check_not_mangled(path: str, setting: str | None = None) -> None:
+    """Refuse `s3:/bucket/x` / `s3:` (a URI missing a slash): it would become a local folder named `s3:`."""
+    if not is_uri(path) and _MANGLED_URI.match(path.strip()) and not path.startswith(("models:/", "runs:/")):
+        scheme = path.strip().split(":", 1)[0]
+        where = f"{setting} " if setting else ""
+        raise ValueError(f"{where}{path!r} looks like a URI that lost a slash: give {scheme}://bucket/path "
+                         f"(object storage through pyarrow) or a local path; it is not written to a local folder named {scheme + ':'!r}")
+
+
+def _uri_key(uri: str) -> str:
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:40] or "root"
+    return f"{tail}-{hashlib.sha1(uri.rstrip('/').encode()).hexdigest()[:12]}"
+
+
+def staging_dir(uri: str) -> Path:
+    """The driver's local work folder for an `output_dir` URI (lock, stage students, the merged model
+    before upload, evaluation outputs before upload)."""
+    return dmm_home() / "staging" / _uri_key(uri)
+
+
+def download_dir(uri: str) -> Path:
+    """Where a folder at `uri` is downloaded before it is loaded (replaced by each download)."""
+    return dmm_home() / "cache" / "download" / _uri_key(uri)
 
 
 def expand(path: str) -> str:
@@ -69,6 +105,7 @@ def resolve(path: Optional[str], base: str | os.PathLike | None = None) -> Optio
     `base` (a config file's folder; default: the current directory) and made absolute."""
     if path is None or is_uri(path):
         return path
+    check_not_mangled(path)
     path = expand(path)
     if os.path.isabs(path):
         return os.path.normpath(path)

@@ -390,7 +390,10 @@ def eval_config_from_merge(cfg) -> "Any":
     from dmm_ray.evaluation.config import eval_config_from_section
 
     data = dict(getattr(cfg, "evaluation", {}) or {})
-    data.setdefault("output_dir", str(Path(str(getattr(cfg, "output_dir", "outputs/merge"))) / "evaluation"))
+    out = str(getattr(cfg, "output_dir", "outputs/merge"))
+    if "://" in out:  # written in the driver's staging folder; the merge uploads it to <output_dir>/evaluation
+        out = str(paths.staging_dir(out))
+    data.setdefault("output_dir", str(Path(out) / "evaluation"))
     data.setdefault("cache_dir", str(paths.fid_cache_dir()))  # not the cwd: a Ray job's working dir is temporary
     return eval_config_from_section(data)
 

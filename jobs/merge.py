@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     except (ConfigError, TeacherError, OutputDirBusyError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\nmerged model: {result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")
+    print(f"\nmerged model: {result.location or result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")
     for stage, metrics in result.stage_metrics.items():
         losses = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss")}
         print(f"{stage}: {losses}")

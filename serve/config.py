@@ -151,7 +151,7 @@ class ServeConfig(BaseModel):
         directory when they exist there, else from the repo root: a Serve config is built inside
         the Serve controller, whose working directory is not the one `serve run` was started from.
         """
-        if self.is_registry_uri:
+        if self.is_registry_uri or "://" in self.model:  # MLflow, or object storage (downloaded on the replica)
             return self.model
         path = Path(paths.expand(self.model))
         if path.is_absolute():

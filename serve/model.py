@@ -34,7 +34,8 @@ def is_mlflow_uri(location: str) -> bool:
 
 
 def resolve_model_location(location: str, download_dir: str | Path | None = None) -> Path:
-    """A merged-model folder, or an MLflow `models:/name/version` URI -> a local folder (downloaded
+    """A merged-model folder, an MLflow `models:/name/version` URI, or an object-storage URI of a
+    merged-model folder (s3://, gs://, file://; through pyarrow) -> a local folder (downloaded
     under `download_dir`, which the caller owns and deletes; default: a new temporary folder)."""
     if is_mlflow_uri(location):
         try:
@@ -45,6 +46,13 @@ def resolve_model_location(location: str, download_dir: str | Path | None = None
                 f"({exc}); set DMM_MODEL to a merged-model folder instead"
             ) from exc
         path = Path(resolve_model_uri(location, dst=download_dir))
+    elif "://" in location:  # object storage (s3://, gs://, file://): downloaded through pyarrow
+        from dmm_ray.data import fs as fsu
+
+        try:
+            path = fsu.local_copy(location, Path(download_dir) / "model" if download_dir is not None else None)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not download the merged model {location!r}: {exc}") from exc
     else:
         path = Path(location)
     if not path.is_dir():
@@ -105,7 +113,7 @@ class StyleModelBackend:
         from dmm_ray.architectures import load_dmm_pipeline
 
         self.download_dir: Optional[tempfile.TemporaryDirectory] = None
-        if is_mlflow_uri(location):
+        if is_mlflow_uri(location) or "://" in location:
             self.download_dir = tempfile.TemporaryDirectory(prefix="dmm-serve-model-")
         try:
             path = resolve_model_location(location, self.download_dir.name if self.download_dir else None)

@@ -1,16 +1,56 @@
-"""One way to address files: a local path or any pyarrow filesystem URI (file://, s3://, gs://, hdfs://)."""
+"""One way to address files: a local path or any pyarrow filesystem URI (file://, s3://, gs://, hdfs://).
+
+THE resolver of locations (`resolve`: a location -> (pyarrow FileSystem, path)), and the helpers that
+move whole folders between object storage and a local folder (`upload_dir`, `download_dir`,
+`local_copy`): the merge job's `output_dir`, `data.shards` and merged models go through here.
+Plain local paths map to pyarrow's LocalFileSystem and behave exactly like the local folder.
+"""
 
 from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterable
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
 
 import pyarrow.fs as pafs
 
 
+# schemes pyarrow.fs.FileSystem.from_uri opens (object stores need pyarrow built with them, and credentials)
+SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def is_uri(location) -> bool:
+    return "://" in str(location)
+
+
+def check_location(setting: str, location: str) -> None:
+    """A clear error, naming `setting`, for a location that is neither a local path nor a URI that
+    pyarrow can open (`s3:/b` / `s3:` would otherwise become a local folder named `s3:`). No network."""
+    from dmm_ray.paths import check_not_mangled
+
+    check_not_mangled(location, setting)
+    if is_uri(location):
+        scheme = location.split("://", 1)[0].lower()
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(f"{setting} {location!r}: scheme {scheme + '://'!r} is not supported; give a local path or a URI "
+                             f"pyarrow opens: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
+
+
+def require_local(setting: str, location) -> Path:
+    """`location` as a local Path, or a clear error naming `setting` when it is a URI."""
+    if location is not None and is_uri(location):
+        raise ValueError(f"{setting} {str(location)!r} is a URI, but {setting} must be a local folder "
+                         "(URIs are supported for output_dir, data.shards and loading a merged model)")
+    check_location(setting, str(location))
+    return Path(location)
+
+
 def resolve(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). Plain local paths (relative too) map to the local filesystem."""
+    path_or_uri = str(path_or_uri)
     if "://" not in path_or_uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path_or_uri))
     try:
@@ -50,3 +90,127 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+def location_join(location, *parts: str):
+    """`location / parts`: a Path for a local location, a string for a URI (never `Path(uri)`, which
+    turns `s3://b/x` into the local path `s3:/b/x`)."""
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/")] + [p.strip("/") for p in parts])
+    return Path(location).joinpath(*parts)
+
+
+def delete(fs: pafs.FileSystem, path: str) -> bool:
+    """Remove a file or a folder (recursively); False when there was nothing."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+        return True
+    if info.type == pafs.FileType.File:
+        fs.delete_file(path)
+        return True
+    return False
+
+
+def has_entries(fs: pafs.FileSystem, path: str) -> bool:
+    """A folder holding anything (object stores: any object under the prefix)."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
+
+
+def _local_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def upload_dir(local: str | os.PathLike, fs: pafs.FileSystem, path: str, last: Iterable[str] = ("model_index.json",)) -> list[str]:
+    """Replace the folder `path` on `fs` with a copy of the local folder `local`. Files named in `last`
+    (default: a pipeline's model_index.json, what makes the folder loadable) are copied after every
+    other file, so an upload cut short leaves a folder that refuses to load rather than a mix of
+    two models. Returns the relative paths copied."""
+    local = Path(local)
+    if not local.is_dir():
+        raise FileNotFoundError(f"cannot upload {local}: not a folder")
+    files = _local_files(local)
+    last = set(last)
+    ordered = [f for f in files if Path(f).name not in last] + [f for f in files if Path(f).name in last]
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    fs.create_dir(path, recursive=True)
+    source = pafs.LocalFileSystem()
+    made = {path}
+    for rel in ordered:
+        dest = join(path, rel.replace(os.sep, "/"))
+        parent = posixpath.dirname(dest)
+        if parent not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        pafs.copy_files(str(local / rel), dest, source_filesystem=source, destination_filesystem=fs)
+    return ordered
+
+
+def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Path:
+    """Copy the folder `path` on `fs` into the local folder `local` (replaced: downloaded to a sibling
+    first, then moved into place, so an interrupted download never passes for a complete one)."""
+    local = Path(local)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{path!r} is not a folder on {fs.type_name} filesystem")
+    tmp = local.with_name(f"{local.name}.part-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": compare without the leading "/"
+            rel = posixpath.relpath(info.path.lstrip("/"), path.strip("/") or ".")
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(tmp, local)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def upload(local: str | os.PathLike, uri: str, last: Iterable[str] = ("model_index.json",)) -> list[str]:
+    """`upload_dir` to a location given as a URI (or a local path)."""
+    fs, path = resolve(uri)
+    return upload_dir(local, fs, path, last)
+
+
+def local_copy(location, dest: Optional[str | os.PathLike] = None) -> Path:
+    """A local folder with the contents of `location`: a local path as it is; a URI downloaded to
+    `dest` (default `$DMM_HOME/cache/download/<name>-<hash>`, refreshed by every call)."""
+    if not is_uri(location):
+        return Path(location)
+    from dmm_ray.paths import download_dir as default_dest
+
+    fs, path = resolve(str(location))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{location} does not exist (or is not a folder)")
+    return download_dir(fs, path, dest if dest is not None else default_dest(str(location)))
+
+
+class fetched:
+    """`with fetched(location) as folder:` a local folder for `location`; a URI is downloaded to a
+    temporary folder deleted on exit (for what is read into memory at once: a stage's student, a
+    training state). Safe when several processes on one node fetch the same URI."""
+
+    def __init__(self, location):
+        self.location = location
+        self._tmp: Optional[str] = None
+
+    def __enter__(self) -> Path:
+        if not is_uri(self.location):
+            return Path(self.location)
+        import tempfile
+
+        self._tmp = tempfile.mkdtemp(prefix="dmm-fetch-")
+        return local_copy(self.location, Path(self._tmp) / "folder")
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -21,8 +21,11 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
 
     from dmm_ray.models.style_unet import StyleUNet
 
-    if init_student:  # fine-tune stage: continue from the distilled student
-        return StyleUNet.from_pretrained(init_student)
+    if init_student:  # fine-tune stage: continue from the distilled student (a folder, or a URI under output_dir)
+        from dmm_ray.data import fs as fsu
+
+        with fsu.fetched(init_student) as folder:
+            return StyleUNet.from_pretrained(folder)
     adapters = cfg.student.style_adapters
     base = UNet2DConditionModel.from_pretrained(Path(cfg.student.base) / "unet")
     if cfg.incremental.base_merged:
@@ -242,7 +245,11 @@ def train_loop_per_worker(config: dict) -> None:
             start_step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         print(f"[rank {rank}] resumed from step {start_step} (epoch {epoch}, batch {skip_batches})", flush=True)
     elif init_state:
-        restore(load_training_state(Path(init_state)), None, same_stage=False)
+        from dmm_ray.data import fs as fsu
+
+        with fsu.fetched(init_state) as folder:  # a folder, or a URI under output_dir
+            training_state = load_training_state(folder)
+        restore(training_state, None, same_stage=False)
         print(f"[rank {rank}] {stage}: continuing the distill stage's discriminator head and optimizer state", flush=True)
 
     student_ddp = ray.train.torch.prepare_model(student) if world > 1 or device.type == "cuda" else student
@@ -328,10 +335,12 @@ def train_loop_per_worker(config: dict) -> None:
             micro.append(batch)
             styles.append(ids)
         if d.fail_at_step is not None and step == d.fail_at_step and rank == min(1, world - 1):
-            marker = Path(cfg.output_dir) / f".failed_once_{stage}"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(str(step))
+            from dmm_ray.data import fs as fsu
+
+            marker_fs, marker = fsu.resolve(str(fsu.location_join(cfg.output_dir, f".failed_once_{stage}")))
+            if not fsu.exists(marker_fs, marker):
+                marker_fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
+                fsu.write_bytes_atomic(marker_fs, marker, str(step).encode())
                 print(f"[rank {rank}] fault injection: killing this worker at step {step}", flush=True)
                 time.sleep(10)  # crash a moment *after* the last checkpoint was reported, as a real fault would
                 os._exit(1)

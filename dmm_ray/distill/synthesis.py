@@ -64,15 +64,15 @@ def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: s
 
     if not prompts:
         raise ValueError("synthesis needs at least one prompt")
-    out_dir = Path(out_dir)
-    fs, _ = fsu.resolve(str(out_dir))
+    fs, _ = fsu.resolve(str(out_dir))  # a local folder or a URI (written through pyarrow)
     chosen = [prompts[i % len(prompts)] for i in range(images_per_teacher)]
     seeds = [seed * 100003 + i for i in range(images_per_teacher)]
     todo, result = [], {}
     for k, spec in enumerate(teachers):
         style = style_offset + k
-        root = str((out_dir / f"style_{style}").resolve())
-        result[style] = root
+        root = str(fsu.location_join(out_dir, f"style_{style}")) if fsu.is_uri(out_dir) else str((Path(out_dir) / f"style_{style}").resolve())
+        result[style] = root  # as given: the stream resolves it again
+        root = fsu.resolve(root)[1]  # the path inside `fs`
         if not is_shard_complete(fs, root, 0):
             todo.append((style, root, spec))
     if not todo:

@@ -41,7 +41,7 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{cfg.name}-{stage}",
-            storage_path=str((Path(cfg.output_dir) / "ray_results").resolve()),
+            storage_path=storage_path(cfg.output_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a NaN/Inf loss is deterministic: stop at once instead of retrying it max_failures times
@@ -50,6 +50,18 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
         datasets=datasets,
         dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else [], data_cpus=plan.data_limit_cpus),
     )
+
+
+def storage_path(output_dir: str) -> str:
+    """Ray Train's storage for a merge's checkpoints: `<output_dir>/ray_results`. A URI stays a URI
+    (Ray Train writes and restores checkpoints through pyarrow: every node reads them from there,
+    none from the driver's disk); a local folder is made absolute."""
+    from dmm_ray.data import fs as fsu
+
+    if fsu.is_uri(output_dir):
+        fsu.check_location("output_dir", output_dir)
+        return output_dir.rstrip("/") + "/ray_results"
+    return str((Path(output_dir) / "ray_results").resolve())
 
 
 def fit_stage(trainer):

@@ -103,7 +103,9 @@ def format_table(result: EvalResult) -> str:
 
 def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     """fid_matrix.json, M.csv, M_ref.csv, fid_heatmaps.png, style_grid.png under out_dir."""
-    out = Path(out_dir)
+    from dmm_ray.data import fs as fsu
+
+    out = fsu.require_local("evaluation output_dir", out_dir)  # never a local folder named `s3:`
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "fid_matrix.json", "csv": out / "M.csv", "ref_csv": out / "M_ref.csv"}
     paths["json"].write_text(json.dumps(result.to_dict(), indent=1))

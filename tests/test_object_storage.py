@@ -1,0 +1,223 @@
+"""output_dir, data.shards and merged models on object storage URIs (s3://, gs://, file://) through
+pyarrow filesystems (dmm_ray/data/fs.py). S3 is stood in for by a pyarrow SubTreeFileSystem over a
+local folder and by an fsspec in-memory filesystem; the end-to-end merge writes to a file:// URI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from dmm_ray.data import fs as fsu
+
+
+def _pipeline_like(folder: Path, tag: str = "a") -> Path:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps({"tag": tag}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(3000))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DMMPipeline", "tag": tag}))
+    return folder
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _stand_ins(tmp_path):
+    """(name, filesystem, path in it): S3 stand-ins."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    yield "subtree", pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()), "merges/toy/merged"
+    try:
+        from fsspec.implementations.memory import MemoryFileSystem
+    except ImportError:
+        return
+    memory = MemoryFileSystem()
+    memory.store.clear()  # one process-wide store: start empty
+    yield "fsspec-memory", pafs.PyFileSystem(pafs.FSSpecHandler(memory)), "bucket/merges/toy/merged"
+
+
+def test_upload_then_download_round_trips_a_folder_through_s3_stand_ins(tmp_path):
+    first, second = _pipeline_like(tmp_path / "first", "a"), _pipeline_like(tmp_path / "second", "b")
+    (first / "stale.txt").write_text("only in the first model")
+    for name, fs, path in _stand_ins(tmp_path):
+        copied = fsu.upload_dir(first, fs, path)
+        assert copied[-1] == "model_index.json", name  # what makes the folder loadable goes last
+        got = fsu.download_dir(fs, path, tmp_path / f"dl-{name}")
+        assert _tree(got) == _tree(first), name
+        # a second upload replaces the folder (nothing of the first model is left behind) ...
+        fsu.upload_dir(second, fs, path)
+        # ... and a second download replaces the local copy
+        got = fsu.download_dir(fs, path, tmp_path / f"dl-{name}")
+        assert _tree(got) == _tree(second), name
+        assert not list(tmp_path.glob(f"dl-{name}.part-*")), name
+        with pytest.raises(FileNotFoundError):
+            fsu.download_dir(fs, path + "-missing", tmp_path / f"never-{name}")
+        assert not (tmp_path / f"never-{name}").exists()
+
+
+def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    model = _pipeline_like(tmp_path / "store" / "merged")
+    assert fsu.local_copy(str(model)) == model  # plain paths: used in place, nothing copied
+    copy = fsu.local_copy(model.as_uri())
+    assert copy != model and copy.is_relative_to(tmp_path / "home" / "cache" / "download") and _tree(copy) == _tree(model)
+    with fsu.fetched(model.as_uri()) as folder:
+        assert _tree(folder) == _tree(model)
+    assert not folder.exists()  # a fetched URI's temporary copy is gone after use
+    with pytest.raises(FileNotFoundError):
+        fsu.local_copy((tmp_path / "nothing").as_uri())
+
+
+def test_location_join_never_turns_a_uri_into_a_path():
+    assert fsu.location_join("s3://bucket/x/", "merged") == "s3://bucket/x/merged"
+    assert fsu.location_join("/tmp/x", "ray_results", "a") == Path("/tmp/x/ray_results/a")
+
+
+def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch):
+    """Everything that takes output_dir before Ray starts, with an s3:// URI (no network touched):
+    the URI stays a URI, local work goes to $DMM_HOME/staging, and no `s3:` folder appears."""
+    from dmm_ray import merge, paths
+    from dmm_ray.config import MergeConfig, load_config
+    from dmm_ray.distill.trainer import storage_path
+    from dmm_ray.fingerprint import state_paths
+    from dmm_ray.tracking import eval_config_from_merge
+    from merge_fixtures import build_world, tiny_merge_config
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    world = build_world(tmp_path / "world", rows=8)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    uri = "s3://bucket/merges/toy"
+    tree = {**tiny_merge_config(world, Path("unused")), "output_dir": None}
+    tree["data"] = {k: v for k, v in tree["data"].items() if k != "shards"}  # default: <output_dir>/latents
+    (work / "c.yaml").write_text(json.dumps(tree))
+    cfg = load_config(work / "c.yaml", [f"output_dir={uri}"])
+    assert cfg.output_dir == uri and cfg.data.shards == uri + "/latents"
+    cfg = cfg.with_absolute_paths()
+    assert cfg.output_dir == uri
+    where = merge.locations(cfg)
+    assert where["merged model"] == uri + "/merged" and where["local staging"] == str(paths.staging_dir(uri))
+    assert f"DMM_MODEL={uri}/merged" in merge.format_locations(cfg, "locations")
+    assert merge.output_location(cfg) == (paths.staging_dir(uri), uri)
+    assert storage_path(cfg.output_dir) == uri + "/ray_results"
+    assert state_paths(cfg, cfg.output_dir, "distill") == [uri + "/ray_results/test-merge-distill"]
+    assert Path(eval_config_from_merge(cfg).output_dir) == paths.staging_dir(uri) / "evaluation"
+
+    seen = {}
+    monkeypatch.setattr(merge, "_merge", lambda cfg, out, tracker, restart, started: seen.update(out=out, remote=merge.output_location(cfg)[1]))
+    merge.run_merge(cfg)  # up to the point where Ray would start: lock + staging folder
+    assert seen == {"out": paths.staging_dir(uri), "remote": uri} and seen["out"].is_dir()
+    assert not list(tmp_path.rglob("s3:")), "a local folder named s3: was created"
+
+    # a URI that lost a slash is refused, naming the setting, before anything is created
+    for bad in ("s3:/bucket/x", "s3:"):
+        with pytest.raises(ValueError, match=r"output_dir .*lost a slash.*s3://bucket/path"):
+            MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=bad))
+        with pytest.raises(ValueError, match="lost a slash"):
+            paths.resolve(bad, work)
+    with pytest.raises(ValueError, match=r"output_dir 'ftp://host/x': scheme 'ftp://' is not supported.*s3://"):
+        MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir="ftp://host/x"))
+    with pytest.raises(ValueError, match=r"data.shards .*lost a slash"):
+        MergeConfig.model_validate(tiny_merge_config(world, Path("x"), data={"shards": "gs:/bucket/latents"}))
+    with pytest.raises(ValueError, match="incremental.base_merged .* is a URI, but incremental.base_merged must be a local folder"):
+        MergeConfig.model_validate(tiny_merge_config(world, Path("x"), incremental={"base_merged": "s3://bucket/old/merged"}))
+    with pytest.raises(ValueError, match="evaluation.output_dir .* must be a local folder"):
+        MergeConfig.model_validate(tiny_merge_config(world, Path("x"), evaluation={"output_dir": "s3://bucket/eval"}))
+    from dmm_ray.evaluation.outputs import write_outputs
+
+    with pytest.raises(ValueError, match="must be a local folder"):
+        write_outputs(None, "s3://bucket/eval")
+    assert not list(tmp_path.rglob("s3:")) and not list(tmp_path.rglob("gs:"))
+
+
+def test_fingerprints_and_restart_work_on_a_uri_output_dir(tmp_path):
+    from dmm_ray import fingerprint
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fingerprint import StaleStateError
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "world", rows=8)
+    out = (tmp_path / "remote" / "out").as_uri()
+
+    def cfg(**sections):
+        return MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=out, **sections)).with_absolute_paths()
+
+    fingerprint.record(cfg(), out, "distill")
+    assert "distill" in json.loads((tmp_path / "remote" / "out" / "fingerprints.json").read_text())
+    state = tmp_path / "remote" / "out" / "ray_results" / "test-merge-distill" / "checkpoint_000001"
+    state.mkdir(parents=True)
+    (state / "state.pt").write_bytes(b"x")
+    fingerprint.check_resume(cfg(), out, ["distill"])  # same settings: resume
+    with pytest.raises(StaleStateError, match="distill.lr"):
+        fingerprint.check_resume(cfg(distill={"lr": 1e-3}), out, ["distill"])
+    removed = fingerprint.discard_state(cfg(), out)
+    assert out + "/ray_results/test-merge-distill" in removed and out + "/fingerprints.json" in removed
+    assert not state.exists()
+    fingerprint.check_resume(cfg(distill={"lr": 1e-3}), out, ["distill"])
+
+
+def test_serve_downloads_a_merged_model_from_a_uri(tmp_path):
+    from serve.config import ServeConfig
+    from serve.model import ModelLoadError, resolve_model_location
+
+    model = _pipeline_like(tmp_path / "store" / "merged")
+    assert ServeConfig(model=model.as_uri()).model_location() == model.as_uri()
+    got = resolve_model_location(model.as_uri(), tmp_path / "download")
+    assert got.is_relative_to(tmp_path / "download") and _tree(got) == _tree(model)
+    with pytest.raises(ModelLoadError, match="could not download"):
+        resolve_model_location((tmp_path / "missing").as_uri(), tmp_path / "download2")
+
+
+@pytest.mark.ray  # 40-70 s on 2 busy cores (Ray Train start-up dominates), like test_merge_end_to_end
+def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path):
+    """A tiny merge (2 distill steps, synthesis and evaluation off) with output_dir=file://...:
+    checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder."""
+    from dmm_ray import paths
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "world")
+    remote = tmp_path / "bucket" / "merges" / "toy"
+    uri = remote.as_uri()
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=uri, synthesis={"enabled": False}))
+    result = run_merge(cfg)
+    assert result.location == uri + "/merged" and result.stage_metrics["distill"]["step"] == 2
+    assert (remote / "merged" / "model_index.json").is_file() and (remote / "merged" / "dmm_merge.json").is_file()
+    assert "distill" in json.loads((remote / "fingerprints.json").read_text())
+    assert list((remote / "ray_results" / "test-merge-distill").glob("**/checkpoint_*")), "checkpoints went through Ray Train's storage"
+    staging = paths.staging_dir(uri)
+    assert result.merged_path == staging / "merged" and not (staging / "merge.lock").exists()
+    assert not (staging / "ray_results").exists()
+    pipe = load_dmm_pipeline(uri + "/merged")
+    assert pipe.styles == ["style0", "style1"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # synthesis actors + two Train stages: minutes on 2 cores
+def test_synthesis_and_finetune_read_and_write_at_a_file_uri(ray_cluster, tmp_path):
+    """Synthesized shards go to <output_dir>/synthesized and the fine-tune's workers read the distilled
+    student and training state from <output_dir>/stages (never the driver's staging folder)."""
+    from dmm_ray import paths
+    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "world")
+    remote = tmp_path / "bucket" / "merges" / "toy"
+    uri = remote.as_uri()
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=uri, synthesis={"finetune_continue": True}))
+    result = run_merge(cfg)
+    assert result.stage_metrics["finetune"]["step"] == 2
+    assert sorted(p.name for p in (remote / "synthesized").iterdir()) == ["style_0", "style_1"]
+    assert (remote / "stages" / "distill_student" / "config.json").is_file() and (remote / "stages" / "distill_state").is_dir()
+    assert not (paths.staging_dir(uri) / "synthesized").exists()
+    assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune"}
+    assert load_dmm_pipeline(uri + "/merged").styles == ["style0", "style1"]
