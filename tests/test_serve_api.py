@@ -242,7 +242,7 @@ def test_missing_model_folder_says_what_to_do(tmp_path):
 def test_registry_uri_resolved_lazily_through_tracking(monkeypatch):
     seen = []
 
-    def resolve_model_uri(uri):
+    def resolve_model_uri(uri, dst=None):  # dst: the backend's own download folder
         seen.append(uri)
         return str(tiny_model_dir())
 
