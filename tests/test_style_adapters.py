@@ -140,3 +140,57 @@ def test_unknown_targets_and_bad_config_fail_clearly(base):
         StudentConfig(style_adapters={"rank": -1})
     with pytest.raises(ValidationError, match="init"):
         StudentConfig(style_adapters={"rank": 2, "init": "pca"})
+
+
+def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(base, monkeypatch):
+    """A batch laid out by style (a packed worker's sub-batches, CFG halves) takes the per-run path,
+    which must equal the dense N-style path in outputs and gradients; mixtures and fragmented
+    batches keep the dense path."""
+    from dmm_ray.models.style_adapters import style_runs
+    from dmm_ray.models.style_unet import StyleEmbedding
+
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
+            adapter.up.normal_(0, 0.05, generator=g)
+            if adapter.bias is not None:
+                adapter.bias.normal_(0, 0.05, generator=g)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    weights = torch.eye(3)[ids]
+    assert style_runs(weights) == [(0, 0, 4), (1, 4, 8), (2, 8, 12)]
+    assert style_runs(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [1.0, 1e-7, 0.0]])) == [(-1, 0, 1), (0, 1, 3)]
+
+    x = torch.randn(12, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (12,), generator=g)
+    ehs = torch.randn(12, 77, 32, generator=g)
+    calls = []
+    routed = StyleEmbedding.adapter_runs
+
+    def forward(dense: bool):
+        monkeypatch.setattr(StyleEmbedding, "adapter_runs", (lambda self, b: None) if dense else
+                            (lambda self, b: calls.append(routed(self, b)) or calls[-1]))
+        student.zero_grad(set_to_none=True)
+        out = student(x, t, ehs, style_ids=ids).sample
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    out_dense, grad_dense = forward(True)
+    out_routed, grad_routed = forward(False)
+    assert calls and all(c == [(0, 0, 4), (1, 4, 8), (2, 8, 12)] for c in calls)  # the per-run path really ran
+    torch.testing.assert_close(out_routed, out_dense, rtol=1e-5, atol=1e-5)
+    assert grad_routed.keys() == grad_dense.keys()
+    for name in grad_dense:
+        torch.testing.assert_close(grad_routed[name], grad_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    # only style s's factors of a run get gradients from it: style 2 absent -> its factors get none
+    forward(False)
+    x2 = student(x[:8], t[:8], ehs[:8], style_ids=ids[:8]).sample
+    student.zero_grad(set_to_none=True)
+    x2.pow(2).mean().backward()
+    up = next(iter(student.class_embedding.adapters.values())).up.grad  # (out, N r)
+    assert up[:, 4:].abs().sum() == 0 and up[:, :4].abs().sum() > 0
+    # fragmented batches (runs under 4 rows on average) fall back to the dense path
+    student.zero_grad(set_to_none=True)
+    monkeypatch.setattr(StyleEmbedding, "adapter_runs", routed)
+    student(x[:6], t[:6], ehs[:6], style_ids=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert student.class_embedding.adapter_runs(6) is None

@@ -69,8 +69,19 @@ class StyleAdapter(nn.Module):
         self.up = nn.Parameter(torch.zeros(out, num_styles * rank))
         self.bias = nn.Parameter(torch.zeros(num_styles, out)) if layer.bias is not None else None
 
-    def delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_i w_i (B_i A_i x + c_i) for x (B, ..., in) or (B, in, H, W) and weights (B, N)."""
+    def delta(self, x: torch.Tensor, weights: torch.Tensor, runs: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """sum_i w_i (B_i A_i x + c_i) for x (B, ..., in) or (B, in, H, W) and weights (B, N).
+
+        `runs` (from `style_runs`): consecutive rows [start, end) that use one style s (s = -1: a
+        mixture). A one-style run computes only its own style's rank-r factors instead of all N
+        styles' (N r channels), which is the whole cost of a batch of single styles; the pieces
+        are concatenated in row order. Without `runs` every row takes the dense N-style path."""
+        if runs is None or len(runs) == 0:
+            return self._dense(x, weights)
+        pieces = [self._dense(x[a:b], weights[a:b]) if s < 0 else self._one(x[a:b], weights[a:b, s], s) for s, a, b in runs]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         scale = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (B, N r)
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
         if self.conv is not None:
@@ -80,6 +91,18 @@ class StyleAdapter(nn.Module):
         view = (x.shape[0],) + (1,) * (x.ndim - 2) + (-1,)
         out = F.linear(F.linear(x, down) * scale.view(view), up)
         return out if self.bias is None else out + (weights.to(x.dtype) @ self.bias.to(x.dtype)).view(view)
+
+    def _one(self, x: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
+        """w_s (B_s A_s x + c_s) for rows whose only style is s; w (B,) is the rows' weight of s (~1)."""
+        rows = slice(s * self.rank, (s + 1) * self.rank)
+        down, up, w = self.down[rows].to(x.dtype), self.up[:, rows].to(x.dtype), w.to(x.dtype)
+        if self.conv is not None:
+            out = F.conv2d(F.conv2d(x, down, None, **self.conv), up[:, :, None, None])  # (B, out, H', W')
+            if self.bias is not None:
+                out = out + self.bias[s].to(x.dtype)[:, None, None]
+            return out * w[:, None, None, None]
+        out = F.linear(F.linear(x, down), up, None if self.bias is None else self.bias[s].to(x.dtype))
+        return out * w.view((x.shape[0],) + (1,) * (x.ndim - 1))
 
     @torch.no_grad()
     def folded(self, weights: torch.Tensor, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,6 +139,25 @@ def weights_from_embeds(style_embeds: torch.Tensor, codebook: torch.Tensor) -> t
     with torch.no_grad(), torch.autocast(style_embeds.device.type, enabled=False):
         c = codebook.detach().float()  # (N, d)
         return style_embeds.detach().float() @ torch.linalg.pinv(c)  # (B, N)
+
+
+SINGLE_STYLE_TOL = 1e-5  # |weight| below this counts as absent (least squares leaves ~1e-7 on a codebook row)
+
+
+def style_runs(weights: torch.Tensor, tol: float = SINGLE_STYLE_TOL) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive rows of `weights` (B, N) that select one style: [(s, start, end)],
+    s = -1 for rows that mix styles. Batches are laid out by style (a teacher's sub-batch, the CFG
+    halves, a region's latents), so there are few runs and each is a view, not a gather."""
+    active = weights.detach().abs() > tol  # (B, N)
+    single = active.sum(dim=1) == 1
+    style = torch.where(single, active.float().argmax(dim=1), torch.full_like(single, -1, dtype=torch.long)).tolist()
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(style):
+        if runs and runs[-1][0] == s:
+            runs[-1] = (s, runs[-1][1], i + 1)
+        else:
+            runs.append((s, i, i + 1))
+    return runs
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from dmm_ray.models.style_adapters import StyleAdapter, adapter_key, target_modules, weights_from_embeds
+from dmm_ray.models.style_adapters import StyleAdapter, adapter_key, style_runs, target_modules, weights_from_embeds
 
 # diffusers' pipeline loader looks up the loadable base classes (ModelMixin, ...) as attributes of
 # the module named in model_index.json, so `DMMPipeline.from_pretrained` needs ModelMixin here.
@@ -63,6 +63,7 @@ class StyleEmbedding(nn.Module):
         self._current = out
         if len(self.adapters):
             self._weights = weights_from_embeds(style_embeds, self.codebook.weight)  # (B, N), read by the adapter hooks
+            self._runs = {}  # batch size -> style_runs of the weights at that size (CFG doubles the batch)
         return out
 
     def adapter_weights(self, batch: int) -> torch.Tensor:
@@ -71,6 +72,15 @@ class StyleEmbedding(nn.Module):
         if w is None or self._current is None:
             raise RuntimeError("style adapters used outside a StyleUNet forward")
         return w if w.shape[0] == batch else w.repeat(batch // w.shape[0], 1)
+
+    def adapter_runs(self, batch: int) -> list[tuple[int, int, int]] | None:
+        """The one-style row runs of `adapter_weights(batch)`, computed once per forward and size;
+        None (the dense N-style path) when runs average under 4 rows: then the per-run small ops
+        cost more than the N-fold wider dense product they save (measured at the toy size)."""
+        if batch not in self._runs:
+            runs = style_runs(self.adapter_weights(batch))
+            self._runs[batch] = runs if 4 * len(runs) <= batch else None
+        return self._runs[batch]
 
     def film_params(self, k: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) of ResNet block k, each (B, C_k, 1, 1)."""
@@ -103,7 +113,8 @@ class _AdapterHook:
 
     def __call__(self, _module, inputs, output):
         x = inputs[0]
-        return output + self.adapter.delta(x, self.style_module.adapter_weights(x.shape[0]))
+        b = x.shape[0]
+        return output + self.adapter.delta(x, self.style_module.adapter_weights(b), self.style_module.adapter_runs(b))
 
 
 def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
