@@ -368,7 +368,9 @@ class RegionalUNet:
         if M % B:
             raise RuntimeError(f"regional UNet got a batch of {M} for {B} images")
         halves = M // B  # 2 under classifier-free guidance ([uncond; cond]), else 1
-        rows = [(h * B + b, v, halves == 1 or h == 1) for h in range(halves) for b in range(B) for v in range(len(plan.views))]
+        # view-major: each view's (= one style's) rows are consecutive, so the style adapters take
+        # their one-style path (style_adapters.style_runs) instead of the dense N-style one
+        rows = [(h * B + b, v, halves == 1 or h == 1) for v in range(len(plan.views)) for h in range(halves) for b in range(B)]
         crops, ehs, styles, text, tids, tconds, tsteps = [], [], [], [], [], [], []
         added = dict(added_cond_kwargs or {})
         per_sample_t = isinstance(timestep, torch.Tensor) and timestep.ndim > 0 and timestep.numel() == M
