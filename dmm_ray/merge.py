@@ -319,6 +319,20 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
 
+def evaluate_stage(cfg: MergeConfig, merged_path):
+    """The FID matrix of the merged model against cfg.teachers (`evaluation:` section); None when
+    evaluation.enabled is false or there are no teachers."""
+    from dmm_ray.evaluation.config import eval_config_from_merge
+
+    eval_cfg = eval_config_from_merge(cfg)
+    if not eval_cfg.enabled or not cfg.teachers:
+        return None
+    from dmm_ray.evaluation.api import evaluate_merge
+
+    log("stage evaluate")
+    return evaluate_merge(merged_path, cfg.teachers, eval_cfg)
+
+
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
     """The whole merge, holding `output_dir`'s lock (dmm_ray/output_lock.py) from before Ray starts
     until it returns or raises: a second merge on the same folder refuses instead of mixing state."""
@@ -472,13 +486,16 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     result.seconds = time.time() - started
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
     log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")
+    # 4. evaluate every style merged so far (incremental: old teachers + new ones), tracked or not
+    merged_so_far = cfg.model_copy(update={"teachers": all_teachers(cfg)})
+    result.evaluation = evaluate_stage(merged_so_far, result.merged_path)
+    if remote and result.evaluation is not None:
+        _upload_results(out, remote, ("evaluation",))
+    # 5. track: log the evaluation and metrics, register the model (an observer: changes nothing above)
     if tracker:
-        log("stage evaluate + track")
-        # evaluate every style merged so far (incremental: old teachers + new ones)
-        result.evaluation = tracker.finish_stage(cfg.model_copy(update={"teachers": all_teachers(cfg)}), result)
+        log("stage track")
+        tracker.finish_stage(merged_so_far, result)
         result.run_id = tracking["run_id"] if tracking else None
-        if remote:
-            _upload_results(out, remote, ("evaluation",))
     if we_started_ray:
         ray.shutdown()
     return result

@@ -384,20 +384,6 @@ def _find_pipeline_folder(path: Path, uri: str) -> Path:
 
 
 # --- driver glue for jobs/merge.py (replaces dmm_ray.tracking_hooks) ---------------------------
-def eval_config_from_merge(cfg) -> "Any":
-    """EvalConfig from a MergeConfig's free-form `evaluation` section (shorthands: see
-    `dmm_ray.evaluation.config.eval_config_from_section`); output under `<output_dir>/evaluation`."""
-    from dmm_ray.evaluation.config import eval_config_from_section
-
-    data = dict(getattr(cfg, "evaluation", {}) or {})
-    out = str(getattr(cfg, "output_dir", "outputs/merge"))
-    if "://" in out:  # written in the driver's staging folder; the merge uploads it to <output_dir>/evaluation
-        out = str(paths.staging_dir(out))
-    data.setdefault("output_dir", str(Path(out) / "evaluation"))
-    data.setdefault("cache_dir", str(paths.fid_cache_dir()))  # not the cwd: a Ray job's working dir is temporary
-    return eval_config_from_section(data)
-
-
 def tracking_config_from_merge(cfg) -> TrackingConfig:
     """TrackingConfig from a MergeConfig's `tracking` section (`uri` is short for `tracking_uri`);
     project and registered model are named after the merge (`name`)."""
@@ -417,7 +403,7 @@ class StageTracker(MergeTracker):
     handle = tracker.start_stage("merge", cfg)   # parent (resumed by project name) + nested run;
                                                  # handle = {"uri", "run_id", ...} for Train workers
     ... workers: MlflowClient(handle["uri"]).log_batch(handle["run_id"], ...) per step ...
-    evaluation = tracker.finish_stage(cfg, result)  # evaluate, log FIDt & artifacts, register model
+    tracker.finish_stage(cfg, result)  # log result.evaluation (FIDt & artifacts), register the model
     """
 
     def __init__(self, config: TrackingConfig | None = None):
@@ -436,17 +422,14 @@ class StageTracker(MergeTracker):
         return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
 
     def finish_stage(self, cfg: Any, result: Any) -> Any:
-        """Evaluate the merged model (unless evaluation.enabled is false), log it, register the model,
-        close the stage and project runs. Returns the EvalResult (or None)."""
-        evaluation = None
+        """Log what the merge produced (its evaluation if it ran, stage metrics, seconds), register the
+        model, close the stage and project runs. Only observes: the evaluation itself is a merge stage
+        (`dmm_ray.merge.evaluate_stage`) and runs with or without tracking. Returns result.evaluation."""
+        evaluation = getattr(result, "evaluation", None)
         try:
-            eval_cfg = eval_config_from_merge(cfg) if cfg is not None else None
-            if eval_cfg is not None and eval_cfg.enabled and getattr(cfg, "teachers", None):
-                from dmm_ray.evaluation.api import evaluate_merge
-
-                evaluation = evaluate_merge(result.merged_path, cfg.teachers, eval_cfg)
-                self.log_evaluation(evaluation)
             if self.enabled:
+                if evaluation is not None:
+                    self.log_evaluation(evaluation)
                 stage_metrics = getattr(result, "stage_metrics", {}) or {}
                 self.log_metrics({f"{stage}/{k}": v for stage, m in stage_metrics.items() for k, v in m.items() if isinstance(v, (int, float))})
                 if getattr(result, "seconds", None):

@@ -60,7 +60,8 @@ def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tm
     assert cfg.synthesis.prompts == str(elsewhere / "prompts.txt")  # --set: the current directory
     # nothing given: output_dir, shards and the MLflow store default to $DMM_HOME
     assert cfg.output_dir == str(home / "outputs" / "proj") and cfg.data.shards == str(home / "outputs" / "proj" / "latents")
-    from dmm_ray.tracking import TrackingConfig, eval_config_from_merge, tracking_config_from_merge
+    from dmm_ray.evaluation.config import eval_config_from_merge
+    from dmm_ray.tracking import TrackingConfig, tracking_config_from_merge
 
     bare = cfg.model_copy(update={"tracking": {}})
     assert tracking_config_from_merge(bare).tracking_uri == f"sqlite:///{home}/mlflow.db"

@@ -29,12 +29,16 @@ def _train_state(result_checkpoint_dir):
     return load_training_state(Path(result_checkpoint_dir))
 
 
-def test_merge_end_to_end(ray_cluster, world, tmp_path):
+def test_merge_end_to_end(ray_cluster, world, tmp_path, monkeypatch):
     from dmm_ray import DMMPipeline
+    from dmm_ray.evaluation import api
     from dmm_ray.merge import run_merge
 
-    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out"))
+    evaluated = []  # evaluation is a merge stage: it runs without any tracker (the FID machinery has its own tests)
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append((path, [t.name for t in teachers])) or "fid")
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", evaluation={"enabled": True}))
     result = run_merge(cfg)
+    assert result.evaluation == "fid" and evaluated == [(result.merged_path, ["style0", "style1"])]
     assert result.stage_metrics["distill"]["step"] == 2 and result.stage_metrics["finetune"]["step"] == 2
     for key in ("loss_score", "loss_feat", "loss_adv", "loss_disc"):
         assert key in result.stage_metrics["distill"]

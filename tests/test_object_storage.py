@@ -84,7 +84,7 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
     from dmm_ray.config import MergeConfig, load_config
     from dmm_ray.distill.trainer import storage_path
     from dmm_ray.fingerprint import state_paths
-    from dmm_ray.tracking import eval_config_from_merge
+    from dmm_ray.evaluation.config import eval_config_from_merge
     from merge_fixtures import build_world, tiny_merge_config
 
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))

@@ -112,7 +112,8 @@ def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_com
     from diffusers import StableDiffusionPipeline
     from mlflow.entities import Metric
 
-    from dmm_ray.tracking import eval_config_from_merge, make_tracker
+    from dmm_ray.evaluation.config import eval_config_from_merge
+    from dmm_ray.tracking import make_tracker
 
     monkeypatch.chdir(tmp_path)
     StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "merged")

@@ -215,3 +215,18 @@ def expand_section_shorthands(section: dict | None) -> dict:
     if sampler:
         data["sampler"] = sampler
     return data
+
+
+def eval_config_from_merge(cfg) -> EvalConfig:
+    """EvalConfig from a MergeConfig's free-form `evaluation` section (shorthands: see
+    `eval_config_from_section`); output under `<output_dir>/evaluation`, FID statistics cached
+    under $DMM_HOME (not the cwd: a Ray job's working dir is temporary)."""
+    from dmm_ray import paths
+
+    data = dict(getattr(cfg, "evaluation", {}) or {})
+    out = str(getattr(cfg, "output_dir", "outputs/merge"))
+    if "://" in out:  # written in the driver's staging folder; the merge uploads it to <output_dir>/evaluation
+        out = str(paths.staging_dir(out))
+    data.setdefault("output_dir", str(Path(out) / "evaluation"))
+    data.setdefault("cache_dir", str(paths.fid_cache_dir()))
+    return eval_config_from_section(data)

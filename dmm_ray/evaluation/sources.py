@@ -131,7 +131,7 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
             from dmm_ray.config import load_config
         except ImportError as e:
             raise ImportError(f"'{path}' looks like a merge config but dmm_ray.config is unavailable: {e}") from e
-        from dmm_ray.tracking import eval_config_from_merge
+        from dmm_ray.evaluation.config import eval_config_from_merge
 
         merge_cfg = load_config(path)
         return EvalSetup(teachers=list(merge_cfg.teachers), defaults=eval_config_from_merge(merge_cfg).model_dump(exclude_unset=True))
