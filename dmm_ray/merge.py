@@ -47,6 +47,9 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names."""
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
+    from dmm_ray.memory_plan import check_fits
+
+    check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
     if cfg.incremental.base_merged:

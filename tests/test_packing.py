@@ -205,3 +205,43 @@ def test_adamw8bit_without_bitsandbytes_is_refused_at_load(tmp_path, monkeypatch
     world = {"base": str(tmp_path), "teachers": [{"name": "a", "source": str(tmp_path)}], "shards": str(tmp_path / "s")}
     with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes"):
         MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"optimizer": "adamw8bit"}))
+
+
+def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.memory_plan import GiB, Layout, MemoryPlanError, check_fits, plan_layout, suggestions
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "w", num_teachers=4)
+    raw = tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "use_gpu": True, "gpu_memory_gb": 1})
+    cfg = MergeConfig.model_validate(raw)
+    with pytest.raises(MemoryPlanError) as error:
+        check_fits(cfg)
+    message = str(error.value)
+    assert "needs" in message and "but scaling.gpu_memory_gb is 1 GiB" in message and "total" in message
+    assert check_fits(MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "gpu_memory_gb": 8}))).fits
+    # SD1.5, 8 fp32 teachers on one 24 GB GPU at 8 rows per style: refused; the suggestions really fit
+    lay = Layout(arch="sd15", teachers_on_worker=8, batch_per_style=8)
+    plan = plan_layout(lay, 24)
+    assert not plan.fits and plan.total > 24 * GiB
+    assert suggestions(lay, 24, num_teachers=8)[0].startswith("distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16")
+    lay = Layout(arch="sd15", teachers_on_worker=8, batch_per_style=4)
+    assert not plan_layout(lay, 48).fits
+    tips = suggestions(lay, 48, num_teachers=8)
+    assert any(t.startswith("scaling.teachers_per_worker:") for t in tips)
+    k = int(next(t for t in tips if t.startswith("scaling.teachers_per_worker:")).split()[1])
+    assert plan_layout(Layout(arch="sd15", teachers_on_worker=k, batch_per_style=4), 48).fits
+    assert not plan_layout(Layout(arch="sd15", teachers_on_worker=k + 1, batch_per_style=4), 48).fits
+    for k in (1, 4, 8):  # more teachers per worker never needs less memory
+        assert plan_layout(Layout(arch="sd15", teachers_on_worker=k)).total < plan_layout(Layout(arch="sd15", teachers_on_worker=k + 1)).total
+
+
+def test_planner_counts_shared_lora_base_once():
+    from dmm_ray.memory_plan import Layout, lora_params, plan_layout, unet_params
+
+    assert 800e6 < unet_params("sd15") < 900e6  # SD1.5 UNet: 859.5M
+    adapter = 4 * lora_params("sd15", 64)
+    fused = plan_layout(Layout(arch="sd15", teachers_on_worker=4, teacher_dtype="bfloat16"))
+    shared = plan_layout(Layout(arch="sd15", teachers_on_worker=4, lora_teachers=4, lora_adapter_bytes=(adapter,) * 4, teacher_dtype="bfloat16"))
+    teacher_bytes = lambda p: sum(b for n, b, _ in p.lines if "teacher" in n and "forward" not in n)  # noqa: E731
+    assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
