@@ -473,22 +473,27 @@ SAVINGS = [  # tried in this order, the first that fits is reported
 ]
 
 
-def best_layout(arch: str, n: int, lora: bool, gpu_gb: float, batch: int, lora_rank: int = 64) -> tuple[int, str, Plan] | None:
-    """Largest k (fewest GPUs) that fits, with the cheapest savings that make it fit."""
+def best_layout(arch: str, n: int, lora: bool, gpu_gb: float, batch: int, lora_rank: int = 64) -> tuple[int, int, str, Plan] | None:
+    """Fewest GPUs that fit: (k, rows per style, savings, plan). The largest k that fits with the cheapest
+    savings, then k evened out to ceil(n / GPUs); with nothing at `batch` rows per style, fewer rows."""
     res = ARCHITECTURES[arch][2]
     adapter = 4 * lora_params(arch, lora_rank)
-    for k in range(n, 0, -1):
-        if n % k and k != n:
-            pass
-        for label, change in SAVINGS:
-            if lora and change.get("offload"):
-                continue
-            nl = k if lora and k > 1 else 0
-            lay = Layout(arch=arch, teachers_on_worker=k, lora_teachers=nl, lora_adapter_bytes=(adapter,) * nl, batch_per_style=batch,
-                         resolution=res, num_styles=n, **change)
-            plan = plan_layout(lay, gpu_gb)
-            if plan.fits:
-                return k, label, plan
+
+    def layout(k: int, rows: int, change: dict) -> Layout:
+        nl = k if lora and k > 1 else 0
+        return Layout(arch=arch, teachers_on_worker=k, lora_teachers=nl, lora_adapter_bytes=(adapter,) * nl, batch_per_style=rows,
+                      resolution=res, num_styles=n, **change)
+
+    rows = batch
+    while rows >= 1:
+        for k in range(n, 0, -1):
+            for label, change in SAVINGS:
+                if lora and change.get("offload"):
+                    continue
+                if plan_layout(layout(k, rows, change), gpu_gb).fits:
+                    k = -(-n // -(-n // k))  # the same GPU count with the teachers spread evenly
+                    return k, rows, label, plan_layout(layout(k, rows, change), gpu_gb)
+        rows //= 2
     return None
 
 
@@ -503,8 +508,9 @@ def readme_table(batch: int = 4, lora_rank: int = 64) -> str:
             if best is None:
                 cells.append("does not fit")
             else:
-                k, saving, plan = best
-                cells.append(f"**{-(-n // k)} GPU{'s' if -(-n // k) > 1 else ''}** (k = {k}; {saving}; {plan.total / GiB:.0f} GiB)")
+                k, per_style, saving, plan = best
+                gpus = -(-n // k)
+                cells.append(f"**{gpus} GPU{'s' if gpus > 1 else ''}**: k = {k}, {per_style} rows/style; {saving}; {plan.total / GiB:.0f} GiB")
         what = f"{n} LoRA (rank {lora_rank})" if lora else f"{n} full"
         out.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -245,3 +245,18 @@ def test_planner_counts_shared_lora_base_once():
     shared = plan_layout(Layout(arch="sd15", teachers_on_worker=4, lora_teachers=4, lora_adapter_bytes=(adapter,) * 4, teacher_dtype="bfloat16"))
     teacher_bytes = lambda p: sum(b for n, b, _ in p.lines if "teacher" in n and "forward" not in n)  # noqa: E731
     assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_distill
+
+    out = tmp_path / "r.json"
+    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["k"] for r in results] == [1, 2] and all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
+    assert "| k teachers |" in gpu_distill.table(results)
