@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             from dmm_ray.memory_plan import describe, plan_config
 
             plan, _ = plan_config(cfg)
-            print(describe(cfg, plan), flush=True)
+            if plan.fits:  # one that does not fit is printed with the error below
+                print(describe(cfg, plan), flush=True)
             validate_before_ray(cfg, deep=args.deep)
             if args.deep:
                 print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)

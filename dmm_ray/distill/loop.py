@@ -110,6 +110,14 @@ def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
     raise ValueError(f"distill.optimizer: unknown {kind!r}; expected adamw, adamw_fused or adamw8bit")
 
 
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 class EpochStream:
     """Batches of one dataset, epoch after epoch (each epoch re-draws t, eps and caption dropout,
     keyed by the epoch), starting at a checkpointed (epoch, position)."""
@@ -383,7 +391,10 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {**logs, "step": step, "epoch": common.epoch if common else 0, "resumed_from": start_step,
                    "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
                    "lr": opt_student.param_groups[0]["lr"],
-                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started)}
+                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started),
+                   "peak_rss_mb": _peak_rss_mb()}  # this worker's (rank 0's) process peak
+        if device.type == "cuda":
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if step % d.log_every == 0 or step == steps:
             log({k: v for k, v in metrics.items() if k not in ("step",)}, step)
         if step % d.checkpoint_every == 0 or step == steps:
