@@ -256,7 +256,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     import gpu_distill
 
     out = tmp_path / "r.json"
-    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--lora-ks", "2", "--offload-ks", "2", "--lora-rank", "4", "--steps", "1",
+                             "--warmup", "0", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert [r["k"] for r in results] == [1, 2] and all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
+    assert [(r["k"], r["teachers"]) for r in results] == [(1, "full"), (2, "full"), (2, "lora"), (2, "offload")]
+    assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
     assert "| k teachers |" in gpu_distill.table(results)

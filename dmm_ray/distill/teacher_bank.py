@@ -70,6 +70,8 @@ class OffloadPool:
                 event.record(self.stream)
             self.ready[slot] = event
         else:
+            if self.ready[slot] is not None:  # a prefetch into this slot may still be copying: let it finish first
+                torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
             for d, s in zip(dst, self.states[index]):
                 d.copy_(s, non_blocking=self.stream is not None)
             self.ready[slot] = None
@@ -110,6 +112,18 @@ class TeacherBank:
         self.names = list(names) if names else [f"teacher_{j}" for j in range(len(self.entries))]
 
     @classmethod
+    def adapters(cls, unet: nn.Module, adapter_names: Sequence[str], conditioners: Sequence[Any], scales: Sequence[float] | None = None) -> "TeacherBank":
+        """Teachers that are named PEFT adapters of one UNet (`unet.add_adapter` / `load_lora_adapter`)."""
+        scales = list(scales) if scales is not None else [1.0] * len(adapter_names)
+        return cls([_Entry(unet, c, adapter=a, pipe=unet, scale=s) for a, c, s in zip(adapter_names, conditioners, scales)])
+
+    @classmethod
+    def offloaded(cls, unets: Sequence[nn.Module], conditioners: Sequence[Any], device, prefetch: bool = True) -> "TeacherBank":
+        """Full teachers kept off the device (see OffloadPool)."""
+        pool = OffloadPool(unets, device, prefetch=prefetch)
+        return cls([_Entry(None, c, offload_index=i) for i, c in enumerate(conditioners)], pool)
+
+    @classmethod
     def resident(cls, unets: Sequence[nn.Module], conditioners: Sequence[Any]) -> "TeacherBank":
         return cls([_Entry(u, c) for u, c in zip(unets, conditioners)])
 
@@ -124,7 +138,10 @@ class TeacherBank:
         if e.offload_index is not None:
             return self.pool.acquire(e.offload_index)
         if e.adapter is not None:
-            e.pipe.set_adapters([e.adapter], adapter_weights=[e.scale])
+            if hasattr(e.pipe, "unet"):  # a pipeline: switches the UNet's and the text encoders' adapters
+                e.pipe.set_adapters([e.adapter], adapter_weights=[e.scale])
+            else:  # a bare UNet with PEFT adapters (benchmarks/gpu_distill.py)
+                e.pipe.set_adapters([e.adapter], weights=[e.scale])
         return e.unet
 
     def prefetch(self, j: int) -> None:
