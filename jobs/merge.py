@@ -62,6 +62,9 @@ def main(argv=None) -> int:
             if not args.restart:
                 check_output_dir(cfg.with_absolute_paths())
             print(cfg.model_dump_json(indent=2))
+            from dmm_ray.merge import describe_layout
+
+            print(describe_layout(cfg))
             print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
             return 0
         from dmm_ray.tracking import make_tracker

@@ -262,3 +262,16 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert [(r["k"], r["teachers"]) for r in results] == [(1, "full"), (2, "full"), (2, "lora"), (2, "offload")]
     assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
     assert "| k teachers |" in gpu_distill.table(results)
+
+
+def test_dry_run_layout_says_who_hosts_what(tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import describe_layout
+    from merge_fixtures import tiny_merge_config
+
+    teachers = [{"name": f"t{i}", "source": str(tmp_path / f"t{i}.safetensors"), "base": str(tmp_path), "format": "lora"} for i in range(5)]
+    world = {"base": str(tmp_path), "teachers": teachers, "shards": str(tmp_path / "s")}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 2, "workers_per_teacher": 2}))
+    text = describe_layout(cfg)
+    assert "W = 6 worker(s) = 3 teacher group(s) (ceil(5 teachers / 2 per worker)) x 2 worker(s) each" in text
+    assert "worker(s) [0, 3]: t0, t1; 2 LoRA(s) as adapters on one shared base" in text and "worker(s) [2, 5]: t4\n" not in text
