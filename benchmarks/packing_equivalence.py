@@ -61,8 +61,9 @@ def run_one(k: int, out: Path, steps: int | None, extra: list[str]) -> dict:
         for run in client.search_runs([exp.experiment_id]):
             for key in ("distill/loss_total", "distill/loss_score", "distill/loss_disc"):
                 history = client.get_metric_history(run.info.run_id, key)
-                if history and key not in curves:
-                    curves[key] = [m.value for m in sorted(history, key=lambda m: m.step)]
+                steps = {m.step: m.value for m in history if m.step >= 1}  # step 0: the stage summary, logged at the end
+                if steps and key not in curves:
+                    curves[key] = [steps[i] for i in sorted(steps)]
     distill = result.stage_metrics.get("distill", {})
     evaluation = result.evaluation.to_dict() if result.evaluation is not None else {}
     return {"k": k, "workers": cfg.num_workers, "steps": cfg.distill.steps, "seconds": seconds,
@@ -90,9 +91,13 @@ def compare(results: list[dict]) -> dict:
     ref = next(r for r in results if r["k"] == max(r["k"] for r in results))
     summary = {"reference_k": ref["k"], "layouts": []}
     key = "distill/loss_total"
-    ref_curve = np.asarray(ref["curves"].get(key, []))
+    def curve_of(r):
+        c = list(r["curves"].get(key, []))
+        return np.asarray(c[1:] if len(c) == r["steps"] + 1 else c)  # a run recorded with the stage summary first
+
+    ref_curve = curve_of(ref)
     for r in results:
-        curve = np.asarray(r["curves"].get(key, []))
+        curve = curve_of(r)
         n = min(len(curve), len(ref_curve))
         row = {"k": r["k"], "W": r["workers"], "samples_per_s": r["samples_per_s"], "peak_rss_mb_rank0": r["peak_rss_mb_rank0"],
                "FIDt": r["FIDt"], "ratio": r["ratio"], "distill_seconds": r["distill_seconds"]}
