@@ -1,7 +1,9 @@
 """`train_loop_per_worker(config)`: one Ray Train worker of a DMM merge. Reads only its config.
 
 Worker r hosts teacher i = r mod N (frozen, its own text encoder) and a DDP replica of the student
-(StyleUNet, base text encoder frozen) and of the discriminator head. Stages:
+(StyleUNet, base text encoder frozen) and of the discriminator head; with scaling.teachers_per_worker
+k > 1 it hosts k teachers in a TeacherBank (distill/teacher_bank.py: LoRAs of one base as adapters
+on it, full teachers resident or offloaded). Stages:
   "distill"   score distillation on the common latent stream (paper 3.3-3.4)
   "finetune"  the same objective on the teachers' synthesized samples; worker i reads style i's data
 """
