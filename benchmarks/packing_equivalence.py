@@ -116,8 +116,9 @@ def compare(results: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| k | W | samples/s | rank-0 peak RSS | loss (last 20 %) | mean abs diff vs k=%d | loss noise | FIDt | ratio | FIDt vs k=%d |"
-             % (summary["reference_k"], summary["reference_k"]), "|---|---|---|---|---|---|---|---|---|---|"]
+    ref = summary["reference_k"]
+    lines = [f"| k | W | samples/s | rank-0 peak RSS | loss (last 20 %) | mean abs diff vs k={ref} | loss noise | FIDt | ratio | FIDt vs k={ref} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small synthesis and evaluation sets (a plumbing check)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides for every layout")
     parser.add_argument("--lora-memory", action="store_true", help="only the LoRA memory comparison")
+    parser.add_argument("--compare-only", action="store_true", help="only compare the k<K>.json results already in --out")
     parser.add_argument("--lora-memory-one", choices=["shared", "fused"], help=argparse.SUPPRESS)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -235,6 +237,9 @@ def main(argv=None) -> int:
         return 0
     results = []
     for k in [int(x) for x in args.ks.split(",")]:
+        if args.compare_only:
+            results.append(json.loads((out / f"k{k}.json").read_text()))
+            continue
         if k not in LAYOUTS:
             parser.error(f"--ks: {k} does not divide the zoo's 8 teachers into equal groups (use 8, 4, 2 or 1)") if 8 % k else None
         cmd = [sys.executable, __file__, "--out", str(out), "--one", str(k)] + (["--steps", str(args.steps)] if args.steps else [])

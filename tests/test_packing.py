@@ -275,3 +275,26 @@ def test_dry_run_layout_says_who_hosts_what(tmp_path):
     text = describe_layout(cfg)
     assert "W = 6 worker(s) = 3 teacher group(s) (ceil(5 teachers / 2 per worker)) x 2 worker(s) each" in text
     assert "worker(s) [0, 3]: t0, t1; 2 LoRA(s) as adapters on one shared base" in text and "worker(s) [2, 5]: t4\n" not in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluster, packed_world, tiny_base_dir, tmp_path):
+    """One Ray Train worker hosts 2 LoRA teachers (adapters on one base) and 2 offloaded full teachers in
+    bf16, with gradient checkpointing and fused AdamW: a 2-step merge runs and saves every style."""
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "w", num_teachers=1)
+    teachers = [s.model_dump(exclude_none=True) for s in packed_world["loras"][:2] + packed_world["fulls"]]
+    world = {**world, "base": str(tiny_base_dir), "teachers": teachers}
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", scaling={"teachers_per_worker": 4, "cpus_per_worker": 1, "teacher_offload": True},
+        distill={"steps": 2, "teacher_dtype": "bfloat16", "gradient_checkpointing": True, "optimizer": "adamw_fused"},
+        synthesis={"enabled": False}, evaluation={"enabled": False}))
+    assert cfg.num_workers == 1
+    result = run_merge(cfg)
+    assert result.stage_metrics["distill"]["step"] == 2
+    assert result.stage_metrics["distill"]["peak_rss_mb"] > 0
+    assert StyleUNet.from_pretrained(result.merged_path / "unet").style_names == [t["name"] for t in teachers]
