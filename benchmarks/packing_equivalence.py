@@ -99,7 +99,9 @@ def compare(results: list[dict]) -> dict:
     for r in results:
         curve = curve_of(r)
         n = min(len(curve), len(ref_curve))
-        row = {"k": r["k"], "W": r["workers"], "samples_per_s": r["samples_per_s"], "peak_rss_mb_rank0": r["peak_rss_mb_rank0"],
+        rss = r["peak_rss_mb_rank0"]
+        row = {"k": r["k"], "W": r["workers"], "samples_per_s": r["samples_per_s"], "peak_rss_mb_rank0": rss,
+               "peak_rss_mb_all_workers_est": None if rss is None else rss * r["workers"],  # symmetric layouts: W x rank 0's
                "FIDt": r["FIDt"], "ratio": r["ratio"], "distill_seconds": r["distill_seconds"]}
         if n:
             tail = max(1, n // 5)
@@ -117,14 +119,14 @@ def compare(results: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     ref = summary["reference_k"]
-    lines = [f"| k | W | samples/s | rank-0 peak RSS | loss (last 20 %) | mean abs diff vs k={ref} | loss noise | FIDt | ratio | FIDt vs k={ref} |",
+    lines = [f"| k | W | samples/s | peak RSS: rank 0 (x W) | loss (last 20 %) | mean abs diff vs k={ref} | loss noise | FIDt | ratio | FIDt vs k={ref} |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for r in summary["layouts"]:
-        lines.append(f"| {r['k']} | {r['W']} | {f(r['samples_per_s'], '.2f')} | {f(r['peak_rss_mb_rank0'], '.0f')} MB | "
+        lines.append(f"| {r['k']} | {r['W']} | {f(r['samples_per_s'], '.2f')} | {f(r['peak_rss_mb_rank0'], '.0f')} MB ({f(r['peak_rss_mb_all_workers_est'], '.0f')} MB) | "
                      f"{f(r.get('loss_mean_last_20pct'), '.4f')} | {f(r.get('loss_mean_abs_diff_vs_ref'), '.4f')} | "
                      f"{f(r.get('loss_noise'), '.4f')} | {f(r['FIDt'], '.1f')} | {f(r['ratio'], '.3f')} | "
                      f"{f(r.get('FIDt_rel_diff_vs_ref'), '+.1%')} |")
