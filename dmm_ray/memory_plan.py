@@ -17,6 +17,7 @@ Per worker (the one hosting the most teachers), in bytes:
                the discriminator's generator term (gradient through the frozen backbone) likewise;
                the teachers' no-grad forward: ESTIMATED as 10 % of the student's per-row activations
   overhead     CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ESTIMATED 1.5 GiB + 5 %
+               (CPU workers: the process itself, torch, diffusers, Ray, data buffers: 1 GiB + 5 %)
 Every number is counted from the architecture (meta-device modules), none needs the weights.
 """
 
@@ -313,7 +314,7 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
                                                                      else "bfloat16", False) * teacher_rows)
     L.append((f"teacher forward, one sub-batch of {teacher_rows} (no grad)", teacher_act, "estimated"))
     L.append(("CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
-              (OVERHEAD_BYTES if lay.gpu else GiB // 2) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)), "estimated"))
+              (OVERHEAD_BYTES if lay.gpu else GiB) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)), "estimated"))
     return plan
 
 
