@@ -69,7 +69,16 @@ class DistillConfig(_Section):
     style_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the style codebook and MLP (the only new parameters)")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the student (e.g. 0.999); saved as the merged model")
     ema_warmup: bool = Field(True, description="EMA decay ramps up as 1 - (1 + step)^-3/4 until ema_decay (short runs)")
-    bf16: bool = Field(True, description="bf16 autocast on GPU workers (ignored on CPU)")
+    bf16: bool = Field(True, description="student (and discriminator) in fp32 master weights with bf16 autocast on GPU "
+                       "workers (ignored on CPU)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the frozen teachers (UNets and text encoders) are loaded and run in; bfloat16/float16 "
+        "halve their memory (their outputs are cast back to float32 for the losses)")
+    gradient_checkpointing: bool = Field(False, description="recompute the student UNet's block activations in the backward "
+                                         "pass (diffusers enable_gradient_checkpointing): less activation memory, ~30% more compute")
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit"] = Field(
+        "adamw", description="adamw (torch), adamw_fused (torch fused kernel), adamw8bit (bitsandbytes AdamW8bit: 2 bytes of "
+        "state per parameter instead of 8; needs bitsandbytes installed on the workers)")
     checkpoint_every: int = Field(100, gt=0, description="ray.train.report a checkpoint every K steps")
     log_every: int = Field(10, gt=0, description="log losses to MLflow every K steps (rank 0)")
     fail_at_step: Optional[int] = Field(None, description="testing only: kill worker 1 once at this step (fault-tolerance test)")
@@ -87,6 +96,13 @@ class ScalingSection(_Section):
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per worker (default: cpus_per_worker rounded, at least 1)")
     teachers_per_worker: int = Field(1, ge=1, description="k teachers on one worker; each step every teacher gets its own "
                                      "batch of its style (W = ceil(N/k) * workers_per_teacher)")
+    teacher_offload: bool = Field(False, description="keep full (non-LoRA) teachers in CPU RAM and copy each to the device "
+                                  "for its sub-batch (on GPU the next one is prefetched on a side stream): device memory "
+                                  "holds 2 teacher UNets instead of k")
+    share_lora_base: bool = Field(True, description="LoRA teachers of one base on a worker load the base ONCE plus one named "
+                                  "PEFT adapter each, switched per sub-batch (false: each LoRA fused into its own copy)")
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one worker's accelerator; the memory planner "
+                                           "(jobs/merge.py --dry-run, and every run) refuses a layout that will not fit")
     gpus_per_worker: float = Field(1.0, ge=0)
     check_resources: bool = Field(True, description="refuse a layout the cluster cannot hold (needed vs available CPUs/GPUs) "
                                   "before Ray Train starts; false on an autoscaling cluster whose nodes join on demand")
@@ -182,6 +198,12 @@ class MergeConfig(_Section):
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
             raise ValueError("data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; "
                              "it needs synthesis.enabled: true")
+        if self.distill.optimizer == "adamw8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes, which is not installed here "
+                                 "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused")
         n, groups = len(self.teachers), self.teacher_groups
         expected = groups * self.scaling.workers_per_teacher + self.regularization_workers
         if self.scaling.num_workers is not None and self.scaling.num_workers != expected:

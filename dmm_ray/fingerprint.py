@@ -25,7 +25,9 @@ from typing import Any
 RECORD = "fingerprints.json"
 STAGES = ("synthesize", "distill", "finetune")
 # how, not what: never part of a fingerprint
-_DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16"}
+_DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16", "gradient_checkpointing"}
+# what-settings added later: left out at their default, so a run recorded before them still resumes
+_DISTILL_OMITTED_AT = {"teacher_dtype": "float32", "optimizer": "adamw"}
 _SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guidance_scale", "negative_prompt", "resolution", "batch_size")
 _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
 
@@ -82,7 +84,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "seed": cfg.seed,
         "student.base.checksum": _base_checksum(cfg.student.base),
         **{f"student.{k}": v for k, v in cfg.student.model_dump(mode="json").items() if k != "base"},
-        **{f"distill.{k}": v for k, v in cfg.distill.model_dump(mode="json").items() if k not in _DISTILL_IGNORED},
+        **{f"distill.{k}": v for k, v in cfg.distill.model_dump(mode="json").items() if k not in _DISTILL_IGNORED and _DISTILL_OMITTED_AT.get(k, object()) != v},
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
         "data.synthetic_fraction": cfg.data.synthetic_fraction,
         "data.shards": _shards(cfg),

@@ -47,6 +47,9 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names."""
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
+    from dmm_ray.memory_plan import check_fits
+
+    check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
     if cfg.incremental.base_merged:
@@ -65,6 +68,32 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+
+
+def describe_layout(cfg: MergeConfig) -> str:
+    """Which worker hosts which teachers, in words (printed by --dry-run)."""
+    from dmm_ray.distill.layout import worker_layout
+
+    n, k, m = len(cfg.teachers), cfg.scaling.teachers_per_worker, cfg.workers_per_teacher
+    groups = cfg.teacher_groups
+    head = (f"layout: W = {cfg.num_workers} worker(s) = {groups} teacher group(s) (ceil({n} teachers / {k} per worker)) "
+            f"x {m} worker(s) each" + (" + 1 regularisation worker" if cfg.regularization_workers else ""))
+    lines = [head]
+    roles = worker_layout(n, m, 0, cfg.regularization_workers > 0, teachers_per_worker=k)
+    for role in roles[:groups] + roles[len(roles) - cfg.regularization_workers:] if cfg.regularization_workers else roles[:groups]:
+        if role.kind == "regularizer":
+            lines.append(f"  worker {role.rank}: the previous merged model (regularisation of the old styles)")
+            continue
+        names = [cfg.teachers[i].name for i in role.teacher_indices]
+        loras = [i for i in role.teacher_indices if cfg.teachers[i].format == "lora"]
+        held = ""
+        if cfg.scaling.share_lora_base and len(loras) > 1:
+            held = f"; {len(loras)} LoRA(s) as adapters on one shared base"
+        if cfg.scaling.teacher_offload and len(names) - (len(loras) if held else 0) > 0:
+            held += "; full teachers offloaded to CPU RAM"
+        ranks = [r.rank for r in roles if r.teacher_indices == role.teacher_indices]
+        lines.append(f"  worker(s) {ranks}: {', '.join(names)}{held}")
+    return "\n".join(lines)
 
 
 def init_ray(cfg: MergeConfig):

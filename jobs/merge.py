@@ -3,6 +3,7 @@
   python jobs/merge.py                                   # the embedded default: jobs/configs/toy.yaml
   python jobs/merge.py --config jobs/configs/toy.yaml --set distill.steps=10
   python jobs/merge.py --config jobs/configs/toy.yaml --dry-run --deep   # check config + teachers (every tensor finite)
+  python jobs/merge.py --config jobs/configs/sd15_8styles_1gpu.yaml --dry-run   # ... and print the per-worker memory plan
   ray job submit --working-dir . -- python jobs/merge.py
 
 Without --config the toy preset runs: its zoo is built on first use and cached, and the zoo,
@@ -50,12 +51,20 @@ def main(argv=None) -> int:
 
         print(format_locations(cfg, "locations"), flush=True)
         if args.dry_run:
+            from dmm_ray.memory_plan import describe, plan_config
+
+            plan, _ = plan_config(cfg)
+            if plan.fits:  # one that does not fit is printed with the error below
+                print(describe(cfg, plan), flush=True)
             validate_before_ray(cfg, deep=args.deep)
             if args.deep:
                 print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
             if not args.restart:
                 check_output_dir(cfg.with_absolute_paths())
             print(cfg.model_dump_json(indent=2))
+            from dmm_ray.merge import describe_layout
+
+            print(describe_layout(cfg))
             print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
             return 0
         from dmm_ray.tracking import make_tracker

@@ -1,7 +1,9 @@
 """`train_loop_per_worker(config)`: one Ray Train worker of a DMM merge. Reads only its config.
 
 Worker r hosts teacher i = r mod N (frozen, its own text encoder) and a DDP replica of the student
-(StyleUNet, base text encoder frozen) and of the discriminator head. Stages:
+(StyleUNet, base text encoder frozen) and of the discriminator head; with scaling.teachers_per_worker
+k > 1 it hosts k teachers in a TeacherBank (distill/teacher_bank.py: LoRAs of one base as adapters
+on it, full teachers resident or offloaded). Stages:
   "distill"   score distillation on the common latent stream (paper 3.3-3.4)
   "finetune"  the same objective on the teachers' synthesized samples; worker i reads style i's data
 """
@@ -89,9 +91,33 @@ def _optimizer(student, d, lr: float, steps: int, warmup: int):
     style = [p for n, p in student.named_parameters() if is_style(n)]
     rest = [p for n, p in student.named_parameters() if not is_style(n)]
     groups = [{"params": rest, "lr": lr}, {"params": style, "lr": lr * d.style_lr_mult}]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=d.weight_decay)
+    opt = make_adamw(groups, lr, d.weight_decay, getattr(d, "optimizer", "adamw"))
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[d.lr_schedule]
     return opt, get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=max(1, steps))
+
+
+def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
+    """distill.optimizer: adamw | adamw_fused (torch's fused kernel) | adamw8bit (bitsandbytes)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise RuntimeError(f"distill.optimizer: adamw8bit needs bitsandbytes, which cannot be imported on this worker "
+                               f"({error}); pip install bitsandbytes, or use adamw / adamw_fused") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"distill.optimizer: unknown {kind!r}; expected adamw, adamw_fused or adamw8bit")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class EpochStream:
@@ -170,8 +196,6 @@ def train_loop_per_worker(config: dict) -> None:
     from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
     from dmm_ray.models.discriminator import MultiClassDiscriminator
     from dmm_ray.models.style_unet import StyleUNet, merged_style_names
-    from dmm_ray.teachers import load_teacher
-
     cfg = MergeConfig.model_validate(config["merge"])
     stage = config.get("stage", "distill")
     context = ray.train.get_context()
@@ -199,13 +223,21 @@ def train_loop_per_worker(config: dict) -> None:
     # Conditioners: SD1.5 -> one CLIP on the stream's token ids; SDXL -> both encoders, pooled, size ids.
     student_conditioner = load_base_conditioner(base_dir, device)  # the base's text encoder(s), frozen
     if role.kind == "teacher":
-        teachers = [load_teacher(cfg.teachers[i], device=device) for i in role.teacher_indices]
-        teacher_unets, teacher_takes_style = [t.unet for t in teachers], False
-        teacher_conditioners = [conditioner_for(t, vae_scale_factor(base_dir), device) for t in teachers]  # their own encoders
+        from dmm_ray.distill.teacher_bank import TEACHER_DTYPES, load_teacher_bank
+
+        # k teachers: LoRAs of one base as named adapters on one base, full ones resident or offloaded
+        teacher_unets = load_teacher_bank([cfg.teachers[i] for i in role.teacher_indices], device,
+                                          lambda parts: conditioner_for(parts, vae_scale_factor(base_dir), device),
+                                          dtype=TEACHER_DTYPES[d.teacher_dtype], offload=cfg.scaling.teacher_offload,
+                                          share_lora_base=cfg.scaling.share_lora_base)
+        teacher_conditioners, teacher_takes_style = None, False
+        print(f"[rank {rank}] teachers: {teacher_unets.describe()} ({d.teacher_dtype})", flush=True)
     else:  # regularisation worker: the frozen previous merged model supervises random old styles
         teacher_unets = [StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet").requires_grad_(False).eval().to(device)]
         teacher_conditioners, teacher_takes_style = [student_conditioner], True
     student = _load_student(cfg, stage, config.get("init_student"), style_names).to(device).train()
+    if d.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     discriminator = None
     if d.lambda_adv > 0:
         from diffusers import UNet2DConditionModel
@@ -218,7 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
     init_state = config.get("init_state")  # fine-tune: the distill stage's final training state
     warmup = 0 if init_state else min(d.warmup_steps, steps)
     opt_student, lr_scheduler = _optimizer(student, d, lr, steps, warmup)
-    opt_disc = torch.optim.AdamW(discriminator.head.parameters(), lr=d.disc_lr, weight_decay=d.weight_decay) if discriminator else None
+    opt_disc = make_adamw(discriminator.head.parameters(), d.disc_lr, d.weight_decay, d.optimizer) if discriminator else None
 
     def restore(state: dict, folder: Path | None, same_stage: bool):
         if folder is not None:
@@ -361,7 +393,10 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {**logs, "step": step, "epoch": common.epoch if common else 0, "resumed_from": start_step,
                    "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
                    "lr": opt_student.param_groups[0]["lr"],
-                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started)}
+                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started),
+                   "peak_rss_mb": _peak_rss_mb()}  # this worker's (rank 0's) process peak
+        if device.type == "cuda":
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if step % d.log_every == 0 or step == steps:
             log({k: v for k, v in metrics.items() if k not in ("step",)}, step)
         if step % d.checkpoint_every == 0 or step == steps:

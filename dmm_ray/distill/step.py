@@ -72,14 +72,20 @@ class DistillStep:
                  settings: LossSettings, num_styles: int, discriminator=None, teacher_takes_style: bool = False,
                  autocast_dtype: torch.dtype | None = None):
         """`teacher_unet` / `teacher_conditioner`: one teacher, or equal-length lists (teacher j serves
-        the rows of `batch["teacher_slices"]` marked j)."""
+        the rows of `batch["teacher_slices"]` marked j), or a `TeacherBank` (conditioner None: the
+        bank's; LoRA adapters switched / offloaded teachers fetched per sub-batch)."""
+        from dmm_ray.distill.teacher_bank import TeacherBank
+
         self.student, self.student_conditioner = student, as_conditioner(student_conditioner)
-        unets = list(teacher_unet) if isinstance(teacher_unet, (list, tuple)) else [teacher_unet]
-        conds = list(teacher_conditioner) if isinstance(teacher_conditioner, (list, tuple)) else [teacher_conditioner]
-        if len(unets) != len(conds):
-            raise ValueError(f"{len(unets)} teacher UNets but {len(conds)} teacher conditioners")
-        self.teachers = [(u, as_conditioner(c)) for u, c in zip(unets, conds)]
-        self.teacher_unet, self.teacher_conditioner = self.teachers[0]
+        if isinstance(teacher_unet, TeacherBank):
+            self.bank = teacher_unet
+        else:
+            unets = list(teacher_unet) if isinstance(teacher_unet, (list, tuple)) else [teacher_unet]
+            conds = list(teacher_conditioner) if isinstance(teacher_conditioner, (list, tuple)) else [teacher_conditioner]
+            if len(unets) != len(conds):
+                raise ValueError(f"{len(unets)} teacher UNets but {len(conds)} teacher conditioners")
+            self.bank = TeacherBank.resident(unets, [as_conditioner(c) for c in conds])
+        self.teacher_conditioner = as_conditioner(self.bank.conditioner(0))
         self.noise_scheduler, self.settings, self.num_styles = noise_scheduler, settings, num_styles
         self.discriminator = discriminator if settings.lambda_adv > 0 else None
         self.teacher_takes_style = teacher_takes_style
@@ -139,14 +145,21 @@ class DistillStep:
         n = batch["noisy_latents"].shape[0]
         slices = batch.get(TEACHER_SLICES) or [(0, 0, n)]
         eps, feats = [], []
-        for j, start, stop in slices:
-            unet, conditioner = self.teachers[j]
+        for position, (j, start, stop) in enumerate(slices):
+            unet = self.bank.activate(j)  # LoRA: set_adapters; offloaded: weights on the device
+            if position + 1 < len(slices):
+                self.bank.prefetch(slices[position + 1][0])  # offloaded: the next copy overlaps this forward
             sub = batch if (start, stop) == (0, n) else slice_batch(batch, start, stop)
-            text, added = conditioner(sub)  # (b, L, D): the teacher's own text encoder(s)
+            text, added = as_conditioner(self.bank.conditioner(j))(sub)  # (b, L, D): the teacher's own text encoder(s)
             kwargs = {"style_ids": style_ids[start:stop]} if self.teacher_takes_style else {}
+            dtype = next(unet.parameters()).dtype  # distill.teacher_dtype: inputs in the teacher's dtype, outputs fp32
+            latents = sub["noisy_latents"]
+            if dtype != latents.dtype and not torch.is_autocast_enabled(latents.device.type):
+                latents, text = latents.to(dtype), text.to(dtype)
+                added = None if added is None else {k: v.to(dtype) for k, v in added.items()}
             with capture_block_features(unet) if use_feat else nullcontext([]) as captured:
-                eps.append(unet(sub["noisy_latents"], sub["timesteps"], text, added_cond_kwargs=added, **kwargs).sample)
-            feats.append(list(captured))
+                eps.append(unet(latents, sub["timesteps"], text, added_cond_kwargs=added, **kwargs).sample.float())
+            feats.append([f.float() for f in captured])
         if len(eps) == 1:
             return eps[0], feats[0]
         return torch.cat(eps), [torch.cat(maps) for maps in zip(*feats)]

@@ -1,0 +1,546 @@
+"""Memory planner: what one merge worker holds on its accelerator, before anything starts.
+
+    python -m dmm_ray.memory_plan --config jobs/configs/sd15_8styles_1gpu.yaml      # one config's plan
+    python -m dmm_ray.memory_plan --table                                             # README "How many GPUs do I need?"
+
+Per worker (the one hosting the most teachers), in bytes:
+  student      StyleUNet fp32 master weights + grads + optimizer state (AdamW 8 B/param, 8-bit 2 B) + EMA (4 B)
+  student text encoder(s) (frozen, fp32), the bf16 weight copies autocast keeps during a step (GPU)
+  discriminator: frozen backbone (the base UNet without its up blocks) + head (weights, grads, AdamW)
+  teachers     each full teacher's UNet + text encoder(s) in distill.teacher_dtype, or one base +
+               k LoRA adapters (sizes from the LoRA files' headers when present, else rank `lora_rank`),
+               or with teacher_offload two device slots
+  activations  what the student's forward keeps for backward at the worker batch (k teachers x
+               data.stream.batch_size rows), MEASURED by running the UNet forward on the meta device
+               (no memory, no weights) with saved-tensor hooks counting the bytes; attention
+               probability matrices are left out (a fused SDPA kernel on GPU does not keep them);
+               the discriminator's generator term (gradient through the frozen backbone) likewise;
+               the teachers' no-grad forward: ESTIMATED as 10 % of the student's per-row activations
+  overhead     CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ESTIMATED 1.5 GiB + 5 %
+               (CPU workers: the process itself, torch, diffusers, Ray, data buffers: 1 GiB + 5 %)
+Every number is counted from the architecture (meta-device modules), none needs the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+GiB = 1024**3
+OVERHEAD_BYTES = int(1.5 * GiB)
+OVERHEAD_FRACTION = 0.05
+TEACHER_ACT_FRACTION = 0.10
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw8bit": 2}
+COMMON_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+ARCHITECTURES = {"sd15": (SD15_UNET, [CLIP_L], 512), "sdxl": (SDXL_UNET, [CLIP_L, CLIP_BIGG], 1024)}
+
+
+@dataclass
+class Arch:
+    name: str
+    unet: dict
+    text_encoders: list[dict]
+    vae_factor: int = 8
+    source: str = "built in"
+
+
+@dataclass
+class Plan:
+    """One worker's bytes, by line; `how`: counted | measured (meta device) | estimated."""
+
+    lines: list[tuple[str, int, str]] = field(default_factory=list)
+    capacity: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.lines)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def format(self, title: str = "") -> str:
+        width = max(len(n) for n, _, _ in self.lines)
+        out = [title] if title else []
+        out += [f"  {n:<{width}}  {b / GiB:8.2f} GiB  ({how})" for n, b, how in self.lines]
+        out.append(f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB" + (f"  of {self.capacity / GiB:.0f} GiB: "
+                                                                          f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.capacity else ""))
+        out += [f"  note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the planner needs of a config (also built directly for the README table)."""
+
+    arch: str  # key into the arch cache
+    teachers_on_worker: int  # k (the busiest worker)
+    lora_teachers: int = 0  # of those, LoRAs of one base sharing it (>= 2) ...
+    lora_adapter_bytes: tuple[int, ...] = ()  # ... their adapter sizes in bytes (fp32 as stored), one per LoRA
+    batch_per_style: int = 4
+    resolution: int = 512
+    num_styles: int = 8
+    teacher_dtype: str = "float32"
+    bf16: bool = True  # GPU autocast
+    gpu: bool = True
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    ema: bool = False
+    offload: bool = False
+    lambda_adv: float = 0.01
+    adapter_rank: int = 0  # student.style_adapters.rank
+    adapter_targets: tuple[str, ...] = ()
+
+
+_ARCHS: dict[str, Arch] = {}
+
+
+def arch_from_folder(folder: str | Path) -> Arch:
+    folder = Path(folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    encoders = [json.loads((folder / te / "config.json").read_text()) for te in ("text_encoder", "text_encoder_2")
+                if (folder / te / "config.json").is_file()]
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return Arch(folder.name, unet, encoders, 2 ** (len(vae["block_out_channels"]) - 1), f"read from {folder}")
+
+
+def register_arch(key: str, arch: Arch) -> str:
+    _ARCHS[key] = arch
+    return key
+
+
+for _name, (_unet, _encoders, _res) in ARCHITECTURES.items():
+    register_arch(_name, Arch(_name, _unet, _encoders))
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_unet(key: str):
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in _ARCHS[key].unet.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(cfg)
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def unet_params(key: str) -> int:
+    return _params(_meta_unet(key))
+
+
+@functools.lru_cache(maxsize=None)
+def disc_backbone_params(key: str) -> int:
+    unet = _meta_unet(key)
+    dropped = _params(unet.up_blocks) + _params(unet.conv_norm_out) + _params(unet.conv_out)
+    return unet_params(key) - dropped
+
+
+@functools.lru_cache(maxsize=None)
+def text_encoder_params(key: str) -> int:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    total = 0
+    for i, cfg in enumerate(_ARCHS[key].text_encoders):
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
+        cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
+        with torch.device("meta"):
+            total += _params(cls(CLIPTextConfig(**cfg)))
+    return total
+
+
+def _matching(unet, targets) -> list:
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets):
+            out.append(module)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def lora_params(key: str, rank: int, targets: tuple[str, ...] = COMMON_LORA_TARGETS) -> int:
+    """Parameters of one rank-r LoRA on `targets` (down r x in*kh*kw + up out x r per layer)."""
+    total = 0
+    for m in _matching(_meta_unet(key), targets):
+        if isinstance(m, torch.nn.Linear):
+            total += rank * (m.in_features + m.out_features)
+        else:
+            total += rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
+    return total
+
+
+def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_targets: tuple[str, ...] = ()) -> int:
+    from dmm_ray.models.style_unet import extra_parameter_count
+
+    d = _ARCHS[key].unet["block_out_channels"][0] * 4  # time embedding dim
+    extra = extra_parameter_count(num_styles, d)
+    if adapter_rank:
+        extra += num_styles * lora_params(key, adapter_rank, tuple(adapter_targets))
+    return unet_params(key) + extra
+
+
+@functools.lru_cache(maxsize=None)
+def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: bool, part: str = "unet") -> int:
+    """Bytes the forward keeps for backward per batch row, measured on the meta device.
+    part=unet: the student; part=disc: the generator term through the frozen discriminator backbone."""
+    import copy
+
+    import logging
+
+    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)  # "modules ... kept in float32": none here
+    unet = copy.deepcopy(_meta_unet(key)).to({"float32": torch.float32}.get(dtype, torch.bfloat16))
+    cfg = _ARCHS[key].unet
+    unet.requires_grad_(part == "unet")
+    if checkpointing and part == "unet":
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    params = {id(p) for p in unet.parameters()}
+    saved: dict[int, int] = {}
+    keep: list = []
+
+    def pack(t):
+        if id(t) in params or id(getattr(t, "_base", None)) in params:
+            return t
+        # attention probabilities (B, heads, Lq, Lk): a fused SDPA kernel on GPU keeps none of them
+        if t.dim() >= 3 and t.shape[-2] > latent and t.shape[-1] in (t.shape[-2], 77):
+            return t
+        base = t._base if t._base is not None else t  # views of one activation count once
+        if id(base) not in saved:
+            saved[id(base)] = base.numel() * base.element_size()
+            keep.append(base)
+        return t
+
+    dt = next(unet.parameters()).dtype
+    x = torch.zeros(1, cfg.get("in_channels", 4), latent, latent, device="meta", dtype=dt, requires_grad=part == "disc")
+    text = torch.zeros(1, 77, cfg["cross_attention_dim"], device="meta", dtype=dt)
+    added = None
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        added = {"text_embeds": torch.zeros(1, pooled, device="meta", dtype=dt), "time_ids": torch.zeros(1, 6, device="meta", dtype=dt)}
+    stop = None
+    if part == "disc":
+        class _Stop(Exception):
+            pass
+
+        def hook(*_):
+            raise _Stop
+
+        stop = unet.mid_block.register_forward_hook(hook)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(x, torch.zeros(1, device="meta", dtype=torch.long), text, added_cond_kwargs=added)
+    except Exception as error:  # noqa: BLE001 - the disc hook's stop
+        if stop is None:
+            raise
+        del error
+    finally:
+        if stop is not None:
+            stop.remove()
+    total = sum(saved.values())
+    if checkpointing and part == "unet":
+        # recompute in backward: one block's activations at a time on top (the largest block)
+        total += activation_bytes_per_row(key, latent, dtype, False) // max(1, len(cfg["down_block_types"]) * 2 + 1)
+    return total
+
+
+def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
+    key = lay.arch
+    a = _ARCHS[key]
+    latent = lay.resolution // a.vae_factor
+    k = lay.teachers_on_worker
+    rows = k * lay.batch_per_style
+    p_student = student_params(key, lay.num_styles, lay.adapter_rank, lay.adapter_targets)
+    p_text = text_encoder_params(key)
+    p_unet = unet_params(key)
+    tb = DTYPE_BYTES[lay.teacher_dtype]
+    autocast = lay.gpu and lay.bf16
+    act_dtype = "bfloat16" if autocast else "float32"
+    plan = Plan(capacity=None if capacity_gb is None else int(capacity_gb * GiB))
+    L = plan.lines
+    L.append(("student weights (fp32)", 4 * p_student, "counted"))
+    L.append(("student gradients (fp32)", 4 * p_student, "counted"))
+    L.append((f"student optimizer ({lay.optimizer})", OPTIMIZER_BYTES[lay.optimizer] * p_student, "counted"))
+    if lay.ema:
+        L.append(("student EMA (fp32)", 4 * p_student, "counted"))
+    L.append(("student text encoder(s) (fp32, frozen)", 4 * p_text, "counted"))
+    if lay.lambda_adv > 0:
+        c = a.unet["block_out_channels"][-1]
+        head = 2 * (9 * c * c + c) + 4 * c + c * 2 * lay.num_styles + 2 * lay.num_styles
+        L.append(("discriminator backbone (fp32, frozen)", 4 * disc_backbone_params(key), "counted"))
+        L.append(("discriminator head (weights, grads, AdamW)", (4 + 4 + OPTIMIZER_BYTES[lay.optimizer]) * head, "counted"))
+    if autocast:
+        L.append(("bf16 weight copies under autocast", 2 * (p_student + (disc_backbone_params(key) if lay.lambda_adv > 0 else 0)), "counted"))
+    full = k - lay.lora_teachers
+    if lay.lora_teachers:
+        L.append((f"LoRA base UNet + text encoder(s), once ({lay.teacher_dtype})", tb * (p_unet + p_text), "counted"))
+        adapters = sum(lay.lora_adapter_bytes) // 4 * tb
+        L.append((f"{lay.lora_teachers} LoRA adapters ({lay.teacher_dtype})", adapters, "counted"))
+    if full:
+        resident = min(full, 2 if full > 1 else 1) if lay.offload else full
+        what = f"{full} full teacher UNets" + (f", offloaded: {resident} device slot{'s' if resident > 1 else ''}" if lay.offload else "")
+        L.append((f"{what} ({lay.teacher_dtype})", tb * p_unet * resident, "counted"))
+        L.append((f"{full} teacher text encoder(s) ({lay.teacher_dtype})", tb * p_text * full, "counted"))
+    per_row = activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing)
+    L.append((f"student activations ({rows} rows{', checkpointed' if lay.gradient_checkpointing else ''})", per_row * rows, "measured (meta device)"))
+    if lay.lambda_adv > 0:
+        L.append((f"discriminator generator-term activations ({rows} rows)",
+                  activation_bytes_per_row(key, latent, act_dtype, False, "disc") * rows, "measured (meta device)"))
+    teacher_rows = lay.batch_per_style
+    teacher_act = int(TEACHER_ACT_FRACTION * activation_bytes_per_row(key, latent, act_dtype if lay.teacher_dtype == "float32" and not autocast
+                                                                     else "bfloat16", False) * teacher_rows)
+    L.append((f"teacher forward, one sub-batch of {teacher_rows} (no grad)", teacher_act, "estimated"))
+    L.append(("CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
+              (OVERHEAD_BYTES if lay.gpu else GiB) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)), "estimated"))
+    return plan
+
+
+# ---- from a merge config ------------------------------------------------------------------
+
+def _lora_file_bytes(path: str) -> int | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with open(p, "rb") as handle:
+        n = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(n))
+    total = 0
+    for key, info in header.items():
+        if key == "__metadata__" or "text_encoder" in key or not key.startswith(("unet", "lora_unet", "down_blocks", "up_blocks", "mid_block")):
+            continue
+        numel = math.prod(info["shape"])
+        total += 4 * numel  # counted as fp32, scaled to teacher_dtype by plan_layout
+    return total
+
+
+def _config_arch(cfg) -> tuple[str, str]:
+    base = Path(cfg.student.base)
+    if (base / "unet" / "config.json").is_file():
+        arch = arch_from_folder(base)
+        return register_arch(f"folder:{base}", arch), arch.source
+    name = "sdxl" if "xl" in base.name.lower() else "sd15"
+    return name, f"{base} is not here: assuming the {name.upper()} architecture from its name"
+
+
+def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
+    """The busiest worker's layout of a MergeConfig (LoRA sizes from the files, else rank `lora_rank`)."""
+    key, how = _config_arch(cfg)
+    notes = [f"architecture: {how}"]
+    k = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
+    hosted = cfg.teachers[:k]  # group 0 is the largest
+    groups: dict[str, list] = {}
+    if cfg.scaling.share_lora_base:
+        for spec in hosted:
+            fmt = spec.format or ("lora" if spec.source.endswith(".safetensors") and "lora" in spec.source.lower() else None)
+            if fmt is None:
+                try:
+                    fmt = spec.resolved_format()
+                except Exception:  # noqa: BLE001 - a missing file: planned as a full teacher
+                    fmt = "full"
+            if fmt == "lora" and spec.base:
+                groups.setdefault(spec.base, []).append(spec)
+    loras = [s for g in groups.values() if len(g) > 1 for s in g]
+    sizes, assumed = [], []
+    for spec in loras:
+        size = _lora_file_bytes(spec.source)
+        if size is None:
+            size = 4 * lora_params(key, lora_rank)
+            assumed.append(spec.name)
+        sizes.append(size)
+    if assumed:
+        notes.append(f"LoRA file(s) of {', '.join(assumed[:3])}{' ...' if len(assumed) > 3 else ''} not here: planned as rank "
+                     f"{lora_rank} on the attention/proj/ff layers")
+    if len(groups) > 1:
+        notes.append("LoRAs of more than one base on this worker: planned as if they shared one base (an underestimate)")
+    d = cfg.distill
+    vae = _ARCHS[key].vae_factor
+    res = cfg.synthesis.resolution or cfg.data.encode.resolution
+    lay = Layout(arch=key, teachers_on_worker=k, lora_teachers=len(loras), lora_adapter_bytes=tuple(sizes),
+                 batch_per_style=cfg.data.stream.batch_size, resolution=res, num_styles=len(cfg.teachers),
+                 teacher_dtype=d.teacher_dtype, bf16=d.bf16, gpu=cfg.scaling.use_gpu, gradient_checkpointing=d.gradient_checkpointing,
+                 optimizer=d.optimizer, ema=d.ema_decay is not None, offload=cfg.scaling.teacher_offload, lambda_adv=d.lambda_adv,
+                 adapter_rank=cfg.student.style_adapters.rank, adapter_targets=tuple(cfg.student.style_adapters.targets))
+    del vae
+    return lay, notes
+
+
+def suggestions(lay: Layout, capacity_gb: float, num_teachers: int, workers_per_teacher: int = 1) -> list[str]:
+    """The single changes that make `lay` fit (smallest k / batch change that fits), else one combination."""
+    out = []
+
+    def with_k(k: int, **change) -> Layout:
+        n_lora = min(lay.lora_teachers, k) if min(lay.lora_teachers, k) > 1 else 0
+        return replace(lay, teachers_on_worker=k, lora_teachers=n_lora, lora_adapter_bytes=lay.lora_adapter_bytes[:n_lora], **change)
+
+    def fits(layout: Layout) -> bool:
+        return plan_layout(layout, capacity_gb).fits
+
+    def workers(k: int) -> int:
+        return -(-num_teachers // k) * workers_per_teacher
+
+    if not lay.gradient_checkpointing and fits(replace(lay, gradient_checkpointing=True)):
+        out.append("distill.gradient_checkpointing: true")
+    if lay.teacher_dtype == "float32" and fits(replace(lay, teacher_dtype="bfloat16")):
+        out.append("distill.teacher_dtype: bfloat16")
+    if not lay.offload and lay.teachers_on_worker - lay.lora_teachers > 2 and fits(replace(lay, offload=True)):
+        out.append("scaling.teacher_offload: true")
+    if lay.optimizer != "adamw8bit" and fits(replace(lay, optimizer="adamw8bit")):
+        out.append("distill.optimizer: adamw8bit")
+    k = next((k for k in range(lay.teachers_on_worker - 1, 0, -1) if fits(with_k(k))), None)
+    if k:
+        out.append(f"scaling.teachers_per_worker: {k} (W = {workers(k)} workers)")
+    b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(replace(lay, batch_per_style=b))), None)
+    if b:
+        out.append(f"data.stream.batch_size: {b} (per style; distill.grad_accum: {math.ceil(lay.batch_per_style / b)} keeps the samples per step)")
+    if out:
+        return out
+    savings = dict(gradient_checkpointing=True, teacher_dtype="bfloat16", optimizer="adamw8bit",
+                   offload=lay.teachers_on_worker - lay.lora_teachers > 2)
+    label = "distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16 + distill.optimizer: adamw8bit"
+    label += " + scaling.teacher_offload: true" if savings["offload"] else ""
+    k = next((k for k in range(lay.teachers_on_worker, 0, -1) if fits(with_k(k, **savings))), None)
+    if k:
+        return [f"{label} + scaling.teachers_per_worker: {k} (W = {workers(k)} workers)"]
+    b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(with_k(1, batch_per_style=b, **savings))), None)
+    if b:
+        return [f"{label} + scaling.teachers_per_worker: 1 (W = {workers(1)} workers) + data.stream.batch_size: {b}"]
+    return [f"nothing fits in {capacity_gb:g} GiB, even one teacher per worker at 1 row per style with every saving: use a larger GPU"]
+
+
+class MemoryPlanError(ValueError):
+    """The layout does not fit `scaling.gpu_memory_gb`."""
+
+
+def plan_config(cfg, lora_rank: int = 64) -> tuple[Plan, Layout]:
+    lay, notes = layout_from_config(cfg, lora_rank)
+    plan = plan_layout(lay, cfg.scaling.gpu_memory_gb)
+    plan.notes = notes
+    return plan, lay
+
+
+def describe(cfg, plan: Plan) -> str:
+    k = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
+    title = (f"memory plan (per worker; W = {cfg.num_workers}, the busiest worker hosts {k} teacher{'s' if k > 1 else ''}, "
+             f"{k} x {cfg.data.stream.batch_size} rows per micro-batch)")
+    return plan.format(title)
+
+
+def check_fits(cfg, lora_rank: int = 64) -> Plan | None:
+    """Raise MemoryPlanError when scaling.gpu_memory_gb is set and the busiest worker does not fit."""
+    if cfg.scaling.gpu_memory_gb is None:
+        return None
+    plan, lay = plan_config(cfg, lora_rank)
+    if not plan.fits:
+        tips = suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher)
+        raise MemoryPlanError(
+            f"the layout does not fit: one worker needs {plan.total / GiB:.1f} GiB but scaling.gpu_memory_gb is "
+            f"{cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n" + "\n".join(f"  {t}" for t in tips))
+    return plan
+
+
+# ---- the README table ---------------------------------------------------------------------
+
+TABLE_GPUS = (24, 48, 80)
+SAVINGS = [  # tried in this order, the first that fits is reported
+    ("bf16 teachers", dict(teacher_dtype="bfloat16")),
+    ("bf16 teachers, checkpointing", dict(teacher_dtype="bfloat16", gradient_checkpointing=True)),
+    ("bf16 teachers, checkpointing, offload", dict(teacher_dtype="bfloat16", gradient_checkpointing=True, offload=True)),
+    ("bf16 teachers, checkpointing, 8-bit AdamW", dict(teacher_dtype="bfloat16", gradient_checkpointing=True, optimizer="adamw8bit")),
+    ("bf16 teachers, checkpointing, offload, 8-bit AdamW",
+     dict(teacher_dtype="bfloat16", gradient_checkpointing=True, offload=True, optimizer="adamw8bit")),
+]
+
+
+def best_layout(arch: str, n: int, lora: bool, gpu_gb: float, batch: int, lora_rank: int = 64) -> tuple[int, int, str, Plan] | None:
+    """Fewest GPUs that fit: (k, rows per style, savings, plan). The largest k that fits with the cheapest
+    savings, then k evened out to ceil(n / GPUs); with nothing at `batch` rows per style, fewer rows."""
+    res = ARCHITECTURES[arch][2]
+    adapter = 4 * lora_params(arch, lora_rank)
+
+    def layout(k: int, rows: int, change: dict) -> Layout:
+        nl = k if lora and k > 1 else 0
+        return Layout(arch=arch, teachers_on_worker=k, lora_teachers=nl, lora_adapter_bytes=(adapter,) * nl, batch_per_style=rows,
+                      resolution=res, num_styles=n, **change)
+
+    rows = batch
+    while rows >= 1:
+        for k in range(n, 0, -1):
+            for label, change in SAVINGS:
+                if lora and change.get("offload"):
+                    continue
+                if plan_layout(layout(k, rows, change), gpu_gb).fits:
+                    k = -(-n // -(-n // k))  # the same GPU count with the teachers spread evenly
+                    return k, rows, label, plan_layout(layout(k, rows, change), gpu_gb)
+        rows //= 2
+    return None
+
+
+def readme_table(batch: int = 4, lora_rank: int = 64) -> str:
+    rows = [("SD1.5", "sd15", 8, False), ("SD1.5", "sd15", 32, True), ("SDXL", "sdxl", 8, False), ("SDXL", "sdxl", 32, True)]
+    head = "| base | teachers | " + " | ".join(f"{g} GB GPU" for g in TABLE_GPUS) + " |"
+    out = [head, "|---|---|" + "---|" * len(TABLE_GPUS)]
+    for label, arch, n, lora in rows:
+        cells = []
+        for g in TABLE_GPUS:
+            best = best_layout(arch, n, lora, g, batch, lora_rank)
+            if best is None:
+                cells.append("does not fit")
+            else:
+                k, per_style, saving, plan = best
+                gpus = -(-n // k)
+                cells.append(f"**{gpus} GPU{'s' if gpus > 1 else ''}**: k = {k}, {per_style} rows/style; {saving}; {plan.total / GiB:.0f} GiB")
+        what = f"{n} LoRA (rank {lora_rank})" if lora else f"{n} full"
+        out.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a merge config (YAML); --set overrides as in jobs/merge.py")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--table", action="store_true", help="the README table: SD1.5/SDXL, 8 full / 32 LoRA teachers, 24/48/80 GB")
+    parser.add_argument("--batch", type=int, default=4, help="--table: rows per style per step")
+    parser.add_argument("--lora-rank", type=int, default=64, help="rank of LoRAs whose files are not here (and of --table)")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(readme_table(args.batch, args.lora_rank))
+        return 0
+    if not args.config:
+        parser.error("give --config or --table")
+    from dmm_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    plan, lay = plan_config(cfg, args.lora_rank)
+    print(describe(cfg, plan))
+    if not plan.fits:
+        print("it fits with any of:\n" + "\n".join(f"  {t}" for t in suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers),
+                                                                                   cfg.workers_per_teacher)))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Packing several teachers on one worker (issue 18): LoRA teachers as named adapters on one shared
+base, offloaded full teachers, teacher dtype, gradient checkpointing, optimizers, the memory planner."""
+
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm_ray import TeacherSpec, load_teacher
+from dmm_ray.distill.conditioning import conditioner_for
+from dmm_ray.distill.layout import worker_layout
+from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
+from dmm_ray.distill.teacher_bank import TeacherBank, load_teacher_bank
+from dmm_ray.models.style_unet import StyleUNet
+from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
+from dmm_ray.zoo.formats import LORA_TARGETS
+
+
+def _cond(parts):
+    return conditioner_for(parts, 4)
+
+
+@pytest.fixture(scope="module")
+def packed_world(tiny_base_dir, tmp_path_factory):
+    """3 LoRAs of the tiny base (attention, ResNet convs, in/out convs: what the zoo's LoRAs adapt) and 2 full teachers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("packed")
+    loras = []
+    for i in range(3):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base_dir)
+        torch.manual_seed(10 + i)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+        with torch.no_grad():
+            for name, p in pipe.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        StableDiffusionPipeline.save_lora_weights(root / f"lora{i}", unet_lora_layers=get_peft_model_state_dict(pipe.unet), safe_serialization=True)
+        loras.append(TeacherSpec(name=f"lora{i}", source=str(root / f"lora{i}" / "pytorch_lora_weights.safetensors"),
+                                 base=str(tiny_base_dir), lora_scale=0.7 if i == 1 else 1.0))
+    fulls = []
+    for i in range(2):
+        c = tiny_sd_components(seed=0)
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for p in c["unet"].parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        StableDiffusionPipeline(**c).save_pretrained(root / f"full{i}")
+        fulls.append(TeacherSpec(name=f"full{i}", source=str(root / f"full{i}")))
+    return {"loras": loras, "fulls": fulls}
+
+
+def _batch(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sched = training_noise_scheduler()
+    x0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    return {"noisy_latents": sched.add_noise(x0, eps, t), "timesteps": t, "noise": eps, "latents": x0,
+            "input_ids": torch.randint(0, 50, (b, 77), generator=g), "captions": ["a red circle"] * b}
+
+
+def _teacher_eps(step, batches):
+    batch = concat_batches(batches)
+    ids = torch.cat([torch.full((b["noisy_latents"].shape[0],), j) for j, b in enumerate(batches)])
+    eps, feats = step._teacher_outputs(batch, ids, use_feat=True)
+    return eps, feats
+
+
+def _step(teachers, conds=None):
+    c = tiny_sd_components(seed=0)
+    student = StyleUNet.from_unet(c["unet"], [f"s{i}" for i in range(5)])
+    return DistillStep(student, c["text_encoder"].requires_grad_(False), teachers, conds, training_noise_scheduler(),
+                       LossSettings(lambda_adv=0), num_styles=5)
+
+
+def test_every_style_gets_the_same_samples_per_step_for_every_k():
+    for n in (3, 5, 8):
+        for k in range(1, n + 1):
+            for m in (1, 2):
+                rows = Counter()
+                for role in worker_layout(n, m, teachers_per_worker=k):
+                    for style in role.style_indices:
+                        rows[style] += 4  # each hosted teacher gets its own batch of 4
+                assert set(rows) == set(range(n)) and len(set(rows.values())) == 1, (n, k, m, rows)
+
+
+def test_lora_adapters_switched_per_sub_batch_equal_the_fused_teachers(packed_world):
+    specs = packed_world["loras"]
+    bank = load_teacher_bank(specs, "cpu", _cond)
+    assert bank.describe() == "3 adapter (1 shared LoRA base)"
+    assert len({id(bank.activate(j)) for j in range(3)}) == 1  # one UNet for all three
+    fused = [load_teacher(s) for s in specs]
+    batches = [_batch(seed=j) for j in range(3)]
+    got, got_feats = _teacher_eps(_step(bank), batches)
+    want, want_feats = _teacher_eps(_step([t.unet for t in fused], [t.text_encoder for t in fused]), batches)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    for a, b in zip(got_feats, want_feats):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    # switching order does not matter (a switch really replaces the active adapter)
+    for j in (2, 0, 1, 0):
+        x = batches[j]
+        unet = bank.activate(j)
+        text = bank.conditioner(j)(x)[0]
+        with torch.no_grad():
+            out = unet(x["noisy_latents"], x["timesteps"], text).sample
+            ref = fused[j].unet(x["noisy_latents"], x["timesteps"], fused[j].text_encoder(x["input_ids"])[0]).sample
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    # the adapters really differ (an equality that held for a no-op adapter would prove nothing)
+    assert (want[:3] - want[3:6]).abs().max() > 1e-3
+
+
+def test_shared_lora_base_holds_one_unet_not_k(packed_world):
+    def unique_bytes(modules):
+        seen, total = set(), 0
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+        return total
+
+    bank = load_teacher_bank(packed_world["loras"], "cpu", _cond)
+    fused = load_teacher_bank(packed_world["loras"], "cpu", _cond, share_lora_base=False)
+    assert fused.describe() == "3 resident"
+    shared = unique_bytes([bank.activate(0)])
+    copies = unique_bytes([fused.activate(j) for j in range(3)])
+    assert shared / copies < 0.5  # 1 base + 3 rank-4 adapters vs 3 UNets (tiny UNet: adapters are relatively big)
+
+
+def test_offloaded_teachers_give_the_resident_outputs(packed_world):
+    specs = packed_world["fulls"] + packed_world["loras"][:2]
+    resident = load_teacher_bank(specs, "cpu", _cond)
+    offloaded = load_teacher_bank(specs, "cpu", _cond, offload=True)
+    assert offloaded.describe() == "2 adapter, 2 offloaded (1 shared LoRA base)"
+    batches = [_batch(seed=5 + j) for j in range(4)]
+    want, _ = _teacher_eps(_step(resident), batches)
+    got, _ = _teacher_eps(_step(offloaded), batches)
+    assert torch.equal(got, want)
+    pool = offloaded.pool
+    assert len(pool.slots) == 2 and pool.copies == 2  # teacher 0 loaded, teacher 1 prefetched into the other slot
+    got2, _ = _teacher_eps(_step(offloaded), list(reversed(batches[:2])) + batches[2:])
+    want2, _ = _teacher_eps(_step(resident), list(reversed(batches[:2])) + batches[2:])
+    assert torch.equal(got2, want2)
+
+
+def test_teacher_dtype_bf16_runs_in_bf16_and_returns_fp32(packed_world):
+    specs = packed_world["fulls"][:1] + packed_world["loras"][:1]
+    fp32 = load_teacher_bank(specs, "cpu", _cond)
+    bf16 = load_teacher_bank(specs, "cpu", _cond, dtype=torch.bfloat16)
+    assert next(bf16.activate(0).parameters()).dtype == torch.bfloat16
+    batches = [_batch(seed=1), _batch(seed=2)]
+    want, _ = _teacher_eps(_step(fp32), batches)
+    got, feats = _teacher_eps(_step(bf16), batches)
+    assert got.dtype == torch.float32 and all(f.dtype == torch.float32 for f in feats)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    c = tiny_sd_components(seed=0)
+    teacher = tiny_sd_components(seed=1)["unet"].requires_grad_(False).eval()
+    text = c["text_encoder"].requires_grad_(False)
+    grads = []
+    for checkpointing in (False, True):
+        student = StyleUNet.from_unet(tiny_sd_components(seed=0)["unet"], ["a"]).train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+            assert student.is_gradient_checkpointing
+        step = DistillStep(student, text, teacher, text, training_noise_scheduler(), LossSettings(lambda_adv=0), num_styles=1)
+        total, *_ = step.generator_losses(_batch(b=2), torch.zeros(2, dtype=torch.long))
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_choices():
+    from dmm_ray.distill.loop import make_adamw
+
+    ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    results = []
+    for kind in ("adamw", "adamw_fused"):
+        p = torch.nn.Parameter(torch.ones(5))
+        opt = make_adamw([p], 0.1, 0.01, kind)
+        assert opt.defaults.get("fused") is (True if kind == "adamw_fused" else None)
+        p.grad = torch.arange(5.0)
+        opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1])
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="adamw8bit needs bitsandbytes"):
+            make_adamw(ps, 0.1, 0.01, "adamw8bit")
+
+
+def test_adamw8bit_without_bitsandbytes_is_refused_at_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dmm_ray.config import MergeConfig
+    from merge_fixtures import tiny_merge_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    world = {"base": str(tmp_path), "teachers": [{"name": "a", "source": str(tmp_path)}], "shards": str(tmp_path / "s")}
+    with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes"):
+        MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"optimizer": "adamw8bit"}))
+
+
+def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.memory_plan import GiB, Layout, MemoryPlanError, check_fits, plan_layout, suggestions
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "w", num_teachers=4)
+    raw = tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "use_gpu": True, "gpu_memory_gb": 1})
+    cfg = MergeConfig.model_validate(raw)
+    with pytest.raises(MemoryPlanError) as error:
+        check_fits(cfg)
+    message = str(error.value)
+    assert "needs" in message and "but scaling.gpu_memory_gb is 1 GiB" in message and "total" in message
+    assert check_fits(MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "gpu_memory_gb": 8}))).fits
+    # SD1.5, 8 fp32 teachers on one 24 GB GPU at 8 rows per style: refused; the suggestions really fit
+    lay = Layout(arch="sd15", teachers_on_worker=8, batch_per_style=8)
+    plan = plan_layout(lay, 24)
+    assert not plan.fits and plan.total > 24 * GiB
+    assert suggestions(lay, 24, num_teachers=8)[0].startswith("distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16")
+    lay = Layout(arch="sd15", teachers_on_worker=8, batch_per_style=4)
+    assert not plan_layout(lay, 48).fits
+    tips = suggestions(lay, 48, num_teachers=8)
+    assert any(t.startswith("scaling.teachers_per_worker:") for t in tips)
+    k = int(next(t for t in tips if t.startswith("scaling.teachers_per_worker:")).split()[1])
+    assert plan_layout(Layout(arch="sd15", teachers_on_worker=k, batch_per_style=4), 48).fits
+    assert not plan_layout(Layout(arch="sd15", teachers_on_worker=k + 1, batch_per_style=4), 48).fits
+    for k in (1, 4, 8):  # more teachers per worker never needs less memory
+        assert plan_layout(Layout(arch="sd15", teachers_on_worker=k)).total < plan_layout(Layout(arch="sd15", teachers_on_worker=k + 1)).total
+
+
+def test_planner_counts_shared_lora_base_once():
+    from dmm_ray.memory_plan import Layout, lora_params, plan_layout, unet_params
+
+    assert 800e6 < unet_params("sd15") < 900e6  # SD1.5 UNet: 859.5M
+    adapter = 4 * lora_params("sd15", 64)
+    fused = plan_layout(Layout(arch="sd15", teachers_on_worker=4, teacher_dtype="bfloat16"))
+    shared = plan_layout(Layout(arch="sd15", teachers_on_worker=4, lora_teachers=4, lora_adapter_bytes=(adapter,) * 4, teacher_dtype="bfloat16"))
+    teacher_bytes = lambda p: sum(b for n, b, _ in p.lines if ("teacher" in n or "LoRA" in n) and "forward" not in n)  # noqa: E731
+    assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_distill
+
+    out = tmp_path / "r.json"
+    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--lora-ks", "2", "--offload-ks", "2", "--lora-rank", "4", "--steps", "1",
+                             "--warmup", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["k"], r["teachers"]) for r in results] == [(1, "full"), (2, "full"), (2, "lora"), (2, "offload")]
+    assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
+    assert "| k teachers |" in gpu_distill.table(results)
+
+
+def test_dry_run_layout_says_who_hosts_what(tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import describe_layout
+    from merge_fixtures import tiny_merge_config
+
+    teachers = [{"name": f"t{i}", "source": str(tmp_path / f"t{i}.safetensors"), "base": str(tmp_path), "format": "lora"} for i in range(5)]
+    world = {"base": str(tmp_path), "teachers": teachers, "shards": str(tmp_path / "s")}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 2, "workers_per_teacher": 2}))
+    text = describe_layout(cfg)
+    assert "W = 6 worker(s) = 3 teacher group(s) (ceil(5 teachers / 2 per worker)) x 2 worker(s) each" in text
+    assert "worker(s) [0, 3]: t0, t1; 2 LoRA(s) as adapters on one shared base" in text and "worker(s) [2, 5]: t4\n" not in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluster, packed_world, tiny_base_dir, tmp_path):
+    """One Ray Train worker hosts 2 LoRA teachers (adapters on one base) and 2 offloaded full teachers in
+    bf16, with gradient checkpointing and fused AdamW: a 2-step merge runs and saves every style."""
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import build_world, tiny_merge_config
+
+    world = build_world(tmp_path / "w", num_teachers=1)
+    teachers = [s.model_dump(exclude_none=True) for s in packed_world["loras"][:2] + packed_world["fulls"]]
+    world = {**world, "base": str(tiny_base_dir), "teachers": teachers}
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", scaling={"teachers_per_worker": 4, "cpus_per_worker": 1, "teacher_offload": True},
+        distill={"steps": 2, "teacher_dtype": "bfloat16", "gradient_checkpointing": True, "optimizer": "adamw_fused"},
+        synthesis={"enabled": False}, evaluation={"enabled": False}))
+    assert cfg.num_workers == 1
+    result = run_merge(cfg)
+    assert result.stage_metrics["distill"]["step"] == 2
+    assert result.stage_metrics["distill"]["peak_rss_mb"] > 0
+    assert StyleUNet.from_pretrained(result.merged_path / "unet").style_names == [t["name"] for t in teachers]
