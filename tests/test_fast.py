@@ -304,3 +304,19 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     pipe = _load(result.model_path)
     assert pipe.sampler_defaults["num_inference_steps"] == 4
     assert pipe("a red circle", style="style1", height=32, width=32).images[0].size == (32, 32)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a merge then the fast stage: over 60 s on 2 cores (make test-slow)
+def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, merged_world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import tiny_merge_config
+
+    world, _ = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", synthesis={"enabled": False, "finetune_steps": 0},
+        fast={"enabled": True, "steps": 1, "lora_rank": 2, "batch_size": 4}))
+    result = run_merge(cfg)
+    assert result.fast is not None and result.fast.train_metrics["step"] == 1
+    assert result.fast.model_path == tmp_path / "out" / "fast" / "model" and (result.fast.model_path / "sampler.json").is_file()
