@@ -320,3 +320,23 @@ def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, mer
     result = run_merge(cfg)
     assert result.fast is not None and result.fast.train_metrics["step"] == 1
     assert result.fast.model_path == tmp_path / "out" / "fast" / "model" and (result.fast.model_path / "sampler.json").is_file()
+
+
+def test_own_sampler_overrides_steps_and_guidance_and_pickles():
+    import pickle
+
+    from dmm_ray.fast.job import OwnSampler
+
+    calls = []
+
+    class Pipe:
+        def to(self, device):
+            return self
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+
+    factory = pickle.loads(pickle.dumps(OwnSampler.factory(Pipe, 4, 1.0)))
+    pipe = factory().to("cpu")
+    pipe(prompt=["x"], num_inference_steps=10, guidance_scale=5.0, style_weights={"a": 1})
+    assert calls == [{"prompt": ["x"], "num_inference_steps": 4, "guidance_scale": 1.0, "style_weights": {"a": 1}}]

@@ -257,3 +257,33 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     if we_started_ray:
         ray.shutdown()
     return result
+
+
+class OwnSampler:
+    """A pipeline that samples with fixed steps and guidance whatever the caller asks for (the
+    few-step model in studies whose sampler settings are shared with the teachers, e.g.
+    jobs/style_mixing.py --student-steps). Picklable factory: `OwnSampler.factory(f, steps, g)`."""
+
+    def __init__(self, pipe, steps: int, guidance: float):
+        self.pipe, self.steps, self.guidance = pipe, steps, guidance
+
+    @classmethod
+    def factory(cls, pipeline_factory, steps: int, guidance: float):
+        from functools import partial
+
+        return partial(_own_sampler, pipeline_factory, steps, guidance)
+
+    def to(self, *args, **kwargs) -> "OwnSampler":
+        self.pipe = self.pipe.to(*args, **kwargs)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        kwargs.update(num_inference_steps=self.steps, guidance_scale=self.guidance)
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def _own_sampler(pipeline_factory, steps: int, guidance: float) -> OwnSampler:
+    return OwnSampler(pipeline_factory(), steps, guidance)
