@@ -327,16 +327,18 @@ def test_own_sampler_overrides_steps_and_guidance_and_pickles():
 
     from dmm_ray.fast.job import OwnSampler
 
-    calls = []
-
-    class Pipe:
-        def to(self, device):
-            return self
-
-        def __call__(self, **kwargs):
-            calls.append(kwargs)
-
-    factory = pickle.loads(pickle.dumps(OwnSampler.factory(Pipe, 4, 1.0)))
+    factory = pickle.loads(pickle.dumps(OwnSampler.factory(_RecordingPipe, 4, 1.0)))
     pipe = factory().to("cpu")
     pipe(prompt=["x"], num_inference_steps=10, guidance_scale=5.0, style_weights={"a": 1})
-    assert calls == [{"prompt": ["x"], "num_inference_steps": 4, "guidance_scale": 1.0, "style_weights": {"a": 1}}]
+    assert pipe.calls == [{"prompt": ["x"], "num_inference_steps": 4, "guidance_scale": 1.0, "style_weights": {"a": 1}}]
+
+
+class _RecordingPipe:
+    def __init__(self):
+        self.calls = []
+
+    def to(self, device):
+        return self
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
