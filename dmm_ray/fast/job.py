@@ -140,7 +140,9 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     pipe = cls.from_pretrained(str(model_dir), unet=unet, local_files_only=True,
                                **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}))
     keep = inspect.signature(LCMScheduler.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
-    pipe.scheduler = LCMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in keep}, timestep_scaling=f.timestep_scaling)
+    # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
+    pipe.scheduler = LCMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in keep}, timestep_scaling=f.timestep_scaling,
+                                              original_inference_steps=f.num_ddim_timesteps)
     pipe.save_pretrained(tmp, safe_serialization=True)
     record = merge_record(model_dir)
     if record:
