@@ -342,3 +342,29 @@ class _RecordingPipe:
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)
+
+
+def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import LORA_DIR, save_fast_model
+    from dmm_ray.fast.lcm import update_ema
+    from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
+    from merge_fixtures import tiny_merge_config
+
+    world, merged = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"mode": "full"}))
+    student, params = build_student(merged, cfg.fast)
+    target, _ = build_student(merged, cfg.fast)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    update_ema(target.parameters(), student.parameters(), 0.5)  # the EMA target moves halfway
+    name = "conv_in.weight"
+    torch.testing.assert_close(dict(target.named_parameters())[name], dict(student.named_parameters())[name] - 0.005)
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"student": trainable_state(student, cfg.fast), "step": 1}, tmp_path / "ckpt" / TRAINABLE)
+    path = save_fast_model(cfg, merged, tmp_path / "ckpt", tmp_path / "model")
+    pipe = _load(path)
+    assert not (path / LORA_DIR).exists() and pipe.sampler_defaults["num_inference_steps"] == 4
+    torch.testing.assert_close(pipe.unet.conv_in.weight, _load(merged).unet.conv_in.weight + 0.01)
+    assert torch.equal(pipe.unet.class_embedding.codebook.weight, _load(merged).unet.class_embedding.codebook.weight)
