@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
+from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
 
@@ -157,6 +158,8 @@ class MergeConfig(_Section):
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
     tracking: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.tracking.TrackingConfig")
+    # --- few-step model (dmm_ray/fast, jobs/fast.py) ---
+    fast: FastConfig = Field(default_factory=FastConfig, description="LCM distillation of the merged model; enabled: run it after the merge")
 
     @model_validator(mode="before")
     @classmethod

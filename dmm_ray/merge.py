@@ -21,6 +21,7 @@ class MergeResult:
     run_id: str | None = None
     seconds: float = 0.0
     location: str = ""  # where the merged model is: merged_path, or <output_dir URI>/merged
+    fast: object | None = None  # dmm_ray.fast.job.FastResult when fast.enabled
 
 
 def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
@@ -525,6 +526,18 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
         log("stage track")
         tracker.finish_stage(merged_so_far, result)
         result.run_id = tracking["run_id"] if tracking else None
+    if cfg.fast.enabled:  # 6. the few-step model (dmm_ray/fast): LCM distillation of the model just saved
+        from dmm_ray.fast.job import run_fast
+
+        fast_cfg = cfg if cfg.fast.output_dir else cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(out / "fast")})})
+        log(f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
+            + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if remote else ""))
+        fast_tracker = None
+        if tracker is not None and getattr(tracker, "enabled", False):
+            from dmm_ray.tracking import make_tracker
+
+            fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run
+        result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=result.evaluation is not None)
     if we_started_ray:
         ray.shutdown()
     return result

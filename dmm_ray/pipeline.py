@@ -22,6 +22,22 @@ from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
 PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
 PAPER_STEPS = 25
 PAPER_GUIDANCE = 7.0
+SAMPLER_RECORD = "sampler.json"  # a few-step model's sampler defaults (dmm_ray/fast): {"scheduler", "num_inference_steps", "guidance_scale"}
+
+
+def sampler_defaults(folder=None, scheduler=None) -> dict:
+    """The sampler a model folder asks for: its `sampler.json` (a few-step model writes one), else
+    the paper's (25 steps, CFG 7; LCMScheduler without a record: 4 steps, CFG off)."""
+    import json
+
+    if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
+        record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())
+        return {"scheduler": record.get("scheduler", type(scheduler).__name__), "num_inference_steps": int(record["num_inference_steps"]),
+                "guidance_scale": float(record["guidance_scale"])}
+    name = type(scheduler).__name__ if scheduler is not None else "DPMSolverMultistepScheduler"
+    if name == "LCMScheduler":
+        return {"scheduler": name, "num_inference_steps": 4, "guidance_scale": 1.0}
+    return {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE}
 
 
 def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_weights=None) -> torch.Tensor:
@@ -51,6 +67,12 @@ class _StyleCallMixin:
     @property
     def styles(self) -> list[str]:
         return self.unet.style_names
+
+    @property
+    def sampler_defaults(self) -> dict:
+        """{"scheduler", "num_inference_steps", "guidance_scale"} used when a call names none: a few-step
+        (LCM) model's own (4 steps, CFG off), else the paper's (25 steps, CFG 7)."""
+        return sampler_defaults(getattr(self.config, "_name_or_path", None), self.scheduler)
 
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
         if not isinstance(self.unet, StyleUNet):
@@ -93,9 +115,13 @@ def _styled_call(parent_call):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, style: Any = None, style_weights: Any = None,
-                 num_inference_steps: int = PAPER_STEPS, guidance_scale: float = PAPER_GUIDANCE,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  num_images_per_prompt: int = 1, regions: Any = None, background: Any = None, style_map: Any = None,
                  window_stride: int | None = None, max_batch: int | None = None, feather: float | None = None, **kwargs):
+        if num_inference_steps is None or guidance_scale is None:  # the model's own sampler (paper: 25, CFG 7; few-step: 4, CFG off)
+            defaults = self.sampler_defaults
+            num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+            guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         if regions is not None or style_map is not None or window_stride is not None or background is not None:
             # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
     p.add_argument("--out", default="outputs/mixing")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--student-steps", type=int, help="sample the model (not the teachers) with this many steps, e.g. 4 for a "
+                   "few-step model (jobs/fast.py); default: the evaluation sampler's")
+    p.add_argument("--student-guidance", type=float, help="the model's CFG scale with --student-steps (default: the model's own: "
+                   "1 for a few-step model)")
     return p
 
 
@@ -47,6 +51,13 @@ def main(argv=None) -> int:
     setup = load_eval_setup(args.teachers)
     cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
     student = student_source(resolve_model_uri(args.model), cfg.dtype)
+    if args.student_steps or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
+        from dmm_ray.fast.job import OwnSampler
+        from dmm_ray.pipeline import sampler_defaults
+
+        own = sampler_defaults(resolve_model_uri(args.model))
+        student.pipeline_factory = OwnSampler.factory(student.pipeline_factory, args.student_steps or own["num_inference_steps"],
+                                                      own["guidance_scale"] if args.student_guidance is None else args.student_guidance)
     teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
     extractor = default_extractor(cfg)
     out = Path(args.out)

@@ -85,8 +85,10 @@ class ServeConfig(BaseModel):
         65536, ge=1024, description="largest POST body in bytes (413 above it), checked before the body is parsed"
     )
     readyz_timeout_s: float = Field(2.0, gt=0, description="GET /readyz: how long the model may take to answer")
-    default_steps: int = Field(25, ge=1, description="num_inference_steps when a request names none (paper: 25)")
-    default_guidance: float = Field(7.0, ge=0, description="CFG scale when a request names none (paper: 7)")
+    default_steps: Optional[int] = Field(None, ge=1, description="num_inference_steps when a request names none; default: "
+                                         "the model's own (4 for a few-step LCM model, jobs/fast.py; else the paper's 25)")
+    default_guidance: Optional[float] = Field(None, ge=0, description="CFG scale when a request names none; default: the "
+                                              "model's own (1, CFG off, for a few-step model; else the paper's 7)")
     default_size: Optional[int] = Field(
         None, ge=8, description="width/height when a request names none; default: the model's native size "
         "(UNet sample_size x VAE factor)"

@@ -78,6 +78,7 @@ class StyleModel:
             "batch_sizes": dict(self.batch_sizes),
             "mixed_style_batches": self.mixed_style_batches,
             "lora": list(self.backend.lora_names),
+            "sampler": dict(getattr(self.backend, "sampler", {}) or {}),
             "lora_split_batches": self.lora_split_batches,
             "sample_failures": dict(self.sample_failures),
             "forward_s": {k: list(v) for k, v in self.forward_s.items()},
@@ -153,7 +154,8 @@ class HandleService:
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
             raw = await self.model.info.remote()
-            self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])))
+            self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])),
+                                   dict(raw.get("sampler") or {}))
         return self._info
 
     async def _one(self, sample: Sample) -> np.ndarray:

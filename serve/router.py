@@ -128,6 +128,7 @@ class ModelInfo:
     styles: list[StyleInfo]
     native_size: tuple[int, int]  # (width, height)
     lora_names: list[str] = field(default_factory=list)  # preloaded LoRA adapters
+    sampler: dict = field(default_factory=dict)  # the model's own {"scheduler", "num_inference_steps", "guidance_scale"}
 
     @property
     def style_names(self) -> list[str]:
@@ -152,7 +153,8 @@ class LocalService:
         self._lock = asyncio.Lock()
 
     async def info(self, refresh: bool = False) -> ModelInfo:
-        return ModelInfo(self.backend.styles(), self.backend.native_size, list(getattr(self.backend, "lora_names", [])))
+        return ModelInfo(self.backend.styles(), self.backend.native_size, list(getattr(self.backend, "lora_names", [])),
+                         dict(getattr(self.backend, "sampler", {}) or {}))
 
     async def generate(self, samples):
         async with self._lock:  # one forward at a time, like one replica
@@ -209,11 +211,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(dict.fromkeys(lines))
 
 
+def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
+    """`cfg` with default_steps / default_guidance filled from the model when the config leaves them
+    unset: a few-step (LCM) model's 4 steps with CFG off, the paper's 25 / 7 otherwise."""
+    if cfg.default_steps is not None and cfg.default_guidance is not None:
+        return cfg
+    sampler = info.sampler or {}
+    return cfg.model_copy(update={
+        "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", 25)),
+        "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", 7.0)),
+    })
+
+
 def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     async def model_info() -> ModelInfo:
         info = await service.info()
         if cfg.default_size is not None:
-            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size), info.lora_names)
+            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size), info.lora_names, info.sampler)
         return info
 
     api = FastAPI(
@@ -266,10 +280,12 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     @api.get("/styles", response_model=StylesResponse)
     async def styles():
         info = await model_info()
+        effective = sampler_config(cfg, info)
         return StylesResponse(
             styles=info.styles,
-            default_steps=cfg.default_steps,
-            default_guidance=cfg.default_guidance,
+            default_steps=effective.default_steps,
+            default_guidance=effective.default_guidance,
+            sampler=(info.sampler or {}).get("scheduler", "DPMSolverMultistepScheduler"),
             default_width=info.native_size[0],
             default_height=info.native_size[1],
             limits=cfg.limits.model_dump() | {"api_key_required": cfg.api_key is not None},
@@ -303,7 +319,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         if cfg.api_key is not None and not hmac.compare_digest((x_api_key or "").encode(), cfg.api_key.encode()):
             raise RequestError(401 if x_api_key is None else 403, "missing or wrong API key (header X-API-Key)")
         info = await model_info()
-        resolved = resolve_request(req, info.style_names, cfg, info.native_size, info.lora_names)
+        resolved = resolve_request(req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names)
         images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])
         if resolved.response_format == "png":

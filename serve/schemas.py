@@ -45,6 +45,8 @@ class StylesResponse(BaseModel):
     styles: list[StyleInfo]
     default_steps: int
     default_guidance: float
+    sampler: str = Field("DPMSolverMultistepScheduler", description="the model's scheduler: LCMScheduler for a few-step "
+                         "model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one")
     default_width: int
     default_height: int
     limits: dict
@@ -264,7 +266,7 @@ def resolve_request(
                 )
     lora = resolve_lora(req.lora, list(lora_names))
 
-    steps = cfg.default_steps if req.steps is None else req.steps
+    steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
     if steps > lim.max_steps:
         raise RequestError(422, f"steps={steps} is above the maximum {lim.max_steps}")
     width = native_size[0] if req.width is None else req.width
@@ -281,7 +283,7 @@ def resolve_request(
             f"request asks for {total} images ({len(prompts)} prompt(s) x num_images={req.num_images}); "
             f"the maximum is {lim.max_images}",
         )
-    guidance = cfg.default_guidance if req.guidance is None else req.guidance
+    guidance = (cfg.default_guidance if cfg.default_guidance is not None else 7.0) if req.guidance is None else req.guidance
     seed = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
 
     samples = []

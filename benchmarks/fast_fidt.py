@@ -1,0 +1,47 @@
+"""FIDt of any model folder at a given sampler, against the same teachers and reference as the merge's
+evaluation (the teachers keep the config's evaluation sampler; cached): the few-step table's rows.
+
+  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8
+  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 4 --guidance 5   # fewer DPM steps, no distillation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--config", required=True, help="a merge config (its evaluation: section and teachers)")
+    parser.add_argument("--steps", default="4", help="comma-separated step counts")
+    parser.add_argument("--guidance", type=float, default=None, help="the model's CFG (default: its own)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from dmm_ray.config import load_config
+    from dmm_ray.fast.job import evaluate_fast, teachers_of
+    from dmm_ray.pipeline import sampler_defaults
+
+    cfg = load_config(args.config, args.overrides).with_absolute_paths()
+    guidance = sampler_defaults(args.model)["guidance_scale"] if args.guidance is None else args.guidance
+    cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"guidance_scale": guidance})})
+    model = Path(args.model).resolve()
+    record = json.loads((model / "fast.json").read_text())["distilled_from"] if (model / "fast.json").is_file() else model
+    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), [int(s) for s in args.steps.split(",")], Path(args.out))
+    summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    for s, r in results.items():
+        print(f"{s} steps, guidance {guidance:g}: FIDt {r.fidt:.2f}  ref {r.fidt_ref:.2f}  ratio {r.ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

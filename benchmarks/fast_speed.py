@@ -1,0 +1,76 @@
+"""Images per second of the few-step model vs the merged model, one style at batch 8, in one process.
+
+  python benchmarks/fast_speed.py --merged MERGED --fast FAST_MODEL [--style noir] [--batch 8] [--repeats 5]
+
+Rows: the merged model at its default sampler (--merged-steps DPM-Solver++ steps, CFG --merged-guidance:
+two UNet passes per step), the merged model at the few-step count with CFG (the naive shortcut), and the
+few-step model at its own sampler (LCMScheduler, CFG off: one UNet pass per step). Calls alternate
+between the models and each row reports the median of --repeats timed calls after one warm-up, so
+load from other processes hits every row alike (on a shared machine the ratio is the figure to trust).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--merged", required=True)
+    parser.add_argument("--fast", required=True)
+    parser.add_argument("--style", default=None, help="default: the first style")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--merged-steps", type=int, default=10, help="the merged model's default sampler (toy: 10)")
+    parser.add_argument("--merged-guidance", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from dmm_ray.architectures import load_dmm_pipeline
+
+    torch.set_num_threads(args.threads)
+    merged, fast = load_dmm_pipeline(args.merged), load_dmm_pipeline(args.fast)
+    for p in (merged, fast):
+        p.set_progress_bar_config(disable=True)
+    style = args.style or merged.styles[0]
+    fs = fast.sampler_defaults
+    rows = {
+        f"merged, {args.merged_steps} DPM-Solver++ steps, CFG {args.merged_guidance:g}": (merged, args.merged_steps, args.merged_guidance),
+        f"merged, {fs['num_inference_steps']} DPM-Solver++ steps, CFG {args.merged_guidance:g}": (merged, fs["num_inference_steps"], args.merged_guidance),
+        f"few-step, {fs['num_inference_steps']} LCM steps, CFG off": (fast, fs["num_inference_steps"], fs["guidance_scale"]),
+    }
+    kw = {"height": args.size, "width": args.size} if args.size else {}
+    prompts = ["a red circle on a blue background"] * args.batch
+
+    def call(pipe, steps, guidance):
+        t0 = time.perf_counter()
+        pipe(prompts, style=style, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=[""] * args.batch,
+             generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+        return time.perf_counter() - t0
+
+    times = {name: [] for name in rows}
+    for name, (pipe, steps, guidance) in rows.items():
+        call(pipe, steps, guidance)  # warm-up
+    for _ in range(args.repeats):
+        for name, (pipe, steps, guidance) in rows.items():
+            times[name].append(call(pipe, steps, guidance))
+    base = None
+    print(f"style {style!r}, batch {args.batch}, {args.threads} torch thread(s), median of {args.repeats}")
+    for name, ts in times.items():
+        ips = args.batch / statistics.median(ts)
+        base = base or ips
+        print(f"  {name:<45} {ips:8.1f} images/s   x{ips / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

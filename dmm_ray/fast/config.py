@@ -1,0 +1,65 @@
+"""`fast:` — the few-step model's settings (latent consistency distillation of a merged model).
+
+A leaf module (pydantic only, no torch): read by `dmm_ray.config.MergeConfig` (a merge with
+`fast.enabled: true` ends with this stage) and by `jobs/fast.py` (on an existing merged model).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+class FastConfig(BaseModel):
+    """LCM (Luo et al. 2023) on the merged model: teacher = the frozen merged StyleUNet with CFG, ODE
+    solver = DDIM over `num_ddim_timesteps` of its schedule, every example with its own uniformly
+    drawn style (the same for teacher, student and target)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="a merge runs this stage after saving (and evaluating) the merged model")
+    mode: Literal["lora", "full"] = Field("lora", description="lora: a LoRA on the merged UNet (the merged weights stay "
+                                          "frozen; fused into the saved model and also saved alone); full: every UNet "
+                                          "weight but the style codebook trains, with an EMA target network")
+    lora_rank: int = Field(64, ge=1, description="LoRA rank (reference: 64)")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha (default: lora_rank, i.e. scale 1)")
+    lora_targets: list[str] = Field(default_factory=lambda: list(LCM_LORA_TARGETS),
+                                    description="module-name suffixes that get a LoRA (the reference script's list)")
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (reference: 1e-4 for LoRA; use ~1e-5 for full)")
+    weight_decay: float = Field(0.0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: Optional[int] = Field(None, ge=1, description="examples per worker per step (default: data.stream.batch_size)")
+    num_ddim_timesteps: int = Field(50, ge=2, description="DDIM solver grid: the teacher takes one DDIM step of 1000/N timesteps")
+    guidance_min: float = Field(5.0, ge=1, description="teacher CFG scale range, as a pipeline's guidance_scale "
+                                "(LCM's w = scale - 1); min == max: one fixed scale")
+    guidance_max: float = Field(5.0, ge=1)
+    loss: Literal["huber", "l2"] = Field("huber", description="consistency loss (reference: huber)")
+    huber_c: float = Field(0.001, gt=0)
+    timestep_scaling: float = Field(10.0, gt=0, description="boundary-condition timestep scaling (LCMScheduler's default 10)")
+    ema_decay: float = Field(0.95, gt=0, lt=1, description="full mode: target network EMA rate (reference full LCM: 0.95); "
+                             "lora mode has no target network (the reference LCM-LoRA uses the student itself)")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="captions replaced by '' (the reference: none; the "
+                                   "teacher's CFG already sees the unconditional branch)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); each holds the teacher and the student")
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    num_inference_steps: int = Field(4, ge=1, description="the saved model's default steps (pipeline, Serve)")
+    guidance_scale: float = Field(1.0, ge=0, description="the saved model's default CFG at sampling (1: off, the guidance is distilled in)")
+    eval_steps: list[int] = Field(default_factory=lambda: [2, 4, 8], description="step counts evaluated (FIDt) after training")
+    output_dir: Optional[str] = Field(None, description="default: <output_dir>/fast (model in <...>/model)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FastConfig":
+        if self.guidance_min > self.guidance_max:
+            raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
+        if not self.lora_targets and self.mode == "lora":
+            raise ValueError("fast.lora_targets: give at least one module-name suffix")
+        return self

@@ -1,0 +1,291 @@
+"""The few-step stage's driver: LCM-distill a merged model on Ray Train, save it as a DMMPipeline
+with LCMScheduler, evaluate it (FIDt at `fast.eval_steps` against the merge's own teachers and
+reference), and register it in MLflow under the merge project as its own model version.
+
+  run_fast(cfg, model_dir)   # cfg: a MergeConfig (its fast:, data:, evaluation:, tracking:, scaling:)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmm_ray.config import MergeConfig
+
+FAST_RECORD = "fast.json"  # what the few-step model was distilled from, with which settings
+LORA_DIR = "lcm_lora"  # the LCM-LoRA alone (pytorch_lora_weights.safetensors), for the merged model it was trained on
+
+
+@dataclass
+class FastResult:
+    model_path: Path
+    train_metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    evaluations: dict = field(default_factory=dict)  # steps -> EvalResult
+    model_uri: str | None = None
+
+
+def log(msg: str) -> None:
+    print(f"[dmm-fast {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class FastError(ValueError):
+    """A bad few-step setup (model folder, mode, data), said before Ray starts."""
+
+
+def check_model_folder(model_dir: str | Path) -> list[str]:
+    """The merged model's style names, or a FastError that says what is wrong with the folder."""
+    from dmm_ray.models.style_unet import merged_style_names
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FastError(f"--model {folder}: no such folder (give a merged model folder, e.g. $DMM_HOME/outputs/dmm-toy/merged)")
+    for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder", "tokenizer", "vae"):
+        if not (folder / part).exists():
+            raise FastError(f"--model {folder}: not a merged DMMPipeline folder (missing {part})")
+    try:
+        names = merged_style_names(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise FastError(f"--model {folder}: {error}") from None
+    if (folder / FAST_RECORD).is_file():
+        raise FastError(f"--model {folder} is already a few-step model ({FAST_RECORD}); distill the merged model it came from")
+    return names
+
+
+def fast_dir(cfg: MergeConfig) -> Path:
+    return Path(cfg.fast.output_dir) if cfg.fast.output_dir else Path(cfg.output_dir) / "fast"
+
+
+def merge_record(model_dir: Path) -> dict:
+    from dmm_ray.merge import MERGE_RECORD
+
+    path = model_dir / MERGE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
+    """The merged model's own teachers (its dmm_merge.json), else the config's, in codebook order."""
+    from dmm_ray.teachers import TeacherSpec
+
+    record = merge_record(model_dir)
+    if record.get("teachers"):
+        return [TeacherSpec.model_validate(t) for t in record["teachers"]]
+    return list(cfg.teachers)
+
+
+def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracking: dict | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dmm_ray.data.stream import train_dataset_config
+    from dmm_ray.fast.loop import train_fast_per_worker
+
+    s, f = cfg.scaling, cfg.fast
+    cpus = s.cpus_per_worker if isinstance(s.cpus_per_worker, (int, float)) else 1.0
+    resources = {"CPU": cpus}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    storage = str((fast_dir(cfg) / "ray_results").resolve())
+    return TorchTrainer(
+        train_fast_per_worker,
+        train_loop_config={"merge": cfg.model_dump(mode="json"), "model": str(model_dir), "tracking": tracking},
+        scaling_config=ScalingConfig(num_workers=f.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"{cfg.name}-fast", storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=train_dataset_config(["train"], data_cpus=s.data_cpus),
+    )
+
+
+def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, dest: Path) -> Path:
+    """The few-step DMMPipeline: the merged model's VAE, text encoder and tokenizer, its UNet with the
+    LCM-LoRA fused in (lora) or the distilled UNet (full), LCMScheduler, sampler.json (4 steps, CFG
+    off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
+    lcm_lora/. Written beside `dest`, verified to load, then swapped in."""
+    import torch
+    from diffusers import LCMScheduler
+
+    from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
+    from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
+    from dmm_ray.merge import STYLES_RECORD, _remove, _save_siblings, _swap_in
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import SAMPLER_RECORD
+
+    f = cfg.fast
+    state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
+    student, _ = build_student(model_dir, f)
+    load_trainable_state(student, state["student"], f)
+    tmp, _ = _save_siblings(dest)
+    if tmp.exists():
+        _remove(tmp)
+    tmp.mkdir(parents=True)
+    cls = dmm_pipeline_class(model_dir)
+    if f.mode == "lora":
+        from peft import get_peft_model_state_dict
+
+        # PEFT-format keys: diffusers' load_lora_weights reads them back onto the merged model (the reference's
+        # convert_state_dict_to_diffusers would write attention layers in the old lora.down/up form, which it then skips)
+        cls.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=get_peft_model_state_dict(student), safe_serialization=True)
+        student.fuse_lora()
+        student.unload_lora()
+    unet = StyleUNet.from_pretrained(model_dir / "unet")  # a clean StyleUNet (no PEFT state) with the distilled weights
+    missing, unexpected = unet.load_state_dict(student.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"distilled UNet does not fit the merged one: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    pipe = cls.from_pretrained(str(model_dir), unet=unet, local_files_only=True,
+                               **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}))
+    keep = inspect.signature(LCMScheduler.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
+    # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
+    pipe.scheduler = LCMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in keep}, timestep_scaling=f.timestep_scaling,
+                                              original_inference_steps=f.num_ddim_timesteps)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    record = merge_record(model_dir)
+    if record:
+        from dmm_ray.merge import MERGE_RECORD
+
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
+    if (model_dir / STYLES_RECORD).is_file():
+        shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
+    (tmp / SAMPLER_RECORD).write_text(json.dumps({"scheduler": "LCMScheduler", "num_inference_steps": f.num_inference_steps,
+                                                  "guidance_scale": f.guidance_scale}, indent=1))
+    (tmp / FAST_RECORD).write_text(json.dumps({"method": "LCM (latent consistency distillation)", "distilled_from": str(model_dir),
+                                               "steps": state["step"], "fast": f.model_dump(mode="json")}, indent=1))
+    pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
+    if type(pipe_check.scheduler).__name__ != "LCMScheduler":
+        raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not LCMScheduler")
+    _swap_in(tmp, dest)
+    return dest
+
+
+def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path) -> dict:
+    """FIDt of the few-step model at each step count against the merge's teachers, the teachers
+    sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG."""
+    from dmm_ray.evaluation.api import default_extractor
+    from dmm_ray.evaluation.matrix import evaluate_sources
+    from dmm_ray.evaluation.outputs import format_table, write_outputs
+    from dmm_ray.evaluation.sources import student_source, teacher_sources
+    from dmm_ray.evaluation.config import eval_config_from_merge
+
+    eval_cfg = eval_config_from_merge(cfg)
+    results = {}
+    for steps in steps_list:
+        student = FewStepStudent.wrap(student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
+        result = evaluate_sources(student, teacher_sources(teachers, eval_cfg.dtype), eval_cfg, default_extractor(eval_cfg))
+        result.files = write_outputs(result, out / f"evaluation_{steps}steps")
+        log(f"few-step model at {steps} steps (guidance {cfg.fast.guidance_scale}): FIDt {result.fidt:.2f}, FIDt_ref {result.fidt_ref:.2f}, ratio {result.ratio:.3f}")
+        print(format_table(result), flush=True)
+        results[steps] = result
+    return results
+
+
+from dmm_ray.evaluation.matrix import StudentSource  # noqa: E402  (torch-free)
+
+
+@dataclass
+class FewStepStudent(StudentSource):
+    """A student sampled with its own step count and guidance (the teachers keep the eval sampler)."""
+
+    steps: int = 4
+    guidance: float = 1.0
+
+    @classmethod
+    def wrap(cls, source: StudentSource, steps: int, guidance: float) -> "FewStepStudent":
+        return cls(pipeline_factory=source.pipeline_factory, style_names=source.style_names, name=f"student{steps}", steps=steps, guidance=guidance)
+
+    def call_kwargs(self, style: str) -> dict:
+        return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+
+
+def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True) -> FastResult:
+    """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register."""
+    import ray
+
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import fit_stage
+    from dmm_ray.merge import ensure_latents, init_ray
+
+    started = time.time()
+    model_dir = Path(model_dir).resolve()
+    styles = check_model_folder(model_dir)
+    out = fast_dir(cfg).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    f = cfg.fast
+    log(f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
+        + (f" rank {f.lora_rank}" if f.mode == "lora" else "") + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
+        f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps, teacher CFG "
+        + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]") + f" -> {out}/model")
+    we_started_ray = not ray.is_initialized()
+    init_ray(cfg)
+    ensure_latents(cfg)
+    record = merge_record(model_dir)
+    tracking = None
+    if tracker is not None:
+        tracking = tracker.start_stage("fast", cfg)
+        if tracking:
+            tracker.log_params({"fast_source_model": str(model_dir)})
+    try:
+        t0 = time.time()
+        trained = fit_stage(build_fast_trainer(cfg, model_dir, {"train": build_latent_dataset(cfg.data)},
+                                               tracking=tracking and {**tracking, "prefix": "fast/"}))
+        result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
+        log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
+        with trained.checkpoint.as_directory() as folder:
+            save_fast_model(cfg, model_dir, Path(folder), result.model_path)
+        log(f"few-step model saved: {result.model_path} (LCMScheduler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
+        if evaluate and f.eval_steps:
+            result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
+        result.seconds = time.time() - started
+        if tracker is not None and tracker.enabled:
+            for steps, ev in result.evaluations.items():
+                tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps", step=steps)
+                tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
+            tracker.log_metrics({"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)),
+                                 "seconds": result.seconds})
+            default = result.evaluations.get(f.num_inference_steps)
+            result.model_uri = tracker.log_merged_model(
+                result.model_path, description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
+                f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""))
+            tracker._stack.close()
+            log(f"registered: {result.model_uri}")
+    except BaseException:
+        if tracker is not None and hasattr(tracker, "abort"):
+            tracker.abort("FAILED")
+        raise
+    if we_started_ray:
+        ray.shutdown()
+    return result
+
+
+class OwnSampler:
+    """A pipeline that samples with fixed steps and guidance whatever the caller asks for (the
+    few-step model in studies whose sampler settings are shared with the teachers, e.g.
+    jobs/style_mixing.py --student-steps). Picklable factory: `OwnSampler.factory(f, steps, g)`."""
+
+    def __init__(self, pipe, steps: int, guidance: float):
+        self.pipe, self.steps, self.guidance = pipe, steps, guidance
+
+    @classmethod
+    def factory(cls, pipeline_factory, steps: int, guidance: float):
+        from functools import partial
+
+        return partial(_own_sampler, pipeline_factory, steps, guidance)
+
+    def to(self, *args, **kwargs) -> "OwnSampler":
+        self.pipe = self.pipe.to(*args, **kwargs)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        kwargs.update(num_inference_steps=self.steps, guidance_scale=self.guidance)
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def _own_sampler(pipeline_factory, steps: int, guidance: float) -> OwnSampler:
+    return OwnSampler(pipeline_factory(), steps, guidance)

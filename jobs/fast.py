@@ -1,0 +1,74 @@
+"""Every style in a few steps: LCM-distill a merged DMM model (one LoRA or one full copy, for all
+its styles, the style index still an input) and save it as a DMMPipeline with LCMScheduler.
+
+  python jobs/fast.py --model $DMM_HOME/outputs/dmm-toy/merged --config jobs/configs/toy_fast.yaml
+  python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --set fast.steps=50 --set fast.mode=full
+  python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --output-dir /tmp/fast --no-eval
+  ray job submit --working-dir . -- python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml
+
+The config is a merge config (the one the model was merged with works): its `fast:` section, the
+latent shards (`data:`; the same shards the merge used, no new data), `scaling:`, `evaluation:`
+and `tracking:` apply. The result is <output_dir>/fast/model (or --output-dir/model), evaluated at
+fast.eval_steps against the merge's own teachers (its dmm_merge.json) and registered in MLflow
+under the merge's project and registered-model name as a new model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the merged model folder to distill (jobs/merge.py's <output_dir>/merged)")
+    parser.add_argument("--config", default=None, help=f"YAML merge config with a fast: section (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted key, e.g. --set fast.steps=50 (repeatable)")
+    parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
+    parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")
+    args = parser.parse_args(argv)
+    config = args.config or str(DEFAULT_CONFIG)
+
+    from dmm_ray.config import ConfigError, load_config
+    from dmm_ray.fast.job import FastError, check_model_folder, merge_record, run_fast
+
+    try:
+        check_model_folder(args.model)  # before anything slow
+        overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
+        cfg = load_config(config, overrides).with_absolute_paths()
+        record = merge_record(Path(args.model))
+        tracking = dict(cfg.tracking)
+        if args.no_track:
+            tracking["enabled"] = False
+        if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model
+            tracking.setdefault("project", record["name"])
+            tracking.setdefault("registered_model_name", record["name"])
+        cfg = cfg.model_copy(update={"tracking": tracking})
+        tracker = None
+        if tracking.get("enabled", True):
+            from dmm_ray.tracking import make_tracker
+
+            tracker = make_tracker(cfg)
+        print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}\nshards: {cfg.data.shards}", flush=True)
+        result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval)
+    except (ConfigError, FastError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"few-step model: {result.model_path}")
+    for steps, ev in sorted(result.evaluations.items()):
+        print(f"  {steps} steps: FIDt {ev.fidt:.2f} (ref {ev.fidt_ref:.2f}, ratio {ev.ratio:.3f})")
+    if result.model_uri:
+        print(f"MLflow: {result.model_uri}")
+    print(f"serve:  DMM_MODEL={result.model_path} serve run serve.app   (default_steps follows the model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The few-step model (issue 19): LCM distillation of a merged model that keeps the style codebook."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from dmm_ray.fast.config import FastConfig
+from dmm_ray.fast.lcm import ConsistencyObjective, Draw, LCMSettings, add_lcm_lora
+from dmm_ray.models.style_unet import StyleUNet
+from dmm_ray.tiny import tiny_unet_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scheduler():
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _unet(seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config()).eval()
+
+
+class PerStyleTeacher(torch.nn.Module):
+    """Two styles whose teachers differ: example b is denoised by teachers[style_ids[b]]; every call's
+    style ids are recorded."""
+
+    def __init__(self, teachers):
+        super().__init__()
+        self.teachers = torch.nn.ModuleList(teachers)
+        self.calls = []
+
+    def forward(self, sample, timestep, encoder_hidden_states, style_ids=None, added_cond_kwargs=None):
+        self.calls.append(style_ids.clone())
+        out = torch.stack([self.teachers[int(s)](sample[b:b + 1], timestep[b:b + 1], encoder_hidden_states[b:b + 1]).sample[0]
+                           for b, s in enumerate(style_ids)])
+        return type("Out", (), {"sample": out})()
+
+
+class Spy(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, *args, style_ids=None, **kwargs):
+        self.calls.append(style_ids.clone())
+        return self.unet(*args, style_ids=style_ids, **kwargs)
+
+
+def _student(names=("noir", "neon")) -> StyleUNet:
+    torch.manual_seed(0)
+    return StyleUNet.from_unet(_unet(0), list(names))
+
+
+def _batch(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(b, 4, 8, 8, generator=g)
+    cond = (torch.randn(b, 77, 32, generator=g), None)
+    uncond = (torch.zeros(b, 77, 32), None)
+    return latents, cond, uncond
+
+
+def test_consistency_target_uses_the_teacher_of_the_examples_own_style():
+    teachers = [_unet(1), _unet(2)]
+    with torch.no_grad():  # make the two teachers clearly different
+        for p in teachers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = Spy(_student())
+    settings = LCMSettings(num_ddim_timesteps=50, guidance_min=5.0, guidance_max=5.0)
+    objective = ConsistencyObjective(student, PerStyleTeacher(teachers), _scheduler(), settings)
+    latents, cond, uncond = _batch()
+    draw = Draw(index=torch.tensor([30, 30]), noise=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), w=torch.tensor([4.0, 4.0]))
+    styles = torch.tensor([0, 1])
+    _, target = objective.pair(latents, cond, uncond, styles, draw)
+    # teacher, student and target all saw the example's own style
+    assert all(torch.equal(c, styles) for c in objective.teacher.calls) and all(torch.equal(c, styles) for c in student.calls)
+    # example b's target is what teacher b alone gives (a single-teacher objective, no style routing)
+    for b in range(2):
+        # teacher b alone (whatever style it is asked for); the student keeps example b's style
+        alone = _FixedStyle(PerStyleTeacher([teachers[b]]), 0)
+        one = Draw(draw.index[b:b + 1], draw.noise[b:b + 1], draw.w[b:b + 1])
+        _, expected = ConsistencyObjective(student, alone, _scheduler(), settings).pair(
+            latents[b:b + 1], (cond[0][b:b + 1], None), (uncond[0][b:b + 1], None), styles[b:b + 1], one)
+        torch.testing.assert_close(target[b:b + 1], expected, rtol=1e-4, atol=1e-5)
+    # and mixing the styles up changes the target: the test above would catch a swap
+    _, swapped = ConsistencyObjective(student, _Swapped(PerStyleTeacher(teachers)), _scheduler(), settings).pair(latents, cond, uncond, styles, draw)
+    assert (swapped - target).abs().max() > 1e-3
+
+
+class _FixedStyle(torch.nn.Module):
+    """A teacher that always uses style `s` of the wrapped one, whatever it is called with."""
+
+    def __init__(self, teacher, s):
+        super().__init__()
+        self.teacher, self.s = teacher, s
+
+    def forward(self, *args, style_ids=None, **kwargs):
+        return self.teacher(*args, style_ids=torch.full_like(style_ids, self.s), **kwargs)
+
+
+class _Swapped(torch.nn.Module):
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, *args, style_ids=None, **kwargs):
+        return self.teacher(*args, style_ids=1 - style_ids, **kwargs)
+
+
+def test_lora_trains_only_the_lora_and_full_mode_keeps_the_codebook():
+    merged = _student()
+    reference = {k: v.clone() for k, v in merged.state_dict().items()}
+    student = _student()
+    params = add_lcm_lora(student, FastConfig(lora_rank=4))
+    assert params and all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+    objective = ConsistencyObjective(student, merged.requires_grad_(False), _scheduler(), LCMSettings())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    latents, cond, uncond = _batch(4)
+    for _ in range(2):
+        pred, target = objective.pair(latents, cond, uncond, torch.tensor([0, 1, 0, 1]), objective.draw(latents, torch.Generator().manual_seed(0)))
+        loss = objective.loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = student.state_dict()
+    for key, value in reference.items():  # every merged weight (the base layers under the LoRA) is untouched
+        peft_key = key if key in state else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[peft_key], value), key
+    assert any(p.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)  # the LoRA moved
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in reference.items())  # the teacher too
+
+    from dmm_ray.fast.lcm import full_trainable
+
+    full = _student()
+    trainable = full_trainable(full)
+    assert not full.class_embedding.codebook.weight.requires_grad and len(trainable) == sum(1 for p in full.parameters()) - 1
+
+
+def test_fast_config_checks_and_bad_model_folder(tmp_path):
+    from pydantic import ValidationError
+
+    from dmm_ray.fast.job import FastError, check_model_folder
+
+    with pytest.raises(ValidationError, match="mode"):
+        FastConfig(mode="turbo")
+    with pytest.raises(ValidationError, match="guidance_min"):
+        FastConfig(guidance_min=8, guidance_max=5)
+    with pytest.raises(FastError, match="no such folder"):
+        check_model_folder(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FastError, match="missing model_index.json"):
+        check_model_folder(tmp_path / "half")
+
+
+def test_fast_job_help_and_missing_model():
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--model", "/nonexistent/merged"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no such folder" in out.stderr
+
+
+def test_few_step_student_samples_with_its_own_steps_and_guidance():
+    from dmm_ray.evaluation.matrix import StudentSource
+    from dmm_ray.fast.job import FewStepStudent
+
+    source = FewStepStudent.wrap(StudentSource(pipeline_factory=lambda: None, style_names=["a", "b"]), 4, 1.0)
+    assert source.call_kwargs("b") == {"style": "b", "num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+# ---- the saved few-step model ---------------------------------------------------------------------
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def merged_world(tmp_path_factory):
+    """The tiny merge world plus a 'merged' model made directly (StyleUNet on the base, two styles)."""
+    from merge_fixtures import build_world
+
+    from dmm_ray.pipeline import DMMPipeline
+
+    root = tmp_path_factory.mktemp("fast_world")
+    world = build_world(root)
+    torch.manual_seed(0)
+    base_unet = UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet")
+    student = StyleUNet.from_unet(base_unet, ["style0", "style1"])
+    merged = root / "merged"
+    DMMPipeline.from_base(world["base"], student).save_pretrained(merged)
+    (merged / "dmm_merge.json").write_text(json.dumps({"name": "test-merge", "styles": ["style0", "style1"], "teachers": world["teachers"]}))
+    return world, merged
+
+
+@pytest.fixture(scope="module")
+def fast_model(merged_world, tmp_path_factory):
+    """A few-step model saved by `save_fast_model` from a LoRA checkpoint with non-zero weights (no Ray)."""
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import save_fast_model
+    from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
+    from merge_fixtures import tiny_merge_config
+
+    world, merged = merged_world
+    out = tmp_path_factory.mktemp("fast_model")
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out / "run", fast={"lora_rank": 4}))
+    torch.manual_seed(0)
+    student, params = build_student(merged, cfg.fast)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    (out / "ckpt").mkdir()
+    torch.save({"student": trainable_state(student, cfg.fast), "step": 2}, out / "ckpt" / TRAINABLE)
+    before = _digest(merged)
+    path = save_fast_model(cfg, merged, out / "ckpt", out / "model")
+    assert _digest(merged) == before  # saving never writes the merged model
+    return path, merged
+
+
+def _load(path):
+    from dmm_ray.pipeline import DMMPipeline
+
+    pipe = DMMPipeline.from_pretrained(path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_fast_model_loads_with_lcm_and_keeps_style_and_mixture_apis(fast_model):
+    from diffusers import LCMScheduler
+
+    path, merged = fast_model
+    pipe = _load(path)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.styles == ["style0", "style1"]
+    assert pipe.sampler_defaults == {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}
+    assert _load(merged).sampler_defaults["num_inference_steps"] == 25  # a merged model keeps the paper's sampler
+    kw = dict(height=32, width=32, output_type="pt")
+    a = pipe("a red circle", style="style0", generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe("a red circle", style="style1", generator=torch.Generator().manual_seed(0), **kw).images
+    mix = pipe("a red circle", style_weights={"style0": 0.5, "style1": 0.5}, generator=torch.Generator().manual_seed(0), **kw).images
+    assert a.shape == mix.shape == (1, 3, 32, 32) and not torch.allclose(a, b) and not torch.allclose(a, mix)
+    record = json.loads((path / "fast.json").read_text())
+    assert record["fast"]["mode"] == "lora" and json.loads((path / "dmm_merge.json").read_text())["name"] == "test-merge"
+
+
+def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
+    from dmm_ray.fast.job import LORA_DIR
+
+    path, merged = fast_model
+    fused, base = _load(path), _load(merged)
+    base.load_lora_weights(path / LORA_DIR)  # "the LoRA applied on the merged model"
+    x, t, e, ids = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 77, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        merged_out = _load(merged).unet(x, t, e, style_ids=ids).sample
+        fused_out = fused.unet(x, t, e, style_ids=ids).sample
+        torch.testing.assert_close(base.unet(x, t, e, style_ids=ids).sample, fused_out, rtol=1e-4, atol=1e-5)
+    assert (merged_out - fused_out).abs().max() > 1e-4  # the LoRA does change the model
+
+
+def test_serve_follows_the_few_step_model(fast_model):
+    from fastapi.testclient import TestClient
+
+    from serve.config import ServeConfig
+    from serve.model import StyleModelBackend
+    from serve.router import LocalService, create_api
+
+    path, merged = fast_model
+    for folder, sampler, steps, guidance in ((path, "LCMScheduler", 4, 1.0), (merged, "DPMSolverMultistepScheduler", 25, 7.0)):
+        backend = StyleModelBackend(str(folder), device="cpu")
+        with TestClient(create_api(LocalService(backend), ServeConfig(model=str(folder)))) as client:
+            info = client.get("/styles").json()
+            assert (info["sampler"], info["default_steps"], info["default_guidance"]) == (sampler, steps, guidance)
+            if folder == path:
+                r = client.post("/generate", json={"prompt": "a red circle", "style": "style1", "seed": 0, "width": 32, "height": 32})
+                assert r.status_code == 200, r.text
+                assert backend.forward_groups[-1][0][:2] == (4, 1.0)  # the request ran 4 steps without CFG
+    with TestClient(create_api(LocalService(StyleModelBackend(str(path), device="cpu")), ServeConfig(model=str(path), default_steps=8))) as client:
+        assert client.get("/styles").json()["default_steps"] == 8  # a config value still wins
+
+
+# ---- end to end on Ray ---------------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import run_fast
+    from dmm_ray.tracking import make_tracker
+    from merge_fixtures import tiny_merge_config
+
+    world, merged = merged_world
+    before = _digest(merged)
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", fast={"steps": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1, "batch_size": 4, "lr": 1e-2},
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    result = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert result.train_metrics["step"] == 2 and "loss_lcm" in result.train_metrics
+    assert _digest(merged) == before  # the LoRA variant never writes the merged model
+    assert result.model_uri == "models:/test-merge/1"  # its own version of the merge's registered model
+    pipe = _load(result.model_path)
+    assert pipe.sampler_defaults["num_inference_steps"] == 4
+    assert pipe("a red circle", style="style1", height=32, width=32).images[0].size == (32, 32)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a merge then the fast stage: over 60 s on 2 cores (make test-slow)
+def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, merged_world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from merge_fixtures import tiny_merge_config
+
+    world, _ = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", synthesis={"enabled": False, "finetune_steps": 0},
+        fast={"enabled": True, "steps": 1, "lora_rank": 2, "batch_size": 4}))
+    result = run_merge(cfg)
+    assert result.fast is not None and result.fast.train_metrics["step"] == 1
+    assert result.fast.model_path == tmp_path / "out" / "fast" / "model" and (result.fast.model_path / "sampler.json").is_file()
+
+
+def test_own_sampler_overrides_steps_and_guidance_and_pickles():
+    import pickle
+
+    from dmm_ray.fast.job import OwnSampler
+
+    factory = pickle.loads(pickle.dumps(OwnSampler.factory(_RecordingPipe, 4, 1.0)))
+    pipe = factory().to("cpu")
+    pipe(prompt=["x"], num_inference_steps=10, guidance_scale=5.0, style_weights={"a": 1})
+    assert pipe.calls == [{"prompt": ["x"], "num_inference_steps": 4, "guidance_scale": 1.0, "style_weights": {"a": 1}}]
+
+
+class _RecordingPipe:
+    def __init__(self):
+        self.calls = []
+
+    def to(self, device):
+        return self
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_world, tmp_path):
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import LORA_DIR, save_fast_model
+    from dmm_ray.fast.lcm import update_ema
+    from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
+    from merge_fixtures import tiny_merge_config
+
+    world, merged = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"mode": "full"}))
+    student, params = build_student(merged, cfg.fast)
+    target, _ = build_student(merged, cfg.fast)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    update_ema(target.parameters(), student.parameters(), 0.5)  # the EMA target moves halfway
+    name = "conv_in.weight"
+    torch.testing.assert_close(dict(target.named_parameters())[name], dict(student.named_parameters())[name] - 0.005)
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"student": trainable_state(student, cfg.fast), "step": 1}, tmp_path / "ckpt" / TRAINABLE)
+    path = save_fast_model(cfg, merged, tmp_path / "ckpt", tmp_path / "model")
+    pipe = _load(path)
+    assert not (path / LORA_DIR).exists() and pipe.sampler_defaults["num_inference_steps"] == 4
+    torch.testing.assert_close(pipe.unet.conv_in.weight, _load(merged).unet.conv_in.weight + 0.01)
+    assert torch.equal(pipe.unet.class_embedding.codebook.weight, _load(merged).unet.class_embedding.codebook.weight)
