@@ -294,11 +294,14 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
 
     world, merged = merged_world
     before = _digest(merged)
+    synthesized = _synthesized_sets(tmp_path / "synthesized", styles=2, rows=4)
     cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", fast={"steps": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1, "batch_size": 4, "lr": 1e-2},
+        world, tmp_path / "out", fast={"steps": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1, "batch_size": 4, "lr": 1e-2,
+                                       "synthetic_fraction": 0.5, "synthesized": str(synthesized)},
         tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
     result = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
     assert result.train_metrics["step"] == 2 and "loss_lcm" in result.train_metrics
+    assert result.train_metrics["synthetic_share"] == 0.5  # half of every batch came from the teachers' own samples
     assert _digest(merged) == before  # the LoRA variant never writes the merged model
     assert result.model_uri == "models:/test-merge/1"  # its own version of the merge's registered model
     pipe = _load(result.model_path)
@@ -368,3 +371,44 @@ def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_worl
     assert not (path / LORA_DIR).exists() and pipe.sampler_defaults["num_inference_steps"] == 4
     torch.testing.assert_close(pipe.unet.conv_in.weight, _load(merged).unet.conv_in.weight + 0.01)
     assert torch.equal(pipe.unet.class_embedding.codebook.weight, _load(merged).unet.class_embedding.codebook.weight)
+
+
+def _synthesized_sets(folder: Path, styles: int, rows: int) -> Path:
+    """What a merge's synthesis writes: style_<i>/ shards whose rows carry style i."""
+    import numpy as np
+    from pyarrow import fs as pafs
+
+    from dmm_ray.data.shards import latent_table, write_shard
+
+    rng = np.random.default_rng(1)
+    for i in range(styles):
+        table = latent_table(rng.standard_normal((rows, 4, 8, 8)).astype(np.float32), ["a red circle"] * rows,
+                             [f"s{i}-{j}" for j in range(rows)], styles=[i] * rows)
+        write_shard(pafs.LocalFileSystem(), str((folder / f"style_{i}").resolve()), 0, table)
+    return folder
+
+
+@pytest.mark.ray
+def test_synthesized_rows_are_pooled_shuffled_and_keep_their_teachers_style(ray_cluster, tmp_path, merged_world):
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.fast.job import synthesized_shards
+    from dmm_ray.fast.loop import synthesized_rows
+    from merge_fixtures import tiny_merge_config
+
+    world, merged = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast={"synthetic_fraction": 0.25}))
+    with pytest.raises(FileNotFoundError, match="synthesized sets.*fast.synthesized"):
+        synthesized_shards(cfg, merged)  # no <model>/../synthesized in this world
+    folder = _synthesized_sets(tmp_path / "synth", styles=3, rows=8)
+    cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"synthesized": str(folder)})})
+    shards = synthesized_shards(cfg, merged)
+    assert [Path(s).name for s in shards] == ["style_0", "style_1", "style_2"]
+    ds = build_latent_dataset(cfg.data, shards=shards)
+    rows = synthesized_rows(ds, num_styles=3, seed=0)
+    ids = [str(s) for s in rows["source_id"]]
+    assert sorted(ids) == sorted(f"s{i}-{j}" for i in range(3) for j in range(8)) and ids != sorted(ids)  # all rows, shuffled
+    assert all(int(s) == int(i.split("-")[0][1:]) for s, i in zip(rows["style"], ids))  # each row keeps its teacher's style
+    with pytest.raises(RuntimeError, match="outside the merged model's 2 styles"):
+        synthesized_rows(build_latent_dataset(cfg.data, shards=shards), num_styles=2, seed=0)

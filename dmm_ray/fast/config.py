@@ -47,6 +47,11 @@ class FastConfig(BaseModel):
                              "lora mode has no target network (the reference LCM-LoRA uses the student itself)")
     caption_dropout: float = Field(0.0, ge=0, lt=1, description="captions replaced by '' (the reference: none; the "
                                    "teacher's CFG already sees the unconditional branch)")
+    synthetic_fraction: float = Field(0.0, ge=0, lt=1, description="share of each batch taken from the merge's synthesized "
+                                      "sets (each row with the style of the teacher that drew it, the rest uniform): "
+                                      "the styled states a few-step sampler visits, not only noised base images")
+    synthesized: Optional[str] = Field(None, description="folder of the merge's synthesized sets (style_<i>/ shards); "
+                                       "default: <merged model>/../synthesized, where a merge writes them")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); each holds the teacher and the student")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)

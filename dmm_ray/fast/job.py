@@ -78,6 +78,17 @@ def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
     return list(cfg.teachers)
 
 
+def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
+    """The merge's synthesized sets (style_<i>/ folders): fast.synthesized, or <model>/../synthesized."""
+    folder = Path(cfg.fast.synthesized) if cfg.fast.synthesized else Path(model_dir).parent / "synthesized"
+    dirs = sorted((p for p in folder.glob("style_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[-1])) if folder.is_dir() else []
+    if not dirs:
+        raise FileNotFoundError(f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
+                                "has no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized "
+                                "(a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them), or fast.synthetic_fraction=0")
+    return [str(p) for p in dirs]
+
+
 def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracking: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -230,7 +241,10 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
             tracker.log_params({"fast_source_model": str(model_dir)})
     try:
         t0 = time.time()
-        trained = fit_stage(build_fast_trainer(cfg, model_dir, {"train": build_latent_dataset(cfg.data)},
+        datasets = {"train": build_latent_dataset(cfg.data)}
+        if f.synthetic_fraction > 0:
+            datasets["synth"] = build_latent_dataset(cfg.data, shards=synthesized_shards(cfg, model_dir))
+        trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets,
                                                tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")

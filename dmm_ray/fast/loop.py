@@ -47,6 +47,25 @@ def load_trainable_state(student, state: dict, fast) -> None:
         student.load_state_dict(state)
 
 
+def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
+    """The synthesized sets read whole (numpy columns, `style` = the drawing teacher's index), every
+    style pooled and shuffled once with `seed`, so each batch mixes styles."""
+    import numpy as np
+
+    from dmm_ray.distill.loop import read_synthesized
+
+    by_style = read_synthesized(shard, None)
+    if not by_style:
+        raise RuntimeError("fast.synthetic_fraction > 0 but the synthesized sets are empty")
+    bad = sorted(i for i in by_style if not 0 <= i < num_styles)
+    if bad:
+        raise RuntimeError(f"the synthesized sets have style indices {bad}, outside the merged model's {num_styles} styles: "
+                           "give fast.synthesized of the merge that produced this model")
+    pooled = {k: np.concatenate([by_style[i][k] for i in sorted(by_style)]) for k in next(iter(by_style.values()))}
+    order = np.random.default_rng(seed).permutation(len(pooled["latents"]))
+    return {k: v[order] for k, v in pooled.items()}
+
+
 def train_fast_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -56,7 +75,8 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
     from dmm_ray.distill.checkpointing import temp_checkpoint_dir
     from dmm_ray.distill.conditioning import load_base_conditioner
-    from dmm_ray.distill.loop import EpochStream, _mlflow_logger
+    from dmm_ray.distill.loop import EpochStream, _mlflow_logger, cached_stream, split_batch
+    from dmm_ray.distill.step import concat_batches
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
     from dmm_ray.models.style_unet import StyleUNet
 
@@ -101,12 +121,18 @@ def train_fast_per_worker(config: dict) -> None:
     objective = ConsistencyObjective(student_ddp, teacher, scheduler, LCMSettings.from_config(f), target=target)
 
     batch_size = f.batch_size or cfg.data.stream.batch_size
-    stream_cfg = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": batch_size, "caption_dropout": f.caption_dropout})})
+    n_common, n_synth = split_batch(batch_size, f.synthetic_fraction)  # rows of the latent shards, of the synthesized sets
+    stream_cfg = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": n_common, "caption_dropout": f.caption_dropout})})
     shard = ray.train.get_dataset_shard("train")
     stream = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=scheduler),
                          "train", epoch, position)
-    empty_ids = torch.from_numpy(tokenize(load_tokenizer(str(model_dir / "tokenizer")), [""])[0]).to(device)  # (L,)
+    empty_np = tokenize(load_tokenizer(str(model_dir / "tokenizer")), [""])[0]  # (L,)
+    empty_ids = torch.from_numpy(empty_np).to(device)
     rng = torch.Generator().manual_seed(f.seed * 1000 + rank)
+    synth = None
+    if n_synth:  # every style's teacher samples, pooled and shuffled once (a fixed order: resumable by position)
+        rows = synthesized_rows(ray.train.get_dataset_shard("synth"), num_styles, seed=f.seed + rank)
+        synth = cached_stream(rows, n_synth, stream_cfg, scheduler, empty_np, device, "synthesized samples", consumed=start_step)
     log = _mlflow_logger(config.get("tracking"), rank)
 
     progress = None
@@ -117,9 +143,13 @@ def train_fast_per_worker(config: dict) -> None:
     step, started = start_step, time.time()
     while step < f.steps:
         batch = stream.next()
+        style_ids = torch.randint(0, num_styles, (n_common,), generator=rng).to(device)  # uniform over every style
+        if synth is not None:  # + rows drawn by a teacher, with that teacher's style
+            extra = synth.next()
+            style_ids = torch.cat([style_ids, extra["style"].to(device)])
+            batch = concat_batches([batch, extra], slices=False)
         latents = batch["latents"]
         b = latents.shape[0]
-        style_ids = torch.randint(0, num_styles, (b,), generator=rng).to(device)  # uniform over every style
         cond = conditioner(batch)
         uncond = conditioner({**batch, "input_ids": empty_ids[None].repeat(b, 1), "captions": [""] * b})
         model_pred, tgt = objective.pair(latents, cond, uncond, style_ids, objective.draw(latents, rng))
@@ -134,7 +164,7 @@ def train_fast_per_worker(config: dict) -> None:
         if target is not None:
             update_ema(target.parameters(), student.parameters(), f.ema_decay)
         step += 1
-        metrics = {"loss_lcm": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "epoch": stream.epoch, "resumed_from": start_step,
+        metrics = {"loss_lcm": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "epoch": stream.epoch, "resumed_from": start_step, "synthetic_share": n_synth / b,
                    "samples_per_s": (step - start_step) * b * world / (time.time() - started)}
         if progress is not None:
             progress.update(1)
