@@ -240,3 +240,27 @@ def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
     fast = {id(p) for p in opt.param_groups[1]["params"]}
     assert all(id(p) not in fast for p in student.class_embedding.adapters.parameters())
     assert id(student.class_embedding.codebook.weight) in fast
+
+
+@pytest.mark.ray
+def test_uneven_teacher_groups_and_a_regulariser_cross_epochs_in_lock_step(ray_cluster, tmp_path):
+    """3 teachers at 2 per worker: groups of 2 and 1. Ray Data's streaming split starts the next epoch
+    on all workers together, so the worker hosting one teacher must read as many common batches per
+    step as the one hosting two; otherwise the faster reader waits at the split for the slower one,
+    which waits for it in DDP's all-reduce, and the merge hangs at the first epoch's end."""
+    import faulthandler
+
+    from dmm_ray.merge import run_merge
+
+    world = build_world(tmp_path / "world", num_teachers=3, rows=32)
+    cfg = MergeConfig.model_validate(tiny_merge_config(
+        world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 0.5},
+        distill={"steps": 6, "checkpoint_every": 6, "log_every": 1},  # 16 rows per worker, 8 per step: 3 epochs
+        synthesis={"enabled": False, "finetune_steps": 0}))
+    assert cfg.num_workers == 2
+    faulthandler.dump_traceback_later(420, exit=True)  # a deadlock fails the run instead of hanging it
+    try:
+        result = run_merge(cfg)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert result.stage_metrics["distill"]["step"] == 6 and result.stage_metrics["distill"]["epoch"] >= 2

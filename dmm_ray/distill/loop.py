@@ -322,16 +322,21 @@ def train_loop_per_worker(config: dict) -> None:
         return [cached_stream(by_style[i], size, data_cfg, noise_scheduler, empty_ids, device, f"style {i}'s synthesized samples", consumed)
                 for i in hosted]
 
+    # Ray Data's streaming split moves every worker's split into its next epoch together, so every
+    # worker must read the same number of common batches per step (else the one that finishes its
+    # epoch first waits for the others at the split while they wait for it in DDP's all-reduce: a
+    # deadlock). Every worker reads `reads_per_step` batches of `n_common` rows: a teacher worker one
+    # per hosted style (a smaller last group drops the extra), the regulariser all of them as its batch.
+    reads_per_step = max(len(r.style_indices) for r in roles if r.kind == "teacher")
     if stage == "finetune":
         synthetic = synthetic_streams(batch_size)
     else:
-        fraction = data_cfg.synthetic_fraction if role.kind == "teacher" else 0.0
-        n_common, n_synth = split_batch(batch_size, fraction)
+        n_common, n_synth = split_batch(batch_size, data_cfg.synthetic_fraction)
         stream_cfg = data_cfg.model_copy(update={"stream": data_cfg.stream.model_copy(update={"batch_size": n_common})})
         shard = ray.train.get_dataset_shard("train")
         common = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler),
                              "train", epoch, skip_batches)
-        if n_synth:
+        if n_synth and role.kind == "teacher":
             synthetic = synthetic_streams(n_synth)
 
     def style_batch(j: int) -> dict:
@@ -346,9 +351,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     def next_micro_batch() -> tuple[dict, torch.Tensor]:
         if role.kind == "regularizer":  # a random old style per sample
-            batch = style_batch(0)
+            if common is None:  # fine-tune: the pooled synthesized samples
+                batch = style_batch(0)
+            else:
+                parts = [common.next() for _ in range(reads_per_step)]
+                batch = parts[0] if len(parts) == 1 else concat_batches(parts, slices=False)
             return batch, regularizer_style_ids(batch["noisy_latents"].shape[0], len(old_styles), rng).to(device)
         subs = [style_batch(j) for j in range(len(role.style_indices))]  # one batch per hosted teacher
+        if common is not None:
+            for _ in range(reads_per_step - len(subs)):  # a smaller last teacher group keeps pace with the others
+                common.next()
         ids = torch.cat([torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=device)
                          for b, s in zip(subs, role.style_indices)])
         return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
