@@ -281,31 +281,7 @@ def _check_section(name: str, section: dict) -> None:
         raise ValueError(problems) from None
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. distill.steps=10")
-    key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
-
-
-def apply_override(tree: dict, path: list[str], value: Any) -> None:
-    node: Any = tree
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-    last = path[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+from dmm_ray.overrides import ConfigError, apply_override, parse_override  # noqa: E402  (one --set parser, re-exported)
 
 
 # Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.

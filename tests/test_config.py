@@ -75,3 +75,17 @@ def test_evaluate_job_reads_a_merge_configs_evaluation_section():
     assert cfg.max_prompts == 32 and cfg.images_per_prompt == 4
     assert cfg.sampler.num_inference_steps == 4 and cfg.sampler.guidance_scale == 5.0 and cfg.sampler.negative_prompt == ""
     assert (cfg.seed_a, cfg.seed_b) == (2000000, 3000000)
+
+
+def test_one_override_parser_for_merge_and_evaluation_configs():
+    """`--set` means the same in jobs/merge.py and jobs/evaluate.py: YAML values, list indexing,
+    sections created on the way, and a clear error without '='."""
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.overrides import apply_overrides
+
+    tree = apply_overrides({"teachers": [{"name": "a"}]}, ["teachers.0.name=b", "distill.steps=3", "x.flag=true"])
+    assert tree == {"teachers": [{"name": "b"}], "distill": {"steps": 3}, "x": {"flag": True}}
+    cfg = load_eval_config(None, ['prompts=["a cat", "a dog"]', "prompts.1=a fox", "num_inference_steps=3"])
+    assert cfg.prompts == ["a cat", "a fox"] and cfg.sampler.num_inference_steps == 3  # list indexing, as in the merge job
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_eval_config(None, ["num_inference_steps"])

@@ -104,25 +104,7 @@ class EvalConfig(BaseModel):
             )
 
 
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """`--set a.b=value` overrides (value parsed as YAML: numbers, bools, lists) onto a dict."""
-    import copy
-
-    import yaml
-
-    data = copy.deepcopy(data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got '{item}'")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
+from dmm_ray.overrides import apply_overrides  # noqa: E402  (the merge job's --set parser: list indexing too)
 
 
 def load_eval_config(
