@@ -350,7 +350,8 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
 
 
 def evaluate_stage(cfg: MergeConfig, merged_path):
-    """The FID matrix of the merged model against cfg.teachers (`evaluation:` section); None when
+    """The FID matrix of the merged model against the teachers of every style it holds (incremental:
+    the previous merge's teachers, from its record, then cfg.teachers); None when
     evaluation.enabled is false or there are no teachers."""
     from dmm_ray.evaluation.config import eval_config_from_merge
 
@@ -360,7 +361,7 @@ def evaluate_stage(cfg: MergeConfig, merged_path):
     from dmm_ray.evaluation.api import evaluate_merge
 
     log("stage evaluate")
-    return evaluate_merge(merged_path, cfg.teachers, eval_cfg)
+    return evaluate_merge(merged_path, all_teachers(cfg), eval_cfg)
 
 
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
@@ -517,14 +518,13 @@ def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, pl
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
     log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")
     # 4. evaluate every style merged so far (incremental: old teachers + new ones), tracked or not
-    merged_so_far = cfg.model_copy(update={"teachers": all_teachers(cfg)})
-    result.evaluation = evaluate_stage(merged_so_far, result.merged_path)
+    result.evaluation = evaluate_stage(cfg, result.merged_path)
     if remote and result.evaluation is not None:
         _upload_results(out, remote, ("evaluation",))
     # 5. track: log the evaluation and metrics, register the model (an observer: changes nothing above)
     if tracker:
         log("stage track")
-        tracker.finish_stage(merged_so_far, result)
+        tracker.finish_stage(cfg, result)
         result.run_id = tracking["run_id"] if tracking else None
     if cfg.fast.enabled:  # 6. the few-step model (dmm_ray/fast): LCM distillation of the model just saved
         from dmm_ray.fast.job import run_fast
