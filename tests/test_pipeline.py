@@ -31,7 +31,9 @@ def test_paper_defaults(pipe):
     import inspect
 
     sig = inspect.signature(DMMPipeline.__call__)
-    assert sig.parameters["num_inference_steps"].default == 25 and sig.parameters["guidance_scale"].default == 7.0
+    # a call that names no sampler takes the model's own: for a merged model the paper's 25 steps, CFG 7
+    assert sig.parameters["num_inference_steps"].default is None and sig.parameters["guidance_scale"].default is None
+    assert pipe.sampler_defaults == {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 25, "guidance_scale": 7.0}
     assert "nsfw" in PAPER_NEGATIVE_PROMPT
 
 
