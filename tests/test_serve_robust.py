@@ -176,15 +176,17 @@ def test_healthz_answers_while_the_model_is_busy():
         busy["on"] = True
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(c.post, "/generate", json=GOOD)
-            while handle.generate.calls == 0:
-                time.sleep(0.01)
-            t0 = time.perf_counter()
-            r = c.get("/healthz")
-            assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
-            t0 = time.perf_counter()
-            r = c.get("/readyz")
-            assert r.status_code == 503 and time.perf_counter() - t0 < 2.0
-            release.set()
+            try:  # a failed check below must still release the generation, or the pool's exit waits forever
+                while handle.generate.calls == 0:
+                    time.sleep(0.01)
+                t0 = time.perf_counter()
+                r = c.get("/healthz")
+                assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
+                t0 = time.perf_counter()
+                r = c.get("/readyz")
+                assert r.status_code == 503 and time.perf_counter() - t0 < 2.0
+            finally:
+                release.set()
             assert pending.result(timeout=30).status_code == 200
 
 
