@@ -177,7 +177,9 @@ def test_healthz_answers_while_the_model_is_busy():
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(c.post, "/generate", json=GOOD)
             try:  # a failed check below must still release the generation, or the pool's exit waits forever
+                deadline = time.time() + 30
                 while handle.generate.calls == 0:
+                    assert time.time() < deadline, "the /generate request never reached the model"
                     time.sleep(0.01)
                 t0 = time.perf_counter()
                 r = c.get("/healthz")
