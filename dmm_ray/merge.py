@@ -225,16 +225,24 @@ MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluatio
 STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
 
 
-def all_teachers(cfg: MergeConfig) -> list:
-    """Teacher specs of every style of the merged model, in codebook order (old styles first)."""
+def recorded_teachers(merged_dir: str | Path) -> list | None:
+    """The teacher specs a merged model's record lists, in codebook order; None without a record."""
     from dmm_ray.teachers import TeacherSpec
 
+    record = Path(merged_dir) / MERGE_RECORD
+    if not record.is_file():
+        return None
+    return [TeacherSpec.model_validate(t) for t in json.loads(record.read_text()).get("teachers") or []]
+
+
+def all_teachers(cfg: MergeConfig) -> list:
+    """Teacher specs of every style of the merged model, in codebook order (old styles first)."""
     if not cfg.incremental.base_merged:
         return list(cfg.teachers)
-    record = Path(cfg.incremental.base_merged) / MERGE_RECORD
-    if not record.exists():
-        raise FileNotFoundError(f"{record} is missing: the previous merged model does not list its teachers, so old styles cannot be evaluated")
-    old = [TeacherSpec.model_validate(t) for t in json.loads(record.read_text())["teachers"]]
+    old = recorded_teachers(cfg.incremental.base_merged)
+    if old is None:
+        raise FileNotFoundError(f"{Path(cfg.incremental.base_merged) / MERGE_RECORD} is missing: the previous merged model does not "
+                                "list its teachers, so old styles cannot be evaluated")
     return old + list(cfg.teachers)
 
 

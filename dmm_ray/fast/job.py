@@ -70,12 +70,9 @@ def merge_record(model_dir: Path) -> dict:
 
 def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
     """The merged model's own teachers (its dmm_merge.json), else the config's, in codebook order."""
-    from dmm_ray.teachers import TeacherSpec
+    from dmm_ray.merge import recorded_teachers
 
-    record = merge_record(model_dir)
-    if record.get("teachers"):
-        return [TeacherSpec.model_validate(t) for t in record["teachers"]]
-    return list(cfg.teachers)
+    return recorded_teachers(model_dir) or list(cfg.teachers)
 
 
 def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
