@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import yaml
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.evaluation.config import SamplerConfig
     from dmm_ray.evaluation.extractors import ZooFeatureExtractor
     from dmm_ray.evaluation.fid import fid_from_features

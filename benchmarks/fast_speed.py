@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     torch.set_num_threads(args.threads)
     merged, fast = load_dmm_pipeline(args.merged), load_dmm_pipeline(args.fast)

@@ -39,7 +39,7 @@ H, W = 32, 64
 
 
 def _load(model: str, zoo: Path):
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.zoo.feature_net import ZooFeatureNet
     from dmm_ray.zoo.report import load_manifest
 

@@ -127,7 +127,7 @@ def make_teacher_mux(max_models: int):
             import torch
             from PIL import Image
 
-            from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+            from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
             body = await request.json()
             pipe = await self.get_model(serve.get_multiplexed_model_id())

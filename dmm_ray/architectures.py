@@ -1,7 +1,8 @@
 """SD1.5 or SDXL: which diffusers pipeline class fits a folder, read from its configs (no weights).
 
 Everything that differs between the two families is chosen here once, so the merge, synthesis,
-evaluation and Serve code load any base, teacher or merged model the same way.
+evaluation and Serve code load any base, teacher or merged model the same way (merged models:
+`dmm_ray.pipeline.load_dmm_pipeline`, which builds on this module).
 """
 
 from __future__ import annotations
@@ -28,13 +29,6 @@ def base_pipeline_class(folder: str | Path):
     return StableDiffusionXLPipeline if is_sdxl(folder) else StableDiffusionPipeline
 
 
-def dmm_pipeline_class(folder: str | Path):
-    """DMMPipeline or DMMXLPipeline for a merged (or base) folder."""
-    from dmm_ray.pipeline import DMMPipeline, DMMXLPipeline
-
-    return DMMXLPipeline if is_sdxl(folder) else DMMPipeline
-
-
 def pipeline_kwargs(cls) -> dict:
     """SD1.5 pipelines take a safety checker, which a merge never loads; SDXL has none."""
     from diffusers import StableDiffusionPipeline
@@ -54,19 +48,6 @@ def merged_folder(path: str | Path) -> str | Path:
             "Re-run the merge (jobs/merge.py) on the same output_dir to restore %s.", folder, old, folder.name)
         return old
     return path
-
-
-def load_dmm_pipeline(path: str | Path, **kwargs):
-    """A merged model folder as DMMPipeline / DMMXLPipeline, offline (see `merged_folder`). A URI
-    (`s3://bucket/merges/toy/merged`, `file:///...`: jobs/merge.py's <output_dir>/merged) is first
-    downloaded through pyarrow to `$DMM_HOME/cache/download/<name>-<hash>` (refreshed each load)."""
-    if "://" in str(path):
-        from dmm_ray.data import fs as fsu
-
-        path = fsu.local_copy(str(path))
-    path = merged_folder(path)
-    cls = dmm_pipeline_class(path)
-    return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
 
 
 def load_plain_pipeline(path: str | Path, **kwargs):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS
 from dmm_ray.data.config import DataConfig
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
@@ -122,8 +123,8 @@ class SynthesisConfig(_Section):
     enabled: bool = True
     images_per_teacher: int = Field(1500, ge=1, description="paper: 1.5k per teacher")
     prompts: Optional[str] = Field(None, description="prompt file (txt or COCO captions json); default: training captions")
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.0, ge=0)
+    num_inference_steps: int = Field(PAPER_STEPS, ge=1)
+    guidance_scale: float = Field(PAPER_GUIDANCE, ge=0)
     negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
     resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
     batch_size: int = Field(10, ge=1, description="images per teacher forward")

@@ -157,10 +157,9 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
 def merge_record(model_dir: str | os.PathLike | None) -> dict:
     """`dmm_merge.json` of a merged folder (name, styles, teachers, mlflow run), or {}."""
-    if model_dir is None:
-        return {}
-    record = Path(model_dir) / "dmm_merge.json"
-    return json.loads(record.read_text()) if record.is_file() else {}
+    from dmm_ray.merged_model import read_record
+
+    return {} if model_dir is None else read_record(model_dir)
 
 
 def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:

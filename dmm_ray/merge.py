@@ -4,13 +4,16 @@ fine-tune -> save the merged DMMPipeline -> evaluate -> track. Runs on the Ray d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmm_ray.config import MergeConfig
+from dmm_ray.console import say
+from dmm_ray.data.latents import ensure_latents
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, remove, save_siblings, swap_in
+from dmm_ray.ray_session import init_for_training
 
 
 @dataclass
@@ -40,7 +43,7 @@ def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
 
 
 def log(msg: str) -> None:
-    print(f"[dmm-merge {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    say("merge", msg)
 
 
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
@@ -97,16 +100,6 @@ def describe_layout(cfg: MergeConfig) -> str:
     return "\n".join(lines)
 
 
-def init_ray(cfg: MergeConfig):
-    from ray.data import DataContext
-
-    from dmm_ray.ray_session import ensure_ray
-
-    # The training loop shows one progress bar per stage; Ray Data's per-operator bars would drown it.
-    DataContext.get_current().enable_progress_bars = False
-    ensure_ray(cfg.scaling.ray_address)
-
-
 def plan_cluster(cfg: MergeConfig):
     """`dmm_ray.resources.check_cluster` on the connected cluster (encode counted if shards are missing)."""
     from dmm_ray.data.shards import shard_set_state
@@ -160,51 +153,6 @@ def format_locations(cfg: MergeConfig, title: str) -> str:
     return "\n".join(lines)
 
 
-def ensure_latents(cfg: MergeConfig) -> None:
-    """Latent shards to train on: a complete set is used as it is; none, or a set whose encode did not
-    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
-    from dmm_ray.data.shards import shard_set_state
-
-    state = shard_set_state(cfg.data.shards)
-    if state.status == "complete":
-        log(f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
-        _check_enough_rows(cfg)
-        return
-    if cfg.data.source is None:
-        if state.status == "partial":
-            raise FileNotFoundError(
-                f"data.shards {cfg.data.shards} holds an unfinished encode ({state.detail()}) and data.source is not set to finish it; "
-                "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set")
-        raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
-    from dmm_ray.data.encode import run_encode
-
-    if state.status == "partial":
-        log(f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
-            f"resuming the encode from {cfg.data.source.root} instead of training on a subset")
-    else:
-        log(f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
-    print(run_encode(cfg.data).summary(), flush=True)
-    after = shard_set_state(cfg.data.shards)
-    if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path
-        raise RuntimeError(f"encoding into {cfg.data.shards} left an incomplete set ({after.detail()})")
-    _check_enough_rows(cfg)
-
-
-def _check_enough_rows(cfg: MergeConfig) -> None:
-    """Every worker needs at least one full batch per epoch; say so before Ray Train starts."""
-    from dmm_ray.data import fs as fsu
-    from dmm_ray.data.shards import read_marker, shard_indices
-
-    fs, root = fsu.resolve(cfg.data.shards)
-    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
-    need = cfg.data.stream.batch_size * cfg.num_workers
-    if rows < need:
-        raise ValueError(
-            f"data.shards has {rows} latents but {cfg.num_workers} workers x data.stream.batch_size "
-            f"{cfg.data.stream.batch_size} need at least {need}; add data or lower data.stream.batch_size"
-        )
-
-
 def _copy_from_result(result, dest: Path, part: str = "") -> Path:
     """Copy the stage's final checkpoint (`part=""`: the whole training state: student, discriminator
     head, optimizers, EMA) or one part of it (`"student"`) to `dest`."""
@@ -219,20 +167,6 @@ def _copy_from_result(result, dest: Path, part: str = "") -> Path:
 
 def _student_from_result(result, dest: Path) -> Path:
     return _copy_from_result(result, dest, "student")
-
-
-MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
-STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
-
-
-def recorded_teachers(merged_dir: str | Path) -> list | None:
-    """The teacher specs a merged model's record lists, in codebook order; None without a record."""
-    from dmm_ray.teachers import TeacherSpec
-
-    record = Path(merged_dir) / MERGE_RECORD
-    if not record.is_file():
-        return None
-    return [TeacherSpec.model_validate(t) for t in json.loads(record.read_text()).get("teachers") or []]
 
 
 def all_teachers(cfg: MergeConfig) -> list:
@@ -250,14 +184,14 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
     dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from."""
-    from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
+    from dmm_ray.pipeline import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.models.style_unet import StyleUNet
 
     # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
     pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))
-    tmp, _ = _save_siblings(dest)
+    tmp, _ = save_siblings(dest)
     if tmp.exists():
-        _remove(tmp)
+        remove(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     try:
         teachers = all_teachers(cfg)
@@ -270,48 +204,13 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
     load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
-    _swap_in(tmp, dest)
+    swap_in(tmp, dest)
     return dest
 
 
-def _save_siblings(dest: Path) -> tuple[Path, Path]:
-    """(`merged.tmp`, `merged.old`): where a save writes the new model and parks the previous one."""
-    return dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """dest -> dest.old, tmp -> dest, drop dest.old. A crash between the two renames leaves no `dest`
-    but a complete `dest.old`, which `recover_merged` (at the start of every merge) renames back."""
-    _, old = _save_siblings(dest)
-    if dest.exists():
-        if old.exists():
-            _remove(old)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        _remove(old)
-
-
 def recover_merged(dest: Path) -> list[str]:
-    """Undo a save of the merged model that was interrupted (see `_swap_in`): `merged` missing but
-    `merged.old` there -> rename it back; then remove leftover `merged.tmp` / `merged.old`. Returns
-    (and logs) what it did. Call only while holding output_dir's lock (no save can be under way)."""
-    tmp, old = _save_siblings(dest)
-    done = []
-    if not dest.exists() and old.is_dir():
-        os.replace(old, dest)
-        done.append(f"restored {dest} from {old.name} (a save of the merged model was interrupted between its two renames)")
-    for stale in (tmp, old):
-        if stale.exists() or stale.is_symlink():
-            _remove(stale)
-            done.append(f"removed {stale} left behind by an interrupted save")
+    """`merged_model.recover` (an interrupted save of the merged model undone), said in the log."""
+    done = recover(dest)
     for line in done:
         log(line)
     return done
@@ -391,16 +290,13 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
     """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI)."""
-    import ray
-
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
     validate_before_ray(cfg)
     check_output_dir(cfg, restart)
-    we_started_ray = not ray.is_initialized()
-    init_ray(cfg)
+    we_started_ray = init_for_training(cfg.scaling.ray_address)
     plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
     cfg = with_plan(cfg, plan)
     ensure_latents(cfg)

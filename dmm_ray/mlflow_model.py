@@ -13,7 +13,7 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     """DataFrame with `prompt` and optional `style` (name or index) columns -> list of PIL images."""
 
     def load_context(self, context):
-        from dmm_ray.architectures import load_dmm_pipeline
+        from dmm_ray.pipeline import load_dmm_pipeline
 
         self.pipe = load_dmm_pipeline(context.artifacts["pipeline"])  # DMMPipeline or DMMXLPipeline
 

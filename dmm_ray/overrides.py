@@ -46,3 +46,11 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     return data
+
+
+def deep_merge(defaults: dict, data: dict) -> dict:
+    """Deep-merge into a fresh dict (inputs untouched): `data` (the user's settings) wins over `defaults`."""
+    out = copy.deepcopy(defaults)
+    for k, v in data.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out

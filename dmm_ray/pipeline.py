@@ -17,12 +17,16 @@ from typing import Any, Mapping, Sequence
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from dmm_ray.architectures import is_sdxl, merged_folder, pipeline_kwargs
+from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline's public defaults)
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    PAPER_GUIDANCE,
+    PAPER_NEGATIVE_PROMPT,
+    PAPER_STEPS,
+    SAMPLER_RECORD,
+)
 from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
-
-PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
-PAPER_STEPS = 25
-PAPER_GUIDANCE = 7.0
-SAMPLER_RECORD = "sampler.json"  # a few-step model's sampler defaults (dmm_ray/fast): {"scheduler", "num_inference_steps", "guidance_scale"}
 
 
 def sampler_defaults(folder=None, scheduler=None) -> dict:
@@ -36,7 +40,7 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
                 "guidance_scale": float(record["guidance_scale"])}
     name = type(scheduler).__name__ if scheduler is not None else "DPMSolverMultistepScheduler"
     if name == "LCMScheduler":
-        return {"scheduler": name, "num_inference_steps": 4, "guidance_scale": 1.0}
+        return {"scheduler": name, "num_inference_steps": LCM_STEPS, "guidance_scale": LCM_GUIDANCE}
     return {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE}
 
 
@@ -98,8 +102,6 @@ class _StyleCallMixin:
     def from_base(cls, base_dir: str | Path, student: StyleUNet, **kwargs):
         """The merged pipeline: `student` inside the base folder's VAE, text encoder(s), tokenizer(s)
         and noise schedule (sampled with the paper's DPM-Solver++)."""
-        from dmm_ray.architectures import pipeline_kwargs
-
         pipe = cls.from_pretrained(str(base_dir), unet=student, **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
         pipe.scheduler = cls.paper_scheduler(pipe.scheduler)
         return pipe
@@ -169,3 +171,21 @@ class DMMXLPipeline(_StyleCallMixin, StableDiffusionXLPipeline):
     """Style-promptable SDXL-architecture pipeline (SDXL's text_time embedding kept)."""
 
     __call__ = _styled_call(StableDiffusionXLPipeline.__call__)
+
+
+def dmm_pipeline_class(folder: str | Path):
+    """DMMPipeline or DMMXLPipeline for a merged (or base) folder."""
+    return DMMXLPipeline if is_sdxl(folder) else DMMPipeline
+
+
+def load_dmm_pipeline(path: str | Path, **kwargs):
+    """A merged model folder as DMMPipeline / DMMXLPipeline, offline (see `architectures.merged_folder`).
+    A URI (`s3://bucket/merges/toy/merged`, `file:///...`: jobs/merge.py's <output_dir>/merged) is
+    first downloaded through pyarrow to `$DMM_HOME/cache/download/<name>-<hash>` (refreshed each load)."""
+    if "://" in str(path):
+        from dmm_ray.data import fs as fsu
+
+        path = fsu.local_copy(str(path))
+    path = merged_folder(path)
+    cls = dmm_pipeline_class(path)
+    return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})

@@ -39,3 +39,12 @@ def quiet_worker_logs() -> None:
     import logging
 
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def init_for_training(address: str | None = None) -> bool:
+    """`ensure_ray` for a training job (merge, few-step): the training loop shows one progress bar
+    per stage; Ray Data's per-operator bars would drown it. Returns True when this call started Ray."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    return ensure_ray(address)

@@ -451,7 +451,7 @@ def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, s
     """`pipe(prompt, regions=[...])` / `pipe(prompt, width=..., style_map=...)`: build the views,
     encode the region prompts, then run the pipeline's own diffusers loop with `RegionalUNet`."""
     from dmm_ray.models.style_unet import StyleUNet
-    from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+    from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
     unet = pipe.unet
     if not isinstance(unet, StyleUNet):

@@ -15,10 +15,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch loads with the first teacher, not with the config (dmm_ray.config imports TeacherSpec)
+    import torch
 
 FORMATS = ("diffusers", "single_file", "lora", "ckpt")
 
@@ -237,6 +239,8 @@ def scan_safetensors(path: str | os.PathLike, who: str, deep: bool = False) -> N
 
 
 def _check_finite(tensor, key: str, path: Path, who: str) -> None:
+    import torch
+
     if torch.is_tensor(tensor) and tensor.is_floating_point():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
@@ -246,6 +250,8 @@ def _check_finite(tensor, key: str, path: Path, who: str) -> None:
 
 def _scan_pickled(spec: TeacherSpec, who: str) -> None:
     """--deep on an allowed .ckpt: every tensor of its state dict (torch.load(weights_only=True), memory-mapped)."""
+    import torch
+
     path = Path(spec.source)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -342,6 +348,7 @@ def _norm(value):
 
 def _single_file_shape_mismatch(spec: TeacherSpec, base: str) -> str | None:
     """Compare a single file's tensor shapes with the base exported to the same layout (meta tensors)."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import safe_open
 

@@ -200,9 +200,11 @@ class MergeTracker:
             _mlflow().log_artifacts(str(local_dir), artifact_path)
 
     def log_evaluation(self, result, artifact_path: str = "evaluation", step: int | None = None) -> None:
-        """FIDt, FIDt_ref, FIDt_ratio, fid_diag/<style>, fid_ref_diag/<style>; matrices and plots as artifacts.
+        """FIDt, FIDt_ref, FIDt_ratio, fid_diag/<style>, fid_ref_diag/<style>; the files the evaluation
+        wrote (`result.files`: matrices and plots) as artifacts.
 
-        `result`: a `dmm_ray.evaluation.matrix.EvalResult`; its outputs are written if it has none yet.
+        `result`: a `dmm_ray.evaluation.matrix.EvalResult` (read by attribute: tracking imports nothing
+        from evaluation, it only records what the evaluation stage produced).
         """
         if not self.enabled:
             return
@@ -210,17 +212,8 @@ class MergeTracker:
         metrics.update({f"fid_diag/{s}": v for s, v in result.diagonal().items()})
         metrics.update({f"fid_ref_diag/{s}": v for s, v in result.ref_diagonal().items()})
         self.log_metrics(metrics, step=step)
-        mlflow = _mlflow()
-        files = getattr(result, "files", None) or {}
-        if files:
-            for p in files.values():
-                mlflow.log_artifact(str(p), artifact_path)
-        else:
-            from dmm_ray.evaluation.outputs import write_outputs
-
-            with tempfile.TemporaryDirectory() as tmp:
-                write_outputs(result, tmp)
-                mlflow.log_artifacts(tmp, artifact_path)
+        for p in (getattr(result, "files", None) or {}).values():
+            _mlflow().log_artifact(str(p), artifact_path)
 
     def log_merged_model(self, model_dir: str | Path, registered_name: str | None = "__config__", description: str = "") -> str:
         """Log the merged diffusers folder as a pyfunc model; register it. Returns a model URI

@@ -155,7 +155,7 @@ def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.export import ExportError, bake, export_pipeline, parse_weights, provenance, write_config_folder
     from dmm_ray.models.style_unet import StyleError
 

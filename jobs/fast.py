@@ -37,13 +37,14 @@ def main(argv=None) -> int:
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config
-    from dmm_ray.fast.job import FastError, check_model_folder, merge_record, run_fast
+    from dmm_ray.fast.job import FastError, check_model_folder, run_fast
+    from dmm_ray.merged_model import read_record
 
     try:
         check_model_folder(args.model)  # before anything slow
         overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
         cfg = load_config(config, overrides).with_absolute_paths()
-        record = merge_record(Path(args.model))
+        record = read_record(Path(args.model))
         tracking = dict(cfg.tracking)
         if args.no_track:
             tracking["enabled"] = False

@@ -110,7 +110,7 @@ class StyleModelBackend:
 
     def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
-        from dmm_ray.architectures import load_dmm_pipeline
+        from dmm_ray.pipeline import load_dmm_pipeline
 
         self.download_dir: Optional[tempfile.TemporaryDirectory] = None
         if is_mlflow_uri(location) or "://" in location:
@@ -201,7 +201,7 @@ class StyleModelBackend:
     def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
         """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order."""
         import torch
-        from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+        from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
         out: list[Optional[np.ndarray]] = [None] * len(samples)
         groups: dict[tuple, list[int]] = defaultdict(list)

@@ -124,7 +124,7 @@ def _merge_cfg(tmp_path, shards, source=True):
 
 
 def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_path, monkeypatch, capsys):
-    from dmm_ray import merge
+    from dmm_ray.data import latents
     from dmm_ray.data import encode
 
     shards = tmp_path / "latents"
@@ -139,22 +139,22 @@ def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_
         return encode.EncodeReport(9, 3, 2, 1, 3, 9)
 
     monkeypatch.setattr(encode, "run_encode", finish)
-    merge.ensure_latents(_merge_cfg(tmp_path, shards))
+    latents.ensure_latents(_merge_cfg(tmp_path, shards))
     assert calls == [str(shards)]
     assert "are incomplete (2 of 3 shards complete; an encode did not finish): resuming the encode" in capsys.readouterr().out
     # a whole set is used as it is
-    merge.ensure_latents(_merge_cfg(tmp_path, shards))
+    latents.ensure_latents(_merge_cfg(tmp_path, shards))
     assert calls == [str(shards)]
 
 
 def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
-    from dmm_ray import merge
+    from dmm_ray.data import latents
 
     shards = tmp_path / "latents"
     _encoded_set(str(shards), manifest=False)
     _drop_shard(str(shards), 1)
     with pytest.raises(FileNotFoundError, match=r"unfinished encode \(2 of 3 shards complete\) and data.source is not set"):
-        merge.ensure_latents(_merge_cfg(tmp_path, shards, source=False))
+        latents.ensure_latents(_merge_cfg(tmp_path, shards, source=False))
 
 
 # ---- the Ray job -----------------------------------------------------------------------------

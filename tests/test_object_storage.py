@@ -178,7 +178,7 @@ def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path
     """A tiny merge (2 distill steps, synthesis and evaluation off) with output_dir=file://...:
     checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder."""
     from dmm_ray import paths
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
     from merge_fixtures import build_world, tiny_merge_config
@@ -205,7 +205,7 @@ def test_synthesis_and_finetune_read_and_write_at_a_file_uri(ray_cluster, tmp_pa
     """Synthesized shards go to <output_dir>/synthesized and the fine-tune's workers read the distilled
     student and training state from <output_dir>/stages (never the driver's staging folder)."""
     from dmm_ray import paths
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
     from merge_fixtures import build_world, tiny_merge_config

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmm_ray import merge, output_lock
+from dmm_ray import merge, merged_model, output_lock
 from dmm_ray.config import MergeConfig
 from dmm_ray.output_lock import OutputDirBusyError
 from merge_fixtures import build_world, tiny_merge_config
@@ -145,10 +145,10 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(merge.os, "replace", crash_on_second)
+    monkeypatch.setattr(merged_model.os, "replace", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        merge._swap_in(tmp_path / "merged.tmp", dest)
-    monkeypatch.setattr(merge.os, "replace", real_replace)
+        merged_model.swap_in(tmp_path / "merged.tmp", dest)
+    monkeypatch.setattr(merged_model.os, "replace", real_replace)
     assert not dest.exists() and (tmp_path / "merged.old").is_dir()  # the state a crash leaves
 
     from dmm_ray.architectures import merged_folder
@@ -192,7 +192,7 @@ def test_merge_recovers_before_anything_else(world, tmp_path, monkeypatch):
 def test_save_merged_leaves_only_the_new_model(world, tmp_path):
     import diffusers
 
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.models.style_unet import StyleUNet
 
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out")).with_absolute_paths()

@@ -338,9 +338,9 @@ def test_serve_failed_load_leaves_no_download(logged_model_uri, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(model.tempfile, "TemporaryDirectory", recording)
-    import dmm_ray.architectures as architectures
+    import dmm_ray.pipeline as dmm_pipeline
 
-    monkeypatch.setattr(architectures, "load_dmm_pipeline", lambda *a, **k: (_ for _ in ()).throw(OSError("corrupt")))
+    monkeypatch.setattr(dmm_pipeline, "load_dmm_pipeline", lambda *a, **k: (_ for _ in ()).throw(OSError("corrupt")))
     with pytest.raises(model.ModelLoadError, match="could not load a DMMPipeline"):
         model.StyleModelBackend(logged_model_uri, device="cpu")
     assert made and not Path(made[0].name).exists()

@@ -104,7 +104,7 @@ def sdxl_world(tmp_path_factory):
 
 @pytest.mark.ray
 def test_sdxl_merge_end_to_end(ray_cluster, sdxl_world, tmp_path):
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.evaluation.sources import student_source
     from dmm_ray.merge import run_merge

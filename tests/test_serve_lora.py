@@ -63,7 +63,7 @@ def post(client, **body):
 def test_lora_in_a_request_applies_the_preloaded_adapter(client, lora_files):
     import torch
 
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     plain = png(post(client, style="neon"))
     r = post(client, style="neon", lora={"subject": 1.0})

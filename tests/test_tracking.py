@@ -6,6 +6,7 @@ import pytest
 
 from dmm_ray.evaluation.config import EvalConfig
 from dmm_ray.evaluation.matrix import EvalResult
+from dmm_ray.evaluation.outputs import write_outputs
 from dmm_ray.tracking import MergeTracker, TrackingConfig, flatten, metric_name, resolve_model_uri
 
 
@@ -37,7 +38,9 @@ def test_run_tree_metrics_artifacts_and_registered_model(tracker, tmp_path, tiny
         with tracker.stage("initial-merge", config=EvalConfig(prompts=["a red circle"])):
             for step in range(3):
                 tracker.log_metrics({"loss/total": 1.0 / (step + 1)}, step=step)
-            tracker.log_evaluation(_result())
+            result = _result()
+            result.files = write_outputs(result, tmp_path / "evaluation")  # the evaluation stage writes; tracking logs
+            tracker.log_evaluation(result)
             uri = tracker.log_merged_model(model_dir)
     # A later incremental merge resumes the same parent run.
     with tracker.project():

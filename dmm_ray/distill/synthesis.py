@@ -37,7 +37,7 @@ class TeacherSynthesizer:
 
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
                  height: int, width: int, batch_size: int, negative_prompt: str | None = None) -> np.ndarray:
-        from dmm_ray.pipeline import PAPER_NEGATIVE_PROMPT
+        from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
         negative = PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         out = []

@@ -7,8 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Paper A.5 (kept here, not imported from dmm_ray.pipeline, so `import` stays light).
-PAPER_NEGATIVE_PROMPT = "worst quality, low quality, normal quality, lowres, watermark, nsfw"
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_STEPS  # paper A.5 (a leaf: no torch)
 
 
 class SamplerConfig(BaseModel):
@@ -16,8 +15,8 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.0, ge=0)
+    num_inference_steps: int = Field(PAPER_STEPS, ge=1)
+    guidance_scale: float = Field(PAPER_GUIDANCE, ge=0)
     negative_prompt: str = PAPER_NEGATIVE_PROMPT
     height: int | None = Field(None, ge=8, description="None: the pipeline's default (unet sample_size * vae factor)")
     width: int | None = Field(None, ge=8)
@@ -104,7 +103,7 @@ class EvalConfig(BaseModel):
             )
 
 
-from dmm_ray.overrides import apply_overrides  # noqa: E402  (the merge job's --set parser: list indexing too)
+from dmm_ray.overrides import apply_overrides, deep_merge  # noqa: E402  (the merge job's --set parser: list indexing too)
 
 
 def load_eval_config(
@@ -112,8 +111,6 @@ def load_eval_config(
 ) -> EvalConfig:
     """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides."""
     import yaml
-
-    from dmm_ray.evaluation.sources import merge_defaults
 
     data: dict = {}
     if path is not None:
@@ -125,7 +122,7 @@ def load_eval_config(
             data = data.get(section, {}) or {}
     defaults = defaults or {}
     # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...)
-    data = expand_section_shorthands(apply_overrides(merge_defaults(defaults, expand_section_shorthands(data)), overrides))
+    data = expand_section_shorthands(apply_overrides(deep_merge(defaults, expand_section_shorthands(data)), overrides))
     # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
     # zoo feature-net folder vs another extractor kind).
     if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):

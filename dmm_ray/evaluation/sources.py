@@ -26,7 +26,7 @@ def _dtype_suffix(dtype: str) -> str:
 
 
 def _load_student_pipeline(path: str, dtype: str = "float32"):
-    from dmm_ray.architectures import load_dmm_pipeline
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
     return load_dmm_pipeline(path, **kwargs)  # DMMPipeline or DMMXLPipeline
@@ -142,13 +142,3 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
     if m.feature_net is not None:
         defaults["extractor"] = {"path": str(m.feature_net)}
     return EvalSetup(teachers=m.teachers, defaults=defaults)
-
-
-def merge_defaults(defaults: dict, data: dict) -> dict:
-    """Deep-merge into a fresh dict (inputs untouched): `data` (the user's settings) wins over `defaults`."""
-    import copy
-
-    out = copy.deepcopy(defaults)
-    for k, v in data.items():
-        out[k] = merge_defaults(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out

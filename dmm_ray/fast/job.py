@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmm_ray.config import MergeConfig
+from dmm_ray.console import say
+from dmm_ray.data.latents import ensure_latents
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, remove, save_siblings, swap_in
+from dmm_ray.ray_session import init_for_training
 
 FAST_RECORD = "fast.json"  # what the few-step model was distilled from, with which settings
 LORA_DIR = "lcm_lora"  # the LCM-LoRA alone (pytorch_lora_weights.safetensors), for the merged model it was trained on
@@ -31,7 +35,7 @@ class FastResult:
 
 
 def log(msg: str) -> None:
-    print(f"[dmm-fast {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    say("fast", msg)
 
 
 class FastError(ValueError):
@@ -61,17 +65,8 @@ def fast_dir(cfg: MergeConfig) -> Path:
     return Path(cfg.fast.output_dir) if cfg.fast.output_dir else Path(cfg.output_dir) / "fast"
 
 
-def merge_record(model_dir: Path) -> dict:
-    from dmm_ray.merge import MERGE_RECORD
-
-    path = model_dir / MERGE_RECORD
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
     """The merged model's own teachers (its dmm_merge.json), else the config's, in codebook order."""
-    from dmm_ray.merge import recorded_teachers
-
     return recorded_teachers(model_dir) or list(cfg.teachers)
 
 
@@ -118,9 +113,8 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     import torch
     from diffusers import LCMScheduler
 
-    from dmm_ray.architectures import dmm_pipeline_class, load_dmm_pipeline
+    from dmm_ray.pipeline import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
-    from dmm_ray.merge import STYLES_RECORD, _remove, _save_siblings, _swap_in
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD
 
@@ -128,9 +122,9 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
     student, _ = build_student(model_dir, f)
     load_trainable_state(student, state["student"], f)
-    tmp, _ = _save_siblings(dest)
+    tmp, _ = save_siblings(dest)
     if tmp.exists():
-        _remove(tmp)
+        remove(tmp)
     tmp.mkdir(parents=True)
     cls = dmm_pipeline_class(model_dir)
     if f.mode == "lora":
@@ -152,10 +146,8 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     pipe.scheduler = LCMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in keep}, timestep_scaling=f.timestep_scaling,
                                               original_inference_steps=f.num_ddim_timesteps)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    record = merge_record(model_dir)
+    record = read_record(model_dir)
     if record:
-        from dmm_ray.merge import MERGE_RECORD
-
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     if (model_dir / STYLES_RECORD).is_file():
         shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
@@ -166,7 +158,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
     if type(pipe_check.scheduler).__name__ != "LCMScheduler":
         raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not LCMScheduler")
-    _swap_in(tmp, dest)
+    swap_in(tmp, dest)
     return dest
 
 
@@ -215,7 +207,6 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
 
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
-    from dmm_ray.merge import ensure_latents, init_ray
 
     started = time.time()
     model_dir = Path(model_dir).resolve()
@@ -227,10 +218,9 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         + (f" rank {f.lora_rank}" if f.mode == "lora" else "") + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
         f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps, teacher CFG "
         + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]") + f" -> {out}/model")
-    we_started_ray = not ray.is_initialized()
-    init_ray(cfg)
+    we_started_ray = init_for_training(cfg.scaling.ray_address)
     ensure_latents(cfg)
-    record = merge_record(model_dir)
+    record = read_record(model_dir)
     tracking = None
     if tracker is not None:
         tracking = tracker.start_stage("fast", cfg)

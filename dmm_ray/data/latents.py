@@ -1,0 +1,51 @@
+"""The encode stage: make sure a merge (or the few-step stage) has a complete set of latent shards
+to train on, encoding (or resuming an unfinished encode) from `data.source` when it has not."""
+
+from __future__ import annotations
+
+from dmm_ray.console import say
+
+
+def ensure_latents(cfg) -> None:
+    """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
+    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
+    from dmm_ray.data.shards import shard_set_state
+
+    state = shard_set_state(cfg.data.shards)
+    if state.status == "complete":
+        say("merge", f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
+        check_enough_rows(cfg)
+        return
+    if cfg.data.source is None:
+        if state.status == "partial":
+            raise FileNotFoundError(
+                f"data.shards {cfg.data.shards} holds an unfinished encode ({state.detail()}) and data.source is not set to finish it; "
+                "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set")
+        raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
+    from dmm_ray.data.encode import run_encode
+
+    if state.status == "partial":
+        say("merge", f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
+                     f"resuming the encode from {cfg.data.source.root} instead of training on a subset")
+    else:
+        say("merge", f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
+    print(run_encode(cfg.data).summary(), flush=True)
+    after = shard_set_state(cfg.data.shards)
+    if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path
+        raise RuntimeError(f"encoding into {cfg.data.shards} left an incomplete set ({after.detail()})")
+    check_enough_rows(cfg)
+
+
+def check_enough_rows(cfg) -> None:
+    """Every worker needs at least one full batch per epoch; say so before Ray Train starts."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import read_marker, shard_indices
+
+    fs, root = fsu.resolve(cfg.data.shards)
+    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
+    need = cfg.data.stream.batch_size * cfg.num_workers
+    if rows < need:
+        raise ValueError(
+            f"data.shards has {rows} latents but {cfg.num_workers} workers x data.stream.batch_size "
+            f"{cfg.data.stream.batch_size} need at least {need}; add data or lower data.stream.batch_size"
+        )

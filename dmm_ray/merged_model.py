@@ -1,0 +1,77 @@
+"""A merged model's folder on disk: the records written beside the diffusers pipeline, and the
+two-rename save that never replaces the last good model with a broken one.
+
+    merged/               DMMPipeline (save_pretrained)
+      dmm_merge.json      MERGE_RECORD: name, styles, teachers (codebook order), MLflow run
+      styles.json         STYLES_RECORD: [{name, description}] for Serve's /styles
+    merged.tmp/           a save in progress (removed by the next merge if it was interrupted)
+    merged.old/           the previous model, parked between the two renames of `swap_in`
+
+Used by the merge (dmm_ray/merge.py) and the few-step stage (dmm_ray/fast/job.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
+STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
+
+
+def read_record(model_dir: str | Path) -> dict:
+    """The folder's dmm_merge.json ({} when it has none)."""
+    path = Path(model_dir) / MERGE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recorded_teachers(merged_dir: str | Path) -> list | None:
+    """The teacher specs a merged model's record lists, in codebook order; None without a record."""
+    from dmm_ray.teachers import TeacherSpec
+
+    if not (Path(merged_dir) / MERGE_RECORD).is_file():
+        return None
+    return [TeacherSpec.model_validate(t) for t in read_record(merged_dir).get("teachers") or []]
+
+
+def save_siblings(dest: Path) -> tuple[Path, Path]:
+    """(`merged.tmp`, `merged.old`): where a save writes the new model and parks the previous one."""
+    return dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """dest -> dest.old, tmp -> dest, drop dest.old. A crash between the two renames leaves no `dest`
+    but a complete `dest.old`, which `recover` (at the start of every merge) renames back."""
+    _, old = save_siblings(dest)
+    if dest.exists():
+        if old.exists():
+            remove(old)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        remove(old)
+
+
+def recover(dest: Path) -> list[str]:
+    """Undo a save of the merged model that was interrupted (see `swap_in`): `merged` missing but
+    `merged.old` there -> rename it back; then remove leftover `merged.tmp` / `merged.old`. Returns
+    what it did. Call only while holding output_dir's lock (no save can be under way)."""
+    tmp, old = save_siblings(dest)
+    done = []
+    if not dest.exists() and old.is_dir():
+        os.replace(old, dest)
+        done.append(f"restored {dest} from {old.name} (a save of the merged model was interrupted between its two renames)")
+    for stale in (tmp, old):
+        if stale.exists() or stale.is_symlink():
+            remove(stale)
+            done.append(f"removed {stale} left behind by an interrupted save")
+    return done
