@@ -23,6 +23,8 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from dmm_ray.styles import StyleError
+
 from serve.config import ServeConfig
 from serve.schemas import (
     ExportCommandRequest,
@@ -241,6 +243,10 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         retry_after = getattr(exc, "retry_after_s", None)
         headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @api.exception_handler(StyleError)
+    async def _style_error(_: Request, exc: StyleError):  # a style the model does not have, however it got here
+        return JSONResponse({"error": str(exc)}, status_code=422)
 
     @api.exception_handler(SampleFailed)
     async def _sample_failed(_: Request, exc: SampleFailed):

@@ -7,13 +7,13 @@ depend on the served model (known styles) or on ServeConfig limits live in
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dmm_ray.styles import StyleError, resolve
 from serve.config import ServeConfig
 
 # 2**31 - 1 so a seed fits every RNG (torch, numpy) and `seed + k` for k < max_images too.
@@ -185,51 +185,12 @@ def resolve_lora(lora: Optional[dict[str, float]], known: Sequence[str]) -> tupl
 
 
 def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
-    """(`style` | `weights`) -> a normalised weight per style; RequestError naming the known styles."""
-    known = ", ".join(f"{i}={n!r}" for i, n in enumerate(style_names))
-    n = len(style_names)
-    if style is not None and weights is not None:
-        raise RequestError(422, "give either `style` (one style) or `weights` (a mixture), not both")
-    if weights is None:
-        if style is None:
-            style = 0
-        if isinstance(style, bool):
-            raise RequestError(422, f"style must be a name or an index; known styles: {known}")
-        if isinstance(style, int):
-            if not 0 <= style < n:
-                raise RequestError(422, f"style index {style} out of range 0..{n - 1}; known styles: {known}")
-            idx = style
-        else:
-            if style not in style_names:
-                raise RequestError(422, f"unknown style {style!r}; known styles: {known}")
-            idx = style_names.index(style)
-        return [1.0 if i == idx else 0.0 for i in range(n)]
-
-    if isinstance(weights, dict):
-        unknown = [k for k in weights if k not in style_names]
-        if unknown:
-            raise RequestError(422, f"unknown style(s) in weights: {unknown}; known styles: {known}")
-        vec = [float(weights.get(name, 0.0)) for name in style_names]
-    else:
-        if len(weights) != n:
-            raise RequestError(
-                422, f"weights has {len(weights)} entries but the model has {n} styles (one weight per style: {known})"
-            )
-        vec = [float(w) for w in weights]
-    negative = {style_names[i]: w for i, w in enumerate(vec) if w < 0}
-    if negative:
-        raise RequestError(422, f"weights must be >= 0; negative: {negative}; known styles: {known}")
-    if not all(math.isfinite(w) for w in vec):
-        raise RequestError(422, "weights must be finite numbers")
-    total = sum(vec)
-    if not math.isfinite(total):  # e.g. [1e308, 1e308, 0]: each finite, the sum is not
-        raise RequestError(422, f"weights sum to {total}; use smaller numbers (they are normalised to sum 1)")
-    if total <= 0:
-        raise RequestError(422, f"weights are all zero; give a positive weight to at least one of: {known}")
-    out = [w / total for w in vec]
-    if not math.isclose(math.fsum(out), 1.0, abs_tol=1e-6):  # e.g. subnormal weights
-        raise RequestError(422, f"weights {vec} cannot be normalised to sum 1; use numbers between 1e-6 and 1e6")
-    return out
+    """(`style` | `weights`; neither: style 0) -> a normalised weight per style (`dmm_ray.styles.resolve`,
+    the resolver the pipeline uses); its StyleError becomes a 422 naming the known styles."""
+    try:
+        return resolve(style_names, style, weights, default=0)
+    except StyleError as error:
+        raise RequestError(422, str(error)) from None
 
 
 def resolve_request(

@@ -288,3 +288,22 @@ def test_readyz_reaches_the_model_not_the_styles_cache_and_leaks_nothing(caplog)
         for text in (r.text, h.text):
             assert "secret" not in text and "RuntimeError" not in text and "no replica" not in text
     assert "no replica" in caplog.text  # logged for the operator instead
+
+
+def test_a_style_error_from_deeper_code_is_a_422_and_the_server_keeps_serving(backend):
+    """One resolver (dmm_ray.styles) for pipeline and Serve: a StyleError raised below the request
+    checks (here by the backend) is the client's mistake, answered 422 with the known styles."""
+    from dmm_ray.styles import StyleError, style_weights
+
+    class Refusing(LocalService):
+        async def generate(self, samples):
+            style_weights(STYLE_NAMES, "oil")  # raises StyleError naming the known styles
+            raise AssertionError("unreachable")
+
+    config = ServeConfig(model=str(backend.path), default_steps=TINY_STEPS)
+    with TestClient(create_api(Refusing(backend), config), raise_server_exceptions=False) as c:
+        r = gen(c)
+        assert r.status_code == 422 and "unknown style 'oil'" in r.json()["error"] and STYLE_NAMES[0] in r.json()["error"]
+        assert c.get("/healthz").status_code == 200
+    with pytest.raises(StyleError, match="one entry per style"):
+        style_weights(STYLE_NAMES, [1.0])

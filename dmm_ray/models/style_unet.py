@@ -24,6 +24,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from dmm_ray.models.style_adapters import StyleAdapter, adapter_key, style_runs, target_modules, weights_from_embeds
+from dmm_ray.styles import StyleError, style_weights  # noqa: F401  (StyleError re-exported)
 
 # diffusers' pipeline loader looks up the loadable base classes (ModelMixin, ...) as attributes of
 # the module named in model_index.json, so `DMMPipeline.from_pretrained` needs ModelMixin here.
@@ -33,10 +34,6 @@ __all__ = ["StyleUNet", "StyleEmbedding", "StyleError", "resolve_style", "ModelM
 STYLE_CONFIG_KEYS = ("style_names", "style_film", "style_adapter_rank", "style_adapter_modules")
 
 StyleSpec = "int | str | Mapping[str, float] | Sequence[float] | torch.Tensor"
-
-
-class StyleError(ValueError):
-    """Unknown style name/index or invalid mixture weights (message names the known styles)."""
 
 
 class StyleEmbedding(nn.Module):
@@ -118,50 +115,11 @@ class _AdapterHook:
 
 
 def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
-    """One style selection -> normalised weight vector (N,) float32.
-
-    Accepts a name, an index, a dict name->weight, or a list/tensor of N weights.
-    Weights must be >= 0 and not all zero; they are normalised to sum to 1.
-    """
-    names = list(style_names)
-    known = ", ".join(f"{i}:{n}" for i, n in enumerate(names))
-    n = len(names)
-    if isinstance(style, bool):
-        raise StyleError(f"style must be a name, an index or weights, got {style!r}; known styles: {known}")
-    if isinstance(style, (int,)) or (isinstance(style, torch.Tensor) and style.ndim == 0 and not style.is_floating_point()):
-        index = int(style)
-        if not 0 <= index < n:
-            raise StyleError(f"style index {index} is out of range [0, {n}); known styles: {known}")
-        weights = torch.zeros(n)
-        weights[index] = 1.0
-        return weights
-    if isinstance(style, str):
-        if style in names:
-            return resolve_style(names, names.index(style))
-        if style.isdigit():
-            return resolve_style(names, int(style))
-        raise StyleError(f"unknown style {style!r}; known styles: {known}")
-    if isinstance(style, Mapping):
-        weights = torch.zeros(n)
-        for key, value in style.items():
-            index = resolve_style(names, key).argmax().item() if not isinstance(key, int) else key
-            if isinstance(key, int) and not 0 <= key < n:
-                raise StyleError(f"style index {key} is out of range [0, {n}); known styles: {known}")
-            weights[index] += float(value)
-        return _normalise(weights, known)
-    weights = torch.as_tensor(style, dtype=torch.float32).flatten()
-    if weights.numel() != n:
-        raise StyleError(f"style weights must have one entry per style ({n}), got {weights.numel()}; known styles: {known}")
-    return _normalise(weights, known)
-
-
-def _normalise(weights: torch.Tensor, known: str) -> torch.Tensor:
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise StyleError(f"style weights must be finite and >= 0, got {weights.tolist()}; known styles: {known}")
-    total = weights.sum()
-    if total <= 0:
-        raise StyleError(f"style weights are all zero; give at least one positive weight; known styles: {known}")
-    return weights / total
+    """One style selection -> normalised weight vector (N,) float32 (`dmm_ray.styles.style_weights`:
+    a name, an index, a dict name->weight, or a list/tensor of N weights)."""
+    if isinstance(style, torch.Tensor):
+        style = int(style) if style.ndim == 0 and not style.is_floating_point() else style.detach().flatten().tolist()
+    return torch.tensor(style_weights(style_names, style), dtype=torch.float32)
 
 
 def _parent_init_parameters():

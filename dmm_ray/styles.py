@@ -1,0 +1,90 @@
+"""One style resolver for the pipeline, regions, export, evaluation and Serve (no torch).
+
+A style selection is a name, an index (or its digit string), a mixture `{name or index: weight}`,
+or a list of one weight per style; it resolves to one normalised weight per style. Anything else
+is a `StyleError` that names what is wrong and lists the known styles; Serve answers it with 422.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+
+class StyleError(ValueError):
+    """Unknown style name/index or invalid mixture weights (message names the known styles)."""
+
+
+def known_styles(names: Sequence[str]) -> str:
+    return ", ".join(f"{i}:{n}" for i, n in enumerate(names))
+
+
+def style_weights(names: Sequence[str], selection: Any) -> list[float]:
+    """One selection -> N weights >= 0 that sum to 1 (see the module docstring)."""
+    names = list(names)
+    n, known = len(names), known_styles(names)
+    if hasattr(selection, "tolist") and not isinstance(selection, (str, Mapping)):  # a tensor or an array
+        selection = selection.tolist()
+    if isinstance(selection, bool) or selection is None:
+        raise StyleError(f"style must be a name, an index or weights, got {selection!r}; known styles: {known}")
+    if isinstance(selection, int):
+        if not 0 <= selection < n:
+            raise StyleError(f"style index {selection} is out of range [0, {n}); known styles: {known}")
+        return [1.0 if i == selection else 0.0 for i in range(n)]
+    if isinstance(selection, str):
+        if selection in names:
+            return style_weights(names, names.index(selection))
+        if selection.isdigit():
+            return style_weights(names, int(selection))
+        raise StyleError(f"unknown style {selection!r}; known styles: {known}")
+    if isinstance(selection, Mapping):
+        weights = [0.0] * n
+        for key, value in selection.items():
+            index = key if isinstance(key, int) and not isinstance(key, bool) else None
+            if index is None:
+                index = style_weights(names, key).index(1.0)  # a name (raises naming it when unknown)
+            elif not 0 <= index < n:
+                raise StyleError(f"style index {index} is out of range [0, {n}); known styles: {known}")
+            weights[index] += _number(value, known)
+        return _normalise(names, weights)
+    if not isinstance(selection, Sequence):
+        raise StyleError(f"style must be a name, an index or weights, got {type(selection).__name__}; known styles: {known}")
+    if len(selection) != n:
+        raise StyleError(f"style weights must have one entry per style ({n} styles), got {len(selection)} entries; known styles: {known}")
+    return _normalise(names, [_number(v, known) for v in selection])
+
+
+def resolve(names: Sequence[str], style: Any = None, weights: Any = None, default: Any = None) -> list[float]:
+    """`style` (one style, or any selection) or `weights` (a mixture), not both; neither: `default`."""
+    if style is not None and weights is not None:
+        raise StyleError("give either `style` (one style) or `weights` (a mixture), not both")
+    selection = style if weights is None else weights
+    if selection is None:
+        if default is None:
+            raise StyleError(f"give a style or a mixture; known styles: {known_styles(names)}")
+        selection = default
+    return style_weights(names, selection)
+
+
+def _number(value: Any, known: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise StyleError(f"style weights must be numbers, got {value!r}; known styles: {known}")
+    return float(value)
+
+
+def _normalise(names: list[str], weights: list[float]) -> list[float]:
+    known = known_styles(names)
+    if not all(math.isfinite(w) for w in weights):
+        raise StyleError(f"style weights must be finite numbers, got {weights}; known styles: {known}")
+    negative = {names[i]: w for i, w in enumerate(weights) if w < 0}
+    if negative:
+        raise StyleError(f"style weights must be >= 0, got negative {negative}; known styles: {known}")
+    total = sum(weights)
+    if not math.isfinite(total):  # e.g. [1e308, 1e308, 0]: each finite, the sum is not
+        raise StyleError(f"style weights sum to {total}; use smaller numbers (they are normalised to sum 1)")
+    if total <= 0:
+        raise StyleError(f"style weights are all zero; give at least one positive weight; known styles: {known}")
+    out = [w / total for w in weights]
+    if not math.isclose(math.fsum(out), 1.0, abs_tol=1e-6):  # e.g. subnormal weights
+        raise StyleError(f"style weights {weights} cannot be normalised to sum 1; use numbers between 1e-6 and 1e6")
+    return out
