@@ -184,7 +184,7 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
     dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from."""
-    from dmm_ray.pipeline import dmm_pipeline_class, load_dmm_pipeline
+    from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
     from dmm_ray.models.style_unet import StyleUNet
 
     # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
@@ -203,6 +203,9 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
     (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
+    # The sampler its teachers were sampled with (synthesis): DMMPipeline, Serve and the playground default to it.
+    syn = cfg.synthesis
+    (tmp / SAMPLER_RECORD).write_text(json.dumps(sampler_record(syn.num_inference_steps, syn.guidance_scale, syn.negative_prompt), indent=1))
     load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
     swap_in(tmp, dest)
     return dest

@@ -23,6 +23,7 @@ from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline
     LCM_STEPS,
     PAPER_GUIDANCE,
     PAPER_NEGATIVE_PROMPT,
+    PAPER_SCHEDULER,
     PAPER_STEPS,
     SAMPLER_RECORD,
 )
@@ -30,18 +31,29 @@ from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
 
 
 def sampler_defaults(folder=None, scheduler=None) -> dict:
-    """The sampler a model folder asks for: its `sampler.json` (a few-step model writes one), else
-    the paper's (25 steps, CFG 7; LCMScheduler without a record: 4 steps, CFG off)."""
+    """The sampler a model folder asks for: {"scheduler", "num_inference_steps", "guidance_scale",
+    "negative_prompt"} from its `sampler.json` (a merge writes its synthesis settings there, a few-step
+    model its LCM settings), else the paper's (DPM-Solver++ 25 steps, CFG 7, the paper's negative
+    prompt; LCMScheduler without a record: 4 steps, CFG off)."""
     import json
 
+    name = type(scheduler).__name__ if scheduler is not None else PAPER_SCHEDULER
+    out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
+    if name == "LCMScheduler":
+        out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
         record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())
-        return {"scheduler": record.get("scheduler", type(scheduler).__name__), "num_inference_steps": int(record["num_inference_steps"]),
-                "guidance_scale": float(record["guidance_scale"])}
-    name = type(scheduler).__name__ if scheduler is not None else "DPMSolverMultistepScheduler"
-    if name == "LCMScheduler":
-        return {"scheduler": name, "num_inference_steps": LCM_STEPS, "guidance_scale": LCM_GUIDANCE}
-    return {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE}
+        out.update(scheduler=record.get("scheduler", name), num_inference_steps=int(record["num_inference_steps"]),
+                   guidance_scale=float(record["guidance_scale"]))
+        if record.get("negative_prompt") is not None:
+            out["negative_prompt"] = str(record["negative_prompt"])
+    return out
+
+
+def sampler_record(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None, scheduler: str = PAPER_SCHEDULER) -> dict:
+    """What a merge writes to `sampler.json`: the settings its teachers were sampled with (synthesis)."""
+    return {"scheduler": scheduler, "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
+            "negative_prompt": PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt}
 
 
 def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_weights=None) -> torch.Tensor:
@@ -74,8 +86,9 @@ class _StyleCallMixin:
 
     @property
     def sampler_defaults(self) -> dict:
-        """{"scheduler", "num_inference_steps", "guidance_scale"} used when a call names none: a few-step
-        (LCM) model's own (4 steps, CFG off), else the paper's (25 steps, CFG 7)."""
+        """{"scheduler", "num_inference_steps", "guidance_scale", "negative_prompt"} used when a call names
+        none: the model's own `sampler.json` (a merge's synthesis settings; a few-step model's 4 steps,
+        CFG off), else the paper's (25 steps, CFG 7, its negative prompt)."""
         return sampler_defaults(getattr(self.config, "_name_or_path", None), self.scheduler)
 
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
@@ -90,7 +103,7 @@ class _StyleCallMixin:
         weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
         weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
         if kwargs.get("negative_prompt_embeds") is None:
-            negative = PAPER_NEGATIVE_PROMPT if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
+            negative = self.sampler_defaults["negative_prompt"] if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
             # diffusers wants the negative prompt in the same form (str or list) as the prompt.
             kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
         with torch.no_grad():

@@ -451,7 +451,6 @@ def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, s
     """`pipe(prompt, regions=[...])` / `pipe(prompt, width=..., style_map=...)`: build the views,
     encode the region prompts, then run the pipeline's own diffusers loop with `RegionalUNet`."""
     from dmm_ray.models.style_unet import StyleUNet
-    from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
     unet = pipe.unet
     if not isinstance(unet, StyleUNet):
@@ -495,7 +494,7 @@ def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, s
         batch_size = kwargs["prompt_embeds"].shape[0]
     num_images = batch_size * num_images_per_prompt
     if kwargs.get("negative_prompt_embeds") is None:
-        negative = PAPER_NEGATIVE_PROMPT if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
+        negative = pipe.sampler_defaults["negative_prompt"] if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
         kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
 
     device = pipe._execution_device

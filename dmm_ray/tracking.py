@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PROJECT_TAG = "dmm.project"
 STAGE_TAG = "dmm.stage"
 MODEL_ARTIFACT = "merged_model"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's experiment type
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
 
 
@@ -126,6 +127,9 @@ class MergeTracker:
             self.experiment_id = (
                 exp.experiment_id if exp is not None else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
             )
+            if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+                # Model training, not GenAI: `mlflow ui` opens the experiment on its runs table, not on an empty traces view.
+                mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
     # --- run tree -------------------------------------------------------------------------
     def find_project_run(self) -> str | None:

@@ -201,8 +201,10 @@ class StyleModelBackend:
     def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
         """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order."""
         import torch
+
         from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
+        default_negative = self.sampler.get("negative_prompt", PAPER_NEGATIVE_PROMPT)  # the model's own (sampler.json)
         out: list[Optional[np.ndarray]] = [None] * len(samples)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
@@ -227,7 +229,7 @@ class StyleModelBackend:
             result = self.pipe(
                 prompt=[s.prompt for s in batch],
                 **style,
-                negative_prompt=[PAPER_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt for s in batch],
+                negative_prompt=[default_negative if s.negative_prompt is None else s.negative_prompt for s in batch],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,

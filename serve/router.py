@@ -23,6 +23,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_SCHEDULER, PAPER_STEPS
 from dmm_ray.styles import StyleError
 
 from serve.config import ServeConfig
@@ -220,8 +221,8 @@ def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
         return cfg
     sampler = info.sampler or {}
     return cfg.model_copy(update={
-        "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", 25)),
-        "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", 7.0)),
+        "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
+        "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
     })
 
 
@@ -291,7 +292,8 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             styles=info.styles,
             default_steps=effective.default_steps,
             default_guidance=effective.default_guidance,
-            sampler=(info.sampler or {}).get("scheduler", "DPMSolverMultistepScheduler"),
+            sampler=(info.sampler or {}).get("scheduler", PAPER_SCHEDULER),
+            default_negative_prompt=(info.sampler or {}).get("negative_prompt", PAPER_NEGATIVE_PROMPT),
             default_width=info.native_size[0],
             default_height=info.native_size[1],
             limits=cfg.limits.model_dump() | {"api_key_required": cfg.api_key is not None},

@@ -47,6 +47,7 @@ class StylesResponse(BaseModel):
     default_guidance: float
     sampler: str = Field("DPMSolverMultistepScheduler", description="the model's scheduler: LCMScheduler for a few-step "
                          "model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one")
+    default_negative_prompt: str = Field("", description="the negative prompt used when a request gives none (the model's own)")
     default_width: int
     default_height: int
     limits: dict
@@ -74,7 +75,8 @@ class GenerateRequest(BaseModel):
     weights: Optional[Union[dict[str, float], list[float]]] = Field(
         None, description="mixture over styles: {name: weight} or one weight per style; >= 0, normalised to sum 1"
     )
-    negative_prompt: Optional[str] = Field(None, description="default: the paper's negative prompt")
+    negative_prompt: Optional[str] = Field(None, description="default: the model's own (its sampler.json: a merge's synthesis "
+                                           "setting), else the paper's negative prompt")
     steps: Optional[int] = Field(None, ge=1, description="num_inference_steps (default from server config)")
     guidance: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     width: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")

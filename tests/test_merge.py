@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from dmm_ray.config import ConfigError, MergeConfig, load_config
+from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 from merge_fixtures import build_world, tiny_merge_config
 
 pytestmark = pytest.mark.ray
@@ -46,6 +47,9 @@ def test_merge_end_to_end(ray_cluster, world, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out" / "synthesized").iterdir()) == ["style_0", "style_1"]
     pipe = DMMPipeline.from_pretrained(result.merged_path, local_files_only=True)
     assert pipe.styles == ["style0", "style1"]
+    # the merged model carries the sampler its teachers were sampled with (synthesis: 2 steps, default CFG 7)
+    assert pipe.sampler_defaults == {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 2, "guidance_scale": 7.0,
+                                     "negative_prompt": PAPER_NEGATIVE_PROMPT}
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", style="style1", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)

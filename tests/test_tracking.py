@@ -56,6 +56,8 @@ def test_run_tree_metrics_artifacts_and_registered_model(tracker, tmp_path, tiny
         assert by_name[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["teachers"] == '["ink", "neon glow"]'
 
+    # an experiment of model training: the MLflow UI opens on the runs table, not the GenAI traces view
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     stage = by_name["initial-merge"]
     m = stage.data.metrics
     assert m["FIDt"] == pytest.approx(4.0) and m["FIDt_ref"] == pytest.approx(3.0)

@@ -116,7 +116,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     from dmm_ray.pipeline import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
     from dmm_ray.models.style_unet import StyleUNet
-    from dmm_ray.pipeline import SAMPLER_RECORD
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_defaults, sampler_record
 
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
@@ -151,8 +151,8 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     if (model_dir / STYLES_RECORD).is_file():
         shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
-    (tmp / SAMPLER_RECORD).write_text(json.dumps({"scheduler": "LCMScheduler", "num_inference_steps": f.num_inference_steps,
-                                                  "guidance_scale": f.guidance_scale}, indent=1))
+    negative = sampler_defaults(model_dir)["negative_prompt"]  # the merged model's (matters only with CFG on)
+    (tmp / SAMPLER_RECORD).write_text(json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler="LCMScheduler"), indent=1))
     (tmp / FAST_RECORD).write_text(json.dumps({"method": "LCM (latent consistency distillation)", "distilled_from": str(model_dir),
                                                "steps": state["step"], "fast": f.model_dump(mode="json")}, indent=1))
     pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
