@@ -17,7 +17,6 @@ from data_fixtures import caption, make_folder, make_journeydb, save_tiny_base
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +239,7 @@ def test_encode_records_its_manifest_only_once_every_shard_is_committed(ray_clus
 
 @pytest.mark.ray
 def test_encode_job_cli_on_a_folder_source_via_file_uri(ray_cluster, tmp_path, tiny_base):
-    import encode_latents  # jobs/encode_latents.py
+    from jobs import encode_latents
 
     make_folder(tmp_path / "imgs", n=5, manifest="csv")
     (tmp_path / "data.yaml").write_text(f"data:\n  base: {tiny_base}\n  encode: {{shard_size: 10, batch_size: 4}}\n")
@@ -255,7 +254,7 @@ def test_encode_job_cli_on_a_folder_source_via_file_uri(ray_cluster, tmp_path, t
 
 
 def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
-    import encode_latents
+    from jobs import encode_latents
 
     with pytest.raises(SystemExit) as e:
         encode_latents.main(["--help"])
@@ -315,7 +314,7 @@ def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base)
 
 
 def test_journeydb_preset_and_overrides_validate():
-    import encode_latents
+    from jobs import encode_latents
 
     preset = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "data_journeydb.yaml"
     cfg = encode_latents.build_config(encode_latents.parse_args(["--config", str(preset), "--set", "base=/m/sd15", "--batch-size", "8"]))

@@ -19,7 +19,6 @@ from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source
 from dmm_ray.evaluation.testing import SeededConvExtractor
 from dmm_ray.tiny import tiny_sd_components
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 STYLES = ["ink", "neon"]
 EXTRACTOR = "dmm_ray.evaluation.testing:SeededConvExtractor"
@@ -87,7 +86,7 @@ def test_evaluate_merge_with_dmm_student_and_teacher_specs(world, capsys):
 
 
 def test_evaluate_job_cli(world, capsys):
-    import evaluate as job
+    from jobs import evaluate as job
 
     rc = job.main(
         ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--no-ray", "--out", str(world / "job_out"),
@@ -115,7 +114,7 @@ def test_evaluate_job_cli(world, capsys):
 
 
 def test_evaluate_job_rejects_unknown_config_key(world):
-    import evaluate as job
+    from jobs import evaluate as job
 
     with pytest.raises(ValueError, match="bogus_key"):
         job.main(["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--set", "bogus_key=1"])

@@ -15,7 +15,6 @@ import torch
 from export_helpers import MIXTURE, OTHER_MIXTURE, STYLES, gen, save_merged, tiny_merged
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def merged():
 
 
 def relative_error(style_unet, plain_unet, **style) -> float:
-    from export import unet_relative_error
+    from jobs.export import unet_relative_error
 
     return unet_relative_error(style_unet, plain_unet, batch=3, **style)
 
@@ -161,7 +160,7 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     import mlflow
     from mlflow import MlflowClient
 
-    import export as job
+    from jobs import export as job
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -195,7 +194,7 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
     """--model models:/name/version: the folder comes from the registry, the export goes to its run."""
     from mlflow import MlflowClient
 
-    import export as job
+    from jobs import export as job
 
     from dmm_ray.export import read_metadata
     from dmm_ray.tracking import MergeTracker, TrackingConfig
@@ -217,7 +216,7 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
 
 
 def test_export_help_documents_every_flag():
-    import export as job
+    from jobs import export as job
 
     parser = job.build_parser()
     text = parser.format_help()
@@ -233,7 +232,7 @@ def test_export_help_documents_every_flag():
 def test_export_command_round_trips_through_the_parser():
     import shlex
 
-    import export as job
+    from jobs import export as job
 
     from dmm_ray.export import export_command, parse_weights
 

@@ -161,7 +161,6 @@ def test_job_submit_merges_into_dmm_home_and_serve_finds_the_model(head):
 
 def _serve_finds(head, merged: Path) -> None:
     """`serve run serve.app` from the clone, no DMM_MODEL: Serve's default is the job's merged model."""
-    sys.path.insert(0, str(REPO))
     from serve.config import ServeConfig
 
     os.environ["DMM_HOME"], saved = str(head.home), os.environ["DMM_HOME"]

@@ -184,8 +184,7 @@ def dry_run(world, tmp_path, capsys):
     """Copy of the world's teachers under tmp_path; run(teachers, *flags) -> (exit code, stderr)."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import merge as merge_job
+    from jobs import merge as merge_job
 
     def run(teachers, *flags):
         config = tmp_path / "merge.yaml"
@@ -278,7 +277,7 @@ def test_file_check_takes_every_teacher_format(world, tmp_path):
 
 
 def test_deep_without_dry_run_is_refused(dry_run):
-    import merge as merge_job
+    from jobs import merge as merge_job
 
     with pytest.raises(SystemExit):
         merge_job.main(["--deep"])

@@ -146,8 +146,7 @@ def test_lora_config_is_validated_and_paths_come_from_config_only(tmp_path):
 
 
 def test_export_command_for_a_style_and_a_mixture(client):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import export as job
+    from jobs import export as job
 
     from dmm_ray.export import parse_weights
 
