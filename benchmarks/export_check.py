@@ -49,16 +49,16 @@ def main(argv=None) -> int:
     import yaml
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.evaluation.config import SamplerConfig
     from dmm_ray.evaluation.extractors import ZooFeatureExtractor
     from dmm_ray.evaluation.fid import fid_from_features
     from dmm_ray.evaluation.generation import generate_images
     from dmm_ray.export import bake, export_pipeline, provenance, write_config_folder
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     torch.set_num_threads(args.threads)
     zoo = yaml.safe_load((args.zoo / "zoo.yaml").read_text())
-    prompts = [l.strip() for l in (args.zoo / zoo["eval_prompts"]).read_text().splitlines() if l.strip()][: args.prompts]
+    prompts = [line.strip() for line in (args.zoo / zoo["eval_prompts"]).read_text().splitlines() if line.strip()][: args.prompts]
     extractor = ZooFeatureExtractor(args.zoo / zoo["feature_net"], device="cpu")
     sampler = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt="")
     k = args.images_per_prompt

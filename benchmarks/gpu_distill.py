@@ -111,7 +111,7 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
     built = time.time() - started
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def one():
+    def one(step=step, opt_s=opt_s, opt_d=opt_d, batch=batch):  # bound now: the names are deleted below
         b, ids = batch()
         step.run([b], [ids], opt_s, opt_d, generator=gen)
 
@@ -131,9 +131,7 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
               "peak_gib": peak / 2**30, "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
               "build_s": built}
     if not args.tiny:
-        from dmm_ray.memory_plan import Layout, plan_layout
-
-        from dmm_ray.memory_plan import lora_params
+        from dmm_ray.memory_plan import Layout, lora_params, plan_layout
 
         n_lora = k if kind == "lora" else 0
         plan = plan_layout(Layout(arch="sd15", teachers_on_worker=k, batch_per_style=rows, resolution=args.latent * 8, num_styles=k,
@@ -142,7 +140,7 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
                                   lora_adapter_bytes=(4 * lora_params("sd15", args.lora_rank),) * n_lora))
         overhead = sum(b for n, b, _ in plan.lines if "CUDA context" in n)
         result["planned_gib"] = (plan.total - overhead) / 2**30  # allocated memory: without context/slack
-    del step, opt_s, opt_d, batch
+    del step, opt_s, opt_d, batch, one
     gc.collect()
     return result
 

@@ -146,7 +146,6 @@ class TeacherRegions:
 
     @torch.no_grad()
     def __call__(self, prompts, seeds, weights):
-        B = len(prompts)
         embeds = [self._embeds(t, prompts) for t in self.teachers]
         f = self.teachers[0].vae_scale_factor
         latents = torch.cat([torch.randn((1, 4, H // f, W // f), generator=torch.Generator().manual_seed(s)) for s in seeds])

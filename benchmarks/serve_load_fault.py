@@ -243,8 +243,9 @@ def main(argv=None) -> int:
     from ray import serve
 
     sys.path.insert(0, str(REPO / "tests"))
-    from serve.app import build_app
     from serve_helpers import free_port, tiny_model_dir
+
+    from serve.app import build_app
 
     model = args.model or str(tiny_model_dir())
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`

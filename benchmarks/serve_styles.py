@@ -244,11 +244,11 @@ def lora_cost(args, merged: Path) -> dict:
 
     import httpx
     from ray import serve
+    from serve_helpers import free_port
 
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.tiny_plugins import make_lora
     from serve.app import build_app
-    from serve_helpers import free_port
 
     lora = make_lora(StyleUNet.from_pretrained(Path(merged) / "unet"), Path(tempfile.mkdtemp(prefix="dmm-bench-lora-")), seed=1)
     port = free_port()

@@ -37,10 +37,10 @@ def _ray_worker(config: dict) -> None:
 
 
 def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> dict:
-    import ray
-    import torch
     import tempfile
 
+    import ray
+    import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -76,7 +76,9 @@ def dry_run(num_styles: int = 8, batch: int = 20) -> dict:
         student = StyleUNet(**{k: v for k, v in unet.config.items() if not k.startswith("_")}, style_names=[f"s{i}" for i in range(num_styles)])
         disc = MultiClassDiscriminator(unet, num_styles)
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768))  # SD1.5: CLIP ViT-L/14 text tower
-    count = lambda m, trainable=None: sum(p.numel() for p in m.parameters() if trainable is None or p.requires_grad == trainable)
+    def count(m, trainable=None):
+        return sum(p.numel() for p in m.parameters() if trainable is None or p.requires_grad == trainable)
+
     p_student, p_teacher, p_text = count(student), count(unet), count(text)
     p_head, p_backbone = count(disc, True), count(disc, False)
     gb = 1024**3

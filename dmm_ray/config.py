@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
-from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS
 from dmm_ray.data.config import DataConfig
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
@@ -283,7 +283,6 @@ def _check_section(name: str, section: dict) -> None:
 
 
 from dmm_ray.overrides import ConfigError, apply_override, parse_override  # noqa: E402  (one --set parser, re-exported)
-
 
 # Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
 _PATH_KEYS = {

@@ -37,6 +37,7 @@ import torch
 
 from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
+
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
 
 

@@ -208,7 +208,6 @@ def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: b
     """Bytes the forward keeps for backward per batch row, measured on the meta device.
     part=unet: the student; part=disc: the generator term through the frozen discriminator backbone."""
     import copy
-
     import logging
 
     logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)  # "modules ... kept in float32": none here

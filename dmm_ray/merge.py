@@ -49,9 +49,8 @@ def log(msg: str) -> None:
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names."""
-    from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
-
     from dmm_ray.memory_plan import check_fits
+    from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_teacher_files(cfg.teachers, deep=deep)
@@ -184,8 +183,8 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
     dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from."""
-    from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
     from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
 
     # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
     pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))

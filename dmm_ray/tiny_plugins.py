@@ -16,6 +16,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def _plain_unet_like(unet):
     from diffusers import UNet2DConditionModel
+
     from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS
 
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k not in STYLE_CONFIG_KEYS}

@@ -23,7 +23,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 import yaml
 from pydantic import ValidationError
 

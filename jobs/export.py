@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -154,9 +153,9 @@ def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.export import ExportError, bake, export_pipeline, parse_weights, provenance, write_config_folder
     from dmm_ray.models.style_unet import StyleError
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     out = Path(args.out).expanduser()
     fmt = args.format or ("single_file" if out.suffix == ".safetensors" else "diffusers")

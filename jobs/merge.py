@@ -18,7 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 

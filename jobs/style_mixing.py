@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="merged model folder or models:/name/version")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
 
 
 def _csv(s: str | None):

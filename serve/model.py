@@ -110,6 +110,7 @@ class StyleModelBackend:
 
     def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
+
         from dmm_ray.pipeline import load_dmm_pipeline
 
         self.download_dir: Optional[tempfile.TemporaryDirectory] = None

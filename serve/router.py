@@ -25,7 +25,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_SCHEDULER, PAPER_STEPS
 from dmm_ray.styles import StyleError
-
 from serve.config import ServeConfig
 from serve.schemas import (
     ExportCommandRequest,

@@ -18,8 +18,8 @@ import tempfile  # noqa: E402
 os.environ["DMM_HOME"] = tempfile.mkdtemp(prefix="dmm-home-tests-")
 atexit.register(shutil.rmtree, os.environ["DMM_HOME"], True)
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after DMM_HOME is set)
+import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads cost more in sync than they win (and CI has 2 cores)
 

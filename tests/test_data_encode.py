@@ -3,7 +3,6 @@ not fatal, re-runs skip committed shards, and a half-written shard is never take
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from data_fixtures import caption, make_folder, make_journeydb, save_tiny_base
+
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
-
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +110,9 @@ def test_shard_set_state_tells_a_finished_encode_from_an_interrupted_one(tmp_pat
 
 
 def _merge_cfg(tmp_path, shards, source=True):
-    from dmm_ray.config import MergeConfig
     from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
 
     world = build_world(tmp_path / "world", rows=8)
     data = {"shards": str(shards), "stream": {"batch_size": 2}}
@@ -123,8 +122,7 @@ def _merge_cfg(tmp_path, shards, source=True):
 
 
 def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_path, monkeypatch, capsys):
-    from dmm_ray.data import latents
-    from dmm_ray.data import encode
+    from dmm_ray.data import encode, latents
 
     shards = tmp_path / "latents"
     fs = _encoded_set(str(shards), manifest=False)

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from data_fixtures import caption, make_folder, make_journeydb
 from PIL import Image
 from pydantic import ValidationError
 
-from data_fixtures import caption, make_folder, make_journeydb
 from dmm_ray.data.config import DataConfig, SourceConfig
 from dmm_ray.data.images import preprocess_image
 from dmm_ray.data.readers import read_image_index, read_prompts

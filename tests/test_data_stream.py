@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
-
 from data_fixtures import caption, save_tiny_base
+
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.stream import draw_sample_randomness, load_noise_scheduler, load_tokenizer, noised_batch, tokenize

@@ -2,7 +2,6 @@
 jobs/evaluate.py, and the Table-3 / Fig.-10 mixing studies (in-process, tiny, 2 steps)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
 from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source, student_source, teacher_sources
 from dmm_ray.evaluation.testing import SeededConvExtractor
 from dmm_ray.tiny import tiny_sd_components
-
 
 STYLES = ["ink", "neon"]
 EXTRACTOR = "dmm_ray.evaluation.testing:SeededConvExtractor"

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import MIXTURE, OTHER_MIXTURE, STYLES, gen, save_merged, tiny_merged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,10 +192,9 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
     """--model models:/name/version: the folder comes from the registry, the export goes to its run."""
     from mlflow import MlflowClient
 
-    from jobs import export as job
-
     from dmm_ray.export import read_metadata
     from dmm_ray.tracking import MergeTracker, TrackingConfig
+    from jobs import export as job
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = MergeTracker(TrackingConfig(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), project="tiny"))
@@ -232,9 +229,8 @@ def test_export_help_documents_every_flag():
 def test_export_command_round_trips_through_the_parser():
     import shlex
 
-    from jobs import export as job
-
     from dmm_ray.export import export_command, parse_weights
+    from jobs import export as job
 
     cmd = export_command("/m/merged dir", style_weights={"ink": 0.25, "neon": 0.75, "pixel": 0})
     argv = shlex.split(cmd)

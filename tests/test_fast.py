@@ -202,10 +202,11 @@ def merged_world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fast_model(merged_world, tmp_path_factory):
     """A few-step model saved by `save_fast_model` from a LoRA checkpoint with non-zero weights (no Ray)."""
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.fast.job import save_fast_model
     from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
-    from merge_fixtures import tiny_merge_config
 
     world, merged = merged_world
     out = tmp_path_factory.mktemp("fast_model")
@@ -288,10 +289,11 @@ def test_serve_follows_the_few_step_model(fast_model):
 
 @pytest.mark.ray
 def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.fast.job import run_fast
     from dmm_ray.tracking import make_tracker
-    from merge_fixtures import tiny_merge_config
 
     world, merged = merged_world
     before = _digest(merged)
@@ -313,9 +315,10 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow  # a merge then the fast stage: over 60 s on 2 cores (make test-slow)
 def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, merged_world, tmp_path):
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
-    from merge_fixtures import tiny_merge_config
 
     world, _ = merged_world
     cfg = MergeConfig.model_validate(tiny_merge_config(
@@ -349,11 +352,12 @@ class _RecordingPipe:
 
 
 def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_world, tmp_path):
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.fast.job import LORA_DIR, save_fast_model
     from dmm_ray.fast.lcm import update_ema
     from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
-    from merge_fixtures import tiny_merge_config
 
     world, merged = merged_world
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"mode": "full"}))
@@ -392,11 +396,12 @@ def _synthesized_sets(folder: Path, styles: int, rows: int) -> Path:
 @pytest.mark.ray
 def test_synthesized_rows_are_pooled_shuffled_and_keep_their_teachers_style(ray_cluster, tmp_path, merged_world):
 
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.fast.job import synthesized_shards
     from dmm_ray.fast.loop import synthesized_rows
-    from merge_fixtures import tiny_merge_config
 
     world, merged = merged_world
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast={"synthetic_fraction": 0.25}))

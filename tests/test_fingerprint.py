@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray import fingerprint
 from dmm_ray.config import MergeConfig
 from dmm_ray.fingerprint import StaleStateError
-from merge_fixtures import build_world, tiny_merge_config
 
 REPO = Path(__file__).resolve().parents[1]
 

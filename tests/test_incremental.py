@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.config import MergeConfig
@@ -11,7 +12,6 @@ from dmm_ray.distill.step import DistillStep, LossSettings
 from dmm_ray.merge import validate_before_ray
 from dmm_ray.teachers import TeacherError
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
-from merge_fixtures import build_world, tiny_merge_config
 
 
 @pytest.fixture(scope="module")

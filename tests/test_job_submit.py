@@ -23,7 +23,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from serve_helpers import free_port, port_free, wait_http
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray.config import ConfigError, MergeConfig, load_config
 from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
-from merge_fixtures import build_world, tiny_merge_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

@@ -80,12 +80,13 @@ def test_location_join_never_turns_a_uri_into_a_path():
 def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch):
     """Everything that takes output_dir before Ray starts, with an s3:// URI (no network touched):
     the URI stays a URI, local work goes to $DMM_HOME/staging, and no `s3:` folder appears."""
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray import merge, paths
     from dmm_ray.config import MergeConfig, load_config
     from dmm_ray.distill.trainer import storage_path
-    from dmm_ray.fingerprint import state_paths
     from dmm_ray.evaluation.config import eval_config_from_merge
-    from merge_fixtures import build_world, tiny_merge_config
+    from dmm_ray.fingerprint import state_paths
 
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     world = build_world(tmp_path / "world", rows=8)
@@ -136,10 +137,11 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
 
 
 def test_fingerprints_and_restart_work_on_a_uri_output_dir(tmp_path):
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray import fingerprint
     from dmm_ray.config import MergeConfig
     from dmm_ray.fingerprint import StaleStateError
-    from merge_fixtures import build_world, tiny_merge_config
 
     world = build_world(tmp_path / "world", rows=8)
     out = (tmp_path / "remote" / "out").as_uri()
@@ -177,11 +179,12 @@ def test_serve_downloads_a_merged_model_from_a_uri(tmp_path):
 def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path):
     """A tiny merge (2 distill steps, synthesis and evaluation off) with output_dir=file://...:
     checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder."""
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray import paths
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
-    from merge_fixtures import build_world, tiny_merge_config
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     world = build_world(tmp_path / "world")
     remote = tmp_path / "bucket" / "merges" / "toy"
@@ -204,11 +207,12 @@ def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path
 def test_synthesis_and_finetune_read_and_write_at_a_file_uri(ray_cluster, tmp_path):
     """Synthesized shards go to <output_dir>/synthesized and the fine-tune's workers read the distilled
     student and training state from <output_dir>/stages (never the driver's staging folder)."""
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray import paths
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
-    from merge_fixtures import build_world, tiny_merge_config
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     world = build_world(tmp_path / "world")
     remote = tmp_path / "bucket" / "merges" / "toy"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray import merge, merged_model, output_lock
 from dmm_ray.config import MergeConfig
 from dmm_ray.output_lock import OutputDirBusyError
-from merge_fixtures import build_world, tiny_merge_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,8 +192,8 @@ def test_merge_recovers_before_anything_else(world, tmp_path, monkeypatch):
 def test_save_merged_leaves_only_the_new_model(world, tmp_path):
     import diffusers
 
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import load_dmm_pipeline
 
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out")).with_absolute_paths()
     student = tmp_path / "student"

@@ -11,7 +11,7 @@ from dmm_ray import TeacherSpec, load_teacher
 from dmm_ray.distill.conditioning import conditioner_for
 from dmm_ray.distill.layout import worker_layout
 from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
-from dmm_ray.distill.teacher_bank import TeacherBank, load_teacher_bank
+from dmm_ray.distill.teacher_bank import load_teacher_bank
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
 from dmm_ray.zoo.formats import LORA_TARGETS
@@ -197,8 +197,9 @@ def test_optimizer_choices():
 def test_adamw8bit_without_bitsandbytes_is_refused_at_load(tmp_path, monkeypatch):
     import importlib.util
 
-    from dmm_ray.config import MergeConfig
     from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -208,9 +209,10 @@ def test_adamw8bit_without_bitsandbytes_is_refused_at_load(tmp_path, monkeypatch
 
 
 def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.memory_plan import GiB, Layout, MemoryPlanError, check_fits, plan_layout, suggestions
-    from merge_fixtures import build_world, tiny_merge_config
 
     world = build_world(tmp_path / "w", num_teachers=4)
     raw = tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "use_gpu": True, "gpu_memory_gb": 1})
@@ -265,9 +267,10 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
 
 
 def test_dry_run_layout_says_who_hosts_what(tmp_path):
+    from merge_fixtures import tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import describe_layout
-    from merge_fixtures import tiny_merge_config
 
     teachers = [{"name": f"t{i}", "source": str(tmp_path / f"t{i}.safetensors"), "base": str(tmp_path), "format": "lora"} for i in range(5)]
     world = {"base": str(tmp_path), "teachers": teachers, "shards": str(tmp_path / "s")}
@@ -282,9 +285,10 @@ def test_dry_run_layout_says_who_hosts_what(tmp_path):
 def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluster, packed_world, tiny_base_dir, tmp_path):
     """One Ray Train worker hosts 2 LoRA teachers (adapters on one base) and 2 offloaded full teachers in
     bf16, with gradient checkpointing and fused AdamW: a 2-step merge runs and saves every style."""
+    from merge_fixtures import build_world, tiny_merge_config
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.merge import run_merge
-    from merge_fixtures import build_world, tiny_merge_config
 
     world = build_world(tmp_path / "w", num_teachers=1)
     teachers = [s.model_dump(exclude_none=True) for s in packed_world["loras"][:2] + packed_world["fulls"]]

@@ -113,8 +113,7 @@ def test_sdxl_merged_pipeline_from_base(tmp_path):
     """DMMXLPipeline.from_base wraps a StyleUNet in an SDXL base folder; the loader picks the XL class."""
     from diffusers import StableDiffusionXLPipeline
 
-    from dmm_ray.pipeline import load_dmm_pipeline
-    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.pipeline import DMMXLPipeline, load_dmm_pipeline
     from dmm_ray.tiny import tiny_sdxl_components
 
     c = tiny_sdxl_components(seed=0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import MIXTURE, OTHER_MIXTURE, SIZE, STYLES, gen, tiny_merged
 
 ARCHS = ["sd15", "sdxl"]
@@ -73,7 +72,6 @@ def load_pipe(arch: str, mode: str, selection: dict, files):
 
 def attach(plugin: str, pipe, files, arch: str):
     """The plugin attached with diffusers' own API; returns (pipeline, extra call kwargs)."""
-    from diffusers import LCMScheduler
 
     from dmm_ray.plugins import with_controlnet
     from dmm_ray.tiny_plugins import control_image, reference_image

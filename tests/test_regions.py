@@ -4,7 +4,6 @@ The tiny SD components have a 2x VAE and an 8x8-latent UNet: native images are 1
 images have 16x16 latents. The codebook is spread (x20) so styles visibly differ untrained.
 """
 
-import math
 
 import numpy as np
 import pytest

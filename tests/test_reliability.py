@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from merge_fixtures import build_world, tiny_merge_config
 
 
@@ -182,7 +181,6 @@ def test_mlflow_logger_backs_off_while_down():
 @pytest.fixture
 def dry_run(world, tmp_path, capsys):
     """Copy of the world's teachers under tmp_path; run(teachers, *flags) -> (exit code, stderr)."""
-    import sys
 
     from jobs import merge as merge_job
 
@@ -289,7 +287,6 @@ def test_deep_without_dry_run_is_refused(dry_run):
 def logged_model_uri(tmp_path, monkeypatch):
     """The tiny merged model logged as a run artifact of a fresh SQLite store: `runs:/<id>/merged_model`."""
     import mlflow
-
     from serve_helpers import tiny_model_dir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray.distill.conditioning import SDXLConditioner, conditioner_for
 from dmm_ray.distill.step import DistillStep, LossSettings
 from dmm_ray.models.discriminator import MultiClassDiscriminator
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.tiny import tiny_sdxl_components, training_noise_scheduler
-from merge_fixtures import build_world, tiny_merge_config
 
 CAPTIONS = ["a red circle", "a blue square", "", "two yellow stars"]
 
@@ -104,11 +104,10 @@ def sdxl_world(tmp_path_factory):
 
 @pytest.mark.ray
 def test_sdxl_merge_end_to_end(ray_cluster, sdxl_world, tmp_path):
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.config import MergeConfig
     from dmm_ray.evaluation.sources import student_source
     from dmm_ray.merge import run_merge
-    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.pipeline import DMMXLPipeline, load_dmm_pipeline
 
     cfg = MergeConfig.model_validate(tiny_merge_config(sdxl_world, tmp_path / "out"))
     result = run_merge(cfg)

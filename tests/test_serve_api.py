@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import ModelLoadError, StyleModelBackend
 from serve.router import LocalService, create_api
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, tiny_model_dir
 
 
 @pytest.fixture(scope="module")

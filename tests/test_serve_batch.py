@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 from serve.model import StyleModelBackend
 from serve.schemas import Sample
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 # uint8 images: batched vs single convolutions may differ in the last float bit, which can
 # flip a rounding; anything beyond one level would be a real difference.

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from serve_helpers import free_port, tiny_model_dir, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,7 +7,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from serve_helpers import TINY_SIZE, free_port, port_free, tiny_model_dir, wait_http
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from serve_helpers import STYLE_NAMES, serve_on_cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

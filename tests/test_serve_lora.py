@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shlex
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import ModelLoadError, StyleModelBackend
 from serve.router import LocalService, create_api
 from serve.schemas import Sample
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 MAX_LEVEL_DIFF = 1  # uint8: batched vs single convolutions may flip one rounding
 
@@ -146,9 +145,8 @@ def test_lora_config_is_validated_and_paths_come_from_config_only(tmp_path):
 
 
 def test_export_command_for_a_style_and_a_mixture(client):
-    from jobs import export as job
-
     from dmm_ray.export import parse_weights
+    from jobs import export as job
 
     r = client.post("/export_command", json={"weights": {"watercolor": 0, "neon": 3}})
     assert r.status_code == 200, r.text

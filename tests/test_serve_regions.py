@@ -10,12 +10,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import TINY_SIZE, TINY_STEPS, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import StyleModelBackend
 from serve.router import LocalService, create_api
 from serve.schemas import MAX_REGIONS, Sample, uncovered_fraction
-from serve_helpers import TINY_SIZE, TINY_STEPS, tiny_model_dir
 
 LEFT, RIGHT = [0, 0, 0.5, 1], [0.5, 0, 1, 1]
 

@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import StyleModelBackend
 from serve.router import LocalService, ModelInfo, SampleFailed, create_api
 from serve.schemas import RequestError, Sample, StyleInfo
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
 
 GOOD = {"prompt": "a red circle", "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1}
 

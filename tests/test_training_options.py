@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray.config import DistillConfig, MergeConfig
 from dmm_ray.distill.layout import worker_layout
@@ -13,7 +14,6 @@ from dmm_ray.distill.loop import _optimizer, split_batch
 from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
-from merge_fixtures import build_world, tiny_merge_config
 
 
 def _batch(b=4, seed=0):

@@ -17,7 +17,6 @@ from typing import Iterable, Optional
 
 import pyarrow.fs as pafs
 
-
 # schemes pyarrow.fs.FileSystem.from_uri opens (object stores need pyarrow built with them, and credentials)
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: Ray Data's tokenise tasks import this module and need no torch
+    import torch
 
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.shards import complete_shards

@@ -187,10 +187,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from diffusers.training_utils import EMAModel
+
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_noise_scheduler, load_tokenizer, tokenize
-    from dmm_ray.distill.conditioning import conditioner_for, load_base_conditioner, vae_scale_factor
     from dmm_ray.distill.checkpointing import load_training_state, save_training_state, temp_checkpoint_dir
+    from dmm_ray.distill.conditioning import conditioner_for, load_base_conditioner, vae_scale_factor
     from dmm_ray.distill.health import agree_on_nonfinite, describe_nonfinite, nonfinite_terms, raise_if_nonfinite
     from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
     from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches

@@ -113,10 +113,9 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     import torch
     from diffusers import LCMScheduler
 
-    from dmm_ray.pipeline import dmm_pipeline_class, load_dmm_pipeline
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
     from dmm_ray.models.style_unet import StyleUNet
-    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_defaults, sampler_record
+    from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
@@ -166,10 +165,10 @@ def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list
     """FIDt of the few-step model at each step count against the merge's teachers, the teachers
     sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG."""
     from dmm_ray.evaluation.api import default_extractor
+    from dmm_ray.evaluation.config import eval_config_from_merge
     from dmm_ray.evaluation.matrix import evaluate_sources
     from dmm_ray.evaluation.outputs import format_table, write_outputs
     from dmm_ray.evaluation.sources import student_source, teacher_sources
-    from dmm_ray.evaluation.config import eval_config_from_merge
 
     eval_cfg = eval_config_from_merge(cfg)
     results = {}

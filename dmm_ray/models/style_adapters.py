@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
 def adapter_key(module_name: str) -> str:
     """A UNet module name as a ModuleDict key (no dots)."""
     return module_name.replace(".", "__")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: see below)

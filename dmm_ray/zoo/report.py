@@ -20,9 +20,10 @@ import yaml
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .feature_net import ZooFeatureNet
 from dmm_ray.data.readers import read_prompts
 from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
+
+from .feature_net import ZooFeatureNet
 from .scenes import parse_caption, to_uint8
 
 SEED_SET_A = 1000
