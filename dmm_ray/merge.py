@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
@@ -291,26 +292,173 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
 
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
-    """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI)."""
+    """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI).
+    validate -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
     log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
+    # validate: everything that can be checked before Ray starts (teachers, layout, resumable state)
     validate_before_ray(cfg)
     check_output_dir(cfg, restart)
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
     cfg = with_plan(cfg, plan)
+    # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
     ensure_latents(cfg)
     result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
     stage_name = "incremental" if cfg.incremental.base_merged else "merge"
     tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+    run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started)
     try:
-        return _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan, remote)
+        for stage in STAGES:
+            if stage.when(run):
+                stage.run(run)
     except BaseException:
         if tracker is not None and hasattr(tracker, "abort"):
             tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
         raise
+    if we_started_ray:
+        import ray
+
+        ray.shutdown()
+    return result
+
+
+@dataclass
+class MergeRun:
+    """What the stages of one merge share: the config, where it works, and what earlier stages made."""
+
+    cfg: MergeConfig
+    out: Path  # the local work folder
+    remote: str | None  # the output_dir URI, or None for a local output_dir
+    plan: object  # dmm_ray.resources plan of the cluster (worker resources)
+    tracker: object | None  # an observer: logs what the stages produced, never changes it
+    tracking: dict | None  # the MLflow stage run ({"uri", "run_id", ...}) the Train workers log to
+    result: MergeResult
+    started: float
+    shard_dirs: dict[int, str] | None = None  # style index -> the teacher's synthesized set
+    student_dir: Path | None = None  # the latest stage's student, extracted on the driver
+
+    @property
+    def state(self) -> Path | str:
+        """Where checkpoints, synthesized sets and fingerprints.json live."""
+        return self.remote or self.out
+
+    def timed(self, name: str, t0: float, metrics: dict | None = None) -> None:
+        self.result.stage_metrics[name] = {**(metrics or {}), "seconds": time.time() - t0}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[MergeRun], None]
+    when: Callable[[MergeRun], bool] = lambda run: True
+
+
+def _finetunes(run: MergeRun) -> bool:
+    return run.cfg.synthesis.enabled and run.cfg.synthesis.finetune_steps > 0
+
+
+def synthesize_stage(run: MergeRun) -> None:
+    """The teachers' own samples: one Ray actor per teacher (before distill when they join its stream)."""
+    t0 = time.time()
+    run.shard_dirs = _synthesize(run.cfg, run.state)
+    run.timed("synthesize", t0)
+
+
+def distill_stage(run: MergeRun) -> None:
+    """Score distillation on the common latent stream (+ each style's own synthesized samples)."""
+    from dmm_ray import fingerprint
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer, fit_stage
+
+    cfg, tracking = run.cfg, run.tracking
+    mixed = run.shard_dirs is not None
+    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
+        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if mixed else ""))
+    t0 = time.time()
+    fingerprint.record(cfg, run.state, "distill")
+    datasets = {"train": build_latent_dataset(cfg.data)}
+    if mixed:
+        datasets.update(_synthetic_datasets(cfg, run.shard_dirs))
+    distill = fit_stage(build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=run.plan))
+    run.timed("distill", t0, distill.metrics)
+    run.student_dir = _student_from_result(distill, run.out / "stages" / "distill_student")
+    if _finetunes(run) and cfg.synthesis.finetune_continue:  # the fine-tune continues its discriminator and optimizers
+        _copy_from_result(distill, run.out / "stages" / "distill_state")
+
+
+def finetune_stage(run: MergeRun) -> None:
+    """Fine-tune on the teachers' synthesized samples (paper 3.3: each style on its own teacher's images)."""
+    from dmm_ray import fingerprint
+    from dmm_ray.distill.trainer import build_trainer, fit_stage
+
+    cfg, s, out, tracking = run.cfg, run.cfg.synthesis, run.out, run.tracking
+    init_state = _stage_folder(out / "stages" / "distill_state", run.remote, "distill_state") if s.finetune_continue else None
+    log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
+        + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
+    t0 = time.time()
+    fingerprint.record(cfg, run.state, "finetune")
+    finetune = fit_stage(build_trainer(cfg, "finetune", _synthetic_datasets(cfg, run.shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
+                                       init_student=_stage_folder(run.student_dir, run.remote, run.student_dir.name), steps=s.finetune_steps,
+                                       batch_size=s.finetune_batch_size, lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=run.plan))
+    run.timed("finetune", t0, finetune.metrics)
+    run.student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
+
+
+def save_stage(run: MergeRun) -> None:
+    """The merged model: one diffusers folder (style names in unet/config.json), saved atomically."""
+    result = run.result
+    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking)
+    if run.remote:  # after the atomic local save: the staged model is complete and loads
+        _upload_results(run.out, run.remote, ("merged",))
+    result.seconds = time.time() - run.started
+    split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
+    log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")
+
+
+def _evaluate(run: MergeRun) -> None:
+    """Every style merged so far (incremental: old teachers + new ones), tracked or not."""
+    run.result.evaluation = evaluate_stage(run.cfg, run.result.merged_path)
+    if run.remote and run.result.evaluation is not None:
+        _upload_results(run.out, run.remote, ("evaluation",))
+
+
+def track_stage(run: MergeRun) -> None:
+    """Log the evaluation and metrics, register the model (an observer: changes nothing above)."""
+    log("stage track")
+    run.tracker.finish_stage(run.cfg, run.result)
+    run.result.run_id = run.tracking["run_id"] if run.tracking else None
+
+
+def fast_stage(run: MergeRun) -> None:
+    """The few-step model (dmm_ray/fast): LCM distillation of the model just saved."""
+    from dmm_ray.fast.job import run_fast
+
+    cfg, result, out = run.cfg, run.result, run.out
+    fast_cfg = cfg if cfg.fast.output_dir else cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(out / "fast")})})
+    log(f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
+        + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else ""))
+    fast_tracker = None
+    if run.tracker is not None and getattr(run.tracker, "enabled", False):
+        from dmm_ray.tracking import make_tracker
+
+        fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run
+    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=result.evaluation is not None)
+
+
+# A merge after validate and encode: these stages, in this order, each when its condition holds.
+STAGES: tuple[Stage, ...] = (
+    Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.data.synthetic_fraction > 0),  # mixed into distill from step 0
+    Stage("distill", distill_stage),
+    Stage("synthesize", synthesize_stage, when=lambda run: _finetunes(run) and run.shard_dirs is None),
+    Stage("finetune", finetune_stage, when=_finetunes),
+    Stage("save", save_stage),
+    Stage("evaluate", _evaluate),
+    Stage("track", track_stage, when=lambda run: bool(run.tracker)),
+    Stage("fast", fast_stage, when=lambda run: run.cfg.fast.enabled),
+)
 
 
 def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
@@ -366,84 +514,3 @@ def _upload_results(out: Path, remote: str, what: tuple[str, ...]) -> None:
             t0 = time.time()
             fsu.upload(out / name, f"{remote}/{name}")
             log(f"uploaded {name}/ -> {remote}/{name} ({time.time() - t0:.1f} s)")
-
-
-def _run_stages(cfg, tracker, tracking, result, out, started, we_started_ray, plan, remote=None):
-    import ray
-
-    from dmm_ray import fingerprint
-    from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.trainer import build_trainer, fit_stage
-
-    s = cfg.synthesis
-    state = remote or out  # checkpoints, synthesized sets, fingerprints.json
-    synthesize_first = cfg.data.synthetic_fraction > 0  # the teachers' samples join distillation from step 0
-    shard_dirs = None
-    if synthesize_first:
-        t0 = time.time()
-        shard_dirs = _synthesize(cfg, state)
-        result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
-
-    # 1. score distillation on the common latent stream (+ each style's own synthesized samples)
-    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
-        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if synthesize_first else ""))
-    t0 = time.time()
-    fingerprint.record(cfg, state, "distill")
-    datasets = {"train": build_latent_dataset(cfg.data)}
-    if synthesize_first:
-        datasets.update(_synthetic_datasets(cfg, shard_dirs))
-    distill = fit_stage(build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=plan))
-    result.stage_metrics["distill"] = {**distill.metrics, "seconds": time.time() - t0}
-    student_dir = _student_from_result(distill, out / "stages" / "distill_student")
-
-    # 2. synthesis fan-out + fine-tune on the teachers' own samples
-    if s.enabled and s.finetune_steps > 0:
-        if shard_dirs is None:
-            t0 = time.time()
-            shard_dirs = _synthesize(cfg, state)
-            result.stage_metrics["synthesize"] = {"seconds": time.time() - t0}
-        init_state = None
-        if s.finetune_continue:
-            _copy_from_result(distill, out / "stages" / "distill_state")
-            init_state = _stage_folder(out / "stages" / "distill_state", remote, "distill_state")
-        log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
-            + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
-        t0 = time.time()
-        fingerprint.record(cfg, state, "finetune")
-        finetune = fit_stage(build_trainer(cfg, "finetune", _synthetic_datasets(cfg, shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
-                                 init_student=_stage_folder(student_dir, remote, student_dir.name), steps=s.finetune_steps, batch_size=s.finetune_batch_size,
-                                 lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=plan))
-        result.stage_metrics["finetune"] = {**finetune.metrics, "seconds": time.time() - t0}
-        student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
-
-    # 3. the merged model: one diffusers folder, style names in unet/config.json
-    save_merged(cfg, student_dir, result.merged_path, tracking=tracking)
-    if remote:  # after the atomic local save: the staged model is complete and loads
-        _upload_results(out, remote, ("merged",))
-    result.seconds = time.time() - started
-    split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
-    log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")
-    # 4. evaluate every style merged so far (incremental: old teachers + new ones), tracked or not
-    result.evaluation = evaluate_stage(cfg, result.merged_path)
-    if remote and result.evaluation is not None:
-        _upload_results(out, remote, ("evaluation",))
-    # 5. track: log the evaluation and metrics, register the model (an observer: changes nothing above)
-    if tracker:
-        log("stage track")
-        tracker.finish_stage(cfg, result)
-        result.run_id = tracking["run_id"] if tracking else None
-    if cfg.fast.enabled:  # 6. the few-step model (dmm_ray/fast): LCM distillation of the model just saved
-        from dmm_ray.fast.job import run_fast
-
-        fast_cfg = cfg if cfg.fast.output_dir else cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(out / "fast")})})
-        log(f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
-            + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if remote else ""))
-        fast_tracker = None
-        if tracker is not None and getattr(tracker, "enabled", False):
-            from dmm_ray.tracking import make_tracker
-
-            fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run
-        result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=result.evaluation is not None)
-    if we_started_ray:
-        ray.shutdown()
-    return result
