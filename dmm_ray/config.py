@@ -20,6 +20,47 @@ from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
 
+class TrackingConfig(BaseModel):
+    """The `tracking:` section: where MLflow runs and the model registry live (dmm_ray/tracking.py logs there)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    enabled: bool = True
+    tracking_uri: str = Field(default_factory=paths.default_tracking_uri,
+                              description="any MLflow tracking URI; default: sqlite:///$DMM_HOME/mlflow.db")
+    registry_uri: str | None = Field(None, description="model registry URI (default: the tracking URI)")
+    experiment: str = "dmm-ray"
+    project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
+    registered_model_name: str | None = Field("dmm-merged", description="register logged merged models under this name; None: log only")
+    artifact_location: str | None = Field(None, description="artifact root for a newly created experiment (default: MLflow's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri_shorthand(cls, data: Any) -> Any:
+        """`uri:` is short for `tracking_uri:` (the merge config's `tracking:` section)."""
+        if isinstance(data, dict) and "uri" in data:
+            data = dict(data)
+            data["tracking_uri"] = data.pop("uri")
+        return data
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _absolute_sqlite(cls, uri: str | None) -> str | None:
+        """A relative `sqlite:///mlflow.db` is relative to the current directory (a config file's
+        relative store was already resolved against its folder by load_config); Ray workers run
+        elsewhere, so pin it to an absolute path once, on the driver."""
+        return paths.resolve_tracking_uri(uri)
+
+    @model_validator(mode="after")
+    def _artifacts_beside_sqlite(self) -> "TrackingConfig":
+        # MLflow's default artifact root is relative to the cwd of whoever creates the experiment
+        # (inside a Ray job's temporary working_dir): keep artifacts beside the SQLite file instead.
+        if self.artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri[len("sqlite:///"):])
+            self.artifact_location = (db.parent / "mlartifacts").as_uri()
+        return self
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -158,7 +199,7 @@ class MergeConfig(_Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
-    tracking: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.tracking.TrackingConfig")
+    tracking: dict[str, Any] = Field(default_factory=dict, description="see TrackingConfig (validated at load; the project and model default to `name`)")
     # --- few-step model (dmm_ray/fast, jobs/fast.py) ---
     fast: FastConfig = Field(default_factory=FastConfig, description="LCM distillation of the merged model; enabled: run it after the merge")
 
@@ -268,13 +309,7 @@ def _check_section(name: str, section: dict) -> None:
     if name == "evaluation":
         from dmm_ray.evaluation.config import eval_config_from_section as parse
     else:
-        from dmm_ray.tracking import TrackingConfig
-
-        def parse(data):
-            data = dict(data)
-            if "uri" in data:
-                data["tracking_uri"] = data.pop("uri")
-            return TrackingConfig.model_validate(data)
+        parse = TrackingConfig.model_validate
     try:
         parse(section)
     except ValidationError as error:

@@ -29,9 +29,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel
 
-from dmm_ray import paths
+from dmm_ray.config import TrackingConfig  # noqa: F401  (re-exported: the tracking section's type)
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +40,6 @@ STAGE_TAG = "dmm.stage"
 MODEL_ARTIFACT = "merged_model"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's experiment type
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
-
-
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    enabled: bool = True
-    tracking_uri: str = Field(default_factory=paths.default_tracking_uri,
-                              description="any MLflow tracking URI; default: sqlite:///$DMM_HOME/mlflow.db")
-    registry_uri: str | None = Field(None, description="model registry URI (default: the tracking URI)")
-    experiment: str = "dmm-ray"
-    project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
-    registered_model_name: str | None = Field("dmm-merged", description="register logged merged models under this name; None: log only")
-    artifact_location: str | None = Field(None, description="artifact root for a newly created experiment (default: MLflow's)")
-
-    @field_validator("tracking_uri", "registry_uri")
-    @classmethod
-    def _absolute_sqlite(cls, uri: str | None) -> str | None:
-        """A relative `sqlite:///mlflow.db` is relative to the current directory (a config file's
-        relative store was already resolved against its folder by load_config); Ray workers run
-        elsewhere, so pin it to an absolute path once, on the driver."""
-        return paths.resolve_tracking_uri(uri)
-
-    @model_validator(mode="after")
-    def _artifacts_beside_sqlite(self) -> "TrackingConfig":
-        # MLflow's default artifact root is relative to the cwd of whoever creates the experiment
-        # (inside a Ray job's temporary working_dir): keep artifacts beside the SQLite file instead.
-        if self.artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
-            db = Path(self.tracking_uri[len("sqlite:///"):])
-            self.artifact_location = (db.parent / "mlartifacts").as_uri()
-        return self
 
 
 def _mlflow():
@@ -385,8 +355,6 @@ def tracking_config_from_merge(cfg) -> TrackingConfig:
     """TrackingConfig from a MergeConfig's `tracking` section (`uri` is short for `tracking_uri`);
     project and registered model are named after the merge (`name`)."""
     data = dict(getattr(cfg, "tracking", {}) or {})
-    if "uri" in data:
-        data["tracking_uri"] = data.pop("uri")
     name = getattr(cfg, "name", None)
     if name:
         data.setdefault("project", name)
