@@ -101,3 +101,16 @@ def test_run_updates_student_and_discriminator_not_teacher(setup):
     assert any(not torch.equal(head_before[k], v) for k, v in disc.head.state_dict().items())
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     assert all(torch.equal(backbone_before[k], v) for k, v in disc.backbone.state_dict().items())
+
+
+def test_loss_settings_come_from_the_distill_config():
+    """One home for the loss defaults: LossSettings() equals LossSettings.from_config(DistillConfig())
+    and follows every loss field a config sets."""
+    from dmm_ray.config import DistillConfig
+
+    assert LossSettings() == LossSettings.from_config(DistillConfig())
+    d = DistillConfig(score=False, score_weighting="v", score_weight_clip=5.0, lambda_feat=0.5, lambda_adv=0.0, grad_clip=2.0,
+                      renoise_max_timestep=300)
+    s = LossSettings.from_config(d)
+    assert (s.score, s.score_weighting, s.score_weight_clip, s.lambda_feat, s.lambda_adv, s.grad_clip, s.renoise_max_timestep) == (
+        False, "v", 5.0, 0.5, 0.0, 2.0, 300)

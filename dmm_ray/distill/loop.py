@@ -289,8 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
     disc_ddp = ray.train.torch.prepare_model(discriminator) if discriminator is not None and (world > 1 or device.type == "cuda") else discriminator
     step_fn = DistillStep(
         student_ddp, student_conditioner, teacher_unets, teacher_conditioners, noise_scheduler,
-        LossSettings(score=d.score, score_weighting=d.score_weighting, score_weight_clip=d.score_weight_clip, lambda_feat=d.lambda_feat, lambda_adv=d.lambda_adv, grad_clip=d.grad_clip,
-                     renoise_max_timestep=d.renoise_max_timestep),
+        LossSettings.from_config(d),
         num_styles=len(style_names), discriminator=disc_ddp, teacher_takes_style=teacher_takes_style,
         autocast_dtype=torch.bfloat16 if d.bf16 else None,
     )

@@ -14,26 +14,37 @@ also receives `style_ids`.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
+from dmm_ray.config import DistillConfig
 from dmm_ray.distill.conditioning import as_conditioner
 from dmm_ray.distill.losses import feature_loss, multiclass_ce_per_sample, predict_x0, renoise, score_loss, timestep_weights
 from dmm_ray.models.features import capture_block_features
 
 
-@dataclass
+def _distill_default(name: str):
+    return DistillConfig.model_fields[name].default  # one home for every loss default: DistillConfig
+
+
+@dataclass(frozen=True)
 class LossSettings:
-    score: bool = True
-    score_weighting: str = "eps"  # "v": weight 1/alpha_bar_t (clipped, mean 1): see losses.timestep_weights
-    score_weight_clip: float = 20.0
-    lambda_feat: float = 0.001  # 0 disables feature imitation
-    lambda_adv: float = 0.01  # 0 disables the adversarial term and the discriminator step
-    grad_clip: float = 1.0
-    x0_clamp: float = 10.0
-    renoise_max_timestep: int = 500
+    """The loss switches and weights one DistillStep uses; defaults and meanings are DistillConfig's."""
+
+    score: bool = _distill_default("score")
+    score_weighting: str = _distill_default("score_weighting")  # "v": weight 1/alpha_bar_t (clipped, mean 1): see losses.timestep_weights
+    score_weight_clip: float = _distill_default("score_weight_clip")
+    lambda_feat: float = _distill_default("lambda_feat")  # 0 disables feature imitation
+    lambda_adv: float = _distill_default("lambda_adv")  # 0 disables the adversarial term and the discriminator step
+    grad_clip: float = _distill_default("grad_clip")
+    renoise_max_timestep: int = _distill_default("renoise_max_timestep")
+    x0_clamp: float = 10.0  # |x0| bound of the x0 predictions the discriminator sees (not a config choice)
+
+    @classmethod
+    def from_config(cls, distill: DistillConfig) -> "LossSettings":
+        return cls(**{f.name: getattr(distill, f.name) for f in fields(cls) if f.name in DistillConfig.model_fields})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
