@@ -138,19 +138,11 @@ def table(summary: dict) -> str:
 # ---- LoRA teachers: adapters on one base vs fused copies ----------------------------------------
 
 def _lora_specs():
-    import yaml
-
     from dmm_ray import paths
-    from dmm_ray.teachers import TeacherSpec
+    from dmm_ray.zoo.manifest import load_zoo_manifest
 
-    zoo = paths.zoo_dir("full")
-    manifest = yaml.safe_load((zoo / "zoo.yaml").read_text())
-    loras = [t for t in manifest["teachers"] if t["format"] == "lora"]
-    specs = []
-    for copy in range(2):
-        for t in loras:
-            specs.append(TeacherSpec(name=f"{t['name']}{copy}", source=str(zoo / t["source"]), base=str(zoo / t["base"]), format="lora"))
-    return specs[:4]
+    loras = [t for t in load_zoo_manifest(paths.zoo_dir("full")).teachers if t.format == "lora"]
+    return [t.model_copy(update={"name": f"{t.name}{copy}"}) for copy in range(2) for t in loras][:4]
 
 
 def lora_memory_one(shared: bool) -> dict:

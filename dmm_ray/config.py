@@ -398,16 +398,21 @@ def _zoo_manifest(value: str, build: bool) -> Path:
 
 def _zoo_defaults(tree: dict, build: bool = False) -> None:
     """Fill teachers / student.base / data paths from a zoo.yaml (explicit keys win)."""
+    from dmm_ray.zoo.manifest import read_manifest, teacher_entries
+
     zoo_path = _zoo_manifest(tree["zoo"], build)
     tree["zoo"] = str(zoo_path)  # the preset name becomes the manifest it names
-    zoo = yaml.safe_load(zoo_path.read_text())
+    try:
+        zoo = read_manifest(zoo_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"zoo: {error}") from None
     root = zoo_path.parent
 
     def rel(p):
         return p if p is None or os.path.isabs(p) else str(root / p)
 
     if not tree.get("teachers"):
-        listed = zoo["teachers"]
+        listed = teacher_entries(zoo, root)
         if tree.get("zoo_teachers") is not None:
             names = [t["name"] for t in listed]
             picked = []
@@ -419,10 +424,7 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
                 else:
                     raise ConfigError(f"zoo_teachers: {item!r} is not a teacher of {zoo_path} (teachers: {names})")
             listed = picked
-        tree["teachers"] = [
-            {k: (rel(v) if k in ("source", "base") else v) for k, v in t.items() if k in TeacherSpec.model_fields}
-            for t in listed
-        ]
+        tree["teachers"] = listed
     tree.setdefault("student", {}).setdefault("base", rel(zoo["base"]))
     data = tree.setdefault("data", {})
     data.setdefault("base", rel(zoo["base"]))

@@ -71,42 +71,7 @@ def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False,
     return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path, dtype), checksum=checksum)
 
 
-@dataclass
-class ZooManifest:
-    root: Path
-    teachers: list[Any]  # TeacherSpec
-    eval_prompts: Path | None
-    feature_net: Path | None
-    base: Path | None
-
-
-def load_zoo_manifest(path: str | Path) -> ZooManifest:
-    """Read `zoo.yaml` (paths relative to its folder) into TeacherSpecs and resolved paths."""
-    from dmm_ray.teachers import TeacherSpec
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teachers manifest '{path}' not found (expected a zoo.yaml)")
-    root = path.resolve().parent
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or not data.get("teachers"):
-        raise ValueError(f"'{path}' has no 'teachers' list")
-
-    def rel(p):
-        return None if p is None else (root / p).resolve()
-
-    specs = []
-    for i, t in enumerate(data["teachers"]):
-        if not isinstance(t, dict) or "name" not in t or "source" not in t:
-            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
-        fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}  # zoo extras (e.g. style params) are not spec fields
-        if not fields.get("base") and data.get("base") and fields.get("format") in ("lora", "single_file"):
-            fields["base"] = data["base"]
-        specs.append(TeacherSpec(**fields).resolve_paths(root))
-    return ZooManifest(
-        root=root, teachers=specs, eval_prompts=rel(data.get("eval_prompts")), feature_net=rel(data.get("feature_net")), base=rel(data.get("base"))
-    )
-
+from dmm_ray.zoo.manifest import ZooManifest, load_zoo_manifest  # noqa: E402,F401  (the one zoo.yaml reader; re-exported)
 
 MERGE_CONFIG_KEYS = {"zoo", "data", "distill", "student", "evaluation", "synthesis", "incremental"}
 

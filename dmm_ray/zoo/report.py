@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
@@ -24,6 +23,7 @@ from dmm_ray.data.readers import read_prompts
 from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
 
 from .feature_net import ZooFeatureNet
+from .manifest import load_zoo_manifest, read_manifest
 from .scenes import parse_caption, to_uint8
 
 SEED_SET_A = 1000
@@ -31,20 +31,12 @@ SEED_SET_B = 2000
 
 
 def load_manifest(root: str | Path) -> dict:
-    root = Path(root)
-    path = root / "zoo.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{root} is not a zoo (no zoo.yaml); build one with `python jobs/build_zoo.py --out {root}`")
-    return yaml.safe_load(path.read_text())
+    return read_manifest(root)
 
 
 def teacher_specs(root: str | Path):
     """The manifest's teachers as `dmm_ray.teachers.TeacherSpec`s with absolute paths."""
-    from dmm_ray.teachers import TeacherSpec
-
-    root = Path(root).resolve()
-    fields = set(TeacherSpec.model_fields)
-    return [TeacherSpec(**{k: v for k, v in t.items() if k in fields}).resolve_paths(root) for t in load_manifest(root)["teachers"]]
+    return load_zoo_manifest(root).teachers
 
 
 def load_base_pipeline(root: str | Path):

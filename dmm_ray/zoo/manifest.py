@@ -1,0 +1,77 @@
+"""The one reader of a toy zoo's `zoo.yaml` (no torch): used by the merge config (`zoo:`), the
+evaluation job (`--teachers zoo.yaml`), the zoo report and the benchmarks.
+
+    zoo.yaml:  base, dataset, eval_prompts, feature_net (paths relative to its folder),
+               teachers: [{name, source, format, base?, description?, ...zoo extras}]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MANIFEST = "zoo.yaml"
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """A zoo folder or its zoo.yaml -> the zoo.yaml."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The raw manifest (a folder or its zoo.yaml); FileNotFoundError / ValueError say what is wrong."""
+    path = manifest_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' not found: {path.parent} is not a zoo (no {MANIFEST}); build one with "
+                                f"`python jobs/build_zoo.py --out {path.parent}`")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not data.get("teachers"):
+        raise ValueError(f"'{path}' has no 'teachers' list")
+    for i, t in enumerate(data["teachers"]):
+        if not isinstance(t, dict) or "name" not in t or "source" not in t:
+            raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
+    return data
+
+
+def teacher_entries(manifest: dict, root: str | os.PathLike) -> list[dict]:
+    """The manifest's teachers as TeacherSpec fields (zoo extras dropped), paths absolute under `root`;
+    a LoRA or single-file teacher without its own `base` takes the zoo's."""
+    from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
+
+    out = []
+    for t in manifest["teachers"]:
+        fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}
+        if not fields.get("base") and manifest.get("base") and fields.get("format") in ("lora", "single_file"):
+            fields["base"] = manifest["base"]
+        out.append(TeacherSpec(**fields).resolve_paths(root).model_dump(exclude_unset=True))
+    return out
+
+
+@dataclass
+class ZooManifest:
+    root: Path
+    teachers: list[Any]  # TeacherSpec
+    eval_prompts: Path | None
+    feature_net: Path | None
+    base: Path | None
+    dataset: Path | None
+    raw: dict
+
+
+def load_zoo_manifest(path: str | os.PathLike) -> ZooManifest:
+    """`zoo.yaml` (or its folder) as TeacherSpecs and absolute paths."""
+    from dmm_ray.teachers import TeacherSpec
+
+    data = read_manifest(path)
+    root = manifest_path(path).resolve().parent
+
+    def rel(p):
+        return None if p is None else (root / p).resolve()
+
+    return ZooManifest(root=root, teachers=[TeacherSpec(**e) for e in teacher_entries(data, root)], eval_prompts=rel(data.get("eval_prompts")),
+                       feature_net=rel(data.get("feature_net")), base=rel(data.get("base")), dataset=rel(data.get("dataset")), raw=data)
