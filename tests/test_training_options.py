@@ -264,3 +264,18 @@ def test_uneven_teacher_groups_and_a_regulariser_cross_epochs_in_lock_step(ray_c
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert result.stage_metrics["distill"]["step"] == 6 and result.stage_metrics["distill"]["epoch"] >= 2
+
+
+def test_a_stage_gets_one_typed_config_with_its_own_steps_lr_and_batch():
+    """The fine-tune's steps, lr and batch reach the workers inside the one MergeConfig they read
+    (made on the driver with model_copy), not as loose keys beside it."""
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.distill.trainer import stage_config
+
+    cfg = MergeConfig.model_validate({"data": {"base": "b", "shards": "s"}, "student": {"base": "b"}, "teachers": [{"name": "a", "source": "x"}]})
+    same = stage_config(cfg)
+    assert same is cfg
+    ft = stage_config(cfg, steps=7, batch_size=3, lr=2e-5)
+    assert (ft.distill.steps, ft.distill.lr, ft.data.stream.batch_size) == (7, 2e-5, 3)
+    assert (cfg.distill.steps, cfg.distill.lr, cfg.data.stream.batch_size) != (7, 2e-5, 3)  # the merge's own config is untouched
+    assert MergeConfig.model_validate(ft.model_dump(mode="json")).distill.steps == 7  # what a worker rebuilds

@@ -205,8 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Logical CPUs may exceed the cores (a private local Ray declares max(4, cores)): never more threads than cores.
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, min(round(cfg.scaling.cpus_per_worker), os.cpu_count() or 1)))
     d = cfg.distill
-    steps = config.get("steps", d.steps)
-    lr = config.get("lr", d.lr)
+    steps, lr = d.steps, d.lr  # this stage's (the driver's stage_config: the fine-tune's own steps and lr)
 
     # ---- who am I ---------------------------------------------------------------------------
     old_styles: list[str] = []
@@ -303,7 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- data ---------------------------------------------------------------------------------
     # Each hosted style's batch: rows of the common stream (distill) plus, with data.synthetic_fraction,
     # rows of its own teacher's synthesized set; the fine-tune reads only the synthesized sets.
-    batch_size = config.get("batch_size", cfg.data.stream.batch_size)
+    batch_size = cfg.data.stream.batch_size  # rows per hosted style per step, this stage's
     data_cfg = cfg.data
     empty_ids = tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
     consumed = start_step * d.grad_accum  # batches each cached stream has given so far

@@ -30,11 +30,9 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    loop_config = {"merge": cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student,
+    stage_cfg = stage_config(cfg, steps=steps, batch_size=batch_size, lr=lr)  # the one typed config the workers read
+    loop_config = {"merge": stage_cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student,
                    "init_state": init_state}
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
-        if value is not None:
-            loop_config[key] = value
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -50,6 +48,16 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
         datasets=datasets,
         dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else [], data_cpus=plan.data_limit_cpus),
     )
+
+
+def stage_config(cfg: MergeConfig, *, steps: int | None = None, batch_size: int | None = None, lr: float | None = None) -> MergeConfig:
+    """The config a stage's workers train with: `cfg` with the stage's own steps, lr (distill.*) and
+    rows per style per step (data.stream.batch_size), e.g. the fine-tune's synthesis.finetune_*."""
+    distill = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+    update = {"distill": cfg.distill.model_copy(update=distill)} if distill else {}
+    if batch_size is not None:
+        update["data"] = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": batch_size})})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def storage_path(output_dir: str) -> str:
