@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test cluster listens on loopback only. Ray's token auth keeps one token file per user, which
 # concurrently started clusters overwrite; tests opt out rather than flake on a stale token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Test-only helpers live in tests/ (eval_helpers, merge_fixtures, ...); Ray workers of the shared cluster
+# and of the jobs tests start import them too, so tests/ goes on PYTHONPATH before anything starts.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join([_TESTS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _TESTS])
 # Default locations (zoo presets, outputs, MLflow store, FID cache; dmm_ray/paths.py) go to a private
 # folder, never the user's ~/.dmm-ray. Set before the shared cluster starts, so its workers see it too.
 import atexit  # noqa: E402

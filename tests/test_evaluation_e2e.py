@@ -9,17 +9,17 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
+from eval_helpers import SeededConvExtractor
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.evaluation.api import evaluate_merge
 from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
 from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
 from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source, student_source, teacher_sources
-from dmm_ray.evaluation.testing import SeededConvExtractor
 from dmm_ray.tiny import tiny_sd_components
 
 STYLES = ["ink", "neon"]
-EXTRACTOR = "dmm_ray.evaluation.testing:SeededConvExtractor"
+EXTRACTOR = "eval_helpers:SeededConvExtractor"
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from eval_helpers import SeededConvExtractor
 
 from dmm_ray.evaluation.config import EvalConfig
 from dmm_ray.evaluation.extractors import ExtractorFactory, InceptionFeatureExtractor, ZooFeatureExtractor, build_extractor
 from dmm_ray.evaluation.fid import FeatureStats, fid_from_features, fid_from_stats, frechet_distance
-from dmm_ray.evaluation.testing import SeededConvExtractor
 
 
 def scipy_reference_fid(mu1, s1, mu2, s2):

@@ -6,12 +6,12 @@ from functools import partial
 
 import numpy as np
 import pytest
+from eval_helpers import SeededConvExtractor, routing_student, tiny_teacher_pipeline
 
 from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
 from dmm_ray.evaluation.matrix import StudentSource, evaluate_sources
 from dmm_ray.evaluation.outputs import format_table, write_outputs
 from dmm_ray.evaluation.stats import ModelSource
-from dmm_ray.evaluation.testing import SeededConvExtractor, routing_student, tiny_teacher_pipeline
 
 NAMES = ["watercolor", "pixel art"]
 SEEDS = [0, 7]

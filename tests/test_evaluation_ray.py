@@ -4,11 +4,11 @@ from functools import partial
 
 import numpy as np
 import pytest
+from eval_helpers import SeededConvExtractor, routing_student, tiny_teacher_pipeline
 
 from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
 from dmm_ray.evaluation.matrix import StudentSource, evaluate_sources
 from dmm_ray.evaluation.stats import ModelSource
-from dmm_ray.evaluation.testing import SeededConvExtractor, routing_student, tiny_teacher_pipeline
 
 
 def _config(tmp_path, **kw):

@@ -1,4 +1,5 @@
-"""Small, seeded stand-ins for tests and smoke runs (importable by Ray workers, hence in the package).
+"""Small, seeded stand-ins for the evaluation tests (Ray workers import them too: tests/conftest.py
+puts tests/ on PYTHONPATH before the shared cluster starts).
 
 - `SeededConvExtractor`: a random-but-fixed CNN implementing the FID extractor protocol.
 - `tiny_teacher_pipeline(seed)`: a tiny StableDiffusionPipeline (32 px) from `dmm_ray.tiny`.
