@@ -46,5 +46,7 @@ def init_for_training(address: str | None = None) -> bool:
     per stage; Ray Data's per-operator bars would drown it. Returns True when this call started Ray."""
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False  # the plan of every Dataset execution: in Ray's ray-data.log, not the console
     return ensure_ray(address)
