@@ -87,8 +87,7 @@ def step_rate(comps, args) -> float:
     """Steps/s of the real DistillStep (score + feature + adversarial losses, discriminator step)."""
     from dmm_ray.distill.benchmarking import build_benchmark_step, timed_steps
 
-    step, opt_s, opt_d, batches = build_benchmark_step(None, args.batch_size, num_styles=args.styles, device=args.device,
-                                                       latent_size=args.latent_hw)
+    step, opt_s, opt_d, batches = build_benchmark_step(None, args.batch_size, num_styles=args.styles, device=args.device, latent_size=args.latent_hw)
     return timed_steps(step, opt_s, opt_d, batches, args.steps, warmup=3) / args.batch_size
 
 
@@ -104,14 +103,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         comps = make_world(tmp, args)
-        cfg = DataConfig(base=str(tmp / "base"), shards=str(tmp / "shards"), stream=dict(batch_size=args.batch_size, shuffle_buffer=4 * args.batch_size))
+        cfg = DataConfig(
+            base=str(tmp / "base"), shards=str(tmp / "shards"), stream=dict(batch_size=args.batch_size, shuffle_buffer=4 * args.batch_size)
+        )
         ensure_ray(num_cpus=args.num_cpus, log_to_driver=False)
         try:
             sps = step_rate(comps, args)
             bps, n = stream_rate(cfg, args.epochs)
         finally:
             ray.shutdown()
-    print(f"batch size {args.batch_size}, latents (4, {args.latent_hw}, {args.latent_hw}), {args.rows} rows, {args.styles} styles, step on {args.device} ({torch.get_num_threads()} torch threads), {os.cpu_count()} CPUs")
+    print(
+        f"batch size {args.batch_size}, latents (4, {args.latent_hw}, {args.latent_hw}), {args.rows} rows, {args.styles} styles, step on {args.device} ({torch.get_num_threads()} torch threads), {os.cpu_count()} CPUs"
+    )
     print(f"stream:       {bps:8.2f} batches/s  ({n} batches timed)")
     print(f"distillation: {sps:8.2f} steps/s   (DistillStep: student fwd+bwd, teacher fwd, 2 text encoders, discriminator)")
     ratio = bps / sps

@@ -77,11 +77,16 @@ def main(argv=None) -> int:
     xl = getattr(merged, "text_encoder_2", None) is not None
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     teacher_files = sorted((args.zoo / "teachers").glob("*.safetensors"))
-    report = {"model": str(args.model), "zoo": str(args.zoo), "images_per_set": len(pairs), "steps": args.steps,
-              "guidance": args.guidance, "styles": {}}
+    report = {
+        "model": str(args.model),
+        "zoo": str(args.zoo),
+        "images_per_set": len(pairs),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "styles": {},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="dmm-export-check-"))
-    print(f"{len(styles)} styles x {len(pairs)} images; teacher single file: "
-          f"{teacher_files[0].name if teacher_files else '(none)'}", flush=True)
+    print(f"{len(styles)} styles x {len(pairs)} images; teacher single file: {teacher_files[0].name if teacher_files else '(none)'}", flush=True)
     header = f"{'style':8s} {'bake s':>7s} {'write s':>7s} {'MiB':>6s} {'FID baked/merged':>17s} {'max |px|':>8s} {'identical':>9s} {'FID floor':>9s}"
     print(header, flush=True)
     for name in styles:
@@ -103,24 +108,30 @@ def main(argv=None) -> int:
         fa, fb, fc = (extractor(x).double().numpy() for x in (a, b, c))
         ua, ub = ((x.clamp(0, 1) * 255).round().to(torch.uint8) for x in (a, b))
         row = {
-            "bake_s": bake_s, "write_s": write_s, "file_bytes": path.stat().st_size,
+            "bake_s": bake_s,
+            "write_s": write_s,
+            "file_bytes": path.stat().st_size,
             "fid_baked_vs_merged": fid_from_features(fb, fa),
             "max_abs_pixel_diff": float((a - b).abs().max()),
             "identical_uint8_images": int((ua == ub).flatten(1).all(dim=1).sum()),
             "fid_merged_seed_a_vs_seed_b": fid_from_features(fa, fc),
         }
         report["styles"][name] = row
-        print(f"{name:8s} {bake_s:7.3f} {write_s:7.2f} {row['file_bytes'] / 2**20:6.2f} {row['fid_baked_vs_merged']:17.3g} "
-              f"{row['max_abs_pixel_diff']:8.2e} {row['identical_uint8_images']:4d}/{len(pairs):<4d} {row['fid_merged_seed_a_vs_seed_b']:9.2f}",
-              flush=True)
+        print(
+            f"{name:8s} {bake_s:7.3f} {write_s:7.2f} {row['file_bytes'] / 2**20:6.2f} {row['fid_baked_vs_merged']:17.3g} "
+            f"{row['max_abs_pixel_diff']:8.2e} {row['identical_uint8_images']:4d}/{len(pairs):<4d} {row['fid_merged_seed_a_vs_seed_b']:9.2f}",
+            flush=True,
+        )
         del loaded, plain
     if teacher_files:
         report["teacher_single_file"] = {"file": str(teacher_files[0]), "bytes": teacher_files[0].stat().st_size}
     sizes = [r["file_bytes"] for r in report["styles"].values()]
     bakes = [r["bake_s"] for r in report["styles"].values()]
     report["summary"] = {
-        "bake_s_median": float(np.median(bakes)), "bake_s_max": float(max(bakes)),
-        "baked_file_bytes": sizes[0], "teacher_file_bytes": report.get("teacher_single_file", {}).get("bytes"),
+        "bake_s_median": float(np.median(bakes)),
+        "bake_s_max": float(max(bakes)),
+        "baked_file_bytes": sizes[0],
+        "teacher_file_bytes": report.get("teacher_single_file", {}).get("bytes"),
         "fid_baked_vs_merged_max": max(r["fid_baked_vs_merged"] for r in report["styles"].values()),
         "identical_images": sum(r["identical_uint8_images"] for r in report["styles"].values()),
         "images": len(pairs) * len(styles),

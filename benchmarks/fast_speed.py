@@ -45,7 +45,11 @@ def main(argv=None) -> int:
     fs = fast.sampler_defaults
     rows = {
         f"merged, {args.merged_steps} DPM-Solver++ steps, CFG {args.merged_guidance:g}": (merged, args.merged_steps, args.merged_guidance),
-        f"merged, {fs['num_inference_steps']} DPM-Solver++ steps, CFG {args.merged_guidance:g}": (merged, fs["num_inference_steps"], args.merged_guidance),
+        f"merged, {fs['num_inference_steps']} DPM-Solver++ steps, CFG {args.merged_guidance:g}": (
+            merged,
+            fs["num_inference_steps"],
+            args.merged_guidance,
+        ),
         f"few-step, {fs['num_inference_steps']} LCM steps, CFG off": (fast, fs["num_inference_steps"], fs["guidance_scale"]),
     }
     kw = {"height": args.size, "width": args.size} if args.size else {}
@@ -53,8 +57,16 @@ def main(argv=None) -> int:
 
     def call(pipe, steps, guidance):
         t0 = time.perf_counter()
-        pipe(prompts, style=style, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=[""] * args.batch,
-             generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+        pipe(
+            prompts,
+            style=style,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            negative_prompt=[""] * args.batch,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kw,
+        )
         return time.perf_counter() - t0
 
     times = {name: [] for name in rows}

@@ -38,8 +38,20 @@ def _merge(config: str, out: Path, steps: int, project: str, overrides: list[str
         return json.loads(record.read_text())
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} exists without a finished point; remove it or use another --out/--label")
-    cmd = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", config, "--set", f"output_dir={out}",
-           "--set", f"distill.steps={steps}", "--set", f"name={project}", "--set", f"tracking.project={project}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "merge.py"),
+        "--config",
+        config,
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"distill.steps={steps}",
+        "--set",
+        f"name={project}",
+        "--set",
+        f"tracking.project={project}",
+    ]
     for o in overrides:
         cmd += ["--set", o]
     print("+ " + " ".join(cmd[1:]), flush=True)
@@ -68,18 +80,34 @@ def _summary(evaluation: dict) -> dict:
 
     m, ref = np.array(evaluation["M"]), np.array(evaluation["M_ref"])
     styles = evaluation["styles"]
-    return {"FIDt": float(np.trace(m)), "FIDt_ref": float(np.trace(ref)), "ratio": float(np.trace(m) / np.trace(ref)),
-            "row_min": int(sum(int(np.argmin(m[i]) == i) for i in range(len(styles)))),
-            "diag": {s: float(m[i, i]) for i, s in enumerate(styles)},
-            "ref_diag": {s: float(ref[i, i]) for i, s in enumerate(styles)}}
+    return {
+        "FIDt": float(np.trace(m)),
+        "FIDt_ref": float(np.trace(ref)),
+        "ratio": float(np.trace(m) / np.trace(ref)),
+        "row_min": int(sum(int(np.argmin(m[i]) == i) for i in range(len(styles)))),
+        "diag": {s: float(m[i, i]) for i, s in enumerate(styles)},
+        "ref_diag": {s: float(ref[i, i]) for i, s in enumerate(styles)},
+    }
 
 
 def _second_seed_set(config: str, out: Path) -> dict:
     record = out / "point_seeds2.json"
     if record.exists():
         return json.loads(record.read_text())
-    cmd = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", str(out / "merged"), "--teachers", config,
-           "--section", "evaluation", "--config", config, "--out", str(out / "evaluation_seeds2")]
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "evaluate.py"),
+        "--model",
+        str(out / "merged"),
+        "--teachers",
+        config,
+        "--section",
+        "evaluation",
+        "--config",
+        config,
+        "--out",
+        str(out / "evaluation_seeds2"),
+    ]
     for s in SECOND_SEEDS:
         cmd += ["--set", s]
     with open(out / "evaluate_seeds2.log", "w") as logf:
@@ -100,20 +128,47 @@ def write_outputs(points: list[dict], folder: Path, title: str) -> tuple[Path, P
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         stage_names = sorted({k for p in points for k in p["stage_s"]})
-        w.writerow(["steps", "wall_s", *[f"{k}_s" for k in stage_names], "FIDt", "FIDt_ref", "ratio", "row_min",
-                    "ratio_seeds2", *[f"diag_{s}" for s in styles], *[f"ref_diag_{s}" for s in styles]])
+        w.writerow(
+            [
+                "steps",
+                "wall_s",
+                *[f"{k}_s" for k in stage_names],
+                "FIDt",
+                "FIDt_ref",
+                "ratio",
+                "row_min",
+                "ratio_seeds2",
+                *[f"diag_{s}" for s in styles],
+                *[f"ref_diag_{s}" for s in styles],
+            ]
+        )
         for p in points:
-            w.writerow([p["steps"], round(p["wall_s"], 1), *[round(p["stage_s"].get(k, 0.0), 1) for k in stage_names],
-                        round(p["FIDt"], 2), round(p["FIDt_ref"], 2), round(p["ratio"], 4), p["row_min"],
-                        round(p["seeds2"]["ratio"], 4) if p.get("seeds2") else "",
-                        *[round(p["diag"][s], 2) for s in styles], *[round(p["ref_diag"][s], 2) for s in styles]])
+            w.writerow(
+                [
+                    p["steps"],
+                    round(p["wall_s"], 1),
+                    *[round(p["stage_s"].get(k, 0.0), 1) for k in stage_names],
+                    round(p["FIDt"], 2),
+                    round(p["FIDt_ref"], 2),
+                    round(p["ratio"], 4),
+                    p["row_min"],
+                    round(p["seeds2"]["ratio"], 4) if p.get("seeds2") else "",
+                    *[round(p["diag"][s], 2) for s in styles],
+                    *[round(p["ref_diag"][s], 2) for s in styles],
+                ]
+            )
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "steps", "distill steps"), (axes[1], "wall_s", "merge wall time (s)")):
         xs = [p[key] for p in points]
         ax.plot(xs, [p["ratio"] for p in points], "k-o", lw=2.5, label="FIDt / FIDt_ref")
         if any(p.get("seeds2") for p in points):
-            ax.plot([p[key] for p in points if p.get("seeds2")], [p["seeds2"]["ratio"] for p in points if p.get("seeds2")],
-                    "k--s", lw=1.5, label="FIDt / FIDt_ref (seed sets 2)")
+            ax.plot(
+                [p[key] for p in points if p.get("seeds2")],
+                [p["seeds2"]["ratio"] for p in points if p.get("seeds2")],
+                "k--s",
+                lw=1.5,
+                label="FIDt / FIDt_ref (seed sets 2)",
+            )
         for s in styles:
             ax.plot(xs, [p["diag"][s] / max(p["ref_diag"][s], 1e-9) for p in points], "-", alpha=0.6, label=f"{s}: M(i,i)/M_ref(i,i)")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
@@ -141,9 +196,17 @@ def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[P
         return
     with tracker.project(params={"curve.label": label, "curve.overrides": json.dumps(overrides)}):
         for p in points:
-            tracker.log_metrics({"curve/FIDt": p["FIDt"], "curve/FIDt_ratio": p["ratio"], "curve/wall_s": p["wall_s"],
-                                 "curve/row_min": p["row_min"], **{f"curve/diag/{s}": v for s, v in p["diag"].items()},
-                                 **({"curve/FIDt_ratio_seeds2": p["seeds2"]["ratio"]} if p.get("seeds2") else {})}, step=p["steps"])
+            tracker.log_metrics(
+                {
+                    "curve/FIDt": p["FIDt"],
+                    "curve/FIDt_ratio": p["ratio"],
+                    "curve/wall_s": p["wall_s"],
+                    "curve/row_min": p["row_min"],
+                    **{f"curve/diag/{s}": v for s, v in p["diag"].items()},
+                    **({"curve/FIDt_ratio_seeds2": p["seeds2"]["ratio"]} if p.get("seeds2") else {}),
+                },
+                step=p["steps"],
+            )
         import mlflow
 
         for f in files:
@@ -175,8 +238,11 @@ def main(argv=None) -> int:
             point["seeds2"] = _second_seed_set(config, folder / f"steps_{s}")
         points.append(point)
         extra = f", seed sets 2: ratio {point['seeds2']['ratio']:.3f}" if point.get("seeds2") else ""
-        print(f"steps {s}: FIDt {point['FIDt']:.1f} / FIDt_ref {point['FIDt_ref']:.1f} = ratio {point['ratio']:.3f}, "
-              f"diagonal row minimum {point['row_min']}/{len(point['diag'])}, merge {point['wall_s']:.0f} s{extra}", flush=True)
+        print(
+            f"steps {s}: FIDt {point['FIDt']:.1f} / FIDt_ref {point['FIDt_ref']:.1f} = ratio {point['ratio']:.3f}, "
+            f"diagonal row minimum {point['row_min']}/{len(point['diag'])}, merge {point['wall_s']:.0f} s{extra}",
+            flush=True,
+        )
     files = write_outputs(points, folder, f"{project}: {' '.join(args.overrides) or 'preset'}")
     _log_to_mlflow(config, project, points, files, args.label, args.overrides)
     print(f"curve: {files[0]}\nplot:  {files[1]}")

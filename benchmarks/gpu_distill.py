@@ -31,8 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def build(k: int, rows_per_style: int, device: torch.device, tiny: bool, teacher_dtype: torch.dtype, checkpointing: bool,
-          optimizer: str, latent: int, kind: str = "full", lora_rank: int = 64):
+def build(
+    k: int,
+    rows_per_style: int,
+    device: torch.device,
+    tiny: bool,
+    teacher_dtype: torch.dtype,
+    checkpointing: bool,
+    optimizer: str,
+    latent: int,
+    kind: str = "full",
+    lora_rank: int = 64,
+):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -58,8 +68,10 @@ def build(k: int, rows_per_style: int, device: torch.device, tiny: bool, teacher
             shared = copy.deepcopy(base).to(teacher_dtype).requires_grad_(False).eval()
             names = [f"teacher_{j}" for j in range(k)]
             for name in names:
-                shared.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(COMMON_LORA_TARGETS),
-                                              init_lora_weights="gaussian"), adapter_name=name)
+                shared.add_adapter(
+                    LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(COMMON_LORA_TARGETS), init_lora_weights="gaussian"),
+                    adapter_name=name,
+                )
             shared.to(device=device, dtype=teacher_dtype).requires_grad_(False)
             shared_text = copy.deepcopy(text).to(teacher_dtype)
             bank = TeacherBank.adapters(shared, names, [shared_text] * k)
@@ -77,8 +89,7 @@ def build(k: int, rows_per_style: int, device: torch.device, tiny: bool, teacher
     del base
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
-    step = DistillStep(student, text, bank, None, sched, LossSettings(), k, disc,
-                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    step = DistillStep(student, text, bank, None, sched, LossSettings(), k, disc, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     opt_s = make_adamw(student.parameters(), 1e-5, 1e-2, optimizer)
     opt_d = make_adamw(disc.head.parameters(), 1e-5, 1e-2, optimizer)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -90,8 +101,13 @@ def build(k: int, rows_per_style: int, device: torch.device, tiny: bool, teacher
             x0 = torch.randn(rows_per_style, 4, latent, latent, generator=g)
             eps = torch.randn(x0.shape, generator=g)
             t = torch.randint(0, 1000, (rows_per_style,), generator=g)
-            subs.append({"noisy_latents": sched.add_noise(x0, eps, t).to(device), "timesteps": t.to(device),
-                         "input_ids": torch.randint(0, vocab - 2, (rows_per_style, 77), generator=g).to(device)})
+            subs.append(
+                {
+                    "noisy_latents": sched.add_noise(x0, eps, t).to(device),
+                    "timesteps": t.to(device),
+                    "input_ids": torch.randint(0, vocab - 2, (rows_per_style, 77), generator=g).to(device),
+                }
+            )
         ids = torch.arange(k, device=device).repeat_interleave(rows_per_style)
         return concat_batches(subs), ids
 
@@ -106,8 +122,9 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
-    step, opt_s, opt_d, batch = build(k, rows, device, args.tiny, dtype, args.gradient_checkpointing, args.optimizer, args.latent,
-                                      kind, args.lora_rank)
+    step, opt_s, opt_d, batch = build(
+        k, rows, device, args.tiny, dtype, args.gradient_checkpointing, args.optimizer, args.latent, kind, args.lora_rank
+    )
     built = time.time() - started
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -126,18 +143,38 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
         torch.cuda.synchronize(device)
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated(device) if cuda else _rss()
-    result = {"k": k, "teachers": kind, "rows_per_style": rows, "rows_per_step": rows * k, "steps": args.steps,
-              "samples_per_s": rows * k * args.steps / seconds, "s_per_step": seconds / args.steps,
-              "peak_gib": peak / 2**30, "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
-              "build_s": built}
+    result = {
+        "k": k,
+        "teachers": kind,
+        "rows_per_style": rows,
+        "rows_per_step": rows * k,
+        "steps": args.steps,
+        "samples_per_s": rows * k * args.steps / seconds,
+        "s_per_step": seconds / args.steps,
+        "peak_gib": peak / 2**30,
+        "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
+        "build_s": built,
+    }
     if not args.tiny:
         from dmm_ray.memory_plan import Layout, lora_params, plan_layout
 
         n_lora = k if kind == "lora" else 0
-        plan = plan_layout(Layout(arch="sd15", teachers_on_worker=k, batch_per_style=rows, resolution=args.latent * 8, num_styles=k,
-                                  teacher_dtype=args.teacher_dtype, gradient_checkpointing=args.gradient_checkpointing,
-                                  optimizer=args.optimizer, gpu=cuda, offload=kind == "offload", lora_teachers=n_lora,
-                                  lora_adapter_bytes=(4 * lora_params("sd15", args.lora_rank),) * n_lora))
+        plan = plan_layout(
+            Layout(
+                arch="sd15",
+                teachers_on_worker=k,
+                batch_per_style=rows,
+                resolution=args.latent * 8,
+                num_styles=k,
+                teacher_dtype=args.teacher_dtype,
+                gradient_checkpointing=args.gradient_checkpointing,
+                optimizer=args.optimizer,
+                gpu=cuda,
+                offload=kind == "offload",
+                lora_teachers=n_lora,
+                lora_adapter_bytes=(4 * lora_params("sd15", args.lora_rank),) * n_lora,
+            )
+        )
         overhead = sum(b for n, b, _ in plan.lines if "CUDA context" in n)
         result["planned_gib"] = (plan.total - overhead) / 2**30  # allocated memory: without context/slack
     del step, opt_s, opt_d, batch, one
@@ -153,12 +190,13 @@ def _rss() -> int:
 
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["k"] == 1), results[0])
-    lines = ["| k teachers | held as | rows/step | samples/s | vs k=1 | peak memory | planner (no context/slack) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| k teachers | held as | rows/step | samples/s | vs k=1 | peak memory | planner (no context/slack) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         planned = f"{r['planned_gib']:.1f} GiB" if "planned_gib" in r else "-"
-        lines.append(f"| {r['k']} | {r.get('teachers', 'full')} | {r['rows_per_step']} ({r['rows_per_style']}/style) | {r['samples_per_s']:.2f} | "
-                     f"{r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['peak_gib']:.2f} GiB | {planned} |")
+        lines.append(
+            f"| {r['k']} | {r.get('teachers', 'full')} | {r['rows_per_step']} ({r['rows_per_style']}/style) | {r['samples_per_s']:.2f} | "
+            f"{r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['peak_gib']:.2f} GiB | {planned} |"
+        )
     return "\n".join(lines)
 
 
@@ -194,8 +232,11 @@ def main(argv=None) -> int:
     runs += [(int(x), "offload") for x in args.offload_ks.split(",") if x]
     for k, kind in runs:
         r = measure(k, args, device, kind)
-        print(f"k={k} {kind}: {r['samples_per_s']:.2f} samples/s, {r['s_per_step']:.3f} s/step, peak {r['peak_gib']:.2f} GiB "
-              f"(built in {r['build_s']:.0f} s)", flush=True)
+        print(
+            f"k={k} {kind}: {r['samples_per_s']:.2f} samples/s, {r['s_per_step']:.3f} s/step, peak {r['peak_gib']:.2f} GiB "
+            f"(built in {r['build_s']:.0f} s)",
+            flush=True,
+        )
         results.append(r)
     print(table(results))
     if args.json:

@@ -46,9 +46,15 @@ def run_one(k: int, out: Path, steps: int | None, extra: list[str]) -> dict:
     folder = out / f"k{k}"
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    overrides = [f"name=dmm-eq-k{k}", f"output_dir={folder}", f"scaling.teachers_per_worker={k}", "distill.log_every=1",
-                 f"tracking.uri={uri}", "tracking.registered_model_name=null",
-                 f"data.shards={out / 'latents'}"]  # encoded once, read by every layout
+    overrides = [
+        f"name=dmm-eq-k{k}",
+        f"output_dir={folder}",
+        f"scaling.teachers_per_worker={k}",
+        "distill.log_every=1",
+        f"tracking.uri={uri}",
+        "tracking.registered_model_name=null",
+        f"data.shards={out / 'latents'}",
+    ]  # encoded once, read by every layout
     if steps is not None:
         overrides += [f"distill.steps={steps}", f"distill.checkpoint_every={steps}"]
     cfg = load_config(ROOT / "jobs" / "configs" / "toy.yaml", overrides + extra, build_zoo=True)
@@ -66,11 +72,20 @@ def run_one(k: int, out: Path, steps: int | None, extra: list[str]) -> dict:
                     curves[key] = [steps[i] for i in sorted(steps)]
     distill = result.stage_metrics.get("distill", {})
     evaluation = result.evaluation.to_dict() if result.evaluation is not None else {}
-    return {"k": k, "workers": cfg.num_workers, "steps": cfg.distill.steps, "seconds": seconds,
-            "distill_seconds": distill.get("seconds"), "samples_per_s": distill.get("samples_per_s"),
-            "peak_rss_mb_rank0": distill.get("peak_rss_mb"), "curves": curves,
-            "FIDt": evaluation.get("FIDt"), "FIDt_ref": evaluation.get("FIDt_ref"), "ratio": evaluation.get("ratio"),
-            "diagonal": evaluation.get("diagonal")}
+    return {
+        "k": k,
+        "workers": cfg.num_workers,
+        "steps": cfg.distill.steps,
+        "seconds": seconds,
+        "distill_seconds": distill.get("seconds"),
+        "samples_per_s": distill.get("samples_per_s"),
+        "peak_rss_mb_rank0": distill.get("peak_rss_mb"),
+        "curves": curves,
+        "FIDt": evaluation.get("FIDt"),
+        "FIDt_ref": evaluation.get("FIDt_ref"),
+        "ratio": evaluation.get("ratio"),
+        "diagonal": evaluation.get("diagonal"),
+    }
 
 
 def _noise(curve: list[float], window: int = 5) -> float:
@@ -82,7 +97,7 @@ def _noise(curve: list[float], window: int = 5) -> float:
         return float("nan")
     w = min(window, len(c))
     smooth = np.convolve(c, np.ones(w) / w, mode="same")
-    return float(np.std((c - smooth)[w // 2: len(c) - w // 2] if len(c) > w else c - smooth))
+    return float(np.std((c - smooth)[w // 2 : len(c) - w // 2] if len(c) > w else c - smooth))
 
 
 def compare(results: list[dict]) -> dict:
@@ -91,6 +106,7 @@ def compare(results: list[dict]) -> dict:
     ref = next(r for r in results if r["k"] == max(r["k"] for r in results))
     summary = {"reference_k": ref["k"], "layouts": []}
     key = "distill/loss_total"
+
     def curve_of(r):
         c = list(r["curves"].get(key, []))
         return np.asarray(c[1:] if len(c) == r["steps"] + 1 else c)  # a run recorded with the stage summary first
@@ -100,14 +116,25 @@ def compare(results: list[dict]) -> dict:
         curve = curve_of(r)
         n = min(len(curve), len(ref_curve))
         rss = r["peak_rss_mb_rank0"]
-        row = {"k": r["k"], "W": r["workers"], "samples_per_s": r["samples_per_s"], "peak_rss_mb_rank0": rss,
-               "peak_rss_mb_all_workers_est": None if rss is None else rss * r["workers"],  # symmetric layouts: W x rank 0's
-               "FIDt": r["FIDt"], "ratio": r["ratio"], "distill_seconds": r["distill_seconds"]}
+        row = {
+            "k": r["k"],
+            "W": r["workers"],
+            "samples_per_s": r["samples_per_s"],
+            "peak_rss_mb_rank0": rss,
+            "peak_rss_mb_all_workers_est": None if rss is None else rss * r["workers"],  # symmetric layouts: W x rank 0's
+            "FIDt": r["FIDt"],
+            "ratio": r["ratio"],
+            "distill_seconds": r["distill_seconds"],
+        }
         if n:
             tail = max(1, n // 5)
-            row.update({"loss_mean_last_20pct": float(curve[n - tail:n].mean()),
-                        "loss_mean_abs_diff_vs_ref": float(np.abs(curve[:n] - ref_curve[:n]).mean()),
-                        "loss_noise": _noise(list(curve[:n]))})
+            row.update(
+                {
+                    "loss_mean_last_20pct": float(curve[n - tail : n].mean()),
+                    "loss_mean_abs_diff_vs_ref": float(np.abs(curve[:n] - ref_curve[:n]).mean()),
+                    "loss_noise": _noise(list(curve[:n])),
+                }
+            )
         if r["FIDt"] is not None and ref["FIDt"]:
             row["FIDt_rel_diff_vs_ref"] = r["FIDt"] / ref["FIDt"] - 1
         summary["layouts"].append(row)
@@ -119,23 +146,28 @@ def compare(results: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     ref = summary["reference_k"]
-    lines = [f"| k | W | samples/s | peak RSS: rank 0 (x W) | loss (last 20 %) | mean abs diff vs k={ref} | loss noise | FIDt | ratio | FIDt vs k={ref} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| k | W | samples/s | peak RSS: rank 0 (x W) | loss (last 20 %) | mean abs diff vs k={ref} | loss noise | FIDt | ratio | FIDt vs k={ref} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for r in summary["layouts"]:
-        lines.append(f"| {r['k']} | {r['W']} | {f(r['samples_per_s'], '.2f')} | {f(r['peak_rss_mb_rank0'], '.0f')} MB ({f(r['peak_rss_mb_all_workers_est'], '.0f')} MB) | "
-                     f"{f(r.get('loss_mean_last_20pct'), '.4f')} | {f(r.get('loss_mean_abs_diff_vs_ref'), '.4f')} | "
-                     f"{f(r.get('loss_noise'), '.4f')} | {f(r['FIDt'], '.1f')} | {f(r['ratio'], '.3f')} | "
-                     f"{f(r.get('FIDt_rel_diff_vs_ref'), '+.1%')} |")
+        lines.append(
+            f"| {r['k']} | {r['W']} | {f(r['samples_per_s'], '.2f')} | {f(r['peak_rss_mb_rank0'], '.0f')} MB ({f(r['peak_rss_mb_all_workers_est'], '.0f')} MB) | "
+            f"{f(r.get('loss_mean_last_20pct'), '.4f')} | {f(r.get('loss_mean_abs_diff_vs_ref'), '.4f')} | "
+            f"{f(r.get('loss_noise'), '.4f')} | {f(r['FIDt'], '.1f')} | {f(r['ratio'], '.3f')} | "
+            f"{f(r.get('FIDt_rel_diff_vs_ref'), '+.1%')} |"
+        )
     if "throughput_ratio_kmax_vs_k1" in summary:
         lines.append(f"\nthroughput k={summary['reference_k']} (W=1) / k=1 (W=8): {summary['throughput_ratio_kmax_vs_k1']:.2f}x")
     return "\n".join(lines)
 
 
 # ---- LoRA teachers: adapters on one base vs fused copies ----------------------------------------
+
 
 def _lora_specs():
     from dmm_ray import paths
@@ -158,6 +190,7 @@ def lora_memory_one(shared: bool) -> dict:
     import peft  # noqa: F401  (libraries imported before the baseline: only the teachers' memory is counted)
     from diffusers import StableDiffusionPipeline  # noqa: F401
     from diffusers.loaders import peft as _  # noqa: F401
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     bank = load_teacher_bank(specs, "cpu", lambda parts: conditioner_for(parts, 4), share_lora_base=shared)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -176,8 +209,13 @@ def lora_memory_one(shared: bool) -> dict:
 def lora_memory() -> dict:
     runs = {}
     for shared in (True, False):
-        proc = subprocess.run([sys.executable, __file__, "--lora-memory-one", "shared" if shared else "fused"], capture_output=True, text=True,
-                              check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--lora-memory-one", "shared" if shared else "fused"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         runs["adapters" if shared else "fused"] = json.loads(proc.stdout.strip().splitlines()[-1])
     from dmm_ray.memory_plan import GiB, Layout, lora_params, plan_layout
 
@@ -192,10 +230,14 @@ def lora_memory() -> dict:
         **runs,
         "tensor_ratio": runs["adapters"]["tensor_bytes"] / runs["fused"]["tensor_bytes"],
         "rss_growth_ratio": runs["adapters"]["rss_growth_kib"] / max(1, runs["fused"]["rss_growth_kib"]),
-        "planner_sd15_rank64": {"teachers_adapters_gib": teacher_bytes(shared) / GiB, "teachers_fused_gib": teacher_bytes(fused) / GiB,
-                                "teacher_ratio": teacher_bytes(shared) / teacher_bytes(fused),
-                                "worker_total_ratio": shared.total / fused.total,
-                                "worker_adapters_gib": shared.total / GiB, "worker_fused_gib": fused.total / GiB},
+        "planner_sd15_rank64": {
+            "teachers_adapters_gib": teacher_bytes(shared) / GiB,
+            "teachers_fused_gib": teacher_bytes(fused) / GiB,
+            "teacher_ratio": teacher_bytes(shared) / teacher_bytes(fused),
+            "worker_total_ratio": shared.total / fused.total,
+            "worker_adapters_gib": shared.total / GiB,
+            "worker_fused_gib": fused.total / GiB,
+        },
     }
 
 

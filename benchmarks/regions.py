@@ -54,8 +54,17 @@ def _load(model: str, zoo: Path):
 
 def _generate(pipe, prompts, seeds, **kw):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE] * len(prompts),
-                height=H, width=W, generator=gens, output_type="pt", **kw).images
+    return pipe(
+        prompts,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        negative_prompt=[NEGATIVE] * len(prompts),
+        height=H,
+        width=W,
+        generator=gens,
+        output_type="pt",
+        **kw,
+    ).images
 
 
 def _halves(pipe):
@@ -82,8 +91,10 @@ def two_region_test(pipe, net, prompts, styles, seeds, batch):
     halves = _halves(pipe)
     plain, out = {}, {"pairs": {}, "ceiling": {}}
     for s in styles:  # whole images of each style, same size and seeds: the ceiling
-        imgs = [_generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], style=s)
-                for k in range(0, len(seeds), batch)]
+        imgs = [
+            _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], style=s)
+            for k in range(0, len(seeds), batch)
+        ]
         plain[s] = torch.cat(imgs)
     seams = {"regions": [], "plain": [], "paste": []}
     examples = {}
@@ -91,10 +102,12 @@ def two_region_test(pipe, net, prompts, styles, seeds, batch):
         seams["plain"] += seam_ratio(plain[s], W // 2)
     for a, b in itertools.permutations(styles, 2):
         t0 = time.time()
-        imgs = torch.cat([
-            _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], regions=halves(a, b))
-            for k in range(0, len(seeds), batch)
-        ])
+        imgs = torch.cat(
+            [
+                _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], regions=halves(a, b))
+                for k in range(0, len(seeds), batch)
+            ]
+        )
         examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
         ia, ib = names.index(a), names.index(b)
         left, right = _style_logits(net, imgs[..., : W // 2]), _style_logits(net, imgs[..., W // 2 :])
@@ -233,9 +246,19 @@ def grid(pipe, examples, styles, prompts, out: Path, scale: int = 4) -> dict:
     pano_w = 256
     style_map = [(i / 4, (i + 1) / 4, s) for i, s in enumerate(styles)]
     t0 = time.time()
-    pano = pipe([prompts[3]], num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE],
-                height=H, width=pano_w, style_map=style_map, window_stride=16, max_batch=8,
-                generator=[torch.Generator().manual_seed(3)], output_type="pt").images[0]
+    pano = pipe(
+        [prompts[3]],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        negative_prompt=[NEGATIVE],
+        height=H,
+        width=pano_w,
+        style_map=style_map,
+        window_stride=16,
+        max_batch=8,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="pt",
+    ).images[0]
     pano_s = time.time() - t0
     to_pil = lambda t: Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))  # noqa: E731
     tw, th, label = W * scale, H * scale, 14
@@ -271,8 +294,18 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     zoo = Path(args.zoo)
     pipe, net, prompts, distinct = _load(args.model, zoo)
-    settings = dict(model=args.model, zoo=str(zoo), size=[H, W], steps=STEPS, guidance=GUIDANCE, negative_prompt=NEGATIVE,
-                    seeds=args.seeds, styles=distinct, threads=args.threads, feather_px=max(pipe.vae_scale_factor, min(H, W) / 16))
+    settings = dict(
+        model=args.model,
+        zoo=str(zoo),
+        size=[H, W],
+        steps=STEPS,
+        guidance=GUIDANCE,
+        negative_prompt=NEGATIVE,
+        seeds=args.seeds,
+        styles=distinct,
+        threads=args.threads,
+        feather_px=max(pipe.vae_scale_factor, min(H, W) / 16),
+    )
     print("settings:", json.dumps(settings), flush=True)
     result = {"settings": settings}
     print("cost (seconds per image):", flush=True)

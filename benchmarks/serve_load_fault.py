@@ -65,17 +65,30 @@ def running_model_replicas(app_name: str) -> int:
 
 
 def run_load_fault(
-    base_url: str, app_name: str, styles: list[str], requests: int = 500, concurrency: int = 32,
-    malformed_fraction: float = 0.1, kill_at: float = 1 / 3, replicas: int = 2, seed: int = 0,
-    size: int = 32, steps: int = 2, replace_timeout_s: float = 120.0, poisoned_fraction: float = 0.0,
-    overload_factor: float = 0.0, overload_s: float = 10.0, overload_max_requests: int = 3000,
+    base_url: str,
+    app_name: str,
+    styles: list[str],
+    requests: int = 500,
+    concurrency: int = 32,
+    malformed_fraction: float = 0.1,
+    kill_at: float = 1 / 3,
+    replicas: int = 2,
+    seed: int = 0,
+    size: int = 32,
+    steps: int = 2,
+    replace_timeout_s: float = 120.0,
+    poisoned_fraction: float = 0.0,
+    overload_factor: float = 0.0,
+    overload_s: float = 10.0,
+    overload_max_requests: int = 3000,
 ) -> dict:
     """Run the stream against a deployed app, kill a replica mid-run, then (overload_factor > 0) an
     open-loop phase at overload_factor x the sustained throughput; return a report (no asserts)."""
     import ray
 
-    calls = style_stream(styles, requests, seed=seed, malformed_fraction=malformed_fraction, steps=steps, size=size,
-                         poisoned_fraction=poisoned_fraction)
+    calls = style_stream(
+        styles, requests, seed=seed, malformed_fraction=malformed_fraction, steps=steps, size=size, poisoned_fraction=poisoned_fraction
+    )
     before = model_replicas(app_name)
     events: dict = {"replicas_before": before}
     rss_before = router_rss_bytes(app_name)
@@ -144,8 +157,7 @@ def run_load_fault(
             "errors_sample": [(r.status, r.error[:160]) for r in oresults if r.status >= 500 and r.status != 503][:5],
         }
         # after the overload, the server serves normally again
-        recover = asyncio.run(run_calls(base_url, style_stream(styles, concurrency, seed=seed + 3, steps=steps, size=size),
-                                        concurrency))
+        recover = asyncio.run(run_calls(base_url, style_stream(styles, concurrency, seed=seed + 3, steps=steps, size=size), concurrency))
         overload["after_ok"] = sum(r.status == 200 for r in recover)
         overload["after_sent"] = len(recover)
     rss_after = router_rss_bytes(app_name)
@@ -170,8 +182,7 @@ def run_load_fault(
         "malformed_statuses": sorted({(r.call.kind, r.status) for r in bad}),
         "sent_after_replacement": (sum(r.started_s > replaced_at for r in valid) if replaced_at else 0) + len(after),
         "after_replacement_ok": (
-            (sum(r.status == 200 for r in valid if r.started_s > replaced_at) if replaced_at else 0)
-            + sum(r.status == 200 for r in after)
+            (sum(r.status == 200 for r in valid if r.started_s > replaced_at) if replaced_at else 0) + sum(r.status == 200 for r in after)
         ),
         "after_wave": {"sent": len(after), "ok": sum(r.status == 200 for r in after)},
         "fault": events,
@@ -188,8 +199,7 @@ def check(report: dict) -> list[str]:
     single = len(report["fault"].get("replicas_before", [])) <= 1
     if single:
         if report["valid_5xx_outside_kill_window"]:
-            problems.append(f"{report['valid_5xx_outside_kill_window']} valid requests outside the kill window were 5xx: "
-                            f"{report['errors_sample']}")
+            problems.append(f"{report['valid_5xx_outside_kill_window']} valid requests outside the kill window were 5xx: {report['errors_sample']}")
     elif report["5xx"]:
         problems.append(f"{report['5xx']} responses were 5xx: {report['errors_sample']}")
     if report["transport_errors"]:
@@ -207,9 +217,7 @@ def check(report: dict) -> list[str]:
     if report["after_wave"]["ok"] != report["after_wave"]["sent"]:
         problems.append(f"after the replacement {report['after_wave']['ok']} of {report['after_wave']['sent']} requests succeeded")
     if not single and report["after_replacement_ok"] != report["sent_after_replacement"]:
-        problems.append(
-            f"after the replacement {report['after_replacement_ok']} of {report['sent_after_replacement']} valid requests succeeded"
-        )
+        problems.append(f"after the replacement {report['after_replacement_ok']} of {report['sent_after_replacement']} valid requests succeeded")
     o = report.get("overload")
     if o is not None:
         if o["503"] == 0:
@@ -248,16 +256,29 @@ def main(argv=None) -> int:
     from serve.app import build_app
 
     model = args.model or str(tiny_model_dir())
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
+    ray.init(
+        address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+    )  # a private cluster, never one left by `ray start`
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})  # as serve/config.yaml
         app = "dmm-load"
         serve.run(build_app({"model": model, "num_replicas": args.replicas, "num_cpus": 0.5}), name=app, route_prefix="/")
         styles = [s["name"] for s in __import__("httpx").get(f"http://127.0.0.1:{port}/styles").json()["styles"]]
-        report = run_load_fault(f"http://127.0.0.1:{port}", app, styles, args.requests, args.concurrency,
-                                args.malformed, replicas=args.replicas, steps=args.steps, size=args.size,
-                                poisoned_fraction=args.poisoned, overload_factor=args.overload, overload_s=args.overload_s)
+        report = run_load_fault(
+            f"http://127.0.0.1:{port}",
+            app,
+            styles,
+            args.requests,
+            args.concurrency,
+            args.malformed,
+            replicas=args.replicas,
+            steps=args.steps,
+            size=args.size,
+            poisoned_fraction=args.poisoned,
+            overload_factor=args.overload,
+            overload_s=args.overload_s,
+        )
         problems = check(report)
         report["problems"] = problems
         print(dumps(report))

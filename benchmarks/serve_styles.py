@@ -134,9 +134,15 @@ def make_teacher_mux(max_models: int):
             async with self._gpu:
                 t0 = time.perf_counter()
                 out = await asyncio.to_thread(
-                    pipe, prompt=body["prompt"], negative_prompt=PAPER_NEGATIVE_PROMPT,
-                    num_inference_steps=body["steps"], guidance_scale=7.0, width=body["width"], height=body["height"],
-                    generator=torch.Generator("cpu").manual_seed(body["seed"]), output_type="np",
+                    pipe,
+                    prompt=body["prompt"],
+                    negative_prompt=PAPER_NEGATIVE_PROMPT,
+                    num_inference_steps=body["steps"],
+                    guidance_scale=7.0,
+                    width=body["width"],
+                    height=body["height"],
+                    generator=torch.Generator("cpu").manual_seed(body["seed"]),
+                    output_type="np",
                 )
                 self.forward_s.append(time.perf_counter() - t0)
             buf = io.BytesIO()
@@ -258,9 +264,20 @@ def lora_cost(args, merged: Path) -> dict:
     fractions = [float(f) for f in args.lora_fractions.split(",")]
     for rep, frac in [(r, f) for r in range(args.lora_repeats) for f in fractions]:  # interleaved: load drifts hit all
         name = f"lora{int(round(frac * 100))}r{rep}"
-        serve.run(build_app({"model": str(merged), "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
-                             "batch_wait_timeout_s": 0.01, "limits": {"max_width": max(768, args.size)},
-                             "lora_adapters": {"subject": str(lora)}}), name=name, route_prefix=f"/{name}")
+        serve.run(
+            build_app(
+                {
+                    "model": str(merged),
+                    "num_replicas": args.replicas,
+                    "max_batch_size": args.max_batch_size,
+                    "batch_wait_timeout_s": 0.01,
+                    "limits": {"max_width": max(768, args.size)},
+                    "lora_adapters": {"subject": str(lora)},
+                }
+            ),
+            name=name,
+            route_prefix=f"/{name}",
+        )
         style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
         calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
         rng = random.Random(1)
@@ -272,14 +289,14 @@ def lora_cost(args, merged: Path) -> dict:
         key = f"{frac}#{rep}"
         out[key] = run_stream(base, calls, args.concurrency)
         stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
-        out[key].update(batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"],
-                        lora_requests=sum(1 for c in calls if "lora" in c.body))
+        out[key].update(
+            batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"], lora_requests=sum(1 for c in calls if "lora" in c.body)
+        )
         print(f"lora fraction {frac} (run {rep}): {dumps(out[key])}", flush=True)
         serve.delete(name)
     out["in_process"] = lora_forward_cost(merged, lora, args.steps, args.size)
     print(f"lora in process: {dumps(out['in_process'])}", flush=True)
-    out["throughput_rps_median"] = {
-        str(f): statistics.median(out[f"{f}#{r}"]["throughput_rps"] for r in range(args.lora_repeats)) for f in fractions}
+    out["throughput_rps_median"] = {str(f): statistics.median(out[f"{f}#{r}"]["throughput_rps"] for r in range(args.lora_repeats)) for f in fractions}
     ref = out["throughput_rps_median"].get("0.0")
     if ref:
         out["throughput_relative_to_no_lora"] = {k: v / ref for k, v in out["throughput_rps_median"].items()}
@@ -301,10 +318,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--skip-unbatched", action="store_true")
     p.add_argument("--out", type=Path, help="write the JSON report here")
-    p.add_argument("--lora-fractions", help="comma-separated shares of requests that name a preloaded LoRA adapter "
-                                            "(e.g. 0,0.5): measure only the merged deployment at each")
-    p.add_argument("--lora-repeats", type=int, default=1, help="with --lora-fractions: run the fractions this many "
-                                                               "times, interleaved, and report medians")
+    p.add_argument(
+        "--lora-fractions",
+        help="comma-separated shares of requests that name a preloaded LoRA adapter (e.g. 0,0.5): measure only the merged deployment at each",
+    )
+    p.add_argument(
+        "--lora-repeats", type=int, default=1, help="with --lora-fractions: run the fractions this many times, interleaved, and report medians"
+    )
     args = p.parse_args(argv)
 
     import httpx
@@ -323,7 +343,9 @@ def main(argv=None) -> int:
         root = Path(tempfile.gettempdir()) / f"dmm-bench-tiny-{args.num_styles}"
         merged, teachers = build_tiny_world(root, args.num_styles)
 
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # a private cluster, never one left by `ray start`
+    ray.init(
+        address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+    )  # a private cluster, never one left by `ray start`
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "merged": str(merged), "teachers": sorted(teachers)}
     if args.lora_fractions:
         try:
@@ -344,9 +366,19 @@ def main(argv=None) -> int:
         variants = [("merged", args.max_batch_size)] + ([] if args.skip_unbatched else [("merged_unbatched", 1)])
         style_names = None
         for name, batch in variants:
-            serve.run(build_app({"model": str(merged), "num_replicas": args.replicas, "max_batch_size": batch,
-                                 "batch_wait_timeout_s": 0.01, "limits": {"max_width": max(768, args.size)}}),
-                      name=name, route_prefix=f"/{name}")
+            serve.run(
+                build_app(
+                    {
+                        "model": str(merged),
+                        "num_replicas": args.replicas,
+                        "max_batch_size": batch,
+                        "batch_wait_timeout_s": 0.01,
+                        "limits": {"max_width": max(768, args.size)},
+                    }
+                ),
+                name=name,
+                route_prefix=f"/{name}",
+            )
             style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
             missing = set(style_names) ^ set(teachers)
             if missing:
@@ -376,7 +408,8 @@ def main(argv=None) -> int:
         loads = [x for s in stats[:1] for x in s["load_s"]]
         fwds = [x for s in stats[:1] for x in s["forward_s"]]
         report["multiplexed"].update(
-            rss_bytes=max(s["rss_bytes"] for s in stats), param_bytes=max(s["param_bytes"] for s in stats),
+            rss_bytes=max(s["rss_bytes"] for s in stats),
+            param_bytes=max(s["param_bytes"] for s in stats),
             checkpoint_loads=sum(len(s["load_s"]) for s in stats[:1]),
             load_s_median=statistics.median(loads) if loads else float("nan"),
             forward_s_median=statistics.median(fwds) if fwds else float("nan"),

@@ -48,8 +48,10 @@ def main(argv=None) -> int:
         label = f"row{i + 1}"
         folder = (Path(args.out) / label).resolve()
         point = fc._merge(config, folder / f"steps_{cfg.distill.steps}", cfg.distill.steps, f"{cfg.name}-table1", args.overrides + sets)
-        lines.append(f"| {name} | {point['FIDt']:.1f} | {point['FIDt_ref']:.1f} | {point['ratio']:.3f} | "
-                     f"{point['row_min']}/{len(point['diag'])} | {point['wall_s']:.0f} |")
+        lines.append(
+            f"| {name} | {point['FIDt']:.1f} | {point['FIDt_ref']:.1f} | {point['ratio']:.3f} | "
+            f"{point['row_min']}/{len(point['diag'])} | {point['wall_s']:.0f} |"
+        )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     Path(args.out, "table1.md").write_text(table + "\n")

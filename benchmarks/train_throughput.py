@@ -32,8 +32,7 @@ def _ray_worker(config: dict) -> None:
     import tempfile
 
     # Ray Train V2 keeps the metrics of reports that carry a checkpoint: attach an empty one.
-    ray.train.report({"samples_per_s": rate, "peak_mb": peak_memory_mb()},
-                     checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp()))
+    ray.train.report({"samples_per_s": rate, "peak_mb": peak_memory_mb()}, checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp()))
 
 
 def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> dict:
@@ -53,13 +52,22 @@ def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> 
     plain_mb = peak_memory_mb()
     del step, opt_s, opt_d
     ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
-    trainer = TorchTrainer(_ray_worker, train_loop_config=dict(base=base, batch=batch, steps=steps, warmup=warmup, threads=threads),
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-                           run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dmm-bench-")))
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=dict(base=base, batch=batch, steps=steps, warmup=warmup, threads=threads),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dmm-bench-")),
+    )
     metrics = trainer.fit().metrics
     ray.shutdown()
-    return {"batch": batch, "plain_samples_per_s": plain, "ray_samples_per_s": metrics["samples_per_s"],
-            "ratio": metrics["samples_per_s"] / plain, "plain_peak_mb": plain_mb, "ray_worker_peak_mb": metrics["peak_mb"]}
+    return {
+        "batch": batch,
+        "plain_samples_per_s": plain,
+        "ray_samples_per_s": metrics["samples_per_s"],
+        "ratio": metrics["samples_per_s"] / plain,
+        "plain_peak_mb": plain_mb,
+        "ray_worker_peak_mb": metrics["peak_mb"],
+    }
 
 
 def dry_run(num_styles: int = 8, batch: int = 20) -> dict:
@@ -75,7 +83,10 @@ def dry_run(num_styles: int = 8, batch: int = 20) -> dict:
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         student = StyleUNet(**{k: v for k, v in unet.config.items() if not k.startswith("_")}, style_names=[f"s{i}" for i in range(num_styles)])
         disc = MultiClassDiscriminator(unet, num_styles)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768))  # SD1.5: CLIP ViT-L/14 text tower
+        text = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
+        )  # SD1.5: CLIP ViT-L/14 text tower
+
     def count(m, trainable=None):
         return sum(p.numel() for p in m.parameters() if trainable is None or p.requires_grad == trainable)
 
@@ -85,8 +96,12 @@ def dry_run(num_styles: int = 8, batch: int = 20) -> dict:
     # student: fp32 weights + grads + AdamW (2 moments) = 16 B/param; frozen nets in bf16 = 2 B/param
     static = (16 * (p_student + p_head) + 2 * (p_teacher + p_backbone + 2 * p_text)) / gb
     return {
-        "student_params": p_student, "extra_style_params": p_student - p_teacher, "teacher_params": p_teacher,
-        "text_encoder_params": p_text, "disc_head_params": p_head, "disc_backbone_params_frozen": p_backbone,
+        "student_params": p_student,
+        "extra_style_params": p_student - p_teacher,
+        "teacher_params": p_teacher,
+        "text_encoder_params": p_text,
+        "disc_head_params": p_head,
+        "disc_backbone_params_frozen": p_backbone,
         "static_memory_gb_per_worker": round(static, 2),
         "note": f"activations for batch {batch} at 64x64 latents come on top (bf16 autocast; measure with --base on a GPU)",
     }

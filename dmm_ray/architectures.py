@@ -45,7 +45,11 @@ def merged_folder(path: str | Path) -> str | Path:
     if "://" not in str(path) and not folder.exists() and (old / "unet" / "config.json").is_file():
         logging.getLogger(__name__).warning(
             "%s is missing but %s holds the previous merged model (a save was interrupted); loading that. "
-            "Re-run the merge (jobs/merge.py) on the same output_dir to restore %s.", folder, old, folder.name)
+            "Re-run the merge (jobs/merge.py) on the same output_dir to restore %s.",
+            folder,
+            old,
+            folder.name,
+        )
         return old
     return path
 

@@ -26,8 +26,9 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = True
-    tracking_uri: str = Field(default_factory=paths.default_tracking_uri,
-                              description="any MLflow tracking URI; default: sqlite:///$DMM_HOME/mlflow.db")
+    tracking_uri: str = Field(
+        default_factory=paths.default_tracking_uri, description="any MLflow tracking URI; default: sqlite:///$DMM_HOME/mlflow.db"
+    )
     registry_uri: str | None = Field(None, description="model registry URI (default: the tracking URI)")
     experiment: str = "dmm-ray"
     project: str = Field("dmm-merge", description="parent run name; one parent run per merge project")
@@ -56,7 +57,7 @@ class TrackingConfig(BaseModel):
         # MLflow's default artifact root is relative to the cwd of whoever creates the experiment
         # (inside a Ray job's temporary working_dir): keep artifacts beside the SQLite file instead.
         if self.artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
-            db = Path(self.tracking_uri[len("sqlite:///"):])
+            db = Path(self.tracking_uri[len("sqlite:///") :])
             self.artifact_location = (db.parent / "mlartifacts").as_uri()
         return self
 
@@ -69,12 +70,26 @@ class StyleAdaptersConfig(_Section):
     """Per-style low-rank adapters (extension, not in the paper; dmm_ray/models/style_adapters.py)."""
 
     rank: int = Field(0, ge=0, description="rank r of each style's delta on every target layer; 0 switches adapters off")
-    init: Literal["svd", "zero"] = Field("svd", description="svd: style i starts at the best rank-r approximation of teacher "
-                                         "i's weight delta (LoRA extraction); zero: at the base")
+    init: Literal["svd", "zero"] = Field(
+        "svd", description="svd: style i starts at the best rank-r approximation of teacher i's weight delta (LoRA extraction); zero: at the base"
+    )
     targets: list[str] = Field(
         # what SD LoRAs adapt, plus the ResNet convs (colour and texture live there); PEFT's target_modules rule
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                                 "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj"],
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "conv1",
+            "conv2",
+            "conv_in",
+            "conv_out",
+            "time_emb_proj",
+        ],
         description="Linear/Conv2d module names (or name suffixes) that get per-style adapters",
     )
 
@@ -87,8 +102,11 @@ class StudentConfig(_Section):
         description="random: PyTorch default init of the style MLP (the reference code); zero: its last linear starts at 0, "
         "so the student starts exactly at the base output (pair it with distill.style_lr_mult)",
     )
-    style_film: bool = Field(False, description="extension (not in the paper): a zero-initialised per-ResNet-block scale and "
-                             "shift from the style vector, on top of the time-embedding injection")
+    style_film: bool = Field(
+        False,
+        description="extension (not in the paper): a zero-initialised per-ResNet-block scale and "
+        "shift from the style vector, on top of the time-embedding injection",
+    )
     style_adapters: StyleAdaptersConfig = Field(default_factory=StyleAdaptersConfig)
 
 
@@ -100,28 +118,39 @@ class DistillConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     score: bool = Field(True, description="score distillation MSE(eps_S, eps_T) (eq. 9)")
-    score_weighting: Literal["eps", "v"] = Field("eps", description="per-timestep weight of the score MSE: eps (paper: uniform) "
-                                                 "or v (weight 1/alpha_bar_t, the error of the v / x0 estimate the sampler steps "
-                                                 "with, clipped at score_weight_clip, normalised to mean 1 over t)")
+    score_weighting: Literal["eps", "v"] = Field(
+        "eps",
+        description="per-timestep weight of the score MSE: eps (paper: uniform) "
+        "or v (weight 1/alpha_bar_t, the error of the v / x0 estimate the sampler steps "
+        "with, clipped at score_weight_clip, normalised to mean 1 over t)",
+    )
     score_weight_clip: float = Field(20.0, ge=1, description="upper clip of the v weighting 1/alpha_bar_t (t near T reaches ~200)")
     lambda_feat: float = Field(0.001, ge=0, description="feature imitation weight (eq. 10); 0 switches it off")
     lambda_adv: float = Field(0.01, ge=0, description="multi-class adversarial weight (eq. 11); 0 switches it and the discriminator off")
     renoise_max_timestep: int = Field(500, gt=0, le=1000, description="discriminator inputs are re-noised at t' < this (A.2)")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="lr after warmup: constant (paper), cosine or linear decay to 0")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="lr after warmup: constant (paper), cosine or linear decay to 0"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear lr warmup from 0 over this many steps")
     style_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the style codebook and MLP (the only new parameters)")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the student (e.g. 0.999); saved as the merged model")
     ema_warmup: bool = Field(True, description="EMA decay ramps up as 1 - (1 + step)^-3/4 until ema_decay (short runs)")
-    bf16: bool = Field(True, description="student (and discriminator) in fp32 master weights with bf16 autocast on GPU "
-                       "workers (ignored on CPU)")
+    bf16: bool = Field(True, description="student (and discriminator) in fp32 master weights with bf16 autocast on GPU workers (ignored on CPU)")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the frozen teachers (UNets and text encoders) are loaded and run in; bfloat16/float16 "
-        "halve their memory (their outputs are cast back to float32 for the losses)")
-    gradient_checkpointing: bool = Field(False, description="recompute the student UNet's block activations in the backward "
-                                         "pass (diffusers enable_gradient_checkpointing): less activation memory, ~30% more compute")
+        "float32",
+        description="dtype the frozen teachers (UNets and text encoders) are loaded and run in; bfloat16/float16 "
+        "halve their memory (their outputs are cast back to float32 for the losses)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the student UNet's block activations in the backward "
+        "pass (diffusers enable_gradient_checkpointing): less activation memory, ~30% more compute",
+    )
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit"] = Field(
-        "adamw", description="adamw (torch), adamw_fused (torch fused kernel), adamw8bit (bitsandbytes AdamW8bit: 2 bytes of "
-        "state per parameter instead of 8; needs bitsandbytes installed on the workers)")
+        "adamw",
+        description="adamw (torch), adamw_fused (torch fused kernel), adamw8bit (bitsandbytes AdamW8bit: 2 bytes of "
+        "state per parameter instead of 8; needs bitsandbytes installed on the workers)",
+    )
     checkpoint_every: int = Field(100, gt=0, description="ray.train.report a checkpoint every K steps")
     log_every: int = Field(10, gt=0, description="log losses to MLflow every K steps (rank 0)")
     fail_at_step: Optional[int] = Field(None, description="testing only: kill worker 1 once at this step (fault-tolerance test)")
@@ -132,23 +161,43 @@ class ScalingSection(_Section):
     num_workers: Optional[int] = Field(None, ge=1, description="explicit W (must be N*k, +1 with incremental regularisation)")
     use_gpu: bool = False
     cpus_per_worker: float | Literal["auto"] = Field(
-        1.0, description="CPUs Ray reserves per Train worker; auto: the cluster's CPUs minus data_cpus, shared equally "
-        "by the workers (planned in dmm_ray.resources before Ray Train starts)")
-    data_cpus: float = Field(1.0, ge=1, description="CPUs left free for Ray Data (shard reads, tokenisation: 1 CPU per task) "
-                             "while Train workers run; the merge refuses to start when the cluster cannot keep them free")
+        1.0,
+        description="CPUs Ray reserves per Train worker; auto: the cluster's CPUs minus data_cpus, shared equally "
+        "by the workers (planned in dmm_ray.resources before Ray Train starts)",
+    )
+    data_cpus: float = Field(
+        1.0,
+        ge=1,
+        description="CPUs left free for Ray Data (shard reads, tokenisation: 1 CPU per task) "
+        "while Train workers run; the merge refuses to start when the cluster cannot keep them free",
+    )
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per worker (default: cpus_per_worker rounded, at least 1)")
-    teachers_per_worker: int = Field(1, ge=1, description="k teachers on one worker; each step every teacher gets its own "
-                                     "batch of its style (W = ceil(N/k) * workers_per_teacher)")
-    teacher_offload: bool = Field(False, description="keep full (non-LoRA) teachers in CPU RAM and copy each to the device "
-                                  "for its sub-batch (on GPU the next one is prefetched on a side stream): device memory "
-                                  "holds 2 teacher UNets instead of k")
-    share_lora_base: bool = Field(True, description="LoRA teachers of one base on a worker load the base ONCE plus one named "
-                                  "PEFT adapter each, switched per sub-batch (false: each LoRA fused into its own copy)")
-    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one worker's accelerator; the memory planner "
-                                           "(jobs/merge.py --dry-run, and every run) refuses a layout that will not fit")
+    teachers_per_worker: int = Field(
+        1, ge=1, description="k teachers on one worker; each step every teacher gets its own batch of its style (W = ceil(N/k) * workers_per_teacher)"
+    )
+    teacher_offload: bool = Field(
+        False,
+        description="keep full (non-LoRA) teachers in CPU RAM and copy each to the device "
+        "for its sub-batch (on GPU the next one is prefetched on a side stream): device memory "
+        "holds 2 teacher UNets instead of k",
+    )
+    share_lora_base: bool = Field(
+        True,
+        description="LoRA teachers of one base on a worker load the base ONCE plus one named "
+        "PEFT adapter each, switched per sub-batch (false: each LoRA fused into its own copy)",
+    )
+    gpu_memory_gb: Optional[float] = Field(
+        None,
+        gt=0,
+        description="memory of one worker's accelerator; the memory planner "
+        "(jobs/merge.py --dry-run, and every run) refuses a layout that will not fit",
+    )
     gpus_per_worker: float = Field(1.0, ge=0)
-    check_resources: bool = Field(True, description="refuse a layout the cluster cannot hold (needed vs available CPUs/GPUs) "
-                                  "before Ray Train starts; false on an autoscaling cluster whose nodes join on demand")
+    check_resources: bool = Field(
+        True,
+        description="refuse a layout the cluster cannot hold (needed vs available CPUs/GPUs) "
+        "before Ray Train starts; false on an autoscaling cluster whose nodes join on demand",
+    )
     max_failures: int = Field(2, ge=-1, description="FailureConfig: restarts from the last checkpoint (-1 = unlimited)")
     ray_address: Optional[str] = Field(None, description="ray.init address; default: RAY_ADDRESS or a local Ray")
 
@@ -169,14 +218,18 @@ class SynthesisConfig(_Section):
     negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
     resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
     batch_size: int = Field(10, ge=1, description="images per teacher forward")
-    actors: Optional[int] = Field(None, ge=1, description="synthesis actors (default: one per teacher); each serves its "
-                                  "teachers in turn, so a CPU machine can run one actor per core")
+    actors: Optional[int] = Field(
+        None,
+        ge=1,
+        description="synthesis actors (default: one per teacher); each serves its teachers in turn, so a CPU machine can run one actor per core",
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per synthesis actor (also its torch threads)")
     finetune_steps: int = Field(10000, ge=0, description="paper: 10k iterations at batch 10")
     finetune_batch_size: int = Field(10, ge=1)
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: distill.lr")
-    finetune_continue: bool = Field(False, description="the fine-tune continues the distill stage's discriminator head, "
-                                    "both optimizers' state and the EMA (else: fresh ones)")
+    finetune_continue: bool = Field(
+        False, description="the fine-tune continues the distill stage's discriminator head, both optimizers' state and the EMA (else: fresh ones)"
+    )
 
 
 class IncrementalConfig(_Section):
@@ -188,8 +241,11 @@ class MergeConfig(_Section):
     name: str = Field("dmm-merge", description="merge project name: MLflow parent run and registered model name")
     output_dir: str = Field(description="where checkpoints, shards and the merged model go; default $DMM_HOME/outputs/<name>")
     seed: int = 0
-    zoo: Optional[str] = Field(None, description="a toy-zoo manifest (zoo.yaml or its folder), or a preset name (full, micro): "
-                               "$DMM_HOME/zoo/<name>, built on first use; fills teachers, student.base and data defaults")
+    zoo: Optional[str] = Field(
+        None,
+        description="a toy-zoo manifest (zoo.yaml or its folder), or a preset name (full, micro): "
+        "$DMM_HOME/zoo/<name>, built on first use; fills teachers, student.base and data defaults",
+    )
     zoo_teachers: Optional[list[int | str]] = Field(None, description="use only these zoo teachers (indices or names), in this order")
     teachers: list[TeacherSpec] = Field(default_factory=list)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -199,7 +255,9 @@ class MergeConfig(_Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
-    tracking: dict[str, Any] = Field(default_factory=dict, description="see TrackingConfig (validated at load; the project and model default to `name`)")
+    tracking: dict[str, Any] = Field(
+        default_factory=dict, description="see TrackingConfig (validated at load; the project and model default to `name`)"
+    )
     # --- few-step model (dmm_ray/fast, jobs/fast.py) ---
     fast: FastConfig = Field(default_factory=FastConfig, description="LCM distillation of the merged model; enabled: run it after the merge")
 
@@ -241,21 +299,28 @@ class MergeConfig(_Section):
         _check_section("evaluation", self.evaluation)
         _check_section("tracking", self.tracking)
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
-            raise ValueError("data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; "
-                             "it needs synthesis.enabled: true")
+            raise ValueError(
+                "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
+            )
         if self.distill.optimizer == "adamw8bit":
             import importlib.util
 
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes, which is not installed here "
-                                 "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused")
+                raise ValueError(
+                    "distill.optimizer: adamw8bit needs bitsandbytes, which is not installed here "
+                    "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused"
+                )
         n, groups = len(self.teachers), self.teacher_groups
         expected = groups * self.scaling.workers_per_teacher + self.regularization_workers
         if self.scaling.num_workers is not None and self.scaling.num_workers != expected:
             k_ok = (self.scaling.num_workers - self.regularization_workers) % groups == 0 and self.scaling.num_workers > self.regularization_workers
             if not k_ok:
                 reg = " + 1 regularisation worker" if self.regularization_workers else ""
-                what = f"the {n} teachers" if groups == n else f"the {groups} teacher groups ({n} teachers, {self.scaling.teachers_per_worker} per worker)"
+                what = (
+                    f"the {n} teachers"
+                    if groups == n
+                    else f"the {groups} teacher groups ({n} teachers, {self.scaling.teachers_per_worker} per worker)"
+                )
                 raise ValueError(
                     f"scaling.num_workers={self.scaling.num_workers} is not a multiple of {what}{reg}; "
                     f"use N*k{' + 1' if reg else ''} workers, e.g. {expected}"
@@ -273,16 +338,21 @@ class MergeConfig(_Section):
 
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in ("base", "vae", "tokenizer", "shards")})
         if data.source is not None:
-            data = data.model_copy(update={"source": data.source.model_copy(update={
-                "root": fix(data.source.root), "annotations": [fix(a) for a in data.source.annotations]})})  # manifest: relative to root
-        return self.model_copy(update={
-            "output_dir": fix(self.output_dir),
-            "teachers": [t.model_copy(update={"source": fix(t.source), "base": fix(t.base)}) for t in self.teachers],
-            "student": self.student.model_copy(update={"base": fix(self.student.base)}),
-            "data": data,
-            "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
-            "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
-        })
+            data = data.model_copy(
+                update={
+                    "source": data.source.model_copy(update={"root": fix(data.source.root), "annotations": [fix(a) for a in data.source.annotations]})
+                }
+            )  # manifest: relative to root
+        return self.model_copy(
+            update={
+                "output_dir": fix(self.output_dir),
+                "teachers": [t.model_copy(update={"source": fix(t.source), "base": fix(t.base)}) for t in self.teachers],
+                "student": self.student.model_copy(update={"base": fix(self.student.base)}),
+                "data": data,
+                "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
+                "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
+            }
+        )
 
     @property
     def regularization_workers(self) -> int:
@@ -385,14 +455,17 @@ def _zoo_manifest(value: str, build: bool) -> Path:
         elif not (folder / "zoo.yaml").is_file():
             raise ConfigError(
                 f"zoo: {value!r} names the toy-zoo preset at {folder}, which is not built yet; build it with "
-                f"`python jobs/build_zoo.py --size {value}` (jobs/merge.py builds it on first use)")
+                f"`python jobs/build_zoo.py --size {value}` (jobs/merge.py builds it on first use)"
+            )
         return folder / "zoo.yaml"
     zoo_path = Path(value)
     if zoo_path.is_dir():
         zoo_path = zoo_path / "zoo.yaml"
     if not zoo_path.exists():
-        raise ConfigError(f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`, "
-                          f"or name a preset (zoo: full / zoo: micro, built on first use under $DMM_HOME/zoo)")
+        raise ConfigError(
+            f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`, "
+            f"or name a preset (zoo: full / zoo: micro, built on first use under $DMM_HOME/zoo)"
+        )
     return zoo_path
 
 
@@ -438,8 +511,7 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
         tree.setdefault("evaluation", {}).setdefault("feature_net", rel(zoo["feature_net"]))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None,
-                build_zoo: bool = False) -> MergeConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None, build_zoo: bool = False) -> MergeConfig:
     """The validated config of a YAML file plus `--set` overrides (and `extra` top-level keys).
 
     Relative paths in the file resolve against the file's folder, those in overrides and `extra`

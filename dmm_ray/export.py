@@ -62,8 +62,10 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
     if not isinstance(unet, StyleUNet):
         raise ExportError(f"bake needs a merged model's StyleUNet, got {type(unet).__name__} (already a plain UNet?)")
     if getattr(unet, "peft_config", None):
-        raise ExportError("the UNet has LoRA adapters loaded; bake the merged model alone "
-                          "(pipe.unload_lora_weights()) and load the LoRA on the baked export instead")
+        raise ExportError(
+            "the UNet has LoRA adapters loaded; bake the merged model alone "
+            "(pipe.unload_lora_weights()) and load the LoRA on the baked export instead"
+        )
     if unet.config.get("encoder_hid_dim_type") == "ip_image_proj":
         raise ExportError("the UNet has an IP-Adapter loaded; bake first, then load_ip_adapter on the baked export")
     if unet.config.get("class_embeddings_concat"):
@@ -139,12 +141,20 @@ def bake(pipe, style=None, style_weights=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     unet = bake_unet(pipe.unet, style, style_weights)
-    common = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
-                  image_encoder=getattr(pipe, "image_encoder", None), feature_extractor=getattr(pipe, "feature_extractor", None))
+    common = dict(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet,
+        scheduler=pipe.scheduler,
+        image_encoder=getattr(pipe, "image_encoder", None),
+        feature_extractor=getattr(pipe, "feature_extractor", None),
+    )
     if getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "components", {}):
         force_zeros = pipe.config.get("force_zeros_for_empty_prompt", True) if hasattr(pipe, "config") else True
-        return StableDiffusionXLPipeline(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
-                                         force_zeros_for_empty_prompt=force_zeros, **common)
+        return StableDiffusionXLPipeline(
+            text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, force_zeros_for_empty_prompt=force_zeros, **common
+        )
     return StableDiffusionPipeline(safety_checker=None, requires_safety_checker=False, **common)
 
 
@@ -179,8 +189,9 @@ def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:
     return out
 
 
-def provenance(pipe, model: str, style=None, style_weights=None, model_dir: str | os.PathLike | None = None,
-               run_id: str | None = None) -> dict[str, str]:
+def provenance(
+    pipe, model: str, style=None, style_weights=None, model_dir: str | os.PathLike | None = None, run_id: str | None = None
+) -> dict[str, str]:
     """safetensors metadata (str -> str) for a baked export: where it came from and with which style.
 
     Keys: `dmm.merged_model` (the --model argument), `dmm.merged_name`, `dmm.merged_unet_fingerprint`,
@@ -235,8 +246,7 @@ def _unet_weights(folder: Path) -> Path:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtype: str = "fp32",
-                    metadata: Mapping[str, str] | None = None) -> Path:
+def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtype: str = "fp32", metadata: Mapping[str, str] | None = None) -> Path:
     """Write a plain (baked) pipeline as a diffusers folder or one original-layout .safetensors file
     (SD1.5 or SDXL), carrying `metadata` in the safetensors header. Written beside `out` and
     moved into place, so a failed export never leaves a half-written file under the final name."""
@@ -309,8 +319,7 @@ def write_config_folder(pipe, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def export_command(model: str, style=None, style_weights: Mapping[str, float] | None = None, out: str | None = None,
-                   fmt: str = "single_file") -> str:
+def export_command(model: str, style=None, style_weights: Mapping[str, float] | None = None, out: str | None = None, fmt: str = "single_file") -> str:
     """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it)."""
     import shlex
 

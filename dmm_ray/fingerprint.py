@@ -39,8 +39,17 @@ class StaleStateError(ValueError):
 def _teachers(cfg) -> list[dict]:
     from dmm_ray.teachers import teacher_checksum
 
-    return [{"name": t.name, "format": t.resolved_format(), "source": str(t.source), "base": t.base and str(t.base),
-             "lora_scale": t.lora_scale, "checksum": teacher_checksum(t)} for t in cfg.teachers]
+    return [
+        {
+            "name": t.name,
+            "format": t.resolved_format(),
+            "source": str(t.source),
+            "base": t.base and str(t.base),
+            "lora_scale": t.lora_scale,
+            "checksum": teacher_checksum(t),
+        }
+        for t in cfg.teachers
+    ]
 
 
 def _shards(cfg) -> dict:
@@ -84,7 +93,11 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "seed": cfg.seed,
         "student.base.checksum": _base_checksum(cfg.student.base),
         **{f"student.{k}": v for k, v in cfg.student.model_dump(mode="json").items() if k != "base"},
-        **{f"distill.{k}": v for k, v in cfg.distill.model_dump(mode="json").items() if k not in _DISTILL_IGNORED and _DISTILL_OMITTED_AT.get(k, object()) != v},
+        **{
+            f"distill.{k}": v
+            for k, v in cfg.distill.model_dump(mode="json").items()
+            if k not in _DISTILL_IGNORED and _DISTILL_OMITTED_AT.get(k, object()) != v
+        },
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
         "data.synthetic_fraction": cfg.data.synthetic_fraction,
         "data.shards": _shards(cfg),
@@ -97,8 +110,11 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         distill.update({f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"})
     if stage == "distill":
         return distill
-    return {**distill, **{f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"},
-            **{f"synthesis.{k}": getattr(s, k) for k in _FINETUNE_KEYS}}
+    return {
+        **distill,
+        **{f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"},
+        **{f"synthesis.{k}": getattr(s, k) for k in _FINETUNE_KEYS},
+    }
 
 
 def _remote(out) -> bool:

@@ -41,18 +41,52 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw8bit": 2}
 COMMON_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+)
+CLIP_BIGG = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
 ARCHITECTURES = {"sd15": (SD15_UNET, [CLIP_L], 512), "sdxl": (SDXL_UNET, [CLIP_L, CLIP_BIGG], 1024)}
 
 
@@ -85,8 +119,10 @@ class Plan:
         width = max(len(n) for n, _, _ in self.lines)
         out = [title] if title else []
         out += [f"  {n:<{width}}  {b / GiB:8.2f} GiB  ({how})" for n, b, how in self.lines]
-        out.append(f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB" + (f"  of {self.capacity / GiB:.0f} GiB: "
-                                                                          f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.capacity else ""))
+        out.append(
+            f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB"
+            + (f"  of {self.capacity / GiB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}" if self.capacity else "")
+        )
         out += [f"  note: {n}" for n in self.notes]
         return "\n".join(out)
 
@@ -120,8 +156,9 @@ _ARCHS: dict[str, Arch] = {}
 def arch_from_folder(folder: str | Path) -> Arch:
     folder = Path(folder)
     unet = json.loads((folder / "unet" / "config.json").read_text())
-    encoders = [json.loads((folder / te / "config.json").read_text()) for te in ("text_encoder", "text_encoder_2")
-                if (folder / te / "config.json").is_file()]
+    encoders = [
+        json.loads((folder / te / "config.json").read_text()) for te in ("text_encoder", "text_encoder_2") if (folder / te / "config.json").is_file()
+    ]
     vae = json.loads((folder / "vae" / "config.json").read_text())
     return Arch(folder.name, unet, encoders, 2 ** (len(vae["block_out_channels"]) - 1), f"read from {folder}")
 
@@ -242,6 +279,7 @@ def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: b
         added = {"text_embeds": torch.zeros(1, pooled, device="meta", dtype=dt), "time_ids": torch.zeros(1, 6, device="meta", dtype=dt)}
     stop = None
     if part == "disc":
+
         class _Stop(Exception):
             pass
 
@@ -306,18 +344,32 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
     per_row = activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing)
     L.append((f"student activations ({rows} rows{', checkpointed' if lay.gradient_checkpointing else ''})", per_row * rows, "measured (meta device)"))
     if lay.lambda_adv > 0:
-        L.append((f"discriminator generator-term activations ({rows} rows)",
-                  activation_bytes_per_row(key, latent, act_dtype, False, "disc") * rows, "measured (meta device)"))
+        L.append(
+            (
+                f"discriminator generator-term activations ({rows} rows)",
+                activation_bytes_per_row(key, latent, act_dtype, False, "disc") * rows,
+                "measured (meta device)",
+            )
+        )
     teacher_rows = lay.batch_per_style
-    teacher_act = int(TEACHER_ACT_FRACTION * activation_bytes_per_row(key, latent, act_dtype if lay.teacher_dtype == "float32" and not autocast
-                                                                     else "bfloat16", False) * teacher_rows)
+    teacher_act = int(
+        TEACHER_ACT_FRACTION
+        * activation_bytes_per_row(key, latent, act_dtype if lay.teacher_dtype == "float32" and not autocast else "bfloat16", False)
+        * teacher_rows
+    )
     L.append((f"teacher forward, one sub-batch of {teacher_rows} (no grad)", teacher_act, "estimated"))
-    L.append(("CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
-              (OVERHEAD_BYTES if lay.gpu else GiB) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)), "estimated"))
+    L.append(
+        (
+            "CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
+            (OVERHEAD_BYTES if lay.gpu else GiB) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)),
+            "estimated",
+        )
+    )
     return plan
 
 
 # ---- from a merge config ------------------------------------------------------------------
+
 
 def _lora_file_bytes(path: str) -> int | None:
     p = Path(path)
@@ -370,18 +422,34 @@ def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
             assumed.append(spec.name)
         sizes.append(size)
     if assumed:
-        notes.append(f"LoRA file(s) of {', '.join(assumed[:3])}{' ...' if len(assumed) > 3 else ''} not here: planned as rank "
-                     f"{lora_rank} on the attention/proj/ff layers")
+        notes.append(
+            f"LoRA file(s) of {', '.join(assumed[:3])}{' ...' if len(assumed) > 3 else ''} not here: planned as rank "
+            f"{lora_rank} on the attention/proj/ff layers"
+        )
     if len(groups) > 1:
         notes.append("LoRAs of more than one base on this worker: planned as if they shared one base (an underestimate)")
     d = cfg.distill
     vae = _ARCHS[key].vae_factor
     res = cfg.synthesis.resolution or cfg.data.encode.resolution
-    lay = Layout(arch=key, teachers_on_worker=k, lora_teachers=len(loras), lora_adapter_bytes=tuple(sizes),
-                 batch_per_style=cfg.data.stream.batch_size, resolution=res, num_styles=len(cfg.teachers),
-                 teacher_dtype=d.teacher_dtype, bf16=d.bf16, gpu=cfg.scaling.use_gpu, gradient_checkpointing=d.gradient_checkpointing,
-                 optimizer=d.optimizer, ema=d.ema_decay is not None, offload=cfg.scaling.teacher_offload, lambda_adv=d.lambda_adv,
-                 adapter_rank=cfg.student.style_adapters.rank, adapter_targets=tuple(cfg.student.style_adapters.targets))
+    lay = Layout(
+        arch=key,
+        teachers_on_worker=k,
+        lora_teachers=len(loras),
+        lora_adapter_bytes=tuple(sizes),
+        batch_per_style=cfg.data.stream.batch_size,
+        resolution=res,
+        num_styles=len(cfg.teachers),
+        teacher_dtype=d.teacher_dtype,
+        bf16=d.bf16,
+        gpu=cfg.scaling.use_gpu,
+        gradient_checkpointing=d.gradient_checkpointing,
+        optimizer=d.optimizer,
+        ema=d.ema_decay is not None,
+        offload=cfg.scaling.teacher_offload,
+        lambda_adv=d.lambda_adv,
+        adapter_rank=cfg.student.style_adapters.rank,
+        adapter_targets=tuple(cfg.student.style_adapters.targets),
+    )
     del vae
     return lay, notes
 
@@ -416,8 +484,9 @@ def suggestions(lay: Layout, capacity_gb: float, num_teachers: int, workers_per_
         out.append(f"data.stream.batch_size: {b} (per style; distill.grad_accum: {math.ceil(lay.batch_per_style / b)} keeps the samples per step)")
     if out:
         return out
-    savings = dict(gradient_checkpointing=True, teacher_dtype="bfloat16", optimizer="adamw8bit",
-                   offload=lay.teachers_on_worker - lay.lora_teachers > 2)
+    savings = dict(
+        gradient_checkpointing=True, teacher_dtype="bfloat16", optimizer="adamw8bit", offload=lay.teachers_on_worker - lay.lora_teachers > 2
+    )
     label = "distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16 + distill.optimizer: adamw8bit"
     label += " + scaling.teacher_offload: true" if savings["offload"] else ""
     k = next((k for k in range(lay.teachers_on_worker, 0, -1) if fits(with_k(k, **savings))), None)
@@ -442,8 +511,10 @@ def plan_config(cfg, lora_rank: int = 64) -> tuple[Plan, Layout]:
 
 def describe(cfg, plan: Plan) -> str:
     k = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
-    title = (f"memory plan (per worker; W = {cfg.num_workers}, the busiest worker hosts {k} teacher{'s' if k > 1 else ''}, "
-             f"{k} x {cfg.data.stream.batch_size} rows per micro-batch)")
+    title = (
+        f"memory plan (per worker; W = {cfg.num_workers}, the busiest worker hosts {k} teacher{'s' if k > 1 else ''}, "
+        f"{k} x {cfg.data.stream.batch_size} rows per micro-batch)"
+    )
     return plan.format(title)
 
 
@@ -456,7 +527,8 @@ def check_fits(cfg, lora_rank: int = 64) -> Plan | None:
         tips = suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher)
         raise MemoryPlanError(
             f"the layout does not fit: one worker needs {plan.total / GiB:.1f} GiB but scaling.gpu_memory_gb is "
-            f"{cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n" + "\n".join(f"  {t}" for t in tips))
+            f"{cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n" + "\n".join(f"  {t}" for t in tips)
+        )
     return plan
 
 
@@ -468,8 +540,10 @@ SAVINGS = [  # tried in this order, the first that fits is reported
     ("bf16 teachers, checkpointing", dict(teacher_dtype="bfloat16", gradient_checkpointing=True)),
     ("bf16 teachers, checkpointing, offload", dict(teacher_dtype="bfloat16", gradient_checkpointing=True, offload=True)),
     ("bf16 teachers, checkpointing, 8-bit AdamW", dict(teacher_dtype="bfloat16", gradient_checkpointing=True, optimizer="adamw8bit")),
-    ("bf16 teachers, checkpointing, offload, 8-bit AdamW",
-     dict(teacher_dtype="bfloat16", gradient_checkpointing=True, offload=True, optimizer="adamw8bit")),
+    (
+        "bf16 teachers, checkpointing, offload, 8-bit AdamW",
+        dict(teacher_dtype="bfloat16", gradient_checkpointing=True, offload=True, optimizer="adamw8bit"),
+    ),
 ]
 
 
@@ -481,8 +555,16 @@ def best_layout(arch: str, n: int, lora: bool, gpu_gb: float, batch: int, lora_r
 
     def layout(k: int, rows: int, change: dict) -> Layout:
         nl = k if lora and k > 1 else 0
-        return Layout(arch=arch, teachers_on_worker=k, lora_teachers=nl, lora_adapter_bytes=(adapter,) * nl, batch_per_style=rows,
-                      resolution=res, num_styles=n, **change)
+        return Layout(
+            arch=arch,
+            teachers_on_worker=k,
+            lora_teachers=nl,
+            lora_adapter_bytes=(adapter,) * nl,
+            batch_per_style=rows,
+            resolution=res,
+            num_styles=n,
+            **change,
+        )
 
     rows = batch
     while rows >= 1:
@@ -535,8 +617,10 @@ def main(argv=None) -> int:
     plan, lay = plan_config(cfg, args.lora_rank)
     print(describe(cfg, plan))
     if not plan.fits:
-        print("it fits with any of:\n" + "\n".join(f"  {t}" for t in suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers),
-                                                                                   cfg.workers_per_teacher)))
+        print(
+            "it fits with any of:\n"
+            + "\n".join(f"  {t}" for t in suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher))
+        )
         return 2
     return 0
 

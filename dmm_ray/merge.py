@@ -80,11 +80,12 @@ def describe_layout(cfg: MergeConfig) -> str:
 
     n, k, m = len(cfg.teachers), cfg.scaling.teachers_per_worker, cfg.workers_per_teacher
     groups = cfg.teacher_groups
-    head = (f"layout: W = {cfg.num_workers} worker(s) = {groups} teacher group(s) (ceil({n} teachers / {k} per worker)) "
-            f"x {m} worker(s) each" + (" + 1 regularisation worker" if cfg.regularization_workers else ""))
+    head = f"layout: W = {cfg.num_workers} worker(s) = {groups} teacher group(s) (ceil({n} teachers / {k} per worker)) x {m} worker(s) each" + (
+        " + 1 regularisation worker" if cfg.regularization_workers else ""
+    )
     lines = [head]
     roles = worker_layout(n, m, 0, cfg.regularization_workers > 0, teachers_per_worker=k)
-    for role in roles[:groups] + roles[len(roles) - cfg.regularization_workers:] if cfg.regularization_workers else roles[:groups]:
+    for role in roles[:groups] + roles[len(roles) - cfg.regularization_workers :] if cfg.regularization_workers else roles[:groups]:
         if role.kind == "regularizer":
             lines.append(f"  worker {role.rank}: the previous merged model (regularisation of the old styles)")
             continue
@@ -148,8 +149,10 @@ def format_locations(cfg: MergeConfig, title: str) -> str:
     if db is not None and paths.in_temporary_dir(str(db)):
         temporary.append("MLflow store")
     if temporary:
-        lines.append(f"  WARNING: {', '.join(temporary)} lie(s) in Ray's temporary working dir {paths.ray_job_working_dir()}, "
-                     "which Ray deletes with the job's session; leave them unset ($DMM_HOME) or give absolute paths")
+        lines.append(
+            f"  WARNING: {', '.join(temporary)} lie(s) in Ray's temporary working dir {paths.ray_job_working_dir()}, "
+            "which Ray deletes with the job's session; leave them unset ($DMM_HOME) or give absolute paths"
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +178,10 @@ def all_teachers(cfg: MergeConfig) -> list:
         return list(cfg.teachers)
     old = recorded_teachers(cfg.incremental.base_merged)
     if old is None:
-        raise FileNotFoundError(f"{Path(cfg.incremental.base_merged) / MERGE_RECORD} is missing: the previous merged model does not "
-                                "list its teachers, so old styles cannot be evaluated")
+        raise FileNotFoundError(
+            f"{Path(cfg.incremental.base_merged) / MERGE_RECORD} is missing: the previous merged model does not "
+            "list its teachers, so old styles cannot be evaluated"
+        )
     return old + list(cfg.teachers)
 
 
@@ -255,7 +260,7 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     if restart:
         removed = fingerprint.discard_state(cfg, out)
         if removed:
-            log(f"--restart: removed {', '.join(str(p)[len(str(out)):].lstrip('/') for p in removed)} from {out}")
+            log(f"--restart: removed {', '.join(str(p)[len(str(out)) :].lstrip('/') for p in removed)} from {out}")
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
 
@@ -284,9 +289,11 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
     out, remote = output_location(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if remote:
-        log(f"output_dir {remote} is a URI: checkpoints, synthesized sets and fingerprints live there; local work is staged in {out} "
+        log(
+            f"output_dir {remote} is a URI: checkpoints, synthesized sets and fingerprints live there; local work is staged in {out} "
             "and the merged model and evaluation are uploaded when saved. The merge lock is taken in the staging folder: "
-            "it guards this machine only, so run one merge per output_dir URI")
+            "it guards this machine only, so run one merge per output_dir URI"
+        )
     with output_lock.hold(out, warn=log):
         return _merge(cfg, out, tracker, restart, started)
 
@@ -296,8 +303,14 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
     validate -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
-    log(f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
-        + (f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})" if cfg.incremental.base_merged else ""))
+    log(
+        f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
+        + (
+            f", incremental on {cfg.incremental.base_merged} (regularisation {'on' if cfg.regularization_workers else 'off'})"
+            if cfg.incremental.base_merged
+            else ""
+        )
+    )
     # validate: everything that can be checked before Ray starts (teachers, layout, resumable state)
     validate_before_ray(cfg)
     check_output_dir(cfg, restart)
@@ -375,8 +388,10 @@ def distill_stage(run: MergeRun) -> None:
 
     cfg, tracking = run.cfg, run.tracking
     mixed = run.shard_dirs is not None
-    log(f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
-        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if mixed else ""))
+    log(
+        f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
+        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if mixed else "")
+    )
     t0 = time.time()
     fingerprint.record(cfg, run.state, "distill")
     datasets = {"train": build_latent_dataset(cfg.data)}
@@ -396,13 +411,27 @@ def finetune_stage(run: MergeRun) -> None:
 
     cfg, s, out, tracking = run.cfg, run.cfg.synthesis, run.out, run.tracking
     init_state = _stage_folder(out / "stages" / "distill_state", run.remote, "distill_state") if s.finetune_continue else None
-    log(f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
-        + (" (continuing the distill discriminator and optimizer)" if init_state else ""))
+    log(
+        f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
+        + (" (continuing the distill discriminator and optimizer)" if init_state else "")
+    )
     t0 = time.time()
     fingerprint.record(cfg, run.state, "finetune")
-    finetune = fit_stage(build_trainer(cfg, "finetune", _synthetic_datasets(cfg, run.shard_dirs), tracking=tracking and {**tracking, "prefix": "finetune/"},
-                                       init_student=_stage_folder(run.student_dir, run.remote, run.student_dir.name), steps=s.finetune_steps,
-                                       batch_size=s.finetune_batch_size, lr=s.finetune_lr, split_datasets=False, init_state=init_state, plan=run.plan))
+    finetune = fit_stage(
+        build_trainer(
+            cfg,
+            "finetune",
+            _synthetic_datasets(cfg, run.shard_dirs),
+            tracking=tracking and {**tracking, "prefix": "finetune/"},
+            init_student=_stage_folder(run.student_dir, run.remote, run.student_dir.name),
+            steps=s.finetune_steps,
+            batch_size=s.finetune_batch_size,
+            lr=s.finetune_lr,
+            split_datasets=False,
+            init_state=init_state,
+            plan=run.plan,
+        )
+    )
     run.timed("finetune", t0, finetune.metrics)
     run.student_dir = _student_from_result(finetune, out / "stages" / "finetune_student")
 
@@ -438,8 +467,10 @@ def fast_stage(run: MergeRun) -> None:
 
     cfg, result, out = run.cfg, run.result, run.out
     fast_cfg = cfg if cfg.fast.output_dir else cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(out / "fast")})})
-    log(f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
-        + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else ""))
+    log(
+        f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
+        + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else "")
+    )
     fast_tracker = None
     if run.tracker is not None and getattr(run.tracker, "enabled", False):
         from dmm_ray.tracking import make_tracker
@@ -476,11 +507,26 @@ def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
 
         old = len(merged_style_names(cfg.incremental.base_merged))
     resolution = s.resolution or cfg.data.encode.resolution
-    log(f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
+    log(
+        f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})"
+    )
     t0 = time.time()
-    dirs = synthesize(cfg.teachers, old, _synthesis_prompts(cfg), fsu.location_join(out, "synthesized"), s.images_per_teacher,
-                      s.num_inference_steps, s.guidance_scale, resolution, s.batch_size, cfg.seed, cfg.scaling.use_gpu,
-                      s.negative_prompt, actors=s.actors, cpus_per_actor=s.cpus_per_actor)
+    dirs = synthesize(
+        cfg.teachers,
+        old,
+        _synthesis_prompts(cfg),
+        fsu.location_join(out, "synthesized"),
+        s.images_per_teacher,
+        s.num_inference_steps,
+        s.guidance_scale,
+        resolution,
+        s.batch_size,
+        cfg.seed,
+        cfg.scaling.use_gpu,
+        s.negative_prompt,
+        actors=s.actors,
+        cpus_per_actor=s.cpus_per_actor,
+    )
     log(f"synthesis done in {time.time() - t0:.0f} s")
     return dirs
 

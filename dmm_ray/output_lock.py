@@ -99,11 +99,13 @@ def acquire(out: Path, warn=print) -> dict:
             raise OutputDirBusyError(
                 f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
                 "Wait for it to finish, or write this merge elsewhere (--set output_dir=NEW_DIR). "
-                f"If that merge is no longer running, delete {path} and run again.")
+                f"If that merge is no longer running, delete {path} and run again."
+            )
         if owner_alive(owner):
             raise OutputDirBusyError(
                 f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
-                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this merge elsewhere (--set output_dir=NEW_DIR).")
+                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this merge elsewhere (--set output_dir=NEW_DIR)."
+            )
         warn(f"warning: taking over the stale lock {path} of a merge that is no longer running ({describe(owner)})")
         try:
             path.unlink()

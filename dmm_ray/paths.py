@@ -74,8 +74,10 @@ def check_not_mangled(path: str, setting: str | None = None) -> None:
     if not is_uri(path) and _MANGLED_URI.match(path.strip()) and not path.startswith(("models:/", "runs:/")):
         scheme = path.strip().split(":", 1)[0]
         where = f"{setting} " if setting else ""
-        raise ValueError(f"{where}{path!r} looks like a URI that lost a slash: give {scheme}://bucket/path "
-                         f"(object storage through pyarrow) or a local path; it is not written to a local folder named {scheme + ':'!r}")
+        raise ValueError(
+            f"{where}{path!r} looks like a URI that lost a slash: give {scheme}://bucket/path "
+            f"(object storage through pyarrow) or a local path; it is not written to a local folder named {scheme + ':'!r}"
+        )
 
 
 def _uri_key(uri: str) -> str:
@@ -116,7 +118,7 @@ def resolve_tracking_uri(uri: Optional[str], base: str | os.PathLike | None = No
     """A `sqlite:///relative.db` store made absolute by `resolve` (other URIs unchanged)."""
     if uri is None or not uri.startswith(SQLITE):
         return uri
-    db = uri[len(SQLITE):]
+    db = uri[len(SQLITE) :]
     if db.startswith("/") or db == ":memory:":
         return uri
     return SQLITE + resolve(db, base)
@@ -124,8 +126,8 @@ def resolve_tracking_uri(uri: Optional[str], base: str | os.PathLike | None = No
 
 def sqlite_path(uri: Optional[str]) -> Optional[Path]:
     """The database file of an absolute `sqlite:///` URI, else None."""
-    if uri and uri.startswith(SQLITE) and uri[len(SQLITE):].startswith("/"):
-        return Path(uri[len(SQLITE):])
+    if uri and uri.startswith(SQLITE) and uri[len(SQLITE) :].startswith("/"):
+        return Path(uri[len(SQLITE) :])
     return None
 
 
@@ -135,7 +137,7 @@ def ray_job_working_dir(cwd: str | os.PathLike | None = None) -> Optional[Path]:
     i = cwd.find(RAY_WORKING_DIR_MARKER)
     if i < 0:
         return None
-    rest = cwd[i + len(RAY_WORKING_DIR_MARKER):].split("/", 1)[0]  # the _ray_pkg_<hash> folder
+    rest = cwd[i + len(RAY_WORKING_DIR_MARKER) :].split("/", 1)[0]  # the _ray_pkg_<hash> folder
     return Path(cwd[: i + len(RAY_WORKING_DIR_MARKER)] + rest)
 
 

@@ -43,8 +43,11 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
         out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
         record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())
-        out.update(scheduler=record.get("scheduler", name), num_inference_steps=int(record["num_inference_steps"]),
-                   guidance_scale=float(record["guidance_scale"]))
+        out.update(
+            scheduler=record.get("scheduler", name),
+            num_inference_steps=int(record["num_inference_steps"]),
+            guidance_scale=float(record["guidance_scale"]),
+        )
         if record.get("negative_prompt") is not None:
             out["negative_prompt"] = str(record["negative_prompt"])
     return out
@@ -52,8 +55,12 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
 
 def sampler_record(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None, scheduler: str = PAPER_SCHEDULER) -> dict:
     """What a merge writes to `sampler.json`: the settings its teachers were sampled with (synthesis)."""
-    return {"scheduler": scheduler, "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
-            "negative_prompt": PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt}
+    return {
+        "scheduler": scheduler,
+        "num_inference_steps": int(num_inference_steps),
+        "guidance_scale": float(guidance_scale),
+        "negative_prompt": PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+    }
 
 
 def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_weights=None) -> torch.Tensor:
@@ -129,10 +136,22 @@ def _styled_call(parent_call):
     """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop."""
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, style: Any = None, style_weights: Any = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 num_images_per_prompt: int = 1, regions: Any = None, background: Any = None, style_map: Any = None,
-                 window_stride: int | None = None, max_batch: int | None = None, feather: float | None = None, **kwargs):
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        style: Any = None,
+        style_weights: Any = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        regions: Any = None,
+        background: Any = None,
+        style_map: Any = None,
+        window_stride: int | None = None,
+        max_batch: int | None = None,
+        feather: float | None = None,
+        **kwargs,
+    ):
         if num_inference_steps is None or guidance_scale is None:  # the model's own sampler (paper: 25, CFG 7; few-step: 4, CFG off)
             defaults = self.sampler_defaults
             num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -142,10 +161,21 @@ def _styled_call(parent_call):
             # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.
             from dmm_ray.regions import regional_call
 
-            return regional_call(self, parent_call, prompt, regions=regions, background=background, style=style,
-                                 style_weights=style_weights, style_map=style_map, window_stride=window_stride,
-                                 max_batch=max_batch, feather=feather, num_images_per_prompt=num_images_per_prompt,
-                                 kwargs=kwargs)
+            return regional_call(
+                self,
+                parent_call,
+                prompt,
+                regions=regions,
+                background=background,
+                style=style,
+                style_weights=style_weights,
+                style_map=style_map,
+                window_stride=window_stride,
+                max_batch=max_batch,
+                feather=feather,
+                num_images_per_prompt=num_images_per_prompt,
+                kwargs=kwargs,
+            )
         if max_batch is not None or feather is not None:
             raise ValueError("max_batch= and feather= apply to regions= or a panorama (style_map=, window_stride=)")
         return self._style_call(parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs)

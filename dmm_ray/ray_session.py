@@ -26,8 +26,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         # State API either: Ray Train's placement-group cleaner then warns every second that it cannot
         # query its controller (hundreds of identical lines per merge). Its cleanup still happens when
         # the run ends; the setup hook mutes only that logger in Ray's worker processes.
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver,
-                 runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs"})
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs"},
+        )
     return True
 
 

@@ -34,8 +34,19 @@ import torch.nn.functional as F
 
 from dmm_ray.models.style_unet import StyleError, resolve_style
 
-__all__ = ["Region", "sweep", "RegionalPlan", "View", "build_region_views", "build_panorama_views", "regional_call",
-           "feathered", "gaussian_window", "window_starts", "RegionError"]
+__all__ = [
+    "Region",
+    "sweep",
+    "RegionalPlan",
+    "View",
+    "build_region_views",
+    "build_panorama_views",
+    "regional_call",
+    "feathered",
+    "gaussian_window",
+    "window_starts",
+    "RegionError",
+]
 
 
 class RegionError(ValueError):
@@ -127,7 +138,7 @@ def feathered(mask: torch.Tensor, sigma: float) -> torch.Tensor:
 def _box_coverage(a: float, b: float, n: int) -> torch.Tensor:
     """Fraction of each of n equal cells of [0, 1] covered by [a, b]."""
     edges = torch.arange(n + 1, dtype=torch.float64) / n
-    cover = (torch.minimum(edges[1:], torch.tensor(b, dtype=torch.float64)) - torch.maximum(edges[:-1], torch.tensor(a, dtype=torch.float64)))
+    cover = torch.minimum(edges[1:], torch.tensor(b, dtype=torch.float64)) - torch.maximum(edges[:-1], torch.tensor(a, dtype=torch.float64))
     return (cover.clamp(min=0) * n).clamp(max=1).float()
 
 
@@ -140,9 +151,7 @@ def box_mask(box: Sequence[float], latent_size: tuple[int, int], label: str = "r
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise RegionError(f"{label}: box values must be finite, got {list(box)}")
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise RegionError(
-            f"{label}: box {list(box)} must be fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
-        )
+        raise RegionError(f"{label}: box {list(box)} must be fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     h, w = latent_size
     return _box_coverage(y0, y1, h)[:, None] * _box_coverage(x0, x1, w)[None, :]
 
@@ -253,16 +262,11 @@ def build_region_views(
             labels.append("background")
     elif float(union.min()) <= 0:
         uncovered = float((union <= 0).float().mean())
-        raise RegionError(
-            f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or pass background=<style>"
-        )
+        raise RegionError(f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or pass background=<style>")
     total = torch.stack(soft).sum(0)
     if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
         raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")
-    views = [
-        View(0, latent[0], 0, latent[1], row, s / total, p, lab)
-        for row, s, p, lab in zip(rows, soft, prompt_idx, labels)
-    ]
+    views = [View(0, latent[0], 0, latent[1], row, s / total, p, lab) for row, s, p, lab in zip(rows, soft, prompt_idx, labels)]
     return views, prompts
 
 
@@ -349,9 +353,17 @@ class RegionalUNet:
     The pipeline batch is [uncond images; cond images] under CFG, [images] without. View rows keep
     that order (half, image, view), so one full-canvas region reproduces plain generation exactly."""
 
-    def __init__(self, unet, inner_forward, plan: RegionalPlan, num_images: int, style_embeds: torch.Tensor,
-                 prompt_embeds: torch.Tensor | None = None, pooled_embeds: torch.Tensor | None = None,
-                 vae_scale_factor: int = 8):
+    def __init__(
+        self,
+        unet,
+        inner_forward,
+        plan: RegionalPlan,
+        num_images: int,
+        style_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_embeds: torch.Tensor | None = None,
+        vae_scale_factor: int = 8,
+    ):
         self.unet, self.inner, self.plan, self.num_images = unet, inner_forward, plan, num_images
         self.style_embeds = style_embeds  # (V, d) codebook-space rows, one per view
         self.prompt_embeds = prompt_embeds  # (P, L, D) region prompts (cond half)
@@ -359,8 +371,9 @@ class RegionalUNet:
         self.vae_scale_factor = vae_scale_factor
         self.calls = 0  # inner UNet forwards made
 
-    def __call__(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, timestep_cond=None,
-                 return_dict: bool = True, **kwargs):
+    def __call__(
+        self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, timestep_cond=None, return_dict: bool = True, **kwargs
+    ):
         plan, B = self.plan, self.num_images
         M = sample.shape[0]
         if args:
@@ -409,8 +422,13 @@ class RegionalUNet:
                 extra["timestep_cond"] = torch.stack(tconds[sl])
             t = torch.stack(tsteps[sl]) if per_sample_t else timestep
             out = self.inner(
-                torch.stack(crops[sl]), t, torch.stack(ehs[sl]),
-                style_embeds=torch.stack(styles[sl]), return_dict=False, **extra, **kwargs,
+                torch.stack(crops[sl]),
+                t,
+                torch.stack(ehs[sl]),
+                style_embeds=torch.stack(styles[sl]),
+                return_dict=False,
+                **extra,
+                **kwargs,
             )[0]
             self.calls += 1
             outs.append(out)
@@ -445,9 +463,22 @@ def regional_forward(unet, make: Callable[[Callable], RegionalUNet]):
 
 
 # ---- the pipeline entry point ----------------------------------------------------------------
-def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, style=None, style_weights=None,
-                  style_map=None, window_stride=None, max_batch=None, feather=None, num_images_per_prompt: int = 1,
-                  kwargs: dict):
+def regional_call(
+    pipe,
+    parent_call,
+    prompt,
+    *,
+    regions=None,
+    background=None,
+    style=None,
+    style_weights=None,
+    style_map=None,
+    window_stride=None,
+    max_batch=None,
+    feather=None,
+    num_images_per_prompt: int = 1,
+    kwargs: dict,
+):
     """`pipe(prompt, regions=[...])` / `pipe(prompt, width=..., style_map=...)`: build the views,
     encode the region prompts, then run the pipeline's own diffusers loop with `RegionalUNet`."""
     from dmm_ray.models.style_unet import StyleUNet
@@ -503,12 +534,10 @@ def regional_call(pipe, parent_call, prompt, *, regions=None, background=None, s
         style_embeds = unet.style_embeds_for(style_weights=rows)
         prompt_embeds = pooled = None
         if plan.prompts:
-            encoded = pipe.encode_prompt(prompt=plan.prompts, device=device, num_images_per_prompt=1,
-                                         do_classifier_free_guidance=False)
+            encoded = pipe.encode_prompt(prompt=plan.prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             prompt_embeds = encoded[0]
             if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
                 pooled = encoded[2]
-    with regional_forward(unet, lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds,
-                                                           pooled, f)):
+    with regional_forward(unet, lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)):
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
     return out

@@ -25,8 +25,13 @@ from dataclasses import dataclass
 
 RAY_DATA_TASK_CPUS = 1.0  # Ray Data's default num_cpus for read and map tasks
 SYNTHESIS_ACTOR_CPUS = 1.0  # dmm_ray.distill.synthesis: TeacherSynthesizer.options(num_cpus=1)
-KNOBS = ("scaling.workers_per_teacher", "scaling.teachers_per_worker", "scaling.cpus_per_worker (or auto)",
-         "scaling.data_cpus", "--set scaling.num_workers=N")
+KNOBS = (
+    "scaling.workers_per_teacher",
+    "scaling.teachers_per_worker",
+    "scaling.cpus_per_worker (or auto)",
+    "scaling.data_cpus",
+    "--set scaling.num_workers=N",
+)
 
 
 class ResourceError(ValueError):
@@ -57,9 +62,11 @@ class ResourcePlan:
 
     def summary(self) -> str:
         gpus = f", {_n(self.train_gpus)} of {_n(self.cluster_gpus)} GPUs" if self.gpus_per_worker else ""
-        return (f"resources: {self.workers} Train workers x {_n(self.cpus_per_worker)} CPU = {_n(self.train_cpus)} CPUs{gpus}; "
-                f"{_n(self.data_limit_cpus)} CPUs left for Ray Data (at least {_n(self.data_cpus)}); cluster: {_n(self.cluster_cpus)} CPUs"
-                + (f", {_n(self.cluster_gpus)} GPUs" if self.cluster_gpus else ""))
+        return (
+            f"resources: {self.workers} Train workers x {_n(self.cpus_per_worker)} CPU = {_n(self.train_cpus)} CPUs{gpus}; "
+            f"{_n(self.data_limit_cpus)} CPUs left for Ray Data (at least {_n(self.data_cpus)}); cluster: {_n(self.cluster_cpus)} CPUs"
+            + (f", {_n(self.cluster_gpus)} GPUs" if self.cluster_gpus else "")
+        )
 
 
 def _n(x: float) -> str:
@@ -72,15 +79,20 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     s = cfg.scaling
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     workers = cfg.num_workers
-    layout = (f"{workers} Train workers ({cfg.teacher_groups} teacher group(s) x {cfg.workers_per_teacher} worker(s) per teacher"
-              + (" + 1 regularisation worker" if cfg.regularization_workers else "") + ")")
+    layout = (
+        f"{workers} Train workers ({cfg.teacher_groups} teacher group(s) x {cfg.workers_per_teacher} worker(s) per teacher"
+        + (" + 1 regularisation worker" if cfg.regularization_workers else "")
+        + ")"
+    )
     problems = []
     if s.cpus_per_worker == "auto":
         spare = cpus - s.data_cpus
         per_worker = math.floor(spare / workers * 1000) / 1000 if spare > 0 else 0.0
         if per_worker <= 0:
-            problems.append(f"CPUs: needed more than {_n(s.data_cpus)} = scaling.data_cpus for Ray Data's shard reads + a share "
-                            f"for each of the {workers} workers (scaling.cpus_per_worker=auto), available {_n(cpus)}")
+            problems.append(
+                f"CPUs: needed more than {_n(s.data_cpus)} = scaling.data_cpus for Ray Data's shard reads + a share "
+                f"for each of the {workers} workers (scaling.cpus_per_worker=auto), available {_n(cpus)}"
+            )
     else:
         per_worker = float(s.cpus_per_worker)
     gpus_per_worker = s.gpus_per_worker if s.use_gpu else 0.0
@@ -88,9 +100,12 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     if per_worker > 0 and plan.train_cpus + s.data_cpus > cpus + 1e-9:
         problems.append(
             f"CPUs: needed {_n(plan.train_cpus + s.data_cpus)} = {workers} workers x scaling.cpus_per_worker={_n(per_worker)} "
-            f"+ scaling.data_cpus={_n(s.data_cpus)} (Ray Data's shard reads), available {_n(cpus)}")
+            f"+ scaling.data_cpus={_n(s.data_cpus)} (Ray Data's shard reads), available {_n(cpus)}"
+        )
     if plan.train_gpus > gpus + 1e-9:
-        problems.append(f"GPUs: needed {_n(plan.train_gpus)} = {workers} workers x scaling.gpus_per_worker={_n(gpus_per_worker)}, available {_n(gpus)}")
+        problems.append(
+            f"GPUs: needed {_n(plan.train_gpus)} = {workers} workers x scaling.gpus_per_worker={_n(gpus_per_worker)}, available {_n(gpus)}"
+        )
     # Stages that do not overlap with training: each of their actors must at least fit on its own.
     singles = []
     if cfg.synthesis.enabled:
@@ -101,15 +116,26 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     if needs_encode:
         e = cfg.data.encode
         vae_cpus = RAY_DATA_TASK_CPUS * e.concurrency + (e.decode_cpus if e.num_gpus else 0.0)
-        singles.append((f"the encode stage ({e.concurrency} VAE actor(s))", vae_cpus, e.num_gpus * e.concurrency,
-                        "data.encode.concurrency / num_gpus"))
+        singles.append(
+            (f"the encode stage ({e.concurrency} VAE actor(s))", vae_cpus, e.num_gpus * e.concurrency, "data.encode.concurrency / num_gpus")
+        )
     for what, need_cpu, need_gpu, knob in singles:
         if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
-            problems.append(f"{what} needs {_n(need_cpu)} CPUs" + (f" and {_n(need_gpu)} GPUs" if need_gpu else "")
-                            + f", the cluster has {_n(cpus)} CPUs" + (f" and {_n(gpus)} GPUs" if need_gpu else "") + f" (change {knob})")
+            problems.append(
+                f"{what} needs {_n(need_cpu)} CPUs"
+                + (f" and {_n(need_gpu)} GPUs" if need_gpu else "")
+                + f", the cluster has {_n(cpus)} CPUs"
+                + (f" and {_n(gpus)} GPUs" if need_gpu else "")
+                + f" (change {knob})"
+            )
     if problems:
-        raise ResourceError(f"the cluster cannot hold this merge ({layout}); it would wait for resources forever:\n  "
-                            + "\n  ".join(problems) + "\nchange " + ", ".join(KNOBS) + ", or start Ray with more CPUs/GPUs")
+        raise ResourceError(
+            f"the cluster cannot hold this merge ({layout}); it would wait for resources forever:\n  "
+            + "\n  ".join(problems)
+            + "\nchange "
+            + ", ".join(KNOBS)
+            + ", or start Ray with more CPUs/GPUs"
+        )
     return plan
 
 
@@ -135,9 +161,18 @@ def check_cluster(cfg, needs_encode: bool = False) -> ResourcePlan:
             raise
         s = cfg.scaling
         per_worker = 1.0 if s.cpus_per_worker == "auto" else float(s.cpus_per_worker)
-        plan = ResourcePlan(float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)), cfg.num_workers, per_worker,
-                            s.gpus_per_worker if s.use_gpu else 0.0, s.data_cpus)
-        print(f"warning: the cluster does not hold this layout now (scaling.check_resources=false: waiting for nodes to join); {plan.summary()}", flush=True)
+        plan = ResourcePlan(
+            float(cluster.get("CPU", 0)),
+            float(cluster.get("GPU", 0)),
+            cfg.num_workers,
+            per_worker,
+            s.gpus_per_worker if s.use_gpu else 0.0,
+            s.data_cpus,
+        )
+        print(
+            f"warning: the cluster does not hold this layout now (scaling.check_resources=false: waiting for nodes to join); {plan.summary()}",
+            flush=True,
+        )
         return plan
     print(plan.summary(), flush=True)
     return plan

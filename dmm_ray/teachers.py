@@ -27,8 +27,15 @@ FORMATS = ("diffusers", "single_file", "lora", "ckpt")
 # Fields that must agree between every teacher and the student base for score distillation to
 # make sense: same UNet shapes, same latent space, same noise schedule / parameterisation.
 UNET_FIELDS = (
-    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
-    "up_block_types", "cross_attention_dim", "attention_head_dim", "addition_embed_type",
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "addition_embed_type",
 )
 VAE_FIELDS = ("latent_channels", "scaling_factor")
 SCHEDULER_FIELDS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
@@ -60,8 +67,10 @@ class TeacherSpec(BaseModel):
 
     def resolve_paths(self, root: str | os.PathLike) -> "TeacherSpec":
         """Paths relative to `root` (e.g. the folder of zoo.yaml) made absolute."""
+
         def fix(p):
             return p if p is None or "://" in p or os.path.isabs(p) else str(Path(root) / p)
+
         return self.model_copy(update={"source": fix(self.source), "base": fix(self.base)})
 
 
@@ -180,15 +189,31 @@ def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dt
     for module in (pipe.unet, pipe.text_encoder, pipe.vae, text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval().to(device)
-    return Teacher(spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec,
-                   text_encoder_2, getattr(pipe, "tokenizer_2", None))
+    return Teacher(
+        spec.name, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, spec, text_encoder_2, getattr(pipe, "tokenizer_2", None)
+    )
 
 
 # ---- file checks (jobs/merge.py --dry-run; run_merge before Ray starts) -----------------------
 
 # bytes per element of the safetensors dtypes
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                   "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # folders that must have config.json + weights
 
 
@@ -204,8 +229,10 @@ def scan_safetensors(path: str | os.PathLike, who: str, deep: bool = False) -> N
         head = handle.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
         if length < 2 or 8 + length > size:
-            raise TeacherError(f"{who}: {path} is truncated or not a safetensors file ({size} bytes; its header "
-                               f"{'is cut off' if length >= 2 else 'is missing'}); copy or download it again")
+            raise TeacherError(
+                f"{who}: {path} is truncated or not a safetensors file ({size} bytes; its header "
+                f"{'is cut off' if length >= 2 else 'is missing'}); copy or download it again"
+            )
         try:
             header = json.loads(handle.read(length))
         except ValueError as error:
@@ -223,13 +250,17 @@ def scan_safetensors(path: str | os.PathLike, who: str, deep: bool = False) -> N
         for dim in shape:
             numel *= int(dim)
         if width is not None and stop - start != numel * width:
-            raise TeacherError(f"{who}: {path}: tensor {key!r} of shape {shape} ({dtype}) needs {numel * width} bytes but the "
-                               f"header gives it {stop - start}; the file is corrupt, copy or download it again")
+            raise TeacherError(
+                f"{who}: {path}: tensor {key!r} of shape {shape} ({dtype}) needs {numel * width} bytes but the "
+                f"header gives it {stop - start}; the file is corrupt, copy or download it again"
+            )
         end = max(end, stop)
     have = size - 8 - length
     if have < end:
-        raise TeacherError(f"{who}: {path} is truncated: its header describes {end} bytes of tensors but only {have} follow "
-                           "(an interrupted download or copy?); copy or download it again")
+        raise TeacherError(
+            f"{who}: {path} is truncated: its header describes {end} bytes of tensors but only {have} follow "
+            "(an interrupted download or copy?); copy or download it again"
+        )
     if deep:
         from safetensors import safe_open
 
@@ -244,8 +275,10 @@ def _check_finite(tensor, key: str, path: Path, who: str) -> None:
     if torch.is_tensor(tensor) and tensor.is_floating_point():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
-            raise TeacherError(f"{who}: {path}: tensor {key!r} has {bad} NaN/Inf value(s) of {tensor.numel()}; distilling from "
-                               "it would make the loss NaN. Use an intact copy of this checkpoint (or drop the teacher)")
+            raise TeacherError(
+                f"{who}: {path}: tensor {key!r} has {bad} NaN/Inf value(s) of {tensor.numel()}; distilling from "
+                "it would make the loss NaN. Use an intact copy of this checkpoint (or drop the teacher)"
+            )
 
 
 def _scan_pickled(spec: TeacherSpec, who: str) -> None:
@@ -296,8 +329,10 @@ def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = Fals
                 raise TeacherError(f"{who}: {index_json} lists shard(s) {missing} that are missing; the pipeline folder is incomplete")
         weights = sorted(p for p in sub.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
         if not weights and require_weights and component in _MODEL_COMPONENTS:
-            raise TeacherError(f"{who}: {sub} has no weights file (e.g. diffusion_pytorch_model.safetensors / model.safetensors); "
-                               "the pipeline folder is incomplete, copy it again")
+            raise TeacherError(
+                f"{who}: {sub} has no weights file (e.g. diffusion_pytorch_model.safetensors / model.safetensors); "
+                "the pipeline folder is incomplete, copy it again"
+            )
         for weight in weights:
             if weight.suffix == ".safetensors":
                 scan_safetensors(weight, who, deep)
@@ -325,6 +360,7 @@ def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> Non
 
 
 # ---- architecture validation (before anything is trained or Ray is started) ------------------
+
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())

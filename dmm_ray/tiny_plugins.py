@@ -25,8 +25,15 @@ def _plain_unet_like(unet):
     return UNet2DConditionModel(**config)
 
 
-def make_lora(unet, out: str | Path, rank: int = 4, seed: int = 0, scale: float = 0.3,
-              targets=ATTENTION_TARGETS, weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
+def make_lora(
+    unet,
+    out: str | Path,
+    rank: int = 4,
+    seed: int = 0,
+    scale: float = 0.3,
+    targets=ATTENTION_TARGETS,
+    weight_name: str = "pytorch_lora_weights.safetensors",
+) -> Path:
     """Write a random UNet LoRA for `unet`'s architecture (SD1.5 or SDXL) in diffusers' LoRA format;
     returns the file. `load_lora_weights(path)` reads it on the base, a merged or a baked model."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -92,9 +99,17 @@ def make_ip_adapter(unet, out: str | Path, seed: int = 0, image_size: int = 32, 
 
     out = Path(out)
     torch.manual_seed(seed)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
-        patch_size=8, projection_dim=embed_dim)).eval()
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=embed_dim,
+        )
+    ).eval()
     encoder.save_pretrained(out / "image_encoder")
     g = torch.Generator().manual_seed(seed + 1)
     cross = unet.config.cross_attention_dim

@@ -95,7 +95,9 @@ class MergeTracker:
             mlflow.set_registry_uri(self.config.registry_uri or self.config.tracking_uri)
             exp = mlflow.get_experiment_by_name(self.config.experiment)
             self.experiment_id = (
-                exp.experiment_id if exp is not None else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
+                exp.experiment_id
+                if exp is not None
+                else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
             )
             if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
                 # Model training, not GenAI: `mlflow ui` opens the experiment on its runs table, not on an empty traces view.
@@ -235,8 +237,7 @@ class BufferedMetricLogger:
     ones (drops, the final count) are info lines.
     `write=None` is a no-op logger (not rank 0, or tracking off)."""
 
-    def __init__(self, write=None, max_buffered: int = 1000, retry_s: float = 30.0, batch_limit: int = 1000,
-                 what: str = "MLflow", clock=None):
+    def __init__(self, write=None, max_buffered: int = 1000, retry_s: float = 30.0, batch_limit: int = 1000, what: str = "MLflow", clock=None):
         self._write, self.max_buffered, self.batch_limit, self.what = write, max_buffered, batch_limit, what
         self.retry_s, self._backoff, self._next_try = retry_s, retry_s, 0.0
         self._clock = clock or time.monotonic
@@ -259,8 +260,10 @@ class BufferedMetricLogger:
             self.dropped += 1
             if not self._warned_dropped:
                 self._warned_dropped = True
-                self._warn(f"{self.what} is still unreachable: more than {self.max_buffered} steps of training metrics are "
-                           "waiting, so the oldest are dropped from now on (training goes on)")
+                self._warn(
+                    f"{self.what} is still unreachable: more than {self.max_buffered} steps of training metrics are "
+                    "waiting, so the oldest are dropped from now on (training goes on)"
+                )
         if self.failing and self._clock() < self._next_try:
             return
         self.flush()
@@ -282,10 +285,12 @@ class BufferedMetricLogger:
         except Exception as error:  # any failure of the store: never a reason to stop (or retry) training
             if not self._warned_down:
                 self._warned_down = True
-                self._warn(f"{self.what} did not take the training metrics ({type(error).__name__}: {str(error)[:300]}); "
-                           f"training goes on: up to {self.max_buffered} steps of metrics are kept and written when it "
-                           "answers again, older ones and any left at the end of training are dropped (this warning is "
-                           "shown once)")
+                self._warn(
+                    f"{self.what} did not take the training metrics ({type(error).__name__}: {str(error)[:300]}); "
+                    f"training goes on: up to {self.max_buffered} steps of metrics are kept and written when it "
+                    "answers again, older ones and any left at the end of training are dropped (this warning is "
+                    "shown once)"
+                )
             if self.failing:
                 self._backoff = min(2 * self._backoff, 300.0)
             self.failing, self._next_try = True, self._clock() + self._backoff
@@ -301,8 +306,10 @@ class BufferedMetricLogger:
             return
         if not self.flush():
             self.dropped += len(self.buffer)
-            self._warn(f"{self.what} is unreachable at the end of training: {len(self.buffer)} buffered step(s) of "
-                       "metrics were dropped (the merge itself is unaffected)")
+            self._warn(
+                f"{self.what} is unreachable at the end of training: {len(self.buffer)} buffered step(s) of "
+                "metrics were dropped (the merge itself is unaffected)"
+            )
             self.buffer.clear()
 
 

@@ -23,15 +23,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="zoo folder (created; reused when already complete); default: "
-                        "$DMM_HOME/zoo/<size>, the folder a merge config's `zoo: <size>` uses")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="zoo folder (created; reused when already complete); default: $DMM_HOME/zoo/<size>, the folder a merge config's `zoo: <size>` uses",
+    )
     parser.add_argument("--size", choices=["micro", "full"], default="full", help="preset (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished zoo is at --out")
     parser.add_argument("--report", action="store_true", help="after building, print M_ref, prompt following and the grid path")
     parser.add_argument("--report-samples", type=int, default=256, help="images per teacher and seed set for M_ref (default: %(default)s)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: all cores, or 1 when the machine is already busy: tiny models on an "
         "oversubscribed CPU spend most of their time in OpenMP thread synchronisation; measured 8x less CPU per step)",
     )

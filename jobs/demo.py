@@ -26,8 +26,11 @@ def run(*args: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=None, help="zoo folder (default: the preset's, $DMM_HOME/zoo/full)")
-    parser.add_argument("--restart", action="store_true", help="passed to jobs/merge.py: discard the output dir's state "
-                        "made with other settings (checkpoints, synthesized sets) instead of refusing")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="passed to jobs/merge.py: discard the output dir's state made with other settings (checkpoints, synthesized sets) instead of refusing",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to jobs/merge.py")
     args = parser.parse_args(argv)
     run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))

@@ -72,10 +72,20 @@ def build_config(args: argparse.Namespace) -> DataConfig:
         doc = yaml.safe_load(Path(args.config).read_text()) or {}
         tree = doc.get("data", doc) if isinstance(doc, dict) else {}
     flags = {
-        "source.kind": args.source, "source.root": args.root, "source.annotations": args.annotations,
-        "source.manifest": args.manifest, "source.limit": args.limit, "base": args.base, "vae": args.vae, "shards": args.shards,
-        "encode.resolution": args.resolution, "encode.shard_size": args.shard_size, "encode.batch_size": args.batch_size,
-        "encode.concurrency": args.concurrency, "encode.num_gpus": args.num_gpus, "encode.dtype": args.dtype,
+        "source.kind": args.source,
+        "source.root": args.root,
+        "source.annotations": args.annotations,
+        "source.manifest": args.manifest,
+        "source.limit": args.limit,
+        "base": args.base,
+        "vae": args.vae,
+        "shards": args.shards,
+        "encode.resolution": args.resolution,
+        "encode.shard_size": args.shard_size,
+        "encode.batch_size": args.batch_size,
+        "encode.concurrency": args.concurrency,
+        "encode.num_gpus": args.num_gpus,
+        "encode.dtype": args.dtype,
         "encode.latent_sampling": args.latent_sampling,
     }
     for key, value in flags.items():
@@ -113,7 +123,9 @@ def main(argv=None) -> int:
         return 1
     print(report.summary())
     out_fs, root = fsu.resolve(cfg.shards)
-    fsu.write_bytes_atomic(out_fs, fsu.join(root, "_encode_report.json"), json.dumps({**report.__dict__, "skipped": dict(report.skipped)}, indent=1).encode())
+    fsu.write_bytes_atomic(
+        out_fs, fsu.join(root, "_encode_report.json"), json.dumps({**report.__dict__, "skipped": dict(report.skipped)}, indent=1).encode()
+    )
     if report.latents_total == 0:
         print("error: no image could be encoded (see skip reasons above)", file=sys.stderr)
         return 1

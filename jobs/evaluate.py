@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
     p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (e.g. 'eval')")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10"
+    )
     p.add_argument("--out", help="output folder (default: EvalConfig.output_dir)")
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")

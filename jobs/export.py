@@ -33,34 +33,53 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged) "
-                        "or an MLflow model URI models:/<name>/<version>")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged) "
+        "or an MLflow model URI models:/<name>/<version>",
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--style", help="one style, by name (or index) as the merged model lists them")
-    which.add_argument("--weights", help="a mixture: name=weight pairs separated by commas, e.g. noir=0.5,neon=0.5 "
-                                         "(weights >= 0, normalised to sum 1; unnamed styles get 0)")
-    p.add_argument("--out", required=True,
-                   help="where to write: a .safetensors file (--format single_file) or a folder (--format diffusers)")
-    p.add_argument("--format", choices=["diffusers", "single_file"], default=None,
-                   help="single_file: one original-layout (LDM / SDXL) .safetensors with UNet, VAE and text encoder(s), "
-                        "as ComfyUI, A1111 and from_single_file read it; diffusers: a StableDiffusion(XL)Pipeline folder. "
-                        "Default: single_file when --out ends in .safetensors, else diffusers")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="precision of the written weights (the fold itself is always computed in float32); default fp32")
-    p.add_argument("--config-dir", default=None,
-                   help="single_file only: where to write the pipeline's configs (no weights), the `config=` that "
-                        "from_single_file needs for a model that is not a stock SD1.5/SDXL shape; "
-                        "default: --out with the suffix .config; 'none' to skip")
-    p.add_argument("--verify", action="store_true",
-                   help="after writing, reload the export and check its UNet output against the merged model's with "
-                        "this style on random inputs (relative error <= 1e-5 in float32; exits 1 otherwise)")
+    which.add_argument(
+        "--weights",
+        help="a mixture: name=weight pairs separated by commas, e.g. noir=0.5,neon=0.5 (weights >= 0, normalised to sum 1; unnamed styles get 0)",
+    )
+    p.add_argument("--out", required=True, help="where to write: a .safetensors file (--format single_file) or a folder (--format diffusers)")
+    p.add_argument(
+        "--format",
+        choices=["diffusers", "single_file"],
+        default=None,
+        help="single_file: one original-layout (LDM / SDXL) .safetensors with UNet, VAE and text encoder(s), "
+        "as ComfyUI, A1111 and from_single_file read it; diffusers: a StableDiffusion(XL)Pipeline folder. "
+        "Default: single_file when --out ends in .safetensors, else diffusers",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="precision of the written weights (the fold itself is always computed in float32); default fp32",
+    )
+    p.add_argument(
+        "--config-dir",
+        default=None,
+        help="single_file only: where to write the pipeline's configs (no weights), the `config=` that "
+        "from_single_file needs for a model that is not a stock SD1.5/SDXL shape; "
+        "default: --out with the suffix .config; 'none' to skip",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, reload the export and check its UNet output against the merged model's with "
+        "this style on random inputs (relative error <= 1e-5 in float32; exits 1 otherwise)",
+    )
     p.add_argument("--device", default="cpu", help="device to bake on (cpu or cuda); default cpu")
-    p.add_argument("--run-id", default=None,
-                   help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json "
-                        "(or the run of a models:/ URI)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json (or the run of a models:/ URI)",
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db")
     p.add_argument("--no-track", action="store_true", help="do not log the export to MLflow")
     return p
 
@@ -81,7 +100,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, st
         if model.startswith("runs:/"):
             run_id = model.split("/")[1]
         else:
-            name, _, version = model[len("models:/"):].partition("/")
+            name, _, version = model[len("models:/") :].partition("/")
             client = MlflowClient()
             mv = client.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else client.get_model_version(name, version)
             run_id = mv.run_id
@@ -202,8 +221,10 @@ def main(argv=None) -> int:
     write_s = time.perf_counter() - t2
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
     what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"
-    print(f"exported {what} of {args.model} -> {out} ({fmt}, {args.dtype}, {size / 2**20:.1f} MiB); "
-          f"load {load_s:.1f} s, bake {bake_s:.2f} s, write {write_s:.1f} s")
+    print(
+        f"exported {what} of {args.model} -> {out} ({fmt}, {args.dtype}, {size / 2**20:.1f} MiB); "
+        f"load {load_s:.1f} s, bake {bake_s:.2f} s, write {write_s:.1f} s"
+    )
     if config_dir is not None:
         loader = "StableDiffusionXLPipeline" if metadata["dmm.architecture"] == "sdxl" else "StableDiffusionPipeline"
         print(f"load it with: {loader}.from_single_file({str(out)!r}, config={str(config_dir)!r})")

@@ -25,9 +25,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the merged model folder to distill (jobs/merge.py's <output_dir>/merged)")
-    parser.add_argument("--config", default=None, help=f"YAML merge config with a fast: section (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted key, e.g. --set fast.steps=50 (repeatable)")
+    parser.add_argument(
+        "--config", default=None, help=f"YAML merge config with a fast: section (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set fast.steps=50 (repeatable)",
+    )
     parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
     parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")

@@ -23,16 +23,36 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted key, e.g. --set distill.steps=10 (repeatable)")
-    parser.add_argument("--restart", action="store_true", help="discard output_dir's resumable state (checkpoints, synthesized "
-                        "sets) made with other settings; the last merged model stays until the new one replaces it")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and teachers, print the plan, start nothing "
-                        "(a zoo preset must be built already); teachers' files are checked cheaply: present, safetensors "
-                        "headers and sizes intact (truncated files), .ckpt only with allow_pickle")
-    parser.add_argument("--deep", action="store_true", help="with --dry-run: also read every tensor of every teacher and fail on "
-                        "NaN/Inf, naming the teacher, file and tensor (reads all the weights: minutes on real checkpoints)")
+    parser.add_argument(
+        "--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set distill.steps=10 (repeatable)",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard output_dir's resumable state (checkpoints, synthesized "
+        "sets) made with other settings; the last merged model stays until the new one replaces it",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and teachers, print the plan, start nothing "
+        "(a zoo preset must be built already); teachers' files are checked cheaply: present, safetensors "
+        "headers and sizes intact (truncated files), .ckpt only with allow_pickle",
+    )
+    parser.add_argument(
+        "--deep",
+        action="store_true",
+        help="with --dry-run: also read every tensor of every teacher and fail on "
+        "NaN/Inf, naming the teacher, file and tensor (reads all the weights: minutes on real checkpoints)",
+    )
     args = parser.parse_args(argv)
     if args.deep and not args.dry_run:
         parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")

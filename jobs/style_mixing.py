@@ -28,10 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
     p.add_argument("--out", default="outputs/mixing")
     p.add_argument("--no-ray", action="store_true")
-    p.add_argument("--student-steps", type=int, help="sample the model (not the teachers) with this many steps, e.g. 4 for a "
-                   "few-step model (jobs/fast.py); default: the evaluation sampler's")
-    p.add_argument("--student-guidance", type=float, help="the model's CFG scale with --student-steps (default: the model's own: "
-                   "1 for a few-step model)")
+    p.add_argument(
+        "--student-steps",
+        type=int,
+        help="sample the model (not the teachers) with this many steps, e.g. 4 for a "
+        "few-step model (jobs/fast.py); default: the evaluation sampler's",
+    )
+    p.add_argument(
+        "--student-guidance", type=float, help="the model's CFG scale with --student-steps (default: the model's own: 1 for a few-step model)"
+    )
     return p
 
 
@@ -54,8 +59,11 @@ def main(argv=None) -> int:
         from dmm_ray.pipeline import sampler_defaults
 
         own = sampler_defaults(resolve_model_uri(args.model))
-        student.pipeline_factory = OwnSampler.factory(student.pipeline_factory, args.student_steps or own["num_inference_steps"],
-                                                      own["guidance_scale"] if args.student_guidance is None else args.student_guidance)
+        student.pipeline_factory = OwnSampler.factory(
+            student.pipeline_factory,
+            args.student_steps or own["num_inference_steps"],
+            own["guidance_scale"] if args.student_guidance is None else args.student_guidance,
+        )
     teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
     extractor = default_extractor(cfg)
     out = Path(args.out)
@@ -71,7 +79,9 @@ def main(argv=None) -> int:
 
             specs = {s.name: s for s in setup.teachers}
             weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
-        res = mixing_comparison(student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor)
+        res = mixing_comparison(
+            student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor
+        )
         print(res.format_table())
         print("written:", res.write(out))
     if args.sweep:

@@ -57,7 +57,9 @@ def main(argv=None) -> int:
         from dmm_ray.paths import default_tracking_uri
         from dmm_ray.tracking import MergeTracker, TrackingConfig
 
-        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name))
+        tracker = MergeTracker(
+            TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name)
+        )
         with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
             print("registered:", tracker.log_merged_model(out))
     return 0

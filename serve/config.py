@@ -54,50 +54,54 @@ class ServeConfig(BaseModel):
     )
     api_key: Optional[str] = Field(None, description="when set, POST /generate needs header `X-API-Key: <key>`")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica sees a GPU")
-    num_gpus: Optional[float] = Field(
-        None, ge=0, description="GPUs per model replica; None = 1 if this process sees CUDA, else 0"
-    )
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per model replica; None = 1 if this process sees CUDA, else 0")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
     num_replicas: int = Field(1, ge=1, description="model replicas (a Serve config's autoscaling_config overrides)")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most samples (images) in one forward")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: how long to wait to fill a batch")
     # --- overload and failure limits (README "Serving limits"; serve/config.yaml) ---
-    max_ongoing_requests: int = Field(
-        32, ge=1, description="images in flight per model replica (batches running + waiting in @serve.batch)"
-    )
+    max_ongoing_requests: int = Field(32, ge=1, description="images in flight per model replica (batches running + waiting in @serve.batch)")
     max_queued_requests: int = Field(
-        64, ge=1, description="images each router replica queues for the model when every replica is full; "
-        "beyond it /generate answers 503 + Retry-After at once (Serve's BackPressureError)"
+        64,
+        ge=1,
+        description="images each router replica queues for the model when every replica is full; "
+        "beyond it /generate answers 503 + Retry-After at once (Serve's BackPressureError)",
     )
     router_max_ongoing_requests: int = Field(
-        256, ge=1, description="concurrent HTTP requests per router replica; keep it above max_ongoing_requests x "
-        "model replicas + max_queued_requests so /healthz never queues behind generation"
+        256,
+        ge=1,
+        description="concurrent HTTP requests per router replica; keep it above max_ongoing_requests x "
+        "model replicas + max_queued_requests so /healthz never queues behind generation",
     )
     router_max_queued_requests: int = Field(
         128, ge=1, description="requests the HTTP proxy queues for the router; beyond it Serve answers 503 + Retry-After"
     )
     retry_after_s: float = Field(2.0, gt=0, description="Retry-After (seconds) on every 503 the server sheds")
     max_retries: int = Field(
-        1, ge=0, description="times one image is retried on another model replica after its replica died; a request "
-        "that crashes replicas takes down at most 1 + max_retries of them, then gets a 500"
+        1,
+        ge=0,
+        description="times one image is retried on another model replica after its replica died; a request "
+        "that crashes replicas takes down at most 1 + max_retries of them, then gets a 500",
     )
-    max_body_bytes: int = Field(
-        65536, ge=1024, description="largest POST body in bytes (413 above it), checked before the body is parsed"
-    )
+    max_body_bytes: int = Field(65536, ge=1024, description="largest POST body in bytes (413 above it), checked before the body is parsed")
     readyz_timeout_s: float = Field(2.0, gt=0, description="GET /readyz: how long the model may take to answer")
-    default_steps: Optional[int] = Field(None, ge=1, description="num_inference_steps when a request names none; default: "
-                                         "the model's own (4 for a few-step LCM model, jobs/fast.py; else the paper's 25)")
-    default_guidance: Optional[float] = Field(None, ge=0, description="CFG scale when a request names none; default: the "
-                                              "model's own (1, CFG off, for a few-step model; else the paper's 7)")
+    default_steps: Optional[int] = Field(
+        None,
+        ge=1,
+        description="num_inference_steps when a request names none; default: "
+        "the model's own (4 for a few-step LCM model, jobs/fast.py; else the paper's 25)",
+    )
+    default_guidance: Optional[float] = Field(
+        None, ge=0, description="CFG scale when a request names none; default: the model's own (1, CFG off, for a few-step model; else the paper's 7)"
+    )
     default_size: Optional[int] = Field(
-        None, ge=8, description="width/height when a request names none; default: the model's native size "
-        "(UNet sample_size x VAE factor)"
+        None, ge=8, description="width/height when a request names none; default: the model's native size (UNet sample_size x VAE factor)"
     )
     limits: ServeLimits = Field(default_factory=ServeLimits)
     lora_adapters: dict[str, str] = Field(
         default_factory=dict,
         description="LoRA adapters preloaded on every model replica, {name: path to a LoRA .safetensors file or folder "
-        "that diffusers' load_lora_weights reads}; a request picks them by name (`\"lora\": {name: weight}`). "
+        'that diffusers\' load_lora_weights reads}; a request picks them by name (`"lora": {name: weight}`). '
         "Paths come only from this config, never from a request",
     )
 

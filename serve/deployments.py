@@ -50,8 +50,9 @@ def check_sample(sample: Sample, num_styles: int) -> None:
 
 @serve.deployment(name="StyleModel")
 class StyleModel:
-    def __init__(self, model: str, device: str = "auto", max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
-                 lora_adapters: dict | None = None):
+    def __init__(
+        self, model: str, device: str = "auto", max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, lora_adapters: dict | None = None
+    ):
         self.backend = StyleModelBackend(model, device, lora_adapters=lora_adapters)
         self.lora_split_batches = 0  # @serve.batch batches that held more than one LoRA set (run as separate forwards)
         self.generate_batch.set_max_batch_size(max_batch_size)
@@ -154,8 +155,9 @@ class HandleService:
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
             raw = await self.model.info.remote()
-            self._info = ModelInfo([StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])),
-                                   dict(raw.get("sampler") or {}))
+            self._info = ModelInfo(
+                [StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])), dict(raw.get("sampler") or {})
+            )
         return self._info
 
     async def _one(self, sample: Sample) -> np.ndarray:

@@ -42,8 +42,16 @@ def random_prompt(rng: random.Random) -> str:
 
 
 MALFORMED_KINDS = (
-    "broken_json", "unknown_style", "negative_weights", "zero_weights", "size_not_multiple_of_8",
-    "steps_too_many", "empty_prompt", "unknown_field", "wrong_type", "too_many_images",
+    "broken_json",
+    "unknown_style",
+    "negative_weights",
+    "zero_weights",
+    "size_not_multiple_of_8",
+    "steps_too_many",
+    "empty_prompt",
+    "unknown_field",
+    "wrong_type",
+    "too_many_images",
 )
 
 
@@ -82,7 +90,12 @@ def poisoned_call(styles: list[str], base: dict) -> Call:
 
 
 def style_stream(
-    styles: list[str], n: int, seed: int = 0, malformed_fraction: float = 0.0, steps: int = 2, size: int = 32,
+    styles: list[str],
+    n: int,
+    seed: int = 0,
+    malformed_fraction: float = 0.0,
+    steps: int = 2,
+    size: int = 32,
     poisoned_fraction: float = 0.0,
 ) -> list[Call]:
     """`n` generate calls, each with a uniformly random style; every 1/fraction-th one malformed, and
@@ -93,8 +106,7 @@ def style_stream(
     calls = []
     for i in range(n):
         style = rng.choice(styles)
-        body = {"prompt": random_prompt(rng), "style": style, "seed": rng.randrange(2**31 - 2048),
-                "steps": steps, "width": size, "height": size}
+        body = {"prompt": random_prompt(rng), "style": style, "seed": rng.randrange(2**31 - 2048), "steps": steps, "width": size, "height": size}
         if every and i % every == every - 1:
             calls.append(malformed_call(MALFORMED_KINDS[(i // every) % len(MALFORMED_KINDS)], rng, body))
         elif every_p and i % every_p == every_p // 2:
@@ -126,8 +138,15 @@ async def _post(client, i: int, call: "Call", t0: float) -> "Result":
             r = await client.post(call.path, content=call.raw, headers={"Content-Type": "application/json", **call.headers})
         else:
             r = await client.post(call.path, json=call.body, headers=call.headers)
-        res = Result(i, call, r.status_code, time.perf_counter() - start, start - t0, r.headers.get("content-type", ""),
-                     retry_after=r.headers.get("retry-after"))
+        res = Result(
+            i,
+            call,
+            r.status_code,
+            time.perf_counter() - start,
+            start - t0,
+            r.headers.get("content-type", ""),
+            retry_after=r.headers.get("retry-after"),
+        )
         if r.status_code >= 400:
             res.error = r.text[:300]
     except httpx.HTTPError as exc:

@@ -63,8 +63,7 @@ def resolve_model_location(location: str, download_dir: str | Path | None = None
         )
     if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
         raise ModelLoadError(
-            f"{str(path)!r} is not a merged-model folder: it needs model_index.json and unet/ "
-            "(written by DMMPipeline.save_pretrained)"
+            f"{str(path)!r} is not a merged-model folder: it needs model_index.json and unet/ (written by DMMPipeline.save_pretrained)"
         )
     return path
 

@@ -155,8 +155,12 @@ class LocalService:
         self._lock = asyncio.Lock()
 
     async def info(self, refresh: bool = False) -> ModelInfo:
-        return ModelInfo(self.backend.styles(), self.backend.native_size, list(getattr(self.backend, "lora_names", [])),
-                         dict(getattr(self.backend, "sampler", {}) or {}))
+        return ModelInfo(
+            self.backend.styles(),
+            self.backend.native_size,
+            list(getattr(self.backend, "lora_names", [])),
+            dict(getattr(self.backend, "sampler", {}) or {}),
+        )
 
     async def generate(self, samples):
         async with self._lock:  # one forward at a time, like one replica
@@ -200,8 +204,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         elif e.get("type") == "extra_forbidden":
             lines.append(f"unknown field {name!r}; allowed fields: {', '.join(GenerateRequest.model_fields)}")
         elif loc[0] == "regions" and len(loc) >= 3 and loc[1].isdigit():
-            expected = {"style": UNION_EXPECTED["style"], "weights": UNION_EXPECTED["weights"],
-                        "box": "[x0, y0, x1, y1], four fractions of the canvas"}.get(loc[2])
+            expected = {
+                "style": UNION_EXPECTED["style"],
+                "weights": UNION_EXPECTED["weights"],
+                "box": "[x0, y0, x1, y1], four fractions of the canvas",
+            }.get(loc[2])
             detail = f"must be {expected}" if expected else e.get("msg")
             lines.append(f"regions[{loc[1]}]: {loc[2]} {detail} (got {e.get('input')!r})")
         elif e.get("type") == "missing":
@@ -219,10 +226,12 @@ def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
     if cfg.default_steps is not None and cfg.default_guidance is not None:
         return cfg
     sampler = info.sampler or {}
-    return cfg.model_copy(update={
-        "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
-        "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
-    })
+    return cfg.model_copy(
+        update={
+            "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
+            "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
+        }
+    )
 
 
 def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
@@ -338,10 +347,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
                 | ({"X-LoRA": json.dumps(resolved.lora)} if resolved.lora else {}),
             )
         return GenerateResponse(
-            images=[
-                GeneratedImage(prompt=s.prompt, seed=s.seed, png_base64=base64.b64encode(p).decode())
-                for s, p in zip(resolved.samples, pngs)
-            ],
+            images=[GeneratedImage(prompt=s.prompt, seed=s.seed, png_base64=base64.b64encode(p).decode()) for s, p in zip(resolved.samples, pngs)],
             seed=resolved.seed,
             mixture=resolved.mixture,
             regions=resolved.regions,

@@ -45,8 +45,10 @@ class StylesResponse(BaseModel):
     styles: list[StyleInfo]
     default_steps: int
     default_guidance: float
-    sampler: str = Field("DPMSolverMultistepScheduler", description="the model's scheduler: LCMScheduler for a few-step "
-                         "model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one")
+    sampler: str = Field(
+        "DPMSolverMultistepScheduler",
+        description="the model's scheduler: LCMScheduler for a few-step model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one",
+    )
     default_negative_prompt: str = Field("", description="the negative prompt used when a request gives none (the model's own)")
     default_width: int
     default_height: int
@@ -75,8 +77,9 @@ class GenerateRequest(BaseModel):
     weights: Optional[Union[dict[str, float], list[float]]] = Field(
         None, description="mixture over styles: {name: weight} or one weight per style; >= 0, normalised to sum 1"
     )
-    negative_prompt: Optional[str] = Field(None, description="default: the model's own (its sampler.json: a merge's synthesis "
-                                           "setting), else the paper's negative prompt")
+    negative_prompt: Optional[str] = Field(
+        None, description="default: the model's own (its sampler.json: a merge's synthesis setting), else the paper's negative prompt"
+    )
     steps: Optional[int] = Field(None, ge=1, description="num_inference_steps (default from server config)")
     guidance: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     width: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")
@@ -196,7 +199,10 @@ def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
 
 
 def resolve_request(
-    req: GenerateRequest, style_names: list[str], cfg: ServeConfig, native_size: tuple[int, int],
+    req: GenerateRequest,
+    style_names: list[str],
+    cfg: ServeConfig,
+    native_size: tuple[int, int],
     lora_names: Sequence[str] = (),
 ) -> ResolvedRequest:
     """Check a request against the model and the limits; expand it into per-image samples."""
@@ -224,8 +230,7 @@ def resolve_request(
             if uncovered > 0:
                 raise RequestError(
                     422,
-                    f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` "
-                    "for the background",
+                    f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
                 )
     lora = resolve_lora(req.lora, list(lora_names))
 
@@ -243,8 +248,7 @@ def resolve_request(
     if total > lim.max_images:
         raise RequestError(
             422,
-            f"request asks for {total} images ({len(prompts)} prompt(s) x num_images={req.num_images}); "
-            f"the maximum is {lim.max_images}",
+            f"request asks for {total} images ({len(prompts)} prompt(s) x num_images={req.num_images}); the maximum is {lim.max_images}",
         )
     guidance = (cfg.default_guidance if cfg.default_guidance is not None else 7.0) if req.guidance is None else req.guidance
     seed = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
@@ -301,8 +305,11 @@ def resolve_regions(regions: list[RegionRequest], style_names: list[str], max_pr
                 422, f"{where}: box {r.box} must be [x0, y0, x1, y1] fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
             )
         if r.style is None and r.weights is None:
-            raise RequestError(422, f"{where}: give `style` (one style) or `weights` (a mixture); known styles: "
-                                    + ", ".join(f"{k}={n!r}" for k, n in enumerate(style_names)))
+            raise RequestError(
+                422,
+                f"{where}: give `style` (one style) or `weights` (a mixture); known styles: "
+                + ", ".join(f"{k}={n!r}" for k, n in enumerate(style_names)),
+            )
         try:
             w = resolve_mixture(style_names, r.style, r.weights)
         except RequestError as exc:

@@ -62,12 +62,27 @@ def ray_cluster():
     port, dashboard_port = _free_port(), _free_port()
     ray_cli = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-         # own ports for every agent: another Ray on the machine must not make the job agent fail to bind
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--disable-usage-stats",
+            # own ports for every agent: another Ray on the machine must not make the job agent fail to bind
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -35,8 +35,9 @@ def caption(i: int) -> str:
     return f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on the left"
 
 
-def make_journeydb(root: Path, n: int = 10, broken: int | None = 3, missing: int | None = 6, empty_caption: int | None = 8,
-                   bad_line: bool = True) -> Path:
+def make_journeydb(
+    root: Path, n: int = 10, broken: int | None = 3, missing: int | None = 6, empty_caption: int | None = 8, bad_line: bool = True
+) -> Path:
     """JourneyDB as released: data/train/imgs/<folder>/<id>.jpg + a JSONL annotation file whose
     records carry img_path ("./<folder>/<id>.jpg"), prompt and Task2.Caption. Record `broken` points to
     a corrupt image, `missing` to a file that does not exist, `empty_caption` has no caption at all;
@@ -52,8 +53,12 @@ def make_journeydb(root: Path, n: int = 10, broken: int | None = 3, missing: int
             make_image(imgs / rel, i, size=(40 + 8 * (i % 3), 32), fmt="JPEG")
         prompt = "" if i % 2 else caption(i) + ", photo"
         cap = "" if i == empty_caption else caption(i)
-        rec = {"img_path": rel, "prompt": prompt if i != empty_caption else "", "Task1": {"Style": ["flat"], "Content": ["shape"]},
-               "Task2": {"Caption": cap, "Question": [], "Answer": []}}
+        rec = {
+            "img_path": rel,
+            "prompt": prompt if i != empty_caption else "",
+            "Task1": {"Style": ["flat"], "Content": ["shape"]},
+            "Task2": {"Caption": cap, "Question": [], "Answer": []},
+        }
         lines.append(json.dumps(rec))
         if bad_line and i == 4:
             lines.append("{this is not json")

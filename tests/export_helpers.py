@@ -37,8 +37,9 @@ def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0, adapter_ra
     else:
         c = {k: v for k, v in tiny_sd_components(seed=seed).items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
         cls = DMMPipeline
-    student = StyleUNet.from_unet(c.pop("unet"), STYLES, style_film=film, adapter_rank=adapter_rank,
-                                  adapter_targets=["to_q", "to_out.0", "conv1", "conv_out", "time_emb_proj"])
+    student = StyleUNet.from_unet(
+        c.pop("unet"), STYLES, style_film=film, adapter_rank=adapter_rank, adapter_targets=["to_q", "to_out.0", "conv1", "conv_out", "time_emb_proj"]
+    )
     randomise_style(student, seed=seed + 1)
     if arch == "sdxl":
         pipe = cls(unet=student.eval(), **c)
@@ -72,6 +73,15 @@ def gen(pipe, styled: bool = True, seed: int = 0, steps: int = 2, guidance: floa
     if not styled:
         kwargs.pop("style", None)
         kwargs.pop("style_weights", None)
-    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
-               generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+    out = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    ).images
     return np.asarray(out[0], dtype=np.float64)

@@ -54,7 +54,14 @@ def tiny_merge_config(world: dict, out: Path, **sections) -> dict:
         "data": {"base": world["base"], "shards": world["shards"], "stream": {"batch_size": 4}, "encode": {"resolution": 32}},
         "distill": {"steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-4},
         "scaling": {"workers_per_teacher": 1, "cpus_per_worker": 0.5},
-        "synthesis": {"images_per_teacher": 4, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2, "finetune_batch_size": 2, "resolution": 32},
+        "synthesis": {
+            "images_per_teacher": 4,
+            "num_inference_steps": 2,
+            "batch_size": 4,
+            "finetune_steps": 2,
+            "finetune_batch_size": 2,
+            "resolution": 32,
+        },
         "evaluation": {"enabled": False},  # the tiny world has no prompts or feature net; tests that evaluate say so
     }
     for key, value in sections.items():

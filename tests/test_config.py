@@ -23,14 +23,17 @@ def test_overrides_and_defaults(tmp_path):
     assert cfg.num_workers == 6 and cfg.distill.lambda_feat == 0.001 and cfg.distill.lambda_adv == 0.01
 
 
-@pytest.mark.parametrize("override, message", [
-    ("distill.stepz=3", "distill.stepz: Extra inputs are not permitted"),
-    ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
-    ("scaling.num_workers=4", "scaling.num_workers=4 is not a multiple of the 3 teachers"),
-    ("teachers.2.name=a", "duplicate names"),
-    ("evaluation.imagez_per_prompt=3", "evaluation.imagez_per_prompt: Extra inputs are not permitted"),
-    ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("distill.stepz=3", "distill.stepz: Extra inputs are not permitted"),
+        ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
+        ("scaling.num_workers=4", "scaling.num_workers=4 is not a multiple of the 3 teachers"),
+        ("teachers.2.name=a", "duplicate names"),
+        ("evaluation.imagez_per_prompt=3", "evaluation.imagez_per_prompt: Extra inputs are not permitted"),
+        ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(_write(tmp_path, BASE), [override])

@@ -24,13 +24,15 @@ def tiny_base(tmp_path_factory):
 
 def _jdb_config(root, base, shards, **encode):
     return DataConfig(
-        base=str(base), shards=str(shards),
+        base=str(base),
+        shards=str(shards),
         source=dict(kind="journeydb", root=str(root / "data" / "train" / "imgs"), annotations=[str(root / "data" / "train" / "train_anno.jsonl")]),
         encode=dict(resolution=32, shard_size=4, batch_size=3, **encode),
     )
 
 
 # ---- commit protocol (no Ray) ---------------------------------------------------------------
+
 
 def _table(n=3):
     return sh.latent_table(np.arange(n * 4 * 2 * 2, dtype=np.float32).reshape(n, 4, 2, 2), [f"c{i}" for i in range(n)], [f"s{i}" for i in range(n)])
@@ -70,6 +72,7 @@ def test_half_written_shards_are_detected(tmp_path):
 
 
 # ---- an encode that did not finish is never trained on (no Ray) ------------------------------
+
 
 def _encoded_set(root: str, rows_per_shard=(3, 3, 3), manifest=True, meta=True) -> pafs.FileSystem:
     """Shards as run_encode leaves them: _encode.json first, then the shards, _complete.json last."""
@@ -156,6 +159,7 @@ def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
 
 # ---- the Ray job -----------------------------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_encode_journeydb_counts_skips_matches_vae_and_resumes(ray_cluster, tmp_path, tiny_base):
     from diffusers import AutoencoderKL
@@ -203,8 +207,10 @@ def test_encode_journeydb_counts_skips_matches_vae_and_resumes(ray_cluster, tmp_
 
     # resuming with different settings is refused, naming the setting
     with pytest.raises(ValueError, match="resolution"):
-        run_encode(_jdb_config(tmp_path, tiny_base, shards).model_copy(update={"encode": cfg.encode.model_copy(update={"resolution": 64})}),
-                   show_progress=False)
+        run_encode(
+            _jdb_config(tmp_path, tiny_base, shards).model_copy(update={"encode": cfg.encode.model_copy(update={"resolution": 64})}),
+            show_progress=False,
+        )
 
 
 @pytest.mark.ray
@@ -241,8 +247,21 @@ def test_encode_job_cli_on_a_folder_source_via_file_uri(ray_cluster, tmp_path, t
 
     make_folder(tmp_path / "imgs", n=5, manifest="csv")
     (tmp_path / "data.yaml").write_text(f"data:\n  base: {tiny_base}\n  encode: {{shard_size: 10, batch_size: 4}}\n")
-    rc = encode_latents.main(["--config", str(tmp_path / "data.yaml"), "--source", "folder", "--root", f"file://{tmp_path / 'imgs'}",
-                              "--out", f"file://{tmp_path / 'shards'}", "--set", "data.encode.resolution=16", "--no-progress"])
+    rc = encode_latents.main(
+        [
+            "--config",
+            str(tmp_path / "data.yaml"),
+            "--source",
+            "folder",
+            "--root",
+            f"file://{tmp_path / 'imgs'}",
+            "--out",
+            f"file://{tmp_path / 'shards'}",
+            "--set",
+            "data.encode.resolution=16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "shards" / "_encode_report.json").read_text())
     assert (report["encoded_this_run"], report["shards_total"], report["skipped"]) == (5, 1, {})
@@ -265,6 +284,7 @@ def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys)
 
 # ---- the two stages, in-process (no Ray) -------------------------------------------------------
 
+
 def test_decode_stage_reports_reasons_per_row(tmp_path):
     from dmm_ray.data.encode import decode_images
 
@@ -284,8 +304,11 @@ def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base)
     px = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
 
     def batch(order):
-        return {"pixels": px[order], "status": np.array(["ok"] * len(order), dtype=object),
-                "source_id": np.array([f"id{i}" for i in order], dtype=object)}
+        return {
+            "pixels": px[order],
+            "status": np.array(["ok"] * len(order), dtype=object),
+            "source_id": np.array([f"id{i}" for i in order], dtype=object),
+        }
 
     sample = VAEEncoder(str(tiny_base / "vae"), resolution=16, latent_sampling="sample", seed=1)
     mean = VAEEncoder(str(tiny_base / "vae"), resolution=16, latent_sampling="mean")

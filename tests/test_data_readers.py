@@ -34,8 +34,7 @@ def test_journeydb_index_captions_paths_and_skips(tmp_path):
 def test_journeydb_file_uri_folder_of_annotations_caption_field_choice_and_limit(tmp_path):
     make_journeydb(tmp_path, n=6, bad_line=False)
     train = tmp_path / "data" / "train"
-    src = SourceConfig(kind="journeydb", root=f"file://{train / 'imgs'}", annotations=[f"file://{train}"],
-                       caption_fields=["Task2.Caption"], limit=4)
+    src = SourceConfig(kind="journeydb", root=f"file://{train / 'imgs'}", annotations=[f"file://{train}"], caption_fields=["Task2.Caption"], limit=4)
     idx = read_image_index(src)
     assert list(idx.records["caption"]) == [caption(i) for i in range(4)]
     assert idx.filesystem.type_name == "local"
@@ -61,8 +60,11 @@ def test_toy_zoo_image_set_layout(tmp_path):
     # zoo contract: DIR/images/manifest.jsonl with {"id", "file" (relative to DIR/images), "caption", ...ground truth}
     images = tmp_path / "zoo" / "images"
     make_folder(images, n=3)
-    (images / "manifest.jsonl").write_text("".join(
-        json.dumps({"id": f"z{i}", "file": f"images/{i:03d}.png", "caption": caption(i), "style": None, "colour": "red"}) + "\n" for i in range(3)))
+    (images / "manifest.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"z{i}", "file": f"images/{i:03d}.png", "caption": caption(i), "style": None, "colour": "red"}) + "\n" for i in range(3)
+        )
+    )
     idx = read_image_index(SourceConfig(root=str(images)))
     assert list(idx.records["source_id"]) == ["z0", "z1", "z2"]
     assert all(p.startswith(str(images)) for p in idx.records["path"])
@@ -74,9 +76,14 @@ def test_folder_without_manifest_names_the_expected_files(tmp_path):
 
 
 def test_prompts_from_coco_json_and_txt(tmp_path):
-    coco = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "id": 7, "caption": " A cat on a mat. "},
-                                                   {"image_id": 1, "id": 8, "caption": ""},
-                                                   {"image_id": 2, "id": 9, "caption": "Two dogs."}]}
+    coco = {
+        "images": [{"id": 1}],
+        "annotations": [
+            {"image_id": 1, "id": 7, "caption": " A cat on a mat. "},
+            {"image_id": 1, "id": 8, "caption": ""},
+            {"image_id": 2, "id": 9, "caption": "Two dogs."},
+        ],
+    }
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
     assert read_prompts(str(tmp_path / "captions_val2014.json")) == ["A cat on a mat.", "Two dogs."]
     (tmp_path / "prompts.txt").write_text("a red circle\n\n  a blue square  \nthird\n")
@@ -97,7 +104,11 @@ def test_config_forbids_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError, match="data.vae and data.tokenizer"):
         DataConfig(shards="/s")
     cfg = DataConfig(base="s3://bucket/base", shards="/s")
-    assert (cfg.vae_path(), cfg.tokenizer_path(), cfg.scheduler_path()) == ("s3://bucket/base/vae", "s3://bucket/base/tokenizer", "s3://bucket/base/scheduler")
+    assert (cfg.vae_path(), cfg.tokenizer_path(), cfg.scheduler_path()) == (
+        "s3://bucket/base/vae",
+        "s3://bucket/base/tokenizer",
+        "s3://bucket/base/scheduler",
+    )
 
 
 def test_preprocess_resizes_short_side_and_centre_crops():

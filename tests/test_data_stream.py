@@ -39,8 +39,12 @@ def _cfg(base, shards, **stream):
 def _numpy_batch(tokenizer, n=64, shape=(4, 4, 4)):
     rng = np.random.default_rng(1)
     caps = [caption(i) for i in range(n)]
-    return {"latents": rng.standard_normal((n, *shape)).astype(np.float32), "input_ids": tokenize(tokenizer, caps),
-            "caption": np.array(caps, dtype=object), "source_id": np.array([f"id{i}" for i in range(n)], dtype=object)}
+    return {
+        "latents": rng.standard_normal((n, *shape)).astype(np.float32),
+        "input_ids": tokenize(tokenizer, caps),
+        "caption": np.array(caps, dtype=object),
+        "source_id": np.array([f"id{i}" for i in range(n)], dtype=object),
+    }
 
 
 def test_noising_equals_the_ddpm_formula_exactly(tiny_base):
@@ -164,9 +168,14 @@ def test_torch_trainer_workers_receive_contract_batches(ray_cluster, tmp_path, t
             seen += b["source_ids"]
         (out_dir / f"rank{ray.train.get_context().get_world_rank()}.json").write_text(json.dumps(seen))
 
-    trainer = TorchTrainer(loop, train_loop_config={"data": cfg.model_dump()}, scaling_config=ScalingConfig(num_workers=2),
-                           datasets={"train": build_latent_dataset(cfg)}, dataset_config=train_dataset_config(),
-                           run_config=RunConfig(storage_path=str(tmp_path / "ray_results")))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"data": cfg.model_dump()},
+        scaling_config=ScalingConfig(num_workers=2),
+        datasets={"train": build_latent_dataset(cfg)},
+        dataset_config=train_dataset_config(),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray_results")),
+    )
     result = trainer.fit()
     assert result.error is None
     seen = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]

@@ -109,8 +109,16 @@ def test_loss_settings_come_from_the_distill_config():
     from dmm_ray.config import DistillConfig
 
     assert LossSettings() == LossSettings.from_config(DistillConfig())
-    d = DistillConfig(score=False, score_weighting="v", score_weight_clip=5.0, lambda_feat=0.5, lambda_adv=0.0, grad_clip=2.0,
-                      renoise_max_timestep=300)
+    d = DistillConfig(
+        score=False, score_weighting="v", score_weight_clip=5.0, lambda_feat=0.5, lambda_adv=0.0, grad_clip=2.0, renoise_max_timestep=300
+    )
     s = LossSettings.from_config(d)
     assert (s.score, s.score_weighting, s.score_weight_clip, s.lambda_feat, s.lambda_adv, s.grad_clip, s.renoise_max_timestep) == (
-        False, "v", 5.0, 0.5, 0.0, 2.0, 300)
+        False,
+        "v",
+        5.0,
+        0.5,
+        0.0,
+        2.0,
+        300,
+    )

@@ -87,9 +87,25 @@ def test_evaluate_job_cli(world, capsys):
     from jobs import evaluate as job
 
     rc = job.main(
-        ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--no-ray", "--out", str(world / "job_out"),
-         "--set", "sampler.num_inference_steps=2", "--set", "images_per_prompt=1", "--set", f"cache_dir={world / 'cache'}",
-         "--set", "extractor.kind=import", "--set", f"extractor.path={EXTRACTOR}"]
+        [
+            "--model",
+            str(world / "student"),
+            "--teachers",
+            str(world / "zoo.yaml"),
+            "--no-ray",
+            "--out",
+            str(world / "job_out"),
+            "--set",
+            "sampler.num_inference_steps=2",
+            "--set",
+            "images_per_prompt=1",
+            "--set",
+            f"cache_dir={world / 'cache'}",
+            "--set",
+            "extractor.kind=import",
+            "--set",
+            f"extractor.path={EXTRACTOR}",
+        ]
     )
     out = capsys.readouterr().out
     assert rc == 0 and "FIDt" in out and "ratio" in out
@@ -99,9 +115,27 @@ def test_evaluate_job_cli(world, capsys):
     # Reference only (teachers all cached by now), logged to MLflow as an 'evaluation' stage.
     db = world / "mlflow.db"
     rc = job.main(
-        ["--reference-only", "--teachers", str(world / "zoo.yaml"), "--no-ray", "--track", "--tracking-uri", f"sqlite:///{db}",
-         "--project", "cli-eval", "--set", "sampler.num_inference_steps=2", "--set", "images_per_prompt=1",
-         "--set", f"cache_dir={world / 'cache'}", "--set", "extractor.kind=import", "--set", f"extractor.path={EXTRACTOR}"]
+        [
+            "--reference-only",
+            "--teachers",
+            str(world / "zoo.yaml"),
+            "--no-ray",
+            "--track",
+            "--tracking-uri",
+            f"sqlite:///{db}",
+            "--project",
+            "cli-eval",
+            "--set",
+            "sampler.num_inference_steps=2",
+            "--set",
+            "images_per_prompt=1",
+            "--set",
+            f"cache_dir={world / 'cache'}",
+            "--set",
+            "extractor.kind=import",
+            "--set",
+            f"extractor.path={EXTRACTOR}",
+        ]
     )
     assert rc == 0 and "FIDt_ref" in capsys.readouterr().out
     import mlflow

@@ -66,7 +66,9 @@ def test_matrix_shape_labels_and_perfect_student(first_run):
     # Teachers are different networks: off-diagonal FID exceeds the diagonal's on average.
     assert r.ref_matrix[0, 1] + r.ref_matrix[1, 0] > r.ref_matrix[0, 0] + r.ref_matrix[1, 1]
     assert r.images_per_set == 2
-    assert sorted(r.generated) == sorted(["teacher/watercolor/A", "teacher/watercolor/B", "teacher/pixel art/A", "teacher/pixel art/B", "student/watercolor", "student/pixel art"])
+    assert sorted(r.generated) == sorted(
+        ["teacher/watercolor/A", "teacher/watercolor/B", "teacher/pixel art/A", "teacher/pixel art/B", "student/watercolor", "student/pixel art"]
+    )
     assert r.student_previews["watercolor"].shape[0] == 2 and r.student_previews["watercolor"].dtype == np.uint8
 
 

@@ -33,6 +33,7 @@ def test_baked_unet_equals_style_unet(arch, film, adapters, style):
     from diffusers import UNet2DConditionModel
 
     from dmm_ray.export import bake_unet
+
     pipe = tiny_merged(arch, film=film, adapter_rank=adapters)
     plain = bake_unet(pipe.unet, **style)
     assert type(plain) is UNet2DConditionModel and plain.class_embedding is None
@@ -164,8 +165,9 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     client = MlflowClient(uri)
     exp = client.create_experiment("dmm-ray", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp, run_name="merge")
-    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers",
-                         mlflow={"run_id": run.info.run_id, "tracking_uri": uri})
+    folder = save_merged(
+        tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers", mlflow={"run_id": run.info.run_id, "tracking_uri": uri}
+    )
     out = tmp_path / "ink.safetensors"
     assert job.main(["--model", str(folder), "--style", "ink", "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
@@ -221,8 +223,20 @@ def test_export_help_documents_every_flag():
         for flag in action.option_strings:
             assert flag in text
         assert action.help, action.option_strings
-    for flag in ("--model", "--style", "--weights", "--out", "--format", "--dtype", "--config-dir", "--verify", "--run-id",
-                 "--tracking-uri", "--no-track", "--device"):
+    for flag in (
+        "--model",
+        "--style",
+        "--weights",
+        "--out",
+        "--format",
+        "--dtype",
+        "--config-dir",
+        "--verify",
+        "--run-id",
+        "--tracking-uri",
+        "--no-track",
+        "--device",
+    ):
         assert flag in text
 
 

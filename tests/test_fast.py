@@ -40,8 +40,12 @@ class PerStyleTeacher(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, style_ids=None, added_cond_kwargs=None):
         self.calls.append(style_ids.clone())
-        out = torch.stack([self.teachers[int(s)](sample[b:b + 1], timestep[b:b + 1], encoder_hidden_states[b:b + 1]).sample[0]
-                           for b, s in enumerate(style_ids)])
+        out = torch.stack(
+            [
+                self.teachers[int(s)](sample[b : b + 1], timestep[b : b + 1], encoder_hidden_states[b : b + 1]).sample[0]
+                for b, s in enumerate(style_ids)
+            ]
+        )
         return type("Out", (), {"sample": out})()
 
 
@@ -86,10 +90,11 @@ def test_consistency_target_uses_the_teacher_of_the_examples_own_style():
     for b in range(2):
         # teacher b alone (whatever style it is asked for); the student keeps example b's style
         alone = _FixedStyle(PerStyleTeacher([teachers[b]]), 0)
-        one = Draw(draw.index[b:b + 1], draw.noise[b:b + 1], draw.w[b:b + 1])
+        one = Draw(draw.index[b : b + 1], draw.noise[b : b + 1], draw.w[b : b + 1])
         _, expected = ConsistencyObjective(student, alone, _scheduler(), settings).pair(
-            latents[b:b + 1], (cond[0][b:b + 1], None), (uncond[0][b:b + 1], None), styles[b:b + 1], one)
-        torch.testing.assert_close(target[b:b + 1], expected, rtol=1e-4, atol=1e-5)
+            latents[b : b + 1], (cond[0][b : b + 1], None), (uncond[0][b : b + 1], None), styles[b : b + 1], one
+        )
+        torch.testing.assert_close(target[b : b + 1], expected, rtol=1e-4, atol=1e-5)
     # and mixing the styles up changes the target: the test above would catch a swap
     _, swapped = ConsistencyObjective(student, _Swapped(PerStyleTeacher(teachers)), _scheduler(), settings).pair(latents, cond, uncond, styles, draw)
     assert (swapped - target).abs().max() > 1e-3
@@ -163,7 +168,9 @@ def test_fast_config_checks_and_bad_model_folder(tmp_path):
 def test_fast_job_help_and_missing_model():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--model", "/nonexistent/merged"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "fast.py"), "--model", "/nonexistent/merged"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and "no such folder" in out.stderr
 
 
@@ -176,6 +183,7 @@ def test_few_step_student_samples_with_its_own_steps_and_guidance():
 
 
 # ---- the saved few-step model ---------------------------------------------------------------------
+
 
 def _digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -239,7 +247,10 @@ def test_fast_model_loads_with_lcm_and_keeps_style_and_mixture_apis(fast_model):
     pipe = _load(path)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.styles == ["style0", "style1"]
     assert {k: pipe.sampler_defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")} == {
-        "scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}
+        "scheduler": "LCMScheduler",
+        "num_inference_steps": 4,
+        "guidance_scale": 1.0,
+    }
     assert _load(merged).sampler_defaults["num_inference_steps"] == 25  # a merged model keeps the paper's sampler
     kw = dict(height=32, width=32, output_type="pt")
     a = pipe("a red circle", style="style0", generator=torch.Generator().manual_seed(0), **kw).images
@@ -287,6 +298,7 @@ def test_serve_follows_the_few_step_model(fast_model):
 
 # ---- end to end on Ray ---------------------------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     from merge_fixtures import tiny_merge_config
@@ -298,10 +310,23 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     world, merged = merged_world
     before = _digest(merged)
     synthesized = _synthesized_sets(tmp_path / "synthesized", styles=2, rows=4)
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", fast={"steps": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1, "batch_size": 4, "lr": 1e-2,
-                                       "synthetic_fraction": 0.5, "synthesized": str(synthesized)},
-        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            fast={
+                "steps": 2,
+                "lora_rank": 4,
+                "checkpoint_every": 1,
+                "log_every": 1,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "synthetic_fraction": 0.5,
+                "synthesized": str(synthesized),
+            },
+            tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
+    )
     result = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
     assert result.train_metrics["step"] == 2 and "loss_lcm" in result.train_metrics
     assert result.train_metrics["synthetic_share"] == 0.5  # half of every batch came from the teachers' own samples
@@ -321,9 +346,14 @@ def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, mer
     from dmm_ray.merge import run_merge
 
     world, _ = merged_world
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", synthesis={"enabled": False, "finetune_steps": 0},
-        fast={"enabled": True, "steps": 1, "lora_rank": 2, "batch_size": 4}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            synthesis={"enabled": False, "finetune_steps": 0},
+            fast={"enabled": True, "steps": 1, "lora_rank": 2, "batch_size": 4},
+        )
+    )
     result = run_merge(cfg)
     assert result.fast is not None and result.fast.train_metrics["step"] == 1
     assert result.fast.model_path == tmp_path / "out" / "fast" / "model" and (result.fast.model_path / "sampler.json").is_file()
@@ -387,8 +417,9 @@ def _synthesized_sets(folder: Path, styles: int, rows: int) -> Path:
 
     rng = np.random.default_rng(1)
     for i in range(styles):
-        table = latent_table(rng.standard_normal((rows, 4, 8, 8)).astype(np.float32), ["a red circle"] * rows,
-                             [f"s{i}-{j}" for j in range(rows)], styles=[i] * rows)
+        table = latent_table(
+            rng.standard_normal((rows, 4, 8, 8)).astype(np.float32), ["a red circle"] * rows, [f"s{i}-{j}" for j in range(rows)], styles=[i] * rows
+        )
         write_shard(pafs.LocalFileSystem(), str((folder / f"style_{i}").resolve()), 0, table)
     return folder
 

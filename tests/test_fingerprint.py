@@ -99,8 +99,7 @@ def test_rerun_with_changed_settings_stops_before_ray_and_restart_runs(ray_clust
 
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**base, "distill": {**base["distill"], "lr": 1e-3}}))
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(changed)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(changed)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "distill.lr: 0.0001 -> 0.001" in proc.stderr and "--restart" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr  # refused before Ray starts

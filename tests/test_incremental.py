@@ -51,8 +51,11 @@ def test_regularisation_teacher_never_changes(merged_world):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     x0 = torch.randn(4, 4, 8, 8)
     t = torch.randint(0, 1000, (4,))
-    batch = {"noisy_latents": sched.add_noise(x0, torch.randn_like(x0), t), "timesteps": t,
-             "input_ids": torch.tensor(c["tokenizer"](["a red circle"] * 4, padding="max_length", max_length=77).input_ids)}
+    batch = {
+        "noisy_latents": sched.add_noise(x0, torch.randn_like(x0), t),
+        "timesteps": t,
+        "input_ids": torch.tensor(c["tokenizer"](["a red circle"] * 4, padding="max_length", max_length=77).input_ids),
+    }
     ids = regularizer_style_ids(4, 2, torch.Generator().manual_seed(1))
     for _ in range(2):
         logs = step.run([batch], [ids], opt)
@@ -64,15 +67,20 @@ def test_regularisation_teacher_never_changes(merged_world):
 
 def test_duplicate_style_name_rejected_before_ray(merged_world, tmp_path):
     teachers = [t for t in merged_world["teachers"] if t["name"] == "old1"]
-    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, tmp_path, teachers=teachers, incremental={"base_merged": merged_world["merged"]}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, tmp_path, teachers=teachers, incremental={"base_merged": merged_world["merged"]})
+    )
     with pytest.raises(TeacherError, match=r"\['old1'\] are already styles"):
         validate_before_ray(cfg)
 
 
 def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
     StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        merged_world, tmp_path, teachers=[{"name": "odd", "source": str(tmp_path / "odd")}], incremental={"base_merged": merged_world["merged"]}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            merged_world, tmp_path, teachers=[{"name": "odd", "source": str(tmp_path / "odd")}], incremental={"base_merged": merged_world["merged"]}
+        )
+    )
     with pytest.raises(TeacherError, match="teacher 'odd'.*cross_attention_dim"):
         validate_before_ray(cfg)
 
@@ -82,27 +90,41 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
     from dmm_ray.merge import run_merge
 
     new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        merged_world, tmp_path / "out", teachers=new, incremental={"base_merged": merged_world["merged"]},
-        synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            merged_world,
+            tmp_path / "out",
+            teachers=new,
+            incremental={"base_merged": merged_world["merged"]},
+            synthesis={"enabled": False},
+            distill={"steps": 2, "lambda_adv": 0},
+        )
+    )
     assert cfg.num_workers == 2  # 1 new teacher x 1 + the regulariser
     old = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet")
     result = run_merge(cfg)
     merged = DMMPipeline.from_pretrained(result.merged_path)
     assert merged.styles == ["old0", "old1", "new0"]
     assert merged.unet.class_embedding.codebook.weight.shape[0] == 3
-    assert not torch.equal(merged.unet.class_embedding.codebook.weight[:2], old.class_embedding.codebook.weight)  # old rows fine-tuned by the regulariser
+    assert not torch.equal(
+        merged.unet.class_embedding.codebook.weight[:2], old.class_embedding.codebook.weight
+    )  # old rows fine-tuned by the regulariser
 
 
 def test_relative_paths_are_made_absolute_for_workers(tmp_path):
     """Train workers run in another directory: `outputs/x/merged` must name the same folder there."""
     from dmm_ray.config import MergeConfig
 
-    cfg = MergeConfig.model_validate({
-        "teachers": [{"name": "new", "source": "zoo/teachers/new"}], "student": {"base": "zoo/base"},
-        "data": {"base": "zoo/base", "shards": "outputs/latents", "source": {"root": "zoo/images", "manifest": "manifest.jsonl"}},
-        "incremental": {"base_merged": "outputs/first/merged"}, "output_dir": "outputs/incr", "synthesis": {"prompts": "s3://bucket/prompts.txt"},
-    }).with_absolute_paths(tmp_path)
+    cfg = MergeConfig.model_validate(
+        {
+            "teachers": [{"name": "new", "source": "zoo/teachers/new"}],
+            "student": {"base": "zoo/base"},
+            "data": {"base": "zoo/base", "shards": "outputs/latents", "source": {"root": "zoo/images", "manifest": "manifest.jsonl"}},
+            "incremental": {"base_merged": "outputs/first/merged"},
+            "output_dir": "outputs/incr",
+            "synthesis": {"prompts": "s3://bucket/prompts.txt"},
+        }
+    ).with_absolute_paths(tmp_path)
     assert cfg.incremental.base_merged == str(tmp_path / "outputs/first/merged")
     assert cfg.output_dir == str(tmp_path / "outputs/incr") and cfg.student.base == str(tmp_path / "zoo/base")
     assert cfg.teachers[0].source == str(tmp_path / "zoo/teachers/new") and cfg.data.shards == str(tmp_path / "outputs/latents")

@@ -31,14 +31,23 @@ BIN = Path(sys.executable).parent
 MICRO_STYLES = ["warm", "noir", "sketch"]  # dmm_ray.zoo.config PRESETS["micro"]
 # A few steps of everything on the micro zoo (3 teachers -> 3 workers); the rest is the embedded default.
 # one teacher per worker (the GPU layout; the toy preset packs them): 3 workers share the head's CPUs
-SMALL = ["zoo=micro", "scaling.teachers_per_worker=1", "distill.steps=2", "distill.log_every=1", "data.stream.batch_size=4", "synthesis.images_per_teacher=4", "synthesis.finetune_steps=2",
-         "synthesis.finetune_batch_size=2", "evaluation.num_prompts=4", "evaluation.images_per_prompt=4"]
+SMALL = [
+    "zoo=micro",
+    "scaling.teachers_per_worker=1",
+    "distill.steps=2",
+    "distill.log_every=1",
+    "data.stream.batch_size=4",
+    "synthesis.images_per_teacher=4",
+    "synthesis.finetune_steps=2",
+    "synthesis.finetune_batch_size=2",
+    "evaluation.num_prompts=4",
+    "evaluation.images_per_prompt=4",
+]
 
 
 def _user_env(**extra) -> dict:
     """The user's shell: the venv first on PATH, none of the test session's Ray/DMM settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "DMM_")) and k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DMM_")) and k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
     env.update({"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra})
     return env
@@ -82,12 +91,31 @@ def head(tmp_path_factory):
     port, dashboard = free_port(), free_port()
     log = open(root / "head.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir, f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         # own ports for every agent: another Ray on the machine must not make ours fail to bind
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}"],
-        env=_user_env(DMM_HOME=str(home), **auth), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            # own ports for every agent: another Ray on the machine must not make ours fail to bind
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        env=_user_env(DMM_HOME=str(home), **auth),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=root,
     )
     client = _user_env(DMM_HOME=str(home), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}", **auth)
     try:
@@ -180,8 +208,9 @@ def _serve_finds(head, merged: Path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="dmmjsv", dir="/tmp")  # serve run starts its own local Ray here
     env = _user_env(DMM_HOME=str(head.home), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(head.clone), **head.auth)
     log = open(head.root / "serve.log", "w")
-    proc = subprocess.Popen([str(BIN / "serve"), "run", target], cwd=head.clone, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", target], cwd=head.clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         try:

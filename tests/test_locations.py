@@ -36,15 +36,19 @@ def test_resolve_rule(tmp_path, home, monkeypatch):
 def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tmp_path, home, monkeypatch):
     folder = tmp_path / "configs" / "sub"
     folder.mkdir(parents=True)
-    (folder / "c.yaml").write_text(yaml.safe_dump({
-        "name": "proj",
-        "teachers": [{"name": "a", "source": "../models/a"}, {"name": "b", "source": "/x/b", "base": "base"}],
-        "student": {"base": "../models/base"},
-        "data": {"base": "../models/base", "source": {"root": "imgs", "annotations": ["ann.jsonl"], "manifest": "m.jsonl"}},
-        "incremental": {"base_merged": "$DMM_HOME/outputs/first/merged"},
-        "evaluation": {"prompts": "p.txt", "extractor": {"kind": "import", "path": "pkg.mod:factory"}},
-        "tracking": {"uri": "sqlite:///db/mlflow.db"},
-    }))
+    (folder / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "proj",
+                "teachers": [{"name": "a", "source": "../models/a"}, {"name": "b", "source": "/x/b", "base": "base"}],
+                "student": {"base": "../models/base"},
+                "data": {"base": "../models/base", "source": {"root": "imgs", "annotations": ["ann.jsonl"], "manifest": "m.jsonl"}},
+                "incremental": {"base_merged": "$DMM_HOME/outputs/first/merged"},
+                "evaluation": {"prompts": "p.txt", "extractor": {"kind": "import", "path": "pkg.mod:factory"}},
+                "tracking": {"uri": "sqlite:///db/mlflow.db"},
+            }
+        )
+    )
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the process cwd must not matter for paths written in the file
@@ -77,10 +81,20 @@ def test_zoo_preset_lives_in_dmm_home(tmp_path, home):
         load_config(config)
     zoo = home / "zoo" / "micro"
     zoo.mkdir(parents=True)
-    (zoo / "zoo.yaml").write_text(yaml.safe_dump({
-        "base": "base", "dataset": "images", "eval_prompts": "eval_prompts.txt", "feature_net": "feature_net",
-        "teachers": [{"name": "warm", "source": "teachers/warm", "format": "diffusers"},
-                     {"name": "noir", "source": "teachers/noir.safetensors", "format": "single_file", "base": "base"}]}))
+    (zoo / "zoo.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "base",
+                "dataset": "images",
+                "eval_prompts": "eval_prompts.txt",
+                "feature_net": "feature_net",
+                "teachers": [
+                    {"name": "warm", "source": "teachers/warm", "format": "diffusers"},
+                    {"name": "noir", "source": "teachers/noir.safetensors", "format": "single_file", "base": "base"},
+                ],
+            }
+        )
+    )
     cfg = load_config(config, ["scaling.cpus_per_worker=auto"])
     assert cfg.zoo == str(zoo / "zoo.yaml")
     assert [t.source for t in cfg.teachers] == [str(zoo / "teachers/warm"), str(zoo / "teachers/noir.safetensors")]
@@ -106,8 +120,15 @@ def test_ray_job_working_dir_detection():
 
 
 def _cfg(**scaling):
-    return MergeConfig.model_validate({"teachers": TEACHERS, "student": {"base": "/x/base"}, "output_dir": "/x/out",
-                                       "data": {"base": "/x/base", "shards": "/x/s"}, "scaling": scaling})
+    return MergeConfig.model_validate(
+        {
+            "teachers": TEACHERS,
+            "student": {"base": "/x/base"},
+            "output_dir": "/x/out",
+            "data": {"base": "/x/base", "shards": "/x/s"},
+            "scaling": scaling,
+        }
+    )
 
 
 def test_resource_check_refuses_what_the_cluster_cannot_hold_naming_the_numbers():

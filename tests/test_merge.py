@@ -48,8 +48,12 @@ def test_merge_end_to_end(ray_cluster, world, tmp_path, monkeypatch):
     pipe = DMMPipeline.from_pretrained(result.merged_path, local_files_only=True)
     assert pipe.styles == ["style0", "style1"]
     # the merged model carries the sampler its teachers were sampled with (synthesis: 2 steps, default CFG 7)
-    assert pipe.sampler_defaults == {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 2, "guidance_scale": 7.0,
-                                     "negative_prompt": PAPER_NEGATIVE_PROMPT}
+    assert pipe.sampler_defaults == {
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": 2,
+        "guidance_scale": 7.0,
+        "negative_prompt": PAPER_NEGATIVE_PROMPT,
+    }
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", style="style1", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
@@ -104,8 +108,9 @@ def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
 
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", distill={"steps": 3, "checkpoint_every": 1, "fail_at_step": 2}, scaling={"max_failures": 1}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(world, tmp_path / "out", distill={"steps": 3, "checkpoint_every": 1, "fail_at_step": 2}, scaling={"max_failures": 1})
+    )
     result = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
     assert (tmp_path / "out" / ".failed_once_distill").read_text() == "2"  # the worker really died at step 2
     # Restarted from a checkpoint, not from scratch: at most `checkpoint_every` (=1) step is redone
@@ -118,8 +123,14 @@ def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray
     """SIGKILL the jobs/merge.py driver once distill has checkpointed, run the same command again: it takes
     over the dead driver's lock, resumes from a checkpoint (not step 0) and leaves only `merged` behind."""
     out = tmp_path / "out"
-    config = tiny_merge_config(world, out, synthesis={"enabled": False}, distill={"steps": 10, "checkpoint_every": 1, "lambda_adv": 0},
-                               tracking={"enabled": False}, evaluation={"enabled": False})
+    config = tiny_merge_config(
+        world,
+        out,
+        synthesis={"enabled": False},
+        distill={"steps": 10, "checkpoint_every": 1, "lambda_adv": 0},
+        tracking={"enabled": False},
+        evaluation={"enabled": False},
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)]  # RAY_ADDRESS: joins the test cluster
@@ -158,13 +169,31 @@ def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):
 
 def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster."""
-    config = tiny_merge_config(world, tmp_path / "out", synthesis={"enabled": False}, distill={"steps": 2, "lambda_adv": 0},
-                               tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}, evaluation={"enabled": False})
+    config = tiny_merge_config(
+        world,
+        tmp_path / "out",
+        synthesis={"enabled": False},
+        distill={"steps": 2, "lambda_adv": 0},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        evaluation={"enabled": False},
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     dashboard = ray_cluster.dashboard_url
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{dashboard}", "--working-dir", str(REPO),
-               "--", sys.executable, "jobs/merge.py", "--config", str(path)]
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        f"http://{dashboard}",
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "jobs/merge.py",
+        "--config",
+        str(path),
+    ]
     for _ in range(30):  # the head's job agent registers a little after the head is up
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if "No available agent" not in proc.stderr:

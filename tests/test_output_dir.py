@@ -41,6 +41,7 @@ def _dead_pid() -> int:
 
 # ---- 1. the lock ---------------------------------------------------------------------------------
 
+
 def test_live_lock_refuses_before_ray_and_names_the_owner(world, tmp_path, monkeypatch):
     out = tmp_path / "out"
     lock = _write_lock(out, os.getpid())  # another "owner" that is alive: this very process
@@ -115,14 +116,14 @@ def test_merge_job_refuses_a_locked_output_dir_with_exit_2(world, tmp_path):
     _write_lock(out, os.getpid())
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "merge.py"), "--config", str(path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"pid {os.getpid()}" in proc.stderr and "in use by another merge" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
 # ---- 2. the merged model survives a crash mid-save -----------------------------------------------
+
 
 def _model(path: Path, tag: str) -> Path:
     (path / "unet").mkdir(parents=True)

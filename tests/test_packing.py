@@ -38,8 +38,14 @@ def packed_world(tiny_base_dir, tmp_path_factory):
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
         StableDiffusionPipeline.save_lora_weights(root / f"lora{i}", unet_lora_layers=get_peft_model_state_dict(pipe.unet), safe_serialization=True)
-        loras.append(TeacherSpec(name=f"lora{i}", source=str(root / f"lora{i}" / "pytorch_lora_weights.safetensors"),
-                                 base=str(tiny_base_dir), lora_scale=0.7 if i == 1 else 1.0))
+        loras.append(
+            TeacherSpec(
+                name=f"lora{i}",
+                source=str(root / f"lora{i}" / "pytorch_lora_weights.safetensors"),
+                base=str(tiny_base_dir),
+                lora_scale=0.7 if i == 1 else 1.0,
+            )
+        )
     fulls = []
     for i in range(2):
         c = tiny_sd_components(seed=0)
@@ -57,8 +63,14 @@ def _batch(b=3, seed=0):
     sched = training_noise_scheduler()
     x0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
     t = torch.randint(0, 1000, (b,), generator=g)
-    return {"noisy_latents": sched.add_noise(x0, eps, t), "timesteps": t, "noise": eps, "latents": x0,
-            "input_ids": torch.randint(0, 50, (b, 77), generator=g), "captions": ["a red circle"] * b}
+    return {
+        "noisy_latents": sched.add_noise(x0, eps, t),
+        "timesteps": t,
+        "noise": eps,
+        "latents": x0,
+        "input_ids": torch.randint(0, 50, (b, 77), generator=g),
+        "captions": ["a red circle"] * b,
+    }
 
 
 def _teacher_eps(step, batches):
@@ -71,8 +83,9 @@ def _teacher_eps(step, batches):
 def _step(teachers, conds=None):
     c = tiny_sd_components(seed=0)
     student = StyleUNet.from_unet(c["unet"], [f"s{i}" for i in range(5)])
-    return DistillStep(student, c["text_encoder"].requires_grad_(False), teachers, conds, training_noise_scheduler(),
-                       LossSettings(lambda_adv=0), num_styles=5)
+    return DistillStep(
+        student, c["text_encoder"].requires_grad_(False), teachers, conds, training_noise_scheduler(), LossSettings(lambda_adv=0), num_styles=5
+    )
 
 
 def test_every_style_gets_the_same_samples_per_step_for_every_k():
@@ -221,7 +234,9 @@ def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
         check_fits(cfg)
     message = str(error.value)
     assert "needs" in message and "but scaling.gpu_memory_gb is 1 GiB" in message and "total" in message
-    assert check_fits(MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "gpu_memory_gb": 8}))).fits
+    assert check_fits(
+        MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling={"teachers_per_worker": 4, "gpu_memory_gb": 8}))
+    ).fits
     # SD1.5, 8 fp32 teachers on one 24 GB GPU at 8 rows per style: refused; the suggestions really fit
     lay = Layout(arch="sd15", teachers_on_worker=8, batch_per_style=8)
     plan = plan_layout(lay, 24)
@@ -258,8 +273,12 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     import gpu_distill
 
     out = tmp_path / "r.json"
-    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--lora-ks", "2", "--offload-ks", "2", "--lora-rank", "4", "--steps", "1",
-                             "--warmup", "0", "--json", str(out)]) == 0
+    assert (
+        gpu_distill.main(
+            ["--tiny", "--ks", "1,2", "--lora-ks", "2", "--offload-ks", "2", "--lora-rank", "4", "--steps", "1", "--warmup", "0", "--json", str(out)]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())["results"]
     assert [(r["k"], r["teachers"]) for r in results] == [(1, "full"), (2, "full"), (2, "lora"), (2, "offload")]
     assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in results)
@@ -293,10 +312,16 @@ def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluste
     world = build_world(tmp_path / "w", num_teachers=1)
     teachers = [s.model_dump(exclude_none=True) for s in packed_world["loras"][:2] + packed_world["fulls"]]
     world = {**world, "base": str(tiny_base_dir), "teachers": teachers}
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", scaling={"teachers_per_worker": 4, "cpus_per_worker": 1, "teacher_offload": True},
-        distill={"steps": 2, "teacher_dtype": "bfloat16", "gradient_checkpointing": True, "optimizer": "adamw_fused"},
-        synthesis={"enabled": False}, evaluation={"enabled": False}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            scaling={"teachers_per_worker": 4, "cpus_per_worker": 1, "teacher_offload": True},
+            distill={"steps": 2, "teacher_dtype": "bfloat16", "gradient_checkpointing": True, "optimizer": "adamw_fused"},
+            synthesis={"enabled": False},
+            evaluation={"enabled": False},
+        )
+    )
     assert cfg.num_workers == 1
     result = run_merge(cfg)
     assert result.stage_metrics["distill"]["step"] == 2

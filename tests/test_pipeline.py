@@ -33,8 +33,12 @@ def test_paper_defaults(pipe):
     sig = inspect.signature(DMMPipeline.__call__)
     # a call that names no sampler takes the model's own: for a merged model the paper's 25 steps, CFG 7
     assert sig.parameters["num_inference_steps"].default is None and sig.parameters["guidance_scale"].default is None
-    assert pipe.sampler_defaults == {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 25, "guidance_scale": 7.0,
-                                     "negative_prompt": PAPER_NEGATIVE_PROMPT}
+    assert pipe.sampler_defaults == {
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": 25,
+        "guidance_scale": 7.0,
+        "negative_prompt": PAPER_NEGATIVE_PROMPT,
+    }
     assert "nsfw" in PAPER_NEGATIVE_PROMPT
 
 
@@ -98,12 +102,15 @@ def test_a_model_with_its_own_sampler_record_is_sampled_with_it(pipe, tmp_path):
     (tmp_path / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
     own = DMMPipeline.from_pretrained(tmp_path, local_files_only=True)
     own.set_progress_bar_config(disable=True)
-    assert own.sampler_defaults == {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 2, "guidance_scale": 5.0,
-                                    "negative_prompt": ""}
+    assert own.sampler_defaults == {
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "negative_prompt": "",
+    }
 
     def run(p, **kw):
-        return p(["a red circle"], style="noir", height=32, width=32, output_type="pt", generator=[torch.Generator().manual_seed(0)],
-                 **kw).images
+        return p(["a red circle"], style="noir", height=32, width=32, output_type="pt", generator=[torch.Generator().manual_seed(0)], **kw).images
 
     torch.testing.assert_close(run(own), run(pipe, num_inference_steps=2, guidance_scale=5.0, negative_prompt=""))
     assert not torch.allclose(run(own), run(pipe, num_inference_steps=2, guidance_scale=5.0))  # the paper's negative differs

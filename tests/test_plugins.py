@@ -43,8 +43,7 @@ def plugin_files(tmp_path_factory):
         for selection in SELECTIONS["baked"]:
             plain = bake(merged, **selection)
             name = selection["style"]
-            baked[name] = (export_pipeline(plain, root / arch / f"{name}.safetensors"),
-                           write_config_folder(plain, root / arch / f"{name}.config"))
+            baked[name] = (export_pipeline(plain, root / arch / f"{name}.safetensors"), write_config_folder(plain, root / arch / f"{name}.config"))
         files[arch] = {
             "lora": make_lora(merged.unet, root / arch / "lora", seed=1),
             "lcm_lora": make_lora(merged.unet, root / arch / "lcm", seed=2),

@@ -4,7 +4,6 @@ The tiny SD components have a 2x VAE and an 8x8-latent UNet: native images are 1
 images have 16x16 latents. The codebook is spread (x20) so styles visibly differ untrained.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -34,8 +33,7 @@ def pipe():
 def _gen(pipe, prompts=("a red circle",), size=(32, 32), **kw):
     prompts = list(prompts)
     generators = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
-    return pipe(prompts, num_inference_steps=STEPS, height=size[0], width=size[1], output_type="pt",
-                generator=generators, **kw).images
+    return pipe(prompts, num_inference_steps=STEPS, height=size[0], width=size[1], output_type="pt", generator=generators, **kw).images
 
 
 @pytest.fixture
@@ -194,12 +192,17 @@ def test_background_fills_what_the_regions_leave(pipe):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(regions=[Region(box=ALL, style="noir"), Region(mask=torch.ones(10, 10), style="neon")]), RegionError,
-         r"region 1: mask is 10x10 .* image is 32x32"),
-        (dict(regions=[Region(mask=torch.zeros(32, 32), style="noir"), Region(box=ALL, style="neon")]), RegionError,
-         r"region 0: .*covers nothing"),
-        (dict(regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="anime", name="sky")]), StyleError,
-         r"region 1 \(sky\): unknown style 'anime'; known styles: 0:noir"),
+        (
+            dict(regions=[Region(box=ALL, style="noir"), Region(mask=torch.ones(10, 10), style="neon")]),
+            RegionError,
+            r"region 1: mask is 10x10 .* image is 32x32",
+        ),
+        (dict(regions=[Region(mask=torch.zeros(32, 32), style="noir"), Region(box=ALL, style="neon")]), RegionError, r"region 0: .*covers nothing"),
+        (
+            dict(regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="anime", name="sky")]),
+            StyleError,
+            r"region 1 \(sky\): unknown style 'anime'; known styles: 0:noir",
+        ),
         (dict(regions=[Region(box=LEFT, style_weights={"noir": 0, "neon": 0})]), StyleError, r"region 0: .*all zero"),
         (dict(regions=[Region(box=LEFT, style="noir")]), RegionError, r"leave 50% of the canvas uncovered.*background="),
         (dict(regions=[Region(box=(0.5, 0, 0.2, 1), style="noir")]), RegionError, r"region 0: box .*0 <= x0 < x1 <= 1"),

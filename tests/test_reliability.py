@@ -39,6 +39,7 @@ def world(tmp_path_factory):
 
 # ---- 1. a non-finite loss stops the merge ----------------------------------------------------
 
+
 def test_nonfinite_terms_and_message():
     from dmm_ray.distill.health import NonFiniteLossError, describe_nonfinite, nonfinite_terms, raise_if_nonfinite
 
@@ -80,8 +81,9 @@ def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_clust
     broken = _save_teacher(tmp_path / "teachers" / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
     out = tmp_path / "out"
-    cfg = MergeConfig.model_validate(tiny_merge_config({**world, "teachers": teachers}, out,
-                                                       distill={"steps": 3, "checkpoint_every": 1}, synthesis={"finetune_steps": 0}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config({**world, "teachers": teachers}, out, distill={"steps": 3, "checkpoint_every": 1}, synthesis={"finetune_steps": 0})
+    )
     with pytest.raises(NonFiniteLossError) as info:
         run_merge(cfg)
     message = str(info.value)
@@ -93,6 +95,7 @@ def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_clust
 
 
 # ---- 2. an MLflow outage never stops training -------------------------------------------------
+
 
 class _FlakyClient:
     """Stands in for mlflow's MlflowClient: raises on the first `failures` log_batch calls."""
@@ -177,6 +180,7 @@ def test_mlflow_logger_backs_off_while_down():
 
 
 # ---- 3. --dry-run catches broken teacher files -----------------------------------------------
+
 
 @pytest.fixture
 def dry_run(world, tmp_path, capsys):
@@ -264,9 +268,11 @@ def test_file_check_takes_every_teacher_format(world, tmp_path):
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet), safe_serialization=True)
     lora = next((tmp_path / "lora").glob("*.safetensors"))
-    specs = [TeacherSpec(name="single", source=str(tmp_path / "single.safetensors"), base=world["base"]),
-             TeacherSpec(name="lora", source=str(lora), base=world["base"]),
-             TeacherSpec(name="ckpt", source=str(tmp_path / "unet.ckpt"), base=world["base"], allow_pickle=True)]
+    specs = [
+        TeacherSpec(name="single", source=str(tmp_path / "single.safetensors"), base=world["base"]),
+        TeacherSpec(name="lora", source=str(lora), base=world["base"]),
+        TeacherSpec(name="ckpt", source=str(tmp_path / "unet.ckpt"), base=world["base"], allow_pickle=True),
+    ]
     check_teacher_files(specs, deep=True)
     data = (tmp_path / "single.safetensors").read_bytes()
     (tmp_path / "single.safetensors").write_bytes(data[:-100])
@@ -282,6 +288,7 @@ def test_deep_without_dry_run_is_refused(dry_run):
 
 
 # ---- 4. Serve deletes the temporary download of a models:/ model -----------------------------
+
 
 @pytest.fixture
 def logged_model_uri(tmp_path, monkeypatch):

@@ -36,8 +36,13 @@ def sdxl_setup():
     eps, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
     batch = dict(noisy_latents=sched.add_noise(x0, eps, t), timesteps=t, captions=CAPTIONS)
     return dict(
-        student=StyleUNet.from_unet(c["unet"], ["a", "b"]), teacher=teacher, disc=MultiClassDiscriminator(c["unet"], 2),
-        student_cond=conditioner_for(_Parts(c), 2), teacher_cond=conditioner_for(teacher_parts, 2), sched=sched, batch=batch,
+        student=StyleUNet.from_unet(c["unet"], ["a", "b"]),
+        teacher=teacher,
+        disc=MultiClassDiscriminator(c["unet"], 2),
+        student_cond=conditioner_for(_Parts(c), 2),
+        teacher_cond=conditioner_for(teacher_parts, 2),
+        sched=sched,
+        batch=batch,
     )
 
 
@@ -98,7 +103,9 @@ def sdxl_world(tmp_path_factory):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     StableDiffusionXLPipeline.save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
-    world["teachers"].append({"name": "style1", "source": str(lora_dir / "pytorch_lora_weights.safetensors"), "base": world["base"], "format": "lora"})
+    world["teachers"].append(
+        {"name": "style1", "source": str(lora_dir / "pytorch_lora_weights.safetensors"), "base": world["base"], "format": "lora"}
+    )
     return world
 
 

@@ -59,15 +59,30 @@ def test_serve_batches_concurrent_requests_across_styles(ray_cluster, backend):
     from ray import serve
 
     bodies = [
-        {"prompt": s.prompt, "weights": list(s.weights), "seed": s.seed, "negative_prompt": s.negative_prompt,
-         "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE}
+        {
+            "prompt": s.prompt,
+            "weights": list(s.weights),
+            "seed": s.seed,
+            "negative_prompt": s.negative_prompt,
+            "steps": TINY_STEPS,
+            "width": TINY_SIZE,
+            "height": TINY_SIZE,
+        }
         for s in MIXED
     ]
     # One regional-style request among them: its Sample (with regions) travels through Serve's batch too.
     regions = (((0.0, 0.0, 0.5, 1.0), (0.0, 1.0, 0.0), None), ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0), "a blue star"))
     regional = Sample("a red circle", None, (1.0, 0.0, 0.0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 21, regions=regions)
-    bodies.append({"prompt": "a red circle", "seed": 21, "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE,
-                   "regions": [{"box": [0, 0, 0.5, 1], "style": "neon"}, {"box": [0.5, 0, 1, 1], "style": "sketch", "prompt": "a blue star"}]})
+    bodies.append(
+        {
+            "prompt": "a red circle",
+            "seed": 21,
+            "steps": TINY_STEPS,
+            "width": TINY_SIZE,
+            "height": TINY_SIZE,
+            "regions": [{"box": [0, 0, 0.5, 1], "style": "neon"}, {"box": [0.5, 0, 1, 1], "style": "sketch", "prompt": "a blue star"}],
+        }
+    )
     name = "dmm-test-batch"
     # A long batch window so the concurrent requests land in one batch.
     with serve_on_cluster(name, batch_wait_timeout_s=0.5, max_batch_size=8) as url:

@@ -16,8 +16,7 @@ import pytest
 from serve_helpers import free_port, tiny_model_dir, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def ensure_chromium() -> Path:
@@ -92,8 +91,7 @@ def test_playground_generates_an_image(playground_url, tmp_path):
             sliders.nth(1).fill("60")  # fires `input`: the neon weight goes 0 -> 60
             assert page.text_content("#o1") == "60"
             # the exact jobs/export.py command for this mixture (issue 16): shown, updated with the sliders
-            page.wait_for_function(
-                "() => document.getElementById('exportcmd').textContent.includes('neon=0.375')", timeout=30_000)
+            page.wait_for_function("() => document.getElementById('exportcmd').textContent.includes('neon=0.375')", timeout=30_000)
             command = page.text_content("#exportcmd")
             assert command.startswith("python jobs/export.py --model ") and "--weights watercolor=0.625,neon=0.375" in command, command
             generate_and_wait(page)

@@ -58,7 +58,10 @@ def test_serve_run_from_fresh_shell(tmp_path, kind):
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         ["bash", "-c", f"cd {REPO} && exec serve run {target}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -67,8 +70,11 @@ def test_serve_run_from_fresh_shell(tmp_path, kind):
         except TimeoutError:
             raise AssertionError("serve run never became healthy:\n" + (tmp_path / "serve.log").read_text()[-4000:])
         assert httpx.get(url + "/healthz").json()["status"] == "ok"
-        r = httpx.post(url + "/generate", json={"prompt": "a red circle", "style": "neon", "steps": 2,
-                                                "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1}, timeout=60)
+        r = httpx.post(
+            url + "/generate",
+            json={"prompt": "a red circle", "style": "neon", "steps": 2, "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert np.asarray(Image.open(io.BytesIO(r.content))).shape[:2] == (TINY_SIZE, TINY_SIZE)
         r = httpx.post(url + "/generate", json={"prompt": "a red circle", "style": "oil"}, timeout=30)

@@ -29,8 +29,10 @@ def lora_files(tmp_path_factory):
 
     unet = StyleUNet.from_pretrained(tiny_model_dir() / "unet")
     root = tmp_path_factory.mktemp("serve-lora")
-    return {"subject": make_lora(unet, root / "subject", seed=1, scale=0.4),
-            "detail": make_lora(unet, root / "detail", seed=2, scale=0.4).parent}  # a file and a folder
+    return {
+        "subject": make_lora(unet, root / "subject", seed=1, scale=0.4),
+        "detail": make_lora(unet, root / "detail", seed=2, scale=0.4).parent,
+    }  # a file and a folder
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,16 @@ def test_lora_in_a_request_applies_the_preloaded_adapter(client, lora_files):
     pipe = load_dmm_pipeline(tiny_model_dir())
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora_files["subject"].parent), weight_name=lora_files["subject"].name, adapter_name="x")
-    want = pipe(["a red circle"], style="neon", num_inference_steps=TINY_STEPS, guidance_scale=7.0, width=TINY_SIZE,
-                height=TINY_SIZE, generator=[torch.Generator().manual_seed(3)], output_type="np").images[0]
+    want = pipe(
+        ["a red circle"],
+        style="neon",
+        num_inference_steps=TINY_STEPS,
+        guidance_scale=7.0,
+        width=TINY_SIZE,
+        height=TINY_SIZE,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images[0]
     assert np.abs(with_lora - (np.clip(want, 0, 1) * 255).round()).max() <= MAX_LEVEL_DIFF
     # weights are honoured; zero weight is no LoRA; the style still switches under a LoRA
     assert np.abs(png(post(client, style="neon", lora={"subject": 0.5})) - with_lora).mean() > 0.2
@@ -115,8 +125,7 @@ def test_different_adapter_sets_never_share_a_forward(backend):
     backend.forward_groups = []
     batched = backend.generate(samples)
     groups = [(key[-1], n) for key, n in backend.forward_groups]
-    assert sorted(groups) == sorted([((), 2), ((("subject", 1.0),), 2), ((("subject", 0.5),), 1),
-                                     ((("detail", 1.0), ("subject", 1.0)), 1)])
+    assert sorted(groups) == sorted([((), 2), ((("subject", 1.0),), 2), ((("subject", 0.5),), 1), ((("detail", 1.0), ("subject", 1.0)), 1)])
     for s, img in zip(samples, batched):
         alone = backend.generate([s])[0]
         assert np.abs(img.astype(int) - alone.astype(int)).max() <= MAX_LEVEL_DIFF
@@ -168,13 +177,19 @@ def test_serve_keeps_adapter_sets_apart_in_shared_batches(ray_cluster, backend, 
     from ray import serve
 
     bodies = [
-        {"prompt": "a red circle", "style": STYLE_NAMES[i % 3], "seed": 20 + i, "steps": TINY_STEPS, "width": TINY_SIZE,
-         "height": TINY_SIZE, **({"lora": {"subject": 1.0}} if i % 2 else {})}
+        {
+            "prompt": "a red circle",
+            "style": STYLE_NAMES[i % 3],
+            "seed": 20 + i,
+            "steps": TINY_STEPS,
+            "width": TINY_SIZE,
+            "height": TINY_SIZE,
+            **({"lora": {"subject": 1.0}} if i % 2 else {}),
+        }
         for i in range(6)
     ]
     name = "dmm-test-lora"
-    with serve_on_cluster(name, batch_wait_timeout_s=0.5, max_batch_size=8,
-                          lora_adapters={k: str(v) for k, v in lora_files.items()}) as url:
+    with serve_on_cluster(name, batch_wait_timeout_s=0.5, max_batch_size=8, lora_adapters={k: str(v) for k, v in lora_files.items()}) as url:
         with ThreadPoolExecutor(len(bodies)) as pool:
             responses = list(pool.map(lambda b: httpx.post(url + "/generate", json=b, timeout=60), bodies))
         info = serve.get_deployment_handle("StyleModel", app_name=name).info.remote().result()

@@ -49,9 +49,15 @@ def test_regions_png_with_region_header_and_equal_to_the_pipeline(client, backen
     image = png(r)
     regions = json.loads(r.headers["X-Regions"])
     assert [list(g["mixture"]) for g in regions] == [["watercolor"], ["neon"]] and regions[1]["prompt"] == "a blue star"
-    direct = backend.pipe(["a red circle"], regions=[Region(box=LEFT, style="watercolor"), Region(box=RIGHT, style="neon", prompt="a blue star")],
-                          num_inference_steps=TINY_STEPS, width=TINY_SIZE, height=TINY_SIZE, output_type="np",
-                          generator=[torch.Generator().manual_seed(3)]).images[0]
+    direct = backend.pipe(
+        ["a red circle"],
+        regions=[Region(box=LEFT, style="watercolor"), Region(box=RIGHT, style="neon", prompt="a blue star")],
+        num_inference_steps=TINY_STEPS,
+        width=TINY_SIZE,
+        height=TINY_SIZE,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(3)],
+    ).images[0]
     assert np.array_equal(image, (np.clip(direct, 0, 1) * 255).round().astype(int))
     assert not np.array_equal(image, png(gen(client, style="watercolor")))
 

@@ -63,9 +63,17 @@ def test_tiny_weights_still_normalise(backend):
 
 @pytest.mark.parametrize(
     "body",
-    [{"style": True}, {"style": False}, {"weights": [True, False, False]}, {"weights": {"neon": True}},
-     {"steps": True}, {"seed": True}, {"num_images": True}, {"guidance": True},
-     {"regions": [{"box": [0, 0, 1, 1], "style": True}]}],
+    [
+        {"style": True},
+        {"style": False},
+        {"weights": [True, False, False]},
+        {"weights": {"neon": True}},
+        {"steps": True},
+        {"seed": True},
+        {"num_images": True},
+        {"guidance": True},
+        {"regions": [{"box": [0, 0, 1, 1], "style": True}]},
+    ],
     ids=lambda b: str(b)[:40],
 )
 def test_booleans_are_rejected_not_coerced(backend, body):
@@ -143,8 +151,7 @@ class Method:
 
 def fake_handle(generate, info=None):
     async def default_info():
-        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
-                "native_size": [TINY_SIZE, TINY_SIZE]}
+        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
 
     return types.SimpleNamespace(info=Method(info or default_info), generate=Method(generate))
 
@@ -167,8 +174,7 @@ def test_healthz_answers_while_the_model_is_busy():
         if busy["on"]:
             while not release.is_set():
                 await asyncio.sleep(0.05)
-        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
-                "native_size": [TINY_SIZE, TINY_SIZE]}
+        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
 
     handle = fake_handle(slow_generate, info)
     with make_client(HandleService(handle), readyz_timeout_s=0.5) as c:
@@ -274,8 +280,12 @@ def test_a_poisoned_sample_fails_only_its_own_request_in_a_shared_batch(backend,
         return real(samples)
 
     monkeypatch.setattr(model.backend, "generate", generate)
-    batch = [sample("a red circle", (1, 0, 0), 1), sample("overflow", (1e308, 1e308, 0), 2),
-             sample("poison", (0, 1, 0), 3), sample("a blue square", (0, 0, 1), 4)]
+    batch = [
+        sample("a red circle", (1, 0, 0), 1),
+        sample("overflow", (1e308, 1e308, 0), 2),
+        sample("poison", (0, 1, 0), 3),
+        sample("a blue square", (0, 0, 1), 4),
+    ]
 
     async def run():
         return await asyncio.gather(*(model.generate(s) for s in batch), return_exceptions=True)
@@ -340,8 +350,10 @@ def test_serve_batch_with_poisoned_samples_keeps_the_others(ray_cluster, backend
         # Straight to the model: weights that overflow, and a prompt that breaks the tokenizer.
         poisoned = [sample("overflow", (1e308, 1e308, 0), 1), Sample(None, None, (1, 0, 0), TINY_STEPS, 7.0, TINY_SIZE, TINY_SIZE, 2)]
         direct = [model.generate.remote(s) for s in poisoned + good]
-        bodies = [{"prompt": s.prompt, "weights": list(s.weights), "seed": s.seed, "steps": TINY_STEPS,
-                   "width": TINY_SIZE, "height": TINY_SIZE} for s in good]
+        bodies = [
+            {"prompt": s.prompt, "weights": list(s.weights), "seed": s.seed, "steps": TINY_STEPS, "width": TINY_SIZE, "height": TINY_SIZE}
+            for s in good
+        ]
         bodies += [dict(bodies[0], weights=[1e308, 1e308, 0])] * 2
         with ThreadPoolExecutor(len(bodies)) as pool:
             responses = list(pool.map(lambda b: httpx.post(url + "/generate", json=b, timeout=120), bodies))

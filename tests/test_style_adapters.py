@@ -35,8 +35,9 @@ def low_rank_teacher(base, modules, rank: int, seed: int):
     state = teacher.state_dict()
     for name in modules:
         w = state[name + ".weight"]
-        state[name + ".weight"] = w + (torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w[0].numel(), generator=g)
-                                       * 0.05).reshape(w.shape)
+        state[name + ".weight"] = w + (torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w[0].numel(), generator=g) * 0.05).reshape(
+            w.shape
+        )
         if name + ".bias" in state:
             state[name + ".bias"] = state[name + ".bias"] + 0.1 * torch.randn(w.shape[0], generator=g)
     teacher.load_state_dict(state)
@@ -168,8 +169,9 @@ def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(
     routed = StyleEmbedding.adapter_runs
 
     def forward(dense: bool):
-        monkeypatch.setattr(StyleEmbedding, "adapter_runs", (lambda self, b: None) if dense else
-                            (lambda self, b: calls.append(routed(self, b)) or calls[-1]))
+        monkeypatch.setattr(
+            StyleEmbedding, "adapter_runs", (lambda self, b: None) if dense else (lambda self, b: calls.append(routed(self, b)) or calls[-1])
+        )
         student.zero_grad(set_to_none=True)
         out = student(x, t, ehs, style_ids=ids).sample
         out.pow(2).mean().backward()

@@ -143,8 +143,13 @@ def test_sdxl_style_unet_keeps_text_time():
 def test_resolve_style_errors_name_known_styles():
     assert torch.equal(resolve_style(STYLES, "ink"), torch.tensor([0.0, 0.0, 1.0]))
     assert torch.allclose(resolve_style(STYLES, {"real": 1, "ink": 3}), torch.tensor([0.25, 0.0, 0.75]))
-    for bad, match in [("manga", "unknown style 'manga'.*0:real, 1:anime, 2:ink"), (7, "out of range"),
-                       ({"real": -1, "ink": 2}, ">= 0"), ([0, 0, 0], "all zero"), ([1, 2], "one entry per style")]:
+    for bad, match in [
+        ("manga", "unknown style 'manga'.*0:real, 1:anime, 2:ink"),
+        (7, "out of range"),
+        ({"real": -1, "ink": 2}, ">= 0"),
+        ([0, 0, 0], "all zero"),
+        ([1, 2], "one entry per style"),
+    ]:
         with pytest.raises(StyleError, match=match):
             resolve_style(STYLES, bad)
 

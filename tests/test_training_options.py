@@ -22,8 +22,14 @@ def _batch(b=4, seed=0):
     x0 = torch.randn(b, 4, 8, 8, generator=g)
     eps = torch.randn(b, 4, 8, 8, generator=g)
     t = torch.randint(0, 1000, (b,), generator=g)
-    return {"noisy_latents": sched.add_noise(x0, eps, t), "timesteps": t, "noise": eps, "latents": x0,
-            "input_ids": torch.randint(0, 50, (b, 77), generator=g), "captions": ["a red circle"] * b}
+    return {
+        "noisy_latents": sched.add_noise(x0, eps, t),
+        "timesteps": t,
+        "noise": eps,
+        "latents": x0,
+        "input_ids": torch.randint(0, 50, (b, 77), generator=g),
+        "captions": ["a red circle"] * b,
+    }
 
 
 def test_zero_style_init_starts_exactly_at_the_base():
@@ -105,8 +111,10 @@ def test_packed_step_equals_one_teacher_per_batch():
     packed = DistillStep(student, text, teachers, [text, text], sched, settings, num_styles=2)
     ids = torch.tensor([0] * 4 + [1] * 4)
     total, terms, *_ = packed.generator_losses(concat_batches([b0, b1]), ids)
-    singles = [DistillStep(student, text, t, text, sched, settings, num_styles=2).generator_losses(b, torch.full((4,), i))[1]
-               for i, (t, b) in enumerate(zip(teachers, (b0, b1)))]
+    singles = [
+        DistillStep(student, text, t, text, sched, settings, num_styles=2).generator_losses(b, torch.full((4,), i))[1]
+        for i, (t, b) in enumerate(zip(teachers, (b0, b1)))
+    ]
     for name in ("score", "feat"):
         assert terms[name].item() == pytest.approx((singles[0][name].item() + singles[1][name].item()) / 2, rel=1e-5)
 
@@ -135,8 +143,12 @@ def test_v_score_weighting_weighs_each_sample_by_its_timestep():
     plain = DistillStep(student, text, teacher, text, sched, LossSettings(lambda_adv=0, lambda_feat=0), num_styles=1)
     weighted = DistillStep(student, text, teacher, text, sched, LossSettings(lambda_adv=0, lambda_feat=0, score_weighting="v"), num_styles=1)
     with torch.no_grad():
-        per_sample = torch.stack([plain.generator_losses({k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in b.items()},
-                                                         ids[:1])[1]["score"] for i in range(4)])
+        per_sample = torch.stack(
+            [
+                plain.generator_losses({k: (v[i : i + 1] if torch.is_tensor(v) else v[i : i + 1]) for k, v in b.items()}, ids[:1])[1]["score"]
+                for i in range(4)
+            ]
+        )
         assert plain.generator_losses(b, ids)[1]["score"].item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
         got = weighted.generator_losses(b, ids)[1]["score"].item()
     assert got == pytest.approx((w[b["timesteps"]] * per_sample).mean().item(), rel=1e-5)
@@ -156,13 +168,25 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
     from dmm_ray.distill.checkpointing import load_training_state
     from dmm_ray.merge import run_merge
 
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 1},
-        data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5},
-        distill={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 1},
-        synthesis={"images_per_teacher": 8, "num_inference_steps": 2, "batch_size": 4, "finetune_steps": 2,
-                   "finetune_batch_size": 2, "resolution": 16, "finetune_continue": True, "actors": 1},
-    ))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            scaling={"teachers_per_worker": 2, "cpus_per_worker": 1},
+            data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5},
+            distill={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 1},
+            synthesis={
+                "images_per_teacher": 8,
+                "num_inference_steps": 2,
+                "batch_size": 4,
+                "finetune_steps": 2,
+                "finetune_batch_size": 2,
+                "resolution": 16,
+                "finetune_continue": True,
+                "actors": 1,
+            },
+        )
+    )
     assert cfg.num_workers == 1
     result = run_merge(cfg)
     assert result.stage_metrics["distill"]["step"] == 3 and result.stage_metrics["finetune"]["step"] == 2
@@ -195,8 +219,10 @@ def test_style_film_starts_as_identity_and_round_trips(tmp_path):
     film = StyleUNet.from_unet(c["unet"], ["a", "b"], style_film=True).eval()
     ids = torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
-        assert torch.equal(film(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
-                           plain(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample)
+        assert torch.equal(
+            film(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+            plain(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+        )
     assert len(film.class_embedding.film) == sum(1 for m in film.modules() if type(m).__name__ == "ResnetBlock2D")
     film.train()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample.square().mean().backward()
     assert all(layer.weight.grad.abs().sum() > 0 for layer in film.class_embedding.film)
@@ -206,8 +232,10 @@ def test_style_film_starts_as_identity_and_round_trips(tmp_path):
         film.save_pretrained(tmp_path / "unet")
         loaded = StyleUNet.from_pretrained(tmp_path / "unet").eval()
         assert loaded.config.style_film
-        assert torch.equal(loaded(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
-                           film.eval()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample)
+        assert torch.equal(
+            loaded(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+            film.eval()(b["noisy_latents"], b["timesteps"], text, style_ids=ids).sample,
+        )
 
 
 def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
@@ -218,9 +246,14 @@ def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
     from dmm_ray.distill.loop import _load_student, _optimizer
     from dmm_ray.models.style_adapters import adapter_key
 
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", student={"base": world["base"], "style_adapters": {"rank": 2, "targets": ["to_q", "conv1"]}},
-        distill={"steps": 2, "style_lr_mult": 10}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            student={"base": world["base"], "style_adapters": {"rank": 2, "targets": ["to_q", "conv1"]}},
+            distill={"steps": 2, "style_lr_mult": 10},
+        )
+    )
     names = [t.name for t in cfg.teachers]
     student = _load_student(cfg, "distill", None, names)
     modules = student.config.style_adapter_modules
@@ -253,10 +286,15 @@ def test_uneven_teacher_groups_and_a_regulariser_cross_epochs_in_lock_step(ray_c
     from dmm_ray.merge import run_merge
 
     world = build_world(tmp_path / "world", num_teachers=3, rows=32)
-    cfg = MergeConfig.model_validate(tiny_merge_config(
-        world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 0.5},
-        distill={"steps": 6, "checkpoint_every": 6, "log_every": 1},  # 16 rows per worker, 8 per step: 3 epochs
-        synthesis={"enabled": False, "finetune_steps": 0}))
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(
+            world,
+            tmp_path / "out",
+            scaling={"teachers_per_worker": 2, "cpus_per_worker": 0.5},
+            distill={"steps": 6, "checkpoint_every": 6, "log_every": 1},  # 16 rows per worker, 8 per step: 3 epochs
+            synthesis={"enabled": False, "finetune_steps": 0},
+        )
+    )
     assert cfg.num_workers == 2
     faulthandler.dump_traceback_later(420, exit=True)  # a deadlock fails the run instead of hanging it
     try:

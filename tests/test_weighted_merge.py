@@ -1,6 +1,5 @@
 """Weighted-merge baseline: identity on identical models, linearity, weight validation."""
 
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline

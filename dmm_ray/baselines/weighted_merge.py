@@ -113,9 +113,7 @@ def weighted_merge_pipelines(pipes: Sequence[Any], weights: Sequence[float] | No
     )
 
 
-def weighted_merge_teachers(
-    specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True
-) -> Path:
+def weighted_merge_teachers(specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True) -> Path:
     """Load TeacherSpecs, merge them, save a diffusers folder (+ weighted_merge.json provenance)."""
     from dmm_ray.teachers import load_teacher_pipeline, teacher_checksum
 

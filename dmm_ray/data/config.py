@@ -29,7 +29,8 @@ class SourceConfig(BaseModel):
     kind: Literal["journeydb", "folder"] = "folder"
     root: str = Field(description="image root folder (local path or pyarrow filesystem URI)")
     annotations: list[str] = Field(
-        default_factory=list, description="journeydb: JSONL annotation files or folders of *.jsonl, paths/URIs (default: every *.jsonl directly in root)"
+        default_factory=list,
+        description="journeydb: JSONL annotation files or folders of *.jsonl, paths/URIs (default: every *.jsonl directly in root)",
     )
     manifest: Optional[str] = Field(
         default=None, description="folder: manifest file relative to root (default: the first of manifest.jsonl/.csv/.parquet)"
@@ -97,7 +98,8 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: Optional[str] = Field(
-        default=None, description="base SD diffusers folder, local and present on every node: its vae/, tokenizer/ and scheduler/ are used (or give vae/tokenizer explicitly)"
+        default=None,
+        description="base SD diffusers folder, local and present on every node: its vae/, tokenizer/ and scheduler/ are used (or give vae/tokenizer explicitly)",
     )
     vae: Optional[str] = Field(default=None, description="VAE folder (default: <base>/vae)")
     tokenizer: Optional[str] = Field(default=None, description="tokenizer folder (default: <base>/tokenizer)")
@@ -106,7 +108,9 @@ class DataConfig(BaseModel):
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     synthetic_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description="share of each style's distillation batch drawn from its own teacher's synthesized samples "
         "(synthesis then runs before distillation); 0 = the paper: distill on the common stream only",
     )

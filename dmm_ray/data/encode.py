@@ -130,8 +130,12 @@ class VAEEncoder:
                 z = dist.mean  # (b, C, h, w)
                 if self.sampling == "sample":
                     # eps keyed by source id: the same image gets the same draw whatever the batching.
-                    eps = np.stack([np.random.default_rng(_sample_key(str(s), self.seed)).standard_normal(self.latent_shape, dtype=np.float32)
-                                    for s in batch["source_id"][ok]])
+                    eps = np.stack(
+                        [
+                            np.random.default_rng(_sample_key(str(s), self.seed)).standard_normal(self.latent_shape, dtype=np.float32)
+                            for s in batch["source_id"][ok]
+                        ]
+                    )
                     z = z + dist.std * torch.from_numpy(eps).to(z.device, z.dtype)
                 z = ((z - self.shift) * self.scaling).float().cpu().numpy()
             if z.shape[1:] != self.latent_shape:
@@ -167,8 +171,10 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
         return  # nothing finished under the old settings: start over with the new ones
     if diffs:
         detail = "; ".join(f"{k}: shards have {old.get(k)!r}, config gives {meta[k]!r}" for k in diffs)
-        raise ValueError(f"cannot resume encoding into {shards_uri!r}, it was made with different settings ({detail}). "
-                         "Use a new data.shards folder or restore the old settings.")
+        raise ValueError(
+            f"cannot resume encoding into {shards_uri!r}, it was made with different settings ({detail}). "
+            "Use a new data.shards folder or restore the old settings."
+        )
 
 
 def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
@@ -202,13 +208,26 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
         blocks = [g.reset_index(drop=True) for _, g in pending.groupby("shard", sort=True)]
         ds = ray.data.from_pandas(blocks)  # one block per shard: decode tasks parallelise across shards
         ds = ds.map_batches(
-            decode_images, batch_size=e.batch_size, batch_format="numpy", num_cpus=e.decode_cpus,
+            decode_images,
+            batch_size=e.batch_size,
+            batch_format="numpy",
+            num_cpus=e.decode_cpus,
             fn_kwargs=dict(resolution=e.resolution, filesystem=index.filesystem),
         )
         ds = ds.map_batches(
-            VAEEncoder, batch_size=e.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_gpus=e.num_gpus,
-            fn_constructor_kwargs=dict(vae_path=cfg.vae_path(), resolution=e.resolution, use_gpu=e.num_gpus > 0, dtype=e.dtype,
-                                       latent_sampling=e.latent_sampling, seed=cfg.stream.seed),
+            VAEEncoder,
+            batch_size=e.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=e.concurrency),
+            num_gpus=e.num_gpus,
+            fn_constructor_kwargs=dict(
+                vae_path=cfg.vae_path(),
+                resolution=e.resolution,
+                use_gpu=e.num_gpus > 0,
+                dtype=e.dtype,
+                latent_sampling=e.latent_sampling,
+                seed=cfg.stream.seed,
+            ),
         )
         buffers: dict[int, list[dict]] = {}
         received: Counter = Counter()

@@ -34,15 +34,19 @@ def check_location(setting: str, location: str) -> None:
     if is_uri(location):
         scheme = location.split("://", 1)[0].lower()
         if scheme not in SUPPORTED_SCHEMES:
-            raise ValueError(f"{setting} {location!r}: scheme {scheme + '://'!r} is not supported; give a local path or a URI "
-                             f"pyarrow opens: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
+            raise ValueError(
+                f"{setting} {location!r}: scheme {scheme + '://'!r} is not supported; give a local path or a URI "
+                f"pyarrow opens: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+            )
 
 
 def require_local(setting: str, location) -> Path:
     """`location` as a local Path, or a clear error naming `setting` when it is a URI."""
     if location is not None and is_uri(location):
-        raise ValueError(f"{setting} {str(location)!r} is a URI, but {setting} must be a local folder "
-                         "(URIs are supported for output_dir, data.shards and loading a merged model)")
+        raise ValueError(
+            f"{setting} {str(location)!r} is a URI, but {setting} must be a local folder "
+            "(URIs are supported for output_dir, data.shards and loading a merged model)"
+        )
     check_location(setting, str(location))
     return Path(location)
 

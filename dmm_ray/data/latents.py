@@ -20,13 +20,17 @@ def ensure_latents(cfg) -> None:
         if state.status == "partial":
             raise FileNotFoundError(
                 f"data.shards {cfg.data.shards} holds an unfinished encode ({state.detail()}) and data.source is not set to finish it; "
-                "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set")
+                "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set"
+            )
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
     from dmm_ray.data.encode import run_encode
 
     if state.status == "partial":
-        say("merge", f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
-                     f"resuming the encode from {cfg.data.source.root} instead of training on a subset")
+        say(
+            "merge",
+            f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
+            f"resuming the encode from {cfg.data.source.root} instead of training on a subset",
+        )
     else:
         say("merge", f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
     print(run_encode(cfg.data).summary(), flush=True)

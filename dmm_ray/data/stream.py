@@ -52,7 +52,9 @@ def _cached_tokenizer(path: str):
 
 def tokenize(tokenizer, captions: Sequence[str]) -> np.ndarray:
     """(B, L) int64 ids padded/truncated to the tokenizer's max length (77 for SD)."""
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np").input_ids.astype(np.int64)
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+    ).input_ids.astype(np.int64)
 
 
 def load_noise_scheduler(cfg: Optional[DataConfig] = None):
@@ -149,15 +151,20 @@ def draw_sample_randomness(
     return timesteps, noise, dropped
 
 
-def noised_batch(batch: dict, *, scheduler, empty_ids: np.ndarray, seed: int, epoch: int, caption_dropout: float,
-                 device: Optional["torch.device"] = None) -> dict:
+def noised_batch(
+    batch: dict, *, scheduler, empty_ids: np.ndarray, seed: int, epoch: int, caption_dropout: float, device: Optional["torch.device"] = None
+) -> dict:
     """Turn one tokenised batch (numpy, from build_latent_dataset) into the training batch dict."""
     import torch  # here, not at module level: Ray Data's tokenise tasks import this module and need no torch
 
     x0 = torch.from_numpy(np.ascontiguousarray(batch["latents"], dtype=np.float32))  # (B, C, h, w)
     t, eps, dropped = draw_sample_randomness(
-        batch["source_id"], x0.shape[1:], seed=seed, epoch=epoch,
-        num_train_timesteps=scheduler.config.num_train_timesteps, caption_dropout=caption_dropout,
+        batch["source_id"],
+        x0.shape[1:],
+        seed=seed,
+        epoch=epoch,
+        num_train_timesteps=scheduler.config.num_train_timesteps,
+        caption_dropout=caption_dropout,
     )
     timesteps, noise = torch.from_numpy(t), torch.from_numpy(eps)
     noisy = scheduler.add_noise(x0, noise, timesteps)  # (B, C, h, w) = sqrt(a_t) x0 + sqrt(1 - a_t) eps
@@ -197,6 +204,14 @@ def iter_noised_batches(
     scheduler = scheduler or load_noise_scheduler(cfg)
     empty_ids = tokenize(_cached_tokenizer(cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
     rank = _world_rank() if rank is None else rank
-    shuffle = dict(local_shuffle_buffer_size=s.shuffle_buffer, local_shuffle_seed=_sample_key(s.seed, epoch, f"rank{rank}")[2] % 2**31) if s.shuffle_buffer else {}
-    for batch in shard.iter_batches(batch_size=s.batch_size, batch_format="numpy", drop_last=s.drop_last, prefetch_batches=s.prefetch_batches, **shuffle):
-        yield noised_batch(batch, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=epoch, caption_dropout=s.caption_dropout, device=device)
+    shuffle = (
+        dict(local_shuffle_buffer_size=s.shuffle_buffer, local_shuffle_seed=_sample_key(s.seed, epoch, f"rank{rank}")[2] % 2**31)
+        if s.shuffle_buffer
+        else {}
+    )
+    for batch in shard.iter_batches(
+        batch_size=s.batch_size, batch_format="numpy", drop_last=s.drop_last, prefetch_batches=s.prefetch_batches, **shuffle
+    ):
+        yield noised_batch(
+            batch, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=epoch, caption_dropout=s.caption_dropout, device=device
+        )

@@ -12,8 +12,7 @@ from dmm_ray.models.discriminator import MultiClassDiscriminator
 from dmm_ray.models.style_unet import StyleUNet
 
 
-def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2, device: str = "cpu", seed: int = 0,
-                         latent_size: int | None = None):
+def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2, device: str = "cpu", seed: int = 0, latent_size: int | None = None):
     """(step, opt_student, opt_disc, batches): `batches(n)` yields n synthetic noised batches."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -24,7 +23,7 @@ def build_benchmark_step(base: str | None, batch_size: int, num_styles: int = 2,
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False, local_files_only=True)
         unet, text, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        side = (pipe.unet.config.sample_size or 8)
+        side = pipe.unet.config.sample_size or 8
     else:
         c = tiny_sd_components(seed)
         unet, text, tok, scheduler, side = c["unet"], c["text_encoder"], c["tokenizer"], training_noise_scheduler(), 8

@@ -15,8 +15,9 @@ STATE = "train_state.pt"
 STUDENT_DIR = "student"
 
 
-def save_training_state(folder: Path, *, student, discriminator, opt_student, opt_disc, ema, step: int, epoch: int,
-                        batches_in_epoch: int, extra: dict | None = None) -> Path:
+def save_training_state(
+    folder: Path, *, student, discriminator, opt_student, opt_disc, ema, step: int, epoch: int, batches_in_epoch: int, extra: dict | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(folder / STUDENT_DIR)  # safetensors + config (style names)
     state = {

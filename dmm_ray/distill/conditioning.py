@@ -36,8 +36,15 @@ class SDXLConditioner:
         from diffusers import StableDiffusionXLPipeline
 
         # A text-only pipeline: diffusers' encode_prompt is the reference SDXL prompt encoding.
-        self.pipe = StableDiffusionXLPipeline(vae=None, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=None, scheduler=None)
+        self.pipe = StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=None,
+            scheduler=None,
+        )
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.vae_scale_factor = vae_scale_factor
 
@@ -63,6 +70,7 @@ def vae_scale_factor(base_dir) -> int:
 
 def conditioner_for(parts, scale_factor: int, device=None):
     """The conditioner of a loaded pipeline (or anything with text_encoder[_2] / tokenizer[_2]), frozen."""
+
     def frozen(encoder):
         encoder = encoder.requires_grad_(False).eval()
         return encoder if device is None else encoder.to(device)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-HINT = ("Nothing from this step on was saved (no checkpoint, no merged model, no registered model). A NaN/Inf teacher "
-        "is named by `python jobs/merge.py --dry-run --deep` (a full finite-check of every tensor); with finite "
-        "teachers, lower distill.lr or keep distill.grad_clip > 0")
+HINT = (
+    "Nothing from this step on was saved (no checkpoint, no merged model, no registered model). A NaN/Inf teacher "
+    "is named by `python jobs/merge.py --dry-run --deep` (a full finite-check of every tensor); with finite "
+    "teachers, lower distill.lr or keep distill.grad_clip > 0"
+)
 
 
 class NonFiniteLossError(ValueError):
@@ -41,8 +43,10 @@ def describe_nonfinite(bad: Mapping[str, float], *, stage: str, step: int, steps
     """One worker's part of the message: `hosts` names its style(s) and teacher(s)."""
     terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
     if set(bad) == {"grad_norm"}:
-        return (f"non-finite gradient in {stage} step {step} of {steps} on rank {rank} ({hosts}): {terms} "
-                "with finite losses on every worker (the student's update overflowed)")
+        return (
+            f"non-finite gradient in {stage} step {step} of {steps} on rank {rank} ({hosts}): {terms} "
+            "with finite losses on every worker (the student's update overflowed)"
+        )
     return f"non-finite loss in {stage} step {step} of {steps} on rank {rank} ({hosts}): {terms}"
 
 

@@ -34,8 +34,9 @@ class WorkerRole:
         return self.style_indices[0] if self.style_indices else None
 
 
-def worker_layout(num_teachers: int, workers_per_teacher: int, num_old_styles: int = 0, regularization: bool = False,
-                  teachers_per_worker: int = 1) -> list[WorkerRole]:
+def worker_layout(
+    num_teachers: int, workers_per_teacher: int, num_old_styles: int = 0, regularization: bool = False, teachers_per_worker: int = 1
+) -> list[WorkerRole]:
     if num_teachers < 1 or workers_per_teacher < 1 or teachers_per_worker < 1:
         raise ValueError("need at least one teacher, one worker per teacher and one teacher per worker")
     if regularization and num_old_styles < 1:
@@ -43,8 +44,9 @@ def worker_layout(num_teachers: int, workers_per_teacher: int, num_old_styles: i
     k = teachers_per_worker
     groups = [tuple(range(g, min(g + k, num_teachers))) for g in range(0, num_teachers, k)]
     roles = [
-        WorkerRole(rank=r, kind="teacher", teacher_indices=groups[r % len(groups)],
-                   style_indices=tuple(num_old_styles + i for i in groups[r % len(groups)]))
+        WorkerRole(
+            rank=r, kind="teacher", teacher_indices=groups[r % len(groups)], style_indices=tuple(num_old_styles + i for i in groups[r % len(groups)])
+        )
         for r in range(len(groups) * workers_per_teacher)
     ]
     if regularization:

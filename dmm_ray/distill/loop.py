@@ -35,8 +35,14 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
         first = student.add_styles([t.name for t in cfg.teachers], seed=cfg.student.codebook_seed)[0]
     else:
         torch.manual_seed(cfg.student.codebook_seed)  # identical codebook (and adapter) init on every rank
-        student = StyleUNet.from_unet(base, style_names, style_init=cfg.student.style_init, style_film=cfg.student.style_film,
-                                      adapter_rank=adapters.rank, adapter_targets=adapters.targets)
+        student = StyleUNet.from_unet(
+            base,
+            style_names,
+            style_init=cfg.student.style_init,
+            style_film=cfg.student.style_film,
+            adapter_rank=adapters.rank,
+            adapter_targets=adapters.targets,
+        )
         first = 0
     if student.config.get("style_adapter_rank") and adapters.init == "svd":
         _init_adapters_from_teachers(cfg, student, base, first)
@@ -52,8 +58,10 @@ def _init_adapters_from_teachers(cfg, student, base, first: int) -> None:
     base_state = base.state_dict()
     for j, spec in enumerate(cfg.teachers):
         kept = init_from_teachers(student, base_state, [load_teacher(spec, device="cpu").unet.state_dict()], first_style=first + j)
-        print(f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
-              f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change")
+        print(
+            f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
+            f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change"
+        )
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):
@@ -106,8 +114,10 @@ def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise RuntimeError(f"distill.optimizer: adamw8bit needs bitsandbytes, which cannot be imported on this worker "
-                               f"({error}); pip install bitsandbytes, or use adamw / adamw_fused") from None
+            raise RuntimeError(
+                f"distill.optimizer: adamw8bit needs bitsandbytes, which cannot be imported on this worker "
+                f"({error}); pip install bitsandbytes, or use adamw / adamw_fused"
+            ) from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"distill.optimizer: unknown {kind!r}; expected adamw, adamw_fused or adamw8bit")
 
@@ -162,14 +172,18 @@ def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, d
 
     n = len(rows["latents"]) // batch_size
     if n == 0:
-        raise RuntimeError(f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
-                           "synthesize more images (synthesis.images_per_teacher) or lower the batch size")
-    batches = [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
+        raise RuntimeError(
+            f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
+            "synthesize more images (synthesis.images_per_teacher) or lower the batch size"
+        )
+    batches = [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
     s = data_cfg.stream
 
     def epoch_batches(ep: int):
-        return (noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep,
-                             caption_dropout=s.caption_dropout, device=device) for b in batches)
+        return (
+            noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep, caption_dropout=s.caption_dropout, device=device)
+            for b in batches
+        )
 
     return EpochStream(epoch_batches, name, consumed // n, consumed % n)
 
@@ -178,8 +192,10 @@ def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
     """(rows from the common stream, rows from the style's own synthesized set) of one style's batch."""
     synthetic = int(round(batch_size * synthetic_fraction))
     if synthetic_fraction > 0 and not 0 < synthetic < batch_size:
-        raise ValueError(f"data.synthetic_fraction={synthetic_fraction} of a batch of {batch_size} leaves "
-                         f"{synthetic} synthetic rows; use a larger data.stream.batch_size or another fraction")
+        raise ValueError(
+            f"data.synthetic_fraction={synthetic_fraction} of a batch of {batch_size} leaves "
+            f"{synthetic} synthetic rows; use a larger data.stream.batch_size or another fraction"
+        )
     return batch_size - synthetic, synthetic
 
 
@@ -197,6 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
     from dmm_ray.models.discriminator import MultiClassDiscriminator
     from dmm_ray.models.style_unet import StyleUNet, merged_style_names
+
     cfg = MergeConfig.model_validate(config["merge"])
     stage = config.get("stage", "distill")
     context = ray.train.get_context()
@@ -212,8 +229,13 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.incremental.base_merged:
         old_styles = merged_style_names(cfg.incremental.base_merged)
     style_names = old_styles + [t.name for t in cfg.teachers]
-    roles = worker_layout(len(cfg.teachers), cfg.workers_per_teacher, len(old_styles), cfg.regularization_workers > 0,
-                          teachers_per_worker=cfg.scaling.teachers_per_worker)
+    roles = worker_layout(
+        len(cfg.teachers),
+        cfg.workers_per_teacher,
+        len(old_styles),
+        cfg.regularization_workers > 0,
+        teachers_per_worker=cfg.scaling.teachers_per_worker,
+    )
     if len(roles) != world:
         raise RuntimeError(f"worker layout has {len(roles)} roles but Ray started {world} workers")
     role = roles[rank]
@@ -226,10 +248,14 @@ def train_loop_per_worker(config: dict) -> None:
         from dmm_ray.distill.teacher_bank import TEACHER_DTYPES, load_teacher_bank
 
         # k teachers: LoRAs of one base as named adapters on one base, full ones resident or offloaded
-        teacher_unets = load_teacher_bank([cfg.teachers[i] for i in role.teacher_indices], device,
-                                          lambda parts: conditioner_for(parts, vae_scale_factor(base_dir), device),
-                                          dtype=TEACHER_DTYPES[d.teacher_dtype], offload=cfg.scaling.teacher_offload,
-                                          share_lora_base=cfg.scaling.share_lora_base)
+        teacher_unets = load_teacher_bank(
+            [cfg.teachers[i] for i in role.teacher_indices],
+            device,
+            lambda parts: conditioner_for(parts, vae_scale_factor(base_dir), device),
+            dtype=TEACHER_DTYPES[d.teacher_dtype],
+            offload=cfg.scaling.teacher_offload,
+            share_lora_base=cfg.scaling.share_lora_base,
+        )
         teacher_conditioners, teacher_takes_style = None, False
         print(f"[rank {rank}] teachers: {teacher_unets.describe()} ({d.teacher_dtype})", flush=True)
     else:  # regularisation worker: the frozen previous merged model supervises random old styles
@@ -287,9 +313,15 @@ def train_loop_per_worker(config: dict) -> None:
     student_ddp = ray.train.torch.prepare_model(student) if world > 1 or device.type == "cuda" else student
     disc_ddp = ray.train.torch.prepare_model(discriminator) if discriminator is not None and (world > 1 or device.type == "cuda") else discriminator
     step_fn = DistillStep(
-        student_ddp, student_conditioner, teacher_unets, teacher_conditioners, noise_scheduler,
+        student_ddp,
+        student_conditioner,
+        teacher_unets,
+        teacher_conditioners,
+        noise_scheduler,
         LossSettings.from_config(d),
-        num_styles=len(style_names), discriminator=disc_ddp, teacher_takes_style=teacher_takes_style,
+        num_styles=len(style_names),
+        discriminator=disc_ddp,
+        teacher_takes_style=teacher_takes_style,
         autocast_dtype=torch.bfloat16 if d.bf16 else None,
     )
     log = _mlflow_logger(config.get("tracking"), rank)
@@ -307,6 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
     empty_ids = tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
     consumed = start_step * d.grad_accum  # batches each cached stream has given so far
     common, synthetic = None, [None] * max(1, len(role.style_indices))
+
     def synthetic_streams(size: int) -> list:
         hosted = list(role.style_indices) if role.kind == "teacher" else None
         by_style = read_synthesized(ray.train.get_dataset_shard("synth"), hosted)
@@ -318,8 +351,10 @@ def train_loop_per_worker(config: dict) -> None:
         missing = [i for i in hosted if i not in by_style]
         if missing:
             raise RuntimeError(f"the synthesized set has no samples of style(s) {missing}")
-        return [cached_stream(by_style[i], size, data_cfg, noise_scheduler, empty_ids, device, f"style {i}'s synthesized samples", consumed)
-                for i in hosted]
+        return [
+            cached_stream(by_style[i], size, data_cfg, noise_scheduler, empty_ids, device, f"style {i}'s synthesized samples", consumed)
+            for i in hosted
+        ]
 
     # Ray Data's streaming split moves every worker's split into its next epoch together, so every
     # worker must read the same number of common batches per step (else the one that finishes its
@@ -333,8 +368,12 @@ def train_loop_per_worker(config: dict) -> None:
         n_common, n_synth = split_batch(batch_size, data_cfg.synthetic_fraction)
         stream_cfg = data_cfg.model_copy(update={"stream": data_cfg.stream.model_copy(update={"batch_size": n_common})})
         shard = ray.train.get_dataset_shard("train")
-        common = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler),
-                             "train", epoch, skip_batches)
+        common = EpochStream(
+            lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=noise_scheduler),
+            "train",
+            epoch,
+            skip_batches,
+        )
         if n_synth and role.kind == "teacher":
             synthetic = synthetic_streams(n_synth)
 
@@ -344,8 +383,10 @@ def train_loop_per_worker(config: dict) -> None:
             return parts[0]
         shapes = {tuple(p["latents"].shape[1:]) for p in parts}
         if len(shapes) > 1:
-            raise ValueError(f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
-                             "set synthesis.resolution to the shards' data.encode.resolution")
+            raise ValueError(
+                f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
+                "set synthesis.resolution to the shards' data.encode.resolution"
+            )
         return concat_batches(parts, slices=False)
 
     def next_micro_batch() -> tuple[dict, torch.Tensor]:
@@ -360,8 +401,7 @@ def train_loop_per_worker(config: dict) -> None:
         if common is not None:
             for _ in range(reads_per_step - len(subs)):  # a smaller last teacher group keeps pace with the others
                 common.next()
-        ids = torch.cat([torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=device)
-                         for b, s in zip(subs, role.style_indices)])
+        ids = torch.cat([torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=device) for b, s in zip(subs, role.style_indices)])
         return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
 
     step = start_step
@@ -401,11 +441,16 @@ def train_loop_per_worker(config: dict) -> None:
             progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
         rows = sum(s.shape[0] for s in styles)
         synthetic_rows = sum(sum(1 for sid in b["source_ids"] if sid.startswith("synth-")) for b in micro)
-        metrics = {**logs, "step": step, "epoch": common.epoch if common else 0, "resumed_from": start_step,
-                   "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
-                   "lr": opt_student.param_groups[0]["lr"],
-                   "samples_per_s": (step - start_step) * rows * world / (time.time() - started),
-                   "peak_rss_mb": _peak_rss_mb()}  # this worker's (rank 0's) process peak
+        metrics = {
+            **logs,
+            "step": step,
+            "epoch": common.epoch if common else 0,
+            "resumed_from": start_step,
+            "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
+            "lr": opt_student.param_groups[0]["lr"],
+            "samples_per_s": (step - start_step) * rows * world / (time.time() - started),
+            "peak_rss_mb": _peak_rss_mb(),
+        }  # this worker's (rank 0's) process peak
         if device.type == "cuda":
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if step % d.log_every == 0 or step == steps:
@@ -418,15 +463,26 @@ def train_loop_per_worker(config: dict) -> None:
                 if final:
                     ema.store(student.parameters())
                     ema.copy_to(student.parameters())  # the saved student is the EMA
-                save_training_state(folder, student=student, discriminator=discriminator, opt_student=opt_student,
-                                    opt_disc=opt_disc, ema=ema, step=step, epoch=common.epoch if common else 0,
-                                    batches_in_epoch=common.position if common else 0,
-                                    extra={"lr_scheduler": lr_scheduler.state_dict()})
+                save_training_state(
+                    folder,
+                    student=student,
+                    discriminator=discriminator,
+                    opt_student=opt_student,
+                    opt_disc=opt_disc,
+                    ema=ema,
+                    step=step,
+                    epoch=common.epoch if common else 0,
+                    batches_in_epoch=common.position if common else 0,
+                    extra={"lr_scheduler": lr_scheduler.state_dict()},
+                )
                 if final:
                     ema.restore(student.parameters())
             # the temp folder is removed once Ray Train has persisted it (storage keeps num_to_keep)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-                             delete_local_checkpoint_after_upload=True if folder else None)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+                delete_local_checkpoint_after_upload=True if folder else None,
+            )
     log.close()  # buffered metrics of an MLflow outage: written now, or dropped with one warning
     if progress is not None:
         progress.close()

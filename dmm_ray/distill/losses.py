@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def predict_x0(noisy_latents: torch.Tensor, noise_pred: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-               clamp: float | None = 10.0) -> torch.Tensor:
+def predict_x0(
+    noisy_latents: torch.Tensor, noise_pred: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, clamp: float | None = 10.0
+) -> torch.Tensor:
     """g(x_t, t; eps) = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)   (eq. 12).
 
     At t near T, sqrt(a_t) ~ 0.07 amplifies eps errors ~15x; a loose clamp keeps the
@@ -46,8 +47,9 @@ def feature_loss(student_features: list[torch.Tensor], teacher_features: list[to
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_features, teacher_features)]).mean()
 
 
-def renoise(x0: torch.Tensor, noise_scheduler, generator: torch.Generator | None = None,
-            max_timestep: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def renoise(
+    x0: torch.Tensor, noise_scheduler, generator: torch.Generator | None = None, max_timestep: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Diffuse the discriminator input with fresh noise at a random t' < max_timestep (A.2)."""
     t = torch.randint(0, max_timestep, (x0.shape[0],), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)

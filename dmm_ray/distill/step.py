@@ -79,9 +79,19 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
 
 
 class DistillStep:
-    def __init__(self, student, student_conditioner, teacher_unet, teacher_conditioner, noise_scheduler,
-                 settings: LossSettings, num_styles: int, discriminator=None, teacher_takes_style: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        student,
+        student_conditioner,
+        teacher_unet,
+        teacher_conditioner,
+        noise_scheduler,
+        settings: LossSettings,
+        num_styles: int,
+        discriminator=None,
+        teacher_takes_style: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         """`teacher_unet` / `teacher_conditioner`: one teacher, or equal-length lists (teacher j serves
         the rows of `batch["teacher_slices"]` marked j), or a `TeacherBank` (conditioner None: the
         bank's; LoRA adapters switched / offloaded teachers fetched per sub-batch)."""
@@ -102,8 +112,9 @@ class DistillStep:
         self.teacher_takes_style = teacher_takes_style
         self.autocast_dtype = autocast_dtype
         self.alphas_cumprod = noise_scheduler.alphas_cumprod
-        self.score_weights = None if settings.score_weighting == "eps" else \
-            timestep_weights(self.alphas_cumprod, settings.score_weighting, settings.score_weight_clip)  # (T,)
+        self.score_weights = (
+            None if settings.score_weighting == "eps" else timestep_weights(self.alphas_cumprod, settings.score_weighting, settings.score_weight_clip)
+        )  # (T,)
         if not (settings.score or settings.lambda_feat > 0 or settings.lambda_adv > 0):
             raise ValueError("all losses are switched off: enable score, lambda_feat > 0 or lambda_adv > 0")
 
@@ -188,8 +199,9 @@ class DistillStep:
             fake_logits, real_logits = logits.chunk(2)
             return multiclass_ce_per_sample(fake_logits, style_ids + self.num_styles) + multiclass_ce_per_sample(real_logits, style_ids)
 
-    def run(self, micro_batches: list[dict], style_ids_per_batch: list[torch.Tensor], opt_student, opt_disc=None,
-            generator: torch.Generator | None = None) -> dict[str, float]:
+    def run(
+        self, micro_batches: list[dict], style_ids_per_batch: list[torch.Tensor], opt_student, opt_disc=None, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
         """Gradient accumulation over micro-batches, then one student and one discriminator update."""
         n = len(micro_batches)
         logs: dict[str, float] = {}

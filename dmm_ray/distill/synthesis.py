@@ -35,8 +35,17 @@ class TeacherSynthesizer:
         self.load(spec)
         return self.generate(*args)
 
-    def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-                 height: int, width: int, batch_size: int, negative_prompt: str | None = None) -> np.ndarray:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        num_inference_steps: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        batch_size: int,
+        negative_prompt: str | None = None,
+    ) -> np.ndarray:
         from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
         negative = PAPER_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
@@ -45,17 +54,35 @@ class TeacherSynthesizer:
             chunk = prompts[start : start + batch_size]
             generators = [torch.Generator(self.device).manual_seed(s) for s in seeds[start : start + batch_size]]
             latents = self.pipe(
-                chunk, negative_prompt=[negative] * len(chunk), num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="latent",
+                chunk,
+                negative_prompt=[negative] * len(chunk),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=generators,
+                output_type="latent",
             ).images  # (b, C, h, w): x0 in the space the UNet is trained in
             out.append(latents.float().cpu().numpy())
         return np.concatenate(out)
 
 
-def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: str | Path, images_per_teacher: int,
-               num_inference_steps: int, guidance_scale: float, resolution: int, batch_size: int, seed: int = 0,
-               use_gpu: bool = False, negative_prompt: str | None = None, actors: int | None = None,
-               cpus_per_actor: float = 1.0) -> dict[int, str]:
+def synthesize(
+    teachers: list,
+    style_offset: int,
+    prompts: list[str],
+    out_dir: str | Path,
+    images_per_teacher: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+    seed: int = 0,
+    use_gpu: bool = False,
+    negative_prompt: str | None = None,
+    actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+) -> dict[int, str]:
     """Fan out to `actors` Ray actors (default: one per teacher; teachers are dealt round-robin, each
     actor serves its teachers one after the other); write shards `out_dir/style_<i>`; returns
     {style index: shard dir}. Finished styles (complete shards) are not generated again."""
@@ -78,12 +105,15 @@ def synthesize(teachers: list, style_offset: int, prompts: list[str], out_dir: s
     if not todo:
         return result
     n_actors = min(actors or len(todo), len(todo))
-    pool = [TeacherSynthesizer.options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor).remote(None, use_gpu, round(cpus_per_actor))
-            for _ in range(n_actors)]
+    pool = [
+        TeacherSynthesizer.options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor).remote(None, use_gpu, round(cpus_per_actor))
+        for _ in range(n_actors)
+    ]
     args = (chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size, negative_prompt)
     # An actor runs its calls in order: teacher k goes to actor k mod A, so every actor stays busy.
-    pending = [(style, root, spec.name, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args))
-               for k, (style, root, spec) in enumerate(todo)]
+    pending = [
+        (style, root, spec.name, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args)) for k, (style, root, spec) in enumerate(todo)
+    ]
     for style, root, name, ref in pending:
         latents = ray.get(ref)
         ids = [f"synth-{name}-{i}" for i in range(len(chosen))]

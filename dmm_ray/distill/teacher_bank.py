@@ -44,8 +44,7 @@ class OffloadPool:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         # weights stay in (pinned) CPU memory; the modules themselves are dropped by the caller
-        self.states = [[t.detach().to("cpu").pin_memory() if cuda else t.detach().to("cpu")
-                        for t in _tensors(u)] for u in unets]
+        self.states = [[t.detach().to("cpu").pin_memory() if cuda else t.detach().to("cpu") for t in _tensors(u)] for u in unets]
         n_slots = 2 if prefetch and len(unets) > 1 else 1
         self.slots = [copy.deepcopy(unets[0]).requires_grad_(False).eval().to(self.device) for _ in range(n_slots)]
         self.loaded: list[int | None] = [None] * n_slots
@@ -112,7 +111,9 @@ class TeacherBank:
         self.names = list(names) if names else [f"teacher_{j}" for j in range(len(self.entries))]
 
     @classmethod
-    def adapters(cls, unet: nn.Module, adapter_names: Sequence[str], conditioners: Sequence[Any], scales: Sequence[float] | None = None) -> "TeacherBank":
+    def adapters(
+        cls, unet: nn.Module, adapter_names: Sequence[str], conditioners: Sequence[Any], scales: Sequence[float] | None = None
+    ) -> "TeacherBank":
         """Teachers that are named PEFT adapters of one UNet (`unet.add_adapter` / `load_lora_adapter`)."""
         scales = list(scales) if scales is not None else [1.0] * len(adapter_names)
         return cls([_Entry(unet, c, adapter=a, pipe=unet, scale=s) for a, c, s in zip(adapter_names, conditioners, scales)])
@@ -163,8 +164,15 @@ def _lora_group_key(spec) -> str | None:
     return str(spec.base) if spec.resolved_format() == "lora" and spec.base else None
 
 
-def load_teacher_bank(specs: Sequence, device: torch.device | str, conditioner_factory, dtype: torch.dtype | None = None,
-                      offload: bool = False, share_lora_base: bool = True, prefetch: bool = True) -> TeacherBank:
+def load_teacher_bank(
+    specs: Sequence,
+    device: torch.device | str,
+    conditioner_factory,
+    dtype: torch.dtype | None = None,
+    offload: bool = False,
+    share_lora_base: bool = True,
+    prefetch: bool = True,
+) -> TeacherBank:
     """Load the worker's teachers. `conditioner_factory(parts)` makes a text conditioner from
     anything with text_encoder(s)/tokenizer(s) (dmm_ray.distill.conditioning.conditioner_for).
     LoRA teachers that name the same `base:` share one base pipeline when `share_lora_base`

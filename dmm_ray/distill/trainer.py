@@ -7,9 +7,20 @@ from pathlib import Path
 from dmm_ray.config import MergeConfig
 
 
-def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dict | None = None, init_student: str | None = None,
-                  steps: int | None = None, batch_size: int | None = None, lr: float | None = None, split_datasets=True,
-                  init_state: str | None = None, plan=None):
+def build_trainer(
+    cfg: MergeConfig,
+    stage: str,
+    datasets: dict,
+    *,
+    tracking: dict | None = None,
+    init_student: str | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    split_datasets=True,
+    init_state: str | None = None,
+    plan=None,
+):
     """`datasets["train"]` (the common stream) is split across workers; every other dataset (a
     teacher's synthesized set) is read whole by the workers that host its style.
 
@@ -31,8 +42,13 @@ def build_trainer(cfg: MergeConfig, stage: str, datasets: dict, *, tracking: dic
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     stage_cfg = stage_config(cfg, steps=steps, batch_size=batch_size, lr=lr)  # the one typed config the workers read
-    loop_config = {"merge": stage_cfg.model_dump(mode="json"), "stage": stage, "tracking": tracking, "init_student": init_student,
-                   "init_state": init_state}
+    loop_config = {
+        "merge": stage_cfg.model_dump(mode="json"),
+        "stage": stage,
+        "tracking": tracking,
+        "init_student": init_student,
+        "init_state": init_state,
+    }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -98,8 +98,7 @@ class EvalConfig(BaseModel):
         lo, hi = sorted([self.seed_a, self.seed_b])
         if hi < lo + n:
             raise ValueError(
-                f"seed sets overlap: seed_a={self.seed_a}, seed_b={self.seed_b} but each set uses {n} consecutive seeds; "
-                f"set seed_b >= seed_a + {n}"
+                f"seed sets overlap: seed_a={self.seed_a}, seed_b={self.seed_b} but each set uses {n} consecutive seeds; set seed_b >= seed_a + {n}"
             )
 
 

@@ -105,8 +105,7 @@ class ZooFeatureExtractor:
         path = Path(net_dir).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
-                f"zoo feature net folder not found at '{path}'; build the toy zoo first (its zoo.yaml names it as "
-                "feature_net) or set extractor.path"
+                f"zoo feature net folder not found at '{path}'; build the toy zoo first (its zoo.yaml names it as feature_net) or set extractor.path"
             )
         from dmm_ray.zoo.feature_net import ZooFeatureNet
 

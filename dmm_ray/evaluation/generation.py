@@ -51,9 +51,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate_images(
-    pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig, call_kwargs: dict | None = None
-) -> torch.Tensor:
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig, call_kwargs: dict | None = None) -> torch.Tensor:
     """One pipeline call: prompts[b] with its own CPU generator seeds[b] -> (B, 3, H, W) in [0, 1].
 
     A CPU generator per image makes each image depend only on its seed (not on the batch it

@@ -110,9 +110,7 @@ def evaluate_sources(
     if student is not None:
         missing = [n for n in names if n not in student.style_names]
         if missing:
-            raise ValueError(
-                f"student has no style named {missing}; its styles are {student.style_names} (style names must match teacher names)"
-            )
+            raise ValueError(f"student has no style named {missing}; its styles are {student.style_names} (style names must match teacher names)")
     n_prev = min(config.grid_prompts, len(prompts))
     requests = teacher_requests(teachers, n_prev)
     if student is not None:

@@ -47,8 +47,13 @@ class MixingResult:
         return {"group": self.group, "rows": self.rows, "columns": self.columns, "fid": self.table.tolist()}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        paths = _write_json_csv(out_dir, "mixing", self.to_dict(), ["model"] + [f"FID to {c}" for c in self.columns],
-                                [[r] + [f"{v:.6f}" for v in row] for r, row in zip(self.rows, self.table)])
+        paths = _write_json_csv(
+            out_dir,
+            "mixing",
+            self.to_dict(),
+            ["model"] + [f"FID to {c}" for c in self.columns],
+            [[r] + [f"{v:.6f}" for v in row] for r, row in zip(self.rows, self.table)],
+        )
         plt = _plt()
         fig, ax = plt.subplots(figsize=(1.2 * len(self.columns) + 3, 3.5), constrained_layout=True)
         x = np.arange(len(self.columns))
@@ -97,7 +102,9 @@ def mixing_comparison(
     mix = {g: 1.0 / len(group) for g in group}
     reqs = [StatsRequest(key=f"teacher/{g}/B", source=by_name[g], seed_set="b") for g in group]
     reqs += [StatsRequest(key=f"teacher/{g}/A", source=by_name[g], seed_set="a", num_previews=min(config.grid_prompts, len(prompts))) for g in group]
-    reqs.append(StatsRequest(key="dmm_mix", source=ModelSource(student.name, student.pipeline_factory), seed_set="a", call_kwargs={"style_weights": mix}))
+    reqs.append(
+        StatsRequest(key="dmm_mix", source=ModelSource(student.name, student.pipeline_factory), seed_set="a", call_kwargs={"style_weights": mix})
+    )
     reqs.append(StatsRequest(key="weighted_merge", source=weighted_merge, seed_set="a"))
     s = collect_stats(reqs, config, extractor, prompts).stats
     targets = [s[f"teacher/{g}/B"].stats for g in group]
@@ -125,9 +132,13 @@ class SweepResult:
         return {"style_a": self.style_a, "style_b": self.style_b, "weight_b": self.weights, "fid_to_a": self.fid_a, "fid_to_b": self.fid_b}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        paths = _write_json_csv(out_dir, "interpolation", self.to_dict(),
-                                [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"],
-                                [[f"{w:.2f}", f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)])
+        paths = _write_json_csv(
+            out_dir,
+            "interpolation",
+            self.to_dict(),
+            [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"],
+            [[f"{w:.2f}", f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)],
+        )
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
         ax.plot(self.weights, self.fid_a, "o-", label=f"FID to {self.style_a}")
@@ -164,7 +175,11 @@ def interpolation_sweep(
         mix = {teacher_a.name: 1.0 - w, teacher_b.name: w}
         reqs.append(
             StatsRequest(
-                key=f"mix/{w:.4f}", source=src, seed_set="a", call_kwargs={"style_weights": mix}, worker_group=f"student/{k % config.num_student_workers}"
+                key=f"mix/{w:.4f}",
+                source=src,
+                seed_set="a",
+                call_kwargs={"style_weights": mix},
+                worker_group=f"student/{k % config.num_student_workers}",
             )
         )
     s = collect_stats(reqs, config, extractor, prompts).stats

@@ -50,7 +50,15 @@ def plot_heatmaps(result: EvalResult, path: Path) -> Path:
             for i in range(n):
                 for j in range(n):
                     if np.isfinite(mat[i, j]):
-                        ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=7, color="white" if mat[i, j] > (vmin + vmax) / 2 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{mat[i, j]:.2g}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if mat[i, j] > (vmin + vmax) / 2 else "black",
+                        )
     fig.colorbar(im, ax=axes, shrink=0.8, label="FID")
     fig.savefig(path, dpi=120)
     plt.close(fig)

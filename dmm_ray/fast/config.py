@@ -11,8 +11,22 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets
-LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+LCM_LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+]
 
 
 class FastConfig(BaseModel):
@@ -23,13 +37,17 @@ class FastConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(False, description="a merge runs this stage after saving (and evaluating) the merged model")
-    mode: Literal["lora", "full"] = Field("lora", description="lora: a LoRA on the merged UNet (the merged weights stay "
-                                          "frozen; fused into the saved model and also saved alone); full: every UNet "
-                                          "weight but the style codebook trains, with an EMA target network")
+    mode: Literal["lora", "full"] = Field(
+        "lora",
+        description="lora: a LoRA on the merged UNet (the merged weights stay "
+        "frozen; fused into the saved model and also saved alone); full: every UNet "
+        "weight but the style codebook trains, with an EMA target network",
+    )
     lora_rank: int = Field(64, ge=1, description="LoRA rank (reference: 64)")
     lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha (default: lora_rank, i.e. scale 1)")
-    lora_targets: list[str] = Field(default_factory=lambda: list(LCM_LORA_TARGETS),
-                                    description="module-name suffixes that get a LoRA (the reference script's list)")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(LCM_LORA_TARGETS), description="module-name suffixes that get a LoRA (the reference script's list)"
+    )
     steps: int = Field(1000, ge=1, description="optimizer steps")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (reference: 1e-4 for LoRA; use ~1e-5 for full)")
     weight_decay: float = Field(0.0, ge=0)
@@ -37,21 +55,35 @@ class FastConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     batch_size: Optional[int] = Field(None, ge=1, description="examples per worker per step (default: data.stream.batch_size)")
     num_ddim_timesteps: int = Field(50, ge=2, description="DDIM solver grid: the teacher takes one DDIM step of 1000/N timesteps")
-    guidance_min: float = Field(5.0, ge=1, description="teacher CFG scale range, as a pipeline's guidance_scale "
-                                "(LCM's w = scale - 1); min == max: one fixed scale")
+    guidance_min: float = Field(
+        5.0, ge=1, description="teacher CFG scale range, as a pipeline's guidance_scale (LCM's w = scale - 1); min == max: one fixed scale"
+    )
     guidance_max: float = Field(5.0, ge=1)
     loss: Literal["huber", "l2"] = Field("huber", description="consistency loss (reference: huber)")
     huber_c: float = Field(0.001, gt=0)
     timestep_scaling: float = Field(10.0, gt=0, description="boundary-condition timestep scaling (LCMScheduler's default 10)")
-    ema_decay: float = Field(0.95, gt=0, lt=1, description="full mode: target network EMA rate (reference full LCM: 0.95); "
-                             "lora mode has no target network (the reference LCM-LoRA uses the student itself)")
-    caption_dropout: float = Field(0.0, ge=0, lt=1, description="captions replaced by '' (the reference: none; the "
-                                   "teacher's CFG already sees the unconditional branch)")
-    synthetic_fraction: float = Field(0.0, ge=0, lt=1, description="share of each batch taken from the merge's synthesized "
-                                      "sets (each row with the style of the teacher that drew it, the rest uniform): "
-                                      "the styled states a few-step sampler visits, not only noised base images")
-    synthesized: Optional[str] = Field(None, description="folder of the merge's synthesized sets (style_<i>/ shards); "
-                                       "default: <merged model>/../synthesized, where a merge writes them")
+    ema_decay: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="full mode: target network EMA rate (reference full LCM: 0.95); "
+        "lora mode has no target network (the reference LCM-LoRA uses the student itself)",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="captions replaced by '' (the reference: none; the teacher's CFG already sees the unconditional branch)"
+    )
+    synthetic_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each batch taken from the merge's synthesized "
+        "sets (each row with the style of the teacher that drew it, the rest uniform): "
+        "the styled states a few-step sampler visits, not only noised base images",
+    )
+    synthesized: Optional[str] = Field(
+        None,
+        description="folder of the merge's synthesized sets (style_<i>/ shards); default: <merged model>/../synthesized, where a merge writes them",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); each holds the teacher and the student")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)

@@ -75,9 +75,11 @@ def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
     folder = Path(cfg.fast.synthesized) if cfg.fast.synthesized else Path(model_dir).parent / "synthesized"
     dirs = sorted((p for p in folder.glob("style_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[-1])) if folder.is_dir() else []
     if not dirs:
-        raise FileNotFoundError(f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
-                                "has no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized "
-                                "(a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them), or fast.synthetic_fraction=0")
+        raise FileNotFoundError(
+            f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
+            "has no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized "
+            "(a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them), or fast.synthetic_fraction=0"
+        )
     return [str(p) for p in dirs]
 
 
@@ -98,8 +100,12 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
         train_fast_per_worker,
         train_loop_config={"merge": cfg.model_dump(mode="json"), "model": str(model_dir), "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=f.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.name}-fast", storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(
+            name=f"{cfg.name}-fast",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
         datasets=datasets,
         dataset_config=train_dataset_config(["train"], data_cpus=s.data_cpus),
     )
@@ -138,12 +144,19 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     missing, unexpected = unet.load_state_dict(student.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"distilled UNet does not fit the merged one: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    pipe = cls.from_pretrained(str(model_dir), unet=unet, local_files_only=True,
-                               **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}))
+    pipe = cls.from_pretrained(
+        str(model_dir),
+        unet=unet,
+        local_files_only=True,
+        **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
+    )
     keep = inspect.signature(LCMScheduler.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
     # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
-    pipe.scheduler = LCMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in keep}, timestep_scaling=f.timestep_scaling,
-                                              original_inference_steps=f.num_ddim_timesteps)
+    pipe.scheduler = LCMScheduler.from_config(
+        {k: v for k, v in pipe.scheduler.config.items() if k in keep},
+        timestep_scaling=f.timestep_scaling,
+        original_inference_steps=f.num_ddim_timesteps,
+    )
     pipe.save_pretrained(tmp, safe_serialization=True)
     record = read_record(model_dir)
     if record:
@@ -151,9 +164,20 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     if (model_dir / STYLES_RECORD).is_file():
         shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
     negative = sampler_defaults(model_dir)["negative_prompt"]  # the merged model's (matters only with CFG on)
-    (tmp / SAMPLER_RECORD).write_text(json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler="LCMScheduler"), indent=1))
-    (tmp / FAST_RECORD).write_text(json.dumps({"method": "LCM (latent consistency distillation)", "distilled_from": str(model_dir),
-                                               "steps": state["step"], "fast": f.model_dump(mode="json")}, indent=1))
+    (tmp / SAMPLER_RECORD).write_text(
+        json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler="LCMScheduler"), indent=1)
+    )
+    (tmp / FAST_RECORD).write_text(
+        json.dumps(
+            {
+                "method": "LCM (latent consistency distillation)",
+                "distilled_from": str(model_dir),
+                "steps": state["step"],
+                "fast": f.model_dump(mode="json"),
+            },
+            indent=1,
+        )
+    )
     pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
     if type(pipe_check.scheduler).__name__ != "LCMScheduler":
         raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not LCMScheduler")
@@ -176,7 +200,9 @@ def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list
         student = FewStepStudent.wrap(student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
         result = evaluate_sources(student, teacher_sources(teachers, eval_cfg.dtype), eval_cfg, default_extractor(eval_cfg))
         result.files = write_outputs(result, out / f"evaluation_{steps}steps")
-        log(f"few-step model at {steps} steps (guidance {cfg.fast.guidance_scale}): FIDt {result.fidt:.2f}, FIDt_ref {result.fidt_ref:.2f}, ratio {result.ratio:.3f}")
+        log(
+            f"few-step model at {steps} steps (guidance {cfg.fast.guidance_scale}): FIDt {result.fidt:.2f}, FIDt_ref {result.fidt_ref:.2f}, ratio {result.ratio:.3f}"
+        )
         print(format_table(result), flush=True)
         results[steps] = result
     return results
@@ -213,10 +239,14 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     f = cfg.fast
-    log(f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
-        + (f" rank {f.lora_rank}" if f.mode == "lora" else "") + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
+    log(
+        f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
+        + (f" rank {f.lora_rank}" if f.mode == "lora" else "")
+        + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
         f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps, teacher CFG "
-        + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]") + f" -> {out}/model")
+        + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
+        + f" -> {out}/model"
+    )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     ensure_latents(cfg)
     record = read_record(model_dir)
@@ -230,8 +260,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         datasets = {"train": build_latent_dataset(cfg.data)}
         if f.synthetic_fraction > 0:
             datasets["synth"] = build_latent_dataset(cfg.data, shards=synthesized_shards(cfg, model_dir))
-        trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets,
-                                               tracking=tracking and {**tracking, "prefix": "fast/"}))
+        trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
         with trained.checkpoint.as_directory() as folder:
@@ -244,12 +273,15 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
             for steps, ev in result.evaluations.items():
                 tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps", step=steps)
                 tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
-            tracker.log_metrics({"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)),
-                                 "seconds": result.seconds})
+            tracker.log_metrics(
+                {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
+            )
             default = result.evaluations.get(f.num_inference_steps)
             result.model_uri = tracker.log_merged_model(
-                result.model_path, description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
-                f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""))
+                result.model_path,
+                description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
+                f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
+            )
             tracker._stack.close()
             log(f"registered: {result.model_uri}")
     except BaseException:

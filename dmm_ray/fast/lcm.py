@@ -49,8 +49,9 @@ class DDIMSolver:
         return prev.sqrt() * pred_x0 + (1.0 - prev).sqrt() * pred_noise
 
 
-def predicted_x0_and_eps(output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, prediction_type: str,
-                         alphas: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predicted_x0_and_eps(
+    output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, prediction_type: str, alphas: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from a UNet output (get_predicted_original_sample / get_predicted_noise)."""
     a, s = extract_into_tensor(alphas, t, sample.ndim), extract_into_tensor(sigmas, t, sample.ndim)
     if prediction_type == "epsilon":
@@ -120,10 +121,12 @@ class ConsistencyObjective:
         index = draw.index
         start = self.solver.ddim_timesteps[index]
         prev_t = (start - self.topk).clamp(min=0)
-        c_skip_start, c_out_start = (x.reshape(-1, *((1,) * (nd - 1))) for x in
-                                     scalings_for_boundary_conditions(start.float(), timestep_scaling=self.s.timestep_scaling))
-        c_skip, c_out = (x.reshape(-1, *((1,) * (nd - 1))) for x in
-                         scalings_for_boundary_conditions(prev_t.float(), timestep_scaling=self.s.timestep_scaling))
+        c_skip_start, c_out_start = (
+            x.reshape(-1, *((1,) * (nd - 1))) for x in scalings_for_boundary_conditions(start.float(), timestep_scaling=self.s.timestep_scaling)
+        )
+        c_skip, c_out = (
+            x.reshape(-1, *((1,) * (nd - 1))) for x in scalings_for_boundary_conditions(prev_t.float(), timestep_scaling=self.s.timestep_scaling)
+        )
         z = self.scheduler.add_noise(latents, draw.noise, start)
         embeds, added = cond
         out = self.student(z, start, encoder_hidden_states=embeds, style_ids=style_ids, added_cond_kwargs=added).sample

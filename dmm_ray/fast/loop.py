@@ -59,8 +59,10 @@ def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
         raise RuntimeError("fast.synthetic_fraction > 0 but the synthesized sets are empty")
     bad = sorted(i for i in by_style if not 0 <= i < num_styles)
     if bad:
-        raise RuntimeError(f"the synthesized sets have style indices {bad}, outside the merged model's {num_styles} styles: "
-                           "give fast.synthesized of the merge that produced this model")
+        raise RuntimeError(
+            f"the synthesized sets have style indices {bad}, outside the merged model's {num_styles} styles: "
+            "give fast.synthesized of the merge that produced this model"
+        )
     pooled = {k: np.concatenate([by_style[i][k] for i in sorted(by_style)]) for k in next(iter(by_style.values()))}
     order = np.random.default_rng(seed).permutation(len(pooled["latents"]))
     return {k: v[order] for k, v in pooled.items()}
@@ -122,10 +124,13 @@ def train_fast_per_worker(config: dict) -> None:
 
     batch_size = f.batch_size or cfg.data.stream.batch_size
     n_common, n_synth = split_batch(batch_size, f.synthetic_fraction)  # rows of the latent shards, of the synthesized sets
-    stream_cfg = cfg.data.model_copy(update={"stream": cfg.data.stream.model_copy(update={"batch_size": n_common, "caption_dropout": f.caption_dropout})})
+    stream_cfg = cfg.data.model_copy(
+        update={"stream": cfg.data.stream.model_copy(update={"batch_size": n_common, "caption_dropout": f.caption_dropout})}
+    )
     shard = ray.train.get_dataset_shard("train")
-    stream = EpochStream(lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=scheduler),
-                         "train", epoch, position)
+    stream = EpochStream(
+        lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=device, rank=rank, scheduler=scheduler), "train", epoch, position
+    )
     empty_np = tokenize(load_tokenizer(str(model_dir / "tokenizer")), [""])[0]  # (L,)
     empty_ids = torch.from_numpy(empty_np).to(device)
     rng = torch.Generator().manual_seed(f.seed * 1000 + rank)
@@ -164,8 +169,14 @@ def train_fast_per_worker(config: dict) -> None:
         if target is not None:
             update_ema(target.parameters(), student.parameters(), f.ema_decay)
         step += 1
-        metrics = {"loss_lcm": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "epoch": stream.epoch, "resumed_from": start_step, "synthetic_share": n_synth / b,
-                   "samples_per_s": (step - start_step) * b * world / (time.time() - started)}
+        metrics = {
+            "loss_lcm": float(loss.detach()),
+            "lr": opt.param_groups[0]["lr"],
+            "epoch": stream.epoch,
+            "resumed_from": start_step,
+            "synthetic_share": n_synth / b,
+            "samples_per_s": (step - start_step) * b * world / (time.time() - started),
+        }
         if progress is not None:
             progress.update(1)
             progress.set_postfix({"loss": f"{metrics['loss_lcm']:.4f}"}, refresh=False)
@@ -175,12 +186,25 @@ def train_fast_per_worker(config: dict) -> None:
             folder = None
             if rank == 0:
                 folder = temp_checkpoint_dir()
-                torch.save({"student": trainable_state(student, f), "opt": opt.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                            "step": step, "epoch": stream.epoch, "position": stream.position, "mode": f.mode}, Path(folder) / TRAINABLE)
+                torch.save(
+                    {
+                        "student": trainable_state(student, f),
+                        "opt": opt.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "step": step,
+                        "epoch": stream.epoch,
+                        "position": stream.position,
+                        "mode": f.mode,
+                    },
+                    Path(folder) / TRAINABLE,
+                )
                 if target is not None:
                     torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-                             delete_local_checkpoint_after_upload=True if folder else None)
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+                delete_local_checkpoint_after_upload=True if folder else None,
+            )
     log.close()
     if progress is not None:
         progress.close()

@@ -141,7 +141,7 @@ def open_clip_state_dict(text_encoder, prefix: str = SDXL_OPENCLIP_PREFIX) -> di
                 continue
             for ours, theirs in _OPENCLIP_LAYER:
                 if rest.startswith(ours):
-                    out[prefix + f"transformer.resblocks.{layer}.{theirs}{rest[len(ours):]}"] = value
+                    out[prefix + f"transformer.resblocks.{layer}.{theirs}{rest[len(ours) :]}"] = value
                     break
             else:
                 raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
@@ -179,11 +179,11 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
     unet = pipeline.unet
     if getattr(unet.config, "style_names", None) is not None:
-        raise ValueError("a merged StyleUNet has no single-file equivalent; bake one style first: "
-                         "dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`")
+        raise ValueError(
+            "a merged StyleUNet has no single-file equivalent; bake one style first: dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`"
+        )
     text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-    state = {k: v.detach().contiguous().cpu()
-             for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})

@@ -37,9 +37,15 @@ class MultiClassDiscriminator(nn.Module):
         while channels % groups:
             groups -= 1
         self.head = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2 * num_styles),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, 2 * num_styles),
         )
         self.num_styles = num_styles
 
@@ -48,10 +54,12 @@ class MultiClassDiscriminator(nn.Module):
         self.backbone.eval()  # frozen: no dropout/statistics changes
         return self
 
-    def mid_features(self, noisy_x0: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                     added_cond_kwargs: dict | None = None) -> torch.Tensor:
+    def mid_features(
+        self, noisy_x0: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None
+    ) -> torch.Tensor:
         """Backbone mid-block output (B, C, h/2^k, w/2^k); the forward exits right after it.
         `added_cond_kwargs`: SDXL's text_embeds and time_ids (None for SD1.5)."""
+
         def stop(_module, _inputs, output):
             raise _StopForward(output)
 

@@ -81,9 +81,11 @@ def save_official_unet(unet: StyleUNet, folder: str | Path) -> None:
     """Write a StyleUNet in the official DMM layout (loadable by their diffusers fork)."""
     extensions = [k for k in ("style_film", "style_adapter_rank") if unet.config.get(k)]
     if extensions:
-        raise ValueError(f"the official DMM layout holds only the style codebook and MLP; this model uses {extensions} "
-                         "(dmm-ray extensions). Save it with save_pretrained, or bake one style into a stock checkpoint "
-                         "with jobs/export.py")
+        raise ValueError(
+            f"the official DMM layout holds only the style codebook and MLP; this model uses {extensions} "
+            "(dmm-ray extensions). Save it with save_pretrained, or bake one style into a stock checkpoint "
+            "with jobs/export.py"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}

@@ -177,8 +177,9 @@ def low_rank_delta(base: torch.Tensor, tuned: torch.Tensor, rank: int) -> tuple[
 
 
 @torch.no_grad()
-def init_from_teachers(student, base_state: Mapping[str, torch.Tensor], teacher_states: Sequence[Mapping[str, torch.Tensor] | None],
-                       first_style: int = 0) -> dict[str, float]:
+def init_from_teachers(
+    student, base_state: Mapping[str, torch.Tensor], teacher_states: Sequence[Mapping[str, torch.Tensor] | None], first_style: int = 0
+) -> dict[str, float]:
     """Set styles first_style.. of `student`'s adapters to their teachers' low-rank deltas.
 
     teacher_states[j]: teacher j's UNet state dict (None: leave that style at zero delta).

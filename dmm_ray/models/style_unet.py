@@ -129,16 +129,27 @@ def _parent_init_parameters():
 class StyleUNet(UNet2DConditionModel):
     """UNet2DConditionModel + style codebook. Config field `style_names` keeps name <-> index."""
 
-    def __init__(self, *args, style_names: Sequence[str] = ("style_0",), style_film: bool = False,
-                 style_adapter_rank: int = 0, style_adapter_modules: Sequence[str] = (), **kwargs):
+    def __init__(
+        self,
+        *args,
+        style_names: Sequence[str] = ("style_0",),
+        style_film: bool = False,
+        style_adapter_rank: int = 0,
+        style_adapter_modules: Sequence[str] = (),
+        **kwargs,
+    ):
         if kwargs.get("class_embed_type") is not None or kwargs.get("num_class_embeds") is not None:
             raise ValueError("StyleUNet uses the class-embedding slot for styles; the base UNet must have none")
         super().__init__(*args, **kwargs)
         style_names = [str(s) for s in style_names]
         _check_unique(style_names)
         style_adapter_modules = list(style_adapter_modules) if style_adapter_rank else []
-        self.register_to_config(style_names=style_names, style_film=bool(style_film), style_adapter_rank=int(style_adapter_rank),
-                                style_adapter_modules=style_adapter_modules)
+        self.register_to_config(
+            style_names=style_names,
+            style_film=bool(style_film),
+            style_adapter_rank=int(style_adapter_rank),
+            style_adapter_modules=style_adapter_modules,
+        )
         time_embed_dim = self.time_embedding.linear_2.out_features
         resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)] if style_film else []
         self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim, [r.norm2.num_channels for r in resnets])
@@ -155,8 +166,15 @@ class StyleUNet(UNet2DConditionModel):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, style_names: Sequence[str], style_init: str = "random",
-                  style_film: bool = False, adapter_rank: int = 0, adapter_targets: Sequence[str] = ()) -> "StyleUNet":
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        style_names: Sequence[str],
+        style_init: str = "random",
+        style_film: bool = False,
+        adapter_rank: int = 0,
+        adapter_targets: Sequence[str] = (),
+    ) -> "StyleUNet":
         """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new.
 
         style_init="random": PyTorch's default init (the reference code); "zero": the MLP's last
@@ -170,8 +188,7 @@ class StyleUNet(UNet2DConditionModel):
             config.pop(key, None)
         device, dtype = unet.device, unet.dtype
         modules = target_modules(unet, adapter_targets) if adapter_rank else []
-        student = cls(**config, style_names=list(style_names), style_film=style_film, style_adapter_rank=adapter_rank,
-                      style_adapter_modules=modules)
+        student = cls(**config, style_names=list(style_names), style_film=style_film, style_adapter_rank=adapter_rank, style_adapter_modules=modules)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         new = [k for k in missing if not k.startswith("class_embedding.")]
         if new or unexpected:
@@ -273,9 +290,7 @@ class StyleUNet(UNet2DConditionModel):
             if sample.shape[0] % embeds.shape[0]:
                 raise StyleError(f"{embeds.shape[0]} style rows for a batch of {sample.shape[0]}")
             embeds = embeds.repeat(sample.shape[0] // embeds.shape[0], 1)
-        return super().forward(
-            sample, timestep, encoder_hidden_states, class_labels=embeds, added_cond_kwargs=added_cond_kwargs or None, **kwargs
-        )
+        return super().forward(sample, timestep, encoder_hidden_states, class_labels=embeds, added_cond_kwargs=added_cond_kwargs or None, **kwargs)
 
 
 def merged_style_names(folder) -> list[str]:
@@ -306,10 +321,12 @@ def _check_unique(names: Sequence[str]) -> None:
 # expose the parent's parameters plus ours, so from_pretrained/from_config round-trip.
 StyleUNet.__init__.__signature__ = inspect.Signature(
     [p for p in _parent_init_parameters() if p.kind is not p.VAR_KEYWORD]
-    + [inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",)),
-       inspect.Parameter("style_film", inspect.Parameter.KEYWORD_ONLY, default=False),
-       inspect.Parameter("style_adapter_rank", inspect.Parameter.KEYWORD_ONLY, default=0),
-       inspect.Parameter("style_adapter_modules", inspect.Parameter.KEYWORD_ONLY, default=())]
+    + [
+        inspect.Parameter("style_names", inspect.Parameter.KEYWORD_ONLY, default=("style_0",)),
+        inspect.Parameter("style_film", inspect.Parameter.KEYWORD_ONLY, default=False),
+        inspect.Parameter("style_adapter_rank", inspect.Parameter.KEYWORD_ONLY, default=0),
+        inspect.Parameter("style_adapter_modules", inspect.Parameter.KEYWORD_ONLY, default=()),
+    ]
 )
 
 

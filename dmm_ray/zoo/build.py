@@ -165,8 +165,14 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
         moments = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out  # -> (mean, logvar)
         moments.bias[vae.config.latent_channels :] = -16.0
     metrics["vae_loss"] = train_vae(
-        vae, pool, config.vae_steps, config.vae_batch_size, config.vae_lr, object_weight=config.vae_object_weight,
-        seed=config.seed + 11, progress=progress,
+        vae,
+        pool,
+        config.vae_steps,
+        config.vae_batch_size,
+        config.vae_lr,
+        object_weight=config.vae_object_weight,
+        seed=config.seed + 11,
+        progress=progress,
     )[-1]
     metrics["vae_scaling_factor"] = calibrate_scaling_factor(vae, pool[:2048])
     vae.requires_grad_(False)
@@ -186,8 +192,19 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
     base_ids = tokenize(tokenizer, [s.caption for s in base_scenes])  # (N, L)
     empty_ids = tokenize(tokenizer, [""])[0]
     losses = train_denoiser(
-        unet, text_encoder, base_latents, base_ids, empty_ids, config.base_steps, config.batch_size, config.base_lr,
-        train_text_encoder=True, ema_decay=config.base_ema, seed=config.seed + 21, desc="base unet", progress=progress,
+        unet,
+        text_encoder,
+        base_latents,
+        base_ids,
+        empty_ids,
+        config.base_steps,
+        config.batch_size,
+        config.base_lr,
+        train_text_encoder=True,
+        ema_decay=config.base_ema,
+        seed=config.seed + 21,
+        desc="base unet",
+        progress=progress,
     )
     metrics["base_loss_last100"] = sum(losses[-100:]) / len(losses[-100:])
     base_pipe = StableDiffusionPipeline(**c)
@@ -228,15 +245,32 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
             t_unet.requires_grad_(True)
             steps, lr = config.teacher_steps, config.teacher_lr
         losses = train_denoiser(
-            t_unet, t_text, latents, teacher_ids, empty_ids, steps, config.batch_size, lr,
-            train_text_encoder=plan.train_text_encoder, seed=config.seed + 100 + k, desc=f"teacher {plan.style}", progress=progress,
+            t_unet,
+            t_text,
+            latents,
+            teacher_ids,
+            empty_ids,
+            steps,
+            config.batch_size,
+            lr,
+            train_text_encoder=plan.train_text_encoder,
+            seed=config.seed + 100 + k,
+            desc=f"teacher {plan.style}",
+            progress=progress,
         )
         if plan.format == "lora":
             lora_state = get_peft_model_state_dict(t_unet)
         pipe = StableDiffusionPipeline(**(c | {"unet": t_unet, "text_encoder": t_text}))
         entry = save_teacher(pipe, plan.format, root / "teachers", plan.style, lora_state)
-        entries.append({"name": plan.style, "description": get_style(plan.style).description, **entry,
-                        "group": get_style(plan.style).group, "own_text_encoder": plan.train_text_encoder})
+        entries.append(
+            {
+                "name": plan.style,
+                "description": get_style(plan.style).description,
+                **entry,
+                "group": get_style(plan.style).group,
+                "own_text_encoder": plan.train_text_encoder,
+            }
+        )
         metrics.setdefault("teacher_loss_last20", {})[plan.style] = sum(losses[-20:]) / len(losses[-20:])
         stage(f"teacher_{plan.style}", t0)
     stages.close()

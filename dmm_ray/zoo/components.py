@@ -42,9 +42,7 @@ def zoo_components(seed: int, image_size: int = 32) -> dict:
     vae = AutoencoderKL(**tiny_vae_config(block_out_channels=VAE_BLOCKS, sample_size=image_size))
     latent_size = image_size // 2 ** (len(VAE_BLOCKS) - 1)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        **tiny_unet_config(block_out_channels=UNET_BLOCKS, cross_attention_dim=CROSS_ATTENTION_DIM, sample_size=latent_size)
-    )
+    unet = UNet2DConditionModel(**tiny_unet_config(block_out_channels=UNET_BLOCKS, cross_attention_dim=CROSS_ATTENTION_DIM, sample_size=latent_size))
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer), hidden_size=CROSS_ATTENTION_DIM))
     return dict(

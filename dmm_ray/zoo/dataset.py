@@ -56,4 +56,3 @@ def write_eval_prompts(path: str | Path) -> Path:
     path = Path(path)
     path.write_text("\n".join(eval_captions()) + "\n")
     return path
-

@@ -11,8 +11,19 @@ from dmm_ray.formats.single_file import export_single_file
 LORA_TARGETS = [
     # attention and feed-forward (what SD LoRAs usually adapt) plus the resnet convs and the
     # in/out convs, so a rank-8 adapter can also move global colour statistics (the zoo styles).
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_out",
+    "time_emb_proj",
 ]
 
 

@@ -27,8 +27,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """The raw manifest (a folder or its zoo.yaml); FileNotFoundError / ValueError say what is wrong."""
     path = manifest_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"'{path}' not found: {path.parent} is not a zoo (no {MANIFEST}); build one with "
-                                f"`python jobs/build_zoo.py --out {path.parent}`")
+        raise FileNotFoundError(
+            f"'{path}' not found: {path.parent} is not a zoo (no {MANIFEST}); build one with `python jobs/build_zoo.py --out {path.parent}`"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict) or not data.get("teachers"):
         raise ValueError(f"'{path}' has no 'teachers' list")
@@ -73,5 +74,12 @@ def load_zoo_manifest(path: str | os.PathLike) -> ZooManifest:
     def rel(p):
         return None if p is None else (root / p).resolve()
 
-    return ZooManifest(root=root, teachers=[TeacherSpec(**e) for e in teacher_entries(data, root)], eval_prompts=rel(data.get("eval_prompts")),
-                       feature_net=rel(data.get("feature_net")), base=rel(data.get("base")), dataset=rel(data.get("dataset")), raw=data)
+    return ZooManifest(
+        root=root,
+        teachers=[TeacherSpec(**e) for e in teacher_entries(data, root)],
+        eval_prompts=rel(data.get("eval_prompts")),
+        feature_net=rel(data.get("feature_net")),
+        base=rel(data.get("base")),
+        dataset=rel(data.get("dataset")),
+        raw=data,
+    )

@@ -54,14 +54,22 @@ def sample_images(pipe, prompts: list[str], seed: int, steps: int = 15, guidance
     out = []
     for k, lo in enumerate(range(0, len(prompts), batch_size)):
         gen = torch.Generator().manual_seed(seed + k)
-        res = pipe(prompts[lo : lo + batch_size], height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gen, output_type="pt")
+        res = pipe(
+            prompts[lo : lo + batch_size],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="pt",
+        )
         out.append(res.images.float().cpu())
     return torch.cat(out)
 
 
-def prompt_following(net: ZooFeatureNet, images: torch.Tensor, prompts: list[str], heads=("colour", "shape", "background", "count"),
-                     pred: dict | None = None) -> dict:
+def prompt_following(
+    net: ZooFeatureNet, images: torch.Tensor, prompts: list[str], heads=("colour", "shape", "background", "count"), pred: dict | None = None
+) -> dict:
     """Fraction of images whose feature-net prediction matches the caption, per attribute
     (`pred`: `net.predict(images)` when the caller already has it)."""
     pred = net.predict(images) if pred is None else pred
@@ -173,9 +181,11 @@ def format_report(report: dict) -> str:
     names = report["teachers"]
     m = np.array(report["m_ref"])
     w = max(8, max(len(n) for n in names) + 1)
-    lines = [f"M_ref: Fréchet distance on {report['feature_net']} features ({report['frechet']});",
-             f"row = teacher i with seed set A, column = teacher j with seed set B; {report['settings']}",
-             " " * w + "".join(f"{n:>{w}}" for n in names)]
+    lines = [
+        f"M_ref: Fréchet distance on {report['feature_net']} features ({report['frechet']});",
+        f"row = teacher i with seed set A, column = teacher j with seed set B; {report['settings']}",
+        " " * w + "".join(f"{n:>{w}}" for n in names),
+    ]
     for i, n in enumerate(names):
         lines.append(f"{n:<{w}}" + "".join(f"{v:>{w}.2f}" for v in m[i]))
     lines.append("")

@@ -47,9 +47,7 @@ PAIR_POSITIONS = {"left": ("left", "right"), "top": ("top", "bottom")}  # two ob
 
 # Every word a caption can contain (the zoo tokenizer turns each into one token).
 CAPTION_WORDS = tuple(
-    dict.fromkeys(
-        ["a", "two", "on", "in", "the", "with", "background", *SHAPES, *SHAPE_PLURALS.values(), *COLOURS, *BACKGROUNDS, *POSITIONS, *SIZES]
-    )
+    dict.fromkeys(["a", "two", "on", "in", "the", "with", "background", *SHAPES, *SHAPE_PLURALS.values(), *COLOURS, *BACKGROUNDS, *POSITIONS, *SIZES])
 )
 SPLITS = {"train": 0, "eval": 1, "feature": 2}
 
@@ -173,8 +171,16 @@ def scene_for_caption(caption: str, seed: int = 0) -> Scene:
         position = "left"
         centres = [POSITIONS[p] for p in PAIR_POSITIONS[position]]
     return Scene(
-        shape=gt["shape"], colour=gt["colour"], background=gt["background"], size=gt["size"], position=position,
-        count=gt["count"], cx=tuple(c[0] for c in centres), cy=tuple(c[1] for c in centres), radius=SIZES[gt["size"]], angle=0.0,
+        shape=gt["shape"],
+        colour=gt["colour"],
+        background=gt["background"],
+        size=gt["size"],
+        position=position,
+        count=gt["count"],
+        cx=tuple(c[0] for c in centres),
+        cy=tuple(c[1] for c in centres),
+        radius=SIZES[gt["size"]],
+        angle=0.0,
     )
 
 
