@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
-from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
@@ -74,22 +74,7 @@ class StyleAdaptersConfig(_Section):
         "svd", description="svd: style i starts at the best rank-r approximation of teacher i's weight delta (LoRA extraction); zero: at the base"
     )
     targets: list[str] = Field(
-        # what SD LoRAs adapt, plus the ResNet convs (colour and texture live there); PEFT's target_modules rule
-        default_factory=lambda: [
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "proj_in",
-            "proj_out",
-            "ff.net.0.proj",
-            "ff.net.2",
-            "conv1",
-            "conv2",
-            "conv_in",
-            "conv_out",
-            "time_emb_proj",
-        ],
+        default_factory=lambda: list(SD_ADAPTER_TARGETS),  # dmm_ray/defaults.py; PEFT's target_modules rule
         description="Linear/Conv2d module names (or name suffixes) that get per-style adapters",
     )
 

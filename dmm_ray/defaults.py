@@ -1,4 +1,4 @@
-"""Paper settings (DMM supp. A.5), in one leaf module (no torch): the sampler a merged model is
+"""Paper settings (DMM supp. A.5) and shared SD module names, in one leaf module (no torch): the sampler a merged model is
 used with unless it, or a call, asks for another.
 
 A merged model can carry its own recommended sampler in `sampler.json` (`SAMPLER_RECORD`): the
@@ -16,3 +16,21 @@ LCM_STEPS = 4  # a few-step (LCM) model without a sampler record
 LCM_GUIDANCE = 1.0  # CFG off: the guidance is distilled in
 
 SAMPLER_RECORD = "sampler.json"  # {"scheduler", "num_inference_steps", "guidance_scale"[, "negative_prompt"]}
+
+# What SD LoRAs usually adapt (attention, feed-forward) plus the ResNet and in/out convs, where colour and
+# texture live: the zoo's LoRA teachers and the default targets of the per-style adapters (extension).
+SD_ADAPTER_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_out",
+    "time_emb_proj",
+)

@@ -54,3 +54,15 @@ def deep_merge(defaults: dict, data: dict) -> dict:
     for k, v in data.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
+
+
+def add_set_argument(parser, example: str = "distill.steps=10", help: str | None = None) -> None:
+    """The jobs' `--set KEY=VALUE` option (repeatable; parsed by `apply_overrides`), into `args.overrides`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help or f"override a config value by dotted key, e.g. --set {example} (repeatable)",
+    )

@@ -96,7 +96,12 @@ class _StyleCallMixin:
         """{"scheduler", "num_inference_steps", "guidance_scale", "negative_prompt"} used when a call names
         none: the model's own `sampler.json` (a merge's synthesis settings; a few-step model's 4 steps,
         CFG off), else the paper's (25 steps, CFG 7, its negative prompt)."""
-        return sampler_defaults(getattr(self.config, "_name_or_path", None), self.scheduler)
+        key = (getattr(self.config, "_name_or_path", None), type(self.scheduler).__name__)
+        cached = self.__dict__.get("_sampler_defaults")
+        if cached is None or cached[0] != key:  # read sampler.json once per folder and scheduler, not on every call
+            cached = (key, sampler_defaults(key[0], self.scheduler))
+            self.__dict__["_sampler_defaults"] = cached
+        return dict(cached[1])
 
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
         if not isinstance(self.unet, StyleUNet):

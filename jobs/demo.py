@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dmm_ray.overrides import add_set_argument
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="passed to jobs/merge.py: discard the output dir's state made with other settings (checkpoints, synthesized sets) instead of refusing",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to jobs/merge.py")
+    add_set_argument(parser, help="passed to jobs/merge.py")
     args = parser.parse_args(argv)
     run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
     overrides = ([f"zoo={Path(args.zoo).resolve()}"] if args.zoo else []) + args.overrides

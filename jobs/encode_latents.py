@@ -27,12 +27,13 @@ import yaml
 from pydantic import ValidationError
 
 from dmm_ray.data.config import DataConfig
+from dmm_ray.overrides import add_set_argument
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML with a DataConfig mapping, or a full dmm-ray config with a `data:` section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one config value (repeatable)")
+    add_set_argument(p, help="override one config value (repeatable)")
     g = p.add_argument_group("source")
     g.add_argument("--source", choices=["journeydb", "folder"], help="source.kind")
     g.add_argument("--root", help="source.root: image folder (path or pyarrow URI: file://, s3://, gs://)")

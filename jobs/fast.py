@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.overrides import add_set_argument
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
 
 
@@ -28,14 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config", default=None, help=f"YAML merge config with a fast: section (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set fast.steps=50 (repeatable)",
-    )
+    add_set_argument(parser, "fast.steps=50")
     parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
     parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")

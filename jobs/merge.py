@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.overrides import add_set_argument
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 
@@ -26,14 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set distill.steps=10 (repeatable)",
-    )
+    add_set_argument(parser, "distill.steps=10")
     parser.add_argument(
         "--restart",
         action="store_true",

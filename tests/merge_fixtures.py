@@ -67,3 +67,22 @@ def tiny_merge_config(world: dict, out: Path, **sections) -> dict:
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
+
+
+def noised_batch(b: int, seed: int = 0) -> dict:
+    """A seeded training batch of 8x8 latents, as the data stream yields it (tiny text ids, one caption)."""
+    from dmm_ray.tiny import training_noise_scheduler
+
+    g = torch.Generator().manual_seed(seed)
+    sched = training_noise_scheduler()
+    x0 = torch.randn(b, 4, 8, 8, generator=g)
+    eps = torch.randn(b, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    return {
+        "noisy_latents": sched.add_noise(x0, eps, t),
+        "timesteps": t,
+        "noise": eps,
+        "latents": x0,
+        "input_ids": torch.randint(0, 50, (b, 77), generator=g),
+        "captions": ["a red circle"] * b,
+    }

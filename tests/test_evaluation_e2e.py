@@ -22,6 +22,18 @@ STYLES = ["ink", "neon"]
 EXTRACTOR = "eval_helpers:SeededConvExtractor"
 
 
+def _fast_eval(world) -> list[str]:
+    """jobs/evaluate.py --set options: 2 steps, 1 image per prompt, the seeded extractor, a shared cache."""
+    sets = [
+        "sampler.num_inference_steps=2",
+        "images_per_prompt=1",
+        f"cache_dir={world / 'cache'}",
+        "extractor.kind=import",
+        f"extractor.path={EXTRACTOR}",
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
@@ -95,17 +107,8 @@ def test_evaluate_job_cli(world, capsys):
             "--no-ray",
             "--out",
             str(world / "job_out"),
-            "--set",
-            "sampler.num_inference_steps=2",
-            "--set",
-            "images_per_prompt=1",
-            "--set",
-            f"cache_dir={world / 'cache'}",
-            "--set",
-            "extractor.kind=import",
-            "--set",
-            f"extractor.path={EXTRACTOR}",
         ]
+        + _fast_eval(world)
     )
     out = capsys.readouterr().out
     assert rc == 0 and "FIDt" in out and "ratio" in out
@@ -125,17 +128,8 @@ def test_evaluate_job_cli(world, capsys):
             f"sqlite:///{db}",
             "--project",
             "cli-eval",
-            "--set",
-            "sampler.num_inference_steps=2",
-            "--set",
-            "images_per_prompt=1",
-            "--set",
-            f"cache_dir={world / 'cache'}",
-            "--set",
-            "extractor.kind=import",
-            "--set",
-            f"extractor.path={EXTRACTOR}",
         ]
+        + _fast_eval(world)
     )
     assert rc == 0 and "FIDt_ref" in capsys.readouterr().out
     import mlflow

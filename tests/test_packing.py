@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from merge_fixtures import noised_batch
 
 from dmm_ray import TeacherSpec, load_teacher
 from dmm_ray.distill.conditioning import conditioner_for
@@ -58,19 +59,9 @@ def packed_world(tiny_base_dir, tmp_path_factory):
     return {"loras": loras, "fulls": fulls}
 
 
+
 def _batch(b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sched = training_noise_scheduler()
-    x0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    return {
-        "noisy_latents": sched.add_noise(x0, eps, t),
-        "timesteps": t,
-        "noise": eps,
-        "latents": x0,
-        "input_ids": torch.randint(0, 50, (b, 77), generator=g),
-        "captions": ["a red circle"] * b,
-    }
+    return noised_batch(b, seed)
 
 
 def _teacher_eps(step, batches):

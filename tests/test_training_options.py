@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_fixtures import build_world, tiny_merge_config
+from merge_fixtures import build_world, noised_batch, tiny_merge_config
 
 from dmm_ray.config import DistillConfig, MergeConfig
 from dmm_ray.distill.layout import worker_layout
@@ -17,19 +17,7 @@ from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
 
 
 def _batch(b=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sched = training_noise_scheduler()
-    x0 = torch.randn(b, 4, 8, 8, generator=g)
-    eps = torch.randn(b, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    return {
-        "noisy_latents": sched.add_noise(x0, eps, t),
-        "timesteps": t,
-        "noise": eps,
-        "latents": x0,
-        "input_ids": torch.randint(0, 50, (b, 77), generator=g),
-        "captions": ["a red circle"] * b,
-    }
+    return noised_batch(b, seed)
 
 
 def test_zero_style_init_starts_exactly_at_the_base():

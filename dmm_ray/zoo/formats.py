@@ -6,25 +6,10 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
+from dmm_ray.defaults import SD_ADAPTER_TARGETS
 from dmm_ray.formats.single_file import export_single_file
 
-LORA_TARGETS = [
-    # attention and feed-forward (what SD LoRAs usually adapt) plus the resnet convs and the
-    # in/out convs, so a rank-8 adapter can also move global colour statistics (the zoo styles).
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_in",
-    "conv_out",
-    "time_emb_proj",
-]
+LORA_TARGETS = list(SD_ADAPTER_TARGETS)  # the zoo's LoRA teachers adapt what the style adapters target by default
 
 
 def save_teacher(pipe: StableDiffusionPipeline, fmt: str, teachers_dir: Path, name: str, lora_state: dict | None = None) -> dict:
