@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_setup.py: a benchmark helper, not library code
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -85,7 +86,7 @@ def stream_rate(cfg, epochs: int) -> tuple[float, int]:
 
 def step_rate(comps, args) -> float:
     """Steps/s of the real DistillStep (score + feature + adversarial losses, discriminator step)."""
-    from dmm_ray.distill.benchmarking import build_benchmark_step, timed_steps
+    from step_setup import build_benchmark_step, timed_steps
 
     step, opt_s, opt_d, batches = build_benchmark_step(None, args.batch_size, num_styles=args.styles, device=args.device, latent_size=args.latent_hw)
     return timed_steps(step, opt_s, opt_d, batches, args.steps, warmup=3) / args.batch_size

@@ -15,15 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS.parent))
+sys.path.insert(0, str(BENCHMARKS))  # step_setup.py: a benchmark helper, not library code
 
 
 def _ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
-    from dmm_ray.distill.benchmarking import build_benchmark_step, peak_memory_mb, timed_steps
+    from step_setup import build_benchmark_step, peak_memory_mb, timed_steps
 
     torch.set_num_threads(config["threads"])
     step, opt_s, opt_d, batches = build_benchmark_step(config["base"], config["batch"])
@@ -42,8 +43,7 @@ def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> 
     import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from dmm_ray.distill.benchmarking import build_benchmark_step, peak_memory_mb, timed_steps
+    from step_setup import build_benchmark_step, peak_memory_mb, timed_steps
 
     torch.set_num_threads(threads)
     base = str(Path(base).resolve()) if base else None  # Ray workers run in another directory
@@ -51,7 +51,13 @@ def run(base: str | None, batch: int, steps: int, warmup: int, threads: int) -> 
     plain = timed_steps(step, opt_s, opt_d, batches, steps, warmup)
     plain_mb = peak_memory_mb()
     del step, opt_s, opt_d
-    ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
+    import os
+
+    # the Train worker imports step_setup from here too
+    pythonpath = os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(
+        address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}
+    )
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config=dict(base=base, batch=batch, steps=steps, warmup=warmup, threads=threads),

@@ -20,7 +20,7 @@ _LAZY = {
 from dmm_ray import _quiet  # noqa: E402
 from dmm_ray._lazy import lazy_getattr  # noqa: E402
 
-_quiet.install()  # drop two library notices that say nothing to a merge (dmm_ray/_quiet.py)
+_quiet.install()  # drop library notices that say nothing to a merge (dmm_ray/_quiet.py)
 
 __getattr__ = lazy_getattr(_LAZY)  # `import dmm_ray` must not import torch/diffusers
 

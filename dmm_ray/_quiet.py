@@ -5,8 +5,17 @@
   which a merge never uses; torchvision is not a dependency (it would pull a second torch build).
 - diffusers, per LoRA teacher: "No LoRA keys associated to CLIPTextModel ... This is safe to ignore"
   (the zoo's and most community LoRAs train the UNet only).
+- diffusers >= 0.42, per pipeline load: "`torch_dtype` is deprecated ... use `dtype`" (dmm-ray passes
+  `torch_dtype`, which every supported diffusers version takes, and `from_single_file` still needs).
+- peft, per LoRA teacher after the first on a shared base: "Already found a `peft_config` attribute
+  ... multiple adapters" (the teacher bank hosts several LoRA teachers as named adapters on purpose).
+- Ray: the token notice of a private local Ray, and Ray Data's "Progress bars disabled" (on purpose).
 
 `DMM_VERBOSE=1` keeps them. Installed by `import dmm_ray`, before transformers or diffusers log.
+
+In Ray worker processes (`no_loading_bars`, called where a worker loads models): no diffusers
+"Loading pipeline components" / transformers "Loading weights" bars, one per teacher and actor,
+interleaved on the driver's console (the merge shows one progress bar per stage instead).
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ _DROPPED = {
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
     "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
+    # a private local Ray generates a token itself; nothing for the user to do
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
+    # dmm-ray turns Ray Data's bars off on purpose (ray_session.init_for_training)
+    "ray.data._internal.progress": ("Progress bars disabled",),
 }
 
 
@@ -31,10 +44,41 @@ class _DropNotices(logging.Filter):
         return not any(f in message for f in self.fragments)
 
 
+_WARNINGS = (
+    (FutureWarning, r"`torch_dtype` is deprecated"),
+    (UserWarning, r"Already found a `peft_config` attribute in the model"),
+)
+
+
 def install() -> None:
     if os.environ.get("DMM_VERBOSE"):
         return
+    import warnings
+
+    for category, message in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name, fragments in _DROPPED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
             logger.addFilter(_DropNotices(fragments))
+
+
+def no_loading_bars() -> None:
+    """Inside a Ray worker: no model-loading progress bars (DMM_VERBOSE=1 keeps them)."""
+    if os.environ.get("DMM_VERBOSE"):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def in_ray_actor() -> bool:
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None

@@ -26,12 +26,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         # State API either: Ray Train's placement-group cleaner then warns every second that it cannot
         # query its controller (hundreds of identical lines per merge). Its cleanup still happens when
         # the run ends; the setup hook mutes only that logger in Ray's worker processes.
+        # Ray Train patches `print` in its workers to log through the root logger, and prints too when
+        # Ray has wrapped stdout (it always has): every worker line twice. Plain print: once.
+        env = {} if os.environ.get("DMM_VERBOSE") else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         ray.init(
             address="local",
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=False,
             log_to_driver=log_to_driver,
-            runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs"},
+            runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs", "env_vars": env},
         )
     return True
 
@@ -40,10 +43,36 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 
 
 def quiet_worker_logs() -> None:
-    """Worker-process setup hook of a private Ray: errors only from the placement-group cleaner."""
+    """Worker-process setup hook of a private Ray: errors only from the placement-group cleaner, and
+    its monitor thread's death on a slow GCS (an uncaught RpcError in Ray Train: the thread ends, the
+    run goes on) written to `dmm-muted.log` in Ray's session log folder instead of the console."""
     import logging
+    import threading
 
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    default_hook = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread is None or args.thread.name != "PlacementGroupCleanerMonitor":
+            return default_hook(args)
+        import traceback
+
+        with open(_muted_log(), "a") as log:
+            log.write(f"[{args.thread.name}, pid {os.getpid()}]\n")
+            traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=log)
+
+    threading.excepthook = hook
+
+
+def _muted_log() -> str:
+    import tempfile
+
+    try:
+        import ray._private.worker
+
+        return os.path.join(ray._private.worker.global_worker.node.get_logs_dir_path(), "dmm-muted.log")
+    except Exception:  # not in a Ray worker (tests call the hook directly)
+        return os.path.join(tempfile.gettempdir(), "dmm-muted.log")
 
 
 def init_for_training(address: str | None = None) -> bool:

@@ -59,7 +59,6 @@ def packed_world(tiny_base_dir, tmp_path_factory):
     return {"loras": loras, "fulls": fulls}
 
 
-
 def _batch(b=3, seed=0):
     return noised_batch(b, seed)
 

@@ -1,4 +1,4 @@
-"""Default verbosity drops two library notices that say nothing to a merge (dmm_ray/_quiet.py);
+"""Default verbosity drops library notices that say nothing to a merge (dmm_ray/_quiet.py);
 DMM_VERBOSE=1 keeps them."""
 
 import importlib.util
@@ -19,3 +19,60 @@ def _stderr(**env) -> str:
 def test_torchvision_fallback_notice_is_dropped_unless_verbose():
     assert "requires torchvision" not in _stderr()
     assert "requires torchvision" in _stderr(DMM_VERBOSE="1")  # the filter, not the import order, removed it
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env})
+
+
+def test_placement_group_cleaner_thread_death_goes_to_a_log_file_not_the_console(tmp_path):
+    """Ray Train's cleaner thread dies on a slow GCS (an RpcError it does not catch): the worker setup
+    hook writes that traceback to dmm-muted.log; any other thread's exception still reaches stderr."""
+    code = (
+        "import threading\n"
+        "from dmm_ray.ray_session import quiet_worker_logs\n"
+        "quiet_worker_logs()\n"
+        "def boom(msg):\n    raise RuntimeError(msg)\n"
+        "for name in ('PlacementGroupCleanerMonitor', 'mine'):\n"
+        "    t = threading.Thread(target=boom, args=(f'{name} failed',), name=name); t.start(); t.join()\n"
+    )
+    result = _run(code, TMPDIR=str(tmp_path))
+    assert "PlacementGroupCleanerMonitor failed" not in result.stderr and "mine failed" in result.stderr
+    assert "PlacementGroupCleanerMonitor failed" in (tmp_path / "dmm-muted.log").read_text()
+
+
+def test_model_loading_bars_are_off_in_workers_unless_verbose():
+    code = (
+        "from dmm_ray._quiet import no_loading_bars\n"
+        "no_loading_bars()\n"
+        "from diffusers.utils import logging as d\nfrom transformers.utils import logging as t\n"
+        "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled())\n"
+    )
+    assert _run(code).stdout.split() == ["False", "False"]
+    assert _run(code, DMM_VERBOSE="1").stdout.split() == ["True", "True"]
+
+
+def test_ray_data_progress_notice_and_token_notice_are_dropped():
+    code = (
+        "import logging, dmm_ray\n"
+        "logging.basicConfig()\n"
+        "logging.getLogger('ray.data._internal.progress').warning('Progress bars disabled. To enable, set x')\n"
+        "logging.getLogger('ray._private.authentication.authentication_token_setup').warning("
+        "'Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled')\n"
+        "logging.getLogger('ray.data._internal.progress').warning('another notice')\n"
+    )
+    quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
+    assert "Progress bars disabled" not in quiet and "Token authentication" not in quiet and "another notice" in quiet
+    assert "Progress bars disabled" in verbose and "Token authentication" in verbose
+
+
+def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbose():
+    code = (
+        "import warnings, dmm_ray\n"
+        "warnings.warn('`torch_dtype` is deprecated and will be removed in version 1.0.0.', FutureWarning)\n"
+        "warnings.warn('Already found a `peft_config` attribute in the model. This will lead to having multiple adapters', UserWarning)\n"
+        "warnings.warn('some other warning', UserWarning)\n"
+    )
+    quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
+    assert "torch_dtype" not in quiet and "peft_config" not in quiet and "some other warning" in quiet
+    assert "torch_dtype" in verbose and "peft_config" in verbose

@@ -10,8 +10,9 @@ from merge_fixtures import build_world, noised_batch, tiny_merge_config
 
 from dmm_ray.config import DistillConfig, MergeConfig
 from dmm_ray.distill.layout import worker_layout
-from dmm_ray.distill.loop import _optimizer, split_batch
+from dmm_ray.distill.loop import _optimizer
 from dmm_ray.distill.step import DistillStep, LossSettings, concat_batches
+from dmm_ray.distill.streams import split_batch
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
 

@@ -17,6 +17,9 @@ class TeacherSynthesizer:
     runs as many actors as it has CPUs instead of one process per teacher."""
 
     def __init__(self, spec: dict | None = None, use_gpu: bool = False, threads: int = 1):
+        from dmm_ray._quiet import no_loading_bars
+
+        no_loading_bars()  # one bar per loaded teacher and actor says nothing; the driver shows synthesis progress
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if spec is not None:

@@ -83,6 +83,10 @@ class GenerationWorker:
     """Hosts one pipeline + one extractor; runs generation jobs. Used in-process or as a Ray actor."""
 
     def __init__(self, pipeline_factory: Callable[[], Any], extractor_factory: Callable[[], Any], device: str = "auto"):
+        from dmm_ray._quiet import in_ray_actor, no_loading_bars
+
+        if in_ray_actor():  # the driver shows the evaluation's progress; per-actor loading bars interleave
+            no_loading_bars()
         self.device = resolve_device(device)
         self.pipe = pipeline_factory()
         if hasattr(self.pipe, "to"):

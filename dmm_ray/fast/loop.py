@@ -52,7 +52,7 @@ def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
     style pooled and shuffled once with `seed`, so each batch mixes styles."""
     import numpy as np
 
-    from dmm_ray.distill.loop import read_synthesized
+    from dmm_ray.distill.streams import read_synthesized
 
     by_style = read_synthesized(shard, None)
     if not by_style:
@@ -73,15 +73,18 @@ def train_fast_per_worker(config: dict) -> None:
     import ray.train.torch
     from diffusers import DDPMScheduler
 
+    from dmm_ray._quiet import no_loading_bars
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
     from dmm_ray.distill.checkpointing import temp_checkpoint_dir
     from dmm_ray.distill.conditioning import load_base_conditioner
-    from dmm_ray.distill.loop import EpochStream, _mlflow_logger, cached_stream, split_batch
+    from dmm_ray.distill.loop import _mlflow_logger
     from dmm_ray.distill.step import concat_batches
+    from dmm_ray.distill.streams import EpochStream, cached_stream, split_batch
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
     from dmm_ray.models.style_unet import StyleUNet
 
+    no_loading_bars()
     cfg = MergeConfig.model_validate(config["merge"])
     f = cfg.fast
     model_dir = Path(config["model"])

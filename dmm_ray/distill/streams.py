@@ -1,0 +1,184 @@
+"""The batches a distill or fine-tune worker trains on.
+
+`StageBatches` gives each step's micro-batches: per hosted style, rows of the common latent stream
+(Ray Data, re-noised each epoch; distill) and/or rows of that style's own synthesized set (read
+once into memory; the fine-tune reads only these). Every stream resumes at a checkpointed position.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+class EpochStream:
+    """Batches of one dataset, epoch after epoch (each epoch re-draws t, eps and caption dropout,
+    keyed by the epoch), starting at a checkpointed (epoch, position)."""
+
+    def __init__(self, make_epoch, name: str, epoch: int = 0, position: int = 0):
+        self.make_epoch, self.name = make_epoch, name
+        self.epoch, self.position = epoch, position
+        self._it = itertools.islice(make_epoch(epoch), position, None)
+
+    def next(self) -> dict:
+        batch = next(self._it, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._it = self.make_epoch(self.epoch)
+            batch = next(self._it, None)
+            if batch is None:
+                raise RuntimeError(f"dataset {self.name!r} yielded no batch; it needs at least one full batch per worker")
+        self.position += 1
+        return batch
+
+
+def read_synthesized(shard, styles: list[int] | None) -> dict[int, dict]:
+    """The synthesized set (paper: 1.5k images/teacher, small) read ONCE into memory, split by style:
+    {style: numpy columns}. `styles=None` keeps every style (the regularisation worker)."""
+    import numpy as np
+
+    parts: dict[int, list[dict]] = {}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for style in np.unique(batch["style"]):
+            if styles is None or int(style) in styles:
+                keep = batch["style"] == style
+                parts.setdefault(int(style), []).append({k: v[keep] for k, v in batch.items()})
+    return {style: {k: np.concatenate([p[k] for p in chunks]) for k in chunks[0]} for style, chunks in parts.items()}
+
+
+def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
+    """In-memory rows (numpy columns) in fixed batches, re-noised every epoch (t, eps and dropout
+    keyed by the epoch). The position follows from the number of batches already consumed."""
+    from dmm_ray.data.stream import noised_batch
+
+    n = len(rows["latents"]) // batch_size
+    if n == 0:
+        raise RuntimeError(
+            f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
+            "synthesize more images (synthesis.images_per_teacher) or lower the batch size"
+        )
+    batches = [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
+    s = data_cfg.stream
+
+    def epoch_batches(ep: int):
+        return (
+            noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep, caption_dropout=s.caption_dropout, device=device)
+            for b in batches
+        )
+
+    return EpochStream(epoch_batches, name, consumed // n, consumed % n)
+
+
+def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
+    """(rows from the common stream, rows from the style's own synthesized set) of one style's batch."""
+    synthetic = int(round(batch_size * synthetic_fraction))
+    if synthetic_fraction > 0 and not 0 < synthetic < batch_size:
+        raise ValueError(
+            f"data.synthetic_fraction={synthetic_fraction} of a batch of {batch_size} leaves "
+            f"{synthetic} synthetic rows; use a larger data.stream.batch_size or another fraction"
+        )
+    return batch_size - synthetic, synthetic
+
+
+class StageBatches:
+    """One worker's micro-batches for one stage, and the (epoch, position) a checkpoint records.
+
+    Ray Data's streaming split moves every worker's split into its next epoch together, so every
+    worker must read the same number of common batches per step (else the one that finishes its
+    epoch first waits for the others at the split while they wait for it in DDP's all-reduce: a
+    deadlock). Every worker reads `reads_per_step` batches of `n_common` rows: a teacher worker one
+    per hosted style (a smaller last group drops the extra), the regulariser all of them as its batch.
+    """
+
+    def __init__(self, worker, noise_scheduler, start, rng: torch.Generator):
+        import ray.train
+
+        from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
+
+        self.worker, self.rng, self.device = worker, rng, worker.device
+        self.grad_accum = worker.cfg.distill.grad_accum
+        self.role = worker.role
+        self.reads_per_step = max(len(r.style_indices) for r in worker.roles if r.kind == "teacher")
+        data_cfg, batch_size = worker.cfg.data, worker.cfg.data.stream.batch_size  # rows per hosted style per step, this stage's
+        self._stream_args = (data_cfg, noise_scheduler, tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0], self.device)  # (L,) ""
+        self._consumed = start.step * self.grad_accum  # batches each cached stream has given so far
+        self.common: EpochStream | None = None
+        self.synthetic: list[EpochStream | None] = [None] * max(1, len(self.role.style_indices))
+        if worker.stage == "finetune":
+            self.synthetic = self._synthetic_streams(batch_size)
+            return
+        n_common, n_synth = split_batch(batch_size, data_cfg.synthetic_fraction)
+        stream_cfg = data_cfg.model_copy(update={"stream": data_cfg.stream.model_copy(update={"batch_size": n_common})})
+        shard = ray.train.get_dataset_shard("train")
+        self.common = EpochStream(
+            lambda ep: iter_noised_batches(shard, stream_cfg, epoch=ep, device=self.device, rank=worker.rank, scheduler=noise_scheduler),
+            "train",
+            start.epoch,
+            start.batches_in_epoch,
+        )
+        if n_synth and self.role.kind == "teacher":
+            self.synthetic = self._synthetic_streams(n_synth)
+
+    @property
+    def epoch(self) -> int:
+        return self.common.epoch if self.common else 0
+
+    @property
+    def position(self) -> int:
+        return self.common.position if self.common else 0
+
+    def next_step(self) -> tuple[list[dict], list[torch.Tensor]]:
+        """grad_accum micro-batches and their style ids (B,)."""
+        pairs = [self._micro_batch() for _ in range(self.grad_accum)]
+        return [b for b, _ in pairs], [ids for _, ids in pairs]
+
+    def _synthetic_streams(self, size: int) -> list[EpochStream]:
+        import ray.train
+
+        hosted = list(self.role.style_indices) if self.role.kind == "teacher" else None
+        by_style = read_synthesized(ray.train.get_dataset_shard("synth"), hosted)
+        if hosted is None:  # regulariser: any synthesized images, re-labelled with random old styles per step
+            import numpy as np
+
+            pooled = {k: np.concatenate([r[k] for r in by_style.values()]) for k in next(iter(by_style.values()))}
+            return [cached_stream(pooled, size, *self._stream_args, "synthesized samples", self._consumed)]
+        missing = [i for i in hosted if i not in by_style]
+        if missing:
+            raise RuntimeError(f"the synthesized set has no samples of style(s) {missing}")
+        return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
+
+    def _style_batch(self, j: int) -> dict:
+        from dmm_ray.distill.step import concat_batches
+
+        synthetic = self.synthetic[j]
+        parts = ([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else [])
+        if len(parts) == 1:
+            return parts[0]
+        shapes = {tuple(p["latents"].shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
+                "set synthesis.resolution to the shards' data.encode.resolution"
+            )
+        return concat_batches(parts, slices=False)
+
+    def _micro_batch(self) -> tuple[dict, torch.Tensor]:
+        from dmm_ray.distill.layout import regularizer_style_ids
+        from dmm_ray.distill.step import concat_batches
+
+        if self.role.kind == "regularizer":  # a random old style per sample
+            if self.common is None:  # fine-tune: the pooled synthesized samples
+                batch = self._style_batch(0)
+            else:
+                parts = [self.common.next() for _ in range(self.reads_per_step)]
+                batch = parts[0] if len(parts) == 1 else concat_batches(parts, slices=False)
+            return batch, regularizer_style_ids(batch["noisy_latents"].shape[0], len(self.worker.old_styles), self.rng).to(self.device)
+        subs = [self._style_batch(j) for j in range(len(self.role.style_indices))]  # one batch per hosted teacher
+        if self.common is not None:
+            for _ in range(self.reads_per_step - len(subs)):  # a smaller last teacher group keeps pace with the others
+                self.common.next()
+        ids = torch.cat(
+            [torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=self.device) for b, s in zip(subs, self.role.style_indices)]
+        )
+        return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
