@@ -188,10 +188,10 @@ def write_outputs(points: list[dict], folder: Path, title: str) -> tuple[Path, P
 def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[Path, Path], label: str, overrides: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     from dmm_ray.config import load_config
-    from dmm_ray.tracking import MergeTracker, tracking_config_from_merge
+    from dmm_ray.tracking import MergeTracker
 
     cfg = load_config(config, [*overrides, f"name={project}", f"tracking.project={project}"])  # the zoo / tracking the points used
-    tracker = MergeTracker(tracking_config_from_merge(cfg))
+    tracker = MergeTracker(cfg.tracking)
     if not tracker.enabled:
         return
     with tracker.project(params={"curve.label": label, "curve.overrides": json.dumps(overrides)}):

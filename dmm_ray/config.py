@@ -16,12 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS
+from dmm_ray.evaluation.config import EvalConfig  # the evaluation section's type (a leaf: no torch)
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
 
 class TrackingConfig(BaseModel):
-    """The `tracking:` section: where MLflow runs and the model registry live (dmm_ray/tracking.py logs there)."""
+    """The `tracking:` section: where MLflow runs and the model registry live (dmm_ray/tracking.py logs there).
+
+    In a merge config (`MergeConfig.tracking`), `project` and `registered_model_name`, when left
+    unset, take the merge's `name` instead of the defaults below."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -239,9 +243,15 @@ class MergeConfig(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
-    evaluation: dict[str, Any] = Field(default_factory=dict, description="see dmm_ray.evaluation.config.EvalConfig")
-    tracking: dict[str, Any] = Field(
-        default_factory=dict, description="see TrackingConfig (validated at load; the project and model default to `name`)"
+    evaluation: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="dmm_ray.evaluation.config.EvalConfig, with its shorthands (prompts: <file>, num_prompts, feature_net, "
+        "inception_weights, resolution, flat sampler keys); output_dir defaults to <output_dir>/evaluation (a URI "
+        "output_dir: its local staging folder), cache_dir to $DMM_HOME/cache/fid",
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="TrackingConfig (uri: is short for tracking_uri); project and registered_model_name default to `name`",
     )
     # --- few-step model (dmm_ray/fast, jobs/fast.py) ---
     fast: FastConfig = Field(default_factory=FastConfig, description="LCM distillation of the merged model; enabled: run it after the merge")
@@ -263,6 +273,22 @@ class MergeConfig(_Section):
         return data
 
     @model_validator(mode="after")
+    def _section_defaults(self) -> "MergeConfig":
+        """THE place of the merge's defaults of the evaluation and tracking sections, filled into the
+        fields the user left unset (`model_fields_set` keeps naming only the user's): evaluation
+        output under `<output_dir>/evaluation` (a URI output_dir: in its local staging folder; the
+        merge uploads it), FID statistics cached under $DMM_HOME (not the cwd: a Ray job's working
+        dir is temporary), the MLflow project and registered model named after the merge."""
+        out = self.output_dir
+        if paths.is_uri(out):
+            out = str(paths.staging_dir(out))
+        ev_defaults = {"output_dir": str(Path(out) / "evaluation"), "cache_dir": str(paths.fid_cache_dir())}
+        self.evaluation = _copy_with(self.evaluation, ev_defaults, unset_only=True)
+        if self.name:
+            self.tracking = _copy_with(self.tracking, {"project": self.name, "registered_model_name": self.name}, unset_only=True)
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
         if not self.teachers:
             raise ValueError("teachers: give at least one teacher (or zoo: a zoo.yaml)")
@@ -279,10 +305,7 @@ class MergeConfig(_Section):
         fsu.require_local("student.base", self.student.base)
         if self.incremental.base_merged:
             fsu.require_local("incremental.base_merged", self.incremental.base_merged)
-        if isinstance(self.evaluation.get("output_dir"), str):
-            fsu.require_local("evaluation.output_dir", self.evaluation["output_dir"])
-        _check_section("evaluation", self.evaluation)
-        _check_section("tracking", self.tracking)
+        fsu.require_local("evaluation.output_dir", self.evaluation.output_dir)
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
@@ -328,6 +351,10 @@ class MergeConfig(_Section):
                     "source": data.source.model_copy(update={"root": fix(data.source.root), "annotations": [fix(a) for a in data.source.annotations]})
                 }
             )  # manifest: relative to root
+        ev = self.evaluation  # (copies that keep model_fields_set: a merge default made absolute stays a default)
+        evaluation = _copy_with(ev, {k: fix(getattr(ev, k)) for k in ("output_dir", "cache_dir", "prompts_file")})
+        if ev.extractor.kind != "import":  # import: 'package.module:factory', not a path
+            evaluation = _copy_with(evaluation, {"extractor": _copy_with(ev.extractor, {"path": fix(ev.extractor.path)})})
         return self.model_copy(
             update={
                 "output_dir": fix(self.output_dir),
@@ -336,6 +363,7 @@ class MergeConfig(_Section):
                 "data": data,
                 "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
                 "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
+                "evaluation": evaluation,
             }
         )
 
@@ -359,17 +387,15 @@ class MergeConfig(_Section):
         return self.teacher_groups * self.workers_per_teacher + self.regularization_workers
 
 
-def _check_section(name: str, section: dict) -> None:
-    """Validate the free-form evaluation/tracking sections now, naming the bad key."""
-    if name == "evaluation":
-        from dmm_ray.evaluation.config import eval_config_from_section as parse
-    else:
-        parse = TrackingConfig.model_validate
-    try:
-        parse(section)
-    except ValidationError as error:
-        problems = "; ".join(f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise ValueError(problems) from None
+def _copy_with(section: BaseModel, values: dict[str, Any], unset_only: bool = False) -> BaseModel:
+    """A copy of `section` with `values` (`unset_only`: only in the fields the user left unset), its
+    `model_fields_set` unchanged, so it keeps naming only what the user gave (jobs/fast.py lets a
+    merged model's own name replace a default project, never the user's). The values are already
+    valid: the merge's defaults, or a field's own value made absolute."""
+    fill = {k: v for k, v in values.items() if not (unset_only and k in section.model_fields_set)}
+    if all(getattr(section, k) == v for k, v in fill.items()):
+        return section
+    return type(section).model_construct(_fields_set=set(section.model_fields_set), **{**dict(section), **fill})
 
 
 from dmm_ray.overrides import ConfigError, apply_override, parse_override  # noqa: E402  (one --set parser, re-exported)

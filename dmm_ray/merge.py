@@ -118,10 +118,9 @@ def with_plan(cfg: MergeConfig, plan) -> MergeConfig:
 def locations(cfg: MergeConfig) -> dict[str, str]:
     """Where this merge reads and writes (absolute; printed by jobs/merge.py at start and end)."""
     from dmm_ray import paths
-    from dmm_ray.tracking import tracking_config_from_merge
 
     out = Path(cfg.output_dir) if "://" not in cfg.output_dir else None
-    tracking = tracking_config_from_merge(cfg)
+    tracking = cfg.tracking
     where = {
         "DMM_HOME": str(paths.dmm_home()),
         "zoo": cfg.zoo or "-",
@@ -268,9 +267,7 @@ def evaluate_stage(cfg: MergeConfig, merged_path):
     """The FID matrix of the merged model against the teachers of every style it holds (incremental:
     the previous merge's teachers, from its record, then cfg.teachers); None when
     evaluation.enabled is false or there are no teachers."""
-    from dmm_ray.evaluation.config import eval_config_from_merge
-
-    eval_cfg = eval_config_from_merge(cfg)
+    eval_cfg = cfg.evaluation
     if not eval_cfg.enabled or not cfg.teachers:
         return None
     from dmm_ray.evaluation.api import evaluate_merge

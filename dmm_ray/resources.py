@@ -110,8 +110,8 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     singles = []
     if cfg.synthesis.enabled:
         singles.append(("a synthesis actor", SYNTHESIS_ACTOR_CPUS, 1.0 if s.use_gpu else 0.0, "synthesis.enabled=false"))
-    ev = _eval_section(cfg)
-    if ev is not None and ev.enabled and ev.use_ray:
+    ev = cfg.evaluation
+    if ev.enabled and ev.use_ray:
         singles.append(("an evaluation actor", ev.worker_num_cpus, ev.worker_num_gpus, "evaluation.worker_num_cpus / worker_num_gpus"))
     if needs_encode:
         e = cfg.data.encode
@@ -137,15 +137,6 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
             + ", or start Ray with more CPUs/GPUs"
         )
     return plan
-
-
-def _eval_section(cfg):
-    try:
-        from dmm_ray.evaluation.config import eval_config_from_section
-
-        return eval_config_from_section(cfg.evaluation)
-    except Exception:  # validated with the config; an unparsable section is not this check's business
-        return None
 
 
 def check_cluster(cfg, needs_encode: bool = False) -> ResourcePlan:

@@ -358,17 +358,6 @@ def _find_pipeline_folder(path: Path, uri: str) -> Path:
 
 
 # --- driver glue for jobs/merge.py (replaces dmm_ray.tracking_hooks) ---------------------------
-def tracking_config_from_merge(cfg) -> TrackingConfig:
-    """TrackingConfig from a MergeConfig's `tracking` section (`uri` is short for `tracking_uri`);
-    project and registered model are named after the merge (`name`)."""
-    data = dict(getattr(cfg, "tracking", {}) or {})
-    name = getattr(cfg, "name", None)
-    if name:
-        data.setdefault("project", name)
-        data.setdefault("registered_model_name", name)
-    return TrackingConfig.model_validate(data)
-
-
 class StageTracker(MergeTracker):
     """Imperative stage API for the merge driver:
 
@@ -423,5 +412,6 @@ class StageTracker(MergeTracker):
 
 
 def make_tracker(cfg) -> StageTracker:
-    """The merge driver's tracker from a MergeConfig (`tracking:` section, project = cfg.name)."""
-    return StageTracker(tracking_config_from_merge(cfg))
+    """The merge driver's tracker from a MergeConfig's typed `tracking:` section (project and
+    registered model default to cfg.name: MergeConfig fills them)."""
+    return StageTracker(cfg.tracking)

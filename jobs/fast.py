@@ -46,15 +46,13 @@ def main(argv=None) -> int:
         overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
         cfg = load_config(config, overrides).with_absolute_paths()
         record = read_record(Path(args.model))
-        tracking = dict(cfg.tracking)
-        if args.no_track:
-            tracking["enabled"] = False
+        update = {"enabled": False} if args.no_track else {}
         if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model
-            tracking.setdefault("project", record["name"])
-            tracking.setdefault("registered_model_name", record["name"])
-        cfg = cfg.model_copy(update={"tracking": tracking})
+            # (unless the config names them: fields the user left unset hold the config's `name`)
+            update.update({k: record["name"] for k in ("project", "registered_model_name") if k not in cfg.tracking.model_fields_set})
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
         tracker = None
-        if tracking.get("enabled", True):
+        if cfg.tracking.enabled:
             from dmm_ray.tracking import make_tracker
 
             tracker = make_tracker(cfg)

@@ -92,3 +92,64 @@ def test_one_override_parser_for_merge_and_evaluation_configs():
     assert cfg.prompts == ["a cat", "a fox"] and cfg.sampler.num_inference_steps == 3  # list indexing, as in the merge job
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_eval_config(None, ["num_inference_steps"])
+
+
+def test_typed_evaluation_and_tracking_sections(tmp_path, monkeypatch):
+    """`evaluation:` is an EvalConfig and `tracking:` a TrackingConfig: the section shorthands work,
+    the merge's defaults fill only what the user left unset (standalone configs keep their own),
+    a dump re-validates to the same config (what Ray workers rebuild), unknown keys name the key."""
+    import pydantic
+
+    from dmm_ray import paths
+    from dmm_ray.config import MergeConfig, TrackingConfig
+    from dmm_ray.distill.trainer import stage_config
+    from dmm_ray.evaluation.config import EvalConfig
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    text = BASE + "name: proj\noutput_dir: /x/out\n"
+    text += "evaluation: {prompts: p.txt, num_prompts: 3, feature_net: fnet, resolution: 64, num_inference_steps: 4}\n"
+    text += "tracking: {uri: sqlite:///db/m.db}\n"
+    cfg = load_config(_write(tmp_path, text))
+    ev = cfg.evaluation
+    assert isinstance(ev, EvalConfig) and isinstance(cfg.tracking, TrackingConfig)
+    assert ev.prompts_file == str(tmp_path / "p.txt") and ev.max_prompts == 3
+    assert ev.extractor.kind == "zoo" and ev.extractor.path == str(tmp_path / "fnet")
+    assert (ev.sampler.height, ev.sampler.width, ev.sampler.num_inference_steps) == (64, 64, 4)
+    assert ev.output_dir == "/x/out/evaluation" and ev.cache_dir == str(tmp_path / "home" / "cache" / "fid")
+    assert {"output_dir", "cache_dir"}.isdisjoint(ev.model_fields_set)  # merge defaults, not the user's
+    tr = cfg.tracking
+    assert tr.tracking_uri == f"sqlite:///{tmp_path}/db/m.db" and tr.project == tr.registered_model_name == "proj"
+    assert "project" not in tr.model_fields_set  # jobs/fast.py: a merged model's own name may replace it
+
+    # explicit values win over the merge defaults; a URI output_dir evaluates in its staging folder
+    mine = load_config(_write(tmp_path, BASE + "output_dir: s3://bucket/run\nevaluation: {output_dir: /e, cache_dir: /c}\ntracking: {project: P}\n"))
+    assert (mine.evaluation.output_dir, mine.evaluation.cache_dir) == ("/e", "/c")
+    assert (mine.tracking.project, mine.tracking.registered_model_name) == ("P", "dmm-merge")
+    remote = load_config(_write(tmp_path, BASE + "output_dir: s3://bucket/run\n"))
+    assert remote.evaluation.output_dir == str(paths.staging_dir("s3://bucket/run") / "evaluation")
+
+    # standalone configs keep their own defaults
+    assert (EvalConfig().output_dir, EvalConfig().cache_dir) == ("outputs/eval", ".cache/fid")
+    assert (TrackingConfig().project, TrackingConfig().registered_model_name) == ("dmm-merge", "dmm-merged")
+
+    # relative locations of a config built in Python: absolute against the same root as output_dir
+    built = MergeConfig.model_validate({**cfg.model_dump(), "output_dir": "rel", "evaluation": {"prompts": "q.txt"}})
+    assert built.evaluation.output_dir == "rel/evaluation"
+    fixed = built.with_absolute_paths()
+    assert fixed.evaluation.output_dir == str(tmp_path / "rel" / "evaluation") and fixed.evaluation.prompts_file == str(tmp_path / "q.txt")
+    assert fixed.evaluation.model_fields_set == built.evaluation.model_fields_set
+
+    # the round trip Ray workers make (and MLflow params log): the same config again
+    for c in (cfg, mine, remote, fixed, stage_config(cfg, steps=3)):
+        for mode in ("python", "json"):
+            again = MergeConfig.model_validate(c.model_dump(mode=mode))
+            assert again == c and again.model_dump(mode=mode) == c.model_dump(mode=mode)
+
+    # unknown keys name the section and the key
+    for override, key in (("evaluation.num_prompt=3", "evaluation.num_prompt"), ("tracking.project_name=x", "tracking.project_name")):
+        with pytest.raises(ConfigError, match=key + ": Extra inputs are not permitted"):
+            load_config(_write(tmp_path, BASE), [override])
+    for section, key in (("evaluation", "feature_nett"), ("tracking", "urii")):
+        with pytest.raises(pydantic.ValidationError, match=rf"{section}\.{key}\n  Extra inputs are not permitted"):
+            MergeConfig.model_validate({**cfg.model_dump(), section: {key: 1}})

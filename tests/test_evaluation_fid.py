@@ -107,20 +107,19 @@ def test_eval_config_validation():
 
 
 def test_merge_config_evaluation_shorthands(tmp_path):
+    """The merge section's shorthands are EvalConfig's own (a before-validator)."""
     import json
-
-    from dmm_ray.evaluation.config import eval_config_from_section
 
     coco = tmp_path / "captions_val2014.json"
     coco.write_text(json.dumps({"annotations": [{"caption": "A cat  on a mat. "}, {"caption": "A cat on a mat."}, {"caption": "Two dogs"}]}))
-    cfg = eval_config_from_section(
+    cfg = EvalConfig.model_validate(
         {"prompts": str(coco), "num_prompts": 5000, "inception_weights": "/m/pt_inception.pth", "num_inference_steps": 10, "resolution": 512}
     )
     assert cfg.prompts_file == str(coco) and cfg.max_prompts == 5000
     assert cfg.extractor.kind == "inception" and cfg.extractor.path == "/m/pt_inception.pth"
     assert cfg.sampler.num_inference_steps == 10 and cfg.sampler.height == cfg.sampler.width == 512
     assert cfg.load_prompts() == ["A cat on a mat.", "Two dogs"]
-    zoo = eval_config_from_section({"feature_net": "/zoo/fnet", "images_per_prompt": 4})
+    zoo = EvalConfig.model_validate({"feature_net": "/zoo/fnet", "images_per_prompt": 4})
     assert zoo.extractor.kind == "zoo" and zoo.extractor.path == "/zoo/fnet"
     with pytest.raises(ValueError, match="num_prompt"):
-        eval_config_from_section({"num_prompt": 3})
+        EvalConfig.model_validate({"num_prompt": 3})

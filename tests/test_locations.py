@@ -59,19 +59,18 @@ def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tm
     assert cfg.data.source.root == str(folder / "imgs") and cfg.data.source.annotations == [str(folder / "ann.jsonl")]
     assert cfg.data.source.manifest == "m.jsonl"  # relative to source.root by design
     assert cfg.incremental.base_merged == str(home / "outputs" / "first" / "merged")
-    assert cfg.evaluation["prompts"] == str(folder / "p.txt") and cfg.evaluation["extractor"]["path"] == "pkg.mod:factory"
-    assert cfg.tracking["uri"] == f"sqlite:///{folder}/db/mlflow.db"
+    assert cfg.evaluation.prompts_file == str(folder / "p.txt") and cfg.evaluation.extractor.path == "pkg.mod:factory"
+    assert cfg.tracking.tracking_uri == f"sqlite:///{folder}/db/mlflow.db"
     assert cfg.synthesis.prompts == str(elsewhere / "prompts.txt")  # --set: the current directory
     # nothing given: output_dir, shards and the MLflow store default to $DMM_HOME
     assert cfg.output_dir == str(home / "outputs" / "proj") and cfg.data.shards == str(home / "outputs" / "proj" / "latents")
-    from dmm_ray.evaluation.config import eval_config_from_merge
-    from dmm_ray.tracking import TrackingConfig, tracking_config_from_merge
+    from dmm_ray.tracking import TrackingConfig
 
-    bare = cfg.model_copy(update={"tracking": {}})
-    assert tracking_config_from_merge(bare).tracking_uri == f"sqlite:///{home}/mlflow.db"
+    bare = load_config(folder / "c.yaml", ["tracking={}"])
+    assert bare.tracking.tracking_uri == f"sqlite:///{home}/mlflow.db"
     assert TrackingConfig().artifact_location == (home / "mlartifacts").as_uri()
-    assert eval_config_from_merge(cfg).cache_dir == str(home / "cache" / "fid")
-    assert eval_config_from_merge(cfg).output_dir == str(home / "outputs" / "proj" / "evaluation")
+    assert cfg.evaluation.cache_dir == str(home / "cache" / "fid")
+    assert cfg.evaluation.output_dir == str(home / "outputs" / "proj" / "evaluation")
 
 
 def test_zoo_preset_lives_in_dmm_home(tmp_path, home):
@@ -146,7 +145,8 @@ def test_resource_check_refuses_what_the_cluster_cannot_hold_naming_the_numbers(
     with pytest.raises(ResourceError, match=r"needed more than 1 .* available 1"):
         plan_resources(_cfg(cpus_per_worker="auto"), {"CPU": 1.0})
     # an evaluation actor larger than the cluster
-    cfg = _cfg(cpus_per_worker="auto").model_copy(update={"evaluation": {"worker_num_cpus": 4}})
+    cfg = _cfg(cpus_per_worker="auto")
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"worker_num_cpus": 4})})
     with pytest.raises(ResourceError, match=r"an evaluation actor needs 4 CPUs, the cluster has 2 CPUs"):
         plan_resources(cfg, {"CPU": 2.0})
 

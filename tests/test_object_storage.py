@@ -85,7 +85,6 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
     from dmm_ray import merge, paths
     from dmm_ray.config import MergeConfig, load_config
     from dmm_ray.distill.trainer import storage_path
-    from dmm_ray.evaluation.config import eval_config_from_merge
     from dmm_ray.fingerprint import state_paths
 
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
@@ -107,7 +106,7 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
     assert merge.output_location(cfg) == (paths.staging_dir(uri), uri)
     assert storage_path(cfg.output_dir) == uri + "/ray_results"
     assert state_paths(cfg, cfg.output_dir, "distill") == [uri + "/ray_results/test-merge-distill"]
-    assert Path(eval_config_from_merge(cfg).output_dir) == paths.staging_dir(uri) / "evaluation"
+    assert Path(cfg.evaluation.output_dir) == paths.staging_dir(uri) / "evaluation"
 
     seen = {}
     monkeypatch.setattr(merge, "_merge", lambda cfg, out, tracker, restart, started: seen.update(out=out, remote=merge.output_location(cfg)[1]))

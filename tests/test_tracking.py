@@ -117,20 +117,25 @@ def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_com
     from diffusers import StableDiffusionPipeline
     from mlflow.entities import Metric
 
-    from dmm_ray.evaluation.config import eval_config_from_merge
+    from dmm_ray.config import MergeConfig
     from dmm_ray.tracking import make_tracker
 
     monkeypatch.chdir(tmp_path)
     StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "merged")
-    cfg = SimpleNamespace(
-        name="toy-merge",
-        output_dir=str(tmp_path),
-        teachers=[],
-        evaluation={"enabled": False, "prompts": "prompts.txt", "feature_net": "fnet"},
-        tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    cfg = MergeConfig.model_validate(
+        {
+            "name": "toy-merge",
+            "output_dir": str(tmp_path),
+            "teachers": [{"name": "a", "source": "/x/a"}],
+            "student": {"base": "/x/base"},
+            "data": {"base": "/x/base", "shards": "/x/s"},
+            "evaluation": {"enabled": False, "prompts": "prompts.txt", "feature_net": "fnet"},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        }
     )
-    ev = eval_config_from_merge(cfg)
+    ev = cfg.evaluation
     assert ev.prompts_file == "prompts.txt" and ev.extractor.path == "fnet" and not ev.enabled
+    assert cfg.tracking.project == cfg.tracking.registered_model_name == "toy-merge"
     tracker = make_tracker(cfg)
     handle = tracker.start_stage("merge", {"distill": {"steps": 3}})
     client = mlflow.MlflowClient(handle["uri"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +39,11 @@ class EvalConfig(BaseModel):
 
     Every (prompt, k) image gets its own seed `seed_X + prompt_index * images_per_prompt + k`, so the
     two sets never share initial noise.
+
+    Also the type of a merge config's `evaluation:` section (`MergeConfig.evaluation`): the section's
+    shorthands are accepted everywhere (`expand_section_shorthands`), and there `output_dir` and
+    `cache_dir`, when left unset, take the merge's defaults (`<output_dir>/evaluation`,
+    `$DMM_HOME/cache/fid`; `dmm_ray.config.MergeConfig`) instead of the standalone ones below.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -55,8 +60,8 @@ class EvalConfig(BaseModel):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
     batch_size: int = Field(8, ge=1, description="images per pipeline call inside a worker")
-    cache_dir: str = ".cache/fid"
-    output_dir: str = "outputs/eval"
+    cache_dir: str = Field(".cache/fid", description="teacher statistics cache (in a merge config: default $DMM_HOME/cache/fid)")
+    output_dir: str = Field("outputs/eval", description="matrices, plots, grid (in a merge config: default <output_dir>/evaluation)")
     use_ray: bool = True
     num_student_workers: int = Field(1, ge=1, description="student styles are split over this many actors")
     worker_num_cpus: float = Field(1.0, gt=0)
@@ -64,6 +69,12 @@ class EvalConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="pipeline weights dtype (float16 on GPUs)")
     grid_prompts: int = Field(4, ge=1, description="prompts (columns) in the style x prompt grid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        """The merge section's shorthands (`prompts: <file>`, `num_prompts`, `feature_net`, ...)."""
+        return expand_section_shorthands(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check(self):
@@ -153,11 +164,6 @@ def _read_prompt_file(path: Path) -> list[str]:
 SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
 
 
-def eval_config_from_section(section: dict | None) -> EvalConfig:
-    """EvalConfig from a merge config's `evaluation:` section (see expand_section_shorthands)."""
-    return EvalConfig.model_validate(expand_section_shorthands(section))
-
-
 def expand_section_shorthands(section: dict | None) -> dict:
     """A merge config's `evaluation:` shorthands as EvalConfig fields (idempotent):
     `prompts: <file>` (-> prompts_file), `num_prompts` (-> max_prompts), `feature_net: <dir>`
@@ -170,41 +176,27 @@ def expand_section_shorthands(section: dict | None) -> dict:
         data["prompts_file"] = data.pop("prompts")
     if "num_prompts" in data:
         data["max_prompts"] = data.pop("num_prompts")
-    ext = dict(data.get("extractor") or {})
-    if "inception_weights" in data:
-        ext.setdefault("kind", "inception")
-        if ext["kind"] == "inception":
-            ext.setdefault("path", data["inception_weights"])
-        data.pop("inception_weights")
-    if "feature_net" in data:
-        if ext.get("kind", "zoo") == "zoo":
-            ext.setdefault("path", data["feature_net"])
-        data.pop("feature_net")
-    if ext:
-        data["extractor"] = ext
-    sampler = dict(data.get("sampler") or {})
-    if "resolution" in data:
-        r = data.pop("resolution")
-        sampler.setdefault("height", r)
-        sampler.setdefault("width", r)
-    for k in SAMPLER_KEYS:
-        if k in data:
-            sampler[k] = data.pop(k)  # a flat key (also a later --set) wins over sampler.*
-    if sampler:
+    if "inception_weights" in data or "feature_net" in data:  # (else a typed `extractor` stays as it is)
+        ext = dict(data.get("extractor") or {})
+        if "inception_weights" in data:
+            ext.setdefault("kind", "inception")
+            if ext["kind"] == "inception":
+                ext.setdefault("path", data["inception_weights"])
+            data.pop("inception_weights")
+        if "feature_net" in data:
+            if ext.get("kind", "zoo") == "zoo":
+                ext.setdefault("path", data["feature_net"])
+            data.pop("feature_net")
+        if ext:
+            data["extractor"] = ext
+    if "resolution" in data or any(k in data for k in SAMPLER_KEYS):  # (else a typed `sampler` stays as it is)
+        sampler = dict(data.get("sampler") or {})
+        if "resolution" in data:
+            r = data.pop("resolution")
+            sampler.setdefault("height", r)
+            sampler.setdefault("width", r)
+        for k in SAMPLER_KEYS:
+            if k in data:
+                sampler[k] = data.pop(k)  # a flat key (also a later --set) wins over sampler.*
         data["sampler"] = sampler
     return data
-
-
-def eval_config_from_merge(cfg) -> EvalConfig:
-    """EvalConfig from a MergeConfig's free-form `evaluation` section (shorthands: see
-    `eval_config_from_section`); output under `<output_dir>/evaluation`, FID statistics cached
-    under $DMM_HOME (not the cwd: a Ray job's working dir is temporary)."""
-    from dmm_ray import paths
-
-    data = dict(getattr(cfg, "evaluation", {}) or {})
-    out = str(getattr(cfg, "output_dir", "outputs/merge"))
-    if "://" in out:  # written in the driver's staging folder; the merge uploads it to <output_dir>/evaluation
-        out = str(paths.staging_dir(out))
-    data.setdefault("output_dir", str(Path(out) / "evaluation"))
-    data.setdefault("cache_dir", str(paths.fid_cache_dir()))
-    return eval_config_from_section(data)

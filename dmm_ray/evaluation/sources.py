@@ -96,10 +96,11 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
             from dmm_ray.config import load_config
         except ImportError as e:
             raise ImportError(f"'{path}' looks like a merge config but dmm_ray.config is unavailable: {e}") from e
-        from dmm_ray.evaluation.config import eval_config_from_merge
-
         merge_cfg = load_config(path)
-        return EvalSetup(teachers=list(merge_cfg.teachers), defaults=eval_config_from_merge(merge_cfg).model_dump(exclude_unset=True))
+        ev = merge_cfg.evaluation  # what the user set, plus the merge's output and cache folders
+        return EvalSetup(
+            teachers=list(merge_cfg.teachers), defaults={**ev.model_dump(exclude_unset=True), "output_dir": ev.output_dir, "cache_dir": ev.cache_dir}
+        )
     m = load_zoo_manifest(path)
     defaults: dict = {}
     if m.eval_prompts is not None:

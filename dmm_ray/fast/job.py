@@ -189,12 +189,11 @@ def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list
     """FIDt of the few-step model at each step count against the merge's teachers, the teachers
     sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG."""
     from dmm_ray.evaluation.api import default_extractor
-    from dmm_ray.evaluation.config import eval_config_from_merge
     from dmm_ray.evaluation.matrix import evaluate_sources
     from dmm_ray.evaluation.outputs import format_table, write_outputs
     from dmm_ray.evaluation.sources import student_source, teacher_sources
 
-    eval_cfg = eval_config_from_merge(cfg)
+    eval_cfg = cfg.evaluation
     results = {}
     for steps in steps_list:
         student = FewStepStudent.wrap(student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
