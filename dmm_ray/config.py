@@ -387,6 +387,20 @@ class MergeConfig(_Section):
         return self.teacher_groups * self.workers_per_teacher + self.regularization_workers
 
 
+class StageConfig(BaseModel):
+    """What one Ray Train worker of a merge stage reads (`train_loop_per_worker(config)`), all of it:
+    the stage's MergeConfig (`distill/trainer.py::stage_config`: its own steps, lr and batch size, set
+    on the driver), which stage, where it starts from, and the MLflow run rank 0 logs its steps to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: MergeConfig
+    stage: Literal["distill", "finetune"] = "distill"
+    init_student: Optional[str] = Field(None, description="finetune: the distilled student (a folder, or a URI under output_dir)")
+    init_state: Optional[str] = Field(None, description="finetune: the distill stage's training state (discriminator head, optimizer)")
+    tracking: Optional[dict[str, Any]] = Field(None, description="the MLflow stage run: {uri, run_id, prefix, ...} (dmm_ray/tracking.py)")
+
+
 def _copy_with(section: BaseModel, values: dict[str, Any], unset_only: bool = False) -> BaseModel:
     """A copy of `section` with `values` (`unset_only`: only in the fields the user left unset), its
     `model_fields_set` unchanged, so it keeps naming only what the user gave (jobs/fast.py lets a

@@ -153,3 +153,25 @@ def test_typed_evaluation_and_tracking_sections(tmp_path, monkeypatch):
     for section, key in (("evaluation", "feature_nett"), ("tracking", "urii")):
         with pytest.raises(pydantic.ValidationError, match=rf"{section}\.{key}\n  Extra inputs are not permitted"):
             MergeConfig.model_validate({**cfg.model_dump(), section: {key: 1}})
+
+
+def test_a_stage_worker_reads_one_typed_stage_config(tmp_path):
+    """build_trainer hands its workers a StageConfig (as JSON) and nothing else: the fine-tune's own
+    steps/lr/batch live in its MergeConfig; stage, start points and the MLflow run are typed fields."""
+    import pydantic
+
+    from dmm_ray.config import StageConfig
+    from dmm_ray.distill.trainer import stage_config
+
+    cfg = load_config(_write(tmp_path, BASE))
+    spec = StageConfig(
+        merge=stage_config(cfg, steps=7, lr=2e-5, batch_size=3), stage="finetune", init_student="/s", tracking={"uri": "u", "run_id": "r"}
+    )
+    again = StageConfig.model_validate(spec.model_dump(mode="json"))  # what a worker rebuilds
+    assert again == spec
+    assert (again.merge.distill.steps, again.merge.distill.lr, again.merge.data.stream.batch_size) == (7, 2e-5, 3)
+    assert again.init_state is None and again.tracking["run_id"] == "r"
+    with pytest.raises(pydantic.ValidationError, match="steps"):  # no loose keys beside the typed config
+        StageConfig.model_validate({**spec.model_dump(mode="json"), "steps": 3})
+    with pytest.raises(pydantic.ValidationError, match="stage"):
+        StageConfig.model_validate({**spec.model_dump(mode="json"), "stage": "pretrain"})

@@ -22,15 +22,19 @@ from dmm_ray.distill.streams import StageBatches
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One worker of one stage: build, restore, then step and report until the stage's last step."""
-    worker = identify(config)
-    models = build_models(worker, config.get("init_student"))
-    optim = build_optimizers(worker, models, continuing=bool(config.get("init_state")))
-    start = restore(worker, models, optim, config.get("init_state"))  # a Ray Train checkpoint, or the distill stage's state
+    """One worker of one stage: build, restore, then step and report until the stage's last step.
+    `config`: a `dmm_ray.config.StageConfig`, as JSON (distill/trainer.py::build_trainer)."""
+    from dmm_ray.config import StageConfig
+
+    spec = StageConfig.model_validate(config)
+    worker = identify(spec)
+    models = build_models(worker, spec.init_student)
+    optim = build_optimizers(worker, models, continuing=spec.init_state is not None)
+    start = restore(worker, models, optim, spec.init_state)  # a Ray Train checkpoint, or the distill stage's state
     step_fn = build_step(worker, models)
     rng = torch.Generator().manual_seed(worker.cfg.seed * 1000 + worker.rank)  # the regulariser's style ids, the step's draws
     batches = StageBatches(worker, models.noise_scheduler, start, rng)
-    report = Reporter(worker, models, optim, batches, _mlflow_logger(config.get("tracking"), worker.rank), start.step)
+    report = Reporter(worker, models, optim, batches, _mlflow_logger(spec.tracking, worker.rank), start.step)
     for step in range(start.step, worker.cfg.distill.steps):
         micro, styles = batches.next_step()  # grad_accum x ({latents, noisy_latents, ...} of (B, 4, h, w), style ids (B,))
         maybe_kill_worker(worker.cfg, worker.stage, step, worker.rank, worker.world)  # test hook: distill.fail_at_step
@@ -69,17 +73,16 @@ class Worker:
         return f"regularisation of the old styles, teacher: the previous merged model {cfg.incremental.base_merged}"
 
 
-def identify(config: dict) -> Worker:
+def identify(spec) -> Worker:
     import ray.train
     import ray.train.torch
 
     from dmm_ray._quiet import no_loading_bars
-    from dmm_ray.config import MergeConfig
     from dmm_ray.distill.layout import worker_layout
     from dmm_ray.models.style_unet import merged_style_names
 
     no_loading_bars()  # k teachers per worker: k loading bars each, interleaved with the stage's own bar
-    cfg = MergeConfig.model_validate(config["merge"])
+    cfg = spec.merge
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Logical CPUs may exceed the cores (a private local Ray declares max(4, cores)): never more threads than cores.
@@ -94,9 +97,7 @@ def identify(config: dict) -> Worker:
     )
     if len(roles) != world:
         raise RuntimeError(f"worker layout has {len(roles)} roles but Ray started {world} workers")
-    return Worker(
-        cfg, config.get("stage", "distill"), rank, world, ray.train.torch.get_device(), roles, old_styles, old_styles + [t.name for t in cfg.teachers]
-    )
+    return Worker(cfg, spec.stage, rank, world, ray.train.torch.get_device(), roles, old_styles, old_styles + [t.name for t in cfg.teachers])
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmm_ray.config import MergeConfig
+from dmm_ray.config import MergeConfig, StageConfig
 
 
 def build_trainer(
@@ -41,17 +41,16 @@ def build_trainer(
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    stage_cfg = stage_config(cfg, steps=steps, batch_size=batch_size, lr=lr)  # the one typed config the workers read
-    loop_config = {
-        "merge": stage_cfg.model_dump(mode="json"),
-        "stage": stage,
-        "tracking": tracking,
-        "init_student": init_student,
-        "init_state": init_state,
-    }
+    worker_config = StageConfig(  # the one typed config the workers read
+        merge=stage_config(cfg, steps=steps, batch_size=batch_size, lr=lr),
+        stage=stage,
+        init_student=init_student,
+        init_state=init_state,
+        tracking=tracking,
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_config.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{cfg.name}-{stage}",
