@@ -9,6 +9,8 @@
   `torch_dtype`, which every supported diffusers version takes, and `from_single_file` still needs).
 - peft, per LoRA teacher after the first on a shared base: "Already found a `peft_config` attribute
   ... multiple adapters" (the teacher bank hosts several LoRA teachers as named adapters on purpose).
+- diffusers, per single-file teacher: "There are modules in UNet2DConditionModel that should be kept in
+  float32: []" (an empty list: nothing to keep; the notice with a non-empty list stays).
 - Ray: the token notice of a private local Ray, and Ray Data's "Progress bars disabled" (on purpose).
 
 `DMM_VERBOSE=1` keeps them. Installed by `import dmm_ray`, before transformers or diffusers log.
@@ -27,6 +29,8 @@ _DROPPED = {
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
     "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
+    # diffusers warns on every `.to(dtype)` even when no module must stay in float32 (the list is empty)
+    "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
     # a private local Ray generates a token itself; nothing for the user to do
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
     # dmm-ray turns Ray Data's bars off on purpose (ray_session.init_for_training)

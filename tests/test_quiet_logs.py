@@ -52,7 +52,7 @@ def test_model_loading_bars_are_off_in_workers_unless_verbose():
     assert _run(code, DMM_VERBOSE="1").stdout.split() == ["True", "True"]
 
 
-def test_ray_data_progress_notice_and_token_notice_are_dropped():
+def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
     code = (
         "import logging, dmm_ray\n"
         "logging.basicConfig()\n"
@@ -60,10 +60,13 @@ def test_ray_data_progress_notice_and_token_notice_are_dropped():
         "logging.getLogger('ray._private.authentication.authentication_token_setup').warning("
         "'Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled')\n"
         "logging.getLogger('ray.data._internal.progress').warning('another notice')\n"
+        "logging.getLogger('diffusers.models.modeling_utils').warning('modules in UNet2DConditionModel that should be kept in float32: [].')\n"
+        "logging.getLogger('diffusers.models.modeling_utils').warning(\"modules in T5 that should be kept in float32: ['wo'].\")\n"
     )
     quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
     assert "Progress bars disabled" not in quiet and "Token authentication" not in quiet and "another notice" in quiet
-    assert "Progress bars disabled" in verbose and "Token authentication" in verbose
+    assert "float32: []" not in quiet and "float32: ['wo']" in quiet  # only the empty-list notice goes
+    assert "Progress bars disabled" in verbose and "Token authentication" in verbose and "float32: []" in verbose
 
 
 def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbose():
