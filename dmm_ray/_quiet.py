@@ -11,6 +11,8 @@
   ... multiple adapters" (the teacher bank hosts several LoRA teachers as named adapters on purpose).
 - diffusers, per single-file teacher: "There are modules in UNet2DConditionModel that should be kept in
   float32: []" (an empty list: nothing to keep; the notice with a non-empty list stays).
+- MLflow, per registered model: "Passing a Python object as `python_model` causes it to be serialized
+  using CloudPickle" (DMMPyfuncModel is importable from the installed package: pickled by reference).
 - Ray: the token notice of a private local Ray, and Ray Data's "Progress bars disabled" (on purpose).
 
 `DMM_VERBOSE=1` keeps them. Installed by `import dmm_ray`, before transformers or diffusers log.
@@ -31,6 +33,8 @@ _DROPPED = {
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
     # diffusers warns on every `.to(dtype)` even when no module must stay in float32 (the list is empty)
     "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
+    # DMMPyfuncModel is a class of an installed package: cloudpickle stores a reference to it, not its code
+    "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
     # a private local Ray generates a token itself; nothing for the user to do
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
     # dmm-ray turns Ray Data's bars off on purpose (ray_session.init_for_training)
@@ -65,6 +69,19 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
             logger.addFilter(_DropNotices(fragments))
+
+
+def uninstall() -> None:
+    """Keep every notice again (a job's --verbose, after `import dmm_ray` installed the filters)."""
+    import warnings
+
+    for name in _DROPPED:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _DropNotices)]:
+            logger.removeFilter(f)
+    ours = {message for _, message in _WARNINGS}
+    warnings.filters[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in ours)]
+    warnings._filters_mutated()
 
 
 def no_loading_bars() -> None:

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 
 def say(job: str, msg: str) -> None:
     print(f"[dmm-{job} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def add_verbose_argument(parser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything: library notices, model-loading bars, Ray Train's INFO lines (also DMM_VERBOSE=1); "
+        "by default they stay in Ray's log files or are dropped (dmm_ray/_quiet.py)",
+    )
+
+
+def set_verbosity(verbose: bool) -> None:
+    """A job's driver: `--verbose` (or DMM_VERBOSE=1, which Ray workers inherit) keeps every notice;
+    else the driver loads and registers models without per-file progress bars."""
+    from dmm_ray import _quiet
+
+    if verbose:
+        os.environ["DMM_VERBOSE"] = "1"
+        _quiet.uninstall()
+        return
+    if os.environ.get("DMM_VERBOSE"):
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _quiet.no_loading_bars()

@@ -28,7 +28,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         # the run ends; the setup hook mutes only that logger in Ray's worker processes.
         # Ray Train patches `print` in its workers to log through the root logger, and prints too when
         # Ray has wrapped stdout (it always has): every worker line twice. Plain print: once.
-        env = {} if os.environ.get("DMM_VERBOSE") else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        env = {"DMM_VERBOSE": "1"} if os.environ.get("DMM_VERBOSE") else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         ray.init(
             address="local",
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),
@@ -84,3 +84,20 @@ def init_for_training(address: str | None = None) -> bool:
     context.enable_progress_bars = False
     context.print_on_execution_start = False  # the plan of every Dataset execution: in Ray's ray-data.log, not the console
     return ensure_ray(address)
+
+
+def train_run_options() -> dict:
+    """RunConfig options of every TorchTrainer: Ray Train's own INFO lines (each checkpoint and report,
+    the worker group) stay in its log files (the ray-train-sys-* files keep every level); the console
+    shows WARNING and above, unless DMM_VERBOSE=1 (a job's --verbose)."""
+    from ray.train import RunConfig
+
+    try:
+        from ray.train import LoggingConfig
+    except ImportError:  # a Ray without Train V2's LoggingConfig: its default (INFO)
+        return {}
+    import inspect
+
+    if "logging_config" not in inspect.signature(RunConfig).parameters:
+        return {}
+    return {"logging_config": LoggingConfig(log_level="INFO" if os.environ.get("DMM_VERBOSE") else "WARNING")}

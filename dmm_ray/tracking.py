@@ -25,7 +25,6 @@ import os
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -202,19 +201,16 @@ class MergeTracker:
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"'{model_dir}' is not a diffusers pipeline folder (no model_index.json)")
         name = self.config.registered_model_name if registered_name == "__config__" else registered_name
-        with warnings.catch_warnings():
-            # predict() takes a DataFrame of prompts/styles; MLflow's type-hint nudge does not apply.
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-            from dmm_ray.mlflow_model import DMMPyfuncModel  # the nudge fires when the class is defined
+        from dmm_ray.mlflow_model import DMMPyfuncModel
 
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=DMMPyfuncModel(),
-                artifacts={"pipeline": str(model_dir)},
-                # Explicit requirements: MLflow's inference would import and probe the whole env (slow, noisy).
-                pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
-                registered_model_name=name,
-            )
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=DMMPyfuncModel(),
+            artifacts={"pipeline": str(model_dir)},
+            # Explicit requirements: MLflow's inference would import and probe the whole env (slow, noisy).
+            pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
+            registered_model_name=name,
+        )
         if name:
             version = info.registered_model_version
             if description:

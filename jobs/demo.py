@@ -34,10 +34,11 @@ def main(argv=None) -> int:
         help="passed to jobs/merge.py: discard the output dir's state made with other settings (checkpoints, synthesized sets) instead of refusing",
     )
     add_set_argument(parser, help="passed to jobs/merge.py")
+    parser.add_argument("--verbose", action="store_true", help="passed to jobs/merge.py: show every library notice and Ray Train INFO line")
     args = parser.parse_args(argv)
     run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
     overrides = ([f"zoo={Path(args.zoo).resolve()}"] if args.zoo else []) + args.overrides
-    merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else [])
+    merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:
         merge_args += ["--set", override]
     run(*merge_args)

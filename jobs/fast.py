@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.console import add_verbose_argument, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
@@ -31,10 +32,12 @@ def main(argv=None) -> int:
         "--config", default=None, help=f"YAML merge config with a fast: section (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
     )
     add_set_argument(parser, "fast.steps=50")
+    add_verbose_argument(parser)
     parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
     parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")
     args = parser.parse_args(argv)
+    set_verbosity(args.verbose)
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.console import add_verbose_argument, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
         "--config", default=None, help=f"YAML preset (default: the embedded toy preset, {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})"
     )
     add_set_argument(parser, "distill.steps=10")
+    add_verbose_argument(parser)
     parser.add_argument(
         "--restart",
         action="store_true",
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
         "NaN/Inf, naming the teacher, file and tensor (reads all the weights: minutes on real checkpoints)",
     )
     args = parser.parse_args(argv)
+    set_verbosity(args.verbose)
     if args.deep and not args.dry_run:
         parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")
     config = args.config or str(DEFAULT_CONFIG)

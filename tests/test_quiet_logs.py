@@ -79,3 +79,39 @@ def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbo
     quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
     assert "torch_dtype" not in quiet and "peft_config" not in quiet and "some other warning" in quiet
     assert "torch_dtype" in verbose and "peft_config" in verbose
+
+
+def test_verbose_flag_keeps_every_notice_and_default_quiets_the_driver():
+    """A job's --verbose (console.set_verbosity(True)) removes the filters `import dmm_ray` installed;
+    the default turns the driver's model-loading and MLflow artifact bars off."""
+    code = (
+        "import logging, os, sys, warnings, dmm_ray\n"
+        "from dmm_ray.console import set_verbosity\n"
+        "set_verbosity(sys.argv[1] == 'verbose')\n"
+        "logging.basicConfig()\n"
+        "logging.getLogger('mlflow.pyfunc').warning('Passing a Python object as `python_model` causes it')\n"
+        "warnings.warn('`torch_dtype` is deprecated', FutureWarning)\n"
+        "from diffusers.utils import logging as d\n"
+        "print(d.is_progress_bar_enabled(), os.environ.get('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'), os.environ.get('DMM_VERBOSE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DMM_VERBOSE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    run = lambda mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, env=env)  # noqa: E731
+    quiet, verbose = run("quiet"), run("verbose")
+    assert "python_model" not in quiet.stderr and "torch_dtype" not in quiet.stderr
+    assert quiet.stdout.split() == ["False", "false", "None"]
+    assert "python_model" in verbose.stderr and "torch_dtype" in verbose.stderr
+    assert verbose.stdout.split() == ["True", "None", "1"]
+
+
+def test_ray_train_info_lines_stay_in_its_log_files_unless_verbose(monkeypatch):
+    from dmm_ray.ray_session import train_run_options
+
+    monkeypatch.delenv("DMM_VERBOSE", raising=False)
+    assert train_run_options()["logging_config"].log_level == "WARNING"
+    monkeypatch.setenv("DMM_VERBOSE", "1")
+    assert train_run_options()["logging_config"].log_level == "INFO"
+
+
+def test_the_mlflow_model_class_is_defined_without_mlflows_type_hint_nudge():
+    result = _run("import dmm_ray.mlflow_model\n")
+    assert "type hints" not in result.stderr, result.stderr

@@ -32,6 +32,7 @@ def build_trainer(
     from dmm_ray.data.stream import train_dataset_config
     from dmm_ray.distill.health import StopOnNonFinite, controller_callbacks
     from dmm_ray.distill.loop import train_loop_per_worker
+    from dmm_ray.ray_session import train_run_options
     from dmm_ray.resources import check_cluster, with_plan
 
     if plan is None:
@@ -59,6 +60,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a NaN/Inf loss is deterministic: stop at once instead of retrying it max_failures times
             callbacks=[StopOnNonFinite()] if controller_callbacks() else None,
+            **train_run_options(),
         ),
         datasets=datasets,
         dataset_config=train_dataset_config(["train"] if split_datasets and "train" in datasets else [], data_cpus=plan.data_limit_cpus),

@@ -89,6 +89,7 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
 
     from dmm_ray.data.stream import train_dataset_config
     from dmm_ray.fast.loop import train_fast_per_worker
+    from dmm_ray.ray_session import train_run_options
 
     s, f = cfg.scaling, cfg.fast
     cpus = s.cpus_per_worker if isinstance(s.cpus_per_worker, (int, float)) else 1.0
@@ -105,6 +106,7 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
             storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            **train_run_options(),
         ),
         datasets=datasets,
         dataset_config=train_dataset_config(["train"], data_cpus=s.data_cpus),
