@@ -14,11 +14,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dmm_ray.distill.faults import maybe_kill_worker
 from dmm_ray.distill.streams import StageBatches
+
+if TYPE_CHECKING:
+    from dmm_ray.config import MergeConfig, StageConfig
+    from dmm_ray.distill.layout import WorkerRole
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -51,17 +56,17 @@ def train_loop_per_worker(config: dict) -> None:
 class Worker:
     """Who this Ray Train worker is: its merge config and stage, rank, device and role."""
 
-    cfg: object  # MergeConfig, this stage's (trainer.stage_config: the fine-tune's own steps, lr and batch size)
+    cfg: MergeConfig  # this stage's (trainer.stage_config: the fine-tune's own steps, lr and batch size)
     stage: str  # "distill" | "finetune"
     rank: int
     world: int
     device: torch.device
-    roles: list  # [WorkerRole] of every rank (distill/layout.py)
+    roles: list[WorkerRole]  # every rank's (distill/layout.py)
     old_styles: list[str]  # an incremental merge's previous styles (codebook rows 0..len-1)
     style_names: list[str]  # old styles + this merge's teachers
 
     @property
-    def role(self):
+    def role(self) -> WorkerRole:
         return self.roles[self.rank]
 
     def hosts(self) -> str:
@@ -73,7 +78,7 @@ class Worker:
         return f"regularisation of the old styles, teacher: the previous merged model {cfg.incremental.base_merged}"
 
 
-def identify(spec) -> Worker:
+def identify(spec: StageConfig) -> Worker:
     import ray.train
     import ray.train.torch
 
