@@ -79,9 +79,8 @@ def uninstall() -> None:
         logger = logging.getLogger(name)
         for f in [f for f in logger.filters if isinstance(f, _DropNotices)]:
             logger.removeFilter(f)
-    ours = {message for _, message in _WARNINGS}
-    warnings.filters[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in ours)]
-    warnings._filters_mutated()
+    for category, message in _WARNINGS:  # ahead of install()'s "ignore": Python's own default action again
+        warnings.filterwarnings("default", message=message, category=category)
 
 
 def no_loading_bars() -> None:

@@ -24,11 +24,9 @@ def set_verbosity(verbose: bool) -> None:
     else the driver loads and registers models without per-file progress bars."""
     from dmm_ray import _quiet
 
-    if verbose:
+    if verbose or os.environ.get("DMM_VERBOSE"):
         os.environ["DMM_VERBOSE"] = "1"
         _quiet.uninstall()
-        return
-    if os.environ.get("DMM_VERBOSE"):
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet.no_loading_bars()

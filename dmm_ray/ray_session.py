@@ -90,14 +90,10 @@ def train_run_options() -> dict:
     """RunConfig options of every TorchTrainer: Ray Train's own INFO lines (each checkpoint and report,
     the worker group) stay in its log files (the ray-train-sys-* files keep every level); the console
     shows WARNING and above, unless DMM_VERBOSE=1 (a job's --verbose)."""
-    from ray.train import RunConfig
-
-    try:
-        from ray.train import LoggingConfig
-    except ImportError:  # a Ray without Train V2's LoggingConfig: its default (INFO)
-        return {}
     import inspect
 
-    if "logging_config" not in inspect.signature(RunConfig).parameters:
+    import ray.train
+
+    if "logging_config" not in inspect.signature(ray.train.RunConfig).parameters:  # before Train V2: its default (INFO)
         return {}
-    return {"logging_config": LoggingConfig(log_level="INFO" if os.environ.get("DMM_VERBOSE") else "WARNING")}
+    return {"logging_config": ray.train.LoggingConfig(log_level="INFO" if os.environ.get("DMM_VERBOSE") else "WARNING")}

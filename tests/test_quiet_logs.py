@@ -11,18 +11,14 @@ import pytest
 CODE = "import dmm_ray\nfrom diffusers import StableDiffusionPipeline\n"
 
 
-def _stderr(**env) -> str:
-    return subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, check=True, env={**os.environ, **env}).stderr
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="with torchvision installed transformers has no notice to drop")
 def test_torchvision_fallback_notice_is_dropped_unless_verbose():
-    assert "requires torchvision" not in _stderr()
-    assert "requires torchvision" in _stderr(DMM_VERBOSE="1")  # the filter, not the import order, removed it
-
-
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env})
+    assert "requires torchvision" not in _run(CODE).stderr
+    assert "requires torchvision" in _run(CODE, DMM_VERBOSE="1").stderr  # the filter, not the import order, removed it
 
 
 def test_placement_group_cleaner_thread_death_goes_to_a_log_file_not_the_console(tmp_path):

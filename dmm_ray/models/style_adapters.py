@@ -79,8 +79,13 @@ class StyleAdapter(nn.Module):
         are concatenated in row order. Without `runs` every row takes the dense N-style path."""
         if runs is None or len(runs) == 0:
             return self._dense(x, weights)
-        pieces = [self._dense(x[a:b], weights[a:b]) if s < 0 else self._one(x[a:b], weights[a:b, s], s) for s, a, b in runs]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if len(runs) == 1:
+            s = runs[0][0]
+            return self._dense(x, weights) if s < 0 else self._one(x, weights[:, s], s)
+        # split, not one slice per run: its backward is one cat, where k slices each zero-fill a full-size grad
+        sizes = [b - a for _, a, b in runs]
+        xs, ws = x.split(sizes), weights.split(sizes)
+        return torch.cat([self._dense(xi, wi) if s < 0 else self._one(xi, wi[:, s], s) for (s, _, _), xi, wi in zip(runs, xs, ws)])
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         scale = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (B, N r)
