@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from dmm_ray.models.style_adapters import init_from_teachers, low_rank_delta, target_modules, weights_from_embeds
+from dmm_ray.models.style_adapters import StyleAdapter, init_from_teachers, low_rank_delta, target_modules, weights_from_embeds
 from dmm_ray.models.style_unet import StyleUNet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj", "ff.net.2"]
@@ -177,13 +177,25 @@ def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(
         out.pow(2).mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
-    out_dense, grad_dense = forward(True)
-    out_routed, grad_routed = forward(False)
-    assert calls and all(c == [(0, 0, 4), (1, 4, 8), (2, 8, 12)] for c in calls)  # the per-run path really ran
-    torch.testing.assert_close(out_routed, out_dense, rtol=1e-5, atol=1e-5)
-    assert grad_routed.keys() == grad_dense.keys()
-    for name in grad_dense:
-        torch.testing.assert_close(grad_routed[name], grad_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    # equal runs take the grouped path (one batched product per factor), unequal ones one product per run
+    grouped = StyleAdapter._grouped
+    for layout, runs, path in (
+        (ids, [(0, 0, 4), (1, 4, 8), (2, 8, 12)], "grouped"),
+        (torch.tensor([2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 1, 1]), [(2, 0, 6), (0, 6, 10), (1, 10, 12)], "per run"),
+    ):
+        ids = layout
+        taken = []
+        monkeypatch.setattr(StyleAdapter, "_grouped", lambda self, *a: taken.append("grouped") or grouped(self, *a))
+        out_dense, grad_dense = forward(True)
+        calls.clear()
+        out_routed, grad_routed = forward(False)
+        assert calls and all(c == runs for c in calls)  # the routed path really ran
+        assert bool(taken) == (path == "grouped"), path
+        torch.testing.assert_close(out_routed, out_dense, rtol=1e-5, atol=1e-5)
+        assert grad_routed.keys() == grad_dense.keys()
+        for name in grad_dense:
+            torch.testing.assert_close(grad_routed[name], grad_dense[name], rtol=1e-4, atol=1e-6, msg=f"{path}: {name}")
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
     # only style s's factors of a run get gradients from it: style 2 absent -> its factors get none
     forward(False)
     x2 = student(x[:8], t[:8], ehs[:8], style_ids=ids[:8]).sample
