@@ -29,6 +29,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         # Ray Train patches `print` in its workers to log through the root logger, and prints too when
         # Ray has wrapped stdout (it always has): every worker line twice. Plain print: once.
         env = {"DMM_VERBOSE": "1"} if os.environ.get("DMM_VERBOSE") else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        # One machine, no spot nodes: Ray Train's preemption watcher (one more actor per stage, and an
+        # error line about its constructor arguments on the console) has nothing to watch.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         ray.init(
             address="local",
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),

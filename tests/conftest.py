@@ -96,16 +96,27 @@ def ray_cluster():
                 raise
             time.sleep(2)
     os.environ["RAY_ADDRESS"] = address  # jobs started by tests join this cluster instead of starting one
+    # as on a private local Ray (ray_session.ensure_ray): no preemption-watcher actor per Train run;
+    # Ray Train passes the driver's setting on to its controller
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         yield _Cluster(address, f"127.0.0.1:{dashboard_port}")
     finally:
+        import signal
+
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        head.terminate()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        # the whole process group at once (head, raylet, GCS, workers): `ray start --block`'s own
+        # graceful stop takes ~30 s, and nothing of a test cluster needs to outlive the session
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:  # the group is gone
+                break
+            try:
+                head.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 @pytest.fixture

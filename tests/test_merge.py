@@ -104,6 +104,7 @@ def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, t
     assert 1 <= len(kept) <= 3, kept
 
 
+@pytest.mark.slow  # 100 s on 2 cores, and timing-sensitive beside other load; test_resume_* covers the restore
 def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
@@ -167,16 +168,24 @@ def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):
     assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
-def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster."""
+def test_ray_job_submit_smoke(ray_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster, on an uneven
+    packing: 3 teachers at 2 per worker (groups of 2 and 1), 6 steps crossing epochs. Ray Data's
+    streaming split starts the next epoch on all workers together, so the worker hosting one teacher
+    must read as many common batches per step as the one hosting two; otherwise the faster reader waits
+    at the split for the slower one, which waits for it in DDP's all-reduce, and the merge hangs at the
+    first epoch's end (the subprocess timeout turns a hang into a failure)."""
+    world = build_world(tmp_path / "world", num_teachers=3, rows=32)
     config = tiny_merge_config(
         world,
         tmp_path / "out",
+        scaling={"teachers_per_worker": 2, "cpus_per_worker": 0.5},
         synthesis={"enabled": False},
-        distill={"steps": 2, "lambda_adv": 0},
+        distill={"steps": 6, "checkpoint_every": 6, "log_every": 1, "lambda_adv": 0},  # 16 rows per worker, 8 per step: 3 epochs
         tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
         evaluation={"enabled": False},
     )
+    assert MergeConfig.model_validate(config).num_workers == 2
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     dashboard = ray_cluster.dashboard_url
@@ -195,7 +204,7 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
         str(path),
     ]
     for _ in range(30):  # the head's job agent registers a little after the head is up
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if "No available agent" not in proc.stderr:
             break
         time.sleep(5)
@@ -209,7 +218,8 @@ def test_ray_job_submit_smoke(ray_cluster, world, tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     history = client.get_metric_history(stage[0].info.run_id, "distill/loss_score") if stage else []
-    assert sorted({m.step for m in history} - {0}) == [1, 2]  # steps 1 and 2 (plus the stage summary)
+    assert sorted({m.step for m in history} - {0}) == [1, 2, 3, 4, 5, 6]  # every step (plus the stage summary)
+    assert max(m.value for m in client.get_metric_history(stage[0].info.run_id, "distill/epoch")) >= 2  # crossed epochs in lock step
     # the merged folder names its stage run, so jobs/export.py logs exports to it
     record = __import__("json").loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
     assert record["mlflow"]["run_id"] == stage[0].info.run_id

@@ -174,7 +174,8 @@ def test_serve_downloads_a_merged_model_from_a_uri(tmp_path):
         resolve_model_location((tmp_path / "missing").as_uri(), tmp_path / "download2")
 
 
-@pytest.mark.ray  # 40-70 s on 2 busy cores (Ray Train start-up dominates), like test_merge_end_to_end
+@pytest.mark.ray
+@pytest.mark.slow  # 60 s on 2 cores; the default run merges at a file URI in test_packed_merge_with_synthetic_mixing_*
 def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path):
     """A tiny merge (2 distill steps, synthesis and evaluation off) with output_dir=file://...:
     checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder."""
