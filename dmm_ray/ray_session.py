@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 
+# One machine, no spot nodes: Ray Train's preemption watcher (one more actor per stage, and an error
+# line about its constructor arguments on the console) has nothing to watch. Set on a private Ray here,
+# and on the test cluster by tests/conftest.py (Ray Train passes the driver's setting to its controller).
+NO_PREEMPTION_WATCHER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
     """Initialise Ray unless it already is; returns True when this call started it."""
@@ -29,9 +34,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         # Ray Train patches `print` in its workers to log through the root logger, and prints too when
         # Ray has wrapped stdout (it always has): every worker line twice. Plain print: once.
         env = {"DMM_VERBOSE": "1"} if os.environ.get("DMM_VERBOSE") else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        # One machine, no spot nodes: Ray Train's preemption watcher (one more actor per stage, and an
-        # error line about its constructor arguments on the console) has nothing to watch.
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        env.update(NO_PREEMPTION_WATCHER)
         ray.init(
             address="local",
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),

@@ -96,9 +96,10 @@ def ray_cluster():
                 raise
             time.sleep(2)
     os.environ["RAY_ADDRESS"] = address  # jobs started by tests join this cluster instead of starting one
-    # as on a private local Ray (ray_session.ensure_ray): no preemption-watcher actor per Train run;
-    # Ray Train passes the driver's setting on to its controller
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    from dmm_ray.ray_session import NO_PREEMPTION_WATCHER  # as on a private local Ray
+
+    for key, value in NO_PREEMPTION_WATCHER.items():
+        os.environ.setdefault(key, value)
     try:
         yield _Cluster(address, f"127.0.0.1:{dashboard_port}")
     finally:

@@ -64,19 +64,16 @@ def test_merge_end_to_end(ray_cluster, world, tmp_path, monkeypatch):
     init = StyleUNet.from_unet(__import__("diffusers").UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"])
     assert not torch.equal(init.class_embedding.codebook.weight, pipe.unet.class_embedding.codebook.weight)
 
-
-def test_resume_continues_at_the_right_step(ray_cluster, world, tmp_path):
+    # Resume, on this merge's own folder (one more Train run, not two): the same run name and storage make
+    # Ray Train restore the distill stage's latest checkpoint (step 2), and the loop continues from it.
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
 
-    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": 2, "checkpoint_every": 1}))
-    first = build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}).fit()
-    with first.checkpoint.as_directory() as d:
-        state_2 = _train_state(d)
+    checkpoints = sorted(p for p in (tmp_path / "out" / "ray_results" / "test-merge-distill").glob("checkpoint_*") if p.is_dir())
+    state_2 = _train_state(checkpoints[-1])  # named by time: the last is the newest
     assert state_2["step"] == 2
-    # Same run name + storage: Ray Train restores the latest checkpoint and the loop continues from step 2.
-    cfg4 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})})
-    second = build_trainer(cfg4, "distill", {"train": build_latent_dataset(cfg4.data)}).fit()
+    cfg3 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})})
+    second = build_trainer(cfg3, "distill", {"train": build_latent_dataset(cfg3.data)}).fit()
     assert second.metrics["resumed_from"] == 2 and second.metrics["step"] == 3
     with second.checkpoint.as_directory() as d:
         state_3 = _train_state(d)
@@ -104,7 +101,7 @@ def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, t
     assert 1 <= len(kept) <= 3, kept
 
 
-@pytest.mark.slow  # 100 s on 2 cores, and timing-sensitive beside other load; test_resume_* covers the restore
+@pytest.mark.slow  # 100 s on 2 cores, and timing-sensitive beside other load; test_merge_end_to_end covers the restore
 def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer

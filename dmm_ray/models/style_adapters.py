@@ -82,7 +82,8 @@ class StyleAdapter(nn.Module):
         if len(runs) == 1:
             s = runs[0][0]
             return self._dense(x, weights) if s < 0 else self._one(x, weights[:, s], s)
-        if all(s >= 0 and b - a == runs[0][2] for s, a, b in runs):  # k equal one-style runs (a packed worker's batch)
+        # k equal one-style runs (a packed worker's batch); style_runs starts the first run at row 0, so its end is the run length
+        if all(s >= 0 and b - a == runs[0][2] for s, a, b in runs):
             return self._grouped(x, weights, [s for s, _, _ in runs])
         # split, not one slice per run: its backward is one cat, where k slices each zero-fill a full-size grad
         sizes = [b - a for _, a, b in runs]
