@@ -4,7 +4,7 @@
 
 Rows: the merged model at its default sampler (--merged-steps DPM-Solver++ steps, CFG --merged-guidance:
 two UNet passes per step), the merged model at the few-step count with CFG (the naive shortcut), and the
-few-step model at its own sampler (LCMScheduler, CFG off: one UNet pass per step). Calls alternate
+few-step model at its own sampler (TCD or LCM scheduler, CFG off: one UNet pass per step). Calls alternate
 between the models and each row reports the median of --repeats timed calls after one warm-up, so
 load from other processes hits every row alike (on a shared machine the ratio is the figure to trust).
 """

@@ -19,6 +19,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, Stab
 
 from dmm_ray.architectures import is_sdxl, merged_folder, pipeline_kwargs
 from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline's public defaults)
+    FEW_STEP_SCHEDULERS,
     LCM_GUIDANCE,
     LCM_STEPS,
     PAPER_GUIDANCE,
@@ -34,12 +35,12 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
     """The sampler a model folder asks for: {"scheduler", "num_inference_steps", "guidance_scale",
     "negative_prompt"} from its `sampler.json` (a merge writes its synthesis settings there, a few-step
     model its LCM settings), else the paper's (DPM-Solver++ 25 steps, CFG 7, the paper's negative
-    prompt; LCMScheduler without a record: 4 steps, CFG off)."""
+    prompt; a few-step scheduler (LCM, TCD) without a record: 4 steps, CFG off)."""
     import json
 
     name = type(scheduler).__name__ if scheduler is not None else PAPER_SCHEDULER
     out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
-    if name == "LCMScheduler":
+    if name in FEW_STEP_SCHEDULERS:
         out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
         record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())

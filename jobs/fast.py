@@ -1,5 +1,5 @@
 """Every style in a few steps: LCM-distill a merged DMM model (one LoRA or one full copy, for all
-its styles, the style index still an input) and save it as a DMMPipeline with LCMScheduler.
+its styles, the style index still an input) and save it as a DMMPipeline with TCDScheduler (fast.sampler).
 
   python jobs/fast.py --model $DMM_HOME/outputs/dmm-toy/merged --config jobs/configs/toy_fast.yaml
   python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --set fast.steps=50 --set fast.mode=full

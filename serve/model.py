@@ -133,7 +133,7 @@ class StyleModelBackend:
         self.path = path
         self.style_names: list[str] = list(self.pipe.styles)
         self.descriptions = read_style_descriptions(path, self.style_names)
-        # the model's own sampler: LCMScheduler, 4 steps, CFG off for a few-step model (dmm_ray/fast)
+        # the model's own sampler: TCDScheduler (or LCMScheduler), 4 steps, CFG off for a few-step model (dmm_ray/fast)
         self.sampler = dict(self.pipe.sampler_defaults) if hasattr(self.pipe, "sampler_defaults") else {}
         self._active_lora: tuple = ()
         self.lora_switches = 0

@@ -47,7 +47,7 @@ class StylesResponse(BaseModel):
     default_guidance: float
     sampler: str = Field(
         "DPMSolverMultistepScheduler",
-        description="the model's scheduler: LCMScheduler for a few-step model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one",
+        description="the model's scheduler: TCDScheduler or LCMScheduler for a few-step model (jobs/fast.py), DPMSolverMultistepScheduler for a merged one",
     )
     default_negative_prompt: str = Field("", description="the negative prompt used when a request gives none (the model's own)")
     default_width: int

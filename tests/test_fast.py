@@ -240,14 +240,15 @@ def _load(path):
     return pipe
 
 
-def test_fast_model_loads_with_lcm_and_keeps_style_and_mixture_apis(fast_model):
-    from diffusers import LCMScheduler
+def test_fast_model_loads_with_its_sampler_and_keeps_style_and_mixture_apis(fast_model):
+    from diffusers import TCDScheduler
 
     path, merged = fast_model
     pipe = _load(path)
-    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.styles == ["style0", "style1"]
+    assert isinstance(pipe.scheduler, TCDScheduler) and pipe.styles == ["style0", "style1"]  # fast.sampler's default
+    assert pipe.scheduler.config.original_inference_steps == 50  # the sampler's timesteps lie on the solver grid
     assert {k: pipe.sampler_defaults[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")} == {
-        "scheduler": "LCMScheduler",
+        "scheduler": "TCDScheduler",
         "num_inference_steps": 4,
         "guidance_scale": 1.0,
     }
@@ -259,6 +260,33 @@ def test_fast_model_loads_with_lcm_and_keeps_style_and_mixture_apis(fast_model):
     assert a.shape == mix.shape == (1, 3, 32, 32) and not torch.allclose(a, b) and not torch.allclose(a, mix)
     record = json.loads((path / "fast.json").read_text())
     assert record["fast"]["mode"] == "lora" and json.loads((path / "dmm_merge.json").read_text())["name"] == "test-merge"
+
+
+def test_fast_sampler_choice_saves_its_scheduler_and_tcd_is_deterministic(fast_model, merged_world, tmp_path):
+    """fast.sampler=lcm saves LCMScheduler (fresh noise each step: the draw changes the image); the
+    default TCD at gamma 0 re-noises with the student's own noise estimate, so only the starting
+    latents decide the image."""
+    from diffusers import LCMScheduler
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import save_fast_model
+
+    path, merged = fast_model
+    world, _ = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"lora_rank": 4, "sampler": "lcm"}))
+    lcm = _load(save_fast_model(cfg, merged, path.parent / "ckpt", tmp_path / "lcm_model"))
+    assert isinstance(lcm.scheduler, LCMScheduler) and lcm.sampler_defaults["scheduler"] == "LCMScheduler"
+    tcd = _load(path)
+    side = 32 // tcd.vae_scale_factor
+    latents = torch.randn(1, tcd.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(1))
+
+    def run(pipe, seed):
+        g = torch.Generator().manual_seed(seed)
+        return pipe("a red circle", style="style0", height=32, width=32, latents=latents.clone(), generator=g, output_type="latent").images
+
+    torch.testing.assert_close(run(tcd, 0), run(tcd, 1))
+    assert not torch.allclose(run(lcm, 0), run(lcm, 1))
 
 
 def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
@@ -283,7 +311,7 @@ def test_serve_follows_the_few_step_model(fast_model):
     from serve.router import LocalService, create_api
 
     path, merged = fast_model
-    for folder, sampler, steps, guidance in ((path, "LCMScheduler", 4, 1.0), (merged, "DPMSolverMultistepScheduler", 25, 7.0)):
+    for folder, sampler, steps, guidance in ((path, "TCDScheduler", 4, 1.0), (merged, "DPMSolverMultistepScheduler", 25, 7.0)):
         backend = StyleModelBackend(str(folder), device="cpu")
         with TestClient(create_api(LocalService(backend), ServeConfig(model=str(folder)))) as client:
             info = client.get("/styles").json()

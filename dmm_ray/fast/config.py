@@ -88,6 +88,12 @@ class FastConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    sampler: Literal["tcd", "lcm"] = Field(
+        "tcd",
+        description="the saved model's scheduler. tcd: TCDScheduler at gamma (the pipeline's eta) 0, deterministic: each step "
+        "re-noises the student's x0 with its own predicted noise, so it stays on one trajectory (measured nearer the teachers "
+        "at every step count: README 'Few-step model'); lcm: LCMScheduler, fresh noise at each step (the LCM paper's sampler)",
+    )
     num_inference_steps: int = Field(4, ge=1, description="the saved model's default steps (pipeline, Serve)")
     guidance_scale: float = Field(1.0, ge=0, description="the saved model's default CFG at sampling (1: off, the guidance is distilled in)")
     eval_steps: list[int] = Field(default_factory=lambda: [2, 4, 8], description="step counts evaluated (FIDt) after training")

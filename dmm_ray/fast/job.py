@@ -1,5 +1,5 @@
 """The few-step stage's driver: LCM-distill a merged model on Ray Train, save it as a DMMPipeline
-with LCMScheduler, evaluate it (FIDt at `fast.eval_steps` against the merge's own teachers and
+with TCDScheduler (or LCMScheduler: `fast.sampler`), evaluate it (FIDt at `fast.eval_steps` against the merge's own teachers and
 reference), and register it in MLflow under the merge project as its own model version.
 
   run_fast(cfg, model_dir)   # cfg: a MergeConfig (its fast:, data:, evaluation:, tracking:, scaling:)
@@ -115,16 +115,17 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
 
 def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, dest: Path) -> Path:
     """The few-step DMMPipeline: the merged model's VAE, text encoder and tokenizer, its UNet with the
-    LCM-LoRA fused in (lora) or the distilled UNet (full), LCMScheduler, sampler.json (4 steps, CFG
+    LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
     off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
     lcm_lora/. Written beside `dest`, verified to load, then swapped in."""
     import torch
-    from diffusers import LCMScheduler
+    from diffusers import LCMScheduler, TCDScheduler
 
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
+    schedulers = {"lcm": LCMScheduler, "tcd": TCDScheduler}  # fast.sampler -> the saved scheduler
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
     student, _ = build_student(model_dir, f)
@@ -152,9 +153,10 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         local_files_only=True,
         **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
     )
-    keep = inspect.signature(LCMScheduler.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
+    scheduler_cls = schedulers[f.sampler]
+    keep = inspect.signature(scheduler_cls.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
     # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
-    pipe.scheduler = LCMScheduler.from_config(
+    pipe.scheduler = scheduler_cls.from_config(
         {k: v for k, v in pipe.scheduler.config.items() if k in keep},
         timestep_scaling=f.timestep_scaling,
         original_inference_steps=f.num_ddim_timesteps,
@@ -167,7 +169,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
     negative = sampler_defaults(model_dir)["negative_prompt"]  # the merged model's (matters only with CFG on)
     (tmp / SAMPLER_RECORD).write_text(
-        json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler="LCMScheduler"), indent=1)
+        json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler=scheduler_cls.__name__), indent=1)
     )
     (tmp / FAST_RECORD).write_text(
         json.dumps(
@@ -181,8 +183,8 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         )
     )
     pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
-    if type(pipe_check.scheduler).__name__ != "LCMScheduler":
-        raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not LCMScheduler")
+    if not isinstance(pipe_check.scheduler, scheduler_cls):
+        raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not {scheduler_cls.__name__}")
     swap_in(tmp, dest)
     return dest
 
@@ -266,7 +268,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
         with trained.checkpoint.as_directory() as folder:
             save_fast_model(cfg, model_dir, Path(folder), result.model_path)
-        log(f"few-step model saved: {result.model_path} (LCMScheduler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
+        log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
         if evaluate and f.eval_steps:
             result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
         result.seconds = time.time() - started
