@@ -3,6 +3,7 @@ evaluation (the teachers keep the config's evaluation sampler; cached): the few-
 
   python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8
   python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 4 --guidance 5   # fewer DPM steps, no distillation
+  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8 --scheduler LCMScheduler  # another sampler
 """
 
 from __future__ import annotations
@@ -10,9 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def with_scheduler(pipeline_factory, name: str):
+    """The pipeline with its scheduler replaced by diffusers' `name`, built from the saved one's config."""
+    import diffusers
+
+    pipe = pipeline_factory()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    return pipe
 
 
 def main(argv=None) -> int:
@@ -21,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a merge config (its evaluation: section and teachers)")
     parser.add_argument("--steps", default="4", help="comma-separated step counts")
     parser.add_argument("--guidance", type=float, default=None, help="the model's CFG (default: its own)")
+    parser.add_argument(
+        "--scheduler", default=None, help="sample with this diffusers scheduler class (from the model's own config; default: the saved one)"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
@@ -34,12 +49,25 @@ def main(argv=None) -> int:
     cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"guidance_scale": guidance})})
     model = Path(args.model).resolve()
     record = json.loads((model / "fast.json").read_text())["distilled_from"] if (model / "fast.json").is_file() else model
-    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), [int(s) for s in args.steps.split(",")], Path(args.out))
+    source = None
+    if args.scheduler:
+        import diffusers
+
+        from dmm_ray.evaluation.sources import student_source
+
+        if not (args.scheduler.endswith("Scheduler") and hasattr(diffusers, args.scheduler)):
+            parser.error(
+                f"--scheduler {args.scheduler!r} is not a diffusers scheduler class (e.g. TCDScheduler, LCMScheduler, DPMSolverMultistepScheduler)"
+            )
+
+        plain = student_source(model, cfg.evaluation.dtype)
+        source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler))
+    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), [int(s) for s in args.steps.split(",")], Path(args.out), source)
     summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     for s, r in results.items():
-        print(f"{s} steps, guidance {guidance:g}: FIDt {r.fidt:.2f}  ref {r.fidt_ref:.2f}  ratio {r.ratio:.3f}")
+        print(f"{s} steps, {args.scheduler or 'own scheduler'}, guidance {guidance:g}: FIDt {r.fidt:.2f}  ref {r.fidt_ref:.2f}  ratio {r.ratio:.3f}")
     return 0
 
 

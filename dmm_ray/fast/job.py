@@ -189,9 +189,10 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     return dest
 
 
-def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path) -> dict:
+def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path, source=None) -> dict:
     """FIDt of the few-step model at each step count against the merge's teachers, the teachers
-    sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG."""
+    sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG.
+    `source`: a StudentSource to sample instead of the folder as saved (e.g. with another scheduler)."""
     from dmm_ray.evaluation.api import default_extractor
     from dmm_ray.evaluation.matrix import evaluate_sources
     from dmm_ray.evaluation.outputs import format_table, write_outputs
@@ -200,7 +201,7 @@ def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list
     eval_cfg = cfg.evaluation
     results = {}
     for steps in steps_list:
-        student = FewStepStudent.wrap(student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
+        student = FewStepStudent.wrap(source or student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
         result = evaluate_sources(student, teacher_sources(teachers, eval_cfg.dtype), eval_cfg, default_extractor(eval_cfg))
         result.files = write_outputs(result, out / f"evaluation_{steps}steps")
         log(
