@@ -50,7 +50,11 @@ def main(argv=None) -> int:
             fs["num_inference_steps"],
             args.merged_guidance,
         ),
-        f"few-step, {fs['num_inference_steps']} {fs['scheduler'].replace('Scheduler', '')} steps, CFG off": (fast, fs["num_inference_steps"], fs["guidance_scale"]),
+        f"few-step, {fs['num_inference_steps']} {fs['scheduler'].replace('Scheduler', '')} steps, CFG off": (
+            fast,
+            fs["num_inference_steps"],
+            fs["guidance_scale"],
+        ),
     }
     kw = {"height": args.size, "width": args.size} if args.size else {}
     prompts = ["a red circle on a blue background"] * args.batch

@@ -13,7 +13,7 @@ PAPER_GUIDANCE = 7.0  # classifier-free guidance scale
 PAPER_SCHEDULER = "DPMSolverMultistepScheduler"  # algorithm_type="dpmsolver++"
 
 LCM_STEPS = 4  # a few-step (LCM) model without a sampler record
-FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # the samplers a few-step model is saved with (dmm_ray/fast)
+FEW_STEP_SCHEDULERS = {"tcd": "TCDScheduler", "lcm": "LCMScheduler"}  # fast.sampler -> the diffusers scheduler a few-step model is saved with
 LCM_GUIDANCE = 1.0  # CFG off: the guidance is distilled in
 
 SAMPLER_RECORD = "sampler.json"  # {"scheduler", "num_inference_steps", "guidance_scale"[, "negative_prompt"]}

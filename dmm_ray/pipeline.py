@@ -40,7 +40,7 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
 
     name = type(scheduler).__name__ if scheduler is not None else PAPER_SCHEDULER
     out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
-    if name in FEW_STEP_SCHEDULERS:
+    if name in FEW_STEP_SCHEDULERS.values():
         out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
         record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())

@@ -118,14 +118,14 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
     off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
     lcm_lora/. Written beside `dest`, verified to load, then swapped in."""
+    import diffusers
     import torch
-    from diffusers import LCMScheduler, TCDScheduler
 
+    from dmm_ray.defaults import FEW_STEP_SCHEDULERS
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
-    schedulers = {"lcm": LCMScheduler, "tcd": TCDScheduler}  # fast.sampler -> the saved scheduler
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
     student, _ = build_student(model_dir, f)
@@ -153,7 +153,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         local_files_only=True,
         **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
     )
-    scheduler_cls = schedulers[f.sampler]
+    scheduler_cls = getattr(diffusers, FEW_STEP_SCHEDULERS[f.sampler])
     keep = inspect.signature(scheduler_cls.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
     # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
     pipe.scheduler = scheduler_cls.from_config(
