@@ -477,3 +477,61 @@ def test_synthesized_rows_are_pooled_shuffled_and_keep_their_teachers_style(ray_
     assert all(int(s) == int(i.split("-")[0][1:]) for s, i in zip(rows["style"], ids))  # each row keeps its teacher's style
     with pytest.raises(RuntimeError, match="outside the merged model's 2 styles"):
         synthesized_rows(build_latent_dataset(cfg.data, shards=shards), num_styles=2, seed=0)
+
+
+@pytest.mark.ray
+def test_merged_source_samples_each_style_of_the_merged_model_and_resamples_when_stale(ray_cluster, merged_world, tmp_path):
+    """fast.synthetic_source: merged: style_<i>/ holds the merged model's own samples of style i (the
+    synthesis sampler, prompts and seeds); other settings discard the old sets, the same ones keep them."""
+    import numpy as np
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
+    from dmm_ray.fast.job import merged_synthesized_sets
+    from dmm_ray.fast.loop import synthesized_rows
+    from dmm_ray.merge import _synthesis_prompts
+    from dmm_ray.pipeline import DMMPipeline, load_dmm_pipeline
+
+    world, merged = merged_world
+    fast = {"synthetic_fraction": 0.5, "synthetic_source": "merged", "synthetic_images": 2}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast=fast, synthesis={"actors": 1, "cpus_per_actor": 0.5}))
+    shards = merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    assert [Path(s).name for s in shards] == ["style_0", "style_1"]
+    rows = synthesized_rows(build_latent_dataset(cfg.data, shards=shards), num_styles=2, seed=0)
+    by_id = {str(i): (int(s), lat) for i, s, lat in zip(rows["source_id"], rows["style"], rows["latents"])}
+    assert sorted(by_id) == [f"synth-style{i}-{j}" for i in range(2) for j in range(2)]
+    assert all(style == int(i.split("-")[1][-1]) for i, (style, _) in by_id.items())  # each row carries the style it was drawn with
+
+    pipe = load_dmm_pipeline(merged)
+    pipe.scheduler = DMMPipeline.paper_scheduler(pipe.scheduler)
+    s = cfg.synthesis
+    own = {
+        name: pipe(
+            [_synthesis_prompts(cfg)[1]],
+            style=name,
+            negative_prompt=[PAPER_NEGATIVE_PROMPT],
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            height=32,
+            width=32,
+            generator=[torch.Generator().manual_seed(cfg.seed * 100003 + 1)],
+            output_type="latent",
+        ).images[0]
+        for name in ("style0", "style1")
+    }
+    got = {name: torch.from_numpy(np.asarray(by_id[f"synth-{name}-1"][1])).reshape(own[name].shape) for name in own}
+    for name in own:
+        torch.testing.assert_close(got[name], own[name], rtol=1e-4, atol=1e-4)  # the merged model's own sample of that style
+    assert not torch.allclose(got["style0"], got["style1"], atol=1e-3)  # the styles differ: the style reached the sampler
+
+    shard = next((tmp_path / "fast" / "synthesized" / "style_0").glob("*.parquet"))
+    stamp = shard.stat().st_mtime_ns
+    merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    assert shard.stat().st_mtime_ns == stamp  # same model and settings: kept
+    more = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"synthetic_images": 3})})
+    rows = synthesized_rows(
+        build_latent_dataset(cfg.data, shards=merged_synthesized_sets(more, merged, ["style0", "style1"], tmp_path / "fast")), 2, 0
+    )
+    assert len(rows["latents"]) == 6  # other settings: sampled again

@@ -4,10 +4,21 @@ paper's sampler; the latents become style-tagged shards for the short fine-tune 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import ray
 import torch
+from pydantic import BaseModel
+
+
+class MergedStyle(BaseModel):
+    """One style of a merged model, sampled like a teacher: the few-step stage's own trajectories
+    (`fast.synthetic_source: merged`). `synthesize` takes it in place of a TeacherSpec."""
+
+    name: str  # the style
+    model: str  # the merged model folder
+    kind: Literal["merged_style"] = "merged_style"
 
 
 @ray.remote
@@ -26,11 +37,20 @@ class TeacherSynthesizer:
             self.load(spec)
 
     def load(self, spec: dict) -> None:
-        from dmm_ray.pipeline import DMMPipeline
+        from dmm_ray.pipeline import DMMPipeline, load_dmm_pipeline
         from dmm_ray.teachers import TeacherSpec, load_teacher_pipeline
 
-        self.spec = TeacherSpec.model_validate(spec)
-        self.pipe = load_teacher_pipeline(self.spec).to(self.device)
+        if spec.get("kind") == "merged_style":  # one style of a merged model: loaded once for all its styles
+            same_model = isinstance(getattr(self, "spec", None), MergedStyle) and self.spec.model == spec["model"]
+            self.spec = MergedStyle.model_validate(spec)
+            self.call_kwargs = {"style": self.spec.name}
+            if same_model:
+                return
+            self.pipe = load_dmm_pipeline(self.spec.model).to(self.device)
+        else:
+            self.spec = TeacherSpec.model_validate(spec)
+            self.pipe = load_teacher_pipeline(self.spec).to(self.device)
+            self.call_kwargs = {}
         self.pipe.scheduler = DMMPipeline.paper_scheduler(self.pipe.scheduler)  # DPM-Solver++
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -65,6 +85,7 @@ class TeacherSynthesizer:
                 width=width,
                 generator=generators,
                 output_type="latent",
+                **self.call_kwargs,
             ).images  # (b, C, h, w): x0 in the space the UNet is trained in
             out.append(latents.float().cpu().numpy())
         return np.concatenate(out)

@@ -80,6 +80,15 @@ class FastConfig(BaseModel):
         "sets (each row with the style of the teacher that drew it, the rest uniform): "
         "the styled states a few-step sampler visits, not only noised base images",
     )
+    synthetic_source: Literal["teachers", "merged"] = Field(
+        "teachers",
+        description="where the synthesized rows come from. teachers: the merge's synthesized sets (fast.synthesized); "
+        "merged: before training the stage samples the merged model itself, every style, with the merge's synthesis "
+        "sampler and prompts (synthesis.*), into <fast output>/synthesized: the trajectories the distilled teacher follows",
+    )
+    synthetic_images: Optional[int] = Field(
+        None, ge=1, description="synthetic_source merged: images per style (default: synthesis.images_per_teacher)"
+    )
     synthesized: Optional[str] = Field(
         None,
         description="folder of the merge's synthesized sets (style_<i>/ shards); default: <merged model>/../synthesized, where a merge writes them",

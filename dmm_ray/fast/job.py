@@ -83,6 +83,57 @@ def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
     return [str(p) for p in dirs]
 
 
+MERGED_SYNTH_RECORD = "synthesized.json"  # what <fast output>/synthesized was sampled from (kept only while it matches)
+
+
+def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path) -> list[str]:
+    """`fast.synthetic_source: merged`: every style of the merged model sampled by the synthesis fan-out
+    (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style) into <out>/synthesized,
+    one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
+    from dmm_ray.distill.synthesis import MergedStyle, synthesize
+    from dmm_ray.merge import _synthesis_prompts
+    from dmm_ray.teachers import files_checksum
+
+    s, folder = cfg.synthesis, out / "synthesized"
+    n = cfg.fast.synthetic_images or s.images_per_teacher
+    resolution = s.resolution or cfg.data.encode.resolution
+    made_by = {
+        "model": str(model_dir),
+        "unet": files_checksum([model_dir / "unet"]),
+        "styles": styles,
+        "images_per_style": n,
+        "sampler": [s.num_inference_steps, s.guidance_scale, s.negative_prompt, resolution],
+        "prompts": s.prompts,
+        "seed": cfg.seed,
+    }
+    record = folder / MERGED_SYNTH_RECORD
+    if folder.exists() and (not record.is_file() or json.loads(record.read_text()) != made_by):
+        log(f"{folder} was sampled from another model or with other settings: sampling again")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made_by, indent=1))
+    t0 = time.time()
+    log(f"sampling the merged model: {n} images x {len(styles)} styles ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
+    dirs = synthesize(
+        [MergedStyle(name=name, model=str(model_dir)) for name in styles],
+        0,
+        _synthesis_prompts(cfg),
+        folder,
+        n,
+        s.num_inference_steps,
+        s.guidance_scale,
+        resolution,
+        s.batch_size,
+        cfg.seed,
+        cfg.scaling.use_gpu,
+        s.negative_prompt,
+        actors=s.actors,
+        cpus_per_actor=s.cpus_per_actor,
+    )
+    log(f"merged-model samples done in {time.time() - t0:.0f} s")
+    return [dirs[i] for i in sorted(dirs)]
+
+
 def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracking: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -263,7 +314,8 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         t0 = time.time()
         datasets = {"train": build_latent_dataset(cfg.data)}
         if f.synthetic_fraction > 0:
-            datasets["synth"] = build_latent_dataset(cfg.data, shards=synthesized_shards(cfg, model_dir))
+            shards = merged_synthesized_sets(cfg, model_dir, styles, out) if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
+            datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
         trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
