@@ -351,6 +351,7 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
                 "lr": 1e-2,
                 "synthetic_fraction": 0.5,
                 "synthesized": str(synthesized),
+                "saved_ema_decay": 0.99,
             },
             tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         )
@@ -434,6 +435,40 @@ def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_worl
     assert not (path / LORA_DIR).exists() and pipe.sampler_defaults["num_inference_steps"] == 4
     torch.testing.assert_close(pipe.unet.conv_in.weight, _load(merged).unet.conv_in.weight + 0.01)
     assert torch.equal(pipe.unet.class_embedding.codebook.weight, _load(merged).unet.class_embedding.codebook.weight)
+
+
+def test_saved_ema_is_what_the_save_keeps(merged_world, tmp_path):
+    """fast.saved_ema_decay: the saved UNet holds the EMA's shadow weights, not the last step's;
+    a checkpoint trained without the EMA is refused, not silently saved raw."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import save_fast_model
+    from dmm_ray.fast.loop import TRAINABLE, build_student, saved_ema_of, trainable_state
+
+    world, merged = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"mode": "full", "saved_ema_decay": 0.9}))
+    student, params = build_student(merged, cfg.fast)
+    ema = saved_ema_of(params, cfg.fast)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+        ema.step(params)  # diffusers: the first step copies; the second keeps decay 1 - 2^-3/4 of the shadow
+    moved = 0.01 + 0.01 * (1 - min(0.9, 1 - 2**-0.75))  # the shadow: 0.01 + part of the second 0.01
+    (tmp_path / "ckpt").mkdir()
+    state = {"student": trainable_state(student, cfg.fast), "step": 1, "saved_ema": ema.state_dict()}
+    torch.save(state, tmp_path / "ckpt" / TRAINABLE)
+    pipe = _load(save_fast_model(cfg, merged, tmp_path / "ckpt", tmp_path / "model"))
+    base = _load(merged).unet
+    torch.testing.assert_close(pipe.unet.conv_in.weight, base.conv_in.weight + moved)
+    raw = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"saved_ema_decay": None})})
+    torch.testing.assert_close(
+        _load(save_fast_model(raw, merged, tmp_path / "ckpt", tmp_path / "raw")).unet.conv_in.weight, base.conv_in.weight + 0.02
+    )
+    torch.save({**state, "saved_ema": None}, tmp_path / "ckpt" / TRAINABLE)
+    with pytest.raises(RuntimeError, match="holds no EMA"):
+        save_fast_model(cfg, merged, tmp_path / "ckpt", tmp_path / "model2")
 
 
 def _synthesized_sets(folder: Path, styles: int, rows: int) -> Path:

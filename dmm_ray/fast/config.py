@@ -69,6 +69,13 @@ class FastConfig(BaseModel):
         description="full mode: target network EMA rate (reference full LCM: 0.95); "
         "lora mode has no target network (the reference LCM-LoRA uses the student itself)",
     )
+    saved_ema_decay: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="save an EMA of the trained weights (diffusers EMAModel, decay ramping up as 1-(1+step)^-3/4) instead of "
+        "the last step's; None: the last step's, as the reference. Not the target network (fast.ema_decay)",
+    )
     caption_dropout: float = Field(
         0.0, ge=0, lt=1, description="captions replaced by '' (the reference: none; the teacher's CFG already sees the unconditional branch)"
     )

@@ -173,14 +173,20 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     import torch
 
     from dmm_ray.defaults import FEW_STEP_SCHEDULERS
-    from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state
+    from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state, saved_ema_of
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
-    student, _ = build_student(model_dir, f)
+    student, params = build_student(model_dir, f)
     load_trainable_state(student, state["student"], f)
+    ema = saved_ema_of(params, f)
+    if ema is not None:  # the EMA of the trained weights is what is saved
+        if not state.get("saved_ema"):
+            raise RuntimeError(f"fast.saved_ema_decay={f.saved_ema_decay} but checkpoint {checkpoint_dir} holds no EMA (trained without it)")
+        ema.load_state_dict(state["saved_ema"])
+        ema.copy_to(params)
     tmp, _ = save_siblings(dest)
     if tmp.exists():
         remove(tmp)

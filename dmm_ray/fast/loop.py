@@ -47,6 +47,15 @@ def load_trainable_state(student, state: dict, fast) -> None:
         student.load_state_dict(state)
 
 
+def saved_ema_of(params: list, fast):
+    """diffusers' EMAModel over the trainable parameters (fast.saved_ema_decay), or None."""
+    if not fast.saved_ema_decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=fast.saved_ema_decay, use_ema_warmup=True, power=3 / 4)
+
+
 def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
     """The synthesized sets read whole (numpy columns, `style` = the drawing teacher's index), every
     style pooled and shuffled once with `seed`, so each batch mixes styles."""
@@ -108,6 +117,7 @@ def train_fast_per_worker(config: dict) -> None:
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler("constant_with_warmup", opt, num_warmup_steps=min(f.lr_warmup_steps, f.steps))
+    saved_ema = saved_ema_of(params, f)  # what the save keeps (fast.saved_ema_decay), or None: the last weights
 
     start_step, epoch, position = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -119,6 +129,8 @@ def train_fast_per_worker(config: dict) -> None:
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             if target is not None:
                 target.load_state_dict(torch.load(Path(folder) / TARGET, map_location="cpu"))
+            if saved_ema is not None:
+                saved_ema.load_state_dict(state["saved_ema"])
             start_step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"[rank {rank}] fast: resumed from step {start_step}", flush=True)
 
@@ -171,6 +183,8 @@ def train_fast_per_worker(config: dict) -> None:
         lr_scheduler.step()
         if target is not None:
             update_ema(target.parameters(), student.parameters(), f.ema_decay)
+        if saved_ema is not None:
+            saved_ema.step(params)
         step += 1
         metrics = {
             "loss_lcm": float(loss.detach()),
@@ -198,6 +212,7 @@ def train_fast_per_worker(config: dict) -> None:
                         "epoch": stream.epoch,
                         "position": stream.position,
                         "mode": f.mode,
+                        "saved_ema": saved_ema.state_dict() if saved_ema is not None else None,
                     },
                     Path(folder) / TRAINABLE,
                 )
