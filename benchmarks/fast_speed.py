@@ -7,6 +7,9 @@ two UNet passes per step), the merged model at the few-step count with CFG (the 
 few-step model at its own sampler (TCD or LCM scheduler, CFG off: one UNet pass per step). Calls alternate
 between the models and each row reports the median of --repeats timed calls after one warm-up, so
 load from other processes hits every row alike (on a shared machine the ratio is the figure to trust).
+Each row also splits its time per call into text encoder, UNet, VAE decode and the rest (the
+scheduler, the pipeline's own code): the UNet column is what step distillation can shrink, the
+VAE decode and the text encoder are paid once per image whatever the sampler.
 """
 
 from __future__ import annotations
@@ -59,7 +62,27 @@ def main(argv=None) -> int:
     kw = {"height": args.size, "width": args.size} if args.size else {}
     prompts = ["a red circle on a blue background"] * args.batch
 
+    parts = {}  # (pipe id, part) -> seconds in the current call
+
+    def timed(pipe, module, method, part):
+        inner = getattr(module, method)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                parts[part] = parts.get(part, 0.0) + time.perf_counter() - t0
+
+        setattr(module, method, wrapper)
+
+    for p in (merged, fast):
+        timed(p, p.text_encoder, "forward", "text encoder")
+        timed(p, p.unet, "forward", "UNet")
+        timed(p, p.vae, "decode", "VAE decode")
+
     def call(pipe, steps, guidance):
+        parts.clear()
         t0 = time.perf_counter()
         pipe(
             prompts,
@@ -71,20 +94,30 @@ def main(argv=None) -> int:
             output_type="np",
             **kw,
         )
-        return time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        return total, {**parts, "rest": total - sum(parts.values())}
 
     times = {name: [] for name in rows}
+    split = {name: [] for name in rows}
     for name, (pipe, steps, guidance) in rows.items():
         call(pipe, steps, guidance)  # warm-up
     for _ in range(args.repeats):
         for name, (pipe, steps, guidance) in rows.items():
-            times[name].append(call(pipe, steps, guidance))
-    base = None
+            total, per_part = call(pipe, steps, guidance)
+            times[name].append(total)
+            split[name].append(per_part)
+    base = base_unet = None
     print(f"style {style!r}, batch {args.batch}, {args.threads} torch thread(s), median of {args.repeats}")
     for name, ts in times.items():
         ips = args.batch / statistics.median(ts)
         base = base or ips
-        print(f"  {name:<45} {ips:8.1f} images/s   x{ips / base:.2f}")
+        ms = {part: 1000 * statistics.median(d[part] for d in split[name]) for part in split[name][0]}
+        base_unet = base_unet or ms["UNet"]
+        print(
+            f"  {name:<45} {ips:8.1f} images/s   x{ips / base:.2f}   per call, ms: "
+            + ", ".join(f"{part} {v:.0f}" for part, v in ms.items())
+            + f"   (UNet alone x{base_unet / ms['UNet']:.2f})"
+        )
     return 0
 
 

@@ -223,21 +223,6 @@ def recover_merged(dest: Path) -> list[str]:
     return done
 
 
-def _synthesis_prompts(cfg: MergeConfig) -> list[str]:
-    from dmm_ray.data.readers import read_prompts
-
-    if cfg.synthesis.prompts:
-        return read_prompts(cfg.synthesis.prompts)
-    import pyarrow.parquet as pq
-
-    from dmm_ray.data.shards import complete_shards
-
-    fs, paths = complete_shards(cfg.data.shards)
-    with fs.open_input_file(paths[0]) as f:
-        captions = [c for c in pq.read_table(f, columns=["caption"])["caption"].to_pylist() if c]
-    return captions
-
-
 def stages_with_state(cfg: MergeConfig) -> list[str]:
     """The stages of this merge that leave resumable state in output_dir."""
     s = cfg.synthesis
@@ -494,7 +479,7 @@ def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
     state location (a local folder, or the output_dir URI)."""
     from dmm_ray import fingerprint
     from dmm_ray.data import fs as fsu
-    from dmm_ray.distill.synthesis import synthesize
+    from dmm_ray.distill.synthesis import synthesize_for
 
     fingerprint.record(cfg, out, "synthesize")
     s = cfg.synthesis
@@ -503,27 +488,11 @@ def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
         from dmm_ray.models.style_unet import merged_style_names
 
         old = len(merged_style_names(cfg.incremental.base_merged))
-    resolution = s.resolution or cfg.data.encode.resolution
     log(
         f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})"
     )
     t0 = time.time()
-    dirs = synthesize(
-        cfg.teachers,
-        old,
-        _synthesis_prompts(cfg),
-        fsu.location_join(out, "synthesized"),
-        s.images_per_teacher,
-        s.num_inference_steps,
-        s.guidance_scale,
-        resolution,
-        s.batch_size,
-        cfg.seed,
-        cfg.scaling.use_gpu,
-        s.negative_prompt,
-        actors=s.actors,
-        cpus_per_actor=s.cpus_per_actor,
-    )
+    dirs = synthesize_for(cfg, cfg.teachers, old, fsu.location_join(out, "synthesized"))
     log(f"synthesis done in {time.time() - t0:.0f} s")
     return dirs
 

@@ -524,9 +524,9 @@ def test_merged_source_samples_each_style_of_the_merged_model_and_resamples_when
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
+    from dmm_ray.distill.synthesis import synthesis_prompts
     from dmm_ray.fast.job import merged_synthesized_sets
     from dmm_ray.fast.loop import synthesized_rows
-    from dmm_ray.merge import _synthesis_prompts
     from dmm_ray.pipeline import DMMPipeline, load_dmm_pipeline
 
     world, merged = merged_world
@@ -544,7 +544,7 @@ def test_merged_source_samples_each_style_of_the_merged_model_and_resamples_when
     s = cfg.synthesis
     own = {
         name: pipe(
-            [_synthesis_prompts(cfg)[1]],
+            [synthesis_prompts(cfg)[1]],
             style=name,
             negative_prompt=[PAPER_NEGATIVE_PROMPT],
             num_inference_steps=s.num_inference_steps,

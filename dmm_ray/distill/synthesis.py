@@ -1,5 +1,6 @@
 """Synthesis stage (paper 3.4, A.3): one Ray actor per teacher samples K images (fan-out) with the
-paper's sampler; the latents become style-tagged shards for the short fine-tune of the student."""
+paper's sampler; the latents become style-tagged shards for the short fine-tune of the student.
+The few-step stage uses the same fan-out on the merged model's own styles (`MergedStyle`)."""
 
 from __future__ import annotations
 
@@ -136,13 +137,52 @@ def synthesize(
     args = (chosen, seeds, num_inference_steps, guidance_scale, resolution, resolution, batch_size, negative_prompt)
     # An actor runs its calls in order: teacher k goes to actor k mod A, so every actor stays busy.
     pending = [
-        (style, root, spec.name, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args)) for k, (style, root, spec) in enumerate(todo)
+        (style, root, spec, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args)) for k, (style, root, spec) in enumerate(todo)
     ]
-    for style, root, name, ref in pending:
+    for style, root, spec, ref in pending:
         latents = ray.get(ref)
-        ids = [f"synth-{name}-{i}" for i in range(len(chosen))]
+        ids = [f"synth-{spec.name}-{i}" for i in range(len(chosen))]
         write_shard(fs, root, 0, latent_table(latents, chosen, ids, styles=[style] * len(chosen)))
-        print(f"synthesized {len(chosen)} samples from teacher {name!r} -> {root}", flush=True)
+        source = f"the merged model's style {spec.name!r}" if isinstance(spec, MergedStyle) else f"teacher {spec.name!r}"
+        print(f"synthesized {len(chosen)} samples from {source} -> {root}", flush=True)
     for actor in pool:
         ray.kill(actor)
     return result
+
+
+def synthesis_prompts(cfg) -> list[str]:
+    """The prompts synthesis draws from: synthesis.prompts, else the captions of the first latent shard."""
+    from dmm_ray.data.readers import read_prompts
+
+    if cfg.synthesis.prompts:
+        return read_prompts(cfg.synthesis.prompts)
+    import pyarrow.parquet as pq
+
+    from dmm_ray.data.shards import complete_shards
+
+    fs, paths = complete_shards(cfg.data.shards)
+    with fs.open_input_file(paths[0]) as f:
+        captions = [c for c in pq.read_table(f, columns=["caption"])["caption"].to_pylist() if c]
+    return captions
+
+
+def synthesize_for(cfg, specs: list, style_offset: int, out_dir, images_per_style: int | None = None) -> dict[int, str]:
+    """`synthesize` with a MergeConfig's settings: synthesis.* (sampler, prompts, batch, actors), the data
+    resolution, the seed, the device. `specs`: TeacherSpecs (the merge) or MergedStyles (the few-step stage)."""
+    s = cfg.synthesis
+    return synthesize(
+        specs,
+        style_offset,
+        synthesis_prompts(cfg),
+        out_dir,
+        images_per_style or s.images_per_teacher,
+        s.num_inference_steps,
+        s.guidance_scale,
+        s.resolution or cfg.data.encode.resolution,
+        s.batch_size,
+        cfg.seed,
+        cfg.scaling.use_gpu,
+        s.negative_prompt,
+        actors=s.actors,
+        cpus_per_actor=s.cpus_per_actor,
+    )

@@ -90,8 +90,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     """`fast.synthetic_source: merged`: every style of the merged model sampled by the synthesis fan-out
     (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style) into <out>/synthesized,
     one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
-    from dmm_ray.distill.synthesis import MergedStyle, synthesize
-    from dmm_ray.merge import _synthesis_prompts
+    from dmm_ray.distill.synthesis import MergedStyle, synthesize_for
     from dmm_ray.teachers import files_checksum
 
     s, folder = cfg.synthesis, out / "synthesized"
@@ -103,7 +102,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
         "styles": styles,
         "images_per_style": n,
         "sampler": [s.num_inference_steps, s.guidance_scale, s.negative_prompt, resolution],
-        "prompts": s.prompts,
+        "prompts": s.prompts or str(cfg.data.shards),  # the prompt file, or the shards whose captions are the prompts
         "seed": cfg.seed,
     }
     record = folder / MERGED_SYNTH_RECORD
@@ -114,22 +113,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     record.write_text(json.dumps(made_by, indent=1))
     t0 = time.time()
     log(f"sampling the merged model: {n} images x {len(styles)} styles ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
-    dirs = synthesize(
-        [MergedStyle(name=name, model=str(model_dir)) for name in styles],
-        0,
-        _synthesis_prompts(cfg),
-        folder,
-        n,
-        s.num_inference_steps,
-        s.guidance_scale,
-        resolution,
-        s.batch_size,
-        cfg.seed,
-        cfg.scaling.use_gpu,
-        s.negative_prompt,
-        actors=s.actors,
-        cpus_per_actor=s.cpus_per_actor,
-    )
+    dirs = synthesize_for(cfg, [MergedStyle(name=name, model=str(model_dir)) for name in styles], 0, folder, n)
     log(f"merged-model samples done in {time.time() - t0:.0f} s")
     return [dirs[i] for i in sorted(dirs)]
 
