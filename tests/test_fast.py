@@ -158,6 +158,11 @@ def test_fast_config_checks_and_bad_model_folder(tmp_path):
         FastConfig(mode="turbo")
     with pytest.raises(ValidationError, match="guidance_min"):
         FastConfig(guidance_min=8, guidance_max=5)
+    with pytest.raises(ValidationError, match="synthetic_source=merged takes no rows at fast.synthetic_fraction 0"):
+        FastConfig(synthetic_source="merged")
+    with pytest.raises(ValidationError, match="synthetic_source"):
+        FastConfig(synthetic_source="web", synthetic_fraction=0.5)
+    assert FastConfig(synthetic_source="merged", synthetic_fraction=0.5).synthetic_images is None  # synthesis.images_per_teacher
     with pytest.raises(FastError, match="no such folder"):
         check_model_folder(tmp_path / "nope")
     (tmp_path / "half").mkdir()

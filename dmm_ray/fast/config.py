@@ -119,6 +119,8 @@ class FastConfig(BaseModel):
     def _check(self) -> "FastConfig":
         if self.guidance_min > self.guidance_max:
             raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
+        if self.synthetic_source != "teachers" and self.synthetic_fraction == 0:
+            raise ValueError(f"fast.synthetic_source={self.synthetic_source} takes no rows at fast.synthetic_fraction 0: set a fraction (e.g. 0.5)")
         if not self.lora_targets and self.mode == "lora":
             raise ValueError("fast.lora_targets: give at least one module-name suffix")
         return self

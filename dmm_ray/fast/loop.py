@@ -130,6 +130,10 @@ def train_fast_per_worker(config: dict) -> None:
             if target is not None:
                 target.load_state_dict(torch.load(Path(folder) / TARGET, map_location="cpu"))
             if saved_ema is not None:
+                if not state.get("saved_ema"):
+                    raise RuntimeError(
+                        "fast: this run's checkpoint was trained without fast.saved_ema_decay; resume with it unset, or use a new output dir"
+                    )
                 saved_ema.load_state_dict(state["saved_ema"])
             start_step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"[rank {rank}] fast: resumed from step {start_step}", flush=True)
