@@ -157,7 +157,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     import torch
 
     from dmm_ray.defaults import FEW_STEP_SCHEDULERS
-    from dmm_ray.fast.loop import TRAINABLE, build_student, load_trainable_state, saved_ema_of
+    from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
@@ -167,9 +167,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     load_trainable_state(student, state["student"], f)
     ema = saved_ema_of(params, f)
     if ema is not None:  # the EMA of the trained weights is what is saved
-        if not state.get("saved_ema"):
-            raise RuntimeError(f"fast.saved_ema_decay={f.saved_ema_decay} but checkpoint {checkpoint_dir} holds no EMA (trained without it)")
-        ema.load_state_dict(state["saved_ema"])
+        load_saved_ema(ema, state, f"checkpoint {checkpoint_dir}")
         ema.copy_to(params)
     tmp, _ = save_siblings(dest)
     if tmp.exists():

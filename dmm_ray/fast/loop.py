@@ -56,6 +56,13 @@ def saved_ema_of(params: list, fast):
     return EMAModel(params, decay=fast.saved_ema_decay, use_ema_warmup=True, power=3 / 4)
 
 
+def load_saved_ema(ema, state: dict, source: str) -> None:
+    """The checkpoint's EMA into `ema`, or a clear error when it was trained without one."""
+    if not state.get("saved_ema"):
+        raise RuntimeError(f"fast.saved_ema_decay is set but {source} holds no EMA (trained without it): unset it, or train anew")
+    ema.load_state_dict(state["saved_ema"])
+
+
 def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
     """The synthesized sets read whole (numpy columns, `style` = the drawing teacher's index), every
     style pooled and shuffled once with `seed`, so each batch mixes styles."""
@@ -130,11 +137,7 @@ def train_fast_per_worker(config: dict) -> None:
             if target is not None:
                 target.load_state_dict(torch.load(Path(folder) / TARGET, map_location="cpu"))
             if saved_ema is not None:
-                if not state.get("saved_ema"):
-                    raise RuntimeError(
-                        "fast: this run's checkpoint was trained without fast.saved_ema_decay; resume with it unset, or use a new output dir"
-                    )
-                saved_ema.load_state_dict(state["saved_ema"])
+                load_saved_ema(saved_ema, state, f"checkpoint {folder}")
             start_step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"[rank {rank}] fast: resumed from step {start_step}", flush=True)
 
