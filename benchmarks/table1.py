@@ -5,7 +5,8 @@
 
 Each row is one merge at the preset's budget (via benchmarks/fidelity_curve.py, so every row has
 its own fresh output folder, shares the latents and the teacher-statistics cache, and is a nested
-MLflow run). Rows switch terms off with `--set`: the preset's own settings are the last row.
+MLflow run). Rows set each term's weight with `--set` (the preset's weight, or the paper's where the
+preset switches the term off); a preset that differs from the full recipe is a fifth row.
 Writes `<out>/table1.md` and prints it.
 """
 
@@ -17,12 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROWS = [
-    ("score distillation only", ["distill.lambda_feat=0", "distill.lambda_adv=0", "synthesis.enabled=false", "data.synthetic_fraction=0"]),
-    ("+ feature imitation", ["distill.lambda_adv=0", "synthesis.enabled=false", "data.synthetic_fraction=0"]),
-    ("+ multi-class adversarial", ["synthesis.enabled=false", "data.synthetic_fraction=0"]),
-    ("+ synthesized data (the preset)", []),
-]
+def table_rows(cfg) -> list[tuple[str, list[str]]]:
+    """The paper's rows as `--set` lists, each term at the preset's weight or, where the preset
+    switches it off, at the paper's (the config's default): a preset without the adversarial term
+    must not turn row 3 into a copy of row 2. When the preset differs from the full recipe (row 4),
+    it is a fifth row of its own."""
+    from dmm_ray.config import DistillConfig
+
+    paper = DistillConfig.model_fields
+    feat = cfg.distill.lambda_feat or paper["lambda_feat"].default
+    adv = cfg.distill.lambda_adv or paper["lambda_adv"].default
+    no_synth = ["synthesis.enabled=false", "data.synthetic_fraction=0"]
+    rows = [
+        ("score distillation only", ["distill.lambda_feat=0", "distill.lambda_adv=0", *no_synth]),
+        (f"+ feature imitation (λ {feat:g})", [f"distill.lambda_feat={feat}", "distill.lambda_adv=0", *no_synth]),
+        (f"+ multi-class adversarial (λ {adv:g})", [f"distill.lambda_feat={feat}", f"distill.lambda_adv={adv}", *no_synth]),
+        ("+ synthesized data (all four terms)", [f"distill.lambda_feat={feat}", f"distill.lambda_adv={adv}"]),
+    ]
+    if (cfg.distill.lambda_feat, cfg.distill.lambda_adv) != (feat, adv):
+        rows.append((f"the preset (λ_feat {cfg.distill.lambda_feat:g}, λ_adv {cfg.distill.lambda_adv:g})", []))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -31,7 +46,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="jobs/configs/toy.yaml")
     p.add_argument("--out", default="outputs/table1")
-    p.add_argument("--rows", default="1,2,3,4", help="which rows to run (1-4), e.g. --rows 1,2,3 when the preset's own merge is row 4")
+    p.add_argument("--rows", default=None, help="which rows to run (default: all), e.g. --rows 1,2,3,4 when the preset's own merge is the last row")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every row")
     args = p.parse_args(argv)
     from dmm_ray.config import load_config
@@ -39,10 +54,11 @@ def main(argv=None) -> int:
     config = str(Path(args.config).resolve())
     cfg = load_config(config, args.overrides)
     lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
-    wanted = {int(r) for r in args.rows.split(",")}
-    if not wanted <= set(range(1, len(ROWS) + 1)):
-        p.error(f"--rows takes numbers 1-{len(ROWS)}, got {args.rows!r}")
-    for i, (name, sets) in enumerate(ROWS):
+    rows = table_rows(cfg)
+    wanted = set(range(1, len(rows) + 1)) if args.rows is None else {int(r) for r in args.rows.split(",")}
+    if not wanted <= set(range(1, len(rows) + 1)):
+        p.error(f"--rows takes numbers 1-{len(rows)} for this preset, got {args.rows!r}")
+    for i, (name, sets) in enumerate(rows):
         if i + 1 not in wanted:
             continue
         label = f"row{i + 1}"

@@ -293,3 +293,34 @@ def test_a_stage_gets_one_typed_config_with_its_own_steps_lr_and_batch():
     assert (ft.distill.steps, ft.distill.lr, ft.data.stream.batch_size) == (7, 2e-5, 3)
     assert (cfg.distill.steps, cfg.distill.lr, cfg.data.stream.batch_size) != (7, 2e-5, 3)  # the merge's own config is untouched
     assert MergeConfig.model_validate(ft.model_dump(mode="json")).distill.steps == 7  # what a worker rebuilds
+
+
+def test_table1_rows_add_one_term_each_even_when_the_preset_drops_one(world, tmp_path):
+    """benchmarks/table1.py on a preset like toy.yaml (the adversarial term off): row 3 must set the
+    paper's weight itself (else it repeats row 2), and the preset becomes a fifth row."""
+    import sys
+
+    from dmm_ray.overrides import apply_overrides
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import table1
+
+    tree = tiny_merge_config(world, tmp_path, distill={"lambda_feat": 0.002, "lambda_adv": 0})
+    tree["data"]["synthetic_fraction"] = 0.5
+
+    def weights(sets):
+        cfg = MergeConfig.model_validate(apply_overrides(tree, sets))
+        return cfg.distill.lambda_feat, cfg.distill.lambda_adv, cfg.data.synthetic_fraction, cfg.synthesis.enabled
+
+    rows = table1.table_rows(MergeConfig.model_validate(tree))
+    paper_adv = DistillConfig.model_fields["lambda_adv"].default
+    assert [weights(sets) for _, sets in rows] == [
+        (0.0, 0.0, 0.0, False),
+        (0.002, 0.0, 0.0, False),
+        (0.002, paper_adv, 0.0, False),
+        (0.002, paper_adv, 0.5, True),
+        (0.002, 0.0, 0.5, True),  # the preset itself
+    ]
+    # a preset that is the full recipe is its own row 4: no fifth row
+    tree["distill"]["lambda_adv"] = paper_adv
+    assert len(table1.table_rows(MergeConfig.model_validate(tree))) == 4
