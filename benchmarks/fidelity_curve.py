@@ -31,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 SECOND_SEEDS = ("seed_a=2000000", "seed_b=3000000")  # a disjoint second pair of seed sets
 
 
+def shared_latents(base) -> list[str]:
+    """Every point reads the preset's latents (encoded once), not its own output folder's."""
+    return [f"data.shards={base.data.shards}"]
+
+
 def _merge(config: str, out: Path, steps: int, project: str, overrides: list[str]) -> dict:
     """One merge + its evaluation; returns the point (read back if it is already done)."""
     record = out / "point.json"
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
     config = str(Path(args.config).resolve())
     base = load_config(config, args.overrides, build_zoo=True)
     project = f"{base.name}-curve-{args.label}"
-    shared = [f"data.shards={base.data.shards}"]  # every point reads the preset's latents (encoded once)
+    shared = shared_latents(base)
     points = []
     for s in steps:
         point = _merge(config, folder / f"steps_{s}", s, project, shared + args.overrides)

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     from dmm_ray.config import load_config
 
     config = str(Path(args.config).resolve())
-    cfg = load_config(config, args.overrides)
+    cfg = load_config(config, args.overrides, build_zoo=True)
+    shared = fc.shared_latents(cfg) + args.overrides
     lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
     rows = table_rows(cfg)
     wanted = set(range(1, len(rows) + 1)) if args.rows is None else {int(r) for r in args.rows.split(",")}
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             continue
         label = f"row{i + 1}"
         folder = (Path(args.out) / label).resolve()
-        point = fc._merge(config, folder / f"steps_{cfg.distill.steps}", cfg.distill.steps, f"{cfg.name}-table1", args.overrides + sets)
+        point = fc._merge(config, folder / f"steps_{cfg.distill.steps}", cfg.distill.steps, f"{cfg.name}-table1", shared + sets)
         lines.append(
             f"| {name} | {point['FIDt']:.1f} | {point['FIDt_ref']:.1f} | {point['ratio']:.3f} | "
             f"{point['row_min']}/{len(point['diag'])} | {point['wall_s']:.0f} |"
