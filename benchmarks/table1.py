@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
 def table_rows(cfg) -> list[tuple[str, list[str]]]:
     """The paper's rows as `--set` lists, each term at the preset's weight or, where the preset
     switches it off, at the paper's (the config's default): a preset without the adversarial term

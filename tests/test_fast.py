@@ -100,6 +100,44 @@ def test_consistency_target_uses_the_teacher_of_the_examples_own_style():
     assert (swapped - target).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("substeps", [1, 2, 4])
+def test_teacher_solver_substeps_are_ddim_steps_of_the_cfg_teacher(substeps):
+    """fast.solver_substeps n: the teacher crosses the skip start -> start - k in n DDIM steps of its
+    CFG prediction, each what diffusers' DDIMScheduler (eta 0) takes at n times the grid's steps."""
+    from diffusers import DDIMScheduler
+
+    teacher = PerStyleTeacher([_unet(1)])
+    settings = LCMSettings(num_ddim_timesteps=50, solver_substeps=substeps)
+    objective = ConsistencyObjective(_student(), teacher, _scheduler(), settings)
+    latents, cond, uncond = _batch()
+    index, w = torch.tensor([30, 30]), torch.tensor([4.0, 4.0])
+    start = objective.solver.ddim_timesteps[index]
+    z = objective.scheduler.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(3)), start)
+    styles = torch.tensor([0, 0])
+    with torch.no_grad():
+        got = objective.teacher_step(z, start, index, cond, uncond, styles, w)
+        ddim = DDIMScheduler.from_config(_scheduler().config, clip_sample=False)
+        ddim.set_timesteps(50 * substeps)  # its step is k / n timesteps
+        x, t = z, int(start[0])
+        for _ in range(substeps):
+            tt = torch.full((2,), t)
+            c, u = teacher(x, tt, cond[0], style_ids=styles).sample, teacher(x, tt, uncond[0], style_ids=styles).sample
+            x = ddim.step(c + 4.0 * (c - u), t, x).prev_sample
+            t -= 20 // substeps
+    assert t == int(start[0]) - 20
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)
+    assert len(teacher.calls) == 2 * substeps * 2  # cond + uncond per sub-step, in both runs
+    if substeps > 1:  # and the sub-steps follow the ODE, not one straight DDIM line
+        one = ConsistencyObjective(_student(), teacher, _scheduler(), LCMSettings(num_ddim_timesteps=50))
+        with torch.no_grad():
+            assert (one.teacher_step(z, start, index, cond, uncond, styles, w) - got).abs().max() > 1e-4
+
+
+def test_solver_substeps_cannot_exceed_the_skip():
+    with pytest.raises(ValueError, match="solver_substeps 21 must be 1-20"):
+        ConsistencyObjective(_student(), _unet(1), _scheduler(), LCMSettings(num_ddim_timesteps=50, solver_substeps=21))
+
+
 class _FixedStyle(torch.nn.Module):
     """A teacher that always uses style `s` of the wrapped one, whatever it is called with."""
 

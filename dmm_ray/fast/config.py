@@ -55,6 +55,12 @@ class FastConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     batch_size: Optional[int] = Field(None, ge=1, description="examples per worker per step (default: data.stream.batch_size)")
     num_ddim_timesteps: int = Field(50, ge=2, description="DDIM solver grid: the teacher takes one DDIM step of 1000/N timesteps")
+    solver_substeps: int = Field(
+        1,
+        ge=1,
+        description="the teacher crosses each skip of 1000/num_ddim_timesteps timesteps in this many equal DDIM sub-steps "
+        "(each a CFG teacher call): 1 is the reference's single DDIM step; more follow the teacher's ODE more closely",
+    )
     guidance_min: float = Field(
         5.0, ge=1, description="teacher CFG scale range, as a pipeline's guidance_scale (LCM's w = scale - 1); min == max: one fixed scale"
     )

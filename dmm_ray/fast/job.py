@@ -286,7 +286,9 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
         + (f" rank {f.lora_rank}" if f.mode == "lora" else "")
         + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
-        f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps, teacher CFG "
+        f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps"
+        + (f" ({f.solver_substeps} sub-steps per skip)" if f.solver_substeps > 1 else "")
+        + ", teacher CFG "
         + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
         + f" -> {out}/model"
     )

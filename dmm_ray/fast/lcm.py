@@ -71,10 +71,13 @@ class LCMSettings:
     loss: str = "huber"
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
+    solver_substeps: int = 1
 
     @classmethod
     def from_config(cls, fast) -> "LCMSettings":
-        return cls(fast.num_ddim_timesteps, fast.guidance_min, fast.guidance_max, fast.loss, fast.huber_c, fast.timestep_scaling)
+        return cls(
+            fast.num_ddim_timesteps, fast.guidance_min, fast.guidance_max, fast.loss, fast.huber_c, fast.timestep_scaling, fast.solver_substeps
+        )
 
 
 @dataclass
@@ -101,6 +104,8 @@ class ConsistencyObjective:
         self.alphas, self.sigmas = ac.sqrt(), (1 - ac).sqrt()
         self.solver = DDIMSolver(ac, noise_scheduler.config.num_train_timesteps, settings.num_ddim_timesteps)
         self.topk = noise_scheduler.config.num_train_timesteps // settings.num_ddim_timesteps
+        if not 1 <= settings.solver_substeps <= self.topk:
+            raise ValueError(f"fast.solver_substeps {settings.solver_substeps} must be 1-{self.topk} (the timesteps in one solver skip)")
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> Draw:
         b = latents.shape[0]
@@ -134,17 +139,29 @@ class ConsistencyObjective:
         model_pred = c_skip_start * z + c_out_start * x0
         with torch.no_grad():
             # the teacher with the example's own style, conditional and unconditional (LCM-form CFG)
-            t_cond = self.teacher(z, start, encoder_hidden_states=embeds, style_ids=style_ids, added_cond_kwargs=added).sample
-            t_unc = self.teacher(z, start, encoder_hidden_states=uncond[0], style_ids=style_ids, added_cond_kwargs=uncond[1]).sample
-            cx0, ceps = predicted_x0_and_eps(t_cond, start, z, self.prediction_type, self.alphas, self.sigmas)
-            ux0, ueps = predicted_x0_and_eps(t_unc, start, z, self.prediction_type, self.alphas, self.sigmas)
-            w = draw.w.reshape(-1, *((1,) * (nd - 1)))
-            x_prev = self.solver.ddim_step(cx0 + w * (cx0 - ux0), ceps + w * (ceps - ueps), index)
+            x_prev = self.teacher_step(z, start, index, cond, uncond, style_ids, draw.w)
             target_net = self.target if self.target is not None else self.student
             t_out = target_net(x_prev, prev_t, encoder_hidden_states=embeds, style_ids=style_ids, added_cond_kwargs=added).sample
             tx0, _ = predicted_x0_and_eps(t_out, prev_t, x_prev, self.prediction_type, self.alphas, self.sigmas)
             target = c_skip * x_prev + c_out * tx0
         return model_pred, target
+
+    def teacher_step(self, z, start, index, cond: tuple, uncond: tuple, style_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x at t_n = start - k: the CFG teacher (the example's own style, LCM-form w) integrated from z at
+        `start` by `solver_substeps` equal DDIM steps; 1 is the reference's single DDIM step."""
+        w = w.reshape(-1, *((1,) * (z.ndim - 1)))
+        n = self.s.solver_substeps
+        x, t = z, start
+        for j in range(1, n + 1):
+            t_cond = self.teacher(x, t, encoder_hidden_states=cond[0], style_ids=style_ids, added_cond_kwargs=cond[1]).sample
+            t_unc = self.teacher(x, t, encoder_hidden_states=uncond[0], style_ids=style_ids, added_cond_kwargs=uncond[1]).sample
+            cx0, ceps = predicted_x0_and_eps(t_cond, t, x, self.prediction_type, self.alphas, self.sigmas)
+            ux0, ueps = predicted_x0_and_eps(t_unc, t, x, self.prediction_type, self.alphas, self.sigmas)
+            x0, eps = cx0 + w * (cx0 - ux0), ceps + w * (ceps - ueps)
+            if j < n:  # a DDIM step to an interior timestep of the skip
+                t = start - (self.topk * j) // n  # (B,)
+                x = extract_into_tensor(self.alphas, t, x.ndim) * x0 + extract_into_tensor(self.sigmas, t, x.ndim) * eps
+        return self.solver.ddim_step(x0, eps, index)  # the last one lands on the solver grid, as the single step does
 
     def loss(self, model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.s.loss == "l2":
