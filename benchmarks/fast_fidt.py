@@ -4,6 +4,8 @@ evaluation (the teachers keep the config's evaluation sampler; cached): the few-
   python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8
   python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 4 --guidance 5   # fewer DPM steps, no distillation
   python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8 --scheduler LCMScheduler  # another sampler
+  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 10 --guidance 5 \
+      --scheduler DDIMScheduler --scheduler-config '{"clip_sample": false, "timestep_spacing": "trailing"}'   # the LCM solver's own sampler
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def with_scheduler(pipeline_factory, name: str):
-    """The pipeline with its scheduler replaced by diffusers' `name`, built from the saved one's config."""
+def with_scheduler(pipeline_factory, name: str, settings: dict | None = None):
+    """The pipeline with its scheduler replaced by diffusers' `name`, built from the saved one's config
+    plus `settings` (e.g. DDIMScheduler needs clip_sample False for latents: its default clamps x0 to [-1, 1])."""
     import diffusers
 
     pipe = pipeline_factory()
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **(settings or {}))
     return pipe
 
 
@@ -35,6 +38,13 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None, help="the model's CFG (default: its own)")
     parser.add_argument(
         "--scheduler", default=None, help="sample with this diffusers scheduler class (from the model's own config; default: the saved one)"
+    )
+    parser.add_argument(
+        "--scheduler-config",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='settings for --scheduler on top of the saved config, e.g. \'{"clip_sample": false, "timestep_spacing": "trailing"}\'',
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -61,7 +71,7 @@ def main(argv=None) -> int:
             )
 
         plain = student_source(model, cfg.evaluation.dtype)
-        source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler))
+        source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler, args.scheduler_config))
     results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), [int(s) for s in args.steps.split(",")], Path(args.out), source)
     summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
