@@ -9,7 +9,10 @@ Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
   distill     teachers, student base (checksum) and options, distill settings, data stream, latent shards,
               worker layout, incremental settings, seed (+ the synthesized set's inputs when it is mixed in)
   finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
-Settings that change how, not what, is computed (checkpoint/log cadence, actors, CPUs, MLflow) are left out.
+  fast        (the few-step stage, in its own output folder) the merged model (path, UNet checksum), the
+              fast training settings, the data stream and shards, the synthesized rows' source, seed
+Settings that change how, not what, is computed (checkpoint/log cadence, actors, CPUs, MLflow, the
+few-step model's saved sampler and evaluation) are left out.
 
 `out` is the merge's state location: a local folder (Path) or, for an `output_dir` URI, that URI
 (a string; read and written through pyarrow, dmm_ray/data/fs.py).
@@ -30,6 +33,9 @@ _DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16", "gr
 _DISTILL_OMITTED_AT = {"teacher_dtype": "float32", "optimizer": "adamw"}
 _SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guidance_scale", "negative_prompt", "resolution", "batch_size")
 _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
+# the few-step stage: how, or what the save and the evaluation do with the trained weights
+_FAST_IGNORED = {"enabled", "checkpoint_every", "log_every", "output_dir", "sampler", "num_inference_steps", "guidance_scale", "eval_steps"}
+FAST_STAGE = "fast"
 
 
 class StaleStateError(ValueError):
@@ -115,6 +121,71 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         **{f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"},
         **{f"synthesis.{k}": getattr(s, k) for k in _FINETUNE_KEYS},
     }
+
+
+def fast_inputs(cfg, model_dir) -> dict[str, Any]:
+    """Everything that determines the few-step stage's training state (`fast`), as flat dotted keys."""
+    from dmm_ray.teachers import files_checksum
+
+    f = cfg.fast
+    inputs = {
+        "model": str(model_dir),
+        "model.unet.checksum": files_checksum([Path(model_dir) / "unet"]),
+        "seed": cfg.seed,
+        **{f"fast.{k}": v for k, v in f.model_dump(mode="json").items() if k not in _FAST_IGNORED},
+        **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
+        "data.shards": _shards(cfg),
+    }
+    if f.synthetic_fraction > 0 and f.synthetic_source == "merged":
+        inputs.update({f"synthesis.{k}": getattr(cfg.synthesis, k) for k in _SYNTHESIS_KEYS if k != "images_per_teacher"})
+    return inputs
+
+
+def fast_state_path(cfg, out: Path) -> Path:
+    """The few-step stage's Ray Train state in its output folder (dmm_ray.fast.job.build_fast_trainer)."""
+    return Path(out) / "ray_results" / f"{cfg.name}-fast"
+
+
+def check_fast_resume(cfg, model_dir, out: Path) -> None:
+    """Refuse (StaleStateError) when the few-step stage's folder holds training state made from
+    another model or with other settings; the same inputs resume it."""
+    state = fast_state_path(cfg, out)
+    if not _has_state(state):
+        return
+    recorded = _read(Path(out)).get(FAST_STAGE)
+    if recorded is None:
+        problem = f"{state} exists but records no settings (made by an older run?)"
+    else:
+        diff = _differences(recorded, json.loads(json.dumps(fast_inputs(cfg, model_dir))))
+        if not diff:
+            return
+        problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
+    raise StaleStateError(
+        f"{out} holds the training state of a few-step run from another model or with other settings, which a re-run "
+        f"would resume:\n  fast ({state}): {problem}\nEither write this run elsewhere (jobs/fast.py --output-dir NEW_DIR, "
+        "or fast.output_dir), or discard the old state (jobs/fast.py --restart, jobs/merge.py --restart in a merge; "
+        "the last few-step model stays until the new one replaces it)."
+    )
+
+
+def record_fast(cfg, model_dir, out: Path) -> None:
+    """Record the few-step stage's inputs when its training starts."""
+    recorded = _read(Path(out))
+    recorded[FAST_STAGE] = json.loads(json.dumps(fast_inputs(cfg, model_dir)))
+    _write_local(Path(out), recorded)
+
+
+def discard_fast_state(cfg, out: Path) -> list[Path]:
+    """--restart: the few-step stage's training state and record; its saved model is kept."""
+    removed = []
+    for path in (fast_state_path(cfg, out), Path(out) / RECORD):
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _remote(out) -> bool:
@@ -207,6 +278,10 @@ def record(cfg, out: Path | str, stage: str) -> None:
         fs.create_dir(root, recursive=True)
         fsu.write_bytes_atomic(fs, fsu.join(root, RECORD), json.dumps(recorded, indent=1).encode())
         return
+    _write_local(out, recorded)
+
+
+def _write_local(out: Path, recorded: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (RECORD + ".tmp")
     tmp.write_text(json.dumps(recorded, indent=1))

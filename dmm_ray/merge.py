@@ -245,6 +245,10 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
         removed = fingerprint.discard_state(cfg, out)
         if removed:
             log(f"--restart: removed {', '.join(str(p)[len(str(out)) :].lstrip('/') for p in removed)} from {out}")
+        if cfg.fast.enabled:  # the few-step stage's training state (in its own, local folder: fast_stage)
+            fast_out = Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
+            for p in fingerprint.discard_fast_state(cfg, fast_out):
+                log(f"--restart: removed {p}")
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
 

@@ -36,12 +36,18 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
     parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the training state in the output folder (a run from another model or with other settings) and train from the start",
+    )
     args = parser.parse_args(argv)
     set_verbosity(args.verbose)
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import ConfigError, load_config
     from dmm_ray.fast.job import FastError, check_model_folder, run_fast
+    from dmm_ray.fingerprint import StaleStateError
     from dmm_ray.merged_model import read_record
 
     try:
@@ -60,8 +66,8 @@ def main(argv=None) -> int:
 
             tracker = make_tracker(cfg)
         print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}\nshards: {cfg.data.shards}", flush=True)
-        result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval)
-    except (ConfigError, FastError, FileNotFoundError) as error:
+        result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval, restart=args.restart)
+    except (ConfigError, FastError, FileNotFoundError, StaleStateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"few-step model: {result.model_path}")

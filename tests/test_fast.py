@@ -210,7 +210,7 @@ def test_fast_config_checks_and_bad_model_folder(tmp_path):
 
 def test_fast_job_help_and_missing_model():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout
+    assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout and "--restart" in out.stdout
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "fast.py"), "--model", "/nonexistent/merged"], capture_output=True, text=True, timeout=120
     )
@@ -613,3 +613,60 @@ def test_merged_source_samples_each_style_of_the_merged_model_and_resamples_when
         build_latent_dataset(cfg.data, shards=merged_synthesized_sets(more, merged, ["style0", "style1"], tmp_path / "fast")), 2, 0
     )
     assert len(rows["latents"]) == 6  # other settings: sampled again
+
+
+def test_fast_state_resumes_only_from_the_same_model_and_settings(merged_world, tmp_path):
+    """Training state in the fast output folder is resumed only when it was made from the same merged
+    model with the same training settings; anything else is refused before Ray starts, and
+    `jobs/fast.py --restart` discards it (keeping the saved few-step model)."""
+    import shutil
+
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import fingerprint
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import run_fast
+    from dmm_ray.fingerprint import StaleStateError
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+
+    def tree(**fast):
+        return tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out), **fast})
+
+    def cfg(**fast):
+        return MergeConfig.model_validate(tree(**fast)).with_absolute_paths()
+
+    fingerprint.check_fast_resume(cfg(), merged, out)  # no state yet
+    fingerprint.record_fast(cfg(), merged, out)
+    ckpt = fingerprint.fast_state_path(cfg(), out) / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.pt").write_bytes(b"x")
+    (out / "model").mkdir()
+    fingerprint.check_fast_resume(cfg(), merged, out)  # the same: resume
+    # how, and what the save / evaluation do with the weights: never block a resume
+    fingerprint.check_fast_resume(cfg(checkpoint_every=7, log_every=3, eval_steps=[4], sampler="lcm", num_inference_steps=2), merged, out)
+    with pytest.raises(StaleStateError, match=r"fast\.lr: 0\.0001 -> 0\.001"):
+        fingerprint.check_fast_resume(cfg(lr=1e-3), merged, out)
+    with pytest.raises(StaleStateError, match=r"(?s)fast\.solver_substeps: 1 -> 2.*--restart"):
+        fingerprint.check_fast_resume(cfg(solver_substeps=2), merged, out)
+    other = tmp_path / "other"  # another merged model: same files but one, at another path
+    shutil.copytree(merged, other)
+    (other / "unet" / "notes.txt").write_text("retrained")
+    with pytest.raises(StaleStateError, match=r"model\.unet\.checksum") as error:
+        fingerprint.check_fast_resume(cfg(), other, out)
+    assert "model: " in str(error.value)
+    # the stage itself refuses before anything slow (no Ray, no data)
+    with pytest.raises(StaleStateError, match="fast.lr"):
+        run_fast(cfg(lr=1e-3), merged)
+    # and the job says so, exit 2, until --restart discards the state (not the saved model)
+    config = tmp_path / "stale.yaml"
+    config.write_text(yaml.safe_dump(tree(lr=1e-3)))
+    job = [sys.executable, str(REPO / "jobs" / "fast.py"), "--model", str(merged), "--config", str(config), "--no-track", "--no-eval"]
+    proc = subprocess.run(job, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "fast.lr: 0.0001 -> 0.001" in proc.stderr and "--restart" in proc.stderr, proc.stderr[-2000:]
+    removed = fingerprint.discard_fast_state(cfg(), out)
+    assert not fingerprint.fast_state_path(cfg(), out).exists() and not (out / fingerprint.RECORD).exists() and len(removed) == 2
+    assert (out / "model").is_dir()
+    fingerprint.check_fast_resume(cfg(lr=1e-3), merged, out)  # nothing left to resume

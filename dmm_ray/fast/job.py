@@ -269,10 +269,13 @@ class FewStepStudent(StudentSource):
         return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
 
 
-def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True) -> FastResult:
-    """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register."""
+def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False) -> FastResult:
+    """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
+    Training state in the output folder resumes only when it was made from the same model with the
+    same settings (dmm_ray.fingerprint.check_fast_resume); `restart` discards it first."""
     import ray
 
+    from dmm_ray import fingerprint
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
 
@@ -280,6 +283,11 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     model_dir = Path(model_dir).resolve()
     styles = check_model_folder(model_dir)
     out = fast_dir(cfg).resolve()
+    if restart:
+        removed = fingerprint.discard_fast_state(cfg, out)
+        if removed:
+            log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
+    fingerprint.check_fast_resume(cfg, model_dir, out)  # before anything slow
     out.mkdir(parents=True, exist_ok=True)
     f = cfg.fast
     log(
@@ -306,6 +314,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         if f.synthetic_fraction > 0:
             shards = merged_synthesized_sets(cfg, model_dir, styles, out) if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
             datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
+        fingerprint.record_fast(cfg, model_dir, out)
         trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
