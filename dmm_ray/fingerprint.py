@@ -177,15 +177,7 @@ def record_fast(cfg, model_dir, out: Path) -> None:
 
 def discard_fast_state(cfg, out: Path) -> list[Path]:
     """--restart: the few-step stage's training state and record; its saved model is kept."""
-    removed = []
-    for path in (fast_state_path(cfg, out), Path(out) / RECORD):
-        if path.is_dir():
-            shutil.rmtree(path)
-            removed.append(path)
-        elif path.exists():
-            path.unlink()
-            removed.append(path)
-    return removed
+    return _remove([fast_state_path(cfg, out), Path(out) / RECORD])
 
 
 def _remote(out) -> bool:
@@ -292,8 +284,14 @@ def discard_state(cfg, out: Path | str) -> list[Path]:
     """--restart: remove every stage's resumable state and the record; the merged model is kept."""
     from dmm_ray.data import fs as fsu
 
+    return _remove([p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages"), fsu.location_join(out, RECORD)])
+
+
+def _remove(targets: list) -> list:
+    """Delete each folder or file (a Path, or a URI) that exists; return those removed."""
+    from dmm_ray.data import fs as fsu
+
     removed = []
-    targets = [p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages"), fsu.location_join(out, RECORD)]
     for path in targets:
         if _remote(path):
             if fsu.delete(*fsu.resolve(path)):
