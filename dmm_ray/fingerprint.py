@@ -146,9 +146,10 @@ def fast_state_path(cfg, out: Path) -> Path:
     return Path(out) / "ray_results" / f"{cfg.name}-fast"
 
 
-def check_fast_resume(cfg, model_dir, out: Path) -> None:
+def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
     """Refuse (StaleStateError) when the few-step stage's folder holds training state made from
-    another model or with other settings; the same inputs resume it."""
+    another model or with other settings; the same inputs resume it. `inputs`: fast_inputs(cfg,
+    model_dir) when the caller has them already."""
     state = fast_state_path(cfg, out)
     if not _has_state(state):
         return
@@ -156,7 +157,7 @@ def check_fast_resume(cfg, model_dir, out: Path) -> None:
     if recorded is None:
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
-        diff = _differences(recorded, json.loads(json.dumps(fast_inputs(cfg, model_dir))))
+        diff = _differences(recorded, json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir))))
         if not diff:
             return
         problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
@@ -168,10 +169,10 @@ def check_fast_resume(cfg, model_dir, out: Path) -> None:
     )
 
 
-def record_fast(cfg, model_dir, out: Path) -> None:
+def record_fast(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
     """Record the few-step stage's inputs when its training starts."""
     recorded = _read(Path(out))
-    recorded[FAST_STAGE] = json.loads(json.dumps(fast_inputs(cfg, model_dir)))
+    recorded[FAST_STAGE] = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir)))
     _write_local(Path(out), recorded)
 
 

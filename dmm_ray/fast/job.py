@@ -131,14 +131,16 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
     resources = {"CPU": cpus}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    storage = str((fast_dir(cfg) / "ray_results").resolve())
+    from dmm_ray.fingerprint import fast_state_path
+
+    state = fast_state_path(cfg, fast_dir(cfg).resolve())  # where the resume check looks
     return TorchTrainer(
         train_fast_per_worker,
         train_loop_config={"merge": cfg.model_dump(mode="json"), "model": str(model_dir), "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=f.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{cfg.name}-fast",
-            storage_path=storage,
+            name=state.name,
+            storage_path=str(state.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             **train_run_options(),
@@ -287,7 +289,8 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         removed = fingerprint.discard_fast_state(cfg, out)
         if removed:
             log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
-    fingerprint.check_fast_resume(cfg, model_dir, out)  # before anything slow
+    inputs = fingerprint.fast_inputs(cfg, model_dir)  # once: it reads the merged UNet for its checksum
+    fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
     out.mkdir(parents=True, exist_ok=True)
     f = cfg.fast
     log(
@@ -314,7 +317,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         if f.synthetic_fraction > 0:
             shards = merged_synthesized_sets(cfg, model_dir, styles, out) if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
             datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
-        fingerprint.record_fast(cfg, model_dir, out)
+        fingerprint.record_fast(cfg, model_dir, out, inputs)
         trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
         log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
