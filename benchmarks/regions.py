@@ -9,6 +9,13 @@
    Ceiling: the same crops of whole images of A and of B generated normally at the same size and
    seed (left crop of the A image is A and right crop of the B image is B). Both as the 9-way
    argmax (none + 8 styles) and as the 2-way choice between A and B (logit_A vs logit_B).
+   Two style heads read the crops: the zoo feature net's (learned from the generator's ground-truth
+   styles) and a copy of the net fit to the teachers' own renders (`fit_style_classifier`: the base
+   and every teacher render --probe-images training captions of the zoo's dataset at 64x32, seeds
+   10000+, both crops labelled with the teacher; disjoint from the test's held-out prompts and
+   seeds). The zoo head asks "is this the generator's style A", the fitted one "does this look like
+   what teacher A renders", which is what a merged model can be expected to match. Both heads are also scored on
+   the teachers' own 64x32 renders of the test prompts and seeds ("teachers" rate per style).
 2. Seam: mean |column 32 - column 31| over mean |column j+1 - column j| of the same image (1 = no
    seam). Also for plain images and for the naive paste (left half of plain A + right half of plain B).
 3. Cost: seconds per image, 64x32, for plain generation, K = 2 and 4 regions (one batched UNet call
@@ -49,7 +56,7 @@ def _load(model: str, zoo: Path):
     net = ZooFeatureNet.from_pretrained(str(zoo / manifest["feature_net"])).eval()
     prompts = [line.strip() for line in (zoo / manifest["eval_prompts"]).read_text().splitlines() if line.strip()]
     distinct = [t["name"] for t in manifest["teachers"] if t.get("group") == "distinct"]
-    return pipe, net, prompts, distinct
+    return pipe, net, prompts, distinct, manifest
 
 
 def _generate(pipe, prompts, seeds, **kw):
@@ -78,6 +85,47 @@ def _style_logits(net, images):
     return net(images.float())["style"]  # (B, 1 + N): none, styles...
 
 
+def _crops(images):
+    return images[..., : W // 2], images[..., W // 2 :]  # (B, 3, 32, 32) each
+
+
+def _render_all(pipe, prompts, seeds, batch, **kw):
+    return torch.cat([_generate(pipe, prompts[k : k + batch], seeds[k : k + batch], **kw) for k in range(0, len(seeds), batch)])
+
+
+def teacher_renders(zoo: Path, names: list[str], prompts, seeds, batch) -> dict[str, torch.Tensor]:
+    """name -> (len(seeds), 3, H, W) renders of that teacher ("none": the zoo's base model)."""
+    from dmm_ray.teachers import load_teacher_pipeline
+    from dmm_ray.zoo.report import load_base_pipeline, teacher_specs
+
+    specs = {s.name: s for s in teacher_specs(zoo)}
+    out = {}
+    for name in names:
+        t0 = time.time()
+        pipe = load_base_pipeline(zoo) if name == "none" else load_teacher_pipeline(specs[name])
+        pipe.set_progress_bar_config(disable=True)
+        out[name] = _render_all(pipe, prompts, seeds, batch)
+        print(f"  rendered {len(seeds)} images of {name} in {time.time() - t0:.0f}s", flush=True)
+        del pipe
+    return out
+
+
+def teacher_head(net, zoo: Path, manifest: dict, n_images: int, batch: int):
+    """The zoo feature net fit to classify the teachers' renders of training captions (seeds 10000+), both crops."""
+    from dmm_ray.zoo.feature_net import fit_style_classifier
+
+    rows = [json.loads(line) for line in (zoo / manifest["dataset"] / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    captions = list(dict.fromkeys(r["caption"] for r in rows))[:n_images]  # training captions, never the held-out ones
+    seeds = [10_000 + i for i in range(len(captions))]
+    names = net.label_names["style"]  # none + every zoo style: the head's own label space
+    renders = teacher_renders(zoo, names, captions, seeds, batch)
+    images = torch.cat([c for name in names for c in _crops(renders[name])])  # (2 * classes * n, 3, 32, 32)
+    labels = torch.cat([torch.full((2 * len(seeds),), i) for i in range(len(names))])
+    probe = fit_style_classifier(net, images, labels)
+    fit_acc = float((_style_logits(probe, images).argmax(1) == labels).float().mean())
+    return probe, {"images_per_class": len(seeds), "crops": len(images), "fit_accuracy": fit_acc}
+
+
 def seam_ratio(images: torch.Tensor, column: int) -> list[float]:
     """Per image: mean |I[..., column] - I[..., column-1]| / mean over j of |I[..., j+1] - I[..., j]|."""
     diffs = (images[..., 1:] - images[..., :-1]).abs()  # (B, 3, H, W-1)
@@ -86,55 +134,62 @@ def seam_ratio(images: torch.Tensor, column: int) -> list[float]:
     return (seam / mean).tolist()
 
 
-def two_region_test(pipe, net, prompts, styles, seeds, batch):
+def _scores(net, imgs, plain, a, b) -> dict:
+    """One head's rates for pair (a, b): regions vs the whole-image ceiling, 9-way and A-vs-B."""
     names = net.label_names["style"]
+    ia, ib = names.index(a), names.index(b)
+    left, right = (_style_logits(net, c) for c in _crops(imgs))
+    cl, cr = _style_logits(net, _crops(plain[a])[0]), _style_logits(net, _crops(plain[b])[1])
+    argmax = lambda lg, i: lg.argmax(1) == i  # noqa: E731
+    pair = lambda lg, i, j: lg[:, i] > lg[:, j]  # noqa: E731
+    return {
+        "regions_9way": float((argmax(left, ia) & argmax(right, ib)).float().mean()),
+        "ceiling_9way": float((argmax(cl, ia) & argmax(cr, ib)).float().mean()),
+        "regions_2way": float((pair(left, ia, ib) & pair(right, ib, ia)).float().mean()),
+        "ceiling_2way": float((pair(cl, ia, ib) & pair(cr, ib, ia)).float().mean()),
+        "regions_left_is_a": float(argmax(left, ia).float().mean()),
+        "regions_right_is_b": float(argmax(right, ib).float().mean()),
+    }
+
+
+def _per_style(net, images: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per style and side: the fraction of crops the head classifies (9-way) as that style."""
+    names = net.label_names["style"]
+    return {
+        f"{s}_{side}_9way": float((_style_logits(net, crop).argmax(1) == names.index(s)).float().mean())
+        for s, imgs in images.items()
+        for side, crop in zip(("left", "right"), _crops(imgs))
+    }
+
+
+def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: dict | None = None):
+    """heads: name -> feature net whose style head scores the crops (every head sees the same images)."""
+    ps = [prompts[i % len(prompts)] for i in seeds]
+    plain = {s: _render_all(pipe, ps, seeds, batch, style=s) for s in styles}  # the ceiling: whole images, same seeds
     halves = _halves(pipe)
-    plain, out = {}, {"pairs": {}, "ceiling": {}}
-    for s in styles:  # whole images of each style, same size and seeds: the ceiling
-        imgs = [
-            _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], style=s)
-            for k in range(0, len(seeds), batch)
-        ]
-        plain[s] = torch.cat(imgs)
+    out = {h: {"pairs": {}} for h in heads}
     seams = {"regions": [], "plain": [], "paste": []}
     examples = {}
     for s in styles:
         seams["plain"] += seam_ratio(plain[s], W // 2)
     for a, b in itertools.permutations(styles, 2):
         t0 = time.time()
-        imgs = torch.cat(
-            [
-                _generate(pipe, [prompts[i % len(prompts)] for i in seeds[k : k + batch]], seeds[k : k + batch], regions=halves(a, b))
-                for k in range(0, len(seeds), batch)
-            ]
-        )
+        imgs = _render_all(pipe, ps, seeds, batch, regions=halves(a, b))
         examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
-        ia, ib = names.index(a), names.index(b)
-        left, right = _style_logits(net, imgs[..., : W // 2]), _style_logits(net, imgs[..., W // 2 :])
-        cl, cr = _style_logits(net, plain[a][..., : W // 2]), _style_logits(net, plain[b][..., W // 2 :])
-        argmax = lambda lg, i: lg.argmax(1) == i  # noqa: E731
-        pair = lambda lg, i, j: lg[:, i] > lg[:, j]  # noqa: E731
-        row = {
-            "regions_9way": float((argmax(left, ia) & argmax(right, ib)).float().mean()),
-            "ceiling_9way": float((argmax(cl, ia) & argmax(cr, ib)).float().mean()),
-            "regions_2way": float((pair(left, ia, ib) & pair(right, ib, ia)).float().mean()),
-            "ceiling_2way": float((pair(cl, ia, ib) & pair(cr, ib, ia)).float().mean()),
-            "regions_left_is_a": float(argmax(left, ia).float().mean()),
-            "regions_right_is_b": float(argmax(right, ib).float().mean()),
-            "seconds": time.time() - t0,
-        }
-        out["pairs"][f"{a}|{b}"] = row
+        for h, net in heads.items():
+            out[h]["pairs"][f"{a}|{b}"] = _scores(net, imgs, plain, a, b) | {"seconds": time.time() - t0}
+            print(f"  {h:>8} {a:>6} | {b:<6} " + " ".join(f"{k}={v:.3f}" for k, v in out[h]["pairs"][f"{a}|{b}"].items()), flush=True)
         seams["regions"] += seam_ratio(imgs, W // 2)
-        paste = torch.cat([plain[a][..., : W // 2], plain[b][..., W // 2 :]], dim=-1)
+        paste = torch.cat([_crops(plain[a])[0], _crops(plain[b])[1]], dim=-1)
         seams["paste"] += seam_ratio(paste, W // 2)
-        print(f"  {a:>6} | {b:<6} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
-    for s in styles:
-        ix = names.index(s)
-        for side, sl in (("left", slice(0, W // 2)), ("right", slice(W // 2, W))):
-            out["ceiling"][f"{s}_{side}_9way"] = float((_style_logits(net, plain[s][..., sl]).argmax(1) == ix).float().mean())
     keys = ["regions_9way", "ceiling_9way", "regions_2way", "ceiling_2way"]
-    out["mean"] = {k: statistics.mean(r[k] for r in out["pairs"].values()) for k in keys}
-    out["min"] = {k: min(r[k] for r in out["pairs"].values()) for k in keys}
+    for h, net in heads.items():
+        rows = out[h]["pairs"].values()
+        out[h]["mean"] = {k: statistics.mean(r[k] for r in rows) for k in keys}
+        out[h]["min"] = {k: min(r[k] for r in rows) for k in keys}
+        out[h]["ceiling"] = _per_style(net, plain)
+        if teachers is not None:  # the teachers' own renders of the same prompts and seeds
+            out[h]["teachers"] = _per_style(net, teachers)
     out["seam"] = {k: {"mean": statistics.mean(v), "median": statistics.median(v)} for k, v in seams.items()}
     return out, examples, plain
 
@@ -288,12 +343,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cost cell (median)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
+    ap.add_argument("--skip-cost", action="store_true", help="only the two-region test (with the teacher-fit classifier) and the grid")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     zoo = Path(args.zoo)
-    pipe, net, prompts, distinct = _load(args.model, zoo)
+    pipe, net, prompts, distinct, manifest = _load(args.model, zoo)
     settings = dict(
         model=args.model,
         zoo=str(zoo),
@@ -308,17 +365,25 @@ def main(argv=None):
     )
     print("settings:", json.dumps(settings), flush=True)
     result = {"settings": settings}
-    print("cost (seconds per image):", flush=True)
-    result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps)
-    (out / "regions.json").write_text(json.dumps(result, indent=1))
+    if not args.skip_cost:
+        print("cost (seconds per image):", flush=True)
+        result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps)
+        (out / "regions.json").write_text(json.dumps(result, indent=1))
+    print("fitting a style classifier to the teachers' renders:", flush=True)
+    probe, result["teacher_head"] = teacher_head(net, zoo, manifest, args.probe_images, args.batch)
+    seeds = list(range(args.seeds))
+    print("the teachers' own renders of the test prompts and seeds:", flush=True)
+    own = teacher_renders(zoo, distinct, [prompts[i % len(prompts)] for i in seeds], seeds, args.batch)
     print("two-region test:", flush=True)
     t0 = time.time()
-    result["two_region"], examples, _ = two_region_test(pipe, net, prompts, distinct, list(range(args.seeds)), args.batch)
+    heads = {"zoo": net, "fitted": probe}  # the zoo head; the classifier fit to teacher renders
+    result["two_region"], examples, _ = two_region_test(pipe, heads, prompts, distinct, seeds, args.batch, teachers=own)
     result["two_region"]["seconds"] = time.time() - t0
     (out / "regions.json").write_text(json.dumps(result, indent=1))
     result["grid"] = grid(pipe, examples, distinct, prompts, out)
     (out / "regions.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result["two_region"][k] for k in ("mean", "min", "seam", "ceiling")}, indent=1))
+    summary = {h: {k: result["two_region"][h][k] for k in ("mean", "min", "ceiling", "teachers")} for h in heads}
+    print(json.dumps(summary | {"seam": result["two_region"]["seam"], "teacher_head": result["teacher_head"]}, indent=1))
     print(f"wrote {out / 'regions.json'} and {out / 'regions_grid.png'}")
 
 

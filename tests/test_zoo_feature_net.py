@@ -78,3 +78,37 @@ def test_grid_prompts_cover_distinct_colours():
     picked = pick_grid_prompts(S.eval_captions())
     parsed = [S.parse_caption(p) for p in picked]
     assert len(picked) == 8 and len({p["colour"] for p in parsed}) == 8 and len({p["shape"] for p in parsed}) == 6
+
+
+def test_fit_style_classifier_learns_new_renders_and_leaves_the_extractor_alone():
+    """A head trained on ground-truth noir misses a different 'noir' rendering; the fitted classifier
+    (fit on one seed set of those renders) finds it on another; the FID extractor is untouched."""
+    from dmm_ray.zoo.feature_net import fit_style_classifier
+
+    torch.manual_seed(0)
+    scenes = S.sample_scenes(256, seed=4)
+    clean = S.render(scenes)
+    style_idx = torch.arange(256) % 2  # none / noir
+    truth = torch.where((style_idx == 1).view(-1, 1, 1, 1), apply_style("noir", clean), clean)
+    net = ZooFeatureNet(style_names=["noir"], width=16)
+    train_feature_net(net, truth, scene_labels(scenes, style_idx), style_idx == 0, steps=40, batch_size=64, lr=3e-3, seed=0, progress=False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def renders(seed, n=128):  # a "teacher" whose noir is an inverted, blue-tinted grade: not the ground truth
+        sc = S.sample_scenes(n, seed=seed)
+        img = S.render(sc)
+        idx = torch.arange(n) % 2
+        styled = (1 - img) * torch.tensor([0.3, 0.4, 1.0]).view(1, 3, 1, 1)
+        return torch.where((idx == 1).view(-1, 1, 1, 1), styled, img), idx
+
+    fit_x, fit_y = renders(10)
+    test_x, test_y = renders(11)
+    before = (net(test_x)["style"].argmax(1) == test_y).float().mean()
+    clf = fit_style_classifier(net, fit_x, fit_y, steps=60, batch_size=64)
+    after = (clf(test_x)["style"].argmax(1) == test_y).float().mean()
+    assert after > 0.9 and after > before + 0.3, (before, after)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the extractor is untouched
+    again = fit_style_classifier(net, fit_x, fit_y, steps=60, batch_size=64)
+    assert torch.equal(again.heads["style"].weight, clf.heads["style"].weight)  # seeded: reproducible
+    with pytest.raises(ValueError, match="0..1"):
+        fit_style_classifier(net, fit_x, fit_y + 1)

@@ -10,6 +10,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..defaults import FEW_STEP_SCHEDULERS
+
 # diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets
 LCM_LORA_TARGETS = [
     "to_q",
@@ -110,7 +112,7 @@ class FastConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    sampler: Literal["tcd", "lcm"] = Field(
+    sampler: Literal[tuple(FEW_STEP_SCHEDULERS)] = Field(  # one list of samplers: the table in defaults
         "tcd",
         description="the saved model's scheduler. tcd: TCDScheduler at gamma (the pipeline's eta) 0, deterministic: each step "
         "re-noises the student's x0 with its own predicted noise, so it stays on one trajectory (measured nearer the teachers "
