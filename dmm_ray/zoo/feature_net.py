@@ -158,8 +158,8 @@ def fit_style_classifier(
     Why: the zoo's head learned each style from the generator's ground truth (`styles.apply_style`),
     and a small teacher renders its style only approximately: on whole teacher images the head
     finds neon 7% of the time. To ask "does this image look like what teacher A renders", the
-    classifier is fit to teacher renders. Refitting only the linear head reached 20-71% per style
-    on held-out teacher renders; fine-tuning the body too, 41-77% (README "Regional styles")."""
+    classifier is fit to teacher renders. The body is fine-tuned too: a linear head on the frozen
+    features recognised far fewer held-out teacher renders (README "Regional styles")."""
     import copy
 
     if images.ndim != 4 or len(images) != len(style_index):
