@@ -224,6 +224,12 @@ class SynthesisConfig(_Section):
 class IncrementalConfig(_Section):
     base_merged: Optional[str] = Field(None, description="previous merged DMMPipeline folder; teachers: then lists only the new ones")
     regularization: bool = Field(True, description="one extra worker supervises old styles with the frozen previous model (paper 3.5)")
+    old_style_samples: bool = Field(
+        False,
+        description="extension: the frozen previous model also samples each old style (synthesis.images_per_teacher, the "
+        "teachers' sampler), and the regulariser mixes those rows in at data.synthetic_fraction, each under its own style, "
+        "as a teacher worker mixes in its teacher's samples (the paper's regulariser sees only the common stream)",
+    )
 
 
 class MergeConfig(_Section):
@@ -310,6 +316,17 @@ class MergeConfig(_Section):
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
             )
+        if self.incremental.old_style_samples:
+            if not self.regularization_workers:
+                raise ValueError(
+                    "incremental.old_style_samples: the previous model's own samples are the regulariser's; it needs "
+                    "incremental.base_merged and incremental.regularization: true"
+                )
+            if self.data.synthetic_fraction == 0 and not (self.synthesis.enabled and self.synthesis.finetune_steps > 0):
+                raise ValueError(
+                    "incremental.old_style_samples: nothing would read the old styles' samples; set data.synthetic_fraction > 0 "
+                    "(mixed into distillation) or synthesis.finetune_steps > 0 (the fine-tune)"
+                )
         if self.distill.optimizer == "adamw8bit":
             import importlib.util
 

@@ -483,20 +483,26 @@ def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
     state location (a local folder, or the output_dir URI)."""
     from dmm_ray import fingerprint
     from dmm_ray.data import fs as fsu
-    from dmm_ray.distill.synthesis import synthesize_for
+    from dmm_ray.distill.synthesis import MergedStyle, synthesize_for
 
     fingerprint.record(cfg, out, "synthesize")
     s = cfg.synthesis
-    old = 0
+    old: list[str] = []
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import merged_style_names
 
-        old = len(merged_style_names(cfg.incremental.base_merged))
+        old = merged_style_names(cfg.incremental.base_merged)
+    # incremental.old_style_samples: the frozen previous model samples its own styles (rows 0..len(old)-1) for the regulariser
+    previous = [MergedStyle(name=n, model=str(cfg.incremental.base_merged)) for n in old] if cfg.incremental.old_style_samples else []
     log(
-        f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})"
+        f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers"
+        + (f" + {len(previous)} old styles of the previous model" if previous else "")
+        + f" ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})"
     )
     t0 = time.time()
-    dirs = synthesize_for(cfg, cfg.teachers, old, fsu.location_join(out, "synthesized"))
+    dirs = synthesize_for(
+        cfg, [*previous, *cfg.teachers], len(old) - len(previous), fsu.location_join(out, "synthesized")
+    )  # style rows stay contiguous
     log(f"synthesis done in {time.time() - t0:.0f} s")
     return dirs
 

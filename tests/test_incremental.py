@@ -85,6 +85,76 @@ def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
         validate_before_ray(cfg)
 
 
+def _regulariser_batches(cfg, monkeypatch, datasets: dict):
+    """The regulariser's StageBatches for `cfg`, its Ray Data shards replaced by `datasets`."""
+    import ray.train
+
+    from dmm_ray.distill.layout import worker_layout
+    from dmm_ray.distill.loop import Start, Worker
+    from dmm_ray.distill.streams import StageBatches
+
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: datasets[name])
+    old = ["old0", "old1"]
+    roles = worker_layout(len(cfg.teachers), 1, len(old), True)
+    worker = Worker(cfg, "distill", len(roles) - 1, len(roles), torch.device("cpu"), roles, old, old + [t.name for t in cfg.teachers])
+    assert worker.role.kind == "regularizer"
+    return StageBatches(worker, training_noise_scheduler(), Start(), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.ray
+def test_regulariser_mixes_in_the_previous_models_samples_under_their_own_styles(ray_cluster, merged_world, tmp_path, monkeypatch):
+    """incremental.old_style_samples: beside its common rows (a random old style each), the regulariser
+    reads the previous model's samples of the old styles at data.synthetic_fraction, each row under the
+    style it was sampled with, every style in every batch; the new teachers' samples are not its own."""
+    import numpy as np
+    from pyarrow import fs as pafs
+
+    from dmm_ray.data.shards import latent_table, write_shard
+    from dmm_ray.data.stream import build_latent_dataset
+
+    folders = []
+    for style in range(3):  # old0, old1 (the previous model's samples) and new0 (its teacher's)
+        rows = 8
+        latents = np.full((rows, 4, 8, 8), float(style), dtype=np.float32)  # a row's value names its style
+        folders.append(str(tmp_path / f"style_{style}"))
+        write_shard(
+            pafs.LocalFileSystem(),
+            folders[-1],
+            0,
+            latent_table(latents, ["a red circle"] * rows, [f"s{style}-{i}" for i in range(rows)], [style] * rows),
+        )
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    sections = dict(teachers=new, data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5})
+    on = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, tmp_path / "on", **sections, incremental={"base_merged": merged_world["merged"], "old_style_samples": True})
+    )
+    off = on.model_copy(update={"incremental": on.incremental.model_copy(update={"old_style_samples": False})})
+    datasets = {"train": build_latent_dataset(on.data), "synth": build_latent_dataset(on.data, shards=folders)}
+
+    batches = _regulariser_batches(on, monkeypatch, datasets)
+    for _ in range(3):
+        [batch], [ids] = batches.next_step()
+        assert batch["noisy_latents"].shape[0] == 4 and ids.shape == (4,)  # 2 common + 2 synthesized rows, as a teacher worker's 4
+        common, synthesized = ids[:2], ids[2:]
+        assert ((common >= 0) & (common < 2)).all()
+        assert torch.equal(synthesized, batch["latents"][2:, 0, 0, 0].long())  # each sample under the style it was drawn with
+        assert sorted(synthesized.tolist()) == [0, 1]  # both old styles in every batch, never the new teacher's samples
+    [batch], [ids] = _regulariser_batches(off, monkeypatch, datasets).next_step()
+    assert batch["noisy_latents"].shape[0] == 2  # the paper's regulariser: the common rows only
+    assert ((ids >= 0) & (ids < 2)).all()
+
+
+def test_old_style_samples_need_the_regulariser_and_a_reader(merged_world, tmp_path):
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    base = tiny_merge_config(merged_world, tmp_path / "out", teachers=new, synthesis={"finetune_steps": 0})
+    with pytest.raises(ValueError, match="incremental.base_merged and incremental.regularization: true"):
+        MergeConfig.model_validate(
+            {**base, "incremental": {"base_merged": merged_world["merged"], "regularization": False, "old_style_samples": True}}
+        )
+    with pytest.raises(ValueError, match="data.synthetic_fraction > 0"):
+        MergeConfig.model_validate({**base, "incremental": {"base_merged": merged_world["merged"], "old_style_samples": True}})
+
+
 @pytest.mark.ray
 def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
     from dmm_ray.merge import run_merge
@@ -95,14 +165,17 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
             merged_world,
             tmp_path / "out",
             teachers=new,
-            incremental={"base_merged": merged_world["merged"]},
-            synthesis={"enabled": False},
+            incremental={"base_merged": merged_world["merged"], "old_style_samples": True},
+            data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5},
+            synthesis={"finetune_steps": 0, "actors": 1, "resolution": 16},
             distill={"steps": 2, "lambda_adv": 0},
         )
     )
     assert cfg.num_workers == 2  # 1 new teacher x 1 + the regulariser
     old = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet")
     result = run_merge(cfg)
+    # the previous model sampled its two styles (rows 0, 1), the new teacher its own (row 2)
+    assert sorted(p.name for p in (tmp_path / "out" / "synthesized").iterdir()) == ["style_0", "style_1", "style_2"]
     merged = DMMPipeline.from_pretrained(result.merged_path)
     assert merged.styles == ["old0", "old1", "new0"]
     assert merged.unet.class_embedding.codebook.weight.shape[0] == 3

@@ -105,6 +105,7 @@ class StageBatches:
         self._consumed = start.step * self.grad_accum  # batches each cached stream has given so far
         self.common: EpochStream | None = None
         self.synthetic: list[EpochStream | None] = [None] * max(1, len(self.role.style_indices))
+        self.own_labels = False  # the regulariser's synthesized rows: labelled with their own (old) style, not a random one
         if worker.stage == "finetune":
             self.synthetic = self._synthetic_streams(batch_size)
             return
@@ -119,6 +120,8 @@ class StageBatches:
         )
         if n_synth and self.role.kind == "teacher":
             self.synthetic = self._synthetic_streams(n_synth)
+        elif n_synth and worker.cfg.incremental.old_style_samples:  # the regulariser: one read of every common read's share
+            self.synthetic = self._synthetic_streams(n_synth * self.reads_per_step)
 
     @property
     def epoch(self) -> int:
@@ -138,10 +141,22 @@ class StageBatches:
 
         hosted = list(self.role.style_indices) if self.role.kind == "teacher" else None
         by_style = read_synthesized(ray.train.get_dataset_shard("synth"), hosted)
-        if hosted is None:  # regulariser: any synthesized images, re-labelled with random old styles per step
+        if hosted is None:  # the regulariser
             import numpy as np
 
+            old = {i: rows for i, rows in by_style.items() if i < len(self.worker.old_styles)}
+            if self.worker.cfg.incremental.old_style_samples:  # the previous model's own samples of each old style, as labelled
+                if sorted(old) != list(range(len(self.worker.old_styles))):
+                    raise RuntimeError(
+                        f"incremental.old_style_samples: the synthesized set has old styles {sorted(old)}, not all of 0..{len(self.worker.old_styles) - 1}"
+                    )
+                by_style, self.own_labels = old, True
+            # else any synthesized images (the new teachers'), re-labelled with random old styles per step
             pooled = {k: np.concatenate([r[k] for r in by_style.values()]) for k in next(iter(by_style.values()))}
+            if self.own_labels:  # interleave the styles (row 0 of each, row 1 of each, ...): every batch holds all of them
+                within = np.concatenate([np.arange(len(r["latents"])) for r in by_style.values()])
+                order = np.lexsort((pooled["style"], within))
+                pooled = {k: v[order] for k, v in pooled.items()}
             return [cached_stream(pooled, size, *self._stream_args, "synthesized samples", self._consumed)]
         missing = [i for i in hosted if i not in by_style]
         if missing:
@@ -149,31 +164,26 @@ class StageBatches:
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
 
     def _style_batch(self, j: int) -> dict:
-        from dmm_ray.distill.step import concat_batches
 
         synthetic = self.synthetic[j]
-        parts = ([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else [])
-        if len(parts) == 1:
-            return parts[0]
-        shapes = {tuple(p["latents"].shape[1:]) for p in parts}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
-                "set synthesis.resolution to the shards' data.encode.resolution"
-            )
-        return concat_batches(parts, slices=False)
+        return _joined(([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else []))
 
     def _micro_batch(self) -> tuple[dict, torch.Tensor]:
         from dmm_ray.distill.layout import regularizer_style_ids
         from dmm_ray.distill.step import concat_batches
 
-        if self.role.kind == "regularizer":  # a random old style per sample
-            if self.common is None:  # fine-tune: the pooled synthesized samples
-                batch = self._style_batch(0)
-            else:
-                parts = [self.common.next() for _ in range(self.reads_per_step)]
-                batch = parts[0] if len(parts) == 1 else concat_batches(parts, slices=False)
-            return batch, regularizer_style_ids(batch["noisy_latents"].shape[0], len(self.worker.old_styles), self.rng).to(self.device)
+        if self.role.kind == "regularizer":  # a random old style per sample; its own for the previous model's samples
+            synthetic = self.synthetic[0]
+            parts = [(self.common.next(), False) for _ in range(self.reads_per_step)] if self.common is not None else []  # as a teacher worker
+            if synthetic is not None:  # fine-tune: only these; distill (incremental.old_style_samples): the synthesized share
+                parts.append((synthetic.next(), True))
+            batch = _joined([p for p, _ in parts])
+            ids = regularizer_style_ids(batch["noisy_latents"].shape[0], len(self.worker.old_styles), self.rng).to(self.device)  # (B,)
+            if self.own_labels:  # the previous model's samples keep the style they were drawn with
+                labels = [p["style"] if synth else torch.full((p["noisy_latents"].shape[0],), -1, dtype=torch.long) for p, synth in parts]
+                labels = torch.cat([x.to(self.device) for x in labels])  # (B,) -1: a common row
+                ids = torch.where(labels >= 0, labels, ids)
+            return batch, ids
         subs = [self._style_batch(j) for j in range(len(self.role.style_indices))]  # one batch per hosted teacher
         if self.common is not None:
             for _ in range(self.reads_per_step - len(subs)):  # a smaller last teacher group keeps pace with the others
@@ -182,3 +192,18 @@ class StageBatches:
             [torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=self.device) for b, s in zip(subs, self.role.style_indices)]
         )
         return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
+
+
+def _joined(parts: list[dict]) -> dict:
+    """Common and synthesized rows as one batch; their latents must have one shape."""
+    from dmm_ray.distill.step import concat_batches
+
+    if len(parts) == 1:
+        return parts[0]
+    shapes = {tuple(p["latents"].shape[1:]) for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
+            "set synthesis.resolution to the shards' data.encode.resolution"
+        )
+    return concat_batches(parts, slices=False)
