@@ -224,11 +224,12 @@ class SynthesisConfig(_Section):
 class IncrementalConfig(_Section):
     base_merged: Optional[str] = Field(None, description="previous merged DMMPipeline folder; teachers: then lists only the new ones")
     regularization: bool = Field(True, description="one extra worker supervises old styles with the frozen previous model (paper 3.5)")
-    old_style_samples: bool = Field(
-        False,
+    old_style_samples: Optional[bool] = Field(
+        None,
         description="extension: the frozen previous model also samples each old style (synthesis.images_per_teacher, the "
-        "teachers' sampler), and the regulariser mixes those rows in at data.synthetic_fraction, each under its own style, "
-        "as a teacher worker mixes in its teacher's samples (the paper's regulariser sees only the common stream)",
+        "teachers' sampler), and the regulariser mixes those rows in at data.synthetic_fraction (and fine-tunes on them), "
+        "each under its own style, as a teacher worker does with its teacher's samples; the paper's regulariser sees only "
+        "the common stream. Unset: on when the regulariser runs and data.synthetic_fraction > 0 (README: Table 2)",
     )
 
 
@@ -316,7 +317,7 @@ class MergeConfig(_Section):
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
             )
-        if self.incremental.old_style_samples:
+        if self.incremental.old_style_samples:  # asked for explicitly
             if not self.regularization_workers:
                 raise ValueError(
                     "incremental.old_style_samples: the previous model's own samples are the regulariser's; it needs "
@@ -387,6 +388,13 @@ class MergeConfig(_Section):
     @property
     def regularization_workers(self) -> int:
         return int(self.incremental.base_merged is not None and self.incremental.regularization)
+
+    @property
+    def old_style_samples(self) -> bool:
+        """incremental.old_style_samples resolved: unset, on when the regulariser runs and the teachers'
+        samples join the distill stream (data.synthetic_fraction > 0)."""
+        asked = self.incremental.old_style_samples
+        return bool(self.regularization_workers) and (self.data.synthetic_fraction > 0 if asked is None else asked)
 
     @property
     def teacher_groups(self) -> int:

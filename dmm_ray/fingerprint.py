@@ -31,7 +31,6 @@ STAGES = ("synthesize", "distill", "finetune")
 _DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16", "gradient_checkpointing"}
 # what-settings added later: left out at their default, so a run recorded before them still resumes
 _DISTILL_OMITTED_AT = {"teacher_dtype": "float32", "optimizer": "adamw"}
-_INCREMENTAL_OMITTED_AT = {"old_style_samples": False}
 _SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guidance_scale", "negative_prompt", "resolution", "batch_size")
 _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
 # the few-step stage: how, or what the save and the evaluation do with the trained weights
@@ -91,7 +90,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
     }
-    if cfg.incremental.old_style_samples:  # the previous model samples its old styles too
+    if cfg.old_style_samples:  # the previous model samples its old styles too (added later: left out when off)
         synthesize["incremental.old_style_samples"] = True
     if not s.prompts:  # prompts come from the latent shards' captions
         synthesize["data.shards"] = _shards(cfg)
@@ -113,7 +112,8 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "scaling.teachers_per_worker": cfg.scaling.teachers_per_worker,
         "scaling.workers_per_teacher": cfg.workers_per_teacher,
         "workers": cfg.num_workers,
-        **{f"incremental.{k}": v for k, v in cfg.incremental.model_dump(mode="json").items() if _INCREMENTAL_OMITTED_AT.get(k, object()) != v},
+        **{f"incremental.{k}": v for k, v in cfg.incremental.model_dump(mode="json").items() if k != "old_style_samples"},
+        **({"incremental.old_style_samples": True} if cfg.old_style_samples else {}),  # resolved; left out when off
     }
     if cfg.data.synthetic_fraction > 0:
         distill.update({f"synthesized.{k}": v for k, v in synthesize.items() if k != "teachers"})

@@ -493,7 +493,7 @@ def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:
 
         old = merged_style_names(cfg.incremental.base_merged)
     # incremental.old_style_samples: the frozen previous model samples its own styles (rows 0..len(old)-1) for the regulariser
-    previous = [MergedStyle(name=n, model=str(cfg.incremental.base_merged)) for n in old] if cfg.incremental.old_style_samples else []
+    previous = [MergedStyle(name=n, model=str(cfg.incremental.base_merged)) for n in old] if cfg.old_style_samples else []
     log(
         f"stage synthesize: {s.images_per_teacher} images x {len(cfg.teachers)} teachers"
         + (f" + {len(previous)} old styles of the previous model" if previous else "")

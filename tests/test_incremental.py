@@ -153,6 +153,16 @@ def test_old_style_samples_need_the_regulariser_and_a_reader(merged_world, tmp_p
         )
     with pytest.raises(ValueError, match="data.synthetic_fraction > 0"):
         MergeConfig.model_validate({**base, "incremental": {"base_merged": merged_world["merged"], "old_style_samples": True}})
+    # unset: on exactly when the regulariser runs and the teachers' samples join the stream
+    mixed = {**base, "data": {**base["data"], "synthetic_fraction": 0.5}}
+    for config, incremental, expected in [
+        (mixed, {"base_merged": merged_world["merged"]}, True),
+        (base, {"base_merged": merged_world["merged"]}, False),
+        (mixed, {"base_merged": merged_world["merged"], "regularization": False}, False),
+        (mixed, {"base_merged": merged_world["merged"], "old_style_samples": False}, False),
+        (mixed, {}, False),
+    ]:
+        assert MergeConfig.model_validate({**config, "incremental": incremental}).old_style_samples is expected, incremental
 
 
 @pytest.mark.ray

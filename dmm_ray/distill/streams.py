@@ -120,7 +120,7 @@ class StageBatches:
         )
         if n_synth and self.role.kind == "teacher":
             self.synthetic = self._synthetic_streams(n_synth)
-        elif n_synth and worker.cfg.incremental.old_style_samples:  # the regulariser: one read of every common read's share
+        elif n_synth and worker.cfg.old_style_samples:  # the regulariser: one read of every common read's share
             self.synthetic = self._synthetic_streams(n_synth * self.reads_per_step)
 
     @property
@@ -145,7 +145,7 @@ class StageBatches:
             import numpy as np
 
             old = {i: rows for i, rows in by_style.items() if i < len(self.worker.old_styles)}
-            if self.worker.cfg.incremental.old_style_samples:  # the previous model's own samples of each old style, as labelled
+            if self.worker.cfg.old_style_samples:  # the previous model's own samples of each old style, as labelled
                 if sorted(old) != list(range(len(self.worker.old_styles))):
                     raise RuntimeError(
                         f"incremental.old_style_samples: the synthesized set has old styles {sorted(old)}, not all of 0..{len(self.worker.old_styles) - 1}"
