@@ -9,11 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test cluster listens on loopback only. Ray's token auth keeps one token file per user, which
 # concurrently started clusters overwrite; tests opt out rather than flake on a stale token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# Ray Data (2.5x+) reads parquet through DataSourceV2, which starts FooterReader actors (fresh processes)
-# for every execution of a dataset: about 6 s per Train stage and per epoch on 2 cores, for shards of a few
-# rows, and the suite runs dozens. The tests read the same files through the V1 reader (same rows and
-# columns; blocks split differently); jobs keep Ray's default. Set before Ray starts, so its workers see it.
-os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 # Test-only helpers live in tests/ (eval_helpers, merge_fixtures, ...); Ray workers of the shared cluster
 # and of the jobs tests start import them too, so tests/ goes on PYTHONPATH before anything starts.
 _TESTS = os.path.dirname(os.path.abspath(__file__))

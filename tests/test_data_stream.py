@@ -140,6 +140,34 @@ def test_stream_is_reproducible_for_seed_and_worker_count(ray_cluster, tmp_path,
 
 
 @pytest.mark.ray
+def test_latent_dataset_reads_through_the_v1_parquet_reader_unless_told(ray_cluster, tmp_path, tiny_base, monkeypatch):
+    """Ray Data's V2 parquet reader starts actor processes for every execution (each epoch of every split):
+    the stream reads through V1, leaves Ray's own setting as it was, and follows the env variable if set."""
+    import ray
+
+    from dmm_ray.data.stream import build_latent_dataset
+
+    def operators(ds) -> list[str]:
+        op, names = ds._logical_plan.dag, []
+        while op is not None:
+            names.append(op.name)
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        return names
+
+    write_fixture_shards(tmp_path / "shards", n_shards=2, rows=8)
+    cfg = _cfg(tiny_base, tmp_path / "shards")
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    ds = build_latent_dataset(cfg)
+    assert "ReadParquet" in operators(ds) and "ListFiles" not in operators(ds), operators(ds)
+    assert ctx.use_datasource_v2 is True  # restored
+    assert sorted(r["source_id"] for r in ds.take_all()) == sorted(f"s{k}-{i}" for k in range(2) for i in range(8))
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")  # a user who asks for V2 gets it
+    assert "ListFiles" in operators(build_latent_dataset(cfg))
+
+
+@pytest.mark.ray
 @pytest.mark.slow  # starting a TorchTrainer's controller and workers takes ~1 min on 2 shared cores
 def test_torch_trainer_workers_receive_contract_batches(ray_cluster, tmp_path, tiny_base):
     """The way the lead's loop uses it: TorchTrainer + get_dataset_shard + iter_noised_batches."""
