@@ -73,6 +73,7 @@ def test_nonfinite_error_is_stopped_on_the_controller_not_retried():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # about 45 s on 2 cores; the detection, the message and the stop without retry are tested above without a merge
 def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_cluster, world, tmp_path):
     from dmm_ray.config import MergeConfig
     from dmm_ray.distill.health import NonFiniteLossError
