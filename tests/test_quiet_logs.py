@@ -15,6 +15,7 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env})
 
 
+@pytest.mark.slow  # two fresh interpreters importing transformers: 17-31 s on 2 cores
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="with torchvision installed transformers has no notice to drop")
 def test_torchvision_fallback_notice_is_dropped_unless_verbose():
     assert "requires torchvision" not in _run(CODE).stderr
