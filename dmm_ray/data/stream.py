@@ -101,7 +101,6 @@ def build_latent_dataset(cfg: DataConfig, shards: "Optional[str | Sequence[str]]
     Columns: latents (C, h, w) float32, input_ids (L,) int64, caption, source_id[, style].
     Incomplete shards are left out with a warning; no complete shard is an error.
     """
-
     folders = [shards or cfg.shards] if shards is None or isinstance(shards, str) else list(shards)
     paths = []
     for folder in folders:

@@ -164,7 +164,6 @@ class StageBatches:
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
 
     def _style_batch(self, j: int) -> dict:
-
         synthetic = self.synthetic[j]
         return _joined(([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else []))
 
@@ -173,16 +172,14 @@ class StageBatches:
         from dmm_ray.distill.step import concat_batches
 
         if self.role.kind == "regularizer":  # a random old style per sample; its own for the previous model's samples
-            synthetic = self.synthetic[0]
-            parts = [(self.common.next(), False) for _ in range(self.reads_per_step)] if self.common is not None else []  # as a teacher worker
-            if synthetic is not None:  # fine-tune: only these; distill (incremental.old_style_samples): the synthesized share
-                parts.append((synthetic.next(), True))
-            batch = _joined([p for p, _ in parts])
+            parts = [self.common.next() for _ in range(self.reads_per_step)] if self.common is not None else []  # as a teacher worker
+            if self.synthetic[0] is not None:  # fine-tune: only these; distill (old_style_samples): the synthesized share, last
+                parts.append(self.synthetic[0].next())
+            batch = _joined(parts)
             ids = regularizer_style_ids(batch["noisy_latents"].shape[0], len(self.worker.old_styles), self.rng).to(self.device)  # (B,)
-            if self.own_labels:  # the previous model's samples keep the style they were drawn with
-                labels = [p["style"] if synth else torch.full((p["noisy_latents"].shape[0],), -1, dtype=torch.long) for p, synth in parts]
-                labels = torch.cat([x.to(self.device) for x in labels])  # (B,) -1: a common row
-                ids = torch.where(labels >= 0, labels, ids)
+            if self.own_labels:  # the previous model's samples (the last part) keep the style they were drawn with
+                own = parts[-1]["style"]
+                ids[ids.shape[0] - own.shape[0] :] = own.to(self.device)
             return batch, ids
         subs = [self._style_batch(j) for j in range(len(self.role.style_indices))]  # one batch per hosted teacher
         if self.common is not None:
