@@ -1,5 +1,7 @@
 """Incremental merging (paper 3.5): codebook growth, the frozen regulariser, early rejections."""
 
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -10,6 +12,7 @@ from dmm_ray.config import MergeConfig
 from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
 from dmm_ray.distill.step import DistillStep, LossSettings
 from dmm_ray.merge import validate_before_ray
+from dmm_ray.merged_model import MERGE_RECORD
 from dmm_ray.teachers import TeacherError
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
 
@@ -22,6 +25,8 @@ def merged_world(tmp_path_factory):
     torch.manual_seed(0)
     pipe = DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], ["old0", "old1"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
     pipe.save_pretrained(root / "merged")
+    # the record a merge writes beside its model: the old styles' teachers, which evaluation needs again
+    (root / "merged" / MERGE_RECORD).write_text(json.dumps({"teachers": [t for t in world["teachers"] if t["name"].startswith("old")]}))
     world["merged"] = str(root / "merged")
     return world
 
@@ -166,8 +171,12 @@ def test_old_style_samples_need_the_regulariser_and_a_reader(merged_world, tmp_p
 
 
 @pytest.mark.ray
-def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
+def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monkeypatch):
+    from dmm_ray.evaluation import api
     from dmm_ray.merge import run_merge
+
+    evaluated = []  # evaluation is a merge stage, over every style merged so far (the FID machinery has its own tests)
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append((path, [t.name for t in teachers])) or "fid")
 
     new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
     cfg = MergeConfig.model_validate(
@@ -179,11 +188,13 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path):
             data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5},
             synthesis={"finetune_steps": 0, "actors": 1, "resolution": 16},
             distill={"steps": 2, "lambda_adv": 0},
+            evaluation={"enabled": True},
         )
     )
     assert cfg.num_workers == 2  # 1 new teacher x 1 + the regulariser
     old = StyleUNet.from_pretrained(f"{merged_world['merged']}/unet")
     result = run_merge(cfg)
+    assert result.evaluation == "fid" and evaluated == [(result.merged_path, ["old0", "old1", "new0"])]
     # the previous model sampled its two styles (rows 0, 1), the new teacher its own (row 2)
     assert sorted(p.name for p in (tmp_path / "out" / "synthesized").iterdir()) == ["style_0", "style_1", "style_2"]
     merged = DMMPipeline.from_pretrained(result.merged_path)

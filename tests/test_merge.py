@@ -30,56 +30,6 @@ def _train_state(result_checkpoint_dir):
     return load_training_state(Path(result_checkpoint_dir))
 
 
-def test_merge_end_to_end(ray_cluster, world, tmp_path, monkeypatch):
-    from dmm_ray import DMMPipeline
-    from dmm_ray.evaluation import api
-    from dmm_ray.merge import run_merge
-
-    evaluated = []  # evaluation is a merge stage: it runs without any tracker (the FID machinery has its own tests)
-    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append((path, [t.name for t in teachers])) or "fid")
-    # synthesis and the fine-tune stage: test_training_options.py::test_packed_merge_with_synthetic_mixing_and_finetune_continue
-    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", evaluation={"enabled": True}, synthesis={"enabled": False}))
-    result = run_merge(cfg)
-    assert result.evaluation == "fid" and evaluated == [(result.merged_path, ["style0", "style1"])]
-    assert result.stage_metrics["distill"]["step"] == 2 and "finetune" not in result.stage_metrics
-    for key in ("loss_score", "loss_feat", "loss_adv", "loss_disc"):
-        assert key in result.stage_metrics["distill"]
-    pipe = DMMPipeline.from_pretrained(result.merged_path, local_files_only=True)
-    assert pipe.styles == ["style0", "style1"]
-    # the merged model carries the sampler its teachers were sampled with (synthesis: 2 steps, default CFG 7)
-    assert pipe.sampler_defaults == {
-        "scheduler": "DPMSolverMultistepScheduler",
-        "num_inference_steps": 2,
-        "guidance_scale": 7.0,
-        "negative_prompt": PAPER_NEGATIVE_PROMPT,
-    }
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", style="style1", num_inference_steps=2, height=32, width=32).images[0]
-    assert image.size == (32, 32)
-    # the codebook moved away from its initialisation (the student really trained)
-    from dmm_ray.models.style_unet import StyleUNet
-
-    torch.manual_seed(cfg.student.codebook_seed)
-    init = StyleUNet.from_unet(__import__("diffusers").UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"])
-    assert not torch.equal(init.class_embedding.codebook.weight, pipe.unet.class_embedding.codebook.weight)
-
-    # Resume, on this merge's own folder (one more Train run, not two): the same run name and storage make
-    # Ray Train restore the distill stage's latest checkpoint (step 2), and the loop continues from it.
-    from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.trainer import build_trainer
-
-    checkpoints = sorted(p for p in (tmp_path / "out" / "ray_results" / "test-merge-distill").glob("checkpoint_*") if p.is_dir())
-    state_2 = _train_state(checkpoints[-1])  # named by time: the last is the newest
-    assert state_2["step"] == 2
-    cfg3 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})})
-    second = build_trainer(cfg3, "distill", {"train": build_latent_dataset(cfg3.data)}).fit()
-    assert second.metrics["resumed_from"] == 2 and second.metrics["step"] == 3
-    with second.checkpoint.as_directory() as d:
-        state_3 = _train_state(d)
-    assert state_3["step"] == 3 and state_3["batches_in_epoch"] == state_2["batches_in_epoch"] + 1
-    assert state_3["opt_student"]["state"][0]["step"].item() == 3  # optimizer state carried over, not restarted
-
-
 @pytest.mark.slow  # over 60 s on 2 cores: make test-slow
 def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, tmp_path):
     """20 steps with a checkpoint every step: no dmm-ckpt-* temp folder stays behind, and storage keeps
@@ -100,7 +50,7 @@ def test_checkpoint_temp_folders_are_removed_once_reported(ray_cluster, world, t
     assert 1 <= len(kept) <= 3, kept
 
 
-@pytest.mark.slow  # 100 s on 2 cores, and timing-sensitive beside other load; test_merge_end_to_end covers the restore
+@pytest.mark.slow  # 100 s on 2 cores, and timing-sensitive beside other load; test_ray_job_submit_merge_end_to_end_then_resume covers the restore
 def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_path):
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
@@ -164,13 +114,21 @@ def test_workers_not_multiple_of_teachers_rejected_before_ray(world, tmp_path):
     assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
-def test_ray_job_submit_smoke(ray_cluster, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/merge.py` against the running cluster, on an uneven
-    packing: 3 teachers at 2 per worker (groups of 2 and 1), 6 steps crossing epochs. Ray Data's
-    streaming split starts the next epoch on all workers together, so the worker hosting one teacher
-    must read as many common batches per step as the one hosting two; otherwise the faster reader waits
-    at the split for the slower one, which waits for it in DDP's all-reduce, and the merge hangs at the
-    first epoch's end (the subprocess timeout turns a hang into a failure)."""
+def test_ray_job_submit_merge_end_to_end_then_resume(ray_cluster, tmp_path):
+    """The main entry point, `ray job submit --working-dir . -- python jobs/merge.py`, against the running
+    cluster, on an uneven packing: 3 teachers at 2 per worker (groups of 2 and 1), 6 steps crossing epochs.
+    Ray Data's streaming split starts the next epoch on all workers together, so the worker hosting one
+    teacher must read as many common batches per step as the one hosting two; otherwise the faster reader
+    waits at the split for the slower one, which waits for it in DDP's all-reduce, and the merge hangs at
+    the first epoch's end (the subprocess timeout turns a hang into a failure). Then the merged model
+    loads and samples, and one more Train run on the same folder resumes from the job's last checkpoint.
+    (One merge for all of it: every Train run costs ~40 s of start-up on 2 cores. Synthesis and the
+    fine-tune: test_training_options.py; the evaluation stage: test_incremental.py.)"""
+    from dmm_ray import DMMPipeline
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer
+    from dmm_ray.models.style_unet import StyleUNet
+
     world = build_world(tmp_path / "world", num_teachers=3, rows=32)
     config = tiny_merge_config(
         world,
@@ -181,7 +139,8 @@ def test_ray_job_submit_smoke(ray_cluster, tmp_path):
         tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
         evaluation={"enabled": False},
     )
-    assert MergeConfig.model_validate(config).num_workers == 2
+    cfg = MergeConfig.model_validate(config)
+    assert cfg.num_workers == 2
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     dashboard = ray_cluster.dashboard_url
@@ -215,7 +174,38 @@ def test_ray_job_submit_smoke(ray_cluster, tmp_path):
     stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     history = client.get_metric_history(stage[0].info.run_id, "distill/loss_score") if stage else []
     assert sorted({m.step for m in history} - {0}) == [1, 2, 3, 4, 5, 6]  # every step (plus the stage summary)
+    assert client.get_metric_history(stage[0].info.run_id, "distill/loss_feat")
     assert max(m.value for m in client.get_metric_history(stage[0].info.run_id, "distill/epoch")) >= 2  # crossed epochs in lock step
     # the merged folder names its stage run, so jobs/export.py logs exports to it
     record = __import__("json").loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
     assert record["mlflow"]["run_id"] == stage[0].info.run_id
+
+    pipe = DMMPipeline.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
+    assert pipe.styles == ["style0", "style1", "style2"]
+    # the merged model carries the sampler its teachers were sampled with (synthesis: 2 steps, default CFG 7)
+    assert pipe.sampler_defaults == {
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": 2,
+        "guidance_scale": 7.0,
+        "negative_prompt": PAPER_NEGATIVE_PROMPT,
+    }
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", style="style1", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    # the codebook moved away from its initialisation (the student really trained)
+    torch.manual_seed(cfg.student.codebook_seed)
+    init = StyleUNet.from_unet(__import__("diffusers").UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), pipe.styles)
+    assert not torch.equal(init.class_embedding.codebook.weight, pipe.unet.class_embedding.codebook.weight)
+
+    # Resume, on the job's own folder: the same run name and storage make Ray Train restore the distill
+    # stage's latest checkpoint (step 6), and the loop continues from it, data position included.
+    checkpoints = sorted(p for p in (tmp_path / "out" / "ray_results" / "test-merge-distill").glob("checkpoint_*") if p.is_dir())
+    state_6 = _train_state(checkpoints[-1])  # named by time: the last is the newest
+    assert state_6["step"] == 6
+    cfg7 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 7})})
+    second = build_trainer(cfg7, "distill", {"train": build_latent_dataset(cfg7.data)}).fit()
+    assert second.metrics["resumed_from"] == 6 and second.metrics["step"] == 7
+    with second.checkpoint.as_directory() as d:
+        state_7 = _train_state(d)
+    assert state_7["step"] == 7 and (state_7["epoch"], state_7["batches_in_epoch"]) > (state_6["epoch"], state_6["batches_in_epoch"])
+    assert state_7["opt_student"]["state"][0]["step"].item() == 7  # optimizer state carried over, not restarted

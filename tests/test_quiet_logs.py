@@ -15,11 +15,29 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env})
 
 
+def _side_by_side(code: str, variants) -> list[subprocess.CompletedProcess]:
+    """`code` in one fresh interpreter per (args, env) variant, all at once: each imports torch and
+    diffusers (~10 s on 2 cores), so two of them side by side take the time of one."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for args, env in variants
+    ]
+    done = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in procs]
+    for p, result in zip(procs, done):
+        assert p.returncode == 0, result.stderr[-3000:]
+    return done
+
+
+def _quiet_and_verbose(code: str) -> list[subprocess.CompletedProcess]:
+    return _side_by_side(code, [((), os.environ), ((), {**os.environ, "DMM_VERBOSE": "1"})])
+
+
 @pytest.mark.slow  # two fresh interpreters importing transformers: 17-31 s on 2 cores
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="with torchvision installed transformers has no notice to drop")
 def test_torchvision_fallback_notice_is_dropped_unless_verbose():
-    assert "requires torchvision" not in _run(CODE).stderr
-    assert "requires torchvision" in _run(CODE, DMM_VERBOSE="1").stderr  # the filter, not the import order, removed it
+    quiet, verbose = _quiet_and_verbose(CODE)
+    assert "requires torchvision" not in quiet.stderr
+    assert "requires torchvision" in verbose.stderr  # the filter, not the import order, removed it
 
 
 def test_placement_group_cleaner_thread_death_goes_to_a_log_file_not_the_console(tmp_path):
@@ -45,8 +63,9 @@ def test_model_loading_bars_are_off_in_workers_unless_verbose():
         "from diffusers.utils import logging as d\nfrom transformers.utils import logging as t\n"
         "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled())\n"
     )
-    assert _run(code).stdout.split() == ["False", "False"]
-    assert _run(code, DMM_VERBOSE="1").stdout.split() == ["True", "True"]
+    quiet, verbose = _quiet_and_verbose(code)
+    assert quiet.stdout.split() == ["False", "False"]
+    assert verbose.stdout.split() == ["True", "True"]
 
 
 def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
@@ -60,7 +79,7 @@ def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
         "logging.getLogger('diffusers.models.modeling_utils').warning('modules in UNet2DConditionModel that should be kept in float32: [].')\n"
         "logging.getLogger('diffusers.models.modeling_utils').warning(\"modules in T5 that should be kept in float32: ['wo'].\")\n"
     )
-    quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
+    quiet, verbose = (r.stderr for r in _quiet_and_verbose(code))
     assert "Progress bars disabled" not in quiet and "Token authentication" not in quiet and "another notice" in quiet
     assert "float32: []" not in quiet and "float32: ['wo']" in quiet  # only the empty-list notice goes
     assert "Progress bars disabled" in verbose and "Token authentication" in verbose and "float32: []" in verbose
@@ -73,7 +92,7 @@ def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbo
         "warnings.warn('Already found a `peft_config` attribute in the model. This will lead to having multiple adapters', UserWarning)\n"
         "warnings.warn('some other warning', UserWarning)\n"
     )
-    quiet, verbose = _run(code).stderr, _run(code, DMM_VERBOSE="1").stderr
+    quiet, verbose = (r.stderr for r in _quiet_and_verbose(code))
     assert "torch_dtype" not in quiet and "peft_config" not in quiet and "some other warning" in quiet
     assert "torch_dtype" in verbose and "peft_config" in verbose
 
@@ -92,8 +111,7 @@ def test_verbose_flag_keeps_every_notice_and_default_quiets_the_driver():
         "print(d.is_progress_bar_enabled(), os.environ.get('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'), os.environ.get('DMM_VERBOSE'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DMM_VERBOSE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
-    run = lambda mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, env=env)  # noqa: E731
-    quiet, verbose = run("quiet"), run("verbose")
+    quiet, verbose = _side_by_side(code, [(["quiet"], env), (["verbose"], env)])
     assert "python_model" not in quiet.stderr and "torch_dtype" not in quiet.stderr
     assert quiet.stdout.split() == ["False", "false", "None"]
     assert "python_model" in verbose.stderr and "torch_dtype" in verbose.stderr
