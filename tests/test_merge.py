@@ -1,5 +1,6 @@
 """End-to-end merge on the shared local Ray cluster with tiny models (2 steps per stage)."""
 
+import json
 import re
 import signal
 import subprocess
@@ -124,6 +125,8 @@ def test_ray_job_submit_merge_end_to_end_then_resume(ray_cluster, tmp_path):
     loads and samples, and one more Train run on the same folder resumes from the job's last checkpoint.
     (One merge for all of it: every Train run costs ~40 s of start-up on 2 cores. Synthesis and the
     fine-tune: test_training_options.py; the evaluation stage: test_incremental.py.)"""
+    from diffusers import UNet2DConditionModel
+
     from dmm_ray import DMMPipeline
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import build_trainer
@@ -177,7 +180,7 @@ def test_ray_job_submit_merge_end_to_end_then_resume(ray_cluster, tmp_path):
     assert client.get_metric_history(stage[0].info.run_id, "distill/loss_feat")
     assert max(m.value for m in client.get_metric_history(stage[0].info.run_id, "distill/epoch")) >= 2  # crossed epochs in lock step
     # the merged folder names its stage run, so jobs/export.py logs exports to it
-    record = __import__("json").loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
+    record = json.loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
     assert record["mlflow"]["run_id"] == stage[0].info.run_id
 
     pipe = DMMPipeline.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
@@ -194,7 +197,7 @@ def test_ray_job_submit_merge_end_to_end_then_resume(ray_cluster, tmp_path):
     assert image.size == (32, 32)
     # the codebook moved away from its initialisation (the student really trained)
     torch.manual_seed(cfg.student.codebook_seed)
-    init = StyleUNet.from_unet(__import__("diffusers").UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), pipe.styles)
+    init = StyleUNet.from_unet(UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), pipe.styles)
     assert not torch.equal(init.class_embedding.codebook.weight, pipe.unet.class_embedding.codebook.weight)
 
     # Resume, on the job's own folder: the same run name and storage make Ray Train restore the distill

@@ -22,9 +22,10 @@ def _side_by_side(code: str, variants) -> list[subprocess.CompletedProcess]:
         subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for args, env in variants
     ]
-    done = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in procs]
-    for p, result in zip(procs, done):
-        assert p.returncode == 0, result.stderr[-3000:]
+    outputs = [p.communicate(timeout=300) for p in procs]  # sets each returncode
+    done = [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    for result in done:
+        assert result.returncode == 0, result.stderr[-3000:]
     return done
 
 
