@@ -116,6 +116,14 @@ class DistillConfig(_Section):
     score_weight_clip: float = Field(20.0, ge=1, description="upper clip of the v weighting 1/alpha_bar_t (t near T reaches ~200)")
     lambda_feat: float = Field(0.001, ge=0, description="feature imitation weight (eq. 10); 0 switches it off")
     lambda_adv: float = Field(0.01, ge=0, description="multi-class adversarial weight (eq. 11); 0 switches it and the discriminator off")
+    mixture_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="extension (paper 4.5 mixes styles by e~ = sum w_i e_i but never trains it): each step a worker hosting "
+        "k >= 2 teachers adds this share of its rows as mixture rows, drawn from its styles' synthesized samples, with random "
+        "weights w over 2..k of its styles, distilled towards sum_j w_j eps_j of its teachers; 0 switches it off",
+    )
     renoise_max_timestep: int = Field(500, gt=0, le=1000, description="discriminator inputs are re-noised at t' < this (A.2)")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="lr after warmup: constant (paper), cosine or linear decay to 0"
@@ -316,6 +324,12 @@ class MergeConfig(_Section):
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
+            )
+        if self.distill.mixture_fraction > 0 and (self.scaling.teachers_per_worker < 2 or self.data.synthetic_fraction == 0):
+            raise ValueError(
+                f"distill.mixture_fraction={self.distill.mixture_fraction}: mixture rows mix the predictions of the teachers one "
+                f"worker hosts, on their synthesized samples; it needs scaling.teachers_per_worker >= 2 (got "
+                f"{self.scaling.teachers_per_worker}) and data.synthetic_fraction > 0 (got {self.data.synthetic_fraction}), or 0"
             )
         if self.incremental.old_style_samples:  # asked for explicitly
             if not self.regularization_workers:

@@ -52,6 +52,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 TEACHER_SLICES = "teacher_slices"  # batch key: [(teacher j, start, stop), ...] when a worker hosts several teachers
+# distill.mixture_fraction: the batch's last M rows are a mixture block; MIXTURE (M, k) weighs the worker's
+# teachers (TeacherBank order) in their target, MIXTURE_STYLES (M, N) the same weights over the student's styles
+MIXTURE, MIXTURE_STYLES = "mixture", "mixture_styles"
+_ROW_META = (TEACHER_SLICES, MIXTURE, MIXTURE_STYLES)  # batch keys that are not per-row data
 
 
 def concat_batches(batches: list[dict], slices: bool = True) -> dict:
@@ -59,7 +63,7 @@ def concat_batches(batches: list[dict], slices: bool = True) -> dict:
     With `slices`, `teacher_slices` records which rows belong to teacher j = the sub-batch's position."""
     out: dict = {}
     for key in batches[0]:
-        if key == TEACHER_SLICES or any(key not in b for b in batches):
+        if key in _ROW_META or any(key not in b for b in batches):
             continue
         values = [b[key] for b in batches]
         out[key] = torch.cat(values) if torch.is_tensor(values[0]) else [v for part in values for v in part]
@@ -75,7 +79,22 @@ def concat_batches(batches: list[dict], slices: bool = True) -> dict:
 
 
 def slice_batch(batch: dict, start: int, stop: int) -> dict:
-    return {k: (v[start:stop] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items() if k != TEACHER_SLICES}
+    return {k: (v[start:stop] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items() if k not in _ROW_META}
+
+
+def mixture_size(batch: dict) -> int:
+    """M: rows of the batch's mixture block (its last rows), 0 without one."""
+    mix = batch.get(MIXTURE)
+    return 0 if mix is None else mix.shape[0]
+
+
+def _student_style(batch: dict, style_ids: torch.Tensor, num_styles: int) -> dict:
+    """The student's style kwargs: ids, or (with a mixture block) one-hot weights then the block's (B, N)."""
+    mix = batch.get(MIXTURE_STYLES)
+    if mix is None:
+        return {"style_ids": style_ids}
+    plain = torch.nn.functional.one_hot(style_ids[: style_ids.shape[0] - mix.shape[0]], num_styles).to(mix)  # (B - M, N)
+    return {"style_weights": torch.cat([plain, mix])}  # (B, N)
 
 
 class DistillStep:
@@ -134,7 +153,8 @@ class DistillStep:
                 student_text, student_added = self.student_conditioner(batch)  # frozen base text encoder(s)
                 teacher_eps, teacher_feats = self._teacher_outputs(batch, style_ids, use_feat)
             with capture_block_features(self.student) if use_feat else nullcontext([]) as student_feats:
-                student_eps = self.student(noisy, t, student_text, added_cond_kwargs=student_added, style_ids=style_ids).sample
+                style = _student_style(batch, style_ids, self.num_styles)
+                student_eps = self.student(noisy, t, student_text, added_cond_kwargs=student_added, **style).sample
             terms: dict[str, torch.Tensor] = {}
             total = student_eps.new_zeros((), dtype=torch.float32)
             if s.score:
@@ -144,6 +164,11 @@ class DistillStep:
             if use_feat:
                 terms["feat"] = feature_loss(student_feats, teacher_feats)
                 total = total + s.lambda_feat * terms["feat"]
+            # the discriminator knows N real and N fake classes, no mixtures: it sees the plain rows only
+            plain = slice(0, noisy.shape[0] - mixture_size(batch))
+            noisy, t, style_ids, student_eps, teacher_eps = noisy[plain], t[plain], style_ids[plain], student_eps[plain], teacher_eps[plain]
+            student_text = student_text[plain]
+            student_added = None if student_added is None else {k: v[plain] for k, v in student_added.items()}
             x0_student = predict_x0(noisy, student_eps, t, self.alphas_cumprod, s.x0_clamp)
             x0_teacher = predict_x0(noisy, teacher_eps, t, self.alphas_cumprod, s.x0_clamp)
             if self.discriminator is not None:
@@ -163,15 +188,22 @@ class DistillStep:
 
     @torch.no_grad()
     def _teacher_outputs(self, batch: dict, style_ids: torch.Tensor, use_feat: bool):
-        """eps_T (B, C, h, w) and the teachers' block features, each teacher on its own rows."""
+        """eps_T (B, C, h, w) and the teachers' block features, each teacher on its own rows; the
+        mixture block's rows (if any) get sum_j w_j eps_j (and features) of every hosted teacher j,
+        each teacher running its own rows and the block in one forward."""
         n = batch["noisy_latents"].shape[0]
-        slices = batch.get(TEACHER_SLICES) or [(0, 0, n)]
+        m = mixture_size(batch)
+        slices = batch.get(TEACHER_SLICES) or [(0, 0, n - m)]
         eps, feats = [], []
+        mix_eps, mix_feats = 0.0, None
         for position, (j, start, stop) in enumerate(slices):
             unet = self.bank.activate(j)  # LoRA: set_adapters; offloaded: weights on the device
             if position + 1 < len(slices):
                 self.bank.prefetch(slices[position + 1][0])  # offloaded: the next copy overlaps this forward
-            sub = batch if (start, stop) == (0, n) else slice_batch(batch, start, stop)
+            if m:
+                sub = concat_batches([slice_batch(batch, start, stop), slice_batch(batch, n - m, n)], slices=False)
+            else:
+                sub = batch if (start, stop) == (0, n) else slice_batch(batch, start, stop)
             text, added = as_conditioner(self.bank.conditioner(j))(sub)  # (b, L, D): the teacher's own text encoder(s)
             kwargs = {"style_ids": style_ids[start:stop]} if self.teacher_takes_style else {}
             dtype = next(unet.parameters()).dtype  # distill.teacher_dtype: inputs in the teacher's dtype, outputs fp32
@@ -180,8 +212,18 @@ class DistillStep:
                 latents, text = latents.to(dtype), text.to(dtype)
                 added = None if added is None else {k: v.to(dtype) for k, v in added.items()}
             with capture_block_features(unet) if use_feat else nullcontext([]) as captured:
-                eps.append(unet(latents, sub["timesteps"], text, added_cond_kwargs=added, **kwargs).sample.float())
-            feats.append([f.float() for f in captured])
+                out = unet(latents, sub["timesteps"], text, added_cond_kwargs=added, **kwargs).sample.float()
+            own = stop - start
+            eps.append(out[:own])
+            feats.append([f.float()[:own] for f in captured])
+            if m:  # the mixture block: this teacher's share of the target
+                w = batch[MIXTURE][:, j].view(-1, 1, 1, 1)  # (M, 1, 1, 1)
+                mix_eps = mix_eps + w * out[own:]
+                maps = [w * f.float()[own:] for f in captured]
+                mix_feats = maps if mix_feats is None else [a + b for a, b in zip(mix_feats, maps)]
+        if m:
+            eps.append(mix_eps)
+            feats.append(mix_feats or [])
         if len(eps) == 1:
             return eps[0], feats[0]
         return torch.cat(eps), [torch.cat(maps) for maps in zip(*feats)]
@@ -212,7 +254,7 @@ class DistillStep:
             with nullcontext() if sync or not hasattr(self.student, "no_sync") else self.student.no_sync():
                 total, terms, x0_s, x0_t, cond = self.generator_losses(batch, style_ids, generator)
                 (total / n).backward()
-            saved.append((x0_s, x0_t, style_ids, cond))
+            saved.append((x0_s, x0_t, style_ids[: x0_s.shape[0]], cond))  # x0s of the plain rows (a mixture block comes last)
             for name, value in terms.items():
                 logs[f"loss_{name}"] = logs.get(f"loss_{name}", 0.0) + value.item() / n
             logs["loss_total"] = logs.get("loss_total", 0.0) + total.item() / n

@@ -81,6 +81,25 @@ def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
     return batch_size - synthetic, synthetic
 
 
+MIXTURE_SEED_OFFSET = 7919  # the mixture block's t / eps / dropout draws: not those of the plain rows of the same images
+
+
+def mixture_rows(batch_size: int, fraction: float) -> int:
+    """Rows each hosted style adds to the mixture block per micro-batch (at least 1)."""
+    return max(1, int(round(batch_size * fraction)))
+
+
+def mixture_weights(rows: int, k: int, rng: torch.Generator) -> torch.Tensor:
+    """(rows, k) style weights: per row a random subset of 2..k styles, weights uniform on its simplex
+    (normalised Exp(1) draws: Dirichlet(1)); every other entry 0. Covers pairs (a sweep A -> B) and
+    the equal mixture of all k alike."""
+    sizes = torch.randint(2, k + 1, (rows,), generator=rng)  # (rows,)
+    order = torch.rand(rows, k, generator=rng).argsort(dim=1)  # a random permutation per row
+    keep = order < sizes[:, None]  # the first `size` styles of each permutation
+    w = -torch.log(torch.rand(rows, k, generator=rng).clamp_min(1e-12)) * keep  # Exp(1) on the kept styles
+    return w / w.sum(dim=1, keepdim=True)
+
+
 class StageBatches:
     """One worker's micro-batches for one stage, and the (epoch, position) a checkpoint records.
 
@@ -106,6 +125,8 @@ class StageBatches:
         self.common: EpochStream | None = None
         self.synthetic: list[EpochStream | None] = [None] * max(1, len(self.role.style_indices))
         self.own_labels = False  # the regulariser's synthesized rows: labelled with their own (old) style, not a random one
+        self.mixture: list[EpochStream] | None = None  # distill.mixture_fraction: per hosted style, its rows of the mixture block
+        self._by_style: dict[int, dict] | None = None
         if worker.stage == "finetune":
             self.synthetic = self._synthetic_streams(batch_size)
             return
@@ -120,6 +141,7 @@ class StageBatches:
         )
         if n_synth and self.role.kind == "teacher":
             self.synthetic = self._synthetic_streams(n_synth)
+            self.mixture = self._mixture_streams(batch_size)
         elif n_synth and worker.cfg.old_style_samples:  # the regulariser: one read of every common read's share
             self.synthetic = self._synthetic_streams(n_synth * self.reads_per_step)
 
@@ -161,7 +183,35 @@ class StageBatches:
         missing = [i for i in hosted if i not in by_style]
         if missing:
             raise RuntimeError(f"the synthesized set has no samples of style(s) {missing}")
+        self._by_style = by_style
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
+
+    def _mixture_streams(self, batch_size: int) -> list[EpochStream] | None:
+        """distill.mixture_fraction > 0 on a worker hosting k >= 2 styles: each step every hosted style
+        gives `mixture_rows` of its synthesized samples to the mixture block, noised with their own
+        seed (not the plain rows' draws of the same images)."""
+        fraction = self.worker.cfg.distill.mixture_fraction
+        if fraction <= 0 or len(self.role.style_indices) < 2:
+            return None
+        data_cfg, *rest = self._stream_args
+        stream = data_cfg.stream
+        own_seed = data_cfg.model_copy(update={"stream": stream.model_copy(update={"seed": stream.seed + MIXTURE_SEED_OFFSET})})
+        m = mixture_rows(batch_size, fraction)
+        return [cached_stream(self._by_style[i], m, own_seed, *rest, f"style {i}'s mixture samples", self._consumed) for i in self.role.style_indices]
+
+    def _with_mixture(self, batch: dict, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The plain rows, then the mixture block: (M, k) weights over the hosted teachers (TeacherBank
+        order) and the same weights over all N styles for the student; ids of the block: its largest style."""
+        from dmm_ray.distill.step import MIXTURE, MIXTURE_STYLES, TEACHER_SLICES, concat_batches
+
+        block = concat_batches([s.next() for s in self.mixture], slices=False)
+        hosted = torch.tensor(self.role.style_indices, device=self.device)
+        w = mixture_weights(block["noisy_latents"].shape[0], len(self.mixture), self.rng).to(self.device)  # (M, k)
+        out = concat_batches([batch, block], slices=False)
+        out[TEACHER_SLICES] = batch[TEACHER_SLICES]
+        out[MIXTURE] = w
+        out[MIXTURE_STYLES] = torch.zeros(w.shape[0], len(self.worker.style_names), device=self.device).index_copy(1, hosted, w)  # (M, N)
+        return out, torch.cat([ids, hosted[w.argmax(dim=1)]])
 
     def _style_batch(self, j: int) -> dict:
         synthetic = self.synthetic[j]
@@ -188,7 +238,8 @@ class StageBatches:
         ids = torch.cat(
             [torch.full((b["noisy_latents"].shape[0],), s, dtype=torch.long, device=self.device) for b, s in zip(subs, self.role.style_indices)]
         )
-        return (subs[0] if len(subs) == 1 else concat_batches(subs)), ids
+        batch = subs[0] if len(subs) == 1 else concat_batches(subs)
+        return self._with_mixture(batch, ids) if self.mixture is not None else (batch, ids)
 
 
 def _joined(parts: list[dict]) -> dict:
