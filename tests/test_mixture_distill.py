@@ -109,7 +109,9 @@ def test_discriminator_sees_only_plain_rows(world):
 
     student, text, teachers = world
     disc = MultiClassDiscriminator(tiny_sd_components(seed=0)["unet"], N)
-    step = DistillStep(student, text, teachers, [text, text], training_noise_scheduler(), LossSettings(lambda_adv=0.1), num_styles=N, discriminator=disc)
+    step = DistillStep(
+        student, text, teachers, [text, text], training_noise_scheduler(), LossSettings(lambda_adv=0.1), num_styles=N, discriminator=disc
+    )
     batch, ids, _, _ = _mixed_batch()
     opt_s = torch.optim.AdamW(student.parameters(), lr=0)
     opt_d = torch.optim.AdamW(disc.head.parameters(), lr=0)
