@@ -148,6 +148,7 @@ class Layout:
     lambda_adv: float = 0.01
     adapter_rank: int = 0  # student.style_adapters.rank
     adapter_targets: tuple[str, ...] = ()
+    mixture_rows: int = 0  # distill.mixture_fraction: mixture rows each hosted style adds (student: k x; every teacher: all k x)
 
 
 _ARCHS: dict[str, Arch] = {}
@@ -309,7 +310,7 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
     a = _ARCHS[key]
     latent = lay.resolution // a.vae_factor
     k = lay.teachers_on_worker
-    rows = k * lay.batch_per_style
+    rows = k * (lay.batch_per_style + lay.mixture_rows)  # the plain rows, then the mixture block
     p_student = student_params(key, lay.num_styles, lay.adapter_rank, lay.adapter_targets)
     p_text = text_encoder_params(key)
     p_unet = unet_params(key)
@@ -351,7 +352,7 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
                 "measured (meta device)",
             )
         )
-    teacher_rows = lay.batch_per_style
+    teacher_rows = lay.batch_per_style + k * lay.mixture_rows  # its own rows and the whole mixture block in one forward
     teacher_act = int(
         TEACHER_ACT_FRACTION
         * activation_bytes_per_row(key, latent, act_dtype if lay.teacher_dtype == "float32" and not autocast else "bfloat16", False)
@@ -428,6 +429,8 @@ def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
         )
     if len(groups) > 1:
         notes.append("LoRAs of more than one base on this worker: planned as if they shared one base (an underestimate)")
+    from dmm_ray.distill.streams import mixture_rows
+
     d = cfg.distill
     vae = _ARCHS[key].vae_factor
     res = cfg.synthesis.resolution or cfg.data.encode.resolution
@@ -449,6 +452,7 @@ def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
         lambda_adv=d.lambda_adv,
         adapter_rank=cfg.student.style_adapters.rank,
         adapter_targets=tuple(cfg.student.style_adapters.targets),
+        mixture_rows=mixture_rows(cfg.data.stream.batch_size, d.mixture_fraction) if d.mixture_fraction > 0 and k > 1 else 0,
     )
     del vae
     return lay, notes

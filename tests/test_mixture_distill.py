@@ -97,6 +97,7 @@ def test_student_runs_the_mixture_rows_at_their_weights(world):
         expected_student = student(batch["noisy_latents"], batch["timesteps"], text(batch["input_ids"])[0], style_weights=weights).sample
         target, _ = step._teacher_outputs(batch, ids, use_feat=False)
     torch.testing.assert_close(terms["score"], F.mse_loss(expected_student, target), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(terms["score_mixture"], F.mse_loss(expected_student[4:], target[4:]), atol=1e-6, rtol=1e-5)  # logged
     # the student as a one-style model (argmax ids) would give another loss: the weights really reach it
     with torch.no_grad():
         as_ids = student(batch["noisy_latents"], batch["timesteps"], text(batch["input_ids"])[0], style_ids=ids).sample
@@ -157,3 +158,16 @@ def test_mixture_needs_a_packed_worker_and_synthesized_samples(tmp_path):
     raw.setdefault("distill", {})["mixture_fraction"] = 0.25
     with pytest.raises(ValueError, match="teachers_per_worker >= 2"):
         MergeConfig.model_validate(raw)
+
+
+def test_planner_counts_the_mixture_rows():
+    from dmm_ray.memory_plan import Layout, plan_layout
+
+    def act(plan, what):
+        return next(b for n, b, _ in plan.lines if n.startswith(what))
+
+    plain = plan_layout(Layout(arch="sd15", teachers_on_worker=4, batch_per_style=4))
+    mixed = plan_layout(Layout(arch="sd15", teachers_on_worker=4, batch_per_style=4, mixture_rows=1))
+    # student: 4 x (4 + 1) rows instead of 4 x 4; each teacher: its 4 rows plus the 4-row block
+    assert act(mixed, "student activations (20 rows") * 16 == act(plain, "student activations (16 rows") * 20
+    assert abs(act(mixed, "teacher forward, one sub-batch of 8") - 2 * act(plain, "teacher forward, one sub-batch of 4")) <= 2

@@ -161,6 +161,10 @@ class DistillStep:
                 weights = None if self.score_weights is None else self.score_weights.to(t.device)[t]  # (B,)
                 terms["score"] = score_loss(student_eps, teacher_eps, weights)
                 total = total + terms["score"]
+                m = mixture_size(batch)
+                if m:  # logged only (loss_score_mixture): the mixture block's share of the score term, on its own
+                    with torch.no_grad():
+                        terms["score_mixture"] = score_loss(student_eps[-m:], teacher_eps[-m:], None if weights is None else weights[-m:])
             if use_feat:
                 terms["feat"] = feature_loss(student_feats, teacher_feats)
                 total = total + s.lambda_feat * terms["feat"]
