@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--group", help="comma-separated styles to mix (Table 3); needs --weighted-merge")
     p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (built here if missing)")
+    p.add_argument(
+        "--score-ensemble",
+        action="store_true",
+        help="add a row: the group teachers' score ensemble (mean of their noise predictions every step; "
+        "what distill.mixture_fraction trains the mix towards; costs one UNet pass per teacher per step)",
+    )
     p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
     p.add_argument("--config", help="YAML with EvalConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
@@ -79,8 +85,20 @@ def main(argv=None) -> int:
 
             specs = {s.name: s for s in setup.teachers}
             weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
+        references = {}
+        if args.score_ensemble:
+            from dmm_ray.evaluation.sources import score_ensemble_source
+
+            specs = {s.name: s for s in setup.teachers}
+            references["score ensemble"] = score_ensemble_source([specs[g] for g in group], cfg.dtype)
         res = mixing_comparison(
-            student, list(teachers.values()), group, pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype), cfg, extractor
+            student,
+            list(teachers.values()),
+            group,
+            pipeline_folder_source("weighted merge", wm_dir, cacheable=True, dtype=cfg.dtype),
+            cfg,
+            extractor,
+            references=references,
         )
         print(res.format_table())
         print("written:", res.write(out))

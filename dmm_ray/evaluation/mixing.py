@@ -83,8 +83,11 @@ def mixing_comparison(
     config: EvalConfig,
     extractor,
     prompts: Sequence[str] | None = None,
+    references: dict[str, ModelSource] | None = None,
 ) -> MixingResult:
     """Table 3: DMM with equal style weights over `group` vs the weighted merge of the same teachers.
+    `references`: more mixed models to compare, {row name: source} (e.g. the teachers' score
+    ensemble, `dmm_ray.baselines.score_ensemble`), sampled like the weighted merge.
 
     Rows: "DMM mix", "weighted merge", and "teachers (ref)" — the union of the group teachers'
     own seed-set-A images, the best a mixture could score against the union. Columns: each group
@@ -106,12 +109,15 @@ def mixing_comparison(
         StatsRequest(key="dmm_mix", source=ModelSource(student.name, student.pipeline_factory), seed_set="a", call_kwargs={"style_weights": mix})
     )
     reqs.append(StatsRequest(key="weighted_merge", source=weighted_merge, seed_set="a"))
+    references = dict(references or {})
+    reqs += [StatsRequest(key=f"reference/{name}", source=source, seed_set="a") for name, source in references.items()]
     s = collect_stats(reqs, config, extractor, prompts).stats
     targets = [s[f"teacher/{g}/B"].stats for g in group]
     targets.append(FeatureStats.union(targets))
     samples = {
         "DMM mix": s["dmm_mix"].stats,
         "weighted merge": s["weighted_merge"].stats,
+        **{name: s[f"reference/{name}"].stats for name in references},
         "teachers (ref)": FeatureStats.union([s[f"teacher/{g}/A"].stats for g in group]),
     }
     table = np.array([[fid_from_stats(x, t) for t in targets] for x in samples.values()])

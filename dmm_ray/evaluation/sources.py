@@ -62,6 +62,20 @@ def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelS
     ]
 
 
+def _load_score_ensemble(specs, dtype: str = "float32"):
+    from dmm_ray.baselines.score_ensemble import score_ensemble_pipeline
+
+    return score_ensemble_pipeline(specs, torch_dtype=_torch_dtype(dtype))
+
+
+def score_ensemble_source(specs: Sequence[Any], dtype: str = "float32") -> ModelSource:
+    """The teachers' equal-weight score ensemble (`dmm_ray.baselines.score_ensemble`), cacheable on their checksums."""
+    from dmm_ray.teachers import teacher_checksum
+
+    checksum = "score-ensemble:" + "+".join(teacher_checksum(s) for s in specs) + _dtype_suffix(dtype)
+    return ModelSource(name="score ensemble", pipeline_factory=partial(_load_score_ensemble, list(specs), dtype), checksum=checksum)
+
+
 def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False, dtype: str = "float32") -> ModelSource:
     """A plain diffusers folder (e.g. the weighted-merge baseline); cacheable keys on its file digest."""
     from dmm_ray.evaluation.extractors import dir_digest

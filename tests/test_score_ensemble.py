@@ -1,0 +1,114 @@
+"""The teachers' score ensemble (dmm_ray/baselines/score_ensemble.py): the mixture target of
+distill.mixture_fraction as a pipeline, and its row in the Table 3 mixing study."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from eval_helpers import SeededConvExtractor
+
+from dmm_ray import DMMPipeline, StyleUNet, TeacherSpec
+from dmm_ray.baselines.score_ensemble import score_ensemble_pipeline
+from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
+from dmm_ray.evaluation.mixing import mixing_comparison
+from dmm_ray.evaluation.sources import pipeline_folder_source, score_ensemble_source, student_source, teacher_sources
+from dmm_ray.tiny import tiny_sd_components
+
+NAMES = ["ink", "neon"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two teachers sharing the base's text encoder, UNets perturbed two ways; and one with its own text encoder."""
+    root = tmp_path_factory.mktemp("ens")
+    specs = []
+    for i, name in enumerate(NAMES):
+        c = tiny_sd_components(seed=0)
+        g = torch.Generator().manual_seed(40 + i)
+        with torch.no_grad():
+            for p in c["unet"].parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        StableDiffusionPipeline(**c).save_pretrained(root / name)
+        specs.append(TeacherSpec(name=name, source=str(root / name)))
+    StableDiffusionPipeline(**tiny_sd_components(seed=3)).save_pretrained(root / "other")
+    other = TeacherSpec(name="other", source=str(root / "other"))
+    return root, specs, other
+
+
+def _eps(unet, g_seed=0):
+    g = torch.Generator().manual_seed(g_seed)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), text).sample, unet(x, torch.tensor([10, 500]), text, return_dict=False)[0]
+
+
+def test_ensemble_unet_is_the_weighted_sum_of_the_teachers(teachers):
+    _, specs, _ = teachers
+    singles = [_eps(StableDiffusionPipeline.from_pretrained(s.source).unet)[0] for s in specs]
+    assert (singles[0] - singles[1]).abs().max() > 1e-3
+    for weights, w in ((None, [0.5, 0.5]), ([0.25, 0.75], [0.25, 0.75])):
+        sample, tup = _eps(score_ensemble_pipeline(specs, weights).unet)
+        torch.testing.assert_close(sample, w[0] * singles[0] + w[1] * singles[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tup, sample)
+
+
+def test_ensemble_refuses_teachers_with_their_own_text_encoder(teachers):
+    _, specs, other = teachers
+    with pytest.raises(ValueError, match="'other' has its own text_encoder"):
+        score_ensemble_pipeline([specs[0], other])
+    with pytest.raises(ValueError, match=">= 2 teachers"):
+        score_ensemble_pipeline(specs[:1])
+
+
+def test_mixing_study_gains_the_ensemble_row(teachers, tmp_path):
+    root, specs, _ = teachers
+    c = tiny_sd_components(seed=0)
+    torch.manual_seed(0)
+    DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], NAMES), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(
+        tmp_path / "student"
+    )
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    cfg = EvalConfig(
+        prompts_file=str(tmp_path / "prompts.txt"),
+        images_per_prompt=1,
+        sampler=SamplerConfig(num_inference_steps=2),
+        use_ray=False,
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        extractor={"kind": "import", "path": "eval_helpers:SeededConvExtractor"},
+        grid_prompts=2,
+    )
+    res = mixing_comparison(
+        student_source(tmp_path / "student"),
+        teacher_sources(specs),
+        NAMES,
+        pipeline_folder_source("weighted merge", root / "ink"),
+        cfg,
+        SeededConvExtractor(),
+        references={"score ensemble": score_ensemble_source(specs)},
+    )
+    assert res.rows == ["DMM mix", "weighted merge", "score ensemble", "teachers (ref)"]
+    assert res.table.shape == (4, 3) and (res.table >= 0).all()
+    assert not torch.allclose(torch.tensor(res.table[2]), torch.tensor(res.table[1]))  # its own images, not the stand-in merge's
+
+
+def test_style_mixing_cli_with_score_ensemble(teachers, tmp_path, capsys):
+    import yaml
+
+    from jobs.style_mixing import main
+
+    root, specs, _ = teachers
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    zoo = {"base": specs[0].source, "eval_prompts": str(tmp_path / "prompts.txt")}
+    zoo["teachers"] = [{"name": s.name, "format": "diffusers", "source": s.source, "description": "toy"} for s in specs]
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(zoo))
+    c = tiny_sd_components(seed=0)
+    DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], NAMES), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(
+        tmp_path / "student"
+    )
+    sets = ["sampler.num_inference_steps=2", "images_per_prompt=1", f"cache_dir={tmp_path / 'cache'}", "extractor.kind=import"]
+    sets += ["extractor.path=eval_helpers:SeededConvExtractor"]
+    args = ["--model", str(tmp_path / "student"), "--teachers", str(tmp_path / "zoo.yaml"), "--group", ",".join(NAMES), "--score-ensemble"]
+    args += ["--no-ray", "--out", str(tmp_path / "mix")] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    assert "score ensemble" in capsys.readouterr().out
+    assert "score ensemble" in (tmp_path / "mix" / "mixing.csv").read_text()
