@@ -29,15 +29,18 @@ def table_rows(cfg) -> list[tuple[str, list[str]]]:
     paper = DistillConfig.model_fields
     feat = cfg.distill.lambda_feat or paper["lambda_feat"].default
     adv = cfg.distill.lambda_adv or paper["lambda_adv"].default
-    no_synth = ["synthesis.enabled=false", "data.synthetic_fraction=0"]
+    paper_only = ["distill.mixture_fraction=0"]  # mixture rows are an extension: not in the paper's four rows
+    no_synth = ["synthesis.enabled=false", "data.synthetic_fraction=0", *paper_only]
     rows = [
         ("score distillation only", ["distill.lambda_feat=0", "distill.lambda_adv=0", *no_synth]),
         (f"+ feature imitation (λ {feat:g})", [f"distill.lambda_feat={feat}", "distill.lambda_adv=0", *no_synth]),
         (f"+ multi-class adversarial (λ {adv:g})", [f"distill.lambda_feat={feat}", f"distill.lambda_adv={adv}", *no_synth]),
-        ("+ synthesized data (all four terms)", [f"distill.lambda_feat={feat}", f"distill.lambda_adv={adv}"]),
+        ("+ synthesized data (all four terms)", [f"distill.lambda_feat={feat}", f"distill.lambda_adv={adv}", *paper_only]),
     ]
-    if (cfg.distill.lambda_feat, cfg.distill.lambda_adv) != (feat, adv):
-        rows.append((f"the preset (λ_feat {cfg.distill.lambda_feat:g}, λ_adv {cfg.distill.lambda_adv:g})", []))
+    mixture = cfg.distill.mixture_fraction
+    if (cfg.distill.lambda_feat, cfg.distill.lambda_adv) != (feat, adv) or mixture > 0:
+        extra = f", mixture rows {mixture:g}" if mixture > 0 else ""
+        rows.append((f"the preset (λ_feat {cfg.distill.lambda_feat:g}, λ_adv {cfg.distill.lambda_adv:g}{extra})", []))
     return rows
 
 

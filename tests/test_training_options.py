@@ -324,3 +324,9 @@ def test_table1_rows_add_one_term_each_even_when_the_preset_drops_one(world, tmp
     # a preset that is the full recipe is its own row 4: no fifth row
     tree["distill"]["lambda_adv"] = paper_adv
     assert len(table1.table_rows(MergeConfig.model_validate(tree))) == 4
+    # mixture rows (an extension) stay out of the paper's four rows, which still validate; the preset is row 5
+    tree["distill"]["mixture_fraction"] = 0.25
+    tree.setdefault("scaling", {})["teachers_per_worker"] = 2
+    rows = table1.table_rows(MergeConfig.model_validate(tree))
+    mixtures = [MergeConfig.model_validate(apply_overrides(tree, sets)).distill.mixture_fraction for _, sets in rows]
+    assert mixtures == [0, 0, 0, 0, 0.25] and "mixture rows 0.25" in rows[-1][0]
