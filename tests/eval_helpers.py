@@ -75,3 +75,22 @@ class RoutingStudent:
 
 def routing_student(names: Sequence[str], seeds: Sequence[int]) -> RoutingStudent:
     return RoutingStudent({n: tiny_teacher_pipeline(s) for n, s in zip(names, seeds)})
+
+
+def fast_eval_config(root, **kw):
+    """An EvalConfig for tiny tests: root/prompts.txt, 1 image per prompt, 2 sampler steps, no Ray,
+    the seeded extractor, cache and outputs under root."""
+    from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
+
+    base = dict(
+        prompts_file=str(root / "prompts.txt"),
+        images_per_prompt=1,
+        sampler=SamplerConfig(num_inference_steps=2),
+        use_ray=False,
+        cache_dir=str(root / "cache"),
+        output_dir=str(root / "out"),
+        extractor={"kind": "import", "path": "eval_helpers:SeededConvExtractor"},
+        grid_prompts=2,
+    )
+    base.update(kw)
+    return EvalConfig(**base)

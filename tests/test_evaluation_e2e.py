@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
-from eval_helpers import SeededConvExtractor
+from eval_helpers import SeededConvExtractor, fast_eval_config
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.evaluation.api import evaluate_merge
-from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
 from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
 from dmm_ray.evaluation.sources import load_zoo_manifest, pipeline_folder_source, student_source, teacher_sources
 from dmm_ray.tiny import tiny_sd_components
@@ -59,18 +58,7 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, **kw):
-    base = dict(
-        prompts_file=str(world / "prompts.txt"),
-        images_per_prompt=1,
-        sampler=SamplerConfig(num_inference_steps=2),
-        use_ray=False,
-        cache_dir=str(world / "cache"),
-        output_dir=str(world / "out"),
-        extractor={"kind": "import", "path": EXTRACTOR},
-        grid_prompts=2,
-    )
-    base.update(kw)
-    return EvalConfig(**base)
+    return fast_eval_config(world, **kw)
 
 
 def test_zoo_manifest_resolves_paths(world):

@@ -4,11 +4,10 @@ distill.mixture_fraction as a pipeline, and its row in the Table 3 mixing study.
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from eval_helpers import SeededConvExtractor
+from eval_helpers import SeededConvExtractor, fast_eval_config
 
 from dmm_ray import DMMPipeline, StyleUNet, TeacherSpec
 from dmm_ray.baselines.score_ensemble import score_ensemble_pipeline
-from dmm_ray.evaluation.config import EvalConfig, SamplerConfig
 from dmm_ray.evaluation.mixing import mixing_comparison
 from dmm_ray.evaluation.sources import pipeline_folder_source, score_ensemble_source, student_source, teacher_sources
 from dmm_ray.tiny import tiny_sd_components
@@ -67,16 +66,7 @@ def test_mixing_study_gains_the_ensemble_row(teachers, tmp_path):
         tmp_path / "student"
     )
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    cfg = EvalConfig(
-        prompts_file=str(tmp_path / "prompts.txt"),
-        images_per_prompt=1,
-        sampler=SamplerConfig(num_inference_steps=2),
-        use_ray=False,
-        cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"),
-        extractor={"kind": "import", "path": "eval_helpers:SeededConvExtractor"},
-        grid_prompts=2,
-    )
+    cfg = fast_eval_config(tmp_path)
     res = mixing_comparison(
         student_source(tmp_path / "student"),
         teacher_sources(specs),
