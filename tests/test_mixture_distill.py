@@ -171,3 +171,29 @@ def test_planner_counts_the_mixture_rows():
     # student: 4 x (4 + 1) rows instead of 4 x 4; each teacher: its 4 rows plus the 4-row block
     assert act(mixed, "student activations (20 rows") * 16 == act(plain, "student activations (16 rows") * 20
     assert abs(act(mixed, "teacher forward, one sub-batch of 8") - 2 * act(plain, "teacher forward, one sub-batch of 4")) <= 2
+
+
+@pytest.mark.ray
+def test_packed_merge_with_mixture_rows(ray_cluster, tmp_path):
+    """End to end on Ray: one worker hosts both teachers and adds the mixture block every step
+    (its rows are synthesized samples, so they show in synthetic_share; its loss is logged)."""
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import run_merge
+    from dmm_ray.pipeline import load_dmm_pipeline
+
+    world = build_world(tmp_path / "world", num_teachers=2, rows=64)
+    raw = tiny_merge_config(
+        world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 1}, distill={"steps": 2, "checkpoint_every": 2}
+    )
+    raw["data"]["synthetic_fraction"] = 0.5
+    raw["distill"]["mixture_fraction"] = 0.5
+    raw["synthesis"].update({"images_per_teacher": 8, "num_inference_steps": 2, "batch_size": 4, "resolution": 16, "actors": 1, "finetune_steps": 0})
+    cfg = MergeConfig.model_validate(raw)
+    result = run_merge(cfg)
+    metrics = result.stage_metrics["distill"]
+    b, m = cfg.data.stream.batch_size, mixture_rows(cfg.data.stream.batch_size, 0.5)  # per style: b plain rows (half synthesized), m mixture rows
+    assert metrics["synthetic_share"] == pytest.approx((2 * b / 2 + 2 * m) / (2 * b + 2 * m))
+    assert metrics["loss_score_mixture"] > 0
+    assert load_dmm_pipeline(result.merged_path).styles == ["style0", "style1"]
