@@ -147,6 +147,7 @@ class DistillStep:
         where student_cond = (encoder_hidden_states, added_cond_kwargs) also conditions the discriminator."""
         s = self.settings
         noisy, t = batch["noisy_latents"], batch["timesteps"]
+        m = mixture_size(batch)  # the batch's last m rows are a mixture block (distill.mixture_fraction)
         use_feat = s.lambda_feat > 0
         with self._autocast(noisy.device):
             with torch.no_grad():
@@ -161,7 +162,6 @@ class DistillStep:
                 weights = None if self.score_weights is None else self.score_weights.to(t.device)[t]  # (B,)
                 terms["score"] = score_loss(student_eps, teacher_eps, weights)
                 total = total + terms["score"]
-                m = mixture_size(batch)
                 if m:  # logged only (loss_score_mixture): the mixture block's share of the score term, on its own
                     with torch.no_grad():
                         terms["score_mixture"] = score_loss(student_eps[-m:], teacher_eps[-m:], None if weights is None else weights[-m:])
@@ -169,7 +169,7 @@ class DistillStep:
                 terms["feat"] = feature_loss(student_feats, teacher_feats)
                 total = total + s.lambda_feat * terms["feat"]
             # the discriminator knows N real and N fake classes, no mixtures: it sees the plain rows only
-            plain = slice(0, noisy.shape[0] - mixture_size(batch))
+            plain = slice(0, noisy.shape[0] - m)
             noisy, t, style_ids, student_eps, teacher_eps = noisy[plain], t[plain], style_ids[plain], student_eps[plain], teacher_eps[plain]
             student_text = student_text[plain]
             student_added = None if student_added is None else {k: v[plain] for k, v in student_added.items()}
