@@ -71,6 +71,7 @@ def main(argv=None) -> int:
             own["guidance_scale"] if args.student_guidance is None else args.student_guidance,
         )
     teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
+    specs = {s.name: s for s in setup.teachers}  # TeacherSpecs by name (weighted merge, score ensemble)
     extractor = default_extractor(cfg)
     out = Path(args.out)
     if args.group:
@@ -83,13 +84,11 @@ def main(argv=None) -> int:
         if not (wm_dir / "model_index.json").is_file():
             from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
 
-            specs = {s.name: s for s in setup.teachers}
             weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
         references = {}
         if args.score_ensemble:
             from dmm_ray.evaluation.sources import score_ensemble_source
 
-            specs = {s.name: s for s in setup.teachers}
             references["score ensemble"] = score_ensemble_source([specs[g] for g in group], cfg.dtype)
         res = mixing_comparison(
             student,
