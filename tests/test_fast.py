@@ -670,3 +670,104 @@ def test_fast_state_resumes_only_from_the_same_model_and_settings(merged_world, 
     assert not fingerprint.fast_state_path(cfg(), out).exists() and not (out / fingerprint.RECORD).exists() and len(removed) == 2
     assert (out / "model").is_dir()
     fingerprint.check_fast_resume(cfg(lr=1e-3), merged, out)  # nothing left to resume
+
+
+def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
+    """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
+    returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws
+    from one seeded generator per row (what synthesis uses)."""
+    import copy
+
+    from dmm_ray.fast.rollout import initial_noise, rollout
+
+    path, _ = fast_model
+    pipe = _load(path)
+    side = 32 // pipe.vae_scale_factor
+    prompts, styles = ["a red circle", "a blue star"], ["style0", "style1"]
+    noise = initial_noise([5, 6], (pipe.unet.config.in_channels, side, side))  # (2, C, h, w)
+    kw = dict(height=32, width=32, output_type="latent")
+    own = pipe(prompts, style=styles, latents=noise.clone(), **kw).images
+    drawn = pipe(prompts, style=styles, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **kw).images
+    torch.testing.assert_close(drawn, own)
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+        ours = rollout(pipe.unet, copy.deepcopy(pipe.scheduler), noise, embeds, torch.tensor([0, 1]), steps=4)
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        swapped = rollout(pipe.unet, copy.deepcopy(pipe.scheduler), noise, embeds, torch.tensor([1, 0]), steps=4)
+    assert not torch.allclose(swapped, own, atol=1e-4)  # the style ids reach every step
+
+
+def test_rollout_backpropagates_through_every_sampler_step():
+    """The endpoint loss reaches the UNet output of every step, not only the last (a detached chain
+    would leave the earlier steps without gradient)."""
+    from diffusers import TCDScheduler
+
+    from dmm_ray.fast.rollout import rollout
+
+    student = _student()
+    outputs = []
+
+    def keep(module, args, out):
+        out.sample.retain_grad()
+        outputs.append(out.sample)
+
+    student.register_forward_hook(keep)
+    scheduler = TCDScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, original_inference_steps=10)
+    latents, cond, _ = _batch(2)
+    x = rollout(student, scheduler, torch.randn_like(latents), cond[0], torch.tensor([0, 1]), steps=4)
+    ((x - latents) ** 2).mean().backward()
+    assert len(outputs) == 4
+    assert all(o.grad is not None and o.grad.abs().sum() > 0 for o in outputs)
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p is not student.class_embedding.codebook.weight)
+
+
+def test_rollout_needs_the_deterministic_sampler():
+    with pytest.raises(ValueError, match="fast.rollout_steps needs a deterministic sampler"):
+        FastConfig(rollout_steps=10, sampler="lcm")
+
+
+@pytest.mark.ray
+def test_rollout_phase_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
+    """LCM steps, then rollout steps on the merged model's own samples (sampled by the stage first),
+    checkpointed and saved; the pairs' noise, run through the merged model's sampler, gives back each
+    pair's target (the seed of every row is recovered)."""
+    import numpy as np
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
+    from dmm_ray.distill.synthesis import synthesis_prompts
+    from dmm_ray.fast.job import run_fast
+    from dmm_ray.fast.loop import synthesized_rows
+    from dmm_ray.fast.rollout import pair_rows
+    from dmm_ray.pipeline import DMMPipeline, load_dmm_pipeline
+
+    world, merged = merged_world
+    fast = {"steps": 1, "rollout_steps": 2, "rollout_batch_size": 2, "synthetic_images": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast=fast, synthesis={"actors": 1, "cpus_per_actor": 0.5}, seed=3))
+    result = run_fast(cfg, merged, evaluate=False)
+    assert result.train_metrics["step"] == 3 and np.isfinite(result.train_metrics["loss_rollout"])
+    assert "2 rollout steps" in json.loads((result.model_path / "fast.json").read_text())["method"]
+
+    shards = sorted(str(p) for p in (tmp_path / "out" / "fast" / "synthesized").glob("style_*"))
+    pairs = pair_rows(synthesized_rows(build_latent_dataset(cfg.data, shards=shards), num_styles=2, seed=0), cfg.seed)
+    assert len(pairs["captions"]) == 4 and sorted(pairs["style"].tolist()) == [0, 0, 1, 1]
+    pipe = load_dmm_pipeline(merged)
+    pipe.scheduler = DMMPipeline.paper_scheduler(pipe.scheduler)
+    s = cfg.synthesis
+    for i in range(4):
+        assert pairs["captions"][i] in synthesis_prompts(cfg)
+        again = pipe(
+            [pairs["captions"][i]],
+            style=int(pairs["style"][i]),
+            negative_prompt=[PAPER_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt],
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            height=32,
+            width=32,
+            latents=pairs["noise"][i : i + 1].clone(),
+            output_type="latent",
+        ).images
+        torch.testing.assert_close(again[0], pairs["target"][i], rtol=1e-4, atol=1e-4)

@@ -108,6 +108,20 @@ class FastConfig(BaseModel):
         None,
         description="folder of the merge's synthesized sets (style_<i>/ shards); default: <merged model>/../synthesized, where a merge writes them",
     )
+    rollout_steps: int = Field(
+        0,
+        ge=0,
+        description="extension (not in the paper or LCM): optimizer steps after the LCM steps in which the student runs its own "
+        "sampler (fast.sampler at fast.num_inference_steps, CFG off) from the noise of a merged-model sample and the endpoint "
+        "is pulled to that sample, through every step of the chain (backward distillation); 0: off",
+    )
+    rollout_images: Optional[int] = Field(
+        None,
+        ge=1,
+        description="rollout pairs per style: the merged model's own samples (default: fast.synthetic_images, else synthesis.images_per_teacher)",
+    )
+    rollout_lr: Optional[float] = Field(None, gt=0, description="learning rate of the rollout steps (default: fast.lr)")
+    rollout_batch_size: Optional[int] = Field(None, ge=1, description="pairs per worker per rollout step (default: fast.batch_size)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); each holds the teacher and the student")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
@@ -129,6 +143,10 @@ class FastConfig(BaseModel):
             raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
         if self.synthetic_source != "teachers" and self.synthetic_fraction == 0:
             raise ValueError(f"fast.synthetic_source={self.synthetic_source} takes no rows at fast.synthetic_fraction 0: set a fraction (e.g. 0.5)")
+        if self.rollout_steps and self.sampler != "tcd":
+            raise ValueError(
+                f"fast.rollout_steps needs a deterministic sampler to backpropagate through: fast.sampler=tcd (gamma 0), not {self.sampler!r}"
+            )
         if not self.lora_targets and self.mode == "lora":
             raise ValueError("fast.lora_targets: give at least one module-name suffix")
         return self

@@ -7,7 +7,6 @@ reference), and register it in MLflow under the merge project as its own model v
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import time
@@ -87,7 +86,7 @@ MERGED_SYNTH_RECORD = "synthesized.json"  # what <fast output>/synthesized was s
 
 
 def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path) -> list[str]:
-    """`fast.synthetic_source: merged`: every style of the merged model sampled by the synthesis fan-out
+    """`fast.synthetic_source: merged` and the rollout pairs: every style of the merged model sampled by the synthesis fan-out
     (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style) into <out>/synthesized,
     one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
     from dmm_ray.distill.synthesis import MergedStyle, synthesize_for
@@ -116,6 +115,11 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     dirs = synthesize_for(cfg, [MergedStyle(name=name, model=str(model_dir)) for name in styles], 0, folder, n)
     log(f"merged-model samples done in {time.time() - t0:.0f} s")
     return [dirs[i] for i in sorted(dirs)]
+
+
+def uses_merged_samples(fast) -> bool:
+    """Whether the stage samples the merged model first (synthetic_source merged, or rollout pairs)."""
+    return (fast.synthetic_fraction > 0 and fast.synthetic_source == "merged") or fast.rollout_steps > 0
 
 
 def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracking: dict | None = None):
@@ -155,11 +159,10 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
     off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
     lcm_lora/. Written beside `dest`, verified to load, then swapped in."""
-    import diffusers
     import torch
 
-    from dmm_ray.defaults import FEW_STEP_SCHEDULERS
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
+    from dmm_ray.fast.sampler import few_step_scheduler
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
@@ -194,14 +197,8 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         local_files_only=True,
         **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
     )
-    scheduler_cls = getattr(diffusers, FEW_STEP_SCHEDULERS[f.sampler])
-    keep = inspect.signature(scheduler_cls.__init__).parameters  # the training schedule's keys only (no DPM-Solver ones)
-    # the sampler's timesteps lie on the solver grid the student was trained on (original_inference_steps = N)
-    pipe.scheduler = scheduler_cls.from_config(
-        {k: v for k, v in pipe.scheduler.config.items() if k in keep},
-        timestep_scaling=f.timestep_scaling,
-        original_inference_steps=f.num_ddim_timesteps,
-    )
+    pipe.scheduler = few_step_scheduler(model_dir, f)
+    scheduler_cls = type(pipe.scheduler)
     pipe.save_pretrained(tmp, safe_serialization=True)
     record = read_record(model_dir)
     if record:
@@ -215,7 +212,7 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     (tmp / FAST_RECORD).write_text(
         json.dumps(
             {
-                "method": "LCM (latent consistency distillation)",
+                "method": "LCM (latent consistency distillation)" + (f" + {f.rollout_steps} rollout steps" if f.rollout_steps else ""),
                 "distilled_from": str(model_dir),
                 "steps": state["step"],
                 "fast": f.model_dump(mode="json"),
@@ -301,6 +298,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         + (f" ({f.solver_substeps} sub-steps per skip)" if f.solver_substeps > 1 else "")
         + ", teacher CFG "
         + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
+        + (f", then {f.rollout_steps} rollout steps through its {f.num_inference_steps}-step sampler" if f.rollout_steps else "")
         + f" -> {out}/model"
     )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
@@ -314,13 +312,19 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     try:
         t0 = time.time()
         datasets = {"train": build_latent_dataset(cfg.data)}
+        merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if uses_merged_samples(f) else None
         if f.synthetic_fraction > 0:
-            shards = merged_synthesized_sets(cfg, model_dir, styles, out) if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
+            shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
             datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
+        if f.rollout_steps:  # the rollout pairs: the merged model's own samples, whose noise the seeds give back
+            datasets["rollout"] = build_latent_dataset(cfg.data, shards=merged_sets)
         fingerprint.record_fast(cfg, model_dir, out, inputs)
         trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
-        log(f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s (loss {trained.metrics.get('loss_lcm', float('nan')):.4f})")
+        loss_name = "loss_rollout" if f.rollout_steps else "loss_lcm"
+        log(
+            f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s ({loss_name} {trained.metrics.get(loss_name, float('nan')):.4f})"
+        )
         with trained.checkpoint.as_directory() as folder:
             save_fast_model(cfg, model_dir, Path(folder), result.model_path)
         log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")

@@ -92,7 +92,6 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray._quiet import no_loading_bars
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
-    from dmm_ray.distill.checkpointing import temp_checkpoint_dir
     from dmm_ray.distill.conditioning import load_base_conditioner
     from dmm_ray.distill.loop import _mlflow_logger
     from dmm_ray.distill.step import concat_batches
@@ -161,14 +160,35 @@ def train_fast_per_worker(config: dict) -> None:
         rows = synthesized_rows(ray.train.get_dataset_shard("synth"), num_styles, seed=f.seed + rank)
         synth = cached_stream(rows, n_synth, stream_cfg, scheduler, empty_np, device, "synthesized samples", consumed=start_step)
     log = _mlflow_logger(config.get("tracking"), rank)
+    rollout_phase = None
+    if f.rollout_steps:  # after the LCM steps: the student's own sampler, pulled to the merged model's endpoints
+        rollout_phase = RolloutPhase(student_ddp, params, model_dir, f, ray.train.get_dataset_shard("rollout"), cfg.seed, rank, device)
+        if start_step > f.steps and checkpoint:
+            with checkpoint.as_directory() as folder:
+                rollout_phase.opt.load_state_dict(torch.load(Path(folder) / TRAINABLE, map_location="cpu", weights_only=False)["rollout_opt"])
 
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=f.steps, initial=start_step, desc="fast (LCM)", unit="step", mininterval=5)
+        progress = tqdm(total=f.steps + f.rollout_steps, initial=start_step, desc="fast (LCM)", unit="step", mininterval=5)
     step, started = start_step, time.time()
-    while step < f.steps:
+    while step < f.steps + f.rollout_steps:
+        if step >= f.steps:  # the rollout phase (fast.rollout_steps)
+            loss = rollout_phase.step(step)
+            step += 1
+            if saved_ema is not None:
+                saved_ema.step(params)
+            metrics = {"loss_rollout": loss, "lr": rollout_phase.opt.param_groups[0]["lr"], "resumed_from": start_step}
+            if progress is not None:
+                progress.set_description("fast (rollout)", refresh=False)
+                progress.update(1)
+                progress.set_postfix({"loss": f"{loss:.4f}"}, refresh=False)
+            if step % f.log_every == 0 or step == f.steps + f.rollout_steps:
+                log(metrics, step)
+            if step % f.checkpoint_every == 0 or step == f.steps + f.rollout_steps:
+                _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
+            continue
         batch = stream.next()
         style_ids = torch.randint(0, num_styles, (n_common,), generator=rng).to(device)  # uniform over every style
         if synth is not None:  # + rows drawn by a teacher, with that teacher's style
@@ -207,29 +227,84 @@ def train_fast_per_worker(config: dict) -> None:
         if step % f.log_every == 0 or step == f.steps:
             log(metrics, step)
         if step % f.checkpoint_every == 0 or step == f.steps:
-            folder = None
-            if rank == 0:
-                folder = temp_checkpoint_dir()
-                torch.save(
-                    {
-                        "student": trainable_state(student, f),
-                        "opt": opt.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict(),
-                        "step": step,
-                        "epoch": stream.epoch,
-                        "position": stream.position,
-                        "mode": f.mode,
-                        "saved_ema": saved_ema.state_dict() if saved_ema is not None else None,
-                    },
-                    Path(folder) / TRAINABLE,
-                )
-                if target is not None:
-                    torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
-            ray.train.report(
-                {**metrics, "step": step},
-                checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-                delete_local_checkpoint_after_upload=True if folder else None,
-            )
+            _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
     log.close()
     if progress is not None:
         progress.close()
+
+
+def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase) -> None:
+    """A checkpoint (rank 0 writes it) and the step's metrics to Ray Train."""
+    import ray.train
+
+    from dmm_ray.distill.checkpointing import temp_checkpoint_dir
+
+    folder = None
+    if rank == 0:
+        folder = temp_checkpoint_dir()
+        torch.save(
+            {
+                "student": trainable_state(student, f),
+                "opt": opt.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "step": step,
+                "epoch": stream.epoch,
+                "position": stream.position,
+                "mode": f.mode,
+                "saved_ema": saved_ema.state_dict() if saved_ema is not None else None,
+                "rollout_opt": rollout_phase.opt.state_dict() if rollout_phase is not None and step > f.steps else None,
+            },
+            Path(folder) / TRAINABLE,
+        )
+        if target is not None:
+            torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
+    ray.train.report(
+        {**metrics, "step": step},
+        checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+        delete_local_checkpoint_after_upload=True if folder else None,
+    )
+
+
+class RolloutPhase:
+    """The rollout steps (fast.rollout_steps; dmm_ray.fast.rollout): each step draws pairs (the merged
+    model's sample and its noise), runs the student's own few-step sampler from the noise with the pair's
+    style and caption, CFG off, and minimises the mean squared distance of the two endpoints, the
+    gradient flowing through every sampler step. Its own AdamW at fast.rollout_lr; the draws are keyed by
+    (seed, rank, step), so a resumed run draws what the first would have."""
+
+    def __init__(self, student, params, model_dir, f, shard, seed: int, rank: int, device):
+        import copy
+
+        from dmm_ray.distill.conditioning import load_base_conditioner
+        from dmm_ray.fast.rollout import pair_rows
+        from dmm_ray.fast.sampler import few_step_scheduler
+
+        self.student, self.params, self.f, self.rank, self.device, self.seed = student, params, f, rank, device, seed
+        self.pairs = pair_rows(synthesized_rows(shard, student_num_styles(student), seed=seed), seed)
+        self.scheduler = copy.deepcopy(few_step_scheduler(model_dir, f))
+        self.conditioner = load_base_conditioner(model_dir, device)
+        self.opt = torch.optim.AdamW(params, lr=f.rollout_lr or f.lr, weight_decay=f.weight_decay)
+        self.batch_size = f.rollout_batch_size or f.batch_size or 32
+
+    def step(self, step: int) -> float:
+        import torch.nn.functional as F
+
+        from dmm_ray.fast.rollout import pair_batch, rollout
+
+        g = torch.Generator().manual_seed((self.f.seed * 1_000_003 + self.rank) * 1_000_003 + step)
+        batch = pair_batch(self.pairs, self.batch_size, g, self.device)
+        with torch.no_grad():
+            embeds, added = self.conditioner(batch)  # (B, L, D): the frozen text encoder
+        x = rollout(self.student, self.scheduler, batch["noise"], embeds, batch["style"], self.f.num_inference_steps, added)  # (B, C, h, w)
+        loss = F.mse_loss(x.float(), batch["target"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fast: non-finite rollout loss at step {step + 1} (rank {self.rank}); lower fast.rollout_lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.f.grad_clip)
+        self.opt.step()
+        return float(loss.detach())
+
+
+def student_num_styles(student) -> int:
+    return getattr(student, "module", student).num_styles
