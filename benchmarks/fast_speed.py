@@ -34,6 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--merged-guidance", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet forward and the VAE decode of BOTH models (inductor; compiled in the warm-up call)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -77,6 +82,9 @@ def main(argv=None) -> int:
         setattr(module, method, wrapper)
 
     for p in (merged, fast):
+        if args.compile:  # the bound methods, so the timing wrappers below still see every call
+            p.unet.forward = torch.compile(p.unet.forward)
+            p.vae.decode = torch.compile(p.vae.decode)
         timed(p, p.text_encoder, "forward", "text encoder")
         timed(p, p.unet, "forward", "UNet")
         timed(p, p.vae, "decode", "VAE decode")
@@ -107,7 +115,10 @@ def main(argv=None) -> int:
             times[name].append(total)
             split[name].append(per_part)
     base = base_unet = None
-    print(f"style {style!r}, batch {args.batch}, {args.threads} torch thread(s), median of {args.repeats}")
+    print(
+        f"style {style!r}, batch {args.batch}, {args.threads} torch thread(s), median of {args.repeats}"
+        + (", UNet and VAE decode under torch.compile" if args.compile else "")
+    )
     for name, ts in times.items():
         ips = args.batch / statistics.median(ts)
         base = base or ips

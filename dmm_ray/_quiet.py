@@ -13,7 +13,8 @@
   float32: []" (an empty list: nothing to keep; the notice with a non-empty list stays).
 - MLflow, per registered model: "Passing a Python object as `python_model` causes it to be serialized
   using CloudPickle" (DMMPyfuncModel is importable from the installed package: pickled by reference).
-- Ray: the token notice of a private local Ray, and Ray Data's "Progress bars disabled" (on purpose).
+- Ray: the token notice of a private local Ray, Ray Data's "Progress bars disabled" (on purpose) and
+  its "Estimated parquet encoding ratio / reader batch size" (per dataset a stage builds).
 
 `DMM_VERBOSE=1` keeps them. Installed by `import dmm_ray`, before transformers or diffusers log.
 
@@ -39,6 +40,8 @@ _DROPPED = {
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
     # dmm-ray turns Ray Data's bars off on purpose (ray_session.init_for_training)
     "ray.data._internal.progress": ("Progress bars disabled",),
+    # Ray Data's read-size estimates, per latent dataset a stage builds
+    "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet",),
 }
 
 

@@ -77,6 +77,7 @@ def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
         "logging.getLogger('ray._private.authentication.authentication_token_setup').warning("
         "'Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled')\n"
         "logging.getLogger('ray.data._internal.progress').warning('another notice')\n"
+        "logging.getLogger('ray.data._internal.datasource.parquet_datasource').warning('Estimated parquet encoding ratio is 0.742.')\n"
         "logging.getLogger('diffusers.models.modeling_utils').warning('modules in UNet2DConditionModel that should be kept in float32: [].')\n"
         "logging.getLogger('diffusers.models.modeling_utils').warning(\"modules in T5 that should be kept in float32: ['wo'].\")\n"
     )
@@ -84,6 +85,7 @@ def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
     assert "Progress bars disabled" not in quiet and "Token authentication" not in quiet and "another notice" in quiet
     assert "float32: []" not in quiet and "float32: ['wo']" in quiet  # only the empty-list notice goes
     assert "Progress bars disabled" in verbose and "Token authentication" in verbose and "float32: []" in verbose
+    assert "Estimated parquet" not in quiet and "Estimated parquet" in verbose
 
 
 def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbose():
