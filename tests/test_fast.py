@@ -722,9 +722,16 @@ def test_rollout_backpropagates_through_every_sampler_step():
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p is not student.class_embedding.codebook.weight)
 
 
-def test_rollout_needs_the_deterministic_sampler():
+def test_rollout_needs_the_deterministic_sampler_and_takes_its_step_counts_in_turn():
+    from dmm_ray.fast.rollout import sampler_steps_at
+
     with pytest.raises(ValueError, match="fast.rollout_steps needs a deterministic sampler"):
         FastConfig(rollout_steps=10, sampler="lcm")
+    for bad in ([], [0, 4]):
+        with pytest.raises(ValueError, match="fast.rollout_sampler_steps"):
+            FastConfig(rollout_sampler_steps=bad)
+    assert [sampler_steps_at(FastConfig(rollout_sampler_steps=[2, 4]), s) for s in range(1200, 1204)] == [2, 4, 2, 4]
+    assert {sampler_steps_at(FastConfig(num_inference_steps=3), s) for s in range(4)} == {3}  # default: the saved model's steps
 
 
 @pytest.mark.ray

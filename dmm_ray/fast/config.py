@@ -112,13 +112,13 @@ class FastConfig(BaseModel):
         0,
         ge=0,
         description="extension (not in the paper or LCM): optimizer steps after the LCM steps in which the student runs its own "
-        "sampler (fast.sampler at fast.num_inference_steps, CFG off) from the noise of a merged-model sample and the endpoint "
+        "sampler (fast.sampler at fast.rollout_sampler_steps, CFG off) from the noise of a merged-model sample and the endpoint "
         "is pulled to that sample, through every step of the chain (backward distillation); 0: off",
     )
-    rollout_images: Optional[int] = Field(
+    rollout_sampler_steps: Optional[list[int]] = Field(
         None,
-        ge=1,
-        description="rollout pairs per style: the merged model's own samples (default: fast.synthetic_images, else synthesis.images_per_teacher)",
+        description="sampler step counts the rollout steps train, taken in turn (e.g. [2, 4]); default: [fast.num_inference_steps]. "
+        "The pairs: the merged model's own samples, fast.synthetic_images (else synthesis.images_per_teacher) per style",
     )
     rollout_lr: Optional[float] = Field(None, gt=0, description="learning rate of the rollout steps (default: fast.lr)")
     rollout_batch_size: Optional[int] = Field(None, ge=1, description="pairs per worker per rollout step (default: fast.batch_size)")
@@ -143,6 +143,8 @@ class FastConfig(BaseModel):
             raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
         if self.synthetic_source != "teachers" and self.synthetic_fraction == 0:
             raise ValueError(f"fast.synthetic_source={self.synthetic_source} takes no rows at fast.synthetic_fraction 0: set a fraction (e.g. 0.5)")
+        if self.rollout_sampler_steps is not None and (not self.rollout_sampler_steps or min(self.rollout_sampler_steps) < 1):
+            raise ValueError(f"fast.rollout_sampler_steps {self.rollout_sampler_steps}: give one or more step counts >= 1, e.g. [2, 4]")
         if self.rollout_steps and self.sampler != "tcd":
             raise ValueError(
                 f"fast.rollout_steps needs a deterministic sampler to backpropagate through: fast.sampler=tcd (gamma 0), not {self.sampler!r}"

@@ -267,9 +267,9 @@ def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_em
 
 class RolloutPhase:
     """The rollout steps (fast.rollout_steps; dmm_ray.fast.rollout): each step draws pairs (the merged
-    model's sample and its noise), runs the student's own few-step sampler from the noise with the pair's
-    style and caption, CFG off, and minimises the mean squared distance of the two endpoints, the
-    gradient flowing through every sampler step. Its own AdamW at fast.rollout_lr; the draws are keyed by
+    model's sample and its noise), runs the student's own sampler (at fast.rollout_sampler_steps, taken
+    in turn) from the noise with the pair's style and caption, CFG off, and minimises the mean squared
+    distance of the two endpoints, the gradient flowing through every sampler step. Its own AdamW at fast.rollout_lr; the draws are keyed by
     (seed, rank, step), so a resumed run draws what the first would have."""
 
     def __init__(self, student, params, model_dir, f, shard, seed: int, rank: int, device):
@@ -289,13 +289,13 @@ class RolloutPhase:
     def step(self, step: int) -> float:
         import torch.nn.functional as F
 
-        from dmm_ray.fast.rollout import pair_batch, rollout
+        from dmm_ray.fast.rollout import pair_batch, rollout, sampler_steps_at
 
         g = torch.Generator().manual_seed((self.f.seed * 1_000_003 + self.rank) * 1_000_003 + step)
         batch = pair_batch(self.pairs, self.batch_size, g, self.device)
         with torch.no_grad():
             embeds, added = self.conditioner(batch)  # (B, L, D): the frozen text encoder
-        x = rollout(self.student, self.scheduler, batch["noise"], embeds, batch["style"], self.f.num_inference_steps, added)  # (B, C, h, w)
+        x = rollout(self.student, self.scheduler, batch["noise"], embeds, batch["style"], sampler_steps_at(self.f, step), added)  # (B, C, h, w)
         loss = F.mse_loss(x.float(), batch["target"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fast: non-finite rollout loss at step {step + 1} (rank {self.rank}); lower fast.rollout_lr")

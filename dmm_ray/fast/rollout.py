@@ -29,6 +29,13 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
+def sampler_steps_at(fast, step: int) -> int:
+    """The sampler's step count at rollout step `step`: fast.rollout_sampler_steps taken in turn
+    (default: the saved model's own fast.num_inference_steps)."""
+    choices = fast.rollout_sampler_steps or [fast.num_inference_steps]
+    return choices[step % len(choices)]
+
+
 def rollout(unet, scheduler, noise: torch.Tensor, embeds: torch.Tensor, style_ids: torch.Tensor, steps: int, added_cond_kwargs=None):
     """The few-step pipeline's denoising loop, CFG off, differentiable: the latents
     `pipe(..., latents=noise, num_inference_steps=steps, guidance_scale=1, output_type="latent")` returns
