@@ -14,7 +14,8 @@
 - MLflow, per registered model: "Passing a Python object as `python_model` causes it to be serialized
   using CloudPickle" (DMMPyfuncModel is importable from the installed package: pickled by reference).
 - Ray: the token notice of a private local Ray, Ray Data's "Progress bars disabled" (on purpose) and
-  its "Estimated parquet encoding ratio / reader batch size" (per dataset a stage builds).
+  its "Estimated parquet encoding ratio / reader batch size" (per dataset a stage builds), and Ray
+  Train's per-worker "Reporting training result N: TrainingReport(...)" (each checkpoint, from every rank).
 
 `DMM_VERBOSE=1` keeps them. Installed by `import dmm_ray`, before transformers or diffusers log.
 
@@ -43,6 +44,24 @@ _DROPPED = {
     # Ray Data's read-size estimates, per latent dataset a stage builds
     "ray.data._internal.datasource.parquet_datasource": ("Estimated parquet",),
 }
+
+
+def _ray_train_report_logger() -> str | None:
+    """Ray Train V2 logs every worker's "Reporting training result ..." (the whole report, at INFO) on a
+    logger named by its file's PATH (`logging.getLogger(__file__)`), which RunConfig(logging_config=)
+    does not reach. The path, found without importing ray."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return None
+    return str(Path(spec.origin).parent / "train" / "v2" / "_internal" / "execution" / "context.py")
+
+
+_REPORT_LOGGER = _ray_train_report_logger()
+if _REPORT_LOGGER:
+    _DROPPED[_REPORT_LOGGER] = ("Reporting training result",)
 
 
 class _DropNotices(logging.Filter):

@@ -73,6 +73,8 @@ def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
     code = (
         "import logging, dmm_ray\n"
         "logging.basicConfig()\n"
+        "import ray.train.v2._internal.execution.context as c\n"
+        "c.logger.warning('Reporting training result 3: TrainingReport(checkpoint=None)')\n"
         "logging.getLogger('ray.data._internal.progress').warning('Progress bars disabled. To enable, set x')\n"
         "logging.getLogger('ray._private.authentication.authentication_token_setup').warning("
         "'Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled')\n"
@@ -86,6 +88,7 @@ def test_ray_data_progress_token_and_empty_fp32_notices_are_dropped():
     assert "float32: []" not in quiet and "float32: ['wo']" in quiet  # only the empty-list notice goes
     assert "Progress bars disabled" in verbose and "Token authentication" in verbose and "float32: []" in verbose
     assert "Estimated parquet" not in quiet and "Estimated parquet" in verbose
+    assert "Reporting training result" not in quiet and "Reporting training result" in verbose  # Ray Train's own logger
 
 
 def test_our_own_deprecation_and_multi_adapter_warnings_are_dropped_unless_verbose():
