@@ -736,9 +736,9 @@ def test_rollout_needs_the_deterministic_sampler_and_takes_its_step_counts_in_tu
 
 @pytest.mark.ray
 def test_rollout_phase_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
-    """LCM steps, then rollout steps on the merged model's own samples (sampled by the stage first),
-    checkpointed and saved; the pairs' noise, run through the merged model's sampler, gives back each
-    pair's target (the seed of every row is recovered)."""
+    """LCM steps, then rollout steps on the merged model's own samples (sampled by the stage first), on
+    two DDP workers, checkpointed and saved; the pairs' noise, run through the merged model's sampler,
+    gives back each pair's target (the seed of every row is recovered)."""
     import numpy as np
     from merge_fixtures import tiny_merge_config
 
@@ -753,6 +753,7 @@ def test_rollout_phase_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
 
     world, merged = merged_world
     fast = {"steps": 1, "rollout_steps": 2, "rollout_batch_size": 2, "synthetic_images": 2, "lora_rank": 4, "checkpoint_every": 1, "log_every": 1}
+    fast["num_workers"] = 2  # DDP: the chain calls the wrapped student once per sampler step before one backward
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast=fast, synthesis={"actors": 1, "cpus_per_actor": 0.5}, seed=3))
     result = run_fast(cfg, merged, evaluate=False)
     assert result.train_metrics["step"] == 3 and np.isfinite(result.train_metrics["loss_rollout"])

@@ -162,7 +162,18 @@ def train_fast_per_worker(config: dict) -> None:
     log = _mlflow_logger(config.get("tracking"), rank)
     rollout_phase = None
     if f.rollout_steps:  # after the LCM steps: the student's own sampler, pulled to the merged model's endpoints
-        rollout_phase = RolloutPhase(student_ddp, params, model_dir, f, ray.train.get_dataset_shard("rollout"), cfg.seed, rank, device)
+        rollout_phase = RolloutPhase(
+            student_ddp,
+            params,
+            model_dir,
+            f,
+            ray.train.get_dataset_shard("rollout"),
+            conditioner,
+            f.rollout_batch_size or batch_size,
+            cfg.seed,
+            rank,
+            device,
+        )
         if start_step > f.steps and checkpoint:
             with checkpoint.as_directory() as folder:
                 rollout_phase.opt.load_state_dict(torch.load(Path(folder) / TRAINABLE, map_location="cpu", weights_only=False)["rollout_opt"])
@@ -269,22 +280,19 @@ class RolloutPhase:
     """The rollout steps (fast.rollout_steps; dmm_ray.fast.rollout): each step draws pairs (the merged
     model's sample and its noise), runs the student's own sampler (at fast.rollout_sampler_steps, taken
     in turn) from the noise with the pair's style and caption, CFG off, and minimises the mean squared
-    distance of the two endpoints, the gradient flowing through every sampler step. Its own AdamW at fast.rollout_lr; the draws are keyed by
-    (seed, rank, step), so a resumed run draws what the first would have."""
+    distance of the two endpoints, the gradient flowing through every sampler step. Its own AdamW at
+    fast.rollout_lr; the draws are keyed by (seed, rank, step), so a resumed run draws what the first
+    would have. `conditioner`: the loop's frozen text encoder."""
 
-    def __init__(self, student, params, model_dir, f, shard, seed: int, rank: int, device):
-        import copy
-
-        from dmm_ray.distill.conditioning import load_base_conditioner
+    def __init__(self, student, params, model_dir, f, shard, conditioner, batch_size: int, seed: int, rank: int, device):
         from dmm_ray.fast.rollout import pair_rows
         from dmm_ray.fast.sampler import few_step_scheduler
 
-        self.student, self.params, self.f, self.rank, self.device, self.seed = student, params, f, rank, device, seed
+        self.student, self.params, self.f, self.rank, self.device = student, params, f, rank, device
+        self.conditioner, self.batch_size = conditioner, batch_size
         self.pairs = pair_rows(synthesized_rows(shard, student_num_styles(student), seed=seed), seed)
-        self.scheduler = copy.deepcopy(few_step_scheduler(model_dir, f))
-        self.conditioner = load_base_conditioner(model_dir, device)
+        self.scheduler = few_step_scheduler(model_dir, f)  # its own copy: `rollout` moves its step index
         self.opt = torch.optim.AdamW(params, lr=f.rollout_lr or f.lr, weight_decay=f.weight_decay)
-        self.batch_size = f.rollout_batch_size or f.batch_size or 32
 
     def step(self, step: int) -> float:
         import torch.nn.functional as F
