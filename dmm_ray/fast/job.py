@@ -298,7 +298,13 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         + (f" ({f.solver_substeps} sub-steps per skip)" if f.solver_substeps > 1 else "")
         + ", teacher CFG "
         + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
-        + (f", then {f.rollout_steps} rollout steps through its {f.num_inference_steps}-step sampler" if f.rollout_steps else "")
+        + (
+            f", then {f.rollout_steps} rollout steps through its own sampler at "
+            + " / ".join(str(n) for n in (f.rollout_sampler_steps or [f.num_inference_steps]))
+            + " steps"
+            if f.rollout_steps
+            else ""
+        )
         + f" -> {out}/model"
     )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
