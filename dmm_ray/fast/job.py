@@ -86,9 +86,9 @@ MERGED_SYNTH_RECORD = "synthesized.json"  # what <fast output>/synthesized was s
 
 
 def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path) -> list[str]:
-    """`fast.synthetic_source: merged` and the rollout pairs: every style of the merged model sampled by the synthesis fan-out
-    (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style) into <out>/synthesized,
-    one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
+    """`fast.synthetic_source: merged` and the rollout pairs: every style of the merged model sampled by
+    the synthesis fan-out (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style)
+    into <out>/synthesized, one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
     from dmm_ray.distill.synthesis import MergedStyle, synthesize_for
     from dmm_ray.teachers import files_checksum
 

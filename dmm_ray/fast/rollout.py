@@ -4,7 +4,7 @@ LCM teaches the student one solver skip at a time, on noised data; at sampling i
 few-step chain, whose states it never saw in training, and its small per-step errors add up. This
 phase closes that gap the way backward / trajectory distillation does (Imagine Flash, Kohler et al.
 2024; Luhman & Luhman 2021 for the one-step case): the student runs its OWN sampler, the saved
-model's scheduler at `fast.num_inference_steps` with CFG off, from an initial noise whose endpoint under
+model's scheduler at `fast.rollout_sampler_steps` with CFG off, from an initial noise whose endpoint under
 the merged model's own sampler (its sampler.json: the merge's synthesis setting) is known, and the
 loss is the squared distance of the two endpoints, backpropagated through every step of the chain.
 
@@ -39,7 +39,7 @@ def sampler_steps_at(fast, step: int) -> int:
 def rollout(unet, scheduler, noise: torch.Tensor, embeds: torch.Tensor, style_ids: torch.Tensor, steps: int, added_cond_kwargs=None):
     """The few-step pipeline's denoising loop, CFG off, differentiable: the latents
     `pipe(..., latents=noise, num_inference_steps=steps, guidance_scale=1, output_type="latent")` returns
-    (`tests/test_fast_rollout.py` checks the two agree). `scheduler`: a copy the caller owns (its step
+    (`tests/test_fast.py` checks the two agree). `scheduler`: a copy the caller owns (its step
     index moves). TCD runs at gamma 0 (the pipeline's eta default), so the chain is deterministic."""
     import inspect
 
