@@ -46,16 +46,41 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PLACEMENT_GROUP_CALLBACK_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callback"
+
+
+class _ToMutedLog:
+    """A logging filter: records whose message starts with `prefix` go, traceback included, to
+    dmm-muted.log instead of the console; every other record passes."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        import traceback
+
+        with open(_muted_log(), "a") as log:
+            log.write(f"[{record.name}, pid {os.getpid()}] {record.getMessage()}\n")
+            if record.exc_info:
+                traceback.print_exception(*record.exc_info, file=log)
+        return False
 
 
 def quiet_worker_logs() -> None:
-    """Worker-process setup hook of a private Ray: errors only from the placement-group cleaner, and
-    its monitor thread's death on a slow GCS (an uncaught RpcError in Ray Train: the thread ends, the
-    run goes on) written to `dmm-muted.log` in Ray's session log folder instead of the console."""
+    """Worker-process setup hook of a private Ray: errors only from the placement-group cleaner; its
+    monitor thread's death on a slow GCS (an uncaught RpcError in Ray Train: the thread ends, the run
+    goes on) and the controller's "Failed to stop PlacementGroupCleaner gracefully" traceback at the end
+    of a run (its stop call timed out; the run has finished) written to `dmm-muted.log` in Ray's session
+    log folder instead of the console."""
     import logging
     import threading
 
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    callback_logger = logging.getLogger(PLACEMENT_GROUP_CALLBACK_LOGGER)
+    if not any(isinstance(f, _ToMutedLog) for f in callback_logger.filters):
+        callback_logger.addFilter(_ToMutedLog("Failed to stop PlacementGroupCleaner gracefully"))
     default_hook = threading.excepthook
 
     def hook(args) -> None:

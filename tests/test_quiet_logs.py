@@ -42,8 +42,9 @@ def test_torchvision_fallback_notice_is_dropped_unless_verbose():
 
 
 def test_placement_group_cleaner_thread_death_goes_to_a_log_file_not_the_console(tmp_path):
-    """Ray Train's cleaner thread dies on a slow GCS (an RpcError it does not catch): the worker setup
-    hook writes that traceback to dmm-muted.log; any other thread's exception still reaches stderr."""
+    """Ray Train's cleaner thread dies on a slow GCS (an RpcError it does not catch), and its controller's
+    stop of the cleaner times out at the end of a run: the worker setup hook writes both tracebacks to
+    dmm-muted.log; any other thread's exception and any other error still reach stderr."""
     code = (
         "import threading\n"
         "from dmm_ray.ray_session import quiet_worker_logs\n"
@@ -52,9 +53,19 @@ def test_placement_group_cleaner_thread_death_goes_to_a_log_file_not_the_console
         "for name in ('PlacementGroupCleanerMonitor', 'mine'):\n"
         "    t = threading.Thread(target=boom, args=(f'{name} failed',), name=name); t.start(); t.join()\n"
     )
+    code += (  # the controller's timed-out stop of the cleaner at the end of a run (logger.exception)
+        "import logging\nlogging.basicConfig()\n"
+        "log = logging.getLogger('ray.train.v2._internal.callbacks.placement_group_callback')\n"
+        "try:\n    raise TimeoutError('Get timed out: some object(s) not ready.')\n"
+        "except TimeoutError:\n    log.exception('Failed to stop PlacementGroupCleaner gracefully.')\n"
+        "log.error('another error')\n"
+    )
     result = _run(code, TMPDIR=str(tmp_path))
     assert "PlacementGroupCleanerMonitor failed" not in result.stderr and "mine failed" in result.stderr
-    assert "PlacementGroupCleanerMonitor failed" in (tmp_path / "dmm-muted.log").read_text()
+    assert "Failed to stop PlacementGroupCleaner" not in result.stderr and "another error" in result.stderr
+    muted = (tmp_path / "dmm-muted.log").read_text()
+    assert "PlacementGroupCleanerMonitor failed" in muted
+    assert "Failed to stop PlacementGroupCleaner gracefully" in muted and "Get timed out" in muted  # kept, with its traceback
 
 
 def test_model_loading_bars_are_off_in_workers_unless_verbose():
