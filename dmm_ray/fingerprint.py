@@ -139,7 +139,7 @@ def fast_inputs(cfg, model_dir) -> dict[str, Any]:
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
         "data.shards": _shards(cfg),
     }
-    if (f.synthetic_fraction > 0 and f.synthetic_source == "merged") or f.rollout_steps > 0:  # the merged model's own samples
+    if f.samples_merged_model:  # the merged model's own samples
         inputs.update({f"synthesis.{k}": getattr(cfg.synthesis, k) for k in _SYNTHESIS_KEYS if k != "images_per_teacher"})
     return inputs
 

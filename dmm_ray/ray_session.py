@@ -59,12 +59,7 @@ class _ToMutedLog:
     def filter(self, record) -> bool:
         if not record.getMessage().startswith(self.prefix):
             return True
-        import traceback
-
-        with open(_muted_log(), "a") as log:
-            log.write(f"[{record.name}, pid {os.getpid()}] {record.getMessage()}\n")
-            if record.exc_info:
-                traceback.print_exception(*record.exc_info, file=log)
+        _write_muted(record.name, record.getMessage(), record.exc_info)
         return False
 
 
@@ -86,13 +81,19 @@ def quiet_worker_logs() -> None:
     def hook(args) -> None:
         if args.thread is None or args.thread.name != "PlacementGroupCleanerMonitor":
             return default_hook(args)
-        import traceback
-
-        with open(_muted_log(), "a") as log:
-            log.write(f"[{args.thread.name}, pid {os.getpid()}]\n")
-            traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=log)
+        _write_muted(args.thread.name, "", (args.exc_type, args.exc_value, args.exc_traceback))
 
     threading.excepthook = hook
+
+
+def _write_muted(source: str, message: str, exc_info=None) -> None:
+    """`[source, pid] message` and the traceback of `exc_info` (type, value, traceback), appended to dmm-muted.log."""
+    import traceback
+
+    with open(_muted_log(), "a") as log:
+        log.write(f"[{source}, pid {os.getpid()}] {message}".rstrip() + "\n")
+        if exc_info:
+            traceback.print_exception(*exc_info, file=log)
 
 
 def _muted_log() -> str:

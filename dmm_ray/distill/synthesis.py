@@ -92,6 +92,12 @@ class TeacherSynthesizer:
         return np.concatenate(out)
 
 
+def synthesis_seed(seed: int, row: int) -> int:
+    """The generator seed of row `row` of every style's synthesized set (the few-step stage's rollout
+    pairs redraw each row's starting noise from it)."""
+    return seed * 100003 + row
+
+
 def synthesize(
     teachers: list,
     style_offset: int,
@@ -118,7 +124,7 @@ def synthesize(
         raise ValueError("synthesis needs at least one prompt")
     fs, _ = fsu.resolve(str(out_dir))  # a local folder or a URI (written through pyarrow)
     chosen = [prompts[i % len(prompts)] for i in range(images_per_teacher)]
-    seeds = [seed * 100003 + i for i in range(images_per_teacher)]
+    seeds = [synthesis_seed(seed, i) for i in range(images_per_teacher)]
     todo, result = [], {}
     for k, spec in enumerate(teachers):
         style = style_offset + k

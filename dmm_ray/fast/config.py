@@ -137,6 +137,16 @@ class FastConfig(BaseModel):
     eval_steps: list[int] = Field(default_factory=lambda: [2, 4, 8], description="step counts evaluated (FIDt) after training")
     output_dir: Optional[str] = Field(None, description="default: <output_dir>/fast (model in <...>/model)")
 
+    @property
+    def rollout_step_counts(self) -> list[int]:
+        """The sampler step counts the rollout steps train: fast.rollout_sampler_steps, else the saved model's."""
+        return list(self.rollout_sampler_steps or [self.num_inference_steps])
+
+    @property
+    def samples_merged_model(self) -> bool:
+        """Whether the stage samples the merged model first (synthetic_source merged, or the rollout pairs)."""
+        return (self.synthetic_fraction > 0 and self.synthetic_source == "merged") or self.rollout_steps > 0
+
     @model_validator(mode="after")
     def _check(self) -> "FastConfig":
         if self.guidance_min > self.guidance_max:

@@ -117,11 +117,6 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     return [dirs[i] for i in sorted(dirs)]
 
 
-def uses_merged_samples(fast) -> bool:
-    """Whether the stage samples the merged model first (synthetic_source merged, or rollout pairs)."""
-    return (fast.synthetic_fraction > 0 and fast.synthetic_source == "merged") or fast.rollout_steps > 0
-
-
 def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracking: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -299,9 +294,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         + ", teacher CFG "
         + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
         + (
-            f", then {f.rollout_steps} rollout steps through its own sampler at "
-            + " / ".join(str(n) for n in (f.rollout_sampler_steps or [f.num_inference_steps]))
-            + " steps"
+            f", then {f.rollout_steps} rollout steps through its own sampler at " + " / ".join(str(n) for n in f.rollout_step_counts) + " steps"
             if f.rollout_steps
             else ""
         )
@@ -318,7 +311,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     try:
         t0 = time.time()
         datasets = {"train": build_latent_dataset(cfg.data)}
-        merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if uses_merged_samples(f) else None
+        merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if f.samples_merged_model else None
         if f.synthetic_fraction > 0:
             shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
             datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)

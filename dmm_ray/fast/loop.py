@@ -170,74 +170,67 @@ def train_fast_per_worker(config: dict) -> None:
             ray.train.get_dataset_shard("rollout"),
             conditioner,
             f.rollout_batch_size or batch_size,
+            num_styles,
             cfg.seed,
             rank,
             device,
         )
-        if start_step > f.steps and checkpoint:
-            with checkpoint.as_directory() as folder:
-                rollout_phase.opt.load_state_dict(torch.load(Path(folder) / TRAINABLE, map_location="cpu", weights_only=False)["rollout_opt"])
+        if start_step > f.steps:  # resumed inside the rollout steps: their optimizer too
+            rollout_phase.opt.load_state_dict(state["rollout_opt"])
 
     progress = None
+    total = f.steps + f.rollout_steps
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=f.steps + f.rollout_steps, initial=start_step, desc="fast (LCM)", unit="step", mininterval=5)
+        progress = tqdm(total=total, initial=start_step, desc="fast (LCM)", unit="step", mininterval=5)
     step, started = start_step, time.time()
-    while step < f.steps + f.rollout_steps:
-        if step >= f.steps:  # the rollout phase (fast.rollout_steps)
-            loss = rollout_phase.step(step)
-            step += 1
-            if saved_ema is not None:
-                saved_ema.step(params)
-            metrics = {"loss_rollout": loss, "lr": rollout_phase.opt.param_groups[0]["lr"], "resumed_from": start_step}
+    while step < total:
+        if step < f.steps:  # an LCM step
+            batch = stream.next()
+            style_ids = torch.randint(0, num_styles, (n_common,), generator=rng).to(device)  # uniform over every style
+            if synth is not None:  # + rows drawn by a teacher, with that teacher's style
+                extra = synth.next()
+                style_ids = torch.cat([style_ids, extra["style"].to(device)])
+                batch = concat_batches([batch, extra], slices=False)
+            latents = batch["latents"]
+            b = latents.shape[0]
+            cond = conditioner(batch)
+            uncond = conditioner({**batch, "input_ids": empty_ids[None].repeat(b, 1), "captions": [""] * b})
+            model_pred, tgt = objective.pair(latents, cond, uncond, style_ids, objective.draw(latents, rng))
+            loss = objective.loss(model_pred, tgt)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fast: non-finite consistency loss at step {step + 1} (rank {rank}); lower fast.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, f.grad_clip)
+            opt.step()
+            lr_scheduler.step()
+            if target is not None:
+                update_ema(target.parameters(), student.parameters(), f.ema_decay)
+            loss_value = float(loss.detach())
+            metrics = {
+                "loss_lcm": loss_value,
+                "lr": opt.param_groups[0]["lr"],
+                "epoch": stream.epoch,
+                "synthetic_share": n_synth / b,
+                "samples_per_s": (step + 1 - start_step) * b * world / (time.time() - started),
+            }
+        else:  # a rollout step (fast.rollout_steps): the student's own sampler, pulled to the merged model's samples
+            loss_value = rollout_phase.step(step)
+            metrics = {"loss_rollout": loss_value, "lr": rollout_phase.opt.param_groups[0]["lr"]}
             if progress is not None:
                 progress.set_description("fast (rollout)", refresh=False)
-                progress.update(1)
-                progress.set_postfix({"loss": f"{loss:.4f}"}, refresh=False)
-            if step % f.log_every == 0 or step == f.steps + f.rollout_steps:
-                log(metrics, step)
-            if step % f.checkpoint_every == 0 or step == f.steps + f.rollout_steps:
-                _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
-            continue
-        batch = stream.next()
-        style_ids = torch.randint(0, num_styles, (n_common,), generator=rng).to(device)  # uniform over every style
-        if synth is not None:  # + rows drawn by a teacher, with that teacher's style
-            extra = synth.next()
-            style_ids = torch.cat([style_ids, extra["style"].to(device)])
-            batch = concat_batches([batch, extra], slices=False)
-        latents = batch["latents"]
-        b = latents.shape[0]
-        cond = conditioner(batch)
-        uncond = conditioner({**batch, "input_ids": empty_ids[None].repeat(b, 1), "captions": [""] * b})
-        model_pred, tgt = objective.pair(latents, cond, uncond, style_ids, objective.draw(latents, rng))
-        loss = objective.loss(model_pred, tgt)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fast: non-finite consistency loss at step {step + 1} (rank {rank}); lower fast.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, f.grad_clip)
-        opt.step()
-        lr_scheduler.step()
-        if target is not None:
-            update_ema(target.parameters(), student.parameters(), f.ema_decay)
         if saved_ema is not None:
             saved_ema.step(params)
         step += 1
-        metrics = {
-            "loss_lcm": float(loss.detach()),
-            "lr": opt.param_groups[0]["lr"],
-            "epoch": stream.epoch,
-            "resumed_from": start_step,
-            "synthetic_share": n_synth / b,
-            "samples_per_s": (step - start_step) * b * world / (time.time() - started),
-        }
+        metrics["resumed_from"] = start_step
         if progress is not None:
             progress.update(1)
-            progress.set_postfix({"loss": f"{metrics['loss_lcm']:.4f}"}, refresh=False)
-        if step % f.log_every == 0 or step == f.steps:
+            progress.set_postfix({"loss": f"{loss_value:.4f}"}, refresh=False)
+        if step % f.log_every == 0 or step in (f.steps, total):
             log(metrics, step)
-        if step % f.checkpoint_every == 0 or step == f.steps:
+        if step % f.checkpoint_every == 0 or step in (f.steps, total):
             _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
     log.close()
     if progress is not None:
@@ -284,13 +277,13 @@ class RolloutPhase:
     fast.rollout_lr; the draws are keyed by (seed, rank, step), so a resumed run draws what the first
     would have. `conditioner`: the loop's frozen text encoder."""
 
-    def __init__(self, student, params, model_dir, f, shard, conditioner, batch_size: int, seed: int, rank: int, device):
+    def __init__(self, student, params, model_dir, f, shard, conditioner, batch_size: int, num_styles: int, seed: int, rank: int, device):
         from dmm_ray.fast.rollout import pair_rows
         from dmm_ray.fast.sampler import few_step_scheduler
 
         self.student, self.params, self.f, self.rank, self.device = student, params, f, rank, device
         self.conditioner, self.batch_size = conditioner, batch_size
-        self.pairs = pair_rows(synthesized_rows(shard, student_num_styles(student), seed=seed), seed)
+        self.pairs = pair_rows(synthesized_rows(shard, num_styles, seed=seed), seed)
         self.scheduler = few_step_scheduler(model_dir, f)  # its own copy: `rollout` moves its step index
         self.opt = torch.optim.AdamW(params, lr=f.rollout_lr or f.lr, weight_decay=f.weight_decay)
 
@@ -312,7 +305,3 @@ class RolloutPhase:
         torch.nn.utils.clip_grad_norm_(self.params, self.f.grad_clip)
         self.opt.step()
         return float(loss.detach())
-
-
-def student_num_styles(student) -> int:
-    return getattr(student, "module", student).num_styles

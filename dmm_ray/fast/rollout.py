@@ -9,7 +9,7 @@ the merged model's own sampler (its sampler.json: the merge's synthesis setting)
 loss is the squared distance of the two endpoints, backpropagated through every step of the chain.
 
 The pairs are the merged model's samples of every style (`fast.synthetic_source: merged`'s sets:
-`synthesize` draws row i of every style from `torch.Generator().manual_seed(seed * 100003 + i)`),
+`synthesize` draws row i of every style from the generator seed `synthesis_seed(seed, i)`),
 so the target of a noir row is the merged model's noir image from that very noise.
 """
 
@@ -18,37 +18,31 @@ from __future__ import annotations
 import torch
 
 
-def synthesis_seed(seed: int, row: int) -> int:
-    """The generator seed `dmm_ray.distill.synthesis.synthesize` gives row `row` of every style."""
-    return seed * 100003 + row
-
-
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, *shape): the pipeline's starting latents for one CPU generator per row, as diffusers'
-    `randn_tensor` draws them (`prepare_latents` with a list of generators), before `init_noise_sigma`."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+    """(B, *shape): the pipeline's starting latents for one CPU generator per row (diffusers'
+    `randn_tensor`, as `prepare_latents` draws them from a list of generators), before `init_noise_sigma`."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor((len(seeds), *shape), generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
 
 
 def sampler_steps_at(fast, step: int) -> int:
-    """The sampler's step count at rollout step `step`: fast.rollout_sampler_steps taken in turn
-    (default: the saved model's own fast.num_inference_steps)."""
-    choices = fast.rollout_sampler_steps or [fast.num_inference_steps]
-    return choices[step % len(choices)]
+    """The sampler's step count at rollout step `step`: fast.rollout_step_counts taken in turn."""
+    counts = fast.rollout_step_counts
+    return counts[step % len(counts)]
 
 
 def rollout(unet, scheduler, noise: torch.Tensor, embeds: torch.Tensor, style_ids: torch.Tensor, steps: int, added_cond_kwargs=None):
     """The few-step pipeline's denoising loop, CFG off, differentiable: the latents
     `pipe(..., latents=noise, num_inference_steps=steps, guidance_scale=1, output_type="latent")` returns
     (`tests/test_fast.py` checks the two agree). `scheduler`: a copy the caller owns (its step
-    index moves). TCD runs at gamma 0 (the pipeline's eta default), so the chain is deterministic."""
-    import inspect
-
+    index moves): TCD (the only sampler fast.rollout_steps accepts), at gamma 0 (the pipeline's eta
+    default), so the chain is deterministic."""
     scheduler.set_timesteps(steps, device=noise.device)
-    takes_eta = "eta" in inspect.signature(scheduler.step).parameters
     x = noise * scheduler.init_noise_sigma  # (B, C, h, w)
     for t in scheduler.timesteps:
         out = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, style_ids=style_ids, added_cond_kwargs=added_cond_kwargs)
-        x = scheduler.step(out.sample, t, x, **({"eta": 0.0} if takes_eta else {}), return_dict=False)[0]
+        x = scheduler.step(out.sample, t, x, eta=0.0, return_dict=False)[0]
     return x
 
 
@@ -57,6 +51,8 @@ def pair_rows(rows: dict, seed: int) -> dict:
     pairs: {"noise" (P, C, h, w), "target" (P, C, h, w), "style" (P,), "input_ids" (P, L), "captions"}.
     The noise of row i is redrawn from its synthesis seed, so each target is that noise's endpoint."""
     import numpy as np
+
+    from dmm_ray.distill.synthesis import synthesis_seed
 
     target = torch.from_numpy(np.ascontiguousarray(rows["latents"], dtype=np.float32))  # (P, C, h, w)
     index = [int(str(s).rsplit("-", 1)[1]) for s in rows["source_id"]]
