@@ -779,3 +779,50 @@ def test_rollout_phase_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
             output_type="latent",
         ).images
         torch.testing.assert_close(again[0], pairs["target"][i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.ray
+def test_a_run_stopped_inside_the_rollout_steps_resumes_to_the_weights_of_one_that_never_stopped(ray_cluster, merged_world, tmp_path):
+    """1 LCM step + 3 rollout steps, checkpointed every step. A run stopped at step 3, two rollout steps in
+    (run with rollout_steps 2: up to there it is the 4-step run, checkpoints included; the merge's resume
+    test stops the same way), then run on its folder with rollout_steps 3 (Ray Train, not run_fast, whose
+    fingerprint would refuse the other length) resumes from that checkpoint and ends with exactly the
+    weights of an uninterrupted run, rollout AdamW state included: a fresh rollout optimizer would take
+    another step (its moments and step count restart). One worker, so every run reads the same rows in
+    the same order; the rollout pairs are stand-in sets (only their seeds matter here)."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import fit_stage
+    from dmm_ray.fast.job import build_fast_trainer
+    from dmm_ray.fast.loop import TRAINABLE
+
+    world, merged = merged_world
+    pairs = [str(p) for p in sorted(_synthesized_sets(tmp_path / "pairs", styles=2, rows=2).glob("style_*"))]
+
+    def train(rollout_steps: int, folder: str):
+        fast = {"steps": 1, "rollout_steps": rollout_steps, "rollout_sampler_steps": [2], "rollout_batch_size": 2, "batch_size": 2}
+        fast.update(lora_rank=4, lr=1e-2, rollout_lr=1e-2, checkpoint_every=1, log_every=1, output_dir=str(tmp_path / folder))
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast=fast))
+        datasets = {"train": build_latent_dataset(cfg.data), "rollout": build_latent_dataset(cfg.data, shards=pairs)}
+        result = fit_stage(build_fast_trainer(cfg, merged, datasets))
+        with result.checkpoint.as_directory() as checkpoint:  # the run's last
+            return result.metrics, torch.load(Path(checkpoint) / TRAINABLE, map_location="cpu", weights_only=False)
+
+    whole_metrics, whole = train(3, "whole")
+    stopped_metrics, stopped = train(2, "resumed")  # stopped after its second rollout step's checkpoint
+    resumed_metrics, resumed = train(3, "resumed")  # the same folder, the full length: Ray Train restores step 3
+    assert (whole_metrics["step"], whole_metrics["resumed_from"]) == (4, 0)
+    assert (stopped_metrics["step"], stopped["step"]) == (3, 3) and stopped["rollout_opt"]["state"][0]["step"].item() == 2
+    assert (resumed_metrics["step"], resumed_metrics["resumed_from"], resumed["step"]) == (4, 3, 4)
+    assert resumed["student"].keys() == whole["student"].keys()
+    assert any(not torch.equal(resumed["student"][k], stopped["student"][k]) for k in stopped["student"])  # the resumed step trained
+    for key, value in whole["student"].items():
+        assert torch.equal(resumed["student"][key], value), key
+    # the rollout AdamW went on from its checkpointed moments (a fresh one would count 1 step, not 3)
+    assert resumed["rollout_opt"]["state"][0]["step"].item() == whole["rollout_opt"]["state"][0]["step"].item() == 3
+    for i, state in whole["rollout_opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(resumed["rollout_opt"]["state"][i][name], value), (i, name)
+    assert torch.equal(resumed["opt"]["state"][0]["exp_avg"], stopped["opt"]["state"][0]["exp_avg"])  # the LCM optimizer rests
