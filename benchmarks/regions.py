@@ -7,7 +7,9 @@
    side by side) with `regions=[left half: A, right half: B]`; the zoo feature net's style head
    classifies the left 32x32 crop and the right one. Success = left is A and right is B.
    Ceiling: the same crops of whole images of A and of B generated normally at the same size and
-   seed (left crop of the A image is A and right crop of the B image is B). Both as the 9-way
+   seed (left crop of the A image is A and right crop of the B image is B). --modes renders the
+   regions in each layout named: `canvas` (every region view is the whole canvas, the default) and
+   `windows` (`region_window="native"`: each view a native-size window around its region). Both as the 9-way
    argmax (none + 8 styles) and as the 2-way choice between A and B (logit_A vs logit_B).
    Two style heads read the crops: the zoo feature net's (learned from the generator's ground-truth
    styles) and a copy of the net fit to the teachers' own renders (`fit_style_classifier`: the base
@@ -19,7 +21,7 @@
 2. Seam: mean |column 32 - column 31| over mean |column j+1 - column j| of the same image (1 = no
    seam). Also for plain images and for the naive paste (left half of plain A + right half of plain B).
 3. Cost: seconds per image, 64x32, for plain generation, K = 2 and 4 regions (one batched UNet call
-   per step), and the only route without DMM: K teacher pipelines, each step running every
+   per step, in each of --modes), and the only route without DMM: K teacher pipelines, each step running every
    teacher's UNet on the latent and blending, either (a) all K teachers resident, or (b) one UNet
    whose weights are switched to the next teacher before each call (what K full checkpoints that
    do not fit together must do). Batch 1 (latency) and batch 16 (throughput); median of --reps,
@@ -134,8 +136,16 @@ def seam_ratio(images: torch.Tensor, column: int) -> list[float]:
     return (seam / mean).tolist()
 
 
-def _scores(net, imgs, plain, a, b) -> dict:
-    """One head's rates for pair (a, b): regions vs the whole-image ceiling, 9-way and A-vs-B."""
+MODES = {"canvas": {}, "windows": {"region_window": "native"}}  # --modes: the region layouts compared
+
+
+def _prefix(mode: str) -> str:
+    """Result-key prefix of a region layout: `regions_*` for the default (canvas), `<mode>_*` for the others."""
+    return "regions" if mode == "canvas" else mode
+
+
+def _scores(net, imgs, plain, a, b, prefix: str = "regions") -> dict:
+    """One head's rates for pair (a, b): regions (keys `<prefix>_*`) vs the whole-image ceiling, 9-way and A-vs-B."""
     names = net.label_names["style"]
     ia, ib = names.index(a), names.index(b)
     left, right = (_style_logits(net, c) for c in _crops(imgs))
@@ -143,12 +153,12 @@ def _scores(net, imgs, plain, a, b) -> dict:
     argmax = lambda lg, i: lg.argmax(1) == i  # noqa: E731
     pair = lambda lg, i, j: lg[:, i] > lg[:, j]  # noqa: E731
     return {
-        "regions_9way": float((argmax(left, ia) & argmax(right, ib)).float().mean()),
+        f"{prefix}_9way": float((argmax(left, ia) & argmax(right, ib)).float().mean()),
         "ceiling_9way": float((argmax(cl, ia) & argmax(cr, ib)).float().mean()),
-        "regions_2way": float((pair(left, ia, ib) & pair(right, ib, ia)).float().mean()),
+        f"{prefix}_2way": float((pair(left, ia, ib) & pair(right, ib, ia)).float().mean()),
         "ceiling_2way": float((pair(cl, ia, ib) & pair(cr, ib, ia)).float().mean()),
-        "regions_left_is_a": float(argmax(left, ia).float().mean()),
-        "regions_right_is_b": float(argmax(right, ib).float().mean()),
+        f"{prefix}_left_is_a": float(argmax(left, ia).float().mean()),
+        f"{prefix}_right_is_b": float(argmax(right, ib).float().mean()),
     }
 
 
@@ -162,32 +172,47 @@ def _per_style(net, images: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
-def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: dict | None = None):
-    """heads: name -> feature net whose style head scores the crops (every head sees the same images)."""
+def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: dict | None = None, modes=("canvas",)):
+    """heads: name -> feature net whose style head scores the crops (every head sees the same images).
+    modes: the region layouts rendered (MODES); the first one's images go to the grid."""
     ps = [prompts[i % len(prompts)] for i in seeds]
     plain = {s: _render_all(pipe, ps, seeds, batch, style=s) for s in styles}  # the ceiling: whole images, same seeds
     halves = _halves(pipe)
     out = {h: {"pairs": {}} for h in heads}
-    seams = {"regions": [], "plain": [], "paste": []}
+    seams = {_prefix(m): [] for m in modes} | {"plain": [], "paste": []}
     examples = {}
     for s in styles:
         seams["plain"] += seam_ratio(plain[s], W // 2)
     for a, b in itertools.permutations(styles, 2):
-        t0 = time.time()
-        imgs = _render_all(pipe, ps, seeds, batch, regions=halves(a, b))
-        examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
-        for h, net in heads.items():
-            out[h]["pairs"][f"{a}|{b}"] = _scores(net, imgs, plain, a, b) | {"seconds": time.time() - t0}
-            print(f"  {h:>8} {a:>6} | {b:<6} " + " ".join(f"{k}={v:.3f}" for k, v in out[h]["pairs"][f"{a}|{b}"].items()), flush=True)
-        seams["regions"] += seam_ratio(imgs, W // 2)
+        row = {h: {} for h in heads}
+        for m in modes:
+            t0 = time.time()
+            imgs = _render_all(pipe, ps, seeds, batch, regions=halves(a, b), **MODES[m])
+            if m == modes[0]:
+                examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
+            for h, net in heads.items():
+                row[h] |= _scores(net, imgs, plain, a, b, _prefix(m)) | {f"{_prefix(m)}_seconds": time.time() - t0}
+            seams[_prefix(m)] += seam_ratio(imgs, W // 2)
+        for h in heads:
+            out[h]["pairs"][f"{a}|{b}"] = row[h]
+            print(f"  {h:>8} {a:>6} | {b:<6} " + " ".join(f"{k}={v:.3f}" for k, v in row[h].items()), flush=True)
         paste = torch.cat([_crops(plain[a])[0], _crops(plain[b])[1]], dim=-1)
         seams["paste"] += seam_ratio(paste, W // 2)
-    keys = ["regions_9way", "ceiling_9way", "regions_2way", "ceiling_2way"]
+    keys = [f"{_prefix(m)}_{k}" for m in modes for k in ("9way", "2way")] + ["ceiling_9way", "ceiling_2way"]
     for h, net in heads.items():
         rows = out[h]["pairs"].values()
         out[h]["mean"] = {k: statistics.mean(r[k] for r in rows) for k in keys}
         out[h]["min"] = {k: min(r[k] for r in rows) for k in keys}
         out[h]["ceiling"] = _per_style(net, plain)
+        for m in modes:  # per style: the share of that style's region crops (left as A, right as B) the head calls that style
+            p = _prefix(m)
+            out[h][f"{p}_per_style"] = {
+                s: statistics.mean(
+                    [r[f"{p}_left_is_a"] for k, r in out[h]["pairs"].items() if k.split("|")[0] == s]
+                    + [r[f"{p}_right_is_b"] for k, r in out[h]["pairs"].items() if k.split("|")[1] == s]
+                )
+                for s in styles
+            }
         if teachers is not None:  # the teachers' own renders of the same prompts and seeds
             out[h]["teachers"] = _per_style(net, teachers)
     out["seam"] = {k: {"mean": statistics.mean(v), "median": statistics.median(v)} for k, v in seams.items()}
@@ -252,7 +277,7 @@ def _timed(cells: dict, reps: int) -> dict:
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in cells}
 
 
-def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16)):
+def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("canvas",)):
     from dmm_ray.regions import Region, build_region_views
     from dmm_ray.teachers import load_teacher_pipeline
     from dmm_ray.zoo.report import teacher_specs
@@ -269,7 +294,9 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16)):
         cells = {"plain": lambda: _generate(pipe, ps, seeds, style=styles[0])}
         for K in (2, 4):
             regs = [Region(box=(k / K, 0, (k + 1) / K, 1), style=styles[k % len(styles)]) for k in range(K)]
-            cells[f"dmm_k{K}"] = lambda regs=regs: _generate(pipe, ps, seeds, regions=regs)
+            for m in modes:
+                name = f"dmm_k{K}" if m == "canvas" else f"dmm_{m}_k{K}"
+                cells[name] = lambda regs=regs, m=m: _generate(pipe, ps, seeds, regions=regs, **MODES[m])
             views, _ = build_region_views(regs, pipe.styles, (H, W), pipe.vae_scale_factor)
             weights = [v.weight for v in views]
             ts = [teachers[styles[k % len(styles)]] for k in range(K)]
@@ -281,6 +308,11 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16)):
         for unit, j in (("wall", 0), ("cpu", 1)):
             r = {k: v[j] / B for k, v in timed.items()}
             for K in (2, 4):
+                for m in modes[1:] if modes[0] == "canvas" else modes:
+                    r[f"ratio_dmm_{m}_k{K}_vs_plain"] = r[f"dmm_{m}_k{K}"] / r["plain"]
+                    r[f"ratio_teachers_resident_k{K}_vs_dmm_{m}"] = r[f"teachers_resident_k{K}"] / r[f"dmm_{m}_k{K}"]
+                if "canvas" not in modes:
+                    continue
                 r[f"ratio_dmm_k{K}_vs_plain"] = r[f"dmm_k{K}"] / r["plain"]
                 r[f"ratio_teachers_resident_k{K}_vs_dmm"] = r[f"teachers_resident_k{K}"] / r[f"dmm_k{K}"]
                 r[f"ratio_teachers_switching_k{K}_vs_dmm"] = r[f"teachers_switching_k{K}"] / r[f"dmm_k{K}"]
@@ -345,7 +377,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
     ap.add_argument("--skip-cost", action="store_true", help="only the two-region test (with the teacher-fit classifier) and the grid")
+    ap.add_argument(
+        "--modes",
+        default="canvas",
+        help="comma-separated region layouts to render and time: canvas (whole-canvas views, the default) and/or windows (region_window='native')",
+    )
     args = ap.parse_args(argv)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}, got {args.modes!r}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,12 +402,13 @@ def main(argv=None):
         styles=distinct,
         threads=args.threads,
         feather_px=max(pipe.vae_scale_factor, min(H, W) / 16),
+        modes=list(modes),
     )
     print("settings:", json.dumps(settings), flush=True)
     result = {"settings": settings}
     if not args.skip_cost:
         print("cost (seconds per image):", flush=True)
-        result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps)
+        result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps, modes=modes)
         (out / "regions.json").write_text(json.dumps(result, indent=1))
     print("fitting a style classifier to the teachers' renders:", flush=True)
     probe, result["teacher_head"] = teacher_head(net, zoo, manifest, args.probe_images, args.batch)
@@ -377,12 +418,12 @@ def main(argv=None):
     print("two-region test:", flush=True)
     t0 = time.time()
     heads = {"zoo": net, "fitted": probe}  # the zoo head; the classifier fit to teacher renders
-    result["two_region"], examples, _ = two_region_test(pipe, heads, prompts, distinct, seeds, args.batch, teachers=own)
+    result["two_region"], examples, _ = two_region_test(pipe, heads, prompts, distinct, seeds, args.batch, teachers=own, modes=modes)
     result["two_region"]["seconds"] = time.time() - t0
     (out / "regions.json").write_text(json.dumps(result, indent=1))
     result["grid"] = grid(pipe, examples, distinct, prompts, out)
     (out / "regions.json").write_text(json.dumps(result, indent=1))
-    summary = {h: {k: result["two_region"][h][k] for k in ("mean", "min", "ceiling", "teachers")} for h in heads}
+    summary = {h: {k: v for k, v in result["two_region"][h].items() if k != "pairs"} for h in heads}
     print(json.dumps(summary | {"seam": result["two_region"]["seam"], "teacher_head": result["teacher_head"]}, indent=1))
     print(f"wrote {out / 'regions.json'} and {out / 'regions_grid.png'}")
 

@@ -156,6 +156,7 @@ def _styled_call(parent_call):
         window_stride: int | None = None,
         max_batch: int | None = None,
         feather: float | None = None,
+        region_window: int | str | None = None,
         **kwargs,
     ):
         if num_inference_steps is None or guidance_scale is None:  # the model's own sampler (paper: 25, CFG 7; few-step: 4, CFG off)
@@ -163,7 +164,7 @@ def _styled_call(parent_call):
             num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
             guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        if regions is not None or style_map is not None or window_stride is not None or background is not None:
+        if any(a is not None for a in (regions, style_map, window_stride, background, region_window)):
             # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.
             from dmm_ray.regions import regional_call
 
@@ -179,6 +180,7 @@ def _styled_call(parent_call):
                 window_stride=window_stride,
                 max_batch=max_batch,
                 feather=feather,
+                region_window=region_window,
                 num_images_per_prompt=num_images_per_prompt,
                 kwargs=kwargs,
             )

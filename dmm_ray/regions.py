@@ -214,8 +214,13 @@ def build_region_views(
     vae_scale_factor: int,
     background: Any = None,
     feather: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[list[View], list[str]]:
-    """Full-canvas views, one per region (+ background): feathered masks normalised to sum 1."""
+    """One view per region (+ background): feathered masks normalised to sum 1 at every latent pixel.
+
+    window: None = every view is the whole canvas; (h, w) in latent pixels = each view is cropped to
+    a window around its weight, at least (h, w) (`region_windows`; `pipe(region_window="native")`
+    passes the model's native size)."""
     H, W = image_size
     latent = (H // vae_scale_factor, W // vae_scale_factor)
     if not isinstance(regions, (list, tuple)) or not regions:
@@ -267,7 +272,43 @@ def build_region_views(
     if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
         raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")
     views = [View(0, latent[0], 0, latent[1], row, s / total, p, lab) for row, s, p, lab in zip(rows, soft, prompt_idx, labels)]
+    if window is not None:
+        views = region_windows(views, window)
     return views, prompts
+
+
+def _centred_start(start: int, end: int, length: int, size: int) -> int:
+    """Start of a window of `length` cells centred on [start, end) (length >= end - start), inside [0, size)."""
+    return min(max((start + end - length) // 2, 0), size - length)
+
+
+def region_windows(views: list[View], min_size: tuple[int, int]) -> list[View]:
+    """Crop full-canvas region views to windows around their weights (Mixture-of-Diffusers tiles).
+
+    Each window holds every latent pixel where its view's weight is non-zero (a feathered mask's
+    support is finite: the Gaussian kernel stops at 3 sigma), so the blend is unchanged. A window is
+    at least `min_size` (the model's native size: the UNet works at the size it was trained at), and
+    all views share one size (the largest), so they still batch into ONE UNet call. A view then
+    sees its own part of the canvas and a margin, not the other regions' content: less of their
+    style reaches it through self-attention and GroupNorm statistics, and a step costs the windows'
+    area instead of K whole canvases. Where every window would be the whole canvas (a canvas at or
+    below the native size), the views come back unchanged."""
+    h, w = views[0].weight.shape
+    supports = []
+    for v in views:
+        rows = torch.nonzero(v.weight.sum(1) > 0).flatten()
+        cols = torch.nonzero(v.weight.sum(0) > 0).flatten()
+        supports.append((int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    wh = min(h, max([min_size[0]] + [b - a for a, b, _, _ in supports]))
+    ww = min(w, max([min_size[1]] + [d - c for _, _, c, d in supports]))
+    if (wh, ww) == (h, w):
+        return views
+    out = []
+    for v, (a, b, c, d) in zip(views, supports):
+        y0, x0 = _centred_start(a, b, wh, h), _centred_start(c, d, ww, w)
+        weight = v.weight[y0 : y0 + wh, x0 : x0 + ww].clone()  # (wh, ww): all of the view's weight
+        out.append(View(y0, y0 + wh, x0, x0 + ww, v.style_row, weight, v.prompt_index, v.label))
+    return out
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -463,6 +504,23 @@ def regional_forward(unet, make: Callable[[Callable], RegionalUNet]):
 
 
 # ---- the pipeline entry point ----------------------------------------------------------------
+def _region_window(region_window: Any, native: int, f: int) -> tuple[int, int] | None:
+    """`region_window=` -> the smallest region view in latent pixels, or None for whole-canvas views.
+
+    None (default): every region view is the whole canvas (MultiDiffusion: two regions of one style
+    give the plain image); "native": windows of at least the model's native size around each region
+    (`region_windows`); an int: windows of at least that many image pixels (a multiple of the VAE factor)."""
+    if region_window is None:
+        return None
+    if region_window == "native":
+        return (native // f, native // f)
+    if isinstance(region_window, bool) or not isinstance(region_window, int) or region_window < f or region_window % f:
+        raise RegionError(
+            f'region_window must be None (whole-canvas views), "native" ({native} px windows) or a positive multiple of {f} pixels, got {region_window!r}'
+        )
+    return (region_window // f, region_window // f)
+
+
 def regional_call(
     pipe,
     parent_call,
@@ -476,6 +534,7 @@ def regional_call(
     window_stride=None,
     max_batch=None,
     feather=None,
+    region_window=None,
     num_images_per_prompt: int = 1,
     kwargs: dict,
 ):
@@ -506,9 +565,13 @@ def regional_call(
         if background is not None and call_style is not None:
             raise StyleError("with regions, give the background as background= or style=, not both")
         bg = background if background is not None else call_style
-        views, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather)
-        plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=False)
+        window = _region_window(region_window, native, f)
+        views, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather, window)
+        windowed = (views[0].y1 - views[0].y0, views[0].x1 - views[0].x0) != (height // f, width // f)
+        plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=windowed)
     else:
+        if region_window is not None:
+            raise RegionError("region_window= goes with regions=; a panorama's windows are set by window_stride=")
         if background is not None:
             raise RegionError("background= goes with regions=; for a panorama give style_map= (or style=)")
         default = None

@@ -109,6 +109,62 @@ def test_regional_forward_is_restored_after_an_error(pipe):
     assert _gen(pipe, style="noir").shape == (1, 3, 32, 32)
 
 
+# ---- region windows (region_window="native") --------------------------------------------------
+def test_region_windows_hold_all_of_each_views_weight_in_one_size():
+    from dmm_ray.regions import build_region_views
+
+    bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=STYLES[i % 3]) for i in range(4)]
+    full, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2)  # latent 8 x 64, sigma 1 latent px
+    windowed, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 8))
+    sizes = {(v.y1 - v.y0, v.x1 - v.x0) for v in windowed}
+    assert sizes == {(8, 22)}  # a 16-cell band + 3 sigma of feather each side; one size for one batched call
+    total = torch.zeros(8, 64)
+    for f, w in zip(full, windowed):
+        assert 0 <= w.x0 and w.x1 <= 64 and w.weight.shape == (8, 22)
+        torch.testing.assert_close(w.weight.sum(), f.weight.sum())  # none of the view's weight is cut off
+        total[w.window] += w.weight
+    torch.testing.assert_close(total, torch.ones(8, 64))  # still a partition of unity
+    wide, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 40))  # a larger minimum wins
+    assert {(v.x1 - v.x0) for v in wide} == {40} and wide[0].x0 == 0 and wide[-1].x1 == 64
+    same, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 64))  # the canvas: unchanged
+    assert all((v.x0, v.x1) == (0, 64) for v in same)
+
+
+def test_region_windows_one_call_per_step_over_the_windows(pipe, unet_calls):
+    shapes = []
+    handle = pipe.unet.conv_in.register_forward_hook(lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape)))
+    bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=STYLES[i % 3]) for i in range(4)]
+    try:
+        image = _gen(pipe, size=(16, 128), regions=bands, feather=2, region_window="native")
+    finally:
+        handle.remove()
+    assert image.shape == (1, 3, 16, 128)
+    assert shapes == [(2 * 4, 4, 8, 22)] * STEPS  # ONE pass per step: CFG x 4 windows of 22 of the 64 latent columns
+
+
+def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_regions(pipe):
+    plain = _gen(pipe, size=(16, 128), style="neon")
+    one = _gen(pipe, size=(16, 128), regions=[Region(box=ALL, style="neon")], region_window="native")
+    assert torch.equal(one, plain)  # its window is the whole canvas
+
+    def bands(last):
+        return [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=s) for i, s in enumerate(["noir", "neon", "pastel", last])]
+
+    def latents(**kw):  # the latents, not the images: the VAE decoder's mid-block attention is global
+        generator = [torch.Generator().manual_seed(7)]
+        return pipe("a red circle", num_inference_steps=STEPS, height=16, width=128, output_type="latent", generator=generator, **kw).images
+
+    left = (slice(None), slice(None), slice(None), slice(0, 4))  # latent columns 0-3: band 0 of 64
+    windowed = [latents(regions=bands(s), feather=2, region_window="native") for s in ("noir", "neon")]
+    canvas = [latents(regions=bands(s), feather=2) for s in ("noir", "neon")]
+    # Whole-canvas views: band 0's view sees the last band's content, so its style reaches the left edge.
+    assert (canvas[0][left] - canvas[1][left]).abs().max() > 1e-4
+    # Windows: in 3 steps the last band's influence moves one window per step (band 3 -> 2 -> 1) and never
+    # reaches band 0's first columns.
+    assert torch.equal(windowed[0][left], windowed[1][left])
+    assert (windowed[0] - windowed[1]).abs().max() > 1e-3  # the last band itself did change
+
+
 # ---- panoramas ------------------------------------------------------------------------------
 def test_panorama_at_native_size_equals_plain(pipe):
     plain = _gen(pipe, size=(16, 16), style="neon")
@@ -215,6 +271,9 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=ALL, style="noir")], style_map=[(0, 1, "noir")]), RegionError, r"not both"),
         (dict(style_map=[(0, 0.5, "noir")], window_stride=8), RegionError, r"window .*no range covering"),
         (dict(style_map=[(0, 1, "sepia")]), StyleError, r"window 0 .*unknown style 'sepia'"),
+        (dict(regions=[Region(box=ALL, style="noir")], region_window=5), RegionError, r"region_window must be .*multiple of 2"),
+        (dict(regions=[Region(box=ALL, style="noir")], region_window="tiles"), RegionError, r'region_window must be None .*"native"'),
+        (dict(style_map=[(0, 1, "noir")], region_window="native"), RegionError, r"region_window= goes with regions="),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
