@@ -94,6 +94,11 @@ class GenerateRequest(BaseModel):
         description="regional styles: [{box: [x0, y0, x1, y1] (fractions), style | weights, prompt?}]; the request's "
         "style/weights, if given, fill what the boxes leave (the background); one batched UNet pass per step",
     )
+    region_window: Literal["canvas", "native"] = Field(
+        "canvas",
+        description="with regions: canvas = every region view is the whole canvas (two regions of one style give the plain image); "
+        "native = each view a native-size window around its region (cheaper on canvases wider or taller than the model's native size)",
+    )
     lora: Optional[dict[str, float]] = Field(
         None, description="LoRA adapters preloaded by the server (GET /styles lists them), {name: weight}; default none"
     )
@@ -154,10 +159,11 @@ class Sample:
     regions: tuple = ()
     background: Optional[tuple[float, ...]] = None
     lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
+    region_window: str = "canvas"  # the regions' views: "canvas" or "native" (dmm_ray.regions, region_window=)
 
     def group_key(self) -> tuple:
         # Samples with different regions or LoRA sets never share a forward (both are set per forward).
-        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.lora)
+        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.region_window, self.lora)
 
 
 @dataclass
@@ -232,6 +238,8 @@ def resolve_request(
                     422,
                     f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
                 )
+    elif req.region_window != "canvas":
+        raise RequestError(422, f"region_window={req.region_window!r} goes with regions; give regions or leave region_window out")
     lora = resolve_lora(req.lora, list(lora_names))
 
     steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
@@ -270,6 +278,7 @@ def resolve_request(
                     regions=regions,
                     background=background,
                     lora=lora,
+                    region_window=req.region_window,
                 )
             )
             k += 1

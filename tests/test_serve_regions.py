@@ -119,3 +119,27 @@ def test_backend_batch_mixes_regional_and_plain_samples_in_order(backend):
     alone = [backend.generate([s])[0] for s in (regional, plain, regional2)]
     for a, b in zip(together, alone):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_region_window_native_matches_the_pipeline_and_needs_regions(client, backend):
+    from dmm_ray.regions import Region
+
+    bands = [{"box": [i / 4, 0, (i + 1) / 4, 1], "style": s} for i, s in enumerate(["watercolor", "neon", "watercolor", "neon"])]
+    wide = dict(width=4 * TINY_SIZE, height=TINY_SIZE // 2)  # wider than the model's native size: the windows are smaller than the canvas
+    windows = png(gen(client, regions=bands, region_window="native", **wide))
+    canvas = png(gen(client, regions=bands, **wide))
+    direct = backend.pipe(
+        ["a red circle"],
+        regions=[Region(box=b["box"], style=b["style"]) for b in bands],
+        region_window="native",
+        num_inference_steps=TINY_STEPS,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(3)],
+        **wide,
+    ).images[0]
+    assert np.abs(windows - (direct * 255).round()).max() <= 1
+    assert np.abs(windows - canvas).max() > 1  # the windowed views are another layout, not the whole canvas
+    r = gen(client, style="neon", region_window="native")
+    assert r.status_code == 422 and "region_window='native' goes with regions" in r.json()["error"]
+    r = gen(client, regions=bands, region_window="tiles")
+    assert r.status_code == 422 and "region_window" in r.json()["error"]
