@@ -9,7 +9,8 @@
    Ceiling: the same crops of whole images of A and of B generated normally at the same size and
    seed (left crop of the A image is A and right crop of the B image is B). --modes renders the
    regions in each layout named: `canvas` (every region view is the whole canvas, the default) and
-   `windows` (`region_window="native"`: each view a native-size window around its region). Both as the 9-way
+   `windows` (`region_window="native"`: each view a native-size window around its region) and
+   `decode` (windows, and each region's window of the final latent decoded alone: `region_decode=True`). Both as the 9-way
    argmax (none + 8 styles) and as the 2-way choice between A and B (logit_A vs logit_B).
    Two style heads read the crops: the zoo feature net's (learned from the generator's ground-truth
    styles) and a copy of the net fit to the teachers' own renders (`fit_style_classifier`: the base
@@ -136,7 +137,7 @@ def seam_ratio(images: torch.Tensor, column: int) -> list[float]:
     return (seam / mean).tolist()
 
 
-MODES = {"canvas": {}, "windows": {"region_window": "native"}}  # --modes: the region layouts compared
+MODES = {"canvas": {}, "windows": {"region_window": "native"}, "decode": {"region_window": "native", "region_decode": True}}  # --modes
 
 
 def _prefix(mode: str) -> str:
@@ -380,7 +381,7 @@ def main(argv=None):
     ap.add_argument(
         "--modes",
         default="canvas",
-        help="comma-separated region layouts to render and time: canvas (whole-canvas views, the default) and/or windows (region_window='native')",
+        help="comma-separated region layouts to render and time: canvas (whole-canvas views, the default), windows (region_window='native'), decode (windows + region_decode=True)",
     )
     args = ap.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

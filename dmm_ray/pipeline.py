@@ -157,6 +157,7 @@ def _styled_call(parent_call):
         max_batch: int | None = None,
         feather: float | None = None,
         region_window: int | str | None = None,
+        region_decode: bool = False,
         **kwargs,
     ):
         if num_inference_steps is None or guidance_scale is None:  # the model's own sampler (paper: 25, CFG 7; few-step: 4, CFG off)
@@ -164,7 +165,7 @@ def _styled_call(parent_call):
             num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
             guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        if any(a is not None for a in (regions, style_map, window_stride, background, region_window)):
+        if any(a is not None for a in (regions, style_map, window_stride, background, region_window)) or region_decode:
             # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.
             from dmm_ray.regions import regional_call
 
@@ -181,6 +182,7 @@ def _styled_call(parent_call):
                 max_batch=max_batch,
                 feather=feather,
                 region_window=region_window,
+                region_decode=region_decode,
                 num_images_per_prompt=num_images_per_prompt,
                 kwargs=kwargs,
             )

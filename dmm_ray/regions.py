@@ -25,7 +25,7 @@ Public API (also `DMMPipeline.__call__(regions=, background=, style_map=, ...)`)
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -40,6 +40,8 @@ __all__ = [
     "RegionalPlan",
     "View",
     "build_region_views",
+    "region_windows",
+    "RegionalDecode",
     "build_panorama_views",
     "regional_call",
     "feathered",
@@ -487,20 +489,66 @@ class RegionalUNet:
         return UNet2DConditionOutput(sample=blended)
 
 
+class RegionalDecode:
+    """Stands in for `vae.decode` during a call: each region's window of the final latent is decoded on
+    its own, and the images are blended with the regions' weights (bilinear at image size, normalised).
+
+    Why: the VAE decoder's GroupNorm statistics and mid-block attention span whatever it decodes. On a
+    canvas whose parts have different styles, one decode pulls every part's colours towards the
+    others'; a window decoded alone is decoded as an image of that style alone. Windows that
+    coincide are decoded once, so a canvas whose windows are all the whole canvas decodes exactly as
+    the plain pipeline does."""
+
+    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int):
+        self.inner, self.f = inner_decode, vae_scale_factor
+        self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
+        self.calls = 0
+
+    def __call__(self, z, return_dict: bool = True, **kwargs):
+        if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
+            return self.inner(z, return_dict=return_dict, **kwargs)
+        f = self.f
+        image = total = None
+        for (y0, y1, x0, x1), weight in self.windows:
+            part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
+            self.calls += 1
+            w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
+            if image is None:
+                image = torch.zeros((*part.shape[:2], z.shape[-2] * f, z.shape[-1] * f), dtype=torch.float32, device=part.device)
+                total = torch.zeros(image.shape[-2:], dtype=torch.float32, device=part.device)
+            image[..., y0 * f : y1 * f, x0 * f : x1 * f] += part.float() * w
+            total[y0 * f : y1 * f, x0 * f : x1 * f] += w.float()
+        image = (image / total.clamp(min=1e-12)).to(part.dtype)  # bilinear weights sum to ~1; exactly 1 after this
+        if not return_dict:
+            return (image,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=image)
+
+
+def decode_windows(views: list[View], native: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """Full-canvas region views -> the windows `RegionalDecode` decodes: each region's native-size window
+    (`region_windows`), views that share a window merged into one decode."""
+    merged: dict[tuple[int, int, int, int], torch.Tensor] = {}
+    for v in region_windows(views, native):
+        key = (v.y0, v.y1, v.x0, v.x1)
+        merged[key] = merged[key] + v.weight if key in merged else v.weight.clone()
+    return list(merged.items())
+
+
 @contextmanager
-def regional_forward(unet, make: Callable[[Callable], RegionalUNet]):
-    """Replace `unet.forward` (an instance attribute, so accelerate hooks stay below it) for one call."""
-    previous = unet.__dict__.get("forward")
-    inner = unet.forward
-    wrapper = make(inner)
-    unet.forward = wrapper
+def overridden(module, name: str, make: Callable[[Callable], Callable]):
+    """Replace `module.<name>` (an instance attribute, so accelerate hooks stay below it) for one call."""
+    previous = module.__dict__.get(name)
+    wrapper = make(getattr(module, name))
+    setattr(module, name, wrapper)
     try:
         yield wrapper
     finally:
         if previous is None:
-            del unet.forward
+            delattr(module, name)
         else:
-            unet.forward = previous
+            setattr(module, name, previous)
 
 
 # ---- the pipeline entry point ----------------------------------------------------------------
@@ -535,6 +583,7 @@ def regional_call(
     max_batch=None,
     feather=None,
     region_window=None,
+    region_decode: bool = False,
     num_images_per_prompt: int = 1,
     kwargs: dict,
 ):
@@ -566,12 +615,13 @@ def regional_call(
             raise StyleError("with regions, give the background as background= or style=, not both")
         bg = background if background is not None else call_style
         window = _region_window(region_window, native, f)
-        views, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather, window)
+        full, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather)
+        views = full if window is None else region_windows(full, window)
         windowed = (views[0].y1 - views[0].y0, views[0].x1 - views[0].x0) != (height // f, width // f)
         plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=windowed)
     else:
-        if region_window is not None:
-            raise RegionError("region_window= goes with regions=; a panorama's windows are set by window_stride=")
+        if region_window is not None or region_decode:
+            raise RegionError("region_window= and region_decode= go with regions=; a panorama's windows are set by window_stride=")
         if background is not None:
             raise RegionError("background= goes with regions=; for a panorama give style_map= (or style=)")
         default = None
@@ -601,6 +651,10 @@ def regional_call(
             prompt_embeds = encoded[0]
             if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
                 pooled = encoded[2]
-    with regional_forward(unet, lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)):
+    decode = nullcontext()
+    if regions is not None and region_decode:
+        windows = decode_windows(full, (native // f, native // f))
+        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f))
+    with overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)), decode:
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
     return out

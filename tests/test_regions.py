@@ -165,6 +165,43 @@ def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_region
     assert (windowed[0] - windowed[1]).abs().max() > 1e-3  # the last band itself did change
 
 
+def test_region_decode_decodes_each_region_window_alone(pipe):
+    from dmm_ray.regions import build_region_views, region_windows
+
+    bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=s) for i, s in enumerate(["noir", "neon", "pastel", "noir"])]
+    kw = dict(size=(16, 128), regions=bands, feather=2, region_window="native")
+    joint = _gen(pipe, **kw)
+    decoded = _gen(pipe, **kw, region_decode=True)
+    assert "decode" not in pipe.vae.__dict__  # the regional decode is removed after the call
+    generator = [torch.Generator().manual_seed(7)]
+    latents = pipe(
+        ["a red circle"],
+        num_inference_steps=STEPS,
+        height=16,
+        width=128,
+        output_type="latent",
+        generator=generator,
+        **{k: v for k, v in kw.items() if k != "size"},
+    ).images
+    full, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2)
+    first = region_windows(full, (8, 8))[0]  # band 0's window: latent columns 0..22
+    with torch.no_grad():
+        alone = pipe.vae.decode(latents[..., first.x0 : first.x1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        alone = (alone / 2 + 0.5).clamp(0, 1)
+    core = (slice(None), slice(None), slice(None), slice(0, 20))  # image columns 0-19: only band 0's weight
+    torch.testing.assert_close(decoded[core], alone[core], rtol=0, atol=1e-5)  # decoded as band 0's window alone
+    assert (joint[core] - alone[core]).abs().max() > 1e-3  # one decode of the whole canvas mixes the bands
+    assert torch.isfinite(decoded).all() and decoded.shape == joint.shape
+
+
+def test_region_decode_with_a_single_window_is_the_plain_decode(pipe):
+    plain = _gen(pipe, size=(16, 128), style="neon")
+    assert torch.equal(_gen(pipe, size=(16, 128), regions=[Region(box=ALL, style="neon")], region_decode=True), plain)
+    two = [Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")]
+    native = dict(size=(16, 16), regions=two)  # at the native size every window is the canvas
+    assert torch.equal(_gen(pipe, **native, region_decode=True), _gen(pipe, **native))
+
+
 # ---- panoramas ------------------------------------------------------------------------------
 def test_panorama_at_native_size_equals_plain(pipe):
     plain = _gen(pipe, size=(16, 16), style="neon")
@@ -273,7 +310,8 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(style_map=[(0, 1, "sepia")]), StyleError, r"window 0 .*unknown style 'sepia'"),
         (dict(regions=[Region(box=ALL, style="noir")], region_window=5), RegionError, r"region_window must be .*multiple of 2"),
         (dict(regions=[Region(box=ALL, style="noir")], region_window="tiles"), RegionError, r'region_window must be None .*"native"'),
-        (dict(style_map=[(0, 1, "noir")], region_window="native"), RegionError, r"region_window= goes with regions="),
+        (dict(style_map=[(0, 1, "noir")], region_window="native"), RegionError, r"region_window= and region_decode= go with regions="),
+        (dict(style_map=[(0, 1, "noir")], region_decode=True), RegionError, r"region_decode= go with regions="),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
