@@ -210,7 +210,7 @@ class StyleModelBackend:
         for i, s in enumerate(samples):
             groups[s.group_key()].append(i)
         for key, idx in groups.items():
-            steps, guidance, width, height, regions, background, region_window, lora = key
+            steps, guidance, width, height, regions, background, region_window, region_decode, lora = key
             batch = [samples[i] for i in idx]
             self._set_lora(lora)
             self.forward_groups = (self.forward_groups + [(key, len(batch))])[-1000:]
@@ -224,6 +224,7 @@ class StyleModelBackend:
                     regions=[Region(box=box, style_weights=list(w), prompt=p) for box, w, p in regions],
                     background=None if background is None else list(background),
                     region_window=None if region_window == "canvas" else region_window,
+                    region_decode=region_decode,
                 )
             else:
                 style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample

@@ -99,6 +99,9 @@ class GenerateRequest(BaseModel):
         description="with regions: canvas = every region view is the whole canvas (two regions of one style give the plain image); "
         "native = each view a native-size window around its region (cheaper on canvases wider or taller than the model's native size)",
     )
+    region_decode: bool = Field(
+        False, description="with regions: decode each region's window of the final latent alone and blend the images (keeps each style's colours)"
+    )
     lora: Optional[dict[str, float]] = Field(
         None, description="LoRA adapters preloaded by the server (GET /styles lists them), {name: weight}; default none"
     )
@@ -160,10 +163,11 @@ class Sample:
     background: Optional[tuple[float, ...]] = None
     lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
     region_window: str = "canvas"  # the regions' views: "canvas" or "native" (dmm_ray.regions, region_window=)
+    region_decode: bool = False  # decode each region's window alone (dmm_ray.regions, region_decode=)
 
     def group_key(self) -> tuple:
         # Samples with different regions or LoRA sets never share a forward (both are set per forward).
-        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.region_window, self.lora)
+        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.region_window, self.region_decode, self.lora)
 
 
 @dataclass
@@ -238,8 +242,9 @@ def resolve_request(
                     422,
                     f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
                 )
-    elif req.region_window != "canvas":
-        raise RequestError(422, f"region_window={req.region_window!r} goes with regions; give regions or leave region_window out")
+    elif req.region_window != "canvas" or req.region_decode:
+        name = "region_window" if req.region_window != "canvas" else "region_decode"
+        raise RequestError(422, f"{name}={getattr(req, name)!r} goes with regions; give regions or leave {name} out")
     lora = resolve_lora(req.lora, list(lora_names))
 
     steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
@@ -279,6 +284,7 @@ def resolve_request(
                     background=background,
                     lora=lora,
                     region_window=req.region_window,
+                    region_decode=req.region_decode,
                 )
             )
             k += 1

@@ -121,7 +121,7 @@ def test_backend_batch_mixes_regional_and_plain_samples_in_order(backend):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_region_window_native_matches_the_pipeline_and_needs_regions(client, backend):
+def test_region_window_and_region_decode_match_the_pipeline_and_need_regions(client, backend):
     from dmm_ray.regions import Region
 
     bands = [{"box": [i / 4, 0, (i + 1) / 4, 1], "style": s} for i, s in enumerate(["watercolor", "neon", "watercolor", "neon"])]
@@ -143,3 +143,17 @@ def test_region_window_native_matches_the_pipeline_and_needs_regions(client, bac
     assert r.status_code == 422 and "region_window='native' goes with regions" in r.json()["error"]
     r = gen(client, regions=bands, region_window="tiles")
     assert r.status_code == 422 and "region_window" in r.json()["error"]
+    decoded = png(gen(client, regions=bands, region_window="native", region_decode=True, **wide))
+    direct = backend.pipe(
+        ["a red circle"],
+        regions=[Region(box=b["box"], style=b["style"]) for b in bands],
+        region_window="native",
+        region_decode=True,
+        num_inference_steps=TINY_STEPS,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(3)],
+        **wide,
+    ).images[0]
+    assert np.abs(decoded - (direct * 255).round()).max() <= 1 and np.abs(decoded - windows).max() > 1
+    r = gen(client, style="neon", region_decode=True)
+    assert r.status_code == 422 and "region_decode=True goes with regions" in r.json()["error"]
