@@ -173,7 +173,7 @@ def _per_style(net, images: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
-def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: dict | None = None, modes=("canvas",)):
+def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: dict | None = None, modes=("canvas",), feather=None):
     """heads: name -> feature net whose style head scores the crops (every head sees the same images).
     modes: the region layouts rendered (MODES); the first one's images go to the grid."""
     ps = [prompts[i % len(prompts)] for i in seeds]
@@ -188,7 +188,7 @@ def two_region_test(pipe, heads: dict, prompts, styles, seeds, batch, teachers: 
         row = {h: {} for h in heads}
         for m in modes:
             t0 = time.time()
-            imgs = _render_all(pipe, ps, seeds, batch, regions=halves(a, b), **MODES[m])
+            imgs = _render_all(pipe, ps, seeds, batch, regions=halves(a, b), feather=feather, **MODES[m])
             if m == modes[0]:
                 examples[(a, b)] = imgs[len(examples) % len(imgs)]  # a different seed per pair in the grid
             for h, net in heads.items():
@@ -377,6 +377,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cost cell (median)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
+    ap.add_argument("--feather", type=float, default=None, help="the regions' feather sigma in image pixels (default: the pipeline's, 4 px here)")
     ap.add_argument("--skip-cost", action="store_true", help="only the two-region test (with the teacher-fit classifier) and the grid")
     ap.add_argument(
         "--modes",
@@ -402,7 +403,7 @@ def main(argv=None):
         seeds=args.seeds,
         styles=distinct,
         threads=args.threads,
-        feather_px=max(pipe.vae_scale_factor, min(H, W) / 16),
+        feather_px=max(pipe.vae_scale_factor, min(H, W) / 16) if args.feather is None else args.feather,
         modes=list(modes),
     )
     print("settings:", json.dumps(settings), flush=True)
@@ -419,7 +420,9 @@ def main(argv=None):
     print("two-region test:", flush=True)
     t0 = time.time()
     heads = {"zoo": net, "fitted": probe}  # the zoo head; the classifier fit to teacher renders
-    result["two_region"], examples, _ = two_region_test(pipe, heads, prompts, distinct, seeds, args.batch, teachers=own, modes=modes)
+    result["two_region"], examples, _ = two_region_test(
+        pipe, heads, prompts, distinct, seeds, args.batch, teachers=own, modes=modes, feather=args.feather
+    )
     result["two_region"]["seconds"] = time.time() - t0
     (out / "regions.json").write_text(json.dumps(result, indent=1))
     result["grid"] = grid(pipe, examples, distinct, prompts, out)
