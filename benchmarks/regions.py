@@ -145,6 +145,11 @@ def _prefix(mode: str) -> str:
     return "regions" if mode == "canvas" else mode
 
 
+def _cell(mode: str) -> str:
+    """Cost-cell name of a region layout: `dmm` for the default (canvas), `dmm_<mode>` for the others."""
+    return "dmm" if mode == "canvas" else f"dmm_{mode}"
+
+
 def _scores(net, imgs, plain, a, b, prefix: str = "regions") -> dict:
     """One head's rates for pair (a, b): regions (keys `<prefix>_*`) vs the whole-image ceiling, 9-way and A-vs-B."""
     names = net.label_names["style"]
@@ -296,8 +301,7 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("c
         for K in (2, 4):
             regs = [Region(box=(k / K, 0, (k + 1) / K, 1), style=styles[k % len(styles)]) for k in range(K)]
             for m in modes:
-                name = f"dmm_k{K}" if m == "canvas" else f"dmm_{m}_k{K}"
-                cells[name] = lambda regs=regs, m=m: _generate(pipe, ps, seeds, regions=regs, **MODES[m])
+                cells[f"{_cell(m)}_k{K}"] = lambda regs=regs, m=m: _generate(pipe, ps, seeds, regions=regs, **MODES[m])
             views, _ = build_region_views(regs, pipe.styles, (H, W), pipe.vae_scale_factor)
             weights = [v.weight for v in views]
             ts = [teachers[styles[k % len(styles)]] for k in range(K)]
@@ -308,15 +312,11 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("c
         row = {}
         for unit, j in (("wall", 0), ("cpu", 1)):
             r = {k: v[j] / B for k, v in timed.items()}
-            for K in (2, 4):
-                for m in modes[1:] if modes[0] == "canvas" else modes:
-                    r[f"ratio_dmm_{m}_k{K}_vs_plain"] = r[f"dmm_{m}_k{K}"] / r["plain"]
-                    r[f"ratio_teachers_resident_k{K}_vs_dmm_{m}"] = r[f"teachers_resident_k{K}"] / r[f"dmm_{m}_k{K}"]
-                if "canvas" not in modes:
-                    continue
-                r[f"ratio_dmm_k{K}_vs_plain"] = r[f"dmm_k{K}"] / r["plain"]
-                r[f"ratio_teachers_resident_k{K}_vs_dmm"] = r[f"teachers_resident_k{K}"] / r[f"dmm_k{K}"]
-                r[f"ratio_teachers_switching_k{K}_vs_dmm"] = r[f"teachers_switching_k{K}"] / r[f"dmm_k{K}"]
+            for K, m in itertools.product((2, 4), modes):
+                c = _cell(m)
+                r[f"ratio_{c}_k{K}_vs_plain"] = r[f"{c}_k{K}"] / r["plain"]
+                for route in ("teachers_resident", "teachers_switching"):
+                    r[f"ratio_{route}_k{K}_vs_{c}"] = r[f"{route}_k{K}"] / r[f"{c}_k{K}"]
             row[unit] = r
             print(f"  batch {B} {unit}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
         res[f"batch_{B}"] = row

@@ -18,25 +18,19 @@ COLUMNS = ["A (whole image)", "B (whole image)", "regions A | B", "+ windows + r
 
 def main(argv=None):
     from PIL import Image, ImageDraw
+    from regions import GUIDANCE, NEGATIVE, STEPS, H, W, _load  # benchmarks/regions.py: the same model, zoo and sampler
 
-    from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.regions import Region
-    from dmm_ray.zoo.report import load_manifest
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="merged-model folder (the toy zoo's merge)")
     ap.add_argument("--zoo", required=True, help="the zoo the model was merged from (prompts, the 'distinct' styles)")
     ap.add_argument("--out", default="outputs/regions_layouts.png")
     args = ap.parse_args(argv)
-    zoo = Path(args.zoo)
-    manifest = load_manifest(zoo)
-    prompts = [line.strip() for line in (zoo / manifest["eval_prompts"]).read_text().splitlines() if line.strip()]
-    styles = [t["name"] for t in manifest["teachers"] if t.get("group") == "distinct"]
-    pipe = load_dmm_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _, prompts, styles, _ = _load(args.model, Path(args.zoo))
     ordered = list(itertools.permutations(styles, 2))
     pairs = (ordered[::3][:4] + ordered[1::3][:4])[:8]  # 8 of the 12 pairs, each style on each side
-    kw = dict(num_inference_steps=15, guidance_scale=5.0, negative_prompt=[""], height=32, width=64, output_type="pt")
+    kw = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE], height=H, width=W, output_type="pt")
 
     def to_pil(t):
         return Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")).resize((256, 128), Image.NEAREST)

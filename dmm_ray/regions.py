@@ -216,13 +216,9 @@ def build_region_views(
     vae_scale_factor: int,
     background: Any = None,
     feather: float | None = None,
-    window: tuple[int, int] | None = None,
 ) -> tuple[list[View], list[str]]:
-    """One view per region (+ background): feathered masks normalised to sum 1 at every latent pixel.
-
-    window: None = every view is the whole canvas; (h, w) in latent pixels = each view is cropped to
-    a window around its weight, at least (h, w) (`region_windows`; `pipe(region_window="native")`
-    passes the model's native size)."""
+    """Full-canvas views, one per region (+ background): feathered masks normalised to sum 1 at every
+    latent pixel (`region_windows` crops them to windows)."""
     H, W = image_size
     latent = (H // vae_scale_factor, W // vae_scale_factor)
     if not isinstance(regions, (list, tuple)) or not regions:
@@ -274,8 +270,6 @@ def build_region_views(
     if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
         raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")
     views = [View(0, latent[0], 0, latent[1], row, s / total, p, lab) for row, s, p, lab in zip(rows, soft, prompt_idx, labels)]
-    if window is not None:
-        views = region_windows(views, window)
     return views, prompts
 
 
@@ -502,7 +496,6 @@ class RegionalDecode:
     def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int):
         self.inner, self.f = inner_decode, vae_scale_factor
         self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
-        self.calls = 0
 
     def __call__(self, z, return_dict: bool = True, **kwargs):
         if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
@@ -511,7 +504,6 @@ class RegionalDecode:
         image = total = None
         for (y0, y1, x0, x1), weight in self.windows:
             part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
-            self.calls += 1
             w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
             if image is None:
                 image = torch.zeros((*part.shape[:2], z.shape[-2] * f, z.shape[-1] * f), dtype=torch.float32, device=part.device)
@@ -616,9 +608,8 @@ def regional_call(
         bg = background if background is not None else call_style
         window = _region_window(region_window, native, f)
         full, region_prompts = build_region_views(regions, names, (height, width), f, bg, feather)
-        views = full if window is None else region_windows(full, window)
-        windowed = (views[0].y1 - views[0].y0, views[0].x1 - views[0].x0) != (height // f, width // f)
-        plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=windowed)
+        views = full if window is None else region_windows(full, window)  # the same list when the windows are the canvas
+        plan = RegionalPlan(views, (height // f, width // f), region_prompts, max_batch, windowed=views is not full)
     else:
         if region_window is not None or region_decode:
             raise RegionError("region_window= and region_decode= go with regions=; a panorama's windows are set by window_stride=")

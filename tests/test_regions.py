@@ -111,11 +111,11 @@ def test_regional_forward_is_restored_after_an_error(pipe):
 
 # ---- region windows (region_window="native") --------------------------------------------------
 def test_region_windows_hold_all_of_each_views_weight_in_one_size():
-    from dmm_ray.regions import build_region_views
+    from dmm_ray.regions import build_region_views, region_windows
 
     bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=STYLES[i % 3]) for i in range(4)]
     full, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2)  # latent 8 x 64, sigma 1 latent px
-    windowed, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 8))
+    windowed = region_windows(full, (8, 8))
     sizes = {(v.y1 - v.y0, v.x1 - v.x0) for v in windowed}
     assert sizes == {(8, 22)}  # a 16-cell band + 3 sigma of feather each side; one size for one batched call
     total = torch.zeros(8, 64)
@@ -124,9 +124,9 @@ def test_region_windows_hold_all_of_each_views_weight_in_one_size():
         torch.testing.assert_close(w.weight.sum(), f.weight.sum())  # none of the view's weight is cut off
         total[w.window] += w.weight
     torch.testing.assert_close(total, torch.ones(8, 64))  # still a partition of unity
-    wide, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 40))  # a larger minimum wins
+    wide = region_windows(full, (8, 40))  # a larger minimum wins
     assert {(v.x1 - v.x0) for v in wide} == {40} and wide[0].x0 == 0 and wide[-1].x1 == 64
-    same, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2, window=(8, 64))  # the canvas: unchanged
+    same = region_windows(full, (8, 64))  # the canvas: unchanged
     assert all((v.x0, v.x1) == (0, 64) for v in same)
 
 
