@@ -105,7 +105,8 @@ def test_playground_generates_an_image(playground_url, tmp_path):
 @pytest.mark.browser
 def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
     """Split the canvas into 3 vertical bands, pick a style per band: the request carries `regions`
-    (one box per band, covering the canvas), the image appears and the meta line names the bands."""
+    (one box per band, covering the canvas), the image appears and the meta line names the bands.
+    The layout choice (windows + regional decode) and a wider canvas reach the request and the image."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
     chromium = ensure_chromium()
     with sync_api.sync_playwright() as pw:
@@ -133,11 +134,27 @@ def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
             body = requests[-1]
             assert "weights" not in body and [r["style"] for r in body["regions"]] == ["sketch", "neon", "watercolor"]
             assert body["regions"][0]["box"] == [0, 0, 1 / 3, 1] and body["regions"][2]["box"] == [2 / 3, 0, 1, 1]
-            # bands off again: back to the slider mixture
+            assert "region_window" not in body and "region_decode" not in body and "width" not in body  # the defaults
+            # a canvas twice the native width, each band in its own window, decoded alone
+            native = int(page.get_attribute("#width", "placeholder").split()[-1])
+            assert page.is_visible("#layout")
+            page.select_option("#layout", "decode")
+            page.fill("#width", str(2 * native))
+            page.fill("#seed", "10")
+            generate_and_wait(page)
+            page.wait_for_function("() => document.getElementById('meta').textContent.includes('seed 10')", timeout=60_000)
+            body = requests[-1]
+            assert body["region_window"] == "native" and body["region_decode"] is True and body["width"] == 2 * native, body
+            page.wait_for_function(
+                f"() => {{ const i = document.getElementById('image'); return i.complete && i.naturalWidth === {2 * native}; }}", timeout=30_000
+            )
+            assert page.eval_on_selector("#image", "i => i.naturalHeight") == native
+            # bands off again: back to the slider mixture, and the layout choice is hidden and not sent
             page.select_option("#bands", "1")
+            assert not page.is_visible("#layout")
             page.click("#generate")
             page.wait_for_function("() => document.getElementById('meta').textContent.includes('mixture')", timeout=60_000)
-            assert "regions" not in requests[-1] and "weights" in requests[-1]
+            assert "regions" not in requests[-1] and "weights" in requests[-1] and "region_decode" not in requests[-1]
             page.screenshot(path=str(tmp_path / "playground_bands.png"))
         finally:
             browser.close()
