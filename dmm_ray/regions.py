@@ -25,7 +25,7 @@ Public API (also `DMMPipeline.__call__(regions=, background=, style_map=, ...)`)
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -483,19 +483,26 @@ class RegionalUNet:
         return UNet2DConditionOutput(sample=blended)
 
 
+DECODE_MARGIN = 2  # latent cells a decode window holds beyond its region's weight: the decoder's convs
+# then see the neighbour's content at the window's edge instead of zero padding (no border at the seam)
+
+
 class RegionalDecode:
     """Stands in for `vae.decode` during a call: each region's window of the final latent is decoded on
     its own, and the images are blended with the regions' weights (bilinear at image size, normalised).
 
     Why: the VAE decoder's GroupNorm statistics and mid-block attention span whatever it decodes. On a
     canvas whose parts have different styles, one decode pulls every part's colours towards the
-    others'; a window decoded alone is decoded as an image of that style alone. Windows that
-    coincide are decoded once, so a canvas whose windows are all the whole canvas decodes exactly as
-    the plain pipeline does."""
+    others'; a window decoded alone is decoded as an image of that style alone. With `norms` (the
+    decoder's GroupNorms) each window normalises with its own region's statistics (`RegionNorm`),
+    so the margin it holds of its neighbours (`DECODE_MARGIN`) gives its edge their content but not
+    their colours. Windows that coincide are decoded once, so a canvas whose windows are all the
+    whole canvas decodes exactly as the plain pipeline does."""
 
-    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int):
+    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, norms=()):
         self.inner, self.f = inner_decode, vae_scale_factor
         self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
+        self.norms = list(norms)  # the decoder's GroupNorms: given, each window normalises with its own region's statistics
 
     def __call__(self, z, return_dict: bool = True, **kwargs):
         if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
@@ -503,7 +510,10 @@ class RegionalDecode:
         f = self.f
         image = total = None
         for (y0, y1, x0, x1), weight in self.windows:
-            part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
+            with ExitStack() as stack:
+                for norm in self.norms:
+                    stack.enter_context(overridden(norm, "forward", lambda _inner, norm=norm, weight=weight: RegionNorm(norm, weight)))
+                part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
             w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
             if image is None:
                 image = torch.zeros((*part.shape[:2], z.shape[-2] * f, z.shape[-1] * f), dtype=torch.float32, device=part.device)
@@ -518,9 +528,44 @@ class RegionalDecode:
         return DecoderOutput(sample=image)
 
 
-def decode_windows(views: list[View], native: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+class RegionNorm:
+    """Stands in for a decoder GroupNorm's forward while one region's window decodes: the group
+    statistics are weighted by the region's weight in the window, so the margin the window holds of
+    its neighbours shapes the content at the edge but not the colours of the whole window. A weight
+    of ones is the plain GroupNorm. Takes (B, C, h, w) maps and the (B, C, h*w) tokens of the
+    mid-block attention's norm."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, weight: torch.Tensor):
+        self.norm, self.weight = norm, weight  # weight: (wh, ww) latent cells of the window
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm, (wh, ww) = self.norm, self.weight.shape
+        B, C = x.shape[:2]
+        if x.ndim == 4:
+            size = x.shape[-2:]
+        else:  # (B, C, N) tokens of an (wh s) x (ww s) map
+            scale = math.isqrt(x.shape[-1] // (wh * ww))
+            size = (wh * scale, ww * scale)
+        m = F.interpolate(self.weight[None, None].to(x.device, torch.float32), size=size, mode="nearest").reshape(1, 1, 1, -1)
+        xg = x.float().reshape(B, norm.num_groups, C // norm.num_groups, -1)  # (B, G, C/G, S)
+        total = m.sum() * xg.shape[2]
+        mean = (xg * m).sum((2, 3), keepdim=True) / total
+        var = ((xg - mean) ** 2 * m).sum((2, 3), keepdim=True) / total
+        y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            shape = (1, C) + (1,) * (x.ndim - 2)
+            y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
+        return y.to(x.dtype)
+
+
+def decode_windows(views: list[View], native: tuple[int, int], margin: int = 0) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
     """Full-canvas region views -> the windows `RegionalDecode` decodes: each region's native-size window
-    (`region_windows`), views that share a window merged into one decode."""
+    (`region_windows`), `margin` latent cells wider than its weight's support on each side, views
+    that share a window merged into one decode."""
+    h, w = views[0].weight.shape
+    if margin:
+        spans = [(int((v.weight.sum(1) > 0).sum()), int((v.weight.sum(0) > 0).sum())) for v in views]
+        native = (min(h, max([native[0]] + [a + 2 * margin for a, _ in spans])), min(w, max([native[1]] + [b + 2 * margin for _, b in spans])))
     merged: dict[tuple[int, int, int, int], torch.Tensor] = {}
     for v in region_windows(views, native):
         key = (v.y0, v.y1, v.x0, v.x1)
@@ -644,8 +689,9 @@ def regional_call(
                 pooled = encoded[2]
     decode = nullcontext()
     if regions is not None and region_decode:
-        windows = decode_windows(full, (native // f, native // f))
-        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f))
+        windows = decode_windows(full, (native // f, native // f), margin=DECODE_MARGIN)
+        norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, norms))
     with overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)), decode:
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
     return out

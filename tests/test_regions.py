@@ -4,6 +4,8 @@ The tiny SD components have a 2x VAE and an 8x8-latent UNet: native images are 1
 images have 16x16 latents. The codebook is spread (x20) so styles visibly differ untrained.
 """
 
+from contextlib import ExitStack
+
 import numpy as np
 import pytest
 import torch
@@ -165,14 +167,16 @@ def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_region
     assert (windowed[0] - windowed[1]).abs().max() > 1e-3  # the last band itself did change
 
 
-def test_region_decode_decodes_each_region_window_alone(pipe):
-    from dmm_ray.regions import build_region_views, region_windows
+def test_region_decode_decodes_each_region_window_alone_with_its_own_statistics(pipe):
+    from dmm_ray.regions import DECODE_MARGIN, RegionNorm, build_region_views, overridden, region_windows
 
     bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=s) for i, s in enumerate(["noir", "neon", "pastel", "noir"])]
     kw = dict(size=(16, 128), regions=bands, feather=2, region_window="native")
     joint = _gen(pipe, **kw)
     decoded = _gen(pipe, **kw, region_decode=True)
     assert "decode" not in pipe.vae.__dict__  # the regional decode is removed after the call
+    norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any("forward" in m.__dict__ for m in norms)  # and so are the region norms
     generator = [torch.Generator().manual_seed(7)]
     latents = pipe(
         ["a red circle"],
@@ -184,14 +188,45 @@ def test_region_decode_decodes_each_region_window_alone(pipe):
         **{k: v for k, v in kw.items() if k != "size"},
     ).images
     full, _ = build_region_views(bands, STYLES, (16, 128), 2, feather=2)
-    first = region_windows(full, (8, 8))[0]  # band 0's window: latent columns 0..22
-    with torch.no_grad():
-        alone = pipe.vae.decode(latents[..., first.x0 : first.x1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        alone = (alone / 2 + 0.5).clamp(0, 1)
+    # the widest weight (a middle band: 16 columns + 3 each side) plus the margin each side
+    width = 16 + 2 * 3 + 2 * DECODE_MARGIN
+    first = region_windows(full, (8, width))[0]  # band 0's window: latent columns 0..width
+    assert (first.x0, first.x1) == (0, width)
+    window = latents[..., first.x0 : first.x1] / pipe.vae.config.scaling_factor
+
+    def decode(own_statistics: bool):
+        with torch.no_grad(), ExitStack() as stack:
+            for m in norms if own_statistics else []:
+                stack.enter_context(overridden(m, "forward", lambda _f, m=m: RegionNorm(m, first.weight)))
+            return (pipe.vae.decode(window, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+
+    alone, alone_plain_norms = decode(True), decode(False)
     core = (slice(None), slice(None), slice(None), slice(0, 20))  # image columns 0-19: only band 0's weight
-    torch.testing.assert_close(decoded[core], alone[core], rtol=0, atol=1e-5)  # decoded as band 0's window alone
+    torch.testing.assert_close(decoded[core], alone[core], rtol=0, atol=1e-5)  # band 0's window, its own statistics
+    assert (alone_plain_norms[core] - alone[core]).abs().max() > 1e-3  # the margin's content would shift the statistics
     assert (joint[core] - alone[core]).abs().max() > 1e-3  # one decode of the whole canvas mixes the bands
     assert torch.isfinite(decoded).all() and decoded.shape == joint.shape
+
+
+def test_region_norm_takes_its_statistics_from_the_region_alone():
+    from dmm_ray.regions import RegionNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 8, 12) * 3 + 1  # (B, C, h, w): a map at 2x the (4, 6) latent window
+    with torch.no_grad():
+        # a weight of ones is the plain GroupNorm, on maps and on the mid-block attention's (B, C, N) tokens
+        torch.testing.assert_close(RegionNorm(norm, torch.ones(4, 6))(x), norm(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(RegionNorm(norm, torch.ones(4, 6))(x.flatten(2)), norm(x.flatten(2)), rtol=0, atol=1e-5)
+        left = torch.zeros(4, 6)
+        left[:, :2] = 1  # the region: the first 2 latent columns = the first 4 of the map
+        y = RegionNorm(norm, left)(x)
+        torch.testing.assert_close(y[..., :4], norm(x[..., :4]), rtol=0, atol=1e-5)  # as if the region were alone
+        louder = x.clone()
+        louder[..., 4:] = louder[..., 4:] * 10 - 5  # the rest of the window changes: the region's output does not
+        torch.testing.assert_close(RegionNorm(norm, left)(louder)[..., :4], y[..., :4], rtol=0, atol=0)
+        assert (norm(louder)[..., :4] - norm(x)[..., :4]).abs().max() > 0.1  # a plain GroupNorm's would
 
 
 def test_region_decode_with_a_single_window_is_the_plain_decode(pipe):
