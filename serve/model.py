@@ -210,7 +210,7 @@ class StyleModelBackend:
         for i, s in enumerate(samples):
             groups[s.group_key()].append(i)
         for key, idx in groups.items():
-            steps, guidance, width, height, regions, background, region_window, region_decode, lora = key
+            steps, guidance, width, height, regions, background, region_window, region_decode, feather, lora = key
             batch = [samples[i] for i in idx]
             self._set_lora(lora)
             self.forward_groups = (self.forward_groups + [(key, len(batch))])[-1000:]
@@ -225,6 +225,7 @@ class StyleModelBackend:
                     background=None if background is None else list(background),
                     region_window=None if region_window == "canvas" else region_window,
                     region_decode=region_decode,
+                    feather=feather,
                 )
             else:
                 style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample

@@ -102,6 +102,13 @@ class GenerateRequest(BaseModel):
     region_decode: bool = Field(
         False, description="with regions: decode each region's window of the final latent alone and blend the images (keeps each style's colours)"
     )
+    feather: Optional[float] = Field(
+        None,
+        ge=0,
+        le=1024,
+        allow_inf_nan=False,
+        description="with regions: Gaussian sigma of the regions' soft edges in image pixels, 0 = hard edges; default max(VAE factor, min(width, height) / 16)",
+    )
     lora: Optional[dict[str, float]] = Field(
         None, description="LoRA adapters preloaded by the server (GET /styles lists them), {name: weight}; default none"
     )
@@ -164,10 +171,22 @@ class Sample:
     lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
     region_window: str = "canvas"  # the regions' views: "canvas" or "native" (dmm_ray.regions, region_window=)
     region_decode: bool = False  # decode each region's window alone (dmm_ray.regions, region_decode=)
+    feather: Optional[float] = None  # the regions' edge sigma in image pixels; None = the pipeline's default
 
     def group_key(self) -> tuple:
         # Samples with different regions or LoRA sets never share a forward (both are set per forward).
-        return (self.steps, self.guidance, self.width, self.height, self.regions, self.background, self.region_window, self.region_decode, self.lora)
+        return (
+            self.steps,
+            self.guidance,
+            self.width,
+            self.height,
+            self.regions,
+            self.background,
+            self.region_window,
+            self.region_decode,
+            self.feather,
+            self.lora,
+        )
 
 
 @dataclass
@@ -242,9 +261,10 @@ def resolve_request(
                     422,
                     f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
                 )
-    elif req.region_window != "canvas" or req.region_decode:
-        name = "region_window" if req.region_window != "canvas" else "region_decode"
-        raise RequestError(422, f"{name}={getattr(req, name)!r} goes with regions; give regions or leave {name} out")
+    else:
+        for name, unset in (("region_window", "canvas"), ("region_decode", False), ("feather", None)):
+            if getattr(req, name) != unset:
+                raise RequestError(422, f"{name}={getattr(req, name)!r} goes with regions; give regions or leave {name} out")
     lora = resolve_lora(req.lora, list(lora_names))
 
     steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
@@ -285,6 +305,7 @@ def resolve_request(
                     lora=lora,
                     region_window=req.region_window,
                     region_decode=req.region_decode,
+                    feather=req.feather,
                 )
             )
             k += 1

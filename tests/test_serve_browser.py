@@ -140,11 +140,13 @@ def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
             assert page.is_visible("#layout")
             page.select_option("#layout", "decode")
             page.fill("#width", str(2 * native))
+            page.fill("#feather", "0")  # hard panels
             page.fill("#seed", "10")
             generate_and_wait(page)
             page.wait_for_function("() => document.getElementById('meta').textContent.includes('seed 10')", timeout=60_000)
             body = requests[-1]
             assert body["region_window"] == "native" and body["region_decode"] is True and body["width"] == 2 * native, body
+            assert body["feather"] == 0, body
             page.wait_for_function(
                 f"() => {{ const i = document.getElementById('image'); return i.complete && i.naturalWidth === {2 * native}; }}", timeout=30_000
             )
@@ -154,7 +156,8 @@ def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
             assert not page.is_visible("#layout")
             page.click("#generate")
             page.wait_for_function("() => document.getElementById('meta').textContent.includes('mixture')", timeout=60_000)
-            assert "regions" not in requests[-1] and "weights" in requests[-1] and "region_decode" not in requests[-1]
+            assert "regions" not in requests[-1] and "weights" in requests[-1]
+            assert "region_decode" not in requests[-1] and "feather" not in requests[-1]
             page.screenshot(path=str(tmp_path / "playground_bands.png"))
         finally:
             browser.close()

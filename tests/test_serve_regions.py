@@ -157,3 +157,31 @@ def test_region_window_and_region_decode_match_the_pipeline_and_need_regions(cli
     assert np.abs(decoded - (direct * 255).round()).max() <= 1 and np.abs(decoded - windows).max() > 1
     r = gen(client, style="neon", region_decode=True)
     assert r.status_code == 422 and "region_decode=True goes with regions" in r.json()["error"]
+
+
+def test_feather_sets_the_regions_edges_and_needs_regions(client, backend):
+    from dmm_ray.regions import Region
+
+    bands = [{"box": LEFT, "style": "watercolor"}, {"box": RIGHT, "style": "neon"}]
+    wide = dict(width=2 * TINY_SIZE, height=TINY_SIZE)
+    hard = png(gen(client, regions=bands, feather=0, **wide))
+    direct = backend.pipe(
+        ["a red circle"],
+        regions=[Region(box=b["box"], style=b["style"]) for b in bands],
+        feather=0,
+        num_inference_steps=TINY_STEPS,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(3)],
+        **wide,
+    ).images[0]
+    assert np.abs(hard - (direct * 255).round()).max() <= 1
+    assert np.abs(hard - png(gen(client, regions=bands, **wide))).max() > 1  # the default feather is soft
+    assert np.array_equal(png(gen(client, regions=bands, feather=2.5, **wide)), png(gen(client, regions=bands, feather=2.5, **wide)))
+    for extra, words in [
+        (dict(style="neon", feather=2), "feather=2.0 goes with regions"),
+        (dict(regions=bands, feather=-1), "feather"),
+        (dict(regions=bands, feather=True), "feather"),
+        (dict(regions=bands, feather="soft"), "feather"),
+    ]:
+        r = gen(client, **extra)
+        assert r.status_code == 422 and words in json.dumps(r.json()), (extra, r.text)
