@@ -493,16 +493,17 @@ class RegionalDecode:
 
     Why: the VAE decoder's GroupNorm statistics and mid-block attention span whatever it decodes. On a
     canvas whose parts have different styles, one decode pulls every part's colours towards the
-    others'; a window decoded alone is decoded as an image of that style alone. With `norms` (the
-    decoder's GroupNorms) each window normalises with its own region's statistics (`RegionNorm`),
-    so the margin it holds of its neighbours (`DECODE_MARGIN`) gives its edge their content but not
-    their colours. Windows that coincide are decoded once, so a canvas whose windows are all the
-    whole canvas decodes exactly as the plain pipeline does."""
+    others'; a window decoded alone is decoded as an image of that style alone. Given the `decoder`,
+    each window decodes as its region (`decoding_region`: the GroupNorms take the region's
+    statistics, the attention only its keys), so the margin it holds of its neighbours
+    (`DECODE_MARGIN`) gives its edge their content but not their colours. Windows that coincide
+    are decoded once, so a canvas whose windows are all the whole canvas decodes exactly as the
+    plain pipeline does."""
 
-    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, norms=()):
+    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, decoder=None):
         self.inner, self.f = inner_decode, vae_scale_factor
         self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
-        self.norms = list(norms)  # the decoder's GroupNorms: given, each window normalises with its own region's statistics
+        self.decoder = decoder  # the VAE's decoder module: given, each window decodes as its region (decoding_region)
 
     def __call__(self, z, return_dict: bool = True, **kwargs):
         if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
@@ -510,9 +511,7 @@ class RegionalDecode:
         f = self.f
         image = total = None
         for (y0, y1, x0, x1), weight in self.windows:
-            with ExitStack() as stack:
-                for norm in self.norms:
-                    stack.enter_context(overridden(norm, "forward", lambda _inner, norm=norm, weight=weight: RegionNorm(norm, weight)))
+            with decoding_region(self.decoder, weight) if self.decoder is not None else nullcontext():
                 part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
             w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
             if image is None:
@@ -528,6 +527,54 @@ class RegionalDecode:
         return DecoderOutput(sample=image)
 
 
+def _map_size(weight: torch.Tensor, x: torch.Tensor, token_dim: int) -> tuple[int, int]:
+    """The (h, w) of the map `x` holds, a whole multiple of the (wh, ww) window `weight` covers:
+    x is (B, C, h, w), or tokens with h*w along `token_dim`."""
+    if x.ndim == 4:
+        return tuple(x.shape[-2:])
+    wh, ww = weight.shape
+    scale = math.isqrt(x.shape[token_dim] // (wh * ww))
+    return (wh * scale, ww * scale)
+
+
+def _on_map(weight: torch.Tensor, size: tuple[int, int], device) -> torch.Tensor:
+    """(wh, ww) window weight -> (h*w,) at a feature map's size (nearest: whole multiples)."""
+    return F.interpolate(weight[None, None].to(device, torch.float32), size=size, mode="nearest").flatten()
+
+
+class RegionAttention:
+    """Stands in for a decoder attention block's forward while one region's window decodes: only the
+    keys where the region weighs are attended to, so the margin a window holds of its neighbours is
+    not read into the region's tokens (an additive -inf mask; the VAE's attention takes none of its own)."""
+
+    def __init__(self, inner_forward, weight: torch.Tensor):
+        self.inner, self.weight = inner_forward, weight  # weight: (wh, ww) latent cells of the window
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if kwargs.get("attention_mask") is not None:
+            raise RuntimeError("RegionAttention: this attention already has a mask; the regional decode expects the VAE's maskless attention")
+        keep = _on_map(self.weight, _map_size(self.weight, hidden_states, 1), hidden_states.device) > 0  # (h*w,)
+        bias = torch.zeros(keep.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(~keep, float("-inf"))
+        kwargs["attention_mask"] = bias.expand(hidden_states.shape[0], 1, -1)  # (B, 1, keys): the same for every query
+        return self.inner(hidden_states, *args, **kwargs)
+
+
+@contextmanager
+def decoding_region(decoder, weight: torch.Tensor):
+    """While the VAE `decoder` decodes one region's window (weight: (wh, ww) latent cells): every
+    GroupNorm takes the region's statistics (`RegionNorm`) and every attention block only the
+    region's keys (`RegionAttention`)."""
+    from diffusers.models.attention_processor import Attention
+
+    with ExitStack() as stack:
+        for m in decoder.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                stack.enter_context(overridden(m, "forward", lambda _inner, m=m: RegionNorm(m, weight)))
+            elif isinstance(m, Attention):
+                stack.enter_context(overridden(m, "forward", lambda inner: RegionAttention(inner, weight)))
+        yield
+
+
 class RegionNorm:
     """Stands in for a decoder GroupNorm's forward while one region's window decodes: the group
     statistics are weighted by the region's weight in the window, so the margin the window holds of
@@ -539,14 +586,9 @@ class RegionNorm:
         self.norm, self.weight = norm, weight  # weight: (wh, ww) latent cells of the window
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        norm, (wh, ww) = self.norm, self.weight.shape
+        norm = self.norm
         B, C = x.shape[:2]
-        if x.ndim == 4:
-            size = x.shape[-2:]
-        else:  # (B, C, N) tokens of an (wh s) x (ww s) map
-            scale = math.isqrt(x.shape[-1] // (wh * ww))
-            size = (wh * scale, ww * scale)
-        m = F.interpolate(self.weight[None, None].to(x.device, torch.float32), size=size, mode="nearest").reshape(1, 1, 1, -1)
+        m = _on_map(self.weight, _map_size(self.weight, x, 2), x.device).reshape(1, 1, 1, -1)  # (B, C, N) tokens: N = h*w
         xg = x.float().reshape(B, norm.num_groups, C // norm.num_groups, -1)  # (B, G, C/G, S)
         total = m.sum() * xg.shape[2]
         mean = (xg * m).sum((2, 3), keepdim=True) / total
@@ -690,8 +732,7 @@ def regional_call(
     decode = nullcontext()
     if regions is not None and region_decode:
         windows = decode_windows(full, (native // f, native // f), margin=DECODE_MARGIN)
-        norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, norms))
+        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, pipe.vae.decoder))
     with overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)), decode:
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
     return out

@@ -4,7 +4,7 @@ The tiny SD components have a 2x VAE and an 8x8-latent UNet: native images are 1
 images have 16x16 latents. The codebook is spread (x20) so styles visibly differ untrained.
 """
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -168,15 +168,15 @@ def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_region
 
 
 def test_region_decode_decodes_each_region_window_alone_with_its_own_statistics(pipe):
-    from dmm_ray.regions import DECODE_MARGIN, RegionNorm, build_region_views, overridden, region_windows
+    from dmm_ray.regions import DECODE_MARGIN, build_region_views, decoding_region, region_windows
 
     bands = [Region(box=(i / 4, 0, (i + 1) / 4, 1), style=s) for i, s in enumerate(["noir", "neon", "pastel", "noir"])]
     kw = dict(size=(16, 128), regions=bands, feather=2, region_window="native")
     joint = _gen(pipe, **kw)
     decoded = _gen(pipe, **kw, region_decode=True)
     assert "decode" not in pipe.vae.__dict__  # the regional decode is removed after the call
-    norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert norms and not any("forward" in m.__dict__ for m in norms)  # and so are the region norms
+    # and so are the region norms and attention masks
+    assert not any("forward" in m.__dict__ for m in pipe.vae.decoder.modules())
     generator = [torch.Generator().manual_seed(7)]
     latents = pipe(
         ["a red circle"],
@@ -194,15 +194,13 @@ def test_region_decode_decodes_each_region_window_alone_with_its_own_statistics(
     assert (first.x0, first.x1) == (0, width)
     window = latents[..., first.x0 : first.x1] / pipe.vae.config.scaling_factor
 
-    def decode(own_statistics: bool):
-        with torch.no_grad(), ExitStack() as stack:
-            for m in norms if own_statistics else []:
-                stack.enter_context(overridden(m, "forward", lambda _f, m=m: RegionNorm(m, first.weight)))
+    def decode(as_region: bool):
+        with torch.no_grad(), decoding_region(pipe.vae.decoder, first.weight) if as_region else nullcontext():
             return (pipe.vae.decode(window, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
 
     alone, alone_plain_norms = decode(True), decode(False)
     core = (slice(None), slice(None), slice(None), slice(0, 20))  # image columns 0-19: only band 0's weight
-    torch.testing.assert_close(decoded[core], alone[core], rtol=0, atol=1e-5)  # band 0's window, its own statistics
+    torch.testing.assert_close(decoded[core], alone[core], rtol=0, atol=1e-5)  # band 0's window, decoded as band 0
     assert (alone_plain_norms[core] - alone[core]).abs().max() > 1e-3  # the margin's content would shift the statistics
     assert (joint[core] - alone[core]).abs().max() > 1e-3  # one decode of the whole canvas mixes the bands
     assert torch.isfinite(decoded).all() and decoded.shape == joint.shape
@@ -227,6 +225,31 @@ def test_region_norm_takes_its_statistics_from_the_region_alone():
         louder[..., 4:] = louder[..., 4:] * 10 - 5  # the rest of the window changes: the region's output does not
         torch.testing.assert_close(RegionNorm(norm, left)(louder)[..., :4], y[..., :4], rtol=0, atol=0)
         assert (norm(louder)[..., :4] - norm(x)[..., :4]).abs().max() > 0.1  # a plain GroupNorm's would
+
+
+def test_decoding_region_attends_to_the_region_alone(pipe):
+    """The VAE mid-block's attention, under decoding_region with a 0/1 weight: the region's tokens come
+    out as the block applied to the region alone, whatever the rest of the window holds."""
+    from dmm_ray.regions import decoding_region
+
+    block = pipe.vae.decoder.mid_block.attentions[0]
+    torch.manual_seed(1)
+    C = block.group_norm.num_channels
+    x = torch.randn(1, C, 4, 6)  # (B, C, h, w) at the latent size: the mid-block's resolution
+    left = torch.zeros(4, 6)
+    left[:, :3] = 1
+    with torch.no_grad():
+        alone = block(x[..., :3].contiguous())
+        with decoding_region(pipe.vae.decoder, left):
+            y = block(x)
+            louder = x.clone()
+            louder[..., 3:] = louder[..., 3:] * 10 - 5
+            y_louder = block(louder)
+        plain = block(x)
+    assert "forward" not in block.__dict__  # restored after the context
+    torch.testing.assert_close(y[..., :3], alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(y_louder[..., :3], y[..., :3], rtol=0, atol=1e-5)
+    assert (plain[..., :3] - alone).abs().max() > 1e-3  # the plain block reads the other columns' keys
 
 
 def test_region_decode_with_a_single_window_is_the_plain_decode(pipe):
@@ -384,6 +407,10 @@ def test_sdxl_regions_and_panorama(tmp_path):
     assert (mixed - plain[:1]).abs().max() > 1e-3
     pano = _gen(xl, ["a red circle"], size=(16, 48), style_map=sweep("noir", "neon"))
     assert pano.shape == (1, 3, 16, 48) and torch.isfinite(pano).all()
+    wide = dict(size=(16, 64), regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")], region_window="native")
+    decoded = _gen(xl, ["a red circle"], **wide, region_decode=True)  # the SDXL VAE's decoder, each half as its region
+    assert decoded.shape == (1, 3, 16, 64) and torch.isfinite(decoded).all()
+    assert (decoded - _gen(xl, ["a red circle"], **wide)).abs().max() > 1e-3
 
 
 def test_benchmark_seam_ratio():
