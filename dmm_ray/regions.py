@@ -278,7 +278,7 @@ def _centred_start(start: int, end: int, length: int, size: int) -> int:
     return min(max((start + end - length) // 2, 0), size - length)
 
 
-def region_windows(views: list[View], min_size: tuple[int, int]) -> list[View]:
+def region_windows(views: list[View], min_size: tuple[int, int], margin: int = 0) -> list[View]:
     """Crop full-canvas region views to windows around their weights (Mixture-of-Diffusers tiles).
 
     Each window holds every latent pixel where its view's weight is non-zero (a feathered mask's
@@ -288,15 +288,16 @@ def region_windows(views: list[View], min_size: tuple[int, int]) -> list[View]:
     sees its own part of the canvas and a margin, not the other regions' content: less of their
     style reaches it through self-attention and GroupNorm statistics, and a step costs the windows'
     area instead of K whole canvases. Where every window would be the whole canvas (a canvas at or
-    below the native size), the views come back unchanged."""
+    below the native size), the views come back unchanged. `margin`: latent cells each window holds
+    beyond its weight's support on every side (the regional decode's `DECODE_MARGIN`)."""
     h, w = views[0].weight.shape
     supports = []
     for v in views:
         rows = torch.nonzero(v.weight.sum(1) > 0).flatten()
         cols = torch.nonzero(v.weight.sum(0) > 0).flatten()
         supports.append((int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
-    wh = min(h, max([min_size[0]] + [b - a for a, b, _, _ in supports]))
-    ww = min(w, max([min_size[1]] + [d - c for _, _, c, d in supports]))
+    wh = min(h, max([min_size[0]] + [b - a + 2 * margin for a, b, _, _ in supports]))
+    ww = min(w, max([min_size[1]] + [d - c + 2 * margin for _, _, c, d in supports]))
     if (wh, ww) == (h, w):
         return views
     out = []
@@ -493,17 +494,17 @@ class RegionalDecode:
 
     Why: the VAE decoder's GroupNorm statistics and mid-block attention span whatever it decodes. On a
     canvas whose parts have different styles, one decode pulls every part's colours towards the
-    others'; a window decoded alone is decoded as an image of that style alone. Given the `decoder`,
-    each window decodes as its region (`decoding_region`: the GroupNorms take the region's
+    others'; a window decoded alone is decoded as an image of that style alone. Each window
+    decodes as its region (`decoding_region`: the GroupNorms take the region's
     statistics, the attention only its keys), so the margin it holds of its neighbours
     (`DECODE_MARGIN`) gives its edge their content but not their colours. Windows that coincide
     are decoded once, so a canvas whose windows are all the whole canvas decodes exactly as the
     plain pipeline does."""
 
-    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, decoder=None):
+    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, decoder):
         self.inner, self.f = inner_decode, vae_scale_factor
         self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
-        self.decoder = decoder  # the VAE's decoder module: given, each window decodes as its region (decoding_region)
+        self.decoder = decoder  # the VAE's decoder module: each window decodes as its region (decoding_region)
 
     def __call__(self, z, return_dict: bool = True, **kwargs):
         if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
@@ -511,7 +512,7 @@ class RegionalDecode:
         f = self.f
         image = total = None
         for (y0, y1, x0, x1), weight in self.windows:
-            with decoding_region(self.decoder, weight) if self.decoder is not None else nullcontext():
+            with decoding_region(self.decoder, weight):
                 part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
             w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
             if image is None:
@@ -604,12 +605,8 @@ def decode_windows(views: list[View], native: tuple[int, int], margin: int = 0) 
     """Full-canvas region views -> the windows `RegionalDecode` decodes: each region's native-size window
     (`region_windows`), `margin` latent cells wider than its weight's support on each side, views
     that share a window merged into one decode."""
-    h, w = views[0].weight.shape
-    if margin:
-        spans = [(int((v.weight.sum(1) > 0).sum()), int((v.weight.sum(0) > 0).sum())) for v in views]
-        native = (min(h, max([native[0]] + [a + 2 * margin for a, _ in spans])), min(w, max([native[1]] + [b + 2 * margin for _, b in spans])))
     merged: dict[tuple[int, int, int, int], torch.Tensor] = {}
-    for v in region_windows(views, native):
+    for v in region_windows(views, native, margin):
         key = (v.y0, v.y1, v.x0, v.x1)
         merged[key] = merged[key] + v.weight if key in merged else v.weight.clone()
     return list(merged.items())
