@@ -115,12 +115,17 @@ def build(
 
 
 def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
+    from dmm_ray.memory_plan import peak_rss_bytes, reset_peak_rss
+
     rows = args.rows_per_style or max(1, args.batch // k)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.teacher_dtype]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # each k's own peak, from the RSS the earlier k's left (freed tensors return their pages)
+        gc.collect()
+        reset_peak_rss()
     started = time.time()
     step, opt_s, opt_d, batch = build(
         k, rows, device, args.tiny, dtype, args.gradient_checkpointing, args.optimizer, args.latent, kind, args.lora_rank
@@ -142,7 +147,7 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.time() - t0
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _rss()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     result = {
         "k": k,
         "teachers": kind,
@@ -180,12 +185,6 @@ def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
     del step, opt_s, opt_d, batch, one
     gc.collect()
     return result
-
-
-def _rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table(results: list[dict]) -> str:

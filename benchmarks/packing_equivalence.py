@@ -3,6 +3,7 @@
   python benchmarks/packing_equivalence.py --out /work/exps18/eq                   # the toy preset's budget (180 steps)
   python benchmarks/packing_equivalence.py --out /tmp/eq --steps 4 --quick          # plumbing check: minutes
   python benchmarks/packing_equivalence.py --lora-memory                           # 4 LoRA teachers: adapters vs fused
+  python benchmarks/packing_equivalence.py --lora-memory --lora-arch sd15 --lora-work /tmp/sd15  # the same at SD1.5 size
 
 Equivalence: the toy preset (jobs/configs/toy.yaml, the zoo's 8 teachers) merged three times with
 the same seed and the same rows per style per step, as k = 8 teachers on W = 1 worker, k = 4 on
@@ -15,7 +16,10 @@ Results go to <out>/equivalence.json and a markdown table on stdout.
 LoRA memory: one process loads 4 LoRA teachers of the zoo's base (the zoo's two LoRAs, each twice
 under two names) as adapters on one shared base, another as 4 fused copies; reported: the bytes of
 the teachers' tensors (unique storages) and the process peak-RSS growth of each, and their ratios
-(target <= 0.4), beside the memory planner's prediction for SD1.5 at rank 64.
+(target <= 0.4), beside the memory planner's prediction for SD1.5 at rank 64. `--lora-arch sd15`
+measures that prediction: the same two loads through the same loader, on 4 rank-64 attention LoRAs
+of a randomly initialised SD1.5-architecture base (UNet, CLIP ViT-L, VAE; nothing is downloaded;
+random weights take the bytes trained ones do), teachers in bf16 as in the planner's row.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LAYOUTS = {8: 1, 4: 2, 1: 8}  # k -> W for the zoo's 8 teachers
+SD15_LORA_RANK = 64  # the planner's README row: 4 LoRA teachers of SD1.5 at rank 64
 QUICK = ["synthesis.images_per_teacher=32", "evaluation.num_prompts=4", "evaluation.images_per_prompt=2"]
 
 
@@ -169,31 +174,56 @@ def table(summary: dict) -> str:
 # ---- LoRA teachers: adapters on one base vs fused copies ----------------------------------------
 
 
-def _lora_specs():
+def _lora_specs() -> list[dict]:
     from dmm_ray import paths
     from dmm_ray.zoo.manifest import load_zoo_manifest
 
     loras = [t for t in load_zoo_manifest(paths.zoo_dir("full")).teachers if t.format == "lora"]
-    return [t.model_copy(update={"name": f"{t.name}{copy}"}) for copy in range(2) for t in loras][:4]
+    return [t.model_copy(update={"name": f"{t.name}{copy}"}).model_dump() for copy in range(2) for t in loras][:4]
 
 
-def lora_memory_one(shared: bool) -> dict:
-    import resource
+def _sd15_lora_specs(work: Path, rank: int = SD15_LORA_RANK) -> list[dict]:
+    """4 rank-`rank` LoRA teachers of one SD1.5-architecture base with random weights (saved in bf16;
+    the LoRAs on the planner's `COMMON_LORA_TARGETS`, in diffusers' format), built under `work`
+    once and reused."""
+    from dmm_ray.memory_plan import COMMON_LORA_TARGETS
 
+    base = work / "base"
+    if not (base / "model_index.json").is_file():
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from dmm_ray.tiny import random_sd15_components
+        from dmm_ray.tiny_plugins import make_lora
+
+        print(f"building a random SD1.5-architecture base and 4 rank-{rank} LoRAs in {work} ...", file=sys.stderr, flush=True)
+        pipe = StableDiffusionPipeline(**random_sd15_components())
+        for j in range(4):
+            make_lora(pipe.unet, work / f"lora_{j}", rank=rank, seed=j, scale=0.01, targets=COMMON_LORA_TARGETS)
+        pipe.to(torch.bfloat16).save_pretrained(base.with_suffix(".tmp"), safe_serialization=True)
+        base.with_suffix(".tmp").rename(base)  # a half-written base is never reused
+    return [
+        {"name": f"sd15_lora_{j}", "source": str(work / f"lora_{j}" / "pytorch_lora_weights.safetensors"), "format": "lora", "base": str(base)}
+        for j in range(4)
+    ]
+
+
+def lora_memory_one(shared: bool, specs: list[dict], dtype: str | None = None) -> dict:
     import torch
 
     from dmm_ray.distill.conditioning import conditioner_for
     from dmm_ray.distill.teacher_bank import load_teacher_bank
+    from dmm_ray.memory_plan import peak_rss_bytes
+    from dmm_ray.teachers import TeacherSpec
 
-    torch.set_num_threads(1)
-    specs = _lora_specs()
+    specs = [TeacherSpec(**spec) for spec in specs]
     import peft  # noqa: F401  (libraries imported before the baseline: only the teachers' memory is counted)
     from diffusers import StableDiffusionPipeline  # noqa: F401
     from diffusers.loaders import peft as _  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    bank = load_teacher_bank(specs, "cpu", lambda parts: conditioner_for(parts, 4), share_lora_base=shared)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_bytes() // 1024
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    bank = load_teacher_bank(specs, "cpu", lambda parts: conditioner_for(parts, 4), dtype=torch_dtype, share_lora_base=shared)
     seen, tensor_bytes = set(), 0
     for j in range(len(bank)):
         modules = [bank.activate(j), bank.conditioner(j).text_encoder]
@@ -203,23 +233,30 @@ def lora_memory_one(shared: bool) -> dict:
                 if ptr not in seen:
                     seen.add(ptr)
                     tensor_bytes += t.untyped_storage().nbytes()
+                    t.detach().sum()  # read every page: weights loaded from safetensors are mapped lazily, a training worker reads them all
+    after = peak_rss_bytes() // 1024
     return {"shared": shared, "describe": bank.describe(), "tensor_bytes": tensor_bytes, "rss_growth_kib": after - before}
 
 
-def lora_memory() -> dict:
+def lora_memory(arch: str = "toy", work: Path | None = None) -> dict:
+    """arch "toy": the zoo's LoRA teachers in fp32; "sd15": 4 rank-64 LoRAs of a random SD1.5-size base
+    (built in `work`), loaded in bf16 as the planner's layout assumes. Each side in its own process."""
+    specs = _lora_specs() if arch == "toy" else _sd15_lora_specs(work)
+    dtype = ["--lora-dtype", "bfloat16"] if arch == "sd15" else []
     runs = {}
     for shared in (True, False):
         proc = subprocess.run(
-            [sys.executable, __file__, "--lora-memory-one", "shared" if shared else "fused"],
+            [sys.executable, __file__, "--lora-memory-one", "shared" if shared else "fused", "--lora-specs", json.dumps(specs), *dtype],
             capture_output=True,
             text=True,
-            check=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
+        if proc.returncode:
+            raise RuntimeError(f"the {'adapters' if shared else 'fused'} run failed:\n{proc.stderr[-3000:]}")
         runs["adapters" if shared else "fused"] = json.loads(proc.stdout.strip().splitlines()[-1])
     from dmm_ray.memory_plan import GiB, Layout, lora_params, plan_layout
 
-    adapter = 4 * lora_params("sd15", 64)
+    adapter = 4 * lora_params("sd15", SD15_LORA_RANK)
 
     def teacher_bytes(plan):
         return sum(b for n, b, _ in plan.lines if ("teacher" in n or "LoRA" in n) and "forward" not in n)
@@ -227,6 +264,7 @@ def lora_memory() -> dict:
     fused = plan_layout(Layout(arch="sd15", teachers_on_worker=4, teacher_dtype="bfloat16"))
     shared = plan_layout(Layout(arch="sd15", teachers_on_worker=4, lora_teachers=4, lora_adapter_bytes=(adapter,) * 4, teacher_dtype="bfloat16"))
     return {
+        "arch": arch,
         **runs,
         "tensor_ratio": runs["adapters"]["tensor_bytes"] / runs["fused"]["tensor_bytes"],
         "rss_growth_ratio": runs["adapters"]["rss_growth_kib"] / max(1, runs["fused"]["rss_growth_kib"]),
@@ -250,14 +288,31 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides for every layout")
     parser.add_argument("--lora-memory", action="store_true", help="only the LoRA memory comparison")
     parser.add_argument("--compare-only", action="store_true", help="only compare the k<K>.json results already in --out")
+    parser.add_argument(
+        "--lora-arch",
+        choices=["toy", "sd15"],
+        default="toy",
+        help="--lora-memory on the zoo's LoRAs (toy) or on 4 rank-64 LoRAs of a random SD1.5-size base in bf16 (sd15: about 6 GB on disk and 10 GB of RAM)",
+    )
+    parser.add_argument("--lora-work", default=None, help="folder for the sd15 base and LoRAs (default: <--out>/sd15_loras); reused when there")
     parser.add_argument("--lora-memory-one", choices=["shared", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--lora-specs", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-dtype", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.lora_memory_one:
-        print(json.dumps(lora_memory_one(args.lora_memory_one == "shared")))
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(lora_memory_one(args.lora_memory_one == "shared", json.loads(args.lora_specs), args.lora_dtype)))
         return 0
     if args.lora_memory:
-        result = lora_memory()
+        work = None
+        if args.lora_arch == "sd15":
+            if not (args.lora_work or args.out):
+                parser.error("--lora-arch sd15 needs --lora-work DIR (or --out DIR) for its base and LoRAs")
+            work = Path(args.lora_work or Path(args.out) / "sd15_loras").resolve()
+        result = lora_memory(args.lora_arch, work)
         print(json.dumps(result, indent=2))
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

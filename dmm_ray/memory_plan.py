@@ -77,6 +77,15 @@ CLIP_L = dict(
     max_position_embeddings=77,
     projection_dim=768,
 )
+SD15_VAE = dict(  # runwayml/stable-diffusion-v1-5 vae/config.json: 4 blocks, 8x downsampling
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
 CLIP_BIGG = dict(
     vocab_size=49408,
     hidden_size=1280,
@@ -88,6 +97,29 @@ CLIP_BIGG = dict(
     hidden_act="gelu",
 )
 ARCHITECTURES = {"sd15": (SD15_UNET, [CLIP_L], 512), "sdxl": (SDXL_UNET, [CLIP_L, CLIP_BIGG], 1024)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: /proc's VmHWM (Linux), which exec and `reset_peak_rss`
+    reset, where getrusage's ru_maxrss keeps the high-water mark of the process that spawned this one."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement from the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -340,6 +372,8 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
     if full:
         resident = min(full, 2 if full > 1 else 1) if lay.offload else full
         what = f"{full} full teacher UNets" + (f", offloaded: {resident} device slot{'s' if resident > 1 else ''}" if lay.offload else "")
+        if lay.offload and not lay.gpu:  # a CPU worker's "device" slots and host copies share one memory
+            resident, what = full + resident, what + " + the host copies (one memory on CPU)"
         L.append((f"{what} ({lay.teacher_dtype})", tb * p_unet * resident, "counted"))
         L.append((f"{full} teacher text encoder(s) ({lay.teacher_dtype})", tb * p_text * full, "counted"))
     per_row = activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing)

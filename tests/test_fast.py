@@ -217,6 +217,31 @@ def test_fast_job_help_and_missing_model():
     assert out.returncode == 2 and "no such folder" in out.stderr
 
 
+def test_speed_benchmark_times_both_samplers_of_one_random_model(capsys):
+    """benchmarks/fast_speed.py --arch: one randomly initialised model sampled at the merged model's
+    default (no sampler.json: the paper's 25 steps, CFG 7), the naive 4 steps with CFG, and 4 TCD
+    steps without; both pipelines share their modules, so each UNet pass must be timed once (the
+    per-part times then fit inside the call: "rest" is not negative)."""
+    import re
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fast_speed
+
+    assert fast_speed.main(["--arch", "tiny", "--batch", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "images/s" in line]
+    assert [r.split("  ")[1].strip() for r in rows] == [
+        "merged, 25 DPM-Solver++ steps, CFG 7",
+        "merged, 4 DPM-Solver++ steps, CFG 7",
+        "few-step, 4 TCD steps, CFG off",
+    ]
+    assert all(int(re.search(r"rest (-?\d+)", r).group(1)) >= 0 for r in rows), out
+    assert "tiny architecture, random weights" in out
+    for bad in (["--arch", "tiny", "--merged", "m"], ["--merged", "m"]):
+        with pytest.raises(SystemExit):
+            fast_speed.main(bad)
+
+
 def test_few_step_student_samples_with_its_own_steps_and_guidance():
     from dmm_ray.evaluation.matrix import StudentSource
     from dmm_ray.fast.job import FewStepStudent

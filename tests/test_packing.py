@@ -254,6 +254,55 @@ def test_planner_counts_shared_lora_base_once():
     assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
 
 
+def test_planner_counts_offloaded_teachers_in_the_memory_they_use():
+    """On a GPU an offloaded worker holds 2 device slots of its k teacher UNets (the rest is host RAM);
+    on a CPU worker the slots and the host copies are the same memory, so all k + 2 count."""
+    from dmm_ray.memory_plan import Layout, plan_layout, unet_params
+
+    def unets(**kw):
+        plan = plan_layout(Layout(arch="sd15", teachers_on_worker=8, teacher_dtype="bfloat16", **kw))
+        return sum(b for n, b, _ in plan.lines if "full teacher UNets" in n) / (2 * unet_params("sd15"))
+
+    assert unets() == 8 and unets(offload=True) == 2
+    assert unets(gpu=False) == 8 and unets(gpu=False, offload=True) == 10
+
+
+def test_peak_rss_is_this_process_own_and_resets():
+    """The benchmarks' CPU peak memory (dmm_ray.memory_plan.peak_rss_bytes): a 256 MB tensor raises it
+    by about that much after a reset, and a reset after freeing it starts again from the current RSS."""
+    from dmm_ray.memory_plan import peak_rss_bytes, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    start = peak_rss_bytes()
+    x = torch.ones(64 * 2**20)  # 256 MB, every page written
+    high = peak_rss_bytes()
+    assert high - start > 200 * 2**20
+    del x
+    reset_peak_rss()
+    assert peak_rss_bytes() < high - 200 * 2**20
+
+
+def test_lora_memory_benchmark_counts_the_shared_base_once(packed_world, tiny_base_dir):
+    """benchmarks/packing_equivalence.py --lora-memory (and its --lora-arch sd15 run, which measures
+    the planner's SD1.5 prediction): as adapters the teachers' tensors are ONE base UNet and text
+    encoder plus the LoRAs, fused they are one whole copy per teacher."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import packing_equivalence
+
+    specs = [s.model_dump() for s in packed_world["loras"][:2]]
+    base = StableDiffusionPipeline.from_pretrained(tiny_base_dir)
+    copy_bytes = sum(t.untyped_storage().nbytes() for m in (base.unet, base.text_encoder) for t in [*m.parameters(), *m.buffers()])
+    shared = packing_equivalence.lora_memory_one(True, specs)
+    fused = packing_equivalence.lora_memory_one(False, specs)
+    assert (shared["describe"], fused["describe"]) == ("2 adapter (1 shared LoRA base)", "2 resident")
+    assert fused["tensor_bytes"] == 2 * copy_bytes
+    assert copy_bytes < shared["tensor_bytes"] < 1.5 * copy_bytes  # the base once, and two small adapters
+
+
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     import json
     import sys

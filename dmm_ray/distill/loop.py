@@ -444,8 +444,6 @@ def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
 
 
 def _peak_rss_mb() -> float:
-    import resource
-    import sys
+    from dmm_ray.memory_plan import peak_rss_bytes
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak_rss_bytes() / 2**20
