@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         "--lora-arch",
         choices=["toy", "sd15"],
         default="toy",
-        help="--lora-memory on the zoo's LoRAs (toy) or on 4 rank-64 LoRAs of a random SD1.5-size base in bf16 (sd15: about 6 GB on disk and 10 GB of RAM)",
+        help="--lora-memory on the zoo's LoRAs (toy) or on 4 rank-64 LoRAs of a random SD1.5-size base in bf16 (sd15: 2.4 GB on disk, about 9 GB of RAM)",
     )
     parser.add_argument("--lora-work", default=None, help="folder for the sd15 base and LoRAs (default: <--out>/sd15_loras); reused when there")
     parser.add_argument("--lora-memory-one", choices=["shared", "fused"], help=argparse.SUPPRESS)
