@@ -42,7 +42,8 @@ def random_pipelines(arch: str, num_styles: int = 8):
 
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import DMMPipeline
-    from dmm_ray.tiny import SD_SCHEDULE, random_sd15_components, tiny_sd_components
+    from dmm_ray.random_weights import random_sd15_components
+    from dmm_ray.tiny import SD_SCHEDULE, tiny_sd_components
 
     if arch == "sd15":
         torch.set_flush_denormal(True)  # random weights: keep subnormal floats from slowing the CPU

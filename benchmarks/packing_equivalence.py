@@ -193,7 +193,7 @@ def _sd15_lora_specs(work: Path, rank: int = SD15_LORA_RANK) -> list[dict]:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from dmm_ray.tiny import random_sd15_components
+        from dmm_ray.random_weights import random_sd15_components
         from dmm_ray.tiny_plugins import make_lora
 
         print(f"building a random SD1.5-architecture base and 4 rank-{rank} LoRAs in {work} ...", file=sys.stderr, flush=True)

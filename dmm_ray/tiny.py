@@ -215,27 +215,3 @@ def tiny_sdxl_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, te
         tokenizer_2=tokenizer,
         scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++"),
     )
-
-
-def random_sd15_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS) -> dict:
-    """SD1.5-architecture components with random weights (the 860M-parameter UNet, CLIP ViT-L/14, the
-    SD VAE) for `StableDiffusionPipeline(**components)`, for benchmarks that need real sizes offline:
-    random weights cost the FLOPs and bytes that trained ones do. Seconds to build, 4.3 GB in fp32."""
-    from dmm_ray.memory_plan import CLIP_L, SD15_UNET, SD15_VAE
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**SD15_VAE)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-    return dict(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=build_clip_tokenizer(words),
-        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
