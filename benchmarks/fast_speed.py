@@ -2,6 +2,7 @@
 
   python benchmarks/fast_speed.py --merged MERGED --fast FAST_MODEL [--style noir] [--batch 8] [--repeats 5]
   python benchmarks/fast_speed.py --arch sd15 --size 128 --repeats 3      # SD1.5-size random weights, no model folders
+  python benchmarks/fast_speed.py --arch sd15 --size 512 --device cuda --dtype float16   # the same on a GPU at 512 px
 
 Rows: the merged model at its default sampler (its sampler.json: the toy merge's 10 DPM-Solver++ steps at
 CFG 5, the paper's 25 at CFG 7; or --merged-steps / --merged-guidance: two UNet passes per step), the
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--merged-steps", type=int, default=None, help="default: the merged model's own sampler (toy merge: 10; paper: 25)")
     parser.add_argument("--merged-guidance", type=float, default=None, help="default: the merged model's own (toy merge: 5; paper: 7)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: e.g. --arch sd15 --size 512 --dtype float16)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="both models' weights")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument(
         "--compile",
@@ -89,8 +92,11 @@ def main(argv=None) -> int:
         merged, fast = random_pipelines(args.arch)
     else:
         merged, fast = load_dmm_pipeline(args.merged), load_dmm_pipeline(args.fast)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     for p in (merged, fast):
         p.set_progress_bar_config(disable=True)
+        p.to(device, dtype)  # --arch: shared modules, moved by the first
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU work is asynchronous: time it whole
     style = args.style or merged.styles[0]
     ms, fs = merged.sampler_defaults, fast.sampler_defaults
     m_steps = ms["num_inference_steps"] if args.merged_steps is None else args.merged_steps
@@ -113,10 +119,12 @@ def main(argv=None) -> int:
         inner = getattr(module, method)
 
         def wrapper(*a, **k):
+            sync()
             t0 = time.perf_counter()
             try:
                 return inner(*a, **k)
             finally:
+                sync()
                 parts[part] = parts.get(part, 0.0) + time.perf_counter() - t0
 
         setattr(module, method, wrapper)
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
             output_type="np",
             **kw,
         )
+        sync()
         total = time.perf_counter() - t0
         return total, {**parts, "rest": total - sum(parts.values())}
 
@@ -164,7 +173,9 @@ def main(argv=None) -> int:
             if args.arch
             else ""
         )
-        + f"{size}x{size} px, style {style!r}, batch {args.batch}, {args.threads} torch thread(s), median of {args.repeats}"
+        + f"{size}x{size} px, style {style!r}, batch {args.batch}, {args.dtype} on {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} torch thread(s)")
+        + f", median of {args.repeats}"
         + (", UNet and VAE decode under torch.compile" if args.compile else "")
     )
     for name, ts in times.items():

@@ -236,7 +236,9 @@ def test_speed_benchmark_times_both_samplers_of_one_random_model(capsys):
         "few-step, 4 TCD steps, CFG off",
     ]
     assert all(int(re.search(r"rest (-?\d+)", r).group(1)) >= 0 for r in rows), out
-    assert "tiny architecture, random weights" in out
+    assert "tiny architecture, random weights" in out and "float32 on cpu" in out
+    assert fast_speed.main(["--arch", "tiny", "--batch", "1", "--repeats", "1", "--dtype", "bfloat16"]) == 0
+    assert "bfloat16 on cpu" in capsys.readouterr().out
     for bad in (["--arch", "tiny", "--merged", "m"], ["--merged", "m"]):
         with pytest.raises(SystemExit):
             fast_speed.main(bad)
