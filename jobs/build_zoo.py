@@ -37,8 +37,9 @@ def main(argv=None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: all cores, or 1 when the machine is already busy: tiny models on an "
-        "oversubscribed CPU spend most of their time in OpenMP thread synchronisation; measured 8x less CPU per step)",
+        help="torch CPU threads (default: 2, whatever the cores or the load: the weights are bit-identical only for one "
+        "thread count; 1 is cheaper on a busy machine, as tiny models on an oversubscribed CPU spend most of their time in "
+        "OpenMP synchronisation, but builds a zoo with other weights)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -133,3 +133,11 @@ def test_config_fingerprint_changes_with_any_field():
     assert a.fingerprint() == preset("micro").fingerprint()
     assert a.fingerprint() != preset("micro", teacher_steps=3).fingerprint()
     assert isinstance(ZooConfig.model_validate(a.model_dump()), ZooConfig)
+
+
+def test_zoo_threads_do_not_follow_the_machine(monkeypatch):
+    """The zoo's weights are bit-identical only for one thread count, so the default must not depend
+    on the load or the cores: `make demo` after a busy `make test` once built another zoo."""
+    monkeypatch.setattr(B.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(B.os, "cpu_count", lambda: 16)
+    assert B.default_threads() == B.ZOO_THREADS == 2

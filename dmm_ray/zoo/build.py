@@ -40,11 +40,17 @@ class ZooBuildError(RuntimeError):
     pass
 
 
+ZOO_THREADS = 2  # torch threads of a zoo build unless --threads says otherwise; 2 built the README's zoo
+
+
 def default_threads() -> int:
-    """All cores, or 1 when the machine is already busy: tiny models on an oversubscribed CPU spend
-    most of their time in OpenMP thread synchronisation (measured: 8x less CPU per VAE step)."""
-    cores = os.cpu_count() or 1
-    return 1 if os.getloadavg()[0] > cores - 0.5 else cores
+    """The zoo build's torch threads: `ZOO_THREADS`, whatever the machine's cores or load. The weights
+    are bit-identical only for one thread count (another one sums floats in another order), so a
+    count that followed the load (it was 1 on a busy machine) gave `make demo` run right after
+    `make test` another zoo and other FIDs (ratio 1.117 instead of 1.085). On a busy machine 1
+    thread is cheaper (tiny models spend most of an oversubscribed step in OpenMP synchronisation):
+    `python jobs/build_zoo.py --threads 1` builds that other zoo on purpose."""
+    return ZOO_THREADS
 
 
 def is_complete(out: str | Path) -> dict | None:
