@@ -38,7 +38,6 @@ def random_pipelines(arch: str, num_styles: int = 8):
     """(merged, few-step) DMMPipelines over ONE randomly initialised set of modules of `arch`: the
     merged one samples with DPM-Solver++ (no sampler.json: the paper's 25 steps at CFG 7), the
     few-step one with TCD (4 steps, CFG off), as a saved few-step model does."""
-    import torch
     from diffusers import TCDScheduler
 
     from dmm_ray.models.style_unet import StyleUNet
@@ -46,8 +45,6 @@ def random_pipelines(arch: str, num_styles: int = 8):
     from dmm_ray.random_weights import random_sd15_components
     from dmm_ray.tiny import SD_SCHEDULE, tiny_sd_components
 
-    if arch == "sd15":
-        torch.set_flush_denormal(True)  # random weights: keep subnormal floats from slowing the CPU
     components = random_sd15_components() if arch == "sd15" else tiny_sd_components()
     names = [f"style_{i}" for i in range(num_styles)]
     components["unet"] = StyleUNet.from_unet(components["unet"], names).eval()
@@ -88,6 +85,8 @@ def main(argv=None) -> int:
     from dmm_ray.pipeline import load_dmm_pipeline
 
     torch.set_num_threads(args.threads)
+    if args.arch == "sd15":
+        torch.set_flush_denormal(True)  # random SD1.5 weights: keep subnormal floats from slowing the CPU
     if args.arch:
         merged, fast = random_pipelines(args.arch)
     else:

@@ -20,6 +20,7 @@ import torch
 
 from dmm_ray.distill.faults import maybe_kill_worker
 from dmm_ray.distill.streams import StageBatches
+from dmm_ray.memory_plan import peak_rss_bytes
 
 if TYPE_CHECKING:
     from dmm_ray.config import MergeConfig, StageConfig
@@ -292,7 +293,7 @@ class Reporter:
             "synthetic_share": synthetic_rows / rows,  # data.synthetic_fraction as it really was
             "lr": self.optim.student.param_groups[0]["lr"],
             "samples_per_s": (step - self.start_step) * rows * self.worker.world / (time.time() - self.started),
-            "peak_rss_mb": _peak_rss_mb(),  # this worker's (rank 0's) process peak
+            "peak_rss_mb": peak_rss_bytes() / 2**20,  # this worker's (rank 0's) process peak
         }
         if device.type == "cuda":
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -441,9 +442,3 @@ def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
             ) from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"distill.optimizer: unknown {kind!r}; expected adamw, adamw_fused or adamw8bit")
-
-
-def _peak_rss_mb() -> float:
-    from dmm_ray.memory_plan import peak_rss_bytes
-
-    return peak_rss_bytes() / 2**20
