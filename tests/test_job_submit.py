@@ -235,7 +235,9 @@ def _serve_finds(head, merged: Path) -> None:
 def test_impossible_layout_is_refused_at_once_naming_the_numbers(head):
     """3 workers x 0.5 CPU + 1 CPU for Ray Data do not fit 2 CPUs: the job stops before Ray Train starts."""
     t0 = time.time()
-    proc = submit(head, "zoo=micro", "scaling.teachers_per_worker=1", "scaling.cpus_per_worker=0.5", timeout=600)
+    # its own name, so its own output_dir: the merge above left its state in the default one, and a re-run
+    # with other settings is refused for that (before the resource check) whatever the layout
+    proc = submit(head, "zoo=micro", "name=dmm-impossible", "scaling.teachers_per_worker=1", "scaling.cpus_per_worker=0.5", timeout=600)
     took = time.time() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "failed" in out, out[-4000:]

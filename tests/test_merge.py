@@ -25,6 +25,17 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("merge_world"))
 
 
+def _registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train has registered for the run in `run_dir` (its checkpoint manager's
+    snapshot, what a re-run restores from); a checkpoint folder on disk is not registered until the
+    controller has processed the report, which can be after the next step's folder is written."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return []
+    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+
+
 def _train_state(result_checkpoint_dir):
     from dmm_ray.distill.checkpointing import load_training_state
 
@@ -86,8 +97,8 @@ def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 500
-        while len(list(checkpoints.glob("checkpoint_*"))) < 2 and first.poll() is None and time.time() < deadline:
-            time.sleep(0.2)  # two on disk: the first is registered with Ray Train, so a resume can start from it
+        while not _registered_checkpoints(checkpoints) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # one registered with Ray Train (in its snapshot): a re-run resumes from it; one on disk is not enough
         if first.poll() is None:
             first.send_signal(signal.SIGKILL)
         first.wait(60)
