@@ -17,8 +17,8 @@ LoRA memory: one process loads 4 LoRA teachers of the zoo's base (the zoo's two 
 under two names) as adapters on one shared base, another as 4 fused copies; reported: the bytes of
 the teachers' tensors (unique storages) and the process peak-RSS growth of each, and their ratios
 (target <= 0.4), beside the memory planner's prediction for SD1.5 at rank 64. `--lora-arch sd15`
-measures that prediction: the same two loads through the same loader, on 4 rank-64 attention LoRAs
-of a randomly initialised SD1.5-architecture base (UNet, CLIP ViT-L, VAE; nothing is downloaded;
+measures that prediction: the same two loads through the same loader, on 4 rank-64 LoRAs (the
+planner's COMMON_LORA_TARGETS: attention and feed-forward) of a randomly initialised SD1.5-architecture base (UNet, CLIP ViT-L, VAE; nothing is downloaded;
 random weights take the bytes trained ones do), teachers in bf16 as in the planner's row.
 """
 

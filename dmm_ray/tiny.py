@@ -152,20 +152,32 @@ def tiny_sd_components(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **un
     images -> (4, 16, 16); the toy zoo uses three blocks for 4x.
     """
     tokenizer = build_clip_tokenizer(words)
-    text_config = tiny_text_encoder_config(len(tokenizer), hidden_size=unet_overrides.get("cross_attention_dim", 32))
+    unet_config = tiny_unet_config(**unet_overrides)
+    return sd_components(
+        unet_config,
+        tiny_vae_config(latent_channels=unet_config["in_channels"]),
+        tiny_text_encoder_config(len(tokenizer), hidden_size=unet_overrides.get("cross_attention_dim", 32)),
+        tokenizer,
+        seed,
+    )
+
+
+def sd_components(unet_config: dict, vae_config: dict, text_config: CLIPTextConfig, tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
+    """An SD1.5-style component set for `StableDiffusionPipeline(**components)` from its configs, with
+    random weights (UNet, VAE and text encoder from `seed`, `seed + 1`, `seed + 2`) and the paper's
+    DPM-Solver++ scheduler: the tiny set above, and full-size ones (`dmm_ray.random_weights`)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(**unet_overrides))
+    unet = UNet2DConditionModel(**unet_config)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**tiny_vae_config(latent_channels=unet.config.in_channels))
+    vae = AutoencoderKL(**vae_config)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(text_config)
-    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++")
     return dict(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="dpmsolver++"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
