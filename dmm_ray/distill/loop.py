@@ -283,6 +283,9 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
+        log_now, checkpoint_now = step % d.log_every == 0 or step == d.steps, step % d.checkpoint_every == 0 or step == d.steps
+        if not (log_now or checkpoint_now):  # the metrics (a /proc read among them) only when something reads them
+            return
         rows = sum(s.shape[0] for s in styles)
         synthetic_rows = sum(sum(1 for sid in b["source_ids"] if sid.startswith("synth-")) for b in micro)
         metrics = {
@@ -297,9 +300,9 @@ class Reporter:
         }
         if device.type == "cuda":
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if step % d.log_every == 0 or step == d.steps:
+        if log_now:
             self.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        if step % d.checkpoint_every == 0 or step == d.steps:
+        if checkpoint_now:
             folder = self._save(step, final=step == d.steps) if self.worker.rank == 0 else None
             # the temp folder is removed once Ray Train has persisted it (storage keeps num_to_keep)
             ray.train.report(
