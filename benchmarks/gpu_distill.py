@@ -115,7 +115,7 @@ def build(
 
 
 def measure(k: int, args, device: torch.device, kind: str = "full") -> dict:
-    from dmm_ray.memory_plan import peak_rss_bytes, reset_peak_rss
+    from dmm_ray.process_memory import peak_rss_bytes, reset_peak_rss
 
     rows = args.rows_per_style or max(1, args.batch // k)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.teacher_dtype]

@@ -213,7 +213,7 @@ def lora_memory_one(shared: bool, specs: list[dict], dtype: str | None = None) -
 
     from dmm_ray.distill.conditioning import conditioner_for
     from dmm_ray.distill.teacher_bank import load_teacher_bank
-    from dmm_ray.memory_plan import peak_rss_bytes
+    from dmm_ray.process_memory import peak_rss_bytes
     from dmm_ray.teachers import TeacherSpec
 
     specs = [TeacherSpec(**spec) for spec in specs]

@@ -99,29 +99,6 @@ CLIP_BIGG = dict(
 ARCHITECTURES = {"sd15": (SD15_UNET, [CLIP_L], 512), "sdxl": (SDXL_UNET, [CLIP_L, CLIP_BIGG], 1024)}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: /proc's VmHWM (Linux), which exec and `reset_peak_rss`
-    reset, where getrusage's ru_maxrss keeps the high-water mark of the process that spawned this one."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS measurement from the current RSS (Linux >= 4.0); False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 @dataclass
 class Arch:
     name: str

@@ -268,9 +268,9 @@ def test_planner_counts_offloaded_teachers_in_the_memory_they_use():
 
 
 def test_peak_rss_is_this_process_own_and_resets():
-    """The benchmarks' CPU peak memory (dmm_ray.memory_plan.peak_rss_bytes): a 256 MB tensor raises it
+    """The benchmarks' CPU peak memory (dmm_ray.process_memory.peak_rss_bytes): a 256 MB tensor raises it
     by about that much after a reset, and a reset after freeing it starts again from the current RSS."""
-    from dmm_ray.memory_plan import peak_rss_bytes, reset_peak_rss
+    from dmm_ray.process_memory import peak_rss_bytes, reset_peak_rss
 
     if not reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")

@@ -20,7 +20,7 @@ import torch
 
 from dmm_ray.distill.faults import maybe_kill_worker
 from dmm_ray.distill.streams import StageBatches
-from dmm_ray.memory_plan import peak_rss_bytes
+from dmm_ray.process_memory import peak_rss_bytes
 
 if TYPE_CHECKING:
     from dmm_ray.config import MergeConfig, StageConfig
