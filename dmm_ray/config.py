@@ -451,7 +451,7 @@ def _copy_with(section: BaseModel, values: dict[str, Any], unset_only: bool = Fa
     return type(section).model_construct(_fields_set=set(section.model_fields_set), **{**dict(section), **fill})
 
 
-from dmm_ray.overrides import ConfigError, apply_override, parse_override  # noqa: E402  (one --set parser, re-exported)
+from dmm_ray.overrides import ConfigError, apply_override, config_error, parse_override  # noqa: E402  (one --set parser, re-exported)
 
 # Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
 _PATH_KEYS = {
@@ -600,8 +600,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     try:
         return MergeConfig.model_validate(tree)
     except ValidationError as error:
-        lines = []
-        for e in error.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None
+        raise config_error(error, MergeConfig, f"config{f' {path}' if path else ''}") from None

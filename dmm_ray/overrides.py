@@ -1,4 +1,5 @@
-"""`--set key.path=value` overrides: the one parser for every job (merge, evaluate, fast, mixing).
+"""`--set key.path=value` overrides: the one parser for every job (merge, evaluate, fast, mixing),
+and the one message for a config that does not validate (`config_error`).
 
 A leaf module (yaml only). The value is parsed as YAML (numbers, bools, lists, null); a numeric
 path part indexes a list (`teachers.0.name=ink`); missing sections are created.
@@ -7,6 +8,8 @@ path part indexes a list (`teachers.0.name=ink`); missing sections are created.
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from typing import Any
 
 import yaml
@@ -14,6 +17,47 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+def config_error(error, model: type, source: str = "config") -> ConfigError:
+    """A ConfigError for pydantic's ValidationError `error` of `model`: one line per problem, the
+    dotted key first (`distill.lr: Input should be greater than 0 (got -1)`); an unknown key also
+    names the nearest known one (`; did you mean distill.steps?`) or else its section's keys."""
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
+        lines.append(f"  {key}: {e['msg']}{got}{hint}")
+    return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
+
+
+def _section_model(annotation) -> type | None:
+    """The pydantic model a field holds, looking through Optional / list / dict (`teachers: list[TeacherSpec]`)."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (model := _section_model(arg)) is not None:
+            return model
+    return None
+
+
+def _unknown_key_hint(model: type, loc: tuple) -> str:
+    """'; did you mean distill.steps?' for the unknown key at `loc`, or the keys its section has."""
+    section: type | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: `_section_model` already stepped into the item type
+            continue
+        field = section.model_fields.get(part) if section is not None else None
+        section = _section_model(field.annotation) if field is not None else None
+    if section is None:
+        return ""
+    known = list(section.model_fields)
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; {prefix.rstrip('.') or 'the top level'} has: {', '.join(known)}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

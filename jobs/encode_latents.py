@@ -27,7 +27,7 @@ import yaml
 from pydantic import ValidationError
 
 from dmm_ray.data.config import DataConfig
-from dmm_ray.overrides import add_set_argument
+from dmm_ray.overrides import add_set_argument, config_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(args)
     except ValidationError as e:
-        print(f"invalid data config:\n{e}", file=sys.stderr)
+        print(f"error: {config_error(e, DataConfig, 'data config')}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.outputs import format_table
     from dmm_ray.evaluation.sources import load_eval_setup
+    from dmm_ray.overrides import ConfigError
 
     if not args.model and not args.reference_only:
         print("error: give --model (a merged model) or --reference-only", file=sys.stderr)
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
         extra.append("use_ray=false")
     if args.out:
         extra.append(f"output_dir={args.out}")
-    cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
+    try:
+        cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     model_path = None
     if args.model:

@@ -55,10 +55,15 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
     from dmm_ray.evaluation.sources import load_eval_setup, pipeline_folder_source, student_source, teacher_sources
+    from dmm_ray.overrides import ConfigError
     from dmm_ray.tracking import resolve_model_uri
 
     setup = load_eval_setup(args.teachers)
-    cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    try:
+        cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     student = student_source(resolve_model_uri(args.model), cfg.dtype)
     if args.student_steps or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
         from dmm_ray.fast.job import OwnSampler

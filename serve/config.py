@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
+from dmm_ray.overrides import config_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The merged model of the embedded default merge (jobs/configs/toy.yaml, name dmm-toy): what
@@ -193,4 +194,7 @@ class ServeConfig(BaseModel):
         if "DMM_API_KEY" in env:  # set but empty is a config error (the validator says so), never "no key"
             data["api_key"] = env["DMM_API_KEY"]
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:  # one line per key, the nearest known key for a typo
+            raise config_error(error, cls, "serve config" + (f" {env['DMM_SERVE_CONFIG']}" if env.get("DMM_SERVE_CONFIG") else "")) from None

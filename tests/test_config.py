@@ -39,6 +39,22 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         load_config(_write(tmp_path, BASE), [override])
 
 
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("distill.stepz=3", "distill.stepz: Extra inputs are not permitted (got 3); did you mean distill.steps?"),
+        ("scaling.teacher_per_worker=2", "did you mean scaling.teachers_per_worker?"),
+        ("teachers.1.nme=bee", "teachers.1.nme: Extra inputs are not permitted (got 'bee'); did you mean teachers.1.name?"),
+        ("distil.steps=3", "distil: Extra inputs are not permitted; did you mean distill?"),
+        ("evaluation.zzz=1", "evaluation.zzz: Extra inputs are not permitted (got 1); evaluation has: enabled, prompts, "),
+    ],
+)
+def test_an_unknown_key_names_the_nearest_known_one_or_its_sections_keys(tmp_path, override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, BASE), [override])
+    assert hint in str(info.value)
+
+
 def test_num_workers_multiple_of_teachers_accepted(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["scaling.num_workers=6"])
     assert cfg.workers_per_teacher == 2

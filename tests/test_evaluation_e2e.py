@@ -127,11 +127,16 @@ def test_evaluate_job_cli(world, capsys):
     assert stage.data.metrics["FIDt_ref"] == pytest.approx(data["FIDt_ref"])
 
 
-def test_evaluate_job_rejects_unknown_config_key(world):
+def test_evaluate_job_rejects_unknown_config_key(world, capsys):
+    """A bad --set key is an error line naming the key (and the nearest known one), exit code 2, no traceback."""
     from jobs import evaluate as job
 
-    with pytest.raises(ValueError, match="bogus_key"):
-        job.main(["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--set", "bogus_key=1"])
+    args = ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--set"]
+    assert job.main(args + ["bogus_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid evaluation config") and "bogus_key: Extra inputs are not permitted (got 1); the top level has: " in err
+    assert job.main(args + ["images_per_promt=3"]) == 2
+    assert "images_per_promt: Extra inputs are not permitted (got 3); did you mean images_per_prompt?" in capsys.readouterr().err
 
 
 def test_mixing_comparison_and_sweep(world, tmp_path):

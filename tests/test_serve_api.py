@@ -206,6 +206,9 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ServeConfig(limits={"max_width": 100})
     with pytest.raises(ValidationError, match="max_batch_size"):
         ServeConfig(max_batch_size=0)
+    # what `serve run serve:build_app max_batchsize=4` reads: one line per key, the nearest known key
+    with pytest.raises(ValueError, match="max_batchsize: Extra inputs are not permitted \\(got 4\\); did you mean max_batch_size\\?"):
+        ServeConfig.from_env(overrides={"max_batchsize": 4}, environ={})
 
 
 def test_config_from_env_and_overrides(tmp_path):

@@ -131,7 +131,7 @@ def test_empty_api_key_is_a_config_error():
     for key in ("", "   "):
         with pytest.raises(ValidationError, match="api_key is empty"):
             ServeConfig(api_key=key)
-    with pytest.raises(ValidationError, match="api_key is empty"):
+    with pytest.raises(ValueError, match="api_key: Value error, api_key is empty"):  # from_env: the config error, key first
         ServeConfig.from_env(environ={"DMM_API_KEY": ""})
     assert ServeConfig.from_env(environ={}).api_key is None
 

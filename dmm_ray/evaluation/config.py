@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_STEPS  # paper A.5 (a leaf: no torch)
 
@@ -113,7 +113,7 @@ class EvalConfig(BaseModel):
             )
 
 
-from dmm_ray.overrides import apply_overrides, deep_merge  # noqa: E402  (the merge job's --set parser: list indexing too)
+from dmm_ray.overrides import apply_overrides, config_error, deep_merge  # noqa: E402  (the merge job's --set parser: list indexing too)
 
 
 def load_eval_config(
@@ -140,7 +140,10 @@ def load_eval_config(
     ext, default_ext = data.get("extractor") or {}, defaults.get("extractor") or {}
     if ext.get("kind", "zoo") != "zoo" and ext.get("path") is not None and ext.get("path") == default_ext.get("path"):
         ext.pop("path")
-    return EvalConfig.model_validate(data)
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as error:
+        raise config_error(error, EvalConfig, f"evaluation config{f' {path}' if path else ''}") from None
 
 
 def _read_prompt_file(path: Path) -> list[str]:
