@@ -12,7 +12,7 @@ prompt's own style.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -29,28 +29,32 @@ from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline
     SAMPLER_RECORD,
 )
 from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
+from dmm_ray.styles import is_per_prompt
 
 
 def sampler_defaults(folder=None, scheduler=None) -> dict:
     """The sampler a model folder asks for: {"scheduler", "num_inference_steps", "guidance_scale",
     "negative_prompt"} from its `sampler.json` (a merge writes its synthesis settings there, a few-step
     model its LCM settings), else the paper's (DPM-Solver++ 25 steps, CFG 7, the paper's negative
-    prompt; a few-step scheduler (LCM, TCD) without a record: 4 steps, CFG off)."""
+    prompt; a few-step scheduler (LCM, TCD) without a record: 4 steps, CFG off).
+
+    `scheduler`: the one the pipeline samples with (default: the record's). The record's steps and
+    guidance apply only to the kind of sampler they were written for: a merged model whose scheduler
+    was swapped for TCD (its LCM-LoRA) gets 4 steps, CFG off, not its merge's 10 steps at CFG 5."""
     import json
 
-    name = type(scheduler).__name__ if scheduler is not None else PAPER_SCHEDULER
-    out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
-    if name in FEW_STEP_SCHEDULERS.values():
-        out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
+    record = {}
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
         record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())
-        out.update(
-            scheduler=record.get("scheduler", name),
-            num_inference_steps=int(record["num_inference_steps"]),
-            guidance_scale=float(record["guidance_scale"]),
-        )
-        if record.get("negative_prompt") is not None:
-            out["negative_prompt"] = str(record["negative_prompt"])
+    name = type(scheduler).__name__ if scheduler is not None else record.get("scheduler", PAPER_SCHEDULER)
+    few_step = name in FEW_STEP_SCHEDULERS.values()
+    out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
+    if few_step:
+        out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
+    if record and (record.get("scheduler", name) in FEW_STEP_SCHEDULERS.values()) == few_step:
+        out.update(num_inference_steps=int(record["num_inference_steps"]), guidance_scale=float(record["guidance_scale"]))
+    if record.get("negative_prompt") is not None:
+        out["negative_prompt"] = str(record["negative_prompt"])
     return out
 
 
@@ -75,10 +79,7 @@ def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_we
     if (style is None) == (style_weights is None):
         raise StyleError(f"pass exactly one of style= or style_weights=; known styles: {', '.join(names)}")
     selection = style if style is not None else style_weights
-    per_prompt = isinstance(selection, (list, tuple)) and (
-        style is not None or (len(selection) > 0 and isinstance(selection[0], (Mapping, list, tuple, torch.Tensor)))
-    )
-    if per_prompt:
+    if is_per_prompt(style, style_weights):
         if len(selection) != batch_size:
             raise StyleError(f"got {len(selection)} styles for {batch_size} prompts; give one per prompt or a single style")
         return torch.stack([resolve_style(names, s) for s in selection])
@@ -104,21 +105,32 @@ class _StyleCallMixin:
             self.__dict__["_sampler_defaults"] = cached
         return dict(cached[1])
 
+    @staticmethod
+    def _prompt_batch(prompt, kwargs: dict) -> int:
+        """How many prompts a call has: a str is 1, a list its length, else `prompt_embeds`' batch."""
+        if prompt is not None:
+            return 1 if isinstance(prompt, str) else len(prompt)
+        if kwargs.get("prompt_embeds") is None:
+            raise ValueError("give prompt= (a str or a list of str) or prompt_embeds=")
+        return kwargs["prompt_embeds"].shape[0]
+
+    def _fill_negative(self, prompt, batch_size: int, kwargs: dict) -> None:
+        """The model's own negative prompt where the call gives none. diffusers encodes a str negative
+        once: with a list of prompts or a batch of `prompt_embeds` it must be one per prompt."""
+        if kwargs.get("negative_prompt_embeds") is not None:
+            return
+        negative = self.sampler_defaults["negative_prompt"] if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
+        kwargs["negative_prompt"] = [negative] * batch_size if not isinstance(prompt, str) and isinstance(negative, str) else negative
+
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
         if not isinstance(self.unet, StyleUNet):
             raise TypeError(f"{type(self).__name__} needs a StyleUNet, got {type(self.unet).__name__}")
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = kwargs["prompt_embeds"].shape[0]
+        batch_size = self._prompt_batch(prompt, kwargs)
         if style is None and style_weights is None and self.unet.num_styles == 1:
             style = 0
         weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
         weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
-        if kwargs.get("negative_prompt_embeds") is None:
-            negative = self.sampler_defaults["negative_prompt"] if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
-            # diffusers wants the negative prompt in the same form (str or list) as the prompt.
-            kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
+        self._fill_negative(prompt, batch_size, kwargs)
         with torch.no_grad():
             embeds = self.unet.style_embeds_for(style_weights=weights.to(self.unet.device))
         with self.unet.style_context(embeds):
@@ -145,6 +157,7 @@ def _styled_call(parent_call):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
+        *,  # the rest by keyword: diffusers' positional (prompt, height, width, ...) would bind style=
         style: Any = None,
         style_weights: Any = None,
         num_inference_steps: int | None = None,

@@ -25,14 +25,16 @@ Public API (also `DMMPipeline.__call__(regions=, background=, style_map=, ...)`)
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dmm_ray.models.style_unet import StyleError, resolve_style
+from dmm_ray.styles import is_per_prompt
 
 __all__ = [
     "Region",
@@ -364,10 +366,18 @@ def build_panorama_views(
     style map at its centre (x as a fraction of the width); Gaussian tile weights normalised to 1."""
     H, W = image_size
     h, w = H // vae_scale_factor, W // vae_scale_factor
+    if style_map is not None and not callable(style_map) and (isinstance(style_map, (str, bytes, Mapping)) or not isinstance(style_map, Sequence)):
+        raise RegionError(f"style_map must be a list of (x0, x1, style) ranges (fractions of the width) or a function x -> style, got {style_map!r}")
+    if stride is not None:
+        if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride <= 0 or stride % vae_scale_factor:
+            raise RegionError(f"window_stride must be a positive multiple of {vae_scale_factor} pixels (an int), got {stride!r}")
+        if stride > window:  # windows that do not touch leave canvas between them that nothing denoises
+            raise RegionError(
+                f"window_stride {stride} px is larger than the window ({window} px): the canvas between windows would never "
+                f"be denoised; use at most {window} px (default {window // 2} px, windows overlapping by half)"
+            )
     win = window // vae_scale_factor
-    step = win // 2 if stride is None else max(1, stride // vae_scale_factor)
-    if stride is not None and (stride <= 0 or stride % vae_scale_factor):
-        raise RegionError(f"window_stride must be a positive multiple of {vae_scale_factor} pixels, got {stride}")
+    step = win // 2 if stride is None else max(1, int(stride) // vae_scale_factor)
     wh, ww = min(win, h), min(win, w)
     boxes = [(y, x) for y in window_starts(h, wh, step) for x in window_starts(w, ww, step)]
     tile = gaussian_window(wh, ww, sigma_frac)
@@ -676,6 +686,12 @@ def regional_call(
     if style is not None and style_weights is not None:
         raise StyleError(f"pass at most one of style= or style_weights=; known styles: {', '.join(names)}")
     call_style = style if style is not None else style_weights
+    if is_per_prompt(style, style_weights):
+        raise StyleError(
+            "with regions= or a panorama, style= / style_weights= is ONE style for every prompt (the background of "
+            "regions, the default of a panorama), not a list per prompt; give each part its style with "
+            "Region(style=...) or style_map="
+        )
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
         raise RegionError(f"max_batch must be a positive integer, got {max_batch!r}")
     f = pipe.vae_scale_factor
@@ -699,6 +715,10 @@ def regional_call(
             raise RegionError("region_window= and region_decode= go with regions=; a panorama's windows are set by window_stride=")
         if background is not None:
             raise RegionError("background= goes with regions=; for a panorama give style_map= (or style=)")
+        if feather is not None:
+            raise RegionError(
+                "feather= goes with regions=; a panorama's windows blend with Gaussian tile weights over their overlap (window_stride=)"
+            )
         default = None
         if call_style is not None:
             default = resolve_style(names, call_style)
@@ -707,14 +727,9 @@ def regional_call(
         views = build_panorama_views(names, (height, width), f, native, window_stride, style_map, default)
         plan = RegionalPlan(views, (height // f, width // f), [], max_batch, windowed=True)
 
-    if prompt is not None:
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
-    else:
-        batch_size = kwargs["prompt_embeds"].shape[0]
+    batch_size = pipe._prompt_batch(prompt, kwargs)
     num_images = batch_size * num_images_per_prompt
-    if kwargs.get("negative_prompt_embeds") is None:
-        negative = pipe.sampler_defaults["negative_prompt"] if kwargs.get("negative_prompt") is None else kwargs["negative_prompt"]
-        kwargs["negative_prompt"] = [negative] * batch_size if isinstance(prompt, list) and isinstance(negative, str) else negative
+    pipe._fill_negative(prompt, batch_size, kwargs)
 
     device = pipe._execution_device
     with torch.no_grad():

@@ -19,6 +19,17 @@ def known_styles(names: Sequence[str]) -> str:
     return ", ".join(f"{i}:{n}" for i, n in enumerate(names))
 
 
+def is_per_prompt(style: Any = None, style_weights: Any = None) -> bool:
+    """Whether a call's `style=` / `style_weights=` is one selection per prompt (a list of names,
+    indices or mixtures) rather than one for every prompt (a name, an index, a dict, N weights)."""
+    if style is not None:
+        return isinstance(style, (list, tuple))
+    if not isinstance(style_weights, (list, tuple)) or not style_weights:
+        return False
+    first = style_weights[0]
+    return isinstance(first, (Mapping, list, tuple)) or getattr(first, "ndim", 0) > 0  # a row of weights (tensor, array)
+
+
 def style_weights(names: Sequence[str], selection: Any) -> list[float]:
     """One selection -> N weights >= 0 that sum to 1 (see the module docstring)."""
     names = list(names)

@@ -116,6 +116,44 @@ def test_a_model_with_its_own_sampler_record_is_sampled_with_it(pipe, tmp_path):
     assert not torch.allclose(run(own), run(pipe, num_inference_steps=2, guidance_scale=5.0))  # the paper's negative differs
 
 
+def test_a_few_step_scheduler_on_a_merged_model_takes_few_step_defaults(pipe, tmp_path):
+    """The merged model's sampler.json (DPM-Solver++, 2 steps, CFG 5) is for its own sampler: with its
+    scheduler swapped for TCD (an LCM-LoRA on the merged model) a call samples 4 steps, CFG off."""
+    import json
+
+    from diffusers import TCDScheduler
+
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_defaults, sampler_record
+
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
+    own = DMMPipeline.from_pretrained(tmp_path, local_files_only=True)
+    own.scheduler = TCDScheduler.from_config(own.scheduler.config)
+    assert own.sampler_defaults == {"scheduler": "TCDScheduler", "num_inference_steps": 4, "guidance_scale": 1.0, "negative_prompt": ""}
+    # the folder alone (style-mixing, evaluation): the record's own scheduler and settings
+    assert sampler_defaults(tmp_path)["num_inference_steps"] == 2
+    # a few-step record read with a non-few-step scheduler: the paper's settings, not 4 steps without CFG
+    (tmp_path / SAMPLER_RECORD).write_text(json.dumps(sampler_record(4, 1.0, "", scheduler="TCDScheduler")))
+    assert sampler_defaults(tmp_path)["num_inference_steps"] == 4
+    assert sampler_defaults(tmp_path, pipe.scheduler)["num_inference_steps"] == 25
+
+
+def test_prompt_embeds_batch_without_a_negative_prompt(pipe):
+    """diffusers encodes a str negative once: the model's default negative must become one per prompt
+    for a batch of prompt_embeds, as for a list of prompts."""
+    prompts = ["a red circle", "a blue square"]
+    embeds = pipe.encode_prompt(prompts, "cpu", 1, False)[0]  # (2, L, D)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = pipe(prompt_embeds=embeds, style="noir", num_inference_steps=2, height=32, width=32, output_type="pt", generator=generators)
+    torch.testing.assert_close(out.images, _gen(pipe, prompts, style="noir"), rtol=0, atol=1e-6)
+
+
+def test_arguments_after_the_prompt_are_keyword_only(pipe):
+    """diffusers' positional order is (prompt, height, width, ...): pipe("x", 32, 32) must not bind style=32."""
+    with pytest.raises(TypeError, match="positional"):
+        pipe("a red circle", 32, 32)
+
+
 def test_sdxl_merged_pipeline_from_base(tmp_path):
     """DMMXLPipeline.from_base wraps a StyleUNet in an SDXL base folder; the loader picks the XL class."""
     from diffusers import StableDiffusionXLPipeline

@@ -370,6 +370,16 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=ALL, style="noir")], region_window="tiles"), RegionError, r'region_window must be None .*"native"'),
         (dict(style_map=[(0, 1, "noir")], region_window="native"), RegionError, r"region_window= and region_decode= go with regions="),
         (dict(style_map=[(0, 1, "noir")], region_decode=True), RegionError, r"region_decode= go with regions="),
+        (
+            dict(style_map=[(0, 1, "noir")], window_stride=8.0),
+            RegionError,
+            r"window_stride must be a positive multiple of 2 pixels \(an int\), got 8.0",
+        ),
+        (dict(style_map=[(0, 1, "noir")], feather=2), RegionError, r"feather= goes with regions="),
+        (dict(style_map="noir"), RegionError, r"style_map must be a list of \(x0, x1, style\) ranges .*got 'noir'"),
+        (dict(style_map={"noir": (0, 1)}), RegionError, r"style_map must be a list"),
+        (dict(regions=[Region(box=ALL, style="noir")], style=["neon"]), StyleError, r"ONE style for every prompt"),
+        (dict(window_stride=8, style_weights=[{"noir": 1}]), StyleError, r"ONE style for every prompt"),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
@@ -377,6 +387,19 @@ def test_validation_errors_name_the_region(pipe, kwargs, error, match):
     with pytest.raises(error, match=match):
         _gen(pipe, size=size, **kwargs)
     assert "forward" not in pipe.unet.__dict__
+
+
+def test_panorama_stride_longer_than_the_window_is_refused(pipe):
+    """Windows that do not touch would leave canvas columns that no view covers: never denoised."""
+    f = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * f
+    with pytest.raises(RegionError, match=rf"window_stride {native + f} px is larger than the window \({native} px\)"):
+        _gen(pipe, size=(native, 4 * native), style="noir", window_stride=native + f)
+    views = build_panorama_views(STYLES, (native, 4 * native), f, native, native, default_style=torch.tensor([1.0, 0, 0]))
+    cover = torch.zeros(native // f, 4 * native // f)
+    for v in views:
+        cover[v.y0 : v.y1, v.x0 : v.x1] += v.weight
+    torch.testing.assert_close(cover, torch.ones_like(cover))  # stride == window: windows abut, every cell once
 
 
 def test_plain_only_options_are_rejected(pipe):
