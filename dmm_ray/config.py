@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
@@ -451,7 +450,7 @@ def _copy_with(section: BaseModel, values: dict[str, Any], unset_only: bool = Fa
     return type(section).model_construct(_fields_set=set(section.model_fields_set), **{**dict(section), **fill})
 
 
-from dmm_ray.overrides import ConfigError, apply_override, config_error, parse_override  # noqa: E402  (one --set parser, re-exported)
+from dmm_ray.overrides import ConfigError, apply_override, config_error, parse_override, read_yaml_file  # noqa: E402  (one --set parser, re-exported)
 
 # Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
 _PATH_KEYS = {
@@ -553,7 +552,10 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
         if tree.get("zoo_teachers") is not None:
             names = [t["name"] for t in listed]
             picked = []
-            for item in tree["zoo_teachers"]:
+            chosen = tree["zoo_teachers"]
+            if isinstance(chosen, (str, int)):  # --set zoo_teachers=noir (or noir,neon / 0,2): one name or a comma list
+                chosen = tree["zoo_teachers"] = [int(x) if x.strip().isdigit() else x.strip() for x in str(chosen).split(",") if x.strip()]
+            for item in chosen:
                 if isinstance(item, int) and 0 <= item < len(listed):
                     picked.append(listed[item])
                 elif item in names:
@@ -584,9 +586,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         resolve_tree_paths(tree, path.resolve().parent)

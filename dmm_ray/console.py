@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
 
 
@@ -30,3 +32,25 @@ def set_verbosity(verbose: bool) -> None:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet.no_loading_bars()
+
+
+def cli_main(main):
+    """A job's `main(argv) -> int`: a user error (a bad config, path, style, model or teacher: the
+    project's errors are ValueErrors; missing or unwritable files are OSErrors) prints one
+    `error: ...` line and returns 2 instead of a traceback. DMM_VERBOSE=1 (or a job's `--verbose`)
+    keeps the traceback, for a bug report."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None) -> int:
+        try:
+            return main(argv)
+        except (ValueError, OSError) as error:
+            if os.environ.get("DMM_VERBOSE"):
+                raise
+            message = str(error).strip() or type(error).__name__
+            # the project's own errors and missing files say all there is; another library's may be a bug
+            ours = type(error).__module__.startswith("dmm_ray") or isinstance(error, OSError)
+            print(f"error: {message}" + ("" if ours else "\n(the traceback: DMM_VERBOSE=1)"), file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -261,12 +261,11 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
     metadata["dmm.dtype"] = dtype
     if pipe.unet.dtype != DTYPES[dtype]:
         pipe = _cast_copy(pipe, DTYPES[dtype])  # never cast the caller's (shared) modules in place
+    if fmt not in ("diffusers", "single_file"):
+        raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
+    check_replaceable(out, fmt)
     if fmt == "single_file":
         return export_single_file(pipe, out, metadata=metadata)
-    if fmt != "diffusers":
-        raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
-    if out.exists() and not (out / "model_index.json").is_file():
-        raise ExportError(f"{out} exists and is not a diffusers folder; refusing to overwrite it")
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -277,6 +276,33 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an earlier dmm-ray export (a single file or a diffusers folder it wrote)."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / EXPORT_RECORD).is_file()
+    try:
+        return read_metadata(path).get("exported_by") == "dmm-ray"
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def check_replaceable(out: Path, fmt: str) -> None:
+    """An export replaces only an earlier export: never a merged model, a weighted merge, a teacher's
+    checkpoint or any other file or folder that happens to be at `out`."""
+    if not out.exists():
+        return
+    if fmt == "single_file" and out.is_dir():
+        raise ExportError(f"{out} is a folder; a single-file export needs a file path such as {out / 'model.safetensors'}")
+    if fmt == "diffusers" and not out.is_dir():
+        raise ExportError(f"{out} is a file; a diffusers export needs a folder path")
+    if not is_export(out):
+        kind = "a diffusers folder" if (out / "model_index.json").is_file() else "a folder" if out.is_dir() else "a file"
+        raise ExportError(
+            f"{out} exists and is {kind} that is not an earlier dmm-ray export; refusing to replace it (choose a new path, or delete it first)"
+        )
 
 
 def _cast_copy(pipe, dtype: torch.dtype):

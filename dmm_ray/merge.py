@@ -43,6 +43,20 @@ def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
     return Path(cfg.output_dir), None
 
 
+def check_writable_outputs(cfg: MergeConfig) -> None:
+    """Before the tracker or Ray start: the merge's local output folder (a URI output_dir's staging
+    folder), the few-step stage's folder and the MLflow sqlite store can be written (dmm_ray.paths)."""
+    from dmm_ray import paths
+
+    local, remote = output_location(cfg)
+    paths.check_writable_folder(local, "output_dir" if remote is None else f"the local staging folder of output_dir {remote}")
+    if cfg.fast.enabled and cfg.fast.output_dir:
+        paths.check_writable_folder(cfg.fast.output_dir, "fast.output_dir")
+    db = paths.sqlite_path(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    if db is not None:
+        paths.check_writable_folder(db.parent, "the folder of tracking.tracking_uri's database")
+
+
 def log(msg: str) -> None:
     say("merge", msg)
 

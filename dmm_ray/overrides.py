@@ -26,7 +26,8 @@ def config_error(error, model: type, source: str = "config") -> ConfigError:
     lines = []
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        shown = e["type"] != "missing" and not isinstance(e["input"], dict) and f"got {e['input']!r}" not in e["msg"]
+        got = f" (got {e['input']!r})" if shown else ""  # unless a validator's message already says it
         hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
         lines.append(f"  {key}: {e['msg']}{got}{hint}")
     return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
@@ -60,11 +61,40 @@ def _unknown_key_hint(model: type, loc: tuple) -> str:
     return f"; {prefix.rstrip('.') or 'the top level'} has: {', '.join(known)}"
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a YAML parse error: what and where (line, column), without the source dump."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_yaml_file(path, what: str = "config file") -> Any:
+    """The YAML document at `path`; a missing file, a folder or malformed YAML is a ConfigError that
+    says which (and where in the file), not a parser traceback."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a folder; give a YAML file in it (e.g. jobs/configs/toy.yaml)")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(error)}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. distill.steps=10")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML ({_yaml_problem(error)}); quote a string that holds "
+            f"brackets, braces, ': ' or '#', e.g. --set 'name=\"a: b\"'"
+        ) from None
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -129,6 +130,31 @@ def sqlite_path(uri: Optional[str]) -> Optional[Path]:
     if uri and uri.startswith(SQLITE) and uri[len(SQLITE) :].startswith("/"):
         return Path(uri[len(SQLITE) :])
     return None
+
+
+class OutputPathError(ValueError):
+    """An output location that cannot be written: a file where a folder goes, a read-only parent."""
+
+
+def check_writable_folder(path: str | os.PathLike | None, setting: str) -> None:
+    """Refuse, before any work, an output folder this process could not write: a file in its place,
+    a file among its parents, or a parent where nothing can be created (read-only, `/proc`). Probes
+    the nearest existing parent with a temporary folder it removes again, so it creates nothing
+    (root passes `os.access` where a write still fails). URIs are left to their filesystem."""
+    if path is None or is_uri(str(path)):
+        return
+    target = Path(expand(str(path))).absolute()
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{setting} {target} is a file, not a folder; give a folder path (it is created if missing)")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{setting} {target}: {parent} is a file, so no folder can be created under it; give another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dmm-write-check-", dir=parent))
+    except OSError as error:
+        raise OutputPathError(f"{setting} {target}: cannot write in {parent} ({error.strerror or error}); give a folder you can write to") from None
 
 
 def ray_job_working_dir(cwd: str | os.PathLike | None = None) -> Optional[Path]:

@@ -342,21 +342,34 @@ def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> Non
     """What can be checked of the teachers' files without loading them: present, formats allowed
     (`.ckpt` needs allow_pickle), safetensors headers and sizes intact (a truncated file), pipeline
     folders complete. `deep` also reads every tensor and fails on NaN/Inf (slow: all the weights).
-    Errors name the teacher and the file."""
+    Errors name the teacher and the file; every teacher is checked, and several problems are
+    reported together, one line each (a config whose 8 paths are wrong says so once)."""
+    problems: list[Exception] = []
     for spec in specs:
-        who = f"teacher {spec.name!r}"
-        fmt = spec.resolved_format()  # a missing source fails here, naming the teacher
-        if fmt == "ckpt" and not spec.allow_pickle:
-            raise _pickle_refused(spec)
-        if fmt == "diffusers":
-            check_pipeline_folder(spec.source, who, deep)
-        elif fmt in ("single_file", "lora"):
-            scan_safetensors(spec.source, who, deep)
-        elif fmt == "ckpt" and deep:
-            _scan_pickled(spec, who)
-        if spec.base and fmt != "diffusers":
-            # a LoRA uses all of its base; a single file takes configs and tokenizer from it
-            check_pipeline_folder(_require_base(spec, fmt), f"{who} (its base)", deep, require_weights=fmt == "lora")
+        try:
+            _check_teacher_file(spec, deep)
+        except (ValueError, OSError) as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise TeacherError(f"{len(problems)} of {len(specs)} teachers cannot be used:\n" + "\n".join(f"  {e}" for e in problems))
+
+
+def _check_teacher_file(spec: TeacherSpec, deep: bool) -> None:
+    who = f"teacher {spec.name!r}"
+    fmt = spec.resolved_format()  # a missing source fails here, naming the teacher
+    if fmt == "ckpt" and not spec.allow_pickle:
+        raise _pickle_refused(spec)
+    if fmt == "diffusers":
+        check_pipeline_folder(spec.source, who, deep)
+    elif fmt in ("single_file", "lora"):
+        scan_safetensors(spec.source, who, deep)
+    elif fmt == "ckpt" and deep:
+        _scan_pickled(spec, who)
+    if spec.base and fmt != "diffusers":
+        # a LoRA uses all of its base; a single file takes configs and tokenizer from it
+        check_pipeline_folder(_require_base(spec, fmt), f"{who} (its base)", deep, require_weights=fmt == "lora")
 
 
 # ---- architecture validation (before anything is trained or Ray is started) ------------------

@@ -43,12 +43,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1 (leave it out for the default, 2), got {args.threads}")
 
+    if args.quiet:  # also the libraries' own bars ("Writing model shards" when a text encoder is saved)
+        from dmm_ray._quiet import no_loading_bars
+
+        no_loading_bars()
     import torch
 
     from dmm_ray.zoo.build import ZooBuildError, build_zoo, default_threads, is_complete
 
-    torch.set_num_threads(args.threads or default_threads())
+    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     from dmm_ray.zoo.config import preset
 
     config = preset(args.size, seed=args.seed)
@@ -56,6 +62,13 @@ def main(argv=None) -> int:
         from dmm_ray.paths import zoo_dir
 
         args.out = str(zoo_dir(args.size))
+    from dmm_ray.paths import check_writable_folder
+
+    try:
+        check_writable_folder(args.out, "--out")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     cached = is_complete(args.out) is not None and not args.force
     try:

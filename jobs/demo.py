@@ -20,9 +20,17 @@ from dmm_ray.overrides import add_set_argument
 REPO = Path(__file__).resolve().parents[1]
 
 
+class StepFailed(Exception):
+    def __init__(self, step: str, code: int):
+        super().__init__(f"{step} stopped with exit code {code} (its error is above)")
+        self.code = code
+
+
 def run(*args: str) -> None:
     print("+ " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+    code = subprocess.run([sys.executable, *args], cwd=REPO).returncode
+    if code:
+        raise StepFailed(args[0], code)
 
 
 def main(argv=None) -> int:
@@ -36,12 +44,16 @@ def main(argv=None) -> int:
     add_set_argument(parser, help="passed to jobs/merge.py")
     parser.add_argument("--verbose", action="store_true", help="passed to jobs/merge.py: show every library notice and Ray Train INFO line")
     args = parser.parse_args(argv)
-    run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
     overrides = ([f"zoo={Path(args.zoo).resolve()}"] if args.zoo else []) + args.overrides
     merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:
         merge_args += ["--set", override]
-    run(*merge_args)
+    try:
+        run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
+        run(*merge_args)
+    except StepFailed as failed:  # the step printed its own error: no traceback of this driver on top
+        print(f"demo: {failed}", file=sys.stderr)
+        return failed.code
 
     from dmm_ray.config import load_config
     from dmm_ray.merge import locations

@@ -8,8 +8,12 @@ Examples:
       --annotations /data/JourneyDB/data/train/train_anno_realease_repath.jsonl \\
       --base /models/sd15 --out s3://bucket/jdb-latents-512 --resolution 512 --num-gpus 1 --concurrency 8
 
-  # the toy zoo's image set, from a config file plus overrides
-  python jobs/encode_latents.py --config jobs/configs/data.yaml --set encode.batch_size=64
+  # the toy zoo's image set into a folder of your own
+  python jobs/encode_latents.py --source folder --root $DMM_HOME/zoo/full/images --base $DMM_HOME/zoo/full/base \\
+      --out outputs/toy-latents --resolution 32
+
+  # from a config file plus overrides
+  python jobs/encode_latents.py --config jobs/configs/data_journeydb.yaml --set encode.batch_size=64
 
 Options given on the command line override the config file; `--set key=value` (YAML value,
 keys as in DataConfig, an optional leading `data.` is accepted) overrides both.
@@ -21,13 +25,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from dmm_ray.data.config import DataConfig
-from dmm_ray.overrides import add_set_argument, config_error
+from dmm_ray.overrides import ConfigError, add_set_argument, apply_override, config_error, parse_override, read_yaml_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,20 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _set_dotted(tree: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = tree.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {part!r} is not a section")
-        tree = node
-    tree[parts[-1]] = value
-
-
 def build_config(args: argparse.Namespace) -> DataConfig:
     tree: dict = {}
     if args.config:
-        doc = yaml.safe_load(Path(args.config).read_text()) or {}
+        doc = read_yaml_file(args.config) or {}
         tree = doc.get("data", doc) if isinstance(doc, dict) else {}
     flags = {
         "source.kind": args.source,
@@ -91,37 +83,37 @@ def build_config(args: argparse.Namespace) -> DataConfig:
     }
     for key, value in flags.items():
         if value is not None:
-            _set_dotted(tree, key, value)
+            apply_override(tree, key.split("."), value)
     for item in args.overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.removeprefix("data."), yaml.safe_load(raw))
-    return DataConfig.model_validate(tree)
+        path, value = parse_override(item)
+        apply_override(tree, path[1:] if path[0] == "data" and len(path) > 1 else path, value)
+    if not tree.get("shards"):
+        raise ConfigError("no output folder: give --out (the latent shard folder: a path or a pyarrow URI) or shards: in --config")
+    try:
+        return DataConfig.model_validate(tree)
+    except ValidationError as e:
+        raise config_error(e, DataConfig, "data config") from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.encode import check_encode_inputs, run_encode
+    from dmm_ray.ray_session import ensure_ray
+
     try:
         cfg = build_config(args)
-    except ValidationError as e:
-        print(f"error: {config_error(e, DataConfig, 'data config')}", file=sys.stderr)
-        return 2
+        check_encode_inputs(cfg)  # before Ray starts
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from dmm_ray.data import fs as fsu
-    from dmm_ray.data.encode import run_encode
-    from dmm_ray.ray_session import ensure_ray
-
     ensure_ray(args.address, log_to_driver=False)
     try:
         report = run_encode(cfg, show_progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
     out_fs, root = fsu.resolve(cfg.shards)
     fsu.write_bytes_atomic(

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a merged model against its teachers: FID matrix M, reference M_ref, FIDt (paper 4.1).
 
-  python jobs/evaluate.py --model outputs/merge/model --teachers .zoo/zoo.yaml
+  python jobs/evaluate.py --model $DMM_HOME/outputs/dmm-toy/merged --teachers $DMM_HOME/zoo/full/zoo.yaml
+  python jobs/evaluate.py --model MERGED --teachers jobs/configs/toy.yaml --config jobs/configs/toy.yaml --section evaluation
   ray job submit -- python jobs/evaluate.py --model ... --teachers ... --set images_per_prompt=50
 
 Teacher statistics are cached (EvalConfig.cache_dir), so re-running after another merge only
@@ -15,13 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="merged model folder or MLflow URI (models:/name/version); omit with --reference-only")
     p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
-    p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (e.g. 'eval')")
+    p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (a merge config: 'evaluation')")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10"
     )
@@ -30,17 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")
     p.add_argument("--track", action="store_true", help="log to MLflow (stage 'evaluation' under --project)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)")
-    p.add_argument("--project", default="dmm-merge", help="MLflow parent run (merge project) name")
+    p.add_argument(
+        "--project", default="dmm-merge", help="MLflow parent run (merge project) name (default: dmm-merge; a merge's is its name, e.g. dmm-toy)"
+    )
+    add_verbose_argument(p)
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbose)
     from dmm_ray.evaluation.api import evaluate_merge
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.outputs import format_table
     from dmm_ray.evaluation.sources import load_eval_setup
-    from dmm_ray.overrides import ConfigError
+    from dmm_ray.paths import check_writable_folder
 
     if not args.model and not args.reference_only:
         print("error: give --model (a merged model) or --reference-only", file=sys.stderr)
@@ -51,17 +59,16 @@ def main(argv=None) -> int:
         extra.append("use_ray=false")
     if args.out:
         extra.append(f"output_dir={args.out}")
-    try:
-        cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
+    check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
 
     model_path = None
     if args.model:
+        from dmm_ray.models.style_unet import merged_style_names
         from dmm_ray.tracking import resolve_model_uri
 
         model_path = resolve_model_uri(args.model)
+        merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
     result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         help="a mixture: name=weight pairs separated by commas, e.g. noir=0.5,neon=0.5 (weights >= 0, normalised to sum 1; unnamed styles get 0)",
     )
-    p.add_argument("--out", required=True, help="where to write: a .safetensors file (--format single_file) or a folder (--format diffusers)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="where to write: a .safetensors file (--format single_file) or a folder (--format diffusers); an existing one is replaced only if it is an earlier dmm-ray export",
+    )
     p.add_argument(
         "--format",
         choices=["diffusers", "single_file"],
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tracking-uri", default=None, help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db")
     p.add_argument("--no-track", action="store_true", help="do not log the export to MLflow")
+    add_verbose_argument(p)
     return p
 
 
@@ -170,10 +178,26 @@ def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, 
     return float((a - b).abs().max() / a.abs().max())
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    from dmm_ray.export import ExportError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ExportError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"--device {name}: this torch build sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+
+
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dmm_ray.export import ExportError, bake, export_pipeline, parse_weights, provenance, write_config_folder
-    from dmm_ray.models.style_unet import StyleError
+    set_verbosity(args.verbose)
+    from dmm_ray.export import ExportError, bake, check_replaceable, export_pipeline, parse_weights, provenance, write_config_folder
+    from dmm_ray.models.style_unet import StyleError, merged_style_names
+    from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
 
     out = Path(args.out).expanduser()
@@ -181,13 +205,19 @@ def main(argv=None) -> int:
     if fmt == "single_file" and out.suffix != ".safetensors":
         print(f"error: --format single_file writes a .safetensors file; --out {out} has no .safetensors suffix", file=sys.stderr)
         return 2
+    # Before loading anything: where the export goes, and what it would replace.
+    check_writable_folder(out.parent, "--out's folder")
+    check_replaceable(out, fmt)
+    _check_device(args.device)
     try:
         folder, run_id, tracking_uri = resolve_model(args.model, args.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - a missing registry entry, store, ...: say which
         print(f"error: cannot resolve --model {args.model}: {exc}", file=sys.stderr)
         return 2
-    if not (folder / "unet").is_dir():
-        print(f"error: {folder} is not a merged-model folder (no unet/); give jobs/merge.py's <output_dir>/merged", file=sys.stderr)
+    try:
+        merged_style_names(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}; give jobs/merge.py's <output_dir>/merged", file=sys.stderr)
         return 2
     run_id = args.run_id or run_id
     if args.tracking_uri:
@@ -216,8 +246,15 @@ def main(argv=None) -> int:
     config_dir = None
     if fmt == "single_file" and (args.config_dir or "").lower() != "none":
         config_dir = Path(args.config_dir).expanduser() if args.config_dir else out.with_suffix(".config")
-        write_config_folder(plain, config_dir)
-    export_pipeline(plain, out, fmt=fmt, dtype=args.dtype, metadata=metadata)
+    created = config_dir is not None and not config_dir.exists()
+    try:
+        if config_dir is not None:
+            write_config_folder(plain, config_dir)
+        export_pipeline(plain, out, fmt=fmt, dtype=args.dtype, metadata=metadata)
+    except BaseException:
+        if created and config_dir.exists():  # a failed export leaves nothing new behind
+            shutil.rmtree(config_dir, ignore_errors=True)
+        raise
     write_s = time.perf_counter() - t2
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
     what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"

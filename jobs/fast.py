@@ -60,6 +60,12 @@ def main(argv=None) -> int:
             # (unless the config names them: fields the user left unset hold the config's `name`)
             update.update({k: record["name"] for k in ("project", "registered_model_name") if k not in cfg.tracking.model_fields_set})
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
+        from dmm_ray.fast.job import fast_dir
+        from dmm_ray.paths import check_writable_folder, sqlite_path
+
+        check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
+        if cfg.tracking.enabled and sqlite_path(cfg.tracking.tracking_uri) is not None:
+            check_writable_folder(sqlite_path(cfg.tracking.tracking_uri).parent, "the folder of tracking.tracking_uri's database")
         tracker = None
         if cfg.tracking.enabled:
             from dmm_ray.tracking import make_tracker
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
             tracker = make_tracker(cfg)
         print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}\nshards: {cfg.data.shards}", flush=True)
         result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval, restart=args.restart)
-    except (ConfigError, FastError, FileNotFoundError, StaleStateError) as error:
+    except (ConfigError, FastError, OSError, ValueError, StaleStateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"few-step model: {result.model_path}")

@@ -63,9 +63,10 @@ def main(argv=None) -> int:
     try:
         print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
         cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
-        from dmm_ray.merge import check_output_dir, format_locations, run_merge, validate_before_ray
+        from dmm_ray.merge import check_output_dir, check_writable_outputs, format_locations, run_merge, validate_before_ray
 
         print(format_locations(cfg, "locations"), flush=True)
+        check_writable_outputs(cfg)  # before the MLflow store or Ray exist
         if args.dry_run:
             from dmm_ray.memory_plan import describe, plan_config
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         from dmm_ray.tracking import make_tracker
 
         result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)
-    except (ConfigError, TeacherError, OutputDirBusyError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, TeacherError, OutputDirBusyError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nmerged model: {result.location or result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")

@@ -6,8 +6,8 @@ Table 3: DMM with equal style weights over --group vs the weighted merge of the 
 group teacher and to their union. Fig. 10: --sweep A,B interpolates A -> B with weights
 0.0, 0.1, ..., 1.0 and plots FID to A (rising) and to B (falling).
 
-  python jobs/style_mixing.py --model outputs/merge/model --teachers .zoo/zoo.yaml \\
-      --group ink,neon,oil,pixel --weighted-merge outputs/wm --sweep ink,neon --out outputs/mixing
+  python jobs/style_mixing.py --model $DMM_HOME/outputs/dmm-toy/merged --teachers $DMM_HOME/zoo/full/zoo.yaml \\
+      --group warm,cool,faded,bright --sweep noir,neon --out outputs/mixing
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="merged model folder or models:/name/version")
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
-    p.add_argument("--group", help="comma-separated styles to mix (Table 3); needs --weighted-merge")
-    p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (built here if missing)")
+    p.add_argument("--group", help="comma-separated styles to mix (Table 3), e.g. warm,cool,faded,bright")
+    p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (default: OUT/weighted_merge; built there if missing)")
     p.add_argument(
         "--score-ensemble",
         action="store_true",
@@ -32,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
     p.add_argument("--config", help="YAML with EvalConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
-    p.add_argument("--out", default="outputs/mixing")
-    p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--out", default="outputs/mixing", help="output folder, relative to the current directory (default: outputs/mixing)")
+    p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument(
         "--student-steps",
         type=int,
@@ -43,11 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--student-guidance", type=float, help="the model's CFG scale with --student-steps (default: the model's own: 1 for a few-step model)"
     )
+    add_verbose_argument(p)
     return p
 
 
+def _styles(option: str, text: str, known: list[str], count: int | None = None) -> list[str]:
+    """--group / --sweep -> style names, checked against the teachers before any image is made."""
+    from dmm_ray.styles import StyleError
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        raise StyleError(f"{option}: unknown style(s) {unknown}; the teachers are {known}")
+    if count is not None and len(names) != count:
+        raise StyleError(f"{option} takes exactly {count} comma-separated styles, e.g. {option} {known[0]},{known[-1]}; got {text!r}")
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise StyleError(f"{option} needs at least two different styles, got {text!r}")
+    return names
+
+
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbose)
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
@@ -55,15 +75,15 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
     from dmm_ray.evaluation.sources import load_eval_setup, pipeline_folder_source, student_source, teacher_sources
-    from dmm_ray.overrides import ConfigError
+    from dmm_ray.paths import check_writable_folder
     from dmm_ray.tracking import resolve_model_uri
 
     setup = load_eval_setup(args.teachers)
-    try:
-        cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    known = [t.name for t in setup.teachers]
+    group = _styles("--group", args.group, known) if args.group else None
+    pair = _styles("--sweep", args.sweep, known, count=2) if args.sweep else None
+    check_writable_folder(args.out, "--out")
+    cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
     student = student_source(resolve_model_uri(args.model), cfg.dtype)
     if args.student_steps or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
         from dmm_ray.fast.job import OwnSampler
@@ -79,12 +99,7 @@ def main(argv=None) -> int:
     specs = {s.name: s for s in setup.teachers}  # TeacherSpecs by name (weighted merge, score ensemble)
     extractor = default_extractor(cfg)
     out = Path(args.out)
-    if args.group:
-        group = [g.strip() for g in args.group.split(",")]
-        unknown = [g for g in group if g not in teachers]
-        if unknown:
-            print(f"error: unknown style(s) {unknown}; known: {list(teachers)}", file=sys.stderr)
-            return 2
+    if group:
         wm_dir = Path(args.weighted_merge or out / "weighted_merge")
         if not (wm_dir / "model_index.json").is_file():
             from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
@@ -106,8 +121,8 @@ def main(argv=None) -> int:
         )
         print(res.format_table())
         print("written:", res.write(out))
-    if args.sweep:
-        a, b = [x.strip() for x in args.sweep.split(",")]
+    if pair:
+        a, b = pair
         sweep = interpolation_sweep(student, teachers[a], teachers[b], cfg, extractor)
         for w, fa, fb in zip(sweep.weights, sweep.fid_a, sweep.fid_b):
             print(f"w({b})={w:.1f}  FID to {a}: {fa:9.4f}  FID to {b}: {fb:9.4f}")

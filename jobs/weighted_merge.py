@@ -2,7 +2,7 @@
 """Weighted-merge baseline: the parameter-space weighted sum of N teacher checkpoints, saved as a
 diffusers folder (what supermerger / diffusers' CheckpointMerger do; paper Fig. 8, Table 3 "WM").
 
-  python jobs/weighted_merge.py --teachers .zoo/zoo.yaml --names ink,neon --weights 0.5,0.5 --out outputs/wm
+  python jobs/weighted_merge.py --teachers $DMM_HOME/zoo/full/zoo.yaml --names noir,neon --weights 0.5,0.5 --out outputs/wm
 
 Weights must be >= 0 and sum to 1 (default: equal). --track logs the folder to MLflow as a
 'weighted-merge' stage and registers it.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 
 
 def _csv(s: str | None):
@@ -23,19 +25,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--names", help="comma-separated teacher names to merge (default: all)")
     p.add_argument("--weights", help="comma-separated weights, one per teacher, >= 0, summing to 1 (default: equal)")
-    p.add_argument("--out", required=True, help="output diffusers folder")
+    p.add_argument("--out", required=True, help="output diffusers folder: new, empty, or an earlier weighted merge (replaced)")
     p.add_argument("--no-text-encoder", action="store_true", help="keep the first teacher's text encoder instead of merging them")
     p.add_argument("--track", action="store_true", help="log + register in MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)")
-    p.add_argument("--project", default="dmm-merge")
-    p.add_argument("--registered-name", default="dmm-weighted-merge")
+    p.add_argument("--project", default="dmm-merge", help="MLflow parent run (merge project) name with --track (default: dmm-merge)")
+    p.add_argument("--registered-name", default="dmm-weighted-merge", help="MLflow registered model name with --track (default: dmm-weighted-merge)")
+    add_verbose_argument(p)
     return p
 
 
+def _check_out(out: str) -> None:
+    """--out may be new, empty, or an earlier weighted merge: never a merged model or anything else."""
+    from pathlib import Path
+
+    from dmm_ray.baselines.weighted_merge import RECORD
+    from dmm_ray.paths import OutputPathError, check_writable_folder
+
+    check_writable_folder(out, "--out")
+    folder = Path(out).expanduser()
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / RECORD).is_file():
+        raise OutputPathError(f"--out {folder} holds other files and is not an earlier weighted merge (no {RECORD}); give a new or empty folder")
+
+
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbose)
     from dmm_ray.baselines.weighted_merge import MergeWeightsError, validate_weights, weighted_merge_teachers
     from dmm_ray.evaluation.sources import load_eval_setup
+
+    _check_out(args.out)
 
     specs = load_eval_setup(args.teachers).teachers
     names = _csv(args.names)
@@ -49,7 +69,7 @@ def main(argv=None) -> int:
     try:
         weights = validate_weights([float(w) for w in _csv(args.weights)] if args.weights else None, [s.name for s in specs])
     except (MergeWeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: --weights {args.weights}: {e}", file=sys.stderr)
         return 2
     out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder)
     print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")

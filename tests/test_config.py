@@ -82,6 +82,46 @@ def test_missing_file_and_bad_set(tmp_path):
         load_config(_write(tmp_path, BASE), ["distill.steps"])
 
 
+def test_a_folder_or_malformed_yaml_is_a_config_error_naming_where(tmp_path):
+    """--config <a folder>, a YAML syntax error in the file or in a --set value: one ConfigError that
+    says which, and where in the file, instead of a parser traceback."""
+    with pytest.raises(ConfigError, match="is a folder; give a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"is not valid YAML: .* at line 2, column 1"):
+        load_config(_write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match=r"--set 'distill.steps=\[1': the value is not valid YAML .*quote a string"):
+        load_config(_write(tmp_path, BASE), ["distill.steps=[1"])
+
+
+def test_zoo_teachers_takes_one_name_or_a_comma_list(tmp_path, monkeypatch):
+    """--set zoo_teachers=noir (a YAML string) is one teacher, not the letters n, o, i, r."""
+    from dmm_ray.zoo.build import build_zoo
+    from dmm_ray.zoo.config import preset
+
+    zoo = build_zoo(tmp_path / "zoo", preset("micro"), progress=False)
+    names = [t["name"] for t in __import__("yaml").safe_load((zoo / "zoo.yaml").read_text())["teachers"]]
+    one = load_config(None, [f"zoo={zoo}", f"zoo_teachers={names[1]}", f"output_dir={tmp_path / 'o'}"])
+    assert [t.name for t in one.teachers] == [names[1]]
+    two = load_config(None, [f"zoo={zoo}", f"zoo_teachers={names[2]},0", f"output_dir={tmp_path / 'o'}"])
+    assert [t.name for t in two.teachers] == [names[2], names[0]]
+    with pytest.raises(ConfigError, match="zoo_teachers: 'nope' is not a teacher"):
+        load_config(None, [f"zoo={zoo}", "zoo_teachers=nope", f"output_dir={tmp_path / 'o'}"])
+
+
+def test_evaluation_config_sections_are_checked(tmp_path):
+    """--section that the file lacks, or a whole merge config read without --section: a ConfigError
+    that names the sections (a silently empty section would start an evaluation with the defaults)."""
+    from pathlib import Path
+
+    from dmm_ray.evaluation.config import load_eval_config
+
+    toy = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml"
+    with pytest.raises(ConfigError, match=r"has no section 'eval'; it has: .*evaluation"):
+        load_eval_config(toy, [], "eval")
+    with pytest.raises(ConfigError, match="is a merge config: add --section evaluation"):
+        load_eval_config(toy, [])
+
+
 def test_evaluate_job_reads_a_merge_configs_evaluation_section():
     """`jobs/evaluate.py --config jobs/configs/toy.yaml --section evaluation` (what the fidelity curve's
     second seed set runs) takes the merge section's shorthands, with --set overrides on top."""

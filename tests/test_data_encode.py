@@ -3,6 +3,7 @@ not fatal, re-runs skip committed shards, and a half-written shard is never take
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +281,29 @@ def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys)
     rc = encode_latents.main(["--base", "/b", "--out", str(tmp_path), "--root", str(tmp_path), "--set", "encode.batchsize=3"])
     assert rc == 2
     assert "encode.batchsize" in capsys.readouterr().err
+
+
+def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tiny_base, capsys):
+    """A missing VAE, image folder or --out, or an --out that is a file: exit 2 with the option named,
+    before Ray starts, and no `_encode.json` left in the output folder."""
+    from jobs import encode_latents
+
+    make_folder(tmp_path / "imgs", n=2, manifest="csv")
+    common = ["--source", "folder", "--root", str(tmp_path / "imgs"), "--resolution", "16", "--no-progress"]
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "--base: no VAE at"),
+        (["--base", str(tiny_base)], "give --out"),
+        (["--base", str(tiny_base), "--out", str(tmp_path / "a_file")], r"--out \(shards\) .* is a file, not a folder"),
+        (
+            ["--base", str(tiny_base), "--out", str(tmp_path / "o2"), "--root", str(tmp_path / "none")],
+            r"source.root \(--root\) .*no such image folder",
+        ),
+    ]
+    for extra, message in cases:
+        assert encode_latents.main(common + extra) == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 # ---- the two stages, in-process (no Ray) -------------------------------------------------------

@@ -188,6 +188,21 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     assert job.main(["--model", str(folder), "--style", "nope", "--out", str(tmp_path / "x.safetensors"), "--no-track"]) == 2
     assert "known styles" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert job.main(["--model", str(tmp_path), "--style", "ink", "--out", str(tmp_path / "y.safetensors")]) == 2
+    # an export replaces only an earlier export: never the merged model, nor another checkpoint
+    before = sorted(p.name for p in folder.rglob("*"))
+    assert job.main(["--model", str(folder), "--style", "ink", "--out", str(folder), "--format", "diffusers", "--no-track"]) == 2
+    assert "not an earlier dmm-ray export; refusing to replace it" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.rglob("*")) == before
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    assert job.main(["--model", str(folder), "--style", "ink", "--out", str(tmp_path / "other.safetensors"), "--no-track"]) == 2
+    assert not (tmp_path / "other.config").exists()  # nothing written beside it either
+    assert job.main(["--model", str(folder), "--style", "pixel", "--out", str(out), "--no-track"]) == 0  # an earlier export: replaced
+    assert read_metadata(out)["dmm.style"] == "pixel"
+    # an output folder that cannot be written: said before anything is loaded, and nothing left behind
+    assert job.main(["--model", str(folder), "--style", "ink", "--out", str(out / "z.safetensors"), "--no-track"]) == 2
+    assert "--out's folder " + str(out) + " is a file, not a folder" in capsys.readouterr().err
 
 
 def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_path, capsys):

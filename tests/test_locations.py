@@ -193,3 +193,45 @@ def test_zoo_preset_is_built_on_first_use_and_then_reused(tmp_path, home, capsys
     assert "building" not in capsys.readouterr().out and (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match=r"zoo: 'mirco': unknown zoo size 'mirco'; known sizes: \['full', 'micro'\]"):
         load_config(config, ["zoo=mirco"], build_zoo=True)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """A file where the folder goes, a file among its parents, a parent nothing can be created in
+    (/proc, even for root): OutputPathError naming the setting; a good path is left as it was."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(paths.OutputPathError, match=r"^output_dir .*/f is a file, not a folder"):
+        paths.check_writable_folder(tmp_path / "f", "output_dir")
+    with pytest.raises(paths.OutputPathError, match=r"^--out .*/f/sub: .*/f is a file, so no folder can be created"):
+        paths.check_writable_folder(tmp_path / "f" / "sub", "--out")
+    with pytest.raises(paths.OutputPathError, match=r"^--out /proc/dmm-x: cannot write in /proc"):
+        paths.check_writable_folder("/proc/dmm-x", "--out")
+    before = sorted(os.listdir(tmp_path))
+    paths.check_writable_folder(tmp_path / "new" / "deeper", "output_dir")
+    paths.check_writable_folder("s3://bucket/x", "output_dir")  # URIs: their filesystem decides later
+    assert sorted(os.listdir(tmp_path)) == before  # the probe leaves nothing behind
+
+
+def test_jobs_answer_user_errors_with_one_line_and_exit_code_2(monkeypatch, capsys):
+    """dmm_ray.console.cli_main: a ValueError / OSError becomes `error: ...` and 2; DMM_VERBOSE=1 keeps
+    the traceback; anything else (a bug) still raises."""
+    from dmm_ray.console import cli_main
+    from dmm_ray.styles import StyleError
+
+    def job(error):
+        @cli_main
+        def main(argv=None):
+            raise error
+
+        return main
+
+    monkeypatch.delenv("DMM_VERBOSE", raising=False)
+    assert job(StyleError("unknown style 'x'"))([]) == 2
+    assert capsys.readouterr().err == "error: unknown style 'x'\n"
+    assert job(FileNotFoundError("no such file: a.yaml"))([]) == 2
+    assert job(ValueError("from a library"))([]) == 2
+    assert "DMM_VERBOSE=1" in capsys.readouterr().err.splitlines()[-1]  # not ours: how to see the traceback
+    with pytest.raises(KeyError):
+        job(KeyError("bug"))([])
+    monkeypatch.setenv("DMM_VERBOSE", "1")
+    with pytest.raises(StyleError):
+        job(StyleError("unknown style 'x'"))([])

@@ -1,6 +1,8 @@
 """The teachers' score ensemble (dmm_ray/baselines/score_ensemble.py): the mixture target of
 distill.mixture_fraction as a pipeline, and its row in the Table 3 mixing study."""
 
+import re
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -102,3 +104,27 @@ def test_style_mixing_cli_with_score_ensemble(teachers, tmp_path, capsys):
     assert main(args) == 0
     assert "score ensemble" in capsys.readouterr().out
     assert "score ensemble" in (tmp_path / "mix" / "mixing.csv").read_text()
+
+
+def test_style_mixing_cli_checks_styles_and_out_before_any_image(teachers, tmp_path, capsys):
+    """--sweep with one style or a misspelt one, --group of unknown styles, an --out that cannot be
+    written: exit 2 naming the option, before the model or a teacher is sampled."""
+    import yaml
+
+    from jobs.style_mixing import main
+
+    _, specs, _ = teachers
+    zoo = {"base": specs[0].source, "teachers": [{"name": s.name, "format": "diffusers", "source": s.source} for s in specs]}
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(zoo))
+    (tmp_path / "f").write_text("x")
+    base = ["--model", str(tmp_path / "never-loaded"), "--teachers", str(tmp_path / "zoo.yaml"), "--no-ray"]
+    cases = [
+        (["--sweep", NAMES[0]], f"--sweep takes exactly 2 comma-separated styles, e.g. --sweep {NAMES[0]},{NAMES[-1]}; got '{NAMES[0]}'"),
+        (["--sweep", f"{NAMES[0]},nope"], f"--sweep: unknown style(s) ['nope']; the teachers are {NAMES}"),
+        (["--group", "nope,other"], "--group: unknown style(s) ['nope', 'other']"),
+        (["--group", ",".join(NAMES), "--out", str(tmp_path / "f")], "--out .*/f is a file, not a folder"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert re.search(message if extra[-1].endswith("f") else re.escape(message), err), err

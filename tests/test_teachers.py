@@ -98,6 +98,19 @@ def test_corrupt_missing_and_pickled_files(teacher_files, tiny_base_dir, tmp_pat
     assert torch.equal(teacher.unet.conv_in.weight, teacher_files["single_pipe"].unet.conv_in.weight)
 
 
+def test_every_teacher_with_a_problem_is_named_at_once(teacher_files, tiny_base_dir, tmp_path):
+    """A config whose paths are all wrong says so once, one line per teacher, not one per run."""
+    from dmm_ray.teachers import check_teacher_files
+
+    specs = [TeacherSpec(name=f"t{i}", source=str(tmp_path / f"gone{i}.safetensors"), base=str(tiny_base_dir)) for i in range(3)]
+    good = TeacherSpec(name="ok", source=str(teacher_files["root"] / "single.safetensors"), base=str(tiny_base_dir))
+    with pytest.raises(TeacherError, match=r"3 of 4 teachers cannot be used:\n  teacher 't0'.*\n  teacher 't1'.*\n  teacher 't2'") as e:
+        check_teacher_files([specs[0], good, specs[1], specs[2]])
+    assert "'ok'" not in str(e.value)
+    with pytest.raises(TeacherError, match="^teacher 't1'.*does not exist"):  # a single problem: its own message, unchanged
+        check_teacher_files([good, specs[1]])
+
+
 def test_checksum_tracks_content(teacher_files, tmp_path):
     import shutil
 

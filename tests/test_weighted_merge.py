@@ -71,3 +71,19 @@ def test_merged_pipeline_saves_as_diffusers_folder(tmp_path):
     te_key = [k for k in merged.text_encoder.state_dict() if k.endswith("final_layer_norm.weight")][0]
     te_expected = 0.5 * pipes[0].text_encoder.state_dict()[te_key] + 0.5 * pipes[1].text_encoder.state_dict()[te_key]
     torch.testing.assert_close(loaded.text_encoder.state_dict()[te_key], te_expected)
+
+
+def test_weighted_merge_job_never_writes_over_another_model(tmp_path, capsys):
+    """--out may be new, empty or an earlier weighted merge; a merged model's folder (or any other
+    non-empty folder) is refused before a teacher is loaded, and left as it was."""
+    from jobs import weighted_merge as job
+
+    other = tmp_path / "merged"
+    (other / "unet").mkdir(parents=True)
+    (other / "unet" / "config.json").write_text("{}")
+    assert job.main(["--teachers", str(tmp_path / "zoo.yaml"), "--out", str(other)]) == 2
+    assert "is not an earlier weighted merge (no weighted_merge.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in other.rglob("*")) == ["config.json", "unet"]
+    (tmp_path / "f").write_text("x")
+    assert job.main(["--teachers", str(tmp_path / "zoo.yaml"), "--out", str(tmp_path / "f")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

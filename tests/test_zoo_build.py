@@ -141,3 +141,34 @@ def test_zoo_threads_do_not_follow_the_machine(monkeypatch):
     monkeypatch.setattr(B.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setattr(B.os, "cpu_count", lambda: 16)
     assert B.default_threads() == B.ZOO_THREADS == 2
+
+
+def test_build_zoo_job_refuses_bad_threads_and_out_before_building(tmp_path, capsys):
+    from jobs import build_zoo as job
+
+    for threads in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            job.main(["--size", "micro", "--out", str(tmp_path / "z"), "--threads", threads])
+        assert e.value.code == 2 and f"--threads must be at least 1 (leave it out for the default, 2), got {threads}" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert job.main(["--size", "micro", "--out", str(tmp_path / "f")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
+
+def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
+    """`make demo` with a step that fails (a bad --set): the step's own exit code and one line, no
+    CalledProcessError traceback of the driver on top of the step's error."""
+    import subprocess
+
+    from jobs import demo
+
+    calls = []
+
+    def fake_run(cmd, cwd=None):
+        calls.append(cmd[1])
+        return subprocess.CompletedProcess(cmd, 2 if cmd[1] == "jobs/merge.py" else 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    assert demo.main(["--set", "distill.stepz=1"]) == 2
+    assert calls == ["jobs/build_zoo.py", "jobs/merge.py"]
+    assert capsys.readouterr().err.strip() == "demo: jobs/merge.py stopped with exit code 2 (its error is above)"

@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 WEIGHT_TOLERANCE = 1e-6
 
 
+RECORD = "weighted_merge.json"  # provenance beside the merged folder: what makes --out an earlier weighted merge
+
+
 class MergeWeightsError(ValueError):
     pass
 
@@ -123,7 +126,7 @@ def weighted_merge_teachers(specs: Sequence[Any], weights: Sequence[float] | Non
     merged = weighted_merge_pipelines(pipes, w, names, merge_text_encoder)
     out = Path(output_dir)
     merged.save_pretrained(out, safe_serialization=True)
-    (out / "weighted_merge.json").write_text(
+    (out / RECORD).write_text(
         json.dumps(
             {
                 "teachers": names,

@@ -177,13 +177,30 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
         )
 
 
+def check_encode_inputs(cfg: DataConfig) -> None:
+    """What can be checked before Ray starts (local paths only; URIs are read by their filesystem):
+    a source, its image folder, a VAE folder, and an output folder this process can write."""
+    from pathlib import Path
+
+    from dmm_ray.paths import check_writable_folder
+
+    if cfg.source is None:
+        raise ValueError("data.source is not set: nothing to encode (give --source and --root, or source: in --config)")
+    if not fsu.is_uri(cfg.source.root) and not Path(cfg.source.root).is_dir():
+        raise FileNotFoundError(f"source.root (--root) {cfg.source.root}: no such image folder")
+    vae = cfg.vae_path()
+    if not fsu.is_uri(vae) and not (Path(vae) / "config.json").is_file():
+        what = "--vae" if cfg.vae else "--base"
+        raise FileNotFoundError(f"{what}: no VAE at {vae} (missing config.json); give --base (a diffusers folder with vae/) or --vae")
+    check_writable_folder(cfg.shards, "--out (shards)")
+
+
 def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
     """Encode `cfg.source` into `cfg.shards` (resumable). Ray must be reachable (ray.init or auto)."""
     import ray
     from tqdm.auto import tqdm
 
-    if cfg.source is None:
-        raise ValueError("data.source is not set: nothing to encode (give source.kind and source.root)")
+    check_encode_inputs(cfg)
     index = read_image_index(cfg.source)
     records = index.records
     if len(records) == 0:

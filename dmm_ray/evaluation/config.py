@@ -113,23 +113,25 @@ class EvalConfig(BaseModel):
             )
 
 
-from dmm_ray.overrides import apply_overrides, config_error, deep_merge  # noqa: E402  (the merge job's --set parser: list indexing too)
+from dmm_ray.overrides import ConfigError, apply_overrides, config_error, deep_merge, read_yaml_file  # noqa: E402  (the merge job's --set parser: list indexing too)
 
 
 def load_eval_config(
     path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None, defaults: dict | None = None
 ) -> EvalConfig:
     """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides."""
-    import yaml
 
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file '{p}' not found")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml_file(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
         if section is not None:
-            data = data.get(section, {}) or {}
+            if section not in data:
+                raise ConfigError(f"config file {path} has no section {section!r}; it has: {', '.join(map(str, data)) or 'nothing'}")
+            data = data[section] or {}
+        elif "evaluation" in data and not set(data) <= set(EvalConfig.model_fields):  # a merge config, read whole
+            raise ConfigError(f"config file {path} is a merge config: add --section evaluation to read its evaluation settings")
     defaults = defaults or {}
     # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...)
     data = expand_section_shorthands(apply_overrides(deep_merge(defaults, expand_section_shorthands(data)), overrides))

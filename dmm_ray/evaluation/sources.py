@@ -8,8 +8,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from dmm_ray.evaluation.matrix import StudentSource
 from dmm_ray.evaluation.stats import ModelSource
 
@@ -104,7 +102,9 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teachers file '{path}' not found (expected a zoo.yaml or a merge config)")
-    data = yaml.safe_load(path.read_text()) or {}
+    from dmm_ray.overrides import read_yaml_file
+
+    data = read_yaml_file(path, "teachers file") or {}
     if isinstance(data, dict) and MERGE_CONFIG_KEYS & set(data):
         try:
             from dmm_ray.config import load_config
