@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from typing import Sequence
@@ -22,7 +23,7 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve.config import ServeConfig
-from serve.model import StyleModelBackend
+from serve.model import GenerationCancelled, StyleModelBackend
 from serve.router import ModelInfo, Overloaded, SampleFailed, create_api
 from serve.schemas import RequestError, Sample, StyleInfo
 
@@ -61,6 +62,8 @@ class StyleModel:
         self.mixed_style_batches = 0
         self.sample_failures: Counter = Counter()  # "client" (4xx) / "server" (500) per failed sample
         self.forward_s: dict[int, deque] = defaultdict(lambda: deque(maxlen=1000))  # batch size -> seconds
+        self._cancelled: dict[int, threading.Event] = {}  # id(sample) -> set when its request is cancelled
+        self.cancelled_forwards = 0  # forwards stopped early because nobody waited for them
 
     def __del__(self):
         """Serve calls this when the replica shuts down (scale-down, redeploy, a replaced model):
@@ -82,6 +85,7 @@ class StyleModel:
             "sampler": dict(getattr(self.backend, "sampler", {}) or {}),
             "lora_split_batches": self.lora_split_batches,
             "sample_failures": dict(self.sample_failures),
+            "cancelled_forwards": self.cancelled_forwards,
             "forward_s": {k: list(v) for k, v in self.forward_s.items()},
             "load_seconds": self.backend.load_seconds,
             "rss_bytes": rss_bytes(),
@@ -89,11 +93,27 @@ class StyleModel:
         }
 
     async def generate(self, sample: Sample) -> np.ndarray:
-        """One image. Joins a shared batch; a failure of this sample raises here, for this request only."""
-        result = await self.generate_batch(sample)
+        """One image. Joins a shared batch; a failure of this sample raises here, for this request only.
+        A cancelled call (the request timed out at the proxy, or its client went away) marks its
+        sample, and a forward whose samples are all marked stops at its next step."""
+        cancelled = self._cancelled[id(sample)] = threading.Event()
+        try:
+            result = await self.generate_batch(sample)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finally:
+            self._cancelled.pop(id(sample), None)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _stop_when_all_cancelled(self, samples: Sequence[Sample]):
+        """`stop` for the backend: true once every sample of the forward has been cancelled."""
+        events = [self._cancelled.get(id(s)) for s in samples]
+        if any(e is None for e in events):  # called without `generate` (a test's direct batch): never stop
+            return None
+        return lambda: all(e.is_set() for e in events)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, samples: list[Sample]) -> list:
@@ -115,9 +135,14 @@ class StyleModel:
         # The forward runs off the event loop so the replica keeps queueing the next batch.
         t0 = time.perf_counter()
         try:
-            images = await asyncio.to_thread(self.backend.generate, [samples[i] for i in good]) if good else []
+            batch = [samples[i] for i in good]
+            images = await asyncio.to_thread(self.backend.generate, batch, self._stop_when_all_cancelled(batch)) if good else []
             self.forward_s[len(good)].append(time.perf_counter() - t0)
             pairs = list(zip(good, images))
+        except GenerationCancelled:
+            self.cancelled_forwards += 1
+            logger.info("a batch of %d stopped early: every request in it was cancelled", len(good))
+            return [GenerationCancelled("cancelled")] * len(samples)
         except Exception:
             # Something in the batch broke the forward: run each sample alone so only the culprit fails.
             logger.warning("batch of %d failed; retrying its samples one by one", len(good), exc_info=True)

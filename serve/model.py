@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -198,8 +198,12 @@ class StyleModelBackend:
     def styles(self) -> list[StyleInfo]:
         return [StyleInfo(index=i, name=n, description=d) for i, (n, d) in enumerate(zip(self.style_names, self.descriptions))]
 
-    def generate(self, samples: Sequence[Sample]) -> list[np.ndarray]:
-        """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order."""
+    def generate(self, samples: Sequence[Sample], stop: Optional[Callable[[], bool]] = None) -> list[np.ndarray]:
+        """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order.
+
+        `stop`: asked after every denoising step; once true, the forward skips its remaining steps
+        (diffusers' `interrupt`) and `GenerationCancelled` is raised (every request of the batch timed
+        out or went away: nobody reads the images, and the next batch should not wait behind them)."""
         import torch
 
         from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
@@ -229,7 +233,10 @@ class StyleModelBackend:
                 )
             else:
                 style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample
+            if stop is not None and stop():
+                raise GenerationCancelled("every request of this batch was cancelled")
             result = self.pipe(
+                callback_on_step_end=None if stop is None else _interrupt_when(stop),
                 prompt=[s.prompt for s in batch],
                 **style,
                 negative_prompt=[default_negative if s.negative_prompt is None else s.negative_prompt for s in batch],
@@ -240,7 +247,25 @@ class StyleModelBackend:
                 generator=generators,
                 output_type="np",
             )
+            if self.pipe.interrupt:
+                raise GenerationCancelled("every request of this batch was cancelled")
             images = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)  # (B, H, W, 3)
             for j, i in enumerate(idx):
                 out[i] = images[j]
         return out  # type: ignore[return-value]
+
+
+class GenerationCancelled(Exception):
+    """A forward stopped early because nobody waits for its images any more."""
+
+
+def _interrupt_when(stop: Callable[[], bool]):
+    """diffusers' `callback_on_step_end`: set the pipeline's `interrupt` once `stop()` is true, so the
+    loop skips its remaining UNet calls (the pipeline resets the flag at the start of each call)."""
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        if stop():
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return callback

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_SCHEDULER, PAPER_STEPS
 from dmm_ray.styles import StyleError
@@ -90,6 +91,10 @@ class GuardMiddleware:
                 await send(m)
 
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+            # curl -d without -H sends a form: say so, rather than "the body must be a JSON object"
+            return await reply(415, f"Content-Type must be application/json (got {content_type}); e.g. curl -H 'Content-Type: application/json'")
         if self.cfg.api_key is not None:
             key = headers.get("x-api-key")
             if key is None:
@@ -184,8 +189,8 @@ UNION_EXPECTED = {
 }
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
-    """FastAPI's error list -> (status, one readable line per bad field)."""
+def _validation_message(exc: RequestValidationError, model: type = GenerateRequest) -> tuple[int, str]:
+    """FastAPI's error list -> (status, one readable line per bad field); `model`: the route's body."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
@@ -202,7 +207,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         elif e.get("type") == "extra_forbidden" and loc[0] == "regions" and len(loc) == 3:
             lines.append(f"regions[{loc[1]}]: unknown field {loc[2]!r}; allowed fields: {', '.join(RegionRequest.model_fields)}")
         elif e.get("type") == "extra_forbidden":
-            lines.append(f"unknown field {name!r}; allowed fields: {', '.join(GenerateRequest.model_fields)}")
+            lines.append(f"unknown field {name!r}; allowed fields: {', '.join(model.model_fields)}")
         elif loc[0] == "regions" and len(loc) >= 3 and loc[1].isdigit():
             expected = {
                 "style": UNION_EXPECTED["style"],
@@ -213,8 +218,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
             lines.append(f"regions[{loc[1]}]: {loc[2]} {detail} (got {e.get('input')!r})")
         elif e.get("type") == "missing":
             lines.append(f"missing required field {name!r}")
-        elif loc[0] in UNION_EXPECTED and len(loc) == 2 and not loc[1].isdigit():
+        elif loc[0] in UNION_EXPECTED and len(loc) >= 2 and not loc[1].isdigit():  # weights.list[float].0: pydantic's union branch
             lines.append(f"{loc[0]} must be {UNION_EXPECTED[loc[0]]} (got {e.get('input')!r})")
+        elif e.get("type") == "finite_number":
+            lines.append(f"{name} must be a finite number (got {e.get('input')!r})")
         else:
             lines.append(f"{name}: {e.get('msg')} (got {e.get('input')!r})")
     return 422, "; ".join(dict.fromkeys(lines))
@@ -267,15 +274,20 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         return JSONResponse({"error": "internal error"}, status_code=500)
 
     @api.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
-        status, message = _validation_message(exc)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        model = ExportCommandRequest if request.url.path.endswith("/export_command") else GenerateRequest
+        status, message = _validation_message(exc, model)
         return JSONResponse({"error": message}, status_code=status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):  # 404, 405, an unparsable body: the same {"error"} shape
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground():
         return HTMLResponse(PLAYGROUND_HTML.read_text())
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         """Liveness of this router: answers at once, never waits on the model (or behind generation)."""
         return {"status": "ok"}
@@ -343,7 +355,9 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
                 pngs[0],
                 media_type="image/png",
                 headers={"X-Seed": str(resolved.seed), "X-Style-Mixture": json.dumps(resolved.mixture)}
-                | ({"X-Regions": json.dumps([r.model_dump() for r in resolved.regions])} if resolved.regions else {})
+                # boxes and mixtures only: the prompts (up to max_prompt_chars each) are in the request, and
+                # would make a header past proxies' 8-16 KB limits
+                | ({"X-Regions": json.dumps([r.model_dump(exclude={"prompt"}) for r in resolved.regions])} if resolved.regions else {})
                 | ({"X-LoRA": json.dumps(resolved.lora)} if resolved.lora else {}),
             )
         return GenerateResponse(

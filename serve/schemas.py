@@ -81,7 +81,7 @@ class GenerateRequest(BaseModel):
         None, description="default: the model's own (its sampler.json: a merge's synthesis setting), else the paper's negative prompt"
     )
     steps: Optional[int] = Field(None, ge=1, description="num_inference_steps (default from server config)")
-    guidance: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale")
+    guidance: Optional[float] = Field(None, ge=0, le=50, allow_inf_nan=False, description="classifier-free guidance scale")
     width: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")
     height: Optional[int] = Field(None, ge=8, description="multiple of 8; default: the model's native size")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="image k of the request uses seed + k; default random")
@@ -117,7 +117,7 @@ class GenerateRequest(BaseModel):
 class ExportCommandRequest(BaseModel):
     """POST /export_command body: the style (or mixture) whose `jobs/export.py` command to show."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `style: true` is a 422, never 1
 
     style: Optional[Union[int, str]] = Field(None, description="style name or index")
     weights: Optional[Union[dict[str, float], list[float]]] = Field(None, description="a mixture, as for /generate")
@@ -314,7 +314,7 @@ def resolve_request(
         fmt = "png" if len(samples) == 1 else "json"
     if fmt == "png" and len(samples) != 1:
         raise RequestError(422, f"response_format='png' needs exactly one image; this request makes {len(samples)}")
-    mixture = {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
+    mixture = _named(style_names, weights)
     info = None
     if regions:
         mixture = {} if background is None else mixture
@@ -323,7 +323,8 @@ def resolve_request(
 
 
 def _named(style_names: list[str], weights) -> dict[str, float]:
-    return {name: round(w, 6) for name, w in zip(style_names, weights) if w > 0}
+    """{name: weight} of a mixture, at 6 decimals; a weight that rounds to 0 is left out."""
+    return {name: round(w, 6) for name, w in zip(style_names, weights) if round(w, 6) > 0}
 
 
 def resolve_regions(regions: list[RegionRequest], style_names: list[str], max_prompt_chars: int) -> tuple:

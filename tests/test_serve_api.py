@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sys
 import types
 from pathlib import Path
@@ -174,6 +175,26 @@ def test_malformed_json_is_4xx(client, raw):
     else:
         assert "JSON object" in r.json()["error"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_wrong_content_type_unknown_paths_and_methods_answer_in_the_error_shape(client):
+    """A form body (curl -d without -H) is a 415 that says what to send; 404, 405 and an unreadable
+    body use the same {"error": ...} body as every other client error; HEAD /healthz works for probes."""
+    r = client.post("/generate", content=b'{"prompt": "a"}', headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Content-Type must be application/json" in r.json()["error"]
+    r = client.post("/generate", content=b'{"prompt": "a", "steps": 2}', headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200  # a charset parameter is fine
+    assert client.get("/nope").json() == {"error": "Not Found"} and client.get("/nope").status_code == 404
+    r = client.get("/generate")
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    assert client.head("/healthz").status_code == 200
+    r = client.post("/generate", content='{"prompt": "a", "guidance": NaN}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "guidance must be a finite number" in r.json()["error"]
+
+
+def test_mixture_header_leaves_out_weights_that_round_to_zero(client):
+    r = gen(client, weights={"watercolor": 1e-7, "neon": 1}, seed=1)
+    assert r.status_code == 200 and json.loads(r.headers["X-Style-Mixture"]) == {"neon": 1.0}
 
 
 def test_api_key_guards_generate_only(backend):

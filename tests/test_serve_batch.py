@@ -100,3 +100,28 @@ def test_serve_batches_concurrent_requests_across_styles(ray_cluster, backend):
     assert info["mixed_style_batches"] >= 1, info
     assert max(int(k) for k in info["batch_sizes"]) >= 2, info
     assert [s["name"] for s in info["styles"]] == STYLE_NAMES
+
+
+@pytest.mark.ray
+def test_a_cancelled_request_stops_its_forward(ray_cluster):
+    """A request that times out at the proxy (or whose client leaves) is cancelled; its forward stops
+    at the next denoising step instead of holding the replica for the rest of its steps."""
+    import time
+
+    from ray import serve
+
+    name = "dmm-test-cancel"
+    long = Sample("a red circle", None, (1.0, 0.0, 0.0), 900, 7.0, 128, 128, 3)  # minutes of work on 2 cores
+    with serve_on_cluster(name):
+        handle = serve.get_deployment_handle("StyleModel", app_name=name)
+        response = handle.generate.remote(long)
+        time.sleep(2.0)  # in the forward by now
+        response.cancel()
+        t0 = time.time()
+        while handle.info.remote().result()["cancelled_forwards"] == 0 and time.time() - t0 < 20:
+            time.sleep(0.2)
+        stopped_after = time.time() - t0
+        info = handle.info.remote().result()
+        quick = handle.generate.remote(sample("a blue square", (0, 1, 0), 12)).result(timeout_s=60)
+    assert info["cancelled_forwards"] == 1 and stopped_after < 20, info
+    assert quick.shape == (TINY_SIZE, TINY_SIZE, 3)

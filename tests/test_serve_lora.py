@@ -167,6 +167,10 @@ def test_export_command_for_a_style_and_a_mixture(client):
     assert parse_weights(args.weights) == {"watercolor": 0.25, "neon": 0.75} and args.format == "diffusers"
     r = client.post("/export_command", json={"style": "oil"})
     assert r.status_code == 422 and "known styles" in r.json()["error"]
+    for body in ({"style": True}, {"weights": [True, False, False]}, {"weights": {"neon": "1"}}):  # never coerced to 1/0
+        assert client.post("/export_command", json=body).status_code == 422, body
+    r = client.post("/export_command", json={"style": "neon", "colour": 1})
+    assert r.status_code == 422 and "allowed fields: style, weights, format" in r.json()["error"]
     page = client.get("/").text
     assert 'id="exportcmd"' in page and "export_command" in page
 

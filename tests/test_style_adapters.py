@@ -143,6 +143,17 @@ def test_unknown_targets_and_bad_config_fail_clearly(base):
         StudentConfig(style_adapters={"rank": 2, "init": "pca"})
 
 
+def test_adapter_rank_without_targets_takes_the_default_targets(base):
+    """from_unet(adapter_rank=r) alone adapts the merge config's default layers (it used to add none)."""
+    from dmm_ray.defaults import SD_ADAPTER_TARGETS
+
+    default = StyleUNet.from_unet(base, STYLES, adapter_rank=2)
+    explicit = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=SD_ADAPTER_TARGETS)
+    assert default.config.style_adapter_modules == explicit.config.style_adapter_modules != []
+    with pytest.raises(ValueError, match="needs adapter_targets"):
+        StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=[])
+
+
 def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(base, monkeypatch):
     """A batch laid out by style (a packed worker's sub-batches, CFG halves) takes the per-run path,
     which must equal the dense N-style path in outputs and gradients; mixtures and fragmented

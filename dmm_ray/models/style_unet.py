@@ -23,6 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from dmm_ray.defaults import SD_ADAPTER_TARGETS
 from dmm_ray.models.style_adapters import StyleAdapter, adapter_key, style_runs, target_modules, weights_from_embeds
 from dmm_ray.styles import StyleError, style_weights  # noqa: F401  (StyleError re-exported)
 
@@ -173,13 +174,14 @@ class StyleUNet(UNet2DConditionModel):
         style_init: str = "random",
         style_film: bool = False,
         adapter_rank: int = 0,
-        adapter_targets: Sequence[str] = (),
+        adapter_targets: Sequence[str] | None = None,
     ) -> "StyleUNet":
         """Wrap a base UNet: every base weight is copied; only the codebook and MLP are new.
 
         style_init="random": PyTorch's default init (the reference code); "zero": the MLP's last
         linear starts at 0, so MLP(e) = 0 and the student's output equals the base's exactly.
-        adapter_rank > 0 adds per-style rank-r adapters on the `adapter_targets` layers (zero delta;
+        adapter_rank > 0 adds per-style rank-r adapters on the `adapter_targets` layers (default: the
+        merge config's, `dmm_ray.defaults.SD_ADAPTER_TARGETS`; zero delta until
         `style_adapters.init_from_teachers` sets them from the teachers)."""
         if style_init not in ("random", "zero"):
             raise ValueError(f"style_init must be 'random' or 'zero', got {style_init!r}")
@@ -187,7 +189,10 @@ class StyleUNet(UNet2DConditionModel):
         for key in STYLE_CONFIG_KEYS:
             config.pop(key, None)
         device, dtype = unet.device, unet.dtype
-        modules = target_modules(unet, adapter_targets) if adapter_rank else []
+        if adapter_rank and adapter_targets is not None and not list(adapter_targets):
+            raise ValueError("adapter_rank > 0 needs adapter_targets (layer names); leave it out for dmm_ray.defaults.SD_ADAPTER_TARGETS")
+        targets = SD_ADAPTER_TARGETS if adapter_targets is None else adapter_targets
+        modules = target_modules(unet, targets) if adapter_rank else []
         student = cls(**config, style_names=list(style_names), style_film=style_film, style_adapter_rank=adapter_rank, style_adapter_modules=modules)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         new = [k for k in missing if not k.startswith("class_embedding.")]
