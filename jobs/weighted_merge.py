@@ -35,27 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_out(out: str) -> None:
-    """--out may be new, empty, or an earlier weighted merge: never a merged model or anything else."""
-    from pathlib import Path
-
-    from dmm_ray.baselines.weighted_merge import RECORD
-    from dmm_ray.paths import OutputPathError, check_writable_folder
-
-    check_writable_folder(out, "--out")
-    folder = Path(out).expanduser()
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / RECORD).is_file():
-        raise OutputPathError(f"--out {folder} holds other files and is not an earlier weighted merge (no {RECORD}); give a new or empty folder")
-
-
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_verbosity(args.verbose)
-    from dmm_ray.baselines.weighted_merge import MergeWeightsError, validate_weights, weighted_merge_teachers
+    from dmm_ray.baselines.weighted_merge import MergeWeightsError, check_output, validate_weights, weighted_merge_teachers
     from dmm_ray.evaluation.sources import load_eval_setup
 
-    _check_out(args.out)
+    check_output(args.out, "--out")  # before a teacher is loaded
 
     specs = load_eval_setup(args.teachers).teachers
     names = _csv(args.names)

@@ -87,3 +87,9 @@ def test_weighted_merge_job_never_writes_over_another_model(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert job.main(["--teachers", str(tmp_path / "zoo.yaml"), "--out", str(tmp_path / "f")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    from dmm_ray.baselines.weighted_merge import RECORD, check_output
+
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / RECORD).write_text("{}")
+    check_output(tmp_path / "earlier")  # an earlier weighted merge is replaced; so is an empty or new folder
+    check_output(tmp_path / "new")

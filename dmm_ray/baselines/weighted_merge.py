@@ -116,12 +116,24 @@ def weighted_merge_pipelines(pipes: Sequence[Any], weights: Sequence[float] | No
     )
 
 
+def check_output(output_dir: str | Path, setting: str = "output_dir") -> None:
+    """Where a weighted merge may be saved: a new or empty folder, or an earlier weighted merge (it is
+    replaced); never a merged model or anything else (save_pretrained would write into it)."""
+    from dmm_ray.paths import OutputPathError, check_writable_folder
+
+    check_writable_folder(output_dir, setting)
+    folder = Path(output_dir).expanduser()
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / RECORD).is_file():
+        raise OutputPathError(f"{setting} {folder} holds other files and is not an earlier weighted merge (no {RECORD}); give a new or empty folder")
+
+
 def weighted_merge_teachers(specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True) -> Path:
     """Load TeacherSpecs, merge them, save a diffusers folder (+ weighted_merge.json provenance)."""
     from dmm_ray.teachers import load_teacher_pipeline, teacher_checksum
 
     names = [s.name for s in specs]
     w = validate_weights(weights, names)  # fail before loading anything
+    check_output(output_dir)
     pipes = [load_teacher_pipeline(s) for s in tqdm(specs, desc="loading teachers")]
     merged = weighted_merge_pipelines(pipes, w, names, merge_text_encoder)
     out = Path(output_dir)
