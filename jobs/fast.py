@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     except (ConfigError, FastError, OSError, ValueError, StaleStateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the training state stays in the output folder; re-run the same command to resume", file=sys.stderr)
+        return 130
     print(f"few-step model: {result.model_path}")
     for steps, ev in sorted(result.evaluations.items()):
         print(f"  {steps} steps: FIDt {ev.fidt:.2f} (ref {ev.fidt_ref:.2f}, ratio {ev.ratio:.3f})")

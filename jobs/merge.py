@@ -90,6 +90,12 @@ def main(argv=None) -> int:
     except (ConfigError, TeacherError, OutputDirBusyError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the last good merged model and the checkpoints stay in output_dir; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"\nmerged model: {result.location or result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")
     for stage, metrics in result.stage_metrics.items():
         losses = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss")}

@@ -72,6 +72,40 @@ def test_nonfinite_error_is_stopped_on_the_controller_not_retried():
     assert unwrap_training_error(WorkerGroupError("w", {1: RuntimeError("x")})) is None
 
 
+def test_ctrl_c_after_training_stops_the_merge_again(monkeypatch, capsys, tmp_path):
+    """Ray Train's fit() leaves its own SIGINT handler installed (abort the run; exit 0 on the third
+    Ctrl-C), which swallowed a Ctrl-C during save / evaluate / register: fit_stage puts the previous
+    handler back, and the merge job answers an interrupt with one line and exit code 130."""
+    import signal
+
+    from dmm_ray.distill.trainer import fit_stage
+
+    class Trainer:  # what TorchTrainer.fit does to the process's signal handlers
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: None)
+            return "result"
+
+    before = signal.getsignal(signal.SIGINT)
+    assert fit_stage(Trainer()) == "result"
+    assert signal.getsignal(signal.SIGINT) is before
+
+    import dmm_ray.merge
+    from jobs import merge as job
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmm_ray.merge, "run_merge", interrupted)
+    monkeypatch.setattr("dmm_ray.tracking.make_tracker", lambda cfg: None)
+    (tmp_path / "c.yaml").write_text(
+        "teachers: [{name: a, source: /x/a}, {name: b, source: /x/b}]\nstudent: {base: /x/base}\n"
+        f"data: {{base: /x/base, shards: /x/shards}}\noutput_dir: {tmp_path / 'out'}\n"
+        f"tracking: {{tracking_uri: 'sqlite:///{tmp_path / 'ml.db'}'}}\n"
+    )
+    assert job.main(["--config", str(tmp_path / "c.yaml")]) == 130
+    assert "interrupted: the last good merged model and the checkpoints stay in output_dir" in capsys.readouterr().err
+
+
 @pytest.mark.ray
 @pytest.mark.slow  # about 45 s on 2 cores; the detection, the message and the stop without retry are tested above without a merge
 def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_cluster, world, tmp_path):

@@ -91,11 +91,19 @@ def storage_path(output_dir: str) -> str:
 
 def fit_stage(trainer):
     """`trainer.fit()`, with a non-finite loss raised as the worker's own NonFiniteLossError (its
-    message names the step, the term and the style) instead of Ray Train's wrapper."""
+    message names the step, the term and the style) instead of Ray Train's wrapper.
+
+    Ray Train's fit() installs its own Ctrl-C handler (abort the run; exit 0 on the third) and leaves
+    it installed: put back the one from before, so Ctrl-C during the stages after training (save,
+    evaluate, register) stops the merge instead of being swallowed."""
+    import signal
+    import threading
+
     from ray.train import TrainingFailedError
 
     from dmm_ray.distill.health import unwrap_training_error
 
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         return trainer.fit()
     except TrainingFailedError as error:
@@ -103,3 +111,6 @@ def fit_stage(trainer):
         if nonfinite is None:
             raise
         raise type(nonfinite)(str(nonfinite)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
