@@ -34,17 +34,22 @@ def set_verbosity(verbose: bool) -> None:
     _quiet.no_loading_bars()
 
 
-def cli_main(main):
+def cli_main(main=None, *, interrupted: str | None = None):
     """A job's `main(argv) -> int`: a user error (a bad config, path, style, model or teacher: the
-    project's errors are ValueErrors; missing or unwritable files are OSErrors) prints one
-    `error: ...` line and returns 2 instead of a traceback. DMM_VERBOSE=1 (or a job's `--verbose`)
-    keeps the traceback, for a bug report."""
+    project's errors are ValueErrors; missing or unwritable files are OSErrors; a busy output folder)
+    prints one `error: ...` line and returns 2 instead of a traceback. DMM_VERBOSE=1 (or a job's
+    `--verbose`) keeps the traceback, for a bug report. `interrupted`: a Ctrl-C prints this line
+    (what was kept, how to resume) and returns 130. `@cli_main` or `@cli_main(interrupted=...)`."""
+    if main is None:
+        return functools.partial(cli_main, interrupted=interrupted)
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
+        from dmm_ray.output_lock import OutputDirBusyError
+
         try:
             return main(argv)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, OutputDirBusyError) as error:
             if os.environ.get("DMM_VERBOSE"):
                 raise
             message = str(error).strip() or type(error).__name__
@@ -52,5 +57,10 @@ def cli_main(main):
             ours = type(error).__module__.startswith("dmm_ray") or isinstance(error, OSError)
             print(f"error: {message}" + ("" if ours else "\n(the traceback: DMM_VERBOSE=1)"), file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if interrupted is None:
+                raise
+            print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+            return 130
 
     return wrapper

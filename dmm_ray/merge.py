@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
@@ -26,6 +27,24 @@ class MergeResult:
     seconds: float = 0.0
     location: str = ""  # where the merged model is: merged_path, or <output_dir URI>/merged
     fast: object | None = None  # dmm_ray.fast.job.FastResult when fast.enabled
+    already_complete: bool = False  # a re-run of a finished merge with the same config: nothing was run
+
+
+COMPLETE_RECORD = "merge_complete.json"  # in the local work folder (dmm_ray/completion.py)
+
+
+def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
+    """The record of a merge that finished every stage in `out` with exactly this config (the absolute
+    one), when its merged model is still there; None otherwise."""
+    from dmm_ray.completion import finished
+
+    return finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, out / "merged" / "model_index.json")
+
+
+def record_complete(cfg: MergeConfig, out: Path, result: MergeResult) -> None:
+    from dmm_ray.completion import record_finished
+
+    record_finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, location=result.location, run_id=result.run_id)
 
 
 def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
@@ -256,6 +275,7 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     local, remote = output_location(cfg)
     out = remote or local  # where the resumable state is
     if restart:
+        forget(local, COMPLETE_RECORD)
         removed = fingerprint.discard_state(cfg, out)
         if removed:
             log(f"--restart: removed {', '.join(str(p)[len(str(out)) :].lstrip('/') for p in removed)} from {out}")
@@ -286,6 +306,9 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
 
     started = time.time()
     cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
+    # validate: everything that can be checked before Ray starts (teachers, layout), before anything
+    # is written: a refused merge leaves no output folder and touches no lock
+    validate_before_ray(cfg)
     out, remote = output_location(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if remote:
@@ -300,7 +323,7 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
     """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI).
-    validate -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
+    check the resumable state -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
     log(
@@ -311,9 +334,17 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
             else ""
         )
     )
-    # validate: everything that can be checked before Ray starts (teachers, layout, resumable state)
-    validate_before_ray(cfg)
-    check_output_dir(cfg, restart)
+    check_output_dir(cfg, restart)  # resumable state made with other settings stops the merge here
+    done = completed_merge(cfg, out)
+    if done is not None:  # the same job submitted again: no second save, evaluation or model version
+        log(
+            f"already complete: this merge, with this config, finished in {out} (model: {done['location']}"
+            + (f", MLflow run {done['run_id']}" if done.get("run_id") else "")
+            + "); nothing to do. --restart merges again; jobs/evaluate.py evaluates the model again"
+        )
+        return MergeResult(merged_path=out / "merged", location=done["location"], run_id=done.get("run_id"), already_complete=True)
+    forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
+    asked = cfg  # the config as given (below, the cluster plan fills in the resources)
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
     cfg = with_plan(cfg, plan)
@@ -331,6 +362,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         if tracker is not None and hasattr(tracker, "abort"):
             tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
         raise
+    record_complete(asked, out, result)
     if we_started_ray:
         import ray
 
@@ -389,8 +421,9 @@ def distill_stage(run: MergeRun) -> None:
     cfg, tracking = run.cfg, run.tracking
     mixed = run.shard_dirs is not None
     log(
-        f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} workers x {cfg.scaling.teachers_per_worker} teacher(s) "
-        f"x batch {cfg.data.stream.batch_size}" + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if mixed else "")
+        f"stage distill: {cfg.distill.steps} steps x {cfg.num_workers} worker(s) ({len(cfg.teachers)} teacher(s), "
+        f"up to {min(cfg.scaling.teachers_per_worker, len(cfg.teachers))} per worker) x batch {cfg.data.stream.batch_size}"
+        + (f" ({cfg.data.synthetic_fraction:.0%} synthesized)" if mixed else "")
     )
     t0 = time.time()
     fingerprint.record(cfg, run.state, "distill")

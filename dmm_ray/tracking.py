@@ -387,8 +387,12 @@ class StageTracker(MergeTracker):
             if self.enabled:
                 if evaluation is not None:
                     self.log_evaluation(evaluation)
-                stage_metrics = getattr(result, "stage_metrics", {}) or {}
-                self.log_metrics({f"{stage}/{k}": v for stage, m in stage_metrics.items() for k, v in m.items() if isinstance(v, (int, float))})
+                for stage, m in (getattr(result, "stage_metrics", {}) or {}).items():
+                    # at the stage's last step: its workers logged the same names per step, so a value
+                    # without a step would add a stray point at step 0 to each curve
+                    step = m.get("step")
+                    numbers = {f"{stage}/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+                    self.log_metrics(numbers, step=int(step) if isinstance(step, (int, float)) else None)
                 if getattr(result, "seconds", None):
                     self.log_metrics({"seconds": result.seconds})
                 self.log_merged_model(result.merged_path)

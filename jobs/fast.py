@@ -19,12 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
 
 
+@cli_main(interrupted="the training state stays in the output folder; re-run the same command to resume")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the merged model folder to distill (jobs/merge.py's <output_dir>/merged)")
@@ -45,41 +46,33 @@ def main(argv=None) -> int:
     set_verbosity(args.verbose)
     config = args.config or str(DEFAULT_CONFIG)
 
-    from dmm_ray.config import ConfigError, load_config
-    from dmm_ray.fast.job import FastError, check_model_folder, run_fast
-    from dmm_ray.fingerprint import StaleStateError
+    from dmm_ray.config import load_config
+    from dmm_ray.fast.job import check_model_folder, run_fast
     from dmm_ray.merged_model import read_record
 
-    try:
-        check_model_folder(args.model)  # before anything slow
-        overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
-        cfg = load_config(config, overrides).with_absolute_paths()
-        record = read_record(Path(args.model))
-        update = {"enabled": False} if args.no_track else {}
-        if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model
-            # (unless the config names them: fields the user left unset hold the config's `name`)
-            update.update({k: record["name"] for k in ("project", "registered_model_name") if k not in cfg.tracking.model_fields_set})
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
-        from dmm_ray.fast.job import fast_dir
-        from dmm_ray.paths import check_writable_folder, sqlite_path
+    check_model_folder(args.model)  # before anything slow
+    overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
+    cfg = load_config(config, overrides).with_absolute_paths()
+    record = read_record(Path(args.model))
+    update = {"enabled": False} if args.no_track else {}
+    if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model
+        # (unless the config names them: fields the user left unset hold the config's `name`)
+        update.update({k: record["name"] for k in ("project", "registered_model_name") if k not in cfg.tracking.model_fields_set})
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
+    from dmm_ray.fast.job import fast_dir
+    from dmm_ray.paths import check_writable_folder, sqlite_path
 
-        check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
-        if cfg.tracking.enabled and sqlite_path(cfg.tracking.tracking_uri) is not None:
-            check_writable_folder(sqlite_path(cfg.tracking.tracking_uri).parent, "the folder of tracking.tracking_uri's database")
-        tracker = None
-        if cfg.tracking.enabled:
-            from dmm_ray.tracking import make_tracker
+    check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
+    if cfg.tracking.enabled and sqlite_path(cfg.tracking.tracking_uri) is not None:
+        check_writable_folder(sqlite_path(cfg.tracking.tracking_uri).parent, "the folder of tracking.tracking_uri's database")
+    tracker = None
+    if cfg.tracking.enabled:
+        from dmm_ray.tracking import make_tracker
 
-            tracker = make_tracker(cfg)
-        print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}\nshards: {cfg.data.shards}", flush=True)
-        result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval, restart=args.restart)
-    except (ConfigError, FastError, OSError, ValueError, StaleStateError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the training state stays in the output folder; re-run the same command to resume", file=sys.stderr)
-        return 130
-    print(f"few-step model: {result.model_path}")
+        tracker = make_tracker(cfg)
+    print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}\nshards: {cfg.data.shards}", flush=True)
+    result = run_fast(cfg, args.model, tracker=tracker, evaluate=not args.no_eval, restart=args.restart)
+    print(f"few-step model: {result.model_path}" + (" (already complete: nothing run)" if result.already_complete else ""))
     for steps, ev in sorted(result.evaluations.items()):
         print(f"  {steps} steps: FIDt {ev.fidt:.2f} (ref {ev.fidt_ref:.2f}, ratio {ev.ratio:.3f})")
     if result.model_uri:

@@ -18,12 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 
+@cli_main(interrupted="the last good merged model and the checkpoints stay in output_dir; re-run the same command to resume")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -56,50 +57,41 @@ def main(argv=None) -> int:
         parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")
     config = args.config or str(DEFAULT_CONFIG)
 
-    from dmm_ray.config import ConfigError, load_config
-    from dmm_ray.output_lock import OutputDirBusyError
-    from dmm_ray.teachers import TeacherError
+    from dmm_ray.config import load_config
 
-    try:
-        print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
-        cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
-        from dmm_ray.merge import check_output_dir, check_writable_outputs, format_locations, run_merge, validate_before_ray
+    print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
+    cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
+    from dmm_ray.merge import check_output_dir, check_writable_outputs, format_locations, run_merge, validate_before_ray
 
-        print(format_locations(cfg, "locations"), flush=True)
-        check_writable_outputs(cfg)  # before the MLflow store or Ray exist
-        if args.dry_run:
-            from dmm_ray.memory_plan import describe, plan_config
+    print(format_locations(cfg, "locations"), flush=True)
+    check_writable_outputs(cfg)  # before the MLflow store or Ray exist
+    if args.dry_run:
+        from dmm_ray.memory_plan import describe, plan_config
 
-            plan, _ = plan_config(cfg)
-            if plan.fits:  # one that does not fit is printed with the error below
-                print(describe(cfg, plan), flush=True)
-            validate_before_ray(cfg, deep=args.deep)
-            if args.deep:
-                print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
-            if not args.restart:
-                check_output_dir(cfg.with_absolute_paths())
-            print(cfg.model_dump_json(indent=2))
-            from dmm_ray.merge import describe_layout
+        validate_before_ray(cfg, deep=args.deep)  # a layout that does not fit is refused here, with its plan
+        plan, _ = plan_config(cfg)
+        print(describe(cfg, plan), flush=True)
+        if args.deep:
+            print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
+        if not args.restart:
+            check_output_dir(cfg.with_absolute_paths())
+        print(cfg.model_dump_json(indent=2))
+        from dmm_ray.merge import describe_layout
 
-            print(describe_layout(cfg))
-            print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
-            return 0
-        from dmm_ray.tracking import make_tracker
+        print(describe_layout(cfg))
+        print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
+        return 0
+    from dmm_ray.tracking import make_tracker
 
-        result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)
-    except (ConfigError, TeacherError, OutputDirBusyError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the last good merged model and the checkpoints stay in output_dir; re-run the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
-    print(f"\nmerged model: {result.location or result.merged_path}\nstyles: {[t.name for t in cfg.teachers]}\ntime: {result.seconds:.0f} s")
+    result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)
+    from dmm_ray.models.style_unet import merged_style_names
+
+    styles = merged_style_names(result.merged_path)  # an incremental merge: the old styles too
+    took = "already complete (nothing run)" if result.already_complete else f"{result.seconds:.0f} s"
+    print(f"\nmerged model: {result.location or result.merged_path}\nstyles: {styles}\ntime: {took}")
     for stage, metrics in result.stage_metrics.items():
         losses = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss")}
-        print(f"{stage}: {losses}")
+        print(f"{stage}: {metrics.get('seconds', 0):.0f} s" + (f", {losses}" if losses else ""))
     print(format_locations(cfg, "results"), flush=True)
     return 0
 

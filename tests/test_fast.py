@@ -434,6 +434,16 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     pipe = _load(result.model_path)
     assert pipe.sampler_defaults["num_inference_steps"] == 4
     assert pipe("a red circle", style="style1", height=32, width=32).images[0].size == (32, 32)
+    # stopped after training (the completion record never written): a re-run trains nothing and saves again
+    (tmp_path / "out" / "fast" / "fast_complete.json").unlink()
+    resumed = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert (resumed.train_metrics["step"], resumed.train_metrics["resumed_from"]) == (2, 2) and resumed.model_uri == "models:/test-merge/2"
+    # the same job again: nothing runs, no third model version
+    again = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert again.already_complete and again.model_uri == "models:/test-merge/2" and again.train_metrics == {}
+    from mlflow.tracking import MlflowClient
+
+    assert sorted(v.version for v in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='test-merge'")) == ["1", "2"]
 
 
 @pytest.mark.ray

@@ -11,7 +11,7 @@ from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.config import MergeConfig
 from dmm_ray.distill.layout import regularizer_style_ids, worker_layout
 from dmm_ray.distill.step import DistillStep, LossSettings
-from dmm_ray.merge import validate_before_ray
+from dmm_ray.merge import run_merge, validate_before_ray
 from dmm_ray.merged_model import MERGE_RECORD
 from dmm_ray.teachers import TeacherError
 from dmm_ray.tiny import tiny_sd_components, training_noise_scheduler
@@ -77,6 +77,10 @@ def test_duplicate_style_name_rejected_before_ray(merged_world, tmp_path):
     )
     with pytest.raises(TeacherError, match=r"\['old1'\] are already styles"):
         validate_before_ray(cfg)
+    out = tmp_path / "refused"
+    with pytest.raises(TeacherError, match=r"\['old1'\] are already styles"):
+        run_merge(cfg.model_copy(update={"output_dir": str(out)}))
+    assert not out.exists()  # refused before anything is written: no empty output folder, no lock
 
 
 def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):

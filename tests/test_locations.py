@@ -232,6 +232,18 @@ def test_jobs_answer_user_errors_with_one_line_and_exit_code_2(monkeypatch, caps
     assert "DMM_VERBOSE=1" in capsys.readouterr().err.splitlines()[-1]  # not ours: how to see the traceback
     with pytest.raises(KeyError):
         job(KeyError("bug"))([])
+    from dmm_ray.output_lock import OutputDirBusyError
+
+    assert job(OutputDirBusyError("output_dir /x is in use by pid 7"))([]) == 2
+    assert capsys.readouterr().err == "error: output_dir /x is in use by pid 7\n"
+    with pytest.raises(KeyboardInterrupt):  # a job that says nothing about an interrupt lets it through
+        job(KeyboardInterrupt())([])
+
+    @cli_main(interrupted="the checkpoints stay; re-run to resume")
+    def resumable(argv=None):
+        raise KeyboardInterrupt
+
+    assert resumable([]) == 130 and capsys.readouterr().err == "\ninterrupted: the checkpoints stay; re-run to resume\n"
     monkeypatch.setenv("DMM_VERBOSE", "1")
     with pytest.raises(StyleError):
         job(StyleError("unknown style 'x'"))([])

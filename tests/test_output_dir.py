@@ -181,10 +181,10 @@ def test_merge_recovers_before_anything_else(world, tmp_path, monkeypatch):
     _model(out / "merged.old", "good")
     _model(out / "merged.tmp", "new")
 
-    def stop(cfg):
+    def stop(cfg, restart=False):
         raise RuntimeError("stop after recovery")
 
-    monkeypatch.setattr(merge, "validate_before_ray", stop)
+    monkeypatch.setattr(merge, "check_output_dir", stop)  # the first step after recovery (validation reads only)
     with pytest.raises(RuntimeError, match="stop after recovery"):
         merge.run_merge(MergeConfig.model_validate(tiny_merge_config(world, out)))
     assert _tag(out / "merged") == "good" and not (out / "merged.old").exists() and not (out / "merged.tmp").exists()
@@ -205,3 +205,32 @@ def test_save_merged_leaves_only_the_new_model(world, tmp_path):
     merge.save_merged(cfg, student, dest)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["merged"]
     assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
+
+
+def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
+    """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
+    no second save, evaluation or MLflow model version. Another config value, a missing model or
+    --restart runs the merge again."""
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out)).with_absolute_paths()
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "model_index.json").write_text("{}")
+    merge.record_complete(cfg, out, merge.MergeResult(merged_path=out / "merged", location=str(out / "merged"), run_id="r1"))
+
+    def ray_started(*args, **kwargs):
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(merge, "init_for_training", ray_started)
+    again = merge.run_merge(cfg)
+    assert again.already_complete and again.run_id == "r1" and again.location == str(out / "merged")
+    changed = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})})
+    with pytest.raises(RuntimeError, match="Ray started"):
+        merge.run_merge(changed)
+    assert not (out / merge.COMPLETE_RECORD).exists()  # a run that starts may change the model: the record goes
+    merge.record_complete(cfg, out, again)
+    with pytest.raises(RuntimeError, match="Ray started"):
+        merge.run_merge(cfg, restart=True)
+    merge.record_complete(cfg, out, again)
+    (out / "merged" / "model_index.json").unlink()
+    with pytest.raises(RuntimeError, match="Ray started"):
+        merge.run_merge(cfg)

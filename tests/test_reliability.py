@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ def test_ctrl_c_after_training_stops_the_merge_again(monkeypatch, capsys, tmp_pa
 
     before = signal.getsignal(signal.SIGINT)
     assert fit_stage(Trainer()) == "result"
+    assert signal.getsignal(signal.SIGINT) is before
+
+    class Aborted:  # Ctrl-C during training: Ray Train's handler aborts the run, then sys.exit(0) inside fit()
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: None)
+            sys.exit(0)
+
+    with pytest.raises(KeyboardInterrupt):  # not SystemExit(0): the job exited 1 with only Ray's lines
+        fit_stage(Aborted())
     assert signal.getsignal(signal.SIGINT) is before
 
     import dmm_ray.merge

@@ -175,7 +175,7 @@ def noised_batch(
     """Turn one tokenised batch (numpy, from build_latent_dataset) into the training batch dict."""
     import torch  # here, not at module level: Ray Data's tokenise tasks import this module and need no torch
 
-    x0 = torch.from_numpy(np.ascontiguousarray(batch["latents"], dtype=np.float32))  # (B, C, h, w)
+    x0 = torch.from_numpy(np.array(batch["latents"], dtype=np.float32))  # (B, C, h, w); a copy: Ray Data's arrays are read-only
     t, eps, dropped = draw_sample_randomness(
         batch["source_id"],
         x0.shape[1:],
@@ -192,13 +192,13 @@ def noised_batch(
         "timesteps": timesteps,
         "noise": noise,
         "latents": x0,
-        "input_ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+        "input_ids": torch.from_numpy(np.array(ids, dtype=np.int64)),
         "dropped": torch.from_numpy(dropped),
         "captions": ["" if d else str(c) for c, d in zip(batch["caption"], dropped)],
         "source_ids": [str(s) for s in batch["source_id"]],
     }
     if "style" in batch:
-        out["style"] = torch.from_numpy(np.asarray(batch["style"], dtype=np.int64))
+        out["style"] = torch.from_numpy(np.array(batch["style"], dtype=np.int64))
     if device is not None:
         out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
     return out

@@ -50,6 +50,8 @@ def train_loop_per_worker(config: dict) -> None:
         if models.ema is not None:
             models.ema.step(models.student.parameters())
         report(step + 1, logs, micro, styles)  # progress bar, metrics, a checkpoint every checkpoint_every steps
+    if start.step >= worker.cfg.distill.steps:  # a re-run of a finished stage: nothing to train
+        report.finished_before()
     report.close()
 
 
@@ -186,14 +188,13 @@ class Start:
 
 
 def restore(worker: Worker, models: Models, optim: Optimizers, init_state: str | None) -> Start:
-    """Ray Train's checkpoint (FailureConfig restarts and re-submitted jobs land here: the same stage,
-    same position), else `init_state` (fine-tune: the distill stage's discriminator and optimizer
-    moments, at this stage's own lr), else a fresh start."""
-    import ray.train
+    """Ray Train's checkpoint, or a newer complete one it never recorded (FailureConfig restarts and
+    re-submitted jobs land here: the same stage, same position; distill/checkpointing.py), else
+    `init_state` (fine-tune: the distill stage's discriminator and optimizer moments, at this stage's
+    own lr), else a fresh start."""
+    from dmm_ray.distill.checkpointing import load_training_state, resume_checkpoint
 
-    from dmm_ray.distill.checkpointing import load_training_state
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder))
@@ -310,6 +311,20 @@ class Reporter:
                 checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
                 delete_local_checkpoint_after_upload=True if folder else None,
             )
+
+    def finished_before(self) -> None:
+        """A stage resumed at its last step: report its final state once more, as the stage's result
+        (Ray Train may never have recorded that checkpoint: distill/checkpointing.py), with
+        resumed_from = the last step. No metric is logged: the curves end where the training did."""
+        import ray.train
+
+        steps = self.worker.cfg.distill.steps
+        folder = self._save(steps, final=True) if self.worker.rank == 0 else None
+        ray.train.report(
+            {"step": steps, "epoch": self.batches.epoch, "resumed_from": self.start_step},
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+            delete_local_checkpoint_after_upload=True if folder else None,
+        )
 
     def _save(self, step: int, final: bool) -> Path:
         from dmm_ray.distill.checkpointing import save_training_state, temp_checkpoint_dir

@@ -93,24 +93,36 @@ def fit_stage(trainer):
     """`trainer.fit()`, with a non-finite loss raised as the worker's own NonFiniteLossError (its
     message names the step, the term and the style) instead of Ray Train's wrapper.
 
-    Ray Train's fit() installs its own Ctrl-C handler (abort the run; exit 0 on the third) and leaves
-    it installed: put back the one from before, so Ctrl-C during the stages after training (save,
-    evaluate, register) stops the merge instead of being swallowed."""
+    Ray Train's fit() installs its own Ctrl-C handler (abort the run, then sys.exit(0)) and leaves it
+    installed: put back the one from before, so Ctrl-C during the stages after training (save,
+    evaluate, register) stops the merge instead of being swallowed; its exit from inside fit() is
+    raised as KeyboardInterrupt.
+
+    After a finished fit, the run's checkpoint folders Ray Train does not keep (an interrupted earlier
+    run's, never recorded: distill/checkpointing.py) are removed."""
     import signal
     import threading
 
     from ray.train import TrainingFailedError
 
+    from dmm_ray.distill.checkpointing import prune_unrecorded
     from dmm_ray.distill.health import unwrap_training_error
 
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        for path in prune_unrecorded(result):  # an interrupted earlier run's checkpoints that Ray Train never recorded
+            print(f"removed an unrecorded checkpoint of an interrupted run: {path}", flush=True)
+        return result
     except TrainingFailedError as error:
         nonfinite = unwrap_training_error(error)
         if nonfinite is None:
             raise
         raise type(nonfinite)(str(nonfinite)) from None
+    except SystemExit:
+        # Ray Train's Ctrl-C handler aborts the run, then calls sys.exit(0) from inside fit(): a Ctrl-C
+        # it is, for the caller (jobs answer it with one line and exit 130; nothing after training runs)
+        raise KeyboardInterrupt("Ctrl-C: Ray Train aborted the training run") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

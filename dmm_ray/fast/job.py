@@ -31,6 +31,10 @@ class FastResult:
     train_seconds: float = 0.0
     evaluations: dict = field(default_factory=dict)  # steps -> EvalResult
     model_uri: str | None = None
+    already_complete: bool = False  # the same stage, model and settings finished before: nothing was run
+
+
+COMPLETE_RECORD = "fast_complete.json"  # in the stage's folder (dmm_ray/completion.py)
 
 
 def log(msg: str) -> None:
@@ -270,6 +274,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     import ray
 
     from dmm_ray import fingerprint
+    from dmm_ray.completion import finished, forget, record_finished
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
 
@@ -278,12 +283,23 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     styles = check_model_folder(model_dir)
     out = fast_dir(cfg).resolve()
     if restart:
+        forget(out, COMPLETE_RECORD)
         removed = fingerprint.discard_fast_state(cfg, out)
         if removed:
             log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
     inputs = fingerprint.fast_inputs(cfg, model_dir)  # once: it reads the merged UNet for its checksum
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
+    asked = {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
+    done = finished(out, COMPLETE_RECORD, asked, out / "model" / "model_index.json")
+    if done is not None:  # the same job submitted again: no second save, evaluation or model version
+        log(
+            f"already complete: this few-step stage, with this model and config, finished in {out}"
+            + (f" (registered: {done['model_uri']})" if done.get("model_uri") else "")
+            + "; nothing to do. --restart trains again"
+        )
+        return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
     out.mkdir(parents=True, exist_ok=True)
+    forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
     log(
         f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
@@ -349,6 +365,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
         if tracker is not None and hasattr(tracker, "abort"):
             tracker.abort("FAILED")
         raise
+    record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
     if we_started_ray:
         ray.shutdown()
     return result

@@ -92,6 +92,7 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray._quiet import no_loading_bars
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
+    from dmm_ray.distill.checkpointing import resume_checkpoint
     from dmm_ray.distill.conditioning import load_base_conditioner
     from dmm_ray.distill.loop import _mlflow_logger
     from dmm_ray.distill.step import concat_batches
@@ -126,7 +127,7 @@ def train_fast_per_worker(config: dict) -> None:
     saved_ema = saved_ema_of(params, f)  # what the save keeps (fast.saved_ema_decay), or None: the last weights
 
     start_step, epoch, position = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint()  # Ray Train's, or a newer complete one it never recorded
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / TRAINABLE, map_location="cpu", weights_only=False)
@@ -232,6 +233,8 @@ def train_fast_per_worker(config: dict) -> None:
             log(metrics, step)
         if step % f.checkpoint_every == 0 or step in (f.steps, total):
             _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
+    if start_step >= total:  # a re-run of a finished stage: its final state once more, as the result (no metric logged)
+        _report(rank, step, {"resumed_from": start_step}, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase)
     log.close()
     if progress is not None:
         progress.close()
@@ -241,7 +244,7 @@ def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_em
     """A checkpoint (rank 0 writes it) and the step's metrics to Ray Train."""
     import ray.train
 
-    from dmm_ray.distill.checkpointing import temp_checkpoint_dir
+    from dmm_ray.distill.checkpointing import seal, temp_checkpoint_dir
 
     folder = None
     if rank == 0:
@@ -262,6 +265,7 @@ def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_em
         )
         if target is not None:
             torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
+        seal(folder, step)
     ray.train.report(
         {**metrics, "step": step},
         checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,

@@ -54,7 +54,7 @@ def pair_rows(rows: dict, seed: int) -> dict:
 
     from dmm_ray.distill.synthesis import synthesis_seed
 
-    target = torch.from_numpy(np.ascontiguousarray(rows["latents"], dtype=np.float32))  # (P, C, h, w)
+    target = torch.from_numpy(np.array(rows["latents"], dtype=np.float32))  # (P, C, h, w); a copy: Ray Data's arrays are read-only
     index = [int(str(s).rsplit("-", 1)[1]) for s in rows["source_id"]]
     return {
         "noise": initial_noise([synthesis_seed(seed, i) for i in index], tuple(target.shape[1:])),

@@ -1,0 +1,107 @@
+"""Resuming from the newest complete checkpoint, also one Ray Train never recorded.
+
+Ray Train records a checkpoint (its controller's snapshot) after the worker has uploaded it; a
+Ctrl-C or a killed driver in between leaves the newest checkpoint folders on disk but unrecorded.
+dmm_ray.distill.checkpointing seals every folder (a manifest of its step and file sizes), resumes
+from the newest sealed one and removes the unrecorded folders once the stage has finished."""
+
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from merge_fixtures import build_world, tiny_merge_config
+
+from dmm_ray.config import MergeConfig
+from dmm_ray.distill.checkpointing import MANIFEST, newest_sealed, prune_unrecorded, seal, sealed_step
+
+LOCAL = pafs.LocalFileSystem()
+
+
+def _checkpoint(folder: Path, step: int, payload: bytes = b"x" * 100) -> Path:
+    (folder / "student").mkdir(parents=True)
+    (folder / "student" / "weights.safetensors").write_bytes(payload)
+    (folder / "train_state.pt").write_bytes(payload[:10])
+    seal(folder, step)
+    return folder
+
+
+def test_a_sealed_checkpoint_reads_its_step_and_a_cut_off_copy_reads_none(tmp_path):
+    done = _checkpoint(tmp_path / "checkpoint_a", 7)
+    assert sealed_step(LOCAL, str(done)) == 7
+    truncated = shutil.copytree(done, tmp_path / "checkpoint_b")
+    (truncated / "student" / "weights.safetensors").write_bytes(b"x" * 50)  # a copy cut off mid-file
+    assert sealed_step(LOCAL, str(truncated)) is None
+    missing = shutil.copytree(done, tmp_path / "checkpoint_c")
+    (missing / "train_state.pt").unlink()  # a file not copied yet
+    assert sealed_step(LOCAL, str(missing)) is None
+    unsealed = shutil.copytree(done, tmp_path / "checkpoint_d")
+    (unsealed / MANIFEST).unlink()  # the manifest itself not copied yet (or a checkpoint made before manifests)
+    assert sealed_step(LOCAL, str(unsealed)) is None
+    (unsealed / MANIFEST).write_text('{"step": 9, "fil')  # the manifest cut off
+    assert sealed_step(LOCAL, str(unsealed)) is None
+
+
+def test_the_newest_sealed_checkpoint_is_the_highest_complete_step(tmp_path):
+    _checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-03", 30)
+    _checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-01", 40)  # names do not order steps: the manifest does
+    partial = _checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-05", 50)
+    (partial / "train_state.pt").write_bytes(b"")
+    _checkpoint(tmp_path / "not_a_checkpoint", 60)
+    assert newest_sealed(LOCAL, str(tmp_path)) == (40, str(tmp_path / "checkpoint_2026-01-01_00-00-01"))
+    assert newest_sealed(LOCAL, str(tmp_path / "absent")) is None
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("resume_world"))
+
+
+@pytest.mark.ray
+def test_a_rerun_resumes_from_checkpoints_ray_train_never_recorded_and_prunes_them(ray_cluster, world, tmp_path):
+    """Distill 2 steps; forget Ray Train's record of them (what a Ctrl-C between the upload and the
+    controller's record leaves) and add a cut-off copy. A re-run with 3 steps resumes from step 2,
+    not 0, and removes both leftover folders; a re-run of the finished stage trains nothing and
+    still reports its checkpoint, with resumed_from = 3."""
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.checkpointing import load_training_state
+    from dmm_ray.distill.trainer import build_trainer, fit_stage
+
+    def fit(steps: int):
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": steps, "lambda_adv": 0}))
+        return fit_stage(build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}))
+
+    run = tmp_path / "out" / "ray_results" / "test-merge-distill"
+    first = fit(2)
+    assert first.metrics["step"] == 2
+    (run / "checkpoint_manager_snapshot.json").unlink()  # Ray Train recorded nothing
+    leftover = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+    cut_off = shutil.copytree(Path(first.checkpoint.path), run / "checkpoint_9999-12-31_23-59-59.000000")
+    (cut_off / "train_state.pt").write_bytes(b"")
+
+    second = fit(3)
+    assert second.metrics["resumed_from"] == 2 and second.metrics["step"] == 3  # without the scan: 0
+    on_disk = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+    kept = {Path(c.path).name for c, _ in second.best_checkpoints}
+    assert on_disk == kept and not on_disk & (leftover | {cut_off.name})
+    assert load_training_state(Path(second.checkpoint.path))["step"] == 3
+
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    third = fit(3)  # nothing left to train
+    assert third.metrics["resumed_from"] == 3 and third.metrics["step"] == 3
+    assert load_training_state(Path(third.checkpoint.path))["step"] == 3  # the stage's result, not "no checkpoint"
+
+
+def test_prune_keeps_what_ray_train_keeps(tmp_path):
+    class Checkpoint:
+        def __init__(self, path):
+            self.path, self.filesystem = str(path), LOCAL
+
+    class Result:
+        checkpoint = Checkpoint(_checkpoint(tmp_path / "checkpoint_3", 3))
+        best_checkpoints = [(Checkpoint(_checkpoint(tmp_path / "checkpoint_2", 2)), {}), (checkpoint, {})]
+
+    _checkpoint(tmp_path / "checkpoint_1", 1)
+    (tmp_path / "other").mkdir()
+    assert prune_unrecorded(Result()) == [str(tmp_path / "checkpoint_1")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3", "other"]
