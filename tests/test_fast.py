@@ -443,7 +443,7 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     assert again.already_complete and again.model_uri == "models:/test-merge/2" and again.train_metrics == {}
     from mlflow.tracking import MlflowClient
 
-    assert sorted(v.version for v in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='test-merge'")) == ["1", "2"]
+    assert sorted(v.version for v in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='test-merge'")) == [1, 2]
 
 
 @pytest.mark.ray
