@@ -103,7 +103,8 @@ def resume_checkpoint():
     checkpoint = ray.train.get_checkpoint()
     try:
         storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run's filesystem and folder
-        fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
+        # Ray Train v2 keeps checkpoints in the run's folder; v1 one level down, in the trial's
+        fs, run_path = storage.storage_filesystem, getattr(storage, "trial_fs_path", None) or storage.experiment_fs_path
     except (AttributeError, RuntimeError):
         return checkpoint
     newest = newest_sealed(fs, run_path)
