@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 
 
-def finished(folder: Path, name: str, asked: dict, model: Path) -> dict | None:
+def finished(folder: Path, name: str, asked: dict, models: list[Path]) -> dict | None:
     """The record `name` in `folder` of a job that finished with exactly `asked` (compared as JSON),
-    when `model` (a file of its model) still exists; None otherwise."""
+    when every file in `models` (one file of each model it made) still exists; None otherwise."""
     try:
         record = json.loads((Path(folder) / name).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("asked") != _as_json(asked) or not Path(model).is_file():
+    if not isinstance(record, dict) or record.get("asked") != _as_json(asked) or not all(Path(m).is_file() for m in models):
         return None
     return record
 

@@ -35,10 +35,19 @@ COMPLETE_RECORD = "merge_complete.json"  # in the local work folder (dmm_ray/com
 
 def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
     """The record of a merge that finished every stage in `out` with exactly this config (the absolute
-    one), when its merged model is still there; None otherwise."""
+    one), when its merged model (and few-step model, with fast.enabled) is still there; else None."""
     from dmm_ray.completion import finished
 
-    return finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, out / "merged" / "model_index.json")
+    models = [out / "merged" / "model_index.json"]
+    if cfg.fast.enabled:
+        models.append(fast_folder(cfg, out) / "model" / "model_index.json")
+    return finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, models)
+
+
+def fast_folder(cfg: MergeConfig, local: Path) -> Path:
+    """The merge's few-step stage folder: fast.output_dir, else <local work folder>/fast (a URI
+    output_dir's staging folder: the few-step model is not uploaded)."""
+    return Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
 
 
 def record_complete(cfg: MergeConfig, out: Path, result: MergeResult) -> None:
@@ -280,8 +289,7 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
         if removed:
             log(f"--restart: removed {', '.join(str(p)[len(str(out)) :].lstrip('/') for p in removed)} from {out}")
         if cfg.fast.enabled:  # the few-step stage's training state (in its own, local folder: fast_stage)
-            fast_out = Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
-            for p in fingerprint.discard_fast_state(cfg, fast_out):
+            for p in fingerprint.discard_fast_state(cfg, fast_folder(cfg, local)):
                 log(f"--restart: removed {p}")
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
@@ -499,7 +507,7 @@ def fast_stage(run: MergeRun) -> None:
     from dmm_ray.fast.job import run_fast
 
     cfg, result, out = run.cfg, run.result, run.out
-    fast_cfg = cfg if cfg.fast.output_dir else cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(out / "fast")})})
+    fast_cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(fast_folder(cfg, out))})})
     log(
         f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
         + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else "")

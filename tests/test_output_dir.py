@@ -230,6 +230,14 @@ def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(
     merge.record_complete(cfg, out, again)
     with pytest.raises(RuntimeError, match="Ray started"):
         merge.run_merge(cfg, restart=True)
+    with_fast = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"enabled": True})})
+    merge.record_complete(with_fast, out, again)
+    with pytest.raises(RuntimeError, match="Ray started"):  # fast.enabled: its few-step model is missing
+        merge.run_merge(with_fast)
+    (out / "fast" / "model").mkdir(parents=True)
+    (out / "fast" / "model" / "model_index.json").write_text("{}")
+    merge.record_complete(with_fast, out, again)
+    assert merge.run_merge(with_fast).already_complete
     merge.record_complete(cfg, out, again)
     (out / "merged" / "model_index.json").unlink()
     with pytest.raises(RuntimeError, match="Ray started"):
