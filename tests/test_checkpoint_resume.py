@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import torch
 from merge_fixtures import build_world, tiny_merge_config
 
 from dmm_ray.config import MergeConfig
@@ -68,8 +69,13 @@ def test_a_rerun_resumes_from_checkpoints_ray_train_never_recorded_and_prunes_th
     from dmm_ray.distill.trainer import build_trainer, fit_stage
 
     def fit(steps: int):
-        cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": steps, "lambda_adv": 0}))
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": steps, "lambda_adv": 0, "ema_decay": 0.9}))
         return fit_stage(build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}))
+
+    def student(result) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(next((Path(result.checkpoint.path) / "student").glob("*.safetensors")))
 
     run = tmp_path / "out" / "ray_results" / "test-merge-distill"
     first = fit(2)
@@ -86,10 +92,13 @@ def test_a_rerun_resumes_from_checkpoints_ray_train_never_recorded_and_prunes_th
     assert on_disk == kept and not on_disk & (leftover | {cut_off.name})
     assert load_training_state(Path(second.checkpoint.path))["step"] == 3
 
+    before = student(second)  # read now: the third run prunes this folder (its record is deleted next)
     (run / "checkpoint_manager_snapshot.json").unlink()
     third = fit(3)  # nothing left to train
     assert third.metrics["resumed_from"] == 3 and third.metrics["step"] == 3
     assert load_training_state(Path(third.checkpoint.path))["step"] == 3  # the stage's result, not "no checkpoint"
+    after = student(third)  # the same student as the step-3 checkpoint it resumed from (the EMA is not applied twice)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_prune_keeps_what_ray_train_keeps(tmp_path):
