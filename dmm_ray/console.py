@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from dmm_ray.output_lock import OutputDirBusyError
+
 
 def say(job: str, msg: str) -> None:
     print(f"[dmm-{job} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -45,8 +47,6 @@ def cli_main(main=None, *, interrupted: str | None = None):
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
-        from dmm_ray.output_lock import OutputDirBusyError
-
         try:
             return main(argv)
         except (ValueError, OSError, OutputDirBusyError) as error:

@@ -41,7 +41,7 @@ def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
     models = [out / "merged" / "model_index.json"]
     if cfg.fast.enabled:
         models.append(fast_folder(cfg, out) / "model" / "model_index.json")
-    return finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, models)
+    return finished(out, COMPLETE_RECORD, _merge_request(cfg), models)
 
 
 def fast_folder(cfg: MergeConfig, local: Path) -> Path:
@@ -53,7 +53,12 @@ def fast_folder(cfg: MergeConfig, local: Path) -> Path:
 def record_complete(cfg: MergeConfig, out: Path, result: MergeResult) -> None:
     from dmm_ray.completion import record_finished
 
-    record_finished(out, COMPLETE_RECORD, {"config": cfg.model_dump(mode="json")}, location=result.location, run_id=result.run_id)
+    record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id)
+
+
+def _merge_request(cfg: MergeConfig) -> dict:
+    """What decides a merge's result, as its completion record compares it: the whole (absolute) config."""
+    return {"config": cfg.model_dump(mode="json")}
 
 
 def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:

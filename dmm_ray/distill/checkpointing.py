@@ -51,6 +51,18 @@ def load_training_state(folder: Path) -> dict:
     return torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
 
 
+def report(metrics: dict, folder: Path | None) -> None:
+    """`ray.train.report` of a step's metrics and, from rank 0, its sealed checkpoint folder (a temp
+    folder, removed once Ray Train has persisted it; storage keeps num_to_keep). Every rank calls it."""
+    import ray.train
+
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
+        delete_local_checkpoint_after_upload=True if folder else None,
+    )
+
+
 def temp_checkpoint_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="dmm-ckpt-"))
 

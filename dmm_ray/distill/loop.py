@@ -278,8 +278,6 @@ class Reporter:
             self.progress = tqdm(total=worker.cfg.distill.steps, initial=start_step, desc=worker.stage, unit="step", mininterval=5)
 
     def __call__(self, step: int, logs: dict, micro: list[dict], styles: list[torch.Tensor]) -> None:
-        import ray.train
-
         d, device = self.worker.cfg.distill, self.worker.device
         if self.progress is not None:
             self.progress.update(1)
@@ -304,26 +302,20 @@ class Reporter:
         if log_now:
             self.log({k: v for k, v in metrics.items() if k != "step"}, step)
         if checkpoint_now:
-            folder = self._save(step, final=step == d.steps) if self.worker.rank == 0 else None
-            # the temp folder is removed once Ray Train has persisted it (storage keeps num_to_keep)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-                delete_local_checkpoint_after_upload=True if folder else None,
-            )
+            from dmm_ray.distill.checkpointing import report
+
+            report(metrics, self._save(step, final=step == d.steps) if self.worker.rank == 0 else None)
 
     def finished_before(self) -> None:
         """A stage resumed at its last step: report its final state once more, as the stage's result
         (Ray Train may never have recorded that checkpoint: distill/checkpointing.py), with
         resumed_from = the last step. No metric is logged: the curves end where the training did."""
-        import ray.train
+        from dmm_ray.distill.checkpointing import report
 
         steps = self.worker.cfg.distill.steps
-        folder = self._save(steps, final=True) if self.worker.rank == 0 else None
-        ray.train.report(
+        report(
             {"step": steps, "epoch": self.batches.epoch, "resumed_from": self.start_step},
-            checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-            delete_local_checkpoint_after_upload=True if folder else None,
+            self._save(steps, final=True) if self.worker.rank == 0 else None,
         )
 
     def _save(self, step: int, final: bool) -> Path:

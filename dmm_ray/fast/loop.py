@@ -242,9 +242,7 @@ def train_fast_per_worker(config: dict) -> None:
 
 def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_ema, target, rollout_phase) -> None:
     """A checkpoint (rank 0 writes it) and the step's metrics to Ray Train."""
-    import ray.train
-
-    from dmm_ray.distill.checkpointing import seal, temp_checkpoint_dir
+    from dmm_ray.distill.checkpointing import report, seal, temp_checkpoint_dir
 
     folder = None
     if rank == 0:
@@ -266,11 +264,7 @@ def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_em
         if target is not None:
             torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
         seal(folder, step)
-    ray.train.report(
-        {**metrics, "step": step},
-        checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-        delete_local_checkpoint_after_upload=True if folder else None,
-    )
+    report({**metrics, "step": step}, folder)
 
 
 class RolloutPhase:
