@@ -3,7 +3,8 @@
 `address` (a config key or `--address`), else `$RAY_ADDRESS` (set by `ray job submit`, or
 `RAY_ADDRESS=auto` to join a `ray start --head` on this machine), else a *private* local Ray.
 Never the bare `ray.init()`: it would join whatever `/tmp/ray/ray_current_cluster` names, and a
-stale file left by a stopped cluster makes it wait for that cluster's GCS forever.
+stale file left by a stopped cluster makes it wait for that cluster's GCS forever. `auto` with such
+a file is an error naming it; `serve run` (Ray's CLI calls the bare `ray.init()`) gets a local Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address == "auto" and (stale := stale_recorded_cluster()):
+        raise ConnectionError(f"address 'auto': {stale_message(stale)}; run `ray stop` (it clears the file) or start the cluster again")
+    if address and address != "local":  # "local": a new local Ray, i.e. the private one below
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # Logical headroom over the cores: Train workers, Ray Data tasks and actors share them.
@@ -43,6 +46,51 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
             runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs", "env_vars": env},
         )
     return True
+
+
+def stale_recorded_cluster(address_file: str | None = None, timeout_s: float = 2.0) -> str | None:
+    """The address in Ray's `ray_current_cluster` file (written by `ray start`, removed by `ray stop`)
+    when nothing listens there: a cluster that stopped without `ray stop`. A bare `ray.init()`, and so
+    `serve run`, would wait for that cluster's GCS forever. None when there is no file, the file does not
+    hold host:port, or the address answers."""
+    import socket
+
+    if address_file is None:
+        from ray._common.utils import get_ray_address_file
+
+        address_file = get_ray_address_file(None)
+    try:
+        recorded = open(address_file).read().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError:
+        return recorded
+
+
+def stale_message(recorded: str) -> str:
+    from ray._common.utils import get_ray_address_file
+
+    return f"Ray's address file {get_ray_address_file(None)} names {recorded}, where no Ray cluster answers (one that stopped without `ray stop`)"
+
+
+def avoid_stale_cluster() -> None:
+    """For `serve run`, which calls the bare `ray.init()` after importing the app: with no RAY_ADDRESS and
+    a stale address file, start a local Ray (RAY_ADDRESS=local, what Ray reads at init) and say so, rather
+    than wait forever. A running Ray, RAY_ADDRESS or a live recorded cluster: nothing changes."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not (stale := stale_recorded_cluster()):
+        return
+    os.environ["RAY_ADDRESS"] = "local"
+    logging.getLogger("dmm_ray").warning("%s; starting a local Ray instead (`ray stop` clears the file)", stale_message(stale))
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

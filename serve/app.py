@@ -13,12 +13,14 @@ from typing import Any, Optional
 
 from ray.serve import Application
 
+from dmm_ray.ray_session import avoid_stale_cluster
 from serve.config import ServeConfig
 from serve.deployments import build_deployments
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     """Serve application builder: ServeConfig from env + `args` (Serve config `args:` or CLI key=value)."""
+    avoid_stale_cluster()  # `serve run` starts Ray after this; a stale `ray start` address would make it wait forever
     return build_deployments(ServeConfig.from_env(overrides=dict(args or {})))
 
 
