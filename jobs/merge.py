@@ -67,8 +67,13 @@ def main(argv=None) -> int:
     check_writable_outputs(cfg)  # before the MLflow store or Ray exist
     if args.dry_run:
         from dmm_ray.memory_plan import describe, plan_config
+        from dmm_ray.teachers import TeacherError
 
-        validate_before_ray(cfg, deep=args.deep)  # a layout that does not fit is refused here, with its plan
+        try:
+            validate_before_ray(cfg, deep=args.deep)  # a layout that does not fit is refused here, with its plan
+        except TeacherError:  # the plan needs no weights: a layout can be planned before the checkpoints are here
+            print(describe(cfg, plan_config(cfg)[0]), flush=True)
+            raise
         plan, _ = plan_config(cfg)
         print(describe(cfg, plan), flush=True)
         if args.deep:

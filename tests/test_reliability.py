@@ -287,6 +287,20 @@ def test_dry_run_catches_missing_files(dry_run, world, tmp_path):
     assert code == 2 and "teacher 'gone'" in err and "does not exist" in err
 
 
+def test_dry_run_prints_the_memory_plan_even_when_teacher_files_are_missing(world, tmp_path, capsys):
+    """Planning a layout needs no weights: the plan first, then the error naming the missing teacher."""
+    from jobs import merge as merge_job
+
+    teachers = [world["teachers"][0], {"name": "gone", "source": str(tmp_path / "nowhere")}]
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config({**world, "teachers": teachers}, tmp_path / "out")))
+    code = merge_job.main(["--config", str(config), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "teacher 'gone'" in err and "does not exist" in err
+    assert "memory plan (per worker" in out and "full teacher UNets" in out and "total" in out
+    assert "OK:" not in out
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
