@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -316,7 +317,7 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     The store is `tracking_uri`, else the one already set (mlflow.set_tracking_uri or
     $MLFLOW_TRACKING_URI), else the default store `sqlite:///$DMM_HOME/mlflow.db`."""
     local = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+    if not is_mlflow_uri(uri):
         if not local.exists():
             raise FileNotFoundError(f"model path '{uri}' does not exist")
         return _find_pipeline_folder(local, uri)
@@ -329,13 +330,33 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
-    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="dmm-model-"))
+    made = dst is None
+    dst = Path(tempfile.mkdtemp(prefix="dmm-model-")) if made else Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as e:
+        if made:  # nothing of a failed download stays behind
+            shutil.rmtree(dst, ignore_errors=True)
         raise FileNotFoundError(f"could not resolve model URI '{uri}' with tracking URI '{mlflow.get_tracking_uri()}': {e}") from e
     return _find_pipeline_folder(path, uri)
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    """`models:/...`, `runs:/...` or any other URI MLflow downloads; a plain path is not."""
+    return "://" in uri or uri.startswith(("models:/", "runs:/"))
+
+
+@contextlib.contextmanager
+def local_model(uri: str | None, tracking_uri: str | None = None) -> Iterator[Path | None]:
+    """`resolve_model_uri` for a job: the model as a local folder for the length of the block. A local
+    path is used as it is; an MLflow URI is downloaded into a temporary folder that the end of the
+    block removes, errors included (a job never leaves a model copy in /tmp). None gives None."""
+    if uri is None or not is_mlflow_uri(uri):
+        yield None if uri is None else resolve_model_uri(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dmm-model-") as tmp:
+        yield resolve_model_uri(uri, dst=tmp, tracking_uri=tracking_uri)
 
 
 def _tracking_uri_is_set() -> bool:

@@ -21,7 +21,10 @@ from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="merged model folder or MLflow URI (models:/name/version); omit with --reference-only")
+    p.add_argument(
+        "--model",
+        help="merged model folder or MLflow URI (models:/name/version, read from --tracking-uri's store; downloaded into a temporary folder, removed when the job ends); omit with --reference-only",
+    )
     p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
     p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (a merge config: 'evaluation')")
@@ -62,14 +65,13 @@ def main(argv=None) -> int:
     cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
     check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
 
-    model_path = None
-    if args.model:
-        from dmm_ray.models.style_unet import merged_style_names
-        from dmm_ray.tracking import resolve_model_uri
+    from dmm_ray.models.style_unet import merged_style_names
+    from dmm_ray.tracking import local_model
 
-        model_path = resolve_model_uri(args.model)
-        merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
-    result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
+    with local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
+        if model_path is not None:
+            merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
+        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
         for name, row in zip(result.style_names, result.ref_matrix):

@@ -25,11 +25,13 @@ bad weights, not a merged model; nothing written), 3 written but MLflow logging 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged) "
-        "or an MLflow model URI models:/<name>/<version>",
+        "or an MLflow model URI models:/<name>/<version> (downloaded into a temporary folder, removed when the job ends)",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--style", help="one style, by name (or index) as the merged model lists them")
@@ -92,30 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, str | None, str | None]:
+@contextlib.contextmanager
+def resolve_model(model: str, tracking_uri: str | None = None) -> Iterator[tuple[Path, str | None, str | None]]:
     """(local folder, run id, tracking uri) for a folder or an MLflow models:/ URI (read from
-    `tracking_uri`, else the store already set, else sqlite:///$DMM_HOME/mlflow.db)."""
+    `tracking_uri`, else the store already set, else sqlite:///$DMM_HOME/mlflow.db), for the length of
+    the block: a downloaded model is removed at its end."""
     from dmm_ray.export import merge_record
+    from dmm_ray.tracking import local_model
 
     if model.startswith(("models:/", "runs:/")):
-        import mlflow
-        from mlflow import MlflowClient
-
-        from dmm_ray.tracking import resolve_model_uri
-
-        folder = Path(resolve_model_uri(model, tracking_uri=tracking_uri))
-        run_id = None
-        if model.startswith("runs:/"):
-            run_id = model.split("/")[1]
-        else:
-            name, _, version = model[len("models:/") :].partition("/")
-            client = MlflowClient()
-            mv = client.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else client.get_model_version(name, version)
-            run_id = mv.run_id
-        return folder, run_id, mlflow.get_tracking_uri()
+        with local_model(model, tracking_uri) as folder:
+            yield folder, *_registry_run(model)
+        return
     folder = Path(model).expanduser()
     record = merge_record(folder).get("mlflow") or {}
-    return folder, record.get("run_id"), record.get("tracking_uri")
+    yield folder, record.get("run_id"), record.get("tracking_uri")
+
+
+def _registry_run(model: str) -> tuple[str | None, str]:
+    """(run id, tracking uri) of a models:/ or runs:/ URI, from the store resolve_model set."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if model.startswith("runs:/"):
+        return model.split("/")[1], mlflow.get_tracking_uri()
+    name, _, version = model[len("models:/") :].partition("/")
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else client.get_model_version(name, version)
+    return mv.run_id, mlflow.get_tracking_uri()
 
 
 def log_to_mlflow(out: Path, config_dir: Path | None, metadata: dict, run_id: str, tracking_uri: str) -> None:
@@ -195,6 +201,11 @@ def _check_device(name: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_verbosity(args.verbose)
+    with contextlib.ExitStack() as stack:  # holds a downloaded models:/ copy until the export is done
+        return _export(args, stack)
+
+
+def _export(args, stack: contextlib.ExitStack) -> int:
     from dmm_ray.export import ExportError, bake, check_replaceable, export_pipeline, parse_weights, provenance, write_config_folder
     from dmm_ray.models.style_unet import StyleError, merged_style_names
     from dmm_ray.paths import check_writable_folder
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
     check_replaceable(out, fmt)
     _check_device(args.device)
     try:
-        folder, run_id, tracking_uri = resolve_model(args.model, args.tracking_uri)
+        folder, run_id, tracking_uri = stack.enter_context(resolve_model(args.model, args.tracking_uri))
     except Exception as exc:  # noqa: BLE001 - a missing registry entry, store, ...: say which
         print(f"error: cannot resolve --model {args.model}: {exc}", file=sys.stderr)
         return 2

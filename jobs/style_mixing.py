@@ -21,7 +21,9 @@ from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="merged model folder or models:/name/version")
+    p.add_argument(
+        "--model", required=True, help="merged model folder or models:/name/version (downloaded into a temporary folder, removed when the job ends)"
+    )
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--group", help="comma-separated styles to mix (Table 3), e.g. warm,cool,faded,bright")
     p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (default: OUT/weighted_merge; built there if missing)")
@@ -71,12 +73,10 @@ def main(argv=None) -> int:
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
-    from dmm_ray.evaluation.api import default_extractor
     from dmm_ray.evaluation.config import load_eval_config
-    from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
-    from dmm_ray.evaluation.sources import load_eval_setup, pipeline_folder_source, student_source, teacher_sources
+    from dmm_ray.evaluation.sources import load_eval_setup
     from dmm_ray.paths import check_writable_folder
-    from dmm_ray.tracking import resolve_model_uri
+    from dmm_ray.tracking import local_model
 
     setup = load_eval_setup(args.teachers)
     known = [t.name for t in setup.teachers]
@@ -84,12 +84,21 @@ def main(argv=None) -> int:
     pair = _styles("--sweep", args.sweep, known, count=2) if args.sweep else None
     check_writable_folder(args.out, "--out")
     cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
-    student = student_source(resolve_model_uri(args.model), cfg.dtype)
+    with local_model(args.model) as model_path:  # a models:/ download is removed afterwards
+        return _compare(args, cfg, setup, model_path, group, pair)
+
+
+def _compare(args, cfg, setup, model_path: Path, group, pair) -> int:
+    from dmm_ray.evaluation.api import default_extractor
+    from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
+    from dmm_ray.evaluation.sources import pipeline_folder_source, student_source, teacher_sources
+
+    student = student_source(model_path, cfg.dtype)
     if args.student_steps or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
         from dmm_ray.fast.job import OwnSampler
         from dmm_ray.pipeline import sampler_defaults
 
-        own = sampler_defaults(resolve_model_uri(args.model))
+        own = sampler_defaults(model_path)
         student.pipeline_factory = OwnSampler.factory(
             student.pipeline_factory,
             args.student_steps or own["num_inference_steps"],

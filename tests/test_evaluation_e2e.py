@@ -127,6 +127,28 @@ def test_evaluate_job_cli(world, capsys):
     assert stage.data.metrics["FIDt_ref"] == pytest.approx(data["FIDt_ref"])
 
 
+def test_evaluate_job_reads_a_logged_model_from_its_tracking_uri(world, tmp_path, monkeypatch, capsys):
+    """--model runs:/... is read from --tracking-uri's store (not the default one), and the download
+    is removed when the job ends."""
+    from mlflow import MlflowClient
+
+    from dmm_ray import tracking
+    from jobs import evaluate as job
+
+    store = f"sqlite:///{tmp_path}/logged.db"
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("logged", artifact_location=(tmp_path / "artifacts").as_uri()))
+    client.log_artifacts(run.info.run_id, str(world / "student"), "merged_model")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")  # a store without it
+    downloads = []
+    real = tracking.resolve_model_uri
+    monkeypatch.setattr(tracking, "resolve_model_uri", lambda *a, **kw: downloads.append(real(*a, **kw)) or downloads[-1])
+    args = ["--model", f"runs:/{run.info.run_id}/merged_model", "--tracking-uri", store, "--teachers", str(world / "zoo.yaml")]
+    rc = job.main(args + ["--no-ray", "--out", str(tmp_path / "out")] + _fast_eval(world))
+    assert rc == 0 and "FIDt" in capsys.readouterr().out
+    assert len(downloads) == 1 and downloads[0].name == "merged_model" and not downloads[0].exists()
+
+
 def test_evaluate_job_rejects_unknown_config_key(world, capsys):
     """A bad --set key is an error line naming the key (and the nearest known one), exit code 2, no traceback."""
     from jobs import evaluate as job

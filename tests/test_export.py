@@ -205,10 +205,11 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     assert "--out's folder " + str(out) + " is a file, not a folder" in capsys.readouterr().err
 
 
-def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_path, capsys):
+def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_path, capsys, monkeypatch):
     """--model models:/name/version: the folder comes from the registry, the export goes to its run."""
     from mlflow import MlflowClient
 
+    from dmm_ray import tracking
     from dmm_ray.export import read_metadata
     from dmm_ray.tracking import MergeTracker, TrackingConfig
     from jobs import export as job
@@ -221,7 +222,11 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
         run_id = run.info.run_id
     assert model_uri == "models:/tiny-merged/1"
     out = tmp_path / "pixel.safetensors"
+    downloads = []
+    real = tracking.resolve_model_uri
+    monkeypatch.setattr(tracking, "resolve_model_uri", lambda *a, **kw: downloads.append(real(*a, **kw)) or downloads[-1])
     assert job.main(["--model", model_uri, "--style", "pixel", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert len(downloads) == 1 and not downloads[0].exists()  # the registry's copy is gone once the export is written
     assert f"logged under run {run_id}" in capsys.readouterr().out
     md = read_metadata(out)
     assert md["dmm.merged_model"] == model_uri and md["dmm.merge_run_id"] == run_id and md["dmm.style"] == "pixel"

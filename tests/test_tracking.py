@@ -164,3 +164,47 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     images = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "neon"]}))
     assert len(images) == 2 and images[0].size == images[1].size
     assert StyleUNet.load_config(resolve_model_uri(uri, dst=tmp_path / "dl") / "unet")["style_names"] == ["ink", "neon"]
+
+
+def _logged_model(tmp_path) -> tuple[str, str]:
+    """(store, runs:/ URI) of a tiny pipeline folder logged as a run artifact, without touching
+    MLflow's global tracking URI."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    store = f"sqlite:///{tmp_path}/logged.db"
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("logged", artifact_location=(tmp_path / "artifacts").as_uri()))
+    client.log_artifacts(run.info.run_id, str(folder), "merged_model")
+    return store, f"runs:/{run.info.run_id}/merged_model"
+
+
+def test_local_model_removes_its_download_when_the_block_ends(tmp_path, monkeypatch):
+    """What the jobs use for --model models:/...: never a model copy left in /tmp, errors included."""
+    import tempfile
+
+    from dmm_ray.tracking import local_model
+
+    store, uri = _logged_model(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with local_model(uri, store) as folder:
+        assert (folder / "model_index.json").is_file() and tmp_path / "tmp" in folder.parents
+    assert not folder.exists() and not list((tmp_path / "tmp").iterdir())
+    with pytest.raises(RuntimeError, match="inside"):
+        with local_model(uri, store) as folder:
+            raise RuntimeError("inside the block")
+    assert not folder.exists()
+    with pytest.raises(FileNotFoundError, match="could not resolve"):
+        with local_model(uri.replace("merged_model", "nothing_there"), store):
+            pass
+    with pytest.raises(FileNotFoundError, match="could not resolve"):
+        resolve_model_uri(uri.replace("merged_model", "nothing_there"), tracking_uri=store)  # its own temp folder
+    assert not list((tmp_path / "tmp").iterdir())
+    with local_model(str(tmp_path / "model")) as folder:  # a local folder: used in place, kept
+        assert folder == tmp_path / "model"
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    with local_model(None) as folder:
+        assert folder is None
