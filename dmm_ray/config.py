@@ -20,6 +20,15 @@ from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
 
+def registered_name_problem(name: str) -> str | None:
+    """Why MLflow's registry would refuse `name` (its rule, `mlflow.utils.validation._validate_model_name`:
+    not empty, no '/' or ':'), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "a registered model name must be a non-empty string"
+    bad = [c for c in "/:" if c in name]
+    return f"{name!r} contains {' and '.join(repr(c) for c in bad)}, which MLflow's model registry does not allow in a name" if bad else None
+
+
 class TrackingConfig(BaseModel):
     """The `tracking:` section: where MLflow runs and the model registry live (dmm_ray/tracking.py logs there).
 
@@ -46,6 +55,13 @@ class TrackingConfig(BaseModel):
             data = dict(data)
             data["tracking_uri"] = data.pop("uri")
         return data
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _registrable(cls, name: str | None) -> str | None:
+        if name is not None and (problem := registered_name_problem(name)):
+            raise ValueError(problem)
+        return name
 
     @field_validator("tracking_uri", "registry_uri")
     @classmethod
@@ -277,8 +293,11 @@ class MergeConfig(_Section):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if isinstance(data.get("name"), (int, float)) and not isinstance(data["name"], bool):
+            data["name"] = str(data["name"])  # `name: 2024` (YAML reads a number) means the name "2024"
         if data.get("output_dir") is None:
-            data["output_dir"] = str(paths.outputs_dir(data.get("name") or cls.model_fields["name"].default))
+            name = data.get("name") if isinstance(data.get("name"), str) else None  # anything else: the field's own error
+            data["output_dir"] = str(paths.outputs_dir(name or cls.model_fields["name"].default))
         section = data.get("data")
         if isinstance(section, dict) and section.get("shards") is None:
             data["data"] = {**section, "shards": str(data["output_dir"]).rstrip("/") + "/latents"}
@@ -304,6 +323,9 @@ class MergeConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
+        if self.tracking.enabled and self.tracking.registered_model_name is not None:
+            if problem := registered_name_problem(self.tracking.registered_model_name):  # the merge's name, by default
+                raise ValueError(f"name / tracking.registered_model_name: {problem}; choose another name (or tracking.registered_model_name: null)")
         if not self.teachers:
             raise ValueError("teachers: give at least one teacher (or zoo: a zoo.yaml)")
         if self.student.base is None:
@@ -483,7 +505,7 @@ def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
         fix(tree if not name else tree.get(name), keys)
     if isinstance(tree.get("zoo"), str) and not is_zoo_preset(tree["zoo"]):
         tree["zoo"] = paths.resolve(tree["zoo"], base)
-    for teacher in tree.get("teachers") or []:
+    for teacher in tree["teachers"] if isinstance(tree.get("teachers"), list) else []:  # else: the model's own error
         fix(teacher, ("source", "base"))
     data = tree.get("data")
     if isinstance(data, dict) and isinstance(data.get("source"), dict):
@@ -595,7 +617,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(tree, *parse_override(text))
     resolve_tree_paths(tree, Path.cwd())  # what the file held is absolute by now: only overrides / extra change
-    if tree.get("zoo"):
+    if tree.get("zoo") and isinstance(tree["zoo"], str):  # anything else: the model's own error names it
         _zoo_defaults(tree, build=build_zoo)
     try:
         return MergeConfig.model_validate(tree)

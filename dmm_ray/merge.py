@@ -78,16 +78,20 @@ def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
 
 def check_writable_outputs(cfg: MergeConfig) -> None:
     """Before the tracker or Ray start: the merge's local output folder (a URI output_dir's staging
-    folder), the few-step stage's folder and the MLflow sqlite store can be written (dmm_ray.paths)."""
+    folder) and the few-step stage's folder can be written (dmm_ray.paths), and MLflow can open the
+    tracking store (dmm_ray.tracking.check_tracking)."""
     from dmm_ray import paths
 
     local, remote = output_location(cfg)
     paths.check_writable_folder(local, "output_dir" if remote is None else f"the local staging folder of output_dir {remote}")
     if cfg.fast.enabled and cfg.fast.output_dir:
         paths.check_writable_folder(cfg.fast.output_dir, "fast.output_dir")
-    db = paths.sqlite_path(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
-    if db is not None:
-        paths.check_writable_folder(db.parent, "the folder of tracking.tracking_uri's database")
+    if cfg.evaluation.enabled:  # written after minutes of training: say it now
+        paths.check_writable_folder(cfg.evaluation.output_dir, "evaluation.output_dir")
+        paths.check_writable_folder(cfg.evaluation.cache_dir, "evaluation.cache_dir")
+    from dmm_ray.tracking import check_tracking
+
+    check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
 
 
 def log(msg: str) -> None:
@@ -96,7 +100,8 @@ def log(msg: str) -> None:
 
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
-    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names."""
+    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, and
+    latent shards that are there or can be encoded (dmm_ray.data.latents.check_latents)."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
@@ -119,6 +124,9 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+    from dmm_ray.data.latents import check_latents
+
+    check_latents(cfg)
 
 
 def describe_layout(cfg: MergeConfig) -> str:

@@ -42,6 +42,67 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
 
 
+class TrackingError(ValueError):
+    """A tracking setting MLflow can never use (a store it cannot open, a name its registry refuses)."""
+
+
+def check_tracking_store(uri: str, setting: str) -> None:
+    """Before any work: a store this MLflow cannot open at all is a TrackingError naming `setting`: a
+    file store (a plain path or file://, which MLflow 3 refuses), an unknown scheme, a database whose
+    driver is not installed. Nothing is contacted or created: an sqlite store's folder is checked by
+    `paths.check_writable_folder`, and a server that does not answer now is an outage the tracker rides
+    out (BufferedMetricLogger), not a config error."""
+    from urllib.parse import urlparse
+
+    if uri.startswith("sqlite:"):
+        return
+    if urlparse(uri).scheme in ("", "file"):
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise TrackingError(
+                f"{setting} {uri!r} is a file store, which MLflow {_mlflow().__version__} refuses; use sqlite:///PATH/mlflow.db "
+                "(default: sqlite:///$DMM_HOME/mlflow.db) or an http(s) tracking server (or set MLFLOW_ALLOW_FILE_STORE=true)"
+            )
+        from dmm_ray.paths import check_writable_folder
+
+        check_writable_folder(urlparse(uri).path if uri.startswith("file:") else uri, setting)
+        return
+    try:  # what MlflowClient(uri) builds: a RestStore for http(s) contacts nothing yet
+        from mlflow.tracking._model_registry.utils import _get_store as registry_store
+        from mlflow.tracking._tracking_service.utils import _get_store as tracking_store
+    except ImportError:  # a later MLflow moved them: MLflow's own error will tell, at first use
+        return
+    for store in (tracking_store, registry_store):
+        try:
+            store(uri)
+        except Exception as error:  # noqa: BLE001 - any refusal: say which setting
+            text = " ".join(str(error).split())[:300] or type(error).__name__
+            raise TrackingError(f"{setting} {uri!r}: MLflow cannot open this store ({type(error).__name__}: {text})") from None
+
+
+def check_registered_name(name: str, setting: str) -> None:
+    """A name MLflow's model registry would refuse, as a TrackingError naming `setting`."""
+    from dmm_ray.config import registered_name_problem
+
+    if problem := registered_name_problem(name):
+        raise TrackingError(f"{setting}: {problem}")
+
+
+def check_tracking(tracking: TrackingConfig) -> None:
+    """Before any work, an enabled tracking section's store and registry: an sqlite database's folder
+    can be written (`paths.check_writable_folder`), any other store passes `check_tracking_store`."""
+    from dmm_ray.paths import check_writable_folder, sqlite_path
+
+    if not tracking.enabled:
+        return
+    for setting, uri in (("tracking.tracking_uri", tracking.tracking_uri), ("tracking.registry_uri", tracking.registry_uri)):
+        if uri is not None and (db := sqlite_path(uri)) is not None:
+            check_writable_folder(db.parent, f"the folder of {setting}'s database")
+        elif uri is not None:
+            check_tracking_store(uri, setting)
+
+
 def _mlflow():
     import mlflow
 

@@ -17,10 +17,13 @@ import os
 import sys
 import time
 
+from dmm_ray.console import cli_main
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@cli_main(interrupted="nothing was written under --out (the unfinished build is removed by the next one); the same command builds the zoo again")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -45,6 +48,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1 (leave it out for the default, 2), got {args.threads}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32) (NumPy's seed range), got {args.seed}")
+    if args.report_samples < 2:
+        parser.error(f"--report-samples must be at least 2 (a Fréchet distance needs a covariance), got {args.report_samples}")
 
     if args.quiet:  # also the libraries' own bars ("Writing model shards" when a text encoder is saved)
         from dmm_ray._quiet import no_loading_bars

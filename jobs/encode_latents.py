@@ -28,6 +28,7 @@ import sys
 
 from pydantic import ValidationError
 
+from dmm_ray.console import cli_main
 from dmm_ray.data.config import DataConfig
 from dmm_ray.overrides import ConfigError, add_set_argument, apply_override, config_error, parse_override, read_yaml_file
 
@@ -95,6 +96,7 @@ def build_config(args: argparse.Namespace) -> DataConfig:
         raise config_error(e, DataConfig, "data config") from None
 
 
+@cli_main(interrupted="the shards committed so far stay in --out; the same command resumes the encode")
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(interrupted="the statistics already computed stay in cache_dir; the same command reuses them")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_verbosity(args.verbose)
@@ -64,6 +64,14 @@ def main(argv=None) -> int:
         extra.append(f"output_dir={args.out}")
     cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
     check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
+    check_writable_folder(cfg.cache_dir, "cache_dir")
+    tracking = None
+    if args.track:
+        from dmm_ray.paths import default_tracking_uri
+        from dmm_ray.tracking import TrackingConfig, check_tracking
+
+        tracking = TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project)
+        check_tracking(tracking)
 
     from dmm_ray.models.style_unet import merged_style_names
     from dmm_ray.tracking import local_model
@@ -81,11 +89,10 @@ def main(argv=None) -> int:
     else:
         print(format_table(result))
         print(f"outputs: {Path(cfg.output_dir).resolve()}")
-    if args.track:
-        from dmm_ray.paths import default_tracking_uri
-        from dmm_ray.tracking import MergeTracker, TrackingConfig
+    if tracking is not None:
+        from dmm_ray.tracking import MergeTracker
 
-        tracker = MergeTracker(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project))
+        tracker = MergeTracker(tracking)
         with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
             if args.reference_only:
                 tracker.log_metrics({"FIDt_ref": result.fidt_ref})

@@ -60,11 +60,11 @@ def main(argv=None) -> int:
         update.update({k: record["name"] for k in ("project", "registered_model_name") if k not in cfg.tracking.model_fields_set})
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
     from dmm_ray.fast.job import fast_dir
-    from dmm_ray.paths import check_writable_folder, sqlite_path
+    from dmm_ray.paths import check_writable_folder
+    from dmm_ray.tracking import check_tracking
 
     check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
-    if cfg.tracking.enabled and sqlite_path(cfg.tracking.tracking_uri) is not None:
-        check_writable_folder(sqlite_path(cfg.tracking.tracking_uri).parent, "the folder of tracking.tracking_uri's database")
+    check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
     tracker = None
     if cfg.tracking.enabled:
         from dmm_ray.tracking import make_tracker

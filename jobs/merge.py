@@ -66,12 +66,13 @@ def main(argv=None) -> int:
     print(format_locations(cfg, "locations"), flush=True)
     check_writable_outputs(cfg)  # before the MLflow store or Ray exist
     if args.dry_run:
-        from dmm_ray.memory_plan import describe, plan_config
-        from dmm_ray.teachers import TeacherError
+        from dmm_ray.memory_plan import MemoryPlanError, describe, plan_config
 
         try:
-            validate_before_ray(cfg, deep=args.deep)  # a layout that does not fit is refused here, with its plan
-        except TeacherError:  # the plan needs no weights: a layout can be planned before the checkpoints are here
+            validate_before_ray(cfg, deep=args.deep)
+        except MemoryPlanError:  # a layout that does not fit: refused with its own plan
+            raise
+        except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here
             print(describe(cfg, plan_config(cfg)[0]), flush=True)
             raise
         plan, _ = plan_config(cfg)

@@ -32,6 +32,11 @@ def test_overrides_and_defaults(tmp_path):
         ("teachers.2.name=a", "duplicate names"),
         ("evaluation.imagez_per_prompt=3", "evaluation.imagez_per_prompt: Extra inputs are not permitted"),
         ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted"),
+        ("teachers=5", "teachers: Input should be a valid list (got 5)"),  # not a TypeError from path resolution
+        ("zoo=5", "zoo: Input should be a valid string (got 5)"),
+        ("name=true", "name: Input should be a valid string (got True)"),
+        ("name=team/a", "'team/a' contains '/', which MLflow's model registry does not allow"),  # the registered name, by default
+        ("tracking.registered_model_name=a:b", "'a:b' contains ':'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
@@ -231,3 +236,8 @@ def test_a_stage_worker_reads_one_typed_stage_config(tmp_path):
         StageConfig.model_validate({**spec.model_dump(mode="json"), "steps": 3})
     with pytest.raises(pydantic.ValidationError, match="stage"):
         StageConfig.model_validate({**spec.model_dump(mode="json"), "stage": "pretrain"})
+
+
+def test_a_number_as_name_is_that_name(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["name=2024"])  # YAML reads 2024 as a number
+    assert cfg.name == "2024" and cfg.output_dir.endswith("/outputs/2024") and cfg.tracking.registered_model_name == "2024"

@@ -149,6 +149,19 @@ def test_evaluate_job_reads_a_logged_model_from_its_tracking_uri(world, tmp_path
     assert len(downloads) == 1 and downloads[0].name == "merged_model" and not downloads[0].exists()
 
 
+def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, tmp_path, monkeypatch, capsys):
+    import dmm_ray.evaluation.api
+    from jobs import evaluate as job
+
+    monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", lambda *a, **kw: pytest.fail("nothing may be sampled"))
+    (tmp_path / "plainfile").write_text("")
+    args = ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--no-ray", "--out", str(tmp_path / "out")]
+    assert job.main(args + ["--set", f"cache_dir={tmp_path / 'plainfile'}"]) == 2
+    assert "cache_dir" in capsys.readouterr().err
+    assert job.main(args + ["--track", "--tracking-uri", str(tmp_path / "mlruns")]) == 2
+    assert "is a file store" in capsys.readouterr().err
+
+
 def test_evaluate_job_rejects_unknown_config_key(world, capsys):
     """A bad --set key is an error line naming the key (and the nearest known one), exit code 2, no traceback."""
     from jobs import evaluate as job

@@ -247,3 +247,51 @@ def test_jobs_answer_user_errors_with_one_line_and_exit_code_2(monkeypatch, caps
     monkeypatch.setenv("DMM_VERBOSE", "1")
     with pytest.raises(StyleError):
         job(StyleError("unknown style 'x'"))([])
+
+
+def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_path, capsys):
+    """build_zoo, encode_latents and evaluate run for minutes: a Ctrl-C prints what is kept and how
+    to go on, and exits 130, not a traceback."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import dmm_ray.data.encode
+    import dmm_ray.evaluation.api
+    import dmm_ray.ray_session
+    import dmm_ray.zoo.build
+    from jobs import build_zoo, encode_latents, evaluate
+
+    monkeypatch.setattr(dmm_ray.zoo.build, "build_zoo", interrupt)
+    assert build_zoo.main(["--size", "micro", "--out", str(tmp_path / "zoo"), "--quiet"]) == 130
+    assert "interrupted: nothing was written under --out" in capsys.readouterr().err
+
+    images = tmp_path / "images"
+    images.mkdir()
+    vae = tmp_path / "base" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text("{}")
+    monkeypatch.setattr(dmm_ray.ray_session, "ensure_ray", lambda *a, **kw: False)
+    monkeypatch.setattr(dmm_ray.data.encode, "run_encode", interrupt)
+    args = ["--source", "folder", "--root", str(images), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "shards")]
+    assert encode_latents.main(args) == 130
+    assert "interrupted: the shards committed so far stay in --out" in capsys.readouterr().err
+
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("base: base\nteachers: [{name: a, source: base}]\n")
+    monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", interrupt)
+    assert evaluate.main(["--reference-only", "--teachers", str(zoo), "--no-ray", "--out", str(tmp_path / "eval")]) == 130
+    assert "interrupted: the statistics already computed stay in cache_dir" in capsys.readouterr().err
+
+
+def test_build_zoo_refuses_a_seed_or_report_size_numpy_cannot_take_before_building(tmp_path, capsys):
+    from jobs import build_zoo
+
+    for flags, says in (
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--report", "--report-samples", "0"], "--report-samples must be at least 2"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            build_zoo.main(["--size", "micro", "--out", str(tmp_path / "zoo"), *flags])
+        assert info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()

@@ -301,6 +301,29 @@ def test_dry_run_prints_the_memory_plan_even_when_teacher_files_are_missing(worl
     assert "OK:" not in out
 
 
+def test_settings_that_would_fail_after_training_are_refused_before_anything_is_written(world, tmp_path, capsys):
+    """A tracking store MLflow cannot open, an unwritable evaluation cache, shards that are neither
+    there nor encodable: refused by --dry-run and by the merge itself, before Ray starts or the
+    output folder exists."""
+    from jobs import merge as merge_job
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "out")))
+    (tmp_path / "plainfile").write_text("")
+    cases = [
+        ("tracking.tracking_uri=mlruns", "tracking.tracking_uri 'mlruns' is a file store"),
+        (f"evaluation.cache_dir={tmp_path / 'plainfile'}", "evaluation.cache_dir"),  # the evaluation stage is off in the tiny config ...
+        (f"data.shards={tmp_path / 'nothing'}", "has no latents and data.source is not set"),
+    ]
+    for override, says in cases:
+        extra = ["--set", "evaluation.enabled=true"] if "evaluation" in override else []  # ... so switch it on
+        for flags in (["--dry-run"], []):
+            code = merge_job.main(["--config", str(config), "--set", override, *extra, *flags])
+            err = capsys.readouterr().err
+            assert code == 2 and says in err, (override, flags, err)
+            assert not (tmp_path / "out").exists()  # nothing written, no lock taken
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]

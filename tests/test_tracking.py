@@ -208,3 +208,26 @@ def test_local_model_removes_its_download_when_the_block_ends(tmp_path, monkeypa
     assert (tmp_path / "model" / "model_index.json").is_file()
     with local_model(None) as folder:
         assert folder is None
+
+
+def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeypatch):
+    """check_tracking_store: a file store (MLflow 3 refuses it), an unknown scheme; nothing contacted."""
+    from dmm_ray.tracking import TrackingError, check_registered_name, check_tracking, check_tracking_store
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("mlruns", str(tmp_path / "runs"), (tmp_path / "runs").as_uri()):
+        with pytest.raises(TrackingError, match="is a file store, which MLflow .* refuses; use sqlite:///"):
+            check_tracking_store(uri, "--tracking-uri")
+    with pytest.raises(TrackingError, match="--tracking-uri 'banana://x': MLflow cannot open this store"):
+        check_tracking_store("banana://x", "--tracking-uri")
+    check_tracking_store("http://127.0.0.1:9", "--tracking-uri")  # a server down now is an outage, ridden out later
+    check_tracking_store(f"sqlite:///{tmp_path}/mlflow.db", "--tracking-uri")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # nothing created
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out
+    check_tracking_store(str(tmp_path / "runs"), "--tracking-uri")
+    with pytest.raises(TrackingError, match="--registered-name: 'a/b' contains '/'"):
+        check_registered_name("a/b", "--registered-name")
+    with pytest.raises(ValueError, match="the folder of tracking.tracking_uri's database"):
+        (tmp_path / "file").write_text("")
+        check_tracking(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/file/mlflow.db"))
+    check_tracking(TrackingConfig(enabled=False, tracking_uri="banana://x"))  # tracking off: nothing to check

@@ -177,7 +177,7 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
         )
 
 
-def check_encode_inputs(cfg: DataConfig) -> None:
+def check_encode_inputs(cfg: DataConfig, shards_setting: str = "--out (shards)") -> None:
     """What can be checked before Ray starts (local paths only; URIs are read by their filesystem):
     a source, its image folder, a VAE folder, and an output folder this process can write."""
     from pathlib import Path
@@ -192,7 +192,7 @@ def check_encode_inputs(cfg: DataConfig) -> None:
     if not fsu.is_uri(vae) and not (Path(vae) / "config.json").is_file():
         what = "--vae" if cfg.vae else "--base"
         raise FileNotFoundError(f"{what}: no VAE at {vae} (missing config.json); give --base (a diffusers folder with vae/) or --vae")
-    check_writable_folder(cfg.shards, "--out (shards)")
+    check_writable_folder(cfg.shards, shards_setting)
 
 
 def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:

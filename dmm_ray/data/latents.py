@@ -6,16 +6,16 @@ from __future__ import annotations
 from dmm_ray.console import say
 
 
-def ensure_latents(cfg) -> None:
-    """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
-    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
+def check_latents(cfg, inputs: bool = True):
+    """`cfg`: a MergeConfig. What can be checked before Ray starts: the shard set's state
+    (dmm_ray.data.shards.shard_set_state, returned); one that is not complete must be encodable:
+    data.source set and (`inputs`) its image folder and VAE there, data.shards writable."""
+    from dmm_ray.data.encode import check_encode_inputs
     from dmm_ray.data.shards import shard_set_state
 
     state = shard_set_state(cfg.data.shards)
     if state.status == "complete":
-        say("merge", f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
-        check_enough_rows(cfg)
-        return
+        return state
     if cfg.data.source is None:
         if state.status == "partial":
             raise FileNotFoundError(
@@ -23,7 +23,21 @@ def ensure_latents(cfg) -> None:
                 "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set"
             )
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
+    if inputs:
+        check_encode_inputs(cfg.data, shards_setting="data.shards")
+    return state
+
+
+def ensure_latents(cfg) -> None:
+    """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
+    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
+    state = check_latents(cfg, inputs=False)  # run_encode checks its inputs itself
+    if state.status == "complete":
+        say("merge", f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
+        check_enough_rows(cfg)
+        return
     from dmm_ray.data.encode import run_encode
+    from dmm_ray.data.shards import shard_set_state
 
     if state.status == "partial":
         say(
