@@ -223,7 +223,10 @@ def scan_safetensors(path: str | os.PathLike, who: str, deep: bool = False) -> N
     truncated download fails here). `deep`: also read every tensor and fail on NaN/Inf values."""
     path = Path(path)
     if not path.is_file():
-        raise TeacherError(f"{who}: {path} does not exist")
+        what = (
+            "is a folder, not a .safetensors file (a diffusers folder: format diffusers, or leave format out)" if path.is_dir() else "does not exist"
+        )
+        raise TeacherError(f"{who}: {path} {what}")
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -304,6 +307,8 @@ def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = Fals
     has its config.json and its weights (every .safetensors header scanned, see `scan_safetensors`)."""
     folder = Path(folder)
     index_file = folder / "model_index.json"
+    if not folder.exists():
+        raise TeacherError(f"{who}: {folder} does not exist")
     if not index_file.is_file():
         raise TeacherError(f"{who}: {folder} is not a diffusers pipeline folder (no model_index.json)")
     try:

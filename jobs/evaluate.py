@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         print("error: give --model (a merged model) or --reference-only", file=sys.stderr)
         return 2
     setup = load_eval_setup(args.teachers)
+    from dmm_ray.teachers import check_teacher_files
+
+    check_teacher_files(setup.teachers)  # present and intact, each error naming its teacher, before any sampling
     extra = []
     if args.no_ray:
         extra.append("use_ray=false")

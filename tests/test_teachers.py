@@ -120,3 +120,28 @@ def test_checksum_tracks_content(teacher_files, tmp_path):
     assert a == b
     teacher_files["single_pipe"].save_pretrained(tmp_path / "copy")
     assert teacher_checksum(TeacherSpec(name="t", source=str(tmp_path / "copy"))) != a
+
+
+def test_file_checks_say_what_is_wrong_with_the_path(tiny_base_dir, tmp_path):
+    """A folder given as a single file, a diffusers folder that is not there: said as such."""
+    from dmm_ray.teachers import check_teacher_files
+
+    with pytest.raises(TeacherError, match="teacher 'f'.* is a folder, not a .safetensors file"):
+        check_teacher_files([TeacherSpec(name="f", source=str(tiny_base_dir), format="single_file", base=str(tiny_base_dir))])
+    with pytest.raises(TeacherError, match="teacher 'g'.*nowhere does not exist"):
+        check_teacher_files([TeacherSpec(name="g", source=str(tmp_path / "nowhere"), format="diffusers")])
+
+
+def test_zoo_manifest_errors_name_the_manifest_and_the_teacher(tmp_path):
+    from dmm_ray.config import ConfigError
+    from dmm_ray.evaluation.sources import load_eval_setup
+    from dmm_ray.zoo.manifest import load_zoo_manifest
+
+    (tmp_path / "zoo.yaml").write_text("teachers: 5\n")
+    with pytest.raises(ValueError, match="teachers must be a list of"):
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x, format: weird}]\n")
+    with pytest.raises(ConfigError, match=r"teachers\[0\] \(a\) of the zoo manifest in .*\n  format: Input should be"):
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x}]\n")
+    assert [t.name for t in load_eval_setup(tmp_path).teachers] == ["a"]  # --teachers: a zoo's folder is its zoo.yaml

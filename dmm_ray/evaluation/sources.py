@@ -100,8 +100,11 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
     """`--teachers` file: a zoo.yaml manifest, or a merge config (its teachers, or its zoo's, and its
     `evaluation:` section)."""
     path = Path(path)
+    if path.is_dir() and (path / "zoo.yaml").is_file():  # a zoo's folder: its manifest
+        path = path / "zoo.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"teachers file '{path}' not found (expected a zoo.yaml or a merge config)")
+        what = "is a folder without a zoo.yaml" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"teachers file '{path}' {what} (expected a zoo.yaml, its folder, or a merge config)")
     from dmm_ray.overrides import read_yaml_file
 
     data = read_yaml_file(path, "teachers file") or {}

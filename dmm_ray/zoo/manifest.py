@@ -33,6 +33,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict) or not data.get("teachers"):
         raise ValueError(f"'{path}' has no 'teachers' list")
+    if not isinstance(data["teachers"], list):
+        raise ValueError(f"'{path}': teachers must be a list of {{name, source, ...}} entries, got {data['teachers']!r}")
     for i, t in enumerate(data["teachers"]):
         if not isinstance(t, dict) or "name" not in t or "source" not in t:
             raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
@@ -42,14 +44,21 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def teacher_entries(manifest: dict, root: str | os.PathLike) -> list[dict]:
     """The manifest's teachers as TeacherSpec fields (zoo extras dropped), paths absolute under `root`;
     a LoRA or single-file teacher without its own `base` takes the zoo's."""
+    from pydantic import ValidationError
+
+    from dmm_ray.overrides import config_error
     from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
 
     out = []
-    for t in manifest["teachers"]:
+    for i, t in enumerate(manifest["teachers"]):  # a list of mappings: read_manifest checked it
         fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}
         if not fields.get("base") and manifest.get("base") and fields.get("format") in ("lora", "single_file"):
             fields["base"] = manifest["base"]
-        out.append(TeacherSpec(**fields).resolve_paths(root).model_dump(exclude_unset=True))
+        try:
+            spec = TeacherSpec(**fields)
+        except ValidationError as error:  # one line per problem, naming the manifest and the teacher
+            raise config_error(error, TeacherSpec, f"teachers[{i}] ({t.get('name', '?')}) of the zoo manifest in {root}") from None
+        out.append(spec.resolve_paths(root).model_dump(exclude_unset=True))
     return out
 
 
