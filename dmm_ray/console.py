@@ -23,6 +23,13 @@ def add_verbose_argument(parser) -> None:
     )
 
 
+def refuse_empty(parser, args, *names: str) -> None:
+    """`--out ""` and the like (an unset shell variable) would silently mean the default: refuse them."""
+    for name in names:
+        if getattr(args, name, None) is not None and not str(getattr(args, name)).strip():
+            parser.error(f"--{name.replace('_', '-')} is empty; give a value or leave the option out")
+
+
 def set_verbosity(verbose: bool) -> None:
     """A job's driver: `--verbose` (or DMM_VERBOSE=1, which Ray workers inherit) keeps every notice;
     else the driver loads and registers models without per-file progress bars."""

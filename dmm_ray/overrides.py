@@ -88,6 +88,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. distill.steps=10")
     key, value = text.split("=", 1)
+    if not key.strip() or "" in [part.strip() for part in key.split(".")]:
+        raise ConfigError(f"--set {text!r}: the key is empty or has an empty part; expected key.path=value, e.g. distill.steps=10")
     try:
         return key.strip().split("."), yaml.safe_load(value)
     except yaml.YAMLError as error:

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main(interrupted="the statistics already computed stay in cache_dir; the same command reuses them")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
+    if args.section and not args.config:
+        parser.error("--section names a key of --config; give --config too")
     set_verbosity(args.verbose)
     from dmm_ray.evaluation.api import evaluate_merge
     from dmm_ray.evaluation.config import load_eval_config

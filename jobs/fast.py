@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         help="discard the training state in the output folder (a run from another model or with other settings) and train from the start",
     )
     args = parser.parse_args(argv)
+    refuse_empty(parser, args, "model", "config", "output_dir")
     set_verbosity(args.verbose)
     config = args.config or str(DEFAULT_CONFIG)
 

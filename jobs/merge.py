@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         "NaN/Inf, naming the teacher, file and tensor (reads all the weights: minutes on real checkpoints)",
     )
     args = parser.parse_args(argv)
+    refuse_empty(parser, args, "config")
     set_verbosity(args.verbose)
     if args.deep and not args.dry_run:
         parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")

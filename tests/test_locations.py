@@ -259,6 +259,7 @@ def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_pa
     import dmm_ray.data.encode
     import dmm_ray.evaluation.api
     import dmm_ray.ray_session
+    import dmm_ray.teachers
     import dmm_ray.zoo.build
     from jobs import build_zoo, encode_latents, evaluate
 
@@ -280,6 +281,7 @@ def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_pa
     zoo = tmp_path / "zoo.yaml"
     zoo.write_text("base: base\nteachers: [{name: a, source: base}]\n")
     monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", interrupt)
+    monkeypatch.setattr(dmm_ray.teachers, "check_teacher_files", lambda *a, **kw: None)  # the fake teacher has no weights
     assert evaluate.main(["--reference-only", "--teachers", str(zoo), "--no-ray", "--out", str(tmp_path / "eval")]) == 130
     assert "interrupted: the statistics already computed stay in cache_dir" in capsys.readouterr().err
 
@@ -295,3 +297,30 @@ def test_build_zoo_refuses_a_seed_or_report_size_numpy_cannot_take_before_buildi
             build_zoo.main(["--size", "micro", "--out", str(tmp_path / "zoo"), *flags])
         assert info.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_an_empty_option_is_refused_not_read_as_the_default(capsys):
+    """`--out "$UNSET"` would silently write to the default folder: every job refuses an empty value."""
+    from jobs import build_zoo, evaluate, fast, merge
+
+    for job, argv, flag in (
+        (merge, ["--config", "", "--dry-run"], "--config"),
+        (fast, ["--model", "", "--no-eval"], "--model"),
+        (evaluate, ["--reference-only", "--teachers", "zoo.yaml", "--out", " "], "--out"),
+        (build_zoo, ["--out", ""], "--out"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            job.main(argv)
+        assert info.value.code == 2 and f"{flag} is empty" in capsys.readouterr().err, job
+    with pytest.raises(SystemExit):
+        evaluate.main(["--reference-only", "--teachers", "zoo.yaml", "--section", "evaluation"])
+    assert "--section names a key of --config; give --config too" in capsys.readouterr().err
+
+
+def test_an_override_with_an_empty_key_is_refused():
+    from dmm_ray.overrides import ConfigError, parse_override
+
+    for text in ("=5", "distill.=5", ".steps=5"):
+        with pytest.raises(ConfigError, match="the key is empty or has an empty part"):
+            parse_override(text)
+    assert parse_override("distill.steps=5") == (["distill", "steps"], 5)
