@@ -36,8 +36,12 @@ def recorded_teachers(merged_dir: str | Path) -> list | None:
     return [TeacherSpec.model_validate(t) for t in read_record(merged_dir).get("teachers") or []]
 
 
-def save_siblings(dest: Path) -> tuple[Path, Path]:
-    """(`merged.tmp`, `merged.old`): where a save writes the new model and parks the previous one."""
+def save_siblings(dest: Path, tag: str | None = None) -> tuple[Path, Path]:
+    """(`merged.tmp`, `merged.old`): where a save writes the new model and parks the previous one.
+    `tag`: hidden names only that kind of save uses (`.wm.weighted-merge.tmp`), for a folder the user
+    names, beside which a `wm.tmp` of theirs may exist."""
+    if tag:
+        return dest.with_name(f".{dest.name}.{tag}.tmp"), dest.with_name(f".{dest.name}.{tag}.old")
     return dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
 
 
@@ -48,10 +52,10 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def swap_in(tmp: Path, dest: Path) -> None:
+def swap_in(tmp: Path, dest: Path, tag: str | None = None) -> None:
     """dest -> dest.old, tmp -> dest, drop dest.old. A crash between the two renames leaves no `dest`
     but a complete `dest.old`, which `recover` (at the start of every merge) renames back."""
-    _, old = save_siblings(dest)
+    _, old = save_siblings(dest, tag)
     if dest.exists():
         if old.exists():
             remove(old)
@@ -61,15 +65,16 @@ def swap_in(tmp: Path, dest: Path) -> None:
         remove(old)
 
 
-def recover(dest: Path) -> list[str]:
-    """Undo a save of the merged model that was interrupted (see `swap_in`): `merged` missing but
-    `merged.old` there -> rename it back; then remove leftover `merged.tmp` / `merged.old`. Returns
-    what it did. Call only while holding output_dir's lock (no save can be under way)."""
-    tmp, old = save_siblings(dest)
+def recover(dest: Path, tag: str | None = None, marker: str | None = None) -> list[str]:
+    """Undo a save that was interrupted (see `swap_in`): `merged` missing but `merged.old` there (with
+    `marker`, a file a complete model holds) -> rename it back; then remove leftover `merged.tmp` /
+    `merged.old`. Returns what it did. Call only while no save of `dest` can be under way (the merge:
+    holding output_dir's lock)."""
+    tmp, old = save_siblings(dest, tag)
     done = []
-    if not dest.exists() and old.is_dir():
+    if not dest.exists() and old.is_dir() and (marker is None or (old / marker).is_file()):
         os.replace(old, dest)
-        done.append(f"restored {dest} from {old.name} (a save of the merged model was interrupted between its two renames)")
+        done.append(f"restored {dest} from {old.name} (a save was interrupted between its two renames)")
     for stale in (tmp, old):
         if stale.exists() or stale.is_symlink():
             remove(stale)

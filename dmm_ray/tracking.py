@@ -89,14 +89,15 @@ def check_registered_name(name: str, setting: str) -> None:
         raise TrackingError(f"{setting}: {problem}")
 
 
-def check_tracking(tracking: TrackingConfig) -> None:
+def check_tracking(tracking: TrackingConfig, uri_setting: str = "tracking.tracking_uri") -> None:
     """Before any work, an enabled tracking section's store and registry: an sqlite database's folder
-    can be written (`paths.check_writable_folder`), any other store passes `check_tracking_store`."""
+    can be written (`paths.check_writable_folder`), any other store passes `check_tracking_store`.
+    `uri_setting`: how errors name the store (a job's flag, e.g. --tracking-uri)."""
     from dmm_ray.paths import check_writable_folder, sqlite_path
 
     if not tracking.enabled:
         return
-    for setting, uri in (("tracking.tracking_uri", tracking.tracking_uri), ("tracking.registry_uri", tracking.registry_uri)):
+    for setting, uri in ((uri_setting, tracking.tracking_uri), ("tracking.registry_uri", tracking.registry_uri)):
         if uri is not None and (db := sqlite_path(uri)) is not None:
             check_writable_folder(db.parent, f"the folder of {setting}'s database")
         elif uri is not None:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         from dmm_ray.tracking import TrackingConfig, check_tracking
 
         tracking = TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project)
-        check_tracking(tracking)
+        check_tracking(tracking, "--tracking-uri")
 
     from dmm_ray.models.style_unet import merged_style_names
     from dmm_ray.tracking import local_model

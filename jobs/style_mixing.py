@@ -13,10 +13,31 @@ group teacher and to their union. Fig. 10: --sweep A,B interpolates A -> B with 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a number of sampling steps >= 1, e.g. 4") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a number of sampling steps; give 1 or more, e.g. 4")
+    return n
+
+
+def _guidance(text: str) -> float:
+    try:
+        g = float(text)
+    except ValueError:
+        g = math.nan
+    if not math.isfinite(g) or g < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CFG scale; give a number >= 0, e.g. 1 (CFG off) or 5")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--group", help="comma-separated styles to mix (Table 3), e.g. warm,cool,faded,bright")
-    p.add_argument("--weighted-merge", help="weighted-merge folder of the same group (default: OUT/weighted_merge; built there if missing)")
+    p.add_argument(
+        "--weighted-merge",
+        help="weighted-merge folder of the same group at equal weights (jobs/weighted_merge.py --out; built here if missing or empty; "
+        "one of other teachers or weights is refused). Default: OUT/weighted_merge, built there, and rebuilt when it holds another mix",
+    )
     p.add_argument(
         "--score-ensemble",
         action="store_true",
@@ -40,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument(
         "--student-steps",
-        type=int,
+        type=_positive_int,
         help="sample the model (not the teachers) with this many steps, e.g. 4 for a "
         "few-step model (jobs/fast.py); default: the evaluation sampler's",
     )
     p.add_argument(
-        "--student-guidance", type=float, help="the model's CFG scale with --student-steps (default: the model's own: 1 for a few-step model)"
+        "--student-guidance", type=_guidance, help="the model's CFG scale with --student-steps (default: the model's own: 1 for a few-step model)"
     )
     add_verbose_argument(p)
     return p
@@ -66,7 +91,45 @@ def _styles(option: str, text: str, known: list[str], count: int | None = None) 
     return names
 
 
-@cli_main
+def _weighted_merge_plan(args, group_specs) -> tuple[Path, str | None]:
+    """(folder, why it is built) of the group's weighted merge, before any model is loaded; why is None
+    when the folder already holds the group's merge at equal weights (reused). An explicit
+    --weighted-merge of another mix, or one without a record, is refused (it is not ours to replace);
+    the default OUT/weighted_merge is rebuilt when it holds another mix or is incomplete."""
+    from dmm_ray.baselines.weighted_merge import RECORD, MergeMismatchError, check_output, merge_mismatch, read_record
+    from dmm_ray.paths import OutputPathError, expand
+
+    group = ",".join(s.name for s in group_specs)
+    if args.weighted_merge:
+        folder = Path(expand(args.weighted_merge))
+        if folder.exists() and not folder.is_dir():
+            raise OutputPathError(
+                f"--weighted-merge {folder} is a file, not a folder; give the folder of the group's weighted merge "
+                "(jobs/weighted_merge.py --out) or a new folder to build it in"
+            )
+        if (folder / "model_index.json").is_file():
+            why = merge_mismatch(folder, group_specs)
+            if why:
+                raise MergeMismatchError(
+                    f"--weighted-merge {folder} is not the weighted merge of --group {group} at equal weights: {why}; "
+                    f"give that group's weighted merge (jobs/weighted_merge.py --names {group} --out DIR), or a new folder to build it in"
+                )
+            return folder, None
+        check_output(folder, "--weighted-merge")
+        return folder, "--weighted-merge has no model yet"
+    folder = Path(expand(args.out)) / "weighted_merge"
+    why = merge_mismatch(folder, group_specs) if (folder / "model_index.json").is_file() else "none there yet"
+    if why and folder.is_dir() and any(folder.iterdir()) and read_record(folder) is None:
+        raise OutputPathError(
+            f"--out {args.out}: {folder} holds files but no {RECORD}, so it is not a weighted merge this job may reuse or replace; "
+            "move it away, or give another --out (or --weighted-merge DIR)"
+        )
+    if why:
+        check_output(folder, "--out's weighted_merge folder")  # an earlier weighted merge is replaced
+    return folder, why
+
+
+@cli_main(interrupted="finished FID statistics stay cached and a complete weighted merge stays in its folder; re-run the same command to go on")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_verbosity(args.verbose)
@@ -83,25 +146,27 @@ def main(argv=None) -> int:
     group = _styles("--group", args.group, known) if args.group else None
     pair = _styles("--sweep", args.sweep, known, count=2) if args.sweep else None
     check_writable_folder(args.out, "--out")
+    specs = {s.name: s for s in setup.teachers}
+    wm_plan = _weighted_merge_plan(args, [specs[g] for g in group]) if group else None
     cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
     with local_model(args.model) as model_path:  # a models:/ download is removed afterwards
-        return _compare(args, cfg, setup, model_path, group, pair)
+        return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 
 
-def _compare(args, cfg, setup, model_path: Path, group, pair) -> int:
+def _compare(args, cfg, setup, model_path: Path, group, pair, wm_plan=None) -> int:
     from dmm_ray.evaluation.api import default_extractor
     from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
     from dmm_ray.evaluation.sources import pipeline_folder_source, student_source, teacher_sources
 
     student = student_source(model_path, cfg.dtype)
-    if args.student_steps or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
+    if args.student_steps is not None or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
         from dmm_ray.fast.job import OwnSampler
         from dmm_ray.pipeline import sampler_defaults
 
         own = sampler_defaults(model_path)
         student.pipeline_factory = OwnSampler.factory(
             student.pipeline_factory,
-            args.student_steps or own["num_inference_steps"],
+            own["num_inference_steps"] if args.student_steps is None else args.student_steps,
             own["guidance_scale"] if args.student_guidance is None else args.student_guidance,
         )
     teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}
@@ -109,11 +174,14 @@ def _compare(args, cfg, setup, model_path: Path, group, pair) -> int:
     extractor = default_extractor(cfg)
     out = Path(args.out)
     if group:
-        wm_dir = Path(args.weighted_merge or out / "weighted_merge")
-        if not (wm_dir / "model_index.json").is_file():
+        wm_dir, why = wm_plan
+        if why:
             from dmm_ray.baselines.weighted_merge import weighted_merge_teachers
 
-            weighted_merge_teachers([specs[g] for g in group], None, wm_dir)
+            print(f"building the weighted merge of {group} at equal weights in {wm_dir} ({why})", flush=True)
+            weighted_merge_teachers([specs[g] for g in group], None, wm_dir, setting="--weighted-merge" if args.weighted_merge else "--out")
+        else:
+            print(f"using the weighted merge of {group} at equal weights in {wm_dir}", flush=True)
         references = {}
         if args.score_ensemble:
             from dmm_ray.evaluation.sources import score_ensemble_source

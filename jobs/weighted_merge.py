@@ -35,7 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+def _check_tracking(args) -> None:
+    """--track: the store and the registered name, checked before any teacher is loaded (MLflow would
+    refuse them only after the merge was written)."""
+    from dmm_ray.paths import default_tracking_uri
+    from dmm_ray.tracking import TrackingConfig, check_registered_name, check_tracking
+
+    check_registered_name(args.registered_name, "--registered-name")
+    check_tracking(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri()), "--tracking-uri")
+
+
+@cli_main(interrupted="--out keeps the previous weighted merge (if any) until a complete new one replaces it; re-run the same command")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_verbosity(args.verbose)
@@ -43,11 +53,21 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.sources import load_eval_setup
 
     check_output(args.out, "--out")  # before a teacher is loaded
+    if args.track:
+        _check_tracking(args)
 
     specs = load_eval_setup(args.teachers).teachers
-    names = _csv(args.names)
-    if names:
-        known = {s.name: s for s in specs}
+    known = {s.name: s for s in specs}
+    if args.names is not None:
+        names = _csv(args.names)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if not names or twice:
+            problem = f"lists {twice} more than once" if twice else "is empty"
+            print(
+                f"error: --names {args.names!r} {problem}; give each teacher once, comma-separated, from {list(known)} (or leave --names out to merge all)",
+                file=sys.stderr,
+            )
+            return 2
         unknown = [n for n in names if n not in known]
         if unknown:
             print(f"error: unknown teacher(s) {unknown}; known: {list(known)}", file=sys.stderr)
@@ -58,7 +78,7 @@ def main(argv=None) -> int:
     except (MergeWeightsError, ValueError) as e:
         print(f"error: --weights {args.weights}: {e}", file=sys.stderr)
         return 2
-    out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder)
+    out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder, setting="--out")
     print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
     if args.track:
         from dmm_ray.paths import default_tracking_uri

@@ -2,6 +2,7 @@
 distill.mixture_fraction as a pipeline, and its row in the Table 3 mixing study."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,109 @@ def test_style_mixing_cli_checks_styles_and_out_before_any_image(teachers, tmp_p
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert re.search(message if extra[-1].endswith("f") else re.escape(message), err), err
+
+
+def _mixing_world(specs, other, tmp_path):
+    """zoo.yaml of ink, neon and other; a tiny student; the fast --set options."""
+    import yaml
+
+    zoo = {"base": specs[0].source, "eval_prompts": str(tmp_path / "prompts.txt")}
+    zoo["teachers"] = [{"name": s.name, "format": "diffusers", "source": s.source, "description": "toy"} for s in (*specs, other)]
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(zoo))
+    c = tiny_sd_components(seed=0)
+    DMMPipeline.from_components(
+        StyleUNet.from_unet(c["unet"], [*NAMES, "other"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    ).save_pretrained(tmp_path / "student")
+    sets = ["sampler.num_inference_steps=2", "images_per_prompt=1", f"cache_dir={tmp_path / 'cache'}", "extractor.kind=import"]
+    sets += ["extractor.path=eval_helpers:SeededConvExtractor"]
+    return ["--model", str(tmp_path / "student"), "--teachers", str(tmp_path / "zoo.yaml"), "--no-ray"] + [a for s in sets for a in ("--set", s)]
+
+
+def test_style_mixing_uses_only_the_groups_weighted_merge(teachers, tmp_path, capsys, monkeypatch):
+    """QA: OUT/weighted_merge of another group was reused (wrong Table-3 numbers, exit 0). The default
+    folder is rebuilt when its record is another mix, and reused when it is the group's; an explicit
+    --weighted-merge of another mix, or without a record, is refused (exit 2, both groups named)."""
+    from dmm_ray.baselines import weighted_merge as wm
+    from dmm_ray.baselines.weighted_merge import read_record, weighted_merge_teachers
+    from dmm_ray.evaluation import mixing
+    from jobs.style_mixing import main
+
+    _, specs, other = teachers
+    base = _mixing_world(specs, other, tmp_path)
+    used = []
+
+    class Result:  # the FID study itself is tested above; here only which folder it samples
+        def format_table(self):
+            return "table"
+
+        def write(self, out):
+            return out
+
+    def fake_comparison(student, teachers, group, weighted_merge, *a, **k):
+        folder = Path(weighted_merge.pipeline_factory.args[0])
+        used.append((read_record(folder)["teachers"], read_record(folder)["weights"]))
+        return Result()
+
+    monkeypatch.setattr(mixing, "mixing_comparison", fake_comparison)
+    out = tmp_path / "mix"
+    weighted_merge_teachers([specs[0], other], None, out / "weighted_merge")  # an earlier run's, of another group
+    assert main(base + ["--group", ",".join(NAMES), "--out", str(out)]) == 0
+    assert used[-1] == (NAMES, [0.5, 0.5])
+    assert "(it merges {ink: 0.5, other: 0.5}, not {ink: 0.5, neon: 0.5})" in capsys.readouterr().out
+    assert read_record(out / "weighted_merge")["teachers"] == NAMES
+
+    monkeypatch.setattr(wm, "weighted_merge_teachers", lambda *a, **k: pytest.fail("rebuilt the group's own weighted merge"))
+    assert main(base + ["--group", ",".join(reversed(NAMES)), "--out", str(out)]) == 0  # the same mix, in another order
+    assert used[-1] == (NAMES, [0.5, 0.5]) and "using the weighted merge" in capsys.readouterr().out
+
+    n = len(used)
+    explicit = ["--group", "ink,other", "--weighted-merge", str(out / "weighted_merge"), "--out", str(tmp_path / "mix2")]
+    assert main(base + explicit) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        r"^error: --weighted-merge .*/mix/weighted_merge is not the weighted merge of --group ink,other at equal weights: "
+        r"it merges \{ink: 0.5, neon: 0.5\}, not \{ink: 0.5, other: 0.5\}; give that group's weighted merge",
+        err,
+    ), err
+    (out / "weighted_merge" / "weighted_merge.json").unlink()
+    assert main(base + explicit[:-2]) == 2
+    assert "it has no weighted_merge.json, so which teachers it merges is unknown" in capsys.readouterr().err
+    (tmp_path / "plainfile").write_text("x")
+    assert main(base + ["--group", ",".join(NAMES), "--weighted-merge", str(tmp_path / "plainfile")]) == 2
+    assert re.match(
+        r"error: --weighted-merge .*/plainfile is a file, not a folder; give the folder of the group's weighted merge", capsys.readouterr().err
+    )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert main(base + ["--group", ",".join(NAMES), "--weighted-merge", str(tmp_path / "notes")]) == 2
+    assert re.match(r"error: --weighted-merge .*/notes holds other files and is not an earlier weighted merge", capsys.readouterr().err)
+    assert len(used) == n  # refused before any image
+
+
+def test_style_mixing_checks_numbers_at_parse_time_and_answers_ctrl_c(teachers, tmp_path, capsys, monkeypatch):
+    """--student-steps 0 was silently ignored, -3 failed after the teachers were sampled: argparse
+    refuses them (exit 2, naming the flag); Ctrl-C is one `interrupted:` line and exit 130."""
+    from dmm_ray.evaluation import sources
+    from jobs.style_mixing import main
+
+    base = ["--model", "never-loaded", "--teachers", "never-read.yaml", "--group", ",".join(NAMES)]
+    for flag, value, message in (
+        ("--student-steps", "0", "0 is not a number of sampling steps; give 1 or more"),
+        ("--student-steps", "-3", "-3 is not a number of sampling steps"),
+        ("--student-steps", "2.5", "'2.5' is not a whole number"),
+        ("--student-guidance", "nan", "'nan' is not a CFG scale; give a number >= 0"),
+        ("--student-guidance", "-1", "'-1' is not a CFG scale"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(base + [flag, value])
+        assert stop.value.code == 2
+        assert f"error: argument {flag}: {message}" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "load_eval_setup", interrupted)
+    assert main(base) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: finished FID statistics stay cached") and "\n" not in err, err

@@ -93,3 +93,168 @@ def test_weighted_merge_job_never_writes_over_another_model(tmp_path, capsys):
     (tmp_path / "earlier" / RECORD).write_text("{}")
     check_output(tmp_path / "earlier")  # an earlier weighted merge is replaced; so is an empty or new folder
     check_output(tmp_path / "new")
+
+
+# --- the job on disk: tiny teachers in a zoo.yaml ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Three tiny diffusers teachers (a, b share seed 0's VAE/text encoder; c is seed 1) and their zoo.yaml."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("wmzoo")
+    for name, seed in (("a", 0), ("b", 2), ("c", 1)):
+        StableDiffusionPipeline(**tiny_sd_components(seed=seed)).save_pretrained(root / name)
+    teachers = [{"name": n, "format": "diffusers", "source": str(root / n), "description": "toy"} for n in "abc"]
+    (root / "zoo.yaml").write_text(yaml.safe_dump({"base": str(root / "a"), "teachers": teachers}))
+    return root / "zoo.yaml"
+
+
+def _specs(zoo, names):
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    known = {s.name: s for s in load_eval_setup(zoo).teachers}
+    return [known[n] for n in names]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_weighted_merge_job_refuses_empty_and_repeated_names(zoo, tmp_path, capsys, monkeypatch):
+    """--names "" used to merge every teacher, --names a,a to 'merge' a with itself: both exit 2 before any merge."""
+    from dmm_ray.baselines import weighted_merge as wm
+    from jobs import weighted_merge as job
+
+    monkeypatch.setattr(wm, "weighted_merge_teachers", lambda *a, **k: pytest.fail("merged despite bad --names"))
+    for names, message in (("", "--names '' is empty"), (" , ", "--names ' , ' is empty"), ("a,b,a", "--names 'a,b,a' lists ['a'] more than once")):
+        assert job.main(["--teachers", str(zoo), "--names", names, "--out", str(tmp_path / "wm")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}; give each teacher once") and "['a', 'b', 'c']" in err and "Traceback" not in err, err
+    assert not (tmp_path / "wm").exists()
+
+
+def test_failed_save_leaves_the_previous_merge_as_it_was(zoo, tmp_path, monkeypatch):
+    """diffusers only logs some save failures (a component it cannot write is skipped): the new merge is
+    written beside --out, checked complete, and only then swapped in; a save that fails or leaves a
+    component out raises and leaves the previous merge byte for byte, with no leftovers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dmm_ray.baselines.weighted_merge import RECORD, MergeSaveError, read_record, weighted_merge_teachers
+
+    out = tmp_path / "wm"
+    assert weighted_merge_teachers(_specs(zoo, ["a", "c"]), [0.25, 0.75], out) == out
+    before = _snapshot(out)
+    assert read_record(out)["teachers"] == ["a", "c"] and "vae/diffusion_pytorch_model.safetensors" in before
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", lambda self, *a, **k: None)  # "logged", not written
+    with pytest.raises(MergeSaveError, match=r"saving the weighted merge failed: .*vae.*; .*/wm was left as it was"):
+        weighted_merge_teachers(_specs(zoo, ["a", "b"]), None, out)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wm"]  # the half-written sibling is gone
+    monkeypatch.undo()
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        weighted_merge_teachers(_specs(zoo, ["a", "b"]), None, out)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["wm"]
+    monkeypatch.undo()
+    assert (out / RECORD).is_file()
+
+
+def test_weighted_merge_job_replaces_a_broken_earlier_merge_whole(zoo, tmp_path, capsys):
+    """QA: --out's vae replaced by a file used to be 'saved' with rc 0 and no VAE; now the new merge is a
+    fresh folder swapped in. A save interrupted between its two renames is put back first."""
+    from dmm_ray.baselines.weighted_merge import RECORD, SAVE_TAG, read_record
+    from dmm_ray.merged_model import recover, save_siblings
+    from dmm_ray.teachers import check_pipeline_folder
+    from jobs import weighted_merge as job
+
+    out = tmp_path / "wm"
+    args = ["--teachers", str(zoo), "--names", "a,b", "--out", str(out)]
+    assert job.main(args) == 0
+    import shutil
+
+    shutil.rmtree(out / "vae")
+    (out / "vae").write_text("not a folder")
+    assert job.main(args + ["--weights", "0.3,0.7"]) == 0
+    check_pipeline_folder(out, "test")  # every component, with its weights
+    assert read_record(out)["weights"] == [0.3, 0.7]
+    capsys.readouterr()
+
+    tmp, old = save_siblings(out, SAVE_TAG)
+    out.rename(old)  # killed between the two renames: no --out, the previous merge parked beside a half-written one
+    tmp.mkdir()
+    (tmp / "half").write_text("x")
+    recover(out, SAVE_TAG, marker=RECORD)
+    assert read_record(out)["weights"] == [0.3, 0.7] and not tmp.exists() and not old.exists()
+    out.rename(old)
+    tmp.mkdir()
+    (tmp / "half").write_text("x")
+    assert job.main(["--teachers", str(zoo), "--names", "a,c", "--out", str(out)]) == 0
+    assert read_record(out)["teachers"] == ["a", "c"] and not tmp.exists() and not old.exists()
+    assert not (out / "half").exists()
+
+
+def test_weighted_merge_job_checks_tracking_settings_before_the_merge(zoo, tmp_path, capsys, monkeypatch):
+    """--track with a store MLflow cannot open or a name its registry refuses: exit 2 naming the option,
+    before a teacher is loaded (it used to be a traceback after the merge was written)."""
+    from dmm_ray.baselines import weighted_merge as wm
+    from jobs import weighted_merge as job
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setattr(wm, "weighted_merge_teachers", lambda *a, **k: pytest.fail("merged despite bad tracking settings"))
+    base = ["--teachers", str(zoo), "--names", "a,b", "--out", str(tmp_path / "wm"), "--track"]
+    cases = [
+        (["--tracking-uri", "/proc/nope"], "error: --tracking-uri '/proc/nope' is a file store"),
+        (["--tracking-uri", "banana://x"], "error: --tracking-uri 'banana://x': MLflow cannot open this store"),
+        (["--tracking-uri", f"sqlite:///{tmp_path}/f/mlflow.db"], "error: the folder of --tracking-uri's database"),
+        (["--registered-name", "a/b"], "error: --registered-name: 'a/b' contains '/'"),
+        (["--registered-name", "x:1"], "error: --registered-name: 'x:1' contains ':'"),
+        (["--registered-name", ""], "error: --registered-name: a registered model name must be a non-empty string"),
+    ]
+    (tmp_path / "f").write_text("a file where the database's folder goes")
+    for extra, message in cases:
+        assert job.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "wm").exists()
+
+
+def test_weighted_merge_job_answers_ctrl_c_with_one_line(zoo, tmp_path, capsys, monkeypatch):
+    from dmm_ray.baselines import weighted_merge as wm
+    from jobs import weighted_merge as job
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wm, "weighted_merge_teachers", interrupted)
+    assert job.main(["--teachers", str(zoo), "--out", str(tmp_path / "wm")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().startswith("interrupted: --out keeps the previous weighted merge") and err.strip().count("\n") == 0, err
+
+
+def test_merge_mismatch_compares_the_mix_the_teachers_files_and_completeness(zoo, tmp_path):
+    """What jobs/style_mixing.py reuses: a folder whose record is these teachers at these weights (in any
+    order), built from the teachers' current files, with every component present."""
+    import shutil
+
+    from dmm_ray.baselines.weighted_merge import merge_mismatch, weighted_merge_teachers
+    from dmm_ray.teachers import TeacherSpec
+
+    a, b = _specs(zoo, ["a", "b"])
+    b = TeacherSpec(name="b", source=str(shutil.copytree(b.source, tmp_path / "b")))
+    out = tmp_path / "wm"
+    weighted_merge_teachers([a, b], None, out)
+    assert merge_mismatch(out, [a, b]) is None and merge_mismatch(out, [b, a]) is None
+    assert merge_mismatch(out, [a, b], [0.25, 0.75]) == "it merges {a: 0.5, b: 0.5}, not {a: 0.25, b: 0.75}"
+    assert merge_mismatch(out, _specs(zoo, ["a", "c"])) == "it merges {a: 0.5, b: 0.5}, not {a: 0.5, c: 0.5}"
+    (tmp_path / "b" / "unet" / "config.json").write_text((tmp_path / "b" / "unet" / "config.json").read_text() + "\n")  # retrained, say
+    assert "teacher(s) ['b'] changed since it was built" in merge_mismatch(out, [a, b])
+    weighted_merge_teachers([a, b], None, out)
+    (out / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    assert merge_mismatch(out, [a, b]).startswith("it is incomplete (weighted merge: ") and "vae has no weights file" in merge_mismatch(out, [a, b])

@@ -4,6 +4,14 @@ teacher checkpoints, what supermerger and diffusers' CheckpointMerger do.
 theta_merged = sum_k w_k theta_k, w_k >= 0, sum_k w_k = 1, for every floating-point tensor of
 the UNet (and by default the text encoder); the VAE, tokenizer and scheduler come from the first
 teacher (teachers share the latent space — validate_teachers checks that).
+
+On disk: the diffusers folder plus RECORD (weighted_merge.json: teachers, weights, the teachers'
+checksums). `weighted_merge_teachers` saves it with two renames, like the merged model's save
+(dmm_ray/merged_model.py): the new merge is written and checked in a hidden sibling folder
+(`.<name>.weighted-merge.tmp`), the previous one parked as `.<name>.weighted-merge.old` while the
+new one takes its name, then removed; a save that fails or leaves a component out raises and leaves
+the previous folder as it was. `merge_mismatch` says whether a folder is the merge of given
+teachers and weights (what jobs/style_mixing.py reuses).
 """
 
 from __future__ import annotations
@@ -26,6 +34,14 @@ RECORD = "weighted_merge.json"  # provenance beside the merged folder: what make
 
 class MergeWeightsError(ValueError):
     pass
+
+
+class MergeMismatchError(ValueError):
+    """A weighted merge given for some teachers and weights holds another mix (see `merge_mismatch`)."""
+
+
+class MergeSaveError(OSError):
+    """The merged pipeline was not saved completely; the previous folder (if any) is untouched."""
 
 
 def validate_weights(weights: Sequence[float] | None, names: Sequence[str]) -> list[float]:
@@ -127,26 +143,95 @@ def check_output(output_dir: str | Path, setting: str = "output_dir") -> None:
         raise OutputPathError(f"{setting} {folder} holds other files and is not an earlier weighted merge (no {RECORD}); give a new or empty folder")
 
 
-def weighted_merge_teachers(specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True) -> Path:
-    """Load TeacherSpecs, merge them, save a diffusers folder (+ weighted_merge.json provenance)."""
+def read_record(folder: str | Path) -> dict | None:
+    """A weighted merge's RECORD (None: the folder has none; {}: it is not a JSON object)."""
+    path = Path(folder).expanduser() / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _mix(names: Sequence[str], weights: Sequence[float]) -> str:
+    return "{" + ", ".join(f"{n}: {w:.6g}" for n, w in zip(names, weights)) + "}"
+
+
+def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[float] | None = None) -> str | None:
+    """Why `folder` is not a complete weighted merge of the TeacherSpecs `specs` at `weights` (None:
+    equal), as a phrase for an error message; None when it is one. Compared: its RECORD's teachers
+    and weights (as a mix, in any order), the teachers' checksums (their files changed since), and
+    that every component of the pipeline is there (`teachers.check_pipeline_folder`)."""
+    from dmm_ray.teachers import TeacherError, check_pipeline_folder, teacher_checksum
+
+    folder = Path(folder).expanduser()
+    names = [s.name for s in specs]
+    want = dict(zip(names, validate_weights(weights, names)))
+    record = read_record(folder)
+    if record is None:
+        return f"it has no {RECORD}, so which teachers it merges is unknown (jobs/weighted_merge.py writes one)"
+    held_names, held_weights = record.get("teachers"), record.get("weights")
+    try:
+        held = dict(zip(held_names, (float(w) for w in held_weights), strict=True))
+    except (TypeError, ValueError):
+        return f"its {RECORD} does not list teachers and weights"
+    if set(held) != set(want) or any(abs(held[n] - want[n]) > WEIGHT_TOLERANCE for n in want):
+        return f"it merges {_mix(list(held), list(held.values()))}, not {_mix(names, list(want.values()))}"
+    sums = record.get("checksums")
+    if isinstance(sums, list) and len(sums) == len(held_names):
+        recorded = dict(zip(held_names, sums))
+        changed = [s.name for s in specs if recorded[s.name] != teacher_checksum(s)]
+        if changed:
+            return f"teacher(s) {changed} changed since it was built (their files' checksums differ from its {RECORD})"
+    try:
+        check_pipeline_folder(folder, "weighted merge")
+    except TeacherError as error:
+        return f"it is incomplete ({error})"
+    return None
+
+
+SAVE_TAG = "weighted-merge"  # the save's hidden siblings: .<name>.weighted-merge.tmp / .old (dmm_ray.merged_model)
+
+
+def save_atomically(pipe: Any, dest: str | Path, record: dict) -> Path:
+    """`pipe.save_pretrained` into a hidden sibling of `dest`, checked complete (every component
+    model_index.json lists, with its weights: diffusers only logs some save failures), RECORD written
+    last; then swapped in with two renames. On any failure the sibling is removed and `dest` is left
+    as it was (MergeSaveError when a component is missing)."""
+    from dmm_ray.merged_model import recover, remove, save_siblings, swap_in
+    from dmm_ray.teachers import TeacherError, check_pipeline_folder
+
+    dest = Path(dest).expanduser().absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover(dest, SAVE_TAG, marker=RECORD)  # a save killed between its renames: the previous merge back first
+    tmp, _ = save_siblings(dest, SAVE_TAG)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            check_pipeline_folder(tmp, "the new weighted merge")
+        except TeacherError as error:
+            raise MergeSaveError(f"saving the weighted merge failed: {error}; {dest} was left as it was") from None
+        (tmp / RECORD).write_text(json.dumps(record, indent=1))
+    except BaseException:
+        remove(tmp)
+        raise
+    swap_in(tmp, dest, SAVE_TAG)
+    return dest
+
+
+def weighted_merge_teachers(
+    specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True, setting: str = "output_dir"
+) -> Path:
+    """Load TeacherSpecs, merge them, save a diffusers folder (+ weighted_merge.json provenance) with
+    `save_atomically`: the folder holds the previous merge until the new one is complete."""
     from dmm_ray.teachers import load_teacher_pipeline, teacher_checksum
 
     names = [s.name for s in specs]
     w = validate_weights(weights, names)  # fail before loading anything
-    check_output(output_dir)
+    check_output(output_dir, setting)
     pipes = [load_teacher_pipeline(s) for s in tqdm(specs, desc="loading teachers")]
     merged = weighted_merge_pipelines(pipes, w, names, merge_text_encoder)
-    out = Path(output_dir)
-    merged.save_pretrained(out, safe_serialization=True)
-    (out / RECORD).write_text(
-        json.dumps(
-            {
-                "teachers": names,
-                "weights": w,
-                "checksums": [teacher_checksum(s) for s in specs],
-                "merge_text_encoder": merge_text_encoder,
-            },
-            indent=1,
-        )
-    )
-    return out
+    record = {"teachers": names, "weights": w, "checksums": [teacher_checksum(s) for s in specs], "merge_text_encoder": merge_text_encoder}
+    return save_atomically(merged, output_dir, record)
