@@ -26,12 +26,13 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -39,6 +40,7 @@ from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
 
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
+CONFIG_RECORD = "dmm_export_config.json"  # marks a config folder an export wrote: a later export may replace it
 
 
 class ExportError(ValueError):
@@ -265,16 +267,29 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
     check_replaceable(out, fmt)
     if fmt == "single_file":
-        return export_single_file(pipe, out, metadata=metadata)
+        try:
+            return export_single_file(pipe, out, metadata=metadata)
+        except BaseException:  # an error or Ctrl-C mid-write: its partial file (`<out>.tmp`) goes too
+            out.with_name(out.name + ".tmp").unlink(missing_ok=True)
+            raise
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    old = out.with_name(out.name + f".old-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    _rewrite_with_metadata(_unet_weights(tmp), metadata)
-    (tmp / EXPORT_RECORD).write_text(json.dumps(metadata, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _rewrite_with_metadata(_unet_weights(tmp), metadata)
+        (tmp / EXPORT_RECORD).write_text(json.dumps(metadata, indent=1))
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed run with this pid
+        if out.exists():
+            os.replace(out, old)  # the earlier export, set aside until the new one is in place
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # an error or Ctrl-C mid-write leaves no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the earlier export back
+        raise
     return out
 
 
@@ -327,9 +342,77 @@ def _rewrite_with_metadata(file: Path, metadata: Mapping[str, str]) -> None:
 
 
 def write_config_folder(pipe, folder: str | os.PathLike) -> Path:
-    """The configs (no weights) of a plain pipeline: what `from_single_file(path, config=folder)` reads."""
+    """The configs (no weights) of a plain pipeline: what `from_single_file(path, config=folder)` reads.
+    `folder` must be new or an earlier export's config folder (`check_config_replaceable`); it is
+    written beside and moved into place (`staged_config_folder`)."""
+    with staged_config_folder(pipe, folder):
+        pass
+    return Path(folder)
+
+
+def is_export_config(path: str | os.PathLike) -> bool:
+    """Whether `path` is a config folder an export wrote (it holds CONFIG_RECORD)."""
+    try:
+        return json.loads((Path(path) / CONFIG_RECORD).read_text()).get("exported_by") == "dmm-ray"
+    except (OSError, ValueError, AttributeError):  # no record, unreadable, not JSON, not an object
+        return False
+
+
+def check_config_replaceable(folder: str | os.PathLike, setting: str = "config folder", hint: str = "choose a new path, or delete it first") -> None:
+    """A config folder is written only where nothing is, or over an earlier export's config folder:
+    never into a folder of the user's (a diffusers model, notes) nor over a file. `setting` names the
+    path in the message (e.g. `--config-dir`), `hint` says what to do instead."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        kind = "a symbolic link" if folder.is_symlink() else "a file"
+        raise ExportError(f"{setting} {folder} is {kind}, not a config folder an export wrote; refusing to replace it ({hint})")
+    if not is_export_config(folder):
+        raise ExportError(
+            f"{setting} {folder} exists and is not an earlier export's config folder (it has no {CONFIG_RECORD}); refusing to write into it ({hint})"
+        )
+
+
+@contextlib.contextmanager
+def staged_config_folder(pipe, folder: str | os.PathLike, export: str | None = None) -> Iterator[Path]:
+    """Write a plain pipeline's config folder beside `folder` (`<folder>.partial-<pid>`, marked with
+    CONFIG_RECORD naming `export`) and move it into place when the block ends without error,
+    replacing an earlier export's config folder there. An error or Ctrl-C before that removes the
+    staged copy (and any parent folder it created): `folder` stays as it was. Refuses, before writing,
+    a `folder` that `check_config_replaceable` refuses."""
+    import dmm_ray
+
+    folder = Path(folder)
+    check_config_replaceable(folder)
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    old = folder.with_name(folder.name + f".old-{os.getpid()}")
+    created = [p for p in folder.parents if not p.exists()]  # deepest first
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write_configs(pipe, tmp)
+        record = {"exported_by": "dmm-ray", "dmm.version": dmm_ray.__version__, "export": export}
+        (tmp / CONFIG_RECORD).write_text(json.dumps(record, indent=1))
+        yield tmp
+        check_config_replaceable(folder)  # still nothing of the user's there
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed run with this pid
+        if folder.exists():
+            os.replace(folder, old)  # the earlier export's, set aside until the new one is in place
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the earlier one back
+        for parent in created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if empty
+        raise
+
+
+def _write_configs(pipe, folder: Path) -> None:
     pipe.save_config(folder)
     for name, component in pipe.components.items():
         if component is None:
@@ -342,7 +425,6 @@ def write_config_folder(pipe, folder: str | os.PathLike) -> Path:
             component.config.save_pretrained(sub)
         elif hasattr(component, "save_pretrained"):  # tokenizers, image processors
             component.save_pretrained(sub)
-    return folder
 
 
 def export_command(model: str, style=None, style_weights: Mapping[str, float] | None = None, out: str | None = None, fmt: str = "single_file") -> str:
@@ -368,19 +450,26 @@ def _num(v: float) -> str:
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """`a=0.5,b=0.5` -> {"a": 0.5, "b": 0.5} (names, or indices as names)."""
+    """`a=0.5,b=0.5` -> {"a": 0.5, "b": 0.5} (names, or indices as names). Each name once, no empty
+    entries (`a=0.5,,b=0.5`, a comma at either end): a StyleError says which."""
+    if not text.strip():
+        raise StyleError("--weights is empty; give name=weight pairs (a=0.5,b=0.5)")
     out: dict[str, float] = {}
     for part in text.split(","):
         part = part.strip()
         if not part:
-            continue
+            raise StyleError(
+                f"--weights {text!r} has an empty entry (two commas in a row, or one at either end); give name=weight pairs separated by single commas (a=0.5,b=0.5)"
+            )
         if "=" not in part:
             raise StyleError(f"--weights wants name=weight pairs separated by commas (a=0.5,b=0.5), got {part!r}")
-        name, value = part.split("=", 1)
+        name, value = (x.strip() for x in part.split("=", 1))
+        if not name:
+            raise StyleError(f"--weights: {part!r} has no style name; give name=weight (a=0.5)")
+        if name in out:
+            raise StyleError(f"--weights names {name!r} twice (in {text!r}); give each style once, with its whole weight")
         try:
-            out[name.strip()] = out.get(name.strip(), 0.0) + float(value)
+            out[name] = float(value)
         except ValueError:
             raise StyleError(f"--weights: {value!r} is not a number (in {part!r})") from None
-    if not out:
-        raise StyleError("--weights is empty; give name=weight pairs (a=0.5,b=0.5)")
     return out

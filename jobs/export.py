@@ -18,8 +18,11 @@ teachers with checksums, dmm-ray version; `dmm_ray.export.read_metadata(path)`),
 artifact (`exports/`) of the MLflow run of the merge it came from: the run recorded in the merged
 folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
 
-Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (unknown style,
-bad weights, not a merged model; nothing written), 3 written but MLflow logging failed.
+Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (a --model that does
+not exist or is not a merged model, an unknown style, bad weights, an --out or config folder that is
+not an earlier export's, a tracking store MLflow cannot open or a run it does not hold; all checked
+before anything is loaded, nothing written), 3 written but MLflow logging failed, 130 interrupted
+(nothing half-written left).
 """
 
 from __future__ import annotations
@@ -27,13 +30,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="single_file only: where to write the pipeline's configs (no weights), the `config=` that "
         "from_single_file needs for a model that is not a stock SD1.5/SDXL shape; "
-        "default: --out with the suffix .config; 'none' to skip",
+        "default: --out with the suffix .config; 'none' to skip. Written only where nothing is, or over an earlier "
+        "export's config folder (it holds dmm_export_config.json): never into a folder of yours",
     )
     p.add_argument(
         "--verify",
@@ -86,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-id",
         default=None,
-        help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json (or the run of a models:/ URI)",
+        help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json (or the run of a models:/ URI); "
+        "checked before anything is written (unless --no-track)",
     )
-    p.add_argument("--tracking-uri", default=None, help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store; default: the one recorded with the merge, else sqlite:///$DMM_HOME/mlflow.db; checked before anything is written (unless --no-track)",
+    )
     p.add_argument("--no-track", action="store_true", help="do not log the export to MLflow")
     add_verbose_argument(p)
     return p
@@ -197,39 +205,166 @@ def _check_device(name: str) -> None:
         raise ExportError(f"--device {name}: this torch build sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
 
 
-@cli_main
+@cli_main(
+    interrupted="nothing half-written was left (a partial export, its staged config folder and any models:/ download "
+    "are removed; an export already in place stays, its MLflow logging possibly incomplete): run the same command again to redo it"
+)
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args, "model", "style", "weights", "out", "config_dir", "run_id", "tracking_uri")
     set_verbosity(args.verbose)
     with contextlib.ExitStack() as stack:  # holds a downloaded models:/ copy until the export is done
         return _export(args, stack)
 
 
+def _config_dir(args, out: Path, fmt: str) -> Path | None:
+    """The single-file export's config folder, refused (ExportError) before any work when it would
+    overwrite something that is not an earlier export's config folder, or clash with --out."""
+    from dmm_ray.export import ExportError, check_config_replaceable
+    from dmm_ray.paths import check_writable_folder
+
+    if fmt != "single_file" or (args.config_dir or "").lower() == "none":
+        return None
+    if args.config_dir:
+        config_dir, setting = Path(args.config_dir).expanduser(), "--config-dir"
+        hint = "give a new folder or an earlier export's config folder, --config-dir none to skip it, or delete it first"
+    else:
+        config_dir, setting = out.with_suffix(".config"), "the config folder"
+        hint = "it is --config-dir's default, --out with the suffix .config: choose another with --config-dir DIR, skip it with --config-dir none, or delete it first"
+    a, b = config_dir.absolute(), out.absolute()
+    if a == b or a in b.parents or b in a.parents:
+        raise ExportError(f"{setting} {config_dir} and --out {out} overlap; give the config folder a path of its own, beside --out")
+    check_config_replaceable(config_dir, setting, hint)
+    check_writable_folder(config_dir.parent, f"{setting}'s parent")
+    return config_dir
+
+
+def _check_selection(names: list[str], style: str | None, weights: dict[str, float] | None) -> None:
+    """--style / --weights against the model's style names (StyleError naming the known ones)."""
+    from dmm_ray.styles import StyleError, style_weights
+
+    if style is not None:
+        style_weights(names, style)
+        return
+    seen: dict[int, str] = {}
+    for key in weights:
+        index = style_weights(names, key).index(1.0)
+        if index in seen:
+            raise StyleError(f"--weights gives style {names[index]!r} twice ({seen[index]}= and {key}=: a name and its index); give each style once")
+        seen[index] = key
+    style_weights(names, weights)  # negative, all zero, not finite
+
+
+@contextlib.contextmanager
+def _quick_http(timeout_s: int | None = 10) -> Iterator[None]:
+    """MLflow's REST client without its retries (minutes against a server that is down) and, unless
+    `timeout_s` is None, with a short per-request timeout: for a check, or a store that just failed one."""
+    import os
+
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_run(run_id: str, uri: str, run_what: str, uri_what: str) -> bool:
+    """Before any work: the run the export will be logged to (`run_what` names it and where it came
+    from) is in the store `uri` (`uri_what`: where that came from); an ExportError (exit 2) when it is
+    not, or is deleted. An sqlite database that does not exist is not created to find that out. An
+    http(s) store that does not answer now only gets a warning and False: the export goes on, its
+    logging is tried once after the write (no retries), and exits 3 when it fails, as before."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dmm_ray.export import ExportError
+
+    where = f"the MLflow store {uri} ({uri_what})"
+    fix = "give a run of that store, name the store that has it with --tracking-uri, or pass --no-track"
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///") :].split("?")[0]:
+        db = Path(uri[len("sqlite:///") :].split("?")[0])
+        if not db.is_file():
+            raise ExportError(f"{run_what} is not in {where}: its database {db} does not exist; {fix}")
+    remote = uri.startswith(("http://", "https://"))
+    try:
+        with _quick_http():
+            run = MlflowClient(uri).get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - a missing run is bad input; a server that does not answer is not
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ExportError(f"{run_what} is not in {where}; {fix}") from None
+        if not remote:
+            raise ExportError(f"cannot read {run_what} from {where}: {text}; {fix}") from None
+        print(
+            f"warning: cannot check {run_what} in {where} now ({text}); exporting anyway; the logging is tried once after the write (exit 3 if it fails)",
+            file=sys.stderr,
+        )
+        return False
+    if run.info.lifecycle_stage == "deleted":
+        raise ExportError(f"{run_what} is deleted in {where}; restore it (mlflow runs restore --run-id {run_id}) or {fix}")
+    return True
+
+
 def _export(args, stack: contextlib.ExitStack) -> int:
-    from dmm_ray.export import ExportError, bake, check_replaceable, export_pipeline, parse_weights, provenance, write_config_folder
+    from dmm_ray.export import ExportError, bake, check_replaceable, export_pipeline, parse_weights, provenance, staged_config_folder
     from dmm_ray.models.style_unet import StyleError, merged_style_names
     from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
+    from dmm_ray.tracking import TrackingError, check_tracking_store, is_mlflow_uri
 
     out = Path(args.out).expanduser()
     fmt = args.format or ("single_file" if out.suffix == ".safetensors" else "diffusers")
     if fmt == "single_file" and out.suffix != ".safetensors":
         print(f"error: --format single_file writes a .safetensors file; --out {out} has no .safetensors suffix", file=sys.stderr)
         return 2
-    # Before loading anything: where the export goes, and what it would replace.
+    # Before loading anything: where the export and its configs go, and what they would replace;
+    # the style selection, the device, the MLflow store and run.
     check_writable_folder(out.parent, "--out's folder")
     check_replaceable(out, fmt)
+    config_dir = _config_dir(args, out, fmt)
+    weights = parse_weights(args.weights) if args.weights is not None else None
     _check_device(args.device)
+    if args.tracking_uri and not args.no_track:
+        check_tracking_store(args.tracking_uri, "--tracking-uri")
+    local = None if is_mlflow_uri(args.model) else Path(args.model).expanduser()
+    if local is not None and not local.is_dir():
+        problem = "is a file, not a folder" if local.exists() else "does not exist"
+        print(f"error: --model {args.model} {problem}; give jobs/merge.py's <output_dir>/merged or models:/<name>/<version>", file=sys.stderr)
+        return 2
     try:
         folder, run_id, tracking_uri = stack.enter_context(resolve_model(args.model, args.tracking_uri))
     except Exception as exc:  # noqa: BLE001 - a missing registry entry, store, ...: say which
         print(f"error: cannot resolve --model {args.model}: {exc}", file=sys.stderr)
         return 2
     try:
-        merged_style_names(folder)
+        names = merged_style_names(folder)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}; give jobs/merge.py's <output_dir>/merged", file=sys.stderr)
         return 2
+    _check_selection(names, args.style, weights)
+    # where the run and the store come from, for the messages
+    recorded = f"recorded in {folder / 'dmm_merge.json'}"
+    if args.run_id:
+        run_what = f"--run-id {args.run_id}"
+    elif is_mlflow_uri(args.model):
+        run_what = f"the run {run_id} that registered {args.model}"
+    else:
+        run_what = f"the merge run {run_id} {recorded}"
+    if args.tracking_uri:
+        uri_what = "--tracking-uri"
+    else:
+        uri_what = (
+            "the registry's store" if is_mlflow_uri(args.model) else "the store recorded with the merge" if tracking_uri else "the default store"
+        )
     run_id = args.run_id or run_id
     if args.tracking_uri:
         tracking_uri = args.tracking_uri
@@ -237,12 +372,20 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         from dmm_ray.paths import default_tracking_uri
 
         tracking_uri = default_tracking_uri()
+    answered = True
+    if not args.no_track and run_id is not None:
+        if not args.tracking_uri:
+            try:
+                check_tracking_store(tracking_uri, f"the MLflow store ({uri_what})")
+            except TrackingError as exc:
+                raise TrackingError(f"{exc}; or name the store with --tracking-uri, or pass --no-track") from None
+        answered = check_run(run_id, tracking_uri, run_what, uri_what)
 
     t0 = time.perf_counter()
     pipe = load_dmm_pipeline(folder).to(args.device)
     load_s = time.perf_counter() - t0
     try:
-        style, weights = (args.style, None) if args.style is not None else (None, parse_weights(args.weights))
+        style = args.style
         if style is not None and style not in pipe.styles and style.isdigit():
             style = int(style)
         t1 = time.perf_counter()
@@ -254,18 +397,11 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         return 2
     t2 = time.perf_counter()
     plain = plain.to("cpu")
-    config_dir = None
-    if fmt == "single_file" and (args.config_dir or "").lower() != "none":
-        config_dir = Path(args.config_dir).expanduser() if args.config_dir else out.with_suffix(".config")
-    created = config_dir is not None and not config_dir.exists()
-    try:
-        if config_dir is not None:
-            write_config_folder(plain, config_dir)
+    # The configs are staged beside their folder and moved into place only after the export is
+    # written: a failed (or interrupted) export leaves the folder as it was, new or an earlier export's.
+    staged = staged_config_folder(plain, config_dir, export=out.name) if config_dir is not None else contextlib.nullcontext()
+    with staged:
         export_pipeline(plain, out, fmt=fmt, dtype=args.dtype, metadata=metadata)
-    except BaseException:
-        if created and config_dir.exists():  # a failed export leaves nothing new behind
-            shutil.rmtree(config_dir, ignore_errors=True)
-        raise
     write_s = time.perf_counter() - t2
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
     what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"
@@ -292,7 +428,8 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         print("MLflow: not logged: the model records no merge run (dmm_merge.json has no mlflow entry); pass --run-id")
     else:
         try:
-            log_to_mlflow(out, config_dir, metadata, run_id, tracking_uri)
+            with contextlib.nullcontext() if answered else _quick_http(timeout_s=None):  # a store that did not answer: one try
+                log_to_mlflow(out, config_dir, metadata, run_id, tracking_uri)
             print(f"MLflow: logged under run {run_id} (artifacts exports/) in {tracking_uri}")
         except Exception as exc:  # noqa: BLE001 - the export itself is written; say why tracking failed
             print(f"warning: export written but not logged to MLflow run {run_id} at {tracking_uri}: {exc}", file=sys.stderr)

@@ -85,3 +85,21 @@ def gen(pipe, styled: bool = True, seed: int = 0, steps: int = 2, guidance: floa
         **kwargs,
     ).images
     return np.asarray(out[0], dtype=np.float64)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes; a file: {"": bytes}), to show nothing changed."""
+    root = Path(root)
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mlflow_store(folder: Path) -> tuple[str, str]:
+    """(sqlite tracking URI, run id) of a new store under `folder` holding one run."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("dmm-ray", artifact_location=str(folder / "artifacts"))
+    return uri, client.create_run(experiment, run_name="merge").info.run_id

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_helpers import MIXTURE, OTHER_MIXTURE, STYLES, gen, save_merged, tiny_merged
+from export_helpers import MIXTURE, OTHER_MIXTURE, STYLES, gen, mlflow_store, save_merged, tiny_merged, tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,3 +274,201 @@ def test_export_command_round_trips_through_the_parser():
     assert args.out == "ink-neon.safetensors" and args.format == "single_file"
     args = job.build_parser().parse_args(shlex.split(export_command("m", style="neon"))[2:])
     assert args.style == "neon" and args.out == "neon.safetensors"
+
+
+# ---- jobs/export.py: bad input is refused before anything is loaded or written ------------------
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory):
+    """A saved tiny SD1.5 merged model (no MLflow record) for the job tests; never written to."""
+    root = tmp_path_factory.mktemp("job")
+    return save_merged(tiny_merged("sd15"), root / "merged", teachers_root=root / "teachers")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """The job must refuse before it loads the merged model: loading it fails the test."""
+    import dmm_ray.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the merged model was loaded before the input was checked")
+
+    monkeypatch.setattr(dmm_ray.pipeline, "load_dmm_pipeline", refuse)
+
+
+def run_job(*argv) -> int:
+    from jobs import export as job
+
+    return job.main([str(a) for a in argv])
+
+
+def test_the_config_folder_is_written_only_where_nothing_is(merged_dir, tmp_path, capsys, no_loading):
+    """Finding: --config-dir (default <out>.config) overwrote a user's folder; a file there gave Errno 17."""
+    userdir = tmp_path / "userdir"
+    (userdir / "unet").mkdir(parents=True)
+    (userdir / "model_index.json").write_text('{"mine": 1}')
+    (userdir / "unet" / "config.json").write_text('{"mine": 2}')
+    (tmp_path / "new2.config").mkdir()
+    (tmp_path / "new2.config" / "notes.txt").write_text("my notes")
+    (tmp_path / "new.config").write_text("a file")
+    (tmp_path / "cfgfile").write_text("a file")
+    before = tree(tmp_path)
+    model = ["--model", merged_dir, "--style", "ink", "--no-track"]
+
+    assert run_job(*model, "--out", tmp_path / "y.safetensors", "--config-dir", userdir) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config-dir {userdir} exists and is not an earlier export's config folder") and "--config-dir none" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert run_job(*model, "--out", tmp_path / "new2.safetensors") == 2  # the default, beside --out
+    err = capsys.readouterr().err
+    assert f"the config folder {tmp_path / 'new2.config'} exists" in err and "--config-dir DIR" in err and "--config-dir none" in err
+    assert run_job(*model, "--out", tmp_path / "new.safetensors") == 2
+    assert f"the config folder {tmp_path / 'new.config'} is a file" in capsys.readouterr().err
+    assert run_job(*model, "--out", tmp_path / "z.safetensors", "--config-dir", tmp_path / "cfgfile") == 2
+    assert f"--config-dir {tmp_path / 'cfgfile'} is a file" in capsys.readouterr().err
+    for config in (tmp_path / "z.safetensors", tmp_path):  # --out itself, or a folder holding it
+        assert run_job(*model, "--out", tmp_path / "z.safetensors", "--config-dir", config) == 2
+        assert "overlap" in capsys.readouterr().err
+    assert tree(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_an_earlier_exports_config_folder_is_replaced_and_a_failed_export_changes_nothing(merged_dir, tmp_path, capsys, monkeypatch):
+    from dmm_ray.export import CONFIG_RECORD, is_export_config, read_metadata
+    from dmm_ray.formats import single_file
+
+    out, config = tmp_path / "a.safetensors", tmp_path / "a.config"
+    model = ["--model", merged_dir, "--no-track"]
+    assert run_job(*model, "--style", "ink", "--out", out, "--verify") == 0  # from_single_file reads the marked folder
+    assert "(ok)" in capsys.readouterr().out
+    assert is_export_config(config) and json.loads((config / CONFIG_RECORD).read_text())["export"] == "a.safetensors"
+    (config / "stray.json").write_text("{}")
+    assert run_job(*model, "--style", "pixel", "--out", out) == 0  # the earlier export's folder: replaced as a whole
+    assert not (config / "stray.json").exists() and (config / "unet" / "config.json").is_file()
+    assert run_job(*model, "--style", "neon", "--out", tmp_path / "b.safetensors", "--config-dir", config) == 0
+    assert json.loads((config / CONFIG_RECORD).read_text())["export"] == "b.safetensors"
+    assert run_job(*model, "--style", "neon", "--out", tmp_path / "d", "--format", "diffusers") == 0
+    capsys.readouterr()
+
+    # a write that fails, or is interrupted, part-way: no partial file, the earlier export and
+    # config folder as they were, a new config folder never created
+    def partial_then(error):
+        def save_file(state, path, metadata=None):
+            Path(path).write_bytes(b"half")
+            raise error
+
+        return save_file
+
+    before = tree(tmp_path)
+    monkeypatch.setattr(single_file, "save_file", partial_then(OSError(28, "No space left on device")))
+    assert run_job(*model, "--style", "ink", "--out", out) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert run_job(*model, "--style", "ink", "--out", tmp_path / "c.safetensors") == 2
+    capsys.readouterr()
+    monkeypatch.setattr(single_file, "save_file", partial_then(KeyboardInterrupt()))
+    assert run_job(*model, "--style", "ink", "--out", out) == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: nothing half-written was left")
+    assert run_job(*model, "--style", "ink", "--out", tmp_path / "c.safetensors", "--config-dir", tmp_path / "new" / "c.config") == 130
+    monkeypatch.undo()
+    import dmm_ray.export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmm_ray.export, "_rewrite_with_metadata", interrupted)  # the diffusers folder is written, then this
+    assert run_job(*model, "--style", "ink", "--out", tmp_path / "d", "--format", "diffusers") == 130
+    assert tree(tmp_path) == before and read_metadata(out)["dmm.style"] == "pixel" and read_metadata(tmp_path / "d")["dmm.style"] == "neon"
+
+
+def test_parse_weights_refuses_duplicates_and_empty_entries():
+    from dmm_ray.export import parse_weights
+    from dmm_ray.styles import StyleError
+
+    assert parse_weights(" ink = 1 , neon=0.5 ") == {"ink": 1.0, "neon": 0.5}
+    assert parse_weights("0=1,neon=3") == {"0": 1.0, "neon": 3.0}
+    for text, message in [
+        ("noir=0.2,neon=0.5,noir=0.8", "names 'noir' twice"),
+        ("noir=0.5,,neon=0.5", "empty entry"),
+        ("noir=0.5,", "empty entry"),
+        (",noir=0.5", "empty entry"),
+        ("=0.5", "no style name"),
+        ("", "is empty"),
+        (" , ", "empty entry"),
+        ("noir", "name=weight pairs"),
+        ("noir=x", "not a number"),
+    ]:
+        with pytest.raises(StyleError, match=message):
+            parse_weights(text)
+
+
+def test_styles_and_weights_are_checked_before_loading(merged_dir, tmp_path, capsys, no_loading):
+    out = tmp_path / "x.safetensors"
+    for selection, message in [
+        (["--style", "nope"], "unknown style 'nope'; known styles: 0:ink"),
+        (["--style", "7"], "style index 7 is out of range"),
+        (["--weights", "ink=1,nope=1"], "unknown style 'nope'"),
+        (["--weights", "ink=-1,neon=2"], ">= 0"),
+        (["--weights", "ink=0,neon=0"], "all zero"),
+        (["--weights", "ink=0.2,neon=0.5,ink=0.8"], "names 'ink' twice"),
+        (["--weights", "ink=0.5,,neon=0.5"], "empty entry"),
+        (["--weights", "ink=0.5,0=0.5"], "gives style 'ink' twice (ink= and 0=: a name and its index)"),
+    ]:
+        assert run_job("--model", merged_dir, *selection, "--out", out, "--no-track") == 2, selection
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (selection, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path, capsys, no_loading):
+    assert run_job("--model", tmp_path / "nonexist", "--style", "ink", "--out", tmp_path / "x.safetensors") == 2
+    err = capsys.readouterr().err
+    assert f"error: --model {tmp_path / 'nonexist'} does not exist" in err and "unet/config.json" not in err
+    (tmp_path / "file").write_text("x")
+    assert run_job("--model", tmp_path / "file", "--style", "ink", "--out", tmp_path / "x.safetensors") == 2
+    assert f"error: --model {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_tracking_store_and_run_are_checked_before_loading(merged_dir, tmp_path, capsys, no_loading):
+    """Finding: --run-id deadbeef or a bad --tracking-uri wrote the export, then exited 3."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    uri, run_id = mlflow_store(tmp_path / "store")
+    gone = MlflowClient(uri).create_run(MlflowClient(uri).get_run(run_id).info.experiment_id).info.run_id
+    MlflowClient(uri).delete_run(gone)
+    recorded = shutil.copytree(merged_dir, tmp_path / "recorded")  # a merge record naming a run the store lacks
+    record = json.loads((recorded / "dmm_merge.json").read_text())
+    (recorded / "dmm_merge.json").write_text(json.dumps({**record, "mlflow": {"run_id": "0123abcd", "tracking_uri": uri}}))
+    before = tree(tmp_path)
+    capsys.readouterr()  # MLflow's notes on creating the store
+    out = tmp_path / "x.safetensors"
+    missing_db = tmp_path / "none" / "mlflow.db"
+    for args, message in [
+        (["--run-id", "deadbeef", "--tracking-uri", uri], f"error: --run-id deadbeef is not in the MLflow store {uri} (--tracking-uri)"),
+        (["--run-id", gone, "--tracking-uri", uri], f"error: --run-id {gone} is deleted in the MLflow store {uri}"),
+        (["--run-id", run_id, "--tracking-uri", f"sqlite:///{missing_db}"], f"its database {missing_db} does not exist"),
+        (["--tracking-uri", "/proc/nope"], "error: --tracking-uri '/proc/nope' is a file store"),
+        (["--tracking-uri", "banana://x"], "error: --tracking-uri 'banana://x': MLflow cannot open this store"),
+    ]:
+        assert run_job("--model", merged_dir, "--style", "ink", "--out", out, *args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    assert run_job("--model", recorded, "--style", "ink", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"the merge run 0123abcd recorded in {recorded / 'dmm_merge.json'} is not in the MLflow store {uri}" in err and "--no-track" in err
+    assert tree(tmp_path) == before and not missing_db.parent.exists()  # nothing written, no database created
+
+
+def test_an_http_store_that_does_not_answer_only_warns(merged_dir, tmp_path, capsys, monkeypatch):
+    """The check never blocks an export on a server that is down: a warning, the export, exit 3."""
+    import os
+    import socket
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "x.safetensors"
+    assert run_job("--model", merged_dir, "--style", "ink", "--out", out, "--run-id", "abc", "--tracking-uri", f"http://127.0.0.1:{port}") == 3
+    err = capsys.readouterr().err
+    assert "warning: cannot check --run-id abc in the MLflow store" in err and "warning: export written but not logged" in err
+    assert out.is_file() and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -301,13 +301,14 @@ def test_build_zoo_refuses_a_seed_or_report_size_numpy_cannot_take_before_buildi
 
 def test_an_empty_option_is_refused_not_read_as_the_default(capsys):
     """`--out "$UNSET"` would silently write to the default folder: every job refuses an empty value."""
-    from jobs import build_zoo, evaluate, fast, merge
+    from jobs import build_zoo, evaluate, export, fast, merge
 
     for job, argv, flag in (
         (merge, ["--config", "", "--dry-run"], "--config"),
         (fast, ["--model", "", "--no-eval"], "--model"),
         (evaluate, ["--reference-only", "--teachers", "zoo.yaml", "--out", " "], "--out"),
         (build_zoo, ["--out", ""], "--out"),
+        (export, ["--model", "m", "--style", "noir", "--out", "x.safetensors", "--config-dir", ""], "--config-dir"),
     ):
         with pytest.raises(SystemExit) as info:
             job.main(argv)
