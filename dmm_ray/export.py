@@ -29,13 +29,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
+from dmm_ray.merged_model import remove, save_siblings, swap_in
 from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
 
@@ -272,23 +272,16 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         except BaseException:  # an error or Ctrl-C mid-write: its partial file (`<out>.tmp`) goes too
             out.with_name(out.name + ".tmp").unlink(missing_ok=True)
             raise
-    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-    old = out.with_name(out.name + f".old-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tag = f"export-{os.getpid()}"  # hidden siblings of this run: .<out>.export-<pid>.tmp / .old
+    tmp, _ = save_siblings(out, tag)
+    remove(tmp)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         _rewrite_with_metadata(_unet_weights(tmp), metadata)
         (tmp / EXPORT_RECORD).write_text(json.dumps(metadata, indent=1))
-        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed run with this pid
-        if out.exists():
-            os.replace(out, old)  # the earlier export, set aside until the new one is in place
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out, tag)  # the earlier export set aside until the new one is in place, then dropped
     except BaseException:  # an error or Ctrl-C mid-write leaves no partial folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the earlier export back
+        remove(tmp)
         raise
     return out
 
@@ -385,27 +378,20 @@ def staged_config_folder(pipe, folder: str | os.PathLike, export: str | None = N
 
     folder = Path(folder)
     check_config_replaceable(folder)
-    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    old = folder.with_name(folder.name + f".old-{os.getpid()}")
+    tag = f"export-{os.getpid()}"  # hidden siblings of this run: .<folder>.export-<pid>.tmp / .old
+    tmp, _ = save_siblings(folder, tag)
     created = [p for p in folder.parents if not p.exists()]  # deepest first
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove(tmp)
         tmp.mkdir(parents=True)
         _write_configs(pipe, tmp)
         record = {"exported_by": "dmm-ray", "dmm.version": dmm_ray.__version__, "export": export}
         (tmp / CONFIG_RECORD).write_text(json.dumps(record, indent=1))
         yield tmp
         check_config_replaceable(folder)  # still nothing of the user's there
-        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed run with this pid
-        if folder.exists():
-            os.replace(folder, old)  # the earlier export's, set aside until the new one is in place
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder, tag)  # the earlier export's set aside until the new one is in place, then dropped
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            os.replace(old, folder)  # put the earlier one back
+        remove(tmp)
         for parent in created:
             with contextlib.suppress(OSError):
                 parent.rmdir()  # only if empty

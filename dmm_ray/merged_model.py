@@ -60,7 +60,12 @@ def swap_in(tmp: Path, dest: Path, tag: str | None = None) -> None:
         if old.exists():
             remove(old)
         os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:  # the second rename failed (or a Ctrl-C between them): the earlier one back now
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
+        raise
     if old.exists():
         remove(old)
 

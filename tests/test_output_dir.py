@@ -140,9 +140,9 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
     _model(tmp_path / "merged.tmp", "new")
     real_replace, calls = os.replace, []
 
-    def crash_on_second(src, dst):
+    def crash_on_second(src, dst):  # killed (SIGKILL) between the renames: nothing after runs, no restore either
         calls.append((src, dst))
-        if len(calls) == 2:
+        if len(calls) >= 2:
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
@@ -159,6 +159,21 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
     assert _tag(dest) == "good" and len(done) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert merged_folder(dest) == dest
+
+    # a second rename that fails once (a Ctrl-C, a full disk): swap_in puts the earlier model back at once
+    _model(tmp_path / "merged.tmp", "new")
+    calls.clear()
+
+    def fail_second_once(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(merged_model.os, "replace", fail_second_once)
+    with pytest.raises(OSError, match="no space"):
+        merged_model.swap_in(tmp_path / "merged.tmp", dest)
+    assert _tag(dest) == "good" and not (tmp_path / "merged.old").exists()
 
 
 @pytest.mark.parametrize("leftover", ["merged.old", "merged.tmp"])
