@@ -101,7 +101,7 @@ def log(msg: str) -> None:
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, and
-    latent shards that are there or can be encoded (dmm_ray.data.latents.check_latents)."""
+    local latent shards that are there or can be encoded (dmm_ray.data.latents.check_latents)."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
@@ -124,9 +124,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+    from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 
-    check_latents(cfg)
+    if not fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
+        check_latents(cfg)
 
 
 def describe_layout(cfg: MergeConfig) -> str:
