@@ -286,6 +286,18 @@ class MergeConfig(_Section):
     # --- few-step model (dmm_ray/fast, jobs/fast.py) ---
     fast: FastConfig = Field(default_factory=FastConfig, description="LCM distillation of the merged model; enabled: run it after the merge")
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        """`name` is also a folder ($DMM_HOME/outputs/<name>): one plain path component, so a name never
+        puts the default output_dir somewhere else (`../x`, `a/b`, `.`). Put a merge elsewhere with output_dir."""
+        if not name.strip() or name.strip(".") == "" or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} is not a plain name: the merge's name is also its folder $DMM_HOME/outputs/<name> and its MLflow run, "
+                "so it may not be empty, '.' or '..', or contain '/' or '\\'; e.g. dmm-toy-2 (to write elsewhere, set output_dir)"
+            )
+        return name
+
     @model_validator(mode="before")
     @classmethod
     def _default_locations(cls, data: Any) -> Any:

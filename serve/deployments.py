@@ -65,13 +65,6 @@ class StyleModel:
         self._cancelled: dict[int, threading.Event] = {}  # id(sample) -> set when its request is cancelled
         self.cancelled_forwards = 0  # forwards stopped early because nobody waited for them
 
-    def __del__(self):
-        """Serve calls this when the replica shuts down (scale-down, redeploy, a replaced model):
-        the temporary download of a `models:/` model goes with it."""
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.close()
-
     def info(self) -> dict:
         """Styles, native size, and batching counters (tests and the benchmark read them)."""
         return {

@@ -103,9 +103,10 @@ def pipeline_param_bytes(pipe) -> int:
 class StyleModelBackend:
     """A loaded DMMPipeline and its styles. `generate(samples) -> list of (H, W, 3) uint8`.
 
-    A `models:/` / `runs:/` model is downloaded into a temporary folder the backend owns: `close()`
-    (the Serve replica's shutdown, or garbage collection) deletes it, so replacing the model or
-    restarting replicas does not leave a copy of the weights behind per load."""
+    A `models:/` / `runs:/` (or object-storage) model is downloaded into a temporary folder the
+    backend owns and deletes as soon as the model is loaded (nothing reads it afterwards), so
+    replacing the model, restarting replicas or killing `serve run` never leaves a copy of the
+    weights behind. `close()` deletes it too (a failed load; idempotent)."""
 
     def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
@@ -138,6 +139,7 @@ class StyleModelBackend:
         self._active_lora: tuple = ()
         self.lora_switches = 0
         self.lora_names = self._load_lora(lora_adapters or {})
+        self.close()  # everything is read from the download now: a replica killed later (SIGTERM, SIGKILL) leaves no copy in /tmp
         self.forward_groups: list[tuple] = []  # (group key, samples) of recent forwards (tests, counters)
         # Native image size: UNet latent size x VAE downsampling (512 for SD1.5, 32 for the tiny model).
         self.native_size = (
@@ -147,18 +149,12 @@ class StyleModelBackend:
         logger.info("loaded %s (%d styles) on %s in %.1fs", path, len(self.style_names), self.device, self.load_seconds)
 
     def close(self) -> None:
-        """Delete the temporary download of an MLflow model (idempotent; the loaded weights stay usable
-        in memory until the backend itself is dropped)."""
+        """Delete the temporary download of a remote model (idempotent; the loaded weights stay usable
+        in memory until the backend itself is dropped). `__init__` calls it once the model is loaded."""
         download, self.download_dir = getattr(self, "download_dir", None), None
         if download is not None:
             download.cleanup()
             logger.info("removed the downloaded model folder %s", download.name)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: TemporaryDirectory's own finalizer still runs
-            pass
 
     def _load_lora(self, adapters: dict[str, str]) -> list[str]:
         """Preload every configured adapter (diffusers' load_lora_weights), all off until a request names one."""

@@ -35,7 +35,9 @@ def test_overrides_and_defaults(tmp_path):
         ("teachers=5", "teachers: Input should be a valid list (got 5)"),  # not a TypeError from path resolution
         ("zoo=5", "zoo: Input should be a valid string (got 5)"),
         ("name=true", "name: Input should be a valid string (got True)"),
-        ("name=team/a", "'team/a' contains '/', which MLflow's model registry does not allow"),  # the registered name, by default
+        ("name=team/a", "name: Value error, 'team/a' is not a plain name"),  # also a folder: $DMM_HOME/outputs/<name>
+        ("name=..", "name: Value error, '..' is not a plain name"),
+        ("tracking.registered_model_name=team/a", "'team/a' contains '/', which MLflow's model registry does not allow"),
         ("tracking.registered_model_name=a:b", "'a:b' contains ':'"),
     ],
 )

@@ -4,7 +4,6 @@ writes nothing; an MLflow outage never stops training; --dry-run catches broken 
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import sys
@@ -386,33 +385,8 @@ def logged_model_uri(tmp_path, monkeypatch):
     return f"runs:/{run.info.run_id}/merged_model"
 
 
-def test_serve_backend_deletes_its_download_on_close(logged_model_uri, tmp_path):
-    from serve.model import StyleModelBackend
-
-    backend = StyleModelBackend(logged_model_uri, device="cpu")
-    download = Path(backend.download_dir.name)
-    assert download.is_dir() and download in backend.path.parents  # the model was really downloaded there
-    assert download.name.startswith("dmm-serve-model-")
-    assert backend.style_names  # and loaded
-    backend.close()
-    assert not download.exists()
-    backend.close()  # idempotent
-
-
-def test_serve_replica_shutdown_deletes_the_download(logged_model_uri):
-    """Serve calls the replica's __del__ when it shuts down (redeploy, a replaced model, scale-down)."""
-    from serve.deployments import StyleModel
-
-    replica = StyleModel.func_or_class(logged_model_uri, device="cpu")
-    download = Path(replica.backend.download_dir.name)
-    assert download.is_dir()
-    replica.__del__()
-    assert not download.exists()
-    del replica
-    gc.collect()
-
-
-def test_serve_failed_load_leaves_no_download(logged_model_uri, monkeypatch):
+def _recording_tempdirs(monkeypatch) -> list:
+    """The TemporaryDirectory objects serve.model makes, in order."""
     import serve.model as model
 
     made = []
@@ -423,6 +397,42 @@ def test_serve_failed_load_leaves_no_download(logged_model_uri, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(model.tempfile, "TemporaryDirectory", recording)
+    return made
+
+
+def test_serve_backend_deletes_its_download_once_loaded(logged_model_uri, monkeypatch):
+    """The download goes as soon as the model is in memory: a replica killed later (SIGTERM on
+    `serve run`, SIGKILL) cannot leave a copy of the weights in /tmp."""
+    from serve.model import StyleModelBackend
+
+    made = _recording_tempdirs(monkeypatch)
+    backend = StyleModelBackend(logged_model_uri, device="cpu")
+    download = Path(made[0].name)
+    assert download in backend.path.parents and download.name.startswith("dmm-serve-model-")  # it was really downloaded there
+    assert not download.exists() and backend.download_dir is None
+    from serve.schemas import Sample
+
+    size = backend.native_size[0]
+    weights = (1.0,) + (0.0,) * (len(backend.style_names) - 1)
+    image = backend.generate([Sample("a cat", None, weights, 2, 5.0, size, size, 0)])
+    assert image[0].shape == (size, size, 3)  # and the model still works from memory
+    backend.close()  # idempotent
+
+
+def test_serve_replica_keeps_no_download(logged_model_uri, monkeypatch):
+    """A replica, once started, holds no download: nothing is left for a shutdown (redeploy, a
+    replaced model, scale-down, a killed `serve run`) to delete."""
+    from serve.deployments import StyleModel
+
+    made = _recording_tempdirs(monkeypatch)
+    replica = StyleModel.func_or_class(logged_model_uri, device="cpu")
+    assert made and not Path(made[0].name).exists() and replica.backend.style_names
+
+
+def test_serve_failed_load_leaves_no_download(logged_model_uri, monkeypatch):
+    import serve.model as model
+
+    made = _recording_tempdirs(monkeypatch)
     import dmm_ray.pipeline as dmm_pipeline
 
     monkeypatch.setattr(dmm_pipeline, "load_dmm_pipeline", lambda *a, **k: (_ for _ in ()).throw(OSError("corrupt")))
