@@ -1,4 +1,5 @@
-"""One merge per `output_dir` at a time: a lock file beside the merge's state.
+"""One merge per `output_dir` at a time: a lock file beside the merge's state (and the same rule for
+the few-step job's folder, `fast.lock`, and a weighted merge's `--out`, a hidden lock beside it).
 
 `<output_dir>/merge.lock` holds {"host", "pid", "started"} of the merge that owns the folder. It is
 created with O_CREAT | O_EXCL (atomic: of two merges starting together exactly one gets it) and
@@ -27,8 +28,8 @@ class OutputDirBusyError(RuntimeError):
     """Another merge (alive, or on another host) holds `output_dir`."""
 
 
-def lock_path(out: Path) -> Path:
-    return Path(out) / LOCK_NAME
+def lock_path(out: Path, name: str = LOCK_NAME) -> Path:
+    return Path(out) / name
 
 
 def read_owner(path: Path) -> Optional[dict]:
@@ -84,9 +85,14 @@ def _create(path: Path, owner: dict) -> bool:
     return True
 
 
-def acquire(out: Path, warn=print) -> dict:
-    """Take `out`'s lock or raise OutputDirBusyError naming its owner. Returns the owner record written."""
-    path = lock_path(out)
+def acquire(
+    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str = "output_dir", fix: str = "--set output_dir=NEW_DIR"
+) -> dict:
+    """Take `out`'s lock (the file `name` in it) or raise OutputDirBusyError naming its owner. In the
+    messages, `job` names the kind of job, `what` the folder it guards (default "output_dir <out>")
+    and `fix` the way to write elsewhere. Returns the owner record written."""
+    path = lock_path(out, name)
+    what = what or f"output_dir {out}"
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     for _ in range(3):  # a stale lock taken over, then a race with another merge taking it over too
@@ -97,36 +103,38 @@ def acquire(out: Path, warn=print) -> dict:
             continue  # released between our two looks
         if owner.get("host") != me["host"]:
             raise OutputDirBusyError(
-                f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
-                "Wait for it to finish, or write this merge elsewhere (--set output_dir=NEW_DIR). "
-                f"If that merge is no longer running, delete {path} and run again."
+                f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+                f"Wait for it to finish, or write this {job} elsewhere ({fix}). "
+                f"If that {job} is no longer running, delete {path} and run again."
             )
         if owner_alive(owner):
             raise OutputDirBusyError(
-                f"output_dir {out} is in use by another merge ({describe(owner)}; lock file {path}). "
-                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this merge elsewhere (--set output_dir=NEW_DIR)."
+                f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this {job} elsewhere ({fix})."
             )
-        warn(f"warning: taking over the stale lock {path} of a merge that is no longer running ({describe(owner)})")
+        warn(f"warning: taking over the stale lock {path} of a {job} that is no longer running ({describe(owner)})")
         try:
             path.unlink()
         except FileNotFoundError:
             pass
-    raise OutputDirBusyError(f"could not take the lock {path}: other merges keep taking it; run one merge per output_dir")
+    raise OutputDirBusyError(f"could not take the lock {path}: other jobs keep taking it; run one {job} at a time on {what}")
 
 
-def release(out: Path, owner: dict) -> None:
-    """Remove `out`'s lock if it is still `owner`'s (never another merge's)."""
-    path = lock_path(out)
+def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:
+    """Remove `out`'s lock if it is still `owner`'s (never another job's)."""
+    path = lock_path(out, name)
     current = read_owner(path)
     if current and current.get("pid") == owner["pid"] and current.get("host") == owner["host"] and current.get("started") == owner["started"]:
         path.unlink(missing_ok=True)
 
 
 @contextmanager
-def hold(out: Path, warn=print) -> Iterator[dict]:
-    """`with hold(out):` the merge body; the lock is released when it returns or raises."""
-    owner = acquire(out, warn)
+def hold(
+    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str = "output_dir", fix: str = "--set output_dir=NEW_DIR"
+) -> Iterator[dict]:
+    """`with hold(out):` the job's body; the lock is released when it returns or raises (see `acquire`)."""
+    owner = acquire(out, warn, name, job, what, fix)
     try:
         yield owner
     finally:
-        release(out, owner)
+        release(out, owner, name)

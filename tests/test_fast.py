@@ -709,6 +709,33 @@ def test_fast_state_resumes_only_from_the_same_model_and_settings(merged_world, 
     fingerprint.check_fast_resume(cfg(lr=1e-3), merged, out)  # nothing left to resume
 
 
+def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path):
+    """Two few-step jobs in one folder would train into the same state and save over each other: the
+    second refuses before anything (no Ray, no data), naming the first; a job that ends, even refused
+    for another reason, leaves no lock behind."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import output_lock
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import FAST_LOCK, run_fast
+    from dmm_ray.fingerprint import StaleStateError, fast_state_path, record_fast
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
+    owner = output_lock.acquire(out, name=FAST_LOCK)  # a few-step job in progress (this live process)
+    with pytest.raises(output_lock.OutputDirBusyError, match=rf"the few-step folder {out} is in use by another few-step job .*--output-dir NEW_DIR"):
+        run_fast(cfg, merged)
+    output_lock.release(out, owner, name=FAST_LOCK)
+    record_fast(cfg, merged, out)  # state made with other settings: refused after the lock is taken ...
+    (fast_state_path(cfg, out) / "checkpoint_000001").mkdir(parents=True)
+    (fast_state_path(cfg, out) / "checkpoint_000001" / "trainable.pt").write_bytes(b"x")
+    stale = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out), "lr": 1e-3})).with_absolute_paths()
+    with pytest.raises(StaleStateError, match="fast.lr"):
+        run_fast(stale, merged)
+    assert not (out / FAST_LOCK).exists()  # ... and the lock went with it
+
+
 def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
     """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
     returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws

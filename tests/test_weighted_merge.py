@@ -1,5 +1,7 @@
 """Weighted-merge baseline: identity on identical models, linearity, weight validation."""
 
+import os
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -164,6 +166,26 @@ def test_failed_save_leaves_the_previous_merge_as_it_was(zoo, tmp_path, monkeypa
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["wm"]
     monkeypatch.undo()
     assert (out / RECORD).is_file()
+
+
+def test_a_second_weighted_merge_on_the_same_folder_refuses_before_loading(zoo, tmp_path, monkeypatch):
+    """Two weighted merges into one --out would share the save's hidden siblings (and the first one's
+    `recover` would delete the other's half-written model): the second refuses, naming the first, before
+    it loads a teacher; the lock goes when a merge ends, so the next one runs."""
+    from dmm_ray import output_lock
+    from dmm_ray.baselines import weighted_merge as wm
+
+    out = tmp_path / "wm"
+    lock = f".wm.{wm.SAVE_TAG}.lock"
+    owner = output_lock.acquire(tmp_path, name=lock)  # a merge in progress (this live process)
+    with monkeypatch.context() as m:
+        m.setattr("dmm_ray.teachers.load_teacher_pipeline", lambda *a, **k: pytest.fail("loaded a teacher despite the busy folder"))
+        with pytest.raises(output_lock.OutputDirBusyError, match=rf"output_dir {out} is in use by another weighted merge \(.*pid {os.getpid()}"):
+            wm.weighted_merge_teachers(_specs(zoo, ["a", "b"]), None, out)
+    assert not out.exists()
+    output_lock.release(tmp_path, owner, name=lock)
+    assert wm.weighted_merge_teachers(_specs(zoo, ["a", "b"]), None, out) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wm"]  # the lock is gone with the merge
 
 
 def test_weighted_merge_job_replaces_a_broken_earlier_merge_whole(zoo, tmp_path, capsys):

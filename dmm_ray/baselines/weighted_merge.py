@@ -225,13 +225,20 @@ def weighted_merge_teachers(
     specs: Sequence[Any], weights: Sequence[float] | None, output_dir: str | Path, merge_text_encoder: bool = True, setting: str = "output_dir"
 ) -> Path:
     """Load TeacherSpecs, merge them, save a diffusers folder (+ weighted_merge.json provenance) with
-    `save_atomically`: the folder holds the previous merge until the new one is complete."""
+    `save_atomically`: the folder holds the previous merge until the new one is complete. One weighted
+    merge per folder at a time: a hidden lock beside it (dmm_ray/output_lock.py), taken before any
+    teacher is loaded; a second one refuses (the two would share the save's hidden siblings)."""
+    from dmm_ray import output_lock
     from dmm_ray.teachers import load_teacher_pipeline, teacher_checksum
 
     names = [s.name for s in specs]
     w = validate_weights(weights, names)  # fail before loading anything
     check_output(output_dir, setting)
-    pipes = [load_teacher_pipeline(s) for s in tqdm(specs, desc="loading teachers")]
-    merged = weighted_merge_pipelines(pipes, w, names, merge_text_encoder)
-    record = {"teachers": names, "weights": w, "checksums": [teacher_checksum(s) for s in specs], "merge_text_encoder": merge_text_encoder}
-    return save_atomically(merged, output_dir, record)
+    dest = Path(output_dir).expanduser().absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = f".{dest.name}.{SAVE_TAG}.lock"
+    with output_lock.hold(dest.parent, name=lock, job="weighted merge", what=f"{setting} {dest}", fix=f"another {setting}"):
+        pipes = [load_teacher_pipeline(s) for s in tqdm(specs, desc="loading teachers")]
+        merged = weighted_merge_pipelines(pipes, w, names, merge_text_encoder)
+        record = {"teachers": names, "weights": w, "checksums": [teacher_checksum(s) for s in specs], "merge_text_encoder": merge_text_encoder}
+        return save_atomically(merged, dest, record)

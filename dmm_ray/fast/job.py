@@ -35,6 +35,7 @@ class FastResult:
 
 
 COMPLETE_RECORD = "fast_complete.json"  # in the stage's folder (dmm_ray/completion.py)
+FAST_LOCK = "fast.lock"  # one few-step job per folder (dmm_ray/output_lock.py); not merge.lock: fast.output_dir may be the merge's output_dir
 
 
 def log(msg: str) -> None:
@@ -270,7 +271,21 @@ class FewStepStudent(StudentSource):
 def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False) -> FastResult:
     """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
     Training state in the output folder resumes only when it was made from the same model with the
-    same settings (dmm_ray.fingerprint.check_fast_resume); `restart` discards it first."""
+    same settings (dmm_ray.fingerprint.check_fast_resume); `restart` discards it first. One few-step
+    job per folder at a time (its `fast.lock`, dmm_ray/output_lock.py): a second one refuses."""
+    from dmm_ray import output_lock
+
+    started = time.time()
+    model_dir = Path(model_dir).resolve()
+    styles = check_model_folder(model_dir)
+    out = fast_dir(cfg).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fix = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"
+    with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=fix):
+        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started)
+
+
+def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, tracker, evaluate: bool, restart: bool, started: float) -> FastResult:
     import ray
 
     from dmm_ray import fingerprint
@@ -278,10 +293,6 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
 
-    started = time.time()
-    model_dir = Path(model_dir).resolve()
-    styles = check_model_folder(model_dir)
-    out = fast_dir(cfg).resolve()
     if restart:
         forget(out, COMPLETE_RECORD)
         removed = fingerprint.discard_fast_state(cfg, out)
@@ -298,7 +309,6 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
             + "; nothing to do. --restart trains again"
         )
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
-    out.mkdir(parents=True, exist_ok=True)
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
     log(
