@@ -21,7 +21,9 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
     plain = bake(merged_pipe, style_weights={"noir": 0.5, "neon": 0.5})
     export_pipeline(plain, "noir.safetensors", fmt="single_file", metadata=provenance(...))
 
-`jobs/export.py` is the command-line front end (provenance metadata, MLflow artifact logging).
+`jobs/export.py` is the command-line front end over this module (its checks before any work:
+`check_device`, `check_selection`, `export_config_dir`; `verify`, `unet_relative_error`) and
+`dmm_ray.tracking` (`resolve_model`, `export_target`, `check_run`, `log_export`: the MLflow side).
 """
 
 from __future__ import annotations
@@ -459,3 +461,87 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             raise StyleError(f"--weights: {value!r} is not a number (in {part!r})") from None
     return out
+
+
+# ---- checks before any work (jobs/export.py) --------------------------------------------------
+def check_device(name: str) -> None:
+    """A device torch knows and this build can use (ExportError naming --device otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ExportError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"--device {name}: this torch build sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+
+
+def check_selection(names: list[str], style: str | None, weights: dict[str, float] | None) -> None:
+    """--style / --weights against the model's style names (StyleError naming the known ones)."""
+    from dmm_ray.styles import style_weights
+
+    if style is not None:
+        style_weights(names, style)
+        return
+    seen: dict[int, str] = {}
+    for key in weights:
+        index = style_weights(names, key).index(1.0)
+        if index in seen:
+            raise StyleError(f"--weights gives style {names[index]!r} twice ({seen[index]}= and {key}=: a name and its index); give each style once")
+        seen[index] = key
+    style_weights(names, weights)  # negative, all zero, not finite
+
+
+def export_config_dir(out: Path, fmt: str, config_dir: str | None = None) -> Path | None:
+    """The single-file export's config folder (`config_dir`, i.e. --config-dir; default `out` with the
+    suffix .config; 'none': no folder, as for a diffusers export), refused (ExportError) before any
+    work when it would overwrite something that is not an earlier export's config folder, or clash with `out`."""
+    from dmm_ray.paths import check_writable_folder
+
+    if fmt != "single_file" or (config_dir or "").lower() == "none":
+        return None
+    if config_dir:
+        folder, setting = Path(config_dir).expanduser(), "--config-dir"
+        hint = "give a new folder or an earlier export's config folder, --config-dir none to skip it, or delete it first"
+    else:
+        folder, setting = out.with_suffix(".config"), "the config folder"
+        hint = "it is --config-dir's default, --out with the suffix .config: choose another with --config-dir DIR, skip it with --config-dir none, or delete it first"
+    a, b = folder.absolute(), out.absolute()
+    if a == b or a in b.parents or b in a.parents:
+        raise ExportError(f"{setting} {folder} and --out {out} overlap; give the config folder a path of its own, beside --out")
+    check_config_replaceable(folder, setting, hint)
+    check_writable_folder(folder.parent, f"{setting}'s parent")
+    return folder
+
+
+# ---- verification -----------------------------------------------------------------------------
+def verify(export: Path, fmt: str, config_dir: Path | None, merged, style, style_weights) -> float:
+    """Max relative difference between the export's UNet and the merged model's with the style."""
+    from dmm_ray.architectures import base_pipeline_class
+
+    if fmt == "diffusers":
+        plain = base_pipeline_class(export).from_pretrained(str(export), local_files_only=True)
+    else:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cls = StableDiffusionXLPipeline if getattr(merged, "text_encoder_2", None) is not None else StableDiffusionPipeline
+        plain = cls.from_single_file(str(export), config=str(config_dir), local_files_only=True)
+    return unet_relative_error(merged.unet, plain.unet, style, style_weights)
+
+
+def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, batch: int = 2, seed: int = 0) -> float:
+    """max |eps_style - eps_plain| / max |eps_style| on random latents, timesteps and text states (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = style_unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    h = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": torch.rand(batch, 6, generator=g) * size * 8}
+    w = style_vector(style_unet, style, style_weights)[None].repeat(batch, 1)
+    with torch.no_grad():
+        su, pu = style_unet.float(), plain_unet.float()
+        a = su(x, t, h, style_weights=w, added_cond_kwargs=added).sample
+        b = pu(x, t, h, added_cond_kwargs=added).sample
+    return float((a - b).abs().max() / a.abs().max())

@@ -125,10 +125,15 @@ def resolve_tracking_uri(uri: Optional[str], base: str | os.PathLike | None = No
     return SQLITE + resolve(db, base)
 
 
-def sqlite_path(uri: Optional[str]) -> Optional[Path]:
-    """The database file of an absolute `sqlite:///` URI, else None."""
-    if uri and uri.startswith(SQLITE) and uri[len(SQLITE) :].startswith("/"):
-        return Path(uri[len(SQLITE) :])
+def sqlite_path(uri: Optional[str], relative: bool = False) -> Optional[Path]:
+    """The database file of an absolute `sqlite:///` URI (its `?query` dropped), else None.
+    `relative=True`: a relative one too (`sqlite:///mlflow.db`: as SQLAlchemy opens it, against the
+    current directory); never `:memory:` nor an empty path."""
+    if not uri or not uri.startswith(SQLITE):
+        return None
+    db = uri[len(SQLITE) :].split("?")[0]
+    if db.startswith("/") or (relative and db not in ("", ":memory:")):
+        return Path(db)
     return None
 
 

@@ -21,7 +21,7 @@ def merged():
 
 
 def relative_error(style_unet, plain_unet, **style) -> float:
-    from jobs.export import unet_relative_error
+    from dmm_ray.export import unet_relative_error
 
     return unet_relative_error(style_unet, plain_unet, batch=3, **style)
 
@@ -376,6 +376,25 @@ def test_an_earlier_exports_config_folder_is_replaced_and_a_failed_export_change
     monkeypatch.setattr(dmm_ray.export, "_rewrite_with_metadata", interrupted)  # the diffusers folder is written, then this
     assert run_job(*model, "--style", "ink", "--out", tmp_path / "d", "--format", "diffusers") == 130
     assert tree(tmp_path) == before and read_metadata(out)["dmm.style"] == "pixel" and read_metadata(tmp_path / "d")["dmm.style"] == "neon"
+
+
+def test_config_dir_with_a_diffusers_export_is_a_usage_error(merged_dir, tmp_path, capsys, no_loading):
+    """Finding: --config-dir with a diffusers export (--format diffusers, or an --out without
+    .safetensors) was silently ignored; it is refused when the arguments are parsed (exit 2)."""
+    message = (
+        "--config-dir applies to --format single_file only (a diffusers folder carries its own configs); "
+        "drop it or use --format single_file with an --out ending in .safetensors"
+    )
+    model = ["--model", merged_dir, "--style", "ink", "--no-track", "--config-dir", tmp_path / "c.config"]
+    for out in (["--out", tmp_path / "d"], ["--out", tmp_path / "d.safetensors", "--format", "diffusers"]):
+        with pytest.raises(SystemExit) as exited:
+            run_job(*model, *out)
+        assert exited.value.code == 2, out
+        assert message in capsys.readouterr().err, out
+    assert list(tmp_path.iterdir()) == []
+    # `--config-dir none` (skip it) still goes with a diffusers export: past every check, up to loading
+    with pytest.raises(AssertionError, match="loaded before the input was checked"):
+        run_job("--model", merged_dir, "--style", "ink", "--no-track", "--out", tmp_path / "d", "--config-dir", "none")
 
 
 def test_parse_weights_refuses_duplicates_and_empty_entries():
