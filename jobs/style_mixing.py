@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", required=True, help="merged model folder or models:/name/version (downloaded into a temporary folder, removed when the job ends)"
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow store a models:/ --model is read from (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)"
     )
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
     p.add_argument("--group", help="comma-separated styles to mix (Table 3), e.g. warm,cool,faded,bright")
@@ -91,65 +94,32 @@ def _styles(option: str, text: str, known: list[str], count: int | None = None) 
     return names
 
 
-def _weighted_merge_plan(args, group_specs) -> tuple[Path, str | None]:
-    """(folder, why it is built) of the group's weighted merge, before any model is loaded; why is None
-    when the folder already holds the group's merge at equal weights (reused). An explicit
-    --weighted-merge of another mix, or one without a record, is refused (it is not ours to replace);
-    the default OUT/weighted_merge is rebuilt when it holds another mix or is incomplete."""
-    from dmm_ray.baselines.weighted_merge import RECORD, MergeMismatchError, check_output, merge_mismatch, read_record
-    from dmm_ray.paths import OutputPathError, expand
-
-    group = ",".join(s.name for s in group_specs)
-    if args.weighted_merge:
-        folder = Path(expand(args.weighted_merge))
-        if folder.exists() and not folder.is_dir():
-            raise OutputPathError(
-                f"--weighted-merge {folder} is a file, not a folder; give the folder of the group's weighted merge "
-                "(jobs/weighted_merge.py --out) or a new folder to build it in"
-            )
-        if (folder / "model_index.json").is_file():
-            why = merge_mismatch(folder, group_specs)
-            if why:
-                raise MergeMismatchError(
-                    f"--weighted-merge {folder} is not the weighted merge of --group {group} at equal weights: {why}; "
-                    f"give that group's weighted merge (jobs/weighted_merge.py --names {group} --out DIR), or a new folder to build it in"
-                )
-            return folder, None
-        check_output(folder, "--weighted-merge")
-        return folder, "--weighted-merge has no model yet"
-    folder = Path(expand(args.out)) / "weighted_merge"
-    why = merge_mismatch(folder, group_specs) if (folder / "model_index.json").is_file() else "none there yet"
-    if why and folder.is_dir() and any(folder.iterdir()) and read_record(folder) is None:
-        raise OutputPathError(
-            f"--out {args.out}: {folder} holds files but no {RECORD}, so it is not a weighted merge this job may reuse or replace; "
-            "move it away, or give another --out (or --weighted-merge DIR)"
-        )
-    if why:
-        check_output(folder, "--out's weighted_merge folder")  # an earlier weighted merge is replaced
-    return folder, why
-
-
 @cli_main(interrupted="finished FID statistics stay cached and a complete weighted merge stays in its folder; re-run the same command to go on")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args, "model", "teachers", "group", "weighted_merge", "sweep", "config", "out", "tracking_uri")
     set_verbosity(args.verbose)
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
+    from dmm_ray.baselines.weighted_merge import plan_group_merge
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.sources import load_eval_setup
     from dmm_ray.paths import check_writable_folder
-    from dmm_ray.tracking import local_model
+    from dmm_ray.tracking import check_tracking_store, is_mlflow_uri, local_model
 
     setup = load_eval_setup(args.teachers)
     known = [t.name for t in setup.teachers]
     group = _styles("--group", args.group, known) if args.group else None
     pair = _styles("--sweep", args.sweep, known, count=2) if args.sweep else None
     check_writable_folder(args.out, "--out")
+    if args.tracking_uri and is_mlflow_uri(args.model):
+        check_tracking_store(args.tracking_uri, "--tracking-uri")  # before any image, not at the download
     specs = {s.name: s for s in setup.teachers}
-    wm_plan = _weighted_merge_plan(args, [specs[g] for g in group]) if group else None
+    wm_plan = plan_group_merge([specs[g] for g in group], args.out, args.weighted_merge) if group else None
     cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
-    with local_model(args.model) as model_path:  # a models:/ download is removed afterwards
+    with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 
 

@@ -129,6 +129,15 @@ def test_style_mixing_cli_checks_styles_and_out_before_any_image(teachers, tmp_p
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert re.search(message if extra[-1].endswith("f") else re.escape(message), err), err
+    # a store MLflow cannot open, for a models:/ --model: refused before the download, not after
+    registry = ["--model", "models:/dmm-toy/1", *base[2:], "--group", ",".join(NAMES), "--out", str(tmp_path / "mix")]
+    assert main(registry + ["--tracking-uri", "nosuchscheme://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tracking-uri") and "nosuchscheme" in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_info:  # an unset shell variable: not silently the default folder
+        main(base + ["--group", ",".join(NAMES), "--out", ""])
+    assert exit_info.value.code == 2 and "--out is empty" in capsys.readouterr().err
+    assert not (tmp_path / "mix").exists()
 
 
 def _mixing_world(specs, other, tmp_path):

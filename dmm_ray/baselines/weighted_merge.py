@@ -192,6 +192,44 @@ def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[f
     return None
 
 
+def plan_group_merge(group_specs: Sequence[Any], out: str, explicit: str | None = None) -> tuple[Path, str | None]:
+    """jobs/style_mixing.py's Table 3 baseline: (folder, why it is built) of the weighted merge of
+    `group_specs` at equal weights, decided before any model is loaded; why is None when the folder
+    already holds that merge (reused). `explicit` (--weighted-merge) of another mix, or one without a
+    record, is refused (it is not ours to replace); the default `out`/weighted_merge is rebuilt when
+    it holds another mix or is incomplete."""
+    from dmm_ray.paths import OutputPathError, expand
+
+    group = ",".join(s.name for s in group_specs)
+    if explicit:
+        folder = Path(expand(explicit))
+        if folder.exists() and not folder.is_dir():
+            raise OutputPathError(
+                f"--weighted-merge {folder} is a file, not a folder; give the folder of the group's weighted merge "
+                "(jobs/weighted_merge.py --out) or a new folder to build it in"
+            )
+        if (folder / "model_index.json").is_file():
+            why = merge_mismatch(folder, group_specs)
+            if why:
+                raise MergeMismatchError(
+                    f"--weighted-merge {folder} is not the weighted merge of --group {group} at equal weights: {why}; "
+                    f"give that group's weighted merge (jobs/weighted_merge.py --names {group} --out DIR), or a new folder to build it in"
+                )
+            return folder, None
+        check_output(folder, "--weighted-merge")
+        return folder, "--weighted-merge has no model yet"
+    folder = Path(expand(out)) / "weighted_merge"
+    why = merge_mismatch(folder, group_specs) if (folder / "model_index.json").is_file() else "none there yet"
+    if why and folder.is_dir() and any(folder.iterdir()) and read_record(folder) is None:
+        raise OutputPathError(
+            f"--out {out}: {folder} holds files but no {RECORD}, so it is not a weighted merge this job may reuse or replace; "
+            "move it away, or give another --out (or --weighted-merge DIR)"
+        )
+    if why:
+        check_output(folder, "--out's weighted_merge folder")  # an earlier weighted merge is replaced
+    return folder, why
+
+
 SAVE_TAG = "weighted-merge"  # the save's hidden siblings: .<name>.weighted-merge.tmp / .old (dmm_ray.merged_model)
 
 
