@@ -105,6 +105,28 @@ class _StyleCallMixin:
             self.__dict__["_sampler_defaults"] = cached
         return dict(cached[1])
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, plus the model folder's `sampler.json` and `styles.json`: without the sampler
+        record the saved copy would sample with the paper's defaults, not this model's."""
+        import shutil
+
+        from dmm_ray.merged_model import STYLES_RECORD
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = getattr(self.config, "_name_or_path", None)
+        for name in (SAMPLER_RECORD, STYLES_RECORD):
+            record, target = Path(str(source)) / name, Path(save_directory) / name
+            if source and record.is_file() and not (target.exists() and record.samefile(target)):
+                shutil.copyfile(record, target)
+
+    @classmethod
+    def _get_signature_types(cls):
+        """diffusers' `from_pipe` carries a model over only when its type is the annotated one: a merged
+        model's unet is a StyleUNet, not exactly a UNet2DConditionModel."""
+        types = super()._get_signature_types()
+        types["unet"] = (*types.get("unet", ()), StyleUNet)
+        return types
+
     @staticmethod
     def _prompt_batch(prompt, kwargs: dict) -> int:
         """How many prompts a call has: a str is 1, a list its length, else `prompt_embeds`' batch."""

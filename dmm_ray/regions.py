@@ -167,6 +167,8 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
         mask = np.array(mask.convert("L"))
     raw = torch.as_tensor(mask)
     if raw.dtype == torch.uint8:
+        if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask in uint8 would weigh 1/255: almost nothing
+            raise RegionError(f"{label}: a uint8 mask is read as 0..255 but this one's maximum is 1; pass mask * 255, or a bool or float mask")
         t = raw.float() / 255.0
     elif raw.dtype == torch.bool:
         t = raw.float()
@@ -227,8 +229,8 @@ def build_region_views(
         raise RegionError("regions must be a non-empty list of Region(...)")
     if feather is None:
         feather = max(float(vae_scale_factor), min(H, W) / 16)
-    if feather < 0 or not math.isfinite(feather):
-        raise RegionError(f"feather must be a finite sigma >= 0 in image pixels, got {feather}")
+    if isinstance(feather, bool) or not isinstance(feather, numbers.Real) or feather < 0 or not math.isfinite(feather):
+        raise RegionError(f"feather must be a finite sigma >= 0 in image pixels, got {feather!r}")
     prompts: list[str] = []
     hard, soft, rows, prompt_idx, labels = [], [], [], [], []
     for i, region in enumerate(regions):
@@ -347,6 +349,8 @@ def _style_map_row(style_names: Sequence[str], style_map: Any, x: float, fallbac
                 raise RegionError(f"style_map entry {entry!r}: need 0 <= x0 < x1 <= 1 (fractions of the width)")
             if float(a) <= x < float(b) or (x == 1.0 and float(b) == 1.0):
                 return resolve_style(style_names, style)
+        if fallback is not None:  # style= / style_weights=: the panorama's default, where the map names no style
+            return fallback
         raise RegionError(f"{label}: style_map has no range covering x = {x:.3f} (fraction of the width)")
     except StyleError as exc:
         raise StyleError(f"{label}: {exc}") from None
@@ -394,6 +398,20 @@ def build_panorama_views(
 
 
 # ---- the batched, blending UNet forward -------------------------------------------------------
+PER_SAMPLE_SPATIAL = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
+# ControlNet / T2I-Adapter residuals: maps of the whole canvas, one row per pipeline sample
+
+
+def _rows(value, index: torch.Tensor, batch: int):
+    """A per-sample input of the pipeline's batch (a tensor of `batch` rows, or a list/tuple of them:
+    IP-Adapter image embeds, ControlNet residuals) -> the views' rows (`index`); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+        return value[index.to(value.device)]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows(v, index, batch) for v in value)
+    return value
+
+
 class RegionalUNet:
     """Stands in for `unet.forward` during a call: pipeline batch (M, C, h, w) -> views -> ONE UNet
     forward (chunks of `max_batch` rows when set) -> blended noise prediction (M, C, h, w).
@@ -454,13 +472,19 @@ class RegionalUNet:
             if per_sample_t:
                 tsteps.append(timestep[i])
         n = len(rows)
+        if plan.windowed and any(kwargs.get(k) is not None for k in PER_SAMPLE_SPATIAL):
+            raise RegionError(
+                "ControlNet residuals are maps of the whole canvas: they go with whole-canvas region views only, "
+                "not with region_window= or a panorama"
+            )
+        index = torch.tensor([i for i, _, _ in rows])  # the pipeline row of every view row
         chunk = n if not plan.max_batch else plan.max_batch
         outs = []
         for s in range(0, n, chunk):
             sl = slice(s, min(n, s + chunk))
             extra = {}
             if added:
-                extra_added = {k: val for k, val in added.items() if k not in ("text_embeds", "time_ids")}
+                extra_added = {k: _rows(val, index[sl], M) for k, val in added.items() if k not in ("text_embeds", "time_ids")}
                 if text:
                     extra_added["text_embeds"] = torch.stack(text[sl])
                 if tids:
@@ -476,7 +500,7 @@ class RegionalUNet:
                 style_embeds=torch.stack(styles[sl]),
                 return_dict=False,
                 **extra,
-                **kwargs,
+                **{k: _rows(val, index[sl], M) for k, val in kwargs.items()},
             )[0]
             self.calls += 1
             outs.append(out)
@@ -692,7 +716,7 @@ def regional_call(
             "regions, the default of a panorama), not a list per prompt; give each part its style with "
             "Region(style=...) or style_map="
         )
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1):
         raise RegionError(f"max_batch must be a positive integer, got {max_batch!r}")
     f = pipe.vae_scale_factor
     native = unet.config.sample_size * f

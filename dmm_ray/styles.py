@@ -23,11 +23,22 @@ def is_per_prompt(style: Any = None, style_weights: Any = None) -> bool:
     """Whether a call's `style=` / `style_weights=` is one selection per prompt (a list of names,
     indices or mixtures) rather than one for every prompt (a name, an index, a dict, N weights)."""
     if style is not None:
-        return isinstance(style, (list, tuple))
+        return isinstance(style, (list, tuple)) or _is_id_array(style)
+    if getattr(style_weights, "ndim", 0) == 2 and hasattr(style_weights, "tolist"):  # a (B, N) tensor or array: a row per prompt
+        return True
     if not isinstance(style_weights, (list, tuple)) or not style_weights:
         return False
     first = style_weights[0]
     return isinstance(first, (Mapping, list, tuple)) or getattr(first, "ndim", 0) > 0  # a row of weights (tensor, array)
+
+
+def _is_id_array(x: Any) -> bool:
+    """A 1-D tensor / array of style indices or names (one per prompt), not a row of mixture weights."""
+    if getattr(x, "ndim", None) != 1 or not hasattr(x, "tolist"):
+        return False
+    if hasattr(x, "is_floating_point"):  # a torch tensor
+        return not x.is_floating_point()
+    return getattr(getattr(x, "dtype", None), "kind", "f") in "iuUS"  # numpy: ints, strings
 
 
 def style_weights(names: Sequence[str], selection: Any) -> list[float]:

@@ -81,6 +81,46 @@ def test_save_and_load_offline(pipe, tmp_path):
     assert torch.equal(_gen(loaded, ["a red circle"], style="neon"), _gen(pipe, ["a red circle"], style="neon"))
 
 
+def test_save_pretrained_keeps_the_models_sampler_and_style_records(pipe, tmp_path):
+    """A merged model saved again (pipe.save_pretrained) keeps its sampler.json and styles.json: without
+    them the copy sampled with the paper's 25 steps, CFG 7 and negative prompt, not the model's own."""
+    import json
+
+    from dmm_ray.merged_model import STYLES_RECORD
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_record
+
+    pipe.save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
+    (tmp_path / "a" / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": n} for n in STYLES]))
+    own = DMMPipeline.from_pretrained(tmp_path / "a", local_files_only=True)
+    own.save_pretrained(tmp_path / "b")
+    for record in (SAMPLER_RECORD, STYLES_RECORD):
+        assert (tmp_path / "b" / record).read_text() == (tmp_path / "a" / record).read_text()
+    copy = DMMPipeline.from_pretrained(tmp_path / "b", local_files_only=True)
+    assert copy.sampler_defaults == own.sampler_defaults and copy.sampler_defaults["num_inference_steps"] == 2
+    own.save_pretrained(tmp_path / "a")  # over its own folder: nothing to copy, nothing lost
+    assert json.loads((tmp_path / "a" / SAMPLER_RECORD).read_text())["num_inference_steps"] == 2
+
+
+def test_styles_as_tensors_and_arrays_are_one_per_prompt(pipe):
+    """A 1-D integer tensor / array of indices (or an array of names) is one style per prompt, and a
+    (B, N) weight tensor one mixture per prompt (the StyleUNet's own shape), as lists are: a 1-D int
+    tensor with N prompts used to be read as ONE mixture of weights 0..N-1."""
+    import numpy as np
+
+    prompts = ["a red circle", "a blue square", "a green dot"]
+    by_list = _gen(pipe, prompts, style=[2, 0, 1])
+    for style in (torch.tensor([2, 0, 1]), np.array([2, 0, 1]), np.array(["pastel", "noir", "neon"])):
+        torch.testing.assert_close(_gen(pipe, prompts, style=style), by_list)
+    weights = torch.eye(3)[[2, 0, 1]]
+    torch.testing.assert_close(_gen(pipe, prompts, style_weights=weights), by_list)
+    torch.testing.assert_close(_gen(pipe, prompts, style_weights=weights.numpy()), by_list)
+    with pytest.raises(StyleError):
+        _gen(pipe, prompts, style_weights=torch.ones(2, 3))  # two rows for three prompts
+    one = _gen(pipe, prompts, style_weights=torch.tensor([0.0, 1.0, 3.0]))  # a float 1-D tensor: still one mixture
+    torch.testing.assert_close(one, _gen(pipe, prompts, style_weights={"neon": 0.25, "pastel": 0.75}))
+
+
 def test_negative_prompt_default_and_explicit_empty(pipe):
     """None means the paper's negative prompt; an explicit "" (what the zoo models were trained
     with as their unconditional caption) is kept, not replaced."""

@@ -194,3 +194,71 @@ def test_bake_refuses_a_model_with_plugins_loaded(plugin_files):
         bake(pipe, style="ink")
     pipe.unload_lora_weights()
     bake(pipe, style="ink")
+
+
+# ---- plugins with regional styles, and diffusers' from_pipe (QA, session 28) ---------------------
+TWO_SAME = ((0, 0, 0.5, 1), (0.5, 0, 1, 1))
+
+
+def _regions(style="ink"):
+    from dmm_ray.regions import Region
+
+    return [Region(box=box, style=style) for box in TWO_SAME]
+
+
+def _run(pipe, **kw):
+    return pipe(
+        ["a red circle", "a blue square"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=SIZE,
+        width=SIZE,
+        output_type="pt",
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        **kw,
+    ).images
+
+
+def test_ip_adapter_with_regions_gives_each_view_its_own_image_embeds(plugin_files):
+    """IP-Adapter's image embeddings are per pipeline sample ([uncond; cond] under CFG): the region
+    views must get the rows of their sample. Two regions of one style then equal plain generation
+    (they used to mix the unconditional and conditional image tokens: 0.68 apart on the demo model),
+    with chunks too (max_batch); a panorama runs (it failed inside diffusers' attention)."""
+    from dmm_ray.tiny_plugins import reference_image
+
+    pipe = tiny_merged("sd15")
+    pipe.load_ip_adapter(str(plugin_files["sd15"]["ip_adapter"]), subfolder="", weight_name="ip_adapter.safetensors")
+    ref = reference_image()
+    plain = _run(pipe, style="ink", ip_adapter_image=ref)
+    torch.testing.assert_close(_run(pipe, regions=_regions(), ip_adapter_image=ref), plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_run(pipe, regions=_regions(), max_batch=3, ip_adapter_image=ref), plain, atol=1e-4, rtol=0)
+    wide = pipe("a red circle", style_map=[(0, 1, "ink")], width=2 * SIZE, height=SIZE, num_inference_steps=2, output_type="pt", ip_adapter_image=ref)
+    assert wide.images.shape[-1] == 2 * SIZE
+
+
+def test_controlnet_with_regions_on_the_whole_canvas_and_a_clear_error_for_windows(plugin_files):
+    """ControlNet residuals are per sample and cover the whole canvas: whole-canvas region views take
+    their sample's rows (two regions of one style equal plain generation); cropped windows cannot use
+    them and say so (it failed inside diffusers with a shape mismatch)."""
+    from dmm_ray.plugins import with_controlnet
+    from dmm_ray.regions import RegionError
+    from dmm_ray.tiny_plugins import control_image
+
+    pipe = with_controlnet(tiny_merged("sd15"), plugin_files["sd15"]["controlnet"])
+    pipe.set_progress_bar_config(disable=True)
+    image = control_image(SIZE)
+    torch.testing.assert_close(_run(pipe, regions=_regions(), image=image), _run(pipe, style="ink", image=image), atol=1e-4, rtol=0)
+    wide = image.resize((2 * SIZE, SIZE))  # native windows on a canvas twice the model's size: crops
+    with pytest.raises(RegionError, match="whole-canvas region views only"):
+        pipe("a red circle", regions=_regions(), region_window="native", image=wide, width=2 * SIZE, height=SIZE, num_inference_steps=2)
+
+
+def test_from_pipe_carries_the_merged_unet_over():
+    """diffusers' `from_pipe` keeps a component only when its type is the annotated one; a merged
+    model's unet is a StyleUNet, so `DMMPipeline.from_pipe(pipe)` used to raise."""
+    from dmm_ray.pipeline import DMMPipeline
+
+    pipe = tiny_merged("sd15")
+    again = DMMPipeline.from_pipe(pipe)
+    assert again.unet is pipe.unet and again.styles == pipe.styles
+    torch.testing.assert_close(_run(again, style="neon"), _run(pipe, style="neon"))

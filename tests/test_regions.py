@@ -267,6 +267,15 @@ def test_panorama_at_native_size_equals_plain(pipe):
     assert torch.equal(pano, plain)
 
 
+def test_panorama_style_fills_what_the_style_map_leaves(pipe):
+    """style= is the panorama's default: it takes the columns no style_map range covers (that used to
+    be an error), so a half map plus style= equals the full map with style= as its other half; numpy
+    integers work for max_batch."""
+    half = _gen(pipe, size=(16, 64), style_map=[(0, 0.5, "noir")], style="neon", window_stride=8)
+    full = _gen(pipe, size=(16, 64), style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")], window_stride=8, max_batch=np.int64(4))
+    torch.testing.assert_close(half, full, rtol=0, atol=1e-5)
+
+
 def test_panorama_windows_style_map_and_max_batch_chunks(pipe, unet_calls):
     # 16 x 64 px: latent 8 x 32, native windows of 8 with stride 4 -> 7 windows
     image = _gen(pipe, size=(16, 64), style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")], window_stride=8, max_batch=4)
@@ -380,6 +389,13 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(style_map={"noir": (0, 1)}), RegionError, r"style_map must be a list"),
         (dict(regions=[Region(box=ALL, style="noir")], style=["neon"]), StyleError, r"ONE style for every prompt"),
         (dict(window_stride=8, style_weights=[{"noir": 1}]), StyleError, r"ONE style for every prompt"),
+        (
+            dict(regions=[Region(mask=np.pad(np.ones((32, 16), np.uint8), ((0, 0), (0, 16))), style="noir")], background="neon"),
+            RegionError,
+            r"region 0: a uint8 mask is read as 0..255 but this one's maximum is 1",  # 0/1 in uint8: it would weigh 1/255
+        ),
+        (dict(regions=[Region(box=ALL, style="noir")], feather="4"), RegionError, r"feather must be a finite sigma >= 0 .*got '4'"),
+        (dict(regions=[Region(box=ALL, style="noir")], max_batch=True), RegionError, r"max_batch must be a positive integer, got True"),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
