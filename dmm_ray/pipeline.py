@@ -131,6 +131,8 @@ class _StyleCallMixin:
     def _prompt_batch(prompt, kwargs: dict) -> int:
         """How many prompts a call has: a str is 1, a list its length, else `prompt_embeds`' batch."""
         if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in ([prompt] if isinstance(prompt, str) else prompt)):
+                raise ValueError(f"prompt must be a str or a list of str, got {prompt!r:.80}")
             return 1 if isinstance(prompt, str) else len(prompt)
         if kwargs.get("prompt_embeds") is None:
             raise ValueError("give prompt= (a str or a list of str) or prompt_embeds=")

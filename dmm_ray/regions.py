@@ -722,8 +722,9 @@ def regional_call(
     native = unet.config.sample_size * f
     height = kwargs.get("height") or native
     width = kwargs.get("width") or native
-    if height % f or width % f:
-        raise RegionError(f"height and width must be multiples of {f}, got {height}x{width}")
+    step = math.lcm(f, 8)  # the VAE's factor, and diffusers' own rule (check_inputs: divisible by 8)
+    if height % step or width % step:
+        raise RegionError(f"height and width must be multiples of {step}, got {height}x{width}")
     kwargs.update(height=height, width=width)
 
     if regions is not None:

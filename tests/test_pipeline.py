@@ -121,6 +121,12 @@ def test_styles_as_tensors_and_arrays_are_one_per_prompt(pipe):
     torch.testing.assert_close(one, _gen(pipe, prompts, style_weights={"neon": 0.25, "pastel": 0.75}))
 
 
+@pytest.mark.parametrize("prompt", [5, ["a cat", 5], None])
+def test_a_prompt_that_is_not_text_is_a_clear_error(pipe, prompt):
+    with pytest.raises(ValueError, match="prompt must be a str or a list of str|give prompt="):
+        pipe(prompt, style="noir", num_inference_steps=1, height=32, width=32)
+
+
 def test_negative_prompt_default_and_explicit_empty(pipe):
     """None means the paper's negative prompt; an explicit "" (what the zoo models were trained
     with as their unconditional caption) is kept, not replaced."""

@@ -396,10 +396,12 @@ def test_background_fills_what_the_regions_leave(pipe):
         ),
         (dict(regions=[Region(box=ALL, style="noir")], feather="4"), RegionError, r"feather must be a finite sigma >= 0 .*got '4'"),
         (dict(regions=[Region(box=ALL, style="noir")], max_batch=True), RegionError, r"max_batch must be a positive integer, got True"),
+        (dict(regions=[Region(box=ALL, style="noir")], height=36), RegionError, r"height and width must be multiples of 8, got 36x32"),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
-    size = (16, 64) if "style_map" in kwargs and "regions" not in kwargs else (32, 32)
+    kwargs = dict(kwargs)  # the parameters are shared between runs
+    size = (16, 64) if "style_map" in kwargs and "regions" not in kwargs else (kwargs.pop("height", 32), 32)
     with pytest.raises(error, match=match):
         _gen(pipe, size=size, **kwargs)
     assert "forward" not in pipe.unet.__dict__
