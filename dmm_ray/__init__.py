@@ -14,6 +14,10 @@ _LAZY = {
     "bake": "dmm_ray.export",
     "DMMControlNetPipeline": "dmm_ray.plugins",
     "DMMXLControlNetPipeline": "dmm_ray.plugins",
+    "DMMImg2ImgPipeline": "dmm_ray.plugins",
+    "DMMInpaintPipeline": "dmm_ray.plugins",
+    "DMMXLImg2ImgPipeline": "dmm_ray.plugins",
+    "DMMXLInpaintPipeline": "dmm_ray.plugins",
 }
 
 

@@ -174,8 +174,9 @@ class _StyleCallMixin:
         return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 
 
-def _styled_call(parent_call):
-    """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop."""
+def _styled_call(parent_call, regional: bool = True):
+    """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop.
+    `regional=False`: a loop that starts from an image (img2img, inpainting) takes no regions= or panorama."""
 
     @torch.no_grad()
     def __call__(
@@ -203,6 +204,11 @@ def _styled_call(parent_call):
             guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         if any(a is not None for a in (regions, style_map, window_stride, background, region_window)) or region_decode:
+            if not regional:
+                raise ValueError(
+                    f"{type(self).__name__} starts from an image: regions= and panoramas (style_map=, window_stride=, background=, "
+                    "region_window=, region_decode=) go with DMMPipeline / DMMXLPipeline; here give style= or style_weights="
+                )
             # Regional styles / panoramas (dmm_ray/regions.py): one batched UNet call per step over all views.
             from dmm_ray.regions import regional_call
 

@@ -16,16 +16,39 @@ The ControlNet itself is stock: one trained on the base applies as it is (its re
 to the merged UNet's, which carries the style), and `ControlNetModel.from_unet(merged.unet)`
 initialises a new one from the merged trunk (the style module is not copied: a ControlNet has no
 class embedding). `with_controlnet(pipe, controlnet)` builds the right class from any pipeline.
+
+Image-to-image and inpainting in a style: `DMMImg2ImgPipeline` / `DMMInpaintPipeline` (SD1.5) and
+`DMMXLImg2ImgPipeline` / `DMMXLInpaintPipeline` (SDXL) run diffusers' own loops with the style rows,
+over the merged model's modules (`from_pipe`: shared, not copied):
+
+    img2img = DMMImg2ImgPipeline.from_pipe(pipe)
+    img2img("a cat", image=photo, strength=0.6, style="anime")
+    DMMInpaintPipeline.from_pipe(pipe)("a cat", image=photo, mask_image=mask, style_weights={"anime": 0.5, "ink": 0.5})
 """
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.pipeline import _StyleCallMixin, _styled_call
 
-__all__ = ["DMMControlNetPipeline", "DMMXLControlNetPipeline", "with_controlnet"]
+__all__ = [
+    "DMMControlNetPipeline",
+    "DMMXLControlNetPipeline",
+    "DMMImg2ImgPipeline",
+    "DMMInpaintPipeline",
+    "DMMXLImg2ImgPipeline",
+    "DMMXLInpaintPipeline",
+    "with_controlnet",
+]
 
 
 class DMMControlNetPipeline(_StyleCallMixin, StableDiffusionControlNetPipeline):
@@ -38,6 +61,31 @@ class DMMXLControlNetPipeline(_StyleCallMixin, StableDiffusionXLControlNetPipeli
     """StableDiffusionXLControlNetPipeline over a merged SDXL model (style= / style_weights=)."""
 
     __call__ = _styled_call(StableDiffusionXLControlNetPipeline.__call__)
+
+
+class DMMImg2ImgPipeline(_StyleCallMixin, StableDiffusionImg2ImgPipeline):
+    """StableDiffusionImg2ImgPipeline over a merged model: `pipe(prompt, image=init, strength=0.6, style="noir")`."""
+
+    __call__ = _styled_call(StableDiffusionImg2ImgPipeline.__call__, regional=False)
+
+
+class DMMInpaintPipeline(_StyleCallMixin, StableDiffusionInpaintPipeline):
+    """StableDiffusionInpaintPipeline over a merged model (its own 4-channel UNet: the masked area is
+    re-drawn in the style, the rest kept): `pipe(prompt, image=init, mask_image=mask, style="noir")`."""
+
+    __call__ = _styled_call(StableDiffusionInpaintPipeline.__call__, regional=False)
+
+
+class DMMXLImg2ImgPipeline(_StyleCallMixin, StableDiffusionXLImg2ImgPipeline):
+    """StableDiffusionXLImg2ImgPipeline over a merged SDXL model (style= / style_weights=)."""
+
+    __call__ = _styled_call(StableDiffusionXLImg2ImgPipeline.__call__, regional=False)
+
+
+class DMMXLInpaintPipeline(_StyleCallMixin, StableDiffusionXLInpaintPipeline):
+    """StableDiffusionXLInpaintPipeline over a merged SDXL model (style= / style_weights=)."""
+
+    __call__ = _styled_call(StableDiffusionXLInpaintPipeline.__call__, regional=False)
 
 
 def with_controlnet(pipe, controlnet):

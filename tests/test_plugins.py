@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import MIXTURE, OTHER_MIXTURE, SIZE, STYLES, gen, tiny_merged
+from export_helpers import MIXTURE, NEGATIVE, OTHER_MIXTURE, PROMPT, SIZE, STYLES, gen, tiny_merged
 
 ARCHS = ["sd15", "sdxl"]
 MODES = ["style", "mixture", "baked"]
@@ -262,3 +262,41 @@ def test_from_pipe_carries_the_merged_unet_over():
     again = DMMPipeline.from_pipe(pipe)
     assert again.unet is pipe.unet and again.styles == pipe.styles
     torch.testing.assert_close(_run(again, style="neon"), _run(pipe, style="neon"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_in_a_style_equal_diffusers_on_the_baked_style(arch, task):
+    """DMM(XL)Img2ImgPipeline / DMM(XL)InpaintPipeline, made with from_pipe over the merged model's
+    modules, give what diffusers' own pipeline gives on the same style baked into a stock UNet (the
+    bake is exact); another style gives another image; regions are refused with a clear error."""
+    import diffusers
+    from PIL import Image
+
+    from dmm_ray import plugins
+    from dmm_ray.export import bake
+
+    merged = tiny_merged(arch)
+    xl = "XL" if arch == "sdxl" else ""
+    styled_cls = getattr(plugins, f"DMM{xl}{'Img2Img' if task == 'img2img' else 'Inpaint'}Pipeline")
+    stock_cls = getattr(diffusers, f"StableDiffusion{xl}{'Img2Img' if task == 'img2img' else 'Inpaint'}Pipeline")
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((SIZE, SIZE // 2), 255, np.uint8), ((0, 0), (0, SIZE // 2))))
+    task_kw = {"image": init, "strength": 0.75, **({"mask_image": mask, "height": SIZE, "width": SIZE} if task == "inpaint" else {})}
+
+    def run(pipe, **kw):
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator().manual_seed(0)
+        return pipe(
+            PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=5.0, output_type="np", generator=gen, **task_kw, **kw
+        ).images
+
+    styled = styled_cls.from_pipe(merged)
+    assert styled.unet is merged.unet
+    stock = stock_cls.from_pipe(bake(merged, style="ink"))  # the baked style's stock pipeline
+    ink = run(styled, style="ink")
+    np.testing.assert_allclose(ink, run(stock), atol=1e-4)
+    assert differ(ink, run(styled, style="neon")) > MIN_CHANGE
+    with pytest.raises(ValueError, match="starts from an image: regions= and panoramas"):
+        run(styled, regions=_regions())
