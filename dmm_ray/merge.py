@@ -381,9 +381,11 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         for stage in STAGES:
             if stage.when(run):
                 stage.run(run)
-    except BaseException:
+    except BaseException as error:
         if tracker is not None and hasattr(tracker, "abort"):
-            tracker.abort("FAILED")  # the MLflow runs show the failure; the last good model stays
+            from dmm_ray.tracking import run_status
+
+            tracker.abort(run_status(error))  # FAILED, or KILLED when interrupted; the last good model stays
         raise
     record_complete(asked, out, result)
     if we_started_ray:

@@ -9,8 +9,19 @@ from __future__ import annotations
 import mlflow.pyfunc
 
 
+def model_signature():
+    """The pyfunc's signature: `prompt` (string), optional `style` (a name, or an index as a string
+    such as "2"), and the `num_inference_steps` param (default: the model's own sampler.json)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style", required=False)])
+    return ModelSignature(inputs=inputs, params=ParamSchema([ParamSpec("num_inference_steps", "long", None)]))
+
+
 class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
-    """DataFrame with `prompt` and optional `style` (name or index) columns -> list of PIL images."""
+    """DataFrame with `prompt` and optional `style` (a name, or an index as a string: "2") columns -> list of
+    PIL images; `params={"num_inference_steps": n}` (default: the model's own sampler)."""
 
     # predict() takes a DataFrame of prompts and styles and returns images: no type hint MLflow's
     # validation supports describes that, and without one MLflow warns at class definition, in a way

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_TAG = "dmm.project"
 STAGE_TAG = "dmm.stage"
+OUTPUT_TAG = "dmm.output_dir"  # a stage run's output_dir: its resumed and stale runs
 MODEL_ARTIFACT = "merged_model"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's experiment type
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
@@ -196,7 +197,7 @@ class MergeTracker:
             yield run
 
     @contextlib.contextmanager
-    def stage(self, name: str, config: Any = None, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    def stage(self, name: str, config: Any = None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
         """A nested run for one stage (e.g. 'initial-merge', 'incremental-1', 'weighted-merge')."""
         if not self.enabled:
             yield None
@@ -204,7 +205,7 @@ class MergeTracker:
         mlflow = _mlflow()
         if mlflow.active_run() is None:
             raise RuntimeError("open the project run first: `with tracker.project(): with tracker.stage(...)`")
-        tags = {PROJECT_TAG: self.config.project, STAGE_TAG: name, "dmm.kind": "stage"}
+        tags = {PROJECT_TAG: self.config.project, STAGE_TAG: name, "dmm.kind": "stage", **(tags or {})}
         with mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id, tags=tags) as run:
             if config is not None:
                 self.log_config(config)
@@ -255,9 +256,12 @@ class MergeTracker:
         for p in (getattr(result, "files", None) or {}).values():
             _mlflow().log_artifact(str(p), artifact_path)
 
-    def log_merged_model(self, model_dir: str | Path, registered_name: str | None = "__config__", description: str = "") -> str:
-        """Log the merged diffusers folder as a pyfunc model; register it. Returns a model URI
-        (`models:/<name>/<version>` when registered, else the logged model's URI)."""
+    def log_merged_model(
+        self, model_dir: str | Path, registered_name: str | None = "__config__", description: str = "", tags: Mapping[str, Any] | None = None
+    ) -> str:
+        """Log the merged diffusers folder as a pyfunc model; register it, with `description` and `tags`
+        on the new version. Returns a model URI (`models:/<name>/<version>` when registered, else the
+        logged model's URI)."""
         if not self.enabled:
             return str(Path(model_dir).resolve())
         import mlflow.pyfunc
@@ -266,22 +270,32 @@ class MergeTracker:
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"'{model_dir}' is not a diffusers pipeline folder (no model_index.json)")
         name = self.config.registered_model_name if registered_name == "__config__" else registered_name
-        from dmm_ray.mlflow_model import DMMPyfuncModel
+        import warnings
 
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=DMMPyfuncModel(),
-            artifacts={"pipeline": str(model_dir)},
-            # Explicit requirements: MLflow's inference would import and probe the whole env (slow, noisy).
-            pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
-            registered_model_name=name,
-        )
+        from dmm_ray.mlflow_model import DMMPyfuncModel, model_signature
+
+        with warnings.catch_warnings():
+            # no input example: MLflow would load the pipeline and generate with it at log time
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=DMMPyfuncModel(),
+                artifacts={"pipeline": str(model_dir)},
+                # Explicit requirements: MLflow's inference would import and probe the whole env (slow, noisy).
+                pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
+                # without a params schema MLflow drops predict(params={"num_inference_steps": n}) with a warning
+                signature=model_signature(),
+                registered_model_name=name,
+            )
         if name:
             version = info.registered_model_version
-            if description:
-                from mlflow import MlflowClient
+            from mlflow import MlflowClient
 
-                MlflowClient().update_model_version(name, str(version), description=description)
+            client = MlflowClient()
+            if description:
+                client.update_model_version(name, str(version), description=description)
+            for key, value in (tags or {}).items():
+                client.set_model_version_tag(name, str(version), key, str(value))
             return f"models:/{name}/{version}"
         return info.model_uri
 
@@ -626,16 +640,40 @@ class StageTracker(MergeTracker):
         super().__init__(config)
         self._stack = contextlib.ExitStack()
         self.stage_run_id: str | None = None
+        self.stage_name = "merge"
 
     def start_stage(self, name: str, cfg: Any = None) -> dict | None:
         if not self.enabled:
             return None
         mlflow = _mlflow()
+        output = getattr(cfg, "output_dir", None)
+        tags = {OUTPUT_TAG: str(output)} if output else {}
+        if output:
+            self.close_stale_runs(str(output), name)
         if mlflow.active_run() is None:
             self._stack.enter_context(self.project())
-        run = self._stack.enter_context(self.stage(name, config=cfg))
-        self.stage_run_id = run.info.run_id
+        run = self._stack.enter_context(self.stage(name, config=cfg, tags=tags))
+        self.stage_run_id, self.stage_name = run.info.run_id, name
         return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
+
+    def close_stale_runs(self, output: str, stage: str) -> None:
+        """Stage runs of `output` still RUNNING belong to a job that died without ending them (SIGKILL,
+        the OOM killer, a lost node): the caller holds the lock of its kind of job (a merge: the
+        folder's merge.lock; the few-step stage: its fast.lock, dmm_ray/output_lock.py), so none of that
+        kind is alive. Mark them KILLED. A few-step job may run beside a merge of the same folder, so
+        each kind closes only its own runs."""
+        if "'" in output:
+            return
+        from mlflow import MlflowClient
+
+        kind = f"tags.`{STAGE_TAG}` {'=' if stage == 'fast' else '!='} 'fast'"
+        client = MlflowClient()
+        stale = client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` = '{output}' and {kind} and attributes.status = 'RUNNING'", max_results=100
+        )
+        for run in stale:
+            log.info("MLflow run %s (%s) of %s was left RUNNING by a merge that died: marked KILLED", run.info.run_id, run.info.run_name, output)
+            client.set_terminated(run.info.run_id, "KILLED")
 
     def finish_stage(self, cfg: Any, result: Any) -> Any:
         """Log what the merge produced (its evaluation if it ran, stage metrics, seconds), register the
@@ -654,9 +692,9 @@ class StageTracker(MergeTracker):
                     self.log_metrics(numbers, step=int(step) if isinstance(step, (int, float)) else None)
                 if getattr(result, "seconds", None):
                     self.log_metrics({"seconds": result.seconds})
-                self.log_merged_model(result.merged_path)
-        except BaseException:
-            self.abort("FAILED")
+                self.log_merged_model(result.merged_path, **version_record(self.stage_name, result.merged_path, evaluation))
+        except BaseException as error:
+            self.abort(run_status(error))
             raise
         self._stack.close()
         return evaluation
@@ -668,6 +706,28 @@ class StageTracker(MergeTracker):
             while mlflow.active_run() is not None:
                 mlflow.end_run(status=status)
         self._stack = contextlib.ExitStack()
+
+
+def version_record(stage: str, merged_path: str | Path, evaluation: Any = None) -> dict:
+    """`description` and `tags` for a registered version: the stage, styles and FIDt that made it
+    (the Models page shows nothing else to tell versions of one project apart)."""
+    try:
+        record = json.loads((Path(merged_path) / "dmm_merge.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    styles = [str(s) for s in record.get("styles") or []]
+    tags = {STAGE_TAG: stage, "dmm.styles": ",".join(styles), "dmm.merged_path": str(merged_path)}
+    description = f"{stage}: {len(styles)} style(s) ({', '.join(styles)})"
+    if evaluation is not None:
+        tags.update({"FIDt": f"{evaluation.fidt:.4f}", "FIDt_ref": f"{evaluation.fidt_ref:.4f}", "FIDt_ratio": f"{evaluation.ratio:.4f}"})
+        description += f"; FIDt {evaluation.fidt:.2f}, FIDt_ref {evaluation.fidt_ref:.2f}, ratio {evaluation.ratio:.3f}"
+    return {"description": description, "tags": tags}
+
+
+def run_status(error: BaseException) -> str:
+    """The MLflow status of runs an exception ends: KILLED for an interrupt (Ctrl-C, and SIGTERM,
+    which Ray's driver turns into one; re-running resumes), FAILED for anything else."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
 def make_tracker(cfg) -> StageTracker:

@@ -1,6 +1,8 @@
 """MLflow run tree on a temporary SQLite store: parent run, nested stages, metrics, artifacts,
 the merged model registered and resolvable to a local diffusers folder."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,45 @@ def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_com
     assert run.data.tags["mlflow.parentRunId"] == handle["parent_run_id"] and run.data.params["distill.steps"] == "3"
     assert run.data.metrics["distill/seconds"] == 2.0 and run.info.status == "FINISHED"
     assert client.get_registered_model("toy-merge").latest_versions[0].version in (1, "1")
+    # the registered version says what it is (the Models page shows nothing else to tell versions apart)
+    (tmp_path / "merged" / "dmm_merge.json").write_text(json.dumps({"styles": ["a", "b"]}))
+    evaluation = SimpleNamespace(fidt=10.5, fidt_ref=10.0, ratio=1.05, diagonal=lambda: {}, ref_diagonal=lambda: {}, files={})
+    monkeypatch.setattr(tracker, "log_evaluation", lambda *a, **k: None)
+    handle = tracker.start_stage("incremental", cfg)
+    tracker.finish_stage(cfg, SimpleNamespace(merged_path=tmp_path / "merged", evaluation=evaluation, stage_metrics={}, seconds=1.0))
+    assert client.get_run(handle["run_id"]).data.tags["dmm.output_dir"] == str(tmp_path)  # the merge's folder, on its runs
+    version = client.get_model_version("toy-merge", "2")
+    assert version.description == "incremental: 2 style(s) (a, b); FIDt 10.50, FIDt_ref 10.00, ratio 1.050"
+    assert version.tags["dmm.styles"] == "a,b" and version.tags["FIDt_ratio"] == "1.0500" and version.tags["dmm.stage"] == "incremental"
+
+
+def test_interrupted_runs_are_killed_and_a_dead_merges_runs_are_closed(tmp_path):
+    """Ctrl-C / SIGTERM end the runs KILLED (re-running resumes), other errors FAILED. A stage run a
+    killed driver left RUNNING is marked KILLED when the next job of its kind starts on the same
+    folder; other folders' runs, and a few-step job's runs beside a merge, are left alone."""
+    from mlflow import MlflowClient
+    from pydantic import BaseModel
+
+    from dmm_ray.tracking import OUTPUT_TAG, STAGE_TAG, StageTracker, TrackingConfig, run_status
+
+    class Folder(BaseModel):
+        output_dir: str
+
+    assert run_status(KeyboardInterrupt()) == "KILLED" and run_status(ValueError()) == "FAILED"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = StageTracker(TrackingConfig(tracking_uri=uri, project="p", registered_model_name=None))
+    client = MlflowClient(uri)
+    out = str(tmp_path / "out")
+
+    def left_running(output, stage):
+        return client.create_run(tracker.experiment_id, tags={OUTPUT_TAG: output, STAGE_TAG: stage}, run_name=stage).info.run_id
+
+    dead, elsewhere, fast = left_running(out, "merge"), left_running(str(tmp_path / "other"), "merge"), left_running(out, "fast")
+    handle = tracker.start_stage("merge", Folder(output_dir=out))
+    status = {r: client.get_run(r).info.status for r in (dead, elsewhere, fast)}
+    assert status == {dead: "KILLED", elsewhere: "RUNNING", fast: "RUNNING"}
+    tracker.abort(run_status(KeyboardInterrupt()))
+    assert client.get_run(handle["run_id"]).info.status == "KILLED"
 
 
 def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, tiny_components):
@@ -163,6 +204,12 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     model = mlflow.pyfunc.load_model(uri)
     images = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "neon"]}))
     assert len(images) == 2 and images[0].size == images[1].size
+    # the signature carries the steps param through (without one MLflow drops params with a warning)
+    pipe = model.unwrap_python_model().pipe
+    seen = []
+    pipe.scheduler.set_timesteps = (lambda real: lambda n, *a, **k: (seen.append(n), real(n, *a, **k))[1])(pipe.scheduler.set_timesteps)
+    model.predict(pd.DataFrame({"prompt": ["a red circle"], "style": ["1"]}), params={"num_inference_steps": 2})
+    assert seen == [2]
     assert StyleUNet.load_config(resolve_model_uri(uri, dst=tmp_path / "dl") / "unet")["style_names"] == ["ink", "neon"]
 
 

@@ -371,9 +371,11 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
             )
             tracker._stack.close()
             log(f"registered: {result.model_uri}")
-    except BaseException:
+    except BaseException as error:
         if tracker is not None and hasattr(tracker, "abort"):
-            tracker.abort("FAILED")
+            from dmm_ray.tracking import run_status
+
+            tracker.abort(run_status(error))  # FAILED, or KILLED when interrupted (re-running resumes)
         raise
     record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
     if we_started_ray:
