@@ -137,6 +137,17 @@ def metric_name(name: str) -> str:
     return _METRIC_BAD.sub("_", name)
 
 
+def _without_disabled(d: Mapping[str, Any]) -> dict:
+    """`d` with every section whose `enabled` is False cut down to that key (the run's params list
+    what shaped the run; config.yaml keeps the whole tree)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            v = {"enabled": False} if v.get("enabled") is False else _without_disabled(v)
+        out[k] = v
+    return out
+
+
 def _config_dict(config: Any) -> dict:
     if isinstance(config, BaseModel):
         return config.model_dump(mode="json")
@@ -221,13 +232,14 @@ class MergeTracker:
         _mlflow().log_params(flat)
 
     def log_config(self, config: Any, name: str = "config") -> None:
-        """Every config field as a param (dotted keys) plus the whole tree as `<name>.yaml`."""
+        """Every config field as a param (dotted keys; a section switched off, `enabled: false`, only as
+        `<section>.enabled`: its settings did nothing) plus the whole tree as `<name>.yaml`."""
         if not self.enabled:
             return
         import yaml
 
         d = _config_dict(config)
-        self.log_params(d)
+        self.log_params(_without_disabled(d))
         _mlflow().log_text(yaml.safe_dump(d, sort_keys=False), f"{name}.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -154,6 +154,9 @@ def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_com
     evaluation = SimpleNamespace(fidt=10.5, fidt_ref=10.0, ratio=1.05, diagonal=lambda: {}, ref_diagonal=lambda: {}, files={})
     monkeypatch.setattr(tracker, "log_evaluation", lambda *a, **k: None)
     handle = tracker.start_stage("incremental", cfg)
+    params = client.get_run(handle["run_id"]).data.params  # a section switched off: only its `enabled`
+    assert params["fast.enabled"] == "False" and not any(k.startswith("fast.") and k != "fast.enabled" for k in params)
+    assert params["distill.steps"] == str(cfg.distill.steps) and params["evaluation.enabled"] == "False"
     tracker.finish_stage(cfg, SimpleNamespace(merged_path=tmp_path / "merged", evaluation=evaluation, stage_metrics={}, seconds=1.0))
     assert client.get_run(handle["run_id"]).data.tags["dmm.output_dir"] == str(tmp_path)  # the merge's folder, on its runs
     version = client.get_model_version("toy-merge", "2")
