@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import html
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,6 +30,7 @@ from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_SCHEDU
 from dmm_ray.styles import StyleError
 from serve.config import ServeConfig
 from serve.schemas import (
+    ErrorResponse,
     ExportCommandRequest,
     GeneratedImage,
     GenerateRequest,
@@ -181,6 +184,19 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 EXAMPLE_BODY = '{"prompt": "a red circle", "style": 0}'
+# The {"error"} bodies of POST routes, for the OpenAPI schema (/docs); FastAPI's own 422 ({"detail": [...]}) is never sent.
+POST_ERRORS = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "malformed JSON body"),
+        (401, "missing API key (header X-API-Key)"),
+        (403, "wrong API key"),
+        (413, "body larger than max_body_bytes"),
+        (415, "Content-Type is not application/json"),
+        (422, "a field is wrong: the message names it and says what would be right"),
+        (503, "overloaded: retry after the Retry-After header's seconds"),
+    )
+}
 # Fields whose type is a union: pydantic reports one error per member; say it once, in words.
 UNION_EXPECTED = {
     "prompt": "a string or a list of strings",
@@ -252,6 +268,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         title="dmm-ray style router",
         description="One merged DMM model serving every style (and mixtures of styles) in shared batches.",
         version="0.1.0",
+        docs_url=None,  # GET /docs below: Swagger UI, with a note when its CDN is out of reach
     )
 
     @api.exception_handler(RequestError)
@@ -287,6 +304,20 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     async def playground():
         return HTMLResponse(PLAYGROUND_HTML.read_text())
 
+    @api.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        """FastAPI's Swagger UI page; it loads its script from a CDN, so offline (an air-gapped cluster) it
+        would be blank: then it says so and links the schema (GET /openapi.json) instead."""
+        openapi_url = request.scope.get("root_path", "").rstrip("/") + api.openapi_url
+        page = get_swagger_ui_html(openapi_url=openapi_url, title=f"{api.title} - Swagger UI").body.decode()
+        link = html.escape(openapi_url)
+        note = (
+            '<p style="font-family:sans-serif;margin:2rem">The API docs viewer (Swagger UI) loads from cdn.jsdelivr.net, '
+            f'which this browser cannot reach. The API schema is at <a href="{link}">{link}</a>.</p>'
+        )
+        script = f"if (typeof SwaggerUIBundle === 'undefined') document.getElementById('swagger-ui').innerHTML = {json.dumps(note)};"
+        return HTMLResponse(page.replace("</body>", f"<script>{script}</script></body>"))
+
     @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         """Liveness of this router: answers at once, never waits on the model (or behind generation)."""
@@ -320,7 +351,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             lora=info.lora_names,
         )
 
-    @api.post("/export_command")
+    @api.post("/export_command", responses=POST_ERRORS)
     async def export_command(req: ExportCommandRequest):
         """The exact `jobs/export.py` command that bakes this style or mixture into a stock checkpoint
         (the playground shows it; the server itself never writes or serves model files)."""
@@ -339,7 +370,9 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     @api.post(
         "/generate",
         response_model=GenerateResponse,
-        responses={200: {"content": {"image/png": {}}, "description": "PNG when the request makes one image"}},
+        responses={200: {"content": {"image/png": {}}, "description": "PNG when the request makes one image"}}
+        | POST_ERRORS
+        | {500: {"model": ErrorResponse, "description": "the model failed on this image (details in the server log)"}},
     )
     async def generate(req: GenerateRequest, x_api_key: Optional[str] = Header(None)):
         # The API key (and the body size) were checked by GuardMiddleware before the body was read;

@@ -35,6 +35,12 @@ class RequestError(Exception):
         return (type(self), (self.status, self.message))
 
 
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body of the API: one readable message."""
+
+    error: str = Field(..., description="what was wrong and what would be right")
+
+
 class StyleInfo(BaseModel):
     index: int
     name: str

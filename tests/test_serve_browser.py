@@ -103,6 +103,36 @@ def test_playground_generates_an_image(playground_url, tmp_path):
 
 
 @pytest.mark.browser
+def test_playground_empty_boxes_mean_the_defaults_and_it_says_what_runs(playground_url, tmp_path):
+    """Cleared Steps / Guidance boxes are left out of the request (the server's defaults), never sent
+    as 0 (guidance 0 silently turned CFG off; steps 0 was a 422 for a box the user left empty); the page
+    says it is generating, then how long it took; a server that cannot be reached is an error line."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
+    chromium = ensure_chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(playground_url + "/")
+            page.locator("input[type=range]").nth(2).wait_for()
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "")
+            page.fill("#guidance", "")
+            assert page.get_attribute("#guidance", "placeholder").startswith("default ")
+            sent = []
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
+            generate_and_wait(page)
+            assert sent and "steps" not in sent[0] and "guidance" not in sent[0], sent
+            assert page.text_content("#status").startswith("done in ")
+            page.route("**/generate", lambda route: route.abort())  # the server gone
+            page.click("#generate")
+            page.wait_for_function("() => document.getElementById('error').textContent.includes('could not reach the server')", timeout=30_000)
+            assert page.is_enabled("#generate") and page.text_content("#status") == ""
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
 def test_playground_bands_give_each_band_a_style(playground_url, tmp_path):
     """Split the canvas into 3 vertical bands, pick a style per band: the request carries `regions`
     (one box per band, covering the canvas), the image appears and the meta line names the bands.
