@@ -318,10 +318,14 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         script = f"if (typeof SwaggerUIBundle === 'undefined') document.getElementById('swagger-ui').innerHTML = {json.dumps(note)};"
         return HTMLResponse(page.replace("</body>", f"<script>{script}</script></body>"))
 
-    @api.api_route("/healthz", methods=["GET", "HEAD"])
+    @api.get("/healthz")
     async def healthz():
         """Liveness of this router: answers at once, never waits on the model (or behind generation)."""
         return {"status": "ok"}
+
+    # HEAD too (load balancers), as its own route: one route with both methods gives the OpenAPI
+    # schema two operations of one id, and FastAPI a "Duplicate Operation ID" warning per /openapi.json
+    api.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @api.get("/readyz")
     async def readyz():

@@ -58,6 +58,7 @@ def test_styles_lists_names_indices_descriptions(client):
 def test_healthz_and_openapi_docs(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}  # liveness: nothing else, no model path
+    assert client.head("/healthz").status_code == 200
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json() == {"status": "ready", "num_styles": 3}
     schema = client.get("/openapi.json").json()

@@ -121,7 +121,10 @@ def test_playground_empty_boxes_mean_the_defaults_and_it_says_what_runs(playgrou
             assert page.get_attribute("#guidance", "placeholder").startswith("default ")
             sent = []
             page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
-            generate_and_wait(page)
+            page.press("#prompt", "Control+Enter")  # the keyboard way to Generate
+            page.wait_for_function(
+                "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }", timeout=60_000
+            )
             assert sent and "steps" not in sent[0] and "guidance" not in sent[0], sent
             assert page.text_content("#status").startswith("done in ")
             page.route("**/generate", lambda route: route.abort())  # the server gone
