@@ -100,14 +100,17 @@ def log(msg: str) -> None:
 
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
-    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, and
-    local latent shards that are there or can be encoded (dmm_ray.data.latents.check_latents)."""
+    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, the
+    evaluation's prompts and feature extractor (when it runs), and local latent shards that are there
+    or can be encoded (dmm_ray.data.latents.check_latents)."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
+    if cfg.evaluation.enabled or (cfg.fast.enabled and cfg.fast.eval_steps):
+        cfg.evaluation.check_ready()  # prompts and feature extractor: not only after training and the save
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import merged_style_names
         from dmm_ray.teachers import folder_architecture

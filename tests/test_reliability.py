@@ -241,6 +241,27 @@ def dry_run(world, tmp_path, capsys):
     return run
 
 
+@pytest.mark.parametrize(
+    "evaluation, message",
+    [
+        ({"enabled": True}, "evaluation: no evaluation prompts"),  # the SD presets had no evaluation section
+        ({"enabled": True, "prompts": ["a cat"], "feature_net": "/nonexistent/fnet"}, "evaluation.extractor.path /nonexistent/fnet: not found"),
+        ({"enabled": True, "prompts_file": "/nonexistent/prompts.txt"}, "prompts_file '/nonexistent/prompts.txt' does not exist"),
+    ],
+)
+def test_dry_run_checks_what_the_evaluation_after_training_needs(world, tmp_path, capsys, evaluation, message):
+    """Missing evaluation prompts or a missing feature extractor used to fail only after the training
+    and the save (and the model went unregistered): validate refuses them first, naming the key."""
+    from jobs import merge as merge_job
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({**tiny_merge_config(world, tmp_path / "out"), "evaluation": evaluation}))
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "evaluation.enabled: false" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def _copy_teacher(world, tmp_path, name="style1") -> Path:
     src = next(t["source"] for t in world["teachers"] if t["name"] == name)
     dst = tmp_path / "copies" / name

@@ -104,6 +104,34 @@ class EvalConfig(BaseModel):
         k = self.images_per_prompt
         return [[base + p * k + j for j in range(k)] for p in range(num_prompts)]
 
+    def check_ready(self, section: str = "evaluation") -> None:
+        """Before a merge trains (validate, --dry-run): what the evaluation after it will need, so a
+        missing prompt file or feature extractor fails now, not after the training and the save.
+        Prompts present and readable; the seed sets apart; a zoo feature-net folder or Inception weights
+        file present, and torch-fidelity installed for Inception (an `import` extractor is imported
+        only when it runs). A ValueError / FileNotFoundError naming `section`."""
+        import importlib.util
+
+        fix = f"give {section}.prompts (a list) or {section}.prompts_file, or set {section}.enabled: false"
+        try:
+            prompts = self.load_prompts()
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{section}: {error}; {fix}") from None
+        self.check_seed_sets(len(prompts))
+        kind, path = self.extractor.kind, self.extractor.path
+        if kind == "import":
+            return
+        what = {"zoo": "the zoo feature-net folder", "inception": "the InceptionV3 FID weights file (pt_inception-2015-12-05-6726825d.pth)"}[kind]
+        if path is None:
+            raise ValueError(f"{section}.extractor.path: give {what} (extractor.kind {kind!r}), or set {section}.enabled: false")
+        local = Path(str(path)).expanduser()
+        if not (local.is_dir() if kind == "zoo" else local.is_file()):
+            raise FileNotFoundError(f"{section}.extractor.path {path}: not found; give {what}, or set {section}.enabled: false")
+        if kind == "inception" and importlib.util.find_spec("torch_fidelity") is None:
+            raise ValueError(
+                f"{section}.extractor.kind 'inception' needs the torch-fidelity package: pip install torch-fidelity; or set {section}.enabled: false"
+            )
+
     def check_seed_sets(self, num_prompts: int) -> None:
         n = num_prompts * self.images_per_prompt
         lo, hi = sorted([self.seed_a, self.seed_b])
