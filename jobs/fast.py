@@ -66,6 +66,8 @@ def main(argv=None) -> int:
 
     check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
     check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
+    if not args.no_eval and cfg.fast.eval_steps:
+        cfg.evaluation.check_ready()  # its prompts and feature extractor: not only after the training
     tracker = None
     if cfg.tracking.enabled:
         from dmm_ray.tracking import make_tracker

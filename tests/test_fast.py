@@ -736,6 +736,35 @@ def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path
     assert not (out / FAST_LOCK).exists()  # ... and the lock went with it
 
 
+def test_fast_job_checks_its_evaluation_before_training(merged_world, tmp_path, capsys, monkeypatch):
+    """jobs/fast.py evaluates at fast.eval_steps after training: missing prompts are refused first
+    (exit 2, naming the key), and --no-eval skips the check."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump({**tiny_merge_config(world, tmp_path / "run"), "evaluation": {"enabled": True}}))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--output-dir", str(tmp_path / "fast")]
+    assert job.main(args) == 2
+    err = capsys.readouterr().err
+    assert "evaluation: no evaluation prompts" in err and "evaluation.enabled: false" in err, err
+    assert not (tmp_path / "fast").exists()
+
+    class Reached(Exception):
+        pass
+
+    def training(*a, **k):
+        raise Reached(k)
+
+    monkeypatch.setattr(fast_job, "run_fast", training)
+    with pytest.raises(Reached, match="'evaluate': False"):
+        job.main(args + ["--no-eval"])
+
+
 def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
     """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
     returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws

@@ -192,7 +192,7 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monke
             data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5},
             synthesis={"finetune_steps": 0, "actors": 1, "resolution": 16},
             distill={"steps": 2, "lambda_adv": 0},
-            evaluation={"enabled": True},
+            evaluation={"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}},
         )
     )
     assert cfg.num_workers == 2  # 1 new teacher x 1 + the regulariser

@@ -336,7 +336,9 @@ def test_settings_that_would_fail_after_training_are_refused_before_anything_is_
         (f"data.shards={tmp_path / 'nothing'}", "has no latents and data.source is not set"),
     ]
     for override, says in cases:
-        extra = ["--set", "evaluation.enabled=true"] if "evaluation" in override else []  # ... so switch it on
+        evaluation = ["evaluation.enabled=true", "evaluation.prompts=[a red circle]", "evaluation.extractor.kind=import"]
+        evaluation += ["evaluation.extractor.path=eval_helpers:SeededConvExtractor"]  # ... so switch it on, with what it needs
+        extra = [a for s in evaluation for a in ("--set", s)] if "evaluation" in override else []
         for flags in (["--dry-run"], []):
             code = merge_job.main(["--config", str(config), "--set", override, *extra, *flags])
             err = capsys.readouterr().err
