@@ -7,6 +7,7 @@ itself is tested in test_serve_batch.py / test_serve_cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -63,13 +64,30 @@ def playground_url():
     yield from serve_in_thread(api)
 
 
-def generate_and_wait(page) -> None:
-    """Click Generate, wait until the image is shown, and check no error is displayed."""
-    page.click("#generate")
+@contextlib.contextmanager
+def chromium_page():
+    """A new page in headless Chromium (skips where python playwright is missing)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
+    chromium = ensure_chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def wait_for_image(page) -> None:
     page.wait_for_function(
         "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }",
         timeout=60_000,
     )
+
+
+def generate_and_wait(page) -> None:
+    """Click Generate, wait until the image is shown, and check no error is displayed."""
+    page.click("#generate")
+    wait_for_image(page)
     assert page.text_content("#error") == ""
 
 
@@ -107,32 +125,23 @@ def test_playground_empty_boxes_mean_the_defaults_and_it_says_what_runs(playgrou
     """Cleared Steps / Guidance boxes are left out of the request (the server's defaults), never sent
     as 0 (guidance 0 silently turned CFG off; steps 0 was a 422 for a box the user left empty); the page
     says it is generating, then how long it took; a server that cannot be reached is an error line."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing: pip install playwright")
-    chromium = ensure_chromium()
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.goto(playground_url + "/")
-            page.locator("input[type=range]").nth(2).wait_for()
-            page.fill("#prompt", "a red circle")
-            page.fill("#steps", "")
-            page.fill("#guidance", "")
-            assert page.get_attribute("#guidance", "placeholder").startswith("default ")
-            sent = []
-            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
-            page.press("#prompt", "Control+Enter")  # the keyboard way to Generate
-            page.wait_for_function(
-                "() => { const i = document.getElementById('image'); return !i.hidden && i.complete && i.naturalWidth > 0; }", timeout=60_000
-            )
-            assert sent and "steps" not in sent[0] and "guidance" not in sent[0], sent
-            assert page.text_content("#status").startswith("done in ")
-            page.route("**/generate", lambda route: route.abort())  # the server gone
-            page.click("#generate")
-            page.wait_for_function("() => document.getElementById('error').textContent.includes('could not reach the server')", timeout=30_000)
-            assert page.is_enabled("#generate") and page.text_content("#status") == ""
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(playground_url + "/")
+        page.locator("input[type=range]").nth(2).wait_for()
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "")
+        page.fill("#guidance", "")
+        assert page.get_attribute("#guidance", "placeholder").startswith("default ")
+        sent = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
+        page.press("#prompt", "Control+Enter")  # the keyboard way to Generate
+        wait_for_image(page)
+        assert sent and "steps" not in sent[0] and "guidance" not in sent[0], sent
+        assert page.text_content("#status").startswith("done in ")
+        page.route("**/generate", lambda route: route.abort())  # the server gone
+        page.click("#generate")
+        page.wait_for_function("() => document.getElementById('error').textContent.includes('could not reach the server')", timeout=30_000)
+        assert page.is_enabled("#generate") and page.text_content("#status") == ""
 
 
 @pytest.mark.browser
