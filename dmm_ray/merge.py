@@ -109,7 +109,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
-    if cfg.evaluation.enabled or (cfg.fast.enabled and cfg.fast.eval_steps):
+    if cfg.evaluation.enabled:  # (the fast stage of a merge evaluates only when the merge does)
         cfg.evaluation.check_ready()  # prompts and feature extractor: not only after training and the save
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import merged_style_names
