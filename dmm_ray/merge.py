@@ -386,9 +386,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
                 stage.run(run)
     except BaseException as error:
         if tracker is not None and hasattr(tracker, "abort"):
-            from dmm_ray.tracking import run_status
-
-            tracker.abort(run_status(error))  # FAILED, or KILLED when interrupted; the last good model stays
+            tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
         raise
     record_complete(asked, out, result)
     if we_started_ray:

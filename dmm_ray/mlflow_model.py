@@ -1,27 +1,63 @@
 """The merged model as an MLflow pyfunc: the diffusers folder is the model's `pipeline` artifact.
 
-`mlflow.pyfunc.load_model("models:/dmm-merged/1").predict(pd.DataFrame({"prompt": [...], "style": [...]}))`
-returns PIL images; Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
+    model = mlflow.pyfunc.load_model("models:/dmm-toy/1")
+    out = model.predict(pd.DataFrame({"prompt": [...], "style": [...]}), params={"seed": 0})
+    images = decode_images(out)  # PIL images; out["image"] holds base64 PNGs
+
+The output is a DataFrame (`prompt`, `style`, `image` as base64 PNG), so `mlflow models serve -m
+models:/dmm-toy/1 --env-manager local` answers with JSON; `params={"output": "pil"}` gives PIL images
+in-process. Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import math
+
 import mlflow.pyfunc
+
+OUTPUTS = ("png", "pil")
+BATCH = 8  # rows per pipeline call: one batched UNet pass per step, bounded memory for long frames
 
 
 def model_signature():
     """The pyfunc's signature: `prompt` (string), optional `style` (a name, or an index as a string
-    such as "2"), and the `num_inference_steps` param (default: the model's own sampler.json)."""
+    such as "2"; missing: the first style); params `num_inference_steps` (default: the model's own
+    sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
+    "pil": PIL images, in-process only)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style", required=False)])
-    return ModelSignature(inputs=inputs, params=ParamSchema([ParamSpec("num_inference_steps", "long", None)]))
+    outputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style"), ColSpec("string", "image")])
+    params = ParamSchema([ParamSpec("num_inference_steps", "long", None), ParamSpec("seed", "long", None), ParamSpec("output", "string", "png")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def decode_images(predictions) -> list:
+    """PIL images from predict()'s DataFrame, or from the `predictions` list of records that
+    `mlflow models serve` answers with."""
+    from PIL import Image
+
+    records = predictions.to_dict("records") if hasattr(predictions, "to_dict") else list(predictions)
+    return [Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB") for r in records]
+
+
+def _bad_request(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # a 400 through `mlflow models serve`
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
-    """DataFrame with `prompt` and optional `style` (a name, or an index as a string: "2") columns -> list of
-    PIL images; `params={"num_inference_steps": n}` (default: the model's own sampler)."""
+    """DataFrame with `prompt` and optional `style` columns -> DataFrame with `prompt`, `style` (the
+    style's name) and `image` (base64 PNG); see `model_signature` for the params."""
 
     # predict() takes a DataFrame of prompts and styles and returns images: no type hint MLflow's
     # validation supports describes that, and without one MLflow warns at class definition, in a way
@@ -34,10 +70,48 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         self.pipe = load_dmm_pipeline(context.artifacts["pipeline"])  # DMMPipeline or DMMXLPipeline
 
     def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        from dmm_ray.models.style_unet import StyleError, resolve_style
+
+        # 1. read the rows and params; a bad row or param is the caller's error (400), before any image
         params = params or {}
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        steps = params.get("num_inference_steps")  # default: the model's own (25; a few-step model's 4, CFG off)
+        output = params.get("output") or "png"
+        if output not in OUTPUTS:
+            raise _bad_request(f"params.output {output!r}: give one of {', '.join(OUTPUTS)}")
+        steps, seed = params.get("num_inference_steps"), params.get("seed")
+        if steps is not None and int(steps) < 1:
+            raise _bad_request(f"params.num_inference_steps {steps}: give a whole number >= 1 (or none: the model's own)")
+        names = self.pipe.styles
+        prompts, styles = [], []
+        for i, r in enumerate(rows):
+            if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+                raise _bad_request(f"row {i}: prompt {r.get('prompt')!r} must be non-empty text")
+            style = r.get("style")
+            style = 0 if _missing(style) else style
+            try:
+                index = int(resolve_style(names, style).argmax())
+            except StyleError as error:
+                raise _bad_request(f"row {i}: {error}") from None
+            prompts.append(r["prompt"])
+            styles.append(index)
+
+        # 2. generate in batches of BATCH rows (one seeded generator: the same frame gives the same images)
+        generator = None if seed is None else torch.Generator(self.pipe.device).manual_seed(int(seed))
         images = []
-        for r in rows:
-            images += self.pipe(r["prompt"], style=r.get("style", 0), num_inference_steps=None if steps is None else int(steps)).images
-        return images
+        for start in range(0, len(prompts), BATCH):
+            chunk = slice(start, start + BATCH)
+            steps_kw = {} if steps is None else {"num_inference_steps": int(steps)}
+            images += self.pipe(prompts[chunk], style=styles[chunk], generator=generator, **steps_kw).images
+
+        # 3. PIL in-process, or base64 PNG in a DataFrame (what `mlflow models serve` can send as JSON)
+        if output == "pil":
+            return images
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        return pd.DataFrame({"prompt": prompts, "style": [names[i] for i in styles], "image": encoded})

@@ -706,13 +706,19 @@ class StageTracker(MergeTracker):
                     self.log_metrics({"seconds": result.seconds})
                 self.log_merged_model(result.merged_path, **version_record(self.stage_name, result.merged_path, evaluation))
         except BaseException as error:
-            self.abort(run_status(error))
+            self.abort(error)
             raise
-        self._stack.close()
+        self.close()
         return evaluation
 
-    def abort(self, status: str = "FAILED") -> None:
-        """End the open runs with `status` (e.g. after an exception in the driver)."""
+    def close(self) -> None:
+        """End the stage and project runs this tracker opened (FINISHED)."""
+        self._stack.close()
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """End the open runs after `error` stopped the driver: KILLED for an interrupt (re-running
+        resumes), FAILED for anything else (`run_status`)."""
+        status = "FAILED" if error is None else run_status(error)
         if self.enabled:
             mlflow = _mlflow()
             while mlflow.active_run() is not None:

@@ -9,6 +9,7 @@ import pytest
 from dmm_ray.evaluation.config import EvalConfig
 from dmm_ray.evaluation.matrix import EvalResult
 from dmm_ray.evaluation.outputs import write_outputs
+from dmm_ray.mlflow_model import decode_images
 from dmm_ray.tracking import MergeTracker, TrackingConfig, flatten, metric_name, resolve_model_uri
 
 
@@ -189,7 +190,7 @@ def test_interrupted_runs_are_killed_and_a_dead_merges_runs_are_closed(tmp_path)
     handle = tracker.start_stage("merge", Folder(output_dir=out))
     status = {r: client.get_run(r).info.status for r in (dead, elsewhere, fast)}
     assert status == {dead: "KILLED", elsewhere: "RUNNING", fast: "RUNNING"}
-    tracker.abort(run_status(KeyboardInterrupt()))
+    tracker.abort(KeyboardInterrupt())
     assert client.get_run(handle["run_id"]).info.status == "KILLED"
 
 
@@ -205,8 +206,14 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     with tracker.project(), tracker.stage("merge"):
         uri = tracker.log_merged_model(tmp_path / "dmm")
     model = mlflow.pyfunc.load_model(uri)
-    images = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "neon"]}))
+    frame = pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "1"]})
+    out = model.predict(frame, params={"seed": 3})
+    assert list(out["style"]) == ["ink", "neon"] and list(out["prompt"]) == list(frame["prompt"])
+    images = decode_images(out)
     assert len(images) == 2 and images[0].size == images[1].size
+    # seeded: the same frame gives the same images; in-process PIL on request
+    pil = model.predict(frame, params={"seed": 3, "output": "pil"})
+    assert [np.asarray(a).tolist() for a in pil] == [np.asarray(a).tolist() for a in images]
     # the signature carries the steps param through (without one MLflow drops params with a warning)
     pipe = model.unwrap_python_model().pipe
     seen = []
@@ -214,6 +221,39 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     model.predict(pd.DataFrame({"prompt": ["a red circle"], "style": ["1"]}), params={"num_inference_steps": 2})
     assert seen == [2]
     assert StyleUNet.load_config(resolve_model_uri(uri, dst=tmp_path / "dl") / "unet")["style_names"] == ["ink", "neon"]
+
+
+def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, tiny_components):
+    """`mlflow models serve` answers JSON: the images as base64 PNG; a bad row is a 400 naming it, and
+    the server goes on serving (the scoring server's own app, in-process)."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from dmm_ray import DMMPipeline, StyleUNet
+
+    c = tiny_components
+    student = StyleUNet.from_unet(c["unet"], ["ink", "neon"])
+    DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(tmp_path / "dmm")
+    with tracker.project(), tracker.stage("merge"):
+        uri = tracker.log_merged_model(tmp_path / "dmm")
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(uri)))
+
+    def ask(rows, **params):
+        body = {"dataframe_records": rows, "params": {"num_inference_steps": 2, **params}}
+        return client.post("/invocations", json=body)
+
+    ok = ask([{"prompt": "a red circle", "style": "neon"}, {"prompt": "a blue square"}], seed=0)
+    assert ok.status_code == 200, ok.text
+    predictions = ok.json()["predictions"]
+    assert [p["style"] for p in predictions] == ["neon", "ink"]
+    images = decode_images(predictions)
+    assert len(images) == 2 and images[0].size == images[1].size
+    bad = ask([{"prompt": "a red circle"}, {"prompt": "a blue square", "style": "sepia"}])
+    assert bad.status_code == 400 and "row 1" in bad.text and "sepia" in bad.text
+    assert ask([{"prompt": "a red circle"}], output="jpeg").status_code == 400
+    again = ask([{"prompt": "a red circle", "style": "neon"}, {"prompt": "a blue square"}], seed=0)
+    assert again.status_code == 200 and again.json() == ok.json()  # still serving, and seeded
 
 
 def _logged_model(tmp_path) -> tuple[str, str]:

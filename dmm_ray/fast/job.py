@@ -369,13 +369,11 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
                 description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
                 f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
             )
-            tracker._stack.close()
+            tracker.close()
             log(f"registered: {result.model_uri}")
     except BaseException as error:
         if tracker is not None and hasattr(tracker, "abort"):
-            from dmm_ray.tracking import run_status
-
-            tracker.abort(run_status(error))  # FAILED, or KILLED when interrupted (re-running resumes)
+            tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
         raise
     record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
     if we_started_ray:
