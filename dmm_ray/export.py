@@ -23,7 +23,7 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
 
 `jobs/export.py` is the command-line front end over this module (its checks before any work:
 `check_device`, `check_selection`, `export_config_dir`; `verify`, `unet_relative_error`) and
-`dmm_ray.tracking` (`resolve_model`, `export_target`, `check_run`, `log_export`: the MLflow side).
+`dmm_ray.export_tracking` (`resolve_model`, `export_target`, `check_run`, `log_export`: the MLflow side).
 """
 
 from __future__ import annotations

@@ -133,10 +133,11 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         staged_config_folder,
         verify,
     )
+    from dmm_ray.export_tracking import export_target, log_export, resolve_model
     from dmm_ray.models.style_unet import StyleError, merged_style_names
     from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
-    from dmm_ray.tracking import TrackingError, check_tracking_store, export_target, log_export, resolve_model
+    from dmm_ray.tracking import TrackingError, check_tracking_store
 
     # 1. check inputs, before loading anything: where the export and its configs go and what they
     # would replace, the style selection, the device, the MLflow store
@@ -166,7 +167,9 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         return 2
     check_selection(names, args.style, weights)
     target = export_target(args.model, folder, model_run_id, model_uri, run_id=args.run_id, tracking_uri=args.tracking_uri)
-    answered = args.no_track or target.check()
+    unanswered = None if args.no_track else target.check()
+    if unanswered:
+        print(f"warning: {unanswered}", file=sys.stderr)
 
     # 3. load and bake
     t0 = time.perf_counter()
@@ -218,7 +221,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         print("MLflow: not logged: the model records no merge run (dmm_merge.json has no mlflow entry); pass --run-id")
     else:
         try:
-            log_export(out, config_dir, metadata, target.run_id, target.tracking_uri, one_try=not answered)
+            log_export(out, config_dir, metadata, target.run_id, target.tracking_uri, one_try=bool(unanswered))
             print(f"MLflow: logged under run {target.run_id} (artifacts exports/) in {target.tracking_uri}")
         except Exception as exc:  # noqa: BLE001 - the export itself is written; say why tracking failed
             print(f"warning: export written but not logged to MLflow run {target.run_id} at {target.tracking_uri}: {exc}", file=sys.stderr)
