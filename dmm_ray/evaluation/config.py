@@ -34,6 +34,45 @@ class ExtractorConfig(BaseModel):
     device: str = "auto"
 
 
+EXTRACTOR_PATHS = {  # what extractor.path names, per kind (the messages of `check_extractor`)
+    "zoo": "the zoo feature net folder (build the toy zoo first: its zoo.yaml names it as feature_net)",
+    "inception": "the FID InceptionV3 weights file 'pt_inception-2015-12-05-6726825d.pth' (the one pytorch-fid and "
+    "torch-fidelity use; copy it to this machine)",
+    "import": "'package.module:factory'",
+}
+
+
+def check_extractor(kind: str, path: str | Path | None, section: str | None = None) -> None:
+    """Whether the feature extractor `kind` at `path` can be built, without building it (no torch):
+    a known kind with a path; a zoo feature-net folder or an Inception weights file that is there;
+    torch-fidelity installed for Inception (an `import` factory is not imported). The one place of
+    these checks and their messages: the extractors' constructors (`dmm_ray.evaluation.extractors`)
+    call it, and `EvalConfig.check_ready` before a merge trains, with `section` (the config key the
+    messages name, e.g. "evaluation"; they then also offer `<section>.enabled: false`).
+
+    Raises ValueError (an unknown kind, no path), FileNotFoundError (nothing at the path), and for a
+    missing torch-fidelity ImportError (ValueError with `section`: a config error)."""
+    import importlib.util
+
+    key = f"{section}.extractor" if section else "extractor"
+    off = f"set {section}.enabled: false" if section else ""
+    what = EXTRACTOR_PATHS.get(kind)
+    if what is None:
+        raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo', 'inception' or 'import'")
+    if path is None:
+        raise ValueError(f"{key}.path: give {what} for {key}.kind {kind!r}" + (f", or {off}" if off else ""))
+    if kind == "import":
+        return
+    local = Path(str(path)).expanduser()
+    if not (local.is_dir() if kind == "zoo" else local.is_file()):
+        raise FileNotFoundError(f"{key}.path {path}: not found; give {what}" + (f", or {off}" if off else ""))
+    if kind == "inception" and importlib.util.find_spec("torch_fidelity") is None:
+        raise (ValueError if section else ImportError)(
+            f"{key}.kind 'inception' needs the torch-fidelity package (and a torchvision matching your torch): "
+            f"pip install torch-fidelity; or use {key}.kind 'zoo'" + (f"; or {off}" if off else "")
+        )
+
+
 class EvalConfig(BaseModel):
     """FID-matrix evaluation (paper 4.1). Seed set A: student and M_ref rows; seed set B: teacher columns.
 
@@ -107,30 +146,18 @@ class EvalConfig(BaseModel):
     def check_ready(self, section: str = "evaluation") -> None:
         """Before a merge trains (validate, --dry-run): what the evaluation after it will need, so a
         missing prompt file or feature extractor fails now, not after the training and the save.
-        Prompts present and readable; the seed sets apart; a zoo feature-net folder or Inception weights
-        file present, and torch-fidelity installed for Inception (an `import` extractor is imported
-        only when it runs). A ValueError / FileNotFoundError naming `section`."""
-        import importlib.util
-
+        Prompts present and readable; the seed sets apart; the feature extractor (`check_extractor`: a
+        zoo feature-net folder or Inception weights file present, and torch-fidelity installed for
+        Inception; an `import` extractor is imported only when it runs). A ValueError /
+        FileNotFoundError naming `section`."""
         fix = f"give {section}.prompts (a list) or {section}.prompts_file, or set {section}.enabled: false"
         try:
             prompts = self.load_prompts()
         except (FileNotFoundError, ValueError) as error:
             raise type(error)(f"{section}: {error}; {fix}") from None
         self.check_seed_sets(len(prompts))
-        kind, path = self.extractor.kind, self.extractor.path
-        if kind == "import":
-            return
-        what = {"zoo": "the zoo feature-net folder", "inception": "the InceptionV3 FID weights file (pt_inception-2015-12-05-6726825d.pth)"}[kind]
-        if path is None:
-            raise ValueError(f"{section}.extractor.path: give {what} (extractor.kind {kind!r}), or set {section}.enabled: false")
-        local = Path(str(path)).expanduser()
-        if not (local.is_dir() if kind == "zoo" else local.is_file()):
-            raise FileNotFoundError(f"{section}.extractor.path {path}: not found; give {what}, or set {section}.enabled: false")
-        if kind == "inception" and importlib.util.find_spec("torch_fidelity") is None:
-            raise ValueError(
-                f"{section}.extractor.kind 'inception' needs the torch-fidelity package: pip install torch-fidelity; or set {section}.enabled: false"
-            )
+        if self.extractor.kind != "import":
+            check_extractor(self.extractor.kind, self.extractor.path, section)
 
     def check_seed_sets(self, num_prompts: int) -> None:
         n = num_prompts * self.images_per_prompt

@@ -26,10 +26,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-INCEPTION_WEIGHTS_HINT = (
-    "the FID InceptionV3 weights file 'pt_inception-2015-12-05-6726825d.pth' (the one pytorch-fid and "
-    "torch-fidelity use); copy it to this machine and pass its path as extractor.path"
-)
+from dmm_ray.evaluation.config import check_extractor
 
 
 @runtime_checkable
@@ -71,19 +68,12 @@ class InceptionFeatureExtractor:
     """Pool3 (2048-d) features of the TF-ported FID InceptionV3, weights from a local file."""
 
     def __init__(self, weights_path: str | Path, device: str = "auto"):
+        check_extractor("inception", weights_path)  # the weights file is there, torch-fidelity installed
         path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"InceptionV3 FID weights not found at '{path}'; expected {INCEPTION_WEIGHTS_HINT}")
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
-            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
         except ImportError as e:  # pragma: no cover - torchmetrics is a hard dependency
             raise ImportError("the Inception extractor needs torchmetrics") from e
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ImportError(
-                "the Inception FID extractor needs the 'torch-fidelity' package (and a torchvision matching your "
-                "torch): pip install torch-fidelity; or use extractor.kind='zoo'"
-            )
         self.device = resolve_device(device)
         # antialias=False: TF1-style bilinear resize to 299 px, as in the reference FID implementation.
         self.net = NoTrainInceptionV3(
@@ -102,11 +92,8 @@ class ZooFeatureExtractor:
     """The toy zoo's feature net, `ZooFeatureNet.from_pretrained(dir).features(images)`."""
 
     def __init__(self, net_dir: str | Path, device: str = "auto"):
+        check_extractor("zoo", net_dir)  # the folder is there
         path = Path(net_dir).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"zoo feature net folder not found at '{path}'; build the toy zoo first (its zoo.yaml names it as feature_net) or set extractor.path"
-            )
         from dmm_ray.zoo.feature_net import ZooFeatureNet
 
         self.device = resolve_device(device)
@@ -139,17 +126,12 @@ def import_extractor(spec: str) -> FeatureExtractor:
 
 
 def build_extractor(kind: str, path: str | Path | None, device: str = "auto") -> FeatureExtractor:
-    if path is None:
-        raise ValueError(
-            f"extractor.path is required for extractor.kind='{kind}' (zoo: feature-net folder; inception: weights file; import: module:factory)"
-        )
     if kind == "zoo":
         return ZooFeatureExtractor(path, device)
     if kind == "inception":
         return InceptionFeatureExtractor(path, device)
-    if kind == "import":
-        return import_extractor(str(path))
-    raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo', 'inception' or 'import'")
+    check_extractor(kind, path)  # import: a path given; any other kind: unknown
+    return import_extractor(str(path))
 
 
 class ExtractorFactory:
@@ -166,7 +148,7 @@ class ExtractorFactory:
     def name(self) -> str:
         """Cache-key name; hashes the weights, so it is computed once per factory."""
         if self.path is None:
-            raise ValueError(f"extractor.path is required for extractor.kind='{self.kind}'")
+            check_extractor(self.kind, self.path)  # raises: no path
         path = Path(str(self.path)).expanduser()
         if self.kind == "inception" and path.is_file():
             return f"inception-v3-fid:{file_digest(path)[:16]}"
