@@ -247,6 +247,11 @@ def dry_run(world, tmp_path, capsys):
         ({"enabled": True}, "evaluation: no evaluation prompts"),  # the SD presets had no evaluation section
         ({"enabled": True, "prompts": ["a cat"], "feature_net": "/nonexistent/fnet"}, "evaluation.extractor.path /nonexistent/fnet: not found"),
         ({"enabled": True, "prompts_file": "/nonexistent/prompts.txt"}, "prompts_file '/nonexistent/prompts.txt' does not exist"),
+        (
+            {"enabled": True, "prompts": ["a cat"], "extractor": {"kind": "import", "path": "no_such_pkg.feats:make"}},
+            "evaluation.extractor.path no_such_pkg.feats:make: no module 'no_such_pkg.feats'",
+        ),
+        ({"enabled": True, "prompts": ["a cat"], "extractor": {"kind": "import", "path": "eval_helpers"}}, "must look like 'package.module:factory'"),
     ],
 )
 def test_dry_run_checks_what_the_evaluation_after_training_needs(world, tmp_path, capsys, evaluation, message):

@@ -62,6 +62,16 @@ def check_extractor(kind: str, path: str | Path | None, section: str | None = No
     if path is None:
         raise ValueError(f"{key}.path: give {what} for {key}.kind {kind!r}" + (f", or {off}" if off else ""))
     if kind == "import":
+        # the module is found, not imported (its import, and the factory, run when the evaluation does)
+        module, _, attr = str(path).partition(":")
+        if not module or not attr:
+            raise ValueError(f"{key}.path for kind='import' must look like 'package.module:factory', got '{path}'" + (f"; or {off}" if off else ""))
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that is missing
+            found = False
+        if not found:
+            raise ValueError(f"{key}.path {path}: no module {module!r} on this Python's path" + (f"; install it, or {off}" if off else ""))
         return
     local = Path(str(path)).expanduser()
     if not (local.is_dir() if kind == "zoo" else local.is_file()):
@@ -148,7 +158,7 @@ class EvalConfig(BaseModel):
         missing prompt file or feature extractor fails now, not after the training and the save.
         Prompts present and readable; the seed sets apart; the feature extractor (`check_extractor`: a
         zoo feature-net folder or Inception weights file present, and torch-fidelity installed for
-        Inception; an `import` extractor is imported only when it runs). A ValueError /
+        Inception; an `import` extractor's module found, imported only when it runs). A ValueError /
         FileNotFoundError naming `section`."""
         fix = f"give {section}.prompts (a list) or {section}.prompts_file, or set {section}.enabled: false"
         try:
@@ -156,8 +166,7 @@ class EvalConfig(BaseModel):
         except (FileNotFoundError, ValueError) as error:
             raise type(error)(f"{section}: {error}; {fix}") from None
         self.check_seed_sets(len(prompts))
-        if self.extractor.kind != "import":
-            check_extractor(self.extractor.kind, self.extractor.path, section)
+        check_extractor(self.extractor.kind, self.extractor.path, section)
 
     def check_seed_sets(self, num_prompts: int) -> None:
         n = num_prompts * self.images_per_prompt

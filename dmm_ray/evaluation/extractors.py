@@ -112,9 +112,8 @@ def import_extractor(spec: str) -> FeatureExtractor:
     """`package.module:factory` -> factory() (any callable returning an extractor, e.g. a class)."""
     import importlib
 
+    check_extractor("import", spec)  # the form 'package.module:factory', and the module there
     module, _, attr = str(spec).partition(":")
-    if not module or not attr:
-        raise ValueError(f"extractor.path for kind='import' must look like 'package.module:factory', got '{spec}'")
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
