@@ -43,18 +43,64 @@ def set_verbosity(verbose: bool) -> None:
     _quiet.no_loading_bars()
 
 
+_SIGTERM = {"armed": False, "received": False, "previous": None}
+
+
+def sigterm_as_interrupt() -> None:
+    """In a job's driver (`cli_main` calls it first, `ray_session.ensure_ray` again right after
+    `ray.init`, which installs Ray's own handler): SIGTERM (`ray job stop`, `kill`, a scheduler's
+    preemption) is answered as a Ctrl-C is, through the SIGINT handler of the moment (during training
+    Ray Train's, which aborts the run cleanly; else a KeyboardInterrupt), and the job exits 143 with its
+    "terminated (SIGTERM)" line. Ray's driver handler printed a C++ stack dump and exited 130 in
+    training, 1 elsewhere, or aborted (134); Python's default ends the process with no clean-up. A
+    second SIGTERM ends the process at once. Only where `cli_main(interrupted=...)` armed it, in the
+    main thread: never in a library user's process."""
+    import signal
+    import threading
+
+    if not _SIGTERM["armed"] or threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigterm(signum, frame):
+        _SIGTERM["received"] = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    if _SIGTERM["previous"] is None:
+        _SIGTERM["previous"] = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _disarm_sigterm() -> None:
+    import signal
+
+    previous = _SIGTERM["previous"]
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    _SIGTERM.update(armed=False, received=False, previous=None)
+
+
 def cli_main(main=None, *, interrupted: str | None = None):
     """A job's `main(argv) -> int`: a user error (a bad config, path, style, model or teacher: the
     project's errors are ValueErrors; missing or unwritable files are OSErrors; a busy output folder)
     prints one `error: ...` line and returns 2 instead of a traceback. DMM_VERBOSE=1 (or a job's
     `--verbose`) keeps the traceback, for a bug report. `interrupted`: a Ctrl-C prints this line
-    (what was kept, how to resume) and returns 130. `@cli_main` or `@cli_main(interrupted=...)`."""
+    (what was kept, how to resume) and returns 130; so does a SIGTERM once Ray is up, returning 143
+    (`sigterm_as_interrupt`). `@cli_main` or `@cli_main(interrupted=...)`."""
     if main is None:
         return functools.partial(cli_main, interrupted=interrupted)
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
+        import threading
+
+        _SIGTERM["armed"] = interrupted is not None and threading.current_thread() is threading.main_thread()
         try:
+            sigterm_as_interrupt()  # from the start; a job that starts Ray installs it again after ray.init
             return main(argv)
         except (ValueError, OSError, OutputDirBusyError) as error:
             if os.environ.get("DMM_VERBOSE"):
@@ -67,7 +113,10 @@ def cli_main(main=None, *, interrupted: str | None = None):
         except KeyboardInterrupt:
             if interrupted is None:
                 raise
-            print(f"\ninterrupted: {interrupted}", file=sys.stderr)
-            return 130
+            terminated = _SIGTERM["received"]
+            print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {interrupted}", file=sys.stderr)
+            return 143 if terminated else 130
+        finally:
+            _disarm_sigterm()
 
     return wrapper

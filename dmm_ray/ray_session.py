@@ -45,6 +45,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
             log_to_driver=log_to_driver,
             runtime_env={"worker_process_setup_hook": "dmm_ray.ray_session.quiet_worker_logs", "env_vars": env},
         )
+    from dmm_ray.console import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # after ray.init, which installs Ray's own handler; a job's driver only
     return True
 
 

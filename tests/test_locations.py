@@ -249,6 +249,45 @@ def test_jobs_answer_user_errors_with_one_line_and_exit_code_2(monkeypatch, caps
         job(StyleError("unknown style 'x'"))([])
 
 
+def test_sigterm_once_ray_is_up_is_answered_as_a_ctrl_c_with_143(capsys):
+    """`ray job stop` / kill: SIGTERM goes through the SIGINT handler of the moment (Ray Train's during
+    fit(), which aborts the run) and the job prints its line and exits 143, not Ray's C++ stack dump and
+    exit 1 or 134. A library user's process gets no handler; the job's is removed when it returns."""
+    import os
+    import signal
+    import time
+
+    from dmm_ray.console import cli_main, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    sigterm_as_interrupt()  # outside a job: nothing installed
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+
+    def ray_train_like(signum, frame):  # what fit() installs for Ctrl-C: abort the run, then interrupt
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    @cli_main(interrupted="the checkpoints stay; re-run to resume")
+    def job(argv):
+        sigterm_as_interrupt()  # what ensure_ray does right after ray.init
+        if argv:
+            signal.signal(signal.SIGINT, ray_train_like)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises here
+        return 0
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        assert job([]) == 143
+        assert capsys.readouterr().err == "\nterminated (SIGTERM): the checkpoints stay; re-run to resume\n"
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert job(["during fit"]) == 143 and seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_path, capsys):
     """build_zoo, encode_latents and evaluate run for minutes: a Ctrl-C prints what is kept and how
     to go on, and exits 130, not a traceback."""

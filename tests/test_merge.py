@@ -78,9 +78,12 @@ def test_killed_worker_is_survived_from_last_checkpoint(ray_cluster, world, tmp_
 
 
 @pytest.mark.slow  # two merges through jobs/merge.py: minutes on 2 cores
-def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray_cluster, world, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray_cluster, world, tmp_path, sig):
     """SIGKILL the jobs/merge.py driver once distill has checkpointed, run the same command again: it takes
-    over the dead driver's lock, resumes from a checkpoint (not step 0) and leaves only `merged` behind."""
+    over the dead driver's lock, resumes from a checkpoint (not step 0) and leaves only `merged` behind.
+    SIGTERM (`ray job stop`, a scheduler's preemption): the driver stops as for a Ctrl-C, with its line
+    and exit 143 (not Ray's C++ stack dump and 1 or 134), releasing the lock; the re-run resumes."""
     out = tmp_path / "out"
     config = tiny_merge_config(
         world,
@@ -100,15 +103,22 @@ def test_driver_killed_mid_distill_resumes_from_its_last_checkpoint_on_rerun(ray
         while not _registered_checkpoints(checkpoints) and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)  # one registered with Ray Train (in its snapshot): a re-run resumes from it; one on disk is not enough
         if first.poll() is None:
-            first.send_signal(signal.SIGKILL)
-        first.wait(60)
-    assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
-    assert (out / "merge.lock").exists() and not (out / "merged").exists()
+            first.send_signal(sig)
+        first.wait(120)
+    log = (tmp_path / "first.log").read_text()
+    if sig == signal.SIGKILL:
+        assert first.returncode == -signal.SIGKILL, log[-3000:]
+        assert (out / "merge.lock").exists() and not (out / "merged").exists()
+    else:
+        assert first.returncode == 143, log[-3000:]
+        assert "terminated (SIGTERM): the last good merged model and the checkpoints stay" in log
+        assert "SIGTERM received" not in log and "Traceback" not in log, log[-3000:]
+        assert not (out / "merge.lock").exists() and not (out / "merged").exists()
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     text = second.stdout + second.stderr
     assert second.returncode == 0, text[-4000:]
-    assert "taking over the stale lock" in text
+    assert ("taking over the stale lock" in text) == (sig == signal.SIGKILL)
     resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", text)]
     assert resumed and min(resumed) >= 1, text[-4000:]
     # no merged.tmp/.old, no lock; the record of a finished merge (a third run would do nothing)
