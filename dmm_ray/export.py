@@ -40,6 +40,7 @@ import torch
 from dmm_ray.merged_model import remove, save_siblings, swap_in
 from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
+from dmm_ray.styles import parse_weights  # noqa: F401  (jobs/export.py's --weights; its home is dmm_ray.styles)
 
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
 CONFIG_RECORD = "dmm_export_config.json"  # marks a config folder an export wrote: a later export may replace it
@@ -435,32 +436,6 @@ def export_command(model: str, style=None, style_weights: Mapping[str, float] | 
 
 def _num(v: float) -> str:
     return f"{v:.6g}"
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """`a=0.5,b=0.5` -> {"a": 0.5, "b": 0.5} (names, or indices as names). Each name once, no empty
-    entries (`a=0.5,,b=0.5`, a comma at either end): a StyleError says which."""
-    if not text.strip():
-        raise StyleError("--weights is empty; give name=weight pairs (a=0.5,b=0.5)")
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise StyleError(
-                f"--weights {text!r} has an empty entry (two commas in a row, or one at either end); give name=weight pairs separated by single commas (a=0.5,b=0.5)"
-            )
-        if "=" not in part:
-            raise StyleError(f"--weights wants name=weight pairs separated by commas (a=0.5,b=0.5), got {part!r}")
-        name, value = (x.strip() for x in part.split("=", 1))
-        if not name:
-            raise StyleError(f"--weights: {part!r} has no style name; give name=weight (a=0.5)")
-        if name in out:
-            raise StyleError(f"--weights names {name!r} twice (in {text!r}); give each style once, with its whole weight")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise StyleError(f"--weights: {value!r} is not a number (in {part!r})") from None
-    return out
 
 
 # ---- checks before any work (jobs/export.py) --------------------------------------------------

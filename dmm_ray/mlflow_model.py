@@ -22,14 +22,14 @@ BATCH = 8  # rows per pipeline call: one batched UNet pass per step, bounded mem
 
 
 def model_signature():
-    """The pyfunc's signature: `prompt` (string), optional `style` (a name, or an index as a string
-    such as "2"; missing: the first style); params `num_inference_steps` (default: the model's own
+    """The pyfunc's signature: `prompt` (string), optional `style` (a name, an index as a string such
+    as "2", or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps` (default: the model's own
     sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
     "pil": PIL images, in-process only)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style", required=False)])
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style", required=False)])  # style: "noir", "2", "noir=0.7,neon=0.3"
     outputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style"), ColSpec("string", "image")])
     params = ParamSchema([ParamSpec("num_inference_steps", "long", None), ParamSpec("seed", "long", None), ParamSpec("output", "string", "png")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
@@ -57,7 +57,7 @@ def _missing(value) -> bool:
 
 class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     """DataFrame with `prompt` and optional `style` columns -> DataFrame with `prompt`, `style` (the
-    style's name) and `image` (base64 PNG); see `model_signature` for the params."""
+    style's name, or the normalised mixture) and `image` (base64 PNG); see `model_signature`."""
 
     # predict() takes a DataFrame of prompts and styles and returns images: no type hint MLflow's
     # validation supports describes that, and without one MLflow warns at class definition, in a way
@@ -73,7 +73,7 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from dmm_ray.models.style_unet import StyleError, resolve_style
+        from dmm_ray.styles import StyleError, parse_weights, style_weights
 
         # 1. read the rows and params; a bad row or param is the caller's error (400), before any image
         params = params or {}
@@ -91,12 +91,18 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
                 raise _bad_request(f"row {i}: prompt {r.get('prompt')!r} must be non-empty text")
             style = r.get("style")
             style = 0 if _missing(style) else style
-            try:
-                index = int(resolve_style(names, style).argmax())
+            try:  # a name, an index ("2"), or a mixture ("noir=0.7,neon=0.3")
+                weights = style_weights(
+                    names, parse_weights(style, "style") if isinstance(style, str) and "=" in style and style not in names else style
+                )
             except StyleError as error:
                 raise _bad_request(f"row {i}: {error}") from None
             prompts.append(r["prompt"])
-            styles.append(index)
+            styles.append(dict(zip(names, weights)))
+
+        def label(mix: dict) -> str:  # the output's style column: the name, or the normalised mixture
+            used = {n: w for n, w in mix.items() if w > 0}
+            return next(iter(used)) if len(used) == 1 else ",".join(f"{n}={w:.4g}" for n, w in used.items())
 
         # 2. generate in batches of BATCH rows (one seeded generator: the same frame gives the same images)
         generator = None if seed is None else torch.Generator(self.pipe.device).manual_seed(int(seed))
@@ -114,4 +120,4 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-        return pd.DataFrame({"prompt": prompts, "style": [names[i] for i in styles], "image": encoded})
+        return pd.DataFrame({"prompt": prompts, "style": [label(m) for m in styles], "image": encoded})

@@ -110,3 +110,30 @@ def _normalise(names: list[str], weights: list[float]) -> list[float]:
     if not math.isclose(math.fsum(out), 1.0, abs_tol=1e-6):  # e.g. subnormal weights
         raise StyleError(f"style weights {weights} cannot be normalised to sum 1; use numbers between 1e-6 and 1e6")
     return out
+
+
+def parse_weights(text: str, option: str = "--weights") -> dict[str, float]:
+    """`a=0.5,b=0.5` -> {"a": 0.5, "b": 0.5} (names, or indices as names). Each name once, no empty
+    entries (`a=0.5,,b=0.5`, a comma at either end): a StyleError says which, naming `option` (where
+    the text came from: a CLI option, a column)."""
+    if not text.strip():
+        raise StyleError(f"{option} is empty; give name=weight pairs (a=0.5,b=0.5)")
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise StyleError(
+                f"{option} {text!r} has an empty entry (two commas in a row, or one at either end); give name=weight pairs separated by single commas (a=0.5,b=0.5)"
+            )
+        if "=" not in part:
+            raise StyleError(f"{option} wants name=weight pairs separated by commas (a=0.5,b=0.5), got {part!r}")
+        name, value = (x.strip() for x in part.split("=", 1))
+        if not name:
+            raise StyleError(f"{option}: {part!r} has no style name; give name=weight (a=0.5)")
+        if name in out:
+            raise StyleError(f"{option} names {name!r} twice (in {text!r}); give each style once, with its whole weight")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise StyleError(f"{option}: {value!r} is not a number (in {part!r})") from None
+    return out

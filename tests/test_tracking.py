@@ -254,6 +254,14 @@ def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, 
     assert ask([{"prompt": "a red circle"}], output="jpeg").status_code == 400
     again = ask([{"prompt": "a red circle", "style": "neon"}, {"prompt": "a blue square"}], seed=0)
     assert again.status_code == 200 and again.json() == ok.json()  # still serving, and seeded
+    # a mixture in the style column; one style's whole weight is that style
+    mixed = ask([{"prompt": "a red circle", "style": "ink=1,neon=3"}, {"prompt": "a blue square", "style": "0=2"}], seed=0)
+    assert mixed.status_code == 200, mixed.text
+    assert [p["style"] for p in mixed.json()["predictions"]] == ["ink=0.25,neon=0.75", "ink"]
+    assert mixed.json()["predictions"][1]["image"] == predictions[1]["image"]
+    assert mixed.json()["predictions"][0]["image"] != predictions[0]["image"]
+    bad = ask([{"prompt": "a red circle", "style": "ink=1,,neon=1"}])
+    assert bad.status_code == 400 and "row 0: style 'ink=1,,neon=1' has an empty entry" in bad.text
 
 
 def _logged_model(tmp_path) -> tuple[str, str]:
