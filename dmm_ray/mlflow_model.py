@@ -6,7 +6,7 @@
 
 The output is a DataFrame (`prompt`, `style`, `image` as base64 PNG), so `mlflow models serve -m
 models:/dmm-toy/1 --env-manager local` answers with JSON; `params={"output": "pil"}` gives PIL images
-in-process. Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
+in-process. It runs on the GPU when there is one (`model_config={"device": "cpu"}` to choose). Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import mlflow.pyfunc
 
 OUTPUTS = ("png", "pil")
+MODEL_CONFIG = {"device": "auto"}  # load_model(uri, model_config={"device": "cpu"}), or MLFLOW_PYFUNC_INFERENCE_CONFIG for a server
 BATCH = 8  # rows per pipeline call: one batched UNet pass per step, bounded memory for long frames
 
 
@@ -65,9 +66,23 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
+        import torch
+
         from dmm_ray.pipeline import load_dmm_pipeline
 
-        self.pipe = load_dmm_pipeline(context.artifacts["pipeline"])  # DMMPipeline or DMMXLPipeline
+        # where it runs: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`; default "auto",
+        # the GPU when there is one (float16, as Serve), else the CPU (float32)
+        device = str({**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["device"])
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(device)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise ValueError(f"model_config device {device!s}: not usable here ({error}); give 'auto', 'cpu' or 'cuda'") from None
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.pipe = load_dmm_pipeline(context.artifacts["pipeline"], dtype=dtype).to(device)  # DMMPipeline or DMMXLPipeline
+        self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would fill a server's log
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

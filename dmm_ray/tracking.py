@@ -282,7 +282,7 @@ class MergeTracker:
         name = self.config.registered_model_name if registered_name == "__config__" else registered_name
         import warnings
 
-        from dmm_ray.mlflow_model import DMMPyfuncModel, model_signature
+        from dmm_ray.mlflow_model import MODEL_CONFIG, DMMPyfuncModel, model_signature
 
         with warnings.catch_warnings():
             # no input example: MLflow would load the pipeline and generate with it at log time
@@ -295,6 +295,8 @@ class MergeTracker:
                 pip_requirements=["dmm-ray", "diffusers", "torch", "transformers"],
                 # without a params schema MLflow drops predict(params={"num_inference_steps": n}) with a warning
                 signature=model_signature(),
+                # the keys load_model(model_config=...) may override (MLflow ignores undeclared ones)
+                model_config=dict(MODEL_CONFIG),
                 registered_model_name=name,
             )
         if name:

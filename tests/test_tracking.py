@@ -221,6 +221,10 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     model.predict(pd.DataFrame({"prompt": ["a red circle"], "style": ["1"]}), params={"num_inference_steps": 2})
     assert seen == [2]
     assert StyleUNet.load_config(resolve_model_uri(uri, dst=tmp_path / "dl") / "unet")["style_names"] == ["ink", "neon"]
+    # where it runs: model_config={"device": ...} ("auto": the GPU when there is one)
+    assert str(mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).unwrap_python_model().pipe.device) == "cpu"
+    with pytest.raises(ValueError, match="model_config device nodevice: not usable here"):
+        mlflow.pyfunc.load_model(uri, model_config={"device": "nodevice"})
 
 
 def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, tiny_components):
