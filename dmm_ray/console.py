@@ -89,7 +89,7 @@ def cli_main(main=None, *, interrupted: str | None = None):
     project's errors are ValueErrors; missing or unwritable files are OSErrors; a busy output folder)
     prints one `error: ...` line and returns 2 instead of a traceback. DMM_VERBOSE=1 (or a job's
     `--verbose`) keeps the traceback, for a bug report. `interrupted`: a Ctrl-C prints this line
-    (what was kept, how to resume) and returns 130; so does a SIGTERM once Ray is up, returning 143
+    (what was kept, how to resume) and returns 130; a SIGTERM the same way, returning 143
     (`sigterm_as_interrupt`). `@cli_main` or `@cli_main(interrupted=...)`."""
     if main is None:
         return functools.partial(cli_main, interrupted=interrupted)
@@ -98,7 +98,9 @@ def cli_main(main=None, *, interrupted: str | None = None):
     def wrapper(argv=None) -> int:
         import threading
 
-        _SIGTERM["armed"] = interrupted is not None and threading.current_thread() is threading.main_thread()
+        # the outermost job arms it (a job's main called inside another's leaves it to that one)
+        owner = interrupted is not None and not _SIGTERM["armed"] and threading.current_thread() is threading.main_thread()
+        _SIGTERM["armed"] = _SIGTERM["armed"] or owner
         try:
             sigterm_as_interrupt()  # from the start; a job that starts Ray installs it again after ray.init
             return main(argv)
@@ -117,6 +119,7 @@ def cli_main(main=None, *, interrupted: str | None = None):
             print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {interrupted}", file=sys.stderr)
             return 143 if terminated else 130
         finally:
-            _disarm_sigterm()
+            if owner:
+                _disarm_sigterm()
 
     return wrapper

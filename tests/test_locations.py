@@ -287,6 +287,24 @@ def test_sigterm_once_ray_is_up_is_answered_as_a_ctrl_c_with_143(capsys):
         signal.signal(signal.SIGINT, sigint)
     assert signal.getsignal(signal.SIGTERM) is before
 
+    # a job's main called inside another's leaves the handler to the outer one
+    @cli_main(interrupted="inner")
+    def inner(argv):
+        return 0
+
+    @cli_main(interrupted="outer")
+    def outer(argv):
+        inner([])
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)  # the handler raises here (with the inner job's handler left behind: the previous one runs)
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append("previous handler"))  # not the default: that would end pytest
+    try:
+        assert outer([]) == 143 and "terminated (SIGTERM): outer" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_path, capsys):
     """build_zoo, encode_latents and evaluate run for minutes: a Ctrl-C prints what is kept and how
