@@ -40,7 +40,6 @@ import torch
 from dmm_ray.merged_model import remove, save_siblings, swap_in
 from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
-from dmm_ray.styles import parse_weights  # noqa: F401  (jobs/export.py's --weights; its home is dmm_ray.styles)
 
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
 CONFIG_RECORD = "dmm_export_config.json"  # marks a config folder an export wrote: a later export may replace it

@@ -6,7 +6,8 @@
 
 The output is a DataFrame (`prompt`, `style`, `image` as base64 PNG), so `mlflow models serve -m
 models:/dmm-toy/1 --env-manager local` answers with JSON; `params={"output": "pil"}` gives PIL images
-in-process. It runs on the GPU when there is one (`model_config={"device": "cpu"}` to choose). Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
+in-process. It runs on the GPU when there is one (`model_config={"device": "cpu"}` to choose).
+Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ BATCH = 8  # rows per pipeline call: one batched UNet pass per step, bounded mem
 
 def model_signature():
     """The pyfunc's signature: `prompt` (string), optional `style` (a name, an index as a string such
-    as "2", or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps` (default: the model's own
-    sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
+    as "2", or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps`
+    (default: the model's own sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
     "pil": PIL images, in-process only)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -68,16 +69,15 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
+        from dmm_ray.evaluation.extractors import resolve_device
         from dmm_ray.pipeline import load_dmm_pipeline
 
         # where it runs: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`; default "auto",
         # the GPU when there is one (float16, as Serve), else the CPU (float32)
         device = str({**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["device"])
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            device = torch.device(device)
-            torch.empty(0, device=device)
+            device = resolve_device(device)
+            torch.empty(0, device=device)  # "cuda" on a machine without one fails here, not in the load
         except (RuntimeError, AssertionError) as error:
             raise ValueError(f"model_config device {device!s}: not usable here ({error}); give 'auto', 'cpu' or 'cuda'") from None
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -121,10 +121,10 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
 
         # 2. generate in batches of BATCH rows (one seeded generator: the same frame gives the same images)
         generator = None if seed is None else torch.Generator(self.pipe.device).manual_seed(int(seed))
+        steps_kw = {} if steps is None else {"num_inference_steps": int(steps)}
         images = []
         for start in range(0, len(prompts), BATCH):
             chunk = slice(start, start + BATCH)
-            steps_kw = {} if steps is None else {"num_inference_steps": int(steps)}
             images += self.pipe(prompts[chunk], style=styles[chunk], generator=generator, **steps_kw).images
 
         # 3. PIL in-process, or base64 PNG in a DataFrame (what `mlflow models serve` can send as JSON)

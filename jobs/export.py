@@ -128,7 +128,6 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         check_selection,
         export_config_dir,
         export_pipeline,
-        parse_weights,
         provenance,
         staged_config_folder,
         verify,
@@ -137,6 +136,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     from dmm_ray.models.style_unet import StyleError, merged_style_names
     from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
+    from dmm_ray.styles import parse_weights
     from dmm_ray.tracking import TrackingError, check_tracking_store
 
     # 1. check inputs, before loading anything: where the export and its configs go and what they

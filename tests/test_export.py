@@ -263,7 +263,8 @@ def test_export_help_documents_every_flag():
 def test_export_command_round_trips_through_the_parser():
     import shlex
 
-    from dmm_ray.export import export_command, parse_weights
+    from dmm_ray.export import export_command
+    from dmm_ray.styles import parse_weights
     from jobs import export as job
 
     cmd = export_command("/m/merged dir", style_weights={"ink": 0.25, "neon": 0.75, "pixel": 0})
@@ -398,8 +399,7 @@ def test_config_dir_with_a_diffusers_export_is_a_usage_error(merged_dir, tmp_pat
 
 
 def test_parse_weights_refuses_duplicates_and_empty_entries():
-    from dmm_ray.export import parse_weights
-    from dmm_ray.styles import StyleError
+    from dmm_ray.styles import StyleError, parse_weights
 
     assert parse_weights(" ink = 1 , neon=0.5 ") == {"ink": 1.0, "neon": 0.5}
     assert parse_weights("0=1,neon=3") == {"0": 1.0, "neon": 3.0}

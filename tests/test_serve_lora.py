@@ -154,7 +154,7 @@ def test_lora_config_is_validated_and_paths_come_from_config_only(tmp_path):
 
 
 def test_export_command_for_a_style_and_a_mixture(client):
-    from dmm_ray.export import parse_weights
+    from dmm_ray.styles import parse_weights
     from jobs import export as job
 
     r = client.post("/export_command", json={"weights": {"watercolor": 0, "neon": 3}})
