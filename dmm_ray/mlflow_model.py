@@ -69,17 +69,12 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from dmm_ray.evaluation.extractors import resolve_device
+        from dmm_ray.devices import usable_device
         from dmm_ray.pipeline import load_dmm_pipeline
 
         # where it runs: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`; default "auto",
         # the GPU when there is one (float16, as Serve), else the CPU (float32)
-        device = str({**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["device"])
-        try:
-            device = resolve_device(device)
-            torch.empty(0, device=device)  # "cuda" on a machine without one fails here, not in the load
-        except (RuntimeError, AssertionError) as error:
-            raise ValueError(f"model_config device {device!s}: not usable here ({error}); give 'auto', 'cpu' or 'cuda'") from None
+        device = usable_device(str({**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["device"]), "model_config device")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.pipe = load_dmm_pipeline(context.artifacts["pipeline"], dtype=dtype).to(device)  # DMMPipeline or DMMXLPipeline
         self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would fill a server's log

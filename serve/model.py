@@ -84,13 +84,12 @@ def read_style_descriptions(path: Path, style_names: Sequence[str]) -> list[str]
 
 
 def pick_device(device: str) -> str:
-    import torch
+    from dmm_ray.devices import usable_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' but this replica sees no GPU; use device='auto' or give it num_gpus")
-    return device
+    try:
+        return str(usable_device(device, "device"))
+    except ValueError as error:  # e.g. "cuda" on a replica without a GPU: say what Serve can change
+        raise ModelLoadError(f"{error}; on Serve, 'auto' takes the replica's GPU when its ray_actor_options give it num_gpus") from None
 
 
 def pipeline_param_bytes(pipe) -> int:

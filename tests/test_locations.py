@@ -382,3 +382,23 @@ def test_an_override_with_an_empty_key_is_refused():
         with pytest.raises(ConfigError, match="the key is empty or has an empty part"):
             parse_override(text)
     assert parse_override("distill.steps=5") == (["distill", "steps"], 5)
+
+
+def test_one_device_rule_for_every_loader(monkeypatch):
+    """"auto" means the GPU when torch sees one, for the pyfunc, Serve, evaluation and the actors alike;
+    a device the process cannot use is refused at load, naming it (Serve: what to change)."""
+    import torch
+
+    from dmm_ray.devices import resolve_device, usable_device
+    from serve.model import ModelLoadError, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == torch.device("cpu") and pick_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="device nodevice: not usable here"):
+        usable_device("nodevice", "device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="device cuda: not usable here.*num_gpus"):
+            pick_device("cuda")

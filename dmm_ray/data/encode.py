@@ -107,8 +107,10 @@ class VAEEncoder:
         import torch
         from diffusers import AutoencoderKL
 
+        from dmm_ray.devices import resolve_device
+
         self.torch = torch
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto" if use_gpu else "cpu")
         self.dtype = getattr(torch, dtype)
         self.vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=self.dtype).to(self.device).eval()
         self.scaling = float(self.vae.config.scaling_factor)

@@ -12,6 +12,8 @@ import ray
 import torch
 from pydantic import BaseModel
 
+from dmm_ray.devices import resolve_device
+
 
 class MergedStyle(BaseModel):
     """One style of a merged model, sampled like a teacher: the few-step stage's own trajectories
@@ -33,7 +35,7 @@ class TeacherSynthesizer:
 
         no_loading_bars()  # one bar per loaded teacher and actor says nothing; the driver shows synthesis progress
         torch.set_num_threads(max(1, threads))
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = str(resolve_device("auto" if use_gpu else "cpu"))
         if spec is not None:
             self.load(spec)
 

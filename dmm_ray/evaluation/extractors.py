@@ -26,6 +26,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from dmm_ray.devices import resolve_device
 from dmm_ray.evaluation.config import check_extractor
 
 
@@ -34,12 +35,6 @@ class FeatureExtractor(Protocol):
     name: str
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dmm_ray.devices import resolve_device
 from dmm_ray.evaluation.config import SamplerConfig
-from dmm_ray.evaluation.extractors import resolve_device
 
 log = logging.getLogger(__name__)
 
