@@ -43,7 +43,52 @@ def set_verbosity(verbose: bool) -> None:
     _quiet.no_loading_bars()
 
 
-_SIGTERM = {"armed": False, "received": False, "previous": None}
+class _SigtermAsInterrupt:
+    """The process's one SIGTERM owner: the outermost `cli_main(interrupted=...)` arms it
+    (`take`) and gives it back (`release`); `install` (re)places the handler while armed."""
+
+    def __init__(self):
+        self.armed = False  # a job's driver owns SIGTERM now
+        self.received = False  # the interrupt came from a SIGTERM, not a Ctrl-C
+        self.previous = None  # the handler before ours, restored on release
+
+    def take(self) -> bool:
+        """Arm for this job unless an outer job has (or off the main thread): True if this call owns it."""
+        import threading
+
+        owner = not self.armed and threading.current_thread() is threading.main_thread()
+        self.armed = self.armed or owner
+        return owner
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if not self.armed or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum, frame):
+            self.received = True
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+            handler = signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                handler(signal.SIGINT, frame)
+            else:
+                raise KeyboardInterrupt
+
+        if self.previous is None:
+            self.previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def release(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        self.armed, self.received, self.previous = False, False, None
+
+
+_SIGTERM = _SigtermAsInterrupt()
 
 
 def sigterm_as_interrupt() -> None:
@@ -55,33 +100,7 @@ def sigterm_as_interrupt() -> None:
     training, 1 elsewhere, or aborted (134); Python's default ends the process with no clean-up. A
     second SIGTERM ends the process at once. Only where `cli_main(interrupted=...)` armed it, in the
     main thread: never in a library user's process."""
-    import signal
-    import threading
-
-    if not _SIGTERM["armed"] or threading.current_thread() is not threading.main_thread():
-        return
-
-    def on_sigterm(signum, frame):
-        _SIGTERM["received"] = True
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):
-            handler(signal.SIGINT, frame)
-        else:
-            raise KeyboardInterrupt
-
-    if _SIGTERM["previous"] is None:
-        _SIGTERM["previous"] = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def _disarm_sigterm() -> None:
-    import signal
-
-    previous = _SIGTERM["previous"]
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-    _SIGTERM.update(armed=False, received=False, previous=None)
+    _SIGTERM.install()
 
 
 def cli_main(main=None, *, interrupted: str | None = None):
@@ -96,11 +115,8 @@ def cli_main(main=None, *, interrupted: str | None = None):
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
-        import threading
-
         # the outermost job arms it (a job's main called inside another's leaves it to that one)
-        owner = interrupted is not None and not _SIGTERM["armed"] and threading.current_thread() is threading.main_thread()
-        _SIGTERM["armed"] = _SIGTERM["armed"] or owner
+        owner = interrupted is not None and _SIGTERM.take()
         try:
             sigterm_as_interrupt()  # from the start; a job that starts Ray installs it again after ray.init
             return main(argv)
@@ -115,11 +131,11 @@ def cli_main(main=None, *, interrupted: str | None = None):
         except KeyboardInterrupt:
             if interrupted is None:
                 raise
-            terminated = _SIGTERM["received"]
+            terminated = _SIGTERM.received
             print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {interrupted}", file=sys.stderr)
             return 143 if terminated else 130
         finally:
             if owner:
-                _disarm_sigterm()
+                _SIGTERM.release()
 
     return wrapper

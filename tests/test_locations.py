@@ -385,7 +385,7 @@ def test_an_override_with_an_empty_key_is_refused():
 
 
 def test_one_device_rule_for_every_loader(monkeypatch):
-    """"auto" means the GPU when torch sees one, for the pyfunc, Serve, evaluation and the actors alike;
+    """ "auto" means the GPU when torch sees one, for the pyfunc, Serve, evaluation and the actors alike;
     a device the process cannot use is refused at load, naming it (Serve: what to change)."""
     import torch
 
