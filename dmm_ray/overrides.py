@@ -99,19 +99,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         ) from None
 
 
+def _list_index(items: list, part: str, path: list[str], i: int) -> int:
+    """The list position `part` names in `--set a.b.<part>...`: a number from 0 to len - 1, else a ConfigError."""
+    where = ".".join(path[:i]) or "the top level"
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    valid = f"0 to {len(items) - 1}" if items else "none: it is empty"
+    raise ConfigError(
+        f"--set {'.'.join(path)}: {where} is a list of {len(items)} item(s), so {part!r} must be an item number (valid: {valid}); "
+        f"to change the list's length set it whole, e.g. --set '{where}=[...]'"
+    )
+
+
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
-    """Set tree[path] = value in place."""
+    """Set tree[path] = value in place. A list item must exist (`teachers.9.name` on two teachers is a
+    ConfigError), and a missing section is created as a mapping, never as a list."""
     node: Any = tree
     for i, part in enumerate(path[:-1]):
         if isinstance(node, list):
-            node = node[int(part)]
+            node = node[_list_index(node, part, path, i)]
         else:
+            if part not in node and path[i + 1].isdigit():
+                raise ConfigError(
+                    f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not set, so it has no item {path[i + 1]} to change; "
+                    f"set the whole list (e.g. --set '{'.'.join(path[: i + 1])}=[...]') or write it in the config file"
+                )
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
     last = path[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_list_index(node, last, path, len(path) - 1)] = value
     else:
         node[last] = value
 

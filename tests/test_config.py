@@ -157,6 +157,24 @@ def test_one_override_parser_for_merge_and_evaluation_configs():
         load_eval_config(None, ["num_inference_steps"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("teachers.9.name=x", r"--set teachers.9.name: teachers is a list of 3 item\(s\), so '9' must be an item number \(valid: 0 to 2\)"),
+        ("teachers.x.name=x", r"so 'x' must be an item number \(valid: 0 to 2\)"),
+        ("teachers.3=x", r"so '3' must be an item number"),
+        ("teachers.-1.name=x", r"so '-1' must be an item number"),
+        ("synthesis.prompts.0=x", r"--set synthesis.prompts.0: synthesis.prompts is not set, so it has no item 0 to change"),
+    ],
+)
+def test_a_list_index_that_is_not_there_is_a_config_error(tmp_path, override, message):
+    """--set teachers.9.name=x on 3 teachers (or a word, or a negative number, in place of the item
+    number) is a ConfigError naming the list and its valid numbers, not an IndexError traceback; an
+    item of a list that is not set is not silently created as a mapping."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, BASE), [override])
+
+
 def test_typed_evaluation_and_tracking_sections(tmp_path, monkeypatch):
     """`evaluation:` is an EvalConfig and `tracking:` a TrackingConfig: the section shorthands work,
     the merge's defaults fill only what the user left unset (standalone configs keep their own),
