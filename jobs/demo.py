@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dmm_ray.console import refuse_empty
 from dmm_ray.overrides import add_set_argument
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     add_set_argument(parser, help="passed to jobs/merge.py")
     parser.add_argument("--verbose", action="store_true", help="passed to jobs/merge.py: show every library notice and Ray Train INFO line")
     args = parser.parse_args(argv)
+    refuse_empty(parser, args, "zoo")  # `--zoo "$UNSET"` would build the default zoo (minutes), not use the one meant
     overrides = ([f"zoo={Path(args.zoo).resolve()}"] if args.zoo else []) + args.overrides
     merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:

@@ -356,15 +356,18 @@ def test_build_zoo_refuses_a_seed_or_report_size_numpy_cannot_take_before_buildi
     assert not (tmp_path / "zoo").exists()
 
 
-def test_an_empty_option_is_refused_not_read_as_the_default(capsys):
+def test_an_empty_option_is_refused_not_read_as_the_default(capsys, monkeypatch):
     """`--out "$UNSET"` would silently write to the default folder: every job refuses an empty value."""
-    from jobs import build_zoo, evaluate, export, fast, merge
+    from jobs import build_zoo, demo, evaluate, export, fast, merge
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail(f"demo ran a step: {a}"))  # `--zoo ""`: not the default zoo's build
 
     for job, argv, flag in (
         (merge, ["--config", "", "--dry-run"], "--config"),
         (fast, ["--model", "", "--no-eval"], "--model"),
         (evaluate, ["--reference-only", "--teachers", "zoo.yaml", "--out", " "], "--out"),
         (build_zoo, ["--out", ""], "--out"),
+        (demo, ["--zoo", ""], "--zoo"),
         (export, ["--model", "m", "--style", "noir", "--out", "x.safetensors", "--config-dir", ""], "--config-dir"),
     ):
         with pytest.raises(SystemExit) as info:
