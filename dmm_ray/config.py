@@ -629,9 +629,33 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(tree, *parse_override(text))
     resolve_tree_paths(tree, Path.cwd())  # what the file held is absolute by now: only overrides / extra change
+    source = f"config{f' {path}' if path else ''}"
     if tree.get("zoo") and isinstance(tree["zoo"], str):  # anything else: the model's own error names it
+        zoo = tree["zoo"]
+        if build_zoo and is_zoo_preset(zoo) and not (paths.zoo_dir(zoo) / "zoo.yaml").is_file():
+            _check_before_zoo_build(tree, source)  # a typo must not wait for minutes of zoo building
         _zoo_defaults(tree, build=build_zoo)
     try:
         return MergeConfig.model_validate(tree)
     except ValidationError as error:
-        raise config_error(error, MergeConfig, f"config{f' {path}' if path else ''}") from None
+        raise config_error(error, MergeConfig, source) from None
+
+
+def _check_before_zoo_build(tree: dict, source: str) -> None:
+    """The problems of `tree` that the zoo cannot mend, raised before a preset is built (minutes): an
+    unknown or misspelt key, a value of the wrong type or range. The zoo only fills in the teachers and
+    the base and data paths, and reads zoo_teachers, so a missing field, zoo_teachers, or a check of the
+    whole config or of a whole section (which may need them), waits for the build."""
+    from types import SimpleNamespace
+
+    def waits(e) -> bool:
+        section = len(e["loc"]) == 1 and (tree.get(e["loc"][0]) is None or isinstance(tree.get(e["loc"][0]), dict))  # given or not
+        whole = e["type"] == "value_error" and (not e["loc"] or section)
+        return e["type"] == "missing" or whole or e["loc"][:1] == ("zoo_teachers",)  # a name or comma list: the zoo's to read
+
+    try:
+        MergeConfig.model_validate(tree)
+    except ValidationError as error:
+        kept = [e for e in error.errors() if not waits(e)]
+        if kept:
+            raise config_error(SimpleNamespace(errors=lambda: kept), MergeConfig, source) from None

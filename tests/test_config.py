@@ -115,6 +115,32 @@ def test_zoo_teachers_takes_one_name_or_a_comma_list(tmp_path, monkeypatch):
         load_config(None, [f"zoo={zoo}", "zoo_teachers=nope", f"output_dir={tmp_path / 'o'}"])
 
 
+def test_a_typo_is_reported_before_a_zoo_preset_is_built(tmp_path, monkeypatch):
+    """`jobs/merge.py --set distill.stepz=3` on a fresh $DMM_HOME: the typo (or a value out of range)
+    stops the job at once, not after the ~11 minutes of building `zoo: full`; what the zoo fills in
+    (teachers, base, data paths) and reads (zoo_teachers) still waits for the build."""
+    from pathlib import Path
+
+    import dmm_ray.zoo.build
+
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
+    toy = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml"
+    with pytest.raises(ConfigError, match=r"distill.stepz: Extra inputs are not permitted \(got 3\); did you mean distill.steps\?"):
+        load_config(toy, ["distill.stepz=3"], build_zoo=True)
+    with pytest.raises(ConfigError, match=r"distill.steps: Input should be greater than or equal to 0 \(got -3\)"):
+        load_config(toy, ["distill.steps=-3"], build_zoo=True)
+    for fine in ([], ["zoo_teachers=noir"], ["zoo_teachers=noir,neon", "distill.steps=5"]):
+        with pytest.raises(Built):
+            load_config(toy, fine, build_zoo=True)
+
+
 def test_evaluation_config_sections_are_checked(tmp_path):
     """--section that the file lacks, or a whole merge config read without --section: a ConfigError
     that names the sections (a silently empty section would start an evaluation with the defaults)."""
