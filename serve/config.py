@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
-from dmm_ray.overrides import config_error
+from dmm_ray.overrides import ConfigError, config_error, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The merged model of the embedded default merge (jobs/configs/toy.yaml, name dmm-toy): what
@@ -188,7 +187,18 @@ class ServeConfig(BaseModel):
             cfg_path = Path(env["DMM_SERVE_CONFIG"])
             if not cfg_path.is_file():
                 raise FileNotFoundError(f"DMM_SERVE_CONFIG={cfg_path} is not a file (a YAML of ServeConfig fields)")
-            data.update(yaml.safe_load(cfg_path.read_text()) or {})
+            loaded = read_yaml_file(cfg_path, "DMM_SERVE_CONFIG file") or {}  # malformed YAML: says where, no parser dump
+            if not isinstance(loaded, dict) or "applications" in loaded:
+                raise ConfigError(
+                    f"DMM_SERVE_CONFIG={cfg_path}: "
+                    + (
+                        f"this is a Ray Serve config file (applications:); run it with `serve run {cfg_path}`, or give "
+                        "DMM_SERVE_CONFIG a YAML of ServeConfig fields (what goes under its args:)"
+                        if isinstance(loaded, dict)
+                        else "the top level must be a mapping of ServeConfig fields, e.g. max_batch_size: 8"
+                    )
+                )
+            data.update(loaded)
         if env.get("DMM_MODEL"):
             data["model"] = env["DMM_MODEL"]
         if "DMM_API_KEY" in env:  # set but empty is a config error (the validator says so), never "no key"

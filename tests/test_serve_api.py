@@ -252,6 +252,24 @@ def test_config_from_env_and_overrides(tmp_path):
     assert ServeConfig(model="outputs/toy/merged").model_location().endswith("outputs/toy/merged")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_batch_size: [4\n", r"DMM_SERVE_CONFIG file .*serve.yaml is not valid YAML: .* at line 2, column 1"),
+        ("- max_batch_size: 4\n", r"the top level must be a mapping of ServeConfig fields"),
+        ("applications:\n  - args: {max_batch_size: 4}\n", r"this is a Ray Serve config file \(applications:\); run it with `serve run "),
+    ],
+)
+def test_a_serve_config_file_that_is_not_a_mapping_of_fields_says_so(tmp_path, text, message):
+    """DMM_SERVE_CONFIG naming malformed YAML, a list, or a Serve config file (serve/config.yaml):
+    a ConfigError that says which, not a YAML parser dump, a TypeError, or every key of the file."""
+    from dmm_ray.overrides import ConfigError
+
+    (tmp_path / "serve.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig.from_env(environ={"DMM_SERVE_CONFIG": str(tmp_path / "serve.yaml")})
+
+
 def test_default_model_is_the_default_merge_output_under_dmm_home(tmp_path, monkeypatch):
     """Serve's default is where `python jobs/merge.py` (no arguments) writes its merged model."""
     import yaml
