@@ -646,7 +646,6 @@ def _check_before_zoo_build(tree: dict, source: str) -> None:
     unknown or misspelt key, a value of the wrong type or range. The zoo only fills in the teachers and
     the base and data paths, and reads zoo_teachers, so a missing field, zoo_teachers, or a check of the
     whole config or of a whole section (which may need them), waits for the build."""
-    from types import SimpleNamespace
 
     def waits(e) -> bool:
         section = len(e["loc"]) == 1 and (tree.get(e["loc"][0]) is None or isinstance(tree.get(e["loc"][0]), dict))  # given or not
@@ -658,4 +657,4 @@ def _check_before_zoo_build(tree: dict, source: str) -> None:
     except ValidationError as error:
         kept = [e for e in error.errors() if not waits(e)]
         if kept:
-            raise config_error(SimpleNamespace(errors=lambda: kept), MergeConfig, source) from None
+            raise config_error(kept, MergeConfig, source) from None

@@ -20,11 +20,12 @@ class ConfigError(ValueError):
 
 
 def config_error(error, model: type, source: str = "config") -> ConfigError:
-    """A ConfigError for pydantic's ValidationError `error` of `model`: one line per problem, the
+    """A ConfigError for pydantic's ValidationError `error` of `model` (or a list of its `errors()`,
+    some of them kept back): one line per problem, the
     dotted key first (`distill.lr: Input should be greater than 0 (got -1)`); an unknown key also
     names the nearest known one (`; did you mean distill.steps?`) or else its section's keys."""
     lines = []
-    for e in error.errors():
+    for e in error.errors() if hasattr(error, "errors") else error:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         shown = e["type"] != "missing" and not isinstance(e["input"], dict) and f"got {e['input']!r}" not in e["msg"]
         got = f" (got {e['input']!r})" if shown else ""  # unless a validator's message already says it
