@@ -144,7 +144,12 @@ def describe_layout(cfg: MergeConfig) -> str:
         " + 1 regularisation worker" if cfg.regularization_workers else ""
     )
     lines = [head]
-    roles = worker_layout(n, m, 0, cfg.regularization_workers > 0, teachers_per_worker=k)
+    old_styles = 0
+    if cfg.incremental.base_merged:  # the regulariser's old styles (validate_before_ray has read them already)
+        from dmm_ray.models.style_unet import merged_style_names
+
+        old_styles = len(merged_style_names(cfg.incremental.base_merged))
+    roles = worker_layout(n, m, old_styles, cfg.regularization_workers > 0, teachers_per_worker=k)
     for role in roles[:groups] + roles[len(roles) - cfg.regularization_workers :] if cfg.regularization_workers else roles[:groups]:
         if role.kind == "regularizer":
             lines.append(f"  worker {role.rank}: the previous merged model (regularisation of the old styles)")

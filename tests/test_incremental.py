@@ -83,6 +83,20 @@ def test_duplicate_style_name_rejected_before_ray(merged_world, tmp_path):
     assert not out.exists()  # refused before anything is written: no empty output folder, no lock
 
 
+def test_dry_run_layout_of_an_incremental_merge_names_the_regulariser(merged_world, tmp_path):
+    """jobs/merge.py --dry-run prints describe_layout: with regularisation on (the default) it used to
+    fail with 'regularisation needs a previous merged model with at least one style'."""
+    from dmm_ray.merge import describe_layout
+
+    teachers = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, tmp_path, teachers=teachers, incremental={"base_merged": merged_world["merged"]})
+    )
+    text = describe_layout(cfg)
+    assert "+ 1 regularisation worker" in text
+    assert "worker(s) [0]: new0" in text and "worker 1: the previous merged model (regularisation of the old styles)" in text
+
+
 def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
     StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
     cfg = MergeConfig.model_validate(
