@@ -98,6 +98,25 @@ def log(msg: str) -> None:
     say("merge", msg)
 
 
+def check_synthesized_rows(cfg: MergeConfig) -> None:
+    """Each style's synthesized set (synthesis.images_per_teacher rows) must fill the rows of it that one
+    batch takes (dmm_ray.distill.streams.cached_stream); else distill or the fine-tune stop after synthesis."""
+    from dmm_ray.distill.streams import split_batch
+
+    needs = []
+    if cfg.data.synthetic_fraction > 0:
+        stream = f"data.synthetic_fraction={cfg.data.synthetic_fraction} of data.stream.batch_size={cfg.data.stream.batch_size}"
+        needs.append((split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[1], stream))
+    if finetunes(cfg):
+        needs.append((cfg.synthesis.finetune_batch_size, "synthesis.finetune_batch_size"))
+    for rows, what in needs:
+        if cfg.synthesis.images_per_teacher < rows:
+            raise ValueError(
+                f"synthesis.images_per_teacher={cfg.synthesis.images_per_teacher} is fewer than the {rows} synthesized rows "
+                f"of each style that one batch takes ({what}); synthesize at least {rows} or take fewer rows"
+            )
+
+
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, the
@@ -107,6 +126,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
+    check_synthesized_rows(cfg)
     check_teacher_files(cfg.teachers, deep=deep)
     validate_teachers(cfg.teachers, cfg.student.base)
     if cfg.evaluation.enabled:  # (the fast stage of a merge evaluates only when the merge does)
@@ -432,8 +452,12 @@ class Stage:
     when: Callable[[MergeRun], bool] = lambda run: True
 
 
+def finetunes(cfg: MergeConfig) -> bool:
+    return cfg.synthesis.enabled and cfg.synthesis.finetune_steps > 0
+
+
 def _finetunes(run: MergeRun) -> bool:
-    return run.cfg.synthesis.enabled and run.cfg.synthesis.finetune_steps > 0
+    return finetunes(run.cfg)
 
 
 def synthesize_stage(run: MergeRun) -> None:

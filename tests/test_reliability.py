@@ -351,6 +351,33 @@ def test_settings_that_would_fail_after_training_are_refused_before_anything_is_
             assert not (tmp_path / "out").exists()  # nothing written, no lock taken
 
 
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            ["synthesis.images_per_teacher=3", "data.synthetic_fraction=0.5", "data.stream.batch_size=8"],
+            "synthesis.images_per_teacher=3 is fewer than the 4 synthesized rows of each style that one batch takes "
+            "(data.synthetic_fraction=0.5 of data.stream.batch_size=8)",
+        ),
+        (["synthesis.images_per_teacher=1"], "fewer than the 2 synthesized rows of each style that one batch takes (synthesis.finetune_batch_size)"),
+    ],
+)
+def test_too_few_synthesized_images_for_one_batch_are_refused_before_anything_is_written(world, tmp_path, capsys, overrides, says):
+    """A style's synthesized set smaller than the rows one batch takes of it used to stop the merge only
+    after the synthesis, inside Ray Train ('style 8's synthesized samples has 8 rows, fewer than a batch of 16')."""
+    from jobs import merge as merge_job
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "out")))
+    sets = [a for s in overrides for a in ("--set", s)]
+    for flags in (["--dry-run"], []):
+        code = merge_job.main(["--config", str(config), *sets, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (flags, err)
+        assert not (tmp_path / "out").exists()
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0  # the fixture's 4 images fill its batches
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
