@@ -208,6 +208,16 @@ def test_fast_config_checks_and_bad_model_folder(tmp_path):
         check_model_folder(tmp_path / "half")
 
 
+def test_the_trained_line_of_a_finished_stage_run_again_says_nothing_was_trained():
+    from dmm_ray.fast.job import trained_line
+
+    assert trained_line({"step": 10, "resumed_from": 10}, "loss_rollout", 54) == "resumed at its last step (10): nothing left to train"
+    assert trained_line({"step": 10, "resumed_from": 6, "loss_rollout": 0.5}, "loss_rollout", 9) == (
+        "trained 10 steps (resumed from step 6) in 9 s (loss_rollout 0.5000)"
+    )
+    assert trained_line({"step": 4, "resumed_from": 0, "loss_lcm": 0.25}, "loss_lcm", 3) == "trained 4 steps in 3 s (loss_lcm 0.2500)"
+
+
 def test_fast_job_help_and_missing_model():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout and "--restart" in out.stdout

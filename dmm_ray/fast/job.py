@@ -268,6 +268,16 @@ class FewStepStudent(StudentSource):
         return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
 
 
+def trained_line(metrics: dict, loss_name: str, seconds: float) -> str:
+    """The log line after training. A re-run of a finished stage trains nothing (resumed_from = step)
+    and has no loss: it said 'trained 10 steps ... (loss_rollout nan)'."""
+    step, start = metrics.get("step"), metrics.get("resumed_from") or 0
+    if start and start == step:
+        return f"resumed at its last step ({step}): nothing left to train"
+    resumed = f" (resumed from step {start})" if start else ""
+    return f"trained {step} steps{resumed} in {seconds:.0f} s ({loss_name} {metrics.get(loss_name, float('nan')):.4f})"
+
+
 def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False) -> FastResult:
     """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
     Training state in the output folder resumes only when it was made from the same model with the
@@ -346,10 +356,7 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
         fingerprint.record_fast(cfg, model_dir, out, inputs)
         trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
         result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
-        loss_name = "loss_rollout" if f.rollout_steps else "loss_lcm"
-        log(
-            f"trained {trained.metrics.get('step')} steps in {result.train_seconds:.0f} s ({loss_name} {trained.metrics.get(loss_name, float('nan')):.4f})"
-        )
+        log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
         with trained.checkpoint.as_directory() as folder:
             save_fast_model(cfg, model_dir, Path(folder), result.model_path)
         log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
