@@ -5,6 +5,7 @@
 Never the bare `ray.init()`: it would join whatever `/tmp/ray/ray_current_cluster` names, and a
 stale file left by a stopped cluster makes it wait for that cluster's GCS forever. `auto` with such
 a file is an error naming it; `serve run` (Ray's CLI calls the bare `ray.init()`) gets a local Ray.
+A plain `host:port` where nothing answers is an error naming it too (Ray would retry its GCS for minutes).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address == "auto" and (stale := stale_recorded_cluster()):
-        raise ConnectionError(f"address 'auto': {stale_message(stale)}; run `ray stop` (it clears the file) or start the cluster again")
+    address = check_address(address)
     if address and address != "local":  # "local": a new local Ray, i.e. the private one below
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
@@ -51,13 +50,27 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     return True
 
 
+def check_address(address: str | None = None) -> str | None:
+    """The address `ensure_ray` joins (`address`, else `$RAY_ADDRESS`), refused at once where Ray would
+    wait: `auto` with a stale address file, or a plain host:port where nothing answers (Ray retries its
+    GCS for minutes). `ray://...` and a hostname alone are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address == "auto" and (stale := stale_recorded_cluster()):
+        raise ConnectionError(f"address 'auto': {stale_message(stale)}; run `ray stop` (it clears the file) or start the cluster again")
+    if address and address not in ("local", "auto") and not answers(address):
+        raise ConnectionError(
+            f"address {address!r} (--address, scaling.ray_address or $RAY_ADDRESS): no Ray cluster answers there; "
+            "give the head node's host:port (`ray start --head` prints it; the GCS port is 6379 by default), "
+            "`auto` for a `ray start --head` on this machine, or no address for a private local Ray"
+        )
+    return address
+
+
 def stale_recorded_cluster(address_file: str | None = None, timeout_s: float = 2.0) -> str | None:
     """The address in Ray's `ray_current_cluster` file (written by `ray start`, removed by `ray stop`)
     when nothing listens there: a cluster that stopped without `ray stop`. A bare `ray.init()`, and so
     `serve run`, would wait for that cluster's GCS forever. None when there is no file, the file does not
     hold host:port, or the address answers."""
-    import socket
-
     if address_file is None:
         from ray._common.utils import get_ray_address_file
 
@@ -66,14 +79,23 @@ def stale_recorded_cluster(address_file: str | None = None, timeout_s: float = 2
         recorded = open(address_file).read().strip()
     except OSError:
         return None
-    host, _, port = recorded.rpartition(":")
-    if not host or not port.isdigit():
-        return None
+    return None if answers(recorded, timeout_s) else recorded
+
+
+def answers(address: str, timeout_s: float = 2.0) -> bool:
+    """False when `address` is host:port and nothing accepts a connection there within `timeout_s`;
+    True when something does, or when it is not a plain host:port (`ray://...`, a hostname alone:
+    left to Ray)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return True
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return None
+            return True
     except OSError:
-        return recorded
+        return False
 
 
 def stale_message(recorded: str) -> str:

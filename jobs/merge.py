@@ -66,6 +66,9 @@ def main(argv=None) -> int:
 
     print(format_locations(cfg, "locations"), flush=True)
     check_writable_outputs(cfg)  # before the MLflow store or Ray exist
+    from dmm_ray.ray_session import check_address
+
+    check_address(cfg.scaling.ray_address)  # an address where no Ray answers: said now, not after minutes of GCS retries
     if args.dry_run:
         from dmm_ray.memory_plan import MemoryPlanError, describe, plan_config
 

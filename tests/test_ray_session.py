@@ -75,3 +75,25 @@ def test_ray_address_local_gets_the_private_local_ray(address_file, monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "local")
     assert ray_session.ensure_ray() is True
     assert calls[0]["address"] == "local" and calls[0]["include_dashboard"] is False and "runtime_env" in calls[0]
+
+
+def test_an_explicit_address_where_nothing_answers_is_an_error_not_minutes_of_gcs_retries(address_file, monkeypatch):
+    """`--address host:port` / RAY_ADDRESS=host:port with no cluster there: one quick check and an error
+    naming the address, instead of ray.init retrying the GCS for minutes; a live one, `ray://` and
+    `local` reach ray.init."""
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    closed = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(ConnectionError, match=f"address '{closed}'.*no Ray cluster answers there.*host:port"):
+        ray_session.ensure_ray(closed)
+    monkeypatch.setenv("RAY_ADDRESS", closed)
+    with pytest.raises(ConnectionError, match=f"address '{closed}'"):
+        ray_session.ensure_ray()
+    assert calls == []
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        live_address = f"127.0.0.1:{live.getsockname()[1]}"
+        assert ray_session.ensure_ray(live_address) is True
+    assert ray_session.ensure_ray("ray://10.0.0.1:10001") is True
+    assert [c["address"] for c in calls] == [live_address, "ray://10.0.0.1:10001"]
