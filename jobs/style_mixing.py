@@ -103,6 +103,12 @@ def main(argv=None) -> int:
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
+    if not args.group and (args.weighted_merge is not None or args.score_ensemble):
+        given = [o for o, v in (("--weighted-merge", args.weighted_merge is not None), ("--score-ensemble", args.score_ensemble)) if v]
+        parser.error(
+            f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --group (rows of the group's mix, Table 3); "
+            f"give --group A,B,... too, or leave {' and '.join(given)} out"
+        )
     from dmm_ray.baselines.weighted_merge import plan_group_merge
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.sources import load_eval_setup

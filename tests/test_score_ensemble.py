@@ -107,6 +107,22 @@ def test_style_mixing_cli_with_score_ensemble(teachers, tmp_path, capsys):
     assert "score ensemble" in (tmp_path / "mix" / "mixing.csv").read_text()
 
 
+def test_style_mixing_refuses_the_group_options_without_group(capsys):
+    """--weighted-merge / --score-ensemble are rows of the --group study: with only --sweep they were
+    silently ignored while the sweep ran; now a usage error, before the teachers are read."""
+    from jobs.style_mixing import main
+
+    base = ["--model", "never-loaded", "--teachers", "never-read.yaml", "--sweep", ",".join(NAMES)]
+    for extra, said in (
+        (["--weighted-merge", "wm"], "--weighted-merge goes with --group"),
+        (["--score-ensemble"], "--score-ensemble goes with --group"),
+        (["--weighted-merge", "wm", "--score-ensemble"], "--weighted-merge and --score-ensemble go with --group"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(base + extra)
+        assert info.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_style_mixing_cli_checks_styles_and_out_before_any_image(teachers, tmp_path, capsys):
     """--sweep with one style or a misspelt one, --group of unknown styles, an --out that cannot be
     written: exit 2 naming the option, before the model or a teacher is sampled."""
