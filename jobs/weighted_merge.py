@@ -47,7 +47,12 @@ def _check_tracking(args) -> None:
 
 @cli_main(interrupted="--out keeps the previous weighted merge (if any) until a complete new one replaces it; re-run the same command")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.track:  # they only say where and how --track logs: without it they would be ignored
+        given = [f"--{n.replace('_', '-')}" for n in ("tracking_uri", "project", "registered_name") if getattr(args, n) != parser.get_default(n)]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --track (log + register in MLflow); add --track, or leave {' and '.join(given)} out")
     set_verbosity(args.verbose)
     from dmm_ray.baselines.weighted_merge import MergeWeightsError, check_output, validate_weights, weighted_merge_teachers
     from dmm_ray.evaluation.sources import load_eval_setup

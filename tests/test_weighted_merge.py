@@ -247,6 +247,24 @@ def test_weighted_merge_job_checks_tracking_settings_before_the_merge(zoo, tmp_p
     assert not (tmp_path / "wm").exists()
 
 
+def test_weighted_merge_job_refuses_tracking_options_without_track(tmp_path, capsys):
+    """--tracking-uri / --project / --registered-name say where --track logs: without --track they
+    were ignored and the job exited 0; now a usage error saying to add --track, before anything is read."""
+    from jobs import weighted_merge as job
+
+    base = ["--teachers", str(tmp_path / "never-read.yaml"), "--out", str(tmp_path / "wm")]
+    for extra, named in (
+        (["--tracking-uri", "foo://x"], "--tracking-uri"),
+        (["--project", "p"], "--project"),
+        (["--tracking-uri", "foo://x", "--registered-name", "foo"], "--tracking-uri, --registered-name"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            job.main(base + extra)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"error: {named} only apply with --track" in err and "add --track" in err, err
+    assert not (tmp_path / "wm").exists()
+
+
 def test_weighted_merge_job_answers_ctrl_c_with_one_line(zoo, tmp_path, capsys, monkeypatch):
     from dmm_ray.baselines import weighted_merge as wm
     from jobs import weighted_merge as job
