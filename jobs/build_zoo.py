@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished zoo is at --out")
     parser.add_argument("--report", action="store_true", help="after building, print M_ref, prompt following and the grid path")
-    parser.add_argument("--report-samples", type=int, default=256, help="images per teacher and seed set for M_ref (default: %(default)s)")
+    parser.add_argument("--report-samples", type=int, default=256, help="images per teacher and seed set for --report's M_ref (default: %(default)s)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
         parser.error(f"--threads must be at least 1 (leave it out for the default, 2), got {args.threads}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32) (NumPy's seed range), got {args.seed}")
+    if not args.report and args.report_samples != parser.get_default("report_samples"):
+        parser.error("--report-samples sizes the --report (M_ref after the build); add --report, or leave --report-samples out")
     if args.report_samples < 2:
         parser.error(f"--report-samples must be at least 2 (a Fréchet distance needs a covariance), got {args.report_samples}")
 

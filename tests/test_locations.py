@@ -378,6 +378,18 @@ def test_an_empty_option_is_refused_not_read_as_the_default(capsys, monkeypatch)
     assert "--section names a key of --config; give --config too" in capsys.readouterr().err
 
 
+def test_build_zoo_refuses_report_samples_without_report(capsys, tmp_path, monkeypatch):
+    """--report-samples only sizes --report: alone it was ignored while the zoo was built (minutes)."""
+    from dmm_ray.zoo import build
+    from jobs import build_zoo
+
+    monkeypatch.setattr(build, "build_zoo", lambda *a, **k: pytest.fail("built the zoo"))
+    with pytest.raises(SystemExit) as info:
+        build_zoo.main(["--out", str(tmp_path / "zoo"), "--size", "micro", "--report-samples", "5"])
+    assert info.value.code == 2 and "--report-samples sizes the --report" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()
+
+
 def test_an_override_with_an_empty_key_is_refused():
     from dmm_ray.overrides import ConfigError, parse_override
 
