@@ -20,7 +20,7 @@ folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
 
 Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (a --model that does
 not exist or is not a merged model, an unknown style, bad weights, an --out or config folder that is
-not an earlier export's, --config-dir with a diffusers export, a tracking store MLflow cannot open or a run it does not hold; all checked
+not an earlier export's, --config-dir with a diffusers export or one to an --out named .safetensors/.ckpt, a tracking store MLflow cannot open or a run it does not hold; all checked
 before anything is loaded, nothing written), 3 written but MLflow logging failed, 130 interrupted
 (nothing half-written left).
 """
@@ -113,6 +113,11 @@ def main(argv=None) -> int:
         parser.error(
             "--config-dir applies to --format single_file only (a diffusers folder carries its own configs); "
             "drop it or use --format single_file with an --out ending in .safetensors"
+        )
+    if args.format == "diffusers" and Path(args.out).suffix.lower() in (".safetensors", ".ckpt"):
+        parser.error(
+            f"--out {args.out} names a checkpoint file, but a diffusers export (--format diffusers, the default unless "
+            "--out ends in .safetensors) is a folder; give a folder path, or --format single_file with an --out ending in .safetensors"
         )
     set_verbosity(args.verbose)
     with contextlib.ExitStack() as stack:  # holds a downloaded models:/ copy until the export is done

@@ -398,6 +398,23 @@ def test_config_dir_with_a_diffusers_export_is_a_usage_error(merged_dir, tmp_pat
         run_job("--model", merged_dir, "--style", "ink", "--no-track", "--out", tmp_path / "d", "--config-dir", "none")
 
 
+def test_a_diffusers_export_to_a_checkpoint_file_name_is_a_usage_error(merged_dir, tmp_path, capsys, no_loading):
+    """--format diffusers (or the default, with an --out not ending in .safetensors) writes a folder:
+    one named x.safetensors or x.ckpt is refused at parse time; the reverse, a single-file export
+    over an existing folder, is refused before loading too."""
+    model = ["--model", merged_dir, "--style", "ink", "--no-track"]
+    for out in (["--out", tmp_path / "x.safetensors", "--format", "diffusers"], ["--out", tmp_path / "x.ckpt"]):
+        with pytest.raises(SystemExit) as exited:
+            run_job(*model, *out)
+        assert exited.value.code == 2, out
+        assert "names a checkpoint file, but a diffusers export" in capsys.readouterr().err, out
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "y.safetensors").mkdir()
+    assert run_job(*model, "--out", tmp_path / "y.safetensors") == 2
+    assert "y.safetensors is a folder; a single-file export needs a file path" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["y.safetensors"]
+
+
 def test_parse_weights_refuses_duplicates_and_empty_entries():
     from dmm_ray.styles import StyleError, parse_weights
 
