@@ -249,6 +249,20 @@ def test_jobs_answer_user_errors_with_one_line_and_exit_code_2(monkeypatch, caps
         job(StyleError("unknown style 'x'"))([])
 
 
+def test_a_plain_diffusers_folder_as_the_model_is_the_projects_error_not_a_library_one(tmp_path, capsys, monkeypatch):
+    """jobs/evaluate.py --model <a plain SD folder>: one line, without the "(the traceback: DMM_VERBOSE=1)"
+    meant for another library's errors (merged_style_names raised a plain ValueError)."""
+    from dmm_ray.console import cli_main
+    from dmm_ray.models.style_unet import merged_style_names
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    monkeypatch.delenv("DMM_VERBOSE", raising=False)
+    assert cli_main(lambda argv: merged_style_names(tmp_path))([]) == 2
+    config = tmp_path / "unet" / "config.json"
+    assert capsys.readouterr().err == f"error: '{config}' has no style_names; is '{tmp_path}' a DMM merged model (StyleUNet)?\n"
+
+
 def test_sigterm_once_ray_is_up_is_answered_as_a_ctrl_c_with_143(capsys):
     """`ray job stop` / kill: SIGTERM goes through the SIGINT handler of the moment (Ray Train's during
     fit(), which aborts the run) and the job prints its line and exits 143, not Ray's C++ stack dump and

@@ -299,7 +299,8 @@ class StyleUNet(UNet2DConditionModel):
 
 
 def merged_style_names(folder) -> list[str]:
-    """Style names a merged model folder records in `unet/config.json`, read without loading weights."""
+    """Style names a merged model folder records in `unet/config.json`, read without loading weights.
+    A folder without that file: FileNotFoundError; a plain diffusers folder (no style names): StyleError."""
     import json
     from pathlib import Path
 
@@ -308,7 +309,7 @@ def merged_style_names(folder) -> list[str]:
         raise FileNotFoundError(f"'{folder}' is not a merged-model folder: missing unet/config.json")
     names = json.loads(cfg.read_text()).get("style_names")
     if not names:
-        raise ValueError(f"'{cfg}' has no style_names; is '{folder}' a DMM merged model (StyleUNet)?")
+        raise StyleError(f"'{cfg}' has no style_names; is '{folder}' a DMM merged model (StyleUNet)?")
     return list(names)
 
 
