@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.overrides import add_set_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
     p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (a merge config: 'evaluation')")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field, e.g. --set sampler.num_inference_steps=10"
-    )
+    add_set_argument(p, "sampler.num_inference_steps=10")
     p.add_argument("--out", help="output folder (default: EvalConfig.output_dir)")
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
         extra.append("use_ray=false")
     if args.out:
         extra.append(f"output_dir={args.out}")
-    cfg = load_eval_config(args.config, args.set + extra, args.section, defaults=setup.defaults)
+    cfg = load_eval_config(args.config, args.overrides + extra, args.section, defaults=setup.defaults)
     check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
     check_writable_folder(cfg.cache_dir, "cache_dir")
     tracking = None

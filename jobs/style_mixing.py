@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.overrides import add_set_argument
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
     p.add_argument("--config", help="YAML with EvalConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EvalConfig field")
+    add_set_argument(p, "sampler.num_inference_steps=10")
     p.add_argument("--out", default="outputs/mixing", help="output folder, relative to the current directory (default: outputs/mixing)")
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument(
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         check_tracking_store(args.tracking_uri, "--tracking-uri")  # before any image, not at the download
     specs = {s.name: s for s in setup.teachers}
     wm_plan = plan_group_merge([specs[g] for g in group], args.out, args.weighted_merge) if group else None
-    cfg = load_eval_config(args.config, args.set + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    cfg = load_eval_config(args.config, args.overrides + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
     with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 

@@ -404,6 +404,19 @@ def test_build_zoo_refuses_report_samples_without_report(capsys, tmp_path, monke
     assert not (tmp_path / "zoo").exists()
 
 
+def test_the_eval_jobs_take_the_shared_set_option():
+    """jobs/evaluate.py and jobs/style_mixing.py: --set from dmm_ray.overrides.add_set_argument, as in
+    the other jobs (same help: dotted key, an example, repeatable), not a copy of their own."""
+    from jobs import evaluate, style_mixing
+
+    for job in (evaluate, style_mixing):
+        parser = job.build_parser()
+        action = next(a for a in parser._actions if "--set" in a.option_strings)
+        assert action.dest == "overrides" and action.help.endswith("(repeatable)") and "e.g. --set " in action.help, job
+        args = parser.parse_args(["--model", "m", "--teachers", "t", "--set", "a=1", "--set", "b=2"])
+        assert args.overrides == ["a=1", "b=2"], job
+
+
 def test_an_override_with_an_empty_key_is_refused():
     from dmm_ray.overrides import ConfigError, parse_override
 
