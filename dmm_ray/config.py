@@ -617,6 +617,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     Relative paths in the file resolve against the file's folder, those in overrides and `extra`
     against the current directory (`dmm_ray.paths`). `zoo: <preset>` needs the preset built under
     $DMM_HOME/zoo; `build_zoo=True` builds it when missing (the merge job does)."""
+    tree, source = _config_tree(path, overrides, extra)
+    if tree.get("zoo") and isinstance(tree["zoo"], str):  # anything else: the model's own error names it
+        zoo = tree["zoo"]
+        if build_zoo and is_zoo_preset(zoo) and not (paths.zoo_dir(zoo) / "zoo.yaml").is_file():
+            _check_before_zoo_build(tree, source)  # a typo must not wait for minutes of zoo building
+        _zoo_defaults(tree, build=build_zoo)
+    try:
+        return MergeConfig.model_validate(tree)
+    except ValidationError as error:
+        raise config_error(error, MergeConfig, source) from None
+
+
+def _config_tree(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> tuple[dict, str]:
+    """The unvalidated tree of `load_config` (the file, `extra`, the overrides; paths resolved) and its name for errors."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -629,16 +643,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra
     for text in overrides:
         apply_override(tree, *parse_override(text))
     resolve_tree_paths(tree, Path.cwd())  # what the file held is absolute by now: only overrides / extra change
-    source = f"config{f' {path}' if path else ''}"
-    if tree.get("zoo") and isinstance(tree["zoo"], str):  # anything else: the model's own error names it
-        zoo = tree["zoo"]
-        if build_zoo and is_zoo_preset(zoo) and not (paths.zoo_dir(zoo) / "zoo.yaml").is_file():
-            _check_before_zoo_build(tree, source)  # a typo must not wait for minutes of zoo building
-        _zoo_defaults(tree, build=build_zoo)
-    try:
-        return MergeConfig.model_validate(tree)
-    except ValidationError as error:
-        raise config_error(error, MergeConfig, source) from None
+    return tree, f"config{f' {path}' if path else ''}"
+
+
+def check_before_zoo_build(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> None:
+    """For a caller that builds the config's zoo itself before `load_config` (jobs/demo.py): what
+    `load_config(..., build_zoo=True)` refuses before it builds a preset (a misspelt key, a value of the
+    wrong type or range, a malformed override), raised now instead of after minutes of building. Builds
+    and reads no zoo; what needs the zoo waits for `load_config`."""
+    _check_before_zoo_build(*_config_tree(path, overrides, extra))
 
 
 def _check_before_zoo_build(tree: dict, source: str) -> None:

@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dmm_ray.console import refuse_empty
+from dmm_ray.console import cli_main, refuse_empty
 from dmm_ray.overrides import add_set_argument
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "jobs" / "configs" / "toy.yaml"  # what jobs/merge.py runs without --config
 
 
 class StepFailed(Exception):
@@ -34,6 +35,7 @@ def run(*args: str) -> None:
         raise StepFailed(args[0], code)
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=None, help="zoo folder (default: the preset's, $DMM_HOME/zoo/full)")
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:
         merge_args += ["--set", override]
+    from dmm_ray.config import check_before_zoo_build
+
+    check_before_zoo_build(DEFAULT_CONFIG, overrides)  # a typo in --set: said now, not after the zoo's build (minutes)
     try:
         run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
         run(*merge_args)
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     from dmm_ray.config import load_config
     from dmm_ray.merge import locations
 
-    where = locations(load_config(REPO / "jobs" / "configs" / "toy.yaml", overrides))
+    where = locations(load_config(DEFAULT_CONFIG, overrides))
     print("\nDemo finished.")
     print(f"  merged model:   {where['merged model']}   (DMMPipeline.from_pretrained / serve run serve.app)")
     print(f"  evaluation:     {Path(where['output_dir']) / 'evaluation'}   (FID matrices, heatmaps, style x prompt grid)")

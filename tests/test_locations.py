@@ -417,6 +417,19 @@ def test_the_eval_jobs_take_the_shared_set_option():
         assert args.overrides == ["a=1", "b=2"], job
 
 
+def test_demo_reports_a_config_typo_before_building_the_zoo(capsys, monkeypatch, tmp_path):
+    """jobs/demo.py --set distill.stepz=3 with no zoo built: the typo is reported at once (exit 2, one
+    error), not by jobs/merge.py after the zoo's build (minutes); no step runs, nothing is written."""
+    from jobs import demo
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path))
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail(f"demo ran a step: {a}"))
+    assert demo.main(["--set", "distill.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid config") and "distill.stepz" in err and "did you mean distill.steps?" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_override_with_an_empty_key_is_refused():
     from dmm_ray.overrides import ConfigError, parse_override
 
