@@ -6,7 +6,7 @@ job runs from a checkout or from the temporary working-dir copy of `ray job subm
     $DMM_HOME/zoo/<size>/          toy-zoo presets (`zoo: full` / `zoo: micro`), built on first use
     $DMM_HOME/outputs/<name>/      a merge's output_dir: merged/, latents/, stages/, evaluation/, ray_results/
     $DMM_HOME/mlflow.db            the MLflow store (artifacts in $DMM_HOME/mlartifacts/)
-    $DMM_HOME/cache/fid/           FID statistics cache of the merge job's evaluation
+    $DMM_HOME/cache/fid/           FID statistics cache (the merge's evaluation, jobs/evaluate.py, style_mixing)
 
 Relative paths resolve against the directory of the config file that names them; paths given on
 the command line (`--set key=value`, CLI flags) against the current directory. `$DMM_HOME` and `~`

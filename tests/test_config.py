@@ -236,8 +236,8 @@ def test_typed_evaluation_and_tracking_sections(tmp_path, monkeypatch):
     remote = load_config(_write(tmp_path, BASE + "output_dir: s3://bucket/run\n"))
     assert remote.evaluation.output_dir == str(paths.staging_dir("s3://bucket/run") / "evaluation")
 
-    # standalone configs keep their own defaults
-    assert (EvalConfig().output_dir, EvalConfig().cache_dir) == ("outputs/eval", ".cache/fid")
+    # standalone configs keep their own output defaults; the FID cache is the merge's, under $DMM_HOME
+    assert (EvalConfig().output_dir, EvalConfig().cache_dir) == ("outputs/eval", str(tmp_path / "home" / "cache" / "fid"))
     assert (TrackingConfig().project, TrackingConfig().registered_model_name) == ("dmm-merge", "dmm-merged")
 
     # relative locations of a config built in Python: absolute against the same root as output_dir

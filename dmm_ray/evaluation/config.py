@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dmm_ray import paths
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_STEPS  # paper A.5 (a leaf: no torch)
 
 
@@ -109,7 +110,10 @@ class EvalConfig(BaseModel):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
     batch_size: int = Field(8, ge=1, description="images per pipeline call inside a worker")
-    cache_dir: str = Field(".cache/fid", description="teacher statistics cache (in a merge config: default $DMM_HOME/cache/fid)")
+    cache_dir: str = Field(
+        default_factory=lambda: str(paths.fid_cache_dir()),
+        description="teacher statistics cache (default $DMM_HOME/cache/fid, as in a merge config: not the cwd, which a Ray job's is temporary)",
+    )
     output_dir: str = Field("outputs/eval", description="matrices, plots, grid (in a merge config: default <output_dir>/evaluation)")
     use_ray: bool = True
     num_student_workers: int = Field(1, ge=1, description="student styles are split over this many actors")
