@@ -156,8 +156,9 @@ def test_build_zoo_job_refuses_bad_threads_and_out_before_building(tmp_path, cap
 
 
 def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
-    """`make demo` with a step that fails (a bad --set): the step's own exit code and one line, no
-    CalledProcessError traceback of the driver on top of the step's error."""
+    """`make demo` with a step that fails (here the merge, answering 2 as for a bad teacher file): the
+    step's own exit code and one line, no CalledProcessError traceback of the driver on top of the
+    step's error. (A misspelt --set key no longer gets that far: demo checks it before the zoo build.)"""
     import subprocess
 
     from jobs import demo
@@ -169,6 +170,6 @@ def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
         return subprocess.CompletedProcess(cmd, 2 if cmd[1] == "jobs/merge.py" else 0)
 
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    assert demo.main(["--set", "distill.stepz=1"]) == 2
+    assert demo.main(["--set", "distill.steps=1"]) == 2
     assert calls == ["jobs/build_zoo.py", "jobs/merge.py"]
     assert capsys.readouterr().err.strip() == "demo: jobs/merge.py stopped with exit code 2 (its error is above)"
