@@ -30,6 +30,12 @@ def refuse_empty(parser, args, *names: str) -> None:
             parser.error(f"--{name.replace('_', '-')} is empty; give a value or leave the option out")
 
 
+def given_options(parser, args, *names: str) -> list[str]:
+    """The options among `names` (dests) that the command line set to other than their defaults, as
+    written (`--registered-name`): for refusing options that only apply with another one."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != parser.get_default(n)]
+
+
 def set_verbosity(verbose: bool) -> None:
     """A job's driver: `--verbose` (or DMM_VERBOSE=1, which Ray workers inherit) keeps every notice;
     else the driver loads and registers models without per-file progress bars."""

@@ -456,10 +456,6 @@ def finetunes(cfg: MergeConfig) -> bool:
     return cfg.synthesis.enabled and cfg.synthesis.finetune_steps > 0
 
 
-def _finetunes(run: MergeRun) -> bool:
-    return finetunes(run.cfg)
-
-
 def synthesize_stage(run: MergeRun) -> None:
     """The teachers' own samples: one Ray actor per teacher (before distill when they join its stream)."""
     t0 = time.time()
@@ -488,7 +484,7 @@ def distill_stage(run: MergeRun) -> None:
     distill = fit_stage(build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=run.plan))
     run.timed("distill", t0, distill.metrics)
     run.student_dir = _student_from_result(distill, run.out / "stages" / "distill_student")
-    if _finetunes(run) and cfg.synthesis.finetune_continue:  # the fine-tune continues its discriminator and optimizers
+    if finetunes(cfg) and cfg.synthesis.finetune_continue:  # the fine-tune continues its discriminator and optimizers
         _copy_from_result(distill, run.out / "stages" / "distill_state")
 
 
@@ -571,8 +567,8 @@ def fast_stage(run: MergeRun) -> None:
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.data.synthetic_fraction > 0),  # mixed into distill from step 0
     Stage("distill", distill_stage),
-    Stage("synthesize", synthesize_stage, when=lambda run: _finetunes(run) and run.shard_dirs is None),
-    Stage("finetune", finetune_stage, when=_finetunes),
+    Stage("synthesize", synthesize_stage, when=lambda run: finetunes(run.cfg) and run.shard_dirs is None),
+    Stage("finetune", finetune_stage, when=lambda run: finetunes(run.cfg)),
     Stage("save", save_stage),
     Stage("evaluate", _evaluate),
     Stage("track", track_stage, when=lambda run: bool(run.tracker)),

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from dmm_ray.console import cli_main, refuse_empty
+from dmm_ray.console import cli_main, given_options, refuse_empty
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         parser.error(f"--threads must be at least 1 (leave it out for the default, 2), got {args.threads}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32) (NumPy's seed range), got {args.seed}")
-    if not args.report and args.report_samples != parser.get_default("report_samples"):
+    if not args.report and given_options(parser, args, "report_samples"):
         parser.error("--report-samples sizes the --report (M_ref after the build); add --report, or leave --report-samples out")
     if args.report_samples < 2:
         parser.error(f"--report-samples must be at least 2 (a Fréchet distance needs a covariance), got {args.report_samples}")

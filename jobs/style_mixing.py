@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
-    if not args.group and (args.weighted_merge is not None or args.score_ensemble):
-        given = [o for o, v in (("--weighted-merge", args.weighted_merge is not None), ("--score-ensemble", args.score_ensemble)) if v]
+    if not args.group and (given := given_options(parser, args, "weighted_merge", "score_ensemble")):
         parser.error(
             f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --group (rows of the group's mix, Table 3); "
             f"give --group A,B,... too, or leave {' and '.join(given)} out"

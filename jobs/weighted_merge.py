@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dmm_ray.console import add_verbose_argument, cli_main, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, given_options, set_verbosity
 
 
 def _csv(s: str | None):
@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.track:  # they only say where and how --track logs: without it they would be ignored
-        given = [f"--{n.replace('_', '-')}" for n in ("tracking_uri", "project", "registered_name") if getattr(args, n) != parser.get_default(n)]
-        if given:
+        if given := given_options(parser, args, "tracking_uri", "project", "registered_name"):
             parser.error(f"{', '.join(given)} only apply with --track (log + register in MLflow); add --track, or leave {' and '.join(given)} out")
     set_verbosity(args.verbose)
     from dmm_ray.baselines.weighted_merge import MergeWeightsError, check_output, validate_weights, weighted_merge_teachers

@@ -188,15 +188,12 @@ class ServeConfig(BaseModel):
             if not cfg_path.is_file():
                 raise FileNotFoundError(f"DMM_SERVE_CONFIG={cfg_path} is not a file (a YAML of ServeConfig fields)")
             loaded = read_yaml_file(cfg_path, "DMM_SERVE_CONFIG file") or {}  # malformed YAML: says where, no parser dump
-            if not isinstance(loaded, dict) or "applications" in loaded:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"DMM_SERVE_CONFIG={cfg_path}: the top level must be a mapping of ServeConfig fields, e.g. max_batch_size: 8")
+            if "applications" in loaded:
                 raise ConfigError(
-                    f"DMM_SERVE_CONFIG={cfg_path}: "
-                    + (
-                        f"this is a Ray Serve config file (applications:); run it with `serve run {cfg_path}`, or give "
-                        "DMM_SERVE_CONFIG a YAML of ServeConfig fields (what goes under its args:)"
-                        if isinstance(loaded, dict)
-                        else "the top level must be a mapping of ServeConfig fields, e.g. max_batch_size: 8"
-                    )
+                    f"DMM_SERVE_CONFIG={cfg_path}: this is a Ray Serve config file (applications:); run it with `serve run {cfg_path}`, "
+                    "or give DMM_SERVE_CONFIG a YAML of ServeConfig fields (what goes under its args:)"
                 )
             data.update(loaded)
         if env.get("DMM_MODEL"):
