@@ -103,6 +103,20 @@ def test_second_build_is_cached(micro_zoo):
         B.build_zoo(out, preset("micro", seed=1), progress=False)
 
 
+def test_a_preset_zoo_from_an_older_preset_is_refused_with_the_rebuild_command(micro_zoo, tmp_path):
+    out, _ = micro_zoo
+    old = tmp_path / "zoo" / "micro"
+    old.mkdir(parents=True)
+    (old / B.MANIFEST).write_text((out / B.MANIFEST).read_text())
+    marker = json.loads((out / B.MARKER).read_text())
+    assert marker["fingerprint"] == preset("micro").fingerprint()
+    assert B.ensure_zoo_preset("micro", out, progress=False) == out.resolve()  # the current preset: reused
+    (old / B.MARKER).write_text(json.dumps(marker | {"fingerprint": preset("micro", lora_rank=8).fingerprint()}))
+    with pytest.raises(B.ZooBuildError, match=r"older version of the 'micro' preset; rebuild it with `python jobs/build_zoo.py --out .*micro --size micro --force`"):
+        B.ensure_zoo_preset("micro", old, progress=False)
+    assert (old / B.MANIFEST).is_file()  # nothing removed
+
+
 def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the middle of the build")

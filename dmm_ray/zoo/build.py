@@ -108,6 +108,12 @@ def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(out) is None:
             print(f"building the toy zoo preset {size!r} in {out} (first use; cached for later runs)", flush=True)
+        done = is_complete(out)
+        if done is not None and done.get("fingerprint") != config.fingerprint():
+            raise ZooBuildError(
+                f"{out} holds a toy zoo built from an older version of the {size!r} preset; "
+                f"rebuild it with `python jobs/build_zoo.py --out {out} --size {size} --force` (about 11 min on 2 cores) or remove the folder"
+            )
         threads = torch.get_num_threads()
         torch.set_num_threads(default_threads())
         try:
