@@ -112,7 +112,9 @@ def test_a_preset_zoo_from_an_older_preset_is_refused_with_the_rebuild_command(m
     assert marker["fingerprint"] == preset("micro").fingerprint()
     assert B.ensure_zoo_preset("micro", out, progress=False) == out.resolve()  # the current preset: reused
     (old / B.MARKER).write_text(json.dumps(marker | {"fingerprint": preset("micro", lora_rank=8).fingerprint()}))
-    with pytest.raises(B.ZooBuildError, match=r"older version of the 'micro' preset; rebuild it with `python jobs/build_zoo.py --out .*micro --size micro --force`"):
+    with pytest.raises(
+        B.ZooBuildError, match=r"older version of the 'micro' preset; rebuild it with `python jobs/build_zoo.py --out .*micro --size micro --force`"
+    ):
         B.ensure_zoo_preset("micro", old, progress=False)
     assert (old / B.MANIFEST).is_file()  # nothing removed
 
