@@ -15,7 +15,7 @@ Results go to <out>/equivalence.json and a markdown table on stdout.
 
 LoRA memory: one process loads 4 LoRA teachers of the zoo's base (the zoo's two LoRAs, each twice
 under two names) as adapters on one shared base, another as 4 fused copies; reported: the bytes of
-the teachers' tensors (unique storages) and the process peak-RSS growth of each, and their ratios
+the teachers' tensors (unique storages) and the process peak-RSS growth of each (over a process that has loaded the base pipeline once, as a worker has its student), and their ratios
 (target <= 0.4), beside the memory planner's prediction for SD1.5 at rank 64. `--lora-arch sd15`
 measures that prediction: the same two loads through the same loader, on 4 rank-64 LoRAs (the
 planner's COMMON_LORA_TARGETS: attention and feed-forward) of a randomly initialised SD1.5-architecture base (UNet, CLIP ViT-L, VAE; nothing is downloaded;
@@ -218,11 +218,18 @@ def lora_memory_one(shared: bool, specs: list[dict], dtype: str | None = None) -
 
     specs = [TeacherSpec(**spec) for spec in specs]
     import peft  # noqa: F401  (libraries imported before the baseline: only the teachers' memory is counted)
-    from diffusers import StableDiffusionPipeline  # noqa: F401
+    from diffusers import StableDiffusionPipeline
     from diffusers.loaders import peft as _  # noqa: F401
 
-    before = peak_rss_bytes() // 1024
     torch_dtype = getattr(torch, dtype) if dtype else None
+    # The base pipeline, loaded, read and kept before the baseline: the first load of each model class
+    # costs memory of its own (lazy imports, first allocations: about 30 MB, 8x the toy UNet), which a
+    # training worker has paid for its student before any teacher, so it is not the teachers' memory.
+    warm = StableDiffusionPipeline.from_pretrained(specs[0].base, safety_checker=None, torch_dtype=torch_dtype)
+    for m in (warm.unet, warm.text_encoder, warm.vae):
+        for t in m.parameters():
+            t.detach().sum()
+    before = peak_rss_bytes() // 1024
     bank = load_teacher_bank(specs, "cpu", lambda parts: conditioner_for(parts, 4), dtype=torch_dtype, share_lora_base=shared)
     seen, tensor_bytes = set(), 0
     for j in range(len(bank)):
@@ -235,6 +242,7 @@ def lora_memory_one(shared: bool, specs: list[dict], dtype: str | None = None) -
                     tensor_bytes += t.untyped_storage().nbytes()
                     t.detach().sum()  # read every page: weights loaded from safetensors are mapped lazily, a training worker reads them all
     after = peak_rss_bytes() // 1024
+    del warm
     return {"shared": shared, "describe": bank.describe(), "tensor_bytes": tensor_bytes, "rss_growth_kib": after - before}
 
 
