@@ -554,6 +554,12 @@ def _zoo_manifest(value: str, build: bool) -> Path:
                 f"zoo: {value!r} names the toy-zoo preset at {folder}, which is not built yet; build it with "
                 f"`python jobs/build_zoo.py --size {value}` (jobs/merge.py builds it on first use)"
             )
+        else:
+            from dmm_ray.zoo.config import outdated_preset
+
+            outdated = outdated_preset(value, folder)  # what the run's build step would refuse (--dry-run says it too)
+            if outdated:
+                raise ConfigError(f"zoo: {value!r}: {outdated}")
         return folder / "zoo.yaml"
     zoo_path = Path(value)
     if zoo_path.is_dir():

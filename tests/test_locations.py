@@ -1,5 +1,6 @@
 """Default locations ($DMM_HOME), the relative-path rule, and the resource check (no Ray needed)."""
 
+import json
 import os
 
 import pytest
@@ -99,6 +100,18 @@ def test_zoo_preset_lives_in_dmm_home(tmp_path, home):
     assert [t.source for t in cfg.teachers] == [str(zoo / "teachers/warm"), str(zoo / "teachers/noir.safetensors")]
     assert cfg.student.base == str(zoo / "base") and cfg.data.source.root == str(zoo / "images")
     assert cfg.scaling.cpus_per_worker == "auto"
+    # a finished zoo of an older version of the preset: refused without building (--dry-run), as the run's build step refuses it
+    from dmm_ray.zoo.config import MARKER, preset
+
+    (zoo / MARKER).write_text(json.dumps({"fingerprint": preset("micro").fingerprint(), "size": "micro", "seed": 0}))
+    assert load_config(config).zoo == str(zoo / "zoo.yaml")
+    (zoo / MARKER).write_text(json.dumps({"fingerprint": preset("micro", lora_rank=8).fingerprint(), "size": "micro", "seed": 0}))
+    with pytest.raises(
+        ConfigError,
+        match=r"zoo: 'micro': .* holds a toy zoo built from an older version of the 'micro' preset; rebuild it with `python jobs/build_zoo.py --out .* --size micro --force`",
+    ):
+        load_config(config)
+    (zoo / MARKER).unlink()
     # a folder (or its zoo.yaml) named by a relative path in a file: relative to that file
     (tmp_path / "c2.yaml").write_text("zoo: home/zoo/micro\n")
     assert load_config(tmp_path / "c2.yaml").zoo == str(zoo / "zoo.yaml")

@@ -101,6 +101,10 @@ def test_second_build_is_cached(micro_zoo):
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(B.ZooBuildError, match="different config"):
         B.build_zoo(out, preset("micro", seed=1), progress=False)
+    with pytest.raises(
+        B.ZooBuildError, match=r"older version of the 'micro' preset \(seed 0\)\. Use another --out or --force .*--size micro --force"
+    ):
+        B.build_zoo(out, preset("micro", lora_rank=3), progress=False)  # the same size and seed, other settings
 
 
 def test_a_preset_zoo_from_an_older_preset_is_refused_with_the_rebuild_command(micro_zoo, tmp_path):

@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from . import scenes as S
 from .components import tokenize, zoo_components
-from .config import ZooConfig
+from .config import MARKER, ZooConfig, outdated_preset
 from .dataset import write_eval_prompts, write_image_set
 from .feature_net import ZooFeatureNet, scene_labels, train_feature_net
 from .formats import LORA_TARGETS, save_teacher
 from .styles import apply_style, get_style
 from .train import calibrate_scaling_factor, decode_latents, encode_latents, psnr, train_denoiser, train_vae
 
-MARKER = ".zoo_complete.json"
 MANIFEST = "zoo.yaml"
 
 
@@ -70,6 +69,11 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
     done = is_complete(out)
     if done is not None and not force:
         if done.get("fingerprint") != config.fingerprint():
+            if (done.get("size"), done.get("seed")) == (config.size, config.seed):  # same name, other settings: the preset changed
+                raise ZooBuildError(
+                    f"{out} holds a zoo built from an older version of the {config.size!r} preset (seed {config.seed}). "
+                    f"Use another --out or --force to rebuild (`python jobs/build_zoo.py --out {out} --size {config.size} --force`)."
+                )
             raise ZooBuildError(
                 f"{out} holds a zoo built with a different config (size {done.get('size')!r}, seed {done.get('seed')}); "
                 f"requested size {config.size!r}, seed {config.seed}. Use another --out or --force to rebuild."
@@ -108,12 +112,9 @@ def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(out) is None:
             print(f"building the toy zoo preset {size!r} in {out} (first use; cached for later runs)", flush=True)
-        done = is_complete(out)
-        if done is not None and done.get("fingerprint") != config.fingerprint():
-            raise ZooBuildError(
-                f"{out} holds a toy zoo built from an older version of the {size!r} preset; "
-                f"rebuild it with `python jobs/build_zoo.py --out {out} --size {size} --force` (about 11 min on 2 cores) or remove the folder"
-            )
+        outdated = outdated_preset(size, out)
+        if outdated:
+            raise ZooBuildError(outdated)
         threads = torch.get_num_threads()
         torch.set_num_threads(default_threads())
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .styles import STYLES
 
 TeacherFormat = Literal["diffusers", "single_file", "lora"]
+MARKER = ".zoo_complete.json"  # written last by a finished build: {"fingerprint", "size", "seed"}
 
 
 class TeacherPlan(BaseModel):
@@ -125,3 +127,18 @@ def preset(size: str, seed: int = 0, **overrides) -> ZooConfig:
     if size not in PRESETS:
         raise ValueError(f"unknown zoo size {size!r}; known sizes: {list(PRESETS)}")
     return ZooConfig(size=size, seed=seed, **(PRESETS[size] | overrides))
+
+
+def outdated_preset(size: str, out: str | Path) -> str | None:
+    """Why the finished zoo at `out` cannot serve as preset `size` (built from an older version of
+    the preset), or None: a missing or unfinished zoo is for the build to make or refuse."""
+    try:
+        done = json.loads((Path(out) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if done.get("fingerprint") == preset(size).fingerprint():
+        return None
+    return (
+        f"{out} holds a toy zoo built from an older version of the {size!r} preset; "
+        f"rebuild it with `python jobs/build_zoo.py --out {out} --size {size} --force` (about 11 min on 2 cores) or remove the folder"
+    )
