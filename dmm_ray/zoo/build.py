@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from . import scenes as S
 from .components import tokenize, zoo_components
-from .config import MARKER, ZooConfig, outdated_preset
+from .config import MARKER, ZooConfig, is_complete, outdated_preset
 from .dataset import write_eval_prompts, write_image_set
 from .feature_net import ZooFeatureNet, scene_labels, train_feature_net
 from .formats import LORA_TARGETS, save_teacher
+from .manifest import MANIFEST
 from .styles import apply_style, get_style
 from .train import calibrate_scaling_factor, decode_latents, encode_latents, psnr, train_denoiser, train_vae
-
-MANIFEST = "zoo.yaml"
 
 
 class ZooBuildError(RuntimeError):
@@ -50,17 +49,6 @@ def default_threads() -> int:
     thread is cheaper (tiny models spend most of an oversubscribed step in OpenMP synchronisation):
     `python jobs/build_zoo.py --threads 1` builds that other zoo on purpose."""
     return ZOO_THREADS
-
-
-def is_complete(out: str | Path) -> dict | None:
-    """The completion record of a finished zoo at `out`, or None."""
-    marker = Path(out) / MARKER
-    if not marker.is_file() or not (Path(out) / MANIFEST).is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: bool = False) -> Path:

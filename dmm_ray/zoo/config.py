@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .manifest import MANIFEST
 from .styles import STYLES
 
 TeacherFormat = Literal["diffusers", "single_file", "lora"]
@@ -129,14 +130,22 @@ def preset(size: str, seed: int = 0, **overrides) -> ZooConfig:
     return ZooConfig(size=size, seed=seed, **(PRESETS[size] | overrides))
 
 
+def is_complete(out: str | Path) -> dict | None:
+    """The completion record of a finished zoo at `out`, or None."""
+    marker = Path(out) / MARKER
+    if not marker.is_file() or not (Path(out) / MANIFEST).is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
 def outdated_preset(size: str, out: str | Path) -> str | None:
     """Why the finished zoo at `out` cannot serve as preset `size` (built from an older version of
     the preset), or None: a missing or unfinished zoo is for the build to make or refuse."""
-    try:
-        done = json.loads((Path(out) / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if done.get("fingerprint") == preset(size).fingerprint():
+    done = is_complete(out)
+    if done is None or done.get("fingerprint") == preset(size).fingerprint():
         return None
     return (
         f"{out} holds a toy zoo built from an older version of the {size!r} preset; "
