@@ -89,6 +89,10 @@ def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_we
 class _StyleCallMixin:
     """Shared by the SD1.5 and SDXL pipelines: resolve styles, then run diffusers' own loop."""
 
+    # A call whose images all have one style (or one mixture) folds that style's adapters into the
+    # UNet's layers for the call (`StyleUNet.fused_style`); False keeps the per-sample adapter path.
+    fuse_styles: bool = True
+
     @property
     def styles(self) -> list[str]:
         return self.unet.style_names
@@ -157,7 +161,7 @@ class _StyleCallMixin:
         self._fill_negative(prompt, batch_size, kwargs)
         with torch.no_grad():
             embeds = self.unet.style_embeds_for(style_weights=weights.to(self.unet.device))
-        with self.unet.style_context(embeds):
+        with self.unet.style_context(embeds), self.unet.fused_style(weights.to(self.unet.device), enabled=self.fuse_styles):
             return parent_call(self, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
     @classmethod

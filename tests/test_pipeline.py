@@ -216,3 +216,41 @@ def test_sdxl_merged_pipeline_from_base(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     images = _gen(loaded, ["a red circle", "a blue square"], style=["noir", "pastel"])
     assert images.shape == (2, 3, 32, 32)
+
+
+def test_a_call_of_one_style_folds_its_adapters_and_gives_the_per_sample_images(tiny_components, monkeypatch):
+    """With per-style adapters, a call whose images share one style (or mixture) runs the UNet with
+    that style folded into its layers (`fuse_styles`, default on): no per-sample adapter products, the
+    same images as the per-sample path to float tolerance, and a per-prompt style list still matches
+    single-style calls; the UNet's weights are untouched afterwards."""
+    from dmm_ray.models.style_adapters import StyleAdapter
+
+    torch.manual_seed(0)
+    student = StyleUNet.from_unet(tiny_components["unet"], STYLES, adapter_rank=2)
+    with torch.no_grad():
+        student.class_embedding.codebook.weight.mul_(20)
+        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
+            adapter.up.normal_(0, 0.05)
+    c = tiny_components
+    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    computed = []
+    delta = StyleAdapter.delta
+    monkeypatch.setattr(StyleAdapter, "delta", lambda self, *a: computed.append(1) or delta(self, *a))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    prompts = ["a red circle", "a blue square"]
+    for style in ("neon", {"noir": 0.5, "pastel": 0.5}):
+        kw = {"style": style} if isinstance(style, str) else {"style_weights": style}
+        pipe.fuse_styles = False
+        computed.clear()
+        per_sample = _gen(pipe, prompts, **kw)
+        assert computed
+        pipe.fuse_styles = True
+        computed.clear()
+        fused = _gen(pipe, prompts, **kw)
+        assert not computed, style
+        torch.testing.assert_close(fused, per_sample, rtol=0, atol=1e-5)
+    assert not torch.allclose(_gen(pipe, prompts, style="noir"), fused, atol=1e-3)  # not vacuous: styles differ
+    mixed = _gen(pipe, prompts, style=["noir", "pastel"])  # rows differ: the per-sample path
+    torch.testing.assert_close(mixed[1], _gen(pipe, prompts, style="pastel")[1], rtol=0, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())

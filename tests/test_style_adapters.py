@@ -219,3 +219,52 @@ def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(
     monkeypatch.setattr(StyleEmbedding, "adapter_runs", routed)
     student(x[:6], t[:6], ehs[:6], style_ids=torch.tensor([0, 1, 2, 0, 1, 2]))
     assert student.class_embedding.adapter_runs(6) is None
+
+
+def test_fused_style_folds_one_style_into_the_layers_and_gives_every_row_its_own_style(base, monkeypatch):
+    """`StyleUNet.fused_style(rows)`: rows that all hold one style (or one mixture) run the plain layers
+    with that style folded in, with the per-sample adapters' output; a row of another style still gets
+    its own; the layers get their own weight tensors back, also after an error; autograd, rows that
+    differ and enabled=False fold nothing."""
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS, style_film=True)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
+            adapter.up.normal_(0, 0.05, generator=g)
+            if adapter.bias is not None:
+                adapter.bias.normal_(0, 0.05, generator=g)
+    computed = []
+    delta = StyleAdapter.delta
+    monkeypatch.setattr(StyleAdapter, "delta", lambda self, *a: computed.append(1) or delta(self, *a))
+    x, t, ehs = inputs(batch=2, seed=5)
+    originals = {n: (p, p.data_ptr()) for n, p in student.named_parameters()}  # the parameter and its storage
+    snapshot = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    def rows(w):
+        return torch.tensor(w, dtype=torch.float32)[None].repeat(2, 1)  # (2, N): one style for both rows
+
+    with torch.no_grad():
+        for w in ([0.0, 1.0, 0.0], [0.25, 0.0, 0.75]):  # one style; one mixture
+            ref = student(x, t, ehs, style_weights=rows(w)).sample
+            computed.clear()
+            with student.fused_style(rows(w)):
+                assert student.class_embedding._fused is not None
+                out = student(x, t, ehs, style_weights=rows(w)).sample
+                assert not computed  # the folded layers did the work: no per-sample delta
+                other = student(x, t, ehs, style_weights=torch.tensor([w, [1.0, 0.0, 0.0]])).sample
+                assert computed  # a row of another style: its residual delta was added
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert (out - student(x, t, ehs, style_ids=torch.tensor([2, 2])).sample).abs().max() > 1e-3  # not vacuous: styles differ
+            unfused_other = student(x, t, ehs, style_weights=torch.tensor([w, [1.0, 0.0, 0.0]])).sample
+            torch.testing.assert_close(other, unfused_other, rtol=1e-5, atol=1e-5)
+        # the layers' own tensors are back, unrounded
+        assert all(p is originals[n][0] and p.data_ptr() == originals[n][1] and torch.equal(p, snapshot[n]) for n, p in student.named_parameters())
+        with pytest.raises(RuntimeError, match="boom"), student.fused_style(rows([1.0, 0.0, 0.0])):
+            raise RuntimeError("boom")
+        assert student.class_embedding._fused is None
+        assert all(torch.equal(p, snapshot[n]) and p.data_ptr() == originals[n][1] for n, p in student.named_parameters())
+        for kwargs, r in (({"enabled": False}, rows([1.0, 0.0, 0.0])), ({}, torch.eye(3)[:2])):  # switched off; rows differ
+            with student.fused_style(r, **kwargs):
+                assert student.class_embedding._fused is None
+    with student.fused_style(rows([1.0, 0.0, 0.0])):  # autograd on (training): nothing folded
+        assert student.class_embedding._fused is None
