@@ -72,6 +72,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="both models' weights")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="also time both models with the per-sample style adapters (fuse_styles off: the path before a one-style call "
+        "folded its style into the layers), and print what the fold gains",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the UNet forward and the VAE decode of BOTH models (inductor; compiled in the warm-up call)",
@@ -109,6 +115,9 @@ def main(argv=None) -> int:
             fs["guidance_scale"],
         ),
     }
+    if args.per_sample:  # same work per image, the adapters run per sample instead of folded
+        rows[f"merged, {m_steps} steps, CFG {m_cfg:g}, per-sample adapters"] = (merged, m_steps, m_cfg, False)
+        rows[f"few-step, {fs['num_inference_steps']} steps, per-sample adapters"] = (fast, fs["num_inference_steps"], fs["guidance_scale"], False)
     kw = {"height": args.size, "width": args.size} if args.size else {}
     prompts = ["a red circle on a blue background"] * args.batch
 
@@ -138,8 +147,9 @@ def main(argv=None) -> int:
                 setattr(module, method, torch.compile(getattr(module, method)))
             timed(module, method, part)
 
-    def call(pipe, steps, guidance):
+    def call(pipe, steps, guidance, fuse=True):
         parts.clear()
+        pipe.fuse_styles = fuse
         t0 = time.perf_counter()
         pipe(
             prompts,
@@ -157,11 +167,11 @@ def main(argv=None) -> int:
 
     times = {name: [] for name in rows}
     split = {name: [] for name in rows}
-    for name, (pipe, steps, guidance) in rows.items():
-        call(pipe, steps, guidance)  # warm-up
+    for name, row in rows.items():
+        call(*row)  # warm-up
     for _ in range(args.repeats):
-        for name, (pipe, steps, guidance) in rows.items():
-            total, per_part = call(pipe, steps, guidance)
+        for name, row in rows.items():
+            total, per_part = call(*row)
             times[name].append(total)
             split[name].append(per_part)
     base = base_unet = None
@@ -186,6 +196,13 @@ def main(argv=None) -> int:
             f"  {name:<45} {ips:8.3g} images/s   x{ips / base:.2f}   per call, ms: "
             + ", ".join(f"{part} {v:.0f}" for part, v in ms.items())
             + f"   (UNet alone x{base_unet / ms['UNet']:.2f})"
+        )
+    if args.per_sample:
+        names = list(times)
+        med = [statistics.median(times[n]) for n in names]
+        print(
+            f"  one style folded into the layers vs per-sample adapters: merged x{med[3] / med[0]:.2f} faster, "
+            f"few-step x{med[4] / med[2]:.2f}; few-step / merged: x{med[0] / med[2]:.2f} folded, x{med[3] / med[4]:.2f} per-sample"
         )
     return 0
 

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from dmm_ray.merged_model import remove, save_siblings, swap_in
-from dmm_ray.models.style_adapters import adapter_key, weights_from_embeds
+from dmm_ray.models.style_adapters import weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
 
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
@@ -114,10 +114,9 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
         # per-style low-rank adapters: W' = W + sum_i w_i B_i A_i, b' = b + sum_i w_i c_i, with the
         # weights the forward derives from e~ (least squares against the codebook)
         w = weights_from_embeds(e, codebook)[0]
-        plain_modules, src_modules = dict(plain.named_modules()), dict(unet.named_modules())
-        for name in unet.config.style_adapter_modules:
-            layer, src = plain_modules[name], src_modules[name]
-            dw, db = style_module.adapters[adapter_key(name)].folded(w, layer.weight.shape)
+        plain_modules = dict(plain.named_modules())
+        for name, src, dw, db in unet.adapter_folds(w):
+            layer = plain_modules[name]
             layer.weight.copy_(src.weight.to(compute) + dw)
             if db is not None:
                 layer.bias.copy_(src.bias.to(compute) + db)

@@ -771,6 +771,10 @@ def regional_call(
         windows = decode_windows(full, (native // f, native // f), margin=DECODE_MARGIN)
         decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, pipe.vae.decoder))
     fused = unet.fused_style(rows, enabled=pipe.fuse_styles)  # views of one style only (a single full region): as a plain call
-    with overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)), decode, fused:
+    with (
+        overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)),
+        decode,
+        fused,
+    ):
         out = parent_call(pipe, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
     return out

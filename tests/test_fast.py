@@ -247,8 +247,12 @@ def test_speed_benchmark_times_both_samplers_of_one_random_model(capsys):
     ]
     assert all(int(re.search(r"rest (-?\d+)", r).group(1)) >= 0 for r in rows), out
     assert "tiny architecture, random weights" in out and "float32 on cpu" in out
-    assert fast_speed.main(["--arch", "tiny", "--batch", "1", "--repeats", "1", "--dtype", "bfloat16"]) == 0
-    assert "bfloat16 on cpu" in capsys.readouterr().out
+    assert fast_speed.main(["--arch", "tiny", "--batch", "1", "--repeats", "1", "--dtype", "bfloat16", "--per-sample"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 on cpu" in out
+    rows = [line.split("  ")[1].strip() for line in out.splitlines() if "images/s" in line]
+    assert rows[3:] == ["merged, 25 steps, CFG 7, per-sample adapters", "few-step, 4 steps, per-sample adapters"], out
+    assert "one style folded into the layers vs per-sample adapters: merged x" in out
     for bad in (["--arch", "tiny", "--merged", "m"], ["--merged", "m"]):
         with pytest.raises(SystemExit):
             fast_speed.main(bad)

@@ -277,6 +277,15 @@ class StyleUNet(UNet2DConditionModel):
         finally:
             self._style_context = previous
 
+    def adapter_folds(self, weights: torch.Tensor):
+        """(name, layer, delta W, delta b or None) of every adapted layer for one style selection (N,):
+        delta W = sum_i w_i B_i A_i in float32, what `fused_style` and the export add to the layer."""
+        modules = dict(self.named_modules())
+        for name in self.config.style_adapter_modules:
+            layer, adapter = modules[name], self.class_embedding.adapters[adapter_key(name)]
+            dw, db = adapter.folded(weights.to(adapter.up.device), layer.weight.shape)
+            yield name, layer, dw, db
+
     @contextmanager
     def fused_style(self, rows: torch.Tensor, enabled: bool = True):
         """Fold the style adapters of one style selection into the adapted layers for the length of the
@@ -302,12 +311,9 @@ class StyleUNet(UNet2DConditionModel):
             yield self
             return
         w = rows[0].detach().float()  # (N,)
-        modules = dict(self.named_modules())
         saved: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its own data) to put back
         try:
-            for name in self.config.style_adapter_modules:
-                layer, adapter = modules[name], style.adapters[adapter_key(name)]
-                dw, db = adapter.folded(w.to(adapter.up.device), layer.weight.shape)
+            for _name, layer, dw, db in self.adapter_folds(w):
                 for param, delta in ((layer.weight, dw), (layer.bias, db)):
                     if delta is not None:
                         saved.append((param, param.data))
