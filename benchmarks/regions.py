@@ -283,6 +283,16 @@ def _timed(cells: dict, reps: int) -> dict:
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in cells}
 
 
+def _per_sample(pipe, prompts, seeds, style):
+    """A plain image with the per-sample style adapters (the path before a one-style call folded its
+    style into the layers): what a plain image cost before, in the same run."""
+    pipe.fuse_styles = False
+    try:
+        return _generate(pipe, prompts, seeds, style=style)
+    finally:
+        pipe.fuse_styles = True
+
+
 def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("canvas",)):
     from dmm_ray.regions import Region, build_region_views
     from dmm_ray.teachers import load_teacher_pipeline
@@ -297,7 +307,7 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("c
     res = {}
     for B in batches:
         ps, seeds = [prompts[i] for i in range(B)], list(range(B))
-        cells = {"plain": lambda: _generate(pipe, ps, seeds, style=styles[0])}
+        cells = {"plain": lambda: _generate(pipe, ps, seeds, style=styles[0]), "plain_per_sample": lambda: _per_sample(pipe, ps, seeds, styles[0])}
         for K in (2, 4):
             regs = [Region(box=(k / K, 0, (k + 1) / K, 1), style=styles[k % len(styles)]) for k in range(K)]
             for m in modes:
@@ -315,6 +325,7 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("c
             for K, m in itertools.product((2, 4), modes):
                 c = _cell(m)
                 r[f"ratio_{c}_k{K}_vs_plain"] = r[f"{c}_k{K}"] / r["plain"]
+                r[f"ratio_{c}_k{K}_vs_plain_per_sample"] = r[f"{c}_k{K}"] / r["plain_per_sample"]
                 for route in ("teachers_resident", "teachers_switching"):
                     r[f"ratio_{route}_k{K}_vs_{c}"] = r[f"{route}_k{K}"] / r[f"{c}_k{K}"]
             row[unit] = r
@@ -379,12 +390,15 @@ def main(argv=None):
     ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
     ap.add_argument("--feather", type=float, default=None, help="the regions' feather sigma in image pixels (default: the pipeline's, 4 px here)")
     ap.add_argument("--skip-cost", action="store_true", help="only the two-region test (with the teacher-fit classifier) and the grid")
+    ap.add_argument("--cost-only", action="store_true", help="only the cost table (seconds per image), no two-region test or grid")
     ap.add_argument(
         "--modes",
         default="canvas",
         help="comma-separated region layouts to render and time: canvas (whole-canvas views, the default), windows (region_window='native'), decode (windows + region_decode=True)",
     )
     args = ap.parse_args(argv)
+    if args.cost_only and args.skip_cost:
+        ap.error("--cost-only and --skip-cost leave nothing to run: give one")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}, got {args.modes!r}")
@@ -412,6 +426,9 @@ def main(argv=None):
         print("cost (seconds per image):", flush=True)
         result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps, modes=modes)
         (out / "regions.json").write_text(json.dumps(result, indent=1))
+    if args.cost_only:
+        print(f"wrote {out / 'regions.json'}")
+        return
     print("fitting a style classifier to the teachers' renders:", flush=True)
     probe, result["teacher_head"] = teacher_head(net, zoo, manifest, args.probe_images, args.batch)
     seeds = list(range(args.seeds))

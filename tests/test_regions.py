@@ -467,3 +467,5 @@ def test_benchmark_seam_ratio():
     assert abs(bench.seam_ratio(ramp, 32)[0] - 1) < 1e-4
     paste = torch.cat([torch.full((1, 3, 32, 32), 0.2), torch.full((1, 3, 32, 32), 0.8)], dim=-1) + 0.01 * torch.rand(1, 3, 32, 64)
     assert bench.seam_ratio(paste, 32)[0] > 20
+    with pytest.raises(SystemExit):  # nothing left to run: refused before any model loads
+        bench.main(["--model", "nowhere", "--cost-only", "--skip-cost"])
