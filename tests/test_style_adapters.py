@@ -268,3 +268,9 @@ def test_fused_style_folds_one_style_into_the_layers_and_gives_every_row_its_own
                 assert student.class_embedding._fused is None
     with student.fused_style(rows([1.0, 0.0, 0.0])):  # autograd on (training): nothing folded
         assert student.class_embedding._fused is None
+    layer = dict(student.named_modules())[student.config.style_adapter_modules[0]]
+    for hook in ("_hf_hook", "_diffusers_hook"):  # offload / casting hooks own the weights: nothing folded
+        setattr(layer, hook, object())
+        with torch.no_grad(), student.fused_style(rows([1.0, 0.0, 0.0])):
+            assert student.class_embedding._fused is None
+        delattr(layer, hook)

@@ -145,7 +145,8 @@ class StyleAdapter(nn.Module):
     def folded(self, weights: torch.Tensor, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(delta W, delta b) in float32 for one weight vector (N,): what `bake` adds to the layer."""
         w = weights.float().repeat_interleave(self.rank)  # (N r,)
-        dw = (self.up.float() * w[None]) @ self.down.float().flatten(1)  # (out, in[*k*k])
+        used = w != 0  # only the selected styles' factors: one style is an r-wide product, not N r
+        dw = (self.up.float()[:, used] * w[used][None]) @ self.down.float()[used].flatten(1)  # (out, in[*k*k])
         db = None if self.bias is None else weights.float() @ self.bias.float()
         return dw.reshape(weight_shape), db
 

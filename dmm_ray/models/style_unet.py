@@ -296,7 +296,9 @@ class StyleUNet(UNet2DConditionModel):
         from w still gets exactly its own style: its hooks add the delta of (its weights - w), the delta
         being linear in the weights. Inference only: under autograd (training) or with rows that differ,
         or `enabled=False`, nothing is folded. The layers get their own weight tensors back on exit,
-        untouched (not W' - delta, which would round)."""
+        untouched (not W' - delta, which would round). Weights that accelerate or diffusers hooks move
+        or cast (CPU offload, group offloading, layerwise casting) are not folded: the hooks would
+        reload the stored weights over the fold."""
         style = self.class_embedding
         fold = (
             enabled
@@ -306,6 +308,7 @@ class StyleUNet(UNet2DConditionModel):
             and rows.ndim == 2
             and rows.shape[0] > 0
             and bool((rows == rows[:1]).all())
+            and not self._weights_managed()
         )
         if not fold:
             yield self
@@ -324,6 +327,13 @@ class StyleUNet(UNet2DConditionModel):
             style._fused, style._adapters_on = None, True
             for param, data in reversed(saved):
                 param.data = data
+
+    def _weights_managed(self) -> bool:
+        """True when offload or casting hooks own the weights (accelerate's `_hf_hook`, diffusers'
+        `_diffusers_hook`) or any weight is on the meta device."""
+        return any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.modules()) or any(
+            p.device.type == "meta" for p in self.parameters()
+        )
 
     def forward(
         self,
