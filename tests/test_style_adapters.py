@@ -268,9 +268,39 @@ def test_fused_style_folds_one_style_into_the_layers_and_gives_every_row_its_own
                 assert student.class_embedding._fused is None
     with student.fused_style(rows([1.0, 0.0, 0.0])):  # autograd on (training): nothing folded
         assert student.class_embedding._fused is None
+    twin = copy.deepcopy(student)  # a copy (or a Ray worker's unpickled model) folds into its own layers
+    twin_modules = dict(twin.named_modules())
+    assert all(layer is twin_modules[name] for name, layer in twin._adapted_layers)
+    with torch.no_grad(), twin.fused_style(rows([0.0, 1.0, 0.0])):
+        torch.testing.assert_close(twin(x, t, ehs, style_ids=torch.tensor([1, 1])).sample, student(x, t, ehs, style_ids=torch.tensor([1, 1])).sample)
+    assert all(torch.equal(p, snapshot[n]) for n, p in student.named_parameters())
     layer = dict(student.named_modules())[student.config.style_adapter_modules[0]]
     for hook in ("_hf_hook", "_diffusers_hook"):  # offload / casting hooks own the weights: nothing folded
         setattr(layer, hook, object())
         with torch.no_grad(), student.fused_style(rows([1.0, 0.0, 0.0])):
             assert student.class_embedding._fused is None
         delattr(layer, hook)
+
+
+def test_a_gpu_without_room_for_the_folded_copy_keeps_the_per_sample_path(monkeypatch):
+    """The fold holds a second copy of the adapted layers for the call: on a GPU it needs twice their
+    size free (asked of torch.cuda.mem_get_info); host memory is not asked."""
+    from dmm_ray.models.style_unet import _room_for_copy
+
+    class OnGpu:  # a 4000-byte weight on a GPU, without needing one
+        device = torch.device("cuda", 0)
+
+        def numel(self):
+            return 1000
+
+        def element_size(self):
+            return 4
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (free, 10**9))
+    free = 7999
+    assert not _room_for_copy([OnGpu()])
+    free = 8000
+    assert _room_for_copy([OnGpu()])
+    assert asked == [torch.device("cuda", 0)] * 2
+    assert _room_for_copy([torch.zeros(10**6)]) and len(asked) == 2  # host memory: not asked

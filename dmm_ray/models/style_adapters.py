@@ -142,12 +142,22 @@ class StyleAdapter(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
-    def folded(self, weights: torch.Tensor, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(delta W, delta b) in float32 for one weight vector (N,): what `bake` adds to the layer."""
-        w = weights.float().repeat_interleave(self.rank)  # (N r,)
-        used = w != 0  # only the selected styles' factors: one style is an r-wide product, not N r
-        dw = (self.up.float()[:, used] * w[used][None]) @ self.down.float()[used].flatten(1)  # (out, in[*k*k])
-        db = None if self.bias is None else weights.float() @ self.bias.float()
+    def folded(
+        self, weights: torch.Tensor, weight_shape: torch.Size, styles: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(delta W, delta b) in float32 for one weight vector (N,): what `bake` adds to the layer.
+        `styles`: the indices whose weight is nonzero (computed here when not given); only their
+        factors enter the product, so one style is an r-wide product, not an N r one."""
+        w = weights.float()
+        styles = [i for i, v in enumerate(w.tolist()) if v != 0] if styles is None else styles
+        r = self.rank
+        ups = [self.up[:, i * r : (i + 1) * r].float() * w[i] for i in styles]  # (out, r) each, scaled
+        downs = [self.down[i * r : (i + 1) * r].float().flatten(1) for i in styles]  # (r, in[*k*k]) each
+        if ups:
+            dw = ups[0] @ downs[0] if len(ups) == 1 else torch.cat(ups, dim=1) @ torch.cat(downs)  # (out, in[*k*k])
+        else:
+            dw = self.up.new_zeros(self.up.shape[0], self.down[0].numel(), dtype=torch.float32)
+        db = None if self.bias is None else w @ self.bias.float()
         return dw.reshape(weight_shape), db
 
     @torch.no_grad()

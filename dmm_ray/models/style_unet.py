@@ -165,12 +165,14 @@ class StyleUNet(UNet2DConditionModel):
         for k, resnet in enumerate(resnets):
             resnet.norm2.register_forward_hook(_FilmHook(self.class_embedding, k))
         modules = dict(self.named_modules())
+        self._adapted_layers: list[tuple[str, nn.Module]] = []  # the layers the hooks sit on (a PEFT LoRA keeps them as base_layer)
         for name in style_adapter_modules:
             if name not in modules:
                 raise ValueError(f"style adapter module {name!r} is not a module of this UNet")
             adapter = StyleAdapter(modules[name], len(style_names), int(style_adapter_rank))
             self.class_embedding.adapters[adapter_key(name)] = adapter
             modules[name].register_forward_hook(_AdapterHook(self.class_embedding, adapter))
+            self._adapted_layers.append((name, modules[name]))
         self._style_context: torch.Tensor | None = None
 
     # ---- construction -------------------------------------------------------------------
@@ -280,10 +282,10 @@ class StyleUNet(UNet2DConditionModel):
     def adapter_folds(self, weights: torch.Tensor):
         """(name, layer, delta W, delta b or None) of every adapted layer for one style selection (N,):
         delta W = sum_i w_i B_i A_i in float32, what `fused_style` and the export add to the layer."""
-        modules = dict(self.named_modules())
-        for name in self.config.style_adapter_modules:
-            layer, adapter = modules[name], self.class_embedding.adapters[adapter_key(name)]
-            dw, db = adapter.folded(weights.to(adapter.up.device), layer.weight.shape)
+        styles = [i for i, v in enumerate(weights.tolist()) if v != 0]  # once, not per layer (a sync on a GPU)
+        for name, layer in self._adapted_layers:
+            adapter = self.class_embedding.adapters[adapter_key(name)]
+            dw, db = adapter.folded(weights.to(adapter.up.device), layer.weight.shape, styles)
             yield name, layer, dw, db
 
     @contextmanager
@@ -330,10 +332,12 @@ class StyleUNet(UNet2DConditionModel):
 
     def _weights_managed(self) -> bool:
         """True when offload or casting hooks own the weights (accelerate's `_hf_hook`, diffusers'
-        `_diffusers_hook`) or any weight is on the meta device."""
-        return any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.modules()) or any(
-            p.device.type == "meta" for p in self.parameters()
-        )
+        `_diffusers_hook`), an adapted weight is on the meta device, or a GPU has no room for a second copy
+        of the adapted layers (the fold's copy lives for the call; the originals stay)."""
+        if any("_hf_hook" in m.__dict__ or "_diffusers_hook" in m.__dict__ for m in self.modules()):  # not hasattr: a miss raises inside nn.Module
+            return True
+        params = [p for _name, layer in self._adapted_layers for p in (layer.weight, layer.bias) if p is not None]
+        return any(p.is_meta for p in params) or not _room_for_copy(params)
 
     def forward(
         self,
@@ -362,6 +366,15 @@ class StyleUNet(UNet2DConditionModel):
                 raise StyleError(f"{embeds.shape[0]} style rows for a batch of {sample.shape[0]}")
             embeds = embeds.repeat(sample.shape[0] // embeds.shape[0], 1)
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=embeds, added_cond_kwargs=added_cond_kwargs or None, **kwargs)
+
+
+def _room_for_copy(params: Sequence[torch.Tensor], margin: float = 2.0) -> bool:
+    """Whether the device holding `params` has `margin` times their size free. Only a CUDA device is
+    asked (`torch.cuda.mem_get_info`); host memory is taken to have room."""
+    if not params or params[0].device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(params[0].device)
+    return free >= margin * sum(p.numel() * p.element_size() for p in params)
 
 
 def merged_style_names(folder) -> list[str]:
