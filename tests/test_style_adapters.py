@@ -44,6 +44,19 @@ def low_rank_teacher(base, modules, rank: int, seed: int):
     return teacher
 
 
+def distinct_styles(base, seed: int, **kwargs):
+    """A rank-2 adapter student whose every style has a different nonzero delta, and the generator
+    that drew them (for the test's next draws)."""
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in student.class_embedding.adapters.values():
+            adapter.up.normal_(0, 0.05, generator=g)
+            if adapter.bias is not None:
+                adapter.bias.normal_(0, 0.05, generator=g)
+    return student, g
+
+
 def without_style_mlp(student):
     """The student with MLP(e) = 0, so only the adapters tell the styles apart."""
     s = copy.deepcopy(student)
@@ -161,13 +174,7 @@ def test_one_style_runs_compute_only_their_own_factors_and_match_the_dense_path(
     from dmm_ray.models.style_adapters import style_runs
     from dmm_ray.models.style_unet import StyleEmbedding
 
-    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
-            adapter.up.normal_(0, 0.05, generator=g)
-            if adapter.bias is not None:
-                adapter.bias.normal_(0, 0.05, generator=g)
+    student, g = distinct_styles(base, seed=3)
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
     weights = torch.eye(3)[ids]
     assert style_runs(weights) == [(0, 0, 4), (1, 4, 8), (2, 8, 12)]
@@ -226,13 +233,7 @@ def test_fused_style_folds_one_style_into_the_layers_and_gives_every_row_its_own
     with that style folded in, with the per-sample adapters' output; a row of another style still gets
     its own; the layers get their own weight tensors back, also after an error; autograd, rows that
     differ and enabled=False fold nothing."""
-    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=TARGETS, style_film=True)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
-            adapter.up.normal_(0, 0.05, generator=g)
-            if adapter.bias is not None:
-                adapter.bias.normal_(0, 0.05, generator=g)
+    student, _ = distinct_styles(base, seed=4, style_film=True)
     computed = []
     delta = StyleAdapter.delta
     monkeypatch.setattr(StyleAdapter, "delta", lambda self, *a: computed.append(1) or delta(self, *a))

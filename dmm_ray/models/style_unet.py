@@ -294,7 +294,7 @@ class StyleUNet(UNet2DConditionModel):
         block, when every row of `rows` (B, N) holds the same style weights w (one request's style: the
         CFG halves and every image share it): W' = W + sum_i w_i B_i A_i, b' = b + sum_i w_i c_i, the
         fold `dmm_ray.export` writes. Each forward then runs the plain layers instead of one low-rank
-        product per adapted layer and step, which on the toy zoo is 40% of a UNet call. A row that differs
+        product per adapted layer and step (a third to a half of a UNet call on the toy zoo). A row that differs
         from w still gets exactly its own style: its hooks add the delta of (its weights - w), the delta
         being linear in the weights. Inference only: under autograd (training) or with rows that differ,
         or `enabled=False`, nothing is folded. The layers get their own weight tensors back on exit,
@@ -310,7 +310,7 @@ class StyleUNet(UNet2DConditionModel):
             and rows.ndim == 2
             and rows.shape[0] > 0
             and bool((rows == rows[:1]).all())
-            and not self._weights_managed()
+            and not self._cannot_fold()
         )
         if not fold:
             yield self
@@ -330,7 +330,7 @@ class StyleUNet(UNet2DConditionModel):
             for param, data in reversed(saved):
                 param.data = data
 
-    def _weights_managed(self) -> bool:
+    def _cannot_fold(self) -> bool:
         """True when offload or casting hooks own the weights (accelerate's `_hf_hook`, diffusers'
         `_diffusers_hook`), an adapted weight is on the meta device, or a GPU has no room for a second copy
         of the adapted layers (the fold's copy lives for the call; the originals stay)."""
