@@ -143,9 +143,10 @@ def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_
     latents.ensure_latents(_merge_cfg(tmp_path, shards))
     assert calls == [str(shards)]
     assert "are incomplete (2 of 3 shards complete; an encode did not finish): resuming the encode" in capsys.readouterr().out
-    # a whole set is used as it is
-    latents.ensure_latents(_merge_cfg(tmp_path, shards))
+    # a whole set is used as it is; the line names the job that asked (the few-step stage trains on the merge's shards)
+    latents.ensure_latents(_merge_cfg(tmp_path, shards), job="fast")
     assert calls == [str(shards)]
+    assert "[dmm-fast " in capsys.readouterr().out
 
 
 def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):

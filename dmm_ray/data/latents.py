@@ -28,12 +28,13 @@ def check_latents(cfg, inputs: bool = True):
     return state
 
 
-def ensure_latents(cfg) -> None:
+def ensure_latents(cfg, job: str = "merge") -> None:
     """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
-    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept)."""
+    finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept).
+    `job`: whose log lines these are (`[dmm-merge ...]`, `[dmm-fast ...]`)."""
     state = check_latents(cfg, inputs=False)  # run_encode checks its inputs itself
     if state.status == "complete":
-        say("merge", f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
+        say(job, f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
         check_enough_rows(cfg)
         return
     from dmm_ray.data.encode import run_encode
@@ -41,12 +42,12 @@ def ensure_latents(cfg) -> None:
 
     if state.status == "partial":
         say(
-            "merge",
+            job,
             f"latent shards in {cfg.data.shards} are incomplete ({state.detail()}; an encode did not finish): "
             f"resuming the encode from {cfg.data.source.root} instead of training on a subset",
         )
     else:
-        say("merge", f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
+        say(job, f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
     print(run_encode(cfg.data).summary(), flush=True)
     after = shard_set_state(cfg.data.shards)
     if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path

@@ -337,7 +337,7 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
         + f" -> {out}/model"
     )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
-    ensure_latents(cfg)
+    ensure_latents(cfg, job="fast")
     record = read_record(model_dir)
     tracking = None
     if tracker is not None:
