@@ -235,8 +235,8 @@ def test_fused_style_folds_one_style_into_the_layers_and_gives_every_row_its_own
     differ and enabled=False fold nothing."""
     student, _ = distinct_styles(base, seed=4, style_film=True)
     computed = []
-    delta = StyleAdapter.delta
-    monkeypatch.setattr(StyleAdapter, "delta", lambda self, *a: computed.append(1) or delta(self, *a))
+    for path in ("delta", "add_delta_"):  # autograd's and sampling's per-sample paths
+        monkeypatch.setattr(StyleAdapter, path, lambda self, *a, f=getattr(StyleAdapter, path): computed.append(1) or f(self, *a))
     x, t, ehs = inputs(batch=2, seed=5)
     originals = {n: (p, p.data_ptr()) for n, p in student.named_parameters()}  # the parameter and its storage
     snapshot = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -305,3 +305,32 @@ def test_a_gpu_without_room_for_the_folded_copy_keeps_the_per_sample_path(monkey
     assert _room_for_copy([OnGpu()])
     assert asked == [torch.device("cuda", 0)] * 2
     assert _room_for_copy([torch.zeros(10**6)]) and len(asked) == 2  # host memory: not asked
+
+
+def test_sampling_adds_each_runs_delta_in_place_and_matches_the_training_path(base, monkeypatch):
+    """Without autograd the hooks add each run's delta into the layer's own output (`add_delta_`),
+    for every batch layout: equal one-style runs (training's grouped path), unequal runs, a mixture
+    run, and a fragmented batch (the dense path); the UNet's output equals the autograd path's."""
+    student, g = distinct_styles(base, seed=5)
+    x = torch.randn(12, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (12,), generator=g)
+    ehs = torch.randn(12, 77, 32, generator=g)
+    in_place = []
+    add = StyleAdapter.add_delta_
+    monkeypatch.setattr(StyleAdapter, "add_delta_", lambda self, *a: in_place.append(1) or add(self, *a))
+    eye = torch.eye(3)
+    layouts = {
+        "equal runs": eye[[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]],
+        "unequal runs": eye[[2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 1, 1]],
+        "a mixture run": torch.cat([eye[[1] * 4], torch.tensor([[0.3, 0.0, 0.7]]).repeat(4, 1), eye[[0] * 4]]),
+        "fragmented": eye[[0, 1, 2] * 4],
+    }
+    for name, weights in layouts.items():
+        with torch.enable_grad():
+            reference = student(x, t, ehs, style_weights=weights).sample.detach()
+        assert not in_place
+        with torch.no_grad():
+            sampled = student(x, t, ehs, style_weights=weights).sample
+        assert in_place, name
+        in_place.clear()
+        torch.testing.assert_close(sampled, reference, rtol=1e-5, atol=1e-5, msg=name)

@@ -90,6 +90,21 @@ class StyleAdapter(nn.Module):
         xs, ws = x.split(sizes), weights.split(sizes)
         return torch.cat([self._dense(xi, wi) if s < 0 else self._one(xi, wi[:, s], s) for (s, _, _), xi, wi in zip(runs, xs, ws)])
 
+    @torch.no_grad()
+    def add_delta_(
+        self, output: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, runs: Sequence[tuple[int, int, int]] | None = None
+    ) -> torch.Tensor:
+        """Inference: `output += delta(x, weights, runs)` in place, each run with its own style's
+        r-wide factors and added into its own rows, so no batch-sized delta is concatenated and no
+        grouped layout copied (a quarter to a third less time for a regional call of 4 styles on the
+        toy). Without autograd only: `delta` keeps the grouped path that training's backward wants."""
+        if not runs:
+            return output.add_(self._dense(x, weights))
+        for s, a, b in runs:
+            xi, wi = x[a:b], weights[a:b]
+            output[a:b].add_(self._dense(xi, wi) if s < 0 else self._one(xi, wi[:, s], s))
+        return output
+
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         scale = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (B, N r)
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)

@@ -116,11 +116,14 @@ class _AdapterHook:
         self.style_module, self.adapter = style_module, adapter
 
     def __call__(self, _module, inputs, output):
-        if not self.style_module._adapters_on:
+        style = self.style_module
+        if not style._adapters_on:
             return output
         x = inputs[0]
-        b = x.shape[0]
-        return output + self.adapter.delta(x, self.style_module.adapter_weights(b), self.style_module.adapter_runs(b))
+        weights, runs = style.adapter_weights(x.shape[0]), style.adapter_runs(x.shape[0])
+        if not torch.is_grad_enabled():  # sampling: into the layer's own fresh output, run by run
+            return self.adapter.add_delta_(output, x, weights, runs)
+        return output + self.adapter.delta(x, weights, runs)
 
 
 def resolve_style(style_names: Sequence[str], style) -> torch.Tensor:
