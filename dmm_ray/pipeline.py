@@ -159,9 +159,10 @@ class _StyleCallMixin:
         weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
         weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
         self._fill_negative(prompt, batch_size, kwargs)
+        weights = weights.to(self.unet.device)
         with torch.no_grad():
-            embeds = self.unet.style_embeds_for(style_weights=weights.to(self.unet.device))
-        with self.unet.style_context(embeds), self.unet.fused_style(weights.to(self.unet.device), enabled=self.fuse_styles):
+            embeds = self.unet.style_embeds_for(style_weights=weights)
+        with self.unet.style_context(embeds), self.unet.fused_style(weights, enabled=self.fuse_styles):
             return parent_call(self, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
     @classmethod

@@ -158,14 +158,11 @@ class StyleAdapter(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
-    def folded(
-        self, weights: torch.Tensor, weight_shape: torch.Size, styles: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def folded(self, weights: torch.Tensor, weight_shape: torch.Size, styles: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(delta W, delta b) in float32 for one weight vector (N,): what `bake` adds to the layer.
-        `styles`: the indices whose weight is nonzero (computed here when not given); only their
-        factors enter the product, so one style is an r-wide product, not an N r one."""
+        `styles`: the indices whose weight is nonzero (`StyleUNet.adapter_folds` finds them once for
+        all layers); only their factors enter the product, so one style is an r-wide product, not N r."""
         w = weights.float()
-        styles = [i for i, v in enumerate(w.tolist()) if v != 0] if styles is None else styles
         r = self.rank
         ups = [self.up[:, i * r : (i + 1) * r].float() * w[i] for i in styles]  # (out, r) each, scaled
         downs = [self.down[i * r : (i + 1) * r].float().flatten(1) for i in styles]  # (r, in[*k*k]) each

@@ -286,9 +286,10 @@ class StyleUNet(UNet2DConditionModel):
         """(name, layer, delta W, delta b or None) of every adapted layer for one style selection (N,):
         delta W = sum_i w_i B_i A_i in float32, what `fused_style` and the export add to the layer."""
         styles = [i for i, v in enumerate(weights.tolist()) if v != 0]  # once, not per layer (a sync on a GPU)
+        weights = weights.to(self.class_embedding.codebook.weight.device)  # the adapters' device
         for name, layer in self._adapted_layers:
             adapter = self.class_embedding.adapters[adapter_key(name)]
-            dw, db = adapter.folded(weights.to(adapter.up.device), layer.weight.shape, styles)
+            dw, db = adapter.folded(weights, layer.weight.shape, styles)
             yield name, layer, dw, db
 
     @contextmanager
