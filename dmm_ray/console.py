@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -109,6 +110,18 @@ def sigterm_as_interrupt() -> None:
     _SIGTERM.install()
 
 
+@contextlib.contextmanager
+def interrupt_note(text: str):
+    """A step inside a job that keeps other things than the job does (the toy zoo's build inside a
+    merge): a Ctrl-C or SIGTERM during the block prints `text` instead of the job's `interrupted` line."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if not hasattr(stop, "dmm_note"):  # the innermost step's note wins
+            stop.dmm_note = text
+        raise
+
+
 def cli_main(main=None, *, interrupted: str | None = None):
     """A job's `main(argv) -> int`: a user error (a bad config, path, style, model or teacher: the
     project's errors are ValueErrors; missing or unwritable files are OSErrors; a busy output folder)
@@ -134,11 +147,12 @@ def cli_main(main=None, *, interrupted: str | None = None):
             ours = type(error).__module__.startswith("dmm_ray") or isinstance(error, OSError)
             print(f"error: {message}" + ("" if ours else "\n(the traceback: DMM_VERBOSE=1)"), file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             if interrupted is None:
                 raise
             terminated = _SIGTERM.received
-            print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {interrupted}", file=sys.stderr)
+            note = getattr(stop, "dmm_note", interrupted)  # a step's own (interrupt_note), else the job's
+            print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {note}", file=sys.stderr)
             return 143 if terminated else 130
         finally:
             if owner:

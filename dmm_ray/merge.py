@@ -117,6 +117,27 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
             )
 
 
+def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
+    """incremental.old_style_samples: the regulariser's batch takes the synthesized rows of every read a
+    teacher worker makes per step (one per hosted teacher: dmm_ray.distill.streams.StageBatches) from
+    the pool of the `old_styles` styles' samples; a pool smaller than that stops distill after synthesis."""
+    from dmm_ray.distill.streams import split_batch
+
+    if not cfg.old_style_samples:
+        return
+    reads = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
+    n_synth = split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[1]
+    pool, rows = old_styles * cfg.synthesis.images_per_teacher, n_synth * reads
+    if pool < rows:
+        raise ValueError(
+            f"incremental.old_style_samples: the regularisation worker's batch takes {rows} of the previous model's samples "
+            f"({n_synth} synthesized rows x {reads} teachers per worker), but its {old_styles} old style(s) x "
+            f"synthesis.images_per_teacher={cfg.synthesis.images_per_teacher} give {pool}; synthesize at least "
+            f"{-(-rows // old_styles)} per style, lower scaling.teachers_per_worker or data.synthetic_fraction, "
+            "or set incremental.old_style_samples: false"
+        )
+
+
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, the
@@ -147,6 +168,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+        check_regulariser_rows(cfg, len(old))
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 

@@ -417,9 +417,20 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     # else the project's default store in $DMM_HOME (MLflow's own default would be ./mlruns).
     if tracking_uri is None and not _tracking_uri_is_set():
         tracking_uri = TrackingConfig().tracking_uri
+    registry_uri = (os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri) if tracking_uri is not None else mlflow.get_registry_uri()
+    if uri.startswith(("models:/", "runs:/")):  # read from the store: one that does not exist is not created to find that out
+        from dmm_ray.paths import sqlite_path
+
+        store = registry_uri if uri.startswith("models:/") else (tracking_uri or mlflow.get_tracking_uri())
+        db = sqlite_path(store, relative=True)
+        if db is not None and not db.is_file():
+            raise FileNotFoundError(
+                f"could not resolve model URI '{uri}': the MLflow store {store} does not exist (no database {db}); "
+                "name the store the merge logged to (--tracking-uri, $MLFLOW_TRACKING_URI; default sqlite:///$DMM_HOME/mlflow.db)"
+            )
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
     made = dst is None
     dst = Path(tempfile.mkdtemp(prefix="dmm-model-")) if made else Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -101,18 +101,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dmm_ray.data import fs as fsu
-    from dmm_ray.data.encode import check_encode_inputs, run_encode
+    from dmm_ray.data.encode import plan_encode, run_encode
     from dmm_ray.ray_session import ensure_ray
 
     try:
         cfg = build_config(args)
-        check_encode_inputs(cfg)  # before Ray starts
+        plan = plan_encode(cfg)  # inputs, the source's records, a resume's settings: before Ray starts
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ensure_ray(args.address, log_to_driver=False)
     try:
-        report = run_encode(cfg, show_progress=not args.no_progress)
+        report = run_encode(cfg, show_progress=not args.no_progress, plan=plan)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

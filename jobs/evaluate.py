@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
     if args.section and not args.config:
         parser.error("--section names a key of --config; give --config too")
+    if not args.track and given_options(parser, args, "project"):  # it names the run --track logs to: alone it would be ignored
+        parser.error("--project only applies with --track (log the evaluation to MLflow under that project); add --track, or leave --project out")
     set_verbosity(args.verbose)
     from dmm_ray.evaluation.api import evaluate_merge
     from dmm_ray.evaluation.config import load_eval_config

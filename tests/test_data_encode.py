@@ -307,6 +307,37 @@ def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tin
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_encode_job_refuses_a_resume_with_other_settings_before_ray(tmp_path, tiny_base, capsys, monkeypatch):
+    """A shard folder encoded with other settings (a committed shard at another resolution): exit 2 naming
+    the setting, before Ray starts (it used to start a private Ray first), the folder untouched."""
+    import dmm_ray.ray_session
+    from jobs import encode_latents
+
+    monkeypatch.setattr(dmm_ray.ray_session, "ensure_ray", lambda *a, **k: pytest.fail("Ray may not start"))
+    make_folder(tmp_path / "imgs", n=2, manifest="csv")
+    shards = tmp_path / "shards"
+    sh.write_shard(pafs.LocalFileSystem(), str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))
+    sh.write_meta(pafs.LocalFileSystem(), str(shards), {"resolution": 64})
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    args = [
+        "--source",
+        "folder",
+        "--root",
+        str(tmp_path / "imgs"),
+        "--base",
+        str(tiny_base),
+        "--out",
+        str(shards),
+        "--resolution",
+        "16",
+        "--no-progress",
+    ]
+    assert encode_latents.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume encoding into" in err and "resolution: shards have 64, config gives 16" in err
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+
 # ---- the two stages, in-process (no Ray) -------------------------------------------------------
 
 

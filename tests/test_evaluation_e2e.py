@@ -160,6 +160,9 @@ def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, 
     assert "cache_dir" in capsys.readouterr().err
     assert job.main(args + ["--track", "--tracking-uri", str(tmp_path / "mlruns")]) == 2
     assert "is a file store" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # --project names where --track logs: alone it would be ignored
+        job.main(args + ["--project", "dmm-toy"])
+    assert exit_info.value.code == 2 and "--project only applies with --track" in capsys.readouterr().err
 
 
 def test_evaluate_job_rejects_unknown_config_key(world, capsys):

@@ -188,6 +188,35 @@ def test_old_style_samples_need_the_regulariser_and_a_reader(merged_world, tmp_p
         assert MergeConfig.model_validate({**config, "incremental": incremental}).old_style_samples is expected, incremental
 
 
+def test_a_regulariser_pool_smaller_than_its_batch_is_refused_before_ray(merged_world, tmp_path):
+    """The regulariser takes one read's synthesized rows per teacher a worker hosts, from the pool of the
+    old styles' samples: 1 old style x 2 images cannot fill 2 reads x 2 rows. That used to stop the merge in
+    Ray Train after the synthesis ('synthesized samples has 2 rows, fewer than a batch of 4')."""
+    c = tiny_sd_components(seed=0)
+    one = tmp_path / "one_style"
+    DMMPipeline.from_components(
+        StyleUNet.from_unet(c["unet"], ["old0"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    ).save_pretrained(one)
+    new = [t for t in merged_world["teachers"] if t["name"] != "old0"]  # 2 new teachers, one worker hosts both
+    config = tiny_merge_config(
+        merged_world,
+        tmp_path / "out",
+        teachers=new,
+        incremental={"base_merged": str(one)},
+        data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5},  # 2 of a batch of 4 rows
+        scaling={"teachers_per_worker": 2},
+        synthesis={"images_per_teacher": 2, "finetune_batch_size": 2},
+    )
+    cfg = MergeConfig.model_validate(config)
+    assert cfg.old_style_samples
+    with pytest.raises(
+        ValueError, match=r"takes 4 of the previous model's samples \(2 synthesized rows x 2 teachers per worker\), .* give 2; synthesize at least 4"
+    ):
+        validate_before_ray(cfg)
+    validate_before_ray(MergeConfig.model_validate({**config, "synthesis": {**config["synthesis"], "images_per_teacher": 4}}))
+    validate_before_ray(MergeConfig.model_validate({**config, "scaling": {"teachers_per_worker": 1}}))  # one read per step: 2 rows
+
+
 @pytest.mark.ray
 def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monkeypatch):
     from dmm_ray.evaluation import api

@@ -333,9 +333,10 @@ def test_sigterm_once_ray_is_up_is_answered_as_a_ctrl_c_with_143(capsys):
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_path, capsys):
+def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_path, capsys, home):
     """build_zoo, encode_latents and evaluate run for minutes: a Ctrl-C prints what is kept and how
-    to go on, and exits 130, not a traceback."""
+    to go on, and exits 130, not a traceback. A merge stopped while it builds its toy zoo says what
+    the build keeps, not what a merge keeps."""
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -350,6 +351,13 @@ def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_pa
     monkeypatch.setattr(dmm_ray.zoo.build, "build_zoo", interrupt)
     assert build_zoo.main(["--size", "micro", "--out", str(tmp_path / "zoo"), "--quiet"]) == 130
     assert "interrupted: nothing was written under --out" in capsys.readouterr().err
+    from jobs import merge
+
+    (tmp_path / "c.yaml").write_text("zoo: micro\n")
+    assert merge.main(["--config", str(tmp_path / "c.yaml")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the toy zoo's build was stopped: nothing was written to {home / 'zoo' / 'micro'}" in err
+    assert "merged model" not in err
 
     images = tmp_path / "images"
     images.mkdir()
@@ -357,6 +365,7 @@ def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_pa
     vae.mkdir(parents=True)
     (vae / "config.json").write_text("{}")
     monkeypatch.setattr(dmm_ray.ray_session, "ensure_ray", lambda *a, **kw: False)
+    monkeypatch.setattr(dmm_ray.data.encode, "plan_encode", lambda cfg: None)  # the empty image folder has no index to read
     monkeypatch.setattr(dmm_ray.data.encode, "run_encode", interrupt)
     args = ["--source", "folder", "--root", str(images), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "shards")]
     assert encode_latents.main(args) == 130

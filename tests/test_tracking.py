@@ -88,6 +88,11 @@ def test_resolve_model_uri_local_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no diffusers pipeline folder"):
         resolve_model_uri(str(tmp_path / "empty"))
 
+    for missing in ("models:/nope/1", "runs:/0123abcd/merged_model"):  # a store that does not exist: an error, not a new database
+        with pytest.raises(FileNotFoundError, match=r"store sqlite:///.*absent\.db does not exist"):
+            resolve_model_uri(missing, tracking_uri=f"sqlite:///{tmp_path / 'absent.db'}")
+    assert not (tmp_path / "absent.db").exists()
+
 
 def test_disabled_tracker_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

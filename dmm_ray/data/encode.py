@@ -35,7 +35,7 @@ from dmm_ray.data import fs as fsu
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.images import MISSING_FILE, READ_ERROR, UNREADABLE_IMAGE, preprocess_image, to_model_input
-from dmm_ray.data.readers import read_image_index
+from dmm_ray.data.readers import ImageIndex, read_image_index
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,20 @@ def check_encode_inputs(cfg: DataConfig, shards_setting: str = "--out (shards)")
     check_writable_folder(cfg.shards, shards_setting)
 
 
-def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
-    """Encode `cfg.source` into `cfg.shards` (resumable). Ray must be reachable (ray.init or auto)."""
-    import ray
-    from tqdm.auto import tqdm
+@dataclass
+class EncodePlan:
+    """What `plan_encode` read before any Ray work: the source's index, its records placed in shards,
+    and the settings fingerprint the shard folder records (checked against a resumed one)."""
 
+    index: ImageIndex
+    records: pd.DataFrame  # + shard, pos columns
+    meta: dict
+
+
+def plan_encode(cfg: DataConfig) -> EncodePlan:
+    """Everything an encode decides without Ray: its inputs (`check_encode_inputs`), the source's
+    records and their shards, and whether `cfg.shards` can be resumed with these settings (a folder
+    made with others is refused, naming each setting). A job calls it before it starts Ray."""
     check_encode_inputs(cfg)
     index = read_image_index(cfg.source)
     records = index.records
@@ -209,11 +218,23 @@ def run_encode(cfg: DataConfig, show_progress: bool = True) -> EncodeReport:
         raise ValueError(f"source {cfg.source.root!r} yielded no usable records (skipped: {dict(index.skipped) or 'none'})")
     e = cfg.encode
     records = records.assign(shard=np.arange(len(records)) // e.shard_size, pos=np.arange(len(records)) % e.shard_size)
-    n_shards = int(records["shard"].max()) + 1
-
     out_fs, out_root = fsu.resolve(cfg.shards)
     meta = _fingerprint(cfg, records)
     _check_resumable(out_fs, out_root, meta, cfg.shards)
+    return EncodePlan(index, records, meta)
+
+
+def run_encode(cfg: DataConfig, show_progress: bool = True, plan: EncodePlan | None = None) -> EncodeReport:
+    """Encode `cfg.source` into `cfg.shards` (resumable). Ray must be reachable (ray.init or auto).
+    `plan`: `plan_encode(cfg)`'s, when the caller made it before starting Ray (else made here)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    plan = plan or plan_encode(cfg)
+    index, records, meta = plan.index, plan.records, plan.meta
+    e = cfg.encode
+    n_shards = int(records["shard"].max()) + 1
+    out_fs, out_root = fsu.resolve(cfg.shards)
     sh.remove_manifest(out_fs, out_root)  # written again only once every shard is committed
     sh.write_meta(out_fs, out_root, meta)
 

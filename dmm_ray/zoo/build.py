@@ -23,6 +23,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from dmm_ray.console import interrupt_note
+
 from . import scenes as S
 from .components import tokenize, zoo_components
 from .config import MARKER, ZooConfig, is_complete, outdated_preset
@@ -105,8 +107,10 @@ def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path
             raise ZooBuildError(outdated)
         threads = torch.get_num_threads()
         torch.set_num_threads(default_threads())
+        note = f"the toy zoo's build was stopped: nothing was written to {out} (the unfinished build is removed by the next one); the same command builds it again"
         try:
-            return build_zoo(out, config, progress=progress)
+            with interrupt_note(note):
+                return build_zoo(out, config, progress=progress)
         finally:
             torch.set_num_threads(threads)
 
