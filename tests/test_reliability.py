@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -54,22 +55,51 @@ def test_nonfinite_terms_and_message():
     raise_if_nonfinite([])  # nothing non-finite: no error
 
 
-def test_nonfinite_error_is_stopped_on_the_controller_not_retried():
+def test_nonfinite_and_input_errors_are_stopped_on_the_controller_not_retried():
     """Raised in the controller callback, Ray Train makes it a ControllerError, which it never retries;
-    the driver gets the worker's own error back out of either wrapper."""
+    the driver gets the worker's own error back out of either wrapper. An input error a worker finds
+    (a synthesized set smaller than its batch) is as deterministic as a NaN: stopped the same way."""
     from ray.train import ControllerError, WorkerGroupError
 
-    from dmm_ray.distill.health import NonFiniteLossError, StopOnNonFinite, controller_callbacks, unwrap_training_error
+    from dmm_ray.distill.health import (
+        NonFiniteLossError,
+        StopWithoutRetry,
+        TrainingInputError,
+        controller_callbacks,
+        stops_without_retry,
+        unwrap_training_error,
+    )
+    from dmm_ray.styles import StyleError
 
     assert controller_callbacks()
-    callback = StopOnNonFinite()
+    callback = StopWithoutRetry()
     callback.after_exception(None, {0: RuntimeError("a crash a restart can get past")})  # other errors: Ray retries them
+    callback.after_exception(None, {0: ValueError("a library's ValueError: may be a bug, Ray retries it")})
     with pytest.raises(NonFiniteLossError, match="loss_score"):
         callback.after_exception(None, {0: RuntimeError("collateral"), 1: NonFiniteLossError("non-finite loss ... loss_score = nan")})
+    short = TrainingInputError("style 8's synthesized samples has 8 rows, fewer than a batch of 16")
+    with pytest.raises(TrainingInputError, match="fewer than a batch"):
+        callback.after_exception(None, {0: RuntimeError("collateral"), 1: short})
+    with pytest.raises(NonFiniteLossError):  # a NaN is the cause when both are there
+        callback.after_exception(None, {0: short, 1: NonFiniteLossError("non-finite loss")})
+    assert stops_without_retry(StyleError("unknown style")) and not stops_without_retry(ValueError("x"))
     error = NonFiniteLossError("non-finite loss in distill step 1")
     assert unwrap_training_error(ControllerError(error)) is error
     assert unwrap_training_error(WorkerGroupError("w", {1: error})) is error
+    assert unwrap_training_error(WorkerGroupError("w", {0: short, 1: error})) is error
+    assert unwrap_training_error(WorkerGroupError("w", {1: short})) is short
+    assert unwrap_training_error(ControllerError(short)) is short
     assert unwrap_training_error(WorkerGroupError("w", {1: RuntimeError("x")})) is None
+
+
+def test_a_stream_smaller_than_its_batch_is_an_input_error():
+    from dmm_ray.distill.health import TrainingInputError, stops_without_retry
+    from dmm_ray.distill.streams import cached_stream
+
+    rows = {"latents": np.zeros((3, 4, 8, 8), np.float32)}
+    with pytest.raises(TrainingInputError, match="has 3 rows, fewer than a batch of 4") as info:
+        cached_stream(rows, 4, None, None, None, "cpu", "style 0's synthesized samples")
+    assert stops_without_retry(info.value)
 
 
 def test_ctrl_c_after_training_stops_the_merge_again(monkeypatch, capsys, tmp_path):
@@ -136,6 +166,26 @@ def test_merge_with_nan_teacher_fails_with_message_and_writes_no_model(ray_clust
     assert "loss_score = nan" in message and "style 'broken'" in message and str(broken) in message
     assert not (out / "merged").exists() and not (out / "merged.tmp").exists()
     assert not list((out / "ray_results").rglob("checkpoint_*"))  # no NaN checkpoint either
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # about 40 s on 2 cores; the callback and the unwrap are tested above without a merge
+def test_an_input_error_inside_a_worker_ends_the_merge_with_its_own_message(ray_cluster, world, tmp_path, monkeypatch, capsys):
+    """With the driver's check switched off, a synthesized set smaller than its batch is found by the
+    workers: the job prints their one line and exits 2 (no Ray traceback, no retries), and no model."""
+    import dmm_ray.merge
+    from jobs import merge as job
+
+    monkeypatch.setattr(dmm_ray.merge, "check_synthesized_rows", lambda cfg: None)  # the driver only: workers are other processes
+    out = tmp_path / "out"
+    config = tiny_merge_config(world, out, synthesis={"finetune_steps": 0, "images_per_teacher": 1}, distill={"steps": 2})
+    config["data"]["synthetic_fraction"] = 0.5  # 2 synthesized rows of each style per batch of 4, from a set of 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert job.main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: style 0's synthesized samples has 1 rows, fewer than a batch of 2" in err, err[-2000:]
+    assert "Traceback" not in err and "TrainingFailedError" not in err
+    assert not (out / "merged").exists()
 
 
 # ---- 2. an MLflow outage never stops training -------------------------------------------------

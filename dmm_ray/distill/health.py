@@ -7,9 +7,11 @@ same step, before anything (checkpoint, merged model, MLflow model) is written, 
 raises the same `NonFiniteLossError` naming the step, the loss term and the style/teacher.
 
 A NaN from a NaN teacher or a diverged student comes back after every restart from the last
-checkpoint, so retrying it only burns time (forever with `scaling.max_failures: -1`):
-`StopOnNonFinite`, a Ray Train callback, turns the worker error into a controller error, which Ray
-Train does not retry, and `unwrap_training_error` gives the driver the original message.
+checkpoint, so retrying it only burns time (forever with `scaling.max_failures: -1`). So does any
+other input error a worker finds (`stops_without_retry`: the project's own ValueErrors, such as a
+`TrainingInputError` for a synthesized set smaller than its batch): `StopWithoutRetry`, a Ray Train
+callback, turns the worker error into a controller error, which Ray Train does not retry, and
+`unwrap_training_error` gives the driver the original message (one `error:` line from a job).
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ HINT = (
 
 class NonFiniteLossError(ValueError):
     """A loss term (or the gradient) became NaN/Inf; the message names the step, term and style."""
+
+
+class TrainingInputError(ValueError):
+    """A worker's inputs cannot train: a data set smaller than one batch, an optional package its
+    settings need and its image lacks. The same on every restart, so it is not retried."""
+
+
+def stops_without_retry(error: BaseException) -> bool:
+    """A worker error a restart from the last checkpoint cannot get past: a non-finite loss, or any of
+    the project's own ValueErrors (bad input, as `dmm_ray.console.cli_main` reads them), not a crash."""
+    return isinstance(error, ValueError) and type(error).__module__.startswith("dmm_ray")
 
 
 def nonfinite_terms(logs: Mapping[str, float]) -> dict[str, float]:
@@ -75,21 +88,23 @@ def raise_if_nonfinite(messages: Sequence[str]) -> None:
         raise NonFiniteLossError("; ".join(messages) + ". " + HINT)
 
 
-def unwrap_training_error(error: BaseException) -> NonFiniteLossError | None:
-    """The NonFiniteLossError inside a Ray Train TrainingFailedError (controller or worker error), if any."""
+def unwrap_training_error(error: BaseException) -> ValueError | None:
+    """The worker's own error inside a Ray Train TrainingFailedError (controller or worker error) when
+    it is one that `stops_without_retry`, else None. A NonFiniteLossError wins over the others (a NaN
+    on one worker is collateral on the rest), then the lowest rank's."""
     seen: list[BaseException] = [error]
     failures = getattr(error, "worker_failures", None) or {}
     seen += [failures[r] for r in sorted(failures)]
     if getattr(error, "controller_failure", None) is not None:
         seen.append(error.controller_failure)
+    found = []
     for candidate in seen:
         inner = getattr(candidate, "_base_exc", candidate)  # Ray's UserExceptionWithTraceback
-        if isinstance(inner, NonFiniteLossError):
-            return inner
-        if isinstance(inner, BaseException) and inner is not error and inner.__cause__ is not None:
-            if isinstance(inner.__cause__, NonFiniteLossError):
-                return inner.__cause__
-    return None
+        if inner is not error and not stops_without_retry(inner) and isinstance(inner, BaseException):
+            inner = inner.__cause__  # a controller error re-raised from the worker's
+        if isinstance(inner, BaseException) and stops_without_retry(inner):
+            found.append(inner)
+    return next((e for e in found if isinstance(e, NonFiniteLossError)), found[0] if found else None)
 
 
 def _callback_base():
@@ -102,18 +117,19 @@ def _callback_base():
 
 
 def controller_callbacks() -> bool:
-    """Whether this Ray Train takes `StopOnNonFinite` in RunConfig(callbacks=...) (v2, the default)."""
-    return StopOnNonFinite.__mro__[1] is not object
+    """Whether this Ray Train takes `StopWithoutRetry` in RunConfig(callbacks=...) (v2, the default)."""
+    return StopWithoutRetry.__mro__[1] is not object
 
 
-class StopOnNonFinite(_callback_base()):
-    """Ray Train (v2) callback on the controller: a worker's NonFiniteLossError is re-raised there,
-    which Ray Train treats as a controller error and does not retry (FailureConfig retries are for
-    crashes that a restart from the last checkpoint can get past; a deterministic NaN is not one)."""
+class StopWithoutRetry(_callback_base()):
+    """Ray Train (v2) callback on the controller: a worker error that `stops_without_retry` (a
+    NonFiniteLossError first) is re-raised there, which Ray Train treats as a controller error and
+    does not retry (FailureConfig retries are for crashes that a restart from the last checkpoint can
+    get past; a deterministic NaN or a batch larger than its data set is not one)."""
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        for rank in sorted(worker_exceptions):
-            error = worker_exceptions[rank]
-            error = getattr(error, "_base_exc", error)
-            if isinstance(error, NonFiniteLossError):
-                raise NonFiniteLossError(str(error))
+        errors = [getattr(worker_exceptions[rank], "_base_exc", worker_exceptions[rank]) for rank in sorted(worker_exceptions)]
+        errors = [e for e in errors if stops_without_retry(e)]
+        if errors:
+            first = next((e for e in errors if isinstance(e, NonFiniteLossError)), errors[0])
+            raise first.with_traceback(None)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dmm_ray.distill.faults import maybe_kill_worker
+from dmm_ray.distill.health import TrainingInputError
 from dmm_ray.distill.streams import StageBatches
 from dmm_ray.process_memory import peak_rss_bytes
 
@@ -446,7 +447,7 @@ def make_adamw(params, lr: float, weight_decay: float, kind: str = "adamw"):
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise RuntimeError(
+            raise TrainingInputError(
                 f"distill.optimizer: adamw8bit needs bitsandbytes, which cannot be imported on this worker "
                 f"({error}); pip install bitsandbytes, or use adamw / adamw_fused"
             ) from None

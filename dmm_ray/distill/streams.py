@@ -11,6 +11,8 @@ import itertools
 
 import torch
 
+from dmm_ray.distill.health import TrainingInputError
+
 
 class EpochStream:
     """Batches of one dataset, epoch after epoch (each epoch re-draws t, eps and caption dropout,
@@ -28,7 +30,7 @@ class EpochStream:
             self._it = self.make_epoch(self.epoch)
             batch = next(self._it, None)
             if batch is None:
-                raise RuntimeError(f"dataset {self.name!r} yielded no batch; it needs at least one full batch per worker")
+                raise TrainingInputError(f"dataset {self.name!r} yielded no batch; it needs at least one full batch per worker")
         self.position += 1
         return batch
 
@@ -54,7 +56,7 @@ def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, d
 
     n = len(rows["latents"]) // batch_size
     if n == 0:
-        raise RuntimeError(
+        raise TrainingInputError(
             f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
             "synthesize more images (synthesis.images_per_teacher) or lower the batch size"
         )
@@ -169,7 +171,7 @@ class StageBatches:
             old = {i: rows for i, rows in by_style.items() if i < len(self.worker.old_styles)}
             if self.worker.cfg.old_style_samples:  # the previous model's own samples of each old style, as labelled
                 if sorted(old) != list(range(len(self.worker.old_styles))):
-                    raise RuntimeError(
+                    raise TrainingInputError(
                         f"incremental.old_style_samples: the synthesized set has old styles {sorted(old)}, not all of 0..{len(self.worker.old_styles) - 1}"
                     )
                 by_style, self.own_labels = old, True
@@ -182,7 +184,7 @@ class StageBatches:
             return [cached_stream(pooled, size, *self._stream_args, "synthesized samples", self._consumed)]
         missing = [i for i in hosted if i not in by_style]
         if missing:
-            raise RuntimeError(f"the synthesized set has no samples of style(s) {missing}")
+            raise TrainingInputError(f"the synthesized set has no samples of style(s) {missing}")
         self._by_style = by_style
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
 

@@ -30,7 +30,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from dmm_ray.data.stream import train_dataset_config
-    from dmm_ray.distill.health import StopOnNonFinite, controller_callbacks
+    from dmm_ray.distill.health import StopWithoutRetry, controller_callbacks
     from dmm_ray.distill.loop import train_loop_per_worker
     from dmm_ray.ray_session import train_run_options
     from dmm_ray.resources import check_cluster, with_plan
@@ -58,8 +58,8 @@ def build_trainer(
             storage_path=storage_path(cfg.output_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # a NaN/Inf loss is deterministic: stop at once instead of retrying it max_failures times
-            callbacks=[StopOnNonFinite()] if controller_callbacks() else None,
+            # a NaN/Inf loss or an input error is deterministic: stop at once instead of retrying it max_failures times
+            callbacks=[StopWithoutRetry()] if controller_callbacks() else None,
             **train_run_options(),
         ),
         datasets=datasets,
@@ -91,7 +91,8 @@ def storage_path(output_dir: str) -> str:
 
 def fit_stage(trainer):
     """`trainer.fit()`, with a non-finite loss raised as the worker's own NonFiniteLossError (its
-    message names the step, the term and the style) instead of Ray Train's wrapper.
+    message names the step, the term and the style) instead of Ray Train's wrapper, and any other
+    input error a worker raised (`health.stops_without_retry`) as itself: a job prints one line.
 
     Ray Train's fit() installs its own Ctrl-C handler (abort the run, then sys.exit(0)) and leaves it
     installed: put back the one from before, so Ctrl-C during the stages after training (save,
@@ -115,10 +116,10 @@ def fit_stage(trainer):
             print(f"removed an unrecorded checkpoint of an interrupted run: {path}", flush=True)
         return result
     except TrainingFailedError as error:
-        nonfinite = unwrap_training_error(error)
-        if nonfinite is None:
+        own = unwrap_training_error(error)  # a NaN/Inf loss or an input error: the worker's words, not Ray's wrapper
+        if own is None:
             raise
-        raise type(nonfinite)(str(nonfinite)) from None
+        raise own.with_traceback(None) from None
     except SystemExit:
         # Ray Train's Ctrl-C handler aborts the run, then calls sys.exit(0) from inside fit(): a Ctrl-C
         # it is, for the caller (jobs answer it with one line and exit 130; nothing after training runs)

@@ -127,6 +127,7 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
     from ray.train.torch import TorchTrainer
 
     from dmm_ray.data.stream import train_dataset_config
+    from dmm_ray.distill.health import StopWithoutRetry, controller_callbacks
     from dmm_ray.fast.loop import train_fast_per_worker
     from dmm_ray.ray_session import train_run_options
 
@@ -147,6 +148,7 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
             storage_path=str(state.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[StopWithoutRetry()] if controller_callbacks() else None,  # an input error: no retries
             **train_run_options(),
         ),
         datasets=datasets,
