@@ -34,6 +34,9 @@ from pydantic import BaseModel
 from dmm_ray.config import TrackingConfig  # noqa: F401  (re-exported: the tracking section's type)
 
 log = logging.getLogger(__name__)
+# The model registry the user named ($MLFLOW_REGISTRY_URI) when this module was imported: MLflow's
+# set_registry_uri, which the tracker calls, rewrites the variable for the rest of the process.
+_USER_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI") or None
 
 PROJECT_TAG = "dmm.project"
 STAGE_TAG = "dmm.stage"
@@ -417,7 +420,9 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     # else the project's default store in $DMM_HOME (MLflow's own default would be ./mlruns).
     if tracking_uri is None and not _tracking_uri_is_set():
         tracking_uri = TrackingConfig().tracking_uri
-    registry_uri = (os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri) if tracking_uri is not None else mlflow.get_registry_uri()
+    # An explicit store is read with its own registry unless the user named another one: mlflow.set_registry_uri
+    # writes $MLFLOW_REGISTRY_URI too, so the variable now may be an earlier tracker's store, not the user's.
+    registry_uri = (_USER_REGISTRY_URI or tracking_uri) if tracking_uri is not None else mlflow.get_registry_uri()
     if uri.startswith(("models:/", "runs:/")):  # read from the store: one that does not exist is not created to find that out
         from dmm_ray.paths import sqlite_path
 

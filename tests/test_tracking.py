@@ -288,6 +288,28 @@ def _logged_model(tmp_path) -> tuple[str, str]:
     return store, f"runs:/{run.info.run_id}/merged_model"
 
 
+def test_an_explicit_store_is_read_with_its_own_registry_after_another_tracker_ran(tmp_path, monkeypatch):
+    """mlflow.set_registry_uri (the tracker's) also rewrites $MLFLOW_REGISTRY_URI: a models:/ URI read
+    with an explicit tracking_uri used to go to that earlier store's registry and not find the model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    import dmm_ray.tracking
+
+    monkeypatch.setattr(dmm_ray.tracking, "_USER_REGISTRY_URI", None)  # no registry named by the user
+    store, runs_uri = _logged_model(tmp_path)
+    client = MlflowClient(store, registry_uri=store)
+    client.create_registered_model("logged")
+    run_id = runs_uri.split("/")[1]
+    client.create_model_version("logged", f"{client.get_run(run_id).info.artifact_uri}/merged_model", run_id=run_id)
+    other = f"sqlite:///{tmp_path}/other.db"
+    MlflowClient(other, registry_uri=other).search_registered_models()  # an earlier tracker's store exists
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", other)
+    mlflow.set_registry_uri(other)  # what an earlier tracker in this process leaves behind
+    folder = resolve_model_uri("models:/logged/1", dst=tmp_path / "dl", tracking_uri=store)
+    assert (folder / "model_index.json").is_file()
+
+
 def test_local_model_removes_its_download_when_the_block_ends(tmp_path, monkeypatch):
     """What the jobs use for --model models:/...: never a model copy left in /tmp, errors included."""
     import tempfile
