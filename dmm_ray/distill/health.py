@@ -88,23 +88,25 @@ def raise_if_nonfinite(messages: Sequence[str]) -> None:
         raise NonFiniteLossError("; ".join(messages) + ". " + HINT)
 
 
+def _cause_first(errors: Sequence[BaseException]) -> BaseException | None:
+    """Of the worker errors that `stops_without_retry`, the one to report: a NonFiniteLossError (a NaN on
+    one worker is collateral on the rest), else the lowest rank's; None when there is none."""
+    errors = [e for e in errors if stops_without_retry(e)]
+    return next((e for e in errors if isinstance(e, NonFiniteLossError)), errors[0] if errors else None)
+
+
 def unwrap_training_error(error: BaseException) -> ValueError | None:
     """The worker's own error inside a Ray Train TrainingFailedError (controller or worker error) when
-    it is one that `stops_without_retry`, else None. A NonFiniteLossError wins over the others (a NaN
-    on one worker is collateral on the rest), then the lowest rank's."""
+    it is one that `stops_without_retry` (`_cause_first` picks among several), else None."""
     seen: list[BaseException] = [error]
     failures = getattr(error, "worker_failures", None) or {}
     seen += [failures[r] for r in sorted(failures)]
     if getattr(error, "controller_failure", None) is not None:
         seen.append(error.controller_failure)
-    found = []
-    for candidate in seen:
-        inner = getattr(candidate, "_base_exc", candidate)  # Ray's UserExceptionWithTraceback
-        if inner is not error and not stops_without_retry(inner) and isinstance(inner, BaseException):
-            inner = inner.__cause__  # a controller error re-raised from the worker's
-        if isinstance(inner, BaseException) and stops_without_retry(inner):
-            found.append(inner)
-    return next((e for e in found if isinstance(e, NonFiniteLossError)), found[0] if found else None)
+    inner = [getattr(c, "_base_exc", c) for c in seen]  # Ray's UserExceptionWithTraceback holds the worker's own
+    return _cause_first(
+        [e for i in inner for e in (i, getattr(i, "__cause__", None)) if isinstance(e, BaseException)]
+    )  # a controller error re-raised from the worker's
 
 
 def _callback_base():
@@ -128,8 +130,6 @@ class StopWithoutRetry(_callback_base()):
     get past; a deterministic NaN or a batch larger than its data set is not one)."""
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        errors = [getattr(worker_exceptions[rank], "_base_exc", worker_exceptions[rank]) for rank in sorted(worker_exceptions)]
-        errors = [e for e in errors if stops_without_retry(e)]
-        if errors:
-            first = next((e for e in errors if isinstance(e, NonFiniteLossError)), errors[0])
-            raise first.with_traceback(None)
+        stop = _cause_first([getattr(worker_exceptions[rank], "_base_exc", worker_exceptions[rank]) for rank in sorted(worker_exceptions)])
+        if stop is not None:
+            raise stop.with_traceback(None)

@@ -80,15 +80,14 @@ class StyleAdapter(nn.Module):
         if runs is None or len(runs) == 0:
             return self._dense(x, weights)
         if len(runs) == 1:
-            s = runs[0][0]
-            return self._dense(x, weights) if s < 0 else self._one(x, weights[:, s], s)
+            return self._run(x, weights, runs[0][0])
         # k equal one-style runs (a packed worker's batch); style_runs starts the first run at row 0, so its end is the run length
         if all(s >= 0 and b - a == runs[0][2] for s, a, b in runs):
             return self._grouped(x, weights, [s for s, _, _ in runs])
         # split, not one slice per run: its backward is one cat, where k slices each zero-fill a full-size grad
         sizes = [b - a for _, a, b in runs]
         xs, ws = x.split(sizes), weights.split(sizes)
-        return torch.cat([self._dense(xi, wi) if s < 0 else self._one(xi, wi[:, s], s) for (s, _, _), xi, wi in zip(runs, xs, ws)])
+        return torch.cat([self._run(xi, wi, s) for (s, _, _), xi, wi in zip(runs, xs, ws)])
 
     @torch.no_grad()
     def add_delta_(
@@ -102,9 +101,12 @@ class StyleAdapter(nn.Module):
         if not runs:
             return output.add_(self._dense(x, weights))
         for s, a, b in runs:
-            xi, wi = x[a:b], weights[a:b]
-            output[a:b].add_(self._dense(xi, wi) if s < 0 else self._one(xi, wi[:, s], s))
+            output[a:b].add_(self._run(x[a:b], weights[a:b], s))
         return output
+
+    def _run(self, x: torch.Tensor, weights: torch.Tensor, s: int) -> torch.Tensor:
+        """The delta of rows that share style s (only its r-wide factors), or of a mixture (s = -1: dense)."""
+        return self._dense(x, weights) if s < 0 else self._one(x, weights[:, s], s)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         scale = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (B, N r)
@@ -164,10 +166,10 @@ class StyleAdapter(nn.Module):
         all layers); only their factors enter the product, so one style is an r-wide product, not N r."""
         w = weights.float()
         r = self.rank
-        ups = [self.up[:, i * r : (i + 1) * r].float() * w[i] for i in styles]  # (out, r) each, scaled
-        downs = [self.down[i * r : (i + 1) * r].float().flatten(1) for i in styles]  # (r, in[*k*k]) each
-        if ups:
-            dw = ups[0] @ downs[0] if len(ups) == 1 else torch.cat(ups, dim=1) @ torch.cat(downs)  # (out, in[*k*k])
+        if styles:
+            ups = [self.up[:, i * r : (i + 1) * r].float() * w[i] for i in styles]  # (out, r) each, scaled
+            downs = [self.down[i * r : (i + 1) * r].float().flatten(1) for i in styles]  # (r, in[*k*k]) each
+            dw = torch.cat(ups, dim=1) @ torch.cat(downs)  # (out, in[*k*k])
         else:
             dw = self.up.new_zeros(self.up.shape[0], self.down[0].numel(), dtype=torch.float32)
         db = None if self.bias is None else w @ self.bias.float()
