@@ -11,6 +11,8 @@
   ... multiple adapters" (the teacher bank hosts several LoRA teachers as named adapters on purpose).
 - diffusers, per single-file teacher: "There are modules in UNet2DConditionModel that should be kept in
   float32: []" (an empty list: nothing to keep; the notice with a non-empty list stays).
+- MLflow, on a new sqlite store: "Creating initial MLflow database tables..." / "Updating database
+  tables" (the job prints its store's URI; these two lines came before it, at INFO).
 - MLflow, per registered model: "Passing a Python object as `python_model` causes it to be serialized
   using CloudPickle" (DMMPyfuncModel is importable from the installed package: pickled by reference).
 - Ray: the token notice of a private local Ray, Ray Data's "Progress bars disabled" (on purpose) and
@@ -35,6 +37,8 @@ _DROPPED = {
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
     # diffusers warns on every `.to(dtype)` even when no module must stay in float32 (the list is empty)
     "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
+    # a new sqlite store (the first run in a DMM_HOME): the tracking lines print the store's URI already
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
     # DMMPyfuncModel is a class of an installed package: cloudpickle stores a reference to it, not its code
     "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
     # a private local Ray generates a token itself; nothing for the user to do

@@ -147,3 +147,13 @@ def test_ray_train_info_lines_stay_in_its_log_files_unless_verbose(monkeypatch):
 def test_the_mlflow_model_class_is_defined_without_mlflows_type_hint_nudge():
     result = _run("import dmm_ray.mlflow_model\n")
     assert "type hints" not in result.stderr, result.stderr
+
+
+def test_a_new_sqlite_stores_table_creation_lines_are_dropped(tmp_path):
+    """The first run in a DMM_HOME creates its mlflow.db: MLflow's two INFO lines about it go (real MLflow,
+    a real new store: the test fails if MLflow renames its logger or rewords them and the filter stops matching)."""
+    code = "import sys, dmm_ray, mlflow\nmlflow.set_tracking_uri('sqlite:///' + sys.argv[1])\nmlflow.search_experiments()\n"
+    quiet, verbose = _side_by_side(code, [((str(tmp_path / "q.db"),), os.environ), ((str(tmp_path / "v.db"),), {**os.environ, "DMM_VERBOSE": "1"})])
+    assert (tmp_path / "q.db").is_file() and (tmp_path / "v.db").is_file()  # both created their store
+    assert "Creating initial MLflow database tables" in verbose.stderr and "Updating database tables" in verbose.stderr
+    assert "Creating initial MLflow database tables" not in quiet.stderr and "Updating database tables" not in quiet.stderr

@@ -243,9 +243,10 @@ def test_style_film_starts_as_identity_and_round_trips(tmp_path):
         )
 
 
-def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
+def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path, capsys):
     """student.style_adapters (extension): the distill student's adapters for style i hold the best
-    rank-r approximation of teacher i's weight change, and they train at the UNet's lr, not the style lr."""
+    rank-r approximation of teacher i's weight change, and they train at the UNet's lr, not the style lr.
+    One rank reports the starts (every rank computes the same ones)."""
     from diffusers import UNet2DConditionModel
 
     from dmm_ray.distill.loop import _load_student, _optimizer
@@ -260,7 +261,11 @@ def test_style_adapters_start_at_each_teachers_low_rank_delta(world, tmp_path):
         )
     )
     names = [t.name for t in cfg.teachers]
+    silent = _load_student(cfg, "distill", None, names, report=False)  # any rank but 0
+    assert "style adapters" not in capsys.readouterr().out
     student = _load_student(cfg, "distill", None, names)
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("style adapters:")] == names
+    assert all(torch.equal(a, b) for a, b in zip(silent.state_dict().values(), student.state_dict().values()))
     modules = student.config.style_adapter_modules
     assert modules and all(m.endswith(("to_q", "conv1")) for m in modules)
     base = UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet").state_dict()

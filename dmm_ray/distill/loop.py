@@ -147,11 +147,14 @@ def build_models(worker: Worker, init_student: str | None) -> Models:
             share_lora_base=cfg.scaling.share_lora_base,
         )
         teacher_conditioners, teacher_takes_style = None, False
-        print(f"[rank {rank}] teachers: {teachers.describe()} ({d.teacher_dtype})", flush=True)
+        # the names make each rank's line its own: Ray folds lines that differ only in numbers (its
+        # log dedup) and prints the held copy when the job ends, after the results
+        names = ", ".join(cfg.teachers[i].name for i in worker.role.teacher_indices)
+        print(f"[rank {rank}] teachers {names}: {teachers.describe()} ({d.teacher_dtype})", flush=True)
     else:  # regularisation worker: the frozen previous merged model supervises random old styles
         teachers = [StyleUNet.from_pretrained(Path(cfg.incremental.base_merged) / "unet").requires_grad_(False).eval().to(device)]
         teacher_conditioners, teacher_takes_style = [student_conditioner], True
-    student = _load_student(cfg, worker.stage, init_student, worker.style_names).to(device).train()
+    student = _load_student(cfg, worker.stage, init_student, worker.style_names, report=rank == 0).to(device).train()
     if d.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     discriminator = None
@@ -351,7 +354,7 @@ class Reporter:
 
 
 # ---- the pieces the builders use ------------------------------------------------------------
-def _load_student(cfg, stage: str, init_student: str | None, style_names: list[str]):
+def _load_student(cfg, stage: str, init_student: str | None, style_names: list[str], report: bool = True):
     from diffusers import UNet2DConditionModel
 
     from dmm_ray.models.style_unet import StyleUNet
@@ -378,23 +381,25 @@ def _load_student(cfg, stage: str, init_student: str | None, style_names: list[s
         )
         first = 0
     if student.config.get("style_adapter_rank") and adapters.init == "svd":
-        _init_adapters_from_teachers(cfg, student, base, first)
+        _init_adapters_from_teachers(cfg, student, base, first, report)
     return student
 
 
-def _init_adapters_from_teachers(cfg, student, base, first: int) -> None:
+def _init_adapters_from_teachers(cfg, student, base, first: int, report: bool = True) -> None:
     """Each new style's adapters start at its teacher's rank-r weight delta (one teacher in memory
-    at a time, on CPU; deterministic, so every rank computes the same start)."""
+    at a time, on CPU; deterministic, so every rank computes the same start, and one rank, `report`,
+    says how much of each teacher's change the start keeps)."""
     from dmm_ray.models.style_adapters import init_from_teachers
     from dmm_ray.teachers import load_teacher
 
     base_state = base.state_dict()
     for j, spec in enumerate(cfg.teachers):
         kept = init_from_teachers(student, base_state, [load_teacher(spec, device="cpu").unet.state_dict()], first_style=first + j)
-        print(
-            f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
-            f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change"
-        )
+        if report:
+            print(
+                f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
+                f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change"
+            )
 
 
 def _mlflow_logger(tracking: dict | None, rank: int):
