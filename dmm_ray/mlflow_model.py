@@ -24,14 +24,17 @@ BATCH = 8  # rows per pipeline call: one batched UNet pass per step, bounded mem
 
 
 def model_signature():
-    """The pyfunc's signature: `prompt` (string), optional `style` (a name, an index as a string such
-    as "2", or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps`
+    """The pyfunc's signature: `prompt` (string), optional `style` (a name, an index such as 2 or "2",
+    or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps`
     (default: the model's own sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
     "pil": PIL images, in-process only)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style", required=False)])  # style: "noir", "2", "noir=0.7,neon=0.3"
+    # style: "noir", 2 or "2", "noir=0.7,neon=0.3". Any type: a "string" column made MLflow refuse an
+    # index given as a number before predict() saw it; predict() checks every row itself (400 naming it).
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec(AnyType(), "style", required=False)])
     outputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style"), ColSpec("string", "image")])
     params = ParamSchema([ParamSpec("num_inference_steps", "long", None), ParamSpec("seed", "long", None), ParamSpec("output", "string", "png")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)

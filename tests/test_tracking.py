@@ -214,6 +214,8 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     frame = pd.DataFrame({"prompt": ["a red circle", "a blue square"], "style": ["ink", "1"]})
     out = model.predict(frame, params={"seed": 3})
     assert list(out["style"]) == ["ink", "neon"] and list(out["prompt"]) == list(frame["prompt"])
+    as_numbers = model.predict(pd.DataFrame({"prompt": list(frame["prompt"]), "style": [0, 1]}), params={"seed": 3})  # an int column
+    assert as_numbers.equals(out)
     images = decode_images(out)
     assert len(images) == 2 and images[0].size == images[1].size
     # seeded: the same frame gives the same images; in-process PIL on request
@@ -271,6 +273,14 @@ def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, 
     assert mixed.json()["predictions"][0]["image"] != predictions[0]["image"]
     bad = ask([{"prompt": "a red circle", "style": "ink=1,,neon=1"}])
     assert bad.status_code == 400 and "row 0: style 'ink=1,,neon=1' has an empty entry" in bad.text
+    # an index as a JSON number is the same style as its name; a number out of range or of another type is a 400 naming the row
+    # (a list is the N weights, as in the Python API)
+    by_index = ask([{"prompt": "a red circle", "style": 1}, {"prompt": "a blue square", "style": [1, 0]}], seed=0)
+    assert by_index.status_code == 200, by_index.text
+    assert by_index.json()["predictions"] == predictions
+    for wrong, words in ((5, "row 0"), (1.5, "row 0"), ([1, 0, 0], "row 0"), (True, "row 0")):
+        bad = ask([{"prompt": "a red circle", "style": wrong}])
+        assert bad.status_code == 400 and words in bad.text, (wrong, bad.text)
 
 
 def _logged_model(tmp_path) -> tuple[str, str]:
