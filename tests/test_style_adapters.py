@@ -334,3 +334,45 @@ def test_sampling_adds_each_runs_delta_in_place_and_matches_the_training_path(ba
         assert in_place, name
         in_place.clear()
         torch.testing.assert_close(sampled, reference, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_codebooks_pseudo_inverse_is_kept_between_forwards_and_follows_every_change(base, monkeypatch):
+    """Sampling computes C^+ once, not per UNet forward; an optimizer step, a load, add_styles and a
+    move each give the weights of the codebook as it is then (a stale C^+ would select the old styles)."""
+    student, _ = distinct_styles(base, seed=5)
+    x, t, ehs = inputs()
+    calls = []
+    real = torch.linalg.pinv
+    monkeypatch.setattr(torch.linalg, "pinv", lambda a, *args, **kw: (calls.append(1), real(a, *args, **kw))[1])
+    style = student.class_embedding
+
+    def weights_now(w):  # the weights a forward hands the adapter hooks, and the ones a fresh C^+ gives
+        with torch.no_grad():
+            student(x.to(w.dtype), t, ehs.to(w.dtype), style_weights=w)
+        return style._weights.clone(), weights_from_embeds(student.style_embeds_for(style_weights=w), style.codebook.weight)
+
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+    with torch.no_grad():
+        for _ in range(3):
+            student(x, t, ehs, style_weights=w)
+    assert len(calls) == 1  # three forwards, one pseudo-inverse
+    # an optimizer step (in place: the codebook's version moves)
+    opt = torch.optim.SGD([style.codebook.weight], lr=1.0)
+    student(x, t, ehs, style_weights=w).sample.square().mean().backward()
+    opt.step()
+    got, fresh = weights_now(w)
+    assert torch.equal(got, fresh) and torch.allclose(got, w, atol=1e-5)
+    # a load of other weights
+    other, _ = distinct_styles(base, seed=6)
+    student.load_state_dict(other.state_dict())
+    got, fresh = weights_now(w)
+    assert torch.equal(got, fresh)
+    # a new codebook tensor: add_styles (the new row gets its own weight column)
+    student.add_styles(["sepia"], seed=1)
+    w4 = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)
+    got, fresh = weights_now(w4)
+    assert torch.equal(got, fresh) and torch.allclose(got, w4, atol=1e-5)
+    # a move (a new tensor at another address; float64 here: the cache must not hand back the float32 one's)
+    student.double()
+    got, fresh = weights_now(w4.double())
+    assert torch.equal(got, fresh)

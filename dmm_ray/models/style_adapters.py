@@ -196,12 +196,19 @@ class StyleAdapter(nn.Module):
         self.num_styles += k
 
 
-def weights_from_embeds(style_embeds: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def codebook_pinv(codebook: torch.Tensor) -> torch.Tensor:
+    """C^+ (d, N), float32, of the codebook C (N, d); no gradient."""
+    with torch.no_grad(), torch.autocast(codebook.device.type, enabled=False):
+        return torch.linalg.pinv(codebook.detach().float())
+
+
+def weights_from_embeds(style_embeds: torch.Tensor, codebook: torch.Tensor | None = None, pinv: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares style weights (B, N) of codebook-space embeddings (B, d): e~ C^+ (float32,
-    no gradient: the adapters are selected by the style, not trained through the selection)."""
+    no gradient: the adapters are selected by the style, not trained through the selection).
+    `pinv`: C^+ when the caller has it (`StyleEmbedding` keeps it between forwards)."""
+    pinv = codebook_pinv(codebook) if pinv is None else pinv  # (d, N)
     with torch.no_grad(), torch.autocast(style_embeds.device.type, enabled=False):
-        c = codebook.detach().float()  # (N, d)
-        return style_embeds.detach().float() @ torch.linalg.pinv(c)  # (B, N)
+        return style_embeds.detach().float() @ pinv  # (B, N)
 
 
 SINGLE_STYLE_TOL = 1e-5  # |weight| below this counts as absent (least squares leaves ~1e-7 on a codebook row)
