@@ -372,7 +372,11 @@ def test_the_codebooks_pseudo_inverse_is_kept_between_forwards_and_follows_every
     w4 = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)
     got, fresh = weights_now(w4)
     assert torch.equal(got, fresh) and torch.allclose(got, w4, atol=1e-5)
-    # a move (a new tensor at another address; float64 here: the cache must not hand back the float32 one's)
-    student.double()
-    got, fresh = weights_now(w4.double())
-    assert torch.equal(got, fresh)
+    # the data swapped under the same parameter (as a move does; the version counter stays), twice
+    # between forwards: the second swap must not find the first C^+ at a reused address
+    for _ in range(3):
+        cb = style.codebook.weight
+        cb.data = torch.randn_like(cb)
+        cb.data = torch.randn_like(cb)
+        got, fresh = weights_now(w4)
+        assert torch.equal(got, fresh)

@@ -65,20 +65,21 @@ class StyleEmbedding(nn.Module):
         self._current: torch.Tensor | None = None  # MLP(e~) of the forward in progress, read by the FiLM hooks
         self._fused: torch.Tensor | None = None  # (N,) style weights folded into the adapted layers (StyleUNet.fused_style)
         self._adapters_on = True  # False when every row is the folded style: the hooks then add nothing
-        self._pinv: tuple | None = None  # (codebook tensor, its version, data pointer, device, C^+): see codebook_pinv
+        self._pinv: tuple | None = None  # (codebook parameter, its data then, (version, address, device), C^+)
 
     def codebook_pinv(self) -> torch.Tensor:
-        """C^+ (d, N) of the codebook, computed again only when the codebook changed: an optimizer step or
-        a load (its version), a move or a new tensor (add_styles). Sampling reads the same C^+ every
-        forward; a pseudo-inverse per forward was 0.3 ms of a 7 ms toy UNet call, and on a GPU an SVD
-        and a sync per forward."""
+        """C^+ (d, N) of the codebook, computed again only when the codebook changed: in place (an
+        optimizer step, a load: its version), its data swapped (a move, `.data =`: its address; the
+        cache holds the old data, so no new tensor can take that address), or a new parameter
+        (add_styles). Sampling reads the same C^+ every forward; a pseudo-inverse per forward was 0.3 ms
+        of a 7 ms toy UNet call, and on a GPU an SVD and a sync per forward."""
         c = self.codebook.weight
         if c.is_inference():  # made under torch.inference_mode: no version counter to tell a change by
             return codebook_pinv(c)
         key = (c._version, c.data_ptr(), c.device)
-        if self._pinv is None or self._pinv[0] is not c or self._pinv[1:4] != key:
-            self._pinv = (c, *key, codebook_pinv(c))
-        return self._pinv[4]
+        if self._pinv is None or self._pinv[0] is not c or self._pinv[2] != key:
+            self._pinv = (c, c.detach(), key, codebook_pinv(c))
+        return self._pinv[3]
 
     def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
         out = self.mlp(style_embeds)
