@@ -30,11 +30,16 @@ def model_signature():
     "pil": PIL images, in-process only)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import AnyType
 
     # style: "noir", 2 or "2", "noir=0.7,neon=0.3". Any type: a "string" column made MLflow refuse an
     # index given as a number before predict() saw it; predict() checks every row itself (400 naming it).
-    inputs = Schema([ColSpec("string", "prompt"), ColSpec(AnyType(), "style", required=False)])
+    try:
+        from mlflow.types.schema import AnyType  # MLflow >= 2.19
+
+        style_type = AnyType()
+    except ImportError:  # older MLflow: the index as a string only
+        style_type = "string"
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec(style_type, "style", required=False)])
     outputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "style"), ColSpec("string", "image")])
     params = ParamSchema([ParamSpec("num_inference_steps", "long", None), ParamSpec("seed", "long", None), ParamSpec("output", "string", "png")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
