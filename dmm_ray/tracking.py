@@ -165,6 +165,7 @@ class MergeTracker:
         self.config = config or TrackingConfig()
         self.enabled = self.config.enabled
         self.parent_run_id: str | None = None
+        self._parent_was_finished = False  # the project's parent run was FINISHED when this job resumed it
         self.experiment_id: str | None = None
         if self.enabled:
             mlflow = _mlflow()
@@ -195,18 +196,34 @@ class MergeTracker:
 
     @contextlib.contextmanager
     def project(self, params: Mapping[str, Any] | None = None, new: bool = False) -> Iterator[Any]:
-        """Open (or resume) the project's parent run; stages opened inside nest under it."""
+        """Open (or resume) the project's parent run; stages opened inside nest under it.
+
+        The parent run stands for the project. A job that fails or is interrupted after it resumed a
+        FINISHED parent gives it back FINISHED (`parent_end_status`): its own stage run says FAILED or
+        KILLED, and one failed evaluation or export does not mark a project with a good merge FAILED."""
         if not self.enabled:
             yield None
             return
         mlflow = _mlflow()
         run_id = None if new else self.find_project_run()
+        self._parent_was_finished = run_id is not None and mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
         tags = {PROJECT_TAG: self.config.project, "dmm.kind": "project"}
         with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, run_name=self.config.project, tags=tags) as run:
             self.parent_run_id = run.info.run_id
             if params:
                 self.log_params(params)
-            yield run
+            try:
+                yield run
+            except (Exception, KeyboardInterrupt) as error:  # not GeneratorExit: a dropped generator ends nothing
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == run.info.run_id:  # still open (abort() may have ended it)
+                    mlflow.end_run(status=self.parent_end_status(run_status(error)))
+                raise
+
+    def parent_end_status(self, failure: str) -> str:
+        """The status a failed or interrupted job leaves on the project's parent run: FINISHED when the
+        parent was FINISHED before this job resumed it, else the job's own (`failure`)."""
+        return "FINISHED" if self._parent_was_finished else failure
 
     @contextlib.contextmanager
     def stage(self, name: str, config: Any = None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
@@ -223,7 +240,13 @@ class MergeTracker:
                 self.log_config(config)
             if params:
                 self.log_params(params)
-            yield run
+            try:
+                yield run
+            except (Exception, KeyboardInterrupt) as error:  # KILLED for an interrupt, as abort() (MLflow's own exit says FAILED)
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == run.info.run_id:
+                    mlflow.end_run(status=run_status(error))
+                raise
 
     # --- logging --------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -559,12 +582,13 @@ class StageTracker(MergeTracker):
 
     def abort(self, error: BaseException | None = None) -> None:
         """End the open runs after `error` stopped the driver: KILLED for an interrupt (re-running
-        resumes), FAILED for anything else (`run_status`)."""
+        resumes), FAILED for anything else (`run_status`); the project's parent run as
+        `parent_end_status` says (FINISHED again when it was FINISHED before this job)."""
         status = "FAILED" if error is None else run_status(error)
         if self.enabled:
             mlflow = _mlflow()
-            while mlflow.active_run() is not None:
-                mlflow.end_run(status=status)
+            while (active := mlflow.active_run()) is not None:
+                mlflow.end_run(status=self.parent_end_status(status) if active.info.run_id == self.parent_run_id else status)
         self._stack = contextlib.ExitStack()
 
 

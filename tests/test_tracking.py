@@ -370,3 +370,57 @@ def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeyp
         (tmp_path / "file").write_text("")
         check_tracking(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/file/mlflow.db"))
     check_tracking(TrackingConfig(enabled=False, tracking_uri="banana://x"))  # tracking off: nothing to check
+
+
+def test_a_failed_job_leaves_a_finished_project_finished_and_its_own_run_says_why(tmp_path):
+    """The parent run stands for the project: a later job that fails (an evaluation, a merge) or is
+    interrupted marks its own stage run FAILED / KILLED and gives the parent back FINISHED. A project
+    whose only job failed is FAILED; a re-run that succeeds makes it FINISHED."""
+    from mlflow import MlflowClient
+    from pydantic import BaseModel
+
+    from dmm_ray.tracking import StageTracker, TrackingConfig
+
+    class Folder(BaseModel):
+        output_dir: str
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+
+    def tracker(project="p"):
+        return StageTracker(TrackingConfig(tracking_uri=uri, project=project, registered_model_name=None))
+
+    def status(run_id):
+        return client.get_run(run_id).info.status
+
+    def failing_evaluation(error):  # as jobs/evaluate.py --track opens its runs
+        t = tracker()
+        with pytest.raises(type(error)), t.project(), t.stage("evaluation") as run:
+            ids.append(run.info.run_id)
+            raise error
+        return t.parent_run_id
+
+    ids = []
+    # a project whose first job fails is FAILED
+    first = tracker("q")
+    with pytest.raises(ValueError), first.project(), first.stage("merge"):
+        raise ValueError("bad")
+    assert status(first.parent_run_id) == "FAILED"
+    # a good merge, then jobs that fail after resuming it: their runs say why, the project stays FINISHED
+    good = tracker()
+    good.start_stage("merge", Folder(output_dir=str(tmp_path / "out")))
+    good.close()
+    parent = good.parent_run_id
+    assert status(parent) == "FINISHED"
+    assert failing_evaluation(ValueError("no teachers")) == parent
+    assert failing_evaluation(KeyboardInterrupt()) == parent
+    assert [status(r) for r in ids] == ["FAILED", "KILLED"] and status(parent) == "FINISHED"
+    again = tracker()  # the merge driver's way: start_stage, then abort on an error
+    handle = again.start_stage("incremental-1", Folder(output_dir=str(tmp_path / "out")))
+    again.abort(RuntimeError("worker died"))
+    assert status(handle["run_id"]) == "FAILED" and status(parent) == "FINISHED"
+    # the failed project: a good re-run makes it FINISHED
+    rerun = tracker("q")
+    with rerun.project(), rerun.stage("merge"):
+        pass
+    assert rerun.parent_run_id == first.parent_run_id and status(first.parent_run_id) == "FINISHED"
