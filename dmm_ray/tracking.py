@@ -182,8 +182,8 @@ class MergeTracker:
                 mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
     # --- run tree -------------------------------------------------------------------------
-    def find_project_run(self) -> str | None:
-        """The newest parent run of this project, if one exists."""
+    def find_project_run(self):
+        """The newest parent run of this project (an MLflow Run: its id and status), if one exists."""
         mlflow = _mlflow()
         runs = mlflow.search_runs(
             experiment_ids=[self.experiment_id],
@@ -192,7 +192,7 @@ class MergeTracker:
             max_results=1,
             output_format="list",
         )
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     @contextlib.contextmanager
     def project(self, params: Mapping[str, Any] | None = None, new: bool = False) -> Iterator[Any]:
@@ -205,8 +205,9 @@ class MergeTracker:
             yield None
             return
         mlflow = _mlflow()
-        run_id = None if new else self.find_project_run()
-        self._parent_was_finished = run_id is not None and mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+        found = None if new else self.find_project_run()
+        run_id = found.info.run_id if found else None
+        self._parent_was_finished = found is not None and found.info.status == "FINISHED"
         tags = {PROJECT_TAG: self.config.project, "dmm.kind": "project"}
         with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, run_name=self.config.project, tags=tags) as run:
             self.parent_run_id = run.info.run_id
@@ -215,9 +216,7 @@ class MergeTracker:
             try:
                 yield run
             except (Exception, KeyboardInterrupt) as error:  # not GeneratorExit: a dropped generator ends nothing
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == run.info.run_id:  # still open (abort() may have ended it)
-                    mlflow.end_run(status=self.parent_end_status(run_status(error)))
+                _end_if_active(run.info.run_id, self.parent_end_status(run_status(error)))
                 raise
 
     def parent_end_status(self, failure: str) -> str:
@@ -243,9 +242,7 @@ class MergeTracker:
             try:
                 yield run
             except (Exception, KeyboardInterrupt) as error:  # KILLED for an interrupt, as abort() (MLflow's own exit says FAILED)
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == run.info.run_id:
-                    mlflow.end_run(status=run_status(error))
+                _end_if_active(run.info.run_id, run_status(error))
                 raise
 
     # --- logging --------------------------------------------------------------------------
@@ -606,6 +603,15 @@ def version_record(stage: str, merged_path: str | Path, evaluation: Any = None) 
         tags.update({"FIDt": f"{evaluation.fidt:.4f}", "FIDt_ref": f"{evaluation.fidt_ref:.4f}", "FIDt_ratio": f"{evaluation.ratio:.4f}"})
         description += f"; FIDt {evaluation.fidt:.2f}, FIDt_ref {evaluation.fidt_ref:.2f}, ratio {evaluation.ratio:.3f}"
     return {"description": description, "tags": tags}
+
+
+def _end_if_active(run_id: str, status: str) -> None:
+    """End run `run_id` with `status` if it is still the active run (abort() or an inner block may have
+    ended it; MLflow's own context exit checks the same before it ends a run FAILED)."""
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status=status)
 
 
 def run_status(error: BaseException) -> str:
