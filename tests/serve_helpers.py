@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import socket
 import tempfile
 import time
@@ -19,7 +21,8 @@ _TINY_DIR: Path | None = None
 
 
 def tiny_model_dir() -> Path:
-    """A merged-model folder built once per process from the foundation's tiny components."""
+    """A merged-model folder built once per process from the foundation's tiny components; removed
+    when the process exits (each test process built one, 6 MB, and left it in the temp folder)."""
     global _TINY_DIR
     if _TINY_DIR is None or not (_TINY_DIR / "model_index.json").is_file():
         from dmm_ray.models.style_unet import StyleUNet
@@ -31,7 +34,9 @@ def tiny_model_dir() -> Path:
         pipe = DMMPipeline.from_components(
             student=student, vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], scheduler=c["scheduler"]
         )
-        out = Path(tempfile.mkdtemp(prefix="dmm-serve-tiny-")) / "merged"
+        root = tempfile.mkdtemp(prefix="dmm-serve-tiny-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        out = Path(root) / "merged"
         pipe.save_pretrained(str(out))
         (out / "styles.json").write_text(json.dumps([{"name": n, "description": STYLE_DESCRIPTIONS[n]} for n in STYLE_NAMES]))
         _TINY_DIR = out

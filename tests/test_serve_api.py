@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -358,3 +360,13 @@ def test_a_style_error_from_deeper_code_is_a_422_and_the_server_keeps_serving(ba
         assert c.get("/healthz").status_code == 200
     with pytest.raises(StyleError, match="one entry per style"):
         style_weights(STYLE_NAMES, [1.0])
+
+
+def test_the_tiny_model_folder_is_removed_when_its_process_exits(tmp_path):
+    """Every test process builds one tiny model (6 MB); it must not stay in the temp folder after the run."""
+    code = "from serve_helpers import tiny_model_dir; d = tiny_model_dir(); assert (d / 'model_index.json').is_file(); print(d)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    made = Path(out.strip().splitlines()[-1])
+    assert made.parent.parent == tmp_path and made.name == "merged"
+    assert not made.parent.exists(), f"{made.parent} was left behind"
