@@ -122,7 +122,7 @@ class RegionalPlan:
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = torch.exp(-0.5 * (x / sigma) ** 2)  # not x**2 / sigma**2: a tiny sigma's square underflows to 0, and 0/0 is NaN
     return (k / k.sum()).float()
 
 

@@ -56,7 +56,9 @@ def style_weights(names: Sequence[str], selection: Any) -> list[float]:
     if isinstance(selection, str):
         if selection in names:
             return style_weights(names, names.index(selection))
-        if selection.isdigit():
+        if selection.isascii() and selection.isdigit():  # "2"; not "²", which isdigit() but int() refuses
+            if len(selection) > 18:  # out of range anyway, and int() refuses strings over 4300 digits
+                raise StyleError(f"style index {selection[:18]}... is out of range [0, {n}); known styles: {known}")
             return style_weights(names, int(selection))
         raise StyleError(f"unknown style {selection!r}; known styles: {known}")
     if isinstance(selection, Mapping):

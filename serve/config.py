@@ -137,6 +137,9 @@ class ServeConfig(BaseModel):
     def _api_key_not_empty(cls, v):
         if v is not None and not v.strip():
             raise ValueError("api_key is empty: set a non-empty key, or leave api_key / DMM_API_KEY unset for no key")
+        if v is not None and not (v.isascii() and v.isprintable()):
+            # HTTP header values are bytes that clients and servers read as ASCII / latin-1: such a key could never match
+            raise ValueError("api_key must be printable ASCII (it travels in the X-API-Key header); got a key with other characters")
         return v
 
     @field_validator("model")

@@ -95,9 +95,12 @@ class GuardMiddleware:
 
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-            # curl -d without -H sends a form: say so, rather than "the body must be a JSON object"
-            return await reply(415, f"Content-Type must be application/json (got {content_type}); e.g. curl -H 'Content-Type: application/json'")
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            # curl -d without -H sends a form, requests.post(data=...) no type (which FastAPI does not read as
+            # JSON): say so, rather than "the body must be a JSON object"
+            return await reply(
+                415, f"Content-Type must be application/json (got {content_type or 'none'}); e.g. curl -H 'Content-Type: application/json'"
+            )
         if self.cfg.api_key is not None:
             key = headers.get("x-api-key")
             if key is None:

@@ -224,6 +224,17 @@ def resolve_lora(lora: Optional[dict[str, float]], known: Sequence[str]) -> tupl
     return tuple(sorted((n, float(w)) for n, w in lora.items() if w != 0))
 
 
+def check_encodable(where: str, text: str) -> None:
+    """JSON's \\ud800-style escapes can carry a lone surrogate, which is no Unicode text: the tokenizer
+    raises on it inside the model (a 500 for the request). A 422 naming the field instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(
+            422, f"{where} holds an unpaired surrogate (\\u{ord(text[error.start]):04x} at character {error.start}); send valid Unicode text"
+        ) from None
+
+
 def resolve_mixture(style_names: list[str], style, weights) -> list[float]:
     """(`style` | `weights`; neither: style 0) -> a normalised weight per style (`dmm_ray.styles.resolve`,
     the resolver the pipeline uses); its StyleError becomes a 422 naming the known styles."""
@@ -246,13 +257,16 @@ def resolve_request(
     if not prompts:
         raise RequestError(422, "prompt list is empty; give at least one non-empty prompt")
     for i, p in enumerate(prompts):
+        where = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
         if not p.strip():
-            where = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
             raise RequestError(422, f"{where} is empty; give a text prompt")
         if len(p) > lim.max_prompt_chars:
             raise RequestError(422, f"prompt has {len(p)} characters; the maximum is {lim.max_prompt_chars}")
-    if req.negative_prompt is not None and len(req.negative_prompt) > lim.max_prompt_chars:
-        raise RequestError(422, f"negative_prompt longer than {lim.max_prompt_chars} characters")
+        check_encodable(where, p)
+    if req.negative_prompt is not None:
+        if len(req.negative_prompt) > lim.max_prompt_chars:
+            raise RequestError(422, f"negative_prompt longer than {lim.max_prompt_chars} characters")
+        check_encodable("negative_prompt", req.negative_prompt)
 
     weights = resolve_mixture(style_names, req.style, req.weights)
     regions, background = (), None
@@ -359,6 +373,8 @@ def resolve_regions(regions: list[RegionRequest], style_names: list[str], max_pr
             raise RequestError(exc.status, f"{where}: {exc.message}") from None
         if r.prompt is not None and (not r.prompt.strip() or len(r.prompt) > max_prompt_chars):
             raise RequestError(422, f"{where}: prompt must be non-empty and at most {max_prompt_chars} characters (or left out)")
+        if r.prompt is not None:
+            check_encodable(f"{where}.prompt", r.prompt)
         out.append((tuple(float(v) for v in r.box), tuple(w), r.prompt))
     return tuple(out)
 

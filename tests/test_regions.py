@@ -316,6 +316,8 @@ def test_gaussian_feathering():
     assert all(row[i] >= row[i + 1] for i in range(15)) and 0.3 < row[7] < 1 and 0 < row[8] < 0.7
     torch.testing.assert_close(feathered(torch.ones(8, 8), 2.0), torch.ones(8, 8))
     torch.testing.assert_close(soft + feathered(1 - mask, 1.5), torch.ones(16, 16))  # complementary masks sum to 1
+    for tiny in (1e-170, 5e-324):  # sigma**2 underflows to 0: the kernel was 0/0 = NaN (a black image)
+        assert torch.equal(feathered(mask, tiny), mask)
 
 
 def test_feather_width_changes_the_seam(pipe):

@@ -195,6 +195,8 @@ def test_wrong_content_type_unknown_paths_and_methods_answer_in_the_error_shape(
     assert r.status_code == 415 and "Content-Type must be application/json" in r.json()["error"]
     r = client.post("/generate", content=b'{"prompt": "a", "steps": 2}', headers={"Content-Type": "application/json; charset=utf-8"})
     assert r.status_code == 200  # a charset parameter is fine
+    r = client.post("/generate", content=b'{"prompt": "a", "steps": 2}')  # requests.post(url, data=...): no Content-Type
+    assert r.status_code == 415 and "(got none)" in r.json()["error"]
     assert client.get("/nope").json() == {"error": "Not Found"} and client.get("/nope").status_code == 404
     r = client.get("/generate")
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
@@ -370,3 +372,23 @@ def test_the_tiny_model_folder_is_removed_when_its_process_exits(tmp_path):
     made = Path(out.strip().splitlines()[-1])
     assert made.parent.parent == tmp_path and made.name == "merged"
     assert not made.parent.exists(), f"{made.parent} was left behind"
+
+
+def test_text_a_tokenizer_cannot_read_and_digit_styles_int_refuses_are_422s_naming_the_field(client):
+    """A JSON escape can carry a lone surrogate (no Unicode text: the tokenizer raised inside the model,
+    a 500); "²" is a digit to str.isdigit() but not to int(), and so is a 5000-digit index."""
+    size = '"steps": 2, "width": 32, "height": 32'
+    two_regions = '[{"box": [0, 0, 0.5, 1], "style": 0, "prompt": "x\\ud800"}, {"box": [0.5, 0, 1, 1], "style": 1}]'
+    for raw, field in (
+        ('{"prompt": "a \\ud800 circle", %s}' % size, "prompt holds an unpaired surrogate"),
+        ('{"prompt": "a", "negative_prompt": "\\udfff", %s}' % size, "negative_prompt holds an unpaired surrogate"),
+        ('{"prompt": "a", "regions": %s, %s}' % (two_regions, size), "regions[0].prompt holds an unpaired surrogate"),
+    ):
+        r = client.post("/generate", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and field in r.json()["error"], (raw, r.text)
+    for style in ("²", "9" * 5000):
+        for body in ({"style": style}, {"weights": {style: 1}}, {"regions": [{"box": [0, 0, 1, 1], "style": style}]}):
+            r = gen(client, **body)
+            assert r.status_code == 422 and "known styles" in r.json()["error"], (body, r.text)
+    assert gen(client, style="1").status_code == 200
+    assert client.get("/healthz").status_code == 200

@@ -134,6 +134,9 @@ def test_empty_api_key_is_a_config_error():
     with pytest.raises(ValueError, match="api_key: Value error, api_key is empty"):  # from_env: the config error, key first
         ServeConfig.from_env(environ={"DMM_API_KEY": ""})
     assert ServeConfig.from_env(environ={}).api_key is None
+    for key in ("clé-s3cret", "tab\tkey"):  # a header carries ASCII: such a key could never match any request
+        with pytest.raises(ValidationError, match="api_key must be printable ASCII"):
+            ServeConfig(api_key=key)
 
 
 # ---- liveness, readiness, overload, retries: the router over a fake model handle ----------------
