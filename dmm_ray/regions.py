@@ -332,28 +332,43 @@ def gaussian_window(h: int, w: int, sigma_frac: float = 0.25) -> torch.Tensor:
     return (g(h)[:, None] * g(w)[None, :]).float()
 
 
+def _style_map_ranges(style_names: Sequence[str], style_map: Sequence) -> list[tuple[float, float, torch.Tensor]]:
+    """A style map's (x0, x1, style) entries -> (x0, x1, style row), every entry checked at once (not
+    only those a window's centre happens to reach)."""
+    ranges = []
+    for i, entry in enumerate(style_map):
+        try:
+            a, b, style = entry
+            a, b = float(a), float(b)
+        except (TypeError, ValueError):
+            raise RegionError(f"style_map entries must be (x0, x1, style) with fractions 0 <= x0 < x1 <= 1, got {entry!r}") from None
+        if not (0 <= a < b <= 1):
+            raise RegionError(f"style_map entry {i} {entry!r}: need 0 <= x0 < x1 <= 1 (fractions of the width)")
+        try:
+            ranges.append((a, b, resolve_style(style_names, style)))
+        except StyleError as exc:
+            raise StyleError(f"style_map entry {i}: {exc}") from None
+    return ranges
+
+
 def _style_map_row(style_names: Sequence[str], style_map: Any, x: float, fallback: torch.Tensor | None, label: str) -> torch.Tensor:
-    try:
-        if style_map is None:
-            if fallback is None:
-                raise StyleError("no style: pass style_map= or style=")
-            return fallback
-        if callable(style_map):
+    """The style row at x (a fraction of the width): `style_map` is a function x -> style or the
+    checked ranges of `_style_map_ranges` (the first one holding x); else `fallback`."""
+    if style_map is None:
+        if fallback is None:
+            raise StyleError(f"{label}: no style: pass style_map= or style=")
+        return fallback
+    if callable(style_map):
+        try:
             return resolve_style(style_names, style_map(x))
-        for entry in style_map:
-            try:
-                a, b, style = entry
-            except (TypeError, ValueError):
-                raise RegionError(f"style_map entries must be (x0, x1, style) with fractions 0 <= x0 < x1 <= 1, got {entry!r}") from None
-            if not (0 <= float(a) < float(b) <= 1):
-                raise RegionError(f"style_map entry {entry!r}: need 0 <= x0 < x1 <= 1 (fractions of the width)")
-            if float(a) <= x < float(b) or (x == 1.0 and float(b) == 1.0):
-                return resolve_style(style_names, style)
-        if fallback is not None:  # style= / style_weights=: the panorama's default, where the map names no style
-            return fallback
-        raise RegionError(f"{label}: style_map has no range covering x = {x:.3f} (fraction of the width)")
-    except StyleError as exc:
-        raise StyleError(f"{label}: {exc}") from None
+        except StyleError as exc:
+            raise StyleError(f"{label}: {exc}") from None
+    for a, b, row in style_map:
+        if a <= x < b or (x == 1.0 and b == 1.0):
+            return row
+    if fallback is not None:  # style= / style_weights=: the panorama's default, where the map names no style
+        return fallback
+    raise RegionError(f"{label}: style_map has no range covering x = {x:.3f} (fraction of the width)")
 
 
 def build_panorama_views(
@@ -372,6 +387,8 @@ def build_panorama_views(
     h, w = H // vae_scale_factor, W // vae_scale_factor
     if style_map is not None and not callable(style_map) and (isinstance(style_map, (str, bytes, Mapping)) or not isinstance(style_map, Sequence)):
         raise RegionError(f"style_map must be a list of (x0, x1, style) ranges (fractions of the width) or a function x -> style, got {style_map!r}")
+    if style_map is not None and not callable(style_map):
+        style_map = _style_map_ranges(style_names, style_map)
     if stride is not None:
         if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride <= 0 or stride % vae_scale_factor:
             raise RegionError(f"window_stride must be a positive multiple of {vae_scale_factor} pixels (an int), got {stride!r}")
@@ -535,18 +552,22 @@ class RegionalDecode:
     are decoded once, so a canvas whose windows are all the whole canvas decodes exactly as the
     plain pipeline does."""
 
-    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, decoder):
+    def __init__(self, inner_decode, windows: list[tuple[tuple[int, int, int, int], torch.Tensor]], vae_scale_factor: int, vae):
         self.inner, self.f = inner_decode, vae_scale_factor
         self.windows = windows  # ((y0, y1, x0, x1) latent cells, (y1 - y0, x1 - x0) weight)
-        self.decoder = decoder  # the VAE's decoder module: each window decodes as its region (decoding_region)
+        self.vae = vae  # its decoder decodes each window as its region (decoding_region)
 
     def __call__(self, z, return_dict: bool = True, **kwargs):
         if len(self.windows) == 1:  # one window (the canvas): the plain decode, untouched
             return self.inner(z, return_dict=return_dict, **kwargs)
         f = self.f
         image = total = None
+        # a window is native size plus the margin: decoded whole, also under `vae.enable_tiling()`, whose
+        # tiles its region's weight would not map onto
+        tiled = getattr(self.vae, "use_tiling", False)
         for (y0, y1, x0, x1), weight in self.windows:
-            with decoding_region(self.decoder, weight):
+            untiled = overridden(self.vae, "use_tiling", lambda _on: False) if tiled else nullcontext()
+            with decoding_region(self.vae.decoder, weight), untiled:
                 part = self.inner(z[..., y0:y1, x0:x1], return_dict=False, **kwargs)[0]  # (B, 3, (y1-y0)f, (x1-x0)f)
             w = F.interpolate(weight[None, None].to(part), scale_factor=f, mode="bilinear", align_corners=False)[0, 0]
             if image is None:
@@ -762,14 +783,28 @@ def regional_call(
         style_embeds = unet.style_embeds_for(style_weights=rows)
         prompt_embeds = pooled = None
         if plan.prompts:
-            encoded = pipe.encode_prompt(prompt=plan.prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            lora_scale = (kwargs.get("cross_attention_kwargs") or {}).get("scale")  # as the call encodes its own prompt
+            encoded = pipe.encode_prompt(
+                prompt=plan.prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                lora_scale=lora_scale,
+                clip_skip=kwargs.get("clip_skip"),
+            )
             prompt_embeds = encoded[0]
+            given = kwargs.get("prompt_embeds")
+            if given is not None and given.shape[1] != prompt_embeds.shape[1]:  # one UNet batch holds both
+                raise RegionError(
+                    f"the regions' prompts encode to {prompt_embeds.shape[1]} tokens but prompt_embeds has {given.shape[1]}; "
+                    "one UNet call needs one length: pass prompt= instead of prompt_embeds=, or leave the regions' prompts out"
+                )
             if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
                 pooled = encoded[2]
     decode = nullcontext()
     if regions is not None and region_decode:
         windows = decode_windows(full, (native // f, native // f), margin=DECODE_MARGIN)
-        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, pipe.vae.decoder))
+        decode = overridden(pipe.vae, "decode", lambda inner: RegionalDecode(inner, windows, f, pipe.vae))
     fused = unet.fused_style(rows, enabled=pipe.fuse_styles)  # views of one style only (a single full region): as a plain call
     with (
         overridden(unet, "forward", lambda inner: RegionalUNet(unet, inner, plan, num_images, style_embeds, prompt_embeds, pooled, f)),

@@ -84,6 +84,35 @@ def test_region_prompt_equal_to_the_call_prompt_changes_nothing_and_another_prom
     assert (other - plain).abs().max() > 1e-3
 
 
+def test_region_prompts_are_encoded_as_the_call_encodes_its_own(pipe, monkeypatch):
+    """clip_skip and the LoRA scale (cross_attention_kwargs["scale"]) reach the regions' prompts too: a
+    region prompt equal to the call's prompt changes nothing with clip_skip either."""
+    te = pipe.text_encoder
+    if not hasattr(te, "text_model"):  # transformers 5's CLIPTextModel; diffusers' clip_skip reads .text_model
+        monkeypatch.setitem(te.__dict__, "text_model", te)  # not a submodule: te would hold itself
+    plain = _gen(pipe, style="noir", clip_skip=1)
+    assert (plain - _gen(pipe, style="noir")).abs().max() > 1e-3  # clip_skip changes the image
+    same = _gen(pipe, regions=[Region(box=ALL, style="noir", prompt="a red circle")], clip_skip=1)
+    torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)
+    seen = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: seen.append((k.get("lora_scale"), k.get("clip_skip"))) or encode(*a, **k))
+    _gen(pipe, regions=[Region(box=ALL, style="noir", prompt="a blue star")], clip_skip=1, cross_attention_kwargs={"scale": 0.5})
+    assert seen == [(0.5, 1), (0.5, 1)]  # the call's prompt, then the regions'
+
+
+def test_region_prompts_with_longer_prompt_embeds_are_a_region_error(pipe):
+    """Long-prompt tools (compel) give prompt_embeds of 154 tokens; a region prompt encodes to 77, and one
+    UNet batch cannot hold both: a RegionError saying so, not a torch.stack error."""
+    embeds, _ = pipe.encode_prompt("a red circle", "cpu", 1, False)  # (1, 77, d)
+    long = torch.cat([embeds, embeds], dim=1)  # (1, 154, d)
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="pt", prompt_embeds=long, negative_prompt_embeds=torch.zeros_like(long))
+    assert pipe(regions=[Region(box=ALL, style="noir")], **kw).images.shape == (1, 3, 32, 32)  # no region prompt: fine
+    with pytest.raises(RegionError, match="regions' prompts encode to 77 tokens but prompt_embeds has 154"):
+        pipe(regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon", prompt="a blue star")], **kw)
+    assert "forward" not in pipe.unet.__dict__
+
+
 def test_two_styles_left_looks_like_a_right_like_b(pipe):
     a, b = _gen(pipe, style="noir"), _gen(pipe, style="neon")
     mixed = _gen(pipe, regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")], feather=0)
@@ -252,6 +281,22 @@ def test_decoding_region_attends_to_the_region_alone(pipe):
     assert (plain[..., :3] - alone).abs().max() > 1e-3  # the plain block reads the other columns' keys
 
 
+def test_region_decode_under_vae_tiling_decodes_each_window_whole(pipe):
+    """`vae.enable_tiling()` (tiles of 16 latent cells here, 64 on SD1.5) would cut a decode window (native
+    size + the margin: 12 x 20 cells) into tiles that its region's weight does not map onto."""
+    two = dict(size=(16, 64), regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")], region_decode=True)
+    untiled = _gen(pipe, **two)
+    vae, tile = pipe.vae, pipe.vae.tile_latent_min_size
+    vae.enable_tiling()
+    try:
+        vae.tile_latent_min_size = 8  # below the windows' width
+        assert torch.equal(_gen(pipe, **two), untiled)
+        assert vae.use_tiling
+    finally:
+        vae.disable_tiling()
+        vae.tile_latent_min_size = tile
+
+
 def test_region_decode_with_a_single_window_is_the_plain_decode(pipe):
     plain = _gen(pipe, size=(16, 128), style="neon")
     assert torch.equal(_gen(pipe, size=(16, 128), regions=[Region(box=ALL, style="neon")], region_decode=True), plain)
@@ -376,7 +421,11 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=LEFT, style="noir")], background="sepia"), StyleError, r"background: unknown style"),
         (dict(regions=[Region(box=ALL, style="noir")], style_map=[(0, 1, "noir")]), RegionError, r"not both"),
         (dict(style_map=[(0, 0.5, "noir")], window_stride=8), RegionError, r"window .*no range covering"),
-        (dict(style_map=[(0, 1, "sepia")]), StyleError, r"window 0 .*unknown style 'sepia'"),
+        (dict(style_map=[(0, 1, "sepia")]), StyleError, r"style_map entry 0: unknown style 'sepia'"),
+        # every entry is checked, not only the ones a window's centre reaches first
+        (dict(style_map=[(0, 1, "noir"), (0.5, 1, "bogus")]), StyleError, r"style_map entry 1: unknown style 'bogus'"),
+        (dict(style_map=[(0, 1, "noir"), (0.8, 0.2, "neon")]), RegionError, r"style_map entry 1 .*need 0 <= x0 < x1 <= 1"),
+        (dict(style_map=[(0, 1, "noir"), "junk"]), RegionError, r"style_map entries must be \(x0, x1, style\) .*got 'junk'"),
         (dict(regions=[Region(box=ALL, style="noir")], region_window=5), RegionError, r"region_window must be .*multiple of 2"),
         (dict(regions=[Region(box=ALL, style="noir")], region_window="tiles"), RegionError, r'region_window must be None .*"native"'),
         (dict(style_map=[(0, 1, "noir")], region_window="native"), RegionError, r"region_window= and region_decode= go with regions="),
