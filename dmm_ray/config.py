@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS
-from dmm_ray.evaluation.config import EvalConfig  # the evaluation section's type (a leaf: no torch)
+from dmm_ray.evaluation.config import EVAL_PATH_KEYS, EvalConfig, resolve_eval_paths  # the evaluation section (a leaf: no torch)
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
@@ -35,7 +35,7 @@ class TrackingConfig(BaseModel):
     In a merge config (`MergeConfig.tracking`), `project` and `registered_model_name`, when left
     unset, take the merge's `name` instead of the defaults below."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     enabled: bool = True
     tracking_uri: str = Field(
@@ -82,7 +82,7 @@ class TrackingConfig(BaseModel):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StyleAdaptersConfig(_Section):
@@ -216,7 +216,7 @@ class ScalingSection(_Section):
     @field_validator("cpus_per_worker")
     @classmethod
     def _positive_cpus(cls, v):
-        if v != "auto" and v <= 0:
+        if v != "auto" and not 0 < v < float("inf"):  # (not `v <= 0`: NaN passes that)
             raise ValueError(f"must be > 0 or 'auto', got {v}")
         return v
 
@@ -228,7 +228,7 @@ class SynthesisConfig(_Section):
     num_inference_steps: int = Field(PAPER_STEPS, ge=1)
     guidance_scale: float = Field(PAPER_GUIDANCE, ge=0)
     negative_prompt: Optional[str] = Field(None, description="default: the paper's; the toy zoo uses '' (what its models were trained with)")
-    resolution: Optional[int] = Field(None, description="image side in pixels; default: data.encode.resolution")
+    resolution: Optional[int] = Field(None, ge=8, multiple_of=8, description="image side in pixels; default: data.encode.resolution")
     batch_size: int = Field(10, ge=1, description="images per teacher forward")
     actors: Optional[int] = Field(
         None,
@@ -429,6 +429,7 @@ class MergeConfig(_Section):
                 "synthesis": self.synthesis.model_copy(update={"prompts": fix(self.synthesis.prompts)}),
                 "incremental": self.incremental.model_copy(update={"base_merged": fix(self.incremental.base_merged)}),
                 "evaluation": evaluation,
+                "fast": _copy_with(self.fast, {k: fix(getattr(self.fast, k)) for k in ("output_dir", "synthesized")}),
             }
         )
 
@@ -464,7 +465,7 @@ class StageConfig(BaseModel):
     the stage's MergeConfig (`distill/trainer.py::stage_config`: its own steps, lr and batch size, set
     on the driver), which stage, where it starts from, and the MLflow run rank 0 logs its steps to."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     merge: MergeConfig
     stage: Literal["distill", "finetune"] = "distill"
@@ -484,7 +485,14 @@ def _copy_with(section: BaseModel, values: dict[str, Any], unset_only: bool = Fa
     return type(section).model_construct(_fields_set=set(section.model_fields_set), **{**dict(section), **fill})
 
 
-from dmm_ray.overrides import ConfigError, apply_override, config_error, parse_override, read_yaml_file  # noqa: E402  (one --set parser, re-exported)
+from dmm_ray.overrides import (  # noqa: E402  (one --set parser, re-exported)
+    ConfigError,
+    _section_model,
+    apply_override,
+    config_error,
+    parse_override,
+    read_yaml_file,
+)
 
 # Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
 _PATH_KEYS = {
@@ -493,9 +501,12 @@ _PATH_KEYS = {
     "data": ("base", "vae", "tokenizer", "shards"),
     "synthesis": ("prompts",),
     "incremental": ("base_merged",),
-    "evaluation": ("prompts", "prompts_file", "feature_net", "inception_weights", "cache_dir", "output_dir"),
+    "evaluation": EVAL_PATH_KEYS,
+    "fast": ("output_dir", "synthesized"),
 }
 _TRACKING_URI_KEYS = ("uri", "tracking_uri", "registry_uri")
+# Top-level keys that hold a section (a mapping of settings).
+_SECTIONS = tuple(name for name, field in MergeConfig.model_fields.items() if _section_model(field.annotation) and name != "teachers")
 
 
 def is_zoo_preset(value: str) -> bool:
@@ -514,7 +525,8 @@ def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
                     section[key] = paths.resolve(section[key], base)
 
     for name, keys in _PATH_KEYS.items():
-        fix(tree if not name else tree.get(name), keys)
+        if name != "evaluation":  # resolve_eval_paths, below
+            fix(tree if not name else tree.get(name), keys)
     if isinstance(tree.get("zoo"), str) and not is_zoo_preset(tree["zoo"]):
         tree["zoo"] = paths.resolve(tree["zoo"], base)
     for teacher in tree["teachers"] if isinstance(tree.get("teachers"), list) else []:  # else: the model's own error
@@ -527,9 +539,8 @@ def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
             source["annotations"] = [paths.resolve(a, base) if isinstance(a, str) else a for a in source["annotations"]]
         elif isinstance(source.get("annotations"), str):
             source["annotations"] = paths.resolve(source["annotations"], base)
-    evaluation = tree.get("evaluation")
-    if isinstance(evaluation, dict) and isinstance(evaluation.get("extractor"), dict) and evaluation["extractor"].get("kind") != "import":
-        fix(evaluation["extractor"], ("path",))  # kind import: 'package.module:factory', not a path
+    if isinstance(tree.get("evaluation"), dict):
+        resolve_eval_paths(tree["evaluation"], base)
     tracking = tree.get("tracking")
     if isinstance(tracking, dict):
         for key in _TRACKING_URI_KEYS:
@@ -541,6 +552,13 @@ def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
 def _zoo_manifest(value: str, build: bool) -> Path:
     """The zoo.yaml that `zoo:` names: an (already resolved) file or folder, or a preset name."""
     if is_zoo_preset(value):
+        from dmm_ray.zoo.config import PRESETS
+
+        if value not in PRESETS:
+            raise ConfigError(
+                f"zoo: {value!r} is not a preset (presets: {', '.join(PRESETS)}, built under $DMM_HOME/zoo); "
+                f"for a zoo folder give its path, e.g. zoo: ./{value}"
+            )
         folder = paths.zoo_dir(value)
         if build:
             from dmm_ray.zoo.build import ZooBuildError, ensure_zoo_preset
@@ -595,6 +613,8 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
             chosen = tree["zoo_teachers"]
             if isinstance(chosen, (str, int)):  # --set zoo_teachers=noir (or noir,neon / 0,2): one name or a comma list
                 chosen = tree["zoo_teachers"] = [int(x) if x.strip().isdigit() else x.strip() for x in str(chosen).split(",") if x.strip()]
+            if not isinstance(chosen, list):
+                raise ConfigError(f"zoo_teachers: give teacher names or indices of {zoo_path} (a list, or noir,neon), got {chosen!r}")
             for item in chosen:
                 if isinstance(item, int) and 0 <= item < len(listed):
                     picked.append(listed[item])
@@ -604,17 +624,22 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
                     raise ConfigError(f"zoo_teachers: {item!r} is not a teacher of {zoo_path} (teachers: {names})")
             listed = picked
         tree["teachers"] = listed
-    tree.setdefault("student", {}).setdefault("base", rel(zoo["base"]))
-    data = tree.setdefault("data", {})
+
+    def section(tree: dict, name: str) -> dict:  # a scalar where a section belongs: {} here, the model's own error names it
+        value = tree.setdefault(name, {})
+        return value if isinstance(value, dict) else {}
+
+    section(tree, "student").setdefault("base", rel(zoo["base"]))
+    data = section(tree, "data")
     data.setdefault("base", rel(zoo["base"]))
     if zoo.get("dataset"):
-        source = data.setdefault("source", {})
+        source = section(data, "source")
         source.setdefault("kind", "folder")
         source.setdefault("root", rel(zoo["dataset"]))
     if zoo.get("eval_prompts"):
-        tree.setdefault("evaluation", {}).setdefault("prompts", rel(zoo["eval_prompts"]))
+        section(tree, "evaluation").setdefault("prompts", rel(zoo["eval_prompts"]))
     if zoo.get("feature_net"):
-        tree.setdefault("evaluation", {}).setdefault("feature_net", rel(zoo["feature_net"]))
+        section(tree, "evaluation").setdefault("feature_net", rel(zoo["feature_net"]))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None, build_zoo: bool = False) -> MergeConfig:
@@ -648,6 +673,9 @@ def _config_tree(path: str | os.PathLike | None, overrides: list[str] = (), extr
         tree[key] = value
     for text in overrides:
         apply_override(tree, *parse_override(text))
+    for name in _SECTIONS:
+        if name in tree and tree[name] is None:  # `data:` with every key commented out, `--set evaluation=`: its defaults
+            tree[name] = {}
     resolve_tree_paths(tree, Path.cwd())  # what the file held is absolute by now: only overrides / extra change
     return tree, f"config{f' {path}' if path else ''}"
 

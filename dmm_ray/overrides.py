@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import typing
 from typing import Any
 
@@ -62,6 +63,37 @@ def _unknown_key_hint(model: type, loc: tuple) -> str:
     return f"; {prefix.rstrip('.') or 'the top level'} has: {', '.join(known)}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last one,
+    so a second `distill:` section would silently drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: explicit keys may override what it merges
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys (`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def literal_override(key: str, value: str) -> str:
+    """`key="value"`: a `--set` whose value reads back as exactly the string `value` (a path from a
+    command-line flag), where plain YAML would read `runs #3` as `runs` and `2024` as a number."""
+    return f"{key}={json.dumps(str(value), ensure_ascii=False)}"  # a JSON string is a YAML double-quoted scalar
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """One line for a YAML parse error: what and where (line, column), without the source dump."""
     mark = getattr(error, "problem_mark", None)
@@ -80,7 +112,7 @@ def read_yaml_file(path, what: str = "config file") -> Any:
     if p.is_dir():
         raise ConfigError(f"{what} {p} is a folder; give a YAML file in it (e.g. jobs/configs/toy.yaml)")
     try:
-        return yaml.safe_load(p.read_text())
+        return load_yaml(p.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(error)}") from None
 
@@ -92,7 +124,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or "" in [part.strip() for part in key.split(".")]:
         raise ConfigError(f"--set {text!r}: the key is empty or has an empty part; expected key.path=value, e.g. distill.steps=10")
     try:
-        return key.strip().split("."), yaml.safe_load(value)
+        return key.strip().split("."), load_yaml(value)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"--set {text!r}: the value is not valid YAML ({_yaml_problem(error)}); quote a string that holds "

@@ -52,7 +52,7 @@ class TeacherArchitectureError(TeacherError):
 class TeacherSpec(BaseModel):
     """One teacher: `TeacherSpec(name="anime", source="zoo/anime")`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     source: str

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -61,10 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> DataConfig:
+    from dmm_ray.config import resolve_tree_paths
+
     tree: dict = {}
     if args.config:
         doc = read_yaml_file(args.config) or {}
-        tree = doc.get("data", doc) if isinstance(doc, dict) else {}
+        tree = (doc.get("data", doc) if isinstance(doc, dict) else None) or {}  # `data:` with every key commented out: {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {args.config}: data must be a mapping of settings, got {tree!r}")
+        resolve_tree_paths({"data": tree}, Path(args.config).resolve().parent)  # the file's paths: against its folder
     flags = {
         "source.kind": args.source,
         "source.root": args.root,
@@ -88,6 +94,7 @@ def build_config(args: argparse.Namespace) -> DataConfig:
     for item in args.overrides:
         path, value = parse_override(item)
         apply_override(tree, path[1:] if path[0] == "data" and len(path) > 1 else path, value)
+    resolve_tree_paths({"data": tree}, Path.cwd())  # the flags' and overrides' paths (the file's are absolute by now)
     if not tree.get("shards"):
         raise ConfigError("no output folder: give --out (the latent shard folder: a path or a pyarrow URI) or shards: in --config")
     try:

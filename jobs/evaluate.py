@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
-from dmm_ray.overrides import add_set_argument
+from dmm_ray.overrides import add_set_argument, literal_override
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if args.no_ray:
         extra.append("use_ray=false")
     if args.out:
-        extra.append(f"output_dir={args.out}")
+        extra.append(literal_override("output_dir", args.out))  # a path: not read as YAML (`runs #3`, `2024`)
     cfg = load_eval_config(args.config, args.overrides + extra, args.section, defaults=setup.defaults)
     check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
     check_writable_folder(cfg.cache_dir, "cache_dir")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
-from dmm_ray.overrides import add_set_argument
+from dmm_ray.overrides import add_set_argument, literal_override
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from dmm_ray.merged_model import read_record
 
     check_model_folder(args.model)  # before anything slow
-    overrides = list(args.overrides) + ([f"fast.output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else [])
+    overrides = list(args.overrides) + ([literal_override("fast.output_dir", Path(args.output_dir).resolve())] if args.output_dir else [])
     cfg = load_config(config, overrides).with_absolute_paths()
     record = read_record(Path(args.model))
     update = {"enabled": False} if args.no_track else {}

@@ -26,7 +26,7 @@ DEFAULT_MODEL = "$DMM_HOME/outputs/dmm-toy/merged"
 class ServeLimits(BaseModel):
     """Upper bounds on one request: a request above any of them is a 422 naming the limit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_width: int = Field(768, ge=8, description="largest image width in pixels")
     max_height: int = Field(768, ge=8, description="largest image height in pixels")
@@ -45,7 +45,7 @@ class ServeLimits(BaseModel):
 class ServeConfig(BaseModel):
     """The application's settings (`build_app(ServeConfig)`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
         DEFAULT_MODEL,

@@ -24,7 +24,7 @@ class SourceConfig(BaseModel):
     Paths may be local or any pyarrow filesystem URI (file://, s3://, gs://, hdfs://).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["journeydb", "folder"] = "folder"
     root: str = Field(description="image root folder (local path or pyarrow filesystem URI)")
@@ -57,7 +57,7 @@ class SourceConfig(BaseModel):
 class EncodeConfig(BaseModel):
     """VAE encoding of images into latent parquet shards (jobs/encode_latents.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     resolution: int = Field(512, description="images are resized (short side) and centre-cropped to resolution x resolution")
     shard_size: int = Field(1000, gt=0, description="records per parquet shard (the unit of resumption)")
@@ -81,7 +81,7 @@ class EncodeConfig(BaseModel):
 class StreamConfig(BaseModel):
     """Streaming noised batches from latent shards to TorchTrainer workers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(20, gt=0, description="samples per batch per training worker (paper: 20 per GPU)")
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a caption is replaced by '' (CFG), drawn once per sample")
@@ -95,7 +95,7 @@ class StreamConfig(BaseModel):
 class DataConfig(BaseModel):
     """The data area's config tree: `data:` in the composed dmm-ray config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: Optional[str] = Field(
         default=None,

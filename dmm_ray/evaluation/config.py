@@ -14,17 +14,17 @@ from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_NEGATIVE_PROMPT, PAPER_STEPS 
 class SamplerConfig(BaseModel):
     """Sampler settings shared by student and teachers (part of the teacher-cache key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_inference_steps: int = Field(PAPER_STEPS, ge=1)
     guidance_scale: float = Field(PAPER_GUIDANCE, ge=0)
     negative_prompt: str = PAPER_NEGATIVE_PROMPT
-    height: int | None = Field(None, ge=8, description="None: the pipeline's default (unet sample_size * vae factor)")
-    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8, multiple_of=8, description="None: the pipeline's default (unet sample_size * vae factor)")
+    width: int | None = Field(None, ge=8, multiple_of=8)
 
 
 class ExtractorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["zoo", "inception", "import"] = "zoo"
     path: str | None = Field(
@@ -96,7 +96,7 @@ class EvalConfig(BaseModel):
     `$DMM_HOME/cache/fid`; `dmm_ray.config.MergeConfig`) instead of the standalone ones below.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="the merge job evaluates the merged model after saving it")
     prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
@@ -183,11 +183,27 @@ class EvalConfig(BaseModel):
 
 from dmm_ray.overrides import ConfigError, apply_overrides, config_error, deep_merge, read_yaml_file  # noqa: E402  (the merge job's --set parser: list indexing too)
 
+# Keys of a raw `evaluation:` tree that hold local paths (or URIs): `dmm_ray.paths.resolve` makes
+# them absolute (a config file's against its folder); extractor.path too, unless kind is import.
+EVAL_PATH_KEYS = ("prompts", "prompts_file", "feature_net", "inception_weights", "cache_dir", "output_dir")
+
+
+def resolve_eval_paths(section: dict, base: str | Path) -> None:
+    """Every relative local path of a raw evaluation tree made absolute against `base`, in place
+    (`$DMM_HOME` and `~` expand; URIs, absolute paths and non-strings, e.g. a prompt list, stay)."""
+    for key in EVAL_PATH_KEYS:
+        if isinstance(section.get(key), str):
+            section[key] = paths.resolve(section[key], base)
+    ext = section.get("extractor")
+    if isinstance(ext, dict) and ext.get("kind") != "import" and isinstance(ext.get("path"), str):  # import: 'package.module:factory'
+        ext["path"] = paths.resolve(ext["path"], base)
+
 
 def load_eval_config(
     path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None, defaults: dict | None = None
 ) -> EvalConfig:
-    """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides."""
+    """EvalConfig from `defaults` < a YAML file (optionally its `section`) < `--set` overrides. Relative
+    paths in the file resolve against the file's folder, those in overrides against the current one."""
 
     data: dict = {}
     if path is not None:
@@ -200,9 +216,14 @@ def load_eval_config(
             data = data[section] or {}
         elif "evaluation" in data and not set(data) <= set(EvalConfig.model_fields):  # a merge config, read whole
             raise ConfigError(f"config file {path} is a merge config: add --section evaluation to read its evaluation settings")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: {section or 'the top level'} must be a mapping of keys, got {data!r}")
+        resolve_eval_paths(data, Path(path).resolve().parent)
     defaults = defaults or {}
     # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...)
-    data = expand_section_shorthands(apply_overrides(deep_merge(defaults, expand_section_shorthands(data)), overrides))
+    data = apply_overrides(deep_merge(defaults, expand_section_shorthands(data)), overrides)
+    resolve_eval_paths(data, Path.cwd())  # the file's are absolute by now: only overrides change
+    data = expand_section_shorthands(data)
     # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
     # zoo feature-net folder vs another extractor kind).
     if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):

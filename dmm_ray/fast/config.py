@@ -36,7 +36,7 @@ class FastConfig(BaseModel):
     solver = DDIM over `num_ddim_timesteps` of its schedule, every example with its own uniformly
     drawn style (the same for teacher, student and target)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(False, description="a merge runs this stage after saving (and evaluating) the merged model")
     mode: Literal["lora", "full"] = Field(
@@ -153,6 +153,8 @@ class FastConfig(BaseModel):
             raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
         if self.synthetic_source != "teachers" and self.synthetic_fraction == 0:
             raise ValueError(f"fast.synthetic_source={self.synthetic_source} takes no rows at fast.synthetic_fraction 0: set a fraction (e.g. 0.5)")
+        if self.eval_steps and min(self.eval_steps) < 1:  # [] evaluates nothing
+            raise ValueError(f"fast.eval_steps {self.eval_steps}: give step counts >= 1, e.g. [2, 4, 8] (or [] for no evaluation)")
         if self.rollout_sampler_steps is not None and (not self.rollout_sampler_steps or min(self.rollout_sampler_steps) < 1):
             raise ValueError(f"fast.rollout_sampler_steps {self.rollout_sampler_steps}: give one or more step counts >= 1, e.g. [2, 4]")
         if self.rollout_steps and self.sampler != "tcd":

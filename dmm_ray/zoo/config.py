@@ -19,7 +19,7 @@ MARKER = ".zoo_complete.json"  # written last by a finished build: {"fingerprint
 class TeacherPlan(BaseModel):
     """One teacher: the base fine-tuned on the image set restyled by `style`, saved as `format`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     style: str
     format: TeacherFormat = "diffusers"
     train_text_encoder: bool = Field(False, description="fine-tune its own text encoder too (not allowed for LoRA)")
@@ -39,7 +39,7 @@ class TeacherPlan(BaseModel):
 
 
 class ZooConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     size: Literal["micro", "full", "custom"] = "custom"
     seed: int = 0
     image_size: Literal[32] = 32
