@@ -186,9 +186,13 @@ def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:
         spec = TeacherSpec.model_validate(raw)
         try:
             checksum = teacher_checksum(spec)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # moved or deleted (a TeacherError when its format is found from its files)
             checksum = f"unavailable: {type(exc).__name__}"
-        out.append({"name": spec.name, "source": str(spec.source), "format": spec.resolved_format(), "checksum": checksum})
+        try:
+            fmt = spec.resolved_format()
+        except ValueError:  # found from the files, which are gone
+            fmt = spec.format or "unknown"
+        out.append({"name": spec.name, "source": str(spec.source), "format": fmt, "checksum": checksum})
     return out
 
 
@@ -288,14 +292,19 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
 
 
 def is_export(path: str | os.PathLike) -> bool:
-    """Whether `path` is an earlier dmm-ray export (a single file or a diffusers folder it wrote)."""
+    """Whether `path` is an earlier dmm-ray export (a single file or a diffusers folder it wrote). Not
+    every file tagged `exported_by: dmm-ray` is one: the toy zoo's single-file teachers are too, and
+    so is a diffusers export's own UNet weights file; only `export_pipeline` writes `dmm.dtype`."""
     path = Path(path)
     if path.is_dir():
         return (path / EXPORT_RECORD).is_file()
+    if any((folder / EXPORT_RECORD).is_file() for folder in path.absolute().parents[:2]):  # <export>/unet/<weights>
+        return False
     try:
-        return read_metadata(path).get("exported_by") == "dmm-ray"
+        meta = read_metadata(path)
     except Exception:  # not a safetensors file at all
         return False
+    return meta.get("exported_by") == "dmm-ray" and "dmm.dtype" in meta
 
 
 def check_replaceable(out: Path, fmt: str) -> None:
@@ -445,6 +454,15 @@ def check_device(name: str) -> None:
         raise ExportError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ExportError(f"--device {name}: this torch build sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ExportError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    usable = {"cpu": True, "cuda": True, "mps": torch.backends.mps.is_available(), "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if device.type not in usable:
+        raise ExportError(f"--device {name}: an export runs on cpu, cuda, mps or xpu, not {device.type}")
+    if not usable[device.type]:
+        raise ExportError(f"--device {name}: this torch build cannot use {device.type} here; use --device cpu")
 
 
 def check_selection(names: list[str], style: str | None, weights: dict[str, float] | None) -> None:

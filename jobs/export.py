@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         provenance,
         staged_config_folder,
         verify,
+        write_config_folder,
     )
     from dmm_ray.export_tracking import export_target, log_export, resolve_model
     from dmm_ray.models.style_unet import StyleError, merged_style_names
@@ -213,7 +215,11 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     if args.verify:
         if args.dtype != "fp32":
             print("note: --verify compares in float32; an fp16/bf16 export differs by its rounding")
-        err = verify(out, fmt, config_dir or folder, load_dmm_pipeline(folder), style, weights)
+        with tempfile.TemporaryDirectory(prefix="dmm-verify-") as tmp:
+            configs = config_dir
+            if fmt == "single_file" and configs is None:  # --config-dir none: configs only to load the file back here
+                configs = write_config_folder(plain, Path(tmp) / "config")
+            err = verify(out, fmt, configs, load_dmm_pipeline(folder), style, weights)
         ok = err <= (1e-5 if args.dtype == "fp32" else 1e-2)
         print(f"verify: max relative UNet difference {err:.2e} ({'ok' if ok else 'TOO LARGE'})")
         if not ok:

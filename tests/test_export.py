@@ -508,3 +508,60 @@ def test_an_http_store_that_does_not_answer_only_warns(merged_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "warning: cannot check --run-id abc in the MLflow store" in err and "warning: export written but not logged" in err
     assert out.is_file() and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_teachers_single_file_and_a_diffusers_exports_weights_are_never_replaced(merged_dir, tmp_path, capsys, no_loading):
+    """Finding: `exported_by: dmm-ray` alone made a file replaceable, but the toy zoo's single-file
+    teachers carry it, and so does a diffusers export's own UNet weights file: an export to either
+    path overwrote it (the diffusers folder then loaded with no UNet weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.export import is_export
+    from dmm_ray.formats.single_file import export_single_file
+    from dmm_ray.tiny import tiny_sd_components
+
+    c = tiny_sd_components(seed=0)
+    teacher = export_single_file(StableDiffusionPipeline(**c), tmp_path / "faded.safetensors")  # as the zoo writes one
+    inner = tmp_path / "earlier" / "unet" / "diffusion_pytorch_model.safetensors"
+    inner.parent.mkdir(parents=True)
+    inner.write_bytes(teacher.read_bytes())
+    (tmp_path / "earlier" / "dmm_export.json").write_text("{}")
+    assert not is_export(teacher) and not is_export(inner) and is_export(tmp_path / "earlier")
+    for path in (teacher, inner):
+        before = path.read_bytes()
+        assert run_job("--model", merged_dir, "--style", "ink", "--no-track", "--out", path, "--config-dir", "none") == 2
+        assert "is a file that is not an earlier dmm-ray export; refusing to replace it" in capsys.readouterr().err
+        assert path.read_bytes() == before
+
+
+def test_a_device_this_build_cannot_use_is_refused_before_loading(merged_dir, tmp_path, capsys, no_loading):
+    """Finding: only CUDA was checked; --device mps / xpu / meta failed after loading, with a traceback."""
+    import torch
+
+    bad = ["meta", "mps"] if not torch.backends.mps.is_available() else ["meta"]
+    for device in bad:
+        assert run_job("--model", merged_dir, "--style", "ink", "--no-track", "--out", tmp_path / "a.safetensors", "--device", device) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {device}: ") and "Traceback" not in err
+
+
+def test_verify_without_a_config_folder_and_teachers_that_moved(tmp_path, capsys):
+    """Findings: `--config-dir none --verify` loaded the file with the merged folder's configs (a
+    StyleUNet: a traceback); a merge record whose teachers (no `format:`) have moved stopped the export
+    instead of recording their checksums as unavailable."""
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged")
+    record = json.loads((folder / "dmm_merge.json").read_text())
+    record["teachers"] = [
+        {"name": "ink", "source": str(tmp_path / "gone" / "ink")},
+        {"name": "neon", "source": str(tmp_path / "gone" / "n.safetensors")},
+    ]
+    (folder / "dmm_merge.json").write_text(json.dumps(record))
+    out = tmp_path / "v.safetensors"
+    assert run_job("--model", folder, "--style", "neon", "--no-track", "--out", out, "--config-dir", "none", "--verify") == 0
+    assert "verify: max relative UNet difference" in capsys.readouterr().out and not out.with_suffix(".config").exists()
+    from dmm_ray.export import read_metadata
+
+    teachers = json.loads(read_metadata(out)["dmm.teachers"])
+    assert [(t["name"], t["format"], t["checksum"]) for t in teachers] == [("ink", "unknown", "unavailable: TeacherError")] + [
+        ("neon", "unknown", "unavailable: TeacherError")
+    ]

@@ -204,7 +204,10 @@ def test_zoo_preset_is_built_on_first_use_and_then_reused(tmp_path, home, capsys
     stamp = (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns
     assert load_config(config, build_zoo=True).teachers == cfg.teachers
     assert "building" not in capsys.readouterr().out and (home / "zoo" / "micro" / "zoo.yaml").stat().st_mtime_ns == stamp
-    with pytest.raises(ConfigError, match=r"zoo: 'mirco' is not a preset \(presets: full, micro, built under \$DMM_HOME/zoo\); for a zoo folder give its path, e.g. zoo: ./mirco"):
+    with pytest.raises(
+        ConfigError,
+        match=r"zoo: 'mirco' is not a preset \(presets: full, micro, built under \$DMM_HOME/zoo\); for a zoo folder give its path, e.g. zoo: ./mirco",
+    ):
         load_config(config, ["zoo=mirco"], build_zoo=True)
 
 
