@@ -53,8 +53,20 @@ class TrackingConfig(BaseModel):
         """`uri:` is short for `tracking_uri:` (the merge config's `tracking:` section)."""
         if isinstance(data, dict) and "uri" in data:
             data = dict(data)
+            if data.get("tracking_uri") not in (None, data["uri"]):  # which one was meant cannot be told: the file's, or a --set's
+                raise ValueError(
+                    f"tracking.uri ({data['uri']!r}) and tracking.tracking_uri ({data['tracking_uri']!r}) are both given; "
+                    "uri is short for tracking_uri: give one (e.g. --set tracking.uri=... over a file that sets uri)"
+                )
             data["tracking_uri"] = data.pop("uri")
         return data
+
+    @field_validator("project")
+    @classmethod
+    def _searchable(cls, project: str) -> str:
+        if "'" in project and '"' in project:  # the project run is found by an MLflow filter on it (tracking.filter_literal)
+            raise ValueError(f"{project!r} holds both ' and \"; MLflow's run search cannot match such a name: drop one of them")
+        return project
 
     @field_validator("registered_model_name")
     @classmethod

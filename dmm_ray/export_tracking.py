@@ -61,10 +61,13 @@ def _registry_run(model: str) -> tuple[str | None, str]:
 
     if model.startswith("runs:/"):
         return model.split("/")[1], mlflow.get_tracking_uri()
-    name, _, version = model[len("models:/") :].partition("/")
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
     client = MlflowClient()
-    mv = client.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else client.get_model_version(name, version)
-    return mv.run_id, mlflow.get_tracking_uri()
+    found = get_model_name_and_version(client, model)  # MLflow's own reading: /<version>, @alias, /latest, /<stage>
+    if len(found) == 1:  # models:/<model id>: an MLflow 3 logged model, not a registered version
+        return mlflow.get_logged_model(found[0]).source_run_id, mlflow.get_tracking_uri()
+    return client.get_model_version(*found).run_id, mlflow.get_tracking_uri()
 
 
 @dataclass(frozen=True)

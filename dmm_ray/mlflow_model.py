@@ -109,6 +109,8 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
                 raise _bad_request(f"row {i}: prompt {r.get('prompt')!r} must be non-empty text")
             style = r.get("style")
             style = 0 if _missing(style) else style
+            if isinstance(style, float) and style.is_integer():  # pandas stores ints with a missing row as float64 (1 -> 1.0)
+                style = int(style)
             try:  # a name, an index ("2"), or a mixture ("noir=0.7,neon=0.3")
                 weights = style_weights(
                     names, parse_weights(style, "style") if isinstance(style, str) and "=" in style and style not in names else style

@@ -38,7 +38,11 @@ def _is_id_array(x: Any) -> bool:
         return False
     if hasattr(x, "is_floating_point"):  # a torch tensor
         return not x.is_floating_point()
-    return getattr(getattr(x, "dtype", None), "kind", "f") in "iuUS"  # numpy: ints, strings
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")
+    if kind == "O":  # an object array or a pandas column: names (or ints) kept as Python objects
+        items = x.tolist()
+        return all(isinstance(v, str) for v in items) or all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    return kind in "iuUS"  # numpy: ints, strings
 
 
 def style_weights(names: Sequence[str], selection: Any) -> list[float]:

@@ -133,6 +133,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _METRIC_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
+def filter_literal(value: str) -> str:
+    """`value` as a string literal of MLflow's search-filter grammar, which has no escapes: quoted with
+    ' unless it holds one (`bob's-merge`), else with ". `TrackingConfig` refuses a project with both."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
 def metric_name(name: str) -> str:
     """MLflow metric names allow letters, digits, _ - . space and /; replace anything else by _."""
     return _METRIC_BAD.sub("_", name)
@@ -187,7 +193,7 @@ class MergeTracker:
         mlflow = _mlflow()
         runs = mlflow.search_runs(
             experiment_ids=[self.experiment_id],
-            filter_string=f"tags.`{PROJECT_TAG}` = '{self.config.project}' and tags.`dmm.kind` = 'project'",
+            filter_string=f"tags.`{PROJECT_TAG}` = {filter_literal(self.config.project)} and tags.`dmm.kind` = 'project'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
             output_format="list",
@@ -536,14 +542,16 @@ class StageTracker(MergeTracker):
         folder's merge.lock; the few-step stage: its fast.lock, dmm_ray/output_lock.py), so none of that
         kind is alive. Mark them KILLED. A few-step job may run beside a merge of the same folder, so
         each kind closes only its own runs."""
-        if "'" in output:
+        if "'" in output and '"' in output:  # no literal of MLflow's filter grammar can hold both
             return
         from mlflow import MlflowClient
 
         kind = f"tags.`{STAGE_TAG}` {'=' if stage == 'fast' else '!='} 'fast'"
         client = MlflowClient()
         stale = client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` = '{output}' and {kind} and attributes.status = 'RUNNING'", max_results=100
+            [self.experiment_id],
+            filter_string=f"tags.`{OUTPUT_TAG}` = {filter_literal(output)} and {kind} and attributes.status = 'RUNNING'",
+            max_results=100,
         )
         for run in stale:
             log.info("MLflow run %s (%s) of %s was left RUNNING by a merge that died: marked KILLED", run.info.run_id, run.info.run_name, output)

@@ -49,6 +49,8 @@ def test_overrides_and_defaults(tmp_path):
         ("scaling.cpus_per_worker=.nan", "scaling.cpus_per_worker.float: Input should be a finite number"),
         ("distill.lr=.inf", "distill.lr: Input should be a finite number"),
         ("fast.eval_steps=[0]", "fast.eval_steps [0]: give step counts >= 1"),  # a ZeroDivisionError after training
+        ("fast.num_ddim_timesteps=3", "fast.num_ddim_timesteps 3 is below the 8 sampling steps asked for"),  # failed after training
+        ("tracking.project=a'b\"c", "holds both ' and \"; MLflow's run search cannot match such a name"),
         ("zoo=mini", "zoo: 'mini' is not a preset (presets: full, micro, built under $DMM_HOME/zoo); for a zoo folder give its path"),
     ],
 )
@@ -158,6 +160,16 @@ def test_path_rule_in_fast_evaluation_and_encode_configs(tmp_path, monkeypatch):
     enc.write_text("data:\n  # base: x\n")
     with pytest.raises(ConfigError, match="no output folder"):  # an empty section, not an AttributeError
         build_config(parse_args(["--config", str(enc)]))
+
+
+def test_tracking_uri_and_its_shorthand_together_are_an_error(tmp_path):
+    """A file's `uri:` kept its value over a `--set tracking.tracking_uri=...`, silently."""
+    with_uri = _write(tmp_path, BASE + "tracking: {uri: 'http://mlflow.internal:5000'}\n")
+    with pytest.raises(
+        ConfigError, match=r"tracking.uri \('http://mlflow.internal:5000'\) and tracking.tracking_uri \('sqlite:////x.db'\) are both given"
+    ):
+        load_config(with_uri, ["tracking.tracking_uri=sqlite:////x.db"])
+    assert load_config(with_uri, ["tracking.uri=sqlite:////x.db"]).tracking.tracking_uri == "sqlite:////x.db"
 
 
 def test_a_path_from_a_command_line_flag_is_taken_as_written():

@@ -232,6 +232,11 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
     assert md["dmm.merged_model"] == model_uri and md["dmm.merge_run_id"] == run_id and md["dmm.style"] == "pixel"
     assert [t["name"] for t in json.loads(md["dmm.teachers"])] == STYLES  # dmm_merge.json travelled with the model
     assert "exports/pixel.safetensors" in {a.path for a in MlflowClient(uri).list_artifacts(run_id, "exports")}
+    # MLflow's other forms of the same version: an alias and /latest (were "version must be an integer")
+    MlflowClient(uri).set_registered_model_alias("tiny-merged", "champion", "1")
+    for other in ("models:/tiny-merged@champion", "models:/tiny-merged/latest"):
+        assert job.main(["--model", other, "--style", "ink", "--out", str(tmp_path / "ink.safetensors"), "--tracking-uri", uri]) == 0
+        assert f"logged under run {run_id}" in capsys.readouterr().out
 
 
 def test_export_help_documents_every_flag():

@@ -110,7 +110,8 @@ def test_styles_as_tensors_and_arrays_are_one_per_prompt(pipe):
 
     prompts = ["a red circle", "a blue square", "a green dot"]
     by_list = _gen(pipe, prompts, style=[2, 0, 1])
-    for style in (torch.tensor([2, 0, 1]), np.array([2, 0, 1]), np.array(["pastel", "noir", "neon"])):
+    as_objects = (np.array(["pastel", "noir", "neon"], dtype=object), np.array([2, 0, 1], dtype=object))  # a pandas column's .to_numpy()
+    for style in (torch.tensor([2, 0, 1]), np.array([2, 0, 1]), np.array(["pastel", "noir", "neon"]), *as_objects):
         torch.testing.assert_close(_gen(pipe, prompts, style=style), by_list)
     weights = torch.eye(3)[[2, 0, 1]]
     torch.testing.assert_close(_gen(pipe, prompts, style_weights=weights), by_list)

@@ -216,6 +216,8 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
     assert list(out["style"]) == ["ink", "neon"] and list(out["prompt"]) == list(frame["prompt"])
     as_numbers = model.predict(pd.DataFrame({"prompt": list(frame["prompt"]), "style": [0, 1]}), params={"seed": 3})  # an int column
     assert as_numbers.equals(out)
+    with_gap = model.predict(pd.DataFrame({"prompt": list(frame["prompt"]), "style": [None, 1]}), params={"seed": 3})
+    assert with_gap.equals(out)  # pandas stores [None, 1] as float64 [NaN, 1.0]: a missing style, then index 1
     images = decode_images(out)
     assert len(images) == 2 and images[0].size == images[1].size
     # seeded: the same frame gives the same images; in-process PIL on request
@@ -424,3 +426,23 @@ def test_a_failed_job_leaves_a_finished_project_finished_and_its_own_run_says_wh
     with rerun.project(), rerun.stage("merge"):
         pass
     assert rerun.parent_run_id == first.parent_run_id and status(first.parent_run_id) == "FINISHED"
+
+
+def test_a_project_and_an_output_folder_with_an_apostrophe_are_found_again(tmp_path):
+    """MLflow's filter grammar has no escapes: `bob's-merge` inside '...' was an "Invalid clause"
+    error once Ray had started (and close_stale_runs skipped such folders)."""
+    from mlflow import MlflowClient
+
+    from dmm_ray.tracking import StageTracker, TrackingConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrackingConfig(tracking_uri=uri, project="bob's-merge", registered_model_name=None)
+    first = StageTracker(cfg)
+    with first.project():
+        parent = first.find_project_run().info.run_id
+    again = StageTracker(cfg)
+    assert again.find_project_run().info.run_id == parent
+    out = str(tmp_path / "bob's out")
+    stale = MlflowClient(uri).create_run(again.experiment_id, tags={"dmm.output_dir": out, "dmm.stage": "merge"})
+    again.close_stale_runs(out, "merge")
+    assert MlflowClient(uri).get_run(stale.info.run_id).info.status == "KILLED"

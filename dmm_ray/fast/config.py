@@ -153,6 +153,12 @@ class FastConfig(BaseModel):
             raise ValueError(f"fast.guidance_min {self.guidance_min} is above fast.guidance_max {self.guidance_max}")
         if self.synthetic_source != "teachers" and self.synthetic_fraction == 0:
             raise ValueError(f"fast.synthetic_source={self.synthetic_source} takes no rows at fast.synthetic_fraction 0: set a fraction (e.g. 0.5)")
+        most = max([self.num_inference_steps, *self.eval_steps, *self.rollout_step_counts])
+        if most > self.num_ddim_timesteps:  # the saved TCD/LCM scheduler samples at most its original_inference_steps
+            raise ValueError(
+                f"fast.num_ddim_timesteps {self.num_ddim_timesteps} is below the {most} sampling steps asked for "
+                f"(num_inference_steps, eval_steps, rollout_sampler_steps): the model could not sample them; use at least {most}"
+            )
         if self.eval_steps and min(self.eval_steps) < 1:  # [] evaluates nothing
             raise ValueError(f"fast.eval_steps {self.eval_steps}: give step counts >= 1, e.g. [2, 4, 8] (or [] for no evaluation)")
         if self.rollout_sampler_steps is not None and (not self.rollout_sampler_steps or min(self.rollout_sampler_steps) < 1):
