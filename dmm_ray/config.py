@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
 from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS
-from dmm_ray.evaluation.config import EVAL_PATH_KEYS, EvalConfig, resolve_eval_paths  # the evaluation section (a leaf: no torch)
+from dmm_ray.evaluation.config import EvalConfig, resolve_eval_paths  # the evaluation section (a leaf: no torch)
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
 
@@ -506,14 +506,14 @@ from dmm_ray.overrides import (  # noqa: E402  (one --set parser, re-exported)
     read_yaml_file,
 )
 
-# Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`.
+# Keys of a raw config tree that hold local paths (or URIs), resolved by `dmm_ray.paths.resolve`
+# (the evaluation section's: `resolve_eval_paths`, which `jobs/evaluate.py --config` uses too).
 _PATH_KEYS = {
     "": ("output_dir",),
     "student": ("base",),
     "data": ("base", "vae", "tokenizer", "shards"),
     "synthesis": ("prompts",),
     "incremental": ("base_merged",),
-    "evaluation": EVAL_PATH_KEYS,
     "fast": ("output_dir", "synthesized"),
 }
 _TRACKING_URI_KEYS = ("uri", "tracking_uri", "registry_uri")
@@ -537,8 +537,7 @@ def resolve_tree_paths(tree: dict, base: str | os.PathLike) -> None:
                     section[key] = paths.resolve(section[key], base)
 
     for name, keys in _PATH_KEYS.items():
-        if name != "evaluation":  # resolve_eval_paths, below
-            fix(tree if not name else tree.get(name), keys)
+        fix(tree if not name else tree.get(name), keys)
     if isinstance(tree.get("zoo"), str) and not is_zoo_preset(tree["zoo"]):
         tree["zoo"] = paths.resolve(tree["zoo"], base)
     for teacher in tree["teachers"] if isinstance(tree.get("teachers"), list) else []:  # else: the model's own error

@@ -94,6 +94,16 @@ def check_writable_outputs(cfg: MergeConfig) -> None:
     check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
 
 
+def _format(spec) -> str | None:
+    """A teacher's format, found from its files when the config leaves it out (None when they cannot tell)."""
+    from dmm_ray.teachers import TeacherError
+
+    try:
+        return spec.resolved_format()
+    except TeacherError:
+        return spec.format
+
+
 def log(msg: str) -> None:
     say("merge", msg)
 
@@ -197,7 +207,7 @@ def describe_layout(cfg: MergeConfig) -> str:
             lines.append(f"  worker {role.rank}: the previous merged model (regularisation of the old styles)")
             continue
         names = [cfg.teachers[i].name for i in role.teacher_indices]
-        loras = [i for i in role.teacher_indices if cfg.teachers[i].format == "lora"]
+        loras = [i for i in role.teacher_indices if _format(cfg.teachers[i]) == "lora"]
         held = ""
         if cfg.scaling.share_lora_base and len(loras) > 1:
             held = f"; {len(loras)} LoRA(s) as adapters on one shared base"

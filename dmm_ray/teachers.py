@@ -97,9 +97,10 @@ def detect_format(source: str, has_base: bool = False, name: str = "?") -> str:
         raise TeacherError(f"teacher {name!r}: folder {source} is not a diffusers pipeline (no model_index.json)")
     if not path.exists():
         raise TeacherError(f"teacher {name!r}: {source} does not exist")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    suffix = path.suffix.lower()  # NOISE.SAFETENSORS too
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return "ckpt"
-    if path.suffix != ".safetensors":
+    if suffix != ".safetensors":
         raise TeacherError(f"teacher {name!r}: cannot tell the format of {path.name}; expected a diffusers folder, .safetensors or .ckpt")
     keys = _safetensors_keys(path, name)
     if any("lora" in k for k in keys[:50]):
@@ -137,6 +138,8 @@ def _require_base(spec: TeacherSpec, fmt: str) -> str:
 def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = None, pipeline_class=None):
     """A teacher as a diffusers StableDiffusionPipeline, or StableDiffusionXLPipeline when its folder
     (or, for single files and LoRAs, its base) is SDXL-architecture; offline, no safety checker."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     from dmm_ray.architectures import base_pipeline_class, pipeline_kwargs
 
     fmt = spec.resolved_format()
@@ -163,7 +166,7 @@ def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = N
             return _load_pickled(spec, cls, common)
     except TeacherError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as error:  # the last: a file without a text encoder
         raise TeacherError(f"teacher {spec.name!r}: could not load {spec.source} as {fmt}: {error}") from error
     raise TeacherError(f"teacher {spec.name!r}: unknown format {fmt!r}; expected one of {FORMATS}")
 
@@ -325,6 +328,8 @@ def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = Fals
             raise TeacherError(f"{who}: {sub / 'config.json'} is missing; the pipeline folder is incomplete")
         if component == "scheduler" and not (sub / "scheduler_config.json").is_file():
             raise TeacherError(f"{who}: {sub / 'scheduler_config.json'} is missing; the pipeline folder is incomplete")
+        if component.startswith("tokenizer") and not _has_vocabulary(sub):  # it would load as an empty tokenizer, silently
+            raise TeacherError(f"{who}: {sub} holds no vocabulary (tokenizer.json, or vocab.json with merges.txt); the pipeline folder is incomplete")
         if not (sub / "config.json").is_file():
             continue  # tokenizer, scheduler, feature extractor: no weights
         for index_json in sub.glob("*.safetensors.index.json"):  # sharded weights: every shard present
@@ -426,6 +431,13 @@ def _single_file_shape_mismatch(spec: TeacherSpec, base: str) -> str | None:
     return None
 
 
+def _has_vocabulary(folder: Path) -> bool:
+    """A tokenizer folder's vocabulary: a fast tokenizer's tokenizer.json, a BPE vocab.json with its
+    merges.txt (SD's CLIP tokenizers), or a WordPiece / SentencePiece file."""
+    has = lambda name: (folder / name).is_file()  # noqa: E731
+    return has("tokenizer.json") or (has("vocab.json") and has("merges.txt")) or any(map(has, ("vocab.txt", "spiece.model", "tokenizer.model")))
+
+
 def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
     """Fail early, naming the teacher and the field, if any teacher differs from the student base."""
     names = [s.name for s in specs]
@@ -435,23 +447,37 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
     if not (Path(base) / "model_index.json").exists():
         raise TeacherError(f"student base {base} is not a diffusers pipeline folder (no model_index.json)")
     want = folder_architecture(base)
+    problems: list[TeacherError] = []  # every teacher's, in one error
     for spec in specs:
-        fmt = spec.resolved_format()
-        if fmt == "diffusers":
-            got = folder_architecture(spec.source)
-        elif fmt in ("lora", "ckpt"):
-            got = folder_architecture(_require_base(spec, fmt))
-        else:
-            problem = _single_file_shape_mismatch(spec, _require_base(spec, fmt))
-            if problem:
-                raise TeacherArchitectureError(f"teacher {spec.name!r} ({spec.source}): {problem}; all teachers must share the base's architecture")
-            got = folder_architecture(spec.base)
-        for field, value in want.items():
-            if got.get(field) != value:
-                raise TeacherArchitectureError(
-                    f"teacher {spec.name!r} ({spec.source}): {field} is {got.get(field)!r} but the student base has {value!r}; "
-                    "all teachers must share the base's UNet architecture, latent space and noise schedule"
-                )
+        try:
+            _check_architecture(spec, want)
+        except TeacherError as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        kind = TeacherArchitectureError if all(isinstance(e, TeacherArchitectureError) for e in problems) else TeacherError
+        raise kind(f"{len(problems)} teachers cannot be merged:\n" + "\n".join(f"  {e}" for e in problems))
+
+
+def _check_architecture(spec: TeacherSpec, want: dict) -> None:
+    """A TeacherError (TeacherArchitectureError) when `spec` differs from the student base's architecture `want`."""
+    fmt = spec.resolved_format()
+    if fmt == "diffusers":
+        got = folder_architecture(spec.source)
+    elif fmt in ("lora", "ckpt"):
+        got = folder_architecture(_require_base(spec, fmt))
+    else:
+        problem = _single_file_shape_mismatch(spec, _require_base(spec, fmt))
+        if problem:
+            raise TeacherArchitectureError(f"teacher {spec.name!r} ({spec.source}): {problem}; all teachers must share the base's architecture")
+        got = folder_architecture(spec.base)
+    for field, value in want.items():
+        if got.get(field) != value:
+            raise TeacherArchitectureError(
+                f"teacher {spec.name!r} ({spec.source}): {field} is {got.get(field)!r} but the student base has {value!r}; "
+                "all teachers must share the base's UNet architecture, latent space and noise schedule"
+            )
 
 
 def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*") -> str:

@@ -104,6 +104,28 @@ def test_eval_config_validation():
     assert cfg.seeds("a", 2) == [[0, 1, 2], [3, 4, 5]] and cfg.seeds("b", 2) == [[6, 7, 8], [9, 10, 11]]
     with pytest.raises(ValueError, match="no evaluation prompts"):
         EvalConfig().load_prompts()
+    with pytest.raises(ValueError, match="1 prompt\\(s\\) x images_per_prompt=1 is 1 image per set; FID needs at least 2"):
+        EvalConfig(prompts=["a"], images_per_prompt=1).check_ready()  # (it failed after every set was sampled)
+
+
+def test_a_prompt_file_with_a_bom_and_a_torn_cache_file(tmp_path):
+    """A BOM (Windows editors) was kept in the first prompt (three more tokens) and broke a JSON file;
+    an empty or cut-short statistics file raised instead of being regenerated."""
+    import numpy as np
+
+    from dmm_ray.evaluation.cache import StatsCache
+
+    (tmp_path / "p.txt").write_bytes("a red cat\r\na blue dog\n".encode("utf-8-sig"))
+    (tmp_path / "p.json").write_bytes('["a red cat", "a blue dog"]'.encode("utf-8-sig"))
+    for name in ("p.txt", "p.json"):
+        assert EvalConfig(prompts_file=str(tmp_path / name)).load_prompts() == ["a red cat", "a blue dog"]
+    cache = StatsCache(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    np.savez(tmp_path / "cache" / "whole.npz", mu=np.zeros(3))
+    good = (tmp_path / "cache" / "whole.npz").read_bytes()
+    for key, data in (("empty", b""), ("cut", good[: len(good) // 2])):
+        (tmp_path / "cache" / f"{key}.npz").write_bytes(data)
+        assert cache.load(key) is None
 
 
 def test_merge_config_evaluation_shorthands(tmp_path):

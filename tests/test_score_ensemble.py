@@ -53,6 +53,29 @@ def test_ensemble_unet_is_the_weighted_sum_of_the_teachers(teachers):
         torch.testing.assert_close(tup, sample)
 
 
+def test_ensemble_moves_as_one_and_samples_with_dpm_solver(teachers):
+    """Finding: `pipe.to(device)` moved only the first teacher's UNet (the others were no submodule):
+    on a GPU the ensemble mixed devices. The evaluation samples it with the paper's DPM-Solver++."""
+    from diffusers import PNDMScheduler
+
+    from dmm_ray.evaluation.sources import _load_score_ensemble, _load_teacher_pipeline
+
+    root, specs, _ = teachers
+    stock = StableDiffusionPipeline(**{**tiny_sd_components(seed=0), "scheduler": PNDMScheduler()})  # as SD1.5 folders ship
+    stock.save_pretrained(root / "stock")
+    teacher = _load_teacher_pipeline(TeacherSpec(name="stock", source=str(root / "stock")))
+    assert type(teacher.scheduler).__name__ == "DPMSolverMultistepScheduler"  # sampled as the student is, not with PNDM
+    pipe = _load_score_ensemble(specs)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    reference = _eps(pipe.unet)[0]
+    pipe.to(torch.float64)  # as a move to another device would: every member goes
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float64}
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g).double(), torch.randn(2, 77, 32, generator=g).double()  # _eps's inputs
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, torch.tensor([10, 500]), text).sample.float(), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_ensemble_refuses_teachers_with_their_own_text_encoder(teachers):
     _, specs, other = teachers
     with pytest.raises(ValueError, match="'other' has its own text_encoder"):

@@ -145,3 +145,50 @@ def test_zoo_manifest_errors_name_the_manifest_and_the_teacher(tmp_path):
         load_zoo_manifest(tmp_path / "zoo.yaml")
     (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x}]\n")
     assert [t.name for t in load_eval_setup(tmp_path).teachers] == ["a"]  # --teachers: a zoo's folder is its zoo.yaml
+
+
+def test_a_tokenizer_without_its_vocabulary_is_an_incomplete_folder(teacher_files, tmp_path):
+    """Finding: a teacher folder whose tokenizer files were lost passed every check and loaded as an
+    empty tokenizer (every prompt to [0, 2, 2, ...]: a teacher conditioned on nothing)."""
+    import shutil
+
+    from dmm_ray.teachers import check_teacher_files
+
+    folder = shutil.copytree(teacher_files["root"] / "folder", tmp_path / "notok")
+    for f in (folder / "tokenizer").iterdir():
+        if f.name != "tokenizer_config.json":
+            f.unlink()
+    with pytest.raises(TeacherError, match=r"teacher 'notok': .*tokenizer holds no vocabulary"):
+        check_teacher_files([TeacherSpec(name="notok", source=str(folder))])
+
+
+def test_every_teachers_architecture_problem_at_once_and_formats_read_from_any_suffix(teacher_files, tiny_base_dir, tmp_path):
+    """validate_teachers stopped at the first teacher; a single file without a text encoder escaped as
+    diffusers' own error; NOISE.SAFETENSORS could not tell its format."""
+    import shutil
+
+    from dmm_ray.formats.single_file import to_ldm_state_dict
+    from safetensors.torch import save_file
+
+    StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
+    specs = [TeacherSpec(name=n, source=str(tmp_path / "odd")) for n in ("odd_a", "odd_b")]
+    with pytest.raises(TeacherArchitectureError, match=r"2 teachers cannot be merged:\n  teacher 'odd_a'.*\n  teacher 'odd_b'"):
+        validate_teachers(specs, str(tiny_base_dir))
+    upper = shutil.copy(teacher_files["root"] / "single.safetensors", tmp_path / "SINGLE.SAFETENSORS")
+    spec = TeacherSpec(name="upper", source=str(upper), base=str(tiny_base_dir))
+    assert spec.resolved_format() == "single_file"
+    pipe = teacher_files["single_pipe"]
+    unet_only = {k: v.contiguous() for k, v in to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder).items() if not k.startswith("cond_stage_model.")}
+    save_file(unet_only, str(tmp_path / "no_te.safetensors"))
+    with pytest.raises(TeacherError, match=r"teacher 'no_te': could not load .* as single_file"):
+        load_teacher(TeacherSpec(name="no_te", source=str(tmp_path / "no_te.safetensors"), base=str(tiny_base_dir)))
+
+
+def test_zoo_teachers_without_a_format_take_the_zoos_base(tmp_path):
+    """A manifest's single-file or LoRA teacher with no `format:` (it is optional) was refused for
+    want of `base:`: the zoo's base went only to teachers whose format was written out."""
+    from dmm_ray.zoo.manifest import load_zoo_manifest
+
+    (tmp_path / "zoo.yaml").write_text("base: base\nteachers: [{name: a, source: teachers/a.safetensors}, {name: b, source: teachers/b}]\n")
+    a, b = load_zoo_manifest(tmp_path / "zoo.yaml").teachers
+    assert a.base == str(tmp_path / "base") and b.base is None  # a folder is a whole pipeline: no base

@@ -75,6 +75,26 @@ def test_merged_pipeline_saves_as_diffusers_folder(tmp_path):
     torch.testing.assert_close(loaded.text_encoder.state_dict()[te_key], te_expected)
 
 
+def test_sdxl_teachers_merge_into_an_sdxl_pipeline_that_generates(tmp_path):
+    """Finding: SDXL teachers were saved as a StableDiffusionPipeline without text_encoder_2 /
+    tokenizer_2: reported as written, then failed to generate."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dmm_ray.architectures import load_plain_pipeline
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    pipes = [StableDiffusionXLPipeline(**tiny_sdxl_components(seed=s)) for s in (0, 1)]
+    merged = weighted_merge_pipelines(pipes, [0.5, 0.5], ["a", "b"])
+    merged.save_pretrained(tmp_path / "wm")
+    loaded = load_plain_pipeline(str(tmp_path / "wm"))
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    key = [k for k in merged.text_encoder_2.state_dict() if k.endswith("final_layer_norm.weight")][0]
+    both = 0.5 * pipes[0].text_encoder_2.state_dict()[key] + 0.5 * pipes[1].text_encoder_2.state_dict()[key]
+    torch.testing.assert_close(loaded.text_encoder_2.state_dict()[key], both)
+    image = loaded("a red circle", num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
 def test_weighted_merge_job_never_writes_over_another_model(tmp_path, capsys):
     """--out may be new, empty or an earlier weighted merge; a merged model's folder (or any other
     non-empty folder) is refused before a teacher is loaded, and left as it was."""
@@ -293,6 +313,10 @@ def test_merge_mismatch_compares_the_mix_the_teachers_files_and_completeness(zoo
     assert merge_mismatch(out, [a, b]) is None and merge_mismatch(out, [b, a]) is None
     assert merge_mismatch(out, [a, b], [0.25, 0.75]) == "it merges {a: 0.5, b: 0.5}, not {a: 0.25, b: 0.75}"
     assert merge_mismatch(out, _specs(zoo, ["a", "c"])) == "it merges {a: 0.5, b: 0.5}, not {a: 0.5, c: 0.5}"
+    weighted_merge_teachers([a, b], None, out, merge_text_encoder=False)  # a UNet-only merge is not the Table 3 baseline
+    assert merge_mismatch(out, [a, b]) == "it merges the UNets only (--no-text-encoder)"
+    assert merge_mismatch(out, [a, b], merge_text_encoder=False) is None
+    weighted_merge_teachers([a, b], None, out)
     (tmp_path / "b" / "unet" / "config.json").write_text((tmp_path / "b" / "unet" / "config.json").read_text() + "\n")  # retrained, say
     assert "teacher(s) ['b'] changed since it was built" in merge_mismatch(out, [a, b])
     weighted_merge_teachers([a, b], None, out)

@@ -53,4 +53,6 @@ def score_ensemble_pipeline(specs: Sequence[Any], weights: Sequence[float] | Non
                 )
     ensemble = pipes[0]
     ensemble.unet.forward = _EnsembleForward([p.unet.forward for p in pipes], w)
+    # the other UNets as a submodule of the first: `ensemble.to(device / dtype)` moves them too
+    ensemble.unet.add_module("ensemble_members", torch.nn.ModuleList([p.unet for p in pipes[1:]]))
     return ensemble

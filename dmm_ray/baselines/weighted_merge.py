@@ -114,15 +114,28 @@ def weighted_merge_modules(modules: Sequence[nn.Module], weights: Sequence[float
 
 
 def weighted_merge_pipelines(pipes: Sequence[Any], weights: Sequence[float] | None, names: Sequence[str], merge_text_encoder: bool = True):
-    """StableDiffusionPipeline whose UNet (and text encoder) is the weighted sum of `pipes`'."""
-    from diffusers import StableDiffusionPipeline
+    """StableDiffusion(XL)Pipeline whose UNet (and text encoder(s)) is the weighted sum of `pipes`'."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    unet = weighted_merge_modules([p.unet for p in pipes], weights, names)
-    text_encoder = weighted_merge_modules([p.text_encoder for p in pipes], weights, names) if merge_text_encoder else pipes[0].text_encoder
+    def merged(part: str):
+        modules = [getattr(p, part) for p in pipes]
+        return weighted_merge_modules(modules, weights, names) if merge_text_encoder else modules[0]
+
     first = pipes[0]
+    unet = weighted_merge_modules([p.unet for p in pipes], weights, names)
+    if getattr(first, "text_encoder_2", None) is not None:  # SDXL: both text encoders, both tokenizers
+        return StableDiffusionXLPipeline(
+            vae=first.vae,
+            text_encoder=merged("text_encoder"),
+            text_encoder_2=merged("text_encoder_2"),
+            tokenizer=first.tokenizer,
+            tokenizer_2=first.tokenizer_2,
+            unet=unet,
+            scheduler=first.scheduler,
+        )
     return StableDiffusionPipeline(
         vae=first.vae,
-        text_encoder=text_encoder,
+        text_encoder=merged("text_encoder"),
         tokenizer=first.tokenizer,
         unet=unet,
         scheduler=first.scheduler,
@@ -159,7 +172,7 @@ def _mix(names: Sequence[str], weights: Sequence[float]) -> str:
     return "{" + ", ".join(f"{n}: {w:.6g}" for n, w in zip(names, weights)) + "}"
 
 
-def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[float] | None = None) -> str | None:
+def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[float] | None = None, merge_text_encoder: bool = True) -> str | None:
     """Why `folder` is not a complete weighted merge of the TeacherSpecs `specs` at `weights` (None:
     equal), as a phrase for an error message; None when it is one. Compared: its RECORD's teachers
     and weights (as a mix, in any order), the teachers' checksums (their files changed since), and
@@ -179,6 +192,8 @@ def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[f
         return f"its {RECORD} does not list teachers and weights"
     if set(held) != set(want) or any(abs(held[n] - want[n]) > WEIGHT_TOLERANCE for n in want):
         return f"it merges {_mix(list(held), list(held.values()))}, not {_mix(names, list(want.values()))}"
+    if record.get("merge_text_encoder", True) != merge_text_encoder:  # (records from before the flag: text encoders merged)
+        return "it merges the UNets only (--no-text-encoder)" if merge_text_encoder else "it merges the text encoders too"
     sums = record.get("checksums")
     if isinstance(sums, list) and len(sums) == len(held_names):
         recorded = dict(zip(held_names, sums))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -67,8 +68,8 @@ class StatsCache:
         try:
             with np.load(npz) as d:
                 return CachedStats(stats=FeatureStats.from_npz_dict(d), previews=np.array(d["previews"]))
-        except (OSError, KeyError, ValueError):
-            return None  # a torn or foreign file: treat as a miss and regenerate
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            return None  # a torn or foreign file (empty: EOFError; cut short: BadZipFile): treat as a miss and regenerate
 
     def save(self, key: str, material: dict, stats: FeatureStats, previews: np.ndarray) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,8 @@ class EvalConfig(BaseModel):
 
     def check_seed_sets(self, num_prompts: int) -> None:
         n = num_prompts * self.images_per_prompt
+        if n < 2:  # a covariance needs two feature vectors: fid.py refused it only after every set was sampled
+            raise ValueError(f"{num_prompts} prompt(s) x images_per_prompt={self.images_per_prompt} is {n} image per set; FID needs at least 2")
         lo, hi = sorted([self.seed_a, self.seed_b])
         if hi < lo + n:
             raise ValueError(
@@ -242,7 +244,7 @@ def _read_prompt_file(path: Path) -> list[str]:
     import json
 
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Windows editors) is no part of the text
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
             captions = [a.get("caption", "") for a in data["annotations"]]
         elif isinstance(data, list):
@@ -251,7 +253,7 @@ def _read_prompt_file(path: Path) -> list[str]:
             raise ValueError(f"prompts_file '{path}': expected COCO captions ('annotations' list) or a JSON list of prompts")
         # COCO has ~5 captions per image: keep the first occurrence of each, in file order.
         return list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 # Short keys a merge config's `evaluation:` section may use (jobs/configs/*.yaml), -> EvalConfig fields.

@@ -19,8 +19,9 @@ def _torch_dtype(dtype: str):
 
 
 def _dtype_suffix(dtype: str) -> str:
-    # Part of the cache key: half-precision images differ slightly from float32 ones.
-    return "" if dtype == "float32" else f":{dtype}"
+    # Part of the cache key: half-precision images differ slightly from float32 ones; and the sampler
+    # (`_paper_sampler`): statistics cached before it, of a teacher's own PNDM or Euler, are not reused.
+    return ":dpmsolver++" + ("" if dtype == "float32" else f":{dtype}")
 
 
 def _load_student_pipeline(path: str, dtype: str = "float32"):
@@ -30,17 +31,27 @@ def _load_student_pipeline(path: str, dtype: str = "float32"):
     return load_dmm_pipeline(path, **kwargs)  # DMMPipeline or DMMXLPipeline
 
 
+def _paper_sampler(pipe):
+    """`pipe` sampling with the paper's DPM-Solver++ (on its own noise schedule), as the merged model
+    does: a stock SD1.5 folder ships PNDM and SDXL Euler, so the student and its teachers (and the
+    baselines) would otherwise be compared through different samplers (`SamplerConfig`: shared)."""
+    from dmm_ray.pipeline import DMMPipeline
+
+    pipe.scheduler = DMMPipeline.paper_scheduler(pipe.scheduler)
+    return pipe
+
+
 def _load_teacher_pipeline(spec, dtype: str = "float32"):
     from dmm_ray.teachers import load_teacher_pipeline
 
-    return load_teacher_pipeline(spec, torch_dtype=_torch_dtype(dtype))
+    return _paper_sampler(load_teacher_pipeline(spec, torch_dtype=_torch_dtype(dtype)))
 
 
 def _load_plain_pipeline(path: str, dtype: str = "float32"):
     from dmm_ray.architectures import load_plain_pipeline
 
     kwargs = {"torch_dtype": _torch_dtype(dtype)} if dtype != "float32" else {}
-    return load_plain_pipeline(path, **kwargs)
+    return _paper_sampler(load_plain_pipeline(path, **kwargs))
 
 
 def student_source(path: str | Path, dtype: str = "float32") -> StudentSource:
@@ -63,7 +74,7 @@ def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelS
 def _load_score_ensemble(specs, dtype: str = "float32"):
     from dmm_ray.baselines.score_ensemble import score_ensemble_pipeline
 
-    return score_ensemble_pipeline(specs, torch_dtype=_torch_dtype(dtype))
+    return _paper_sampler(score_ensemble_pipeline(specs, torch_dtype=_torch_dtype(dtype)))
 
 
 def score_ensemble_source(specs: Sequence[Any], dtype: str = "float32") -> ModelSource:

@@ -52,7 +52,8 @@ def teacher_entries(manifest: dict, root: str | os.PathLike) -> list[dict]:
     out = []
     for i, t in enumerate(manifest["teachers"]):  # a list of mappings: read_manifest checked it
         fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}
-        if not fields.get("base") and manifest.get("base") and fields.get("format") in ("lora", "single_file"):
+        file = fields.get("format") in ("lora", "single_file", "ckpt") or (not fields.get("format") and Path(str(fields.get("source", ""))).suffix)
+        if not fields.get("base") and manifest.get("base") and file:  # (no format: a file, not a folder, is one of those)
             fields["base"] = manifest["base"]
         try:
             spec = TeacherSpec(**fields)
