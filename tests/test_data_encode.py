@@ -347,10 +347,42 @@ def test_decode_stage_reports_reasons_per_row(tmp_path):
     make_folder(tmp_path, n=2)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     paths = [str(tmp_path / "images" / "000.png"), str(tmp_path / "nope.png"), str(tmp_path / "broken.png")]
-    out = decode_images({"path": np.array(paths, dtype=object), "source_id": np.array(["a", "b", "c"], dtype=object)}, 16, pafs.LocalFileSystem())
-    assert list(out["status"]) == ["ok", "missing_file", "unreadable_image"]
-    assert out["pixels"].shape == (3, 16, 16, 3) and out["pixels"][0].any() and not out["pixels"][1:].any()
-    assert "path" not in out and list(out["source_id"]) == ["a", "b", "c"]
+    paths += [f"file://{tmp_path / 'images' / '000.png'}", str(tmp_path / "a\x00b.png")]  # pyarrow refuses these paths (a ValueError)
+    ids = np.array(["a", "b", "c", "d", "e"], dtype=object)
+    out = decode_images({"path": np.array(paths, dtype=object), "source_id": ids}, 16, pafs.LocalFileSystem())
+    assert list(out["status"]) == ["ok", "missing_file", "unreadable_image", "read_error", "read_error"]  # counted, not the job's end
+    assert out["pixels"].shape == (5, 16, 16, 3) and out["pixels"][0].any() and not out["pixels"][1:].any()
+    assert "path" not in out and list(out["source_id"]) == list(ids)
+
+
+def test_a_resume_from_another_source_with_the_same_ids_is_refused(tmp_path, tiny_base):
+    """Another folder with the same file names (000.png ...) but other images and captions gave the
+    same fingerprint: its encode resumed into the first one's shards, mixing the two."""
+    from dmm_ray.data.config import DataConfig
+    from dmm_ray.data.encode import plan_encode
+
+    shards = tmp_path / "shards"
+    for name, n in (("a", 3), ("b", 3)):
+        make_folder(tmp_path / name, n=n, manifest="csv")
+    (tmp_path / "b" / "manifest.csv").write_text((tmp_path / "b" / "manifest.csv").read_text().replace("a ", "another "))
+
+    def cfg(name):
+        return DataConfig.model_validate(
+            {
+                "base": str(tiny_base),
+                "shards": str(shards),
+                "source": {"kind": "folder", "root": str(tmp_path / name)},
+                "encode": {"resolution": 16, "shard_size": 1},
+            }
+        )
+
+    plan = plan_encode(cfg("a"))
+    fs = pafs.LocalFileSystem()
+    sh.write_shard(fs, str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))  # one shard of a finished
+    sh.write_meta(fs, str(shards), plan.meta)
+    with pytest.raises(ValueError, match="records_sha256: shards have"):
+        plan_encode(cfg("b"))
+    assert plan_encode(cfg("a")).meta == plan.meta  # the same source resumes
 
 
 def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base):

@@ -122,3 +122,40 @@ def test_preprocess_resizes_short_side_and_centre_crops():
     assert out[:, 2:-2].min() > 200  # only the white centre survives the crop
     with pytest.raises(Exception):
         preprocess_image(b"\x89PNG\r\n\x1a\n truncated", 16)
+
+
+@pytest.mark.parametrize("manifest", ["jsonl", "csv"])
+def test_a_line_that_is_not_utf8_is_skipped_and_a_bom_is_no_part_of_the_first_key(tmp_path, manifest):
+    """One latin-1 line stopped the whole read (UnicodeDecodeError); Excel's "CSV UTF-8" BOM made the
+    first column `\\ufefffile` (every row skipped as no_image_field)."""
+    make_folder(tmp_path, n=3, manifest=manifest)
+    path = tmp_path / f"manifest.{manifest}"
+    lines = path.read_bytes().splitlines(keepends=True)
+    bad = '{"id": "x", "file": "000.png", "caption": "caf\xe9"}\n' if manifest == "jsonl" else "x,000.png,caf\xe9\n"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(lines) + bad.encode("latin-1"))
+    idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path)))
+    assert list(idx.records["source_id"]) == [f"img-{i}" for i in range(3)] and idx.skipped == {"bad_annotation": 1}
+
+
+def test_preprocess_rescales_16_bit_and_float_greyscale_and_crops_a_strip_without_a_huge_intermediate():
+    """PIL's convert("RGB") clipped a 16-bit ramp to white and a 0..1 float image to black; a 1 x 2000
+    strip was resized to 512 x 1,024,000 (GBs) before the crop."""
+    ramp = np.linspace(0, 1, 64)[None, :].repeat(16, 0)  # (16, 64), 0..1 left to right
+    want = preprocess_image(_png(Image.fromarray((ramp * 255).round().astype(np.uint8))), 16)
+    for im in (Image.fromarray((ramp * 65535).round().astype(np.uint16)), Image.fromarray(ramp.astype(np.float32), "F")):
+        buf = io.BytesIO()
+        im.save(buf, format="TIFF" if im.mode == "F" else "PNG")
+        got = preprocess_image(buf.getvalue(), 16)
+        assert np.abs(got.astype(int) - want).max() <= 1, im.mode
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    strip = preprocess_image(_png(Image.fromarray(np.linspace(0, 255, 2000).astype(np.uint8)[None, :])), 512)
+    assert strip.shape == (512, 512, 3) and 120 < strip.mean() < 135  # the middle of the ramp
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: far below the 1.5 GB it took
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

@@ -167,8 +167,9 @@ def test_every_teachers_architecture_problem_at_once_and_formats_read_from_any_s
     diffusers' own error; NOISE.SAFETENSORS could not tell its format."""
     import shutil
 
-    from dmm_ray.formats.single_file import to_ldm_state_dict
     from safetensors.torch import save_file
+
+    from dmm_ray.formats.single_file import to_ldm_state_dict
 
     StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
     specs = [TeacherSpec(name=n, source=str(tmp_path / "odd")) for n in ("odd_a", "odd_b")]
@@ -178,7 +179,9 @@ def test_every_teachers_architecture_problem_at_once_and_formats_read_from_any_s
     spec = TeacherSpec(name="upper", source=str(upper), base=str(tiny_base_dir))
     assert spec.resolved_format() == "single_file"
     pipe = teacher_files["single_pipe"]
-    unet_only = {k: v.contiguous() for k, v in to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder).items() if not k.startswith("cond_stage_model.")}
+    unet_only = {
+        k: v.contiguous() for k, v in to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder).items() if not k.startswith("cond_stage_model.")
+    }
     save_file(unet_only, str(tmp_path / "no_te.safetensors"))
     with pytest.raises(TeacherError, match=r"teacher 'no_te': could not load .* as single_file"):
         load_teacher(TeacherSpec(name="no_te", source=str(tmp_path / "no_te.safetensors"), base=str(tiny_base_dir)))

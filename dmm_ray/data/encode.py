@@ -72,7 +72,7 @@ def decode_images(batch: dict, resolution: int, filesystem: pafs.FileSystem, io_
             data = fsu.read_bytes(filesystem, path)
         except FileNotFoundError:
             return MISSING_FILE, None
-        except OSError:
+        except (OSError, ValueError):  # ValueError: pyarrow refuses the path itself (a URI, a NUL byte)
             return READ_ERROR, None
         try:
             return OK, preprocess_image(data, resolution)
@@ -150,10 +150,13 @@ class VAEEncoder:
 
 def _fingerprint(cfg: DataConfig, records: pd.DataFrame) -> dict:
     ids = hashlib.sha256("\n".join(records["source_id"]).encode("utf-8")).hexdigest()
+    # the records themselves: another folder can give the same ids (000.png ...) with other images and captions
+    content = hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in zip(records["path"], records["caption"])).encode("utf-8", "surrogateescape"))
     e = cfg.encode
     return {
         "records": len(records),
         "source_ids_sha256": ids,
+        "records_sha256": content.hexdigest(),
         "shard_size": e.shard_size,
         "resolution": e.resolution,
         "latent_sampling": e.latent_sampling,
@@ -168,7 +171,7 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
         if sh.shard_indices(fs, root):
             raise ValueError(f"{shards_uri!r} holds shards but no {sh.META_NAME}; use an empty folder for data.shards")
         return
-    diffs = [k for k in meta if old.get(k) != meta[k]]
+    diffs = [k for k in meta if k in old and old[k] != meta[k]]  # a key an older version did not record: not compared
     if diffs and not any(sh.is_shard_complete(fs, root, i) for i in sh.shard_indices(fs, root)):
         return  # nothing finished under the old settings: start over with the new ones
     if diffs:

@@ -21,15 +21,31 @@ def preprocess_image(data: bytes, resolution: int) -> np.ndarray:
     """
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # force full decode here: truncated files fail now, not later
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = _to_rgb(ImageOps.exif_transpose(im))
     w, h = im.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    if new_w * new_h > 16 * resolution * resolution:  # a strip (1 x 2000 at 512: a 512 x 1,024,000 intermediate, GBs):
+        sx, sy = w / new_w, h / new_h  # resize only the crop's source region, the same geometry (to a level or so)
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        return np.asarray(im.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
     if (new_w, new_h) != (w, h):
         im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
     return np.asarray(im, dtype=np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit and float greyscale (PNG `I;16`, `I`, TIFF `F`) are rescaled first: PIL's own
+    conversion clips them at 255 (a 16-bit ramp came out almost all white, a 0..1 float image black)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255) else 255.0
+        if im.mode == "F" and a.max() <= 1.0:
+            top = 1.0
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:

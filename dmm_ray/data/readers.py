@@ -86,15 +86,29 @@ def _manifest_path(fs: pafs.FileSystem, root: str, source: SourceConfig) -> str:
     raise FileNotFoundError(f"no manifest in {source.root!r}: expected one of {', '.join(MANIFEST_NAMES)} (or set source.manifest)")
 
 
+def _text(raw, newline: str | None = None) -> io.TextIOWrapper:
+    """A text file that reads past a byte that is not UTF-8 (it becomes a lone surrogate, found by
+    `_valid`: that line or row is skipped, not the job) and drops a BOM (Excel's "CSV UTF-8")."""
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def _valid(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _iter_jsonl(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
-    """Yield parsed records; a malformed line yields None (counted as bad_annotation, not fatal)."""
+    """Yield parsed records; a malformed line (or one that is not UTF-8) yields None (counted as bad_annotation, not fatal)."""
     with fs.open_input_stream(path) as raw:
-        for line in io.TextIOWrapper(raw, encoding="utf-8"):
+        for line in _text(raw):
             line = line.strip()
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                yield json.loads(line) if _valid(line) else None
             except json.JSONDecodeError:
                 yield None
 
@@ -104,7 +118,8 @@ def _iter_manifest(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
         yield from _iter_jsonl(fs, path)
     elif path.endswith(".csv"):
         with fs.open_input_stream(path) as raw:
-            yield from csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+            for row in csv.DictReader(_text(raw, newline="")):
+                yield row if all(_valid(str(v)) for v in row.values() if v is not None) else None
     elif path.endswith(".parquet"):
         yield from pq.read_table(path, filesystem=fs).to_pylist()
     else:
