@@ -33,7 +33,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -423,19 +423,29 @@ def _write_configs(pipe, folder: Path) -> None:
             component.save_pretrained(sub)
 
 
-def export_command(model: str, style=None, style_weights: Mapping[str, float] | None = None, out: str | None = None, fmt: str = "single_file") -> str:
-    """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it)."""
+def export_command(
+    model: str,
+    style=None,
+    style_weights: Mapping[str, float] | None = None,
+    out: str | None = None,
+    fmt: str = "single_file",
+    names: Sequence[str] | None = None,
+) -> str:
+    """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it).
+    `names`: the model's style names, for a mixture of names that hold ',' or '=' (given by index)."""
     import shlex
 
     if (style is None) == (style_weights is None):
         raise StyleError("give exactly one of style= or style_weights=")
     if style is not None:
-        selection, stem = ["--style", str(style)], str(style)
+        option, value, stem = "--style", str(style), str(style)
     else:
         weights = {k: float(v) for k, v in style_weights.items() if float(v) > 0}
-        selection = ["--weights", ",".join(f"{k}={_num(v)}" for k, v in weights.items())]
-        stem = "-".join(weights)
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem) or "style"
+        by_index = names is not None and any("," in k or "=" in k for k in weights)  # the pairs cannot hold such names
+        option, stem = "--weights", "-".join(weights)
+        value = ",".join(f"{list(names).index(k) if by_index else k}={_num(v)}" for k, v in weights.items())
+    selection = [f"{option}={value}"] if value.startswith("-") else [option, value]  # `-dark` is not read as an option
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem).lstrip("-") or "style"
     out = out or (f"{stem}.safetensors" if fmt == "single_file" else stem)
     args = ["python", "jobs/export.py", "--model", model, *selection, "--out", out, "--format", fmt]
     return " ".join(shlex.quote(a) for a in args)

@@ -112,6 +112,19 @@ class ServeConfig(BaseModel):
             raise ValueError(f"default_size={v} must be a multiple of 8")
         return v
 
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ServeConfig":
+        """A default above its limit would make every request that leaves the field out a 422."""
+        lim = self.limits
+        if self.default_steps is not None and self.default_steps > lim.max_steps:
+            raise ValueError(f"default_steps={self.default_steps} is above limits.max_steps={lim.max_steps}; raise the limit or lower the default")
+        if self.default_size is not None and self.default_size > min(lim.max_width, lim.max_height):
+            raise ValueError(
+                f"default_size={self.default_size} is above limits.max_width/max_height ({lim.max_width}/{lim.max_height}); "
+                "raise the limits or lower the default"
+            )
+        return self
+
     @field_validator("lora_adapters")
     @classmethod
     def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:

@@ -73,14 +73,18 @@ def read_style_descriptions(path: Path, style_names: Sequence[str]) -> list[str]
     file = path / "styles.json"
     if not file.is_file():
         return [""] * len(style_names)
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as error:  # optional: the model still serves, without descriptions
+        logger.warning("%s is not readable JSON (%s); the styles are served without descriptions", file, error)
+        return [""] * len(style_names)
     if isinstance(data, dict) and "styles" in data:
         data = data["styles"]
     if isinstance(data, list):
-        data = {str(d.get("name")): str(d.get("description", "")) for d in data if isinstance(d, dict)}
+        data = {str(d.get("name")): d.get("description") for d in data if isinstance(d, dict)}
     if not isinstance(data, dict):
         return [""] * len(style_names)
-    return [str(data.get(name, "")) for name in style_names]
+    return [str(data.get(name) or "") for name in style_names]  # a null description is none, not "None"
 
 
 def pick_device(device: str) -> str:
@@ -135,6 +139,9 @@ class StyleModelBackend:
         self.descriptions = read_style_descriptions(path, self.style_names)
         # the model's own sampler: TCDScheduler (or LCMScheduler), 4 steps, CFG off for a few-step model (dmm_ray/fast)
         self.sampler = dict(self.pipe.sampler_defaults) if hasattr(self.pipe, "sampler_defaults") else {}
+        grid = getattr(self.pipe.scheduler.config, "original_inference_steps", None)  # TCD / LCM: it samples no more steps
+        if grid is not None and "scheduler" in self.sampler:
+            self.sampler["max_steps"] = int(grid)
         self._active_lora: tuple = ()
         self.lora_switches = 0
         self.lora_names = self._load_lora(lora_adapters or {})

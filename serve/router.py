@@ -78,6 +78,9 @@ def _json_error(status: int, message: str, headers: Optional[dict] = None) -> li
     return [{"type": "http.response.start", "status": status, "headers": head}, {"type": "http.response.body", "body": body}]
 
 
+JSON_ROUTES = ("/generate", "/export_command")  # the POST routes that read a JSON body
+
+
 class GuardMiddleware:
     """Runs before FastAPI reads a body: on every POST, the API key (401/403) first, then the body size
     (413 above `max_body_bytes`, from Content-Length or counted while reading, never buffered past it)."""
@@ -95,7 +98,8 @@ class GuardMiddleware:
 
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if content_type != "application/json" and not content_type.endswith("+json"):
+        json_route = scope["method"] == "POST" and scope["path"].rstrip("/").endswith(JSON_ROUTES)  # elsewhere: the router's 404 / 405
+        if json_route and content_type != "application/json" and not content_type.endswith("+json"):
             # curl -d without -H sends a form, requests.post(data=...) no type (which FastAPI does not read as
             # JSON): say so, rather than "the body must be a JSON object"
             return await reply(
@@ -249,15 +253,15 @@ def _validation_message(exc: RequestValidationError, model: type = GenerateReque
 def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
     """`cfg` with default_steps / default_guidance filled from the model when the config leaves them
     unset: a few-step (LCM) model's 4 steps with CFG off, the paper's 25 / 7 otherwise."""
-    if cfg.default_steps is not None and cfg.default_guidance is not None:
-        return cfg
     sampler = info.sampler or {}
-    return cfg.model_copy(
-        update={
-            "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
-            "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
-        }
-    )
+    update = {
+        "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
+        "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
+    }
+    most = sampler.get("max_steps")  # a few-step model samples at most its training grid's steps (its scheduler refuses more)
+    if most is not None and most < cfg.limits.max_steps:
+        update["limits"] = cfg.limits.model_copy(update={"max_steps": int(most)})
+    return cfg.model_copy(update=update)
 
 
 def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
@@ -354,7 +358,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             default_negative_prompt=(info.sampler or {}).get("negative_prompt", PAPER_NEGATIVE_PROMPT),
             default_width=info.native_size[0],
             default_height=info.native_size[1],
-            limits=cfg.limits.model_dump() | {"api_key_required": cfg.api_key is not None},
+            limits=effective.limits.model_dump() | {"api_key_required": cfg.api_key is not None},
             lora=info.lora_names,
         )
 
@@ -371,7 +375,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         if len(chosen) == 1:
             command = build_command(cfg.model_location(), style=next(iter(chosen)), fmt=req.format)
         else:
-            command = build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format)
+            command = build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format, names=names)
         return {"command": command, "mixture": {n: round(w, 6) for n, w in chosen.items()}}
 
     @api.post(

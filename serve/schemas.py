@@ -296,7 +296,12 @@ def resolve_request(
         if value % 8:
             raise RequestError(422, f"{name}={value} is not a multiple of 8 (try {max(8, value // 8 * 8)})")
         if value > top:
-            raise RequestError(422, f"{name}={value} is above the maximum {top}")
+            given = getattr(req, name) is not None  # else the model's native size: the server's limits are too low for it
+            raise RequestError(
+                422,
+                f"{name}={value} is above the maximum {top}"
+                + ("" if given else f" (the model's native {name}, as the request gives none: send a smaller {name}, or raise limits.max_{name})"),
+            )
     total = len(prompts) * req.num_images
     if total > lim.max_images:
         raise RequestError(

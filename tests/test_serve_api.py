@@ -392,3 +392,66 @@ def test_text_a_tokenizer_cannot_read_and_digit_styles_int_refuses_are_422s_nami
             assert r.status_code == 422 and "known styles" in r.json()["error"], (body, r.text)
     assert gen(client, style="1").status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_few_step_models_steps_stop_at_its_training_grid(tmp_path):
+    """A TCD / LCM model samples at most its grid's steps (original_inference_steps): steps=11 on the
+    toy preset's 10 was diffusers' ValueError, a 500; now a 422, and /styles says the limit."""
+    import shutil
+    from types import SimpleNamespace
+
+    from dmm_ray.fast.sampler import few_step_scheduler
+
+    src, dst = tiny_model_dir(), tmp_path / "fast"
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "scheduler")  # what jobs/fast.py saves with jobs/configs/toy_fast.yaml (tcd, 10 DDIM timesteps)
+    few_step_scheduler(src, SimpleNamespace(sampler="tcd", timestep_scaling=10.0, num_ddim_timesteps=10)).save_pretrained(dst / "scheduler")
+    index = json.loads((dst / "model_index.json").read_text())
+    (dst / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "TCDScheduler"]}))
+    (dst / "sampler.json").write_text(json.dumps({"scheduler": "TCDScheduler", "num_inference_steps": 4, "guidance_scale": 1.0}))
+    with TestClient(create_api(LocalService(StyleModelBackend(str(dst), device="cpu")), ServeConfig(model=str(dst)))) as c:
+        assert c.get("/styles").json()["limits"]["max_steps"] == 10
+        body = {"prompt": "a red circle", "width": TINY_SIZE, "height": TINY_SIZE, "seed": 1}
+        assert c.post("/generate", json=body | {"steps": 10}).status_code == 200
+        r = c.post("/generate", json=body | {"steps": 11})
+        assert r.status_code == 422 and r.json()["error"] == "steps=11 is above the maximum 10"
+
+
+def test_serve_config_defaults_within_limits_methods_and_styles_json(tmp_path, backend):
+    """A default above its limit made every request that left the field out a 422; DELETE /generate
+    was a 415 (the Content-Type check ran for every method); a truncated styles.json stopped the load
+    and a null description showed as "None"."""
+    import shutil
+
+    from pydantic import ValidationError
+
+    from serve.model import read_style_descriptions
+
+    for bad in (dict(default_steps=60), dict(default_size=1024)):
+        with pytest.raises(ValidationError, match="is above limits.max_"):
+            ServeConfig(**bad)
+    with make_client(backend) as c:
+        assert c.delete("/generate").status_code == 405 and c.put("/styles").status_code == 405
+        assert c.post("/nope", content=b"a=1").status_code == 404
+    folder = shutil.copytree(tiny_model_dir(), tmp_path / "m")
+    (folder / "styles.json").write_text('[{"name": "neon", "description": null}]')
+    assert read_style_descriptions(folder, STYLE_NAMES) == ["", "", ""]
+    (folder / "styles.json").write_text('[{"name": "neon", "descr')
+    assert read_style_descriptions(folder, STYLE_NAMES) == ["", "", ""]
+
+
+def test_export_commands_run_for_any_style_name():
+    """A style named `-dark` became `--style -dark` (argparse: expected one argument); names holding ','
+    or '=' broke the --weights pairs. Every command the playground shows parses back to its selection."""
+    import shlex
+
+    from dmm_ray.export import export_command
+    from dmm_ray.styles import parse_weights
+    from jobs import export as job
+
+    args = job.build_parser().parse_args(shlex.split(export_command("m", style="-dark"))[2:])
+    assert args.style == "-dark" and args.out == "dark.safetensors"
+    names = ["ink", "oil, impasto", "neon=glow"]
+    cmd = export_command("m", style_weights={"oil, impasto": 0.25, "neon=glow": 0.75}, names=names)
+    assert parse_weights(job.build_parser().parse_args(shlex.split(cmd)[2:]).weights) == {"1": 0.25, "2": 0.75}  # indices
+    assert "--style neon " in export_command("m", style="neon")  # ordinary names read as before
