@@ -340,6 +340,24 @@ def test_dry_run_layout_says_who_hosts_what(tmp_path):
     assert "worker(s) [0, 3]: t0, t1; 2 LoRA(s) as adapters on one shared base" in text and "worker(s) [2, 5]: t4\n" not in text
 
 
+def test_dry_run_layout_reads_a_teachers_format_from_its_file(tmp_path):
+    """Without `format:` (it is optional) two LoRA files were described as full teachers offloaded to CPU RAM."""
+    import torch
+    from merge_fixtures import tiny_merge_config
+    from safetensors.torch import save_file
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import describe_layout
+
+    for n in ("a", "b"):
+        save_file({"unet.down.lora_A.weight": torch.zeros(1)}, str(tmp_path / f"{n}.safetensors"))
+    teachers = [{"name": n, "source": str(tmp_path / f"{n}.safetensors"), "base": str(tmp_path)} for n in ("a", "b")]
+    world = {"base": str(tmp_path), "teachers": teachers, "shards": str(tmp_path / "s")}
+    scaling = {"teachers_per_worker": 2, "teacher_offload": True}
+    text = describe_layout(MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling=scaling)))
+    assert "worker(s) [0]: a, b; 2 LoRA(s) as adapters on one shared base" in text and "offloaded" not in text
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluster, packed_world, tiny_base_dir, tmp_path):
