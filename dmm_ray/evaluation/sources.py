@@ -18,9 +18,9 @@ def _torch_dtype(dtype: str):
     return None if dtype == "float32" else getattr(torch, dtype)
 
 
-def _dtype_suffix(dtype: str) -> str:
-    # Part of the cache key: half-precision images differ slightly from float32 ones; and the sampler
-    # (`_paper_sampler`): statistics cached before it, of a teacher's own PNDM or Euler, are not reused.
+def _cache_suffix(dtype: str) -> str:
+    # The end of a cacheable source's key: the sampler (`_paper_sampler`: statistics cached before it, of
+    # a teacher's own PNDM or Euler, are not reused) and the dtype (half-precision images differ slightly).
     return ":dpmsolver++" + ("" if dtype == "float32" else f":{dtype}")
 
 
@@ -66,7 +66,7 @@ def teacher_sources(specs: Sequence[Any], dtype: str = "float32") -> list[ModelS
     from dmm_ray.teachers import teacher_checksum
 
     return [
-        ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s, dtype), checksum=teacher_checksum(s) + _dtype_suffix(dtype))
+        ModelSource(name=s.name, pipeline_factory=partial(_load_teacher_pipeline, s, dtype), checksum=teacher_checksum(s) + _cache_suffix(dtype))
         for s in specs
     ]
 
@@ -81,7 +81,7 @@ def score_ensemble_source(specs: Sequence[Any], dtype: str = "float32") -> Model
     """The teachers' equal-weight score ensemble (`dmm_ray.baselines.score_ensemble`), cacheable on their checksums."""
     from dmm_ray.teachers import teacher_checksum
 
-    checksum = "score-ensemble:" + "+".join(teacher_checksum(s) for s in specs) + _dtype_suffix(dtype)
+    checksum = "score-ensemble:" + "+".join(teacher_checksum(s) for s in specs) + _cache_suffix(dtype)
     return ModelSource(name="score ensemble", pipeline_factory=partial(_load_score_ensemble, list(specs), dtype), checksum=checksum)
 
 
@@ -90,7 +90,7 @@ def pipeline_folder_source(name: str, path: str | Path, cacheable: bool = False,
     from dmm_ray.evaluation.extractors import dir_digest
 
     path = str(Path(path).resolve())
-    checksum = dir_digest(Path(path)) + _dtype_suffix(dtype) if cacheable else None
+    checksum = dir_digest(Path(path)) + _cache_suffix(dtype) if cacheable else None
     return ModelSource(name=name, pipeline_factory=partial(_load_plain_pipeline, path, dtype), checksum=checksum)
 
 
