@@ -12,7 +12,7 @@ phase: an open loop at 10x the throughput the first phase sustained. Checks / re
   * p50/p99 latency of valid requests; the router replica's RSS before and after.
 
     python benchmarks/serve_load_fault.py                 # tiny model built in code, one replica
-    python benchmarks/serve_load_fault.py --model outputs/toy/merged --requests 1000 --replicas 2
+    python benchmarks/serve_load_fault.py --model $DMM_HOME/outputs/dmm-toy/merged --requests 1000 --replicas 2
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Reports throughput, p50/p99 latency, the cost of a style switch (embedding chang
 load) and memory per replica, and the ratios merged / multiplexed.
 
     python benchmarks/serve_styles.py                          # 8 tiny styles built in code
-    python benchmarks/serve_styles.py --zoo .zoo --merged outputs/toy/merged
+    python benchmarks/serve_styles.py --zoo $DMM_HOME/zoo/full --merged $DMM_HOME/outputs/dmm-toy/merged
     python benchmarks/serve_styles.py --requests 320 --steps 4 --out outputs/bench/serve_styles.json
     python benchmarks/serve_styles.py --lora-fractions 0,0.25,0.5   # the cost of per-request LoRA adapters
 
@@ -306,7 +306,7 @@ def lora_cost(args, merged: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
-    p.add_argument("--merged", type=Path, help="merged model folder (with --zoo; default outputs/toy/merged)")
+    p.add_argument("--merged", type=Path, help="merged model folder (with --zoo; default: the demo's, $DMM_HOME/outputs/dmm-toy/merged)")
     p.add_argument("--num-styles", type=int, default=8, help="styles when building the tiny world")
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--concurrency", type=int, default=16)
@@ -326,6 +326,14 @@ def main(argv=None) -> int:
         "--lora-repeats", type=int, default=1, help="with --lora-fractions: run the fractions this many times, interleaved, and report medians"
     )
     args = p.parse_args(argv)
+    if args.merged and not args.zoo:  # it was ignored: the tiny world built in code was measured instead
+        p.error("--merged needs --zoo (the teachers it was merged from, for the multiplexed deployment); without both, tiny models are built in code")
+    if args.zoo:
+        from dmm_ray.paths import outputs_dir
+
+        args.merged = args.merged or outputs_dir("dmm-toy") / "merged"
+        if not (args.merged / "model_index.json").is_file():
+            p.error(f"--merged {args.merged} is not a merged model folder (no model_index.json); run `make demo` or give --merged")
 
     import httpx
     import ray
@@ -337,8 +345,7 @@ def main(argv=None) -> int:
     from serve_helpers import free_port
 
     if args.zoo:
-        teachers = zoo_teachers(args.zoo)
-        merged = args.merged or REPO / "outputs/toy/merged"
+        teachers, merged = zoo_teachers(args.zoo), args.merged
     else:
         root = Path(tempfile.gettempdir()) / f"dmm-bench-tiny-{args.num_styles}"
         merged, teachers = build_tiny_world(root, args.num_styles)

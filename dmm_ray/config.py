@@ -595,7 +595,7 @@ def _zoo_manifest(value: str, build: bool) -> Path:
         zoo_path = zoo_path / "zoo.yaml"
     if not zoo_path.exists():
         raise ConfigError(
-            f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent}`, "
+            f"zoo: {zoo_path} does not exist; build it with `python jobs/build_zoo.py --out {zoo_path.parent if zoo_path.suffix in ('.yaml', '.yml') else zoo_path}`, "
             f"or name a preset (zoo: full / zoo: micro, built on first use under $DMM_HOME/zoo)"
         )
     return zoo_path

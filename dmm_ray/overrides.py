@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import typing
 from typing import Any
 
@@ -124,12 +125,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or "" in [part.strip() for part in key.split(".")]:
         raise ConfigError(f"--set {text!r}: the key is empty or has an empty part; expected key.path=value, e.g. distill.steps=10")
     try:
-        return key.strip().split("."), load_yaml(value)
+        parsed = load_yaml(value)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"--set {text!r}: the value is not valid YAML ({_yaml_problem(error)}); quote a string that holds "
             f"brackets, braces, ': ' or '#', e.g. --set 'name=\"a: b\"'"
         ) from None
+    if re.search(r"(^|\s)#", value) and "#" not in repr(parsed):  # YAML read ` #...` as a comment and dropped it
+        raise ConfigError(
+            f"--set {text!r}: YAML reads '#' after a space (or at the start) as a comment, so the value would be {parsed!r}; "
+            f"quote it to keep the '#', e.g. --set '{key.strip()}=\"{value.strip()}\"'"
+        )
+    return key.strip().split("."), parsed
 
 
 def _list_index(items: list, part: str, path: list[str], i: int) -> int:
@@ -152,12 +159,14 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         if isinstance(node, list):
             node = node[_list_index(node, part, path, i)]
         else:
-            if part not in node and path[i + 1].isdigit():
+            if node.get(part) is None and path[i + 1].isdigit():
                 raise ConfigError(
                     f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not set, so it has no item {path[i + 1]} to change; "
                     f"set the whole list (e.g. --set '{'.'.join(path[: i + 1])}=[...]') or write it in the config file"
                 )
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # missing, or a section whose keys are all commented out (`sampler:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
     last = path[-1]

@@ -28,11 +28,13 @@ class StepFailed(Exception):
         self.code = code
 
 
-def run(*args: str) -> None:
-    print("+ " + " ".join(args), flush=True)
-    code = subprocess.run([sys.executable, *args], cwd=REPO).returncode
+def run(script: str, *args: str) -> None:
+    """Run REPO/`script` in the caller's folder, so that a relative --zoo / --set path means the same
+    folder to every step and to the summary (it did not: the steps ran in the repository)."""
+    print("+ " + " ".join(["python", script, *args]), flush=True)
+    code = subprocess.run([sys.executable, str(REPO / script), *args]).returncode
     if code:
-        raise StepFailed(args[0], code)
+        raise StepFailed(script, code)
 
 
 @cli_main

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
+    if args.model and args.reference_only:  # the model would be sampled and scored, then its numbers dropped
+        parser.error("--reference-only computes M_ref from the teachers alone: leave --model out (or drop --reference-only to evaluate it)")
     if args.section and not args.config:
         parser.error("--section names a key of --config; give --config too")
     if not args.track and given_options(parser, args, "project"):  # it names the run --track logs to: alone it would be ignored

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "style", "weights", "out", "config_dir", "run_id", "tracking_uri")
-    args.format = args.format or ("single_file" if Path(args.out).suffix == ".safetensors" else "diffusers")
+    args.format = args.format or ("single_file" if Path(args.out).suffix.lower() == ".safetensors" else "diffusers")
     if args.format == "diffusers" and (args.config_dir or "none").lower() != "none":
         parser.error(
             "--config-dir applies to --format single_file only (a diffusers folder carries its own configs); "
@@ -149,7 +149,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     # 1. check inputs, before loading anything: where the export and its configs go and what they
     # would replace, the style selection, the device, the MLflow store
     out, fmt = Path(args.out).expanduser(), args.format
-    if fmt == "single_file" and out.suffix != ".safetensors":
+    if fmt == "single_file" and out.suffix.lower() != ".safetensors":
         print(f"error: --format single_file writes a .safetensors file; --out {out} has no .safetensors suffix", file=sys.stderr)
         return 2
     check_writable_folder(out.parent, "--out's folder")

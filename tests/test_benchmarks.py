@@ -32,6 +32,21 @@ def test_benchmark_help(script, monkeypatch, capsys):
     assert out.startswith("usage:") and script.name in out.splitlines()[0]
 
 
+def test_serve_styles_refuses_a_merged_model_it_would_not_measure(tmp_path, monkeypatch, capsys):
+    """serve_styles.py --merged M without --zoo measured the tiny models built in code (M ignored); with
+    --zoo and no --merged it read REPO/outputs/toy/merged, which nothing writes. Both are usage errors
+    now, before Ray starts; the default is the demo's $DMM_HOME/outputs/dmm-toy/merged."""
+    monkeypatch.setenv("DMM_HOME", str(tmp_path))
+    for argv, message in [
+        (["--merged", str(tmp_path)], "--merged needs --zoo"),
+        (["--zoo", str(tmp_path)], f"--merged {tmp_path}/outputs/dmm-toy/merged is not a merged model folder"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["serve_styles.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(REPO / "benchmarks/serve_styles.py"), run_name="__main__")
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_train_throughput_dry_run_plans_the_sd15_step_on_meta_tensors():
     """The SD1.5 architecture on meta tensors: no weights, no Ray; it must still build the real step."""
     proc = subprocess.run(

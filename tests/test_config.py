@@ -146,8 +146,8 @@ def test_path_rule_in_fast_evaluation_and_encode_configs(tmp_path, monkeypatch):
 
     ev = folder / "e.yaml"
     ev.write_text("prompts_file: prompts.txt\ncache_dir: $DMM_HOME/cache\noutput_dir: results\n")
-    e = load_eval_config(ev, ["output_dir=runs #3"])  # an override's path: against the current folder
-    assert (e.prompts_file, e.cache_dir, e.output_dir) == (str(folder / "prompts.txt"), str(tmp_path / "home" / "cache"), str(tmp_path / "runs"))
+    e = load_eval_config(ev, ['output_dir="runs #3"'])  # an override's path: against the current folder
+    assert (e.prompts_file, e.cache_dir, e.output_dir) == (str(folder / "prompts.txt"), str(tmp_path / "home" / "cache"), str(tmp_path / "runs #3"))
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jobs.encode_latents import build_config, parse_args
@@ -249,6 +249,22 @@ def test_evaluate_job_reads_a_merge_configs_evaluation_section():
     assert cfg.max_prompts == 32 and cfg.images_per_prompt == 4
     assert cfg.sampler.num_inference_steps == 4 and cfg.sampler.guidance_scale == 5.0 and cfg.sampler.negative_prompt == ""
     assert (cfg.seed_a, cfg.seed_b) == (2000000, 3000000)
+
+
+def test_an_override_reaches_into_an_empty_section_and_a_comment_is_not_swallowed(tmp_path):
+    """`--set sampler.x=1` on a file whose `sampler:` has every key commented out (YAML: null) sets the
+    key in that section (it was "sampler is not a section"), in both config loaders; an unquoted
+    ` #` in a value, which YAML drops as a comment (`output_dir=runs #3` became `runs`), is an error."""
+    from dmm_ray.evaluation.config import load_eval_config
+
+    ev = _write(tmp_path, "sampler:\n  # num_inference_steps: 10\n")
+    assert load_eval_config(ev, ["sampler.num_inference_steps=3"]).sampler.num_inference_steps == 3
+    cfg = load_config(_write(tmp_path, BASE + "distill:\n  # steps: 3\n"), ["distill.steps=5"])
+    assert cfg.distill.steps == 5 and cfg.distill.lr == type(cfg.distill)().lr
+    for bad, cut in [("output_dir=runs #3", "'runs'"), ("name=#2", "None"), ("evaluation.prompts=[a, b] #c", r"\['a', 'b'\]")]:
+        with pytest.raises(ConfigError, match=rf"as a comment, so the value would be {cut}; quote it"):
+            load_config(_write(tmp_path, BASE), [bad])
+    assert load_config(_write(tmp_path, BASE), ['name="dmm #2"', "output_dir=runs#3"]).name == "dmm #2"
 
 
 def test_one_override_parser_for_merge_and_evaluation_configs():
@@ -369,3 +385,12 @@ def test_a_stage_worker_reads_one_typed_stage_config(tmp_path):
 def test_a_number_as_name_is_that_name(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["name=2024"])  # YAML reads 2024 as a number
     assert cfg.name == "2024" and cfg.output_dir.endswith("/outputs/2024") and cfg.tracking.registered_model_name == "2024"
+
+
+def test_a_missing_zoo_folder_is_built_where_it_is_named(tmp_path, monkeypatch):
+    """`zoo: ./myzoo` (a folder not built yet) advises `build_zoo.py --out .../myzoo`, the folder itself
+    (it advised its parent, where the zoo would not be found); `zoo: z/zoo.yaml` advises `--out z`."""
+    monkeypatch.chdir(tmp_path)
+    for value, out in [("./myzoo", tmp_path / "myzoo"), ("z/zoo.yaml", tmp_path / "z")]:
+        with pytest.raises(ConfigError, match=rf"build it with `python jobs/build_zoo.py --out {re.escape(str(out))}`"):
+            load_config(_write(tmp_path, BASE), [f"zoo={value}"])

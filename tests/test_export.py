@@ -418,6 +418,11 @@ def test_a_diffusers_export_to_a_checkpoint_file_name_is_a_usage_error(merged_di
     assert run_job(*model, "--out", tmp_path / "y.safetensors") == 2
     assert "y.safetensors is a folder; a single-file export needs a file path" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["y.safetensors"]
+    # the suffix in capitals is still a single file, by default and with --format single_file (both were
+    # refused, with advice that contradicted each other): past every check, up to loading
+    for fmt in ([], ["--format", "single_file"]):
+        with pytest.raises(AssertionError, match="loaded before the input was checked"):
+            run_job(*model, "--out", tmp_path / "Noir.SAFETENSORS", "--config-dir", "none", *fmt)
 
 
 def test_parse_weights_refuses_duplicates_and_empty_entries():

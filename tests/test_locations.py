@@ -415,6 +415,9 @@ def test_an_empty_option_is_refused_not_read_as_the_default(capsys, monkeypatch)
     with pytest.raises(SystemExit):
         evaluate.main(["--reference-only", "--teachers", "zoo.yaml", "--section", "evaluation"])
     assert "--section names a key of --config; give --config too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the model was sampled and scored, then its numbers dropped
+        evaluate.main(["--reference-only", "--model", "m", "--teachers", "zoo.yaml"])
+    assert "--reference-only computes M_ref from the teachers alone: leave --model out" in capsys.readouterr().err
 
 
 def test_build_zoo_refuses_report_samples_without_report(capsys, tmp_path, monkeypatch):

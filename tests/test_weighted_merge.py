@@ -157,6 +157,20 @@ def test_weighted_merge_job_refuses_empty_and_repeated_names(zoo, tmp_path, caps
     assert not (tmp_path / "wm").exists()
 
 
+@pytest.mark.parametrize("option", ["--weights", "--out", "--teachers"])
+def test_weighted_merge_job_refuses_an_empty_value(option, tmp_path, capsys, monkeypatch):
+    """`--weights ""` merged with equal weights and `--out ""` wrote the merge over the current folder
+    (an unset shell variable): both are usage errors naming the option, before anything is read."""
+    from jobs import weighted_merge as job
+
+    monkeypatch.chdir(tmp_path)
+    args = {"--teachers": "zoo.yaml", "--weights": "0.5,0.5", "--out": "wm"} | {option: ""}
+    with pytest.raises(SystemExit) as stop:
+        job.main([a for pair in args.items() for a in pair])
+    assert stop.value.code == 2 and f"error: {option} is empty; give a value or leave the option out" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_save_leaves_the_previous_merge_as_it_was(zoo, tmp_path, monkeypatch):
     """diffusers only logs some save failures (a component it cannot write is skipped): the new merge is
     written beside --out, checked complete, and only then swapped in; a save that fails or leaves a

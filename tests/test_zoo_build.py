@@ -185,11 +185,30 @@ def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
 
     calls = []
 
-    def fake_run(cmd, cwd=None):
-        calls.append(cmd[1])
-        return subprocess.CompletedProcess(cmd, 2 if cmd[1] == "jobs/merge.py" else 0)
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd[1], kwargs.get("cwd")))
+        return subprocess.CompletedProcess(cmd, 2 if cmd[1].endswith("jobs/merge.py") else 0)
 
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
     assert demo.main(["--set", "distill.steps=1"]) == 2
-    assert calls == ["jobs/build_zoo.py", "jobs/merge.py"]
+    assert calls == [(str(demo.REPO / "jobs/build_zoo.py"), None), (str(demo.REPO / "jobs/merge.py"), None)]
     assert capsys.readouterr().err.strip() == "demo: jobs/merge.py stopped with exit code 2 (its error is above)"
+
+
+def test_demo_reads_relative_paths_in_the_callers_folder(monkeypatch, tmp_path):
+    """`jobs/demo.py --zoo myzoo --set output_dir=myout` from some folder: the zoo is built where the merge
+    reads it, and the merge writes where the summary says, all in the caller's folder (the steps ran in
+    the repository, so build_zoo wrote REPO/myzoo while the merge read ./myzoo)."""
+    import subprocess
+
+    from jobs import demo
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw.get("cwd"))) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr("dmm_ray.config.load_config", lambda path, overrides: None)  # the zoo is not really built here
+    monkeypatch.setattr("dmm_ray.merge.locations", lambda cfg: {"merged model": "m", "output_dir": "o", "MLflow store": "s"})
+    assert demo.main(["--zoo", "myzoo", "--set", "output_dir=myout"]) == 0
+    (build, build_cwd), (merge, merge_cwd) = calls
+    assert build_cwd is None and merge_cwd is None  # both steps run in the caller's folder, as the summary reads
+    assert build[-2:] == ["--out", "myzoo"] and f'zoo="{tmp_path / "myzoo"}"' in merge
