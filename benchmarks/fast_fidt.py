@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dmm_ray.console import int_list  # noqa: E402
+
 
 def with_scheduler(pipeline_factory, name: str, settings: dict | None = None):
     """The pipeline with its scheduler replaced by diffusers' `name`, built from the saved one's config
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", required=True, help="a merge config (its evaluation: section and teachers)")
-    parser.add_argument("--steps", default="4", help="comma-separated step counts")
+    parser.add_argument("--steps", type=int_list, default="4", help="comma-separated step counts")
     parser.add_argument("--guidance", type=float, default=None, help="the model's CFG (default: its own)")
     parser.add_argument(
         "--scheduler", default=None, help="sample with this diffusers scheduler class (from the model's own config; default: the saved one)"
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
 
         plain = student_source(model, cfg.evaluation.dtype)
         source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler, args.scheduler_config))
-    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), [int(s) for s in args.steps.split(",")], Path(args.out), source)
+    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), args.steps, Path(args.out), source)
     summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dmm_ray.console import int_list  # noqa: E402
+
 SECOND_SEEDS = ("seed_a=2000000", "seed_b=3000000")  # a disjoint second pair of seed sets
 
 
@@ -220,14 +223,14 @@ def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[P
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="jobs/configs/toy.yaml")
-    p.add_argument("--steps", default="150,300,600", help="comma-separated distill budgets")
+    p.add_argument("--config", default=str(REPO / "jobs/configs/toy.yaml"))
+    p.add_argument("--steps", type=int_list, default="150,300,600", help="comma-separated distill budgets")
     p.add_argument("--out", default="outputs/fidelity_curve")
     p.add_argument("--label", default="default", help="names this curve (sub-folder and MLflow project suffix)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every merge")
     p.add_argument("--seed-sets", type=int, choices=(1, 2), default=1, help="2: also evaluate on a second pair of seed sets")
     args = p.parse_args(argv)
-    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    steps = args.steps
     folder = (Path(args.out) / args.label).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     from dmm_ray.config import load_config

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+
+from dmm_ray.console import int_list  # noqa: E402  (needs no torch: --help stays fast)
 
 
 def table_rows(cfg) -> list[tuple[str, list[str]]]:
@@ -48,9 +51,14 @@ def main(argv=None) -> int:
     import fidelity_curve as fc
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="jobs/configs/toy.yaml")
+    p.add_argument("--config", default=str(REPO / "jobs/configs/toy.yaml"))
     p.add_argument("--out", default="outputs/table1")
-    p.add_argument("--rows", default=None, help="which rows to run (default: all), e.g. --rows 1,2,3,4 when the preset's own merge is the last row")
+    p.add_argument(
+        "--rows",
+        type=int_list,
+        default=None,
+        help="which rows to run (default: all), e.g. --rows 1,2,3,4 when the preset's own merge is the last row",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every row")
     args = p.parse_args(argv)
     from dmm_ray.config import load_config
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
     shared = fc.shared_latents(cfg) + args.overrides
     lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
     rows = table_rows(cfg)
-    wanted = set(range(1, len(rows) + 1)) if args.rows is None else {int(r) for r in args.rows.split(",")}
+    wanted = set(range(1, len(rows) + 1)) if args.rows is None else set(args.rows)
     if not wanted <= set(range(1, len(rows) + 1)):
         p.error(f"--rows takes numbers 1-{len(rows)} for this preset, got {args.rows!r}")
     for i, (name, sets) in enumerate(rows):

@@ -15,6 +15,20 @@ def say(job: str, msg: str) -> None:
     print(f"[dmm-{job} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def int_list(text: str) -> list[int]:
+    """argparse `type=` for a comma-separated list of positive integers (`--steps 2,4,8`): a bad entry is
+    a usage error naming it, not a ValueError traceback."""
+    import argparse
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 2,4,8; got {text!r}")
+    return values
+
+
 def add_verbose_argument(parser) -> None:
     parser.add_argument(
         "--verbose",

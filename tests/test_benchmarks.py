@@ -47,6 +47,17 @@ def test_serve_styles_refuses_a_merged_model_it_would_not_measure(tmp_path, monk
         assert stop.value.code == 2 and message in capsys.readouterr().err, argv
 
 
+@pytest.mark.parametrize(
+    "script, argv", [("fidelity_curve", ["--steps", "100,abc"]), ("fast_fidt", ["--model", "m", "--steps", "0"]), ("table1", ["--rows", "x"])]
+)
+def test_a_bad_number_list_is_a_usage_error(script, argv, monkeypatch, capsys):
+    """`--steps 100,abc` was a ValueError traceback (after the output folder was made): a usage error now."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")
+    assert stop.value.code == 2 and "expected comma-separated positive integers" in capsys.readouterr().err
+
+
 def test_train_throughput_dry_run_plans_the_sd15_step_on_meta_tensors():
     """The SD1.5 architecture on meta tensors: no weights, no Ray; it must still build the real step."""
     proc = subprocess.run(
