@@ -335,3 +335,31 @@ def test_table1_rows_add_one_term_each_even_when_the_preset_drops_one(world, tmp
     rows = table1.table_rows(MergeConfig.model_validate(tree))
     mixtures = [MergeConfig.model_validate(apply_overrides(tree, sets)).distill.mixture_fraction for _, sets in rows]
     assert mixtures == [0, 0, 0, 0, 0.25] and "mixture rows 0.25" in rows[-1][0]
+
+
+def test_synthesis_actors_are_killed_when_a_teacher_fails(tmp_path, monkeypatch):
+    """A teacher that fails to load (ray.get raises in the driver) left the whole actor pool alive in the
+    driver's Ray, each actor holding its CPUs (a GPU with use_gpu): every actor is killed on the way out."""
+    import types
+
+    from dmm_ray.distill import synthesis
+    from dmm_ray.teachers import TeacherSpec
+
+    killed, actors = [], []
+
+    class FakeActor:
+        def __init__(self):
+            self.load_and_generate = types.SimpleNamespace(remote=lambda spec, *args: spec["name"])
+            actors.append(self)
+
+    fake_class = types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(remote=lambda *a: FakeActor()))
+
+    def get(ref):
+        raise RuntimeError(f"teacher {ref!r} could not be loaded")
+
+    monkeypatch.setattr(synthesis, "TeacherSynthesizer", fake_class)
+    monkeypatch.setattr(synthesis, "ray", types.SimpleNamespace(get=get, kill=killed.append))
+    teachers = [TeacherSpec(name=n, source=str(tmp_path / n)) for n in ("a", "b")]
+    with pytest.raises(RuntimeError, match="teacher 'a' could not be loaded"):
+        synthesis.synthesize(teachers, 0, ["p"], tmp_path / "out", 2, 2, 5.0, 32, 2, actors=2)
+    assert len(actors) == 2 and killed == actors

@@ -147,14 +147,16 @@ def synthesize(
     pending = [
         (style, root, spec, pool[k % n_actors].load_and_generate.remote(spec.model_dump(), *args)) for k, (style, root, spec) in enumerate(todo)
     ]
-    for style, root, spec, ref in pending:
-        latents = ray.get(ref)
-        ids = [f"synth-{spec.name}-{i}" for i in range(len(chosen))]
-        write_shard(fs, root, 0, latent_table(latents, chosen, ids, styles=[style] * len(chosen)))
-        source = f"the merged model's style {spec.name!r}" if isinstance(spec, MergedStyle) else f"teacher {spec.name!r}"
-        print(f"synthesized {len(chosen)} samples from {source} -> {root}", flush=True)
-    for actor in pool:
-        ray.kill(actor)
+    try:
+        for style, root, spec, ref in pending:
+            latents = ray.get(ref)
+            ids = [f"synth-{spec.name}-{i}" for i in range(len(chosen))]
+            write_shard(fs, root, 0, latent_table(latents, chosen, ids, styles=[style] * len(chosen)))
+            source = f"the merged model's style {spec.name!r}" if isinstance(spec, MergedStyle) else f"teacher {spec.name!r}"
+            print(f"synthesized {len(chosen)} samples from {source} -> {root}", flush=True)
+    finally:  # a teacher that fails to load must not leave the pool holding its CPUs / GPUs in the driver's Ray
+        for actor in pool:
+            ray.kill(actor)
     return result
 
 
