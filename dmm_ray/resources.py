@@ -8,7 +8,7 @@ never be scheduled and the merge waits forever at step 0. So, before Ray Train s
     needed CPUs = W x cpus_per_worker + scaling.data_cpus   <=   the cluster's CPUs
     needed GPUs = W x gpus_per_worker (use_gpu)              <=   the cluster's GPUs
 
-and every single actor of the other stages (a synthesis actor: 1 CPU [+1 GPU]; an evaluation
+and every single actor of the other stages (a synthesis actor: synthesis.cpus_per_actor [+1 GPU]; an evaluation
 actor: evaluation.worker_num_cpus/gpus; the encode stage's VAE actors, when latents must be
 encoded) must fit the cluster. `cpus_per_worker: auto` shares the CPUs left after `data_cpus`
 equally among the W workers. A layout that does not fit stops at once with the numbers and the
@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 RAY_DATA_TASK_CPUS = 1.0  # Ray Data's default num_cpus for read and map tasks
-SYNTHESIS_ACTOR_CPUS = 1.0  # dmm_ray.distill.synthesis: TeacherSynthesizer.options(num_cpus=1)
 KNOBS = (
     "scaling.workers_per_teacher",
     "scaling.teachers_per_worker",
@@ -109,7 +108,8 @@ def plan_resources(cfg, cluster: dict, needs_encode: bool = False) -> ResourcePl
     # Stages that do not overlap with training: each of their actors must at least fit on its own.
     singles = []
     if cfg.synthesis.enabled:
-        singles.append(("a synthesis actor", SYNTHESIS_ACTOR_CPUS, 1.0 if s.use_gpu else 0.0, "synthesis.enabled=false"))
+        synth = cfg.synthesis  # dmm_ray.distill.synthesis: TeacherSynthesizer.options(num_cpus=cpus_per_actor)
+        singles.append(("a synthesis actor", synth.cpus_per_actor, 1.0 if s.use_gpu else 0.0, "synthesis.cpus_per_actor, or synthesis.enabled=false"))
     ev = cfg.evaluation
     if ev.enabled and ev.use_ray:
         singles.append(("an evaluation actor", ev.worker_num_cpus, ev.worker_num_gpus, "evaluation.worker_num_cpus / worker_num_gpus"))

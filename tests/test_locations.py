@@ -162,6 +162,11 @@ def test_resource_check_refuses_what_the_cluster_cannot_hold_naming_the_numbers(
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"worker_num_cpus": 4})})
     with pytest.raises(ResourceError, match=r"an evaluation actor needs 4 CPUs, the cluster has 2 CPUs"):
         plan_resources(cfg, {"CPU": 2.0})
+    # a synthesis actor asks Ray for synthesis.cpus_per_actor CPUs (dmm_ray.distill.synthesis), not 1
+    cfg = _cfg(cpus_per_worker="auto")
+    cfg = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"cpus_per_actor": 8})})
+    with pytest.raises(ResourceError, match=r"a synthesis actor needs 8 CPUs, the cluster has 2 CPUs \(change synthesis.cpus_per_actor"):
+        plan_resources(cfg, {"CPU": 2.0})
 
 
 def test_resource_plan_auto_and_fixed_layouts_leave_ray_data_room():
