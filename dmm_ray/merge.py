@@ -429,27 +429,29 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     asked = cfg  # the config as given (below, the cluster plan fills in the resources)
     we_started_ray = init_for_training(cfg.scaling.ray_address)
-    plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
-    cfg = with_plan(cfg, plan)
-    # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
-    ensure_latents(cfg)
-    result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
-    stage_name = "incremental" if cfg.incremental.base_merged else "merge"
-    tracking = tracker.start_stage(stage_name, cfg) if tracker else None
-    run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started)
-    try:
-        for stage in STAGES:
-            if stage.when(run):
-                stage.run(run)
-    except BaseException as error:
-        if tracker is not None and hasattr(tracker, "abort"):
-            tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
-        raise
-    record_complete(asked, out, result)
-    if we_started_ray:
-        import ray
+    try:  # a merge that fails leaves no private Ray behind it either
+        plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
+        cfg = with_plan(cfg, plan)
+        # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
+        ensure_latents(cfg)
+        result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
+        stage_name = "incremental" if cfg.incremental.base_merged else "merge"
+        tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+        run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started)
+        try:
+            for stage in STAGES:
+                if stage.when(run):
+                    stage.run(run)
+        except BaseException as error:
+            if tracker is not None and hasattr(tracker, "abort"):
+                tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
+            raise
+        record_complete(asked, out, result)
+    finally:
+        if we_started_ray:
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
     return result
 
 

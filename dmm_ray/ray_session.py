@@ -19,10 +19,12 @@ NO_PREEMPTION_WATCHER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
-    """Initialise Ray unless it already is; returns True when this call started it."""
+    """Initialise Ray unless it already is; returns True when this call started it. Already initialised
+    but connected to another cluster than a host:port `address` (or `$RAY_ADDRESS`) names: an error."""
     import ray
 
     if ray.is_initialized():
+        check_connected(address or os.environ.get("RAY_ADDRESS"))
         return False
     address = check_address(address)
     if address and address != "local":  # "local": a new local Ray, i.e. the private one below
@@ -64,6 +66,35 @@ def check_address(address: str | None = None) -> str | None:
             "`auto` for a `ray start --head` on this machine, or no address for a private local Ray"
         )
     return address
+
+
+def check_connected(address: str | None) -> None:
+    """This process's Ray is already initialised: refuse to go on when `address` is a plain host:port and
+    that Ray's GCS is another one (another port, or another machine); `auto`, `local`, `ray://...` and
+    no address accept the Ray there is."""
+    import socket
+
+    import ray
+
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    connected = ray.get_runtime_context().gcs_address
+    here = {ray.util.get_node_ip_address()}
+
+    def machine(h: str) -> str:
+        try:
+            ip = socket.gethostbyname(h.strip("[]"))
+        except OSError:
+            return h
+        return "this machine" if ip.startswith("127.") or ip in here else ip
+
+    other_host, _, other_port = connected.rpartition(":")
+    if (port, machine(host)) != (other_port, machine(other_host)):
+        raise ConnectionError(
+            f"address {address!r} (--address, scaling.ray_address or $RAY_ADDRESS): this process is already "
+            f"connected to the Ray cluster at {connected}; call ray.shutdown() first, or give that address"
+        )
 
 
 def stale_recorded_cluster(address_file: str | None = None, timeout_s: float = 2.0) -> str | None:

@@ -339,54 +339,58 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
         + f" -> {out}/model"
     )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
-    ensure_latents(cfg, job="fast")
-    record = read_record(model_dir)
-    tracking = None
-    if tracker is not None:
-        tracking = tracker.start_stage("fast", cfg)
-        if tracking:
-            tracker.log_params({"fast_source_model": str(model_dir)})
-    try:
-        t0 = time.time()
-        datasets = {"train": build_latent_dataset(cfg.data)}
-        merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if f.samples_merged_model else None
-        if f.synthetic_fraction > 0:
-            shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
-            datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
-        if f.rollout_steps:  # the rollout pairs: the merged model's own samples, whose noise the seeds give back
-            datasets["rollout"] = build_latent_dataset(cfg.data, shards=merged_sets)
-        fingerprint.record_fast(cfg, model_dir, out, inputs)
-        trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
-        result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
-        log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
-        with trained.checkpoint.as_directory() as folder:
-            save_fast_model(cfg, model_dir, Path(folder), result.model_path)
-        log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
-        if evaluate and f.eval_steps:
-            result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
-        result.seconds = time.time() - started
-        if tracker is not None and tracker.enabled:
-            for steps, ev in result.evaluations.items():
-                tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps", step=steps)
-                tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
-            tracker.log_metrics(
-                {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
+    try:  # a run that fails leaves no private Ray behind it either
+        ensure_latents(cfg, job="fast")
+        record = read_record(model_dir)
+        tracking = None
+        if tracker is not None:
+            tracking = tracker.start_stage("fast", cfg)
+            if tracking:
+                tracker.log_params({"fast_source_model": str(model_dir)})
+        try:
+            t0 = time.time()
+            datasets = {"train": build_latent_dataset(cfg.data)}
+            merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if f.samples_merged_model else None
+            if f.synthetic_fraction > 0:
+                shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
+                datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
+            if f.rollout_steps:  # the rollout pairs: the merged model's own samples, whose noise the seeds give back
+                datasets["rollout"] = build_latent_dataset(cfg.data, shards=merged_sets)
+            fingerprint.record_fast(cfg, model_dir, out, inputs)
+            trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
+            result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
+            log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
+            with trained.checkpoint.as_directory() as folder:
+                save_fast_model(cfg, model_dir, Path(folder), result.model_path)
+            log(
+                f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})"
             )
-            default = result.evaluations.get(f.num_inference_steps)
-            result.model_uri = tracker.log_merged_model(
-                result.model_path,
-                description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
-                f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
-            )
-            tracker.close()
-            log(f"registered: {result.model_uri}")
-    except BaseException as error:
-        if tracker is not None and hasattr(tracker, "abort"):
-            tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
-        raise
-    record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
-    if we_started_ray:
-        ray.shutdown()
+            if evaluate and f.eval_steps:
+                result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
+            result.seconds = time.time() - started
+            if tracker is not None and tracker.enabled:
+                for steps, ev in result.evaluations.items():
+                    tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps", step=steps)
+                    tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
+                tracker.log_metrics(
+                    {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
+                )
+                default = result.evaluations.get(f.num_inference_steps)
+                result.model_uri = tracker.log_merged_model(
+                    result.model_path,
+                    description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
+                    f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
+                )
+                tracker.close()
+                log(f"registered: {result.model_uri}")
+        except BaseException as error:
+            if tracker is not None and hasattr(tracker, "abort"):
+                tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
+            raise
+        record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
+    finally:
+        if we_started_ray:
+            ray.shutdown()
     return result
 
 
