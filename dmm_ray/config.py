@@ -382,7 +382,7 @@ class MergeConfig(_Section):
                     "incremental.old_style_samples: the previous model's own samples are the regulariser's; it needs "
                     "incremental.base_merged and incremental.regularization: true"
                 )
-            if self.data.synthetic_fraction == 0 and not (self.synthesis.enabled and self.synthesis.finetune_steps > 0):
+            if self.data.synthetic_fraction == 0 and not self.finetunes:
                 raise ValueError(
                     "incremental.old_style_samples: nothing would read the old styles' samples; set data.synthetic_fraction > 0 "
                     "(mixed into distillation) or synthesis.finetune_steps > 0 (the fine-tune)"
@@ -455,6 +455,16 @@ class MergeConfig(_Section):
         samples join the distill stream (data.synthetic_fraction > 0)."""
         asked = self.incremental.old_style_samples
         return bool(self.regularization_workers) and (self.data.synthetic_fraction > 0 if asked is None else asked)
+
+    @property
+    def finetunes(self) -> bool:
+        """The fine-tune stage runs (on the teachers' synthesized samples)."""
+        return self.synthesis.enabled and self.synthesis.finetune_steps > 0
+
+    @property
+    def synthesis_resolution(self) -> int:
+        """synthesis.resolution, else data.encode.resolution: the side of the synthesized samples (the fine-tune trains at it)."""
+        return self.synthesis.resolution or self.data.encode.resolution
 
     @property
     def teacher_groups(self) -> int:

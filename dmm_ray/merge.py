@@ -117,7 +117,7 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
     if cfg.data.synthetic_fraction > 0:
         stream = f"data.synthetic_fraction={cfg.data.synthetic_fraction} of data.stream.batch_size={cfg.data.stream.batch_size}"
         needs.append((split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[1], stream))
-    if finetunes(cfg):
+    if cfg.finetunes:
         needs.append((cfg.synthesis.finetune_batch_size, "synthesis.finetune_batch_size"))
     for rows, what in needs:
         if cfg.synthesis.images_per_teacher < rows:
@@ -342,11 +342,10 @@ def recover_merged(dest: Path) -> list[str]:
 
 def stages_with_state(cfg: MergeConfig) -> list[str]:
     """The stages of this merge that leave resumable state in output_dir."""
-    s = cfg.synthesis
     stages = ["distill"]
-    if cfg.data.synthetic_fraction > 0 or (s.enabled and s.finetune_steps > 0):
+    if cfg.data.synthetic_fraction > 0 or cfg.finetunes:
         stages.insert(0, "synthesize")
-    if s.enabled and s.finetune_steps > 0:
+    if cfg.finetunes:
         stages.append("finetune")
     return stages
 
@@ -486,10 +485,6 @@ class Stage:
     when: Callable[[MergeRun], bool] = lambda run: True
 
 
-def finetunes(cfg: MergeConfig) -> bool:
-    return cfg.synthesis.enabled and cfg.synthesis.finetune_steps > 0
-
-
 def synthesize_stage(run: MergeRun) -> None:
     """The teachers' own samples: one Ray actor per teacher (before distill when they join its stream)."""
     t0 = time.time()
@@ -518,7 +513,7 @@ def distill_stage(run: MergeRun) -> None:
     distill = fit_stage(build_trainer(cfg, "distill", datasets, tracking=tracking and {**tracking, "prefix": "distill/"}, plan=run.plan))
     run.timed("distill", t0, distill.metrics)
     run.student_dir = _student_from_result(distill, run.out / "stages" / "distill_student")
-    if finetunes(cfg) and cfg.synthesis.finetune_continue:  # the fine-tune continues its discriminator and optimizers
+    if cfg.finetunes and cfg.synthesis.finetune_continue:  # the fine-tune continues its discriminator and optimizers
         _copy_from_result(distill, run.out / "stages" / "distill_state")
 
 
@@ -601,8 +596,8 @@ def fast_stage(run: MergeRun) -> None:
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.data.synthetic_fraction > 0),  # mixed into distill from step 0
     Stage("distill", distill_stage),
-    Stage("synthesize", synthesize_stage, when=lambda run: finetunes(run.cfg) and run.shard_dirs is None),
-    Stage("finetune", finetune_stage, when=lambda run: finetunes(run.cfg)),
+    Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.finetunes and run.shard_dirs is None),
+    Stage("finetune", finetune_stage, when=lambda run: run.cfg.finetunes),
     Stage("save", save_stage),
     Stage("evaluate", _evaluate),
     Stage("track", track_stage, when=lambda run: bool(run.tracker)),

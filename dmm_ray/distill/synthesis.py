@@ -188,7 +188,7 @@ def synthesize_for(cfg, specs: list, style_offset: int, out_dir, images_per_styl
         images_per_style or s.images_per_teacher,
         s.num_inference_steps,
         s.guidance_scale,
-        s.resolution or cfg.data.encode.resolution,
+        cfg.synthesis_resolution,
         s.batch_size,
         cfg.seed,
         cfg.scaling.use_gpu,

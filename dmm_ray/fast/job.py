@@ -99,7 +99,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
 
     s, folder = cfg.synthesis, out / "synthesized"
     n = cfg.fast.synthetic_images or s.images_per_teacher
-    resolution = s.resolution or cfg.data.encode.resolution
+    resolution = cfg.synthesis_resolution
     made_by = {
         "model": str(model_dir),
         "unet": files_checksum([model_dir / "unet"]),
