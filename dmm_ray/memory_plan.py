@@ -3,7 +3,9 @@
     python -m dmm_ray.memory_plan --config jobs/configs/sd15_8styles_1gpu.yaml      # one config's plan
     python -m dmm_ray.memory_plan --table                                             # README "How many GPUs do I need?"
 
-Per worker (the one hosting the most teachers), in bytes:
+Per worker, in bytes (every teacher group's worker in every stage that trains, distill at
+data.encode.resolution and the fine-tune at the synthesized samples' with its own rows per style;
+the largest is reported and checked):
   student      StyleUNet fp32 master weights + grads + optimizer state (AdamW 8 B/param, 8-bit 2 B) + EMA (4 B)
   student text encoder(s) (frozen, fp32), the bf16 weight copies autocast keeps during a step (GPU)
   discriminator: frozen backbone (the base UNet without its up blocks) + head (weights, grads, AdamW)
@@ -11,8 +13,9 @@ Per worker (the one hosting the most teachers), in bytes:
                k LoRA adapters (sizes from the LoRA files' headers when present, else rank `lora_rank`),
                or with teacher_offload two device slots
   activations  what the student's forward keeps for backward at the worker batch (k teachers x
-               data.stream.batch_size rows), MEASURED by running the UNet forward on the meta device
-               (no memory, no weights) with saved-tensor hooks counting the bytes; attention
+               data.stream.batch_size rows; the fine-tune: synthesis.finetune_batch_size), MEASURED
+               by running the UNet forward on the meta device (no memory, no weights) with
+               saved-tensor hooks counting the bytes; attention
                probability matrices are left out (a fused SDPA kernel on GPU does not keep them);
                the discriminator's generator term (gradient through the frozen backbone) likewise;
                the teachers' no-grad forward: ESTIMATED as 10 % of the student's per-row activations
@@ -115,6 +118,7 @@ class Plan:
     lines: list[tuple[str, int, str]] = field(default_factory=list)
     capacity: int | None = None
     notes: list[str] = field(default_factory=list)
+    worker: "WorkerLayout | None" = None  # plan_config: which worker of which stage this is
 
     @property
     def total(self) -> int:
@@ -141,7 +145,7 @@ class Layout:
     """What the planner needs of a config (also built directly for the README table)."""
 
     arch: str  # key into the arch cache
-    teachers_on_worker: int  # k (the busiest worker)
+    teachers_on_worker: int  # k: the teachers this worker hosts
     lora_teachers: int = 0  # of those, LoRAs of one base sharing it (>= 2) ...
     lora_adapter_bytes: tuple[int, ...] = ()  # ... their adapter sizes in bytes (fp32 as stored), one per LoRA
     batch_per_style: int = 4
@@ -408,12 +412,10 @@ def _config_arch(cfg) -> tuple[str, str]:
     return name, f"{base} is not here: assuming the {name.upper()} architecture from its name"
 
 
-def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
-    """The busiest worker's layout of a MergeConfig (LoRA sizes from the files, else rank `lora_rank`)."""
-    key, how = _config_arch(cfg)
-    notes = [f"architecture: {how}"]
-    k = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
-    hosted = cfg.teachers[:k]  # group 0 is the largest
+def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) -> tuple[Layout, list[str]]:
+    """The distill-stage layout of a worker hosting the teachers `hosted` (LoRA sizes from the files, else rank `lora_rank`)."""
+    notes = []
+    k = len(hosted)
     groups: dict[str, list] = {}
     if cfg.scaling.share_lora_base:
         for spec in hosted:
@@ -443,16 +445,14 @@ def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
     from dmm_ray.distill.streams import mixture_rows
 
     d = cfg.distill
-    vae = _ARCHS[key].vae_factor
-    res = cfg.synthesis.resolution or cfg.data.encode.resolution
     lay = Layout(
         arch=key,
         teachers_on_worker=k,
         lora_teachers=len(loras),
         lora_adapter_bytes=tuple(sizes),
         batch_per_style=cfg.data.stream.batch_size,
-        resolution=res,
-        num_styles=len(cfg.teachers),
+        resolution=cfg.data.encode.resolution,  # distill trains on the latent shards (synthesized rows join them at that size)
+        num_styles=num_styles,
         teacher_dtype=d.teacher_dtype,
         bf16=d.bf16,
         gpu=cfg.scaling.use_gpu,
@@ -465,11 +465,60 @@ def layout_from_config(cfg, lora_rank: int = 64) -> tuple[Layout, list[str]]:
         adapter_targets=tuple(cfg.student.style_adapters.targets),
         mixture_rows=mixture_rows(cfg.data.stream.batch_size, d.mixture_fraction) if d.mixture_fraction > 0 and k > 1 else 0,
     )
-    del vae
     return lay, notes
 
 
-def suggestions(lay: Layout, capacity_gb: float, num_teachers: int, workers_per_teacher: int = 1) -> list[str]:
+@dataclass(frozen=True)
+class WorkerLayout:
+    """One teacher worker of one training stage, as the merge lays them out (dmm_ray.distill.layout)."""
+
+    stage: str  # "distill" | "finetune"
+    teachers: tuple[str, ...]  # the names of the teachers it hosts
+    layout: Layout
+    notes: tuple[str, ...] = ()
+
+    @property
+    def batch_key(self) -> str:
+        return "synthesis.finetune_batch_size" if self.stage == "finetune" else "data.stream.batch_size"
+
+    def describe(self) -> str:
+        names = ", ".join(self.teachers[:3]) + (", ..." if len(self.teachers) > 3 else "")
+        lay, k = self.layout, len(self.teachers)
+        return f"worker hosting {k} teacher{'s' if k > 1 else ''} ({names}), {k} x {lay.batch_per_style} rows per micro-batch at {lay.resolution} px"
+
+
+def worker_layouts(cfg, lora_rank: int = 64) -> list[WorkerLayout]:
+    """Every teacher group's worker (one group per distinct set of hosted teachers) in every stage
+    that trains: distill at data.encode.resolution and data.stream.batch_size rows per style, the
+    fine-tune (when it runs) at the synthesized samples' resolution and synthesis.finetune_batch_size.
+    Every worker's student and discriminator have all the styles: an incremental merge's old ones too."""
+    from dmm_ray.distill.layout import worker_layout
+
+    key, how = _config_arch(cfg)
+    notes = [f"architecture: {how}"]
+    styles = len(cfg.teachers)
+    if cfg.incremental.base_merged:
+        from dmm_ray.models.style_unet import merged_style_names
+
+        try:
+            styles += len(merged_style_names(cfg.incremental.base_merged))
+        except (OSError, ValueError) as error:  # validate_before_ray names it; the plan still prints
+            notes.append(f"incremental.base_merged's styles not read ({error}): planned with the new teachers' styles only")
+    out = []
+    for role in worker_layout(len(cfg.teachers), 1, teachers_per_worker=cfg.scaling.teachers_per_worker):
+        hosted = [cfg.teachers[i] for i in role.teacher_indices]
+        lay, own = _group_layout(cfg, key, hosted, styles, lora_rank)
+        names = tuple(t.name for t in hosted)
+        out.append(WorkerLayout("distill", names, lay, tuple(notes + own)))
+        if cfg.finetunes:  # trainer.stage_config: the same workers at the fine-tune's rows per style, no mixture block
+            ft = replace(lay, batch_per_style=cfg.synthesis.finetune_batch_size, resolution=cfg.synthesis_resolution, mixture_rows=0)
+            out.append(WorkerLayout("finetune", names, ft, tuple(notes + own)))
+    return out
+
+
+def suggestions(
+    lay: Layout, capacity_gb: float, num_teachers: int, workers_per_teacher: int = 1, batch_key: str = "data.stream.batch_size"
+) -> list[str]:
     """The single changes that make `lay` fit (smallest k / batch change that fits), else one combination."""
     out = []
 
@@ -496,7 +545,7 @@ def suggestions(lay: Layout, capacity_gb: float, num_teachers: int, workers_per_
         out.append(f"scaling.teachers_per_worker: {k} (W = {workers(k)} workers)")
     b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(replace(lay, batch_per_style=b))), None)
     if b:
-        out.append(f"data.stream.batch_size: {b} (per style; distill.grad_accum: {math.ceil(lay.batch_per_style / b)} keeps the samples per step)")
+        out.append(f"{batch_key}: {b} (per style; distill.grad_accum: {math.ceil(lay.batch_per_style / b)} keeps the samples per step)")
     if out:
         return out
     savings = dict(
@@ -509,7 +558,7 @@ def suggestions(lay: Layout, capacity_gb: float, num_teachers: int, workers_per_
         return [f"{label} + scaling.teachers_per_worker: {k} (W = {workers(k)} workers)"]
     b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(with_k(1, batch_per_style=b, **savings))), None)
     if b:
-        return [f"{label} + scaling.teachers_per_worker: 1 (W = {workers(1)} workers) + data.stream.batch_size: {b}"]
+        return [f"{label} + scaling.teachers_per_worker: 1 (W = {workers(1)} workers) + {batch_key}: {b}"]
     return [f"nothing fits in {capacity_gb:g} GiB, even one teacher per worker at 1 row per style with every saving: use a larger GPU"]
 
 
@@ -518,31 +567,34 @@ class MemoryPlanError(ValueError):
 
 
 def plan_config(cfg, lora_rank: int = 64) -> tuple[Plan, Layout]:
-    lay, notes = layout_from_config(cfg, lora_rank)
-    plan = plan_layout(lay, cfg.scaling.gpu_memory_gb)
-    plan.notes = notes
-    return plan, lay
+    """The plan of the worker that needs the most memory (of every teacher group in every stage), and its layout."""
+    plans = []
+    for worker in worker_layouts(cfg, lora_rank):
+        plan = plan_layout(worker.layout, cfg.scaling.gpu_memory_gb)
+        plan.notes, plan.worker = list(worker.notes), worker
+        plans.append(plan)
+    plan = max(plans, key=lambda p: p.total)
+    return plan, plan.worker.layout
 
 
 def describe(cfg, plan: Plan) -> str:
-    k = min(cfg.scaling.teachers_per_worker, len(cfg.teachers))
-    title = (
-        f"memory plan (per worker; W = {cfg.num_workers}, the busiest worker hosts {k} teacher{'s' if k > 1 else ''}, "
-        f"{k} x {cfg.data.stream.batch_size} rows per micro-batch)"
-    )
-    return plan.format(title)
+    return plan.format(f"memory plan (per worker; W = {cfg.num_workers}; the largest: the {plan.worker.stage} stage's {plan.worker.describe()})")
+
+
+def _tips(cfg, plan: Plan) -> list[str]:
+    return suggestions(plan.worker.layout, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher, plan.worker.batch_key)
 
 
 def check_fits(cfg, lora_rank: int = 64) -> Plan | None:
-    """Raise MemoryPlanError when scaling.gpu_memory_gb is set and the busiest worker does not fit."""
+    """Raise MemoryPlanError when scaling.gpu_memory_gb is set and the largest worker does not fit."""
     if cfg.scaling.gpu_memory_gb is None:
         return None
-    plan, lay = plan_config(cfg, lora_rank)
+    plan, _ = plan_config(cfg, lora_rank)
     if not plan.fits:
-        tips = suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher)
         raise MemoryPlanError(
-            f"the layout does not fit: one worker needs {plan.total / GiB:.1f} GiB but scaling.gpu_memory_gb is "
-            f"{cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n" + "\n".join(f"  {t}" for t in tips)
+            f"the {plan.worker.stage} stage does not fit: one worker needs {plan.total / GiB:.1f} GiB but "
+            f"scaling.gpu_memory_gb is {cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n"
+            + "\n".join(f"  {t}" for t in _tips(cfg, plan))
         )
     return plan
 
@@ -629,13 +681,10 @@ def main(argv=None) -> int:
     from dmm_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    plan, lay = plan_config(cfg, args.lora_rank)
+    plan, _ = plan_config(cfg, args.lora_rank)
     print(describe(cfg, plan))
     if not plan.fits:
-        print(
-            "it fits with any of:\n"
-            + "\n".join(f"  {t}" for t in suggestions(lay, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher))
-        )
+        print("it fits with any of:\n" + "\n".join(f"  {t}" for t in _tips(cfg, plan)))
         return 2
     return 0
 

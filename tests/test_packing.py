@@ -245,6 +245,79 @@ def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
         assert plan_layout(Layout(arch="sd15", teachers_on_worker=k)).total < plan_layout(Layout(arch="sd15", teachers_on_worker=k + 1)).total
 
 
+def _planned(tmp_path, teachers=None, **sections):
+    """An SD1.5-named config of files that are not here (the planner needs none), k = 2 on an 80 GB GPU."""
+    from dmm_ray.config import MergeConfig
+
+    raw = {
+        "student": {"base": "/nonexistent/sd15"},
+        "data": {"base": "/nonexistent/sd15", "shards": str(tmp_path / "shards"), "stream": {"batch_size": 4}},
+        "teachers": teachers or [{"name": f"f{i}", "source": f"/nonexistent/f{i}.safetensors", "format": "single_file"} for i in range(2)],
+        "scaling": {"teachers_per_worker": 2, "use_gpu": True, "gpu_memory_gb": 80},
+        "distill": {"teacher_dtype": "bfloat16", "gradient_checkpointing": True},
+        "synthesis": {"finetune_steps": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return MergeConfig.model_validate(raw)
+
+
+def test_planner_plans_every_teacher_group_not_only_the_first(tmp_path):
+    """2 LoRAs of one base and 2 full teachers at k = 2: the worker of the full teachers needs more,
+    whichever order the config lists them in; check_fits refuses both orders alike."""
+    from dmm_ray.memory_plan import GiB, MemoryPlanError, check_fits, plan_config
+
+    lora = [{"name": f"l{i}", "source": f"/nonexistent/l{i}_lora.safetensors", "format": "lora", "base": "/nonexistent/sd15"} for i in range(2)]
+    full = [{"name": f"f{i}", "source": f"/nonexistent/f{i}.safetensors", "format": "single_file"} for i in range(2)]
+    plans = [plan_config(_planned(tmp_path, order)) for order in (lora + full, full + lora)]
+    assert plans[0][0].total == plans[1][0].total
+    for plan, lay in plans:
+        assert lay.lora_teachers == 0 and plan.worker.teachers == ("f0", "f1")
+    between = (plans[0][0].total - 0.5 * GiB) / GiB  # above the LoRA worker's plan, below the full teachers' one
+    for order in (lora + full, full + lora):
+        with pytest.raises(
+            MemoryPlanError,
+            match=r"(?s)the distill stage does not fit: one worker needs.*the largest: the distill stage's worker hosting 2 teachers \(f0, f1\)",
+        ):
+            check_fits(_planned(tmp_path, order, scaling={"gpu_memory_gb": between}))
+
+
+def test_planner_plans_the_finetune_stage_at_its_own_batch_and_each_stage_at_its_resolution(tmp_path):
+    """distill trains on the latent shards (data.encode.resolution, data.stream.batch_size rows per
+    style); the fine-tune, when it runs, on the synthesized samples (synthesis.resolution,
+    synthesis.finetune_batch_size rows per style). The larger of the two is planned and checked."""
+    from dmm_ray.memory_plan import MemoryPlanError, check_fits, plan_config
+
+    encode = {"encode": {"resolution": 512}}
+    plan, lay = plan_config(_planned(tmp_path, data=encode, synthesis={"resolution": 256}))  # no fine-tune: 256 px is not trained on here
+    assert lay.resolution == 512 and plan.worker.stage == "distill"
+    plan, lay = plan_config(_planned(tmp_path, data=encode, synthesis={"resolution": 256, "finetune_steps": 10, "finetune_batch_size": 6}))
+    assert (lay.resolution, lay.batch_per_style, plan.worker.stage) == (512, 4, "distill")  # 6 rows at 256 px: less than 4 at 512
+    finetune = _planned(tmp_path, data=encode, synthesis={"finetune_steps": 10, "finetune_batch_size": 10})
+    plan, lay = plan_config(finetune)
+    assert (lay.resolution, lay.batch_per_style, lay.mixture_rows, plan.worker.stage) == (512, 10, 0, "finetune")
+    assert plan.total > plan_config(_planned(tmp_path, data=encode))[0].total
+    with pytest.raises(MemoryPlanError, match=r"(?s)the finetune stage does not fit: .* 2 x 10 rows") as error:
+        check_fits(_planned(tmp_path, data=encode, synthesis={"finetune_steps": 10, "finetune_batch_size": 10}, scaling={"gpu_memory_gb": 30}))
+    assert "synthesis.finetune_batch_size:" in str(error.value) and "data.stream.batch_size:" not in str(error.value)
+
+
+def test_planner_counts_an_incremental_merges_old_styles(tmp_path):
+    """An incremental merge's student and discriminator head hold the previous model's styles and the
+    new teachers' (loop.identify): 8 old + 2 new = 10 styles, each with its own adapters."""
+    import json
+
+    from dmm_ray.memory_plan import plan_config
+
+    prev = tmp_path / "previous_merged"
+    (prev / "unet").mkdir(parents=True)
+    (prev / "unet" / "config.json").write_text(json.dumps({"style_names": [f"old{i}" for i in range(8)]}))
+    adapters = {"student": {"base": "/nonexistent/sd15", "style_adapters": {"rank": 8}}}
+    fresh, _ = plan_config(_planned(tmp_path, **adapters))
+    plan, lay = plan_config(_planned(tmp_path, incremental={"base_merged": str(prev)}, **adapters))
+    assert lay.num_styles == 10 and plan.total > fresh.total
+
+
 def test_planner_counts_shared_lora_base_once():
     from dmm_ray.memory_plan import Layout, lora_params, plan_layout, unet_params
 
