@@ -219,6 +219,19 @@ def test_sdxl_merged_pipeline_from_base(tmp_path):
     assert images.shape == (2, 3, 32, 32)
 
 
+def _adapter_pipe(c, seed=0):
+    """The tiny pipeline with rank-2 style adapters, every style a different nonzero delta."""
+    torch.manual_seed(seed)
+    student = StyleUNet.from_unet(c["unet"], STYLES, adapter_rank=2)
+    with torch.no_grad():
+        student.class_embedding.codebook.weight.mul_(20)
+        for adapter in student.class_embedding.adapters.values():
+            adapter.up.normal_(0, 0.05)
+    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_a_call_of_one_style_folds_its_adapters_and_gives_the_per_sample_images(tiny_components, monkeypatch):
     """With per-style adapters, a call whose images share one style (or mixture) runs the UNet with
     that style folded into its layers (`fuse_styles`, default on): no per-sample adapter products, the
@@ -226,15 +239,8 @@ def test_a_call_of_one_style_folds_its_adapters_and_gives_the_per_sample_images(
     single-style calls; the UNet's weights are untouched afterwards."""
     from dmm_ray.models.style_adapters import StyleAdapter
 
-    torch.manual_seed(0)
-    student = StyleUNet.from_unet(tiny_components["unet"], STYLES, adapter_rank=2)
-    with torch.no_grad():
-        student.class_embedding.codebook.weight.mul_(20)
-        for adapter in student.class_embedding.adapters.values():  # every style a different nonzero delta
-            adapter.up.normal_(0, 0.05)
-    c = tiny_components
-    pipe = DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _adapter_pipe(tiny_components)
+    student = pipe.unet
     computed = []
     add = StyleAdapter.add_delta_  # the per-sample path when sampling (no autograd)
     monkeypatch.setattr(StyleAdapter, "add_delta_", lambda self, *a: computed.append(1) or add(self, *a))
@@ -255,3 +261,38 @@ def test_a_call_of_one_style_folds_its_adapters_and_gives_the_per_sample_images(
     mixed = _gen(pipe, prompts, style=["noir", "pastel"])  # rows differ: the per-sample path
     torch.testing.assert_close(mixed[1], _gen(pipe, prompts, style="pastel")[1], rtol=0, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_folded_call_in_half_precision_runs_no_per_sample_adapter_product(tiny_components, monkeypatch, dtype):
+    """In float16 / bfloat16 the rows' weights, read back from their rounded e~ by least squares, miss the
+    folded style's by 1e-4..1e-3: the folded call still ran every adapter product on top of the fold.
+    Rows that hold the folded style's own e~ now add nothing; a row of another style keeps its delta."""
+    from dmm_ray.models.style_adapters import StyleAdapter
+
+    pipe = _adapter_pipe(tiny_components).to(dtype)
+    computed = []
+    add = StyleAdapter.add_delta_
+    monkeypatch.setattr(StyleAdapter, "add_delta_", lambda self, *a: computed.append(1) or add(self, *a))
+    prompts = ["a red circle", "a blue square"]
+    for kw in ({"style": "neon"}, {"style_weights": {"noir": 0.3, "neon": 0.7}}):
+        computed.clear()
+        fused = _gen(pipe, prompts, **kw)
+        assert not computed, kw
+        pipe.fuse_styles = False
+        per_sample = _gen(pipe, prompts, **kw)
+        pipe.fuse_styles = True
+        torch.testing.assert_close(fused.float(), per_sample.float(), rtol=0, atol=0.05)
+    # inside a fold, a row of another style still gets its own delta (the hooks run for it)
+    student, x = pipe.unet, torch.randn(2, 4, 8, 8, dtype=dtype)
+    ehs, w = torch.randn(2, 77, student.config.cross_attention_dim, dtype=dtype), torch.eye(3)[[1, 1]]
+    with torch.no_grad(), student.fused_style(w):
+        computed.clear()
+        student(x, 10, ehs, style_weights=w)
+        assert not computed
+        other = student(x, 10, ehs, style_weights=torch.eye(3)[[1, 2]]).sample
+        assert computed
+    with torch.no_grad():
+        torch.testing.assert_close(
+            other[1].float(), student(x[1:], 10, ehs[1:], style_weights=torch.eye(3)[[2]]).sample[0].float(), rtol=0, atol=0.02
+        )

@@ -64,6 +64,7 @@ class StyleEmbedding(nn.Module):
             nn.init.zeros_(layer.bias)
         self._current: torch.Tensor | None = None  # MLP(e~) of the forward in progress, read by the FiLM hooks
         self._fused: torch.Tensor | None = None  # (N,) style weights folded into the adapted layers (StyleUNet.fused_style)
+        self._fused_embeds: torch.Tensor | None = None  # (d,) that style's e~, as the pipeline hands it to the forward
         self._adapters_on = True  # False when every row is the folded style: the hooks then add nothing
         self._pinv: tuple | None = None  # (codebook parameter, its data then, (version, address, device), C^+)
 
@@ -88,6 +89,9 @@ class StyleEmbedding(nn.Module):
             weights = weights_from_embeds(style_embeds, pinv=self.codebook_pinv())  # (B, N), read by the adapter hooks
             if self._fused is not None:  # the layers already hold the folded style's delta; the delta is linear in w
                 weights = weights - self._fused.to(weights)
+                # rows that hold the folded style's own e~ add nothing, exactly: least squares returns their w
+                # only up to e~'s rounding (1e-4..1e-3 in float16 / bfloat16, above SINGLE_STYLE_TOL)
+                weights[(style_embeds == self._fused_embeds).all(dim=1)] = 0
             self._weights = weights
             self._runs = {}  # batch size -> style_runs of the weights at that size (CFG doubles the batch)
             self._adapters_on = self._fused is None or bool((weights.abs() > SINGLE_STYLE_TOL).any())
@@ -350,10 +354,10 @@ class StyleUNet(UNet2DConditionModel):
                     if delta is not None:
                         saved.append((param, param.data))
                         param.data = (param.data.float() + delta).to(param.dtype)
-            style._fused = w
+            style._fused, style._fused_embeds = w, self.style_embeds_for(style_weights=rows)[0]  # as the pipeline computes e~
             yield self
         finally:
-            style._fused, style._adapters_on = None, True
+            style._fused, style._fused_embeds, style._adapters_on = None, None, True
             for param, data in reversed(saved):
                 param.data = data
 
