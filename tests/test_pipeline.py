@@ -296,3 +296,15 @@ def test_a_folded_call_in_half_precision_runs_no_per_sample_adapter_product(tiny
         torch.testing.assert_close(
             other[1].float(), student(x[1:], 10, ehs[1:], style_weights=torch.eye(3)[[2]]).sample[0].float(), rtol=0, atol=0.02
         )
+
+
+def test_layerwise_casting_keeps_the_codebook_readable(tiny_components):
+    """diffusers' layerwise casting (fp8 storage) stored the codebook in fp8 too, and the pipeline reads it
+    outside any layer's forward (style_embeds_for): every call failed. The codebook keeps its dtype."""
+    pipe = _adapter_pipe(tiny_components)
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert pipe.unet.class_embedding.codebook.weight.dtype == torch.float32
+    assert pipe.unet.class_embedding.mlp.linear_1.weight.dtype == torch.float8_e4m3fn  # the layers still cast
+    images = _gen(pipe, ["a red circle", "a blue square"], style=["noir", "neon"])
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert _gen(pipe, ["a red circle"], style="pastel").shape == (1, 3, 32, 32)

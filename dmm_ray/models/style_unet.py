@@ -168,6 +168,10 @@ def _parent_init_parameters():
 class StyleUNet(UNet2DConditionModel):
     """UNet2DConditionModel + style codebook. Config field `style_names` keeps name <-> index."""
 
+    # diffusers' layerwise casting (`enable_layerwise_casting`) upcasts a layer's weights in its own forward;
+    # the codebook is read as a tensor (style_embeds_for, the adapters' C^+), so it keeps the model's dtype
+    _skip_layerwise_casting_patterns = [*UNet2DConditionModel._skip_layerwise_casting_patterns, r"class_embedding\.codebook"]
+
     def __init__(
         self,
         *args,
