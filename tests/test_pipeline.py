@@ -308,3 +308,20 @@ def test_layerwise_casting_keeps_the_codebook_readable(tiny_components):
     images = _gen(pipe, ["a red circle", "a blue square"], style=["noir", "neon"])
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert _gen(pipe, ["a red circle"], style="pastel").shape == (1, 3, 32, 32)
+
+
+def test_an_ema_copy_into_the_codebook_is_seen_by_the_next_call(tiny_components):
+    """diffusers' EMAModel.copy_to writes `param.data.copy_(...)`: neither the codebook's version counter
+    nor its address moves, and the adapters kept selecting their styles with the old codebook's C^+."""
+    from diffusers.training_utils import EMAModel
+
+    from dmm_ray.tiny import tiny_sd_components
+
+    source = _adapter_pipe(tiny_sd_components(seed=0), seed=5)  # holds the "EMA" weights
+    ema = EMAModel(source.unet.parameters())
+    pipe = _adapter_pipe(tiny_components, seed=0)
+    prompts = ["a red circle", "a blue square"]
+    _gen(pipe, prompts, style="neon")  # fills the C^+ cache
+    ema.copy_to(pipe.unet.parameters())
+    for kw in ({"style": "neon"}, {"style": ["noir", "pastel"]}):
+        torch.testing.assert_close(_gen(pipe, prompts, **kw), _gen(source, prompts, **kw), rtol=0, atol=1e-6)

@@ -337,8 +337,8 @@ def test_sampling_adds_each_runs_delta_in_place_and_matches_the_training_path(ba
 
 
 def test_the_codebooks_pseudo_inverse_is_kept_between_forwards_and_follows_every_change(base, monkeypatch):
-    """Sampling computes C^+ once, not per UNet forward; an optimizer step, a load, add_styles and a
-    move each give the weights of the codebook as it is then (a stale C^+ would select the old styles)."""
+    """Sampling computes C^+ once, not per UNet forward; an optimizer step, a load, add_styles, a move and
+    a `.data.copy_` each give the weights of the codebook as it is then (a stale C^+ would select the old styles)."""
     student, _ = distinct_styles(base, seed=5)
     x, t, ehs = inputs()
     calls = []
@@ -380,3 +380,8 @@ def test_the_codebooks_pseudo_inverse_is_kept_between_forwards_and_follows_every
         cb.data = torch.randn_like(cb)
         got, fresh = weights_now(w4)
         assert torch.equal(got, fresh)
+    # the values overwritten in place through .data (diffusers' EMAModel.copy_to / restore): neither the
+    # version counter nor the address moves
+    style.codebook.weight.data.copy_(torch.randn_like(style.codebook.weight))
+    got, fresh = weights_now(w4)
+    assert torch.equal(got, fresh)

@@ -66,21 +66,20 @@ class StyleEmbedding(nn.Module):
         self._fused: torch.Tensor | None = None  # (N,) style weights folded into the adapted layers (StyleUNet.fused_style)
         self._fused_embeds: torch.Tensor | None = None  # (d,) that style's e~, as the pipeline hands it to the forward
         self._adapters_on = True  # False when every row is the folded style: the hooks then add nothing
-        self._pinv: tuple | None = None  # (codebook parameter, its data then, (version, address, device), C^+)
+        self._pinv: tuple[torch.Tensor, torch.Tensor] | None = None  # (a copy of the codebook, its C^+)
 
     def codebook_pinv(self) -> torch.Tensor:
-        """C^+ (d, N) of the codebook, computed again only when the codebook changed: in place (an
-        optimizer step, a load: its version), its data swapped (a move, `.data =`: its address; the
-        cache holds the old data, so no new tensor can take that address), or a new parameter
-        (add_styles). Sampling reads the same C^+ every forward; a pseudo-inverse per forward was 0.3 ms
-        of a 7 ms toy UNet call, and on a GPU an SVD and a sync per forward."""
-        c = self.codebook.weight
-        if c.is_inference():  # made under torch.inference_mode: no version counter to tell a change by
-            return codebook_pinv(c)
-        key = (c._version, c.data_ptr(), c.device)
-        if self._pinv is None or self._pinv[0] is not c or self._pinv[2] != key:
-            self._pinv = (c, c.detach(), key, codebook_pinv(c))
-        return self._pinv[3]
+        """C^+ (d, N) of the codebook, computed again only when the codebook's values changed: the cache
+        keeps a copy of the codebook (N x d: small) and compares values, so every change counts (an
+        optimizer step, a load, add_styles, a move, `.data =`, and `param.data.copy_`, which diffusers'
+        EMAModel.copy_to / restore use and which moves neither the version counter nor the address).
+        Sampling reads the same C^+ every forward; a pseudo-inverse per forward was 0.3 ms of a 7 ms toy
+        UNet call, and on a GPU an SVD per forward (the comparison is one small read)."""
+        c = self.codebook.weight.detach()
+        cached = self._pinv
+        if cached is None or cached[0].shape != c.shape or cached[0].device != c.device or not torch.equal(cached[0], c):
+            self._pinv = (c.clone(), codebook_pinv(c))
+        return self._pinv[1]
 
     def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
         out = self.mlp(style_embeds)
