@@ -325,3 +325,18 @@ def test_an_ema_copy_into_the_codebook_is_seen_by_the_next_call(tiny_components)
     ema.copy_to(pipe.unet.parameters())
     for kw in ({"style": "neon"}, {"style": ["noir", "pastel"]}):
         torch.testing.assert_close(_gen(pipe, prompts, **kw), _gen(source, prompts, **kw), rtol=0, atol=1e-6)
+
+
+def test_fusing_qkv_projections_is_refused_when_adapters_sit_on_them(tiny_components):
+    """diffusers' fused attention calls to_qkv / to_kv, which carry no adapter hooks: the q/k/v style
+    deltas silently dropped out. A model without q/k/v adapters still fuses."""
+    pipe = _adapter_pipe(tiny_components)
+    with pytest.raises(ValueError, match="bypass the style adapters"):
+        pipe.fuse_qkv_projections()
+    plain = DMMPipeline.from_components(
+        StyleUNet.from_unet(tiny_components["unet"], STYLES), *[tiny_components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")]
+    )
+    plain.set_progress_bar_config(disable=True)
+    before = _gen(plain, ["a red circle"], style="neon")
+    plain.fuse_qkv_projections()
+    torch.testing.assert_close(_gen(plain, ["a red circle"], style="neon"), before, rtol=0, atol=1e-5)

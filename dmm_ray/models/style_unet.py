@@ -364,6 +364,18 @@ class StyleUNet(UNet2DConditionModel):
             for param, data in reversed(saved):
                 param.data = data
 
+    def fuse_qkv_projections(self):
+        """diffusers' fused attention projections, refused when style adapters sit on to_q / to_k / to_v: the
+        fused processor calls the new to_qkv / to_kv layers, which carry neither the adapters' hooks nor
+        their fold, so every style's q/k/v deltas would silently drop out."""
+        adapted = [name for name, _layer in self._adapted_layers if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")]
+        if adapted:
+            raise ValueError(
+                f"fuse_qkv_projections() would bypass the style adapters on {len(adapted)} attention projections "
+                f"({adapted[0]}, ...): the fused to_qkv / to_kv layers carry no style adapters. Leave the projections unfused."
+            )
+        super().fuse_qkv_projections()
+
     def _cannot_fold(self) -> bool:
         """True when offload or casting hooks own the weights (accelerate's `_hf_hook`, diffusers'
         `_diffusers_hook`), an adapted weight is on the meta device, or a GPU has no room for a second copy
