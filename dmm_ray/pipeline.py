@@ -174,6 +174,22 @@ class _StyleCallMixin:
         return pipe
 
     @classmethod
+    def from_official(cls, path: str | Path, **kwargs):
+        """Load a published DMM pipeline folder: its unet in the official format, `model_merge` (SD1.5:
+        DMMPipeline.from_official) or `model_merge_xl` (SDXL: DMMXLPipeline.from_official)."""
+        import inspect
+
+        from dmm_ray.models.official_format import load_official_unet
+
+        folder_xl, class_xl = is_sdxl(path), "text_encoder_2" in inspect.signature(cls.__init__).parameters
+        if folder_xl != class_xl:  # diffusers would load it anyway, dropping or missing a text encoder
+            raise ValueError(
+                f"'{path}' is an {'SDXL' if folder_xl else 'SD1.5'} pipeline folder: load it with {dmm_pipeline_class(path).__name__}.from_official"
+            )
+        unet = load_official_unet(Path(path) / "unet")
+        return cls.from_pretrained(path, unet=unet, **{**pipeline_kwargs(cls), **kwargs})
+
+    @classmethod
     def paper_scheduler(cls, scheduler) -> DPMSolverMultistepScheduler:
         """DPM-Solver++ with the given scheduler's noise schedule."""
         return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
@@ -258,14 +274,6 @@ class DMMPipeline(_StyleCallMixin, StableDiffusionPipeline):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-
-    @classmethod
-    def from_official(cls, path: str | Path, **kwargs) -> "DMMPipeline":
-        """Load a published DMM pipeline folder (unet in the `model_merge` format)."""
-        from dmm_ray.models.official_format import load_official_unet
-
-        unet = load_official_unet(Path(path) / "unet")
-        return cls.from_pretrained(path, unet=unet, safety_checker=None, requires_safety_checker=False, **kwargs)
 
 
 class DMMXLPipeline(_StyleCallMixin, StableDiffusionXLPipeline):

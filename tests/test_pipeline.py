@@ -340,3 +340,28 @@ def test_fusing_qkv_projections_is_refused_when_adapters_sit_on_them(tiny_compon
     before = _gen(plain, ["a red circle"], style="neon")
     plain.fuse_qkv_projections()
     torch.testing.assert_close(_gen(plain, ["a red circle"], style="neon"), before, rtol=0, atol=1e-5)
+
+
+def test_from_official_loads_an_sdxl_folder_as_dmmxlpipeline(tmp_path):
+    """An SDXL folder in the published format (`model_merge_xl`) loads with DMMXLPipeline.from_official and
+    samples as the model it was saved from; DMMPipeline.from_official used to load it as an SD1.5 pipeline
+    (second text encoder dropped) that failed at its first call, and now names the right class."""
+    import shutil
+
+    from dmm_ray.models.official_format import save_official_unet
+    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    c = tiny_sdxl_components(seed=0)
+    c["unet"] = StyleUNet.from_unet(c["unet"], STYLES)
+    xl = DMMXLPipeline(**c)
+    xl.set_progress_bar_config(disable=True)
+    xl.save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "unet")
+    save_official_unet(xl.unet, tmp_path / "unet")
+    with pytest.raises(ValueError, match="DMMXLPipeline.from_official"):
+        DMMPipeline.from_official(tmp_path, local_files_only=True)
+    loaded = DMMXLPipeline.from_official(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.unet, StyleUNet) and loaded.styles == STYLES
+    torch.testing.assert_close(_gen(loaded, ["a red circle"], style="neon"), _gen(xl, ["a red circle"], style="neon"), rtol=0, atol=1e-6)
