@@ -11,6 +11,7 @@ prompt's own style.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -122,6 +123,41 @@ class _StyleCallMixin:
             record, target = Path(str(source)) / name, Path(save_directory) / name
             if source and record.is_file() and not (target.exists() and record.samefile(target)):
                 shutil.copyfile(record, target)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader. A Hub id is first resolved to its snapshot folder in the HF cache (`download`),
+        which the pipeline keeps as its `_name_or_path`: the model's sampler.json and styles.json are read
+        there (by `sampler_defaults`, copied by `save_pretrained`), not from a path the id names under the cwd."""
+        source = str(pretrained_model_name_or_path)
+        if not Path(source).is_dir() and source.count("/") <= 1:  # else diffusers' "neither a local path nor a repo id"
+            source = cls.download(source, **kwargs)  # takes the kwargs it knows; components given are not fetched
+        return super().from_pretrained(source, **kwargs)
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs):
+        """diffusers' download of a Hub pipeline, plus the model's sampler.json and styles.json, which it
+        leaves out (it fetches the components' files only)."""
+        from huggingface_hub import snapshot_download
+
+        from dmm_ray.merged_model import STYLES_RECORD
+
+        folder = super().download(pretrained_model_name, **kwargs)
+        missing = [name for name in (SAMPLER_RECORD, STYLES_RECORD) if not (Path(folder) / name).is_file()]
+        if missing and not kwargs.get("local_files_only"):
+            try:  # the snapshot's own commit (its folder name); a model without the records has nothing to fetch
+                snapshot_download(
+                    pretrained_model_name,
+                    revision=Path(folder).name,
+                    allow_patterns=missing,
+                    cache_dir=kwargs.get("cache_dir"),
+                    token=kwargs.get("token"),
+                )
+            except Exception as error:  # optional records: the model still loads, with the paper's sampler
+                logging.getLogger(__name__).warning(
+                    "could not fetch %s of %s (%s): sampling with the paper's defaults", missing, pretrained_model_name, error
+                )
+        return folder
 
     @classmethod
     def _get_signature_types(cls):

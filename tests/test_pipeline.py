@@ -365,3 +365,37 @@ def test_from_official_loads_an_sdxl_folder_as_dmmxlpipeline(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.unet, StyleUNet) and loaded.styles == STYLES
     torch.testing.assert_close(_gen(loaded, ["a red circle"], style="neon"), _gen(xl, ["a red circle"], style="neon"), rtol=0, atol=1e-6)
+
+
+def test_a_model_loaded_by_hub_id_samples_with_and_saves_its_own_records(pipe, tmp_path, monkeypatch):
+    """Loaded by Hub id, `_name_or_path` was the id, so sampler.json / styles.json were looked up under the
+    cwd: the model sampled with the paper's defaults and save_pretrained dropped its records. diffusers'
+    download also leaves the records out; DMM's download fetches them (here a stand-in for the Hub)."""
+    import json
+
+    import huggingface_hub
+
+    from dmm_ray.merged_model import STYLES_RECORD
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_record
+
+    commit, cache = "0" * 40, tmp_path / "hub"
+    snapshot = cache / "models--me--toy-merge" / "snapshots" / commit
+    pipe.save_pretrained(snapshot)
+    (cache / "models--me--toy-merge" / "refs").mkdir()
+    (cache / "models--me--toy-merge" / "refs" / "main").write_text(commit)
+    record = json.dumps(sampler_record(2, 5.0, ""))
+    fetched = []
+
+    def hub(repo_id, revision, allow_patterns, **kwargs):  # the Hub holds sampler.json, not styles.json
+        fetched.append((repo_id, revision, sorted(allow_patterns)))
+        (snapshot / SAMPLER_RECORD).write_text(record)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    by_id = DMMPipeline.from_pretrained("me/toy-merge", cache_dir=cache)
+    assert fetched == [("me/toy-merge", commit, sorted([SAMPLER_RECORD, STYLES_RECORD]))]
+    assert by_id.sampler_defaults["num_inference_steps"] == 2 and by_id.sampler_defaults["negative_prompt"] == ""
+    by_id.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / SAMPLER_RECORD).read_text() == record
+    offline = DMMPipeline.from_pretrained("me/toy-merge", cache_dir=cache, local_files_only=True)  # the cache alone
+    assert offline.sampler_defaults["num_inference_steps"] == 2 and len(fetched) == 1
