@@ -467,6 +467,12 @@ class MergeConfig(_Section):
         return self.synthesis.resolution or self.data.encode.resolution
 
     @property
+    def merged_images_per_style(self) -> int:
+        """The few-step stage's samples of the merged model per style (the rollout pairs, synthetic_source
+        merged): fast.synthetic_images, else synthesis.images_per_teacher."""
+        return self.fast.synthetic_images or self.synthesis.images_per_teacher
+
+    @property
     def teacher_groups(self) -> int:
         """G = ceil(N / teachers_per_worker): the distinct sets of teachers a worker can host."""
         return -(-len(self.teachers) // self.scaling.teachers_per_worker)

@@ -35,6 +35,8 @@ _SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guid
 _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
 # the few-step stage: how, or what the save and the evaluation do with the trained weights
 _FAST_IGNORED = {"enabled", "checkpoint_every", "log_every", "output_dir", "sampler", "num_inference_steps", "guidance_scale", "eval_steps"}
+# resolved inputs recorded since (fast_inputs): a record made before them lacks them, and still resumes
+_FAST_ADDED_LATER = {"merged_images_per_style", "fast.rollout_step_counts"}
 FAST_STAGE = "fast"
 
 
@@ -139,8 +141,11 @@ def fast_inputs(cfg, model_dir) -> dict[str, Any]:
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
         "data.shards": _shards(cfg),
     }
-    if f.samples_merged_model:  # the merged model's own samples
+    if f.samples_merged_model:  # the merged model's own samples: how they are drawn, and how many per style
         inputs.update({f"synthesis.{k}": getattr(cfg.synthesis, k) for k in _SYNTHESIS_KEYS if k != "images_per_teacher"})
+        inputs["merged_images_per_style"] = cfg.merged_images_per_style
+    if f.rollout_steps:  # the sampler step counts the rollout steps train (by default fast.num_inference_steps)
+        inputs["fast.rollout_step_counts"] = f.rollout_step_counts
     return inputs
 
 
@@ -160,7 +165,8 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> 
     if recorded is None:
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
-        diff = _differences(recorded, json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir))))
+        now = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir)))
+        diff = _differences(recorded, {k: v for k, v in now.items() if k in recorded or k not in _FAST_ADDED_LATER})
         if not diff:
             return
         problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")

@@ -723,6 +723,43 @@ def test_fast_state_resumes_only_from_the_same_model_and_settings(merged_world, 
     fingerprint.check_fast_resume(cfg(lr=1e-3), merged, out)  # nothing left to resume
 
 
+def test_the_resume_check_knows_the_rollout_step_counts_and_the_merged_samples_per_style(merged_world, tmp_path):
+    """With fast.rollout_steps, fast.num_inference_steps is the step count the rollout trains (unless
+    fast.rollout_sampler_steps says), and synthesis.images_per_teacher the merged model's samples per
+    style (unless fast.synthetic_images says): a resume with another value is refused. A record written
+    before they were recorded still resumes."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import fingerprint
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fingerprint import StaleStateError
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+
+    def cfg(images=4, **fast):
+        tree = tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out), "rollout_steps": 2, **fast})
+        tree["synthesis"]["images_per_teacher"] = images
+        return MergeConfig.model_validate(tree).with_absolute_paths()
+
+    fingerprint.record_fast(cfg(), merged, out)
+    (fingerprint.fast_state_path(cfg(), out) / "checkpoint_000001").mkdir(parents=True)
+    fingerprint.check_fast_resume(cfg(), merged, out)
+    with pytest.raises(StaleStateError, match=r"fast\.rollout_step_counts: \[4\] -> \[2\]"):
+        fingerprint.check_fast_resume(cfg(num_inference_steps=2), merged, out)
+    with pytest.raises(StaleStateError, match="merged_images_per_style: 4 -> 8"):
+        fingerprint.check_fast_resume(cfg(images=8), merged, out)
+    pinned = {"rollout_sampler_steps": [2], "synthetic_images": 4}  # set, they decide: the others change nothing
+    fingerprint.record_fast(cfg(**pinned), merged, out)
+    fingerprint.check_fast_resume(cfg(images=8, num_inference_steps=2, **pinned), merged, out)
+    fingerprint.record_fast(cfg(), merged, out)
+    record = json.loads((out / fingerprint.RECORD).read_text())  # as the code before these keys wrote it
+    for key in ("fast.rollout_step_counts", "merged_images_per_style"):
+        del record["fast"][key]
+    (out / fingerprint.RECORD).write_text(json.dumps(record))
+    fingerprint.check_fast_resume(cfg(), merged, out)
+
+
 def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path):
     """Two few-step jobs in one folder would train into the same state and save over each other: the
     second refuses before anything (no Ray, no data), naming the first; a job that ends, even refused

@@ -98,7 +98,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     from dmm_ray.teachers import files_checksum
 
     s, folder = cfg.synthesis, out / "synthesized"
-    n = cfg.fast.synthetic_images or s.images_per_teacher
+    n = cfg.merged_images_per_style
     resolution = cfg.synthesis_resolution
     made_by = {
         "model": str(model_dir),
