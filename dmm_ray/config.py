@@ -366,6 +366,7 @@ class MergeConfig(_Section):
         if self.incremental.base_merged:
             fsu.require_local("incremental.base_merged", self.incremental.base_merged)
         fsu.require_local("evaluation.output_dir", self.evaluation.output_dir)
+        self.fast.batch_split(self.data.stream.batch_size)  # the few-step stage's batch split: not first inside its workers
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"

@@ -208,6 +208,37 @@ def test_fast_config_checks_and_bad_model_folder(tmp_path):
         check_model_folder(tmp_path / "half")
 
 
+def test_fast_settings_that_do_not_fit_the_model_or_batch_are_refused_before_ray(merged_world, tmp_path):
+    """What the workers would only find after Ray starts and the models load (each retried
+    scaling.max_failures times) is refused first, naming the fast.* key and what would fit: the config
+    for the batch split, the model folder's check (its schedule, its UNet's layers) for the rest."""
+    from merge_fixtures import tiny_merge_config
+    from pydantic import ValidationError
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import FastError, check_model_folder, run_fast
+
+    world, merged = merged_world
+    with pytest.raises(
+        ValidationError, match=r"fast\.synthetic_fraction=0\.5 of a batch of 1 leaves 0 synthetic rows; use a larger fast\.batch_size"
+    ):
+        MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"synthetic_fraction": 0.5, "batch_size": 1}))
+    bad = {
+        "fast.solver_substeps 500 must be 1-20": {"solver_substeps": 500},
+        "fast.num_ddim_timesteps 2000 is above the model's 1000 training timesteps": {"num_ddim_timesteps": 2000},
+        r"fast.lora_targets \['nomatch'\] matched no layer of the UNet: .*'to_q'": {"lora_targets": ["nomatch"]},
+    }
+    for message, fast in bad.items():
+        with pytest.raises(FastError, match=message):
+            check_model_folder(merged, FastConfig(**fast))
+    check_model_folder(merged, FastConfig(mode="full", lora_targets=["nomatch"]))  # no LoRA in full mode
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"solver_substeps": 500})).with_absolute_paths()
+    with pytest.raises(FastError, match="solver_substeps 500"):
+        run_fast(cfg, merged)  # the stage itself, before its lock, Ray or data
+    with pytest.raises(ValueError, match="matched no layer"):  # the workers' own check, the same one
+        add_lcm_lora(_student(), FastConfig(lora_targets=["nomatch"]))
+
+
 def test_the_trained_line_of_a_finished_stage_run_again_says_nothing_was_trained():
     from dmm_ray.fast.job import trained_line
 

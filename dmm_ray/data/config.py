@@ -136,3 +136,14 @@ class DataConfig(BaseModel):
 def _join(root: Optional[str], name: str) -> str:
     assert root is not None
     return root.rstrip("/") + "/" + name
+
+
+def split_batch(batch_size: int, synthetic_fraction: float, keys=("data.synthetic_fraction", "data.stream.batch_size")) -> tuple[int, int]:
+    """(rows from the common stream, rows from the synthesized sets) of one batch; `keys`: the fraction's
+    and the batch size's config keys, named when the fraction leaves no row of either."""
+    synthetic = int(round(batch_size * synthetic_fraction))
+    if synthetic_fraction > 0 and not 0 < synthetic < batch_size:
+        raise ValueError(
+            f"{keys[0]}={synthetic_fraction} of a batch of {batch_size} leaves {synthetic} synthetic rows; use a larger {keys[1]} or another fraction"
+        )
+    return batch_size - synthetic, synthetic

@@ -11,6 +11,7 @@ import itertools
 
 import torch
 
+from dmm_ray.data.config import split_batch  # torch-free, so the config checks with it too
 from dmm_ray.distill.health import TrainingInputError
 
 
@@ -70,17 +71,6 @@ def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, d
         )
 
     return EpochStream(epoch_batches, name, consumed // n, consumed % n)
-
-
-def split_batch(batch_size: int, synthetic_fraction: float) -> tuple[int, int]:
-    """(rows from the common stream, rows from the style's own synthesized set) of one style's batch."""
-    synthetic = int(round(batch_size * synthetic_fraction))
-    if synthetic_fraction > 0 and not 0 < synthetic < batch_size:
-        raise ValueError(
-            f"data.synthetic_fraction={synthetic_fraction} of a batch of {batch_size} leaves "
-            f"{synthetic} synthetic rows; use a larger data.stream.batch_size or another fraction"
-        )
-    return batch_size - synthetic, synthetic
 
 
 MIXTURE_SEED_OFFSET = 7919  # the mixture block's t / eps / dropout draws: not those of the plain rows of the same images

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..data.config import split_batch
 from ..defaults import FEW_STEP_SCHEDULERS
 
 # diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets
@@ -141,6 +142,11 @@ class FastConfig(BaseModel):
     def rollout_step_counts(self) -> list[int]:
         """The sampler step counts the rollout steps train: fast.rollout_sampler_steps, else the saved model's."""
         return list(self.rollout_sampler_steps or [self.num_inference_steps])
+
+    def batch_split(self, stream_batch_size: int) -> tuple[int, int]:
+        """(rows of the latent shards, synthesized rows) of one batch (fast.batch_size, default the
+        merge's data.stream.batch_size); a ValueError naming fast.* when a fraction leaves no row of either."""
+        return split_batch(self.batch_size or stream_batch_size, self.synthetic_fraction, ("fast.synthetic_fraction", "fast.batch_size"))
 
     @property
     def samples_merged_model(self) -> bool:

@@ -46,8 +46,10 @@ class FastError(ValueError):
     """A bad few-step setup (model folder, mode, data), said before Ray starts."""
 
 
-def check_model_folder(model_dir: str | Path) -> list[str]:
-    """The merged model's style names, or a FastError that says what is wrong with the folder."""
+def check_model_folder(model_dir: str | Path, fast=None) -> list[str]:
+    """The merged model's style names, or a FastError that says what is wrong with the folder, or, with
+    `fast` (a FastConfig), with the fast.* settings that depend on the model: its schedule (the solver
+    grid and sub-steps) and its UNet's layers (fast.lora_targets)."""
     from dmm_ray.models.style_unet import merged_style_names
 
     folder = Path(model_dir)
@@ -62,7 +64,28 @@ def check_model_folder(model_dir: str | Path) -> list[str]:
         raise FastError(f"--model {folder}: {error}") from None
     if (folder / FAST_RECORD).is_file():
         raise FastError(f"--model {folder} is already a few-step model ({FAST_RECORD}); distill the merged model it came from")
+    if fast is not None:
+        _check_settings_fit(folder, fast)
     return names
+
+
+def _check_settings_fit(folder: Path, fast) -> None:
+    """The checks the workers would make after Ray starts and the models load (dmm_ray.fast.lcm), made on
+    the model's configs: the schedule's timesteps, and the UNet built on the meta device (no weights read)."""
+    import torch
+
+    from dmm_ray.fast.lcm import lora_config, solver_skip
+    from dmm_ray.models.style_unet import StyleUNet
+
+    try:
+        schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        solver_skip(schedule.get("num_train_timesteps", 1000), fast)
+        if fast.mode == "lora":
+            with torch.device("meta"):
+                unet = StyleUNet.from_config(StyleUNet.load_config(folder / "unet"))
+            lora_config(unet, fast)
+    except ValueError as error:
+        raise FastError(f"{error} (--model {folder})") from None
 
 
 def fast_dir(cfg: MergeConfig) -> Path:
@@ -289,7 +312,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
 
     started = time.time()
     model_dir = Path(model_dir).resolve()
-    styles = check_model_folder(model_dir)
+    styles = check_model_folder(model_dir, cfg.fast)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     fix = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"

@@ -80,6 +80,23 @@ class LCMSettings:
         )
 
 
+def solver_skip(num_train_timesteps: int, settings) -> int:
+    """The timesteps in one solver skip (num_train_timesteps // num_ddim_timesteps), or a ValueError naming
+    the setting (FastConfig / LCMSettings) that does not fit the model's schedule."""
+    n, k = settings.num_ddim_timesteps, settings.solver_substeps
+    if n > num_train_timesteps:
+        raise ValueError(
+            f"fast.num_ddim_timesteps {n} is above the model's {num_train_timesteps} training timesteps: "
+            f"the solver grid is a subset of them; use at most {num_train_timesteps} (the reference: 50)"
+        )
+    skip = num_train_timesteps // n
+    if not 1 <= k <= skip:
+        raise ValueError(
+            f"fast.solver_substeps {k} must be 1-{skip} (the timesteps in one solver skip: {num_train_timesteps} // fast.num_ddim_timesteps {n})"
+        )
+    return skip
+
+
 @dataclass
 class Draw:
     """The randomness of one batch: solver index (B,), noise like the latents, LCM-form w (B,)."""
@@ -102,10 +119,8 @@ class ConsistencyObjective:
         self.prediction_type = noise_scheduler.config.prediction_type
         ac = noise_scheduler.alphas_cumprod.float()
         self.alphas, self.sigmas = ac.sqrt(), (1 - ac).sqrt()
+        self.topk = solver_skip(noise_scheduler.config.num_train_timesteps, settings)
         self.solver = DDIMSolver(ac, noise_scheduler.config.num_train_timesteps, settings.num_ddim_timesteps)
-        self.topk = noise_scheduler.config.num_train_timesteps // settings.num_ddim_timesteps
-        if not 1 <= settings.solver_substeps <= self.topk:
-            raise ValueError(f"fast.solver_substeps {settings.solver_substeps} must be 1-{self.topk} (the timesteps in one solver skip)")
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> Draw:
         b = latents.shape[0]
@@ -179,16 +194,29 @@ def update_ema(target_params, source_params, rate: float) -> None:
 def add_lcm_lora(unet, fast) -> list[torch.nn.Parameter]:
     """A LoRA (PEFT, through diffusers' `add_adapter`) on the merged UNet; every other weight frozen.
     Returns the trainable LoRA parameters."""
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=fast.lora_rank, lora_alpha=fast.lora_alpha or fast.lora_rank, target_modules=list(fast.lora_targets)))
+    unet.add_adapter(lora_config(unet, fast))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
-    if not params:
-        raise ValueError(f"fast.lora_targets {fast.lora_targets} matched no layer of the UNet")
     return params
+
+
+def lora_config(unet, fast):
+    """The LCM-LoRA's PEFT config, or a ValueError when fast.lora_targets names no layer of `unet` (PEFT's
+    own match: a module's name or its dotted suffix). The weights are not read: a meta-device UNet does."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(r=fast.lora_rank, lora_alpha=fast.lora_alpha or fast.lora_rank, target_modules=list(fast.lora_targets))
+    if not any(check_target_module_exists(config, name) for name, _ in unet.named_modules()):
+        from dmm_ray.fast.config import LCM_LORA_TARGETS
+
+        raise ValueError(
+            f"fast.lora_targets {list(fast.lora_targets)} matched no layer of the UNet: give suffixes of its module names, "
+            f"e.g. the default (the reference's) {LCM_LORA_TARGETS}"
+        )
+    return config
 
 
 def full_trainable(unet) -> list[torch.nn.Parameter]:

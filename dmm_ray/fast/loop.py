@@ -96,7 +96,7 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray.distill.conditioning import load_base_conditioner
     from dmm_ray.distill.loop import _mlflow_logger
     from dmm_ray.distill.step import concat_batches
-    from dmm_ray.distill.streams import EpochStream, cached_stream, split_batch
+    from dmm_ray.distill.streams import EpochStream, cached_stream
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
     from dmm_ray.models.style_unet import StyleUNet
 
@@ -145,7 +145,7 @@ def train_fast_per_worker(config: dict) -> None:
     objective = ConsistencyObjective(student_ddp, teacher, scheduler, LCMSettings.from_config(f), target=target)
 
     batch_size = f.batch_size or cfg.data.stream.batch_size
-    n_common, n_synth = split_batch(batch_size, f.synthetic_fraction)  # rows of the latent shards, of the synthesized sets
+    n_common, n_synth = f.batch_split(cfg.data.stream.batch_size)  # rows of the latent shards, of the synthesized sets
     stream_cfg = cfg.data.model_copy(
         update={"stream": cfg.data.stream.model_copy(update={"batch_size": n_common, "caption_dropout": f.caption_dropout})}
     )
