@@ -186,8 +186,9 @@ def record_fast(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
 
 
 def discard_fast_state(cfg, out: Path) -> list[Path]:
-    """--restart: the few-step stage's training state and record; its saved model is kept."""
-    return _remove([fast_state_path(cfg, out), Path(out) / RECORD])
+    """--restart: the few-step stage's training state and record; its saved model is kept. The
+    folder may be the merge's output_dir: its stages' records stay (`_forget`)."""
+    return _remove([fast_state_path(cfg, out)]) + _forget(Path(out), [FAST_STAGE])
 
 
 def _remote(out) -> bool:
@@ -273,6 +274,10 @@ def record(cfg, out: Path | str, stage: str) -> None:
     """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state)."""
     recorded = _read(out)
     recorded[stage] = json.loads(json.dumps(stage_inputs(cfg, stage)))
+    _write(out, recorded)
+
+
+def _write(out: Path | str, recorded: dict) -> None:
     if _remote(out):
         from dmm_ray.data import fs as fsu
 
@@ -291,10 +296,25 @@ def _write_local(out: Path, recorded: dict) -> None:
 
 
 def discard_state(cfg, out: Path | str) -> list[Path]:
-    """--restart: remove every stage's resumable state and the record; the merged model is kept."""
+    """--restart: remove every stage's resumable state and their records; the merged model is kept, and
+    so is the record of a few-step stage whose folder (fast.output_dir) is this one (`_forget`)."""
     from dmm_ray.data import fs as fsu
 
-    return _remove([p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages"), fsu.location_join(out, RECORD)])
+    return _remove([p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages")]) + _forget(out, STAGES)
+
+
+def _forget(out: Path | str, stages) -> list:
+    """Drop `stages`' records from the folder's record, the file itself once no other is left (a merge and
+    its few-step stage may share one folder, each with its own --restart); [the file] when it was removed."""
+    from dmm_ray.data import fs as fsu
+
+    recorded = _read(out)
+    kept = {k: v for k, v in recorded.items() if k not in stages}
+    if not kept:
+        return _remove([fsu.location_join(out, RECORD)])
+    if kept != recorded:
+        _write(out, kept)
+    return []
 
 
 def _remove(targets: list) -> list:

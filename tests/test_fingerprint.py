@@ -109,3 +109,29 @@ def test_rerun_with_changed_settings_stops_before_ray_and_restart_runs(ray_clust
     assert result.stage_metrics["distill"]["resumed_from"] == 0 and result.stage_metrics["distill"]["step"] == 2
     assert (out / "merged" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != first
     assert fingerprint._read(out)["distill"]["distill.lr"] == 1e-3
+
+
+def test_a_merge_and_its_few_step_stage_in_one_folder_each_restart_only_their_own_state(world, tmp_path):
+    """fast.output_dir may be the merge's output_dir: both then record in its fingerprints.json. Each
+    --restart discards its own state and record only, so the other's state still resumes; the last
+    record to go takes the file with it."""
+    out, model = tmp_path / "out", world["base"]  # any folder with a unet/ stands for the merged model
+    cfg = _cfg(world, out, fast={"output_dir": str(out)})
+
+    def fast_state():
+        fingerprint.record_fast(cfg, model, out)
+        folder = fingerprint.fast_state_path(cfg, out) / "checkpoint_000001"
+        folder.mkdir(parents=True)
+        (folder / "trainable.pt").write_bytes(b"x")
+
+    fingerprint.record(cfg, out, "distill")
+    _fake_state(cfg, out, "distill")
+    fast_state()
+    assert fingerprint.discard_fast_state(cfg, out) == [fingerprint.fast_state_path(cfg, out)]  # jobs/fast.py --restart
+    assert set(fingerprint._read(out)) == {"distill"}
+    fingerprint.check_resume(cfg, out, ["distill"])  # the merge's state still resumes
+    fast_state()
+    fingerprint.discard_state(cfg, out)  # jobs/merge.py --restart (without fast.enabled)
+    assert set(fingerprint._read(out)) == {"fast"}
+    fingerprint.check_fast_resume(cfg, model, out)  # the few-step job's state still resumes
+    assert fingerprint.discard_fast_state(cfg, out)[-1] == out / fingerprint.RECORD and not (out / fingerprint.RECORD).exists()
