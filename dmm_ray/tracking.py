@@ -522,11 +522,12 @@ class StageTracker(MergeTracker):
         self.stage_run_id: str | None = None
         self.stage_name = "merge"
 
-    def start_stage(self, name: str, cfg: Any = None) -> dict | None:
+    def start_stage(self, name: str, cfg: Any = None, output: str | Path | None = None) -> dict | None:
+        """`output`: the folder whose lock the caller holds, the run's OUTPUT_TAG (default: cfg.output_dir)."""
         if not self.enabled:
             return None
         mlflow = _mlflow()
-        output = getattr(cfg, "output_dir", None)
+        output = output or getattr(cfg, "output_dir", None)
         tags = {OUTPUT_TAG: str(output)} if output else {}
         if output:
             self.close_stale_runs(str(output), name)

@@ -818,6 +818,48 @@ def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path
     assert not (out / FAST_LOCK).exists()  # ... and the lock went with it
 
 
+def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world, tmp_path, monkeypatch):
+    """Two few-step jobs from one config into two folders (README: --output-dir /tmp/fast and
+    /tmp/lcm_only) each hold their own folder's fast.lock only: the second job's start leaves the
+    first, live job's MLflow run RUNNING; a run of its own folder left RUNNING (a job that died) it
+    marks KILLED."""
+    from merge_fixtures import tiny_merge_config
+    from mlflow import MlflowClient
+
+    import dmm_ray.data.stream
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.tracking import OUTPUT_TAG, make_tracker
+
+    class Training(Exception):
+        pass
+
+    def training(*args, **kwargs):
+        raise Training
+
+    world, merged = merged_world
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    monkeypatch.setattr(fast_job, "init_for_training", lambda address: False)  # no Ray, no data: the job up to its training
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job: None)
+    monkeypatch.setattr(dmm_ray.data.stream, "build_latent_dataset", training)
+
+    def job(folder: str) -> str:
+        """A few-step job into `folder` until its training starts; its run then RUNNING, as a live job's is."""
+        tree = tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(tmp_path / folder)}, tracking={"tracking_uri": uri})
+        tracker = make_tracker(MergeConfig.model_validate(tree).with_absolute_paths())
+        with pytest.raises(Training):
+            fast_job.run_fast(MergeConfig.model_validate(tree).with_absolute_paths(), merged, tracker=tracker, evaluate=False)
+        client.update_run(tracker.stage_run_id, status="RUNNING")
+        return tracker.stage_run_id
+
+    live, dead = job("fast_a"), job("fast_b")
+    assert client.get_run(live).info.status == "RUNNING"  # job B's start left job A's run alone
+    assert client.get_run(live).data.tags[OUTPUT_TAG] == str(tmp_path / "fast_a")
+    job("fast_b")
+    assert client.get_run(dead).info.status == "KILLED" and client.get_run(live).info.status == "RUNNING"
+
+
 def test_fast_job_checks_its_evaluation_before_training(merged_world, tmp_path, capsys, monkeypatch):
     """jobs/fast.py evaluates at fast.eval_steps after training: missing prompts are refused first
     (exit 2, naming the key), and --no-eval skips the check."""
