@@ -324,7 +324,8 @@ def merged_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fast_model(merged_world, tmp_path_factory):
-    """A few-step model saved by `save_fast_model` from a LoRA checkpoint with non-zero weights (no Ray)."""
+    """A few-step model saved by `save_fast_model` from a LoRA checkpoint with non-zero weights (no Ray),
+    at lora_alpha != lora_rank (the LoRA's scale is not 1)."""
     from merge_fixtures import tiny_merge_config
 
     from dmm_ray.config import MergeConfig
@@ -333,7 +334,7 @@ def fast_model(merged_world, tmp_path_factory):
 
     world, merged = merged_world
     out = tmp_path_factory.mktemp("fast_model")
-    cfg = MergeConfig.model_validate(tiny_merge_config(world, out / "run", fast={"lora_rank": 4}))
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out / "run", fast={"lora_rank": 4, "lora_alpha": 8.0}))  # scale 2
     torch.manual_seed(0)
     student, params = build_student(merged, cfg.fast)
     with torch.no_grad():
@@ -409,7 +410,7 @@ def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
 
     path, merged = fast_model
     fused, base = _load(path), _load(merged)
-    base.load_lora_weights(path / LORA_DIR)  # "the LoRA applied on the merged model"
+    base.load_lora_weights(path / LORA_DIR)  # "the LoRA applied on the merged model", at its alpha / rank (fast_model: 2)
     x, t, e, ids = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 77, 32), torch.tensor([0, 1])
     with torch.no_grad():
         merged_out = _load(merged).unet(x, t, e, style_ids=ids).sample

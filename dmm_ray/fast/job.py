@@ -208,8 +208,12 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         from peft import get_peft_model_state_dict
 
         # PEFT-format keys: diffusers' load_lora_weights reads them back onto the merged model (the reference's
-        # convert_state_dict_to_diffusers would write attention layers in the old lora.down/up form, which it then skips)
-        cls.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=get_peft_model_state_dict(student), safe_serialization=True)
+        # convert_state_dict_to_diffusers would write attention layers in the old lora.down/up form, which it then skips).
+        # It reads them back at scale 1 (no alphas; the adapter metadata that could carry lora_alpha needs diffusers
+        # >= 0.34), so lora_B holds the trained scale lora_alpha / lora_rank
+        scale = (f.lora_alpha or f.lora_rank) / f.lora_rank
+        layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(student).items()}
+        cls.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=layers, safe_serialization=True)
         student.fuse_lora()
         student.unload_lora()
     unet = StyleUNet.from_pretrained(model_dir / "unet")  # a clean StyleUNet (no PEFT state) with the distilled weights
