@@ -85,9 +85,7 @@ def _create(path: Path, owner: dict) -> bool:
     return True
 
 
-def acquire(
-    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str = "output_dir", fix: str = "--set output_dir=NEW_DIR"
-) -> dict:
+def acquire(out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR") -> dict:
     """Take `out`'s lock (the file `name` in it) or raise OutputDirBusyError naming its owner. In the
     messages, `job` names the kind of job, `what` the folder it guards (default "output_dir <out>")
     and `fix` the way to write elsewhere. Returns the owner record written."""
@@ -130,7 +128,7 @@ def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:
 
 @contextmanager
 def hold(
-    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str = "output_dir", fix: str = "--set output_dir=NEW_DIR"
+    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR"
 ) -> Iterator[dict]:
     """`with hold(out):` the job's body; the lock is released when it returns or raises (see `acquire`)."""
     owner = acquire(out, warn, name, job, what, fix)

@@ -49,6 +49,7 @@ def test_live_lock_refuses_before_ray_and_names_the_owner(world, tmp_path, monke
     with pytest.raises(OutputDirBusyError) as error:
         merge.run_merge(MergeConfig.model_validate(tiny_merge_config(world, out)))
     text = str(error.value)
+    assert text.startswith(f"output_dir {out} is in use by another merge (")  # names the folder, as README's example
     assert f"pid {os.getpid()}" in text and f"host {socket.gethostname()}" in text and "output_dir=NEW_DIR" in text
     assert json.loads(lock.read_text())["pid"] == os.getpid()  # the owner's lock is untouched
 
@@ -57,7 +58,7 @@ def test_lock_of_another_host_refuses_and_says_how_to_remove_it(tmp_path):
     lock = _write_lock(tmp_path, 1, host="some-other-node")
     with pytest.raises(OutputDirBusyError, match="host some-other-node, pid 1") as error:
         output_lock.acquire(tmp_path)
-    assert f"delete {lock}" in str(error.value)
+    assert f"delete {lock}" in str(error.value) and str(error.value).startswith(f"output_dir {tmp_path} is in use")
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
