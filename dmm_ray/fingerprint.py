@@ -5,9 +5,11 @@ synthesized sets are kept) only when the stage's inputs are what they were when 
 Otherwise the merge stops before Ray starts, naming what changed and the two ways out.
 
 Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
-  synthesize  teachers (order, sources, content checksums), synthesis settings, prompts, seed
+  synthesize  teachers (order, sources, content checksums), synthesis settings, prompts, seed, an
+              incremental merge's previous model (path, UNet checksum)
   distill     teachers, student base (checksum) and options, distill settings, data stream, latent shards,
-              worker layout, incremental settings, seed (+ the synthesized set's inputs when it is mixed in)
+              worker layout, incremental settings (the previous model's UNet checksum too), seed (+ the
+              synthesized set's inputs when it is mixed in)
   finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
   fast        (the few-step stage, in its own output folder) the merged model (path, UNet checksum), the
               fast training settings, the data stream and shards, the synthesized rows' source, seed
@@ -38,6 +40,9 @@ _FAST_IGNORED = {"enabled", "checkpoint_every", "log_every", "output_dir", "samp
 # resolved inputs recorded since (fast_inputs): a record made before them lacks them, and still resumes
 _FAST_ADDED_LATER = {"merged_images_per_style", "fast.rollout_step_counts"}
 FAST_STAGE = "fast"
+# inputs recorded since a later version: a record made before them lacks the key and still resumes
+# (compared from the next record on); every run records them, None when there is nothing to read
+_ADDED_LATER = {"incremental.base_merged.checksum"}
 
 
 class StaleStateError(ValueError):
@@ -91,6 +96,8 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         **{f"synthesis.{k}": getattr(s, k) for k in _SYNTHESIS_KEYS},
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
+        # the previous merged model's weights (re-made in place, its path alone would resume stale state)
+        "incremental.base_merged.checksum": _base_checksum(cfg.incremental.base_merged) if cfg.incremental.base_merged else None,
     }
     if cfg.old_style_samples:  # the previous model samples its old styles too (added later: left out when off)
         synthesize["incremental.old_style_samples"] = True
@@ -115,6 +122,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "scaling.workers_per_teacher": cfg.workers_per_teacher,
         "workers": cfg.num_workers,
         **{f"incremental.{k}": v for k, v in cfg.incremental.model_dump(mode="json").items() if k != "old_style_samples"},
+        "incremental.base_merged.checksum": synthesize["incremental.base_merged.checksum"],
         **({"incremental.old_style_samples": True} if cfg.old_style_samples else {}),  # resolved; left out when off
     }
     if cfg.data.synthetic_fraction > 0:
@@ -230,6 +238,8 @@ def _read(out) -> dict:
 def _differences(old: dict, new: dict) -> list[str]:
     lines = []
     for key in sorted(set(old) | set(new)):
+        if key not in old and key.removeprefix("synthesized.") in _ADDED_LATER:
+            continue  # recorded by an older dmm-ray, before this input was
         if old.get(key) != new.get(key):
             if key == "teachers" and old.get(key) and new.get(key):
                 was, now = [t["name"] for t in old[key]], [t["name"] for t in new[key]]

@@ -66,12 +66,63 @@ def test_changed_teacher_weights_refuse(world, tmp_path):
     cfg = _cfg(local, out)
     fingerprint.record(cfg, out, "distill")
     _fake_state(cfg, out, "distill")
-    weights = next((teachers / "t0" / "unet").glob("*.safetensors"))
+    _flip_last_byte(teachers / "t0" / "unet")
+    with pytest.raises(StaleStateError, match="teacher 'style0': checksum changed"):
+        fingerprint.check_resume(cfg, out, ["distill"])
+
+
+def _flip_last_byte(folder: Path) -> None:
+    weights = next(folder.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one byte of the weights
     weights.write_bytes(bytes(data))
-    with pytest.raises(StaleStateError, match="teacher 'style0': checksum changed"):
-        fingerprint.check_resume(cfg, out, ["distill"])
+
+
+def test_a_previous_merged_model_remade_in_place_refuses(world, tmp_path):
+    """incremental.base_merged was fingerprinted by its path only: the previous merged model re-made in
+    the same folder with other weights let a re-run resume what the old one made (synthesize, distill)."""
+    import shutil
+
+    merged = shutil.copytree(world["base"], tmp_path / "merged")  # only its files matter here
+    out = tmp_path / "out"
+    cfg = _cfg(world, out, data={"synthetic_fraction": 0.5}, incremental={"base_merged": str(merged), "regularization": False})
+    stages = ["synthesize", "distill", "finetune"]
+    for stage in stages:
+        fingerprint.record(cfg, out, stage)
+        _fake_state(cfg, out, stage)
+    fingerprint.check_resume(cfg, out, stages)  # unchanged: resume
+    _flip_last_byte(merged / "unet")
+    with pytest.raises(StaleStateError, match="incremental.base_merged.checksum") as error:
+        fingerprint.check_resume(cfg, out, stages)
+    assert all(f"{stage} (" in str(error.value) for stage in stages)
+
+
+def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
+    """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
+    older dmm-ray) resumes as before; once recorded, they are compared."""
+    import json
+    import shutil
+
+    merged = shutil.copytree(world["base"], tmp_path / "merged")
+    out = tmp_path / "out"
+    cfg = _cfg(world, out, data={"synthetic_fraction": 0.5}, incremental={"base_merged": str(merged), "regularization": False})
+    stages = ["synthesize", "distill", "finetune"]
+    for stage in stages:
+        fingerprint.record(cfg, out, stage)
+        _fake_state(cfg, out, stage)
+    recorded = json.loads((out / fingerprint.RECORD).read_text())
+    for stage in stages:
+        added = [k for k in recorded[stage] if k.removeprefix("synthesized.") in fingerprint._ADDED_LATER]
+        assert added
+        for key in added:
+            del recorded[stage][key]
+    (out / fingerprint.RECORD).write_text(json.dumps(recorded))
+    fingerprint.check_resume(cfg, out, stages)
+    for stage in stages:  # the resumed stage records them when it starts: from then on they count
+        fingerprint.record(cfg, out, stage)
+    _flip_last_byte(merged / "unet")
+    with pytest.raises(StaleStateError, match="incremental.base_merged.checksum"):
+        fingerprint.check_resume(cfg, out, stages)
 
 
 def test_unrecorded_state_refuses_and_restart_discards_it(world, tmp_path):
