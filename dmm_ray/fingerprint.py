@@ -7,7 +7,8 @@ Otherwise the merge stops before Ray starts, naming what changed and the two way
 Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
   synthesize  teachers (order, sources, content checksums), synthesis settings, prompts, seed, an
               incremental merge's previous model (path, UNet checksum)
-  distill     teachers, student base (checksum) and options, distill settings, data stream, latent shards,
+  distill     teachers, student base (checksums: UNet, text encoder(s) and tokenizer(s)) and options,
+              distill settings, data stream (+ its noise schedule and tokenizer: data.base, data.tokenizer), latent shards,
               worker layout, incremental settings (the previous model's UNet checksum too), seed (+ the
               synthesized set's inputs when it is mixed in)
   finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
@@ -42,7 +43,7 @@ _FAST_ADDED_LATER = {"merged_images_per_style", "fast.rollout_step_counts"}
 FAST_STAGE = "fast"
 # inputs recorded since a later version: a record made before them lacks the key and still resumes
 # (compared from the next record on); every run records them, None when there is nothing to read
-_ADDED_LATER = {"incremental.base_merged.checksum"}
+_ADDED_LATER = {"incremental.base_merged.checksum", "student.base.conditioning.checksum", "data.scheduler.checksum", "data.tokenizer.checksum"}
 
 
 class StaleStateError(ValueError):
@@ -85,6 +86,14 @@ def _base_checksum(base: str) -> str:
     return files_checksum([unet if unet.exists() else Path(base)])
 
 
+def _folders_checksum(*folders) -> str | None:
+    """`files_checksum` of the local folders among `folders` that exist (None when none does)."""
+    from dmm_ray.teachers import files_checksum
+
+    present = [Path(f) for f in folders if f and Path(f).exists()]
+    return files_checksum(present) if present else None
+
+
 def stage_inputs(cfg, stage: str) -> dict[str, Any]:
     """Everything that determines `stage`'s result, as flat dotted keys."""
     if stage not in STAGES:
@@ -109,6 +118,10 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "teachers": synthesize["teachers"],
         "seed": cfg.seed,
         "student.base.checksum": _base_checksum(cfg.student.base),
+        # the student's conditioning: the base's text encoder(s) and tokenizer(s) (distill/conditioning.py)
+        "student.base.conditioning.checksum": _folders_checksum(
+            *(Path(cfg.student.base) / n for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+        ),
         **{f"student.{k}": v for k, v in cfg.student.model_dump(mode="json").items() if k != "base"},
         **{
             f"distill.{k}": v
@@ -116,6 +129,9 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
             if k not in _DISTILL_IGNORED and _DISTILL_OMITTED_AT.get(k, object()) != v
         },
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
+        # what the workers read from data.base: the noise schedule (None: SD1.5's) and the stream's tokenizer
+        "data.scheduler.checksum": _folders_checksum(cfg.data.scheduler_path()),
+        "data.tokenizer.checksum": _folders_checksum(cfg.data.tokenizer_path()),
         "data.synthetic_fraction": cfg.data.synthetic_fraction,
         "data.shards": _shards(cfg),
         "scaling.teachers_per_worker": cfg.scaling.teachers_per_worker,

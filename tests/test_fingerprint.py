@@ -97,6 +97,31 @@ def test_a_previous_merged_model_remade_in_place_refuses(world, tmp_path):
     assert all(f"{stage} (" in str(error.value) for stage in stages)
 
 
+@pytest.mark.parametrize(
+    "section, part, key",
+    [
+        ("data", "scheduler", "data.scheduler.checksum"),  # the workers' noise schedule
+        ("data", "tokenizer", "data.tokenizer.checksum"),  # the stream's token ids
+        ("student", "text_encoder", "student.base.conditioning.checksum"),  # the student's text conditioning
+    ],
+)
+def test_a_base_whose_schedule_tokenizer_or_text_encoder_changed_refuses(world, tmp_path, section, part, key):
+    """What the distill workers read from data.base and student.base beside the student's UNet: these
+    folders changed, a re-run used to resume the checkpoint made with the old ones."""
+    import shutil
+
+    base = shutil.copytree(world["base"], tmp_path / "base")
+    out = tmp_path / "out"
+    cfg = _cfg(world, out, **{section: {"base": str(base)}})
+    fingerprint.record(cfg, out, "distill")
+    _fake_state(cfg, out, "distill")
+    fingerprint.check_resume(cfg, out, ["distill"])  # unchanged: resume
+    changed = sorted(p for p in (base / part).iterdir() if p.is_file())[0]
+    changed.write_bytes(changed.read_bytes() + b"\n")
+    with pytest.raises(StaleStateError, match=rf"{key}: "):
+        fingerprint.check_resume(cfg, out, ["distill"])
+
+
 def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""
