@@ -173,7 +173,16 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
             raise TeacherError(f"incremental.base_merged: {error}") from None
         clash = sorted(set(old) & {t.name for t in cfg.teachers})
         if clash:
-            raise TeacherError(f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names")
+            own = merged.resolve() == (Path(cfg.output_dir) / "merged").resolve()  # a save of this very merge replaced it
+            raise TeacherError(
+                f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names"
+                + (
+                    f". {merged} is this merge's own output: a run of it already saved the merged model there in place of "
+                    "the previous one; to merge again, point incremental.base_merged at a copy of the previous model"
+                    if own
+                    else ""
+                )
+            )
         want, got = folder_architecture(cfg.student.base), folder_architecture(merged)
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
@@ -288,11 +297,16 @@ def _student_from_result(result, dest: Path) -> Path:
     return _copy_from_result(result, dest, "student")
 
 
-def all_teachers(cfg: MergeConfig) -> list:
-    """Teacher specs of every style of the merged model, in codebook order (old styles first)."""
+def all_teachers(cfg: MergeConfig, missing_ok: bool = False) -> list:
+    """Teacher specs of every style of the merged model, in codebook order (old styles first). A merge
+    reads them once, before any stage (MergeRun.teachers): an incremental merge's previous model may be
+    the very folder its save replaces (base_merged = <output_dir>/merged). `missing_ok`: a previous
+    model without a record (made elsewhere) gives the new teachers alone; else FileNotFoundError."""
     if not cfg.incremental.base_merged:
         return list(cfg.teachers)
     old = recorded_teachers(cfg.incremental.base_merged)
+    if old is None and missing_ok:
+        return list(cfg.teachers)
     if old is None:
         raise FileNotFoundError(
             f"{Path(cfg.incremental.base_merged) / MERGE_RECORD} is missing: the previous merged model does not "
@@ -301,10 +315,12 @@ def all_teachers(cfg: MergeConfig) -> list:
     return old + list(cfg.teachers)
 
 
-def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None) -> Path:
+def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None, teachers: list | None = None) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
-    dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from."""
+    dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from, and
+    `teachers` (default: all_teachers, read now; a previous model without a record: the new ones alone)
+    with the styles."""
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
 
@@ -314,10 +330,8 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     if tmp.exists():
         remove(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    try:
-        teachers = all_teachers(cfg)
-    except FileNotFoundError:  # a previous model made elsewhere: its old styles have no teacher record
-        teachers = list(cfg.teachers)
+    if teachers is None:
+        teachers = all_teachers(cfg, missing_ok=True)
     described = {t.name: t.description for t in teachers}
     record = {"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}
     if tracking and tracking.get("run_id"):
@@ -368,17 +382,17 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     fingerprint.check_resume(cfg, out, stages_with_state(cfg))
 
 
-def evaluate_stage(cfg: MergeConfig, merged_path):
-    """The FID matrix of the merged model against the teachers of every style it holds (incremental:
-    the previous merge's teachers, from its record, then cfg.teachers); None when
-    evaluation.enabled is false or there are no teachers."""
+def evaluate_stage(cfg: MergeConfig, merged_path, teachers: list | None = None):
+    """The FID matrix of the merged model against the teachers of every style it holds, `teachers`
+    (default: all_teachers(cfg), read now; incremental: the previous merge's teachers, from its record,
+    then cfg.teachers); None when evaluation.enabled is false or there are no teachers."""
     eval_cfg = cfg.evaluation
     if not eval_cfg.enabled or not cfg.teachers:
         return None
     from dmm_ray.evaluation.api import evaluate_merge
 
     log("stage evaluate")
-    return evaluate_merge(merged_path, all_teachers(cfg), eval_cfg)
+    return evaluate_merge(merged_path, all_teachers(cfg) if teachers is None else teachers, eval_cfg)
 
 
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
@@ -436,7 +450,8 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
         stage_name = "incremental" if cfg.incremental.base_merged else "merge"
         tracking = tracker.start_stage(stage_name, cfg) if tracker else None
-        run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started)
+        teachers = all_teachers(cfg, missing_ok=True)  # before any stage: the save may replace the previous model's record
+        run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers)
         try:
             for stage in STAGES:
                 if stage.when(run):
@@ -466,6 +481,9 @@ class MergeRun:
     tracking: dict | None  # the MLflow stage run ({"uri", "run_id", ...}) the Train workers log to
     result: MergeResult
     started: float
+    # every style's teacher spec, codebook order (all_teachers; a previous model without a record: the new
+    # ones, and validate_before_ray refuses its evaluation), read before any stage, as save and evaluate need it
+    teachers: list
     shard_dirs: dict[int, str] | None = None  # style index -> the teacher's synthesized set
     student_dir: Path | None = None  # the latest stage's student, extracted on the driver
 
@@ -552,7 +570,7 @@ def finetune_stage(run: MergeRun) -> None:
 def save_stage(run: MergeRun) -> None:
     """The merged model: one diffusers folder (style names in unet/config.json), saved atomically."""
     result = run.result
-    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking)
+    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers)
     if run.remote:  # after the atomic local save: the staged model is complete and loads
         _upload_results(run.out, run.remote, ("merged",))
     result.seconds = time.time() - run.started
@@ -562,7 +580,7 @@ def save_stage(run: MergeRun) -> None:
 
 def _evaluate(run: MergeRun) -> None:
     """Every style merged so far (incremental: old teachers + new ones), tracked or not."""
-    run.result.evaluation = evaluate_stage(run.cfg, run.result.merged_path)
+    run.result.evaluation = evaluate_stage(run.cfg, run.result.merged_path, run.teachers)
     if run.remote and run.result.evaluation is not None:
         _upload_results(run.out, run.remote, ("evaluation",))
 

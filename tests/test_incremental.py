@@ -252,6 +252,46 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monke
     )  # old rows fine-tuned by the regulariser
 
 
+def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged (a teacher added to the model in its own output_dir): the save
+    replaces the previous model and its record, and the evaluation used to read that record again after
+    it: the new teachers twice, one spec more than the model has styles. The merge reads them once,
+    before any stage. (Training is stubbed: the distilled student is the previous model + the new style.)"""
+    import shutil
+
+    from dmm_ray import merge
+    from dmm_ray.evaluation import api
+
+    out = tmp_path / "out"
+    shutil.copytree(merged_world["merged"], out / "merged")
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
+    )
+
+    def distill(run):  # as distill/loop.py::_load_student starts it
+        student = StyleUNet.from_pretrained(out / "merged" / "unet")
+        student.add_styles(["new0"], seed=0)
+        run.student_dir = out / "stages" / "distill_student"
+        student.save_pretrained(run.student_dir)
+
+    evaluated = []
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append([t.name for t in teachers]) or "fid")
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *(s for s in merge.STAGES if s.name in ("save", "evaluate"))))
+    result = merge.run_merge(cfg)
+    assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
+    assert result.evaluation == "fid" and evaluated == [["old0", "old1", "new0"]]  # was old0, old1, new0, new0
+    assert [t["name"] for t in json.loads((out / "merged" / MERGE_RECORD).read_text())["teachers"]] == ["old0", "old1", "new0"]
+    # the previous model is gone: a re-run (a crash in evaluate or track) cannot resume; the refusal says why
+    with pytest.raises(TeacherError, match=r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"):
+        validate_before_ray(cfg)
+
+
 def test_relative_paths_are_made_absolute_for_workers(tmp_path):
     """Train workers run in another directory: `outputs/x/merged` must name the same folder there."""
     from dmm_ray.config import MergeConfig
