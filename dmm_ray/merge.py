@@ -150,9 +150,10 @@ def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
 
 def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
-    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, the
-    evaluation's prompts and feature extractor (when it runs), and local latent shards that are there
-    or can be encoded (dmm_ray.data.latents.check_latents)."""
+    only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, what
+    the evaluation needs when it runs (prompts, feature extractor, the record of an incremental merge's
+    previous model that lists its old styles' teachers), and local latent shards that are there or can
+    be encoded (dmm_ray.data.latents.check_latents)."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
@@ -171,6 +172,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
             old = merged_style_names(merged)
         except (FileNotFoundError, ValueError) as error:
             raise TeacherError(f"incremental.base_merged: {error}") from None
+        if cfg.evaluation.enabled:  # the evaluation after training needs the old styles' teachers from its record
+            try:
+                all_teachers(cfg)
+            except FileNotFoundError as error:
+                raise TeacherError(f"incremental.base_merged: {error}; set evaluation.enabled: false to merge without evaluating") from None
         clash = sorted(set(old) & {t.name for t in cfg.teachers})
         if clash:
             own = merged.resolve() == (Path(cfg.output_dir) / "merged").resolve()  # a save of this very merge replaced it

@@ -97,6 +97,28 @@ def test_dry_run_layout_of_an_incremental_merge_names_the_regulariser(merged_wor
     assert "worker(s) [0]: new0" in text and "worker 1: the previous merged model (regularisation of the old styles)" in text
 
 
+def test_evaluating_a_previous_model_without_its_teachers_record_is_refused_before_ray(merged_world, tmp_path, capsys):
+    """A previous merged model made elsewhere has no dmm_merge.json: the evaluation of its old styles has
+    no teachers. It used to pass --dry-run and fail only after training and the save."""
+    import shutil
+
+    import yaml
+
+    from jobs import merge as merge_job
+
+    previous = shutil.copytree(merged_world["merged"], tmp_path / "previous")
+    (previous / MERGE_RECORD).unlink()
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
+    config = tiny_merge_config(merged_world, tmp_path / "out", teachers=new, incremental={"base_merged": str(previous)}, evaluation=evaluation)
+    with pytest.raises(TeacherError, match=r"incremental.base_merged: .*dmm_merge.json is missing.*evaluation.enabled: false"):
+        validate_before_ray(MergeConfig.model_validate(config))
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    assert merge_job.main(["--config", str(tmp_path / "merge.yaml"), "--dry-run"]) == 2
+    assert "incremental.base_merged" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    validate_before_ray(MergeConfig.model_validate({**config, "evaluation": {"enabled": False}}))  # merged without evaluating
+
+
 def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
     StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16)).save_pretrained(tmp_path / "odd")
     cfg = MergeConfig.model_validate(
