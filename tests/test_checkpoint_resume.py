@@ -58,24 +58,51 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("resume_world"))
 
 
+def _student(result) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(next((Path(result.checkpoint.path) / "student").glob("*.safetensors")))
+
+
+def _fit(world, out: Path, **distill):
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import build_trainer, fit_stage
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, distill=distill, scaling={"max_failures": 1}))
+    return fit_stage(build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}))
+
+
+@pytest.mark.ray
+def test_a_run_resumed_after_a_crash_ends_where_the_uninterrupted_run_does(ray_cluster, world, tmp_path):
+    """2 workers, 4 steps, a checkpoint every 2; worker 1 is killed once after the step-2 checkpoint
+    (distill.fail_at_step) and Ray Train restarts the group from it. Each worker's generator (here the
+    adversarial term's re-noising draws) is in the checkpoint: the resumed run used to re-seed it and
+    replay step 0's draws, ending at other weights than the same run without the crash."""
+    from dmm_ray.distill.checkpointing import load_training_state
+
+    settings = {"steps": 4, "checkpoint_every": 2, "lambda_adv": 0.01}
+    uninterrupted = _fit(world, tmp_path / "a", **settings)
+    resumed = _fit(world, tmp_path / "b", **settings, fail_at_step=3)
+    assert (tmp_path / "b" / ".failed_once_distill").read_text() == "3"  # the worker really died
+    assert resumed.metrics["resumed_from"] == 2 and resumed.metrics["step"] == 4  # and the group resumed (from step 0 nothing would differ)
+    a, b = _student(uninterrupted), _student(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    heads = [load_training_state(Path(r.checkpoint.path))["disc_head"] for r in (uninterrupted, resumed)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    generators = load_training_state(Path(resumed.checkpoint.path))["generators"]
+    assert len(generators) == 2 and not torch.equal(generators[0], generators[1])  # each rank's own
+
+
 @pytest.mark.ray
 def test_a_rerun_resumes_from_checkpoints_ray_train_never_recorded_and_prunes_them(ray_cluster, world, tmp_path):
     """Distill 2 steps; forget Ray Train's record of them (what a Ctrl-C between the upload and the
     controller's record leaves) and add a cut-off copy. A re-run with 3 steps resumes from step 2,
     not 0, and removes both leftover folders; a re-run of the finished stage trains nothing and
     still reports its checkpoint, with resumed_from = 3."""
-    from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.checkpointing import load_training_state
-    from dmm_ray.distill.trainer import build_trainer, fit_stage
 
     def fit(steps: int):
-        cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"steps": steps, "lambda_adv": 0, "ema_decay": 0.9}))
-        return fit_stage(build_trainer(cfg, "distill", {"train": build_latent_dataset(cfg.data)}))
-
-    def student(result) -> dict:
-        from safetensors.torch import load_file
-
-        return load_file(next((Path(result.checkpoint.path) / "student").glob("*.safetensors")))
+        return _fit(world, tmp_path / "out", steps=steps, lambda_adv=0, ema_decay=0.9)
 
     run = tmp_path / "out" / "ray_results" / "test-merge-distill"
     first = fit(2)
@@ -92,12 +119,12 @@ def test_a_rerun_resumes_from_checkpoints_ray_train_never_recorded_and_prunes_th
     assert on_disk == kept and not on_disk & (leftover | {cut_off.name})
     assert load_training_state(Path(second.checkpoint.path))["step"] == 3
 
-    before = student(second)  # read now: the third run prunes this folder (its record is deleted next)
+    before = _student(second)  # read now: the third run prunes this folder (its record is deleted next)
     (run / "checkpoint_manager_snapshot.json").unlink()
     third = fit(3)  # nothing left to train
     assert third.metrics["resumed_from"] == 3 and third.metrics["step"] == 3
     assert load_training_state(Path(third.checkpoint.path))["step"] == 3  # the stage's result, not "no checkpoint"
-    after = student(third)  # the same student as the step-3 checkpoint it resumed from (the EMA is not applied twice)
+    after = _student(third)  # the same student as the step-3 checkpoint it resumed from (the EMA is not applied twice)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -1,4 +1,5 @@
-"""Training-state checkpoints (student, discriminator head, both optimizers, EMA, step, data position).
+"""Training-state checkpoints (student, discriminator head, both optimizers, EMA, step, data position,
+every rank's random generator).
 
 Written by rank 0 into a fresh temporary folder and handed to `ray.train.report`, which moves it to
 storage: a failed save never replaces the last good checkpoint.
@@ -44,6 +45,19 @@ def save_training_state(
     torch.save(state, folder / STATE)
     seal(folder, step)
     return folder
+
+
+def generator_states(rng: torch.Generator, device) -> list[torch.Tensor]:
+    """Every rank's `rng` state, in rank order (a collective: every rank calls it; one all-gather of a
+    few KB on `device` with several workers). Read, not drawn from: the generators go on unchanged."""
+    import torch.distributed as dist
+
+    state = rng.get_state()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [state]
+    gathered = [torch.empty_like(state, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, state.to(device))
+    return [s.cpu() for s in gathered]
 
 
 def load_training_state(folder: Path) -> dict:

@@ -37,9 +37,9 @@ def train_loop_per_worker(config: dict) -> None:
     worker = identify(spec)
     models = build_models(worker, spec.init_student)
     optim = build_optimizers(worker, models, continuing=spec.init_state is not None)
-    start = restore(worker, models, optim, spec.init_state)  # a Ray Train checkpoint, or the distill stage's state
-    step_fn = build_step(worker, models)
     rng = torch.Generator().manual_seed(worker.cfg.seed * 1000 + worker.rank)  # the regulariser's style ids, the step's draws
+    start = restore(worker, models, optim, spec.init_state, rng)  # a Ray Train checkpoint (rng included), or the distill stage's state
+    step_fn = build_step(worker, models)
     batches = StageBatches(worker, models.noise_scheduler, start, rng)
     report = Reporter(worker, models, optim, batches, _mlflow_logger(spec.tracking, worker.rank), start.step)
     for step in range(start.step, worker.cfg.distill.steps):
@@ -191,9 +191,10 @@ class Start:
     batches_in_epoch: int = 0
 
 
-def restore(worker: Worker, models: Models, optim: Optimizers, init_state: str | None) -> Start:
+def restore(worker: Worker, models: Models, optim: Optimizers, init_state: str | None, rng: torch.Generator) -> Start:
     """Ray Train's checkpoint, or a newer complete one it never recorded (FailureConfig restarts and
-    re-submitted jobs land here: the same stage, same position; distill/checkpointing.py), else
+    re-submitted jobs land here: the same stage, same position, this rank's `rng` where it left off,
+    so a resumed stage ends where an uninterrupted one does; distill/checkpointing.py), else
     `init_state` (fine-tune: the distill stage's discriminator and optimizer moments, at this stage's
     own lr), else a fresh start."""
     from dmm_ray.distill.checkpointing import load_training_state, resume_checkpoint
@@ -203,6 +204,9 @@ def restore(worker: Worker, models: Models, optim: Optimizers, init_state: str |
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder))
             _load_state(models, optim, state, Path(folder), same_stage=True)
+        generators = state.get("generators")  # every rank's (a checkpoint saved before they were: the seeded start)
+        if generators is not None and len(generators) == worker.world:
+            rng.set_state(generators[worker.rank])
         start = Start(state["step"], state["epoch"], state["batches_in_epoch"])
         print(f"[rank {worker.rank}] resumed from step {start.step} (epoch {start.epoch}, batch {start.batches_in_epoch})", flush=True)
         return start
@@ -308,7 +312,7 @@ class Reporter:
         if checkpoint_now:
             from dmm_ray.distill.checkpointing import report
 
-            report(metrics, self._save(step, final=step == d.steps) if self.worker.rank == 0 else None)
+            report(metrics, self._checkpoint(step, final=step == d.steps))
 
     def finished_before(self) -> None:
         """A stage resumed at its last step: report its final state once more, as the stage's result
@@ -317,12 +321,16 @@ class Reporter:
         from dmm_ray.distill.checkpointing import report
 
         steps = self.worker.cfg.distill.steps
-        report(
-            {"step": steps, "epoch": self.batches.epoch, "resumed_from": self.start_step},
-            self._save(steps, final=True) if self.worker.rank == 0 else None,
-        )
+        report({"step": steps, "epoch": self.batches.epoch, "resumed_from": self.start_step}, self._checkpoint(steps, final=True))
 
-    def _save(self, step: int, final: bool) -> Path:
+    def _checkpoint(self, step: int, final: bool) -> Path | None:
+        """Every rank: its generator's state to rank 0, which writes the checkpoint folder (None elsewhere)."""
+        from dmm_ray.distill.checkpointing import generator_states
+
+        generators = generator_states(self.batches.rng, self.worker.device)
+        return self._save(step, final, generators) if self.worker.rank == 0 else None
+
+    def _save(self, step: int, final: bool, generators: list[torch.Tensor]) -> Path:
         from dmm_ray.distill.checkpointing import save_training_state, temp_checkpoint_dir
 
         models, optim = self.models, self.optim
@@ -341,7 +349,7 @@ class Reporter:
             step=step,
             epoch=self.batches.epoch,
             batches_in_epoch=self.batches.position,
-            extra={"lr_scheduler": optim.lr_scheduler.state_dict()},
+            extra={"lr_scheduler": optim.lr_scheduler.state_dict(), "generators": generators},
         )
         if swap_ema:
             models.ema.restore(models.student.parameters())
