@@ -73,6 +73,7 @@ def _fit(world, out: Path, **distill):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # three 2-worker runs: ~80 s on 2 shared cores (make test-slow)
 def test_a_run_resumed_after_a_crash_ends_where_the_uninterrupted_run_does(ray_cluster, world, tmp_path):
     """2 workers, 4 steps, a checkpoint every 2; worker 1 is killed once after the step-2 checkpoint
     (distill.fail_at_step) and Ray Train restarts the group from it. Each worker's generator (here the
