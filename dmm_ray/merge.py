@@ -457,7 +457,9 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         stage_name = "incremental" if cfg.incremental.base_merged else "merge"
         tracking = tracker.start_stage(stage_name, cfg) if tracker else None
         teachers = all_teachers(cfg, missing_ok=True)  # before any stage: the save may replace the previous model's record
-        run = MergeRun(cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers)
+        run = MergeRun(
+            cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers
+        )
         try:
             for stage in STAGES:
                 if stage.when(run):
