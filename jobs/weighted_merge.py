@@ -49,7 +49,9 @@ def _check_tracking(args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    refuse_empty(parser, args, "teachers", "weights", "out", "tracking_uri", "project", "registered_name")  # --names "": its own message below
+    refuse_empty(
+        parser, args, "teachers", "weights", "out", "tracking_uri", "project"
+    )  # --names "" and --registered-name "": their own messages below
     if not args.track:  # they only say where and how --track logs: without it they would be ignored
         if given := given_options(parser, args, "tracking_uri", "project", "registered_name"):
             parser.error(f"{', '.join(given)} only apply with --track (log + register in MLflow); add --track, or leave {' and '.join(given)} out")
