@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from serve.config import ServeConfig
 from serve.model import GenerationCancelled, StyleModelBackend
 from serve.router import ModelInfo, Overloaded, SampleFailed, create_api
-from serve.schemas import RequestError, Sample, StyleInfo
+from serve.schemas import RequestError, Sample, StyleInfo, resolve_lora
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,9 +35,10 @@ logger = logging.getLogger("ray.serve")
 RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
-def check_sample(sample: Sample, num_styles: int) -> None:
-    """The model's own guard (the router checks the same first): weights that would poison a batch
-    are this sample's client error (422), never the batch's."""
+def check_sample(sample: Sample, num_styles: int, lora_names: Sequence[str] = ()) -> None:
+    """The model's own guard (the router checks the same first): weights or LoRA adapters that would
+    poison a batch are this sample's client error (422), never the batch's."""
+    resolve_lora(dict(sample.lora), lora_names)  # preloaded adapters, finite weights in [-10, 10]
     mixtures = [("weights", sample.weights)]
     if sample.background is not None:
         mixtures.append(("background weights", sample.background))
@@ -120,7 +121,7 @@ class StyleModel:
         good = []
         for i, s in enumerate(samples):
             try:
-                check_sample(s, len(self.backend.style_names))
+                check_sample(s, len(self.backend.style_names), self.backend.lora_names)
                 good.append(i)
             except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
                 self.sample_failures["client"] += 1

@@ -142,7 +142,7 @@ class StyleModelBackend:
         grid = getattr(self.pipe.scheduler.config, "original_inference_steps", None)  # TCD / LCM: it samples no more steps
         if grid is not None and "scheduler" in self.sampler:
             self.sampler["max_steps"] = int(grid)
-        self._active_lora: tuple = ()
+        self._active_lora: Optional[tuple] = ()  # None: unknown (a switch failed), set again by the next forward
         self.lora_switches = 0
         self.lora_names = self._load_lora(lora_adapters or {})
         self.close()  # everything is read from the download now: a replica killed later (SIGTERM, SIGKILL) leaves no copy in /tmp
@@ -181,11 +181,14 @@ class StyleModelBackend:
 
     def _set_lora(self, lora: tuple) -> None:
         """Activate exactly this adapter set with these weights for the next forward (none: all off).
-        A switch walks every adapted layer, so it is done only when the set changes."""
+        A switch walks every adapted layer, so it is done only when the set changes. Until it succeeds the
+        active set is unknown (None): a switch that raises (an adapter name set_adapters refuses) is redone
+        in full by the next forward, instead of leaving the layers enabled under a "none" record."""
         if not self.lora_names or lora == self._active_lora:
             return
+        previous, self._active_lora = self._active_lora, None
         if lora:
-            if not self._active_lora:
+            if not previous:
                 self.pipe.enable_lora()
             self.pipe.set_adapters([n for n, _ in lora], adapter_weights=[w for _, w in lora])
         else:

@@ -108,3 +108,25 @@ def serve_on_cluster(name: str = "dmm-test", **overrides):
         yield url
     finally:
         serve.delete(name)
+
+
+@contextmanager
+def style_model_outside_serve(monkeypatch, *args, **kwargs):
+    """The StyleModel deployment class (its @serve.batch method included) built in this process, without
+    Ray Serve: `asyncio.run(model.generate(sample))` calls join one shared batch as on a replica."""
+    import types
+
+    from ray import serve
+
+    from serve.deployments import StyleModel
+
+    # @serve.batch reads the replica's max_ongoing_requests (a warning check); outside Serve, give it one.
+    context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    cls = StyleModel.func_or_class
+    model = cls.__new__(cls)
+    cls.__init__(model, *args, **kwargs)
+    try:
+        yield model
+    finally:  # the batch queue lives on the class (bound to the test's loop): drop it, keep the class picklable
+        cls.generate_batch.set_max_batch_size.__self__._queue = None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, style_model_outside_serve, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import ModelLoadError, StyleModelBackend
@@ -137,6 +137,51 @@ def test_different_adapter_sets_never_share_a_forward(backend):
     assert backend.lora_switches == switches
     backend.generate([samples[0]])
     assert backend.lora_switches == switches + 1
+
+
+def test_a_failed_adapter_switch_leaves_no_adapter_on(backend):
+    """A switch set_adapters refuses (an adapter this replica never loaded, from a direct handle caller)
+    fails that forward only: it must not leave the LoRA layers enabled while the backend records none
+    (every later plain request got the last adapter: 140 levels off)."""
+    plain = backend.generate([sample((1, 0, 0), 3)])[0]
+    with_lora = backend.generate([sample((1, 0, 0), 3, lora=[("subject", 1.0)])])[0]
+    backend.generate([sample((1, 0, 0), 3)])  # adapters off again
+    with pytest.raises(ValueError, match="ghost"):
+        backend.generate([sample((1, 0, 0), 3, lora=[("ghost", 1.0)])])
+    assert np.abs(backend.generate([sample((1, 0, 0), 3)])[0].astype(int) - plain.astype(int)).max() <= MAX_LEVEL_DIFF
+    again = backend.generate([sample((1, 0, 0), 3, lora=[("subject", 1.0)])])[0]
+    assert np.abs(again.astype(int) - with_lora.astype(int)).max() <= MAX_LEVEL_DIFF
+
+
+def test_the_replica_refuses_unknown_adapters_and_bad_weights_per_sample(backend, lora_files, monkeypatch):
+    """StyleModel's own guard covers `lora` like the style weights: a sample naming an adapter the replica
+    did not preload, or a NaN / out-of-range weight (a direct handle caller), is its own 422, not a 500 or an
+    image made with NaN weights; the batch's other samples get the images they get alone."""
+    import asyncio
+
+    from serve.schemas import RequestError
+
+    adapters = {k: str(v) for k, v in lora_files.items()}
+    batch = [
+        sample((1, 0, 0), 1),
+        sample((0, 1, 0), 2, lora=[("ghost", 1.0)]),
+        sample((0, 1, 0), 3, lora=[("subject", float("nan"))]),
+        sample((0, 1, 0), 4, lora=[("subject", 50.0)]),
+        sample((0, 0, 1), 5, lora=[("subject", 1.0)]),
+    ]
+    with style_model_outside_serve(monkeypatch, str(tiny_model_dir()), "cpu", 8, 0.5, adapters) as model:
+
+        async def run():
+            return await asyncio.gather(*(model.generate(s) for s in batch), return_exceptions=True)
+
+        out = asyncio.run(run())
+    assert model.batch_sizes == {5: 1}  # one shared batch
+    for i in (1, 2, 3):
+        assert isinstance(out[i], RequestError) and out[i].status == 422, out[i]
+    assert "ghost" in out[1].message and "'subject'" in out[1].message and "finite" in out[2].message
+    for i in (0, 4):
+        assert np.abs(out[i].astype(int) - backend.generate([batch[i]])[0].astype(int)).max() <= MAX_LEVEL_DIFF
+    assert model.sample_failures == {"client": 3}
 
 
 def test_lora_config_is_validated_and_paths_come_from_config_only(tmp_path):
