@@ -136,7 +136,7 @@ class StyleModel:
         except GenerationCancelled:
             self.cancelled_forwards += 1
             logger.info("a batch of %d stopped early: every request in it was cancelled", len(good))
-            return [GenerationCancelled("cancelled")] * len(samples)
+            return [GenerationCancelled("cancelled") if o is None else o for o in out]  # a sample refused above keeps its 422
         except Exception:
             # Something in the batch broke the forward: run each sample alone so only the culprit fails.
             logger.warning("batch of %d failed; retrying its samples one by one", len(good), exc_info=True)

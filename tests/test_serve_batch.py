@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, style_model_outside_serve, tiny_model_dir
 
 from serve.model import StyleModelBackend
 from serve.schemas import Sample
@@ -51,6 +51,32 @@ def test_groups_by_steps_and_size_keep_order(backend):
     out = backend.generate([MIXED[0], other, MIXED[1]])
     assert [o.shape for o in out] == [(32, 32, 3), (16, 16, 3), (32, 32, 3)]
     assert np.abs(out[2].astype(int) - backend.generate([MIXED[1]])[0].astype(int)).max() <= MAX_LEVEL_DIFF
+
+
+def test_a_cancelled_forward_keeps_the_422_of_a_sample_refused_before_it(monkeypatch):
+    """A batch whose forward stopped (every request in it cancelled) answers "cancelled" to the samples
+    that were in the forward only: a sample the replica refused before it (its request still waits) keeps
+    its 422 (it got GenerationCancelled, a 500 "internal error" through the router)."""
+    import asyncio
+
+    from serve.model import GenerationCancelled
+    from serve.schemas import RequestError
+
+    with style_model_outside_serve(monkeypatch, str(tiny_model_dir()), "cpu", 8, 0.5) as model:
+
+        def stopped(samples, stop=None):  # the forward of a batch whose every request was cancelled
+            raise GenerationCancelled("every request of this batch was cancelled")
+
+        monkeypatch.setattr(model.backend, "generate", stopped)
+        batch = [sample("a red circle", (1, 0, 0), 1), sample("overflow", (1e308, 1e308, 0), 2)]
+
+        async def run():
+            return await asyncio.gather(*(model.generate(s) for s in batch), return_exceptions=True)
+
+        out = asyncio.run(run())
+    assert model.batch_sizes == {2: 1} and model.cancelled_forwards == 1
+    assert isinstance(out[0], GenerationCancelled)
+    assert isinstance(out[1], RequestError) and out[1].status == 422, out[1]
 
 
 @pytest.mark.ray
