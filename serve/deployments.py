@@ -173,7 +173,10 @@ class HandleService:
 
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
-            raw = await self.model.info.remote()
+            try:
+                raw = await self.model.info.remote()
+            except (BackPressureError, DeploymentUnavailableError) as exc:  # a full model queue: 503, as for generate
+                raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
             self._info = ModelInfo(
                 [StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])), dict(raw.get("sampler") or {})
             )

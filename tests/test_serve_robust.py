@@ -215,6 +215,23 @@ def test_full_model_queue_is_503_with_retry_after():
         assert "capacity" in r.json()["error"]
 
 
+def test_a_full_model_queue_is_503_also_before_the_router_cached_the_style_list():
+    """A router replica that has not read the model's info yet (a fresh or an added one) asks the model
+    for it first: a full model queue there is the same 503 + Retry-After, not a 500 "internal error"."""
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.deployments import HandleService
+
+    async def full(*args):
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    with make_client(HandleService(fake_handle(full, info=full), retry_after_s=3)) as c:
+        for r in (c.post("/generate", json=GOOD), c.get("/styles")):
+            assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+            assert "capacity" in r.json()["error"]
+        assert c.get("/readyz").status_code == 503
+
+
 def test_a_request_that_crashes_replicas_is_retried_at_most_max_retries_times():
     from ray.exceptions import ActorDiedError
 
