@@ -78,18 +78,26 @@ def _flip_last_byte(folder: Path) -> None:
     weights.write_bytes(bytes(data))
 
 
-def test_a_previous_merged_model_remade_in_place_refuses(world, tmp_path):
-    """incremental.base_merged was fingerprinted by its path only: the previous merged model re-made in
-    the same folder with other weights let a re-run resume what the old one made (synthesize, distill)."""
+def _recorded_incremental_run(world, tmp_path):
+    """An incremental merge's output folder with every stage recorded and its state faked; the previous
+    merged model is a copy of the base (only its files matter here)."""
     import shutil
 
-    merged = shutil.copytree(world["base"], tmp_path / "merged")  # only its files matter here
+    merged = shutil.copytree(world["base"], tmp_path / "merged")
     out = tmp_path / "out"
     cfg = _cfg(world, out, data={"synthetic_fraction": 0.5}, incremental={"base_merged": str(merged), "regularization": False})
     stages = ["synthesize", "distill", "finetune"]
     for stage in stages:
         fingerprint.record(cfg, out, stage)
         _fake_state(cfg, out, stage)
+    return merged, out, cfg, stages
+
+
+def test_a_previous_merged_model_remade_in_place_refuses(world, tmp_path):
+    """incremental.base_merged was fingerprinted by its path only: the previous merged model re-made in
+    the same folder with other weights let a re-run resume what the old one made (synthesize, distill)."""
+
+    merged, out, cfg, stages = _recorded_incremental_run(world, tmp_path)
     fingerprint.check_resume(cfg, out, stages)  # unchanged: resume
     _flip_last_byte(merged / "unet")
     with pytest.raises(StaleStateError, match="incremental.base_merged.checksum") as error:
@@ -126,15 +134,8 @@ def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_pat
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""
     import json
-    import shutil
 
-    merged = shutil.copytree(world["base"], tmp_path / "merged")
-    out = tmp_path / "out"
-    cfg = _cfg(world, out, data={"synthetic_fraction": 0.5}, incremental={"base_merged": str(merged), "regularization": False})
-    stages = ["synthesize", "distill", "finetune"]
-    for stage in stages:
-        fingerprint.record(cfg, out, stage)
-        _fake_state(cfg, out, stage)
+    merged, out, cfg, stages = _recorded_incremental_run(world, tmp_path)
     recorded = json.loads((out / fingerprint.RECORD).read_text())
     for stage in stages:
         added = [k for k in recorded[stage] if k.removeprefix("synthesized.") in fingerprint._ADDED_LATER]
