@@ -127,6 +127,41 @@ def test_official_format_round_trip(student, tmp_path):
     assert torch.equal(student(x, t, h, style_ids=ids).sample, loaded(x, t, h, added_cond_kwargs={"model_ids": ids}).sample)
 
 
+def test_official_sdxl_layout_names_the_style_mlp_add_embedding2(tmp_path):
+    """The reference fork's `model_merge_xl` UNet holds the style MLP as `add_embedding2` (no underscore):
+    a checkpoint in that layout loads with its codebook and MLP, and save_official_unet writes that name.
+    Both used `add_embedding_2`, so a published SDXL checkpoint failed to load (and ours did not load there);
+    files written under the old name still load."""
+    from diffusers.models.embeddings import TimestepEmbedding
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    dim = base.time_embedding.linear_2.out_features
+    mlp = TimestepEmbedding(dim, dim)
+    state = dict(base.state_dict()) | {"model_embedding.weight": torch.randn(3, dim)}
+    state |= {f"add_embedding2.{k}": v for k, v in mlp.state_dict().items()}
+    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")} | {"addition_embed_type": "model_merge_xl", "num_models": 3}
+    folder = tmp_path / "reference" / "unet"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, default=list))
+    loaded = load_official_unet(folder)
+    assert loaded.style_names == ["style_0", "style_1", "style_2"]
+    assert torch.equal(loaded.class_embedding.codebook.weight, state["model_embedding.weight"])
+    assert all(torch.equal(v, loaded.class_embedding.mlp.state_dict()[k]) for k, v in mlp.state_dict().items())
+    assert torch.equal(loaded.add_embedding.linear_1.weight, base.add_embedding.linear_1.weight)  # SDXL's text_time one
+
+    save_official_unet(loaded, tmp_path / "ours" / "unet")
+    written = load_file(str(tmp_path / "ours" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(written) == set(state) and all(torch.equal(written[k], state[k]) for k in state)
+
+    legacy = {k.replace("add_embedding2.", "add_embedding_2."): v for k, v in written.items()}  # what earlier versions wrote
+    save_file(legacy, str(tmp_path / "ours" / "unet" / "diffusion_pytorch_model.safetensors"))
+    again = load_official_unet(tmp_path / "ours" / "unet")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_sdxl_style_unet_keeps_text_time():
     torch.manual_seed(0)
     base = UNet2DConditionModel(**tiny_sdxl_unet_config())

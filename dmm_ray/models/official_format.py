@@ -3,7 +3,8 @@
 Their UNet config says `addition_embed_type: "model_merge"` (SD1.5) or `"model_merge_xl"` (SDXL)
 with `num_models: N`; weights hold `model_embedding.weight` (N, 1280) and an `add_embedding`
 TimestepEmbedding(1280, 1280) (SD1.5). In the XL variant `add_embedding` stays SDXL's text_time
-embedding and the style MLP is a second TimestepEmbedding (`add_embedding_2`).
+embedding and the style MLP is a second TimestepEmbedding, `add_embedding2` (no underscore: the fork's
+`DMMUNet2DConditionModel`). dmm-ray before this fix wrote it as `add_embedding_2`; such files still load.
 Our StyleUNet keeps the same numbers under `class_embedding.codebook` / `class_embedding.mlp`.
 """
 
@@ -21,8 +22,11 @@ _OURS_CODEBOOK = "class_embedding.codebook.weight"
 _OURS_MLP = "class_embedding.mlp."
 
 
+_LEGACY_XL_MLP = "add_embedding_2."  # what dmm-ray wrote for the XL style MLP before it matched the fork's name
+
+
 def _mlp_prefix(is_xl: bool) -> str:
-    return "add_embedding_2." if is_xl else "add_embedding."
+    return "add_embedding2." if is_xl else "add_embedding."
 
 
 def official_to_ours(state_dict: dict, config: dict) -> tuple[dict, dict]:
@@ -42,6 +46,8 @@ def official_to_ours(state_dict: dict, config: dict) -> tuple[dict, dict]:
             ours[_OURS_CODEBOOK] = value
         elif key.startswith(mlp):
             ours[_OURS_MLP + key[len(mlp) :]] = value
+        elif is_xl and key.startswith(_LEGACY_XL_MLP):
+            ours[_OURS_MLP + key[len(_LEGACY_XL_MLP) :]] = value
         else:
             ours[key] = value
     if _OURS_CODEBOOK not in ours:
