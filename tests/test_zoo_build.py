@@ -123,6 +123,21 @@ def test_a_preset_zoo_from_an_older_preset_is_refused_with_the_rebuild_command(m
     assert (old / B.MANIFEST).is_file()  # nothing removed
 
 
+def test_a_zoo_of_another_seed_or_size_in_the_preset_folder_is_named_as_such(tmp_path):
+    """`build_zoo.py --seed 1` (or `--size micro --out $DMM_HOME/zoo/full`) writes to the folder `zoo: <preset>`
+    reads; it was refused as "an older version of the preset" with a --force rebuild that would delete it."""
+    folder = tmp_path / "zoo" / "micro"
+    folder.mkdir(parents=True)
+    (folder / B.MANIFEST).write_text("teachers: [{name: warm, source: teachers/warm}]\n")
+    for other, named in [(preset("micro", seed=1), "size 'micro' with seed 1"), (preset("full"), "size 'full' with seed 0")]:
+        (folder / B.MARKER).write_text(json.dumps({"fingerprint": other.fingerprint(), "size": other.size, "seed": other.seed}))
+        with pytest.raises(B.ZooBuildError) as error:
+            B.ensure_zoo_preset("micro", folder, progress=False)
+        assert f"holds a toy zoo of {named}, not the 'micro' preset (seed 0)" in str(error.value)
+        assert "older version" not in str(error.value) and "--force" not in str(error.value)
+    assert (folder / B.MANIFEST).is_file()  # nothing removed
+
+
 def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the middle of the build")

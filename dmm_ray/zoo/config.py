@@ -144,10 +144,17 @@ def is_complete(out: str | Path) -> dict | None:
 def outdated_preset(size: str, out: str | Path) -> str | None:
     """Why the finished zoo at `out` cannot serve as preset `size` (built from an older version of
     the preset), or None: a missing or unfinished zoo is for the build to make or refuse."""
-    done = is_complete(out)
-    if done is None or done.get("fingerprint") == preset(size).fingerprint():
+    done, wanted = is_complete(out), preset(size)
+    if done is None or done.get("fingerprint") == wanted.fingerprint():
         return None
+    if (done.get("size"), done.get("seed")) != (size, wanted.seed):  # e.g. `build_zoo.py --seed 1` into the default folder
+        return (
+            f"{out} holds a toy zoo of size {done.get('size')!r} with seed {done.get('seed')}, not the {size!r} preset "
+            f"(seed {wanted.seed}) that `zoo: {size}` names; to use it, give its folder (zoo: {out}), "
+            "or move it elsewhere and the preset is built in its place"
+        )
+    took = "about 11 min on 2 cores" if size == "full" else "about a minute"
     return (
         f"{out} holds a toy zoo built from an older version of the {size!r} preset; "
-        f"rebuild it with `python jobs/build_zoo.py --out {out} --size {size} --force` (about 11 min on 2 cores) or remove the folder"
+        f"rebuild it with `python jobs/build_zoo.py --out {out} --size {size} --force` ({took}) or remove the folder"
     )
