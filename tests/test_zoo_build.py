@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +149,50 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
         B.build_zoo(tmp_path / "z", cfg, progress=False)
     assert not (tmp_path / "z").exists() and not list(tmp_path.glob("z.partial-*"))
     assert B.is_complete(tmp_path / "z") is None
+
+
+def _fake_zoo(root, config, progress=False, weights="old"):
+    """A finished zoo's shape (marker last), without the minute of building."""
+    (root / "base").mkdir(parents=True, exist_ok=True)
+    (root / "base" / "weights").write_text(weights)
+    (root / B.MANIFEST).write_text("teachers: [{name: warm, source: teachers/warm}]\n")
+    (root / B.MARKER).write_text(json.dumps({"fingerprint": config.fingerprint(), "size": config.size, "seed": config.seed}))
+
+
+def test_a_forced_rebuild_stopped_while_it_swaps_the_zoo_never_leaves_half_a_zoo(tmp_path, monkeypatch):
+    """--force used to delete the old zoo in place (shutil.rmtree): a Ctrl-C during that delete left a
+    folder with its completion marker but without its base, which the next run reused as finished."""
+    cfg, out = preset("micro"), tmp_path / "z"
+    _fake_zoo(out, cfg)
+    monkeypatch.setattr(B, "_build", lambda root, config, progress: _fake_zoo(root, config, weights="new"))
+    real_rmtree = B.shutil.rmtree
+
+    def stopped_rmtree(path, *args, **kwargs):
+        if Path(path) == out:  # stopped half-way through deleting the old zoo: base/ gone, the marker not yet
+            real_rmtree(out / "base")
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(B.shutil, "rmtree", stopped_rmtree)
+    try:
+        B.build_zoo(out, cfg, progress=False, force=True)
+    except KeyboardInterrupt:
+        pass
+    assert B.is_complete(out) is None or (out / "base" / "weights").is_file()  # never a "finished" zoo without its base
+    assert (out / "base" / "weights").read_text() == "new"
+
+    real_replace = B.os.replace
+
+    def stopped_second_rename(src, dst):
+        if Path(src).name.startswith("z.partial-") and "old" not in Path(src).name and Path(dst) == out:
+            raise KeyboardInterrupt  # after the old zoo was moved aside, before the new one is in place
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(B.os, "replace", stopped_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        B.build_zoo(out, cfg, progress=False, force=True)
+    assert (out / "base" / "weights").read_text() == "new" and B.is_complete(out) is not None  # the previous zoo is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z"]
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):

@@ -2,8 +2,8 @@
 
 Cached and atomic: everything is written to a sibling `DIR.partial-<pid>` folder, the
 completion marker is written last, and the folder is renamed to `DIR` only then, so a crashed
-or interrupted build is never mistaken for a zoo. A second build with the same config returns
-at once.
+or interrupted build is never mistaken for a zoo; a forced rebuild moves the old zoo aside in one rename
+before the new one takes its place. A second build with the same config returns at once.
 """
 
 from __future__ import annotations
@@ -73,16 +73,20 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
         raise ZooBuildError(f"{out} exists, is not empty and is not a finished zoo; remove it or choose another --out")
     _remove_stale_partials(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    old = out.with_name(f"{out.name}.partial-old-{os.getpid()}")  # a stale one is removed like a partial build
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _build(tmp, config, progress)
-        if out.exists():
-            shutil.rmtree(out)  # only a finished zoo (force) or an empty folder reaches here
+        if out.exists():  # only a finished zoo (force) or an empty folder reaches here
+            os.replace(out, old)  # moved aside in one step: deleting it in place could be stopped half-way, marker kept
         os.replace(tmp, out)
     except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # stopped between the two renames: the previous zoo goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
