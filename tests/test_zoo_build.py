@@ -195,6 +195,21 @@ def test_a_forced_rebuild_stopped_while_it_swaps_the_zoo_never_leaves_half_a_zoo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z"]
 
 
+def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):
+    """The report caches in the zoo folder, which may move (zoo.yaml's paths are relative); the cached
+    report named the grid PNG by the absolute path it had when the report ran."""
+    from dmm_ray.zoo.report import SEED_SET_A, SEED_SET_B, run_report
+
+    (tmp_path / "a" / "report").mkdir(parents=True)
+    settings = {"n_per_set": 2, "steps": 2, "guidance": 5.0, "seed_sets": [SEED_SET_A, SEED_SET_B]}
+    report = {"settings": settings, "grid_png": str(tmp_path / "a" / "report" / "grid.png")}
+    (tmp_path / "a" / "report" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "a" / "report" / "grid.png").write_bytes(b"png")
+    (tmp_path / "a").rename(tmp_path / "b")
+    cached = run_report(tmp_path / "b", n_per_set=2, steps=2, progress=False)
+    assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
+
+
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "z").mkdir()
     (tmp_path / "z" / "notes.txt").write_text("mine")

@@ -124,7 +124,7 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
     if cached.is_file() and not force:
         report = json.loads(cached.read_text())
         if report.get("settings") == settings:
-            return report
+            return report | {"grid_png": str(out_dir / "grid.png")}  # where it is now: the zoo folder may have moved
     manifest = load_manifest(root)
     net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
     eval_prompts = read_prompts(str(root / manifest["eval_prompts"]))
