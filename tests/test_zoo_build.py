@@ -210,6 +210,20 @@ def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):
     assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
 
 
+def test_a_zoo_folder_not_built_yet_is_named_with_the_command_that_builds_it(tmp_path):
+    """`teacher_specs(DIR)` / `run_report(DIR)` on a folder that does not exist named its parent as the
+    folder that is not a zoo, and told the user to build the zoo into the parent."""
+    from dmm_ray.zoo.manifest import read_manifest
+
+    for given, folder in [(tmp_path / "zoo", tmp_path / "zoo"), (tmp_path / "zoo" / "zoo.yaml", tmp_path / "zoo")]:
+        with pytest.raises(FileNotFoundError) as error:
+            read_manifest(given)
+        assert f"{folder} is not a zoo (no zoo.yaml); build one with `python jobs/build_zoo.py --out {folder}`" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is not a zoo .*--out .*empty`"):
+        read_manifest(tmp_path / "empty")
+
+
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "z").mkdir()
     (tmp_path / "z" / "notes.txt").write_text("mine")

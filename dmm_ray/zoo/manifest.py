@@ -27,8 +27,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """The raw manifest (a folder or its zoo.yaml); FileNotFoundError / ValueError say what is wrong."""
     path = manifest_path(path)
     if not path.is_file():
+        folder = path.parent if path.name == MANIFEST or path.suffix in (".yaml", ".yml") else path  # a zoo folder not built yet
         raise FileNotFoundError(
-            f"'{path}' not found: {path.parent} is not a zoo (no {MANIFEST}); build one with `python jobs/build_zoo.py --out {path.parent}`"
+            f"'{path}' not found: {folder} is not a zoo (no {MANIFEST}); build one with `python jobs/build_zoo.py --out {folder}`"
         )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict) or not data.get("teachers"):
