@@ -367,6 +367,26 @@ def test_from_official_loads_an_sdxl_folder_as_dmmxlpipeline(tmp_path):
     torch.testing.assert_close(_gen(loaded, ["a red circle"], style="neon"), _gen(xl, ["a red circle"], style="neon"), rtol=0, atol=1e-6)
 
 
+def test_from_official_loads_the_unet_in_the_asked_dtype(tiny_components, tmp_path):
+    """The official UNet is loaded by hand and passed to from_pretrained, which leaves a passed component in
+    its own dtype: with torch_dtype=bfloat16 (the reference's inference.py loads float16) the UNet stayed
+    float32 beside a bfloat16 VAE and text encoder, and the first call failed on mixed dtypes."""
+    import shutil
+
+    from dmm_ray.models.official_format import save_official_unet
+
+    c = dict(tiny_components, unet=StyleUNet.from_unet(tiny_components["unet"], STYLES))
+    DMMPipeline(**c).save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "unet")
+    save_official_unet(c["unet"], tmp_path / "unet")
+    for dtype in (torch.bfloat16, {"unet": torch.bfloat16, "default": torch.bfloat16}):
+        loaded = DMMPipeline.from_official(tmp_path, local_files_only=True, torch_dtype=dtype)
+        assert loaded.unet.dtype == loaded.text_encoder.dtype == torch.bfloat16
+        assert torch.equal(loaded.unet.class_embedding.codebook.weight, c["unet"].class_embedding.codebook.weight.to(torch.bfloat16))
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.isfinite(_gen(loaded, ["a red circle"], style="neon")).all()
+
+
 def test_a_model_loaded_by_hub_id_samples_with_and_saves_its_own_records(pipe, tmp_path, monkeypatch):
     """Loaded by Hub id, `_name_or_path` was the id, so sampler.json / styles.json were looked up under the
     cwd: the model sampled with the paper's defaults and save_pretrained dropped its records. diffusers'
