@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         no_loading_bars()
     import torch
 
-    from dmm_ray.zoo.build import ZooBuildError, build_zoo, default_threads, is_complete
+    from dmm_ray.zoo.build import ZooBuildError, build_zoo, default_threads, is_complete, zoo_lock
 
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     from dmm_ray.zoo.config import preset
@@ -80,9 +80,10 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    cached = is_complete(args.out) is not None and not args.force
     try:
-        out = build_zoo(args.out, config, progress=not args.quiet, force=args.force)
+        with zoo_lock(args.out):  # a merge building the same preset on first use waits for this build, and the other way round
+            cached = is_complete(args.out) is not None and not args.force
+            out = build_zoo(args.out, config, progress=not args.quiet, force=args.force)
     except ZooBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -156,6 +156,7 @@ def _fake_zoo(root, config, progress=False, weights="old"):
     (root / "base").mkdir(parents=True, exist_ok=True)
     (root / "base" / "weights").write_text(weights)
     (root / B.MANIFEST).write_text("teachers: [{name: warm, source: teachers/warm}]\n")
+    (root / "metrics.json").write_text(json.dumps({"vae_psnr_db": {"clean": 20.0}}))
     (root / B.MARKER).write_text(json.dumps({"fingerprint": config.fingerprint(), "size": config.size, "seed": config.seed}))
 
 
@@ -262,6 +263,38 @@ def test_build_zoo_job_refuses_bad_threads_and_out_before_building(tmp_path, cap
     (tmp_path / "f").write_text("x")
     assert job.main(["--size", "micro", "--out", str(tmp_path / "f")]) == 2
     assert "--out" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
+
+def test_build_zoo_job_waits_for_a_build_of_the_same_folder_instead_of_building_it_again(tmp_path, monkeypatch, capsys):
+    """jobs/build_zoo.py did not take the lock a merge's first-use build (ensure_zoo_preset) holds: a merge
+    started while `python jobs/build_zoo.py` built the preset built it a second time (twice the CPU), and
+    the later of the two swapped the folder under the users of the first."""
+    import fcntl
+    import threading
+
+    from jobs import build_zoo as job
+
+    out, cfg = tmp_path / "zoo" / "micro", preset("micro")
+    built = []
+    monkeypatch.setattr(B, "_build", lambda root, config, progress: built.append(root) or _fake_zoo(root, config))
+    out.parent.mkdir(parents=True)
+    lock = open(out.parent / f".{out.name}.lock", "w")  # the other build (a merge's first use) holds the lock
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def other_build_finishes():
+        time.sleep(1.0)
+        _fake_zoo(out, cfg)
+        lock.close()  # releases the lock
+
+    other = threading.Thread(target=other_build_finishes)
+    other.start()
+    try:
+        assert job.main(["--size", "micro", "--out", str(out), "--quiet"]) == 0
+    finally:
+        other.join()
+    assert built == []  # it waited and found the finished zoo
+    captured = capsys.readouterr().out
+    assert "waiting for it" in captured and "(cached;" in captured
 
 
 def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):

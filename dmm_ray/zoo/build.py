@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -93,17 +94,14 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
 def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path:
     """The preset zoo `size` at `out`, built first if missing (the merge job's `zoo: <preset>`).
 
-    A file lock beside `out` makes concurrent first uses (two jobs) wait for one build instead of
-    racing; torch runs on `default_threads()` threads during the build."""
-    import fcntl
-
+    `zoo_lock` makes concurrent first uses (two jobs, or a job while `jobs/build_zoo.py` builds the
+    same folder) wait for one build instead of racing; torch runs on `default_threads()` threads
+    during the build."""
     from .config import preset
 
     config = preset(size)  # ValueError naming the known sizes
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with zoo_lock(out):
         if is_complete(out) is None:
             print(f"building the toy zoo preset {size!r} in {out} (first use; cached for later runs)", flush=True)
         outdated = outdated_preset(size, out)
@@ -117,6 +115,24 @@ def ensure_zoo_preset(size: str, out: str | Path, progress: bool = True) -> Path
                 return build_zoo(out, config, progress=progress)
         finally:
             torch.set_num_threads(threads)
+
+
+@contextmanager
+def zoo_lock(out: str | Path):
+    """Held while a zoo is built at `out` (`jobs/build_zoo.py` and a merge's first use): the lock file
+    beside it makes a second build of the same folder wait for the first, then find it finished,
+    instead of building it again and swapping the folder under the first one's users."""
+    import fcntl
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another process is building the toy zoo at {out}; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _remove_stale_partials(out: Path) -> None:
