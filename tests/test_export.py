@@ -575,3 +575,19 @@ def test_verify_without_a_config_folder_and_teachers_that_moved(tmp_path, capsys
     assert [(t["name"], t["format"], t["checksum"]) for t in teachers] == [("ink", "unknown", "unavailable: TeacherError")] + [
         ("neon", "unknown", "unavailable: TeacherError")
     ]
+
+
+def test_a_single_file_export_takes_an_upper_case_suffix(tiny_components, tmp_path):
+    """jobs/export.py (and the teacher loader) read NOISE.SAFETENSORS as a .safetensors file; the writer
+    refused that name after the model was loaded and baked ('writes .safetensors, got NOISE.SAFETENSORS')."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dmm_ray.formats.single_file import export_single_file
+
+    pipe = StableDiffusionPipeline(**tiny_components)
+    path = export_single_file(pipe, tmp_path / "NOISE.SAFETENSORS")
+    written = load_file(str(path))
+    assert path.name == "NOISE.SAFETENSORS" and torch.equal(written["model.diffusion_model.out.2.weight"], pipe.unet.conv_out.weight)
+    with pytest.raises(ValueError, match=r"writes \.safetensors, got 'noise\.ckpt'"):
+        export_single_file(pipe, tmp_path / "noise.ckpt")

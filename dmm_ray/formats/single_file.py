@@ -175,7 +175,7 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     """Write `pipeline` (unet, vae, text_encoder[, text_encoder_2]) as one LDM-layout .safetensors
     file, atomically; `metadata` (str -> str) goes into the safetensors header."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":  # NOISE.SAFETENSORS too, as jobs/export.py and the teacher loader read it
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
     unet = pipeline.unet
     if getattr(unet.config, "style_names", None) is not None:
