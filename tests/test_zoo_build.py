@@ -73,6 +73,17 @@ def test_micro_build_manifest_and_formats(micro_zoo):
     assert not list(out.parent.glob("micro.partial-*"))
 
 
+def test_the_zoo_base_loads_from_the_folder_or_its_zoo_yaml(tiny_base_dir, tmp_path):
+    """teacher_specs / load_manifest take a zoo folder or its zoo.yaml; load_base_pipeline looked for the
+    base under zoo.yaml/base, and failed with "'PosixPath' object has no attribute 'count'"."""
+    from dmm_ray.zoo.report import load_base_pipeline
+
+    (tmp_path / "base").symlink_to(tiny_base_dir)
+    (tmp_path / "zoo.yaml").write_text("base: base\nteachers: [{name: warm, source: teachers/warm}]\n")
+    for given in (tmp_path, tmp_path / "zoo.yaml", str(tmp_path / "zoo.yaml")):
+        assert load_base_pipeline(given).unet.config.in_channels == 4
+
+
 def test_micro_zoo_loads_through_the_teacher_loader(micro_zoo):
     from diffusers import StableDiffusionPipeline
 
@@ -207,8 +218,9 @@ def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):
     (tmp_path / "a" / "report" / "report.json").write_text(json.dumps(report))
     (tmp_path / "a" / "report" / "grid.png").write_bytes(b"png")
     (tmp_path / "a").rename(tmp_path / "b")
-    cached = run_report(tmp_path / "b", n_per_set=2, steps=2, progress=False)
-    assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
+    for given in (tmp_path / "b", tmp_path / "b" / "zoo.yaml"):  # the zoo folder or its zoo.yaml, as the other readers
+        cached = run_report(given, n_per_set=2, steps=2, progress=False)
+        assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
 
 
 def test_a_zoo_folder_not_built_yet_is_named_with_the_command_that_builds_it(tmp_path):

@@ -23,7 +23,7 @@ from dmm_ray.data.readers import read_prompts
 from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
 
 from .feature_net import ZooFeatureNet
-from .manifest import load_zoo_manifest, read_manifest
+from .manifest import load_zoo_manifest, manifest_path, read_manifest
 from .scenes import parse_caption, to_uint8
 
 SEED_SET_A = 1000
@@ -42,8 +42,8 @@ def teacher_specs(root: str | Path):
 def load_base_pipeline(root: str | Path):
     from diffusers import StableDiffusionPipeline
 
-    base = Path(root) / load_manifest(root)["base"]
-    return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    base = manifest_path(root).parent / load_manifest(root)["base"]  # root: the zoo folder or its zoo.yaml
+    return StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False, local_files_only=True)
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
     """Compute (or read back, if cached with the same settings) the zoo's quality report."""
     from dmm_ray.teachers import load_teacher_pipeline
 
-    root = Path(root).resolve()
+    root = manifest_path(root).resolve().parent  # the zoo folder, also when given its zoo.yaml
     out_dir = root / "report"
     settings = {"n_per_set": n_per_set, "steps": steps, "guidance": guidance, "seed_sets": [SEED_SET_A, SEED_SET_B]}
     cached = out_dir / "report.json"
