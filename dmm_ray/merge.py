@@ -14,7 +14,7 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, remove, save_siblings, swap_in
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, remove, save_siblings, style_descriptions, swap_in
 from dmm_ray.ray_session import init_for_training
 
 
@@ -314,9 +314,10 @@ def all_teachers(cfg: MergeConfig, missing_ok: bool = False) -> list:
     if old is None and missing_ok:
         return list(cfg.teachers)
     if old is None:
+        record = Path(cfg.incremental.base_merged) / MERGE_RECORD
         raise FileNotFoundError(
-            f"{Path(cfg.incremental.base_merged) / MERGE_RECORD} is missing: the previous merged model does not "
-            "list its teachers, so old styles cannot be evaluated"
+            (f"{record} is missing" if not record.is_file() else f"{record} does not name a teacher for each of the model's styles")
+            + ": the previous merged model does not list its teachers, so old styles cannot be evaluated"
         )
     return old + list(cfg.teachers)
 
@@ -338,7 +339,11 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     pipe.save_pretrained(tmp, safe_serialization=True)
     if teachers is None:
         teachers = all_teachers(cfg, missing_ok=True)
-    described = {t.name: t.description for t in teachers}
+    # an old style keeps the description the previous model showed (its styles.json), else its teacher's
+    described = {
+        **{t.name: t.description for t in teachers},
+        **(style_descriptions(cfg.incremental.base_merged) if cfg.incremental.base_merged else {}),
+    }
     record = {"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}
     if tracking and tracking.get("run_id"):
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}

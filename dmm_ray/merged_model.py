@@ -28,12 +28,33 @@ def read_record(model_dir: str | Path) -> dict:
 
 
 def recorded_teachers(merged_dir: str | Path) -> list | None:
-    """The teacher specs a merged model's record lists, in codebook order; None without a record."""
+    """The teacher specs a merged model's record lists, in codebook order; None without a record, or
+    when the record does not name one teacher per style of the model (an incremental merge from a
+    previous model without a record knows only its new styles' teachers)."""
     from dmm_ray.teachers import TeacherSpec
 
     if not (Path(merged_dir) / MERGE_RECORD).is_file():
         return None
-    return [TeacherSpec.model_validate(t) for t in read_record(merged_dir).get("teachers") or []]
+    teachers = [TeacherSpec.model_validate(t) for t in read_record(merged_dir).get("teachers") or []]
+    return teachers if [t.name for t in teachers] == model_styles(merged_dir) else None
+
+
+def model_styles(merged_dir: str | Path) -> list[str] | None:
+    """The style names in the model's unet/config.json (None without one)."""
+    config = Path(merged_dir) / "unet" / "config.json"
+    return list(json.loads(config.read_text()).get("style_names") or []) if config.is_file() else None
+
+
+def style_descriptions(model_dir: str | Path) -> dict[str, str]:
+    """{name: description} of a model folder's styles.json ([{name, description}] or {name: description};
+    {} without a readable one)."""
+    try:
+        data = json.loads((Path(model_dir) / STYLES_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    if isinstance(data, list):
+        data = {d.get("name"): d.get("description") for d in data if isinstance(d, dict)}
+    return {str(k): str(v) for k, v in data.items() if v} if isinstance(data, dict) else {}
 
 
 def save_siblings(dest: Path, tag: str | None = None) -> tuple[Path, Path]:

@@ -575,7 +575,9 @@ class StageTracker(MergeTracker):
                     self.log_metrics(numbers, step=int(step) if isinstance(step, (int, float)) else None)
                 if getattr(result, "seconds", None):
                     self.log_metrics({"seconds": result.seconds})
-                self.log_merged_model(result.merged_path, **version_record(self.stage_name, result.merged_path, evaluation))
+                # dmm.merged_path: where the model is (`location`: an output_dir URI's <uri>/merged, not the driver's staging copy)
+                where = getattr(result, "location", None) or result.merged_path
+                self.log_merged_model(result.merged_path, **version_record(self.stage_name, result.merged_path, evaluation, where))
         except BaseException as error:
             self.abort(error)
             raise
@@ -598,15 +600,16 @@ class StageTracker(MergeTracker):
         self._stack = contextlib.ExitStack()
 
 
-def version_record(stage: str, merged_path: str | Path, evaluation: Any = None) -> dict:
+def version_record(stage: str, merged_path: str | Path, evaluation: Any = None, location: str | Path | None = None) -> dict:
     """`description` and `tags` for a registered version: the stage, styles and FIDt that made it
-    (the Models page shows nothing else to tell versions of one project apart)."""
+    (the Models page shows nothing else to tell versions of one project apart). `location`: where the
+    model is, for the `dmm.merged_path` tag (default `merged_path`, the local folder read here)."""
     try:
         record = json.loads((Path(merged_path) / "dmm_merge.json").read_text())
     except (OSError, ValueError):
         record = {}
     styles = [str(s) for s in record.get("styles") or []]
-    tags = {STAGE_TAG: stage, "dmm.styles": ",".join(styles), "dmm.merged_path": str(merged_path)}
+    tags = {STAGE_TAG: stage, "dmm.styles": ",".join(styles), "dmm.merged_path": str(location or merged_path)}
     description = f"{stage}: {len(styles)} style(s) ({', '.join(styles)})"
     if evaluation is not None:
         tags.update({"FIDt": f"{evaluation.fidt:.4f}", "FIDt_ref": f"{evaluation.fidt_ref:.4f}", "FIDt_ratio": f"{evaluation.ratio:.4f}"})

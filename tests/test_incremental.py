@@ -333,3 +333,57 @@ def test_relative_paths_are_made_absolute_for_workers(tmp_path):
     assert cfg.teachers[0].source == str(tmp_path / "zoo/teachers/new") and cfg.data.shards == str(tmp_path / "outputs/latents")
     assert cfg.data.source.root == str(tmp_path / "zoo/images") and cfg.data.source.manifest == "manifest.jsonl"  # relative to root
     assert cfg.synthesis.prompts == "s3://bucket/prompts.txt"  # URIs untouched
+
+
+def _merge_from_a_model_without_a_record(merged_world, tmp_path, monkeypatch):
+    """An incremental merge (evaluation off, training stubbed: the previous model + new0) from a previous
+    model made elsewhere: no dmm_merge.json, a styles.json of its own. Returns the saved folder."""
+    import shutil
+
+    from dmm_ray import merge
+    from dmm_ray.merged_model import STYLES_RECORD
+
+    previous = shutil.copytree(merged_world["merged"], tmp_path / "previous")
+    (previous / MERGE_RECORD).unlink()
+    (previous / STYLES_RECORD).write_text(json.dumps([{"name": "old0", "description": "ink"}, {"name": "old1", "description": "neon"}]))
+    out = tmp_path / "out"
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
+
+    def distill(run):
+        student = StyleUNet.from_pretrained(previous / "unet")
+        student.add_styles(["new0"], seed=0)
+        run.student_dir = out / "stages" / "distill_student"
+        student.save_pretrained(run.student_dir)
+
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *(s for s in merge.STAGES if s.name == "save")))
+    return merge.run_merge(cfg).merged_path
+
+
+def test_an_incremental_merge_keeps_the_old_styles_descriptions(merged_world, tmp_path, monkeypatch):
+    """The old styles' descriptions (the previous model's styles.json, what Serve's /styles showed) used
+    to be dropped when its record did not carry them: the new styles.json said "" for each."""
+    from dmm_ray.merged_model import STYLES_RECORD
+
+    merged = _merge_from_a_model_without_a_record(merged_world, tmp_path, monkeypatch)
+    described = {s["name"]: s["description"] for s in json.loads((merged / STYLES_RECORD).read_text())}
+    assert described == {"old0": "ink", "old1": "neon", "new0": ""}
+
+
+def test_a_record_without_every_styles_teacher_counts_as_none(merged_world, tmp_path, monkeypatch):
+    """The merge above saves a record that names new0 alone for styles old0, old1, new0. The next
+    incremental merge used to take it as the whole list and evaluate new0 and its own teacher only,
+    silently leaving out old0 and old1; it is refused before Ray, as a model without a record is."""
+    from dmm_ray.merged_model import recorded_teachers
+
+    merged = _merge_from_a_model_without_a_record(merged_world, tmp_path, monkeypatch)
+    assert recorded_teachers(merged) is None
+    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
+    later = [{**t, "name": "new1"} for t in merged_world["teachers"] if t["name"] == "new0"]
+    again = tiny_merge_config(merged_world, tmp_path / "out2", teachers=later, incremental={"base_merged": str(merged)}, evaluation=evaluation)
+    with pytest.raises(TeacherError, match=r"incremental.base_merged: .*dmm_merge.json does not name a teacher for each of the model's styles"):
+        validate_before_ray(MergeConfig.model_validate(again))

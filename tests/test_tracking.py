@@ -446,3 +446,23 @@ def test_a_project_and_an_output_folder_with_an_apostrophe_are_found_again(tmp_p
     stale = MlflowClient(uri).create_run(again.experiment_id, tags={"dmm.output_dir": out, "dmm.stage": "merge"})
     again.close_stale_runs(out, "merge")
     assert MlflowClient(uri).get_run(stale.info.run_id).info.status == "KILLED"
+
+
+def test_a_version_of_a_merge_to_a_uri_output_dir_names_where_its_model_is(tmp_path, monkeypatch, tiny_components):
+    """The merge of an output_dir URI logs its local staging copy (merged_path) but the model is at
+    <uri>/merged (result.location): the version's dmm.merged_path tag used to name the driver's staging folder."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+    from mlflow import MlflowClient
+
+    from dmm_ray.tracking import StageTracker
+
+    monkeypatch.chdir(tmp_path)
+    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "staging" / "merged")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = StageTracker(TrackingConfig(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), project="p", registered_model_name="p"))
+    tracker.start_stage("merge", None, output="s3://bucket/run")
+    result = SimpleNamespace(merged_path=tmp_path / "staging" / "merged", location="s3://bucket/run/merged", stage_metrics={}, seconds=1.0)
+    tracker.finish_stage(None, result)
+    assert MlflowClient(uri).get_model_version("p", "1").tags["dmm.merged_path"] == "s3://bucket/run/merged"
