@@ -426,16 +426,16 @@ def _room_for_copy(params: Sequence[torch.Tensor], margin: float = 2.0) -> bool:
 def merged_style_names(folder) -> list[str]:
     """Style names a merged model folder records in `unet/config.json`, read without loading weights.
     A folder without that file: FileNotFoundError; a plain diffusers folder (no style names): StyleError."""
-    import json
     from pathlib import Path
 
-    cfg = Path(folder) / "unet" / "config.json"
-    if not cfg.is_file():
+    from dmm_ray.merged_model import model_styles
+
+    names = model_styles(folder)
+    if names is None:
         raise FileNotFoundError(f"'{folder}' is not a merged-model folder: missing unet/config.json")
-    names = json.loads(cfg.read_text()).get("style_names")
     if not names:
-        raise StyleError(f"'{cfg}' has no style_names; is '{folder}' a DMM merged model (StyleUNet)?")
-    return list(names)
+        raise StyleError(f"'{Path(folder) / 'unet' / 'config.json'}' has no style_names; is '{folder}' a DMM merged model (StyleUNet)?")
+    return names
 
 
 def _check_unique(names: Sequence[str]) -> None:
