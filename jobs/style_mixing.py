@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     specs = {s.name: s for s in setup.teachers}
     wm_plan = plan_group_merge([specs[g] for g in group], args.out, args.weighted_merge) if group else None
     cfg = load_eval_config(args.config, args.overrides + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    cfg.check_seed_sets(len(cfg.load_prompts()))  # FID needs 2+ images per set: said before a download or the weighted merge
     with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 
@@ -135,6 +136,12 @@ def _compare(args, cfg, setup, model_path: Path, group, pair, wm_plan=None) -> i
     from dmm_ray.evaluation.sources import pipeline_folder_source, student_source, teacher_sources
 
     student = student_source(model_path, cfg.dtype)
+    from dmm_ray.styles import StyleError
+
+    for option, names in (("--group", group), ("--sweep", pair)):  # before the weighted merge, a teacher checksum or an image
+        missing = [n for n in names or () if n not in student.style_names]
+        if missing:
+            raise StyleError(f"{option}: the model {args.model} has no style(s) {missing}; its styles are {student.style_names}")
     if args.student_steps is not None or args.student_guidance is not None:  # the few-step model at its own sampler; teachers unchanged
         from dmm_ray.fast.job import OwnSampler
         from dmm_ray.pipeline import sampler_defaults

@@ -185,7 +185,7 @@ def _mixing_world(specs, other, tmp_path):
 
     zoo = {"base": specs[0].source, "eval_prompts": str(tmp_path / "prompts.txt")}
     zoo["teachers"] = [{"name": s.name, "format": "diffusers", "source": s.source, "description": "toy"} for s in (*specs, other)]
-    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")  # FID needs 2+ images per set
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(zoo))
     c = tiny_sd_components(seed=0)
     DMMPipeline.from_components(
@@ -255,6 +255,34 @@ def test_style_mixing_uses_only_the_groups_weighted_merge(teachers, tmp_path, ca
     assert main(base + ["--group", ",".join(NAMES), "--weighted-merge", str(tmp_path / "notes")]) == 2
     assert re.match(r"error: --weighted-merge .*/notes holds other files and is not an earlier weighted merge", capsys.readouterr().err)
     assert len(used) == n  # refused before any image
+
+
+def test_style_mixing_checks_the_models_styles_before_the_weighted_merge_and_table_3(teachers, tmp_path, capsys):
+    """QA: a --group style the model lacks failed only after the group's weighted merge was built, and a
+    --sweep style it lacks only after the whole Table 3 study (its mixing.csv written): minutes of work
+    on the real zoo. Now exit 2 naming the option and the model, before anything is built or sampled;
+    so is a prompt set too small for FID (it too waited for the weighted merge)."""
+    from jobs.style_mixing import main
+
+    _, specs, other = teachers
+    base = _mixing_world(specs, other, tmp_path)
+    c = tiny_sd_components(seed=0)
+    DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], NAMES), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(
+        tmp_path / "two"
+    )
+    base[1] = str(tmp_path / "two")  # a model of ink and neon only; the teachers have "other" too
+    capsys.readouterr()  # the saves' progress bars
+    out = tmp_path / "mix"
+    for extra, option in (([f"--group={NAMES[0]},other"], "--group"), ([f"--group={','.join(NAMES)}", f"--sweep={NAMES[0]},other"], "--sweep")):
+        assert main(base + extra + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option}: the model {tmp_path / 'two'} has no style(s) ['other']; its styles are {NAMES}"), err
+        assert not out.exists()  # no weighted merge, no mixing.csv
+    base[1] = str(tmp_path / "student")  # every style; one prompt at 1 image per set is too few for FID
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    assert main(base + [f"--group={','.join(NAMES)}", "--out", str(out)]) == 2
+    assert "error: 1 prompt(s) x images_per_prompt=1 is 1 image per set; FID needs at least 2" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_style_mixing_checks_numbers_at_parse_time_and_answers_ctrl_c(teachers, tmp_path, capsys, monkeypatch):
