@@ -201,6 +201,33 @@ def test_mixing_comparison_and_sweep(world, tmp_path):
         interpolation_sweep(student, teachers[0], teachers[1], cfg, ext, weights=[1.5])
 
 
+def test_a_teacher_named_student_is_sampled_with_its_own_pipeline(tmp_path, monkeypatch):
+    """QA: requests were grouped onto workers by name only, so a teacher named "student" shared the
+    model's worker (the mixing study's "DMM mix" group): its jobs ran on the first one's pipeline,
+    and Table 3's DMM row held the teacher's images."""
+    from dmm_ray.evaluation import stats
+    from dmm_ray.evaluation.generation import JobOutput
+    from dmm_ray.evaluation.stats import ModelSource, StatsRequest, collect_stats
+
+    ran = {}
+
+    def fake_run_plans(plans, *a, **k):
+        out = {}
+        for plan in plans:
+            for job in plan.jobs:
+                ran[job.key] = plan.pipeline_factory()
+                out[job.key] = JobOutput(job.key, np.random.default_rng(0).normal(size=(4, 3)), np.zeros((0, 1, 1, 3), np.uint8), 4)
+        return out
+
+    monkeypatch.setattr(stats, "run_plans", fake_run_plans)
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    teacher = ModelSource("student", lambda: "the teacher's pipeline")
+    model = ModelSource("student", lambda: "the model's pipeline")
+    reqs = [StatsRequest("teacher/student/B", teacher, "b"), StatsRequest("dmm_mix", model, "a", call_kwargs={"style_weights": {"student": 1.0}})]
+    collect_stats(reqs, fast_eval_config(tmp_path), SeededConvExtractor(), ["a", "b"])
+    assert ran == {"teacher/student/B": "the teacher's pipeline", "dmm_mix": "the model's pipeline"}
+
+
 def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.sources import load_eval_setup

@@ -62,10 +62,12 @@ def collect_stats(requests: Sequence[StatsRequest], config: EvalConfig, extracto
                 continue
         misses[req.key] = (req, cache_key, material)
 
-    plans: dict[str, WorkerPlan] = {}
+    plans: dict[tuple[str, int], WorkerPlan] = {}
     for req, _, _ in misses.values():
         group = req.worker_group or req.source.name
-        plan = plans.setdefault(group, WorkerPlan(name=group, pipeline_factory=req.source.pipeline_factory, jobs=[]))
+        # one worker per group and model: a teacher named like another source (e.g. "student") keeps its own pipeline
+        key = (group, id(req.source.pipeline_factory))
+        plan = plans.setdefault(key, WorkerPlan(name=group, pipeline_factory=req.source.pipeline_factory, jobs=[]))
         plan.jobs.append(
             GenerationJob(
                 key=req.key,
