@@ -228,6 +228,34 @@ def test_a_teacher_named_student_is_sampled_with_its_own_pipeline(tmp_path, monk
     assert ran == {"teacher/student/B": "the teacher's pipeline", "dmm_mix": "the model's pipeline"}
 
 
+def test_sweep_weights_keep_their_own_sets_and_csv_labels(tmp_path, monkeypatch):
+    """QA: the sweep keyed its sets by the weight at 4 decimals (0.12341 and 0.12344 shared one set)
+    and its csv wrote every weight at 2 (0.115 and 0.125 were both "0.12")."""
+    from dmm_ray.evaluation import mixing
+    from dmm_ray.evaluation.cache import CachedStats
+    from dmm_ray.evaluation.fid import FeatureStats
+    from dmm_ray.evaluation.matrix import StudentSource
+    from dmm_ray.evaluation.stats import ModelSource, StatsRun
+
+    keys = []
+
+    def fake_collect(reqs, *a, **k):
+        keys.extend(r.key for r in reqs)
+        rng = np.random.default_rng(0)
+        return StatsRun({r.key: CachedStats(FeatureStats.from_features(rng.normal(size=(8, 3))), np.zeros((0, 1, 1, 3), np.uint8)) for r in reqs}, [])
+
+    monkeypatch.setattr(mixing, "collect_stats", fake_collect)
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    student = StudentSource(lambda: None, ["a", "b"])
+    weights = [0.0, 0.12341, 0.12344, 1.0]
+    sweep = interpolation_sweep(student, ModelSource("a", None), ModelSource("b", None), fast_eval_config(tmp_path), SeededConvExtractor(), weights)
+    mix_keys = [k for k in keys if k.startswith("mix/")]
+    assert len(set(mix_keys)) == 4 and len(set(sweep.fid_a)) == 4  # four sets, four FIDs
+    sweep.weights = [0.0, 0.115, 0.125, 1.0]
+    rows = sweep.write(tmp_path / "out")["csv"].read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["weight_b", "0.00", "0.115", "0.125", "1.00"]
+
+
 def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.sources import load_eval_setup

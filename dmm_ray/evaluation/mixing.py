@@ -143,7 +143,7 @@ class SweepResult:
             "interpolation",
             self.to_dict(),
             [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"],
-            [[f"{w:.2f}", f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)],
+            [[_weight_label(w), f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)],
         )
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
@@ -156,6 +156,11 @@ class SweepResult:
         fig.savefig(paths["png"], dpi=120)
         plt.close(fig)
         return paths
+
+
+def _weight_label(w: float) -> str:
+    """A sweep weight for the csv: 0.10 as before, and a finer one whole (0.125, not 0.12 beside 0.115's 0.12)."""
+    return f"{w:.2f}" if round(w, 2) == w else repr(float(w))
 
 
 def interpolation_sweep(
@@ -181,7 +186,7 @@ def interpolation_sweep(
         mix = {teacher_a.name: 1.0 - w, teacher_b.name: w}
         reqs.append(
             StatsRequest(
-                key=f"mix/{w:.4f}",
+                key=f"mix/{k}",  # by position: weights that agree to 4 decimals are still their own sets
                 source=src,
                 seed_set="a",
                 call_kwargs={"style_weights": mix},
@@ -190,6 +195,6 @@ def interpolation_sweep(
         )
     s = collect_stats(reqs, config, extractor, prompts).stats
     ta, tb = s[f"teacher/{teacher_a.name}/B"].stats, s[f"teacher/{teacher_b.name}/B"].stats
-    fa = [fid_from_stats(s[f"mix/{w:.4f}"].stats, ta) for w in weights]
-    fb = [fid_from_stats(s[f"mix/{w:.4f}"].stats, tb) for w in weights]
+    fa = [fid_from_stats(s[f"mix/{k}"].stats, ta) for k in range(len(weights))]
+    fb = [fid_from_stats(s[f"mix/{k}"].stats, tb) for k in range(len(weights))]
     return SweepResult(teacher_a.name, teacher_b.name, [float(w) for w in weights], fa, fb)
