@@ -38,12 +38,18 @@ _SYNTHESIS_KEYS = ("images_per_teacher", "prompts", "num_inference_steps", "guid
 _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_continue")
 # the few-step stage: how, or what the save and the evaluation do with the trained weights
 _FAST_IGNORED = {"enabled", "checkpoint_every", "log_every", "output_dir", "sampler", "num_inference_steps", "guidance_scale", "eval_steps"}
-# resolved inputs recorded since (fast_inputs): a record made before them lacks them, and still resumes
-_FAST_ADDED_LATER = {"merged_images_per_style", "fast.rollout_step_counts"}
 FAST_STAGE = "fast"
 # inputs recorded since a later version: a record made before them lacks the key and still resumes
-# (compared from the next record on); every run records them, None when there is nothing to read
-_ADDED_LATER = {"incremental.base_merged.checksum", "student.base.conditioning.checksum", "data.scheduler.checksum", "data.tokenizer.checksum"}
+# (compared from the next record on); the merge's stages record theirs in every run (None when there
+# is nothing to read), the few-step stage its own when they apply
+_ADDED_LATER = {
+    "incremental.base_merged.checksum",
+    "student.base.conditioning.checksum",
+    "data.scheduler.checksum",
+    "data.tokenizer.checksum",
+    "merged_images_per_style",  # the few-step stage's resolved inputs (fast_inputs)
+    "fast.rollout_step_counts",
+}
 
 
 class StaleStateError(ValueError):
@@ -190,7 +196,7 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> 
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
         now = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir)))
-        diff = _differences(recorded, {k: v for k, v in now.items() if k in recorded or k not in _FAST_ADDED_LATER})
+        diff = _differences(recorded, now)
         if not diff:
             return
         problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
