@@ -195,8 +195,7 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> 
     if recorded is None:
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
-        now = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir)))
-        diff = _differences(recorded, now)
+        diff = _differences(recorded, json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir))))
         if not diff:
             return
         problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
