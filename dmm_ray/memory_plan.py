@@ -1,4 +1,4 @@
-"""Memory planner: what one merge worker holds on its accelerator, before anything starts.
+"""Memory planner: what one merge or few-step worker holds on its accelerator, before anything starts.
 
     python -m dmm_ray.memory_plan --config jobs/configs/sd15_8styles_1gpu.yaml      # one config's plan
     python -m dmm_ray.memory_plan --table                                             # README "How many GPUs do I need?"
@@ -21,6 +21,15 @@ the largest is reported and checked):
                the teachers' no-grad forward: ESTIMATED as 10 % of the student's per-row activations
   overhead     CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ESTIMATED 1.5 GiB + 5 %
                (CPU workers: the process itself, torch, diffusers, Ray, data buffers: 1 GiB + 5 %)
+An incremental merge's regularisation worker (paper 3.5) holds the same student and discriminator, and in
+place of teachers the previous merged StyleUNet in fp32 (counted from its config), at a teacher worker's
+reads per step; its no-grad forward takes the whole batch.
+The few-step stage's worker (jobs/fast.py, a merge with fast.enabled; `plan_fast`): the merged model
+(teacher), the student (its own copy + the LCM-LoRA, or a full copy + the EMA target network), gradients,
+AdamW (+ the rollout steps' own), the saved EMA, the text encoder(s), all fp32 (no autocast); activations
+of an LCM step (fast.batch_size rows) or of a rollout step (fast.rollout_batch_size rows x the longest
+fast.rollout_sampler_steps chain, every step kept for the one backward), whichever is larger; the CFG
+teacher's and the target's no-grad forward and the overhead as above.
 Every number is counted from the architecture (meta-device modules), none needs the weights.
 """
 
@@ -162,6 +171,10 @@ class Layout:
     adapter_rank: int = 0  # student.style_adapters.rank
     adapter_targets: tuple[str, ...] = ()
     mixture_rows: int = 0  # distill.mixture_fraction: mixture rows each hosted style adds (student: k x; every teacher: all k x)
+    # The incremental merge's regularisation worker (paper 3.5): no teachers of its own but the frozen previous
+    # merged StyleUNet (fp32, the student's text encoder conditions it) of this many parameters; k is then the
+    # reads per step of a teacher worker (its batch: k x batch_per_style rows, one forward of the previous model)
+    previous_model_params: int = 0
 
 
 _ARCHS: dict[str, Arch] = {}
@@ -170,6 +183,7 @@ _ARCHS: dict[str, Arch] = {}
 def arch_from_folder(folder: str | Path) -> Arch:
     folder = Path(folder)
     unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet = {k: v for k, v in unet.items() if not k.startswith("style_")}  # a merged model's StyleUNet: its own keys are no UNet's
     encoders = [
         json.loads((folder / te / "config.json").read_text()) for te in ("text_encoder", "text_encoder_2") if (folder / te / "config.json").is_file()
     ]
@@ -232,16 +246,30 @@ def _matching(unet, targets) -> list:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def lora_params(key: str, rank: int, targets: tuple[str, ...] = COMMON_LORA_TARGETS) -> int:
-    """Parameters of one rank-r LoRA on `targets` (down r x in*kh*kw + up out x r per layer)."""
+def _meta_style_unet(folder: str | Path):
+    """A saved StyleUNet (a merged model's unet/) built from its config on the meta device: no weights read."""
+    from dmm_ray.models.style_unet import StyleUNet
+
+    with torch.device("meta"):
+        return StyleUNet.from_config(StyleUNet.load_config(Path(folder) / "unet"))
+
+
+def _lora_count(unet, rank: int, targets) -> int:
+    """Parameters of a rank-r LoRA on the Linear/Conv2d layers of `unet` whose names end in one of `targets`
+    (PEFT's match: the whole name or a dotted suffix): down r x in*kh*kw + up out x r per layer."""
     total = 0
-    for m in _matching(_meta_unet(key), targets):
+    for m in _matching(unet, targets):
         if isinstance(m, torch.nn.Linear):
             total += rank * (m.in_features + m.out_features)
         else:
             total += rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
     return total
+
+
+@functools.lru_cache(maxsize=None)
+def lora_params(key: str, rank: int, targets: tuple[str, ...] = COMMON_LORA_TARGETS) -> int:
+    """Parameters of one rank-r LoRA on `targets` (down r x in*kh*kw + up out x r per layer)."""
+    return _lora_count(_meta_unet(key), rank, targets)
 
 
 def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_targets: tuple[str, ...] = ()) -> int:
@@ -345,7 +373,9 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
         L.append(("discriminator head (weights, grads, AdamW)", (4 + 4 + OPTIMIZER_BYTES[lay.optimizer]) * head, "counted"))
     if autocast:
         L.append(("bf16 weight copies under autocast", 2 * (p_student + (disc_backbone_params(key) if lay.lambda_adv > 0 else 0)), "counted"))
-    full = k - lay.lora_teachers
+    full = 0 if lay.previous_model_params else k - lay.lora_teachers
+    if lay.previous_model_params:  # loop.build_models: StyleUNet.from_pretrained as stored (fp32), distill.teacher_dtype does not apply
+        L.append(("previous merged model (fp32, frozen; the student's text encoder)", 4 * lay.previous_model_params, "counted"))
     if lay.lora_teachers:
         L.append((f"LoRA base UNet + text encoder(s), once ({lay.teacher_dtype})", tb * (p_unet + p_text), "counted"))
         adapters = sum(lay.lora_adapter_bytes) // 4 * tb
@@ -368,12 +398,15 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
             )
         )
     teacher_rows = lay.batch_per_style + k * lay.mixture_rows  # its own rows and the whole mixture block in one forward
+    if lay.previous_model_params:  # the previous model: the whole batch in one forward (no teacher slices)
+        teacher_rows = rows
     teacher_act = int(
         TEACHER_ACT_FRACTION
         * activation_bytes_per_row(key, latent, act_dtype if lay.teacher_dtype == "float32" and not autocast else "bfloat16", False)
         * teacher_rows
     )
-    L.append((f"teacher forward, one sub-batch of {teacher_rows} (no grad)", teacher_act, "estimated"))
+    teacher = "previous model's forward, the batch of" if lay.previous_model_params else "teacher forward, one sub-batch of"
+    L.append((f"{teacher} {teacher_rows} (no grad)", teacher_act, "estimated"))
     L.append(
         (
             "CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
@@ -382,6 +415,97 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
         )
     )
     return plan
+
+
+@dataclass(frozen=True)
+class FastLayout:
+    """One worker of the few-step stage (dmm_ray/fast/loop.py): the frozen merged StyleUNet (the teacher),
+    the student (a LoRA on its own copy of the merged weights, or a full copy with an EMA target network),
+    the text encoder(s), AdamW (and the rollout steps' own AdamW), all fp32: the loop runs no autocast."""
+
+    arch: str
+    model_params: int  # the merged StyleUNet's parameters (teacher; the student's copy; full mode: the target's)
+    lora_params: int  # fast.mode lora: the LCM-LoRA's trainable parameters
+    full_trainable_params: int  # fast.mode full: every weight but the style codebook
+    mode: str = "lora"
+    batch_size: int = 4  # fast.batch_size: rows of one LCM step
+    resolution: int = 512  # the latent shards' (data.encode.resolution)
+    saved_ema: bool = False  # fast.saved_ema_decay: an EMA of the trainable weights
+    rollout_batch_size: int = 0  # pairs of one rollout step (0: no rollout steps)
+    rollout_sampler_steps: int = 0  # the longest chain the rollout steps backpropagate through
+    rollout_resolution: int = 512  # the merged model's samples' (the rollout pairs)
+    gpu: bool = True
+    workers: int = 1  # fast.num_workers: each holds all of this
+
+    @property
+    def trainable(self) -> int:
+        return self.lora_params if self.mode == "lora" else self.full_trainable_params
+
+
+def plan_fast(lay: FastLayout, capacity_gb: float | None = None) -> Plan:
+    """One few-step worker's bytes, counted and measured as plan_layout does (same activations, same
+    10 % for a no-grad forward, same overhead). The LCM step and a rollout step do not overlap (each
+    step's activations are freed by its backward), so the larger of the two is the activations line."""
+    key = lay.arch
+    a = _ARCHS[key]
+    p, t = lay.model_params, lay.trainable
+    plan = Plan(capacity=None if capacity_gb is None else int(capacity_gb * GiB))
+    L = plan.lines
+    L.append(("teacher: the merged model (fp32, frozen)", 4 * p, "counted"))
+    if lay.mode == "lora":
+        L.append(("student: a copy of the merged model (fp32, frozen) + the LCM-LoRA", 4 * (p + t), "counted"))
+    else:
+        L.append(("student: a full copy of the merged model (fp32)", 4 * p, "counted"))
+        L.append(("target network: an EMA copy (fp32)", 4 * p, "counted"))
+    L.append((f"student gradients (fp32, {t / 1e6:.1f}M trainable)", 4 * t, "counted"))
+    L.append(("AdamW state of the LCM steps (fp32)", OPTIMIZER_BYTES["adamw"] * t, "counted"))
+    if lay.rollout_batch_size:  # RolloutPhase: its own AdamW, built at the start; the LCM one stays alive
+        L.append(("AdamW state of the rollout steps (fp32)", OPTIMIZER_BYTES["adamw"] * t, "counted"))
+    if lay.saved_ema:
+        L.append(("saved EMA of the trainable weights (fp32)", 4 * t, "counted"))
+    L.append(("text encoder(s) (fp32, frozen)", 4 * text_encoder_params(key), "counted"))
+    lcm_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False)
+    lcm = lcm_row * lay.batch_size
+    lcm_label = f"an LCM step, {lay.batch_size} rows"
+    label, act = lcm_label, lcm
+    if lay.rollout_batch_size:  # the chain keeps every sampler step's activations for the one backward
+        rollout = activation_bytes_per_row(key, lay.rollout_resolution // a.vae_factor, "float32", False) * lay.rollout_batch_size
+        rollout *= lay.rollout_sampler_steps
+        rollout_label = f"a rollout step, {lay.rollout_batch_size} rows x {lay.rollout_sampler_steps} sampler steps"
+        label, act, other, other_bytes = (rollout_label, rollout, lcm_label, lcm) if rollout > lcm else (lcm_label, lcm, rollout_label, rollout)
+        label += f" ({other}: {other_bytes / GiB:.2f} GiB)"
+    L.append((f"student activations: {label}", act, "measured (meta device)"))
+    # the CFG teacher (conditional, then unconditional) and the target, one no-grad forward at a time
+    L.append((f"teacher / target forward, {lay.batch_size} rows (no grad)", int(TEACHER_ACT_FRACTION * lcm_row * lay.batch_size), "estimated"))
+    L.append(
+        (
+            "CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
+            (OVERHEAD_BYTES if lay.gpu else GiB) + int(OVERHEAD_FRACTION * sum(b for _, b, _ in L)),
+            "estimated",
+        )
+    )
+    return plan
+
+
+def fast_suggestions(lay: FastLayout, capacity_gb: float) -> list[str]:
+    """The single fast.* changes that make a few-step worker fit (fast.mode lora, the largest batch that fits)."""
+    out = []
+
+    def fits(layout: FastLayout) -> bool:
+        return plan_fast(layout, capacity_gb).fits
+
+    if lay.mode == "full" and fits(replace(lay, mode="lora")):
+        out.append("fast.mode: lora")
+    b = next((b for b in range(lay.batch_size - 1, 0, -1) if fits(replace(lay, batch_size=b))), None)
+    if b:
+        out.append(f"fast.batch_size: {b}")
+    if lay.rollout_batch_size:
+        r = next((r for r in range(lay.rollout_batch_size - 1, 0, -1) if fits(replace(lay, rollout_batch_size=r))), None)
+        if r:
+            out.append(f"fast.rollout_batch_size: {r}")
+    if lay.saved_ema and fits(replace(lay, saved_ema=False)):
+        out.append("fast.saved_ema_decay: null")
+    return out or [f"nothing fits in {capacity_gb:g} GiB with single fast.* changes (fast.mode lora, fewer rows per step): use a larger GPU"]
 
 
 # ---- from a merge config ------------------------------------------------------------------
@@ -470,42 +594,72 @@ def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) 
 
 @dataclass(frozen=True)
 class WorkerLayout:
-    """One teacher worker of one training stage, as the merge lays them out (dmm_ray.distill.layout)."""
+    """One worker of one training stage, as the merge lays them out (dmm_ray.distill.layout), or the
+    few-step stage's (every one of its fast.num_workers workers alike)."""
 
-    stage: str  # "distill" | "finetune"
-    teachers: tuple[str, ...]  # the names of the teachers it hosts
-    layout: Layout
+    stage: str  # "distill" | "finetune" | "fast"
+    teachers: tuple[str, ...]  # the names of the teachers it hosts (none: the regulariser, the few-step worker)
+    layout: Layout | FastLayout
     notes: tuple[str, ...] = ()
+    kind: str = "teacher"  # "teacher" | "regularizer" | "fast"
 
     @property
     def batch_key(self) -> str:
+        if self.kind == "fast":
+            return "fast.batch_size"
         return "synthesis.finetune_batch_size" if self.stage == "finetune" else "data.stream.batch_size"
 
+    @property
+    def who(self) -> str:
+        """The worker(s) a refusal names."""
+        if self.kind == "fast":
+            return f"each of its fast.num_workers = {self.layout.workers} worker(s)"
+        return "the regularisation worker" if self.kind == "regularizer" else "one worker"
+
     def describe(self) -> str:
+        lay = self.layout
+        if self.kind == "fast":
+            rollout = (
+                f"; rollout steps: {lay.rollout_batch_size} rows x {lay.rollout_sampler_steps} sampler steps at {lay.rollout_resolution} px"
+                if lay.rollout_batch_size
+                else ""
+            )
+            return f"worker: the merged model (teacher) + a {lay.mode} student, {lay.batch_size} rows per LCM step at {lay.resolution} px{rollout}"
+        k = lay.teachers_on_worker
+        if self.kind == "regularizer":
+            return f"regularisation worker (the previous merged model), {k} x {lay.batch_per_style} rows per micro-batch at {lay.resolution} px"
         names = ", ".join(self.teachers[:3]) + (", ..." if len(self.teachers) > 3 else "")
-        lay, k = self.layout, len(self.teachers)
         return f"worker hosting {k} teacher{'s' if k > 1 else ''} ({names}), {k} x {lay.batch_per_style} rows per micro-batch at {lay.resolution} px"
 
 
-def worker_layouts(cfg, lora_rank: int = 64) -> list[WorkerLayout]:
-    """Every teacher group's worker (one group per distinct set of hosted teachers) in every stage
-    that trains: distill at data.encode.resolution and data.stream.batch_size rows per style, the
-    fine-tune (when it runs) at the synthesized samples' resolution and synthesis.finetune_batch_size.
-    Every worker's student and discriminator have all the styles: an incremental merge's old ones too."""
-    from dmm_ray.distill.layout import worker_layout
-
-    key, how = _config_arch(cfg)
-    notes = [f"architecture: {how}"]
-    styles = len(cfg.teachers)
+def _styles(cfg, notes: list[str]) -> tuple[int, int]:
+    """(every style of the merge's student, the previous model's old ones): an incremental merge's old styles too."""
+    old = 0
     if cfg.incremental.base_merged:
         from dmm_ray.models.style_unet import merged_style_names
 
         try:
-            styles += len(merged_style_names(cfg.incremental.base_merged))
+            old = len(merged_style_names(cfg.incremental.base_merged))
         except (OSError, ValueError) as error:  # validate_before_ray names it; the plan still prints
             notes.append(f"incremental.base_merged's styles not read ({error}): planned with the new teachers' styles only")
+    return len(cfg.teachers) + old, old
+
+
+def worker_layouts(cfg, lora_rank: int = 64) -> list[WorkerLayout]:
+    """Every teacher group's worker (one group per distinct set of hosted teachers) and an incremental
+    merge's regularisation worker, in every stage that trains: distill at data.encode.resolution and
+    data.stream.batch_size rows per style, the fine-tune (when it runs) at the synthesized samples'
+    resolution and synthesis.finetune_batch_size. Every worker's student and discriminator have all
+    the styles: an incremental merge's old ones too."""
+    from dmm_ray.distill.layout import worker_layout
+
+    key, how = _config_arch(cfg)
+    notes = [f"architecture: {how}"]
+    styles, old = _styles(cfg, notes)
+    previous = _previous_model_params(cfg, notes) if cfg.regularization_workers and old else 0
     out = []
-    for role in worker_layout(len(cfg.teachers), 1, teachers_per_worker=cfg.scaling.teachers_per_worker):
+    roles = worker_layout(len(cfg.teachers), 1, teachers_per_worker=cfg.scaling.teachers_per_worker)
+    for role in roles:
         hosted = [cfg.teachers[i] for i in role.teacher_indices]
         lay, own = _group_layout(cfg, key, hosted, styles, lora_rank)
         names = tuple(t.name for t in hosted)
@@ -513,7 +667,90 @@ def worker_layouts(cfg, lora_rank: int = 64) -> list[WorkerLayout]:
         if cfg.finetunes:  # trainer.stage_config: the same workers at the fine-tune's rows per style, no mixture block
             ft = replace(lay, batch_per_style=cfg.synthesis.finetune_batch_size, resolution=cfg.synthesis_resolution, mixture_rows=0)
             out.append(WorkerLayout("finetune", names, ft, tuple(notes + own)))
+    if previous:
+        out += _regulariser_layouts(cfg, out[0].layout, max(len(r.teacher_indices) for r in roles), previous, notes)
     return out
+
+
+def _previous_model_params(cfg, notes: list[str]) -> int:
+    """The parameters of an incremental merge's previous model, counted from its config (0: not read)."""
+    folder = Path(cfg.incremental.base_merged)
+    try:
+        return _params(_meta_style_unet(folder))
+    except (OSError, ValueError) as error:  # validate_before_ray names it; the plan still prints
+        notes.append(f"the regularisation worker is not planned: {folder / 'unet'} not read ({error})")
+        return 0
+
+
+def _regulariser_layouts(cfg, teacher: Layout, reads: int, previous: int, notes: list[str]) -> list[WorkerLayout]:
+    """The incremental merge's regularisation worker (loop.build_models): the student and discriminator
+    of a teacher worker (`teacher`, its layout), but in place of teachers the previous merged StyleUNet
+    in fp32 (parameters counted from its config) on the student's text encoder. Its batch
+    (distill.streams.StageBatches): distill, the common rows of each of a teacher worker's `reads` reads
+    per step (with incremental.old_style_samples also their synthesized share, from the previous
+    model's samples); the fine-tune, one read of synthesis.finetune_batch_size rows."""
+    from dmm_ray.data.config import split_batch
+
+    folder = Path(cfg.incremental.base_merged)
+    n_common, n_synth = split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)
+    lay = replace(
+        teacher,
+        teachers_on_worker=reads,
+        lora_teachers=0,
+        lora_adapter_bytes=(),
+        batch_per_style=n_common + (n_synth if cfg.old_style_samples else 0),
+        teacher_dtype="float32",
+        offload=False,
+        mixture_rows=0,
+        previous_model_params=previous,
+    )
+    own = tuple(notes) + (f"the previous merged model: {previous / 1e6:.1f}M parameters, counted from {folder / 'unet' / 'config.json'}",)
+    out = [WorkerLayout("distill", (), lay, own, "regularizer")]
+    if cfg.finetunes:
+        ft = replace(lay, teachers_on_worker=1, batch_per_style=cfg.synthesis.finetune_batch_size, resolution=cfg.synthesis_resolution)
+        out.append(WorkerLayout("finetune", (), ft, own, "regularizer"))
+    return out
+
+
+def fast_worker(cfg, model_dir: str | Path | None = None) -> WorkerLayout:
+    """The few-step stage's worker (fast.*): of the merged model in `model_dir` (jobs/fast.py; its
+    configs read, the StyleUNet built on the meta device), else of the model the merge will save (a
+    merge with fast.enabled: the student's architecture with every style). LCM rows at the latent
+    shards' resolution, rollout pairs at the merged model's samples' (synthesis resolution)."""
+    f = cfg.fast
+    notes: list[str] = []
+    if model_dir is not None:
+        folder = Path(model_dir)
+        key = register_arch(f"folder:{folder}", arch_from_folder(folder))
+        unet = _meta_style_unet(folder)
+        params, codebook = _params(unet), unet.class_embedding.codebook.weight.numel()
+        lora = _lora_count(unet, f.lora_rank, f.lora_targets)
+        notes.append(f"the merged model: {params / 1e6:.1f}M parameters, counted from {folder / 'unet' / 'config.json'}")
+    else:
+        key, how = _config_arch(cfg)
+        notes.append(f"architecture: {how}")
+        styles, _ = _styles(cfg, notes)
+        s = cfg.student.style_adapters
+        params = student_params(key, styles, s.rank, tuple(s.targets))
+        codebook = styles * _ARCHS[key].unet["block_out_channels"][0] * 4  # N x the time embedding dim
+        lora = lora_params(key, f.lora_rank, tuple(f.lora_targets))
+    batch = f.batch_size or cfg.data.stream.batch_size
+    lay = FastLayout(
+        arch=key,
+        model_params=params,
+        lora_params=lora,
+        full_trainable_params=params - codebook,  # fast.lcm.full_trainable: the codebook stays frozen
+        mode=f.mode,
+        batch_size=batch,
+        resolution=cfg.data.encode.resolution,
+        saved_ema=f.saved_ema_decay is not None,
+        rollout_batch_size=(f.rollout_batch_size or batch) if f.rollout_steps else 0,
+        rollout_sampler_steps=max(f.rollout_step_counts) if f.rollout_steps else 0,
+        rollout_resolution=cfg.synthesis_resolution,
+        gpu=cfg.scaling.use_gpu,
+        workers=f.num_workers,
+    )
+    return WorkerLayout("fast", (), lay, tuple(notes), "fast")
 
 
 def suggestions(
@@ -548,11 +785,15 @@ def suggestions(
         out.append(f"{batch_key}: {b} (per style; distill.grad_accum: {math.ceil(lay.batch_per_style / b)} keeps the samples per step)")
     if out:
         return out
-    savings = dict(
-        gradient_checkpointing=True, teacher_dtype="bfloat16", optimizer="adamw8bit", offload=lay.teachers_on_worker - lay.lora_teachers > 2
-    )
-    label = "distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16 + distill.optimizer: adamw8bit"
-    label += " + scaling.teacher_offload: true" if savings["offload"] else ""
+    if lay.previous_model_params:  # the regulariser: its previous model is fp32 whatever distill.teacher_dtype, and never offloaded
+        savings = dict(gradient_checkpointing=True, optimizer="adamw8bit")
+        label = "distill.gradient_checkpointing: true + distill.optimizer: adamw8bit"
+    else:
+        savings = dict(
+            gradient_checkpointing=True, teacher_dtype="bfloat16", optimizer="adamw8bit", offload=lay.teachers_on_worker - lay.lora_teachers > 2
+        )
+        label = "distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16 + distill.optimizer: adamw8bit"
+        label += " + scaling.teacher_offload: true" if savings["offload"] else ""
     k = next((k for k in range(lay.teachers_on_worker, 0, -1) if fits(with_k(k, **savings))), None)
     if k:
         return [f"{label} + scaling.teachers_per_worker: {k} (W = {workers(k)} workers)"]
@@ -566,36 +807,87 @@ class MemoryPlanError(ValueError):
     """The layout does not fit `scaling.gpu_memory_gb`."""
 
 
-def plan_config(cfg, lora_rank: int = 64) -> tuple[Plan, Layout]:
-    """The plan of the worker that needs the most memory (of every teacher group in every stage), and its layout."""
-    plans = []
-    for worker in worker_layouts(cfg, lora_rank):
-        plan = plan_layout(worker.layout, cfg.scaling.gpu_memory_gb)
-        plan.notes, plan.worker = list(worker.notes), worker
-        plans.append(plan)
-    plan = max(plans, key=lambda p: p.total)
+def plan_worker(worker: WorkerLayout, capacity_gb: float | None) -> Plan:
+    """`worker`'s plan (plan_fast for the few-step stage's, plan_layout for the merge's), its notes and itself attached."""
+    plan = plan_fast(worker.layout, capacity_gb) if worker.kind == "fast" else plan_layout(worker.layout, capacity_gb)
+    plan.notes, plan.worker = list(worker.notes), worker
+    return plan
+
+
+def all_plans(cfg, lora_rank: int = 64) -> list[Plan]:
+    """The plan of every worker of every stage that trains: the merge's (worker_layouts) and, with
+    fast.enabled, the few-step stage's (of the model the merge will save)."""
+    workers = worker_layouts(cfg, lora_rank) + ([fast_worker(cfg)] if cfg.fast.enabled else [])
+    return [plan_worker(w, cfg.scaling.gpu_memory_gb) for w in workers]
+
+
+def largest_plans(cfg, lora_rank: int = 64) -> list[Plan]:
+    """The largest plan of each kind of worker (teacher workers, the regularisation worker, the few-step
+    stage's), in that order: what --dry-run prints and every run checks."""
+    plans = all_plans(cfg, lora_rank)
+    out = []
+    for kind in ("teacher", "regularizer", "fast"):
+        mine = [p for p in plans if p.worker.kind == kind]
+        if mine:
+            out.append(max(mine, key=lambda p: p.total))
+    return out
+
+
+def plan_config(cfg, lora_rank: int = 64) -> tuple[Plan, Layout | FastLayout]:
+    """The plan of the worker that needs the most memory (of every worker in every stage), and its layout."""
+    plan = max(all_plans(cfg, lora_rank), key=lambda p: p.total)
     return plan, plan.worker.layout
 
 
 def describe(cfg, plan: Plan) -> str:
-    return plan.format(f"memory plan (per worker; W = {cfg.num_workers}; the largest: the {plan.worker.stage} stage's {plan.worker.describe()})")
+    worker = plan.worker
+    if worker.kind == "fast":
+        return plan.format(f"memory plan of the few-step stage (per worker; fast.num_workers = {worker.layout.workers}; {worker.describe()})")
+    if worker.kind == "regularizer":
+        return plan.format(
+            f"memory plan of the incremental merge's regularisation worker (the largest: the {worker.stage} stage's {worker.describe()})"
+        )
+    return plan.format(f"memory plan (per worker; W = {cfg.num_workers}; the largest: the {worker.stage} stage's {worker.describe()})")
+
+
+def describe_config(cfg, lora_rank: int = 64) -> str:
+    """The plans --dry-run prints: the largest teacher worker's, the regularisation worker's, the few-step stage's."""
+    return "\n".join(describe(cfg, p) for p in largest_plans(cfg, lora_rank))
 
 
 def _tips(cfg, plan: Plan) -> list[str]:
+    if plan.worker.kind == "fast":
+        return fast_suggestions(plan.worker.layout, cfg.scaling.gpu_memory_gb)
     return suggestions(plan.worker.layout, cfg.scaling.gpu_memory_gb, len(cfg.teachers), cfg.workers_per_teacher, plan.worker.batch_key)
 
 
+def refusal(cfg, plan: Plan) -> MemoryPlanError:
+    """The error for a plan that does not fit: the stage, the worker, the numbers, the plan, the changes that fit."""
+    return MemoryPlanError(
+        f"the {plan.worker.stage} stage does not fit: {plan.worker.who} needs {plan.total / GiB:.1f} GiB but "
+        f"scaling.gpu_memory_gb is {cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n"
+        + "\n".join(f"  {t}" for t in _tips(cfg, plan))
+    )
+
+
 def check_fits(cfg, lora_rank: int = 64) -> Plan | None:
-    """Raise MemoryPlanError when scaling.gpu_memory_gb is set and the largest worker does not fit."""
+    """Raise MemoryPlanError when scaling.gpu_memory_gb is set and a worker does not fit (the largest of those
+    that do not); else the plan of the largest worker."""
     if cfg.scaling.gpu_memory_gb is None:
         return None
-    plan, _ = plan_config(cfg, lora_rank)
+    plans = largest_plans(cfg, lora_rank)
+    too_large = [p for p in plans if not p.fits]
+    if too_large:
+        raise refusal(cfg, max(too_large, key=lambda p: p.total))
+    return max(plans, key=lambda p: p.total)
+
+
+def check_fast_fits(cfg, model_dir: str | Path) -> Plan:
+    """The few-step stage's plan of the merged model in `model_dir` (jobs/fast.py, a merge's fast stage);
+    a MemoryPlanError when scaling.gpu_memory_gb is set and one of its workers does not fit."""
+    plan = plan_worker(fast_worker(cfg, model_dir), cfg.scaling.gpu_memory_gb)
     if not plan.fits:
-        raise MemoryPlanError(
-            f"the {plan.worker.stage} stage does not fit: one worker needs {plan.total / GiB:.1f} GiB but "
-            f"scaling.gpu_memory_gb is {cfg.scaling.gpu_memory_gb:g} GiB\n{describe(cfg, plan)}\nit fits with any of:\n"
-            + "\n".join(f"  {t}" for t in _tips(cfg, plan))
-        )
+        raise refusal(cfg, plan)
     return plan
 
 
@@ -681,12 +973,11 @@ def main(argv=None) -> int:
     from dmm_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    plan, _ = plan_config(cfg, args.lora_rank)
-    print(describe(cfg, plan))
-    if not plan.fits:
-        print("it fits with any of:\n" + "\n".join(f"  {t}" for t in _tips(cfg, plan)))
-        return 2
-    return 0
+    plans = largest_plans(cfg, args.lora_rank)
+    print(describe_config(cfg, args.lora_rank))
+    for plan in (p for p in plans if not p.fits):
+        print(f"the {plan.worker.stage} stage fits with any of:\n" + "\n".join(f"  {t}" for t in _tips(cfg, plan)))
+    return 0 if all(p.fits for p in plans) else 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ its styles, the style index still an input) and save it as a DMMPipeline with TC
   python jobs/fast.py --model $DMM_HOME/outputs/dmm-toy/merged --config jobs/configs/toy_fast.yaml
   python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --set fast.steps=50 --set fast.mode=full
   python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --output-dir /tmp/fast --no-eval
+  python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml --dry-run   # check model, config, folders; print the memory plan
   ray job submit --working-dir . -- python jobs/fast.py --model MERGED --config jobs/configs/toy_fast.yaml
 
 The config is a merge config (the one the model was merged with works): its `fast:` section, the
@@ -42,6 +43,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="discard the training state in the output folder (a run from another model or with other settings) and train from the start",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the model folder, the config, the output folder, the MLflow store and the evaluation's inputs, "
+        "print the per-worker memory plan (refused when it does not fit scaling.gpu_memory_gb), start nothing",
+    )
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "config", "output_dir")
     set_verbosity(args.verbose)
@@ -68,6 +75,15 @@ def main(argv=None) -> int:
     check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
     if not args.no_eval and cfg.fast.eval_steps:
         cfg.evaluation.check_ready()  # its prompts and feature extractor: not only after the training
+    if args.dry_run:  # as jobs/merge.py --dry-run: what run_fast checks before Ray, and the plan, nothing started
+        from dmm_ray.fast.job import check_before_ray
+        from dmm_ray.memory_plan import describe
+
+        print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}", flush=True)
+        styles, plan = check_before_ray(cfg, args.model)  # a layout that does not fit: refused with its own plan
+        print(describe(cfg, plan), flush=True)
+        print(f"OK: {len(styles)} styles, {cfg.fast.num_workers} worker(s)")
+        return 0
     tracker = None
     if cfg.tracking.enabled:
         from dmm_ray.tracking import make_tracker

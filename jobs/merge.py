@@ -3,7 +3,7 @@
   python jobs/merge.py                                   # the embedded default: jobs/configs/toy.yaml
   python jobs/merge.py --config jobs/configs/toy.yaml --set distill.steps=10
   python jobs/merge.py --config jobs/configs/toy.yaml --dry-run --deep   # check config + teachers (every tensor finite)
-  python jobs/merge.py --config jobs/configs/sd15_8styles_1gpu.yaml --dry-run   # ... and print the per-worker memory plan
+  python jobs/merge.py --config jobs/configs/sd15_8styles_1gpu.yaml --dry-run   # ... and print the per-worker memory plans
   ray job submit --working-dir . -- python jobs/merge.py
 
 Without --config the toy preset runs: its zoo is built on first use and cached, and the zoo,
@@ -70,17 +70,16 @@ def main(argv=None) -> int:
 
     check_address(cfg.scaling.ray_address)  # an address where no Ray answers: said now, not after minutes of GCS retries
     if args.dry_run:
-        from dmm_ray.memory_plan import MemoryPlanError, describe, plan_config
+        from dmm_ray.memory_plan import MemoryPlanError, describe_config
 
         try:
             validate_before_ray(cfg, deep=args.deep)
         except MemoryPlanError:  # a layout that does not fit: refused with its own plan
             raise
         except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here
-            print(describe(cfg, plan_config(cfg)[0]), flush=True)
+            print(describe_config(cfg), flush=True)
             raise
-        plan, _ = plan_config(cfg)
-        print(describe(cfg, plan), flush=True)
+        print(describe_config(cfg), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
         if args.deep:
             print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
         if not args.restart:

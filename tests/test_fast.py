@@ -890,6 +890,50 @@ def test_fast_job_checks_its_evaluation_before_training(merged_world, tmp_path, 
         job.main(args + ["--no-eval"])
 
 
+def test_fast_job_dry_run_prints_the_memory_plan_and_a_worker_that_does_not_fit_is_refused_before_ray(merged_world, tmp_path, capsys, monkeypatch):
+    """jobs/fast.py --dry-run checks what the job checks before Ray and prints the few-step worker's memory
+    plan, counted from the model folder (its StyleUNet's parameters; the LCM-LoRA's as PEFT makes it); a
+    worker that does not fit scaling.gpu_memory_gb is refused by --dry-run and by the job, before Ray starts,
+    naming the numbers."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.fast.loop import build_student
+    from dmm_ray.memory_plan import fast_worker
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast={"lora_rank": 4})))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    assert job.main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    params = sum(p.numel() for p in StyleUNet.from_pretrained(merged / "unet").parameters())
+    assert "memory plan of the few-step stage (per worker; fast.num_workers = 1" in out and "OK: 2 styles, 1 worker(s)" in out
+    assert f"the merged model: {params / 1e6:.1f}M parameters" in out and "teacher: the merged model (fp32, frozen)" in out
+    assert not (tmp_path / "fast").exists()  # nothing started, nothing written
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"lora_rank": 4}))
+    layout = fast_worker(cfg, merged).layout
+    _, lora = build_student(merged, cfg.fast)
+    assert layout.model_params == params and layout.lora_params == sum(p.numel() for p in lora)
+
+    class RayStarted(Exception):
+        pass
+
+    def ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(fast_job, "init_for_training", ray)
+    small = ["--set", "scaling.gpu_memory_gb=0.5", "--set", "scaling.use_gpu=true"]
+    for flags in (["--dry-run"], []):
+        assert job.main(args + small + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert "the fast stage does not fit: each of its fast.num_workers = 1 worker(s) needs" in err, err
+        assert "but scaling.gpu_memory_gb is 0.5 GiB" in err and "CUDA context" in err
+
+
 def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
     """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
     returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws

@@ -95,6 +95,14 @@ def test_dry_run_layout_of_an_incremental_merge_names_the_regulariser(merged_wor
     text = describe_layout(cfg)
     assert "+ 1 regularisation worker" in text
     assert "worker(s) [0]: new0" in text and "worker 1: the previous merged model (regularisation of the old styles)" in text
+    # ... and its memory plan: the previous model's real parameters, in fp32
+    from pathlib import Path
+
+    from dmm_ray.memory_plan import describe_config
+
+    plan = describe_config(cfg)
+    params = sum(p.numel() for p in StyleUNet.from_pretrained(Path(merged_world["merged"]) / "unet").parameters())
+    assert "memory plan of the incremental merge's regularisation worker" in plan and f"previous merged model: {params / 1e6:.1f}M parameters" in plan
 
 
 def test_evaluating_a_previous_model_without_its_teachers_record_is_refused_before_ray(merged_world, tmp_path, capsys):

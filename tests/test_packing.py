@@ -318,6 +318,115 @@ def test_planner_counts_an_incremental_merges_old_styles(tmp_path):
     assert lay.num_styles == 10 and plan.total > fresh.total
 
 
+def _previous_model(tmp_path, styles: int = 8):
+    """An SD1.5-size previous merged model's unet/config.json: the planner reads the config, no weights."""
+    import json
+
+    from dmm_ray.memory_plan import SD15_UNET
+
+    prev = tmp_path / "previous_merged"
+    (prev / "unet").mkdir(parents=True, exist_ok=True)
+    (prev / "unet" / "config.json").write_text(json.dumps({**SD15_UNET, "style_names": [f"old{i}" for i in range(styles)]}))
+    return prev
+
+
+def test_planner_plans_the_incremental_merges_regularisation_worker(tmp_path):
+    """The regularisation worker (paper 3.5) holds the student and discriminator and, in place of
+    teachers, the frozen previous merged StyleUNet in fp32 whatever distill.teacher_dtype (parameters
+    counted from its config). With one bf16 teacher per worker it needs more than a teacher worker:
+    planned, printed, and refused by check_fits naming it."""
+    from dmm_ray.memory_plan import GiB, MemoryPlanError, _meta_style_unet, _params, all_plans, check_fits, describe_config, largest_plans
+
+    inc = {"base_merged": str(_previous_model(tmp_path))}
+    k1 = {"teachers_per_worker": 1}
+    teacher, reg = largest_plans(_planned(tmp_path, incremental=inc, scaling=k1))
+    assert (teacher.worker.kind, reg.worker.kind, reg.worker.stage) == ("teacher", "regularizer", "distill")
+    lines = {n: b for n, b, _ in reg.lines}
+    assert lines["previous merged model (fp32, frozen; the student's text encoder)"] == 4 * _params(_meta_style_unet(tmp_path / "previous_merged"))
+    assert not any("teacher UNets" in n or "teacher text encoder" in n or "LoRA" in n for n in lines)
+    assert "previous model's forward, the batch of 4 (no grad)" in lines and reg.total > teacher.total
+    assert [p.worker.kind for p in largest_plans(_planned(tmp_path, incremental={**inc, "regularization": False}, scaling=k1))] == ["teacher"]
+    between = (teacher.total + reg.total) / 2 / GiB
+    with pytest.raises(
+        MemoryPlanError,
+        match=r"(?s)the distill stage does not fit: the regularisation worker needs [\d.]+ GiB but scaling.gpu_memory_gb is .*previous merged model",
+    ):
+        check_fits(_planned(tmp_path, incremental=inc, scaling={**k1, "gpu_memory_gb": between}))
+    assert "memory plan of the incremental merge's regularisation worker" in describe_config(_planned(tmp_path, incremental=inc))
+    # its batch: the common rows of each of a teacher worker's k reads, + their synthesized share from the
+    # previous model's samples (incremental.old_style_samples); the fine-tune: one read of its batch
+    data = {"synthetic_fraction": 0.5}
+    reg = largest_plans(_planned(tmp_path, incremental=inc, data=data))[1]
+    assert (reg.worker.layout.teachers_on_worker, reg.worker.layout.batch_per_style) == (2, 4)
+    reg = largest_plans(_planned(tmp_path, incremental={**inc, "old_style_samples": False}, data=data))[1]
+    assert (reg.worker.layout.teachers_on_worker, reg.worker.layout.batch_per_style) == (2, 2)
+    finetune = {"finetune_steps": 10, "finetune_batch_size": 12}
+    ft = next(
+        p
+        for p in all_plans(_planned(tmp_path, incremental=inc, synthesis=finetune))
+        if p.worker.kind == "regularizer" and p.worker.stage == "finetune"
+    )
+    assert (ft.worker.layout.teachers_on_worker, ft.worker.layout.batch_per_style) == (1, 12)
+
+
+def test_planner_plans_the_few_step_worker(tmp_path):
+    """fast.enabled: the few-step stage's worker is planned and checked with the merge, from the real
+    parameter counts: the merged model (teacher), the student (LoRA: its own copy + the LoRA; full: a
+    copy and an EMA target network), gradients and AdamW of what trains (+ the rollout steps' own AdamW),
+    the saved EMA; a rollout chain keeps every sampler step's activations."""
+    from dmm_ray.fast.config import LCM_LORA_TARGETS
+    from dmm_ray.memory_plan import (
+        GiB,
+        MemoryPlanError,
+        all_plans,
+        check_fits,
+        describe_config,
+        fast_worker,
+        lora_params,
+        plan_worker,
+        student_params,
+    )
+
+    fast = {"enabled": True, "batch_size": 4, "num_ddim_timesteps": 50}
+    lora = plan_worker(fast_worker(_planned(tmp_path, fast=fast)), None)
+    p, t = student_params("sd15", 2), lora_params("sd15", 64, tuple(LCM_LORA_TARGETS))
+    lines = {n: b for n, b, _ in lora.lines}
+    assert lines["teacher: the merged model (fp32, frozen)"] == 4 * p
+    assert lines["student: a copy of the merged model (fp32, frozen) + the LCM-LoRA"] == 4 * (p + t)
+    assert lines["AdamW state of the LCM steps (fp32)"] == 8 * t and "target network: an EMA copy (fp32)" not in lines
+    full_fast = {**fast, "mode": "full", "saved_ema_decay": 0.99}
+    full = {n: b for n, b, _ in plan_worker(fast_worker(_planned(tmp_path, fast=full_fast)), None).lines}
+    trainable = p - 2 * 1280  # every weight but the codebook (2 styles x the time embedding's 1280)
+    assert (
+        full["target network: an EMA copy (fp32)"] == 4 * p and full[f"student gradients (fp32, {trainable / 1e6:.1f}M trainable)"] == 4 * trainable
+    )
+    assert full["saved EMA of the trainable weights (fp32)"] == 4 * trainable
+
+    def activations(**change) -> int:
+        plan = plan_worker(fast_worker(_planned(tmp_path, fast={**fast, **change})), None)
+        return next(b for n, b, _ in plan.lines if n.startswith("student activations"))
+
+    two, eight = activations(rollout_steps=10, rollout_sampler_steps=[2]), activations(rollout_steps=10, rollout_sampler_steps=[2, 8])
+    assert eight == 4 * two and two == 2 * activations()  # 4 rows x 2 steps against one LCM step's 4 rows
+    rollout = _planned(tmp_path, fast={**full_fast, "rollout_steps": 10, "rollout_sampler_steps": [8]})
+    plans = all_plans(rollout)
+    merge = max(p.total for p in plans if p.worker.kind != "fast")
+    few_step = next(p for p in plans if p.worker.kind == "fast")
+    assert "AdamW state of the rollout steps (fp32)" in {n for n, _, _ in few_step.lines} and few_step.total > merge
+    assert "memory plan of the few-step stage (per worker; fast.num_workers = 1" in describe_config(rollout)
+    with pytest.raises(
+        MemoryPlanError, match=r"(?s)the fast stage does not fit: each of its fast.num_workers = 1 worker\(s\) needs.*fast\."
+    ) as error:
+        check_fits(
+            _planned(
+                tmp_path,
+                fast={**full_fast, "rollout_steps": 10, "rollout_sampler_steps": [8]},
+                scaling={"gpu_memory_gb": (merge + few_step.total) / 2 / GiB},
+            )
+        )
+    assert "fast.mode: lora" in str(error.value) or "fast.rollout_batch_size:" in str(error.value)
+
+
 def test_planner_counts_shared_lora_base_once():
     from dmm_ray.memory_plan import Layout, lora_params, plan_layout, unet_params
 

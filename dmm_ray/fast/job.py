@@ -88,6 +88,16 @@ def _check_settings_fit(folder: Path, fast) -> None:
         raise FastError(f"{error} (--model {folder})") from None
 
 
+def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
+    """What the few-step stage checks before Ray starts (run_fast; jobs/fast.py --dry-run): the model folder
+    and the fast.* settings that depend on it, and that its worker fits scaling.gpu_memory_gb (the memory
+    plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the plan)."""
+    from dmm_ray.memory_plan import check_fast_fits
+
+    styles = check_model_folder(model_dir, cfg.fast)
+    return styles, check_fast_fits(cfg, model_dir)
+
+
 def fast_dir(cfg: MergeConfig) -> Path:
     return Path(cfg.fast.output_dir) if cfg.fast.output_dir else Path(cfg.output_dir) / "fast"
 
@@ -316,7 +326,7 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
 
     started = time.time()
     model_dir = Path(model_dir).resolve()
-    styles = check_model_folder(model_dir, cfg.fast)
+    styles, _ = check_before_ray(cfg, model_dir)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     fix = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"
