@@ -140,6 +140,27 @@ def test_stream_is_reproducible_for_seed_and_worker_count(ray_cluster, tmp_path,
 
 
 @pytest.mark.ray
+def test_local_shuffle_reorders_each_epoch_and_follows_the_seed(ray_cluster, tmp_path, tiny_base, monkeypatch):
+    """The local shuffle's seed is keyed by (stream.seed, epoch, rank): it hashed only the rank, so every
+    epoch and every seed gave the same batches."""
+    from ray.data import DataContext
+
+    from dmm_ray.data.stream import build_latent_dataset, iter_noised_batches
+
+    monkeypatch.setattr(DataContext.get_current().execution_options, "preserve_order", True)  # what train_dataset_config gives the trainer
+    write_fixture_shards(tmp_path / "shards", n_shards=2, rows=16)
+
+    def order(seed, epoch, rank=0):
+        cfg = _cfg(tiny_base, tmp_path / "shards", seed=seed, shuffle_buffer=32, shuffle_blocks=False)
+        return [i for b in iter_noised_batches(build_latent_dataset(cfg), cfg, epoch=epoch, rank=rank) for i in b["source_ids"]]
+
+    first = order(0, 0)
+    assert sorted(first) == sorted(f"s{k}-{i}" for k in range(2) for i in range(16))
+    assert order(0, 0) == first  # reproducible
+    assert order(0, 1) != first and order(1, 0) != first and order(0, 0, rank=1) != first
+
+
+@pytest.mark.ray
 def test_latent_dataset_reads_through_the_v1_parquet_reader_unless_told(ray_cluster, tmp_path, tiny_base, monkeypatch):
     """Ray Data's V2 parquet reader starts actor processes for every execution (each epoch of every split):
     the stream reads through V1, leaves Ray's own setting as it was, and follows the env variable if set."""

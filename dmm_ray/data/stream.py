@@ -151,6 +151,13 @@ def _sample_key(seed: int, epoch: int, source_id: str) -> list[int]:
     return [seed, epoch, int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")]
 
 
+def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: a new order every epoch, per stream seed and worker. All of the key
+    goes through SeedSequence (element 2 of `_sample_key` alone hashes only the rank: every epoch and
+    every seed shuffled alike)."""
+    return int(np.random.SeedSequence(_sample_key(seed, epoch, f"rank{rank}")).generate_state(1)[0] % 2**31)
+
+
 def draw_sample_randomness(
     source_ids: Sequence[str], latent_shape: Sequence[int], *, seed: int, epoch: int, num_train_timesteps: int, caption_dropout: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -222,11 +229,7 @@ def iter_noised_batches(
     scheduler = scheduler or load_noise_scheduler(cfg)
     empty_ids = tokenize(_cached_tokenizer(cfg.tokenizer_path()), [""])[0]  # (L,) the unconditional caption
     rank = _world_rank() if rank is None else rank
-    shuffle = (
-        dict(local_shuffle_buffer_size=s.shuffle_buffer, local_shuffle_seed=_sample_key(s.seed, epoch, f"rank{rank}")[2] % 2**31)
-        if s.shuffle_buffer
-        else {}
-    )
+    shuffle = dict(local_shuffle_buffer_size=s.shuffle_buffer, local_shuffle_seed=_shuffle_seed(s.seed, epoch, rank)) if s.shuffle_buffer else {}
     for batch in shard.iter_batches(
         batch_size=s.batch_size, batch_format="numpy", drop_last=s.drop_last, prefetch_batches=s.prefetch_batches, **shuffle
     ):
