@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -97,6 +98,22 @@ def test_add_styles_keeps_old_rows(student):
     assert not torch.equal(grown[3], grown[4])
     with pytest.raises(StyleError, match="duplicate"):
         student.add_styles(["anime"])
+
+
+def test_a_second_increment_does_not_start_at_the_first_ones_rows(student):
+    """An incremental merge of an incremental merge (same student.codebook_seed): the new rows are drawn by
+    position, not from a stream started afresh, which gave the second increment the first one's rows."""
+    twin = copy.deepcopy(student)
+    student.add_styles(["pixel", "sepia"], seed=0)
+    again = student.add_styles(["chalk", "neon"], seed=0)
+    w = student.class_embedding.codebook.weight.detach()
+    assert again == [5, 6] and not torch.equal(w[3:5], w[5:7])
+    cos = torch.nn.functional.cosine_similarity(w[5:7, None], w[None, 3:5], dim=-1)  # (2, 2) new vs the first increment's
+    assert cos.abs().max() < 0.5
+    # deterministic per seed and position: the same growth of the same model draws the same rows
+    twin.add_styles(["pixel", "sepia"], seed=0)
+    twin.add_styles(["chalk", "neon"], seed=0)
+    assert torch.equal(twin.class_embedding.codebook.weight, student.class_embedding.codebook.weight)
 
 
 def test_block_features_cover_down_mid_up(student):

@@ -261,7 +261,10 @@ class StyleUNet(UNet2DConditionModel):
         return self.class_embedding.codebook.embedding_dim
 
     def add_styles(self, names: Iterable[str], seed: int | None = None) -> list[int]:
-        """Append randomly initialised codebook rows (incremental merge); old rows stay bit-identical."""
+        """Append randomly initialised codebook rows (incremental merge); old rows stay bit-identical.
+        `seed`: row i is row i of one N(0, 1) stream seeded by it, so the rows an incremental merge of an
+        incremental merge adds are not those the first one added (a stream started afresh for the new
+        rows gave both increments the same start, which training moves little: cos 0.995 on the toy)."""
         names = [str(n) for n in names]
         _check_unique(self.style_names + names)
         old = self.class_embedding.codebook
@@ -269,7 +272,8 @@ class StyleUNet(UNet2DConditionModel):
         with torch.no_grad():
             if seed is not None:
                 generator = torch.Generator().manual_seed(seed)
-                grown.weight[old.num_embeddings :] = torch.randn(len(names), old.embedding_dim, generator=generator).to(grown.weight)
+                rows = torch.randn(grown.num_embeddings, old.embedding_dim, generator=generator)[old.num_embeddings :]
+                grown.weight[old.num_embeddings :] = rows.to(grown.weight)
             grown.weight[: old.num_embeddings] = old.weight
         self.class_embedding.codebook = grown
         for adapter in self.class_embedding.adapters.values():
