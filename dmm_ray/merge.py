@@ -109,8 +109,9 @@ def log(msg: str) -> None:
 
 
 def check_synthesized_rows(cfg: MergeConfig) -> None:
-    """Each style's synthesized set (synthesis.images_per_teacher rows) must fill the rows of it that one
-    batch takes (dmm_ray.distill.streams.cached_stream); else distill or the fine-tune stop after synthesis."""
+    """Each style's synthesized set (synthesis.images_per_teacher rows, shared out among the style's
+    scaling.workers_per_teacher replicas) must fill, in each replica's share, the rows of it that one batch
+    takes (dmm_ray.distill.streams.cached_stream); else distill or the fine-tune stop after synthesis."""
     from dmm_ray.distill.streams import split_batch
 
     needs = []
@@ -119,11 +120,13 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
         needs.append((split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[1], stream))
     if cfg.finetunes:
         needs.append((cfg.synthesis.finetune_batch_size, "synthesis.finetune_batch_size"))
+    k = cfg.workers_per_teacher
     for rows, what in needs:
-        if cfg.synthesis.images_per_teacher < rows:
+        if cfg.synthesis.images_per_teacher // k < rows:
+            share = f" for each of its {k} workers (scaling.workers_per_teacher)" if k > 1 else ""
             raise ValueError(
                 f"synthesis.images_per_teacher={cfg.synthesis.images_per_teacher} is fewer than the {rows} synthesized rows "
-                f"of each style that one batch takes ({what}); synthesize at least {rows} or take fewer rows"
+                f"of each style that one batch takes ({what}){share}; synthesize at least {rows * k} or take fewer rows"
             )
 
 

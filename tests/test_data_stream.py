@@ -230,3 +230,56 @@ def test_torch_trainer_workers_receive_contract_batches(ray_cluster, tmp_path, t
     seen = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [len(s) for s in seen] == [8, 8]  # 16 rows, 2 workers, batch 8
     assert sorted(seen[0] + seen[1]) == sorted(f"s{k}-{i}" for k in range(2) for i in range(8))
+
+
+class _ListShard:
+    """A worker's dataset shard as StageBatches reads it: numpy columns in fixed batches."""
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def iter_batches(self, batch_size, batch_format="numpy", drop_last=False, **_):
+        n = len(self.columns["latents"])
+        for i in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in self.columns.items()}
+
+
+def test_replicas_of_a_teacher_train_on_disjoint_synthesized_rows(tmp_path, monkeypatch):
+    """scaling.workers_per_teacher: 2: the synthesized sets are not split by Ray (every worker reads them
+    whole), and both replicas of a teacher took the same rows with the same noise each step, so DDP
+    averaged two identical gradients for that share. Each replica now trains on its own rows."""
+    import ray.train
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.distill.layout import worker_layout
+    from dmm_ray.distill.loop import Start, Worker
+    from dmm_ray.distill.streams import StageBatches
+
+    world = build_world(tmp_path / "w", names=["t0"])
+    raw = tiny_merge_config(world, tmp_path / "out", scaling={"workers_per_teacher": 2})
+    raw["data"]["synthetic_fraction"] = 0.5
+    cfg = MergeConfig.model_validate(raw)
+    tok = load_tokenizer(cfg.data.tokenizer_path())
+
+    def columns(prefix, n, style=None):
+        cols = {
+            "latents": np.random.default_rng(0).standard_normal((n, 4, 4, 4)).astype(np.float32),
+            "input_ids": tokenize(tok, ["a red circle"] * n),
+            "caption": np.array(["a red circle"] * n, dtype=object),
+            "source_id": np.array([f"{prefix}{i}" for i in range(n)], dtype=object),
+        }
+        return cols if style is None else {**cols, "style": np.zeros(n, dtype=np.int64)}
+
+    synth = _ListShard(columns("synth-t0-", 8, style=0))
+    roles = worker_layout(1, 2)
+    seen = []
+    for rank in (0, 1):
+        shards = {"train": _ListShard(columns(f"common-{rank}-", 8)), "synth": synth}  # Ray's split: own common rows
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
+        worker = Worker(cfg, "distill", rank, 2, torch.device("cpu"), roles, [], ["t0"])
+        batches = StageBatches(worker, load_noise_scheduler(cfg.data), Start(), torch.Generator().manual_seed(rank))
+        seen.append([i for _ in range(2) for i in batches.next_step()[0][0]["source_ids"] if i.startswith("synth")])
+    assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x 2 synthesized rows of the batch of 4
+    assert not set(seen[0]) & set(seen[1])  # was the same 4 rows (and noise) on both
+    assert sorted(seen[0] + seen[1]) == sorted(f"synth-t0-{i}" for i in range(8))  # between them, every row once per epoch

@@ -410,6 +410,11 @@ def test_settings_that_would_fail_after_training_are_refused_before_anything_is_
             "(data.synthetic_fraction=0.5 of data.stream.batch_size=8)",
         ),
         (["synthesis.images_per_teacher=1"], "fewer than the 2 synthesized rows of each style that one batch takes (synthesis.finetune_batch_size)"),
+        (  # the style's replicas share its set out: 3 rows each
+            ["synthesis.images_per_teacher=6", "data.synthetic_fraction=0.5", "data.stream.batch_size=8", "scaling.workers_per_teacher=2"],
+            "that one batch takes (data.synthetic_fraction=0.5 of data.stream.batch_size=8) for each of its 2 workers "
+            "(scaling.workers_per_teacher); synthesize at least 8",
+        ),
     ],
 )
 def test_too_few_synthesized_images_for_one_batch_are_refused_before_anything_is_written(world, tmp_path, capsys, overrides, says):

@@ -175,8 +175,18 @@ class StageBatches:
         missing = [i for i in hosted if i not in by_style]
         if missing:
             raise TrainingInputError(f"the synthesized set has no samples of style(s) {missing}")
+        replica, replicas = self._replica()
+        if replicas > 1:  # every worker reads the whole set: the replicas of a group took the same rows, with the same noise, each step
+            by_style = {i: {k: v[replica::replicas] for k, v in rows.items()} for i, rows in by_style.items()}
         self._by_style = by_style
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
+
+    def _replica(self) -> tuple[int, int]:
+        """(this worker's index among the workers hosting its teachers, how many do: scaling.workers_per_teacher).
+        They are DDP replicas of one teacher group; each trains on its own share (rows replica, replica + count,
+        ...) of the group's synthesized sets, as the common stream's split gives each its own rows."""
+        same = [r.rank for r in self.worker.roles if r.kind == "teacher" and r.teacher_indices == self.role.teacher_indices]
+        return same.index(self.worker.rank), len(same)
 
     def _mixture_streams(self, batch_size: int) -> list[EpochStream] | None:
         """distill.mixture_fraction > 0 on a worker hosting k >= 2 styles: each step every hosted style
