@@ -159,6 +159,33 @@ def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
         latents.ensure_latents(_merge_cfg(tmp_path, shards, source=False))
 
 
+def test_enough_latent_rows_is_checked_with_the_stage_own_workers_and_shard_rows(tmp_path):
+    """A worker needs one batch of shard rows per epoch. The check took data.stream.batch_size x the merge's
+    workers for every stage: a merge whose data.synthetic_fraction takes half of each batch elsewhere was
+    refused, and a few-step stage with more workers (fast.num_workers) than the rows feed passed, to stop
+    inside Ray Train ('yielded no batch')."""
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data import latents
+
+    world = build_world(tmp_path / "world", names=["t0", "t1"])  # 64 latent rows; 2 teachers: W = 2
+
+    def cfg(stream_batch, **sections):
+        raw = tiny_merge_config(world, tmp_path / "out", **sections)
+        raw["data"]["stream"] = {"batch_size": stream_batch}
+        return MergeConfig.model_validate(raw)
+
+    latents.check_enough_rows(cfg(40, data={"synthetic_fraction": 0.5}))  # 2 x 20 shard rows of 64: was refused (80)
+    with pytest.raises(
+        ValueError, match=r"64 latents but 2 workers x data.stream.batch_size 40 need at least 80; add data or lower data.stream.batch_size"
+    ):
+        latents.check_enough_rows(cfg(40))
+    latents.check_enough_rows(cfg(40, fast={"num_workers": 1}), job="fast")  # the merge's 2 x 40 do not apply: was refused
+    with pytest.raises(ValueError, match=r"64 latents but 4 fast.num_workers x fast.batch_size 32 need at least 128"):
+        latents.check_enough_rows(cfg(32, fast={"num_workers": 4}), job="fast")  # was accepted (2 x 32 = 64)
+
+
 # ---- the Ray job -----------------------------------------------------------------------------
 
 

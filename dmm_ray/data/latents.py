@@ -35,7 +35,7 @@ def ensure_latents(cfg, job: str = "merge") -> None:
     state = check_latents(cfg, inputs=False)  # run_encode checks its inputs itself
     if state.status == "complete":
         say(job, f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
-        check_enough_rows(cfg)
+        check_enough_rows(cfg, job)
         return
     from dmm_ray.data.encode import run_encode
     from dmm_ray.data.shards import shard_set_state
@@ -52,19 +52,35 @@ def ensure_latents(cfg, job: str = "merge") -> None:
     after = shard_set_state(cfg.data.shards)
     if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path
         raise RuntimeError(f"encoding into {cfg.data.shards} left an incomplete set ({after.detail()})")
-    check_enough_rows(cfg)
+    check_enough_rows(cfg, job)
 
 
-def check_enough_rows(cfg) -> None:
-    """Every worker needs at least one full batch per epoch; say so before Ray Train starts."""
+def check_enough_rows(cfg, job: str = "merge") -> None:
+    """Every worker of the stage needs at least one full batch of latent-shard rows per epoch (Ray Data's
+    split gives each worker rows / W): say so before Ray Train starts. `job`: "merge" (the merge's W
+    workers, data.stream.batch_size less its data.synthetic_fraction) or "fast" (the few-step stage's own
+    fast.num_workers and batch split); the merge's numbers checked the few-step stage too, and the whole
+    batch, though the synthesized share of it is not read from the shards."""
     from dmm_ray.data import fs as fsu
+    from dmm_ray.data.config import split_batch
     from dmm_ray.data.shards import read_marker, shard_indices
 
     fs, root = fsu.resolve(cfg.data.shards)
     rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
-    need = cfg.data.stream.batch_size * cfg.num_workers
+    if job == "fast":
+        workers, per_worker = cfg.fast.num_workers, cfg.fast.batch_split(cfg.data.stream.batch_size)[0]
+        what, fix = "fast.num_workers", "lower fast.batch_size or fast.num_workers"
+        if cfg.fast.synthetic_fraction:
+            what += f" x the {per_worker} shard rows of a batch (fast.batch_size less fast.synthetic_fraction)"
+        else:
+            what += f" x fast.batch_size {per_worker}"
+    else:
+        workers, per_worker = cfg.num_workers, split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[0]
+        what, fix = "workers", "lower data.stream.batch_size"
+        if cfg.data.synthetic_fraction:
+            what += f" x the {per_worker} shard rows of a batch (data.stream.batch_size less data.synthetic_fraction)"
+        else:
+            what += f" x data.stream.batch_size {per_worker}"
+    need = workers * per_worker
     if rows < need:
-        raise ValueError(
-            f"data.shards has {rows} latents but {cfg.num_workers} workers x data.stream.batch_size "
-            f"{cfg.data.stream.batch_size} need at least {need}; add data or lower data.stream.batch_size"
-        )
+        raise ValueError(f"data.shards has {rows} latents but {workers} {what} need at least {need}; add data or {fix}")
