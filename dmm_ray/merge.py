@@ -196,12 +196,32 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+        check_student_extensions(cfg, merged)
         check_regulariser_rows(cfg, len(old))
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 
     if not fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
         check_latents(cfg)
+
+
+def check_student_extensions(cfg: MergeConfig, merged: Path) -> None:
+    """An incremental merge grows the previous model's student, its style FiLM and adapters included
+    (dmm_ray.distill.loop._load_student), so student.style_film and student.style_adapters.rank must
+    be what that model has; other values were silently not trained (and the memory plan counted them)."""
+    from dmm_ray.teachers import TeacherError
+
+    unet = json.loads((merged / "unet" / "config.json").read_text())
+    has = {"student.style_film": bool(unet.get("style_film", False)), "student.style_adapters.rank": int(unet.get("style_adapter_rank") or 0)}
+    asked = {"student.style_film": cfg.student.style_film, "student.style_adapters.rank": cfg.student.style_adapters.rank}
+    wrong = [key for key in has if asked[key] != has[key]]
+    if wrong:  # values as YAML writes them (true, 8)
+        raise TeacherError(
+            "incremental.base_merged: "
+            + "; ".join(f"{key} is {json.dumps(asked[key])} but the previous model has {json.dumps(has[key])}" for key in wrong)
+            + f". An incremental merge grows {merged}'s student as it is; set "
+            + ", ".join(f"{key}: {json.dumps(has[key])}" for key in wrong)
+        )
 
 
 def describe_layout(cfg: MergeConfig) -> str:

@@ -138,6 +138,24 @@ def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):
         validate_before_ray(cfg)
 
 
+def test_student_extensions_other_than_the_previous_models_are_refused_before_ray(merged_world, tmp_path):
+    """The incremental student is the previous model grown (its FiLM and adapters as they are): a config
+    asking for rank-4 adapters and FiLM on a model without them passed, and trained without them."""
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+
+    def cfg(**student):
+        raw = tiny_merge_config(merged_world, tmp_path, teachers=new, incremental={"base_merged": merged_world["merged"]})
+        return MergeConfig.model_validate({**raw, "student": {**raw["student"], **student}})
+
+    validate_before_ray(cfg())  # as the previous model: no FiLM, no adapters
+    with pytest.raises(
+        TeacherError,
+        match=r"student.style_film is true but the previous model has false; student.style_adapters.rank is 4 but the previous model "
+        r"has 0\. An incremental merge grows .*'s student as it is; set student.style_film: false, student.style_adapters.rank: 0",
+    ):
+        validate_before_ray(cfg(style_film=True, style_adapters={"rank": 4}))
+
+
 def _regulariser_batches(cfg, monkeypatch, datasets: dict):
     """The regulariser's StageBatches for `cfg`, its Ray Data shards replaced by `datasets`."""
     import ray.train
