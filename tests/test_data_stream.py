@@ -271,11 +271,12 @@ def test_replicas_of_a_teacher_train_on_disjoint_synthesized_rows(tmp_path, monk
         }
         return cols if style is None else {**cols, "style": np.zeros(n, dtype=np.int64)}
 
-    synth = _ListShard(columns("synth-t0-", 8, style=0))
+    synth = columns("synth-t0-", 8, style=0)
     roles = worker_layout(1, 2)
     seen = []
     for rank in (0, 1):
-        shards = {"train": _ListShard(columns(f"common-{rank}-", 8)), "synth": synth}  # Ray's split: own common rows
+        order = np.arange(8) if rank == 0 else np.arange(8)[::-1]  # each worker reads the set in Ray Data's order, not always the same
+        shards = {"train": _ListShard(columns(f"common-{rank}-", 8)), "synth": _ListShard({k: v[order] for k, v in synth.items()})}
         monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
         worker = Worker(cfg, "distill", rank, 2, torch.device("cpu"), roles, [], ["t0"])
         batches = StageBatches(worker, load_noise_scheduler(cfg.data), Start(), torch.Generator().manual_seed(rank))

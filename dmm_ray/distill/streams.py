@@ -177,7 +177,7 @@ class StageBatches:
             raise TrainingInputError(f"the synthesized set has no samples of style(s) {missing}")
         replica, replicas = self._replica()
         if replicas > 1:  # every worker reads the whole set: the replicas of a group took the same rows, with the same noise, each step
-            by_style = {i: {k: v[replica::replicas] for k, v in rows.items()} for i, rows in by_style.items()}
+            by_style = {i: _share(rows, replica, replicas) for i, rows in by_style.items()}
         self._by_style = by_style
         return [cached_stream(by_style[i], size, *self._stream_args, f"style {i}'s synthesized samples", self._consumed) for i in hosted]
 
@@ -242,6 +242,15 @@ class StageBatches:
         )
         batch = subs[0] if len(subs) == 1 else concat_batches(subs)
         return self._with_mixture(batch, ids) if self.mixture is not None else (batch, ids)
+
+
+def _share(rows: dict, replica: int, replicas: int) -> dict:
+    """Replica `replica`'s rows of one style's synthesized set: every `replicas`-th row in source-id order
+    (the order each worker reads the set in is Ray Data's; the ids make the shares disjoint whatever it is)."""
+    import numpy as np
+
+    order = np.argsort(rows["source_id"].astype(str), kind="stable")[replica::replicas]
+    return {k: v[order] for k, v in rows.items()}
 
 
 def _joined(parts: list[dict]) -> dict:
