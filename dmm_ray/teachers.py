@@ -11,6 +11,7 @@ Formats (what community sites ship):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -287,16 +288,37 @@ def _check_finite(tensor, key: str, path: Path, who: str) -> None:
             )
 
 
-def _scan_pickled(spec: TeacherSpec, who: str) -> None:
-    """--deep on an allowed .ckpt: every tensor of its state dict (torch.load(weights_only=True), memory-mapped)."""
+def _read_pickled(spec: TeacherSpec, who: str) -> dict:
+    """An allowed .ckpt's state dict, read as the worker's from_single_file reads it (diffusers'
+    load_state_dict: torch.load(weights_only=True), memory-mapped when it is torch.save's zip format,
+    so no tensor's bytes are read here; a "state_dict" level unwrapped). Called here rather than through
+    diffusers, whose wrapper replaces torch's own error (which says what is wrong) with its own."""
+    import zipfile
+
     import torch
 
     path = Path(spec.source)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise TeacherError(f"{who}: could not read {path} ({type(error).__name__}: {error}); it is truncated or corrupt") from None
-    stack = [("", state)]
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # torch / zipfile / pickle raise many types for a bad file
+        raise TeacherError(
+            f"{who}: could not read {path} as a torch checkpoint ({type(error).__name__}: {str(error).strip()}); it is truncated, "
+            "corrupt or not a torch.save file: copy or download it again, or give the checkpoint as .safetensors"
+        ) from None
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise TeacherError(
+            f"{who}: {path} holds no state dict of tensors (found {type(state).__name__}); a .ckpt teacher must be an "
+            "LDM-layout Stable Diffusion checkpoint (UNet, VAE and text encoder weights)"
+        )
+    return state
+
+
+def _scan_pickled(spec: TeacherSpec, who: str) -> None:
+    """--deep on an allowed .ckpt: every tensor of its state dict."""
+    path = Path(spec.source)
+    stack = [("", _read_pickled(spec, who))]
     while stack:
         prefix, value = stack.pop()
         if isinstance(value, dict):
@@ -350,8 +372,9 @@ def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = Fals
 
 def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> None:
     """What can be checked of the teachers' files without loading them: present, formats allowed
-    (`.ckpt` needs allow_pickle), safetensors headers and sizes intact (a truncated file), pipeline
-    folders complete. `deep` also reads every tensor and fails on NaN/Inf (slow: all the weights).
+    (`.ckpt` needs allow_pickle), safetensors headers and sizes intact (a truncated file), a `.ckpt`
+    readable by torch.load (memory-mapped: its index, not its weights), pipeline folders complete.
+    `deep` also reads every tensor and fails on NaN/Inf (slow: all the weights).
     Errors name the teacher and the file; every teacher is checked, and several problems are
     reported together, one line each (a config whose 8 paths are wrong says so once)."""
     problems: list[Exception] = []
@@ -377,6 +400,8 @@ def _check_teacher_file(spec: TeacherSpec, deep: bool) -> None:
         scan_safetensors(spec.source, who, deep)
     elif fmt == "ckpt" and deep:
         _scan_pickled(spec, who)
+    elif fmt == "ckpt":
+        _read_pickled(spec, who)
     if spec.base and fmt != "diffusers":
         # a LoRA uses all of its base; a single file takes configs and tokenizer from it
         check_pipeline_folder(_require_base(spec, fmt), f"{who} (its base)", deep, require_weights=fmt == "lora")
@@ -405,30 +430,155 @@ def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _single_file_shape_mismatch(spec: TeacherSpec, base: str) -> str | None:
-    """Compare a single file's tensor shapes with the base exported to the same layout (meta tensors)."""
+def _meta_model(base: str, component: str, models: dict) -> Any:
+    """The base's `component` (unet, vae, text_encoder, text_encoder_2) built from its config on the
+    meta device: every layer and shape, no weights (milliseconds). `models` keeps them for the other
+    teachers of the same base."""
+    key = (str(base), component)
+    if key not in models:
+        import torch
+
+        library, class_name = _read_json(Path(base) / "model_index.json")[component]
+        model_class = getattr(importlib.import_module(library), class_name)  # diffusers or transformers
+        folder = Path(base) / component
+        with torch.device("meta"):
+            if library == "diffusers":
+                models[key] = model_class.from_config(model_class.load_config(folder))
+            else:
+                models[key] = model_class(model_class.config_class.from_pretrained(folder))
+    return models[key]
+
+
+def _text_encoders(base: str) -> list[str]:
+    index = _read_json(Path(base) / "model_index.json")
+    return [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and None not in index[c]]
+
+
+def _check_single_file(spec: TeacherSpec, base: str, models: dict) -> None:
+    """A single-file (or allowed .ckpt) teacher against its base, from tensor shapes alone (a
+    .safetensors header; a .ckpt memory-mapped): the UNet tensor for tensor, and the VAE and text
+    encoder(s) present, which diffusers' from_single_file takes from the file, not from `base`."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file
     from safetensors import safe_open
 
-    from dmm_ray.formats.single_file import unet_key_to_ldm, vae_key_to_ldm
+    from dmm_ray.formats.single_file import CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, VAE_PREFIX, to_ldm_state_dict
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base) / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(Path(base) / "vae"))
-    expected = {unet_key_to_ldm(k, unet.config): tuple(v.shape) for k, v in unet.state_dict().items()}
-    expected_vae = {vae_key_to_ldm(k, vae.config): tuple(v.shape) for k, v in vae.state_dict().items()}
-    with safe_open(spec.source, framework="pt") as handle:
-        got = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    who = f"teacher {spec.name!r} ({spec.source})"
+    if spec.resolved_format() == "ckpt":
+        got = {k: tuple(v.shape) for k, v in _read_pickled(spec, f"teacher {spec.name!r}").items() if torch.is_tensor(v)}
+    else:
+        with safe_open(spec.source, framework="pt") as handle:
+            got = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    encoders = _text_encoders(base)
+    parts = [_meta_model(base, c, models) for c in ("unet", "vae", *encoders)]
+    # the base exported to the LDM layout (what dmm-ray's own export writes), as shapes
+    expected = {k: tuple(v.shape) for k, v in to_ldm_state_dict(*parts).items()}
+    if not any(k.startswith(tuple(LDM_VAE_KEYS)) for k in got):
+        raise TeacherError(
+            f"{who}: the file holds no VAE weights (no {VAE_PREFIX}* tensors); diffusers takes a single file's VAE from "
+            "the file, not from `base:`, so use the complete checkpoint (UNet, VAE and text encoder)"
+        )
+    for component, model in zip(encoders, parts[2:]):
+        if not is_clip_model_in_single_file(type(model), got):
+            raise TeacherError(
+                f"{who}: the file holds no weights for the base's {component} ({type(model).__name__}); diffusers takes a "
+                "single file's text encoder from the file, not from `base:`, so use the complete checkpoint (UNet, VAE "
+                "and text encoder)"
+            )
+    text_prefixes = (CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX)
     for key, shape in expected.items():
-        if key not in got:
-            return f"UNet tensor {key} is missing (the base has it with shape {shape})"
-        if got[key] != shape:
-            return f"UNet tensor {key} has shape {got[key]} but the base has {shape}"
-    for key, shape in expected_vae.items():
-        if key in got and got[key][:2] != shape[:2]:
-            return f"VAE tensor {key} has shape {got[key]} but the base has {shape} (different latent space)"
-    return None
+        have = got.get(key)
+        if key.startswith(VAE_PREFIX):  # LDM's VAE attention is 1x1 convs or linear: the first two dims decide
+            problem = (
+                have is not None and have[:2] != shape[:2] and f"VAE tensor {key} has shape {have} but the base has {shape} (different latent space)"
+            )
+        elif key.startswith(text_prefixes):  # other layouts of the same text encoder exist: compared where the names agree
+            problem = have is not None and have != shape and f"text encoder tensor {key} has shape {have} but the base has {shape}"
+        elif have is None:
+            problem = f"UNet tensor {key} is missing (the base has it with shape {shape})"
+        else:
+            problem = have != shape and f"UNet tensor {key} has shape {have} but the base has {shape}"
+        if problem:
+            raise TeacherArchitectureError(f"{who}: {problem}; all teachers must share the base's architecture")
+
+
+def _check_lora(spec: TeacherSpec, base: str, models: dict) -> None:
+    """Every tensor of a LoRA file lands on a layer of its base, with that layer's shapes. diffusers'
+    load_lora_weights loads keys that name no layer with only a warning: a LoRA made for another model
+    would fuse as nothing, and the teacher would silently be its base. The file is read as the worker
+    reads it (the pipeline's lora_state_dict: kohya / A1111 names converted), from its header: every
+    matrix a meta tensor (shape only), only the scalars (alphas, which the conversion reads) loaded."""
+    import math
+
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+
+    from dmm_ray.architectures import base_pipeline_class, is_sdxl
+
+    who = f"teacher {spec.name!r} ({spec.source})"
+    with safe_open(spec.source, framework="pt") as handle:
+        raw = {}
+        for key in handle.keys():
+            shape = handle.get_slice(key).get_shape()
+            raw[key] = handle.get_tensor(key) if math.prod(shape) <= 1 else torch.empty(shape, device="meta")
+    unet = _meta_model(base, "unet", models)
+    try:
+        state, _ = base_pipeline_class(base).lora_state_dict(raw, **({"unet_config": unet.config} if is_sdxl(base) else {}))
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as error:
+        raise TeacherError(f"{who}: diffusers cannot read it as a LoRA ({type(error).__name__}: {error})") from None
+    not_lora = [k for k in state if "lora" not in k]
+    if not_lora:  # load_lora_weights refuses the file
+        raise TeacherError(
+            f"{who}: {len(not_lora)} of its {len(state)} tensors are no LoRA weights (e.g. {not_lora[0]!r}); a LoRA teacher is a "
+            "file of LoRA weights only (diffusers' save_lora_weights, kohya); a full model is format single_file or diffusers"
+        )
+    components = ["unet", *_text_encoders(base)]
+    stray = [k for k in state if k.split(".", 1)[0] not in components]
+    if stray:
+        raise TeacherArchitectureError(
+            f"{who}: {len(stray)} of its {len(state)} tensors name no component of the base {base} (e.g. {stray[0]!r}; "
+            f"the base has {components}), and diffusers would skip them without a word; use a LoRA made for this base"
+        )
+    for component in components:
+        part = {k.removeprefix(component + "."): v for k, v in state.items() if k.startswith(component + ".")}
+        if not part:
+            continue
+        model = _meta_model(base, component, models)
+        if component == "unet":  # the conversions load_lora_adapter / _load_lora_into_text_encoder apply
+            part = part if "lora_A" in next(iter(part)) else convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            if not hasattr(model, "text_model"):
+                part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        layers = dict(model.named_modules())
+        missing = []
+        for key, tensor in part.items():
+            if ".lora_" not in key:
+                continue  # other adapter kinds (LoKr, ...): left to diffusers' loader
+            name, kind = key.split(".lora_", 1)
+            layer = layers.get(name)
+            if layer is None:
+                missing.append(key)
+                continue
+            size_in = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
+            size_out = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
+            if kind.startswith("A.") and size_in is not None and tensor.ndim >= 2 and tensor.shape[1] != size_in:
+                want = f"{size_in} inputs"
+            elif kind.startswith("B.weight") and size_out is not None and tensor.shape[0] != size_out:
+                want = f"{size_out} outputs"
+            else:
+                continue
+            raise TeacherArchitectureError(
+                f"{who}: {component} layer {name} has {want} in the base {base} but the LoRA's {key} has shape "
+                f"{tuple(tensor.shape)}; the LoRA was trained on another architecture: give the `base:` it was trained on"
+            )
+        if missing:
+            raise TeacherArchitectureError(
+                f"{who}: {len(missing)} of its {len(part)} {component} tensors name no layer of the base {base} (e.g. {missing[0]!r}), "
+                "and diffusers would skip them without a word (the teacher would be its base); use a LoRA made for this base"
+            )
 
 
 def _has_vocabulary(folder: Path) -> bool:
@@ -448,9 +598,10 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
         raise TeacherError(f"student base {base} is not a diffusers pipeline folder (no model_index.json)")
     want = folder_architecture(base)
     problems: list[TeacherError] = []  # every teacher's, in one error
+    models: dict = {}  # each base's models on the meta device, built once
     for spec in specs:
         try:
-            _check_architecture(spec, want)
+            _check_architecture(spec, want, models)
         except TeacherError as error:
             problems.append(error)
     if len(problems) == 1:
@@ -460,18 +611,22 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
         raise kind(f"{len(problems)} teachers cannot be merged:\n" + "\n".join(f"  {e}" for e in problems))
 
 
-def _check_architecture(spec: TeacherSpec, want: dict) -> None:
-    """A TeacherError (TeacherArchitectureError) when `spec` differs from the student base's architecture `want`."""
+def _check_architecture(spec: TeacherSpec, want: dict, models: dict) -> None:
+    """A TeacherError (TeacherArchitectureError) when `spec` differs from the student base's
+    architecture `want`, or a single file, .ckpt or LoRA does not fit its own base (see
+    `_check_single_file`, `_check_lora`); `models`: the bases' meta models, shared between teachers."""
     fmt = spec.resolved_format()
+    if fmt == "ckpt" and not spec.allow_pickle:
+        raise _pickle_refused(spec)
     if fmt == "diffusers":
         got = folder_architecture(spec.source)
-    elif fmt in ("lora", "ckpt"):
-        got = folder_architecture(_require_base(spec, fmt))
     else:
-        problem = _single_file_shape_mismatch(spec, _require_base(spec, fmt))
-        if problem:
-            raise TeacherArchitectureError(f"teacher {spec.name!r} ({spec.source}): {problem}; all teachers must share the base's architecture")
-        got = folder_architecture(spec.base)
+        base = _require_base(spec, fmt)
+        if fmt == "lora":
+            _check_lora(spec, base, models)
+        else:
+            _check_single_file(spec, base, models)
+        got = folder_architecture(base)
     for field, value in want.items():
         if got.get(field) != value:
             raise TeacherArchitectureError(

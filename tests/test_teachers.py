@@ -195,3 +195,55 @@ def test_zoo_teachers_without_a_format_take_the_zoos_base(tmp_path):
     (tmp_path / "zoo.yaml").write_text("base: base\nteachers: [{name: a, source: teachers/a.safetensors}, {name: b, source: teachers/b}]\n")
     a, b = load_zoo_manifest(tmp_path / "zoo.yaml").teachers
     assert a.base == str(tmp_path / "base") and b.base is None  # a folder is a whole pipeline: no base
+
+
+def test_lora_ckpt_and_single_file_teachers_are_opened_before_ray(teacher_files, tiny_base_dir, tmp_path):
+    """Finding: the checks before Ray (check_teacher_files + validate_teachers) read a LoRA's header
+    only and a .ckpt not at all, so a LoRA for another architecture, a truncated or foreign .ckpt, and
+    a single file or .ckpt without its text encoder or VAE failed only inside a Ray Train worker; a
+    LoRA whose keys name no layer of its base even loaded, as nothing (the teacher was its base)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from dmm_ray.formats.single_file import to_ldm_state_dict
+    from dmm_ray.teachers import check_teacher_files
+
+    def preflight(**kw):
+        spec = TeacherSpec(base=str(tiny_base_dir), **kw)
+        check_teacher_files([spec])
+        validate_teachers([spec], str(tiny_base_dir))
+
+    odd = StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16))
+    odd.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "odd_lora", unet_lora_layers=get_peft_model_state_dict(odd.unet), safe_serialization=True)
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'l1' .*unet layer .*attn2.to_k has 32 inputs in the base .* has shape \(4, 16\)"):
+        preflight(name="l1", source=str(tmp_path / "odd_lora" / "pytorch_lora_weights.safetensors"))
+    lora = load_file(str(teacher_files["root"] / "lora" / "pytorch_lora_weights.safetensors"))
+    save_file({k.replace("down_blocks.", "downblocks."): v for k, v in lora.items()}, str(tmp_path / "elsewhere.safetensors"))
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'l2' .*: 16 of its 64 unet tensors name no layer of the base .*skip them"):
+        preflight(name="l2", source=str(tmp_path / "elsewhere.safetensors"), format="lora")
+
+    single = load_file(str(teacher_files["root"] / "single.safetensors"))
+    torch.save(single, tmp_path / "t.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "t.ckpt").read_bytes()[:5000])
+    with pytest.raises(TeacherError, match=r"teacher 'c1': could not read .*cut.ckpt as a torch checkpoint \(.*\); it is truncated"):
+        preflight(name="c1", source=str(tmp_path / "cut.ckpt"), allow_pickle=True)
+    pipe = StableDiffusionPipeline(**tiny_sd_components(seed=0, cross_attention_dim=16))  # `odd` has an adapter now
+    torch.save({k: v.contiguous() for k, v in to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder).items()}, tmp_path / "odd.ckpt")
+    with pytest.raises(
+        TeacherArchitectureError, match=r"teacher 'c2' .*UNet tensor .*attn2.to_k.weight has shape \(32, 16\) but the base has \(32, 32\)"
+    ):
+        preflight(name="c2", source=str(tmp_path / "odd.ckpt"), allow_pickle=True)
+    torch.save({k: v for k, v in single.items() if not k.startswith("cond_stage_model.")}, tmp_path / "no_te.ckpt")
+    with pytest.raises(TeacherError, match=r"teacher 'c3' .*holds no weights for the base's text_encoder \(CLIPTextModel\)"):
+        preflight(name="c3", source=str(tmp_path / "no_te.ckpt"), allow_pickle=True)
+    save_file({k: v for k, v in single.items() if not k.startswith("first_stage_model.")}, str(tmp_path / "no_vae.safetensors"))
+    with pytest.raises(TeacherError, match=r"teacher 's1' .*holds no VAE weights"):
+        preflight(name="s1", source=str(tmp_path / "no_vae.safetensors"))
+    with pytest.raises(TeacherError, match=r"pickled checkpoint.*allow_pickle"):  # validate_teachers does not open a refused .ckpt
+        validate_teachers([TeacherSpec(name="p", source=str(tmp_path / "t.ckpt"), base=str(tiny_base_dir))], str(tiny_base_dir))
+    # the intact ones still pass
+    preflight(name="ok_ckpt", source=str(tmp_path / "t.ckpt"), allow_pickle=True)
+    preflight(name="ok_lora", source=str(teacher_files["root"] / "lora" / "pytorch_lora_weights.safetensors"))
+    preflight(name="ok_single", source=str(teacher_files["root"] / "single.safetensors"))
