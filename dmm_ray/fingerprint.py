@@ -13,7 +13,8 @@ Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
               synthesized set's inputs when it is mixed in)
   finetune    the distill inputs + the fine-tune settings + the synthesized set's inputs
   fast        (the few-step stage, in its own output folder) the merged model (path, UNet checksum), the
-              fast training settings, the data stream and shards, the synthesized rows' source, seed
+              fast training settings, the data stream (+ its tokenizer: data.tokenizer) and shards, the
+              synthesized rows' source, seed
 Settings that change how, not what, is computed (checkpoint/log cadence, actors, CPUs, MLflow, the
 few-step model's saved sampler and evaluation) are left out.
 
@@ -46,7 +47,7 @@ _ADDED_LATER = {
     "incremental.base_merged.checksum",
     "student.base.conditioning.checksum",
     "data.scheduler.checksum",
-    "data.tokenizer.checksum",
+    "data.tokenizer.checksum",  # the merge's stages', and since later still the few-step stage's
     "merged_images_per_style",  # the few-step stage's resolved inputs (fast_inputs)
     "fast.rollout_step_counts",
 }
@@ -169,6 +170,9 @@ def fast_inputs(cfg, model_dir) -> dict[str, Any]:
         "seed": cfg.seed,
         **{f"fast.{k}": v for k, v in f.model_dump(mode="json").items() if k not in _FAST_IGNORED},
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
+        # the stream's token ids (build_latent_dataset tokenizes the captions with data.tokenizer), as the
+        # merge's stages record it; in _ADDED_LATER, so a record made before it still resumes
+        "data.tokenizer.checksum": _folders_checksum(cfg.data.tokenizer_path()),
         "data.shards": _shards(cfg),
     }
     if f.samples_merged_model:  # the merged model's own samples: how they are drawn, and how many per style

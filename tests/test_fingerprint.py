@@ -130,6 +130,29 @@ def test_a_base_whose_schedule_tokenizer_or_text_encoder_changed_refuses(world, 
         fingerprint.check_resume(cfg, out, ["distill"])
 
 
+def test_the_few_step_stage_refuses_another_tokenizer(world, tmp_path):
+    """Finding: the few-step stage's record left out data.tokenizer, which tokenizes its stream's
+    captions (the merge's stages record it): a resume with another tokenizer went on with the old
+    token ids. A record made before it was recorded still resumes (_ADDED_LATER)."""
+    import json
+    import shutil
+
+    tokenizer = shutil.copytree(Path(world["base"]) / "tokenizer", tmp_path / "tokenizer")
+    out, model = tmp_path / "fast", world["base"]  # any folder with a unet/ stands for the merged model
+    cfg = _cfg(world, tmp_path / "run", data={"tokenizer": str(tokenizer)}, fast={"output_dir": str(out)})
+    fingerprint.record_fast(cfg, model, out)
+    (fingerprint.fast_state_path(cfg, out) / "checkpoint_000001").mkdir(parents=True)
+    fingerprint.check_fast_resume(cfg, model, out)  # unchanged: resume
+    vocabulary = tokenizer / "tokenizer.json"
+    vocabulary.write_bytes(vocabulary.read_bytes() + b"\n")
+    with pytest.raises(StaleStateError, match=r"fast \(.*\): data\.tokenizer\.checksum: "):
+        fingerprint.check_fast_resume(cfg, model, out)
+    record = json.loads((out / fingerprint.RECORD).read_text())  # as the code before this key wrote it
+    del record["fast"]["data.tokenizer.checksum"]
+    (out / fingerprint.RECORD).write_text(json.dumps(record))
+    fingerprint.check_fast_resume(cfg, model, out)
+
+
 def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""
