@@ -13,14 +13,18 @@ import json
 from pathlib import Path
 
 
-def finished(folder: Path, name: str, asked: dict, models: list[Path]) -> dict | None:
-    """The record `name` in `folder` of a job that finished with exactly `asked` (compared as JSON),
-    when every file in `models` (one file of each model it made) still exists; None otherwise."""
+def finished(folder: Path, name: str, asked: dict, models: list[Path], same=None) -> dict | None:
+    """The record `name` in `folder` of a job that finished with exactly `asked` (compared as JSON; or
+    by `same(recorded, asked)`, both as JSON), when every file in `models` (one file of each model it
+    made) still exists; None otherwise."""
     try:
         record = json.loads((Path(folder) / name).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("asked") != _as_json(asked) or not all(Path(m).is_file() for m in models):
+    if not isinstance(record, dict) or not all(Path(m).is_file() for m in models):
+        return None
+    recorded, asked = record.get("asked"), _as_json(asked)
+    if not (same(recorded, asked) if same and isinstance(recorded, dict) else recorded == asked):
         return None
     return record
 

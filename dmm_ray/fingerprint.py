@@ -183,6 +183,15 @@ def fast_inputs(cfg, model_dir) -> dict[str, Any]:
     return inputs
 
 
+def same_request(recorded: dict, asked: dict) -> bool:
+    """A finished few-step stage's completion record (dmm_ray/completion.py, its request with its
+    `fast_inputs` under "inputs") against this request: equal, but for inputs that an older dmm-ray
+    did not record yet (_ADDED_LATER), as a resume compares them; otherwise each key added to
+    fast_inputs would make every few-step model finished before it save, evaluate and register again."""
+    rest = lambda request: {k: v for k, v in request.items() if k != "inputs"}  # noqa: E731
+    return rest(recorded) == rest(asked) and not _differences(recorded.get("inputs") or {}, asked.get("inputs") or {})
+
+
 def fast_state_path(cfg, out: Path) -> Path:
     """The few-step stage's Ray Train state in its output folder (dmm_ray.fast.job.build_fast_trainer)."""
     return Path(out) / "ray_results" / f"{cfg.name}-fast"

@@ -487,6 +487,11 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     # the same job again: nothing runs, no third model version
     again = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
     assert again.already_complete and again.model_uri == "models:/test-merge/2" and again.train_metrics == {}
+    # ... also when it finished before an input was recorded (an older dmm-ray's record lacks the key)
+    record = json.loads((tmp_path / "out" / "fast" / "fast_complete.json").read_text())
+    del record["asked"]["inputs"]["data.tokenizer.checksum"]
+    (tmp_path / "out" / "fast" / "fast_complete.json").write_text(json.dumps(record))
+    assert run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False).already_complete
     from mlflow.tracking import MlflowClient
 
     assert sorted(v.version for v in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='test-merge'")) == [1, 2]

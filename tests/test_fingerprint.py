@@ -153,6 +153,31 @@ def test_the_few_step_stage_refuses_another_tokenizer(world, tmp_path):
     fingerprint.check_fast_resume(cfg, model, out)
 
 
+def test_a_few_step_stage_finished_before_an_input_was_recorded_is_still_complete(world, tmp_path):
+    """Finding: the few-step job's completion record holds its fast_inputs and was compared exactly, so
+    each input added to them later (the tokenizer's checksum, the rollout step counts) made a few-step
+    model finished before it train, save, evaluate and register again when the same job came back.
+    Compared as a resume compares them now: an input the record lacks (_ADDED_LATER) does not count."""
+    from dmm_ray.completion import finished, record_finished
+
+    out, model = tmp_path / "fast", world["base"]  # any folder with a unet/ stands for the merged model
+    cfg = _cfg(world, tmp_path / "run", fast={"output_dir": str(out)})
+    inputs = fingerprint.fast_inputs(cfg, model)
+    done = out / "model" / "model_index.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+
+    def asked(inputs, **config):
+        return {"config": {**cfg.model_dump(mode="json"), **config}, "model": str(model), "inputs": inputs, "evaluate": False}
+
+    record_finished(out, "fast_complete.json", asked({k: v for k, v in inputs.items() if k != "data.tokenizer.checksum"}))
+    assert finished(out, "fast_complete.json", asked(inputs), [done], same=fingerprint.same_request) is not None
+    assert finished(out, "fast_complete.json", asked(inputs, seed=7), [done], same=fingerprint.same_request) is None
+    assert finished(out, "fast_complete.json", asked({**inputs, "seed": 7}), [done], same=fingerprint.same_request) is None
+    record_finished(out, "fast_complete.json", asked({**inputs, "data.tokenizer.checksum": "another"}))  # recorded: it counts
+    assert finished(out, "fast_complete.json", asked(inputs), [done], same=fingerprint.same_request) is None
+
+
 def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""

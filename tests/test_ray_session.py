@@ -163,7 +163,7 @@ def test_a_failed_merge_or_fast_run_shuts_down_the_ray_it_started(tmp_path, monk
     calls = _stop_before_training(monkeypatch, fast_job, started)
     monkeypatch.setattr(fingerprint, "fast_inputs", lambda *a: {})
     monkeypatch.setattr(fingerprint, "check_fast_resume", lambda *a: None)
-    monkeypatch.setattr(completion, "finished", lambda *a: None)
+    monkeypatch.setattr(completion, "finished", lambda *a, **k: None)
     monkeypatch.setattr(fast_job, "ensure_latents", refuse)
     with pytest.raises(ResourceError):
         fast_job._run_fast(cfg, tmp_path / "model", ["a"], tmp_path / "fast", None, False, False, 0.0)

@@ -350,7 +350,7 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
     inputs = fingerprint.fast_inputs(cfg, model_dir)  # once: it reads the merged UNet for its checksum
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
     asked = {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
-    done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"])
+    done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
         log(
             f"already complete: this few-step stage, with this model and config, finished in {out}"
