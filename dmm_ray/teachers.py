@@ -154,7 +154,7 @@ def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = N
         if fmt == "single_file":
             base = _require_base(spec, fmt)
             _safetensors_keys(Path(spec.source), spec.name)
-            return cls.from_single_file(spec.source, config=base, **common)
+            return cls.from_single_file(spec.source, config=base, **common, **_single_file_components(spec.source, base, torch_dtype))
         if fmt == "lora":
             base = _require_base(spec, fmt)
             _safetensors_keys(Path(spec.source), spec.name)
@@ -183,7 +183,17 @@ def _load_pickled(spec: TeacherSpec, cls, common):
     if not spec.allow_pickle:
         raise _pickle_refused(spec)
     # diffusers reads non-safetensors single files with torch.load(weights_only=True) and unwraps "state_dict".
-    return cls.from_single_file(spec.source, config=_require_base(spec, "ckpt"), **common)
+    base = _require_base(spec, "ckpt")
+    return cls.from_single_file(spec.source, config=base, **common, **_single_file_components(spec.source, base, common.get("torch_dtype")))
+
+
+def _single_file_components(source: str, base: str, torch_dtype: torch.dtype | None) -> dict:
+    """Components to pass to `from_single_file` instead of letting diffusers convert them: SDXL's second
+    text encoder where diffusers would read the first encoder's weights into it (equal widths)."""
+    from dmm_ray.formats.single_file import sdxl_text_encoder_2
+
+    text_encoder_2 = sdxl_text_encoder_2(source, base, torch_dtype)
+    return {} if text_encoder_2 is None else {"text_encoder_2": text_encoder_2}
 
 
 def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> Teacher:

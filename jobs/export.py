@@ -209,7 +209,11 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     )
     if config_dir is not None:
         loader = "StableDiffusionXLPipeline" if metadata["dmm.architecture"] == "sdxl" else "StableDiffusionPipeline"
-        print(f"load it with: {loader}.from_single_file({str(out)!r}, config={str(config_dir)!r})")
+        extra = ""
+        if getattr(plain, "text_encoder_2", None) is not None and plain.text_encoder.config.hidden_size == plain.text_encoder_2.config.hidden_size:
+            # diffusers picks text_encoder_2's converter by width: equal widths read the first encoder into it
+            extra = f", text_encoder_2=dmm_ray.formats.single_file.sdxl_text_encoder_2({str(out)!r}, {str(config_dir)!r})"
+        print(f"load it with: {loader}.from_single_file({str(out)!r}, config={str(config_dir)!r}{extra})")
 
     # 5. verify
     if args.verify:

@@ -24,15 +24,16 @@ def randomise_style(unet, seed: int = 1, scale: float = 0.2) -> None:
         unet.class_embedding.codebook.weight.mul_(5)
 
 
-def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0, adapter_rank: int = 0):
+def tiny_merged(arch: str = "sd15", film: bool = True, seed: int = 0, adapter_rank: int = 0, text_hidden_2: int = 48):
     """A DMMPipeline / DMMXLPipeline over tiny components with three styles. SDXL's two text encoders
-    get different widths (32, 48) as in real SDXL, so diffusers' single-file loader tells them apart."""
+    get different widths (32, `text_hidden_2`) as in real SDXL, so diffusers' single-file loader tells
+    them apart (equal widths need `formats.single_file.sdxl_text_encoder_2`)."""
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import DMMPipeline, DMMXLPipeline
     from dmm_ray.tiny import tiny_sd_components, tiny_sdxl_components
 
     if arch == "sdxl":
-        c = tiny_sdxl_components(seed=seed, text_hidden_2=48)
+        c = tiny_sdxl_components(seed=seed, text_hidden_2=text_hidden_2)
         cls = DMMXLPipeline
     else:
         c = {k: v for k, v in tiny_sd_components(seed=seed).items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")}

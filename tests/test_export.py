@@ -337,6 +337,25 @@ def test_the_config_folder_is_written_only_where_nothing_is(merged_dir, tmp_path
     assert tree(tmp_path) == before  # nothing written, nothing changed
 
 
+def test_an_sdxl_export_with_equally_wide_text_encoders_prints_a_loader_that_reads_it_right(tmp_path, capsys):
+    """diffusers picks SDXL's second text encoder's converter by width: with both encoders 32 wide the
+    printed `from_single_file(path, config=...)` alone read the first encoder into text_encoder_2 and
+    left its projection on the meta device. The printed loader passes the second encoder too."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import dmm_ray
+
+    pipe = tiny_merged("sdxl", text_hidden_2=32)
+    folder = save_merged(pipe, tmp_path / "merged")
+    assert run_job("--model", folder, "--style", "ink", "--out", tmp_path / "x.safetensors", "--no-track") == 0
+    loader = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("load it with: "))
+    assert "text_encoder_2=" in loader
+    loaded = eval(loader.removeprefix("load it with: "), {"StableDiffusionXLPipeline": StableDiffusionXLPipeline, "dmm_ray": dmm_ray})
+    for name in ("text_encoder", "text_encoder_2"):
+        want, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+
+
 def test_an_earlier_exports_config_folder_is_replaced_and_a_failed_export_changes_nothing(merged_dir, tmp_path, capsys, monkeypatch):
     from dmm_ray.export import CONFIG_RECORD, is_export_config, read_metadata
     from dmm_ray.formats import single_file

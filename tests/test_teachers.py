@@ -247,3 +247,42 @@ def test_lora_ckpt_and_single_file_teachers_are_opened_before_ray(teacher_files,
     preflight(name="ok_ckpt", source=str(tmp_path / "t.ckpt"), allow_pickle=True)
     preflight(name="ok_lora", source=str(teacher_files["root"] / "lora" / "pytorch_lora_weights.safetensors"))
     preflight(name="ok_single", source=str(teacher_files["root"] / "single.safetensors"))
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
+def test_sdxl_single_file_with_equally_wide_text_encoders_round_trips(tmp_path, suffix):
+    """The tiny SDXL base's two text encoders are both 32 wide, and diffusers picks the converter for
+    text_encoder_2 by width: on its own it reads the first encoder's weights into text_encoder_2 and
+    leaves the OpenCLIP `text_projection` on the meta device. The teacher loader converts it itself."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from dmm_ray.formats.single_file import SDXL_OPENCLIP_PREFIX, sdxl_text_encoder_2
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    source = StableDiffusionXLPipeline(**tiny_sdxl_components(seed=0))
+    assert source.text_encoder.config.hidden_size == source.text_encoder_2.config.hidden_size
+    source.save_pretrained(tmp_path / "base")
+    path = export_single_file(source, tmp_path / "sdxl.safetensors")
+    state = load_file(str(path))
+    # the export holds the projection in OpenCLIP's (transposed) layout
+    assert torch.equal(state[SDXL_OPENCLIP_PREFIX + "text_projection"], source.text_encoder_2.text_projection.weight.T)
+    if suffix == "ckpt":
+        torch.save(state, tmp_path / "sdxl.ckpt")
+        path = tmp_path / "sdxl.ckpt"
+    teacher = load_teacher(TeacherSpec(name="xl", source=str(path), base=str(tmp_path / "base"), allow_pickle=True))
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        want, got = getattr(source, name).state_dict(), getattr(teacher, name).state_dict()
+        assert set(want) == set(got), name
+        assert all(torch.equal(want[k], got[k]) for k in want), (name, [k for k in want if not torch.equal(want[k], got[k])])
+    # diffusers' own loader reads the file right when given the second encoder
+    text_encoder_2 = sdxl_text_encoder_2(path, tmp_path / "base")
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(tmp_path / "base"), local_files_only=True, text_encoder_2=text_encoder_2
+    )
+    assert torch.equal(loaded.text_encoder_2.text_projection.weight, source.text_encoder_2.text_projection.weight)
+    # real SDXL's encoders differ in width (768, 1280), and SD1.5 has one: diffusers needs no help there
+    StableDiffusionXLPipeline(**tiny_sdxl_components(seed=0, text_hidden_2=48)).save_pretrained(tmp_path / "wide")
+    assert sdxl_text_encoder_2(path, tmp_path / "wide") is None
+    StableDiffusionPipeline(**tiny_sd_components(seed=0)).save_pretrained(tmp_path / "sd15")
+    assert sdxl_text_encoder_2(path, tmp_path / "sd15") is None

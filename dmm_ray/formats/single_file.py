@@ -9,7 +9,9 @@ SDXL (a pipeline with `text_encoder_2`) is written in SDXL's original layout: th
 for SD1.5 (plus `label_emb` for the text_time embedding), the first text encoder under
 `conditioner.embedders.0.transformer.`, the second in OpenCLIP layout under
 `conditioner.embedders.1.model.` (fused `in_proj` q/k/v, `text_projection` transposed), which
-`StableDiffusionXLPipeline.from_single_file(path, config=folder)` reads back.
+`StableDiffusionXLPipeline.from_single_file(path, config=folder)` reads back, except where the two
+encoders are equally wide (tiny or custom models, never real SDXL's 768 and 1280): see
+`sdxl_text_encoder_2`, which the teacher loader passes in for such files.
 """
 
 from __future__ import annotations
@@ -150,6 +152,38 @@ def open_clip_state_dict(text_encoder, prefix: str = SDXL_OPENCLIP_PREFIX) -> di
     for (layer, kind), parts in qkv.items():
         out[prefix + f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
+
+
+def sdxl_text_encoder_2(path: str | os.PathLike, config_folder: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+    """SDXL's second text encoder (CLIPTextModelWithProjection) read from a single file's OpenCLIP keys,
+    for `from_single_file(path, config=config_folder, text_encoder_2=...)`; None where diffusers reads it
+    right itself: `config_folder` is not SDXL, or its two text encoders differ in width.
+
+    diffusers picks the converter for `text_encoder_2` by width: a file whose first encoder
+    (`conditioner.embedders.0.transformer.`) is as wide as the second gets the first encoder's weights
+    converted into text_encoder_2, and `text_projection` (stored only under the OpenCLIP prefix) left
+    unloaded on the meta device. Real SDXL (768 and 1280) never collides; tiny and custom models can."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint, load_single_file_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(config_folder)
+    if not (folder / "text_encoder_2" / "config.json").is_file():
+        return None  # not SDXL: one text encoder, nothing to confuse
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2", local_files_only=True)
+    first = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    if first.hidden_size != config.hidden_size:
+        return None
+    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    if SDXL_OPENCLIP_PREFIX + "text_projection" not in checkpoint:
+        raise ValueError(
+            f"{Path(path).name} has no SDXL second text encoder with its projection ({SDXL_OPENCLIP_PREFIX}text_projection); "
+            f"an SDXL single file stores it under {SDXL_OPENCLIP_PREFIX}"
+        )
+    model = CLIPTextModelWithProjection(config)
+    # strict: every weight must come from the file (a missing one would stay randomly initialised)
+    model.load_state_dict(convert_open_clip_checkpoint(model, checkpoint, prefix=SDXL_OPENCLIP_PREFIX), strict=True)
+    model.eval()
+    return model.to(dtype=torch_dtype) if torch_dtype is not None else model
 
 
 def to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
