@@ -81,7 +81,8 @@ class ServeConfig(BaseModel):
         1,
         ge=0,
         description="times one image is retried on another model replica after its replica died; a request "
-        "that crashes replicas takes down at most 1 + max_retries of them, then gets a 500",
+        "that crashes replicas takes down at most 1 + max_retries of them, then gets a 500; the router's read of the "
+        "model's style list is retried as often, then is a 503 + Retry-After",
     )
     max_body_bytes: int = Field(65536, ge=1024, description="largest POST body in bytes (413 above it), checked before the body is parsed")
     readyz_timeout_s: float = Field(2.0, gt=0, description="GET /readyz: how long the model may take to answer")

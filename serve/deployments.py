@@ -163,7 +163,8 @@ def rss_bytes() -> int:
 
 class HandleService:
     """GenerationService over a DeploymentHandle to StyleModel: one call per image, retried on replica
-    death at most `retries` times; a full model queue (Serve's max_queued_requests) is `Overloaded` (503)."""
+    death at most `retries` times, and so is the info call; a full model queue (Serve's max_queued_requests),
+    or an info call whose replicas kept dying, is `Overloaded` (503)."""
 
     def __init__(self, model_handle, retries: int = 1, retry_after_s: float = 2.0):
         self.model = model_handle
@@ -173,14 +174,28 @@ class HandleService:
 
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
-            try:
-                raw = await self.model.info.remote()
-            except (BackPressureError, DeploymentUnavailableError) as exc:  # a full model queue: 503, as for generate
-                raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
+            raw = await self._ask_info()
             self._info = ModelInfo(
                 [StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])), dict(raw.get("sampler") or {})
             )
         return self._info
+
+    async def _ask_info(self) -> dict:
+        """The model's info, asked again on another (or the restarted) replica when the one asked died
+        during the call, at most `retries` times; then 503 + Retry-After: a replica death is the server's
+        passing state (Serve restarts the replica), not a fault of the request, and never a 500."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.model.info.remote()
+            except (BackPressureError, DeploymentUnavailableError) as exc:  # a full model queue: 503, as for generate
+                raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
+            except RETRYABLE as exc:
+                if attempt == self.retries:
+                    logger.error("model replica lost %d time(s) while reading the model's info: %s", attempt + 1, exc)
+                    raise Overloaded("the model's replica was lost and is restarting; retry later", self.retry_after_s) from exc
+                logger.warning("model replica lost (%s) while reading the model's info; asking another replica", type(exc).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _one(self, sample: Sample) -> np.ndarray:
         for attempt in range(self.retries + 1):

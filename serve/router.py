@@ -49,7 +49,8 @@ PLAYGROUND_HTML = Path(__file__).with_name("playground.html")
 
 
 class Overloaded(RequestError):
-    """The model's queue is full: 503 with `Retry-After` (the client may retry; nothing was wrong with it)."""
+    """The model cannot take the request now (its queue is full, or its replica died and is restarting):
+    503 with `Retry-After` (the client may retry; nothing was wrong with it)."""
 
     def __init__(self, message: str, retry_after_s: float = 2.0):
         super().__init__(503, message)

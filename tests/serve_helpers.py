@@ -89,11 +89,12 @@ def serve_http_port() -> int:
 
 
 @contextmanager
-def serve_on_cluster(name: str = "dmm-test", **overrides):
+def serve_on_cluster(name: str = "dmm-test", model_class=None, ready: str = "/readyz", **overrides):
     """Run the real app (router -> batched model) on the session Ray cluster under /<name>; delete it after.
 
-    Yields the app's base URL (loopback). A route prefix per app keeps tests from colliding
-    with other apps on the shared cluster.
+    Yields the app's base URL (loopback) once `ready` answers 200. A route prefix per app keeps tests
+    from colliding with other apps on the shared cluster. `model_class`: a StyleModel subclass run by
+    the model deployment instead (its options and arguments unchanged), e.g. `dying_style_model(...)`.
     """
     from ray import serve
 
@@ -101,13 +102,36 @@ def serve_on_cluster(name: str = "dmm-test", **overrides):
 
     port = serve_http_port()
     args = dict(model=str(tiny_model_dir()), num_cpus=0.5, default_steps=TINY_STEPS) | overrides
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    app = build_app(args)
+    if model_class is not None:
+        router = app._bound_deployment
+        model = router.init_args[0]._bound_deployment
+        app = router.bind(model.options(func_or_class=model_class).bind(*model.init_args), *router.init_args[1:])
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}/{name}"
     try:
-        wait_http(url + "/readyz", timeout=90)
+        wait_http(url + ready, timeout=90)
         yield url
     finally:
         serve.delete(name)
+
+
+def dying_style_model(marker: Path):
+    """A StyleModel class whose replica process exits in the middle of an `info()` call while `marker`
+    exists (removed first, so the restarted replica lives): a replica lost mid-call, as on an OOM kill.
+    Built in a function so Ray pickles the class by value (replicas do not import the tests)."""
+    import os
+
+    from serve.deployments import StyleModel
+
+    class DyingStyleModel(StyleModel.func_or_class):
+        def info(self) -> dict:
+            if marker.exists():
+                marker.unlink()
+                os._exit(1)
+            return super().info()
+
+    return DyingStyleModel
 
 
 @contextmanager

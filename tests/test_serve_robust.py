@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, serve_on_cluster, tiny_model_dir
+from serve_helpers import STYLE_NAMES, TINY_SIZE, TINY_STEPS, dying_style_model, serve_on_cluster, tiny_model_dir
 
 from serve.config import ServeConfig
 from serve.model import StyleModelBackend
@@ -232,6 +232,45 @@ def test_a_full_model_queue_is_503_also_before_the_router_cached_the_style_list(
         assert c.get("/readyz").status_code == 503
 
 
+def test_a_replica_lost_during_the_first_info_call_is_retried_then_503_never_500():
+    """A router replica reads the model's info (styles, sampler) on its first /generate or /styles; a model
+    replica that dies during that call (Serve restarts it) was a 500 "internal error". The call is asked
+    again (at most max_retries times), then it is a 503 + Retry-After; the router serves on afterwards."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from serve.deployments import HandleService
+
+    async def image(sample):
+        return np.zeros((TINY_SIZE, TINY_SIZE, 3), np.uint8)
+
+    deaths = {"left": 1}
+
+    async def dies_once():
+        if deaths["left"]:
+            deaths["left"] -= 1
+            raise ActorDiedError()
+        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
+
+    handle = fake_handle(image, info=dies_once)
+    with make_client(HandleService(handle)) as c:
+        r = c.get("/styles")
+        assert r.status_code == 200 and [s["name"] for s in r.json()["styles"]] == STYLE_NAMES, r.text
+        assert handle.info.calls == 2 and c.post("/generate", json=GOOD).status_code == 200
+
+    async def always_lost():
+        raise ActorUnavailableError("replica unreachable", None)
+
+    for retries in (0, 1):
+        handle = fake_handle(image, info=always_lost)
+        with make_client(HandleService(handle, retries=retries, retry_after_s=3)) as c:
+            for r in (c.post("/generate", json=GOOD), c.get("/styles")):
+                assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+                assert r.json() == {"error": "the model's replica was lost and is restarting; retry later"}
+            assert handle.info.calls == 2 * (1 + retries) and handle.generate.calls == 0  # bounded, per request
+            handle.info.fn = dies_once  # (its one death spent above) the replica is back: the same router serves
+            assert c.post("/generate", json=GOOD).status_code == 200
+
+
 def test_a_request_that_crashes_replicas_is_retried_at_most_max_retries_times():
     from ray.exceptions import ActorDiedError
 
@@ -392,6 +431,27 @@ def test_serve_batch_with_poisoned_samples_keeps_the_others(ray_cluster, backend
         assert np.abs(img.astype(int) - backend.generate([s])[0].astype(int)).max() <= 1
     assert max(int(k) for k in info["batch_sizes"]) >= 3, info  # the poisoned samples shared a batch with good ones
     assert info["sample_failures"] == {"client": 1, "server": 1}, info
+
+
+@pytest.mark.ray  # ~25 s (the deploy and the replica's restart); in-process twin above
+def test_serve_a_model_replica_dying_during_the_first_info_call_is_retried(ray_cluster, tmp_path):
+    """Through Serve: the model replica's process exits while the router's first info call (here from
+    /styles) runs on it. The router asks again, Serve routes that to the restarted replica: 200, not a 500."""
+    import httpx
+    from ray import serve
+
+    name, marker = "dmm-test-info-death", tmp_path / "die-on-info"
+    # /healthz, not /readyz: a readiness check would read (and cache) the model's info before the test does
+    with serve_on_cluster(name, model_class=dying_style_model(marker), ready="/healthz") as url:
+        model = serve.get_deployment_handle("StyleModel", app_name=name)
+        first_pid = model.info.remote().result(timeout_s=60)["pid"]
+        marker.touch()
+        styles = httpx.get(url + "/styles", timeout=120)
+        generated = httpx.post(url + "/generate", json=GOOD, timeout=120)
+        second_pid = model.info.remote().result(timeout_s=60)["pid"]
+    assert not marker.exists() and second_pid != first_pid  # the replica did die in the call, and was replaced
+    assert styles.status_code == 200 and [s["name"] for s in styles.json()["styles"]] == STYLE_NAMES, styles.text
+    assert generated.status_code == 200, generated.text
 
 
 @pytest.mark.slow  # ~85 s on 2 busy cores; in-process twins: test_full_model_queue_is_503..., test_healthz_answers...
