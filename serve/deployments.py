@@ -89,7 +89,8 @@ class StyleModel:
     async def generate(self, sample: Sample) -> np.ndarray:
         """One image. Joins a shared batch; a failure of this sample raises here, for this request only.
         A cancelled call (the request timed out at the proxy, or its client went away) marks its
-        sample, and a forward whose samples are all marked stops at its next step."""
+        sample, and a forward whose samples are all marked stops at its next step (the batch's other
+        forwards run on)."""
         cancelled = self._cancelled[id(sample)] = threading.Event()
         try:
             result = await self.generate_batch(sample)
@@ -126,23 +127,33 @@ class StyleModel:
             except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
                 self.sample_failures["client"] += 1
                 out[i] = exc if isinstance(exc, RequestError) else RequestError(422, f"malformed sample: {type(exc).__name__}")
-        # The forward runs off the event loop so the replica keeps queueing the next batch.
-        t0 = time.perf_counter()
-        try:
-            batch = [samples[i] for i in good]
-            images = await asyncio.to_thread(self.backend.generate, batch, self._stop_when_all_cancelled(batch)) if good else []
+        # One backend call per forward group (samples sharing steps, guidance, size, regions and LoRA set:
+        # the backend would run them as separate forwards anyway), each with its own stop: a group whose
+        # requests were all cancelled stops at its next step even while another group's requests still
+        # wait (one stop for the whole batch kept a cancelled 50-step group running ahead of them), and a
+        # forward that raises retries only its own group's samples one by one.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in good:
+            groups[samples[i].group_key()].append(i)
+        t0, stopped = time.perf_counter(), 0
+        for idx in groups.values():
+            group = [samples[i] for i in idx]
+            try:  # off the event loop, so the replica keeps queueing the next batch
+                images = await asyncio.to_thread(self.backend.generate, group, self._stop_when_all_cancelled(group))
+            except GenerationCancelled:
+                stopped += 1
+                images = [GenerationCancelled("cancelled") for _ in idx]
+            except Exception:
+                # Something in the group broke the forward: run each sample alone so only the culprit fails.
+                logger.warning("forward of %d samples failed; retrying them one by one", len(idx), exc_info=True)
+                images = [await self._alone(samples[i]) for i in idx]
+            for i, image in zip(idx, images):
+                out[i] = image
+        if stopped:
+            self.cancelled_forwards += stopped
+            logger.info("%d forward(s) of a batch of %d stopped early: every request in them was cancelled", stopped, len(good))
+        elif good:
             self.forward_s[len(good)].append(time.perf_counter() - t0)
-            pairs = list(zip(good, images))
-        except GenerationCancelled:
-            self.cancelled_forwards += 1
-            logger.info("a batch of %d stopped early: every request in it was cancelled", len(good))
-            return [GenerationCancelled("cancelled") if o is None else o for o in out]  # a sample refused above keeps its 422
-        except Exception:
-            # Something in the batch broke the forward: run each sample alone so only the culprit fails.
-            logger.warning("batch of %d failed; retrying its samples one by one", len(good), exc_info=True)
-            pairs = [(i, await self._alone(samples[i])) for i in good]
-        for i, image in pairs:
-            out[i] = image
         return out
 
     async def _alone(self, sample: Sample):

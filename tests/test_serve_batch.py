@@ -79,6 +79,49 @@ def test_a_cancelled_forward_keeps_the_422_of_a_sample_refused_before_it(monkeyp
     assert isinstance(out[1], RequestError) and out[1].status == 422, out[1]
 
 
+def test_a_cancelled_request_stops_its_own_forward_while_the_batch_has_others(monkeypatch):
+    """A batch holds a long request (50 steps) and a short one (2 steps): two forwards. The long request is
+    cancelled (its client left): its forward stops at its next step and the short one gets its image at
+    once. (One stop for the whole batch waited for every request of the batch, so the cancelled forward
+    ran all its steps and the short request waited behind it.)"""
+    import asyncio
+    import dataclasses
+    import time
+
+    from serve.model import GenerationCancelled
+
+    with style_model_outside_serve(monkeypatch, str(tiny_model_dir()), "cpu", 8, 0.5) as model:
+        forwards = []
+
+        def generate(samples, stop=None):  # a forward of `steps` denoising steps, 0.1 s each, asking `stop` after each
+            steps = max(s.steps for s in samples)
+            for step in range(steps):
+                if stop is not None and stop():
+                    forwards.append((steps, step))
+                    raise GenerationCancelled("every request of this batch was cancelled")
+                time.sleep(0.1 if steps > TINY_STEPS else 0)
+            forwards.append((steps, steps))
+            return [np.zeros((s.height, s.width, 3), np.uint8) for s in samples]
+
+        monkeypatch.setattr(model.backend, "generate", generate)
+        long, short = dataclasses.replace(sample("a red circle", (1, 0, 0), 1), steps=50), sample("a blue square", (0, 1, 0), 2)
+
+        async def run():
+            a, b = asyncio.ensure_future(model.generate(long)), asyncio.ensure_future(model.generate(short))
+            while not model.batch_sizes:  # both in one batch, its first forward running
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            a.cancel()
+            t0 = time.perf_counter()
+            image = await b
+            return image, time.perf_counter() - t0
+
+        image, waited = asyncio.run(run())
+    assert model.batch_sizes == {2: 1} and model.cancelled_forwards == 1, (model.batch_sizes, model.cancelled_forwards)
+    assert image.shape == (TINY_SIZE, TINY_SIZE, 3) and waited < 2.0, waited  # not the long forward's 5 s
+    assert forwards[0][0] == 50 and forwards[0][1] < 20, forwards  # the cancelled forward stopped early
+
+
 @pytest.mark.ray
 def test_serve_batches_concurrent_requests_across_styles(ray_cluster, backend):
     import httpx
