@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve.config import ServeConfig
 from serve.model import GenerationCancelled, StyleModelBackend
-from serve.router import ModelInfo, Overloaded, SampleFailed, create_api
+from serve.router import ModelInfo, Overloaded, SampleFailed, StylesChanged, create_api
 from serve.schemas import RequestError, Sample, StyleInfo, resolve_lora
 
 logger = logging.getLogger("ray.serve")
@@ -35,9 +35,13 @@ logger = logging.getLogger("ray.serve")
 RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
-def check_sample(sample: Sample, num_styles: int, lora_names: Sequence[str] = ()) -> None:
+def check_sample(sample: Sample, style_names: Sequence[str], lora_names: Sequence[str] = ()) -> None:
     """The model's own guard (the router checks the same first): weights or LoRA adapters that would
-    poison a batch are this sample's client error (422), never the batch's."""
+    poison a batch are this sample's client error (422), never the batch's; weights resolved against
+    another model's style list are `StylesChanged` (they would give another style's image)."""
+    if sample.styles and tuple(sample.styles) != tuple(style_names):
+        raise StylesChanged(f"the model was reloaded with other styles (now {list(style_names)}, was {list(sample.styles)}); retry")
+    num_styles = len(style_names)
     resolve_lora(dict(sample.lora), lora_names)  # preloaded adapters, finite weights in [-10, 10]
     mixtures = [("weights", sample.weights)]
     if sample.background is not None:
@@ -122,7 +126,7 @@ class StyleModel:
         good = []
         for i, s in enumerate(samples):
             try:
-                check_sample(s, len(self.backend.style_names), self.backend.lora_names)
+                check_sample(s, self.backend.style_names, self.backend.lora_names)
                 good.append(i)
             except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
                 self.sample_failures["client"] += 1
@@ -220,6 +224,9 @@ class HandleService:
                     raise SampleFailed("the model replica failed while generating this image") from exc
                 logger.warning("model replica lost (%s); retrying sample on another replica", type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
+            except StylesChanged as exc:  # the model was reloaded with other styles: the route reads them again
+                self._info = None
+                raise StylesChanged(exc.message, self.retry_after_s) from None
             except RequestError as exc:  # the replica's own check: this sample's client error
                 raise RequestError(exc.status, exc.message) from None
             except SampleFailed as exc:

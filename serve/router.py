@@ -60,6 +60,13 @@ class Overloaded(RequestError):
         return (type(self), (self.message, self.retry_after_s))
 
 
+class StylesChanged(Overloaded):
+    """The model replica's styles are not the ones the router resolved the request against: the model was
+    reloaded with other styles (re-merged into its folder, then a replica restarted) after the router read
+    them. The route reads them again and resolves the request once more; a second mismatch (replicas of two
+    models at once, mid-rollout) is a 503 + Retry-After."""
+
+
 class SampleFailed(Exception):
     """The model failed on one image (not the client's fault): a 500 for that image's request alone.
     The message is generic; the cause is logged on the replica / router, never sent to the client."""
@@ -266,8 +273,8 @@ def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
 
 
 def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
-    async def model_info() -> ModelInfo:
-        info = await service.info()
+    async def model_info(refresh: bool = False) -> ModelInfo:
+        info = await service.info(refresh=refresh)
         if cfg.default_size is not None:
             return ModelInfo(info.styles, (cfg.default_size, cfg.default_size), info.lora_names, info.sampler)
         return info
@@ -393,7 +400,13 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             raise RequestError(401 if x_api_key is None else 403, "missing or wrong API key (header X-API-Key)")
         info = await model_info()
         resolved = resolve_request(req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names)
-        images = await service.generate(resolved.samples)
+        try:
+            images = await service.generate(resolved.samples)
+        except StylesChanged:  # the router's style list is stale (the model was reloaded): read it again, once
+            logger.warning("the model's styles changed since this router read them; reading them again")
+            info = await model_info(refresh=True)
+            resolved = resolve_request(req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names)
+            images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])
         if resolved.response_format == "png":
             return Response(

@@ -178,6 +178,9 @@ class Sample:
     region_window: str = "canvas"  # the regions' views: "canvas" or "native" (dmm_ray.regions, region_window=)
     region_decode: bool = False  # decode each region's window alone (dmm_ray.regions, region_decode=)
     feather: Optional[float] = None  # the regions' edge sigma in image pixels; None = the pipeline's default
+    # The model's style names, in order, that `weights` (and the regions') were resolved against: the replica
+    # refuses the sample when its own differ (the model was reloaded with other styles). () = not checked.
+    styles: tuple[str, ...] = ()
 
     def group_key(self) -> tuple:
         # Samples with different regions or LoRA sets never share a forward (both are set per forward).
@@ -331,6 +334,7 @@ def resolve_request(
                     region_window=req.region_window,
                     region_decode=req.region_decode,
                     feather=req.feather,
+                    styles=tuple(style_names),
                 )
             )
             k += 1

@@ -271,6 +271,50 @@ def test_a_replica_lost_during_the_first_info_call_is_retried_then_503_never_500
             assert c.post("/generate", json=GOOD).status_code == 200
 
 
+def test_a_model_reloaded_with_other_styles_is_read_again_not_served_with_the_old_list():
+    """The router caches the model's style list; the model folder is re-merged with the styles in another
+    order and a replica restarts. style "neon" was resolved against the old list, so the replica made the
+    image of the style now at neon's old index (silently another style). The replica refuses weights
+    resolved against another style list; the router reads the list again and resolves the request once
+    more. While replicas of both models serve (a rollout), the second mismatch is a 503 + Retry-After."""
+    from serve.deployments import HandleService, check_sample
+
+    model = {"styles": list(STYLE_NAMES)}  # what the replica loaded
+    router_sees = model  # what info() answers (a replica of the same model)
+
+    async def info():
+        return {
+            "styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(router_sees["styles"])],
+            "native_size": [TINY_SIZE, TINY_SIZE],
+        }
+
+    async def generate(sample):  # the image says which of the replica's styles it drew: 10 x its index
+        check_sample(sample, model["styles"])
+        return np.full((TINY_SIZE, TINY_SIZE, 3), 10 * int(np.argmax(sample.weights)), np.uint8)
+
+    def drawn(response) -> str:
+        import io
+
+        from PIL import Image
+
+        value = int(np.asarray(Image.open(io.BytesIO(response.content)))[0, 0, 0])
+        return model["styles"][value // 10]
+
+    handle = fake_handle(generate, info)
+    with make_client(HandleService(handle, retry_after_s=3)) as c:
+        r = c.post("/generate", json=GOOD | {"style": "neon"})
+        assert r.status_code == 200 and drawn(r) == "neon"
+        model["styles"] = ["neon", "watercolor", "sketch"]  # re-merged, replica restarted
+        r = c.post("/generate", json=GOOD | {"style": "neon"})
+        assert r.status_code == 200 and drawn(r) == "neon", drawn(r)
+        assert handle.info.calls == 2 and [s["name"] for s in c.get("/styles").json()["styles"]] == model["styles"]
+        router_sees = {"styles": model["styles"]}  # mid-rollout: info is answered by a replica of the other model
+        model["styles"] = list(STYLE_NAMES)
+        r = c.post("/generate", json=GOOD | {"style": "neon"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+        assert "reloaded with other styles" in r.json()["error"]
+
+
 def test_a_request_that_crashes_replicas_is_retried_at_most_max_retries_times():
     from ray.exceptions import ActorDiedError
 
