@@ -91,6 +91,7 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
+        from dmm_ray.pipeline import max_inference_steps
         from dmm_ray.styles import StyleError, parse_weights, style_weights
 
         # 1. read the rows and params; a bad row or param is the caller's error (400), before any image
@@ -102,6 +103,12 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         steps, seed = params.get("num_inference_steps"), params.get("seed")
         if steps is not None and int(steps) < 1:
             raise _bad_request(f"params.num_inference_steps {steps}: give a whole number >= 1 (or none: the model's own)")
+        most = max_inference_steps(self.pipe.scheduler)  # a few-step model's scheduler refuses more steps than its grid has
+        if steps is not None and most is not None and int(steps) > most:
+            raise _bad_request(
+                f"params.num_inference_steps {steps}: this few-step model samples at most {most} steps (its scheduler's training grid); "
+                f"give 1 to {most} (or none: the model's own, {self.pipe.sampler_defaults['num_inference_steps']})"
+            )
         names = self.pipe.styles
         prompts, styles = [], []
         for i, r in enumerate(rows):

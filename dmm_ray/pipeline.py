@@ -59,6 +59,13 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
     return out
 
 
+def max_inference_steps(scheduler) -> int | None:
+    """The most steps `scheduler` samples, or None for no limit: a few-step model's TCD / LCM scheduler
+    samples on its training grid (`original_inference_steps`) and refuses more steps than it has."""
+    grid = getattr(getattr(scheduler, "config", None), "original_inference_steps", None)
+    return None if grid is None else int(grid)
+
+
 def sampler_record(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None, scheduler: str = PAPER_SCHEDULER) -> dict:
     """What a merge writes to `sampler.json`: the settings its teachers were sampled with (synthesis)."""
     return {

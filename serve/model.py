@@ -114,7 +114,7 @@ class StyleModelBackend:
     def __init__(self, location: str, device: str = "auto", lora_adapters: Optional[dict[str, str]] = None):
         import torch
 
-        from dmm_ray.pipeline import load_dmm_pipeline
+        from dmm_ray.pipeline import load_dmm_pipeline, max_inference_steps
 
         self.download_dir: Optional[tempfile.TemporaryDirectory] = None
         if is_mlflow_uri(location) or "://" in location:
@@ -139,9 +139,9 @@ class StyleModelBackend:
         self.descriptions = read_style_descriptions(path, self.style_names)
         # the model's own sampler: TCDScheduler (or LCMScheduler), 4 steps, CFG off for a few-step model (dmm_ray/fast)
         self.sampler = dict(self.pipe.sampler_defaults) if hasattr(self.pipe, "sampler_defaults") else {}
-        grid = getattr(self.pipe.scheduler.config, "original_inference_steps", None)  # TCD / LCM: it samples no more steps
+        grid = max_inference_steps(self.pipe.scheduler)  # TCD / LCM: it samples no more steps than its training grid
         if grid is not None and "scheduler" in self.sampler:
-            self.sampler["max_steps"] = int(grid)
+            self.sampler["max_steps"] = grid
         self._active_lora: Optional[tuple] = ()  # None: unknown (a switch failed), set again by the next forward
         self.lora_switches = 0
         self.lora_names = self._load_lora(lora_adapters or {})

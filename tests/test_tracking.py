@@ -285,6 +285,37 @@ def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, 
         assert bad.status_code == 400 and words in bad.text, (wrong, bad.text)
 
 
+def test_a_few_step_models_steps_above_its_grid_are_a_400(tracker, tmp_path, tiny_components):
+    """A few-step model's TCD scheduler samples at most its training grid's steps (original_inference_steps)
+    and raises on more: the answer was MLflow's "unexpected error while evaluating the model" with
+    diffusers' advice to raise `strength` (which the pyfunc has no param for); it is the pyfunc's own
+    bad-parameter answer naming the limit, as Serve's. The grid's own count still samples."""
+    import mlflow.pyfunc
+    from diffusers import TCDScheduler
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from dmm_ray import DMMPipeline, StyleUNet
+
+    c = tiny_components
+    pipe = DMMPipeline.from_components(StyleUNet.from_unet(c["unet"], ["ink", "neon"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"])
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=6)
+    pipe.save_pretrained(tmp_path / "fast")
+    with tracker.project(), tracker.stage("merge"):
+        uri = tracker.log_merged_model(tmp_path / "fast")
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(uri)))
+
+    def ask(steps):
+        return client.post(
+            "/invocations", json={"dataframe_records": [{"prompt": "a red circle", "style": "neon"}], "params": {"num_inference_steps": steps}}
+        )
+
+    too_many = ask(7)
+    assert too_many.status_code == 400, too_many.text
+    assert "num_inference_steps 7" in too_many.text and "at most 6 steps" in too_many.text
+    assert ask(6).status_code == 200
+
+
 def _logged_model(tmp_path) -> tuple[str, str]:
     """(store, runs:/ URI) of a tiny pipeline folder logged as a run artifact, without touching
     MLflow's global tracking URI."""
