@@ -202,7 +202,7 @@ def provenance(
     """safetensors metadata (str -> str) for a baked export: where it came from and with which style.
 
     Keys: `dmm.merged_model` (the --model argument), `dmm.merged_name`, `dmm.merged_unet_fingerprint`,
-    `dmm.merge_run_id`, `dmm.style` or `dmm.style_weights` (JSON, normalised, by name), `dmm.styles`
+    `dmm.merge_run_id`, `dmm.style` (one style) or `dmm.style_weights` (a mixture, however given: JSON, normalised, by name), `dmm.styles`
     (all names, codebook order), `dmm.teachers` (JSON: name, source, format, checksum),
     `dmm.architecture` (sd15 / sdxl), `dmm.version`, `dmm.exported_at` (UTC)."""
     import dmm_ray
@@ -224,7 +224,7 @@ def provenance(
     }
     if model_dir is not None and (Path(model_dir) / "unet").is_dir():
         meta["dmm.merged_unet_fingerprint"] = file_fingerprint(Path(model_dir) / "unet")
-    if style is not None:
+    if style is not None and float(weights.max()) == 1.0:  # one style; style= may also be a mixture (a dict, N weights)
         meta["dmm.style"] = names[int(weights.argmax())]
     else:
         meta["dmm.style_weights"] = json.dumps({n: round(float(w), 6) for n, w in zip(names, weights.tolist()) if w > 0})

@@ -133,6 +133,19 @@ def test_single_file_loads_with_from_single_file_and_carries_provenance(merged, 
     assert len(set(t["checksum"] for t in teachers)) == 3
 
 
+def test_provenance_records_a_mixture_given_as_style_as_a_mixture(merged):
+    """`style=` takes a mixture too (a dict, or one weight per style), and bake folds that mixture; the
+    provenance recorded `dmm.style` = its largest style, as if one style had been baked."""
+    from dmm_ray.export import provenance
+
+    pipe = merged["sd15"]
+    for selection in (MIXTURE, [0.25, 0.75, 0.0]):
+        meta = provenance(pipe, "m", style=selection)
+        assert "dmm.style" not in meta and json.loads(meta["dmm.style_weights"]) == MIXTURE, selection
+    assert provenance(pipe, "m", style={"neon": 2})["dmm.style"] == "neon"  # one style, however given
+    assert provenance(pipe, "m", style=1)["dmm.style"] == "neon"
+
+
 def test_fp16_export_and_diffusers_folder(merged, tmp_path):
     from diffusers import StableDiffusionPipeline
 
