@@ -432,7 +432,8 @@ def export_command(
     names: Sequence[str] | None = None,
 ) -> str:
     """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it).
-    `names`: the model's style names, for a mixture of names that hold ',' or '=' (given by index)."""
+    `names`: the model's style names, for a mixture of names that hold ',' or '=' or start or end with a
+    space (given by index)."""
     import shlex
 
     if (style is None) == (style_weights is None):
@@ -441,7 +442,8 @@ def export_command(
         option, value, stem = "--style", str(style), str(style)
     else:
         weights = {k: float(v) for k, v in style_weights.items() if float(v) > 0}
-        by_index = names is not None and any("," in k or "=" in k for k in weights)  # the pairs cannot hold such names
+        # the pairs cannot hold such names: ',' and '=' split them, and parse_weights strips the spaces around each name
+        by_index = names is not None and any("," in k or "=" in k or k != k.strip() for k in weights)
         option, stem = "--weights", "-".join(weights)
         value = ",".join(f"{list(names).index(k) if by_index else k}={_num(v)}" for k, v in weights.items())
     selection = [f"{option}={value}"] if value.startswith("-") else [option, value]  # `-dark` is not read as an option

@@ -295,6 +295,23 @@ def test_export_command_round_trips_through_the_parser():
     assert args.style == "neon" and args.out == "neon.safetensors"
 
 
+def test_export_command_gives_a_mixture_of_names_with_outer_spaces_by_index():
+    """--weights pairs are read with the spaces around each name stripped: a mixture naming a style ' neon'
+    gave 'ink=0.3, neon=0.7', which the job refused (unknown style 'neon'); such names go by index."""
+    import shlex
+
+    from dmm_ray.export import check_selection, export_command
+    from dmm_ray.styles import parse_weights, style_weights
+    from jobs import export as job
+
+    names = ["ink", " neon", "pixel "]
+    cmd = export_command("m", style_weights={"ink": 0.25, " neon": 0.5, "pixel ": 0.25}, names=names)
+    weights = parse_weights(job.build_parser().parse_args(shlex.split(cmd)[2:]).weights)
+    check_selection(names, None, weights)
+    assert style_weights(names, weights) == [0.25, 0.5, 0.25]
+    assert job.build_parser().parse_args(shlex.split(export_command("m", style=" neon", names=names))[2:]).style == " neon"
+
+
 # ---- jobs/export.py: bad input is refused before anything is loaded or written ------------------
 @pytest.fixture(scope="module")
 def merged_dir(tmp_path_factory):
