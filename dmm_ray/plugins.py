@@ -89,14 +89,17 @@ class DMMXLInpaintPipeline(_StyleCallMixin, StableDiffusionXLInpaintPipeline):
 
 
 def with_controlnet(pipe, controlnet):
-    """The ControlNet pipeline over `pipe`'s own modules (shared, not copied): DMM(XL)ControlNetPipeline
-    for a merged model, diffusers' StableDiffusion(XL)ControlNetPipeline for a plain or baked one."""
+    """The ControlNet pipeline over `pipe`'s own modules (shared, not copied, its safety checker
+    included): DMM(XL)ControlNetPipeline for a merged model, diffusers' StableDiffusion(XL)ControlNetPipeline
+    for a plain or baked one."""
     xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
     styled = isinstance(pipe.unet, StyleUNet)
     if xl:
         cls = DMMXLControlNetPipeline if styled else StableDiffusionXLControlNetPipeline
     else:
         cls = DMMControlNetPipeline if styled else StableDiffusionControlNetPipeline
-    kwargs = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+    # a pipeline without a safety checker (a merged model, a baked export) gives one without, and no warning
+    # about it; one that has a checker (a stock SD1.5 pipeline) keeps it, as diffusers' from_pipe does
+    kwargs = {} if xl or getattr(pipe, "safety_checker", None) is not None else {"safety_checker": None, "requires_safety_checker": False}
     # unet passed explicitly: from_pipe only carries over modules of the exact annotated type
     return cls.from_pipe(pipe, controlnet=controlnet, unet=pipe.unet, **kwargs)

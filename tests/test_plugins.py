@@ -253,6 +253,31 @@ def test_controlnet_with_regions_on_the_whole_canvas_and_a_clear_error_for_windo
         pipe("a red circle", regions=_regions(), region_window="native", image=wide, width=2 * SIZE, height=SIZE, num_inference_steps=2)
 
 
+def test_with_controlnet_keeps_a_stock_pipelines_safety_checker():
+    """with_controlnet forced safety_checker=None: on a stock SD1.5 pipeline with a safety checker the
+    ControlNet pipeline it gave had none, where diffusers' from_pipe keeps it. A merged model (no checker)
+    still gives a ControlNet pipeline without one."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from dmm_ray.plugins import DMMControlNetPipeline, with_controlnet
+    from dmm_ray.tiny import tiny_sd_components
+    from dmm_ray.tiny_plugins import make_controlnet
+
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 32}
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=32)
+    ).eval()
+    components = {**tiny_sd_components(seed=0), "safety_checker": checker, "feature_extractor": CLIPImageProcessor(crop_size=32, size=32)}
+    stock = StableDiffusionPipeline(**{**components, "requires_safety_checker": True})
+    controlnet = make_controlnet(stock.unet, seed=4)
+    out = with_controlnet(stock, controlnet)
+    assert type(out) is StableDiffusionControlNetPipeline and out.safety_checker is checker and out.config.requires_safety_checker
+    merged = with_controlnet(tiny_merged("sd15"), controlnet)
+    assert type(merged) is DMMControlNetPipeline and merged.safety_checker is None and not merged.config.requires_safety_checker
+
+
 def test_from_pipe_carries_the_merged_unet_over():
     """diffusers' `from_pipe` keeps a component only when its type is the annotated one; a merged
     model's unet is a StyleUNet, so `DMMPipeline.from_pipe(pipe)` used to raise."""
