@@ -63,6 +63,8 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
     from diffusers import UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
 
+    from dmm_ray.formats.single_file import has_ip_adapter
+
     if not isinstance(unet, StyleUNet):
         raise ExportError(f"bake needs a merged model's StyleUNet, got {type(unet).__name__} (already a plain UNet?)")
     if getattr(unet, "peft_config", None):
@@ -70,7 +72,7 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
             "the UNet has LoRA adapters loaded; bake the merged model alone "
             "(pipe.unload_lora_weights()) and load the LoRA on the baked export instead"
         )
-    if unet.config.get("encoder_hid_dim_type") == "ip_image_proj":
+    if has_ip_adapter(unet):
         raise ExportError("the UNet has an IP-Adapter loaded; bake first, then load_ip_adapter on the baked export")
     if unet.config.get("class_embeddings_concat"):
         raise ExportError("class_embeddings_concat=True concatenates the style instead of adding it; it cannot be folded")
@@ -257,12 +259,15 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
     """Write a plain (baked) pipeline as a diffusers folder or one original-layout .safetensors file
     (SD1.5 or SDXL), carrying `metadata` in the safetensors header. Written beside `out` and
     moved into place, so a failed export never leaves a half-written file under the final name."""
-    from dmm_ray.formats.single_file import export_single_file
+    from dmm_ray.formats.single_file import export_single_file, loaded_plugins
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if isinstance(pipe.unet, StyleUNet):
         raise ExportError("this pipeline still holds a StyleUNet; bake(pipe, style=...) first")
+    problem = loaded_plugins(pipe)  # their layers' weights would be written under names no loader reads
+    if problem:
+        raise ExportError(f"cannot export: {problem}")
     out = Path(out)
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
     metadata["dmm.dtype"] = dtype

@@ -194,6 +194,47 @@ def test_bake_refuses_a_model_with_plugins_loaded(plugin_files):
         bake(pipe, style="ink")
     pipe.unload_lora_weights()
     bake(pipe, style="ink")
+    # diffusers sets config.encoder_hid_dim_type as an attribute only: config.get() did not see the IP-Adapter
+    pipe.load_ip_adapter(str(plugin_files["sd15"]["ip_adapter"]), subfolder="", weight_name="ip_adapter.safetensors")
+    with pytest.raises(ExportError, match="IP-Adapter loaded; bake first"):
+        bake(pipe, style="ink")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_export_with_a_lora_or_ip_adapter_loaded_is_refused_and_a_fused_lora_is_written(plugin_files, arch, tmp_path):
+    """A baked pipeline takes a LoRA (README); exporting it then wrote PEFT's layer names
+    (`to_q.base_layer.weight`, `to_q.lora_A.subject.weight`) into the checkpoint: from_single_file failed
+    on meta tensors, and a diffusers export loaded its attention layers at random weights. The export is
+    refused, saying how to fold the LoRA in; after fuse_lora + unload_lora_weights the file carries it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from dmm_ray.export import ExportError, bake, export_pipeline, write_config_folder
+    from dmm_ray.formats.single_file import export_single_file
+
+    plain = bake(tiny_merged(arch), style="ink")
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(plugin_files[arch]["lora"]), adapter_name="subject")
+    with_lora = gen(plain, styled=False)
+    for fmt, out in (("single_file", tmp_path / "x.safetensors"), ("diffusers", tmp_path / "x")):
+        with pytest.raises(ExportError, match=r"LoRA layers loaded \(unet\).*fuse_lora\(\) then pipe.unload_lora_weights\(\)"):
+            export_pipeline(plain, out, fmt=fmt)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="LoRA layers loaded"):
+        export_single_file(plain, tmp_path / "x.safetensors")
+    plain.fuse_lora()  # folded into PEFT's layers, which stay: still refused
+    with pytest.raises(ExportError, match="LoRA layers loaded"):
+        export_pipeline(plain, tmp_path / "x.safetensors")
+    plain.unload_lora_weights()
+    path = export_pipeline(plain, tmp_path / "x.safetensors")
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    loaded = cls.from_single_file(str(path), config=str(write_config_folder(plain, tmp_path / "x.config")), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert np.abs(gen(loaded, styled=False) - with_lora).max() < 1e-4  # the LoRA is in the file
+    plain.load_ip_adapter(str(plugin_files[arch]["ip_adapter"]), subfolder="", weight_name="ip_adapter.safetensors")
+    with pytest.raises(ExportError, match=r"IP-Adapter loaded: pipe.unload_ip_adapter\(\) first"):
+        export_pipeline(plain, tmp_path / "y.safetensors")
+    plain.unload_ip_adapter()
+    assert export_pipeline(plain, tmp_path / "y.safetensors").is_file()
 
 
 # ---- plugins with regional styles, and diffusers' from_pipe (QA, session 28) ---------------------

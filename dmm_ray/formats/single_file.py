@@ -205,6 +205,36 @@ def to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str,
     return out
 
 
+def has_ip_adapter(unet) -> bool:
+    """Whether diffusers' `load_ip_adapter` put an image projection on `unet`. Read from the module: the
+    loader sets `config.encoder_hid_dim_type = "ip_image_proj"` as an attribute of the FrozenDict, so
+    `config.get("encoder_hid_dim_type")` still reads None."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    return isinstance(getattr(unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
+
+
+def loaded_plugins(pipeline) -> str | None:
+    """Why `pipeline` cannot be written as a checkpoint as it is, or None: LoRA layers (PEFT's, also after
+    `fuse_lora`, which folds into them but keeps them) or an IP-Adapter loaded on it. Their weights sit
+    under names no checkpoint layout has (`to_q.base_layer.weight`, `to_q.lora_A.<name>.weight`,
+    `encoder_hid_proj.*`): a diffusers loader would leave those layers at random weights."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft no LoRA can be loaded
+        BaseTunerLayer = ()
+    names = [name for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipeline, name, None) is not None]
+    with_lora = [name for name in names if BaseTunerLayer and any(isinstance(m, BaseTunerLayer) for m in getattr(pipeline, name).modules())]
+    if with_lora:
+        return (
+            f"the pipeline has LoRA layers loaded ({', '.join(with_lora)}), which no checkpoint holds: fold the LoRA in with "
+            "pipe.fuse_lora() then pipe.unload_lora_weights() (the fused weights stay), or drop it with pipe.unload_lora_weights()"
+        )
+    if has_ip_adapter(pipeline.unet):
+        return "the pipeline has an IP-Adapter loaded: pipe.unload_ip_adapter() first (the IP-Adapter ships as its own file)"
+    return None
+
+
 def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `pipeline` (unet, vae, text_encoder[, text_encoder_2]) as one LDM-layout .safetensors
     file, atomically; `metadata` (str -> str) goes into the safetensors header."""
@@ -216,6 +246,9 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
         raise ValueError(
             "a merged StyleUNet has no single-file equivalent; bake one style first: dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`"
         )
+    problem = loaded_plugins(pipeline)
+    if problem:
+        raise ValueError(f"cannot write {path.name}: {problem}")
     text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
     state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
