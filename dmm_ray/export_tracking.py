@@ -178,7 +178,7 @@ def check_run(run_id: str, uri: str, run_what: str, uri_what: str) -> str | None
 
 def log_export(out: Path, config_dir: Path | None, metadata: Mapping[str, str], run_id: str, tracking_uri: str, one_try: bool = False) -> None:
     """The export (file or folder), its config folder and its metadata as artifacts of `run_id` under
-    exports/, and the tag `dmm.export.<name>` = its style (or mixture) on the run. `one_try`: no
+    exports/, and the tag `export_tag(out)` = its style (or mixture) on the run. `one_try`: no
     retries (`quick_http`), for a store that did not answer the check."""
     from mlflow import MlflowClient
 
@@ -195,4 +195,13 @@ def log_export(out: Path, config_dir: Path | None, metadata: Mapping[str, str], 
             record = Path(tmp) / f"{out.name}.json"
             record.write_text(json.dumps(dict(metadata), indent=1))
             client.log_artifact(run_id, str(record), "exports")
-        client.set_tag(run_id, f"dmm.export.{out.name}", metadata.get("dmm.style") or metadata.get("dmm.style_weights", ""))
+        client.set_tag(run_id, export_tag(out), metadata.get("dmm.style") or metadata.get("dmm.style_weights", ""))
+
+
+def export_tag(out: Path) -> str:
+    """The run tag naming an export: `dmm.export.<file name>`. MLflow refuses a tag key with other characters
+    than letters, digits, `_ - . /`, spaces (and `:` off Windows); any other character of the name
+    (`ink+neon.safetensors`, `a,b`) becomes `_`, so a valid --out never fails the logging."""
+    import re
+
+    return "dmm.export." + re.sub(r"[^\w.\- ]", "_", out.name)

@@ -312,6 +312,23 @@ def test_export_command_gives_a_mixture_of_names_with_outer_spaces_by_index():
     assert job.build_parser().parse_args(shlex.split(export_command("m", style=" neon", names=names))[2:]).style == " neon"
 
 
+def test_an_export_named_with_characters_mlflow_refuses_in_tags_is_logged(tmp_path, capsys):
+    """--out ink+neon.safetensors: the export was written and its artifacts logged, then MLflow refused the
+    run tag dmm.export.ink+neon.safetensors ('+' in a key) and the job said 'not logged', exit 3."""
+    from mlflow import MlflowClient
+
+    from jobs import export as job
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("dmm-ray", artifact_location=str(tmp_path / "artifacts")), run_name="merge").info.run_id
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged", mlflow={"run_id": run, "tracking_uri": uri})
+    assert job.main(["--model", str(folder), "--weights", "ink=1,neon=1", "--out", str(tmp_path / "ink+neon (v2).safetensors")]) == 0
+    assert f"logged under run {run}" in capsys.readouterr().out
+    assert "exports/ink+neon (v2).safetensors" in {a.path for a in client.list_artifacts(run, "exports")}
+    assert json.loads(client.get_run(run).data.tags["dmm.export.ink_neon _v2_.safetensors"]) == {"ink": 0.5, "neon": 0.5}
+
+
 # ---- jobs/export.py: bad input is refused before anything is loaded or written ------------------
 @pytest.fixture(scope="module")
 def merged_dir(tmp_path_factory):
