@@ -42,21 +42,53 @@ def sampler_defaults(folder=None, scheduler=None) -> dict:
     `scheduler`: the one the pipeline samples with (default: the record's). The record's steps and
     guidance apply only to the kind of sampler they were written for: a merged model whose scheduler
     was swapped for TCD (its LCM-LoRA) gets 4 steps, CFG off, not its merge's 10 steps at CFG 5."""
-    import json
-
     record = {}
     if folder is not None and (Path(str(folder)) / SAMPLER_RECORD).is_file():
-        record = json.loads((Path(str(folder)) / SAMPLER_RECORD).read_text())
+        record = read_sampler_record(Path(str(folder)) / SAMPLER_RECORD)
     name = type(scheduler).__name__ if scheduler is not None else record.get("scheduler", PAPER_SCHEDULER)
     few_step = name in FEW_STEP_SCHEDULERS.values()
     out = {"scheduler": name, "num_inference_steps": PAPER_STEPS, "guidance_scale": PAPER_GUIDANCE, "negative_prompt": PAPER_NEGATIVE_PROMPT}
     if few_step:
         out.update(num_inference_steps=LCM_STEPS, guidance_scale=LCM_GUIDANCE)
     if record and (record.get("scheduler", name) in FEW_STEP_SCHEDULERS.values()) == few_step:
-        out.update(num_inference_steps=int(record["num_inference_steps"]), guidance_scale=float(record["guidance_scale"]))
+        out.update({k: record[k] for k in ("num_inference_steps", "guidance_scale") if k in record})  # a record may give only some
     if record.get("negative_prompt") is not None:
         out["negative_prompt"] = str(record["negative_prompt"])
     return out
+
+
+def read_sampler_record(path: Path) -> dict:
+    """A model's `sampler.json`: the keys it gives of {"scheduler", "num_inference_steps", "guidance_scale",
+    "negative_prompt"}, checked. One that is not JSON, not an object, or holds a value of the wrong kind is a
+    ValueError naming the file and what it should hold (a hand-edited record failed the first call with
+    a bare JSONDecodeError / KeyError / AttributeError naming neither)."""
+    import json
+    import math
+
+    want = (
+        'a JSON object such as {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 10, "guidance_scale": 5.0, '
+        '"negative_prompt": ""}: fix it, or delete it to sample with the paper\'s defaults'
+    )
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not JSON ({error}); it should be {want}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a JSON {type(record).__name__}; it should be {want}")
+    checks = {
+        "scheduler": ("a scheduler class name", lambda v: isinstance(v, str)),
+        "num_inference_steps": (
+            "a whole number >= 1",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer(),
+        ),
+        "guidance_scale": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+        "negative_prompt": ("text or null", lambda v: v is None or isinstance(v, str)),
+    }
+    for key, (kind, ok) in checks.items():
+        if key in record and not ok(record[key]):
+            raise ValueError(f"{path}: {key} is {record[key]!r}, not {kind}; it should be {want}")
+    casts = {"num_inference_steps": int, "guidance_scale": float}
+    return {k: casts.get(k, lambda v: v)(v) for k, v in record.items() if k in checks}
 
 
 def max_inference_steps(scheduler) -> int | None:

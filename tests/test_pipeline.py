@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -183,6 +185,36 @@ def test_a_few_step_scheduler_on_a_merged_model_takes_few_step_defaults(pipe, tm
     (tmp_path / SAMPLER_RECORD).write_text(json.dumps(sampler_record(4, 1.0, "", scheduler="TCDScheduler")))
     assert sampler_defaults(tmp_path)["num_inference_steps"] == 4
     assert sampler_defaults(tmp_path, pipe.scheduler)["num_inference_steps"] == 25
+
+
+def test_a_sampler_record_that_is_not_one_is_a_clear_error(tmp_path):
+    """A hand-edited sampler.json failed the first call with a bare JSONDecodeError, KeyError or
+    AttributeError naming neither the file nor what it should hold. Now: a ValueError naming both; a
+    record that gives only some keys sets those (the rest stay the defaults); 10.0 steps read as 10."""
+    import json
+
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_defaults
+
+    record = tmp_path / SAMPLER_RECORD
+    for text, words in (
+        ("{not json", "is not JSON"),
+        (json.dumps(["TCDScheduler", 4]), "holds a JSON list"),
+        (json.dumps({"num_inference_steps": "four"}), "num_inference_steps is 'four', not a whole number >= 1"),
+        (json.dumps({"guidance_scale": None}), "guidance_scale is None, not a number"),
+        (json.dumps({"negative_prompt": 3}), "negative_prompt is 3, not text or null"),
+    ):
+        record.write_text(text)
+        with pytest.raises(ValueError, match=f"{SAMPLER_RECORD}.*{re.escape(words)}.*delete it to sample with the paper's defaults"):
+            sampler_defaults(tmp_path)
+    record.write_text(json.dumps({"negative_prompt": "blurry"}))
+    assert sampler_defaults(tmp_path) == {
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": 25,
+        "guidance_scale": 7.0,
+        "negative_prompt": "blurry",
+    }
+    record.write_text(json.dumps({"num_inference_steps": 10.0, "guidance_scale": 5}))
+    assert sampler_defaults(tmp_path)["num_inference_steps"] == 10 and sampler_defaults(tmp_path)["guidance_scale"] == 5.0
 
 
 def test_prompt_embeds_batch_without_a_negative_prompt(pipe):
