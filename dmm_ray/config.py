@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dmm_ray import paths
 from dmm_ray.data.config import DataConfig
-from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS, SD_ADAPTER_TARGETS, timestep_targets_problem
 from dmm_ray.evaluation.config import EvalConfig, resolve_eval_paths  # the evaluation section (a leaf: no torch)
 from dmm_ray.fast.config import FastConfig  # the few-step stage (issue 19)
 from dmm_ray.teachers import TeacherSpec
@@ -106,8 +106,16 @@ class StyleAdaptersConfig(_Section):
     )
     targets: list[str] = Field(
         default_factory=lambda: list(SD_ADAPTER_TARGETS),  # dmm_ray/defaults.py; PEFT's target_modules rule
-        description="Linear/Conv2d module names (or name suffixes) that get per-style adapters",
+        description="Linear/Conv2d module names (or name suffixes) that get per-style adapters; not the timestep embedding's",
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _targetable(cls, targets: list[str]) -> list[str]:
+        problem = timestep_targets_problem(targets)
+        if problem:
+            raise ValueError(problem)
+        return targets
 
 
 class StudentConfig(_Section):

@@ -35,3 +35,42 @@ SD_ADAPTER_TARGETS = (
     "conv_out",
     "time_emb_proj",
 )
+# The layers of the timestep embedding (diffusers' TimestepEmbedding: linear_1, linear_2, and cond_proj where a guidance
+# embedding exists). No style adapter can sit on them: the UNet's forward runs the timestep embedding before the
+# class-embedding slot, where the style module computes the sample's style weights, and the export folds the style's
+# MLP(e~) into time_embedding.linear_2's bias. Every other Linear / Conv2d of the UNet can be targeted.
+TIME_EMBEDDING_LAYERS = ("time_embedding.linear_1", "time_embedding.linear_2", "time_embedding.cond_proj")
+
+
+def adapter_target_matches(name: str, target: str) -> bool:
+    """PEFT's `target_modules` rule: a target is the whole module name, or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+def untargetable_problem(pairs) -> str | None:
+    """Why style adapters cannot take some targets, or None. pairs: (target, the layer names it matches),
+    resolved on a UNet (`style_adapters.target_modules`) or, for a config without one, against
+    TIME_EMBEDDING_LAYERS alone (`timestep_targets_problem`): diffusers names those layers the same in
+    every UNet, so both say the same."""
+    bad = []
+    for target, names in pairs:
+        hit = [n for n in names if n in TIME_EMBEDDING_LAYERS]
+        if hit:
+            bad.append((target, hit, [n for n in names if n not in TIME_EMBEDDING_LAYERS]))
+    if not bad:
+        return None
+    what = "; ".join(
+        f"{target!r} matches {', '.join(hit)}"
+        + (f" (name the other layers it matches in full: {', '.join(rest[:4])}{', ...' if len(rest) > 4 else ''})" if rest else "")
+        for target, hit, rest in bad
+    )
+    return (
+        f"style adapter targets: {what}. The UNet runs its timestep embedding ({', '.join(TIME_EMBEDDING_LAYERS)}) before the "
+        "style module computes the sample's style weights, so no style adapter can sit on it; every other Linear/Conv2d "
+        f"layer can be targeted (the default: {', '.join(SD_ADAPTER_TARGETS)})"
+    )
+
+
+def timestep_targets_problem(targets) -> str | None:
+    """`untargetable_problem` of raw target strings, before any UNet is built (the config's validation)."""
+    return untargetable_problem((t, [n for n in TIME_EMBEDDING_LAYERS if adapter_target_matches(n, t)]) for t in targets)

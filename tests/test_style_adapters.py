@@ -156,6 +156,43 @@ def test_unknown_targets_and_bad_config_fail_clearly(base):
         StudentConfig(style_adapters={"rank": 2, "init": "pca"})
 
 
+def test_timestep_embedding_layers_are_refused_as_targets_before_any_forward(base):
+    """diffusers runs time_embedding (linear_1, linear_2) before the class-embedding slot where the style
+    weights are computed: adapters there failed every forward ("style adapters used outside a StyleUNet
+    forward"), and neither the config nor the construction said so. Now the config, from_unet and a
+    StyleUNet built from a config naming such layers refuse them, naming the layer and what can be targeted."""
+    from pydantic import ValidationError
+
+    from dmm_ray.config import StudentConfig
+
+    why = (
+        r"runs its timestep embedding .* before the style module computes the sample's style weights.*every other Linear/Conv2d layer can be targeted"
+    )
+    for targets, layer in (
+        (["time_embedding.linear_2"], "time_embedding.linear_2"),
+        (["to_q", "linear_2"], "time_embedding.linear_2"),
+        (["linear_1"], "time_embedding.linear_1"),
+    ):
+        with pytest.raises(ValidationError, match=rf"'{targets[-1]}' matches {layer}\. The UNet {why}"):
+            StudentConfig(style_adapters={"rank": 2, "targets": targets})
+        with pytest.raises(ValueError, match=rf"'{targets[-1]}' matches {layer}\. The UNet {why}"):
+            StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=targets)
+    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    with pytest.raises(ValueError, match=rf"'time_embedding.linear_2' matches time_embedding.linear_2\. The UNet {why}"):
+        StyleUNet(**config, style_names=STYLES, style_adapter_rank=2, style_adapter_modules=["conv_in", "time_embedding.linear_2"])
+    # a bare suffix that also matches layers after the style (SDXL's add_embedding.linear_2) says to name those in full
+    from dmm_ray.defaults import untargetable_problem
+
+    assert "name the other layers it matches in full: add_embedding.linear_2" in untargetable_problem(
+        [("linear_2", ["time_embedding.linear_2", "add_embedding.linear_2"])]
+    )
+    # names that only look alike stay targetable, and every other layer still runs
+    assert StudentConfig(style_adapters={"rank": 2, "targets": ["embedding.linear_2", "time_emb_proj"]}).style_adapters.targets
+    student = StyleUNet.from_unet(base, STYLES, adapter_rank=2, adapter_targets=["time_emb_proj", "conv_in"])
+    x, t, h = inputs()
+    assert student(x, t, h, style_ids=torch.tensor([0, 1])).sample.shape == x.shape
+
+
 def test_adapter_rank_without_targets_takes_the_default_targets(base):
     """from_unet(adapter_rank=r) alone adapts the merge config's default layers (it used to add none)."""
     from dmm_ray.defaults import SD_ADAPTER_TARGETS

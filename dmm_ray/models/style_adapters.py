@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dmm_ray.defaults import adapter_target_matches, untargetable_problem
+
 
 def adapter_key(module_name: str) -> str:
     """A UNet module name as a ModuleDict key (no dots)."""
@@ -35,14 +37,16 @@ def adapter_key(module_name: str) -> str:
 
 def target_modules(unet: nn.Module, targets: Iterable[str]) -> list[str]:
     """Names of the Linear / Conv2d modules of `unet` whose name is a target or ends in '.' + target
-    (PEFT's `target_modules` rule), outside the style module itself."""
+    (PEFT's `target_modules` rule), outside the style module itself. A target that matches a
+    timestep-embedding layer is a ValueError (`dmm_ray.defaults.untargetable_problem`)."""
     targets = list(targets)
-    names = []
-    for name, module in unet.named_modules():
-        if name.startswith("class_embedding") or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if any(name == t or name.endswith("." + t) for t in targets):
-            names.append(name)
+    layers = [name for name, module in unet.named_modules() if not name.startswith("class_embedding") and isinstance(module, (nn.Linear, nn.Conv2d))]
+    matched = {t: [name for name in layers if adapter_target_matches(name, t)] for t in targets}
+    problem = untargetable_problem(matched.items())
+    if problem:
+        raise ValueError(problem)
+    chosen = {name for names in matched.values() for name in names}
+    names = [name for name in layers if name in chosen]  # in module order
     if targets and not names:
         raise ValueError(f"style adapter targets {targets} match no Linear/Conv2d module of the UNet")
     return names

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from dmm_ray.defaults import SD_ADAPTER_TARGETS
+from dmm_ray.defaults import SD_ADAPTER_TARGETS, untargetable_problem
 from dmm_ray.models.style_adapters import (
     SINGLE_STYLE_TOL,
     StyleAdapter,
@@ -197,6 +197,9 @@ class StyleUNet(UNet2DConditionModel):
         self.class_embedding = StyleEmbedding(len(style_names), time_embed_dim, [r.norm2.num_channels for r in resnets])
         for k, resnet in enumerate(resnets):
             resnet.norm2.register_forward_hook(_FilmHook(self.class_embedding, k))
+        problem = untargetable_problem((name, [name]) for name in style_adapter_modules)  # a hand-written config, not from_unet
+        if problem:
+            raise ValueError(problem)
         modules = dict(self.named_modules())
         self._adapted_layers: list[tuple[str, nn.Module]] = []  # the layers the hooks sit on (a PEFT LoRA keeps them as base_layer)
         for name in style_adapter_modules:
