@@ -207,21 +207,78 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
 
 def check_student_extensions(cfg: MergeConfig, merged: Path) -> None:
     """An incremental merge grows the previous model's student, its style FiLM and adapters included
-    (dmm_ray.distill.loop._load_student), so student.style_film and student.style_adapters.rank must
-    be what that model has; other values were silently not trained (and the memory plan counted them)."""
+    (dmm_ray.distill.loop._load_student), so student.style_film, student.style_adapters.rank and the
+    layers student.style_adapters.targets resolve to must be what that model has; other values were
+    silently not trained (and the memory plan counted them)."""
     from dmm_ray.teachers import TeacherError
 
     unet = json.loads((merged / "unet" / "config.json").read_text())
     has = {"student.style_film": bool(unet.get("style_film", False)), "student.style_adapters.rank": int(unet.get("style_adapter_rank") or 0)}
     asked = {"student.style_film": cfg.student.style_film, "student.style_adapters.rank": cfg.student.style_adapters.rank}
     wrong = [key for key in has if asked[key] != has[key]]
-    if wrong:  # values as YAML writes them (true, 8)
+    # values as YAML writes them (true, 8)
+    problems = [f"{key} is {json.dumps(asked[key])} but the previous model has {json.dumps(has[key])}" for key in wrong]
+    fixes = [f"{key}: {json.dumps(has[key])}" for key in wrong]
+    if has["student.style_adapters.rank"] and "student.style_adapters.rank" not in wrong:
+        problem, fix = _adapter_targets_problem(cfg.student.style_adapters.targets, unet)
+        if problem:
+            problems.append(problem)
+            fixes.append(fix)
+    if problems:
         raise TeacherError(
-            "incremental.base_merged: "
-            + "; ".join(f"{key} is {json.dumps(asked[key])} but the previous model has {json.dumps(has[key])}" for key in wrong)
-            + f". An incremental merge grows {merged}'s student as it is; set "
-            + ", ".join(f"{key}: {json.dumps(has[key])}" for key in wrong)
+            "incremental.base_merged: " + "; ".join(problems) + f". An incremental merge grows {merged}'s student as it is; set " + ", ".join(fixes)
         )
+
+
+def _adapter_targets_problem(targets: list[str], unet_config: dict) -> tuple[str | None, str | None]:
+    """(what differs, the targets to set) when `targets` resolve to other layers than the previous model
+    adapts (its unet/config.json records them resolved, style_adapter_modules), or (None, None). The
+    targets are resolved as the student resolves them (`style_adapters.target_modules`), on the previous
+    model's architecture built on the meta device (no weights read), so the same layers spelled otherwise
+    (other suffixes, another order) pass."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.defaults import SD_ADAPTER_TARGETS, adapter_target_matches
+    from dmm_ray.models.style_adapters import target_modules
+    from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS
+
+    with torch.device("meta"):
+        plain = UNet2DConditionModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_") and k not in STYLE_CONFIG_KEYS})
+    adapted = list(unet_config.get("style_adapter_modules") or [])
+    key = "student.style_adapters.targets"
+    try:
+        resolved = target_modules(plain, targets)
+    except ValueError as error:  # matches no layer of that architecture
+        resolved, note = [], f" ({error})"
+    else:
+        note = ""
+    if set(resolved) == set(adapted):
+        return None, None
+    lacks, extra = [n for n in adapted if n not in resolved], [n for n in resolved if n not in adapted]
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = [f"they leave out {len(lacks)} layers it adapts ({some(lacks)})"] if lacks else []
+    parts += [f"they add {len(extra)} layers it does not adapt ({some(extra)})"] if extra else []
+    problem = f"{key} {json.dumps(targets)} resolve to {len(resolved)} layers{note}, not the previous model's {len(adapted)}: " + ", ".join(parts)
+    # the fix: the config's own and the default targets that match adapted layers only, then for each layer they
+    # leave out its shortest dotted suffix that does (not a bare index like "0"; else the whole name): together
+    # these resolve to exactly the previous model's layers, spelled as configs spell them
+    names = [n for n, m in plain.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    def only_adapted(target: str) -> bool:
+        return all(n in adapted for n in names if adapter_target_matches(n, target))
+
+    suffixes = [t for t in dict.fromkeys([*targets, *SD_ADAPTER_TARGETS]) if only_adapted(t) and any(adapter_target_matches(n, t) for n in adapted)]
+    for layer in adapted:
+        if any(adapter_target_matches(layer, t) for t in suffixes):
+            continue
+        pieces = layer.split(".")
+        candidates = (".".join(pieces[i:]) for i in range(len(pieces) - 1, -1, -1) if not pieces[i].isdigit())
+        suffixes.append(next((s for s in candidates if only_adapted(s)), layer))
+    return problem, f"{key}: {json.dumps(suffixes)}"
 
 
 def describe_layout(cfg: MergeConfig) -> str:

@@ -156,6 +156,47 @@ def test_student_extensions_other_than_the_previous_models_are_refused_before_ra
         validate_before_ray(cfg(style_film=True, style_adapters={"rank": 4}))
 
 
+def test_adapter_targets_other_than_the_previous_models_layers_are_refused_before_ray(merged_world, tmp_path):
+    """The incremental student keeps the previous model's adapted layers: a config whose
+    student.style_adapters.targets resolve to other layers (the default targets, or a subset) passed and
+    was silently ignored. The resolved layer sets are compared, so the same layers in another order pass,
+    and the message gives targets that resolve to the previous model's layers."""
+    import shutil
+
+    c = tiny_sd_components(seed=0)
+    unet = StyleUNet.from_unet(c["unet"], ["old0", "old1"], adapter_rank=2, adapter_targets=["to_q", "conv1"])
+    merged = tmp_path / "merged"
+    DMMPipeline.from_components(unet, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(merged)
+    shutil.copy(f"{merged_world['merged']}/{MERGE_RECORD}", merged / MERGE_RECORD)
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+
+    def cfg(style_film=False, **adapters):
+        raw = tiny_merge_config(merged_world, tmp_path, teachers=new, incremental={"base_merged": str(merged)})
+        student = {**raw["student"], "style_film": style_film, "style_adapters": {"rank": 2, **adapters}}
+        return MergeConfig.model_validate({**raw, "student": student})
+
+    validate_before_ray(cfg(targets=["to_q", "conv1"]))
+    validate_before_ray(cfg(targets=["conv1", "attn1.to_q", "attn2.to_q"]))  # the same 16 layers spelled otherwise
+    grows = r"\. An incremental merge grows .*'s student as it is; set "
+    fix = r'student.style_adapters.targets: \["to_q", "conv1"\]$'
+    with pytest.raises(
+        TeacherError,
+        match=r'student.style_adapters.targets \["to_q"\] resolve to 8 layers, not the previous model\'s 16: '
+        r"they leave out 8 layers it adapts \(down_blocks.0.resnets.0.conv1, .* and 5 more\)" + grows + fix,
+    ):
+        validate_before_ray(cfg(targets=["to_q"]))
+    with pytest.raises(
+        TeacherError, match=r"resolve to 74 layers, not the previous model's 16: they add 58 layers it does not adapt \(.*\)" + grows + fix
+    ):
+        validate_before_ray(cfg())  # the default targets
+    with pytest.raises(
+        TeacherError,
+        match=r"student.style_film is true but the previous model has false; student.style_adapters.targets \[\"to_k\"\] resolve to 8 "
+        r"layers, not the previous model's 16: they leave out 16 .*, they add 8 .*" + grows + "student.style_film: false, " + fix,
+    ):
+        validate_before_ray(cfg(style_film=True, targets=["to_k"]))
+
+
 def _regulariser_batches(cfg, monkeypatch, datasets: dict):
     """The regulariser's StageBatches for `cfg`, its Ray Data shards replaced by `datasets`."""
     import ray.train
