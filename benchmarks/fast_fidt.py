@@ -1,10 +1,10 @@
 """FIDt of any model folder at a given sampler, against the same teachers and reference as the merge's
 evaluation (the teachers keep the config's evaluation sampler; cached): the few-step table's rows.
 
-  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8
-  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 4 --guidance 5   # fewer DPM steps, no distillation
-  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8 --scheduler LCMScheduler  # another sampler
-  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 10 --guidance 5 \
+  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8 --out outputs/fidt_fast
+  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 4 --guidance 5 --out outputs/fidt_dpm4   # fewer DPM steps, no distillation
+  python benchmarks/fast_fidt.py --model FAST/model --config jobs/configs/toy_fast.yaml --steps 2,4,8 --scheduler LCMScheduler --out outputs/fidt_lcm  # another sampler
+  python benchmarks/fast_fidt.py --model MERGED --config jobs/configs/toy_fast.yaml --steps 10 --guidance 5 --out outputs/fidt_ddim \
       --scheduler DDIMScheduler --scheduler-config '{"clip_sample": false, "timestep_spacing": "trailing"}'   # the LCM solver's own sampler
 """
 

@@ -7,7 +7,11 @@ tests/test_fast.py (fast_speed), test_packing.py (gpu_distill, packing_equivalen
 
 from __future__ import annotations
 
+import argparse
+import ast
+import re
 import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,45 @@ def test_benchmark_help(script, monkeypatch, capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and script.name in out.splitlines()[0]
+
+
+class _Parsed(BaseException):  # BaseException: passes the scripts' own error handlers
+    pass
+
+
+def _usage_examples(script: Path) -> list[list[str]]:
+    """The argument lists of the `python benchmarks/<script> ...` lines in the script's docstring (its --help);
+    `[--flag value]` usage brackets dropped, a trailing `...` (more flags) ignored."""
+    doc = re.sub(r"\\\n\s*", " ", ast.get_docstring(ast.parse(script.read_text())) or "")
+    examples = []
+    for line in doc.splitlines():
+        if line.strip().startswith(f"python benchmarks/{script.name} "):  # (prose lines may hold a lone apostrophe)
+            words = [w[1:] if w.startswith("[-") else w for w in shlex.split(line, comments=True)[2:] if w != "..."]
+            examples.append([w[:-1] if w.endswith("]") and "[" not in w else w for w in words])
+    return examples
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_the_usage_examples_in_a_benchmarks_help_parse(script, monkeypatch, capsys):
+    """A command the --help shows must get past the script's own parser (fast_fidt.py's four examples lacked
+    its required --out: each one was a usage error). Only parsed: main() stops right after parse_args."""
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/x.py` runs it (regions_layouts imports regions)
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    for argv in _usage_examples(script):
+        monkeypatch.setattr(sys, "argv", [str(script), *argv])
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except _Parsed:
+            continue
+        except SystemExit:
+            pytest.fail(f"{script.name} {shlex.join(argv)} (from its --help): {capsys.readouterr().err.strip()}")
+        pytest.fail(f"{script.name} {shlex.join(argv)} (from its --help) returned without parsing its arguments")
 
 
 def test_serve_styles_refuses_a_merged_model_it_would_not_measure(tmp_path, monkeypatch, capsys):
