@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import torch
+
+# benchmarks/regions.py (imported in main): on the path however this file is run, not only as
+# `python benchmarks/regions_layouts.py` (runpy, as tests/test_benchmarks.py runs it, adds no folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COLUMNS = ["A (whole image)", "B (whole image)", "regions A | B", "+ windows + regional decode"]
 

@@ -56,7 +56,6 @@ def _usage_examples(script: Path) -> list[list[str]]:
 def test_the_usage_examples_in_a_benchmarks_help_parse(script, monkeypatch, capsys):
     """A command the --help shows must get past the script's own parser (fast_fidt.py's four examples lacked
     its required --out: each one was a usage error). Only parsed: main() stops right after parse_args."""
-    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/x.py` runs it (regions_layouts imports regions)
     original = argparse.ArgumentParser.parse_args
 
     def parse_only(self, args=None, namespace=None):
