@@ -14,7 +14,9 @@ the largest is reported and checked):
                or with teacher_offload two device slots
   activations  what the student's forward keeps for backward at the worker batch (k teachers x
                data.stream.batch_size rows; the fine-tune: synthesis.finetune_batch_size), MEASURED
-               by running the UNet forward on the meta device (no memory, no weights) with
+               by running the student StyleUNet's forward (its style MLP, FiLM and adapters as configured;
+               the adapters on a teacher worker's k one-style runs, or the regulariser's and few-step
+               worker's rows of mixed styles) on the meta device (no memory, no weights) with
                saved-tensor hooks counting the bytes; attention
                probability matrices are left out (a fused SDPA kernel on GPU does not keep them);
                the discriminator's generator term (gradient through the frozen backbone) likewise;
@@ -170,11 +172,44 @@ class Layout:
     lambda_adv: float = 0.01
     adapter_rank: int = 0  # student.style_adapters.rank
     adapter_targets: tuple[str, ...] = ()
+    style_film: bool = False  # student.style_film
     mixture_rows: int = 0  # distill.mixture_fraction: mixture rows each hosted style adds (student: k x; every teacher: all k x)
     # The incremental merge's regularisation worker (paper 3.5): no teachers of its own but the frozen previous
     # merged StyleUNet (fp32, the student's text encoder conditions it) of this many parameters; k is then the
     # reads per step of a teacher worker (its batch: k x batch_per_style rows, one forward of the previous model)
     previous_model_params: int = 0
+
+    @property
+    def style(self) -> "StyleModules":
+        return StyleModules(self.num_styles, self.style_film, self.adapter_rank, self.adapter_targets if self.adapter_rank else ())
+
+
+@dataclass(frozen=True)
+class StyleModules:
+    """The student's style modules as configured (models.style_unet.StyleUNet): the codebook and style MLP of
+    `num_styles` styles, FiLM on every ResNet block (`film`), rank-`adapter_rank` per-style adapters on the
+    layers `adapter_targets` names (PEFT's rule: whole names or dotted suffixes; a saved model's full names
+    match themselves). Its forward keeps more for backward than the plain UNet's: each FiLM block its norm2
+    output, each adapted layer its un-weighted delta (the layer's output size) and the rank-r product."""
+
+    num_styles: int = 1
+    film: bool = False
+    adapter_rank: int = 0
+    adapter_targets: tuple[str, ...] = ()
+
+    @classmethod
+    def of_folder(cls, folder: str | Path) -> "StyleModules":
+        """A merged model's, from the StyleUNet config in its unet/ (no weights read)."""
+        from dmm_ray.models.style_unet import StyleUNet
+
+        cfg = StyleUNet.load_config(Path(folder) / "unet")
+        rank = int(cfg.get("style_adapter_rank", 0))
+        return cls(
+            len(cfg.get("style_names", ("style_0",))),
+            bool(cfg.get("style_film", False)),
+            rank,
+            tuple(cfg.get("style_adapter_modules", ())) if rank else (),
+        )
 
 
 _ARCHS: dict[str, Arch] = {}
@@ -207,6 +242,25 @@ def _meta_unet(key: str):
     cfg = {k: v for k, v in _ARCHS[key].unet.items() if not k.startswith("_")}
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_student(key: str, style: StyleModules):
+    """The student StyleUNet of architecture `key` with `style`'s modules, on the meta device (what
+    distill.loop.build_models makes of the base with StyleUNet.from_unet)."""
+    from dmm_ray.models.style_adapters import target_modules
+    from dmm_ray.models.style_unet import StyleUNet
+
+    modules = target_modules(_meta_unet(key), style.adapter_targets) if style.adapter_rank else []
+    cfg = {k: v for k, v in _ARCHS[key].unet.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return StyleUNet(
+            **cfg,
+            style_names=[f"style_{i}" for i in range(style.num_styles)],
+            style_film=style.film,
+            style_adapter_rank=style.adapter_rank,
+            style_adapter_modules=modules,
+        )
 
 
 def _params(module) -> int:
@@ -283,14 +337,21 @@ def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_tar
 
 
 @functools.lru_cache(maxsize=None)
-def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: bool, part: str = "unet") -> int:
+def activation_bytes_per_row(
+    key: str, latent: int, dtype: str, checkpointing: bool, part: str = "unet", style: StyleModules | None = None, runs: int = 1
+) -> int:
     """Bytes the forward keeps for backward per batch row, measured on the meta device.
-    part=unet: the student; part=disc: the generator term through the frozen discriminator backbone."""
+    part=unet: the student, a StyleUNet with `style`'s modules (None: the plain UNet, a teacher); its style
+    adapters take the path of the batch's layout: `runs` one-style runs (a teacher worker's k sub-batches,
+    measured at one row each), or 0: rows of mixed styles (the dense N-style path: the regulariser's and the
+    few-step worker's random style per row, a mixture block); part=disc: the generator term through the
+    frozen discriminator backbone."""
     import copy
     import logging
 
     logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)  # "modules ... kept in float32": none here
-    unet = copy.deepcopy(_meta_unet(key)).to({"float32": torch.float32}.get(dtype, torch.bfloat16))
+    model = _meta_student(key, style) if style is not None and part == "unet" else _meta_unet(key)
+    unet = copy.deepcopy(model).to({"float32": torch.float32}.get(dtype, torch.bfloat16))
     cfg = _ARCHS[key].unet
     unet.requires_grad_(part == "unet")
     if checkpointing and part == "unet":
@@ -312,13 +373,10 @@ def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: b
             keep.append(base)
         return t
 
+    styled = style is not None and part == "unet"
+    if styled:
+        unet.class_embedding.meta_runs = runs
     dt = next(unet.parameters()).dtype
-    x = torch.zeros(1, cfg.get("in_channels", 4), latent, latent, device="meta", dtype=dt, requires_grad=part == "disc")
-    text = torch.zeros(1, 77, cfg["cross_attention_dim"], device="meta", dtype=dt)
-    added = None
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        added = {"text_embeds": torch.zeros(1, pooled, device="meta", dtype=dt), "time_ids": torch.zeros(1, 6, device="meta", dtype=dt)}
     stop = None
     if part == "disc":
 
@@ -329,20 +387,40 @@ def activation_bytes_per_row(key: str, latent: int, dtype: str, checkpointing: b
             raise _Stop
 
         stop = unet.mid_block.register_forward_hook(hook)
+
+    def saved_at(b: int) -> int:
+        saved.clear()
+        keep.clear()
+        x = torch.zeros(b, cfg.get("in_channels", 4), latent, latent, device="meta", dtype=dt, requires_grad=part == "disc")
+        text = torch.zeros(b, 77, cfg["cross_attention_dim"], device="meta", dtype=dt)
+        added = None
+        if cfg.get("addition_embed_type") == "text_time":
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            added = {"text_embeds": torch.zeros(b, pooled, device="meta", dtype=dt), "time_ids": torch.zeros(b, 6, device="meta", dtype=dt)}
+        # codebook-space rows (B, d): style ids would be range-checked by value
+        style_kw = {"style_embeds": torch.zeros(b, unet.style_dim, device="meta", dtype=dt)} if styled else {}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                unet(x, torch.zeros(b, device="meta", dtype=torch.long), text, added_cond_kwargs=added, **style_kw)
+        except Exception as error:  # noqa: BLE001 - the disc hook's stop
+            if stop is None:
+                raise
+            del error
+        return sum(saved.values())
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, torch.zeros(1, device="meta", dtype=torch.long), text, added_cond_kwargs=added)
-    except Exception as error:  # noqa: BLE001 - the disc hook's stop
-        if stop is None:
-            raise
-        del error
+        if styled and style.adapter_rank and runs:
+            # k one-style runs take the grouped path, which gathers the runs' adapter factors once per forward
+            # (weight-sized, not a row's): per row is the growth from one to two rows per run
+            total = (saved_at(2 * runs) - saved_at(runs)) // runs
+        else:
+            total = saved_at(1)
     finally:
         if stop is not None:
             stop.remove()
-    total = sum(saved.values())
     if checkpointing and part == "unet":
         # recompute in backward: one block's activations at a time on top (the largest block)
-        total += activation_bytes_per_row(key, latent, dtype, False) // max(1, len(cfg["down_block_types"]) * 2 + 1)
+        total += activation_bytes_per_row(key, latent, dtype, False, "unet", style, runs) // max(1, len(cfg["down_block_types"]) * 2 + 1)
     return total
 
 
@@ -387,8 +465,12 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
             resident, what = full + resident, what + " + the host copies (one memory on CPU)"
         L.append((f"{what} ({lay.teacher_dtype})", tb * p_unet * resident, "counted"))
         L.append((f"{full} teacher text encoder(s) ({lay.teacher_dtype})", tb * p_text * full, "counted"))
-    per_row = activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing)
-    L.append((f"student activations ({rows} rows{', checkpointed' if lay.gradient_checkpointing else ''})", per_row * rows, "measured (meta device)"))
+    # a teacher worker's plain rows: k one-style runs; the mixture block and the regulariser's rows (a random old
+    # style each): mixed styles
+    runs = 0 if lay.previous_model_params else k
+    act = activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing, "unet", lay.style, runs) * k * lay.batch_per_style
+    act += activation_bytes_per_row(key, latent, act_dtype, lay.gradient_checkpointing, "unet", lay.style, 0) * k * lay.mixture_rows
+    L.append((f"student activations ({rows} rows{', checkpointed' if lay.gradient_checkpointing else ''})", act, "measured (meta device)"))
     if lay.lambda_adv > 0:
         L.append(
             (
@@ -436,6 +518,7 @@ class FastLayout:
     rollout_resolution: int = 512  # the merged model's samples' (the rollout pairs)
     gpu: bool = True
     workers: int = 1  # fast.num_workers: each holds all of this
+    style: StyleModules | None = None  # the merged model's style modules (its activations); None: a plain UNet's
 
     @property
     def trainable(self) -> int:
@@ -464,12 +547,14 @@ def plan_fast(lay: FastLayout, capacity_gb: float | None = None) -> Plan:
     if lay.saved_ema:
         L.append(("saved EMA of the trainable weights (fp32)", 4 * t, "counted"))
     L.append(("text encoder(s) (fp32, frozen)", 4 * text_encoder_params(key), "counted"))
-    lcm_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False)
+    # a random style per row (LCM steps and rollout pairs alike): the adapters' dense path
+    lcm_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
     lcm = lcm_row * lay.batch_size
     lcm_label = f"an LCM step, {lay.batch_size} rows"
     label, act = lcm_label, lcm
     if lay.rollout_batch_size:  # the chain keeps every sampler step's activations for the one backward
-        rollout = activation_bytes_per_row(key, lay.rollout_resolution // a.vae_factor, "float32", False) * lay.rollout_batch_size
+        rollout = activation_bytes_per_row(key, lay.rollout_resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
+        rollout *= lay.rollout_batch_size
         rollout *= lay.rollout_sampler_steps
         rollout_label = f"a rollout step, {lay.rollout_batch_size} rows x {lay.rollout_sampler_steps} sampler steps"
         label, act, other, other_bytes = (rollout_label, rollout, lcm_label, lcm) if rollout > lcm else (lcm_label, lcm, rollout_label, rollout)
@@ -587,6 +672,7 @@ def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) 
         lambda_adv=d.lambda_adv,
         adapter_rank=cfg.student.style_adapters.rank,
         adapter_targets=tuple(cfg.student.style_adapters.targets),
+        style_film=cfg.student.style_film,
         mixture_rows=mixture_rows(cfg.data.stream.batch_size, d.mixture_fraction) if d.mixture_fraction > 0 and k > 1 else 0,
     )
     return lay, notes
@@ -725,12 +811,14 @@ def fast_worker(cfg, model_dir: str | Path | None = None) -> WorkerLayout:
         unet = _meta_style_unet(folder)
         params, codebook = _params(unet), unet.class_embedding.codebook.weight.numel()
         lora = _lora_count(unet, f.lora_rank, f.lora_targets)
+        style = StyleModules.of_folder(folder)
         notes.append(f"the merged model: {params / 1e6:.1f}M parameters, counted from {folder / 'unet' / 'config.json'}")
     else:
         key, how = _config_arch(cfg)
         notes.append(f"architecture: {how}")
         styles, _ = _styles(cfg, notes)
         s = cfg.student.style_adapters
+        style = StyleModules(styles, cfg.student.style_film, s.rank, tuple(s.targets) if s.rank else ())
         params = student_params(key, styles, s.rank, tuple(s.targets))
         codebook = styles * _ARCHS[key].unet["block_out_channels"][0] * 4  # N x the time embedding dim
         lora = lora_params(key, f.lora_rank, tuple(f.lora_targets))
@@ -749,6 +837,7 @@ def fast_worker(cfg, model_dir: str | Path | None = None) -> WorkerLayout:
         rollout_resolution=cfg.synthesis_resolution,
         gpu=cfg.scaling.use_gpu,
         workers=f.num_workers,
+        style=style,
     )
     return WorkerLayout("fast", (), lay, tuple(notes), "fast")
 

@@ -2,6 +2,7 @@
 base, offloaded full teachers, teacher dtype, gradient checkpointing, optimizers, the memory planner."""
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -436,6 +437,57 @@ def test_planner_counts_shared_lora_base_once():
     shared = plan_layout(Layout(arch="sd15", teachers_on_worker=4, lora_teachers=4, lora_adapter_bytes=(adapter,) * 4, teacher_dtype="bfloat16"))
     teacher_bytes = lambda p: sum(b for n, b, _ in p.lines if ("teacher" in n or "LoRA" in n) and "forward" not in n)  # noqa: E731
     assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
+
+
+def _saved_bytes(model, batch: int, latent: int, **style) -> int:
+    """Bytes a real CPU forward of `model` keeps for backward, summed as the planner sums them (parameters
+    and attention probabilities left out, views of one tensor once)."""
+    params = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(t) in params or id(base) in params or (t.dim() >= 3 and t.shape[-2] > latent and t.shape[-1] in (t.shape[-2], 77)):
+            return t
+        saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    x = torch.randn(batch, 4, latent, latent)
+    text = torch.randn(batch, 77, model.config.cross_attention_dim)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, torch.randint(0, 1000, (batch,)), text, **style).sample
+    del out
+    return sum(saved.values())
+
+
+def test_planner_measures_the_students_style_modules(tiny_base_dir):
+    """The student's activations are those of the StyleUNet as configured (FiLM on every ResNet block,
+    per-style adapters), measured on the meta device, in the layout its batch has: a teacher worker's k
+    one-style runs (the adapters' grouped path) or rows of mixed styles (the regulariser's and the
+    few-step worker's random style per row: the dense N-style path). The plain UNet's forward (what was
+    measured) left out a fifth of what the tiny student keeps (the toy zoo's: 40 %)."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.defaults import SD_ADAPTER_TARGETS
+    from dmm_ray.memory_plan import Layout, StyleModules, activation_bytes_per_row, arch_from_folder, plan_layout, register_arch
+
+    key = register_arch("tiny-style-act", arch_from_folder(tiny_base_dir))
+    base = UNet2DConditionModel.from_pretrained(tiny_base_dir / "unet")
+    student = StyleUNet.from_unet(base, [f"s{i}" for i in range(4)], style_film=True, adapter_rank=4, adapter_targets=SD_ADAPTER_TARGETS)
+    style = StyleModules(4, True, 4, tuple(SD_ADAPTER_TARGETS))
+    latent, batch = 8, 16
+    runs = _saved_bytes(student, batch, latent, style_ids=torch.arange(batch) // 4)  # 4 styles x 4 rows: a worker with k = 4
+    mixed = _saved_bytes(student, batch, latent, style_ids=torch.arange(batch) % 4)  # a different style every row
+    planned_runs = activation_bytes_per_row(key, latent, "float32", False, "unet", style, 4) * batch
+    planned_mixed = activation_bytes_per_row(key, latent, "float32", False, "unet", style, 0) * batch
+    plain = activation_bytes_per_row(key, latent, "float32", False) * batch
+    assert abs(planned_runs - runs) < 0.1 * runs and abs(planned_mixed - mixed) < 0.1 * mixed, (planned_runs, runs, planned_mixed, mixed)
+    assert plain < 0.9 * min(runs, mixed), (plain, runs, mixed)  # 17-21 % of what the tiny student keeps
+    # the merge's plan: a teacher worker's rows by style, its layout's style_film and adapters
+    lay = Layout(arch=key, teachers_on_worker=4, batch_per_style=4, resolution=latent * 2, num_styles=4, gpu=False, lambda_adv=0)
+    acts = lambda plan: next(b for n, b, _ in plan.lines if n.startswith("student activations"))  # noqa: E731
+    assert acts(plan_layout(replace(lay, style_film=True, adapter_rank=4, adapter_targets=tuple(SD_ADAPTER_TARGETS)))) == planned_runs
+    assert acts(plan_layout(lay)) < planned_runs
 
 
 def test_planner_counts_offloaded_teachers_in_the_memory_they_use():
