@@ -145,7 +145,7 @@ class Plan:
         out += [f"  {n:<{width}}  {b / GiB:8.2f} GiB  ({how})" for n, b, how in self.lines]
         out.append(
             f"  {'total':<{width}}  {self.total / GiB:8.2f} GiB"
-            + (f"  of {self.capacity / GiB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}" if self.capacity else "")
+            + (f"  of {self.capacity / GiB:g} GiB: {'fits' if self.fits else 'DOES NOT FIT'}" if self.capacity else "")
         )
         out += [f"  note: {n}" for n in self.notes]
         return "\n".join(out)

@@ -620,3 +620,11 @@ def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluste
     assert result.stage_metrics["distill"]["step"] == 2
     assert result.stage_metrics["distill"]["peak_rss_mb"] > 0
     assert StyleUNet.from_pretrained(result.merged_path / "unet").style_names == [t["name"] for t in teachers]
+
+
+def test_plan_prints_a_fractional_capacity_as_given():
+    """A capacity under or between whole GiB is printed as set (scaling.gpu_memory_gb: 0.5 printed "of 0 GiB")."""
+    from dmm_ray.memory_plan import GiB, Plan
+
+    last = lambda capacity: Plan(lines=[("x", GiB // 4, "counted")], capacity=int(capacity * GiB)).format().splitlines()[-1]  # noqa: E731
+    assert last(0.5).endswith("of 0.5 GiB: fits") and last(0.2).endswith("of 0.2 GiB: DOES NOT FIT") and last(80).endswith("of 80 GiB: fits")
