@@ -326,14 +326,11 @@ def lora_params(key: str, rank: int, targets: tuple[str, ...] = COMMON_LORA_TARG
     return _lora_count(_meta_unet(key), rank, targets)
 
 
-def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_targets: tuple[str, ...] = ()) -> int:
-    from dmm_ray.models.style_unet import extra_parameter_count
-
-    d = _ARCHS[key].unet["block_out_channels"][0] * 4  # time embedding dim
-    extra = extra_parameter_count(num_styles, d)
-    if adapter_rank:
-        extra += num_styles * lora_params(key, adapter_rank, tuple(adapter_targets))
-    return unet_params(key) + extra
+def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_targets: tuple[str, ...] = (), film: bool = False) -> int:
+    """Parameters of the student StyleUNet, counted from it built on the meta device: the UNet, the codebook
+    and style MLP, with `film` a Linear(d, 2C) per ResNet block, the adapters with their per-style biases."""
+    style = StyleModules(num_styles, film, adapter_rank, tuple(adapter_targets) if adapter_rank else ())
+    return _params(_meta_student(key, style))
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,7 +427,7 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
     latent = lay.resolution // a.vae_factor
     k = lay.teachers_on_worker
     rows = k * (lay.batch_per_style + lay.mixture_rows)  # the plain rows, then the mixture block
-    p_student = student_params(key, lay.num_styles, lay.adapter_rank, lay.adapter_targets)
+    p_student = student_params(key, lay.num_styles, lay.adapter_rank, lay.adapter_targets, lay.style_film)
     p_text = text_encoder_params(key)
     p_unet = unet_params(key)
     tb = DTYPE_BYTES[lay.teacher_dtype]
@@ -819,7 +816,7 @@ def fast_worker(cfg, model_dir: str | Path | None = None) -> WorkerLayout:
         styles, _ = _styles(cfg, notes)
         s = cfg.student.style_adapters
         style = StyleModules(styles, cfg.student.style_film, s.rank, tuple(s.targets) if s.rank else ())
-        params = student_params(key, styles, s.rank, tuple(s.targets))
+        params = student_params(key, styles, s.rank, tuple(s.targets), cfg.student.style_film)
         codebook = styles * _ARCHS[key].unet["block_out_channels"][0] * 4  # N x the time embedding dim
         lora = lora_params(key, f.lora_rank, tuple(f.lora_targets))
     batch = f.batch_size or cfg.data.stream.batch_size

@@ -628,3 +628,22 @@ def test_plan_prints_a_fractional_capacity_as_given():
 
     last = lambda capacity: Plan(lines=[("x", GiB // 4, "counted")], capacity=int(capacity * GiB)).format().splitlines()[-1]  # noqa: E731
     assert last(0.5).endswith("of 0.5 GiB: fits") and last(0.2).endswith("of 0.2 GiB: DOES NOT FIT") and last(80).endswith("of 80 GiB: fits")
+
+
+def test_planner_counts_the_students_film_and_adapter_parameters(tiny_base_dir):
+    """The student's weights, gradients, optimizer state and EMA are those of the StyleUNet as configured:
+    student.style_film's Linear(d, 2C) per ResNet block (left out: 7 % of the toy student, 53M parameters
+    of an SD1.5 one) and the adapters with their per-style biases."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.defaults import SD_ADAPTER_TARGETS
+    from dmm_ray.memory_plan import Layout, arch_from_folder, plan_layout, register_arch
+
+    key = register_arch("tiny-style-params", arch_from_folder(tiny_base_dir))
+    base = UNet2DConditionModel.from_pretrained(tiny_base_dir / "unet")
+    lay = Layout(arch=key, teachers_on_worker=1, resolution=16, num_styles=4, gpu=False, lambda_adv=0)
+    for film, rank in ((False, 0), (True, 0), (True, 4), (False, 4)):
+        student = StyleUNet.from_unet(base, [f"s{i}" for i in range(4)], style_film=film, adapter_rank=rank, adapter_targets=SD_ADAPTER_TARGETS)
+        real = sum(p.numel() for p in student.parameters())
+        plan = plan_layout(replace(lay, style_film=film, adapter_rank=rank, adapter_targets=tuple(SD_ADAPTER_TARGETS)))
+        assert dict((n, b) for n, b, _ in plan.lines)["student weights (fp32)"] == 4 * real, (film, rank)
