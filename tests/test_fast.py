@@ -405,6 +405,36 @@ def test_fast_sampler_choice_saves_its_scheduler_and_tcd_is_deterministic(fast_m
     assert not torch.allclose(run(lcm, 0), run(lcm, 1))
 
 
+def test_an_export_of_the_few_step_model_is_logged_to_its_own_run_not_the_merges(fast_model, tmp_path):
+    """The few-step model's dmm_merge.json names the few-step stage run that registered it, so
+    jobs/export.py (dmm_ray.export_tracking.resolve_model) logs its exports there; untracked, it names
+    none. It was the merge's record copied as it was: exports of the few-step model went to the merge's run."""
+    import shutil
+
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.export_tracking import resolve_model
+    from dmm_ray.fast.job import save_fast_model
+
+    path, merged = fast_model
+    tracked_merge = tmp_path / "merged"
+    shutil.copytree(merged, tracked_merge)
+    record = json.loads((merged / "dmm_merge.json").read_text())
+    merge_run = {"tracking_uri": "sqlite:///merge.db", "run_id": "merge-run"}
+    (tracked_merge / "dmm_merge.json").write_text(json.dumps({**record, "mlflow": merge_run}))
+    world = {"base": "base", "teachers": record["teachers"], "shards": "shards"}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"lora_rank": 4, "lora_alpha": 8.0}))
+    fast_run = {"uri": "sqlite:///fast.db", "run_id": "fast-run", "parent_run_id": "project-run"}
+    saved = save_fast_model(cfg, tracked_merge, path.parent / "ckpt", tmp_path / "tracked", tracking=fast_run)
+    with resolve_model(str(saved)) as (_, run_id, uri):
+        assert (run_id, uri) == ("fast-run", "sqlite:///fast.db")
+    saved = save_fast_model(cfg, tracked_merge, path.parent / "ckpt", tmp_path / "untracked")
+    with resolve_model(str(saved)) as (_, run_id, uri):
+        assert (run_id, uri) == (None, None)
+    assert json.loads((saved / "dmm_merge.json").read_text())["styles"] == record["styles"]  # the rest of the merge's record stays
+
+
 def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
     from dmm_ray.fast.job import LORA_DIR
 
@@ -494,7 +524,11 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     assert run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False).already_complete
     from mlflow.tracking import MlflowClient
 
-    assert sorted(v.version for v in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='test-merge'")) == [1, 2]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(v.version for v in client.search_model_versions("name='test-merge'")) == [1, 2]
+    # an export of the model (jobs/export.py) is logged to the few-step run that registered it
+    recorded = json.loads((result.model_path / "dmm_merge.json").read_text())["mlflow"]
+    assert recorded == {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_id": client.get_model_version("test-merge", "2").run_id}
 
 
 @pytest.mark.ray

@@ -189,11 +189,14 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
     )
 
 
-def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, dest: Path) -> Path:
+def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, dest: Path, tracking: dict | None = None) -> Path:
     """The few-step DMMPipeline: the merged model's VAE, text encoder and tokenizer, its UNet with the
     LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
     off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
-    lcm_lora/. Written beside `dest`, verified to load, then swapped in."""
+    lcm_lora/. Written beside `dest`, verified to load, then swapped in. dmm_merge.json's MLflow run is
+    the few-step stage's own (`tracking`: {"uri", "run_id"} of its stage run), none when it is untracked:
+    an export of this model (jobs/export.py) is logged to the run that made and registered it, never to
+    the merge's run, whose model it is not."""
     import torch
 
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
@@ -240,6 +243,9 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     scheduler_cls = type(pipe.scheduler)
     pipe.save_pretrained(tmp, safe_serialization=True)
     record = read_record(model_dir)
+    record.pop("mlflow", None)  # the merge's run: this model's is the few-step stage run, if any
+    if tracking and tracking.get("run_id"):
+        record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
     if record:
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
     if (model_dir / STYLES_RECORD).is_file():
@@ -398,7 +404,7 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
             result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
             log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
             with trained.checkpoint.as_directory() as folder:
-                save_fast_model(cfg, model_dir, Path(folder), result.model_path)
+                save_fast_model(cfg, model_dir, Path(folder), result.model_path, tracking=tracking)
             log(
                 f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})"
             )
