@@ -41,7 +41,27 @@ def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
     models = [out / "merged" / "model_index.json"]
     if cfg.fast.enabled:
         models.append(fast_folder(cfg, out) / "model" / "model_index.json")
-    return finished(out, COMPLETE_RECORD, _merge_request(cfg), models)
+    done = finished(out, COMPLETE_RECORD, _merge_request(cfg), models)
+    return None if done is None or done.get("fast_pending") else done
+
+
+def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
+    """The record of a merge in `out` that finished every stage before `fast` (its merged model saved,
+    evaluated, registered) with this config, its fast: section aside (the few-step stage runs on the
+    saved model and changes nothing before it), when that merged model is still there; else None. Such
+    a merge whose few-step stage failed, or whose fast: settings changed, runs only that stage again:
+    running the others again would save and register the same merged model as a second MLflow version."""
+    from dmm_ray.completion import finished
+
+    def same_merged_model(recorded: dict, asked: dict) -> bool:
+        return _without_fast(recorded) == _without_fast(asked)
+
+    return finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_merged_model)
+
+
+def _without_fast(request: dict) -> dict:
+    config = request.get("config")
+    return {**request, "config": {k: v for k, v in config.items() if k != "fast"} if isinstance(config, dict) else config}
 
 
 def fast_folder(cfg: MergeConfig, local: Path) -> Path:
@@ -50,10 +70,12 @@ def fast_folder(cfg: MergeConfig, local: Path) -> Path:
     return Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
 
 
-def record_complete(cfg: MergeConfig, out: Path, result: MergeResult) -> None:
+def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False) -> None:
+    """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge)."""
     from dmm_ray.completion import record_finished
 
-    record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id)
+    info = {"fast_pending": True} if fast_pending else {}
+    record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id, **info)
 
 
 def _merge_request(cfg: MergeConfig) -> dict:
@@ -530,25 +552,48 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
             + "); nothing to do. --restart merges again; jobs/evaluate.py evaluates the model again"
         )
         return MergeResult(merged_path=out / "merged", location=done["location"], run_id=done.get("run_id"), already_complete=True)
-    forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
+    merged = merged_before_fast(cfg, out)
+    if merged is not None and not cfg.fast.enabled:  # the merged model is this config's: the few-step stage is not asked for
+        log(
+            f"already complete: this merge, with this config, saved its merged model in {out} (model: {merged['location']}"
+            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
+            + "); nothing to do. --restart merges again"
+        )
+        return MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id"), already_complete=True)
+    if merged is not None:
+        log(
+            f"this merge, with this config, already finished every stage before fast (merged model: {merged['location']}"
+            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
+            + "); its few-step stage did not finish with these fast: settings, so only that stage runs. --restart merges again"
+        )
+    else:
+        forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     asked = cfg  # the config as given (below, the cluster plan fills in the resources)
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     try:  # a merge that fails leaves no private Ray behind it either
         plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
         cfg = with_plan(cfg, plan)
-        # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
-        ensure_latents(cfg)
-        result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
-        stage_name = "incremental" if cfg.incremental.base_merged else "merge"
-        tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+        if merged is None:
+            # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
+            ensure_latents(cfg)
+            result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
+            stage_name = "incremental" if cfg.incremental.base_merged else "merge"
+            tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+        else:  # the merged model's stage run is finished: the few-step stage opens its own
+            result, tracking = MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id")), None
         teachers = all_teachers(cfg, missing_ok=True)  # before any stage: the save may replace the previous model's record
         run = MergeRun(
             cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers
         )
         try:
             for stage in STAGES:
-                if stage.when(run):
-                    stage.run(run)
+                if (merged is not None and stage.name != "fast") or not stage.when(run):
+                    continue
+                if stage.name == "fast":  # the merged model is saved and registered: a re-run after a failure here runs only this stage
+                    record_complete(asked, out, result, fast_pending=True)
+                stage.run(run)
+            if merged is not None:  # (save_stage times a whole merge)
+                result.seconds = time.time() - started
         except BaseException as error:
             if tracker is not None and hasattr(tracker, "abort"):
                 tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
@@ -700,7 +745,8 @@ def fast_stage(run: MergeRun) -> None:
         from dmm_ray.tracking import make_tracker
 
         fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run
-    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=result.evaluation is not None)
+    # evaluated as the merged model was (evaluate_stage: when evaluation.enabled), also when a re-run runs only this stage
+    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled)
 
 
 # A merge after validate and encode: these stages, in this order, each when its condition holds.

@@ -533,24 +533,48 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow  # a merge then the fast stage: over 60 s on 2 cores (make test-slow)
-def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, merged_world, tmp_path):
+def test_a_merge_with_fast_enabled_ends_with_the_few_step_model(ray_cluster, merged_world, tmp_path, monkeypatch):
+    """A merge with fast.enabled ends with the few-step model, also when that stage failed once: the same
+    command runs only that stage again, the merged model stays the first MLflow version and the few-step
+    model, whose dmm_merge.json names its own run, is the second."""
     from merge_fixtures import tiny_merge_config
 
     from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
     from dmm_ray.merge import run_merge
+    from dmm_ray.tracking import make_tracker
 
     world, _ = merged_world
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = MergeConfig.model_validate(
         tiny_merge_config(
             world,
             tmp_path / "out",
             synthesis={"enabled": False, "finetune_steps": 0},
             fast={"enabled": True, "steps": 1, "lora_rank": 2, "batch_size": 4},
+            tracking={"uri": store},
         )
     )
-    result = run_merge(cfg)
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("the few-step stage failed")
+
+    with monkeypatch.context() as patch:  # the merged model is saved and registered, then its few-step stage fails
+        patch.setattr(fast_job, "run_fast", failed)
+        with pytest.raises(RuntimeError, match="few-step stage failed"):
+            run_merge(cfg, tracker=make_tracker(cfg))
+    merged_record = json.loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text())
+    result = run_merge(cfg, tracker=make_tracker(cfg))  # the same command again: only the few-step stage runs
+    assert result.stage_metrics == {} and json.loads((tmp_path / "out" / "merged" / "dmm_merge.json").read_text()) == merged_record
     assert result.fast is not None and result.fast.train_metrics["step"] == 1
     assert result.fast.model_path == tmp_path / "out" / "fast" / "model" and (result.fast.model_path / "sampler.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    versions = {int(v.version): v.run_id for v in client.search_model_versions("name='test-merge'")}
+    assert result.fast.model_uri == "models:/test-merge/2" and versions[1] == merged_record["mlflow"]["run_id"] and len(versions) == 2
+    assert json.loads((result.fast.model_path / "dmm_merge.json").read_text())["mlflow"]["run_id"] == versions[2]
+    assert run_merge(cfg, tracker=make_tracker(cfg)).already_complete
 
 
 def test_own_sampler_overrides_steps_and_guidance_and_pickles():

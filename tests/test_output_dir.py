@@ -223,6 +223,70 @@ def test_save_merged_leaves_only_the_new_model(world, tmp_path):
     assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
 
 
+def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_path, monkeypatch):
+    """A merge with fast.enabled whose few-step stage failed after the merged model was saved and
+    registered: the same command again (or with other fast: settings) runs only the few-step stage, so
+    the merged model is not saved or registered a second time; then the merge is complete. Another
+    value outside fast: merges again. The stages are stand-ins (no Ray) that count their runs."""
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    ran: list[str] = []
+    fail_fast = [True]
+
+    class Tracker:  # the merge's tracker: each finish_stage registers the merged model as a new version
+        enabled = False
+
+        def start_stage(self, name, cfg):
+            return {"run_id": f"run{ran.count('register') + 1}"}  # the merge run that registers the next version
+
+        def finish_stage(self, cfg, result):
+            ran.append("register")
+
+        def abort(self, error):
+            pass
+
+    def stage(name):
+        def run(merge_run):
+            ran.append(name)
+            if name == "save":
+                (out / "merged").mkdir(parents=True, exist_ok=True)
+                (out / "merged" / "model_index.json").write_text("{}")
+            if name == "track":
+                merge.track_stage(merge_run)
+            if name == "fast":
+                if fail_fast[0]:
+                    raise RuntimeError("the few-step stage failed")
+                (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
+                (out / "fast" / "model" / "model_index.json").write_text("{}")
+
+        return run
+
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    with pytest.raises(RuntimeError, match="few-step stage failed"):
+        merge.run_merge(cfg, tracker=Tracker())
+    assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "register", "fast"]
+    ran.clear()
+    with pytest.raises(RuntimeError, match="few-step stage failed"):  # the same command: only the failed stage
+        merge.run_merge(cfg, tracker=Tracker())
+    assert ran == ["fast"]
+    ran.clear()
+    fail_fast[0] = False
+    other_fast = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"steps": cfg.fast.steps + 1})})
+    result = merge.run_merge(other_fast, tracker=Tracker())  # fast: settings fixed: still only that stage
+    assert ran == ["fast"] and result.run_id == "run1" and result.location == str(out / "merged")
+    ran.clear()
+    assert merge.run_merge(other_fast, tracker=Tracker()).already_complete and ran == []
+    without_fast = other_fast.model_copy(update={"fast": other_fast.fast.model_copy(update={"enabled": False})})
+    assert merge.run_merge(without_fast, tracker=Tracker()).already_complete and ran == []  # its merged model is there
+    changed = other_fast.model_copy(update={"distill": other_fast.distill.model_copy(update={"steps": 3})})
+    merge.run_merge(changed, tracker=Tracker())
+    assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "register", "fast"]
+
+
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
     """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
     no second save, evaluation or MLflow model version. Another config value, a missing model or
