@@ -63,7 +63,8 @@ class Region:
 
     box:    (x0, y0, x1, y1) as fractions of the canvas width/height, 0 <= x0 < x1 <= 1.
     mask:   soft mask in [0, 1] at image size (H, W) or latent size (H/f, W/f); a tensor,
-            numpy array or PIL image (uint8 masks are read as 0..255).
+            numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, a float
+            "F" image as [0, 1]).
     style / style_weights: one style (name or index) or a mixture, as for `pipe(style=...)`.
     prompt: this region's own prompt (default: the call's prompt).
     feather: Gaussian sigma of the soft edge in image pixels (default: the call's `feather`).
@@ -164,7 +165,8 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL image
         import numpy as np
 
-        mask = np.array(mask.convert("L"))
+        # a float image (mode "F") holds the [0, 1] weights themselves: convert("L") would truncate 0.5 to 0
+        mask = np.array(mask, dtype=np.float32) if mask.mode == "F" else np.array(mask.convert("L"))
     raw = torch.as_tensor(mask)
     if raw.dtype == torch.uint8:
         if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask in uint8 would weigh 1/255: almost nothing

@@ -385,6 +385,24 @@ def test_mask_at_image_size_latent_size_or_pil_equal_the_box(pipe):
         torch.testing.assert_close(out, box, rtol=0, atol=1e-6)
 
 
+def test_float_pil_mask_is_read_as_its_weights():
+    """A mode "F" PIL image holds float weights in [0, 1]: read as they are, like a float tensor (its
+    convert("L") truncated 0.5 to 0 and 1.0 to 1: "covers nothing", or a 0/1 uint8 refusal)."""
+    from PIL import Image
+
+    from dmm_ray.regions import region_mask
+
+    soft = torch.zeros(32, 32)
+    soft[:, :16] = 1
+    soft[:, 16:24] = 0.5
+    pil = Image.fromarray(soft.numpy(), mode="F")
+    for mask in (soft, pil):
+        got = region_mask(Region(mask=mask, style="noir"), (32, 32), (16, 16), "region 0")
+        torch.testing.assert_close(got, region_mask(Region(mask=soft, style="noir"), (32, 32), (16, 16), "region 0"), rtol=0, atol=0)
+    half = Image.fromarray(np.full((32, 32), 0.5, np.float32), mode="F")
+    assert float(region_mask(Region(mask=half, style="noir"), (32, 32), (16, 16), "region 0").min()) == 0.5
+
+
 def test_background_fills_what_the_regions_leave(pipe):
     plain = _gen(pipe, style="pastel")
     out = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="pastel")], background="pastel")
