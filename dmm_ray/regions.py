@@ -751,6 +751,11 @@ def regional_call(
     kwargs.update(height=height, width=width)
 
     if regions is not None:
+        if window_stride is not None:  # the region path never reads it: a stride would silently do nothing
+            raise RegionError(
+                "window_stride= goes with a panorama (style_map=, or style= on a wide canvas); regions' views are "
+                'the whole canvas, or windows around each region with region_window="native"'
+            )
         if background is not None and call_style is not None:
             raise StyleError("with regions, give the background as background= or style=, not both")
         bg = background if background is not None else call_style

@@ -466,6 +466,8 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=ALL, style="noir")], feather="4"), RegionError, r"feather must be a finite sigma >= 0 .*got '4'"),
         (dict(regions=[Region(box=ALL, style="noir")], max_batch=True), RegionError, r"max_batch must be a positive integer, got True"),
         (dict(regions=[Region(box=ALL, style="noir")], height=36), RegionError, r"height and width must be multiples of 8, got 36x32"),
+        # the region path never read window_stride: it did nothing, silently
+        (dict(regions=[Region(box=ALL, style="noir")], window_stride=8), RegionError, r"window_stride= goes with a panorama .*region_window="),
     ],
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
