@@ -215,6 +215,13 @@ def _region_style(style_names: Sequence[str], region: Region, label: str) -> tor
         raise StyleError(f"{label}: {exc}") from None
 
 
+def _check_feather(value: Any, label: str) -> float:
+    """A feather sigma (the call's or a Region's): a finite real >= 0 in image pixels; a str or bool is refused, not converted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise RegionError(f"{label} must be a finite sigma >= 0 in image pixels, got {value!r}")
+    return float(value)
+
+
 def build_region_views(
     regions: Sequence[Region],
     style_names: Sequence[str],
@@ -231,8 +238,7 @@ def build_region_views(
         raise RegionError("regions must be a non-empty list of Region(...)")
     if feather is None:
         feather = max(float(vae_scale_factor), min(H, W) / 16)
-    if isinstance(feather, bool) or not isinstance(feather, numbers.Real) or feather < 0 or not math.isfinite(feather):
-        raise RegionError(f"feather must be a finite sigma >= 0 in image pixels, got {feather!r}")
+    _check_feather(feather, "feather")
     prompts: list[str] = []
     hard, soft, rows, prompt_idx, labels = [], [], [], [], []
     for i, region in enumerate(regions):
@@ -243,9 +249,7 @@ def build_region_views(
         label = f"region {i}" + (f" ({region.name})" if region.name else "")
         mask = region_mask(region, image_size, latent, label)
         rows.append(_region_style(style_names, region, label))
-        sigma = feather if region.feather is None else float(region.feather)
-        if sigma < 0 or not math.isfinite(sigma):
-            raise RegionError(f"{label}: feather must be a finite sigma >= 0 in image pixels, got {region.feather}")
+        sigma = feather if region.feather is None else _check_feather(region.feather, f"{label}: feather")
         hard.append(mask)
         soft.append(feathered(mask, sigma / vae_scale_factor))
         if region.prompt is not None:

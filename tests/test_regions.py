@@ -465,6 +465,12 @@ def test_background_fills_what_the_regions_leave(pipe):
         ),
         (dict(regions=[Region(box=ALL, style="noir")], feather="4"), RegionError, r"feather must be a finite sigma >= 0 .*got '4'"),
         (dict(regions=[Region(box=ALL, style="noir")], max_batch=True), RegionError, r"max_batch must be a positive integer, got True"),
+        # a Region's own feather is checked as the call's: "3" and True were converted, "abc" and [1] a bare ValueError / TypeError
+        (dict(regions=[Region(box=ALL, style="noir", feather="3")]), RegionError, r"region 0: feather must be a finite sigma >= 0 .*got '3'"),
+        (dict(regions=[Region(box=ALL, style="noir", feather=True)]), RegionError, r"region 0: feather must be .*got True"),
+        (dict(regions=[Region(box=ALL, style="noir", feather="abc")]), RegionError, r"region 0: feather must be .*got 'abc'"),
+        (dict(regions=[Region(box=ALL, style="noir", feather=[1])]), RegionError, r"region 0: feather must be .*got \[1\]"),
+        (dict(regions=[Region(box=ALL, style="noir", feather=float("nan"))]), RegionError, r"region 0: feather must be .*got nan"),
         (dict(regions=[Region(box=ALL, style="noir")], height=36), RegionError, r"height and width must be multiples of 8, got 36x32"),
         # the region path never read window_stride: it did nothing, silently
         (dict(regions=[Region(box=ALL, style="noir")], window_stride=8), RegionError, r"window_stride= goes with a panorama .*region_window="),
