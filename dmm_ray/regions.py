@@ -63,8 +63,8 @@ class Region:
 
     box:    (x0, y0, x1, y1) as fractions of the canvas width/height, 0 <= x0 < x1 <= 1.
     mask:   soft mask in [0, 1] at image size (H, W) or latent size (H/f, W/f); a tensor,
-            numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, a float
-            "F" image as [0, 1]).
+            numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, 16-bit
+            images as 0..65535, a float "F" image as [0, 1]).
     style / style_weights: one style (name or index) or a mixture, as for `pipe(style=...)`.
     prompt: this region's own prompt (default: the call's prompt).
     feather: Gaussian sigma of the soft edge in image pixels (default: the call's `feather`).
@@ -165,8 +165,14 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL image
         import numpy as np
 
-        # a float image (mode "F") holds the [0, 1] weights themselves: convert("L") would truncate 0.5 to 0
-        mask = np.array(mask, dtype=np.float32) if mask.mode == "F" else np.array(mask.convert("L"))
+        if mask.mode == "F":  # a float image holds the [0, 1] weights themselves: convert("L") would truncate 0.5 to 0
+            mask = np.array(mask, dtype=np.float32)
+        elif mask.mode.startswith("I;16"):  # a 16-bit image (a 16-bit PNG): 0..65535; convert("L") clips every value above 255 to 1
+            return _checked_mask(torch.from_numpy(np.array(mask, dtype=np.float32) / 65535.0), label, np.array(mask).shape)
+        elif mask.mode == "I" and mask.getextrema()[1] > 255:  # 32-bit integers: their scale is unknown, and "L" would clip them
+            raise RegionError(f"{label}: a 32-bit integer PIL image (mode I) with values above 255 has no known scale; pass a float array in [0, 1]")
+        else:
+            mask = np.array(mask.convert("L"))
     raw = torch.as_tensor(mask)
     if raw.dtype == torch.uint8:
         if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask in uint8 would weigh 1/255: almost nothing
@@ -176,10 +182,15 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
         t = raw.float()
     else:
         t = raw.float()
+    return _checked_mask(t, label, tuple(raw.shape))
+
+
+def _checked_mask(t: torch.Tensor, label: str, shape: tuple) -> torch.Tensor:
+    """A float mask -> (H, W), its values checked to be in [0, 1]; `shape`: as given, for the message."""
     while t.ndim > 2 and t.shape[0] == 1:  # (1, H, W) / (1, 1, H, W)
         t = t[0]
     if t.ndim != 2:
-        raise RegionError(f"{label}: mask must be 2-D (H, W), got shape {tuple(raw.shape)}")
+        raise RegionError(f"{label}: mask must be 2-D (H, W), got shape {tuple(shape)}")
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise RegionError(f"{label}: mask values must be in [0, 1] (or uint8 0..255)")
     return t

@@ -403,6 +403,26 @@ def test_float_pil_mask_is_read_as_its_weights():
     assert float(region_mask(Region(mask=half, style="noir"), (32, 32), (16, 16), "region 0").min()) == 0.5
 
 
+def test_16_bit_pil_mask_is_read_as_0_to_65535():
+    """A 16-bit PIL image (mode I;16, as a 16-bit PNG opens) is read on its own scale: convert("L")
+    clipped every value above 255 to 1 (a 1.5% weight became a full one); a 32-bit integer image
+    beyond 255 has no known scale and is refused instead of clipped."""
+    from PIL import Image
+
+    from dmm_ray.regions import region_mask
+
+    soft = np.zeros((32, 32), np.uint16)
+    soft[:, :16] = 65535
+    soft[:, 16:24] = 1000
+    got = region_mask(Region(mask=Image.fromarray(soft), style="noir"), (32, 32), (16, 16), "region 0")
+    want = region_mask(Region(mask=torch.from_numpy(soft.astype(np.float32) / 65535), style="noir"), (32, 32), (16, 16), "region 0")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RegionError, match=r"region 0: a 32-bit integer PIL image .*values above 255"):
+        region_mask(Region(mask=Image.fromarray(soft.astype(np.int32), mode="I"), style="noir"), (32, 32), (16, 16), "region 0")
+    eight_bit = Image.fromarray((soft // 257).astype(np.int32), mode="I")  # mode I within 0..255: read as 0..255, as before
+    assert float(region_mask(Region(mask=eight_bit, style="noir"), (32, 32), (16, 16), "region 0").max()) == 1.0
+
+
 def test_background_fills_what_the_regions_leave(pipe):
     plain = _gen(pipe, style="pastel")
     out = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="pastel")], background="pastel")
