@@ -446,6 +446,18 @@ def _rows(value, index: torch.Tensor, batch: int):
     return value
 
 
+def _tile_time_ids(time_ids: torch.Tensor, window: tuple[int, int], canvas: tuple[int, int]) -> torch.Tensor:
+    """SDXL's (original h, w, crop top, left, target h, w) of the call -> those of a (wh, ww) window of the
+    (h, w) latent canvas: both sizes scaled by the window's share of the canvas, the crop as given. The
+    call's defaults (the canvas size) become the window's size; the call's own `original_size=` /
+    `target_size=` (and their negative_ forms) keep their meaning instead of being dropped; a window
+    that is the whole canvas keeps the call's ids unchanged."""
+    (wh, ww), (h, w) = window, canvas
+    num = torch.tensor([wh, ww, 1, 1, wh, ww], dtype=torch.float64, device=time_ids.device)
+    den = torch.tensor([h, w, 1, 1, h, w], dtype=torch.float64, device=time_ids.device)
+    return (time_ids.double() * num / den).to(time_ids.dtype)  # float64: H * wh overflows float16
+
+
 class RegionalUNet:
     """Stands in for `unet.forward` during a call: pipeline batch (M, C, h, w) -> views -> ONE UNet
     forward (chunks of `max_batch` rows when set) -> blended noise prediction (M, C, h, w).
@@ -498,8 +510,7 @@ class RegionalUNet:
             if "time_ids" in added:
                 tid = added["time_ids"][i]
                 if plan.windowed:  # SDXL size conditioning of the tile, not of the whole panorama
-                    th, tw = (view.y1 - view.y0) * self.vae_scale_factor, (view.x1 - view.x0) * self.vae_scale_factor
-                    tid = torch.tensor([th, tw, 0, 0, th, tw], dtype=tid.dtype, device=tid.device)
+                    tid = _tile_time_ids(tid, (view.y1 - view.y0, view.x1 - view.x0), plan.latent_size)
                 tids.append(tid)
             if timestep_cond is not None:
                 tconds.append(timestep_cond[i])

@@ -551,6 +551,34 @@ def test_sdxl_regions_and_panorama(tmp_path):
     assert (decoded - _gen(xl, ["a red circle"], **wide)).abs().max() > 1e-3
 
 
+def test_sdxl_windows_scale_the_calls_size_conditioning():
+    """A window's SDXL size ids are the call's scaled to the window: the defaults become the tile's size
+    as before, and the call's own original_size= is kept (it was replaced by the tile's size: a
+    native-size panorama with original_size= was not the plain image)."""
+    from dmm_ray.pipeline import DMMXLPipeline
+    from dmm_ray.tiny import tiny_sdxl_components
+
+    c = tiny_sdxl_components(seed=0)
+    student = StyleUNet.from_unet(c["unet"], STYLES)
+    xl = DMMXLPipeline(**{**c, "unet": student})
+    xl.set_progress_bar_config(disable=True)
+    sizes = dict(original_size=(64, 64))
+    plain = _gen(xl, ["a red circle"], size=(16, 16), style="neon", **sizes)
+    pano = _gen(xl, ["a red circle"], size=(16, 16), style_map=[(0, 1, "neon")], **sizes)
+    assert torch.equal(pano, plain)
+    seen = []
+    handle = student.add_time_proj.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].reshape(-1, 6)))
+    try:
+        _gen(xl, ["a red circle"], size=(16, 48), style_map=[(0, 1, "neon")])  # windows of 16 px: the tile's own size
+        _gen(xl, ["a red circle"], size=(16, 48), style_map=[(0, 1, "neon")], **sizes)  # the call's sizes x 16/48 across
+    finally:
+        handle.remove()
+    steps = len(seen) // 2
+    assert all(torch.equal(ids, torch.tensor([16.0, 16, 0, 0, 16, 16]).expand_as(ids)) for ids in seen[:steps])
+    rows = seen[steps]  # [uncond; cond] x windows: one canvas high, a third of it wide
+    assert len(rows) > 2 and all(torch.allclose(r, torch.tensor([64.0, 64 / 3, 0, 0, 16, 16])) for r in rows)
+
+
 def test_benchmark_seam_ratio():
     """benchmarks/regions.py's seam number: ~1 for a smooth image, large for a pasted hard edge."""
     import importlib.util
