@@ -254,6 +254,9 @@ def build_region_views(
     hard, soft, rows, prompt_idx, labels = [], [], [], [], []
     for i, region in enumerate(regions):
         if isinstance(region, dict):
+            unknown = sorted(set(region) - set(Region.__dataclass_fields__), key=str)
+            if unknown:  # Region(**region) would be a TypeError naming neither the region nor the fields it takes
+                raise RegionError(f"region {i}: unknown field(s) {unknown}; a region's fields are {', '.join(Region.__dataclass_fields__)}")
             region = Region(**region)
         if not isinstance(region, Region):
             raise RegionError(f"region {i}: expected Region(...) or a dict of its fields, got {type(region).__name__}")

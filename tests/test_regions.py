@@ -485,6 +485,11 @@ def test_background_fills_what_the_regions_leave(pipe):
         ),
         (dict(regions=[Region(box=ALL, style="noir")], feather="4"), RegionError, r"feather must be a finite sigma >= 0 .*got '4'"),
         (dict(regions=[Region(box=ALL, style="noir")], max_batch=True), RegionError, r"max_batch must be a positive integer, got True"),
+        (
+            dict(regions=[{"box": ALL, "stlye": "noir"}]),
+            RegionError,
+            r"region 0: unknown field\(s\) \['stlye'\]; a region's fields are box, mask, style",
+        ),
         # a Region's own feather is checked as the call's: "3" and True were converted, "abc" and [1] a bare ValueError / TypeError
         (dict(regions=[Region(box=ALL, style="noir", feather="3")]), RegionError, r"region 0: feather must be a finite sigma >= 0 .*got '3'"),
         (dict(regions=[Region(box=ALL, style="noir", feather=True)]), RegionError, r"region 0: feather must be .*got True"),
