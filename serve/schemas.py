@@ -280,9 +280,15 @@ def resolve_request(
         else:
             uncovered = uncovered_fraction([r[0] for r in regions])
             if uncovered > 0:
+                # a sliver (boxes that miss meeting by a rounding) would read "0%": give its size and the likely cause
+                share = (
+                    f"{uncovered:.0%}"
+                    if uncovered >= 0.005
+                    else f"{uncovered * 100:.2g}% (a sliver: boxes that should meet must share the edge value exactly)"
+                )
                 raise RequestError(
                     422,
-                    f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
+                    f"the regions leave {share} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
                 )
     else:
         for name, unset in (("region_window", "canvas"), ("region_decode", False), ("feather", None)):

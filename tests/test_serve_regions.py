@@ -92,6 +92,8 @@ def test_request_style_is_the_background_and_json_lists_regions(client):
         ([{"box": LEFT, "style": 0, "colour": "red"}], {}, ["regions[0]", "unknown field 'colour'", "box"]),
         ([{"box": LEFT, "style": {"a": 1}}], {}, ["regions[0]", "style must be"]),
         ([{"box": LEFT, "style": 0}], {}, ["uncovered", "50%", "background"]),
+        # a sliver read "0% of the canvas uncovered"
+        ([{"box": LEFT, "style": 0}, {"box": [0.5001, 0, 1, 1], "style": 0}], {}, ["leave 0.01% (a sliver", "share the edge value exactly"]),
         ([{"box": [0, 0, 1, 1], "style": 0, "prompt": "  "}], {}, ["regions[0]", "prompt"]),
         ([], {}, ["regions is empty"]),
         ([{"box": [0, 0, 1, 1], "style": 0}] * (MAX_REGIONS + 1), {}, [f"maximum is {MAX_REGIONS}"]),
