@@ -288,8 +288,15 @@ def build_region_views(
             prompt_idx.append(None)
             labels.append("background")
     elif float(union.min()) <= 0:
-        uncovered = float((union <= 0).float().mean())
-        raise RegionError(f"the regions leave {uncovered:.0%} of the canvas uncovered; add a region there or pass background=<style>")
+        holes = union <= 0
+        y, x = (int(v) * vae_scale_factor for v in torch.nonzero(holes)[0])
+        # a few cells (a mask's pinhole) would read "0%": the share to 2 digits, and where the first one is
+        pct = float(holes.float().mean()) * 100
+        share = f"{pct:.0f}%" if pct >= 1 else f"{pct:.2g}%"
+        raise RegionError(
+            f"the regions leave {share} of the canvas uncovered ({int(holes.sum())} latent cell(s), the first at x={x}, y={y} px); "
+            "add a region there or pass background=<style>"
+        )
     total = torch.stack(soft).sum(0)
     if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
         raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")

@@ -450,6 +450,12 @@ def test_background_fills_what_the_regions_leave(pipe):
         ),
         (dict(regions=[Region(box=LEFT, style_weights={"noir": 0, "neon": 0})]), StyleError, r"region 0: .*all zero"),
         (dict(regions=[Region(box=LEFT, style="noir")]), RegionError, r"leave 50% of the canvas uncovered.*background="),
+        # a pinhole read "0% of the canvas uncovered"
+        (
+            dict(regions=[Region(mask=1 - torch.nn.functional.pad(torch.ones(2, 2), (12, 18, 10, 20)), style="noir")]),
+            RegionError,
+            r"leave 0.39% of the canvas uncovered \(1 latent cell\(s\), the first at x=12, y=10 px\)",
+        ),
         (dict(regions=[Region(box=(0.5, 0, 0.2, 1), style="noir")]), RegionError, r"region 0: box .*0 <= x0 < x1 <= 1"),
         (dict(regions=[Region(box=(0, 0, 2, 1), style="noir")]), RegionError, r"region 0: box .*fractions"),
         (dict(regions=[Region(box=ALL, mask=torch.ones(32, 32), style="noir")]), RegionError, r"region 0: .*exactly one of box"),
