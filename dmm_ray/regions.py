@@ -438,6 +438,16 @@ def build_panorama_views(
         centre = (x + ww / 2) / w
         row = _style_map_row(style_names, style_map, centre, default_style, label)
         views.append(View(y, y + wh, x, x + ww, row, tile / total[y : y + wh, x : x + ww], None, label))
+    if style_map is not None and not callable(style_map):
+        # a window takes the style at its centre: an entry that holds no centre would be dropped from the image, silently
+        centres = sorted({(x + ww / 2) / w for _, x in boxes})
+        for i, (a, b, _row) in enumerate(style_map):
+            if not any(a <= c < b or (c == 1.0 and b == 1.0) for c in centres):
+                raise RegionError(
+                    f"style_map entry {i} ({a:g}..{b:g}) holds no window's centre (windows centred at x = "
+                    f"{', '.join(f'{c:.3f}' for c in centres)} of the width), so its style would not appear; a style map runs "
+                    "across the width: widen the range or the canvas, or give a smaller window_stride="
+                )
     return views
 
 

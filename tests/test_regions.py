@@ -466,6 +466,13 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=ALL, style="noir")], style_map=[(0, 1, "noir")]), RegionError, r"not both"),
         (dict(style_map=[(0, 0.5, "noir")], window_stride=8), RegionError, r"window .*no range covering"),
         (dict(style_map=[(0, 1, "sepia")]), StyleError, r"style_map entry 0: unknown style 'sepia'"),
+        # an entry no window's centre falls in was dropped silently (a tall canvas: every centre at x = 0.5)
+        (
+            dict(style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")], width=16, height=64),
+            RegionError,
+            r"style_map entry 0 \(0..0.5\) holds no window's centre .*0.500",
+        ),
+        (dict(style_map=[(0, 0.05, "noir"), (0.05, 1, "neon")]), RegionError, r"style_map entry 0 \(0..0.05\) holds no window's centre"),
         # every entry is checked, not only the ones a window's centre reaches first
         (dict(style_map=[(0, 1, "noir"), (0.5, 1, "bogus")]), StyleError, r"style_map entry 1: unknown style 'bogus'"),
         (dict(style_map=[(0, 1, "noir"), (0.8, 0.2, "neon")]), RegionError, r"style_map entry 1 .*need 0 <= x0 < x1 <= 1"),
@@ -509,7 +516,8 @@ def test_background_fills_what_the_regions_leave(pipe):
 )
 def test_validation_errors_name_the_region(pipe, kwargs, error, match):
     kwargs = dict(kwargs)  # the parameters are shared between runs
-    size = (16, 64) if "style_map" in kwargs and "regions" not in kwargs else (kwargs.pop("height", 32), 32)
+    panorama = "style_map" in kwargs and "regions" not in kwargs
+    size = (kwargs.pop("height", 16), kwargs.pop("width", 64)) if panorama else (kwargs.pop("height", 32), 32)
     with pytest.raises(error, match=match):
         _gen(pipe, size=size, **kwargs)
     assert "forward" not in pipe.unet.__dict__
