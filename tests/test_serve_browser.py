@@ -257,3 +257,28 @@ def test_playground_shows_html_in_style_names_as_text(evil_playground_url):
             assert dialogs == [], dialogs
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_playground_error_line_says_when_to_retry(playground_url):
+    """A 503 (the model at capacity, its replica restarting; or Ray Serve's own backpressure, whose body
+    is plain text) carries Retry-After: the error line says how long to wait, not only 'retry later'."""
+    with chromium_page() as page:
+        page.goto(playground_url + "/")
+        page.locator("input[type=range]").nth(2).wait_for()
+        page.fill("#prompt", "a red circle")
+        busy = {"status": 503, "headers": {"Retry-After": "7"}, "content_type": "application/json"}
+        page.route("**/generate", lambda route: route.fulfill(**busy, body='{"error": "the model is at capacity; retry later"}'))
+        page.click("#generate")
+        page.wait_for_function("() => document.getElementById('error').textContent !== ''", timeout=30_000)
+        assert page.text_content("#error") == "503: the model is at capacity; retry later (Retry-After: try again in 7 s)"
+        page.unroute("**/generate")
+        page.route("**/generate", lambda route: route.fulfill(status=503, headers={"Retry-After": "3"}, body="Service Unavailable"))
+        page.click("#generate")
+        page.wait_for_function("() => document.getElementById('error').textContent.includes('3 s')", timeout=30_000)
+        assert page.text_content("#error").startswith("503: ")
+        page.unroute("**/generate")
+        page.route("**/generate", lambda route: route.fulfill(status=422, content_type="application/json", body='{"error": "steps must be >= 1"}'))
+        page.click("#generate")
+        page.wait_for_function("() => document.getElementById('error').textContent.includes('steps')", timeout=30_000)
+        assert page.text_content("#error") == "422: steps must be >= 1"  # no Retry-After: nothing to wait for
