@@ -114,7 +114,7 @@ def test_playground_generates_an_image(playground_url, tmp_path):
             assert command.startswith("python jobs/export.py --model ") and "--weights watercolor=0.625,neon=0.375" in command, command
             generate_and_wait(page)
             meta = page.text_content("#meta")
-            assert "seed 5" in meta and '"watercolor": 0.625' in meta and '"neon": 0.375' in meta, meta
+            assert meta == "seed 5 · mixture watercolor 0.625 + neon 0.375", meta
             page.screenshot(path=str(tmp_path / "playground.png"))
         finally:
             browser.close()
@@ -282,3 +282,34 @@ def test_playground_error_line_says_when_to_retry(playground_url):
         page.click("#generate")
         page.wait_for_function("() => document.getElementById('error').textContent.includes('steps')", timeout=30_000)
         assert page.text_content("#error") == "422: steps must be >= 1"  # no Retry-After: nothing to wait for
+
+
+@pytest.fixture
+def accented_playground_url():
+    """The router over the tiny model with its first style named with a non-ASCII letter ('café')."""
+    from serve.config import ServeConfig
+    from serve.model import StyleModelBackend
+    from serve.router import LocalService, ModelInfo, create_api
+    from serve.schemas import StyleInfo
+
+    cfg = ServeConfig(model=str(tiny_model_dir()), default_steps=2)
+
+    class Accented(LocalService):
+        async def info(self, refresh=False):
+            info = await super().info(refresh)
+            return ModelInfo([StyleInfo(index=0, name="café", description="")] + info.styles[1:], info.native_size)
+
+    yield from serve_in_thread(create_api(Accented(StyleModelBackend(cfg.model, device="cpu")), cfg))
+
+
+@pytest.mark.browser
+def test_playground_meta_line_shows_style_names_as_written(accented_playground_url):
+    """X-Style-Mixture is JSON with \\u escapes (HTTP headers are ASCII): the meta line decodes it, so a
+    style named 'café' reads 'café', not 'caf\\u00e9'."""
+    with chromium_page() as page:
+        page.goto(accented_playground_url + "/")
+        page.locator("input[type=range]").nth(2).wait_for()
+        page.fill("#prompt", "a red circle")
+        page.fill("#seed", "3")
+        generate_and_wait(page)
+        assert page.text_content("#meta") == "seed 3 · mixture café 1", page.text_content("#meta")
