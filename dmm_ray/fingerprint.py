@@ -5,7 +5,7 @@ synthesized sets are kept) only when the stage's inputs are what they were when 
 Otherwise the merge stops before Ray starts, naming what changed and the two ways out.
 
 Inputs per stage (flat dotted keys -> JSON values; `stage_inputs`):
-  synthesize  teachers (order, sources, content checksums), synthesis settings, prompts, seed, an
+  synthesize  teachers (order, sources, content checksums), synthesis settings, prompts (file and content), seed, an
               incremental merge's previous model (path, UNet checksum)
   distill     teachers, student base (checksums: UNet, text encoder(s) and tokenizer(s)) and options,
               distill settings, data stream (+ its noise schedule and tokenizer: data.base, data.tokenizer), latent shards,
@@ -50,6 +50,7 @@ _ADDED_LATER = {
     "data.tokenizer.checksum",  # the merge's stages', and since later still the few-step stage's
     "merged_images_per_style",  # the few-step stage's resolved inputs (fast_inputs)
     "fast.rollout_step_counts",
+    "synthesis.prompts.checksum",
 }
 
 
@@ -86,6 +87,22 @@ def _shards(cfg) -> dict:
     return {"path": str(cfg.data.shards), "rows": rows}
 
 
+def _prompts_checksum(path: str | None) -> str | None:
+    """sha256 of the prompts synthesis reads from `path` (synthesis.prompts): its path alone would resume
+    a set sampled from a prompt file edited since. None when unset or gone (nothing left to sample)."""
+    if not path:
+        return None
+    import hashlib
+
+    from dmm_ray.data.readers import read_prompts
+
+    try:
+        prompts = read_prompts(path)
+    except FileNotFoundError:
+        return None
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
 def _base_checksum(base: str) -> str:
     from dmm_ray.teachers import files_checksum
 
@@ -110,6 +127,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "teachers": _teachers(cfg),
         "seed": cfg.seed,
         **{f"synthesis.{k}": getattr(s, k) for k in _SYNTHESIS_KEYS},
+        "synthesis.prompts.checksum": _prompts_checksum(s.prompts),
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
         # the previous merged model's weights (re-made in place, its path alone would resume stale state)
@@ -177,6 +195,7 @@ def fast_inputs(cfg, model_dir) -> dict[str, Any]:
     }
     if f.samples_merged_model:  # the merged model's own samples: how they are drawn, and how many per style
         inputs.update({f"synthesis.{k}": getattr(cfg.synthesis, k) for k in _SYNTHESIS_KEYS if k != "images_per_teacher"})
+        inputs["synthesis.prompts.checksum"] = _prompts_checksum(cfg.synthesis.prompts)
         inputs["merged_images_per_style"] = cfg.merged_images_per_style
     if f.rollout_steps:  # the sampler step counts the rollout steps train (by default fast.num_inference_steps)
         inputs["fast.rollout_step_counts"] = f.rollout_step_counts

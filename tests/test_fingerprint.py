@@ -56,6 +56,23 @@ def test_same_settings_resume_changed_settings_refuse(world, tmp_path):
         fingerprint.check_resume(_cfg(world, out, synthesis={"guidance_scale": 3.0}), out, ["synthesize"])
 
 
+def test_a_prompt_file_edited_in_place_refuses_its_synthesized_set(world, tmp_path):
+    """synthesis.prompts is fingerprinted by the prompts it holds, not its path only: edited in place, a
+    re-run resumed the set sampled from the old prompts (and distilled / fine-tuned on it)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "out"
+    cfg = _cfg(world, out, synthesis={"prompts": str(prompts)})
+    for stage in ("synthesize", "finetune"):
+        fingerprint.record(cfg, out, stage)
+        _fake_state(cfg, out, stage)
+    prompts.write_text("a red circle\n\n a blue square \n")  # blank lines and spaces are not prompts
+    fingerprint.check_resume(cfg, out, ["synthesize", "finetune"])
+    prompts.write_text("a green triangle\na blue square\n")
+    with pytest.raises(StaleStateError, match=r"(?s)synthesize \(.*synthesis.prompts.checksum.*finetune \(.*synthesized.synthesis.prompts.checksum"):
+        fingerprint.check_resume(cfg, out, ["synthesize", "finetune"])
+
+
 def test_changed_teacher_weights_refuse(world, tmp_path):
     import shutil
 
