@@ -526,6 +526,10 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert sorted(v.version for v in client.search_model_versions("name='test-merge'")) == [1, 2]
+    # its versions are tagged with their stage like the merged model's, so the Models page tells them apart
+    version = client.get_model_version("test-merge", "2")
+    assert version.tags["dmm.stage"] == "fast" and version.tags["dmm.styles"] == "style0,style1"
+    assert version.tags["dmm.merged_path"] == str(result.model_path)
     # an export of the model (jobs/export.py) is logged to the few-step run that registered it
     recorded = json.loads((result.model_path / "dmm_merge.json").read_text())["mlflow"]
     assert recorded == {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_id": client.get_model_version("test-merge", "2").run_id}

@@ -18,6 +18,7 @@ from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
 from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, remove, save_siblings, swap_in
 from dmm_ray.ray_session import init_for_training
+from dmm_ray.tracking import version_record
 
 FAST_RECORD = "fast.json"  # what the few-step model was distilled from, with which settings
 LORA_DIR = "lcm_lora"  # the LCM-LoRA alone (pytorch_lora_weights.safetensors), for the merged model it was trained on
@@ -419,10 +420,14 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
                     {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
                 )
                 default = result.evaluations.get(f.num_inference_steps)
+                # the merged model's version tags (dmm.stage, styles, path, FIDt): without them the Models
+                # page cannot tell this version from the merged model's of the same registered name
+                tags = version_record("fast", result.model_path, default)["tags"]
                 result.model_uri = tracker.log_merged_model(
                     result.model_path,
                     description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
                     f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
+                    tags=tags,
                 )
                 tracker.close()
                 log(f"registered: {result.model_uri}")
