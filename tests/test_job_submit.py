@@ -171,7 +171,10 @@ def test_job_submit_merges_into_dmm_home_and_serve_finds_the_model(head):
     # the MLflow run: parent project run + finished stage run with per-step losses; the registered model
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    store = f"sqlite:///{home}/mlflow.db"
+    # the registry named too: a tracker that ran earlier in this process (another test's) left MLflow's
+    # process-wide registry URI (and $MLFLOW_REGISTRY_URI) at its own store, which a client would read
+    client = MlflowClient(store, registry_uri=store)
     experiment = client.get_experiment_by_name("dmm-ray")
     runs = client.search_runs([experiment.experiment_id])
     stage = [r for r in runs if r.data.tags.get("dmm.stage") == "merge"]
