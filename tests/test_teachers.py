@@ -147,6 +147,29 @@ def test_zoo_manifest_errors_name_the_manifest_and_the_teacher(tmp_path):
     assert [t.name for t in load_eval_setup(tmp_path).teachers] == ["a"]  # --teachers: a zoo's folder is its zoo.yaml
 
 
+def test_an_unknown_key_of_a_zoo_teacher_is_refused_naming_it(tmp_path):
+    """Finding: a misspelt key of a zoo.yaml teacher (`fromat:`, `wieght:`) was dropped without a word
+    (the teacher then loaded with its format guessed). Refused now, naming the teacher, the key and
+    the keys a teacher entry has; the build's own extras (group, own_text_encoder) still load."""
+    from dmm_ray.config import ConfigError
+    from dmm_ray.zoo.manifest import load_zoo_manifest
+
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x, group: grade, own_text_encoder: true}, {name: b, source: y, fromat: lora}]\n")
+    with pytest.raises(
+        ConfigError, match=r"teachers\[1\] \(b\) of the zoo manifest in .*\n  fromat: Extra inputs are not permitted.*did you mean format\?"
+    ):
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x, wieght: 0.5}]\n")
+    with pytest.raises(
+        ConfigError, match=r"\(a\) .*\n  wieght: .* has: name, source, format, base, description, lora_scale, allow_pickle, group, own_text_encoder"
+    ):
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x, group: grade, own_text_encoder: true}]\n")
+    assert [t.model_dump(exclude_unset=True) for t in load_zoo_manifest(tmp_path).teachers] == [
+        {"name": "a", "source": str(tmp_path.resolve() / "x"), "base": None}
+    ]
+
+
 def test_a_tokenizer_without_its_vocabulary_is_an_incomplete_folder(teacher_files, tmp_path):
     """Finding: a teacher folder whose tokenizer files were lost passed every check and loaded as an
     empty tokenizer (every prompt to [0, 2, 2, ...]: a teacher conditioned on nothing)."""

@@ -2,7 +2,7 @@
 evaluation job (`--teachers zoo.yaml`), the zoo report and the benchmarks.
 
     zoo.yaml:  base, dataset, eval_prompts, feature_net (paths relative to its folder),
-               teachers: [{name, source, format, base?, description?, ...zoo extras}]
+               teachers: [{name, source, format, base?, description?, group?, own_text_encoder?}]
 """
 
 from __future__ import annotations
@@ -14,7 +14,18 @@ from typing import Any
 
 import yaml
 
+from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
+
 MANIFEST = "zoo.yaml"
+
+
+class ZooTeacherEntry(TeacherSpec):
+    """A zoo.yaml teacher: the TeacherSpec fields plus what the zoo build records about it for the zoo
+    report. Any other key is refused (a misspelt `fromat:` would otherwise be dropped without a word,
+    and the teacher loaded with its format guessed)."""
+
+    group: str | None = None  # the style's group (grade, distinct, ...): the report's mixing groups
+    own_text_encoder: bool = False  # whether the build fine-tuned the teacher's text encoder too
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -43,24 +54,23 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def teacher_entries(manifest: dict, root: str | os.PathLike) -> list[dict]:
-    """The manifest's teachers as TeacherSpec fields (zoo extras dropped), paths absolute under `root`;
-    a LoRA or single-file teacher without its own `base` takes the zoo's."""
+    """The manifest's teachers as TeacherSpec fields (zoo extras dropped, unknown keys refused), paths
+    absolute under `root`; a LoRA or single-file teacher without its own `base` takes the zoo's."""
     from pydantic import ValidationError
 
     from dmm_ray.overrides import config_error
-    from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
 
     out = []
     for i, t in enumerate(manifest["teachers"]):  # a list of mappings: read_manifest checked it
-        fields = {k: v for k, v in t.items() if k in TeacherSpec.model_fields}
+        fields = dict(t)
         file = fields.get("format") in ("lora", "single_file", "ckpt") or (not fields.get("format") and Path(str(fields.get("source", ""))).suffix)
         if not fields.get("base") and manifest.get("base") and file:  # (no format: a file, not a folder, is one of those)
             fields["base"] = manifest["base"]
         try:
-            spec = TeacherSpec(**fields)
-        except ValidationError as error:  # one line per problem, naming the manifest and the teacher
-            raise config_error(error, TeacherSpec, f"teachers[{i}] ({t.get('name', '?')}) of the zoo manifest in {root}") from None
-        out.append(spec.resolve_paths(root).model_dump(exclude_unset=True))
+            entry = ZooTeacherEntry(**fields)
+        except ValidationError as error:  # one line per problem, naming the manifest, the teacher and, for an unknown key, the known ones
+            raise config_error(error, ZooTeacherEntry, f"teachers[{i}] ({t.get('name', '?')}) of the zoo manifest in {root}") from None
+        out.append(entry.resolve_paths(root).model_dump(include=set(TeacherSpec.model_fields), exclude_unset=True))
     return out
 
 
@@ -77,8 +87,6 @@ class ZooManifest:
 
 def load_zoo_manifest(path: str | os.PathLike) -> ZooManifest:
     """`zoo.yaml` (or its folder) as TeacherSpecs and absolute paths."""
-    from dmm_ray.teachers import TeacherSpec
-
     data = read_manifest(path)
     root = manifest_path(path).resolve().parent
 
