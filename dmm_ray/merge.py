@@ -184,8 +184,9 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_synthesized_rows(cfg)
-    check_teacher_files(cfg.teachers, deep=deep)
-    validate_teachers(cfg.teachers, cfg.student.base)
+    shapes: dict = {}  # each allowed .ckpt's index, unpickled once for both checks
+    check_teacher_files(cfg.teachers, deep=deep, shapes=shapes)
+    validate_teachers(cfg.teachers, cfg.student.base, shapes=shapes)
     if cfg.evaluation.enabled:  # (the fast stage of a merge evaluates only when the merge does)
         cfg.evaluation.check_ready()  # prompts and feature extractor: not only after training and the save
     if cfg.incremental.base_merged:

@@ -325,10 +325,32 @@ def _read_pickled(spec: TeacherSpec, who: str) -> dict:
     return state
 
 
-def _scan_pickled(spec: TeacherSpec, who: str) -> None:
-    """--deep on an allowed .ckpt: every tensor of its state dict."""
+def _pickled_shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    return {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _read_pickled_shapes(spec: TeacherSpec, who: str, shapes: dict | None) -> dict[str, tuple[int, ...]]:
+    """An allowed .ckpt's tensor shapes (`_read_pickled`), taken from `shapes` (by path) when an earlier
+    check of the same pre-flight read the file, and recorded there: unpickling the index is the cost
+    of a .ckpt check (the whole file, for a checkpoint in torch's legacy, not memory-mappable format)."""
+    key = str(Path(spec.source).resolve())
+    if shapes is None or key not in shapes:
+        found = _pickled_shapes(_read_pickled(spec, who))
+        if shapes is None:
+            return found
+        shapes[key] = found
+    return shapes[key]
+
+
+def _scan_pickled(spec: TeacherSpec, who: str, shapes: dict | None = None) -> None:
+    """--deep on an allowed .ckpt: every tensor of its state dict (its shapes recorded in `shapes`)."""
     path = Path(spec.source)
-    stack = [("", _read_pickled(spec, who))]
+    state = _read_pickled(spec, who)
+    if shapes is not None:
+        shapes[str(path.resolve())] = _pickled_shapes(state)
+    stack = [("", state)]
     while stack:
         prefix, value = stack.pop()
         if isinstance(value, dict):
@@ -380,17 +402,19 @@ def check_pipeline_folder(folder: str | os.PathLike, who: str, deep: bool = Fals
                 scan_safetensors(weight, who, deep)
 
 
-def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> None:
+def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False, shapes: dict | None = None) -> None:
     """What can be checked of the teachers' files without loading them: present, formats allowed
     (`.ckpt` needs allow_pickle), safetensors headers and sizes intact (a truncated file), a `.ckpt`
     readable by torch.load (memory-mapped: its index, not its weights), pipeline folders complete.
     `deep` also reads every tensor and fails on NaN/Inf (slow: all the weights).
     Errors name the teacher and the file; every teacher is checked, and several problems are
-    reported together, one line each (a config whose 8 paths are wrong says so once)."""
+    reported together, one line each (a config whose 8 paths are wrong says so once).
+    `shapes`: a dict that keeps the .ckpt teachers' tensor shapes read here for `validate_teachers`
+    (the same dict passed there reads each .ckpt once)."""
     problems: list[Exception] = []
     for spec in specs:
         try:
-            _check_teacher_file(spec, deep)
+            _check_teacher_file(spec, deep, shapes)
         except (ValueError, OSError) as error:
             problems.append(error)
     if len(problems) == 1:
@@ -399,7 +423,7 @@ def check_teacher_files(specs: Sequence[TeacherSpec], deep: bool = False) -> Non
         raise TeacherError(f"{len(problems)} of {len(specs)} teachers cannot be used:\n" + "\n".join(f"  {e}" for e in problems))
 
 
-def _check_teacher_file(spec: TeacherSpec, deep: bool) -> None:
+def _check_teacher_file(spec: TeacherSpec, deep: bool, shapes: dict | None = None) -> None:
     who = f"teacher {spec.name!r}"
     fmt = spec.resolved_format()  # a missing source fails here, naming the teacher
     if fmt == "ckpt" and not spec.allow_pickle:
@@ -409,9 +433,9 @@ def _check_teacher_file(spec: TeacherSpec, deep: bool) -> None:
     elif fmt in ("single_file", "lora"):
         scan_safetensors(spec.source, who, deep)
     elif fmt == "ckpt" and deep:
-        _scan_pickled(spec, who)
+        _scan_pickled(spec, who, shapes)
     elif fmt == "ckpt":
-        _read_pickled(spec, who)
+        _read_pickled_shapes(spec, who, shapes)
     if spec.base and fmt != "diffusers":
         # a LoRA uses all of its base; a single file takes configs and tokenizer from it
         check_pipeline_folder(_require_base(spec, fmt), f"{who} (its base)", deep, require_weights=fmt == "lora")
@@ -464,11 +488,11 @@ def _text_encoders(base: str) -> list[str]:
     return [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and None not in index[c]]
 
 
-def _check_single_file(spec: TeacherSpec, base: str, models: dict) -> None:
+def _check_single_file(spec: TeacherSpec, base: str, models: dict, shapes: dict | None = None) -> None:
     """A single-file (or allowed .ckpt) teacher against its base, from tensor shapes alone (a
     .safetensors header; a .ckpt memory-mapped): the UNet tensor for tensor, and the VAE and text
-    encoder(s) present, which diffusers' from_single_file takes from the file, not from `base`."""
-    import torch
+    encoder(s) present, which diffusers' from_single_file takes from the file, not from `base`.
+    `shapes`: a .ckpt's shapes that `check_teacher_files` read (see `_read_pickled_shapes`)."""
     from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file
     from safetensors import safe_open
 
@@ -476,7 +500,7 @@ def _check_single_file(spec: TeacherSpec, base: str, models: dict) -> None:
 
     who = f"teacher {spec.name!r} ({spec.source})"
     if spec.resolved_format() == "ckpt":
-        got = {k: tuple(v.shape) for k, v in _read_pickled(spec, f"teacher {spec.name!r}").items() if torch.is_tensor(v)}
+        got = _read_pickled_shapes(spec, f"teacher {spec.name!r}", shapes)
     else:
         with safe_open(spec.source, framework="pt") as handle:
             got = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
@@ -598,8 +622,9 @@ def _has_vocabulary(folder: Path) -> bool:
     return has("tokenizer.json") or (has("vocab.json") and has("merges.txt")) or any(map(has, ("vocab.txt", "spiece.model", "tokenizer.model")))
 
 
-def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
-    """Fail early, naming the teacher and the field, if any teacher differs from the student base."""
+def validate_teachers(specs: Sequence[TeacherSpec], base: str, shapes: dict | None = None) -> None:
+    """Fail early, naming the teacher and the field, if any teacher differs from the student base.
+    `shapes`: the dict given to `check_teacher_files` before, whose .ckpt reads are reused."""
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -611,7 +636,7 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
     models: dict = {}  # each base's models on the meta device, built once
     for spec in specs:
         try:
-            _check_architecture(spec, want, models)
+            _check_architecture(spec, want, models, shapes)
         except TeacherError as error:
             problems.append(error)
     if len(problems) == 1:
@@ -621,10 +646,11 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str) -> None:
         raise kind(f"{len(problems)} teachers cannot be merged:\n" + "\n".join(f"  {e}" for e in problems))
 
 
-def _check_architecture(spec: TeacherSpec, want: dict, models: dict) -> None:
+def _check_architecture(spec: TeacherSpec, want: dict, models: dict, shapes: dict | None = None) -> None:
     """A TeacherError (TeacherArchitectureError) when `spec` differs from the student base's
     architecture `want`, or a single file, .ckpt or LoRA does not fit its own base (see
-    `_check_single_file`, `_check_lora`); `models`: the bases' meta models, shared between teachers."""
+    `_check_single_file`, `_check_lora`); `models`: the bases' meta models, shared between teachers;
+    `shapes`: .ckpt shapes already read (`check_teacher_files`)."""
     fmt = spec.resolved_format()
     if fmt == "ckpt" and not spec.allow_pickle:
         raise _pickle_refused(spec)
@@ -635,7 +661,7 @@ def _check_architecture(spec: TeacherSpec, want: dict, models: dict) -> None:
         if fmt == "lora":
             _check_lora(spec, base, models)
         else:
-            _check_single_file(spec, base, models)
+            _check_single_file(spec, base, models, shapes)
         got = folder_architecture(base)
     for field, value in want.items():
         if got.get(field) != value:

@@ -272,6 +272,27 @@ def test_lora_ckpt_and_single_file_teachers_are_opened_before_ray(teacher_files,
     preflight(name="ok_single", source=str(teacher_files["root"] / "single.safetensors"))
 
 
+def test_the_pre_flight_unpickles_a_ckpt_teacher_once(teacher_files, tmp_path, monkeypatch):
+    """Finding: validate_before_ray read an allowed .ckpt with torch.load twice, in the file check and
+    again for the shape check (the whole file twice for a legacy, not memory-mappable checkpoint)."""
+    from merge_fixtures import build_world, tiny_merge_config
+    from safetensors.torch import load_file
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import validate_before_ray
+
+    world = build_world(tmp_path / "world", num_teachers=1)
+    torch.save(load_file(str(teacher_files["root"] / "single.safetensors")), tmp_path / "t.ckpt")
+    teachers = [{"name": "c", "source": str(tmp_path / "t.ckpt"), "base": world["base"], "allow_pickle": True}]
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", teachers=teachers))
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(f) or load(f, *a, **kw))
+    for deep in (False, True):
+        reads.clear()
+        validate_before_ray(cfg, deep=deep)
+        assert reads == [tmp_path / "t.ckpt"], f"deep={deep}"
+
+
 @pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
 def test_sdxl_single_file_with_equally_wide_text_encoders_round_trips(tmp_path, suffix):
     """The tiny SDXL base's two text encoders are both 32 wide, and diffusers picks the converter for
