@@ -144,6 +144,32 @@ def test_official_format_round_trip(student, tmp_path):
     assert torch.equal(student(x, t, h, style_ids=ids).sample, loaded(x, t, h, added_cond_kwargs={"model_ids": ids}).sample)
 
 
+def test_a_sharded_official_unet_loads(student, tmp_path):
+    """Finding: load_official_unet read diffusion_pytorch_model.safetensors only, so a unet/ folder in
+    diffusers' sharded layout (save_pretrained shards over max_shard_size, 10 GB by default, which an
+    fp32 SDXL UNet exceeds) failed with FileNotFoundError. Its shards load now, a missing one named."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    save_official_unet(student, tmp_path / "single")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    state = load_file(str(tmp_path / "single" / "diffusion_pytorch_model.safetensors"))
+    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="200KB")
+    (folder / "config.json").write_text((tmp_path / "single" / "config.json").read_text())
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = load_official_unet(folder)
+    a, b = student.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"lists shard\(s\) \['{shards[1].name}'\] that are not in"):
+        load_official_unet(folder)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no UNet weights: neither diffusion_pytorch_model.safetensors nor"):
+        load_official_unet(folder)
+
+
 def test_official_sdxl_layout_names_the_style_mlp_add_embedding2(tmp_path):
     """The reference fork's `model_merge_xl` UNet holds the style MLP as `add_embedding2` (no underscore):
     a checkpoint in that layout loads with its codebook and MLP, and save_official_unet writes that name.

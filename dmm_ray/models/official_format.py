@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from dmm_ray.models.style_unet import StyleUNet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"  # diffusers' save_pretrained shards a UNet over max_shard_size (10 GB: an fp32 SDXL UNet)
 _OURS_CODEBOOK = "class_embedding.codebook.weight"
 _OURS_MLP = "class_embedding.mlp."
 
@@ -73,11 +74,29 @@ def ours_to_official(state_dict: dict, config: dict) -> tuple[dict, dict]:
     return official, config
 
 
+def _official_state_dict(folder: Path) -> dict:
+    """The weights of a `unet/` folder: diffusion_pytorch_model.safetensors, or the shards its
+    diffusion_pytorch_model.safetensors.index.json lists (diffusers' sharded layout)."""
+    if (folder / WEIGHTS).is_file():
+        return load_file(str(folder / WEIGHTS))
+    if not (folder / WEIGHTS_INDEX).is_file():
+        raise FileNotFoundError(f"{folder} holds no UNet weights: neither {WEIGHTS} nor the index of its shards, {WEIGHTS_INDEX}")
+    shards = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+    missing = [s for s in shards if Path(s).name != s or not (folder / s).is_file()]  # a name with a folder in it is not a shard here
+    if missing:
+        raise FileNotFoundError(f"{folder / WEIGHTS_INDEX} lists shard(s) {missing} that are not in {folder}; copy the folder again")
+    state: dict = {}
+    for shard in shards:
+        state.update(load_file(str(folder / shard)))
+    return state
+
+
 def load_official_unet(folder: str | Path) -> StyleUNet:
-    """Load a DMM `unet/` folder (config.json + diffusion_pytorch_model.safetensors) into a StyleUNet."""
+    """Load a DMM `unet/` folder (config.json + diffusion_pytorch_model.safetensors, or its shards and
+    their index) into a StyleUNet."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    state_dict, our_config = official_to_ours(load_file(str(folder / WEIGHTS)), config)
+    state_dict, our_config = official_to_ours(_official_state_dict(folder), config)
     unet = StyleUNet(**our_config)
     unet.load_state_dict(state_dict, strict=True)
     return unet.eval()
