@@ -5,7 +5,8 @@
     python jobs/build_zoo.py --out /tmp/z --size micro  # 3 teachers, seconds (tests)
     python jobs/build_zoo.py --out .zoo --report        # M_ref, prompt following, grid PNG
 
-A second call with the same --out/--size/--seed returns at once. The zoo is written to a
+A second call with the same --out/--size/--seed/--threads returns at once (another
+--threads is refused: it builds other weights). The zoo is written to a
 temporary sibling folder and renamed into place only when complete.
 """
 

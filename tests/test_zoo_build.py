@@ -125,7 +125,7 @@ def test_a_preset_zoo_from_an_older_preset_is_refused_with_the_rebuild_command(m
     old.mkdir(parents=True)
     (old / B.MANIFEST).write_text((out / B.MANIFEST).read_text())
     marker = json.loads((out / B.MARKER).read_text())
-    assert marker["fingerprint"] == preset("micro").fingerprint()
+    assert marker["fingerprint"] == preset("micro").fingerprint() and marker["threads"] == B.default_threads()
     assert B.ensure_zoo_preset("micro", out, progress=False) == out.resolve()  # the current preset: reused
     (old / B.MARKER).write_text(json.dumps(marker | {"fingerprint": preset("micro", lora_rank=8).fingerprint()}))
     with pytest.raises(
@@ -169,6 +169,34 @@ def _fake_zoo(root, config, progress=False, weights="old"):
     (root / B.MANIFEST).write_text("teachers: [{name: warm, source: teachers/warm}]\n")
     (root / "metrics.json").write_text(json.dumps({"vae_psnr_db": {"clean": 20.0}}))
     (root / B.MARKER).write_text(json.dumps({"fingerprint": config.fingerprint(), "size": config.size, "seed": config.seed}))
+
+
+def test_a_zoo_built_with_other_threads_is_not_reused_as_this_one(tmp_path):
+    """Finding: the thread count changes every weight of a zoo, but the completion marker did not record
+    it: `build_zoo.py` (2 threads) reported a zoo built with `--threads 1` as cached, and `zoo: micro`
+    merged its teachers, silently other weights than the preset's (other FIDs than the README's)."""
+    cfg, out = preset("micro"), tmp_path / "zoo" / "micro"
+    _fake_zoo(out, cfg)
+    marker = json.loads((out / B.MARKER).read_text())
+    (out / B.MARKER).write_text(json.dumps(marker | {"threads": 1}))
+    assert torch.get_num_threads() == B.default_threads() == 2  # the module's fixture
+    refused = r"built with 1 torch thread\(s\), but this build runs 2, which gives other weights .* build with --threads 1"
+    with pytest.raises(B.ZooBuildError, match=refused):
+        B.build_zoo(out, cfg, progress=False)
+    with pytest.raises(B.ZooBuildError, match=r"holds the 'micro' toy zoo built with 1 torch thread\(s\) .*not the 2 the preset is built with"):
+        B.ensure_zoo_preset("micro", out, progress=False)
+    torch.set_num_threads(1)
+    try:
+        assert B.build_zoo(out, cfg, progress=False) == out.resolve()  # as many threads: reused
+    finally:
+        torch.set_num_threads(B.default_threads())
+    # a zoo finished before the marker recorded its threads: its metrics.json's torch_threads
+    (out / B.MARKER).write_text(json.dumps(marker))
+    (out / "metrics.json").write_text(json.dumps({"torch_threads": 1}))
+    with pytest.raises(B.ZooBuildError, match=refused):
+        B.build_zoo(out, cfg, progress=False)
+    (out / "metrics.json").write_text(json.dumps({"torch_threads": 2}))
+    assert B.ensure_zoo_preset("micro", out, progress=False) == out.resolve()
 
 
 def test_a_forced_rebuild_stopped_while_it_swaps_the_zoo_never_leaves_half_a_zoo(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from dmm_ray.console import interrupt_note
 
 from . import scenes as S
 from .components import tokenize, zoo_components
-from .config import MARKER, ZooConfig, is_complete, outdated_preset
+from .config import MARKER, ZOO_THREADS, ZooConfig, built_threads, is_complete, outdated_preset
 from .dataset import write_eval_prompts, write_image_set
 from .feature_net import ZooFeatureNet, scene_labels, train_feature_net
 from .formats import LORA_TARGETS, save_teacher
@@ -41,11 +41,8 @@ class ZooBuildError(RuntimeError):
     pass
 
 
-ZOO_THREADS = 2  # torch threads of a zoo build unless --threads says otherwise; 2 built the README's zoo
-
-
 def default_threads() -> int:
-    """The zoo build's torch threads: `ZOO_THREADS`, whatever the machine's cores or load. The weights
+    """The zoo build's torch threads: `ZOO_THREADS` (dmm_ray.zoo.config), whatever the machine's cores or load. The weights
     are bit-identical only for one thread count (another one sums floats in another order), so a
     count that followed the load (it was 1 on a busy machine) gave `make demo` run right after
     `make test` another zoo and other FIDs (ratio 1.117 instead of 1.085). On a busy machine 1
@@ -55,7 +52,8 @@ def default_threads() -> int:
 
 
 def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: bool = False) -> Path:
-    """Build (or reuse) the zoo at `out`; returns `out`."""
+    """Build (or reuse) the zoo at `out` with torch's current thread count; returns `out`. A finished zoo
+    is reused only when built from the same config with as many threads (each count gives other weights)."""
     out = Path(out).resolve()
     done = is_complete(out)
     if done is not None and not force:
@@ -68,6 +66,13 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
             raise ZooBuildError(
                 f"{out} holds a zoo built with a different config (size {done.get('size')!r}, seed {done.get('seed')}); "
                 f"requested size {config.size!r}, seed {config.seed}. Use another --out or --force to rebuild."
+            )
+        threads, built = torch.get_num_threads(), built_threads(out, done)
+        if built is not None and built != threads:
+            raise ZooBuildError(
+                f"{out} holds this zoo built with {built} torch thread(s), but this build runs {threads}, which gives other "
+                f"weights (float sums in another order). To use it, build with --threads {built} (torch.set_num_threads({built})); "
+                f"to replace it, --force; or use another --out."
             )
         return out
     if out.exists() and done is None and any(out.iterdir()):
@@ -321,4 +326,5 @@ def _build(root: Path, config: ZooConfig, progress: bool) -> None:
     metrics["machine"] = f"{platform.machine()} x{os.cpu_count()} cpus"
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # last: the marker that makes this folder a finished zoo
-    (root / MARKER).write_text(json.dumps({"fingerprint": config.fingerprint(), "size": config.size, "seed": config.seed}))
+    marker = {"fingerprint": config.fingerprint(), "size": config.size, "seed": config.seed, "threads": torch.get_num_threads()}
+    (root / MARKER).write_text(json.dumps(marker))

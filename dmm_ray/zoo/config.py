@@ -13,7 +13,11 @@ from .manifest import MANIFEST
 from .styles import STYLES
 
 TeacherFormat = Literal["diffusers", "single_file", "lora"]
-MARKER = ".zoo_complete.json"  # written last by a finished build: {"fingerprint", "size", "seed"}
+MARKER = ".zoo_complete.json"  # written last by a finished build: {"fingerprint", "size", "seed", "threads"}
+# torch threads of a zoo build unless --threads says otherwise; 2 built the README's zoo. Part of a zoo's
+# identity beside the config's fingerprint: another thread count sums floats in another order, and
+# every weight of the zoo comes out different (dmm_ray.zoo.build.default_threads).
+ZOO_THREADS = 2
 
 
 class TeacherPlan(BaseModel):
@@ -141,12 +145,34 @@ def is_complete(out: str | Path) -> dict | None:
         return None
 
 
+def built_threads(out: str | Path, done: dict) -> int | None:
+    """The torch thread count the finished zoo at `out` (completion record `done`) was built with: its
+    marker's, else its metrics.json's (zoos finished before the marker recorded it), else None."""
+    if isinstance(done.get("threads"), int):
+        return done["threads"]
+    try:
+        threads = json.loads((Path(out) / "metrics.json").read_text()).get("torch_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) else None
+
+
 def outdated_preset(size: str, out: str | Path) -> str | None:
     """Why the finished zoo at `out` cannot serve as preset `size` (built from an older version of
-    the preset), or None: a missing or unfinished zoo is for the build to make or refuse."""
+    the preset, or with other torch threads than the preset's), or None: a missing or unfinished zoo
+    is for the build to make or refuse."""
     done, wanted = is_complete(out), preset(size)
-    if done is None or done.get("fingerprint") == wanted.fingerprint():
+    if done is None:
         return None
+    if done.get("fingerprint") == wanted.fingerprint():
+        threads = built_threads(out, done)
+        if threads in (None, ZOO_THREADS):
+            return None
+        return (
+            f"{out} holds the {size!r} toy zoo built with {threads} torch thread(s) (`jobs/build_zoo.py --threads {threads}`), "
+            f"not the {ZOO_THREADS} the preset is built with: its weights differ (float sums in another order); to use it, "
+            f"give its folder (zoo: {out}), or move it elsewhere and the preset is built in its place"
+        )
     if (done.get("size"), done.get("seed")) != (size, wanted.seed):  # e.g. `build_zoo.py --seed 1` into the default folder
         return (
             f"{out} holds a toy zoo of size {done.get('size')!r} with seed {done.get('seed')}, not the {size!r} preset "
