@@ -132,9 +132,9 @@ def feathered(mask: torch.Tensor, sigma: float) -> torch.Tensor:
     solid there) of a (h, w) mask; sigma in latent pixels, 0 = hard edges."""
     if sigma <= 0:
         return mask.clone()
-    k = _gaussian_kernel(sigma)
-    r = (k.numel() - 1) // 2
     x = mask[None, None].float()
+    k = _gaussian_kernel(sigma).to(x.device)  # built on the CPU; conv2d wants it where the mask is (a CUDA mask)
+    r = (k.numel() - 1) // 2
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
     return x[0, 0]
@@ -174,6 +174,10 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
         else:
             mask = np.array(mask.convert("L"))
     raw = torch.as_tensor(mask)
+    if raw.device.type != "cpu":
+        # the plan is built on the CPU (box masks, background, normalisation: tensors of latent size) and each
+        # view's weight moved to the latents' device where it is used; a mask on the GPU would meet them there
+        raw = raw.cpu()
     if raw.dtype == torch.uint8:
         if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask in uint8 would weigh 1/255: almost nothing
             raise RegionError(f"{label}: a uint8 mask is read as 0..255 but this one's maximum is 1; pass mask * 255, or a bool or float mask")

@@ -12,7 +12,7 @@ import torch
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.models.style_unet import StyleError
-from dmm_ray.regions import Region, RegionError, build_panorama_views, feathered, sweep, window_starts
+from dmm_ray.regions import Region, RegionError, build_panorama_views, build_region_views, feathered, sweep, window_starts
 
 STYLES = ["noir", "neon", "pastel"]
 STEPS = 3
@@ -363,6 +363,36 @@ def test_gaussian_feathering():
     torch.testing.assert_close(soft + feathered(1 - mask, 1.5), torch.ones(16, 16))  # complementary masks sum to 1
     for tiny in (1e-170, 5e-324):  # sigma**2 underflows to 0: the kernel was 0/0 = NaN (a black image)
         assert torch.equal(feathered(mask, tiny), mask)
+
+
+def test_feathering_and_masks_follow_the_masks_device(monkeypatch):
+    """Finding: the feather kernel was built on the CPU whatever the mask's device (conv2d with a CUDA
+    mask: 'Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) should be the
+    same'), and a mask on the GPU met the CPU box masks in one torch.stack. The kernel now follows
+    the mask (checked device-agnostically on 'meta'); a given mask joins the plan on the CPU, where
+    box masks are built, and each view's weight moves to the latents' device where it is used."""
+    import torch.nn.functional as F
+
+    conv2d, devices = F.conv2d, []
+
+    def spy(x, weight, *args, **kwargs):
+        devices.append((x.device, weight.device))
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    assert feathered(torch.ones(8, 8, device="meta"), 1.0).device.type == "meta"
+    assert devices and all(x == weight for x, weight in devices)
+    monkeypatch.undo()
+    mask = torch.zeros(64, 64, dtype=torch.float64)  # a float64 mask: the plan is float32 all the same
+    mask[:, :32] = 1
+    regions = [Region(mask=mask, style=0), Region(box=(0.5, 0, 1, 1), style=1)]
+    reference, _ = build_region_views(regions, ["a", "b"], (64, 64), 8)
+    assert {(v.weight.dtype, v.weight.device.type) for v in reference} == {(torch.float32, "cpu")}
+    if torch.cuda.is_available():
+        regions[0] = Region(mask=mask.cuda(), style=0)
+        views, _ = build_region_views(regions, ["a", "b"], (64, 64), 8)
+        for v, ref in zip(views, reference):
+            assert torch.equal(v.weight, ref.weight)
 
 
 def test_feather_width_changes_the_seam(pipe):
