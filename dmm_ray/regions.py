@@ -65,7 +65,8 @@ class Region:
     mask:   soft mask in [0, 1] at image size (H, W) or latent size (H/f, W/f); a tensor,
             numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, 16-bit
             images as 0..65535, a float "F" image as [0, 1]).
-    style / style_weights: one style (name or index) or a mixture, as for `pipe(style=...)`.
+    style / style_weights: one style (name or index; a list is refused: it is not one style) or a mixture
+            (a dict name -> weight, or N weights), as for `pipe(style=...)`.
     prompt: this region's own prompt (default: the call's prompt).
     feather: Gaussian sigma of the soft edge in image pixels (default: the call's `feather`).
     name:   used in error messages (default: "region <i>").
@@ -221,9 +222,31 @@ def region_mask(region: Region, image_size: tuple[int, int], latent_size: tuple[
     return mask
 
 
+def _check_one_style(style: Any, setting: str, mixture: str, style_names: Sequence[str], weights_ok: bool = False) -> None:
+    """A region's style= (or background=) is one style: a list there is what `pipe(style=[...])` reads as
+    one style per prompt, and `resolve_style` would read it as mixture weights ("2 entries" for two names
+    of three styles, and [2, 0, 1] as the weights 2:0:1, silently). `mixture`: the setting a mixture goes
+    in instead (style_weights, or background itself as a dict). `weights_ok`: N numbers are a mixture's
+    weights there (background=, which the call's style_weights= and Serve's regions fill), names are not."""
+    if not (isinstance(style, (list, tuple)) or getattr(style, "ndim", 0) >= 1):
+        return
+    items = style.tolist() if hasattr(style, "tolist") else list(style)
+    if weights_ok and not any(isinstance(v, str) for v in items):
+        return
+    named = [style_names[v] if isinstance(v, int) and 0 <= v < len(style_names) else v for v in items]  # indices by name
+    example = ", ".join(f"{name!r}: 0.5" for name in list(dict.fromkeys([*(v for v in named if isinstance(v, str)), *style_names]))[:2])
+    what = "one style (a name or an index)" + (" or one weight per style" if weights_ok else "")
+    raise StyleError(
+        f"{setting} is {what}, got the list {items!r}; a part of the canvas has one style for every prompt: for a "
+        f"mixture give {mixture}={{{example}}} (a dict name -> weight); known styles: {', '.join(style_names)}"
+    )
+
+
 def _region_style(style_names: Sequence[str], region: Region, label: str) -> torch.Tensor:
     if (region.style is None) == (region.style_weights is None):
         raise StyleError(f"{label}: give exactly one of style= or style_weights=; known styles: {', '.join(style_names)}")
+    if region.style is not None:
+        _check_one_style(region.style, f"{label}: style=", "style_weights", style_names)
     try:
         return resolve_style(style_names, region.style if region.style is not None else region.style_weights)
     except StyleError as exc:
@@ -280,6 +303,7 @@ def build_region_views(
         labels.append(label)
     union = torch.stack(hard).sum(0).clamp(max=1)
     if background is not None:
+        _check_one_style(background, "background=", "background", style_names, weights_ok=True)
         try:
             bg_row = resolve_style(style_names, background)
         except StyleError as exc:

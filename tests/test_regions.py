@@ -395,6 +395,29 @@ def test_feathering_and_masks_follow_the_masks_device(monkeypatch):
             assert torch.equal(v.weight, ref.weight)
 
 
+def test_a_list_as_a_regions_style_says_where_a_mixture_goes():
+    """Finding: Region(style=["noir", "neon"]) was read as mixture weights: "style weights must have one
+    entry per style (3 styles), got 2 entries", and style=[2, 0, 1] the weights 2:0:1, silently.
+    A region's style= (and background=) is one style; the message points a mixture at style_weights=."""
+    names, size = ["noir", "neon", "pixel"], (64, 64)
+    for style in (["noir", "neon"], [0, 2], [2, 0, 1], ("noir",), torch.tensor([0, 2])):
+        with pytest.raises(
+            StyleError,
+            match=r"region 0: style= is one style \(a name or an index\), got the list .*style_weights=\{'\w+': 0.5, '\w+': 0.5\}",
+        ):
+            build_region_views([Region(box=ALL, style=style)], names, size, 8)
+    with pytest.raises(
+        StyleError,
+        match=r"background= is one style \(a name or an index\) or one weight per style, got the list \['noir', 'neon'\]; .*give background=\{'noir': 0.5, 'neon': 0.5\}",
+    ):
+        build_region_views([Region(box=LEFT, style="noir")], names, size, 8, background=["noir", "neon"])
+    # the forms that stay: a name, an index, a dict; a list of weights in style_weights= and as background= (Serve's regions send it)
+    mixture = {"noir": 0.5, "neon": 0.5}
+    for region in (Region(box=ALL, style="neon"), Region(box=ALL, style=1), Region(box=ALL, style=mixture), Region(box=ALL, style_weights=[1, 1, 0])):
+        build_region_views([region], names, size, 8)
+    build_region_views([Region(box=LEFT, style="noir")], names, size, 8, background=[0, 1, 1])
+
+
 def test_feather_width_changes_the_seam(pipe):
     regions = [Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")]
     hard, soft = _gen(pipe, regions=regions, feather=0), _gen(pipe, regions=regions, feather=8)
