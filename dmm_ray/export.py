@@ -199,12 +199,21 @@ def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:
 
 
 def provenance(
-    pipe, model: str, style=None, style_weights=None, model_dir: str | os.PathLike | None = None, run_id: str | None = None
+    pipe,
+    model: str,
+    style=None,
+    style_weights=None,
+    model_dir: str | os.PathLike | None = None,
+    run_id: str | None = None,
+    export_run_id: str | None = None,
 ) -> dict[str, str]:
     """safetensors metadata (str -> str) for a baked export: where it came from and with which style.
 
     Keys: `dmm.merged_model` (the --model argument), `dmm.merged_name`, `dmm.merged_unet_fingerprint`,
-    `dmm.merge_run_id`, `dmm.style` (one style) or `dmm.style_weights` (a mixture, however given: JSON, normalised, by name), `dmm.styles`
+    `dmm.merge_run_id` (`run_id`: the run that made the model, e.g. the one that registered a models:/ URI;
+    default the run `model_dir`'s dmm_merge.json records; empty when unknown), `dmm.export_run_id` (the run
+    the export is logged to, which --run-id may name apart from the merge's; empty when not logged),
+    `dmm.style` (one style) or `dmm.style_weights` (a mixture, however given: JSON, normalised, by name), `dmm.styles`
     (all names, codebook order), `dmm.teachers` (JSON: name, source, format, checksum),
     `dmm.architecture` (sd15 / sdxl), `dmm.version`, `dmm.exported_at` (UTC)."""
     import dmm_ray
@@ -219,6 +228,7 @@ def provenance(
         "dmm.merged_model": str(model),
         "dmm.merged_name": str(record.get("name", "")),
         "dmm.merge_run_id": str(run_id or (record.get("mlflow") or {}).get("run_id") or ""),
+        "dmm.export_run_id": str(export_run_id or ""),
         "dmm.styles": json.dumps(names),
         "dmm.architecture": "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15",
         "dmm.teachers": json.dumps(teacher_checksums(record)),

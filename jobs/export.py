@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-id",
         default=None,
         help="MLflow run to log the export to; default: the merge run recorded in the model's dmm_merge.json (or the run of a models:/ URI); "
-        "checked before anything is written (unless --no-track)",
+        "checked before anything is written (unless --no-track). Another run is recorded as dmm.export_run_id, "
+        "the model's own as dmm.merge_run_id",
     )
     p.add_argument(
         "--tracking-uri",
@@ -144,7 +145,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.styles import parse_weights
-    from dmm_ray.tracking import TrackingError, check_tracking_store
+    from dmm_ray.tracking import TrackingError, check_tracking_store, is_mlflow_uri
 
     # 1. check inputs, before loading anything: where the export and its configs go and what they
     # would replace, the style selection, the device, the MLflow store
@@ -177,6 +178,13 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     unanswered = None if args.no_track else target.check()
     if unanswered:
         print(f"warning: {unanswered}", file=sys.stderr)
+    if args.run_id and model_run_id and args.run_id != model_run_id and not args.no_track:
+        # --run-id names where the export is logged, any run; the model's own run stays its merge run in the metadata
+        made_by = f"the run that registered {args.model}" if is_mlflow_uri(args.model) else f"recorded in {folder / 'dmm_merge.json'}"
+        print(
+            f"note: --run-id {args.run_id} is not the merge run {model_run_id} ({made_by}): the export is logged to "
+            f"{args.run_id} (dmm.export_run_id) and its metadata keeps {model_run_id} as dmm.merge_run_id"
+        )
 
     # 3. load and bake
     t0 = time.perf_counter()
@@ -189,7 +197,15 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         t1 = time.perf_counter()
         plain = bake(pipe, style=style, style_weights=weights)
         bake_s = time.perf_counter() - t1
-        metadata = provenance(pipe, args.model, style=style, style_weights=weights, model_dir=folder, run_id=target.run_id)
+        metadata = provenance(
+            pipe,
+            args.model,
+            style=style,
+            style_weights=weights,
+            model_dir=folder,
+            run_id=model_run_id,  # the merge's run (dmm_merge.json, or the registry's), never --run-id's
+            export_run_id=None if args.no_track else target.run_id,
+        )
     except (StyleError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

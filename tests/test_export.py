@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -568,6 +569,38 @@ def test_the_tracking_store_and_run_are_checked_before_loading(merged_dir, tmp_p
     err = capsys.readouterr().err
     assert f"the merge run 0123abcd recorded in {recorded / 'dmm_merge.json'} is not in the MLflow store {uri}" in err and "--no-track" in err
     assert tree(tmp_path) == before and not missing_db.parent.exists()  # nothing written, no database created
+
+
+def test_run_id_of_another_run_is_where_the_export_is_logged_not_its_merge_run(merged_dir, tmp_path, capsys):
+    """Finding: --run-id X was written into the export's metadata as dmm.merge_run_id even when the model
+    records another merge run (X: a run of another project). The merge run stays the model's; the run the
+    export is logged to is dmm.export_run_id, and the job says that X is not the merge run."""
+    from mlflow import MlflowClient
+
+    from dmm_ray.export import read_metadata
+
+    uri, merge_run = mlflow_store(tmp_path / "store")
+    client = MlflowClient(uri)
+    other = client.create_run(client.create_experiment("another-project"), run_name="unrelated").info.run_id
+    recorded = shutil.copytree(merged_dir, tmp_path / "recorded")
+    record = json.loads((recorded / "dmm_merge.json").read_text())
+    (recorded / "dmm_merge.json").write_text(json.dumps({**record, "mlflow": {"run_id": merge_run, "tracking_uri": uri}}))
+    out = tmp_path / "ink.safetensors"
+    capsys.readouterr()
+    assert run_job("--model", recorded, "--style", "ink", "--out", out, "--config-dir", "none", "--run-id", other) == 0
+    printed = capsys.readouterr().out
+    assert f"note: --run-id {other} is not the merge run {merge_run} (recorded in {recorded / 'dmm_merge.json'})" in printed
+    meta = read_metadata(out)
+    assert (meta["dmm.merge_run_id"], meta["dmm.export_run_id"]) == (merge_run, other)
+    assert "exports/ink.safetensors" in {a.path for a in client.list_artifacts(other, "exports")}
+    # the merge's own run: no note; a model that records no run: --run-id is only where the export goes
+    assert run_job("--model", recorded, "--style", "ink", "--out", out, "--config-dir", "none", "--run-id", merge_run) == 0
+    assert "note: --run-id" not in capsys.readouterr().out
+    assert (read_metadata(out)["dmm.merge_run_id"], read_metadata(out)["dmm.export_run_id"]) == (merge_run, merge_run)
+    assert run_job("--model", merged_dir, "--style", "ink", "--out", out, "--config-dir", "none", "--run-id", other, "--tracking-uri", uri) == 0
+    assert (read_metadata(out)["dmm.merge_run_id"], read_metadata(out)["dmm.export_run_id"]) == ("", other)
+    assert run_job("--model", recorded, "--style", "ink", "--out", out, "--config-dir", "none", "--no-track") == 0
+    assert (read_metadata(out)["dmm.merge_run_id"], read_metadata(out)["dmm.export_run_id"]) == (merge_run, "")
 
 
 def test_an_http_store_that_does_not_answer_only_warns(merged_dir, tmp_path, capsys, monkeypatch):
