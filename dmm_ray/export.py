@@ -22,7 +22,7 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
     export_pipeline(plain, "noir.safetensors", fmt="single_file", metadata=provenance(...))
 
 `jobs/export.py` is the command-line front end over this module (its checks before any work:
-`check_device`, `check_selection`, `export_config_dir`; `verify`, `unet_relative_error`) and
+`check_device`, `check_selection`, `export_config_dir`; `verify`, `unet_relative_error`, `weights_relative_error`) and
 `dmm_ray.export_tracking` (`resolve_model`, `export_target`, `check_run`, `log_export`: the MLflow side).
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -531,8 +532,12 @@ def export_config_dir(out: Path, fmt: str, config_dir: str | None = None) -> Pat
 
 
 # ---- verification -----------------------------------------------------------------------------
-def verify(export: Path, fmt: str, config_dir: Path | None, merged, style, style_weights) -> float:
-    """Max relative difference between the export's UNet and the merged model's with the style."""
+def verify(export: Path, fmt: str, config_dir: Path | None, merged, style, style_weights) -> dict[str, float]:
+    """The export loaded back against the merged model, component by component: max relative difference
+    of the UNet's output with the style (`unet_relative_error`), of the weights of the VAE and text
+    encoder(s) (`weights_relative_error`: the single-file layout converts every one of them, and a
+    conversion can go wrong as the UNet's can), and 0 / inf for the scheduler's class and config and the
+    tokenizer(s)' ids of a test prompt (read from the config folder or the diffusers folder: the same, or not)."""
     from dmm_ray.architectures import base_pipeline_class
 
     if fmt == "diffusers":
@@ -540,9 +545,52 @@ def verify(export: Path, fmt: str, config_dir: Path | None, merged, style, style
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        from dmm_ray.formats.single_file import sdxl_text_encoder_2
+
         cls = StableDiffusionXLPipeline if getattr(merged, "text_encoder_2", None) is not None else StableDiffusionPipeline
-        plain = cls.from_single_file(str(export), config=str(config_dir), local_files_only=True)
-    return unet_relative_error(merged.unet, plain.unet, style, style_weights)
+        # loaded as jobs/export.py tells the user to: equally wide SDXL text encoders need the second one read apart
+        second = sdxl_text_encoder_2(export, config_dir)
+        extra = {} if second is None else {"text_encoder_2": second}
+        plain = cls.from_single_file(str(export), config=str(config_dir), local_files_only=True, **extra)
+    errors = {"unet": unet_relative_error(merged.unet, plain.unet, style, style_weights)}
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(merged, name, None) is not None:
+            errors[name] = weights_relative_error(getattr(merged, name), getattr(plain, name, None))
+    same = type(merged.scheduler) is type(plain.scheduler) and _public(merged.scheduler.config) == _public(plain.scheduler.config)
+    errors["scheduler"] = 0.0 if same else math.inf
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(merged, name, None) is not None:
+            theirs = getattr(plain, name, None)
+            same = theirs is not None and all(merged_ids == theirs(text).input_ids for text, merged_ids in _token_ids(getattr(merged, name)))
+            errors[name] = 0.0 if same else math.inf
+    return errors
+
+
+def _public(config: Mapping) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _token_ids(tokenizer) -> list[tuple[str, list[int]]]:
+    texts = ["a red circle on a blue background", "", "A PHOTO, of 2 cats; ünïcödé"]
+    return [(text, tokenizer(text).input_ids) for text in texts]
+
+
+def weights_relative_error(reference: torch.nn.Module, other: torch.nn.Module | None) -> float:
+    """max over `reference`'s tensors of max |a - b| / max |a| against the tensor of that name in `other`
+    (float32); inf when `other` is missing, lacks one of them or holds it in another shape."""
+    if other is None:
+        return math.inf
+    theirs = other.state_dict()
+    worst = 0.0
+    for key, a in reference.state_dict().items():
+        b = theirs.get(key)
+        if b is None or b.shape != a.shape:
+            return math.inf
+        a, b = a.float(), b.float().to(a.device)
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        worst = max(worst, diff / scale if scale else (math.inf if diff else 0.0))
+    return worst
 
 
 def unet_relative_error(style_unet, plain_unet, style=None, style_weights=None, batch: int = 2, seed: int = 0) -> float:

@@ -185,7 +185,7 @@ def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     out = tmp_path / "ink.safetensors"
     assert job.main(["--model", str(folder), "--style", "ink", "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
-    assert "verify: max relative UNet difference" in printed and "(ok)" in printed
+    assert "verify: max relative difference to the merged model: unet " in printed and "(ok)" in printed
     assert f"logged under run {run.info.run_id}" in printed
     assert out.is_file() and (tmp_path / "ink.config" / "model_index.json").is_file()
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "exports")}
@@ -395,13 +395,59 @@ def test_an_sdxl_export_with_equally_wide_text_encoders_prints_a_loader_that_rea
 
     pipe = tiny_merged("sdxl", text_hidden_2=32)
     folder = save_merged(pipe, tmp_path / "merged")
-    assert run_job("--model", folder, "--style", "ink", "--out", tmp_path / "x.safetensors", "--no-track") == 0
+    assert run_job("--model", folder, "--style", "ink", "--out", tmp_path / "x.safetensors", "--no-track", "--verify") == 0
     loader = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("load it with: "))
     assert "text_encoder_2=" in loader
     loaded = eval(loader.removeprefix("load it with: "), {"StableDiffusionXLPipeline": StableDiffusionXLPipeline, "dmm_ray": dmm_ray})
     for name in ("text_encoder", "text_encoder_2"):
         want, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_verify_checks_every_component_not_only_the_unet(tmp_path, capsys, monkeypatch):
+    """Finding: --verify compared only the UNet: an export whose VAE or text encoder weights, scheduler
+    config or tokenizer differ from the merged model's verified "ok". Each is now compared (weights to
+    the same tolerance, configs and token ids exactly), and a difference names its component, exit 1."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import dmm_ray.export
+
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged")
+    write, stage = dmm_ray.export.export_pipeline, dmm_ray.export.staged_config_folder
+
+    def weights_changed(prefix):  # the export written as the job writes it, then one weight of `prefix` changed on disk
+        def export_pipeline(pipe, out, **kwargs):
+            path = write(pipe, out, **kwargs)
+            with safe_open(str(path), "pt") as f:
+                meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            key = next(k for k in state if k.startswith(prefix) and k.endswith(".weight"))
+            save_file({**state, key: state[key] * 3}, str(path), metadata=meta)
+            return path
+
+        return "export_pipeline", export_pipeline
+
+    def configs_changed(change):  # the config folder written from a copy of the export with `change` made
+        def staged_config_folder(pipe, *args, **kwargs):
+            pipe = copy.deepcopy(pipe)  # the job's shares its modules with the merged model it verifies against
+            change(pipe)
+            return stage(pipe, *args, **kwargs)
+
+        return "staged_config_folder", staged_config_folder
+
+    for what, (name, replacement) in [
+        ("vae", weights_changed("first_stage_model.decoder.")),
+        ("text_encoder", weights_changed("cond_stage_model.transformer.")),
+        ("scheduler", configs_changed(lambda pipe: pipe.scheduler.register_to_config(beta_end=0.02))),
+        ("tokenizer", configs_changed(lambda pipe: pipe.tokenizer.add_tokens(["circle"]))),
+    ]:
+        monkeypatch.setattr(dmm_ray.export, name, replacement)
+        assert run_job("--model", folder, "--style", "ink", "--out", tmp_path / f"{what}.safetensors", "--no-track", "--verify") == 1, what
+        printed = capsys.readouterr().out
+        assert f"(TOO LARGE: {what})" in printed and "unet " in printed, (what, printed)
+        monkeypatch.undo()
+    assert run_job("--model", folder, "--style", "ink", "--out", tmp_path / "ok", "--no-track", "--verify") == 0  # a diffusers folder
+    assert "vae 0.00e+00, text_encoder 0.00e+00, scheduler 0.00e+00, tokenizer 0.00e+00 (ok)" in capsys.readouterr().out
 
 
 def test_an_earlier_exports_config_folder_is_replaced_and_a_failed_export_changes_nothing(merged_dir, tmp_path, capsys, monkeypatch):
@@ -667,7 +713,7 @@ def test_verify_without_a_config_folder_and_teachers_that_moved(tmp_path, capsys
     (folder / "dmm_merge.json").write_text(json.dumps(record))
     out = tmp_path / "v.safetensors"
     assert run_job("--model", folder, "--style", "neon", "--no-track", "--out", out, "--config-dir", "none", "--verify") == 0
-    assert "verify: max relative UNet difference" in capsys.readouterr().out and not out.with_suffix(".config").exists()
+    assert "verify: max relative difference to the merged model: unet " in capsys.readouterr().out and not out.with_suffix(".config").exists()
     from dmm_ray.export import read_metadata
 
     teachers = json.loads(read_metadata(out)["dmm.teachers"])
