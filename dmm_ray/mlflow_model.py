@@ -6,7 +6,7 @@
 
 The output is a DataFrame (`prompt`, `style`, `image` as base64 PNG), so `mlflow models serve -m
 models:/dmm-toy/1 --env-manager local` answers with JSON; `params={"output": "pil"}` gives PIL images
-in-process. It runs on the GPU when there is one (`model_config={"device": "cpu"}` to choose).
+in-process (a server refuses it: a 400). It runs on the GPU when there is one (`model_config={"device": "cpu"}` to choose).
 Serve instead calls `dmm_ray.tracking.resolve_model_uri` and loads the folder.
 """
 
@@ -27,7 +27,7 @@ def model_signature():
     """The pyfunc's signature: `prompt` (string), optional `style` (a name, an index such as 2 or "2",
     or a mixture "noir=0.7,neon=0.3"; missing: the first style); params `num_inference_steps`
     (default: the model's own sampler.json), `seed` (reproducible images) and `output` ("png": base64 PNG strings, JSON-servable;
-    "pil": PIL images, in-process only)."""
+    "pil": PIL images, in-process only: a 400 through `mlflow models serve`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -59,6 +59,14 @@ def _bad_request(message: str):
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # a 400 through `mlflow models serve`
+
+
+def _serving() -> bool:
+    """Whether predict() runs in MLflow's scoring server (`mlflow models serve`), which sets this variable
+    (MLflow's own test for its serving environment)."""
+    import os
+
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() in ("true", "1")
 
 
 def _missing(value) -> bool:
@@ -100,6 +108,11 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         output = params.get("output") or "png"
         if output not in OUTPUTS:
             raise _bad_request(f"params.output {output!r}: give one of {', '.join(OUTPUTS)}")
+        if output == "pil" and _serving():  # PIL images cannot go out as JSON: the answer was a 500, after every image was made
+            raise _bad_request(
+                "params.output 'pil' gives PIL images in-process only; a server answers JSON: give output 'png' (the default: "
+                "base64 PNGs, which dmm_ray.mlflow_model.decode_images turns into PIL images)"
+            )
         steps, seed = params.get("num_inference_steps"), params.get("seed")
         if steps is not None and int(steps) < 1:
             raise _bad_request(f"params.num_inference_steps {steps}: give a whole number >= 1 (or none: the model's own)")

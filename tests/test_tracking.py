@@ -236,9 +236,10 @@ def test_registered_dmm_model_loads_as_pyfunc_and_generates(tracker, tmp_path, t
         mlflow.pyfunc.load_model(uri, model_config={"device": "nodevice"})
 
 
-def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, tiny_components):
+def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, tiny_components, monkeypatch):
     """`mlflow models serve` answers JSON: the images as base64 PNG; a bad row is a 400 naming it, and
-    the server goes on serving (the scoring server's own app, in-process)."""
+    the server goes on serving (the scoring server's own app, in-process). output "pil" is a 400 there:
+    it was a 500 once every image was made (PIL images cannot be sent as JSON)."""
     import mlflow.pyfunc
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
@@ -250,11 +251,16 @@ def test_registered_model_is_servable_by_mlflow_models_serve(tracker, tmp_path, 
     DMMPipeline.from_components(student, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]).save_pretrained(tmp_path / "dmm")
     with tracker.project(), tracker.stage("merge"):
         uri = tracker.log_merged_model(tmp_path / "dmm")
-    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(uri)))
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it for the process: undone after the test
+    model = mlflow.pyfunc.load_model(uri)
+    client = TestClient(scoring_server.init(model))
 
     def ask(rows, **params):
         body = {"dataframe_records": rows, "params": {"num_inference_steps": 2, **params}}
         return client.post("/invocations", json=body)
+
+    pil = ask([{"prompt": "a red circle"}], output="pil")
+    assert pil.status_code == 400 and "output 'pil' gives PIL images in-process only" in pil.text and "'png'" in pil.text, pil.text
 
     ok = ask([{"prompt": "a red circle", "style": "neon"}, {"prompt": "a blue square"}], seed=0)
     assert ok.status_code == 200, ok.text
