@@ -197,8 +197,8 @@ def test_adapter_targets_other_than_the_previous_models_layers_are_refused_befor
         validate_before_ray(cfg(style_film=True, targets=["to_k"]))
 
 
-def _regulariser_batches(cfg, monkeypatch, datasets: dict):
-    """The regulariser's StageBatches for `cfg`, its Ray Data shards replaced by `datasets`."""
+def _regulariser_batches(cfg, monkeypatch, datasets: dict, stage: str = "distill"):
+    """The regulariser's StageBatches for `cfg`'s `stage`, its Ray Data shards replaced by `datasets`."""
     import ray.train
 
     from dmm_ray.distill.layout import worker_layout
@@ -208,7 +208,7 @@ def _regulariser_batches(cfg, monkeypatch, datasets: dict):
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: datasets[name])
     old = ["old0", "old1"]
     roles = worker_layout(len(cfg.teachers), 1, len(old), True)
-    worker = Worker(cfg, "distill", len(roles) - 1, len(roles), torch.device("cpu"), roles, old, old + [t.name for t in cfg.teachers])
+    worker = Worker(cfg, stage, len(roles) - 1, len(roles), torch.device("cpu"), roles, old, old + [t.name for t in cfg.teachers])
     assert worker.role.kind == "regularizer"
     return StageBatches(worker, training_noise_scheduler(), Start(), torch.Generator().manual_seed(0))
 
@@ -254,6 +254,59 @@ def test_regulariser_mixes_in_the_previous_models_samples_under_their_own_styles
     [batch], [ids] = _regulariser_batches(off, monkeypatch, datasets).next_step()
     assert batch["noisy_latents"].shape[0] == 2  # the paper's regulariser: the common rows only
     assert ((ids >= 0) & (ids < 2)).all()
+
+
+class _Delivered:
+    """A dataset shard delivering numpy columns in the order given, `block` rows at a time, whatever
+    batch size is asked for (as Ray Data's batches follow its block layout and execution order)."""
+
+    def __init__(self, columns, order, block: int):
+        self.columns, self.order, self.block = columns, order, block
+
+    def iter_batches(self, batch_size=None, batch_format="numpy", drop_last=False, **_):
+        for i in range(0, len(self.order), self.block):
+            yield {k: v[self.order[i : i + self.block]] for k, v in self.columns.items()}
+
+
+@pytest.mark.parametrize("stage, old_style_samples", [("distill", True), ("finetune", True), ("finetune", False)])
+def test_the_regulariser_pools_the_synthesized_sets_in_one_order_whatever_the_delivery(merged_world, tmp_path, monkeypatch, stage, old_style_samples):
+    """The regulariser pooled the synthesized sets in the order Ray Data delivered them (the styles in the
+    order they first arrived, each style's rows as they arrived), so its batches hung on the block layout
+    and execution order, and a resumed run could train on other batches than the run it resumes. The
+    pool (the previous model's samples under their own styles, or without them every synthesized sample
+    under random old styles in the fine-tune) is now in style, then source-id order: the same batches
+    whatever the delivery."""
+    import numpy as np
+
+    from dmm_ray.data.stream import load_tokenizer, tokenize
+
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    sections = dict(teachers=new, data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5})
+    incremental = {"base_merged": merged_world["merged"], "old_style_samples": old_style_samples}
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, tmp_path / "out", **sections, incremental=incremental))
+    tok = load_tokenizer(cfg.data.tokenizer_path())
+
+    def columns(ids, styles=None):
+        n = len(ids)
+        cols = {
+            "latents": np.random.default_rng(0).standard_normal((n, 4, 4, 4)).astype(np.float32),
+            "input_ids": tokenize(tok, ["a red circle"] * n),
+            "caption": np.array(["a red circle"] * n, dtype=object),
+            "source_id": np.array(ids, dtype=object),
+        }
+        return cols if styles is None else {**cols, "style": np.array(styles, dtype=np.int64)}
+
+    names = ["old0", "old1", "new0"]  # styles 0, 1: the previous model's samples; 2: the new teacher's
+    synth = columns([f"synth-{names[s]}-{i}" for s in range(3) for i in range(4)], [s for s in range(3) for _ in range(4)])
+    common = columns([f"common-{i}" for i in range(8)])
+    seen = []
+    for order in (np.arange(12), np.arange(12)[::-1]):  # the sets as written, and the other way round
+        shards = {"train": _Delivered(common, np.arange(8), 8), "synth": _Delivered(synth, order, 3)}
+        batches = _regulariser_batches(cfg, monkeypatch, shards, stage)
+        steps = [batches.next_step() for _ in range(4)]
+        seen.append([(sid, int(i)) for [batch], [ids] in steps for sid, i in zip(batch["source_ids"], ids)])
+    assert any(sid.startswith("synth-") for sid, _ in seen[0])
+    assert seen[0] == seen[1]  # the same rows under the same styles, step after step
 
 
 def test_old_style_samples_need_the_regulariser_and_a_reader(merged_world, tmp_path):

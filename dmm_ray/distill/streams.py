@@ -38,7 +38,8 @@ class EpochStream:
 
 def read_synthesized(shard, styles: list[int] | None) -> dict[int, dict]:
     """The synthesized set (paper: 1.5k images/teacher, small) read ONCE into memory, split by style:
-    {style: numpy columns}. `styles=None` keeps every style (the regularisation worker)."""
+    {style: numpy columns}, in style order, each style's rows in source-id order. `styles=None` keeps
+    every style (the regularisation worker, the few-step stage)."""
     import numpy as np
 
     parts: dict[int, list[dict]] = {}
@@ -47,7 +48,15 @@ def read_synthesized(shard, styles: list[int] | None) -> dict[int, dict]:
             if styles is None or int(style) in styles:
                 keep = batch["style"] == style
                 parts.setdefault(int(style), []).append({k: v[keep] for k, v in batch.items()})
-    return {style: {k: np.concatenate([p[k] for p in chunks]) for k in chunks[0]} for style, chunks in parts.items()}
+    # Ray Data delivers the rows in an order that follows its block layout and execution, which a resumed
+    # run need not share: every batch built from these rows (a pool, a replica's share, a shuffle with a
+    # seed) must start from an order of their own, or the same seed and step give other rows after a restart
+    out = {}
+    for style in sorted(parts):
+        rows = {k: np.concatenate([p[k] for p in parts[style]]) for k in parts[style][0]}
+        order = np.argsort(rows["source_id"].astype(str), kind="stable")
+        out[style] = {k: v[order] for k, v in rows.items()}
+    return out
 
 
 def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
@@ -245,12 +254,9 @@ class StageBatches:
 
 
 def _share(rows: dict, replica: int, replicas: int) -> dict:
-    """Replica `replica`'s rows of one style's synthesized set: every `replicas`-th row in source-id order
-    (the order each worker reads the set in is Ray Data's; the ids make the shares disjoint whatever it is)."""
-    import numpy as np
-
-    order = np.argsort(rows["source_id"].astype(str), kind="stable")[replica::replicas]
-    return {k: v[order] for k, v in rows.items()}
+    """Replica `replica`'s rows of one style's synthesized set: every `replicas`-th row of read_synthesized's
+    source-id order (not Ray Data's, which may differ between workers: the shares are disjoint whatever it is)."""
+    return {k: v[replica::replicas] for k, v in rows.items()}
 
 
 def _joined(parts: list[dict]) -> dict:
