@@ -309,9 +309,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     return lines
 
 
-def check_resume(cfg, out: Path | str, stages: list[str]) -> None:
+# the previous merged model's weights as the stages record them (and as their synthesized.* copies)
+PREVIOUS_MODEL_CHECKSUM = "incremental.base_merged.checksum"
+
+
+def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...] = ()) -> None:
     """Refuse (StaleStateError) when a stage's existing state was made with other inputs, or its
-    inputs were never recorded (state from an older dmm-ray, or foreign files)."""
+    inputs were never recorded (state from an older dmm-ray, or foreign files). `ignore`: inputs (and
+    their synthesized.* copies) left out of the comparison."""
     recorded = _read(out)
     problems = []
     for stage in stages:
@@ -321,7 +326,8 @@ def check_resume(cfg, out: Path | str, stages: list[str]) -> None:
         if stage not in recorded:
             problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
             continue
-        diff = _differences(recorded[stage], json.loads(json.dumps(stage_inputs(cfg, stage))))
+        was, now = ({k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage)))
+        diff = _differences(was, json.loads(json.dumps(now)))
         if diff:
             problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
     if problems:

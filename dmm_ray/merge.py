@@ -64,6 +64,21 @@ def _without_fast(request: dict) -> dict:
     return {**request, "config": {k: v for k, v in config.items() if k != "fast"} if isinstance(config, dict) else config}
 
 
+def saved_into_its_base(cfg: MergeConfig, restart: bool = False) -> bool:
+    """An incremental merge whose incremental.base_merged is its own <output_dir>/merged, and which saved
+    its merged model there with this config (merged_before_fast: every stage before `fast` finished). Its
+    save replaced the previous model, so no stage that reads that model (synthesize, distill, finetune,
+    save) can run again, and none has to: a re-run runs only the few-step stage, on the saved model, or
+    nothing. `restart` (or another config) would merge from the saved model as the previous one: False."""
+    if restart or not cfg.incremental.base_merged:
+        return False
+    cfg = cfg.with_absolute_paths()  # as run_merge records the merge it completes
+    local, remote = output_location(cfg)
+    if remote is not None or Path(cfg.incremental.base_merged).resolve() != (local / "merged").resolve():
+        return False
+    return merged_before_fast(cfg, local) is not None
+
+
 def fast_folder(cfg: MergeConfig, local: Path) -> Path:
     """The merge's few-step stage folder: fast.output_dir, else <local work folder>/fast (a URI
     output_dir's staging folder: the few-step model is not uploaded)."""
@@ -173,12 +188,12 @@ def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
         )
 
 
-def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
+def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = False) -> None:
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, what
     the evaluation needs when it runs (prompts, feature extractor, the record of an incremental merge's
     previous model that lists its old styles' teachers), and local latent shards that are there or can
-    be encoded (dmm_ray.data.latents.check_latents)."""
+    be encoded (dmm_ray.data.latents.check_latents). `restart`: the merge runs with --restart."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
@@ -204,7 +219,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False) -> None:
             except FileNotFoundError as error:
                 raise TeacherError(f"incremental.base_merged: {error}; set evaluation.enabled: false to merge without evaluating") from None
         clash = sorted(set(old) & {t.name for t in cfg.teachers})
-        if clash:
+        if clash and not saved_into_its_base(cfg, restart):  # (saved: its new styles are those the save added)
             own = merged.resolve() == (Path(cfg.output_dir) / "merged").resolve()  # a save of this very merge replaced it
             raise TeacherError(
                 f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names"
@@ -493,7 +508,10 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
         if cfg.fast.enabled:  # the few-step stage's training state (in its own, local folder: fast_stage)
             for p in fingerprint.discard_fast_state(cfg, fast_folder(cfg, local)):
                 log(f"--restart: removed {p}")
-    fingerprint.check_resume(cfg, out, stages_with_state(cfg))
+    # saved into its own base: the stages recorded the previous model's checksum, which that save changed
+    # (they do not run again); any other input that changed is still stale state
+    ignore = (fingerprint.PREVIOUS_MODEL_CHECKSUM,) if saved_into_its_base(cfg, restart) else ()
+    fingerprint.check_resume(cfg, out, stages_with_state(cfg), ignore=ignore)
 
 
 def evaluate_stage(cfg: MergeConfig, merged_path, teachers: list | None = None):
@@ -518,7 +536,7 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
     cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
     # validate: everything that can be checked before Ray starts (teachers, layout), before anything
     # is written: a refused merge leaves no output folder and touches no lock
-    validate_before_ray(cfg)
+    validate_before_ray(cfg, restart=restart)
     out, remote = output_location(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if remote:

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         from dmm_ray.memory_plan import MemoryPlanError, describe_config
 
         try:
-            validate_before_ray(cfg, deep=args.deep)
+            validate_before_ray(cfg, deep=args.deep, restart=args.restart)
         except MemoryPlanError:  # a layout that does not fit: refused with its own plan
             raise
         except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here

@@ -429,9 +429,73 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
     assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
     assert result.evaluation == "fid" and evaluated == [["old0", "old1", "new0"]]  # was old0, old1, new0, new0
     assert [t["name"] for t in json.loads((out / "merged" / MERGE_RECORD).read_text())["teachers"]] == ["old0", "old1", "new0"]
-    # the previous model is gone: a re-run (a crash in evaluate or track) cannot resume; the refusal says why
+    # the previous model is gone: a re-run after a crash in evaluate or track (before the completion record)
+    # cannot resume; the refusal says why
+    merge.forget(out, merge.COMPLETE_RECORD)
     with pytest.raises(TeacherError, match=r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"):
         validate_before_ray(cfg)
+
+
+def test_an_incremental_merge_into_its_own_output_resumes_after_its_save(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged, fast.enabled: a re-run after the save (the few-step stage failed,
+    or the whole merge finished) was refused ('already styles ... this merge's own output'), though the
+    completion record says the merged model there is this config's and only the few-step stage, which reads
+    that model, is left (a plain merge runs only that stage, or nothing). It now does the same. Its stages'
+    records name the previous model's checksum, which its own save changed: that alone is not stale state.
+    --restart, or another config, would merge from the model the save made: still refused. (Training is
+    stubbed: the distilled student is the previous model + the new style.)"""
+    import shutil
+
+    from dmm_ray import fingerprint, merge
+
+    out = tmp_path / "out"
+    shutil.copytree(merged_world["merged"], out / "merged")
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, fast={"enabled": True})
+    ).with_absolute_paths()
+    ran, fail_fast = [], [True]
+
+    def distill(run):  # as distill_stage: its inputs recorded, its state (checkpoints) left in output_dir
+        ran.append("distill")
+        fingerprint.record(run.cfg, run.state, "distill")
+        (out / "ray_results" / f"{cfg.name}-distill").mkdir(parents=True, exist_ok=True)
+        (out / "ray_results" / f"{cfg.name}-distill" / "checkpoint").write_text("")
+        student = StyleUNet.from_pretrained(out / "merged" / "unet")
+        student.add_styles(["new0"], seed=0)
+        run.student_dir = out / "stages" / "distill_student"
+        student.save_pretrained(run.student_dir)
+
+    def fast(run):  # reads the saved model only
+        ran.append("fast")
+        assert DMMPipeline.from_pretrained(run.result.merged_path).styles == ["old0", "old1", "new0"]
+        if fail_fast[0]:
+            raise RuntimeError("the few-step stage failed")
+        (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
+        (out / "fast" / "model" / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    save = next(s for s in merge.STAGES if s.name == "save")
+    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), save, merge.Stage("fast", fast)))
+    with pytest.raises(RuntimeError, match="few-step stage failed"):
+        merge.run_merge(cfg)
+    assert ran == ["distill", "fast"]
+    ran.clear()
+    fail_fast[0] = False
+    result = merge.run_merge(cfg)  # was refused: only the failed stage runs
+    assert ran == ["fast"] and not result.already_complete
+    assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
+    ran.clear()
+    assert merge.run_merge(cfg).already_complete and ran == []  # was refused: nothing to do
+    refused = r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"
+    with pytest.raises(TeacherError, match=refused):  # a merge from the saved model as its previous one
+        merge.run_merge(cfg, restart=True)
+    with pytest.raises(TeacherError, match=refused):
+        merge.run_merge(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": cfg.distill.steps + 1})}))
+    assert ran == [] and DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
 
 
 def test_relative_paths_are_made_absolute_for_workers(tmp_path):
