@@ -38,6 +38,7 @@ Every number is counted from the architecture (meta-device modules), none needs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -333,6 +334,35 @@ def student_params(key: str, num_styles: int, adapter_rank: int = 0, adapter_tar
     return _params(_meta_student(key, style))
 
 
+@contextlib.contextmanager
+def _meta_style_layout(style, runs: int):
+    """The planner's forward through a meta-device StyleUNet's style embedding `style` (a StyleEmbedding):
+    its own forward reads the style weights' values (least squares on the codebook, then which rows share
+    a style) to choose the adapters' path, and the meta device has no values. For the planner's forward
+    its rows are laid out as `runs` equal one-style runs (a teacher worker's sub-batches), 0: rows of mixed
+    styles (the dense N-style path: a regulariser's or few-step worker's random style per row). Replaces
+    the two methods on this instance only, and puts them back."""
+    if not len(style.adapters):  # no adapters: its own forward reads no values
+        yield
+        return
+    n = style.codebook.num_embeddings
+
+    def forward(style_embeds):
+        out = style.mlp(style_embeds)
+        # what the adapter hooks read: the forward's MLP output, weights of the batch's shape (no values), adapters on
+        style._current, style._weights, style._adapters_on = out, torch.zeros(style_embeds.shape[0], n, device="meta"), True
+        return out
+
+    def adapter_runs(batch: int):
+        return None if runs == 0 else [(s % n, s * batch // runs, (s + 1) * batch // runs) for s in range(runs)]
+
+    style.forward, style.adapter_runs = forward, adapter_runs
+    try:
+        yield
+    finally:
+        del style.forward, style.adapter_runs
+
+
 @functools.lru_cache(maxsize=None)
 def activation_bytes_per_row(
     key: str, latent: int, dtype: str, checkpointing: bool, part: str = "unet", style: StyleModules | None = None, runs: int = 1
@@ -371,8 +401,6 @@ def activation_bytes_per_row(
         return t
 
     styled = style is not None and part == "unet"
-    if styled:
-        unet.class_embedding.meta_runs = runs
     dt = next(unet.parameters()).dtype
     stop = None
     if part == "disc":
@@ -396,8 +424,9 @@ def activation_bytes_per_row(
             added = {"text_embeds": torch.zeros(b, pooled, device="meta", dtype=dt), "time_ids": torch.zeros(b, 6, device="meta", dtype=dt)}
         # codebook-space rows (B, d): style ids would be range-checked by value
         style_kw = {"style_embeds": torch.zeros(b, unet.style_dim, device="meta", dtype=dt)} if styled else {}
+        layout = _meta_style_layout(unet.class_embedding, runs) if styled else contextlib.nullcontext()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with layout, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 unet(x, torch.zeros(b, device="meta", dtype=torch.long), text, added_cond_kwargs=added, **style_kw)
         except Exception as error:  # noqa: BLE001 - the disc hook's stop
             if stop is None:

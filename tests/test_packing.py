@@ -490,6 +490,28 @@ def test_planner_measures_the_students_style_modules(tiny_base_dir):
     assert acts(plan_layout(lay)) < planned_runs
 
 
+def test_planner_lays_out_the_style_rows_from_its_own_side(tiny_base_dir):
+    """The meta-device forward has no style weights to read: the planner sets its rows' layout on the
+    module it measures (a teacher worker's k one-style runs, or mixed styles) and puts the module's own
+    methods back; the StyleUNet itself has no planner branch or attribute."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.defaults import SD_ADAPTER_TARGETS
+    from dmm_ray.memory_plan import StyleModules, _meta_student, _meta_style_layout, arch_from_folder, register_arch
+
+    key = register_arch("tiny-style-layout", arch_from_folder(tiny_base_dir))
+    style = _meta_student(key, StyleModules(4, True, 4, tuple(SD_ADAPTER_TARGETS))).class_embedding
+    with _meta_style_layout(style, 2):
+        out = style(torch.zeros(8, style.codebook.embedding_dim, device="meta"))
+        assert out.is_meta and style.adapter_weights(16).shape == (16, 4)
+        assert style.adapter_runs(16) == [(0, 0, 8), (1, 8, 16)]
+    with _meta_style_layout(style, 0):
+        assert style.adapter_runs(16) is None  # mixed styles: the dense path
+    assert "forward" not in vars(style) and "adapter_runs" not in vars(style)
+    real = StyleUNet.from_unet(UNet2DConditionModel.from_pretrained(tiny_base_dir / "unet"), ["a", "b"], adapter_rank=2)
+    assert not hasattr(real.class_embedding, "meta_runs")
+
+
 def test_planner_counts_offloaded_teachers_in_the_memory_they_use():
     """On a GPU an offloaded worker holds 2 device slots of its k teacher UNets (the rest is host RAM);
     on a CPU worker the slots and the host copies are the same memory, so all k + 2 count."""

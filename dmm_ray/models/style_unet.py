@@ -67,10 +67,6 @@ class StyleEmbedding(nn.Module):
         self._fused_embeds: torch.Tensor | None = None  # (d,) that style's e~, as the pipeline hands it to the forward
         self._adapters_on = True  # False when every row is the folded style: the hooks then add nothing
         self._pinv: tuple[torch.Tensor, torch.Tensor] | None = None  # (a copy of the codebook, its C^+)
-        # the memory planner's weight-free forward on the meta device has no style weights to read: it sets how its
-        # rows are laid out, as this many equal one-style runs (a teacher worker's sub-batches), 0: rows of mixed
-        # styles (the dense path: a regulariser's or few-step worker's random style per row)
-        self.meta_runs = 1
 
     def codebook_pinv(self) -> torch.Tensor:
         """C^+ (d, N) of the codebook, computed again only when the codebook's values changed: the cache
@@ -88,9 +84,6 @@ class StyleEmbedding(nn.Module):
     def forward(self, style_embeds: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
         out = self.mlp(style_embeds)
         self._current = out
-        if len(self.adapters) and style_embeds.is_meta:  # the memory planner's forward: rows as `meta_runs` says
-            self._weights, self._runs, self._adapters_on = torch.zeros(style_embeds.shape[0], len(self.codebook.weight), device="meta"), {}, True
-            return out
         if len(self.adapters):
             weights = weights_from_embeds(style_embeds, pinv=self.codebook_pinv())  # (B, N), read by the adapter hooks
             if self._fused is not None:  # the layers already hold the folded style's delta; the delta is linear in w
@@ -115,11 +108,7 @@ class StyleEmbedding(nn.Module):
         None (the dense N-style path) when runs average under 4 rows: then the per-run small ops
         cost more than the N-fold wider dense product they save (measured at the toy size)."""
         if batch not in self._runs:
-            weights = self.adapter_weights(batch)
-            if weights.is_meta:  # the planner's forward: no values, the layout it set (meta_runs)
-                k = self.meta_runs
-                return None if k == 0 else [(s % self.codebook.num_embeddings, s * batch // k, (s + 1) * batch // k) for s in range(k)]
-            runs = style_runs(weights)
+            runs = style_runs(self.adapter_weights(batch))
             self._runs[batch] = runs if 4 * len(runs) <= batch else None
         return self._runs[batch]
 
