@@ -29,7 +29,8 @@ reads per step; its no-grad forward takes the whole batch.
 The few-step stage's worker (jobs/fast.py, a merge with fast.enabled; `plan_fast`): the merged model
 (teacher), the student (its own copy + the LCM-LoRA, or a full copy + the EMA target network), gradients,
 AdamW (+ the rollout steps' own), the saved EMA, the text encoder(s), all fp32 (no autocast); activations
-of an LCM step (fast.batch_size rows) or of a rollout step (fast.rollout_batch_size rows x the longest
+(of the student as it trains: fast.mode lora, the frozen merged model with the LCM-LoRA on it) of an LCM
+step (fast.batch_size rows) or of a rollout step (fast.rollout_batch_size rows x the longest
 fast.rollout_sampler_steps chain, every step kept for the one backward), whichever is larger; the CFG
 teacher's and the target's no-grad forward and the overhead as above.
 Every number is counted from the architecture (meta-device modules), none needs the weights.
@@ -365,14 +366,24 @@ def _meta_style_layout(style, runs: int):
 
 @functools.lru_cache(maxsize=None)
 def activation_bytes_per_row(
-    key: str, latent: int, dtype: str, checkpointing: bool, part: str = "unet", style: StyleModules | None = None, runs: int = 1
+    key: str,
+    latent: int,
+    dtype: str,
+    checkpointing: bool,
+    part: str = "unet",
+    style: StyleModules | None = None,
+    runs: int = 1,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] = (),
 ) -> int:
     """Bytes the forward keeps for backward per batch row, measured on the meta device.
     part=unet: the student, a StyleUNet with `style`'s modules (None: the plain UNet, a teacher); its style
     adapters take the path of the batch's layout: `runs` one-style runs (a teacher worker's k sub-batches,
     measured at one row each), or 0: rows of mixed styles (the dense N-style path: the regulariser's and the
-    few-step worker's random style per row, a mixture block); part=disc: the generator term through the
-    frozen discriminator backbone."""
+    few-step worker's random style per row, a mixture block); `lora_rank`: the few-step student of
+    fast.mode lora, its weights frozen and a rank-`lora_rank` LCM-LoRA on `lora_targets` trained (what a
+    frozen layer need not keep, what the LoRA's own layers keep); part=disc: the generator term through
+    the frozen discriminator backbone."""
     import copy
     import logging
 
@@ -381,6 +392,13 @@ def activation_bytes_per_row(
     unet = copy.deepcopy(model).to({"float32": torch.float32}.get(dtype, torch.bfloat16))
     cfg = _ARCHS[key].unet
     unet.requires_grad_(part == "unet")
+    if lora_rank and part == "unet":
+        from types import SimpleNamespace
+
+        from dmm_ray.fast.lcm import add_lcm_lora
+
+        with torch.device("meta"):  # the few-step loop's own LoRA (fast.loop.build_student), without weights
+            add_lcm_lora(unet, SimpleNamespace(lora_rank=lora_rank, lora_alpha=None, lora_targets=lora_targets))
     if checkpointing and part == "unet":
         unet.enable_gradient_checkpointing()
         unet.train()
@@ -446,7 +464,9 @@ def activation_bytes_per_row(
             stop.remove()
     if checkpointing and part == "unet":
         # recompute in backward: one block's activations at a time on top (the largest block)
-        total += activation_bytes_per_row(key, latent, dtype, False, "unet", style, runs) // max(1, len(cfg["down_block_types"]) * 2 + 1)
+        total += activation_bytes_per_row(key, latent, dtype, False, "unet", style, runs, lora_rank, lora_targets) // max(
+            1, len(cfg["down_block_types"]) * 2 + 1
+        )
     return total
 
 
@@ -545,6 +565,8 @@ class FastLayout:
     gpu: bool = True
     workers: int = 1  # fast.num_workers: each holds all of this
     style: StyleModules | None = None  # the merged model's style modules (its activations); None: a plain UNet's
+    lora_rank: int = 0  # fast.lora_rank, fast.lora_targets: the LCM-LoRA of fast.mode lora (its activations)
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def trainable(self) -> int:
@@ -573,21 +595,23 @@ def plan_fast(lay: FastLayout, capacity_gb: float | None = None) -> Plan:
     if lay.saved_ema:
         L.append(("saved EMA of the trainable weights (fp32)", 4 * t, "counted"))
     L.append(("text encoder(s) (fp32, frozen)", 4 * text_encoder_params(key), "counted"))
-    # a random style per row (LCM steps and rollout pairs alike): the adapters' dense path
-    lcm_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
-    lcm = lcm_row * lay.batch_size
+    # a random style per row (LCM steps and rollout pairs alike): the adapters' dense path; fast.mode lora:
+    # the student's forward through its frozen weights and the LoRA's own layers
+    lora = (lay.lora_rank, lay.lora_targets) if lay.mode == "lora" else (0, ())
+    lcm = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False, "unet", lay.style, 0, *lora) * lay.batch_size
     lcm_label = f"an LCM step, {lay.batch_size} rows"
     label, act = lcm_label, lcm
     if lay.rollout_batch_size:  # the chain keeps every sampler step's activations for the one backward
-        rollout = activation_bytes_per_row(key, lay.rollout_resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
+        rollout = activation_bytes_per_row(key, lay.rollout_resolution // a.vae_factor, "float32", False, "unet", lay.style, 0, *lora)
         rollout *= lay.rollout_batch_size
         rollout *= lay.rollout_sampler_steps
         rollout_label = f"a rollout step, {lay.rollout_batch_size} rows x {lay.rollout_sampler_steps} sampler steps"
         label, act, other, other_bytes = (rollout_label, rollout, lcm_label, lcm) if rollout > lcm else (lcm_label, lcm, rollout_label, rollout)
         label += f" ({other}: {other_bytes / GiB:.2f} GiB)"
     L.append((f"student activations: {label}", act, "measured (meta device)"))
-    # the CFG teacher (conditional, then unconditional) and the target, one no-grad forward at a time
-    L.append((f"teacher / target forward, {lay.batch_size} rows (no grad)", int(TEACHER_ACT_FRACTION * lcm_row * lay.batch_size), "estimated"))
+    # the CFG teacher (conditional, then unconditional) and the target, one no-grad forward at a time: the merged model's
+    merged_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
+    L.append((f"teacher / target forward, {lay.batch_size} rows (no grad)", int(TEACHER_ACT_FRACTION * merged_row * lay.batch_size), "estimated"))
     L.append(
         (
             "CUDA context, workspaces, allocator slack" if lay.gpu else "process runtime (torch, Ray worker)",
@@ -864,6 +888,8 @@ def fast_worker(cfg, model_dir: str | Path | None = None) -> WorkerLayout:
         gpu=cfg.scaling.use_gpu,
         workers=f.num_workers,
         style=style,
+        lora_rank=f.lora_rank,
+        lora_targets=tuple(f.lora_targets),
     )
     return WorkerLayout("fast", (), lay, tuple(notes), "fast")
 
