@@ -576,7 +576,8 @@ class FastLayout:
 def plan_fast(lay: FastLayout, capacity_gb: float | None = None) -> Plan:
     """One few-step worker's bytes, counted and measured as plan_layout does (same activations, same
     10 % for a no-grad forward, same overhead). The LCM step and a rollout step do not overlap (each
-    step's activations are freed by its backward), so the larger of the two is the activations line."""
+    step's activations are freed by its backward), so the larger of the two is the activations line;
+    on a CPU worker whose rollout step is the larger, the LCM steps' too (the heap keeps them)."""
     key = lay.arch
     a = _ARCHS[key]
     p, t = lay.model_params, lay.trainable
@@ -609,6 +610,12 @@ def plan_fast(lay: FastLayout, capacity_gb: float | None = None) -> Plan:
         label, act, other, other_bytes = (rollout_label, rollout, lcm_label, lcm) if rollout > lcm else (lcm_label, lcm, rollout_label, rollout)
         label += f" ({other}: {other_bytes / GiB:.2f} GiB)"
     L.append((f"student activations: {label}", act, "measured (meta device)"))
+    if lay.rollout_batch_size and rollout > lcm and not lay.gpu:
+        # the rollout steps follow the LCM steps; on a CPU worker glibc's heap keeps what the LCM steps' activations
+        # freed, and the rollout chain's tensors (of other sizes) grow it further: the toy's lora mode, peak RSS growth
+        # over the plan without this line 53 / 97 / 156 MiB at 8 / 32 / 64 LCM rows, with it 37 / 31 / 18 (the
+        # process's own, in its runtime line). A GPU's caching allocator hands freed blocks on to the next step
+        L.append((f"{lcm_label}: its activations, kept by the CPU heap", lcm, "estimated"))
     # the CFG teacher (conditional, then unconditional) and the target, one no-grad forward at a time: the merged model's
     merged_row = activation_bytes_per_row(key, lay.resolution // a.vae_factor, "float32", False, "unet", lay.style, 0)
     L.append((f"teacher / target forward, {lay.batch_size} rows (no grad)", int(TEACHER_ACT_FRACTION * merged_row * lay.batch_size), "estimated"))

@@ -544,6 +544,38 @@ def test_planner_measures_the_few_step_students_lcm_lora(tiny_base_dir):
     assert full < 0.8 * acts(replace(lay, mode="lora", lora_rank=32))
 
 
+def test_planner_keeps_the_lcm_steps_activations_on_a_cpu_worker_whose_rollout_step_is_larger(tiny_base_dir):
+    """The rollout steps follow the LCM steps. On a CPU worker glibc's heap keeps what the LCM steps'
+    activations freed and the rollout chain grows it: the toy's few-step worker (lora mode, 8 / 32 / 64
+    LCM rows) peaked 53 / 97 / 156 MiB of RSS over its plan (without the fixed runtime line), a gap that
+    grew with the rows; with the LCM steps' activations counted too, 37 / 31 / 18. A GPU plan, or a
+    worker whose LCM step is the larger (the rollout chain then fits in what it freed), is unchanged."""
+    from dmm_ray.memory_plan import FastLayout, StyleModules, arch_from_folder, plan_fast, register_arch
+
+    arch = arch_from_folder(tiny_base_dir)
+    key = register_arch("tiny-cpu-heap", arch)
+    px = 8 * arch.vae_factor
+    lay = FastLayout(
+        arch=key,
+        model_params=0,
+        lora_params=0,
+        full_trainable_params=0,
+        mode="full",
+        batch_size=8,
+        resolution=px,
+        rollout_batch_size=4,
+        rollout_sampler_steps=4,
+        rollout_resolution=px,
+        gpu=False,
+        style=StyleModules(4),
+    )
+    lines = lambda layout: {n: b for n, b, _ in plan_fast(layout).lines}  # noqa: E731
+    lcm = next(b for n, b in lines(replace(lay, rollout_batch_size=0)).items() if n.startswith("student activations"))
+    assert lines(lay)["an LCM step, 8 rows: its activations, kept by the CPU heap"] == lcm
+    assert not any("CPU heap" in n for n in lines(replace(lay, gpu=True)))
+    assert not any("CPU heap" in n for n in lines(replace(lay, rollout_sampler_steps=1)))  # 4 rollout rows x 1 step < 8 LCM rows
+
+
 def test_planner_counts_offloaded_teachers_in_the_memory_they_use():
     """On a GPU an offloaded worker holds 2 device slots of its k teacher UNets (the rest is host RAM);
     on a CPU worker the slots and the host copies are the same memory, so all k + 2 count."""
