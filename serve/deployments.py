@@ -131,8 +131,8 @@ class StyleModel:
             except Exception as exc:  # a malformed sample (only a direct handle caller can send one)
                 self.sample_failures["client"] += 1
                 out[i] = exc if isinstance(exc, RequestError) else RequestError(422, f"malformed sample: {type(exc).__name__}")
-        # One backend call per forward group (samples sharing steps, guidance, size, regions and LoRA set:
-        # the backend would run them as separate forwards anyway), each with its own stop: a group whose
+        # One backend forward per group (samples sharing steps, guidance, size, regions and LoRA set: one
+        # pipeline call takes one of each), each with its own stop: a group whose
         # requests were all cancelled stops at its next step even while another group's requests still
         # wait (one stop for the whole batch kept a cancelled 50-step group running ahead of them), and a
         # forward that raises retries only its own group's samples one by one.
@@ -143,7 +143,7 @@ class StyleModel:
         for idx in groups.values():
             group = [samples[i] for i in idx]
             try:  # off the event loop, so the replica keeps queueing the next batch
-                images = await asyncio.to_thread(self.backend.generate, group, self._stop_when_all_cancelled(group))
+                images = await asyncio.to_thread(self.backend.forward, group, self._stop_when_all_cancelled(group))
             except GenerationCancelled:
                 stopped += 1
                 images = [GenerationCancelled("cancelled") for _ in idx]
@@ -162,7 +162,7 @@ class StyleModel:
 
     async def _alone(self, sample: Sample):
         try:
-            return (await asyncio.to_thread(self.backend.generate, [sample]))[0]
+            return (await asyncio.to_thread(self.backend.forward, [sample]))[0]
         except Exception as exc:
             self.sample_failures["server"] += 1
             logger.error("sample failed alone (prompt %s): %s", repr(sample.prompt)[:80], exc, exc_info=True)

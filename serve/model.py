@@ -1,7 +1,7 @@
 """The model-facing side of serving: load a merged DMM model, generate a batch of samples.
 
 `StyleModelBackend` is plain Python (no Ray): the Serve deployment wraps it, tests call it
-directly. One `generate(samples)` call runs ONE pipeline forward per group of samples that
+directly. One `generate(samples)` call runs ONE pipeline forward (`forward`) per group of samples that
 share (steps, guidance, width, height, LoRA adapter set); styles, prompts and seeds may differ per
 sample because the style is a per-sample embedding row and diffusers takes one generator per image.
 LoRA adapters are model weights, not per-sample inputs, so samples with different adapter sets
@@ -204,60 +204,69 @@ class StyleModelBackend:
         return [StyleInfo(index=i, name=n, description=d) for i, (n, d) in enumerate(zip(self.style_names, self.descriptions))]
 
     def generate(self, samples: Sequence[Sample], stop: Optional[Callable[[], bool]] = None) -> list[np.ndarray]:
-        """One pipeline forward per (steps, guidance, width, height, LoRA set) group; results in input order.
+        """One pipeline forward (`forward`) per group of samples sharing `Sample.group_key()` (steps,
+        guidance, size, regions, LoRA set); results in input order. `stop`: as for `forward`, shared by
+        every group (the Serve replica groups a batch itself and calls `forward` with a stop per group)."""
+        out: list[Optional[np.ndarray]] = [None] * len(samples)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
+            groups[s.group_key()].append(i)
+        for idx in groups.values():
+            for i, image in zip(idx, self.forward([samples[i] for i in idx], stop)):
+                out[i] = image
+        return out  # type: ignore[return-value]
+
+    def forward(self, batch: Sequence[Sample], stop: Optional[Callable[[], bool]] = None) -> list[np.ndarray]:
+        """ONE pipeline forward over samples that share `group_key()` (ValueError otherwise: the forward
+        takes one steps / guidance / size / regions / LoRA set); an (H, W, 3) uint8 image per sample, in order.
 
         `stop`: asked after every denoising step; once true, the forward skips its remaining steps
-        (diffusers' `interrupt`) and `GenerationCancelled` is raised (every request of the batch timed
+        (diffusers' `interrupt`) and `GenerationCancelled` is raised (every request of the forward timed
         out or went away: nobody reads the images, and the next batch should not wait behind them)."""
         import torch
 
         from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
 
+        keys = {s.group_key() for s in batch}
+        if len(keys) != 1:
+            raise ValueError(f"forward takes samples of one group (steps, guidance, size, regions, LoRA); got {len(keys)} groups: use generate()")
+        key = keys.pop()
+        steps, guidance, width, height, regions, background, region_window, region_decode, feather, lora = key
         default_negative = self.sampler.get("negative_prompt", PAPER_NEGATIVE_PROMPT)  # the model's own (sampler.json)
-        out: list[Optional[np.ndarray]] = [None] * len(samples)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, s in enumerate(samples):
-            groups[s.group_key()].append(i)
-        for key, idx in groups.items():
-            steps, guidance, width, height, regions, background, region_window, region_decode, feather, lora = key
-            batch = [samples[i] for i in idx]
-            self._set_lora(lora)
-            self.forward_groups = (self.forward_groups + [(key, len(batch))])[-1000:]
-            # One CPU generator per image: the initial latents of image i depend only on its
-            # own seed, so a mixed batch reproduces one-by-one generation.
-            generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
-            if regions:  # regional styles: the group shares its regions; one batched UNet pass per step
-                from dmm_ray.regions import Region
+        self._set_lora(lora)
+        self.forward_groups = (self.forward_groups + [(key, len(batch))])[-1000:]
+        # One CPU generator per image: the initial latents of image i depend only on its
+        # own seed, so a mixed batch reproduces one-by-one generation.
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+        if regions:  # regional styles: the group shares its regions; one batched UNet pass per step
+            from dmm_ray.regions import Region
 
-                style = dict(
-                    regions=[Region(box=box, style_weights=list(w), prompt=p) for box, w, p in regions],
-                    background=None if background is None else list(background),
-                    region_window=None if region_window == "canvas" else region_window,
-                    region_decode=region_decode,
-                    feather=feather,
-                )
-            else:
-                style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample
-            if stop is not None and stop():
-                raise GenerationCancelled("every request of this batch was cancelled")
-            result = self.pipe(
-                callback_on_step_end=None if stop is None else _interrupt_when(stop),
-                prompt=[s.prompt for s in batch],
-                **style,
-                negative_prompt=[default_negative if s.negative_prompt is None else s.negative_prompt for s in batch],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=generators,
-                output_type="np",
+            style = dict(
+                regions=[Region(box=box, style_weights=list(w), prompt=p) for box, w, p in regions],
+                background=None if background is None else list(background),
+                region_window=None if region_window == "canvas" else region_window,
+                region_decode=region_decode,
+                feather=feather,
             )
-            if self.pipe.interrupt:
-                raise GenerationCancelled("every request of this batch was cancelled")
-            images = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)  # (B, H, W, 3)
-            for j, i in enumerate(idx):
-                out[i] = images[j]
-        return out  # type: ignore[return-value]
+        else:
+            style = dict(style_weights=[list(s.weights) for s in batch])  # (B, N) one mixture per sample
+        if stop is not None and stop():
+            raise GenerationCancelled("every request of this batch was cancelled")
+        result = self.pipe(
+            callback_on_step_end=None if stop is None else _interrupt_when(stop),
+            prompt=[s.prompt for s in batch],
+            **style,
+            negative_prompt=[default_negative if s.negative_prompt is None else s.negative_prompt for s in batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            generator=generators,
+            output_type="np",
+        )
+        if self.pipe.interrupt:
+            raise GenerationCancelled("every request of this batch was cancelled")
+        return list((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))  # (H, W, 3) per sample
 
 
 class GenerationCancelled(Exception):

@@ -53,6 +53,40 @@ def test_groups_by_steps_and_size_keep_order(backend):
     assert np.abs(out[2].astype(int) - backend.generate([MIXED[1]])[0].astype(int)).max() <= MAX_LEVEL_DIFF
 
 
+def test_forward_takes_one_group_only(backend):
+    """`forward` is one pipeline call: samples of two groups (here two step counts) are refused, not run
+    with the first sample's steps; `generate` splits them."""
+    other = Sample("a red circle", None, (1, 0, 0), 1, 7.0, TINY_SIZE, TINY_SIZE, 11)
+    with pytest.raises(ValueError, match="one group.*got 2 groups"):
+        backend.forward([MIXED[0], other])
+    assert len(backend.forward(MIXED[:2])) == 2
+
+
+def test_the_replica_runs_each_group_of_a_batch_as_one_backend_forward(monkeypatch):
+    """The replica groups a batch (a stop per group) and hands each group to the backend's `forward`
+    (one pipeline call) as is: the backend does not group it again."""
+    import asyncio
+
+    with style_model_outside_serve(monkeypatch, str(tiny_model_dir()), "cpu", 8, 0.5) as model:
+        calls = []
+        real = model.backend.forward
+
+        def forward(samples, stop=None):
+            calls.append(sorted(s.seed for s in samples))
+            return real(samples, stop)
+
+        monkeypatch.setattr(model.backend, "forward", forward)
+        monkeypatch.setattr(model.backend, "generate", lambda *a, **k: pytest.fail("the replica grouped the batch twice"))
+        batch = MIXED[:2] + [Sample("a red circle", None, (1, 0, 0), 1, 7.0, TINY_SIZE, TINY_SIZE, 21)]
+
+        async def run():
+            return await asyncio.gather(*(model.generate(s) for s in batch))
+
+        out = asyncio.run(run())
+    assert model.batch_sizes == {3: 1} and sorted(calls) == [[11, 12], [21]], calls
+    assert all(o.shape == (TINY_SIZE, TINY_SIZE, 3) for o in out)
+
+
 def test_a_cancelled_forward_keeps_the_422_of_a_sample_refused_before_it(monkeypatch):
     """A batch whose forward stopped (every request in it cancelled) answers "cancelled" to the samples
     that were in the forward only: a sample the replica refused before it (its request still waits) keeps
@@ -67,7 +101,7 @@ def test_a_cancelled_forward_keeps_the_422_of_a_sample_refused_before_it(monkeyp
         def stopped(samples, stop=None):  # the forward of a batch whose every request was cancelled
             raise GenerationCancelled("every request of this batch was cancelled")
 
-        monkeypatch.setattr(model.backend, "generate", stopped)
+        monkeypatch.setattr(model.backend, "forward", stopped)
         batch = [sample("a red circle", (1, 0, 0), 1), sample("overflow", (1e308, 1e308, 0), 2)]
 
         async def run():
@@ -103,7 +137,7 @@ def test_a_cancelled_request_stops_its_own_forward_while_the_batch_has_others(mo
             forwards.append((steps, steps))
             return [np.zeros((s.height, s.width, 3), np.uint8) for s in samples]
 
-        monkeypatch.setattr(model.backend, "generate", generate)
+        monkeypatch.setattr(model.backend, "forward", generate)
         long, short = dataclasses.replace(sample("a red circle", (1, 0, 0), 1), steps=50), sample("a blue square", (0, 1, 0), 2)
 
         async def run():

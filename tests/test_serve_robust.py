@@ -375,14 +375,14 @@ def test_a_poisoned_sample_fails_only_its_own_request_in_a_shared_batch(backend,
     cls = StyleModel.func_or_class
     model = cls.__new__(cls)
     cls.__init__(model, str(backend.path), "cpu", 8, 0.5)
-    real = model.backend.generate
+    real = model.backend.forward
 
-    def generate(samples):
+    def forward(samples, stop=None):
         if any(s.prompt == "poison" for s in samples):
             raise RuntimeError("forward blew up")
-        return real(samples)
+        return real(samples, stop)
 
-    monkeypatch.setattr(model.backend, "generate", generate)
+    monkeypatch.setattr(model.backend, "forward", forward)
     batch = [
         sample("a red circle", (1, 0, 0), 1),
         sample("overflow", (1e308, 1e308, 0), 2),
