@@ -49,6 +49,8 @@ __all__ = [
     "feathered",
     "gaussian_window",
     "window_starts",
+    "uncovered",
+    "boxes_uncovered",
     "RegionError",
 ]
 
@@ -242,6 +244,27 @@ def _check_one_style(style: Any, setting: str, mixture: str, style_names: Sequen
     )
 
 
+def uncovered(union: torch.Tensor, vae_scale_factor: int) -> str | None:
+    """The coverage rule of regions without a background (the pipeline's, and Serve's before a request
+    reaches a model): a latent cell is covered when some region's hard mask is > 0 there, so a box that
+    covers part of a cell covers it (its feathered weights, normalised to sum 1, fill the cell). None when
+    every cell of `union` (the regions' hard masks summed, (h, w)) is covered, else what is left, for a message."""
+    holes = union <= 0
+    if not bool(holes.any()):
+        return None
+    y, x = (int(v) * vae_scale_factor for v in torch.nonzero(holes)[0])
+    # a few cells (a mask's pinhole) would read "0%": the share to 2 digits, and where the first one is
+    pct = float(holes.float().mean()) * 100
+    share = f"{pct:.0f}%" if pct >= 1 else f"{pct:.2g}%"
+    return f"the regions leave {share} of the canvas uncovered ({int(holes.sum())} latent cell(s), the first at x={x}, y={y} px)"
+
+
+def boxes_uncovered(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], vae_scale_factor: int) -> str | None:
+    """`uncovered` for boxes (fractions of an image of `image_size` (H, W)), as the pipeline draws them."""
+    latent = (image_size[0] // vae_scale_factor, image_size[1] // vae_scale_factor)
+    return uncovered(torch.stack([box_mask(b, latent, f"box {i}") for i, b in enumerate(boxes)]).sum(0), vae_scale_factor)
+
+
 def _region_style(style_names: Sequence[str], region: Region, label: str) -> torch.Tensor:
     if (region.style is None) == (region.style_weights is None):
         raise StyleError(f"{label}: give exactly one of style= or style_weights=; known styles: {', '.join(style_names)}")
@@ -315,16 +338,10 @@ def build_region_views(
             rows.append(bg_row)
             prompt_idx.append(None)
             labels.append("background")
-    elif float(union.min()) <= 0:
-        holes = union <= 0
-        y, x = (int(v) * vae_scale_factor for v in torch.nonzero(holes)[0])
-        # a few cells (a mask's pinhole) would read "0%": the share to 2 digits, and where the first one is
-        pct = float(holes.float().mean()) * 100
-        share = f"{pct:.0f}%" if pct >= 1 else f"{pct:.2g}%"
-        raise RegionError(
-            f"the regions leave {share} of the canvas uncovered ({int(holes.sum())} latent cell(s), the first at x={x}, y={y} px); "
-            "add a region there or pass background=<style>"
-        )
+    else:
+        gap = uncovered(union, vae_scale_factor)
+        if gap:
+            raise RegionError(f"{gap}; add a region there or pass background=<style>")
     total = torch.stack(soft).sum(0)
     if float(total.min()) <= 0:  # cannot happen for covered pixels; kept as a guard
         raise RegionError("some latent pixels have zero total region weight; widen the regions or pass background=")

@@ -75,6 +75,7 @@ class StyleModel:
         return {
             "styles": [s.model_dump() for s in self.backend.styles()],
             "native_size": list(self.backend.native_size),
+            "vae_scale_factor": int(self.backend.pipe.vae_scale_factor),
             "device": self.backend.device,
             "pid": os.getpid(),
             "batch_sizes": dict(self.batch_sizes),
@@ -191,7 +192,11 @@ class HandleService:
         if self._info is None or refresh:
             raw = await self._ask_info()
             self._info = ModelInfo(
-                [StyleInfo(**s) for s in raw["styles"]], tuple(raw["native_size"]), list(raw.get("lora", [])), dict(raw.get("sampler") or {})
+                [StyleInfo(**s) for s in raw["styles"]],
+                tuple(raw["native_size"]),
+                list(raw.get("lora", [])),
+                dict(raw.get("sampler") or {}),
+                int(raw["vae_scale_factor"]),
             )
         return self._info
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import html
 import io
@@ -154,6 +155,7 @@ class ModelInfo:
     native_size: tuple[int, int]  # (width, height)
     lora_names: list[str] = field(default_factory=list)  # preloaded LoRA adapters
     sampler: dict = field(default_factory=dict)  # the model's own {"scheduler", "num_inference_steps", "guidance_scale"}
+    vae_scale_factor: int = 8  # image pixels per latent cell (SD's 8; a model replica reports its own): the regions' coverage grid
 
     @property
     def style_names(self) -> list[str]:
@@ -183,6 +185,7 @@ class LocalService:
             self.backend.native_size,
             list(getattr(self.backend, "lora_names", [])),
             dict(getattr(self.backend, "sampler", {}) or {}),
+            int(self.backend.pipe.vae_scale_factor),
         )
 
     async def generate(self, samples):
@@ -276,7 +279,7 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     async def model_info(refresh: bool = False) -> ModelInfo:
         info = await service.info(refresh=refresh)
         if cfg.default_size is not None:
-            return ModelInfo(info.styles, (cfg.default_size, cfg.default_size), info.lora_names, info.sampler)
+            return dataclasses.replace(info, native_size=(cfg.default_size, cfg.default_size))
         return info
 
     api = FastAPI(
@@ -399,13 +402,17 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         if cfg.api_key is not None and not hmac.compare_digest((x_api_key or "").encode(), cfg.api_key.encode()):
             raise RequestError(401 if x_api_key is None else 403, "missing or wrong API key (header X-API-Key)")
         info = await model_info()
-        resolved = resolve_request(req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names)
+        resolved = resolve_request(
+            req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names, vae_scale_factor=info.vae_scale_factor
+        )
         try:
             images = await service.generate(resolved.samples)
         except StylesChanged:  # the router's style list is stale (the model was reloaded): read it again, once
             logger.warning("the model's styles changed since this router read them; reading them again")
             info = await model_info(refresh=True)
-            resolved = resolve_request(req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names)
+            resolved = resolve_request(
+                req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names, vae_scale_factor=info.vae_scale_factor
+            )
             images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])
         if resolved.response_format == "png":

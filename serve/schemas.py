@@ -253,8 +253,11 @@ def resolve_request(
     cfg: ServeConfig,
     native_size: tuple[int, int],
     lora_names: Sequence[str] = (),
+    *,
+    vae_scale_factor: int,
 ) -> ResolvedRequest:
-    """Check a request against the model and the limits; expand it into per-image samples."""
+    """Check a request against the model and the limits; expand it into per-image samples.
+    `vae_scale_factor`: the model's (image pixels per latent cell), for the regions' coverage."""
     lim = cfg.limits
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
     if not prompts:
@@ -277,19 +280,6 @@ def resolve_request(
         regions = resolve_regions(req.regions, style_names, lim.max_prompt_chars)
         if req.style is not None or req.weights is not None:
             background = tuple(weights)
-        else:
-            uncovered = uncovered_fraction([r[0] for r in regions])
-            if uncovered > 0:
-                # a sliver (boxes that miss meeting by a rounding) would read "0%": give its size and the likely cause
-                share = (
-                    f"{uncovered:.0%}"
-                    if uncovered >= 0.005
-                    else f"{uncovered * 100:.2g}% (a sliver: boxes that should meet must share the edge value exactly)"
-                )
-                raise RequestError(
-                    422,
-                    f"the regions leave {share} of the canvas uncovered; add a region there or give `style`/`weights` for the background",
-                )
     else:
         for name, unset in (("region_window", "canvas"), ("region_decode", False), ("feather", None)):
             if getattr(req, name) != unset:
@@ -311,6 +301,14 @@ def resolve_request(
                 f"{name}={value} is above the maximum {top}"
                 + ("" if given else f" (the model's native {name}, as the request gives none: send a smaller {name}, or raise limits.max_{name})"),
             )
+    if regions and background is None:
+        # The pipeline's own rule, at this size's latent grid (a box covering part of a latent cell covers it):
+        # the exact area would refuse a sliver between boxes that the model renders.
+        from dmm_ray.regions import boxes_uncovered
+
+        gap = boxes_uncovered([r[0] for r in regions], (height, width), vae_scale_factor)
+        if gap:
+            raise RequestError(422, f"{gap}; add a region there or give `style`/`weights` for the background")
     total = len(prompts) * req.num_images
     if total > lim.max_images:
         raise RequestError(
@@ -392,16 +390,3 @@ def resolve_regions(regions: list[RegionRequest], style_names: list[str], max_pr
             check_encodable(f"{where}.prompt", r.prompt)
         out.append((tuple(float(v) for v in r.box), tuple(w), r.prompt))
     return tuple(out)
-
-
-def uncovered_fraction(boxes) -> float:
-    """Exact area of the unit square that no box covers (coordinate compression over the box edges)."""
-    xs = sorted({0.0, 1.0, *[b[0] for b in boxes], *[b[2] for b in boxes]})
-    ys = sorted({0.0, 1.0, *[b[1] for b in boxes], *[b[3] for b in boxes]})
-    area = 0.0
-    for xa, xb in zip(xs, xs[1:]):
-        for ya, yb in zip(ys, ys[1:]):
-            cx, cy = (xa + xb) / 2, (ya + yb) / 2
-            if not any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes):
-                area += (xb - xa) * (yb - ya)
-    return area

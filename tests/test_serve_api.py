@@ -329,7 +329,7 @@ def test_readyz_reaches_the_model_not_the_styles_cache_and_leaks_nothing(caplog)
     async def info():
         if not state["alive"]:
             raise RuntimeError("no replica at /secret/models/merged")
-        return {"styles": [{"name": "a", "index": 0, "description": ""}], "native_size": [32, 32]}
+        return {"styles": [{"name": "a", "index": 0, "description": ""}], "native_size": [32, 32], "vae_scale_factor": 8}
 
     handle = types.SimpleNamespace(info=Method(info), generate=Method(None))
     with TestClient(create_api(HandleService(handle), ServeConfig(model="/secret/models/merged"))) as c:

@@ -15,7 +15,7 @@ from serve_helpers import TINY_SIZE, TINY_STEPS, tiny_model_dir
 from serve.config import ServeConfig
 from serve.model import StyleModelBackend
 from serve.router import LocalService, create_api
-from serve.schemas import MAX_REGIONS, Sample, uncovered_fraction
+from serve.schemas import MAX_REGIONS, Sample
 
 LEFT, RIGHT = [0, 0, 0.5, 1], [0.5, 0, 1, 1]
 
@@ -92,8 +92,12 @@ def test_request_style_is_the_background_and_json_lists_regions(client):
         ([{"box": LEFT, "style": 0, "colour": "red"}], {}, ["regions[0]", "unknown field 'colour'", "box"]),
         ([{"box": LEFT, "style": {"a": 1}}], {}, ["regions[0]", "style must be"]),
         ([{"box": LEFT, "style": 0}], {}, ["uncovered", "50%", "background"]),
-        # a sliver read "0% of the canvas uncovered"
-        ([{"box": LEFT, "style": 0}, {"box": [0.5001, 0, 1, 1], "style": 0}], {}, ["leave 0.01% (a sliver", "share the edge value exactly"]),
+        # a gap of one latent column (32 px over 16 cells: 2 px each), as the pipeline counts it
+        (
+            [{"box": LEFT, "style": 0}, {"box": [0.5625, 0, 1, 1], "style": 0}],
+            {},
+            ["leave 6% of the canvas uncovered (16 latent cell(s)", "x=16, y=0 px"],
+        ),
         ([{"box": [0, 0, 1, 1], "style": 0, "prompt": "  "}], {}, ["regions[0]", "prompt"]),
         ([], {}, ["regions is empty"]),
         ([{"box": [0, 0, 1, 1], "style": 0}] * (MAX_REGIONS + 1), {}, [f"maximum is {MAX_REGIONS}"]),
@@ -106,11 +110,31 @@ def test_region_errors_are_422_naming_the_region(client, regions, extra, words):
     assert all(w in message for w in words), message
 
 
-def test_uncovered_fraction_is_exact():
-    assert uncovered_fraction([(0, 0, 0.5, 1), (0.5, 0, 1, 1)]) == 0
-    assert uncovered_fraction([(0, 0, 1 / 3, 1), (1 / 3, 0, 2 / 3, 1), (2 / 3, 0, 1, 1)]) == 0
-    assert abs(uncovered_fraction([(0.25, 0.25, 0.75, 0.75)]) - 0.75) < 1e-12
-    assert abs(uncovered_fraction([(0, 0, 0.6, 1), (0.4, 0, 0.8, 1)]) - 0.2) < 1e-12
+@pytest.mark.parametrize(
+    "boxes, size",
+    [
+        ([LEFT, [0.5001, 0, 1, 1]], (TINY_SIZE, TINY_SIZE)),  # a sliver inside one latent column: the pipeline renders it
+        ([LEFT, [0.5625, 0, 1, 1]], (TINY_SIZE, TINY_SIZE)),  # a whole latent column left: the pipeline refuses it
+        ([LEFT, [0.5625, 0, 1, 1]], (TINY_SIZE, 16)),  # ... and at 16 px wide the same gap falls inside a column
+        ([[0, 0, 1 / 3, 1], [1 / 3, 0, 2 / 3, 1], [2 / 3, 0, 1, 1]], (TINY_SIZE, TINY_SIZE)),
+    ],
+)
+def test_uncovered_regions_are_refused_exactly_when_the_pipeline_refuses_them(client, backend, boxes, size):
+    """Serve's coverage check is the pipeline's rule (a box covering part of a latent cell covers it): a
+    request the model would render is never a 422 (an exact-area check refused slivers it renders)."""
+    from dmm_ray.regions import Region, RegionError
+
+    height, width = size
+    try:
+        backend.pipe("a red circle", regions=[Region(box=b, style=0) for b in boxes], num_inference_steps=1, width=width, height=height)
+        renders, message = True, ""
+    except RegionError as error:
+        renders, message = False, str(error)
+    r = gen(client, regions=[{"box": b, "style": 0} for b in boxes], width=width, height=height)
+    assert r.status_code == (200 if renders else 422), r.text
+    if not renders:  # the same account of the gap, with Serve's remedy
+        assert r.json()["error"].split(";")[0] == message.split(";")[0], (r.json(), message)
+        assert "give `style`/`weights` for the background" in r.json()["error"]
 
 
 def test_backend_batch_mixes_regional_and_plain_samples_in_order(backend):

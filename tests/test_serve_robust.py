@@ -154,7 +154,11 @@ class Method:
 
 def fake_handle(generate, info=None):
     async def default_info():
-        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
+        return {
+            "styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
+            "native_size": [TINY_SIZE, TINY_SIZE],
+            "vae_scale_factor": 2,
+        }
 
     return types.SimpleNamespace(info=Method(info or default_info), generate=Method(generate))
 
@@ -177,7 +181,11 @@ def test_healthz_answers_while_the_model_is_busy():
         if busy["on"]:
             while not release.is_set():
                 await asyncio.sleep(0.05)
-        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
+        return {
+            "styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
+            "native_size": [TINY_SIZE, TINY_SIZE],
+            "vae_scale_factor": 2,
+        }
 
     handle = fake_handle(slow_generate, info)
     with make_client(HandleService(handle), readyz_timeout_s=0.5) as c:
@@ -249,7 +257,11 @@ def test_a_replica_lost_during_the_first_info_call_is_retried_then_503_never_500
         if deaths["left"]:
             deaths["left"] -= 1
             raise ActorDiedError()
-        return {"styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)], "native_size": [TINY_SIZE, TINY_SIZE]}
+        return {
+            "styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(STYLE_NAMES)],
+            "native_size": [TINY_SIZE, TINY_SIZE],
+            "vae_scale_factor": 2,
+        }
 
     handle = fake_handle(image, info=dies_once)
     with make_client(HandleService(handle)) as c:
@@ -286,6 +298,7 @@ def test_a_model_reloaded_with_other_styles_is_read_again_not_served_with_the_ol
         return {
             "styles": [{"name": n, "index": i, "description": ""} for i, n in enumerate(router_sees["styles"])],
             "native_size": [TINY_SIZE, TINY_SIZE],
+            "vae_scale_factor": 2,
         }
 
     async def generate(sample):  # the image says which of the replica's styles it drew: 10 x its index
