@@ -284,6 +284,24 @@ def test_playground_error_line_says_when_to_retry(playground_url):
         assert page.text_content("#error") == "422: steps must be >= 1"  # no Retry-After: nothing to wait for
 
 
+@pytest.mark.browser
+def test_playground_export_box_says_when_the_server_cannot_be_reached(playground_url):
+    """The export command follows the sliders through POST /export_command; when that cannot reach the
+    server the box says so, instead of keeping the previous mixture's command as if it were this one's."""
+    with chromium_page() as page:
+        page.goto(playground_url + "/")
+        sliders = page.locator("input[type=range]")
+        sliders.nth(2).wait_for()
+        page.wait_for_function("() => document.getElementById('exportcmd').textContent.startsWith('python jobs/export.py')", timeout=30_000)
+        page.route("**/export_command", lambda route: route.abort())  # the server gone
+        sliders.nth(1).fill("60")
+        page.wait_for_function("() => !document.getElementById('exportcmd').textContent.startsWith('python')", timeout=30_000)
+        assert page.text_content("#exportcmd").startswith("(could not reach the server ("), page.text_content("#exportcmd")
+        page.unroute("**/export_command")  # back: the next slider move shows this mixture's command
+        sliders.nth(1).fill("100")
+        page.wait_for_function("() => document.getElementById('exportcmd').textContent.includes('neon=0.5')", timeout=30_000)
+
+
 @pytest.fixture
 def accented_playground_url():
     """The router over the tiny model with its first style named with a non-ASCII letter ('café')."""
