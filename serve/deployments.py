@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from ray import serve
@@ -177,16 +177,82 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+# How long the router trusts one read of the model deployment's Serve status (`serve.status()`, a call to the
+# Serve controller): a handle call waiting for a replica reads it at most this often, so a model that cannot
+# start a replica is a 503 within about this long, and the controller gets one read per router per period.
+STATUS_TTL_S = 1.0
+
+
+class ModelStatus:
+    """Whether the model deployment is stuck without a replica: Serve counts its replica starts as failing
+    (status UNHEALTHY or DEPLOY_FAILED, trigger REPLICA_STARTUP_FAILED: e.g. its model folder was deleted
+    after a first start) and none is RUNNING. A handle call then waits for a replica that may never come:
+    Serve's router does not fail it (the deployment had started once, so Serve keeps it "available") and the
+    request would end only at the proxy's request_timeout_s, as a 408. A restart after a replica death
+    (trigger HEALTH_CHECK_FAILED) or a rollout is not this state: those calls wait, as before."""
+
+    def __init__(self, app_name: str, deployment_name: str, ttl_s: float = STATUS_TTL_S):
+        self.app_name, self.deployment_name, self.ttl_s = app_name, deployment_name, ttl_s
+        self._read_at = -math.inf
+        self._reason: Optional[str] = None
+        self._lock = asyncio.Lock()  # concurrent waiting calls share one read
+
+    async def cannot_start(self) -> Optional[str]:
+        """Serve's message on the failing starts (for the log) while no replica can take a call, else None."""
+        async with self._lock:
+            if time.monotonic() - self._read_at >= self.ttl_s:
+                reason = await asyncio.to_thread(self._read)  # serve.status() blocks: off the event loop
+                if reason and not self._reason:
+                    logger.error("the model deployment cannot start a replica; /generate answers 503 until one starts: %s", reason)
+                self._reason, self._read_at = reason, time.monotonic()
+            return self._reason
+
+    def _read(self) -> Optional[str]:
+        try:
+            app = serve.status().applications.get(self.app_name)
+        except Exception as exc:  # the controller unreachable for a moment: no verdict, the call waits on
+            logger.warning("could not read the Serve status of %s: %s: %s", self.deployment_name, type(exc).__name__, exc)
+            return None
+        deployment = app.deployments.get(self.deployment_name) if app is not None else None
+        if deployment is None:
+            return None
+        starts_failing = deployment.status in ("UNHEALTHY", "DEPLOY_FAILED") and deployment.status_trigger == "REPLICA_STARTUP_FAILED"
+        running = sum(n for state, n in deployment.replica_states.items() if state == "RUNNING")  # str enums or str keys
+        if starts_failing and not running:
+            return deployment.message or "its replicas fail to start"
+        return None
+
+
 class HandleService:
     """GenerationService over a DeploymentHandle to StyleModel: one call per image, retried on replica
     death at most `retries` times, and so is the info call; a full model queue (Serve's max_queued_requests),
-    or an info call whose replicas kept dying, is `Overloaded` (503)."""
+    an info call whose replicas kept dying, or a call waiting for a replica while the deployment cannot start
+    one (`status`, a ModelStatus; None: no such check) is `Overloaded` (503)."""
 
-    def __init__(self, model_handle, retries: int = 1, retry_after_s: float = 2.0):
+    def __init__(self, model_handle, retries: int = 1, retry_after_s: float = 2.0, status: Optional[ModelStatus] = None):
         self.model = model_handle
         self.retries = retries
         self.retry_after_s = retry_after_s
+        self.status = status
         self._info: ModelInfo | None = None
+
+    async def _answer(self, response):
+        """The result of a handle call. While it is unanswered, the model's status is read every `ttl_s`:
+        if no replica can start, the call is cancelled and this is a 503 + Retry-After (a call that a
+        RUNNING replica holds, however long its generation takes, is never cut off)."""
+        if self.status is None:
+            return await response
+        task = asyncio.ensure_future(response)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.status.ttl_s)
+                if done:
+                    return task.result()
+                if await self.status.cannot_start():
+                    raise Overloaded("the model cannot start a replica now (see the server log); retry later", self.retry_after_s)
+        finally:
+            if not task.done():
+                task.cancel()  # cancels the handle call too (the request's assignment, or its replica's work)
 
     async def info(self, refresh: bool = False) -> ModelInfo:
         if self._info is None or refresh:
@@ -206,7 +272,7 @@ class HandleService:
         passing state (Serve restarts the replica), not a fault of the request, and never a 500."""
         for attempt in range(self.retries + 1):
             try:
-                return await self.model.info.remote()
+                return await self._answer(self.model.info.remote())
             except (BackPressureError, DeploymentUnavailableError) as exc:  # a full model queue: 503, as for generate
                 raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
             except RETRYABLE as exc:
@@ -220,7 +286,7 @@ class HandleService:
     async def _one(self, sample: Sample) -> np.ndarray:
         for attempt in range(self.retries + 1):
             try:
-                return await self.model.generate.remote(sample)
+                return await self._answer(self.model.generate.remote(sample))
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise Overloaded("the model is at capacity; retry later", self.retry_after_s) from exc
             except RETRYABLE as exc:
@@ -232,6 +298,8 @@ class HandleService:
             except StylesChanged as exc:  # the model was reloaded with other styles: the route reads them again
                 self._info = None
                 raise StylesChanged(exc.message, self.retry_after_s) from None
+            except Overloaded:  # _answer's own 503 (no replica can start): kept whole, with its Retry-After
+                raise
             except RequestError as exc:  # the replica's own check: this sample's client error
                 raise RequestError(exc.status, exc.message) from None
             except SampleFailed as exc:
@@ -254,7 +322,8 @@ class HandleService:
 class StyleRouter:
     def __init__(self, model_handle, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.service = HandleService(model_handle, retries=self.cfg.max_retries, retry_after_s=self.cfg.retry_after_s)
+        status = ModelStatus(model_handle.app_name, model_handle.deployment_name)
+        self.service = HandleService(model_handle, retries=self.cfg.max_retries, retry_after_s=self.cfg.retry_after_s, status=status)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.cfg)

@@ -223,6 +223,92 @@ def test_full_model_queue_is_503_with_retry_after():
         assert "capacity" in r.json()["error"]
 
 
+def stuck_status(reason, ttl_s=0.2):
+    """A ModelStatus whose read of Serve's status says `reason` (None: replicas run); counts its reads."""
+    from serve.deployments import ModelStatus
+
+    class Stuck(ModelStatus):
+        reads = 0
+
+        def _read(self):
+            Stuck.reads += 1
+            return reason
+
+    return Stuck("app", "StyleModel", ttl_s=ttl_s)
+
+
+def test_a_model_that_cannot_start_a_replica_is_503_at_once_not_a_408():
+    """No replica can start (its model folder deleted after a first start): a handle call waits for one
+    forever, so /generate waited for the proxy's timeout (a 408) while /readyz said 503. The router reads
+    the deployment's status while the call waits, and answers 503 + Retry-After within about a second."""
+    from serve.deployments import HandleService
+
+    cancelled = threading.Event()
+
+    async def never(sample):  # a call no replica ever takes
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with make_client(HandleService(fake_handle(never), retry_after_s=3, status=stuck_status("failed to start 3 times in a row"))) as c:
+        t0 = time.perf_counter()
+        r = c.post("/generate", json=GOOD)
+        assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+        assert time.perf_counter() - t0 < 5 and "cannot start a replica" in r.json()["error"]
+        assert "3 times" not in r.json()["error"]  # Serve's message (paths, tracebacks) stays in the log
+        assert cancelled.wait(5)  # the waiting handle call was cancelled, not left queued
+
+
+def test_a_slow_generation_on_a_running_replica_is_never_cut_off_by_the_status_check():
+    from serve.deployments import HandleService
+
+    async def slow(sample):  # 2 s of generation: ten status periods
+        await asyncio.sleep(2.0)
+        return np.zeros((TINY_SIZE, TINY_SIZE, 3), np.uint8)
+
+    status = stuck_status(None)
+    with make_client(HandleService(fake_handle(slow), status=status)) as c:
+        assert c.post("/generate", json=GOOD).status_code == 200
+    assert 3 <= type(status).reads <= 12  # read while waiting, once per period (not once per request and loop turn)
+
+
+@pytest.mark.parametrize(
+    "status, trigger, replicas, stuck",
+    [
+        ("UNHEALTHY", "REPLICA_STARTUP_FAILED", {"STARTING": 1}, True),  # had run; its restarts fail
+        ("DEPLOY_FAILED", "REPLICA_STARTUP_FAILED", {}, True),
+        ("UNHEALTHY", "REPLICA_STARTUP_FAILED", {"RUNNING": 1, "STARTING": 1}, False),  # one replica still serves
+        ("DEPLOY_FAILED", "REPLICA_STARTUP_FAILED", {"RUNNING": 2}, False),  # a failed rollout: the old replicas serve
+        ("UNHEALTHY", "HEALTH_CHECK_FAILED", {"STARTING": 1}, False),  # a replica died and restarts: calls wait for it
+        ("UPDATING", "CONFIG_UPDATE_STARTED", {"STARTING": 1}, False),  # a first start or a redeploy
+    ],
+)
+def test_model_status_reads_serve_status(monkeypatch, status, trigger, replicas, stuck):
+    from ray import serve
+    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+
+    from serve.deployments import ModelStatus
+
+    deployment = types.SimpleNamespace(
+        status=DeploymentStatus(status),
+        status_trigger=DeploymentStatusTrigger(trigger),
+        replica_states={ReplicaState(k): v for k, v in replicas.items()},
+        message="The deployment failed to start 3 times in a row.",
+    )
+    app = types.SimpleNamespace(deployments={"StyleModel": deployment})
+    monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={"app": app}))
+    assert ModelStatus("app", "StyleModel")._read() == ("The deployment failed to start 3 times in a row." if stuck else None)
+    assert ModelStatus("other-app", "StyleModel")._read() is None
+
+    def down():
+        raise ConnectionError("controller unreachable")
+
+    monkeypatch.setattr(serve, "status", down)
+    assert ModelStatus("app", "StyleModel")._read() is None  # no verdict: the call waits on
+
+
 def test_a_full_model_queue_is_503_also_before_the_router_cached_the_style_list():
     """A router replica that has not read the model's info yet (a fresh or an added one) asks the model
     for it first: a full model queue there is the same 503 + Retry-After, not a 500 "internal error"."""
@@ -509,6 +595,36 @@ def test_serve_a_model_replica_dying_during_the_first_info_call_is_retried(ray_c
     assert not marker.exists() and second_pid != first_pid  # the replica did die in the call, and was replaced
     assert styles.status_code == 200 and [s["name"] for s in styles.json()["styles"]] == STYLE_NAMES, styles.text
     assert generated.status_code == 200, generated.text
+
+
+@pytest.mark.ray  # ~60 s (the deploy, then Serve's three failed starts); in-process twins above
+def test_serve_model_that_cannot_start_a_replica_is_503_at_once(ray_cluster, tmp_path):
+    """Through Serve: the model folder is deleted after a first start and the replica killed, so every
+    restart fails. /generate answers 503 + Retry-After within seconds (it waited for the proxy's
+    request timeout, a 408), read from Serve's own status of the model deployment."""
+    import shutil
+
+    import httpx
+    import ray
+    from ray import serve
+
+    name, model = "dmm-test-no-replica", tmp_path / "merged"
+    shutil.copytree(tiny_model_dir(), model)
+    with serve_on_cluster(name, model=str(model)) as url:
+        assert httpx.post(url + "/generate", json=GOOD, timeout=120).status_code == 200
+        shutil.rmtree(model)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(f"SERVE_REPLICA::{name}#StyleModel#"):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        deadline = time.time() + 120
+        while serve.status().applications[name].deployments["StyleModel"].status_trigger != "REPLICA_STARTUP_FAILED":
+            assert time.time() < deadline, serve.status().applications[name].deployments["StyleModel"]
+            time.sleep(1)
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/generate", json=GOOD, timeout=60)
+        waited = time.perf_counter() - t0
+    assert r.status_code == 503 and r.headers["retry-after"] == "2" and "cannot start a replica" in r.json()["error"], r.text
+    assert waited < 10, waited
 
 
 @pytest.mark.slow  # ~85 s on 2 busy cores; in-process twins: test_full_model_queue_is_503..., test_healthz_answers...
