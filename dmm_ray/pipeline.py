@@ -151,17 +151,19 @@ class _StyleCallMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save, plus the model folder's `sampler.json` and `styles.json`: without the sampler
-        record the saved copy would sample with the paper's defaults, not this model's."""
+        record the saved copy would sample with the paper's defaults, not this model's. The records go in
+        first: with `push_to_hub=True` diffusers uploads the folder at the end of its own save."""
         import shutil
 
         from dmm_ray.merged_model import STYLES_RECORD
 
-        super().save_pretrained(save_directory, *args, **kwargs)
         source = getattr(self.config, "_name_or_path", None)
         for name in (SAMPLER_RECORD, STYLES_RECORD):
             record, target = Path(str(source)) / name, Path(save_directory) / name
             if source and record.is_file() and not (target.exists() and record.samefile(target)):
+                target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(record, target)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,33 @@ def test_save_pretrained_keeps_the_models_sampler_and_style_records(pipe, tmp_pa
     assert copy.sampler_defaults == own.sampler_defaults and copy.sampler_defaults["num_inference_steps"] == 2
     own.save_pretrained(tmp_path / "a")  # over its own folder: nothing to copy, nothing lost
     assert json.loads((tmp_path / "a" / SAMPLER_RECORD).read_text())["num_inference_steps"] == 2
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_records(pipe, tmp_path, monkeypatch):
+    """diffusers' save_pretrained(push_to_hub=True) uploads the folder at the end of its own save: the
+    records, copied after it, never reached the Hub, whose copy then sampled with the paper's defaults.
+    The Hub is a stand-in that lists the folder at upload time."""
+    import json
+    from types import SimpleNamespace
+
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    from dmm_ray.merged_model import STYLES_RECORD
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_record
+
+    pipe.save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
+    (tmp_path / "a" / STYLES_RECORD).write_text("[]")
+    own = DMMPipeline.from_pretrained(tmp_path / "a", local_files_only=True)
+    uploaded = []
+    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=f"me/{repo_id}"))
+    monkeypatch.setattr(pipeline_utils, "load_or_create_model_card", lambda *args, **kwargs: SimpleNamespace(save=lambda path: None))
+    monkeypatch.setattr(pipeline_utils, "populate_model_card", lambda card, *args, **kwargs: card)
+    monkeypatch.setattr(
+        DMMPipeline, "_upload_folder", lambda self, folder, repo_id, **kwargs: uploaded.extend(p.name for p in Path(folder).iterdir())
+    )
+    own.save_pretrained(str(tmp_path / "b"), push_to_hub=True)
+    assert {SAMPLER_RECORD, STYLES_RECORD, "model_index.json", "unet"} <= set(uploaded)
 
 
 def test_styles_as_tensors_and_arrays_are_one_per_prompt(pipe):
