@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import unwrap_module
 
 from dmm_ray.architectures import is_sdxl, merged_folder, pipeline_kwargs
 from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline's public defaults)
@@ -228,18 +229,19 @@ class _StyleCallMixin:
         kwargs["negative_prompt"] = [negative] * batch_size if not isinstance(prompt, str) and isinstance(negative, str) else negative
 
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
-        if not isinstance(self.unet, StyleUNet):
-            raise TypeError(f"{type(self).__name__} needs a StyleUNet, got {type(self.unet).__name__}")
+        unet = unwrap_module(self.unet)  # `pipe.unet = torch.compile(pipe.unet)`: the StyleUNet inside the compiled wrapper
+        if not isinstance(unet, StyleUNet):
+            raise TypeError(f"{type(self).__name__} needs a StyleUNet, got {type(unet).__name__}")
         batch_size = self._prompt_batch(prompt, kwargs)
-        if style is None and style_weights is None and self.unet.num_styles == 1:
+        if style is None and style_weights is None and unet.num_styles == 1:
             style = 0
-        weights = style_rows(self.unet.style_names, batch_size, style, style_weights)  # (B, N)
+        weights = style_rows(unet.style_names, batch_size, style, style_weights)  # (B, N)
         weights = weights.repeat_interleave(num_images_per_prompt, dim=0)  # (B * images, N)
         self._fill_negative(prompt, batch_size, kwargs)
-        weights = weights.to(self.unet.device)
+        weights = weights.to(unet.device)
         with torch.no_grad():
-            embeds = self.unet.style_embeds_for(style_weights=weights)
-        with self.unet.style_context(embeds), self.unet.fused_style(weights, enabled=self.fuse_styles):
+            embeds = unet.style_embeds_for(style_weights=weights)
+        with unet.style_context(embeds), unet.fused_style(weights, enabled=self.fuse_styles):
             return parent_call(self, prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
     @classmethod

@@ -36,6 +36,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
 )
+from diffusers.utils.torch_utils import unwrap_module
 
 from dmm_ray.models.style_unet import StyleUNet
 from dmm_ray.pipeline import _StyleCallMixin, _styled_call
@@ -93,7 +94,7 @@ def with_controlnet(pipe, controlnet):
     included): DMM(XL)ControlNetPipeline for a merged model, diffusers' StableDiffusion(XL)ControlNetPipeline
     for a plain or baked one."""
     xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
-    styled = isinstance(pipe.unet, StyleUNet)
+    styled = isinstance(unwrap_module(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
     if xl:
         cls = DMMXLControlNetPipeline if styled else StableDiffusionXLControlNetPipeline
     else:

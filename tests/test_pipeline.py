@@ -387,6 +387,35 @@ def test_an_ema_copy_into_the_codebook_is_seen_by_the_next_call(tiny_components)
         torch.testing.assert_close(_gen(pipe, prompts, **kw), _gen(source, prompts, **kw), rtol=0, atol=1e-6)
 
 
+def test_a_compiled_unet_samples_the_same_styles(tiny_components):
+    """`pipe.unet = torch.compile(pipe.unet)`, diffusers' documented speed-up, made every call a TypeError
+    ("needs a StyleUNet, got OptimizedModule"), a panorama too, and `with_controlnet` gave diffusers' own
+    ControlNet pipeline, which takes no style=. They now read the StyleUNet inside the wrapper; the compiled
+    wrapper runs the same styles (the eager backend: no C compiler needed)."""
+    from dmm_ray.plugins import DMMControlNetPipeline, with_controlnet
+    from dmm_ray.tiny_plugins import make_controlnet
+
+    pipe = _adapter_pipe(tiny_components)
+    prompts = ["a red circle", "a blue square"]
+
+    def calls():
+        panorama = pipe(prompts[0], style_map=[(0, 0.5, "noir"), (0.5, 1, "pastel")], num_inference_steps=2, height=32, width=64, output_type="pt")
+        return [_gen(pipe, prompts, style=["noir", "pastel"]), _gen(pipe, prompts, style="neon"), panorama.images]
+
+    torch.manual_seed(0)
+    plain = calls()
+    net = make_controlnet(pipe.unet)
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    try:
+        torch.manual_seed(0)
+        compiled = calls()
+        assert type(with_controlnet(pipe, net)) is DMMControlNetPipeline
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(compiled, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_fusing_qkv_projections_is_refused_when_adapters_sit_on_them(tiny_components):
     """diffusers' fused attention calls to_qkv / to_kv, which carry no adapter hooks: the q/k/v style
     deltas silently dropped out. A model without q/k/v adapters still fuses."""
