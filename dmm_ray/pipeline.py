@@ -153,18 +153,41 @@ class _StyleCallMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save, plus the model folder's `sampler.json` and `styles.json`: without the sampler
         record the saved copy would sample with the paper's defaults, not this model's. The records go in
-        first: with `push_to_hub=True` diffusers uploads the folder at the end of its own save."""
+        first: with `push_to_hub=True` diffusers uploads the folder at the end of its own save. A record
+        this pipeline has none of (built from components, or its folder had none) is not left behind from
+        an earlier save into the folder, whose model's sampler and style names it is not. The earlier
+        records are set aside until the save is complete and put back if it fails (as `swap_in` does)."""
+        import os
         import shutil
 
-        from dmm_ray.merged_model import STYLES_RECORD
+        from dmm_ray.merged_model import STYLES_RECORD, remove, save_siblings
 
         source = getattr(self.config, "_name_or_path", None)
-        for name in (SAMPLER_RECORD, STYLES_RECORD):
-            record, target = Path(str(source)) / name, Path(save_directory) / name
-            if source and record.is_file() and not (target.exists() and record.samefile(target)):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(record, target)
-        super().save_pretrained(save_directory, *args, **kwargs)
+        tag = f"save-{os.getpid()}"  # hidden siblings of this save: .sampler.json.save-<pid>.old
+        parked, written = [], []  # the earlier save's records (set aside), and this one's
+        try:
+            for name in (SAMPLER_RECORD, STYLES_RECORD):
+                record, target = Path(str(source)) / name, Path(save_directory) / name
+                record = record if source and record.is_file() else None
+                if record is not None and target.exists() and record.samefile(target):
+                    continue  # saved over its own folder: the record there is this model's
+                if target.exists():
+                    old = save_siblings(target, tag)[1]
+                    os.replace(target, old)
+                    parked.append((target, old))
+                if record is not None:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    written.append(target)
+                    shutil.copyfile(record, target)
+            super().save_pretrained(save_directory, *args, **kwargs)
+        except BaseException:  # an error or Ctrl-C mid-save: the folder keeps the earlier save's records
+            for target in written:
+                remove(target)
+            for target, old in parked:
+                os.replace(old, target)
+            raise
+        for _, old in parked:
+            remove(old)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -132,6 +132,47 @@ def test_save_pretrained_with_push_to_hub_uploads_the_records(pipe, tmp_path, mo
     assert {SAMPLER_RECORD, STYLES_RECORD, "model_index.json", "unet"} <= set(uploaded)
 
 
+def test_save_pretrained_over_another_save_leaves_none_of_its_records(pipe, tmp_path, monkeypatch):
+    """A pipeline with no sampler.json / styles.json of its own (built from components) saved into a folder
+    of an earlier save left that model's records there: the folder then loaded with the other model's
+    sampler defaults and style descriptions. They go now, but only once the save is complete: a failed
+    save leaves the earlier model's records in place (and no hidden leftovers)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.merged_model import STYLES_RECORD
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_record
+
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    earlier = {SAMPLER_RECORD: json.dumps(sampler_record(2, 5.0, "")), STYLES_RECORD: json.dumps([{"name": "anime", "description": "x"}])}
+    for name, text in earlier.items():
+        (folder / name).write_text(text)
+    pipe.save_pretrained(tmp_path / "own")
+    (tmp_path / "own" / SAMPLER_RECORD).write_text(json.dumps(sampler_record(4, 1.0, "")))
+    own = DMMPipeline.from_pretrained(tmp_path / "own", local_files_only=True)
+
+    def fails(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(StableDiffusionPipeline, "save_pretrained", fails)
+        for saving in (pipe, own):  # without records of its own / with a sampler.json of its own
+            with pytest.raises(OSError, match="disk full"):
+                saving.save_pretrained(folder)
+            assert {name: (folder / name).read_text() for name in earlier} == earlier
+            assert not list(folder.glob(".*")) and not list(tmp_path.glob(".*"))
+
+    own.save_pretrained(folder)  # its own sampler.json; the earlier styles.json, not its model's, goes
+    assert (folder / SAMPLER_RECORD).read_text() == (tmp_path / "own" / SAMPLER_RECORD).read_text()
+    assert not (folder / STYLES_RECORD).exists() and not list(folder.glob(".*"))
+    pipe.save_pretrained(folder)
+    assert not (folder / SAMPLER_RECORD).exists() and not (folder / STYLES_RECORD).exists()
+    assert not list(folder.glob(".*"))
+    assert DMMPipeline.from_pretrained(folder, local_files_only=True).sampler_defaults["num_inference_steps"] == 25
+
+
 def test_styles_as_tensors_and_arrays_are_one_per_prompt(pipe):
     """A 1-D integer tensor / array of indices (or an array of names) is one style per prompt, and a
     (B, N) weight tensor one mixture per prompt (the StyleUNet's own shape), as lists are: a 1-D int
