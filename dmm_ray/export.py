@@ -40,7 +40,7 @@ import torch
 
 from dmm_ray.merged_model import remove, save_siblings, swap_in
 from dmm_ray.models.style_adapters import weights_from_embeds
-from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, resolve_style
+from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, inner_unet, resolve_style
 
 EXPORT_RECORD = "dmm_export.json"  # provenance beside a diffusers-folder export
 CONFIG_RECORD = "dmm_export_config.json"  # marks a config folder an export wrote: a later export may replace it
@@ -66,6 +66,7 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
 
     from dmm_ray.formats.single_file import has_ip_adapter
 
+    unet = inner_unet(unet)  # also a compiled one (`pipe.unet = torch.compile(pipe.unet)`)
     if not isinstance(unet, StyleUNet):
         raise ExportError(f"bake needs a merged model's StyleUNet, got {type(unet).__name__} (already a plain UNet?)")
     if getattr(unet, "peft_config", None):
@@ -274,7 +275,7 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if isinstance(pipe.unet, StyleUNet):
+    if isinstance(inner_unet(pipe.unet), StyleUNet):  # also a compiled one (`torch.compile(pipe.unet)`)
         raise ExportError("this pipeline still holds a StyleUNet; bake(pipe, style=...) first")
     problem = loaded_plugins(pipe)  # their layers' weights would be written under names no loader reads
     if problem:

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.utils.torch_utils import unwrap_module
 
 from dmm_ray.architectures import is_sdxl, merged_folder, pipeline_kwargs
 from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline's public defaults)
@@ -30,7 +29,7 @@ from dmm_ray.defaults import (  # noqa: F401  (PAPER_* re-exported: the pipeline
     PAPER_STEPS,
     SAMPLER_RECORD,
 )
-from dmm_ray.models.style_unet import StyleError, StyleUNet, resolve_style
+from dmm_ray.models.style_unet import StyleError, StyleUNet, inner_unet, resolve_style
 from dmm_ray.styles import is_per_prompt
 
 
@@ -252,7 +251,7 @@ class _StyleCallMixin:
         kwargs["negative_prompt"] = [negative] * batch_size if not isinstance(prompt, str) and isinstance(negative, str) else negative
 
     def _style_call(self, parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs):
-        unet = unwrap_module(self.unet)  # `pipe.unet = torch.compile(pipe.unet)`: the StyleUNet inside the compiled wrapper
+        unet = inner_unet(self.unet)  # `pipe.unet = torch.compile(pipe.unet)`: the StyleUNet inside the compiled wrapper
         if not isinstance(unet, StyleUNet):
             raise TypeError(f"{type(self).__name__} needs a StyleUNet, got {type(unet).__name__}")
         batch_size = self._prompt_batch(prompt, kwargs)

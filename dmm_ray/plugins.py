@@ -36,9 +36,8 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
 )
-from diffusers.utils.torch_utils import unwrap_module
 
-from dmm_ray.models.style_unet import StyleUNet
+from dmm_ray.models.style_unet import StyleUNet, inner_unet
 from dmm_ray.pipeline import _StyleCallMixin, _styled_call
 
 __all__ = [
@@ -94,7 +93,7 @@ def with_controlnet(pipe, controlnet):
     included): DMM(XL)ControlNetPipeline for a merged model, diffusers' StableDiffusion(XL)ControlNetPipeline
     for a plain or baked one."""
     xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
-    styled = isinstance(unwrap_module(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
+    styled = isinstance(inner_unet(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
     if xl:
         cls = DMMXLControlNetPipeline if styled else StableDiffusionXLControlNetPipeline
     else:

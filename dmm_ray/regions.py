@@ -813,11 +813,9 @@ def regional_call(
 ):
     """`pipe(prompt, regions=[...])` / `pipe(prompt, width=..., style_map=...)`: build the views,
     encode the region prompts, then run the pipeline's own diffusers loop with `RegionalUNet`."""
-    from diffusers.utils.torch_utils import unwrap_module
+    from dmm_ray.models.style_unet import StyleUNet, inner_unet
 
-    from dmm_ray.models.style_unet import StyleUNet
-
-    unet = unwrap_module(pipe.unet)  # `pipe.unet = torch.compile(pipe.unet)`: the StyleUNet inside the compiled wrapper
+    unet = inner_unet(pipe.unet)  # `pipe.unet = torch.compile(pipe.unet)`: the StyleUNet inside the compiled wrapper
     if not isinstance(unet, StyleUNet):
         raise TypeError(f"{type(pipe).__name__} needs a StyleUNet, got {type(unet).__name__}")
     names = unet.style_names

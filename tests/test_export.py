@@ -94,6 +94,35 @@ def test_bake_leaves_the_merged_model_untouched_and_rejects_bad_styles(merged):
         bake_unet(bake(pipe, style="ink").unet, style="ink")
 
 
+def test_a_compiled_unet_is_baked_and_exported_and_an_unbaked_one_refused(merged, tmp_path):
+    """`pipe.unet = torch.compile(pipe.unet)` (diffusers' documented speed-up) hid the StyleUNet from the
+    export: bake said "got OptimizedModule (already a plain UNet?)", export_pipeline wrote the unbaked model
+    as a diffusers-folder export (a StyleUNet where a plain pipeline's UNet belongs), and a baked UNet
+    compiled afterwards failed the single file on its `_orig_mod.` keys. They now read the UNet inside the
+    wrapper (nothing here runs the compiled module)."""
+    from safetensors.torch import load_file
+
+    from dmm_ray.export import ExportError, bake, export_pipeline
+
+    pipe = merged["sd15"]
+    unet = pipe.unet
+    reference = bake(pipe, style="neon")
+    pipe.unet = torch.compile(unet, backend="eager")
+    try:
+        for fmt, out in (("diffusers", tmp_path / "unbaked"), ("single_file", tmp_path / "unbaked.safetensors")):
+            with pytest.raises(ExportError, match="still holds a StyleUNet"):
+                export_pipeline(pipe, out, fmt=fmt)
+            assert not out.exists()
+        baked = bake(pipe, style="neon")
+    finally:
+        pipe.unet = unet  # the module-scoped fixture, as the other tests expect it
+    assert all(torch.equal(v, baked.unet.state_dict()[k]) for k, v in reference.unet.state_dict().items())
+    baked.unet = torch.compile(baked.unet, backend="eager")
+    exported = load_file(str(export_pipeline(baked, tmp_path / "neon.safetensors")))
+    expected = load_file(str(export_pipeline(reference, tmp_path / "reference.safetensors")))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_single_file_loads_with_from_single_file_and_carries_provenance(merged, arch, tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

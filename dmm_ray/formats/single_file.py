@@ -241,7 +241,9 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     path = Path(path)
     if path.suffix.lower() != ".safetensors":  # NOISE.SAFETENSORS too, as jobs/export.py and the teacher loader read it
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
-    unet = pipeline.unet
+    from dmm_ray.models.style_unet import inner_unet
+
+    unet = inner_unet(pipeline.unet)  # a compiled one's state dict keys are `_orig_mod.<layer>`, no LDM key
     if getattr(unet.config, "style_names", None) is not None:
         raise ValueError(
             "a merged StyleUNet has no single-file equivalent; bake one style first: dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`"

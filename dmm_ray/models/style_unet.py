@@ -430,6 +430,15 @@ def _room_for_copy(params: Sequence[torch.Tensor], margin: float = 2.0) -> bool:
     return free >= margin * sum(p.numel() * p.element_size() for p in params)
 
 
+def inner_unet(unet):
+    """`unet`, or the module inside its `torch.compile` wrapper (`pipe.unet = torch.compile(pipe.unet)`,
+    diffusers' documented speed-up; diffusers' `unwrap_module`): the wrapper forwards calls and attributes
+    but is no StyleUNet to isinstance, so every check for a merged (unbaked) UNet reads the inner one."""
+    from diffusers.utils.torch_utils import unwrap_module
+
+    return unwrap_module(unet)
+
+
 def merged_style_names(folder) -> list[str]:
     """Style names a merged model folder records in `unet/config.json`, read without loading weights.
     A folder without that file: FileNotFoundError; a plain diffusers folder (no style names): StyleError."""
