@@ -170,6 +170,28 @@ def test_an_unknown_key_of_a_zoo_teacher_is_refused_naming_it(tmp_path):
     ]
 
 
+def test_an_unknown_top_level_key_of_zoo_yaml_is_refused_naming_it(tmp_path):
+    """Finding: a misspelt top-level key of zoo.yaml (`feature_nte:`) was dropped without a word: the
+    evaluation then ran without the zoo's feature net and a merge config's `zoo:` without its dataset.
+    Refused now (by the one reader, for `--teachers`, `zoo:` and the zoo report alike), naming the file,
+    the key and the nearest known key or the keys a zoo.yaml has; what build_zoo writes still loads."""
+    from dmm_ray.config import ConfigError
+    from dmm_ray.evaluation.sources import load_eval_setup
+    from dmm_ray.zoo.manifest import load_zoo_manifest, read_manifest
+
+    (tmp_path / "zoo.yaml").write_text("feature_nte: feature_net\nteachers: [{name: a, source: x}]\n")
+    with pytest.raises(ConfigError, match=r"zoo manifest '.*zoo\.yaml':\n  feature_nte: Extra inputs are not permitted.*did you mean feature_net\?"):
+        load_eval_setup(tmp_path)
+    (tmp_path / "zoo.yaml").write_text("teachers: [{name: a, source: x}]\nweights: 1\n")
+    with pytest.raises(
+        ConfigError, match=r"weights: .* the top level has: base, dataset, eval_prompts, feature_net, image_size, seed, size, teachers"
+    ):
+        read_manifest(tmp_path)
+    written = "base: base\ndataset: images\neval_prompts: p.txt\nfeature_net: fn\nimage_size: 32\nseed: 0\nsize: micro\n"  # build_zoo's keys
+    (tmp_path / "zoo.yaml").write_text(written + "teachers: [{name: a, source: x, group: grade, own_text_encoder: false}]\n")
+    assert load_zoo_manifest(tmp_path).feature_net == (tmp_path / "fn").resolve()
+
+
 def test_a_tokenizer_without_its_vocabulary_is_an_incomplete_folder(teacher_files, tmp_path):
     """Finding: a teacher folder whose tokenizer files were lost passed every check and loaded as an
     empty tokenizer (every prompt to [0, 2, 2, ...]: a teacher conditioned on nothing)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
 
@@ -28,6 +29,23 @@ class ZooTeacherEntry(TeacherSpec):
     own_text_encoder: bool = False  # whether the build fine-tuned the teacher's text encoder too
 
 
+class ZooManifestFile(BaseModel):
+    """The top level of a zoo.yaml: what `build_zoo` writes. Any other key is refused (a misspelt
+    `feature_nte:` would otherwise be dropped without a word, and the evaluation run with another
+    feature net than the zoo's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = None  # the paths: relative to the zoo.yaml's folder, or absolute
+    dataset: str | None = None
+    eval_prompts: str | None = None
+    feature_net: str | None = None
+    image_size: int | None = None  # what the build was asked for (its config.json has the rest)
+    seed: int | None = None
+    size: str | None = None
+    teachers: list[dict[str, Any]]  # each a ZooTeacherEntry: teacher_entries checks them
+
+
 def manifest_path(path: str | os.PathLike) -> Path:
     """A zoo folder or its zoo.yaml -> the zoo.yaml."""
     path = Path(path)
@@ -35,7 +53,12 @@ def manifest_path(path: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The raw manifest (a folder or its zoo.yaml); FileNotFoundError / ValueError say what is wrong."""
+    """The raw manifest (a folder or its zoo.yaml); FileNotFoundError / ValueError (a ConfigError for
+    an unknown or mistyped key) say what is wrong."""
+    from pydantic import ValidationError
+
+    from dmm_ray.overrides import config_error
+
     path = manifest_path(path)
     if not path.is_file():
         folder = path.parent if path.name == MANIFEST or path.suffix in (".yaml", ".yml") else path  # a zoo folder not built yet
@@ -50,6 +73,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for i, t in enumerate(data["teachers"]):
         if not isinstance(t, dict) or "name" not in t or "source" not in t:
             raise ValueError(f"'{path}': teachers[{i}] needs 'name' and 'source', got {t!r}")
+    try:
+        ZooManifestFile(**data)
+    except ValidationError as error:  # one line per problem; an unknown key names the nearest known one or the keys a zoo.yaml has
+        raise config_error(error, ZooManifestFile, f"zoo manifest '{path}'") from None
     return data
 
 
