@@ -6,7 +6,8 @@
   python benchmarks/fidelity_curve.py --config jobs/configs/toy_quality.yaml --steps 1200 --seed-sets 2 ...
 
 Each budget is one full `jobs/merge.py` run in its own fresh output folder (`<out>/<label>/steps_<S>`;
-a folder that already holds a finished evaluation is read back, not re-run). All of them share the
+a folder that already holds a finished evaluation of a merge with the same config and --set is read
+back, not re-run; one of other settings is refused, naming them). All of them share the
 config's latent shards and the teacher-statistics cache, so only the merge and the student are
 recomputed. Every merge is a nested run under ONE MLflow parent run (project `<name>-curve-<label>`),
 which also gets the curve's CSV and PNG. `--seed-sets 2` re-evaluates each merged model on a second,
@@ -39,28 +40,48 @@ def shared_latents(base) -> list[str]:
     return [f"data.shards={base.data.shards}"]
 
 
+def _merge_sets(out: Path, steps: int, project: str, overrides: list[str]) -> list[str]:
+    """The `--set` list of one point's merge: its own folder, budget and project, then the curve's overrides."""
+    return [f"output_dir={out}", f"distill.steps={steps}", f"name={project}", f"tracking.project={project}", *overrides]
+
+
+def _merge_config(config: str, out: Path, steps: int, project: str, overrides: list[str]):
+    """The MergeConfig the point's merge runs (or ran) with."""
+    from dmm_ray.config import load_config
+
+    return load_config(config, _merge_sets(out, steps, project, overrides))
+
+
+def _check_same_merge(cfg, out: Path) -> None:
+    """A point is read back only when the merge in its folder ran with the config asked now (its
+    merge_complete.json records the whole config): a re-run with another --set and the same
+    --out/--label read back the other merge's numbers under the new settings' title."""
+    from dmm_ray.completion import finished
+    from dmm_ray.merge import COMPLETE_RECORD, _merge_request
+    from dmm_ray.tracking import flatten
+
+    asked = _merge_request(cfg)
+    if finished(out, COMPLETE_RECORD, asked, models=[]) is not None:  # (its merged model need not be kept: the point holds the numbers)
+        return
+    try:
+        recorded = flatten(json.loads((out / COMPLETE_RECORD).read_text())["asked"]["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {out} holds a point without its merge's {COMPLETE_RECORD}; remove it or use another --out/--label") from None
+    asked = flatten(json.loads(json.dumps(asked["config"])))
+    changed = [f"{k} {recorded.get(k)!r} -> {asked.get(k)!r}" for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
+    raise SystemExit(f"error: {out} holds the point of another merge ({'; '.join(changed)}); remove it or use another --out/--label")
+
+
 def _merge(config: str, out: Path, steps: int, project: str, overrides: list[str]) -> dict:
-    """One merge + its evaluation; returns the point (read back if it is already done)."""
+    """One merge + its evaluation; returns the point (read back if it is already done, by this merge)."""
     record = out / "point.json"
     if record.exists():
+        _check_same_merge(_merge_config(config, out, steps, project, overrides), out)
         return json.loads(record.read_text())
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} exists without a finished point; remove it or use another --out/--label")
-    cmd = [
-        sys.executable,
-        str(REPO / "jobs" / "merge.py"),
-        "--config",
-        config,
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        f"distill.steps={steps}",
-        "--set",
-        f"name={project}",
-        "--set",
-        f"tracking.project={project}",
-    ]
-    for o in overrides:
+    cmd = [sys.executable, str(REPO / "jobs" / "merge.py"), "--config", config]
+    for o in _merge_sets(out, steps, project, overrides):
         cmd += ["--set", o]
     print("+ " + " ".join(cmd[1:]), flush=True)
     out.mkdir(parents=True, exist_ok=True)

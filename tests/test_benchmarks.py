@@ -12,6 +12,7 @@ import ast
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,61 @@ def test_train_throughput_dry_run_plans_the_sd15_step_on_meta_tensors():
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the SD1.5 UNet (859.5M), and the style codebook + MLP the README counts for 8 styles (3,289,600)
     assert '"teacher_params": 859520964' in proc.stdout and '"extra_style_params": 3289600' in proc.stdout, proc.stdout[-2000:]
+
+
+def _fake_curve_runs(monkeypatch, tmp_path) -> tuple:
+    """benchmarks/fidelity_curve.py on a tiny merge config, its subprocesses faked (no Ray, no torch): a
+    merge records its config as jobs/merge.py does (merge_complete.json) and writes an evaluation whose
+    M(i, i) is 1 + its distill.lambda_feat; an evaluation run is recorded with its command line."""
+    import json
+
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.completion import record_finished
+    from dmm_ray.config import load_config
+    from dmm_ray.merge import COMPLETE_RECORD, _merge_request
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fidelity_curve
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    world = {"base": str(tmp_path / "base"), "teachers": [{"name": n, "source": str(tmp_path / n)} for n in "ab"], "shards": str(tmp_path / "shards")}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "unused") | {"tracking": {"enabled": False}}))
+    runs = []
+
+    def run(cmd, cwd=None, stdout=None, stderr=None, **kwargs):
+        runs.append(cmd)
+        if cmd[1].endswith("merge.py"):
+            cfg = load_config(cmd[3], cmd[5::2])
+            out = Path(cfg.output_dir)
+            (out / "merged").mkdir(parents=True)
+            (out / "merged" / "model_index.json").write_text("{}")
+            (out / "evaluation").mkdir()
+            m = 1 + cfg.distill.lambda_feat
+            (out / "evaluation" / "fid_matrix.json").write_text(json.dumps({"styles": ["a", "b"], "M": [[m, 9], [9, m]], "M_ref": [[1, 9], [9, 1]]}))
+            record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=str(out / "merged"))
+            stdout.write("merged model saved: x (5 s since start: distill 4 s)\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(fidelity_curve.subprocess, "run", run)
+    return fidelity_curve, config, runs
+
+
+def test_fidelity_curve_reads_back_a_point_only_of_the_same_merge(tmp_path, monkeypatch, capsys):
+    """Finding: a point folder holding a finished point was read back whatever was asked now, so a re-run
+    with another --set (distill.lambda_feat=3) and the same --out/--label printed, plotted and logged the
+    first merge's numbers under the new settings. Read back now only when the folder's merge ran with
+    this config (its merge_complete.json); else refused, naming what differs."""
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path)
+    argv = ["--config", str(config), "--steps", "2", "--out", str(tmp_path / "curve"), "--label", "x"]
+    assert fc.main([*argv, "--set", "distill.lambda_feat=1"]) == 0 and len(runs) == 1
+    assert "ratio 2.000" in capsys.readouterr().out
+    assert fc.main([*argv, "--set", "distill.lambda_feat=1"]) == 0 and len(runs) == 1  # the same merge: read back
+    assert "ratio 2.000" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "curve" / "x" / "steps_2" / "merged")  # a point outlives its model (pruned to save disk)
+    assert fc.main([*argv, "--set", "distill.lambda_feat=1"]) == 0 and len(runs) == 1
+    with pytest.raises(SystemExit, match=r"steps_2 holds the point of another merge \(distill\.lambda_feat 1\.0 -> 3\.0\); remove it"):
+        fc.main([*argv, "--set", "distill.lambda_feat=3"])
+    assert len(runs) == 1
