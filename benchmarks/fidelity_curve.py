@@ -11,7 +11,8 @@ back, not re-run; one of other settings is refused, naming them). All of them sh
 config's latent shards and the teacher-statistics cache, so only the merge and the student are
 recomputed. Every merge is a nested run under ONE MLflow parent run (project `<name>-curve-<label>`),
 which also gets the curve's CSV and PNG. `--seed-sets 2` re-evaluates each merged model on a second,
-disjoint pair of seed sets and reports both ratios (the spread of the measurement).
+disjoint pair of seed sets and reports both ratios (the spread of the measurement); it reads the
+merge's own config, --set overrides applied (written as `merge_config.yaml` in the point's folder).
 
 Writes `<out>/<label>/curve.csv` (one row per budget: steps, wall seconds by stage, FIDt, FIDt_ref,
 ratio, rows where the diagonal is the row minimum, per-style diagonal) and `curve.png` (ratio against
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -119,28 +122,35 @@ def _summary(evaluation: dict) -> dict:
     }
 
 
-def _second_seed_set(config: str, out: Path) -> dict:
+def _second_seed_set(config: str, out: Path, steps: int, project: str, overrides: list[str]) -> dict:
     record = out / "point_seeds2.json"
     if record.exists():
         return json.loads(record.read_text())
+    # The merge's own config, --set overrides applied (its teachers, zoo and evaluation: section): given
+    # `config` itself, evaluate.py read it without them, and the second seed sets were measured with
+    # the preset's prompts and sampler (or failed on a zoo only an override named).
+    merge_config = out / "merge_config.yaml"
+    merge_config.write_text(yaml.safe_dump(_merge_config(config, out, steps, project, overrides).model_dump(mode="json"), sort_keys=False))
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "evaluate.py"),
         "--model",
         str(out / "merged"),
         "--teachers",
-        config,
+        str(merge_config),
         "--section",
         "evaluation",
         "--config",
-        config,
+        str(merge_config),
         "--out",
         str(out / "evaluation_seeds2"),
     ]
     for s in SECOND_SEEDS:
         cmd += ["--set", s]
     with open(out / "evaluate_seeds2.log", "w") as logf:
-        subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, check=True)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"error: the second seed-set evaluation at {steps} steps failed (exit {proc.returncode}); see {out / 'evaluate_seeds2.log'}")
     point = _summary(json.loads((out / "evaluation_seeds2" / "fid_matrix.json").read_text()))
     record.write_text(json.dumps(point, indent=1))
     return point
@@ -264,7 +274,7 @@ def main(argv=None) -> int:
     for s in steps:
         point = _merge(config, folder / f"steps_{s}", s, project, shared + args.overrides)
         if args.seed_sets == 2:
-            point["seeds2"] = _second_seed_set(config, folder / f"steps_{s}")
+            point["seeds2"] = _second_seed_set(config, folder / f"steps_{s}", s, project, shared + args.overrides)
         points.append(point)
         extra = f", seed sets 2: ratio {point['seeds2']['ratio']:.3f}" if point.get("seeds2") else ""
         print(

@@ -111,10 +111,11 @@ def test_train_throughput_dry_run_plans_the_sd15_step_on_meta_tensors():
     assert '"teacher_params": 859520964' in proc.stdout and '"extra_style_params": 3289600' in proc.stdout, proc.stdout[-2000:]
 
 
-def _fake_curve_runs(monkeypatch, tmp_path) -> tuple:
+def _fake_curve_runs(monkeypatch, tmp_path, fail_evaluation: bool = False) -> tuple:
     """benchmarks/fidelity_curve.py on a tiny merge config, its subprocesses faked (no Ray, no torch): a
     merge records its config as jobs/merge.py does (merge_complete.json) and writes an evaluation whose
-    M(i, i) is 1 + its distill.lambda_feat; an evaluation run is recorded with its command line."""
+    M(i, i) is 1 + its distill.lambda_feat; an evaluation (jobs/evaluate.py) writes one with M(i, i) = 3, or
+    fails with `fail_evaluation`. Every command line is recorded."""
     import json
 
     import yaml
@@ -130,6 +131,7 @@ def _fake_curve_runs(monkeypatch, tmp_path) -> tuple:
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     world = {"base": str(tmp_path / "base"), "teachers": [{"name": n, "source": str(tmp_path / n)} for n in "ab"], "shards": str(tmp_path / "shards")}
     config = tmp_path / "c.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "unused") | {"tracking": {"enabled": False}}))
     runs = []
 
@@ -145,6 +147,12 @@ def _fake_curve_runs(monkeypatch, tmp_path) -> tuple:
             (out / "evaluation" / "fid_matrix.json").write_text(json.dumps({"styles": ["a", "b"], "M": [[m, 9], [9, m]], "M_ref": [[1, 9], [9, 1]]}))
             record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=str(out / "merged"))
             stdout.write("merged model saved: x (5 s since start: distill 4 s)\n")
+        elif cmd[1].endswith("evaluate.py") and not fail_evaluation:
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "fid_matrix.json").write_text(json.dumps({"styles": ["a", "b"], "M": [[3, 9], [9, 3]], "M_ref": [[1, 9], [9, 1]]}))
+        else:
+            return subprocess.CompletedProcess(cmd, 1)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(fidelity_curve.subprocess, "run", run)
@@ -167,3 +175,26 @@ def test_fidelity_curve_reads_back_a_point_only_of_the_same_merge(tmp_path, monk
     with pytest.raises(SystemExit, match=r"steps_2 holds the point of another merge \(distill\.lambda_feat 1\.0 -> 3\.0\); remove it"):
         fc.main([*argv, "--set", "distill.lambda_feat=3"])
     assert len(runs) == 1
+
+
+def test_fidelity_curves_second_seed_sets_evaluate_the_merge_as_it_ran(tmp_path, monkeypatch, capsys):
+    """Finding: --seed-sets 2 ran jobs/evaluate.py on the bare --config, without the curve's --set
+    overrides: the second pair of seed sets was measured with the preset's prompts, images and
+    sampler (or failed when only an override named the zoo), and a failure was a traceback. It now
+    reads the merge's own config (merge_config.yaml in the point folder, overrides applied), and a
+    failed evaluation stops naming its log."""
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path)
+    argv = ["--config", str(config), "--steps", "2", "--out", str(tmp_path / "curve"), "--seed-sets", "2", "--set", "evaluation.num_prompts=3"]
+    assert fc.main(argv) == 0 and [Path(cmd[1]).name for cmd in runs] == ["merge.py", "evaluate.py"]
+    assert "ratio 1.001, diagonal row minimum 2/2, merge 5 s, seed sets 2: ratio 3.000" in capsys.readouterr().out
+    cmd = runs[1]
+    ev = load_eval_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--set") + 1 :: 2], cmd[cmd.index("--section") + 1])
+    assert (ev.max_prompts, ev.seed_a, ev.seed_b) == (3, 2_000_000, 3_000_000)  # the merge's evaluation, on the second seed sets
+    assert [t.name for t in load_eval_setup(cmd[cmd.index("--teachers") + 1]).teachers] == ["a", "b"]
+
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path / "again", fail_evaluation=True)
+    with pytest.raises(SystemExit, match=r"the second seed-set evaluation at 2 steps failed \(exit 1\); see .*steps_2/evaluate_seeds2\.log"):
+        fc.main(["--config", str(config), *argv[2:5], str(tmp_path / "again" / "curve"), *argv[6:]])
