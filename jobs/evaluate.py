@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
     if args.model and args.reference_only:  # the model would be sampled and scored, then its numbers dropped
         parser.error("--reference-only computes M_ref from the teachers alone: leave --model out (or drop --reference-only to evaluate it)")
+    if args.reference_only and args.out:  # M_ref goes to cache_dir and the terminal: --out would stay empty
+        parser.error(
+            "--reference-only writes no files (M_ref is cached in cache_dir and printed): leave --out out, or give --model to write the matrices there"
+        )
     if args.section and not args.config:
         parser.error("--section names a key of --config; give --config too")
     if not args.track and given_options(parser, args, "project"):  # it names the run --track logs to: alone it would be ignored
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     if args.out:
         extra.append(literal_override("output_dir", args.out))  # a path: not read as YAML (`runs #3`, `2024`)
     cfg = load_eval_config(args.config, args.overrides + extra, args.section, defaults=setup.defaults)
-    check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
+    if not args.reference_only:  # (M_ref alone writes nothing there: a read-only cwd's default outputs/eval refused it)
+        check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
     check_writable_folder(cfg.cache_dir, "cache_dir")
     tracking = None
     if args.track:

@@ -383,7 +383,7 @@ def test_every_long_job_answers_ctrl_c_with_its_line_and_130(monkeypatch, tmp_pa
     zoo.write_text("base: base\nteachers: [{name: a, source: base}]\n")
     monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", interrupt)
     monkeypatch.setattr(dmm_ray.teachers, "check_teacher_files", lambda *a, **kw: None)  # the fake teacher has no weights
-    assert evaluate.main(["--reference-only", "--teachers", str(zoo), "--no-ray", "--out", str(tmp_path / "eval")]) == 130
+    assert evaluate.main(["--reference-only", "--teachers", str(zoo), "--no-ray"]) == 130
     assert "interrupted: the statistics already computed stay in cache_dir" in capsys.readouterr().err
 
 
@@ -423,6 +423,30 @@ def test_an_empty_option_is_refused_not_read_as_the_default(capsys, monkeypatch)
     with pytest.raises(SystemExit):  # the model was sampled and scored, then its numbers dropped
         evaluate.main(["--reference-only", "--model", "m", "--teachers", "zoo.yaml"])
     assert "--reference-only computes M_ref from the teachers alone: leave --model out" in capsys.readouterr().err
+
+
+def test_evaluate_reference_only_takes_no_output_folder(tmp_path, monkeypatch, capsys):
+    """Finding: `evaluate.py --reference-only` writes no files (M_ref is cached and printed), yet --out
+    was taken and ignored (the folder stayed empty, nothing said so), and the default output_dir was
+    checked: from a folder it cannot write in (/proc), M_ref was refused. --out is a usage error with
+    it now, and no output folder is checked; sampling starts (an interrupt stands for it here)."""
+    import dmm_ray.evaluation.api
+    import dmm_ray.teachers
+    from jobs import evaluate
+
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--reference-only", "--teachers", "zoo.yaml", "--out", str(tmp_path / "eval")])
+    assert (
+        info.value.code == 2
+        and "--reference-only writes no files (M_ref is cached in cache_dir and printed): leave --out out" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("base: base\nteachers: [{name: a, source: base}]\n")
+    monkeypatch.setattr(dmm_ray.teachers, "check_teacher_files", lambda *a, **kw: None)  # the fake teacher has no weights
+    monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.chdir("/proc")  # the default output_dir: outputs/eval here, where nothing can be created
+    assert evaluate.main(["--reference-only", "--teachers", str(zoo), "--no-ray"]) == 130, capsys.readouterr().err
 
 
 def test_build_zoo_refuses_report_samples_without_report(capsys, tmp_path, monkeypatch):
