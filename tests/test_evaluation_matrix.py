@@ -88,6 +88,32 @@ def test_outputs_are_labelled_with_style_names(first_run):
     assert "FIDt" in table and "watercolor" in table and "1.000" in table
 
 
+def test_outputs_interrupted_while_plotting_leave_the_previous_set_whole(first_run, monkeypatch):
+    """Finding: write_outputs wrote fid_matrix.json and the CSVs in place before the plots (a second or
+    two), so a Ctrl-C there left this run's matrices beside the previous run's heatmaps and grid (a
+    2-style evaluation's JSON with an 8-style fid_heatmaps.png). Every file is staged now and all are
+    renamed in at the end: the previous set stays whole, and nothing staged is left behind."""
+    import dataclasses
+
+    import dmm_ray.evaluation.outputs as outputs
+
+    out = first_run["tmp"] / "out_interrupted"
+    write_outputs(first_run["result"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = dataclasses.replace(first_run["result"], matrix=first_run["result"].matrix + 1.0)  # another run's numbers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "plot_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(other, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    paths = write_outputs(other, out)
+    assert json.loads(paths["json"].read_text())["FIDt"] == pytest.approx(other.fidt) and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
 def test_cache_hit_generates_no_teacher_images(first_run):
     assert [f.calls for f in first_run["factories"]] == [1, 1]
     again = evaluate_sources(first_run["student"], first_run["teachers"], first_run["cfg"], first_run["extractor"])

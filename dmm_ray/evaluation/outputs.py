@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,17 +111,31 @@ def format_table(result: EvalResult) -> str:
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
-    """fid_matrix.json, M.csv, M_ref.csv, fid_heatmaps.png, style_grid.png under out_dir."""
+    """fid_matrix.json, M.csv, M_ref.csv, fid_heatmaps.png, style_grid.png under out_dir.
+
+    Every file is written to a hidden sibling first and all are renamed into place together at the
+    end: written in place, a Ctrl-C (or a failure) during the plots, a second or two, left this run's
+    JSON and CSVs beside the previous run's heatmaps and grid, and a cut-short file of either."""
     from dmm_ray.data import fs as fsu
 
     out = fsu.require_local("evaluation output_dir", out_dir)  # never a local folder named `s3:`
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "fid_matrix.json", "csv": out / "M.csv", "ref_csv": out / "M_ref.csv"}
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=1))
-    names = result.style_names
-    write_matrix_csv(paths["csv"], result.matrix, [f"student:{s}" for s in names], [f"teacher:{s}" for s in names], "M")
-    write_matrix_csv(paths["ref_csv"], result.ref_matrix, [f"teacher:{s}" for s in names], [f"teacher:{s}" for s in names], "M_ref")
-    paths["heatmaps"] = plot_heatmaps(result, out / "fid_heatmaps.png")
-    if result.student_previews or result.teacher_previews:
-        paths["grid"] = plot_grid(result, out / "style_grid.png")
+    names = {"json": "fid_matrix.json", "csv": "M.csv", "ref_csv": "M_ref.csv", "heatmaps": "fid_heatmaps.png", "grid": "style_grid.png"}
+    if not (result.student_previews or result.teacher_previews):
+        names.pop("grid")
+    paths = {key: out / name for key, name in names.items()}
+    staged = {key: out / f".{p.stem}.{os.getpid()}.tmp{p.suffix}" for key, p in paths.items()}  # the suffix: matplotlib's format
+    try:
+        staged["json"].write_text(json.dumps(result.to_dict(), indent=1))
+        styles = result.style_names
+        write_matrix_csv(staged["csv"], result.matrix, [f"student:{s}" for s in styles], [f"teacher:{s}" for s in styles], "M")
+        write_matrix_csv(staged["ref_csv"], result.ref_matrix, [f"teacher:{s}" for s in styles], [f"teacher:{s}" for s in styles], "M_ref")
+        plot_heatmaps(result, staged["heatmaps"])
+        if "grid" in staged:
+            plot_grid(result, staged["grid"])
+        for key, path in paths.items():
+            os.replace(staged[key], path)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return paths
