@@ -137,3 +137,22 @@ def test_student_must_have_every_teacher_style(first_run):
     student = StudentSource(first_run["student"].pipeline_factory, ["watercolor", "oil"])
     with pytest.raises(ValueError, match="no style named \\['pixel art'\\]"):
         evaluate_sources(student, first_run["teachers"], first_run["cfg"], first_run["extractor"])
+
+
+def test_teacher_statistics_are_cached_as_each_job_finishes(tmp_path):
+    """Finding: teacher statistics were saved to the cache only after every job had finished, so a
+    Ctrl-C during the student's sampling (or a student that failed) kept none of the teachers already
+    sampled, although evaluate.py's interrupt line says they stay in cache_dir, and the re-run sampled
+    them all again. Each job's statistics are cached as it finishes now."""
+    factories = [CountingFactory(s) for s in SEEDS]
+    teachers = [ModelSource(n, f, checksum=f"tiny-{s}") for n, f, s in zip(NAMES, factories, SEEDS)]
+
+    def interrupted_student():
+        raise KeyboardInterrupt
+
+    cfg = _config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):  # the teachers' jobs run first (in-process: in request order), then the student's
+        evaluate_sources(StudentSource(interrupted_student, NAMES), teachers, cfg, SeededConvExtractor(seed=0))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # two teachers x seed sets A and B
+    again = evaluate_sources(StudentSource(partial(routing_student, NAMES, SEEDS), NAMES), teachers, cfg, SeededConvExtractor(seed=0))
+    assert [f.calls for f in factories] == [1, 1] and sorted(again.generated) == ["student/pixel art", "student/watercolor"]

@@ -131,8 +131,10 @@ def run_plans(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     device: str = "auto",
+    on_result: Callable[[JobOutput], None] | None = None,
 ) -> dict[str, JobOutput]:
-    """Run every plan's jobs; with Ray, one actor per plan (fan-out), else one after another here."""
+    """Run every plan's jobs; with Ray, one actor per plan (fan-out), else one after another here.
+    `on_result` gets each job's output as soon as it is done (the teacher cache saves it there)."""
     plans = [p for p in plans if p.jobs]
     results: dict[str, JobOutput] = {}
     total = sum(len(p.jobs) for p in plans)
@@ -145,6 +147,8 @@ def run_plans(
                 worker = GenerationWorker(plan.pipeline_factory, extractor_factory, device)
                 for job in plan.jobs:
                     results[job.key] = worker.run_job(job, sampler, batch_size)
+                    if on_result is not None:
+                        on_result(results[job.key])
                     bar.update(1)
                 del worker
             return results
@@ -170,6 +174,8 @@ def run_plans(
                 actor, plan, _ = pending.pop(done[0])
                 out = ray.get(done[0])
                 results[out.key] = out
+                if on_result is not None:
+                    on_result(out)
                 bar.update(1)
                 remaining_per_actor[id(actor)] -= 1
                 if remaining_per_actor[id(actor)] == 0:

@@ -77,6 +77,16 @@ def collect_stats(requests: Sequence[StatsRequest], config: EvalConfig, extracto
                 num_previews=req.num_previews,
             )
         )
+    kept: dict[str, CachedStats] = {}
+
+    def keep(o) -> None:
+        # Cached as each job finishes, not once all have: a Ctrl-C (or a job that fails) later in the
+        # run kept none of the teachers already sampled, and the re-run sampled them all again.
+        _, cache_key, material = misses[o.key]
+        cached = kept[o.key] = CachedStats(stats=FeatureStats.from_features(o.features), previews=o.previews)
+        if cache_key is not None:
+            cache.save(cache_key, material, cached.stats, cached.previews)
+
     outputs = run_plans(
         list(plans.values()),
         factory,
@@ -86,13 +96,12 @@ def collect_stats(requests: Sequence[StatsRequest], config: EvalConfig, extracto
         num_cpus=config.worker_num_cpus,
         num_gpus=config.worker_num_gpus,
         device=config.device,
+        on_result=keep,
     )
-    for key, (req, cache_key, material) in misses.items():
-        o = outputs[key]
-        cached = CachedStats(stats=FeatureStats.from_features(o.features), previews=o.previews)
-        if cache_key is not None:
-            cache.save(cache_key, material, cached.stats, cached.previews)
-        out[key] = cached
+    for key in misses:
+        if key not in kept:
+            keep(outputs[key])
+        out[key] = kept[key]
     for key, cached in out.items():  # hand out exactly the previews each request asked for
         want = next(r.num_previews for r in requests if r.key == key)
         cached.previews = cached.previews[:want]
