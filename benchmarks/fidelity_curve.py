@@ -33,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from dmm_ray.console import int_list  # noqa: E402
+from dmm_ray.console import cli_main, int_list, refuse_empty  # noqa: E402
 
 SECOND_SEEDS = ("seed_a=2000000", "seed_b=3000000")  # a disjoint second pair of seed sets
 
@@ -252,6 +252,7 @@ def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[P
             mlflow.log_artifact(str(f), "curve")
 
 
+@cli_main  # a bad --config or --set: one `error:` line and exit 2, as the jobs do
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "jobs/configs/toy.yaml"))
@@ -261,13 +262,14 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every merge")
     p.add_argument("--seed-sets", type=int, choices=(1, 2), default=1, help="2: also evaluate on a second pair of seed sets")
     args = p.parse_args(argv)
+    refuse_empty(p, args, "config", "out", "label")
     steps = args.steps
-    folder = (Path(args.out) / args.label).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     from dmm_ray.config import load_config
 
     config = str(Path(args.config).resolve())
     base = load_config(config, args.overrides, build_zoo=True)
+    folder = (Path(args.out) / args.label).resolve()  # made only once the config is known to load
+    folder.mkdir(parents=True, exist_ok=True)
     project = f"{base.name}-curve-{args.label}"
     shared = shared_latents(base)
     points = []

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 
-from dmm_ray.console import int_list  # noqa: E402  (needs no torch: --help stays fast)
+from dmm_ray.console import cli_main, int_list, refuse_empty  # noqa: E402  (needs no torch: --help stays fast)
 
 
 def table_rows(cfg) -> list[tuple[str, list[str]]]:
@@ -47,6 +47,7 @@ def table_rows(cfg) -> list[tuple[str, list[str]]]:
     return rows
 
 
+@cli_main  # a bad --config or --set: one `error:` line and exit 2, as the jobs do
 def main(argv=None) -> int:
     import fidelity_curve as fc
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="passed to every row")
     args = p.parse_args(argv)
+    refuse_empty(p, args, "config", "out")
     from dmm_ray.config import load_config
 
     config = str(Path(args.config).resolve())

@@ -198,3 +198,18 @@ def test_fidelity_curves_second_seed_sets_evaluate_the_merge_as_it_ran(tmp_path,
     fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path / "again", fail_evaluation=True)
     with pytest.raises(SystemExit, match=r"the second seed-set evaluation at 2 steps failed \(exit 1\); see .*steps_2/evaluate_seeds2\.log"):
         fc.main(["--config", str(config), *argv[2:5], str(tmp_path / "again" / "curve"), *argv[6:]])
+
+
+@pytest.mark.parametrize("script", ["fidelity_curve", "table1"])
+def test_a_bad_config_is_one_error_line_and_makes_no_folder(script, tmp_path, monkeypatch, capsys):
+    """A missing or invalid --config was a ConfigError traceback (exit 1), and fidelity_curve.py made
+    `<out>/<label>` first: now one `error:` line and exit 2, as the jobs give, and nothing under --out."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    module = __import__(script)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: {steps: abc}\n")
+    for config, message in [(tmp_path / "missing.yaml", "missing.yaml does not exist"), (bad, "distill.steps: Input should be a valid integer")]:
+        assert module.main(["--config", str(config), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
