@@ -55,17 +55,25 @@ def _merge_config(config: str, out: Path, steps: int, project: str, overrides: l
     return load_config(config, _merge_sets(out, steps, project, overrides))
 
 
+def same_merge(cfg, out: Path) -> bool:
+    """Whether the merge recorded in `out` (its merge_complete.json, the whole config) ran with `cfg`;
+    its merged model need not be kept: the point holds the numbers."""
+    from dmm_ray.completion import finished
+    from dmm_ray.merge import COMPLETE_RECORD, _merge_request
+
+    return finished(out, COMPLETE_RECORD, _merge_request(cfg), models=[]) is not None
+
+
 def _check_same_merge(cfg, out: Path) -> None:
     """A point is read back only when the merge in its folder ran with the config asked now (its
     merge_complete.json records the whole config): a re-run with another --set and the same
     --out/--label read back the other merge's numbers under the new settings' title."""
-    from dmm_ray.completion import finished
     from dmm_ray.merge import COMPLETE_RECORD, _merge_request
     from dmm_ray.tracking import flatten
 
-    asked = _merge_request(cfg)
-    if finished(out, COMPLETE_RECORD, asked, models=[]) is not None:  # (its merged model need not be kept: the point holds the numbers)
+    if same_merge(cfg, out):
         return
+    asked = _merge_request(cfg)
     try:
         recorded = flatten(json.loads((out / COMPLETE_RECORD).read_text())["asked"]["config"])
     except (OSError, ValueError, KeyError, TypeError):

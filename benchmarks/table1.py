@@ -7,12 +7,15 @@ Each row is one merge at the preset's budget (via benchmarks/fidelity_curve.py, 
 its own fresh output folder, shares the latents and the teacher-statistics cache, and is a nested
 MLflow run). Rows set each term's weight with `--set` (the preset's weight, or the paper's where the
 preset switches the term off); a preset that differs from the full recipe is a fifth row.
-Writes `<out>/table1.md` and prints it.
+Writes `<out>/table1.md` and prints it: the rows run now and those an earlier run with the same --out,
+config and --set measured (`--rows 1`, then `--rows 2`, ... builds the table up; each row's point is
+read back from its folder, `<out>/row<N>/steps_<S>`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +50,13 @@ def table_rows(cfg) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def _line(name: str, point: dict) -> str:
+    return (
+        f"| {name} | {point['FIDt']:.1f} | {point['FIDt_ref']:.1f} | {point['ratio']:.3f} | "
+        f"{point['row_min']}/{len(point['diag'])} | {point['wall_s']:.0f} |"
+    )
+
+
 @cli_main  # a bad --config or --set: one `error:` line and exit 2, as the jobs do
 def main(argv=None) -> int:
     import fidelity_curve as fc
@@ -68,24 +78,29 @@ def main(argv=None) -> int:
     config = str(Path(args.config).resolve())
     cfg = load_config(config, args.overrides, build_zoo=True)
     shared = fc.shared_latents(cfg) + args.overrides
-    lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
     rows = table_rows(cfg)
     wanted = set(range(1, len(rows) + 1)) if args.rows is None else set(args.rows)
     if not wanted <= set(range(1, len(rows) + 1)):
         p.error(f"--rows takes numbers 1-{len(rows)} for this preset, got {args.rows!r}")
-    for i, (name, sets) in enumerate(rows):
-        if i + 1 not in wanted:
-            continue
-        label = f"row{i + 1}"
-        folder = (Path(args.out) / label).resolve()
-        point = fc._merge(config, folder / f"steps_{cfg.distill.steps}", cfg.distill.steps, f"{cfg.name}-table1", shared + sets)
-        lines.append(
-            f"| {name} | {point['FIDt']:.1f} | {point['FIDt_ref']:.1f} | {point['ratio']:.3f} | "
-            f"{point['row_min']}/{len(point['diag'])} | {point['wall_s']:.0f} |"
-        )
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    Path(args.out, "table1.md").write_text(table + "\n")
+    project, points = f"{cfg.name}-table1", {}
+    for i, (name, sets) in enumerate(rows, 1):
+        folder = (Path(args.out) / f"row{i}").resolve() / f"steps_{cfg.distill.steps}"
+        if i in wanted:
+            points[i] = fc._merge(config, folder, cfg.distill.steps, project, shared + sets)
+            print(_line(name, points[i]), flush=True)
+        elif (folder / "point.json").exists():
+            # A row measured by an earlier run (--rows 1, then --rows 2, ...) stays in the table, but
+            # only one of this config and --set: another merge's numbers under this table's title would mislead.
+            if fc.same_merge(fc._merge_config(config, folder, cfg.distill.steps, project, shared + sets), folder):
+                points[i] = json.loads((folder / "point.json").read_text())
+            else:
+                print(f"row {i}: {folder} holds the point of another merge (other --config or --set); left out of the table", flush=True)
+    lines = ["| row | FIDt | FIDt_ref | ratio | diagonal = row minimum | merge s |", "|---|---|---|---|---|---|"]
+    table = "\n".join(lines + [_line(rows[i - 1][0], point) for i, point in sorted(points.items())])
+    # whole or not at all: an interrupted write must not leave a table without the rows it had
+    tmp = Path(args.out, "table1.md.tmp")
+    tmp.write_text(table + "\n")
+    tmp.replace(Path(args.out, "table1.md"))
     print(table)
     return 0
 

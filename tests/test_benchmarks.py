@@ -213,3 +213,27 @@ def test_a_bad_config_is_one_error_line_and_makes_no_folder(script, tmp_path, mo
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_table1_rows_run_one_at_a_time_build_up_one_table(tmp_path, monkeypatch, capsys):
+    """Finding: `table1.py --rows 2` rewrote table1.md with row 2 alone, dropping row 1 measured before
+    with the same --out. The table now holds every row whose folder has a point of this config and
+    --set (read back, not re-run); a row of another merge is left out, said so."""
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path)
+    import table1
+
+    out = tmp_path / "t1"
+    argv = ["--config", str(config), "--out", str(out)]
+    assert table1.main([*argv, "--rows", "1"]) == 0 and len(runs) == 1
+    assert table1.main([*argv, "--rows", "2"]) == 0 and len(runs) == 2
+    table = (out / "table1.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| score distillation only", "| + feature imitation (λ 0.001)"], table
+    assert table[2].split(" | ")[3] == "1.000" and table[3].split(" | ")[3] == "1.001"  # M(i, i) = 1 + lambda_feat
+    capsys.readouterr()
+
+    # another --set: rows 1 and 2 are another merge's points, not this table's
+    assert table1.main([*argv, "--rows", "3", "--set", "distill.lr=0.001"]) == 0 and len(runs) == 3
+    assert "row 1: " in capsys.readouterr().out
+    table = (out / "table1.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| + multi-class adversarial (λ 0.01)"], table
+    assert not (out / "table1.md.tmp").exists()
