@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     with local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         if model_path is not None:
             merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
-        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False)
+        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False, model_name=args.model)
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
         for name, row in zip(result.style_names, result.ref_matrix):

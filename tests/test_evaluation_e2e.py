@@ -102,6 +102,19 @@ def test_evaluate_job_cli(world, capsys):
     assert rc == 0 and "FIDt" in out and "ratio" in out
     data = json.loads((world / "job_out" / "fid_matrix.json").read_text())
     assert data["styles"] == STYLES
+    # Finding: fid_matrix.json did not say which model, teachers, sampler and seeds made it
+    from dmm_ray.teachers import files_checksum
+
+    made = data["provenance"]
+    assert made["model"] == {
+        "path": str(world / "student"),
+        "unet_checksum": files_checksum([world / "student" / "unet"]),
+        "scheduler": "DPMSolverMultistepScheduler",
+    }
+    assert made["sampler"]["num_inference_steps"] == 2 and (made["seed_a"], made["seed_b"], made["images_per_prompt"]) == (0, 1_000_000, 1)
+    assert made["teachers"] == {n: {"source": str(world / "teachers" / n), "base": None} for n in STYLES} and set(made["teacher_checksums"]) == set(
+        STYLES
+    )
 
     # Reference only (teachers all cached by now), logged to MLflow as an 'evaluation' stage.
     db = world / "mlflow.db"

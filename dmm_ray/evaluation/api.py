@@ -23,19 +23,41 @@ def evaluate_merge(
     extractor=None,
     output_dir: str | Path | None = None,
     print_table: bool = True,
+    model_name: str | None = None,
 ) -> EvalResult:
     """FID matrix M and M_ref of a merged model folder against its teachers (TeacherSpecs).
 
     Teacher statistics come from the cache when present. Writes the JSON/CSV/PNG outputs to
     `output_dir` (default `eval_config.output_dir`) and records their paths in `result.files`.
-    `student_path=None` evaluates only the teacher reference M_ref.
+    `student_path=None` evaluates only the teacher reference M_ref. `model_name`: the model as the
+    provenance names it, where `student_path` is a temporary copy (a models:/ URI's download).
     """
     dtype = eval_config.dtype
     student = student_source(student_path, dtype) if student_path is not None else None
     teachers = teacher_sources(teacher_specs, dtype)
     result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:
+        result.provenance.update(_sources_provenance(student_path, model_name, teacher_specs))
         result.files = write_outputs(result, output_dir or eval_config.output_dir)
         if print_table:
             print(format_table(result))
     return result
+
+
+def _sources_provenance(student_path, model_name: str | None, teacher_specs: Sequence[Any]) -> dict:
+    """The evaluated model and the teachers' files, for fid_matrix.json. The model's fingerprint is
+    `files_checksum` of its unet/ (names, sizes and the first and last 16 MiB of each file: cheap on
+    large weights, and it changes when a merge rewrites them); its scheduler is the one it samples with."""
+    import json
+
+    from dmm_ray.teachers import files_checksum
+
+    folder = Path(student_path).resolve()
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        scheduler = None
+    return {
+        "model": {"path": model_name or str(folder), "unet_checksum": files_checksum([folder / "unet"]), "scheduler": scheduler},
+        "teachers": {s.name: {"source": str(s.source), "base": str(s.base) if s.base else None} for s in teacher_specs},
+    }

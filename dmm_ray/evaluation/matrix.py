@@ -46,6 +46,9 @@ class EvalResult:
     teacher_previews: dict[str, np.ndarray] = field(default_factory=dict)
     generated: list[str] = field(default_factory=list)  # job keys that generated images this run
     files: dict = field(default_factory=dict)  # output name -> path, filled by write_outputs callers
+    # what produced the numbers (sampler, seeds, teachers' checksums; evaluate_merge adds the model and
+    # the teachers' files): a fid_matrix.json read later, beside others, must say which merge it scored
+    provenance: dict = field(default_factory=dict)
 
     @property
     def fidt(self) -> float:
@@ -80,6 +83,7 @@ class EvalResult:
             "extractor": self.extractor,
             "rows": "student style i (M) / teacher i, seed set A (M_ref)",
             "columns": "teacher j, seed set B",
+            "provenance": self.provenance,
         }
 
 
@@ -146,4 +150,14 @@ def evaluate_sources(
         student_previews={a: s[f"student/{a}"].previews for a in names} if student is not None else {},
         teacher_previews={a: s[f"teacher/{a}/A"].previews for a in names},
         generated=run.generated,
+        provenance={
+            "sampler": config.sampler.model_dump(mode="json"),
+            # what the student's pipeline call changes of it (a few-step student: its steps and guidance)
+            "student_call": {k: v for k, v in student.call_kwargs(names[0]).items() if k != "style"} if student is not None else None,
+            "seed_a": config.seed_a,
+            "seed_b": config.seed_b,
+            "images_per_prompt": config.images_per_prompt,
+            "dtype": config.dtype,
+            "teacher_checksums": {t.name: t.checksum for t in teachers},  # (their statistics' cache keys: files + sampler)
+        },
     )
