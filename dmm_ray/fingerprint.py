@@ -40,11 +40,13 @@ _FINETUNE_KEYS = ("finetune_steps", "finetune_batch_size", "finetune_lr", "finet
 # the few-step stage: how, or what the save and the evaluation do with the trained weights
 _FAST_IGNORED = {"enabled", "checkpoint_every", "log_every", "output_dir", "sampler", "num_inference_steps", "guidance_scale", "eval_steps"}
 FAST_STAGE = "fast"
+# the previous merged model's weights as the stages record them (and as their synthesized.* copies)
+PREVIOUS_MODEL_CHECKSUM = "incremental.base_merged.checksum"
 # inputs recorded since a later version: a record made before them lacks the key and still resumes
 # (compared from the next record on); the merge's stages record theirs in every run (None when there
 # is nothing to read), the few-step stage its own when they apply
 _ADDED_LATER = {
-    "incremental.base_merged.checksum",
+    PREVIOUS_MODEL_CHECKSUM,
     "student.base.conditioning.checksum",
     "data.scheduler.checksum",
     "data.tokenizer.checksum",  # the merge's stages', and since later still the few-step stage's
@@ -131,7 +133,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
         # the previous merged model's weights (re-made in place, its path alone would resume stale state)
-        "incremental.base_merged.checksum": _base_checksum(cfg.incremental.base_merged) if cfg.incremental.base_merged else None,
+        PREVIOUS_MODEL_CHECKSUM: _base_checksum(cfg.incremental.base_merged) if cfg.incremental.base_merged else None,
     }
     if cfg.old_style_samples:  # the previous model samples its old styles too (added later: left out when off)
         synthesize["incremental.old_style_samples"] = True
@@ -163,7 +165,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "scaling.workers_per_teacher": cfg.workers_per_teacher,
         "workers": cfg.num_workers,
         **{f"incremental.{k}": v for k, v in cfg.incremental.model_dump(mode="json").items() if k != "old_style_samples"},
-        "incremental.base_merged.checksum": synthesize["incremental.base_merged.checksum"],
+        PREVIOUS_MODEL_CHECKSUM: synthesize[PREVIOUS_MODEL_CHECKSUM],
         **({"incremental.old_style_samples": True} if cfg.old_style_samples else {}),  # resolved; left out when off
     }
     if cfg.data.synthetic_fraction > 0:
@@ -307,10 +309,6 @@ def _differences(old: dict, new: dict) -> list[str]:
             else:
                 lines.append(f"{key}: {json.dumps(old.get(key, '(not set)'))} -> {json.dumps(new.get(key, '(not set)'))}")
     return lines
-
-
-# the previous merged model's weights as the stages record them (and as their synthesized.* copies)
-PREVIOUS_MODEL_CHECKSUM = "incremental.base_merged.checksum"
 
 
 def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...] = ()) -> None:
