@@ -199,6 +199,26 @@ def test_a_zoo_built_with_other_threads_is_not_reused_as_this_one(tmp_path):
     assert B.ensure_zoo_preset("micro", out, progress=False) == out.resolve()
 
 
+def test_the_packages_example_reuses_the_jobs_zoo_on_any_thread_count(tmp_path):
+    """Finding: dmm_ray.zoo's docstring showed `build_zoo(".zoo", preset("full"))` as the cached twin of
+    `jobs/build_zoo.py --out .zoo`, but build_zoo runs torch's current threads (a Python session: the
+    machine's cores) and refuses a zoo built with 2: the example failed on any machine without 2 cores.
+    It now shows ensure_zoo_preset (exported by dmm_ray.zoo), which builds and reuses on the preset's 2."""
+    import dmm_ray.zoo
+
+    cfg, out = preset("micro"), tmp_path / "zoo"
+    _fake_zoo(out, cfg)
+    (out / B.MARKER).write_text(json.dumps(json.loads((out / B.MARKER).read_text()) | {"threads": 2}))  # as jobs/build_zoo.py leaves it
+    torch.set_num_threads(1)  # a session on another core count
+    try:
+        with pytest.raises(B.ZooBuildError, match="built with 2 torch thread"):
+            dmm_ray.zoo.build_zoo(out, cfg, progress=False)
+        assert dmm_ray.zoo.ensure_zoo_preset("micro", out, progress=False) == out.resolve()
+        assert torch.get_num_threads() == 1  # the session's own count, put back
+    finally:
+        torch.set_num_threads(B.default_threads())
+
+
 def test_a_forced_rebuild_stopped_while_it_swaps_the_zoo_never_leaves_half_a_zoo(tmp_path, monkeypatch):
     """--force used to delete the old zoo in place (shutil.rmtree): a Ctrl-C during that delete left a
     folder with its completion marker but without its base, which the next run reused as finished."""
