@@ -234,6 +234,7 @@ class HandleService:
         self.retries = retries
         self.retry_after_s = retry_after_s
         self.status = status
+        self._status_reads: set[asyncio.Future] = set()  # reads of `status` a call outlived, still running
         self._info: ModelInfo | None = None
 
     async def _answer(self, response):
@@ -248,7 +249,16 @@ class HandleService:
                 done, _ = await asyncio.wait({task}, timeout=self.status.ttl_s)
                 if done:
                     return task.result()
-                if await self.status.cannot_start():
+                # the read races the call: serve.status() waits on the Serve controller with no timeout (a busy or
+                # restarting one: seconds), and an answer that comes meanwhile must not wait for it. A read the call
+                # outlives goes on (the next waiting call shares it) and is kept referenced until it ends
+                check = asyncio.ensure_future(self.status.cannot_start())
+                self._status_reads.add(check)
+                check.add_done_callback(self._status_reads.discard)
+                await asyncio.wait({task, check}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                if check.result():
                     raise Overloaded("the model cannot start a replica now (see the server log); retry later", self.retry_after_s)
         finally:
             if not task.done():

@@ -274,6 +274,29 @@ def test_a_slow_generation_on_a_running_replica_is_never_cut_off_by_the_status_c
     assert 3 <= type(status).reads <= 12  # read while waiting, once per period (not once per request and loop turn)
 
 
+def test_an_answer_never_waits_for_a_slow_status_read():
+    """Finding: a call that waited past one status period awaited the read of Serve's status before it
+    looked at its own answer again, and serve.status() waits on the Serve controller with no timeout (a
+    busy or restarting one: seconds): an image made in 0.6 s went out only when a 3 s read ended. The
+    read now races the call, and an answer goes out as it comes."""
+    from serve.deployments import HandleService, ModelStatus
+
+    class SlowStatus(ModelStatus):
+        def _read(self):
+            time.sleep(3.0)  # the controller slow to answer
+            return None
+
+    async def generate(sample):  # answered after 3 status periods, while the first read still runs
+        await asyncio.sleep(0.6)
+        return np.zeros((TINY_SIZE, TINY_SIZE, 3), np.uint8)
+
+    with make_client(HandleService(fake_handle(generate), status=SlowStatus("app", "StyleModel", ttl_s=0.2))) as c:
+        t0 = time.perf_counter()
+        assert c.post("/generate", json=GOOD).status_code == 200
+        took = time.perf_counter() - t0
+    assert took < 2.5, took
+
+
 @pytest.mark.parametrize(
     "status, trigger, replicas, stuck",
     [
