@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -131,6 +132,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 _METRIC_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def param_value(value: Any) -> str:
+    """`value` as a param MLflow takes: its text, or one over MAX_PARAM_LEN cut to fit and ended by
+    its length and digest. A plain cut made two merges whose long values (a list of eval prompts or
+    of teachers) differ only past the cut look the same in MLflow's compare view; the digest tells
+    them apart (a stage's config.yaml holds the whole value)."""
+    text = str(value)
+    if len(text) <= MAX_PARAM_LEN:
+        return text
+    tail = f"... [{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}]"
+    return text[: MAX_PARAM_LEN - len(tail)] + tail
 
 
 def filter_literal(value: str) -> str:
@@ -255,8 +268,7 @@ class MergeTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        flat = {k: (str(v) if len(str(v)) <= MAX_PARAM_LEN else str(v)[: MAX_PARAM_LEN - 3] + "...") for k, v in flatten(params).items()}
-        _mlflow().log_params(flat)
+        _mlflow().log_params({k: param_value(v) for k, v in flatten(params).items()})
 
     def log_config(self, config: Any, name: str = "config") -> None:
         """Every config field as a param (dotted keys; a section switched off, `enabled: false`, only as

@@ -465,6 +465,24 @@ def test_a_failed_job_leaves_a_finished_project_finished_and_its_own_run_says_wh
     assert rerun.parent_run_id == first.parent_run_id and status(first.parent_run_id) == "FINISHED"
 
 
+def test_params_over_mlflows_limit_still_tell_two_merges_apart(tracker):
+    """A value over MLflow's 6000 characters (a long list of eval prompts) was cut with a plain "...":
+    two merges differing only past the cut showed the same param in the compare view."""
+    import mlflow
+
+    from dmm_ray.tracking import MAX_PARAM_LEN
+
+    logged = []
+    for last in ("a blue square", "a red circle"):
+        prompts = [f"prompt number {i} of a long list of evaluation prompts" for i in range(150)] + [last]
+        with tracker.project(), tracker.stage("merge", config={"evaluation": {"prompts": prompts}}) as run:
+            run_id = run.info.run_id
+        logged.append(mlflow.get_run(run_id).data.params["evaluation.prompts"])
+    assert all(len(value) == MAX_PARAM_LEN for value in logged)
+    assert logged[0] != logged[1]
+    assert logged[0].startswith('["prompt number 0') and logged[0].endswith("]") and " chars, sha256 " in logged[0]
+
+
 def test_a_project_and_an_output_folder_with_an_apostrophe_are_found_again(tmp_path):
     """MLflow's filter grammar has no escapes: `bob's-merge` inside '...' was an "Invalid clause"
     error once Ray had started (and close_stale_runs skipped such folders)."""
