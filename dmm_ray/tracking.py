@@ -304,6 +304,12 @@ class MergeTracker:
         metrics.update({f"fid_diag/{s}": v for s, v in result.diagonal().items()})
         metrics.update({f"fid_ref_diag/{s}": v for s, v in result.ref_diagonal().items()})
         self.log_metrics(metrics, step=step)
+        self.log_evaluation_files(result, artifact_path)
+
+    def log_evaluation_files(self, result, artifact_path: str = "evaluation") -> None:
+        """The files the evaluation wrote (`result.files`: matrices and plots) as artifacts."""
+        if not self.enabled:
+            return
         for p in (getattr(result, "files", None) or {}).values():
             _mlflow().log_artifact(str(p), artifact_path)
 

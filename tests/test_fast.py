@@ -249,6 +249,37 @@ def test_the_trained_line_of_a_finished_stage_run_again_says_nothing_was_trained
     assert trained_line({"step": 4, "resumed_from": 0, "loss_lcm": 0.25}, "loss_lcm", 3) == "trained 4 steps in 3 s (loss_lcm 0.2500)"
 
 
+def test_the_few_step_runs_fidt_is_its_own_steps_beside_the_merges(tmp_path):
+    """FIDt, FIDt_ratio and fid_diag/<style> were logged once per eval step count at step = the count:
+    MLflow shows a metric's value at its highest step, so the runs table and charts put the few-step
+    model's 8-step FIDt beside the merges', not that of the 4 steps it samples at (its version's tag)."""
+    import mlflow
+    import numpy as np
+
+    from dmm_ray.evaluation.matrix import EvalResult
+    from dmm_ray.fast.job import log_fast_evaluations
+    from dmm_ray.tracking import MergeTracker, TrackingConfig
+
+    def evaluation(diagonal):
+        return EvalResult(
+            style_names=["ink", "neon"],
+            matrix=np.array([[diagonal, 9.0], [9.0, diagonal]]),
+            ref_matrix=np.full((2, 2), 2.0),
+            prompts=["a red circle"],
+            images_per_set=2,
+            extractor="seeded-cnn:0:16",
+        )
+
+    evaluations = {2: evaluation(30.0), 4: evaluation(10.0), 8: evaluation(20.0)}
+    tracker = MergeTracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", project="p", registered_model_name=None))
+    with tracker.project(), tracker.stage("fast") as run:
+        log_fast_evaluations(tracker, evaluations, default_steps=4)
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert (metrics["FIDt"], metrics["FIDt_ratio"], metrics["fid_diag/ink"]) == (evaluations[4].fidt, evaluations[4].ratio, 10.0)
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "FIDt")] == [0]  # as a merge's run
+    assert {metrics[f"FIDt_{n}steps"] for n in (2, 4, 8)} == {e.fidt for e in evaluations.values()}
+
+
 def test_fast_job_help_and_missing_model():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "fast.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--model" in out.stdout and "LCM" in out.stdout and "--restart" in out.stdout

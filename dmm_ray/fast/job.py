@@ -314,6 +314,21 @@ class FewStepStudent(StudentSource):
         return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
 
 
+def log_fast_evaluations(tracker, evaluations: dict, default_steps: int) -> None:
+    """The few-step model's evaluations on its stage run: `FIDt_<n>steps` and `FIDt_ratio_<n>steps`
+    and the files under `evaluation_<n>steps/` for each step count; `FIDt`, `FIDt_ref`, `FIDt_ratio` and
+    the `fid_diag/<style>` metrics for `default_steps` (the steps the model samples at, as its version's
+    tags) alone, without a step, as a merge's run logs them. They were logged once per step count at
+    step = the count, and MLflow's runs table, bar charts and compare view show a metric's value at its
+    highest step: the FIDt of the largest count (8), not of the model's own 4 steps, beside the merges'."""
+    for steps, ev in evaluations.items():
+        if steps == default_steps:
+            tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps")
+        else:
+            tracker.log_evaluation_files(ev, artifact_path=f"evaluation_{steps}steps")
+        tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
+
+
 def trained_line(metrics: dict, loss_name: str, seconds: float) -> str:
     """The log line after training. A re-run of a finished stage trains nothing (resumed_from = step)
     and has no loss: it said 'trained 10 steps ... (loss_rollout nan)'."""
@@ -413,9 +428,7 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
                 result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
             result.seconds = time.time() - started
             if tracker is not None and tracker.enabled:
-                for steps, ev in result.evaluations.items():
-                    tracker.log_evaluation(ev, artifact_path=f"evaluation_{steps}steps", step=steps)
-                    tracker.log_metrics({f"FIDt_{steps}steps": ev.fidt, f"FIDt_ratio_{steps}steps": ev.ratio})
+                log_fast_evaluations(tracker, result.evaluations, f.num_inference_steps)
                 tracker.log_metrics(
                     {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
                 )
