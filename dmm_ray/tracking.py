@@ -60,6 +60,17 @@ def check_tracking_store(uri: str, setting: str) -> None:
     from urllib.parse import urlparse
 
     if uri.startswith("sqlite:"):
+        # SQLAlchemy's sqlite URL is sqlite:/// + a file path; sqlite://x.db and sqlite:x.db are parse
+        # errors it raised only when the tracker opened the store (after a dry run said OK), and
+        # sqlite:// or sqlite:///:memory: is a store in this process's memory: every run logged to it
+        # was gone when the job ended (and the Train workers, in other processes, had none).
+        db = uri[len("sqlite:") :].split("?")[0]
+        if not db.startswith("///") or db[3:] in ("", ":memory:"):
+            raise TrackingError(
+                f"{setting} {uri!r} is not an sqlite database file: write sqlite:////ABSOLUTE/PATH/mlflow.db or "
+                "sqlite:///RELATIVE/PATH/mlflow.db (default: sqlite:///$DMM_HOME/mlflow.db); an in-memory store "
+                "(sqlite://, sqlite:///:memory:) would lose every run when the job ends"
+            )
         return
     if urlparse(uri).scheme in ("", "file"):
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE

@@ -2,6 +2,7 @@
 the merged model registered and resolvable to a local diffusers folder."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -400,6 +401,14 @@ def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeyp
         check_tracking_store("banana://x", "--tracking-uri")
     check_tracking_store("http://127.0.0.1:9", "--tracking-uri")  # a server down now is an outage, ridden out later
     check_tracking_store(f"sqlite:///{tmp_path}/mlflow.db", "--tracking-uri")
+    check_tracking_store("sqlite:///mlflow.db", "--tracking-uri")  # relative to the current folder, as SQLAlchemy opens it
+    # a typo of sqlite:/// (SQLAlchemy's parse error came when the tracker opened it, after a dry run said OK), and a
+    # store in memory, whose runs were gone when the job ended
+    for uri in ("sqlite://mlflow.db", "sqlite:mlflow.db", "sqlite://", "sqlite:///:memory:", "sqlite:///"):
+        with pytest.raises(TrackingError, match=rf"--tracking-uri '{re.escape(uri)}' is not an sqlite database file: write sqlite:////ABSOLUTE"):
+            check_tracking_store(uri, "--tracking-uri")
+    with pytest.raises(TrackingError, match="tracking.tracking_uri 'sqlite://mlflow.db' is not an sqlite database file"):
+        check_tracking(TrackingConfig(tracking_uri="sqlite://mlflow.db"))
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # nothing created
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out
     check_tracking_store(str(tmp_path / "runs"), "--tracking-uri")
