@@ -44,6 +44,7 @@ STAGE_TAG = "dmm.stage"
 OUTPUT_TAG = "dmm.output_dir"  # a stage run's output_dir: its resumed and stale runs
 MODEL_ARTIFACT = "merged_model"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's experiment type
+_ANSWERED: set[str] = set()  # http(s) stores that answered this process once (MergeTracker._first_contact)
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
 
 
@@ -201,7 +202,7 @@ class MergeTracker:
             mlflow = _mlflow()
             mlflow.set_tracking_uri(self.config.tracking_uri)
             mlflow.set_registry_uri(self.config.registry_uri or self.config.tracking_uri)
-            exp = mlflow.get_experiment_by_name(self.config.experiment)
+            exp = self._first_contact(lambda: mlflow.get_experiment_by_name(self.config.experiment))
             self.experiment_id = (
                 exp.experiment_id
                 if exp is not None
@@ -210,6 +211,31 @@ class MergeTracker:
             if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
                 # Model training, not GenAI: `mlflow ui` opens the experiment on its runs table, not on an empty traces view.
                 mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+    def _first_contact(self, call):
+        """`call()`, this tracker's first request to its store. An http(s) server that never answered
+        this process is a TrackingError naming the store at once: with MLflow's retries it was four
+        minutes of retry warnings and then MLflow's own error (a merge had checked everything else, and
+        a dry run had said OK). A store that answered before (the merge's, when its few-step stage opens
+        a tracker an hour later) keeps MLflow's retries: that is an outage, ridden out."""
+        uri = self.config.tracking_uri
+        if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+            return call()
+        from mlflow.exceptions import MlflowException
+
+        from dmm_ray.export_tracking import quick_http
+
+        try:
+            with quick_http(timeout_s=30):
+                answer = call()
+            _ANSWERED.add(uri)
+            return answer
+        except MlflowException as error:
+            text = " ".join(str(error).split())[:300]
+            raise TrackingError(
+                f"the MLflow tracking store {uri!r} cannot be used: {text}; start its server (mlflow server ...), "
+                "name one that runs (tracking.uri, or the job's --tracking-uri), or run untracked (a merge: tracking.enabled: false)"
+            ) from None
 
     # --- run tree -------------------------------------------------------------------------
     def find_project_run(self):

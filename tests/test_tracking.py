@@ -420,6 +420,33 @@ def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeyp
     check_tracking(TrackingConfig(enabled=False, tracking_uri="banana://x"))  # tracking off: nothing to check
 
 
+def test_a_tracking_server_that_does_not_answer_is_said_at_once(monkeypatch):
+    """The tracker's first request went through MLflow's retries: four minutes of retry warnings, then
+    MLflow's own error, for a server that is not there."""
+    import socket
+    import time
+
+    from dmm_ray.tracking import TrackingError
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"the MLflow tracking store 'http://127.0.0.1:{port}' cannot be used: .*start its server"):
+        MergeTracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}", project="p"))
+    assert time.monotonic() - started < 60
+    # a store that answered this process before (the few-step stage's tracker after the merge's) keeps
+    # MLflow's own retries: an outage (none here, to keep the test short), not a store that is not there
+    from mlflow.exceptions import MlflowException
+
+    from dmm_ray import tracking
+
+    monkeypatch.setattr(tracking, "_ANSWERED", {f"http://127.0.0.1:{port}"})
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException):
+        MergeTracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}", project="p"))
+
+
 def test_a_failed_job_leaves_a_finished_project_finished_and_its_own_run_says_why(tmp_path):
     """The parent run stands for the project: a later job that fails (an evaluation, a merge) or is
     interrupted marks its own stage run FAILED / KILLED and gives the parent back FINISHED. A project
