@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
         plain = student_source(model, cfg.evaluation.dtype)
         source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler, args.scheduler_config))
-    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), args.steps, Path(args.out), source)
+    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), args.steps, Path(args.out), source, args.scheduler)
     summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -436,6 +436,39 @@ def test_fast_sampler_choice_saves_its_scheduler_and_tcd_is_deterministic(fast_m
     assert not torch.allclose(run(lcm, 0), run(lcm, 1))
 
 
+def test_a_few_step_evaluation_names_its_model_and_teachers_like_a_merges(fast_model, merged_world, tmp_path, monkeypatch):
+    """The few-step stage's fid_matrix.json (evaluate_fast) had the sampler, seeds and teachers'
+    checksums but not the model's path, unet checksum and scheduler or the teachers' files, which only
+    evaluate_merge added: two few-step evaluations could not be told apart. Sampling is faked here."""
+    import numpy as np
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.evaluation import matrix
+    from dmm_ray.fast.job import evaluate_fast, teachers_of
+    from dmm_ray.teachers import files_checksum
+
+    def sampled(student, teachers, config, extractor):
+        n = len(student.style_names)
+        return matrix.EvalResult(
+            style_names=student.style_names, matrix=np.eye(n), ref_matrix=np.eye(n), prompts=["p"], images_per_set=1, extractor="fake",
+            provenance={"student_call": {k: v for k, v in student.call_kwargs("style0").items() if k != "style"}},
+        )  # fmt: skip
+
+    monkeypatch.setattr(matrix, "evaluate_sources", sampled)
+    path, merged = fast_model
+    world, _ = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run"))
+    teachers = teachers_of(cfg, merged)
+    expected_teachers = {t.name: {"source": str(t.source), "base": str(t.base) if t.base else None} for t in teachers}
+    for scheduler, saved in [(None, "TCDScheduler"), ("LCMScheduler", "LCMScheduler")]:  # the saved one, or the one swapped in
+        results = evaluate_fast(cfg, path, teachers, [2, 4], tmp_path / str(scheduler), scheduler=scheduler)
+        for steps, result in results.items():
+            made = json.loads(result.files["json"].read_text())["provenance"]
+            assert made["model"] == {"path": str(path.resolve()), "unet_checksum": files_checksum([path / "unet"]), "scheduler": saved}
+            assert made["teachers"] == expected_teachers and made["student_call"]["num_inference_steps"] == steps
+
+
 def test_an_export_of_the_few_step_model_is_logged_to_its_own_run_not_the_merges(fast_model, tmp_path):
     """The few-step model's dmm_merge.json names the few-step stage run that registered it, so
     jobs/export.py (dmm_ray.export_tracking.resolve_model) logs its exports there; untracked, it names

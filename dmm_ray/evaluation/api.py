@@ -37,24 +37,26 @@ def evaluate_merge(
     teachers = teacher_sources(teacher_specs, dtype)
     result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:
-        result.provenance.update(_sources_provenance(student_path, model_name, teacher_specs))
+        result.provenance.update(sources_provenance(student_path, model_name, teacher_specs))
         result.files = write_outputs(result, output_dir or eval_config.output_dir)
         if print_table:
             print(format_table(result))
     return result
 
 
-def _sources_provenance(student_path, model_name: str | None, teacher_specs: Sequence[Any]) -> dict:
-    """The evaluated model and the teachers' files, for fid_matrix.json. The model's fingerprint is
-    `files_checksum` of its unet/ (names, sizes and the first and last 16 MiB of each file: cheap on
-    large weights, and it changes when a merge rewrites them); its scheduler is the one it samples with."""
+def sources_provenance(student_path, model_name: str | None, teacher_specs: Sequence[Any], scheduler: str | None = None) -> dict:
+    """The evaluated model and the teachers' files, for fid_matrix.json (a merged or a few-step model's:
+    evaluate_merge and dmm_ray.fast.job.evaluate_fast). The model's fingerprint is `files_checksum` of
+    its unet/ (names, sizes and the first and last 16 MiB of each file: cheap on large weights, and it
+    changes when a merge rewrites them); its scheduler is the one it samples with: the folder's own, or
+    `scheduler` where the evaluation swapped it (benchmarks/fast_fidt.py --scheduler)."""
     import json
 
     from dmm_ray.teachers import files_checksum
 
     folder = Path(student_path).resolve()
     try:
-        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+        scheduler = scheduler or json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
     except (OSError, ValueError):
         scheduler = None
     return {

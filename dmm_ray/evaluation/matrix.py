@@ -46,7 +46,7 @@ class EvalResult:
     teacher_previews: dict[str, np.ndarray] = field(default_factory=dict)
     generated: list[str] = field(default_factory=list)  # job keys that generated images this run
     files: dict = field(default_factory=dict)  # output name -> path, filled by write_outputs callers
-    # what produced the numbers (sampler, seeds, teachers' checksums; evaluate_merge adds the model and
+    # what produced the numbers (sampler, seeds, teachers' checksums; evaluate_merge and evaluate_fast add the model and
     # the teachers' files): a fid_matrix.json read later, beside others, must say which merge it scored
     provenance: dict = field(default_factory=dict)
 

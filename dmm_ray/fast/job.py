@@ -273,20 +273,24 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     return dest
 
 
-def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path, source=None) -> dict:
+def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path, source=None, scheduler: str | None = None) -> dict:
     """FIDt of the few-step model at each step count against the merge's teachers, the teachers
     sampled as the merge's evaluation samples them (cached), the student at `steps` with its own CFG.
-    `source`: a StudentSource to sample instead of the folder as saved (e.g. with another scheduler)."""
-    from dmm_ray.evaluation.api import default_extractor
+    `source`: a StudentSource to sample instead of the folder as saved (e.g. with another scheduler,
+    named by `scheduler` for the provenance). Each fid_matrix.json names the model, its unet checksum
+    and the teachers as a merge's evaluation does (evaluate_merge's own sources_provenance)."""
+    from dmm_ray.evaluation.api import default_extractor, sources_provenance
     from dmm_ray.evaluation.matrix import evaluate_sources
     from dmm_ray.evaluation.outputs import format_table, write_outputs
     from dmm_ray.evaluation.sources import student_source, teacher_sources
 
     eval_cfg = cfg.evaluation
+    made_by = sources_provenance(model_path, None, teachers, scheduler)  # once: it reads the unet for its checksum
     results = {}
     for steps in steps_list:
         student = FewStepStudent.wrap(source or student_source(model_path, eval_cfg.dtype), steps, cfg.fast.guidance_scale)
         result = evaluate_sources(student, teacher_sources(teachers, eval_cfg.dtype), eval_cfg, default_extractor(eval_cfg))
+        result.provenance.update(made_by)
         result.files = write_outputs(result, out / f"evaluation_{steps}steps")
         log(
             f"few-step model at {steps} steps (guidance {cfg.fast.guidance_scale}): FIDt {result.fidt:.2f}, FIDt_ref {result.fidt_ref:.2f}, ratio {result.ratio:.3f}"
