@@ -111,7 +111,7 @@ def _merge(config: str, out: Path, steps: int, project: str, overrides: list[str
                 name, seconds, _ = part.split()
                 stages[name] = float(seconds)
     point = {"steps": steps, "wall_s": stages.get("merge", wall), "with_eval_s": wall, "stage_s": stages, **_summary(evaluation)}
-    record.write_text(json.dumps(point, indent=1))
+    _write_point(record, point)
     return point
 
 
@@ -160,8 +160,16 @@ def _second_seed_set(config: str, out: Path, steps: int, project: str, overrides
     if proc.returncode:
         raise SystemExit(f"error: the second seed-set evaluation at {steps} steps failed (exit {proc.returncode}); see {out / 'evaluate_seeds2.log'}")
     point = _summary(json.loads((out / "evaluation_seeds2" / "fid_matrix.json").read_text()))
-    record.write_text(json.dumps(point, indent=1))
+    _write_point(record, point)
     return point
+
+
+def _write_point(record: Path, point: dict) -> None:
+    """Via a temporary file and a rename: a run read back a point.json it finds, and one stopped during
+    the write (Ctrl-C, a full disk) left a cut-short file that every later run failed to parse."""
+    from dmm_ray.data import fs as fsu
+
+    fsu.write_bytes_atomic(*fsu.resolve(str(record)), json.dumps(point, indent=1).encode())
 
 
 def write_outputs(points: list[dict], folder: Path, title: str) -> tuple[Path, Path]:

@@ -177,6 +177,55 @@ def test_fidelity_curve_reads_back_a_point_only_of_the_same_merge(tmp_path, monk
     assert len(runs) == 1
 
 
+def test_a_curve_point_stopped_while_it_was_written_is_not_read_back_cut_short(tmp_path, monkeypatch, capsys):
+    """Finding: point.json was written in place, and a run reads back the point.json it finds: one stopped
+    during that write (Ctrl-C, a full disk) left a cut-short file, and every later run stopped with
+    'error: Unterminated string starting at: line 4 column 2' (no file named). A stop now leaves no
+    point.json; the next run says what to do."""
+    from dmm_ray.data import fs as fsu
+
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path)
+
+    def stopped_half_way(path, data: bytes):
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    class Stopping:  # a filesystem whose writes stop half-way (the new write goes through fsu)
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open_output_stream(self, path):
+            class Stream:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
+
+                def write(self, data):
+                    stopped_half_way(path, data)
+
+            return Stream()
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    resolve = fsu.resolve
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            Path,
+            "write_text",
+            lambda self, text, *a, **k: stopped_half_way(self, text.encode()) if self.name == "point.json" else Path.write_bytes(self, text.encode()),
+        )
+        patch.setattr(fsu, "resolve", lambda location: (Stopping(resolve(location)[0]), resolve(location)[1]))
+        argv = ["--config", str(config), "--steps", "2", "--out", str(tmp_path / "curve"), "--label", "x"]
+        with pytest.raises(KeyboardInterrupt):
+            fc.main(argv)
+    assert not (tmp_path / "curve" / "x" / "steps_2" / "point.json").exists()
+    with pytest.raises(SystemExit, match=r"steps_2 exists without a finished point; remove it"):
+        fc.main(argv)
+
+
 def test_fidelity_curves_second_seed_sets_evaluate_the_merge_as_it_ran(tmp_path, monkeypatch, capsys):
     """Finding: --seed-sets 2 ran jobs/evaluate.py on the bare --config, without the curve's --set
     overrides: the second pair of seed sets was measured with the preset's prompts, images and
