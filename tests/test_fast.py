@@ -239,6 +239,43 @@ def test_fast_settings_that_do_not_fit_the_model_or_batch_are_refused_before_ray
         add_lcm_lora(_student(), FastConfig(lora_targets=["nomatch"]))
 
 
+def test_a_few_step_folder_that_would_write_into_or_replace_the_merged_model_is_refused(merged_world, tmp_path):
+    """Findings: --output-dir the parent of a merged model folder named `model` trained, then saved the
+    few-step model in its place (the merged model gone); --output-dir inside the merged model (its unet/)
+    wrote the run there, changing the unet checksum, so the same command was then refused as "another
+    model". Both, and a <folder>/model that is not a few-step model, are refused before anything runs."""
+    import shutil
+
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import FAST_RECORD, FastError, check_before_ray, run_fast
+
+    world, merged = merged_world
+    named_model = tmp_path / "downloads" / "model"
+    shutil.copytree(merged, named_model)
+
+    def cfg(output_dir):
+        return MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(output_dir)})).with_absolute_paths()
+
+    for model, output_dir, message in [
+        (named_model, named_model.parent, r"saves the few-step model to .*/downloads/model, in place of the merged model"),
+        (merged, merged, r"is inside the merged model .*merged \(--model\)"),
+        (merged, merged / "unet", r"few-step folder .*merged/unet \(--output-dir, fast.output_dir\) is inside the merged model"),
+    ]:
+        with pytest.raises(FastError, match=message):
+            check_before_ray(cfg(output_dir), model)  # what run_fast and jobs/fast.py --dry-run check first
+    (tmp_path / "elsewhere" / "model").mkdir(parents=True)
+    with pytest.raises(FastError, match=r"elsewhere/model, which holds something else \(not a few-step model: no fast.json\)"):
+        check_before_ray(cfg(tmp_path / "elsewhere"), merged)
+    (tmp_path / "elsewhere" / "model" / FAST_RECORD).write_text("{}")  # an earlier few-step model: replaced by design
+    check_before_ray(cfg(tmp_path / "elsewhere"), merged)
+    before = _digest(named_model)
+    with pytest.raises(FastError, match="in place of the merged model"):
+        run_fast(cfg(named_model.parent), named_model)  # the stage itself, before its lock, Ray or data
+    assert _digest(named_model) == before and sorted(p.name for p in named_model.parent.iterdir()) == ["model"]
+
+
 def test_the_trained_line_of_a_finished_stage_run_again_says_nothing_was_trained():
     from dmm_ray.fast.job import trained_line
 
@@ -858,6 +895,7 @@ def test_fast_state_resumes_only_from_the_same_model_and_settings(merged_world, 
     ckpt.mkdir(parents=True)
     (ckpt / "trainable.pt").write_bytes(b"x")
     (out / "model").mkdir()
+    (out / "model" / "fast.json").write_text("{}")  # the saved few-step model (a folder without it there is refused)
     fingerprint.check_fast_resume(cfg(), merged, out)  # the same: resume
     # how, and what the save / evaluation do with the weights: never block a resume
     fingerprint.check_fast_resume(cfg(checkpoint_every=7, log_every=3, eval_steps=[4], sampler="lcm", num_inference_steps=2), merged, out)

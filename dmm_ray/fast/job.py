@@ -96,7 +96,34 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     from dmm_ray.memory_plan import check_fast_fits
 
     styles = check_model_folder(model_dir, cfg.fast)
+    check_output_folder(cfg, model_dir)
     return styles, check_fast_fits(cfg, model_dir)
+
+
+def check_output_folder(cfg: MergeConfig, model_dir: str | Path) -> None:
+    """The stage's folder (fast_dir) must leave the merged model alone (a FastError otherwise). Inside
+    it, the run wrote its state and model among the model's files (an --output-dir of its unet/ changed
+    the unet checksum the model is known by: the same command was then refused as "another model").
+    And <folder>/model, where the few-step model is saved in place of what is there, must be an
+    earlier few-step model or nothing: --output-dir the parent of a merged model folder named `model`
+    replaced the merged model itself with the few-step one."""
+    out, model = fast_dir(cfg).resolve(), Path(model_dir).resolve()
+    where = f"the few-step folder {out} (--output-dir, fast.output_dir)"
+    if out == model or model in out.parents:
+        raise FastError(
+            f"{where} is inside the merged model {model} (--model): the run would write its state and model among its files; "
+            "give a folder outside it (default: <output_dir>/fast)"
+        )
+    saved = out / "model"
+    if saved == model or saved in model.parents:
+        raise FastError(
+            f"{where} saves the few-step model to {saved}, in place of the merged model {model} (--model); give another folder (default: <output_dir>/fast)"
+        )
+    if saved.exists() and not (saved / FAST_RECORD).is_file():
+        raise FastError(
+            f"{where} saves the few-step model to {saved}, which holds something else (not a few-step model: no {FAST_RECORD}) "
+            "that the save would replace; move it away or give another folder"
+        )
 
 
 def fast_dir(cfg: MergeConfig) -> Path:
