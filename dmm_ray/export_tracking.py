@@ -5,7 +5,7 @@ logged to, and the artifacts it leaves there.
 and store it records; `export_target` picks the run and store an export is logged to (--run-id,
 --tracking-uri, else the model's), and its `check()` (`check_run`) makes sure, before any work, that
 the store holds that run; `log_export` logs the export, its config folder and its metadata under the
-run's exports/ (`quick_http`: MLflow's REST client without retries, for a store that did not answer).
+run's exports/ (with `tracking.quick_http`: MLflow's REST client without retries, for a store that did not answer).
 
 Merge tracking (run tree, metrics, model registry) lives in `dmm_ray.tracking`; this module only uses
 its store checks and model resolution.
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from dmm_ray.tracking import TrackingError, check_tracking_store, is_mlflow_uri, local_model
+from dmm_ray.tracking import TrackingError, check_tracking_store, is_mlflow_uri, local_model, quick_http
 
 
 @contextlib.contextmanager
@@ -122,25 +121,6 @@ def export_target(
         uri_what=uri_what,
         uri_given=bool(tracking_uri),
     )
-
-
-@contextlib.contextmanager
-def quick_http(timeout_s: int | None = 10) -> Iterator[None]:
-    """MLflow's REST client without its retries (minutes against a server that is down) and, unless
-    `timeout_s` is None, with a short per-request timeout: for a check, or a store that just failed one."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    if timeout_s is not None:
-        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_run(run_id: str, uri: str, run_what: str, uri_what: str) -> str | None:

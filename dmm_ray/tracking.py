@@ -188,6 +188,25 @@ def _config_dict(config: Any) -> dict:
     raise TypeError(f"config must be a pydantic model or a mapping, got {type(config).__name__}")
 
 
+@contextlib.contextmanager
+def quick_http(timeout_s: int | None = 10) -> Iterator[None]:
+    """MLflow's REST client without its retries (minutes against a server that is down) and, unless
+    `timeout_s` is None, with a short per-request timeout: for a check, or a store that just failed one."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class MergeTracker:
     """Thin, explicit wrapper over MLflow for one merge project. With `enabled=False` every
     method is a no-op, so jobs call it unconditionally."""
@@ -222,8 +241,6 @@ class MergeTracker:
         if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
             return call()
         from mlflow.exceptions import MlflowException
-
-        from dmm_ray.export_tracking import quick_http
 
         try:
             with quick_http(timeout_s=30):

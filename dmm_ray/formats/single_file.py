@@ -241,9 +241,9 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     path = Path(path)
     if path.suffix.lower() != ".safetensors":  # NOISE.SAFETENSORS too, as jobs/export.py and the teacher loader read it
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
-    from dmm_ray.models.style_unet import inner_unet
+    from diffusers.utils.torch_utils import unwrap_module  # (models.style_unet.inner_unet: importing it here is a cycle)
 
-    unet = inner_unet(pipeline.unet)  # a compiled one's state dict keys are `_orig_mod.<layer>`, no LDM key
+    unet = unwrap_module(pipeline.unet)  # a compiled one's state dict keys are `_orig_mod.<layer>`, no LDM key
     if getattr(unet.config, "style_names", None) is not None:
         raise ValueError(
             "a merged StyleUNet has no single-file equivalent; bake one style first: dmm_ray.export.bake(pipe, style=...) or `python jobs/export.py`"
