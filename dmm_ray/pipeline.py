@@ -155,12 +155,19 @@ class _StyleCallMixin:
         first: with `push_to_hub=True` diffusers uploads the folder at the end of its own save. A record
         this pipeline has none of (built from components, or its folder had none) is not left behind from
         an earlier save into the folder, whose model's sampler and style names it is not. The earlier
-        records are set aside until the save is complete and put back if it fails (as `swap_in` does)."""
+        records are set aside until the save is complete and put back if it fails (as `swap_in` does).
+        A pipeline with LoRA layers loaded (a LoRA, the few-step model's `lcm_lora/`; also after `fuse_lora`,
+        which keeps them) is refused before anything is written: diffusers wrote PEFT's layer names
+        (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing."""
         import os
         import shutil
 
+        from dmm_ray.formats.single_file import loaded_lora
         from dmm_ray.merged_model import STYLES_RECORD, remove, save_siblings
 
+        problem = loaded_lora(self)
+        if problem:
+            raise ValueError(f"cannot save to {save_directory}: {problem}")
         source = getattr(self.config, "_name_or_path", None)
         tag = f"save-{os.getpid()}"  # hidden siblings of this save: .sampler.json.save-<pid>.old
         parked, written = [], []  # the earlier save's records (set aside), and this one's

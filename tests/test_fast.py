@@ -550,6 +550,28 @@ def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
     assert (merged_out - fused_out).abs().max() > 1e-4  # the LoRA does change the model
 
 
+def test_the_lcm_lora_fused_into_the_merged_model_saves_only_once_unloaded(fast_model, tmp_path):
+    """save_pretrained after fuse_lora (PEFT's layers still loaded) wrote `to_q.base_layer.weight` and
+    `to_q.lora_A.default_0.weight`: the folder loaded back with those layers' weights missing (a meta-tensor
+    error at the first call). It is refused, naming unload_lora_weights, and writes nothing; once unloaded,
+    the saved folder is the few-step model."""
+    from dmm_ray.fast.job import LORA_DIR
+
+    path, merged = fast_model
+    pipe = _load(merged)
+    pipe.load_lora_weights(path / LORA_DIR)
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match=r"LoRA layers loaded \(unet\).*fuse_lora\(\) then pipe.unload_lora_weights\(\)"):
+        pipe.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    pipe.unload_lora_weights()  # the fused weights stay
+    pipe.save_pretrained(tmp_path / "fused")
+    x, t, e, ids = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 77, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        saved_out = _load(tmp_path / "fused").unet(x, t, e, style_ids=ids).sample
+        torch.testing.assert_close(saved_out, _load(path).unet(x, t, e, style_ids=ids).sample, rtol=1e-4, atol=1e-5)
+
+
 def test_serve_follows_the_few_step_model(fast_model):
     from fastapi.testclient import TestClient
 

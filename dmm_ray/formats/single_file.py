@@ -214,22 +214,31 @@ def has_ip_adapter(unet) -> bool:
     return isinstance(getattr(unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
 
 
-def loaded_plugins(pipeline) -> str | None:
-    """Why `pipeline` cannot be written as a checkpoint as it is, or None: LoRA layers (PEFT's, also after
-    `fuse_lora`, which folds into them but keeps them) or an IP-Adapter loaded on it. Their weights sit
-    under names no checkpoint layout has (`to_q.base_layer.weight`, `to_q.lora_A.<name>.weight`,
-    `encoder_hid_proj.*`): a diffusers loader would leave those layers at random weights."""
+def loaded_lora(pipeline) -> str | None:
+    """Why `pipeline`'s weights cannot be saved as they are, or None: LoRA layers (PEFT's, also after
+    `fuse_lora`, which folds into them but keeps them) loaded on its UNet or text encoder(s). Their weights
+    sit under names no model layout has (`to_q.base_layer.weight`, `to_q.lora_A.<name>.weight`): a diffusers
+    loader would leave those layers at random weights."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # without peft no LoRA can be loaded
-        BaseTunerLayer = ()
+        return None
     names = [name for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipeline, name, None) is not None]
-    with_lora = [name for name in names if BaseTunerLayer and any(isinstance(m, BaseTunerLayer) for m in getattr(pipeline, name).modules())]
+    with_lora = [name for name in names if any(isinstance(m, BaseTunerLayer) for m in getattr(pipeline, name).modules())]
     if with_lora:
         return (
             f"the pipeline has LoRA layers loaded ({', '.join(with_lora)}), which no checkpoint holds: fold the LoRA in with "
             "pipe.fuse_lora() then pipe.unload_lora_weights() (the fused weights stay), or drop it with pipe.unload_lora_weights()"
         )
+    return None
+
+
+def loaded_plugins(pipeline) -> str | None:
+    """Why `pipeline` cannot be written as a checkpoint as it is, or None: LoRA layers (`loaded_lora`) or an
+    IP-Adapter loaded on it, whose weights sit under names no checkpoint layout has (`encoder_hid_proj.*`)."""
+    problem = loaded_lora(pipeline)
+    if problem:
+        return problem
     if has_ip_adapter(pipeline.unet):
         return "the pipeline has an IP-Adapter loaded: pipe.unload_ip_adapter() first (the IP-Adapter ships as its own file)"
     return None
