@@ -288,7 +288,17 @@ def resolve_request(
 
     steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
     if steps > lim.max_steps:
-        raise RequestError(422, f"steps={steps} is above the maximum {lim.max_steps}")
+        # A request without steps gets the server's default_steps: one above the limit (a merged model's 25 with
+        # a few-step model's 10-step grid) is the config's to fix, not steps the request sent
+        raise RequestError(
+            422,
+            f"steps={steps} is above the maximum {lim.max_steps}"
+            + (
+                ""
+                if req.steps is not None
+                else f" (the server's default_steps, as the request gives none: send steps of at most {lim.max_steps}, or lower default_steps in the serve config)"
+            ),
+        )
     width = native_size[0] if req.width is None else req.width
     height = native_size[1] if req.height is None else req.height
     for name, value, top in (("width", width, lim.max_width), ("height", height, lim.max_height)):

@@ -396,7 +396,8 @@ def test_text_a_tokenizer_cannot_read_and_digit_styles_int_refuses_are_422s_nami
 
 def test_a_few_step_models_steps_stop_at_its_training_grid(tmp_path):
     """A TCD / LCM model samples at most its grid's steps (original_inference_steps): steps=11 on the
-    toy preset's 10 was diffusers' ValueError, a 500; now a 422, and /styles says the limit."""
+    toy preset's 10 was diffusers' ValueError, a 500; now a 422, and /styles says the limit. A server default
+    above it is a 422 that says so."""
     import shutil
     from types import SimpleNamespace
 
@@ -415,6 +416,15 @@ def test_a_few_step_models_steps_stop_at_its_training_grid(tmp_path):
         assert c.post("/generate", json=body | {"steps": 10}).status_code == 200
         r = c.post("/generate", json=body | {"steps": 11})
         assert r.status_code == 422 and r.json()["error"] == "steps=11 is above the maximum 10"
+    # a configured default_steps above the grid (one written for the merged model): a request that names no
+    # steps was told "steps=25 is above the maximum 10", steps it never sent; the answer now names the config
+    with TestClient(create_api(LocalService(StyleModelBackend(str(dst), device="cpu")), ServeConfig(model=str(dst), default_steps=25))) as c:
+        r = c.post("/generate", json=body)
+        assert r.status_code == 422 and r.json()["error"] == (
+            "steps=25 is above the maximum 10 (the server's default_steps, as the request gives none: send steps of at most 10, "
+            "or lower default_steps in the serve config)"
+        )
+        assert c.post("/generate", json=body | {"steps": 10}).status_code == 200
 
 
 def test_serve_config_defaults_within_limits_methods_and_styles_json(tmp_path, backend):
