@@ -335,6 +335,14 @@ def _styled_call(parent_call, regional: bool = True):
             num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
             guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        most = max_inference_steps(self.scheduler)
+        if most is not None and kwargs.get("timesteps") is None and kwargs.get("sigmas") is None and num_inference_steps > most:
+            # diffusers' TCD / LCM error told a text-to-image call to "increase `strength`", which it does not take
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps}: this few-step model's {type(self.scheduler).__name__} samples at most {most} "
+                f"steps (its training grid, original_inference_steps); give 1 to {most} (or none: the model's own, "
+                f"{self.sampler_defaults['num_inference_steps']})"
+            )
         if any(a is not None for a in (regions, style_map, window_stride, background, region_window)) or region_decode:
             if not regional:
                 raise ValueError(

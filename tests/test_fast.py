@@ -446,6 +446,19 @@ def test_fast_model_loads_with_its_sampler_and_keeps_style_and_mixture_apis(fast
     assert record["fast"]["mode"] == "lora" and json.loads((path / "dmm_merge.json").read_text())["name"] == "test-merge"
 
 
+def test_more_steps_than_the_few_step_models_grid_is_an_error_that_names_the_grid(fast_model):
+    """The saved TCD scheduler samples at most its training grid's steps (original_inference_steps, 50 here):
+    more was diffusers' error telling a text-to-image call to "increase `strength`", which it does not take."""
+    pipe = _load(fast_model[0])
+    kw = dict(style="style0", height=32, width=32, output_type="latent")
+    with pytest.raises(
+        ValueError,
+        match=r"^num_inference_steps=51: this few-step model's TCDScheduler samples at most 50 steps .*give 1 to 50 \(or none: the model's own, 4\)",
+    ):
+        pipe("a red circle", num_inference_steps=51, **kw)
+    assert pipe("a red circle", timesteps=[999, 499], **kw).images.shape[0] == 1  # explicit timesteps: diffusers ignores the count
+
+
 def test_fast_sampler_choice_saves_its_scheduler_and_tcd_is_deterministic(fast_model, merged_world, tmp_path):
     """fast.sampler=lcm saves LCMScheduler (fresh noise each step: the draw changes the image); the
     default TCD at gamma 0 re-noises with the student's own noise estimate, so only the starting
