@@ -217,7 +217,9 @@ def provenance(
     the export is logged to, which --run-id may name apart from the merge's; empty when not logged),
     `dmm.style` (one style) or `dmm.style_weights` (a mixture, however given: JSON, normalised, by name), `dmm.styles`
     (all names, codebook order), `dmm.teachers` (JSON: name, source, format, checksum),
-    `dmm.architecture` (sd15 / sdxl), `dmm.version`, `dmm.exported_at` (UTC)."""
+    `dmm.architecture` (sd15 / sdxl), `dmm.sampler` (JSON: the scheduler, steps, guidance and negative prompt the
+    model samples with, `pipe.sampler_defaults`: a stock pipeline's own defaults, 50 steps at 7.5, are not the
+    model's, and a few-step model's TCD / LCM scheduler refuses 50), `dmm.version`, `dmm.exported_at` (UTC)."""
     import dmm_ray
 
     names = pipe.unet.style_names
@@ -234,6 +236,7 @@ def provenance(
         "dmm.styles": json.dumps(names),
         "dmm.architecture": "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15",
         "dmm.teachers": json.dumps(teacher_checksums(record)),
+        "dmm.sampler": json.dumps(pipe.sampler_defaults),
         "dmm.exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if model_dir is not None and (Path(model_dir) / "unet").is_dir():

@@ -14,7 +14,7 @@ the merged model's with that style to float rounding. Load it anywhere:
   ComfyUI / A1111: copy noir.safetensors into models/checkpoints (models/Stable-diffusion)
 
 Every export carries its provenance in the safetensors metadata (merged model, style or weights,
-teachers with checksums, dmm-ray version; `dmm_ray.export.read_metadata(path)`), and is logged as an
+teachers with checksums, the model's sampler, dmm-ray version; `dmm_ray.export.read_metadata(path)`), and is logged as an
 artifact (`exports/`) of the MLflow run of the merge it came from: the run recorded in the merged
 folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import tempfile
@@ -232,6 +233,13 @@ def _export(args, stack: contextlib.ExitStack) -> int:
             # diffusers picks text_encoder_2's converter by width: equal widths read the first encoder into it
             extra = f", text_encoder_2=dmm_ray.formats.single_file.sdxl_text_encoder_2({str(out)!r}, {str(config_dir)!r})"
         print(f"load it with: {loader}.from_single_file({str(out)!r}, config={str(config_dir)!r}{extra})")
+    # a stock pipeline samples with its own defaults (50 steps, guidance 7.5), not the model's: a few-step
+    # model's TCD / LCM scheduler refuses 50 steps outright (metadata dmm.sampler)
+    sampler = json.loads(metadata["dmm.sampler"])
+    print(
+        f"sample it as the model does: num_inference_steps={sampler['num_inference_steps']}, guidance_scale={sampler['guidance_scale']}, "
+        f"negative_prompt={sampler['negative_prompt']!r} ({sampler['scheduler']}; a stock pipeline's defaults are 50 steps at 7.5)"
+    )
 
     # 5. verify
     if args.verify:

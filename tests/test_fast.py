@@ -549,6 +549,28 @@ def test_an_export_of_the_few_step_model_is_logged_to_its_own_run_not_the_merges
     assert json.loads((saved / "dmm_merge.json").read_text())["styles"] == record["styles"]  # the rest of the merge's record stays
 
 
+def test_an_export_of_the_few_step_model_says_how_it_samples(fast_model, tmp_path, capsys):
+    """A baked export keeps the few-step model's TCD scheduler, but a stock pipeline samples with its own defaults
+    (50 steps at guidance 7.5: on the toy preset's 10-step grid, diffusers' ValueError), and the export named the
+    model's 4 steps and CFG off nowhere: not in its metadata, not in what jobs/export.py printed. Both now say them."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    from dmm_ray.defaults import PAPER_NEGATIVE_PROMPT
+    from dmm_ray.export import read_metadata
+    from jobs import export as job
+
+    path, _ = fast_model
+    out = tmp_path / "style1.safetensors"
+    assert job.main(["--model", str(path), "--style", "style1", "--out", str(out), "--no-track"]) == 0
+    sampler = {"scheduler": "TCDScheduler", "num_inference_steps": 4, "guidance_scale": 1.0, "negative_prompt": PAPER_NEGATIVE_PROMPT}
+    assert json.loads(read_metadata(out)["dmm.sampler"]) == sampler
+    assert f"sample it as the model does: num_inference_steps=4, guidance_scale=1.0, negative_prompt={PAPER_NEGATIVE_PROMPT!r} (TCDScheduler;" in (
+        capsys.readouterr().out
+    )
+    plain = StableDiffusionPipeline.from_single_file(str(out), config=str(tmp_path / "style1.config"), local_files_only=True)
+    assert isinstance(plain.scheduler, TCDScheduler)
+
+
 def test_lcm_lora_alone_on_the_merged_model_equals_the_fused_model(fast_model):
     from dmm_ray.fast.job import LORA_DIR
 
