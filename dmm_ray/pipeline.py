@@ -158,7 +158,12 @@ class _StyleCallMixin:
         records are set aside until the save is complete and put back if it fails (as `swap_in` does).
         A pipeline with LoRA layers loaded (a LoRA, the few-step model's `lcm_lora/`; also after `fuse_lora`,
         which keeps them) is refused before anything is written: diffusers wrote PEFT's layer names
-        (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing."""
+        (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing.
+        A sampler record written for another scheduler than the pipeline's (a merged model saved with its LCM-LoRA
+        fused in and TCD swapped in) is saved as the settings the pipeline samples with (`sampler_defaults`):
+        copied, it named DPM-Solver at 10 steps with CFG beside the TCD scheduler, which whatever reads the folder's
+        record (`sampler_defaults(folder)`: jobs/style_mixing.py's --student-steps) then sampled with."""
+        import json
         import os
         import shutil
 
@@ -175,7 +180,15 @@ class _StyleCallMixin:
             for name in (SAMPLER_RECORD, STYLES_RECORD):
                 record, target = Path(str(source)) / name, Path(save_directory) / name
                 record = record if source and record.is_file() else None
-                if record is not None and target.exists() and record.samefile(target):
+                text = None  # None: the record is copied as it is
+                if name == SAMPLER_RECORD and record is not None:
+                    scheduler = type(self.scheduler).__name__
+                    if read_sampler_record(record).get("scheduler", scheduler) != scheduler:
+                        own = self.sampler_defaults
+                        text = json.dumps(
+                            sampler_record(own["num_inference_steps"], own["guidance_scale"], own["negative_prompt"], scheduler), indent=1
+                        )
+                if record is not None and text is None and target.exists() and record.samefile(target):
                     continue  # saved over its own folder: the record there is this model's
                 if target.exists():
                     old = save_siblings(target, tag)[1]
@@ -184,7 +197,10 @@ class _StyleCallMixin:
                 if record is not None:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     written.append(target)
-                    shutil.copyfile(record, target)
+                    if text is None:
+                        shutil.copyfile(record, target)
+                    else:
+                        target.write_text(text)
             super().save_pretrained(save_directory, *args, **kwargs)
         except BaseException:  # an error or Ctrl-C mid-save: the folder keeps the earlier save's records
             for target in written:

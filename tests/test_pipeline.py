@@ -236,7 +236,8 @@ def test_a_model_with_its_own_sampler_record_is_sampled_with_it(pipe, tmp_path):
 
 def test_a_few_step_scheduler_on_a_merged_model_takes_few_step_defaults(pipe, tmp_path):
     """The merged model's sampler.json (DPM-Solver++, 2 steps, CFG 5) is for its own sampler: with its
-    scheduler swapped for TCD (an LCM-LoRA on the merged model) a call samples 4 steps, CFG off."""
+    scheduler swapped for TCD (an LCM-LoRA on the merged model) a call samples 4 steps, CFG off, and a save
+    records that."""
     import json
 
     from diffusers import TCDScheduler
@@ -250,6 +251,11 @@ def test_a_few_step_scheduler_on_a_merged_model_takes_few_step_defaults(pipe, tm
     assert own.sampler_defaults == {"scheduler": "TCDScheduler", "num_inference_steps": 4, "guidance_scale": 1.0, "negative_prompt": ""}
     # the folder alone (style-mixing, evaluation): the record's own scheduler and settings
     assert sampler_defaults(tmp_path)["num_inference_steps"] == 2
+    # saved so (the LCM-LoRA fused in): the record says what it samples with, not DPM-Solver++ at 2 steps with CFG 5
+    # beside the TCD scheduler, which the folder's readers (jobs/style_mixing.py --student-steps) sampled with
+    own.save_pretrained(tmp_path / "saved")
+    assert sampler_defaults(tmp_path / "saved") == own.sampler_defaults
+    assert DMMPipeline.from_pretrained(tmp_path / "saved", local_files_only=True).sampler_defaults == own.sampler_defaults
     # a few-step record read with a non-few-step scheduler: the paper's settings, not 4 steps without CFG
     (tmp_path / SAMPLER_RECORD).write_text(json.dumps(sampler_record(4, 1.0, "", scheduler="TCDScheduler")))
     assert sampler_defaults(tmp_path)["num_inference_steps"] == 4
