@@ -128,6 +128,27 @@ def test_a_prompt_file_with_a_bom_and_a_torn_cache_file(tmp_path):
         assert cache.load(key) is None
 
 
+@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_failed_cache_write_leaves_no_temp_file(tmp_path, monkeypatch, error):
+    """A failure or Ctrl-C inside np.savez left its uniquely named `*.npz.tmp` (full size: sigma is D x D
+    float64) in the cache folder, one more per interrupted evaluation; the entry already there is kept."""
+    from dmm_ray.evaluation.cache import StatsCache
+
+    cache = StatsCache(tmp_path)
+    stats = FeatureStats.from_features(_features(0, n=20, d=4))
+    cache.save("key", {"m": 1}, stats, np.zeros((1, 2, 2, 3), np.uint8))
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(np, "savez", fail)
+    with pytest.raises(type(error)):
+        cache.save("key", {"m": 1}, FeatureStats.from_features(_features(1, n=20, d=4)), np.zeros((1, 2, 2, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    np.testing.assert_array_equal(cache.load("key").stats.mu, stats.mu)
+
+
 def test_merge_config_evaluation_shorthands(tmp_path):
     """The merge section's shorthands are EvalConfig's own (a before-validator)."""
     import json

@@ -74,9 +74,14 @@ class StatsCache:
     def save(self, key: str, material: dict, stats: FeatureStats, previews: np.ndarray) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         npz, meta = self._paths(key)
+        # a name of its own (not `<key>.npz.tmp`): two evaluations filling the same entry at once
+        # (a merge's and a jobs/evaluate.py) would otherwise write into one file
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
-        os.close(fd)
-        with open(tmp, "wb") as f:
-            np.savez(f, previews=previews, **stats.to_npz_dict())
-        os.replace(tmp, npz)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, previews=previews, **stats.to_npz_dict())
+            os.replace(tmp, npz)
+        except BaseException:  # a failed write or a Ctrl-C: each left a full-size, uniquely named .npz.tmp behind
+            Path(tmp).unlink(missing_ok=True)
+            raise
         meta.write_text(json.dumps(material, indent=1, default=str))
