@@ -14,7 +14,7 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, remove, save_siblings, style_descriptions, swap_in
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, staged, style_descriptions
 from dmm_ray.ray_session import init_for_training
 
 
@@ -451,10 +451,6 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
 
     # The base's VAE, text encoder(s), tokenizer(s) and schedule around the student; SD1.5 or SDXL.
     pipe = dmm_pipeline_class(cfg.student.base).from_base(cfg.student.base, StyleUNet.from_pretrained(student_dir))
-    tmp, _ = save_siblings(dest)
-    if tmp.exists():
-        remove(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
     if teachers is None:
         teachers = all_teachers(cfg, missing_ok=True)
     # an old style keeps the description the previous model showed (its styles.json), else its teacher's
@@ -465,13 +461,14 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     record = {"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}
     if tracking and tracking.get("run_id"):
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
-    (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
-    (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
-    # The sampler its teachers were sampled with (synthesis): DMMPipeline, Serve and the playground default to it.
-    syn = cfg.synthesis
-    (tmp / SAMPLER_RECORD).write_text(json.dumps(sampler_record(syn.num_inference_steps, syn.guidance_scale, syn.negative_prompt), indent=1))
-    load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
-    swap_in(tmp, dest)
+    with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
+        (tmp / STYLES_RECORD).write_text(json.dumps([{"name": n, "description": described.get(n, "")} for n in pipe.styles], indent=1))
+        # The sampler its teachers were sampled with (synthesis): DMMPipeline, Serve and the playground default to it.
+        syn = cfg.synthesis
+        (tmp / SAMPLER_RECORD).write_text(json.dumps(sampler_record(syn.num_inference_steps, syn.guidance_scale, syn.negative_prompt), indent=1))
+        load_dmm_pipeline(tmp)  # verify it loads before it replaces anything
     return dest
 
 

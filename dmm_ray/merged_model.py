@@ -4,7 +4,7 @@ two-rename save that never replaces the last good model with a broken one.
     merged/               DMMPipeline (save_pretrained)
       dmm_merge.json      MERGE_RECORD: name, styles, teachers (codebook order), MLflow run
       styles.json         STYLES_RECORD: [{name, description}] for Serve's /styles
-    merged.tmp/           a save in progress (removed by the next merge if it was interrupted)
+    merged.tmp/           a save in progress (removed when the save fails; a killed one's by the next merge)
     merged.old/           the previous model, parked between the two renames of `swap_in`
 
 Used by the merge (dmm_ray/merge.py) and the few-step stage (dmm_ray/fast/job.py).
@@ -12,10 +12,12 @@ Used by the merge (dmm_ray/merge.py) and the few-step stage (dmm_ray/fast/job.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
 STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
@@ -89,6 +91,23 @@ def swap_in(tmp: Path, dest: Path, tag: str | None = None) -> None:
         raise
     if old.exists():
         remove(old)
+
+
+@contextlib.contextmanager
+def staged(dest: Path, tag: str | None = None) -> Iterator[Path]:
+    """An empty `merged.tmp` (`save_siblings`) for the block to write the new model into, swapped in
+    (`swap_in`) when the block ends without error. An error or Ctrl-C in the block, or in the swap,
+    removes it: `dest` stays the last good model and nothing half-written is left beside it (before,
+    a save that failed part-way left its `merged.tmp` until the next merge's `recover`)."""
+    tmp, _ = save_siblings(dest, tag)
+    remove(tmp)  # one a killed save left behind
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        swap_in(tmp, dest, tag)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def recover(dest: Path, tag: str | None = None, marker: str | None = None) -> list[str]:

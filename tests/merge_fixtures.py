@@ -86,3 +86,24 @@ def noised_batch(b: int, seed: int = 0) -> dict:
         "input_ids": torch.randint(0, 50, (b, 77), generator=g),
         "captions": ["a red circle"] * b,
     }
+
+
+def fail_weight_writes_after(monkeypatch, first: int, error: BaseException) -> list[str]:
+    """Every safetensors weights file after the first `first` raises `error` (a full disk, a Ctrl-C
+    mid-save) once it has written part of the file: diffusers writes through safetensors.torch.save_file,
+    transformers through its own import of it. Returns the paths tried."""
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    real, tried = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, *args, **kwargs):
+        tried.append(str(filename))
+        if len(tried) > first:
+            Path(filename).write_bytes(b"half")
+            raise error
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    return tried

@@ -822,6 +822,31 @@ def test_saved_ema_is_what_the_save_keeps(merged_world, tmp_path):
         save_fast_model(cfg, merged, tmp_path / "ckpt", tmp_path / "model2")
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_save_that_fails_part_way_keeps_the_few_step_model_and_leaves_nothing_half_written(fast_model, merged_world, tmp_path, monkeypatch, error):
+    """A few-step save into a folder holding an earlier few-step model, failing (or interrupted) after its
+    first weights file (lcm_lora/): the earlier model stayed, but so did the half-written model.tmp beside
+    it, which no later step removed until the next save."""
+    import shutil
+
+    from merge_fixtures import fail_weight_writes_after, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import save_fast_model
+
+    path, merged = fast_model
+    world, _ = merged_world
+    dest = shutil.copytree(path, tmp_path / "fast" / "model")
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"lora_rank": 4, "lora_alpha": 8.0}))
+    before = _digest(dest)
+    tried = fail_weight_writes_after(monkeypatch, 1, error)
+    with pytest.raises(type(error)):
+        save_fast_model(cfg, merged, path.parent / "ckpt", dest)
+    monkeypatch.undo()
+    assert len(tried) == 2 and sorted(p.name for p in dest.parent.iterdir()) == ["model"]
+    assert _digest(dest) == before and _load(dest).styles == ["style0", "style1"]
+
+
 def _synthesized_sets(folder: Path, styles: int, rows: int) -> Path:
     """What a merge's synthesis writes: style_<i>/ shards whose rows carry style i."""
     import numpy as np

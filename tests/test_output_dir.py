@@ -223,6 +223,31 @@ def test_save_merged_leaves_only_the_new_model(world, tmp_path):
     assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_save_that_fails_part_way_keeps_the_last_good_model_and_leaves_nothing_half_written(world, tmp_path, monkeypatch, error):
+    """A save that failed (or was interrupted) after its first weights file kept the last good model,
+    but left the half-written merged.tmp beside it until the next merge (the weighted merge's and the
+    export's saves remove theirs at once)."""
+    import diffusers
+    from merge_fixtures import fail_weight_writes_after
+
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import load_dmm_pipeline
+
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out")).with_absolute_paths()
+    student = tmp_path / "student"
+    StyleUNet.from_unet(diffusers.UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"]).save_pretrained(student)
+    dest = merge.save_merged(cfg, student, tmp_path / "out" / "merged")
+    before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    tried = fail_weight_writes_after(monkeypatch, 1, error)
+    with pytest.raises(type(error)):
+        merge.save_merged(cfg, student, dest)
+    monkeypatch.undo()
+    assert len(tried) == 2 and sorted(p.name for p in dest.parent.iterdir()) == ["merged"]
+    assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
+
+
 def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_path, monkeypatch):
     """A merge with fast.enabled whose few-step stage failed after the merged model was saved and
     registered: the same command again (or with other fast: settings) runs only the few-step stage, so

@@ -16,7 +16,7 @@ from pathlib import Path
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, remove, save_siblings, swap_in
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, staged
 from dmm_ray.ray_session import init_for_training
 from dmm_ray.tracking import version_record
 
@@ -240,63 +240,59 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
     if ema is not None:  # the EMA of the trained weights is what is saved
         load_saved_ema(ema, state, f"checkpoint {checkpoint_dir}")
         ema.copy_to(params)
-    tmp, _ = save_siblings(dest)
-    if tmp.exists():
-        remove(tmp)
-    tmp.mkdir(parents=True)
-    cls = dmm_pipeline_class(model_dir)
-    if f.mode == "lora":
-        from peft import get_peft_model_state_dict
+    with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first
+        cls = dmm_pipeline_class(model_dir)
+        if f.mode == "lora":
+            from peft import get_peft_model_state_dict
 
-        # PEFT-format keys: diffusers' load_lora_weights reads them back onto the merged model (the reference's
-        # convert_state_dict_to_diffusers would write attention layers in the old lora.down/up form, which it then skips).
-        # It reads them back at scale 1 (no alphas; the adapter metadata that could carry lora_alpha needs diffusers
-        # >= 0.34), so lora_B holds the trained scale lora_alpha / lora_rank
-        scale = (f.lora_alpha or f.lora_rank) / f.lora_rank
-        layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(student).items()}
-        cls.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=layers, safe_serialization=True)
-        student.fuse_lora()
-        student.unload_lora()
-    unet = StyleUNet.from_pretrained(model_dir / "unet")  # a clean StyleUNet (no PEFT state) with the distilled weights
-    missing, unexpected = unet.load_state_dict(student.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"distilled UNet does not fit the merged one: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    pipe = cls.from_pretrained(
-        str(model_dir),
-        unet=unet,
-        local_files_only=True,
-        **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
-    )
-    pipe.scheduler = few_step_scheduler(model_dir, f)
-    scheduler_cls = type(pipe.scheduler)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    record = read_record(model_dir)
-    record.pop("mlflow", None)  # the merge's run: this model's is the few-step stage run, if any
-    if tracking and tracking.get("run_id"):
-        record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
-    if record:
-        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
-    if (model_dir / STYLES_RECORD).is_file():
-        shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
-    negative = sampler_defaults(model_dir)["negative_prompt"]  # the merged model's (matters only with CFG on)
-    (tmp / SAMPLER_RECORD).write_text(
-        json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler=scheduler_cls.__name__), indent=1)
-    )
-    (tmp / FAST_RECORD).write_text(
-        json.dumps(
-            {
-                "method": "LCM (latent consistency distillation)" + (f" + {f.rollout_steps} rollout steps" if f.rollout_steps else ""),
-                "distilled_from": str(model_dir),
-                "steps": state["step"],
-                "fast": f.model_dump(mode="json"),
-            },
-            indent=1,
+            # PEFT-format keys: diffusers' load_lora_weights reads them back onto the merged model (the reference's
+            # convert_state_dict_to_diffusers would write attention layers in the old lora.down/up form, which it then skips).
+            # It reads them back at scale 1 (no alphas; the adapter metadata that could carry lora_alpha needs diffusers
+            # >= 0.34), so lora_B holds the trained scale lora_alpha / lora_rank
+            scale = (f.lora_alpha or f.lora_rank) / f.lora_rank
+            layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(student).items()}
+            cls.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=layers, safe_serialization=True)
+            student.fuse_lora()
+            student.unload_lora()
+        unet = StyleUNet.from_pretrained(model_dir / "unet")  # a clean StyleUNet (no PEFT state) with the distilled weights
+        missing, unexpected = unet.load_state_dict(student.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"distilled UNet does not fit the merged one: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        pipe = cls.from_pretrained(
+            str(model_dir),
+            unet=unet,
+            local_files_only=True,
+            **({"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls.__name__ else {}),
         )
-    )
-    pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
-    if not isinstance(pipe_check.scheduler, scheduler_cls):
-        raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not {scheduler_cls.__name__}")
-    swap_in(tmp, dest)
+        pipe.scheduler = few_step_scheduler(model_dir, f)
+        scheduler_cls = type(pipe.scheduler)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        record = read_record(model_dir)
+        record.pop("mlflow", None)  # the merge's run: this model's is the few-step stage run, if any
+        if tracking and tracking.get("run_id"):
+            record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
+        if record:
+            (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
+        if (model_dir / STYLES_RECORD).is_file():
+            shutil.copy2(model_dir / STYLES_RECORD, tmp / STYLES_RECORD)
+        negative = sampler_defaults(model_dir)["negative_prompt"]  # the merged model's (matters only with CFG on)
+        (tmp / SAMPLER_RECORD).write_text(
+            json.dumps(sampler_record(f.num_inference_steps, f.guidance_scale, negative, scheduler=scheduler_cls.__name__), indent=1)
+        )
+        (tmp / FAST_RECORD).write_text(
+            json.dumps(
+                {
+                    "method": "LCM (latent consistency distillation)" + (f" + {f.rollout_steps} rollout steps" if f.rollout_steps else ""),
+                    "distilled_from": str(model_dir),
+                    "steps": state["step"],
+                    "fast": f.model_dump(mode="json"),
+                },
+                indent=1,
+            )
+        )
+        pipe_check = load_dmm_pipeline(tmp)  # verify before it replaces anything
+        if not isinstance(pipe_check.scheduler, scheduler_cls):
+            raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not {scheduler_cls.__name__}")
     return dest
 
 
