@@ -30,9 +30,11 @@ def finished(folder: Path, name: str, asked: dict, models: list[Path], same=None
 
 
 def record_finished(folder: Path, name: str, asked: dict, **info) -> None:
-    tmp = Path(folder) / (name + ".tmp")
-    tmp.write_text(json.dumps({"asked": _as_json(asked), **info}, indent=1))
-    tmp.replace(Path(folder) / name)
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data.fs import write_bytes_atomic
+
+    write_bytes_atomic(pafs.LocalFileSystem(), str(Path(folder) / name), json.dumps({"asked": _as_json(asked), **info}, indent=1).encode())
 
 
 def forget(folder: Path, name: str) -> None:

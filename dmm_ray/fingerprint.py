@@ -356,10 +356,12 @@ def _write(out: Path | str, recorded: dict) -> None:
 
 
 def _write_local(out: Path, recorded: dict) -> None:
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data import fs as fsu
+
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(recorded, indent=1))
-    tmp.replace(out / RECORD)
+    fsu.write_bytes_atomic(pafs.LocalFileSystem(), str(out / RECORD), json.dumps(recorded, indent=1).encode())
 
 
 def discard_state(cfg, out: Path | str) -> list[Path]:

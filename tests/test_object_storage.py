@@ -59,6 +59,47 @@ def test_upload_then_download_round_trips_a_folder_through_s3_stand_ins(tmp_path
         assert not (tmp_path / f"never-{name}").exists()
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_an_atomic_write_that_fails_part_way_leaves_no_temp_file(tmp_path, error):
+    """write_bytes_atomic (shards, their markers, fingerprints.json, merge_complete.json): a write that
+    failed or was interrupted part-way left `<path>.tmp` (an object store's stream publishes what it got
+    on close), a half shard beside the folder's committed files; the earlier `path` is kept."""
+
+    class FailingStream:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def write(self, data):
+            self.inner.write(data[: len(data) // 2])
+            raise error
+
+    class FailingWrites:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_output_stream(self, path):
+            return FailingStream(self.fs.open_output_stream(path))
+
+    for name, fs, root in _stand_ins(tmp_path):
+        root = fsu.join(root, "latents")  # a folder of its own (the in-memory store keeps earlier tests' folders)
+        fs.create_dir(root, recursive=True)
+        path = fsu.join(root, "shard-00000.parquet")
+        fsu.write_bytes_atomic(fs, path, b"committed")
+        with pytest.raises(type(error)):
+            fsu.write_bytes_atomic(FailingWrites(fs), path, b"x" * 1000)
+        assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(root))] == ["shard-00000.parquet"], name
+        assert fsu.read_bytes(fs, path) == b"committed", name
+
+
 def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     model = _pipeline_like(tmp_path / "store" / "merged")

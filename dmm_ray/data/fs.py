@@ -88,11 +88,20 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to `path.tmp` then move into place, so a crash never leaves a half-written `path`."""
+    """Write to `path.tmp` then move into place, so a crash never leaves a half-written `path`. A write
+    that fails or is interrupted removes its `path.tmp` (a killed one's is overwritten by the next write
+    of `path`; no reader lists `.tmp` files)."""
     tmp = path + ".tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as f:  # an object store's stream publishes what it got on close, error or not
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # none was created, or the store is gone: the error that stopped the write is the one to show
+            pass
+        raise
 
 
 def location_join(location, *parts: str):
