@@ -292,11 +292,7 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
     check_replaceable(out, fmt)
     if fmt == "single_file":
-        try:
-            return export_single_file(pipe, out, metadata=metadata)
-        except BaseException:  # an error or Ctrl-C mid-write: its partial file (`<out>.tmp`) goes too
-            out.with_name(out.name + ".tmp").unlink(missing_ok=True)
-            raise
+        return export_single_file(pipe, out, metadata=metadata)  # written to `<out>.tmp`, removed if the write fails
     tag = f"export-{os.getpid()}"  # hidden siblings of this run: .<out>.export-<pid>.tmp / .old
     tmp, _ = save_siblings(out, tag)
     remove(tmp)

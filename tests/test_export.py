@@ -765,3 +765,25 @@ def test_a_single_file_export_takes_an_upper_case_suffix(tiny_components, tmp_pa
     assert path.name == "NOISE.SAFETENSORS" and torch.equal(written["model.diffusion_model.out.2.weight"], pipe.unet.conv_out.weight)
     with pytest.raises(ValueError, match=r"writes \.safetensors, got 'noise\.ckpt'"):
         export_single_file(pipe, tmp_path / "noise.ckpt")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_export_single_file_that_fails_part_way_leaves_no_temp_file(tiny_components, tmp_path, monkeypatch, error):
+    """export_single_file called directly (README's interop line; the zoo's teachers): a write that failed
+    part-way kept the earlier file but left its half-written `<path>.tmp`; only export_pipeline removed it."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmm_ray.formats import single_file
+
+    pipe = StableDiffusionPipeline(**tiny_components)
+    path = single_file.export_single_file(pipe, tmp_path / "model.safetensors")
+    good = path.read_bytes()
+
+    def half(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(single_file, "save_file", half)
+    with pytest.raises(type(error)):
+        single_file.export_single_file(pipe, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"] and path.read_bytes() == good

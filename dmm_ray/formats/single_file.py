@@ -264,9 +264,13 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file mode (the writer may create it private)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file mode (the writer may create it private)
+        os.replace(tmp, path)  # never leave a half-written file under the final name
+    except BaseException:  # an error or Ctrl-C mid-write: its partial file goes too (an earlier one at `path` stays)
+        tmp.unlink(missing_ok=True)
+        raise
     return path
