@@ -205,6 +205,28 @@ def test_official_sdxl_layout_names_the_style_mlp_add_embedding2(tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_official_save_that_fails_part_way_keeps_the_earlier_one(student, tmp_path, monkeypatch, error):
+    """save_official_unet wrote its weights in place: a save over an earlier one that failed part-way
+    (a full disk, a Ctrl-C) left a torn diffusion_pytorch_model.safetensors, and the folder no longer loaded."""
+    from dmm_ray.models import official_format
+
+    folder = tmp_path / "unet"
+    save_official_unet(student, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half(state, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise error
+
+    monkeypatch.setattr(official_format, "save_file", half)
+    with pytest.raises(type(error)):
+        save_official_unet(student, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert torch.equal(load_official_unet(folder).class_embedding.codebook.weight, student.class_embedding.codebook.weight)
+
+
 def test_sdxl_style_unet_keeps_text_time():
     torch.manual_seed(0)
     base = UNet2DConditionModel(**tiny_sdxl_unet_config())

@@ -11,6 +11,7 @@ Our StyleUNet keeps the same numbers under `class_embedding.codebook` / `class_e
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -116,5 +117,15 @@ def save_official_unet(unet: StyleUNet, folder: str | Path) -> None:
     state_dict = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     official, config = ours_to_official(state_dict, dict(unet.config))
     config["_class_name"] = "UNet2DConditionModel"
-    save_file(official, str(folder / WEIGHTS))
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    # Both files are written beside their names and renamed in only once both are complete: written in
+    # place, a save that failed part-way (a full disk, a Ctrl-C) left a torn weights file where an
+    # earlier save's was, and that folder no longer loaded.
+    staged = {folder / WEIGHTS: folder / (WEIGHTS + ".tmp"), folder / "config.json": folder / "config.json.tmp"}
+    try:
+        save_file(official, str(staged[folder / WEIGHTS]))
+        staged[folder / "config.json"].write_text(json.dumps(config, indent=2, default=list))
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
