@@ -114,6 +114,42 @@ def test_outputs_interrupted_while_plotting_leave_the_previous_set_whole(first_r
     assert json.loads(paths["json"].read_text())["FIDt"] == pytest.approx(other.fidt) and sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_style_mixing_outputs_interrupted_while_plotting_leave_the_previous_set_whole(tmp_path, monkeypatch, error):
+    """mixing.{json,csv,png} and interpolation.{json,csv,png} (jobs/style_mixing.py) were written in place,
+    JSON and CSV before the plot: a failure or Ctrl-C while plotting left this run's numbers beside the
+    previous run's figure. They are staged and renamed in together now, as write_outputs' set is."""
+    import matplotlib.figure
+    import numpy as np
+
+    from dmm_ray.evaluation.mixing import MixingResult, SweepResult
+
+    def mixing(v):
+        return MixingResult(rows=["DMM mix", "weighted merge"], columns=["a", "b", "union"], table=np.full((2, 3), v), group=["a", "b"])
+
+    def sweep(v):
+        return SweepResult(style_a="a", style_b="b", weights=[0.0, 1.0], fid_a=[v, 2 * v], fid_b=[2 * v, v])
+
+    for result in (mixing, sweep):
+        result(1.0).write(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before) == 6
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail)
+    for result in (mixing, sweep):
+        with pytest.raises(type(error)):
+            result(7.0).write(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    for result in (mixing, sweep):
+        paths = result(7.0).write(tmp_path)
+        assert "7.0" in paths["csv"].read_text() and all(p.is_file() for p in paths.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
 def test_cache_hit_generates_no_teacher_images(first_run):
     assert [f.calls for f in first_run["factories"]] == [1, 1]
     again = evaluate_sources(first_run["student"], first_run["teachers"], first_run["cfg"], first_run["extractor"])

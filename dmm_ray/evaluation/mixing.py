@@ -3,35 +3,44 @@ parameter-space weighted merge of the same teachers) and Fig. 10 (interpolating 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from dmm_ray.evaluation.config import EvalConfig
 from dmm_ray.evaluation.fid import FeatureStats, fid_from_stats
 from dmm_ray.evaluation.matrix import StudentSource
-from dmm_ray.evaluation.outputs import _plt
+from dmm_ray.evaluation.outputs import _plt, staged_files
 from dmm_ray.evaluation.stats import ModelSource, StatsRequest, collect_stats
 
 UNION = "union"
 SWEEP_WEIGHTS = tuple(round(0.1 * k, 1) for k in range(11))  # paper Fig. 10
 
 
-def _write_json_csv(out_dir: str | Path, stem: str, data: dict, header: list[str], rows: list[list[str]]) -> dict[str, Path]:
-    """`<stem>.json` and `<stem>.csv` in out_dir; returns their paths plus the `<stem>.png` path to draw."""
+def _set_paths(out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """`<stem>.json`, `<stem>.csv` and `<stem>.png` in out_dir (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(data, indent=1))
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return paths
+    return {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+
+
+@contextlib.contextmanager
+def _written_set(paths: dict[str, Path], data: dict, header: list[str], rows: list[list[str]]) -> Iterator[dict[str, Path]]:
+    """`_set_paths`' files written as one set (`staged_files`): yields the staged paths, JSON and CSV
+    written, for the block to draw the PNG into. Written in place, a failure or Ctrl-C while plotting
+    left this run's JSON and CSV beside the previous run's PNG."""
+    with staged_files(paths) as staged:
+        staged["json"].write_text(json.dumps(data, indent=1))
+        with open(staged["csv"], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        yield staged
 
 
 @dataclass
@@ -47,25 +56,22 @@ class MixingResult:
         return {"group": self.group, "rows": self.rows, "columns": self.columns, "fid": self.table.tolist()}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        paths = _write_json_csv(
-            out_dir,
-            "mixing",
-            self.to_dict(),
-            ["model"] + [f"FID to {c}" for c in self.columns],
-            [[r] + [f"{v:.6f}" for v in row] for r, row in zip(self.rows, self.table)],
-        )
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(1.2 * len(self.columns) + 3, 3.5), constrained_layout=True)
-        x = np.arange(len(self.columns))
-        width = 0.8 / len(self.rows)
-        for k, (r, row) in enumerate(zip(self.rows, self.table)):
-            ax.bar(x + k * width - 0.4 + width / 2, row, width, label=r)
-        ax.set_xticks(x, self.columns, rotation=30, ha="right")
-        ax.set_ylabel("FID (lower = closer)")
-        ax.set_title("Style mixing: DMM equal-weight mix vs weighted merge")
-        ax.legend(fontsize=8)
-        fig.savefig(paths["png"], dpi=120)
-        plt.close(fig)
+        header = ["model"] + [f"FID to {c}" for c in self.columns]
+        rows = [[r] + [f"{v:.6f}" for v in row] for r, row in zip(self.rows, self.table)]
+        paths = _set_paths(out_dir, "mixing")
+        with _written_set(paths, self.to_dict(), header, rows) as staged:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(1.2 * len(self.columns) + 3, 3.5), constrained_layout=True)
+            x = np.arange(len(self.columns))
+            width = 0.8 / len(self.rows)
+            for k, (r, row) in enumerate(zip(self.rows, self.table)):
+                ax.bar(x + k * width - 0.4 + width / 2, row, width, label=r)
+            ax.set_xticks(x, self.columns, rotation=30, ha="right")
+            ax.set_ylabel("FID (lower = closer)")
+            ax.set_title("Style mixing: DMM equal-weight mix vs weighted merge")
+            ax.legend(fontsize=8)
+            fig.savefig(staged["png"], dpi=120)
+            plt.close(fig)
         return paths
 
     def format_table(self) -> str:
@@ -138,23 +144,20 @@ class SweepResult:
         return {"style_a": self.style_a, "style_b": self.style_b, "weight_b": self.weights, "fid_to_a": self.fid_a, "fid_to_b": self.fid_b}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        paths = _write_json_csv(
-            out_dir,
-            "interpolation",
-            self.to_dict(),
-            [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"],
-            [[_weight_label(w), f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)],
-        )
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-        ax.plot(self.weights, self.fid_a, "o-", label=f"FID to {self.style_a}")
-        ax.plot(self.weights, self.fid_b, "s-", label=f"FID to {self.style_b}")
-        ax.set_xlabel(f"weight of {self.style_b}  (weight of {self.style_a} = 1 - w)")
-        ax.set_ylabel("FID")
-        ax.set_title("Style interpolation sweep")
-        ax.legend()
-        fig.savefig(paths["png"], dpi=120)
-        plt.close(fig)
+        header = [f"weight_{self.style_b}", f"FID to {self.style_a}", f"FID to {self.style_b}"]
+        rows = [[_weight_label(w), f"{a:.6f}", f"{b:.6f}"] for w, a, b in zip(self.weights, self.fid_a, self.fid_b)]
+        paths = _set_paths(out_dir, "interpolation")
+        with _written_set(paths, self.to_dict(), header, rows) as staged:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+            ax.plot(self.weights, self.fid_a, "o-", label=f"FID to {self.style_a}")
+            ax.plot(self.weights, self.fid_b, "s-", label=f"FID to {self.style_b}")
+            ax.set_xlabel(f"weight of {self.style_b}  (weight of {self.style_a} = 1 - w)")
+            ax.set_ylabel("FID")
+            ax.set_title("Style interpolation sweep")
+            ax.legend()
+            fig.savefig(staged["png"], dpi=120)
+            plt.close(fig)
         return paths
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -124,8 +126,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     if not (result.student_previews or result.teacher_previews):
         names.pop("grid")
     paths = {key: out / name for key, name in names.items()}
-    staged = {key: out / f".{p.stem}.{os.getpid()}.tmp{p.suffix}" for key, p in paths.items()}  # the suffix: matplotlib's format
-    try:
+    with staged_files(paths) as staged:
         staged["json"].write_text(json.dumps(result.to_dict(), indent=1))
         styles = result.style_names
         write_matrix_csv(staged["csv"], result.matrix, [f"student:{s}" for s in styles], [f"teacher:{s}" for s in styles], "M")
@@ -133,9 +134,19 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
         plot_heatmaps(result, staged["heatmaps"])
         if "grid" in staged:
             plot_grid(result, staged["grid"])
+    return paths
+
+
+@contextlib.contextmanager
+def staged_files(paths: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Hidden siblings of `paths` (same keys) for the block to write; renamed onto `paths` together when
+    it ends without error, and removed in any case: a failure or Ctrl-C part-way leaves the previous
+    run's set whole, never some files of each run or a cut-short one."""
+    staged = {key: p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}") for key, p in paths.items()}  # the suffix: matplotlib's format
+    try:
+        yield staged
         for key, path in paths.items():
             os.replace(staged[key], path)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    return paths
