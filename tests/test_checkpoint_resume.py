@@ -142,3 +142,34 @@ def test_prune_keeps_what_ray_train_keeps(tmp_path):
     (tmp_path / "other").mkdir()
     assert prune_unrecorded(Result()) == [str(tmp_path / "checkpoint_1")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3", "other"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_checkpoint_write_that_fails_leaves_no_temp_folder(tmp_path, monkeypatch, error):
+    """Rank 0 writes each checkpoint into a fresh dmm-ckpt-* temp folder, which Ray Train removes once it
+    has persisted it; a write that failed (a full /tmp) or was interrupted left the partial folder (the
+    student, part of the optimizer state) in the temp dir, one more per failed save and Ray Train retry."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from dmm_ray.distill import checkpointing
+    from dmm_ray.distill.loop import Reporter
+    from dmm_ray.fast import loop as fast_loop
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def partial_then_fail(folder, *args, **kwargs):
+        (Path(folder) / "train_state.pt").write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(checkpointing, "save_training_state", partial_then_fail)  # the distill loop's write
+    nothing, stream = SimpleNamespace(state_dict=dict), SimpleNamespace(epoch=0, position=0)
+    models = SimpleNamespace(student=None, discriminator=None, ema=None)
+    reporter = SimpleNamespace(models=models, optim=SimpleNamespace(student=None, disc=None, lr_scheduler=nothing), batches=stream)
+    with pytest.raises(type(error)):
+        Reporter._save(reporter, step=1, final=False, generators=[])
+    monkeypatch.setattr(fast_loop, "trainable_state", lambda student, f: {"w": torch.zeros(1)})
+    monkeypatch.setattr(fast_loop.torch, "save", lambda obj, path: partial_then_fail(Path(path).parent))
+    with pytest.raises(type(error)):  # the few-step loop's write
+        fast_loop._report(0, 1, {}, None, SimpleNamespace(mode="lora"), nothing, nothing, stream, None, None, None)
+    assert list(tmp_path.iterdir()) == []

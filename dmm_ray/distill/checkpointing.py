@@ -15,9 +15,12 @@ such folders once a stage has finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -77,8 +80,17 @@ def report(metrics: dict, folder: Path | None) -> None:
     )
 
 
-def temp_checkpoint_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="dmm-ckpt-"))
+@contextlib.contextmanager
+def temp_checkpoint_dir() -> Iterator[Path]:
+    """A fresh temporary folder for rank 0 to write a checkpoint into and hand to `report` (Ray Train
+    removes it once persisted). A write that fails or is interrupted removes it: before, the partial
+    student and optimizer state stayed in the temp dir, one more per failed save (and Ray Train retry)."""
+    folder = Path(tempfile.mkdtemp(prefix="dmm-ckpt-"))
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def seal(folder: Path, step: int) -> None:

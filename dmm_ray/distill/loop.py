@@ -334,25 +334,25 @@ class Reporter:
         from dmm_ray.distill.checkpointing import save_training_state, temp_checkpoint_dir
 
         models, optim = self.models, self.optim
-        folder = temp_checkpoint_dir()
-        swap_ema = models.ema is not None and final
-        if swap_ema:
-            models.ema.store(models.student.parameters())
-            models.ema.copy_to(models.student.parameters())  # the saved student is the EMA
-        save_training_state(
-            folder,
-            student=models.student,
-            discriminator=models.discriminator,
-            opt_student=optim.student,
-            opt_disc=optim.disc,
-            ema=models.ema,
-            step=step,
-            epoch=self.batches.epoch,
-            batches_in_epoch=self.batches.position,
-            extra={"lr_scheduler": optim.lr_scheduler.state_dict(), "generators": generators},
-        )
-        if swap_ema:
-            models.ema.restore(models.student.parameters())
+        with temp_checkpoint_dir() as folder:  # removed if the write fails
+            swap_ema = models.ema is not None and final
+            if swap_ema:
+                models.ema.store(models.student.parameters())
+                models.ema.copy_to(models.student.parameters())  # the saved student is the EMA
+            save_training_state(
+                folder,
+                student=models.student,
+                discriminator=models.discriminator,
+                opt_student=optim.student,
+                opt_disc=optim.disc,
+                ema=models.ema,
+                step=step,
+                epoch=self.batches.epoch,
+                batches_in_epoch=self.batches.position,
+                extra={"lr_scheduler": optim.lr_scheduler.state_dict(), "generators": generators},
+            )
+            if swap_ema:
+                models.ema.restore(models.student.parameters())
         return folder
 
     def close(self) -> None:

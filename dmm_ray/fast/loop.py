@@ -246,24 +246,24 @@ def _report(rank, step, metrics, student, f, opt, lr_scheduler, stream, saved_em
 
     folder = None
     if rank == 0:
-        folder = temp_checkpoint_dir()
-        torch.save(
-            {
-                "student": trainable_state(student, f),
-                "opt": opt.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "step": step,
-                "epoch": stream.epoch,
-                "position": stream.position,
-                "mode": f.mode,
-                "saved_ema": saved_ema.state_dict() if saved_ema is not None else None,
-                "rollout_opt": rollout_phase.opt.state_dict() if rollout_phase is not None and step > f.steps else None,
-            },
-            Path(folder) / TRAINABLE,
-        )
-        if target is not None:
-            torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
-        seal(folder, step)
+        with temp_checkpoint_dir() as folder:  # removed if the write fails
+            torch.save(
+                {
+                    "student": trainable_state(student, f),
+                    "opt": opt.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "step": step,
+                    "epoch": stream.epoch,
+                    "position": stream.position,
+                    "mode": f.mode,
+                    "saved_ema": saved_ema.state_dict() if saved_ema is not None else None,
+                    "rollout_opt": rollout_phase.opt.state_dict() if rollout_phase is not None and step > f.steps else None,
+                },
+                Path(folder) / TRAINABLE,
+            )
+            if target is not None:
+                torch.save({k: v.cpu() for k, v in target.state_dict().items()}, Path(folder) / TARGET)
+            seal(folder, step)
     report({**metrics, "step": step}, folder)
 
 
