@@ -511,6 +511,26 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     fingerprint.check_resume(cfg, out, stages_with_state(cfg), ignore=ignore)
 
 
+def stage_run_name(cfg: MergeConfig) -> str:
+    """The name of the merge's MLflow stage run: `merge`, or for an incremental merge what it adds and
+    how many styles the model then holds (`incremental +noir, neon (6 styles)`): every increment of a
+    project was called `incremental`, so the runs table could not tell them apart. Its dmm.stage tag
+    stays `incremental` (filters, the registered version's description)."""
+    if not cfg.incremental.base_merged:
+        return "merge"
+    from dmm_ray.models.style_unet import merged_style_names
+
+    new = [t.name for t in cfg.teachers]
+    # (a merge into its own output_dir may find the new styles saved there already: counted once)
+    old = [s for s in merged_style_names(cfg.incremental.base_merged) if s not in new]
+    added = ", ".join(new) if len(new) <= 4 else f"{', '.join(new[:3])} and {len(new) - 3} more"
+    name = f"incremental +{added} ({len(old) + len(new)} styles)"
+    return name if len(name) <= RUN_NAME_CHARS else name[: RUN_NAME_CHARS - 1] + "…"
+
+
+RUN_NAME_CHARS = 250  # MLflow's SQL stores keep a run name in 250 characters
+
+
 def evaluate_stage(cfg: MergeConfig, merged_path, teachers: list | None = None):
     """The FID matrix of the merged model against the teachers of every style it holds, `teachers`
     (default: all_teachers(cfg), read now; incremental: the previous merge's teachers, from its record,
@@ -594,7 +614,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
             ensure_latents(cfg)
             result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
             stage_name = "incremental" if cfg.incremental.base_merged else "merge"
-            tracking = tracker.start_stage(stage_name, cfg) if tracker else None
+            tracking = tracker.start_stage(stage_name, cfg, run_name=stage_run_name(cfg)) if tracker else None
         else:  # the merged model's stage run is finished: the few-step stage opens its own
             result, tracking = MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id")), None
         teachers = all_teachers(cfg, missing_ok=True)  # before any stage: the save may replace the previous model's record

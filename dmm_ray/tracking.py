@@ -298,8 +298,16 @@ class MergeTracker:
         return "FINISHED" if self._parent_was_finished else failure
 
     @contextlib.contextmanager
-    def stage(self, name: str, config: Any = None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-        """A nested run for one stage (e.g. 'initial-merge', 'incremental-1', 'weighted-merge')."""
+    def stage(
+        self,
+        name: str,
+        config: Any = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_name: str | None = None,
+    ) -> Iterator[Any]:
+        """A nested run for one stage (e.g. 'initial-merge', 'incremental-1', 'weighted-merge'), tagged
+        STAGE_TAG `name` and called `run_name` (default: `name`)."""
         if not self.enabled:
             yield None
             return
@@ -307,7 +315,7 @@ class MergeTracker:
         if mlflow.active_run() is None:
             raise RuntimeError("open the project run first: `with tracker.project(): with tracker.stage(...)`")
         tags = {PROJECT_TAG: self.config.project, STAGE_TAG: name, "dmm.kind": "stage", **(tags or {})}
-        with mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id, tags=tags) as run:
+        with mlflow.start_run(run_name=run_name or name, nested=True, experiment_id=self.experiment_id, tags=tags) as run:
             if config is not None:
                 self.log_config(config)
             if params:
@@ -594,8 +602,9 @@ class StageTracker(MergeTracker):
         self.stage_run_id: str | None = None
         self.stage_name = "merge"
 
-    def start_stage(self, name: str, cfg: Any = None, output: str | Path | None = None) -> dict | None:
-        """`output`: the folder whose lock the caller holds, the run's OUTPUT_TAG (default: cfg.output_dir)."""
+    def start_stage(self, name: str, cfg: Any = None, output: str | Path | None = None, run_name: str | None = None) -> dict | None:
+        """`output`: the folder whose lock the caller holds, the run's OUTPUT_TAG (default: cfg.output_dir);
+        `run_name`: the run's name in the runs table (default: `name`, its STAGE_TAG)."""
         if not self.enabled:
             return None
         mlflow = _mlflow()
@@ -605,7 +614,7 @@ class StageTracker(MergeTracker):
             self.close_stale_runs(str(output), name)
         if mlflow.active_run() is None:
             self._stack.enter_context(self.project())
-        run = self._stack.enter_context(self.stage(name, config=cfg, tags=tags))
+        run = self._stack.enter_context(self.stage(name, config=cfg, tags=tags, run_name=run_name))
         self.stage_run_id, self.stage_name = run.info.run_id, name
         return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
 

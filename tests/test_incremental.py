@@ -571,3 +571,49 @@ def test_a_record_without_every_styles_teacher_counts_as_none(merged_world, tmp_
     again = tiny_merge_config(merged_world, tmp_path / "out2", teachers=later, incremental={"base_merged": str(merged)}, evaluation=evaluation)
     with pytest.raises(TeacherError, match=r"incremental.base_merged: .*dmm_merge.json does not name a teacher for each of the model's styles"):
         validate_before_ray(MergeConfig.model_validate(again))
+
+
+def _stub_training(monkeypatch, added: list[str]):
+    """The merge's stages without Ray: distill is the previous model + `added` (as distill/loop.py's
+    _load_student starts it), then the real save, evaluate and track."""
+    from dmm_ray import merge
+
+    def distill(run):
+        student = StyleUNet.from_pretrained(f"{run.cfg.incremental.base_merged}/unet")
+        student.add_styles(added, seed=0)
+        run.student_dir = run.out / "stages" / "distill_student"
+        student.save_pretrained(run.student_dir)
+
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    later = (s for s in merge.STAGES if s.name in ("save", "evaluate", "track"))
+    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *later))
+
+
+def test_each_increments_mlflow_run_names_what_it_adds(merged_world, tmp_path, monkeypatch):
+    """Every increment's stage run was called `incremental`: in the runs table one project's increments
+    could not be told apart. Each is named for the styles it adds and how many the model then holds;
+    the dmm.stage tag (filters, the registered version's description) stays `incremental`."""
+    import mlflow
+
+    from dmm_ray import merge
+    from dmm_ray.tracking import make_tracker
+
+    tracking = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "registered_model_name": None}
+    previous = merged_world["merged"]
+    for added in (["new0"], ["new1", "new2", "new3", "new4", "new5"]):
+        teachers = [{**merged_world["teachers"][2], "name": name} for name in added]  # new0's checkpoint under each name
+        out = tmp_path / added[0]
+        cfg = MergeConfig.model_validate(
+            tiny_merge_config(merged_world, out, teachers=teachers, incremental={"base_merged": previous}, tracking=tracking)
+        )
+        _stub_training(monkeypatch, added)
+        previous = str(merge.run_merge(cfg, tracker=make_tracker(cfg)).merged_path)
+    client = mlflow.MlflowClient(tracking["uri"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("dmm-ray").experiment_id], "tags.`dmm.kind` = 'stage'", order_by=["attributes.start_time"]
+    )
+    assert [r.info.run_name for r in runs] == ["incremental +new0 (3 styles)", "incremental +new1, new2, new3 and 2 more (8 styles)"]
+    assert [r.data.tags["dmm.stage"] for r in runs] == ["incremental", "incremental"]

@@ -261,7 +261,7 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
     class Tracker:  # the merge's tracker: each finish_stage registers the merged model as a new version
         enabled = False
 
-        def start_stage(self, name, cfg):
+        def start_stage(self, name, cfg, run_name=None):
             return {"run_id": f"run{ran.count('register') + 1}"}  # the merge run that registers the next version
 
         def finish_stage(self, cfg, result):
