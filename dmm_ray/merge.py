@@ -42,7 +42,7 @@ def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
     if cfg.fast.enabled:
         models.append(fast_folder(cfg, out) / "model" / "model_index.json")
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), models)
-    return None if done is None or done.get("fast_pending") else done
+    return None if done is None or done.get("fast_pending") or done.get("evaluate_pending") else done
 
 
 def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
@@ -54,29 +54,48 @@ def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
     from dmm_ray.completion import finished
 
     def same_merged_model(recorded: dict, asked: dict) -> bool:
-        return _without_fast(recorded) == _without_fast(asked)
+        return _without(recorded, ("fast",)) == _without(asked, ("fast",))
 
-    return finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_merged_model)
+    done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_merged_model)
+    return None if done is None or done.get("evaluate_pending") else done
 
 
-def _without_fast(request: dict) -> dict:
+def saved_before_evaluate(cfg: MergeConfig, out: Path) -> dict | None:
+    """The record of a merge in `out` that saved its merged model with this config, its evaluation: and
+    fast: sections aside (neither changes the model), but did not finish evaluate and track (the record
+    says `evaluate_pending`), when that model is still there; else None. A re-run of such a merge skips
+    the training and the save and runs evaluate, track and fast on the saved model: an incremental merge
+    into its own output_dir cannot train again (its save replaced the previous model), and any other
+    merge would only make and save the same model again. A failure that only the evaluation settings
+    cause can be fixed in them, and the re-run still resumes."""
+    from dmm_ray.completion import finished
+
+    def same_saved_model(recorded: dict, asked: dict) -> bool:
+        return _without(recorded, ("fast", "evaluation")) == _without(asked, ("fast", "evaluation"))
+
+    done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_saved_model)
+    return done if done is not None and done.get("evaluate_pending") else None
+
+
+def _without(request: dict, sections: tuple[str, ...]) -> dict:
     config = request.get("config")
-    return {**request, "config": {k: v for k, v in config.items() if k != "fast"} if isinstance(config, dict) else config}
+    return {**request, "config": {k: v for k, v in config.items() if k not in sections} if isinstance(config, dict) else config}
 
 
 def saved_into_its_base(cfg: MergeConfig, restart: bool = False) -> bool:
     """An incremental merge whose incremental.base_merged is its own <output_dir>/merged, and which saved
-    its merged model there with this config (merged_before_fast: every stage before `fast` finished). Its
-    save replaced the previous model, so no stage that reads that model (synthesize, distill, finetune,
-    save) can run again, and none has to: a re-run runs only the few-step stage, on the saved model, or
-    nothing. `restart` (or another config) would merge from the saved model as the previous one: False."""
+    its merged model there with this config (merged_before_fast: every stage before `fast` finished; or
+    saved_before_evaluate: the save did, evaluate or track failed). Its save replaced the previous model,
+    so no stage that reads that model (synthesize, distill, finetune, save) can run again, and none has
+    to: a re-run runs the stages after the save that did not finish, on the saved model, or nothing.
+    `restart` (or another config) would merge from the saved model as the previous one: False."""
     if restart or not cfg.incremental.base_merged:
         return False
     cfg = cfg.with_absolute_paths()  # as run_merge records the merge it completes
     local, remote = output_location(cfg)
     if remote is not None or Path(cfg.incremental.base_merged).resolve() != (local / "merged").resolve():
         return False
-    return merged_before_fast(cfg, local) is not None
+    return merged_before_fast(cfg, local) is not None or saved_before_evaluate(cfg, local) is not None
 
 
 def fast_folder(cfg: MergeConfig, local: Path) -> Path:
@@ -85,11 +104,17 @@ def fast_folder(cfg: MergeConfig, local: Path) -> Path:
     return Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
 
 
-def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False) -> None:
-    """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge)."""
+def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False) -> None:
+    """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge);
+    `evaluate_pending`: the merged model is saved, evaluate and track are to come (saved_before_evaluate),
+    with what the training stages measured, for the track of a re-run that skips them."""
     from dmm_ray.completion import record_finished
 
-    info = {"fast_pending": True} if fast_pending else {}
+    info: dict = {"fast_pending": True} if fast_pending else {}
+    if evaluate_pending:
+        # the numbers track_stage logs (finish_stage: int and float values)
+        measured = {stage: {k: v for k, v in m.items() if isinstance(v, (int, float))} for stage, m in result.stage_metrics.items()}
+        info.update(evaluate_pending=True, stage_metrics=measured, seconds=result.seconds)
     record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id, **info)
 
 
@@ -596,11 +621,17 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
             + "); nothing to do. --restart merges again"
         )
         return MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id"), already_complete=True)
+    saved = saved_before_evaluate(cfg, out) if merged is None else None
     if merged is not None:
         log(
             f"this merge, with this config, already finished every stage before fast (merged model: {merged['location']}"
             + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
             + "); its few-step stage did not finish with these fast: settings, so only that stage runs. --restart merges again"
+        )
+    elif saved is not None:
+        log(
+            f"this merge, with this config, already saved its merged model ({saved['location']}); its evaluate or track stage "
+            "did not finish, so the training and the save are skipped and the stages after the save run. --restart merges again"
         )
     else:
         forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
@@ -610,24 +641,32 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
         cfg = with_plan(cfg, plan)
         if merged is None:
-            # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
-            ensure_latents(cfg)
-            result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
+            if saved is None:
+                # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
+                ensure_latents(cfg)
+                result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
+            else:  # saved: what the skipped stages measured, for track (the failed run that logged their curves keeps them)
+                measured, seconds = saved.get("stage_metrics") or {}, saved.get("seconds") or 0.0
+                result = MergeResult(merged_path=out / "merged", location=saved["location"], stage_metrics=measured, seconds=seconds)
             stage_name = "incremental" if cfg.incremental.base_merged else "merge"
             tracking = tracker.start_stage(stage_name, cfg, run_name=stage_run_name(cfg)) if tracker else None
         else:  # the merged model's stage run is finished: the few-step stage opens its own
             result, tracking = MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id")), None
-        teachers = all_teachers(cfg, missing_ok=True)  # before any stage: the save may replace the previous model's record
+        # before any stage: the save may replace the previous model's record. Saved already (into its own
+        # base, the previous model is gone): the saved model's record names the teacher of each of its styles
+        teachers = (saved and recorded_teachers(out / "merged")) or all_teachers(cfg, missing_ok=True)
         run = MergeRun(
             cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers
         )
         try:
             for stage in STAGES:
-                if (merged is not None and stage.name != "fast") or not stage.when(run):
+                if (merged is not None and stage.name != "fast") or (saved is not None and stage.name in SAVED_STAGES) or not stage.when(run):
                     continue
                 if stage.name == "fast":  # the merged model is saved and registered: a re-run after a failure here runs only this stage
                     record_complete(asked, out, result, fast_pending=True)
                 stage.run(run)
+                if stage.name == "save":  # a re-run after a failure from here on skips the training and the save
+                    record_complete(asked, out, result, evaluate_pending=True)
             if merged is not None:  # (save_stage times a whole merge)
                 result.seconds = time.time() - started
         except BaseException as error:
@@ -785,6 +824,8 @@ def fast_stage(run: MergeRun) -> None:
     result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled)
 
 
+# The stages a merge whose model is saved (saved_before_evaluate) does not run again.
+SAVED_STAGES = ("synthesize", "distill", "finetune", "save")
 # A merge after validate and encode: these stages, in this order, each when its condition holds.
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.data.synthetic_fraction > 0),  # mixed into distill from step 0

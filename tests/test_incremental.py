@@ -1,6 +1,7 @@
 """Incremental merging (paper 3.5): codebook growth, the frozen regulariser, early rejections."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -429,8 +430,8 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
     assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
     assert result.evaluation == "fid" and evaluated == [["old0", "old1", "new0"]]  # was old0, old1, new0, new0
     assert [t["name"] for t in json.loads((out / "merged" / MERGE_RECORD).read_text())["teachers"]] == ["old0", "old1", "new0"]
-    # the previous model is gone: a re-run after a crash in evaluate or track (before the completion record)
-    # cannot resume; the refusal says why
+    # the previous model is gone: a re-run that finds no record of the save (a crash between the save's
+    # swap and its record) cannot resume; the refusal says why
     merge.forget(out, merge.COMPLETE_RECORD)
     with pytest.raises(TeacherError, match=r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"):
         validate_before_ray(cfg)
@@ -573,23 +574,35 @@ def test_a_record_without_every_styles_teacher_counts_as_none(merged_world, tmp_
         validate_before_ray(MergeConfig.model_validate(again))
 
 
-def _stub_training(monkeypatch, added: list[str]):
+def _stub_training(monkeypatch, added: list[str], ran: list | None = None):
     """The merge's stages without Ray: distill is the previous model + `added` (as distill/loop.py's
-    _load_student starts it), then the real save, evaluate and track."""
-    from dmm_ray import merge
+    _load_student starts it; its inputs recorded and its state left in output_dir, as distill_stage's),
+    then the real save, evaluate and track. `ran`: each stage's name, appended as it starts."""
+    from dmm_ray import fingerprint, merge
 
     def distill(run):
+        fingerprint.record(run.cfg, run.state, "distill")
+        (run.out / "ray_results" / f"{run.cfg.name}-distill").mkdir(parents=True, exist_ok=True)
+        (run.out / "ray_results" / f"{run.cfg.name}-distill" / "checkpoint").write_text("")
         student = StyleUNet.from_pretrained(f"{run.cfg.incremental.base_merged}/unet")
         student.add_styles(added, seed=0)
         run.student_dir = run.out / "stages" / "distill_student"
         student.save_pretrained(run.student_dir)
+        run.timed("distill", time.time(), {"step": 2, "loss_score": 0.5})
+
+    def counted(stage):
+        def run(merge_run):
+            (ran if ran is not None else []).append(stage.name)
+            stage.run(merge_run)
+
+        return merge.Stage(stage.name, run, stage.when)
 
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
     later = (s for s in merge.STAGES if s.name in ("save", "evaluate", "track"))
-    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *later))
+    monkeypatch.setattr(merge, "STAGES", tuple(counted(s) for s in (merge.Stage("distill", distill), *later)))
 
 
 def test_each_increments_mlflow_run_names_what_it_adds(merged_world, tmp_path, monkeypatch):
@@ -617,3 +630,76 @@ def test_each_increments_mlflow_run_names_what_it_adds(merged_world, tmp_path, m
     )
     assert [r.info.run_name for r in runs] == ["incremental +new0 (3 styles)", "incremental +new1, new2, new3 and 2 more (8 styles)"]
     assert [r.data.tags["dmm.stage"] for r in runs] == ["incremental", "incremental"]
+
+
+def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evaluate_or_track(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged: the save replaces the previous model, so a re-run after a crash
+    in evaluate or track used to be refused ('already styles ... this merge's own output ... a copy of the
+    previous model'), though the model it had saved was there and only evaluate and track were left. The
+    save is recorded (merge_complete.json, evaluate_pending); the same command (or one whose evaluation:
+    settings were fixed) now skips the training and the save and runs evaluate and track on the saved
+    model, each style's teacher once, logging what the training measured. A config that would train again
+    (another training setting, --restart) still finds the previous model gone: refused."""
+    import shutil
+
+    from dmm_ray import merge
+    from dmm_ray.evaluation import api
+
+    out = tmp_path / "out"
+    shutil.copytree(merged_world["merged"], out / "merged")
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
+    ).with_absolute_paths()
+    ran, evaluated, failing = [], [], {"evaluate", "track"}
+
+    def evaluate_merge(path, teachers, config):
+        evaluated.append([t.name for t in teachers])
+        if "evaluate" in failing:
+            raise RuntimeError("the evaluation crashed")
+        return None
+
+    class Tracker:  # the merge's tracker: its stage runs, and what each registers
+        def __init__(self):
+            self.runs, self.logged = [], []
+
+        def start_stage(self, name, cfg, run_name=None):
+            self.runs.append(run_name)
+            return {"run_id": f"run{len(self.runs)}"}
+
+        def finish_stage(self, cfg, result):
+            if "track" in failing:
+                raise RuntimeError("the tracking store went away")
+            self.logged.append(result.stage_metrics)
+
+        def abort(self, error):
+            pass
+
+    monkeypatch.setattr(api, "evaluate_merge", evaluate_merge)
+    _stub_training(monkeypatch, ["new0"], ran)
+    tracker = Tracker()
+    with pytest.raises(RuntimeError, match="the evaluation crashed"):
+        merge.run_merge(cfg, tracker=tracker)
+    assert ran == ["distill", "save", "evaluate"] and DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
+    ran.clear()
+    failing.discard("evaluate")
+    with pytest.raises(RuntimeError, match="the tracking store went away"):
+        merge.run_merge(cfg, tracker=tracker)  # was refused: resumes after the save
+    assert ran == ["evaluate", "track"]
+    ran.clear()
+    failing.clear()
+    fixed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"images_per_prompt": 2})})
+    result = merge.run_merge(fixed, tracker=tracker)  # evaluation: settings changed: still the saved model's re-run
+    assert ran == ["evaluate", "track"] and result.run_id == "run3" and not result.already_complete
+    assert evaluated == [["old0", "old1", "new0"]] * 3  # each style's teacher once, from the saved model's record
+    assert tracker.runs == ["incremental +new0 (3 styles)"] * 3
+    assert tracker.logged == [{"distill": {"step": 2, "loss_score": 0.5, "seconds": pytest.approx(0, abs=10)}}]  # the first run's
+    ran.clear()
+    assert merge.run_merge(fixed, tracker=tracker).already_complete and ran == []
+    refused = r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"
+    with pytest.raises(TeacherError, match=refused):  # a merge from the saved model as its previous one
+        merge.run_merge(fixed, tracker=tracker, restart=True)
+    with pytest.raises(TeacherError, match=refused):
+        merge.run_merge(fixed.model_copy(update={"distill": fixed.distill.model_copy(update={"steps": 3})}), tracker=tracker)
+    assert ran == [] and DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]

@@ -312,6 +312,77 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
     assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "register", "fast"]
 
 
+def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_after_it(world, tmp_path, monkeypatch):
+    """A merge that saved its model and then failed in evaluate (or track): the same command again, or
+    one with other evaluation: settings, skips the training and the save (it used to run every stage
+    again, to save the same model) and runs evaluate, track and fast on the saved model, in a new stage
+    run that logs what the first run's training measured. Another value outside evaluation: and fast:
+    merges again. The stages are stand-ins (no Ray) that count their runs."""
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    ran: list[str] = []
+    fail_evaluate = [True]
+
+    class Tracker:  # each start_stage opens a new stage run
+        enabled = False
+        runs = 0
+
+        def start_stage(self, name, cfg, run_name=None):
+            ran.append("start")
+            self.runs += 1
+            return {"run_id": f"run{self.runs}"}
+
+        def finish_stage(self, cfg, result):
+            ran.append(f"register {sorted(result.stage_metrics)}")
+
+        def abort(self, error):
+            pass
+
+    def stage(name):
+        def run(merge_run):
+            ran.append(name)
+            if name == "distill":
+                merge_run.timed("distill", 0.0, {"step": 2})
+            if name == "save":
+                (out / "merged").mkdir(parents=True, exist_ok=True)
+                (out / "merged" / "model_index.json").write_text("{}")
+            if name == "evaluate" and fail_evaluate[0]:
+                raise RuntimeError("the evaluation failed")
+            if name == "track":
+                merge.track_stage(merge_run)
+            if name == "fast":
+                (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
+                (out / "fast" / "model" / "model_index.json").write_text("{}")
+
+        return run
+
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: ran.append("encode"))
+    tracker = Tracker()
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        merge.run_merge(cfg, tracker=tracker)
+    assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate"]
+    ran.clear()
+    with pytest.raises(RuntimeError, match="the evaluation failed"):  # the same command: from the evaluation on
+        merge.run_merge(cfg, tracker=tracker)
+    assert ran == ["start", "evaluate"]
+    ran.clear()
+    fail_evaluate[0] = False
+    fixed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"images_per_prompt": 2})})
+    result = merge.run_merge(fixed, tracker=tracker)
+    assert ran == ["start", "evaluate", "track", "register ['distill']", "fast"] and result.run_id == "run3"
+    ran.clear()
+    assert merge.run_merge(fixed, tracker=tracker).already_complete and ran == []
+    merge.forget(out, merge.COMPLETE_RECORD)
+    merge.record_complete(fixed, out, result, evaluate_pending=True)  # saved, then failed, once more
+    changed = fixed.model_copy(update={"distill": fixed.distill.model_copy(update={"steps": 3})})
+    merge.run_merge(changed, tracker=tracker)
+    assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
+
+
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
     """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
     no second save, evaluation or MLflow model version. Another config value, a missing model or
