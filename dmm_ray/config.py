@@ -630,6 +630,17 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
     """Fill teachers / student.base / data paths from a zoo.yaml (explicit keys win)."""
     from dmm_ray.zoo.manifest import read_manifest, teacher_entries
 
+    # an empty list names no teacher: it was taken as unset, so `teachers: []` merged every zoo teacher and
+    # `zoo_teachers: []` was told "give at least one teacher (or zoo: a zoo.yaml)" though a zoo was given.
+    # Said before a zoo preset is built. (null, `--set zoo_teachers=`, is unset.)
+    if tree.get("teachers") == []:
+        raise ConfigError(
+            f"teachers: [] lists no teacher; list at least one (for an incremental merge, the new ones), or leave it out to take zoo {tree['zoo']}'s"
+        )
+    if tree.get("zoo_teachers") == []:
+        raise ConfigError(
+            f"zoo_teachers: [] picks no teacher of zoo {tree['zoo']}; name at least one (for an incremental merge, the new ones), or leave it out to take them all"
+        )
     zoo_path = _zoo_manifest(tree["zoo"], build)
     tree["zoo"] = str(zoo_path)  # the preset name becomes the manifest it names
     try:

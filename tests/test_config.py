@@ -223,6 +223,34 @@ def test_a_typo_is_reported_before_a_zoo_preset_is_built(tmp_path, monkeypatch):
             load_config(toy, fine, build_zoo=True)
 
 
+def test_an_empty_teacher_list_with_a_zoo_is_refused_before_the_zoo_is_built(tmp_path, monkeypatch):
+    """`teachers: []` beside a zoo was taken as unset: every zoo teacher was merged (an incremental merge
+    adding no teacher was refused as adding all of the previous model's styles again); `zoo_teachers: []`
+    was told "give at least one teacher (or zoo: a zoo.yaml)" though a zoo was given. Each names itself
+    now, before a zoo preset is built; null (`--set zoo_teachers=`) is still unset."""
+    from pathlib import Path
+
+    import dmm_ray.zoo.build
+
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
+    incremental = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy_incremental.yaml"
+    with pytest.raises(
+        ConfigError, match=r"zoo_teachers: \[\] picks no teacher of zoo full; name at least one \(for an incremental merge, the new ones\)"
+    ):
+        load_config(incremental, ["zoo_teachers=[]"], build_zoo=True)
+    with pytest.raises(ConfigError, match=r"teachers: \[\] lists no teacher; list at least one .* or leave it out to take zoo full's"):
+        load_config(incremental, ["teachers=[]"], build_zoo=True)
+    with pytest.raises(Built):  # unset: the zoo's teachers, read once it is built
+        load_config(incremental, ["zoo_teachers="], build_zoo=True)
+
+
 def test_evaluation_config_sections_are_checked(tmp_path):
     """--section that the file lacks, or a whole merge config read without --section: a ConfigError
     that names the sections (a silently empty section would start an evaluation with the defaults)."""
