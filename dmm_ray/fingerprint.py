@@ -120,6 +120,13 @@ def _folders_checksum(*folders) -> str | None:
     return files_checksum(present) if present else None
 
 
+def base_parts_checksum(base: str) -> str | None:
+    """`files_checksum` of the parts of a student base that a merged model is saved with around its
+    student UNet (text encoder(s), tokenizer(s), VAE, scheduler): recorded in the model's dmm_merge.json,
+    so an incremental merge on another base is refused (dmm_ray.merge.check_student_base)."""
+    return _folders_checksum(*(Path(base) / n for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")))
+
+
 def stage_inputs(cfg, stage: str) -> dict[str, Any]:
     """Everything that determines `stage`'s result, as flat dotted keys."""
     if stage not in STAGES:

@@ -259,6 +259,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         for key, value in want.items():
             if key != "unet.addition_embed_type" and got.get(key) != value:
                 raise TeacherError(f"incremental.base_merged: {key} is {got.get(key)!r} but the student base has {value!r}")
+        check_student_base(cfg, merged)
         check_student_extensions(cfg, merged)
         check_regulariser_rows(cfg, len(old))
     from dmm_ray.data import fs as fsu
@@ -266,6 +267,31 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
 
     if not fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
         check_latents(cfg)
+
+
+def check_student_base(cfg: MergeConfig, merged: Path) -> None:
+    """An incremental merge saves the grown student with student.base's text encoder(s), tokenizer(s),
+    VAE and scheduler, and its student and regulariser condition on that text encoder: a base other than
+    the one the previous model was merged on (same architecture, other weights) silently swapped those
+    parts under the old styles. Refused when the previous model's record names its base's checksum (a
+    model merged before the record held it, or made elsewhere, is not checked)."""
+    from dmm_ray.fingerprint import base_parts_checksum
+    from dmm_ray.merged_model import read_record
+    from dmm_ray.teachers import TeacherError
+
+    try:
+        record = read_record(merged)
+    except (OSError, ValueError):
+        return
+    recorded = record.get("student_base") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict) or not recorded.get("checksum") or recorded["checksum"] == base_parts_checksum(cfg.student.base):
+        return
+    raise TeacherError(
+        f"incremental.base_merged: {merged} was merged on the student base {recorded.get('path')}, and student.base "
+        f"{cfg.student.base} has other text encoder, tokenizer, VAE or scheduler files; an incremental merge saves the grown model "
+        "with student.base's and trains the new styles and the regulariser on its text encoder, so the old styles would run "
+        f"on parts they were not merged with. Set student.base: {recorded.get('path')} (or a copy of it)"
+    )
 
 
 def check_student_extensions(cfg: MergeConfig, merged: Path) -> None:
@@ -483,7 +509,11 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
         **{t.name: t.description for t in teachers},
         **(style_descriptions(cfg.incremental.base_merged) if cfg.incremental.base_merged else {}),
     }
+    from dmm_ray.fingerprint import base_parts_checksum
+
     record = {"name": cfg.name, "styles": pipe.styles, "teachers": [t.model_dump() for t in teachers]}
+    # the base whose text encoder(s), VAE and scheduler the model holds: an increment must grow it on the same
+    record["student_base"] = {"path": str(cfg.student.base), "checksum": base_parts_checksum(cfg.student.base)}
     if tracking and tracking.get("run_id"):
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
     with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first

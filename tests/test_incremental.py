@@ -703,3 +703,39 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evalu
     with pytest.raises(TeacherError, match=refused):
         merge.run_merge(fixed.model_copy(update={"distill": fixed.distill.model_copy(update={"steps": 3})}), tracker=tracker)
     assert ran == [] and DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
+
+
+def test_an_increment_on_another_student_base_than_the_previous_models_is_refused_before_ray(merged_world, tmp_path, monkeypatch):
+    """The merged model holds its student base's text encoder, tokenizer, VAE and scheduler. An increment
+    with a student.base of the same architecture but other weights was accepted: the new styles and the
+    regulariser trained on the other text encoder and the save swapped it (and the VAE) in under the old
+    styles. The record names the base's checksum now; another base is refused, a copy of it passes, and
+    a previous model whose record predates it (merged_world's) is not checked."""
+    import shutil
+
+    from dmm_ray import merge
+
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    first = MergeConfig.model_validate(
+        tiny_merge_config(merged_world, tmp_path / "first", teachers=new, incremental={"base_merged": merged_world["merged"]})
+    )
+    _stub_training(monkeypatch, ["new0"])
+    previous = merge.run_merge(first).merged_path
+    other = tmp_path / "other_base"
+    c = tiny_sd_components(seed=0)
+    with torch.no_grad():
+        for p in c["text_encoder"].parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    StableDiffusionPipeline(**c).save_pretrained(other)
+    later = [{**new[0], "name": "new1"}]
+
+    def increment(base):
+        return MergeConfig.model_validate(
+            tiny_merge_config(
+                merged_world, tmp_path / "later", teachers=later, incremental={"base_merged": str(previous)}, student={"base": str(base)}
+            )
+        )
+
+    with pytest.raises(TeacherError, match=rf"incremental.base_merged: .* was merged on the student base {merged_world['base']}.*Set student.base: "):
+        validate_before_ray(increment(other))
+    validate_before_ray(increment(shutil.copytree(merged_world["base"], tmp_path / "copy_of_base")))
