@@ -484,14 +484,27 @@ def build_panorama_views(
         row = _style_map_row(style_names, style_map, centre, default_style, label)
         views.append(View(y, y + wh, x, x + ww, row, tile / total[y : y + wh, x : x + ww], None, label))
     if style_map is not None and not callable(style_map):
-        # a window takes the style at its centre: an entry that holds no centre would be dropped from the image, silently
+        # a window takes the style of the first entry holding its centre: an entry that holds no centre, or whose
+        # centres all go to an earlier overlapping entry of another style, would be dropped from the image, silently
         centres = sorted({(x + ww / 2) / w for _, x in boxes})
-        for i, (a, b, _row) in enumerate(style_map):
-            if not any(a <= c < b or (c == 1.0 and b == 1.0) for c in centres):
+        held_by = [[c for c in centres if a <= c < b or (c == 1.0 and b == 1.0)] for a, b, _ in style_map]  # as _style_map_row reads a range
+        first: dict[float, int] = {}  # window centre -> the entry whose style it takes
+        for i, held in enumerate(held_by):
+            for c in held:
+                first.setdefault(c, i)
+        for i, ((a, b, row), held) in enumerate(zip(style_map, held_by)):
+            if not held:
                 raise RegionError(
                     f"style_map entry {i} ({a:g}..{b:g}) holds no window's centre (windows centred at x = "
                     f"{', '.join(f'{c:.3f}' for c in centres)} of the width), so its style would not appear; a style map runs "
                     "across the width: widen the range or the canvas, or give a smaller window_stride="
+                )
+            if all(first[c] != i and not torch.equal(style_map[first[c]][2], row) for c in held):
+                earlier = ", ".join(f"entry {j} ({style_map[j][0]:g}..{style_map[j][1]:g})" for j in sorted({first[c] for c in held}))
+                raise RegionError(
+                    f"style_map entry {i} ({a:g}..{b:g}) overlaps {earlier}, which come(s) first at every window centre it holds "
+                    f"(x = {', '.join(f'{c:.3f}' for c in held)} of the width): a window takes the first range holding its centre, "
+                    f"so entry {i}'s style would not appear; give ranges that do not overlap"
                 )
     return views
 

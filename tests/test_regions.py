@@ -344,6 +344,27 @@ def test_panorama_sweep_gives_each_window_its_mixture():
     torch.testing.assert_close(total, torch.ones(8, 32))  # normalised blend weights
 
 
+def test_style_map_entry_hidden_by_an_earlier_overlapping_one_is_refused():
+    """Finding: a window takes the first entry holding its centre, so [(0, 1, "noir"), (0.5, 1, "neon")]
+    rendered an all-noir panorama: neon was dropped silently, as an entry holding no centre used to be.
+    Overlaps that leave each style some window, or repeat the style they cover, still render."""
+    styles = lambda style_map: [STYLES[int(v.style_row.argmax())] for v in build_panorama_views(STYLES, (16, 64), 2, 16, 8, style_map)]  # noqa: E731
+    for style_map, words in (
+        (
+            [(0, 1, "noir"), (0.5, 1, "neon")],
+            r"style_map entry 1 \(0.5..1\) overlaps entry 0 \(0..1\), which come\(s\) first at every window centre it holds \(x = 0.500, 0.625, 0.750, 0.875 of",
+        ),
+        (
+            [(0, 0.5, "noir"), (0, 1, "pastel"), (0.3, 0.6, "neon")],
+            r"style_map entry 2 \(0.3..0.6\) overlaps entry 0 \(0..0.5\), entry 1 \(0..1\), .* \(x = 0.375, 0.500 of",
+        ),
+    ):
+        with pytest.raises(RegionError, match=words + r" the width\): a window takes the first range .*entry \d's style would not appear"):
+            styles(style_map)
+    assert styles([(0, 0.6, "noir"), (0.4, 1, "neon")]) == ["noir"] * 4 + ["neon"] * 3  # a partial overlap: both appear
+    assert styles([(0, 1, "noir"), (0.5, 1, "noir")]) == ["noir"] * 7  # covered by its own style: nothing is lost
+
+
 def test_window_starts_cover_the_canvas_flush_with_the_end():
     assert window_starts(32, 8, 4) == list(range(0, 25, 4))
     assert window_starts(30, 8, 8) == [0, 8, 16, 22]
