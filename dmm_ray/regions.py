@@ -161,7 +161,10 @@ def box_mask(box: Sequence[float], latent_size: tuple[int, int], label: str = "r
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
         raise RegionError(f"{label}: box {list(box)} must be fractions of the canvas with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     h, w = latent_size
-    return _box_coverage(y0, y1, h)[:, None] * _box_coverage(x0, x1, w)[None, :]
+    mask = _box_coverage(y0, y1, h)[:, None] * _box_coverage(x0, x1, w)[None, :]
+    if float(mask.max()) <= 0:  # a box whose share of a cell (x1 - x0 below ~1e-45, or such products) rounds to 0 in float32
+        raise RegionError(f"{label}: its box {list(box)} covers nothing (all zero) on the {h}x{w} latent grid; widen it")
+    return mask
 
 
 def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
@@ -208,19 +211,18 @@ def region_mask(region: Region, image_size: tuple[int, int], latent_size: tuple[
     if (region.box is None) == (region.mask is None):
         raise RegionError(f"{label}: give exactly one of box= or mask=")
     if region.box is not None:
-        mask = box_mask(region.box, latent_size, label)
-    else:
-        mask = _as_mask_tensor(region.mask, label)
-        (H, W), (h, w) = image_size, latent_size
-        if tuple(mask.shape) == (H, W):
-            mask = F.adaptive_avg_pool2d(mask[None, None], (h, w))[0, 0] if (H, W) != (h, w) else mask
-        elif tuple(mask.shape) != (h, w):
-            raise RegionError(
-                f"{label}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but this image is {H}x{W} "
-                f"(latent {h}x{w}); give the mask at image or latent size"
-            )
+        return box_mask(region.box, latent_size, label)  # refuses a box that covers nothing itself (Serve checks boxes with it)
+    mask = _as_mask_tensor(region.mask, label)
+    (H, W), (h, w) = image_size, latent_size
+    if tuple(mask.shape) == (H, W):
+        mask = F.adaptive_avg_pool2d(mask[None, None], (h, w))[0, 0] if (H, W) != (h, w) else mask
+    elif tuple(mask.shape) != (h, w):
+        raise RegionError(
+            f"{label}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but this image is {H}x{W} "
+            f"(latent {h}x{w}); give the mask at image or latent size"
+        )
     if float(mask.max()) <= 0:
-        raise RegionError(f"{label}: its {'box' if region.box is not None else 'mask'} covers nothing (all zero)")
+        raise RegionError(f"{label}: its mask covers nothing (all zero)")
     return mask
 
 
@@ -259,10 +261,15 @@ def uncovered(union: torch.Tensor, vae_scale_factor: int) -> str | None:
     return f"the regions leave {share} of the canvas uncovered ({int(holes.sum())} latent cell(s), the first at x={x}, y={y} px)"
 
 
-def boxes_uncovered(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], vae_scale_factor: int) -> str | None:
-    """`uncovered` for boxes (fractions of an image of `image_size` (H, W)), as the pipeline draws them."""
+def boxes_uncovered(
+    boxes: Sequence[Sequence[float]], image_size: tuple[int, int], vae_scale_factor: int, labels: Sequence[str] | None = None
+) -> str | None:
+    """`uncovered` for boxes (fractions of an image of `image_size` (H, W)), as the pipeline draws them; a box
+    the pipeline refuses (one that covers nothing at this size) is its RegionError, named by `labels[i]`
+    (default "box <i>"), so Serve refuses it before it reaches a model."""
     latent = (image_size[0] // vae_scale_factor, image_size[1] // vae_scale_factor)
-    return uncovered(torch.stack([box_mask(b, latent, f"box {i}") for i, b in enumerate(boxes)]).sum(0), vae_scale_factor)
+    labels = [f"box {i}" for i in range(len(boxes))] if labels is None else labels
+    return uncovered(torch.stack([box_mask(b, latent, label) for b, label in zip(boxes, labels)]).sum(0), vae_scale_factor)
 
 
 def _region_style(style_names: Sequence[str], region: Region, label: str) -> torch.Tensor:

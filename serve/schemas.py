@@ -311,13 +311,17 @@ def resolve_request(
                 f"{name}={value} is above the maximum {top}"
                 + ("" if given else f" (the model's native {name}, as the request gives none: send a smaller {name}, or raise limits.max_{name})"),
             )
-    if regions and background is None:
-        # The pipeline's own rule, at this size's latent grid (a box covering part of a latent cell covers it):
-        # the exact area would refuse a sliver between boxes that the model renders.
-        from dmm_ray.regions import boxes_uncovered
+    if regions:
+        # The pipeline's own rules, at this size's latent grid: a box that covers nothing there is refused (a
+        # RegionError of the pipeline's was a 500), and without a background a box covering part of a latent cell
+        # covers it (the exact area would refuse a sliver between boxes that the model renders).
+        from dmm_ray.regions import RegionError, boxes_uncovered
 
-        gap = boxes_uncovered([r[0] for r in regions], (height, width), vae_scale_factor)
-        if gap:
+        try:
+            gap = boxes_uncovered([r[0] for r in regions], (height, width), vae_scale_factor, [f"regions[{i}]" for i in range(len(regions))])
+        except RegionError as error:
+            raise RequestError(422, str(error)) from None
+        if gap and background is None:
             raise RequestError(422, f"{gap}; add a region there or give `style`/`weights` for the background")
     total = len(prompts) * req.num_images
     if total > lim.max_images:

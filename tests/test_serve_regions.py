@@ -99,6 +99,10 @@ def test_request_style_is_the_background_and_json_lists_regions(client):
             ["leave 6% of the canvas uncovered (16 latent cell(s)", "x=16, y=0 px"],
         ),
         ([{"box": [0, 0, 1, 1], "style": 0, "prompt": "  "}], {}, ["regions[0]", "prompt"]),
+        # a box too thin to weigh anything on the latent grid (its share of a cell rounds to 0 in float32): the
+        # pipeline refuses it, which was a 500 "internal error", with a background too
+        ([{"box": [0, 0, 1, 1], "style": 0}, {"box": [0, 0, 1e-50, 1], "style": 1}], {}, ["regions[1]", "covers nothing", "widen it"]),
+        ([{"box": [0, 0, 1e-25, 1e-25], "style": 1}], {"style": 0}, ["regions[0]", "covers nothing", "16x16 latent grid"]),
         ([], {}, ["regions is empty"]),
         ([{"box": [0, 0, 1, 1], "style": 0}] * (MAX_REGIONS + 1), {}, [f"maximum is {MAX_REGIONS}"]),
     ],
