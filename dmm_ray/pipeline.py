@@ -385,8 +385,12 @@ def _styled_call(parent_call, regional: bool = True):
                 num_images_per_prompt=num_images_per_prompt,
                 kwargs=kwargs,
             )
-        if max_batch is not None or feather is not None:
-            raise ValueError("max_batch= and feather= apply to regions= or a panorama (style_map=, window_stride=)")
+        if max_batch is not None:
+            raise ValueError("max_batch= applies to regions= or a panorama (style_map=, window_stride=)")
+        if feather is not None:  # not "or a panorama": a panorama refuses it too (its windows blend with tile weights)
+            from dmm_ray.regions import RegionError
+
+            raise RegionError("feather= goes with regions= (the regions' soft edges); a plain call or a panorama takes none")
         return self._style_call(parent_call, prompt, style, style_weights, num_images_per_prompt, kwargs)
 
     return __call__

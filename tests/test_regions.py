@@ -613,6 +613,9 @@ def test_panorama_stride_longer_than_the_window_is_refused(pipe):
 def test_plain_only_options_are_rejected(pipe):
     with pytest.raises(ValueError, match="max_batch"):
         _gen(pipe, style="noir", max_batch=2)
+    # it said feather= applies "to regions= or a panorama", where a panorama refuses it too (a ValueError, not the RegionError documented)
+    with pytest.raises(RegionError, match=r"feather= goes with regions= .*a plain call or a panorama takes none"):
+        _gen(pipe, style="noir", feather=2)
 
 
 # ---- SDXL -----------------------------------------------------------------------------------
