@@ -806,11 +806,12 @@ def _region_window(region_window: Any, native: int, f: int) -> tuple[int, int] |
         return None
     if region_window == "native":
         return (native // f, native // f)
-    if isinstance(region_window, bool) or not isinstance(region_window, int) or region_window < f or region_window % f:
+    # numbers.Integral, as max_batch= and window_stride= take: a numpy integer is a whole number of pixels too
+    if isinstance(region_window, bool) or not isinstance(region_window, numbers.Integral) or region_window < f or region_window % f:
         raise RegionError(
             f'region_window must be None (whole-canvas views), "native" ({native} px windows) or a positive multiple of {f} pixels, got {region_window!r}'
         )
-    return (region_window // f, region_window // f)
+    return (int(region_window) // f, int(region_window) // f)
 
 
 def regional_call(

@@ -173,6 +173,15 @@ def test_region_windows_one_call_per_step_over_the_windows(pipe, unet_calls):
     assert shapes == [(2 * 4, 4, 8, 22)] * STEPS  # ONE pass per step: CFG x 4 windows of 22 of the 64 latent columns
 
 
+def test_region_window_in_pixels_takes_numpy_integers(pipe):
+    """Finding: region_window=np.int64(16) was refused ("must be ... a positive multiple of 2 pixels, got
+    np.int64(16)") where max_batch= and window_stride= take numpy integers; 16 px is the tiny model's native size."""
+    regions = [Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")]
+    native = _gen(pipe, size=(16, 64), regions=regions, region_window="native")
+    for window in (16, np.int64(16), np.int32(16)):
+        assert torch.equal(_gen(pipe, size=(16, 64), regions=regions, region_window=window), native)
+
+
 def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_regions(pipe):
     plain = _gen(pipe, size=(16, 128), style="neon")
     one = _gen(pipe, size=(16, 128), regions=[Region(box=ALL, style="neon")], region_window="native")
