@@ -316,11 +316,11 @@ class MergeTracker:
             raise RuntimeError("open the project run first: `with tracker.project(): with tracker.stage(...)`")
         tags = {PROJECT_TAG: self.config.project, STAGE_TAG: name, "dmm.kind": "stage", **(tags or {})}
         with mlflow.start_run(run_name=run_name or name, nested=True, experiment_id=self.experiment_id, tags=tags) as run:
-            if config is not None:
-                self.log_config(config)
-            if params:
-                self.log_params(params)
-            try:
+            try:  # the config too: a Ctrl-C while it is logged is KILLED, as one later in the stage
+                if config is not None:
+                    self.log_config(config)
+                if params:
+                    self.log_params(params)
                 yield run
             except (Exception, KeyboardInterrupt) as error:  # KILLED for an interrupt, as abort() (MLflow's own exit says FAILED)
                 _end_if_active(run.info.run_id, run_status(error))
@@ -602,9 +602,14 @@ class StageTracker(MergeTracker):
         self.stage_run_id: str | None = None
         self.stage_name = "merge"
 
-    def start_stage(self, name: str, cfg: Any = None, output: str | Path | None = None, run_name: str | None = None) -> dict | None:
+    def start_stage(
+        self, name: str, cfg: Any = None, output: str | Path | None = None, run_name: str | None = None, params: Mapping[str, Any] | None = None
+    ) -> dict | None:
         """`output`: the folder whose lock the caller holds, the run's OUTPUT_TAG (default: cfg.output_dir);
-        `run_name`: the run's name in the runs table (default: `name`, its STAGE_TAG)."""
+        `run_name`: the run's name in the runs table (default: `name`, its STAGE_TAG); `params`: logged on
+        the stage run besides cfg's. A failure here (the store refuses the config, a Ctrl-C) ends the runs
+        it opened as `abort` does: the caller's own abort only covers what follows, and a project run left
+        open was ended FINISHED by MLflow's exit hook."""
         if not self.enabled:
             return None
         mlflow = _mlflow()
@@ -612,9 +617,13 @@ class StageTracker(MergeTracker):
         tags = {OUTPUT_TAG: str(output)} if output else {}
         if output:
             self.close_stale_runs(str(output), name)
-        if mlflow.active_run() is None:
-            self._stack.enter_context(self.project())
-        run = self._stack.enter_context(self.stage(name, config=cfg, tags=tags, run_name=run_name))
+        try:
+            if mlflow.active_run() is None:
+                self._stack.enter_context(self.project())
+            run = self._stack.enter_context(self.stage(name, config=cfg, params=params, tags=tags, run_name=run_name))
+        except BaseException as error:
+            self.abort(error)
+            raise
         self.stage_run_id, self.stage_name = run.info.run_id, name
         return {"uri": self.config.tracking_uri, "run_id": run.info.run_id, "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
 

@@ -501,6 +501,41 @@ def test_a_failed_job_leaves_a_finished_project_finished_and_its_own_run_says_wh
     assert rerun.parent_run_id == first.parent_run_id and status(first.parent_run_id) == "FINISHED"
 
 
+def test_a_failure_while_a_stage_run_opens_ends_its_runs_failed_or_killed(tmp_path, monkeypatch):
+    """start_stage opens the project run, then the stage run and logs its config. A failure there
+    (the store refuses a param, a Ctrl-C) comes before the job's own abort covers it: the runs are
+    ended here, FAILED or KILLED (the project FINISHED again when it was), never left open for
+    MLflow's exit hook, which ended the project FINISHED."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from dmm_ray.tracking import StageTracker, run_status
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+
+    def failing_start(project, error):
+        tracker = StageTracker(TrackingConfig(tracking_uri=uri, project=project, registered_model_name=None))
+
+        def refuse(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(tracker, "log_config", refuse)
+        with pytest.raises(type(error)):
+            tracker.start_stage("merge", {"distill": {"steps": 3}}, output=str(tmp_path / project))
+        assert mlflow.active_run() is None
+        stage = client.search_runs([tracker.experiment_id], f"tags.`dmm.project` = '{project}' and tags.`dmm.kind` = 'stage'")
+        return client.get_run(tracker.parent_run_id).info.status, [r.info.status for r in stage]
+
+    for error in (RuntimeError("the store refused a param"), KeyboardInterrupt()):
+        status = run_status(error)
+        assert failing_start(f"new-{status}", error) == (status, [status])
+    good = StageTracker(TrackingConfig(tracking_uri=uri, project="good", registered_model_name=None))
+    with good.project(), good.stage("merge"):
+        pass
+    assert failing_start("good", RuntimeError("the store refused a param")) == ("FINISHED", ["FAILED", "FINISHED"])
+
+
 def test_params_over_mlflows_limit_still_tell_two_merges_apart(tracker):
     """A value over MLflow's 6000 characters (a long list of eval prompts) was cut with a plain "...":
     two merges differing only past the cut showed the same param in the compare view."""

@@ -430,9 +430,8 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
         record = read_record(model_dir)
         tracking = None
         if tracker is not None:
-            tracking = tracker.start_stage("fast", cfg, output=out)  # its runs are its folder's, as its fast.lock
-            if tracking:
-                tracker.log_params({"fast_source_model": str(model_dir)})
+            # its runs are its folder's, as its fast.lock; the params in start_stage, which ends its runs if they fail
+            tracking = tracker.start_stage("fast", cfg, output=out, params={"fast_source_model": str(model_dir)})
         try:
             t0 = time.time()
             datasets = {"train": build_latent_dataset(cfg.data)}
