@@ -54,8 +54,8 @@ class TrackingError(ValueError):
 
 def check_tracking_store(uri: str, setting: str) -> None:
     """Before any work: a store this MLflow cannot open at all is a TrackingError naming `setting`: a
-    file store (a plain path or file://, which MLflow 3 refuses), an unknown scheme, a database whose
-    driver is not installed. Nothing is contacted or created: an sqlite store's folder is checked by
+    file store (a plain path or file://, which MLflow 3 refuses), an http(s) URI without a server, an
+    unknown scheme, a database whose driver is not installed. Nothing is contacted or created: an sqlite store's folder is checked by
     `paths.check_writable_folder`, and a server that does not answer now is an outage the tracker rides
     out (BufferedMetricLogger), not a config error."""
     from urllib.parse import urlparse
@@ -85,6 +85,20 @@ def check_tracking_store(uri: str, setting: str) -> None:
 
         check_writable_folder(urlparse(uri).path if uri.startswith("file:") else uri, setting)
         return
+    if urlparse(uri).scheme in ("http", "https"):
+        # MLflow builds a REST store for any http(s) URI: one without a server (http://, http:///path)
+        # or with a port that is no port failed only at the first request, as "Invalid url".
+        parsed = urlparse(uri)
+        try:
+            problem = None if parsed.hostname else "names no tracking server (no host)"
+            parsed.port  # noqa: B018 - raises ValueError for a port that is no number in 0-65535
+        except ValueError:
+            problem = "has a port that is not a number from 0 to 65535"
+        if problem:
+            raise TrackingError(
+                f"{setting} {uri!r} {problem}: write http(s)://HOST[:PORT], e.g. http://localhost:5000 "
+                "(a server started by `mlflow server --port 5000`)"
+            )
     try:  # what MlflowClient(uri) builds: a RestStore for http(s) contacts nothing yet
         from mlflow.tracking._model_registry.utils import _get_store as registry_store
         from mlflow.tracking._tracking_service.utils import _get_store as tracking_store

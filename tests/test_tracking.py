@@ -400,6 +400,14 @@ def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(TrackingError, match="--tracking-uri 'banana://x': MLflow cannot open this store"):
         check_tracking_store("banana://x", "--tracking-uri")
     check_tracking_store("http://127.0.0.1:9", "--tracking-uri")  # a server down now is an outage, ridden out later
+    # an http(s) URI without a server, or with no port, was an "Invalid url" only at the tracker's first request
+    for uri, problem in (("http://", "no host"), ("http:///mlflow", "no host"), ("https://:5000", "no host"), ("http://localhost:50x0", "port")):
+        with pytest.raises(
+            TrackingError, match=rf"tracking.uri '{re.escape(uri)}' .*{problem}.*write http\(s\)://HOST\[:PORT\], e.g. http://localhost:5000"
+        ):
+            check_tracking(TrackingConfig(tracking_uri=uri), "tracking.uri")
+    with pytest.raises(TrackingError, match="tracking.registry_uri 'http://' names no tracking server"):
+        check_tracking(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri="http://"))
     check_tracking_store(f"sqlite:///{tmp_path}/mlflow.db", "--tracking-uri")
     check_tracking_store("sqlite:///mlflow.db", "--tracking-uri")  # relative to the current folder, as SQLAlchemy opens it
     # a typo of sqlite:/// (SQLAlchemy's parse error came when the tracker opened it, after a dry run said OK), and a
