@@ -179,8 +179,12 @@ def filter_literal(value: str) -> str:
 
 
 def metric_name(name: str) -> str:
-    """MLflow metric names allow letters, digits, _ - . space and /; replace anything else by _."""
-    return _METRIC_BAD.sub("_", name)
+    """MLflow metric names allow letters, digits, _ - . space and /; replace anything else by _. MLflow
+    also refuses a name that a path normalisation would change (its file store keeps metrics as files):
+    an empty, `.` or `..` part, as `fid_diag/<style>` has for a style named `a/`, `x//y` or `..` (the
+    merge's evaluation failed when it logged them), so each character of such a part becomes _ too."""
+    parts = _METRIC_BAD.sub("_", name).split("/")
+    return "/".join(part if part not in ("", ".", "..") else "_" * max(len(part), 1) for part in parts)
 
 
 def _without_disabled(d: Mapping[str, Any]) -> dict:

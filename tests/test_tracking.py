@@ -118,6 +118,29 @@ def test_helpers():
     assert metric_name("fid_diag/ink (v2)*") == "fid_diag/ink _v2__"
 
 
+def test_every_style_name_gives_a_metric_name_mlflow_takes(tracker):
+    """fid_diag/<style> for a style whose name holds an empty, `.` or `..` path part: MLflow refuses
+    a metric name that path normalisation would change, and the merge failed when its evaluation
+    logged one. Each such part is written with _; other names are kept as they were."""
+    styles = ["oil paint", "a/b", "a/", "x//y", ".", "..", "a/../b", "noir:v2"]
+    names = [metric_name(f"fid_diag/{s}") for s in styles]
+    assert names == [
+        "fid_diag/oil paint",
+        "fid_diag/a/b",
+        "fid_diag/a/_",
+        "fid_diag/x/_/y",
+        "fid_diag/_",
+        "fid_diag/__",
+        "fid_diag/a/__/b",
+        "fid_diag/noir_v2",
+    ]
+    with tracker.project(), tracker.stage("evaluation") as run:
+        tracker.log_metrics({f"fid_diag/{s}": float(i) for i, s in enumerate(styles)})
+    import mlflow
+
+    assert mlflow.MlflowClient(tracker.config.tracking_uri).get_run(run.info.run_id).data.metrics == {n: float(i) for i, n in enumerate(names)}
+
+
 def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_components):
     """start_stage -> workers log per-step metrics by run id -> finish_stage logs + registers."""
     from types import SimpleNamespace
