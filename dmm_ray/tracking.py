@@ -240,6 +240,15 @@ class MergeTracker:
             mlflow.set_tracking_uri(self.config.tracking_uri)
             mlflow.set_registry_uri(self.config.registry_uri or self.config.tracking_uri)
             exp = self._first_contact(lambda: mlflow.get_experiment_by_name(self.config.experiment))
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                # Deleted in the UI, its name still taken: MLflow refused the first run only when a stage
+                # opened (after a merge's encode), with an MlflowException and no way out.
+                uri, eid = self.config.tracking_uri, exp.experiment_id
+                raise TrackingError(
+                    f"the MLflow experiment {self.config.experiment!r} (id {eid}) in {uri} was deleted: restore it "
+                    f"(MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}) or, in a merge config, "
+                    "name another experiment (tracking.experiment)"
+                )
             self.experiment_id = (
                 exp.experiment_id
                 if exp is not None

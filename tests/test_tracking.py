@@ -567,6 +567,33 @@ def test_a_failure_while_a_stage_run_opens_ends_its_runs_failed_or_killed(tmp_pa
     assert failing_start("good", RuntimeError("the store refused a param")) == ("FINISHED", ["FAILED", "FINISHED"])
 
 
+def test_an_experiment_deleted_in_the_ui_is_said_when_the_tracker_opens(tmp_path):
+    """A deleted experiment keeps its name: MLflow refused the merge's first run only when its stage
+    opened (after the encode), with its own MlflowException. The tracker says so before any work, with
+    the way back; restored, the project resumes."""
+    from mlflow import MlflowClient
+
+    from dmm_ray.tracking import StageTracker, TrackingError
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrackingConfig(tracking_uri=uri, project="p", registered_model_name=None)
+    first = StageTracker(cfg)
+    first.start_stage("merge", {"a": 1}, output=str(tmp_path / "out"))
+    first.close()
+    client = MlflowClient(uri)
+    client.delete_experiment(first.experiment_id)
+    with pytest.raises(
+        TrackingError,
+        match=rf"experiment 'dmm-ray' \(id {first.experiment_id}\) in {re.escape(uri)} was deleted: restore it .*mlflow experiments restore --experiment-id {first.experiment_id}\) or, in a merge config, name another experiment \(tracking.experiment\)",
+    ):
+        StageTracker(cfg)
+    client.restore_experiment(first.experiment_id)
+    again = StageTracker(cfg)
+    again.start_stage("merge", {"a": 1}, output=str(tmp_path / "out"))
+    again.close()
+    assert again.parent_run_id == first.parent_run_id
+
+
 def test_params_over_mlflows_limit_still_tell_two_merges_apart(tracker):
     """A value over MLflow's 6000 characters (a long list of eval prompts) was cut with a plain "...":
     two merges differing only past the cut showed the same param in the compare view."""
