@@ -58,6 +58,18 @@ def default_tracking_uri() -> str:
     return SQLITE + str(dmm_home() / "mlflow.db")
 
 
+# Store URIs that MLflow reads by name, not as a path (mlflow.tracking.registry looks them up before any
+# scheme): Databricks' default profile and the Unity Catalog model registries.
+MLFLOW_NAMED_STORES = ("databricks", "databricks-uc", "uc")
+
+
+def is_file_store(uri: str) -> bool:
+    """Whether MLflow reads the tracking or registry store `uri` as a file store: a plain path or file:."""
+    from urllib.parse import urlparse
+
+    return uri not in MLFLOW_NAMED_STORES and urlparse(uri).scheme in ("", "file")
+
+
 def fid_cache_dir() -> Path:
     return dmm_home() / "cache" / "fid"
 

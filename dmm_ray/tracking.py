@@ -52,12 +52,14 @@ class TrackingError(ValueError):
     """A tracking setting MLflow can never use (a store it cannot open, a name its registry refuses)."""
 
 
-def check_tracking_store(uri: str, setting: str) -> None:
+def check_tracking_store(uri: str, setting: str, registry: bool = False) -> None:
     """Before any work: a store this MLflow cannot open at all is a TrackingError naming `setting`: a
     file store (a plain path or file://, which MLflow 3 refuses), an http(s) URI without a server, an
-    unknown scheme, a database whose driver is not installed. Nothing is contacted or created: an sqlite store's folder is checked by
-    `paths.check_writable_folder`, and a server that does not answer now is an outage the tracker rides
-    out (BufferedMetricLogger), not a config error."""
+    unknown scheme, a database whose driver is not installed. Nothing is contacted or created: an
+    sqlite store's folder is checked by `paths.check_writable_folder`, and a server that does not
+    answer now is an outage the tracker rides out (BufferedMetricLogger), not a config error.
+    `registry`: `uri` is only a model registry (tracking.registry_uri), such as Unity Catalog's
+    databricks-uc, which is no tracking store."""
     from urllib.parse import urlparse
 
     if uri.startswith("sqlite:"):
@@ -73,7 +75,9 @@ def check_tracking_store(uri: str, setting: str) -> None:
                 "(sqlite://, sqlite:///:memory:) would lose every run when the job ends"
             )
         return
-    if urlparse(uri).scheme in ("", "file"):
+    from dmm_ray.paths import is_file_store
+
+    if is_file_store(uri):  # not MLflow's named stores: `databricks` is no folder
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
         if not MLFLOW_ALLOW_FILE_STORE.get():
@@ -104,7 +108,7 @@ def check_tracking_store(uri: str, setting: str) -> None:
         from mlflow.tracking._tracking_service.utils import _get_store as tracking_store
     except ImportError:  # a later MLflow moved them: MLflow's own error will tell, at first use
         return
-    for store in (tracking_store, registry_store):
+    for store in (registry_store,) if registry else (tracking_store, registry_store):
         try:
             store(uri)
         except Exception as error:  # noqa: BLE001 - any refusal: say which setting
@@ -132,7 +136,7 @@ def check_tracking(tracking: TrackingConfig, uri_setting: str = "tracking.tracki
         if uri is not None and (db := sqlite_path(uri)) is not None:
             check_writable_folder(db.parent, f"the folder of {setting}'s database")
         elif uri is not None:
-            check_tracking_store(uri, setting)
+            check_tracking_store(uri, setting, registry=setting == "tracking.registry_uri")
 
 
 def _mlflow():

@@ -432,6 +432,12 @@ def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(TrackingError, match="tracking.registry_uri 'http://' names no tracking server"):
         check_tracking(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri="http://"))
     check_tracking_store(f"sqlite:///{tmp_path}/mlflow.db", "--tracking-uri")
+    # MLflow's named stores are no paths (they were refused as file stores): Databricks' default profile,
+    # and Unity Catalog's registry, which is no tracking store
+    check_tracking(TrackingConfig(tracking_uri="databricks", registry_uri="databricks-uc"))
+    check_tracking(TrackingConfig(tracking_uri="databricks://profile", registry_uri="databricks-uc"))
+    with pytest.raises(TrackingError, match="tracking.tracking_uri 'databricks-uc': MLflow cannot open this store"):
+        check_tracking(TrackingConfig(tracking_uri="databricks-uc"))
     check_tracking_store("sqlite:///mlflow.db", "--tracking-uri")  # relative to the current folder, as SQLAlchemy opens it
     # a typo of sqlite:/// (SQLAlchemy's parse error came when the tracker opened it, after a dry run said OK), and a
     # store in memory, whose runs were gone when the job ended
