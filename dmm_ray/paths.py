@@ -128,7 +128,11 @@ def resolve(path: Optional[str], base: str | os.PathLike | None = None) -> Optio
 
 
 def resolve_tracking_uri(uri: Optional[str], base: str | os.PathLike | None = None) -> Optional[str]:
-    """A `sqlite:///relative.db` store made absolute by `resolve` (other URIs unchanged)."""
+    """A `sqlite:///relative.db` store, or a file store given as a plain relative path (`mlruns`, with
+    MLFLOW_ALLOW_FILE_STORE=true), made absolute by `resolve` (other URIs unchanged): Ray Train workers
+    log their per-step metrics from their own working directory."""
+    if uri and not uri.startswith("file:") and is_file_store(uri):
+        return resolve(uri, base)
     if uri is None or not uri.startswith(SQLITE):
         return uri
     db = uri[len(SQLITE) :]

@@ -34,6 +34,19 @@ def test_resolve_rule(tmp_path, home, monkeypatch):
     assert paths.default_tracking_uri() == f"sqlite:///{paths.Path.home().resolve()}/.dmm-ray/mlflow.db"
 
 
+def test_a_relative_file_store_is_made_absolute_as_a_relative_sqlite_one(tmp_path, monkeypatch):
+    """Ray Train workers log their per-step metrics from their own working directory: a relative
+    file store (`mlruns`, with MLFLOW_ALLOW_FILE_STORE=true) was another, empty store there, and every
+    training metric was dropped ("Run ... not found"). MLflow's named stores and URIs stay as given."""
+    from dmm_ray.config import TrackingConfig
+
+    assert paths.resolve_tracking_uri("mlruns", tmp_path) == str(tmp_path / "mlruns")
+    monkeypatch.chdir(tmp_path)
+    assert TrackingConfig(tracking_uri="runs/mlflow").tracking_uri == str(tmp_path / "runs" / "mlflow")
+    for uri in ("databricks", "databricks-uc", "file:///abs/mlruns", "/abs/mlruns", "http://h:5000", "databricks://profile"):
+        assert paths.resolve_tracking_uri(uri, tmp_path) == uri
+
+
 def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tmp_path, home, monkeypatch):
     folder = tmp_path / "configs" / "sub"
     folder.mkdir(parents=True)

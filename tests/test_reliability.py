@@ -386,7 +386,7 @@ def test_settings_that_would_fail_after_training_are_refused_before_anything_is_
     config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "out")))
     (tmp_path / "plainfile").write_text("")
     cases = [
-        ("tracking.tracking_uri=mlruns", "tracking.tracking_uri 'mlruns' is a file store"),
+        ("tracking.tracking_uri=mlruns", "/mlruns' is a file store"),  # (made absolute: Ray workers log from their own folder)
         (f"evaluation.cache_dir={tmp_path / 'plainfile'}", "evaluation.cache_dir"),  # the evaluation stage is off in the tiny config ...
         (f"data.shards={tmp_path / 'nothing'}", "has no latents and data.source is not set"),
     ]
