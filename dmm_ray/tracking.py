@@ -229,6 +229,28 @@ def quick_http(timeout_s: int | None = 10) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Held (an flock on the database's folder: no file is left behind) while a tracker opens an sqlite
+    store and gets or creates its experiment. MLflow creates and migrates a new database's tables
+    without a lock: of jobs started together on a fresh store (a sweep, a merge beside an evaluation)
+    all but one failed with sqlite3.OperationalError "duplicate column name: step". Other stores pass."""
+    from dmm_ray.paths import sqlite_path
+
+    db = sqlite_path(uri, relative=True)
+    if db is None or not db.parent.is_dir():  # (a missing folder: MLflow's own error says so)
+        yield
+        return
+    import fcntl
+
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class MergeTracker:
     """Thin, explicit wrapper over MLflow for one merge project. With `enabled=False` every
     method is a no-op, so jobs call it unconditionally."""
@@ -243,24 +265,29 @@ class MergeTracker:
             mlflow = _mlflow()
             mlflow.set_tracking_uri(self.config.tracking_uri)
             mlflow.set_registry_uri(self.config.registry_uri or self.config.tracking_uri)
-            exp = self._first_contact(lambda: mlflow.get_experiment_by_name(self.config.experiment))
-            if exp is not None and exp.lifecycle_stage == "deleted":
-                # Deleted in the UI, its name still taken: MLflow refused the first run only when a stage
-                # opened (after a merge's encode), with an MlflowException and no way out.
-                uri, eid = self.config.tracking_uri, exp.experiment_id
-                raise TrackingError(
-                    f"the MLflow experiment {self.config.experiment!r} (id {eid}) in {uri} was deleted: restore it "
-                    f"(MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}) or, in a merge config, "
-                    "name another experiment (tracking.experiment)"
-                )
-            self.experiment_id = (
-                exp.experiment_id
-                if exp is not None
-                else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
+            with _sqlite_setup_lock(self.config.tracking_uri):
+                self._open_experiment(mlflow)
+
+    def _open_experiment(self, mlflow) -> None:
+        """Get or create the experiment (`experiment_id`), typed as model training."""
+        exp = self._first_contact(lambda: mlflow.get_experiment_by_name(self.config.experiment))
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            # Deleted in the UI, its name still taken: MLflow refused the first run only when a stage
+            # opened (after a merge's encode), with an MlflowException and no way out.
+            uri, eid = self.config.tracking_uri, exp.experiment_id
+            raise TrackingError(
+                f"the MLflow experiment {self.config.experiment!r} (id {eid}) in {uri} was deleted: restore it "
+                f"(MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}) or, in a merge config, "
+                "name another experiment (tracking.experiment)"
             )
-            if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
-                # Model training, not GenAI: `mlflow ui` opens the experiment on its runs table, not on an empty traces view.
-                mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp is not None
+            else mlflow.create_experiment(self.config.experiment, artifact_location=self.config.artifact_location)
+        )
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            # Model training, not GenAI: `mlflow ui` opens the experiment on its runs table, not on an empty traces view.
+            mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
     def _first_contact(self, call):
         """`call()`, this tracker's first request to its store. An http(s) server that never answered

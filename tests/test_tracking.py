@@ -600,6 +600,37 @@ def test_an_experiment_deleted_in_the_ui_is_said_when_the_tracker_opens(tmp_path
     assert again.parent_run_id == first.parent_run_id
 
 
+def test_jobs_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
+    """MLflow creates and migrates a new sqlite database without a lock: of trackers opened together
+    on a store that did not exist (a sweep), all but one failed with "duplicate column name"."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    uri, go, n = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "go", 4
+    child = (  # imported, it says so (ready<i>), then waits for the start line (go)
+        "import os, sys, time\n"
+        "from dmm_ray.tracking import MergeTracker, TrackingConfig\n"
+        f"cfg = TrackingConfig(tracking_uri={uri!r}, experiment='sweep', project='p', registered_model_name=None)\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready' + sys.argv[1]), 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "print(MergeTracker(cfg).experiment_id)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", child, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(n)
+    ]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(n)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.write_text("")
+    answers = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * n, [err[-400:] for _, err in answers]
+    assert len({out.strip() for out, _ in answers}) == 1  # one experiment for all
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow.db") and p.name != "mlflow.db"]  # the lock leaves no file
+
+
 def test_params_over_mlflows_limit_still_tell_two_merges_apart(tracker):
     """A value over MLflow's 6000 characters (a long list of eval prompts) was cut with a plain "...":
     two merges differing only past the cut showed the same param in the compare view."""
