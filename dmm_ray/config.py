@@ -66,6 +66,8 @@ class TrackingConfig(BaseModel):
     def _searchable(cls, project: str) -> str:
         if "'" in project and '"' in project:  # the project run is found by an MLflow filter on it (tracking.filter_literal)
             raise ValueError(f"{project!r} holds both ' and \"; MLflow's run search cannot match such a name: drop one of them")
+        if project.endswith("\\"):  # its filter's grammar reads \' as a quote inside the literal: the search was a parse error
+            raise ValueError(f"{project!r} ends with \\, which MLflow's run search reads as escaping the closing quote: drop it")
         return project
 
     @field_validator("registered_model_name")

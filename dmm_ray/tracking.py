@@ -691,7 +691,7 @@ class StageTracker(MergeTracker):
         folder's merge.lock; the few-step stage: its fast.lock, dmm_ray/output_lock.py), so none of that
         kind is alive. Mark them KILLED. A few-step job may run beside a merge of the same folder, so
         each kind closes only its own runs."""
-        if "'" in output and '"' in output:  # no literal of MLflow's filter grammar can hold both
+        if ("'" in output and '"' in output) or output.endswith("\\"):  # no literal of MLflow's filter grammar can hold it
             return
         from mlflow import MlflowClient
 

@@ -51,6 +51,7 @@ def test_overrides_and_defaults(tmp_path):
         ("fast.eval_steps=[0]", "fast.eval_steps [0]: give step counts >= 1"),  # a ZeroDivisionError after training
         ("fast.num_ddim_timesteps=3", "fast.num_ddim_timesteps 3 is below the 8 sampling steps asked for"),  # failed after training
         ("tracking.project=a'b\"c", "holds both ' and \"; MLflow's run search cannot match such a name"),
+        ("tracking.project=team\\", "ends with \\, which MLflow's run search reads as escaping the closing quote"),
         ("zoo=mini", "zoo: 'mini' is not a preset (presets: full, micro, built under $DMM_HOME/zoo); for a zoo folder give its path"),
     ],
 )

@@ -667,6 +667,11 @@ def test_a_project_and_an_output_folder_with_an_apostrophe_are_found_again(tmp_p
     stale = MlflowClient(uri).create_run(again.experiment_id, tags={"dmm.output_dir": out, "dmm.stage": "merge"})
     again.close_stale_runs(out, "merge")
     assert MlflowClient(uri).get_run(stale.info.run_id).info.status == "KILLED"
+    # a trailing \ escapes the literal's closing quote in that grammar: the project is refused up front (a
+    # config error, not a parse error when the stage opened), such a folder's stale runs are left alone
+    with pytest.raises(ValueError, match=r"'team\\\\' ends with \\, which MLflow's run search reads as escaping the closing quote"):
+        TrackingConfig(tracking_uri=uri, project="team\\")
+    again.close_stale_runs(str(tmp_path / "out\\"), "merge")
 
 
 def test_a_version_of_a_merge_to_a_uri_output_dir_names_where_its_model_is(tmp_path, monkeypatch, tiny_components):
