@@ -243,9 +243,14 @@ def _sqlite_setup_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    fd = os.open(db.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(db.parent, os.O_RDONLY)
+    except OSError:  # a folder this user cannot read, yet may write: open the store as before, unserialised
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock (some FUSE mounts): as before, unserialised
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
