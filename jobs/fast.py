@@ -59,8 +59,10 @@ def main(argv=None) -> int:
     from dmm_ray.merged_model import read_record
 
     check_model_folder(args.model)  # before anything slow
-    overrides = list(args.overrides) + ([literal_override("fast.output_dir", Path(args.output_dir).resolve())] if args.output_dir else [])
-    cfg = load_config(config, overrides).with_absolute_paths()
+    cfg = load_config(config, args.overrides)  # the user's --set alone first: a bad one is refused naming its own key
+    if args.output_dir:  # (applied with them, `--set fast=lora` was blamed on --output-dir's fast.output_dir)
+        cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", Path(args.output_dir).resolve())])
+    cfg = cfg.with_absolute_paths()
     record = read_record(Path(args.model))
     update = {"enabled": False} if args.no_track else {}
     if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model

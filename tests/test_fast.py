@@ -1185,6 +1185,30 @@ def test_fast_job_dry_run_prints_the_memory_plan_and_a_worker_that_does_not_fit_
         assert "but scaling.gpu_memory_gb is 0.5 GiB" in err and "CUDA context" in err
 
 
+def test_fast_job_blames_a_bad_set_not_its_output_dir_flag(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: --output-dir was applied as the last --set, so `--set fast=lora --output-dir X` (meant:
+    fast.mode=lora) was refused as `--set fast.output_dir: fast is not a section`, naming a key the user
+    never gave. The user's own override is named; --output-dir still wins over --set fast.output_dir."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast"), "--dry-run"]
+    assert job.main(args + ["--set", "fast=lora"]) == 2
+    err = capsys.readouterr().err
+    assert "fast: Input should be a valid dictionary or instance of FastConfig (got 'lora')" in err, err
+    assert "fast.output_dir" not in err, err
+    seen, real = [], fast_job.check_before_ray
+    monkeypatch.setattr(fast_job, "check_before_ray", lambda cfg, model: seen.append(cfg.fast.output_dir) or real(cfg, model))
+    assert job.main(args + ["--set", f"fast.output_dir={tmp_path / 'other'}"]) == 0
+    assert seen == [str(tmp_path / "fast")]
+
+
 def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
     """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
     returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws
