@@ -83,6 +83,10 @@ def main(argv=None) -> int:
 
         print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}", flush=True)
         styles, plan = check_before_ray(cfg, args.model)  # a layout that does not fit: refused with its own plan
+        if not args.restart:  # (--restart discards it) training state from another model or other settings: run_fast refuses it
+            from dmm_ray.fingerprint import check_fast_resume
+
+            check_fast_resume(cfg, Path(args.model).resolve(), fast_dir(cfg).resolve())
         print(describe(cfg, plan), flush=True)
         print(f"OK: {len(styles)} styles, {cfg.fast.num_workers} worker(s)")
         return 0

@@ -1209,6 +1209,36 @@ def test_fast_job_blames_a_bad_set_not_its_output_dir_flag(merged_world, tmp_pat
     assert seen == [str(tmp_path / "fast")]
 
 
+def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
+    """Finding: --dry-run said OK on an output folder holding training state made with other settings,
+    which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the
+    same way; with --restart (which discards that state) it passes, and removes nothing."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fingerprint import fast_state_path, record_fast
+    from jobs import fast as job
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    tree = tiny_merge_config(world, tmp_path / "run")
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    old = MergeConfig.model_validate({**tree, "fast": {"lr": 1e-3, "output_dir": str(out)}}).with_absolute_paths()
+    record_fast(old, merged.resolve(), out)  # a run with fast.lr 0.001 left its checkpoints
+    state = fast_state_path(old, out) / "checkpoint_000001"
+    state.mkdir(parents=True)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(out), "--dry-run"]
+    assert job.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds the training state of a few-step run from another model or with other settings" in err, err
+    assert "fast.lr: 0.001 -> 0.0001" in err and "--restart" in err
+    assert job.main(args + ["--restart"]) == 0
+    assert job.main(args + ["--set", "fast.lr=0.001"]) == 0  # the same settings resume it
+    assert state.is_dir()  # a dry run discards nothing
+
+
 def test_rollout_is_the_pipelines_own_few_step_loop_and_noise(fast_model):
     """`rollout` (the rollout phase's differentiable chain) gives the latents the saved few-step pipeline
     returns from the same noise, style and caption; `initial_noise` is the noise the pipeline draws
