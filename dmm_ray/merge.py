@@ -104,6 +104,11 @@ def fast_folder(cfg: MergeConfig, local: Path) -> Path:
     return Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
 
 
+def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
+    """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder."""
+    return cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(fast_folder(cfg, local))})})
+
+
 def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False) -> None:
     """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge);
     `evaluate_pending`: the merged model is saved, evaluate and track are to come (saved_before_evaluate),
@@ -224,6 +229,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_synthesized_rows(cfg)
+    if cfg.fast.enabled:  # a few-step folder inside or over the merged model: run_fast refuses it, but only after the merge
+        from dmm_ray.fast.job import check_output_folder
+
+        local = output_location(cfg)[0]
+        check_output_folder(fast_stage_config(cfg, local), local / "merged")  # where save_stage puts the model it distills
     shapes: dict = {}  # each allowed .ckpt's index, unpickled once for both checks
     check_teacher_files(cfg.teachers, deep=deep, shapes=shapes)
     validate_teachers(cfg.teachers, cfg.student.base, shapes=shapes)
@@ -840,7 +850,7 @@ def fast_stage(run: MergeRun) -> None:
     from dmm_ray.fast.job import run_fast
 
     cfg, result, out = run.cfg, run.result, run.out
-    fast_cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(fast_folder(cfg, out))})})
+    fast_cfg = fast_stage_config(cfg, out)
     log(
         f"stage fast: LCM distillation of {result.merged_path} -> {fast_cfg.fast.output_dir}/model"
         + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else "")

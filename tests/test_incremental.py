@@ -474,6 +474,7 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_its_save(merged_
             raise RuntimeError("the few-step stage failed")
         (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
         (out / "fast" / "model" / "model_index.json").write_text("{}")
+        (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
 
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)

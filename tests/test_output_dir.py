@@ -283,6 +283,7 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
                     raise RuntimeError("the few-step stage failed")
                 (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
                 (out / "fast" / "model" / "model_index.json").write_text("{}")
+                (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
 
         return run
 
@@ -353,6 +354,7 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
             if name == "fast":
                 (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
                 (out / "fast" / "model" / "model_index.json").write_text("{}")
+                (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
 
         return run
 
@@ -381,6 +383,29 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     changed = fixed.model_copy(update={"distill": fixed.distill.model_copy(update={"steps": 3})})
     merge.run_merge(changed, tracker=tracker)
     assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
+
+
+def test_a_merge_refuses_a_few_step_folder_inside_its_merged_model_before_it_merges(world, tmp_path, monkeypatch, capsys):
+    """Finding: a merge with fast.enabled and fast.output_dir inside (or equal to) <output_dir>/merged was
+    refused only when its few-step stage started (run_fast: check_output_folder), after the whole merge,
+    and `jobs/merge.py --dry-run` said OK. Both refuse it now, with run_fast's own message, before
+    anything is written."""
+    from dmm_ray.fast.job import FastError
+    from jobs import merge as job
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran with a few-step folder inside its merged model"))
+    for folder in (out / "merged" / "fast", out / "merged"):
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True, "output_dir": str(folder)}))
+        with pytest.raises(FastError, match=rf"few-step folder {folder} .* is inside the merged model {out / 'merged'}"):
+            merge.run_merge(cfg)
+        assert not out.exists()
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(tiny_merge_config(world, out, fast={"enabled": True, "output_dir": str(folder)})))
+        assert job.main(["--config", str(path), "--dry-run"]) == 2
+        assert f"is inside the merged model {out / 'merged'}" in capsys.readouterr().err
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True, "output_dir": str(tmp_path / "fast")}))
+    merge.validate_before_ray(cfg)  # a folder beside it is fine
 
 
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
@@ -412,6 +437,7 @@ def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(
         merge.run_merge(with_fast)
     (out / "fast" / "model").mkdir(parents=True)
     (out / "fast" / "model" / "model_index.json").write_text("{}")
+    (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
     merge.record_complete(with_fast, out, again)
     assert merge.run_merge(with_fast).already_complete
     merge.record_complete(cfg, out, again)
