@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     check_model_folder(args.model)  # before anything slow
     cfg = load_config(config, args.overrides)  # the user's --set alone first: a bad one is refused naming its own key
     if args.output_dir:  # (applied with them, `--set fast=lora` was blamed on --output-dir's fast.output_dir)
-        cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", Path(args.output_dir).resolve())])
+        # as given: load_config resolves it as every path (dmm_ray.paths.resolve: `~` and $DMM_HOME expanded, then
+        # against the current directory); Path.resolve() made `--output-dir=~/x` a folder named `~` in it
+        cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", args.output_dir)])
     cfg = cfg.with_absolute_paths()
     record = read_record(Path(args.model))
     update = {"enabled": False} if args.no_track else {}

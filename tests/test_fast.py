@@ -1209,6 +1209,30 @@ def test_fast_job_blames_a_bad_set_not_its_output_dir_flag(merged_world, tmp_pat
     assert seen == [str(tmp_path / "fast")]
 
 
+def test_fast_job_output_dir_expands_home_as_every_path(merged_world, tmp_path, monkeypatch):
+    """Finding: --output-dir was made absolute with Path.resolve(), so `--output-dir=~/fast` (no shell
+    expansion after '=') wrote to a folder named `~` in the current directory, and `$DMM_HOME/../x`
+    lost its first part; --set fast.output_dir and config files expand both (dmm_ray.paths.resolve).
+    A relative --output-dir is still taken against the current directory."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "dmm" / "home"))
+    monkeypatch.chdir(tmp_path)
+    seen, real = [], fast_job.check_before_ray
+    monkeypatch.setattr(fast_job, "check_before_ray", lambda cfg, model: seen.append(cfg.fast.output_dir) or real(cfg, model))
+    for given in ("~/fast", "$DMM_HOME/../fast2", "rel/fast"):
+        assert job.main(["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", f"--output-dir={given}", "--dry-run"]) == 0
+    assert seen == [str(tmp_path / "home" / "fast"), str(tmp_path / "dmm" / "fast2"), str(tmp_path / "rel" / "fast")]
+
+
 def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
     """Finding: --dry-run said OK on an output folder holding training state made with other settings,
     which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the
