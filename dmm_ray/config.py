@@ -376,6 +376,8 @@ class MergeConfig(_Section):
         if self.incremental.base_merged:
             fsu.require_local("incremental.base_merged", self.incremental.base_merged)
         fsu.require_local("evaluation.output_dir", self.evaluation.output_dir)
+        if self.fast.output_dir:  # the few-step stage writes local folders only (a merge's keeps its model local too)
+            fsu.require_local("fast.output_dir", self.fast.output_dir)
         self.fast.batch_split(self.data.stream.batch_size)  # the few-step stage's batch split: not first inside its workers
         if self.data.synthetic_fraction > 0 and not self.synthesis.enabled:
             raise ValueError(

@@ -55,12 +55,17 @@ def main(argv=None) -> int:
     config = args.config or str(DEFAULT_CONFIG)
 
     from dmm_ray.config import load_config
+    from dmm_ray.data.fs import require_local
     from dmm_ray.fast.job import check_model_folder, run_fast
     from dmm_ray.merged_model import read_record
 
     check_model_folder(args.model)  # before anything slow
     cfg = load_config(config, args.overrides)  # the user's --set alone first: a bad one is refused naming its own key
     if args.output_dir:  # (applied with them, `--set fast=lora` was blamed on --output-dir's fast.output_dir)
+        try:
+            require_local("--output-dir", args.output_dir)  # fast.output_dir's own check, naming the flag the user gave
+        except ValueError as error:
+            parser.error(str(error))
         # as given: load_config resolves it as every path (dmm_ray.paths.resolve: `~` and $DMM_HOME expanded, then
         # against the current directory); Path.resolve() made `--output-dir=~/x` a folder named `~` in it
         cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", args.output_dir)])

@@ -1233,6 +1233,32 @@ def test_fast_job_output_dir_expands_home_as_every_path(merged_world, tmp_path, 
     assert seen == [str(tmp_path / "home" / "fast"), str(tmp_path / "dmm" / "fast2"), str(tmp_path / "rel" / "fast")]
 
 
+def test_a_few_step_folder_given_as_a_uri_is_refused(merged_world, tmp_path, monkeypatch, capsys):
+    """Finding: fast.output_dir (or --output-dir) s3://bucket/fast passed --dry-run, and the run made a
+    local folder named `s3:` in the current directory (the few-step stage, a merge's too, writes local
+    folders only). It is refused as the other local-only settings are, naming the flag or the key."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--dry-run"]
+    with pytest.raises(SystemExit) as exit:
+        job.main(args + ["--output-dir", "s3://bucket/fast"])
+    assert exit.value.code == 2
+    assert "--output-dir 's3://bucket/fast' is a URI, but --output-dir must be a local folder" in capsys.readouterr().err
+    assert job.main(args + ["--set", "fast.output_dir=s3://bucket/fast"]) == 2
+    assert "fast.output_dir 's3://bucket/fast' is a URI, but fast.output_dir must be a local folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fast.output_dir .gs://bucket/fast. is a URI"):  # a merge's few-step stage (load_config: a ConfigError)
+        MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"enabled": True, "output_dir": "gs://bucket/fast"}))
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
     """Finding: --dry-run said OK on an output folder holding training state made with other settings,
     which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the
