@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
     check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
     if not args.no_eval and cfg.fast.eval_steps:
-        cfg.evaluation.check_ready()  # its prompts and feature extractor: not only after the training
+        # its prompts and feature extractor: not only after the training. This job evaluates at fast.eval_steps
+        # whatever evaluation.enabled says (a merge's few-step stage follows it), so that is not the way out
+        cfg.evaluation.check_ready(off="pass --no-eval (or set fast.eval_steps: [])")
     if args.dry_run:  # as jobs/merge.py --dry-run: what run_fast checks before Ray, and the plan, nothing started
         from dmm_ray.fast.job import check_before_ray
         from dmm_ray.memory_plan import describe

@@ -1114,7 +1114,9 @@ def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world
 
 def test_fast_job_checks_its_evaluation_before_training(merged_world, tmp_path, capsys, monkeypatch):
     """jobs/fast.py evaluates at fast.eval_steps after training: missing prompts are refused first
-    (exit 2, naming the key), and --no-eval skips the check."""
+    (exit 2, naming the key), and --no-eval skips the check. The refusal offers --no-eval, not
+    evaluation.enabled: false, which this job does not read (finding: following that advice gave the
+    same refusal)."""
     import yaml
     from merge_fixtures import tiny_merge_config
 
@@ -1127,7 +1129,14 @@ def test_fast_job_checks_its_evaluation_before_training(merged_world, tmp_path, 
     args = ["--model", str(merged), "--config", str(config), "--no-track", "--output-dir", str(tmp_path / "fast")]
     assert job.main(args) == 2
     err = capsys.readouterr().err
-    assert "evaluation: no evaluation prompts" in err and "evaluation.enabled: false" in err, err
+    assert "evaluation: no evaluation prompts" in err and "or pass --no-eval (or set fast.eval_steps: [])" in err, err
+    assert "evaluation.enabled" not in err
+    assert job.main(args + ["--set", "evaluation.enabled=false"]) == 2  # not this job's switch
+    assert "or pass --no-eval" in capsys.readouterr().err
+    extractor = ["--set", "evaluation.prompts=[a cat]", "--set", "evaluation.extractor={kind: import, path: 'no_such_pkg.feats:make'}"]
+    assert job.main(args + extractor) == 2  # the feature extractor's refusal offers the same way out
+    err = capsys.readouterr().err
+    assert "no module 'no_such_pkg.feats' on this Python's path; install it, or pass --no-eval (or set fast.eval_steps: [])" in err, err
     assert not (tmp_path / "fast").exists()
 
     class Reached(Exception):

@@ -43,20 +43,21 @@ EXTRACTOR_PATHS = {  # what extractor.path names, per kind (the messages of `che
 }
 
 
-def check_extractor(kind: str, path: str | Path | None, section: str | None = None) -> None:
+def check_extractor(kind: str, path: str | Path | None, section: str | None = None, off: str | None = None) -> None:
     """Whether the feature extractor `kind` at `path` can be built, without building it (no torch):
     a known kind with a path; a zoo feature-net folder or an Inception weights file that is there;
     torch-fidelity installed for Inception (an `import` factory is not imported). The one place of
     these checks and their messages: the extractors' constructors (`dmm_ray.evaluation.extractors`)
     call it, and `EvalConfig.check_ready` before a merge trains, with `section` (the config key the
-    messages name, e.g. "evaluation"; they then also offer `<section>.enabled: false`).
+    messages name, e.g. "evaluation"; they then also offer `<section>.enabled: false`, or `off`: how
+    the caller's job skips its evaluation).
 
     Raises ValueError (an unknown kind, no path), FileNotFoundError (nothing at the path), and for a
     missing torch-fidelity ImportError (ValueError with `section`: a config error)."""
     import importlib.util
 
     key = f"{section}.extractor" if section else "extractor"
-    off = f"set {section}.enabled: false" if section else ""
+    off = off or (f"set {section}.enabled: false" if section else "")
     what = EXTRACTOR_PATHS.get(kind)
     if what is None:
         raise ValueError(f"unknown extractor.kind '{kind}'; expected 'zoo', 'inception' or 'import'")
@@ -157,20 +158,21 @@ class EvalConfig(BaseModel):
         k = self.images_per_prompt
         return [[base + p * k + j for j in range(k)] for p in range(num_prompts)]
 
-    def check_ready(self, section: str = "evaluation") -> None:
+    def check_ready(self, section: str = "evaluation", off: str | None = None) -> None:
         """Before a merge trains (validate, --dry-run): what the evaluation after it will need, so a
         missing prompt file or feature extractor fails now, not after the training and the save.
         Prompts present and readable; the seed sets apart; the feature extractor (`check_extractor`: a
         zoo feature-net folder or Inception weights file present, and torch-fidelity installed for
         Inception; an `import` extractor's module found, imported only when it runs). A ValueError /
-        FileNotFoundError naming `section`."""
-        fix = f"give {section}.prompts (a list) or {section}.prompts_file, or set {section}.enabled: false"
+        FileNotFoundError naming `section`, and how to evaluate nothing: `off` (default: set `section`.enabled: false)."""
+        off = off or f"set {section}.enabled: false"
+        fix = f"give {section}.prompts (a list) or {section}.prompts_file, or {off}"
         try:
             prompts = self.load_prompts()
         except (FileNotFoundError, ValueError) as error:
             raise type(error)(f"{section}: {error}; {fix}") from None
         self.check_seed_sets(len(prompts))
-        check_extractor(self.extractor.kind, self.extractor.path, section)
+        check_extractor(self.extractor.kind, self.extractor.path, section, off)
 
     def check_seed_sets(self, num_prompts: int) -> None:
         n = num_prompts * self.images_per_prompt
