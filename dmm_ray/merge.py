@@ -442,6 +442,8 @@ def locations(cfg: MergeConfig) -> dict[str, str]:
     }
     if out is None:
         where["local staging"] = str(paths.staging_dir(cfg.output_dir))
+    if cfg.fast.enabled:
+        where["fast model"] = str(fast_folder(cfg, output_location(cfg)[0]) / "model")
     return where
 
 
@@ -454,16 +456,11 @@ def format_locations(cfg: MergeConfig, title: str) -> str:
     if store.startswith("sqlite:///") or "://" in store:
         lines.append(f"  {'browse:':<15}mlflow ui --backend-store-uri {store}")
     lines.append(f"  {'serve:':<15}DMM_MODEL={where['merged model']} serve run serve.app")
-    temporary = [k for k in ("output_dir", "latent shards") if paths.in_temporary_dir(where[k])]
     db = paths.sqlite_path(store)
-    if db is not None and paths.in_temporary_dir(str(db)):
-        temporary.append("MLflow store")
-    if temporary:
-        lines.append(
-            f"  WARNING: {', '.join(temporary)} lie(s) in Ray's temporary working dir {paths.ray_job_working_dir()}, "
-            "which Ray deletes with the job's session; leave them unset ($DMM_HOME) or give absolute paths"
-        )
-    return "\n".join(lines)
+    # (the few-step model was left out: a relative fast.output_dir under `ray job submit` went unflagged)
+    named = {k: where.get(k) for k in ("output_dir", "latent shards", "fast model")}
+    warning = paths.temporary_dir_warning({**named, "MLflow store": str(db) if db is not None else None})
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def _copy_from_result(result, dest: Path, part: str = "") -> Path:

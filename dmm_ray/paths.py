@@ -198,3 +198,15 @@ def in_temporary_dir(path: Optional[str], cwd: str | os.PathLike | None = None) 
         return True
     except ValueError:
         return False
+
+
+def temporary_dir_warning(named: dict[str, Optional[str]]) -> Optional[str]:
+    """The printed locations' warning line for those of `named` (what -> path) that lie in the Ray job's
+    temporary working dir (a relative --set or --output-dir under `ray job submit`), or None."""
+    temporary = [what for what, path in named.items() if in_temporary_dir(path)]
+    if not temporary:
+        return None
+    return (
+        f"  WARNING: {', '.join(temporary)} lie(s) in Ray's temporary working dir {ray_job_working_dir()}, "
+        "which Ray deletes with the job's session; leave them unset ($DMM_HOME) or give absolute paths"
+    )

@@ -82,6 +82,12 @@ def main(argv=None) -> int:
 
     check_writable_folder(fast_dir(cfg), "--output-dir" if args.output_dir else "the few-step stage's folder (fast.output_dir)")
     check_tracking(cfg.tracking)  # a store MLflow cannot open, or an sqlite folder that cannot be written
+    from dmm_ray.paths import sqlite_path, temporary_dir_warning
+
+    db = sqlite_path(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    warning = temporary_dir_warning({"fast model": str(fast_dir(cfg) / "model"), "MLflow store": str(db) if db else None})
+    if warning:  # a relative --output-dir under `ray job submit`: as jobs/merge.py's locations warn
+        print(warning.strip(), flush=True)
     if not args.no_eval and cfg.fast.eval_steps:
         # its prompts and feature extractor: not only after the training. This job evaluates at fast.eval_steps
         # whatever evaluation.enabled says (a merge's few-step stage follows it), so that is not the way out

@@ -1242,6 +1242,28 @@ def test_fast_job_output_dir_expands_home_as_every_path(merged_world, tmp_path, 
     assert seen == [str(tmp_path / "home" / "fast"), str(tmp_path / "dmm" / "fast2"), str(tmp_path / "rel" / "fast")]
 
 
+def test_fast_job_warns_when_its_model_would_land_in_rays_temporary_copy(merged_world, tmp_path, monkeypatch, capsys):
+    """Finding: under `ray job submit --working-dir`, a relative --output-dir lies in Ray's temporary copy
+    of the working dir, deleted with the job's session (the few-step model with it), and jobs/fast.py said
+    nothing, where jobs/merge.py's printed locations warn about such an output_dir."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    pkg = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    pkg.mkdir(parents=True)
+    monkeypatch.chdir(pkg)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--dry-run"]
+    assert job.main(args + ["--output-dir", str(tmp_path / "fast")]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    assert job.main(args + ["--output-dir", "fastout"]) == 0
+    assert f"WARNING: fast model lie(s) in Ray's temporary working dir {pkg}" in capsys.readouterr().out
+
+
 def test_a_few_step_folder_given_as_a_uri_is_refused(merged_world, tmp_path, monkeypatch, capsys):
     """Finding: fast.output_dir (or --output-dir) s3://bucket/fast passed --dry-run, and the run made a
     local folder named `s3:` in the current directory (the few-step stage, a merge's too, writes local

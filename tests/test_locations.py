@@ -210,6 +210,11 @@ def test_locations_warn_when_outputs_would_land_in_rays_temporary_copy(tmp_path,
     assert f"mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db" in text
     text = format_locations(load_config(pkg / "c.yaml", ["output_dir=outputs/x", "tracking.uri=sqlite:///m.db"]), "locations")
     assert f"WARNING: output_dir, latent shards, MLflow store lie(s) in Ray's temporary working dir {pkg}" in text
+    # a merge's few-step model (fast.enabled): listed, and a relative fast.output_dir flagged (finding: it was not)
+    text = format_locations(load_config(pkg / "c.yaml", ["fast.enabled=true"]), "locations")
+    assert f"fast model:    {home / 'outputs' / 'dmm-merge' / 'fast' / 'model'}" in text and "WARNING" not in text
+    text = format_locations(load_config(pkg / "c.yaml", ["fast.enabled=true", "fast.output_dir=fastout"]), "locations")
+    assert f"WARNING: fast model lie(s) in Ray's temporary working dir {pkg}" in text
 
 
 def test_zoo_preset_is_built_on_first_use_and_then_reused(tmp_path, home, capsys):
