@@ -1290,6 +1290,37 @@ def test_a_few_step_folder_given_as_a_uri_is_refused(merged_world, tmp_path, mon
     assert not (tmp_path / "s3:").exists()
 
 
+def test_missing_synthesized_sets_are_refused_before_ray_and_by_the_dry_run(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: fast.synthetic_fraction > 0 (from the teachers' sets) on a model with no merge's synthesized
+    sets beside it passed --dry-run, and the run said so only after Ray had started and the latents were
+    checked (or encoded). check_before_ray, which both call, refuses it first."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast={"synthetic_fraction": 0.5})))
+
+    class RayStarted(Exception):
+        pass
+
+    def ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(fast_job, "init_for_training", ray)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    for flags in (["--dry-run"], []):
+        assert job.main(args + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert f"fast.synthetic_fraction=0.5 needs the merge's synthesized sets, but {merged.parent / 'synthesized'} has no style_<i>/" in err, err
+    synthesized = _synthesized_sets(tmp_path / "synthesized", styles=2, rows=4)
+    assert job.main(args + ["--dry-run", "--set", f"fast.synthesized={synthesized}"]) == 0
+    assert job.main(args + ["--dry-run", "--set", "fast.synthetic_source=merged"]) == 0  # sampled by the stage itself
+
+
 def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
     """Finding: --dry-run said OK on an output folder holding training state made with other settings,
     which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the

@@ -91,12 +91,15 @@ def _check_settings_fit(folder: Path, fast) -> None:
 
 def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     """What the few-step stage checks before Ray starts (run_fast; jobs/fast.py --dry-run): the model folder
-    and the fast.* settings that depend on it, and that its worker fits scaling.gpu_memory_gb (the memory
+    and the fast.* settings that depend on it, the output folder, the merge's synthesized sets it reads
+    (fast.synthetic_fraction > 0 from the teachers), and that its worker fits scaling.gpu_memory_gb (the memory
     plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the plan)."""
     from dmm_ray.memory_plan import check_fast_fits
 
     styles = check_model_folder(model_dir, cfg.fast)
     check_output_folder(cfg, model_dir)
+    if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
+        synthesized_shards(cfg, model_dir)  # the merge's synthesized sets: missing ones were said only after Ray started
     return styles, check_fast_fits(cfg, model_dir)
 
 
