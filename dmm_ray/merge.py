@@ -229,11 +229,15 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_synthesized_rows(cfg)
-    if cfg.fast.enabled:  # a few-step folder inside or over the merged model: run_fast refuses it, but only after the merge
-        from dmm_ray.fast.job import check_output_folder
+    if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
+        from dmm_ray.fast.job import check_output_folder, synthesized_shards
 
         local = output_location(cfg)[0]
-        check_output_folder(fast_stage_config(cfg, local), local / "merged")  # where save_stage puts the model it distills
+        fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
+        check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
+        f = cfg.fast
+        if f.synthetic_fraction > 0 and f.synthetic_source == "teachers" and not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):
+            synthesized_shards(fast_cfg, merged)  # no stage of this merge synthesizes: the stage reads what is there now
     shapes: dict = {}  # each allowed .ckpt's index, unpickled once for both checks
     check_teacher_files(cfg.teachers, deep=deep, shapes=shapes)
     validate_teachers(cfg.teachers, cfg.student.base, shapes=shapes)

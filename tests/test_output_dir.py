@@ -408,6 +408,21 @@ def test_a_merge_refuses_a_few_step_folder_inside_its_merged_model_before_it_mer
     merge.validate_before_ray(cfg)  # a folder beside it is fine
 
 
+def test_a_merge_whose_few_step_stage_would_find_no_synthesized_sets_is_refused_before_it_merges(world, tmp_path, monkeypatch):
+    """Finding: fast.enabled with fast.synthetic_fraction > 0 (the teachers' sets) in a merge that synthesizes
+    nothing (data.synthetic_fraction 0, no fine-tune) passed --dry-run and merged, then its few-step stage
+    found no synthesized sets. Refused before the merge now, with the stage's own message; a merge that
+    writes the sets (its fine-tune here) passes."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran although its few-step stage cannot"))
+    fast = {"enabled": True, "synthetic_fraction": 0.5}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast, synthesis={"finetune_steps": 0}))
+    with pytest.raises(FileNotFoundError, match=rf"fast.synthetic_fraction=0.5 needs the merge's synthesized sets, but {out / 'synthesized'} has"):
+        merge.run_merge(cfg)
+    assert not out.exists()
+    merge.validate_before_ray(MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast)))  # its fine-tune synthesizes them
+
+
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
     """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
     no second save, evaluation or MLflow model version. Another config value, a missing model or
