@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     warning = temporary_dir_warning({"fast model": str(fast_dir(cfg) / "model"), "MLflow store": str(db) if db else None})
     if warning:  # a relative --output-dir under `ray job submit`: as jobs/merge.py's locations warn
         print(warning.strip(), flush=True)
+    from dmm_ray.ray_session import check_address
+
+    check_address(cfg.scaling.ray_address)  # as jobs/merge.py: an address where no Ray answers, said by --dry-run too
     if not args.no_eval and cfg.fast.eval_steps:
         # its prompts and feature extractor: not only after the training. This job evaluates at fast.eval_steps
         # whatever evaluation.enabled says (a merge's few-step stage follows it), so that is not the way out

@@ -1321,6 +1321,25 @@ def test_missing_synthesized_sets_are_refused_before_ray_and_by_the_dry_run(merg
     assert job.main(args + ["--dry-run", "--set", "fast.synthetic_source=merged"]) == 0  # sampled by the stage itself
 
 
+def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: jobs/fast.py --dry-run said OK on a scaling.ray_address where no Ray answers, which the run
+    refuses (ensure_ray's check_address) and jobs/merge.py --dry-run refuses too. Both say it now."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast"), "--dry-run"]
+    assert job.main(args) == 0
+    capsys.readouterr()
+    assert job.main(args + ["--set", "scaling.ray_address=127.0.0.1:1"]) == 2
+    assert "address '127.0.0.1:1' (--address, scaling.ray_address or $RAY_ADDRESS): no Ray cluster answers there" in capsys.readouterr().err
+
+
 def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
     """Finding: --dry-run said OK on an output folder holding training state made with other settings,
     which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the
