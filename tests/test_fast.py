@@ -1340,6 +1340,35 @@ def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys,
     assert "address '127.0.0.1:1' (--address, scaling.ray_address or $RAY_ADDRESS): no Ray cluster answers there" in capsys.readouterr().err
 
 
+def test_latents_that_are_neither_there_nor_encodable_are_refused_before_ray(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: data.shards with no latents and no data.source to encode them passed jobs/fast.py --dry-run,
+    and the run said so only after Ray had started (ensure_latents). check_before_ray, which both call,
+    checks them first, as the merge's validate_before_ray does (check_latents)."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    tree = tiny_merge_config(world, tmp_path / "run")
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], "shards": str(tmp_path / "no_shards")}}))
+
+    class RayStarted(Exception):
+        pass
+
+    def ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(fast_job, "init_for_training", ray)
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    for flags in (["--dry-run"], []):
+        assert job.main(args + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert f"data.shards {tmp_path / 'no_shards'} has no latents and data.source is not set to encode them" in err, err
+
+
 def test_fast_job_dry_run_refuses_training_state_from_other_settings(merged_world, tmp_path, capsys):
     """Finding: --dry-run said OK on an output folder holding training state made with other settings,
     which the run itself refuses before Ray (fingerprint.check_fast_resume). The dry run refuses it the

@@ -92,7 +92,8 @@ def _check_settings_fit(folder: Path, fast) -> None:
 def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     """What the few-step stage checks before Ray starts (run_fast; jobs/fast.py --dry-run): the model folder
     and the fast.* settings that depend on it, the output folder, the merge's synthesized sets it reads
-    (fast.synthetic_fraction > 0 from the teachers), and that its worker fits scaling.gpu_memory_gb (the memory
+    (fast.synthetic_fraction > 0 from the teachers), local latent shards that are there or can be encoded,
+    and that its worker fits scaling.gpu_memory_gb (the memory
     plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the plan)."""
     from dmm_ray.memory_plan import check_fast_fits
 
@@ -100,6 +101,11 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     check_output_folder(cfg, model_dir)
     if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
         synthesized_shards(cfg, model_dir)  # the merge's synthesized sets: missing ones were said only after Ray started
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.latents import check_latents
+
+    if not fsu.is_uri(cfg.data.shards):  # as the merge's validate_before_ray (a URI's state: read by ensure_latents)
+        check_latents(cfg)  # shards there or encodable: ensure_latents said so only after Ray started
     return styles, check_fast_fits(cfg, model_dir)
 
 
