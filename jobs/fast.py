@@ -52,7 +52,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "config", "output_dir")
     set_verbosity(args.verbose)
-    config = args.config or str(DEFAULT_CONFIG)
+    from dmm_ray.paths import expand
+
+    # `$DMM_HOME` and `~` expand in these as in every path (README "how paths resolve"), also when quoted:
+    # `--model '$DMM_HOME/outputs/dmm-toy/merged'`, the example --model's own error gives, was "no such folder"
+    args.model = expand(args.model)
+    config = expand(args.config) if args.config else str(DEFAULT_CONFIG)
 
     from dmm_ray.config import load_config
     from dmm_ray.data.fs import require_local

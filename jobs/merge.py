@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     set_verbosity(args.verbose)
     if args.deep and not args.dry_run:
         parser.error("--deep goes with --dry-run (it checks every teacher tensor, then starts nothing)")
-    config = args.config or str(DEFAULT_CONFIG)
+    from dmm_ray.paths import expand
+
+    config = expand(args.config) if args.config else str(DEFAULT_CONFIG)  # `$DMM_HOME`, `~`: as in every path, quoted too
 
     from dmm_ray.config import load_config
 

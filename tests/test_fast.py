@@ -1264,6 +1264,23 @@ def test_fast_job_warns_when_its_model_would_land_in_rays_temporary_copy(merged_
     assert f"WARNING: fast model lie(s) in Ray's temporary working dir {pkg}" in capsys.readouterr().out
 
 
+def test_fast_job_model_and_config_expand_dmm_home_and_home(merged_world, tmp_path, monkeypatch):
+    """Finding: --model and --config took a quoted `$DMM_HOME` or `~` literally ("no such folder"), though
+    paths expand them everywhere else and --model's own error suggests `$DMM_HOME/outputs/dmm-toy/merged`."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "fast.yaml").write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DMM_HOME", str(merged.parent))
+    args = ["--model", "$DMM_HOME/merged", "--config", "~/fast.yaml", "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast"), "--dry-run"]
+    assert job.main(args) == 0
+
+
 def test_a_few_step_folder_given_as_a_uri_is_refused(merged_world, tmp_path, monkeypatch, capsys):
     """Finding: fast.output_dir (or --output-dir) s3://bucket/fast passed --dry-run, and the run made a
     local folder named `s3:` in the current directory (the few-step stage, a merge's too, writes local

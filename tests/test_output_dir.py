@@ -385,6 +385,17 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
 
 
+def test_merge_job_config_expands_home(world, tmp_path, monkeypatch):
+    """Finding: jobs/merge.py --config '~/job.yaml' (quoted, or after '=') was "does not exist": `~` and
+    `$DMM_HOME` expand in --config as in every path."""
+    from jobs import merge as job
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "job.yaml").write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "out")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert job.main(["--config=~/job.yaml", "--dry-run"]) == 0
+
+
 def test_a_merge_refuses_a_few_step_folder_inside_its_merged_model_before_it_merges(world, tmp_path, monkeypatch, capsys):
     """Finding: a merge with fast.enabled and fast.output_dir inside (or equal to) <output_dir>/merged was
     refused only when its few-step stage started (run_fast: check_output_folder), after the whole merge,
