@@ -47,6 +47,7 @@ __all__ = [
     "build_panorama_views",
     "regional_call",
     "feathered",
+    "default_feather",
     "gaussian_window",
     "window_starts",
     "uncovered",
@@ -283,6 +284,13 @@ def _region_style(style_names: Sequence[str], region: Region, label: str) -> tor
         raise StyleError(f"{label}: {exc}") from None
 
 
+def default_feather(image_size: tuple[int, int], vae_scale_factor: int) -> float:
+    """The regions' edge sigma in image pixels when a call gives no `feather`: max(VAE factor, min(H, W) / 16).
+    Serve fills it in before batching, so a request that omits it and one that sends it share a forward."""
+    H, W = image_size
+    return max(float(vae_scale_factor), min(H, W) / 16)
+
+
 def _check_feather(value: Any, label: str) -> float:
     """A feather sigma (the call's or a Region's): a finite real >= 0 in image pixels; a str or bool is refused, not converted."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
@@ -305,7 +313,7 @@ def build_region_views(
     if not isinstance(regions, (list, tuple)) or not regions:
         raise RegionError("regions must be a non-empty list of Region(...)")
     if feather is None:
-        feather = max(float(vae_scale_factor), min(H, W) / 16)
+        feather = default_feather(image_size, vae_scale_factor)
     _check_feather(feather, "feather")
     prompts: list[str] = []
     hard, soft, rows, prompt_idx, labels = [], [], [], [], []

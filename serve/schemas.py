@@ -177,7 +177,8 @@ class Sample:
     lora: tuple[tuple[str, float], ...] = ()  # preloaded adapters (name, weight), sorted; () = none
     region_window: str = "canvas"  # the regions' views: "canvas" or "native" (dmm_ray.regions, region_window=)
     region_decode: bool = False  # decode each region's window alone (dmm_ray.regions, region_decode=)
-    feather: Optional[float] = None  # the regions' edge sigma in image pixels; None = the pipeline's default
+    # The regions' edge sigma in image pixels; resolve_request fills in the pipeline's default (None: the pipeline's)
+    feather: Optional[float] = None
     # The model's style names, in order, that `weights` (and the regions') were resolved against: the replica
     # refuses the sample when its own differ (the model was reloaded with other styles). () = not checked.
     styles: tuple[str, ...] = ()
@@ -311,11 +312,15 @@ def resolve_request(
                 f"{name}={value} is above the maximum {top}"
                 + ("" if given else f" (the model's native {name}, as the request gives none: send a smaller {name}, or raise limits.max_{name})"),
             )
+    feather = req.feather
     if regions:
         # The pipeline's own rules, at this size's latent grid: a box that covers nothing there is refused (a
         # RegionError of the pipeline's was a 500), and without a background a box covering part of a latent cell
         # covers it (the exact area would refuse a sliver between boxes that the model renders).
-        from dmm_ray.regions import RegionError, boxes_uncovered
+        from dmm_ray.regions import RegionError, boxes_uncovered, default_feather
+
+        if feather is None:  # the pipeline's default, filled in here: a request that sends it batches with one that omits it
+            feather = default_feather((height, width), vae_scale_factor)
 
         try:
             gap = boxes_uncovered([r[0] for r in regions], (height, width), vae_scale_factor, [f"regions[{i}]" for i in range(len(regions))])
@@ -351,7 +356,7 @@ def resolve_request(
                     lora=lora,
                     region_window=req.region_window,
                     region_decode=req.region_decode,
-                    feather=req.feather,
+                    feather=feather,
                     styles=tuple(style_names),
                 )
             )

@@ -216,3 +216,23 @@ def test_feather_sets_the_regions_edges_and_needs_regions(client, backend):
     ]:
         r = gen(client, **extra)
         assert r.status_code == 422 and words in json.dumps(r.json()), (extra, r.text)
+
+
+def test_a_request_that_omits_feather_shares_a_forward_with_one_that_sends_the_default(backend):
+    """The default feather is filled in before batching: omitting it and sending its value are one group
+    (they were two forwards of the same images)."""
+    from dmm_ray.regions import default_feather
+    from serve.schemas import GenerateRequest, resolve_request
+
+    config = ServeConfig(model=str(backend.path), default_steps=TINY_STEPS)
+    f = int(backend.pipe.vae_scale_factor)
+    body = dict(prompt="a red circle", regions=[{"box": LEFT, "style": "watercolor"}, {"box": RIGHT, "style": "neon"}], seed=3)
+    size = dict(width=2 * TINY_SIZE, height=TINY_SIZE)
+    samples = [
+        resolve_request(GenerateRequest(**body, **size, **extra), backend.style_names, config, backend.native_size, vae_scale_factor=f).samples[0]
+        for extra in ({}, {"feather": default_feather((TINY_SIZE, 2 * TINY_SIZE), f)})
+    ]
+    backend.forward_groups = []
+    omitted, sent = backend.generate(samples)
+    assert len(backend.forward_groups) == 1 and backend.forward_groups[0][1] == 2
+    assert np.array_equal(omitted, sent)
