@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -223,12 +224,27 @@ UNION_EXPECTED = {
 }
 
 
+def _malformed_json(detail: str) -> str:
+    return f"malformed JSON body ({detail}); send a JSON object like {EXAMPLE_BODY}"
+
+
+def _unreadable_body_detail(cause: Optional[BaseException]) -> Optional[str]:
+    """What made FastAPI's body parsing fail outside the JSON grammar (its 400 "There was an error parsing
+    the body" says nothing): None for a cause it does not know."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {cause.object[cause.start]:#04x} at offset {cause.start}; JSON is sent as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "arrays or objects nested too deep"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):  # Python's int() digit limit
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return None
+
+
 def _validation_message(exc: RequestValidationError, model: type = GenerateRequest) -> tuple[int, str]:
     """FastAPI's error list -> (status, one readable line per bad field); `model`: the route's body."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
-        return 400, f"malformed JSON body ({detail}); send a JSON object like {EXAMPLE_BODY}"
+        return 400, _malformed_json("; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors))
     lines = []
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
@@ -316,7 +332,13 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):  # 404, 405, an unparsable body: the same {"error"} shape
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        # a body json.loads refuses other than by its grammar (bad UTF-8, a 5000-digit number, deep nesting): FastAPI
+        # raises its bare 400 from the cause; say what it was, as a grammar error's message does
+        detail = _unreadable_body_detail(exc.__cause__) if exc.status_code == 400 else None
+        if detail is not None:
+            message = _malformed_json(detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground():

@@ -188,6 +188,24 @@ def test_malformed_json_is_4xx(client, raw):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (b'{"prompt": "caf\xe9"}', "not UTF-8 text: byte 0xe9 at offset 15"),
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", f"a number with more than {sys.get_int_max_str_digits()} digits"),
+        (b'{"prompt": "a", "weights": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deep"),
+    ],
+    ids=["latin-1", "5000-digit number", "deep nesting"],
+)
+@pytest.mark.parametrize("route", ["/generate", "/export_command"])
+def test_a_body_json_cannot_read_says_why_not_just_parse_error(client, raw, words, route):
+    """Bodies json.loads refuses outside the JSON grammar got FastAPI's bare 400 "There was an error
+    parsing the body"; they say what was wrong, as a grammar error does."""
+    r = client.post(route, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON body (") and words in r.json()["error"], r.text
+    assert "JSON object like" in r.json()["error"]
+
+
 def test_wrong_content_type_unknown_paths_and_methods_answer_in_the_error_shape(client):
     """A form body (curl -d without -H) is a 415 that says what to send; 404, 405 and an unreadable
     body use the same {"error": ...} body as every other client error; HEAD /healthz works for probes."""
