@@ -411,6 +411,19 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
             command = build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format, names=names)
         return {"command": command, "mixture": {n: round(w, 6) for n, w in chosen.items()}}
 
+    async def resolve_off_loop(req: GenerateRequest, info: ModelInfo):
+        # In a worker thread: a regions request imports dmm_ray.regions (torch, diffusers: seconds, on the first
+        # one) and builds its masks, and on the event loop that held /healthz and every other request meanwhile
+        return await asyncio.to_thread(
+            resolve_request,
+            req,
+            info.style_names,
+            sampler_config(cfg, info),
+            info.native_size,
+            info.lora_names,
+            vae_scale_factor=info.vae_scale_factor,
+        )
+
     @api.post(
         "/generate",
         response_model=GenerateResponse,
@@ -424,17 +437,13 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         if cfg.api_key is not None and not hmac.compare_digest((x_api_key or "").encode(), cfg.api_key.encode()):
             raise RequestError(401 if x_api_key is None else 403, "missing or wrong API key (header X-API-Key)")
         info = await model_info()
-        resolved = resolve_request(
-            req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names, vae_scale_factor=info.vae_scale_factor
-        )
+        resolved = await resolve_off_loop(req, info)
         try:
             images = await service.generate(resolved.samples)
         except StylesChanged:  # the router's style list is stale (the model was reloaded): read it again, once
             logger.warning("the model's styles changed since this router read them; reading them again")
             info = await model_info(refresh=True)
-            resolved = resolve_request(
-                req, info.style_names, sampler_config(cfg, info), info.native_size, info.lora_names, vae_scale_factor=info.vae_scale_factor
-            )
+            resolved = await resolve_off_loop(req, info)
             images = await service.generate(resolved.samples)
         pngs = await asyncio.to_thread(lambda: [encode_png(im) for im in images])
         if resolved.response_format == "png":

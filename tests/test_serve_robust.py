@@ -209,6 +209,34 @@ def test_healthz_answers_while_the_model_is_busy():
             assert pending.result(timeout=30).status_code == 200
 
 
+def test_healthz_answers_while_a_request_is_being_resolved(monkeypatch):
+    """Resolving a request runs off the router's event loop: a router's first regions request imports
+    dmm_ray.regions (torch, diffusers) inside it, seconds during which /healthz and every other request
+    waited (6 s measured on a loaded machine). A resolution held up 3 s stands in for that import."""
+    import serve.router
+    from serve.deployments import HandleService
+
+    real = serve.router.resolve_request
+    started = threading.Event()
+
+    def slow_resolve(*args, **kwargs):
+        started.set()
+        time.sleep(3.0)  # blocking, as an import is
+        return real(*args, **kwargs)
+
+    async def generate(sample):
+        return np.zeros((TINY_SIZE, TINY_SIZE, 3), np.uint8)
+
+    monkeypatch.setattr(serve.router, "resolve_request", slow_resolve)
+    with make_client(HandleService(fake_handle(generate))) as c, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.post, "/generate", json=GOOD)
+        assert started.wait(30), "the /generate request never started resolving"
+        t0 = time.perf_counter()
+        assert c.get("/healthz").status_code == 200
+        assert time.perf_counter() - t0 < 1.5, time.perf_counter() - t0
+        assert pending.result(timeout=30).status_code == 200
+
+
 def test_full_model_queue_is_503_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
