@@ -399,16 +399,21 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
     async def export_command(req: ExportCommandRequest):
         """The exact `jobs/export.py` command that bakes this style or mixture into a stock checkpoint
         (the playground shows it; the server itself never writes or serves model files)."""
-        from dmm_ray.export import export_command as build_command
-
         info = await model_info()
         names = info.style_names
         weights = resolve_mixture(names, req.style, req.weights)
         chosen = {n: w for n, w in zip(names, weights) if w > 0}
-        if len(chosen) == 1:
-            command = build_command(cfg.model_location(), style=next(iter(chosen)), fmt=req.format)
-        else:
-            command = build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format, names=names)
+
+        def build() -> str:
+            from dmm_ray.export import export_command as build_command
+
+            if len(chosen) == 1:
+                return build_command(cfg.model_location(), style=next(iter(chosen)), fmt=req.format)
+            return build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format, names=names)
+
+        # In a worker thread: the first call imports dmm_ray.export (torch, diffusers: seconds), and on the event
+        # loop that held /healthz and every request meanwhile (the playground sends this call as it loads)
+        command = await asyncio.to_thread(build)
         return {"command": command, "mixture": {n: round(w, 6) for n, w in chosen.items()}}
 
     async def resolve_off_loop(req: GenerateRequest, info: ModelInfo):

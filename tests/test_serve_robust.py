@@ -237,6 +237,31 @@ def test_healthz_answers_while_a_request_is_being_resolved(monkeypatch):
         assert pending.result(timeout=30).status_code == 200
 
 
+def test_healthz_answers_while_an_export_command_is_being_built(monkeypatch):
+    """/export_command builds its command off the event loop: the router's first one (the playground
+    sends it as it loads) imports dmm_ray.export (torch, diffusers), 14 s on a loaded machine during which
+    /healthz waited. A build held up 3 s stands in for that import."""
+    import dmm_ray.export
+    from serve.deployments import HandleService
+
+    real = dmm_ray.export.export_command
+    started = threading.Event()
+
+    def slow_build(*args, **kwargs):
+        started.set()
+        time.sleep(3.0)  # blocking, as an import is
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dmm_ray.export, "export_command", slow_build)
+    with make_client(HandleService(fake_handle(None))) as c, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.post, "/export_command", json={"weights": {STYLE_NAMES[0]: 1, STYLE_NAMES[1]: 1}})
+        assert started.wait(30), "the /export_command request never started building"
+        t0 = time.perf_counter()
+        assert c.get("/healthz").status_code == 200
+        assert time.perf_counter() - t0 < 1.5, time.perf_counter() - t0
+        assert "jobs/export.py" in pending.result(timeout=30).json()["command"]
+
+
 def test_full_model_queue_is_503_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
