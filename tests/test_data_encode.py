@@ -72,6 +72,20 @@ def test_half_written_shards_are_detected(tmp_path):
         sh.complete_shards(root)
 
 
+def test_a_stray_parquet_whose_name_ends_like_a_shard_is_not_that_shard_again(tmp_path):
+    import shutil
+
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    for i in range(2):
+        sh.write_shard(fs, root, i, _table())
+    # a backup copy and an unpadded name used to stand for shard 0 a second time: its rows streamed twice
+    shutil.copy(sh.shard_path(root, 0), tmp_path / "backup-shard-00000.parquet")
+    shutil.copy(sh.shard_path(root, 0), tmp_path / "shard-0.parquet")
+    assert sh.shard_indices(fs, root) == [0, 1]
+    assert sh.complete_shards(root)[1] == [sh.shard_path(root, 0), sh.shard_path(root, 1)]
+    assert sh.shard_set_state(root).rows == 6
+
+
 # ---- an encode that did not finish is never trained on (no Ray) ------------------------------
 
 

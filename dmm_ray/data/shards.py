@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 META_NAME = "_encode.json"
 MANIFEST_NAME = "_complete.json"
-_SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
+_SHARD_RE = re.compile(r"shard-(\d+)\.parquet")  # the whole file name (fullmatch), see shard_indices
 
 LATENT_SCHEMA = pa.schema(
     [
@@ -117,8 +118,15 @@ def is_shard_complete(fs: pafs.FileSystem, root: str, index: int) -> bool:
 
 
 def shard_indices(fs: pafs.FileSystem, root: str) -> list[int]:
-    """Indices of every shard-*.parquet present (complete or not), sorted."""
-    return sorted(int(m.group(1)) for p in fsu.list_files(fs, root, (".parquet",)) if (m := _SHARD_RE.search(p)))
+    """Indices of every shard-*.parquet present (complete or not), sorted. Only the exact names `shard_path`
+    writes count: a stray `backup-shard-00000.parquet` or `shard-0.parquet` stood for shard 0 a second
+    time, and the stream read that shard's rows twice."""
+    found = set()
+    for p in fsu.list_files(fs, root, (".parquet",)):
+        name = posixpath.basename(p)
+        if (m := _SHARD_RE.fullmatch(name)) and posixpath.basename(shard_path(root, int(m.group(1)))) == name:
+            found.add(int(m.group(1)))
+    return sorted(found)
 
 
 def complete_shards(shards: str, *, require: bool = True) -> tuple[pafs.FileSystem, list[str]]:
