@@ -159,3 +159,13 @@ def _png(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_a_json_escaped_half_surrogate_pair_is_a_bad_annotation_not_a_crash(tmp_path):
+    """`"\\ud83d"` (an emoji cut in half by a length limit, as ensure_ascii JSON writes it) decodes to a str
+    that no UTF-8 writer takes: building the index raised UnicodeEncodeError and the encode stopped."""
+    make_folder(tmp_path, n=3)
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(path.read_text() + '{"id": "x", "file": "000.png", "caption": "a cat \\ud83d"}\n')
+    idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path)))
+    assert list(idx.records["source_id"]) == [f"img-{i}" for i in range(3)] and idx.skipped == {"bad_annotation": 1}

@@ -26,7 +26,7 @@ INDEX_COLUMNS = ["source_id", "caption", "path"]
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "manifest.parquet")
 
 # Skip reasons found while reading annotations (before any image is opened).
-BAD_ANNOTATION = "bad_annotation"  # a JSONL line that is not a JSON object
+BAD_ANNOTATION = "bad_annotation"  # a JSONL line that is not a JSON object, or text in it that is not UTF-8
 NO_IMAGE_FIELD = "no_image_field"  # record without the image path field
 EMPTY_CAPTION = "empty_caption"  # none of caption_fields holds a non-empty string
 DUPLICATE_ID = "duplicate_id"  # source ids key the per-sample noise, so they must be unique
@@ -169,6 +169,11 @@ def _build_index(records, fs: pafs.FileSystem, root: str, source: SourceConfig) 
             skipped[EMPTY_CAPTION] += 1
             continue
         source_id = _source_id(record, rel, source.id_field)
+        if not all(_valid(text) for text in (rel, caption, source_id)):
+            # a JSON escape of half a surrogate pair ("\ud83d": an emoji cut by a length limit) decodes to
+            # a str no UTF-8 writer takes: the index itself (pyarrow strings) failed on it, stopping the encode
+            skipped[BAD_ANNOTATION] += 1
+            continue
         if source_id in seen:
             skipped[DUPLICATE_ID] += 1
             continue
