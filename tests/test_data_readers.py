@@ -169,3 +169,15 @@ def test_a_json_escaped_half_surrogate_pair_is_a_bad_annotation_not_a_crash(tmp_
     path.write_text(path.read_text() + '{"id": "x", "file": "000.png", "caption": "a cat \\ud83d"}\n')
     idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path)))
     assert list(idx.records["source_id"]) == [f"img-{i}" for i in range(3)] and idx.skipped == {"bad_annotation": 1}
+
+
+def test_a_blank_id_in_the_id_field_falls_back_to_the_image_path(tmp_path):
+    """With id_field set, blank cells were one shared id "": every blank record but the first was dropped as duplicate_id."""
+    make_folder(tmp_path, n=4, manifest="csv")
+    path = tmp_path / "manifest.csv"
+    lines = path.read_text().splitlines()
+    path.write_text(
+        "\n".join([lines[0].replace("id,", "uid,", 1)] + [("" if i else "u0") + line[line.index(",") :] for i, line in enumerate(lines[1:])]) + "\n"
+    )
+    idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path), id_field="uid"))
+    assert list(idx.records["source_id"]) == ["u0", "images/001.png", "images/002.png", "images/003.png"] and not idx.skipped

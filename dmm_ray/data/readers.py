@@ -184,10 +184,9 @@ def _build_index(records, fs: pafs.FileSystem, root: str, source: SourceConfig) 
 
 
 def _source_id(record: dict, rel: str, id_field: Optional[str]) -> str:
-    if id_field:
-        value = _lookup(record, id_field)
-        return str(value) if value is not None else rel
-    value = record.get("id")
+    """The record's id, else its image path. A blank id (an empty CSV cell) is no id: as one id shared by
+    every blank record it dropped all but the first as duplicate_id."""
+    value = _lookup(record, id_field) if id_field else record.get("id")
     return str(value) if value is not None and str(value) != "" else rel
 
 
