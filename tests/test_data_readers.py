@@ -181,3 +181,16 @@ def test_a_blank_id_in_the_id_field_falls_back_to_the_image_path(tmp_path):
     )
     idx = read_image_index(SourceConfig(kind="folder", root=str(tmp_path), id_field="uid"))
     assert list(idx.records["source_id"]) == ["u0", "images/001.png", "images/002.png", "images/003.png"] and not idx.skipped
+
+
+def test_prompt_files_with_a_bom_read_like_without_and_other_encodings_are_named(tmp_path):
+    """Notepad's UTF-8 BOM stayed in a .txt's first prompt ("\\ufeffa cat": three more CLIP tokens) and
+    failed a COCO .json; a latin-1 file raised a UnicodeDecodeError that named no file."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "p.txt").write_bytes(bom + b"a cat\na dog\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "p.json").write_bytes(bom + json.dumps({"annotations": [{"caption": "a cat"}]}).encode())
+    assert read_prompts(str(tmp_path / "p.json")) == ["a cat"]
+    (tmp_path / "q.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"q\.txt' is not UTF-8 text"):
+        read_prompts(str(tmp_path / "q.txt"))

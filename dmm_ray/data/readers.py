@@ -196,7 +196,10 @@ def read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
     fs, p = fsu.resolve(path)
     if not fsu.exists(fs, p):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    text = fsu.read_bytes(fs, p).decode("utf-8")
+    try:  # -sig: Notepad's BOM stayed in the first prompt (3 more tokens) and failed a COCO JSON
+        text = fsu.read_bytes(fs, p).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text ({e}); save it as UTF-8") from e
     if p.endswith(".json"):
         try:
             doc = json.loads(text)
