@@ -173,6 +173,26 @@ def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
         latents.ensure_latents(_merge_cfg(tmp_path, shards, source=False))
 
 
+def test_a_complete_set_encoded_with_other_settings_than_data_encode_is_refused(tmp_path):
+    """A complete set was used as it is whatever data.encode said: distill trained at the shards' resolution
+    while the memory plan and synthesis's default took data.encode.resolution."""
+    from dmm_ray.data import latents
+
+    shards = tmp_path / "latents"
+    fs = _encoded_set(str(shards))
+    cfg = _merge_cfg(tmp_path, shards)
+    resolution = cfg.data.encode.resolution
+    sh.write_meta(fs, str(shards), {"records": 9, "shard_size": 3, "resolution": resolution, "latent_sampling": "mean"})
+    assert latents.check_latents(cfg).status == "complete"
+    sh.write_meta(fs, str(shards), {"records": 9, "shard_size": 3, "resolution": resolution + 8, "latent_sampling": "sample"})
+    with pytest.raises(
+        ValueError,
+        match=rf"complete latent set made with other settings: data.encode.resolution is {resolution} but the shards were encoded with "
+        rf"{resolution + 8}; data.encode.latent_sampling is 'mean' but the shards were encoded with 'sample'",
+    ):
+        latents.ensure_latents(cfg)
+
+
 def test_enough_latent_rows_is_checked_with_the_stage_own_workers_and_shard_rows(tmp_path):
     """A worker needs one batch of shard rows per epoch. The check took data.stream.batch_size x the merge's
     workers for every stage: a merge whose data.synthetic_fraction takes half of each batch elsewhere was

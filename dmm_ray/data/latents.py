@@ -15,6 +15,7 @@ def check_latents(cfg, inputs: bool = True):
 
     state = shard_set_state(cfg.data.shards)
     if state.status == "complete":
+        check_encoded_settings(cfg)
         return state
     if cfg.data.source is None:
         if state.status == "partial":
@@ -26,6 +27,28 @@ def check_latents(cfg, inputs: bool = True):
     if inputs:
         check_encode_inputs(cfg.data, shards_setting="data.shards")
     return state
+
+
+def check_encoded_settings(cfg) -> None:
+    """A complete set is trained on as it is: data.encode settings that would have made other latents
+    (resolution, latent_sampling) and differ from what its `_encode.json` records are refused, naming
+    both. They were ignored: distill trained at the shards' size while the memory plan and synthesis
+    (synthesis.resolution's default) took data.encode.resolution. A set without the record is not checked."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import read_meta
+
+    meta = read_meta(*fsu.resolve(cfg.data.shards)) or {}
+    e = cfg.data.encode
+    diffs = [
+        f"data.encode.{k} is {getattr(e, k)!r} but the shards were encoded with {meta[k]!r}"
+        for k in ("resolution", "latent_sampling")
+        if k in meta and meta[k] != getattr(e, k)
+    ]
+    if diffs:
+        raise ValueError(
+            f"data.shards {cfg.data.shards} holds a complete latent set made with other settings: {'; '.join(diffs)}. "
+            "Set them back to train on these latents, or give a new data.shards folder to encode with the new ones"
+        )
 
 
 def ensure_latents(cfg, job: str = "merge") -> None:
