@@ -105,6 +105,14 @@ def _prompts_checksum(path: str | None) -> str | None:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
+def prompts_inputs(cfg) -> dict:
+    """What synthesis reads its prompts from (dmm_ray.distill.synthesis.synthesis_prompts): the prompt
+    file, by path and content, else the latent shards' captions, by path and rows per shard."""
+    if cfg.synthesis.prompts:
+        return {"path": str(cfg.synthesis.prompts), "checksum": _prompts_checksum(cfg.synthesis.prompts)}
+    return {"data.shards": _shards(cfg)}
+
+
 def _base_checksum(base: str) -> str:
     from dmm_ray.teachers import files_checksum
 

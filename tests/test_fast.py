@@ -1570,3 +1570,36 @@ def test_a_run_stopped_inside_the_rollout_steps_resumes_to_the_weights_of_one_th
         for name, value in state.items():
             assert torch.equal(resumed["rollout_opt"]["state"][i][name], value), (i, name)
     assert torch.equal(resumed["opt"]["state"][0]["exp_avg"], stopped["opt"]["state"][0]["exp_avg"])  # the LCM optimizer rests
+
+
+def test_merged_source_samples_again_when_the_prompt_file_is_edited(merged_world, tmp_path, monkeypatch):
+    """<fast>/synthesized was kept while its record matched, and the record named the prompt file by path
+    only: after an edit of that file the samples of the old prompts were trained on again."""
+    from merge_fixtures import tiny_merge_config
+
+    import dmm_ray.distill.synthesis as synthesis
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import merged_synthesized_sets
+
+    world, merged = merged_world
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    fast = {"synthetic_fraction": 0.5, "synthetic_source": "merged", "synthetic_images": 2}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast=fast, synthesis={"prompts": str(prompts)}))
+
+    def sample(cfg, specs, offset, folder, n):  # as synthesize: a style whose set is there is not sampled again
+        for i in range(len(specs)):
+            made = Path(folder) / f"style_{i}" / "prompts.txt"
+            if not made.exists():
+                made.parent.mkdir(parents=True)
+                made.write_text(prompts.read_text())
+        return {i: str(Path(folder) / f"style_{i}") for i in range(len(specs))}
+
+    monkeypatch.setattr(synthesis, "synthesize_for", sample)
+    made = tmp_path / "fast" / "synthesized" / "style_0" / "prompts.txt"
+    merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    assert made.read_text() == "a cat\na dog\n"  # the same prompts: kept
+    prompts.write_text("a red car\na blue boat\n")
+    merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    assert made.read_text() == "a red car\na blue boat\n"

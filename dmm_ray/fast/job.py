@@ -165,6 +165,7 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
     the synthesis fan-out (the synthesis.* sampler, prompts, actors; fast.synthetic_images per style)
     into <out>/synthesized, one style_<i>/ shard each. Sets sampled from another model or with other settings are discarded."""
     from dmm_ray.distill.synthesis import MergedStyle, synthesize_for
+    from dmm_ray.fingerprint import prompts_inputs
     from dmm_ray.teachers import files_checksum
 
     s, folder = cfg.synthesis, out / "synthesized"
@@ -176,7 +177,9 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
         "styles": styles,
         "images_per_style": n,
         "sampler": [s.num_inference_steps, s.guidance_scale, s.negative_prompt, resolution],
-        "prompts": s.prompts or str(cfg.data.shards),  # the prompt file, or the shards whose captions are the prompts
+        # the prompt file or the shards whose captions are the prompts, by content: by path alone, samples of a
+        # prompt file edited since were kept and trained on
+        "prompts": prompts_inputs(cfg),
         "seed": cfg.seed,
     }
     record = folder / MERGED_SYNTH_RECORD
