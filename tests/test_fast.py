@@ -1603,3 +1603,17 @@ def test_merged_source_samples_again_when_the_prompt_file_is_edited(merged_world
     prompts.write_text("a red car\na blue boat\n")
     merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
     assert made.read_text() == "a red car\na blue boat\n"
+
+
+def test_synthesized_shards_takes_only_the_style_folders_synthesis_names(merged_world, tmp_path):
+    """A copy such as style_0.bak beside the sets failed int('0.bak') and stopped the few-step stage."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import synthesized_shards
+
+    world, merged = merged_world
+    folder = _synthesized_sets(tmp_path / "synth", styles=2, rows=2)
+    (folder / "style_0.bak").mkdir()
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast={"synthetic_fraction": 0.25, "synthesized": str(folder)}))
+    assert [Path(s).name for s in synthesized_shards(cfg, merged)] == ["style_0", "style_1"]

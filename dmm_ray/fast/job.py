@@ -8,6 +8,7 @@ reference), and register it in MLflow under the merge project as its own model v
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
 def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
     """The merge's synthesized sets (style_<i>/ folders): fast.synthesized, or <model>/../synthesized."""
     folder = Path(cfg.fast.synthesized) if cfg.fast.synthesized else Path(model_dir).parent / "synthesized"
-    dirs = sorted((p for p in folder.glob("style_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[-1])) if folder.is_dir() else []
+    # only style_<i> as synthesis names them: another folder there (a copy, style_0.bak) failed int() and stopped the stage
+    ours = [p for p in folder.glob("style_*") if p.is_dir() and re.fullmatch(r"style_\d+", p.name)] if folder.is_dir() else []
+    dirs = sorted(ours, key=lambda p: int(p.name.split("_")[-1]))
     if not dirs:
         raise FileNotFoundError(
             f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
