@@ -194,3 +194,14 @@ def test_prompt_files_with_a_bom_read_like_without_and_other_encodings_are_named
     (tmp_path / "q.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"q\.txt' is not UTF-8 text"):
         read_prompts(str(tmp_path / "q.txt"))
+
+
+def test_a_source_key_of_the_other_kind_is_refused_not_ignored(tmp_path):
+    """kind: folder read its manifest whatever source.annotations named, kind: journeydb every *.jsonl in
+    root whatever source.manifest named: the records of another file were encoded without a word."""
+    with pytest.raises(ValueError, match="source.annotations is read only with kind: journeydb"):
+        SourceConfig(kind="folder", root=str(tmp_path), annotations=[str(tmp_path / "other.jsonl")])
+    with pytest.raises(ValueError, match=r"source.manifest is read only with kind: folder .*source.annotations: \[<source.root>/m.jsonl\]"):
+        SourceConfig(kind="journeydb", root=str(tmp_path), manifest="m.jsonl")
+    SourceConfig(kind="journeydb", root=str(tmp_path), annotations=[str(tmp_path / "a.jsonl")])
+    SourceConfig(kind="folder", root=str(tmp_path), manifest="m.jsonl")

@@ -56,7 +56,7 @@ def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tm
                 "name": "proj",
                 "teachers": [{"name": "a", "source": "../models/a"}, {"name": "b", "source": "/x/b", "base": "base"}],
                 "student": {"base": "../models/base"},
-                "data": {"base": "../models/base", "source": {"root": "imgs", "annotations": ["ann.jsonl"], "manifest": "m.jsonl"}},
+                "data": {"base": "../models/base", "source": {"kind": "journeydb", "root": "imgs", "annotations": ["ann.jsonl"]}},
                 "incremental": {"base_merged": "$DMM_HOME/outputs/first/merged"},
                 "evaluation": {"prompts": "p.txt", "extractor": {"kind": "import", "path": "pkg.mod:factory"}},
                 "tracking": {"uri": "sqlite:///db/mlflow.db"},
@@ -71,7 +71,8 @@ def test_config_paths_resolve_against_the_config_file_and_default_to_dmm_home(tm
     assert cfg.teachers[0].source == str(models / "a") and cfg.teachers[1].base == str(folder / "base")
     assert cfg.student.base == cfg.data.base == str(models / "base")
     assert cfg.data.source.root == str(folder / "imgs") and cfg.data.source.annotations == [str(folder / "ann.jsonl")]
-    assert cfg.data.source.manifest == "m.jsonl"  # relative to source.root by design
+    folder_source = ["data.source.kind=folder", "data.source.annotations=[]", "data.source.manifest=m.jsonl"]  # (a folder source's key)
+    assert load_config(folder / "c.yaml", folder_source).data.source.manifest == "m.jsonl"  # relative to source.root by design
     assert cfg.incremental.base_merged == str(home / "outputs" / "first" / "merged")
     assert cfg.evaluation.prompts_file == str(folder / "p.txt") and cfg.evaluation.extractor.path == "pkg.mod:factory"
     assert cfg.tracking.tracking_uri == f"sqlite:///{folder}/db/mlflow.db"

@@ -50,6 +50,21 @@ class SourceConfig(BaseModel):
             raise ValueError(f"caption_fields must be a non-empty list of field names, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> "SourceConfig":
+        # each kind reads only its own index file(s): the other kind's key was accepted and ignored (another file read)
+        if self.kind == "folder" and self.annotations:
+            raise ValueError(
+                "source.annotations is read only with kind: journeydb (a folder source reads its manifest, source.manifest); "
+                "set source.kind: journeydb or drop source.annotations"
+            )
+        if self.kind == "journeydb" and self.manifest:
+            raise ValueError(
+                "source.manifest is read only with kind: folder (a journeydb source reads source.annotations, default every *.jsonl in root); "
+                f"set source.annotations: [<source.root>/{self.manifest}] or source.kind: folder"
+            )
+        return self
+
     def resolved_image_field(self) -> str:
         return self.image_field or ("img_path" if self.kind == "journeydb" else "file")
 
