@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -38,7 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from dmm_ray.merged_model import remove, save_siblings, swap_in
+from dmm_ray.merged_model import recover_killed, remove, save_siblings, swap_in
 from dmm_ray.models.style_adapters import weights_from_embeds
 from dmm_ray.models.style_unet import STYLE_CONFIG_KEYS, StyleError, StyleUNet, inner_unet, resolve_style
 
@@ -290,6 +291,8 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         pipe = _cast_copy(pipe, DTYPES[dtype])  # never cast the caller's (shared) modules in place
     if fmt not in ("diffusers", "single_file"):
         raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
+    if fmt == "diffusers":
+        _recover_killed(out, EXPORT_RECORD)  # the previous export back first, should this one fail too
     check_replaceable(out, fmt)
     if fmt == "single_file":
         return export_single_file(pipe, out, metadata=metadata)  # written to `<out>.tmp`, removed if the write fails
@@ -321,6 +324,14 @@ def is_export(path: str | os.PathLike) -> bool:
     except Exception:  # not a safetensors file at all
         return False
     return meta.get("exported_by") == "dmm-ray" and "dmm.dtype" in meta
+
+
+def _recover_killed(dest: Path, marker: str) -> None:
+    """An export of `dest` killed between its two renames (`swap_in`) left the previous one only as a
+    hidden `.<dest>.export-<pid>.old`: put it back when `dest` is missing, and remove what killed
+    exports left beside `dest` (their pid differs from this run's, so nothing else would)."""
+    for line in recover_killed(dest, "export", marker):
+        logging.getLogger(__name__).warning("%s", line)
 
 
 def check_replaceable(out: Path, fmt: str) -> None:
@@ -403,6 +414,7 @@ def staged_config_folder(pipe, folder: str | os.PathLike, export: str | None = N
     import dmm_ray
 
     folder = Path(folder)
+    _recover_killed(folder, CONFIG_RECORD)
     check_config_replaceable(folder)
     tag = f"export-{os.getpid()}"  # hidden siblings of this run: .<folder>.export-<pid>.tmp / .old
     tmp, _ = save_siblings(folder, tag)

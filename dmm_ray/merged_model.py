@@ -13,8 +13,10 @@ Used by the merge (dmm_ray/merge.py) and the few-step stage (dmm_ray/fast/job.py
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -124,4 +126,20 @@ def recover(dest: Path, tag: str | None = None, marker: str | None = None) -> li
         if stale.exists() or stale.is_symlink():
             remove(stale)
             done.append(f"removed {stale} left behind by an interrupted save")
+    return done
+
+
+def recover_killed(dest: Path, prefix: str, marker: str | None = None) -> list[str]:
+    """`recover` for the saves of `dest` tagged `<prefix>-<pid>` (`.<dest>.<prefix>-<pid>.tmp` / `.old`)
+    whose process no longer runs: a save killed between its two renames left the previous `dest`
+    only as its `.old`, under a pid no later save uses, so `recover` with the later save's own tag
+    never finds it. Siblings of a running process (a save under way) are left alone."""
+    from dmm_ray.output_lock import owner_alive
+
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{re.escape(prefix)}-(\d+)\.(?:tmp|old)")
+    pids = {int(m[1]) for sibling in dest.parent.glob(f".{glob.escape(dest.name)}.{prefix}-*") if (m := pattern.fullmatch(sibling.name))}
+    done = []
+    for pid in sorted(pids):
+        if pid != os.getpid() and not owner_alive({"pid": pid}):
+            done += recover(dest, f"{prefix}-{pid}", marker)
     return done

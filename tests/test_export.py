@@ -197,6 +197,39 @@ def test_fp16_export_and_diffusers_folder(merged, tmp_path):
     assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
 
 
+def test_an_export_killed_between_its_two_renames_is_undone_by_the_next(merged, tmp_path, monkeypatch):
+    """Finding: a diffusers export killed (SIGKILL) between swap_in's two renames left the previous
+    export only as `.<out>.export-<pid>.old`; the next export, under another pid, neither put it back
+    nor removed it, so a failed next export left no export at `out` and the parked copies stayed forever."""
+    import os
+    import subprocess
+    import sys
+
+    import dmm_ray.export
+    from dmm_ray.export import bake, export_pipeline, read_metadata
+
+    plain = bake(merged["sd15"], style="neon")
+    out = export_pipeline(plain, tmp_path / "neon", fmt="diffusers", metadata={"dmm.style": "neon"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
+    parked = tmp_path / f".neon.export-{dead}.old"  # what the kill leaves: the previous export parked, the new one staged
+    os.replace(out, parked)
+    shutil.copytree(parked, tmp_path / f".neon.export-{dead}.tmp")
+    running = tmp_path / f".neon.export-{os.getppid()}.tmp"  # an export under way in a running process: left alone
+    running.mkdir()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dmm_ray.export, "_rewrite_with_metadata", no_space)
+    with pytest.raises(OSError, match="No space"):
+        export_pipeline(plain, out, fmt="diffusers", metadata={"dmm.style": "ink"})
+    assert read_metadata(out)["dmm.style"] == "neon"  # the previous export back, though this one failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["neon", running.name])
+    monkeypatch.undo()
+    export_pipeline(plain, out, fmt="diffusers", metadata={"dmm.style": "ink"})
+    assert read_metadata(out)["dmm.style"] == "ink" and running.is_dir()
+
+
 def test_export_job_end_to_end_logs_to_the_merge_run(tmp_path, capsys):
     """jobs/export.py: bake, write, verify, and log the export under the merge's MLflow run."""
     import mlflow
