@@ -42,6 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def few_step_sampler(model_path, cfg, overrides: list[str]) -> tuple[int, float] | None:
+    """(steps, guidance) a few-step model (its sampler.json names TCD or LCM) is sampled with: its own
+    record's, each unless `--set` names it (sampler.num_inference_steps / guidance_scale); the teachers
+    keep the evaluation's sampler, as the few-step stage's evaluation does. It was sampled at the
+    evaluation's sampler (toy.yaml: 10 steps at CFG 5), which a 4-step, CFG-off model is not made for:
+    a meaningless FIDt. None for any other model (a merged one samples with the teachers' sampler)."""
+    from dmm_ray.defaults import FEW_STEP_SCHEDULERS
+    from dmm_ray.overrides import parse_override
+    from dmm_ray.pipeline import sampler_defaults
+
+    own = sampler_defaults(model_path)  # a ValueError naming a broken sampler.json
+    if own["scheduler"] not in FEW_STEP_SCHEDULERS.values():
+        return None
+    given = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["sampler"] and isinstance(value, dict):
+            given |= set(value)
+        elif path[-1] in ("num_inference_steps", "guidance_scale") and path[:-1] in ([], ["sampler"]):
+            given.add(path[-1])
+    steps = cfg.sampler.num_inference_steps if "num_inference_steps" in given else own["num_inference_steps"]
+    guidance = cfg.sampler.guidance_scale if "guidance_scale" in given else own["guidance_scale"]
+    source = {k: "--set" if k in given else "its sampler.json" for k in ("num_inference_steps", "guidance_scale")}
+    print(
+        f"{model_path} is a few-step model ({own['scheduler']}): sampled at {steps} steps ({source['num_inference_steps']}), "
+        f"guidance {guidance} ({source['guidance_scale']}); the teachers at the evaluation's {cfg.sampler.num_inference_steps} steps, "
+        f"guidance {cfg.sampler.guidance_scale} (--set sampler.num_inference_steps / sampler.guidance_scale sets both)",
+        flush=True,
+    )
+    return steps, guidance
+
+
 @cli_main(interrupted="the statistics already computed stay in cache_dir; the same command reuses them")
 def main(argv=None) -> int:
     parser = build_parser()
@@ -92,9 +124,11 @@ def main(argv=None) -> int:
     from dmm_ray.tracking import local_model
 
     with local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
+        student_sampler = None
         if model_path is not None:
             merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
-        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False, model_name=args.model)
+            student_sampler = few_step_sampler(model_path, cfg, args.overrides)
+        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False, model_name=args.model, student_sampler=student_sampler)
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
         for name, row in zip(result.style_names, result.ref_matrix):

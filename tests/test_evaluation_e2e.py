@@ -21,10 +21,10 @@ STYLES = ["ink", "neon"]
 EXTRACTOR = "eval_helpers:SeededConvExtractor"
 
 
-def _fast_eval(world) -> list[str]:
-    """jobs/evaluate.py --set options: 2 steps, 1 image per prompt, the seeded extractor, a shared cache."""
+def _fast_eval(world, steps: bool = True) -> list[str]:
+    """jobs/evaluate.py --set options: 2 steps (unless `steps` is False), 1 image per prompt, the seeded extractor, a shared cache."""
     sets = [
-        "sampler.num_inference_steps=2",
+        *(["sampler.num_inference_steps=2"] if steps else []),
         "images_per_prompt=1",
         f"cache_dir={world / 'cache'}",
         "extractor.kind=import",
@@ -138,6 +138,39 @@ def test_evaluate_job_cli(world, capsys):
     runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs([mlflow.get_experiment_by_name("dmm-ray").experiment_id])
     stage = next(r for r in runs if r.info.run_name == "evaluation")
     assert stage.data.metrics["FIDt_ref"] == pytest.approx(data["FIDt_ref"])
+
+
+def test_evaluate_job_samples_a_few_step_model_with_its_own_steps_and_guidance(world, tmp_path, capsys):
+    """Finding: `jobs/evaluate.py --model <few-step model>` sampled it at the evaluation's sampler (a
+    merge config's 10 steps at CFG 5), not its sampler.json's 4 steps with CFG off: a meaningless FIDt.
+    It follows the model now (the teachers keep the evaluation's sampler), unless --set names a setting."""
+    import shutil
+
+    from diffusers import TCDScheduler
+
+    from jobs import evaluate as job
+
+    model = tmp_path / "fast"
+    shutil.copytree(world / "student", model)
+    TCDScheduler.from_pretrained(model / "scheduler").save_pretrained(model / "scheduler")
+    (model / "sampler.json").write_text(
+        json.dumps({"scheduler": "TCDScheduler", "num_inference_steps": 2, "guidance_scale": 1.0, "negative_prompt": ""})
+    )
+    config = tmp_path / "eval.yaml"  # the teachers' sampler, as a merge config's evaluation: section gives it
+    config.write_text(yaml.safe_dump({"sampler": {"num_inference_steps": 3, "guidance_scale": 5.0}}))
+    sets = _fast_eval(world, steps=False)  # the teachers' steps from the config
+
+    def run(*extra):
+        argv = ["--model", str(model), "--teachers", str(world / "zoo.yaml"), "--config", str(config), "--no-ray", "--out", str(tmp_path / "out")]
+        assert job.main(argv + sets + list(extra)) == 0
+        made = json.loads((tmp_path / "out" / "fid_matrix.json").read_text())["provenance"]
+        return made["sampler"]["num_inference_steps"], made["student_call"], capsys.readouterr().out
+
+    teacher_steps, student, out = run()
+    assert teacher_steps == 3 and student == {"num_inference_steps": 2, "guidance_scale": 1.0}
+    assert "is a few-step model (TCDScheduler): sampled at 2 steps (its sampler.json), guidance 1.0 (its sampler.json)" in out
+    teacher_steps, student, out = run("--set", "sampler.num_inference_steps=1")
+    assert teacher_steps == 1 and student == {"num_inference_steps": 1, "guidance_scale": 1.0} and "1 steps (--set)" in out
 
 
 def test_evaluate_job_reads_a_logged_model_from_its_tracking_uri(world, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from dmm_ray.evaluation.config import EvalConfig
 from dmm_ray.evaluation.extractors import ExtractorFactory
-from dmm_ray.evaluation.matrix import EvalResult, evaluate_sources
+from dmm_ray.evaluation.matrix import EvalResult, FewStepStudent, evaluate_sources
 from dmm_ray.evaluation.outputs import format_table, write_outputs
 from dmm_ray.evaluation.sources import student_source, teacher_sources
 
@@ -24,6 +24,7 @@ def evaluate_merge(
     output_dir: str | Path | None = None,
     print_table: bool = True,
     model_name: str | None = None,
+    student_sampler: tuple[int, float] | None = None,
 ) -> EvalResult:
     """FID matrix M and M_ref of a merged model folder against its teachers (TeacherSpecs).
 
@@ -31,9 +32,13 @@ def evaluate_merge(
     `output_dir` (default `eval_config.output_dir`) and records their paths in `result.files`.
     `student_path=None` evaluates only the teacher reference M_ref. `model_name`: the model as the
     provenance names it, where `student_path` is a temporary copy (a models:/ URI's download).
+    `student_sampler`: (steps, guidance) the student samples with instead of `eval_config.sampler`'s
+    (a few-step model's own: jobs/evaluate.py); the teachers keep `eval_config.sampler`.
     """
     dtype = eval_config.dtype
     student = student_source(student_path, dtype) if student_path is not None else None
+    if student is not None and student_sampler is not None:
+        student = FewStepStudent.wrap(student, *student_sampler)  # as the few-step stage's own evaluation does
     teachers = teacher_sources(teacher_specs, dtype)
     result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:

@@ -35,6 +35,22 @@ class StudentSource:
 
 
 @dataclass
+class FewStepStudent(StudentSource):
+    """A student sampled with its own step count and guidance (the teachers keep the eval sampler): a few-step
+    model in the few-step stage's evaluation and in jobs/evaluate.py."""
+
+    steps: int = 4
+    guidance: float = 1.0
+
+    @classmethod
+    def wrap(cls, source: StudentSource, steps: int, guidance: float) -> "FewStepStudent":
+        return cls(pipeline_factory=source.pipeline_factory, style_names=source.style_names, name=f"student{steps}", steps=steps, guidance=guidance)
+
+    def call_kwargs(self, style: str) -> dict:
+        return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+
+
+@dataclass
 class EvalResult:
     style_names: list[str]  # row i = student style i = teacher i; column j = teacher j
     matrix: np.ndarray  # (N, N) M

@@ -338,22 +338,7 @@ def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list
     return results
 
 
-from dmm_ray.evaluation.matrix import StudentSource  # noqa: E402  (torch-free)
-
-
-@dataclass
-class FewStepStudent(StudentSource):
-    """A student sampled with its own step count and guidance (the teachers keep the eval sampler)."""
-
-    steps: int = 4
-    guidance: float = 1.0
-
-    @classmethod
-    def wrap(cls, source: StudentSource, steps: int, guidance: float) -> "FewStepStudent":
-        return cls(pipeline_factory=source.pipeline_factory, style_names=source.style_names, name=f"student{steps}", steps=steps, guidance=guidance)
-
-    def call_kwargs(self, style: str) -> dict:
-        return {"style": style, "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+from dmm_ray.evaluation.matrix import FewStepStudent  # noqa: E402  (torch-free; its home: jobs/evaluate.py samples a few-step model with it too)
 
 
 def log_fast_evaluations(tracker, evaluations: dict, default_steps: int) -> None:
