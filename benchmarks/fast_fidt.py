@@ -32,6 +32,25 @@ def with_scheduler(pipeline_factory, name: str, settings: dict | None = None):
     return pipe
 
 
+def model_teachers(cfg, model: Path) -> list:
+    """The teachers `model` is evaluated against: its own dmm_merge.json's (a few-step folder carries its
+    merge's), else the record of the merged model its fast.json names, else --config's, said on stderr.
+    Only the merged folder's was read: once that folder moved, the config's teachers were used without
+    a word, though the few-step folder holds the record."""
+    from dmm_ray.merged_model import recorded_teachers
+
+    teachers = recorded_teachers(model)
+    if teachers:
+        return teachers
+    merged = Path(json.loads((model / "fast.json").read_text())["distilled_from"]) if (model / "fast.json").is_file() else model
+    teachers = recorded_teachers(merged) if merged != model else None
+    if teachers:
+        return teachers
+    which = f"{model} does not" if merged == model else f"neither {model} nor the merged model it came from ({merged})"
+    print(f"note: {which} record its teachers (dmm_merge.json); evaluating against --config's teachers", file=sys.stderr)
+    return list(cfg.teachers)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -53,14 +72,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from dmm_ray.config import load_config
-    from dmm_ray.fast.job import evaluate_fast, teachers_of
+    from dmm_ray.fast.job import evaluate_fast
     from dmm_ray.pipeline import sampler_defaults
 
     cfg = load_config(args.config, args.overrides).with_absolute_paths()
     guidance = sampler_defaults(args.model)["guidance_scale"] if args.guidance is None else args.guidance
     cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"guidance_scale": guidance})})
     model = Path(args.model).resolve()
-    record = json.loads((model / "fast.json").read_text())["distilled_from"] if (model / "fast.json").is_file() else model
+    teachers = model_teachers(cfg, model)
     source = None
     if args.scheduler:
         import diffusers
@@ -74,7 +93,7 @@ def main(argv=None) -> int:
 
         plain = student_source(model, cfg.evaluation.dtype)
         source = replace(plain, pipeline_factory=partial(with_scheduler, plain.pipeline_factory, args.scheduler, args.scheduler_config))
-    results = evaluate_fast(cfg, model, teachers_of(cfg, Path(record)), args.steps, Path(args.out), source, args.scheduler)
+    results = evaluate_fast(cfg, model, teachers, args.steps, Path(args.out), source, args.scheduler)
     summary = {s: {"FIDt": r.fidt, "FIDt_ref": r.fidt_ref, "ratio": r.ratio, "diagonal": r.diagonal()} for s, r in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -286,3 +286,26 @@ def test_table1_rows_run_one_at_a_time_build_up_one_table(tmp_path, monkeypatch,
     table = (out / "table1.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| + multi-class adversarial (λ 0.01)"], table
     assert not (out / "table1.md.tmp").exists()
+
+
+def test_fast_fidt_takes_the_teachers_the_few_step_folder_records_when_its_merged_model_moved(tmp_path, capsys):
+    """Finding: fast_fidt.py read the teachers only from the merged folder the few-step model's fast.json
+    names; once that folder moved it used --config's teachers without a word, though the few-step
+    folder carries its merge's dmm_merge.json. Now: that record, else the merged folder's, else the
+    config's with a note."""
+    import json
+    from types import SimpleNamespace
+
+    model_teachers = runpy.run_path(str(REPO / "benchmarks" / "fast_fidt.py"))["model_teachers"]
+    fast = tmp_path / "fast" / "model"
+    (fast / "unet").mkdir(parents=True)
+    (fast / "unet" / "config.json").write_text(json.dumps({"style_names": ["ink", "neon"]}))
+    (fast / "fast.json").write_text(json.dumps({"distilled_from": str(tmp_path / "moved" / "merged")}))
+    recorded = [{"name": n, "source": str(tmp_path / "zoo" / n)} for n in ("ink", "neon")]
+    (fast / "dmm_merge.json").write_text(json.dumps({"name": "m", "styles": ["ink", "neon"], "teachers": recorded}))
+    cfg = SimpleNamespace(teachers=["the config's teachers"])
+    assert [(t.name, str(t.source)) for t in model_teachers(cfg, fast)] == [(t["name"], t["source"]) for t in recorded]
+    assert capsys.readouterr().err == ""
+    (fast / "dmm_merge.json").unlink()
+    assert model_teachers(cfg, fast) == ["the config's teachers"]
+    assert f"neither {fast} nor the merged model it came from ({tmp_path / 'moved' / 'merged'}) record its teachers" in capsys.readouterr().err
