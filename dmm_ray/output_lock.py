@@ -69,6 +69,27 @@ def owner_alive(owner: dict) -> bool:
     return True
 
 
+def left_by_killed(folder: Path, glob: str, pattern: str) -> list[Path]:
+    """The entries of `folder` matching `glob` whose name's `pattern` (its first group a pid) names a
+    process that no longer runs on this host, last changed before this process started: what a killed
+    run (SIGKILL, OOM) left behind under a name of its own, which nothing else removes. The age keeps a
+    file another host's live process is writing now, in a folder the nodes share under a pid free here."""
+    import re
+
+    started = _process_start(os.getpid())
+    found = []
+    for entry in folder.glob(glob) if folder.is_dir() else ():
+        match = re.fullmatch(pattern, entry.name)
+        if not match or int(match[1]) == os.getpid() or owner_alive({"pid": int(match[1])}):
+            continue
+        try:
+            if started is None or entry.lstat().st_mtime < started:
+                found.append(entry)
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
 def describe(owner: dict) -> str:
     when = owner.get("started")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "?"

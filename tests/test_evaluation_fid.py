@@ -149,6 +149,54 @@ def test_a_failed_cache_write_leaves_no_temp_file(tmp_path, monkeypatch, error):
     np.testing.assert_array_equal(cache.load("key").stats.mu, stats.mu)
 
 
+def test_what_a_killed_evaluation_or_download_left_is_removed_by_the_next(tmp_path):
+    """Finding: a SIGKILL (OOM) left the stats cache's uniquely named `*.npz.tmp` (full size), the
+    evaluation's staged `.<stem>.<pid>.tmp.<ext>` files and a download's `<name>.part-*` folder forever:
+    no later run removes another run's names. The next save / evaluation / download now removes those of
+    processes that no longer run here, written before it started; a running process's, and a fresh one
+    (another host's, in a folder the nodes share), are kept."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data.fs import download_dir
+    from dmm_ray.evaluation.cache import StatsCache
+    from dmm_ray.evaluation.outputs import staged_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
+    live = os.getppid()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("a")
+    cache, out, down = tmp_path / "cache", tmp_path / "out", tmp_path / "down"
+    for folder in (cache, out, down):
+        folder.mkdir()
+    left = {  # name -> removed?
+        cache / f"tmp-{dead}-x1.npz.tmp": True,
+        cache / f"tmp-{live}-x2.npz.tmp": False,
+        out / f".fid_matrix.{dead}.tmp.json": True,
+        out / f".fid_matrix.{live}.tmp.json": False,
+        down / f"m.part-{dead}-0123abcd": True,
+        down / f"m.part-{live}-0123abcd": False,
+    }
+    for path in left:
+        path.mkdir() if ".part-" in path.name else path.write_text("x")
+        os.utime(path, (time.time() - 3600,) * 2)  # before this process started
+    fresh = out / f".fid_matrix.{dead}.tmp.csv"  # a dead pid here, but written just now: another host's
+    fresh.write_text("x")
+    os.utime(fresh, (time.time() + 60,) * 2)
+
+    StatsCache(cache).save("key", {"m": 1}, FeatureStats.from_features(_features(0, n=20, d=4)), np.zeros((1, 2, 2, 3), np.uint8))
+    with staged_files({"json": out / "fid_matrix.json", "csv": out / "fid_matrix.csv"}) as staged:
+        for path in staged.values():
+            path.write_text("new")
+    download_dir(pafs.LocalFileSystem(), str(tmp_path / "src"), down / "m")
+    assert {path: not path.exists() for path in left} == left and fresh.exists()
+    assert (down / "m" / "a.txt").read_text() == "a" and (out / "fid_matrix.json").read_text() == "new"
+
+
 def test_merge_config_evaluation_shorthands(tmp_path):
     """The merge section's shorthands are EvalConfig's own (a before-validator)."""
     import json

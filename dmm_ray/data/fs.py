@@ -8,8 +8,10 @@ Plain local paths map to pyarrow's LocalFileSystem and behave exactly like the l
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -167,7 +169,11 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
     local = Path(local)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{path!r} is not a folder on {fs.type_name} filesystem")
-    tmp = local.with_name(f"{local.name}.part-{uuid.uuid4().hex[:8]}")
+    from dmm_ray.output_lock import left_by_killed
+
+    for stale in left_by_killed(local.parent, f"{glob.escape(local.name)}.part-*", rf"{re.escape(local.name)}\.part-(\d+)-[0-9a-f]+"):
+        shutil.rmtree(stale, ignore_errors=True)  # a killed download's (its own name: nothing else removes it)
+    tmp = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # the pid: see left_by_killed
     tmp.mkdir(parents=True)
     try:
         for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):

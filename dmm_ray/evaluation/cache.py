@@ -21,6 +21,7 @@ import numpy as np
 
 from dmm_ray.evaluation.config import SamplerConfig
 from dmm_ray.evaluation.fid import FeatureStats
+from dmm_ray.output_lock import left_by_killed
 
 CACHE_FORMAT = 2
 
@@ -76,7 +77,9 @@ class StatsCache:
         npz, meta = self._paths(key)
         # a name of its own (not `<key>.npz.tmp`): two evaluations filling the same entry at once
         # (a merge's and a jobs/evaluate.py) would otherwise write into one file
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
+        for stale in left_by_killed(self.root, "tmp-*.npz.tmp", r"tmp-(\d+)-.*\.npz\.tmp"):  # a killed save's, full-size
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"tmp-{os.getpid()}-", suffix=".npz.tmp")  # the pid: see left_by_killed
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, previews=previews, **stats.to_npz_dict())

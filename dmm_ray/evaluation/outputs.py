@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from dmm_ray.evaluation.matrix import EvalResult
+from dmm_ray.output_lock import left_by_killed
 
 
 def _plt():
@@ -143,6 +146,11 @@ def staged_files(paths: dict[str, Path]) -> Iterator[dict[str, Path]]:
     it ends without error, and removed in any case: a failure or Ctrl-C part-way leaves the previous
     run's set whole, never some files of each run or a cut-short one."""
     staged = {key: p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}") for key, p in paths.items()}  # the suffix: matplotlib's format
+    for p in paths.values():  # what a killed run staged (its pid is not this one's: nothing else removes it)
+        for stale in left_by_killed(
+            p.parent, f".{glob.escape(p.stem)}.*.tmp{glob.escape(p.suffix)}", rf"\.{re.escape(p.stem)}\.(\d+)\.tmp{re.escape(p.suffix)}"
+        ):
+            stale.unlink(missing_ok=True)
     try:
         yield staged
         for key, path in paths.items():
