@@ -131,15 +131,15 @@ def recover(dest: Path, tag: str | None = None, marker: str | None = None) -> li
 
 def recover_killed(dest: Path, prefix: str, marker: str | None = None) -> list[str]:
     """`recover` for the saves of `dest` tagged `<prefix>-<pid>` (`.<dest>.<prefix>-<pid>.tmp` / `.old`)
-    whose process no longer runs: a save killed between its two renames left the previous `dest`
-    only as its `.old`, under a pid no later save uses, so `recover` with the later save's own tag
-    never finds it. Siblings of a running process (a save under way) are left alone."""
-    from dmm_ray.output_lock import owner_alive
+    that a killed process left (`output_lock.left_by_killed`: its pid no longer runs here, written before
+    this process started): a save killed between its two renames left the previous `dest` only as its
+    `.old`, under a pid no later save uses, so `recover` with the later save's own tag never finds it.
+    A running save's siblings are left alone."""
+    from dmm_ray.output_lock import left_by_killed
 
-    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{re.escape(prefix)}-(\d+)\.(?:tmp|old)")
-    pids = {int(m[1]) for sibling in dest.parent.glob(f".{glob.escape(dest.name)}.{prefix}-*") if (m := pattern.fullmatch(sibling.name))}
+    pattern = rf"\.{re.escape(dest.name)}\.{re.escape(prefix)}-(\d+)\.(?:tmp|old)"
+    left = left_by_killed(dest.parent, f".{glob.escape(dest.name)}.{prefix}-*", pattern)
     done = []
-    for pid in sorted(pids):
-        if pid != os.getpid() and not owner_alive({"pid": pid}):
-            done += recover(dest, f"{prefix}-{pid}", marker)
+    for pid in sorted({int(re.fullmatch(pattern, sibling.name)[1]) for sibling in left}):
+        done += recover(dest, f"{prefix}-{pid}", marker)
     return done

@@ -204,6 +204,7 @@ def test_an_export_killed_between_its_two_renames_is_undone_by_the_next(merged, 
     import os
     import subprocess
     import sys
+    import time
 
     import dmm_ray.export
     from dmm_ray.export import bake, export_pipeline, read_metadata
@@ -214,6 +215,8 @@ def test_an_export_killed_between_its_two_renames_is_undone_by_the_next(merged, 
     parked = tmp_path / f".neon.export-{dead}.old"  # what the kill leaves: the previous export parked, the new one staged
     os.replace(out, parked)
     shutil.copytree(parked, tmp_path / f".neon.export-{dead}.tmp")
+    for left in (parked, tmp_path / f".neon.export-{dead}.tmp"):
+        os.utime(left, (time.time() - 3600,) * 2)  # written before this process started, as a killed run's are
     running = tmp_path / f".neon.export-{os.getppid()}.tmp"  # an export under way in a running process: left alone
     running.mkdir()
 
