@@ -158,7 +158,10 @@ class _StyleCallMixin:
         records are set aside until the save is complete and put back if it fails (as `swap_in` does).
         A pipeline with LoRA layers loaded (a LoRA, the few-step model's `lcm_lora/`; also after `fuse_lora`,
         which keeps them) is refused before anything is written: diffusers wrote PEFT's layer names
-        (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing.
+        (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing. So is one with
+        an IP-Adapter loaded: the UNet's config kept `encoder_hid_dim_type` None (diffusers sets it as an attribute
+        only), so the folder loaded back without the image projection and IP attention layers, beside the image
+        encoder it wrote, and a call with `ip_adapter_image` failed with an AttributeError on None.
         A sampler record written for another scheduler than the pipeline's (a merged model saved with its LCM-LoRA
         fused in and TCD swapped in) is saved as the settings the pipeline samples with (`sampler_defaults`):
         copied, it named DPM-Solver at 10 steps with CFG beside the TCD scheduler, which whatever reads the folder's
@@ -167,10 +170,10 @@ class _StyleCallMixin:
         import os
         import shutil
 
-        from dmm_ray.formats.single_file import loaded_lora
+        from dmm_ray.formats.single_file import loaded_plugins
         from dmm_ray.merged_model import STYLES_RECORD, remove, save_siblings
 
-        problem = loaded_lora(self)
+        problem = loaded_plugins(self)
         if problem:
             raise ValueError(f"cannot save to {save_directory}: {problem}")
         source = getattr(self.config, "_name_or_path", None)

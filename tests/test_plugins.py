@@ -185,6 +185,27 @@ def test_controlnet_from_merged_unet_starts_as_identity(arch):
         assert differ(gen(cpipe, image=control_image(SIZE), **selection), gen(pipe, **selection)) < 1e-6
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_pretrained_refuses_an_ip_adapter_and_saves_once_it_is_unloaded(arch, tmp_path):
+    """save_pretrained with an IP-Adapter loaded wrote a folder whose UNet config had no image projection
+    (diffusers sets encoder_hid_dim_type as an attribute only): it loaded back without the IP-Adapter, beside
+    the image encoder it wrote, and a call with ip_adapter_image failed with an AttributeError on None. It is
+    refused before anything is written, as a LoRA is; unloaded, the model saves and loads back as it was."""
+    from dmm_ray.pipeline import load_dmm_pipeline
+    from dmm_ray.tiny_plugins import make_ip_adapter
+
+    pipe = tiny_merged(arch)
+    pipe.load_ip_adapter(str(make_ip_adapter(pipe.unet, tmp_path / "ip", seed=3)), subfolder="", weight_name="ip_adapter.safetensors")
+    with pytest.raises(ValueError, match=r"cannot save to .*IP-Adapter loaded: pipe.unload_ip_adapter\(\) first"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.unload_ip_adapter()
+    pipe.save_pretrained(tmp_path / "saved")
+    back = load_dmm_pipeline(tmp_path / "saved")
+    back.set_progress_bar_config(disable=True)
+    assert back.unet.encoder_hid_proj is None and differ(gen(back, style="ink"), gen(pipe, style="ink")) < 1e-6
+
+
 def test_bake_refuses_a_model_with_plugins_loaded(plugin_files):
     from dmm_ray.export import ExportError, bake
 
