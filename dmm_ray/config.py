@@ -419,9 +419,16 @@ class MergeConfig(_Section):
                     if groups == n
                     else f"the {groups} teacher groups ({n} teachers, {self.scaling.teachers_per_worker} per worker)"
                 )
+                # fewer GPUs than teachers: the same workers host more teachers each (ceil(n / k) groups must
+                # divide the teacher workers); k = n always does, the smallest such k packs the least
+                asked = self.scaling.num_workers - self.regularization_workers
+                packing = ""
+                if asked > 0:
+                    k = next(k for k in range(1, n + 1) if asked % -(-n // k) == 0)
+                    packing = f", or keep {self.scaling.num_workers} with scaling.teachers_per_worker: {k} (each worker hosts up to {k} teachers)"
                 raise ValueError(
                     f"scaling.num_workers={self.scaling.num_workers} is not a multiple of {what}{reg}; "
-                    f"use N*k{' + 1' if reg else ''} workers, e.g. {expected}"
+                    f"use N*k{' + 1' if reg else ''} workers, e.g. {expected}{packing}"
                 )
         return self
 

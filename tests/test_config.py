@@ -27,6 +27,25 @@ def test_overrides_and_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "overrides, packing",
+    [
+        (["scaling.num_workers=1"], "or keep 1 with scaling.teachers_per_worker: 3"),  # one GPU, three teachers
+        (["scaling.num_workers=2"], "or keep 2 with scaling.teachers_per_worker: 2"),  # groups of 2 and 1
+        (["scaling.num_workers=3", "scaling.teachers_per_worker=2"], "or keep 3 with scaling.teachers_per_worker: 1"),
+    ],
+)
+def test_fewer_workers_than_teachers_names_the_packing_that_runs_on_them(tmp_path, overrides, packing):
+    """A worker count that the teacher groups do not divide (typically fewer GPUs than teachers) was
+    refused naming only a larger count (e.g. 3 workers for 1 GPU); the refusal also names the fewest
+    teachers per worker that the workers asked for can host."""
+    with pytest.raises(ConfigError, match=re.escape(packing)):
+        load_config(_write(tmp_path, BASE), overrides)
+    k = int(packing.rsplit(" ", 1)[1])
+    workers = int(overrides[0].split("=")[1])
+    assert load_config(_write(tmp_path, BASE), [overrides[0], f"scaling.teachers_per_worker={k}"]).num_workers == workers
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("distill.stepz=3", "distill.stepz: Extra inputs are not permitted"),
