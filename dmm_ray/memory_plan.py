@@ -161,6 +161,7 @@ class Layout:
     teachers_on_worker: int  # k: the teachers this worker hosts
     lora_teachers: int = 0  # of those, LoRAs of one base sharing it (>= 2) ...
     lora_adapter_bytes: tuple[int, ...] = ()  # ... their adapter sizes in bytes (fp32 as stored), one per LoRA
+    lora_bases: int = 1  # ... the bases they share: the teacher bank loads each base (UNet + text encoders) once
     batch_per_style: int = 4
     resolution: int = 512
     num_styles: int = 8
@@ -569,7 +570,8 @@ def plan_layout(lay: Layout, capacity_gb: float | None = None) -> Plan:
     if lay.previous_model_params:  # loop.build_models: StyleUNet.from_pretrained as stored (fp32), distill.teacher_dtype does not apply
         L.append(("previous merged model (fp32, frozen; the student's text encoder)", 4 * lay.previous_model_params, "counted"))
     if lay.lora_teachers:
-        L.append((f"LoRA base UNet + text encoder(s), once ({lay.teacher_dtype})", tb * (p_unet + p_text), "counted"))
+        bases = f"{lay.lora_bases} LoRA base UNets + text encoder(s), once each" if lay.lora_bases > 1 else "LoRA base UNet + text encoder(s), once"
+        L.append((f"{bases} ({lay.teacher_dtype})", tb * (p_unet + p_text) * lay.lora_bases, "counted"))
         adapters = sum(lay.lora_adapter_bytes) // 4 * tb
         L.append((f"{lay.lora_teachers} LoRA adapters ({lay.teacher_dtype})", adapters, "counted"))
     if full:
@@ -760,7 +762,8 @@ def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) 
                     fmt = "full"
             if fmt == "lora" and spec.base:
                 groups.setdefault(spec.base, []).append(spec)
-    loras = [s for g in groups.values() if len(g) > 1 for s in g]
+    shared = [g for g in groups.values() if len(g) > 1]  # teacher_bank: a lone LoRA of its base is fused (a full teacher)
+    loras = [s for g in shared for s in g]
     sizes, assumed = [], []
     for spec in loras:
         size = _lora_file_bytes(spec.source)
@@ -773,8 +776,6 @@ def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) 
             f"LoRA file(s) of {', '.join(assumed[:3])}{' ...' if len(assumed) > 3 else ''} not here: planned as rank "
             f"{lora_rank} on the attention/proj/ff layers"
         )
-    if len(groups) > 1:
-        notes.append("LoRAs of more than one base on this worker: planned as if they shared one base (an underestimate)")
     from dmm_ray.distill.streams import mixture_rows
 
     d = cfg.distill
@@ -783,6 +784,7 @@ def _group_layout(cfg, key: str, hosted: list, num_styles: int, lora_rank: int) 
         teachers_on_worker=k,
         lora_teachers=len(loras),
         lora_adapter_bytes=tuple(sizes),
+        lora_bases=max(1, len(shared)),
         batch_per_style=cfg.data.stream.batch_size,
         resolution=cfg.data.encode.resolution,  # distill trains on the latent shards (synthesized rows join them at that size)
         num_styles=num_styles,
@@ -976,7 +978,10 @@ def suggestions(
 
     def with_k(k: int, **change) -> Layout:
         n_lora = min(lay.lora_teachers, k) if min(lay.lora_teachers, k) > 1 else 0
-        return replace(lay, teachers_on_worker=k, lora_teachers=n_lora, lora_adapter_bytes=lay.lora_adapter_bytes[:n_lora], **change)
+        bases = max(1, min(lay.lora_bases, n_lora // 2))  # each shared base holds two LoRAs or more
+        return replace(
+            lay, teachers_on_worker=k, lora_teachers=n_lora, lora_adapter_bytes=lay.lora_adapter_bytes[:n_lora], lora_bases=bases, **change
+        )
 
     def fits(layout: Layout) -> bool:
         return plan_layout(layout, capacity_gb).fits

@@ -439,6 +439,27 @@ def test_planner_counts_shared_lora_base_once():
     assert teacher_bytes(shared) < 0.4 * teacher_bytes(fused)
 
 
+def test_planner_counts_each_shared_lora_base(tmp_path):
+    """The teacher bank loads each base that two or more of a worker's LoRAs share once, and fuses a lone
+    LoRA of its base into a full teacher. 2 + 2 LoRAs of two bases were planned on one base (a note
+    called it an underestimate): one SD1.5 UNet and text encoder (1.8 GiB in bf16) short."""
+    from dmm_ray.memory_plan import plan_config, text_encoder_params, unet_params
+
+    def lora(i, base):
+        return {"name": f"l{i}", "source": f"/nonexistent/l{i}_lora.safetensors", "format": "lora", "base": f"/nonexistent/{base}"}
+
+    def teacher_bytes(teachers):
+        plan, lay = plan_config(_planned(tmp_path, teachers, scaling={"teachers_per_worker": 4}))
+        assert not any("base" in note for note in plan.notes), plan.notes
+        return sum(b for n, b, _ in plan.lines if ("teacher" in n or "LoRA" in n) and "forward" not in n), lay
+
+    one, _ = teacher_bytes([lora(i, "sd15") for i in range(4)])
+    two, lay = teacher_bytes([lora(i, "sd15" if i < 2 else "sd15_other") for i in range(4)])
+    assert lay.lora_bases == 2 and two - one == 2 * (unet_params("sd15") + text_encoder_params("sd15"))
+    lone, lay = teacher_bytes([lora(0, "sd15"), lora(1, "sd15"), lora(2, "a"), lora(3, "b")])  # two shared, two fused
+    assert lay.lora_bases == 1 and lay.lora_teachers == 2 and lone > two
+
+
 def _saved_bytes(model, batch: int, latent: int, **style) -> int:
     """Bytes a real CPU forward of `model` keeps for backward, summed as the planner sums them (parameters
     and attention probabilities left out, views of one tensor once)."""
