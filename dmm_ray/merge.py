@@ -405,11 +405,18 @@ def describe_layout(cfg: MergeConfig) -> str:
             lines.append(f"  worker {role.rank}: the previous merged model (regularisation of the old styles)")
             continue
         names = [cfg.teachers[i].name for i in role.teacher_indices]
-        loras = [i for i in role.teacher_indices if _format(cfg.teachers[i]) == "lora"]
+        # as distill.teacher_bank loads them: LoRAs that name one base share it when two or more do; a lone
+        # LoRA of its base is fused into its own copy, a full teacher (offloaded with the others)
+        bases: dict[str, int] = {}
+        for i in role.teacher_indices:
+            if cfg.scaling.share_lora_base and cfg.teachers[i].base and _format(cfg.teachers[i]) == "lora":
+                bases[str(cfg.teachers[i].base)] = bases.get(str(cfg.teachers[i].base), 0) + 1
+        shared = [n for n in bases.values() if n > 1]
         held = ""
-        if cfg.scaling.share_lora_base and len(loras) > 1:
-            held = f"; {len(loras)} LoRA(s) as adapters on one shared base"
-        if cfg.scaling.teacher_offload and len(names) - (len(loras) if held else 0) > 0:
+        if shared:
+            on = "one shared base" if len(shared) == 1 else f"{len(shared)} shared bases"
+            held = f"; {sum(shared)} LoRA(s) as adapters on {on}"
+        if cfg.scaling.teacher_offload and len(names) - sum(shared) > 0:
             held += "; full teachers offloaded to CPU RAM"
         ranks = [r.rank for r in roles if r.teacher_indices == role.teacher_indices]
         lines.append(f"  worker(s) {ranks}: {', '.join(names)}{held}")

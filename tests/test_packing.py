@@ -760,6 +760,29 @@ def test_dry_run_layout_reads_a_teachers_format_from_its_file(tmp_path):
     assert "worker(s) [0]: a, b; 2 LoRA(s) as adapters on one shared base" in text and "offloaded" not in text
 
 
+def test_dry_run_layout_groups_loras_by_their_base(tmp_path):
+    """LoRAs share a base on a worker only with other LoRAs of that base (distill.teacher_bank); a lone LoRA
+    of its base is fused, a full teacher (offloaded with scaling.teacher_offload). The layout said two
+    LoRAs of two bases were adapters on one shared base (the bank fuses and offloads both), and 2 + 2 on
+    two bases, one shared base."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.merge import describe_layout
+
+    def layout(bases):
+        teachers = [
+            {"name": f"t{i}", "source": str(tmp_path / f"t{i}.safetensors"), "base": str(tmp_path / b), "format": "lora"} for i, b in enumerate(bases)
+        ]
+        world = {"base": str(tmp_path), "teachers": teachers, "shards": str(tmp_path / "s")}
+        scaling = {"teachers_per_worker": len(bases), "teacher_offload": True}
+        return describe_layout(MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", scaling=scaling))).splitlines()[1]
+
+    assert layout("ab") == "  worker(s) [0]: t0, t1; full teachers offloaded to CPU RAM"
+    assert layout("aabb") == "  worker(s) [0]: t0, t1, t2, t3; 4 LoRA(s) as adapters on 2 shared bases"
+    assert layout("aab") == "  worker(s) [0]: t0, t1, t2; 2 LoRA(s) as adapters on one shared base; full teachers offloaded to CPU RAM"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_packed_merge_with_shared_lora_base_offload_and_bf16_teachers(ray_cluster, packed_world, tiny_base_dir, tmp_path):
