@@ -45,6 +45,17 @@ def refuse_empty(parser, args, *names: str) -> None:
             parser.error(f"--{name.replace('_', '-')} is empty; give a value or leave the option out")
 
 
+def expand_path_args(args, *names: str) -> None:
+    """`$DMM_HOME` and `~` expanded in these path options (dmm_ray.paths.expand, the rule of every path),
+    also when the shell left them alone: quoted (`--model '$DMM_HOME/outputs/dmm-toy/merged'`) or after `=`."""
+    from dmm_ray.paths import expand
+
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, expand(value))
+
+
 def given_options(parser, args, *names: str) -> list[str]:
     """The options among `names` (dests) that the command line set to other than their defaults, as
     written (`--registered-name`): for refusing options that only apply with another one."""

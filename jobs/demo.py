@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dmm_ray.console import cli_main, refuse_empty
+from dmm_ray.console import cli_main, expand_path_args, refuse_empty
 from dmm_ray.overrides import add_set_argument, literal_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="passed to jobs/merge.py: show every library notice and Ray Train INFO line")
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "zoo")  # `--zoo "$UNSET"` would build the default zoo (minutes), not use the one meant
+    expand_path_args(args, "zoo")
     overrides = ([literal_override("zoo", Path(args.zoo).resolve())] if args.zoo else []) + args.overrides
     merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:

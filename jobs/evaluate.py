@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument, literal_override
 
 
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
+    expand_path_args(args, "model", "teachers", "config", "out")
     if args.model and args.reference_only:  # the model would be sampled and scored, then its numbers dropped
         parser.error("--reference-only computes M_ref from the teachers alone: leave --model out (or drop --reference-only to evaluate it)")
     if args.reference_only and args.out:  # M_ref goes to cache_dir and the terminal: --out would stay empty

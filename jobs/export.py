@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, refuse_empty, set_verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "style", "weights", "out", "config_dir", "run_id", "tracking_uri")
+    expand_path_args(args, "model", "out", "config_dir")
     args.format = args.format or ("single_file" if Path(args.out).suffix.lower() == ".safetensors" else "diffusers")
     if args.format == "diffusers" and (args.config_dir or "none").lower() != "none":
         parser.error(

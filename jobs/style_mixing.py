@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "teachers", "group", "weighted_merge", "sweep", "config", "out", "tracking_uri")
+    expand_path_args(args, "model", "teachers", "config", "out", "weighted_merge")
     set_verbosity(args.verbose)
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)

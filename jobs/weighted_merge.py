@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dmm_ray.console import add_verbose_argument, cli_main, given_options, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, set_verbosity
 
 
 def _csv(s: str | None):
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     refuse_empty(
         parser, args, "teachers", "weights", "out", "tracking_uri", "project"
     )  # --names "" and --registered-name "": their own messages below
+    expand_path_args(args, "teachers", "out")
     if not args.track:  # they only say where and how --track logs: without it they would be ignored
         if given := given_options(parser, args, "tracking_uri", "project", "registered_name"):
             parser.error(f"{', '.join(given)} only apply with --track (log + register in MLflow); add --track, or leave {' and '.join(given)} out")

@@ -823,3 +823,13 @@ def test_export_single_file_that_fails_part_way_leaves_no_temp_file(tiny_compone
     with pytest.raises(type(error)):
         single_file.export_single_file(pipe, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"] and path.read_bytes() == good
+
+
+def test_export_job_expands_dmm_home_and_home_in_its_paths(merged_dir, tmp_path, monkeypatch):
+    """Finding: --model '$DMM_HOME/outputs/...' (quoted, or after '=') was "does not exist", and a quoted
+    `~` in --out made a folder named `~`: `$DMM_HOME` and `~` expand in the job's paths as in every path."""
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DMM_HOME", str(merged_dir.parent))
+    assert run_job("--model", f"$DMM_HOME/{merged_dir.name}", "--style", "ink", "--out=~/ink.safetensors", "--config-dir", "~/ink.config") == 0
+    assert (tmp_path / "home" / "ink.safetensors").is_file() and (tmp_path / "home" / "ink.config" / "model_index.json").is_file()

@@ -533,3 +533,20 @@ def test_one_device_rule_for_every_loader(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="device cuda: not usable here.*num_gpus"):
             pick_device("cuda")
+
+
+def test_the_eval_jobs_expand_dmm_home_and_home_in_their_paths(tmp_path, monkeypatch, capsys):
+    """Finding: jobs/evaluate.py, style_mixing.py and weighted_merge.py took a quoted (or after '=')
+    `$DMM_HOME` or `~` literally ("teachers file '$DMM_HOME/zoo.yaml' not found"), though it expands in
+    every path; the error now names the expanded path (and a zoo.yaml that is there is read)."""
+    from jobs import evaluate, style_mixing, weighted_merge
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "dmm"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for job, argv in (
+        (evaluate, ["--teachers", "$DMM_HOME/zoo/zoo.yaml", "--model", "~/merged", "--out", str(tmp_path / "ev")]),
+        (style_mixing, ["--teachers=$DMM_HOME/zoo/zoo.yaml", "--model", "~/merged", "--group", "a,b", "--out", str(tmp_path / "mix")]),
+        (weighted_merge, ["--teachers", "$DMM_HOME/zoo/zoo.yaml", "--weights", "a=1", "--out", str(tmp_path / "wm")]),
+    ):
+        assert job.main(argv) == 2, job
+        assert f"teachers file '{tmp_path / 'dmm' / 'zoo' / 'zoo.yaml'}' not found" in capsys.readouterr().err, job
