@@ -13,6 +13,7 @@ from typing import Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dmm_ray.defaults import PAPER_GUIDANCE, PAPER_STEPS
 from dmm_ray.styles import StyleError, resolve
 from serve.config import ServeConfig
 
@@ -287,7 +288,8 @@ def resolve_request(
                 raise RequestError(422, f"{name}={getattr(req, name)!r} goes with regions; give regions or leave {name} out")
     lora = resolve_lora(req.lora, list(lora_names))
 
-    steps = (cfg.default_steps if cfg.default_steps is not None else 25) if req.steps is None else req.steps  # router: the model's own default
+    # cfg.default_steps: the router sets the model's own default; PAPER_STEPS only for a config without one
+    steps = (cfg.default_steps if cfg.default_steps is not None else PAPER_STEPS) if req.steps is None else req.steps
     if steps > lim.max_steps:
         # A request without steps gets the server's default_steps: one above the limit (a merged model's 25 with
         # a few-step model's 10-step grid) is the config's to fix, not steps the request sent
@@ -334,7 +336,7 @@ def resolve_request(
             422,
             f"request asks for {total} images ({len(prompts)} prompt(s) x num_images={req.num_images}); the maximum is {lim.max_images}",
         )
-    guidance = (cfg.default_guidance if cfg.default_guidance is not None else 7.0) if req.guidance is None else req.guidance
+    guidance = (cfg.default_guidance if cfg.default_guidance is not None else PAPER_GUIDANCE) if req.guidance is None else req.guidance
     seed = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
 
     samples = []
