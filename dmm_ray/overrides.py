@@ -31,7 +31,7 @@ def config_error(error, model: type, source: str = "config") -> ConfigError:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         shown = e["type"] != "missing" and not isinstance(e["input"], dict) and f"got {e['input']!r}" not in e["msg"]
         got = f" (got {e['input']!r})" if shown else ""  # unless a validator's message already says it
-        hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
+        hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else _yaml_reading_hint(key, e)
         lines.append(f"  {key}: {e['msg']}{got}{hint}")
     return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
 
@@ -62,6 +62,27 @@ def _unknown_key_hint(model: type, loc: tuple) -> str:
     if close:
         return f"; did you mean {prefix}{close[0]}?"
     return f"; {prefix.rstrip('.') or 'the top level'} has: {', '.join(known)}"
+
+
+def _yaml_reading_hint(key: str, e: dict) -> str:
+    """Why a value YAML 1.1 (PyYAML) read otherwise than it looks failed its type, and how to write it:
+    an unquoted no/off/yes/on is a boolean (`--set name=no` was "got False"), and an exponent without a
+    '.' stays a string (`--set distill.steps=1e3` was "got '1e3'")."""
+    value = e["input"]
+    if isinstance(value, bool):
+        said = "; YAML reads an unquoted yes/no/on/off/true/false as a boolean"
+        if e["type"] != "string_type":
+            return said
+        word = "yes" if value else "no"
+        return f'{said}: quote it to keep the word (--set \'{key}="{word}"\', or "{word}" in a file)'
+    if isinstance(value, str) and e["type"] == "int_parsing":
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if number.is_integer() and abs(number) < 1e18:  # `1e3`: YAML 1.1 reads an exponent without a '.' as a string
+            return f"; write it as an integer: {key}={int(number)}"
+    return ""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -95,6 +95,28 @@ def test_an_unknown_key_names_the_nearest_known_one_or_its_sections_keys(tmp_pat
     assert hint in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        (
+            "name=no",
+            """name: Input should be a valid string (got False); YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote it to keep the word (--set 'name="no"'""",
+        ),
+        (
+            "distill.steps=1e3",
+            "distill.steps: Input should be a valid integer, unable to parse string as an integer (got '1e3'); write it as an integer: distill.steps=1000",
+        ),
+        ("distill.lr=off", "distill.lr: Input should be greater than 0 (got False); YAML reads an unquoted yes/no/on/off/true/false as a boolean"),
+    ],
+)
+def test_a_value_yaml_read_otherwise_than_it_looks_says_how_to_write_it(tmp_path, override, hint):
+    """Finding: `--set name=no` was "got False" and `--set distill.steps=1e3` "got '1e3'" (YAML 1.1 reads
+    no/off as booleans and an exponent without a '.' as a string), with nothing saying why or what to write."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, BASE), [override])
+    assert hint in str(info.value)
+
+
 def test_num_workers_multiple_of_teachers_accepted(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["scaling.num_workers=6"])
     assert cfg.workers_per_teacher == 2
