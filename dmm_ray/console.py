@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 import time
+from pathlib import Path
 
 from dmm_ray.output_lock import OutputDirBusyError
 
@@ -147,6 +148,22 @@ def interrupt_note(text: str):
         raise
 
 
+# the project's code: its package and the sibling folders of jobs and services (a checkout, or Ray's working-dir copy)
+_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep for name in ("dmm_ray", "serve", "jobs", "benchmarks"))
+
+
+def _raised_by_project(error: BaseException) -> bool:
+    """Whether the project's own code raised `error` (the innermost frame of its traceback): a plain
+    ValueError there (`require_local`, an evaluation's `check_ready`) is a message written for the
+    user, not another library's error that may be a bug and wants its traceback."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_PROJECT_DIRS)
+
+
 def cli_main(main=None, *, interrupted: str | None = None):
     """A job's `main(argv) -> int`: a user error (a bad config, path, style, model or teacher: the
     project's errors are ValueErrors; missing or unwritable files are OSErrors; a busy output folder)
@@ -169,7 +186,7 @@ def cli_main(main=None, *, interrupted: str | None = None):
                 raise
             message = str(error).strip() or type(error).__name__
             # the project's own errors and missing files say all there is; another library's may be a bug
-            ours = type(error).__module__.startswith("dmm_ray") or isinstance(error, OSError)
+            ours = type(error).__module__.startswith("dmm_ray") or isinstance(error, OSError) or _raised_by_project(error)
             print(f"error: {message}" + ("" if ours else "\n(the traceback: DMM_VERBOSE=1)"), file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:

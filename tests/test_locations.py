@@ -550,3 +550,25 @@ def test_the_eval_jobs_expand_dmm_home_and_home_in_their_paths(tmp_path, monkeyp
     ):
         assert job.main(argv) == 2, job
         assert f"teachers file '{tmp_path / 'dmm' / 'zoo' / 'zoo.yaml'}' not found" in capsys.readouterr().err, job
+
+
+def test_the_projects_own_plain_value_errors_carry_no_traceback_hint(capsys, monkeypatch):
+    """Finding: a plain ValueError the project raises for the user (require_local's URI refusal, an
+    evaluation's check_ready: "FID needs at least 2") printed "(the traceback: DMM_VERBOSE=1)", the hint
+    meant for another library's errors. cli_main now tells them apart by where the error was raised."""
+    from pathlib import Path
+
+    from dmm_ray.console import cli_main
+    from dmm_ray.data.fs import require_local
+    from dmm_ray.evaluation.config import EvalConfig
+
+    monkeypatch.delenv("DMM_VERBOSE", raising=False)
+    assert cli_main(lambda argv: require_local("--output-dir", "s3://b/fast"))([]) == 2
+    assert capsys.readouterr().err == (
+        "error: --output-dir 's3://b/fast' is a URI, but --output-dir must be a local folder "
+        "(URIs are supported for output_dir, data.shards and loading a merged model)\n"
+    )
+    assert cli_main(lambda argv: EvalConfig(prompts=["a"], images_per_prompt=1).check_ready())([]) == 2
+    assert capsys.readouterr().err == "error: 1 prompt(s) x images_per_prompt=1 is 1 image per set; FID needs at least 2\n"
+    assert cli_main(lambda argv: Path("rel").relative_to("/abs"))([]) == 2  # raised inside another library: the hint stays
+    assert capsys.readouterr().err.splitlines()[-1] == "(the traceback: DMM_VERBOSE=1)"
