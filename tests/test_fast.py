@@ -1159,7 +1159,6 @@ def test_fast_job_dry_run_prints_the_memory_plan_and_a_worker_that_does_not_fit_
     from merge_fixtures import tiny_merge_config
 
     from dmm_ray.config import MergeConfig
-    from dmm_ray.fast import job as fast_job
     from dmm_ray.fast.loop import build_student
     from dmm_ray.memory_plan import fast_worker
     from jobs import fast as job
@@ -1179,17 +1178,8 @@ def test_fast_job_dry_run_prints_the_memory_plan_and_a_worker_that_does_not_fit_
     _, lora = build_student(merged, cfg.fast)
     assert layout.model_params == params and layout.lora_params == sum(p.numel() for p in lora)
 
-    class RayStarted(Exception):
-        pass
-
-    def ray(*a, **k):
-        raise RayStarted
-
-    monkeypatch.setattr(fast_job, "init_for_training", ray)
     small = ["--set", "scaling.gpu_memory_gb=0.5", "--set", "scaling.use_gpu=true"]
-    for flags in (["--dry-run"], []):
-        assert job.main(args + small + flags) == 2, flags
-        err = capsys.readouterr().err
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args + small):
         assert "the fast stage does not fit: each of its fast.num_workers = 1 worker(s) needs" in err, err
         assert "but scaling.gpu_memory_gb is 0.5 GiB" in err and "CUDA context" in err
 
@@ -1314,24 +1304,14 @@ def test_missing_synthesized_sets_are_refused_before_ray_and_by_the_dry_run(merg
     import yaml
     from merge_fixtures import tiny_merge_config
 
-    from dmm_ray.fast import job as fast_job
     from jobs import fast as job
 
     world, merged = merged_world
     config = tmp_path / "fast.yaml"
     config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast={"synthetic_fraction": 0.5})))
 
-    class RayStarted(Exception):
-        pass
-
-    def ray(*a, **k):
-        raise RayStarted
-
-    monkeypatch.setattr(fast_job, "init_for_training", ray)
     args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
-    for flags in (["--dry-run"], []):
-        assert job.main(args + flags) == 2, flags
-        err = capsys.readouterr().err
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
         assert f"fast.synthetic_fraction=0.5 needs the merge's synthesized sets, but {merged.parent / 'synthesized'} has no style_<i>/" in err, err
     synthesized = _synthesized_sets(tmp_path / "synthesized", styles=2, rows=4)
     assert job.main(args + ["--dry-run", "--set", f"fast.synthesized={synthesized}"]) == 0
@@ -1364,25 +1344,13 @@ def test_latents_that_are_neither_there_nor_encodable_are_refused_before_ray(mer
     import yaml
     from merge_fixtures import tiny_merge_config
 
-    from dmm_ray.fast import job as fast_job
-    from jobs import fast as job
-
     world, merged = merged_world
     tree = tiny_merge_config(world, tmp_path / "run")
     config = tmp_path / "fast.yaml"
     config.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], "shards": str(tmp_path / "no_shards")}}))
 
-    class RayStarted(Exception):
-        pass
-
-    def ray(*a, **k):
-        raise RayStarted
-
-    monkeypatch.setattr(fast_job, "init_for_training", ray)
     args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
-    for flags in (["--dry-run"], []):
-        assert job.main(args + flags) == 2, flags
-        err = capsys.readouterr().err
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
         assert f"data.shards {tmp_path / 'no_shards'} has no latents and data.source is not set to encode them" in err, err
 
 
@@ -1617,3 +1585,18 @@ def test_synthesized_shards_takes_only_the_style_folders_synthesis_names(merged_
     (folder / "style_0.bak").mkdir()
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast={"synthetic_fraction": 0.25, "synthesized": str(folder)}))
     assert [Path(s).name for s in synthesized_shards(cfg, merged)] == ["style_0", "style_1"]
+
+
+def _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+    """jobs/fast.py with `args`, as a dry run and as a run whose Ray start fails the test: both must refuse
+    (exit 2) before Ray, with the same checks. Yields each refusal's stderr for the caller's asserts."""
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    def ray(*a, **k):
+        raise AssertionError("Ray started: the check must refuse before it")
+
+    monkeypatch.setattr(fast_job, "init_for_training", ray)
+    for flags in (["--dry-run"], []):
+        assert job.main(args + flags) == 2, flags
+        yield capsys.readouterr().err
