@@ -872,8 +872,6 @@ def fast_stage(run: MergeRun) -> None:
     result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled)
 
 
-# The stages a merge whose model is saved (saved_before_evaluate) does not run again.
-SAVED_STAGES = ("synthesize", "distill", "finetune", "save")
 # A merge after validate and encode: these stages, in this order, each when its condition holds.
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", synthesize_stage, when=lambda run: run.cfg.data.synthetic_fraction > 0),  # mixed into distill from step 0
@@ -885,6 +883,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("track", track_stage, when=lambda run: bool(run.tracker)),
     Stage("fast", fast_stage, when=lambda run: run.cfg.fast.enabled),
 )
+# The stages a merge whose model is saved (saved_before_evaluate) does not run again: every stage up to the save.
+SAVED_STAGES = tuple(s.name for s in STAGES[: [s.name for s in STAGES].index("save") + 1])
 
 
 def _synthesize(cfg: MergeConfig, out: Path | str) -> dict[int, str]:

@@ -245,16 +245,7 @@ def test_a_typo_is_reported_before_a_zoo_preset_is_built(tmp_path, monkeypatch):
     (teachers, base, data paths) and reads (zoo_teachers) still waits for the build."""
     from pathlib import Path
 
-    import dmm_ray.zoo.build
-
-    class Built(Exception):
-        pass
-
-    def build(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
+    Built = _zoo_build_refused(tmp_path, monkeypatch)
     toy = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml"
     with pytest.raises(ConfigError, match=r"distill.stepz: Extra inputs are not permitted \(got 3\); did you mean distill.steps\?"):
         load_config(toy, ["distill.stepz=3"], build_zoo=True)
@@ -272,16 +263,7 @@ def test_an_empty_teacher_list_with_a_zoo_is_refused_before_the_zoo_is_built(tmp
     now, before a zoo preset is built; null (`--set zoo_teachers=`) is still unset."""
     from pathlib import Path
 
-    import dmm_ray.zoo.build
-
-    class Built(Exception):
-        pass
-
-    def build(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
+    Built = _zoo_build_refused(tmp_path, monkeypatch)
     incremental = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy_incremental.yaml"
     with pytest.raises(
         ConfigError, match=r"zoo_teachers: \[\] picks no teacher of zoo full; name at least one \(for an incremental merge, the new ones\)"
@@ -464,3 +446,19 @@ def test_a_missing_zoo_folder_is_built_where_it_is_named(tmp_path, monkeypatch):
     for value, out in [("./myzoo", tmp_path / "myzoo"), ("z/zoo.yaml", tmp_path / "z")]:
         with pytest.raises(ConfigError, match=rf"build it with `python jobs/build_zoo.py --out {re.escape(str(out))}`"):
             load_config(_write(tmp_path, BASE), [f"zoo={value}"])
+
+
+def _zoo_build_refused(tmp_path, monkeypatch) -> type[Exception]:
+    """A fresh DMM_HOME whose zoo preset build raises the returned exception: a config that passes its
+    checks reaches the build and stops there, one that fails them never gets that far."""
+    import dmm_ray.zoo.build
+
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
+    return Built

@@ -400,18 +400,11 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
     replaces the previous model and its record, and the evaluation used to read that record again after
     it: the new teachers twice, one spec more than the model has styles. The merge reads them once,
     before any stage. (Training is stubbed: the distilled student is the previous model + the new style.)"""
-    import shutil
 
     from dmm_ray import merge
     from dmm_ray.evaluation import api
 
-    out = tmp_path / "out"
-    shutil.copytree(merged_world["merged"], out / "merged")
-    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
-    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
-    cfg = MergeConfig.model_validate(
-        tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
-    )
+    out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
 
     def distill(run):  # as distill/loop.py::_load_student starts it
         student = StyleUNet.from_pretrained(out / "merged" / "unet")
@@ -641,18 +634,12 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evalu
     settings were fixed) now skips the training and the save and runs evaluate and track on the saved
     model, each style's teacher once, logging what the training measured. A config that would train again
     (another training setting, --restart) still finds the previous model gone: refused."""
-    import shutil
 
     from dmm_ray import merge
     from dmm_ray.evaluation import api
 
-    out = tmp_path / "out"
-    shutil.copytree(merged_world["merged"], out / "merged")
-    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
-    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
-    cfg = MergeConfig.model_validate(
-        tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
-    ).with_absolute_paths()
+    out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
+    cfg = cfg.with_absolute_paths()
     ran, evaluated, failing = [], [], {"evaluate", "track"}
 
     def evaluate_merge(path, teachers, config):
@@ -740,3 +727,16 @@ def test_an_increment_on_another_student_base_than_the_previous_models_is_refuse
     with pytest.raises(TeacherError, match=rf"incremental.base_merged: .* was merged on the student base {merged_world['base']}.*Set student.base: "):
         validate_before_ray(increment(other))
     validate_before_ray(increment(shutil.copytree(merged_world["base"], tmp_path / "copy_of_base")))
+
+
+def _adding_new0_into_its_own_output(merged_world, tmp_path):
+    """(output_dir, config) of an incremental merge adding teacher new0 to a copy of the previous model in
+    its own <output_dir>/merged (base_merged = that folder), evaluated with the seeded test extractor."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(merged_world["merged"], out / "merged")
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
+    config = tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
+    return out, MergeConfig.model_validate(config)
