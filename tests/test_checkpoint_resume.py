@@ -173,3 +173,30 @@ def test_a_checkpoint_write_that_fails_leaves_no_temp_folder(tmp_path, monkeypat
     with pytest.raises(type(error)):  # the few-step loop's write
         fast_loop._report(0, 1, {}, None, SimpleNamespace(mode="lora"), nothing, nothing, stream, None, None, None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("same_stage", [True, False], ids=["resume", "finetune-continue"])
+def test_a_restored_ema_lives_on_the_students_device(same_stage):
+    """A checkpoint is read to the CPU; diffusers' EMAModel.load_state_dict keeps the shadow weights
+    there, so on a GPU worker the first ema.step after a resume (or the fine-tune continuing the
+    distill stage's EMA) mixed devices and failed. Here the student's device is 'meta'."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import EMAModel
+
+    from dmm_ray.distill.loop import _load_state
+
+    saved_from = torch.nn.Linear(3, 3)
+    state = {
+        "opt_student": torch.optim.AdamW(saved_from.parameters()).state_dict(),
+        "disc_head": None,
+        "opt_disc": None,
+        "ema": EMAModel(saved_from.parameters(), decay=0.9).state_dict(),
+    }
+    student = torch.nn.Linear(3, 3).to("meta")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    optim = SimpleNamespace(student=optimizer, disc=None, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    models = SimpleNamespace(student=student, discriminator=None, ema=EMAModel(student.parameters(), decay=0.9))
+    _load_state(models, optim, state, None, same_stage=same_stage)
+    assert {p.device.type for p in models.ema.shadow_params} == {"meta"}
+    models.ema.step(student.parameters())  # mixed devices: RuntimeError

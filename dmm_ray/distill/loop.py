@@ -232,6 +232,9 @@ def _load_state(models: Models, optim: Optimizers, state: dict, folder: Path | N
         optim.disc.load_state_dict(state["opt_disc"])
     if models.ema is not None and state["ema"] is not None:
         models.ema.load_state_dict(state["ema"])
+        # the state is read to the CPU and EMAModel keeps its tensors as given: on the student's device,
+        # or a GPU worker's first ema.step mixes devices (the optimizers' load_state_dict moves theirs)
+        models.ema.to(device=next(models.student.parameters()).device)
     if same_stage and state.get("lr_scheduler") is not None:
         optim.lr_scheduler.load_state_dict(state["lr_scheduler"])
     elif not same_stage:  # a new stage continues the optimizer's moments at its own lr
