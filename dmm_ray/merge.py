@@ -178,13 +178,18 @@ def log(msg: str) -> None:
 def check_synthesized_rows(cfg: MergeConfig) -> None:
     """Each style's synthesized set (synthesis.images_per_teacher rows, shared out among the style's
     scaling.workers_per_teacher replicas) must fill, in each replica's share, the rows of it that one batch
-    takes (dmm_ray.distill.streams.cached_stream); else distill or the fine-tune stop after synthesis."""
-    from dmm_ray.distill.streams import split_batch
+    takes (dmm_ray.distill.streams.cached_stream), its mixture rows too (a stream of their own); else
+    distill or the fine-tune stop after synthesis."""
+    from dmm_ray.distill.streams import mixture_rows, split_batch
 
     needs = []
+    batch = cfg.data.stream.batch_size
     if cfg.data.synthetic_fraction > 0:
-        stream = f"data.synthetic_fraction={cfg.data.synthetic_fraction} of data.stream.batch_size={cfg.data.stream.batch_size}"
-        needs.append((split_batch(cfg.data.stream.batch_size, cfg.data.synthetic_fraction)[1], stream))
+        stream = f"data.synthetic_fraction={cfg.data.synthetic_fraction} of data.stream.batch_size={batch}"
+        needs.append((split_batch(batch, cfg.data.synthetic_fraction)[1], stream))
+    fraction = cfg.distill.mixture_fraction
+    if fraction > 0 and min(cfg.scaling.teachers_per_worker, len(cfg.teachers)) >= 2:  # a worker hosting 2+ styles mixes them
+        needs.append((mixture_rows(batch, fraction), f"distill.mixture_fraction={fraction} of data.stream.batch_size={batch}"))
     if cfg.finetunes:
         needs.append((cfg.synthesis.finetune_batch_size, "synthesis.finetune_batch_size"))
     k = cfg.workers_per_teacher

@@ -415,11 +415,17 @@ def test_settings_that_would_fail_after_training_are_refused_before_anything_is_
             "that one batch takes (data.synthetic_fraction=0.5 of data.stream.batch_size=8) for each of its 2 workers "
             "(scaling.workers_per_teacher); synthesize at least 8",
         ),
+        (  # the mixture rows are a stream of their own, of each style's set: 8 rows, of 4 synthesized
+            ["data.synthetic_fraction=0.25", "data.stream.batch_size=8", "scaling.teachers_per_worker=2", "distill.mixture_fraction=1.0"],
+            "synthesis.images_per_teacher=4 is fewer than the 8 synthesized rows of each style that one batch takes "
+            "(distill.mixture_fraction=1.0 of data.stream.batch_size=8)",
+        ),
     ],
 )
 def test_too_few_synthesized_images_for_one_batch_are_refused_before_anything_is_written(world, tmp_path, capsys, overrides, says):
     """A style's synthesized set smaller than the rows one batch takes of it used to stop the merge only
-    after the synthesis, inside Ray Train ('style 8's synthesized samples has 8 rows, fewer than a batch of 16')."""
+    after the synthesis, inside Ray Train ('style 8's synthesized samples has 8 rows, fewer than a batch of 16';
+    for the mixture rows: 'style 0's mixture samples has 4 rows, fewer than a batch of 8')."""
     from jobs import merge as merge_job
 
     config = tmp_path / "merge.yaml"
