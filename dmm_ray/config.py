@@ -383,6 +383,13 @@ class MergeConfig(_Section):
             raise ValueError(
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
             )
+        side, shards_side = self.synthesis_resolution, self.data.encode.resolution
+        if self.data.synthetic_fraction > 0 and side != shards_side:  # else distill stops after the synthesis: latents of two sizes
+            raise ValueError(
+                f"data.synthetic_fraction > 0 puts synthesized latents and latent-shard rows in one batch, which needs one size: "
+                f"synthesis.resolution is {side} but the shards' data.encode.resolution is {shards_side}; "
+                f"unset synthesis.resolution (its default is data.encode.resolution) or set it to {shards_side}"
+            )
         if self.distill.mixture_fraction > 0 and (self.scaling.teachers_per_worker < 2 or self.data.synthetic_fraction == 0):
             raise ValueError(
                 f"distill.mixture_fraction={self.distill.mixture_fraction}: mixture rows mix the predictions of the teachers one "

@@ -79,6 +79,18 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         load_config(_write(tmp_path, BASE), [override])
 
 
+def test_synthesized_samples_mixed_into_distillation_are_made_at_the_shards_size(tmp_path):
+    """data.synthetic_fraction > 0 joins each style's synthesized latents to latent-shard rows in one batch:
+    a synthesis.resolution other than data.encode.resolution was accepted, synthesized, and stopped distill
+    inside its workers ('synthesized latents (4, 16, 16) and latent shards (4, 8, 8) differ in shape')."""
+    mixed = ["data.synthetic_fraction=0.5", "data.encode.resolution=256"]
+    with pytest.raises(ConfigError, match=re.escape("synthesis.resolution is 512 but the shards' data.encode.resolution is 256")):
+        load_config(_write(tmp_path, BASE), [*mixed, "synthesis.resolution=512"])
+    assert load_config(_write(tmp_path, BASE), [*mixed, "synthesis.resolution=256"]).synthesis_resolution == 256
+    assert load_config(_write(tmp_path, BASE), mixed).synthesis_resolution == 256  # the default: the shards' side
+    assert load_config(_write(tmp_path, BASE), ["synthesis.resolution=512"]).synthesis_resolution == 512  # the fine-tune alone: its own size
+
+
 @pytest.mark.parametrize(
     "override, hint",
     [

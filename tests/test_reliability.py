@@ -102,6 +102,21 @@ def test_a_stream_smaller_than_its_batch_is_an_input_error():
     assert stops_without_retry(info.value)
 
 
+def test_synthesized_latents_of_another_size_than_the_shards_are_an_input_error():
+    """A batch joins common-stream rows and synthesized ones; latents of two sizes (shards encoded at
+    another side than their data.encode.resolution says, so the config check passed) raised a plain
+    ValueError, which Ray Train retried scaling.max_failures times, re-reading the synthesized sets."""
+    import torch
+
+    from dmm_ray.distill.health import TrainingInputError, stops_without_retry
+    from dmm_ray.distill.streams import _joined
+
+    common, synthesized = {"latents": torch.zeros(2, 4, 8, 8)}, {"latents": torch.zeros(2, 4, 16, 16)}
+    with pytest.raises(TrainingInputError, match=r"synthesized latents \(4, 16, 16\) and latent shards \(4, 8, 8\) differ") as info:
+        _joined([common, synthesized])
+    assert stops_without_retry(info.value)
+
+
 def test_ctrl_c_after_training_stops_the_merge_again(monkeypatch, capsys, tmp_path):
     """Ray Train's fit() leaves its own SIGINT handler installed (abort the run; exit 0 on the third
     Ctrl-C), which swallowed a Ctrl-C during save / evaluate / register: fit_stage puts the previous

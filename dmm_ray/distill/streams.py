@@ -267,7 +267,7 @@ def _joined(parts: list[dict]) -> dict:
         return parts[0]
     shapes = {tuple(p["latents"].shape[1:]) for p in parts}
     if len(shapes) > 1:
-        raise ValueError(
+        raise TrainingInputError(  # the same on every restart: not retried
             f"synthesized latents {sorted(shapes)[-1]} and latent shards {sorted(shapes)[0]} differ in shape: "
             "set synthesis.resolution to the shards' data.encode.resolution"
         )
