@@ -202,6 +202,23 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
             )
 
 
+def check_synthesis_prompts(cfg: MergeConfig) -> None:
+    """A synthesis.prompts file that the synthesis stage will read is there and holds prompts: synthesis
+    runs after distill when only the fine-tune reads its samples, and a missing or empty file used to
+    stop the merge there, after the training."""
+    if not cfg.synthesis.prompts or not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):  # the stages that synthesize (STAGES)
+        return
+    from dmm_ray.data.readers import read_prompts
+
+    try:
+        read_prompts(cfg.synthesis.prompts)
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(
+            f"synthesis.prompts: {error}; give a text file with one prompt per line or a COCO captions JSON, "
+            "or unset synthesis.prompts to sample the latent shards' captions"
+        ) from None
+
+
 def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
     """incremental.old_style_samples: the regulariser's batch takes the synthesized rows of every read a
     teacher worker makes per step (one per hosted teacher: dmm_ray.distill.streams.StageBatches) from
@@ -234,6 +251,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
     check_synthesized_rows(cfg)
+    check_synthesis_prompts(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
         from dmm_ray.fast.job import check_output_folder, synthesized_shards
 

@@ -454,6 +454,30 @@ def test_too_few_synthesized_images_for_one_batch_are_refused_before_anything_is
     assert merge_job.main(["--config", str(config), "--dry-run"]) == 0  # the fixture's 4 images fill its batches
 
 
+@pytest.mark.parametrize(
+    "content, says",
+    [(None, "synthesis.prompts: prompt file '{path}' does not exist"), ("\n  \n", "synthesis.prompts: prompt file '{path}' holds no prompts")],
+    ids=["missing", "empty"],
+)
+def test_a_synthesis_prompt_file_that_gives_no_prompts_is_refused_before_anything_is_written(world, tmp_path, capsys, content, says):
+    """The fixture fine-tunes, so synthesis runs after distill: a synthesis.prompts file that is not there
+    (or holds no prompt) passed --dry-run and stopped the merge in the synthesis stage, after the training."""
+    from jobs import merge as merge_job
+
+    prompts = tmp_path / "synthesis_prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "out", synthesis={"prompts": str(prompts)})))
+    for flags in (["--dry-run"], []):
+        code = merge_job.main(["--config", str(config), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and says.format(path=prompts) in err, (flags, err)
+        assert not (tmp_path / "out").exists()
+    prompts.write_text("a red circle\n")
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]
