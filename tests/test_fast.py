@@ -788,6 +788,22 @@ def test_full_mode_saves_the_distilled_unet_with_the_merged_codebook(merged_worl
     assert torch.equal(pipe.unet.class_embedding.codebook.weight, _load(merged).unet.class_embedding.codebook.weight)
 
 
+def test_a_resumed_saved_ema_lives_on_its_parameters_device():
+    """fast.saved_ema_decay's EMA is resumed from a checkpoint read to the CPU; diffusers' EMAModel kept
+    the shadow weights there, so a GPU worker's first ema.step after the resume mixed devices and failed.
+    Here the parameters' device is 'meta'."""
+    from diffusers.training_utils import EMAModel
+
+    from dmm_ray.fast.loop import load_saved_ema
+
+    state = {"saved_ema": EMAModel(list(torch.nn.Linear(3, 3).parameters()), decay=0.9).state_dict()}
+    params = list(torch.nn.Linear(3, 3).to("meta").parameters())
+    ema = EMAModel(params, decay=0.9)
+    load_saved_ema(ema, state, "checkpoint")
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}
+    ema.step(params)  # mixed devices: RuntimeError
+
+
 def test_saved_ema_is_what_the_save_keeps(merged_world, tmp_path):
     """fast.saved_ema_decay: the saved UNet holds the EMA's shadow weights, not the last step's;
     a checkpoint trained without the EMA is refused, not silently saved raw."""

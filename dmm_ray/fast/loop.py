@@ -60,7 +60,10 @@ def load_saved_ema(ema, state: dict, source: str) -> None:
     """The checkpoint's EMA into `ema`, or a clear error when it was trained without one."""
     if not state.get("saved_ema"):
         raise RuntimeError(f"fast.saved_ema_decay is set but {source} holds no EMA (trained without it): unset it, or train anew")
+    device = ema.shadow_params[0].device  # the parameters' (the EMA is made from them)
     ema.load_state_dict(state["saved_ema"])
+    # a checkpoint is read to the CPU and EMAModel keeps the tensors as given: a GPU worker's next ema.step mixed devices
+    ema.to(device=device)
 
 
 def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
