@@ -67,13 +67,20 @@ def style_weights(names: Sequence[str], selection: Any) -> list[float]:
         raise StyleError(f"unknown style {selection!r}; known styles: {known}")
     if isinstance(selection, Mapping):
         weights = [0.0] * n
+        given: dict[int, Any] = {}  # style index -> the key that gave it
         for key, value in selection.items():
             index = key if isinstance(key, int) and not isinstance(key, bool) else None
             if index is None:
                 index = style_weights(names, key).index(1.0)  # a name (raises naming it when unknown)
             elif not 0 <= index < n:
                 raise StyleError(f"style index {index} is out of range [0, {n}); known styles: {known}")
-            weights[index] += _number(value, known)
+            if index in given:  # {"noir": 0.5, 4: 0.5}: the weights were added, silently, whatever the caller meant
+                raise StyleError(
+                    f"style weights give style {names[index]!r} twice ({given[index]!r} and {key!r}: a name and its index); "
+                    f"give each style once, with its whole weight; known styles: {known}"
+                )
+            given[index] = key
+            weights[index] = _number(value, known)
         return _normalise(names, weights)
     if not isinstance(selection, Sequence):
         raise StyleError(f"style must be a name, an index or weights, got {type(selection).__name__}; known styles: {known}")

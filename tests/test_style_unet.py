@@ -254,6 +254,14 @@ def test_resolve_style_errors_name_known_styles():
             resolve_style(STYLES, bad)
 
 
+def test_a_mixture_naming_one_style_twice_is_refused():
+    """{"ink": 0.5, 2: 0.5} (a name and its index, or its digit string, as Serve's JSON keys are) added the
+    two weights silently: one resolver for the pipeline, Serve and the jobs, so the refusal is there."""
+    for mixture, match in [({"ink": 0.5, 2: 0.5}, "'ink' and 2"), ({"anime": 1, "1": 1, "ink": 1}, "'anime' and '1'")]:
+        with pytest.raises(StyleError, match=f"give style '(ink|anime)' twice \\({match}: a name and its index\\)"):
+            resolve_style(STYLES, mixture)
+
+
 def test_missing_style_is_a_clear_error(student):
     x, t, h = _inputs(batch=1)
     with pytest.raises(StyleError, match="no style given"):
