@@ -66,7 +66,7 @@ class Region:
 
     box:    (x0, y0, x1, y1) as fractions of the canvas width/height, 0 <= x0 < x1 <= 1.
     mask:   soft mask in [0, 1] at image size (H, W) or latent size (H/f, W/f); a tensor,
-            numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, 16-bit
+            numpy array or PIL image (uint8 masks and 8-bit images are read as 0..255, uint16 masks and 16-bit
             images as 0..65535, a float "F" image as [0, 1]).
     style / style_weights: one style (name or index; a list is refused: it is not one style) or a mixture
             (a dict name -> weight, or N weights), as for `pipe(style=...)`.
@@ -168,14 +168,19 @@ def box_mask(box: Sequence[float], latent_size: tuple[int, int], label: str = "r
     return mask
 
 
+# the integer masks read on an image's scale: 8-bit and 16-bit images (PNGs) and their arrays; a uint16 array was
+# read as its raw values (refused above 1) while the same values as a 16-bit PIL image were read as 0..65535
+IMAGE_SCALES = {torch.uint8: 255, torch.uint16: 65535}
+
+
 def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL image
         import numpy as np
 
         if mask.mode == "F":  # a float image holds the [0, 1] weights themselves: convert("L") would truncate 0.5 to 0
             mask = np.array(mask, dtype=np.float32)
-        elif mask.mode.startswith("I;16"):  # a 16-bit image (a 16-bit PNG): 0..65535; convert("L") clips every value above 255 to 1
-            return _checked_mask(torch.from_numpy(np.array(mask, dtype=np.float32) / 65535.0), label, np.array(mask).shape)
+        elif mask.mode.startswith("I;16"):  # a 16-bit image (a 16-bit PNG): convert("L") clips every value above 255 to 1
+            mask = np.array(mask).astype(np.uint16)  # native byte order (I;16B is big-endian); read as a uint16 array below
         elif mask.mode == "I" and mask.getextrema()[1] > 255:  # 32-bit integers: their scale is unknown, and "L" would clip them
             raise RegionError(f"{label}: a 32-bit integer PIL image (mode I) with values above 255 has no known scale; pass a float array in [0, 1]")
         else:
@@ -185,10 +190,15 @@ def _as_mask_tensor(mask: Any, label: str) -> torch.Tensor:
         # the plan is built on the CPU (box masks, background, normalisation: tensors of latent size) and each
         # view's weight moved to the latents' device where it is used; a mask on the GPU would meet them there
         raw = raw.cpu()
-    if raw.dtype == torch.uint8:
-        if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask in uint8 would weigh 1/255: almost nothing
-            raise RegionError(f"{label}: a uint8 mask is read as 0..255 but this one's maximum is 1; pass mask * 255, or a bool or float mask")
-        t = raw.float() / 255.0
+    scale = IMAGE_SCALES.get(raw.dtype)
+    if scale is not None:
+        kind = str(raw.dtype).removeprefix("torch.")
+        raw = raw.to(torch.int32)  # lossless; torch has no max() for uint16
+        if raw.numel() and int(raw.max()) == 1:  # a 0/1 mask would weigh 1/255 (1/65535): almost nothing
+            raise RegionError(
+                f"{label}: a {kind} mask is read as 0..{scale} but this one's maximum is 1; pass mask * {scale}, or a bool or float mask"
+            )
+        t = raw.float() / scale
     elif raw.dtype == torch.bool:
         t = raw.float()
     else:
@@ -203,7 +213,7 @@ def _checked_mask(t: torch.Tensor, label: str, shape: tuple) -> torch.Tensor:
     if t.ndim != 2:
         raise RegionError(f"{label}: mask must be 2-D (H, W), got shape {tuple(shape)}")
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-        raise RegionError(f"{label}: mask values must be in [0, 1] (or uint8 0..255)")
+        raise RegionError(f"{label}: mask values must be in [0, 1] (or uint8 0..255, uint16 0..65535)")
     return t
 
 

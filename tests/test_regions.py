@@ -506,6 +506,25 @@ def test_16_bit_pil_mask_is_read_as_0_to_65535():
     assert float(region_mask(Region(mask=eight_bit, style="noir"), (32, 32), (16, 16), "region 0").max()) == 1.0
 
 
+def test_uint16_mask_arrays_are_read_as_the_16_bit_image_is():
+    """A uint16 array (a tensor, or what a 16-bit PNG reads into with numpy / imageio) was read as its raw
+    values and refused above 1, while the same values as a 16-bit PIL image were read on 0..65535. Both
+    are read on 0..65535 now, and a 0/1 one (which would weigh 1/65535) is refused for both, as for uint8."""
+    from PIL import Image
+
+    from dmm_ray.regions import region_mask
+
+    soft = np.zeros((32, 32), np.uint16)
+    soft[:, :16] = 65535
+    soft[:, 16:24] = 1000
+    want = region_mask(Region(mask=Image.fromarray(soft), style="noir"), (32, 32), (16, 16), "region 0")
+    for mask in (soft, torch.from_numpy(soft)):
+        torch.testing.assert_close(region_mask(Region(mask=mask, style="noir"), (32, 32), (16, 16), "region 0"), want, rtol=0, atol=0)
+    for mask in ((soft > 0).astype(np.uint16), Image.fromarray((soft > 0).astype(np.uint16))):
+        with pytest.raises(RegionError, match=r"region 0: a uint16 mask is read as 0..65535 but this one's maximum is 1; pass mask \* 65535"):
+            region_mask(Region(mask=mask, style="noir"), (32, 32), (16, 16), "region 0")
+
+
 def test_background_fills_what_the_regions_leave(pipe):
     plain = _gen(pipe, style="pastel")
     out = _gen(pipe, regions=[Region(box=(0.25, 0.25, 0.75, 0.75), style="pastel")], background="pastel")
