@@ -495,7 +495,7 @@ def build_panorama_views(
                 f"be denoised; use at most {window} px (default {window // 2} px, windows overlapping by half)"
             )
     win = window // vae_scale_factor
-    step = win // 2 if stride is None else max(1, int(stride) // vae_scale_factor)
+    step = max(1, win // 2 if stride is None else int(stride) // vae_scale_factor)  # a one-cell window: half of it is 0
     wh, ww = min(win, h), min(win, w)
     boxes = [(y, x) for y in window_starts(h, wh, step) for x in window_starts(w, ww, step)]
     tile = gaussian_window(wh, ww, sigma_frac)

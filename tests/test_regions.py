@@ -353,6 +353,14 @@ def test_panorama_sweep_gives_each_window_its_mixture():
     torch.testing.assert_close(total, torch.ones(8, 32))  # normalised blend weights
 
 
+def test_panorama_of_one_cell_windows_steps_one_cell():
+    """A model whose native window is one latent cell (a UNet config with sample_size 1) stepped its windows
+    by half a window, 0 cells: range() raised "arg 3 must not be zero" instead of the panorama being drawn."""
+    views = build_panorama_views(STYLES, (8, 16), 2, window=2, style_map=[(0, 0.5, "noir"), (0.5, 1, "neon")])
+    assert [(v.y0, v.x0) for v in views] == [(y, x) for y in range(4) for x in range(8)]  # every cell its own window
+    assert [STYLES[int(v.style_row.argmax())] for v in views[:8]] == ["noir"] * 4 + ["neon"] * 4
+
+
 def test_style_map_entry_hidden_by_an_earlier_overlapping_one_is_refused():
     """Finding: a window takes the first entry holding its centre, so [(0, 1, "noir"), (0.5, 1, "neon")]
     rendered an all-noir panorama: neon was dropped silently, as an entry holding no centre used to be.
