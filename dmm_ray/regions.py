@@ -238,11 +238,12 @@ def region_mask(region: Region, image_size: tuple[int, int], latent_size: tuple[
 
 
 def _check_one_style(style: Any, setting: str, mixture: str, style_names: Sequence[str], weights_ok: bool = False) -> None:
-    """A region's style= (or background=) is one style: a list there is what `pipe(style=[...])` reads as
-    one style per prompt, and `resolve_style` would read it as mixture weights ("2 entries" for two names
-    of three styles, and [2, 0, 1] as the weights 2:0:1, silently). `mixture`: the setting a mixture goes
-    in instead (style_weights, or background itself as a dict). `weights_ok`: N numbers are a mixture's
-    weights there (background=, which the call's style_weights= and Serve's regions fill), names are not."""
+    """A region's style= (or background=, or a style_map entry's style) is one style: a list there is what
+    `pipe(style=[...])` reads as one style per prompt, and `resolve_style` would read it as mixture weights
+    ("2 entries" for two names of three styles, and [2, 0, 1] as the weights 2:0:1, silently). `mixture`:
+    where a mixture goes instead, "{}" standing for the dict (style_weights={}, background={}, a style_map
+    entry (x0, x1, {})). `weights_ok`: N numbers are a mixture's weights there (background=, which the call's
+    style_weights= and Serve's regions fill; a style_map entry, whose style is all it has), names are not."""
     if not (isinstance(style, (list, tuple)) or getattr(style, "ndim", 0) >= 1):
         return
     items = style.tolist() if hasattr(style, "tolist") else list(style)
@@ -253,7 +254,7 @@ def _check_one_style(style: Any, setting: str, mixture: str, style_names: Sequen
     what = "one style (a name or an index)" + (" or one weight per style" if weights_ok else "")
     raise StyleError(
         f"{setting} is {what}, got the list {items!r}; a part of the canvas has one style for every prompt: for a "
-        f"mixture give {mixture}={{{example}}} (a dict name -> weight); known styles: {', '.join(style_names)}"
+        f"mixture give {mixture.format('{' + example + '}')} (a dict name -> weight); known styles: {', '.join(style_names)}"
     )
 
 
@@ -287,7 +288,7 @@ def _region_style(style_names: Sequence[str], region: Region, label: str) -> tor
     if (region.style is None) == (region.style_weights is None):
         raise StyleError(f"{label}: give exactly one of style= or style_weights=; known styles: {', '.join(style_names)}")
     if region.style is not None:
-        _check_one_style(region.style, f"{label}: style=", "style_weights", style_names)
+        _check_one_style(region.style, f"{label}: style=", "style_weights={}", style_names)
     try:
         return resolve_style(style_names, region.style if region.style is not None else region.style_weights)
     except StyleError as exc:
@@ -351,7 +352,7 @@ def build_region_views(
         labels.append(label)
     union = torch.stack(hard).sum(0).clamp(max=1)
     if background is not None:
-        _check_one_style(background, "background=", "background", style_names, weights_ok=True)
+        _check_one_style(background, "background=", "background={}", style_names, weights_ok=True)
         try:
             bg_row = resolve_style(style_names, background)
         except StyleError as exc:
@@ -441,6 +442,8 @@ def _style_map_ranges(style_names: Sequence[str], style_map: Sequence) -> list[t
             raise RegionError(f"style_map entries must be (x0, x1, style) with fractions 0 <= x0 < x1 <= 1, got {entry!r}") from None
         if not (0 <= a < b <= 1):
             raise RegionError(f"style_map entry {i} {entry!r}: need 0 <= x0 < x1 <= 1 (fractions of the width)")
+        # a list of names ("noir and neon here") failed as weights: "one entry per style, got 2 entries"
+        _check_one_style(style, f"style_map entry {i}: its style", f"({a:g}, {b:g}, {{}})", style_names, weights_ok=True)
         try:
             ranges.append((a, b, resolve_style(style_names, style)))
         except StyleError as exc:

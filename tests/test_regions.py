@@ -454,6 +454,15 @@ def test_a_list_as_a_regions_style_says_where_a_mixture_goes():
     for region in (Region(box=ALL, style="neon"), Region(box=ALL, style=1), Region(box=ALL, style=mixture), Region(box=ALL, style_weights=[1, 1, 0])):
         build_region_views([region], names, size, 8)
     build_region_views([Region(box=LEFT, style="noir")], names, size, 8, background=[0, 1, 1])
+    # a style_map entry's style: a list of names failed as weights ("one entry per style, got 2 entries"); N weights stay
+    with pytest.raises(
+        StyleError,
+        match=r"style_map entry 1: its style is one style \(a name or an index\) or one weight per style, got the list \['noir', 'neon'\]; "
+        r".*give \(0.5, 1, \{'noir': 0.5, 'neon': 0.5\}\)",
+    ):
+        build_panorama_views(names, (16, 64), 2, 16, None, [(0, 0.5, "pixel"), (0.5, 1, ["noir", "neon"])])
+    views = build_panorama_views(names, (16, 64), 2, 16, None, [(0, 0.5, "pixel"), (0.5, 1, [1, 1, 0])])
+    torch.testing.assert_close(views[-1].style_row, torch.tensor([0.5, 0.5, 0.0]))
 
 
 def test_feather_width_changes_the_seam(pipe):
