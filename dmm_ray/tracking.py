@@ -46,6 +46,7 @@ MODEL_ARTIFACT = "merged_model"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's experiment type
 _ANSWERED: set[str] = set()  # http(s) stores that answered this process once (MergeTracker._first_contact)
 MAX_PARAM_LEN = 6000  # MLflow's param value limit (SQL stores)
+MAX_METRIC_NAME_LEN = 250  # MLflow's limit on a metric's name (a longer one is an MlflowException)
 
 
 class TrackingError(ValueError):
@@ -189,6 +190,23 @@ def metric_name(name: str) -> str:
     merge's evaluation failed when it logged them), so each character of such a part becomes _ too."""
     parts = _METRIC_BAD.sub("_", name).split("/")
     return "/".join(part if part not in ("", ".", "..") else "_" * max(len(part), 1) for part in parts)
+
+
+def metric_names(names) -> dict[str, str]:
+    """Each of `names` (metrics logged together: `fid_diag/<style>` for every style) -> its `metric_name`, one
+    per name. Names that `metric_name` makes equal (styles `a:b` and `a_b`, or `水墨` and `油画`, both
+    `fid_diag/__`) overwrote one another in MLflow, so each of them it changed ends with `-` and 8 hex digits
+    of its own sha256 (the same in every run), while one it kept stays as it is. A name over MLflow's 250
+    characters (a long style name), which failed the stage's logging, is cut to make room for that digest."""
+    clean = {name: metric_name(name) for name in names}
+    counts = collections.Counter(clean.values())
+    out = {}
+    for name, cleaned in clean.items():
+        if len(cleaned) > MAX_METRIC_NAME_LEN or (counts[cleaned] > 1 and cleaned != name):
+            tail = "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+            cleaned = cleaned[: MAX_METRIC_NAME_LEN - len(tail)] + tail
+        out[name] = cleaned
+    return out
 
 
 def _without_disabled(d: Mapping[str, Any]) -> dict:
@@ -409,7 +427,9 @@ class MergeTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.enabled:
             return
-        clean = {metric_name(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        names = metric_names(values)
+        clean = {names[k]: v for k, v in values.items()}
         _mlflow().log_metrics(clean, step=step)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:

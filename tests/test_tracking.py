@@ -141,6 +141,24 @@ def test_every_style_name_gives_a_metric_name_mlflow_takes(tracker):
     assert mlflow.MlflowClient(tracker.config.tracking_uri).get_run(run.info.run_id).data.metrics == {n: float(i) for i, n in enumerate(names)}
 
 
+def test_styles_whose_metric_names_clash_or_run_long_each_get_their_own_metric(tracker):
+    """Styles `a:b` and `a_b` (or `水墨` and `油画`, both `fid_diag/__`) gave one metric name, and the last
+    style's FID overwrote the others'; a style name that made `fid_diag/<style>` longer than MLflow's 250
+    characters failed the stage's logging. The names a clash changed, and the long one, end with a digest
+    of their own name; a name nothing changed stays as it is."""
+    import mlflow
+
+    styles = ["a:b", "a_b", "水墨", "油画", "x" * 300]
+    with tracker.project(), tracker.stage("evaluation") as run:
+        tracker.log_metrics({f"fid_diag/{s}": float(i) for i, s in enumerate(styles)})
+    logged = mlflow.MlflowClient(tracker.config.tracking_uri).get_run(run.info.run_id).data.metrics
+    assert sorted(logged.values()) == [0.0, 1.0, 2.0, 3.0, 4.0] and logged["fid_diag/a_b"] == 1.0
+    assert all(len(name) <= 250 for name in logged)
+    from dmm_ray.tracking import metric_names
+
+    assert metric_names([f"fid_diag/{s}" for s in styles]) == metric_names([f"fid_diag/{s}" for s in styles])  # the same in every run
+
+
 def test_stage_tracker_glue_for_the_merge_driver(tmp_path, monkeypatch, tiny_components):
     """start_stage -> workers log per-step metrics by run id -> finish_stage logs + registers."""
     from types import SimpleNamespace
