@@ -250,6 +250,17 @@ class _StyleCallMixin:
         return folder
 
     @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe` (the source's modules, shared), keeping the source's `fuse_styles`: an attribute,
+        not a component or config entry, so `from_pipe` dropped it and a pipeline made from one with
+        `fuse_styles = False` (DMMImg2ImgPipeline.from_pipe, with_controlnet) folded styles again."""
+        new = super().from_pipe(pipeline, **kwargs)
+        fuse = getattr(pipeline, "fuse_styles", None)  # a stock source has none: the class's default
+        if fuse is not None:
+            new.fuse_styles = fuse
+        return new
+
+    @classmethod
     def _get_signature_types(cls):
         """diffusers' `from_pipe` carries a model over only when its type is the annotated one: a merged
         model's unet is a StyleUNet, not exactly a UNet2DConditionModel."""

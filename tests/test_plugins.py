@@ -351,6 +351,21 @@ def test_from_pipe_carries_the_merged_unet_over():
     torch.testing.assert_close(_run(again, style="neon"), _run(pipe, style="neon"))
 
 
+def test_from_pipe_keeps_fuse_styles_off():
+    """`fuse_styles = False` (the per-sample path instead of the fold) is an attribute, which diffusers'
+    from_pipe dropped: the img2img, inpainting and ControlNet pipelines made from such a pipe folded again."""
+    from dmm_ray.pipeline import DMMPipeline
+    from dmm_ray.plugins import DMMImg2ImgPipeline, DMMInpaintPipeline, with_controlnet
+    from dmm_ray.tiny_plugins import make_controlnet
+
+    pipe = tiny_merged("sd15")
+    assert DMMImg2ImgPipeline.from_pipe(pipe).fuse_styles is True  # the default, kept
+    pipe.fuse_styles = False
+    made = [DMMPipeline.from_pipe(pipe), DMMImg2ImgPipeline.from_pipe(pipe), DMMInpaintPipeline.from_pipe(pipe)]
+    made.append(with_controlnet(pipe, make_controlnet(pipe.unet, seed=4)))
+    assert [p.fuse_styles for p in made] == [False] * 4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
 def test_img2img_and_inpainting_in_a_style_equal_diffusers_on_the_baked_style(arch, task):
