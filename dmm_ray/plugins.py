@@ -15,7 +15,9 @@ StyleUNet's style context: `DMMControlNetPipeline` (SD1.5) and `DMMXLControlNetP
 The ControlNet itself is stock: one trained on the base applies as it is (its residuals are added
 to the merged UNet's, which carries the style), and `ControlNetModel.from_unet(merged.unet)`
 initialises a new one from the merged trunk (the style module is not copied: a ControlNet has no
-class embedding). `with_controlnet(pipe, controlnet)` builds the right class from any pipeline.
+class embedding). `with_controlnet(pipe, controlnet)` builds the right class from any pipeline, for its
+task: an img2img or inpainting pipeline gives the ControlNet img2img / inpainting one (`DMM(XL)ControlNetImg2ImgPipeline`,
+`DMM(XL)ControlNetInpaintPipeline`: `image=` the image to start from, `control_image=` the control).
 
 Image-to-image and inpainting in a style: `DMMImg2ImgPipeline` / `DMMInpaintPipeline` (SD1.5) and
 `DMMXLImg2ImgPipeline` / `DMMXLInpaintPipeline` (SDXL) run diffusers' own loops with the style rows,
@@ -29,9 +31,13 @@ over the merged model's modules (`from_pipe`: shared, not copied):
 from __future__ import annotations
 
 from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -43,6 +49,10 @@ from dmm_ray.pipeline import _StyleCallMixin, _styled_call
 __all__ = [
     "DMMControlNetPipeline",
     "DMMXLControlNetPipeline",
+    "DMMControlNetImg2ImgPipeline",
+    "DMMControlNetInpaintPipeline",
+    "DMMXLControlNetImg2ImgPipeline",
+    "DMMXLControlNetInpaintPipeline",
     "DMMImg2ImgPipeline",
     "DMMInpaintPipeline",
     "DMMXLImg2ImgPipeline",
@@ -61,6 +71,30 @@ class DMMXLControlNetPipeline(_StyleCallMixin, StableDiffusionXLControlNetPipeli
     """StableDiffusionXLControlNetPipeline over a merged SDXL model (style= / style_weights=)."""
 
     __call__ = _styled_call(StableDiffusionXLControlNetPipeline.__call__)
+
+
+class DMMControlNetImg2ImgPipeline(_StyleCallMixin, StableDiffusionControlNetImg2ImgPipeline):
+    """StableDiffusionControlNetImg2ImgPipeline over a merged model: `pipe(prompt, image=init, control_image=control, style="noir")`."""
+
+    __call__ = _styled_call(StableDiffusionControlNetImg2ImgPipeline.__call__, regional=False)
+
+
+class DMMControlNetInpaintPipeline(_StyleCallMixin, StableDiffusionControlNetInpaintPipeline):
+    """StableDiffusionControlNetInpaintPipeline over a merged model (`image=`, `mask_image=`, `control_image=`, style=)."""
+
+    __call__ = _styled_call(StableDiffusionControlNetInpaintPipeline.__call__, regional=False)
+
+
+class DMMXLControlNetImg2ImgPipeline(_StyleCallMixin, StableDiffusionXLControlNetImg2ImgPipeline):
+    """StableDiffusionXLControlNetImg2ImgPipeline over a merged SDXL model (style= / style_weights=)."""
+
+    __call__ = _styled_call(StableDiffusionXLControlNetImg2ImgPipeline.__call__, regional=False)
+
+
+class DMMXLControlNetInpaintPipeline(_StyleCallMixin, StableDiffusionXLControlNetInpaintPipeline):
+    """StableDiffusionXLControlNetInpaintPipeline over a merged SDXL model (style= / style_weights=)."""
+
+    __call__ = _styled_call(StableDiffusionXLControlNetInpaintPipeline.__call__, regional=False)
 
 
 class DMMImg2ImgPipeline(_StyleCallMixin, StableDiffusionImg2ImgPipeline):
@@ -88,16 +122,47 @@ class DMMXLInpaintPipeline(_StyleCallMixin, StableDiffusionXLInpaintPipeline):
     __call__ = _styled_call(StableDiffusionXLInpaintPipeline.__call__, regional=False)
 
 
+# (SDXL, styled) -> the ControlNet pipeline of each task
+CONTROLNET_PIPELINES = {
+    (False, True): {"text": DMMControlNetPipeline, "img2img": DMMControlNetImg2ImgPipeline, "inpaint": DMMControlNetInpaintPipeline},
+    (True, True): {"text": DMMXLControlNetPipeline, "img2img": DMMXLControlNetImg2ImgPipeline, "inpaint": DMMXLControlNetInpaintPipeline},
+    (False, False): {
+        "text": StableDiffusionControlNetPipeline,
+        "img2img": StableDiffusionControlNetImg2ImgPipeline,
+        "inpaint": StableDiffusionControlNetInpaintPipeline,
+    },
+    (True, False): {
+        "text": StableDiffusionXLControlNetPipeline,
+        "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+        "inpaint": StableDiffusionXLControlNetInpaintPipeline,
+    },
+}
+# the pipelines whose task is img2img / inpainting (diffusers' ControlNet ones do not subclass the plain ones)
+IMAGE_TASKS = {
+    "img2img": (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionXLControlNetImg2ImgPipeline,
+    ),
+    "inpaint": (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionControlNetInpaintPipeline,
+        StableDiffusionXLControlNetInpaintPipeline,
+    ),
+}
+
+
 def with_controlnet(pipe, controlnet):
     """The ControlNet pipeline over `pipe`'s own modules (shared, not copied, its safety checker
-    included): DMM(XL)ControlNetPipeline for a merged model, diffusers' StableDiffusion(XL)ControlNetPipeline
-    for a plain or baked one."""
+    included), for `pipe`'s task: DMM(XL)ControlNet(Img2Img|Inpaint)Pipeline for a merged model, diffusers'
+    StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline for a plain or baked one. An img2img or inpainting
+    pipeline used to give the text-to-image one, which takes no `strength=` and reads `image=` as the control."""
     xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
     styled = isinstance(inner_unet(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
-    if xl:
-        cls = DMMXLControlNetPipeline if styled else StableDiffusionXLControlNetPipeline
-    else:
-        cls = DMMControlNetPipeline if styled else StableDiffusionControlNetPipeline
+    task = next((task for task, classes in IMAGE_TASKS.items() if isinstance(pipe, classes)), "text")
+    cls = CONTROLNET_PIPELINES[xl, styled][task]
     # a pipeline without a safety checker (a merged model, a baked export) gives one without, and no warning
     # about it; one that has a checker (a stock SD1.5 pipeline) keeps it, as diffusers' from_pipe does
     kwargs = {} if xl or getattr(pipe, "safety_checker", None) is not None else {"safety_checker": None, "requires_safety_checker": False}

@@ -351,6 +351,38 @@ def test_from_pipe_carries_the_merged_unet_over():
     torch.testing.assert_close(_run(again, style="neon"), _run(pipe, style="neon"))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_with_controlnet_keeps_an_img2img_or_inpainting_pipelines_task(arch, task):
+    """with_controlnet on an img2img / inpainting pipeline gave the text-to-image ControlNet pipeline, which
+    takes no strength= and reads image= as the control: the task changed silently. It gives the ControlNet
+    pipeline of the same task, over the same modules: an untrained ControlNet (`from_unet`, zero convs) leaves
+    the image the task's own pipeline draws, and the style still changes it. A stock pipeline keeps its task too."""
+    import diffusers
+    from diffusers import ControlNetModel
+    from PIL import Image
+
+    from dmm_ray import plugins
+    from dmm_ray.export import bake
+    from dmm_ray.tiny_plugins import control_image
+
+    xl, kind = ("XL" if arch == "sdxl" else ""), ("Img2Img" if task == "img2img" else "Inpaint")
+    merged = tiny_merged(arch)
+    source = getattr(plugins, f"DMM{xl}{kind}Pipeline").from_pipe(merged)
+    net = ControlNetModel.from_unet(merged.unet, conditioning_embedding_out_channels=(16, 32))
+    cpipe = plugins.with_controlnet(source, net)
+    assert type(cpipe) is getattr(plugins, f"DMM{xl}ControlNet{kind}Pipeline") and cpipe.unet is merged.unet
+    stock = getattr(diffusers, f"StableDiffusion{xl}{kind}Pipeline").from_pipe(bake(merged, style="ink"))
+    assert type(plugins.with_controlnet(stock, net)) is getattr(diffusers, f"StableDiffusion{xl}ControlNet{kind}Pipeline")
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((SIZE, SIZE // 2), 255, np.uint8), ((0, 0), (0, SIZE // 2))))
+    task_kw = {"image": init, "strength": 0.75, **({"mask_image": mask} if task == "inpaint" else {})}
+    ink = gen(cpipe, style="ink", control_image=control_image(SIZE), **task_kw)
+    np.testing.assert_allclose(ink, gen(source, style="ink", **task_kw), atol=1e-5)
+    assert differ(ink, gen(cpipe, style="neon", control_image=control_image(SIZE), **task_kw)) > MIN_CHANGE
+
+
 def test_from_pipe_keeps_fuse_styles_off():
     """`fuse_styles = False` (the per-sample path instead of the fold) is an attribute, which diffusers'
     from_pipe dropped: the img2img, inpainting and ControlNet pipelines made from such a pipe folded again."""
