@@ -12,6 +12,7 @@ prompt's own style.
 from __future__ import annotations
 
 import logging
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -274,6 +275,8 @@ class _StyleCallMixin:
         if prompt is not None:
             if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in ([prompt] if isinstance(prompt, str) else prompt)):
                 raise ValueError(f"prompt must be a str or a list of str, got {prompt!r:.80}")
+            if not isinstance(prompt, str) and not prompt:  # the tokenizer failed on it with a bare IndexError
+                raise ValueError("prompt is an empty list; give at least one prompt")
             return 1 if isinstance(prompt, str) else len(prompt)
         if kwargs.get("prompt_embeds") is None:
             raise ValueError("give prompt= (a str or a list of str) or prompt_embeds=")
@@ -360,6 +363,9 @@ def _styled_call(parent_call, regional: bool = True):
         region_decode: bool = False,
         **kwargs,
     ):
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) or num_images_per_prompt < 1:
+            # 0 failed deep in the text encoder ("cannot reshape tensor of 0 elements"), 2.0 in repeat_interleave
+            raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
         if num_inference_steps is None or guidance_scale is None:  # the model's own sampler (paper: 25, CFG 7; few-step: 4, CFG off)
             defaults = self.sampler_defaults
             num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps

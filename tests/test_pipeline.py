@@ -199,6 +199,25 @@ def test_a_prompt_that_is_not_text_is_a_clear_error(pipe, prompt):
         pipe(prompt, style="noir", num_inference_steps=1, height=32, width=32)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt=[]), "prompt is an empty list; give at least one prompt"),
+        (dict(prompt="a cat", num_images_per_prompt=0), "num_images_per_prompt must be a whole number >= 1, got 0"),
+        (dict(prompt="a cat", num_images_per_prompt=2.0), "num_images_per_prompt must be a whole number >= 1, got 2.0"),
+    ],
+)
+@pytest.mark.parametrize("regional", [False, True])
+def test_an_empty_batch_is_a_clear_error(pipe, kwargs, match, regional):
+    """An empty prompt list failed in the tokenizer with a bare IndexError, num_images_per_prompt=0 in the text
+    encoder ("cannot reshape tensor of 0 elements") and 2.0 in repeat_interleave, with regions too."""
+    from dmm_ray.regions import Region
+
+    selection = dict(regions=[Region(box=(0, 0, 1, 1), style="noir")]) if regional else dict(style="noir")
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs, **selection, num_inference_steps=1, height=32, width=32)
+
+
 def test_negative_prompt_default_and_explicit_empty(pipe):
     """None means the paper's negative prompt; an explicit "" (what the zoo models were trained
     with as their unconditional caption) is kept, not replaced."""
