@@ -51,6 +51,13 @@ def style_weights(names: Sequence[str], selection: Any) -> list[float]:
     n, known = len(names), known_styles(names)
     if hasattr(selection, "tolist") and not isinstance(selection, (str, Mapping)):  # a tensor or an array
         selection = selection.tolist()
+    if isinstance(selection, (bytes, bytearray)):
+        # a name from a numpy bytes array (dtype S, which is_per_prompt reads as one name per prompt): as a
+        # sequence it was read as weights, one per byte (b"ink" for 3 styles: a mixture of about 1/3 each)
+        try:
+            selection = selection.decode()
+        except UnicodeDecodeError:
+            raise StyleError(f"style name {bytes(selection)[:40]!r} is not UTF-8 text; known styles: {known}") from None
     if isinstance(selection, bool) or selection is None:
         raise StyleError(f"style must be a name, an index or weights, got {selection!r}; known styles: {known}")
     if isinstance(selection, int):

@@ -262,6 +262,20 @@ def test_a_mixture_naming_one_style_twice_is_refused():
             resolve_style(STYLES, mixture)
 
 
+def test_a_bytes_style_name_is_read_as_its_name():
+    """A numpy bytes array of names (dtype S) is one name per prompt (`is_per_prompt`), but each b"ink" was
+    read as a sequence of weights, one per byte: with three styles, a mixture of about 1/3 each, silently."""
+    import numpy as np
+
+    from dmm_ray.pipeline import style_rows
+
+    rows = style_rows(STYLES, 2, style=np.array(["ink", "real"], dtype="S"))
+    assert torch.equal(rows, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(resolve_style(STYLES, {b"anime": 1}), torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(StyleError, match="is not UTF-8 text"):
+        resolve_style(STYLES, b"\xff\xfe\xfd")
+
+
 def test_missing_style_is_a_clear_error(student):
     x, t, h = _inputs(batch=1)
     with pytest.raises(StyleError, match="no style given"):
