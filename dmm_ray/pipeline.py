@@ -328,7 +328,9 @@ class _StyleCallMixin:
                 f"'{path}' is an {'SDXL' if folder_xl else 'SD1.5'} pipeline folder: load it with {dmm_pipeline_class(path).__name__}.from_official"
             )
         unet = load_official_unet(Path(path) / "unet")
-        dtype = kwargs.get("torch_dtype")  # from_pretrained leaves a passed component in its own dtype
+        # from_pretrained leaves a passed component in its own dtype; `dtype=` is diffusers' name for it since 0.42
+        # (`torch_dtype=` deprecated): given as dtype=, the UNet stayed float32 beside a half-precision pipeline
+        dtype = kwargs.get("torch_dtype") if kwargs.get("dtype") is None else kwargs["dtype"]
         dtype = dtype.get("unet", dtype.get("default")) if isinstance(dtype, dict) else dtype
         unet = unet if dtype is None else unet.to(dtype)
         return cls.from_pretrained(path, unet=unet, **{**pipeline_kwargs(cls), **kwargs})

@@ -534,8 +534,11 @@ def test_from_official_loads_the_unet_in_the_asked_dtype(tiny_components, tmp_pa
     DMMPipeline(**c).save_pretrained(tmp_path)
     shutil.rmtree(tmp_path / "unet")
     save_official_unet(c["unet"], tmp_path / "unet")
-    for dtype in (torch.bfloat16, {"unet": torch.bfloat16, "default": torch.bfloat16}):
-        loaded = DMMPipeline.from_official(tmp_path, local_files_only=True, torch_dtype=dtype)
+    # torch_dtype=, and dtype= (diffusers' name for it since 0.42), which the UNet did not follow
+    for name, dtype in [
+        (name, dtype) for name in ("torch_dtype", "dtype") for dtype in (torch.bfloat16, {"unet": torch.bfloat16, "default": torch.bfloat16})
+    ]:
+        loaded = DMMPipeline.from_official(tmp_path, local_files_only=True, **{name: dtype})
         assert loaded.unet.dtype == loaded.text_encoder.dtype == torch.bfloat16
         assert torch.equal(loaded.unet.class_embedding.codebook.weight, c["unet"].class_embedding.codebook.weight.to(torch.bfloat16))
     loaded.set_progress_bar_config(disable=True)
