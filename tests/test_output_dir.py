@@ -248,6 +248,39 @@ def test_a_save_that_fails_part_way_keeps_the_last_good_model_and_leaves_nothing
     assert load_dmm_pipeline(dest).styles == ["style0", "style1"]
 
 
+def _stand_in_stages(monkeypatch, out: Path, ran: list[str], failing: str, error: str) -> list[bool]:
+    """Puts stand-ins (no Ray) in place of the merge's stages and its cluster set-up. Each stage appends
+    its name to `ran`; distill records its metrics, save writes a merged model, track is the real
+    track_stage, fast writes a few-step model; the stage `failing` raises RuntimeError(error) while the
+    returned flag's [0] is True (a test clears it to let the stage pass)."""
+    fail = [True]
+
+    def stage(name):
+        def run(merge_run):
+            ran.append(name)
+            if name == failing and fail[0]:
+                raise RuntimeError(error)
+            if name == "distill":
+                merge_run.timed("distill", 0.0, {"step": 2})
+            if name == "save":
+                (out / "merged").mkdir(parents=True, exist_ok=True)
+                (out / "merged" / "model_index.json").write_text("{}")
+            if name == "track":
+                merge.track_stage(merge_run)
+            if name == "fast":
+                (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
+                (out / "fast" / "model" / "model_index.json").write_text("{}")
+                (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
+
+        return run
+
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    return fail
+
+
 def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_path, monkeypatch):
     """A merge with fast.enabled whose few-step stage failed after the merged model was saved and
     registered: the same command again (or with other fast: settings) runs only the few-step stage, so
@@ -256,7 +289,6 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
     out = tmp_path / "out"
     cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
     ran: list[str] = []
-    fail_fast = [True]
 
     class Tracker:  # the merge's tracker: each finish_stage registers the merged model as a new version
         enabled = False
@@ -270,27 +302,7 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
         def abort(self, error):
             pass
 
-    def stage(name):
-        def run(merge_run):
-            ran.append(name)
-            if name == "save":
-                (out / "merged").mkdir(parents=True, exist_ok=True)
-                (out / "merged" / "model_index.json").write_text("{}")
-            if name == "track":
-                merge.track_stage(merge_run)
-            if name == "fast":
-                if fail_fast[0]:
-                    raise RuntimeError("the few-step stage failed")
-                (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
-                (out / "fast" / "model" / "model_index.json").write_text("{}")
-                (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
-
-        return run
-
-    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
-    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
-    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
-    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    fail_fast = _stand_in_stages(monkeypatch, out, ran, failing="fast", error="the few-step stage failed")
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
     with pytest.raises(RuntimeError, match="few-step stage failed"):
         merge.run_merge(cfg, tracker=Tracker())
@@ -322,7 +334,6 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     out = tmp_path / "out"
     cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
     ran: list[str] = []
-    fail_evaluate = [True]
 
     class Tracker:  # each start_stage opens a new stage run
         enabled = False
@@ -339,29 +350,7 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
         def abort(self, error):
             pass
 
-    def stage(name):
-        def run(merge_run):
-            ran.append(name)
-            if name == "distill":
-                merge_run.timed("distill", 0.0, {"step": 2})
-            if name == "save":
-                (out / "merged").mkdir(parents=True, exist_ok=True)
-                (out / "merged" / "model_index.json").write_text("{}")
-            if name == "evaluate" and fail_evaluate[0]:
-                raise RuntimeError("the evaluation failed")
-            if name == "track":
-                merge.track_stage(merge_run)
-            if name == "fast":
-                (out / "fast" / "model").mkdir(parents=True, exist_ok=True)
-                (out / "fast" / "model" / "model_index.json").write_text("{}")
-                (out / "fast" / "model" / "fast.json").write_text("{}")  # a few-step model, as the stage saves it
-
-        return run
-
-    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
-    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
-    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
-    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    fail_evaluate = _stand_in_stages(monkeypatch, out, ran, failing="evaluate", error="the evaluation failed")
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg: ran.append("encode"))
     tracker = Tracker()
     with pytest.raises(RuntimeError, match="the evaluation failed"):
