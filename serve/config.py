@@ -52,7 +52,7 @@ class ServeConfig(BaseModel):
         description="merged-model folder (diffusers DMMPipeline layout) or an MLflow URI `models:/name/version`; "
         "default: the embedded default merge's model, $DMM_HOME/outputs/dmm-toy/merged",
     )
-    api_key: Optional[str] = Field(None, description="when set, POST /generate needs header `X-API-Key: <key>`")
+    api_key: Optional[str] = Field(None, description="when set, every POST (/generate, /export_command) needs header `X-API-Key: <key>`")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica sees a GPU")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per model replica; None = 1 if this process sees CUDA, else 0")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
