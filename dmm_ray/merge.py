@@ -60,21 +60,43 @@ def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
     return None if done is None or done.get("evaluate_pending") else done
 
 
-def saved_before_evaluate(cfg: MergeConfig, out: Path) -> dict | None:
+def saved_before_evaluate(cfg: MergeConfig, out: Path, restart: bool = False) -> dict | None:
     """The record of a merge in `out` that saved its merged model with this config, its evaluation: and
     fast: sections aside (neither changes the model), but did not finish evaluate and track (the record
     says `evaluate_pending`), when that model is still there; else None. A re-run of such a merge skips
     the training and the save and runs evaluate, track and fast on the saved model: an incremental merge
     into its own output_dir cannot train again (its save replaced the previous model), and any other
     merge would only make and save the same model again. A failure that only the evaluation settings
-    cause can be fixed in them, and the re-run still resumes."""
+    cause can be fixed in them, and the re-run still resumes. Such an incremental merge killed between
+    its save's swap and the record (none in `out`) is found by its saved model's record (`SAVED_BY`),
+    unless `restart` (a merge from the saved model as the previous one)."""
     from dmm_ray.completion import finished
 
     def same_saved_model(recorded: dict, asked: dict) -> bool:
         return _without(recorded, ("fast", "evaluation")) == _without(asked, ("fast", "evaluation"))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_saved_model)
+    if done is None and not restart and not (out / COMPLETE_RECORD).exists() and _into_its_own_output(cfg):
+        # killed between the save's swap and its record: the previous model is gone, and only the saved model's
+        # own record (dmm_merge.json, `saved_model_request`) says that it is this merge's
+        from dmm_ray.merged_model import read_record
+
+        if (out / "merged" / "model_index.json").is_file() and read_record(out / "merged").get(SAVED_BY) == saved_model_request(cfg):
+            return {"location": str(out / "merged"), "evaluate_pending": True, "from_model_record": True}
     return done if done is not None and done.get("evaluate_pending") else None
+
+
+SAVED_BY = "merge_request_sha256"  # in a merged model's dmm_merge.json: `saved_model_request` of the merge that saved it
+
+
+def saved_model_request(cfg: MergeConfig) -> str:
+    """sha256 of the merge's request (`_merge_request`: the absolute config, before the cluster plan fills in
+    resources), its fast: and evaluation: sections aside, as saved_before_evaluate compares them: recorded in
+    the merged model it saves, so the model says which merge saved it when merge_complete.json does not."""
+    import hashlib
+
+    request = _without(_merge_request(cfg), ("fast", "evaluation"))
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
 def _without(request: dict, sections: tuple[str, ...]) -> dict:
@@ -89,13 +111,19 @@ def saved_into_its_base(cfg: MergeConfig, restart: bool = False) -> bool:
     so no stage that reads that model (synthesize, distill, finetune, save) can run again, and none has
     to: a re-run runs the stages after the save that did not finish, on the saved model, or nothing.
     `restart` (or another config) would merge from the saved model as the previous one: False."""
-    if restart or not cfg.incremental.base_merged:
+    if restart or not _into_its_own_output(cfg):
         return False
     cfg = cfg.with_absolute_paths()  # as run_merge records the merge it completes
-    local, remote = output_location(cfg)
-    if remote is not None or Path(cfg.incremental.base_merged).resolve() != (local / "merged").resolve():
-        return False
+    local = output_location(cfg)[0]
     return merged_before_fast(cfg, local) is not None or saved_before_evaluate(cfg, local) is not None
+
+
+def _into_its_own_output(cfg: MergeConfig) -> bool:
+    """An incremental merge whose incremental.base_merged is its own local <output_dir>/merged."""
+    if not cfg.incremental.base_merged:
+        return False
+    local, remote = output_location(cfg.with_absolute_paths())
+    return remote is None and Path(cfg.incremental.base_merged).resolve() == (local / "merged").resolve()
 
 
 def fast_folder(cfg: MergeConfig, local: Path) -> Path:
@@ -532,12 +560,14 @@ def all_teachers(cfg: MergeConfig, missing_ok: bool = False) -> list:
     return old + list(cfg.teachers)
 
 
-def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None, teachers: list | None = None) -> Path:
+def save_merged(
+    cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None, teachers: list | None = None, saved_by: str | None = None
+) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
     dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from, and
     `teachers` (default: all_teachers, read now; a previous model without a record: the new ones alone)
-    with the styles."""
+    with the styles, and `saved_by` (`saved_model_request` of the merge that saves it) as `SAVED_BY`."""
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
 
@@ -557,6 +587,8 @@ def save_merged(cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict 
     record["student_base"] = {"path": str(cfg.student.base), "checksum": base_parts_checksum(cfg.student.base)}
     if tracking and tracking.get("run_id"):
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
+    if saved_by:
+        record[SAVED_BY] = saved_by
     with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
@@ -692,7 +724,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
             + "); nothing to do. --restart merges again"
         )
         return MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id"), already_complete=True)
-    saved = saved_before_evaluate(cfg, out) if merged is None else None
+    saved = saved_before_evaluate(cfg, out, restart) if merged is None else None
     if merged is not None:
         log(
             f"this merge, with this config, already finished every stage before fast (merged model: {merged['location']}"
@@ -701,8 +733,10 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         )
     elif saved is not None:
         log(
-            f"this merge, with this config, already saved its merged model ({saved['location']}); its evaluate or track stage "
-            "did not finish, so the training and the save are skipped and the stages after the save run. --restart merges again"
+            f"this merge, with this config, already saved its merged model ({saved['location']}"
+            + (f"; its {MERGE_RECORD} says so: the run was stopped before it recorded the save" if saved.get("from_model_record") else "")
+            + "); its evaluate or track stage did not finish, so the training and the save are skipped and the stages after "
+            "the save run. --restart merges again"
         )
     else:
         forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
@@ -727,7 +761,16 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         # base, the previous model is gone): the saved model's record names the teacher of each of its styles
         teachers = (saved and recorded_teachers(out / "merged")) or all_teachers(cfg, missing_ok=True)
         run = MergeRun(
-            cfg=cfg, out=out, remote=remote, plan=plan, tracker=tracker, tracking=tracking, result=result, started=started, teachers=teachers
+            cfg=cfg,
+            out=out,
+            remote=remote,
+            plan=plan,
+            tracker=tracker,
+            tracking=tracking,
+            result=result,
+            started=started,
+            teachers=teachers,
+            saved_by=saved_model_request(asked),
         )
         try:
             for stage in STAGES:
@@ -768,6 +811,7 @@ class MergeRun:
     # every style's teacher spec, codebook order (all_teachers; a previous model without a record: the new
     # ones, and validate_before_ray refuses its evaluation), read before any stage, as save and evaluate need it
     teachers: list
+    saved_by: str | None = None  # saved_model_request of the config as given (run.cfg: with the cluster plan's resources)
     shard_dirs: dict[int, str] | None = None  # style index -> the teacher's synthesized set
     student_dir: Path | None = None  # the latest stage's student, extracted on the driver
 
@@ -854,7 +898,7 @@ def finetune_stage(run: MergeRun) -> None:
 def save_stage(run: MergeRun) -> None:
     """The merged model: one diffusers folder (style names in unet/config.json), saved atomically."""
     result = run.result
-    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers)
+    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers, saved_by=run.saved_by)
     if run.remote:  # after the atomic local save: the staged model is complete and loads
         _upload_results(run.out, run.remote, ("merged",))
     result.seconds = time.time() - run.started

@@ -424,8 +424,12 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
     assert result.evaluation == "fid" and evaluated == [["old0", "old1", "new0"]]  # was old0, old1, new0, new0
     assert [t["name"] for t in json.loads((out / "merged" / MERGE_RECORD).read_text())["teachers"]] == ["old0", "old1", "new0"]
     # the previous model is gone: a re-run that finds no record of the save (a crash between the save's
-    # swap and its record) cannot resume; the refusal says why
+    # swap and its record) resumes on the saved model's own record (test_..._between_its_save_and_its_record);
+    # one from another model there is refused, and the refusal says why
     merge.forget(out, merge.COMPLETE_RECORD)
+    validate_before_ray(cfg)
+    record = json.loads((out / "merged" / MERGE_RECORD).read_text())
+    (out / "merged" / MERGE_RECORD).write_text(json.dumps({**record, merge.SAVED_BY: "another merge's"}))
     with pytest.raises(TeacherError, match=r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"):
         validate_before_ray(cfg)
 
@@ -740,3 +744,44 @@ def _adding_new0_into_its_own_output(merged_world, tmp_path):
     evaluation = {"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}}
     config = tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}, evaluation=evaluation)
     return out, MergeConfig.model_validate(config)
+
+
+def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_between_its_save_and_its_record(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged: a merge killed after its save swapped the new model in but before
+    it wrote its record (merge_complete.json, evaluate_pending) was refused on the next run ('already styles
+    ... this merge's own output'): the previous model was gone and nothing said the model there was this
+    merge's. The saved model's own record (dmm_merge.json) names the merge that saved it now: the same
+    command resumes after the save (evaluate, track), and --restart or another training setting is still
+    refused. (Training is stubbed: the distilled student is the previous model + the new style.)"""
+    from dmm_ray import merge
+    from dmm_ray.evaluation import api
+
+    out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
+    cfg = cfg.with_absolute_paths()
+    ran, evaluated = [], []
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append([t.name for t in teachers]))
+    _stub_training(monkeypatch, ["new0"], ran)
+    record_complete = merge.record_complete
+
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
+        if evaluate_pending:
+            raise SystemExit("killed between the save's swap and its record")
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+
+    monkeypatch.setattr(merge, "record_complete", killed)
+    with pytest.raises(SystemExit):
+        merge.run_merge(cfg)
+    monkeypatch.setattr(merge, "record_complete", record_complete)
+    assert ran == ["distill", "save"] and not (out / merge.COMPLETE_RECORD).exists()
+    assert DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
+    ran.clear()
+    result = merge.run_merge(cfg)  # was refused: resumes after the save
+    assert ran == ["evaluate"] and not result.already_complete and evaluated == [["old0", "old1", "new0"]]
+    assert merge.run_merge(cfg).already_complete and ran == ["evaluate"]
+    merge.forget(out, merge.COMPLETE_RECORD)
+    refused = r"\['new0'\] are already styles.*this merge's own output.*a copy of the previous model"
+    with pytest.raises(TeacherError, match=refused):  # a merge from the saved model as its previous one
+        merge.run_merge(cfg, restart=True)
+    with pytest.raises(TeacherError, match=refused):
+        merge.run_merge(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})}))
+    assert DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
