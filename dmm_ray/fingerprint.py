@@ -194,14 +194,15 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
     }
 
 
-def fast_inputs(cfg, model_dir) -> dict[str, Any]:
-    """Everything that determines the few-step stage's training state (`fast`), as flat dotted keys."""
+def fast_inputs(cfg, model_dir, model_checksum: bool = True) -> dict[str, Any]:
+    """Everything that determines the few-step stage's training state (`fast`), as flat dotted keys.
+    `model_checksum=False`: the merged model's UNet is not read (a merge's model not saved yet), None."""
     from dmm_ray.teachers import files_checksum
 
     f = cfg.fast
     inputs = {
         "model": str(model_dir),
-        "model.unet.checksum": files_checksum([Path(model_dir) / "unet"]),
+        "model.unet.checksum": files_checksum([Path(model_dir) / "unet"]) if model_checksum else None,
         "seed": cfg.seed,
         **{f"fast.{k}": v for k, v in f.model_dump(mode="json").items() if k not in _FAST_IGNORED},
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
@@ -233,10 +234,12 @@ def fast_state_path(cfg, out: Path) -> Path:
     return Path(out) / "ray_results" / f"{cfg.name}-fast"
 
 
-def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
+def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None, before_merge: bool = False) -> None:
     """Refuse (StaleStateError) when the few-step stage's folder holds training state made from
     another model or with other settings; the same inputs resume it. `inputs`: fast_inputs(cfg,
-    model_dir) when the caller has them already."""
+    model_dir) when the caller has them already. `before_merge`: a merge's check before it starts, whose
+    merged model (`model_dir`) is not saved yet: every input but those the merge decides (`_before_merge`),
+    which the stage compares when it starts; state refused then would have cost the whole merge first."""
     state = fast_state_path(cfg, out)
     if not _has_state(state):
         return
@@ -244,7 +247,10 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> 
     if recorded is None:
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
-        diff = _differences(recorded, json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir))))
+        now = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir, model_checksum=not before_merge)))
+        if before_merge:
+            recorded, now = _before_merge(recorded), _before_merge(now)
+        diff = _differences(recorded, now)
         if not diff:
             return
         problem = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
@@ -254,6 +260,13 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None) -> 
         "or fast.output_dir), or discard the old state (jobs/fast.py --restart, jobs/merge.py --restart in a merge; "
         "the last few-step model stays until the new one replaces it)."
     )
+
+
+def _before_merge(inputs: dict) -> dict:
+    """The few-step inputs a merge knows before it runs: not its merged model's UNet checksum (its save makes
+    the model) nor the latent shards' rows (its encode may write them), only their folder."""
+    kept = {k: v for k, v in inputs.items() if k not in ("model.unet.checksum", "data.shards")}
+    return {**kept, "data.shards.path": (inputs.get("data.shards") or {}).get("path")}
 
 
 def record_fast(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:

@@ -620,7 +620,8 @@ def stages_with_state(cfg: MergeConfig) -> list[str]:
 
 def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     """Before Ray starts: `restart` discards the old stage state; otherwise state made with other
-    settings stops the merge (dmm_ray.fingerprint.StaleStateError) instead of being resumed."""
+    settings stops the merge (dmm_ray.fingerprint.StaleStateError) instead of being resumed, and so
+    does the few-step stage's (fast.enabled), in every input the merge does not decide."""
     from dmm_ray import fingerprint
 
     local, remote = output_location(cfg)
@@ -637,6 +638,9 @@ def check_output_dir(cfg: MergeConfig, restart: bool = False) -> None:
     # (they do not run again); any other input that changed is still stale state
     ignore = (fingerprint.PREVIOUS_MODEL_CHECKSUM,) if saved_into_its_base(cfg, restart) else ()
     fingerprint.check_resume(cfg, out, stages_with_state(cfg), ignore=ignore)
+    if cfg.fast.enabled and completed_merge(cfg, local) is None:  # its few-step stage will run (run_fast: on <local>/merged)
+        # its leftover state of other settings: said now, not after the merge (the merged model is compared when the stage starts)
+        fingerprint.check_fast_resume(fast_stage_config(cfg, local), (local / "merged").resolve(), fast_folder(cfg, local), before_merge=True)
 
 
 def stage_run_name(cfg: MergeConfig) -> str:

@@ -423,6 +423,50 @@ def test_a_merge_whose_few_step_stage_would_find_no_synthesized_sets_is_refused_
     merge.validate_before_ray(MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast)))  # its fine-tune synthesizes them
 
 
+def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_merges(world, tmp_path, monkeypatch, capsys):
+    """Finding: a merge with fast.enabled whose few-step folder held the training state of an earlier few-step
+    stage with other fast: settings merged (its whole training and save), and only then did its few-step stage
+    refuse the state (dmm_ray.fingerprint.check_fast_resume needs the merged model's checksum). Every input but
+    those the merge decides (that checksum, the shards' rows) is compared before the merge now: such state is
+    refused before anything runs, and by --dry-run. State of the same settings passes (the stage compares the
+    merged model when it starts), and --restart discards it."""
+    from dmm_ray import fingerprint
+    from jobs import merge as job
+
+    out = tmp_path / "out"
+    config = tiny_merge_config(world, out, fast={"enabled": True})
+    cfg = MergeConfig.model_validate(config).with_absolute_paths()
+    ran = []
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, lambda run, n=s.name: ran.append(n), s.when) for s in merge.STAGES))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+
+    def leave_state(fast):  # an earlier few-step stage's, on the merged model <out>/merged (of another checksum)
+        state = fingerprint.fast_state_path(cfg, out / "fast") / "checkpoint_000000"
+        state.mkdir(parents=True, exist_ok=True)
+        earlier = cfg.model_copy(update={"fast": cfg.fast.model_copy(update=fast)})
+        inputs = {**fingerprint.fast_inputs(earlier, world["base"]), "model": str((out / "merged").resolve())}
+        fingerprint.record_fast(earlier, out / "merged", out / "fast", inputs)
+
+    leave_state({"steps": cfg.fast.steps + 1})
+    with pytest.raises(fingerprint.StaleStateError, match=rf"fast .*fast.steps: {cfg.fast.steps + 1} -> {cfg.fast.steps}"):
+        merge.run_merge(cfg)
+    assert ran == [] and not (out / "merged").exists()
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert job.main(["--config", str(path), "--dry-run"]) == 2
+    assert "fast.steps" in capsys.readouterr().err
+    merge.run_merge(cfg, restart=True)  # discards it
+    assert ran[:2] == ["distill", "synthesize"] and "fast" in ran
+    ran.clear()
+    merge.forget(out, merge.COMPLETE_RECORD)
+    leave_state({})  # the same settings: the stage itself compares the merged model it finds
+    merge.run_merge(cfg)
+    assert ran[:2] == ["distill", "synthesize"] and "fast" in ran
+
+
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
     """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
     no second save, evaluation or MLflow model version. Another config value, a missing model or
