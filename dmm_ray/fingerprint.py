@@ -353,7 +353,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
             problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
             continue
         was, now = ({k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage)))
-        diff = _differences(was, json.loads(json.dumps(now)))
+        diff = _differences(was, _same_layout(was, json.loads(json.dumps(now))))
         if diff:
             problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
     if problems:
@@ -363,6 +363,17 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
             + "\nEither write this merge elsewhere (--set output_dir=NEW_DIR, or another name), or discard the old state "
             "(jobs/merge.py --restart; the last merged model stays until the new one replaces it)."
         )
+
+
+def _same_layout(was: dict, now: dict) -> dict:
+    """`now` with the recorded scaling.teachers_per_worker when both values give one worker layout: what k
+    decides is the teachers a worker hosts at most, min(k, N) (consecutive groups of that many,
+    dmm_ray/distill/layout.py), so of 3 teachers k = 4 and k = 8 are the same layout and the same training."""
+    key = "scaling.teachers_per_worker"
+    k_was, k_now, n_was, n_now = was.get(key), now.get(key), len(was.get("teachers") or []), len(now.get("teachers") or [])
+    if isinstance(k_was, int) and isinstance(k_now, int) and n_was and n_now and min(k_was, n_was) == min(k_now, n_now):
+        return {**now, key: k_was}
+    return now
 
 
 def record(cfg, out: Path | str, stage: str) -> None:

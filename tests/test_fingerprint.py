@@ -56,6 +56,21 @@ def test_same_settings_resume_changed_settings_refuse(world, tmp_path):
         fingerprint.check_resume(_cfg(world, out, synthesis={"guidance_scale": 3.0}), out, ["synthesize"])
 
 
+def test_teachers_per_worker_values_of_one_worker_layout_resume(world, tmp_path):
+    """scaling.teachers_per_worker was compared as given: of the world's 2 teachers, 2 and 4 both put them on
+    one worker (the same layout, the same training), yet a re-run with the other value was refused as
+    stale state. It is compared as the teachers a worker hosts at most, min(k, N), in records made before
+    too; a value that changes the layout (1: a worker per teacher) is still refused."""
+    out = tmp_path / "out"
+    cfg = _cfg(world, out, scaling={"teachers_per_worker": 2})
+    for stage in ("distill", "finetune"):
+        fingerprint.record(cfg, out, stage)
+        _fake_state(cfg, out, stage)
+    fingerprint.check_resume(_cfg(world, out, scaling={"teachers_per_worker": 4}), out, ["distill", "finetune"])
+    with pytest.raises(StaleStateError, match="scaling.teachers_per_worker: 2 -> 1"):
+        fingerprint.check_resume(_cfg(world, out, scaling={"teachers_per_worker": 1, "workers_per_teacher": 1}), out, ["distill"])
+
+
 def test_a_prompt_file_edited_in_place_refuses_its_synthesized_set(world, tmp_path):
     """synthesis.prompts is fingerprinted by the prompts it holds, not its path only: edited in place, a
     re-run resumed the set sampled from the old prompts (and distilled / fine-tuned on it)."""
