@@ -427,11 +427,13 @@ class MergeConfig(_Section):
                     else f"the {groups} teacher groups ({n} teachers, {self.scaling.teachers_per_worker} per worker)"
                 )
                 # fewer GPUs than teachers: the same workers host more teachers each (ceil(n / k) groups must
-                # divide the teacher workers); k = n always does, the smallest such k packs the least
+                # divide the teacher workers); k = n always does, the smallest such k packs the least (mixture
+                # rows mix a worker's teachers: k >= 2, as refused above)
                 asked = self.scaling.num_workers - self.regularization_workers
                 packing = ""
                 if asked > 0:
-                    k = next(k for k in range(1, n + 1) if asked % -(-n // k) == 0)
+                    fewest = 2 if self.distill.mixture_fraction > 0 else 1
+                    k = next(k for k in range(fewest, n + 1) if asked % -(-n // k) == 0)
                     packing = f", or keep {self.scaling.num_workers} with scaling.teachers_per_worker: {k} (each worker hosts up to {k} teachers)"
                 raise ValueError(
                     f"scaling.num_workers={self.scaling.num_workers} is not a multiple of {what}{reg}; "

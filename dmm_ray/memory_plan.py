@@ -989,6 +989,8 @@ def suggestions(
     def workers(k: int) -> int:
         return -(-num_teachers // k) * workers_per_teacher
 
+    # distill.mixture_fraction mixes the teachers one worker hosts: it needs 2 or more (MergeConfig refuses 1)
+    fewest = 2 if lay.mixture_rows else 1
     if not lay.gradient_checkpointing and fits(replace(lay, gradient_checkpointing=True)):
         out.append("distill.gradient_checkpointing: true")
     if lay.teacher_dtype == "float32" and fits(replace(lay, teacher_dtype="bfloat16")):
@@ -997,7 +999,7 @@ def suggestions(
         out.append("scaling.teacher_offload: true")
     if lay.optimizer != "adamw8bit" and fits(replace(lay, optimizer="adamw8bit")):
         out.append("distill.optimizer: adamw8bit")
-    k = next((k for k in range(lay.teachers_on_worker - 1, 0, -1) if fits(with_k(k))), None)
+    k = next((k for k in range(lay.teachers_on_worker - 1, fewest - 1, -1) if fits(with_k(k))), None)
     if k:
         out.append(f"scaling.teachers_per_worker: {k} (W = {workers(k)} workers)")
     b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(replace(lay, batch_per_style=b))), None)
@@ -1014,13 +1016,15 @@ def suggestions(
         )
         label = "distill.gradient_checkpointing: true + distill.teacher_dtype: bfloat16 + distill.optimizer: adamw8bit"
         label += " + scaling.teacher_offload: true" if savings["offload"] else ""
-    k = next((k for k in range(lay.teachers_on_worker, 0, -1) if fits(with_k(k, **savings))), None)
+    k = next((k for k in range(lay.teachers_on_worker, fewest - 1, -1) if fits(with_k(k, **savings))), None)
     if k:
         return [f"{label} + scaling.teachers_per_worker: {k} (W = {workers(k)} workers)"]
-    b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(with_k(1, batch_per_style=b, **savings))), None)
+    k = min(fewest, lay.teachers_on_worker)
+    b = next((b for b in range(lay.batch_per_style - 1, 0, -1) if fits(with_k(k, batch_per_style=b, **savings))), None)
     if b:
-        return [f"{label} + scaling.teachers_per_worker: 1 (W = {workers(1)} workers) + {batch_key}: {b}"]
-    return [f"nothing fits in {capacity_gb:g} GiB, even one teacher per worker at 1 row per style with every saving: use a larger GPU"]
+        return [f"{label} + scaling.teachers_per_worker: {k} (W = {workers(k)} workers) + {batch_key}: {b}"]
+    hosted = "one teacher" if k == 1 else f"{k} teachers (distill.mixture_fraction mixes them)"
+    return [f"nothing fits in {capacity_gb:g} GiB, even {hosted} per worker at 1 row per style with every saving: use a larger GPU"]
 
 
 class MemoryPlanError(ValueError):

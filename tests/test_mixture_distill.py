@@ -197,3 +197,32 @@ def test_packed_merge_with_mixture_rows(ray_cluster, tmp_path):
     assert metrics["synthetic_share"] == pytest.approx((2 * b / 2 + 2 * m) / (2 * b + 2 * m))
     assert metrics["loss_score_mixture"] > 0
     assert load_dmm_pipeline(result.merged_path).styles == ["style0", "style1"]
+
+
+def test_the_layout_changes_suggested_with_mixture_rows_keep_two_teachers_per_worker(tmp_path):
+    """distill.mixture_fraction > 0 needs scaling.teachers_per_worker >= 2, yet both the num_workers message
+    (3 teachers, 2 per worker, 3 workers: 'keep 3 with scaling.teachers_per_worker: 1') and the memory plan's
+    changes that fit ('scaling.teachers_per_worker: 1 (W = 4 workers)') suggested 1, which the config then
+    refused. Both suggest 2 or more now, and the suggested config is valid."""
+    import re
+
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.memory_plan import Layout, suggestions
+
+    world = build_world(tmp_path / "w", num_teachers=3)
+
+    def config(**scaling):
+        return tiny_merge_config(world, tmp_path / "out", scaling=scaling, distill={"mixture_fraction": 0.25}, data={"synthetic_fraction": 0.5})
+
+    with pytest.raises(ValueError, match=r"keep 3 with scaling.teachers_per_worker: (\d+)") as error:
+        MergeConfig.model_validate(config(teachers_per_worker=2, num_workers=3))
+    k = int(re.search(r"keep 3 with scaling.teachers_per_worker: (\d+)", str(error.value))[1])
+    assert k >= 2 and MergeConfig.model_validate(config(teachers_per_worker=k, num_workers=3)).num_workers == 3
+    for capacity in (20, 24, 32, 40):  # (1 teacher per worker was the change suggested at each)
+        lay = Layout(arch="sd15", teachers_on_worker=4, batch_per_style=4, mixture_rows=1)
+        tips = suggestions(lay, capacity, num_teachers=4)
+        hosted = [int(m[1]) for t in tips for m in re.finditer(r"scaling.teachers_per_worker: (\d+)", t)]
+        assert tips and all(k >= 2 for k in hosted), tips
+        assert not any("one teacher per worker" in t for t in tips)
