@@ -79,11 +79,11 @@ def _teachers(cfg) -> list[dict]:
 def _shards(cfg) -> dict:
     """Where the latent shards are and [shard index, rows] of each (what the stream will read)."""
     from dmm_ray.data import fs as fsu
-    from dmm_ray.data.shards import read_marker, shard_indices
+    from dmm_ray.data.shards import read_marker, set_shard_indices
 
     try:
         fs, root = fsu.resolve(cfg.data.shards)
-        rows = [[i, (read_marker(fs, root, i) or {}).get("rows")] for i in shard_indices(fs, root)]
+        rows = [[i, (read_marker(fs, root, i) or {}).get("rows")] for i in set_shard_indices(fs, root)[0]]
     except (FileNotFoundError, OSError):
         rows = []
     return {"path": str(cfg.data.shards), "rows": rows}

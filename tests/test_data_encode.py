@@ -127,6 +127,33 @@ def test_shard_set_state_tells_a_finished_encode_from_an_interrupted_one(tmp_pat
     assert sh.shard_set_state(str(tmp_path / "missing")).status == "empty"
 
 
+def test_shards_beyond_the_encoded_set_are_not_read_counted_or_fingerprinted(tmp_path, caplog):
+    """A complete set (manifest: shards 0-2) with a fourth complete shard beside it (copied in, left by another
+    encode): shard_set_state called it complete with 3 shards and 9 latents, but the stream read the 4th shard
+    too, the row check counted it and the fingerprint recorded it. All of them take the set's 3 now, the
+    listing says what it leaves out; shards with no encode records are still whatever is there."""
+    from types import SimpleNamespace
+
+    from dmm_ray.data import latents
+    from dmm_ray.fingerprint import _shards
+
+    root = str(tmp_path / "a")
+    fs = _encoded_set(root)
+    sh.write_shard(fs, root, 3, _table(5))
+    assert sh.shard_set_state(root).detail() == "3 of 3 shards complete, 9 of 9 latents"
+    with caplog.at_level("WARNING"):
+        assert sh.complete_shards(root)[1] == [sh.shard_path(root, i) for i in range(3)]  # was shards 0-3
+    assert "ignoring 1 shard(s)" in caplog.text and "beyond its encoded set (shards 0-2" in caplog.text
+    assert _shards(SimpleNamespace(data=SimpleNamespace(shards=root)))["rows"] == [[0, 3], [1, 3], [2, 3]]
+    cfg = SimpleNamespace(data=SimpleNamespace(shards=root, stream=SimpleNamespace(batch_size=10), synthetic_fraction=0), num_workers=1)
+    with pytest.raises(ValueError, match="data.shards has 9 latents"):  # was 14, and passed
+        latents.check_enough_rows(cfg)
+    sh.remove_manifest(fs, root)  # an encode that started: _encode.json's 9 records in shards of 3
+    assert sh.complete_shards(root)[1] == [sh.shard_path(root, i) for i in range(3)]
+    (Path(root) / sh.META_NAME).unlink()  # no encode records: every shard there
+    assert len(sh.complete_shards(root)[1]) == 4
+
+
 def _merge_cfg(tmp_path, shards, source=True):
     from merge_fixtures import build_world, tiny_merge_config
 

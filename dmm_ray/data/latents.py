@@ -86,10 +86,10 @@ def check_enough_rows(cfg, job: str = "merge") -> None:
     batch, though the synthesized share of it is not read from the shards."""
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.config import split_batch
-    from dmm_ray.data.shards import read_marker, shard_indices
+    from dmm_ray.data.shards import read_marker, set_shard_indices
 
     fs, root = fsu.resolve(cfg.data.shards)
-    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in shard_indices(fs, root))
+    rows = sum((read_marker(fs, root, i) or {}).get("rows", 0) for i in set_shard_indices(fs, root)[0])
     if job == "fast":
         workers, per_worker = cfg.fast.num_workers, cfg.fast.batch_split(cfg.data.stream.batch_size)[0]
         what, fix = "fast.num_workers", "lower fast.batch_size or fast.num_workers"

@@ -129,12 +129,45 @@ def shard_indices(fs: pafs.FileSystem, root: str) -> list[int]:
     return sorted(found)
 
 
+def set_shard_indices(fs: pafs.FileSystem, root: str) -> tuple[list[int], list[int]]:
+    """(the set's shard indices present, those beyond it): a set with a shard count (`expected_shards`) is
+    shards 0..count-1; a shard-*.parquet beyond it (copied in, left by another encode) is not its, and
+    was read, counted and fingerprinted beside the set that `shard_set_state` called complete without it."""
+    present = shard_indices(fs, root)
+    count = expected_shards(fs, root)[0]
+    return ([i for i in present if i < count], [i for i in present if i >= count]) if count is not None else (present, [])
+
+
+def expected_shards(fs: pafs.FileSystem, root: str) -> tuple[Optional[int], Optional[int]]:
+    """(shards, rows) the set under `root` holds: its manifest's (`_complete.json`: the finished encode),
+    else the shard count of the encode that started (`_encode.json`: records / shard_size; rows unknown),
+    else (None, None): shards with neither record (written by other code) are whatever is there."""
+    manifest, meta = read_manifest(fs, root), read_meta(fs, root)
+    if manifest is not None:
+        return int(manifest["shards"]), int(manifest["rows"])
+    if meta and meta.get("records") and meta.get("shard_size"):
+        return -(-int(meta["records"]) // int(meta["shard_size"])), None
+    return None, None
+
+
 def complete_shards(shards: str, *, require: bool = True) -> tuple[pafs.FileSystem, list[str]]:
-    """(filesystem, paths) of the complete, non-empty shards under `shards`; incomplete ones are
-    logged and left out. With `require`, no complete shard at all is an error."""
+    """(filesystem, paths) of the set's complete, non-empty shards under `shards`; incomplete ones and
+    those beyond the set (`set_shard_indices`) are logged and left out. With `require`, no complete
+    shard at all is an error."""
     fs, root = fsu.resolve(shards)
     paths, incomplete = [], []
-    for i in shard_indices(fs, root):
+    ours, beyond = set_shard_indices(fs, root)
+    if beyond:
+        log.warning(
+            "ignoring %d shard(s) in %s beyond its encoded set (shards 0-%d, by its %s / %s): %s",
+            len(beyond),
+            shards,
+            expected_shards(fs, root)[0] - 1,
+            MANIFEST_NAME,
+            META_NAME,
+            beyond[:10],
+        )
+    for i in ours:
         if is_shard_complete(fs, root, i):
             if read_marker(fs, root, i)["rows"] > 0:
                 paths.append(shard_path(root, i))
@@ -220,15 +253,11 @@ def shard_set_state(shards: str) -> ShardSetState:
     except (FileNotFoundError, OSError):
         present = []
     done = {i: read_marker(fs, root, i)["rows"] for i in present if is_shard_complete(fs, root, i)}
-    manifest, meta = read_manifest(fs, root), read_meta(fs, root)
-    if manifest is not None:
-        expected, expected_rows = int(manifest["shards"]), int(manifest["rows"])
-    elif meta and meta.get("records") and meta.get("shard_size"):
-        expected, expected_rows = -(-int(meta["records"]) // int(meta["shard_size"])), None
-    else:
+    expected, expected_rows = expected_shards(fs, root)
+    if expected is None:
         rows = sum(done.values())
         return ShardSetState("complete" if rows else "empty", len(done), rows)
-    ours = {i: n for i, n in done.items() if i < expected}
+    ours = {i: n for i, n in done.items() if i < expected}  # (as set_shard_indices)
     rows = sum(ours.values())
     whole = len(ours) == expected and (expected_rows is None or rows == expected_rows)
     status = "complete" if whole else ("partial" if ours else "empty")
