@@ -14,7 +14,7 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, staged, style_descriptions
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, save_siblings, staged, style_descriptions
 from dmm_ray.ray_session import init_for_training
 
 
@@ -302,7 +302,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         try:
             old = merged_style_names(merged)
         except (FileNotFoundError, ValueError) as error:
-            raise TeacherError(f"incremental.base_merged: {error}") from None
+            parked = save_siblings(merged)[1]
+            hint = ""
+            if not merged.exists() and parked.is_dir() and _into_its_own_output(cfg):  # run_merge: parked_base_put_back
+                hint = f"; a save killed between its two renames left the model as {parked}, which the merge puts back before it starts"
+            raise TeacherError(f"incremental.base_merged: {error}{hint}") from None
         if cfg.evaluation.enabled:  # the evaluation after training needs the old styles' teachers from its record
             try:
                 all_teachers(cfg)
@@ -685,8 +689,9 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
     cfg = cfg.with_absolute_paths()  # workers and actors run in other directories
     # validate: everything that can be checked before Ray starts (teachers, layout), before anything
     # is written: a refused merge leaves no output folder and touches no lock
-    validate_before_ray(cfg, restart=restart)
     out, remote = output_location(cfg)
+    put_back_parked_base(cfg, out)
+    validate_before_ray(cfg, restart=restart)
     out.mkdir(parents=True, exist_ok=True)
     if remote:
         log(
@@ -696,6 +701,20 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
         )
     with output_lock.hold(out, warn=log):
         return _merge(cfg, out, tracker, restart, started)
+
+
+def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
+    """An incremental merge into its own output_dir whose last save was killed between its two renames: its
+    previous model (base_merged) is `merged.old`, `merged/` is gone. `_merge` puts it back (recover_merged),
+    but only after validate_before_ray, which read base_merged and refused the merge; put back here first,
+    holding the folder's lock as _merge does."""
+    merged = out / "merged"
+    if not _into_its_own_output(cfg) or merged.exists() or not save_siblings(merged)[1].is_dir():
+        return
+    from dmm_ray import output_lock
+
+    with output_lock.hold(out, warn=log):
+        recover_merged(merged)
 
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:

@@ -785,3 +785,21 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_between_
     with pytest.raises(TeacherError, match=refused):
         merge.run_merge(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 3})}))
     assert DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
+
+
+def test_an_incremental_merge_into_its_own_output_puts_back_a_model_its_killed_save_parked(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged, and the last save was killed between its two renames: the previous
+    model is <output_dir>/merged.old, merged/ is gone. The merge validated base_merged before it put that model
+    back (recover_merged, after the lock), and refused ('not a merged-model folder'). It puts it back first
+    now and merges; --dry-run, which changes nothing, says what the merge will do."""
+    from dmm_ray import merge
+
+    out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
+    (out / "merged").rename(out / "merged.old")
+    with pytest.raises(TeacherError, match=r"incremental.base_merged: .*/merged.old, which the merge puts back before it starts"):
+        validate_before_ray(cfg)  # (--dry-run)
+    ran = []
+    _stub_training(monkeypatch, ["new0"], ran)
+    result = merge.run_merge(cfg)
+    assert ran == ["distill", "save", "evaluate"] and not (out / "merged.old").exists()
+    assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
