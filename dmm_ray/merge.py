@@ -335,7 +335,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     from dmm_ray.data.latents import check_latents
 
     if not fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
-        check_latents(cfg)
+        state = check_latents(cfg)  # (a complete set: enough rows for the merge's workers)
+        if cfg.fast.enabled and state.status == "complete":  # and for its few-step stage's: not said only after the merge
+            from dmm_ray.data.latents import check_enough_rows
+
+            check_enough_rows(cfg, job="fast")
 
 
 def check_student_base(cfg: MergeConfig, merged: Path) -> None:

@@ -247,6 +247,48 @@ def test_enough_latent_rows_is_checked_with_the_stage_own_workers_and_shard_rows
         latents.check_enough_rows(cfg(32, fast={"num_workers": 4}), job="fast")  # was accepted (2 x 32 = 64)
 
 
+def test_a_complete_set_too_small_for_the_workers_is_refused_before_ray_and_by_the_dry_run(tmp_path, capsys):
+    """Finding: a complete latent set with fewer rows than the workers' batches take passed --dry-run and the
+    checks before Ray (validate_before_ray, the few-step stage's check_before_ray), and was refused only by
+    ensure_latents, after Ray started; a merge's few-step stage (fast.enabled) only after the whole merge.
+    Both are refused before Ray now, and by --dry-run."""
+    import yaml
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray import DMMPipeline, StyleUNet
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import check_before_ray
+    from dmm_ray.merge import validate_before_ray
+    from dmm_ray.tiny import tiny_sd_components
+    from jobs import merge as job
+
+    world = build_world(tmp_path / "world", names=["t0", "t1"])  # 64 latent rows; 2 teachers: W = 2
+
+    def config(batch_size, **sections):
+        raw = tiny_merge_config(world, tmp_path / "out", **sections)
+        raw["data"]["stream"] = {"batch_size": batch_size}
+        return raw
+
+    refused = r"64 latents but 2 workers x data.stream.batch_size 40 need at least 80"
+    with pytest.raises(ValueError, match=refused):
+        validate_before_ray(MergeConfig.model_validate(config(40)))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config(40)))
+    assert job.main(["--config", str(path), "--dry-run"]) == 2
+    assert "need at least 80" in capsys.readouterr().err
+    fast = {"enabled": True, "num_workers": 4}
+    with pytest.raises(ValueError, match=r"64 latents but 4 fast.num_workers x fast.batch_size 32 need at least 128"):
+        validate_before_ray(MergeConfig.model_validate(config(32, fast=fast)))
+    c = tiny_sd_components(seed=0)
+    merged = tmp_path / "merged"
+    DMMPipeline.from_components(
+        StyleUNet.from_unet(c["unet"], ["t0", "t1"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    ).save_pretrained(merged)
+    with pytest.raises(ValueError, match=r"need at least 128"):  # jobs/fast.py (and its --dry-run)
+        check_before_ray(MergeConfig.model_validate(config(32, fast=fast)), merged)
+    validate_before_ray(MergeConfig.model_validate(config(32)))  # the merge's 2 x 32 = 64 rows
+
+
 # ---- the Ray job -----------------------------------------------------------------------------
 
 

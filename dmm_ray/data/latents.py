@@ -6,16 +6,19 @@ from __future__ import annotations
 from dmm_ray.console import say
 
 
-def check_latents(cfg, inputs: bool = True):
+def check_latents(cfg, inputs: bool = True, job: str = "merge"):
     """`cfg`: a MergeConfig. What can be checked before Ray starts: the shard set's state
-    (dmm_ray.data.shards.shard_set_state, returned); one that is not complete must be encodable:
-    data.source set and (`inputs`) its image folder and VAE there, data.shards writable."""
+    (dmm_ray.data.shards.shard_set_state, returned); a complete one must hold enough rows for `job`'s
+    workers (check_enough_rows: it was checked only after Ray started, and --dry-run said OK); one that
+    is not complete must be encodable: data.source set and (`inputs`) its image folder and VAE there,
+    data.shards writable."""
     from dmm_ray.data.encode import check_encode_inputs
     from dmm_ray.data.shards import shard_set_state
 
     state = shard_set_state(cfg.data.shards)
     if state.status == "complete":
         check_encoded_settings(cfg)
+        check_enough_rows(cfg, job)
         return state
     if cfg.data.source is None:
         if state.status == "partial":
@@ -55,10 +58,9 @@ def ensure_latents(cfg, job: str = "merge") -> None:
     """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
     finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept).
     `job`: whose log lines these are (`[dmm-merge ...]`, `[dmm-fast ...]`)."""
-    state = check_latents(cfg, inputs=False)  # run_encode checks its inputs itself
+    state = check_latents(cfg, inputs=False, job=job)  # run_encode checks its inputs itself
     if state.status == "complete":
         say(job, f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
-        check_enough_rows(cfg, job)
         return
     from dmm_ray.data.encode import run_encode
     from dmm_ray.data.shards import shard_set_state

@@ -106,7 +106,7 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     from dmm_ray.data.latents import check_latents
 
     if not fsu.is_uri(cfg.data.shards):  # as the merge's validate_before_ray (a URI's state: read by ensure_latents)
-        check_latents(cfg)  # shards there or encodable: ensure_latents said so only after Ray started
+        check_latents(cfg, job="fast")  # shards there (enough rows) or encodable: ensure_latents said so only after Ray started
     return styles, check_fast_fits(cfg, model_dir)
 
 
