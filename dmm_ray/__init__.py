@@ -30,7 +30,7 @@ from dmm_ray._lazy import lazy_getattr  # noqa: E402
 
 _quiet.install()  # drop library notices that say nothing to a merge (dmm_ray/_quiet.py)
 
-__getattr__ = lazy_getattr(_LAZY)  # `import dmm_ray` must not import torch/diffusers
+__getattr__ = lazy_getattr(_LAZY, __name__)  # `import dmm_ray` must not import torch/diffusers; subpackages on first use
 
 
 __all__ = list(_LAZY)

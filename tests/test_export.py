@@ -467,6 +467,16 @@ def test_an_sdxl_export_with_equally_wide_text_encoders_prints_a_loader_that_rea
     for name in ("text_encoder", "text_encoder_2"):
         want, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+    # ... and as a user runs it, in a fresh interpreter after `import dmm_ray` (here dmm_ray.formats was already
+    # imported by the export): `dmm_ray.formats` was no attribute there (AttributeError: formats)
+    import subprocess
+    import sys
+
+    script = (
+        f"import dmm_ray\nfrom diffusers import StableDiffusionXLPipeline\npipe = {loader.removeprefix('load it with: ')}\nprint(type(pipe).__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "StableDiffusionXLPipeline", run.stderr[-2000:]
 
 
 def test_verify_checks_every_component_not_only_the_unet(tmp_path, capsys, monkeypatch):
