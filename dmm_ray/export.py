@@ -287,7 +287,7 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
     out = Path(out)
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
     metadata["dmm.dtype"] = dtype
-    if pipe.unet.dtype != DTYPES[dtype]:
+    if _weight_dtypes(pipe) - {DTYPES[dtype]}:  # any module, not only the UNet: a VAE swapped in may differ
         pipe = _cast_copy(pipe, DTYPES[dtype])  # never cast the caller's (shared) modules in place
     if fmt not in ("diffusers", "single_file"):
         raise ExportError(f"format must be 'diffusers' or 'single_file', got {fmt!r}")
@@ -348,6 +348,12 @@ def check_replaceable(out: Path, fmt: str) -> None:
         raise ExportError(
             f"{out} exists and is {kind} that is not an earlier dmm-ray export; refusing to replace it (choose a new path, or delete it first)"
         )
+
+
+def _weight_dtypes(pipe) -> set[torch.dtype]:
+    """The dtypes of every floating-point weight of `pipe`'s modules (UNet, VAE, text encoder(s), ...)."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return {t.dtype for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()}
 
 
 def _cast_copy(pipe, dtype: torch.dtype):

@@ -197,6 +197,33 @@ def test_fp16_export_and_diffusers_folder(merged, tmp_path):
     assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
 
 
+@pytest.mark.parametrize("fmt", ["single_file", "diffusers"])
+@pytest.mark.parametrize("unet_dtype,other_dtype,dtype", [(torch.float32, torch.float16, "fp32"), (torch.float16, torch.float32, "fp16")])
+def test_every_module_is_written_in_the_asked_dtype_not_only_the_unet(tmp_path, fmt, unet_dtype, other_dtype, dtype):
+    """export_pipeline cast the modules only when the UNet's dtype differed from the asked one: a VAE and text
+    encoder in another dtype (an fp16 VAE swapped in, `pipe.unet.half()` alone) were written as they were, under a
+    `dmm.dtype` naming the asked one (an "fp16" file with float32 VAE and text encoder, or the reverse)."""
+    from safetensors import safe_open
+
+    from dmm_ray.export import bake, export_pipeline, read_metadata
+
+    pipe = tiny_merged("sd15")
+    pipe.unet.to(unet_dtype)
+    pipe.vae.to(other_dtype)
+    pipe.text_encoder.to(other_dtype)
+    plain = bake(pipe, style="neon")
+    out = export_pipeline(plain, tmp_path / ("neon.safetensors" if fmt == "single_file" else "neon"), fmt=fmt, dtype=dtype)
+    assert read_metadata(out)["dmm.dtype"] == dtype
+    want = {"fp32": "F32", "fp16": "F16"}[dtype]
+    files = [out] if out.is_file() else [p for p in out.rglob("*.safetensors")]
+    written = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            written[file.name if out.is_file() else file.parent.name] = {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64"}
+    assert written and all(kinds == {want} for kinds in written.values()), written
+    assert plain.vae.dtype == plain.text_encoder.dtype == other_dtype and plain.unet.dtype == unet_dtype  # the caller's modules not cast
+
+
 def test_an_export_killed_between_its_two_renames_is_undone_by_the_next(merged, tmp_path, monkeypatch):
     """Finding: a diffusers export killed (SIGKILL) between swap_in's two renames left the previous
     export only as `.<out>.export-<pid>.old`; the next export, under another pid, neither put it back
