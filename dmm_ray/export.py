@@ -65,12 +65,12 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
     from diffusers import UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
 
-    from dmm_ray.formats.single_file import has_ip_adapter
+    from dmm_ray.formats.single_file import has_ip_adapter, has_lora_layers
 
     unet = inner_unet(unet)  # also a compiled one (`pipe.unet = torch.compile(pipe.unet)`)
     if not isinstance(unet, StyleUNet):
         raise ExportError(f"bake needs a merged model's StyleUNet, got {type(unet).__name__} (already a plain UNet?)")
-    if getattr(unet, "peft_config", None):
+    if getattr(unet, "peft_config", None) or has_lora_layers(unet):  # layers stay after delete_adapters, with no config
         raise ExportError(
             "the UNet has LoRA adapters loaded; bake the merged model alone "
             "(pipe.unload_lora_weights()) and load the LoRA on the baked export instead"

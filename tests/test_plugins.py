@@ -221,6 +221,23 @@ def test_bake_refuses_a_model_with_plugins_loaded(plugin_files):
         bake(pipe, style="ink")
 
 
+def test_bake_refuses_the_lora_layers_delete_adapters_leaves(tmp_path):
+    """bake read only `unet.peft_config`, which delete_adapters empties while PEFT's layers stay on the UNet
+    (`to_q.base_layer`): it failed with "does not map onto a plain UNet: missing [...], unexpected [...base_layer...]"
+    instead of naming the LoRA and what to do; unload_lora_weights() removes the layers and the bake goes on."""
+    from dmm_ray.export import ExportError, bake
+    from dmm_ray.tiny_plugins import make_lora
+
+    pipe = tiny_merged("sd15")
+    pipe.load_lora_weights(str(make_lora(pipe.unet, tmp_path / "lora", seed=1)), adapter_name="subject")
+    pipe.delete_adapters("subject")
+    assert not getattr(pipe.unet, "peft_config", None)  # what bake read: no adapter left, layers still there
+    with pytest.raises(ExportError, match=r"LoRA adapters loaded; bake the merged model alone \(pipe.unload_lora_weights\(\)\)"):
+        bake(pipe, style="ink")
+    pipe.unload_lora_weights()
+    bake(pipe, style="ink")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_an_export_with_a_lora_or_ip_adapter_loaded_is_refused_and_a_fused_lora_is_written(plugin_files, arch, tmp_path):
     """A baked pipeline takes a LoRA (README); exporting it then wrote PEFT's layer names

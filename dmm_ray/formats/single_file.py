@@ -214,17 +214,23 @@ def has_ip_adapter(unet) -> bool:
     return isinstance(getattr(unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection)
 
 
+def has_lora_layers(module) -> bool:
+    """Whether PEFT's LoRA layers sit in `module`: read from the modules, not `peft_config`, which is empty
+    once `delete_adapters` removed the last adapter while its layers (`to_q.base_layer`) stay."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft no LoRA can be loaded
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
 def loaded_lora(pipeline) -> str | None:
     """Why `pipeline`'s weights cannot be saved as they are, or None: LoRA layers (PEFT's, also after
     `fuse_lora`, which folds into them but keeps them) loaded on its UNet or text encoder(s). Their weights
     sit under names no model layout has (`to_q.base_layer.weight`, `to_q.lora_A.<name>.weight`): a diffusers
     loader would leave those layers at random weights."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # without peft no LoRA can be loaded
-        return None
     names = [name for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipeline, name, None) is not None]
-    with_lora = [name for name in names if any(isinstance(m, BaseTunerLayer) for m in getattr(pipeline, name).modules())]
+    with_lora = [name for name in names if has_lora_layers(getattr(pipeline, name))]
     if with_lora:
         return (
             f"the pipeline has LoRA layers loaded ({', '.join(with_lora)}), which no checkpoint holds: fold the LoRA in with "
