@@ -390,6 +390,13 @@ class MergeConfig(_Section):
                 f"synthesis.resolution is {side} but the shards' data.encode.resolution is {shards_side}; "
                 f"unset synthesis.resolution (its default is data.encode.resolution) or set it to {shards_side}"
             )
+        if self.fast.synthetic_fraction > 0 and side != shards_side:  # else the few-step stage stops inside its workers, after Ray starts
+            raise ValueError(
+                f"fast.synthetic_fraction > 0 puts synthesized latents (fast.synthetic_source {self.fast.synthetic_source}: made at synthesis.resolution) "
+                f"and latent-shard rows in one batch, which needs one size: synthesis.resolution is {side} but the shards' "
+                f"data.encode.resolution is {shards_side}; unset synthesis.resolution (its default is data.encode.resolution) "
+                f"or set it to {shards_side}, or fast.synthetic_fraction: 0"
+            )
         if self.distill.mixture_fraction > 0 and (self.scaling.teachers_per_worker < 2 or self.data.synthetic_fraction == 0):
             raise ValueError(
                 f"distill.mixture_fraction={self.distill.mixture_fraction}: mixture rows mix the predictions of the teachers one "

@@ -91,6 +91,33 @@ def test_synthesized_samples_mixed_into_distillation_are_made_at_the_shards_size
     assert load_config(_write(tmp_path, BASE), ["synthesis.resolution=512"]).synthesis_resolution == 512  # the fine-tune alone: its own size
 
 
+def test_synthesized_samples_mixed_into_the_few_step_stage_are_made_at_the_shards_size(tmp_path):
+    """fast.synthetic_fraction > 0 joins synthesized latents (the merge's or the merged model's, both made at
+    synthesis.resolution) to latent-shard rows in one batch: with data.synthetic_fraction 0 another size passed
+    the config and --dry-run and stopped the few-step stage inside its workers, with torch.cat's RuntimeError
+    (retried scaling.max_failures times)."""
+    few_step = ["fast.synthetic_fraction=0.5", "data.encode.resolution=256"]
+    for source in ("teachers", "merged"):
+        with pytest.raises(ConfigError, match=re.escape("synthesis.resolution is 512 but the shards' data.encode.resolution is 256")):
+            load_config(_write(tmp_path, BASE), [*few_step, f"fast.synthetic_source={source}", "synthesis.resolution=512"])
+    assert load_config(_write(tmp_path, BASE), [*few_step, "synthesis.resolution=256"]).synthesis_resolution == 256
+    assert load_config(_write(tmp_path, BASE), few_step).synthesis_resolution == 256  # the default: the shards' side
+    # the rollout pairs alone are never joined to shard rows: their own size
+    assert load_config(_write(tmp_path, BASE), ["fast.rollout_steps=2", "synthesis.resolution=512"]).synthesis_resolution == 512
+
+
+def test_the_few_step_worker_joins_shard_and_synthesized_rows_with_the_shape_check():
+    """The few-step worker joined its shard rows and synthesized rows with concat_batches: latents of two sizes
+    (a merge's synthesized sets made at another size than the config says) failed in torch.cat with a RuntimeError
+    that Ray Train retried; it joins them as distillation does (distill.streams._joined: a TrainingInputError)."""
+    import inspect
+
+    from dmm_ray.fast import loop
+
+    source = inspect.getsource(loop.train_fast_per_worker)
+    assert "_joined([batch, extra])" in source and "concat_batches" not in source
+
+
 @pytest.mark.parametrize(
     "override, hint",
     [
