@@ -231,20 +231,15 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
 
 
 def check_synthesis_prompts(cfg: MergeConfig) -> None:
-    """A synthesis.prompts file that the synthesis stage will read is there and holds prompts: synthesis
-    runs after distill when only the fine-tune reads its samples, and a missing or empty file used to
-    stop the merge there, after the training."""
-    if not cfg.synthesis.prompts or not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):  # the stages that synthesize (STAGES)
-        return
-    from dmm_ray.data.readers import read_prompts
+    """A synthesis.prompts file that a stage of the merge will read is there and holds prompts: synthesis
+    runs after distill when only the fine-tune reads its samples, and the few-step stage (fast.enabled)
+    samples the merged model with them (fast.synthetic_source merged, the rollout pairs) after the whole
+    merge; a missing or empty file used to stop the merge there, after the training."""
+    synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes  # the stages that synthesize (STAGES)
+    if synthesizes or (cfg.fast.enabled and cfg.fast.samples_merged_model):
+        from dmm_ray.data.readers import check_synthesis_prompts as check_file
 
-    try:
-        read_prompts(cfg.synthesis.prompts)
-    except (FileNotFoundError, ValueError) as error:
-        raise type(error)(
-            f"synthesis.prompts: {error}; give a text file with one prompt per line or a COCO captions JSON, "
-            "or unset synthesis.prompts to sample the latent shards' captions"
-        ) from None
+        check_file(cfg)
 
 
 def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:

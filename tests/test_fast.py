@@ -1334,6 +1334,37 @@ def test_missing_synthesized_sets_are_refused_before_ray_and_by_the_dry_run(merg
     assert job.main(args + ["--dry-run", "--set", "fast.synthetic_source=merged"]) == 0  # sampled by the stage itself
 
 
+@pytest.mark.parametrize("content", [None, "\n  \n"], ids=["missing", "empty"])
+@pytest.mark.parametrize(
+    "samples", [["fast.synthetic_fraction=0.5", "fast.synthetic_source=merged"], ["fast.rollout_steps=2"]], ids=["merged", "rollout"]
+)
+def test_a_synthesis_prompt_file_that_gives_no_prompts_is_refused_before_the_merged_model_is_sampled(
+    merged_world, tmp_path, capsys, monkeypatch, content, samples
+):
+    """fast.synthetic_source merged and the rollout pairs sample the merged model with synthesis.prompts: a
+    file that is not there (or holds no prompt) passed --dry-run, and the run said so only after Ray had
+    started, the latents were checked and the stage's MLflow run had begun. check_before_ray refuses it first."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    prompts = tmp_path / "synthesis_prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", synthesis={"prompts": str(prompts)})))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    args += [a for s in samples for a in ("--set", s)]
+    says = f"synthesis.prompts: prompt file '{prompts}' " + ("does not exist" if content is None else "holds no prompts")
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+        assert says in err, err
+    assert not (tmp_path / "fast" / "synthesized").exists()
+    prompts.write_text("a red circle\n")
+    assert job.main(args + ["--dry-run"]) == 0
+
+
 def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):
     """Finding: jobs/fast.py --dry-run said OK on a scaling.ray_address where no Ray answers, which the run
     refuses (ensure_ray's check_address) and jobs/merge.py --dry-run refuses too. Both say it now."""

@@ -478,6 +478,27 @@ def test_a_synthesis_prompt_file_that_gives_no_prompts_is_refused_before_anythin
     assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
 
 
+def test_a_synthesis_prompt_file_the_few_step_stage_samples_with_is_refused_before_the_merge(world, tmp_path, capsys):
+    """A merge with fast.enabled whose few-step stage samples the merged model (fast.synthetic_source merged)
+    reads synthesis.prompts after the whole merge: with no merge stage synthesizing (no fine-tune,
+    data.synthetic_fraction 0) a missing file passed --dry-run, and the merge trained, saved and evaluated
+    before the few-step stage stopped on it."""
+    from jobs import merge as merge_job
+
+    prompts = tmp_path / "synthesis_prompts.txt"
+    fast = {"enabled": True, "synthetic_fraction": 0.5, "synthetic_source": "merged"}
+    config = tmp_path / "merge.yaml"
+    tree = tiny_merge_config(world, tmp_path / "out", synthesis={"prompts": str(prompts), "finetune_steps": 0}, fast=fast)
+    config.write_text(yaml.safe_dump(tree))
+    for flags in (["--dry-run"], []):
+        code = merge_job.main(["--config", str(config), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and f"synthesis.prompts: prompt file '{prompts}' does not exist" in err, (flags, err)
+        assert not (tmp_path / "out").exists()
+    prompts.write_text("a red circle\n")
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]

@@ -190,6 +190,21 @@ def _source_id(record: dict, rel: str, id_field: Optional[str]) -> str:
     return str(value) if value is not None and str(value) != "" else rel
 
 
+def check_synthesis_prompts(cfg) -> None:
+    """cfg.synthesis.prompts (a MergeConfig's), when set, is there and holds prompts: a ValueError or
+    FileNotFoundError naming the key, for the checks before Ray of the stages that sample with them
+    (the merge's synthesis, the few-step stage's samples of the merged model), which read it only later."""
+    if not cfg.synthesis.prompts:  # the latent shards' captions: their own checks
+        return
+    try:
+        read_prompts(cfg.synthesis.prompts)
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(
+            f"synthesis.prompts: {error}; give a text file with one prompt per line or a COCO captions JSON, "
+            "or unset synthesis.prompts to sample the latent shards' captions"
+        ) from None
+
+
 def read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
     """Evaluation prompts from an MS-COCO captions JSON (`annotations[].caption`) or a text file
     with one prompt per line. Blank lines / captions are dropped; order is kept."""

@@ -93,7 +93,8 @@ def _check_settings_fit(folder: Path, fast) -> None:
 def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     """What the few-step stage checks before Ray starts (run_fast; jobs/fast.py --dry-run): the model folder
     and the fast.* settings that depend on it, the output folder, the merge's synthesized sets it reads
-    (fast.synthetic_fraction > 0 from the teachers), local latent shards that are there or can be encoded,
+    (fast.synthetic_fraction > 0 from the teachers), the synthesis.prompts file it samples the merged model
+    with (fast.synthetic_source merged, the rollout pairs), local latent shards that are there or can be encoded,
     and that its worker fits scaling.gpu_memory_gb (the memory
     plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the plan)."""
     from dmm_ray.memory_plan import check_fast_fits
@@ -102,6 +103,10 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     check_output_folder(cfg, model_dir)
     if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
         synthesized_shards(cfg, model_dir)  # the merge's synthesized sets: missing ones were said only after Ray started
+    if cfg.fast.samples_merged_model:  # synthetic_source merged, the rollout pairs: read after Ray started and the stage's run began
+        from dmm_ray.data.readers import check_synthesis_prompts
+
+        check_synthesis_prompts(cfg)
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 
