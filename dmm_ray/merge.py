@@ -326,6 +326,12 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         check_student_base(cfg, merged)
         check_student_extensions(cfg, merged)
         check_regulariser_rows(cfg, len(old))
+    if cfg.fast.enabled:  # the merged model's styles: the teachers', and an incremental merge's previous ones (read above)
+        from dmm_ray.fast.job import check_merged_sample_rows
+
+        new = {t.name for t in cfg.teachers}
+        previous = [s for s in old if s not in new] if cfg.incremental.base_merged else []
+        check_merged_sample_rows(cfg, len(new) + len(previous))
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 

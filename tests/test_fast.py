@@ -1365,6 +1365,26 @@ def test_a_synthesis_prompt_file_that_gives_no_prompts_is_refused_before_the_mer
     assert job.main(args + ["--dry-run"]) == 0
 
 
+def test_too_few_merged_model_samples_for_one_batch_are_refused_before_ray(merged_world, tmp_path, capsys, monkeypatch):
+    """fast.synthetic_source merged with fewer merged-model samples (fast.synthetic_images x styles) than the
+    synthesized rows of one batch passed --dry-run: the stage sampled the merged model, then every worker
+    stopped in cached_stream ('synthesized samples has 2 rows, fewer than a batch of 4'). Refused before Ray."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    config = tmp_path / "fast.yaml"
+    fast = {"synthetic_fraction": 0.5, "synthetic_source": "merged", "synthetic_images": 1, "batch_size": 8}
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast=fast)))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+        assert "samples 1 images x 2 styles = 2 rows (fast.synthetic_images), fewer than the 4 synthesized rows one batch takes" in err, err
+        assert "sample at least 2 per style" in err
+    assert job.main(args + ["--dry-run", "--set", "fast.synthetic_images=2"]) == 0
+
+
 def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):
     """Finding: jobs/fast.py --dry-run said OK on a scaling.ray_address where no Ray answers, which the run
     refuses (ensure_ray's check_address) and jobs/merge.py --dry-run refuses too. Both say it now."""

@@ -499,6 +499,28 @@ def test_a_synthesis_prompt_file_the_few_step_stage_samples_with_is_refused_befo
     assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
 
 
+def test_too_few_merged_model_samples_for_the_few_step_stage_are_refused_before_the_merge(world, tmp_path, capsys):
+    """A merge with fast.enabled and fast.synthetic_source merged whose merged-model samples (synthesis.images_per_teacher
+    per style here) do not fill the synthesized rows of one few-step batch passed --dry-run: the merge trained,
+    saved and evaluated, the few-step stage sampled the merged model, and then its workers stopped."""
+    from jobs import merge as merge_job
+
+    fast = {"enabled": True, "synthetic_fraction": 0.5, "synthetic_source": "merged", "batch_size": 16}
+    config = tmp_path / "merge.yaml"
+    tree = tiny_merge_config(world, tmp_path / "out", fast=fast)  # 4 images x 2 styles = 8 rows; a batch takes 8
+    config.write_text(yaml.safe_dump(tree))
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
+    config.write_text(yaml.safe_dump({**tree, "fast": {**fast, "batch_size": 32}}))  # takes 16
+    for flags in (["--dry-run"], []):
+        code = merge_job.main(["--config", str(config), *flags])
+        err = capsys.readouterr().err
+        assert (
+            code == 2
+            and "samples 4 images x 2 styles = 8 rows (synthesis.images_per_teacher: fast.synthetic_images is unset), fewer than the 16" in err
+        ), (flags, err)
+        assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]

@@ -103,6 +103,7 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     check_output_folder(cfg, model_dir)
     if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
         synthesized_shards(cfg, model_dir)  # the merge's synthesized sets: missing ones were said only after Ray started
+    check_merged_sample_rows(cfg, len(styles))
     if cfg.fast.samples_merged_model:  # synthetic_source merged, the rollout pairs: read after Ray started and the stage's run began
         from dmm_ray.data.readers import check_synthesis_prompts
 
@@ -113,6 +114,24 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     if not fsu.is_uri(cfg.data.shards):  # as the merge's validate_before_ray (a URI's state: read by ensure_latents)
         check_latents(cfg, job="fast")  # shards there (enough rows) or encodable: ensure_latents said so only after Ray started
     return styles, check_fast_fits(cfg, model_dir)
+
+
+def check_merged_sample_rows(cfg: MergeConfig, styles: int) -> None:
+    """fast.synthetic_source merged: the merged model's samples (fast.synthetic_images, else
+    synthesis.images_per_teacher, per style; every worker reads them all) must fill the synthesized rows of
+    one batch (dmm_ray.distill.streams.cached_stream), else each worker stopped on it after the stage had
+    sampled the merged model. A FastError naming the numbers."""
+    f = cfg.fast
+    if not (f.synthetic_fraction > 0 and f.synthetic_source == "merged"):
+        return
+    rows, need = styles * cfg.merged_images_per_style, f.batch_split(cfg.data.stream.batch_size)[1]
+    if rows < need:
+        per_style = "fast.synthetic_images" if f.synthetic_images else "synthesis.images_per_teacher: fast.synthetic_images is unset"
+        raise FastError(
+            f"fast.synthetic_source merged samples {cfg.merged_images_per_style} images x {styles} styles = {rows} rows ({per_style}), "
+            f"fewer than the {need} synthesized rows one batch takes (fast.synthetic_fraction={f.synthetic_fraction} of "
+            f"fast.batch_size={f.batch_size or cfg.data.stream.batch_size}); sample at least {-(-need // styles)} per style or take fewer rows"
+        )
 
 
 def check_output_folder(cfg: MergeConfig, model_dir: str | Path) -> None:
