@@ -276,14 +276,19 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     check_synthesized_rows(cfg)
     check_synthesis_prompts(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
-        from dmm_ray.fast.job import check_output_folder, synthesized_shards
+        from dmm_ray.fast.job import check_output_folder, check_sample_rows, check_teacher_sample_rows, synthesized_batch_rows, synthesized_shards
 
         local = output_location(cfg)[0]
         fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
         check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
         f = cfg.fast
-        if f.synthetic_fraction > 0 and f.synthetic_source == "teachers" and not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):
-            synthesized_shards(fast_cfg, merged)  # no stage of this merge synthesizes: the stage reads what is there now
+        if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
+            if not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):  # no stage of this merge synthesizes: the stage reads what is there now
+                check_teacher_sample_rows(fast_cfg, synthesized_shards(fast_cfg, merged))
+            elif not (cfg.incremental.base_merged or f.synthesized):  # what this merge synthesizes: synthesis.images_per_teacher per teacher
+                n, rows = len(cfg.teachers), len(cfg.teachers) * cfg.synthesis.images_per_teacher
+                what = f"the merge synthesizes {cfg.synthesis.images_per_teacher} images x {n} teachers = {rows} rows (synthesis.images_per_teacher)"
+                check_sample_rows(fast_cfg, rows, what, f"synthesize at least {-(-synthesized_batch_rows(fast_cfg) // n)} per teacher")
     shapes: dict = {}  # each allowed .ckpt's index, unpickled once for both checks
     check_teacher_files(cfg.teachers, deep=deep, shapes=shapes)
     validate_teachers(cfg.teachers, cfg.student.base, shapes=shapes)

@@ -1385,6 +1385,25 @@ def test_too_few_merged_model_samples_for_one_batch_are_refused_before_ray(merge
     assert job.main(args + ["--dry-run", "--set", "fast.synthetic_images=2"]) == 0
 
 
+def test_merge_synthesized_sets_too_small_for_one_batch_are_refused_before_ray(merged_world, tmp_path, capsys, monkeypatch):
+    """fast.synthetic_source teachers with a merge's synthesized sets holding fewer rows than the synthesized rows
+    of one batch passed --dry-run; every worker then stopped in cached_stream after Ray had started."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    synthesized = _synthesized_sets(tmp_path / "synthesized", styles=2, rows=4)
+    config = tmp_path / "fast.yaml"
+    fast = {"synthetic_fraction": 0.5, "synthesized": str(synthesized), "batch_size": 32}
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast=fast)))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+        assert f"the merge's synthesized sets ({synthesized}) hold 8 rows in 2 styles, fewer than the 16 synthesized rows one batch takes" in err, err
+    assert job.main(args + ["--dry-run", "--set", "fast.batch_size=16"]) == 0
+
+
 def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):
     """Finding: jobs/fast.py --dry-run said OK on a scaling.ray_address where no Ray answers, which the run
     refuses (ensure_ray's check_address) and jobs/merge.py --dry-run refuses too. Both say it now."""

@@ -521,6 +521,28 @@ def test_too_few_merged_model_samples_for_the_few_step_stage_are_refused_before_
         assert not (tmp_path / "out").exists()
 
 
+def test_too_few_synthesized_samples_for_the_few_step_stage_are_refused_before_the_merge(world, tmp_path, capsys):
+    """A merge with fast.enabled (fast.synthetic_source teachers) whose synthesized sets do not fill the synthesized
+    rows of one few-step batch passed --dry-run: the merge trained, saved and evaluated, and the few-step workers stopped."""
+    from jobs import merge as merge_job
+
+    fast = {"enabled": True, "synthetic_fraction": 0.5, "batch_size": 16}
+    config = tmp_path / "merge.yaml"
+    tree = tiny_merge_config(world, tmp_path / "out", fast=fast)  # it fine-tunes: 4 images x 2 teachers = 8 rows; a batch takes 8
+    config.write_text(yaml.safe_dump(tree))
+    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
+    config.write_text(yaml.safe_dump({**tree, "fast": {**fast, "batch_size": 32}}))  # takes 16
+    for flags in (["--dry-run"], []):
+        code = merge_job.main(["--config", str(config), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "the merge synthesizes 4 images x 2 teachers = 8 rows (synthesis.images_per_teacher), fewer than the 16" in err, (
+            flags,
+            err,
+        )
+        assert "synthesize at least 8 per teacher" in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_deep_finds_nan_tensor(dry_run, world, tmp_path):
     broken = _save_teacher(tmp_path / "broken", nan=True)
     teachers = [world["teachers"][0], {"name": "broken", "source": str(broken)}]

@@ -102,7 +102,8 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     styles = check_model_folder(model_dir, cfg.fast)
     check_output_folder(cfg, model_dir)
     if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
-        synthesized_shards(cfg, model_dir)  # the merge's synthesized sets: missing ones were said only after Ray started
+        # the merge's synthesized sets: missing ones, or too few rows for a batch, were said only after Ray started
+        check_teacher_sample_rows(cfg, synthesized_shards(cfg, model_dir))
     check_merged_sample_rows(cfg, len(styles))
     if cfg.fast.samples_merged_model:  # synthetic_source merged, the rollout pairs: read after Ray started and the stage's run began
         from dmm_ray.data.readers import check_synthesis_prompts
@@ -118,20 +119,51 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
 
 def check_merged_sample_rows(cfg: MergeConfig, styles: int) -> None:
     """fast.synthetic_source merged: the merged model's samples (fast.synthetic_images, else
-    synthesis.images_per_teacher, per style; every worker reads them all) must fill the synthesized rows of
-    one batch (dmm_ray.distill.streams.cached_stream), else each worker stopped on it after the stage had
-    sampled the merged model. A FastError naming the numbers."""
+    synthesis.images_per_teacher, per style) must fill the synthesized rows of one batch."""
     f = cfg.fast
-    if not (f.synthetic_fraction > 0 and f.synthetic_source == "merged"):
-        return
-    rows, need = styles * cfg.merged_images_per_style, f.batch_split(cfg.data.stream.batch_size)[1]
-    if rows < need:
+    if f.synthetic_fraction > 0 and f.synthetic_source == "merged":
         per_style = "fast.synthetic_images" if f.synthetic_images else "synthesis.images_per_teacher: fast.synthetic_images is unset"
-        raise FastError(
-            f"fast.synthetic_source merged samples {cfg.merged_images_per_style} images x {styles} styles = {rows} rows ({per_style}), "
-            f"fewer than the {need} synthesized rows one batch takes (fast.synthetic_fraction={f.synthetic_fraction} of "
-            f"fast.batch_size={f.batch_size or cfg.data.stream.batch_size}); sample at least {-(-need // styles)} per style or take fewer rows"
+        what = f"fast.synthetic_source merged samples {cfg.merged_images_per_style} images x {styles} styles"
+        check_sample_rows(
+            cfg,
+            styles * cfg.merged_images_per_style,
+            f"{what} = {styles * cfg.merged_images_per_style} rows ({per_style})",
+            f"sample at least {-(-synthesized_batch_rows(cfg) // styles)} per style",
         )
+
+
+def synthesized_batch_rows(cfg: MergeConfig) -> int:
+    """The synthesized rows of one few-step batch (fast.synthetic_fraction of fast.batch_size)."""
+    return cfg.fast.batch_split(cfg.data.stream.batch_size)[1]
+
+
+def check_sample_rows(cfg: MergeConfig, rows: int, what: str, fix: str) -> None:
+    """The few-step stage's synthesized rows (every worker reads them all) must fill the synthesized rows of
+    one batch (dmm_ray.distill.streams.cached_stream), else each worker stopped on it after Ray started (and,
+    with synthetic_source merged, after the stage had sampled the merged model). A FastError naming the numbers."""
+    f, need = cfg.fast, synthesized_batch_rows(cfg)
+    if rows < need:
+        raise FastError(
+            f"{what}, fewer than the {need} synthesized rows one batch takes (fast.synthetic_fraction={f.synthetic_fraction} of "
+            f"fast.batch_size={f.batch_size or cfg.data.stream.batch_size}); {fix} or take fewer rows"
+        )
+
+
+def check_teacher_sample_rows(cfg: MergeConfig, dirs: list[str]) -> None:
+    """fast.synthetic_source teachers: the merge's synthesized sets there now (their shards' recorded rows)."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import is_shard_complete, read_marker, shard_indices
+
+    rows = 0
+    for folder in dirs:  # the rows their markers record (as the stream reads only complete shards)
+        fs, root = fsu.resolve(folder)
+        rows += sum(read_marker(fs, root, i)["rows"] for i in shard_indices(fs, root) if is_shard_complete(fs, root, i))
+    check_sample_rows(
+        cfg,
+        rows,
+        f"the merge's synthesized sets ({Path(dirs[0]).parent}) hold {rows} rows in {len(dirs)} styles",
+        "synthesize more in the merge (synthesis.images_per_teacher)",
+    )
 
 
 def check_output_folder(cfg: MergeConfig, model_dir: str | Path) -> None:
