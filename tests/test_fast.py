@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -902,8 +903,11 @@ def test_synthesized_rows_are_pooled_shuffled_and_keep_their_teachers_style(ray_
     ids = [str(s) for s in rows["source_id"]]
     assert sorted(ids) == sorted(f"s{i}-{j}" for i in range(3) for j in range(8)) and ids != sorted(ids)  # all rows, shuffled
     assert all(int(s) == int(i.split("-")[0][1:]) for s, i in zip(rows["style"], ids))  # each row keeps its teacher's style
-    with pytest.raises(RuntimeError, match="outside the merged model's 2 styles"):
+    from dmm_ray.distill.health import TrainingInputError, stops_without_retry
+
+    with pytest.raises(TrainingInputError, match="outside the merged model's 2 styles") as info:  # a RuntimeError, retried
         synthesized_rows(build_latent_dataset(cfg.data, shards=shards), num_styles=2, seed=0)
+    assert stops_without_retry(info.value)
 
 
 @pytest.mark.ray
@@ -1402,6 +1406,25 @@ def test_merge_synthesized_sets_too_small_for_one_batch_are_refused_before_ray(m
     for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
         assert f"the merge's synthesized sets ({synthesized}) hold 8 rows in 2 styles, fewer than the 16 synthesized rows one batch takes" in err, err
     assert job.main(args + ["--dry-run", "--set", "fast.batch_size=16"]) == 0
+
+
+def test_synthesized_sets_of_more_styles_than_the_model_are_refused_before_ray(merged_world, tmp_path, capsys, monkeypatch):
+    """fast.synthesized of another merge, with more styles than the merged model, passed --dry-run; every worker
+    then stopped in synthesized_rows with a RuntimeError that Ray Train retried. Refused before Ray."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    synthesized = _synthesized_sets(tmp_path / "synthesized", styles=3, rows=4)
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast={"synthetic_fraction": 0.5, "synthesized": str(synthesized)})))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+        assert f"the synthesized sets {synthesized} hold style_2, outside the merged model's 2 styles" in err, err
+    shutil.rmtree(synthesized / "style_2")
+    assert job.main(args + ["--dry-run"]) == 0
 
 
 def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):

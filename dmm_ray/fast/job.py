@@ -103,7 +103,9 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     check_output_folder(cfg, model_dir)
     if cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
         # the merge's synthesized sets: missing ones, or too few rows for a batch, were said only after Ray started
-        check_teacher_sample_rows(cfg, synthesized_shards(cfg, model_dir))
+        dirs = synthesized_shards(cfg, model_dir)
+        check_synthesized_styles(dirs, len(styles))
+        check_teacher_sample_rows(cfg, dirs)
     check_merged_sample_rows(cfg, len(styles))
     if cfg.fast.samples_merged_model:  # synthetic_source merged, the rollout pairs: read after Ray started and the stage's run began
         from dmm_ray.data.readers import check_synthesis_prompts
@@ -146,6 +148,17 @@ def check_sample_rows(cfg: MergeConfig, rows: int, what: str, fix: str) -> None:
         raise FastError(
             f"{what}, fewer than the {need} synthesized rows one batch takes (fast.synthetic_fraction={f.synthetic_fraction} of "
             f"fast.batch_size={f.batch_size or cfg.data.stream.batch_size}); {fix} or take fewer rows"
+        )
+
+
+def check_synthesized_styles(dirs: list[str], styles: int) -> None:
+    """The merge's synthesized sets (style_<i>/, as synthesize names them from the style of their rows) must be of
+    the merged model's styles: another merge's sets with more styles stopped every worker (synthesized_rows)."""
+    bad = [Path(d).name for d in dirs if int(Path(d).name.split("_")[-1]) >= styles]
+    if bad:
+        raise FastError(
+            f"the synthesized sets {Path(dirs[0]).parent} hold {', '.join(bad)}, outside the merged model's {styles} styles: "
+            "give fast.synthesized of the merge that produced this model"
         )
 
 

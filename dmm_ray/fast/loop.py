@@ -71,14 +71,15 @@ def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
     style pooled and shuffled once with `seed`, so each batch mixes styles."""
     import numpy as np
 
+    from dmm_ray.distill.health import TrainingInputError
     from dmm_ray.distill.streams import read_synthesized
 
     by_style = read_synthesized(shard, None)
-    if not by_style:
-        raise RuntimeError("fast.synthetic_fraction > 0 but the synthesized sets are empty")
+    if not by_style:  # the same on every restart: TrainingInputError, not retried
+        raise TrainingInputError("fast.synthetic_fraction > 0 but the synthesized sets are empty")
     bad = sorted(i for i in by_style if not 0 <= i < num_styles)
     if bad:
-        raise RuntimeError(
+        raise TrainingInputError(
             f"the synthesized sets have style indices {bad}, outside the merged model's {num_styles} styles: "
             "give fast.synthesized of the merge that produced this model"
         )
