@@ -375,7 +375,7 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monke
             tmp_path / "out",
             teachers=new,
             incremental={"base_merged": merged_world["merged"], "old_style_samples": True},
-            data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5},
+            data={**tiny_merge_config(merged_world, tmp_path)["data"], "synthetic_fraction": 0.5, "encode": {"resolution": 16}},  # the shards' size
             synthesis={"finetune_steps": 0, "actors": 1, "resolution": 16},
             distill={"steps": 2, "lambda_adv": 0},
             evaluation={"enabled": True, "prompts": ["a red circle"], "extractor": {"kind": "import", "path": "eval_helpers:SeededConvExtractor"}},

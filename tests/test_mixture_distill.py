@@ -188,6 +188,7 @@ def test_packed_merge_with_mixture_rows(ray_cluster, tmp_path):
         world, tmp_path / "out", scaling={"teachers_per_worker": 2, "cpus_per_worker": 1}, distill={"steps": 2, "checkpoint_every": 2}
     )
     raw["data"]["synthetic_fraction"] = 0.5
+    raw["data"]["encode"] = {"resolution": 16}  # the tiny world's 8x8 latent shards: synthesized rows must match them
     raw["distill"]["mixture_fraction"] = 0.5
     raw["synthesis"].update({"images_per_teacher": 8, "num_inference_steps": 2, "batch_size": 4, "resolution": 16, "actors": 1, "finetune_steps": 0})
     cfg = MergeConfig.model_validate(raw)

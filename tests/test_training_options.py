@@ -169,7 +169,7 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
             world,
             uri,
             scaling={"teachers_per_worker": 2, "cpus_per_worker": 1},
-            data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5},
+            data={**tiny_merge_config(world, tmp_path)["data"], "synthetic_fraction": 0.5, "encode": {"resolution": 16}},  # the shards' size
             distill={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 1},
             synthesis={
                 "images_per_teacher": 8,
