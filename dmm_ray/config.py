@@ -384,18 +384,21 @@ class MergeConfig(_Section):
                 "data.synthetic_fraction > 0 mixes the teachers' synthesized samples into distillation; it needs synthesis.enabled: true"
             )
         side, shards_side = self.synthesis_resolution, self.data.encode.resolution
+        # data.encode.resolution is what the shards are at (a set encoded at another is refused before Ray), so shards
+        # encoded elsewhere at the synthesis size are described by that setting, not by changing the synthesis
+        shards_hint = f"; if the shards were encoded at {side} px, set data.encode.resolution: {side}"
         if self.data.synthetic_fraction > 0 and side != shards_side:  # else distill stops after the synthesis: latents of two sizes
             raise ValueError(
                 f"data.synthetic_fraction > 0 puts synthesized latents and latent-shard rows in one batch, which needs one size: "
                 f"synthesis.resolution is {side} but the shards' data.encode.resolution is {shards_side}; "
-                f"unset synthesis.resolution (its default is data.encode.resolution) or set it to {shards_side}"
+                f"unset synthesis.resolution (its default is data.encode.resolution) or set it to {shards_side}{shards_hint}"
             )
         if self.fast.synthetic_fraction > 0 and side != shards_side:  # else the few-step stage stops inside its workers, after Ray starts
             raise ValueError(
                 f"fast.synthetic_fraction > 0 puts synthesized latents (fast.synthetic_source {self.fast.synthetic_source}: made at synthesis.resolution) "
                 f"and latent-shard rows in one batch, which needs one size: synthesis.resolution is {side} but the shards' "
                 f"data.encode.resolution is {shards_side}; unset synthesis.resolution (its default is data.encode.resolution) "
-                f"or set it to {shards_side}, or fast.synthetic_fraction: 0"
+                f"or set it to {shards_side}, or fast.synthetic_fraction: 0{shards_hint}"
             )
         if self.distill.mixture_fraction > 0 and (self.scaling.teachers_per_worker < 2 or self.data.synthetic_fraction == 0):
             raise ValueError(

@@ -84,8 +84,9 @@ def test_synthesized_samples_mixed_into_distillation_are_made_at_the_shards_size
     a synthesis.resolution other than data.encode.resolution was accepted, synthesized, and stopped distill
     inside its workers ('synthesized latents (4, 16, 16) and latent shards (4, 8, 8) differ in shape')."""
     mixed = ["data.synthetic_fraction=0.5", "data.encode.resolution=256"]
-    with pytest.raises(ConfigError, match=re.escape("synthesis.resolution is 512 but the shards' data.encode.resolution is 256")):
+    with pytest.raises(ConfigError, match=re.escape("synthesis.resolution is 512 but the shards' data.encode.resolution is 256")) as refused:
         load_config(_write(tmp_path, BASE), [*mixed, "synthesis.resolution=512"])
+    assert "if the shards were encoded at 512 px, set data.encode.resolution: 512" in str(refused.value)  # shards encoded elsewhere
     assert load_config(_write(tmp_path, BASE), [*mixed, "synthesis.resolution=256"]).synthesis_resolution == 256
     assert load_config(_write(tmp_path, BASE), mixed).synthesis_resolution == 256  # the default: the shards' side
     assert load_config(_write(tmp_path, BASE), ["synthesis.resolution=512"]).synthesis_resolution == 512  # the fine-tune alone: its own size
