@@ -28,8 +28,15 @@ class ServeLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_width: int = Field(768, ge=8, description="largest image width in pixels")
-    max_height: int = Field(768, ge=8, description="largest image height in pixels")
+    # Unset (and without a default_size), the size limits rise to the model's native size where that is larger
+    # (ServeConfig.limits_for: SDXL's 1024 px), so a request that leaves its size out is never refused; set,
+    # they are the user's bound, and one below the native size fails the deploy (check_native_size).
+    max_width: int = Field(
+        768, ge=8, description="largest image width in pixels; unset: 768, or the model's native width if larger (without a default_size)"
+    )
+    max_height: int = Field(
+        768, ge=8, description="largest image height in pixels; unset: 768, or the model's native height if larger (without a default_size)"
+    )
     max_steps: int = Field(50, ge=1, description="largest num_inference_steps")
     max_images: int = Field(4, ge=1, description="largest number of images per request (prompts x num_images)")
     max_prompt_chars: int = Field(1000, ge=1, description="longest prompt / negative prompt, in characters")
@@ -125,6 +132,35 @@ class ServeConfig(BaseModel):
                 "raise the limits or lower the default"
             )
         return self
+
+    def limits_for(self, native_size: tuple[int, int]) -> ServeLimits:
+        """The limits against a model of this native (width, height): without a default_size, a size limit the
+        config leaves unset rises to the model's native size (SDXL's 1024 px above the default 768), so the
+        default limits never refuse the size a request without width/height gets; a limit the config sets
+        stays (check_native_size refuses the deploy where it is below that size), and a default_size is
+        already within the limits (the validator above)."""
+        if self.default_size is not None:
+            return self.limits
+        update = {}
+        for key, value in zip(("max_width", "max_height"), native_size):
+            if key not in self.limits.model_fields_set and value > getattr(self.limits, key):
+                update[key] = int(value)
+        return self.limits.model_copy(update=update) if update else self.limits
+
+    def check_native_size(self, native_size: tuple[int, int]) -> None:
+        """Deploy time (the model replica, once its model is loaded): a limits.max_width/max_height set below the
+        model's native size with no default_size would make every request that leaves its size out a 422."""
+        limits = self.limits_for(native_size)
+        for key, name, value in zip(("max_width", "max_height"), ("width", "height"), native_size):
+            top = getattr(limits, key)
+            if self.default_size is None and value > top:
+                fits = min(limits.max_width, limits.max_height) // 8 * 8
+                raise ConfigError(
+                    f"serve config: the model's native {name} is {value} px (UNet sample_size x VAE factor), above limits.{key}={top}, "
+                    f"and default_size is unset, so every request without a {name} would be refused: raise limits.{key} to at least "
+                    f"{value} (or leave it unset: it then follows the model), or set default_size to at most {fits} "
+                    "(the model then samples below its native size)"
+                )
 
     @field_validator("lora_adapters")
     @classmethod

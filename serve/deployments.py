@@ -57,9 +57,17 @@ def check_sample(sample: Sample, style_names: Sequence[str], lora_names: Sequenc
 @serve.deployment(name="StyleModel")
 class StyleModel:
     def __init__(
-        self, model: str, device: str = "auto", max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, lora_adapters: dict | None = None
+        self,
+        model: str,
+        device: str = "auto",
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.02,
+        lora_adapters: dict | None = None,
+        cfg: dict | None = None,
     ):
         self.backend = StyleModelBackend(model, device, lora_adapters=lora_adapters)
+        if cfg is not None:  # the ServeConfig's set fields: size limits below the model's native size fail the deploy, not each request
+            ServeConfig.model_validate(cfg).check_native_size(self.backend.native_size)
         self.lora_split_batches = 0  # @serve.batch batches that held more than one LoRA set (run as separate forwards)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -345,6 +353,9 @@ def build_deployments(cfg: ServeConfig):
     # (then BackPressureError -> 503 + Retry-After from the router); the HTTP proxy queues at most
     # `router_max_queued_requests` requests for the router (then Serve's own 503 + Retry-After).
     backpressure = BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)
+    # Only the fields the user set: a size limit left unset follows the model's native size (ServeConfig.limits_for),
+    # which a full dump would turn into a set 768
+    settings = cfg.model_dump(exclude_unset=True)
     model_options = dict(
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.replica_num_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -355,11 +366,11 @@ def build_deployments(cfg: ServeConfig):
         # Left unset at 1 so a Serve config file may give autoscaling_config instead.
         model_options["num_replicas"] = cfg.num_replicas
     model = StyleModel.options(**model_options).bind(
-        cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations()
+        cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations(), settings
     )
     router = StyleRouter.options(
         max_ongoing_requests=cfg.router_max_ongoing_requests,
         max_queued_requests=cfg.router_max_queued_requests,
         backpressure_config=backpressure,
     )
-    return router.bind(model, cfg.model_dump())
+    return router.bind(model, settings)

@@ -279,15 +279,18 @@ def _validation_message(exc: RequestValidationError, model: type = GenerateReque
 
 def sampler_config(cfg: ServeConfig, info: ModelInfo) -> ServeConfig:
     """`cfg` with default_steps / default_guidance filled from the model when the config leaves them
-    unset: a few-step (LCM) model's 4 steps with CFG off, the paper's 25 / 7 otherwise."""
+    unset: a few-step (LCM) model's 4 steps with CFG off, the paper's 25 / 7 otherwise; and its limits
+    resolved against the model (`ServeConfig.limits_for`, a few-step model's training grid)."""
     sampler = info.sampler or {}
+    limits = cfg.limits_for(info.native_size)  # unset size limits rise to the model's native size (SDXL: 1024)
     update = {
         "default_steps": cfg.default_steps if cfg.default_steps is not None else int(sampler.get("num_inference_steps", PAPER_STEPS)),
         "default_guidance": cfg.default_guidance if cfg.default_guidance is not None else float(sampler.get("guidance_scale", PAPER_GUIDANCE)),
     }
     most = sampler.get("max_steps")  # a few-step model samples at most its training grid's steps (its scheduler refuses more)
-    if most is not None and most < cfg.limits.max_steps:
-        update["limits"] = cfg.limits.model_copy(update={"max_steps": int(most)})
+    if most is not None and most < limits.max_steps:
+        limits = limits.model_copy(update={"max_steps": int(most)})
+    update["limits"] = limits
     return cfg.model_copy(update=update)
 
 

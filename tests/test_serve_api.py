@@ -483,3 +483,49 @@ def test_export_commands_run_for_any_style_name():
     cmd = export_command("m", style_weights={"oil, impasto": 0.25, "neon=glow": 0.75}, names=names)
     assert parse_weights(job.build_parser().parse_args(shlex.split(cmd)[2:]).weights) == {"1": 0.25, "2": 0.75}  # indices
     assert "--style neon " in export_command("m", style="neon")  # ordinary names read as before
+
+
+def test_default_size_limits_follow_a_model_larger_than_768(tmp_path, backend):
+    """A model whose native size is above the default limits (SDXL: 1024 px): the unset limits rise to it, so a
+    request without width/height is served at the native size (was a 422 "width=1024 is above the maximum 768"
+    while /styles advertised default_width 1024); limits the config sets below it fail the deploy, naming the fix."""
+    import asyncio
+    import shutil
+
+    from dmm_ray.overrides import ConfigError
+    from serve.app import build_app
+    from serve.deployments import StyleModel
+    from serve.router import sampler_config
+    from serve.schemas import GenerateRequest, RequestError, resolve_request
+
+    folder = shutil.copytree(tiny_model_dir(), tmp_path / "m")
+    unet_cfg = folder / "unet" / "config.json"
+    big = json.loads(unet_cfg.read_text())
+    big["sample_size"] = 1024 // backend.pipe.vae_scale_factor  # native 1024 px; never sampled at it here
+    unet_cfg.write_text(json.dumps(big))
+    large = StyleModelBackend(str(folder), device="cpu")
+    assert large.native_size == (1024, 1024)
+    with make_client(large) as c:
+        info = c.get("/styles").json()
+        assert (info["default_width"], info["limits"]["max_width"], info["limits"]["max_height"]) == (1024, 1024, 1024)
+    cfg = ServeConfig(model=str(folder))
+    model_info = asyncio.run(LocalService(large).info())
+    resolved = resolve_request(
+        GenerateRequest(prompt="a red circle"), STYLE_NAMES, sampler_config(cfg, model_info), model_info.native_size, vae_scale_factor=8
+    )
+    assert (resolved.samples[0].width, resolved.samples[0].height) == (1024, 1024)
+    # the limits' memory bound stays: above the native size is still a 422
+    with pytest.raises(RequestError, match="width=1032 is above the maximum 1024"):
+        resolve_request(GenerateRequest(prompt="a", width=1032), STYLE_NAMES, sampler_config(cfg, model_info), (1024, 1024), vae_scale_factor=8)
+    # a model at or below 768 keeps the default 768
+    assert ServeConfig().limits_for((512, 512)).max_width == 768
+
+    # Deploy (the args of `serve run serve/config.yaml`): the model replica gets only the fields the user set,
+    # and refuses limits set below the native size
+    def model_args(**args):
+        return build_app(dict(model=str(folder), device="cpu") | args)._bound_deployment.init_args[0]._bound_deployment.init_args
+
+    StyleModel.func_or_class(*model_args())  # unset limits: deploys
+    with pytest.raises(ConfigError, match=r"native width is 1024 px .* above limits.max_width=768, .* default_size to at most 768"):
+        StyleModel.func_or_class(*model_args(limits={"max_width": 768, "max_height": 768}))
+    StyleModel.func_or_class(*model_args(limits={"max_width": 768, "max_height": 768}, default_size=768))
