@@ -417,14 +417,6 @@ class MergeConfig(_Section):
                     "incremental.old_style_samples: nothing would read the old styles' samples; set data.synthetic_fraction > 0 "
                     "(mixed into distillation) or synthesis.finetune_steps > 0 (the fine-tune)"
                 )
-        if self.distill.optimizer == "adamw8bit":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError(
-                    "distill.optimizer: adamw8bit needs bitsandbytes, which is not installed here "
-                    "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused"
-                )
         n, groups = len(self.teachers), self.teacher_groups
         expected = groups * self.scaling.workers_per_teacher + self.regularization_workers
         if self.scaling.num_workers is not None and self.scaling.num_workers != expected:

@@ -3,6 +3,7 @@ fine-tune -> save the merged DMMPipeline -> evaluate -> track. Runs on the Ray d
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -273,6 +274,13 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
     check_fits(cfg)  # scaling.gpu_memory_gb: refuse a layout that will not fit, naming the numbers
+    # Here, not at config load: the memory plan of an adamw8bit layout (--dry-run, dmm_ray.memory_plan)
+    # needs no bitsandbytes, as it needs no weights; a run is still refused before Ray starts
+    if cfg.distill.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "distill.optimizer: adamw8bit needs bitsandbytes, which is not installed here "
+            "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused"
+        )
     check_synthesized_rows(cfg)
     check_synthesis_prompts(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge

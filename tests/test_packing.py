@@ -200,18 +200,42 @@ def test_optimizer_choices():
             make_adamw(ps, 0.1, 0.01, "adamw8bit")
 
 
-def test_adamw8bit_without_bitsandbytes_is_refused_at_load(tmp_path, monkeypatch):
+def test_adamw8bit_without_bitsandbytes_is_planned_and_refused_before_ray(tmp_path, monkeypatch):
+    """Without bitsandbytes here, an adamw8bit config still loads and gets its memory plan (--dry-run,
+    dmm_ray.memory_plan: the plan needs no bitsandbytes, as it needs no weights); a run is refused before
+    Ray starts. Was refused at config load, so an SDXL layout that fits 80 GB only with 8-bit AdamW could
+    not be planned on a machine without it."""
     import importlib.util
 
     from merge_fixtures import tiny_merge_config
 
     from dmm_ray.config import MergeConfig
+    from dmm_ray.memory_plan import describe_config
+    from dmm_ray.merge import validate_before_ray
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     world = {"base": str(tmp_path), "teachers": [{"name": "a", "source": str(tmp_path)}], "shards": str(tmp_path / "s")}
-    with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes"):
-        MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"optimizer": "adamw8bit"}))
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", distill={"optimizer": "adamw8bit"}))
+    assert "student optimizer (adamw8bit)" in describe_config(cfg)
+    with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes, which is not installed here"):
+        validate_before_ray(cfg)
+
+
+def test_sdxl_preset_plans_to_fit_an_80gb_gpu():
+    """jobs/configs/sdxl_4styles.yaml: README's SDXL recipe (bf16 teachers, checkpointing, 8-bit AdamW), planned
+    within its gpu_memory_gb of 80 without bitsandbytes or the checkpoints here. Was 172 GiB per worker
+    (batch 10, fp32 teachers, no checkpointing)."""
+    from pathlib import Path
+
+    from dmm_ray.config import load_config
+    from dmm_ray.memory_plan import check_fits
+
+    preset = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sdxl_4styles.yaml"
+    cfg = load_config(str(preset), [], build_zoo=False)
+    assert cfg.scaling.gpu_memory_gb == 80
+    plan = check_fits(cfg)  # MemoryPlanError when a stage's worker does not fit
+    assert plan.fits and plan.total < 80 * 2**30
 
 
 def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
