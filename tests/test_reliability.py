@@ -499,47 +499,37 @@ def test_a_synthesis_prompt_file_the_few_step_stage_samples_with_is_refused_befo
     assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
 
 
-def test_too_few_merged_model_samples_for_the_few_step_stage_are_refused_before_the_merge(world, tmp_path, capsys):
-    """A merge with fast.enabled and fast.synthetic_source merged whose merged-model samples (synthesis.images_per_teacher
-    per style here) do not fill the synthesized rows of one few-step batch passed --dry-run: the merge trained,
-    saved and evaluated, the few-step stage sampled the merged model, and then its workers stopped."""
+@pytest.mark.parametrize(
+    "source, refusal",
+    [
+        # merged-model samples: synthesis.images_per_teacher per style
+        ("merged", ["samples 4 images x 2 styles = 8 rows (synthesis.images_per_teacher: fast.synthetic_images is unset), fewer than the 16"]),
+        # the teachers' synthesized sets (it fine-tunes: 4 images x 2 teachers)
+        (
+            "teachers",
+            [
+                "the merge synthesizes 4 images x 2 teachers = 8 rows (synthesis.images_per_teacher), fewer than the 16",
+                "synthesize at least 8 per teacher",
+            ],
+        ),
+    ],
+)
+def test_too_few_samples_for_the_few_step_stage_are_refused_before_the_merge(world, tmp_path, capsys, source, refusal):
+    """A merge with fast.enabled whose samples for the few-step stage (fast.synthetic_source merged: the merged
+    model's; teachers: the merge's synthesized sets) do not fill the synthesized rows of one few-step batch passed
+    --dry-run: the merge trained, saved and evaluated, and then the few-step workers stopped."""
     from jobs import merge as merge_job
 
-    fast = {"enabled": True, "synthetic_fraction": 0.5, "synthetic_source": "merged", "batch_size": 16}
+    fast = {"enabled": True, "synthetic_fraction": 0.5, "synthetic_source": source, "batch_size": 16}
     config = tmp_path / "merge.yaml"
-    tree = tiny_merge_config(world, tmp_path / "out", fast=fast)  # 4 images x 2 styles = 8 rows; a batch takes 8
+    tree = tiny_merge_config(world, tmp_path / "out", fast=fast)  # 8 rows; a batch takes 8
     config.write_text(yaml.safe_dump(tree))
     assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
     config.write_text(yaml.safe_dump({**tree, "fast": {**fast, "batch_size": 32}}))  # takes 16
     for flags in (["--dry-run"], []):
         code = merge_job.main(["--config", str(config), *flags])
         err = capsys.readouterr().err
-        assert (
-            code == 2
-            and "samples 4 images x 2 styles = 8 rows (synthesis.images_per_teacher: fast.synthetic_images is unset), fewer than the 16" in err
-        ), (flags, err)
-        assert not (tmp_path / "out").exists()
-
-
-def test_too_few_synthesized_samples_for_the_few_step_stage_are_refused_before_the_merge(world, tmp_path, capsys):
-    """A merge with fast.enabled (fast.synthetic_source teachers) whose synthesized sets do not fill the synthesized
-    rows of one few-step batch passed --dry-run: the merge trained, saved and evaluated, and the few-step workers stopped."""
-    from jobs import merge as merge_job
-
-    fast = {"enabled": True, "synthetic_fraction": 0.5, "batch_size": 16}
-    config = tmp_path / "merge.yaml"
-    tree = tiny_merge_config(world, tmp_path / "out", fast=fast)  # it fine-tunes: 4 images x 2 teachers = 8 rows; a batch takes 8
-    config.write_text(yaml.safe_dump(tree))
-    assert merge_job.main(["--config", str(config), "--dry-run"]) == 0
-    config.write_text(yaml.safe_dump({**tree, "fast": {**fast, "batch_size": 32}}))  # takes 16
-    for flags in (["--dry-run"], []):
-        code = merge_job.main(["--config", str(config), *flags])
-        err = capsys.readouterr().err
-        assert code == 2 and "the merge synthesizes 4 images x 2 teachers = 8 rows (synthesis.images_per_teacher), fewer than the 16" in err, (
-            flags,
-            err,
-        )
-        assert "synthesize at least 8 per teacher" in err
+        assert code == 2 and all(part in err for part in refusal), (flags, err)
         assert not (tmp_path / "out").exists()
 
 
