@@ -231,16 +231,16 @@ def check_synthesized_rows(cfg: MergeConfig) -> None:
             )
 
 
-def check_synthesis_prompts(cfg: MergeConfig) -> None:
+def check_prompts_the_merge_reads(cfg: MergeConfig) -> None:
     """A synthesis.prompts file that a stage of the merge will read is there and holds prompts: synthesis
     runs after distill when only the fine-tune reads its samples, and the few-step stage (fast.enabled)
     samples the merged model with them (fast.synthetic_source merged, the rollout pairs) after the whole
     merge; a missing or empty file used to stop the merge there, after the training."""
     synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes  # the stages that synthesize (STAGES)
     if synthesizes or (cfg.fast.enabled and cfg.fast.samples_merged_model):
-        from dmm_ray.data.readers import check_synthesis_prompts as check_file
+        from dmm_ray.data.readers import check_synthesis_prompts
 
-        check_file(cfg)
+        check_synthesis_prompts(cfg)
 
 
 def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
@@ -282,7 +282,7 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
             "(pip install bitsandbytes; GPU workers); use adamw or adamw_fused"
         )
     check_synthesized_rows(cfg)
-    check_synthesis_prompts(cfg)
+    check_prompts_the_merge_reads(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
         from dmm_ray.fast.job import check_output_folder, check_sample_rows, check_teacher_sample_rows, synthesized_batch_rows, synthesized_shards
 

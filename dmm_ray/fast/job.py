@@ -164,13 +164,9 @@ def check_synthesized_styles(dirs: list[str], styles: int) -> None:
 
 def check_teacher_sample_rows(cfg: MergeConfig, dirs: list[str]) -> None:
     """fast.synthetic_source teachers: the merge's synthesized sets there now (their shards' recorded rows)."""
-    from dmm_ray.data import fs as fsu
-    from dmm_ray.data.shards import is_shard_complete, read_marker, shard_indices
+    from dmm_ray.data.shards import shard_set_state
 
-    rows = 0
-    for folder in dirs:  # the rows their markers record (as the stream reads only complete shards)
-        fs, root = fsu.resolve(folder)
-        rows += sum(read_marker(fs, root, i)["rows"] for i in shard_indices(fs, root) if is_shard_complete(fs, root, i))
+    rows = sum(shard_set_state(folder).rows for folder in dirs)  # the rows of each set's complete shards, as the stream reads them
     check_sample_rows(
         cfg,
         rows,
