@@ -467,24 +467,44 @@ def export_command(
 ) -> str:
     """The exact `jobs/export.py` command line that bakes this style / mixture (the playground shows it).
     `names`: the model's style names, for a mixture of names that hold ',' or '=' or start or end with a
-    space (given by index)."""
+    space: those are given by index, and a shell comment after the command says which style each index is."""
     import shlex
 
     if (style is None) == (style_weights is None):
         raise StyleError("give exactly one of style= or style_weights=")
+    comment = ""
     if style is not None:
         option, value, stem = "--style", str(style), str(style)
     else:
         weights = {k: float(v) for k, v in style_weights.items() if float(v) > 0}
-        # the pairs cannot hold such names: ',' and '=' split them, and parse_weights strips the spaces around each name
-        by_index = names is not None and any("," in k or "=" in k or k != k.strip() for k in weights)
+        keys = {k: _weights_key(k, names) for k in weights}
         option, stem = "--weights", "-".join(weights)
-        value = ",".join(f"{list(names).index(k) if by_index else k}={_num(v)}" for k, v in weights.items())
+        value = ",".join(f"{keys[k]}={_num(v)}" for k, v in weights.items())
+        # JSON strings: a name's newline or quote stays inside the comment, never a shell line of its own
+        by_index = [f"{key} = {json.dumps(k, ensure_ascii=False)}" for k, key in keys.items() if key != k]
+        comment = f"  # by index: {', '.join(by_index)}" if by_index else ""
     selection = [f"{option}={value}"] if value.startswith("-") else [option, value]  # `-dark` is not read as an option
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem).lstrip("-") or "style"
     out = out or (f"{stem}.safetensors" if fmt == "single_file" else stem)
     args = ["python", "jobs/export.py", "--model", model, *selection, "--out", out, "--format", fmt]
-    return " ".join(shlex.quote(a) for a in args)
+    return " ".join(shlex.quote(a) for a in args) + comment
+
+
+def _weights_key(name: str, names: Sequence[str] | None) -> str:
+    """How --weights (`dmm_ray.styles.parse_weights`, then `style_weights`) names style `name`: the name
+    itself when the pairs can hold it, else its index. ',' and '=' split the pairs and parse_weights strips
+    the spaces around a name; and a digit string is read as a name first (a style named "0"), an index only
+    when no style has that name, so the index is written with leading zeros ("00") until no style has it."""
+    if name and "," not in name and "=" not in name and name == name.strip():
+        return name
+    if names is None or name not in names:
+        raise StyleError(
+            f"style {name!r} cannot be given by name in --weights (',' and '=' split the pairs, spaces around a name are dropped); pass names= to give it by index"
+        )
+    key = str(list(names).index(name))
+    while key in names:
+        key = "0" + key
+    return key
 
 
 def _num(v: float) -> str:

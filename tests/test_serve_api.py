@@ -481,8 +481,35 @@ def test_export_commands_run_for_any_style_name():
     assert args.style == "-dark" and args.out == "dark.safetensors"
     names = ["ink", "oil, impasto", "neon=glow"]
     cmd = export_command("m", style_weights={"oil, impasto": 0.25, "neon=glow": 0.75}, names=names)
-    assert parse_weights(job.build_parser().parse_args(shlex.split(cmd)[2:]).weights) == {"1": 0.25, "2": 0.75}  # indices
+    assert parse_weights(job.build_parser().parse_args(shlex.split(cmd, comments=True)[2:]).weights) == {"1": 0.25, "2": 0.75}  # indices
     assert "--style neon " in export_command("m", style="neon")  # ordinary names read as before
+
+
+def test_export_commands_by_index_bake_the_mixture_when_styles_are_named_by_digits():
+    """A mixture whose name needs an index (',' or '=') used indices for every style, and `--weights` reads a
+    digit string as a name first: with a style named "0" (or "1"), `0=...` baked that style instead. Now only
+    such names go by index, with leading zeros where a style has the digit string's name, and a shell comment
+    names them; the command, run as printed (the shell drops the comment), bakes the mixture the server showed."""
+    import shlex
+
+    from dmm_ray.export import check_selection, export_command
+    from dmm_ray.styles import parse_weights, style_weights
+    from jobs import export as job
+
+    for names, mixture in (
+        (["a,b", "c", "0"], {"a,b": 0.5, "c": 0.5}),  # index 0 was the style named "0"
+        (["a,b", "2", "1"], {"a,b": 0.5, "2": 0.5}),  # "2" went as index 1: the style named "1"
+        (["a,b", "0", "c"], {"a,b": 0.5, "0": 0.5}),  # was refused: "0" twice
+        (["x=y\nrm -rf ~", "noir"], {"x=y\nrm -rf ~": 0.25, "noir": 0.75}),  # a newline stays in the comment
+    ):
+        cmd = export_command("m", style_weights=mixture, names=names)
+        argv = shlex.split(cmd, comments=True)
+        assert argv[:2] == ["python", "jobs/export.py"] and "\n" not in cmd, cmd
+        weights = parse_weights(job.build_parser().parse_args(argv[2:]).weights)
+        check_selection(names, None, weights)
+        assert style_weights(names, weights) == style_weights(names, mixture), cmd
+    cmd = export_command("m", style_weights={"a,b": 0.5, "c": 0.5}, names=["a,b", "c", "0"])
+    assert "--weights 00=0.5,c=0.5 " in cmd and cmd.endswith('# by index: 00 = "a,b"')
 
 
 def test_default_size_limits_follow_a_model_larger_than_768(tmp_path, backend):
