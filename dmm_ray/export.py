@@ -220,7 +220,9 @@ def provenance(
     (all names, codebook order), `dmm.teachers` (JSON: name, source, format, checksum),
     `dmm.architecture` (sd15 / sdxl), `dmm.sampler` (JSON: the scheduler, steps, guidance and negative prompt the
     model samples with, `pipe.sampler_defaults`: a stock pipeline's own defaults, 50 steps at 7.5, are not the
-    model's, and a few-step model's TCD / LCM scheduler refuses 50), `dmm.version`, `dmm.exported_at` (UTC)."""
+    model's, and a few-step model's TCD / LCM scheduler refuses 50), `dmm.version`, `dmm.exported_at` (UTC).
+    JSON values keep non-ASCII text as written (`café`, not `caf\\u00e9`): the header is UTF-8, and the
+    printed mixture and the MLflow tag show the names as the model lists them."""
     import dmm_ray
 
     names = pipe.unet.style_names
@@ -234,10 +236,10 @@ def provenance(
         "dmm.merged_name": str(record.get("name", "")),
         "dmm.merge_run_id": str(run_id or (record.get("mlflow") or {}).get("run_id") or ""),
         "dmm.export_run_id": str(export_run_id or ""),
-        "dmm.styles": json.dumps(names),
+        "dmm.styles": json.dumps(names, ensure_ascii=False),
         "dmm.architecture": "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15",
-        "dmm.teachers": json.dumps(teacher_checksums(record)),
-        "dmm.sampler": json.dumps(pipe.sampler_defaults),
+        "dmm.teachers": json.dumps(teacher_checksums(record), ensure_ascii=False),
+        "dmm.sampler": json.dumps(pipe.sampler_defaults, ensure_ascii=False),
         "dmm.exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if model_dir is not None and (Path(model_dir) / "unet").is_dir():
@@ -245,7 +247,7 @@ def provenance(
     if style is not None and float(weights.max()) == 1.0:  # one style; style= may also be a mixture (a dict, N weights)
         meta["dmm.style"] = names[int(weights.argmax())]
     else:
-        meta["dmm.style_weights"] = json.dumps({n: round(float(w), 6) for n, w in zip(names, weights.tolist()) if w > 0})
+        meta["dmm.style_weights"] = json.dumps({n: round(float(w), 6) for n, w in zip(names, weights.tolist()) if w > 0}, ensure_ascii=False)
     return meta
 
 

@@ -371,6 +371,24 @@ def test_export_help_documents_every_flag():
         assert flag in text
 
 
+def test_export_metadata_keeps_non_ascii_style_names_readable(tmp_path, monkeypatch):
+    """A mixture of styles named 'café' and 'nöir': dmm.style_weights (printed by jobs/export.py as
+    "exported mixture ...", and the MLflow tag's value) and dmm.styles read {"caf\\u00e9": ...}, while one
+    style's dmm.style read 'café'. The JSON keeps the names as written, and the safetensors header holds them."""
+    import export_helpers
+    from safetensors.torch import save_file
+
+    from dmm_ray.export import provenance, read_metadata
+
+    monkeypatch.setattr(export_helpers, "STYLES", ["café", "nöir", "pixel"])
+    pipe = tiny_merged("sd15")
+    meta = provenance(pipe, "m", style_weights={"café": 1, "nöir": 3})
+    assert meta["dmm.style_weights"] == '{"café": 0.25, "nöir": 0.75}' and meta["dmm.styles"] == '["café", "nöir", "pixel"]'
+    assert "\\u" not in "".join(meta.values())
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata=meta)
+    assert read_metadata(tmp_path / "m.safetensors") == meta
+
+
 def test_export_command_round_trips_through_the_parser():
     import shlex
 
