@@ -91,9 +91,39 @@ def _json_error(status: int, message: str, headers: Optional[dict] = None) -> li
 JSON_ROUTES = ("/generate", "/export_command")  # the POST routes that read a JSON body
 
 
+class _DuplicateKey(Exception):  # not a ValueError: json.loads' own errors are left to FastAPI's messages
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def duplicate_json_key(body: bytes) -> Optional[str]:
+    """The first key a JSON body gives twice in one object, else None (also for a body that is no JSON: FastAPI
+    says what is wrong with it). json.loads keeps the last and drops the first: {"neon": 0.3, "sketch": 0.5,
+    "neon": 0.2} would be served as neon 0.2 without a word, where --weights and the YAML configs refuse a key
+    given twice."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as duplicate:
+        return duplicate.key
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
 class GuardMiddleware:
     """Runs before FastAPI reads a body: on every POST, the API key (401/403) first, then the body size
-    (413 above `max_body_bytes`, from Content-Length or counted while reading, never buffered past it)."""
+    (413 above `max_body_bytes`, from Content-Length or counted while reading, never buffered past it),
+    then, on the JSON routes, a key given twice in one object (422)."""
 
     def __init__(self, app, cfg: ServeConfig):
         self.app, self.cfg = app, cfg
@@ -139,6 +169,9 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        duplicate = duplicate_json_key(body) if json_route else None
+        if duplicate is not None:
+            return await reply(422, f"the JSON body gives the key {duplicate!r} twice in one object; give each key once")
 
         async def replay():
             nonlocal replayed

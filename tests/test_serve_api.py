@@ -206,6 +206,32 @@ def test_a_body_json_cannot_read_says_why_not_just_parse_error(client, raw, word
     assert "JSON object like" in r.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "route,raw,key",
+    [
+        ("/generate", b'{"prompt": "a", "weights": {"neon": 0.3, "sketch": 0.5, "neon": 0.2}, "steps": 2}', "neon"),
+        ("/generate", b'{"prompt": "a", "prompt": "b", "steps": 2}', "prompt"),
+        ("/generate", b'{"prompt": "a", "regions": [{"box": [0, 0, 1, 1], "style": 0, "style": 1}]}', "style"),
+        ("/export_command", b'{"weights": {"neon": 0.3, "sketch": 0.5, "neon": 0.2}}', "neon"),
+    ],
+    ids=["weights", "prompt", "region", "export"],
+)
+def test_a_key_given_twice_in_the_body_is_a_422_naming_it(client, route, raw, key):
+    """json.loads keeps the last of two equal keys: {"neon": 0.3, "sketch": 0.5, "neon": 0.2} was served as
+    neon 0.2 (0.29 after normalising) and {"prompt": "a", "prompt": "b"} as "b", without a word, where
+    --weights and the YAML configs refuse a key given twice. Now a 422 naming the key; the server serves on."""
+    r = client.post(route, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == f"the JSON body gives the key {key!r} twice in one object; give each key once", r.text
+    assert gen(client, weights={"neon": 0.5, "sketch": 0.5}, seed=1).status_code == 200
+    # the same key in two objects is no duplicate
+    r = client.post(
+        "/generate",
+        content=b'{"prompt": "a", "steps": 2, "regions": [{"box": [0, 0, 0.5, 1], "style": 0}, {"box": [0.5, 0, 1, 1], "style": 1}]}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_wrong_content_type_unknown_paths_and_methods_answer_in_the_error_shape(client):
     """A form body (curl -d without -H) is a 415 that says what to send; 404, 405 and an unreadable
     body use the same {"error": ...} body as every other client error; HEAD /healthz works for probes."""
