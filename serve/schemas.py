@@ -305,8 +305,8 @@ def resolve_request(
     width = native_size[0] if req.width is None else req.width
     height = native_size[1] if req.height is None else req.height
     for name, value, top in (("width", width, lim.max_width), ("height", height, lim.max_height)):
-        if value % 8:
-            raise RequestError(422, f"{name}={value} is not a multiple of 8 (try {max(8, value // 8 * 8)})")
+        if value % 8:  # the hint is within the limit (a multiple of 8 too): width=1001 suggested 1000, itself a 422 above 768
+            raise RequestError(422, f"{name}={value} is not a multiple of 8 (try {min(max(8, value // 8 * 8), top)})")
         if value > top:
             given = getattr(req, name) is not None  # else the model's native size: the server's limits are too low for it
             raise RequestError(

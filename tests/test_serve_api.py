@@ -142,6 +142,9 @@ BAD_REQUESTS = [
     ({"style": "neon", "weights": [1, 0, 0]}, 422, ["not both"]),
     ({"width": 36}, 422, ["width=36", "multiple of 8"]),
     ({"height": 44}, 422, ["height=44", "multiple of 8"]),
+    # the hint is within the limit: 1001 suggested 1000, itself a 422 above 768
+    ({"width": 1001}, 422, ["width=1001", "multiple of 8 (try 768)"]),
+    ({"height": 36}, 422, ["height=36", "multiple of 8 (try 32)"]),
     ({"width": 1024}, 422, ["width=1024", "maximum 768"]),
     ({"steps": 51}, 422, ["steps=51", "maximum 50"]),
     ({"steps": 0}, 422, ["steps"]),
