@@ -190,6 +190,9 @@ class ServeConfig(BaseModel):
         if v is not None and not (v.isascii() and v.isprintable()):
             # HTTP header values are bytes that clients and servers read as ASCII / latin-1: such a key could never match
             raise ValueError("api_key must be printable ASCII (it travels in the X-API-Key header); got a key with other characters")
+        if v is not None and v != v.strip():
+            # HTTP strips the spaces around a header value (RFC 9110), so every client's key would arrive without them: always a 403
+            raise ValueError("api_key starts or ends with a space, which the X-API-Key header cannot carry; remove the spaces around the key")
         return v
 
     @field_validator("model")

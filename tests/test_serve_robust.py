@@ -137,6 +137,11 @@ def test_empty_api_key_is_a_config_error():
     for key in ("clé-s3cret", "tab\tkey"):  # a header carries ASCII: such a key could never match any request
         with pytest.raises(ValidationError, match="api_key must be printable ASCII"):
             ServeConfig(api_key=key)
+    # HTTP strips the spaces around a header value: a key "s3cret " arrived as "s3cret", a 403 for every client
+    for key in ("s3cret ", " s3cret"):
+        with pytest.raises(ValidationError, match="api_key starts or ends with a space"):
+            ServeConfig(api_key=key)
+    assert ServeConfig(api_key="s3 cret").api_key == "s3 cret"  # inside the value a space travels
 
 
 # ---- liveness, readiness, overload, retries: the router over a fake model handle ----------------
