@@ -1,8 +1,8 @@
 """The MLflow side of exports (jobs/export.py): the merged model an export reads, the run it is
 logged to, and the artifacts it leaves there.
 
-`resolve_model` gives the local folder of a `--model` (a folder or a models:/ URI) with the merge run
-and store it records; `export_target` picks the run and store an export is logged to (--run-id,
+`resolve_model` gives the local folder of a `--model` (a folder, its object-storage URI or a models:/ URI)
+with the merge run and store it records; `export_target` picks the run and store an export is logged to (--run-id,
 --tracking-uri, else the model's), and its `check()` (`check_run`) makes sure, before any work, that
 the store holds that run; `log_export` logs the export, its config folder and its metadata under the
 run's exports/ (with `tracking.quick_http`: MLflow's REST client without retries, for a store that did not answer).
@@ -25,11 +25,11 @@ from dmm_ray.tracking import TrackingError, check_tracking_store, is_mlflow_uri,
 
 @contextlib.contextmanager
 def resolve_model(model: str, tracking_uri: str | None = None, setting: str = "--model") -> Iterator[tuple[Path, str | None, str | None]]:
-    """(local folder, run id, tracking uri) for a folder or an MLflow models:/ URI (read from
-    `tracking_uri`, else the store already set, else sqlite:///$DMM_HOME/mlflow.db), for the length of
-    the block: a downloaded model is removed at its end. The run and store of a folder are the ones its
-    dmm_merge.json records (None without). A local path that does not exist or is a file, and a model
-    that cannot be resolved, are a TrackingError naming `setting`."""
+    """(local folder, run id, tracking uri) for a folder, an object-storage URI of one (s3://, gs://, file://)
+    or an MLflow models:/ URI (read from `tracking_uri`, else the store already set, else
+    sqlite:///$DMM_HOME/mlflow.db), for the length of the block: a downloaded model is removed at its end.
+    The run and store of a folder are the ones its dmm_merge.json records (None without). A local path that
+    does not exist or is a file, and a model that cannot be resolved, are a TrackingError naming `setting`."""
     if model.startswith(("models:/", "runs:/")):
         with contextlib.ExitStack() as stack:
             try:
@@ -39,8 +39,22 @@ def resolve_model(model: str, tracking_uri: str | None = None, setting: str = "-
                 raise TrackingError(f"cannot resolve {setting} {model}: {exc}") from exc
             yield folder, *run
         return
+    from dmm_ray.data import fs as fsu
     from dmm_ray.merged_model import read_record
 
+    if fsu.is_uri(model):
+        # object storage (s3://, gs://, file://), as Serve and load_dmm_pipeline read a merged model: the playground's
+        # export command names the served model's URI, and a --model the job could not read did not run as printed
+        with contextlib.ExitStack() as stack:
+            try:
+                folder = stack.enter_context(fsu.fetched(model))  # a temporary download, removed at the block's end
+                record = read_record(folder).get("mlflow") or {}
+            except Exception as exc:  # noqa: BLE001 - no such folder, no credentials, a foreign dmm_merge.json: say which
+                raise TrackingError(
+                    f"cannot read {setting} {model}: {exc}; give a merged-model folder (local or object storage) or models:/<name>/<version>"
+                ) from exc
+            yield folder, record.get("run_id"), record.get("tracking_uri")
+        return
     folder = Path(model).expanduser()
     if not is_mlflow_uri(model) and not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "does not exist"

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged) "
-        "or an MLflow model URI models:/<name>/<version> (downloaded into a temporary folder, removed when the job ends)",
+        help="the merged model: a DMMPipeline / DMMXLPipeline folder (jobs/merge.py's <output_dir>/merged), that folder on "
+        "object storage (s3://, gs://, file://, as Serve reads it) or an MLflow model URI models:/<name>/<version> "
+        "(a URI is downloaded into a temporary folder, removed when the job ends)",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--style", help="one style, by name (or index) as the merged model lists them")

@@ -345,6 +345,34 @@ def test_export_of_a_registered_model_logs_to_the_run_that_registered_it(tmp_pat
         assert f"logged under run {run_id}" in capsys.readouterr().out
 
 
+def test_export_of_a_merged_model_on_object_storage(tmp_path, capsys, monkeypatch):
+    """Serve reads its model from object storage (s3://, gs://, file://), and the playground's export command
+    names that URI as --model: the job refused it ("is not a merged-model folder"), so the printed command did
+    not run. The folder is downloaded for the job (and removed after), its dmm_merge.json's run gets the export."""
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.export import read_metadata
+    from jobs import export as job
+
+    uri, run_id = mlflow_store(tmp_path)
+    folder = save_merged(
+        tiny_merged("sd15"), tmp_path / "merged", teachers_root=tmp_path / "teachers", mlflow={"run_id": run_id, "tracking_uri": uri}
+    )
+    downloads = []
+    real = fsu.fetched.__enter__
+    monkeypatch.setattr(fsu.fetched, "__enter__", lambda self: downloads.append(real(self)) or downloads[-1])
+    model = f"file://{folder}"
+    out = tmp_path / "mix.safetensors"
+    assert job.main(["--model", model, "--weights", "ink=1,pixel=3", "--out", str(out)]) == 0
+    assert f"logged under run {run_id}" in capsys.readouterr().out
+    assert len(downloads) == 1 and downloads[0] != folder and not downloads[0].exists()  # a copy, gone after the export
+    md = read_metadata(out)
+    assert (
+        md["dmm.merged_model"] == model and md["dmm.merge_run_id"] == run_id and json.loads(md["dmm.style_weights"]) == {"ink": 0.25, "pixel": 0.75}
+    )
+    assert job.main(["--model", f"file://{tmp_path}/nothing", "--style", "ink", "--out", str(tmp_path / "x.safetensors"), "--no-track"]) == 2
+    assert f"cannot read --model file://{tmp_path}/nothing" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_export_help_documents_every_flag():
     from jobs import export as job
 
