@@ -42,6 +42,7 @@ from serve.schemas import (
     Sample,
     StyleInfo,
     StylesResponse,
+    named_mixture,
     resolve_mixture,
     resolve_request,
 )
@@ -437,20 +438,21 @@ def create_api(service: GenerationService, cfg: ServeConfig) -> FastAPI:
         (the playground shows it; the server itself never writes or serves model files)."""
         info = await model_info()
         names = info.style_names
-        weights = resolve_mixture(names, req.style, req.weights)
-        chosen = {n: w for n, w in zip(names, weights) if w > 0}
+        # the mixture /generate reports for these weights (6 decimals, a weight that rounds to 0 left out): one style
+        # left is --style, as a weight of 1e-7 beside it made a "mixture" {"ink": 0.0, "neon": 1.0} of --weights neon=1
+        chosen = named_mixture(names, resolve_mixture(names, req.style, req.weights))
 
         def build() -> str:
             from dmm_ray.export import export_command as build_command
 
             if len(chosen) == 1:
                 return build_command(cfg.model_location(), style=next(iter(chosen)), fmt=req.format)
-            return build_command(cfg.model_location(), style_weights={n: round(w, 6) for n, w in chosen.items()}, fmt=req.format, names=names)
+            return build_command(cfg.model_location(), style_weights=chosen, fmt=req.format, names=names)
 
         # In a worker thread: the first call imports dmm_ray.export (torch, diffusers: seconds), and on the event
         # loop that held /healthz and every request meanwhile (the playground sends this call as it loads)
         command = await asyncio.to_thread(build)
-        return {"command": command, "mixture": {n: round(w, 6) for n, w in chosen.items()}}
+        return {"command": command, "mixture": chosen}
 
     async def resolve_off_loop(req: GenerateRequest, info: ModelInfo):
         # In a worker thread: a regions request imports dmm_ray.regions (torch, diffusers: seconds, on the first

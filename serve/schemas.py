@@ -368,15 +368,15 @@ def resolve_request(
         fmt = "png" if len(samples) == 1 else "json"
     if fmt == "png" and len(samples) != 1:
         raise RequestError(422, f"response_format='png' needs exactly one image; this request makes {len(samples)}")
-    mixture = _named(style_names, weights)
+    mixture = named_mixture(style_names, weights)
     info = None
     if regions:
         mixture = {} if background is None else mixture
-        info = [RegionInfo(box=list(box), mixture=_named(style_names, w), prompt=p) for box, w, p in regions]
+        info = [RegionInfo(box=list(box), mixture=named_mixture(style_names, w), prompt=p) for box, w, p in regions]
     return ResolvedRequest(samples, mixture, seed, fmt, steps, float(guidance), width, height, prompts, info, dict(lora))
 
 
-def _named(style_names: list[str], weights) -> dict[str, float]:
+def named_mixture(style_names: list[str], weights) -> dict[str, float]:
     """{name: weight} of a mixture, at 6 decimals; a weight that rounds to 0 is left out."""
     return {name: round(w, 6) for name, w in zip(style_names, weights) if round(w, 6) > 0}
 

@@ -541,6 +541,16 @@ def test_export_commands_by_index_bake_the_mixture_when_styles_are_named_by_digi
     assert "--weights 00=0.5,c=0.5 " in cmd and cmd.endswith('# by index: 00 = "a,b"')
 
 
+def test_export_command_mixture_is_the_one_generate_reports(client):
+    """A weight that rounds to 0 at 6 decimals: /generate leaves it out of its mixture, /export_command listed it
+    ({"watercolor": 0.0, "neon": 1.0}) and printed `--weights neon=1`. Now the same mixture, and one style is --style."""
+    weights = {"watercolor": 1e-7, "neon": 1}
+    mixture = gen(client, weights=weights, response_format="json").json()["mixture"]
+    r = client.post("/export_command", json={"weights": weights})
+    assert r.status_code == 200 and r.json()["mixture"] == mixture == {"neon": 1.0}, r.text
+    assert " --style neon --out neon.safetensors " in r.json()["command"]
+
+
 def test_default_size_limits_follow_a_model_larger_than_768(tmp_path, backend):
     """A model whose native size is above the default limits (SDXL: 1024 px): the unset limits rise to it, so a
     request without width/height is served at the native size (was a 422 "width=1024 is above the maximum 768"
