@@ -243,13 +243,20 @@ def write_outputs(points: list[dict], folder: Path, title: str) -> tuple[Path, P
 def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[Path, Path], label: str, overrides: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     from dmm_ray.config import load_config
-    from dmm_ray.tracking import MergeTracker
+    from dmm_ray.tracking import MergeTracker, param_value
 
     cfg = load_config(config, [*overrides, f"name={project}", f"tracking.project={project}"])  # the zoo / tracking the points used
     tracker = MergeTracker(cfg.tracking)
     if not tracker.enabled:
         return
-    with tracker.project(params={"curve.label": label, "curve.overrides": json.dumps(overrides)}):
+    import mlflow
+
+    with tracker.project():
+        # Tags, not params: the parent run is the project's, which every curve of this --label shares (another
+        # --out, another --set), and MLflow refuses a param a second value: the second curve failed here, after
+        # all its merges, with "Changing param values is not allowed". A tag holds the curve logged last, as
+        # the curve's CSV and PNG below do.
+        mlflow.set_tags({"dmm.curve.label": label, "dmm.curve.overrides": param_value(json.dumps(overrides))})
         for p in points:
             tracker.log_metrics(
                 {
@@ -262,8 +269,6 @@ def _log_to_mlflow(config: str, project: str, points: list[dict], files: tuple[P
                 },
                 step=p["steps"],
             )
-        import mlflow
-
         for f in files:
             mlflow.log_artifact(str(f), "curve")
 

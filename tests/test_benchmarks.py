@@ -249,6 +249,24 @@ def test_fidelity_curves_second_seed_sets_evaluate_the_merge_as_it_ran(tmp_path,
         fc.main(["--config", str(config), *argv[2:5], str(tmp_path / "again" / "curve"), *argv[6:]])
 
 
+def test_a_second_curve_of_one_label_logs_to_its_mlflow_project_with_other_settings(tmp_path, monkeypatch, capsys):
+    """Finding: the curve's label and --set list were params of the project's parent run, which every curve
+    of one --label shares; a second curve with other settings (another --out and --set) failed at its very
+    end, after all its merges, with MLflow's "Changing param values is not allowed". They are tags now,
+    the curve logged last's, beside its metrics and files."""
+    from mlflow import MlflowClient
+
+    fc, config, runs = _fake_curve_runs(monkeypatch, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--config", str(config), "--steps", "2", "--label", "x", "--set", "tracking.enabled=true", "--set", f"tracking.uri={uri}"]
+    assert fc.main([*argv, "--out", str(tmp_path / "one"), "--set", "distill.lambda_feat=1"]) == 0
+    assert fc.main([*argv, "--out", str(tmp_path / "two"), "--set", "distill.lambda_feat=2"]) == 0
+    assert "ratio 3.000" in capsys.readouterr().out and len(runs) == 2
+    (parent,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dmm-ray").experiment_id])
+    assert parent.data.tags["dmm.curve.label"] == "x" and "distill.lambda_feat=2" in parent.data.tags["dmm.curve.overrides"]
+    assert [m.value for m in MlflowClient(uri).get_metric_history(parent.info.run_id, "curve/FIDt_ratio")] == [2.0, 3.0]
+
+
 @pytest.mark.parametrize("script", ["fidelity_curve", "table1"])
 def test_a_bad_config_is_one_error_line_and_makes_no_folder(script, tmp_path, monkeypatch, capsys):
     """A missing or invalid --config was a ConfigError traceback (exit 1), and fidelity_curve.py made
