@@ -35,14 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_tracking(args) -> None:
-    """--track: the store and the registered name, checked before any teacher is loaded (MLflow would
-    refuse them only after the merge was written)."""
+TRACKING_OPTIONS = {"tracking_uri": "--tracking-uri", "project": "--project", "registered_model_name": "--registered-name"}
+
+
+def _tracking_config(args):
+    """--track: the store, the project and the registered name, checked before any teacher is loaded (MLflow
+    would refuse them only after the merge was written); the TrackingConfig the job logs with. A --project
+    TrackingConfig refuses (both ' and ", a trailing backslash: MLflow's run search cannot find it again)
+    was refused only after the merge was written, where the config was first built."""
+    from pydantic import ValidationError
+
     from dmm_ray.paths import default_tracking_uri
-    from dmm_ray.tracking import TrackingConfig, check_registered_name, check_tracking
+    from dmm_ray.tracking import TrackingConfig, TrackingError, check_registered_name, check_tracking
 
     check_registered_name(args.registered_name, "--registered-name")
-    check_tracking(TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri()), "--tracking-uri")
+    try:
+        tracking = TrackingConfig(
+            tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name
+        )
+    except ValidationError as error:
+        raise TrackingError(
+            "; ".join(f"{TRACKING_OPTIONS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
+        ) from None
+    check_tracking(tracking, "--tracking-uri")
+    return tracking
 
 
 @cli_main(interrupted="--out keeps the previous weighted merge (if any) until a complete new one replaces it; re-run the same command")
@@ -61,8 +77,7 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.sources import load_eval_setup
 
     check_output(args.out, "--out")  # before a teacher is loaded
-    if args.track:
-        _check_tracking(args)
+    tracking = _tracking_config(args) if args.track else None
 
     specs = load_eval_setup(args.teachers).teachers
     known = {s.name: s for s in specs}
@@ -88,13 +103,10 @@ def main(argv=None) -> int:
         return 2
     out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder, setting="--out")
     print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
-    if args.track:
-        from dmm_ray.paths import default_tracking_uri
-        from dmm_ray.tracking import MergeTracker, TrackingConfig
+    if tracking is not None:
+        from dmm_ray.tracking import MergeTracker
 
-        tracker = MergeTracker(
-            TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name)
-        )
+        tracker = MergeTracker(tracking)
         with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
             print("registered:", tracker.log_merged_model(out))
     return 0

@@ -272,6 +272,9 @@ def test_weighted_merge_job_checks_tracking_settings_before_the_merge(zoo, tmp_p
         (["--registered-name", "a/b"], "error: --registered-name: 'a/b' contains '/'"),
         (["--registered-name", "x:1"], "error: --registered-name: 'x:1' contains ':'"),
         (["--registered-name", ""], "error: --registered-name: a registered model name must be a non-empty string"),
+        # TrackingConfig refused these only after the merge was written (MLflow's run search cannot find them again)
+        (["--project", 'bob\'s "x"'], "error: --project: 'bob\\'s \"x\"' holds both ' and \"; MLflow's run search cannot match"),
+        (["--project", "x\\"], "error: --project: 'x\\\\' ends with \\, which MLflow's run search reads as escaping"),
     ]
     (tmp_path / "f").write_text("a file where the database's folder goes")
     for extra, message in cases:
