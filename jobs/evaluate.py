@@ -122,9 +122,15 @@ def main(argv=None) -> int:
         check_tracking(tracking, "--tracking-uri")
 
     from dmm_ray.models.style_unet import merged_style_names
-    from dmm_ray.tracking import local_model
+    from dmm_ray.tracking import MergeTracker, local_model
 
+    tracker = None
     with local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
+        if tracking is not None:
+            # Opened before any image is sampled (after a models:/ download, which reads the store with its own
+            # registry): an http(s) server that never answers is refused now (MergeTracker._first_contact), as
+            # a merge's is before it trains; opened after the evaluation, it failed the job once every image was made.
+            tracker = MergeTracker(tracking)
         student_sampler = None
         if model_path is not None:
             merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
@@ -139,10 +145,7 @@ def main(argv=None) -> int:
     else:
         print(format_table(result))
         print(f"outputs: {Path(cfg.output_dir).resolve()}")
-    if tracking is not None:
-        from dmm_ray.tracking import MergeTracker
-
-        tracker = MergeTracker(tracking)
+    if tracker is not None:
         with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
             if args.reference_only:
                 tracker.log_metrics({"FIDt_ref": result.fidt_ref})

@@ -101,12 +101,15 @@ def main(argv=None) -> int:
     except (MergeWeightsError, ValueError) as e:
         print(f"error: --weights {args.weights}: {e}", file=sys.stderr)
         return 2
-    out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder, setting="--out")
-    print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
+    tracker = None
     if tracking is not None:
         from dmm_ray.tracking import MergeTracker
 
+        # opened before the merge: an http(s) server that never answers is refused now (MergeTracker._first_contact), not after it
         tracker = MergeTracker(tracking)
+    out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder, setting="--out")
+    print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
+    if tracker is not None:
         with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
             print("registered:", tracker.log_merged_model(out))
     return 0

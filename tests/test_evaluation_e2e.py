@@ -195,6 +195,15 @@ def test_evaluate_job_reads_a_logged_model_from_its_tracking_uri(world, tmp_path
     assert len(downloads) == 1 and downloads[0].name == "merged_model" and not downloads[0].exists()
 
 
+def _free_port() -> int:
+    """A local port where nothing listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, tmp_path, monkeypatch, capsys):
     import dmm_ray.evaluation.api
     from jobs import evaluate as job
@@ -206,6 +215,9 @@ def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, 
     assert "cache_dir" in capsys.readouterr().err
     assert job.main(args + ["--track", "--tracking-uri", str(tmp_path / "mlruns")]) == 2
     assert "is a file store" in capsys.readouterr().err
+    # a tracking server that never answers: the tracker was opened after the evaluation, which it then failed
+    assert job.main(args + ["--track", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert "cannot be used" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # --project names where --track logs: alone it would be ignored
         job.main(args + ["--project", "dmm-toy"])
     assert exit_info.value.code == 2 and "--project only applies with --track" in capsys.readouterr().err

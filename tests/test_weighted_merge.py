@@ -277,6 +277,11 @@ def test_weighted_merge_job_checks_tracking_settings_before_the_merge(zoo, tmp_p
         (["--project", "x\\"], "error: --project: 'x\\\\' ends with \\, which MLflow's run search reads as escaping"),
     ]
     (tmp_path / "f").write_text("a file where the database's folder goes")
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens: the tracker was opened after the merge, which it then failed
+        s.bind(("127.0.0.1", 0))
+        cases.append((["--tracking-uri", f"http://127.0.0.1:{s.getsockname()[1]}"], "error: the MLflow tracking store 'http://127.0.0.1:"))
     for extra, message in cases:
         assert job.main(base + extra) == 2, extra
         err = capsys.readouterr().err
