@@ -331,6 +331,29 @@ def test_eval_setup_defaults_from_zoo_and_user_precedence(world):
     assert load_eval_config(defaults=setup.defaults).extractor.path == "/zoo/feature_net"
 
 
+def test_an_extractor_shorthand_in_set_wins_over_the_zoos_feature_net(world, tmp_path):
+    """Finding: `--set inception_weights=W` beside a zoo.yaml (or merge config) as --teachers gave the
+    Inception extractor no weights file (the zoo's feature_net default kept extractor.path, then was
+    dropped as a default of another kind), and `--set feature_net=DIR` silently kept the zoo's net: the
+    shorthands were expanded after the defaults went under them. The user's settings win now."""
+    from dmm_ray.evaluation.config import load_eval_config
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    setup = load_eval_setup(world / "zoo.yaml")
+    setup.defaults["extractor"] = {"path": "/zoo/feature_net"}
+    weights = tmp_path / "pt_inception.pth"
+    cfg = load_eval_config(overrides=[f"inception_weights={weights}"], defaults=setup.defaults)
+    assert (cfg.extractor.kind, cfg.extractor.path) == ("inception", str(weights))
+    cfg = load_eval_config(overrides=[f"feature_net={tmp_path / 'net'}"], defaults=setup.defaults)
+    assert (cfg.extractor.kind, cfg.extractor.path) == ("zoo", str(tmp_path / "net"))
+    cfg = load_eval_config(overrides=["resolution=64"], defaults={**setup.defaults, "sampler": {"height": 32, "width": 32}})  # a merge config's
+    assert (cfg.sampler.height, cfg.sampler.width) == (64, 64)
+    section = tmp_path / "eval.yaml"  # in a config file too
+    section.write_text(yaml.safe_dump({"inception_weights": str(weights), "num_inference_steps": 3}))
+    cfg = load_eval_config(section, ["guidance_scale=2"], defaults=setup.defaults)
+    assert (cfg.extractor.kind, cfg.extractor.path, cfg.sampler.num_inference_steps, cfg.sampler.guidance_scale) == ("inception", str(weights), 3, 2)
+
+
 def test_eval_setup_from_a_merge_config(world, tmp_path):
     from dmm_ray.evaluation.config import load_eval_config
     from dmm_ray.evaluation.sources import load_eval_setup

@@ -224,10 +224,14 @@ def load_eval_config(
             raise ConfigError(f"config file {path}: {section or 'the top level'} must be a mapping of keys, got {data!r}")
         resolve_eval_paths(data, Path(path).resolve().parent)
     defaults = defaults or {}
-    # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...)
-    data = apply_overrides(deep_merge(defaults, expand_section_shorthands(data)), overrides)
+    # a merge config's `evaluation:` section uses the shorthands (num_prompts, flat sampler keys, ...).
+    # The user's settings (the file's, then the overrides) are expanded before the defaults go under them:
+    # expanded after, `--set inception_weights=W` (or feature_net=DIR) met the zoo's default extractor.path,
+    # which the shorthand does not replace (a typed extractor.path wins), so W was dropped below (the
+    # Inception extractor then had no weights file) and another feature net silently not used.
+    data = apply_overrides(expand_section_shorthands(data), overrides)
     resolve_eval_paths(data, Path.cwd())  # the file's are absolute by now: only overrides change
-    data = expand_section_shorthands(data)
+    data = deep_merge(defaults, expand_section_shorthands(data))
     # Drop defaults the user's choices made meaningless (zoo prompt file vs explicit prompts,
     # zoo feature-net folder vs another extractor kind).
     if data.get("prompts") is not None and data.get("prompts_file") == defaults.get("prompts_file"):
