@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "what distill.mixture_fraction trains the mix towards; costs one UNet pass per teacher per step)",
     )
     p.add_argument("--sweep", help="two comma-separated styles A,B for the interpolation sweep (Fig. 10)")
-    p.add_argument("--config", help="YAML with EvalConfig fields")
+    p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
+    # as jobs/evaluate.py's: a merge config as --config is refused with the advice to add it
+    p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (a merge config: 'evaluation')")
     add_set_argument(p, "sampler.num_inference_steps=10")
     p.add_argument("--out", default="outputs/mixing", help="output folder, relative to the current directory (default: outputs/mixing)")
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
@@ -99,9 +101,11 @@ def _styles(option: str, text: str, known: list[str], count: int | None = None) 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    refuse_empty(parser, args, "model", "teachers", "group", "weighted_merge", "sweep", "config", "out", "tracking_uri")
+    refuse_empty(parser, args, "model", "teachers", "group", "weighted_merge", "sweep", "config", "section", "out", "tracking_uri")
     expand_path_args(args, "model", "teachers", "config", "out", "weighted_merge")
     set_verbosity(args.verbose)
+    if args.section and not args.config:
+        parser.error("--section names a key of --config; give --config too")
     if not args.group and not args.sweep:
         print("error: give --group (Table 3) and/or --sweep A,B (Fig. 10)", file=sys.stderr)
         return 2
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         check_tracking_store(args.tracking_uri, "--tracking-uri")  # before any image, not at the download
     specs = {s.name: s for s in setup.teachers}
     wm_plan = plan_group_merge([specs[g] for g in group], args.out, args.weighted_merge) if group else None
-    cfg = load_eval_config(args.config, args.overrides + (["use_ray=false"] if args.no_ray else []), defaults=setup.defaults)
+    cfg = load_eval_config(args.config, args.overrides + (["use_ray=false"] if args.no_ray else []), args.section, defaults=setup.defaults)
     cfg.check_seed_sets(len(cfg.load_prompts()))  # FID needs 2+ images per set: said before a download or the weighted merge
     with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)

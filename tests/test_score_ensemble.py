@@ -285,6 +285,29 @@ def test_style_mixing_checks_the_models_styles_before_the_weighted_merge_and_tab
     assert not out.exists()
 
 
+def test_style_mixing_reads_a_merge_configs_evaluation_section(teachers, tmp_path, capsys, monkeypatch):
+    """Finding: a merge config as --config was refused with "add --section evaluation to read its evaluation
+    settings", an option style_mixing.py did not have (argparse: unrecognized arguments). It has it now, as
+    jobs/evaluate.py does."""
+    import yaml
+
+    import jobs.style_mixing as job
+
+    _, specs, other = teachers
+    base = _mixing_world(specs, other, tmp_path)
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(
+        yaml.safe_dump({"name": "m", "teachers": [{"name": n} for n in NAMES], "evaluation": {"num_inference_steps": 3, "seed_b": 5000}})
+    )
+    seen = []
+    monkeypatch.setattr(job, "_compare", lambda args, cfg, *rest: seen.append(cfg) or 0)
+    assert job.main(base + ["--sweep", ",".join(NAMES), "--config", str(merge), "--section", "evaluation", "--out", str(tmp_path / "mix")]) == 0
+    assert (seen[0].sampler.num_inference_steps, seen[0].seed_b) == (2, 5000)  # the section, under the job's --set
+    with pytest.raises(SystemExit) as stop:
+        job.main(base + ["--sweep", ",".join(NAMES), "--section", "evaluation"])
+    assert stop.value.code == 2 and "--section names a key of --config; give --config too" in capsys.readouterr().err
+
+
 def test_style_mixing_checks_numbers_at_parse_time_and_answers_ctrl_c(teachers, tmp_path, capsys, monkeypatch):
     """--student-steps 0 was silently ignored, -3 failed after the teachers were sampled: argparse
     refuses them (exit 2, naming the flag); Ctrl-C is one `interrupted:` line and exit 130."""
