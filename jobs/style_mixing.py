@@ -131,6 +131,10 @@ def main(argv=None) -> int:
     wm_plan = plan_group_merge([specs[g] for g in group], args.out, args.weighted_merge) if group else None
     cfg = load_eval_config(args.config, args.overrides + (["use_ray=false"] if args.no_ray else []), args.section, defaults=setup.defaults)
     cfg.check_seed_sets(len(cfg.load_prompts()))  # FID needs 2+ images per set: said before a download or the weighted merge
+    if group and args.score_ensemble:  # teachers that do not share a text encoder: refused before the weighted merge or any image
+        from dmm_ray.baselines.score_ensemble import check_shared_text_encoder
+
+        check_shared_text_encoder([specs[g] for g in group])
     with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 

@@ -84,6 +84,23 @@ def test_ensemble_refuses_teachers_with_their_own_text_encoder(teachers):
         score_ensemble_pipeline(specs[:1])
 
 
+def test_style_mixing_refuses_an_ensemble_of_teachers_with_their_own_text_encoder_before_any_work(teachers, tmp_path, capsys):
+    """Finding: `--score-ensemble` over a group whose teachers do not share a text encoder (the toy zoo's
+    noir and neon) was refused only where the ensemble's worker built it: after the group's weighted merge
+    was built and every other row sampled (3 minutes at 4 images per set on the toy zoo). Now exit 2
+    before anything is built or sampled."""
+    from jobs.style_mixing import main
+
+    _, specs, other = teachers
+    out = tmp_path / "mix"
+    base = _mixing_world(specs, other, tmp_path)
+    capsys.readouterr()  # the student's save
+    assert main(base + [f"--group={NAMES[0]},other", "--score-ensemble", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: score ensemble: teacher 'other' has its own text_encoder (not 'ink''s)"), err
+    assert not out.exists()  # no weighted merge, no statistics
+
+
 def test_mixing_study_gains_the_ensemble_row(teachers, tmp_path):
     root, specs, _ = teachers
     c = tiny_sd_components(seed=0)

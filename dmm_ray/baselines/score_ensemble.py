@@ -34,6 +34,36 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def _check_text_encoder(first_name: str, first: Any, name: str, pipe: Any) -> None:
+    """A ValueError when `pipe` (teacher `name`) has a text encoder other than `first`'s (teacher `first_name`)."""
+    for part in TEXT_ENCODERS:
+        a, b = getattr(first, part, None), getattr(pipe, part, None)
+        if (a is None) != (b is None) or (a is not None and not _same_weights(a, b)):
+            raise ValueError(
+                f"score ensemble: teacher {name!r} has its own {part} (not {first_name!r}'s); the ensemble encodes the "
+                "prompt once, so its teachers must share one text encoder"
+            )
+
+
+def check_shared_text_encoder(specs: Sequence[Any]) -> None:
+    """What `score_ensemble_pipeline` refuses (teachers that do not share one text encoder), before any
+    image is made (jobs/style_mixing.py --score-ensemble): refused only where the ensemble's worker built
+    it, the group's weighted merge was built and every other row sampled first. Loads one teacher at a
+    time, keeping the first's text encoders."""
+    from types import SimpleNamespace
+
+    from dmm_ray.teachers import load_teacher_pipeline
+
+    first_pipe = load_teacher_pipeline(specs[0])
+    first = SimpleNamespace(**{part: getattr(first_pipe, part, None) for part in TEXT_ENCODERS})
+    del first_pipe
+    for spec in specs[1:]:
+        _check_text_encoder(specs[0].name, first, spec.name, load_teacher_pipeline(spec))
+
+
 def score_ensemble_pipeline(specs: Sequence[Any], weights: Sequence[float] | None = None, torch_dtype=None):
     """The first teacher's pipeline whose UNet returns the weighted sum of all teachers' predictions."""
     from dmm_ray.teachers import load_teacher_pipeline
@@ -44,13 +74,7 @@ def score_ensemble_pipeline(specs: Sequence[Any], weights: Sequence[float] | Non
         raise ValueError(f"a score ensemble needs >= 2 teachers, got {names}")
     pipes = [load_teacher_pipeline(s, torch_dtype=torch_dtype) for s in specs]
     for name, pipe in zip(names[1:], pipes[1:]):
-        for part in ("text_encoder", "text_encoder_2"):
-            first, other = getattr(pipes[0], part, None), getattr(pipe, part, None)
-            if (first is None) != (other is None) or (first is not None and not _same_weights(first, other)):
-                raise ValueError(
-                    f"score ensemble: teacher {name!r} has its own {part} (not {names[0]!r}'s); the ensemble encodes the "
-                    "prompt once, so its teachers must share one text encoder"
-                )
+        _check_text_encoder(names[0], pipes[0], name, pipe)
     ensemble = pipes[0]
     ensemble.unet.forward = _EnsembleForward([p.unet.forward for p in pipes], w)
     # the other UNets as a submodule of the first: `ensemble.to(device / dtype)` moves them too
