@@ -377,3 +377,39 @@ def test_eval_setup_from_a_merge_config(world, tmp_path):
     assert cfg.prompts_file == str(world / "prompts.txt") and cfg.max_prompts == 1 and cfg.images_per_prompt == 2
     assert cfg.sampler.num_inference_steps == 3 and cfg.output_dir == str(tmp_path / "merge_out" / "evaluation")
     assert cfg.load_prompts() == ["a red circle"]
+
+
+def test_eval_setup_from_an_incremental_merge_config_has_every_style_of_its_model(world, tmp_path):
+    """Finding: a merge config as --teachers gave its `teachers` alone; an incremental merge's model holds
+    the previous model's styles too, so jobs/evaluate.py scored the new styles only (a FIDt over part of
+    them, silently) where the merge scores all. Now the previous model's recorded teachers, then the new."""
+    import json
+
+    from dmm_ray.evaluation.sources import load_eval_setup
+
+    def model(folder, styles):  # what recorded_teachers reads: the styles and a record naming their teachers
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "config.json").write_text(json.dumps({"style_names": styles}))
+        teachers = [{"name": n, "source": str(world / "teachers" / n)} for n in styles]
+        (folder / "dmm_merge.json").write_text(json.dumps({"styles": styles, "teachers": teachers}))
+
+    def config(base_merged):
+        path = tmp_path / "incremental.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "toy-inc",
+                    "output_dir": str(tmp_path / "inc_out"),
+                    "teachers": [{"name": "neon", "source": str(world / "teachers" / "neon")}],
+                    "incremental": {"base_merged": str(base_merged)},
+                    "student": {"base": str(world / "teachers" / "ink")},
+                    "data": {"base": str(world / "teachers" / "ink"), "shards": str(tmp_path / "shards")},
+                }
+            )
+        )
+        return path
+
+    model(tmp_path / "first", ["ink"])
+    assert [t.name for t in load_eval_setup(config(tmp_path / "first")).teachers] == ["ink", "neon"]
+    model(tmp_path / "merged", ["ink", "neon"])  # base_merged the merge has since replaced (its own output): neon listed once
+    assert [t.name for t in load_eval_setup(config(tmp_path / "merged")).teachers] == ["ink", "neon"]

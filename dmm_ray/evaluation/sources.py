@@ -107,6 +107,24 @@ class EvalSetup:
     defaults: dict  # EvalConfig fields (prompts_file, extractor.path, ...) to apply under user settings
 
 
+def merged_teachers(merge_cfg) -> list:
+    """The teachers of every style a merge config's model holds, as the merge's own evaluation scores them
+    (`dmm_ray.merge.all_teachers`, not imported here: it imports the evaluation): an incremental merge's model
+    holds its previous model's styles too, whose teachers that model's record names (in codebook order), then
+    the config's new ones. Given `teachers` alone, jobs/evaluate.py scored the new styles only (a FIDt over half
+    of them) and jobs/style_mixing.py knew no old style. A previous model without a record gives the new
+    teachers alone, as in the merge; one that the merge has since replaced (base_merged = its own output's
+    merged/) records the new teachers too, listed once."""
+    from dmm_ray.merged_model import recorded_teachers
+
+    teachers = list(merge_cfg.teachers)
+    if not merge_cfg.incremental.base_merged:
+        return teachers
+    old = recorded_teachers(merge_cfg.incremental.base_merged) or []
+    new = {t.name for t in teachers}
+    return [t for t in old if t.name not in new] + teachers
+
+
 def load_eval_setup(path: str | Path) -> EvalSetup:
     """`--teachers` file: a zoo.yaml manifest, or a merge config (its teachers, or its zoo's, and its
     `evaluation:` section)."""
@@ -127,7 +145,8 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
         merge_cfg = load_config(path)
         ev = merge_cfg.evaluation  # what the user set, plus the merge's output and cache folders
         return EvalSetup(
-            teachers=list(merge_cfg.teachers), defaults={**ev.model_dump(exclude_unset=True), "output_dir": ev.output_dir, "cache_dir": ev.cache_dir}
+            teachers=merged_teachers(merge_cfg),
+            defaults={**ev.model_dump(exclude_unset=True), "output_dir": ev.output_dir, "cache_dir": ev.cache_dir},
         )
     m = load_zoo_manifest(path)
     defaults: dict = {}
