@@ -835,6 +835,24 @@ def _region_window(region_window: Any, native: int, f: int) -> tuple[int, int] |
     return (int(region_window) // f, int(region_window) // f)
 
 
+def _canvas_size(pipe, kwargs: dict, native: int) -> tuple[int, int]:
+    """The (height, width) the pipeline's own loop will draw, which the views are built for: the call's, else
+    diffusers' default. That is the native size, except for a ControlNet pipeline: it draws at its control
+    image's size (the image as its `control_image_processor` prepares it; the first ControlNet's with several),
+    so the native size there gave a canvas of another size than the plain call's, the control image resized to it."""
+    height, width = kwargs.get("height"), kwargs.get("width")
+    processor, image = getattr(pipe, "control_image_processor", None), kwargs.get("image")
+    if (not height or not width) and processor is not None and image is not None:
+        from diffusers import MultiControlNetModel
+        from diffusers.utils.torch_utils import unwrap_module  # a torch.compile'd ControlNet
+
+        if isinstance(unwrap_module(pipe.controlnet), MultiControlNetModel) and isinstance(image, (list, tuple)):
+            image = image[0]  # diffusers reads the size off the first ControlNet's prepared image
+        prepared = processor.preprocess(image, height=height or None, width=width or None)
+        return tuple(prepared.shape[-2:])
+    return height or native, width or native
+
+
 def regional_call(
     pipe,
     parent_call,
@@ -876,8 +894,7 @@ def regional_call(
         raise RegionError(f"max_batch must be a positive integer, got {max_batch!r}")
     f = pipe.vae_scale_factor
     native = unet.config.sample_size * f
-    height = kwargs.get("height") or native
-    width = kwargs.get("width") or native
+    height, width = _canvas_size(pipe, kwargs, native)
     step = math.lcm(f, 8)  # the VAE's factor, and diffusers' own rule (check_inputs: divisible by 8)
     if height % step or width % step:
         raise RegionError(f"height and width must be multiples of {step}, got {height}x{width}")

@@ -332,6 +332,29 @@ def test_controlnet_with_regions_on_the_whole_canvas_and_a_clear_error_for_windo
         pipe("a red circle", regions=_regions(), region_window="native", image=wide, width=2 * SIZE, height=SIZE, num_inference_steps=2)
 
 
+def test_controlnet_regions_without_a_size_draw_at_the_control_images_size():
+    """Finding: a ControlNet pipeline draws at its control image's size when the call gives no height or
+    width; with regions the canvas was the model's native size instead (a 32x16 control image squeezed to
+    16x16, and a 16x16 image where the plain call made a 32x16 one). Regions now draw the plain call's canvas:
+    two regions of one style equal it, with the size given on one side or on neither."""
+    from dmm_ray.plugins import with_controlnet
+    from dmm_ray.tiny_plugins import control_image, make_controlnet
+
+    merged = tiny_merged("sd15")
+    pipe = with_controlnet(merged, make_controlnet(merged.unet, seed=4, scale=0.1))
+    pipe.set_progress_bar_config(disable=True)
+    wide = control_image(SIZE).resize((2 * SIZE, SIZE))
+
+    def run(**kw):
+        gens = [torch.Generator().manual_seed(0)]
+        return pipe("a red circle", image=wide, num_inference_steps=2, output_type="pt", generator=gens, **kw).images
+
+    for size in ({}, {"height": SIZE}, {"width": 2 * SIZE}):
+        plain = run(style="ink", **size)
+        assert plain.shape[-2:] == (SIZE, 2 * SIZE)
+        torch.testing.assert_close(run(regions=_regions(), **size), plain, atol=1e-4, rtol=0)
+
+
 def test_with_controlnet_keeps_a_stock_pipelines_safety_checker():
     """with_controlnet forced safety_checker=None: on a stock SD1.5 pipeline with a safety checker the
     ControlNet pipeline it gave had none, where diffusers' from_pipe keeps it. A merged model (no checker)
