@@ -293,7 +293,9 @@ def _per_sample(pipe, prompts, seeds, style):
         pipe.fuse_styles = True
 
 
-def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("canvas",)):
+def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("canvas",), feather=None):
+    """feather: the regions' sigma in image pixels (None: the pipeline's default), for the DMM cells and the
+    teacher route's blend alike: it sets the windows' size, so what the cells cost."""
     from dmm_ray.regions import Region, build_region_views
     from dmm_ray.teachers import load_teacher_pipeline
     from dmm_ray.zoo.report import teacher_specs
@@ -311,8 +313,8 @@ def cost(pipe, zoo: Path, prompts, styles, reps: int, batches=(1, 16), modes=("c
         for K in (2, 4):
             regs = [Region(box=(k / K, 0, (k + 1) / K, 1), style=styles[k % len(styles)]) for k in range(K)]
             for m in modes:
-                cells[f"{_cell(m)}_k{K}"] = lambda regs=regs, m=m: _generate(pipe, ps, seeds, regions=regs, **MODES[m])
-            views, _ = build_region_views(regs, pipe.styles, (H, W), pipe.vae_scale_factor)
+                cells[f"{_cell(m)}_k{K}"] = lambda regs=regs, m=m: _generate(pipe, ps, seeds, regions=regs, feather=feather, **MODES[m])
+            views, _ = build_region_views(regs, pipe.styles, (H, W), pipe.vae_scale_factor, feather=feather)
             weights = [v.weight for v in views]
             ts = [teachers[styles[k % len(styles)]] for k in range(K)]
             for mode, switch in (("teachers_resident", False), ("teachers_switching", True)):
@@ -388,7 +390,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cost cell (median)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
-    ap.add_argument("--feather", type=float, default=None, help="the regions' feather sigma in image pixels (default: the pipeline's, 4 px here)")
+    ap.add_argument(
+        "--feather",
+        type=float,
+        default=None,
+        help="the regions' feather sigma in image pixels, for the two-region test and the cost (default: the pipeline's, 4 px here)",
+    )
     ap.add_argument("--skip-cost", action="store_true", help="only the two-region test (with the teacher-fit classifier) and the grid")
     ap.add_argument("--cost-only", action="store_true", help="only the cost table (seconds per image), no two-region test or grid")
     ap.add_argument(
@@ -424,7 +431,7 @@ def main(argv=None):
     result = {"settings": settings}
     if not args.skip_cost:
         print("cost (seconds per image):", flush=True)
-        result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps, modes=modes)
+        result["cost"] = cost(pipe, zoo, prompts, distinct, args.reps, modes=modes, feather=args.feather)
         (out / "regions.json").write_text(json.dumps(result, indent=1))
     if args.cost_only:
         print(f"wrote {out / 'regions.json'}")

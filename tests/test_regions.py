@@ -735,3 +735,25 @@ def test_benchmark_seam_ratio():
     assert bench.seam_ratio(paste, 32)[0] > 20
     with pytest.raises(SystemExit):  # nothing left to run: refused before any model loads
         bench.main(["--model", "nowhere", "--cost-only", "--skip-cost"])
+
+
+def test_benchmark_cost_runs_at_the_feather_it_is_given(pipe, monkeypatch):
+    """Finding: `benchmarks/regions.py --feather 0` recorded feather_px 0, but its cost cells (the regions and
+    the teacher route's blend) ran at the default 4 px, whose wider windows cost more. `cost(feather=)` now
+    reaches both."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "regions.py"
+    spec = importlib.util.spec_from_file_location("regions_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    feathers, blends = [], []
+    monkeypatch.setattr(bench, "_generate", lambda _pipe, _p, _s, **kw: feathers.append(kw["feather"]) if "regions" in kw else None)
+    monkeypatch.setattr(bench, "TeacherRegions", lambda *_a: lambda _p, _s, weights: blends.append(weights))
+    # every style's teacher is the tiny pipe; neither it nor the model runs here
+    monkeypatch.setattr("dmm_ray.zoo.report.teacher_specs", lambda _zoo: [type("Spec", (), {"name": s})() for s in STYLES])
+    monkeypatch.setattr("dmm_ray.teachers.load_teacher_pipeline", lambda _spec: pipe)
+    bench.cost(pipe, Path("zoo"), ["a red circle"], STYLES[:2], reps=1, batches=(1,), modes=("windows",), feather=0)
+    assert feathers and set(feathers) == {0}  # every regions cell, warm-up and timed
+    assert blends and all(set(w.unique().tolist()) <= {0.0, 1.0} for weights in blends for w in weights)  # hard edges
