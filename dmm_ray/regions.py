@@ -896,8 +896,10 @@ def regional_call(
     native = unet.config.sample_size * f
     height, width = _canvas_size(pipe, kwargs, native)
     step = math.lcm(f, 8)  # the VAE's factor, and diffusers' own rule (check_inputs: divisible by 8)
-    if height % step or width % step:
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 and v % step == 0 for v in (height, width)):
         raise RegionError(f"height and width must be multiples of {step}, got {height}x{width}")
+    # a whole float (height=512.0, which the plain call takes) as an int: the views' latent windows slice by it
+    height, width = int(height), int(width)
     kwargs.update(height=height, width=width)
 
     if regions is not None:

@@ -182,6 +182,19 @@ def test_region_window_in_pixels_takes_numpy_integers(pipe):
         assert torch.equal(_gen(pipe, size=(16, 64), regions=regions, region_window=window), native)
 
 
+def test_a_whole_float_canvas_size_is_taken_as_the_plain_call_takes_it(pipe):
+    """Finding: height=32.0 (which the plain call takes) failed with regions and panoramas in a bare TypeError
+    ("slice indices must be integers"): the views' latent windows were sliced by a float. It is the int size."""
+    kw = dict(num_inference_steps=2, output_type="pt")
+    regions = [Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")]
+    for call in (dict(regions=regions), dict(style_map=sweep("noir", "neon"))):
+        gens = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+        whole = pipe("a red circle", height=16, width=32, generator=gens(), **call, **kw).images
+        torch.testing.assert_close(pipe("a red circle", height=16.0, width=32.0, generator=gens(), **call, **kw).images, whole, rtol=0, atol=0)
+    with pytest.raises(RegionError, match=r"height and width must be multiples of 8, got 16.5x32"):
+        pipe("a red circle", height=16.5, width=32, regions=regions, **kw)
+
+
 def test_region_windows_one_full_region_is_plain_and_views_do_not_see_far_regions(pipe):
     plain = _gen(pipe, size=(16, 128), style="neon")
     one = _gen(pipe, size=(16, 128), regions=[Region(box=ALL, style="neon")], region_window="native")
