@@ -297,7 +297,7 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         _recover_killed(out, EXPORT_RECORD)  # the previous export back first, should this one fail too
     check_replaceable(out, fmt)
     if fmt == "single_file":
-        return export_single_file(pipe, out, metadata=metadata)  # written to `<out>.tmp`, removed if the write fails
+        return export_single_file(pipe, out, metadata=metadata)  # written to `.<out>.export-<pid>.tmp`, removed if the write fails
     tag = f"export-{os.getpid()}"  # hidden siblings of this run: .<out>.export-<pid>.tmp / .old
     tmp, _ = save_siblings(out, tag)
     remove(tmp)

@@ -908,6 +908,51 @@ def test_export_single_file_that_fails_part_way_leaves_no_temp_file(tiny_compone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"] and path.read_bytes() == good
 
 
+SECOND_EXPORT = """
+import sys
+from diffusers import StableDiffusionPipeline
+from dmm_ray.formats.single_file import export_single_file
+from dmm_ray.tiny import tiny_sd_components
+export_single_file(StableDiffusionPipeline(**tiny_sd_components(seed=1)), sys.argv[1])
+"""
+
+
+def test_two_single_file_exports_to_one_path_at_once_each_write_their_own_temp_file(tmp_path, monkeypatch):
+    """Finding: every export of a path wrote `<path>.tmp`; a second export (another process) to the same path
+    while the first was writing wrote and moved that same file, and the first then failed (FileNotFoundError)
+    or moved the other's half-written file into place. A killed export's temp file (under a pid that no longer
+    runs, written before this process started) is removed by the next export; a running one's is left alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dmm_ray.formats import single_file
+    from dmm_ray.tiny import tiny_sd_components
+
+    out = tmp_path / "ink.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
+    killed = tmp_path / f".ink.safetensors.export-{dead}.tmp"
+    killed.write_bytes(b"full-size, once")
+    os.utime(killed, (time.time() - 3600,) * 2)
+    running = tmp_path / f".ink.safetensors.export-{os.getppid()}.tmp"  # an export under way in a running process
+    running.write_bytes(b"being written")
+    real, env = single_file.save_file, {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def save_file(state, filename, metadata=None):
+        real(state, filename, metadata=metadata)  # this export's file written; the other starts and ends now
+        subprocess.run([sys.executable, "-c", SECOND_EXPORT, str(out)], check=True, env=env, cwd=tmp_path, capture_output=True)
+
+    monkeypatch.setattr(single_file, "save_file", save_file)
+    pipe = StableDiffusionPipeline(**tiny_sd_components(seed=0))
+    single_file.export_single_file(pipe, out)  # FileNotFoundError: its `<path>.tmp` was moved into place by the other
+    assert torch.equal(load_file(str(out))["model.diffusion_model.out.2.weight"], pipe.unet.conv_out.weight)  # the last one moved in
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, running.name])
+
+
 def test_export_job_expands_dmm_home_and_home_in_its_paths(merged_dir, tmp_path, monkeypatch):
     """Finding: --model '$DMM_HOME/outputs/...' (quoted, or after '=') was "does not exist", and a quoted
     `~` in --out made a folder named `~`: `$DMM_HOME` and `~` expand in the job's paths as in every path."""

@@ -16,6 +16,7 @@ encoders are equally wide (tiny or custom models, never real SDXL's 768 and 1280
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY
 from safetensors.torch import save_file
+
+from dmm_ray.output_lock import left_by_killed
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -250,9 +253,13 @@ def loaded_plugins(pipeline) -> str | None:
     return None
 
 
+TMP_TAG = "export"  # a write in progress: `.<name>.export-<pid>.tmp` beside the file (as a folder export's siblings)
+
+
 def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `pipeline` (unet, vae, text_encoder[, text_encoder_2]) as one LDM-layout .safetensors
-    file, atomically; `metadata` (str -> str) goes into the safetensors header."""
+    file, atomically (written to a hidden `.<name>.export-<pid>.tmp` and moved into place; what a killed
+    export left there is removed); `metadata` (str -> str) goes into the safetensors header."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":  # NOISE.SAFETENSORS too, as jobs/export.py and the teacher loader read it
         raise ValueError(f"single-file export writes .safetensors, got {path.name!r}")
@@ -269,7 +276,11 @@ def export_single_file(pipeline, path: str | os.PathLike, metadata: dict[str, st
     text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
     state = {k: v.detach().contiguous().cpu() for k, v in to_ldm_state_dict(unet, pipeline.vae, pipeline.text_encoder, text_encoder_2).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a hidden temp name of this process's own: two exports to one path at once both wrote `<path>.tmp`,
+    # one renamed the other's (half-written) file into place and the other failed with FileNotFoundError
+    tmp = path.with_name(f".{path.name}.{TMP_TAG}-{os.getpid()}.tmp")
+    for stale in left_by_killed(path.parent, f".{glob.escape(path.name)}.{TMP_TAG}-*.tmp", rf"\.{re.escape(path.name)}\.{TMP_TAG}-(\d+)\.tmp"):
+        stale.unlink(missing_ok=True)  # a full-size file a killed export left, which no later export's name matches
     try:
         save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "dmm-ray", **(metadata or {})})
         umask = os.umask(0)
