@@ -38,14 +38,15 @@ def pipeline_kwargs(cls) -> dict:
 
 def merged_folder(path: str | Path) -> str | Path:
     """`path`, or its `.old` sibling when `path` is missing because a save of the merged model was
-    interrupted between its two renames (dmm_ray/merge.py `_swap_in`): the last good model, read in
-    place. The next merge on that output_dir renames it back (`recover_merged`)."""
+    interrupted between its two renames (dmm_ray/merged_model.py `swap_in`): the last good model, read in
+    place. The next merge on that output_dir renames it back (`recover_merged`), the next few-step job on
+    its folder a few-step model's (`dmm_ray.fast.job`)."""
     folder = Path(path)
     old = folder.with_name(folder.name + ".old")
     if "://" not in str(path) and not folder.exists() and (old / "unet" / "config.json").is_file():
         logging.getLogger(__name__).warning(
             "%s is missing but %s holds the previous merged model (a save was interrupted); loading that. "
-            "Re-run the merge (jobs/merge.py) on the same output_dir to restore %s.",
+            "Re-run the job that saved it on the same folder (jobs/merge.py; jobs/fast.py for a few-step model) to restore %s.",
             folder,
             old,
             folder.name,

@@ -1090,6 +1090,35 @@ def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path
     assert not (out / FAST_LOCK).exists()  # ... and the lock went with it
 
 
+def test_a_few_step_model_parked_by_a_save_killed_between_its_renames_is_put_back_by_the_next_job(fast_model, merged_world, tmp_path):
+    """Finding: a few-step save killed between its two renames left the last good model only as fast/model.old
+    (and its half of the new one as model.tmp); the next jobs/fast.py on the folder never put it back, as the
+    merge does for merged/ (recover_merged): fast/model stayed missing, also when that job was refused or failed."""
+    import shutil
+
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import run_fast
+    from dmm_ray.fingerprint import StaleStateError, fast_state_path, record_fast
+
+    path, merged = fast_model
+    world, _ = merged_world
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
+    shutil.copytree(path, out / "model.old")  # what the kill left: the previous model parked, the new one staged
+    shutil.copytree(path, out / "model.tmp")
+    before = _digest(out / "model.old")
+    record_fast(cfg, merged, out)  # state made with other settings: this job is refused after it takes the folder
+    (fast_state_path(cfg, out) / "checkpoint_000001").mkdir(parents=True)
+    (fast_state_path(cfg, out) / "checkpoint_000001" / "trainable.pt").write_bytes(b"x")
+    stale = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out), "lr": 1e-3})).with_absolute_paths()
+    with pytest.raises(StaleStateError, match="fast.lr"):
+        run_fast(stale, merged)
+    assert not (out / "model.old").exists() and not (out / "model.tmp").exists()
+    assert _digest(out / "model") == before and _load(out / "model").styles == ["style0", "style1"]
+
+
 def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world, tmp_path, monkeypatch):
     """Two few-step jobs from one config into two folders (README: --output-dir /tmp/fast and
     /tmp/lcm_only) each hold their own folder's fast.lock only: the second job's start leaves the

@@ -17,7 +17,7 @@ from pathlib import Path
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, staged
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, recover, staged
 from dmm_ray.ray_session import init_for_training
 from dmm_ray.tracking import version_record
 
@@ -456,6 +456,10 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
 
+    # a save killed between its two renames (merged_model.swap_in) left the last good few-step model only as
+    # model.old: put it back first, as the merge does for merged/ (recover_merged), whatever this run does next
+    for line in recover(out / "model", marker=FAST_RECORD):
+        log(line)
     if restart:
         forget(out, COMPLETE_RECORD)
         removed = fingerprint.discard_fast_state(cfg, out)
