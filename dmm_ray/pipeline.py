@@ -11,8 +11,10 @@ prompt's own style.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,6 +129,65 @@ def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_we
     return resolve_style(names, selection)[None].repeat(batch_size, 1)
 
 
+SAVE_PREFIX = ".dmm-save-"  # DMMPipeline.save_pretrained's hidden folders inside the model folder: .dmm-save-<pid>.tmp / .old
+
+
+def _move_in(staging: Path, dest: Path, drop: Sequence[str] = ()) -> None:
+    """Each entry of `staging` (a complete save) in place of `dest`'s entry of that name, and `drop` (the earlier
+    save's records this one has none of) out: the earlier entries are parked in `.dmm-save-<pid>.old` first and
+    removed once all are in; an error or Ctrl-C part-way puts every one back. A kill part-way leaves them
+    parked: the next save into `dest` puts them back (`_recover_killed_save`)."""
+    from dmm_ray.merged_model import remove
+
+    parked = staging.with_suffix(".old")
+    remove(parked)
+    parked.mkdir()
+    moved = []  # (name, whether `dest` had an entry of that name), noted before the renames
+    try:
+        # model_index.json last: a reader that finds the new one finds the new components beside it
+        for name in [*sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "model_index.json", n)), *drop]:
+            target = dest / name
+            moved.append((name, _present(target)))
+            if moved[-1][1]:
+                os.replace(target, parked / name)
+            if _present(staging / name):
+                os.replace(staging / name, target)
+    except BaseException:
+        for name, had in reversed(moved):
+            if had and not _present(parked / name):
+                continue  # interrupted before it was parked: still in place
+            if _present(dest / name):
+                remove(dest / name)  # the new entry
+            if had:
+                os.replace(parked / name, dest / name)
+        remove(parked)
+        raise
+    remove(parked)
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _recover_killed_save(dest: Path) -> None:
+    """What a save into `dest` killed part-way left (`output_lock.left_by_killed`: its pid no longer runs here,
+    written before this process started): its staging folder goes, and the earlier entries it had parked go back
+    in place of the new ones it had moved in (`_move_in`), so the folder is the earlier save again before this one."""
+    import re
+
+    from dmm_ray.merged_model import remove
+    from dmm_ray.output_lock import left_by_killed
+
+    for left in left_by_killed(dest, f"{SAVE_PREFIX}*", rf"{re.escape(SAVE_PREFIX)}(\d+)\.(?:tmp|old)"):
+        if left.suffix == ".old" and left.is_dir():
+            for entry in left.iterdir():
+                if _present(dest / entry.name):
+                    remove(dest / entry.name)
+                os.replace(entry, dest / entry.name)
+            logging.getLogger(__name__).warning("%s: put back the earlier save's %s, parked by a save that was killed part-way", dest, left.name)
+        remove(left)
+
+
 class _StyleCallMixin:
     """Shared by the SD1.5 and SDXL pipelines: resolve styles, then run diffusers' own loop."""
 
@@ -155,8 +216,7 @@ class _StyleCallMixin:
         record the saved copy would sample with the paper's defaults, not this model's. The records go in
         first: with `push_to_hub=True` diffusers uploads the folder at the end of its own save. A record
         this pipeline has none of (built from components, or its folder had none) is not left behind from
-        an earlier save into the folder, whose model's sampler and style names it is not. The earlier
-        records are set aside until the save is complete and put back if it fails (as `swap_in` does).
+        an earlier save into the folder, whose model's sampler and style names it is not.
         A pipeline with LoRA layers loaded (a LoRA, the few-step model's `lcm_lora/`; also after `fuse_lora`,
         which keeps them) is refused before anything is written: diffusers wrote PEFT's layer names
         (`to_q.base_layer.weight`), and the folder loaded back with those layers' weights missing. So is one with
@@ -166,54 +226,56 @@ class _StyleCallMixin:
         A sampler record written for another scheduler than the pipeline's (a merged model saved with its LCM-LoRA
         fused in and TCD swapped in) is saved as the settings the pipeline samples with (`sampler_defaults`):
         copied, it named DPM-Solver at 10 steps with CFG beside the TCD scheduler, which whatever reads the folder's
-        record (`sampler_defaults(folder)`: jobs/style_mixing.py's --student-steps) then sampled with."""
+        record (`sampler_defaults(folder)`: jobs/style_mixing.py's --student-steps) then sampled with.
+        The save is written whole into a hidden folder inside `save_directory` (`.dmm-save-<pid>.tmp`) and only
+        then moved in, entry by entry, in place of the earlier save's (`_move_in`): a save into a folder holding an
+        earlier one that failed part-way (a module's save raising, a full disk, Ctrl-C) left the folder a mix of the
+        two models; now it is left as it was. The folder itself is never renamed (it may be a mount point, a link or
+        the working directory); what it holds beside the pipeline (dmm_merge.json, lcm_lora/, notes) stays, and
+        `push_to_hub=True` uploads the save itself (to a repo named after `save_directory`), not those."""
         import json
-        import os
         import shutil
 
         from dmm_ray.formats.single_file import loaded_plugins
-        from dmm_ray.merged_model import STYLES_RECORD, remove, save_siblings
+        from dmm_ray.merged_model import STYLES_RECORD, remove
 
         problem = loaded_plugins(self)
         if problem:
             raise ValueError(f"cannot save to {save_directory}: {problem}")
+        dest = Path(save_directory)
+        if dest.exists() and not dest.is_dir():
+            raise ValueError(f"cannot save to {dest}: it is a file; give a folder path")
         source = getattr(self.config, "_name_or_path", None)
-        tag = f"save-{os.getpid()}"  # hidden siblings of this save: .sampler.json.save-<pid>.old
-        parked, written = [], []  # the earlier save's records (set aside), and this one's
+        created = [p for p in (dest, *dest.parents) if not p.exists()]  # deepest first: removed again if the save fails
+        dest.mkdir(parents=True, exist_ok=True)
+        _recover_killed_save(dest)
+        staging = dest / f"{SAVE_PREFIX}{os.getpid()}.tmp"
+        remove(staging)
         try:
+            staging.mkdir()
             for name in (SAMPLER_RECORD, STYLES_RECORD):
-                record, target = Path(str(source)) / name, Path(save_directory) / name
-                record = record if source and record.is_file() else None
-                text = None  # None: the record is copied as it is
-                if name == SAMPLER_RECORD and record is not None:
-                    scheduler = type(self.scheduler).__name__
-                    if read_sampler_record(record).get("scheduler", scheduler) != scheduler:
-                        own = self.sampler_defaults
-                        text = json.dumps(
-                            sampler_record(own["num_inference_steps"], own["guidance_scale"], own["negative_prompt"], scheduler), indent=1
-                        )
-                if record is not None and text is None and target.exists() and record.samefile(target):
-                    continue  # saved over its own folder: the record there is this model's
-                if target.exists():
-                    old = save_siblings(target, tag)[1]
-                    os.replace(target, old)
-                    parked.append((target, old))
-                if record is not None:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    written.append(target)
-                    if text is None:
-                        shutil.copyfile(record, target)
-                    else:
-                        target.write_text(text)
-            super().save_pretrained(save_directory, *args, **kwargs)
-        except BaseException:  # an error or Ctrl-C mid-save: the folder keeps the earlier save's records
-            for target in written:
-                remove(target)
-            for target, old in parked:
-                os.replace(old, target)
+                record = Path(str(source)) / name if source else None
+                if record is None or not record.is_file():
+                    continue  # an earlier save's record in the folder goes (`_move_in`): it is not this model's
+                scheduler = type(self.scheduler).__name__
+                if name == SAMPLER_RECORD and read_sampler_record(record).get("scheduler", scheduler) != scheduler:
+                    own = self.sampler_defaults
+                    text = sampler_record(own["num_inference_steps"], own["guidance_scale"], own["negative_prompt"], scheduler)
+                    (staging / name).write_text(json.dumps(text, indent=1))
+                else:
+                    shutil.copyfile(record, staging / name)  # also from `dest` itself: saved over its own folder
+            # the records go in first: with push_to_hub=True diffusers uploads the folder at the end of its own save,
+            # to a repo named after the folder it writes unless repo_id says otherwise (this one's, not the staging's)
+            kwargs.setdefault("repo_id", Path(os.path.abspath(dest)).name)
+            super().save_pretrained(str(staging), *args, **kwargs)  # a str: diffusers splits it for the default repo_id
+            _move_in(staging, dest, drop=[n for n in (SAMPLER_RECORD, STYLES_RECORD) if not (staging / n).exists()])
+        except BaseException:  # an error or Ctrl-C mid-save: the folder keeps the earlier save, whole
+            remove(staging)
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
             raise
-        for _, old in parked:
-            remove(old)
+        remove(staging)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -121,8 +121,8 @@ def test_save_pretrained_with_push_to_hub_uploads_the_records(pipe, tmp_path, mo
     (tmp_path / "a" / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
     (tmp_path / "a" / STYLES_RECORD).write_text("[]")
     own = DMMPipeline.from_pretrained(tmp_path / "a", local_files_only=True)
-    uploaded = []
-    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=f"me/{repo_id}"))
+    uploaded, repos = [], []
+    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kwargs: repos.append(repo_id) or SimpleNamespace(repo_id=f"me/{repo_id}"))
     monkeypatch.setattr(pipeline_utils, "load_or_create_model_card", lambda *args, **kwargs: SimpleNamespace(save=lambda path: None))
     monkeypatch.setattr(pipeline_utils, "populate_model_card", lambda card, *args, **kwargs: card)
     monkeypatch.setattr(
@@ -130,6 +130,92 @@ def test_save_pretrained_with_push_to_hub_uploads_the_records(pipe, tmp_path, mo
     )
     own.save_pretrained(str(tmp_path / "b"), push_to_hub=True)
     assert {SAMPLER_RECORD, STYLES_RECORD, "model_index.json", "unet"} <= set(uploaded)
+    assert repos == ["b"]  # named after the folder asked for, not the hidden one the save is written in first
+
+
+def _tree(folder: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_save_over_an_earlier_one_that_fails_part_way_leaves_the_earlier_one_whole(pipe, tmp_path, monkeypatch, error):
+    """Finding: save_pretrained wrote into the folder in place, so a save over an earlier one that failed after
+    its first modules (here the scheduler's save, after the VAE, text encoder and UNet) left the folder a mix:
+    the new UNet beside the earlier model's scheduler and records. It is written whole beside the earlier save,
+    inside the folder, and moved in only once complete; what the folder holds beside the pipeline stays."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from dmm_ray.pipeline import SAMPLER_RECORD, sampler_record
+
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    (folder / SAMPLER_RECORD).write_text(json.dumps(sampler_record(2, 5.0, "")))
+    (folder / "dmm_merge.json").write_text('{"name": "earlier"}')  # beside the pipeline: no save of it writes one
+    earlier = _tree(folder)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(1.0)  # another model
+
+    def fails(self, *args, **kwargs):
+        raise error
+
+    with monkeypatch.context() as m:
+        m.setattr(DPMSolverMultistepScheduler, "save_pretrained", fails)
+        with pytest.raises(type(error)):
+            pipe.save_pretrained(folder)
+    assert _tree(folder) == earlier  # before: unet/ and vae/config.json were the new save's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and not list(folder.glob(".*"))
+    with pytest.raises(type(error)), monkeypatch.context() as m:
+        m.setattr(DPMSolverMultistepScheduler, "save_pretrained", fails)
+        pipe.save_pretrained(tmp_path / "new" / "model")  # folders the save made: gone again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    pipe.save_pretrained(folder)
+    saved = DMMPipeline.from_pretrained(folder, local_files_only=True)
+    assert torch.equal(saved.unet.conv_in.weight, pipe.unet.conv_in.weight) and not (folder / SAMPLER_RECORD).exists()
+    assert (folder / "dmm_merge.json").read_text() == '{"name": "earlier"}' and not list(folder.glob(".*"))
+
+
+def test_a_save_killed_part_way_is_undone_by_the_next_save_into_its_folder(pipe, tmp_path, monkeypatch):
+    """A save killed while it moved its entries in left the earlier ones parked in `.dmm-save-<pid>.old` (and its
+    staging folder): the next save into the folder, under another pid, puts them back before it writes, so a
+    next save that fails too leaves the earlier model; a running save's folders are left alone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    earlier = _tree(folder)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
+    parked, staging = folder / f".dmm-save-{dead}.old", folder / f".dmm-save-{dead}.tmp"
+    parked.mkdir()
+    shutil.copytree(folder / "unet", staging / "text_encoder")  # the kill's staged rest
+    os.replace(folder / "scheduler", parked / "scheduler")  # killed between parking the scheduler and moving the new one in
+    os.replace(folder / "unet", parked / "unet")  # the new UNet moved in
+    shutil.copytree(parked / "scheduler", folder / "unet")
+    for left in (parked, staging):
+        os.utime(left, (time.time() - 3600,) * 2)  # written before this process started, as a killed run's are
+    running = folder / f".dmm-save-{os.getppid()}.tmp"  # a save under way in a running process: left alone
+    running.mkdir()
+
+    def fails(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(DPMSolverMultistepScheduler, "save_pretrained", fails)
+        with pytest.raises(OSError):
+            pipe.save_pretrained(folder)
+    assert sorted(p.name for p in folder.glob(".*")) == [running.name]
+    running.rmdir()
+    assert _tree(folder) == earlier
 
 
 def test_save_pretrained_over_another_save_leaves_none_of_its_records(pipe, tmp_path, monkeypatch):
