@@ -1711,6 +1711,32 @@ def test_merged_source_samples_again_when_the_prompt_file_is_edited(merged_world
     assert made.read_text() == "a red car\na blue boat\n"
 
 
+def test_a_torn_record_of_the_merged_model_samples_means_sampling_again_not_a_crash(merged_world, tmp_path, monkeypatch):
+    """Finding: <fast>/synthesized/synthesized.json was written in place; one a write cut short (a full disk) left
+    empty or torn stopped every later run with a bare JSONDecodeError. It is written whole (moved into place), and
+    one that does not read is another model's samples: sampled again."""
+    from merge_fixtures import tiny_merge_config
+
+    import dmm_ray.distill.synthesis as synthesis
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import MERGED_SYNTH_RECORD, merged_synthesized_sets
+
+    world, merged = merged_world
+    fast = {"synthetic_fraction": 0.5, "synthetic_source": "merged", "synthetic_images": 2}
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "out", fast=fast))
+    folder = tmp_path / "fast" / "synthesized"
+    (folder / "style_0").mkdir(parents=True)
+    (folder / "style_0" / "rows").write_text("torn")  # samples of unknown origin beside the torn record
+    (folder / MERGED_SYNTH_RECORD).write_text('{"model": ')
+    sampled = []
+    monkeypatch.setattr(
+        synthesis, "synthesize_for", lambda cfg, specs, offset, out, n: sampled.append(sorted(p.name for p in Path(out).iterdir())) or {}
+    )
+    merged_synthesized_sets(cfg, merged, ["style0", "style1"], tmp_path / "fast")
+    assert sampled == [[MERGED_SYNTH_RECORD]]  # the unknown samples went; the record is whole
+    assert json.loads((folder / MERGED_SYNTH_RECORD).read_text())["styles"] == ["style0", "style1"]
+
+
 def test_synthesized_shards_takes_only_the_style_folders_synthesis_names(merged_world, tmp_path):
     """A copy such as style_0.bak beside the sets failed int('0.bak') and stopped the few-step stage."""
     from merge_fixtures import tiny_merge_config

@@ -250,12 +250,22 @@ def merged_synthesized_sets(cfg: MergeConfig, model_dir: Path, styles: list[str]
         "prompts": prompts_inputs(cfg),
         "seed": cfg.seed,
     }
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data.fs import write_bytes_atomic
+
     record = folder / MERGED_SYNTH_RECORD
-    if folder.exists() and (not record.is_file() or json.loads(record.read_text()) != made_by):
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):  # none, or one a write cut short left (a full disk): not these samples' record
+        recorded = None
+    if folder.exists() and recorded != made_by:
         log(f"{folder} was sampled from another model or with other settings: sampling again")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(made_by, indent=1))
+    # moved into place whole: written in place, a write cut short left an empty or torn record, and every later run
+    # stopped on it with a bare JSONDecodeError
+    write_bytes_atomic(pafs.LocalFileSystem(), str(record), json.dumps(made_by, indent=1).encode())
     t0 = time.time()
     log(f"sampling the merged model: {n} images x {len(styles)} styles ({s.num_inference_steps} DPM-Solver++ steps, CFG {s.guidance_scale})")
     dirs = synthesize_for(cfg, [MergedStyle(name=name, model=str(model_dir)) for name in styles], 0, folder, n)
