@@ -271,6 +271,26 @@ def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):
         assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
 
 
+def test_a_torn_cached_report_is_made_again_not_a_crash(tmp_path, monkeypatch):
+    """Finding: report/report.json was written in place; one a write cut short (a full disk) left torn stopped
+    every later report with a bare JSONDecodeError until --force. It is written whole, and one that does not
+    read is no cached report: the report is made again (here it gets as far as reading the zoo's manifest)."""
+    import dmm_ray.zoo.report as report
+
+    (tmp_path / "z" / "report").mkdir(parents=True)
+    (tmp_path / "z" / "report" / "report.json").write_text('{"settings": {"n_per_')
+
+    class MadeAgain(Exception):
+        pass
+
+    def manifest(root):
+        raise MadeAgain(str(root))
+
+    monkeypatch.setattr(report, "load_manifest", manifest)
+    with pytest.raises(MadeAgain):
+        report.run_report(tmp_path / "z", n_per_set=2, steps=2, progress=False)
+
+
 def test_a_zoo_folder_not_built_yet_is_named_with_the_command_that_builds_it(tmp_path):
     """`teacher_specs(DIR)` / `run_report(DIR)` on a folder that does not exist named its parent as the
     folder that is not a zoo, and told the user to build the zoo into the parent."""

@@ -115,6 +115,9 @@ def pick_grid_prompts(prompts: list[str], n: int = 8) -> list[str]:
 
 def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance: float = 5.0, progress: bool = True, force: bool = False) -> dict:
     """Compute (or read back, if cached with the same settings) the zoo's quality report."""
+    import pyarrow.fs as pafs
+
+    from dmm_ray.data.fs import write_bytes_atomic
     from dmm_ray.teachers import load_teacher_pipeline
 
     root = manifest_path(root).resolve().parent  # the zoo folder, also when given its zoo.yaml
@@ -122,8 +125,11 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
     settings = {"n_per_set": n_per_set, "steps": steps, "guidance": guidance, "seed_sets": [SEED_SET_A, SEED_SET_B]}
     cached = out_dir / "report.json"
     if cached.is_file() and not force:
-        report = json.loads(cached.read_text())
-        if report.get("settings") == settings:
+        try:
+            report = json.loads(cached.read_text())
+        except (OSError, ValueError):  # one a write cut short left (a full disk): no report, made again
+            report = {}
+        if isinstance(report, dict) and report.get("settings") == settings:
             return report | {"grid_png": str(out_dir / "grid.png")}  # where it is now: the zoo folder may have moved
     manifest = load_manifest(root)
     net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
@@ -160,7 +166,9 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
     report["diagonal"] = diagonal_checks(names, m, report["groups"])
     report["grid_png"] = str(grid_png(grid, grid_prompts, out_dir / "grid.png"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(report, indent=2))
+    # moved into place whole: written in place, a write cut short left a torn report.json that stopped every later
+    # report (a bare JSONDecodeError) until --force
+    write_bytes_atomic(pafs.LocalFileSystem(), str(cached), json.dumps(report, indent=2).encode())
     return report
 
 
