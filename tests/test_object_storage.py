@@ -113,6 +113,36 @@ def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypa
         fsu.local_copy((tmp_path / "nothing").as_uri())
 
 
+SECOND_DOWNLOAD = """
+import sys
+from dmm_ray.data import fs as fsu
+fsu.local_copy(sys.argv[1])
+"""
+
+
+def test_two_downloads_of_one_location_at_once_both_end_with_the_copy(tmp_path, monkeypatch):
+    """Finding: two processes on a node loading one URI (load_dmm_pipeline, local_copy) download into one folder,
+    $DMM_HOME/cache/download/<name>-<hash>; each removed it in place and moved its copy in, and one whose move came
+    after the other's failed ([Errno 39] Directory not empty). The earlier copy is moved aside in one step, and a copy
+    another download moved in meanwhile is kept; nothing of either download is left beside it."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    model = _pipeline_like(tmp_path / "store" / "merged")
+    first = fsu.local_copy(model.as_uri())
+    real, env = fsu.os.replace, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def replace(src, dst):
+        if Path(dst) == first and ".part-" in Path(src).name:  # this download's copy moves in: the other's lands first
+            subprocess.run([sys.executable, "-c", SECOND_DOWNLOAD, model.as_uri()], check=True, env=env, capture_output=True)
+        return real(src, dst)
+
+    monkeypatch.setattr(fsu.os, "replace", replace)
+    assert fsu.local_copy(model.as_uri()) == first and _tree(first) == _tree(model)
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
+
+
 def test_location_join_never_turns_a_uri_into_a_path():
     assert fsu.location_join("s3://bucket/x/", "merged") == "s3://bucket/x/merged"
     assert fsu.location_join("/tmp/x", "ray_results", "a") == Path("/tmp/x/ray_results/a")

@@ -8,6 +8,8 @@ Plain local paths map to pyarrow's LocalFileSystem and behave exactly like the l
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import os
 import posixpath
@@ -174,6 +176,7 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
     for stale in left_by_killed(local.parent, f"{glob.escape(local.name)}.part-*", rf"{re.escape(local.name)}\.part-(\d+)-[0-9a-f]+"):
         shutil.rmtree(stale, ignore_errors=True)  # a killed download's (its own name: nothing else removes it)
     tmp = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # the pid: see left_by_killed
+    aside = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # the earlier copy, removed at the end
     tmp.mkdir(parents=True)
     try:
         for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
@@ -184,12 +187,20 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(info.path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        if local.exists():
-            shutil.rmtree(local)
-        os.replace(tmp, local)
+        # Two processes on a node download one location into one folder (local_copy's default): the earlier copy is
+        # moved aside in one step, not removed in place (a process loading from it lost its files part-way), and a copy
+        # another download moved in meanwhile is kept, as fresh as this one (this move failed: Directory not empty).
+        with contextlib.suppress(FileNotFoundError):  # none, or another download moved it aside first
+            os.replace(local, aside)
+        try:
+            os.replace(tmp, local)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not local.is_dir():
+                raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for left in (tmp, aside):
+            if left.exists():
+                shutil.rmtree(left, ignore_errors=True)
     return local
 
 
