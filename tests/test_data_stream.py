@@ -284,3 +284,37 @@ def test_replicas_of_a_teacher_train_on_disjoint_synthesized_rows(tmp_path, monk
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x 2 synthesized rows of the batch of 4
     assert not set(seen[0]) & set(seen[1])  # was the same 4 rows (and noise) on both
     assert sorted(seen[0] + seen[1]) == sorted(f"synth-t0-{i}" for i in range(8))  # between them, every row once per epoch
+
+
+def test_cached_rows_past_the_last_full_batch_are_trained_on_in_turn(tiny_base):
+    """A synthesized set of 10 rows in batches of 4: fixed batches per epoch dropped rows 8 and 9 every
+    epoch (never trained on). Batches go round the set instead, each pass re-noised as its own epoch, and
+    a stream resumed after k batches gives what the uninterrupted one gives from batch k."""
+    from dmm_ray.distill.streams import cached_stream
+
+    cfg = _cfg(tiny_base, "unused")
+    tok = load_tokenizer(cfg.tokenizer_path())
+    rows = {k: v[:10] for k, v in _numpy_batch(tok).items()}
+    ids = [str(s) for s in rows["source_id"]]
+    args = (cfg, load_noise_scheduler(cfg), tokenize(tok, [""])[0], "cpu", "style 0's synthesized samples")
+
+    run = cached_stream(rows, 4, *args)
+    batches = [run.next() for _ in range(5)]  # 20 rows: two passes over the 10
+    assert [b["source_ids"] for b in batches] == [ids[0:4], ids[4:8], ids[8:10] + ids[0:2], ids[2:6], ids[6:10]]
+    straddling = batches[2]  # rows 8, 9 of the first pass, then 0, 1 of the second: noised with each pass's epoch
+    for part, epoch, rows_of in ((slice(0, 2), 0, slice(8, 10)), (slice(2, 4), 1, slice(0, 2))):
+        t, eps, _ = draw_sample_randomness(
+            ids[rows_of],
+            (4, 4, 4),
+            seed=0,
+            epoch=epoch,
+            num_train_timesteps=args[1].config.num_train_timesteps,
+            caption_dropout=cfg.stream.caption_dropout,
+        )
+        assert torch.equal(straddling["timesteps"][part], torch.from_numpy(t)) and torch.equal(straddling["noise"][part], torch.from_numpy(eps))
+    assert not torch.equal(batches[0]["noise"][:2], straddling["noise"][2:])  # the same rows, re-noised in the next pass
+
+    resumed = cached_stream(rows, 4, *args, consumed=2)
+    for b in batches[2:]:
+        again = resumed.next()
+        assert again["source_ids"] == b["source_ids"] and torch.equal(again["noisy_latents"], b["noisy_latents"])

@@ -59,27 +59,45 @@ def read_synthesized(shard, styles: list[int] | None) -> dict[int, dict]:
     return out
 
 
-def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> EpochStream:
-    """In-memory rows (numpy columns) in fixed batches, re-noised every epoch (t, eps and dropout
-    keyed by the epoch). The position follows from the number of batches already consumed."""
-    from dmm_ray.data.stream import noised_batch
+class CachedStream:
+    """In-memory rows (numpy columns) in batches of `batch_size`, taken in turn round the set: a batch
+    that reaches the end of the rows goes on at their start. Each pass over the rows is an epoch, re-noised
+    (t, eps and dropout keyed by it). Fixed batches per epoch dropped the rows past the last full batch,
+    the same ones every epoch: synthesized samples that were never trained on. With a row count that is a
+    multiple of the batch size the batches are those fixed ones. The position follows from the number of
+    batches already consumed."""
 
-    n = len(rows["latents"]) // batch_size
-    if n == 0:
-        raise TrainingInputError(
-            f"{name} has {len(rows['latents'])} rows, fewer than a batch of {batch_size}; "
-            "synthesize more images (synthesis.images_per_teacher) or lower the batch size"
+    def __init__(self, rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0):
+        self.n = len(rows["latents"])
+        if self.n < batch_size:
+            raise TrainingInputError(
+                f"{name} has {self.n} rows, fewer than a batch of {batch_size}; "
+                "synthesize more images (synthesis.images_per_teacher) or lower the batch size"
+            )
+        self.rows, self.batch_size = rows, batch_size
+        self._noise = dict(
+            scheduler=scheduler, empty_ids=empty_ids, seed=data_cfg.stream.seed, caption_dropout=data_cfg.stream.caption_dropout, device=device
         )
-    batches = [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
-    s = data_cfg.stream
+        self.given = consumed * batch_size  # rows given so far, over all passes
 
-    def epoch_batches(ep: int):
-        return (
-            noised_batch(b, scheduler=scheduler, empty_ids=empty_ids, seed=s.seed, epoch=ep, caption_dropout=s.caption_dropout, device=device)
-            for b in batches
-        )
+    def next(self) -> dict:
+        from dmm_ray.data.stream import noised_batch
+        from dmm_ray.distill.step import concat_batches
 
-    return EpochStream(epoch_batches, name, consumed // n, consumed % n)
+        parts, start, stop = [], self.given, self.given + self.batch_size
+        while start < stop:  # at most two parts: a batch is no larger than the set
+            epoch, i = divmod(start, self.n)
+            j = min(self.n, i + stop - start)
+            parts.append(noised_batch({k: v[i:j] for k, v in self.rows.items()}, epoch=epoch, **self._noise))
+            start += j - i
+        self.given = stop
+        return parts[0] if len(parts) == 1 else concat_batches(parts, slices=False)
+
+
+def cached_stream(rows: dict, batch_size: int, data_cfg, scheduler, empty_ids, device, name: str, consumed: int = 0) -> CachedStream:
+    """In-memory rows in batches of `batch_size`, round the set and re-noised every pass (CachedStream),
+    resuming after `consumed` batches."""
+    return CachedStream(rows, batch_size, data_cfg, scheduler, empty_ids, device, name, consumed)
 
 
 MIXTURE_SEED_OFFSET = 7919  # the mixture block's t / eps / dropout draws: not those of the plain rows of the same images
@@ -124,9 +142,9 @@ class StageBatches:
         self._stream_args = (data_cfg, noise_scheduler, tokenize(load_tokenizer(data_cfg.tokenizer_path()), [""])[0], self.device)  # (L,) ""
         self._consumed = start.step * self.grad_accum  # batches each cached stream has given so far
         self.common: EpochStream | None = None
-        self.synthetic: list[EpochStream | None] = [None] * max(1, len(self.role.style_indices))
+        self.synthetic: list[CachedStream | None] = [None] * max(1, len(self.role.style_indices))
         self.own_labels = False  # the regulariser's synthesized rows: labelled with their own (old) style, not a random one
-        self.mixture: list[EpochStream] | None = None  # distill.mixture_fraction: per hosted style, its rows of the mixture block
+        self.mixture: list[CachedStream] | None = None  # distill.mixture_fraction: per hosted style, its rows of the mixture block
         self._by_style: dict[int, dict] | None = None
         if worker.stage == "finetune":
             self.synthetic = self._synthetic_streams(batch_size)
@@ -159,7 +177,7 @@ class StageBatches:
         pairs = [self._micro_batch() for _ in range(self.grad_accum)]
         return [b for b, _ in pairs], [ids for _, ids in pairs]
 
-    def _synthetic_streams(self, size: int) -> list[EpochStream]:
+    def _synthetic_streams(self, size: int) -> list[CachedStream]:
         import ray.train
 
         hosted = list(self.role.style_indices) if self.role.kind == "teacher" else None
@@ -197,7 +215,7 @@ class StageBatches:
         same = [r.rank for r in self.worker.roles if r.kind == "teacher" and r.teacher_indices == self.role.teacher_indices]
         return same.index(self.worker.rank), len(same)
 
-    def _mixture_streams(self, batch_size: int) -> list[EpochStream] | None:
+    def _mixture_streams(self, batch_size: int) -> list[CachedStream] | None:
         """distill.mixture_fraction > 0 on a worker hosting k >= 2 styles: each step every hosted style
         gives `mixture_rows` of its synthesized samples to the mixture block, noised with their own
         seed (not the plain rows' draws of the same images)."""
