@@ -148,6 +148,28 @@ def test_location_join_never_turns_a_uri_into_a_path():
     assert fsu.location_join("/tmp/x", "ray_results", "a") == Path("/tmp/x/ray_results/a")
 
 
+def test_a_uri_whose_hash_or_query_pyarrow_would_drop_is_refused_naming_the_escape(tmp_path):
+    """pyarrow drops a URI's fragment ('#' on) and a file:// URI's query ('?' on): `file:///x/run#1/model`
+    was the folder /x/run, which an upload emptied (the files of another run with it). They are refused,
+    naming the escape; escaped, the same names are the folders meant."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "other.txt").write_text("not the upload's")
+    model = _pipeline_like(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"'#' starts a URI fragment.*as %23"):
+        fsu.upload(model, f"file://{tmp_path}/run#1/model")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["other.txt"]
+    with pytest.raises(ValueError, match=r"output_dir 'file://.*/run\?v=2': '\?' starts a URI query.*as %3F"):
+        fsu.check_location("output_dir", f"file://{tmp_path}/run?v=2")
+    with pytest.raises(ValueError, match=r"data.shards 's3://bucket/a#b': .*as %23"):
+        fsu.check_location("data.shards", "s3://bucket/a#b")
+    fsu.check_location("data.shards", "s3://bucket/a?region=us-east-1")  # an object store's options: its query
+    assert fsu.resolve(f"file://{tmp_path}?use_mmap=true")[1] == str(tmp_path)  # and a file:// URI's one option
+    with pytest.raises(ValueError, match="a space in a name as %20"):
+        fsu.resolve(f"file://{tmp_path}/a b")
+    fsu.upload(model, f"file://{tmp_path}/run%231%20%3F/model")
+    assert _tree(tmp_path / "run#1 ?" / "model") == _tree(model) and (tmp_path / "run" / "other.txt").exists()
+
+
 def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch):
     """Everything that takes output_dir before Ray starts, with an s3:// URI (no network touched):
     the URI stays a URI, local work goes to $DMM_HOME/staging, and no `s3:` folder appears."""

@@ -42,6 +42,24 @@ def check_location(setting: str, location: str) -> None:
                 f"{setting} {location!r}: scheme {scheme + '://'!r} is not supported; give a local path or a URI "
                 f"pyarrow opens: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
             )
+        if problem := _uri_syntax_problem(location):
+            raise ValueError(f"{setting} {location!r}: {problem}")
+
+
+def _uri_syntax_problem(uri: str) -> Optional[str]:
+    """What in `uri` pyarrow reads as something other than its path, silently, or None. pyarrow drops a
+    fragment ('#' and all after it) and a file:// URI's query ('?' ...): `file:///runs/a#1/model` was the
+    folder /runs/a, which an upload empties. pyarrow decodes %23 and %3F (and %20) in the path. A file://
+    URI's one option, `?use_mmap=true`, is a query pyarrow reads."""
+    if "#" in uri:
+        return "'#' starts a URI fragment, which pyarrow drops with everything after it; write a '#' in a name as %23"
+    if uri.split("://", 1)[0].lower() == "file" and "?" in uri:
+        if any(option.split("=", 1)[0] != "use_mmap" for option in uri.split("?", 1)[1].split("&")):
+            return (
+                "'?' starts a URI query, which pyarrow drops from a file:// URI with everything after it (its one option is use_mmap); "
+                "write a '?' in a name as %3F"
+            )
+    return None
 
 
 def require_local(setting: str, location) -> Path:
@@ -60,10 +78,13 @@ def resolve(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
     path_or_uri = str(path_or_uri)
     if "://" not in path_or_uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path_or_uri))
+    if problem := _uri_syntax_problem(path_or_uri):
+        raise ValueError(f"{path_or_uri!r}: {problem}")
     try:
         return pafs.FileSystem.from_uri(path_or_uri)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError with terse messages
-        raise ValueError(f"cannot open filesystem for {path_or_uri!r}: {e}") from e
+        hint = "; a URI writes a space in a name as %20 (or give a local path)" if " " in path_or_uri else ""
+        raise ValueError(f"cannot open filesystem for {path_or_uri!r}: {e}{hint}") from e
 
 
 def join(base: str, *parts: str) -> str:
