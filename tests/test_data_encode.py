@@ -437,6 +437,33 @@ def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tin
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_a_source_that_yields_no_record_names_the_field_it_looked_for_and_its_setting(tmp_path, tiny_base, capsys):
+    """A manifest whose columns are `image` / `text`: the error said only `{'no_image_field': 2}`, then
+    `{'empty_caption': 2}`, naming neither the field looked for nor the setting; a JourneyDB root without
+    *.jsonl blamed source.annotations, which was not set. Exit 2 before Ray, naming them."""
+    from jobs import encode_latents
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "manifest.jsonl").write_text('{"image": "a.png", "text": "a"}\n{"image": "b.png", "text": "b"}\n')
+    (tmp_path / "jdb").mkdir()
+    common = ["--base", str(tiny_base), "--out", str(tmp_path / "out"), "--resolution", "16", "--no-progress"]
+    cases = [
+        (["--source", "folder", "--root", str(tmp_path / "imgs")], r"2 lack the image path field 'file': set source.image_field"),
+        (
+            ["--source", "folder", "--root", str(tmp_path / "imgs"), "--set", "source.image_field=image"],
+            r"2 have no caption in \['prompt', 'Task2.Caption', 'caption'\].*set source.caption_fields",
+        ),
+        (
+            ["--source", "journeydb", "--root", str(tmp_path / "jdb")],
+            r"no \*.jsonl annotation files in source.root .*jdb' \(source.annotations is unset.*give source.annotations \(--annotations\)",
+        ),
+    ]
+    for extra, message in cases:
+        assert encode_latents.main(common + extra) == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "out").exists()
+
+
 def test_encode_job_refuses_a_resume_with_other_settings_before_ray(tmp_path, tiny_base, capsys, monkeypatch):
     """A shard folder encoded with other settings (a committed shard at another resolution): exit 2 naming
     the setting, before Ray starts (it used to start a private Ray first), the folder untouched."""

@@ -35,7 +35,7 @@ from dmm_ray.data import fs as fsu
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.images import MISSING_FILE, READ_ERROR, UNREADABLE_IMAGE, preprocess_image, to_model_input
-from dmm_ray.data.readers import ImageIndex, read_image_index
+from dmm_ray.data.readers import EMPTY_CAPTION, NO_IMAGE_FIELD, ImageIndex, read_image_index
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,30 @@ def plan_encode(cfg: DataConfig) -> EncodePlan:
     index = read_image_index(cfg.source)
     records = index.records
     if len(records) == 0:
-        raise ValueError(f"source {cfg.source.root!r} yielded no usable records (skipped: {dict(index.skipped) or 'none'})")
+        raise ValueError(
+            f"source {cfg.source.root!r} yielded no usable records (skipped: {dict(index.skipped) or 'none'}){_no_records_hint(cfg.source, index)}"
+        )
     e = cfg.encode
     records = records.assign(shard=np.arange(len(records)) // e.shard_size, pos=np.arange(len(records)) % e.shard_size)
     out_fs, out_root = fsu.resolve(cfg.shards)
     meta = _fingerprint(cfg, records)
     _check_resumable(out_fs, out_root, meta, cfg.shards)
     return EncodePlan(index, records, meta)
+
+
+def _no_records_hint(source, index: ImageIndex) -> str:
+    """What to set when every record was skipped for the field it lacks: the counts alone named neither the
+    field looked for nor the setting (a manifest with `image` / `text` columns gave only `no_image_field: 2`)."""
+    hints, skipped = [], index.skipped
+    if skipped.get(NO_IMAGE_FIELD):
+        hints.append(
+            f"{skipped[NO_IMAGE_FIELD]} lack the image path field {source.resolved_image_field()!r}: set source.image_field to the field that holds it"
+        )
+    if skipped.get(EMPTY_CAPTION):
+        hints.append(
+            f"{skipped[EMPTY_CAPTION]} have no caption in {source.caption_fields} (dotted fields): set source.caption_fields to those that hold it"
+        )
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def run_encode(cfg: DataConfig, show_progress: bool = True, plan: EncodePlan | None = None) -> EncodeReport:

@@ -65,7 +65,12 @@ def _journeydb_annotation_files(fs: pafs.FileSystem, root: str, source: SourceCo
         if fsu.is_dir(afs, path):
             found = fsu.list_files(afs, path, (".jsonl",))
             if not found:
-                raise FileNotFoundError(f"source.annotations: no *.jsonl files in folder {spec!r}")
+                # unset, source.annotations is source.root: the message named a setting the user never gave
+                if source.annotations:
+                    where = f"source.annotations: no *.jsonl files in folder {spec!r}"
+                else:
+                    where = f"no *.jsonl annotation files in source.root {spec!r} (source.annotations is unset: every *.jsonl in root)"
+                raise FileNotFoundError(f"{where}; give source.annotations (--annotations): JourneyDB's JSONL files or folders of them")
             files += [(afs, f) for f in found]
         elif fsu.exists(afs, path):
             files.append((afs, path))
