@@ -190,6 +190,30 @@ def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_
     assert "[dmm-fast " in capsys.readouterr().out
 
 
+def test_an_unfinished_encode_made_with_other_settings_is_refused_before_ray(tmp_path):
+    """data.shards holding a killed encode of other settings (shards of 1 record): the merge's checks before
+    Ray (and --dry-run) let it pass, and the encode stage refused it only once Ray had started. So is a
+    source without a usable record. The same settings resume."""
+    from dmm_ray.data import latents
+    from dmm_ray.data.encode import plan_encode
+
+    make_folder(tmp_path / "images", n=3)
+    shards = tmp_path / "latents"
+    cfg = _merge_cfg(tmp_path, shards)
+    assert cfg.data.encode.shard_size != 1
+    before = cfg.model_copy(update={"data": cfg.data.model_copy(update={"encode": cfg.data.encode.model_copy(update={"shard_size": 1})})})
+    fs = pafs.LocalFileSystem()
+    sh.write_meta(fs, str(shards), plan_encode(before.data).meta)  # what run_encode records first
+    sh.write_shard(fs, str(shards), 0, _table(1))  # shard 0 of 3 committed, then the kill
+    assert sh.shard_set_state(str(shards)).status == "partial"
+    with pytest.raises(ValueError, match=rf"cannot resume encoding into .*shard_size: shards have 1, config gives {cfg.data.encode.shard_size}\)"):
+        latents.check_latents(cfg)
+    assert latents.check_latents(before).status == "partial"  # the same settings: resumed by the encode stage
+    (tmp_path / "images" / "manifest.jsonl").write_text('{"image": "images/000.png", "caption": "a"}\n')
+    with pytest.raises(ValueError, match="yielded no usable records .*1 lack the image path field 'file'"):
+        latents.check_latents(_merge_cfg(tmp_path, tmp_path / "empty"))
+
+
 def test_unfinished_encode_without_a_source_stops_the_merge(tmp_path):
     from dmm_ray.data import latents
 

@@ -210,11 +210,12 @@ class EncodePlan:
     meta: dict
 
 
-def plan_encode(cfg: DataConfig) -> EncodePlan:
-    """Everything an encode decides without Ray: its inputs (`check_encode_inputs`), the source's
-    records and their shards, and whether `cfg.shards` can be resumed with these settings (a folder
-    made with others is refused, naming each setting). A job calls it before it starts Ray."""
-    check_encode_inputs(cfg)
+def plan_encode(cfg: DataConfig, shards_setting: str = "--out (shards)") -> EncodePlan:
+    """Everything an encode decides without Ray: its inputs (`check_encode_inputs`; `shards_setting`
+    names cfg.shards in its errors), the source's records and their shards, and whether `cfg.shards` can
+    be resumed with these settings (a folder made with others is refused, naming each setting). A job
+    calls it before it starts Ray."""
+    check_encode_inputs(cfg, shards_setting)
     index = read_image_index(cfg.source)
     records = index.records
     if len(records) == 0:

@@ -10,9 +10,11 @@ def check_latents(cfg, inputs: bool = True, job: str = "merge"):
     """`cfg`: a MergeConfig. What can be checked before Ray starts: the shard set's state
     (dmm_ray.data.shards.shard_set_state, returned); a complete one must hold enough rows for `job`'s
     workers (check_enough_rows: it was checked only after Ray started, and --dry-run said OK); one that
-    is not complete must be encodable: data.source set and (`inputs`) its image folder and VAE there,
-    data.shards writable."""
-    from dmm_ray.data.encode import check_encode_inputs
+    is not complete must be encodable: data.source set and (`inputs`) what the encode checks before it
+    starts (`plan_encode`): its image folder and VAE there, data.shards writable, a usable record, and an
+    unfinished encode in data.shards made with these settings (one made with others was refused only after
+    Ray started, and --dry-run said OK)."""
+    from dmm_ray.data.encode import plan_encode
     from dmm_ray.data.shards import shard_set_state
 
     state = shard_set_state(cfg.data.shards)
@@ -27,8 +29,8 @@ def check_latents(cfg, inputs: bool = True, job: str = "merge"):
                 "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set"
             )
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
-    if inputs:
-        check_encode_inputs(cfg.data, shards_setting="data.shards")
+    if inputs:  # reads the source's annotation files (not its images); run_encode reads them again once Ray is up
+        plan_encode(cfg.data, shards_setting="data.shards")
     return state
 
 
