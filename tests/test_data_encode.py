@@ -439,7 +439,7 @@ def test_encode_job_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys)
 
 
 def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tiny_base, capsys):
-    """A missing VAE, image folder or --out, or an --out that is a file: exit 2 with the option named,
+    """A missing VAE or one given as a URI, image folder or --out, or an --out that is a file: exit 2 with the option named,
     before Ray starts, and no `_encode.json` left in the output folder."""
     from jobs import encode_latents
 
@@ -448,6 +448,12 @@ def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tin
     (tmp_path / "a_file").write_text("x")
     cases = [
         (["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "--base: no VAE at"),
+        # a URI base passed this check, and every VAE actor failed on it with diffusers' "couldn't connect to huggingface.co"
+        (
+            ["--base", tiny_base.as_uri(), "--out", str(tmp_path / "o1")],
+            r"--base: the VAE file://.*/vae is a URI, but it is loaded from a local folder",
+        ),
+        (["--vae", (tiny_base / "vae").as_uri(), "--base", str(tiny_base), "--out", str(tmp_path / "o1")], "--vae: the VAE file://.* is a URI"),
         (["--base", str(tiny_base)], "give --out"),
         (["--base", str(tiny_base), "--out", str(tmp_path / "a_file")], r"--out \(shards\) .* is a file, not a folder"),
         (

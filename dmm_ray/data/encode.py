@@ -183,8 +183,8 @@ def _check_resumable(fs: pafs.FileSystem, root: str, meta: dict, shards_uri: str
 
 
 def check_encode_inputs(cfg: DataConfig, shards_setting: str = "--out (shards)") -> None:
-    """What can be checked before Ray starts (local paths only; URIs are read by their filesystem):
-    a source, its image folder, a VAE folder, and an output folder this process can write."""
+    """What can be checked before Ray starts (local paths only; the source's and output's URIs are read by
+    their filesystem): a source, its image folder, a local VAE folder, and an output folder this process can write."""
     from pathlib import Path
 
     from dmm_ray.paths import check_writable_folder
@@ -193,9 +193,10 @@ def check_encode_inputs(cfg: DataConfig, shards_setting: str = "--out (shards)")
         raise ValueError("data.source is not set: nothing to encode (give --source and --root, or source: in --config)")
     if not fsu.is_uri(cfg.source.root) and not Path(cfg.source.root).is_dir():
         raise FileNotFoundError(f"source.root (--root) {cfg.source.root}: no such image folder")
-    vae = cfg.vae_path()
-    if not fsu.is_uri(vae) and not (Path(vae) / "config.json").is_file():
-        what = "--vae" if cfg.vae else "--base"
+    vae, what = cfg.vae_path(), "--vae" if cfg.vae else "--base"
+    if fsu.is_uri(vae):  # every VAE actor loads it with from_pretrained, which reads local folders only: it failed there, after Ray started
+        raise ValueError(f"{what}: the VAE {vae} is a URI, but it is loaded from a local folder on every node; give a local path")
+    if not (Path(vae) / "config.json").is_file():
         raise FileNotFoundError(f"{what}: no VAE at {vae} (missing config.json); give --base (a diffusers folder with vae/) or --vae")
     check_writable_folder(cfg.shards, shards_setting)
 
