@@ -447,13 +447,16 @@ def test_encode_job_checks_its_paths_before_ray_and_writes_nothing(tmp_path, tin
     common = ["--source", "folder", "--root", str(tmp_path / "imgs"), "--resolution", "16", "--no-progress"]
     (tmp_path / "a_file").write_text("x")
     cases = [
-        (["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "--base: no VAE at"),
+        (["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], r"data.base \(--base\): no VAE at"),
         # a URI base passed this check, and every VAE actor failed on it with diffusers' "couldn't connect to huggingface.co"
         (
             ["--base", tiny_base.as_uri(), "--out", str(tmp_path / "o1")],
-            r"--base: the VAE file://.*/vae is a URI, but it is loaded from a local folder",
+            r"data.base \(--base\): the VAE file://.*/vae is a URI, but it is loaded from a local folder",
         ),
-        (["--vae", (tiny_base / "vae").as_uri(), "--base", str(tiny_base), "--out", str(tmp_path / "o1")], "--vae: the VAE file://.* is a URI"),
+        (
+            ["--vae", (tiny_base / "vae").as_uri(), "--base", str(tiny_base), "--out", str(tmp_path / "o1")],
+            r"data.vae \(--vae\): the VAE file://.* is a URI",
+        ),
         (["--base", str(tiny_base)], "give --out"),
         (["--base", str(tiny_base), "--out", str(tmp_path / "a_file")], r"--out \(shards\) .* is a file, not a folder"),
         (

@@ -193,11 +193,13 @@ def check_encode_inputs(cfg: DataConfig, shards_setting: str = "--out (shards)")
         raise ValueError("data.source is not set: nothing to encode (give --source and --root, or source: in --config)")
     if not fsu.is_uri(cfg.source.root) and not Path(cfg.source.root).is_dir():
         raise FileNotFoundError(f"source.root (--root) {cfg.source.root}: no such image folder")
-    vae, what = cfg.vae_path(), "--vae" if cfg.vae else "--base"
+    vae, what = cfg.vae_path(), "data.vae (--vae)" if cfg.vae else "data.base (--base)"  # the merge's setting and the encode job's option
     if fsu.is_uri(vae):  # every VAE actor loads it with from_pretrained, which reads local folders only: it failed there, after Ray started
         raise ValueError(f"{what}: the VAE {vae} is a URI, but it is loaded from a local folder on every node; give a local path")
     if not (Path(vae) / "config.json").is_file():
-        raise FileNotFoundError(f"{what}: no VAE at {vae} (missing config.json); give --base (a diffusers folder with vae/) or --vae")
+        raise FileNotFoundError(
+            f"{what}: no VAE at {vae} (missing config.json); give data.base (--base: a diffusers folder with vae/) or data.vae (--vae)"
+        )
     check_writable_folder(cfg.shards, shards_setting)
 
 
