@@ -29,10 +29,12 @@ unaffected (both halves carry the same style); SDXL's `text_time` add-embedding 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -310,6 +312,39 @@ def export_pipeline(pipe, out: str | os.PathLike, fmt: str = "single_file", dtyp
         remove(tmp)
         raise
     return out
+
+
+class VerifyFailed(Exception):
+    """jobs/export.py --verify found the written export differing from the merged model (its names)."""
+
+
+VERIFY_TAG = "verify"  # an export under check: `.<out>.verify-<pid>/<out's name>` beside --out
+
+
+def verify_staging(out: Path) -> Path:
+    """A new hidden folder beside `out` (`.<name>.verify-<pid>`) to write an export into and check it
+    (jobs/export.py --verify) before `move_into_place` puts it at `out`; what a killed run left there is removed."""
+    from dmm_ray.output_lock import left_by_killed
+
+    pattern = rf"\.{re.escape(out.name)}\.{VERIFY_TAG}-(\d+)"
+    for stale in left_by_killed(out.parent, f".{glob.escape(out.name)}.{VERIFY_TAG}-*", pattern):
+        remove(stale)
+    staging = out.with_name(f".{out.name}.{VERIFY_TAG}-{os.getpid()}")
+    remove(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def move_into_place(written: Path, out: Path) -> None:
+    """A checked export (a .safetensors file or a diffusers folder, `verify_staging`) moved to `out`,
+    replacing an earlier export there as `export_pipeline` does: in one rename for a file, set aside
+    until the new folder is in place for a folder."""
+    check_replaceable(out, "diffusers" if written.is_dir() else "single_file")  # still an earlier export, if anything
+    if not written.is_dir():
+        os.replace(written, out)
+        return
+    _recover_killed(out, EXPORT_RECORD)
+    swap_in(written, out, f"export-{os.getpid()}")
 
 
 def is_export(path: str | os.PathLike) -> bool:

@@ -18,7 +18,8 @@ teachers with checksums, the model's sampler, dmm-ray version; `dmm_ray.export.r
 artifact (`exports/`) of the MLflow run of the merge it came from: the run recorded in the merged
 folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
 
-Exit status: 0 written (and logged), 1 --verify found a difference, 2 bad input (a --model that does
+Exit status: 0 written (and logged), 1 --verify found a difference (the export is not moved into place: an
+earlier export at --out stays as it was), 2 bad input (a --model that does
 not exist or is not a merged model, an unknown style, bad weights, an --out or config folder that is
 not an earlier export's, --config-dir with a diffusers export or one to an --out named .safetensors/.ckpt, a tracking store MLflow cannot open or a run it does not hold; all checked
 before anything is loaded, nothing written), 3 written but MLflow logging failed, 130 interrupted
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -134,15 +136,18 @@ def main(argv=None) -> int:
 def _export(args, stack: contextlib.ExitStack) -> int:
     from dmm_ray.export import (
         ExportError,
+        VerifyFailed,
         bake,
         check_device,
         check_replaceable,
         check_selection,
         export_config_dir,
         export_pipeline,
+        move_into_place,
         provenance,
         staged_config_folder,
         verify,
+        verify_staging,
         write_config_folder,
     )
     from dmm_ray.export_tracking import export_target, log_export, resolve_model
@@ -215,13 +220,41 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    # 4. write: the configs are staged beside their folder and moved into place only after the export
-    # is written, so a failed (or interrupted) export leaves the folder as it was
+    # 4. write, 5. verify: the configs are staged beside their folder and moved into place only after the
+    # export is written (and, with --verify, found equal to the merged model), so a failed (or interrupted)
+    # export leaves the folder as it was. With --verify the export is written into a hidden staging folder
+    # beside --out and moved into place only once it passed: verified after the move, an export that
+    # failed (exit 1) had already replaced the earlier good one at --out.
     t2 = time.perf_counter()
     plain = plain.to("cpu")
-    with staged_config_folder(plain, config_dir, export=out.name) if config_dir is not None else contextlib.nullcontext():
-        export_pipeline(plain, out, fmt=fmt, dtype=args.dtype, metadata=metadata)
-    write_s = time.perf_counter() - t2
+    staging = verify_staging(out) if args.verify else None
+    written = out if staging is None else staging / out.name
+    errors: dict[str, float] = {}
+    try:
+        with staged_config_folder(plain, config_dir, export=out.name) if config_dir is not None else contextlib.nullcontext() as configs:
+            export_pipeline(plain, written, fmt=fmt, dtype=args.dtype, metadata=metadata)
+            write_s = time.perf_counter() - t2
+            if args.verify:
+                if args.dtype != "fp32":
+                    print("note: --verify compares in float32; an fp16/bf16 export differs by its rounding")
+                with tempfile.TemporaryDirectory(prefix="dmm-verify-") as tmp:
+                    if fmt == "single_file" and configs is None:  # --config-dir none: configs only to load the file back here
+                        configs = write_config_folder(plain, Path(tmp) / "config")
+                    errors = verify(written, fmt, configs, load_dmm_pipeline(folder), style, weights)
+                tolerance = 1e-5 if args.dtype == "fp32" else 1e-2
+                bad = [name for name, err in errors.items() if not err <= tolerance]
+                parts = ", ".join(f"{name} {err:.2e}" if math.isfinite(err) else f"{name} DIFFERS" for name, err in errors.items())
+                print(f"verify: max relative difference to the merged model: {parts} ({'ok' if not bad else 'TOO LARGE: ' + ', '.join(bad)})")
+                if bad:
+                    raise VerifyFailed(bad)  # leaves the config folder (and --out) as they were
+                move_into_place(written, out)
+    except VerifyFailed:
+        kept = f"the earlier export at {out} is kept" if out.exists() else f"nothing written at {out}"
+        print(f"error: --verify failed, so the export was not moved into place ({kept})", file=sys.stderr)
+        return 1
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
     what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"
     print(
@@ -242,22 +275,6 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         f"sample it as the model does: num_inference_steps={sampler['num_inference_steps']}, guidance_scale={sampler['guidance_scale']}, "
         f"negative_prompt={sampler['negative_prompt']!r} ({sampler['scheduler']}; a stock pipeline's defaults are 50 steps at 7.5)"
     )
-
-    # 5. verify
-    if args.verify:
-        if args.dtype != "fp32":
-            print("note: --verify compares in float32; an fp16/bf16 export differs by its rounding")
-        with tempfile.TemporaryDirectory(prefix="dmm-verify-") as tmp:
-            configs = config_dir
-            if fmt == "single_file" and configs is None:  # --config-dir none: configs only to load the file back here
-                configs = write_config_folder(plain, Path(tmp) / "config")
-            errors = verify(out, fmt, configs, load_dmm_pipeline(folder), style, weights)
-        tolerance = 1e-5 if args.dtype == "fp32" else 1e-2
-        bad = [name for name, err in errors.items() if not err <= tolerance]
-        parts = ", ".join(f"{name} {err:.2e}" if math.isfinite(err) else f"{name} DIFFERS" for name, err in errors.items())
-        print(f"verify: max relative difference to the merged model: {parts} ({'ok' if not bad else 'TOO LARGE: ' + ', '.join(bad)})")
-        if bad:
-            return 1
 
     # 6. log to MLflow
     if args.no_track:

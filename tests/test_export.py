@@ -848,6 +848,40 @@ def test_a_device_this_build_cannot_use_is_refused_before_loading(merged_dir, tm
         assert err.startswith(f"error: --device {device}: ") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("fmt", ["single_file", "diffusers"])
+def test_an_export_that_fails_verify_does_not_replace_the_earlier_one(tmp_path, capsys, monkeypatch, fmt):
+    """Finding: --verify ran after the export was moved into place, so an export that failed it (exit 1)
+    had already replaced the earlier good export at --out (and its config folder). It is now written into
+    a hidden staging folder beside --out, checked there, and moved into place only once it passed."""
+    from safetensors.torch import load_file, save_file
+
+    import dmm_ray.export
+
+    folder = save_merged(tiny_merged("sd15"), tmp_path / "merged")
+    out = tmp_path / "exports" / ("ink.safetensors" if fmt == "single_file" else "ink")
+    assert run_job("--model", folder, "--style", "ink", "--out", out, "--no-track", "--format", fmt) == 0
+    before = tree(out.parent)
+    write = dmm_ray.export.export_pipeline
+
+    def export_pipeline(pipe, path, **kwargs):  # the export written as the job writes it, then its UNet changed on disk
+        path = write(pipe, path, **kwargs)
+        file = path if fmt == "single_file" else next((path / "unet").glob("*.safetensors"))
+        state = load_file(str(file))
+        key = next(k for k in state if k in ("model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight"))
+        save_file({**state, key: state[key] * 3}, str(file), metadata={"format": "pt", **kwargs["metadata"], "dmm.dtype": kwargs["dtype"]})
+        return path
+
+    monkeypatch.setattr(dmm_ray.export, "export_pipeline", export_pipeline)
+    assert run_job("--model", folder, "--style", "neon", "--out", out, "--no-track", "--format", fmt, "--verify") == 1
+    printed = capsys.readouterr()
+    assert "TOO LARGE: unet" in printed.out and f"the earlier export at {out} is kept" in printed.err
+    assert tree(out.parent) == before  # the export and its config folder as they were, no staging left
+    monkeypatch.undo()
+    assert run_job("--model", folder, "--style", "neon", "--out", out, "--no-track", "--format", fmt, "--verify") == 0
+    assert dmm_ray.export.read_metadata(out if fmt == "single_file" else next((out / "unet").glob("*.safetensors")))["dmm.style"] == "neon"
+    assert not list(out.parent.glob(".*verify*"))
+
+
 def test_verify_without_a_config_folder_and_teachers_that_moved(tmp_path, capsys):
     """Findings: `--config-dir none --verify` loaded the file with the merged folder's configs (a
     StyleUNet: a traceback); a merge record whose teachers (no `format:`) have moved stopped the export
