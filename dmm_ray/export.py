@@ -449,7 +449,7 @@ def check_config_replaceable(folder: str | os.PathLike, setting: str = "config f
 
 @contextlib.contextmanager
 def staged_config_folder(pipe, folder: str | os.PathLike, export: str | None = None) -> Iterator[Path]:
-    """Write a plain pipeline's config folder beside `folder` (`<folder>.partial-<pid>`, marked with
+    """Write a plain pipeline's config folder beside `folder` (`.<folder>.export-<pid>.tmp`, marked with
     CONFIG_RECORD naming `export`) and move it into place when the block ends without error,
     replacing an earlier export's config folder there. An error or Ctrl-C before that removes the
     staged copy (and any parent folder it created): `folder` stays as it was. Refuses, before writing,
