@@ -290,10 +290,16 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
         check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
         f = cfg.fast
+        read_now = None  # the synthesized sets the stage will read, when they are there before the merge
         if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
-            if not (cfg.data.synthetic_fraction > 0 or cfg.finetunes):  # no stage of this merge synthesizes: the stage reads what is there now
-                check_teacher_sample_rows(fast_cfg, synthesized_shards(fast_cfg, merged))
-            elif not (cfg.incremental.base_merged or f.synthesized):  # what this merge synthesizes: synthesis.images_per_teacher per teacher
+            synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
+            # fast.synthesized elsewhere than the sets this merge writes (<output_dir>/synthesized): the stage reads
+            # what is there now, whatever the merge synthesizes; it used to be counted only after the whole merge
+            foreign = f.synthesized and (output_location(cfg)[1] is not None or Path(f.synthesized).resolve() != (local / "synthesized").resolve())
+            if not synthesizes or foreign:  # the stage reads what is there now
+                read_now = synthesized_shards(fast_cfg, merged)  # (their styles: checked below, with the merged model's)
+                check_teacher_sample_rows(fast_cfg, read_now)
+            elif not cfg.incremental.base_merged:  # what this merge synthesizes: synthesis.images_per_teacher per teacher
                 n, rows = len(cfg.teachers), len(cfg.teachers) * cfg.synthesis.images_per_teacher
                 what = f"the merge synthesizes {cfg.synthesis.images_per_teacher} images x {n} teachers = {rows} rows (synthesis.images_per_teacher)"
                 check_sample_rows(fast_cfg, rows, what, f"synthesize at least {-(-synthesized_batch_rows(fast_cfg) // n)} per teacher")
@@ -345,6 +351,10 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         new = {t.name for t in cfg.teachers}
         previous = [s for s in old if s not in new] if cfg.incremental.base_merged else []
         check_merged_sample_rows(cfg, len(new) + len(previous))
+        if read_now:  # another merge's sets, of styles this merged model lacks, stopped the stage after the merge
+            from dmm_ray.fast.job import check_synthesized_styles
+
+            check_synthesized_styles(read_now, len(new) + len(previous))
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 

@@ -4,6 +4,7 @@ crash states are made on disk."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -421,6 +422,48 @@ def test_a_merge_whose_few_step_stage_would_find_no_synthesized_sets_is_refused_
         merge.run_merge(cfg)
     assert not out.exists()
     merge.validate_before_ray(MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast)))  # its fine-tune synthesizes them
+
+
+def test_a_merge_that_synthesizes_counts_the_few_step_sets_of_another_folder_before_it_merges(world, tmp_path, monkeypatch):
+    """Finding: a merge that synthesizes (its fine-tune) with fast.enabled, fast.synthetic_fraction > 0 and
+    fast.synthesized another folder than its own <output_dir>/synthesized (which its synthesis does not write)
+    was checked against synthesis.images_per_teacher x teachers, or not at all, and merged: its few-step stage
+    then found that folder missing, too small for one batch or of other styles, after the whole merge. The
+    folder is checked as the stage checks it, before the merge; the merge's own folder is still counted as
+    what it synthesizes."""
+    import numpy as np
+    from pyarrow import fs as pafs
+
+    from dmm_ray.data.shards import latent_table, write_shard
+    from dmm_ray.fast.job import FastError
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran although its few-step stage cannot"))
+
+    def config(**fast):
+        fast = {"enabled": True, "synthetic_fraction": 0.5, "synthesized": str(elsewhere), **fast}
+        return MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast))
+
+    def sets(styles: int, rows: int) -> None:  # what a merge's synthesis writes: style_<i>/ shards whose rows carry style i
+        for i in range(styles):
+            table = latent_table(
+                np.zeros((rows, 4, 8, 8), np.float32), ["a red circle"] * rows, [f"s{i}-{j}" for j in range(rows)], styles=[i] * rows
+            )
+            write_shard(pafs.LocalFileSystem(), str(elsewhere / f"style_{i}"), 0, table)
+
+    with pytest.raises(FileNotFoundError, match=rf"fast.synthetic_fraction=0.5 needs the merge's synthesized sets, but {elsewhere} has"):
+        merge.run_merge(config())
+    sets(styles=2, rows=1)
+    with pytest.raises(FastError, match=rf"the merge's synthesized sets \({elsewhere}\) hold 2 rows in 2 styles, fewer than the 4 synthesized rows"):
+        merge.run_merge(config(batch_size=8))
+    sets(styles=3, rows=4)
+    with pytest.raises(FastError, match=rf"the synthesized sets {elsewhere} hold style_2, outside the merged model's 2 styles"):
+        merge.run_merge(config())
+    assert not out.exists()
+    shutil.rmtree(elsewhere / "style_2")
+    merge.validate_before_ray(config())  # 8 rows of the merged model's 2 styles
+    with pytest.raises(FastError, match=r"the merge synthesizes 4 images x 2 teachers = 8 rows"):  # its own folder, given
+        merge.validate_before_ray(config(synthesized=str(out / "synthesized"), batch_size=32))
 
 
 def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_merges(world, tmp_path, monkeypatch, capsys):
