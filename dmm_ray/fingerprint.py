@@ -269,6 +269,20 @@ def _before_merge(inputs: dict) -> dict:
     return {**kept, "data.shards.path": (inputs.get("data.shards") or {}).get("path")}
 
 
+def fast_state_of_a_replaced_model(cfg, out: Path, inputs: dict) -> str | None:
+    """The merged model's UNet checksum recorded with the few-step training state in `out`, when that state
+    differs from `inputs` (fast_inputs) only in what a merge decides (`_before_merge`: the model's checksum, the
+    shards' rows): state made from an earlier model at the same path, which a merge that saved its model there
+    has replaced. None when there is no such state (none, the same inputs, or other settings)."""
+    if not _has_state(fast_state_path(cfg, out)):
+        return None
+    recorded = _read(Path(out)).get(FAST_STAGE)
+    now = json.loads(json.dumps(inputs))
+    if recorded is None or not _differences(recorded, now) or _differences(_before_merge(recorded), _before_merge(now)):
+        return None
+    return recorded.get("model.unet.checksum") or "(not recorded)"
+
+
 def record_fast(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
     """Record the few-step stage's inputs when its training starts."""
     recorded = _read(Path(out))

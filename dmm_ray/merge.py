@@ -987,7 +987,9 @@ def fast_stage(run: MergeRun) -> None:
 
         fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run
     # evaluated as the merged model was (evaluate_stage: when evaluation.enabled), also when a re-run runs only this stage
-    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled)
+    # the merged model is this merge's (saved now, or by the run its completion record names): few-step state of
+    # these settings from an earlier model there is of a model the merge replaced (run_fast discards it)
+    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled, merge_saved_model=True)
 
 
 # A merge after validate and encode: these stages, in this order, each when its condition holds.

@@ -510,6 +510,79 @@ def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_mer
     assert ran[:2] == ["distill", "synthesize"] and "fast" in ran
 
 
+def test_a_merge_discards_few_step_state_of_the_merged_model_it_replaced(world, tmp_path, monkeypatch, capsys):
+    """Finding: a merge with fast.enabled whose few-step folder held the state of the same fast: settings made
+    from an earlier merged model at its <output_dir>/merged (a merge without the fine-tune after one with it:
+    the same distill state, another model) passed the check before the merge (the model's checksum is the
+    merge's to decide), trained and saved its model, and then its few-step stage refused the state as "from
+    another model"; the same command ran into it again every time. The stage of the merge that saved the model
+    discards such state, naming the earlier model, and trains from the start; state of other settings is still
+    refused before the merge. Stand-in stages (no Ray) but the few-step stage's own, stopped where its Ray starts."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray import fingerprint
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.pipeline import DMMPipeline
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    fast_cfg = merge.fast_stage_config(cfg, out)
+
+    def save_model(scale: float) -> None:  # a merged model (StyleUNet on the base, the teachers' styles), weights x scale
+        torch.manual_seed(0)
+        student = StyleUNet.from_unet(UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet"), ["style0", "style1"])
+        with torch.no_grad():
+            student.conv_out.weight.mul_(scale)
+        DMMPipeline.from_base(world["base"], student).save_pretrained(out / "merged")
+
+    ran = []
+
+    def stage(name):
+        def run(merge_run):
+            ran.append(name)
+            if name == "save":
+                save_model(2.0)  # this merge's model: another one than the earlier model there
+
+        return run
+
+    class TrainingStarts(Exception):
+        pass
+
+    def training_starts(address):
+        raise TrainingStarts
+
+    monkeypatch.setattr(merge, "STAGES", tuple(s if s.name == "fast" else merge.Stage(s.name, stage(s.name), s.when) for s in merge.STAGES))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(fast_job, "init_for_training", training_starts)
+
+    save_model(1.0)  # the earlier merge's model, and the few-step state made from it with these settings
+    earlier = fingerprint.fast_inputs(fast_cfg, (out / "merged").resolve())
+    fingerprint.record_fast(fast_cfg, (out / "merged").resolve(), out / "fast", earlier)
+    state = fingerprint.fast_state_path(cfg, out / "fast") / "checkpoint_000000"
+    state.mkdir(parents=True)
+    capsys.readouterr()
+    with pytest.raises(TrainingStarts):  # it used to be StaleStateError ("from another model"), after the whole merge
+        merge.run_merge(cfg)
+    assert ran == ["distill", "synthesize", "finetune", "save", "evaluate"]
+    err = "".join(capsys.readouterr())  # (the stage's log lines)
+    now = fingerprint.fast_inputs(fast_cfg, (out / "merged").resolve())["model.unet.checksum"]
+    assert f"held the training state of a few-step run from an earlier merged model at {(out / 'merged').resolve()}" in err, err
+    assert f"(UNet checksum {earlier['model.unet.checksum']}, now {now}), which the merge replaced" in err, err
+    assert not state.exists() and not (out / "fast" / fingerprint.RECORD).exists()  # (the folder's only record)
+
+    # the same state from the jobs/fast.py of another model is still refused there (not a merge's own model)
+    fingerprint.record_fast(fast_cfg, (out / "merged").resolve(), out / "fast", earlier)
+    state.mkdir(parents=True)
+    with pytest.raises(fingerprint.StaleStateError, match="model.unet.checksum"):
+        fast_job.run_fast(fast_cfg, out / "merged")
+    assert state.is_dir()
+
+
 def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(world, tmp_path, monkeypatch):
     """A re-run of a merge that finished every stage, with the same config, returns at once: no Ray,
     no second save, evaluation or MLflow model version. Another config value, a missing model or

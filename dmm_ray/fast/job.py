@@ -441,11 +441,17 @@ def trained_line(metrics: dict, loss_name: str, seconds: float) -> str:
     return f"trained {step} steps{resumed} in {seconds:.0f} s ({loss_name} {metrics.get(loss_name, float('nan')):.4f})"
 
 
-def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False) -> FastResult:
+def run_fast(
+    cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False, merge_saved_model: bool = False
+) -> FastResult:
     """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
     Training state in the output folder resumes only when it was made from the same model with the
     same settings (dmm_ray.fingerprint.check_fast_resume); `restart` discards it first. One few-step
-    job per folder at a time (its `fast.lock`, dmm_ray/output_lock.py): a second one refuses."""
+    job per folder at a time (its `fast.lock`, dmm_ray/output_lock.py): a second one refuses.
+    `merge_saved_model`: the stage of the merge that saved `model_dir` (dmm_ray.merge.fast_stage). State of its
+    settings made from an earlier model there, which that merge replaced, is discarded, not refused: the merge
+    compared every other input before it started, and a refusal now came after the whole merge, on a model
+    that no longer exists, and stopped every re-run of the merge command in the same place."""
     from dmm_ray import output_lock
 
     started = time.time()
@@ -455,10 +461,20 @@ def run_fast(cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bo
     out.mkdir(parents=True, exist_ok=True)
     fix = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"
     with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=fix):
-        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started)
+        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model)
 
 
-def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, tracker, evaluate: bool, restart: bool, started: float) -> FastResult:
+def _run_fast(
+    cfg: MergeConfig,
+    model_dir: Path,
+    styles: list[str],
+    out: Path,
+    tracker,
+    evaluate: bool,
+    restart: bool,
+    started: float,
+    merge_saved_model: bool = False,
+) -> FastResult:
     import ray
 
     from dmm_ray import fingerprint
@@ -476,6 +492,16 @@ def _run_fast(cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, t
         if removed:
             log(f"--restart: removed {', '.join(str(p.relative_to(out)) for p in removed)} from {out}")
     inputs = fingerprint.fast_inputs(cfg, model_dir)  # once: it reads the merged UNet for its checksum
+    earlier = fingerprint.fast_state_of_a_replaced_model(cfg, out, inputs) if merge_saved_model else None
+    if earlier is not None:
+        forget(out, COMPLETE_RECORD)
+        removed = fingerprint.discard_fast_state(cfg, out)
+        log(
+            f"{out} held the training state of a few-step run from an earlier merged model at {model_dir} (UNet checksum "
+            f"{earlier}, now {inputs['model.unet.checksum']}), which the merge replaced: removed "
+            + ", ".join(str(p.relative_to(out)) for p in removed)
+            + "; training from the start"
+        )
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
     asked = {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
     done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
