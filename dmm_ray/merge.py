@@ -134,8 +134,26 @@ def fast_folder(cfg: MergeConfig, local: Path) -> Path:
 
 
 def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
-    """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder."""
-    return cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"output_dir": str(fast_folder(cfg, local))})})
+    """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder, and for an
+    output_dir URI whose synthesized sets it reads (fast.synthetic_fraction > 0, the teachers'), fast.synthesized
+    the URI's <output_dir>/synthesized, where the merge writes them: by default the stage looked for them beside
+    the merged model, in the local staging folder, and stopped after the whole merge."""
+    from dmm_ray.data import fs as fsu
+
+    update = {"output_dir": str(fast_folder(cfg, local))}
+    remote = output_location(cfg)[1]
+    if remote and not cfg.fast.synthesized and cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
+        update["synthesized"] = fsu.location_join(remote, "synthesized")
+    return cfg.model_copy(update={"fast": cfg.fast.model_copy(update=update)})
+
+
+def _same_location(a, b) -> bool:
+    """Two local paths or URIs name one folder."""
+    from dmm_ray.data import fs as fsu
+
+    if fsu.is_uri(a) or fsu.is_uri(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False) -> None:
@@ -284,18 +302,20 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     check_synthesized_rows(cfg)
     check_prompts_the_merge_reads(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
+        from dmm_ray.data import fs as fsu
         from dmm_ray.fast.job import check_output_folder, check_sample_rows, check_teacher_sample_rows, synthesized_batch_rows, synthesized_shards
 
         local = output_location(cfg)[0]
         fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
         check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
-        f = cfg.fast
+        f = fast_cfg.fast
         read_now = None  # the synthesized sets the stage will read, when they are there before the merge
         if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
             synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
             # fast.synthesized elsewhere than the sets this merge writes (<output_dir>/synthesized): the stage reads
             # what is there now, whatever the merge synthesizes; it used to be counted only after the whole merge
-            foreign = f.synthesized and (output_location(cfg)[1] is not None or Path(f.synthesized).resolve() != (local / "synthesized").resolve())
+            own = fsu.location_join(output_location(cfg)[1] or local, "synthesized")
+            foreign = f.synthesized and not _same_location(f.synthesized, own)
             if not synthesizes or foreign:  # the stage reads what is there now
                 read_now = synthesized_shards(fast_cfg, merged)  # (their styles: checked below, with the merged model's)
                 check_teacher_sample_rows(fast_cfg, read_now)

@@ -466,6 +466,42 @@ def test_a_merge_that_synthesizes_counts_the_few_step_sets_of_another_folder_bef
         merge.validate_before_ray(config(synthesized=str(out / "synthesized"), batch_size=32))
 
 
+def test_a_merge_into_an_output_dir_uri_gives_its_few_step_stage_the_synthesized_sets_it_wrote_there(world, tmp_path, monkeypatch):
+    """Finding: a merge into an output_dir URI with fast.enabled and fast.synthetic_fraction > 0 (the teachers'
+    sets) synthesized at <URI>/synthesized, but its few-step stage looked for them beside the merged model, in
+    the local staging folder, found none and stopped after the whole merge; fast.synthesized set to the URI (what
+    that error advised) was read as a local folder named `file:`. The stage reads the URI's sets now, and a
+    fast.synthesized URI of other sets is counted before the merge as a local folder is."""
+    import numpy as np
+
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.data.shards import latent_table, write_shard
+    from dmm_ray.fast.job import FastError, synthesized_shards
+
+    uri = f"file://{tmp_path}/remote_out"
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran although its few-step stage cannot"))
+
+    def config(**fast):
+        tree = tiny_merge_config(world, tmp_path, fast={"enabled": True, "synthetic_fraction": 0.5, **fast})
+        return MergeConfig.model_validate({**tree, "output_dir": uri}).with_absolute_paths()
+
+    def sets(where: str, styles: int, rows: int) -> None:  # what the merge's synthesis writes there
+        for i in range(styles):
+            table = latent_table(np.zeros((rows, 4, 8, 8), np.float32), ["a"] * rows, [f"s{i}-{j}" for j in range(rows)], styles=[i] * rows)
+            write_shard(*fsu.resolve(fsu.location_join(where, f"style_{i}")), 0, table)
+
+    cfg = config()
+    merge.validate_before_ray(cfg)  # counted as what the merge synthesizes (4 images x 2 teachers)
+    local = merge.output_location(cfg)[0]
+    sets(f"{uri}/synthesized", styles=2, rows=4)  # where _synthesize writes: <the state location>/synthesized
+    read = synthesized_shards(merge.fast_stage_config(cfg, local), local / "merged")  # the stage's own lookup
+    assert read == [f"{uri}/synthesized/style_0", f"{uri}/synthesized/style_1"]  # was: none, in the staging folder
+    merge.validate_before_ray(config(synthesized=f"{uri}/synthesized"))  # the merge's own sets, named
+    sets(f"{uri}/other", styles=2, rows=1)
+    with pytest.raises(FastError, match=rf"the merge's synthesized sets \({uri}/other\) hold 2 rows in 2 styles, fewer than the 4"):
+        merge.run_merge(config(synthesized=f"{uri}/other", batch_size=8))
+
+
 def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_merges(world, tmp_path, monkeypatch, capsys):
     """Finding: a merge with fast.enabled whose few-step folder held the training state of an earlier few-step
     stage with other fast: settings merged (its whole training and save), and only then did its few-step stage

@@ -107,7 +107,8 @@ class FastConfig(BaseModel):
     )
     synthesized: Optional[str] = Field(
         None,
-        description="folder of the merge's synthesized sets (style_<i>/ shards); default: <merged model>/../synthesized, where a merge writes them",
+        description="folder (or URI) of the merge's synthesized sets (style_<i>/ shards); default: <merged model>/../synthesized, "
+        "where a merge writes them (a merge into an output_dir URI: <output_dir>/synthesized there)",
     )
     rollout_steps: int = Field(
         0,

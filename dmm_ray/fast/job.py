@@ -157,7 +157,7 @@ def check_synthesized_styles(dirs: list[str], styles: int) -> None:
     bad = [Path(d).name for d in dirs if int(Path(d).name.split("_")[-1]) >= styles]
     if bad:
         raise FastError(
-            f"the synthesized sets {Path(dirs[0]).parent} hold {', '.join(bad)}, outside the merged model's {styles} styles: "
+            f"the synthesized sets {_sets_folder(dirs)} hold {', '.join(bad)}, outside the merged model's {styles} styles: "
             "give fast.synthesized of the merge that produced this model"
         )
 
@@ -170,7 +170,7 @@ def check_teacher_sample_rows(cfg: MergeConfig, dirs: list[str]) -> None:
     check_sample_rows(
         cfg,
         rows,
-        f"the merge's synthesized sets ({Path(dirs[0]).parent}) hold {rows} rows in {len(dirs)} styles",
+        f"the merge's synthesized sets ({_sets_folder(dirs)}) hold {rows} rows in {len(dirs)} styles",
         "synthesize more in the merge (synthesis.images_per_teacher)",
     )
 
@@ -211,18 +211,33 @@ def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
 
 
 def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
-    """The merge's synthesized sets (style_<i>/ folders): fast.synthesized, or <model>/../synthesized."""
-    folder = Path(cfg.fast.synthesized) if cfg.fast.synthesized else Path(model_dir).parent / "synthesized"
+    """The merge's synthesized sets (style_<i>/ folders): fast.synthesized (a folder, or a URI: where a merge
+    into an output_dir URI writes them), or <model>/../synthesized."""
+    from pyarrow import fs as pafs
+
+    from dmm_ray.data import fs as fsu
+
+    folder = cfg.fast.synthesized or Path(model_dir).parent / "synthesized"
+    fs, root = fsu.resolve(folder)  # (a URI as Path() read it was a local folder named `s3:`, with no sets)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:  # (a file there, not a folder)
+        entries = []
     # only style_<i> as synthesis names them: another folder there (a copy, style_0.bak) failed int() and stopped the stage
-    ours = [p for p in folder.glob("style_*") if p.is_dir() and re.fullmatch(r"style_\d+", p.name)] if folder.is_dir() else []
-    dirs = sorted(ours, key=lambda p: int(p.name.split("_")[-1]))
+    ours = [e.base_name for e in entries if e.type == pafs.FileType.Directory and re.fullmatch(r"style_\d+", e.base_name)]
+    dirs = [str(fsu.location_join(folder, name)) for name in sorted(ours, key=lambda name: int(name.split("_")[-1]))]
     if not dirs:
         raise FileNotFoundError(
             f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
             "has no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized "
             "(a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them), or fast.synthetic_fraction=0"
         )
-    return [str(p) for p in dirs]
+    return dirs
+
+
+def _sets_folder(dirs: list[str]) -> str:
+    """The folder of the synthesized sets `dirs` (a local path or a URI: not Path(), which mangles `s3://`)."""
+    return str(dirs[0]).rsplit("/", 1)[0]
 
 
 MERGED_SYNTH_RECORD = "synthesized.json"  # what <fast output>/synthesized was sampled from (kept only while it matches)
