@@ -303,15 +303,29 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     check_prompts_the_merge_reads(cfg)
     if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
         from dmm_ray.data import fs as fsu
-        from dmm_ray.fast.job import check_output_folder, check_sample_rows, check_teacher_sample_rows, synthesized_batch_rows, synthesized_shards
+        from dmm_ray.fast.job import (
+            FastError,
+            check_output_folder,
+            check_sample_rows,
+            check_teacher_sample_rows,
+            synthesized_batch_rows,
+            synthesized_shards,
+        )
 
         local = output_location(cfg)[0]
         fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
         check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
+        synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
+        if cfg.fast.samples_merged_model and synthesizes and output_location(cfg)[1] is None and _same_location(fast_folder(cfg, local), local):
+            # (check_output_folder refuses such a folder once the sets are there: after this merge, in its stage)
+            raise FastError(
+                f"fast.output_dir {cfg.fast.output_dir} is the merge's output_dir: the few-step stage samples the merged model "
+                f"(fast.synthetic_source merged, fast.rollout_steps) into {local / 'synthesized'}, where this merge writes its "
+                "teachers' synthesized sets, and would delete them; give another folder (default: <output_dir>/fast)"
+            )
         f = fast_cfg.fast
         read_now = None  # the synthesized sets the stage will read, when they are there before the merge
         if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
-            synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
             # fast.synthesized elsewhere than the sets this merge writes (<output_dir>/synthesized): the stage reads
             # what is there now, whatever the merge synthesizes; it used to be counted only after the whole merge
             own = fsu.location_join(output_location(cfg)[1] or local, "synthesized")

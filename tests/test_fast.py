@@ -1456,6 +1456,34 @@ def test_synthesized_sets_of_more_styles_than_the_model_are_refused_before_ray(m
     assert job.main(args + ["--dry-run"]) == 0
 
 
+def test_a_few_step_folder_holding_a_merges_synthesized_sets_is_refused_when_the_stage_samples_the_merged_model(
+    merged_world, tmp_path, capsys, monkeypatch
+):
+    """Finding: --output-dir the merge's output_dir (a folder README lets the two share) with fast.rollout_steps (the toy
+    preset) or fast.synthetic_source merged: the stage samples the merged model into <folder>/synthesized, found the
+    merge's teachers' sets there without its synthesized.json, said 'sampled from another model: sampling again' and
+    deleted them; with synthetic_source teachers (whose default folder is that one) it then read the merged model's
+    samples as the teachers'. Refused before Ray (and by --dry-run); its own earlier samples there are still reused."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.fast.job import MERGED_SYNTH_RECORD
+    from jobs import fast as job
+
+    world, merged = merged_world
+    out = tmp_path / "merge_out"
+    sets = _synthesized_sets(out / "synthesized", styles=2, rows=4)  # the merge's teachers' sets
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run", fast={"rollout_steps": 1, "num_ddim_timesteps": 8})))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(out)]
+    for err in _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
+        assert f"samples the merged model into {sets} (fast.synthetic_source merged, fast.rollout_steps), which holds sets it did not sample" in err
+    assert (sets / "style_0").is_dir() and (sets / "style_1").is_dir()  # nothing deleted
+    assert job.main(args + ["--dry-run", "--set", "fast.rollout_steps=0"]) == 0  # the stage samples nothing
+    (sets / MERGED_SYNTH_RECORD).write_text("{}")  # its own samples (of another model: sampled again, in its own folder)
+    assert job.main(args + ["--dry-run"]) == 0
+
+
 def test_fast_job_dry_run_checks_the_ray_address(merged_world, tmp_path, capsys, monkeypatch):
     """Finding: jobs/fast.py --dry-run said OK on a scaling.ray_address where no Ray answers, which the run
     refuses (ensure_ray's check_address) and jobs/merge.py --dry-run refuses too. Both say it now."""

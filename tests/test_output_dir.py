@@ -502,6 +502,22 @@ def test_a_merge_into_an_output_dir_uri_gives_its_few_step_stage_the_synthesized
         merge.run_merge(config(synthesized=f"{uri}/other", batch_size=8))
 
 
+def test_a_merge_refuses_a_few_step_stage_that_would_sample_over_its_synthesized_sets(world, tmp_path, monkeypatch):
+    """Finding: fast.output_dir = the merge's output_dir with fast.rollout_steps (or fast.synthetic_source merged) in
+    a merge that synthesizes: its few-step stage sampled the merged model into <output_dir>/synthesized, deleting
+    the teachers' sets the merge had just written there (its state). Refused before the merge now."""
+    from dmm_ray.fast.job import FastError
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran although its few-step stage would delete its sets"))
+    fast = {"enabled": True, "rollout_steps": 1, "num_ddim_timesteps": 8, "output_dir": str(out)}
+    with pytest.raises(FastError, match=rf"fast.output_dir {out} is the merge's output_dir: the few-step stage samples the merged model"):
+        merge.run_merge(MergeConfig.model_validate(tiny_merge_config(world, out, fast=fast)))
+    assert not out.exists()
+    merge.validate_before_ray(MergeConfig.model_validate(tiny_merge_config(world, out, fast={**fast, "output_dir": str(tmp_path / "fast")})))
+    merge.validate_before_ray(MergeConfig.model_validate(tiny_merge_config(world, out, fast={**fast, "rollout_steps": 0})))
+
+
 def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_merges(world, tmp_path, monkeypatch, capsys):
     """Finding: a merge with fast.enabled whose few-step folder held the training state of an earlier few-step
     stage with other fast: settings merged (its whole training and save), and only then did its few-step stage

@@ -199,6 +199,15 @@ def check_output_folder(cfg: MergeConfig, model_dir: str | Path) -> None:
             f"{where} saves the few-step model to {saved}, which holds something else (not a few-step model: no {FAST_RECORD}) "
             "that the save would replace; move it away or give another folder"
         )
+    samples = out / "synthesized"
+    if cfg.fast.samples_merged_model and samples.is_dir() and any(samples.iterdir()) and not (samples / MERGED_SYNTH_RECORD).is_file():
+        # a merge's output_dir as the few-step folder: its teachers' sets were deleted, and with synthetic_source
+        # teachers (their default folder is that one) the stage then read the merged model's samples as theirs
+        raise FastError(
+            f"{where} samples the merged model into {samples} (fast.synthetic_source merged, fast.rollout_steps), which holds "
+            f"sets it did not sample (no {MERGED_SYNTH_RECORD}: a merge's teachers' sets, when it is the merge's output_dir) "
+            "that the sampling would delete; give another folder (default: <output_dir>/fast)"
+        )
 
 
 def fast_dir(cfg: MergeConfig) -> Path:
