@@ -30,6 +30,7 @@ over the merged model's modules (`from_pipe`: shared, not copied):
 
 from __future__ import annotations
 
+import torch
 from diffusers import (
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
@@ -154,11 +155,63 @@ IMAGE_TASKS = {
 }
 
 
+# the ControlNet config entries that must equal the UNet's: its residuals are added to the UNet's own down and mid
+# block outputs (channels and count per block), and it reads the same text (and SDXL's pooled text + size) conditioning
+CONTROLNET_MATCHES_UNET = (
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def check_controlnet(pipe, controlnet) -> None:
+    """Raise a ValueError naming what does not fit when a ControlNet (or each of a list / MultiControlNetModel)
+    was not made for `pipe`'s UNet and VAE. Unchecked, an SDXL ControlNet on an SD1.5 model failed in its forward with
+    "argument of type 'NoneType' is not iterable", an SD1.5 one on SDXL with "mat1 and mat2 shapes cannot be
+    multiplied", and one whose conditioning embedding downsamples the control image by another factor than the VAE
+    (diffusers' default (16, 32, 96, 256): 8x, on a toy VAE that downsamples 4x) with a tensor size mismatch."""
+    nets = getattr(controlnet, "nets", controlnet)  # MultiControlNetModel keeps its ControlNets in .nets
+    nets = list(nets) if isinstance(nets, (list, tuple, torch.nn.ModuleList)) else [nets]
+    unet = inner_unet(pipe.unet).config
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    for i, net in enumerate(nets):
+        name = "the ControlNet" if len(nets) == 1 else f"ControlNet {i}"
+        config = net.config
+        wrong = [
+            f"{key} {config[key]!r} (the UNet's: {unet.get(key)!r})"
+            for key in CONTROLNET_MATCHES_UNET
+            if key in config and _config_value(config[key]) != _config_value(unet.get(key))
+        ]
+        if wrong:
+            arch = "SDXL" if unet.get("addition_embed_type") == "text_time" else "SD1.5"
+            raise ValueError(
+                f"{name} was not made for this {arch} model's UNet: {', '.join(wrong)}; use a ControlNet trained on the "
+                "merged model's base, or start one from it with ControlNetModel.from_unet(pipe.unet)"
+            )
+        channels = config.get("conditioning_embedding_out_channels")
+        if channels is not None and 2 ** (len(channels) - 1) != vae_factor:
+            raise ValueError(
+                f"{name} downsamples the control image {2 ** (len(channels) - 1)}x (conditioning_embedding_out_channels "
+                f"{tuple(channels)}), the VAE {vae_factor}x: the control would not match the latents; make it with "
+                f"{vae_factor.bit_length()} conditioning_embedding_out_channels "
+                "(ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=...))"
+            )
+
+
+def _config_value(value):
+    """Config values compare as tuples: a list from a JSON config equals the tuple a model was built with."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def with_controlnet(pipe, controlnet):
     """The ControlNet pipeline over `pipe`'s own modules (shared, not copied, its safety checker
     included), for `pipe`'s task: DMM(XL)ControlNet(Img2Img|Inpaint)Pipeline for a merged model, diffusers'
     StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline for a plain or baked one. An img2img or inpainting
-    pipeline used to give the text-to-image one, which takes no `strength=` and reads `image=` as the control."""
+    pipeline used to give the text-to-image one, which takes no `strength=` and reads `image=` as the control.
+    A ControlNet made for another UNet or VAE is refused here, naming what differs (`check_controlnet`)."""
+    check_controlnet(pipe, controlnet)
     xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
     styled = isinstance(inner_unet(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
     task = next((task for task, classes in IMAGE_TASKS.items() if isinstance(pipe, classes)), "text")

@@ -474,3 +474,28 @@ def test_img2img_and_inpainting_in_a_style_equal_diffusers_on_the_baked_style(ar
     assert differ(ink, run(styled, style="neon")) > MIN_CHANGE
     with pytest.raises(ValueError, match="starts from an image: regions= and panoramas"):
         run(styled, regions=_regions())
+
+
+def test_with_controlnet_refuses_a_controlnet_made_for_another_unet_or_vae():
+    """An SDXL ControlNet on an SD1.5 model failed in its forward with "argument of type 'NoneType' is not
+    iterable", an SD1.5 one on SDXL with "mat1 and mat2 shapes cannot be multiplied", and one whose conditioning
+    embedding downsamples the control image 8x (diffusers' default) over a VAE that downsamples 2x with a tensor
+    size mismatch. with_controlnet refuses them, naming what differs; a matching one (also in a list) is taken."""
+    from diffusers import ControlNetModel
+
+    from dmm_ray.plugins import with_controlnet
+    from dmm_ray.tiny_plugins import control_image, make_controlnet
+
+    sd15, sdxl = tiny_merged("sd15"), tiny_merged("sdxl")
+    fits15, fitsxl = make_controlnet(sd15.unet, seed=4), make_controlnet(sdxl.unet, seed=4)
+    with pytest.raises(ValueError, match=r"not made for this SD1.5 model's UNet: cross_attention_dim 80 \(the UNet's: 32\)"):
+        with_controlnet(sd15, fitsxl)
+    with pytest.raises(ValueError, match=r"not made for this SDXL model's UNet: .*addition_embed_type None \(the UNet's: 'text_time'\)"):
+        with_controlnet(sdxl, fits15)
+    with pytest.raises(ValueError, match=r"ControlNet 1 was not made for this SD1.5"):
+        with_controlnet(sd15, [fits15, fitsxl])
+    with pytest.raises(ValueError, match=r"downsamples the control image 8x .*\(16, 32, 96, 256\)\), the VAE 2x.*make it with 2 conditioning"):
+        with_controlnet(sd15, ControlNetModel.from_unet(sd15.unet))
+    both = with_controlnet(sd15, [fits15, fits15])
+    both.set_progress_bar_config(disable=True)
+    assert np.isfinite(gen(both, style="ink", image=[control_image(SIZE)] * 2, controlnet_conditioning_scale=[1.0, 0.5])).all()
