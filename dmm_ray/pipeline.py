@@ -403,6 +403,34 @@ class _StyleCallMixin:
         return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 
 
+def check_denoising_steps(pipe, parent_call, kwargs: dict) -> None:
+    """A loop that starts from an image (img2img, inpainting, their ControlNet forms) denoises only the last
+    int(num_inference_steps * strength) steps. Where that is 0 (2 steps at strength 0.3; the few-step model's own 4
+    steps at strength 0.2), SD1.5 img2img and the ControlNet img2img / inpainting loops ran the UNet on an empty batch
+    of timesteps and failed with "cannot reshape tensor of 0 elements": a ValueError naming both numbers instead."""
+    import inspect
+    import math
+
+    if any(kwargs.get(key) is not None for key in ("timesteps", "sigmas", "denoising_start")):
+        return  # a given schedule, or SDXL's denoising_start: strength does not set the steps
+    parameter = inspect.signature(parent_call).parameters.get("strength")
+    strength = kwargs.get("strength", None if parameter is None else parameter.default)
+    steps = kwargs["num_inference_steps"]
+    if not isinstance(strength, numbers.Real) or not 0 <= strength <= 1 or not isinstance(steps, numbers.Integral):
+        return  # no strength, or one diffusers' own check names
+    if int(steps * strength) >= 1:
+        return
+    fewest = (
+        ""
+        if strength <= 0
+        else f" or num_inference_steps to at least {next(n for n in range(max(1, math.ceil(1 / strength)), 10**6) if int(n * strength) >= 1)}"
+    )
+    raise ValueError(
+        f"num_inference_steps={steps} at strength={strength:g} denoises no step ({type(pipe).__name__} runs the last "
+        f"int(num_inference_steps * strength) = 0 of them): raise strength to at least {math.ceil(1000 / steps) / 1000:g}{fewest}"
+    )
+
+
 def _styled_call(parent_call, regional: bool = True):
     """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop.
     `regional=False`: a loop that starts from an image (img2img, inpainting) takes no regions= or panorama."""
@@ -443,6 +471,8 @@ def _styled_call(parent_call, regional: bool = True):
                 f"steps (its training grid, original_inference_steps); give 1 to {most} (or none: the model's own, "
                 f"{self.sampler_defaults['num_inference_steps']})"
             )
+        if not regional:
+            check_denoising_steps(self, parent_call, kwargs)
         if any(a is not None for a in (regions, style_map, window_stride, background, region_window)) or region_decode:
             if not regional:
                 raise ValueError(

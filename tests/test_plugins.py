@@ -499,3 +499,35 @@ def test_with_controlnet_refuses_a_controlnet_made_for_another_unet_or_vae():
     both = with_controlnet(sd15, [fits15, fits15])
     both.set_progress_bar_config(disable=True)
     assert np.isfinite(gen(both, style="ink", image=[control_image(SIZE)] * 2, controlnet_conditioning_scale=[1.0, 0.5])).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_img2img_and_inpainting_with_no_denoising_step_name_steps_and_strength(arch):
+    """These loops denoise the last int(num_inference_steps * strength) steps. Where that is 0 (2 steps at strength
+    0.3; the few-step model's 4 steps at 0.2), img2img and the ControlNet img2img / inpainting pipelines failed inside
+    the UNet with "cannot reshape tensor of 0 elements". A ValueError names the two numbers and what would do, also for
+    a strength left at the pipeline's default (SDXL img2img: 0.3); one step is enough to run."""
+    from PIL import Image
+
+    from dmm_ray import plugins
+    from dmm_ray.tiny_plugins import control_image, make_controlnet
+
+    xl = "XL" if arch == "sdxl" else ""
+    merged = tiny_merged(arch)
+    net = make_controlnet(merged.unet, seed=4)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((SIZE, SIZE // 2), 255, np.uint8), ((0, 0), (0, SIZE // 2))))
+    for kind in ("Img2Img", "Inpaint"):
+        source = getattr(plugins, f"DMM{xl}{kind}Pipeline").from_pipe(merged)
+        task_kw = {"image": init, **({"mask_image": mask} if kind == "Inpaint" else {})}
+        for pipe, extra in ((source, {}), (plugins.with_controlnet(source, net), {"control_image": control_image(SIZE)})):
+            pipe.set_progress_bar_config(disable=True)
+            with pytest.raises(
+                ValueError,
+                match=r"num_inference_steps=2 at strength=0.3 denoises no step .*raise strength to at least 0.5 or num_inference_steps to at least 4",
+            ):
+                gen(pipe, style="ink", steps=2, strength=0.3, **task_kw, **extra)
+            assert np.isfinite(gen(pipe, style="ink", steps=4, strength=0.3, **task_kw, **extra)).all()  # int(1.2): one step
+    if arch == "sdxl":  # the default strength, 0.3
+        with pytest.raises(ValueError, match=r"num_inference_steps=3 at strength=0.3 denoises no step"):
+            gen(plugins.DMMXLImg2ImgPipeline.from_pipe(merged), style="ink", steps=3, image=init)
