@@ -16,7 +16,9 @@ Examples:
   python jobs/encode_latents.py --config jobs/configs/data_journeydb.yaml --set encode.batch_size=64
 
 Options given on the command line override the config file; `--set key=value` (YAML value,
-keys as in DataConfig, an optional leading `data.` is accepted) overrides both.
+keys as in DataConfig, an optional leading `data.` is accepted) overrides both. A merge config
+(jobs/configs/toy.yaml) is read as jobs/merge.py reads it: the zoo's image set and base, data.shards
+defaulting to <output_dir>/latents: the shards that merge would train on.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from dmm_ray.overrides import ConfigError, add_set_argument, apply_override, con
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML with a DataConfig mapping, or a full dmm-ray config with a `data:` section")
+    p.add_argument(
+        "--config",
+        help="YAML with a DataConfig mapping (bare or under `data:`), or a merge config (read as the merge reads it: its zoo, its data.shards)",
+    )
     add_set_argument(p, help="override one config value (repeatable)")
     g = p.add_argument_group("source")
     g.add_argument("--source", choices=["journeydb", "folder"], help="source.kind")
@@ -61,16 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> DataConfig:
-    from dmm_ray.config import resolve_tree_paths
-
-    tree: dict = {}
-    if args.config:
-        doc = read_yaml_file(args.config) or {}
-        tree = (doc.get("data", doc) if isinstance(doc, dict) else None) or {}  # `data:` with every key commented out: {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {args.config}: data must be a mapping of settings, got {tree!r}")
-        resolve_tree_paths({"data": tree}, Path(args.config).resolve().parent)  # the file's paths: against its folder
+def _flag_settings(args: argparse.Namespace) -> dict:
+    """The command-line flags that were given, by their DataConfig key."""
     flags = {
         "source.kind": args.source,
         "source.root": args.root,
@@ -88,9 +85,44 @@ def build_config(args: argparse.Namespace) -> DataConfig:
         "encode.dtype": args.dtype,
         "encode.latent_sampling": args.latent_sampling,
     }
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def _data_key(item: str) -> str:
+    """A `--set` of this job names a DataConfig key, with or without a leading `data.`: without it."""
+    return item.strip()[len("data.") :] if item.strip().startswith("data.") else item
+
+
+def is_merge_config(doc) -> bool:
+    """A full dmm-ray (merge) config rather than a DataConfig (bare, or alone under `data:`): it has a
+    top-level key that only a merge config has besides `data:` (`zoo:`, `teachers:`, `name:`, ...)."""
+    from dmm_ray.config import MergeConfig
+
+    return isinstance(doc, dict) and any(key in MergeConfig.model_fields and key not in DataConfig.model_fields and key != "data" for key in doc)
+
+
+def build_config(args: argparse.Namespace) -> DataConfig:
+    from dmm_ray.config import resolve_tree_paths
+
+    doc = read_yaml_file(args.config) if args.config else None
+    flags = _flag_settings(args)
+    if is_merge_config(doc):
+        # The data section exactly as the merge reads it (dmm_ray.config.load_config: the zoo preset's image set
+        # and base, data.shards defaulting to <output_dir>/latents), so this encode writes the shards the merge
+        # would; the flags and --set change its `data:` section. Reading only the raw `data:` section dropped the
+        # zoo's paths ("source.root: Field required") and the default shard folder.
+        from dmm_ray.config import load_config
+
+        overrides = [f"data.{key}={json.dumps(value, ensure_ascii=False)}" for key, value in flags.items()]  # JSON is YAML: read back as given
+        overrides += [f"data.{_data_key(item)}" for item in args.overrides]
+        return load_config(args.config, overrides).data
+    tree = (doc.get("data", doc) if isinstance(doc, dict) else doc) or {}  # `data:` with every key commented out: {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {args.config}: data must be a mapping of settings, got {tree!r}")
+    if args.config:
+        resolve_tree_paths({"data": tree}, Path(args.config).resolve().parent)  # the file's paths: against its folder
     for key, value in flags.items():
-        if value is not None:
-            apply_override(tree, key.split("."), value)
+        apply_override(tree, key.split("."), value)
     for item in args.overrides:
         path, value = parse_override(item)
         apply_override(tree, path[1:] if path[0] == "data" and len(path) > 1 else path, value)

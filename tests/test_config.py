@@ -244,6 +244,31 @@ def test_path_rule_in_fast_evaluation_and_encode_configs(tmp_path, monkeypatch):
         build_config(parse_args(["--config", str(enc)]))
 
 
+def test_encode_job_reads_a_merge_config_as_the_merge_does(tmp_path, monkeypatch):
+    """encode_latents --config <a zoo merge config> read only the raw `data:` section: the zoo's image set
+    and base were never filled in ("source.root: Field required"), nor data.shards' default
+    <output_dir>/latents. It now encodes the data section the merge would, flags and --set on top."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.encode_latents import build_config, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "zoo.yaml").write_text("base: base\ndataset: images\nteachers: [{name: a, source: teachers/a, format: diffusers}]\n")
+    merge = tmp_path / "m.yaml"
+    merge.write_text("name: toy-x\nzoo: ./zoo\ndata: {encode: {resolution: 32}, source: {limit: 8}}\n")
+    d = build_config(parse_args(["--config", str(merge)]))
+    assert d == load_config(merge).data
+    assert (d.base, d.source.kind, d.source.root, d.source.limit) == (str(zoo / "base"), "folder", str(zoo / "images"), 8)
+    assert d.shards == load_config(merge).output_dir + "/latents"
+    d = build_config(
+        parse_args(["--config", str(merge), "--out", "2024", "--batch-size", "8", "--set", "data.source.limit=4", "--set", "encode.dtype=float16"])
+    )
+    assert (d.shards, d.encode.batch_size, d.source.limit, d.encode.dtype) == (str(tmp_path / "2024"), 8, 4, "float16")
+
+
 def test_tracking_uri_and_its_shorthand_together_are_an_error(tmp_path):
     """A file's `uri:` kept its value over a `--set tracking.tracking_uri=...`, silently."""
     with_uri = _write(tmp_path, BASE + "tracking: {uri: 'http://mlflow.internal:5000'}\n")
