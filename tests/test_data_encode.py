@@ -575,6 +575,32 @@ def test_a_resume_from_another_source_with_the_same_ids_is_refused(tmp_path, tin
     assert plan_encode(cfg("a")).meta == plan.meta  # the same source resumes
 
 
+def test_a_resume_in_another_dtype_is_refused(tmp_path, tiny_base):
+    """encode.dtype was not recorded: an encode resumed in float16 into a set whose committed shards were
+    encoded in float32 was accepted, mixing the two precisions in one set."""
+    from dmm_ray.data.config import DataConfig
+    from dmm_ray.data.encode import plan_encode
+
+    shards = tmp_path / "shards"
+    make_folder(tmp_path / "imgs", n=2, manifest="csv")
+
+    def cfg(dtype):
+        source = {"kind": "folder", "root": str(tmp_path / "imgs")}
+        return DataConfig.model_validate(
+            {"base": str(tiny_base), "shards": str(shards), "source": source, "encode": {"resolution": 16, "shard_size": 1, "dtype": dtype}}
+        )
+
+    plan = plan_encode(cfg("float32"))
+    fs = pafs.LocalFileSystem()
+    sh.write_shard(fs, str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))  # one shard committed in float32
+    sh.write_meta(fs, str(shards), plan.meta)
+    with pytest.raises(ValueError, match="dtype: shards have 'float32', config gives 'float16'"):
+        plan_encode(cfg("float16"))
+    assert plan_encode(cfg("float32")).meta == plan.meta  # the same dtype resumes
+    sh.write_meta(fs, str(shards), {k: v for k, v in plan.meta.items() if k != "dtype"})
+    assert plan_encode(cfg("float16")).meta["dtype"] == "float16"  # a set from before dtype was recorded: not compared
+
+
 def test_vae_encoder_posterior_sample_is_keyed_by_source_id(tmp_path, tiny_base):
     from dmm_ray.data.encode import VAEEncoder
 

@@ -160,6 +160,7 @@ def _fingerprint(cfg: DataConfig, records: pd.DataFrame) -> dict:
         "shard_size": e.shard_size,
         "resolution": e.resolution,
         "latent_sampling": e.latent_sampling,
+        "dtype": e.dtype,  # the VAE's compute dtype: a set resumed in another would mix float16 and float32 latents
         "vae": cfg.vae_path(),
         "seed": cfg.stream.seed if e.latent_sampling == "sample" else None,
     }

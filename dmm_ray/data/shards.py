@@ -2,7 +2,7 @@
 mistaken for a finished one.
 
 Layout of a shard folder:
-    _encode.json             what produced the shards (resolution, VAE, shard size, record count)
+    _encode.json             what produced the shards (resolution, VAE, dtype, shard size, record count)
     _complete.json           written by the encode LAST, once every shard is committed:
                              {"shards", "rows", "records"} (what a finished set holds)
     shard-00000.parquet      columns latent list<float32> (C*h*w, scaled), latent_shape list<int32>
