@@ -183,6 +183,32 @@ def test_a_blank_id_in_the_id_field_falls_back_to_the_image_path(tmp_path):
     assert list(idx.records["source_id"]) == ["u0", "images/001.png", "images/002.png", "images/003.png"] and not idx.skipped
 
 
+def test_absolute_image_paths_are_an_absolute_path_skip_with_a_hint(tmp_path):
+    """img_path values written as absolute paths (to images that exist) were joined under source.root, so
+    every record was indexed and then counted missing_file with no word of why. The paths are relative to
+    the root: an absolute one is skipped at index time as absolute_path, and the encode's error says what to do."""
+    from dmm_ray.data.encode import EncodeReport, plan_encode
+
+    make_journeydb(tmp_path, n=4, broken=None, missing=None, empty_caption=None, bad_line=False)
+    root = tmp_path / "data" / "train" / "imgs"
+    anno = tmp_path / "data" / "train" / "train_anno.jsonl"
+    records = [json.loads(line) for line in anno.read_text().splitlines()]
+    for record in records[:3]:
+        record["img_path"] = str(root / record["img_path"])  # an existing image, by its absolute path
+    anno.write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = SourceConfig(kind="journeydb", root=str(root), annotations=[str(anno)])
+    idx = read_image_index(source)
+    assert idx.skipped == {"absolute_path": 3} and list(idx.records["source_id"]) == ["001/img0003.jpg"]  # the relative one is kept
+    report = EncodeReport(4, 1, 0, 1, 1, 1, idx.skipped)
+    assert "Skipped: absolute_path=3; absolute_path: the annotations name images by absolute paths" in report.summary()
+    anno.write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    (tmp_path / "base" / "vae").mkdir(parents=True)
+    (tmp_path / "base" / "vae" / "config.json").write_text("{}")  # what plan_encode checks of a VAE before it reads the source
+    cfg = DataConfig.model_validate({"base": str(tmp_path / "base"), "shards": str(tmp_path / "out"), "source": source.model_dump()})
+    with pytest.raises(ValueError, match=r"no usable records \(skipped: \{'absolute_path': 3\}\); absolute_path: .* relative to source.root"):
+        plan_encode(cfg)
+
+
 def test_prompt_files_with_a_bom_read_like_without_and_other_encodings_are_named(tmp_path):
     """Notepad's UTF-8 BOM stayed in a .txt's first prompt ("\\ufeffa cat": three more CLIP tokens) and
     failed a COCO .json; a latin-1 file raised a UnicodeDecodeError that named no file."""

@@ -35,7 +35,7 @@ from dmm_ray.data import fs as fsu
 from dmm_ray.data import shards as sh
 from dmm_ray.data.config import DataConfig
 from dmm_ray.data.images import MISSING_FILE, READ_ERROR, UNREADABLE_IMAGE, preprocess_image, to_model_input
-from dmm_ray.data.readers import EMPTY_CAPTION, NO_IMAGE_FIELD, ImageIndex, read_image_index
+from dmm_ray.data.readers import EMPTY_CAPTION, NO_IMAGE_FIELD, ImageIndex, read_image_index, skip_hints
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EncodeReport:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
             f"{self.records} indexed records in {self.shards_total} shards: {self.shards_already_complete} already complete, "
-            f"{self.shards_written} written now ({self.encoded_this_run} images encoded); {self.latents_total} latents in total. Skipped: {reasons}"
+            f"{self.shards_written} written now ({self.encoded_this_run} images encoded); {self.latents_total} latents in total. Skipped: {reasons}{skip_hints(self.skipped)}"
         )
 
 
@@ -224,7 +224,7 @@ def plan_encode(cfg: DataConfig, shards_setting: str = "--out (shards)") -> Enco
     records = index.records
     if len(records) == 0:
         raise ValueError(
-            f"source {cfg.source.root!r} yielded no usable records (skipped: {dict(index.skipped) or 'none'}){_no_records_hint(cfg.source, index)}"
+            f"source {cfg.source.root!r} yielded no usable records (skipped: {dict(index.skipped) or 'none'}){_no_records_hint(cfg.source, index)}{skip_hints(index.skipped)}"
         )
     e = cfg.encode
     records = records.assign(shard=np.arange(len(records)) // e.shard_size, pos=np.arange(len(records)) % e.shard_size)

@@ -30,6 +30,18 @@ BAD_ANNOTATION = "bad_annotation"  # a JSONL line that is not a JSON object, or 
 NO_IMAGE_FIELD = "no_image_field"  # record without the image path field
 EMPTY_CAPTION = "empty_caption"  # none of caption_fields holds a non-empty string
 DUPLICATE_ID = "duplicate_id"  # source ids key the per-sample noise, so they must be unique
+ABSOLUTE_PATH = "absolute_path"  # an image path starting with '/': the paths are relative to source.root
+
+# What to do about a skip reason whose count alone does not say it (printed after the counts).
+SKIP_HINTS = {
+    ABSOLUTE_PATH: "the annotations name images by absolute paths, but image paths are read relative to source.root "
+    "(JourneyDB's ./000/abc.jpg): write them relative to their common folder and set source.root to that folder",
+}
+
+
+def skip_hints(skipped) -> str:
+    """'; <reason>: <what to do>' for each reason of `skipped` (reason -> count) that has a hint, else ''."""
+    return "".join(f"; {reason}: {hint}" for reason, hint in SKIP_HINTS.items() if skipped.get(reason))
 
 
 @dataclass
@@ -169,6 +181,11 @@ def _build_index(records, fs: pafs.FileSystem, root: str, source: SourceConfig) 
         rel = rel.strip()
         while rel.startswith("./"):  # JourneyDB writes img_path as "./000/abc.jpg"
             rel = rel[2:]
+        if rel.startswith("/"):
+            # joined under the root (the contract: SourceConfig, README), it named a file that is not there, and every
+            # record was counted missing_file with no word of why: an index-time reason, with a hint (skip_hints)
+            skipped[ABSOLUTE_PATH] += 1
+            continue
         caption = caption_of(record, source.caption_fields)
         if not caption:
             skipped[EMPTY_CAPTION] += 1
