@@ -683,8 +683,8 @@ def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: in
             digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
             with open(file, "rb") as handle:
                 digest.update(handle.read(chunk))
-                if size > 2 * chunk:
-                    handle.seek(-chunk, os.SEEK_END)
+                if size > chunk:  # the last `chunk` bytes, or all after the first chunk in a file under 2 chunks long
+                    handle.seek(max(chunk, size - chunk))
                     digest.update(handle.read(chunk))
     return digest.hexdigest()[:16]
 

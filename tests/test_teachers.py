@@ -122,6 +122,19 @@ def test_checksum_tracks_content(teacher_files, tmp_path):
     assert teacher_checksum(TeacherSpec(name="t", source=str(tmp_path / "copy"))) != a
 
 
+@pytest.mark.parametrize("size", [6, 8, 11])  # between one and two chunks, exactly two, over two
+def test_checksum_sees_an_edit_in_a_files_last_chunk(tmp_path, size):
+    """The first and last `chunk` bytes are hashed: a file under two chunks long had its tail after the
+    first chunk skipped, so a LoRA of 16-32 MiB edited there kept its checksum (and resumed as unchanged)."""
+    from dmm_ray.teachers import files_checksum
+
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(b"a" * size)
+    before = files_checksum([path], chunk=4)
+    path.write_bytes(b"a" * (size - 1) + b"b")
+    assert files_checksum([path], chunk=4) != before
+
+
 def test_file_checks_say_what_is_wrong_with_the_path(tiny_base_dir, tmp_path):
     """A folder given as a single file, a diffusers folder that is not there: said as such."""
     from dmm_ray.teachers import check_teacher_files
