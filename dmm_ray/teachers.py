@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:  # torch loads with the first teacher, not with the config (dmm_ray.config imports TeacherSpec)
     import torch
@@ -62,6 +62,15 @@ class TeacherSpec(BaseModel):
     description: str = ""
     lora_scale: float = 1.0
     allow_pickle: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        # the name is the merged model's style name, which StyleUNet refuses empty: inside the distill
+        # workers, after Ray started and the latents were encoded, where --dry-run said OK
+        if not name:
+            raise ValueError("a teacher's name is empty; give each teacher a non-empty name (it becomes the style name that `style=` picks)")
+        return name
 
     def resolved_format(self) -> str:
         return self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)

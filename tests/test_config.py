@@ -52,6 +52,7 @@ def test_fewer_workers_than_teachers_names_the_packing_that_runs_on_them(tmp_pat
         ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
         ("scaling.num_workers=4", "scaling.num_workers=4 is not a multiple of the 3 teachers"),
         ("teachers.2.name=a", "duplicate names"),
+        ("teachers.1.name=''", "teachers.1.name: Value error, a teacher's name is empty"),  # StyleUNet refused it inside the workers
         ("evaluation.imagez_per_prompt=3", "evaluation.imagez_per_prompt: Extra inputs are not permitted"),
         ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted"),
         ("teachers=5", "teachers: Input should be a valid list (got 5)"),  # not a TypeError from path resolution
