@@ -39,7 +39,11 @@ UNET_FIELDS = (
     "addition_embed_type",
 )
 VAE_FIELDS = ("latent_channels", "scaling_factor")
-SCHEDULER_FIELDS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+# rescale_betas_zero_snr changes the betas themselves (a zero-terminal-SNR fine-tune's last alpha_bar is 0),
+# and DDPMScheduler.from_pretrained applies it to the training noise too
+SCHEDULER_FIELDS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "rescale_betas_zero_snr")
+# what diffusers' schedulers take for a field their config leaves out or null (PNDM has no rescale_betas_zero_snr)
+_SCHEDULER_DEFAULTS = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
 
 
 class TeacherError(ValueError):
@@ -465,7 +469,7 @@ def folder_architecture(folder: str | os.PathLike) -> dict[str, Any]:
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     arch = {f"unet.{k}": _norm(unet.get(k)) for k in UNET_FIELDS}
     arch.update({f"vae.{k}": _norm(vae.get(k)) for k in VAE_FIELDS})
-    arch.update({f"scheduler.{k}": _norm(scheduler.get(k, "epsilon" if k == "prediction_type" else None)) for k in SCHEDULER_FIELDS})
+    arch.update({f"scheduler.{k}": _norm(_SCHEDULER_DEFAULTS.get(k) if scheduler.get(k) is None else scheduler[k]) for k in SCHEDULER_FIELDS})
     return arch
 
 

@@ -77,6 +77,26 @@ def test_architecture_mismatch_names_teacher_and_field(tmp_path, tiny_base_dir):
         validate_teachers([TeacherSpec(name="odd1", source=str(tmp_path / "odd.safetensors"), base=str(tiny_base_dir))], str(tiny_base_dir))
 
 
+def test_a_zero_terminal_snr_teacher_has_another_noise_schedule(tmp_path, tiny_base_dir):
+    """rescale_betas_zero_snr changes the betas (alpha_bar at the last step is 0), which validation did not
+    compare: such a teacher was accepted against a base without it. A scheduler whose config leaves the
+    key out (PNDM has none) has the schedulers' default, False."""
+    import json
+    import shutil
+
+    def with_scheduler(name, **changes):
+        folder = tmp_path / name
+        shutil.copytree(tiny_base_dir, folder)
+        path = folder / "scheduler" / "scheduler_config.json"
+        config = {**json.loads(path.read_text()), **changes}
+        path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        return str(folder)
+
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'zsnr'.*scheduler.rescale_betas_zero_snr is True but the student base has False"):
+        validate_teachers([TeacherSpec(name="zsnr", source=with_scheduler("zsnr", rescale_betas_zero_snr=True))], str(tiny_base_dir))
+    validate_teachers([TeacherSpec(name="nokey", source=with_scheduler("nokey", rescale_betas_zero_snr=None))], str(tiny_base_dir))
+
+
 def test_corrupt_missing_and_pickled_files(teacher_files, tiny_base_dir, tmp_path):
     good = (teacher_files["root"] / "single.safetensors").read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
