@@ -649,7 +649,7 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str, shapes: dict | No
     models: dict = {}  # each base's models on the meta device, built once
     for spec in specs:
         try:
-            _check_architecture(spec, want, models, shapes)
+            _check_architecture(spec, want, models, shapes, base)
         except TeacherError as error:
             problems.append(error)
     if len(problems) == 1:
@@ -659,29 +659,63 @@ def validate_teachers(specs: Sequence[TeacherSpec], base: str, shapes: dict | No
         raise kind(f"{len(problems)} teachers cannot be merged:\n" + "\n".join(f"  {e}" for e in problems))
 
 
-def _check_architecture(spec: TeacherSpec, want: dict, models: dict, shapes: dict | None = None) -> None:
+def _check_architecture(spec: TeacherSpec, want: dict, models: dict, shapes: dict | None = None, student_base: str | None = None) -> None:
     """A TeacherError (TeacherArchitectureError) when `spec` differs from the student base's
     architecture `want`, or a single file, .ckpt or LoRA does not fit its own base (see
     `_check_single_file`, `_check_lora`); `models`: the bases' meta models, shared between teachers;
-    `shapes`: .ckpt shapes already read (`check_teacher_files`)."""
+    `shapes`: .ckpt shapes already read (`check_teacher_files`); `student_base`: the folder whose UNet
+    the teacher's (its folder's, or its `base:`'s) must match tensor for tensor."""
     fmt = spec.resolved_format()
     if fmt == "ckpt" and not spec.allow_pickle:
         raise _pickle_refused(spec)
     if fmt == "diffusers":
-        got = folder_architecture(spec.source)
+        folder = spec.source
     else:
-        base = _require_base(spec, fmt)
+        folder = _require_base(spec, fmt)
         if fmt == "lora":
-            _check_lora(spec, base, models)
+            _check_lora(spec, folder, models)
         else:
-            _check_single_file(spec, base, models, shapes)
-        got = folder_architecture(base)
+            _check_single_file(spec, folder, models, shapes)
+    got = folder_architecture(folder)
     for field, value in want.items():
         if got.get(field) != value:
             raise TeacherArchitectureError(
                 f"teacher {spec.name!r} ({spec.source}): {field} is {got.get(field)!r} but the student base has {value!r}; "
                 "all teachers must share the base's UNet architecture, latent space and noise schedule"
             )
+    if student_base is not None:
+        _check_unet_shapes(spec, folder, student_base, models)
+
+
+def _check_unet_shapes(spec: TeacherSpec, folder: str, student_base: str, models: dict) -> None:
+    """The UNet of `folder` (a diffusers teacher, or a file teacher's `base:`) has the student base's
+    tensors with their shapes, from the configs on the meta device: the fields above leave out e.g.
+    use_linear_projection (Linear or 1x1-conv proj_in/proj_out) and transformer_layers_per_block, and
+    the style adapters' start (the teacher's weight minus the base's) fails inside the workers on such
+    a teacher. (A single file's own tensors were compared with its `base:` in `_check_single_file`.)"""
+
+    def config(root):  # without diffusers' own keys (_diffusers_version, _name_or_path)
+        return {k: v for k, v in _read_json(Path(root) / "unet" / "config.json").items() if not k.startswith("_")}
+
+    if config(folder) == config(student_base):  # the same UNet (the usual fine-tune): nothing to build
+        return
+    got = {k: tuple(v.shape) for k, v in _meta_model(folder, "unet", models).state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in _meta_model(student_base, "unet", models).state_dict().items()}
+    where = f"teacher {spec.name!r} ({spec.source}{'' if folder == spec.source else f', base {folder}'})"
+    for key, shape in want.items():
+        have = got.get(key)
+        if have != shape:
+            problem = "is missing" if have is None else f"has shape {have}"
+            raise TeacherArchitectureError(
+                f"{where}: UNet tensor {key} {problem} but the student base has it with shape {shape}; "
+                "all teachers must share the base's UNet architecture"
+            )
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise TeacherArchitectureError(
+            f"{where}: {len(extra)} UNet tensor(s) the student base does not have (e.g. {extra[0]}); "
+            "all teachers must share the base's UNet architecture"
+        )
 
 
 def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*") -> str:

@@ -97,6 +97,36 @@ def test_a_zero_terminal_snr_teacher_has_another_noise_schedule(tmp_path, tiny_b
     validate_teachers([TeacherSpec(name="nokey", source=with_scheduler("nokey", rescale_betas_zero_snr=None))], str(tiny_base_dir))
 
 
+def test_a_teacher_unet_of_other_tensor_shapes_is_refused_whatever_its_format(tmp_path, tiny_base_dir):
+    """validate_teachers compared 9 UNet config fields of a diffusers teacher (or a file teacher's base:),
+    not its tensors: use_linear_projection (Linear proj_in/proj_out) or transformer_layers_per_block 2 was
+    accepted, and the style adapters' start (teacher weight minus base weight) failed inside the workers."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray.tiny import tiny_unet_config
+
+    def teacher(name, **unet):
+        components = tiny_sd_components(seed=0)
+        components["unet"] = UNet2DConditionModel(**tiny_unet_config(), **unet)
+        StableDiffusionPipeline(**components).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    linear = teacher("linear", use_linear_projection=True)
+    with pytest.raises(
+        TeacherArchitectureError,
+        match=r"teacher 'linear'.*proj_in.weight has shape \(32, 32\) but the student base has it with shape \(32, 32, 1, 1\)",
+    ):
+        validate_teachers([TeacherSpec(name="linear", source=linear)], str(tiny_base_dir))
+    export_single_file(StableDiffusionPipeline.from_pretrained(linear), tmp_path / "linear.safetensors")
+    with pytest.raises(TeacherArchitectureError, match=r"teacher 'file' \(.*linear.safetensors, base .*linear\): UNet tensor .*proj_in.weight"):
+        validate_teachers([TeacherSpec(name="file", source=str(tmp_path / "linear.safetensors"), base=linear)], str(tiny_base_dir))
+    deeper = teacher("deeper", transformer_layers_per_block=2)
+    with pytest.raises(
+        TeacherArchitectureError, match=r"teacher 'deeper'.*UNet tensor\(s\) the student base does not have \(e.g. .*transformer_blocks.1"
+    ):
+        validate_teachers([TeacherSpec(name="deeper", source=deeper)], str(tiny_base_dir))
+
+
 def test_corrupt_missing_and_pickled_files(teacher_files, tiny_base_dir, tmp_path):
     good = (teacher_files["root"] / "single.safetensors").read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
