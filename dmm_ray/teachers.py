@@ -4,7 +4,7 @@ Formats (what community sites ship):
   diffusers    a StableDiffusionPipeline folder (model_index.json)
   single_file  one .safetensors in the original LDM layout; `base:` names a diffusers folder of the
                same architecture for configs/tokenizer (nothing is downloaded)
-  lora         a LoRA file diffusers' `load_lora_weights` accepts, on top of `base:`; fused at load
+  lora         a .safetensors LoRA file diffusers' `load_lora_weights` accepts, on top of `base:`; fused at load
   ckpt         a pickled .ckpt/.pt; only with `allow_pickle: true`, read with torch.load(weights_only=True)
 """
 
@@ -77,7 +77,15 @@ class TeacherSpec(BaseModel):
         return name
 
     def resolved_format(self) -> str:
-        return self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)
+        fmt = self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)
+        source = Path(self.source)
+        if fmt == "lora" and source.suffix.lower() != ".safetensors":  # else read as a safetensors file: "truncated, download it again"
+            raise TeacherError(
+                f"teacher {self.name!r}: {source.name} is not a .safetensors file, and a LoRA teacher (format lora) is one "
+                "(a folder that save_lora_weights wrote: its pytorch_lora_weights.safetensors); a pickled .bin/.pt LoRA, which "
+                "can run code when loaded, converts with safetensors.torch.save_file(torch.load(PATH, weights_only=True), NEW.safetensors)"
+            )
+        return fmt
 
     def resolve_paths(self, root: str | os.PathLike) -> "TeacherSpec":
         """Paths relative to `root` (e.g. the folder of zoo.yaml) made absolute."""

@@ -148,6 +148,22 @@ def test_corrupt_missing_and_pickled_files(teacher_files, tiny_base_dir, tmp_pat
     assert torch.equal(teacher.unet.conv_in.weight, teacher_files["single_pipe"].unet.conv_in.weight)
 
 
+def test_a_lora_teacher_that_is_no_safetensors_file_says_so(teacher_files, tiny_base_dir, tmp_path):
+    """format: lora on a pickled .bin LoRA (diffusers' older default) was read as a safetensors file: the file
+    checks called it truncated ("copy or download it again") and validate_teachers raised safetensors' own
+    SafetensorError. A LoRA teacher is one .safetensors file, and the error says so and how to convert."""
+    from safetensors.torch import load_file
+
+    from dmm_ray.teachers import check_teacher_files
+
+    torch.save(load_file(str(teacher_files["root"] / "lora" / "pytorch_lora_weights.safetensors")), tmp_path / "lora.bin")
+    for source in (tmp_path / "lora.bin", teacher_files["root"] / "lora"):  # a pickled LoRA; the folder save_lora_weights wrote
+        spec = TeacherSpec(name="old", source=str(source), format="lora", base=str(tiny_base_dir), allow_pickle=True)
+        for check in (lambda: check_teacher_files([spec]), lambda: validate_teachers([spec], str(tiny_base_dir)), lambda: load_teacher(spec)):
+            with pytest.raises(TeacherError, match=rf"teacher 'old': {source.name} is not a .safetensors file, and a LoRA teacher .*is one"):
+                check()
+
+
 def test_every_teacher_with_a_problem_is_named_at_once(teacher_files, tiny_base_dir, tmp_path):
     """A config whose paths are all wrong says so once, one line per teacher, not one per run."""
     from dmm_ray.teachers import check_teacher_files
