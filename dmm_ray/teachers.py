@@ -79,11 +79,17 @@ class TeacherSpec(BaseModel):
     def resolved_format(self) -> str:
         fmt = self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)
         source = Path(self.source)
-        if fmt == "lora" and source.suffix.lower() != ".safetensors":  # else read as a safetensors file: "truncated, download it again"
+        # a LoRA or single_file teacher is read as a safetensors file: any other file was "truncated, copy or download it again"
+        if fmt == "lora" and source.suffix.lower() != ".safetensors":
             raise TeacherError(
                 f"teacher {self.name!r}: {source.name} is not a .safetensors file, and a LoRA teacher (format lora) is one "
                 "(a folder that save_lora_weights wrote: its pytorch_lora_weights.safetensors); a pickled .bin/.pt LoRA, which "
                 "can run code when loaded, converts with safetensors.torch.save_file(torch.load(PATH, weights_only=True), NEW.safetensors)"
+            )
+        if fmt == "single_file" and source.suffix.lower() != ".safetensors" and source.is_file():  # (a folder: scan_safetensors says so)
+            raise TeacherError(
+                f"teacher {self.name!r}: {source.name} is not a .safetensors file, and a single_file teacher is one; "
+                "a pickled .ckpt/.pt/.bin checkpoint is format ckpt (with allow_pickle: true), a diffusers folder format diffusers"
             )
         return fmt
 

@@ -162,6 +162,11 @@ def test_a_lora_teacher_that_is_no_safetensors_file_says_so(teacher_files, tiny_
         for check in (lambda: check_teacher_files([spec]), lambda: validate_teachers([spec], str(tiny_base_dir)), lambda: load_teacher(spec)):
             with pytest.raises(TeacherError, match=rf"teacher 'old': {source.name} is not a .safetensors file, and a LoRA teacher .*is one"):
                 check()
+    spec = TeacherSpec(name="pkl", source=str(tmp_path / "lora.bin"), format="single_file", base=str(tiny_base_dir), allow_pickle=True)
+    with pytest.raises(
+        TeacherError, match=r"teacher 'pkl': lora.bin is not a .safetensors file, and a single_file teacher is one; .* is format ckpt"
+    ):
+        check_teacher_files([spec])
 
 
 def test_every_teacher_with_a_problem_is_named_at_once(teacher_files, tiny_base_dir, tmp_path):
