@@ -671,8 +671,8 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
         raise ConfigError(f"zoo: {error}") from None
     root = zoo_path.parent
 
-    def rel(p):
-        return p if p is None or os.path.isabs(p) else str(root / p)
+    def rel(p):  # the zoo.yaml's paths: relative to its folder, `~` and `$DMM_HOME` expanded (as its teachers')
+        return paths.resolve(p, root)
 
     if not tree.get("teachers"):
         listed = teacher_entries(zoo, root)

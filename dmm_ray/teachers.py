@@ -94,12 +94,11 @@ class TeacherSpec(BaseModel):
         return fmt
 
     def resolve_paths(self, root: str | os.PathLike) -> "TeacherSpec":
-        """Paths relative to `root` (e.g. the folder of zoo.yaml) made absolute."""
+        """Paths relative to `root` (e.g. the folder of zoo.yaml) made absolute, by the config's rule
+        (`dmm_ray.paths.resolve`: `~` and `$DMM_HOME` expand, URIs stay)."""
+        from dmm_ray.paths import resolve
 
-        def fix(p):
-            return p if p is None or "://" in p or os.path.isabs(p) else str(Path(root) / p)
-
-        return self.model_copy(update={"source": fix(self.source), "base": fix(self.base)})
+        return self.model_copy(update={"source": resolve(self.source, root), "base": resolve(self.base, root)})
 
 
 @dataclass

@@ -326,6 +326,31 @@ def test_zoo_teachers_without_a_format_take_the_zoos_base(tmp_path):
     assert a.base == str(tmp_path / "base") and b.base is None  # a folder is a whole pipeline: no base
 
 
+def test_a_zoo_yaml_expands_home_and_dmm_home_as_a_merge_config_does(tmp_path, monkeypatch):
+    """A zoo.yaml's paths (usable as `zoo:`) were joined to its folder as written: `~/ckpts/a.safetensors`
+    became `<zoo>/~/ckpts/a.safetensors` ("does not exist"), where a merge config's teachers expand `~` and
+    `$DMM_HOME` (dmm_ray.paths.resolve, the one rule); the zoo's base, dataset and prompts too."""
+    from dmm_ray.config import load_config
+    from dmm_ray.zoo.manifest import load_zoo_manifest
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "dmm"))
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "zoo.yaml").write_text(
+        "base: ~/sd15\neval_prompts: $DMM_HOME/prompts.txt\n"
+        "teachers: [{name: a, source: ~/ckpts/a.safetensors}, {name: b, source: $DMM_HOME/b, format: diffusers}, {name: c, source: c}]\n"
+    )
+    a, b, c = load_zoo_manifest(zoo).teachers
+    assert (a.source, a.base) == (str(tmp_path / "home" / "ckpts" / "a.safetensors"), str(tmp_path / "home" / "sd15"))
+    assert (b.source, c.source) == (str(tmp_path / "dmm" / "b"), str(zoo / "c"))
+    assert load_zoo_manifest(zoo).base == tmp_path / "home" / "sd15"
+    (tmp_path / "merge.yaml").write_text(f"zoo: {zoo}\ndata: {{shards: {tmp_path / 'shards'}}}\n")
+    cfg = load_config(tmp_path / "merge.yaml")
+    assert cfg.student.base == str(tmp_path / "home" / "sd15") and cfg.teachers[0].source == a.source
+    assert cfg.evaluation.prompts_file == str(tmp_path / "dmm" / "prompts.txt")
+
+
 def test_lora_ckpt_and_single_file_teachers_are_opened_before_ray(teacher_files, tiny_base_dir, tmp_path):
     """Finding: the checks before Ray (check_teacher_files + validate_teachers) read a LoRA's header
     only and a .ckpt not at all, so a LoRA for another architecture, a truncated or foreign .ckpt, and

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from dmm_ray import paths
 from dmm_ray.teachers import TeacherSpec  # pydantic only (torch loads with the first teacher)
 
 MANIFEST = "zoo.yaml"
@@ -117,8 +118,8 @@ def load_zoo_manifest(path: str | os.PathLike) -> ZooManifest:
     data = read_manifest(path)
     root = manifest_path(path).resolve().parent
 
-    def rel(p):
-        return None if p is None else (root / p).resolve()
+    def rel(p):  # the config's rule (`~` and `$DMM_HOME` expand), as for the teachers' paths
+        return None if p is None else Path(paths.resolve(p, root))
 
     return ZooManifest(
         root=root,
