@@ -567,12 +567,18 @@ def test_a_resume_from_another_source_with_the_same_ids_is_refused(tmp_path, tin
         )
 
     plan = plan_encode(cfg("a"))
-    fs = pafs.LocalFileSystem()
-    sh.write_shard(fs, str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))  # one shard of a finished
-    sh.write_meta(fs, str(shards), plan.meta)
+    commit_one_shard(shards, plan.meta)  # one shard of a finished
     with pytest.raises(ValueError, match="records_sha256: shards have"):
         plan_encode(cfg("b"))
     assert plan_encode(cfg("a")).meta == plan.meta  # the same source resumes
+
+
+def commit_one_shard(shards, meta: dict):
+    """One committed shard of a set begun with `meta` (what a resume checks against); returns the filesystem."""
+    fs = pafs.LocalFileSystem()
+    sh.write_shard(fs, str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))
+    sh.write_meta(fs, str(shards), meta)
+    return fs
 
 
 def test_a_resume_in_another_dtype_is_refused(tmp_path, tiny_base):
@@ -591,9 +597,7 @@ def test_a_resume_in_another_dtype_is_refused(tmp_path, tiny_base):
         )
 
     plan = plan_encode(cfg("float32"))
-    fs = pafs.LocalFileSystem()
-    sh.write_shard(fs, str(shards), 0, sh.latent_table(np.zeros((1, 4, 8, 8)), ["x"], ["img-0"]))  # one shard committed in float32
-    sh.write_meta(fs, str(shards), plan.meta)
+    fs = commit_one_shard(shards, plan.meta)  # one shard committed in float32
     with pytest.raises(ValueError, match="dtype: shards have 'float32', config gives 'float16'"):
         plan_encode(cfg("float16"))
     assert plan_encode(cfg("float32")).meta == plan.meta  # the same dtype resumes
