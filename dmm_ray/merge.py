@@ -779,6 +779,65 @@ def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
         recover_merged(merged)
 
 
+def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[dict | None, dict | None, dict | None, str | None]:
+    """What a run of this merge (the absolute config) in its local work folder `out` finds done there:
+    (completed_merge, merged_before_fast, saved_before_evaluate (looked for only without the former),
+    the line that says what the run does about it, or None when it merges from the start). _merge acts on
+    it; jobs/merge.py --dry-run prints the line, so the dry run says what the run would do."""
+    done = completed_merge(cfg, out)
+    if done is not None:
+        note = (
+            f"already complete: this merge, with this config, finished in {out} (model: {done['location']}"
+            + (f", MLflow run {done['run_id']}" if done.get("run_id") else "")
+            + "); nothing to do. --restart merges again; jobs/evaluate.py evaluates the model again"
+        )
+        return done, None, None, note
+    merged = merged_before_fast(cfg, out)
+    if merged is not None and not cfg.fast.enabled:
+        note = (
+            f"already complete: this merge, with this config, saved its merged model in {out} (model: {merged['location']}"
+            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
+            + "); nothing to do. --restart merges again"
+        )
+        return None, merged, None, note
+    if merged is not None:
+        note = (
+            f"this merge, with this config, already finished every stage before fast (merged model: {merged['location']}"
+            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
+            + "); its few-step stage did not finish with these fast: settings, so only that stage runs. --restart merges again"
+        )
+        return None, merged, None, note
+    saved = saved_before_evaluate(cfg, out, restart)
+    if saved is not None:
+        note = (
+            f"this merge, with this config, already saved its merged model ({saved['location']}"
+            + (f"; its {MERGE_RECORD} says so: the run was stopped before it recorded the save" if saved.get("from_model_record") else "")
+            + "); its evaluate or track stage did not finish, so the training and the save are skipped and the stages after "
+            "the save run. --restart merges again"
+        )
+        return None, None, saved, note
+    return None, None, None, None
+
+
+def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
+    """jobs/merge.py --dry-run, after validate_before_ray: what run_merge would find in output_dir before it
+    trains, nothing written. Raises what it would refuse with: output_dir's lock held by a running merge (or
+    one on another host; output_lock.OutputDirBusyError naming it), resumable state of other settings
+    (check_output_dir, without `restart`, which discards that state). Returns the lines the run would log
+    about the folder: a stale lock it would take over, and that the merge is complete already (nothing
+    to do) or only its stages after the save would run."""
+    from dmm_ray import output_lock
+
+    cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
+    local = output_location(cfg)[0]
+    lines = [line for line in [output_lock.check(local)] if line]
+    if restart:  # the run forgets the completion record and discards the state first: it merges from the start
+        return lines
+    check_output_dir(cfg)
+    note = resume_point(cfg, local)[3]
+    return lines + ([note] if note else [])
+
+
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
     """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI).
     check the resumable state -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
@@ -793,37 +852,14 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         )
     )
     check_output_dir(cfg, restart)  # resumable state made with other settings stops the merge here
-    done = completed_merge(cfg, out)
+    done, merged, saved, note = resume_point(cfg, out, restart)
+    if note:
+        log(note)
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
-        log(
-            f"already complete: this merge, with this config, finished in {out} (model: {done['location']}"
-            + (f", MLflow run {done['run_id']}" if done.get("run_id") else "")
-            + "); nothing to do. --restart merges again; jobs/evaluate.py evaluates the model again"
-        )
         return MergeResult(merged_path=out / "merged", location=done["location"], run_id=done.get("run_id"), already_complete=True)
-    merged = merged_before_fast(cfg, out)
     if merged is not None and not cfg.fast.enabled:  # the merged model is this config's: the few-step stage is not asked for
-        log(
-            f"already complete: this merge, with this config, saved its merged model in {out} (model: {merged['location']}"
-            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
-            + "); nothing to do. --restart merges again"
-        )
         return MergeResult(merged_path=out / "merged", location=merged["location"], run_id=merged.get("run_id"), already_complete=True)
-    saved = saved_before_evaluate(cfg, out, restart) if merged is None else None
-    if merged is not None:
-        log(
-            f"this merge, with this config, already finished every stage before fast (merged model: {merged['location']}"
-            + (f", MLflow run {merged['run_id']}" if merged.get("run_id") else "")
-            + "); its few-step stage did not finish with these fast: settings, so only that stage runs. --restart merges again"
-        )
-    elif saved is not None:
-        log(
-            f"this merge, with this config, already saved its merged model ({saved['location']}"
-            + (f"; its {MERGE_RECORD} says so: the run was stopped before it recorded the save" if saved.get("from_model_record") else "")
-            + "); its evaluate or track stage did not finish, so the training and the save are skipped and the stages after "
-            "the save run. --restart merges again"
-        )
-    else:
+    if merged is None and saved is None:
         forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     asked = cfg  # the config as given (below, the cluster plan fills in the resources)
     we_started_ray = init_for_training(cfg.scaling.ray_address)

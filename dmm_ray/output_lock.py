@@ -120,23 +120,46 @@ def acquire(out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", wh
         owner = read_owner(path)
         if owner is None:
             continue  # released between our two looks
-        if owner.get("host") != me["host"]:
-            raise OutputDirBusyError(
-                f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
-                f"Wait for it to finish, or write this {job} elsewhere ({fix}). "
-                f"If that {job} is no longer running, delete {path} and run again."
-            )
-        if owner_alive(owner):
-            raise OutputDirBusyError(
-                f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
-                f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this {job} elsewhere ({fix})."
-            )
+        busy = _busy(path, owner, job, what, fix)
+        if busy is not None:
+            raise busy
         warn(f"warning: taking over the stale lock {path} of a {job} that is no longer running ({describe(owner)})")
         try:
             path.unlink()
         except FileNotFoundError:
             pass
     raise OutputDirBusyError(f"could not take the lock {path}: other jobs keep taking it; run one {job} at a time on {what}")
+
+
+def _busy(path: Path, owner: dict, job: str, what: str, fix: str) -> Optional[OutputDirBusyError]:
+    """The refusal of a lock at `path` that `owner` holds, or None when it is stale (its owner ran on this
+    host and is gone): `acquire` raises it, and `check` says it for a --dry-run."""
+    if owner.get("host") != socket.gethostname():
+        return OutputDirBusyError(
+            f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+            f"Wait for it to finish, or write this {job} elsewhere ({fix}). "
+            f"If that {job} is no longer running, delete {path} and run again."
+        )
+    if owner_alive(owner):
+        return OutputDirBusyError(
+            f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+            f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this {job} elsewhere ({fix})."
+        )
+    return None
+
+
+def check(out: Path, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR") -> Optional[str]:
+    """What `acquire` would do, taking nothing and writing nothing (a job's --dry-run): raise the
+    OutputDirBusyError it would raise (a running job, or one on another host, holds the lock); return
+    the line it would warn with when it would take over a stale lock; None when the folder is free."""
+    path = lock_path(out, name)
+    owner = read_owner(path)
+    if owner is None:
+        return None
+    busy = _busy(path, owner, job, what or f"output_dir {out}", fix)
+    if busy is not None:
+        raise busy
+    return f"a run would take over the stale lock {path} of a {job} that is no longer running ({describe(owner)})"
 
 
 def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:

@@ -106,11 +106,14 @@ def main(argv=None) -> int:
 
         print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}", flush=True)
         styles, plan = check_before_ray(cfg, args.model)  # a layout that does not fit: refused with its own plan
-        if not args.restart:  # (--restart discards it) training state from another model or other settings: run_fast refuses it
-            from dmm_ray.fingerprint import check_fast_resume
+        # what run_fast finds in its folder: its fast.lock held by a running job, training state from another model or
+        # with other settings (refused as the run refuses them; --restart discards the state), a finished run (nothing to do)
+        from dmm_ray.fast.job import check_before_run
 
-            check_fast_resume(cfg, Path(args.model).resolve(), fast_dir(cfg).resolve())
+        found = check_before_run(cfg, args.model, evaluate=not args.no_eval, restart=args.restart)
         print(describe(cfg, plan), flush=True)
+        for line in found:
+            print(line)
         print(f"OK: {len(styles)} styles, {cfg.fast.num_workers} worker(s)")
         return 0
     tracker = None

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     print(f"config: {Path(config).resolve()}" + ("" if args.config else " (the embedded default; --config to choose another)"), flush=True)
     cfg = load_config(config, args.overrides, build_zoo=not args.dry_run)
-    from dmm_ray.merge import check_output_dir, check_writable_outputs, format_locations, run_merge, validate_before_ray
+    from dmm_ray.merge import check_before_run, check_writable_outputs, format_locations, run_merge, validate_before_ray
 
     print(format_locations(cfg, "locations"), flush=True)
     check_writable_outputs(cfg)  # before the MLflow store or Ray exist
@@ -84,12 +84,15 @@ def main(argv=None) -> int:
         print(describe_config(cfg), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
         if args.deep:
             print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
-        if not args.restart:
-            check_output_dir(cfg.with_absolute_paths())
+        # what the run finds in output_dir: its lock held by a running merge, state of other settings (refused,
+        # as the run refuses them), a finished merge (the run would do nothing): said by the dry run too
+        found = check_before_run(cfg, restart=args.restart)
         print(cfg.model_dump_json(indent=2))
         from dmm_ray.merge import describe_layout
 
         print(describe_layout(cfg))
+        for line in found:
+            print(line)
         print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
         return 0
     from dmm_ray.tracking import make_tracker

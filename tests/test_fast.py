@@ -1792,3 +1792,56 @@ def _refused_by_dry_run_and_before_ray(monkeypatch, capsys, args):
     for flags in (["--dry-run"], []):
         assert job.main(args + flags) == 2, flags
         yield capsys.readouterr().err
+
+
+def test_fast_job_dry_run_says_what_the_run_would_find_in_its_folder(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: `jobs/fast.py --dry-run` said OK on a folder whose few-step run had finished (the run: 'already
+    complete ...; nothing to do') and on one whose fast.lock a running few-step job held (the run: refused,
+    exit 2). The dry run now prints the run's own 'already complete' line, and refuses a held lock with the run's
+    message, naming its owner and --output-dir."""
+    import os
+
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import fingerprint, output_lock
+    from dmm_ray.completion import record_finished
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(out)]
+
+    def finished_run(cfg, model_dir, tracker=None, evaluate=True, restart=False):  # what a finished run_fast leaves
+        model_dir, folder = Path(model_dir).resolve(), fast_job.fast_dir(cfg).resolve()
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "model_index.json").write_text("{}")
+        (folder / "model" / "fast.json").write_text("{}")
+        asked = {
+            "config": cfg.model_dump(mode="json"),
+            "model": str(model_dir),
+            "inputs": fingerprint.fast_inputs(cfg, model_dir),
+            "evaluate": evaluate,
+        }
+        record_finished(folder, fast_job.COMPLETE_RECORD, asked)
+        return fast_job.FastResult(model_path=folder / "model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_job, "run_fast", finished_run)
+        assert job.main(args) == 0
+    assert job.main(args) == 0 and "already complete" in "".join(capsys.readouterr())  # the run does nothing
+    assert job.main(args + ["--dry-run"]) == 0
+    assert f"already complete: this few-step stage, with this model and config, finished in {out.resolve()}" in capsys.readouterr().out
+    assert job.main(args + ["--dry-run", "--restart"]) == 0  # the run would train again
+    assert "already complete" not in capsys.readouterr().out
+    owner = output_lock.acquire(out, name=fast_job.FAST_LOCK)  # a few-step job in progress (this live process)
+    try:
+        assert job.main(args + ["--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"the few-step folder {out.resolve()} is in use by another few-step job" in err and f"pid {os.getpid()}" in err, err
+        assert "--output-dir NEW_DIR" in err
+    finally:
+        output_lock.release(out, owner, name=fast_job.FAST_LOCK)

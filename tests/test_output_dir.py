@@ -671,3 +671,34 @@ def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(
     (out / "merged" / "model_index.json").unlink()
     with pytest.raises(RuntimeError, match="Ray started"):
         merge.run_merge(cfg)
+
+
+def test_merge_dry_run_says_what_the_run_would_find_in_output_dir(world, tmp_path, capsys):
+    """Finding: `jobs/merge.py --dry-run` said OK on an output_dir whose merge had finished (the run: 'already
+    complete ...; nothing to do') and on one whose merge.lock a running merge held (the run: refused, exit 2).
+    The dry run now prints the run's own 'already complete' line, and refuses a held lock with the run's
+    message, naming its owner; a stale lock is said to be taken over. Nothing is written."""
+    from jobs import merge as job
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out)).with_absolute_paths()
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "model_index.json").write_text("{}")
+    merge.record_complete(cfg, out, merge.MergeResult(merged_path=out / "merged", location=str(out / "merged"), run_id="r1"))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+    assert job.main(["--config", str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"already complete: this merge, with this config, finished in {out}" in printed and "MLflow run r1" in printed
+    assert job.main(["--config", str(path), "--dry-run", "--restart"]) == 0  # the run would merge again
+    assert "already complete" not in capsys.readouterr().out and (out / merge.COMPLETE_RECORD).exists()
+    lock = _write_lock(out, os.getpid())  # a running merge (this live process)
+    for restart in ([], ["--restart"]):  # the run refuses it either way
+        assert job.main(["--config", str(path), "--dry-run", *restart]) == 2
+        err = capsys.readouterr().err
+        assert f"output_dir {out} is in use by another merge (host {socket.gethostname()}, pid {os.getpid()}" in err, err
+        assert f"kill {os.getpid()}" in err and "--set output_dir=NEW_DIR" in err
+    _write_lock(out, _dead_pid())
+    assert job.main(["--config", str(path), "--dry-run"]) == 0
+    assert f"a run would take over the stale lock {lock}" in capsys.readouterr().out
+    assert lock.exists()  # read, not taken over

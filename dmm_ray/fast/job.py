@@ -38,6 +38,7 @@ class FastResult:
 
 COMPLETE_RECORD = "fast_complete.json"  # in the stage's folder (dmm_ray/completion.py)
 FAST_LOCK = "fast.lock"  # one few-step job per folder (dmm_ray/output_lock.py); not merge.lock: fast.output_dir may be the merge's output_dir
+FAST_LOCK_FIX = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"  # how to write a few-step job elsewhere (its lock's refusal)
 
 
 def log(msg: str) -> None:
@@ -483,9 +484,44 @@ def run_fast(
     styles, _ = check_before_ray(cfg, model_dir)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    fix = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"
-    with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=fix):
+    with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX):
         return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model)
+
+
+def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: bool) -> dict:
+    """What decides a few-step run's result, as its completion record compares it."""
+    return {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
+
+
+def _complete_line(out: Path, done: dict) -> str:
+    return (
+        f"already complete: this few-step stage, with this model and config, finished in {out}"
+        + (f" (registered: {done['model_uri']})" if done.get("model_uri") else "")
+        + "; nothing to do. --restart trains again"
+    )
+
+
+def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = True, restart: bool = False) -> list[str]:
+    """jobs/fast.py --dry-run, after check_before_ray: what run_fast would find in its folder before it trains,
+    nothing written. Raises what it would refuse with: the folder's fast.lock held by a running few-step job (or
+    one on another host; output_lock.OutputDirBusyError naming it), training state from another model or with
+    other settings (fingerprint.check_fast_resume, without `restart`, which discards it). Returns the lines the
+    run would log about the folder: a stale lock it would take over, and that it is complete (nothing to do)."""
+    from dmm_ray import fingerprint, output_lock
+    from dmm_ray.completion import finished
+
+    model_dir, out = Path(model_dir).resolve(), fast_dir(cfg).resolve()
+    lines = [
+        line for line in [output_lock.check(out, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX)] if line
+    ]
+    if restart:  # the run forgets the completion record and discards the state first: it trains from the start
+        return lines
+    inputs = fingerprint.fast_inputs(cfg, model_dir)  # once, as run_fast: it reads the merged UNet for its checksum
+    fingerprint.check_fast_resume(cfg, model_dir, out, inputs)
+    done = finished(
+        out, COMPLETE_RECORD, _fast_request(cfg, model_dir, inputs, evaluate), [out / "model" / "model_index.json"], same=fingerprint.same_request
+    )
+    return lines + ([_complete_line(out, done)] if done is not None else [])
 
 
 def _run_fast(
@@ -527,14 +563,10 @@ def _run_fast(
             + "; training from the start"
         )
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
-    asked = {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
+    asked = _fast_request(cfg, model_dir, inputs, evaluate)
     done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
-        log(
-            f"already complete: this few-step stage, with this model and config, finished in {out}"
-            + (f" (registered: {done['model_uri']})" if done.get("model_uri") else "")
-            + "; nothing to do. --restart trains again"
-        )
+        log(_complete_line(out, done))
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
