@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")
     p.add_argument("--section", default=None, help="read EvalConfig from this key of --config (a merge config: 'evaluation')")
     add_set_argument(p, "sampler.num_inference_steps=10")
-    p.add_argument("--out", help="output folder (default: EvalConfig.output_dir)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: EvalConfig.output_dir; with a merge config as --teachers, that merge's own evaluation "
+        "folder, for its merged model at its evaluation: settings only, under its merge.lock)",
+    )
     p.add_argument("--no-ray", action="store_true", help="generate in this process instead of Ray actors")
     p.add_argument("--reference-only", action="store_true", help="only compute (and cache) the teacher reference M_ref")
     p.add_argument("--track", action="store_true", help="log to MLflow (stage 'evaluation' under --project)")
@@ -74,6 +78,50 @@ def few_step_sampler(model_path, cfg, overrides: list[str]) -> tuple[int, float]
     return steps, guidance
 
 
+# EvalConfig fields that decide how an evaluation runs, not what it measures
+RUN_ONLY_FIELDS = (
+    "enabled",
+    "batch_size",
+    "cache_dir",
+    "output_dir",
+    "use_ray",
+    "num_student_workers",
+    "worker_num_cpus",
+    "worker_num_gpus",
+    "device",
+)
+
+
+def merge_folder_to_lock(parser, args, setup, cfg) -> Path | None:
+    """With a merge config as --teachers and no --out, the results go to the merge's own evaluation folder
+    (its evaluation.output_dir, default <output_dir>/evaluation), where they replaced the merge's results
+    whatever model or settings were scored, also while that merge ran. They may go there only as that
+    merge's evaluation again: its merged model at the settings of its evaluation: section (how it runs aside);
+    another model or other settings is a usage error naming --out. Returns the merge's local work folder,
+    whose merge.lock the evaluation then holds (dmm_ray/output_lock.py), or None when the results go elsewhere."""
+    merge = setup.merge
+    if merge is None or args.reference_only or Path(cfg.output_dir).resolve() != Path(merge.evaluation.output_dir).resolve():
+        return None
+    from dmm_ray.merge import output_location
+
+    local = output_location(merge.with_absolute_paths())[0]
+    own = (local / "merged").resolve()
+    problems = []
+    if "://" in args.model or Path(args.model).resolve() != own:
+        problems.append(f"--model {args.model} is not its merged model {own}")
+    asked, merged = cfg.model_dump(exclude=set(RUN_ONLY_FIELDS)), merge.evaluation.model_dump(exclude=set(RUN_ONLY_FIELDS))
+    changed = [k for k in asked if asked[k] != merged[k]]
+    if changed:
+        problems.append(f"{', '.join(changed)} differ from its evaluation: section")
+    if problems:
+        parser.error(
+            f"--teachers {args.teachers} is a merge config: without --out the results go to that merge's own evaluation folder "
+            f"{Path(cfg.output_dir).resolve()}, and would replace its results, but {'; '.join(problems)}. "
+            "Give --out OUT for this evaluation's results"
+        )
+    return local
+
+
 @cli_main(interrupted="the statistics already computed stay in cache_dir; the same command reuses them")
 def main(argv=None) -> int:
     parser = build_parser()
@@ -113,6 +161,7 @@ def main(argv=None) -> int:
     if not args.reference_only:  # (M_ref alone writes nothing there: a read-only cwd's default outputs/eval refused it)
         check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
     check_writable_folder(cfg.cache_dir, "cache_dir")
+    merge_folder = merge_folder_to_lock(parser, args, setup, cfg)
     tracking = None
     if args.track:
         from dmm_ray.paths import default_tracking_uri
@@ -125,7 +174,14 @@ def main(argv=None) -> int:
     from dmm_ray.tracking import MergeTracker, local_model
 
     tracker = None
-    with local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
+    from contextlib import nullcontext
+
+    from dmm_ray import output_lock
+
+    # writing into the merge's own evaluation folder: its merge.lock, as the merge's evaluate stage holds it (a
+    # running merge refuses this job, naming itself, and a merge started meanwhile refuses to start)
+    guard = output_lock.hold(merge_folder, job="job", fix="--out OUT") if merge_folder else nullcontext()
+    with guard, local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         if tracking is not None:
             # Opened before any image is sampled (after a models:/ download, which reads the store with its own
             # registry): an http(s) server that never answers is refused now (MergeTracker._first_contact), as

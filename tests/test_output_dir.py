@@ -702,3 +702,54 @@ def test_merge_dry_run_says_what_the_run_would_find_in_output_dir(world, tmp_pat
     assert job.main(["--config", str(path), "--dry-run"]) == 0
     assert f"a run would take over the stale lock {lock}" in capsys.readouterr().out
     assert lock.exists()  # read, not taken over
+
+
+def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_only_as_its_evaluation(world, tmp_path, monkeypatch, capsys):
+    """Finding: `jobs/evaluate.py --teachers <merge config>` without --out wrote into that merge's own
+    <output_dir>/evaluation whatever it scored (another --model, other --set settings), replacing the merge's
+    results silently, and took no lock, so it did so while the merge ran. Now another model or other settings
+    there is a usage error naming --out; the merge's own model at its evaluation's settings (how it runs aside:
+    --no-ray) may go there, holding the merge's merge.lock: refused while a merge holds it."""
+    import dmm_ray.evaluation.api as api
+    import dmm_ray.models.style_unet as style_unet
+    from jobs import evaluate as job
+
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    for model in (out / "merged", other):
+        model.mkdir(parents=True)
+        (model / "model_index.json").write_text("{}")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+    held = []
+
+    def evaluated(*args, **kwargs):  # the sampling: the lock is held while it runs
+        held.append(output_lock.read_owner(output_lock.lock_path(out)))
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(api, "evaluate_merge", evaluated)
+    monkeypatch.setattr(style_unet, "merged_style_names", lambda path: ["style0", "style1"])
+    monkeypatch.setattr(job, "few_step_sampler", lambda *a: None)
+    base = ["--teachers", str(path), "--no-ray"]
+    for given, problem in (
+        (["--model", str(other)], f"--model {other} is not its merged model {out / 'merged'}"),
+        (["--model", str(out / "merged"), "--set", "images_per_prompt=2"], "images_per_prompt differ from its evaluation: section"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            job.main(base + given)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"results go to that merge's own evaluation folder {out / 'evaluation'}" in err, err
+        assert problem in err and "Give --out OUT" in err, err
+    assert held == [] and not (out / "evaluation").exists()
+    _write_lock(out, os.getpid())  # a running merge (this live process)
+    assert job.main(base + ["--model", str(out / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {out} is in use by another job (host {socket.gethostname()}, pid {os.getpid()}" in err and "--out OUT" in err, err
+    assert held == []
+    output_lock.lock_path(out).unlink()
+    with pytest.raises(RuntimeError, match="evaluated"):
+        job.main(base + ["--model", str(out / "merged")])
+    assert held[0]["pid"] == os.getpid() and not output_lock.lock_path(out).exists()  # held while it sampled, then released
+    with pytest.raises(RuntimeError, match="evaluated"):  # another folder: no lock, any model
+        job.main(base + ["--model", str(other), "--out", str(tmp_path / "eval")])
+    assert held[1] is None

@@ -105,6 +105,7 @@ class EvalSetup:
 
     teachers: list[Any]
     defaults: dict  # EvalConfig fields (prompts_file, extractor.path, ...) to apply under user settings
+    merge: Any = None  # the merge config, when the file is one: its evaluation folder holds that merge's own results
 
 
 def merged_teachers(merge_cfg) -> list:
@@ -147,6 +148,7 @@ def load_eval_setup(path: str | Path) -> EvalSetup:
         return EvalSetup(
             teachers=merged_teachers(merge_cfg),
             defaults={**ev.model_dump(exclude_unset=True), "output_dir": ev.output_dir, "cache_dir": ev.cache_dir},
+            merge=merge_cfg,
         )
     m = load_zoo_manifest(path)
     defaults: dict = {}
