@@ -516,8 +516,10 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     ]
     if restart:  # the run forgets the completion record and discards the state first: it trains from the start
         return lines
-    inputs = fingerprint.fast_inputs(cfg, model_dir)  # once, as run_fast: it reads the merged UNet for its checksum
-    fingerprint.check_fast_resume(cfg, model_dir, out, inputs)
+    fingerprint.check_fast_resume(cfg, model_dir, out)  # (reads the merged UNet's checksum only where there is state)
+    if not (out / COMPLETE_RECORD).is_file():  # no finished run to compare with: the checksum is not read for nothing
+        return lines
+    inputs = fingerprint.fast_inputs(cfg, model_dir)
     done = finished(
         out, COMPLETE_RECORD, _fast_request(cfg, model_dir, inputs, evaluate), [out / "model" / "model_index.json"], same=fingerprint.same_request
     )
