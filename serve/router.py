@@ -122,9 +122,10 @@ def duplicate_json_key(body: bytes) -> Optional[str]:
 
 
 class GuardMiddleware:
-    """Runs before FastAPI reads a body: on every POST, the API key (401/403) first, then the body size
-    (413 above `max_body_bytes`, from Content-Length or counted while reading, never buffered past it),
-    then, on the JSON routes, a key given twice in one object (422)."""
+    """Runs before FastAPI reads a body: on every POST, the API key (401/403) first, so a caller without
+    the key learns nothing about what the server would accept; then, on the JSON routes, the Content-Type
+    (415); then the body size (413 above `max_body_bytes`, from Content-Length or counted while reading,
+    never buffered past it); then, on the JSON routes, a key given twice in one object (422)."""
 
     def __init__(self, app, cfg: ServeConfig):
         self.app, self.cfg = app, cfg
@@ -138,6 +139,12 @@ class GuardMiddleware:
                 await send(m)
 
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.cfg.api_key is not None:
+            key = headers.get("x-api-key")
+            if key is None:
+                return await reply(401, "missing API key: send header `X-API-Key: <key>`")
+            if not hmac.compare_digest(key, self.cfg.api_key.encode()):
+                return await reply(403, "wrong API key (header X-API-Key)")
         content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         json_route = scope["method"] == "POST" and scope["path"].rstrip("/").endswith(JSON_ROUTES)  # elsewhere: the router's 404 / 405
         if json_route and content_type != "application/json" and not content_type.endswith("+json"):
@@ -146,12 +153,6 @@ class GuardMiddleware:
             return await reply(
                 415, f"Content-Type must be application/json (got {content_type or 'none'}); e.g. curl -H 'Content-Type: application/json'"
             )
-        if self.cfg.api_key is not None:
-            key = headers.get("x-api-key")
-            if key is None:
-                return await reply(401, "missing API key: send header `X-API-Key: <key>`")
-            if not hmac.compare_digest(key, self.cfg.api_key.encode()):
-                return await reply(403, "wrong API key (header X-API-Key)")
         limit = self.cfg.max_body_bytes
         too_big = f"request body larger than {limit} bytes; a /generate request is a small JSON object"
         length = headers.get("content-length")

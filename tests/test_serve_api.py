@@ -266,6 +266,13 @@ def test_api_key_guards_generate_only(backend):
         assert r.status_code == 403
         r = c.post("/generate", json={"prompt": "a", "steps": 2, "width": 32, "height": 32}, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        # the key is checked before anything else: a key-less form POST was a 415 that told a caller
+        # without the key what the server accepts; with the key, the same POST is the 415
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        r = c.post("/generate", content=b"prompt=a", headers=form)
+        assert r.status_code == 401 and "X-API-Key" in r.json()["error"], r.text
+        assert c.post("/generate", content=b"prompt=a", headers=form | {"X-API-Key": "wrong"}).status_code == 403
+        assert c.post("/generate", content=b"prompt=a", headers=form | {"X-API-Key": "s3cret"}).status_code == 415
 
 
 def test_playground_page_has_prompt_sliders_button(client):
