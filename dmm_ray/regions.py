@@ -267,9 +267,15 @@ def uncovered(union: torch.Tensor, vae_scale_factor: int) -> str | None:
     if not bool(holes.any()):
         return None
     y, x = (int(v) * vae_scale_factor for v in torch.nonzero(holes)[0])
-    # a few cells (a mask's pinhole) would read "0%": the share to 2 digits, and where the first one is
+    # a few cells (a mask's pinhole) would read "0%": the share to 2 digits, and where the first one is;
+    # a few covered cells would read "100%", which says nothing is covered: tenths, rounded down, from 99.5%
     pct = float(holes.float().mean()) * 100
-    share = f"{pct:.0f}%" if pct >= 1 else f"{pct:.2g}%"
+    if pct < 1:
+        share = f"{pct:.2g}%"
+    elif pct < 99.5 or pct == 100:
+        share = f"{pct:.0f}%"
+    else:
+        share = f"{math.floor(pct * 10) / 10:.1f}%"
     return f"the regions leave {share} of the canvas uncovered ({int(holes.sum())} latent cell(s), the first at x={x}, y={y} px)"
 
 

@@ -588,6 +588,12 @@ def test_background_fills_what_the_regions_leave(pipe):
             RegionError,
             r"leave 0.39% of the canvas uncovered \(1 latent cell\(s\), the first at x=12, y=10 px\)",
         ),
+        # a region covering 1 of 256 latent cells read "100% of the canvas uncovered", as if it covered nothing
+        (
+            dict(regions=[Region(mask=torch.nn.functional.pad(torch.ones(2, 2), (12, 18, 10, 20)), style="noir")]),
+            RegionError,
+            r"leave 99.6% of the canvas uncovered \(255 latent cell\(s\)",
+        ),
         (dict(regions=[Region(box=(0.5, 0, 0.2, 1), style="noir")]), RegionError, r"region 0: box .*0 <= x0 < x1 <= 1"),
         (dict(regions=[Region(box=(0, 0, 2, 1), style="noir")]), RegionError, r"region 0: box .*fractions"),
         (dict(regions=[Region(box=ALL, mask=torch.ones(32, 32), style="noir")]), RegionError, r"region 0: .*exactly one of box"),
