@@ -275,14 +275,45 @@ def _unreadable_body_detail(cause: Optional[BaseException]) -> Optional[str]:
     return None
 
 
+# what each item of a union field's list (or value of its object) must be
+UNION_ITEM = {"prompt": "a string", "weights": "a number"}
+
+
+def _union_branch(loc: list) -> Optional[int]:
+    """Where `loc` (without "body") names a union field followed by pydantic's branch ("weights",
+    "list[float]", 0 / "regions", 1, "weights", "dict[str,float]", "neon"): the field's index in `loc`."""
+    for i in (0, 2) if loc and loc[0] == "regions" else (0,):
+        if len(loc) > i + 1 and str(loc[i]) in UNION_EXPECTED and isinstance(loc[i + 1], str) and not loc[i + 1].isdigit():
+            if i == 0 or str(loc[1]).isdigit():
+                return i
+    return None
+
+
 def _validation_message(exc: RequestValidationError, model: type = GenerateRequest) -> tuple[int, str]:
     """FastAPI's error list -> (status, one readable line per bad field); `model`: the route's body."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, _malformed_json("; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors))
-    lines = []
+    # pydantic reports a union field once per branch: {"neon": true} fails the object branch at its value and
+    # the list branch as a whole, which read as the same line twice (once "got True", once the whole object).
+    # Grouped per field: the whole value, and the items a branch refused inside it, for one line.
+    unions: dict[tuple, dict] = {}
+    lines: list = []
     for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        raw = [p for p in e.get("loc", ()) if p != "body"]
+        i = _union_branch(raw)
+        if i is not None:
+            field_loc = tuple(str(p) for p in raw[: i + 1])
+            if field_loc not in unions:
+                unions[field_loc] = {"whole": [], "items": []}
+                lines.append(field_loc)  # rendered below, where the field's first error stood
+            if len(raw) == i + 2:
+                unions[field_loc]["whole"].append(e.get("input"))
+            else:
+                item = str(raw[i]) + "".join(f"[{p!r}]" for p in raw[i + 2 :])
+                unions[field_loc]["items"].append(f"{item} is {e.get('input')!r}")
+            continue
+        loc = [str(p) for p in raw]
         name = ".".join(loc)
         if not loc:
             if e.get("type") == "missing":
@@ -303,12 +334,18 @@ def _validation_message(exc: RequestValidationError, model: type = GenerateReque
             lines.append(f"regions[{loc[1]}]: {loc[2]} {detail} (got {e.get('input')!r})")
         elif e.get("type") == "missing":
             lines.append(f"missing required field {name!r}")
-        elif loc[0] in UNION_EXPECTED and len(loc) >= 2 and not loc[1].isdigit():  # weights.list[float].0: pydantic's union branch
-            lines.append(f"{loc[0]} must be {UNION_EXPECTED[loc[0]]} (got {e.get('input')!r})")
         elif e.get("type") == "finite_number":
             lines.append(f"{name} must be a finite number (got {e.get('input')!r})")
         else:
             lines.append(f"{name}: {e.get('msg')} (got {e.get('input')!r})")
+    for n, line in enumerate(lines):
+        if isinstance(line, tuple):
+            field, group = line[-1], unions[line]
+            prefix = f"regions[{line[1]}]: " if line[0] == "regions" else ""
+            got = f"got {group['whole'][0]!r}" if group["whole"] else "got"
+            if group["items"]:
+                got += f": {', '.join(dict.fromkeys(group['items']))}, not {UNION_ITEM[field]}"
+            lines[n] = f"{prefix}{field} must be {UNION_EXPECTED[field]} ({got})"
     return 422, "; ".join(dict.fromkeys(lines))
 
 

@@ -177,6 +177,29 @@ def test_validation_errors_are_4xx_with_clear_messages(client, body, status, wor
     assert client.get("/healthz").status_code == 200  # server still up
 
 
+WEIGHTS_EXPECTED = "weights must be an object {style name: weight} or a list with one number per style"
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"weights": {"neon": True}}, f"{WEIGHTS_EXPECTED} (got {{'neon': True}}: weights['neon'] is True, not a number)"),
+        ({"weights": [True, 0, 0]}, f"{WEIGHTS_EXPECTED} (got [True, 0, 0]: weights[0] is True, not a number)"),
+        ({"weights": "x"}, f"{WEIGHTS_EXPECTED} (got 'x')"),
+        ({"prompt": ["a", 1]}, "prompt must be a string or a list of strings (got ['a', 1]: prompt[1] is 1, not a string)"),
+        (
+            {"regions": [{"box": [0, 0, 1, 1], "weights": {"neon": "x"}}]},
+            f"regions[0]: {WEIGHTS_EXPECTED} (got {{'neon': 'x'}}: weights['neon'] is 'x', not a number)",
+        ),
+    ],
+)
+def test_a_bad_union_field_is_one_message(client, body, message):
+    """pydantic reports weights (an object or a list) once per branch: {"neon": true} read as the same
+    message twice, once "(got True)" and once "(got {'neon': True})". One message, naming the bad item."""
+    r = gen(client, **body)
+    assert r.status_code == 422 and r.json()["error"] == message, r.text
+
+
 @pytest.mark.parametrize(
     "raw", [b"{not json", b'{"prompt": "a", }', b"", b"[1, 2]", b'"just a string"'], ids=["broken", "trailing", "empty", "list", "str"]
 )
