@@ -188,6 +188,11 @@ def test_region_window_and_region_decode_match_the_pipeline_and_need_regions(cli
     assert np.abs(decoded - (direct * 255).round()).max() <= 1 and np.abs(decoded - windows).max() > 1
     r = gen(client, style="neon", region_decode=True)
     assert r.status_code == 422 and "region_decode=True goes with regions" in r.json()["error"]
+    # the defaults change nothing, so they are accepted without regions (README: a client may send every
+    # field), and give the image a request without them gives
+    plain = png(gen(client, style="neon"))
+    for default in (dict(region_window="canvas"), dict(region_decode=False), dict(feather=None)):
+        assert np.array_equal(png(gen(client, style="neon", **default)), plain), default
 
 
 def test_feather_sets_the_regions_edges_and_needs_regions(client, backend):
