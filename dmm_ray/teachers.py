@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 if TYPE_CHECKING:  # torch loads with the first teacher, not with the config (dmm_ray.config imports TeacherSpec)
     import torch
@@ -76,8 +76,26 @@ class TeacherSpec(BaseModel):
             raise ValueError("a teacher's name is empty; give each teacher a non-empty name (it becomes the style name that `style=` picks)")
         return name
 
+    @model_validator(mode="after")
+    def _lora_scale_needs_a_lora(self) -> "TeacherSpec":
+        # only a LoRA is scaled (fused at lora_scale); on another format lora_scale did nothing without a word.
+        # A format left out is found from the files, so resolved_format checks that case
+        if self.format is not None:
+            self._check_lora_scale(self.format)
+        return self
+
+    def _check_lora_scale(self, fmt: str) -> None:
+        # 1.0, the default, changes nothing (and a merge record lists it for every teacher)
+        if fmt != "lora" and self.lora_scale != 1.0:
+            raise TeacherError(
+                f"teacher {self.name!r}: lora_scale {self.lora_scale:g} scales a LoRA teacher (format lora), and this one is "
+                f"format {fmt}, which has no LoRA to scale; remove lora_scale, or for a LoRA give its .safetensors file with "
+                "format: lora and base:"
+            )
+
     def resolved_format(self) -> str:
         fmt = self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)
+        self._check_lora_scale(fmt)
         source = Path(self.source)
         # a LoRA or single_file teacher is read as a safetensors file: any other file was "truncated, copy or download it again"
         if fmt == "lora" and source.suffix.lower() != ".safetensors":

@@ -169,6 +169,26 @@ def test_a_lora_teacher_that_is_no_safetensors_file_says_so(teacher_files, tiny_
         check_teacher_files([spec])
 
 
+def test_lora_scale_on_a_teacher_that_is_no_lora_is_refused(teacher_files, tiny_base_dir):
+    """lora_scale on a diffusers, single_file or ckpt teacher was ignored without a word (only a LoRA is fused
+    at a scale). Refused, naming the teacher and the key: with the config when the format is given, by the
+    file checks when it is found from the files; the default 1.0 (every merge record lists it) stays fine."""
+    from pydantic import ValidationError
+
+    from dmm_ray.teachers import check_teacher_files
+
+    root, base = teacher_files["root"], str(tiny_base_dir)
+    refused = r"teacher 'x': lora_scale 0.5 scales a LoRA teacher \(format lora\), and this one is format {}, which has no LoRA to scale"
+    with pytest.raises(ValidationError, match=refused.format("diffusers")):
+        TeacherSpec(name="x", source=str(root / "folder"), format="diffusers", lora_scale=0.5)
+    for source, fmt in ((root / "folder", "diffusers"), (root / "single.safetensors", "single_file")):  # the format found from the files
+        spec = TeacherSpec(name="x", source=str(source), base=base, lora_scale=0.5)
+        with pytest.raises(TeacherError, match=refused.format(fmt)):
+            check_teacher_files([spec])
+    lora = TeacherSpec(name="x", source=str(root / "lora" / "pytorch_lora_weights.safetensors"), base=base, lora_scale=0.5)
+    check_teacher_files([lora, TeacherSpec(name="y", source=str(root / "folder"), format="diffusers", lora_scale=1.0)])
+
+
 def test_every_teacher_with_a_problem_is_named_at_once(teacher_files, tiny_base_dir, tmp_path):
     """A config whose paths are all wrong says so once, one line per teacher, not one per run."""
     from dmm_ray.teachers import check_teacher_files
