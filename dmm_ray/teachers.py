@@ -46,6 +46,13 @@ SCHEDULER_FIELDS = ("prediction_type", "num_train_timesteps", "beta_schedule", "
 _SCHEDULER_DEFAULTS = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
 
 
+# how a pickled LoRA becomes the one .safetensors file a LoRA teacher is
+PICKLED_LORA_HINT = (
+    "a pickled .bin/.pt LoRA, which can run code when loaded, converts with "
+    "safetensors.torch.save_file(torch.load(PATH, weights_only=True), NEW.safetensors)"
+)
+
+
 class TeacherError(ValueError):
     """A teacher checkpoint is missing, corrupt, or in the wrong format."""
 
@@ -101,8 +108,7 @@ class TeacherSpec(BaseModel):
         if fmt == "lora" and source.suffix.lower() != ".safetensors":
             raise TeacherError(
                 f"teacher {self.name!r}: {source.name} is not a .safetensors file, and a LoRA teacher (format lora) is one "
-                "(a folder that save_lora_weights wrote: its pytorch_lora_weights.safetensors); a pickled .bin/.pt LoRA, which "
-                "can run code when loaded, converts with safetensors.torch.save_file(torch.load(PATH, weights_only=True), NEW.safetensors)"
+                f"(a folder that save_lora_weights wrote: its pytorch_lora_weights.safetensors); {PICKLED_LORA_HINT}"
             )
         if fmt == "single_file" and source.suffix.lower() != ".safetensors" and source.is_file():  # (a folder: scan_safetensors says so)
             raise TeacherError(
@@ -552,6 +558,15 @@ def _check_single_file(spec: TeacherSpec, base: str, models: dict, shapes: dict 
     parts = [_meta_model(base, c, models) for c in ("unet", "vae", *encoders)]
     # the base exported to the LDM layout (what dmm-ray's own export writes), as shapes
     expected = {k: tuple(v.shape) for k, v in to_ldm_state_dict(*parts).items()}
+    lora_key = next((k for k in got if "lora" in k.lower()), None)
+    if lora_key is not None:
+        # a LoRA read as a whole checkpoint (a pickled .bin LoRA is found to be format ckpt) "holds no VAE weights",
+        # which sent the user looking for a complete checkpoint
+        pickled = spec.resolved_format() == "ckpt"
+        raise TeacherError(
+            f"{who}: the file holds LoRA weights ({lora_key}, ...), not a whole checkpoint; a LoRA teacher is format: lora "
+            "with base: and one .safetensors file" + (f"; {PICKLED_LORA_HINT}" if pickled else "")
+        )
     if not any(k.startswith(tuple(LDM_VAE_KEYS)) for k in got):
         raise TeacherError(
             f"{who}: the file holds no VAE weights (no {VAE_PREFIX}* tensors); diffusers takes a single file's VAE from "

@@ -169,6 +169,24 @@ def test_a_lora_teacher_that_is_no_safetensors_file_says_so(teacher_files, tiny_
         check_teacher_files([spec])
 
 
+def test_a_lora_read_as_a_whole_checkpoint_says_it_is_a_lora(teacher_files, tiny_base_dir, tmp_path):
+    """A pickled .bin LoRA with no format (allow_pickle) is found to be a .ckpt, and a LoRA given format
+    single_file is read as one: both were refused with "the file holds no VAE weights ... use the complete
+    checkpoint", which sent the user looking for a checkpoint. The error says the file is a LoRA, what a
+    LoRA teacher is, and (for the pickled one) how to convert it."""
+    from safetensors.torch import load_file
+
+    lora = teacher_files["root"] / "lora" / "pytorch_lora_weights.safetensors"
+    torch.save(load_file(str(lora)), tmp_path / "lora.bin")
+    pickled = TeacherSpec(name="old", source=str(tmp_path / "lora.bin"), base=str(tiny_base_dir), allow_pickle=True)
+    is_a_lora = r"the file holds LoRA weights \(.*lora.*, \.\.\.\), not a whole checkpoint; a LoRA teacher is format: lora with base: and one .safetensors file"
+    with pytest.raises(TeacherError, match=rf"teacher 'old' .*: {is_a_lora}; a pickled .bin/.pt LoRA, .* converts with safetensors.torch.save_file"):
+        validate_teachers([pickled], str(tiny_base_dir))
+    as_single = TeacherSpec(name="single", source=str(lora), format="single_file", base=str(tiny_base_dir))
+    with pytest.raises(TeacherError, match=rf"teacher 'single' .*: {is_a_lora}$"):
+        validate_teachers([as_single], str(tiny_base_dir))
+
+
 def test_lora_scale_on_a_teacher_that_is_no_lora_is_refused(teacher_files, tiny_base_dir):
     """lora_scale on a diffusers, single_file or ckpt teacher was ignored without a word (only a LoRA is fused
     at a scale). Refused, naming the teacher and the key: with the config when the format is given, by the
