@@ -125,6 +125,21 @@ def check_registered_name(name: str, setting: str) -> None:
         raise TrackingError(f"{setting}: {problem}")
 
 
+def tracking_from_options(options: Mapping[str, str], **values: Any) -> TrackingConfig:
+    """A job's --track flags as a TrackingConfig (`values`: its fields, e.g. project=args.project), before any
+    work: a value it refuses (a --project with both ' and ", or ending in a backslash) is a TrackingError naming
+    the flag (`options`: field -> flag, e.g. {"project": "--project"}) in one line, not pydantic's dump naming
+    the field. The store itself is `check_tracking`'s."""
+    from pydantic import ValidationError
+
+    try:
+        return TrackingConfig(**values)
+    except ValidationError as error:
+        raise TrackingError(
+            "; ".join(f"{options.get(str(e['loc'][0]), e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
+        ) from None
+
+
 def check_tracking(tracking: TrackingConfig, uri_setting: str = "tracking.tracking_uri") -> None:
     """Before any work, an enabled tracking section's store and registry: an sqlite database's folder
     can be written (`paths.check_writable_folder`), any other store passes `check_tracking_store`.

@@ -165,9 +165,14 @@ def main(argv=None) -> int:
     tracking = None
     if args.track:
         from dmm_ray.paths import default_tracking_uri
-        from dmm_ray.tracking import TrackingConfig, check_tracking
+        from dmm_ray.tracking import check_tracking, tracking_from_options
 
-        tracking = TrackingConfig(tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project)
+        # a --project TrackingConfig refuses is a one-line error naming --project, as in weighted_merge.py
+        tracking = tracking_from_options(
+            {"tracking_uri": "--tracking-uri", "project": "--project"},
+            tracking_uri=args.tracking_uri or default_tracking_uri(),
+            project=args.project,
+        )
         check_tracking(tracking, "--tracking-uri")
 
     from dmm_ray.models.style_unet import merged_style_names

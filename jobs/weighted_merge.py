@@ -43,20 +43,16 @@ def _tracking_config(args):
     would refuse them only after the merge was written); the TrackingConfig the job logs with. A --project
     TrackingConfig refuses (both ' and ", a trailing backslash: MLflow's run search cannot find it again)
     was refused only after the merge was written, where the config was first built."""
-    from pydantic import ValidationError
-
     from dmm_ray.paths import default_tracking_uri
-    from dmm_ray.tracking import TrackingConfig, TrackingError, check_registered_name, check_tracking
+    from dmm_ray.tracking import check_registered_name, check_tracking, tracking_from_options
 
     check_registered_name(args.registered_name, "--registered-name")
-    try:
-        tracking = TrackingConfig(
-            tracking_uri=args.tracking_uri or default_tracking_uri(), project=args.project, registered_model_name=args.registered_name
-        )
-    except ValidationError as error:
-        raise TrackingError(
-            "; ".join(f"{TRACKING_OPTIONS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
-        ) from None
+    tracking = tracking_from_options(
+        TRACKING_OPTIONS,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        project=args.project,
+        registered_model_name=args.registered_name,
+    )
     check_tracking(tracking, "--tracking-uri")
     return tracking
 

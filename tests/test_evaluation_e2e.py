@@ -218,6 +218,15 @@ def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, 
     # a tracking server that never answers: the tracker was opened after the evaluation, which it then failed
     assert job.main(args + ["--track", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"]) == 2
     assert "cannot be used" in capsys.readouterr().err
+    # a --project TrackingConfig refuses was pydantic's multi-line dump naming the field `project`: one line naming --project
+    store = ["--track", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    for project, message in (
+        ("a\\", "error: --project: 'a\\\\' ends with \\"),
+        ('bob\'s "x"', "error: --project: 'bob\\'s \"x\"' holds both ' and \""),
+    ):
+        assert job.main(args + store + ["--project", project]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as exit_info:  # --project names where --track logs: alone it would be ignored
         job.main(args + ["--project", "dmm-toy"])
     assert exit_info.value.code == 2 and "--project only applies with --track" in capsys.readouterr().err
