@@ -280,3 +280,95 @@ def test_missing_style_is_a_clear_error(student):
     x, t, h = _inputs(batch=1)
     with pytest.raises(StyleError, match="no style given"):
         student(x, t, h)
+
+
+@pytest.fixture
+def two_students(tiny_components):
+    torch.manual_seed(1)
+    return StyleUNet.from_unet(tiny_components["unet"], ["a", "b"]).eval(), StyleUNet.from_unet(tiny_components["unet"], ["a", "b", "c"]).eval()
+
+
+def _siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
+
+
+def test_official_save_interrupted_between_its_renames_keeps_the_earlier_one(two_students, tmp_path, monkeypatch):
+    """save_official_unet renamed its weights, then its config, into place: a Ctrl-C between the two renames
+    left the new weights (3 styles) beside the earlier config (2 styles), and the folder no longer loaded."""
+    import os
+
+    two, three = two_students
+    folder = tmp_path / "unet"
+    save_official_unet(two, folder)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_official_unet(three, folder)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert load_official_unet(folder).style_names == ["a", "b"] and _siblings(folder) == []
+
+    save_official_unet(three, folder)  # the folder is replaced whole; what else it held stays
+    assert load_official_unet(folder).style_names == ["a", "b", "c"] and (folder / "notes.txt").read_text() == "mine"
+    assert _siblings(folder) == []
+
+
+def test_two_official_saves_into_one_folder_at_once_leave_one_whole_save(two_students, tmp_path, monkeypatch):
+    """Both saves staged under the same fixed `.tmp` names: one's weights written over the other's before it
+    renamed them in left the weights of one save beside the config of the other (and the other save failed)."""
+    import threading
+
+    from dmm_ray.models import official_format
+
+    two, three = two_students
+    folder = tmp_path / "unet"
+    real_save, first, second = official_format.save_file, threading.Event(), threading.Event()
+
+    def save_file(state, filename, metadata=None):  # A writes, then B writes, then both go on
+        if threading.current_thread().name == "A":
+            real_save(state, filename, metadata)
+            first.set()
+            second.wait(1)  # the fix lets B start only after A: A goes on after the timeout
+        else:
+            first.wait(1)  # likewise when the fix let B go first
+            real_save(state, filename, metadata)
+            second.set()
+
+    monkeypatch.setattr(official_format, "save_file", save_file)
+    errors = []
+
+    def save(unet):
+        try:
+            save_official_unet(unet, folder)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(unet,), name=name) for unet, name in ((two, "A"), (three, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    loaded = load_official_unet(folder)  # one whole save (either): its weights with its own config
+    saved = {len(u.style_names): u for u in (two, three)}[len(loaded.style_names)]
+    assert loaded.style_names == saved.style_names
+    assert torch.equal(loaded.class_embedding.codebook.weight, saved.class_embedding.codebook.weight)
+
+
+def test_official_save_refuses_a_file_and_keeps_a_link(student, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="it is a file"):
+        save_official_unet(student, tmp_path / "file")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    save_official_unet(student, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and load_official_unet(tmp_path / "real").style_names == STYLES
