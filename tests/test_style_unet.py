@@ -372,3 +372,20 @@ def test_official_save_refuses_a_file_and_keeps_a_link(student, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     save_official_unet(student, tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and load_official_unet(tmp_path / "real").style_names == STYLES
+
+
+@pytest.mark.parametrize("film,rank", [(False, 0), (True, 2)], ids=["paper", "film+adapters"])
+def test_layerwise_casting_to_another_compute_dtype_runs_like_a_stock_unet(tiny_components, film, rank):
+    """enable_layerwise_casting(storage fp8, compute bf16) on a float32 model: the codebook keeps float32
+    (read outside any layer's forward) and its rows met the MLP's bf16 weights ("mat1 and mat2 must have the
+    same dtype"), where the stock UNet runs. The style rows now take the sample's dtype, as class labels do."""
+    torch.manual_seed(1)
+    student = StyleUNet.from_unet(tiny_components["unet"], STYLES, style_film=film, adapter_rank=rank).eval()
+    student.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert student.class_embedding.codebook.weight.dtype == torch.float32
+    x, t, h = (v.bfloat16() if v.is_floating_point() else v for v in _inputs(batch=2))
+    with torch.no_grad():
+        by_id = student(x, t, h, style_ids=torch.tensor([0, 1])).sample
+        by_weights = student(x, t, h, style_weights=torch.eye(3)[[0, 1]]).sample
+    assert by_id.dtype == torch.bfloat16 and torch.isfinite(by_id).all()
+    assert torch.equal(by_id, by_weights)

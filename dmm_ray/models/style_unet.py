@@ -418,6 +418,10 @@ class StyleUNet(UNet2DConditionModel):
             if sample.shape[0] % embeds.shape[0]:
                 raise StyleError(f"{embeds.shape[0]} style rows for a batch of {sample.shape[0]}")
             embeds = embeds.repeat(sample.shape[0] // embeds.shape[0], 1)
+        # e~ in the sample's dtype, as diffusers casts its own class labels: under layerwise casting (a float32 model
+        # stored in fp8, computed in bf16) the codebook keeps float32 and its rows met the MLP's bf16 weights
+        # ("mat1 and mat2 must have the same dtype"), where a stock UNet runs. A no-op when the dtypes agree.
+        embeds = embeds.to(sample.dtype)
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=embeds, added_cond_kwargs=added_cond_kwargs or None, **kwargs)
 
 
