@@ -389,3 +389,16 @@ def test_layerwise_casting_to_another_compute_dtype_runs_like_a_stock_unet(tiny_
         by_weights = student(x, t, h, style_weights=torch.eye(3)[[0, 1]]).sample
     assert by_id.dtype == torch.bfloat16 and torch.isfinite(by_id).all()
     assert torch.equal(by_id, by_weights)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([0.9, 1.5, 0.0]), torch.tensor([True, False, True])], ids=["fractional", "bool"])
+def test_style_ids_that_are_no_whole_indices_are_refused(student, ids):
+    """`.long()` turned style_ids 0.9 into style 0 and 1.5 into style 1 (a mixture passed as ids ran as other
+    styles), and a bool mask into styles 1/0, without a word. Whole-valued float ids still select their style."""
+    x, t, h = _inputs()
+    with pytest.raises(StyleError, match="whole style indices"):
+        student(x, t, h, style_ids=ids)
+    with torch.no_grad():
+        assert torch.equal(
+            student(x, t, h, style_ids=torch.tensor([2.0, 0.0, 1.0])).sample, student(x, t, h, style_ids=torch.tensor([2, 0, 1])).sample
+        )

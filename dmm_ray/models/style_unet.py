@@ -297,6 +297,14 @@ class StyleUNet(UNet2DConditionModel):
             raise StyleError("give exactly one of style_ids, style_weights, style_embeds")
         codebook = self.class_embedding.codebook.weight  # (N, d)
         if style_ids is not None:
+            style_ids = torch.as_tensor(style_ids)
+            # `.long()` truncated a fractional id (0.9 -> style 0) and read a bool mask as ids, silently
+            fractional = style_ids.is_floating_point() and not torch.equal(style_ids, style_ids.round())
+            if style_ids.dtype == torch.bool or fractional or style_ids.is_complex():
+                raise StyleError(
+                    f"style_ids must be whole style indices in [0, {self.num_styles}), got {style_ids.dtype} {style_ids.flatten()[:8].tolist()}; "
+                    f"for a mixture pass style_weights (B, {self.num_styles}); known styles: {self.style_names}"
+                )
             style_ids = style_ids.to(codebook.device).long().reshape(-1)
             if style_ids.numel() and (style_ids.min() < 0 or style_ids.max() >= self.num_styles):
                 raise StyleError(f"style ids must be in [0, {self.num_styles}); known styles: {self.style_names}")
