@@ -402,3 +402,14 @@ def test_style_ids_that_are_no_whole_indices_are_refused(student, ids):
         assert torch.equal(
             student(x, t, h, style_ids=torch.tensor([2.0, 0.0, 1.0])).sample, student(x, t, h, style_ids=torch.tensor([2, 0, 1])).sample
         )
+
+
+def test_official_config_with_a_key_this_diffusers_does_not_know_loads(student, tmp_path):
+    """load_official_unet built the UNet with StyleUNet(**config): a config key this diffusers' UNet does not take
+    (one a newer diffusers writes) failed with a bare TypeError, where diffusers' loaders drop it with a warning."""
+    save_official_unet(student, tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, "a_newer_diffusers_option": True}))
+    loaded = load_official_unet(tmp_path / "unet")
+    assert loaded.style_names == STYLES
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in student.state_dict().items())

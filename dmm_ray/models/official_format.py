@@ -102,7 +102,9 @@ def load_official_unet(folder: str | Path) -> StyleUNet:
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     state_dict, our_config = official_to_ours(_official_state_dict(folder), config)
-    unet = StyleUNet(**our_config)
+    # from_config, diffusers' own rule for a config: a key this diffusers' UNet does not take (one a newer diffusers
+    # wrote) is dropped with a warning; StyleUNet(**config) failed on it with a bare TypeError
+    unet = StyleUNet.from_config(our_config)
     unet.load_state_dict(state_dict, strict=True)
     return unet.eval()
 
