@@ -413,3 +413,17 @@ def test_official_config_with_a_key_this_diffusers_does_not_know_loads(student, 
     loaded = load_official_unet(tmp_path / "unet")
     assert loaded.style_names == STYLES
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_official_loader_names_the_loader_for_a_dmm_ray_merged_model_and_a_missing_num_models(student, tmp_path):
+    """from_official / load_official_unet on a dmm-ray merged model (a StyleUNet in diffusers' layout) said
+    "not a DMM checkpoint", naming no loader that reads it; an official config without num_models was a bare KeyError."""
+    student.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="dmm-ray merged model.*load_dmm_pipeline"):
+        load_official_unet(tmp_path / "ours")
+    save_official_unet(student, tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    del config["num_models"]
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_models .* must be a whole number >= 1, got None"):
+        load_official_unet(tmp_path / "unet")

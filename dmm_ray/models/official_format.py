@@ -38,10 +38,18 @@ def _mlp_prefix(is_xl: bool) -> str:
 def official_to_ours(state_dict: dict, config: dict) -> tuple[dict, dict]:
     """Map an official DMM UNet (state dict, config) to StyleUNet's (state dict, config)."""
     kind = config.get("addition_embed_type")
+    if kind not in ("model_merge", "model_merge_xl") and config.get("style_names"):
+        # a dmm-ray merged model (StyleUNet) is a DMM model too, in diffusers' own layout: "not a DMM checkpoint" misled
+        raise ValueError(
+            "this is a dmm-ray merged model (its UNet config has style_names), not the official DMM layout: load it with "
+            "dmm_ray.pipeline.load_dmm_pipeline(path) or DMMPipeline.from_pretrained(path), its UNet with StyleUNet.from_pretrained"
+        )
     if kind not in ("model_merge", "model_merge_xl"):
         raise ValueError(f"not a DMM checkpoint: addition_embed_type is {kind!r}, expected 'model_merge' or 'model_merge_xl'")
     is_xl = kind == "model_merge_xl"
-    num_models = int(config["num_models"])
+    if not isinstance(config.get("num_models"), int) or isinstance(config["num_models"], bool) or config["num_models"] < 1:
+        raise ValueError(f"DMM checkpoint config: num_models (how many style prompts) must be a whole number >= 1, got {config.get('num_models')!r}")
+    num_models = config["num_models"]
     config = {k: v for k, v in config.items() if k not in ("num_models", "_class_name", "_diffusers_version")}
     config["addition_embed_type"] = "text_time" if is_xl else None
     config.setdefault("style_names", [f"style_{i}" for i in range(num_models)])
