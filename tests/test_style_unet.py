@@ -427,3 +427,11 @@ def test_official_loader_names_the_loader_for_a_dmm_ray_merged_model_and_a_missi
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="num_models .* must be a whole number >= 1, got None"):
         load_official_unet(tmp_path / "unet")
+
+
+@pytest.mark.parametrize("names", [["x", "y", "z"], ["x", "y"]], ids=["same-n", "other-n"])
+def test_from_unet_refuses_a_style_unet(student, names):
+    """from_unet(a StyleUNet) copied its codebook and MLP as base weights (the same N: the old styles' rows under
+    the new names, "only the codebook and MLP are new" broken) or failed with torch's size mismatch (another N)."""
+    with pytest.raises(ValueError, match="already a StyleUNet.*add_styles"):
+        StyleUNet.from_unet(student, names)

@@ -231,6 +231,13 @@ class StyleUNet(UNet2DConditionModel):
         `style_adapters.init_from_teachers` sets them from the teachers)."""
         if style_init not in ("random", "zero"):
             raise ValueError(f"style_init must be 'random' or 'zero', got {style_init!r}")
+        if isinstance(inner_unet(unet), StyleUNet):
+            # its codebook and MLP were copied as "base" weights (same N: the old styles' rows under the new names,
+            # style_init ignored) or failed with torch's size mismatch (other N), its adapters as unexpected keys
+            raise ValueError(
+                f"from_unet wraps a base UNet; this one is already a StyleUNet (styles {unet.style_names}): add styles "
+                "with its add_styles(names) (incremental merge), or wrap the base model's UNet"
+            )
         config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
         for key in STYLE_CONFIG_KEYS:
             config.pop(key, None)
