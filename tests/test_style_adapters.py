@@ -422,3 +422,23 @@ def test_the_codebooks_pseudo_inverse_is_kept_between_forwards_and_follows_every
     style.codebook.weight.data.copy_(torch.randn_like(style.codebook.weight))
     got, fresh = weights_now(w4)
     assert torch.equal(got, fresh)
+
+
+def test_init_from_teachers_names_a_teacher_of_another_architecture():
+    """A teacher whose adapted layers are shaped otherwise than the base's failed with torch's "The size of tensor
+    a (16) must match the size of tensor b (32)", and one missing a layer with a bare KeyError, naming neither the
+    teacher nor the layer."""
+    from diffusers import UNet2DConditionModel
+
+    from dmm_ray import StyleUNet
+    from dmm_ray.models.style_adapters import init_from_teachers
+    from dmm_ray.tiny import tiny_unet_config
+
+    base = UNet2DConditionModel(**tiny_unet_config())
+    student = StyleUNet.from_unet(base, ["a", "b"], adapter_rank=2)
+    other = UNet2DConditionModel(**tiny_unet_config(block_out_channels=(16, 32)))
+    with pytest.raises(ValueError, match=r"style 'b': conv_in.weight is \(16, 4, 3, 3\), the base's is \(32, 4, 3, 3\)"):
+        init_from_teachers(student, base.state_dict(), [None, other.state_dict()])
+    missing = {k: v for k, v in base.state_dict().items() if not k.startswith("conv_out.")}
+    with pytest.raises(ValueError, match="style 'a' has no conv_out.weight"):
+        init_from_teachers(student, base.state_dict(), [missing])

@@ -264,6 +264,7 @@ def init_from_teachers(
         if state is None:
             continue
         total = captured = 0.0
+        _check_teacher_layers(student, base_state, state, student.style_names[first_style + j])
         for name in student.config.style_adapter_modules:
             adapter = adapters[adapter_key(name)]
             w0, wt = base_state[name + ".weight"], state[name + ".weight"]
@@ -277,3 +278,22 @@ def init_from_teachers(
             captured += full - ((wt.float() - w0.float()).flatten(1) - up @ down.flatten(1)).pow(2).sum().item()
         kept[student.style_names[first_style + j]] = captured / total if total else 1.0
     return kept
+
+
+def _check_teacher_layers(student, base_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], style: str) -> None:
+    """Every adapted layer's weight and bias in the teacher's state dict, shaped as the base's: a teacher of
+    another architecture failed with torch's "size of tensor a (16) must match ..." (or a bare KeyError),
+    naming neither the teacher nor the layer."""
+    for name in student.config.style_adapter_modules:
+        for key in (name + ".weight", name + ".bias"):
+            if key not in base_state:
+                continue  # a layer without bias
+            if key not in state:
+                raise ValueError(
+                    f"teacher of style {style!r} has no {key}, which the style adapters adapt: it is not a UNet of the base's architecture"
+                )
+            if tuple(state[key].shape) != tuple(base_state[key].shape):
+                raise ValueError(
+                    f"teacher of style {style!r}: {key} is {tuple(state[key].shape)}, the base's is {tuple(base_state[key].shape)}: "
+                    "a teacher must share the base's UNet architecture (dmm_ray.teachers.validate_teachers checks it)"
+                )
