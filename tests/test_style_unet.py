@@ -435,3 +435,18 @@ def test_from_unet_refuses_a_style_unet(student, names):
     the new names, "only the codebook and MLP are new" broken) or failed with torch's size mismatch (another N)."""
     with pytest.raises(ValueError, match="already a StyleUNet.*add_styles"):
         StyleUNet.from_unet(student, names)
+
+
+def test_style_adapters_refuse_more_styles_than_the_codebook_is_wide(tiny_components):
+    """The adapters read each sample's style weights back from e~ by least squares against the codebook (N x d):
+    with N > d (129 styles on the toy's d = 128) the rows are dependent and every style's adapters ran a blend of
+    other styles' deltas, without a word. Refused at construction and in add_styles; without adapters N > d is fine."""
+    unet = tiny_components["unet"]
+    d = unet.time_embedding.linear_2.out_features
+    with pytest.raises(ValueError, match=f"{d + 1} styles with style adapters.*at most {d}"):
+        StyleUNet.from_unet(unet, [f"s{i}" for i in range(d + 1)], adapter_rank=1)
+    student = StyleUNet.from_unet(unet, [f"s{i}" for i in range(d)], adapter_rank=1)
+    with pytest.raises(ValueError, match=f"{d + 1} styles with style adapters"):
+        student.add_styles(["one more"])
+    assert student.num_styles == d
+    assert StyleUNet.from_unet(unet, [f"s{i}" for i in range(d + 1)]).num_styles == d + 1
