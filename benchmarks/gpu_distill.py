@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from dmm_ray.console import int_list, int_list_or_none  # noqa: E402
+
 
 def build(
     k: int,
@@ -202,9 +204,10 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny UNets on CPU (seconds): the test suite's check that this runs")
-    parser.add_argument("--ks", default="1,4,8", help="teachers per worker to measure (full teachers)")
-    parser.add_argument("--lora-ks", default="4,8", help="also: k LoRA teachers as adapters on one shared base ('' to skip)")
-    parser.add_argument("--offload-ks", default="8", help="also: k full teachers offloaded to CPU RAM ('' to skip)")
+    # parsed here, so a bad entry (`--ks 1,x`, `--ks 0`) is a usage error before anything is built
+    parser.add_argument("--ks", type=int_list, default="1,4,8", help="teachers per worker to measure (full teachers)")
+    parser.add_argument("--lora-ks", type=int_list_or_none, default="4,8", help="also: k LoRA teachers as adapters on one shared base ('' to skip)")
+    parser.add_argument("--offload-ks", type=int_list_or_none, default="8", help="also: k full teachers offloaded to CPU RAM ('' to skip)")
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="rows per step, split evenly among the k teachers")
     parser.add_argument("--rows-per-style", type=int, default=None, help="instead: rows per teacher (rows per step = k x this)")
@@ -227,8 +230,7 @@ def main(argv=None) -> int:
     elif not args.tiny:
         print("warning: no GPU; SD1.5-size UNets on CPU are very slow (use --tiny for a quick check)", flush=True)
     results = []
-    runs = [(int(x), "full") for x in args.ks.split(",") if x] + [(int(x), "lora") for x in args.lora_ks.split(",") if x]
-    runs += [(int(x), "offload") for x in args.offload_ks.split(",") if x]
+    runs = [(k, "full") for k in args.ks] + [(k, "lora") for k in args.lora_ks] + [(k, "offload") for k in args.offload_ks]
     for k, kind in runs:
         r = measure(k, args, device, kind)
         print(
@@ -238,7 +240,8 @@ def main(argv=None) -> int:
         )
         results.append(r)
     print(table(results))
-    if args.json:
+    if args.json:  # a folder not there yet is made: writing into it failed after every k was measured
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": str(device), "args": vars(args), "results": results}, indent=2))
     return 0
 

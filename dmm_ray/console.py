@@ -30,6 +30,11 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def int_list_or_none(text: str) -> list[int]:
+    """int_list, where an empty value means "none" (`--lora-ks ''` skips those runs) instead of an error."""
+    return int_list(text) if text.strip() else []
+
+
 def add_verbose_argument(parser) -> None:
     parser.add_argument(
         "--verbose",

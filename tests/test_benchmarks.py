@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import runpy
 import shlex
@@ -327,3 +328,36 @@ def test_fast_fidt_takes_the_teachers_the_few_step_folder_records_when_its_merge
     (fast / "dmm_merge.json").unlink()
     assert model_teachers(cfg, fast) == ["the config's teachers"]
     assert f"neither {fast} nor the merged model it came from ({tmp_path / 'moved' / 'merged'}) record its teachers" in capsys.readouterr().err
+
+
+def test_gpu_distill_refuses_a_bad_k_before_building_and_makes_the_json_folder(tmp_path, monkeypatch, capsys):
+    """`--ks 1,x` was a ValueError traceback and `--ks 0` a ZeroDivisionError in the first build: usage errors
+    now; `--lora-ks ''` still skips. `--json` into a folder not there yet failed with FileNotFoundError after
+    every k had been measured (minutes of GPU time lost): the folder is made."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_distill
+
+    for argv in (["--ks", "1,x"], ["--ks", "0"], ["--lora-ks", "2,-1"]):
+        with pytest.raises(SystemExit) as stop:
+            gpu_distill.main(["--tiny", *argv])
+        assert stop.value.code == 2 and "expected comma-separated positive integers" in capsys.readouterr().err, argv
+    measured = []
+
+    def fake_measure(k, args, device, kind="full"):
+        measured.append((k, kind))
+        return {
+            "k": k,
+            "teachers": kind,
+            "rows_per_style": 1,
+            "rows_per_step": k,
+            "samples_per_s": 1.0,
+            "s_per_step": 1.0,
+            "peak_gib": 1.0,
+            "build_s": 0.0,
+        }
+
+    monkeypatch.setattr(gpu_distill, "measure", fake_measure)
+    out = tmp_path / "not" / "yet" / "r.json"
+    assert gpu_distill.main(["--tiny", "--ks", "1,2", "--lora-ks", "", "--offload-ks", "2", "--json", str(out)]) == 0
+    assert measured == [(1, "full"), (2, "full"), (2, "offload")]
+    assert [r["k"] for r in json.loads(out.read_text())["results"]] == [1, 2, 2]
