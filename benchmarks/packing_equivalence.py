@@ -35,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LAYOUTS = {8: 1, 4: 2, 1: 8}  # k -> W for the zoo's 8 teachers
+from dmm_ray.console import int_list  # noqa: E402
+
+TEACHERS = 8  # the zoo's: k teachers per worker on W = 8 / k workers
 SD15_LORA_RANK = 64  # the planner's README row: 4 LoRA teachers of SD1.5 at rank 64
 QUICK = ["synthesis.images_per_teacher=32", "evaluation.num_prompts=4", "evaluation.images_per_prompt=2"]
 
@@ -290,7 +292,7 @@ def lora_memory(arch: str = "toy", work: Path | None = None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="folder for the three merges and equivalence.json")
-    parser.add_argument("--ks", default="8,4,1", help="teachers per worker to compare (W = 8 / k)")
+    parser.add_argument("--ks", type=int_list, default="8,4,1", help="teachers per worker to compare (W = 8 / k)")
     parser.add_argument("--steps", type=int, default=None, help="distill steps (default: the toy preset's 180)")
     parser.add_argument("--quick", action="store_true", help="small synthesis and evaluation sets (a plumbing check)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides for every layout")
@@ -334,16 +336,17 @@ def main(argv=None) -> int:
         result = run_one(args.one, out, args.steps, extra)
         (out / f"k{args.one}.json").write_text(json.dumps(result, indent=2))
         return 0
+    uneven = [k for k in args.ks if TEACHERS % k]
+    if uneven and not args.compare_only:  # refused before the first merge, not after the ones listed before it ran
+        parser.error(f"--ks: {', '.join(map(str, uneven))} does not divide the zoo's {TEACHERS} teachers into equal groups (use 8, 4, 2 or 1)")
     results = []
-    for k in [int(x) for x in args.ks.split(",")]:
+    for k in args.ks:
         if args.compare_only:
             results.append(json.loads((out / f"k{k}.json").read_text()))
             continue
-        if k not in LAYOUTS:
-            parser.error(f"--ks: {k} does not divide the zoo's 8 teachers into equal groups (use 8, 4, 2 or 1)") if 8 % k else None
         cmd = [sys.executable, __file__, "--out", str(out), "--one", str(k)] + (["--steps", str(args.steps)] if args.steps else [])
         cmd += (["--quick"] if args.quick else []) + [x for o in args.overrides for x in ("--set", o)]
-        print(f"== k = {k} (W = {8 // k}): {' '.join(cmd)}", flush=True)
+        print(f"== k = {k} (W = {TEACHERS // k}): {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         results.append(json.loads((out / f"k{k}.json").read_text()))
     summary = compare(results)

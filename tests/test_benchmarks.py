@@ -361,3 +361,33 @@ def test_gpu_distill_refuses_a_bad_k_before_building_and_makes_the_json_folder(t
     assert gpu_distill.main(["--tiny", "--ks", "1,2", "--lora-ks", "", "--offload-ks", "2", "--json", str(out)]) == 0
     assert measured == [(1, "full"), (2, "full"), (2, "offload")]
     assert [r["k"] for r in json.loads(out.read_text())["results"]] == [1, 2, 2]
+
+
+def _packing_equivalence_merges_started(monkeypatch, tmp_path, argv) -> list[int]:
+    """packing_equivalence.main(argv) with its merge subprocesses faked: the k of each merge started."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import packing_equivalence
+
+    started = []
+
+    def fake_run(cmd, check, env):
+        k = int(cmd[cmd.index("--one") + 1])
+        started.append(k)
+        (tmp_path / f"k{k}.json").write_text(json.dumps({"k": k}))
+
+    monkeypatch.setattr(packing_equivalence.subprocess, "run", fake_run)
+    monkeypatch.setattr(packing_equivalence, "compare", lambda results: {"reference_k": 8, "layouts": []})
+    with pytest.raises(SystemExit) as stop:
+        packing_equivalence.main(["--out", str(tmp_path), *argv])
+    assert stop.value.code == 2
+    return started
+
+
+@pytest.mark.parametrize(
+    "ks, message", [("8,3", "--ks: 3 does not divide"), ("8,x", "expected comma-separated"), ("8,0", "expected comma-separated")]
+)
+def test_packing_equivalence_refuses_a_bad_k_before_the_first_merge(ks, message, tmp_path, monkeypatch, capsys):
+    """`--ks 8,3` ran the k = 8 merge (minutes) before refusing 3; `--ks 8,x` was a ValueError traceback and
+    `--ks 8,0` a ZeroDivisionError after the k = 8 merge. All are usage errors before any merge starts."""
+    assert _packing_equivalence_merges_started(monkeypatch, tmp_path, ["--ks", ks]) == []
+    assert message in capsys.readouterr().err
