@@ -169,7 +169,8 @@ def table(summary: dict) -> str:
             f"{f(r.get('FIDt_rel_diff_vs_ref'), '+.1%')} |"
         )
     if "throughput_ratio_kmax_vs_k1" in summary:
-        lines.append(f"\nthroughput k={summary['reference_k']} (W=1) / k=1 (W=8): {summary['throughput_ratio_kmax_vs_k1']:.2f}x")
+        workers = {r["k"]: r["W"] for r in summary["layouts"]}  # each run's own W (--ks 4,1: k = 4 ran on 2, not 1)
+        lines.append(f"\nthroughput k={ref} (W={workers[ref]}) / k=1 (W={workers[1]}): {summary['throughput_ratio_kmax_vs_k1']:.2f}x")
     return "\n".join(lines)
 
 

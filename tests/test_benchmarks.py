@@ -391,3 +391,25 @@ def test_packing_equivalence_refuses_a_bad_k_before_the_first_merge(ks, message,
     `--ks 8,0` a ZeroDivisionError after the k = 8 merge. All are usage errors before any merge starts."""
     assert _packing_equivalence_merges_started(monkeypatch, tmp_path, ["--ks", ks]) == []
     assert message in capsys.readouterr().err
+
+
+def test_packing_equivalence_names_each_layouts_own_worker_count():
+    """The throughput line said 'k=4 (W=1) / k=1 (W=8)' for --ks 4,1, whose k = 4 merge ran on W = 2."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import packing_equivalence
+
+    runs = [
+        {
+            "k": k,
+            "workers": w,
+            "steps": 2,
+            "samples_per_s": s,
+            "peak_rss_mb_rank0": 1.0,
+            "curves": {},
+            "FIDt": None,
+            "ratio": None,
+            "distill_seconds": 1.0,
+        }
+        for k, w, s in ((4, 2, 3.0), (1, 8, 1.5))
+    ]
+    assert packing_equivalence.table(packing_equivalence.compare(runs)).splitlines()[-1] == "throughput k=4 (W=2) / k=1 (W=8): 2.00x"
