@@ -261,7 +261,7 @@ def lora_cost(args, merged: Path) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     out: dict = {"adapter": str(lora)}
-    fractions = [float(f) for f in args.lora_fractions.split(",")]
+    fractions = args.lora_fractions
     for rep, frac in [(r, f) for r in range(args.lora_repeats) for f in fractions]:  # interleaved: load drifts hit all
         name = f"lora{int(round(frac * 100))}r{rep}"
         serve.run(
@@ -303,6 +303,18 @@ def lora_cost(args, merged: Path) -> dict:
     return out
 
 
+def fraction_list(text: str) -> list[float]:
+    """argparse `type=` for --lora-fractions (`0,0.5,1`): shares of requests, each in [0, 1]. Parsed with the
+    other options, so a bad entry is a usage error before Ray starts, not a ValueError traceback after."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares of requests between 0 and 1, e.g. 0,0.5,1; got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, help="toy zoo folder with zoo.yaml (teachers); default: tiny models built in code")
@@ -320,6 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument(
         "--lora-fractions",
+        type=fraction_list,
         help="comma-separated shares of requests that name a preloaded LoRA adapter (e.g. 0,0.5): measure only the merged deployment at each",
     )
     p.add_argument(

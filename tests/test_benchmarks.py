@@ -413,3 +413,19 @@ def test_packing_equivalence_names_each_layouts_own_worker_count():
         for k, w, s in ((4, 2, 3.0), (1, 8, 1.5))
     ]
     assert packing_equivalence.table(packing_equivalence.compare(runs)).splitlines()[-1] == "throughput k=4 (W=2) / k=1 (W=8): 2.00x"
+
+
+@pytest.mark.parametrize("fractions", ["0,half", "0,1.5", ""])
+def test_serve_styles_refuses_bad_lora_fractions_before_ray_starts(fractions, monkeypatch, capsys):
+    """`--lora-fractions 0,half` was read after Ray and Serve had started (about a minute on a busy machine),
+    then a ValueError traceback; `0,1.5` (a share of requests above 1) was taken as is. Usage errors now."""
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before --lora-fractions was checked")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(sys, "argv", ["serve_styles.py", "--lora-fractions", fractions])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "benchmarks/serve_styles.py"), run_name="__main__")
+    assert stop.value.code == 2 and "expected comma-separated shares of requests between 0 and 1" in capsys.readouterr().err
