@@ -46,7 +46,6 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    import yaml
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from dmm_ray.evaluation.config import SamplerConfig
@@ -55,11 +54,12 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.generation import generate_images
     from dmm_ray.export import bake, export_pipeline, provenance, write_config_folder
     from dmm_ray.pipeline import load_dmm_pipeline
+    from dmm_ray.zoo.manifest import load_zoo_manifest
 
     torch.set_num_threads(args.threads)
-    zoo = yaml.safe_load((args.zoo / "zoo.yaml").read_text())
-    prompts = [line.strip() for line in (args.zoo / zoo["eval_prompts"]).read_text().splitlines() if line.strip()][: args.prompts]
-    extractor = ZooFeatureExtractor(args.zoo / zoo["feature_net"], device="cpu")
+    zoo = load_zoo_manifest(args.zoo)  # its paths by the jobs' rule (`~`, `$DMM_HOME`), not joined to --zoo as written
+    prompts = [line.strip() for line in zoo.eval_prompts.read_text().splitlines() if line.strip()][: args.prompts]
+    extractor = ZooFeatureExtractor(zoo.feature_net, device="cpu")
     sampler = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt="")
     k = args.images_per_prompt
     pairs = [(pr, i * k + j) for i, pr in enumerate(prompts) for j in range(k)]

@@ -51,14 +51,14 @@ H, W = 32, 64
 def _load(model: str, zoo: Path):
     from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.zoo.feature_net import ZooFeatureNet
-    from dmm_ray.zoo.report import load_manifest
+    from dmm_ray.zoo.manifest import load_zoo_manifest
 
     pipe = load_dmm_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    manifest = load_manifest(zoo)
-    net = ZooFeatureNet.from_pretrained(str(zoo / manifest["feature_net"])).eval()
-    prompts = [line.strip() for line in (zoo / manifest["eval_prompts"]).read_text().splitlines() if line.strip()]
-    distinct = [t["name"] for t in manifest["teachers"] if t.get("group") == "distinct"]
+    manifest = load_zoo_manifest(zoo)  # its paths by the jobs' rule (`~`, `$DMM_HOME`), not joined to --zoo as written
+    net = ZooFeatureNet.from_pretrained(str(manifest.feature_net)).eval()
+    prompts = [line.strip() for line in manifest.eval_prompts.read_text().splitlines() if line.strip()]
+    distinct = [t["name"] for t in manifest.raw["teachers"] if t.get("group") == "distinct"]
     return pipe, net, prompts, distinct, manifest
 
 
@@ -113,11 +113,11 @@ def teacher_renders(zoo: Path, names: list[str], prompts, seeds, batch) -> dict[
     return out
 
 
-def teacher_head(net, zoo: Path, manifest: dict, n_images: int, batch: int):
+def teacher_head(net, zoo: Path, manifest, n_images: int, batch: int):
     """The zoo feature net fit to classify the teachers' renders of training captions (seeds 10000+), both crops."""
     from dmm_ray.zoo.feature_net import fit_style_classifier
 
-    rows = [json.loads(line) for line in (zoo / manifest["dataset"] / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (manifest.dataset / "manifest.jsonl").read_text().splitlines() if line.strip()]
     captions = list(dict.fromkeys(r["caption"] for r in rows))[:n_images]  # training captions, never the held-out ones
     seeds = [10_000 + i for i in range(len(captions))]
     names = net.label_names["style"]  # none + every zoo style: the head's own label space

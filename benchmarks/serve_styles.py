@@ -70,17 +70,11 @@ def build_tiny_world(root: Path, num_styles: int) -> tuple[Path, dict[str, dict]
 
 
 def zoo_teachers(zoo: Path) -> dict[str, dict]:
-    import yaml
+    """The zoo's teachers by name, read as every job reads zoo.yaml (its paths expand `~` and `$DMM_HOME`;
+    a file teacher without its own base takes the zoo's): joined to the zoo folder here, they did not."""
+    from dmm_ray.zoo.manifest import load_zoo_manifest
 
-    from dmm_ray.teachers import TeacherSpec
-
-    manifest = yaml.safe_load((zoo / "zoo.yaml").read_text())
-    fields = set(TeacherSpec.model_fields)  # the manifest may carry zoo-only keys (group, ...)
-    specs = [TeacherSpec(**{k: v for k, v in t.items() if k in fields}).resolve_paths(zoo) for t in manifest["teachers"]]
-    if manifest.get("base"):
-        base = str(zoo / manifest["base"]) if not Path(manifest["base"]).is_absolute() else manifest["base"]
-        specs = [s if s.base is not None or s.resolved_format() == "diffusers" else s.model_copy(update={"base": base}) for s in specs]
-    return {s.name: s.model_dump() for s in specs}
+    return {s.name: s.model_dump() for s in load_zoo_manifest(zoo).teachers}
 
 
 # ---- the multiplexed alternative ------------------------------------------------------------

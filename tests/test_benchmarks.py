@@ -429,3 +429,25 @@ def test_serve_styles_refuses_bad_lora_fractions_before_ray_starts(fractions, mo
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(REPO / "benchmarks/serve_styles.py"), run_name="__main__")
     assert stop.value.code == 2 and "expected comma-separated shares of requests between 0 and 1" in capsys.readouterr().err
+
+
+def test_the_benchmarks_read_zoo_yaml_paths_by_the_jobs_rule(tiny_base_dir, tmp_path, monkeypatch):
+    """zoo.yaml's paths expand `~` and `$DMM_HOME` (README, as in a merge config), but serve_styles.py
+    (the zoo's base, for a file teacher without its own), export_check.py, regions.py and the zoo report's
+    load_base_pipeline joined them to the zoo folder as written: <zoo>/$DMM_HOME/base. They all read
+    zoo.yaml through dmm_ray.zoo.manifest.load_zoo_manifest now."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve_styles
+
+    from dmm_ray.zoo.report import load_base_pipeline
+
+    home, zoo = tmp_path / "home", tmp_path / "zoo"
+    home.mkdir(), zoo.mkdir()
+    (home / "base").symlink_to(tiny_base_dir)
+    monkeypatch.setenv("DMM_HOME", str(home))
+    (zoo / "zoo.yaml").write_text("base: $DMM_HOME/base\nteachers: [{name: cool, format: lora, source: $DMM_HOME/cool.safetensors}]\n")
+    assert serve_styles.zoo_teachers(zoo)["cool"]["base"] == str(home / "base")
+    assert load_base_pipeline(zoo).unet.config.in_channels == 4
+    for script in ("export_check", "regions"):  # both need a merged model and a trained feature net to run
+        source = (REPO / "benchmarks" / f"{script}.py").read_text()
+        assert "load_zoo_manifest(" in source and 'manifest["' not in source and 'zoo["' not in source, script
