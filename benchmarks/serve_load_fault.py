@@ -282,7 +282,8 @@ def main(argv=None) -> int:
         problems = check(report)
         report["problems"] = problems
         print(dumps(report))
-        if args.out:
+        if args.out:  # a folder not there yet is made: writing into it failed after the whole run
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(dumps(report))
         return 1 if problems else 0
     finally:

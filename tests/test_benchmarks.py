@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import re
 import runpy
@@ -451,3 +452,32 @@ def test_the_benchmarks_read_zoo_yaml_paths_by_the_jobs_rule(tiny_base_dir, tmp_
     for script in ("export_check", "regions"):  # both need a merged model and a trained feature net to run
         source = (REPO / "benchmarks" / f"{script}.py").read_text()
         assert "load_zoo_manifest(" in source and 'manifest["' not in source and 'zoo["' not in source, script
+
+
+def test_serve_load_fault_writes_out_into_a_folder_not_there_yet(tmp_path, monkeypatch):
+    """`--out DIR/r.json` with DIR missing ran the whole load and fault run (minutes), then failed with
+    FileNotFoundError and no report; serve_styles.py and export_check.py make the folder, so does it now.
+    Ray, Serve and the run itself are faked here: only what main() does with the report is real."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import httpx
+    import ray
+    import serve_load_fault
+    from ray import serve as ray_serve
+
+    serve_app = importlib.import_module("serve.app")  # the module: the package's `app` attribute is the Serve app
+
+    for module, name in [
+        (ray, "init"),
+        (ray, "shutdown"),
+        (ray_serve, "start"),
+        (ray_serve, "run"),
+        (ray_serve, "shutdown"),
+        (serve_app, "build_app"),
+    ]:
+        monkeypatch.setattr(module, name, lambda *a, **k: None)
+    monkeypatch.setattr(httpx, "get", lambda url: argparse.Namespace(json=lambda: {"styles": [{"name": "a"}]}))
+    monkeypatch.setattr(serve_load_fault, "run_load_fault", lambda *a, **k: {"requests": 1})
+    monkeypatch.setattr(serve_load_fault, "check", lambda report: [])
+    out = tmp_path / "not" / "yet" / "r.json"
+    assert serve_load_fault.main(["--model", str(tmp_path), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"requests": 1, "problems": []}
