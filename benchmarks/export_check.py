@@ -85,7 +85,9 @@ def main(argv=None) -> int:
         "guidance": args.guidance,
         "styles": {},
     }
-    tmp = Path(tempfile.mkdtemp(prefix="dmm-export-check-"))
+    # the baked files (a whole model each: GBs per style at SD1.5 size) were left in /tmp after every run
+    workdir = tempfile.TemporaryDirectory(prefix="dmm-export-check-")
+    tmp = Path(workdir.name)
     print(f"{len(styles)} styles x {len(pairs)} images; teacher single file: {teacher_files[0].name if teacher_files else '(none)'}", flush=True)
     header = f"{'style':8s} {'bake s':>7s} {'write s':>7s} {'MiB':>6s} {'FID baked/merged':>17s} {'max |px|':>8s} {'identical':>9s} {'FID floor':>9s}"
     print(header, flush=True)
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
             flush=True,
         )
         del loaded, plain
+        path.unlink()  # loaded and measured: one style's file on disk at a time
+    workdir.cleanup()
     if teacher_files:
         report["teacher_single_file"] = {"file": str(teacher_files[0]), "bytes": teacher_files[0].stat().st_size}
     sizes = [r["file_bytes"] for r in report["styles"].values()]

@@ -481,3 +481,42 @@ def test_serve_load_fault_writes_out_into_a_folder_not_there_yet(tmp_path, monke
     out = tmp_path / "not" / "yet" / "r.json"
     assert serve_load_fault.main(["--model", str(tmp_path), "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == {"requests": 1, "problems": []}
+
+
+def test_export_check_leaves_no_baked_files_behind(tmp_path, monkeypatch):
+    """export_check.py baked every style into a whole single-file model under /tmp/dmm-export-check-* and
+    never removed them (GBs per style at SD1.5 size, every run). Each file goes once measured, the folder
+    at the end. The model, the bake and the sampling are faked: only the files are real."""
+    import tempfile
+
+    import diffusers
+    import torch
+
+    import dmm_ray.evaluation.extractors as extractors
+    import dmm_ray.evaluation.fid as fid
+    import dmm_ray.evaluation.generation as generation
+    import dmm_ray.export as export
+    import dmm_ray.pipeline as pipeline
+    import dmm_ray.zoo.manifest as manifest
+
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    fake_pipe = argparse.Namespace(styles=["warm", "cool"], scheduler=None, set_progress_bar_config=lambda **k: None)
+    monkeypatch.setattr(manifest, "load_zoo_manifest", lambda zoo: argparse.Namespace(eval_prompts=tmp_path / "prompts.txt", feature_net=None))
+    monkeypatch.setattr(extractors, "ZooFeatureExtractor", lambda path, device: lambda x: x.flatten(1))
+    monkeypatch.setattr(pipeline, "load_dmm_pipeline", lambda model: fake_pipe)
+    monkeypatch.setattr(export, "bake", lambda pipe, style: argparse.Namespace())
+    monkeypatch.setattr(export, "provenance", lambda *a, **k: {})
+    monkeypatch.setattr(export, "export_pipeline", lambda plain, path, metadata: path.write_bytes(b"x" * 16) and path)
+    monkeypatch.setattr(export, "write_config_folder", lambda plain, folder: folder.mkdir() or folder)
+    monkeypatch.setattr(
+        diffusers.StableDiffusionPipeline, "from_single_file", lambda *a, **k: argparse.Namespace(set_progress_bar_config=lambda **k: None)
+    )
+    monkeypatch.setattr(generation, "generate_images", lambda pipe, prompts, seeds, sampler, call: torch.rand(len(prompts), 3, 2, 2))
+    monkeypatch.setattr(fid, "fid_from_features", lambda a, b: 0.0)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import export_check
+
+    assert export_check.main(["--model", str(tmp_path), "--zoo", str(tmp_path), "--prompts", "2", "--images-per-prompt", "1"]) == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
