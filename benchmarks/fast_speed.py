@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dmm_ray.console import positive_int  # noqa: E402
 
 ARCHS = ("sd15", "tiny")
 
@@ -63,8 +64,8 @@ def main(argv=None) -> int:
         help="instead of --merged / --fast: one randomly initialised model of this architecture, sampled both ways",
     )
     parser.add_argument("--style", default=None, help="default: the first style")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--merged-steps", type=int, default=None, help="default: the merged model's own sampler (toy merge: 10; paper: 25)")
     parser.add_argument("--merged-guidance", type=float, default=None, help="default: the merged model's own (toy merge: 5; paper: 7)")
     parser.add_argument("--threads", type=int, default=1)

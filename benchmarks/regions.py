@@ -381,13 +381,15 @@ def grid(pipe, examples, styles, prompts, out: Path, scale: int = 4) -> dict:
 
 
 def main(argv=None):
+    from dmm_ray.console import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="merged-model folder (the toy zoo's merge)")
     ap.add_argument("--zoo", default=".zoo", help="the zoo the model was merged from (feature net, prompts, teachers)")
     ap.add_argument("--out", default="outputs/regions")
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per cost cell (median)")
+    ap.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per cost cell (median)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe-images", type=int, default=256, help="renders per class (base + each teacher) the teacher-fit classifier learns from")
     ap.add_argument(

@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dmm_ray.console import positive_int  # noqa: E402
 from serve.loadgen import Call, dumps, latency_summary, run_calls, style_stream  # noqa: E402
 
 MUX_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes HTTP requests by this header
@@ -330,7 +331,10 @@ def main(argv=None) -> int:
         help="comma-separated shares of requests that name a preloaded LoRA adapter (e.g. 0,0.5): measure only the merged deployment at each",
     )
     p.add_argument(
-        "--lora-repeats", type=int, default=1, help="with --lora-fractions: run the fractions this many times, interleaved, and report medians"
+        "--lora-repeats",
+        type=positive_int,
+        default=1,
+        help="with --lora-fractions: run the fractions this many times, interleaved, and report medians",
     )
     args = p.parse_args(argv)
     if args.merged and not args.zoo:  # it was ignored: the tiny world built in code was measured instead

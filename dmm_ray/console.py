@@ -30,6 +30,20 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for a count that must be at least 1 (`--repeats 5`): 0 timed runs left a median of
+    nothing, a StatisticsError traceback after the models were built and warmed up."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, e.g. 5; got {text!r}")
+    return value
+
+
 def int_list_or_none(text: str) -> list[int]:
     """int_list, where an empty value means "none" (`--lora-ks ''` skips those runs) instead of an error."""
     return int_list(text) if text.strip() else []

@@ -520,3 +520,25 @@ def test_export_check_leaves_no_baked_files_behind(tmp_path, monkeypatch):
 
     assert export_check.main(["--model", str(tmp_path), "--zoo", str(tmp_path), "--prompts", "2", "--images-per-prompt", "1"]) == 0
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("fast_speed", ["--arch", "tiny", "--repeats", "0"]),
+        ("fast_speed", ["--arch", "tiny", "--batch", "0"]),
+        ("adapter_routing", ["--model", "m", "--reps", "0"]),
+        ("regions", ["--model", "m", "--reps", "-1"]),
+        ("serve_styles", ["--lora-fractions", "0,1", "--lora-repeats", "0"]),
+    ],
+)
+def test_a_timing_count_below_one_is_a_usage_error(script, argv, monkeypatch, capsys):
+    """`fast_speed.py --repeats 0` (and adapter_routing/regions --reps 0, serve_styles --lora-repeats 0)
+    built and warmed up the models, then died of StatisticsError: no median of zero timed runs."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the count was checked"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")
+    assert stop.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
