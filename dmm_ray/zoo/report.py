@@ -131,9 +131,9 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
             report = {}
         if isinstance(report, dict) and report.get("settings") == settings:
             return report | {"grid_png": str(out_dir / "grid.png")}  # where it is now: the zoo folder may have moved
-    manifest = load_zoo_manifest(root)  # its paths by the config's rule (`~`, `$DMM_HOME`), not joined to root as written
-    net = ZooFeatureNet.from_pretrained(manifest.feature_net).eval()
-    eval_prompts = read_prompts(str(manifest.eval_prompts))
+    manifest = load_manifest(root)
+    net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
+    eval_prompts = read_prompts(str(root / manifest["eval_prompts"]))
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(n_per_set)]
     grid_prompts = pick_grid_prompts(eval_prompts)
 
