@@ -33,13 +33,15 @@ import torch
 
 
 def parse_args(argv=None):
+    from dmm_ray.console import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=20, help="samples per batch (paper: 20 per GPU)")
     p.add_argument("--rows", type=int, default=2000, help="latent rows in the synthetic shards")
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--latent-hw", type=int, default=16, help="latent height/width (tiny VAE at 32 px: 16)")
     p.add_argument("--styles", type=int, default=8, help="number of styles in the student codebook")
-    p.add_argument("--steps", type=int, default=15, help="timed distillation steps (after 3 warm-up steps)")
+    p.add_argument("--steps", type=positive_int, default=15, help="timed distillation steps (after 3 warm-up steps)")
     p.add_argument("--epochs", type=int, default=2, help="timed stream epochs (after one warm-up epoch)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads for the step (default: torch's choice)")

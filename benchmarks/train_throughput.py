@@ -114,10 +114,12 @@ def dry_run(num_styles: int = 8, batch: int = 20) -> dict:
 
 
 def main(argv=None):
+    from dmm_ray.console import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="diffusers base folder (default: tiny in-code components)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="print SD1.5 parameter counts and memory per worker, run nothing")

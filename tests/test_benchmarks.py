@@ -530,11 +530,14 @@ def test_export_check_leaves_no_baked_files_behind(tmp_path, monkeypatch):
         ("adapter_routing", ["--model", "m", "--reps", "0"]),
         ("regions", ["--model", "m", "--reps", "-1"]),
         ("serve_styles", ["--lora-fractions", "0,1", "--lora-repeats", "0"]),
+        ("train_throughput", ["--steps", "0"]),
+        ("data_throughput", ["--steps", "0"]),
     ],
 )
 def test_a_timing_count_below_one_is_a_usage_error(script, argv, monkeypatch, capsys):
     """`fast_speed.py --repeats 0` (and adapter_routing/regions --reps 0, serve_styles --lora-repeats 0)
-    built and warmed up the models, then died of StatisticsError: no median of zero timed runs."""
+    built and warmed up the models, then died of StatisticsError: no median of zero timed runs;
+    train_throughput/data_throughput --steps 0 of an UnboundLocalError in step_setup.timed_steps."""
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the count was checked"))
