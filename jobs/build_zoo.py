@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from dmm_ray.console import cli_main, given_options, refuse_empty
+from dmm_ray.console import cli_main, expand_path_args, given_options, refuse_empty
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "out")
+    # `$DMM_HOME` and `~` expand as in every path option, also quoted: the folder checked is the folder built
+    expand_path_args(args, "out")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1 (leave it out for the default, 2), got {args.threads}")
     if not 0 <= args.seed < 2**32:

@@ -345,6 +345,29 @@ def test_build_zoo_job_refuses_bad_threads_and_out_before_building(tmp_path, cap
     assert "--out" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
+def test_build_zoo_job_expands_dmm_home_and_home_in_out_also_quoted(tmp_path, monkeypatch, capsys):
+    """Finding: `jobs/build_zoo.py --out '$DMM_HOME/zoo/micro'` (quoted, or `--out=~/zoo`: left alone by the
+    shell) built a second zoo in a literal `./$DMM_HOME/zoo/micro` under the current folder, where every other
+    job's path option expands both (README: "with `$DMM_HOME` and `~` expanded, quoted too")."""
+    from jobs import build_zoo as job
+
+    cfg = preset("micro")
+    home, user_home, cwd = tmp_path / "home", tmp_path / "user", tmp_path / "cwd"
+    for root in (home / "zoo" / "micro", user_home / "zoo"):
+        _fake_zoo(root, cfg)
+        (root / B.MARKER).write_text(json.dumps(json.loads((root / B.MARKER).read_text()) | {"threads": 2}))
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DMM_HOME", str(home))
+    monkeypatch.setenv("HOME", str(user_home))
+    built = []
+    monkeypatch.setattr(B, "_build", lambda root, config, progress: built.append(root) or _fake_zoo(root, config))
+    for given, folder in [("$DMM_HOME/zoo/micro", home / "zoo" / "micro"), ("~/zoo", user_home / "zoo")]:
+        assert job.main(["--size", "micro", "--out", given, "--quiet"]) == 0
+        assert f"zoo: {folder} (cached;" in capsys.readouterr().out
+    assert built == [] and list(cwd.iterdir()) == []  # nothing built, nothing under the current folder
+
+
 def test_build_zoo_job_waits_for_a_build_of_the_same_folder_instead_of_building_it_again(tmp_path, monkeypatch, capsys):
     """jobs/build_zoo.py did not take the lock a merge's first-use build (ensure_zoo_preset) holds: a merge
     started while `python jobs/build_zoo.py` built the preset built it a second time (twice the CPU), and
