@@ -1,6 +1,7 @@
 """The zoo builder: config validation, a micro build that loads through the teacher loader, caching, atomicity."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -253,6 +254,26 @@ def test_a_forced_rebuild_stopped_while_it_swaps_the_zoo_never_leaves_half_a_zoo
         B.build_zoo(out, cfg, progress=False, force=True)
     assert (out / "base" / "weights").read_text() == "new" and B.is_complete(out) is not None  # the previous zoo is back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z"]
+
+
+def test_a_killed_builds_partial_folder_is_removed_by_the_next_call_cached_too_whatever_the_name(tmp_path):
+    """Findings: a `--force` rebuild killed hard (SIGKILL: the OOM killer) left `DIR.partial-<pid>`, and the next
+    plain call found the finished zoo and returned it as cached, leaving the partial build there for good (the
+    interrupt note says "the unfinished build is removed by the next one"); and for a `zoo[v2]` the stale-partial
+    glob read the brackets as a character class: it never matched the zoo's own partials but another zoo's
+    (`zoo2.partial-<pid>`)."""
+    cfg, dead = preset("micro"), "999999999"  # above any pid_max: no such process
+    assert not Path(f"/proc/{dead}").exists()
+    for name in ("z", "zoo[v2]"):
+        _fake_zoo(tmp_path / name, cfg)
+        (tmp_path / f"{name}.partial-{dead}" / "images").mkdir(parents=True)  # what kill -9 during --force leaves
+        (tmp_path / f"{name}.partial-{os.getpid()}").mkdir()  # a build still running (this process): kept
+    (tmp_path / f"zoo2.partial-{dead}").mkdir()  # another zoo's: for its own next call
+    for name in ("z", "zoo[v2]"):
+        assert B.build_zoo(tmp_path / name, cfg, progress=False) == (tmp_path / name).resolve()  # cached
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["z", f"z.partial-{os.getpid()}", "zoo[v2]", f"zoo[v2].partial-{os.getpid()}", f"zoo2.partial-{dead}"]
+    )
 
 
 def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):

@@ -9,6 +9,7 @@ before the new one takes its place. A second build with the same config returns 
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import platform
@@ -74,6 +75,7 @@ def build_zoo(out: str | Path, config: ZooConfig, progress: bool = True, force: 
                 f"weights (float sums in another order). To use it, build with --threads {built} (torch.set_num_threads({built})); "
                 f"to replace it, --force; or use another --out."
             )
+        _remove_stale_partials(out)  # a killed --force rebuild's leftovers: a cached call is "the next one" too
         return out
     if out.exists() and done is None and any(out.iterdir()):
         raise ZooBuildError(f"{out} exists, is not empty and is not a finished zoo; remove it or choose another --out")
@@ -142,7 +144,8 @@ def zoo_lock(out: str | Path):
 
 def _remove_stale_partials(out: Path) -> None:
     """Delete `DIR.partial-<pid>` folders of builds that were killed (their pid no longer runs)."""
-    for stale in out.parent.glob(f"{out.name}.partial-*"):
+    # escaped: in `zoo[v2]` the brackets are a character class, which matched other zoos' partials, never its own
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
