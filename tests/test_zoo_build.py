@@ -85,6 +85,40 @@ def test_the_zoo_base_loads_from_the_folder_or_its_zoo_yaml(tiny_base_dir, tmp_p
         assert load_base_pipeline(given).unet.config.in_channels == 4
 
 
+def test_the_zoo_report_expands_dmm_home_and_home_in_zoo_yaml_paths(tiny_base_dir, tmp_path, monkeypatch):
+    """Finding: zoo.yaml's base / eval_prompts / feature_net expand `$DMM_HOME` and `~` (README; the merge config
+    and load_zoo_manifest do), but the zoo report joined them to the zoo folder as written: load_base_pipeline
+    and run_report looked for <zoo>/$DMM_HOME/base ("neither a valid local path nor a valid repo id")."""
+    import dmm_ray.zoo.report as report
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "base").symlink_to(tiny_base_dir)
+    (home / "eval_prompts.txt").write_text("a small red circle on the left with a black background\n")
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "zoo.yaml").write_text(
+        "base: $DMM_HOME/base\neval_prompts: $DMM_HOME/eval_prompts.txt\nfeature_net: ~/feature_net\n"
+        "teachers: [{name: warm, source: $DMM_HOME/teachers/warm}]\n"
+    )
+    monkeypatch.setenv("DMM_HOME", str(home))
+    monkeypatch.setenv("HOME", str(home))
+    assert report.load_base_pipeline(tmp_path / "zoo").unet.config.in_channels == 4
+
+    class FeatureNetRead(Exception):
+        pass
+
+    def from_pretrained(path):
+        raise FeatureNetRead(str(path))
+
+    monkeypatch.setattr(report.ZooFeatureNet, "from_pretrained", from_pretrained)
+    with pytest.raises(FeatureNetRead) as read:
+        report.run_report(tmp_path / "zoo" / "zoo.yaml", n_per_set=2, steps=1, progress=False)
+    assert str(read.value) == str(home / "feature_net")
+    (tmp_path / "zoo" / "zoo.yaml").write_text("teachers: [{name: warm, source: teachers/warm}]\n")
+    with pytest.raises(ValueError, match="zoo.yaml' names no base"):
+        report.load_base_pipeline(tmp_path / "zoo")
+
+
 def test_micro_zoo_loads_through_the_teacher_loader(micro_zoo):
     from diffusers import StableDiffusionPipeline
 

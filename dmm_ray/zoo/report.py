@@ -39,10 +39,20 @@ def teacher_specs(root: str | Path):
     return load_zoo_manifest(root).teachers
 
 
+def zoo_path(root: str | Path, key: str) -> Path:
+    """The zoo.yaml's `key` (base, eval_prompts, feature_net, dataset) as an absolute path, by the one rule of
+    its paths (load_zoo_manifest: relative to its folder, `~` and `$DMM_HOME` expanded); root: the zoo folder or
+    its zoo.yaml. Joined to the folder as written, `$DMM_HOME/zoo/full/base` became <zoo>/$DMM_HOME/zoo/full/base."""
+    path = getattr(load_zoo_manifest(root), key)
+    if path is None:
+        raise ValueError(f"'{manifest_path(root)}' names no {key}: the zoo report needs its base, eval_prompts and feature_net")
+    return path
+
+
 def load_base_pipeline(root: str | Path):
     from diffusers import StableDiffusionPipeline
 
-    base = load_zoo_manifest(root).base  # root: the zoo folder or its zoo.yaml; `~` and `$DMM_HOME` expand
+    base = zoo_path(root, "base")
     return StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False, local_files_only=True)
 
 
@@ -132,8 +142,8 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
         if isinstance(report, dict) and report.get("settings") == settings:
             return report | {"grid_png": str(out_dir / "grid.png")}  # where it is now: the zoo folder may have moved
     manifest = load_manifest(root)
-    net = ZooFeatureNet.from_pretrained(root / manifest["feature_net"]).eval()
-    eval_prompts = read_prompts(str(root / manifest["eval_prompts"]))
+    net = ZooFeatureNet.from_pretrained(zoo_path(root, "feature_net")).eval()
+    eval_prompts = read_prompts(str(zoo_path(root, "eval_prompts")))
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(n_per_set)]
     grid_prompts = pick_grid_prompts(eval_prompts)
 
