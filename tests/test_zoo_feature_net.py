@@ -72,6 +72,27 @@ def test_diagonal_checks():
     assert not diagonal_checks(["a", "b"], np.array([[2.0, 1.0], [1.0, 2.0]]), {})["a"]["diag_is_row_min"]
 
 
+def test_the_report_text_of_teachers_without_a_group():
+    """Finding: a zoo.yaml teacher's `group` is optional (a hand-written zoo.yaml), but format_report formatted
+    the group with `:<9`, and run_report's text on such a zoo was a TypeError (NoneType.__format__)."""
+    from dmm_ray.zoo.report import format_report
+
+    m = np.array([[1.0, 3.0], [2.5, 2.0]])
+    report = {
+        "teachers": ["a", "b"],
+        "m_ref": m.tolist(),
+        "feature_net": "net",
+        "frechet": "fid",
+        "settings": {},
+        "diagonal": diagonal_checks(["a", "b"], m, {"a": "grade"}),  # b: no group
+        "base_prompt_following": {"colour": 0.5},
+        "teacher_checks": {"a": {"shape": 1.0}, "b": {"shape": 0.5}},
+        "grid_png": "grid.png",
+    }
+    text = format_report(report)
+    assert "a        group=grade" in text and "b        group=-  " in text
+
+
 def test_grid_prompts_cover_distinct_colours():
     from dmm_ray.zoo.report import pick_grid_prompts
 

@@ -208,8 +208,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{n:<{w}}" + "".join(f"{v:>{w}.2f}" for v in m[i]))
     lines.append("")
     lines.append("row checks (diag < every off-diagonal; distinct styles want diag/min_offdiag < 0.5):")
-    for n, d in report["diagonal"].items():
-        lines.append(f"  {n:<{w}} group={d['group']:<9} diag_is_row_min={d['diag_is_row_min']}  diag/min_offdiag={d['diag_over_min_offdiag']}")
+    for n, d in report["diagonal"].items():  # a zoo.yaml teacher's group is optional (a hand-written one): "-"
+        lines.append(f"  {n:<{w}} group={d['group'] or '-':<9} diag_is_row_min={d['diag_is_row_min']}  diag/min_offdiag={d['diag_over_min_offdiag']}")
     lines.append("")
     pf = report["base_prompt_following"]
     lines.append("base prompt following (feature-net heads vs held-out caption): " + ", ".join(f"{k} {v:.1%}" for k, v in pf.items()))
