@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from dmm_ray.console import cli_main, expand_path_args, given_options, refuse_empty
+from dmm_ray.console import cli_main, expand_path_args, given_options, interrupt_note, refuse_empty
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -97,7 +97,10 @@ def main(argv=None) -> int:
     if args.report:
         from dmm_ray.zoo.report import format_report, run_report
 
-        report = run_report(out, n_per_set=args.report_samples, progress=not args.quiet)
+        # the zoo is finished by now: the job's own note ("nothing was written", "builds the zoo again") would be wrong
+        note = f"the zoo at {out} is finished and kept; its report was stopped before report/report.json was written; the same command makes the report again"
+        with interrupt_note(note):
+            report = run_report(out, n_per_set=args.report_samples, progress=not args.quiet)
         print(format_report(report))
     return 0
 

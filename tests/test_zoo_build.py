@@ -423,6 +423,25 @@ def test_build_zoo_job_expands_dmm_home_and_home_in_out_also_quoted(tmp_path, mo
     assert built == [] and list(cwd.iterdir()) == []  # nothing built, nothing under the current folder
 
 
+def test_build_zoo_job_stopped_in_its_report_says_the_zoo_is_kept(tmp_path, monkeypatch, capsys):
+    """Finding: a Ctrl-C / SIGTERM while `--report` sampled printed the job's note, "nothing was written under
+    --out ...; the same command builds the zoo again", though the zoo was finished and kept."""
+    import dmm_ray.zoo.report as report
+    from jobs import build_zoo as job
+
+    out = tmp_path / "z"
+    monkeypatch.setattr(B, "_build", lambda root, config, progress: _fake_zoo(root, config))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run_report", stopped)
+    assert job.main(["--size", "micro", "--out", str(out), "--quiet", "--report"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the zoo at {out} is finished and kept; its report was stopped" in err and "nothing was written" not in err
+    assert B.is_complete(out) is not None
+
+
 def test_build_zoo_job_waits_for_a_build_of_the_same_folder_instead_of_building_it_again(tmp_path, monkeypatch, capsys):
     """jobs/build_zoo.py did not take the lock a merge's first-use build (ensure_zoo_preset) holds: a merge
     started while `python jobs/build_zoo.py` built the preset built it a second time (twice the CPU), and
