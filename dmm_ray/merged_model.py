@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 MERGE_RECORD = "dmm_merge.json"  # teachers per style (for incremental evaluation), written beside the pipeline
 STYLES_RECORD = "styles.json"  # [{name, description}] for Serve's /styles
@@ -143,3 +144,57 @@ def recover_killed(dest: Path, prefix: str, marker: str | None = None) -> list[s
     for pid in sorted({int(re.fullmatch(pattern, sibling.name)[1]) for sibling in left}):
         done += recover(dest, f"{prefix}-{pid}", marker)
     return done
+
+
+ENTRIES_PREFIX = ".dmm-save-"  # `move_in`'s hidden folders inside the saved folder: .dmm-save-<pid>.tmp / .old
+
+
+def move_in(staging: Path, dest: Path, drop: Sequence[str] = ()) -> None:
+    """Each entry of `staging` (a complete save) in place of `dest`'s entry of that name, and `drop` (the earlier
+    save's records this one has none of) out: the earlier entries are parked in `.dmm-save-<pid>.old` first and
+    removed once all are in; an error or Ctrl-C part-way puts every one back. A kill part-way leaves them
+    parked: the next save into `dest` puts them back (`recover_killed_entries`)."""
+    parked = staging.with_suffix(".old")
+    remove(parked)
+    parked.mkdir()
+    moved = []  # (name, whether `dest` had an entry of that name), noted before the renames
+    try:
+        # model_index.json last: a reader that finds the new one finds the new components beside it
+        for name in [*sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "model_index.json", n)), *drop]:
+            target = dest / name
+            moved.append((name, _present(target)))
+            if moved[-1][1]:
+                os.replace(target, parked / name)
+            if _present(staging / name):
+                os.replace(staging / name, target)
+    except BaseException:
+        for name, had in reversed(moved):
+            if had and not _present(parked / name):
+                continue  # interrupted before it was parked: still in place
+            if _present(dest / name):
+                remove(dest / name)  # the new entry
+            if had:
+                os.replace(parked / name, dest / name)
+        remove(parked)
+        raise
+    remove(parked)
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def recover_killed_entries(dest: Path) -> None:
+    """What a save into `dest` killed part-way left (`output_lock.left_by_killed`: its pid no longer runs here,
+    written before this process started): its staging folder goes, and the earlier entries it had parked go back
+    in place of the new ones it had moved in (`move_in`), so the folder is the earlier save again before this one."""
+    from dmm_ray.output_lock import left_by_killed
+
+    for left in left_by_killed(dest, f"{ENTRIES_PREFIX}*", rf"{re.escape(ENTRIES_PREFIX)}(\d+)\.(?:tmp|old)"):
+        if left.suffix == ".old" and left.is_dir():
+            for entry in left.iterdir():
+                if _present(dest / entry.name):
+                    remove(dest / entry.name)
+                os.replace(entry, dest / entry.name)
+            logging.getLogger(__name__).warning("%s: put back the earlier save's %s, parked by a save that was killed part-way", dest, left.name)
+        remove(left)

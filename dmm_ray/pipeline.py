@@ -129,65 +129,6 @@ def style_rows(style_names: Sequence[str], batch_size: int, style=None, style_we
     return resolve_style(names, selection)[None].repeat(batch_size, 1)
 
 
-SAVE_PREFIX = ".dmm-save-"  # DMMPipeline.save_pretrained's hidden folders inside the model folder: .dmm-save-<pid>.tmp / .old
-
-
-def _move_in(staging: Path, dest: Path, drop: Sequence[str] = ()) -> None:
-    """Each entry of `staging` (a complete save) in place of `dest`'s entry of that name, and `drop` (the earlier
-    save's records this one has none of) out: the earlier entries are parked in `.dmm-save-<pid>.old` first and
-    removed once all are in; an error or Ctrl-C part-way puts every one back. A kill part-way leaves them
-    parked: the next save into `dest` puts them back (`_recover_killed_save`)."""
-    from dmm_ray.merged_model import remove
-
-    parked = staging.with_suffix(".old")
-    remove(parked)
-    parked.mkdir()
-    moved = []  # (name, whether `dest` had an entry of that name), noted before the renames
-    try:
-        # model_index.json last: a reader that finds the new one finds the new components beside it
-        for name in [*sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "model_index.json", n)), *drop]:
-            target = dest / name
-            moved.append((name, _present(target)))
-            if moved[-1][1]:
-                os.replace(target, parked / name)
-            if _present(staging / name):
-                os.replace(staging / name, target)
-    except BaseException:
-        for name, had in reversed(moved):
-            if had and not _present(parked / name):
-                continue  # interrupted before it was parked: still in place
-            if _present(dest / name):
-                remove(dest / name)  # the new entry
-            if had:
-                os.replace(parked / name, dest / name)
-        remove(parked)
-        raise
-    remove(parked)
-
-
-def _present(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _recover_killed_save(dest: Path) -> None:
-    """What a save into `dest` killed part-way left (`output_lock.left_by_killed`: its pid no longer runs here,
-    written before this process started): its staging folder goes, and the earlier entries it had parked go back
-    in place of the new ones it had moved in (`_move_in`), so the folder is the earlier save again before this one."""
-    import re
-
-    from dmm_ray.merged_model import remove
-    from dmm_ray.output_lock import left_by_killed
-
-    for left in left_by_killed(dest, f"{SAVE_PREFIX}*", rf"{re.escape(SAVE_PREFIX)}(\d+)\.(?:tmp|old)"):
-        if left.suffix == ".old" and left.is_dir():
-            for entry in left.iterdir():
-                if _present(dest / entry.name):
-                    remove(dest / entry.name)
-                os.replace(entry, dest / entry.name)
-            logging.getLogger(__name__).warning("%s: put back the earlier save's %s, parked by a save that was killed part-way", dest, left.name)
-        remove(left)
-
-
 class _StyleCallMixin:
     """Shared by the SD1.5 and SDXL pipelines: resolve styles, then run diffusers' own loop."""
 
@@ -228,7 +169,7 @@ class _StyleCallMixin:
         copied, it named DPM-Solver at 10 steps with CFG beside the TCD scheduler, which whatever reads the folder's
         record (`sampler_defaults(folder)`: jobs/style_mixing.py's --student-steps) then sampled with.
         The save is written whole into a hidden folder inside `save_directory` (`.dmm-save-<pid>.tmp`) and only
-        then moved in, entry by entry, in place of the earlier save's (`_move_in`): a save into a folder holding an
+        then moved in, entry by entry, in place of the earlier save's (`merged_model.move_in`): a save into a folder holding an
         earlier one that failed part-way (a module's save raising, a full disk, Ctrl-C) left the folder a mix of the
         two models; now it is left as it was. The folder itself is never renamed (it may be a mount point, a link or
         the working directory); what it holds beside the pipeline (dmm_merge.json, lcm_lora/, notes) stays, and
@@ -237,7 +178,7 @@ class _StyleCallMixin:
         import shutil
 
         from dmm_ray.formats.single_file import loaded_plugins
-        from dmm_ray.merged_model import STYLES_RECORD, remove
+        from dmm_ray.merged_model import ENTRIES_PREFIX, STYLES_RECORD, move_in, recover_killed_entries, remove
 
         problem = loaded_plugins(self)
         if problem:
@@ -248,15 +189,15 @@ class _StyleCallMixin:
         source = getattr(self.config, "_name_or_path", None)
         created = [p for p in (dest, *dest.parents) if not p.exists()]  # deepest first: removed again if the save fails
         dest.mkdir(parents=True, exist_ok=True)
-        _recover_killed_save(dest)
-        staging = dest / f"{SAVE_PREFIX}{os.getpid()}.tmp"
+        recover_killed_entries(dest)
+        staging = dest / f"{ENTRIES_PREFIX}{os.getpid()}.tmp"
         remove(staging)
         try:
             staging.mkdir()
             for name in (SAMPLER_RECORD, STYLES_RECORD):
                 record = Path(str(source)) / name if source else None
                 if record is None or not record.is_file():
-                    continue  # an earlier save's record in the folder goes (`_move_in`): it is not this model's
+                    continue  # an earlier save's record in the folder goes (`merged_model.move_in`): it is not this model's
                 scheduler = type(self.scheduler).__name__
                 if name == SAMPLER_RECORD and read_sampler_record(record).get("scheduler", scheduler) != scheduler:
                     own = self.sampler_defaults
@@ -268,7 +209,7 @@ class _StyleCallMixin:
             # to a repo named after the folder it writes unless repo_id says otherwise (this one's, not the staging's)
             kwargs.setdefault("repo_id", Path(os.path.abspath(dest)).name)
             super().save_pretrained(str(staging), *args, **kwargs)  # a str: diffusers splits it for the default repo_id
-            _move_in(staging, dest, drop=[n for n in (SAMPLER_RECORD, STYLES_RECORD) if not (staging / n).exists()])
+            move_in(staging, dest, drop=[n for n in (SAMPLER_RECORD, STYLES_RECORD) if not (staging / n).exists()])
         except BaseException:  # an error or Ctrl-C mid-save: the folder keeps the earlier save, whole
             remove(staging)
             for folder in created:

@@ -11,15 +11,13 @@ Our StyleUNet keeps the same numbers under `class_embedding.codebook` / `class_e
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from dmm_ray.merged_model import recover_killed, staged
+from dmm_ray.merged_model import ENTRIES_PREFIX, move_in, recover_killed_entries, remove
 from dmm_ray.models.style_unet import StyleUNet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -126,49 +124,32 @@ def save_official_unet(unet: StyleUNet, folder: str | Path) -> None:
             "(dmm-ray extensions). Save it with save_pretrained, or bake one style into a stock checkpoint "
             "with jobs/export.py"
         )
-    folder = Path(os.path.realpath(folder))  # a link to the folder stays a link: the folder it names is replaced
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save to {folder}: it is a file; give a folder path")
     state_dict = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     official, config = ours_to_official(state_dict, dict(unet.config))
     config["_class_name"] = "UNet2DConditionModel"
-    # Weights and config must come from one save, so both are written into a hidden folder beside `folder`
-    # and that folder is swapped in whole (`staged`: the earlier one set aside until the new one is in
-    # place). Written beside their names and renamed in one after the other under fixed `.tmp` names, a
-    # Ctrl-C or kill between the two renames, or two saves into the folder at once (each renaming the
-    # other's files), left the weights of one save beside the config of another, which no longer loaded.
-    # The tag holds the pid, so saves from two processes stage apart; threads of one process take turns.
+    # Weights and config must come from one save: both are written into a hidden folder inside `folder`
+    # and moved in together as DMMPipeline.save_pretrained's are (`merged_model.move_in`: the earlier files
+    # set aside until both are in, put back on an error or Ctrl-C, and by the next save after a kill).
+    # Renamed in one after the other under fixed `.tmp` names, a Ctrl-C or kill between the two renames, or
+    # two saves into the folder at once (each renaming the other's files), left the weights of one save beside
+    # the config of another, which no longer loaded. The folder itself is never renamed (a link, a mount point
+    # or the working directory stays), and what else it holds stays. The staging name holds the pid, so saves
+    # from two processes stage apart; threads of one process take turns.
     with _SAVE_LOCK:
-        for line in recover_killed(folder, "official", marker="config.json"):  # what a save killed between its renames left
-            logging.getLogger(__name__).warning("%s", line)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with staged(folder, f"official-{os.getpid()}") as tmp:
-            if folder.is_dir():
-                _carry_over(folder, tmp, skip={WEIGHTS, "config.json"})
-            save_file(official, str(tmp / WEIGHTS))
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=list))
+        folder.mkdir(parents=True, exist_ok=True)
+        recover_killed_entries(folder)
+        staging = folder / f"{ENTRIES_PREFIX}{os.getpid()}.tmp"
+        remove(staging)
+        try:
+            staging.mkdir()
+            save_file(official, str(staging / WEIGHTS))
+            (staging / "config.json").write_text(json.dumps(config, indent=2, default=list))
+            move_in(staging, folder)
+        finally:
+            remove(staging)
 
 
 _SAVE_LOCK = threading.Lock()
-
-
-def _carry_over(src: Path, dst: Path, skip: set[str]) -> None:
-    """What `src` holds beside the files a save writes (`skip`), into `dst`: the folder is replaced whole,
-    and a save into it never removed anything else (notes, an earlier save's shards). Hard links where the
-    file system allows (no copy of a large file), else copies; links stay links."""
-
-    def link_or_copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    for entry in src.iterdir():
-        if entry.name in skip:
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), dst / entry.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, symlinks=True, copy_function=link_or_copy)
-        else:
-            link_or_copy(entry, dst / entry.name)
