@@ -321,9 +321,11 @@ class VerifyFailed(Exception):
 VERIFY_TAG = "verify"  # an export under check: `.<out>.verify-<pid>/<out's name>` beside --out
 
 
-def verify_staging(out: Path) -> Path:
+@contextlib.contextmanager
+def verify_staging(out: Path) -> Iterator[Path]:
     """A new hidden folder beside `out` (`.<name>.verify-<pid>`) to write an export into and check it
-    (jobs/export.py --verify) before `move_into_place` puts it at `out`; what a killed run left there is removed."""
+    (jobs/export.py --verify) before `move_into_place` puts it at `out`, removed when the block ends; what a
+    killed run left there is removed first."""
     from dmm_ray.output_lock import left_by_killed
 
     pattern = rf"\.{re.escape(out.name)}\.{VERIFY_TAG}-(\d+)"
@@ -332,7 +334,10 @@ def verify_staging(out: Path) -> Path:
     staging = out.with_name(f".{out.name}.{VERIFY_TAG}-{os.getpid()}")
     remove(staging)
     staging.mkdir(parents=True)
-    return staging
+    try:
+        yield staging
+    finally:
+        remove(staging)
 
 
 def move_into_place(written: Path, out: Path) -> None:

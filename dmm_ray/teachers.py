@@ -549,7 +549,8 @@ def _check_single_file(spec: TeacherSpec, base: str, models: dict, shapes: dict 
     from dmm_ray.formats.single_file import CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, VAE_PREFIX, to_ldm_state_dict
 
     who = f"teacher {spec.name!r} ({spec.source})"
-    if spec.resolved_format() == "ckpt":
+    pickled = spec.resolved_format() == "ckpt"  # (with no format: given, a read of the file's header)
+    if pickled:
         got = _read_pickled_shapes(spec, f"teacher {spec.name!r}", shapes)
     else:
         with safe_open(spec.source, framework="pt") as handle:
@@ -562,7 +563,6 @@ def _check_single_file(spec: TeacherSpec, base: str, models: dict, shapes: dict 
     if lora_key is not None:
         # a LoRA read as a whole checkpoint (a pickled .bin LoRA is found to be format ckpt) "holds no VAE weights",
         # which sent the user looking for a complete checkpoint
-        pickled = spec.resolved_format() == "ckpt"
         raise TeacherError(
             f"{who}: the file holds LoRA weights ({lora_key}, ...), not a whole checkpoint; a LoRA teacher is format: lora "
             "with base: and one .safetensors file" + (f"; {PICKLED_LORA_HINT}" if pickled else "")

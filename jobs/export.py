@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -227,7 +226,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     # failed (exit 1) had already replaced the earlier good one at --out.
     t2 = time.perf_counter()
     plain = plain.to("cpu")
-    staging = verify_staging(out) if args.verify else None
+    staging = stack.enter_context(verify_staging(out)) if args.verify else None  # removed when the job ends
     written = out if staging is None else staging / out.name
     errors: dict[str, float] = {}
     try:
@@ -252,9 +251,6 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         kept = f"the earlier export at {out} is kept" if out.exists() else f"nothing written at {out}"
         print(f"error: --verify failed, so the export was not moved into place ({kept})", file=sys.stderr)
         return 1
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
     what = f"style {metadata['dmm.style']!r}" if "dmm.style" in metadata else f"mixture {metadata['dmm.style_weights']}"
     print(
