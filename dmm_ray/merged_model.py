@@ -149,6 +149,16 @@ def recover_killed(dest: Path, prefix: str, marker: str | None = None) -> list[s
 ENTRIES_PREFIX = ".dmm-save-"  # `move_in`'s hidden folders inside the saved folder: .dmm-save-<pid>.tmp / .old
 
 
+def entries_staging(dest: Path) -> Path:
+    """Where a save into the folder `dest` stages its files before `move_in`: `.dmm-save-<pid>.tmp` inside it
+    (not made yet; a leftover of this pid's removed), after putting back what a killed save left
+    (`recover_killed_entries`)."""
+    recover_killed_entries(dest)
+    staging = dest / f"{ENTRIES_PREFIX}{os.getpid()}.tmp"
+    remove(staging)
+    return staging
+
+
 def move_in(staging: Path, dest: Path, drop: Sequence[str] = ()) -> None:
     """Each entry of `staging` (a complete save) in place of `dest`'s entry of that name, and `drop` (the earlier
     save's records this one has none of) out: the earlier entries are parked in `.dmm-save-<pid>.old` first and

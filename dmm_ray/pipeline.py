@@ -178,7 +178,7 @@ class _StyleCallMixin:
         import shutil
 
         from dmm_ray.formats.single_file import loaded_plugins
-        from dmm_ray.merged_model import ENTRIES_PREFIX, STYLES_RECORD, move_in, recover_killed_entries, remove
+        from dmm_ray.merged_model import STYLES_RECORD, entries_staging, move_in, remove
 
         problem = loaded_plugins(self)
         if problem:
@@ -189,9 +189,7 @@ class _StyleCallMixin:
         source = getattr(self.config, "_name_or_path", None)
         created = [p for p in (dest, *dest.parents) if not p.exists()]  # deepest first: removed again if the save fails
         dest.mkdir(parents=True, exist_ok=True)
-        recover_killed_entries(dest)
-        staging = dest / f"{ENTRIES_PREFIX}{os.getpid()}.tmp"
-        remove(staging)
+        staging = entries_staging(dest)
         try:
             staging.mkdir()
             for name in (SAMPLER_RECORD, STYLES_RECORD):

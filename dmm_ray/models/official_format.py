@@ -11,13 +11,12 @@ Our StyleUNet keeps the same numbers under `class_embedding.codebook` / `class_e
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from dmm_ray.merged_model import ENTRIES_PREFIX, move_in, recover_killed_entries, remove
+from dmm_ray.merged_model import entries_staging, move_in, remove
 from dmm_ray.models.style_unet import StyleUNet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -140,9 +139,7 @@ def save_official_unet(unet: StyleUNet, folder: str | Path) -> None:
     # from two processes stage apart; threads of one process take turns.
     with _SAVE_LOCK:
         folder.mkdir(parents=True, exist_ok=True)
-        recover_killed_entries(folder)
-        staging = folder / f"{ENTRIES_PREFIX}{os.getpid()}.tmp"
-        remove(staging)
+        staging = entries_staging(folder)
         try:
             staging.mkdir()
             save_file(official, str(staging / WEIGHTS))
