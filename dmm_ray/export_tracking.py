@@ -47,7 +47,7 @@ def resolve_model(model: str, tracking_uri: str | None = None, setting: str = "-
         # export command names the served model's URI, and a --model the job could not read did not run as printed
         with contextlib.ExitStack() as stack:
             try:
-                folder = stack.enter_context(fsu.fetched(model))  # a temporary download, removed at the block's end
+                folder = stack.enter_context(fsu.fetched(model, model=True))  # a temporary download, removed at the block's end
                 record = read_record(folder).get("mlflow") or {}
             except Exception as exc:  # noqa: BLE001 - no such folder, no credentials, a foreign dmm_merge.json: say which
                 raise TrackingError(

@@ -843,6 +843,11 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
     check the resumable state -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
+    if remote:  # and an upload that was cut short while it replaced the model at the URI (fsu.upload_model)
+        from dmm_ray.data import fs as fsu
+
+        for line in fsu.recover_model(*fsu.resolve(f"{remote}/merged")):
+            log(line)
     log(
         f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (
@@ -1021,7 +1026,11 @@ def save_stage(run: MergeRun) -> None:
     result = run.result
     save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers, saved_by=run.saved_by)
     if run.remote:  # after the atomic local save: the staged model is complete and loads
-        _upload_results(run.out, run.remote, ("merged",))
+        from dmm_ray.data import fs as fsu
+
+        t0, uri = time.time(), f"{run.remote}/merged"
+        fsu.upload_model(run.out / "merged", *fsu.resolve(uri))  # beside the previous model, then swapped in
+        log(f"uploaded merged/ -> {uri} ({time.time() - t0:.1f} s)")
     result.seconds = time.time() - run.started
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
     log(f"merged model saved: {result.location} ({result.seconds:.0f} s since start: {split})")

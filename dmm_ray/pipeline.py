@@ -486,7 +486,7 @@ def load_dmm_pipeline(path: str | Path, **kwargs):
     if "://" in str(path):
         from dmm_ray.data import fs as fsu
 
-        path = fsu.local_copy(str(path))
+        path = fsu.local_copy(str(path), model=True)  # never a half-uploaded folder (fsu.model_to_read)
     path = merged_folder(path)
     cls = dmm_pipeline_class(path)
     return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})

@@ -50,7 +50,7 @@ def resolve_model_location(location: str, download_dir: str | Path | None = None
         from dmm_ray.data import fs as fsu
 
         try:
-            path = fsu.local_copy(location, Path(download_dir) / "model" if download_dir is not None else None)
+            path = fsu.local_copy(location, Path(download_dir) / "model" if download_dir is not None else None, model=True)
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise ModelLoadError(f"could not download the merged model {location!r}: {exc}") from exc
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -98,6 +99,93 @@ def test_an_atomic_write_that_fails_part_way_leaves_no_temp_file(tmp_path, error
             fsu.write_bytes_atomic(FailingWrites(fs), path, b"x" * 1000)
         assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(root))] == ["shard-00000.parquet"], name
         assert fsu.read_bytes(fs, path) == b"committed", name
+
+
+def _failing_store(error: BaseException, every: bool):
+    """(an fsspec in-memory store, an S3 stand-in, and its handler class): with `Handler.after` = N > 0, the
+    N-th file write from then on (an upload's or a server-side copy's) raises `error`, and with `every` each
+    one after it and every delete too (the store is gone); `after` = 0: none fails."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Handler(pafs.FSSpecHandler):
+        writes = 0
+        after = 0
+
+        def _write(self):
+            type(self).writes += 1
+            if self.after and (self.writes == self.after or (every and self.writes > self.after)):
+                raise error
+
+        def open_output_stream(self, path, metadata):
+            self._write()
+            return super().open_output_stream(path, metadata)
+
+        def copy_file(self, src, dest):
+            self._write()
+            return super().copy_file(src, dest)
+
+        def delete_file(self, path):
+            if every and self.after and self.writes >= self.after:  # a store that is gone deletes nothing either
+                raise error
+            return super().delete_file(path)
+
+        def delete_dir(self, path):
+            if every and self.after and self.writes >= self.after:
+                raise error
+            return super().delete_dir(path)
+
+    memory = MemoryFileSystem()
+    memory.store.clear()  # one process-wide store: start empty
+    return pafs.PyFileSystem(Handler(memory)), Handler
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["one-failure", "store-gone"])
+@pytest.mark.parametrize("error", [OSError("connection reset"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_model_upload_that_fails_at_any_point_keeps_the_previous_model_loadable(tmp_path, error, every):
+    """Finding: the merge's upload of merged/ to a URI output_dir emptied the remote merged/ first, so an
+    upload that failed or was interrupted left no model there (the README listed it as a limit). The new model
+    now goes to merged.tmp, the previous one aside to merged.old, and only then is merged/ replaced: a failure
+    at any file write, or Ctrl-C, keeps the previous model, byte-identical, at merged/ (put back at once, or by
+    the next merge's recover_model when the store is gone), and readers load merged.old until then."""
+    first, second = _pipeline_like(tmp_path / "first", "a"), _pipeline_like(tmp_path / "second", "b")
+    parent, path = "bucket/merges/toy", "bucket/merges/toy/merged"
+
+    def listed(fs):
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(parent)))
+
+    fs, handler = _failing_store(error, every)
+    fsu.upload_model(first, fs, path)
+    handler.writes = 0
+    fsu.upload_model(second, fs, path)
+    writes = handler.writes
+    assert writes == 3 * len(_tree(second))  # merged.tmp, the previous model aside, the new one in
+    assert _tree(fsu.download_dir(fs, path, tmp_path / "second-copy")) == _tree(second) and listed(fs) == ["merged"]
+    for after in range(1, writes + 1):
+        fs, handler = _failing_store(error, every)
+        fsu.upload_model(first, fs, path)
+        handler.writes, handler.after = 0, after
+        with pytest.raises(type(error)):
+            fsu.upload_model(second, fs, path)
+        handler.after = 0  # the store is back
+        read = fsu.model_to_read(fs, path)  # what a reader (Serve, load_dmm_pipeline, jobs/export.py) downloads
+        assert _tree(fsu.download_dir(fs, read, tmp_path / f"read-{after}")) == _tree(first), after
+        # put back at once, unless the store went away while merged/ was being replaced: then merged.old is read
+        assert (read == path) == (not every or after <= 2 * len(_tree(second))), after
+        fsu.recover_model(fs, path)  # the next merge's start
+        assert _tree(fsu.download_dir(fs, path, tmp_path / f"copy-{after}")) == _tree(first), after
+        assert listed(fs) == ["merged"], after
+
+
+def test_a_model_file_over_the_server_copy_limit_is_streamed(tmp_path, monkeypatch):
+    """S3's CopyObject (pyarrow's copy_file) refuses a source over 5 GiB, as a shard of an fp32 SDXL UNet is:
+    upload_model's copies stream such a file through this machine instead (the limit lowered to see it)."""
+    monkeypatch.setattr(fsu, "SERVER_COPY_LIMIT", 100)  # the weights (3000 bytes) are streamed, the configs copied
+    first, second = _pipeline_like(tmp_path / "first", "a"), _pipeline_like(tmp_path / "second", "b")
+    for name, fs, path in _stand_ins(tmp_path):
+        fsu.upload_model(first, fs, path)
+        fsu.upload_model(second, fs, path)
+        assert _tree(fsu.download_dir(fs, path, tmp_path / f"dl-{name}")) == _tree(second), name
+        assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(posixpath.dirname(path)))] == ["merged"], name
 
 
 def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypatch):
@@ -267,11 +355,49 @@ def test_serve_downloads_a_merged_model_from_a_uri(tmp_path):
         resolve_model_location((tmp_path / "missing").as_uri(), tmp_path / "download2")
 
 
+def test_readers_never_load_a_half_uploaded_model_and_read_the_previous_one_kept_aside(tmp_path, monkeypatch, caplog):
+    """Finding: Serve, load_dmm_pipeline and jobs/export.py downloaded whatever a cut-short upload left at a model
+    URI and failed on it without saying why or what to do. A folder without model_index.json is refused naming
+    the fix (re-run the merge); while an interrupted upload left the previous model complete as merged.old, that
+    is what they load (a warning), as a local merged.old is read in place."""
+    from dmm_ray.export_tracking import resolve_model
+    from dmm_ray.tracking import TrackingError
+    from serve.model import ModelLoadError, resolve_model_location
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    store = tmp_path / "bucket" / "merges" / "toy"
+    merged = _pipeline_like(store / "merged", "new")
+    (merged / "model_index.json").unlink()  # an upload cut short: every file but the one written last
+    uri = merged.as_uri()
+    fix = "re-run the merge that writes it"
+    with pytest.raises(ModelLoadError, match=f"could not download .*not a complete model: it has no model_index.json.*{fix}"):
+        resolve_model_location(uri, tmp_path / "serve")
+    with pytest.raises(TrackingError, match=f"not a complete model.*{fix}"):
+        with resolve_model(uri):
+            pass
+    with pytest.raises(FileNotFoundError, match=fix):
+        fsu.local_copy(uri, model=True)
+
+    previous = _tree(_pipeline_like(store / "merged.old", "previous"))  # the upload stopped while it replaced the model
+    with caplog.at_level("WARNING", logger="dmm_ray.data.fs"):
+        assert _tree(resolve_model_location(uri, tmp_path / "serve2")) == previous
+    assert "loading the previous model from " + uri + ".old" in caplog.text
+    with resolve_model(uri) as (folder, _, _):
+        assert _tree(folder) == previous
+    assert sorted(p.name for p in store.iterdir()) == ["merged", "merged.old"]  # readers write nothing there
+    fs, path = fsu.resolve(uri)
+    assert fsu.recover_model(fs, path) == [f"restored {path} from merged.old (an upload was interrupted while it replaced the model)"]
+    assert _tree(store / "merged") == previous and sorted(p.name for p in store.iterdir()) == ["merged"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow  # 60 s on 2 cores; the default run merges at a file URI in test_packed_merge_with_synthetic_mixing_*
-def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path):
+def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path, capsys):
     """A tiny merge (2 distill steps, synthesis and evaluation off) with output_dir=file://...:
-    checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder."""
+    checkpoints, fingerprints and the merged model land at the URI; local work in the staging folder. An
+    earlier upload cut short while it replaced the model (merged/ half-written, the previous model in
+    merged.old/) is undone at the start, and the new model replaces it through merged.tmp/ and merged.old/,
+    both gone at the end."""
     from merge_fixtures import build_world, tiny_merge_config
 
     from dmm_ray import paths
@@ -283,7 +409,11 @@ def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path
     remote = tmp_path / "bucket" / "merges" / "toy"
     uri = remote.as_uri()
     cfg = MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=uri, synthesis={"enabled": False}))
+    _pipeline_like(remote / "merged.old", "previous")
+    (_pipeline_like(remote / "merged", "half") / "model_index.json").unlink()
     result = run_merge(cfg)
+    assert "restored " + str(remote / "merged") + " from merged.old" in capsys.readouterr().out
+    assert sorted(p.name for p in remote.iterdir() if p.name.startswith("merged")) == ["merged"]
     assert result.location == uri + "/merged" and result.stage_metrics["distill"]["step"] == 2
     assert (remote / "merged" / "model_index.json").is_file() and (remote / "merged" / "dmm_merge.json").is_file()
     assert "distill" in json.loads((remote / "fingerprints.json").read_text())

@@ -2,7 +2,9 @@
 
 THE resolver of locations (`resolve`: a location -> (pyarrow FileSystem, path)), and the helpers that
 move whole folders between object storage and a local folder (`upload_dir`, `download_dir`,
-`local_copy`): the merge job's `output_dir`, `data.shards` and merged models go through here.
+`local_copy`): the merge job's `output_dir`, `data.shards` and merged models go through here. A model
+folder is replaced at a URI as the local one is (`upload_model`, `recover_model`, `model_to_read`): the
+new model beside it first, the previous one kept aside until the new one is in.
 Plain local paths map to pyarrow's LocalFileSystem and behave exactly like the local folder.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import logging
 import os
 import posixpath
 import re
@@ -20,6 +23,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import pyarrow.fs as pafs
+
+MODEL_MARKER = "model_index.json"  # what makes a diffusers folder loadable: copied last, deleted first
+# S3's CopyObject, pyarrow's copy_file there, refuses a source over 5 GiB (a shard of an fp32 SDXL UNet is up to 10 GB)
+SERVER_COPY_LIMIT = 5 * 1024**3
 
 # schemes pyarrow.fs.FileSystem.from_uri opens (object stores need pyarrow built with them, and credentials)
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -225,23 +232,135 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
     return local
 
 
+def model_siblings(path: str) -> tuple[str, str]:
+    """(`merged.tmp`, `merged.old`) beside the model folder `path` on its filesystem: where `upload_model`
+    uploads the new model and keeps the previous one (the names merged_model.save_siblings gives locally)."""
+    path = path.rstrip("/")
+    return path + ".tmp", path + ".old"
+
+
+def _complete(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(join(path, MODEL_MARKER)).type == pafs.FileType.File
+
+
+def _copy_model(fs: pafs.FileSystem, src: str, dest: str) -> None:
+    """Copy the folder `src` to `dest` inside `fs`, `MODEL_MARKER` last: server-side where the store can
+    (S3 CopyObject, no data through this machine), streamed through it for a file over SERVER_COPY_LIMIT."""
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
+    # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": relative paths without the leading "/"
+    files = [(posixpath.relpath(i.path.lstrip("/"), src.strip("/") or "."), i.size) for i in infos]
+    files.sort(key=lambda f: (posixpath.basename(f[0]) == MODEL_MARKER, f[0]))
+    made = set()
+    for rel, size in files:
+        source, dest_file = join(src, rel), join(dest, rel)
+        if (parent := posixpath.dirname(dest_file)) not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        if size is not None and size > SERVER_COPY_LIMIT:
+            with fs.open_input_stream(source) as reader, fs.open_output_stream(dest_file) as writer:
+                while chunk := reader.read(64 * 1024**2):
+                    writer.write(chunk)
+        else:
+            fs.copy_file(source, dest_file)
+
+
+def _delete_model(fs: pafs.FileSystem, path: str) -> bool:
+    """`delete`, `MODEL_MARKER` first: a folder deleted part-way never passes for a complete model."""
+    if _complete(fs, path):
+        fs.delete_file(join(path, MODEL_MARKER))
+    return delete(fs, path)
+
+
+def upload_model(local: str | os.PathLike, fs: pafs.FileSystem, path: str) -> list[str]:
+    """Replace the model folder `path` on `fs` with the local folder `local`, never leaving no complete
+    model there: an object store has no atomic rename, and emptying `path` before the upload (upload_dir)
+    left no model at all when the upload failed. The new model goes to `path.tmp` first (MODEL_MARKER last:
+    complete only once all of it is there); then the previous model is copied aside to `path.old`, `path`
+    emptied (marker first), `path.tmp` copied in (marker last), and both siblings removed. A failure or
+    Ctrl-C puts the previous model back (`recover_model`), and so does the next merge (its start) where that
+    could not finish; until then readers load `path.old` (`model_to_read`). Returns the files uploaded."""
+    tmp, old = model_siblings(path)
+    try:
+        uploaded = upload_dir(local, fs, tmp, last=(MODEL_MARKER,))
+        if _complete(fs, path):  # the previous model, aside (an incomplete path with a complete old: old is the last good one)
+            _delete_model(fs, old)
+            _copy_model(fs, path, old)
+        _delete_model(fs, path)
+        _copy_model(fs, tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the store may be gone: the error that stopped the upload is the one to show
+            recover_model(fs, path)
+        raise
+    for sibling in (old, tmp):
+        _delete_model(fs, sibling)
+    return uploaded
+
+
+def recover_model(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Undo an `upload_model` of `path` that was interrupted: `path` incomplete (no MODEL_MARKER) while
+    `path.old` is complete -> copy it back; then remove `path.tmp` / `path.old`. Returns what it did (for
+    the log). Call only while no upload of `path` can be under way (the merge: at its start)."""
+    tmp, old = model_siblings(path)
+    done = []
+    if not _complete(fs, path) and _complete(fs, old):
+        _delete_model(fs, path)
+        _copy_model(fs, old, path)
+        _delete_model(fs, old)  # the move's second half: not a leftover to report
+        done.append(f"restored {path} from {posixpath.basename(old)} (an upload was interrupted while it replaced the model)")
+    for stale in (tmp, old):
+        if _delete_model(fs, stale):
+            done.append(f"removed {stale} left behind by an interrupted upload")
+    return done
+
+
+def model_to_read(fs: pafs.FileSystem, path: str, shown: Optional[str] = None) -> str:
+    """The folder on `fs` to read the model at `path` from: `path` when complete (it holds MODEL_MARKER),
+    else its complete `path.old` while an interrupted `upload_model` left it there (a warning), else a
+    FileNotFoundError naming `shown` (the location as the user gave it; default `path`) and the fix.
+    Writes nothing: readers never repair a folder a merge may be writing."""
+    shown = shown or path
+    if _complete(fs, path):
+        return path
+    old = model_siblings(path)[1]
+    if _complete(fs, old):
+        logging.getLogger(__name__).warning(
+            "%s holds no complete model (an upload was interrupted while it replaced it, or one is under way); loading the "
+            "previous model from %s. The next merge on that output_dir puts it back (or re-run the merge to upload its model again).",
+            shown,
+            shown.rstrip("/") + ".old",
+        )
+        return old
+    if not is_dir(fs, path):
+        raise FileNotFoundError(f"{shown} does not exist (or is not a folder)")
+    raise FileNotFoundError(
+        f"{shown} is not a complete model: it has no {MODEL_MARKER} (an upload that was cut short or is under way) and no "
+        "complete previous model beside it; re-run the merge that writes it (jobs/merge.py with that output_dir) to upload it again"
+    )
+
+
 def upload(local: str | os.PathLike, uri: str, last: Iterable[str] = ("model_index.json",)) -> list[str]:
     """`upload_dir` to a location given as a URI (or a local path)."""
     fs, path = resolve(uri)
     return upload_dir(local, fs, path, last)
 
 
-def local_copy(location, dest: Optional[str | os.PathLike] = None) -> Path:
+def local_copy(location, dest: Optional[str | os.PathLike] = None, model: bool = False) -> Path:
     """A local folder with the contents of `location`: a local path as it is; a URI downloaded to
-    `dest` (default `$DMM_HOME/cache/download/<name>-<hash>`, refreshed by every call)."""
+    `dest` (default `$DMM_HOME/cache/download/<name>-<hash>`, refreshed by every call). `model`: a model
+    folder (a merged model), read as `model_to_read` says: a half-uploaded one is never downloaded."""
     if not is_uri(location):
         return Path(location)
     from dmm_ray.paths import download_dir as default_dest
 
     fs, path = resolve(str(location))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    if model:
+        path = model_to_read(fs, path, str(location))
+    elif fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{location} does not exist (or is not a folder)")
-    return download_dir(fs, path, dest if dest is not None else default_dest(str(location)))
+    copy = download_dir(fs, path, dest if dest is not None else default_dest(str(location)))
+    if model and not (copy / MODEL_MARKER).is_file():  # an upload replaced the folder while it was listed
+        raise FileNotFoundError(f"{location} changed while it was downloaded (a merge is uploading a model there); load it again")
+    return copy
 
 
 class fetched:
@@ -249,8 +368,9 @@ class fetched:
     temporary folder deleted on exit (for what is read into memory at once: a stage's student, a
     training state). Safe when several processes on one node fetch the same URI."""
 
-    def __init__(self, location):
+    def __init__(self, location, model: bool = False):
         self.location = location
+        self.model = model  # a model folder: see local_copy
         self._tmp: Optional[str] = None
 
     def __enter__(self) -> Path:
@@ -259,7 +379,7 @@ class fetched:
         import tempfile
 
         self._tmp = tempfile.mkdtemp(prefix="dmm-fetch-")
-        return local_copy(self.location, Path(self._tmp) / "folder")
+        return local_copy(self.location, Path(self._tmp) / "folder", model=self.model)
 
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:
