@@ -29,11 +29,13 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from dmm_ray.console import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="merged model folder")
     p.add_argument("--zoo", required=True, type=Path, help="toy zoo folder (zoo.yaml: feature net, eval prompts, teachers)")
-    p.add_argument("--prompts", type=int, default=32, help="held-out prompts (first N of the zoo's eval_prompts)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts (first N of the zoo's eval_prompts)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=4, help="FID needs 2+ images per set: prompts x images-per-prompt >= 2")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -43,6 +45,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a busy machine)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
+
+    from dmm_ray.evaluation.config import EvalConfig
+    from dmm_ray.zoo.manifest import load_zoo_manifest
+
+    zoo = load_zoo_manifest(args.zoo)  # its paths by the jobs' rule (`~`, `$DMM_HOME`), not joined to --zoo as written
+    prompts = [line.strip() for line in zoo.eval_prompts.read_text().splitlines() if line.strip()][: args.prompts]
+    # The evaluation's rule (a covariance needs 2+ images per set; seed sets A and B must not overlap), said
+    # here: 1 prompt x 1 image died in fid.py only after the bake and all three sets were sampled
+    try:
+        EvalConfig(images_per_prompt=args.images_per_prompt, seed_a=args.seed_a, seed_b=args.seed_b).check_seed_sets(len(prompts))
+    except ValueError as error:
+        p.error(f"{error} (--prompts {args.prompts}: {len(prompts)} of the zoo's eval_prompts, --images-per-prompt {args.images_per_prompt})")
 
     import numpy as np
     import torch
@@ -54,11 +68,8 @@ def main(argv=None) -> int:
     from dmm_ray.evaluation.generation import generate_images
     from dmm_ray.export import bake, export_pipeline, provenance, write_config_folder
     from dmm_ray.pipeline import load_dmm_pipeline
-    from dmm_ray.zoo.manifest import load_zoo_manifest
 
     torch.set_num_threads(args.threads)
-    zoo = load_zoo_manifest(args.zoo)  # its paths by the jobs' rule (`~`, `$DMM_HOME`), not joined to --zoo as written
-    prompts = [line.strip() for line in zoo.eval_prompts.read_text().splitlines() if line.strip()][: args.prompts]
     extractor = ZooFeatureExtractor(zoo.feature_net, device="cpu")
     sampler = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt="")
     k = args.images_per_prompt

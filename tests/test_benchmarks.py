@@ -523,6 +523,33 @@ def test_export_check_leaves_no_baked_files_behind(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "prompts_in_zoo, argv, message",
+    [
+        (5, ["--prompts", "1", "--images-per-prompt", "1"], "1 prompt(s) x images_per_prompt=1 is 1 image per set; FID needs at least 2"),
+        (1, ["--images-per-prompt", "1"], "--prompts 32: 1 of the zoo's eval_prompts"),  # the zoo holds fewer than asked
+        (5, ["--prompts", "0"], "expected a positive integer"),  # [:0] left no prompt, [:-1] all but the last
+        (5, ["--seed-b", "3"], "seed sets overlap"),
+    ],
+)
+def test_export_check_refuses_too_few_images_for_fid_before_any_work(prompts_in_zoo, argv, message, tmp_path, monkeypatch, capsys):
+    """`export_check.py --prompts 1 --images-per-prompt 1` loaded and baked the model and sampled three
+    image sets, then died in fid.py: a covariance needs two feature vectors. The evaluation's rule is
+    checked right after the zoo's prompts are read now: a usage error, before the model is loaded."""
+    import dmm_ray.pipeline as pipeline
+    import dmm_ray.zoo.manifest as manifest
+
+    (tmp_path / "prompts.txt").write_text("".join(f"p{i}\n" for i in range(prompts_in_zoo)))
+    monkeypatch.setattr(manifest, "load_zoo_manifest", lambda zoo: argparse.Namespace(eval_prompts=tmp_path / "prompts.txt", feature_net=None))
+    monkeypatch.setattr(pipeline, "load_dmm_pipeline", lambda model: pytest.fail("the model was loaded before the image count was checked"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import export_check
+
+    with pytest.raises(SystemExit) as stop:
+        export_check.main(["--model", str(tmp_path), "--zoo", str(tmp_path), *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "script, argv",
     [
         ("fast_speed", ["--arch", "tiny", "--repeats", "0"]),
