@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dmm_ray.console import int_list, int_list_or_none  # noqa: E402
+from dmm_ray.console import int_list, int_list_or_none, positive_int  # noqa: E402
 
 
 def build(
@@ -209,14 +209,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-ks", type=int_list_or_none, default="4,8", help="also: k LoRA teachers as adapters on one shared base ('' to skip)")
     parser.add_argument("--offload-ks", type=int_list_or_none, default="8", help="also: k full teachers offloaded to CPU RAM ('' to skip)")
     parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8, help="rows per step, split evenly among the k teachers")
-    parser.add_argument("--rows-per-style", type=int, default=None, help="instead: rows per teacher (rows per step = k x this)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per k (default 10; --tiny 2)")
+    # counts are positive integers: `--steps 0` timed the default 10 steps (0 or 10), `--steps -3` none and
+    # printed negative samples/s; `--batch 0` / `--rows-per-style 0` meant 1 row / the --batch split
+    parser.add_argument("--batch", type=positive_int, default=8, help="rows per step, split evenly among the k teachers")
+    parser.add_argument("--rows-per-style", type=positive_int, default=None, help="instead: rows per teacher (rows per step = k x this)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps per k (default 10; --tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny 1)")
     parser.add_argument("--teacher-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adamw8bit"])
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default 64 = 512 px; --tiny 8)")
+    parser.add_argument("--latent", type=positive_int, default=None, help="latent side (default 64 = 512 px; --tiny 8)")
     parser.add_argument("--device", default=None, help="default: cuda if available (--tiny: cpu)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

@@ -364,6 +364,20 @@ def test_gpu_distill_refuses_a_bad_k_before_building_and_makes_the_json_folder(t
     assert [r["k"] for r in json.loads(out.read_text())["results"]] == [1, 2, 2]
 
 
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--latent", "0"], ["--batch", "0"], ["--rows-per-style", "0"]])
+def test_gpu_distill_refuses_a_count_below_one(argv, monkeypatch, capsys):
+    """`gpu_distill.py --steps 0` timed the default 10 steps (`args.steps or 10`) and `--steps -3` none,
+    printing negative samples/s; `--latent 0` meant 64, `--batch 0` one row, `--rows-per-style 0` the
+    --batch split. Each is a usage error now, before anything is built."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_distill
+
+    monkeypatch.setattr(gpu_distill, "measure", lambda *a, **k: pytest.fail("measured before the counts were checked"))
+    with pytest.raises(SystemExit) as stop:
+        gpu_distill.main(["--tiny", *argv])
+    assert stop.value.code == 2 and f"argument {argv[0]}: expected a positive integer" in capsys.readouterr().err
+
+
 def _packing_equivalence_merges_started(monkeypatch, tmp_path, argv) -> list[int]:
     """packing_equivalence.main(argv) with its merge subprocesses faked: the k of each merge started."""
     sys.path.insert(0, str(REPO / "benchmarks"))
