@@ -251,46 +251,50 @@ def lora_cost(args, merged: Path) -> dict:
     from dmm_ray.tiny_plugins import make_lora
     from serve.app import build_app
 
-    lora = make_lora(StyleUNet.from_pretrained(Path(merged) / "unet"), Path(tempfile.mkdtemp(prefix="dmm-bench-lora-")), seed=1)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    out: dict = {"adapter": str(lora)}
-    fractions = args.lora_fractions
-    for rep, frac in [(r, f) for r in range(args.lora_repeats) for f in fractions]:  # interleaved: load drifts hit all
-        name = f"lora{int(round(frac * 100))}r{rep}"
-        serve.run(
-            build_app(
-                {
-                    "model": str(merged),
-                    "num_replicas": args.replicas,
-                    "max_batch_size": args.max_batch_size,
-                    "batch_wait_timeout_s": 0.01,
-                    "limits": {"max_width": max(768, args.size)},
-                    "lora_adapters": {"subject": str(lora)},
-                }
-            ),
-            name=name,
-            route_prefix=f"/{name}",
-        )
-        style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
-        calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
-        rng = random.Random(1)
-        for c in calls:
-            c.path = f"/{name}/generate"
-            if rng.random() < frac:
-                c.body = {**c.body, "lora": {"subject": 1.0}}
-        asyncio.run(run_calls(base, calls[:4], 4))  # warm-up, not counted
-        key = f"{frac}#{rep}"
-        out[key] = run_stream(base, calls, args.concurrency)
-        stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
-        out[key].update(
-            batch_sizes=stats["batch_sizes"], lora_split_batches=stats["lora_split_batches"], lora_requests=sum(1 for c in calls if "lora" in c.body)
-        )
-        print(f"lora fraction {frac} (run {rep}): {dumps(out[key])}", flush=True)
-        serve.delete(name)
-    out["in_process"] = lora_forward_cost(merged, lora, args.steps, args.size)
-    print(f"lora in process: {dumps(out['in_process'])}", flush=True)
+    # the adapter went to a mkdtemp folder that stayed in /tmp after every run: removed at the end, on failure too
+    with tempfile.TemporaryDirectory(prefix="dmm-bench-lora-") as folder:
+        lora = make_lora(StyleUNet.from_pretrained(Path(merged) / "unet"), Path(folder), seed=1)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
+        out: dict = {"adapter": str(lora)}
+        fractions = args.lora_fractions
+        for rep, frac in [(r, f) for r in range(args.lora_repeats) for f in fractions]:  # interleaved: load drifts hit all
+            name = f"lora{int(round(frac * 100))}r{rep}"
+            serve.run(
+                build_app(
+                    {
+                        "model": str(merged),
+                        "num_replicas": args.replicas,
+                        "max_batch_size": args.max_batch_size,
+                        "batch_wait_timeout_s": 0.01,
+                        "limits": {"max_width": max(768, args.size)},
+                        "lora_adapters": {"subject": str(lora)},
+                    }
+                ),
+                name=name,
+                route_prefix=f"/{name}",
+            )
+            style_names = [s["name"] for s in httpx.get(f"{base}/{name}/styles").json()["styles"]]
+            calls = style_stream(style_names, args.requests, seed=0, steps=args.steps, size=args.size)
+            rng = random.Random(1)
+            for c in calls:
+                c.path = f"/{name}/generate"
+                if rng.random() < frac:
+                    c.body = {**c.body, "lora": {"subject": 1.0}}
+            asyncio.run(run_calls(base, calls[:4], 4))  # warm-up, not counted
+            key = f"{frac}#{rep}"
+            out[key] = run_stream(base, calls, args.concurrency)
+            stats = replica_stats(name, "StyleModel", "info", args.replicas)[0]
+            out[key].update(
+                batch_sizes=stats["batch_sizes"],
+                lora_split_batches=stats["lora_split_batches"],
+                lora_requests=sum(1 for c in calls if "lora" in c.body),
+            )
+            print(f"lora fraction {frac} (run {rep}): {dumps(out[key])}", flush=True)
+            serve.delete(name)
+        out["in_process"] = lora_forward_cost(merged, lora, args.steps, args.size)
+        print(f"lora in process: {dumps(out['in_process'])}", flush=True)
     out["throughput_rps_median"] = {str(f): statistics.median(out[f"{f}#{r}"]["throughput_rps"] for r in range(args.lora_repeats)) for f in fractions}
     ref = out["throughput_rps_median"].get("0.0")
     if ref:

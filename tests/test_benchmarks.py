@@ -446,6 +446,57 @@ def test_serve_styles_refuses_bad_lora_fractions_before_ray_starts(fractions, mo
     assert stop.value.code == 2 and "expected comma-separated shares of requests between 0 and 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fail", [False, True], ids=["done", "failed"])
+def test_serve_styles_lora_run_leaves_no_adapter_folder_behind(fail, tmp_path, monkeypatch):
+    """`serve_styles.py --lora-fractions` wrote its LoRA adapter to a mkdtemp folder (/tmp/dmm-bench-lora-*)
+    and never removed it. The folder lives while the deployments and the in-process cost read the file,
+    and goes at the end, on failure too. Serve, the model and the measurements are faked: only the files
+    are real."""
+    import tempfile
+
+    import httpx
+    from ray import serve as ray_serve
+
+    import dmm_ray.models.style_unet as style_unet
+    import dmm_ray.tiny_plugins as tiny_plugins
+
+    serve_app = importlib.import_module("serve.app")  # the module: the package's `app` attribute is the Serve app
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve_styles
+
+    def fake_make_lora(unet, out, seed):
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+        return out / "pytorch_lora_weights.safetensors"
+
+    def in_process_cost(merged, lora, steps, size):
+        assert Path(lora).is_file(), "the adapter was removed while still in use"
+        if fail:
+            raise RuntimeError("measurement failed")
+        return {}
+
+    async def no_calls(*a, **k):
+        return None
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(style_unet.StyleUNet, "from_pretrained", lambda path: None)
+    monkeypatch.setattr(tiny_plugins, "make_lora", fake_make_lora)
+    for name in ("start", "run", "delete"):
+        monkeypatch.setattr(ray_serve, name, lambda *a, **k: None)
+    monkeypatch.setattr(serve_app, "build_app", lambda config: None)
+    monkeypatch.setattr(httpx, "get", lambda url: argparse.Namespace(json=lambda: {"styles": [{"name": "warm"}]}))
+    monkeypatch.setattr(serve_styles, "run_calls", no_calls)
+    monkeypatch.setattr(serve_styles, "run_stream", lambda base, calls, concurrency: {"throughput_rps": 1.0})
+    monkeypatch.setattr(serve_styles, "replica_stats", lambda *a: [{"batch_sizes": {}, "lora_split_batches": 0}])
+    monkeypatch.setattr(serve_styles, "lora_forward_cost", in_process_cost)
+    args = argparse.Namespace(lora_fractions=[0.0, 1.0], lora_repeats=1, replicas=1, max_batch_size=4, size=32, requests=4, steps=1, concurrency=1)
+    if fail:
+        with pytest.raises(RuntimeError, match="measurement failed"):
+            serve_styles.lora_cost(args, tmp_path / "merged")
+    else:
+        assert serve_styles.lora_cost(args, tmp_path / "merged")["throughput_relative_to_no_lora"] == {"0.0": 1.0, "1.0": 1.0}
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_benchmarks_read_zoo_yaml_paths_by_the_jobs_rule(tiny_base_dir, tmp_path, monkeypatch):
     """zoo.yaml's paths expand `~` and `$DMM_HOME` (README, as in a merge config), but serve_styles.py
     (the zoo's base, for a file teacher without its own), export_check.py, regions.py and the zoo report's
