@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-hw", type=int, default=16, help="latent height/width (tiny VAE at 32 px: 16)")
     p.add_argument("--styles", type=int, default=8, help="number of styles in the student codebook")
     p.add_argument("--steps", type=positive_int, default=15, help="timed distillation steps (after 3 warm-up steps)")
-    p.add_argument("--epochs", type=int, default=2, help="timed stream epochs (after one warm-up epoch)")
+    # 0 timed epochs measured no batch and printed "0.00 batches/s ... BELOW target" after the whole run
+    p.add_argument("--epochs", type=positive_int, default=2, help="timed stream epochs (after one warm-up epoch)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads for the step (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the distillation step")

@@ -624,12 +624,15 @@ def test_export_check_refuses_too_few_images_for_fid_before_any_work(prompts_in_
         ("serve_styles", ["--lora-fractions", "0,1", "--lora-repeats", "0"]),
         ("train_throughput", ["--steps", "0"]),
         ("data_throughput", ["--steps", "0"]),
+        ("data_throughput", ["--epochs", "0"]),
+        ("data_throughput", ["--epochs", "-1"]),
     ],
 )
 def test_a_timing_count_below_one_is_a_usage_error(script, argv, monkeypatch, capsys):
     """`fast_speed.py --repeats 0` (and adapter_routing/regions --reps 0, serve_styles --lora-repeats 0)
     built and warmed up the models, then died of StatisticsError: no median of zero timed runs;
-    train_throughput/data_throughput --steps 0 of an UnboundLocalError in step_setup.timed_steps."""
+    train_throughput/data_throughput --steps 0 of an UnboundLocalError in step_setup.timed_steps;
+    data_throughput --epochs 0 timed no batch and printed "stream: 0.00 batches/s ... BELOW target"."""
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the count was checked"))
