@@ -190,7 +190,7 @@ def teacher_checksums(record: Mapping[str, Any]) -> list[dict]:
 
     out = []
     for raw in record.get("teachers", []):
-        spec = TeacherSpec.model_validate(raw)
+        spec = TeacherSpec.from_record(raw)
         try:
             checksum = teacher_checksum(spec)
         except (OSError, ValueError) as exc:  # moved or deleted (a TeacherError when its format is found from its files)

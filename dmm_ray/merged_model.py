@@ -40,7 +40,7 @@ def recorded_teachers(merged_dir: str | Path) -> list | None:
 
     if not (Path(merged_dir) / MERGE_RECORD).is_file():
         return None
-    teachers = [TeacherSpec.model_validate(t) for t in read_record(merged_dir).get("teachers") or []]
+    teachers = [TeacherSpec.from_record(t) for t in read_record(merged_dir).get("teachers") or []]
     return teachers if [t.name for t in teachers] == model_styles(merged_dir) else None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,31 @@ class TeacherSpec(BaseModel):
                 f"format {fmt}, which has no LoRA to scale; remove lora_scale, or for a LoRA give its .safetensors file with "
                 "format: lora and base:"
             )
+
+    @classmethod
+    def from_record(cls, raw: dict) -> "TeacherSpec":
+        """A teacher as a merged model's record (dmm_merge.json) lists it. Until lora_scale on a teacher that
+        is no LoRA was refused (_check_lora_scale), a config could give it, and it did nothing: the record of
+        a model merged so reads with lora_scale 1.0, what that teacher was merged with, and a warning, so the
+        model still grows, exports and is evaluated, while a new config with it is still refused."""
+        data = dict(raw)
+        scale, fmt = data.get("lora_scale", 1.0), data.get("format")
+        if scale != 1.0 and fmt != "lora":
+            if fmt is None:  # left out in the config: found from the files, as the merge found it
+                try:
+                    fmt = detect_format(str(data.get("source")), has_base=data.get("base") is not None, name=str(data.get("name")))
+                except (OSError, ValueError):
+                    fmt = None  # files gone or unreadable: whoever reads them next says so, lora_scale aside
+            if fmt is not None and fmt != "lora":
+                logging.getLogger(__name__).warning(
+                    "teacher %r: the merged model's record gives lora_scale %s on a %s teacher, which has no LoRA to scale "
+                    "(the merge ignored it; a config with it is refused now): read as lora_scale 1.0",
+                    data.get("name"),
+                    scale,
+                    fmt,
+                )
+                data["lora_scale"] = 1.0
+        return cls.model_validate(data)
 
     def resolved_format(self) -> str:
         fmt = self.format or detect_format(self.source, has_base=self.base is not None, name=self.name)

@@ -207,6 +207,42 @@ def test_lora_scale_on_a_teacher_that_is_no_lora_is_refused(teacher_files, tiny_
     check_teacher_files([lora, TeacherSpec(name="y", source=str(root / "folder"), format="diffusers", lora_scale=1.0)])
 
 
+def test_a_merge_record_with_lora_scale_on_a_teacher_that_is_no_lora_still_reads(teacher_files, tiny_base_dir, tmp_path, caplog):
+    """Until lora_scale on a teacher that is no LoRA was refused, a config could give it (it did nothing), and
+    the merged model's dmm_merge.json lists it: reading that record (an incremental merge's old styles, the
+    few-step stage, an export's provenance) failed with the refusal. Such a record reads with lora_scale 1.0
+    and a warning, its format given or found from the files; a LoRA keeps its scale; a new spec is still refused."""
+    import json
+    import logging
+
+    from pydantic import ValidationError
+
+    from dmm_ray.export import teacher_checksums
+    from dmm_ray.merged_model import MERGE_RECORD, recorded_teachers
+
+    root, base = teacher_files["root"], str(tiny_base_dir)
+    teachers = [  # as save_merged writes them (TeacherSpec.model_dump)
+        {"name": "a", "source": str(root / "folder"), "format": "diffusers", "base": None, "lora_scale": 0.5},
+        {"name": "b", "source": str(root / "single.safetensors"), "format": None, "base": base, "lora_scale": 0.7},
+        {"name": "c", "source": str(root / "lora" / "pytorch_lora_weights.safetensors"), "format": "lora", "base": base, "lora_scale": 0.3},
+    ]
+    teachers = [{**t, "description": "", "allow_pickle": False} for t in teachers]
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"style_names": ["a", "b", "c"]}))
+    (tmp_path / MERGE_RECORD).write_text(json.dumps({"name": "old", "styles": ["a", "b", "c"], "teachers": teachers}))
+    with caplog.at_level(logging.WARNING, logger="dmm_ray.teachers"):
+        specs = recorded_teachers(tmp_path)
+    assert [(t.name, t.lora_scale) for t in specs] == [("a", 1.0), ("b", 1.0), ("c", 0.3)]
+    assert "teacher 'a': the merged model's record gives lora_scale 0.5 on a diffusers teacher" in caplog.text
+    assert "teacher 'b': the merged model's record gives lora_scale 0.7 on a single_file teacher" in caplog.text and "'c'" not in caplog.text
+    provenance = teacher_checksums({"teachers": teachers})
+    assert [t["format"] for t in provenance] == ["diffusers", "single_file", "lora"]
+    # the checksum a config of the same teacher without lora_scale gives: what the merge read
+    assert provenance[0]["checksum"] == teacher_checksum(TeacherSpec(name="a", source=str(root / "folder"), format="diffusers"))
+    with pytest.raises(ValidationError, match="lora_scale 0.5 scales a LoRA teacher"):
+        TeacherSpec.model_validate(teachers[0])  # a new config's teacher
+
+
 def test_every_teacher_with_a_problem_is_named_at_once(teacher_files, tiny_base_dir, tmp_path):
     """A config whose paths are all wrong says so once, one line per teacher, not one per run."""
     from dmm_ray.teachers import check_teacher_files
