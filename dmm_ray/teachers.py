@@ -792,11 +792,19 @@ def _check_unet_shapes(spec: TeacherSpec, folder: str, student_base: str, models
 
 def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*") -> str:
     """sha256 over every file's relative name, size and its first and last `chunk` bytes (folders:
-    every file below matching `pattern`). Cheap on multi-GB checkpoints, changes when weights change."""
+    every file below matching `pattern`, hidden ones aside). Cheap on multi-GB checkpoints, changes when
+    weights change."""
     digest = hashlib.sha256(salt.encode())
     for root in roots:
         root = Path(root)
-        files = sorted(p for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else [root]
+        # a hidden file or folder below the root is no model content (diffusers reads none): `hf download
+        # --local-dir` keeps .cache/huggingface/**/*.metadata there, with a download timestamp, so the same
+        # teacher downloaded again got another checksum (.git, .DS_Store, .ipynb_checkpoints alike)
+        files = (
+            sorted(p for p in root.rglob(pattern) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+            if root.is_dir()
+            else [root]
+        )
         for file in files:
             size = file.stat().st_size
             digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())

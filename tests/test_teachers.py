@@ -267,6 +267,30 @@ def test_checksum_tracks_content(teacher_files, tmp_path):
     assert teacher_checksum(TeacherSpec(name="t", source=str(tmp_path / "copy"))) != a
 
 
+def test_checksum_leaves_out_hidden_download_metadata(teacher_files, tmp_path):
+    """`hf download --local-dir` writes .cache/huggingface/download/<file>.metadata (commit, etag, download
+    time) into the folder; files_checksum hashed it, so the same teacher downloaded again got another
+    checksum and a merge re-run was refused as other settings. Hidden entries below the root are left out,
+    a root that is itself hidden (`--zoo .zoo`) is not, and the model's own files still count."""
+    import shutil
+
+    folder = tmp_path / ".zoo" / "teacher"
+    shutil.copytree(teacher_files["root"] / "folder", folder)
+    spec = TeacherSpec(name="t", source=str(folder))
+    clean = teacher_checksum(spec)
+    assert clean == teacher_checksum(TeacherSpec(name="t", source=str(teacher_files["root"] / "folder")))
+    meta = folder / ".cache" / "huggingface" / "download" / "unet" / "diffusion_pytorch_model.safetensors.metadata"
+    meta.parent.mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    for downloaded_at in ("1765000000.1", "1765000960.7"):  # downloaded twice, the same files
+        meta.write_text(f'0123abcd\n"etag"\n{downloaded_at}\n')
+        assert teacher_checksum(spec) == clean
+    (folder / "unet" / ".DS_Store").write_bytes(b"finder")
+    assert teacher_checksum(spec) == clean
+    (folder / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text() + " ")
+    assert teacher_checksum(spec) != clean
+
+
 @pytest.mark.parametrize("size", [6, 8, 11])  # between one and two chunks, exactly two, over two
 def test_checksum_sees_an_edit_in_a_files_last_chunk(tmp_path, size):
     """The first and last `chunk` bytes are hashed: a file under two chunks long had its tail after the
