@@ -790,10 +790,21 @@ def _check_unet_shapes(spec: TeacherSpec, folder: str, student_base: str, models
         )
 
 
-def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*") -> str:
+# files_checksum's rules, oldest first. State an earlier dmm-ray recorded holds checksums by its rule, which
+# fingerprint.check_resume compares a teacher's by too, so an unchanged teacher still resumes:
+#   "first-chunk"  a file between one and two chunks long (16-32 MiB: an SD LoRA of rank 16-32) hashed by its
+#                  first chunk only (an edit after it kept the checksum); hidden files below a folder hashed
+#   "hidden"       the last chunk of every file over one; hidden files below a folder still hashed
+#   "content"      hidden files below a folder left out (now)
+CHECKSUM_RULES = ("first-chunk", "hidden", "content")
+
+
+def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: int = 1 << 24, pattern: str = "*", rule: str = "content") -> str:
     """sha256 over every file's relative name, size and its first and last `chunk` bytes (folders:
     every file below matching `pattern`, hidden ones aside). Cheap on multi-GB checkpoints, changes when
-    weights change."""
+    weights change. `rule`: one of CHECKSUM_RULES, an earlier one only to compare a checksum recorded by it."""
+    if rule not in CHECKSUM_RULES:
+        raise ValueError(f"unknown checksum rule {rule!r}; expected one of {', '.join(CHECKSUM_RULES)}")
     digest = hashlib.sha256(salt.encode())
     for root in roots:
         root = Path(root)
@@ -801,7 +812,11 @@ def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: in
         # --local-dir` keeps .cache/huggingface/**/*.metadata there, with a download timestamp, so the same
         # teacher downloaded again got another checksum (.git, .DS_Store, .ipynb_checkpoints alike)
         files = (
-            sorted(p for p in root.rglob(pattern) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+            sorted(
+                p
+                for p in root.rglob(pattern)
+                if p.is_file() and (rule != "content" or not any(part.startswith(".") for part in p.relative_to(root).parts))
+            )
             if root.is_dir()
             else [root]
         )
@@ -810,14 +825,15 @@ def files_checksum(roots: Sequence[str | os.PathLike], salt: str = "", chunk: in
             digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
             with open(file, "rb") as handle:
                 digest.update(handle.read(chunk))
-                if size > chunk:  # the last `chunk` bytes, or all after the first chunk in a file under 2 chunks long
+                # the last `chunk` bytes, or all after the first chunk in a file under 2 chunks long
+                if size > (2 * chunk if rule == "first-chunk" else chunk):
                     handle.seek(max(chunk, size - chunk))
                     digest.update(handle.read(chunk))
     return digest.hexdigest()[:16]
 
 
-def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24) -> str:
-    """Content fingerprint of a teacher (and its LoRA/base): `files_checksum` of its files, salted
-    with its name, format and LoRA scale."""
+def teacher_checksum(spec: TeacherSpec, chunk: int = 1 << 24, rule: str = "content") -> str:
+    """Content fingerprint of a teacher (and its LoRA/base): `files_checksum` of its files (by `rule`),
+    salted with its name, format and LoRA scale."""
     paths = [spec.source] + ([spec.base] if spec.base else [])
-    return files_checksum(paths, f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}", chunk)
+    return files_checksum(paths, f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}", chunk, rule=rule)

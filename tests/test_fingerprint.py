@@ -103,6 +103,69 @@ def test_changed_teacher_weights_refuse(world, tmp_path):
         fingerprint.check_resume(cfg, out, ["distill"])
 
 
+def _checksum_as_recorded_before(roots, salt: str, tail_over: int, chunk: int = 1 << 24) -> str:
+    """teachers.files_checksum as an earlier dmm-ray recorded it: hidden files below a folder hashed, and a
+    file's last chunk only once it was over `tail_over` bytes long (2 chunks before 1c17d28, then 1)."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256(salt.encode())
+    for root in map(Path, roots):
+        for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{size}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(chunk))
+                if size > tail_over:
+                    handle.seek(max(chunk, size - chunk), os.SEEK_SET)
+                    digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("tail_over", [2 << 24, 1 << 24], ids=["before-1c17d28", "before-hidden-files-left-out"])
+def test_state_recorded_by_an_earlier_checksum_rule_still_resumes(world, tmp_path, tail_over):
+    """files_checksum changed twice: a file between one and two chunks long (16-32 MiB: an SD LoRA of rank
+    16-32) is hashed by its tail too, and hidden files below a folder (the .cache/huggingface/ of `hf download
+    --local-dir`) are left out. State recorded before held its teachers' checksums by the earlier rule, so the
+    same, unchanged teachers were "checksum changed", the re-run refused until --restart. A recorded checksum
+    that the teacher's files give now by an earlier rule resumes; a teacher changed since is still refused."""
+    import json
+    import shutil
+
+    lora = tmp_path / "lora_r32.safetensors"
+    lora.write_bytes(bytes(range(256)) * (20 << 12))  # 20 MiB: a rank-32 LoRA's size (only the bytes matter here)
+    folder = shutil.copytree(world["teachers"][0]["source"], tmp_path / "t0")
+    (folder / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "download" / "model_index.json.metadata").write_text("0123abcd\netag\n1765000000.1\n")
+    local = {
+        **world,
+        "teachers": [{"name": "style0", "source": str(folder)}, {"name": "lora32", "source": str(lora), "format": "lora", "base": world["base"]}],
+    }
+    out = tmp_path / "out"
+    cfg = _cfg(local, out)
+    fingerprint.record(cfg, out, "distill")
+    _fake_state(cfg, out, "distill")
+    recorded = json.loads((out / fingerprint.RECORD).read_text())
+    for t, spec in zip(recorded["distill"]["teachers"], cfg.teachers):
+        old = _checksum_as_recorded_before(
+            [spec.source] + ([spec.base] if spec.base else []), f"{spec.name}|{spec.resolved_format()}|{spec.lora_scale}", tail_over
+        )
+        assert old != t["checksum"] or (spec.name == "lora32" and tail_over == 1 << 24)  # a 20 MiB file: the tail rule alone
+        t["checksum"] = old
+    (out / fingerprint.RECORD).write_text(json.dumps(recorded))
+    fingerprint.check_resume(cfg, out, ["distill"])  # the same teachers: resume
+
+    _flip_last_byte(folder / "unet")
+    with pytest.raises(StaleStateError, match="teacher 'style0': checksum changed") as error:
+        fingerprint.check_resume(cfg, out, ["distill"])
+    assert "lora32" not in str(error.value)
+    data = bytearray(lora.read_bytes())
+    data[0] ^= 0xFF  # in its first chunk, which every rule hashes
+    lora.write_bytes(bytes(data))
+    with pytest.raises(StaleStateError, match="teacher 'lora32': checksum changed"):
+        fingerprint.check_resume(cfg, out, ["distill"])
+
+
 def _flip_last_byte(folder: Path) -> None:
     weights = next(folder.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
