@@ -754,6 +754,7 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
     out, remote = output_location(cfg)
     put_back_parked_base(cfg, out)
     validate_before_ray(cfg, restart=restart)
+    check_fast_lock(cfg, out, restart)  # a running jobs/fast.py on the few-step folder: said now, not after the whole merge
     out.mkdir(parents=True, exist_ok=True)
     if remote:
         log(
@@ -763,6 +764,23 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
         )
     with output_lock.hold(out, warn=log):
         return _merge(cfg, out, tracker, restart, started)
+
+
+def check_fast_lock(cfg: MergeConfig, local: Path, restart: bool = False) -> list[str]:
+    """With fast.enabled, when the few-step stage will run (the merge is not complete already): the few-step
+    folder's fast.lock (dmm_ray/output_lock.py), read, not taken. One a running few-step job holds (jobs/fast.py,
+    or another merge's stage on that folder), or one on another host, raises its OutputDirBusyError naming the
+    owner: the stage takes the lock only after the whole merge, and was refused there. Returns the line a run
+    would log about a stale one (the stage takes it over), for the dry run."""
+    if not cfg.fast.enabled or (not restart and completed_merge(cfg, local) is not None):
+        return []
+    from dmm_ray import output_lock
+    from dmm_ray.fast.job import FAST_LOCK
+
+    folder = fast_folder(cfg, local)
+    what = f"the few-step folder {folder} (this merge's fast stage)"
+    line = output_lock.check(folder, name=FAST_LOCK, job="few-step job", what=what, fix="--set fast.output_dir=NEW_DIR")
+    return [line] if line else []
 
 
 def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
@@ -822,7 +840,8 @@ def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[di
 def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     """jobs/merge.py --dry-run, after validate_before_ray: what run_merge would find in output_dir before it
     trains, nothing written. Raises what it would refuse with: output_dir's lock held by a running merge (or
-    one on another host; output_lock.OutputDirBusyError naming it), resumable state of other settings
+    one on another host; output_lock.OutputDirBusyError naming it), with fast.enabled the few-step folder's
+    fast.lock held by a running few-step job (check_fast_lock), resumable state of other settings
     (check_output_dir, without `restart`, which discards that state). Returns the lines the run would log
     about the folder: a stale lock it would take over, and that the merge is complete already (nothing
     to do) or only its stages after the save would run."""
@@ -830,7 +849,7 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
     local = output_location(cfg)[0]
-    lines = [line for line in [output_lock.check(local)] if line]
+    lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart)
     if restart:  # the run forgets the completion record and discards the state first: it merges from the start
         return lines
     check_output_dir(cfg)

@@ -704,6 +704,47 @@ def test_merge_dry_run_says_what_the_run_would_find_in_output_dir(world, tmp_pat
     assert lock.exists()  # read, not taken over
 
 
+def test_a_merge_with_fast_enabled_refuses_a_held_fast_lock_before_it_starts(world, tmp_path, monkeypatch, capsys):
+    """Finding: a merge with fast.enabled whose few-step folder's fast.lock a running jobs/fast.py held started,
+    merged for its whole run, and was refused only at its few-step stage (its dry run said OK). The pre-Ray checks
+    now read that lock, as they read merge.lock: refused before the merge body, naming the owner and
+    fast.output_dir; a stale one is said to be taken over; a merge that is complete already is not refused."""
+    from dmm_ray.fast.job import FAST_LOCK
+    from jobs import merge as job
+
+    out = tmp_path / "out"
+    raw = tiny_merge_config(world, out, fast={"enabled": True})
+    cfg = MergeConfig.model_validate(raw).with_absolute_paths()
+    (out / "fast").mkdir(parents=True)
+    lock = output_lock.lock_path(out / "fast", FAST_LOCK)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 5}))  # a running job
+    monkeypatch.setattr(merge, "_merge", lambda *a: pytest.fail("the merge ran although its few-step folder is locked"))
+    with pytest.raises(OutputDirBusyError) as error:
+        merge.run_merge(cfg)
+    text = str(error.value)
+    assert text.startswith(f"the few-step folder {out / 'fast'} (this merge's fast stage) is in use by another few-step job (")
+    assert f"kill {os.getpid()}" in text and "--set fast.output_dir=NEW_DIR" in text
+    assert not output_lock.lock_path(out).exists()  # refused before it took merge.lock
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for restart in ([], ["--restart"]):
+        assert job.main(["--config", str(path), "--dry-run", *restart]) == 2
+        assert f"lock file {lock}" in capsys.readouterr().err
+    off = MergeConfig.model_validate(tiny_merge_config(world, out)).with_absolute_paths()  # no few-step stage: nothing to refuse
+    assert merge.check_fast_lock(off, out) == []
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "started": time.time() - 5}))
+    assert job.main(["--config", str(path), "--dry-run"]) == 0
+    assert f"a run would take over the stale lock {lock}" in capsys.readouterr().out and lock.exists()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 5}))
+    for model in (out / "merged", out / "fast" / "model"):  # the merge finished: its re-run does nothing, the lock is no obstacle
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "model_index.json").write_text("{}")
+    merge.record_complete(cfg, out, merge.MergeResult(merged_path=out / "merged", location=str(out / "merged")))
+    assert merge.check_fast_lock(cfg, out) == []
+    with pytest.raises(OutputDirBusyError):  # --restart merges again, few-step stage included
+        merge.check_fast_lock(cfg, out, restart=True)
+
+
 def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_only_as_its_evaluation(world, tmp_path, monkeypatch, capsys):
     """Finding: `jobs/evaluate.py --teachers <merge config>` without --out wrote into that merge's own
     <output_dir>/evaluation whatever it scored (another --model, other --set settings), replacing the merge's
