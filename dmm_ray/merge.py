@@ -766,13 +766,19 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
         return _merge(cfg, out, tracker, restart, started)
 
 
+def fast_stage_runs(cfg: MergeConfig, local: Path, restart: bool = False) -> bool:
+    """Will a run of this merge (the absolute config) run its few-step stage? fast.enabled, and the merge is not
+    complete already (its re-run runs no stage; `restart` merges again)."""
+    return cfg.fast.enabled and (restart or completed_merge(cfg, local) is None)
+
+
 def check_fast_lock(cfg: MergeConfig, local: Path, restart: bool = False) -> list[str]:
     """With fast.enabled, when the few-step stage will run (the merge is not complete already): the few-step
     folder's fast.lock (dmm_ray/output_lock.py), read, not taken. One a running few-step job holds (jobs/fast.py,
     or another merge's stage on that folder), or one on another host, raises its OutputDirBusyError naming the
     owner: the stage takes the lock only after the whole merge, and was refused there. Returns the line a run
     would log about a stale one (the stage takes it over), for the dry run."""
-    if not cfg.fast.enabled or (not restart and completed_merge(cfg, local) is not None):
+    if not fast_stage_runs(cfg, local, restart):
         return []
     from dmm_ray import output_lock
     from dmm_ray.fast.job import FAST_LOCK
@@ -843,13 +849,21 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     one on another host; output_lock.OutputDirBusyError naming it), with fast.enabled the few-step folder's
     fast.lock held by a running few-step job (check_fast_lock), resumable state of other settings
     (check_output_dir, without `restart`, which discards that state). Returns the lines the run would log
-    about the folder: a stale lock it would take over, and that the merge is complete already (nothing
+    about the folder: a stale lock it would take over, the model a killed save left that it would put back
+    (merged.old, fast/model.old) and its leftovers it would remove, and that the merge is complete already (nothing
     to do) or only its stages after the save would run."""
     from dmm_ray import output_lock
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
     local = output_location(cfg)[0]
     lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart)
+    # what a killed save left, which the run puts back (or removes) before anything else: _merge's recover_merged
+    # first, its few-step stage's run_fast at the stage's start. Said, not done (the dry run changes nothing)
+    lines += recover(local / "merged", dry_run=True)
+    if fast_stage_runs(cfg, local, restart):
+        from dmm_ray.fast.job import FAST_RECORD
+
+        lines += recover(fast_folder(cfg, local) / "model", marker=FAST_RECORD, dry_run=True)
     if restart:  # the run forgets the completion record and discards the state first: it merges from the start
         return lines
     check_output_dir(cfg)

@@ -113,20 +113,25 @@ def staged(dest: Path, tag: str | None = None) -> Iterator[Path]:
         raise
 
 
-def recover(dest: Path, tag: str | None = None, marker: str | None = None) -> list[str]:
+def recover(dest: Path, tag: str | None = None, marker: str | None = None, dry_run: bool = False) -> list[str]:
     """Undo a save that was interrupted (see `swap_in`): `merged` missing but `merged.old` there (with
     `marker`, a file a complete model holds) -> rename it back; then remove leftover `merged.tmp` /
     `merged.old`. Returns what it did. Call only while no save of `dest` can be under way (the merge:
-    holding output_dir's lock)."""
+    holding output_dir's lock). `dry_run` (a job's --dry-run): change nothing, return what a run would do."""
     tmp, old = save_siblings(dest, tag)
     done = []
-    if not dest.exists() and old.is_dir() and (marker is None or (old / marker).is_file()):
-        os.replace(old, dest)
-        done.append(f"restored {dest} from {old.name} (a save was interrupted between its two renames)")
-    for stale in (tmp, old):
+    restore = not dest.exists() and old.is_dir() and (marker is None or (old / marker).is_file())
+    if restore:
+        if not dry_run:
+            os.replace(old, dest)
+        done.append(
+            f"{'a run would first restore' if dry_run else 'restored'} {dest} from {old.name} (a save was interrupted between its two renames)"
+        )
+    for stale in (tmp,) if restore else (tmp, old):  # (restored: `old` is `dest` now)
         if stale.exists() or stale.is_symlink():
-            remove(stale)
-            done.append(f"removed {stale} left behind by an interrupted save")
+            if not dry_run:
+                remove(stale)
+            done.append(f"{'a run would first remove' if dry_run else 'removed'} {stale} left behind by an interrupted save")
     return done
 
 

@@ -1845,3 +1845,28 @@ def test_fast_job_dry_run_says_what_the_run_would_find_in_its_folder(merged_worl
         assert "--output-dir NEW_DIR" in err
     finally:
         output_lock.release(out, owner, name=fast_job.FAST_LOCK)
+
+
+def test_fast_job_dry_run_says_it_would_put_back_the_model_a_killed_save_left(merged_world, tmp_path, capsys):
+    """Finding: a save killed between its two renames leaves the last few-step model only as model.old (and may
+    leave model.tmp); the run puts it back first, but `jobs/fast.py --dry-run` said nothing about it. The dry run
+    now says what the run would restore and remove, and changes nothing."""
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from jobs import fast as job
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    (out / "model.old").mkdir(parents=True)
+    (out / "model.old" / "fast.json").write_text("{}")  # a few-step model, as the save parked it
+    (out / "model.tmp").mkdir()
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "run")))
+    args = ["--model", str(merged), "--config", str(config), "--no-track", "--no-eval", "--output-dir", str(out), "--dry-run"]
+    for restart in ([], ["--restart"]):  # the run puts it back either way
+        assert job.main(args + restart) == 0
+        printed = capsys.readouterr().out
+        assert f"a run would first restore {out.resolve() / 'model'} from model.old" in printed, printed
+        assert f"a run would first remove {out.resolve() / 'model.tmp'} left behind by an interrupted save" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["model.old", "model.tmp"]  # said, not done

@@ -745,6 +745,30 @@ def test_a_merge_with_fast_enabled_refuses_a_held_fast_lock_before_it_starts(wor
         merge.check_fast_lock(cfg, out, restart=True)
 
 
+def test_merge_dry_run_says_it_would_put_back_what_a_killed_save_left(world, tmp_path, capsys):
+    """Finding: a save killed between its two renames leaves the last merged model only as merged.old (the
+    few-step stage's as fast/model.old), maybe with a merged.tmp; the run puts them back first, but
+    `jobs/merge.py --dry-run` said nothing about it. The dry run now says what the run would restore and
+    remove (fast/model only when the few-step stage runs), and changes nothing."""
+    from jobs import merge as job
+
+    out = tmp_path / "out"
+    _model(out / "merged.old", "previous")
+    (out / "merged.tmp").mkdir()
+    (out / "fast" / "model.old").mkdir(parents=True)
+    (out / "fast" / "model.old" / "fast.json").write_text("{}")
+    path = tmp_path / "job.yaml"
+    for fast, restart in ((True, []), (True, ["--restart"]), (False, [])):
+        path.write_text(yaml.safe_dump(tiny_merge_config(world, out, fast={"enabled": fast})))
+        assert job.main(["--config", str(path), "--dry-run", *restart]) == 0
+        printed = capsys.readouterr().out
+        assert f"a run would first restore {out / 'merged'} from merged.old" in printed, printed
+        assert f"a run would first remove {out / 'merged.tmp'} left behind by an interrupted save" in printed
+        assert (f"a run would first restore {out / 'fast' / 'model'} from model.old" in printed) == fast
+    assert sorted(p.name for p in out.iterdir()) == ["fast", "merged.old", "merged.tmp"]  # said, not done
+    assert _tag(out / "merged.old") == "previous" and [p.name for p in (out / "fast").iterdir()] == ["model.old"]
+
+
 def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_only_as_its_evaluation(world, tmp_path, monkeypatch, capsys):
     """Finding: `jobs/evaluate.py --teachers <merge config>` without --out wrote into that merge's own
     <output_dir>/evaluation whatever it scored (another --model, other --set settings), replacing the merge's

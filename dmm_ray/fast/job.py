@@ -506,7 +506,8 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     nothing written. Raises what it would refuse with: the folder's fast.lock held by a running few-step job (or
     one on another host; output_lock.OutputDirBusyError naming it), training state from another model or with
     other settings (fingerprint.check_fast_resume, without `restart`, which discards it). Returns the lines the
-    run would log about the folder: a stale lock it would take over, and that it is complete (nothing to do)."""
+    run would log about the folder: a stale lock it would take over, the model.old a killed save left that it
+    would put back (and the leftovers it would remove), and that it is complete (nothing to do)."""
     from dmm_ray import fingerprint, output_lock
     from dmm_ray.completion import finished
 
@@ -514,6 +515,7 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     lines = [
         line for line in [output_lock.check(out, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX)] if line
     ]
+    lines += recover(out / "model", marker=FAST_RECORD, dry_run=True)  # model.old a killed save left: _run_fast puts it back first
     if restart:  # the run forgets the completion record and discards the state first: it trains from the start
         return lines
     fingerprint.check_fast_resume(cfg, model_dir, out)  # (reads the merged UNet's checksum only where there is state)
