@@ -180,3 +180,30 @@ def hold(
         yield owner
     finally:
         release(out, owner, name)
+
+
+def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
+    """For a job that reads a merge's merged model (`<output_dir>/merged`: jobs/fast.py, jobs/evaluate.py):
+    raise OutputDirBusyError naming the owner while a running job (or one on another host) holds that
+    output_dir's merge.lock. A merge holds it from before Ray starts, and its save replaces the folder (and an
+    incremental merge into its own output_dir replaces its own previous model): a job reading it then could
+    read half of one model and half of the other. Refused rather than taken: the lock is exclusive, and holding
+    it to read would refuse every other reader and need write access to the merge's folder. A stale lock (its
+    owner gone from this host) is no obstacle and is left alone; a folder not named `merged` is no merge's."""
+    model = Path(model).resolve()
+    if model.name != "merged":
+        return
+    path = lock_path(model.parent)
+    owner = read_owner(path)
+    if owner is None:
+        return
+    here = owner.get("host") == socket.gethostname()
+    if here and not owner_alive(owner):
+        return
+    raise OutputDirBusyError(
+        f"{flag} {model} is the merged model of output_dir {model.parent}, whose merge.lock a running job holds "
+        f"({describe(owner)}; lock file {path}): a merge there replaces that folder when it saves, and this job "
+        "could read it half-way. Wait for it to finish"
+        + (f" (or stop it: kill {owner.get('pid')})" if here else f" (if it is no longer running, delete {path})")
+        + f", or give {flag} a copy of the model made while no merge runs there."
+    )

@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     from dmm_ray.data.fs import require_local
     from dmm_ray.fast.job import check_model_folder, run_fast
     from dmm_ray.merged_model import read_record
+    from dmm_ray.output_lock import check_not_being_replaced
 
+    check_not_being_replaced(args.model)  # a merge's <output_dir>/merged while that merge runs: before it is read at all
     check_model_folder(args.model)  # before anything slow
     cfg = load_config(config, args.overrides)  # the user's --set alone first: a bad one is refused naming its own key
     if args.output_dir:  # (applied with them, `--set fast=lora` was blamed on --output-dir's fast.output_dir)

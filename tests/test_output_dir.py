@@ -769,6 +769,43 @@ def test_merge_dry_run_says_it_would_put_back_what_a_killed_save_left(world, tmp
     assert _tag(out / "merged.old") == "previous" and [p.name for p in (out / "fast").iterdir()] == ["model.old"]
 
 
+def test_fast_and_evaluate_refuse_a_merged_model_whose_merge_is_running(world, tmp_path, monkeypatch, capsys):
+    """Finding: jobs/fast.py (its --dry-run too) and jobs/evaluate.py read <output_dir>/merged while a merge held
+    that output_dir's merge.lock, so the merge's save, which replaces the folder, could be read half-way. They
+    now refuse while a running merge holds it, naming its owner and the lock; a stale lock, a lock-free folder
+    and a folder not named `merged` are read as before."""
+    import dmm_ray.evaluation.api as api
+    from jobs import evaluate as evaluate_job
+    from jobs import fast as fast_job
+
+    out = tmp_path / "out"
+    _model(out / "merged", "running")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+    lock = _write_lock(out, os.getpid())  # a running merge (this live process)
+    monkeypatch.setattr(api, "evaluate_merge", lambda *a, **k: pytest.fail("the evaluation read the model of a running merge"))
+    runs = (
+        (fast_job, ["--model", str(out / "merged"), "--config", str(path), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "fast")]),
+        (evaluate_job, ["--model", str(out / "merged"), "--teachers", str(path), "--no-ray", "--out", str(tmp_path / "eval")]),
+    )
+    for job, args in runs:
+        for dry_run in ([], ["--dry-run"]) if job is fast_job else ([],):
+            assert job.main(args + dry_run) == 2
+            err = capsys.readouterr().err
+            assert f"--model {out / 'merged'} is the merged model of output_dir {out}, whose merge.lock a running job holds" in err, err
+            assert f"pid {os.getpid()}" in err and f"lock file {lock}" in err and f"kill {os.getpid()}" in err
+    assert json.loads(lock.read_text())["pid"] == os.getpid()  # read, not taken
+    output_lock.check_not_being_replaced(out / "merged" / "unet")  # no merge's model folder: not refused
+    _write_lock(out, 1, host="some-other-node")
+    with pytest.raises(OutputDirBusyError, match=f"delete {lock}"):
+        output_lock.check_not_being_replaced(out / "merged")
+    _write_lock(out, _dead_pid())
+    output_lock.check_not_being_replaced(out / "merged")  # its merge is gone: read as before
+    assert lock.exists()
+    lock.unlink()
+    output_lock.check_not_being_replaced(out / "merged")
+
+
 def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_only_as_its_evaluation(world, tmp_path, monkeypatch, capsys):
     """Finding: `jobs/evaluate.py --teachers <merge config>` without --out wrote into that merge's own
     <output_dir>/evaluation whatever it scored (another --model, other --set settings), replacing the merge's
