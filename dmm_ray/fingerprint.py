@@ -31,6 +31,11 @@ from typing import Any
 
 RECORD = "fingerprints.json"
 STAGES = ("synthesize", "distill", "finetune")
+# beside the stages' records: an id drawn when a stage first records its inputs in a folder without one, kept
+# while their state resumes and discarded with it (--restart): which training the state there belongs to. The
+# merged model saved from it records it (dmm_ray.merge.TRAINED_BY); the same config alone cannot tell a model
+# of this training from one of before a --restart (teachers re-made in place, or a draw that differs)
+TRAINING_RUN = "training_run"
 # how, not what: never part of a fingerprint
 _DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16", "gradient_checkpointing"}
 # what-settings added later: left out at their default, so a run recorded before them still resumes
@@ -414,10 +419,20 @@ def _same_layout(was: dict, now: dict) -> dict:
 
 
 def record(cfg, out: Path | str, stage: str) -> None:
-    """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state)."""
+    """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state), and
+    the folder's TRAINING_RUN when it has none yet."""
+    import uuid
+
     recorded = _read(out)
     recorded[stage] = json.loads(json.dumps(stage_inputs(cfg, stage)))
+    recorded.setdefault(TRAINING_RUN, uuid.uuid4().hex)
     _write(out, recorded)
+
+
+def training_run(out: Path | str) -> str | None:
+    """The TRAINING_RUN of the merge state in `out` (None when no stage has recorded its inputs there since
+    the state was made, or last discarded)."""
+    return _read(out).get(TRAINING_RUN)
 
 
 def _write(out: Path | str, recorded: dict) -> None:
@@ -441,11 +456,13 @@ def _write_local(out: Path, recorded: dict) -> None:
 
 
 def discard_state(cfg, out: Path | str) -> list[Path]:
-    """--restart: remove every stage's resumable state and their records; the merged model is kept, and
-    so is the record of a few-step stage whose folder (fast.output_dir) is this one (`_forget`)."""
+    """--restart: remove every stage's resumable state and their records (TRAINING_RUN too: the next training
+    is another); the merged model is kept, and so is the record of a few-step stage whose folder
+    (fast.output_dir) is this one (`_forget`)."""
     from dmm_ray.data import fs as fsu
 
-    return _remove([p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages")]) + _forget(out, STAGES)
+    removed = _remove([p for stage in STAGES for p in state_paths(cfg, out, stage)] + [fsu.location_join(out, "stages")])
+    return removed + _forget(out, (*STAGES, TRAINING_RUN))
 
 
 def _forget(out: Path | str, stages) -> list:

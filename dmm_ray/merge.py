@@ -68,26 +68,47 @@ def saved_before_evaluate(cfg: MergeConfig, out: Path, restart: bool = False) ->
     the training and the save and runs evaluate, track and fast on the saved model: an incremental merge
     into its own output_dir cannot train again (its save replaced the previous model), and any other
     merge would only make and save the same model again. A failure that only the evaluation settings
-    cause can be fixed in them, and the re-run still resumes. Such an incremental merge killed between
-    its save's swap and the record (none in `out`) is found by its saved model's record (`SAVED_BY`),
-    unless `restart` (a merge from the saved model as the previous one)."""
+    cause can be fixed in them, and the re-run still resumes. Such a merge killed between its save's
+    swap and the record (none in `out`) is found by its saved model's record (`saved_by_this_training`),
+    unless `restart` (a merge that trains again; for an incremental merge into its own output_dir, from
+    the saved model as the previous one)."""
     from dmm_ray.completion import finished
 
     def same_saved_model(recorded: dict, asked: dict) -> bool:
         return _without(recorded, ("fast", "evaluation")) == _without(asked, ("fast", "evaluation"))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_saved_model)
-    if done is None and not restart and not (out / COMPLETE_RECORD).exists() and _into_its_own_output(cfg):
-        # killed between the save's swap and its record: the previous model is gone, and only the saved model's
-        # own record (dmm_merge.json, `saved_model_request`) says that it is this merge's
-        from dmm_ray.merged_model import read_record
-
-        if (out / "merged" / "model_index.json").is_file() and read_record(out / "merged").get(SAVED_BY) == saved_model_request(cfg):
-            return {"location": str(out / "merged"), "evaluate_pending": True, "from_model_record": True}
+    if done is None and not restart and not (out / COMPLETE_RECORD).exists() and saved_by_this_training(cfg, out / "merged"):
+        # killed between the save's swap and its record: the model there is this merge's, saved from its training
+        # state, and training again (resumed at its last step) would only save it again
+        return {"location": str(out / "merged"), "evaluate_pending": True, "from_model_record": True}
     return done if done is not None and done.get("evaluate_pending") else None
 
 
 SAVED_BY = "merge_request_sha256"  # in a merged model's dmm_merge.json: `saved_model_request` of the merge that saved it
+TRAINED_BY = "training_run"  # in a merged model's dmm_merge.json: fingerprint.TRAINING_RUN of the state it was saved from
+
+
+def saved_by_this_training(cfg: MergeConfig, model: Path) -> bool:
+    """The merged model `model` (<local work folder>/merged) was saved by this merge (its record's `SAVED_BY`)
+    from the training state in output_dir now (its `TRAINED_BY`: that state's fingerprint.TRAINING_RUN). The
+    config alone does not say so: a --restart that was killed before its save left the model of the training
+    before it, of the same config, and a re-run must train again, not take that model for its result. An
+    incremental merge into its own output_dir needs only the config: its save replaced the previous model, so
+    it cannot train again (and refuses --restart). A URI output_dir: False (a save killed before its upload
+    left the model only in the local staging folder; training again, resumed at its last step, uploads it)."""
+    from dmm_ray import fingerprint
+    from dmm_ray.merged_model import read_record
+
+    if not (model / "model_index.json").is_file():
+        return False
+    record = read_record(model)
+    if record.get(SAVED_BY) != saved_model_request(cfg):
+        return False
+    if _into_its_own_output(cfg):
+        return True
+    local, remote = output_location(cfg)
+    return remote is None and record.get(TRAINED_BY) is not None and record.get(TRAINED_BY) == fingerprint.training_run(local)
 
 
 def saved_model_request(cfg: MergeConfig) -> str:
@@ -627,13 +648,20 @@ def all_teachers(cfg: MergeConfig, missing_ok: bool = False) -> list:
 
 
 def save_merged(
-    cfg: MergeConfig, student_dir: Path, dest: Path, tracking: dict | None = None, teachers: list | None = None, saved_by: str | None = None
+    cfg: MergeConfig,
+    student_dir: Path,
+    dest: Path,
+    tracking: dict | None = None,
+    teachers: list | None = None,
+    saved_by: str | None = None,
+    trained_by: str | None = None,
 ) -> Path:
     """Write the merged DMMPipeline next to `dest`, then swap it in: a failed save never replaces
     the last good model. `tracking` ({"uri", "run_id"} of the MLflow stage run) is recorded in
     dmm_merge.json, so an export (jobs/export.py) is logged to the run the model came from, and
     `teachers` (default: all_teachers, read now; a previous model without a record: the new ones alone)
-    with the styles, and `saved_by` (`saved_model_request` of the merge that saves it) as `SAVED_BY`."""
+    with the styles, `saved_by` (`saved_model_request` of the merge that saves it) as `SAVED_BY`, and
+    `trained_by` (fingerprint.TRAINING_RUN of the training state `student_dir` comes from) as `TRAINED_BY`."""
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_record
 
@@ -655,6 +683,8 @@ def save_merged(
         record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
     if saved_by:
         record[SAVED_BY] = saved_by
+    if trained_by:
+        record[TRAINED_BY] = trained_by
     with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
@@ -1056,8 +1086,13 @@ def finetune_stage(run: MergeRun) -> None:
 
 def save_stage(run: MergeRun) -> None:
     """The merged model: one diffusers folder (style names in unet/config.json), saved atomically."""
+    from dmm_ray import fingerprint
+
     result = run.result
-    save_merged(run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers, saved_by=run.saved_by)
+    trained_by = fingerprint.training_run(run.state)  # drawn by the first training stage (fingerprint.record)
+    save_merged(
+        run.cfg, run.student_dir, result.merged_path, tracking=run.tracking, teachers=run.teachers, saved_by=run.saved_by, trained_by=trained_by
+    )
     if run.remote:  # after the atomic local save: the staged model is complete and loads
         from dmm_ray.data import fs as fsu
 

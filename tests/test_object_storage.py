@@ -446,5 +446,5 @@ def test_synthesis_and_finetune_read_and_write_at_a_file_uri(ray_cluster, tmp_pa
     assert sorted(p.name for p in (remote / "synthesized").iterdir()) == ["style_0", "style_1"]
     assert (remote / "stages" / "distill_student" / "config.json").is_file() and (remote / "stages" / "distill_state").is_dir()
     assert not (paths.staging_dir(uri) / "synthesized").exists()
-    assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune"}
+    assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune", "training_run"}
     assert load_dmm_pipeline(uri + "/merged").styles == ["style0", "style1"]

@@ -375,6 +375,91 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
 
 
+def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) -> None:
+    """The merge's stages without Ray: distill records its inputs and leaves state in output_dir (as distill_stage),
+    its student the base's UNet with the teachers' styles; then the real save and evaluate. A stage named in
+    `kill_in` dies part-way (SystemExit): distill once its state is there, the others before they start."""
+    import diffusers
+
+    from dmm_ray import fingerprint
+    from dmm_ray.models.style_unet import StyleUNet
+
+    def distill(run):
+        fingerprint.record(run.cfg, run.state, "distill")
+        (run.out / "ray_results" / f"{run.cfg.name}-distill").mkdir(parents=True, exist_ok=True)
+        (run.out / "ray_results" / f"{run.cfg.name}-distill" / "checkpoint").write_text("")
+        if "distill" in kill_in:
+            raise SystemExit("killed mid-distill")
+        unet = diffusers.UNet2DConditionModel.from_pretrained(Path(world["base"]) / "unet")
+        run.student_dir = run.out / "stages" / "distill_student"
+        StyleUNet.from_unet(unet, [t.name for t in run.cfg.teachers]).save_pretrained(run.student_dir)
+        run.timed("distill", time.time(), {"step": 2})
+
+    def counted(stage):
+        def run(merge_run):
+            ran.append(stage.name)
+            if stage.name in kill_in and stage.name != "distill":
+                raise SystemExit(f"killed in {stage.name}")
+            stage.run(merge_run)
+
+        return merge.Stage(stage.name, run, stage.when)
+
+    later = (s for s in merge.STAGES if s.name in ("save", "evaluate"))
+    monkeypatch.setattr(merge, "STAGES", tuple(counted(s) for s in (merge.Stage("distill", distill), *later)))
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+
+
+def test_a_merge_killed_between_its_save_and_its_record_resumes_after_the_save_unless_a_restart_trained_since(world, tmp_path, monkeypatch):
+    """A merge killed after its save swapped the new model in but before it recorded the save (merge_complete.json,
+    evaluate_pending) trained again on the next run (resumed at its last step) and saved the same model again.
+    The saved model's dmm_merge.json names the merge that saved it and the training state it came from
+    (fingerprints.json's training_run): the same command now resumes after the save. A --restart that was killed
+    mid-distill left the model of the training before it, of the same config: not taken for the result, the
+    re-run trains (another training_run) and saves its own."""
+    from dmm_ray import fingerprint
+    from dmm_ray.merged_model import read_record
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out)).with_absolute_paths()
+    ran: list[str] = []
+    kill_in: set[str] = set()
+    _stub_training(monkeypatch, world, ran, kill_in)
+    record_complete = merge.record_complete
+
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
+        if evaluate_pending:
+            raise SystemExit("killed between the save's swap and its record")
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+
+    monkeypatch.setattr(merge, "record_complete", killed)
+    with pytest.raises(SystemExit, match="between the save's swap and its record"):
+        merge.run_merge(cfg)
+    monkeypatch.setattr(merge, "record_complete", record_complete)
+    assert ran == ["distill", "save"] and not (out / merge.COMPLETE_RECORD).exists()
+    ran.clear()
+    result = merge.run_merge(cfg)  # was: trained again (resumed at its last step) and saved the same model again
+    assert ran == ["evaluate"] and not result.already_complete and result.location == str(out / "merged")
+    assert merge.run_merge(cfg).already_complete and ran == ["evaluate"]
+    first = read_record(out / "merged")[merge.TRAINED_BY]
+    assert first == fingerprint.training_run(out)
+
+    # --restart, killed mid-distill: the model in merged/ is the one before the restart
+    ran.clear()
+    kill_in.add("distill")
+    with pytest.raises(SystemExit, match="killed mid-distill"):
+        merge.run_merge(cfg, restart=True)
+    assert ran == ["distill"] and read_record(out / "merged")[merge.TRAINED_BY] == first != fingerprint.training_run(out)
+    assert merge.check_before_run(cfg) == []  # --dry-run: nothing said about a saved model
+    ran.clear()
+    kill_in.clear()
+    merge.run_merge(cfg)  # not the pre-restart model evaluated: this training resumed, and its model saved
+    assert ran == ["distill", "save", "evaluate"]
+    assert read_record(out / "merged")[merge.TRAINED_BY] == fingerprint.training_run(out) != first
+
+
 def test_merge_job_config_expands_home(world, tmp_path, monkeypatch):
     """Finding: jobs/merge.py --config '~/job.yaml' (quoted, or after '=') was "does not exist": `~` and
     `$DMM_HOME` expand in --config as in every path."""

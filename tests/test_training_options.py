@@ -207,7 +207,7 @@ def test_packed_merge_with_synthetic_mixing_and_finetune_continue(ray_cluster, w
     assert (remote / "merged" / "model_index.json").is_file() and (remote / "merged" / "dmm_merge.json").is_file()
     assert sorted(p.name for p in (remote / "synthesized").iterdir()) == ["style_0", "style_1"]
     assert (remote / "stages" / "distill_student" / "config.json").is_file()
-    assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune"}
+    assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune", "training_run"}
     assert not (staging / "synthesized").exists() and not (staging / "ray_results").exists() and not (staging / "merge.lock").exists()
     assert load_dmm_pipeline(uri + "/merged").styles == ["style0", "style1"]
 
