@@ -765,12 +765,44 @@ class StageTracker(MergeTracker):
                     self.log_metrics({"seconds": result.seconds})
                 # dmm.merged_path: where the model is (`location`: an output_dir URI's <uri>/merged, not the driver's staging copy)
                 where = getattr(result, "location", None) or result.merged_path
-                self.log_merged_model(result.merged_path, **version_record(self.stage_name, result.merged_path, evaluation, where))
+                version = version_record(self.stage_name, result.merged_path, evaluation, where)
+                if not self.complete_earlier_registration(result.merged_path, **version):
+                    self.log_merged_model(result.merged_path, **version)
         except BaseException as error:
             self.abort(error)
             raise
         self.close()
         return evaluation
+
+    def complete_earlier_registration(self, model_dir: str | Path, description: str = "", tags: Mapping[str, Any] | None = None) -> bool:
+        """A merge's re-run of its stages after the save (dmm_ray.merge.saved_before_evaluate) whose first run had
+        registered the merged model, then stopped before the merge recorded it (killed, or the store failed after the
+        registration): that version, logged by the stage run the model's dmm_merge.json names (the run that saved it),
+        gets this run's `description` and `tags`, and True; registering the model again made a second version of it.
+        False when this stage run saved the model, or that run registered no version under the configured name."""
+        name = self.config.registered_model_name
+        try:
+            saved_by = (json.loads((Path(model_dir) / "dmm_merge.json").read_text()).get("mlflow") or {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            saved_by = None
+        if not name or not saved_by or saved_by == self.stage_run_id:
+            return False
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        # by run only (a run id is hex; a registered name may hold quotes the filter would have to escape)
+        versions = [v for v in client.search_model_versions(f"run_id = '{saved_by}'") if v.name == name]
+        if not versions:
+            return False
+        version = str(max(int(v.version) for v in versions))
+        if description:
+            client.update_model_version(name, version, description=description)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version, key, str(value))
+        log.warning(
+            "%s version %s (MLflow run %s, stopped before the merge recorded it) is this merged model: not registered again", name, version, saved_by
+        )
+        return True
 
     def close(self) -> None:
         """End the stage and project runs this tracker opened (FINISHED)."""

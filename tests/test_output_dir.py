@@ -377,7 +377,7 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
 
 def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) -> None:
     """The merge's stages without Ray: distill records its inputs and leaves state in output_dir (as distill_stage),
-    its student the base's UNet with the teachers' styles; then the real save and evaluate. A stage named in
+    its student the base's UNet with the teachers' styles; then the real save, evaluate and track. A stage named in
     `kill_in` dies part-way (SystemExit): distill once its state is there, the others before they start."""
     import diffusers
 
@@ -404,7 +404,7 @@ def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) 
 
         return merge.Stage(stage.name, run, stage.when)
 
-    later = (s for s in merge.STAGES if s.name in ("save", "evaluate"))
+    later = (s for s in merge.STAGES if s.name in ("save", "evaluate", "track"))
     monkeypatch.setattr(merge, "STAGES", tuple(counted(s) for s in (merge.Stage("distill", distill), *later)))
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
@@ -458,6 +458,40 @@ def test_a_merge_killed_between_its_save_and_its_record_resumes_after_the_save_u
     merge.run_merge(cfg)  # not the pre-restart model evaluated: this training resumed, and its model saved
     assert ran == ["distill", "save", "evaluate"]
     assert read_record(out / "merged")[merge.TRAINED_BY] == fingerprint.training_run(out) != first
+
+
+def test_a_merge_killed_after_registering_its_model_does_not_register_it_again(world, tmp_path, monkeypatch):
+    """A merge killed after its track stage registered the merged model but before it recorded that (the
+    completion record, or the store failing after the registration) re-runs evaluate and track on the saved
+    model, and registered the same model again: a second MLflow version. The version the run that saved the
+    model registered (its dmm_merge.json names that run) is kept, with the re-run's description and tags."""
+    import mlflow
+
+    from dmm_ray.tracking import make_tracker
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})).with_absolute_paths()
+    ran: list[str] = []
+    _stub_training(monkeypatch, world, ran, set())
+    record_complete = merge.record_complete
+
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after track
+        if not evaluate_pending:
+            raise SystemExit("killed after track, before the completion record")
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+
+    monkeypatch.setattr(merge, "record_complete", killed)
+    with pytest.raises(SystemExit, match="killed after track"):
+        merge.run_merge(cfg, tracker=make_tracker(cfg))
+    monkeypatch.setattr(merge, "record_complete", record_complete)
+    assert ran == ["distill", "save", "evaluate", "track"]
+    ran.clear()
+    merge.run_merge(cfg, tracker=make_tracker(cfg))
+    assert ran == ["evaluate", "track"] and merge.run_merge(cfg).already_complete
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    versions = client.search_model_versions(f"name = '{cfg.tracking.registered_model_name}'")
+    assert [int(v.version) for v in versions] == [1]  # was 1 and 2, of one model
+    assert versions[0].description == "merge: 2 style(s) (style0, style1)" and versions[0].tags["dmm.merged_path"] == str(out / "merged")
 
 
 def test_merge_job_config_expands_home(world, tmp_path, monkeypatch):
