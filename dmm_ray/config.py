@@ -119,6 +119,17 @@ class StyleAdaptersConfig(_Section):
             raise ValueError(problem)
         return targets
 
+    @model_validator(mode="after")
+    def _targets_for_a_rank(self) -> "StyleAdaptersConfig":
+        # no target is no layer: the memory plan and --dry-run passed it, and the student refused it only
+        # inside the distill workers (StyleUNet.from_unet), after Ray started and the latents were encoded
+        if self.rank and not self.targets:
+            raise ValueError(
+                f"targets is [], so rank {self.rank} adapts no layer; list the layers (leave targets out for the default, "
+                f"{', '.join(SD_ADAPTER_TARGETS)}), or set rank: 0 to switch the adapters off"
+            )
+        return self
+
 
 class StudentConfig(_Section):
     base: Optional[str] = Field(None, description="student base diffusers folder (SD1.5/SDXL architecture); default: the zoo's base")

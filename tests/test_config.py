@@ -65,6 +65,8 @@ def test_fewer_workers_than_teachers_names_the_packing_that_runs_on_them(tmp_pat
         ("student=foo", "student: Input should be a valid dictionary or instance of StudentConfig (got 'foo')"),
         ("synthesis.resolution=-32", "synthesis.resolution: Input should be greater than or equal to 8"),
         ("synthesis.resolution=36", "synthesis.resolution: Input should be a multiple of 8"),  # found only inside a worker
+        # no target is no layer: passed --dry-run, and the student refused it inside the distill workers
+        ("student.style_adapters={rank: 4, targets: []}", "student.style_adapters: Value error, targets is [], so rank 4 adapts no layer"),
         ("evaluation.resolution=33", "evaluation.sampler.height: Input should be a multiple of 8"),
         ("scaling.cpus_per_worker=.nan", "scaling.cpus_per_worker.float: Input should be a finite number"),
         ("distill.lr=.inf", "distill.lr: Input should be a finite number"),
