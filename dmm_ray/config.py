@@ -709,17 +709,25 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
         value = tree.setdefault(name, {})
         return value if isinstance(value, dict) else {}
 
-    section(tree, "student").setdefault("base", rel(zoo["base"]))
+    def fill(section: dict, key: str, value, *given: str) -> None:
+        # what the user left unset takes the zoo's: a key that is missing or null (`--set student.base=`, the
+        # field's own default "the zoo's"), and none of `given`, the keys that say the same otherwise. A null
+        # was kept (student.base: "give the student base ... (or zoo:)" beside a zoo), and the zoo's prompts
+        # file replaced the user's evaluation.prompts_file (the shorthand `prompts: <file>` is written over it)
+        if all(section.get(k) is None for k in (key, *given)):
+            section[key] = value
+
+    fill(section(tree, "student"), "base", rel(zoo["base"]))
     data = section(tree, "data")
-    data.setdefault("base", rel(zoo["base"]))
+    fill(data, "base", rel(zoo["base"]))
     if zoo.get("dataset"):
         source = section(data, "source")
-        source.setdefault("kind", "folder")
-        source.setdefault("root", rel(zoo["dataset"]))
+        fill(source, "kind", "folder")
+        fill(source, "root", rel(zoo["dataset"]))
     if zoo.get("eval_prompts"):
-        section(tree, "evaluation").setdefault("prompts", rel(zoo["eval_prompts"]))
+        fill(section(tree, "evaluation"), "prompts", rel(zoo["eval_prompts"]), "prompts_file")
     if zoo.get("feature_net"):
-        section(tree, "evaluation").setdefault("feature_net", rel(zoo["feature_net"]))
+        fill(section(tree, "evaluation"), "feature_net", rel(zoo["feature_net"]))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None, build_zoo: bool = False) -> MergeConfig:

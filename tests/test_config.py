@@ -530,3 +530,25 @@ def _zoo_build_refused(tmp_path, monkeypatch) -> type[Exception]:
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(dmm_ray.zoo.build, "ensure_zoo_preset", build)
     return Built
+
+
+def test_what_the_zoo_fills_in_is_what_the_user_left_unset(tmp_path):
+    """A key beside `zoo:` that is null (`--set student.base=`: the field's own default, the zoo's) takes
+    the zoo's value as a missing key does: it was kept, and the merge refused with 'give the student base
+    ... (or zoo:)' though a zoo was given. And the user's `evaluation.prompts_file` is kept: the zoo's
+    prompts file (filled in as the shorthand `prompts: <file>`) was written over it without a word."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "zoo.yaml").write_text(
+        "base: base\ndataset: images\neval_prompts: eval_prompts.txt\nfeature_net: feature_net\nteachers: [{name: a, source: teachers/a}]\n"
+    )
+    (tmp_path / "mine.txt").write_text("a cat\n")
+    unset = load_config(None, [f"zoo={zoo}", f"output_dir={tmp_path / 'o'}"])
+    nulls = ["student.base=", "data.base=", "data.source.root=", "evaluation.prompts=", "evaluation.feature_net="]
+    cfg = load_config(None, [f"zoo={zoo}", f"output_dir={tmp_path / 'o'}", *nulls])
+    assert cfg.student.base == cfg.data.base == unset.student.base == str(zoo / "base")
+    assert cfg.data.source == unset.data.source and cfg.data.source.root == str(zoo / "images")
+    assert cfg.evaluation.prompts_file == unset.evaluation.prompts_file == str(zoo / "eval_prompts.txt")
+    assert cfg.evaluation.extractor == unset.evaluation.extractor and cfg.evaluation.extractor.path == str(zoo / "feature_net")
+    mine = load_config(None, [f"zoo={zoo}", f"output_dir={tmp_path / 'o'}", f"evaluation.prompts_file={tmp_path / 'mine.txt'}"])
+    assert mine.evaluation.prompts_file == str(tmp_path / "mine.txt") and mine.evaluation.load_prompts() == ["a cat"]
