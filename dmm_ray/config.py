@@ -674,6 +674,14 @@ def _zoo_defaults(tree: dict, build: bool = False) -> None:
         raise ConfigError(
             f"zoo_teachers: [] picks no teacher of zoo {tree['zoo']}; name at least one (for an incremental merge, the new ones), or leave it out to take them all"
         )
+    chosen = tree.get("zoo_teachers")
+    for item in chosen if isinstance(chosen, list) else [chosen]:
+        if isinstance(item, bool):  # an int to Python: `no` picked teacher 0 and `yes` / `on` teacher 1, without a word
+            word = "yes" if item else "no"
+            raise ConfigError(
+                f"zoo_teachers: YAML reads an unquoted yes/no/on/off/true/false as a boolean (got {item}), not a teacher; "
+                f'quote a teacher\'s name (zoo_teachers: ["{word}"], or --set \'zoo_teachers=["{word}"]\') or give its index'
+            )
     zoo_path = _zoo_manifest(tree["zoo"], build)
     tree["zoo"] = str(zoo_path)  # the preset name becomes the manifest it names
     try:

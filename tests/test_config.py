@@ -552,3 +552,20 @@ def test_what_the_zoo_fills_in_is_what_the_user_left_unset(tmp_path):
     assert cfg.evaluation.extractor == unset.evaluation.extractor and cfg.evaluation.extractor.path == str(zoo / "feature_net")
     mine = load_config(None, [f"zoo={zoo}", f"output_dir={tmp_path / 'o'}", f"evaluation.prompts_file={tmp_path / 'mine.txt'}"])
     assert mine.evaluation.prompts_file == str(tmp_path / "mine.txt") and mine.evaluation.load_prompts() == ["a cat"]
+
+
+def test_a_yaml_boolean_in_zoo_teachers_is_refused_not_taken_as_an_index(tmp_path, monkeypatch):
+    """YAML 1.1 reads an unquoted no/off (yes/on) as False (True), which Python takes as the index 0 (1):
+    `zoo_teachers: [no, noir]` merged the zoo's first teacher without a word. Refused, saying how to
+    quote it, before a zoo preset is built; a quoted name is a name."""
+    from pathlib import Path
+
+    Built = _zoo_build_refused(tmp_path, monkeypatch)
+    toy = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy.yaml"
+    for value, word in [("[no, noir]", "no"), ("[on]", "yes"), ("off", "no")]:
+        with pytest.raises(
+            ConfigError, match=re.escape(f"""quote a teacher's name (zoo_teachers: ["{word}"], or --set 'zoo_teachers=["{word}"]')""")
+        ):
+            load_config(toy, [f"zoo_teachers={value}"], build_zoo=True)
+    with pytest.raises(Built):
+        load_config(toy, ['zoo_teachers=["no", noir]'], build_zoo=True)
