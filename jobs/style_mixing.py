@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "few-step model (jobs/fast.py); default: the evaluation sampler's",
     )
     p.add_argument(
-        "--student-guidance", type=_guidance, help="the model's CFG scale with --student-steps (default: the model's own: 1 for a few-step model)"
+        "--student-guidance",
+        type=_guidance,
+        help="the model's CFG scale (default: with --student-steps the model's own, 1 for a few-step model; else the evaluation sampler's)",
     )
     add_verbose_argument(p)
     return p
@@ -156,9 +158,11 @@ def _compare(args, cfg, setup, model_path: Path, group, pair, wm_plan=None) -> i
         from dmm_ray.pipeline import sampler_defaults
 
         own = sampler_defaults(model_path)
+        # unset steps are the evaluation sampler's, as without either flag (--student-guidance alone took the
+        # model's own record's, 25 for a model without one, and changed the step count with the CFG scale)
         student.pipeline_factory = OwnSampler.factory(
             student.pipeline_factory,
-            own["num_inference_steps"] if args.student_steps is None else args.student_steps,
+            cfg.sampler.num_inference_steps if args.student_steps is None else args.student_steps,
             own["guidance_scale"] if args.student_guidance is None else args.student_guidance,
         )
     teachers = {t.name: t for t in teacher_sources(setup.teachers, cfg.dtype)}

@@ -351,3 +351,30 @@ def test_style_mixing_checks_numbers_at_parse_time_and_answers_ctrl_c(teachers, 
     assert main(base) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted: finished FID statistics stay cached") and "\n" not in err, err
+
+
+def test_style_mixing_student_guidance_alone_keeps_the_evaluation_samplers_steps(teachers, tmp_path, monkeypatch):
+    """--student-steps defaults to the evaluation sampler's steps, as without either flag; --student-guidance
+    alone sampled the model with the steps of its own sampler record instead (25, the paper's, for a model
+    without one, where the evaluation asked for 2): a CFG change silently changed the step count too."""
+    from types import SimpleNamespace
+
+    from dmm_ray.evaluation import mixing
+    from jobs.style_mixing import main
+
+    _, specs, other = teachers
+    base = _mixing_world(specs, other, tmp_path)
+    seen = []
+
+    def sweep(student, *args, **kwargs):
+        seen.append(student.pipeline_factory.args[1:])  # OwnSampler.factory(factory, steps, guidance)
+        return SimpleNamespace(weights=[], fid_a=[], fid_b=[], write=lambda out: out)
+
+    monkeypatch.setattr(mixing, "interpolation_sweep", sweep)
+    for flags, expected in (
+        (["--student-guidance", "3"], (2, 3.0)),
+        (["--student-steps", "4"], (4, 7.0)),
+        (["--student-steps", "4", "--student-guidance", "0"], (4, 0.0)),
+    ):
+        assert main(base + ["--sweep", ",".join(NAMES), "--out", str(tmp_path / "mix"), *flags]) == 0
+        assert seen.pop() == expected, flags
