@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -36,6 +36,7 @@ class TrackingConfig(BaseModel):
     unset, take the merge's `name` instead of the defaults below."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+    shorthand_keys: ClassVar[tuple[str, ...]] = ("uri",)  # `_uri_shorthand`: offered by an unknown key's hint too
 
     enabled: bool = True
     tracking_uri: str = Field(

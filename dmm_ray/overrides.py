@@ -56,7 +56,7 @@ def _unknown_key_hint(model: type, loc: tuple) -> str:
         section = _section_model(field.annotation) if field is not None else None
     if section is None:
         return ""
-    known = list(section.model_fields)
+    known = [*section.model_fields, *getattr(section, "shorthand_keys", ())]  # (EvalConfig's `evaluation:` shorthands)
     prefix = "".join(f"{p}." for p in loc[:-1])
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     if close:

@@ -130,6 +130,14 @@ def test_the_few_step_worker_joins_shard_and_synthesized_rows_with_the_shape_che
         ("teachers.1.nme=bee", "teachers.1.nme: Extra inputs are not permitted (got 'bee'); did you mean teachers.1.name?"),
         ("distil.steps=3", "distil: Extra inputs are not permitted; did you mean distill?"),
         ("evaluation.zzz=1", "evaluation.zzz: Extra inputs are not permitted (got 1); evaluation has: enabled, prompts, "),
+        # the section's shorthands are known keys too (the hint knew EvalConfig's fields only: grid_prompts was offered)
+        (
+            "evaluation.negative_promt=x",
+            "evaluation.negative_promt: Extra inputs are not permitted (got 'x'); did you mean evaluation.negative_prompt?",
+        ),
+        ("evaluation.feature_nte=/x", "did you mean evaluation.feature_net?"),
+        ("tracking.urii=x", "tracking.urii: Extra inputs are not permitted (got 'x'); did you mean tracking.uri?"),
+        ("evaluation.zzz=1", ", grid_prompts, num_prompts, feature_net, inception_weights, resolution, num_inference_steps, guidance_scale, "),
     ],
 )
 def test_an_unknown_key_names_the_nearest_known_one_or_its_sections_keys(tmp_path, override, hint):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -85,6 +85,12 @@ def check_extractor(kind: str, path: str | Path | None, section: str | None = No
         )
 
 
+# Short keys a merge config's `evaluation:` section may use (jobs/configs/*.yaml), -> EvalConfig fields.
+SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+# every key `expand_section_shorthands` turns into fields (`prompts: <file>` is a field's own name)
+SHORTHAND_KEYS = ("num_prompts", "feature_net", "inception_weights", "resolution", *SAMPLER_KEYS)
+
+
 class EvalConfig(BaseModel):
     """FID-matrix evaluation (paper 4.1). Seed set A: student and M_ref rows; seed set B: teacher columns.
 
@@ -98,6 +104,9 @@ class EvalConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # keys the section accepts besides its fields: an unknown key's hint (dmm_ray.overrides.config_error) offers
+    # them too; it knew the fields only, so `negative_promt` was "did you mean evaluation.grid_prompts?"
+    shorthand_keys: ClassVar[tuple[str, ...]] = SHORTHAND_KEYS
 
     enabled: bool = Field(True, description="the merge job evaluates the merged model after saving it")
     prompts: list[str] | None = Field(None, description="evaluation prompts; or prompts_file")
@@ -260,10 +269,6 @@ def _read_prompt_file(path: Path) -> list[str]:
         # COCO has ~5 captions per image: keep the first occurrence of each, in file order.
         return list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
     return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-
-
-# Short keys a merge config's `evaluation:` section may use (jobs/configs/*.yaml), -> EvalConfig fields.
-SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
 
 
 def expand_section_shorthands(section: dict | None) -> dict:
