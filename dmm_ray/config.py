@@ -777,12 +777,15 @@ def _config_tree(path: str | os.PathLike | None, overrides: list[str] = (), extr
     return tree, f"config{f' {path}' if path else ''}"
 
 
-def check_before_zoo_build(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> None:
+def check_before_zoo_build(path: str | os.PathLike | None, overrides: list[str] = (), extra: dict | None = None) -> str | None:
     """For a caller that builds the config's zoo itself before `load_config` (jobs/demo.py): what
     `load_config(..., build_zoo=True)` refuses before it builds a preset (a misspelt key, a value of the
     wrong type or range, a malformed override), raised now instead of after minutes of building. Builds
-    and reads no zoo; what needs the zoo waits for `load_config`."""
-    _check_before_zoo_build(*_config_tree(path, overrides, extra))
+    and reads no zoo; what needs the zoo waits for `load_config`. Returns the zoo the config names, the
+    one to build: a preset's name, or the path (absolute), or None."""
+    tree, source = _config_tree(path, overrides, extra)
+    _check_before_zoo_build(tree, source)
+    return tree["zoo"] if isinstance(tree.get("zoo"), str) and tree["zoo"] else None
 
 
 def _check_before_zoo_build(tree: dict, source: str) -> None:

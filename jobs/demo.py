@@ -55,11 +55,21 @@ def main(argv=None) -> int:
     merge_args = ["jobs/merge.py"] + (["--restart"] if args.restart else []) + (["--verbose"] if args.verbose else [])
     for override in overrides:
         merge_args += ["--set", override]
-    from dmm_ray.config import check_before_zoo_build
+    from dmm_ray.config import check_before_zoo_build, is_zoo_preset
 
-    check_before_zoo_build(DEFAULT_CONFIG, overrides)  # a typo in --set: said now, not after the zoo's build (minutes)
+    zoo = check_before_zoo_build(DEFAULT_CONFIG, overrides)  # a typo in --set: said now, not after the zoo's build (minutes)
+    # the zoo the merge reads: a preset (toy.yaml's `zoo: full`, a --set zoo=micro) or --zoo's folder. The build step
+    # built the full zoo whatever --set zoo= said: minutes for nothing before a micro zoo or a folder of the user's,
+    # which is read as it is (the merge says how to build one that is missing; build_zoo.py refuses a folder it did not build)
+    if zoo is not None and is_zoo_preset(zoo):
+        build = ["--size", zoo]
+    elif args.zoo and zoo is not None and Path(args.zoo).resolve() == Path(zoo):
+        build = ["--out", args.zoo]
+    else:
+        build = None
     try:
-        run("jobs/build_zoo.py", *(["--out", args.zoo] if args.zoo else []))
+        if build is not None:
+            run("jobs/build_zoo.py", *build)
         run(*merge_args)
     except StepFailed as failed:  # the step printed its own error: no traceback of this driver on top
         print(f"demo: {failed}", file=sys.stderr)

@@ -494,6 +494,35 @@ def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "demo: jobs/merge.py stopped with exit code 2 (its error is above)"
 
 
+def test_demo_builds_the_zoo_its_merge_reads(monkeypatch, tmp_path):
+    """`jobs/demo.py --set zoo=micro` (or a zoo folder): the build step built the full zoo whatever --set
+    zoo= said (~11 minutes on 2 cores for nothing), and the merge then built or read another one. It
+    builds the preset the merge reads now (toy.yaml's `zoo: full` without a --set zoo=), and leaves a
+    zoo folder of the user's as it is."""
+    import subprocess
+
+    from jobs import demo
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[1:])
+        return subprocess.CompletedProcess(cmd, 2 if cmd[1].endswith("jobs/merge.py") else 0)  # stop before the summary
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    for sets, build in (
+        (["zoo=micro"], ["--size", "micro"]),
+        ([], ["--size", "full"]),
+        ([f"zoo={tmp_path / 'z' / 'zoo.yaml'}"], None),  # a zoo of the user's: read as it is, not built over
+    ):
+        calls.clear()
+        assert demo.main([a for s in sets for a in ("--set", s)]) == 2
+        if build is not None:
+            assert calls.pop(0) == [str(demo.REPO / "jobs/build_zoo.py"), *build], sets
+        assert [c[0] for c in calls] == [str(demo.REPO / "jobs/merge.py")], sets
+
+
 def test_demo_reads_relative_paths_in_the_callers_folder(monkeypatch, tmp_path):
     """`jobs/demo.py --zoo myzoo --set output_dir=myout` from some folder: the zoo is built where the merge
     reads it, and the merge writes where the summary says, all in the caller's folder (the steps ran in
