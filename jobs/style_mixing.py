@@ -94,7 +94,10 @@ def _styles(option: str, text: str, known: list[str], count: int | None = None) 
         raise StyleError(f"{option}: unknown style(s) {unknown}; the teachers are {known}")
     if count is not None and len(names) != count:
         raise StyleError(f"{option} takes exactly {count} comma-separated styles, e.g. {option} {known[0]},{known[-1]}; got {text!r}")
-    if len(set(names)) != len(names) or len(names) < 2:
+    twice = sorted({n for n in names if names.count(n) > 1})  # (was "needs at least two different styles" for warm,warm,cool)
+    if twice:
+        raise StyleError(f"{option} names {twice} more than once (in {text!r}); give each style once")
+    if len(names) < 2:
         raise StyleError(f"{option} needs at least two different styles, got {text!r}")
     return names
 

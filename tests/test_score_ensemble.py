@@ -378,3 +378,19 @@ def test_style_mixing_student_guidance_alone_keeps_the_evaluation_samplers_steps
     ):
         assert main(base + ["--sweep", ",".join(NAMES), "--out", str(tmp_path / "mix"), *flags]) == 0
         assert seen.pop() == expected, flags
+
+
+def test_style_mixing_names_a_style_given_twice():
+    """--group warm,warm,cool was refused as "needs at least two different styles", though it names two:
+    the message names the style given twice now (fewer than two styles keeps its own)."""
+    from dmm_ray.styles import StyleError
+    from jobs.style_mixing import _styles
+
+    known = ["warm", "cool", "noir"]
+    with pytest.raises(StyleError, match=re.escape("--group names ['warm'] more than once (in 'warm,warm,cool'); give each style once")):
+        _styles("--group", "warm,warm,cool", known)
+    with pytest.raises(StyleError, match=re.escape("--sweep names ['cool'] more than once")):
+        _styles("--sweep", "cool,cool", known, count=2)
+    with pytest.raises(StyleError, match="--group needs at least two different styles, got 'warm'"):
+        _styles("--group", "warm", known)
+    assert _styles("--group", "warm, cool", known) == ["warm", "cool"]
