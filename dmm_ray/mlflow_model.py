@@ -77,7 +77,8 @@ def _missing(value) -> bool:
 
 class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     """DataFrame with `prompt` and optional `style` columns -> DataFrame with `prompt`, `style` (the
-    style's name, or the normalised mixture) and `image` (base64 PNG); see `model_signature`."""
+    style's name, or the normalised mixture) and `image` (base64 PNG); see `model_signature`. A plain diffusers
+    folder (jobs/weighted_merge.py --track's weighted merge) has no styles: prompts only, `style` comes back ""."""
 
     # predict() takes a DataFrame of prompts and styles and returns images: no type hint MLflow's
     # validation supports describes that, and without one MLflow warns at class definition, in a way
@@ -87,14 +88,26 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
+        from dmm_ray.architectures import load_plain_pipeline
         from dmm_ray.devices import usable_device
-        from dmm_ray.pipeline import load_dmm_pipeline
+        from dmm_ray.merged_model import model_styles
+        from dmm_ray.pipeline import load_dmm_pipeline, sampler_defaults
 
         # where it runs: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`; default "auto",
         # the GPU when there is one (float16, as Serve), else the CPU (float32)
         device = usable_device(str({**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["device"]), "model_config device")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.pipe = load_dmm_pipeline(context.artifacts["pipeline"], dtype=dtype).to(device)  # DMMPipeline or DMMXLPipeline
+        folder = context.artifacts["pipeline"]
+        # A plain diffusers folder has no styles: `jobs/weighted_merge.py --track` registers its weighted merge (the
+        # mix baked into the weights) through this model too. DMMPipeline refuses its UNet, so every predict() was an
+        # AttributeError (a 500 through `mlflow models serve`); it loads as the stock pipeline and takes prompts only.
+        self.styles = model_styles(folder) or []
+        if self.styles:
+            self.pipe = load_dmm_pipeline(folder, dtype=dtype).to(device)  # DMMPipeline or DMMXLPipeline
+            self.defaults = self.pipe.sampler_defaults
+        else:
+            self.pipe = load_plain_pipeline(folder, dtype=dtype).to(device)  # StableDiffusion(XL)Pipeline
+            self.defaults = sampler_defaults(folder, self.pipe.scheduler)  # as a merged model without sampler.json
         self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would fill a server's log
 
     def predict(self, context, model_input, params=None):
@@ -122,14 +135,23 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         if steps is not None and most is not None and int(steps) > most:
             raise _bad_request(
                 f"params.num_inference_steps {steps}: this few-step model samples at most {most} steps (its scheduler's training grid); "
-                f"give 1 to {most} (or none: the model's own, {self.pipe.sampler_defaults['num_inference_steps']})"
+                f"give 1 to {most} (or none: the model's own, {self.defaults['num_inference_steps']})"
             )
-        names = self.pipe.styles
+        names = self.styles
         prompts, styles = [], []
         for i, r in enumerate(rows):
             if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
                 raise _bad_request(f"row {i}: prompt {r.get('prompt')!r} must be non-empty text")
             style = r.get("style")
+            if not names:  # a plain pipeline (a weighted merge): no style to choose
+                if not _missing(style):
+                    raise _bad_request(
+                        f"row {i}: style {style!r}: this model has no styles (a plain diffusers pipeline, such as "
+                        "jobs/weighted_merge.py's weighted merge, whose mix is baked into its weights); leave style out"
+                    )
+                prompts.append(r["prompt"])
+                styles.append({})
+                continue
             style = 0 if _missing(style) else style
             if isinstance(style, float) and style.is_integer():  # pandas stores ints with a missing row as float64 (1 -> 1.0)
                 style = int(style)
@@ -149,10 +171,20 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         # 2. generate in batches of BATCH rows (one seeded generator: the same frame gives the same images)
         generator = None if seed is None else torch.Generator(self.pipe.device).manual_seed(int(seed))
         steps_kw = {} if steps is None else {"num_inference_steps": int(steps)}
+        if not names:  # the stock pipeline: the sampler a merged model without sampler.json uses (DMMPipeline applies its own)
+            d = self.defaults
+            steps_kw = {
+                "num_inference_steps": d["num_inference_steps"],
+                "guidance_scale": d["guidance_scale"],
+                "negative_prompt": d["negative_prompt"],
+                **steps_kw,
+            }
         images = []
         for start in range(0, len(prompts), BATCH):
             chunk = slice(start, start + BATCH)
-            images += self.pipe(prompts[chunk], style=styles[chunk], generator=generator, **steps_kw).images
+            # the stock pipeline takes a negative prompt per prompt when given a list (a str is a TypeError there)
+            row_kw = {"style": styles[chunk]} if names else {"negative_prompt": [steps_kw["negative_prompt"]] * len(prompts[chunk])}
+            images += self.pipe(prompts[chunk], generator=generator, **{**steps_kw, **row_kw}).images
 
         # 3. PIL in-process, or base64 PNG in a DataFrame (what `mlflow models serve` can send as JSON)
         if output == "pil":

@@ -364,6 +364,26 @@ def test_a_few_step_models_steps_above_its_grid_are_a_400(tracker, tmp_path, tin
     assert ask(6).status_code == 200
 
 
+def test_a_weighted_merge_registered_by_track_generates_from_prompts(tracker, tiny_base_dir):
+    """`jobs/weighted_merge.py --track` registers its weighted merge, a plain diffusers folder (no StyleUNet,
+    no styles), through the same pyfunc: it loaded, and every predict() was an AttributeError ('DMMPipeline'
+    object has no attribute 'styles'; a 500 through `mlflow models serve`). It generates from prompts; a
+    style is a bad request saying the model has none."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    with tracker.project(), tracker.stage("weighted-merge"):
+        uri = tracker.log_merged_model(tiny_base_dir)
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"]}), params={"seed": 0, "num_inference_steps": 2})
+    assert list(out["prompt"]) == ["a red circle", "a blue square"] and list(out["style"]) == ["", ""]
+    assert len(decode_images(out)) == 2
+    with pytest.raises(MlflowException, match="row 0: style 'ink': this model has no styles") as error:
+        model.predict(pd.DataFrame({"prompt": ["a red circle"], "style": ["ink"]}))
+    assert error.value.error_code == "INVALID_PARAMETER_VALUE"  # a 400 through `mlflow models serve`
+
+
 def _logged_model(tmp_path) -> tuple[str, str]:
     """(store, runs:/ URI) of a tiny pipeline folder logged as a run artifact, without touching
     MLflow's global tracking URI."""
