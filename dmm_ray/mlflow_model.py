@@ -137,6 +137,14 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
                 f"params.num_inference_steps {steps}: this few-step model samples at most {most} steps (its scheduler's training grid); "
                 f"give 1 to {most} (or none: the model's own, {self.defaults['num_inference_steps']})"
             )
+        # Any other scheduler splits its training timesteps: more steps than it has were no error here (Serve caps
+        # them at its max_steps): the toy model's DPM-Solver++ gave NaN images at 1001, 10**12 a MemoryError (a 500).
+        train = getattr(self.pipe.scheduler.config, "num_train_timesteps", None)
+        if steps is not None and train is not None and int(steps) > int(train):
+            raise _bad_request(
+                f"params.num_inference_steps {steps}: this model's {type(self.pipe.scheduler).__name__} has {train} training timesteps, "
+                f"so it samples at most {train} steps; give 1 to {train} (or none: the model's own, {self.defaults['num_inference_steps']})"
+            )
         names = self.styles
         prompts, styles = [], []
         for i, r in enumerate(rows):

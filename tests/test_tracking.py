@@ -364,6 +364,29 @@ def test_a_few_step_models_steps_above_its_grid_are_a_400(tracker, tmp_path, tin
     assert ask(6).status_code == 200
 
 
+def test_steps_above_the_schedulers_training_timesteps_are_a_400(tracker, tmp_path, tiny_components):
+    """num_inference_steps above the scheduler's training timesteps (1000) went to diffusers: the toy model's
+    DPM-Solver++ gave NaN images at 1001 steps, and 10**12 was a MemoryError (a 500 through `mlflow models
+    serve`). It is the pyfunc's own bad-parameter answer naming the limit, before anything is sampled."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from dmm_ray import DMMPipeline, StyleUNet
+
+    c = tiny_components
+    DMMPipeline.from_components(
+        StyleUNet.from_unet(c["unet"], ["ink", "neon"]), c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    ).save_pretrained(tmp_path / "dmm")
+    with tracker.project(), tracker.stage("merge"):
+        uri = tracker.log_merged_model(tmp_path / "dmm")
+    model = mlflow.pyfunc.load_model(uri)
+    for steps in (1001, 10**12):
+        with pytest.raises(MlflowException, match=f"num_inference_steps {steps}: .* has 1000 training timesteps") as error:
+            model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"num_inference_steps": steps})
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE"  # a 400 through `mlflow models serve`
+
+
 def test_a_weighted_merge_registered_by_track_generates_from_prompts(tracker, tiny_base_dir):
     """`jobs/weighted_merge.py --track` registers its weighted merge, a plain diffusers folder (no StyleUNet,
     no styles), through the same pyfunc: it loaded, and every predict() was an AttributeError ('DMMPipeline'
