@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 TRACKING_OPTIONS = {"tracking_uri": "--tracking-uri", "project": "--project", "registered_model_name": "--registered-name"}
 
 
+def version_description(names: list[str], weights: list[float], out) -> dict:
+    """`description` and `tags` of the registered version, as a merge's (`dmm_ray.tracking.version_record`): the
+    Models page showed a weighted merge's version with neither, so nothing told one mix from another."""
+    mix = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
+    tags = {
+        "dmm.stage": "weighted-merge",
+        "dmm.styles": ",".join(names),
+        "dmm.weights": ",".join(f"{w:g}" for w in weights),
+        "dmm.merged_path": str(out),
+    }
+    return {"description": f"weighted-merge: {len(names)} teacher(s) ({mix})", "tags": tags}
+
+
 def _tracking_config(args):
     """--track: the store, the project and the registered name, checked before any teacher is loaded (MLflow
     would refuse them only after the merge was written); the TrackingConfig the job logs with. A --project
@@ -106,8 +119,9 @@ def main(argv=None) -> int:
     out = weighted_merge_teachers(specs, weights, args.out, merge_text_encoder=not args.no_text_encoder, setting="--out")
     print(f"weighted merge of {dict(zip([s.name for s in specs], weights))} -> {out}")
     if tracker is not None:
-        with tracker.project(), tracker.stage("weighted-merge", params={"teachers": [s.name for s in specs], "weights": weights}):
-            print("registered:", tracker.log_merged_model(out))
+        names = [s.name for s in specs]
+        with tracker.project(), tracker.stage("weighted-merge", params={"teachers": names, "weights": weights}):
+            print("registered:", tracker.log_merged_model(out, **version_description(names, weights, out)))
     return 0
 
 

@@ -289,6 +289,22 @@ def test_weighted_merge_job_checks_tracking_settings_before_the_merge(zoo, tmp_p
     assert not (tmp_path / "wm").exists()
 
 
+def test_a_tracked_weighted_merges_version_says_what_it_is(zoo, tmp_path, monkeypatch):
+    """README: each registered version says what it is on the Models page (a description and dmm.* tags), as a
+    merge's does. A weighted merge's version had neither: one mix could not be told from another."""
+    from mlflow import MlflowClient
+
+    from jobs import weighted_merge as job
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--teachers", str(zoo), "--names", "a,c", "--weights", "0.25,0.75", "--out", str(tmp_path / "wm"), "--track", "--tracking-uri", store]
+    assert job.main(args) == 0
+    version = MlflowClient(store).get_model_version("dmm-weighted-merge", "1")
+    assert version.description == "weighted-merge: 2 teacher(s) (a 0.25, c 0.75)"
+    assert version.tags == {"dmm.stage": "weighted-merge", "dmm.styles": "a,c", "dmm.weights": "0.25,0.75", "dmm.merged_path": str(tmp_path / "wm")}
+
+
 def test_weighted_merge_job_refuses_tracking_options_without_track(tmp_path, capsys):
     """--tracking-uri / --project / --registered-name say where --track logs: without --track they
     were ignored and the job exited 0; now a usage error saying to add --track, before anything is read."""
