@@ -5,7 +5,7 @@
 3. print where the merged model, the MLflow store and the evaluation are, and the FIDt table.
 
 Everything lands under $DMM_HOME (default ~/.dmm-ray; dmm_ray/paths.py), where `ray job submit
--- python jobs/merge.py`, `mlflow ui` and `serve run serve.app` find it too.
+--working-dir . -- python jobs/merge.py`, `mlflow ui` and `serve run serve.app` find it too.
 """
 
 from __future__ import annotations

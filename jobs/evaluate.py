@@ -3,7 +3,7 @@
 
   python jobs/evaluate.py --model $DMM_HOME/outputs/dmm-toy/merged --teachers $DMM_HOME/zoo/full/zoo.yaml
   python jobs/evaluate.py --model MERGED --teachers jobs/configs/toy.yaml --config jobs/configs/toy.yaml --section evaluation
-  ray job submit -- python jobs/evaluate.py --model ... --teachers ... --set images_per_prompt=50
+  ray job submit --working-dir . -- python jobs/evaluate.py --model ... --teachers ... --set images_per_prompt=50
 
 Teacher statistics are cached (EvalConfig.cache_dir), so re-running after another merge only
 samples the student. Writes fid_matrix.json, M.csv, M_ref.csv, fid_heatmaps.png, style_grid.png

@@ -19,7 +19,7 @@ from dmm_ray.overrides import ConfigError, config_error, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The merged model of the embedded default merge (jobs/configs/toy.yaml, name dmm-toy): what
-# `make demo`, `python jobs/merge.py` and `ray job submit -- python jobs/merge.py` write.
+# `make demo`, `python jobs/merge.py` and `ray job submit --working-dir . -- python jobs/merge.py` write.
 DEFAULT_MODEL = "$DMM_HOME/outputs/dmm-toy/merged"
 
 
