@@ -303,12 +303,13 @@ def check_regulariser_rows(cfg: MergeConfig, old_styles: int) -> None:
         )
 
 
-def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = False) -> None:
+def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = False):
     """Everything that can be checked without Ray: teachers' files (present, not truncated, `.ckpt`
     only with allow_pickle; `deep`: every tensor finite), formats and architectures, style names, what
     the evaluation needs when it runs (prompts, feature extractor, the record of an incremental merge's
     previous model that lists its old styles' teachers), and local latent shards that are there or can
-    be encoded (dmm_ray.data.latents.check_latents). `restart`: the merge runs with --restart."""
+    be encoded (dmm_ray.data.latents.check_latents). `restart`: the merge runs with --restart. Returns the
+    encode's plan when the shards are still to be encoded (for ensure_latents: the source's index read once), else None."""
     from dmm_ray.memory_plan import check_fits
     from dmm_ray.teachers import TeacherError, check_teacher_files, validate_teachers
 
@@ -413,12 +414,14 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 
-    if not fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
-        state = check_latents(cfg)  # (a complete set: enough rows for the merge's workers)
-        if cfg.fast.enabled and state.status == "complete":  # and for its few-step stage's: not said only after the merge
-            from dmm_ray.data.latents import check_enough_rows
+    if fsu.is_uri(cfg.data.shards):  # a URI's state is read by the encode stage: no network before Ray starts
+        return None
+    state, plan = check_latents(cfg)  # (a complete set: enough rows for the merge's workers)
+    if cfg.fast.enabled and state.status == "complete":  # and for its few-step stage's: not said only after the merge
+        from dmm_ray.data.latents import check_enough_rows
 
-            check_enough_rows(cfg, job="fast")
+        check_enough_rows(cfg, job="fast")
+    return plan
 
 
 def check_student_base(cfg: MergeConfig, merged: Path) -> None:
@@ -783,7 +786,7 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
     # is written: a refused merge leaves no output folder and touches no lock
     out, remote = output_location(cfg)
     put_back_parked_base(cfg, out)
-    validate_before_ray(cfg, restart=restart)
+    encode_plan = validate_before_ray(cfg, restart=restart)
     check_fast_lock(cfg, out, restart)  # a running jobs/fast.py on the few-step folder: said now, not after the whole merge
     out.mkdir(parents=True, exist_ok=True)
     if remote:
@@ -793,7 +796,7 @@ def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeRes
             "it guards this machine only, so run one merge per output_dir URI"
         )
     with output_lock.hold(out, warn=log):
-        return _merge(cfg, out, tracker, restart, started)
+        return _merge(cfg, out, tracker, restart, started, encode_plan=encode_plan)
 
 
 def fast_stage_runs(cfg: MergeConfig, local: Path, restart: bool = False) -> bool:
@@ -901,8 +904,9 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     return lines + ([note] if note else [])
 
 
-def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) -> MergeResult:
-    """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI).
+def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, encode_plan=None) -> MergeResult:
+    """`out`: the local work folder (output_dir, or the staging folder of an output_dir URI). `encode_plan`:
+    validate_before_ray's (the encode's plan, made before Ray started; None when there was nothing to encode).
     check the resumable state -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
@@ -937,7 +941,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float) 
         if merged is None:
             if saved is None:
                 # encode: latent shards to train on (encoded, or an unfinished encode resumed, when missing)
-                ensure_latents(cfg)
+                ensure_latents(cfg, plan=encode_plan)
                 result = MergeResult(merged_path=out / "merged", location=f"{remote}/merged" if remote else str(out / "merged"))
             else:  # saved: what the skipped stages measured, for track (the failed run that logged their curves keeps them)
                 measured, seconds = saved.get("stage_metrics") or {}, saved.get("seconds") or 0.0

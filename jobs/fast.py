@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         from dmm_ray.memory_plan import describe
 
         print(f"config: {Path(config).resolve()}\nmodel:  {Path(args.model).resolve()}", flush=True)
-        styles, plan = check_before_ray(cfg, args.model)  # a layout that does not fit: refused with its own plan
+        styles, plan, _ = check_before_ray(cfg, args.model)  # a layout that does not fit: refused with its own plan
         # what run_fast finds in its folder: its fast.lock held by a running job, training state from another model or
         # with other settings (refused as the run refuses them; --restart discards the state), a finished run (nothing to do)
         from dmm_ray.fast.job import check_before_run

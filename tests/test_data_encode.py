@@ -174,7 +174,7 @@ def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_
     _drop_shard(str(shards), 2)  # the crash: 6 of 9 latents on disk, and nothing says so but the count
     calls = []
 
-    def finish(data_cfg, show_progress=True):  # what run_encode does on resume: the missing shard, then the manifest
+    def finish(data_cfg, show_progress=True, plan=None):  # what run_encode does on resume: the missing shard, then the manifest
         calls.append(data_cfg.shards)
         sh.write_shard(fs, str(shards), 2, _table(3))
         sh.write_manifest(fs, str(shards), 3, 9, 9)
@@ -188,6 +188,36 @@ def test_merge_resumes_an_unfinished_encode_instead_of_training_on_a_subset(tmp_
     latents.ensure_latents(_merge_cfg(tmp_path, shards), job="fast")
     assert calls == [str(shards)]
     assert "[dmm-fast " in capsys.readouterr().out
+
+
+def test_a_merge_that_encodes_reads_the_source_index_once(tmp_path, monkeypatch):
+    """Review mend: the check before Ray (validate_before_ray's check_latents) made the encode's plan and
+    dropped it, so a merge that still had to encode read the source's annotation index twice, there and in
+    run_encode. The plan goes on to the encode. The stages are left out and the encode is a stand-in (no Ray)."""
+    from dmm_ray import merge
+    from dmm_ray.data import encode
+
+    make_folder(tmp_path / "images", n=9)
+    shards = tmp_path / "latents"
+    cfg = _merge_cfg(tmp_path, shards)
+    reads, real_read, plans = [], encode.read_image_index, []
+    monkeypatch.setattr(encode, "read_image_index", lambda source: reads.append(source.root) or real_read(source))
+
+    def run_encode(data_cfg, show_progress=True, plan=None):  # the real one's start, then a whole set of 9 rows
+        plans.append(plan)
+        plan = plan or encode.plan_encode(data_cfg)
+        _encoded_set(data_cfg.shards)
+        return encode.EncodeReport(len(plan.records), 3, 0, 3, 9, 9)
+
+    monkeypatch.setattr(encode, "run_encode", run_encode)
+    monkeypatch.setattr(merge, "STAGES", ())
+    monkeypatch.setattr(merge, "init_for_training", lambda address: False)
+    monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
+    monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
+    merge.run_merge(cfg)
+    assert sh.shard_set_state(str(shards)).status == "complete"
+    assert reads == [str(tmp_path / "images")]  # was read again by run_encode
+    assert plans[0] is not None and len(plans[0].records) == 9
 
 
 def test_an_unfinished_encode_made_with_other_settings_is_refused_before_ray(tmp_path):
@@ -208,7 +238,7 @@ def test_an_unfinished_encode_made_with_other_settings_is_refused_before_ray(tmp
     assert sh.shard_set_state(str(shards)).status == "partial"
     with pytest.raises(ValueError, match=rf"cannot resume encoding into .*shard_size: shards have 1, config gives {cfg.data.encode.shard_size}\)"):
         latents.check_latents(cfg)
-    assert latents.check_latents(before).status == "partial"  # the same settings: resumed by the encode stage
+    assert latents.check_latents(before)[0].status == "partial"  # the same settings: resumed by the encode stage
     (tmp_path / "images" / "manifest.jsonl").write_text('{"image": "images/000.png", "caption": "a"}\n')
     with pytest.raises(ValueError, match="yielded no usable records .*1 lack the image path field 'file'"):
         latents.check_latents(_merge_cfg(tmp_path, tmp_path / "empty"))
@@ -234,7 +264,7 @@ def test_a_complete_set_encoded_with_other_settings_than_data_encode_is_refused(
     cfg = _merge_cfg(tmp_path, shards)
     resolution = cfg.data.encode.resolution
     sh.write_meta(fs, str(shards), {"records": 9, "shard_size": 3, "resolution": resolution, "latent_sampling": "mean"})
-    assert latents.check_latents(cfg).status == "complete"
+    assert latents.check_latents(cfg)[0].status == "complete"
     sh.write_meta(fs, str(shards), {"records": 9, "shard_size": 3, "resolution": resolution + 8, "latent_sampling": "sample"})
     with pytest.raises(
         ValueError,

@@ -1142,7 +1142,7 @@ def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     monkeypatch.setattr(fast_job, "init_for_training", lambda address: False)  # no Ray, no data: the job up to its training
-    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job: None)
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job, plan=None: None)
     monkeypatch.setattr(dmm_ray.data.stream, "build_latent_dataset", training)
 
     def job(folder: str) -> str:

@@ -417,7 +417,7 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *(s for s in merge.STAGES if s.name in ("save", "evaluate"))))
     result = merge.run_merge(cfg)
     assert DMMPipeline.from_pretrained(result.merged_path).styles == ["old0", "old1", "new0"]
@@ -476,7 +476,7 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_its_save(merged_
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     save = next(s for s in merge.STAGES if s.name == "save")
     monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), save, merge.Stage("fast", fast)))
     with pytest.raises(RuntimeError, match="few-step stage failed"):
@@ -542,7 +542,7 @@ def _merge_from_a_model_without_a_record(merged_world, tmp_path, monkeypatch):
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill), *(s for s in merge.STAGES if s.name == "save")))
     return merge.run_merge(cfg).merged_path
 
@@ -598,7 +598,7 @@ def _stub_training(monkeypatch, added: list[str], ran: list | None = None):
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     later = (s for s in merge.STAGES if s.name in ("save", "evaluate", "track"))
     monkeypatch.setattr(merge, "STAGES", tuple(counted(s) for s in (merge.Stage("distill", distill), *later)))
 

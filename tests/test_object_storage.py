@@ -290,7 +290,9 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
     assert Path(cfg.evaluation.output_dir) == paths.staging_dir(uri) / "evaluation"
 
     seen = {}
-    monkeypatch.setattr(merge, "_merge", lambda cfg, out, tracker, restart, started: seen.update(out=out, remote=merge.output_location(cfg)[1]))
+    monkeypatch.setattr(
+        merge, "_merge", lambda cfg, out, tracker, restart, started, encode_plan=None: seen.update(out=out, remote=merge.output_location(cfg)[1])
+    )
     merge.run_merge(cfg)  # up to the point where Ray would start: lock + staging folder
     assert seen == {"out": paths.staging_dir(uri), "remote": uri} and seen["out"].is_dir()
     assert not list(tmp_path.rglob("s3:")), "a local folder named s3: was created"

@@ -84,7 +84,7 @@ def test_lock_is_held_during_the_merge_and_gone_after_it_returns_or_raises(world
     cfg = MergeConfig.model_validate(tiny_merge_config(world, out))
     seen = []
 
-    def body(cfg, out, tracker, restart, started):
+    def body(cfg, out, tracker, restart, started, encode_plan=None):
         seen.append(json.loads(output_lock.lock_path(out).read_text()))
         return "result"
 
@@ -93,7 +93,7 @@ def test_lock_is_held_during_the_merge_and_gone_after_it_returns_or_raises(world
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
     assert not output_lock.lock_path(out).exists()
 
-    def crash(*args):
+    def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(merge, "_merge", crash)
@@ -304,7 +304,7 @@ def test_a_merge_whose_fast_stage_failed_runs_only_that_stage_again(world, tmp_p
             pass
 
     fail_fast = _stand_in_stages(monkeypatch, out, ran, failing="fast", error="the few-step stage failed")
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     with pytest.raises(RuntimeError, match="few-step stage failed"):
         merge.run_merge(cfg, tracker=Tracker())
     assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "register", "fast"]
@@ -352,7 +352,7 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
             pass
 
     fail_evaluate = _stand_in_stages(monkeypatch, out, ran, failing="evaluate", error="the evaluation failed")
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: ran.append("encode"))
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: ran.append("encode"))
     tracker = Tracker()
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         merge.run_merge(cfg, tracker=tracker)
@@ -655,7 +655,7 @@ def test_a_merge_refuses_leftover_few_step_state_of_other_settings_before_it_mer
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
 
     def leave_state(fast):  # an earlier few-step stage's, on the merged model <out>/merged (of another checksum)
         state = fingerprint.fast_state_path(cfg, out / "fast") / "checkpoint_000000"
@@ -728,7 +728,7 @@ def test_a_merge_discards_few_step_state_of_the_merged_model_it_replaced(world, 
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     monkeypatch.setattr(fast_job, "init_for_training", training_starts)
 
     save_model(1.0)  # the earlier merge's model, and the few-step state made from it with these settings

@@ -8,12 +8,13 @@ from dmm_ray.console import say
 
 def check_latents(cfg, inputs: bool = True, job: str = "merge"):
     """`cfg`: a MergeConfig. What can be checked before Ray starts: the shard set's state
-    (dmm_ray.data.shards.shard_set_state, returned); a complete one must hold enough rows for `job`'s
-    workers (check_enough_rows: it was checked only after Ray started, and --dry-run said OK); one that
-    is not complete must be encodable: data.source set and (`inputs`) what the encode checks before it
+    (dmm_ray.data.shards.shard_set_state), returned with the encode's plan or None; a complete one must
+    hold enough rows for `job`'s workers (check_enough_rows: it was checked only after Ray started, and
+    --dry-run said OK); one that is not complete must be encodable: data.source set and (`inputs`) what the encode checks before it
     starts (`plan_encode`): its image folder and VAE there, data.shards writable, a usable record, and an
     unfinished encode in data.shards made with these settings (one made with others was refused only after
-    Ray started, and --dry-run said OK)."""
+    Ray started, and --dry-run said OK). The plan (`plan_encode`'s, made when `inputs` and the set is
+    not complete) goes to ensure_latents, whose encode then does not read the source's index again."""
     from dmm_ray.data.encode import plan_encode
     from dmm_ray.data.shards import shard_set_state
 
@@ -21,7 +22,7 @@ def check_latents(cfg, inputs: bool = True, job: str = "merge"):
     if state.status == "complete":
         check_encoded_settings(cfg)
         check_enough_rows(cfg, job)
-        return state
+        return state, None
     if cfg.data.source is None:
         if state.status == "partial":
             raise FileNotFoundError(
@@ -29,9 +30,8 @@ def check_latents(cfg, inputs: bool = True, job: str = "merge"):
                 "set data.source to the source it was encoded from (the merge then resumes the encode), or point data.shards at a complete set"
             )
         raise FileNotFoundError(f"data.shards {cfg.data.shards} has no latents and data.source is not set to encode them")
-    if inputs:  # reads the source's annotation files (not its images); run_encode reads them again once Ray is up
-        plan_encode(cfg.data, shards_setting="data.shards")
-    return state
+    # reads the source's annotation files (not its images); the plan goes on to run_encode, which read them again
+    return state, plan_encode(cfg.data, shards_setting="data.shards") if inputs else None
 
 
 def check_encoded_settings(cfg) -> None:
@@ -56,11 +56,12 @@ def check_encoded_settings(cfg) -> None:
         )
 
 
-def ensure_latents(cfg, job: str = "merge") -> None:
+def ensure_latents(cfg, job: str = "merge", plan=None) -> None:
     """`cfg`: a MergeConfig. A complete shard set is used as it is; none, or a set whose encode did not
     finish (dmm_ray.data.shards.shard_set_state), is encoded (resumed: committed shards are kept).
-    `job`: whose log lines these are (`[dmm-merge ...]`, `[dmm-fast ...]`)."""
-    state = check_latents(cfg, inputs=False, job=job)  # run_encode checks its inputs itself
+    `job`: whose log lines these are (`[dmm-merge ...]`, `[dmm-fast ...]`). `plan`: the encode's plan
+    that check_latents made before Ray started (else run_encode makes it, checking its inputs)."""
+    state = check_latents(cfg, inputs=False, job=job)[0]  # without a plan, run_encode checks its inputs itself
     if state.status == "complete":
         say(job, f"latent shards: {state.shards} complete shard(s) in {cfg.data.shards}")
         return
@@ -75,7 +76,7 @@ def ensure_latents(cfg, job: str = "merge") -> None:
         )
     else:
         say(job, f"encoding latents from {cfg.data.source.root} -> {cfg.data.shards}")
-    print(run_encode(cfg.data).summary(), flush=True)
+    print(run_encode(cfg.data, plan=plan).summary(), flush=True)
     after = shard_set_state(cfg.data.shards)
     if after.status != "complete":  # run_encode raises first; this guards the contract, not a known path
         raise RuntimeError(f"encoding into {cfg.data.shards} left an incomplete set ({after.detail()})")

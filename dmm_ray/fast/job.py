@@ -97,7 +97,9 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     (fast.synthetic_fraction > 0 from the teachers), the synthesis.prompts file it samples the merged model
     with (fast.synthetic_source merged, the rollout pairs), local latent shards that are there or can be encoded,
     and that its worker fits scaling.gpu_memory_gb (the memory
-    plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the plan)."""
+    plan, dmm_ray.memory_plan.fast_worker: a MemoryPlanError naming the numbers). Returns (its styles, the memory
+    plan, the encode's plan when the shards are still to be encoded, else None: for ensure_latents, so the source's
+    index is read once)."""
     from dmm_ray.memory_plan import check_fast_fits
 
     styles = check_model_folder(model_dir, cfg.fast)
@@ -115,9 +117,10 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 
+    encode_plan = None
     if not fsu.is_uri(cfg.data.shards):  # as the merge's validate_before_ray (a URI's state: read by ensure_latents)
-        check_latents(cfg, job="fast")  # shards there (enough rows) or encodable: ensure_latents said so only after Ray started
-    return styles, check_fast_fits(cfg, model_dir)
+        encode_plan = check_latents(cfg, job="fast")[1]  # shards there (enough rows) or encodable: ensure_latents said so only after Ray started
+    return styles, check_fast_fits(cfg, model_dir), encode_plan
 
 
 def check_merged_sample_rows(cfg: MergeConfig, styles: int) -> None:
@@ -481,11 +484,11 @@ def run_fast(
 
     started = time.time()
     model_dir = Path(model_dir).resolve()
-    styles, _ = check_before_ray(cfg, model_dir)
+    styles, _, encode_plan = check_before_ray(cfg, model_dir)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX):
-        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model)
+        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model, encode_plan)
 
 
 def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: bool) -> dict:
@@ -538,6 +541,7 @@ def _run_fast(
     restart: bool,
     started: float,
     merge_saved_model: bool = False,
+    encode_plan=None,  # check_before_ray's, for ensure_latents
 ) -> FastResult:
     import ray
 
@@ -591,7 +595,7 @@ def _run_fast(
     )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     try:  # a run that fails leaves no private Ray behind it either
-        ensure_latents(cfg, job="fast")
+        ensure_latents(cfg, job="fast", plan=encode_plan)
         record = read_record(model_dir)
         tracking = None
         if tracker is not None:
