@@ -273,6 +273,28 @@ def test_a_few_step_stage_finished_before_an_input_was_recorded_is_still_complet
     assert finished(out, "fast_complete.json", asked(inputs), [done], same=fingerprint.same_request) is None
 
 
+def test_the_few_step_dry_run_reads_the_merged_unet_once(world, tmp_path, monkeypatch):
+    """Review mend: check_before_run (jobs/fast.py --dry-run) computed fast_inputs, which reads the merged UNet
+    for its checksum, twice on a folder holding both training state and a completion record: in
+    check_fast_resume, then for the record. Once now, for both."""
+    from dmm_ray.completion import record_finished
+    from dmm_ray.fast import job as fast_job
+
+    out, model = tmp_path / "fast", Path(world["base"]).resolve()  # any folder with a unet/ stands for the merged model
+    cfg = _cfg(world, tmp_path / "run", fast={"output_dir": str(out)})
+    inputs = fingerprint.fast_inputs(cfg, model)
+    fingerprint.record_fast(cfg, model, out, inputs)  # the training state, and what it was made with
+    (fingerprint.fast_state_path(cfg, out) / "checkpoint_000001").mkdir(parents=True)
+    done = out / "model" / "model_index.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    record_finished(out, fast_job.COMPLETE_RECORD, {"config": cfg.model_dump(mode="json"), "model": str(model), "inputs": inputs, "evaluate": True})
+    calls, real = [], fingerprint.fast_inputs
+    monkeypatch.setattr(fingerprint, "fast_inputs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert "already complete" in fast_job.check_before_run(cfg, model)[-1]
+    assert len(calls) == 1  # was 2
+
+
 def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""

@@ -521,10 +521,12 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     lines += recover(out / "model", marker=FAST_RECORD, dry_run=True)  # model.old a killed save left: _run_fast puts it back first
     if restart:  # the run forgets the completion record and discards the state first: it trains from the start
         return lines
-    fingerprint.check_fast_resume(cfg, model_dir, out)  # (reads the merged UNet's checksum only where there is state)
-    if not (out / COMPLETE_RECORD).is_file():  # no finished run to compare with: the checksum is not read for nothing
+    # the inputs read the merged UNet for its checksum: once, for both comparisons, where there is a finished run to
+    # compare with; without one, check_fast_resume reads them only where there is state
+    inputs = fingerprint.fast_inputs(cfg, model_dir) if (out / COMPLETE_RECORD).is_file() else None
+    fingerprint.check_fast_resume(cfg, model_dir, out, inputs)
+    if inputs is None:
         return lines
-    inputs = fingerprint.fast_inputs(cfg, model_dir)
     done = finished(
         out, COMPLETE_RECORD, _fast_request(cfg, model_dir, inputs, evaluate), [out / "model" / "model_index.json"], same=fingerprint.same_request
     )
