@@ -113,13 +113,13 @@ def test_synthesized_samples_mixed_into_the_few_step_stage_are_made_at_the_shard
 def test_the_few_step_worker_joins_shard_and_synthesized_rows_with_the_shape_check():
     """The few-step worker joined its shard rows and synthesized rows with concat_batches: latents of two sizes
     (a merge's synthesized sets made at another size than the config says) failed in torch.cat with a RuntimeError
-    that Ray Train retried; it joins them as distillation does (distill.streams._joined: a TrainingInputError)."""
+    that Ray Train retried; it joins them as distillation does (distill.streams.join_batches: a TrainingInputError)."""
     import inspect
 
     from dmm_ray.fast import loop
 
     source = inspect.getsource(loop.train_fast_per_worker)
-    assert "_joined([batch, extra])" in source and "concat_batches" not in source
+    assert "join_batches([batch, extra])" in source and "concat_batches" not in source
 
 
 @pytest.mark.parametrize(

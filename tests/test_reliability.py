@@ -109,11 +109,11 @@ def test_synthesized_latents_of_another_size_than_the_shards_are_an_input_error(
     import torch
 
     from dmm_ray.distill.health import TrainingInputError, stops_without_retry
-    from dmm_ray.distill.streams import _joined
+    from dmm_ray.distill.streams import join_batches
 
     common, synthesized = {"latents": torch.zeros(2, 4, 8, 8)}, {"latents": torch.zeros(2, 4, 16, 16)}
     with pytest.raises(TrainingInputError, match=r"synthesized latents \(4, 16, 16\) and latent shards \(4, 8, 8\) differ") as info:
-        _joined([common, synthesized])
+        join_batches([common, synthesized])
     assert stops_without_retry(info.value)
 
 

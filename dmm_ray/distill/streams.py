@@ -244,7 +244,7 @@ class StageBatches:
 
     def _style_batch(self, j: int) -> dict:
         synthetic = self.synthetic[j]
-        return _joined(([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else []))
+        return join_batches(([self.common.next()] if self.common is not None else []) + ([synthetic.next()] if synthetic is not None else []))
 
     def _micro_batch(self) -> tuple[dict, torch.Tensor]:
         from dmm_ray.distill.layout import regularizer_style_ids
@@ -254,7 +254,7 @@ class StageBatches:
             parts = [self.common.next() for _ in range(self.reads_per_step)] if self.common is not None else []  # as a teacher worker
             if self.synthetic[0] is not None:  # fine-tune: only these; distill (old_style_samples): the synthesized share, last
                 parts.append(self.synthetic[0].next())
-            batch = _joined(parts)
+            batch = join_batches(parts)
             ids = regularizer_style_ids(batch["noisy_latents"].shape[0], len(self.worker.old_styles), self.rng).to(self.device)  # (B,)
             if self.own_labels:  # the previous model's samples (the last part) keep the style they were drawn with
                 own = parts[-1]["style"]
@@ -277,7 +277,7 @@ def _share(rows: dict, replica: int, replicas: int) -> dict:
     return {k: v[replica::replicas] for k, v in rows.items()}
 
 
-def _joined(parts: list[dict]) -> dict:
+def join_batches(parts: list[dict]) -> dict:
     """Common and synthesized rows as one batch; their latents must have one shape."""
     from dmm_ray.distill.step import concat_batches
 

@@ -99,7 +99,7 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray.distill.checkpointing import resume_checkpoint
     from dmm_ray.distill.conditioning import load_base_conditioner
     from dmm_ray.distill.loop import _mlflow_logger
-    from dmm_ray.distill.streams import EpochStream, _joined, cached_stream
+    from dmm_ray.distill.streams import EpochStream, cached_stream, join_batches
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
     from dmm_ray.models.style_unet import StyleUNet
 
@@ -196,7 +196,7 @@ def train_fast_per_worker(config: dict) -> None:
             if synth is not None:  # + rows drawn by a teacher, with that teacher's style
                 extra = synth.next()
                 style_ids = torch.cat([style_ids, extra["style"].to(device)])
-                batch = _joined([batch, extra])  # latents of another size: a TrainingInputError (not retried), not torch.cat's
+                batch = join_batches([batch, extra])  # latents of another size: a TrainingInputError (not retried), not torch.cat's
             latents = batch["latents"]
             b = latents.shape[0]
             cond = conditioner(batch)
