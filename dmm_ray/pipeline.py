@@ -342,18 +342,26 @@ class _StyleCallMixin:
         return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 
 
-def check_denoising_steps(pipe, parent_call, kwargs: dict) -> None:
+def default_strength(parent_call):
+    """The loop's own default `strength` (SDXL img2img: 0.3), None where it takes none. Read from its signature
+    once per class, when _styled_call wraps the loop, not on every call."""
+    import inspect
+
+    parameter = inspect.signature(parent_call).parameters.get("strength")
+    return None if parameter is None else parameter.default
+
+
+def check_denoising_steps(pipe, strength_default, kwargs: dict) -> None:
     """A loop that starts from an image (img2img, inpainting, their ControlNet forms) denoises only the last
     int(num_inference_steps * strength) steps. Where that is 0 (2 steps at strength 0.3; the few-step model's own 4
     steps at strength 0.2), SD1.5 img2img and the ControlNet img2img / inpainting loops ran the UNet on an empty batch
-    of timesteps and failed with "cannot reshape tensor of 0 elements": a ValueError naming both numbers instead."""
-    import inspect
+    of timesteps and failed with "cannot reshape tensor of 0 elements": a ValueError naming both numbers instead.
+    `strength_default`: the loop's own (default_strength), for a call that gives none."""
     import math
 
     if any(kwargs.get(key) is not None for key in ("timesteps", "sigmas", "denoising_start")):
         return  # a given schedule, or SDXL's denoising_start: strength does not set the steps
-    parameter = inspect.signature(parent_call).parameters.get("strength")
-    strength = kwargs.get("strength", None if parameter is None else parameter.default)
+    strength = kwargs.get("strength", strength_default)
     steps = kwargs["num_inference_steps"]
     if not isinstance(strength, numbers.Real) or not 0 <= strength <= 1 or not isinstance(steps, numbers.Integral):
         return  # no strength, or one diffusers' own check names
@@ -373,6 +381,7 @@ def check_denoising_steps(pipe, parent_call, kwargs: dict) -> None:
 def _styled_call(parent_call, regional: bool = True):
     """`__call__` for a style pipeline: resolve style/style_weights, then run the parent's loop.
     `regional=False`: a loop that starts from an image (img2img, inpainting) takes no regions= or panorama."""
+    strength_default = None if regional else default_strength(parent_call)
 
     @torch.no_grad()
     def __call__(
@@ -411,7 +420,7 @@ def _styled_call(parent_call, regional: bool = True):
                 f"{self.sampler_defaults['num_inference_steps']})"
             )
         if not regional:
-            check_denoising_steps(self, parent_call, kwargs)
+            check_denoising_steps(self, strength_default, kwargs)
         if any(a is not None for a in (regions, style_map, window_stride, background, region_window)) or region_decode:
             if not regional:
                 raise ValueError(

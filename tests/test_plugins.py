@@ -501,6 +501,27 @@ def test_with_controlnet_refuses_a_controlnet_made_for_another_unet_or_vae():
     assert np.isfinite(gen(both, style="ink", image=[control_image(SIZE)] * 2, controlnet_conditioning_scale=[1.0, 0.5])).all()
 
 
+def test_the_default_strength_is_read_once_per_class_not_on_each_call(monkeypatch):
+    """Review mend: check_denoising_steps read the loop's signature (inspect.signature, for its default strength)
+    on every img2img / inpainting call; _styled_call reads it once, when it wraps the loop."""
+    import inspect
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from dmm_ray import plugins
+
+    pipe = plugins.DMMImg2ImgPipeline.from_pipe(tiny_merged("sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    init = Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8))
+    read, signature = [], inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda f, *a, **k: read.append(f) or signature(f, *a, **k))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="denoises no step"):  # the check runs, before any UNet step
+            gen(pipe, style="ink", steps=2, strength=0.3, image=init)
+    assert StableDiffusionImg2ImgPipeline.__call__ not in read  # was read on each call
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_img2img_and_inpainting_with_no_denoising_step_name_steps_and_strength(arch):
     """These loops denoise the last int(num_inference_steps * strength) steps. Where that is 0 (2 steps at strength
