@@ -15,7 +15,7 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, recorded_teachers, recover, save_siblings, staged, style_descriptions
+from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, all_teachers, recorded_teachers, recover, save_siblings, staged, style_descriptions
 from dmm_ray.ray_session import init_for_training
 
 
@@ -629,25 +629,6 @@ def _copy_from_result(result, dest: Path, part: str = "") -> Path:
 
 def _student_from_result(result, dest: Path) -> Path:
     return _copy_from_result(result, dest, "student")
-
-
-def all_teachers(cfg: MergeConfig, missing_ok: bool = False) -> list:
-    """Teacher specs of every style of the merged model, in codebook order (old styles first). A merge
-    reads them once, before any stage (MergeRun.teachers): an incremental merge's previous model may be
-    the very folder its save replaces (base_merged = <output_dir>/merged). `missing_ok`: a previous
-    model without a record (made elsewhere) gives the new teachers alone; else FileNotFoundError."""
-    if not cfg.incremental.base_merged:
-        return list(cfg.teachers)
-    old = recorded_teachers(cfg.incremental.base_merged)
-    if old is None and missing_ok:
-        return list(cfg.teachers)
-    if old is None:
-        record = Path(cfg.incremental.base_merged) / MERGE_RECORD
-        raise FileNotFoundError(
-            (f"{record} is missing" if not record.is_file() else f"{record} does not name a teacher for each of the model's styles")
-            + ": the previous merged model does not list its teachers, so old styles cannot be evaluated"
-        )
-    return old + list(cfg.teachers)
 
 
 def save_merged(

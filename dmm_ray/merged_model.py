@@ -44,6 +44,26 @@ def recorded_teachers(merged_dir: str | Path) -> list | None:
     return teachers if [t.name for t in teachers] == model_styles(merged_dir) else None
 
 
+def all_teachers(cfg, missing_ok: bool = False) -> list:
+    """`cfg`: a MergeConfig. Teacher specs of every style of its merged model, in codebook order (old styles
+    first); the evaluation of a merge config (evaluation.sources.merged_teachers) reads them here too. A merge
+    reads them once, before any stage (MergeRun.teachers): an incremental merge's previous model may be
+    the very folder its save replaces (base_merged = <output_dir>/merged). `missing_ok`: a previous
+    model without a record (made elsewhere) gives the new teachers alone; else FileNotFoundError."""
+    if not cfg.incremental.base_merged:
+        return list(cfg.teachers)
+    old = recorded_teachers(cfg.incremental.base_merged)
+    if old is None and missing_ok:
+        return list(cfg.teachers)
+    if old is None:
+        record = Path(cfg.incremental.base_merged) / MERGE_RECORD
+        raise FileNotFoundError(
+            (f"{record} is missing" if not record.is_file() else f"{record} does not name a teacher for each of the model's styles")
+            + ": the previous merged model does not list its teachers, so old styles cannot be evaluated"
+        )
+    return old + list(cfg.teachers)
+
+
 def model_styles(merged_dir: str | Path) -> list[str] | None:
     """The style names in the model's unet/config.json (None without one)."""
     config = Path(merged_dir) / "unet" / "config.json"

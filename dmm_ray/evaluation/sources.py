@@ -110,20 +110,16 @@ class EvalSetup:
 
 def merged_teachers(merge_cfg) -> list:
     """The teachers of every style a merge config's model holds, as the merge's own evaluation scores them
-    (`dmm_ray.merge.all_teachers`, not imported here: it imports the evaluation): an incremental merge's model
-    holds its previous model's styles too, whose teachers that model's record names (in codebook order), then
-    the config's new ones. Given `teachers` alone, jobs/evaluate.py scored the new styles only (a FIDt over half
+    (`dmm_ray.merged_model.all_teachers`): an incremental merge's model holds its previous model's styles too,
+    whose teachers that model's record names (in codebook order), then the config's new ones. Given `teachers` alone, jobs/evaluate.py scored the new styles only (a FIDt over half
     of them) and jobs/style_mixing.py knew no old style. A previous model without a record gives the new
     teachers alone, as in the merge; one that the merge has since replaced (base_merged = its own output's
     merged/) records the new teachers too, listed once."""
-    from dmm_ray.merged_model import recorded_teachers
+    from dmm_ray.merged_model import all_teachers
 
-    teachers = list(merge_cfg.teachers)
-    if not merge_cfg.incremental.base_merged:
-        return teachers
-    old = recorded_teachers(merge_cfg.incremental.base_merged) or []
-    new = {t.name for t in teachers}
-    return [t for t in old if t.name not in new] + teachers
+    teachers, new = all_teachers(merge_cfg, missing_ok=True), list(merge_cfg.teachers)
+    old, names = teachers[: len(teachers) - len(new)], {t.name for t in new}  # all_teachers: the recorded ones, then new
+    return [t for t in old if t.name not in names] + new
 
 
 def load_eval_setup(path: str | Path) -> EvalSetup:
