@@ -326,6 +326,48 @@ def test_a_cached_report_names_the_grid_where_the_zoo_is_now(tmp_path):
         assert cached["settings"] == settings and cached["grid_png"] == str(tmp_path / "b" / "report" / "grid.png")
 
 
+def test_the_zoo_report_reads_zoo_yaml_once(tmp_path, monkeypatch):
+    """Review mend: run_report read zoo.yaml for its raw manifest, for each of its paths (feature_net, eval_prompts,
+    base) and for its teachers: five times. Once now. The feature net, the base and the sampling are stand-ins;
+    the report stops at the first teacher, after every read of the manifest."""
+    import torch
+
+    import dmm_ray.teachers
+    import dmm_ray.zoo.manifest as manifest
+    import dmm_ray.zoo.report as report
+
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "prompts.txt").write_text("a small red circle on the left with a black background\n")
+    (tmp_path / "zoo" / "zoo.yaml").write_text(
+        "base: base\neval_prompts: prompts.txt\nfeature_net: feature_net\nteachers: [{name: warm, source: teachers/warm}]\n"
+    )
+    reads, real = [], manifest.read_manifest
+    count = lambda path: reads.append(path) or real(path)  # noqa: E731
+    monkeypatch.setattr(manifest, "read_manifest", count)
+    monkeypatch.setattr(report, "read_manifest", count)
+
+    class Net:
+        name = "stand-in"
+
+        def eval(self):
+            return self
+
+    class FirstTeacher(Exception):
+        pass
+
+    def first_teacher(spec):
+        raise FirstTeacher(spec.name)
+
+    monkeypatch.setattr(report.ZooFeatureNet, "from_pretrained", lambda path: Net())
+    monkeypatch.setattr(report, "load_base_pipeline", lambda root, zoo=None: None)
+    monkeypatch.setattr(report, "sample_images", lambda pipe, prompts, *a, **k: torch.zeros(len(prompts), 3, 8, 8))
+    monkeypatch.setattr(report, "prompt_following", lambda *a, **k: {})
+    monkeypatch.setattr(dmm_ray.teachers, "load_teacher_pipeline", first_teacher)
+    with pytest.raises(FirstTeacher, match="warm"):
+        report.run_report(tmp_path / "zoo", n_per_set=2, steps=1, progress=False)
+    assert len(reads) == 1
+
+
 def test_a_torn_cached_report_is_made_again_not_a_crash(tmp_path, monkeypatch):
     """Finding: report/report.json was written in place; one a write cut short (a full disk) left torn stopped
     every later report with a bare JSONDecodeError until --force. It is written whole, and one that does not
@@ -341,7 +383,7 @@ def test_a_torn_cached_report_is_made_again_not_a_crash(tmp_path, monkeypatch):
     def manifest(root):
         raise MadeAgain(str(root))
 
-    monkeypatch.setattr(report, "load_manifest", manifest)
+    monkeypatch.setattr(report, "load_zoo_manifest", manifest)
     with pytest.raises(MadeAgain):
         report.run_report(tmp_path / "z", n_per_set=2, steps=2, progress=False)
 

@@ -23,7 +23,7 @@ from dmm_ray.data.readers import read_prompts
 from dmm_ray.evaluation.fid import fid_from_features as frechet_distance  # one FID implementation project-wide
 
 from .feature_net import ZooFeatureNet
-from .manifest import load_zoo_manifest, manifest_path, read_manifest
+from .manifest import ZooManifest, load_zoo_manifest, manifest_path, read_manifest
 from .scenes import parse_caption, to_uint8
 
 SEED_SET_A = 1000
@@ -39,20 +39,22 @@ def teacher_specs(root: str | Path):
     return load_zoo_manifest(root).teachers
 
 
-def zoo_path(root: str | Path, key: str) -> Path:
+def zoo_path(root: str | Path, key: str, zoo: ZooManifest | None = None) -> Path:
     """The zoo.yaml's `key` (base, eval_prompts, feature_net, dataset) as an absolute path, by the one rule of
     its paths (load_zoo_manifest: relative to its folder, `~` and `$DMM_HOME` expanded); root: the zoo folder or
-    its zoo.yaml. Joined to the folder as written, `$DMM_HOME/zoo/full/base` became <zoo>/$DMM_HOME/zoo/full/base."""
-    path = getattr(load_zoo_manifest(root), key)
+    its zoo.yaml. Joined to the folder as written, `$DMM_HOME/zoo/full/base` became <zoo>/$DMM_HOME/zoo/full/base.
+    `zoo`: load_zoo_manifest(root), when the caller has read it already."""
+    path = getattr(zoo or load_zoo_manifest(root), key)
     if path is None:
         raise ValueError(f"'{manifest_path(root)}' names no {key}: the zoo report needs its base, eval_prompts and feature_net")
     return path
 
 
-def load_base_pipeline(root: str | Path):
+def load_base_pipeline(root: str | Path, zoo: ZooManifest | None = None):
+    """The zoo's base model (`zoo`: load_zoo_manifest(root), when the caller has read it already)."""
     from diffusers import StableDiffusionPipeline
 
-    base = zoo_path(root, "base")
+    base = zoo_path(root, "base", zoo)
     return StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False, local_files_only=True)
 
 
@@ -141,20 +143,20 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
             report = {}
         if isinstance(report, dict) and report.get("settings") == settings:
             return report | {"grid_png": str(out_dir / "grid.png")}  # where it is now: the zoo folder may have moved
-    manifest = load_manifest(root)
-    net = ZooFeatureNet.from_pretrained(zoo_path(root, "feature_net")).eval()
-    eval_prompts = read_prompts(str(zoo_path(root, "eval_prompts")))
+    zoo = load_zoo_manifest(root)  # read once: its paths, teachers and groups
+    net = ZooFeatureNet.from_pretrained(zoo_path(root, "feature_net", zoo)).eval()
+    eval_prompts = read_prompts(str(zoo_path(root, "eval_prompts", zoo)))
     prompts = [eval_prompts[i % len(eval_prompts)] for i in range(n_per_set)]
     grid_prompts = pick_grid_prompts(eval_prompts)
 
-    base = load_base_pipeline(root)
+    base = load_base_pipeline(root, zoo)
     base_a = sample_images(base, prompts, SEED_SET_A, steps, guidance)
     report = {"settings": settings, "feature_net": net.name, "frechet": "dmm_ray.evaluation.fid.fid_from_features"}
     report["base_prompt_following"] = prompt_following(net, base_a, prompts)
     grid = {"base": sample_images(base, grid_prompts, 7, steps, guidance)}
 
     names, feats_a, feats_b, per_teacher = [], [], [], {}
-    specs = teacher_specs(root)
+    specs = zoo.teachers
     for spec in tqdm(specs, desc="teachers", disable=not progress, leave=False):
         pipe = load_teacher_pipeline(spec)
         a = sample_images(pipe, prompts, SEED_SET_A, steps, guidance)
@@ -170,7 +172,7 @@ def run_report(root: str | Path, n_per_set: int = 256, steps: int = 15, guidance
         del pipe
     m = np.array([[frechet_distance(fa, fb) for fb in feats_b] for fa in feats_a])
     report["teachers"] = names
-    report["groups"] = {t["name"]: t.get("group") for t in manifest["teachers"]}
+    report["groups"] = {t["name"]: t.get("group") for t in zoo.raw["teachers"]}
     report["m_ref"] = m.round(3).tolist()
     report["teacher_checks"] = per_teacher
     report["diagonal"] = diagonal_checks(names, m, report["groups"])
