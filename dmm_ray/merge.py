@@ -168,15 +168,6 @@ def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
     return cfg.model_copy(update={"fast": cfg.fast.model_copy(update=update)})
 
 
-def _same_location(a, b) -> bool:
-    """Two local paths or URIs name one folder."""
-    from dmm_ray.data import fs as fsu
-
-    if fsu.is_uri(a) or fsu.is_uri(b):
-        return str(a).rstrip("/") == str(b).rstrip("/")
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False) -> None:
     """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge);
     `evaluate_pending`: the merged model is saved, evaluate and track are to come (saved_before_evaluate),
@@ -323,42 +314,6 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         )
     check_synthesized_rows(cfg)
     check_prompts_the_merge_reads(cfg)
-    if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
-        from dmm_ray.data import fs as fsu
-        from dmm_ray.fast.job import (
-            FastError,
-            check_output_folder,
-            check_sample_rows,
-            check_teacher_sample_rows,
-            synthesized_batch_rows,
-            synthesized_shards,
-        )
-
-        local = output_location(cfg)[0]
-        fast_cfg, merged = fast_stage_config(cfg, local), local / "merged"  # where save_stage puts the model it distills
-        check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
-        synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
-        if cfg.fast.samples_merged_model and synthesizes and output_location(cfg)[1] is None and _same_location(fast_folder(cfg, local), local):
-            # (check_output_folder refuses such a folder once the sets are there: after this merge, in its stage)
-            raise FastError(
-                f"fast.output_dir {cfg.fast.output_dir} is the merge's output_dir: the few-step stage samples the merged model "
-                f"(fast.synthetic_source merged, fast.rollout_steps) into {local / 'synthesized'}, where this merge writes its "
-                "teachers' synthesized sets, and would delete them; give another folder (default: <output_dir>/fast)"
-            )
-        f = fast_cfg.fast
-        read_now = None  # the synthesized sets the stage will read, when they are there before the merge
-        if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
-            # fast.synthesized elsewhere than the sets this merge writes (<output_dir>/synthesized): the stage reads
-            # what is there now, whatever the merge synthesizes; it used to be counted only after the whole merge
-            own = fsu.location_join(output_location(cfg)[1] or local, "synthesized")
-            foreign = f.synthesized and not _same_location(f.synthesized, own)
-            if not synthesizes or foreign:  # the stage reads what is there now
-                read_now = synthesized_shards(fast_cfg, merged)  # (their styles: checked below, with the merged model's)
-                check_teacher_sample_rows(fast_cfg, read_now)
-            elif not cfg.incremental.base_merged:  # what this merge synthesizes: synthesis.images_per_teacher per teacher
-                n, rows = len(cfg.teachers), len(cfg.teachers) * cfg.synthesis.images_per_teacher
-                what = f"the merge synthesizes {cfg.synthesis.images_per_teacher} images x {n} teachers = {rows} rows (synthesis.images_per_teacher)"
-                check_sample_rows(fast_cfg, rows, what, f"synthesize at least {-(-synthesized_batch_rows(fast_cfg) // n)} per teacher")
     shapes: dict = {}  # each allowed .ckpt's index, unpickled once for both checks
     check_teacher_files(cfg.teachers, deep=deep, shapes=shapes)
     validate_teachers(cfg.teachers, cfg.student.base, shapes=shapes)
@@ -401,16 +356,14 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         check_student_base(cfg, merged)
         check_student_extensions(cfg, merged)
         check_regulariser_rows(cfg, len(old))
-    if cfg.fast.enabled:  # the merged model's styles: the teachers', and an incremental merge's previous ones (read above)
-        from dmm_ray.fast.job import check_merged_sample_rows
+    if cfg.fast.enabled:  # what run_fast refuses before its Ray, but only after the merge: said before the merge
+        from dmm_ray.fast.job import check_merge_stage
 
+        # the merged model's styles: the teachers', and an incremental merge's previous ones (read above)
         new = {t.name for t in cfg.teachers}
         previous = [s for s in old if s not in new] if cfg.incremental.base_merged else []
-        check_merged_sample_rows(cfg, len(new) + len(previous))
-        if read_now:  # another merge's sets, of styles this merged model lacks, stopped the stage after the merge
-            from dmm_ray.fast.job import check_synthesized_styles
-
-            check_synthesized_styles(read_now, len(new) + len(previous))
+        local, remote = output_location(cfg)
+        check_merge_stage(cfg, fast_stage_config(cfg, local), local, remote, len(new) + len(previous))
     from dmm_ray.data import fs as fsu
     from dmm_ray.data.latents import check_latents
 

@@ -123,6 +123,51 @@ def check_before_ray(cfg: MergeConfig, model_dir: str | Path):
     return styles, check_fast_fits(cfg, model_dir), encode_plan
 
 
+def check_merge_stage(cfg: MergeConfig, fast_cfg: MergeConfig, local: Path, remote: str | None, styles: int) -> None:
+    """A merge's few-step stage (fast.enabled), checked with the merge's own (dmm_ray.merge.validate_before_ray):
+    what run_fast refuses before its Ray, but only after the whole merge. `fast_cfg`: the config the stage runs
+    with (dmm_ray.merge.fast_stage_config); `local`, `remote`: the merge's output_location; `styles`: how many the
+    merged model will hold (the teachers', and an incremental merge's previous ones)."""
+    from dmm_ray.data import fs as fsu
+
+    merged = local / "merged"  # where the merge's save puts the model the stage distills
+    check_output_folder(fast_cfg, merged)  # a few-step folder inside or over the merged model
+    synthesizes = cfg.data.synthetic_fraction > 0 or cfg.finetunes
+    if cfg.fast.samples_merged_model and synthesizes and remote is None and _same_location(fast_cfg.fast.output_dir, local):
+        # (check_output_folder refuses such a folder once the sets are there: after this merge, in its stage)
+        raise FastError(
+            f"fast.output_dir {cfg.fast.output_dir} is the merge's output_dir: the few-step stage samples the merged model "
+            f"(fast.synthetic_source merged, fast.rollout_steps) into {local / 'synthesized'}, where this merge writes its "
+            "teachers' synthesized sets, and would delete them; give another folder (default: <output_dir>/fast)"
+        )
+    f = fast_cfg.fast
+    read_now = None  # the synthesized sets the stage will read, when they are there before the merge
+    if f.synthetic_fraction > 0 and f.synthetic_source == "teachers":
+        # fast.synthesized elsewhere than the sets this merge writes (<output_dir>/synthesized): the stage reads
+        # what is there now, whatever the merge synthesizes; it used to be counted only after the whole merge
+        own = fsu.location_join(remote or local, "synthesized")
+        foreign = f.synthesized and not _same_location(f.synthesized, own)
+        if not synthesizes or foreign:  # the stage reads what is there now
+            read_now = synthesized_shards(fast_cfg, merged)
+            check_teacher_sample_rows(fast_cfg, read_now)
+        elif not cfg.incremental.base_merged:  # what this merge synthesizes: synthesis.images_per_teacher per teacher
+            n, rows = len(cfg.teachers), len(cfg.teachers) * cfg.synthesis.images_per_teacher
+            what = f"the merge synthesizes {cfg.synthesis.images_per_teacher} images x {n} teachers = {rows} rows (synthesis.images_per_teacher)"
+            check_sample_rows(fast_cfg, rows, what, f"synthesize at least {-(-synthesized_batch_rows(fast_cfg) // n)} per teacher")
+    check_merged_sample_rows(cfg, styles)
+    if read_now:  # another merge's sets, of styles this merged model lacks, stopped the stage after the merge
+        check_synthesized_styles(read_now, styles)
+
+
+def _same_location(a, b) -> bool:
+    """Two local paths or URIs name one folder."""
+    from dmm_ray.data import fs as fsu
+
+    if fsu.is_uri(a) or fsu.is_uri(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_merged_sample_rows(cfg: MergeConfig, styles: int) -> None:
     """fast.synthetic_source merged: the merged model's samples (fast.synthetic_images, else
     synthesis.images_per_teacher, per style) must fill the synthesized rows of one batch."""
