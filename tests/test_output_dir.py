@@ -409,7 +409,7 @@ def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) 
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
 
 
 def test_a_merge_killed_between_its_save_and_its_record_resumes_after_the_save_unless_a_restart_trained_since(world, tmp_path, monkeypatch):
