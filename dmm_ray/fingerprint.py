@@ -36,6 +36,9 @@ STAGES = ("synthesize", "distill", "finetune")
 # merged model saved from it records it (dmm_ray.merge.TRAINED_BY); the same config alone cannot tell a model
 # of this training from one of before a --restart (teachers re-made in place, or a draw that differs)
 TRAINING_RUN = "training_run"
+# the few-step stage's own (dmm_ray.fast.job: its model records it too): its folder may be the merge's output_dir,
+# whose TRAINING_RUN is the merge's, and each --restart discards only its own
+FAST_TRAINING_RUN = "fast_training_run"
 # how, not what: never part of a fingerprint
 _DISTILL_IGNORED = {"checkpoint_every", "log_every", "fail_at_step", "bf16", "gradient_checkpointing"}
 # what-settings added later: left out at their default, so a run recorded before them still resumes
@@ -289,16 +292,19 @@ def fast_state_of_a_replaced_model(cfg, out: Path, inputs: dict) -> str | None:
 
 
 def record_fast(cfg, model_dir, out: Path, inputs: dict | None = None) -> None:
-    """Record the few-step stage's inputs when its training starts."""
+    """Record the few-step stage's inputs when its training starts, and the folder's FAST_TRAINING_RUN when it
+    has none yet."""
     recorded = _read(Path(out))
     recorded[FAST_STAGE] = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir)))
+    _draw_training_run(recorded, FAST_TRAINING_RUN)
     _write_local(Path(out), recorded)
 
 
 def discard_fast_state(cfg, out: Path) -> list[Path]:
-    """--restart: the few-step stage's training state and record; its saved model is kept. The
-    folder may be the merge's output_dir: its stages' records stay (`_forget`)."""
-    return _remove([fast_state_path(cfg, out)]) + _forget(Path(out), [FAST_STAGE])
+    """--restart: the few-step stage's training state and record (FAST_TRAINING_RUN too: the next training
+    is another); its saved model is kept. The folder may be the merge's output_dir: its stages' records
+    stay (`_forget`)."""
+    return _remove([fast_state_path(cfg, out)]) + _forget(Path(out), [FAST_STAGE, FAST_TRAINING_RUN])
 
 
 def _remote(out) -> bool:
@@ -421,18 +427,23 @@ def _same_layout(was: dict, now: dict) -> dict:
 def record(cfg, out: Path | str, stage: str) -> None:
     """Record `stage`'s inputs (call when the stage starts: a crash mid-stage leaves matching state), and
     the folder's TRAINING_RUN when it has none yet."""
-    import uuid
-
     recorded = _read(out)
     recorded[stage] = json.loads(json.dumps(stage_inputs(cfg, stage)))
-    recorded.setdefault(TRAINING_RUN, uuid.uuid4().hex)
+    _draw_training_run(recorded, TRAINING_RUN)
     _write(out, recorded)
 
 
-def training_run(out: Path | str) -> str | None:
-    """The TRAINING_RUN of the merge state in `out` (None when no stage has recorded its inputs there since
-    the state was made, or last discarded)."""
-    return _read(out).get(TRAINING_RUN)
+def _draw_training_run(recorded: dict, key: str) -> None:
+    """A new id under `key` (TRAINING_RUN, FAST_TRAINING_RUN) in a folder's record that has none."""
+    import uuid
+
+    recorded.setdefault(key, uuid.uuid4().hex)
+
+
+def training_run(out: Path | str, key: str = TRAINING_RUN) -> str | None:
+    """The TRAINING_RUN of the merge state in `out` (FAST_TRAINING_RUN: of the few-step stage's state), None
+    when no stage has recorded its inputs there since the state was made, or last discarded."""
+    return _read(out).get(key)
 
 
 def _write(out: Path | str, recorded: dict) -> None:

@@ -98,26 +98,39 @@ def saved_by_this_training(cfg: MergeConfig, model: Path) -> bool:
     it cannot train again (and refuses --restart). A URI output_dir: False (a save killed before its upload
     left the model only in the local staging folder; training again, resumed at its last step, uploads it)."""
     from dmm_ray import fingerprint
+
+    if _into_its_own_output(cfg):
+        return saved_from(model, saved_model_request(cfg), None, any_training=True)
+    local, remote = output_location(cfg)
+    return remote is None and saved_from(model, saved_model_request(cfg), trained_by=fingerprint.training_run(local))
+
+
+def saved_from(model: Path, saved_by: str, trained_by: str | None, any_training: bool = False) -> bool:
+    """The model folder `model` (a merged model; a few-step one too, dmm_ray.fast.job.saved_by_this_training) is
+    there and its record (dmm_merge.json) names `saved_by` as `SAVED_BY` and `trained_by` as `TRAINED_BY`. A
+    `trained_by` of None (no training state there: none has drawn its id) is no saved model's. `any_training`:
+    `SAVED_BY` alone (an incremental merge into its own output_dir, whose save replaced what it trained from)."""
     from dmm_ray.merged_model import read_record
 
     if not (model / "model_index.json").is_file():
         return False
     record = read_record(model)
-    if record.get(SAVED_BY) != saved_model_request(cfg):
+    if record.get(SAVED_BY) != saved_by:
         return False
-    if _into_its_own_output(cfg):
-        return True
-    local, remote = output_location(cfg)
-    return remote is None and record.get(TRAINED_BY) is not None and record.get(TRAINED_BY) == fingerprint.training_run(local)
+    return any_training or (trained_by is not None and record.get(TRAINED_BY) == trained_by)
 
 
 def saved_model_request(cfg: MergeConfig) -> str:
     """sha256 of the merge's request (`_merge_request`: the absolute config, before the cluster plan fills in
     resources), its fast: and evaluation: sections aside, as saved_before_evaluate compares them: recorded in
     the merged model it saves, so the model says which merge saved it when merge_complete.json does not."""
+    return request_sha256(_without(_merge_request(cfg), ("fast", "evaluation")))
+
+
+def request_sha256(request: dict) -> str:
+    """sha256 of a job's request as a saved model records it (`SAVED_BY`): the merge's, the few-step stage's."""
     import hashlib
 
-    request = _without(_merge_request(cfg), ("fast", "evaluation"))
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 

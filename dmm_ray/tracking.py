@@ -774,35 +774,34 @@ class StageTracker(MergeTracker):
         self.close()
         return evaluation
 
-    def complete_earlier_registration(self, model_dir: str | Path, description: str = "", tags: Mapping[str, Any] | None = None) -> bool:
-        """A merge's re-run of its stages after the save (dmm_ray.merge.saved_before_evaluate) whose first run had
-        registered the merged model, then stopped before the merge recorded it (killed, or the store failed after the
-        registration): that version, logged by the stage run the model's dmm_merge.json names (the run that saved it),
-        gets this run's `description` and `tags`, and True; registering the model again made a second version of it.
-        False when this stage run saved the model, or that run registered no version under the configured name."""
+    def complete_earlier_registration(self, model_dir: str | Path, description: str = "", tags: Mapping[str, Any] | None = None) -> str | None:
+        """A merge's re-run of its stages after the save (dmm_ray.merge.saved_before_evaluate), or a few-step run's
+        after its save (dmm_ray.fast.job.saved_by_this_training), whose first run had registered the model, then
+        stopped before its job recorded it (killed, or the store failed after the registration): that version, logged
+        by the stage run the model's dmm_merge.json names (the run that saved it), gets this run's `description` and
+        `tags`, and its `models:/<name>/<version>` is returned; registering the model again made a second version of
+        it. None when this stage run saved the model, or that run registered no version under the configured name."""
         name = self.config.registered_model_name
         try:
             saved_by = (json.loads((Path(model_dir) / "dmm_merge.json").read_text()).get("mlflow") or {}).get("run_id")
         except (OSError, ValueError, AttributeError):
             saved_by = None
         if not name or not saved_by or saved_by == self.stage_run_id:
-            return False
+            return None
         from mlflow import MlflowClient
 
         client = MlflowClient()
         # by run only (a run id is hex; a registered name may hold quotes the filter would have to escape)
         versions = [v for v in client.search_model_versions(f"run_id = '{saved_by}'") if v.name == name]
         if not versions:
-            return False
+            return None
         version = str(max(int(v.version) for v in versions))
         if description:
             client.update_model_version(name, version, description=description)
         for key, value in (tags or {}).items():
             client.set_model_version_tag(name, version, key, str(value))
-        log.warning(
-            "%s version %s (MLflow run %s, stopped before the merge recorded it) is this merged model: not registered again", name, version, saved_by
-        )
-        return True
+        log.warning("%s version %s (MLflow run %s, stopped before its job recorded it) is this model: not registered again", name, version, saved_by)
+        return f"models:/{name}/{version}"
 
     def close(self) -> None:
         """End the stage and project runs this tracker opened (FINISHED)."""

@@ -669,8 +669,14 @@ def test_fast_end_to_end_on_ray(ray_cluster, merged_world, tmp_path):
     pipe = _load(result.model_path)
     assert pipe.sampler_defaults["num_inference_steps"] == 4
     assert pipe("a red circle", style="style1", height=32, width=32).images[0].size == (32, 32)
-    # stopped after training (the completion record never written): a re-run trains nothing and saves again
+    # stopped after its registration (the completion record never written): a re-run keeps the saved model and its
+    # version (it trained nothing, saved again and registered a second version)
     (tmp_path / "out" / "fast" / "fast_complete.json").unlink()
+    kept = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert kept.train_metrics == {} and kept.model_uri == "models:/test-merge/1" and not kept.already_complete
+    # stopped after training, before its save: a re-run trains nothing and saves
+    (tmp_path / "out" / "fast" / "fast_complete.json").unlink()
+    shutil.rmtree(result.model_path)
     resumed = run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
     assert (resumed.train_metrics["step"], resumed.train_metrics["resumed_from"]) == (2, 2) and resumed.model_uri == "models:/test-merge/2"
     # the same job again: nothing runs, no third model version
@@ -1870,3 +1876,139 @@ def test_fast_job_dry_run_says_it_would_put_back_the_model_a_killed_save_left(me
         assert f"a run would first restore {out.resolve() / 'model'} from model.old" in printed, printed
         assert f"a run would first remove {out.resolve() / 'model.tmp'} left behind by an interrupted save" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.old", "model.tmp"]  # said, not done
+
+
+def _stub_fast_training(monkeypatch, merged: Path, ran: list[str], kill_in: set[str]) -> None:
+    """run_fast without Ray or data: its training a stand-in that leaves a checkpoint (the trained weights of the
+    merged model's LoRA, step 2) in the stage's Ray Train folder, as fit_stage would; the real save, completion
+    record and MLflow registration. `ran` gets "train" and "save" as they run; a name in `kill_in` dies there
+    (SystemExit): "train" once its state is there, "save" once the new model is swapped in."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from dmm_ray import fingerprint
+    from dmm_ray.data import stream
+    from dmm_ray.distill import trainer
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.fast.loop import TRAINABLE, build_student, trainable_state
+
+    def fit(cfg):
+        ran.append("train")
+        ckpt = fingerprint.fast_state_path(cfg, fast_job.fast_dir(cfg).resolve()) / "checkpoint_000002"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        student, _ = build_student(merged, cfg.fast)
+        torch.save({"student": trainable_state(student, cfg.fast), "step": 2}, ckpt / TRAINABLE)
+        if "train" in kill_in:
+            raise SystemExit("killed mid-training")
+
+        @contextmanager
+        def as_directory():
+            yield str(ckpt)
+
+        return SimpleNamespace(metrics={"step": 2, "loss_lcm": 0.5}, checkpoint=SimpleNamespace(as_directory=as_directory))
+
+    save = fast_job.save_fast_model
+
+    def saved(*args, **kwargs):
+        ran.append("save")
+        path = save(*args, **kwargs)
+        if "save" in kill_in:
+            raise SystemExit("killed between the save's swap and its record")
+        return path
+
+    monkeypatch.setattr(fast_job, "init_for_training", lambda address: False)
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job: None)
+    monkeypatch.setattr(stream, "build_latent_dataset", lambda data, shards=None: None)
+    monkeypatch.setattr(fast_job, "build_fast_trainer", lambda cfg, model_dir, datasets, tracking=None: cfg)
+    monkeypatch.setattr(trainer, "fit_stage", fit)
+    monkeypatch.setattr(fast_job, "save_fast_model", saved)
+
+
+def test_a_few_step_run_killed_between_its_save_and_its_record_does_not_train_or_save_again_unless_a_restart_trained_since(
+    merged_world, tmp_path, monkeypatch
+):
+    """A few-step run killed after its save swapped the new model in but before it recorded that it finished
+    (fast_complete.json) trained again on the next run (resumed at its last step) and saved the same model again.
+    The saved model's dmm_merge.json names the run that saved it and the training state it came from (the
+    folder's fingerprints.json's fast_training_run): the same command now evaluates and registers that model.
+    A --restart killed mid-training left the model of the training before it, of the same config: not taken for
+    the result, the re-run trains (another fast_training_run) and saves its own."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import fingerprint, merge
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.merged_model import read_record
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
+    ran: list[str] = []
+    kill_in = {"save"}
+    _stub_fast_training(monkeypatch, merged, ran, kill_in)
+    with pytest.raises(SystemExit, match="between the save's swap and its record"):
+        fast_job.run_fast(cfg, merged, evaluate=False)
+    assert ran == ["train", "save"] and not (out / fast_job.COMPLETE_RECORD).exists()
+    saved = _digest(out / "model")
+    ran.clear()
+    kill_in.clear()
+    assert any("already saved its few-step model" in line for line in fast_job.check_before_run(cfg, merged, evaluate=False))  # --dry-run
+    result = fast_job.run_fast(cfg, merged, evaluate=False)  # was: trained again (resumed at its last step) and saved again
+    assert ran == [] and not result.already_complete and _digest(out / "model") == saved
+    assert fast_job.run_fast(cfg, merged, evaluate=False).already_complete and ran == []
+    first = read_record(out / "model")[merge.TRAINED_BY]
+    assert first == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN)
+
+    # --restart, killed mid-training: the model in model/ is the one before the restart
+    kill_in.add("train")
+    with pytest.raises(SystemExit, match="killed mid-training"):
+        fast_job.run_fast(cfg, merged, evaluate=False, restart=True)
+    assert ran == ["train"] and read_record(out / "model")[merge.TRAINED_BY] == first != fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN)
+    assert not any("already saved" in line for line in fast_job.check_before_run(cfg, merged, evaluate=False))
+    ran.clear()
+    kill_in.clear()
+    fast_job.run_fast(cfg, merged, evaluate=False)  # not the pre-restart model taken: this training resumed, and its model saved
+    assert ran == ["train", "save"]
+    assert read_record(out / "model")[merge.TRAINED_BY] == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) != first
+
+
+def test_a_few_step_run_killed_after_registering_its_model_does_not_register_it_again(merged_world, tmp_path, monkeypatch):
+    """A few-step run killed after it registered its model but before it recorded that it finished trained
+    (resumed at its last step), saved and registered the same model again: a second MLflow version (the merge's
+    check for its own registration could not see the first: the new save's dmm_merge.json named the new run).
+    Now the re-run keeps the saved model, and the version its dmm_merge.json's run registered gets the re-run's
+    description and tags."""
+    import mlflow
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import completion
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.tracking import make_tracker
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)}, tracking={"uri": store})
+    ).with_absolute_paths()
+    ran: list[str] = []
+    _stub_fast_training(monkeypatch, merged, ran, set())
+    record_finished = completion.record_finished
+
+    def killed(*args, **kwargs):  # the process dies after the registration
+        raise SystemExit("killed after the registration, before the completion record")
+
+    monkeypatch.setattr(completion, "record_finished", killed)
+    with pytest.raises(SystemExit, match="killed after the registration"):
+        fast_job.run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    monkeypatch.setattr(completion, "record_finished", record_finished)
+    assert ran == ["train", "save"]
+    ran.clear()
+    result = fast_job.run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert ran == [] and result.model_uri == "models:/test-merge/1"
+    assert fast_job.run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False).model_uri == "models:/test-merge/1"
+    client = mlflow.MlflowClient(store)
+    versions = client.search_model_versions("name = 'test-merge'")
+    assert [int(v.version) for v in versions] == [1]  # was 1 and 2, of one model
+    assert versions[0].tags["dmm.stage"] == "fast" and versions[0].description.startswith("few-step (LCM lora) model of test-merge")

@@ -373,7 +373,9 @@ def test_a_merge_and_its_few_step_stage_in_one_folder_each_restart_only_their_ow
     assert set(fingerprint._read(out)) == {"distill", fingerprint.TRAINING_RUN}
     fingerprint.check_resume(cfg, out, ["distill"])  # the merge's state still resumes
     fast_state()
+    fast_run = fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN)
     fingerprint.discard_state(cfg, out)  # jobs/merge.py --restart (without fast.enabled)
-    assert set(fingerprint._read(out)) == {"fast"}
+    assert set(fingerprint._read(out)) == {"fast", fingerprint.FAST_TRAINING_RUN}  # its training's id too (its saved model names it)
+    assert fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) == fast_run
     fingerprint.check_fast_resume(cfg, model, out)  # the few-step job's state still resumes
     assert fingerprint.discard_fast_state(cfg, out)[-1] == out / fingerprint.RECORD and not (out / fingerprint.RECORD).exists()

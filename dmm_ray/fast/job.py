@@ -380,18 +380,29 @@ def build_fast_trainer(cfg: MergeConfig, model_dir: Path, datasets: dict, tracki
     )
 
 
-def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, dest: Path, tracking: dict | None = None) -> Path:
+def save_fast_model(
+    cfg: MergeConfig,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    dest: Path,
+    tracking: dict | None = None,
+    saved_by: str | None = None,
+    trained_by: str | None = None,
+) -> Path:
     """The few-step DMMPipeline: the merged model's VAE, text encoder and tokenizer, its UNet with the
     LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
     off), the merge's dmm_merge.json / styles.json, fast.json; lora mode also keeps the LoRA alone in
     lcm_lora/. Written beside `dest`, verified to load, then swapped in. dmm_merge.json's MLflow run is
     the few-step stage's own (`tracking`: {"uri", "run_id"} of its stage run), none when it is untracked:
     an export of this model (jobs/export.py) is logged to the run that made and registered it, never to
-    the merge's run, whose model it is not."""
+    the merge's run, whose model it is not. So are its `SAVED_BY` (`saved_by`: saved_model_request of the run that
+    saves it) and `TRAINED_BY` (`trained_by`: fingerprint.FAST_TRAINING_RUN of the state `checkpoint_dir` is of),
+    which saved_by_this_training reads: the merged model's (its merge's) are left out."""
     import torch
 
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
     from dmm_ray.fast.sampler import few_step_scheduler
+    from dmm_ray.merge import SAVED_BY, TRAINED_BY
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
@@ -434,6 +445,10 @@ def save_fast_model(cfg: MergeConfig, model_dir: Path, checkpoint_dir: Path, des
         record.pop("mlflow", None)  # the merge's run: this model's is the few-step stage run, if any
         if tracking and tracking.get("run_id"):
             record["mlflow"] = {"tracking_uri": tracking.get("uri"), "run_id": tracking["run_id"]}
+        for key, value in ((SAVED_BY, saved_by), (TRAINED_BY, trained_by)):
+            record.pop(key, None)  # the merge's, of the merged model
+            if value:
+                record[key] = value
         if record:
             (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=1))
         if (model_dir / STYLES_RECORD).is_file():
@@ -541,6 +556,42 @@ def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: boo
     return {"config": cfg.model_dump(mode="json"), "model": str(model_dir), "inputs": inputs, "evaluate": evaluate}
 
 
+def saved_model_request(asked: dict) -> str:
+    """What a few-step model records of the run that saved it (dmm_ray.merge.SAVED_BY): the sha256 of its request
+    (`_fast_request`) without what only the evaluation reads (`evaluate`, the evaluation: section, fast.eval_steps),
+    as the merge's saved_model_request leaves out its evaluation: a re-run whose evaluation was changed (or failed)
+    still finds its saved model."""
+    from dmm_ray.merge import _without, request_sha256
+
+    request = _without({k: v for k, v in asked.items() if k != "evaluate"}, ("evaluation",))
+    config = request["config"]
+    fast = {k: v for k, v in config["fast"].items() if k != "eval_steps"}
+    return request_sha256({**request, "config": {**config, "fast": fast}})
+
+
+def saved_by_this_training(out: Path, asked: dict) -> bool:
+    """A run of this request (`_fast_request`) killed between its save's swap and its completion record (none in
+    `out`): the few-step model there records this request (`saved_model_request`) and the training state in `out`
+    now (its fingerprint.FAST_TRAINING_RUN), as dmm_ray.merge.saved_by_this_training finds a merged model. Training
+    again (resumed at its last step) only saved the same model again, and registered it again. A --restart killed
+    before its save left the model of the training before it, of the same config: another FAST_TRAINING_RUN (the
+    restart discarded that one), so False, and the re-run trains."""
+    from dmm_ray import fingerprint
+    from dmm_ray.merge import saved_from
+
+    if (out / COMPLETE_RECORD).exists():  # a finished run of another request: its model is that request's
+        return False
+    return saved_from(out / "model", saved_model_request(asked), fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
+
+
+def _saved_line(out: Path) -> str:
+    return (
+        f"this few-step run, with this model and config, already saved its few-step model ({out / 'model'}; its dmm_merge.json "
+        "says so: the run was stopped before it recorded that it finished), so the training and the save are skipped and "
+        "the evaluation and registration run. --restart trains again"
+    )
+
+
 def _complete_line(out: Path, done: dict) -> str:
     return (
         f"already complete: this few-step stage, with this model and config, finished in {out}"
@@ -555,7 +606,8 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     one on another host; output_lock.OutputDirBusyError naming it), training state from another model or with
     other settings (fingerprint.check_fast_resume, without `restart`, which discards it). Returns the lines the
     run would log about the folder: a stale lock it would take over, the model.old a killed save left that it
-    would put back (and the leftovers it would remove), and that it is complete (nothing to do)."""
+    would put back (and the leftovers it would remove), and that it is complete (nothing to do) or saved its
+    model already (saved_by_this_training: only the evaluation and registration run)."""
     from dmm_ray import fingerprint, output_lock
     from dmm_ray.completion import finished
 
@@ -566,15 +618,19 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     lines += recover(out / "model", marker=FAST_RECORD, dry_run=True)  # model.old a killed save left: _run_fast puts it back first
     if restart:  # the run forgets the completion record and discards the state first: it trains from the start
         return lines
-    # the inputs read the merged UNet for its checksum: once, for both comparisons, where there is a finished run to
-    # compare with; without one, check_fast_resume reads them only where there is state
-    inputs = fingerprint.fast_inputs(cfg, model_dir) if (out / COMPLETE_RECORD).is_file() else None
+    recorded = (out / COMPLETE_RECORD).is_file()
+    # the inputs read the merged UNet for its checksum: once, for every comparison, where there is a finished run or
+    # training state its saved model could be of to compare with; without either, check_fast_resume reads them only
+    # where there is state
+    has_run = recorded or fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) is not None
+    inputs = fingerprint.fast_inputs(cfg, model_dir) if has_run else None
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)
     if inputs is None:
         return lines
-    done = finished(
-        out, COMPLETE_RECORD, _fast_request(cfg, model_dir, inputs, evaluate), [out / "model" / "model_index.json"], same=fingerprint.same_request
-    )
+    asked = _fast_request(cfg, model_dir, inputs, evaluate)
+    if not recorded:
+        return lines + ([_saved_line(out)] if saved_by_this_training(out, asked) else [])
+    done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
     return lines + ([_complete_line(out, done)] if done is not None else [])
 
 
@@ -594,8 +650,6 @@ def _run_fast(
 
     from dmm_ray import fingerprint
     from dmm_ray.completion import finished, forget, record_finished
-    from dmm_ray.data.stream import build_latent_dataset
-    from dmm_ray.distill.trainer import fit_stage
 
     # a save killed between its two renames (merged_model.swap_in) left the last good few-step model only as
     # model.old: put it back first, as the merge does for merged/ (recover_merged), whatever this run does next
@@ -623,66 +677,62 @@ def _run_fast(
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
         log(_complete_line(out, done))
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
+    # killed between its save's swap and its completion record (or after its registration): evaluate and register
+    # the saved model; training again (resumed at its last step) saved it again and registered a second version
+    saved = saved_by_this_training(out, asked)
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
-    log(
-        f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
-        + (f" rank {f.lora_rank}" if f.mode == "lora" else "")
-        + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
-        f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps"
-        + (f" ({f.solver_substeps} sub-steps per skip)" if f.solver_substeps > 1 else "")
-        + ", teacher CFG "
-        + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
-        + (
-            f", then {f.rollout_steps} rollout steps through its own sampler at " + " / ".join(str(n) for n in f.rollout_step_counts) + " steps"
-            if f.rollout_steps
-            else ""
+    if saved:
+        log(_saved_line(out))
+    else:
+        log(
+            f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
+            + (f" rank {f.lora_rank}" if f.mode == "lora" else "")
+            + f", {f.steps} steps x {f.num_workers} worker(s) x batch "
+            f"{f.batch_size or cfg.data.stream.batch_size}, DDIM solver over {f.num_ddim_timesteps} timesteps"
+            + (f" ({f.solver_substeps} sub-steps per skip)" if f.solver_substeps > 1 else "")
+            + ", teacher CFG "
+            + (f"{f.guidance_min}" if f.guidance_min == f.guidance_max else f"U[{f.guidance_min}, {f.guidance_max}]")
+            + (
+                f", then {f.rollout_steps} rollout steps through its own sampler at " + " / ".join(str(n) for n in f.rollout_step_counts) + " steps"
+                if f.rollout_steps
+                else ""
+            )
+            + f" -> {out}/model"
         )
-        + f" -> {out}/model"
-    )
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     try:  # a run that fails leaves no private Ray behind it either
-        ensure_latents(cfg, job="fast", plan=encode_plan)
+        if not saved:
+            ensure_latents(cfg, job="fast", plan=encode_plan)
         record = read_record(model_dir)
         tracking = None
         if tracker is not None:
             # its runs are its folder's, as its fast.lock; the params in start_stage, which ends its runs if they fail
             tracking = tracker.start_stage("fast", cfg, output=out, params={"fast_source_model": str(model_dir)})
         try:
-            t0 = time.time()
-            datasets = {"train": build_latent_dataset(cfg.data)}
-            merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if f.samples_merged_model else None
-            if f.synthetic_fraction > 0:
-                shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
-                datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
-            if f.rollout_steps:  # the rollout pairs: the merged model's own samples, whose noise the seeds give back
-                datasets["rollout"] = build_latent_dataset(cfg.data, shards=merged_sets)
-            fingerprint.record_fast(cfg, model_dir, out, inputs)
-            trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
-            result = FastResult(model_path=out / "model", train_metrics=dict(trained.metrics), train_seconds=time.time() - t0)
-            log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
-            with trained.checkpoint.as_directory() as folder:
-                save_fast_model(cfg, model_dir, Path(folder), result.model_path, tracking=tracking)
-            log(
-                f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})"
-            )
+            result = FastResult(model_path=out / "model")
+            if saved:  # the steps it was trained for, from its fast.json (its curves stay in the run that trained it)
+                steps = json.loads((result.model_path / FAST_RECORD).read_text()).get("steps", 0)
+            else:
+                steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_model_request(asked))
             if evaluate and f.eval_steps:
                 result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
             result.seconds = time.time() - started
             if tracker is not None and tracker.enabled:
                 log_fast_evaluations(tracker, result.evaluations, f.num_inference_steps)
-                tracker.log_metrics(
-                    {"fast/train_seconds": result.train_seconds, "fast/steps": float(trained.metrics.get("step", 0)), "seconds": result.seconds}
-                )
+                measured = {"fast/train_seconds": result.train_seconds} if not saved else {}
+                tracker.log_metrics({**measured, "fast/steps": float(steps), "seconds": result.seconds})
                 default = result.evaluations.get(f.num_inference_steps)
                 # the merged model's version tags (dmm.stage, styles, path, FIDt): without them the Models
                 # page cannot tell this version from the merged model's of the same registered name
-                tags = version_record("fast", result.model_path, default)["tags"]
-                result.model_uri = tracker.log_merged_model(
-                    result.model_path,
-                    description=f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
+                version = {
+                    "description": f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
                     f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
-                    tags=tags,
+                    "tags": version_record("fast", result.model_path, default)["tags"],
+                }
+                # registered by the run that saved it (its dmm_merge.json names that run), stopped before its record
+                result.model_uri = tracker.complete_earlier_registration(result.model_path, **version) or tracker.log_merged_model(
+                    result.model_path, **version
                 )
                 tracker.close()
                 log(f"registered: {result.model_uri}")
@@ -695,6 +745,42 @@ def _run_fast(
         if we_started_ray:
             ray.shutdown()
     return result
+
+
+def _train_and_save(
+    cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, inputs: dict, result: FastResult, tracking: dict | None, saved_by: str
+) -> int:
+    """_run_fast's training (on the Ray it started) and the save of its model into `result.model_path`, recording
+    `saved_by` (saved_model_request of the run) and the training state's id (saved_by_this_training reads them);
+    `result` gets the training's metrics and time. Returns the steps trained."""
+    from dmm_ray import fingerprint
+    from dmm_ray.data.stream import build_latent_dataset
+    from dmm_ray.distill.trainer import fit_stage
+
+    f, t0 = cfg.fast, time.time()
+    datasets = {"train": build_latent_dataset(cfg.data)}
+    merged_sets = merged_synthesized_sets(cfg, model_dir, styles, out) if f.samples_merged_model else None
+    if f.synthetic_fraction > 0:
+        shards = merged_sets if f.synthetic_source == "merged" else synthesized_shards(cfg, model_dir)
+        datasets["synth"] = build_latent_dataset(cfg.data, shards=shards)
+    if f.rollout_steps:  # the rollout pairs: the merged model's own samples, whose noise the seeds give back
+        datasets["rollout"] = build_latent_dataset(cfg.data, shards=merged_sets)
+    fingerprint.record_fast(cfg, model_dir, out, inputs)  # (draws the folder's FAST_TRAINING_RUN when it has none)
+    trained = fit_stage(build_fast_trainer(cfg, model_dir, datasets, tracking=tracking and {**tracking, "prefix": "fast/"}))
+    result.train_metrics, result.train_seconds = dict(trained.metrics), time.time() - t0
+    log(trained_line(trained.metrics, "loss_rollout" if f.rollout_steps else "loss_lcm", result.train_seconds))
+    with trained.checkpoint.as_directory() as folder:
+        save_fast_model(
+            cfg,
+            model_dir,
+            Path(folder),
+            result.model_path,
+            tracking=tracking,
+            saved_by=saved_by,
+            trained_by=fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN),
+        )
+    log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
+    return int(trained.metrics.get("step", 0))
 
 
 class OwnSampler:
