@@ -33,7 +33,7 @@ RECORD = "fingerprints.json"
 STAGES = ("synthesize", "distill", "finetune")
 # beside the stages' records: an id drawn when a stage first records its inputs in a folder without one, kept
 # while their state resumes and discarded with it (--restart): which training the state there belongs to. The
-# merged model saved from it records it (dmm_ray.merge.TRAINED_BY); the same config alone cannot tell a model
+# merged model saved from it records it (dmm_ray.merged_model.TRAINED_BY); the same config alone cannot tell a model
 # of this training from one of before a --restart (teachers re-made in place, or a draw that differs)
 TRAINING_RUN = "training_run"
 # the few-step stage's own (dmm_ray.fast.job: its model records it too): its folder may be the merge's output_dir,

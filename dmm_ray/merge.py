@@ -15,7 +15,21 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, all_teachers, recorded_teachers, recover, save_siblings, staged, style_descriptions
+from dmm_ray.merged_model import (
+    MERGE_RECORD,
+    SAVED_BY,
+    STYLES_RECORD,
+    TRAINED_BY,
+    all_teachers,
+    recorded_teachers,
+    recover,
+    request_sha256,
+    request_without,
+    save_siblings,
+    saved_from,
+    staged,
+    style_descriptions,
+)
 from dmm_ray.ray_session import init_for_training
 
 
@@ -55,7 +69,7 @@ def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
     from dmm_ray.completion import finished
 
     def same_merged_model(recorded: dict, asked: dict) -> bool:
-        return _without(recorded, ("fast",)) == _without(asked, ("fast",))
+        return request_without(recorded, ("fast",)) == request_without(asked, ("fast",))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_merged_model)
     return None if done is None or done.get("evaluate_pending") else done
@@ -75,7 +89,7 @@ def saved_before_evaluate(cfg: MergeConfig, out: Path, restart: bool = False) ->
     from dmm_ray.completion import finished
 
     def same_saved_model(recorded: dict, asked: dict) -> bool:
-        return _without(recorded, ("fast", "evaluation")) == _without(asked, ("fast", "evaluation"))
+        return request_without(recorded, ("fast", "evaluation")) == request_without(asked, ("fast", "evaluation"))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_saved_model)
     if done is None and not restart and not (out / COMPLETE_RECORD).exists() and saved_by_this_training(cfg, out / "merged"):
@@ -83,10 +97,6 @@ def saved_before_evaluate(cfg: MergeConfig, out: Path, restart: bool = False) ->
         # state, and training again (resumed at its last step) would only save it again
         return {"location": str(out / "merged"), "evaluate_pending": True, "from_model_record": True}
     return done if done is not None and done.get("evaluate_pending") else None
-
-
-SAVED_BY = "merge_request_sha256"  # in a merged model's dmm_merge.json: `saved_model_request` of the merge that saved it
-TRAINED_BY = "training_run"  # in a merged model's dmm_merge.json: fingerprint.TRAINING_RUN of the state it was saved from
 
 
 def saved_by_this_training(cfg: MergeConfig, model: Path) -> bool:
@@ -105,38 +115,11 @@ def saved_by_this_training(cfg: MergeConfig, model: Path) -> bool:
     return remote is None and saved_from(model, saved_model_request(cfg), trained_by=fingerprint.training_run(local))
 
 
-def saved_from(model: Path, saved_by: str, trained_by: str | None, any_training: bool = False) -> bool:
-    """The model folder `model` (a merged model; a few-step one too, dmm_ray.fast.job.saved_by_this_training) is
-    there and its record (dmm_merge.json) names `saved_by` as `SAVED_BY` and `trained_by` as `TRAINED_BY`. A
-    `trained_by` of None (no training state there: none has drawn its id) is no saved model's. `any_training`:
-    `SAVED_BY` alone (an incremental merge into its own output_dir, whose save replaced what it trained from)."""
-    from dmm_ray.merged_model import read_record
-
-    if not (model / "model_index.json").is_file():
-        return False
-    record = read_record(model)
-    if record.get(SAVED_BY) != saved_by:
-        return False
-    return any_training or (trained_by is not None and record.get(TRAINED_BY) == trained_by)
-
-
 def saved_model_request(cfg: MergeConfig) -> str:
     """sha256 of the merge's request (`_merge_request`: the absolute config, before the cluster plan fills in
     resources), its fast: and evaluation: sections aside, as saved_before_evaluate compares them: recorded in
     the merged model it saves, so the model says which merge saved it when merge_complete.json does not."""
-    return request_sha256(_without(_merge_request(cfg), ("fast", "evaluation")))
-
-
-def request_sha256(request: dict) -> str:
-    """sha256 of a job's request as a saved model records it (`SAVED_BY`): the merge's, the few-step stage's."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-
-
-def _without(request: dict, sections: tuple[str, ...]) -> dict:
-    config = request.get("config")
-    return {**request, "config": {k: v for k, v in config.items() if k not in sections} if isinstance(config, dict) else config}
+    return request_sha256(request_without(_merge_request(cfg), ("fast", "evaluation")))
 
 
 def saved_into_its_base(cfg: MergeConfig, restart: bool = False) -> bool:

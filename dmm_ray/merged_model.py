@@ -233,3 +233,35 @@ def recover_killed_entries(dest: Path) -> None:
                 os.replace(entry, dest / entry.name)
             logging.getLogger(__name__).warning("%s: put back the earlier save's %s, parked by a save that was killed part-way", dest, left.name)
         remove(left)
+
+
+# What a saved model's record (MERGE_RECORD) says of the run that saved it: a re-run killed after the save finds its
+# model by them (dmm_ray.merge.saved_by_this_training, dmm_ray.fast.job.saved_by_this_training)
+SAVED_BY = "merge_request_sha256"  # `saved_model_request` of the job that saved it (the merge's, the few-step stage's)
+TRAINED_BY = "training_run"  # fingerprint.TRAINING_RUN (FAST_TRAINING_RUN) of the training state it was saved from
+
+
+def saved_from(model: Path, saved_by: str, trained_by: str | None, any_training: bool = False) -> bool:
+    """The model folder `model` (a merged model; a few-step one too) is there and its record (MERGE_RECORD) names
+    `saved_by` as `SAVED_BY` and `trained_by` as `TRAINED_BY`. A `trained_by` of None (no training state there: none
+    has drawn its id) is no saved model's. `any_training`: `SAVED_BY` alone (an incremental merge into its own
+    output_dir, whose save replaced what it trained from)."""
+    if not (model / "model_index.json").is_file():
+        return False
+    record = read_record(model)
+    if record.get(SAVED_BY) != saved_by:
+        return False
+    return any_training or (trained_by is not None and record.get(TRAINED_BY) == trained_by)
+
+
+def request_sha256(request: dict) -> str:
+    """sha256 of a job's request as a saved model records it (`SAVED_BY`): the merge's, the few-step stage's."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def request_without(request: dict, sections: tuple[str, ...]) -> dict:
+    """A job's request (completion records' {"config": ...}) without the config's `sections`."""
+    config = request.get("config")
+    return {**request, "config": {k: v for k, v in config.items() if k not in sections} if isinstance(config, dict) else config}

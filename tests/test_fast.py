@@ -1917,7 +1917,7 @@ def _stub_fast_training(monkeypatch, merged: Path, ran: list[str], kill_in: set[
         return path
 
     monkeypatch.setattr(fast_job, "init_for_training", lambda address: False)
-    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job: None)
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job, plan=None: None)
     monkeypatch.setattr(stream, "build_latent_dataset", lambda data, shards=None: None)
     monkeypatch.setattr(fast_job, "build_fast_trainer", lambda cfg, model_dir, datasets, tracking=None: cfg)
     monkeypatch.setattr(trainer, "fit_stage", fit)

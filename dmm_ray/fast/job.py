@@ -402,7 +402,7 @@ def save_fast_model(
 
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
     from dmm_ray.fast.sampler import few_step_scheduler
-    from dmm_ray.merge import SAVED_BY, TRAINED_BY
+    from dmm_ray.merged_model import SAVED_BY, TRAINED_BY
     from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
@@ -557,13 +557,13 @@ def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: boo
 
 
 def saved_model_request(asked: dict) -> str:
-    """What a few-step model records of the run that saved it (dmm_ray.merge.SAVED_BY): the sha256 of its request
+    """What a few-step model records of the run that saved it (dmm_ray.merged_model.SAVED_BY): the sha256 of its request
     (`_fast_request`) without what only the evaluation reads (`evaluate`, the evaluation: section, fast.eval_steps),
     as the merge's saved_model_request leaves out its evaluation: a re-run whose evaluation was changed (or failed)
     still finds its saved model."""
-    from dmm_ray.merge import _without, request_sha256
+    from dmm_ray.merged_model import request_sha256, request_without
 
-    request = _without({k: v for k, v in asked.items() if k != "evaluate"}, ("evaluation",))
+    request = request_without({k: v for k, v in asked.items() if k != "evaluate"}, ("evaluation",))
     config = request["config"]
     fast = {k: v for k, v in config["fast"].items() if k != "eval_steps"}
     return request_sha256({**request, "config": {**config, "fast": fast}})
@@ -577,7 +577,7 @@ def saved_by_this_training(out: Path, asked: dict) -> bool:
     before its save left the model of the training before it, of the same config: another FAST_TRAINING_RUN (the
     restart discarded that one), so False, and the re-run trains."""
     from dmm_ray import fingerprint
-    from dmm_ray.merge import saved_from
+    from dmm_ray.merged_model import saved_from
 
     if (out / COMPLETE_RECORD).exists():  # a finished run of another request: its model is that request's
         return False
