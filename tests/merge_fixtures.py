@@ -107,3 +107,19 @@ def fail_weight_writes_after(monkeypatch, first: int, error: BaseException) -> l
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     return tried
+
+
+def kill_between_save_and_record(monkeypatch) -> None:
+    """The merge process dies between its save's swap and its completion record (SystemExit): the crash window
+    a re-run must find the saved model by its own record; `monkeypatch.undo()` or re-setting
+    merge.record_complete ends it."""
+    from dmm_ray import merge
+
+    record_complete = merge.record_complete
+
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
+        if evaluate_pending:
+            raise SystemExit("killed between the save's swap and its record")
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+
+    monkeypatch.setattr(merge, "record_complete", killed)

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from merge_fixtures import build_world, tiny_merge_config
+from merge_fixtures import build_world, kill_between_save_and_record, tiny_merge_config
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.config import MergeConfig
@@ -762,13 +762,7 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_between_
     monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append([t.name for t in teachers]))
     _stub_training(monkeypatch, ["new0"], ran)
     record_complete = merge.record_complete
-
-    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
-        if evaluate_pending:
-            raise SystemExit("killed between the save's swap and its record")
-        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
-
-    monkeypatch.setattr(merge, "record_complete", killed)
+    kill_between_save_and_record(monkeypatch)
     with pytest.raises(SystemExit):
         merge.run_merge(cfg)
     monkeypatch.setattr(merge, "record_complete", record_complete)

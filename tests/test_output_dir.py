@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from merge_fixtures import build_world, tiny_merge_config
+from merge_fixtures import build_world, kill_between_save_and_record, tiny_merge_config
 
 from dmm_ray import merge, merged_model, output_lock
 from dmm_ray.config import MergeConfig
@@ -428,13 +428,7 @@ def test_a_merge_killed_between_its_save_and_its_record_resumes_after_the_save_u
     kill_in: set[str] = set()
     _stub_training(monkeypatch, world, ran, kill_in)
     record_complete = merge.record_complete
-
-    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
-        if evaluate_pending:
-            raise SystemExit("killed between the save's swap and its record")
-        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
-
-    monkeypatch.setattr(merge, "record_complete", killed)
+    kill_between_save_and_record(monkeypatch)
     with pytest.raises(SystemExit, match="between the save's swap and its record"):
         merge.run_merge(cfg)
     monkeypatch.setattr(merge, "record_complete", record_complete)
