@@ -748,7 +748,10 @@ def check_fast_lock(cfg: MergeConfig, local: Path, restart: bool = False) -> lis
 
     folder = fast_folder(cfg, local)
     what = f"the few-step folder {folder} (this merge's fast stage)"
-    line = output_lock.check(folder, name=FAST_LOCK, job="few-step job", what=what, fix="--set fast.output_dir=NEW_DIR")
+    # the merge is the job refused (it writes its few-step stage elsewhere); the holder: a few-step job, as its lock says
+    line = output_lock.check(
+        folder, name=FAST_LOCK, job="merge's few-step stage", what=what, fix="--set fast.output_dir=NEW_DIR", holder="few-step job"
+    )
     return [line] if line else []
 
 

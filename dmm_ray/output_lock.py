@@ -1,7 +1,9 @@
 """One merge per `output_dir` at a time: a lock file beside the merge's state (and the same rule for
 the few-step job's folder, `fast.lock`, and a weighted merge's `--out`, a hidden lock beside it).
 
-`<output_dir>/merge.lock` holds {"host", "pid", "started"} of the merge that owns the folder. It is
+`<output_dir>/merge.lock` holds {"host", "pid", "started", "job"} of the merge that owns the folder ("job": the
+kind of job, so a refusal names it: a merge, or jobs/evaluate.py writing into the merge's evaluation folder;
+a lock file written before it was recorded has none, and is read as the kind the reader expects). It is
 created with O_CREAT | O_EXCL (atomic: of two merges starting together exactly one gets it) and
 removed when the merge returns or raises. A second merge on the same folder refuses before Ray
 starts, naming the owner. A lock left by a merge that died without cleaning up (SIGKILL, a crash,
@@ -106,24 +108,33 @@ def _create(path: Path, owner: dict) -> bool:
     return True
 
 
-def acquire(out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR") -> dict:
-    """Take `out`'s lock (the file `name` in it) or raise OutputDirBusyError naming its owner. In the
-    messages, `job` names the kind of job, `what` the folder it guards (default "output_dir <out>")
-    and `fix` the way to write elsewhere. Returns the owner record written."""
+def acquire(
+    out: Path,
+    warn=print,
+    name: str = LOCK_NAME,
+    job: str = "merge",
+    what: str | None = None,
+    fix: str = "--set output_dir=NEW_DIR",
+    holder: str | None = None,
+) -> dict:
+    """Take `out`'s lock (the file `name` in it) or raise OutputDirBusyError naming its owner. `job` names the
+    kind of job taking it (recorded in the lock, so another job's refusal names it), `what` the folder it guards
+    (default "output_dir <out>") and `fix` the way to write elsewhere; `holder` the kind of job a lock file
+    without its kind is taken to be (default `job`). Returns the owner record written."""
     path = lock_path(out, name)
     what = what or f"output_dir {out}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "job": job}
     for _ in range(3):  # a stale lock taken over, then a race with another merge taking it over too
         if _create(path, me):
             return me
         owner = read_owner(path)
         if owner is None:
             continue  # released between our two looks
-        busy = _busy(path, owner, job, what, fix)
+        busy = _busy(path, owner, job, what, fix, holder)
         if busy is not None:
             raise busy
-        warn(f"warning: taking over the stale lock {path} of a {job} that is no longer running ({describe(owner)})")
+        warn(f"warning: taking over the stale lock {path} of {_a(holder_kind(owner, holder or job))} that is no longer running ({describe(owner)})")
         try:
             path.unlink()
         except FileNotFoundError:
@@ -131,35 +142,54 @@ def acquire(out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", wh
     raise OutputDirBusyError(f"could not take the lock {path}: other jobs keep taking it; run one {job} at a time on {what}")
 
 
-def _busy(path: Path, owner: dict, job: str, what: str, fix: str) -> Optional[OutputDirBusyError]:
+def holder_kind(owner: dict, expected: str) -> str:
+    """The kind of job the lock record says holds it ("merge", "evaluation", "few-step job", ...); `expected`
+    for a lock file written before the kind was recorded (or unreadable): what the reader took it to be."""
+    kind = owner.get("job")
+    return kind if isinstance(kind, str) and kind else expected
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _busy(path: Path, owner: dict, job: str, what: str, fix: str, holder: str | None = None) -> Optional[OutputDirBusyError]:
     """The refusal of a lock at `path` that `owner` holds, or None when it is stale (its owner ran on this
-    host and is gone): `acquire` raises it, and `check` says it for a --dry-run."""
+    host and is gone): `acquire` raises it, and `check` says it for a --dry-run. `job`: the kind of job refused
+    (it would write elsewhere with `fix`); the holder is named by the kind its record gives, else `holder`
+    (default `job`: one merge refusing another)."""
+    kind = holder_kind(owner, holder or job)
+    by = f"another {kind}" if kind == job else _a(kind)  # an evaluation refused by a merge is not refused by "another evaluation"
     if owner.get("host") != socket.gethostname():
         return OutputDirBusyError(
-            f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+            f"{what} is in use by {by} ({describe(owner)}; lock file {path}). "
             f"Wait for it to finish, or write this {job} elsewhere ({fix}). "
-            f"If that {job} is no longer running, delete {path} and run again."
+            f"If that {kind} is no longer running, delete {path} and run again."
         )
     if owner_alive(owner):
         return OutputDirBusyError(
-            f"{what} is in use by another {job} ({describe(owner)}; lock file {path}). "
+            f"{what} is in use by {by} ({describe(owner)}; lock file {path}). "
             f"Wait for it to finish (or stop it: kill {owner.get('pid')}), or write this {job} elsewhere ({fix})."
         )
     return None
 
 
-def check(out: Path, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR") -> Optional[str]:
+def check(
+    out: Path, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR", holder: str | None = None
+) -> Optional[str]:
     """What `acquire` would do, taking nothing and writing nothing (a job's --dry-run): raise the
     OutputDirBusyError it would raise (a running job, or one on another host, holds the lock); return
-    the line it would warn with when it would take over a stale lock; None when the folder is free."""
+    the line it would warn with when it would take over a stale lock; None when the folder is free.
+    `holder`: the kind of job a lock without a recorded kind is taken to be (default `job`), for a job that
+    reads another kind's lock (a merge reading its few-step folder's fast.lock)."""
     path = lock_path(out, name)
     owner = read_owner(path)
     if owner is None:
         return None
-    busy = _busy(path, owner, job, what or f"output_dir {out}", fix)
+    busy = _busy(path, owner, job, what or f"output_dir {out}", fix, holder)
     if busy is not None:
         raise busy
-    return f"a run would take over the stale lock {path} of a {job} that is no longer running ({describe(owner)})"
+    return f"a run would take over the stale lock {path} of {_a(holder_kind(owner, holder or job))} that is no longer running ({describe(owner)})"
 
 
 def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:
@@ -172,38 +202,60 @@ def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:
 
 @contextmanager
 def hold(
-    out: Path, warn=print, name: str = LOCK_NAME, job: str = "merge", what: str | None = None, fix: str = "--set output_dir=NEW_DIR"
+    out: Path,
+    warn=print,
+    name: str = LOCK_NAME,
+    job: str = "merge",
+    what: str | None = None,
+    fix: str = "--set output_dir=NEW_DIR",
+    holder: str | None = None,
 ) -> Iterator[dict]:
     """`with hold(out):` the job's body; the lock is released when it returns or raises (see `acquire`)."""
-    owner = acquire(out, warn, name, job, what, fix)
+    owner = acquire(out, warn, name, job, what, fix, holder)
     try:
         yield owner
     finally:
         release(out, owner, name)
 
 
+EVALUATION = "evaluation"  # jobs/evaluate.py holding a merge's merge.lock to write into its evaluation folder: it reads the model, never replaces it
+
+
 def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
-    """For a job that reads a merge's merged model (`<output_dir>/merged`: jobs/fast.py, jobs/evaluate.py):
-    raise OutputDirBusyError naming the owner while a running job (or one on another host) holds that
-    output_dir's merge.lock. A merge holds it from before Ray starts, and its save replaces the folder (and an
-    incremental merge into its own output_dir replaces its own previous model): a job reading it then could
-    read half of one model and half of the other. Refused rather than taken: the lock is exclusive, and holding
-    it to read would refuse every other reader and need write access to the merge's folder. A stale lock (its
-    owner gone from this host) is no obstacle and is left alone; a folder not named `merged` is no merge's."""
+    """For a job that reads a model folder another job may be replacing (jobs/fast.py, jobs/evaluate.py,
+    jobs/export.py, Serve's model backend): raise OutputDirBusyError naming the owner while a running job (or one
+    on another host) holds the folder's lock. A merge's merged model (`<output_dir>/merged`): that output_dir's
+    merge.lock, which a merge holds from before Ray starts, and its save replaces the folder (and an incremental
+    merge into its own output_dir replaces its own previous model). A few-step model (`<few-step folder>/model`):
+    that folder's fast.lock, which jobs/fast.py or a merge's few-step stage holds while its save replaces it. A
+    job reading the folder then could read half of one model and half of the other. Refused rather than taken:
+    the lock is exclusive, and holding it to read would refuse every other reader and need write access to the
+    job's folder. A stale lock (its owner gone from this host), a merge.lock that an evaluation holds (it only
+    reads the model, and keeps merges out while it does) and a folder of another name are no obstacle."""
+    from dmm_ray.fast.job import FAST_LOCK  # (here: the few-step job imports this module)
+
     model = Path(model).resolve()
-    if model.name != "merged":
+    guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)
+        "merged": (LOCK_NAME, f"the merged model of output_dir {model.parent}", "merge"),
+        "model": (FAST_LOCK, f"the few-step model of the few-step folder {model.parent}", "few-step job"),
+    }
+    if model.name not in guards:
         return
-    path = lock_path(model.parent)
+    name, what, replacer = guards[model.name]
+    path = lock_path(model.parent, name)
     owner = read_owner(path)
     if owner is None:
+        return
+    kind = holder_kind(owner, "job")  # a lock file without its kind: a merge's, or an evaluation's before they were told apart
+    if kind == EVALUATION:
         return
     here = owner.get("host") == socket.gethostname()
     if here and not owner_alive(owner):
         return
     raise OutputDirBusyError(
-        f"{flag} {model} is the merged model of output_dir {model.parent}, whose merge.lock a running job holds "
-        f"({describe(owner)}; lock file {path}): a merge there replaces that folder when it saves, and this job "
+        f"{flag} {model} is {what}, whose {name} {_a('running ' + kind)} holds "
+        f"({describe(owner)}; lock file {path}): a {replacer} there replaces that folder when it saves, and this job "
         "could read it half-way. Wait for it to finish"
         + (f" (or stop it: kill {owner.get('pid')})" if here else f" (if it is no longer running, delete {path})")
-        + f", or give {flag} a copy of the model made while no merge runs there."
+        + f", or give {flag} a copy of the model made while no {replacer} runs there."
     )

@@ -20,7 +20,8 @@ folder's dmm_merge.json, the run of a `models:/name/version`, or --run-id.
 
 Exit status: 0 written (and logged), 1 --verify found a difference (the export is not moved into place: an
 earlier export at --out stays as it was), 2 bad input (a --model that does
-not exist or is not a merged model, an unknown style, bad weights, an --out or config folder that is
+not exist or is not a merged model, a merge's <output_dir>/merged while that merge runs (a few-step model's folder while
+its few-step job runs), an unknown style, bad weights, an --out or config folder that is
 not an earlier export's, --config-dir with a diffusers export or one to an --out named .safetensors/.ckpt, a tracking store MLflow cannot open or a run it does not hold; all checked
 before anything is loaded, nothing written), 3 written but MLflow logging failed, 130 interrupted
 (nothing half-written left).
@@ -151,6 +152,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     )
     from dmm_ray.export_tracking import export_target, log_export, resolve_model
     from dmm_ray.models.style_unet import StyleError, merged_style_names
+    from dmm_ray.output_lock import check_not_being_replaced
     from dmm_ray.paths import check_writable_folder
     from dmm_ray.pipeline import load_dmm_pipeline
     from dmm_ray.styles import parse_weights
@@ -171,7 +173,11 @@ def _export(args, stack: contextlib.ExitStack) -> int:
         check_tracking_store(args.tracking_uri, "--tracking-uri")
 
     # 2. resolve the model (a models:/ URI: downloaded for the length of `stack`), its styles, and the
-    # run the export is logged to (checked now, unless --no-track)
+    # run the export is logged to (checked now, unless --no-track). A local merge's <output_dir>/merged (or a
+    # few-step <folder>/model) that a running job may be replacing is refused first: read half-way, the export
+    # would bake half of one model and half of the other
+    if "://" not in args.model and not is_mlflow_uri(args.model):
+        check_not_being_replaced(args.model)
     try:
         folder, model_run_id, model_uri = stack.enter_context(resolve_model(args.model, args.tracking_uri))
     except TrackingError as exc:

@@ -68,6 +68,19 @@ def resolve_model_location(location: str, download_dir: str | Path | None = None
     return path
 
 
+def check_not_replaced(path: Path) -> None:
+    """A local merge's `<output_dir>/merged` (or a few-step `<folder>/model`) that a running job holds the lock of:
+    its save replaces the folder, and a replica loading it then could load half of one model and half of the
+    other. The replica refuses to start, naming the job, as for a missing model folder (its start fails; a
+    replica started once that job is done loads the new model). A download is a copy, read whole."""
+    from dmm_ray.output_lock import OutputDirBusyError, check_not_being_replaced
+
+    try:
+        check_not_being_replaced(path, flag="model")
+    except OutputDirBusyError as exc:
+        raise ModelLoadError(f"{exc} (the model setting: DMM_MODEL, or model= of serve run / serve/config.yaml)") from None
+
+
 def read_style_descriptions(path: Path, style_names: Sequence[str]) -> list[str]:
     """Optional `styles.json` beside the weights: [{name, description}] or {name: description}."""
     file = path / "styles.json"
@@ -121,6 +134,8 @@ class StyleModelBackend:
             self.download_dir = tempfile.TemporaryDirectory(prefix="dmm-serve-model-")
         try:
             path = resolve_model_location(location, self.download_dir.name if self.download_dir else None)
+            if self.download_dir is None:
+                check_not_replaced(path)
             self.device = pick_device(device)
             dtype = torch.float16 if self.device == "cuda" else torch.float32
             t0 = time.perf_counter()

@@ -1083,7 +1083,7 @@ def test_a_second_few_step_job_on_the_same_folder_refuses(merged_world, tmp_path
     world, merged = merged_world
     out = tmp_path / "fast"
     cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
-    owner = output_lock.acquire(out, name=FAST_LOCK)  # a few-step job in progress (this live process)
+    owner = output_lock.acquire(out, name=FAST_LOCK, job="few-step job")  # a few-step job in progress (this live process)
     with pytest.raises(output_lock.OutputDirBusyError, match=rf"the few-step folder {out} is in use by another few-step job .*--output-dir NEW_DIR"):
         run_fast(cfg, merged)
     output_lock.release(out, owner, name=FAST_LOCK)
@@ -1843,7 +1843,7 @@ def test_fast_job_dry_run_says_what_the_run_would_find_in_its_folder(merged_worl
     assert f"already complete: this few-step stage, with this model and config, finished in {out.resolve()}" in capsys.readouterr().out
     assert job.main(args + ["--dry-run", "--restart"]) == 0  # the run would train again
     assert "already complete" not in capsys.readouterr().out
-    owner = output_lock.acquire(out, name=fast_job.FAST_LOCK)  # a few-step job in progress (this live process)
+    owner = output_lock.acquire(out, name=fast_job.FAST_LOCK, job="few-step job")  # a few-step job in progress (this live process)
     try:
         assert job.main(args + ["--dry-run"]) == 2
         err = capsys.readouterr().err

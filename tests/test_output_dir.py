@@ -835,8 +835,8 @@ def test_a_merge_with_fast_enabled_refuses_a_held_fast_lock_before_it_starts(wor
     with pytest.raises(OutputDirBusyError) as error:
         merge.run_merge(cfg)
     text = str(error.value)
-    assert text.startswith(f"the few-step folder {out / 'fast'} (this merge's fast stage) is in use by another few-step job (")
-    assert f"kill {os.getpid()}" in text and "--set fast.output_dir=NEW_DIR" in text
+    assert text.startswith(f"the few-step folder {out / 'fast'} (this merge's fast stage) is in use by a few-step job (")
+    assert f"kill {os.getpid()}" in text and "or write this merge's few-step stage elsewhere (--set fast.output_dir=NEW_DIR)" in text
     assert not output_lock.lock_path(out).exists()  # refused before it took merge.lock
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -919,6 +919,99 @@ def test_fast_and_evaluate_refuse_a_merged_model_whose_merge_is_running(world, t
     output_lock.check_not_being_replaced(out / "merged")
 
 
+def _hold_in_another_process(folder: Path, **kwargs) -> subprocess.Popen:
+    """A real second process holding `folder`'s lock as a running job does (output_lock.hold), until killed."""
+    code = (
+        "import sys, time\nfrom dmm_ray import output_lock\n"
+        f"with output_lock.hold({str(folder)!r}, warn=lambda line: None, **{kwargs!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_export_serve_and_evaluate_of_a_few_step_model_refuse_a_folder_its_running_job_may_replace(world, tmp_path, monkeypatch, capsys):
+    """Finding: jobs/export.py and Serve's model backend read a merge's <output_dir>/merged while that merge (another
+    process) held merge.lock, and jobs/evaluate.py a few-step <folder>/model while jobs/fast.py held fast.lock: the
+    export baked, the replica loaded and the evaluation sampled a folder the running job's save replaces. Now each
+    is refused (exit 2; Serve: ModelLoadError) naming the job's kind, pid and lock file; freed, each reads it."""
+    import dmm_ray.evaluation.api as api
+    from dmm_ray.fast.job import FAST_LOCK
+    from jobs import evaluate as evaluate_job
+    from jobs import export as export_job
+    from serve.model import ModelLoadError, StyleModelBackend
+
+    out = tmp_path / "out"
+    merged = _model(out / "merged", "running")
+    (merged / "model_index.json").write_text("{}")
+    few = _model(tmp_path / "fast" / "model", "few-step")
+    monkeypatch.setattr(api, "evaluate_merge", lambda *a, **k: pytest.fail("the evaluation read a model its job is replacing"))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+    merge_proc = _hold_in_another_process(out)
+    fast_proc = _hold_in_another_process(tmp_path / "fast", name=FAST_LOCK, job="few-step job")
+    try:
+        export = ["--model", str(merged), "--style", "0", "--out", str(tmp_path / "x.safetensors"), "--no-track"]
+        assert export_job.main(export) == 2
+        err = capsys.readouterr().err
+        assert f"--model {merged} is the merged model of output_dir {out}, whose merge.lock a running merge holds" in err, err
+        assert f"pid {merge_proc.pid}" in err and f"kill {merge_proc.pid}" in err and not (tmp_path / "x.safetensors").exists()
+        with pytest.raises(ModelLoadError, match=f"model {merged} is the merged model of output_dir {out}, whose merge.lock a running merge holds"):
+            StyleModelBackend(str(merged), device="cpu")
+        evaluate = ["--model", str(few), "--teachers", str(path), "--no-ray", "--out", str(tmp_path / "eval")]
+        assert evaluate_job.main(evaluate) == 2
+        err = capsys.readouterr().err
+        lock = output_lock.lock_path(tmp_path / "fast", FAST_LOCK)
+        assert f"--model {few} is the few-step model of the few-step folder {few.parent}, whose fast.lock a running few-step job holds" in err, err
+        assert f"pid {fast_proc.pid}" in err and f"lock file {lock}" in err
+    finally:
+        for proc in (merge_proc, fast_proc):
+            proc.kill()
+            proc.wait()
+    output_lock.check_not_being_replaced(merged)  # their jobs are gone (stale locks): read as before
+    output_lock.check_not_being_replaced(few)
+    with pytest.raises(ModelLoadError, match="could not load a DMMPipeline"):  # past the check: loads (a stand-in folder)
+        StyleModelBackend(str(merged), device="cpu")
+
+
+def test_a_lock_names_the_kind_of_job_holding_it(world, tmp_path, monkeypatch, capsys):
+    """Finding: the lock record said nothing of the job holding it, so a refusal named the job refused, not the
+    holder: a merge refused by jobs/evaluate.py writing into its evaluation folder said 'in use by another merge',
+    a reader said 'a running job holds' it, and refused although an evaluation never replaces the merged model
+    (and keeps merges out while it holds the lock). The record now says its kind ("job"); a reader is not refused
+    by an evaluation's lock, and messages name the holder. A lock file without the kind reads as before."""
+    from jobs import fast as fast_job
+
+    out = tmp_path / "out"
+    _model(out / "merged", "evaluated")
+    proc = _hold_in_another_process(out, job=output_lock.EVALUATION, fix="--out OUT", holder="merge")
+    try:
+        assert output_lock.read_owner(output_lock.lock_path(out))["job"] == "evaluation"
+        with pytest.raises(OutputDirBusyError) as error:
+            output_lock.acquire(out)
+        assert str(error.value).startswith(f"output_dir {out} is in use by an evaluation ("), error.value
+        assert "write this merge elsewhere (--set output_dir=NEW_DIR)" in str(error.value)
+        output_lock.check_not_being_replaced(out / "merged")  # an evaluation reads the model: no obstacle to another reader
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = _hold_in_another_process(out)  # a merge
+    try:
+        with pytest.raises(OutputDirBusyError, match=f"output_dir {out} is in use by another merge \\(.*pid {proc.pid}"):
+            output_lock.acquire(out)
+        with pytest.raises(OutputDirBusyError, match="in use by a merge \\(.*or write this evaluation elsewhere \\(--out OUT\\)"):
+            output_lock.acquire(out, job=output_lock.EVALUATION, fix="--out OUT", holder="merge")
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
+        args = ["--model", str(out / "merged"), "--config", str(path), "--no-track", "--no-eval", "--output-dir", str(tmp_path / "f"), "--dry-run"]
+        assert fast_job.main(args) == 2
+        assert "whose merge.lock a running merge holds" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_only_as_its_evaluation(world, tmp_path, monkeypatch, capsys):
     """Finding: `jobs/evaluate.py --teachers <merge config>` without --out wrote into that merge's own
     <output_dir>/evaluation whatever it scored (another --model, other --set settings), replacing the merge's
@@ -959,7 +1052,7 @@ def test_evaluate_with_a_merge_config_writes_into_the_merges_evaluation_folder_o
     _write_lock(out, os.getpid())  # a running merge (this live process)
     assert job.main(base + ["--model", str(out / "merged")]) == 2
     err = capsys.readouterr().err
-    assert f"output_dir {out} is in use by another job (host {socket.gethostname()}, pid {os.getpid()}" in err and "--out OUT" in err, err
+    assert f"output_dir {out} is in use by a merge (host {socket.gethostname()}, pid {os.getpid()}" in err and "--out OUT" in err, err
     assert held == []
     output_lock.lock_path(out).unlink()
     with pytest.raises(RuntimeError, match="evaluated"):

@@ -211,7 +211,7 @@ def test_a_second_weighted_merge_on_the_same_folder_refuses_before_loading(zoo, 
 
     out = tmp_path / "wm"
     lock = f".wm.{wm.SAVE_TAG}.lock"
-    owner = output_lock.acquire(tmp_path, name=lock)  # a merge in progress (this live process)
+    owner = output_lock.acquire(tmp_path, name=lock, job="weighted merge")  # a merge in progress (this live process; its lock names its kind)
     with monkeypatch.context() as m:
         m.setattr("dmm_ray.teachers.load_teacher_pipeline", lambda *a, **k: pytest.fail("loaded a teacher despite the busy folder"))
         with pytest.raises(output_lock.OutputDirBusyError, match=rf"output_dir {out} is in use by another weighted merge \(.*pid {os.getpid()}"):
