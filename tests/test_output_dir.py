@@ -975,6 +975,42 @@ def test_export_serve_and_evaluate_of_a_few_step_model_refuse_a_folder_its_runni
         StyleModelBackend(str(merged), device="cpu")
 
 
+def test_style_mixing_refuses_a_merged_model_whose_merge_is_running(world, tmp_path, monkeypatch, capsys):
+    """Finding: jobs/style_mixing.py --model <output_dir>/merged sampled the model while a merge (another process)
+    held merge.lock, so its save could be read half-way, as jobs/fast.py, evaluate.py and export.py refuse it."""
+    from jobs import style_mixing as job
+
+    out = tmp_path / "out"
+    merged = _model(out / "merged", "running")
+    raw = tiny_merge_config(world, out)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(job, "_compare", lambda *a, **k: pytest.fail("style mixing read the model of a running merge"))
+    sweep = ",".join(t["name"] for t in raw["teachers"][:2])
+    proc = _hold_in_another_process(out)
+    try:
+        args = [
+            "--model",
+            str(merged),
+            "--teachers",
+            str(path),
+            "--sweep",
+            sweep,
+            "--no-ray",
+            "--out",
+            str(tmp_path / "mix"),
+            "--set",
+            "prompts=[a star, a ring]",
+        ]
+        assert job.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--model {merged} is the merged model of output_dir {out}, whose merge.lock a running merge holds" in err, err
+        assert f"kill {proc.pid}" in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_lock_names_the_kind_of_job_holding_it(world, tmp_path, monkeypatch, capsys):
     """Finding: the lock record said nothing of the job holding it, so a refusal named the job refused, not the
     holder: a merge refused by jobs/evaluate.py writing into its evaluation folder said 'in use by another merge',
