@@ -36,9 +36,11 @@ def parse_args(argv=None):
     from dmm_ray.console import positive_int
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=20, help="samples per batch (paper: 20 per GPU)")
-    p.add_argument("--rows", type=int, default=2000, help="latent rows in the synthetic shards")
-    p.add_argument("--shard-size", type=int, default=500)
+    # counts of at least 1: --shard-size 0 died in make_world (range() arg 3 must not be zero), --rows 0 found no
+    # shard to stream, --batch-size 0 was pydantic's dump of DataConfig's stream.batch_size; all after the step was built
+    p.add_argument("--batch-size", type=positive_int, default=20, help="samples per batch (paper: 20 per GPU)")
+    p.add_argument("--rows", type=positive_int, default=2000, help="latent rows in the synthetic shards")
+    p.add_argument("--shard-size", type=positive_int, default=500, help="latent rows per shard file")
     p.add_argument("--latent-hw", type=int, default=16, help="latent height/width (tiny VAE at 32 px: 16)")
     p.add_argument("--styles", type=int, default=8, help="number of styles in the student codebook")
     p.add_argument("--steps", type=positive_int, default=15, help="timed distillation steps (after 3 warm-up steps)")

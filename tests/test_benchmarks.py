@@ -626,13 +626,17 @@ def test_export_check_refuses_too_few_images_for_fid_before_any_work(prompts_in_
         ("data_throughput", ["--steps", "0"]),
         ("data_throughput", ["--epochs", "0"]),
         ("data_throughput", ["--epochs", "-1"]),
+        ("data_throughput", ["--shard-size", "0"]),
+        ("data_throughput", ["--rows", "0"]),
+        ("data_throughput", ["--batch-size", "0"]),
     ],
 )
 def test_a_timing_count_below_one_is_a_usage_error(script, argv, monkeypatch, capsys):
     """`fast_speed.py --repeats 0` (and adapter_routing/regions --reps 0, serve_styles --lora-repeats 0)
     built and warmed up the models, then died of StatisticsError: no median of zero timed runs;
     train_throughput/data_throughput --steps 0 of an UnboundLocalError in step_setup.timed_steps;
-    data_throughput --epochs 0 timed no batch and printed "stream: 0.00 batches/s ... BELOW target"."""
+    data_throughput --epochs 0 timed no batch and printed "stream: 0.00 batches/s ... BELOW target";
+    data_throughput --shard-size 0 died in make_world of "range() arg 3 must not be zero"."""
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the count was checked"))
