@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from dmm_ray.console import positive_int
+    from dmm_ray.console import non_negative_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="merged model folder")
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed-a", type=int, default=0)
-    p.add_argument("--seed-b", type=int, default=1_000_000, help="second seed set, for the merged-vs-merged floor")
+    p.add_argument("--seed-a", type=non_negative_int, default=0, help="first seed set (EvalConfig.seed_a: 0 or more)")
+    p.add_argument("--seed-b", type=non_negative_int, default=1_000_000, help="second seed set, for the merged-vs-merged floor (0 or more)")
     p.add_argument("--styles", help="comma-separated subset (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a busy machine)")
     p.add_argument("--out", type=Path, help="write the JSON report here")

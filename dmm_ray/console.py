@@ -44,6 +44,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for a value that may be 0 but not below (a seed: `--seed-a 0`): the models that
+    take it refuse a negative one in pydantic's several-line validation dump, naming the field, not the option."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, e.g. 0; got {text!r}")
+    return value
+
+
 def int_list_or_none(text: str) -> list[int]:
     """int_list, where an empty value means "none" (`--lora-ks ''` skips those runs) instead of an error."""
     return int_list(text) if text.strip() else []

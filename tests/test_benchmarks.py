@@ -594,6 +594,9 @@ def test_export_check_leaves_no_baked_files_behind(tmp_path, monkeypatch):
         (1, ["--images-per-prompt", "1"], "--prompts 32: 1 of the zoo's eval_prompts"),  # the zoo holds fewer than asked
         (5, ["--prompts", "0"], "expected a positive integer"),  # [:0] left no prompt, [:-1] all but the last
         (5, ["--seed-b", "3"], "seed sets overlap"),
+        # a negative seed was pydantic's several-line dump naming seed_a, not the option
+        (5, ["--seed-a", "-1"], "argument --seed-a: expected an integer of 0 or more, e.g. 0; got '-1'"),
+        (5, ["--seed-b", "-5"], "argument --seed-b: expected an integer of 0 or more, e.g. 0; got '-5'"),
     ],
 )
 def test_export_check_refuses_too_few_images_for_fid_before_any_work(prompts_in_zoo, argv, message, tmp_path, monkeypatch, capsys):
