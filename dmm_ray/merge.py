@@ -43,6 +43,7 @@ class MergeResult:
     location: str = ""  # where the merged model is: merged_path, or <output_dir URI>/merged
     fast: object | None = None  # dmm_ray.fast.job.FastResult when fast.enabled
     already_complete: bool = False  # a re-run of a finished merge with the same config: nothing was run
+    tracking_failed: str | None = None  # track_stage's warning when the store failed: the model is saved, not logged (jobs/merge.py exits 3)
 
 
 COMPLETE_RECORD = "merge_complete.json"  # in the local work folder (dmm_ray/completion.py)
@@ -902,7 +903,9 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
             for stage in STAGES:
                 if (merged is not None and stage.name != "fast") or (saved is not None and stage.name in SAVED_STAGES) or not stage.when(run):
                     continue
-                if stage.name == "fast":  # the merged model is saved and registered: a re-run after a failure here runs only this stage
+                # the merged model is saved and registered: a re-run after a failure here runs only this stage (not when
+                # its tracking failed: the record of the save stays, so a re-run logs it: track_stage)
+                if stage.name == "fast" and not result.tracking_failed:
                     record_complete(asked, out, result, fast_pending=True)
                 stage.run(run)
                 if stage.name == "save":  # a re-run after a failure from here on skips the training and the save
@@ -913,7 +916,8 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
             if tracker is not None and hasattr(tracker, "abort"):
                 tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
             raise
-        record_complete(asked, out, result)
+        if not result.tracking_failed:  # else the record of the save stays: the same command tracks the model later
+            record_complete(asked, out, result)
     finally:
         if we_started_ray:
             import ray
@@ -1049,9 +1053,27 @@ def _evaluate(run: MergeRun) -> None:
 
 
 def track_stage(run: MergeRun) -> None:
-    """Log the evaluation and metrics, register the model (an observer: changes nothing above)."""
+    """Log the evaluation and metrics, register the model (an observer: changes nothing above). A store
+    that fails here (a server gone down after MLflow's retries, an sqlite file that can no longer be
+    written) stops none of the work: the model is saved, the few-step stage still runs; the failure is
+    one warning, kept in result.tracking_failed (the job exits 3), and the merge is left recorded as
+    saved but not tracked (saved_before_evaluate), so the same command logs it once the store answers.
+    It used to fail the job after the save, and a configured few-step stage never ran."""
     log("stage track")
-    run.tracker.finish_stage(run.cfg, run.result)
+    try:
+        run.tracker.finish_stage(run.cfg, run.result)  # on failure it ends its runs FAILED (if the store takes that)
+    except Exception as error:  # noqa: BLE001 - any failure of the store; an interrupt still stops the merge
+        result = run.result
+        result.tracking_failed = (
+            f"the merged model is saved ({result.location or result.merged_path}) but MLflow could not log it to "
+            f"{run.cfg.tracking.tracking_uri} ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no message'}); "
+            "its stage run is ended FAILED, where the store still takes that"
+            + ("; the few-step stage runs without MLflow" if run.cfg.fast.enabled else "")
+            + ". Once the store answers, re-run the same command: the training and the save are skipped, the stages after "
+            "the save run again and log the model"
+        )
+        log(f"warning: {result.tracking_failed}")
+        return
     run.result.run_id = run.tracking["run_id"] if run.tracking else None
 
 
@@ -1066,7 +1088,9 @@ def fast_stage(run: MergeRun) -> None:
         + (" (kept in the local staging folder: not uploaded to the output_dir URI)" if run.remote else "")
     )
     fast_tracker = None
-    if run.tracker is not None and getattr(run.tracker, "enabled", False):
+    # not after the merge's own tracking failed: the store has just failed, and the merge is not recorded as
+    # tracked, so the same command tracks it again later
+    if run.tracker is not None and getattr(run.tracker, "enabled", False) and not result.tracking_failed:
         from dmm_ray.tracking import make_tracker
 
         fast_tracker = make_tracker(cfg)  # the merge's project run again, a nested "fast" stage run

@@ -107,6 +107,9 @@ def main(argv=None) -> int:
         losses = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss")}
         print(f"{stage}: {metrics.get('seconds', 0):.0f} s" + (f", {losses}" if losses else ""))
     print(format_locations(cfg, "results"), flush=True)
+    if result.tracking_failed:  # the work is done; MLflow, an observer, did not record it (as jobs/export.py: 3)
+        print(f"warning: {result.tracking_failed}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -375,6 +375,56 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
 
 
+def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_path, monkeypatch):
+    """Tracking is an observer: an MLflow store that fails when the merge logs and registers its model
+    (a server gone down, after MLflow's retries) failed the job after the save, and the few-step stage
+    (fast.enabled) never ran. Now the warning names the store and how to log it later, the few-step
+    stage runs (without MLflow: the store has just failed), the result says so (jobs/merge.py exits 3),
+    and the merge stays recorded as saved: the same command, once the store answers, skips the training
+    and the save and logs the model; then the merge is complete."""
+    from mlflow.exceptions import MlflowException
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    ran: list[str] = []
+    store_down = [True]
+
+    class Tracker:
+        enabled = True
+        runs = 0
+
+        def start_stage(self, name, cfg, run_name=None):
+            self.runs += 1
+            return {"run_id": f"run{self.runs}"}
+
+        def finish_stage(self, cfg, result):
+            if store_down[0]:
+                raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed: Max retries exceeded")
+            ran.append("register")
+
+        def abort(self, error):
+            pass
+
+    _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    said: list[str] = []
+    monkeypatch.setattr(merge, "say", lambda who, msg: said.append(msg))
+    tracker = Tracker()
+    result = merge.run_merge(cfg, tracker=tracker)
+    assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "fast"]
+    assert result.run_id is None and (out / "fast" / "model" / "model_index.json").exists()
+    warning = [line for line in said if line.startswith("warning:")]
+    assert len(warning) == 1 and result.tracking_failed in warning[0]
+    assert str(out / "merged") in warning[0] and cfg.tracking.tracking_uri in warning[0] and "Max retries exceeded" in warning[0]
+    assert "re-run the same command" in warning[0]
+    ran.clear()
+    store_down[0] = False
+    result = merge.run_merge(cfg, tracker=tracker)  # the store answers again: the same command logs the model
+    assert ran == ["evaluate", "track", "register", "fast"] and result.run_id == "run2" and not result.tracking_failed
+    ran.clear()
+    assert merge.run_merge(cfg, tracker=tracker).already_complete and ran == []
+
+
 def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) -> None:
     """The merge's stages without Ray: distill records its inputs and leaves state in output_dir (as distill_stage),
     its student the base's UNet with the teachers' styles; then the real save, evaluate and track. A stage named in
