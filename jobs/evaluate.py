@@ -210,11 +210,22 @@ def main(argv=None) -> int:
         print(format_table(result))
         print(f"outputs: {Path(cfg.output_dir).resolve()}")
     if tracker is not None:
-        with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
-            if args.reference_only:
-                tracker.log_metrics({"FIDt_ref": result.fidt_ref})
-            else:
-                tracker.log_evaluation(result)
+        try:
+            with tracker.project(), tracker.stage("evaluation", config=cfg, params={"model": args.model or ""}):
+                if args.reference_only:
+                    tracker.log_metrics({"FIDt_ref": result.fidt_ref})
+                else:
+                    tracker.log_evaluation(result)
+        except Exception as error:  # noqa: BLE001 - MLflow is an observer: a store that fails now undoes none of the work
+            # (it was a traceback, exit 1, after every image was sampled and the files written); as jobs/export.py: exit 3
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+            done = "M_ref is computed and cached" if args.reference_only else f"the evaluation is written ({Path(cfg.output_dir).resolve()})"
+            print(
+                f"warning: {done} but not logged to MLflow at {tracking.tracking_uri} ({type(error).__name__}: {first}); "
+                "once the store answers, the same command logs it (it reuses the statistics cached in cache_dir)",
+                file=sys.stderr,
+            )
+            return 3
     return 0
 
 

@@ -232,6 +232,33 @@ def test_evaluate_job_refuses_an_unusable_cache_or_store_before_sampling(world, 
     assert exit_info.value.code == 2 and "--project only applies with --track" in capsys.readouterr().err
 
 
+def test_evaluate_job_whose_store_fails_after_the_evaluation_says_so_and_exits_3(world, tmp_path, monkeypatch, capsys):
+    """--track with a store that starts failing while the evaluation runs (its sqlite file broken here; a
+    server gone down): logging it at the end was MLflow's traceback and exit 1, after the work was done.
+    MLflow is an observer: one warning naming the store and how to log it later, and exit 3 (written,
+    not logged, as jobs/export.py)."""
+    from types import SimpleNamespace
+
+    import dmm_ray.evaluation.api
+    from jobs import evaluate as job
+
+    db = tmp_path / "mlflow.db"
+
+    def evaluate(*args, **kwargs):
+        assert db.exists()  # the tracker opened the store before the evaluation (its first request)
+        db.write_bytes(b"not an sqlite database" * 1000)  # the store fails from here on
+        return SimpleNamespace(style_names=list(STYLES), ref_matrix=[[0.0, 1.0], [1.0, 0.0]], fidt_ref=1.0)
+
+    monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", evaluate)
+    args = ["--reference-only", "--teachers", str(world / "zoo.yaml"), "--no-ray", "--track", "--tracking-uri", f"sqlite:///{db}"]
+    assert job.main(args + _fast_eval(world)) == 3
+    captured = capsys.readouterr()
+    assert "FIDt_ref = 1.0000" in captured.out
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: M_ref is computed and cached but not logged to MLflow at sqlite:///")
+    assert "file is not a database" in warning[0] and "the same command logs it" in warning[0]
+
+
 def test_evaluate_job_rejects_unknown_config_key(world, capsys):
     """A bad --set key is an error line naming the key (and the nearest known one), exit code 2, no traceback."""
     from jobs import evaluate as job
