@@ -1098,6 +1098,8 @@ def fast_stage(run: MergeRun) -> None:
     # the merged model is this merge's (saved now, or by the run its completion record names): few-step state of
     # these settings from an earlier model there is of a model the merge replaced (run_fast discards it)
     result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled, merge_saved_model=True)
+    if result.fast.tracking_failed:  # the job exits 3; not recorded complete, so the same command logs it (only this stage runs)
+        result.tracking_failed = result.fast.tracking_failed
 
 
 # A merge after validate and encode: these stages, in this order, each when its condition holds.

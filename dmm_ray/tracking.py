@@ -810,12 +810,19 @@ class StageTracker(MergeTracker):
     def abort(self, error: BaseException | None = None) -> None:
         """End the open runs after `error` stopped the driver: KILLED for an interrupt (re-running
         resumes), FAILED for anything else (`run_status`); the project's parent run as
-        `parent_end_status` says (FINISHED again when it was FINISHED before this job)."""
+        `parent_end_status` says (FINISHED again when it was FINISHED before this job). A store that
+        fails now leaves them as they are there (a later job's close_stale_runs marks them KILLED); it
+        never raises over `error`."""
         status = "FAILED" if error is None else run_status(error)
         if self.enabled:
             mlflow = _mlflow()
             while (active := mlflow.active_run()) is not None:
-                mlflow.end_run(status=self.parent_end_status(status) if active.info.run_id == self.parent_run_id else status)
+                try:
+                    mlflow.end_run(status=self.parent_end_status(status) if active.info.run_id == self.parent_run_id else status)
+                except Exception as failure:  # noqa: BLE001 - the store failing: end_run took the run off MLflow's stack first
+                    # a raise here hid `error` (the caller re-raises it) and left the parent run on MLflow's stack, so
+                    # the dropped project() generator tried the store again when collected ("Exception ignored in ...")
+                    log.info("MLflow run %s could not be ended %s in the store: %s", active.info.run_id, status, failure)
         self._stack = contextlib.ExitStack()
 
 

@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     if result.model_uri:
         print(f"MLflow: {result.model_uri}")
     print(f"serve:  DMM_MODEL={result.model_path} serve run serve.app   (default_steps follows the model)")
+    if result.tracking_failed:  # the work is done; MLflow, an observer, did not record it (as jobs/export.py: 3)
+        print(f"warning: {result.tracking_failed}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -1125,6 +1125,58 @@ def test_a_few_step_model_parked_by_a_save_killed_between_its_renames_is_put_bac
     assert _digest(out / "model") == before and _load(out / "model").styles == ["style0", "style1"]
 
 
+def test_a_few_step_job_whose_store_fails_after_the_save_keeps_its_model_and_says_so(merged_world, tmp_path, monkeypatch):
+    """MLflow is an observer: a store that starts failing while the few-step model trains (its sqlite file
+    broken here; a server gone down) failed the job when it logged and registered the saved model. Now the
+    model stays, one warning names it, the store and what to do, result.tracking_failed says so (the job
+    exits 3), and no completion record is written: the same command logs it once the store answers."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from merge_fixtures import tiny_merge_config
+
+    import dmm_ray.data.stream
+    import dmm_ray.distill.trainer
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.tracking import make_tracker
+
+    world, merged = merged_world
+    db = tmp_path / "mlflow.db"
+    out = tmp_path / "fast"
+    monkeypatch.setattr(fast_job, "init_for_training", lambda address: False)  # no Ray, no data, no training: the job around them
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda cfg, job, plan=None: None)
+    monkeypatch.setattr(dmm_ray.data.stream, "build_latent_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(fast_job, "build_fast_trainer", lambda *a, **k: None)
+
+    def fit_stage(trainer):
+        db.write_bytes(b"not an sqlite database" * 1000)  # the store fails from here on
+        return SimpleNamespace(
+            metrics={"step": 2, "loss_lcm": 0.5}, checkpoint=SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(tmp_path)))
+        )
+
+    def save(cfg, model_dir, checkpoint_dir, dest, tracking=None, **run_record):
+        shutil.copytree(model_dir, dest)
+        return dest
+
+    monkeypatch.setattr(dmm_ray.distill.trainer, "fit_stage", fit_stage)
+    monkeypatch.setattr(fast_job, "save_fast_model", save)
+    said: list[str] = []
+    monkeypatch.setattr(fast_job, "say", lambda who, msg: said.append(msg))
+    tree = tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)}, tracking={"tracking_uri": f"sqlite:///{db}"})
+    cfg = MergeConfig.model_validate(tree).with_absolute_paths()
+    result = fast_job.run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=False)
+    assert (out / "model" / "model_index.json").exists() and result.model_uri is None
+    warning = [line for line in said if line.startswith("warning:")]
+    assert len(warning) == 1 and result.tracking_failed in warning[0]
+    assert str(out / "model") in warning[0] and f"sqlite:///{db}" in warning[0] and "file is not a database" in warning[0]
+    assert "re-run the same command" in warning[0]
+    assert not (out / fast_job.COMPLETE_RECORD).exists()  # not complete: the same command logs it
+    import mlflow
+
+    assert mlflow.active_run() is None  # its runs are off MLflow's stack: nothing tries the failed store again at exit
+
+
 def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world, tmp_path, monkeypatch):
     """Two few-step jobs from one config into two folders (README: --output-dir /tmp/fast and
     /tmp/lcm_only) each hold their own folder's fast.lock only: the second job's start leaves the

@@ -34,6 +34,7 @@ class FastResult:
     evaluations: dict = field(default_factory=dict)  # steps -> EvalResult
     model_uri: str | None = None
     already_complete: bool = False  # the same stage, model and settings finished before: nothing was run
+    tracking_failed: str | None = None  # the warning when the store failed at the end: saved, not logged (jobs/fast.py exits 3)
 
 
 COMPLETE_RECORD = "fast_complete.json"  # in the stage's folder (dmm_ray/completion.py)
@@ -719,28 +720,40 @@ def _run_fast(
                 result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
             result.seconds = time.time() - started
             if tracker is not None and tracker.enabled:
-                log_fast_evaluations(tracker, result.evaluations, f.num_inference_steps)
-                measured = {"fast/train_seconds": result.train_seconds} if not saved else {}
-                tracker.log_metrics({**measured, "fast/steps": float(steps), "seconds": result.seconds})
-                default = result.evaluations.get(f.num_inference_steps)
-                # the merged model's version tags (dmm.stage, styles, path, FIDt): without them the Models
-                # page cannot tell this version from the merged model's of the same registered name
-                version = {
-                    "description": f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
-                    f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
-                    "tags": version_record("fast", result.model_path, default)["tags"],
-                }
-                # registered by the run that saved it (its dmm_merge.json names that run), stopped before its record
-                result.model_uri = tracker.complete_earlier_registration(result.model_path, **version) or tracker.log_merged_model(
-                    result.model_path, **version
-                )
-                tracker.close()
-                log(f"registered: {result.model_uri}")
+                try:
+                    log_fast_evaluations(tracker, result.evaluations, f.num_inference_steps)
+                    measured = {"fast/train_seconds": result.train_seconds} if not saved else {}
+                    tracker.log_metrics({**measured, "fast/steps": float(steps), "seconds": result.seconds})
+                    default = result.evaluations.get(f.num_inference_steps)
+                    # the merged model's version tags (dmm.stage, styles, path, FIDt): without them the Models
+                    # page cannot tell this version from the merged model's of the same registered name
+                    version = {
+                        "description": f"few-step (LCM {f.mode}) model of {record.get('name', model_dir.name)}: "
+                        f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
+                        "tags": version_record("fast", result.model_path, default)["tags"],
+                    }
+                    # registered by the run that saved it (its dmm_merge.json names that run), stopped before its record
+                    result.model_uri = tracker.complete_earlier_registration(result.model_path, **version) or tracker.log_merged_model(
+                        result.model_path, **version
+                    )
+                    tracker.close()
+                    log(f"registered: {result.model_uri}")
+                except Exception as error:  # noqa: BLE001 - MLflow is an observer: a store that fails now undoes none of the work
+                    # (it failed the job after the save and the evaluation); its runs end FAILED where the store still takes that
+                    tracker.abort(error)
+                    text = str(error).strip()
+                    result.tracking_failed = (
+                        f"the few-step model is saved ({result.model_path}) but MLflow could not log it to {tracker.config.tracking_uri} "
+                        f"({type(error).__name__}: {text.splitlines()[0] if text else 'no message'}). Once the store answers, re-run "
+                        "the same command: it takes the saved model as it is (nothing is trained or saved again), evaluates and logs it"
+                    )
+                    log(f"warning: {result.tracking_failed}")
         except BaseException as error:
             if tracker is not None and hasattr(tracker, "abort"):
                 tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
             raise
-        record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
+        if not result.tracking_failed:  # else no record: the same command logs the model (it resumes at its last step)
+            record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
     finally:
         if we_started_ray:
             ray.shutdown()
