@@ -425,6 +425,53 @@ def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_
     assert merge.run_merge(cfg, tracker=tracker).already_complete and ran == []
 
 
+def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on_the_same_command(world, tmp_path, monkeypatch):
+    """The few-step stage's own store failure (its model saved, not logged: run_fast's tracking_failed) is the
+    merge's too (jobs/merge.py exits 3), and the merge is not recorded complete: the same command runs only the
+    few-step stage again (which logs it); then the merge is complete."""
+    from dmm_ray.fast import job as fast_job
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    ran: list[str] = []
+
+    class Tracker:
+        enabled = False
+
+        def start_stage(self, name, cfg, run_name=None):
+            return {"run_id": "run1"}
+
+        def finish_stage(self, cfg, result):
+            ran.append("register")
+
+        def abort(self, error):
+            pass
+
+    _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, merge.fast_stage, s.when) if s.name == "fast" else s for s in merge.STAGES))
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    store_down = [True]
+
+    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False):
+        ran.append("fast")
+        (out / "fast" / "model").mkdir(parents=True, exist_ok=True)  # a few-step model, as the stage saves it
+        (out / "fast" / "model" / "model_index.json").write_text("{}")
+        (out / "fast" / "model" / "fast.json").write_text("{}")
+        failed = "the few-step model is saved (...) but MLflow could not log it" if store_down[0] else None
+        return fast_job.FastResult(model_path=out / "fast" / "model", tracking_failed=failed)
+
+    monkeypatch.setattr(fast_job, "run_fast", run_fast)
+    result = merge.run_merge(cfg, tracker=Tracker())
+    assert ran == ["distill", "synthesize", "finetune", "save", "evaluate", "track", "register", "fast"]
+    assert result.tracking_failed == result.fast.tracking_failed and result.run_id == "run1"
+    ran.clear()
+    store_down[0] = False
+    result = merge.run_merge(cfg, tracker=Tracker())  # the same command: only the few-step stage, which logs it now
+    assert ran == ["fast"] and not result.tracking_failed
+    ran.clear()
+    assert merge.run_merge(cfg, tracker=Tracker()).already_complete and ran == []
+
+
 def _stub_training(monkeypatch, world: dict, ran: list[str], kill_in: set[str]) -> None:
     """The merge's stages without Ray: distill records its inputs and leaves state in output_dir (as distill_stage),
     its student the base's UNet with the teachers' styles; then the real save, evaluate and track. A stage named in
