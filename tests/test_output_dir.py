@@ -406,7 +406,7 @@ def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_
             pass
 
     _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     said: list[str] = []
     monkeypatch.setattr(merge, "say", lambda who, msg: said.append(msg))
     tracker = Tracker()
@@ -449,7 +449,7 @@ def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on
 
     _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
     monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, merge.fast_stage, s.when) if s.name == "fast" else s for s in merge.STAGES))
-    monkeypatch.setattr(merge, "ensure_latents", lambda cfg: None)
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     store_down = [True]
 
     def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False):
