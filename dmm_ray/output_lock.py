@@ -201,17 +201,10 @@ def release(out: Path, owner: dict, name: str = LOCK_NAME) -> None:
 
 
 @contextmanager
-def hold(
-    out: Path,
-    warn=print,
-    name: str = LOCK_NAME,
-    job: str = "merge",
-    what: str | None = None,
-    fix: str = "--set output_dir=NEW_DIR",
-    holder: str | None = None,
-) -> Iterator[dict]:
-    """`with hold(out):` the job's body; the lock is released when it returns or raises (see `acquire`)."""
-    owner = acquire(out, warn, name, job, what, fix, holder)
+def hold(out: Path, warn=print, name: str = LOCK_NAME, **options) -> Iterator[dict]:
+    """`with hold(out):` the job's body; the lock is released when it returns or raises (`options`: acquire's
+    job, what, fix, holder)."""
+    owner = acquire(out, warn, name, **options)
     try:
         yield owner
     finally:
