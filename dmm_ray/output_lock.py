@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 LOCK_NAME = "merge.lock"
+FAST_LOCK = "fast.lock"  # one few-step job per folder (dmm_ray/fast/job.py); not merge.lock: fast.output_dir may be the merge's output_dir
 _CLOCK_SLACK_S = 2.0  # process start times from the OS are coarse (boot time in whole seconds)
 
 
@@ -225,7 +226,6 @@ def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
     the lock is exclusive, and holding it to read would refuse every other reader and need write access to the
     job's folder. A stale lock (its owner gone from this host), a merge.lock that an evaluation holds (it only
     reads the model, and keeps merges out while it does) and a folder of another name are no obstacle."""
-    from dmm_ray.fast.job import FAST_LOCK  # (here: the few-step job imports this module)
 
     model = Path(model).resolve()
     guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)

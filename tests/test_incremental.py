@@ -676,8 +676,9 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evalu
     assert ran == ["distill", "save", "evaluate"] and DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
     ran.clear()
     failing.discard("evaluate")
-    with pytest.raises(RuntimeError, match="the tracking store went away"):
-        merge.run_merge(cfg, tracker=tracker)  # was refused: resumes after the save
+    # was refused: resumes after the save; the store failing in track stops nothing (an observer), the merge
+    # stays recorded as saved, not tracked
+    assert "the tracking store went away" in merge.run_merge(cfg, tracker=tracker).tracking_failed
     assert ran == ["evaluate", "track"]
     ran.clear()
     failing.clear()

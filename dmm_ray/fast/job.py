@@ -18,6 +18,7 @@ from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
 from dmm_ray.merged_model import MERGE_RECORD, STYLES_RECORD, read_record, recorded_teachers, recover, staged
+from dmm_ray.output_lock import FAST_LOCK  # (re-exported: the few-step job's lock)
 from dmm_ray.ray_session import init_for_training
 from dmm_ray.tracking import version_record
 
@@ -38,7 +39,6 @@ class FastResult:
 
 
 COMPLETE_RECORD = "fast_complete.json"  # in the stage's folder (dmm_ray/completion.py)
-FAST_LOCK = "fast.lock"  # one few-step job per folder (dmm_ray/output_lock.py); not merge.lock: fast.output_dir may be the merge's output_dir
 FAST_LOCK_FIX = "--output-dir NEW_DIR, or --set fast.output_dir=NEW_DIR"  # how to write a few-step job elsewhere (its lock's refusal)
 
 
