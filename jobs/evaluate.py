@@ -222,7 +222,12 @@ def main(argv=None) -> int:
             done = "M_ref is computed and cached" if args.reference_only else f"the evaluation is written ({Path(cfg.output_dir).resolve()})"
             print(
                 f"warning: {done} but not logged to MLflow at {tracking.tracking_uri} ({type(error).__name__}: {first}); "
-                "once the store answers, the same command logs it (it reuses the statistics cached in cache_dir)",
+                "once the store answers, the same command logs it: "
+                + (
+                    "it reads M_ref from cache_dir"
+                    if args.reference_only
+                    else "it samples the model again (the teachers' statistics come from cache_dir) and logs that evaluation"
+                ),
                 file=sys.stderr,
             )
             return 3

@@ -19,7 +19,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
 
 import pyarrow.fs as pafs
@@ -235,8 +235,11 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
 def model_siblings(path: str) -> tuple[str, str]:
     """(`merged.tmp`, `merged.old`) beside the model folder `path` on its filesystem: where `upload_model`
     uploads the new model and keeps the previous one (the names merged_model.save_siblings gives locally)."""
+    from dmm_ray.merged_model import save_siblings
+
     path = path.rstrip("/")
-    return path + ".tmp", path + ".old"
+    tmp, old = save_siblings(PurePosixPath(path))
+    return str(tmp), str(old)
 
 
 def _complete(fs: pafs.FileSystem, path: str) -> bool:
