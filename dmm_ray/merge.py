@@ -1097,7 +1097,12 @@ def fast_stage(run: MergeRun) -> None:
     # evaluated as the merged model was (evaluate_stage: when evaluation.enabled), also when a re-run runs only this stage
     # the merged model is this merge's (saved now, or by the run its completion record names): few-step state of
     # these settings from an earlier model there is of a model the merge replaced (run_fast discards it)
-    result.fast = run_fast(fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled, merge_saved_model=True)
+    # after the merge's own store failed: not recorded complete either, so the re-run that logs the merged model logs
+    # this one too (it takes the saved few-step model as it is); recorded complete, it was never registered
+    untracked = result.tracking_failed if fast_tracker is None and getattr(run.tracker, "enabled", False) else None
+    result.fast = run_fast(
+        fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled, merge_saved_model=True, untracked=untracked
+    )
     if result.fast.tracking_failed:  # the job exits 3; not recorded complete, so the same command logs it (only this stage runs)
         result.tracking_failed = result.fast.tracking_failed
 

@@ -1175,6 +1175,13 @@ def test_a_few_step_job_whose_store_fails_after_the_save_keeps_its_model_and_say
     import mlflow
 
     assert mlflow.active_run() is None  # its runs are off MLflow's stack: nothing tries the failed store again at exit
+    # a merge's few-step stage after the MERGE's store failed runs with no tracker (untracked: why): it is not recorded
+    # complete either, so the re-run that logs the merged model logs this one (recorded, it was never registered)
+    other = tmp_path / "fast_untracked"
+    cfg = MergeConfig.model_validate({**tree, "fast": {**tree.get("fast", {}), "output_dir": str(other)}}).with_absolute_paths()
+    result = fast_job.run_fast(cfg, merged, tracker=None, evaluate=False, untracked="the merge's store failed")
+    assert (other / "model" / "model_index.json").exists() and result.tracking_failed == "the merge's store failed"
+    assert not (other / fast_job.COMPLETE_RECORD).exists()
 
 
 def test_a_few_step_job_closes_only_the_dead_runs_of_its_own_folder(merged_world, tmp_path, monkeypatch):

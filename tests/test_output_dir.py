@@ -425,6 +425,51 @@ def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_
     assert merge.run_merge(cfg, tracker=tracker).already_complete and ran == []
 
 
+def test_after_the_merges_store_failed_its_few_step_stage_is_not_recorded_complete(world, tmp_path, monkeypatch):
+    """The merge's store failed in its track stage: its few-step stage runs without MLflow (run_fast's tracker None)
+    and is told why (untracked), so it is not recorded complete; a completion record made the re-run that logs the
+    merged model find the few-step stage complete, and its model was never registered."""
+    from dmm_ray.fast import job as fast_job
+
+    out = tmp_path / "out"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
+    ran: list[str] = []
+    store_down = [True]
+
+    class Tracker:
+        enabled = True
+
+        def start_stage(self, name, cfg, run_name=None):
+            return {"run_id": "run1"}
+
+        def finish_stage(self, cfg, result):
+            if store_down[0]:
+                raise RuntimeError("the store went away")
+            ran.append("register")
+
+        def abort(self, error):
+            pass
+
+    _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
+    monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, merge.fast_stage, s.when) if s.name == "fast" else s for s in merge.STAGES))
+    monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
+    monkeypatch.setattr("dmm_ray.tracking.make_tracker", lambda cfg: "the few-step stage's tracker")
+    calls = []
+
+    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None):
+        ran.append("fast")
+        calls.append((tracker, untracked))
+        return fast_job.FastResult(model_path=out / "fast" / "model", tracking_failed=untracked)
+
+    monkeypatch.setattr(fast_job, "run_fast", run_fast)
+    result = merge.run_merge(cfg, tracker=Tracker())
+    assert calls == [(None, result.tracking_failed)] and "the store went away" in result.tracking_failed
+    ran.clear()
+    store_down[0] = False
+    result = merge.run_merge(cfg, tracker=Tracker())  # the store answers: the merged model is logged, the few-step stage runs with MLflow
+    assert ran == ["evaluate", "track", "register", "fast"] and calls[-1] == ("the few-step stage's tracker", None) and not result.tracking_failed
+
+
 def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on_the_same_command(world, tmp_path, monkeypatch):
     """The few-step stage's own store failure (its model saved, not logged: run_fast's tracking_failed) is the
     merge's too (jobs/merge.py exits 3), and the merge is not recorded complete: the same command runs only the
@@ -452,8 +497,9 @@ def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     store_down = [True]
 
-    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False):
+    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None):
         ran.append("fast")
+        assert untracked is None  # its merge's store answered
         (out / "fast" / "model").mkdir(parents=True, exist_ok=True)  # a few-step model, as the stage saves it
         (out / "fast" / "model" / "model_index.json").write_text("{}")
         (out / "fast" / "model" / "fast.json").write_text("{}")

@@ -531,7 +531,13 @@ def trained_line(metrics: dict, loss_name: str, seconds: float) -> str:
 
 
 def run_fast(
-    cfg: MergeConfig, model_dir: str | Path, tracker=None, evaluate: bool = True, restart: bool = False, merge_saved_model: bool = False
+    cfg: MergeConfig,
+    model_dir: str | Path,
+    tracker=None,
+    evaluate: bool = True,
+    restart: bool = False,
+    merge_saved_model: bool = False,
+    untracked: str | None = None,
 ) -> FastResult:
     """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
     Training state in the output folder resumes only when it was made from the same model with the
@@ -540,7 +546,9 @@ def run_fast(
     `merge_saved_model`: the stage of the merge that saved `model_dir` (dmm_ray.merge.fast_stage). State of its
     settings made from an earlier model there, which that merge replaced, is discarded, not refused: the merge
     compared every other input before it started, and a refusal now came after the whole merge, on a model
-    that no longer exists, and stopped every re-run of the merge command in the same place."""
+    that no longer exists, and stopped every re-run of the merge command in the same place. `untracked`: why the run
+    has no tracker where it should have one (the merge's store failed in its track stage): the run is not recorded
+    complete, so the same command, once the store answers, logs its model (as after its own store's failure)."""
     from dmm_ray import output_lock
 
     started = time.time()
@@ -549,7 +557,7 @@ def run_fast(
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX):
-        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model, encode_plan)
+        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model, encode_plan, untracked)
 
 
 def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: bool) -> dict:
@@ -646,6 +654,7 @@ def _run_fast(
     started: float,
     merge_saved_model: bool = False,
     encode_plan=None,  # check_before_ray's, for ensure_latents
+    untracked: str | None = None,
 ) -> FastResult:
     import ray
 
@@ -752,7 +761,8 @@ def _run_fast(
             if tracker is not None and hasattr(tracker, "abort"):
                 tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
             raise
-        if not result.tracking_failed:  # else no record: the same command logs the model (it resumes at its last step)
+        result.tracking_failed = result.tracking_failed or untracked
+        if not result.tracking_failed:  # else no record: the same command logs the model (it takes the saved one as it is)
             record_finished(out, COMPLETE_RECORD, asked, model_uri=result.model_uri)
     finally:
         if we_started_ray:
