@@ -375,6 +375,26 @@ def test_a_merge_whose_evaluation_failed_after_the_save_runs_only_the_stages_aft
     assert ran == ["encode", "start", "distill", "synthesize", "finetune", "save", "evaluate", "track", "register ['distill']", "fast"]
 
 
+class _StandInTracker:
+    """The merge's tracker without MLflow: its stage runs are numbered run1, run2, ...; finish_stage (the track
+    stage's logging and registration) raises `error` while `store_down[0]`, else appends "register" to `ran`."""
+
+    def __init__(self, ran: list, store_down: list, error: Exception | None = None, enabled: bool = True):
+        self.ran, self.store_down, self.error, self.enabled, self.runs = ran, store_down, error, enabled, 0
+
+    def start_stage(self, name, cfg, run_name=None):
+        self.runs += 1
+        return {"run_id": f"run{self.runs}"}
+
+    def finish_stage(self, cfg, result):
+        if self.store_down[0]:
+            raise self.error
+        self.ran.append("register")
+
+    def abort(self, error):
+        pass
+
+
 def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_path, monkeypatch):
     """Tracking is an observer: an MLflow store that fails when the merge logs and registers its model
     (a server gone down, after MLflow's retries) failed the job after the save, and the few-step stage
@@ -389,21 +409,9 @@ def test_a_tracking_store_that_fails_at_track_stops_none_of_the_work(world, tmp_
     ran: list[str] = []
     store_down = [True]
 
-    class Tracker:
-        enabled = True
-        runs = 0
-
-        def start_stage(self, name, cfg, run_name=None):
-            self.runs += 1
-            return {"run_id": f"run{self.runs}"}
-
-        def finish_stage(self, cfg, result):
-            if store_down[0]:
-                raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed: Max retries exceeded")
-            ran.append("register")
-
-        def abort(self, error):
-            pass
+    def Tracker():
+        error = MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed: Max retries exceeded")
+        return _StandInTracker(ran, store_down, error)
 
     _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
@@ -436,19 +444,8 @@ def test_after_the_merges_store_failed_its_few_step_stage_is_not_recorded_comple
     ran: list[str] = []
     store_down = [True]
 
-    class Tracker:
-        enabled = True
-
-        def start_stage(self, name, cfg, run_name=None):
-            return {"run_id": "run1"}
-
-        def finish_stage(self, cfg, result):
-            if store_down[0]:
-                raise RuntimeError("the store went away")
-            ran.append("register")
-
-        def abort(self, error):
-            pass
+    def Tracker():
+        return _StandInTracker(ran, store_down, RuntimeError("the store went away"))
 
     _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
     monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, merge.fast_stage, s.when) if s.name == "fast" else s for s in merge.STAGES))
@@ -480,17 +477,8 @@ def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on
     cfg = MergeConfig.model_validate(tiny_merge_config(world, out, fast={"enabled": True})).with_absolute_paths()
     ran: list[str] = []
 
-    class Tracker:
-        enabled = False
-
-        def start_stage(self, name, cfg, run_name=None):
-            return {"run_id": "run1"}
-
-        def finish_stage(self, cfg, result):
-            ran.append("register")
-
-        def abort(self, error):
-            pass
+    def Tracker():
+        return _StandInTracker(ran, [False], enabled=False)
 
     _stand_in_stages(monkeypatch, out, ran, failing="none", error="")
     monkeypatch.setattr(merge, "STAGES", tuple(merge.Stage(s.name, merge.fast_stage, s.when) if s.name == "fast" else s for s in merge.STAGES))
