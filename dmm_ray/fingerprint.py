@@ -370,6 +370,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
     their synthesized.* copies) left out of the comparison."""
     recorded = _read(out)
     problems = []
+    hashed: dict = {}  # (teacher, rule) -> its checksum: hashed once for every stage's comparison
     for stage in stages:
         existing = [p for p in state_paths(cfg, out, stage) if _has_state(p)]
         if not existing:
@@ -378,7 +379,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
             problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
             continue
         was, now = ({k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage)))
-        diff = _differences(was, _same_layout(was, _teachers_by_the_recorded_rule(cfg, was, json.loads(json.dumps(now)))))
+        diff = _differences(was, _same_layout(was, _teachers_by_the_recorded_rule(cfg, was, json.loads(json.dumps(now)), hashed)))
         if diff:
             problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
     if problems:
@@ -390,25 +391,33 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
         )
 
 
-def _teachers_by_the_recorded_rule(cfg, was: dict, now: dict) -> dict:
+def _teachers_by_the_recorded_rule(cfg, was: dict, now: dict, hashed: dict | None = None) -> dict:
     """`now` with a teacher's recorded checksum where its files, hashed now by an earlier files_checksum rule
     (teachers.CHECKSUM_RULES), give it: state an earlier dmm-ray recorded, of the same teacher. Each change of
     the rule made such a teacher "checksum changed" and its run refused until --restart (a LoRA of 16-32 MiB,
     whose tail the first rule skipped; a folder from `hf download --local-dir`, whose .cache/ the rules before
     "content" hashed). What that earlier rule could not see (such a LoRA's tail) it still cannot; a record by
-    the current rule is compared by it alone."""
+    the current rule is compared by it alone. `hashed`: (teacher name, rule) -> checksum, kept by the caller
+    across stages, so a teacher's files are hashed once per rule."""
     from dmm_ray.teachers import CHECKSUM_RULES, teacher_checksum
 
     old, new = was.get("teachers"), now.get("teachers")
     if not isinstance(old, list) or not isinstance(new, list):
         return now
     specs = {t.name: t for t in cfg.teachers}
+    hashed = {} if hashed is None else hashed
     teachers = list(new)
     for i, (t_old, t_new) in enumerate(zip(old, new)):
         recorded, spec = t_old.get("checksum"), specs.get(t_new["name"])
         if spec is None or t_old.get("name") != t_new["name"] or not recorded or recorded == t_new["checksum"]:
             continue
-        if any(teacher_checksum(spec, rule=rule) == recorded for rule in reversed(CHECKSUM_RULES[:-1])):
+
+        def by(rule):
+            if (spec.name, rule) not in hashed:
+                hashed[spec.name, rule] = teacher_checksum(spec, rule=rule)
+            return hashed[spec.name, rule]
+
+        if any(by(rule) == recorded for rule in reversed(CHECKSUM_RULES[:-1])):
             teachers[i] = {**t_new, "checksum": recorded}
     return {**now, "teachers": teachers}
 

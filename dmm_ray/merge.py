@@ -736,22 +736,22 @@ def fast_stage_runs(cfg: MergeConfig, local: Path, restart: bool = False) -> boo
     return cfg.fast.enabled and (restart or completed_merge(cfg, local) is None)
 
 
-def check_fast_lock(cfg: MergeConfig, local: Path, restart: bool = False) -> list[str]:
+def check_fast_lock(cfg: MergeConfig, local: Path, restart: bool = False, runs: bool | None = None) -> list[str]:
     """With fast.enabled, when the few-step stage will run (the merge is not complete already): the few-step
     folder's fast.lock (dmm_ray/output_lock.py), read, not taken. One a running few-step job holds (jobs/fast.py,
     or another merge's stage on that folder), or one on another host, raises its OutputDirBusyError naming the
     owner: the stage takes the lock only after the whole merge, and was refused there. Returns the line a run
-    would log about a stale one (the stage takes it over), for the dry run."""
-    if not fast_stage_runs(cfg, local, restart):
+    would log about a stale one (the stage takes it over), for the dry run. `runs`: fast_stage_runs, when the
+    caller has it already (it reads and compares the completion record)."""
+    if not (fast_stage_runs(cfg, local, restart) if runs is None else runs):
         return []
     from dmm_ray import output_lock
-    from dmm_ray.fast.job import FAST_LOCK
 
     folder = fast_folder(cfg, local)
     what = f"the few-step folder {folder} (this merge's fast stage)"
     # the merge is the job refused (it writes its few-step stage elsewhere); the holder: a few-step job, as its lock says
     line = output_lock.check(
-        folder, name=FAST_LOCK, job="merge's few-step stage", what=what, fix="--set fast.output_dir=NEW_DIR", holder="few-step job"
+        folder, name=output_lock.FAST_LOCK, job="merge's few-step stage", what=what, fix="--set fast.output_dir=NEW_DIR", holder="few-step job"
     )
     return [line] if line else []
 
@@ -823,11 +823,12 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
     local = output_location(cfg)[0]
-    lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart)
+    fast_runs = fast_stage_runs(cfg, local, restart)
+    lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart, runs=fast_runs)
     # what a killed save left, which the run puts back (or removes) before anything else: _merge's recover_merged
     # first, its few-step stage's run_fast at the stage's start. Said, not done (the dry run changes nothing)
     lines += recover(local / "merged", dry_run=True)
-    if fast_stage_runs(cfg, local, restart):
+    if fast_runs:
         from dmm_ray.fast.job import FAST_RECORD
 
         lines += recover(fast_folder(cfg, local) / "model", marker=FAST_RECORD, dry_run=True)

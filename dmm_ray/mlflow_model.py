@@ -181,17 +181,12 @@ class DMMPyfuncModel(mlflow.pyfunc.PythonModel):
         steps_kw = {} if steps is None else {"num_inference_steps": int(steps)}
         if not names:  # the stock pipeline: the sampler a merged model without sampler.json uses (DMMPipeline applies its own)
             d = self.defaults
-            steps_kw = {
-                "num_inference_steps": d["num_inference_steps"],
-                "guidance_scale": d["guidance_scale"],
-                "negative_prompt": d["negative_prompt"],
-                **steps_kw,
-            }
+            steps_kw = {"num_inference_steps": d["num_inference_steps"], "guidance_scale": d["guidance_scale"], **steps_kw}
         images = []
         for start in range(0, len(prompts), BATCH):
             chunk = slice(start, start + BATCH)
             # the stock pipeline takes a negative prompt per prompt when given a list (a str is a TypeError there)
-            row_kw = {"style": styles[chunk]} if names else {"negative_prompt": [steps_kw["negative_prompt"]] * len(prompts[chunk])}
+            row_kw = {"style": styles[chunk]} if names else {"negative_prompt": [self.defaults["negative_prompt"]] * len(prompts[chunk])}
             images += self.pipe(prompts[chunk], generator=generator, **{**steps_kw, **row_kw}).images
 
         # 3. PIL in-process, or base64 PNG in a DataFrame (what `mlflow models serve` can send as JSON)

@@ -225,8 +225,12 @@ def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
     job reading the folder then could read half of one model and half of the other. Refused rather than taken:
     the lock is exclusive, and holding it to read would refuse every other reader and need write access to the
     job's folder. A stale lock (its owner gone from this host), a merge.lock that an evaluation holds (it only
-    reads the model, and keeps merges out while it does) and a folder of another name are no obstacle."""
+    reads the model, and keeps merges out while it does) and a folder of another name are no obstacle, and so is
+    a location that is no local folder (a URI, `models:/`, `runs:/`: read as a downloaded copy)."""
+    from dmm_ray.paths import is_mlflow_uri
 
+    if is_mlflow_uri(str(model)):
+        return
     model = Path(model).resolve()
     guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)
         "merged": (LOCK_NAME, f"the merged model of output_dir {model.parent}", "merge"),

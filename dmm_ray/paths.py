@@ -78,6 +78,11 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
+def is_mlflow_uri(uri: str) -> bool:
+    """`models:/...`, `runs:/...` or any other URI MLflow downloads; a plain path is not."""
+    return "://" in uri or uri.startswith(("models:/", "runs:/"))
+
+
 # `scheme:/x` or `scheme:` alone: what `Path("s3://b/x")` leaves of a URI (a local folder named `s3:`)
 _MANGLED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/(?!/)|$)")
 

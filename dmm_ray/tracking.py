@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 from pydantic import BaseModel
 
 from dmm_ray.config import TrackingConfig  # noqa: F401  (re-exported: the tracking section's type)
+from dmm_ray.paths import is_mlflow_uri  # (jobs and tests import it from here too)
 
 log = logging.getLogger(__name__)
 # The model registry the user named ($MLFLOW_REGISTRY_URI) when this module was imported: MLflow's
@@ -652,11 +653,6 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
     return _find_pipeline_folder(path, uri)
 
 
-def is_mlflow_uri(uri: str) -> bool:
-    """`models:/...`, `runs:/...` or any other URI MLflow downloads; a plain path is not."""
-    return "://" in uri or uri.startswith(("models:/", "runs:/"))
-
-
 @contextlib.contextmanager
 def local_model(uri: str | None, tracking_uri: str | None = None) -> Iterator[Path | None]:
     """`resolve_model_uri` for a job: the model as a local folder for the length of the block. A local
@@ -782,9 +778,11 @@ class StageTracker(MergeTracker):
         `tags`, and its `models:/<name>/<version>` is returned; registering the model again made a second version of
         it. None when this stage run saved the model, or that run registered no version under the configured name."""
         name = self.config.registered_model_name
+        from dmm_ray.merged_model import read_record
+
         try:
-            saved_by = (json.loads((Path(model_dir) / "dmm_merge.json").read_text()).get("mlflow") or {}).get("run_id")
-        except (OSError, ValueError, AttributeError):
+            saved_by = (read_record(model_dir).get("mlflow") or {}).get("run_id")
+        except (ValueError, AttributeError):  # a record that is no JSON object
             saved_by = None
         if not name or not saved_by or saved_by == self.stage_run_id:
             return None

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     # running merge refuses this job, naming itself, and a merge started meanwhile refuses to start)
     # (recorded as an evaluation's: readers of the merged model are not refused by it, and a merge's refusal says so)
     guard = output_lock.hold(merge_folder, job=output_lock.EVALUATION, fix="--out OUT", holder="merge") if merge_folder else nullcontext()
-    if not merge_folder and args.model and "://" not in args.model:  # (holding the lock, the evaluation reads its model safely)
+    if not merge_folder and args.model:  # (holding the lock, the evaluation reads its model safely)
         output_lock.check_not_being_replaced(args.model)  # a merge's <output_dir>/merged, a few-step <folder>/model, while its job runs
     with guard, local_model(args.model or None, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         if tracking is not None:

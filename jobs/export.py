@@ -176,8 +176,7 @@ def _export(args, stack: contextlib.ExitStack) -> int:
     # run the export is logged to (checked now, unless --no-track). A local merge's <output_dir>/merged (or a
     # few-step <folder>/model) that a running job may be replacing is refused first: read half-way, the export
     # would bake half of one model and half of the other
-    if "://" not in args.model and not is_mlflow_uri(args.model):
-        check_not_being_replaced(args.model)
+    check_not_being_replaced(args.model)
     try:
         folder, model_run_id, model_uri = stack.enter_context(resolve_model(args.model, args.tracking_uri))
     except TrackingError as exc:

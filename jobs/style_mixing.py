@@ -140,10 +140,9 @@ def main(argv=None) -> int:
         from dmm_ray.baselines.score_ensemble import check_shared_text_encoder
 
         check_shared_text_encoder([specs[g] for g in group])
-    if "://" not in args.model and not is_mlflow_uri(args.model):
-        from dmm_ray.output_lock import check_not_being_replaced
+    from dmm_ray.output_lock import check_not_being_replaced
 
-        check_not_being_replaced(args.model)  # a merge's <output_dir>/merged (a few-step <folder>/model) while its job runs
+    check_not_being_replaced(args.model)  # a merge's <output_dir>/merged (a few-step <folder>/model) while its job runs
     with local_model(args.model, args.tracking_uri) as model_path:  # a models:/ download is removed afterwards
         return _compare(args, cfg, setup, model_path, group, pair, wm_plan)
 

@@ -41,14 +41,13 @@ TRACKING_OPTIONS = {"tracking_uri": "--tracking-uri", "project": "--project", "r
 def version_description(names: list[str], weights: list[float], out) -> dict:
     """`description` and `tags` of the registered version, as a merge's (`dmm_ray.tracking.version_record`): the
     Models page showed a weighted merge's version with neither, so nothing told one mix from another."""
+    from dmm_ray.tracking import version_record
+
+    record = version_record("weighted-merge", out)  # its stage and path tags; the folder records no styles: the teachers'
+    record["tags"].update({"dmm.styles": ",".join(names), "dmm.weights": ",".join(f"{w:g}" for w in weights)})
     mix = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
-    tags = {
-        "dmm.stage": "weighted-merge",
-        "dmm.styles": ",".join(names),
-        "dmm.weights": ",".join(f"{w:g}" for w in weights),
-        "dmm.merged_path": str(out),
-    }
-    return {"description": f"weighted-merge: {len(names)} teacher(s) ({mix})", "tags": tags}
+    record["description"] = f"weighted-merge: {len(names)} teacher(s) ({mix})"
+    return record
 
 
 def _tracking_config(args):
