@@ -20,6 +20,22 @@ def _csv(s: str | None):
     return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _weights(text: str, names: list[str]) -> list[float]:
+    """--weights -> one number per teacher, by position. An empty entry is refused, not skipped: skipping
+    it moved each later weight onto the teacher before it (`--names a,b,c --weights 0.5,,0.2,0.3`
+    merged a 0.5, b 0.2, c 0.3)."""
+    from dmm_ray.baselines.weighted_merge import MergeWeightsError
+
+    parts = [x.strip() for x in text.split(",")]
+    empty = [i + 1 for i, x in enumerate(parts) if not x]
+    if empty:
+        raise MergeWeightsError(
+            f"entry {', '.join(map(str, empty))} of {len(parts)} is empty (two commas in a row, or one at either end); "
+            f"give one weight per teacher ({', '.join(names)}), in that order, separated by single commas"
+        )
+    return [float(x) for x in parts]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", required=True, help="zoo.yaml or a merge config")
@@ -104,8 +120,9 @@ def main(argv=None) -> int:
             print(f"error: unknown teacher(s) {unknown}; known: {list(known)}", file=sys.stderr)
             return 2
         specs = [known[n] for n in names]
+    names = [s.name for s in specs]
     try:
-        weights = validate_weights([float(w) for w in _csv(args.weights)] if args.weights else None, [s.name for s in specs])
+        weights = validate_weights(_weights(args.weights, names) if args.weights else None, names)
     except (MergeWeightsError, ValueError) as e:
         print(f"error: --weights {args.weights}: {e}", file=sys.stderr)
         return 2

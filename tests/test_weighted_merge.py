@@ -157,6 +157,21 @@ def test_weighted_merge_job_refuses_empty_and_repeated_names(zoo, tmp_path, caps
     assert not (tmp_path / "wm").exists()
 
 
+@pytest.mark.parametrize("weights, empty", [("0.5,,0.2,0.3", "entry 2 of 4"), ("0.5,0.5,", "entry 3 of 3"), (",0.5,0.5", "entry 1 of 3")])
+def test_weighted_merge_job_refuses_an_empty_weight(weights, empty, zoo, tmp_path, capsys, monkeypatch):
+    """An empty --weights entry was skipped: `--names a,b,c --weights 0.5,,0.2,0.3` merged a 0.5, b 0.2,
+    c 0.3 (each later weight moved onto the teacher before it). Now exit 2 naming the entry, before any merge."""
+    from dmm_ray.baselines import weighted_merge as wm
+    from jobs import weighted_merge as job
+
+    monkeypatch.setattr(wm, "weighted_merge_teachers", lambda *a, **k: pytest.fail("merged despite an empty --weights entry"))
+    names = "a,b,c" if weights.count(",") == 3 else "a,b"
+    assert job.main(["--teachers", str(zoo), "--names", names, "--weights", weights, "--out", str(tmp_path / "wm")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --weights {weights}: {empty} is empty") and f"one weight per teacher ({names.replace(',', ', ')})" in err, err
+    assert not (tmp_path / "wm").exists()
+
+
 @pytest.mark.parametrize("option", ["--weights", "--out", "--teachers"])
 def test_weighted_merge_job_refuses_an_empty_value(option, tmp_path, capsys, monkeypatch):
     """`--weights ""` merged with equal weights and `--out ""` wrote the merge over the current folder
