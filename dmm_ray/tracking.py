@@ -608,6 +608,32 @@ class BufferedMetricLogger:
             self.buffer.clear()
 
 
+def worker_metric_logger(tracking: dict | None, rank: int):
+    """Rank 0's per-step metric logger: a `BufferedMetricLogger`, so an MLflow outage (server down,
+    SQLite locked) costs one warning and buffered metrics, never an exception (or a Ray Train retry).
+    `tracking`: the stage's {"uri", "run_id", "prefix", "retry_s"} (None: tracking off). The distillation
+    and the few-step stage's workers both log through it."""
+    if not tracking or rank != 0 or not tracking.get("run_id"):
+        return BufferedMetricLogger(None)
+    # A down HTTP server must not stall a step for minutes of MLflow's default retries (user settings win).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri, run_id = tracking["uri"], tracking["run_id"]
+    prefix = tracking.get("prefix", "")
+    client = None
+
+    def write(entries: list):
+        nonlocal client
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if client is None:
+            client = MlflowClient(uri)
+        client.log_batch(run_id, metrics=[Metric(prefix + k, float(v), ts, step) for metrics, step, ts in entries for k, v in metrics.items()])
+
+    return BufferedMetricLogger(write, retry_s=tracking.get("retry_s", 30.0), what=f"MLflow ({uri})")
+
+
 def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """A local diffusers folder for `uri`: a local path, `models:/<name>/<version|alias>`, `runs:/...`,
     or any MLflow artifact URI of a logged merged model (downloaded under `dst`).

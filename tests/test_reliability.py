@@ -236,10 +236,10 @@ def _warnings(caplog) -> list[str]:
 
 
 def test_mlflow_outage_buffers_metrics_and_writes_them_when_it_returns(monkeypatch, caplog):
-    from dmm_ray.distill.loop import _mlflow_logger
+    from dmm_ray.tracking import worker_metric_logger
 
     client = _fake_mlflow(monkeypatch, failures=3)
-    log = _mlflow_logger({"uri": "http://127.0.0.1:1", "run_id": "r1", "prefix": "distill/", "retry_s": 0}, rank=0)
+    log = worker_metric_logger({"uri": "http://127.0.0.1:1", "run_id": "r1", "prefix": "distill/", "retry_s": 0}, rank=0)
     with caplog.at_level(logging.INFO, logger="dmm_ray.tracking"):
         for step in range(1, 6):
             log({"loss_score": 0.1 * step, "lr": 1e-4}, step)  # steps 1-3 fail, step 4 writes 1-4, step 5 writes 5
@@ -251,10 +251,10 @@ def test_mlflow_outage_buffers_metrics_and_writes_them_when_it_returns(monkeypat
 
 
 def test_mlflow_always_down_warns_once_and_never_raises(monkeypatch, caplog):
-    from dmm_ray.distill.loop import _mlflow_logger
+    from dmm_ray.tracking import worker_metric_logger
 
     client = _fake_mlflow(monkeypatch, failures=10**9)
-    log = _mlflow_logger({"uri": "sqlite:///locked.db", "run_id": "r1", "retry_s": 0}, rank=0)
+    log = worker_metric_logger({"uri": "sqlite:///locked.db", "run_id": "r1", "retry_s": 0}, rank=0)
     log.max_buffered = 5  # bounded: the oldest steps go
     with caplog.at_level(logging.WARNING, logger="dmm_ray.tracking"):
         for step in range(1, 21):

@@ -32,6 +32,7 @@ def train_loop_per_worker(config: dict) -> None:
     """One worker of one stage: build, restore, then step and report until the stage's last step.
     `config`: a `dmm_ray.config.StageConfig`, as JSON (distill/trainer.py::build_trainer)."""
     from dmm_ray.config import StageConfig
+    from dmm_ray.tracking import worker_metric_logger
 
     spec = StageConfig.model_validate(config)
     worker = identify(spec)
@@ -41,7 +42,7 @@ def train_loop_per_worker(config: dict) -> None:
     start = restore(worker, models, optim, spec.init_state, rng)  # a Ray Train checkpoint (rng included), or the distill stage's state
     step_fn = build_step(worker, models)
     batches = StageBatches(worker, models.noise_scheduler, start, rng)
-    report = Reporter(worker, models, optim, batches, _mlflow_logger(spec.tracking, worker.rank), start.step)
+    report = Reporter(worker, models, optim, batches, worker_metric_logger(spec.tracking, worker.rank), start.step)
     for step in range(start.step, worker.cfg.distill.steps):
         micro, styles = batches.next_step()  # grad_accum x ({latents, noisy_latents, ...} of (B, 4, h, w), style ids (B,))
         maybe_kill_worker(worker.cfg, worker.stage, step, worker.rank, worker.world)  # test hook: distill.fail_at_step
@@ -411,32 +412,6 @@ def _init_adapters_from_teachers(cfg, student, base, first: int, report: bool = 
                 f"style adapters: {spec.name} starts at rank {student.config.style_adapter_rank}, "
                 f"{100 * kept[spec.name]:.0f}% of its teacher's adapted-layer change"
             )
-
-
-def _mlflow_logger(tracking: dict | None, rank: int):
-    """Rank 0's per-step metric logger: a `BufferedMetricLogger`, so an MLflow outage (server down,
-    SQLite locked) costs one warning and buffered metrics, never an exception (or a Ray Train retry)."""
-    from dmm_ray.tracking import BufferedMetricLogger
-
-    if not tracking or rank != 0 or not tracking.get("run_id"):
-        return BufferedMetricLogger(None)
-    # A down HTTP server must not stall a step for minutes of MLflow's default retries (user settings win).
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    uri, run_id = tracking["uri"], tracking["run_id"]
-    prefix = tracking.get("prefix", "")
-    client = None
-
-    def write(entries: list):
-        nonlocal client
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        if client is None:
-            client = MlflowClient(uri)
-        client.log_batch(run_id, metrics=[Metric(prefix + k, float(v), ts, step) for metrics, step, ts in entries for k, v in metrics.items()])
-
-    return BufferedMetricLogger(write, retry_s=tracking.get("retry_s", 30.0), what=f"MLflow ({uri})")
 
 
 def _optimizer(student, d, lr: float, steps: int, warmup: int):

@@ -98,10 +98,10 @@ def train_fast_per_worker(config: dict) -> None:
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
     from dmm_ray.distill.checkpointing import resume_checkpoint
     from dmm_ray.distill.conditioning import load_base_conditioner
-    from dmm_ray.distill.loop import _mlflow_logger
     from dmm_ray.distill.streams import EpochStream, cached_stream, join_batches
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
     from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.tracking import worker_metric_logger
 
     no_loading_bars()
     cfg = MergeConfig.model_validate(config["merge"])
@@ -163,7 +163,7 @@ def train_fast_per_worker(config: dict) -> None:
     if n_synth:  # every style's teacher samples, pooled and shuffled once (a fixed order: resumable by position)
         rows = synthesized_rows(ray.train.get_dataset_shard("synth"), num_styles, seed=f.seed + rank)
         synth = cached_stream(rows, n_synth, stream_cfg, scheduler, empty_np, device, "synthesized samples", consumed=start_step)
-    log = _mlflow_logger(config.get("tracking"), rank)
+    log = worker_metric_logger(config.get("tracking"), rank)
     rollout_phase = None
     if f.rollout_steps:  # after the LCM steps: the student's own sampler, pulled to the merged model's endpoints
         rollout_phase = RolloutPhase(
