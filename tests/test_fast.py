@@ -2031,6 +2031,43 @@ def test_a_few_step_run_killed_between_its_save_and_its_record_does_not_train_or
     assert read_record(out / "model")[merge.TRAINED_BY] == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) != first
 
 
+def test_a_few_step_run_hashes_its_saved_model_request_once(tmp_path, monkeypatch):
+    """_run_fast compared the folder's saved model with saved_model_request (in saved_by_this_training) and then
+    computed it again for the save to record: now once, passed to both."""
+    from dmm_ray import completion, fingerprint
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+
+    cfg = MergeConfig.model_validate(
+        {
+            "student": {"base": "/nonexistent/b"},
+            "data": {"base": "/nonexistent/b", "shards": str(tmp_path / "shards")},
+            "teachers": [{"name": "a", "source": "/nonexistent/a"}],
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
+    hashed = []
+    request = fast_job.saved_model_request
+    monkeypatch.setattr(fast_job, "saved_model_request", lambda asked: hashed.append(request(asked)) or hashed[-1])
+    monkeypatch.setattr(fingerprint, "fast_inputs", lambda *a: {})
+    monkeypatch.setattr(fingerprint, "check_fast_resume", lambda *a: None)
+    monkeypatch.setattr(completion, "finished", lambda *a, **k: None)
+    monkeypatch.setattr(fast_job, "init_for_training", lambda address=None: False)
+    monkeypatch.setattr(fast_job, "ensure_latents", lambda *a, **k: None)
+    monkeypatch.setattr(fast_job, "read_record", lambda model_dir: {})
+
+    class Trained(Exception):  # the training itself is not this test's: stop where it would start
+        pass
+
+    def train(cfg, model_dir, styles, out, inputs, result, tracking, saved_by):
+        raise Trained(saved_by)
+
+    monkeypatch.setattr(fast_job, "_train_and_save", train)
+    with pytest.raises(Trained) as stop:
+        fast_job._run_fast(cfg, tmp_path / "model", ["a"], tmp_path / "fast", None, False, False, 0.0)
+    assert len(hashed) == 1 and stop.value.args == (hashed[0],)  # was 2: saved_by_this_training hashed it too
+
+
 def test_a_few_step_run_killed_after_registering_its_model_does_not_register_it_again(merged_world, tmp_path, monkeypatch):
     """A few-step run killed after it registered its model but before it recorded that it finished trained
     (resumed at its last step), saved and registered the same model again: a second MLflow version (the merge's

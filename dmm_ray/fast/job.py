@@ -578,9 +578,9 @@ def saved_model_request(asked: dict) -> str:
     return request_sha256({**request, "config": {**config, "fast": fast}})
 
 
-def saved_by_this_training(out: Path, asked: dict) -> bool:
-    """A run of this request (`_fast_request`) killed between its save's swap and its completion record (none in
-    `out`): the few-step model there records this request (`saved_model_request`) and the training state in `out`
+def saved_by_this_training(out: Path, saved_by: str) -> bool:
+    """A run of this request (`saved_by`: its `saved_model_request`) killed between its save's swap and its completion
+    record (none in `out`): the few-step model there records this request and the training state in `out`
     now (its fingerprint.FAST_TRAINING_RUN), as dmm_ray.merge.saved_by_this_training finds a merged model. Training
     again (resumed at its last step) only saved the same model again, and registered it again. A --restart killed
     before its save left the model of the training before it, of the same config: another FAST_TRAINING_RUN (the
@@ -590,7 +590,7 @@ def saved_by_this_training(out: Path, asked: dict) -> bool:
 
     if (out / COMPLETE_RECORD).exists():  # a finished run of another request: its model is that request's
         return False
-    return saved_from(out / "model", saved_model_request(asked), fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
+    return saved_from(out / "model", saved_by, fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
 
 
 def _saved_line(out: Path) -> str:
@@ -638,7 +638,7 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
         return lines
     asked = _fast_request(cfg, model_dir, inputs, evaluate)
     if not recorded:
-        return lines + ([_saved_line(out)] if saved_by_this_training(out, asked) else [])
+        return lines + ([_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else [])
     done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
     return lines + ([_complete_line(out, done)] if done is not None else [])
 
@@ -689,7 +689,8 @@ def _run_fast(
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
     # killed between its save's swap and its completion record (or after its registration): evaluate and register
     # the saved model; training again (resumed at its last step) saved it again and registered a second version
-    saved = saved_by_this_training(out, asked)
+    saved_by = saved_model_request(asked)  # what the saved model records of this run: compared here, recorded by the save
+    saved = saved_by_this_training(out, saved_by)
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
     if saved:
@@ -724,7 +725,7 @@ def _run_fast(
             if saved:  # the steps it was trained for, from its fast.json (its curves stay in the run that trained it)
                 steps = json.loads((result.model_path / FAST_RECORD).read_text()).get("steps", 0)
             else:
-                steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_model_request(asked))
+                steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_by)
             if evaluate and f.eval_steps:
                 result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
             result.seconds = time.time() - started
