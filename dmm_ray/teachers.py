@@ -212,9 +212,11 @@ def _require_base(spec: TeacherSpec, fmt: str) -> str:
     return spec.base
 
 
-def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = None, pipeline_class=None):
+def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = None, pipeline_class=None, text_encoders_only: bool = False):
     """A teacher as a diffusers StableDiffusionPipeline, or StableDiffusionXLPipeline when its folder
-    (or, for single files and LoRAs, its base) is SDXL-architecture; offline, no safety checker."""
+    (or, for single files and LoRAs, its base) is SDXL-architecture; offline, no safety checker.
+    `text_encoders_only`: its UNet and VAE, most of it, are not loaded (None), for what reads only its text
+    encoders; a LoRA teacher is loaded whole (diffusers loads a LoRA's text-encoder layers only with its UNet)."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     from dmm_ray.architectures import base_pipeline_class, pipeline_kwargs
@@ -224,6 +226,8 @@ def load_teacher_pipeline(spec: TeacherSpec, torch_dtype: torch.dtype | None = N
     common = dict(**pipeline_kwargs(cls), local_files_only=True)
     if torch_dtype is not None:
         common["torch_dtype"] = torch_dtype
+    if text_encoders_only and fmt != "lora":
+        common.update(unet=None, vae=None)  # diffusers' from_pretrained / from_single_file skip a component given as None
     try:
         if fmt == "diffusers":
             return cls.from_pretrained(spec.source, **common)

@@ -101,6 +101,31 @@ def test_style_mixing_refuses_an_ensemble_of_teachers_with_their_own_text_encode
     assert not out.exists()  # no weighted merge, no statistics
 
 
+def test_an_ensemble_loads_each_teachers_unet_once(teachers, monkeypatch):
+    """--score-ensemble's check before any image (check_shared_text_encoder) loaded each group teacher whole,
+    and the ensemble loaded it whole again: each UNet and VAE twice. The check now loads the text encoders only."""
+    import collections
+
+    import dmm_ray.teachers
+    from dmm_ray.baselines.score_ensemble import check_shared_text_encoder
+
+    _, specs, other = teachers
+    whole = collections.Counter()
+    load = dmm_ray.teachers.load_teacher_pipeline
+
+    def counting(spec, *args, **kwargs):
+        pipe = load(spec, *args, **kwargs)
+        whole[spec.name] += pipe.unet is not None
+        return pipe
+
+    monkeypatch.setattr(dmm_ray.teachers, "load_teacher_pipeline", counting)
+    check_shared_text_encoder(specs)  # jobs/style_mixing.py, before the weighted merge or any image
+    score_ensemble_pipeline(specs)  # the ensemble's row, when it is sampled
+    assert whole == {name: 1 for name in NAMES}, whole
+    with pytest.raises(ValueError, match="'other' has its own text_encoder"):  # the text encoders alone still tell
+        check_shared_text_encoder([specs[0], other])
+
+
 def test_mixing_study_gains_the_ensemble_row(teachers, tmp_path):
     root, specs, _ = teachers
     c = tiny_sd_components(seed=0)

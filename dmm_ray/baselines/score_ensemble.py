@@ -51,17 +51,18 @@ def _check_text_encoder(first_name: str, first: Any, name: str, pipe: Any) -> No
 def check_shared_text_encoder(specs: Sequence[Any]) -> None:
     """What `score_ensemble_pipeline` refuses (teachers that do not share one text encoder), before any
     image is made (jobs/style_mixing.py --score-ensemble): refused only where the ensemble's worker built
-    it, the group's weighted merge was built and every other row sampled first. Loads one teacher at a
-    time, keeping the first's text encoders."""
+    it, the group's weighted merge was built and every other row sampled first. Loads the text encoders of
+    one teacher at a time, keeping the first's: the ensemble loads the teachers whole when it is sampled, and
+    loading them whole here too loaded each UNet and VAE twice."""
     from types import SimpleNamespace
 
     from dmm_ray.teachers import load_teacher_pipeline
 
-    first_pipe = load_teacher_pipeline(specs[0])
+    first_pipe = load_teacher_pipeline(specs[0], text_encoders_only=True)
     first = SimpleNamespace(**{part: getattr(first_pipe, part, None) for part in TEXT_ENCODERS})
     del first_pipe
     for spec in specs[1:]:
-        _check_text_encoder(specs[0].name, first, spec.name, load_teacher_pipeline(spec))
+        _check_text_encoder(specs[0].name, first, spec.name, load_teacher_pipeline(spec, text_encoders_only=True))
 
 
 def score_ensemble_pipeline(specs: Sequence[Any], weights: Sequence[float] | None = None, torch_dtype=None):
