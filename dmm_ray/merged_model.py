@@ -6,6 +6,8 @@ two-rename save that never replaces the last good model with a broken one.
       styles.json         STYLES_RECORD: [{name, description}] for Serve's /styles
     merged.tmp/           a save in progress (removed when the save fails; a killed one's by the next merge)
     merged.old/           the previous model, parked between the two renames of `swap_in`
+    .merged.reading-*     a process loading `merged` (output_lock.reading), which `staged` waits for before it swaps
+    .merged.replacing     `staged` waiting for those loads and swapping (output_lock.replacing)
 
 Used by the merge (dmm_ray/merge.py) and the few-step stage (dmm_ray/fast/job.py).
 """
@@ -119,15 +121,20 @@ def swap_in(tmp: Path, dest: Path, tag: str | None = None) -> None:
 @contextlib.contextmanager
 def staged(dest: Path, tag: str | None = None) -> Iterator[Path]:
     """An empty `merged.tmp` (`save_siblings`) for the block to write the new model into, swapped in
-    (`swap_in`) when the block ends without error. An error or Ctrl-C in the block, or in the swap,
-    removes it: `dest` stays the last good model and nothing half-written is left beside it (before,
-    a save that failed part-way left its `merged.tmp` until the next merge's `recover`)."""
+    (`swap_in`) when the block ends without error, once no process is loading `dest` (`output_lock.replacing`:
+    a reader that started before this job half-way through its load would read half of each model). An error or
+    Ctrl-C in the block, or in the swap (or that wait running out), removes it: `dest` stays the last good model and
+    nothing half-written is left beside it (before, a save that failed part-way left its `merged.tmp` until the
+    next merge's `recover`)."""
+    from dmm_ray.output_lock import replacing
+
     tmp, _ = save_siblings(dest, tag)
     remove(tmp)  # one a killed save left behind
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        swap_in(tmp, dest, tag)
+        with replacing(dest):
+            swap_in(tmp, dest, tag)
     except BaseException:
         remove(tmp)
         raise

@@ -14,6 +14,7 @@ host cannot be checked from here and always refuses; the message says how to rem
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -215,6 +216,22 @@ def hold(out: Path, warn=print, name: str = LOCK_NAME, **options) -> Iterator[di
 EVALUATION = "evaluation"  # jobs/evaluate.py holding a merge's merge.lock to write into its evaluation folder: it reads the model, never replaces it
 
 
+def _guard(model) -> Optional[tuple[str, str, str]]:
+    """(the lock beside it, what the folder is, the kind of job that replaces it) of a model folder a job's save
+    replaces: a merge's `<output_dir>/merged`, a few-step `<folder>/model`; None for any other folder, and for a
+    location that is no local folder (a URI, `models:/`, `runs:/`: read as a downloaded copy)."""
+    from dmm_ray.paths import is_mlflow_uri
+
+    if is_mlflow_uri(str(model)):
+        return None
+    model = Path(model).resolve()
+    guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)
+        "merged": (LOCK_NAME, f"the merged model of output_dir {model.parent}", "merge"),
+        "model": (FAST_LOCK, f"the few-step model of the few-step folder {model.parent}", "few-step job"),
+    }
+    return guards.get(model.name)
+
+
 def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
     """For a job that reads a model folder another job may be replacing (jobs/fast.py, jobs/evaluate.py,
     jobs/export.py, Serve's model backend): raise OutputDirBusyError naming the owner while a running job (or one
@@ -227,18 +244,11 @@ def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
     job's folder. A stale lock (its owner gone from this host), a merge.lock that an evaluation holds (it only
     reads the model, and keeps merges out while it does) and a folder of another name are no obstacle, and so is
     a location that is no local folder (a URI, `models:/`, `runs:/`: read as a downloaded copy)."""
-    from dmm_ray.paths import is_mlflow_uri
-
-    if is_mlflow_uri(str(model)):
+    guard = _guard(model)
+    if guard is None:
         return
     model = Path(model).resolve()
-    guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)
-        "merged": (LOCK_NAME, f"the merged model of output_dir {model.parent}", "merge"),
-        "model": (FAST_LOCK, f"the few-step model of the few-step folder {model.parent}", "few-step job"),
-    }
-    if model.name not in guards:
-        return
-    name, what, replacer = guards[model.name]
+    name, what, replacer = guard
     path = lock_path(model.parent, name)
     owner = read_owner(path)
     if owner is None:
@@ -256,3 +266,137 @@ def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
         + (f" (or stop it: kill {owner.get('pid')})" if here else f" (if it is no longer running, delete {path})")
         + f", or give {flag} a copy of the model made while no {replacer} runs there."
     )
+
+
+# A reader loading a model folder that a save is about to replace (`reading`), and the save waiting for it (`replacing`).
+# The lock above is read at a job's start; a reader that began before a merge started loads on while that merge runs,
+# and the save's two renames (merged_model.swap_in) in the middle of its load gave it half of each model, silently.
+# Each side first writes its own marker beside the folder and then looks for the other's: whichever looks second sees
+# the first, so either the save waits for the reader's load or the reader waits for the swap to be done.
+READING = "reading"  # `.<folder>.reading-<pid>-<token>`: {"host", "pid", "started", "job"} of a reader while it loads
+REPLACING = "replacing"  # `.<folder>.replacing`: the saver's record while it waits for readers and swaps
+REPLACE_WAIT_S = 600.0  # how long a save waits for the loads under way (an SD model loads in well under a minute)
+_POLL_S = 0.1
+_SAY_EVERY_S = 10.0
+
+
+class ModelReplacedError(OutputDirBusyError):
+    """A save replaced the model folder while this process was loading it."""
+
+
+def _marker(model: Path, kind: str) -> Path:
+    return model.with_name(f".{model.name}.{kind}")
+
+
+def _identity(model: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(model)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _live(owner: Optional[dict]) -> bool:
+    """A marker's owner still at work: a running process on this host, or any on another (it cannot be checked)."""
+    return bool(owner) and (owner.get("host") != socket.gethostname() or owner_alive(owner))
+
+
+@contextmanager
+def reading(model, job: str = "reader") -> Iterator[None]:
+    """`with reading(folder):` load a model folder another job's save may replace (`_guard`: a merge's
+    `<output_dir>/merged`, a few-step `<folder>/model`; any other folder or a URI: nothing to do). While the block
+    runs a marker names this process beside the folder, and a save waits for it before it swaps (`replacing`); a
+    save already swapping is waited for first (up to REPLACE_WAIT_S). Only for a load: a Serve replica serving its
+    loaded model holds none. A folder replaced during the block anyway (a reader that could not write its marker,
+    a rename by hand or by an older version) raises ModelReplacedError, from whatever the load raised."""
+    if _guard(model) is None:
+        yield
+        return
+    model = Path(model).resolve()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "job": job}
+    mine = _marker(model, f"{READING}-{os.getpid()}-{os.urandom(4).hex()}")
+    deadline = time.time() + REPLACE_WAIT_S + 60  # the save's own wait, then its swap
+    while True:
+        try:
+            _create(mine, me)
+        except OSError:  # a folder this process cannot write: loaded unannounced (a swap meanwhile is still caught below)
+            pass
+        saver = read_owner(_marker(model, REPLACING))
+        if not _live(saver):  # none, a dead one's, or one still being written (its save then looks for `mine` after)
+            break
+        mine.unlink(missing_ok=True)  # out of its way: it swaps once the loads it waits for are done
+        if time.time() > deadline:
+            raise OutputDirBusyError(
+                f"{model} is being replaced by a save ({describe(saver)}; marker {_marker(model, REPLACING)}), which has not "
+                f"finished in {REPLACE_WAIT_S + 60:.0f} s. Run this again once it is done; if that job is no longer running, "
+                f"delete {_marker(model, REPLACING)}."
+            )
+        time.sleep(_POLL_S)
+    before = _identity(model)
+    try:
+        yield
+    except Exception as error:
+        if _identity(model) != before:  # a missing file half-way, or worse: say why
+            raise ModelReplacedError(_replaced(model)) from error
+        raise
+    else:
+        if _identity(model) != before:
+            raise ModelReplacedError(_replaced(model))
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _replaced(model: Path) -> str:
+    return (
+        f"{model} was replaced (a new model saved in its place) while this job was loading it, so what it read may mix "
+        "the two models; nothing was used. Run it again: it loads the new model."
+    )
+
+
+@contextmanager
+def replacing(model, say=print) -> Iterator[None]:
+    """`with replacing(folder):` swap a new model in place of `folder` (merged_model.staged). First waits, up to
+    REPLACE_WAIT_S and saying whom it waits for, until no running process is loading it (`reading`); markers of
+    processes gone from this host are removed. Raises OutputDirBusyError when the wait ends first: nothing is
+    swapped, `folder` stays the previous model. The caller holds the folder's lock (one save at a time)."""
+    model = Path(model).resolve()
+    flag = _marker(model, REPLACING)
+    flag.unlink(missing_ok=True)  # a killed save's
+    _create(flag, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "job": "save"})
+    try:
+        started, said = time.time(), 0.0
+        while True:
+            readers = []
+            for path in model.parent.glob(f"{glob.escape(_marker(model, READING).name)}-*"):
+                owner = read_owner(path)
+                if owner == {} and time.time() - _mtime(path) < 5:
+                    owner = {"host": "?", "pid": "?", "job": "reader"}  # being written right now: a live one
+                if _live(owner):
+                    readers.append((path, owner))
+                elif owner is not None:
+                    path.unlink(missing_ok=True)  # its reader was killed mid-load
+            if not readers:
+                break
+            waited = time.time() - started
+            names = "; ".join(f"{holder_kind(o, 'reader')} ({describe(o)}; marker {p})" for p, o in readers)
+            if waited > REPLACE_WAIT_S:
+                raise OutputDirBusyError(
+                    f"{model} was not replaced: still being loaded after {REPLACE_WAIT_S:.0f} s by {names}. Nothing is lost: "
+                    f"{model} is the previous model, and the state the new one was made from is kept; run this job "
+                    "again once that load is done (it resumes from that state). If that reader is no longer running, "
+                    "delete its marker first."
+                )
+            if waited >= said:
+                say(f"waiting for {names} to finish loading {model} before replacing it (up to {REPLACE_WAIT_S:.0f} s)")
+                said = waited + _SAY_EVERY_S
+            time.sleep(_POLL_S)
+        yield
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

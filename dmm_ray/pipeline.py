@@ -496,6 +496,9 @@ def load_dmm_pipeline(path: str | Path, **kwargs):
         from dmm_ray.data import fs as fsu
 
         path = fsu.local_copy(str(path), model=True)  # never a half-uploaded folder (fsu.model_to_read)
-    path = merged_folder(path)
-    cls = dmm_pipeline_class(path)
-    return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
+    from dmm_ray.output_lock import reading
+
+    with reading(path):  # a merge's save waits for this load before it replaces the folder (README "one merge per output_dir")
+        path = merged_folder(path)
+        cls = dmm_pipeline_class(path)
+        return cls.from_pretrained(str(path), **{"local_files_only": True, **pipeline_kwargs(cls), **kwargs})
