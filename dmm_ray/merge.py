@@ -321,6 +321,11 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         from dmm_ray.teachers import folder_architecture
 
         merged = Path(cfg.incremental.base_merged)
+        if not _into_its_own_output(cfg):  # (its own: this merge takes that merge.lock itself, and its dry run reads it)
+            from dmm_ray.output_lock import check_not_being_replaced
+
+            # another output_dir's merged/ while a merge runs there: its save would swap the model this merge reads
+            check_not_being_replaced(merged, flag="incremental.base_merged")
         try:
             old = merged_style_names(merged)
         except (FileNotFoundError, ValueError) as error:

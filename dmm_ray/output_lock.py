@@ -234,7 +234,7 @@ def _guard(model) -> Optional[tuple[str, str, str]]:
 
 def check_not_being_replaced(model: Path, flag: str = "--model") -> None:
     """For a job that reads a model folder another job may be replacing (jobs/fast.py, jobs/evaluate.py,
-    jobs/export.py, Serve's model backend): raise OutputDirBusyError naming the owner while a running job (or one
+    jobs/export.py, Serve's model backend, an incremental merge's base_merged): raise OutputDirBusyError naming the owner while a running job (or one
     on another host) holds the folder's lock. A merge's merged model (`<output_dir>/merged`): that output_dir's
     merge.lock, which a merge holds from before Ray starts, and its save replaces the folder (and an incremental
     merge into its own output_dir replaces its own previous model). A few-step model (`<few-step folder>/model`):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from dmm_ray.tiny import tiny_sd_components, tiny_sdxl_components
 
+REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square", "a green triangle on a white background", "two yellow stars"]
 
 
@@ -123,3 +126,16 @@ def kill_between_save_and_record(monkeypatch) -> None:
         record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
 
     monkeypatch.setattr(merge, "record_complete", killed)
+
+
+def hold_in_another_process(folder: Path, **kwargs) -> subprocess.Popen:
+    """A real second process holding `folder`'s lock as a running job does (output_lock.hold; `kwargs`: its name,
+    job, ...), until killed."""
+    code = (
+        "import sys, time\nfrom dmm_ray import output_lock\n"
+        f"with output_lock.hold({str(folder)!r}, warn=lambda line: None, **{kwargs!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from merge_fixtures import build_world, kill_between_save_and_record, tiny_merge_config
+from merge_fixtures import build_world, hold_in_another_process, kill_between_save_and_record, tiny_merge_config
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.config import MergeConfig
@@ -126,6 +126,49 @@ def test_evaluating_a_previous_model_without_its_teachers_record_is_refused_befo
     assert merge_job.main(["--config", str(tmp_path / "merge.yaml"), "--dry-run"]) == 2
     assert "incremental.base_merged" in capsys.readouterr().err and not (tmp_path / "out").exists()
     validate_before_ray(MergeConfig.model_validate({**config, "evaluation": {"enabled": False}}))  # merged without evaluating
+
+
+def test_a_previous_model_whose_own_merge_is_running_is_refused_before_ray(merged_world, tmp_path, capsys):
+    """Finding: an incremental merge whose base_merged is another output_dir's merged/ did not read that
+    folder's merge.lock, so it passed --dry-run and started while a merge there (another process) held it,
+    whose save could swap the previous model mid-read (the regulariser, the student, the save all read it),
+    as jobs/fast.py, evaluate.py and export.py refuse to. Now it is refused before Ray, in the dry run too,
+    naming the holder and what to do, and writes nothing; an evaluation holding the lock (it only reads the
+    model) and a merge that is gone are no obstacle."""
+    import shutil
+
+    import yaml
+
+    from dmm_ray import output_lock
+    from dmm_ray.output_lock import OutputDirBusyError
+    from jobs import merge as merge_job
+
+    first = tmp_path / "first"
+    previous = shutil.copytree(merged_world["merged"], first / "merged")
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    config = tiny_merge_config(merged_world, tmp_path / "out", teachers=new, incremental={"base_merged": str(previous)})
+    cfg = MergeConfig.model_validate(config)
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    refusal = f"incremental.base_merged {previous} is the merged model of output_dir {first}, whose merge.lock a running merge holds"
+    proc = hold_in_another_process(first)
+    try:
+        with pytest.raises(OutputDirBusyError, match=f"{refusal} .*pid {proc.pid}.*kill {proc.pid}.*give incremental.base_merged a copy"):
+            validate_before_ray(cfg)
+        with pytest.raises(OutputDirBusyError, match=refusal):
+            run_merge(cfg)
+        assert merge_job.main(["--config", str(tmp_path / "merge.yaml"), "--dry-run"]) == 2
+        assert refusal in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    validate_before_ray(cfg)  # its merge is gone (a stale lock): read as before
+    proc = hold_in_another_process(first, job=output_lock.EVALUATION, fix="--out OUT", holder="merge")
+    try:
+        validate_before_ray(cfg)  # an evaluation there only reads the model
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_architecture_mismatch_rejected_before_ray(merged_world, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from merge_fixtures import build_world, kill_between_save_and_record, tiny_merge_config
+from merge_fixtures import build_world, hold_in_another_process, kill_between_save_and_record, tiny_merge_config
 
 from dmm_ray import merge, merged_model, output_lock
 from dmm_ray.config import MergeConfig
@@ -1050,18 +1050,6 @@ def test_fast_and_evaluate_refuse_a_merged_model_whose_merge_is_running(world, t
     output_lock.check_not_being_replaced(out / "merged")
 
 
-def _hold_in_another_process(folder: Path, **kwargs) -> subprocess.Popen:
-    """A real second process holding `folder`'s lock as a running job does (output_lock.hold), until killed."""
-    code = (
-        "import sys, time\nfrom dmm_ray import output_lock\n"
-        f"with output_lock.hold({str(folder)!r}, warn=lambda line: None, **{kwargs!r}):\n"
-        "    print('held', flush=True)\n    time.sleep(300)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_export_serve_and_evaluate_of_a_few_step_model_refuse_a_folder_its_running_job_may_replace(world, tmp_path, monkeypatch, capsys):
     """Finding: jobs/export.py and Serve's model backend read a merge's <output_dir>/merged while that merge (another
     process) held merge.lock, and jobs/evaluate.py a few-step <folder>/model while jobs/fast.py held fast.lock: the
@@ -1080,8 +1068,8 @@ def test_export_serve_and_evaluate_of_a_few_step_model_refuse_a_folder_its_runni
     monkeypatch.setattr(api, "evaluate_merge", lambda *a, **k: pytest.fail("the evaluation read a model its job is replacing"))
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_merge_config(world, out)))
-    merge_proc = _hold_in_another_process(out)
-    fast_proc = _hold_in_another_process(tmp_path / "fast", name=FAST_LOCK, job="few-step job")
+    merge_proc = hold_in_another_process(out)
+    fast_proc = hold_in_another_process(tmp_path / "fast", name=FAST_LOCK, job="few-step job")
     try:
         export = ["--model", str(merged), "--style", "0", "--out", str(tmp_path / "x.safetensors"), "--no-track"]
         assert export_job.main(export) == 2
@@ -1118,7 +1106,7 @@ def test_style_mixing_refuses_a_merged_model_whose_merge_is_running(world, tmp_p
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setattr(job, "_compare", lambda *a, **k: pytest.fail("style mixing read the model of a running merge"))
     sweep = ",".join(t["name"] for t in raw["teachers"][:2])
-    proc = _hold_in_another_process(out)
+    proc = hold_in_another_process(out)
     try:
         args = [
             "--model",
@@ -1152,7 +1140,7 @@ def test_a_lock_names_the_kind_of_job_holding_it(world, tmp_path, monkeypatch, c
 
     out = tmp_path / "out"
     _model(out / "merged", "evaluated")
-    proc = _hold_in_another_process(out, job=output_lock.EVALUATION, fix="--out OUT", holder="merge")
+    proc = hold_in_another_process(out, job=output_lock.EVALUATION, fix="--out OUT", holder="merge")
     try:
         assert output_lock.read_owner(output_lock.lock_path(out))["job"] == "evaluation"
         with pytest.raises(OutputDirBusyError) as error:
@@ -1163,7 +1151,7 @@ def test_a_lock_names_the_kind_of_job_holding_it(world, tmp_path, monkeypatch, c
     finally:
         proc.kill()
         proc.wait()
-    proc = _hold_in_another_process(out)  # a merge
+    proc = hold_in_another_process(out)  # a merge
     try:
         with pytest.raises(OutputDirBusyError, match=f"output_dir {out} is in use by another merge \\(.*pid {proc.pid}"):
             output_lock.acquire(out)
