@@ -21,13 +21,14 @@ import torch
 
 
 def main(argv=None) -> int:
-    from dmm_ray.console import positive_int
+    from dmm_ray.console import positive_int, refuse_models_being_replaced
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="merged model folder with style adapters")
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    refuse_models_being_replaced(p, args, "model")  # refused while a running job's save may replace it
     torch.set_num_threads(args.threads)
     from dmm_ray.models.style_unet import StyleEmbedding, StyleUNet
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from dmm_ray.console import non_negative_int, positive_int
+    from dmm_ray.console import non_negative_int, positive_int, refuse_models_being_replaced
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="merged model folder")
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a busy machine)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
+    refuse_models_being_replaced(p, args, "model")  # refused while a running job's save may replace it
 
     from dmm_ray.evaluation.config import EvalConfig
     from dmm_ray.zoo.manifest import load_zoo_manifest

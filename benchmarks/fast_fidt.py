@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmm_ray.console import int_list  # noqa: E402
+from dmm_ray.console import int_list, refuse_models_being_replaced  # noqa: E402
 
 
 def with_scheduler(pipeline_factory, name: str, settings: dict | None = None):
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
+    refuse_models_being_replaced(parser, args, "model")  # refused while a running job's save may replace it
 
     from dmm_ray.config import load_config
     from dmm_ray.fast.job import evaluate_fast

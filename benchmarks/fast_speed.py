@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmm_ray.console import positive_int  # noqa: E402
+from dmm_ray.console import positive_int, refuse_models_being_replaced  # noqa: E402
 
 ARCHS = ("sd15", "tiny")
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if (args.arch and (args.merged or args.fast)) or (not args.arch and not (args.merged and args.fast)):
         parser.error("give --merged MERGED and --fast FAST_MODEL, or --arch (random weights) alone")
+    refuse_models_being_replaced(parser, args, "merged", "fast")  # refused while a running job's save may replace it
 
     import torch
 

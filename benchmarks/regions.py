@@ -381,7 +381,7 @@ def grid(pipe, examples, styles, prompts, out: Path, scale: int = 4) -> dict:
 
 
 def main(argv=None):
-    from dmm_ray.console import positive_int
+    from dmm_ray.console import positive_int, refuse_models_being_replaced
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="merged-model folder (the toy zoo's merge)")
@@ -411,6 +411,7 @@ def main(argv=None):
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}, got {args.modes!r}")
+    refuse_models_being_replaced(ap, args, "model")  # refused while a running job's save may replace it
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ def main(argv=None):
     from PIL import Image, ImageDraw
     from regions import GUIDANCE, NEGATIVE, STEPS, H, W, _load  # benchmarks/regions.py: the same model, zoo and sampler
 
+    from dmm_ray.console import refuse_models_being_replaced
     from dmm_ray.regions import Region
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--zoo", required=True, help="the zoo the model was merged from (prompts, the 'distinct' styles)")
     ap.add_argument("--out", default="outputs/regions_layouts.png")
     args = ap.parse_args(argv)
+    refuse_models_being_replaced(ap, args, "model")  # refused while a running job's save may replace it
     pipe, _, prompts, styles, _ = _load(args.model, Path(args.zoo))
     ordered = list(itertools.permutations(styles, 2))
     pairs = (ordered[::3][:4] + ordered[1::3][:4])[:8]  # 8 of the 12 pairs, each style on each side

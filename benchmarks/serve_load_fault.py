@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dmm_ray.console import refuse_models_being_replaced  # noqa: E402
 from serve.loadgen import dumps, latency_summary, run_calls, run_open_loop, style_stream  # noqa: E402
 
 KILL_WINDOW_MARGIN_S = 5.0  # after the replacement is RUNNING, requests already queued may still fail
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
+    # (the replicas refuse it too, but one by one as Serve restarts them: said here at once)
+    refuse_models_being_replaced(p, args, "model")  # refused while a running job's save may replace it
 
     import ray
     from ray import serve

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmm_ray.console import positive_int  # noqa: E402
+from dmm_ray.console import positive_int, refuse_models_being_replaced  # noqa: E402
 from serve.loadgen import Call, dumps, latency_summary, run_calls, style_stream  # noqa: E402
 
 MUX_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes HTTP requests by this header
@@ -349,6 +349,7 @@ def main(argv=None) -> int:
         args.merged = args.merged or outputs_dir("dmm-toy") / "merged"
         if not (args.merged / "model_index.json").is_file():
             p.error(f"--merged {args.merged} is not a merged model folder (no model_index.json); run `make demo` or give --merged")
+        refuse_models_being_replaced(p, args, "merged")  # refused while a running job's save may replace it
 
     import httpx
     import ray

@@ -90,6 +90,22 @@ def expand_path_args(args, *names: str) -> None:
             setattr(args, name, expand(value))
 
 
+def refuse_models_being_replaced(parser, args, *names: str) -> None:
+    """A script without cli_main (a benchmark) reading the model folders of these options (dests): a usage error
+    (exit 2) naming the job and lock file while a running job may be replacing one (a merge's <output_dir>/merged,
+    a few-step <folder>/model: output_lock.check_not_being_replaced, the jobs' rule), else it would measure half of
+    one model and half of the next. An option left unset is skipped."""
+    from dmm_ray.output_lock import OutputDirBusyError, check_not_being_replaced
+
+    for name in names:
+        if getattr(args, name, None) is None:
+            continue
+        try:
+            check_not_being_replaced(getattr(args, name), flag=f"--{name.replace('_', '-')}")
+        except OutputDirBusyError as error:
+            parser.error(str(error))
+
+
 def given_options(parser, args, *names: str) -> list[str]:
     """The options among `names` (dests) that the command line set to other than their defaults, as
     written (`--registered-name`): for refusing options that only apply with another one."""

@@ -647,3 +647,51 @@ def test_a_timing_count_below_one_is_a_usage_error(script, argv, monkeypatch, ca
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")
     assert stop.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+# The benchmarks' options that name a model folder to read: what each needs besides it to get past its parser
+MODEL_READERS = {
+    "adapter_routing": (["--model", "{merged}"], []),
+    "export_check": (["--model", "{merged}"], ["--zoo", "{zoo}"]),
+    "fast_fidt": (["--model", "{few}"], ["--config", "{zoo}/m.yaml", "--out", "{zoo}/fidt"]),
+    "fast_speed": (["--merged", "{merged}", "--fast", "{few}"], []),
+    "regions": (["--model", "{merged}"], ["--zoo", "{zoo}", "--out", "{zoo}/regions"]),
+    "regions_layouts": (["--model", "{merged}"], ["--zoo", "{zoo}"]),
+    "serve_load_fault": (["--model", "{merged}"], []),
+    "serve_styles": (["--merged", "{merged}"], ["--zoo", "{zoo}"]),
+}
+
+
+def test_a_benchmark_refuses_a_model_folder_a_running_job_may_be_replacing(tmp_path, monkeypatch, capsys):
+    """Finding: the benchmarks read a merge's <output_dir>/merged (a few-step <folder>/model) while a merge
+    (jobs/fast.py), another process, held that folder's merge.lock (fast.lock), whose save replaces it: they
+    measured half of one model and half of the next, where the jobs refuse. Each is a usage error now (exit 2),
+    naming the option, the job's pid and the lock file (output_lock.check_not_being_replaced, the jobs' rule)."""
+    from merge_fixtures import hold_in_another_process
+
+    from dmm_ray.output_lock import FAST_LOCK
+
+    readers = {s.stem for s in SCRIPTS if re.search(r'add_argument\(\s*"--(model|merged|fast)"', s.read_text())}
+    assert readers == set(MODEL_READERS)  # a benchmark given a model option is checked here too
+    paths = {"merged": tmp_path / "out" / "merged", "few": tmp_path / "fast" / "model", "zoo": tmp_path / "zoo"}
+    for folder in paths.values():
+        folder.mkdir(parents=True)
+    (paths["merged"] / "model_index.json").write_text("{}")  # (serve_styles.py reads only a merged model folder)
+    merge_proc = hold_in_another_process(tmp_path / "out")
+    fast_proc = hold_in_another_process(tmp_path / "fast", name=FAST_LOCK, job="few-step job")
+    pids = {"merged": merge_proc.pid, "few": fast_proc.pid}
+    try:
+        for script, (models, others) in MODEL_READERS.items():
+            argv = [a.format(**paths) for a in models + others]
+            monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+            with pytest.raises(SystemExit) as stop:
+                runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")
+            err = capsys.readouterr().err
+            flag, kind = models[0], "merged" if "merged" in models[1] else "few"  # the first model option is refused first
+            holder = "merge.lock a running merge" if kind == "merged" else "fast.lock a running few-step job"
+            assert stop.value.code == 2 and f"error: {flag} {paths[kind]} is the " in err and f"whose {holder} holds" in err, (script, err)
+            assert f"pid {pids[kind]}" in err and f"kill {pids[kind]}" in err, (script, err)
+    finally:
+        for proc in (merge_proc, fast_proc):
+            proc.kill()
+            proc.wait()
