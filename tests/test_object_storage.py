@@ -450,3 +450,59 @@ def test_synthesis_and_finetune_read_and_write_at_a_file_uri(ray_cluster, tmp_pa
     assert not (paths.staging_dir(uri) / "synthesized").exists()
     assert set(json.loads((remote / "fingerprints.json").read_text())) == {"synthesize", "distill", "finetune", "training_run"}
     assert load_dmm_pipeline(uri + "/merged").styles == ["style0", "style1"]
+
+
+SAVE_AGAIN = """
+import shutil, sys
+from pathlib import Path
+from dmm_ray.merged_model import staged
+with staged(Path(sys.argv[1])) as tmp:  # a local merge's save: merged.tmp, its two renames, the previous model removed
+    shutil.copytree(sys.argv[2], tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)  # new files, as a save writes them
+"""
+
+
+@pytest.mark.parametrize("reader", ["local_copy", "serve", "export"])
+def test_a_file_uri_model_saved_again_while_it_is_downloaded_is_refused_not_taken_mixed(reader, tmp_path, monkeypatch):
+    """Finding: a file:// model (Serve's model, jobs/export.py --model, load_dmm_pipeline) was downloaded file by
+    file, and the copy passed when it held model_index.json, which both models of a local merge's save have (it
+    swaps the folder with two renames, not an upload's marker-last copy): a save in another process part-way
+    through the download gave a copy of two models' files (and one whose previous model was removed under it, a copy
+    that lost files), loaded as the model. A model is downloaded as an upload writes it now, model_index.json last,
+    and refused, nothing moved into place, when the folder listed again is not the one it copied."""
+    import subprocess
+    import sys
+
+    from dmm_ray.export_tracking import resolve_model
+    from serve.model import resolve_model_location
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    merged = _pipeline_like(tmp_path / "out" / "merged", "first")
+    second = _pipeline_like(tmp_path / "second", "second")
+    real, env, saved = pafs.copy_files, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, []
+
+    def copy_files(source, dest, **kwargs):
+        if not saved:  # a merge in another process saves its model there after the download's first file
+            subprocess.run([sys.executable, "-c", SAVE_AGAIN, str(merged), str(second)], check=True, env=env, capture_output=True)
+            saved.append(source)
+        return real(source, dest, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", copy_files)
+    changed = f"{merged.as_uri()} changed while it was downloaded .*load it again"
+    if reader == "local_copy":
+        with pytest.raises(FileNotFoundError, match=changed):
+            fsu.local_copy(merged.as_uri(), tmp_path / "copy", model=True)
+    elif reader == "serve":
+        from serve.model import ModelLoadError
+
+        with pytest.raises(ModelLoadError, match=f"could not download the merged model .*{changed}"):
+            resolve_model_location(merged.as_uri(), tmp_path / "serve")
+    else:
+        from dmm_ray.tracking import TrackingError
+
+        with pytest.raises(TrackingError, match=f"cannot read --model .*{changed}"):
+            with resolve_model(merged.as_uri()):
+                pass
+    assert saved and _tree(merged) == _tree(second)  # the save did land part-way
+    assert not (tmp_path / "copy").exists() and not list(tmp_path.glob("copy.part-*"))  # nothing of the copy left
+    saved.append("done")  # no merge saves now: the same download is the model
+    assert _tree(fsu.local_copy(merged.as_uri(), tmp_path / "again", model=True)) == _tree(second)

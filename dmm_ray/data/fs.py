@@ -193,12 +193,33 @@ def upload_dir(local: str | os.PathLike, fs: pafs.FileSystem, path: str, last: I
     return ordered
 
 
-def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Path:
+def _listing(fs: pafs.FileSystem, path: str) -> dict[str, tuple]:
+    """{relative path: (its path on `fs`, size, modification time)} of every file under the folder `path` on
+    `fs`: what a download of it copies, and what says whether the folder changed while it was copied."""
+    listed = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": compare without the leading "/"
+            listed[posixpath.relpath(info.path.lstrip("/"), path.strip("/") or ".")] = (info.path, info.size, info.mtime_ns)
+    return listed
+
+
+def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike, model: str | None = None) -> Path:
     """Copy the folder `path` on `fs` into the local folder `local` (replaced: downloaded to a sibling
-    first, then moved into place, so an interrupted download never passes for a complete one)."""
+    first, then moved into place, so an interrupted download never passes for a complete one). `model`: the
+    folder is a model, named so in errors (the location as the user gave it). A model copy is complete as an
+    upload's is (upload_model): it needs MODEL_MARKER, copied last, and the folder listed again once copied must
+    be the one it copied (every file's size and time), else it is refused (FileNotFoundError) before it moves into
+    place. A copy taken while a local merge's save swapped the folder (its two renames, then the previous model
+    removed: a file:// model, which the marker alone cannot tell, as both models have one) or an upload replaced
+    it held files of two models, or lost some, and passed for a model."""
     local = Path(local)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{path!r} is not a folder on {fs.type_name} filesystem")
+    listed = _listing(fs, path)
+    changed = f"{model} changed while it was downloaded (a merge is saving or uploading a model there); load it again"
+    if model is not None and MODEL_MARKER not in listed:  # model_to_read found it complete: replaced since
+        raise FileNotFoundError(changed)
     from dmm_ray.output_lock import left_by_killed
 
     for stale in left_by_killed(local.parent, f"{glob.escape(local.name)}.part-*", rf"{re.escape(local.name)}\.part-(\d+)-[0-9a-f]+"):
@@ -207,14 +228,17 @@ def download_dir(fs: pafs.FileSystem, path: str, local: str | os.PathLike) -> Pa
     aside = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # the earlier copy, removed at the end
     tmp.mkdir(parents=True)
     try:
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-            if info.type != pafs.FileType.File:
-                continue
-            # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": compare without the leading "/"
-            rel = posixpath.relpath(info.path.lstrip("/"), path.strip("/") or ".")
+        for rel in sorted(listed, key=lambda rel: (model is not None and rel == MODEL_MARKER, rel)):  # a model's marker last
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(info.path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            try:
+                pafs.copy_files(listed[rel][0], str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            except FileNotFoundError:  # removed since it was listed: a model replaced meanwhile
+                if model is None:
+                    raise
+                raise FileNotFoundError(changed) from None
+        if model is not None and _listing(fs, path) != listed:
+            raise FileNotFoundError(changed)
         # Two processes on a node download one location into one folder (local_copy's default): the earlier copy is
         # moved aside in one step, not removed in place (a process loading from it lost its files part-way), and a copy
         # another download moved in meanwhile is kept, as fresh as this one (this move failed: Directory not empty).
@@ -360,10 +384,7 @@ def local_copy(location, dest: Optional[str | os.PathLike] = None, model: bool =
         path = model_to_read(fs, path, str(location))
     elif fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{location} does not exist (or is not a folder)")
-    copy = download_dir(fs, path, dest if dest is not None else default_dest(str(location)))
-    if model and not (copy / MODEL_MARKER).is_file():  # an upload replaced the folder while it was listed
-        raise FileNotFoundError(f"{location} changed while it was downloaded (a merge is uploading a model there); load it again")
-    return copy
+    return download_dir(fs, path, dest if dest is not None else default_dest(str(location)), model=str(location) if model else None)
 
 
 class fetched:
