@@ -136,6 +136,14 @@ def _folders_checksum(*folders) -> str | None:
     return files_checksum(present) if present else None
 
 
+def previous_model_checksum(cfg) -> str | None:
+    """The checksum of an incremental merge's previous model (incremental.base_merged: its UNet) as the stages
+    record it (PREVIOUS_MODEL_CHECKSUM), and the merge's completion record (dmm_ray.merge._merge_request); None
+    without one, or when its folder is not there (nothing to read)."""
+    base = cfg.incremental.base_merged
+    return _base_checksum(base) if base and Path(base).exists() else None
+
+
 def base_parts_checksum(base: str) -> str | None:
     """`files_checksum` of the parts of a student base that a merged model is saved with around its
     student UNet (text encoder(s), tokenizer(s), VAE, scheduler): recorded in the model's dmm_merge.json,
@@ -156,7 +164,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
         # the previous merged model's weights (re-made in place, its path alone would resume stale state)
-        PREVIOUS_MODEL_CHECKSUM: _base_checksum(cfg.incremental.base_merged) if cfg.incremental.base_merged else None,
+        PREVIOUS_MODEL_CHECKSUM: previous_model_checksum(cfg),
     }
     if cfg.old_style_samples:  # the previous model samples its old styles too (added later: left out when off)
         synthesize["incremental.old_style_samples"] = True

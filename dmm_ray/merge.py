@@ -47,6 +47,10 @@ class MergeResult:
 
 
 COMPLETE_RECORD = "merge_complete.json"  # in the local work folder (dmm_ray/completion.py)
+# beside the config in an incremental merge's completion record: its previous model's checksum
+# (fingerprint.previous_model_checksum). The config names that model by its path only, so one re-merged in place
+# since (other settings, --restart) left the re-run "already complete" with a model grown from the old one
+PREVIOUS_MODEL = "previous_model"
 
 
 def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
@@ -57,7 +61,7 @@ def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
     models = [out / "merged" / "model_index.json"]
     if cfg.fast.enabled:
         models.append(fast_folder(cfg, out) / "model" / "model_index.json")
-    done = finished(out, COMPLETE_RECORD, _merge_request(cfg), models)
+    done = finished(out, COMPLETE_RECORD, _merge_request(cfg), models, same=_same_request)
     return None if done is None or done.get("fast_pending") or done.get("evaluate_pending") else done
 
 
@@ -70,7 +74,7 @@ def merged_before_fast(cfg: MergeConfig, out: Path) -> dict | None:
     from dmm_ray.completion import finished
 
     def same_merged_model(recorded: dict, asked: dict) -> bool:
-        return request_without(recorded, ("fast",)) == request_without(asked, ("fast",))
+        return _same_request(recorded, asked, ("fast",))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_merged_model)
     return None if done is None or done.get("evaluate_pending") else done
@@ -90,7 +94,7 @@ def saved_before_evaluate(cfg: MergeConfig, out: Path, restart: bool = False) ->
     from dmm_ray.completion import finished
 
     def same_saved_model(recorded: dict, asked: dict) -> bool:
-        return request_without(recorded, ("fast", "evaluation")) == request_without(asked, ("fast", "evaluation"))
+        return _same_request(recorded, asked, ("fast", "evaluation"))
 
     done = finished(out, COMPLETE_RECORD, _merge_request(cfg), [out / "merged" / "model_index.json"], same=same_saved_model)
     if done is None and not restart and not (out / COMPLETE_RECORD).exists() and saved_by_this_training(cfg, out / "merged"):
@@ -120,7 +124,7 @@ def saved_model_request(cfg: MergeConfig) -> str:
     """sha256 of the merge's request (`_merge_request`: the absolute config, before the cluster plan fills in
     resources), its fast: and evaluation: sections aside, as saved_before_evaluate compares them: recorded in
     the merged model it saves, so the model says which merge saved it when merge_complete.json does not."""
-    return request_sha256(request_without(_merge_request(cfg), ("fast", "evaluation")))
+    return request_sha256(request_without(_config_request(cfg), ("fast", "evaluation")))
 
 
 def saved_into_its_base(cfg: MergeConfig, restart: bool = False) -> bool:
@@ -179,9 +183,53 @@ def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pendi
     record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id, **info)
 
 
-def _merge_request(cfg: MergeConfig) -> dict:
-    """What decides a merge's result, as its completion record compares it: the whole (absolute) config."""
+def _config_request(cfg: MergeConfig) -> dict:
     return {"config": cfg.model_dump(mode="json")}
+
+
+def _merge_request(cfg: MergeConfig) -> dict:
+    """What decides a merge's result, as its completion record compares it: the whole (absolute) config and, for
+    an incremental merge, its previous model's checksum (PREVIOUS_MODEL), but not for one into its own output_dir:
+    its save replaced that model (the record names the model it saved)."""
+    request = _config_request(cfg)
+    if cfg.incremental.base_merged and not _into_its_own_output(cfg):
+        from dmm_ray.fingerprint import previous_model_checksum
+
+        request[PREVIOUS_MODEL] = previous_model_checksum(cfg)
+    return request
+
+
+def _same_request(recorded: dict, asked: dict, sections: tuple[str, ...] = ()) -> bool:
+    """A completion record's request against this merge's (`_merge_request`), the config's `sections` aside. A
+    record written before PREVIOUS_MODEL was lacks it and is compared by its config (as fingerprint's _ADDED_LATER):
+    else every incremental merge finished before would merge again."""
+    if PREVIOUS_MODEL not in recorded:
+        asked = {k: v for k, v in asked.items() if k != PREVIOUS_MODEL}
+    return request_without(recorded, sections) == request_without(asked, sections)
+
+
+def _previous_model_changed(cfg: MergeConfig, out: Path) -> str | None:
+    """The line saying that this merge (the config, `fast:` and `evaluation:` aside) finished or saved its model in
+    `out` from a previous model that has changed since (PREVIOUS_MODEL: re-merged in place), so it merges again;
+    None otherwise."""
+    from dmm_ray.completion import finished
+
+    def other_previous_model(recorded: dict, asked: dict) -> bool:
+        return (
+            PREVIOUS_MODEL in recorded
+            and recorded[PREVIOUS_MODEL] != asked.get(PREVIOUS_MODEL)
+            and _same_request({**recorded, PREVIOUS_MODEL: None}, {**asked, PREVIOUS_MODEL: None}, ("fast", "evaluation"))
+        )
+
+    asked = _merge_request(cfg)
+    done = finished(out, COMPLETE_RECORD, asked, [out / "merged" / "model_index.json"], same=other_previous_model)
+    if done is None:
+        return None
+    return (
+        f"this merge, with this config, saved its merged model in {out} from another previous model: incremental.base_merged "
+        f"{cfg.incremental.base_merged} has changed since (UNet checksum {done['asked'][PREVIOUS_MODEL]} -> {asked[PREVIOUS_MODEL]}), "
+        "so it merges again from the model there now"
+    )
 
 
 def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
@@ -778,7 +826,7 @@ def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
 def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[dict | None, dict | None, dict | None, str | None]:
     """What a run of this merge (the absolute config) in its local work folder `out` finds done there:
     (completed_merge, merged_before_fast, saved_before_evaluate (looked for only without the former),
-    the line that says what the run does about it, or None when it merges from the start). _merge acts on
+    the line that says what the run does about it, or None when it merges from the start without a word). _merge acts on
     it; jobs/merge.py --dry-run prints the line, so the dry run says what the run would do."""
     done = completed_merge(cfg, out)
     if done is not None:
@@ -812,7 +860,7 @@ def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[di
             "the save run. --restart merges again"
         )
         return None, None, saved, note
-    return None, None, None, None
+    return None, None, None, _previous_model_changed(cfg, out)
 
 
 def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:

@@ -673,6 +673,48 @@ def test_each_increments_mlflow_run_names_what_it_adds(merged_world, tmp_path, m
     assert [r.data.tags["dmm.stage"] for r in runs] == ["incremental", "incremental"]
 
 
+def test_a_finished_incremental_merge_whose_previous_model_was_re_merged_in_place_is_not_complete(merged_world, tmp_path, monkeypatch, capsys):
+    """The completion record compared the config alone, which names the previous model (incremental.base_merged)
+    by its path: that model re-merged in place since (other settings, --restart) left the re-run "already
+    complete", its model grown from the old one. The record holds the previous model's UNet checksum too: the
+    same model is still complete (so is a record written before the checksum was); a changed one merges again,
+    saying why, once the stages' state is gone, and is refused naming its checksum while that state is there.
+    (Training is stubbed: the distilled student is the previous model + the new style.)"""
+    import shutil
+
+    from dmm_ray import merge
+    from dmm_ray.fingerprint import StaleStateError
+
+    previous = shutil.copytree(merged_world["merged"], tmp_path / "first" / "merged")
+    out = tmp_path / "later"
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
+    ran = []
+    _stub_training(monkeypatch, ["new0"], ran)
+    merge.run_merge(cfg)
+    assert ran[:2] == ["distill", "save"]
+    ran.clear()
+    assert merge.run_merge(cfg).already_complete and ran == []  # the same previous model: nothing to do
+
+    unet = next((previous / "unet").glob("*.safetensors"))
+    weights = bytearray(unet.read_bytes())
+    weights[-1] ^= 0xFF  # the previous model re-merged in place: other weights at the same path
+    unet.write_bytes(bytes(weights))
+    with pytest.raises(StaleStateError, match="incremental.base_merged.checksum"):  # its stages' state: refused, as before
+        merge.run_merge(cfg)
+    shutil.rmtree(out / "ray_results")  # the finished merge's checkpoints deleted: only its completion record is left
+    capsys.readouterr()
+    result = merge.run_merge(cfg)  # was "already complete"
+    assert not result.already_complete and ran[:2] == ["distill", "save"]
+    assert f"incremental.base_merged {previous} has changed since" in capsys.readouterr().out
+    ran.clear()
+    assert merge.run_merge(cfg).already_complete and ran == []  # complete again, from the model there now
+    record = json.loads((out / merge.COMPLETE_RECORD).read_text())
+    del record["asked"][merge.PREVIOUS_MODEL]  # written before the record held it: compared by the config alone
+    (out / merge.COMPLETE_RECORD).write_text(json.dumps(record))
+    assert merge.run_merge(cfg).already_complete and ran == []
+
+
 def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evaluate_or_track(merged_world, tmp_path, monkeypatch):
     """base_merged = <output_dir>/merged: the save replaces the previous model, so a re-run after a crash
     in evaluate or track used to be refused ('already styles ... this merge's own output ... a copy of the
