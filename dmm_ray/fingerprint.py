@@ -121,34 +121,59 @@ def prompts_inputs(cfg) -> dict:
     return {"data.shards": _shards(cfg)}
 
 
-def _base_checksum(base: str) -> str:
-    from dmm_ray.teachers import files_checksum
-
+def _unet_of(base: str) -> list[Path]:
+    """A model folder's UNet (the folder itself when it has no unet/)."""
     unet = Path(base) / "unet"
-    return files_checksum([unet if unet.exists() else Path(base)])
+    return [unet if unet.exists() else Path(base)]
 
 
-def _folders_checksum(*folders) -> str | None:
-    """`files_checksum` of the local folders among `folders` that exist (None when none does)."""
+def _present(*folders) -> list[Path]:
+    """The local folders among `folders` that exist."""
+    return [Path(f) for f in folders if f and Path(f).exists()]
+
+
+_CONDITIONING = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+_BASE_PARTS = (*_CONDITIONING, "vae", "scheduler")
+# the files each checksum of a record other than the teachers' hashes (files_checksum of them; None when there
+# are none), from the config and the few-step stage's merged model: one home for what stage_inputs / fast_inputs
+# record and for comparing a checksum that an earlier files_checksum rule recorded (_by_the_recorded_rule)
+_CHECKSUMMED = {
+    "student.base.checksum": lambda cfg, model: _unet_of(cfg.student.base),
+    # the student's conditioning: the base's text encoder(s) and tokenizer(s) (distill/conditioning.py)
+    "student.base.conditioning.checksum": lambda cfg, model: _present(*(Path(cfg.student.base) / n for n in _CONDITIONING)),
+    # what the workers read from data.base: the noise schedule (None: SD1.5's) and the stream's tokenizer
+    "data.scheduler.checksum": lambda cfg, model: _present(cfg.data.scheduler_path()),
+    "data.tokenizer.checksum": lambda cfg, model: _present(cfg.data.tokenizer_path()),
+    # the previous merged model's weights (re-made in place, its path alone would resume stale state)
+    PREVIOUS_MODEL_CHECKSUM: lambda cfg, model: _unet_of(cfg.incremental.base_merged) if _present(cfg.incremental.base_merged) else [],
+    "model.unet.checksum": lambda cfg, model: [Path(model) / "unet"],  # the few-step stage's merged model
+}
+
+
+def _checksum(key: str, cfg, model=None, rule: str = "content") -> str | None:
+    """The checksum `key` (_CHECKSUMMED) records, by files_checksum's `rule`."""
     from dmm_ray.teachers import files_checksum
 
-    present = [Path(f) for f in folders if f and Path(f).exists()]
-    return files_checksum(present) if present else None
+    files = _CHECKSUMMED[key](cfg, model)
+    return files_checksum(files, rule=rule) if files else None
 
 
 def previous_model_checksum(cfg) -> str | None:
     """The checksum of an incremental merge's previous model (incremental.base_merged: its UNet) as the stages
     record it (PREVIOUS_MODEL_CHECKSUM), and the merge's completion record (dmm_ray.merge._merge_request); None
     without one, or when its folder is not there (nothing to read)."""
-    base = cfg.incremental.base_merged
-    return _base_checksum(base) if base and Path(base).exists() else None
+    return _checksum(PREVIOUS_MODEL_CHECKSUM, cfg)
 
 
-def base_parts_checksum(base: str) -> str | None:
+def base_parts_checksum(base: str, rule: str = "content") -> str | None:
     """`files_checksum` of the parts of a student base that a merged model is saved with around its
     student UNet (text encoder(s), tokenizer(s), VAE, scheduler): recorded in the model's dmm_merge.json,
-    so an incremental merge on another base is refused (dmm_ray.merge.check_student_base)."""
-    return _folders_checksum(*(Path(base) / n for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")))
+    so an incremental merge on another base is refused (dmm_ray.merge.check_student_base). `rule`: an
+    earlier files_checksum rule, to compare a checksum recorded by it (recorded_by_an_earlier_rule)."""
+    from dmm_ray.teachers import files_checksum
+
+    parts = _present(*(Path(base) / n for n in _BASE_PARTS))
+    return files_checksum(parts, rule=rule) if parts else None
 
 
 def stage_inputs(cfg, stage: str) -> dict[str, Any]:
@@ -164,7 +189,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
         "data.encode.resolution": cfg.data.encode.resolution,
         "incremental.base_merged": cfg.incremental.base_merged,
         # the previous merged model's weights (re-made in place, its path alone would resume stale state)
-        PREVIOUS_MODEL_CHECKSUM: previous_model_checksum(cfg),
+        PREVIOUS_MODEL_CHECKSUM: _checksum(PREVIOUS_MODEL_CHECKSUM, cfg),
     }
     if cfg.old_style_samples:  # the previous model samples its old styles too (added later: left out when off)
         synthesize["incremental.old_style_samples"] = True
@@ -175,11 +200,8 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
     distill = {
         "teachers": synthesize["teachers"],
         "seed": cfg.seed,
-        "student.base.checksum": _base_checksum(cfg.student.base),
-        # the student's conditioning: the base's text encoder(s) and tokenizer(s) (distill/conditioning.py)
-        "student.base.conditioning.checksum": _folders_checksum(
-            *(Path(cfg.student.base) / n for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-        ),
+        "student.base.checksum": _checksum("student.base.checksum", cfg),
+        "student.base.conditioning.checksum": _checksum("student.base.conditioning.checksum", cfg),
         **{f"student.{k}": v for k, v in cfg.student.model_dump(mode="json").items() if k != "base"},
         **{
             f"distill.{k}": v
@@ -187,9 +209,8 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
             if k not in _DISTILL_IGNORED and _DISTILL_OMITTED_AT.get(k, object()) != v
         },
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
-        # what the workers read from data.base: the noise schedule (None: SD1.5's) and the stream's tokenizer
-        "data.scheduler.checksum": _folders_checksum(cfg.data.scheduler_path()),
-        "data.tokenizer.checksum": _folders_checksum(cfg.data.tokenizer_path()),
+        "data.scheduler.checksum": _checksum("data.scheduler.checksum", cfg),
+        "data.tokenizer.checksum": _checksum("data.tokenizer.checksum", cfg),
         "data.synthetic_fraction": cfg.data.synthetic_fraction,
         "data.shards": _shards(cfg),
         "scaling.teachers_per_worker": cfg.scaling.teachers_per_worker,
@@ -213,18 +234,16 @@ def stage_inputs(cfg, stage: str) -> dict[str, Any]:
 def fast_inputs(cfg, model_dir, model_checksum: bool = True) -> dict[str, Any]:
     """Everything that determines the few-step stage's training state (`fast`), as flat dotted keys.
     `model_checksum=False`: the merged model's UNet is not read (a merge's model not saved yet), None."""
-    from dmm_ray.teachers import files_checksum
-
     f = cfg.fast
     inputs = {
         "model": str(model_dir),
-        "model.unet.checksum": files_checksum([Path(model_dir) / "unet"]) if model_checksum else None,
+        "model.unet.checksum": _checksum("model.unet.checksum", cfg, model_dir) if model_checksum else None,
         "seed": cfg.seed,
         **{f"fast.{k}": v for k, v in f.model_dump(mode="json").items() if k not in _FAST_IGNORED},
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},
         # the stream's token ids (build_latent_dataset tokenizes the captions with data.tokenizer), as the
         # merge's stages record it; in _ADDED_LATER, so a record made before it still resumes
-        "data.tokenizer.checksum": _folders_checksum(cfg.data.tokenizer_path()),
+        "data.tokenizer.checksum": _checksum("data.tokenizer.checksum", cfg),
         "data.shards": _shards(cfg),
     }
     if f.samples_merged_model:  # the merged model's own samples: how they are drawn, and how many per style
@@ -236,13 +255,18 @@ def fast_inputs(cfg, model_dir, model_checksum: bool = True) -> dict[str, Any]:
     return inputs
 
 
-def same_request(recorded: dict, asked: dict) -> bool:
+def same_request(recorded: dict, asked: dict, cfg=None) -> bool:
     """A finished few-step stage's completion record (dmm_ray/completion.py, its request with its
     `fast_inputs` under "inputs") against this request: equal, but for inputs that an older dmm-ray
     did not record yet (_ADDED_LATER), as a resume compares them; otherwise each key added to
-    fast_inputs would make every few-step model finished before it save, evaluate and register again."""
+    fast_inputs would make every few-step model finished before it save, evaluate and register again.
+    `cfg` (the request's config): a checksum an earlier files_checksum rule recorded is compared by it too
+    (_by_the_recorded_rule), as a resume compares it."""
     rest = lambda request: {k: v for k, v in request.items() if k != "inputs"}  # noqa: E731
-    return rest(recorded) == rest(asked) and not _differences(recorded.get("inputs") or {}, asked.get("inputs") or {})
+    was, now = recorded.get("inputs") or {}, asked.get("inputs") or {}
+    if cfg is not None:
+        now = _by_the_recorded_rule(cfg, was, now, model=now.get("model"))
+    return rest(recorded) == rest(asked) and not _differences(was, now)
 
 
 def fast_state_path(cfg, out: Path) -> Path:
@@ -264,6 +288,7 @@ def check_fast_resume(cfg, model_dir, out: Path, inputs: dict | None = None, bef
         problem = f"{state} exists but records no settings (made by an older run?)"
     else:
         now = json.loads(json.dumps(inputs or fast_inputs(cfg, model_dir, model_checksum=not before_merge)))
+        now = _by_the_recorded_rule(cfg, recorded, now, model=model_dir)
         if before_merge:
             recorded, now = _before_merge(recorded), _before_merge(now)
         diff = _differences(recorded, now)
@@ -378,7 +403,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
     their synthesized.* copies) left out of the comparison."""
     recorded = _read(out)
     problems = []
-    hashed: dict = {}  # (teacher, rule) -> its checksum: hashed once for every stage's comparison
+    hashed: dict = {}  # (teacher or checksum key, rule) -> its checksum: hashed once for every stage's comparison
     for stage in stages:
         existing = [p for p in state_paths(cfg, out, stage) if _has_state(p)]
         if not existing:
@@ -387,7 +412,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
             problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
             continue
         was, now = ({k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage)))
-        diff = _differences(was, _same_layout(was, _teachers_by_the_recorded_rule(cfg, was, json.loads(json.dumps(now)), hashed)))
+        diff = _differences(was, _same_layout(was, _by_the_recorded_rule(cfg, was, json.loads(json.dumps(now)), hashed)))
         if diff:
             problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
     if problems:
@@ -399,33 +424,50 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
         )
 
 
-def _teachers_by_the_recorded_rule(cfg, was: dict, now: dict, hashed: dict | None = None) -> dict:
-    """`now` with a teacher's recorded checksum where its files, hashed now by an earlier files_checksum rule
-    (teachers.CHECKSUM_RULES), give it: state an earlier dmm-ray recorded, of the same teacher. Each change of
-    the rule made such a teacher "checksum changed" and its run refused until --restart (a LoRA of 16-32 MiB,
-    whose tail the first rule skipped; a folder from `hf download --local-dir`, whose .cache/ the rules before
-    "content" hashed). What that earlier rule could not see (such a LoRA's tail) it still cannot; a record by
-    the current rule is compared by it alone. `hashed`: (teacher name, rule) -> checksum, kept by the caller
-    across stages, so a teacher's files are hashed once per rule."""
-    from dmm_ray.teachers import CHECKSUM_RULES, teacher_checksum
+def recorded_by_an_earlier_rule(recorded: str | None, checksum_by, hashed: dict | None = None, key=None) -> bool:
+    """`recorded` (a checksum a record holds) is what the same files give by an earlier files_checksum rule
+    (teachers.CHECKSUM_RULES), `checksum_by(rule)`: a record an earlier dmm-ray made, of the same files. Each
+    change of the rule made such files "changed" and their run refused until --restart (a file of 16-32 MiB,
+    whose tail the first rule skipped: an SD LoRA of rank 16-32, a small VAE or UNet; a folder from `hf download
+    --local-dir`, whose .cache/ the rules before "content" hashed). What that earlier rule could not see (such a
+    file's tail) it still cannot; a record by the current rule is compared by it alone. `hashed`: (key, rule) ->
+    checksum, kept by the caller, so the files of `key` are hashed once per rule."""
+    from dmm_ray.teachers import CHECKSUM_RULES
 
+    if not recorded:
+        return False
+    hashed = {} if hashed is None else hashed
+    for rule in reversed(CHECKSUM_RULES[:-1]):
+        if (key, rule) not in hashed:
+            hashed[key, rule] = checksum_by(rule)
+        if hashed[key, rule] == recorded:
+            return True
+    return False
+
+
+def _by_the_recorded_rule(cfg, was: dict, now: dict, hashed: dict | None = None, model=None) -> dict:
+    """`now` with a recorded checksum (a teacher's, or one of _CHECKSUMMED's and its synthesized.* copy) where the
+    files, hashed now by an earlier rule, give it (recorded_by_an_earlier_rule). `model`: the few-step stage's
+    merged model. `hashed`: kept by the caller across stages (recorded_by_an_earlier_rule)."""
+    from dmm_ray.teachers import teacher_checksum
+
+    hashed = {} if hashed is None else hashed
+    now = dict(now)
+    for key, value in now.items():
+        name, recorded = key.removeprefix("synthesized."), was.get(key)
+        if name in _CHECKSUMMED and value and recorded and recorded != value:
+            if recorded_by_an_earlier_rule(recorded, lambda rule: _checksum(name, cfg, model, rule), hashed, name):
+                now[key] = recorded
     old, new = was.get("teachers"), now.get("teachers")
     if not isinstance(old, list) or not isinstance(new, list):
         return now
     specs = {t.name: t for t in cfg.teachers}
-    hashed = {} if hashed is None else hashed
     teachers = list(new)
     for i, (t_old, t_new) in enumerate(zip(old, new)):
         recorded, spec = t_old.get("checksum"), specs.get(t_new["name"])
-        if spec is None or t_old.get("name") != t_new["name"] or not recorded or recorded == t_new["checksum"]:
+        if spec is None or t_old.get("name") != t_new["name"] or recorded == t_new["checksum"]:
             continue
-
-        def by(rule):
-            if (spec.name, rule) not in hashed:
-                hashed[spec.name, rule] = teacher_checksum(spec, rule=rule)
-            return hashed[spec.name, rule]
-
-        if any(by(rule) == recorded for rule in reversed(CHECKSUM_RULES[:-1])):
+        if recorded_by_an_earlier_rule(recorded, lambda rule: teacher_checksum(spec, rule=rule), hashed, ("teacher", spec.name)):
             teachers[i] = {**t_new, "checksum": recorded}
     return {**now, "teachers": teachers}
 

@@ -432,8 +432,9 @@ def check_student_base(cfg: MergeConfig, merged: Path) -> None:
     VAE and scheduler, and its student and regulariser condition on that text encoder: a base other than
     the one the previous model was merged on (same architecture, other weights) silently swapped those
     parts under the old styles. Refused when the previous model's record names its base's checksum (a
-    model merged before the record held it, or made elsewhere, is not checked)."""
-    from dmm_ray.fingerprint import base_parts_checksum
+    model merged before the record held it, or made elsewhere, is not checked), and neither the current
+    files_checksum rule nor an earlier one (a model saved by an earlier dmm-ray) gives it."""
+    from dmm_ray.fingerprint import base_parts_checksum, recorded_by_an_earlier_rule
     from dmm_ray.merged_model import read_record
     from dmm_ray.teachers import TeacherError
 
@@ -443,6 +444,8 @@ def check_student_base(cfg: MergeConfig, merged: Path) -> None:
         return
     recorded = record.get("student_base") if isinstance(record, dict) else None
     if not isinstance(recorded, dict) or not recorded.get("checksum") or recorded["checksum"] == base_parts_checksum(cfg.student.base):
+        return
+    if recorded_by_an_earlier_rule(recorded["checksum"], lambda rule: base_parts_checksum(cfg.student.base, rule)):
         return
     raise TeacherError(
         f"incremental.base_merged: {merged} was merged on the student base {recorded.get('path')}, and student.base "

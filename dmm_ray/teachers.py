@@ -795,7 +795,8 @@ def _check_unet_shapes(spec: TeacherSpec, folder: str, student_base: str, models
 
 
 # files_checksum's rules, oldest first. State an earlier dmm-ray recorded holds checksums by its rule, which
-# fingerprint.check_resume compares a teacher's by too, so an unchanged teacher still resumes:
+# fingerprint.recorded_by_an_earlier_rule compares them by too (a teacher's, and every other checksum a record
+# holds), so unchanged files still resume:
 #   "first-chunk"  a file between one and two chunks long (16-32 MiB: an SD LoRA of rank 16-32) hashed by its
 #                  first chunk only (an edit after it kept the checksum); hidden files below a folder hashed
 #   "hidden"       the last chunk of every file over one; hidden files below a folder still hashed

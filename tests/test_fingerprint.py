@@ -166,6 +166,62 @@ def test_state_recorded_by_an_earlier_checksum_rule_still_resumes(world, tmp_pat
         fingerprint.check_resume(cfg, out, ["distill"])
 
 
+def test_other_checksums_recorded_by_an_earlier_rule_still_resume(world, tmp_path):
+    """The earlier files_checksum rules were accepted for the teachers alone: every other checksum of a record (the
+    student base's UNet, an incremental merge's previous model, the few-step stage's merged model; a merged model's
+    dmm_merge.json: its student base's parts) was compared by the current rule, so one with a 16-32 MiB file (a small
+    UNet or VAE), recorded before 1c17d28, was "changed" and its run refused, the same files as before. They are
+    compared as a teacher's now (fingerprint.recorded_by_an_earlier_rule); files changed since are still refused."""
+    import json
+    import shutil
+
+    from dmm_ray.completion import finished, record_finished
+    from dmm_ray.merge import check_student_base
+    from dmm_ray.teachers import TeacherError, files_checksum
+
+    base = shutil.copytree(world["base"], tmp_path / "base")
+    for part in ("unet", "vae"):  # 20 MiB: the first rule hashed its first 16 MiB only
+        (base / part / "extra.safetensors").write_bytes(bytes(range(256)) * (20 << 12))
+    merged = shutil.copytree(base, tmp_path / "merged")  # the previous merged model (only its files matter here)
+    out = tmp_path / "out"
+    cfg = _cfg({**world, "base": str(base)}, out, incremental={"base_merged": str(merged), "regularization": False}, fast={"output_dir": str(out)})
+    first = lambda *folders: files_checksum(folders, rule="first-chunk")  # noqa: E731  (as a dmm-ray before 1c17d28 recorded them)
+    fingerprint.record(cfg, out, "distill")
+    _fake_state(cfg, out, "distill")
+    fingerprint.record_fast(cfg, merged, out)
+    (fingerprint.fast_state_path(cfg, out) / "checkpoint_000001").mkdir(parents=True)
+    recorded = json.loads((out / fingerprint.RECORD).read_text())
+    recorded["distill"].update({"student.base.checksum": first(base / "unet"), fingerprint.PREVIOUS_MODEL_CHECKSUM: first(merged / "unet")})
+    recorded["fast"]["model.unet.checksum"] = first(merged / "unet")
+    assert recorded["fast"]["model.unet.checksum"] != fingerprint.fast_inputs(cfg, merged)["model.unet.checksum"]
+    (out / fingerprint.RECORD).write_text(json.dumps(recorded))
+    done = out / "model" / "model_index.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    asked = {"config": cfg.model_dump(mode="json"), "model": str(merged), "inputs": fingerprint.fast_inputs(cfg, merged), "evaluate": False}
+    record_finished(out, "fast_complete.json", {**asked, "inputs": recorded["fast"]})
+    parts = [base / n for n in ("text_encoder", "tokenizer", "vae", "scheduler")]
+    (merged / "dmm_merge.json").write_text(json.dumps({"student_base": {"path": str(base), "checksum": first(*parts)}}))
+
+    fingerprint.check_resume(cfg, out, ["distill"])  # the same files: resume (were refused)
+    fingerprint.check_fast_resume(cfg, merged, out)
+    assert finished(out, "fast_complete.json", asked, [done], same=lambda r, a: fingerprint.same_request(r, a, cfg)) is not None
+    check_student_base(cfg, merged)
+
+    for folder in (base / "unet", base / "vae", merged / "unet"):
+        data = bytearray((folder / "extra.safetensors").read_bytes())
+        data[0] ^= 0xFF  # in the first chunk, which every rule hashes
+        (folder / "extra.safetensors").write_bytes(bytes(data))
+    with pytest.raises(StaleStateError, match=r"incremental\.base_merged\.checksum: .*student\.base\.checksum: "):
+        fingerprint.check_resume(cfg, out, ["distill"])
+    with pytest.raises(StaleStateError, match=r"model\.unet\.checksum: "):
+        fingerprint.check_fast_resume(cfg, merged, out)
+    asked["inputs"] = fingerprint.fast_inputs(cfg, merged)
+    assert finished(out, "fast_complete.json", asked, [done], same=lambda r, a: fingerprint.same_request(r, a, cfg)) is None
+    with pytest.raises(TeacherError, match="was merged on the student base"):
+        check_student_base(cfg, merged)
+
+
 def _flip_last_byte(folder: Path) -> None:
     weights = next(folder.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())

@@ -639,7 +639,9 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     asked = _fast_request(cfg, model_dir, inputs, evaluate)
     if not recorded:
         return lines + ([_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else [])
-    done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
+    done = finished(
+        out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
+    )
     return lines + ([_complete_line(out, done)] if done is not None else [])
 
 
@@ -683,7 +685,9 @@ def _run_fast(
         )
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
     asked = _fast_request(cfg, model_dir, inputs, evaluate)
-    done = finished(out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=fingerprint.same_request)
+    done = finished(
+        out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
+    )
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
         log(_complete_line(out, done))
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
