@@ -375,3 +375,32 @@ def test_merge_mismatch_compares_the_mix_the_teachers_files_and_completeness(zoo
     weighted_merge_teachers([a, b], None, out)
     (out / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     assert merge_mismatch(out, [a, b]).startswith("it is incomplete (weighted merge: ") and "vae has no weights file" in merge_mismatch(out, [a, b])
+
+
+def test_a_weighted_merge_recorded_by_an_earlier_checksum_rule_is_still_of_its_teachers(zoo, tmp_path):
+    """The weighted merge's record holds its teachers' checksums, compared by the current files_checksum rule alone:
+    one built before 1c17d28 from a teacher with a 16-32 MiB file (a rank 16-32 LoRA), whose tail that rule did not
+    hash, was "changed since it was built", the same files, so style_mixing rebuilt it (or refused the one
+    --weighted-merge names). Compared by the earlier rules too (fingerprint.recorded_by_an_earlier_rule), as a
+    merge's resume compares them; a teacher changed since is still found."""
+    import json
+    import shutil
+
+    from dmm_ray.baselines.weighted_merge import RECORD, merge_mismatch, weighted_merge_teachers
+    from dmm_ray.teachers import TeacherSpec, teacher_checksum
+
+    a, b = _specs(zoo, ["a", "b"])
+    b = TeacherSpec(name="b", source=str(shutil.copytree(b.source, tmp_path / "b")))
+    extra = tmp_path / "b" / "unet" / "extra.bin"
+    extra.write_bytes(bytes(range(256)) * (20 << 12))  # 20 MiB: the first rule hashed its first 16 MiB only
+    out = tmp_path / "wm"
+    weighted_merge_teachers([a, b], None, out)
+    record = json.loads((out / RECORD).read_text())
+    record["checksums"] = [teacher_checksum(s, rule="first-chunk") for s in (a, b)]  # as a dmm-ray before 1c17d28 recorded them
+    assert record["checksums"][1] != teacher_checksum(b)
+    (out / RECORD).write_text(json.dumps(record))
+    assert merge_mismatch(out, [a, b]) is None  # was: teacher(s) ['b'] changed since it was built
+    data = bytearray(extra.read_bytes())
+    data[0] ^= 0xFF  # in the first chunk, which every rule hashes
+    extra.write_bytes(bytes(data))
+    assert "teacher(s) ['b'] changed since it was built" in merge_mismatch(out, [a, b])

@@ -196,8 +196,16 @@ def merge_mismatch(folder: str | Path, specs: Sequence[Any], weights: Sequence[f
         return "it merges the UNets only (--no-text-encoder)" if merge_text_encoder else "it merges the text encoders too"
     sums = record.get("checksums")
     if isinstance(sums, list) and len(sums) == len(held_names):
+        from dmm_ray.fingerprint import recorded_by_an_earlier_rule
+
         recorded = dict(zip(held_names, sums))
-        changed = [s.name for s in specs if recorded[s.name] != teacher_checksum(s)]
+
+        def changed_since(spec) -> bool:  # a record an earlier dmm-ray wrote holds its checksum rule's
+            return recorded[spec.name] != teacher_checksum(spec) and not recorded_by_an_earlier_rule(
+                recorded[spec.name], lambda rule: teacher_checksum(spec, rule=rule)
+            )
+
+        changed = [s.name for s in specs if changed_since(s)]
         if changed:
             return f"teacher(s) {changed} changed since it was built (their files' checksums differ from its {RECORD})"
     try:
