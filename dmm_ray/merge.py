@@ -901,11 +901,12 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
     check the resumable state -> start Ray and plan the cluster -> encode -> the STAGES below, in order."""
     remote = output_location(cfg)[1]
     recover_merged(out / "merged")  # a save that crashed mid-swap: put the last good model back first
-    if remote:  # and an upload that was cut short while it replaced the model at the URI (fsu.upload_model)
+    if remote:  # and an upload that was cut short while it replaced the model or the evaluation at the URI (fsu.upload_model)
         from dmm_ray.data import fs as fsu
 
-        for line in fsu.recover_model(*fsu.resolve(f"{remote}/merged")):
-            log(line)
+        for name, marker in uploaded_results().items():
+            for line in fsu.recover_model(*fsu.resolve(f"{remote}/{name}"), marker=marker):
+                log(line)
     log(
         f"merge {cfg.name!r}: {len(cfg.teachers)} teacher(s) {[t.name for t in cfg.teachers]}, {cfg.num_workers} worker(s)"
         + (
@@ -1056,7 +1057,12 @@ def finetune_stage(run: MergeRun) -> None:
     from dmm_ray.distill.trainer import build_trainer, fit_stage
 
     cfg, s, out, tracking = run.cfg, run.cfg.synthesis, run.out, run.tracking
-    init_state = _stage_folder(out / "stages" / "distill_state", run.remote, "distill_state") if s.finetune_continue else None
+    if s.finetune_continue:
+        from dmm_ray.distill.checkpointing import MANIFEST
+
+        init_state = _stage_folder(out / "stages" / "distill_state", run.remote, "distill_state", marker=MANIFEST)
+    else:
+        init_state = None
     log(
         f"stage finetune: {s.finetune_steps} steps at batch {s.finetune_batch_size}"
         + (" (continuing the distill discriminator and optimizer)" if init_state else "")
@@ -1069,7 +1075,7 @@ def finetune_stage(run: MergeRun) -> None:
             "finetune",
             _synthetic_datasets(cfg, run.shard_dirs),
             tracking=tracking and {**tracking, "prefix": "finetune/"},
-            init_student=_stage_folder(run.student_dir, run.remote, run.student_dir.name),
+            init_student=_stage_folder(run.student_dir, run.remote, run.student_dir.name, marker=STUDENT_MARKER),
             steps=s.finetune_steps,
             batch_size=s.finetune_batch_size,
             lr=s.finetune_lr,
@@ -1095,7 +1101,7 @@ def save_stage(run: MergeRun) -> None:
         from dmm_ray.data import fs as fsu
 
         t0, uri = time.time(), f"{run.remote}/merged"
-        fsu.upload_model(run.out / "merged", *fsu.resolve(uri))  # beside the previous model, then swapped in
+        fsu.upload_model(run.out / "merged", *fsu.resolve(uri), marker=uploaded_results()["merged"])  # beside the previous model, then swapped in
         log(f"uploaded merged/ -> {uri} ({time.time() - t0:.1f} s)")
     result.seconds = time.time() - run.started
     split = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in result.stage_metrics.items() if "seconds" in v)
@@ -1216,24 +1222,41 @@ def _synthetic_datasets(cfg: MergeConfig, shard_dirs: dict[int, str]) -> dict:
     return {"synth": build_latent_dataset(cfg.data, shards=[shard_dirs[i] for i in sorted(shard_dirs)])}
 
 
-def _stage_folder(local: Path, remote: str | None, name: str) -> str:
+STUDENT_MARKER = "config.json"  # a stage's student folder (StyleUNet.save_pretrained): its config, with the style names
+
+
+def uploaded_results() -> dict[str, str]:
+    """{folder: the file that marks it complete} of what a merge uploads to a URI output_dir beside its
+    state: replaced there through fsu.upload_model, and put back by the next merge's start where an upload
+    was cut short."""
+    from dmm_ray.data.fs import MODEL_MARKER
+    from dmm_ray.evaluation.outputs import MATRIX_FILE
+
+    return {"merged": MODEL_MARKER, "evaluation": MATRIX_FILE}
+
+
+def _stage_folder(local: Path, remote: str | None, name: str, marker: str) -> str:
     """A stage's student/state extracted on the driver, as Train workers will read it: the local
-    folder, or (URI output_dir) its upload to <output_dir>/stages/<name>, so workers on other nodes
-    never read the driver's disk."""
+    folder, or (URI output_dir) its upload to <output_dir>/stages/<name> (`marker`: the file that marks
+    it complete; the previous upload is kept until the new one is in), so workers on other nodes never
+    read the driver's disk."""
     if remote is None:
         return str(local)
     from dmm_ray.data import fs as fsu
 
     uri = f"{remote}/stages/{name}"
-    fsu.upload(local, uri, last=())
+    fsu.upload(local, uri, marker=marker)
     return uri
 
 
 def _upload_results(out: Path, remote: str, what: tuple[str, ...]) -> None:
+    """Upload the local folders `what` (of uploaded_results) to the URI output_dir, each replacing the
+    previous one there only once it is complete: emptied first, an upload that failed left nothing there."""
     from dmm_ray.data import fs as fsu
 
+    markers = uploaded_results()
     for name in what:
         if (out / name).is_dir():
             t0 = time.time()
-            fsu.upload(out / name, f"{remote}/{name}")
+            fsu.upload(out / name, f"{remote}/{name}", marker=markers[name])
             log(f"uploaded {name}/ -> {remote}/{name} ({time.time() - t0:.1f} s)")

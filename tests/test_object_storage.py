@@ -176,6 +176,91 @@ def test_a_model_upload_that_fails_at_any_point_keeps_the_previous_model_loadabl
         assert listed(fs) == ["merged"], after
 
 
+def _evaluation_like(folder: Path, tag: str) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("M.csv", "M_ref.csv", "fid_heatmaps.png", "fid_matrix.json"):
+        (folder / name).write_text(f"{tag} {name}")
+    return folder
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["one-failure", "store-gone"])
+def test_an_evaluation_upload_that_fails_at_any_point_keeps_the_previous_evaluation(tmp_path, every):
+    """Finding: the merge's uploads of evaluation/ and stages/<name> to a URI output_dir emptied the remote
+    folder first (upload_dir), so one that failed part-way left less than the previous folder there (the
+    earlier evaluation lost). They are replaced as merged/ is (upload_model, `marker` the file that marks the
+    folder complete: fid_matrix.json): a failure at any file write keeps the previous evaluation, whole, at
+    evaluation/ (put back at once, or by the next merge's start, recover_model, when the store is gone)."""
+    from dmm_ray.evaluation.outputs import MATRIX_FILE
+
+    first, second = _evaluation_like(tmp_path / "first", "first"), _evaluation_like(tmp_path / "second", "second")
+    parent, path = "bucket/evals/toy", "bucket/evals/toy/evaluation"  # (not merges/toy: the model tests list that folder)
+    fs, handler = _failing_store(OSError("connection reset"), every)
+    fsu.upload_model(first, fs, path, marker=MATRIX_FILE)
+    handler.writes = 0
+    fsu.upload_model(second, fs, path, marker=MATRIX_FILE)
+    writes = handler.writes
+    assert writes == 3 * len(_tree(second))
+    for after in range(1, writes + 1):
+        fs, handler = _failing_store(OSError("connection reset"), every)
+        fsu.upload_model(first, fs, path, marker=MATRIX_FILE)
+        handler.writes, handler.after = 0, after
+        with pytest.raises(OSError, match="connection reset"):
+            fsu.upload_model(second, fs, path, marker=MATRIX_FILE)
+        handler.after = 0  # the store is back
+        fsu.recover_model(fs, path, marker=MATRIX_FILE)  # the next merge's start
+        assert _tree(fsu.download_dir(fs, path, tmp_path / f"copy-{after}")) == _tree(first), after
+        listed = [i.base_name for i in fs.get_file_info(pafs.FileSelector(parent))]  # (the store keeps earlier tests' folders)
+        assert "evaluation" in listed and not [n for n in listed if n.startswith("evaluation.")], after
+    with pytest.raises(FileNotFoundError, match=f"cannot upload .*: it has no {MATRIX_FILE}, the file that marks it complete"):
+        fsu.upload_model(tmp_path, fs, path, marker=MATRIX_FILE)  # else the swap would leave no complete folder
+
+
+def test_the_merges_uploads_of_evaluation_and_stages_that_fail_keep_the_previous_folder(tmp_path, monkeypatch):
+    """The same through the merge's callers, at a file:// output_dir: _upload_results (evaluation/) and
+    _stage_folder (stages/<name>, a student and a training state) failing at their second file write left one
+    file of the new upload (evaluation/) or nothing; the previous folder is kept, and a whole upload replaces it."""
+    from dmm_ray import merge
+    from dmm_ray.distill.checkpointing import MANIFEST
+
+    store, out = tmp_path / "store", tmp_path / "staging"
+    store.mkdir()
+    remote = store.as_uri()
+    student = _pipeline_like(out / "stages" / "distill_student", "first")
+    (student / "config.json").write_text("{}")
+    state = out / "stages" / "distill_state"
+    state.mkdir()
+    (state / "train_state.pt").write_text("first")
+    (state / MANIFEST).write_text("{}")
+    uploads = [
+        (lambda: merge._upload_results(out, remote, ("evaluation",)), _evaluation_like(out / "evaluation", "first"), store / "evaluation"),
+        (lambda: merge._stage_folder(student, remote, "distill_student", merge.STUDENT_MARKER), student, store / "stages" / "distill_student"),
+        (lambda: merge._stage_folder(state, remote, "distill_state", MANIFEST), state, store / "stages" / "distill_state"),
+    ]
+    real = pafs.copy_files
+    for upload, local, uploaded in uploads:
+        upload()
+        previous = _tree(uploaded)
+        assert previous == _tree(local)
+        for f in local.rglob("*"):
+            if f.is_file():
+                f.write_text("second")
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:
+                raise OSError("connection reset")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pafs, "copy_files", failing)
+        with pytest.raises(OSError, match="connection reset"):
+            upload()
+        monkeypatch.setattr(pafs, "copy_files", real)
+        assert _tree(uploaded) == previous, uploaded
+        upload()
+        assert _tree(uploaded) == _tree(local) and not list(uploaded.parent.glob(uploaded.name + ".*")), uploaded  # no .tmp / .old left
+
+
 def test_a_model_file_over_the_server_copy_limit_is_streamed(tmp_path, monkeypatch):
     """S3's CopyObject (pyarrow's copy_file) refuses a source over 5 GiB, as a shard of an fp32 SDXL UNet is:
     upload_model's copies stream such a file through this machine instead (the limit lowered to see it)."""
@@ -388,7 +473,7 @@ def test_readers_never_load_a_half_uploaded_model_and_read_the_previous_one_kept
         assert _tree(folder) == previous
     assert sorted(p.name for p in store.iterdir()) == ["merged", "merged.old"]  # readers write nothing there
     fs, path = fsu.resolve(uri)
-    assert fsu.recover_model(fs, path) == [f"restored {path} from merged.old (an upload was interrupted while it replaced the model)"]
+    assert fsu.recover_model(fs, path) == [f"restored {path} from merged.old (an upload that replaced it was interrupted)"]
     assert _tree(store / "merged") == previous and sorted(p.name for p in store.iterdir()) == ["merged"]
 
 

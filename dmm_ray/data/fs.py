@@ -2,9 +2,10 @@
 
 THE resolver of locations (`resolve`: a location -> (pyarrow FileSystem, path)), and the helpers that
 move whole folders between object storage and a local folder (`upload_dir`, `download_dir`,
-`local_copy`): the merge job's `output_dir`, `data.shards` and merged models go through here. A model
-folder is replaced at a URI as the local one is (`upload_model`, `recover_model`, `model_to_read`): the
-new model beside it first, the previous one kept aside until the new one is in.
+`local_copy`): the merge job's `output_dir`, `data.shards` and merged models go through here. A folder
+(a model, an evaluation, a stage's student) is replaced at a URI as a local model is (`upload_model`,
+`recover_model`, `model_to_read`): the new one beside it first, the previous one kept aside until the new
+one is in.
 Plain local paths map to pyarrow's LocalFileSystem and behave exactly like the local folder.
 """
 
@@ -266,17 +267,17 @@ def model_siblings(path: str) -> tuple[str, str]:
     return str(tmp), str(old)
 
 
-def _complete(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(join(path, MODEL_MARKER)).type == pafs.FileType.File
+def _complete(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> bool:
+    return fs.get_file_info(join(path, marker)).type == pafs.FileType.File
 
 
-def _copy_model(fs: pafs.FileSystem, src: str, dest: str) -> None:
-    """Copy the folder `src` to `dest` inside `fs`, `MODEL_MARKER` last: server-side where the store can
+def _copy_model(fs: pafs.FileSystem, src: str, dest: str, marker: str = MODEL_MARKER) -> None:
+    """Copy the folder `src` to `dest` inside `fs`, `marker` last: server-side where the store can
     (S3 CopyObject, no data through this machine), streamed through it for a file over SERVER_COPY_LIMIT."""
     infos = [i for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
     # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": relative paths without the leading "/"
     files = [(posixpath.relpath(i.path.lstrip("/"), src.strip("/") or "."), i.size) for i in infos]
-    files.sort(key=lambda f: (posixpath.basename(f[0]) == MODEL_MARKER, f[0]))
+    files.sort(key=lambda f: (posixpath.basename(f[0]) == marker, f[0]))
     made = set()
     for rel, size in files:
         source, dest_file = join(src, rel), join(dest, rel)
@@ -291,51 +292,56 @@ def _copy_model(fs: pafs.FileSystem, src: str, dest: str) -> None:
             fs.copy_file(source, dest_file)
 
 
-def _delete_model(fs: pafs.FileSystem, path: str) -> bool:
-    """`delete`, `MODEL_MARKER` first: a folder deleted part-way never passes for a complete model."""
-    if _complete(fs, path):
-        fs.delete_file(join(path, MODEL_MARKER))
+def _delete_model(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> bool:
+    """`delete`, `marker` first: a folder deleted part-way never passes for a complete one."""
+    if _complete(fs, path, marker):
+        fs.delete_file(join(path, marker))
     return delete(fs, path)
 
 
-def upload_model(local: str | os.PathLike, fs: pafs.FileSystem, path: str) -> list[str]:
-    """Replace the model folder `path` on `fs` with the local folder `local`, never leaving no complete
-    model there: an object store has no atomic rename, and emptying `path` before the upload (upload_dir)
-    left no model at all when the upload failed. The new model goes to `path.tmp` first (MODEL_MARKER last:
-    complete only once all of it is there); then the previous model is copied aside to `path.old`, `path`
-    emptied (marker first), `path.tmp` copied in (marker last), and both siblings removed. A failure or
-    Ctrl-C puts the previous model back (`recover_model`), and so does the next merge (its start) where that
-    could not finish; until then readers load `path.old` (`model_to_read`). Returns the files uploaded."""
+def upload_model(local: str | os.PathLike, fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> list[str]:
+    """Replace the folder `path` on `fs` with the local folder `local`, never leaving less than the previous
+    complete folder there: an object store has no atomic rename, and emptying `path` before the upload
+    (upload_dir) left nothing at all when the upload failed. `marker`: the file whose presence makes the
+    folder complete (a model's MODEL_MARKER; an evaluation's fid_matrix.json), which `local` must hold.
+    The new folder goes to `path.tmp` first (marker last: complete only once all of it is there); then the
+    previous one is copied aside to `path.old`, `path` emptied (marker first), `path.tmp` copied in (marker
+    last), and both siblings removed. A failure or Ctrl-C puts the previous folder back (`recover_model`),
+    and so does the next merge (its start) where that could not finish; until then readers of a model load
+    `path.old` (`model_to_read`). Returns the files uploaded."""
+    if not (Path(local) / marker).is_file():  # else the swap removed the previous folder and left none complete
+        reason = f"it has no {marker}, the file that marks it complete" if Path(local).is_dir() else "not a folder"
+        raise FileNotFoundError(f"cannot upload {local}: {reason}")
     tmp, old = model_siblings(path)
     try:
-        uploaded = upload_dir(local, fs, tmp, last=(MODEL_MARKER,))
-        if _complete(fs, path):  # the previous model, aside (an incomplete path with a complete old: old is the last good one)
-            _delete_model(fs, old)
-            _copy_model(fs, path, old)
-        _delete_model(fs, path)
-        _copy_model(fs, tmp, path)
+        uploaded = upload_dir(local, fs, tmp, last=(marker,))
+        if _complete(fs, path, marker):  # the previous folder, aside (an incomplete path with a complete old: old is the last good one)
+            _delete_model(fs, old, marker)
+            _copy_model(fs, path, old, marker)
+        _delete_model(fs, path, marker)
+        _copy_model(fs, tmp, path, marker)
     except BaseException:
         with contextlib.suppress(Exception):  # the store may be gone: the error that stopped the upload is the one to show
-            recover_model(fs, path)
+            recover_model(fs, path, marker)
         raise
     for sibling in (old, tmp):
-        _delete_model(fs, sibling)
+        _delete_model(fs, sibling, marker)
     return uploaded
 
 
-def recover_model(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Undo an `upload_model` of `path` that was interrupted: `path` incomplete (no MODEL_MARKER) while
+def recover_model(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> list[str]:
+    """Undo an `upload_model` of `path` that was interrupted: `path` incomplete (no `marker`) while
     `path.old` is complete -> copy it back; then remove `path.tmp` / `path.old`. Returns what it did (for
     the log). Call only while no upload of `path` can be under way (the merge: at its start)."""
     tmp, old = model_siblings(path)
     done = []
-    if not _complete(fs, path) and _complete(fs, old):
-        _delete_model(fs, path)
-        _copy_model(fs, old, path)
-        _delete_model(fs, old)  # the move's second half: not a leftover to report
-        done.append(f"restored {path} from {posixpath.basename(old)} (an upload was interrupted while it replaced the model)")
+    if not _complete(fs, path, marker) and _complete(fs, old, marker):
+        _delete_model(fs, path, marker)
+        _copy_model(fs, old, path, marker)
+        _delete_model(fs, old, marker)  # the move's second half: not a leftover to report
+        done.append(f"restored {path} from {posixpath.basename(old)} (an upload that replaced it was interrupted)")
     for stale in (tmp, old):
-        if _delete_model(fs, stale):
+        if _delete_model(fs, stale, marker):
             done.append(f"removed {stale} left behind by an interrupted upload")
     return done
 
@@ -365,10 +371,10 @@ def model_to_read(fs: pafs.FileSystem, path: str, shown: Optional[str] = None) -
     )
 
 
-def upload(local: str | os.PathLike, uri: str, last: Iterable[str] = ("model_index.json",)) -> list[str]:
-    """`upload_dir` to a location given as a URI (or a local path)."""
-    fs, path = resolve(uri)
-    return upload_dir(local, fs, path, last)
+def upload(local: str | os.PathLike, uri: str, marker: str = MODEL_MARKER) -> list[str]:
+    """`upload_model` to a location given as a URI (or a local path): the previous folder there is kept
+    until the new one is complete (`marker`: the file that marks it complete)."""
+    return upload_model(local, *resolve(uri), marker=marker)
 
 
 def local_copy(location, dest: Optional[str | os.PathLike] = None, model: bool = False) -> Path:

@@ -16,6 +16,8 @@ import numpy as np
 from dmm_ray.evaluation.matrix import EvalResult
 from dmm_ray.output_lock import left_by_killed
 
+MATRIX_FILE = "fid_matrix.json"  # in every evaluation folder: what marks an uploaded one complete (merge._upload_results)
+
 
 def _plt():
     import matplotlib
@@ -125,7 +127,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
 
     out = fsu.require_local("evaluation output_dir", out_dir)  # never a local folder named `s3:`
     out.mkdir(parents=True, exist_ok=True)
-    names = {"json": "fid_matrix.json", "csv": "M.csv", "ref_csv": "M_ref.csv", "heatmaps": "fid_heatmaps.png", "grid": "style_grid.png"}
+    names = {"json": MATRIX_FILE, "csv": "M.csv", "ref_csv": "M_ref.csv", "heatmaps": "fid_heatmaps.png", "grid": "style_grid.png"}
     if not (result.student_previews or result.teacher_previews):
         names.pop("grid")
     paths = {key: out / name for key, name in names.items()}
