@@ -273,6 +273,37 @@ def test_a_model_file_over_the_server_copy_limit_is_streamed(tmp_path, monkeypat
         assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(posixpath.dirname(path)))] == ["merged"], name
 
 
+def test_a_model_file_over_the_s3_copy_limit_is_copied_server_side_on_gcs(tmp_path, monkeypatch):
+    """Finding: every store streamed a file over SERVER_COPY_LIMIT (S3 CopyObject's 5 GiB) through this machine,
+    GCS too, whose server-side copy (objects.rewrite, run to the end by pyarrow's GcsFileSystem and by gcsfs) has
+    no size limit: a 10 GB UNet shard went through the driver twice. On GCS (an fsspec filesystem named and with
+    the protocols of gcsfs's, here over memory; pyarrow's GcsFileSystem by its type) every file is copied there."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class GCSFileSystem(MemoryFileSystem):  # gcsfs.GCSFileSystem's name and protocols
+        protocol = ("gs", "gcs")
+
+    streamed = []
+
+    class Handler(pafs.FSSpecHandler):
+        def open_output_stream(self, path, metadata):
+            streamed.append(path)
+            return super().open_output_stream(path, metadata)
+
+    monkeypatch.setattr(fsu, "SERVER_COPY_LIMIT", 100)  # the weights (3000 bytes) are over it
+    first, second = _pipeline_like(tmp_path / "first", "a"), _pipeline_like(tmp_path / "second", "b")
+    memory = GCSFileSystem()
+    memory.store.clear()
+    fs, path = pafs.PyFileSystem(Handler(memory)), "bucket/gcs/toy/merged"
+    fsu.upload_model(first, fs, path)
+    fsu.upload_model(second, fs, path)
+    assert _tree(fsu.download_dir(fs, path, tmp_path / "dl")) == _tree(second)
+    assert [p for p in streamed if "/merged.tmp/" not in p] == []  # only the upload itself (to merged.tmp) sends data
+    assert not fsu._server_copy_limited(pafs.GcsFileSystem(anonymous=True))
+    assert not fsu._server_copy_limited(pafs.SubTreeFileSystem("bucket/x", pafs.GcsFileSystem(anonymous=True)))
+    assert fsu._server_copy_limited(pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem())))  # S3 and the rest: streamed
+
+
 def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     model = _pipeline_like(tmp_path / "store" / "merged")

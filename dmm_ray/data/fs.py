@@ -28,6 +28,11 @@ import pyarrow.fs as pafs
 MODEL_MARKER = "model_index.json"  # what makes a diffusers folder loadable: copied last, deleted first
 # S3's CopyObject, pyarrow's copy_file there, refuses a source over 5 GiB (a shard of an fp32 SDXL UNet is up to 10 GB)
 SERVER_COPY_LIMIT = 5 * 1024**3
+# GCS has no such limit: its server-side copy is objects.rewrite, which copies an object of any size, in several
+# requests for a large one (a rewriteToken until done: https://cloud.google.com/storage/docs/json_api/v1/objects/rewrite),
+# and both pyarrow's GcsFileSystem.CopyFile (RewriteObjectBlocking, arrow/cpp/src/arrow/filesystem/gcsfs.cc) and
+# gcsfs's cp_file (rewriteTo in a loop until done) run it to the end. Its stores: pyarrow's (type_name "gcs") or fsspec's.
+UNLIMITED_COPY_PROTOCOLS = ("gs", "gcs")
 
 # schemes pyarrow.fs.FileSystem.from_uri opens (object stores need pyarrow built with them, and credentials)
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -271,20 +276,34 @@ def _complete(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> boo
     return fs.get_file_info(join(path, marker)).type == pafs.FileType.File
 
 
+def _server_copy_limited(fs: pafs.FileSystem) -> bool:
+    """Does `fs`'s server-side copy (copy_file) refuse a file over SERVER_COPY_LIMIT? Every store but GCS is
+    taken to, as S3 does (streaming is correct everywhere, only slower); on GCS a 10 GB shard was streamed
+    through this machine twice (aside, then in) for nothing."""
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        fs = fs.base_fs
+    if fs.type_name in UNLIMITED_COPY_PROTOCOLS:  # pyarrow's GcsFileSystem
+        return False
+    protocol = getattr(getattr(getattr(fs, "handler", None), "fs", None), "protocol", None)  # an fsspec one: PyFileSystem(FSSpecHandler)
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
+    return not set(protocols) & set(UNLIMITED_COPY_PROTOCOLS)
+
+
 def _copy_model(fs: pafs.FileSystem, src: str, dest: str, marker: str = MODEL_MARKER) -> None:
     """Copy the folder `src` to `dest` inside `fs`, `marker` last: server-side where the store can
-    (S3 CopyObject, no data through this machine), streamed through it for a file over SERVER_COPY_LIMIT."""
+    (S3 CopyObject, GCS rewrite: no data through this machine), streamed through it for a file over
+    SERVER_COPY_LIMIT where the store's copy has that limit (`_server_copy_limited`)."""
     infos = [i for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
     # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": relative paths without the leading "/"
     files = [(posixpath.relpath(i.path.lstrip("/"), src.strip("/") or "."), i.size) for i in infos]
     files.sort(key=lambda f: (posixpath.basename(f[0]) == marker, f[0]))
-    made = set()
+    made, limited = set(), _server_copy_limited(fs)
     for rel, size in files:
         source, dest_file = join(src, rel), join(dest, rel)
         if (parent := posixpath.dirname(dest_file)) not in made:
             fs.create_dir(parent, recursive=True)
             made.add(parent)
-        if size is not None and size > SERVER_COPY_LIMIT:
+        if limited and size is not None and size > SERVER_COPY_LIMIT:
             with fs.open_input_stream(source) as reader, fs.open_output_stream(dest_file) as writer:
                 while chunk := reader.read(64 * 1024**2):
                     writer.write(chunk)
