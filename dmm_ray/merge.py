@@ -1112,7 +1112,9 @@ def _evaluate(run: MergeRun) -> None:
     """Every style merged so far (incremental: old teachers + new ones), tracked or not."""
     run.result.evaluation = evaluate_stage(run.cfg, run.result.merged_path, run.teachers)
     if run.remote and run.result.evaluation is not None:
-        _upload_results(run.out, run.remote, ("evaluation",))
+        # from where evaluate_stage wrote it: evaluation.output_dir (<staging>/evaluation unless set); <staging>/evaluation
+        # was uploaded whatever that was: nothing, or an earlier run's evaluation, over this model's at the URI
+        _upload_result(Path(run.cfg.evaluation.output_dir), run.remote, "evaluation")
 
 
 def track_stage(run: MergeRun) -> None:
@@ -1249,14 +1251,11 @@ def _stage_folder(local: Path, remote: str | None, name: str, marker: str) -> st
     return uri
 
 
-def _upload_results(out: Path, remote: str, what: tuple[str, ...]) -> None:
-    """Upload the local folders `what` (of uploaded_results) to the URI output_dir, each replacing the
+def _upload_result(local: Path, remote: str, name: str) -> None:
+    """Upload the local folder `local` to <output_dir URI>/<name> (a folder of uploaded_results), replacing the
     previous one there only once it is complete: emptied first, an upload that failed left nothing there."""
     from dmm_ray.data import fs as fsu
 
-    markers = uploaded_results()
-    for name in what:
-        if (out / name).is_dir():
-            t0 = time.time()
-            fsu.upload(out / name, f"{remote}/{name}", marker=markers[name])
-            log(f"uploaded {name}/ -> {remote}/{name} ({time.time() - t0:.1f} s)")
+    t0 = time.time()
+    fsu.upload(local, f"{remote}/{name}", marker=uploaded_results()[name])
+    log(f"uploaded {name}/ -> {remote}/{name} ({time.time() - t0:.1f} s)")

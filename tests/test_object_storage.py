@@ -216,7 +216,7 @@ def test_an_evaluation_upload_that_fails_at_any_point_keeps_the_previous_evaluat
 
 
 def test_the_merges_uploads_of_evaluation_and_stages_that_fail_keep_the_previous_folder(tmp_path, monkeypatch):
-    """The same through the merge's callers, at a file:// output_dir: _upload_results (evaluation/) and
+    """The same through the merge's callers, at a file:// output_dir: _upload_result (evaluation/) and
     _stage_folder (stages/<name>, a student and a training state) failing at their second file write left one
     file of the new upload (evaluation/) or nothing; the previous folder is kept, and a whole upload replaces it."""
     from dmm_ray import merge
@@ -232,7 +232,7 @@ def test_the_merges_uploads_of_evaluation_and_stages_that_fail_keep_the_previous
     (state / "train_state.pt").write_text("first")
     (state / MANIFEST).write_text("{}")
     uploads = [
-        (lambda: merge._upload_results(out, remote, ("evaluation",)), _evaluation_like(out / "evaluation", "first"), store / "evaluation"),
+        (lambda: merge._upload_result(out / "evaluation", remote, "evaluation"), _evaluation_like(out / "evaluation", "first"), store / "evaluation"),
         (lambda: merge._stage_folder(student, remote, "distill_student", merge.STUDENT_MARKER), student, store / "stages" / "distill_student"),
         (lambda: merge._stage_folder(state, remote, "distill_state", MANIFEST), state, store / "stages" / "distill_state"),
     ]
@@ -259,6 +259,30 @@ def test_the_merges_uploads_of_evaluation_and_stages_that_fail_keep_the_previous
         assert _tree(uploaded) == previous, uploaded
         upload()
         assert _tree(uploaded) == _tree(local) and not list(uploaded.parent.glob(uploaded.name + ".*")), uploaded  # no .tmp / .old left
+
+
+def test_the_evaluation_uploaded_is_the_one_written_to_evaluation_output_dir(tmp_path, monkeypatch):
+    """Finding: with a URI output_dir, the merge's evaluate stage wrote its results to evaluation.output_dir but
+    uploaded <staging>/evaluation whatever that held: with evaluation.output_dir set to another folder, nothing,
+    or an earlier run's evaluation left there (the default's), over the remote evaluation/ of this model. It
+    uploads the folder the evaluation was written to."""
+    from types import SimpleNamespace
+
+    from dmm_ray import merge
+
+    out, store, chosen = tmp_path / "staging", tmp_path / "store", tmp_path / "my-evaluation"
+    store.mkdir()
+    _evaluation_like(out / "evaluation", "an earlier run's")
+
+    def evaluate_stage(cfg, merged_path, teachers=None):  # evaluate_merge writes the results to evaluation.output_dir
+        _evaluation_like(Path(cfg.evaluation.output_dir), "this run's")
+        return object()
+
+    monkeypatch.setattr(merge, "evaluate_stage", evaluate_stage)
+    cfg = SimpleNamespace(evaluation=SimpleNamespace(output_dir=str(chosen)))
+    run = SimpleNamespace(cfg=cfg, out=out, remote=store.as_uri(), teachers=[], result=SimpleNamespace(merged_path=out / "merged", evaluation=None))
+    merge._evaluate(run)
+    assert _tree(store / "evaluation") == _tree(chosen)
 
 
 def test_a_model_file_over_the_server_copy_limit_is_streamed(tmp_path, monkeypatch):

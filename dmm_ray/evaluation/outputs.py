@@ -16,7 +16,7 @@ import numpy as np
 from dmm_ray.evaluation.matrix import EvalResult
 from dmm_ray.output_lock import left_by_killed
 
-MATRIX_FILE = "fid_matrix.json"  # in every evaluation folder: what marks an uploaded one complete (merge._upload_results)
+MATRIX_FILE = "fid_matrix.json"  # in every evaluation folder: what marks an uploaded one complete (merge._upload_result)
 
 
 def _plt():
