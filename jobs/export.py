@@ -22,7 +22,7 @@ Exit status: 0 written (and logged), 1 --verify found a difference (the export i
 earlier export at --out stays as it was), 2 bad input (a --model that does
 not exist or is not a merged model, a merge's <output_dir>/merged while that merge runs (a few-step model's folder while
 its few-step job runs), an unknown style, bad weights, an --out or config folder that is
-not an earlier export's, --config-dir with a diffusers export or one to an --out named .safetensors/.ckpt, a tracking store MLflow cannot open or a run it does not hold; all checked
+not an earlier export's, or a URI (local paths only), --config-dir with a diffusers export or one to an --out named .safetensors/.ckpt, a tracking store MLflow cannot open or a run it does not hold; all checked
 before anything is loaded, nothing written), 3 written but MLflow logging failed, 130 interrupted
 (nothing half-written left).
 """
@@ -117,6 +117,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "style", "weights", "out", "config_dir", "run_id", "tracking_uri")
     expand_path_args(args, "model", "out", "config_dir")
+    from dmm_ray.data.fs import require_local
+
+    try:  # Path("s3://b/x.safetensors") is the local s3:/b/x.safetensors: a URI was written to a local folder named `s3:`
+        for option, value in (("--out", args.out), ("--config-dir", args.config_dir)):
+            if value is not None and value.lower() != "none":
+                require_local(option, value, what="path" if option == "--out" else "folder")
+    except ValueError as error:
+        parser.error(str(error))
     args.format = args.format or ("single_file" if Path(args.out).suffix.lower() == ".safetensors" else "diffusers")
     if args.format == "diffusers" and (args.config_dir or "none").lower() != "none":
         parser.error(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -684,6 +685,28 @@ def test_a_diffusers_export_to_a_checkpoint_file_name_is_a_usage_error(merged_di
     for fmt in ([], ["--format", "single_file"]):
         with pytest.raises(AssertionError, match="loaded before the input was checked"):
             run_job(*model, "--out", tmp_path / "Noir.SAFETENSORS", "--config-dir", "none", *fmt)
+
+
+def test_an_out_or_config_dir_uri_is_a_usage_error_not_a_local_folder_named_after_its_scheme(merged_dir, tmp_path, capsys, no_loading, monkeypatch):
+    """Finding: jobs/export.py --out s3://bucket/noir.safetensors (or file://..., or --config-dir s3://...) wrote the
+    export into a local folder named `s3:` (`file:`) in the current directory and said it exported there; a URI
+    that lost a slash (s3:/bucket/x) too. Each is refused when the arguments are parsed (exit 2), naming the option."""
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", merged_dir, "--style", "ink", "--no-track"]
+    for argv, message in (
+        (["--out", (tmp_path / "remote" / "noir.safetensors").as_uri()], "--out 'file://.*' is a URI, but --out must be a local path"),
+        (["--out", "s3://bucket/noir"], "--out 's3://bucket/noir' is a URI, but --out must be a local path"),
+        (["--out", "s3:/bucket/noir.safetensors"], "looks like a URI that lost a slash"),
+        (
+            ["--out", "noir.safetensors", "--config-dir", "s3://bucket/noir.config"],
+            "--config-dir 's3://bucket/noir.config' is a URI, but --config-dir must be a local folder",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            run_job(*model, *argv)
+        assert exited.value.code == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_parse_weights_refuses_duplicates_and_empty_entries():

@@ -75,11 +75,12 @@ def _uri_syntax_problem(uri: str) -> Optional[str]:
     return None
 
 
-def require_local(setting: str, location) -> Path:
-    """`location` as a local Path, or a clear error naming `setting` when it is a URI."""
+def require_local(setting: str, location, what: str = "folder") -> Path:
+    """`location` as a local Path, or a clear error naming `setting` when it is a URI (`what`: a local "folder",
+    or "path" for a setting that may name a file)."""
     if location is not None and is_uri(location):
         raise ValueError(
-            f"{setting} {str(location)!r} is a URI, but {setting} must be a local folder "
+            f"{setting} {str(location)!r} is a URI, but {setting} must be a local {what} "
             "(URIs are supported for output_dir, data.shards and loading a merged model)"
         )
     check_location(setting, str(location))
