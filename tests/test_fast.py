@@ -327,6 +327,31 @@ def test_fast_job_help_and_missing_model():
     assert out.returncode == 2 and "no such folder" in out.stderr
 
 
+def test_a_merged_model_given_as_a_uri_is_refused_naming_the_local_copy(tmp_path, monkeypatch, capsys):
+    """Finding: jobs/fast.py --model s3://bucket/merges/toy/merged (where jobs/merge.py uploads a merge into an
+    output_dir URI; file:// too) said "--model s3:/bucket/merges/toy/merged: no such folder", a mangled path, for a
+    model that is there. A URI is refused naming --model, and the merge's local copy (its staging folder) where
+    this machine has it."""
+    from dmm_ray.paths import staging_dir
+    from jobs import fast as job
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    model = tmp_path / "bucket" / "merged"
+    model.mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    staged = staging_dir("s3://bucket/merges/toy") / "merged"
+    staged.mkdir(parents=True)
+    (staged / "model_index.json").write_text("{}")
+    for uri, hint in (
+        (model.as_uri(), "download it first"),
+        ("s3://bucket/merges/toy/merged/", f"keeps its local copy in {staged}: give that folder"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            job.main(["--model", uri, "--dry-run"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and f"--model {uri!r} is a URI, but --model must be a local folder" in err and hint in err, err
+
+
 def test_speed_benchmark_times_both_samplers_of_one_random_model(capsys):
     """benchmarks/fast_speed.py --arch: one randomly initialised model sampled at the merged model's
     default (no sampler.json: the paper's 25 steps, CFG 7), the naive 4 steps with CFG, and 4 TCD
