@@ -873,17 +873,23 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     fast.lock held by a running few-step job (check_fast_lock), resumable state of other settings
     (check_output_dir, without `restart`, which discards that state). Returns the lines the run would log
     about the folder: a stale lock it would take over, the model a killed save left that it would put back
-    (merged.old, fast/model.old) and its leftovers it would remove, and that the merge is complete already (nothing
+    (merged.old, fast/model.old; at an output_dir URI, the merged.old / evaluation.old an interrupted upload left)
+    and its leftovers it would remove, and that the merge is complete already (nothing
     to do) or only its stages after the save would run."""
     from dmm_ray import output_lock
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
-    local = output_location(cfg)[0]
+    local, remote = output_location(cfg)
     fast_runs = fast_stage_runs(cfg, local, restart)
     lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart, runs=fast_runs)
     # what a killed save left, which the run puts back (or removes) before anything else: _merge's recover_merged
     # first, its few-step stage's run_fast at the stage's start. Said, not done (the dry run changes nothing)
     lines += recover(local / "merged", dry_run=True)
+    if remote:  # and at an output_dir URI, what an interrupted upload left (_merge's recover_model): the dry run said nothing
+        from dmm_ray.data import fs as fsu
+
+        for name, marker in uploaded_results().items():
+            lines += fsu.recover_model(*fsu.resolve(f"{remote}/{name}"), marker=marker, dry_run=True)
     if fast_runs:
         from dmm_ray.fast.job import FAST_RECORD
 

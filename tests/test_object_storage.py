@@ -532,6 +532,32 @@ def test_readers_never_load_a_half_uploaded_model_and_read_the_previous_one_kept
     assert _tree(store / "merged") == previous and sorted(p.name for p in store.iterdir()) == ["merged"]
 
 
+def test_the_dry_run_says_what_an_interrupted_upload_left_at_a_uri_output_dir(tmp_path, monkeypatch):
+    """Finding: the merge puts back, at its start, a model an interrupted upload left only as merged.old at the
+    output_dir URI (and removes evaluation.tmp and the like), but jobs/merge.py --dry-run, which says what a run
+    would put back and remove in the folder, said nothing of it. It says it, changing nothing."""
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray import merge
+    from dmm_ray.config import MergeConfig
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    world = build_world(tmp_path / "world", rows=8)
+    remote = tmp_path / "bucket" / "merges" / "toy"
+    _pipeline_like(remote / "merged.old", "previous")
+    (_pipeline_like(remote / "merged", "half") / "model_index.json").unlink()
+    _evaluation_like(remote / "evaluation.tmp", "half")
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=remote.as_uri()))
+    before = {p: p.read_bytes() for p in remote.rglob("*") if p.is_file()}
+    assert merge.check_before_run(cfg) == [
+        f"a run would first restore {remote / 'merged'} from merged.old (an upload that replaced it was interrupted)",
+        f"a run would first remove {remote / 'evaluation.tmp'} left behind by an interrupted upload",
+    ]
+    assert {p: p.read_bytes() for p in remote.rglob("*") if p.is_file()} == before  # nothing changed
+    fs, path = fsu.resolve(str(remote / "merged"))
+    assert fsu.recover_model(fs, path) == [f"restored {path} from merged.old (an upload that replaced it was interrupted)"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow  # 60 s on 2 cores; the default run merges at a file URI in test_packed_merge_with_synthetic_mixing_*
 def test_merge_to_a_file_uri_writes_a_loadable_model_there(ray_cluster, tmp_path, capsys):

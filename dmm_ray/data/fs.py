@@ -349,20 +349,25 @@ def upload_model(local: str | os.PathLike, fs: pafs.FileSystem, path: str, marke
     return uploaded
 
 
-def recover_model(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER) -> list[str]:
+def recover_model(fs: pafs.FileSystem, path: str, marker: str = MODEL_MARKER, dry_run: bool = False) -> list[str]:
     """Undo an `upload_model` of `path` that was interrupted: `path` incomplete (no `marker`) while
     `path.old` is complete -> copy it back; then remove `path.tmp` / `path.old`. Returns what it did (for
-    the log). Call only while no upload of `path` can be under way (the merge: at its start)."""
+    the log). Call only while no upload of `path` can be under way (the merge: at its start). `dry_run`
+    (the merge's --dry-run): change nothing, return what a run would do."""
     tmp, old = model_siblings(path)
     done = []
-    if not _complete(fs, path, marker) and _complete(fs, old, marker):
-        _delete_model(fs, path, marker)
-        _copy_model(fs, old, path, marker)
-        _delete_model(fs, old, marker)  # the move's second half: not a leftover to report
-        done.append(f"restored {path} from {posixpath.basename(old)} (an upload that replaced it was interrupted)")
-    for stale in (tmp, old):
-        if _delete_model(fs, stale, marker):
-            done.append(f"removed {stale} left behind by an interrupted upload")
+    restore = not _complete(fs, path, marker) and _complete(fs, old, marker)
+    if restore:
+        if not dry_run:
+            _delete_model(fs, path, marker)
+            _copy_model(fs, old, path, marker)
+            _delete_model(fs, old, marker)  # the move's second half: not a leftover to report
+        done.append(
+            f"{'a run would first restore' if dry_run else 'restored'} {path} from {posixpath.basename(old)} (an upload that replaced it was interrupted)"
+        )
+    for stale in (tmp,) if restore else (tmp, old):  # (restored: `old` is `path` now)
+        if exists(fs, stale) if dry_run else _delete_model(fs, stale, marker):
+            done.append(f"{'a run would first remove' if dry_run else 'removed'} {stale} left behind by an interrupted upload")
     return done
 
 
