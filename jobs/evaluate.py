@@ -159,6 +159,12 @@ def main(argv=None) -> int:
         extra.append(literal_override("output_dir", args.out))  # a path: not read as YAML (`runs #3`, `2024`)
     cfg = load_eval_config(args.config, args.overrides + extra, args.section, defaults=setup.defaults)
     if not args.reference_only:  # (M_ref alone writes nothing there: a read-only cwd's default outputs/eval refused it)
+        from dmm_ray.data.fs import require_local
+
+        try:  # (write_outputs refuses a URI too, but only once every image was sampled)
+            require_local("--out" if args.out else "output_dir", cfg.output_dir)
+        except ValueError as error:
+            parser.error(str(error))
         check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling
     check_writable_folder(cfg.cache_dir, "cache_dir")
     merge_folder = merge_folder_to_lock(parser, args, setup, cfg)

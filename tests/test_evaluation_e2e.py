@@ -173,6 +173,26 @@ def test_evaluate_job_samples_a_few_step_model_with_its_own_steps_and_guidance(w
     assert teacher_steps == 1 and student == {"num_inference_steps": 1, "guidance_scale": 1.0} and "1 steps (--set)" in out
 
 
+def test_evaluate_job_refuses_an_out_uri_before_it_samples(world, tmp_path, monkeypatch, capsys):
+    """Finding: jobs/evaluate.py --out s3://bucket/eval (or file://..., or output_dir: in --config) passed every
+    check before sampling (check_writable_folder leaves URIs to their store) and was refused by write_outputs
+    ('must be a local folder') only once every image was sampled (the toy zoo's had sampled for 14 minutes here). It is
+    refused when the arguments are read (exit 2), naming --out, before any image is sampled."""
+    import dmm_ray.evaluation.api
+    from jobs import evaluate as job
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before --out was checked")
+
+    monkeypatch.setattr(dmm_ray.evaluation.api, "evaluate_merge", sampled)
+    for out in ((tmp_path / "remote" / "eval").as_uri(), "s3://bucket/eval"):
+        argv = ["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--no-ray", "--out", out]
+        with pytest.raises(SystemExit) as exited:
+            job.main(argv + _fast_eval(world))
+        assert exited.value.code == 2 and f"--out {out!r} is a URI, but --out must be a local folder" in capsys.readouterr().err
+    assert not (tmp_path / "remote").exists()
+
+
 def test_evaluate_job_reads_a_logged_model_from_its_tracking_uri(world, tmp_path, monkeypatch, capsys):
     """--model runs:/... is read from --tracking-uri's store (not the default one), and the download
     is removed when the job ends."""
