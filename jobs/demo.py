@@ -81,7 +81,10 @@ def main(argv=None) -> int:
     where = locations(load_config(DEFAULT_CONFIG, overrides))
     print("\nDemo finished.")
     print(f"  merged model:   {where['merged model']}   (DMMPipeline.from_pretrained / serve run serve.app)")
-    print(f"  evaluation:     {Path(where['output_dir']) / 'evaluation'}   (FID matrices, heatmaps, style x prompt grid)")
+    from dmm_ray.data.fs import location_join
+
+    # (Path() of an output_dir URI printed s3:/bucket/x/evaluation; at a URI the merge uploads it to <output_dir>/evaluation)
+    print(f"  evaluation:     {location_join(where['output_dir'], 'evaluation')}   (FID matrices, heatmaps, style x prompt grid)")
     print(f"  MLflow store:   {where['MLflow store']}   (mlflow ui --backend-store-uri {where['MLflow store']})")
     return 0
 

@@ -582,3 +582,18 @@ def test_demo_reads_relative_paths_in_the_callers_folder(monkeypatch, tmp_path):
     (build, build_cwd), (merge, merge_cwd) = calls
     assert build_cwd is None and merge_cwd is None  # both steps run in the caller's folder, as the summary reads
     assert build[-2:] == ["--out", "myzoo"] and f'zoo="{tmp_path / "myzoo"}"' in merge
+
+
+def test_demo_names_the_evaluation_at_an_output_dir_uri(monkeypatch, capsys):
+    """`jobs/demo.py --set output_dir=s3://bucket/toy` ended with `evaluation: s3:/bucket/toy/evaluation` (Path() of
+    the URI, a local path): it names the URI the merge uploads the evaluation to."""
+    import subprocess
+
+    from jobs import demo
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr("dmm_ray.config.load_config", lambda path, overrides: None)  # the zoo is not really built here
+    where = {"merged model": "s3://bucket/toy/merged", "output_dir": "s3://bucket/toy", "MLflow store": "s"}
+    monkeypatch.setattr("dmm_ray.merge.locations", lambda cfg: where)
+    assert demo.main(["--set", "output_dir=s3://bucket/toy"]) == 0
+    assert "  evaluation:     s3://bucket/toy/evaluation   (" in capsys.readouterr().out
