@@ -9,7 +9,8 @@ its styles, the style index still an input) and save it as a DMMPipeline with TC
 
 The config is a merge config (the one the model was merged with works): its `fast:` section, the
 latent shards (`data:`; the same shards the merge used, no new data), `scaling:`, `evaluation:`
-and `tracking:` apply. The result is <output_dir>/fast/model (or --output-dir/model), evaluated at
+and `tracking:` apply. The result is <output_dir>/fast/model (or --output-dir/model; an output_dir URI: its
+local staging folder's fast/model, as the merge's few-step stage), evaluated at
 fast.eval_steps against the merge's own teachers (its dmm_merge.json) and registered in MLflow
 under the merge's project and registered-model name as a new model version.
 """
@@ -48,7 +49,12 @@ def main(argv=None) -> int:
     )
     add_set_argument(parser, "fast.steps=50")
     add_verbose_argument(parser)
-    parser.add_argument("--output-dir", default=None, help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where ray_results/, model/ and evaluation_<n>steps/ go (default: <output_dir>/fast; an output_dir URI: "
+        "its local staging folder's fast/, as the merge's few-step stage)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the FIDt evaluation (fast.eval_steps)")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs, no registered model version")
     parser.add_argument(

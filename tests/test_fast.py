@@ -352,6 +352,28 @@ def test_a_merged_model_given_as_a_uri_is_refused_naming_the_local_copy(tmp_path
         assert exited.value.code == 2 and f"--model {uri!r} is a URI, but --model must be a local folder" in err and hint in err, err
 
 
+def test_the_few_step_folder_of_a_uri_output_dir_is_its_staging_folders(tmp_path, monkeypatch):
+    """Finding: jobs/fast.py --config <a merge config whose output_dir is a URI> (the docs' "the config the model was
+    merged with works"), without --output-dir, took Path(output_dir) / "fast" for its folder: `s3:/bucket/toy/fast`, a
+    local folder named `s3:` in the current directory, created and written by the run. It is the merge's own few-step
+    folder there (merge.fast_folder): the output_dir URI's local staging folder's fast/."""
+    from merge_fixtures import build_world, tiny_merge_config
+
+    from dmm_ray import merge, paths
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import fast_dir
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    world = build_world(tmp_path / "world", rows=8)
+    for output_dir, expected in (
+        ("s3://bucket/toy", paths.staging_dir("s3://bucket/toy") / "fast"),
+        (str(tmp_path / "out"), tmp_path / "out" / "fast"),
+    ):
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, Path("x"), output_dir=output_dir)).with_absolute_paths()
+        assert fast_dir(cfg) == expected == merge.fast_folder(cfg, merge.output_location(cfg)[0]), output_dir
+
+
 def test_speed_benchmark_times_both_samplers_of_one_random_model(capsys):
     """benchmarks/fast_speed.py --arch: one randomly initialised model sampled at the merged model's
     default (no sampler.json: the paper's 25 steps, CFG 7), the naive 4 steps with CFG, and 4 TCD
