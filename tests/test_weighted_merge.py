@@ -117,6 +117,27 @@ def test_weighted_merge_job_never_writes_over_another_model(tmp_path, capsys):
     check_output(tmp_path / "new")
 
 
+def test_an_out_uri_is_refused_not_written_to_a_local_folder_named_after_its_scheme(tmp_path, monkeypatch, capsys):
+    """Finding: jobs/weighted_merge.py --out s3://bucket/wm (jobs/style_mixing.py --out or --weighted-merge too) passed
+    the output checks (check_writable_folder leaves a URI to its store), and the folder was Path(uri): a local folder
+    named `s3:` (`file:`) in the current directory. Each is refused, naming the option, before a teacher is read."""
+    from dmm_ray.baselines.weighted_merge import check_output
+    from jobs import style_mixing
+    from jobs import weighted_merge as job
+
+    monkeypatch.chdir(tmp_path)
+    uri = (tmp_path / "remote" / "wm").as_uri()
+    with pytest.raises(ValueError, match=r"--out 's3://bucket/wm' is a URI, but --out must be a local folder"):
+        check_output("s3://bucket/wm", "--out")
+    assert job.main(["--teachers", str(tmp_path / "zoo.yaml"), "--out", uri]) == 2
+    assert f"--out {uri!r} is a URI, but --out must be a local folder" in capsys.readouterr().err
+    for option in ("--out", "--weighted-merge"):
+        with pytest.raises(SystemExit) as exited:
+            style_mixing.main(["--model", "m", "--teachers", "t.yaml", "--group", "a,b", option, "s3://bucket/x"])
+        assert exited.value.code == 2 and f"{option} 's3://bucket/x' is a URI, but {option} must be a local folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the job on disk: tiny teachers in a zoo.yaml ---------------------------------------------------
 
 

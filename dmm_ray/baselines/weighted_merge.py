@@ -148,8 +148,10 @@ def weighted_merge_pipelines(pipes: Sequence[Any], weights: Sequence[float] | No
 def check_output(output_dir: str | Path, setting: str = "output_dir") -> None:
     """Where a weighted merge may be saved: a new or empty folder, or an earlier weighted merge (it is
     replaced); never a merged model or anything else (save_pretrained would write into it)."""
+    from dmm_ray.data.fs import require_local
     from dmm_ray.paths import OutputPathError, check_writable_folder
 
+    require_local(setting, output_dir)  # check_writable_folder leaves a URI to its store: Path(uri) was a local folder `s3:`
     check_writable_folder(output_dir, setting)
     folder = Path(output_dir).expanduser()
     if folder.is_dir() and any(folder.iterdir()) and not (folder / RECORD).is_file():
