@@ -15,6 +15,7 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
+from dmm_ray.locations import fast_folder, output_location  # (re-exported: their home is dmm_ray.locations)
 from dmm_ray.merged_model import (
     MERGE_RECORD,
     SAVED_BY,
@@ -149,12 +150,6 @@ def _into_its_own_output(cfg: MergeConfig) -> bool:
     return remote is None and Path(cfg.incremental.base_merged).resolve() == (local / "merged").resolve()
 
 
-def fast_folder(cfg: MergeConfig, local: Path) -> Path:
-    """The merge's few-step stage folder: fast.output_dir, else <local work folder>/fast (a URI
-    output_dir's staging folder: the few-step model is not uploaded)."""
-    return Path(cfg.fast.output_dir) if cfg.fast.output_dir else local / "fast"
-
-
 def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
     """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder, and for an
     output_dir URI whose synthesized sets it reads (fast.synthetic_fraction > 0, the teachers'), fast.synthesized
@@ -230,21 +225,6 @@ def _previous_model_changed(cfg: MergeConfig, out: Path) -> str | None:
         f"{cfg.incremental.base_merged} has changed since (UNet checksum {done['asked'][PREVIOUS_MODEL]} -> {asked[PREVIOUS_MODEL]}), "
         "so it merges again from the model there now"
     )
-
-
-def output_location(cfg: MergeConfig) -> tuple[Path, str | None]:
-    """(local folder the driver works in, output_dir URI or None). A local output_dir is both; for a
-    URI (s3://, gs://, file://) the driver stages its local work in `$DMM_HOME/staging/<name>-<hash>`
-    (lock, stage students, the merged model and evaluation outputs before upload), while the
-    resumable state (Ray Train checkpoints, synthesized sets, fingerprints.json) and the uploaded
-    results live at the URI."""
-    from dmm_ray import paths
-    from dmm_ray.data import fs as fsu
-
-    fsu.check_location("output_dir", cfg.output_dir)
-    if fsu.is_uri(cfg.output_dir):
-        return paths.staging_dir(cfg.output_dir), cfg.output_dir.rstrip("/")
-    return Path(cfg.output_dir), None
 
 
 def check_writable_outputs(cfg: MergeConfig) -> None:
