@@ -854,8 +854,8 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     (check_output_dir, without `restart`, which discards that state). Returns the lines the run would log
     about the folder: a stale lock it would take over, the model a killed save left that it would put back
     (merged.old, fast/model.old; at an output_dir URI, the merged.old / evaluation.old an interrupted upload left)
-    and its leftovers it would remove, and that the merge is complete already (nothing
-    to do) or only its stages after the save would run."""
+    and its leftovers it would remove, and that the merge is complete already (nothing to do) or only its stages
+    after the save would run, and then what its few-step stage finds (dmm_ray.fast.job.check_merge_stage_before_run)."""
     from dmm_ray import output_lock
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
@@ -877,8 +877,15 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     if restart:  # the run forgets the completion record and discards the state first: it merges from the start
         return lines
     check_output_dir(cfg)
-    note = resume_point(cfg, local)[3]
-    return lines + ([note] if note else [])
+    _, merged, saved, note = resume_point(cfg, local)
+    lines += [note] if note else []
+    if fast_runs and (merged is not None or saved is not None):
+        # the stage distills the model saved there now: what it finds in its folder is said too (a saved few-step model,
+        # a finished stage). A merge that trains again saves another model, whose stage trains
+        from dmm_ray.fast.job import check_merge_stage_before_run
+
+        lines += check_merge_stage_before_run(fast_stage_config(cfg, local), local / "merged", evaluate=cfg.evaluation.enabled)
+    return lines
 
 
 def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, encode_plan=None) -> MergeResult:
@@ -942,6 +949,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
             started=started,
             teachers=teachers,
             saved_by=saved_model_request(asked),
+            asked=asked,
         )
         try:
             for stage in STAGES:
@@ -986,6 +994,7 @@ class MergeRun:
     # ones, and validate_before_ray refuses its evaluation), read before any stage, as save and evaluate need it
     teachers: list
     saved_by: str | None = None  # saved_model_request of the config as given (run.cfg: with the cluster plan's resources)
+    asked: MergeConfig | None = None  # the config as given: what the few-step stage's records take (fast_stage)
     shard_dirs: dict[int, str] | None = None  # style index -> the teacher's synthesized set
     student_dir: Path | None = None  # the latest stage's student, extracted on the driver
 
@@ -1151,8 +1160,16 @@ def fast_stage(run: MergeRun) -> None:
     # after the merge's own store failed: not recorded complete either, so the re-run that logs the merged model logs
     # this one too (it takes the saved few-step model as it is); recorded complete, it was never registered
     untracked = result.tracking_failed if fast_tracker is None and getattr(run.tracker, "enabled", False) else None
+    # its records take the config as given, as the merge's own (the dry run, which plans no cluster, compares them)
+    requested = fast_stage_config(run.asked, out) if run.asked is not None else None
     result.fast = run_fast(
-        fast_cfg, result.merged_path, tracker=fast_tracker, evaluate=cfg.evaluation.enabled, merge_saved_model=True, untracked=untracked
+        fast_cfg,
+        result.merged_path,
+        tracker=fast_tracker,
+        evaluate=cfg.evaluation.enabled,
+        merge_saved_model=True,
+        untracked=untracked,
+        requested=requested,
     )
     if result.fast.tracking_failed:  # the job exits 3; not recorded complete, so the same command logs it (only this stage runs)
         result.tracking_failed = result.fast.tracking_failed

@@ -2115,6 +2115,56 @@ def test_a_few_step_run_hashes_its_saved_model_request_once(tmp_path, monkeypatc
     assert len(hashed) == 1 and stop.value.args == (hashed[0],)  # was 2: saved_by_this_training hashed it too
 
 
+def test_the_merge_dry_run_says_that_its_few_step_stage_finds_its_model_saved_or_finished(merged_world, tmp_path, monkeypatch):
+    """Finding: a merge whose few-step stage saved its model but was stopped before it recorded that (the merge's
+    own record still fast_pending) re-runs only that stage, which skips the training and the save; one stopped after
+    the stage recorded that it finished runs a stage that does nothing. jobs/merge.py --dry-run said only that the
+    stage runs. It could not tell: the stage's records took the config with the cluster plan's resources
+    (scaling.cpus_per_worker `auto` resolved), which a dry run does not plan. They take the config as given now, as
+    the merge's own, and the dry run says what the stage will do: the lines the stage then logs."""
+    from types import SimpleNamespace
+
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import merge
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.resources import plan_resources
+
+    world, merged = merged_world
+    run_dir = tmp_path / "run"
+    shutil.copytree(merged, run_dir / "merged")  # the merged model this merge saved
+    tree = tiny_merge_config(world, run_dir, fast={"enabled": True}, scaling={"cpus_per_worker": "auto"})
+    cfg = MergeConfig.model_validate(tree).with_absolute_paths()
+    planned = merge.with_plan(cfg, plan_resources(cfg, {"CPU": 4}))  # what _merge's stages run with
+    assert planned.scaling.cpus_per_worker != cfg.scaling.cpus_per_worker
+
+    def saved_and_registered():  # the merge's record once every stage before fast finished
+        merge.record_complete(cfg, run_dir, merge.MergeResult(merged_path=run_dir / "merged", location=str(run_dir / "merged")), fast_pending=True)
+
+    def fast_stage():  # _merge's few-step stage
+        result = merge.MergeResult(merged_path=run_dir / "merged")
+        merge.fast_stage(SimpleNamespace(cfg=planned, asked=cfg, out=run_dir, remote=None, tracker=None, result=result))
+        return result.fast
+
+    def said(line: str) -> bool:
+        return any(line in found for found in merge.check_before_run(cfg))  # --dry-run
+
+    ran: list[str] = []
+    kill_in = {"save"}
+    _stub_fast_training(monkeypatch, merged, ran, kill_in)
+    saved_and_registered()
+    assert said("only that stage runs") and not said("already saved its few-step model")
+    with pytest.raises(SystemExit, match="between the save's swap and its record"):
+        fast_stage()
+    ran.clear()
+    kill_in.clear()
+    assert said("only that stage runs") and said("already saved its few-step model")  # was: only that the stage runs
+    assert not fast_stage().already_complete and ran == []  # no training, no save
+    saved_and_registered()  # stopped after its stage finished, before the merge's last record
+    assert said("already complete: this few-step stage")  # was: only that the stage runs
+    assert fast_stage().already_complete and ran == []
+
+
 def test_a_few_step_run_killed_after_registering_its_model_does_not_register_it_again(merged_world, tmp_path, monkeypatch):
     """A few-step run killed after it registered its model but before it recorded that it finished trained
     (resumed at its last step), saved and registered the same model again: a second MLflow version (the merge's

@@ -453,7 +453,7 @@ def test_after_the_merges_store_failed_its_few_step_stage_is_not_recorded_comple
     monkeypatch.setattr("dmm_ray.tracking.make_tracker", lambda cfg: "the few-step stage's tracker")
     calls = []
 
-    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None):
+    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None, requested=None):
         ran.append("fast")
         calls.append((tracker, untracked))
         return fast_job.FastResult(model_path=out / "fast" / "model", tracking_failed=untracked)
@@ -485,7 +485,7 @@ def test_a_merge_whose_few_step_model_could_not_be_logged_says_so_and_logs_it_on
     monkeypatch.setattr(merge, "ensure_latents", lambda cfg, plan=None: None)
     store_down = [True]
 
-    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None):
+    def run_fast(cfg, model_dir, tracker=None, evaluate=True, merge_saved_model=False, untracked=None, requested=None):
         ran.append("fast")
         assert untracked is None  # its merge's store answered
         (out / "fast" / "model").mkdir(parents=True, exist_ok=True)  # a few-step model, as the stage saves it

@@ -543,6 +543,7 @@ def run_fast(
     restart: bool = False,
     merge_saved_model: bool = False,
     untracked: str | None = None,
+    requested: MergeConfig | None = None,
 ) -> FastResult:
     """The whole stage on the connected (or a new local) Ray: train, save, evaluate, register.
     Training state in the output folder resumes only when it was made from the same model with the
@@ -553,7 +554,11 @@ def run_fast(
     compared every other input before it started, and a refusal now came after the whole merge, on a model
     that no longer exists, and stopped every re-run of the merge command in the same place. `untracked`: why the run
     has no tracker where it should have one (the merge's store failed in its track stage): the run is not recorded
-    complete, so the same command, once the store answers, logs its model (as after its own store's failure)."""
+    complete, so the same command, once the store answers, logs its model (as after its own store's failure).
+    `requested`: `cfg` as given, where `cfg` holds the cluster plan's resources (a merge's stage: scaling.cpus_per_worker
+    `auto` resolved): what its completion record and its saved model's record take, as the merge's own records take
+    the config as given. With the planned number they depended on the cluster's size, and the merge's --dry-run, which plans no
+    cluster, could not tell that a re-run finds its few-step model saved or finished."""
     from dmm_ray import output_lock
 
     started = time.time()
@@ -562,7 +567,9 @@ def run_fast(
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with output_lock.hold(out, warn=log, name=FAST_LOCK, job="few-step job", what=f"the few-step folder {out}", fix=FAST_LOCK_FIX):
-        return _run_fast(cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model, encode_plan, untracked)
+        return _run_fast(
+            cfg, model_dir, styles, out, tracker, evaluate, restart, started, merge_saved_model, encode_plan, untracked, requested or cfg
+        )
 
 
 def _fast_request(cfg: MergeConfig, model_dir: Path, inputs: dict, evaluate: bool) -> dict:
@@ -623,7 +630,6 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     would put back (and the leftovers it would remove), and that it is complete (nothing to do) or saved its
     model already (saved_by_this_training: only the evaluation and registration run)."""
     from dmm_ray import fingerprint, output_lock
-    from dmm_ray.completion import finished
 
     model_dir, out = Path(model_dir).resolve(), fast_dir(cfg).resolve()
     lines = [
@@ -641,13 +647,48 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)
     if inputs is None:
         return lines
+    return lines + _found_done(cfg, model_dir, out, inputs, evaluate)
+
+
+def _found_done(cfg: MergeConfig, model_dir: Path, out: Path, inputs: dict, evaluate: bool) -> list[str]:
+    """The line _run_fast logs about its folder `out` before it would train (after any state it discards): this
+    request finished there (nothing to do), or its model saved there (saved_by_this_training: only the evaluation
+    and registration run); [] when it trains. For the dry runs (both jobs'), which print what the run then does."""
+    from dmm_ray import fingerprint
+    from dmm_ray.completion import finished
+
     asked = _fast_request(cfg, model_dir, inputs, evaluate)
-    if not recorded:
-        return lines + ([_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else [])
     done = finished(
         out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
     )
-    return lines + ([_complete_line(out, done)] if done is not None else [])
+    if done is not None:
+        return [_complete_line(out, done)]
+    return [_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else []
+
+
+def check_merge_stage_before_run(fast_cfg: MergeConfig, model_dir: str | Path, evaluate: bool) -> list[str]:
+    """jobs/merge.py --dry-run of a merge that runs only its stages after the save (dmm_ray.merge.resume_point): what
+    its few-step stage (_run_fast with merge_saved_model, on the saved merged model `model_dir`) would find in its
+    folder, nothing written. `fast_cfg`: dmm_ray.merge.fast_stage_config. Returns the lines the stage would log: the
+    training state of an earlier merged model it removes (it then trains from the start), or that it finished
+    already (nothing to do) or saved its model already (no training, no save); [] when it trains. The dry run said
+    only that the stage runs, and the run then skipped the training, or did nothing."""
+    from dmm_ray import fingerprint
+
+    model_dir, out = Path(model_dir).resolve(), fast_dir(fast_cfg).resolve()
+    # the inputs read the merged UNet for its checksum: only where there is a finished run, a saved model's training
+    # state or training state to compare them with (check_before_run's rule)
+    has_run = (out / COMPLETE_RECORD).is_file() or fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) is not None
+    if not has_run and not fingerprint.fast_state_path(fast_cfg, out).exists():
+        return []
+    inputs = fingerprint.fast_inputs(fast_cfg, model_dir)
+    earlier = fingerprint.fast_state_of_a_replaced_model(fast_cfg, out, inputs)
+    if earlier is not None:  # _run_fast removes it, and with it the completion record and the training's id: it trains
+        return [
+            f"{out} holds the training state of a few-step run from an earlier merged model at {model_dir} (UNet checksum "
+            f"{earlier}, now {inputs['model.unet.checksum']}), which the merge replaced: a run would remove it and train from the start"
+        ]
+    return _found_done(fast_cfg, model_dir, out, inputs, evaluate)
 
 
 def _run_fast(
@@ -662,6 +703,7 @@ def _run_fast(
     merge_saved_model: bool = False,
     encode_plan=None,  # check_before_ray's, for ensure_latents
     untracked: str | None = None,
+    requested: MergeConfig | None = None,  # run_fast's (the config its records take)
 ) -> FastResult:
     import ray
 
@@ -689,7 +731,7 @@ def _run_fast(
             + "; training from the start"
         )
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
-    asked = _fast_request(cfg, model_dir, inputs, evaluate)
+    asked = _fast_request(requested or cfg, model_dir, inputs, evaluate)
     done = finished(
         out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
     )
