@@ -806,6 +806,20 @@ def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
         recover_merged(merged)
 
 
+def as_read_before_it_starts(cfg: MergeConfig) -> MergeConfig:
+    """`cfg` as run_merge reads it once put_back_parked_base has run, for jobs/merge.py --dry-run, which changes
+    nothing: an incremental merge into its own output_dir whose last save was killed between its two renames reads
+    its previous model from the merged.old the run puts back first (the dry run refused the merge there, naming that
+    model, and checked nothing after it, where the run merged). Any other config: `cfg`."""
+    if not cfg.incremental.base_merged:
+        return cfg
+    merged = Path(cfg.incremental.base_merged)
+    parked = save_siblings(merged)[1]
+    if not _into_its_own_output(cfg) or merged.exists() or not parked.is_dir():  # (put_back_parked_base's condition)
+        return cfg
+    return cfg.model_copy(update={"incremental": cfg.incremental.model_copy(update={"base_merged": str(parked)})})
+
+
 def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[dict | None, dict | None, dict | None, str | None]:
     """What a run of this merge (the absolute config) in its local work folder `out` finds done there:
     (completed_merge, merged_before_fast, saved_before_evaluate (looked for only without the former),

@@ -73,15 +73,19 @@ def main(argv=None) -> int:
     check_address(cfg.scaling.ray_address)  # an address where no Ray answers: said now, not after minutes of GCS retries
     if args.dry_run:
         from dmm_ray.memory_plan import MemoryPlanError, describe_config
+        from dmm_ray.merge import as_read_before_it_starts
 
+        # an incremental merge's previous model where the run reads it: a killed save's merged.old it puts back first
+        # (check_before_run says so); the records the run compares take the config as given
+        read = as_read_before_it_starts(cfg)
         try:
-            validate_before_ray(cfg, deep=args.deep, restart=args.restart)
+            validate_before_ray(read, deep=args.deep, restart=args.restart)
         except MemoryPlanError:  # a layout that does not fit: refused with its own plan
             raise
         except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here
-            print(describe_config(cfg), flush=True)
+            print(describe_config(read), flush=True)
             raise
-        print(describe_config(cfg), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
+        print(describe_config(read), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
         if args.deep:
             print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
         # what the run finds in output_dir: its lock held by a running merge, state of other settings (refused,
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         print(cfg.model_dump_json(indent=2))
         from dmm_ray.merge import describe_layout
 
-        print(describe_layout(cfg))
+        print(describe_layout(read))
         for line in found:
             print(line)
         print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")

@@ -867,6 +867,25 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_between_
     assert DMMPipeline.from_pretrained(out / "merged").styles == ["old0", "old1", "new0"]
 
 
+def test_the_dry_run_of_an_incremental_merge_into_its_own_output_checks_the_model_its_killed_save_parked(merged_world, tmp_path, capsys):
+    """The case below through jobs/merge.py --dry-run: it refused the merge (exit 2, 'not a merged-model folder ...
+    which the merge puts back before it starts') and checked nothing after it, while the run puts the model back
+    and merges. The dry run now checks (and plans with) the parked model the run will read, says it will put it back,
+    and changes nothing."""
+    import yaml
+
+    from jobs import merge as job
+
+    out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
+    (out / "merged").rename(out / "merged.old")
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    assert job.main(["--config", str(config), "--dry-run"]) == 0  # was: 2
+    printed = capsys.readouterr().out
+    assert f"a run would first restore {out / 'merged'} from merged.old" in printed and "regularisation worker" in printed
+    assert (out / "merged.old").is_dir() and not (out / "merged").exists()
+
+
 def test_an_incremental_merge_into_its_own_output_puts_back_a_model_its_killed_save_parked(merged_world, tmp_path, monkeypatch):
     """base_merged = <output_dir>/merged, and the last save was killed between its two renames: the previous
     model is <output_dir>/merged.old, merged/ is gone. The merge validated base_merged before it put that model
