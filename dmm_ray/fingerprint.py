@@ -266,7 +266,17 @@ def same_request(recorded: dict, asked: dict, cfg=None) -> bool:
     was, now = recorded.get("inputs") or {}, asked.get("inputs") or {}
     if cfg is not None:
         now = _by_the_recorded_rule(cfg, was, now, model=now.get("model"))
-    return rest(recorded) == rest(asked) and not _differences(was, now)
+    return _as_asked_before_the_plan(rest(recorded), asked) == rest(asked) and not _differences(was, now)
+
+
+def _as_asked_before_the_plan(recorded: dict, asked: dict) -> dict:
+    """A merge's few-step stage recorded its config with the cluster plan's scaling.cpus_per_worker (`auto` resolved to
+    a number) until its records took the config as given: such a record reads as `auto` where this request asks
+    `auto`, so a stage finished before does not train, save and register again once."""
+    was = (recorded.get("config") or {}).get("scaling") or {}
+    if (asked.get("config") or {}).get("scaling", {}).get("cpus_per_worker") != "auto" or was.get("cpus_per_worker") in (None, "auto"):
+        return recorded
+    return {**recorded, "config": {**recorded["config"], "scaling": {**was, "cpus_per_worker": "auto"}}}
 
 
 def fast_state_path(cfg, out: Path) -> Path:

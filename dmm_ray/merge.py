@@ -15,7 +15,6 @@ from dmm_ray.completion import forget
 from dmm_ray.config import MergeConfig
 from dmm_ray.console import say
 from dmm_ray.data.latents import ensure_latents
-from dmm_ray.locations import fast_folder, output_location  # (re-exported: their home is dmm_ray.locations)
 from dmm_ray.merged_model import (
     MERGE_RECORD,
     SAVED_BY,
@@ -31,6 +30,7 @@ from dmm_ray.merged_model import (
     staged,
     style_descriptions,
 )
+from dmm_ray.output_folders import fast_folder, output_location  # (re-exported: their home is dmm_ray.output_folders)
 from dmm_ray.ray_session import init_for_training
 
 

@@ -435,3 +435,16 @@ def test_a_merge_and_its_few_step_stage_in_one_folder_each_restart_only_their_ow
     assert fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) == fast_run
     fingerprint.check_fast_resume(cfg, model, out)  # the few-step job's state still resumes
     assert fingerprint.discard_fast_state(cfg, out)[-1] == out / fingerprint.RECORD and not (out / fingerprint.RECORD).exists()
+
+
+def test_a_few_step_record_holding_the_planned_cpus_per_worker_still_matches_an_auto_request():
+    """A merge's few-step stage recorded its config with the cluster plan's cpus_per_worker (`auto` resolved to a
+    number) until its records took the config as given: such a finished stage is still finished for a request that
+    asks `auto`, not trained, saved and registered again once; a number asked is compared as it is."""
+    asked = {"config": {"name": "x", "scaling": {"num_workers": 2, "cpus_per_worker": "auto"}}, "model": "m", "inputs": {}, "evaluate": True}
+    planned = {**asked, "config": {"name": "x", "scaling": {"num_workers": 2, "cpus_per_worker": 1.5}}}
+    assert fingerprint.same_request(planned, asked)
+    assert not fingerprint.same_request({**planned, "model": "other"}, asked)
+    numbered = {**asked, "config": {"name": "x", "scaling": {"num_workers": 2, "cpus_per_worker": 2}}}
+    assert not fingerprint.same_request(planned, numbered)
+    assert fingerprint.same_request(numbered, numbered)

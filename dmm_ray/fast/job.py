@@ -261,10 +261,10 @@ def check_output_folder(cfg: MergeConfig, model_dir: str | Path) -> None:
 
 
 def fast_dir(cfg: MergeConfig) -> Path:
-    """fast.output_dir, else the merge's few-step folder (locations.fast_folder): <output_dir>/fast, or for an
+    """fast.output_dir, else the merge's few-step folder (output_folders.fast_folder): <output_dir>/fast, or for an
     output_dir URI its local staging folder's (the few-step stage writes local folders only), where the
     merge's own few-step stage writes. Path(uri) / "fast" was a local folder named `s3:` in the current one."""
-    from dmm_ray.locations import fast_folder, output_location
+    from dmm_ray.output_folders import fast_folder, output_location
 
     return fast_folder(cfg, output_location(cfg)[0])
 
