@@ -165,6 +165,12 @@ def previous_model_checksum(cfg) -> str | None:
     return _checksum(PREVIOUS_MODEL_CHECKSUM, cfg)
 
 
+def merged_unet_checksum(cfg, model_dir) -> str | None:
+    """The few-step stage's merged model's UNet checksum as fast_inputs records it (model.unet.checksum): its save compares
+    it with the one its training read (dmm_ray.fast.job.check_trained_from)."""
+    return _checksum("model.unet.checksum", cfg, model_dir)
+
+
 def base_parts_checksum(base: str, rule: str = "content") -> str | None:
     """`files_checksum` of the parts of a student base that a merged model is saved with around its
     student UNet (text encoder(s), tokenizer(s), VAE, scheduler): recorded in the model's dmm_merge.json,
@@ -237,7 +243,7 @@ def fast_inputs(cfg, model_dir, model_checksum: bool = True) -> dict[str, Any]:
     f = cfg.fast
     inputs = {
         "model": str(model_dir),
-        "model.unet.checksum": _checksum("model.unet.checksum", cfg, model_dir) if model_checksum else None,
+        "model.unet.checksum": merged_unet_checksum(cfg, model_dir) if model_checksum else None,
         "seed": cfg.seed,
         **{f"fast.{k}": v for k, v in f.model_dump(mode="json").items() if k not in _FAST_IGNORED},
         **{f"data.stream.{k}": v for k, v in cfg.data.stream.model_dump(mode="json").items() if k != "prefetch_batches"},

@@ -2078,6 +2078,62 @@ def test_a_few_step_run_killed_between_its_save_and_its_record_does_not_train_or
     assert read_record(out / "model")[merge.TRAINED_BY] == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) != first
 
 
+def _save_another_merged_model(merged: Path) -> None:
+    """Replace `merged` as a merge's save does (merged_model.staged: written beside it, then two renames) with another
+    merged model: the same parts, its UNet's weights moved."""
+    from dmm_ray.merged_model import staged
+
+    with staged(merged) as tmp:
+        shutil.copytree(merged, tmp, dirs_exist_ok=True)
+        unet = StyleUNet.from_pretrained(merged / "unet")
+        with torch.no_grad():
+            unet.conv_in.weight.add_(0.05)
+        unet.save_pretrained(tmp / "unet")
+
+
+def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_saves_nothing(merged_world, tmp_path, monkeypatch):
+    """A merge started after jobs/fast.py began (it checks merge.lock only at its start) saved another merged model in
+    place of the one the few-step job trains from: its save then fused the LoRA trained on the old UNet into the new
+    one's UNet, with the new model's VAE, text encoder and records, and replaced the earlier few-step model with that.
+    The save now finds the merged model is not the one the training read (its UNet checksum, fast_inputs'), saves
+    nothing (the earlier few-step model stays) and says to re-run with --restart, which distills the new model."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.output_lock import ModelReplacedError
+
+    merged = tmp_path / "run" / "merged"
+    shutil.copytree(merged_world[1], merged)
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world[0], tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
+    ran: list[str] = []
+    _stub_fast_training(monkeypatch, merged, ran, set())
+    fast_job.run_fast(cfg, merged, evaluate=False)
+    earlier = _digest(out / "model")
+    from dmm_ray.distill import trainer
+
+    fit = trainer.fit_stage
+
+    def fit_then_a_merge_saves(trainer_cfg):
+        trained = fit(trainer_cfg)
+        _save_another_merged_model(merged)
+        return trained
+
+    monkeypatch.setattr(trainer, "fit_stage", fit_then_a_merge_saves)
+    ran.clear()
+    with pytest.raises(ModelReplacedError, match=r"is not the one this few-step job trained on .*a merge replaced it.*--restart") as raised:
+        fast_job.run_fast(cfg, merged, evaluate=False, restart=True)
+    assert "nothing was saved" in str(raised.value) and str(out / "model") in str(raised.value)
+    assert ran == ["train", "save"] and _digest(out / "model") == earlier  # was: the mixed model swapped in
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model"]  # no model.tmp left
+
+    monkeypatch.setattr(trainer, "fit_stage", fit)
+    fast_job.run_fast(cfg, merged, evaluate=False, restart=True)  # as the error says: the new merged model distilled
+    assert _digest(out / "model") != earlier
+    assert _digest(out / "model")["unet/diffusion_pytorch_model.safetensors"] != earlier["unet/diffusion_pytorch_model.safetensors"]
+
+
 def test_a_few_step_run_hashes_its_saved_model_request_once(tmp_path, monkeypatch):
     """_run_fast compared the folder's saved model with saved_model_request (in saved_by_this_training) and then
     computed it again for the save to record: now once, passed to both."""

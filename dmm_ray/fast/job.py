@@ -394,6 +394,7 @@ def save_fast_model(
     tracking: dict | None = None,
     saved_by: str | None = None,
     trained_by: str | None = None,
+    trained_from: str | None = None,
 ) -> Path:
     """The few-step DMMPipeline: the merged model's VAE, text encoder and tokenizer, its UNet with the
     LCM-LoRA fused in (lora) or the distilled UNet (full), the `fast.sampler` scheduler (TCD or LCM), sampler.json (4 steps, CFG
@@ -403,24 +404,32 @@ def save_fast_model(
     an export of this model (jobs/export.py) is logged to the run that made and registered it, never to
     the merge's run, whose model it is not. So are its `SAVED_BY` (`saved_by`: saved_model_request of the run that
     saves it) and `TRAINED_BY` (`trained_by`: fingerprint.FAST_TRAINING_RUN of the state `checkpoint_dir` is of),
-    which saved_by_this_training reads: the merged model's (its merge's) are left out."""
+    which saved_by_this_training reads: the merged model's (its merge's) are left out. `trained_from`: the merged UNet's
+    checksum when the training began (fast_inputs' model.unet.checksum): a model_dir that no longer holds it (a merge
+    saved another model there meanwhile) is refused (check_trained_from) and nothing is saved."""
     import torch
 
     from dmm_ray.fast.loop import TRAINABLE, build_student, load_saved_ema, load_trainable_state, saved_ema_of
     from dmm_ray.fast.sampler import few_step_scheduler
     from dmm_ray.merged_model import SAVED_BY, TRAINED_BY
     from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.output_lock import reading
     from dmm_ray.pipeline import SAMPLER_RECORD, dmm_pipeline_class, load_dmm_pipeline, sampler_defaults, sampler_record
 
     f = cfg.fast
     state = torch.load(checkpoint_dir / TRAINABLE, map_location="cpu", weights_only=False)
-    student, params = build_student(model_dir, f)
-    load_trainable_state(student, state["student"], f)
-    ema = saved_ema_of(params, f)
-    if ema is not None:  # the EMA of the trained weights is what is saved
-        load_saved_ema(ema, state, f"checkpoint {checkpoint_dir}")
-        ema.copy_to(params)
-    with staged(dest) as tmp:  # swapped in once written and verified; removed if anything fails first
+    # Every part read from model_dir below (UNet, VAE, text encoder, tokenizer, records) must be of the model the training
+    # read, which a merge started after this job (jobs/fast.py checks merge.lock only at its start) may have replaced
+    # since: a merge saving there now waits for these reads (output_lock.reading), one that saved before is refused.
+    # The new model is staged: swapped in once written and verified; removed if anything fails first
+    with reading(model_dir, job="few-step save"), staged(dest) as tmp:
+        check_trained_from(cfg, model_dir, trained_from, dest)
+        student, params = build_student(model_dir, f)
+        load_trainable_state(student, state["student"], f)
+        ema = saved_ema_of(params, f)
+        if ema is not None:  # the EMA of the trained weights is what is saved
+            load_saved_ema(ema, state, f"checkpoint {checkpoint_dir}")
+            ema.copy_to(params)
         cls = dmm_pipeline_class(model_dir)
         if f.mode == "lora":
             from peft import get_peft_model_state_dict
@@ -478,6 +487,29 @@ def save_fast_model(
         if not isinstance(pipe_check.scheduler, scheduler_cls):
             raise RuntimeError(f"saved few-step model loads with {type(pipe_check.scheduler).__name__}, not {scheduler_cls.__name__}")
     return dest
+
+
+def check_trained_from(cfg: MergeConfig, model_dir: Path, trained_from: str | None, dest: Path) -> None:
+    """Refuse (output_lock.ModelReplacedError) to save a few-step model from the merged model `model_dir` when it no
+    longer holds the UNet the training read (`trained_from`: its checksum then; None: nothing to compare): a merge saved
+    another model there while the job trained. The save fused the LoRA trained on the replaced UNet into the new one's
+    (fast.mode full: took the UNet trained from it), saved it with the new model's VAE, text encoder and records, and
+    swapped that in for the earlier few-step model."""
+    from dmm_ray import fingerprint
+    from dmm_ray.output_lock import ModelReplacedError
+
+    if not trained_from:
+        return
+    now = fingerprint.merged_unet_checksum(cfg, model_dir) if (Path(model_dir) / "unet").is_dir() else None
+    if now == trained_from:
+        return
+    raise ModelReplacedError(
+        f"the merged model {model_dir} is not the one this few-step job trained on (its UNet checksum was {trained_from}, "
+        f"now {now or 'no UNet there'}): a merge replaced it while the job trained, and what the job trained fits the replaced "
+        f"model, so nothing was saved ({dest} is "
+        + ("still the earlier few-step model" if dest.exists() else "not written")
+        + "). Run the job again with --restart: it distills the merged model now there (the training state kept here is of the replaced one)."
+    )
 
 
 def evaluate_fast(cfg: MergeConfig, model_path: Path, teachers: list, steps_list, out: Path, source=None, scheduler: str | None = None) -> dict:
@@ -853,6 +885,7 @@ def _train_and_save(
             tracking=tracking,
             saved_by=saved_by,
             trained_by=fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN),
+            trained_from=inputs["model.unet.checksum"],
         )
     log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
     return int(trained.metrics.get("step", 0))
