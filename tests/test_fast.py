@@ -2134,6 +2134,43 @@ def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_sav
     assert _digest(out / "model")["unet/diffusion_pytorch_model.safetensors"] != earlier["unet/diffusion_pytorch_model.safetensors"]
 
 
+def test_a_few_step_run_evaluates_its_model_against_the_teachers_it_was_distilled_from(merged_world, tmp_path, monkeypatch):
+    """The few-step job evaluated its saved model against the teachers the merged model's dmm_merge.json named when the
+    evaluation began: a merge that saved another model there after the few-step save (other teachers for its styles, or
+    more styles) had it measured against that model's teachers. It now reads them from the few-step model, which keeps
+    the record of the merged model it was saved from."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.merged_model import read_record, staged
+
+    merged = tmp_path / "run" / "merged"
+    shutil.copytree(merged_world[1], merged)
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(
+        tiny_merge_config(merged_world[0], tmp_path / "run", fast={"output_dir": str(out), "eval_steps": [4]})
+    ).with_absolute_paths()
+    _stub_fast_training(monkeypatch, merged, [], set())
+    teachers = read_record(merged)["teachers"]
+    save = fast_job.save_fast_model
+
+    def save_then_a_merge_saves(*args, **kwargs):
+        path = save(*args, **kwargs)
+        with staged(merged) as tmp:  # the same styles, each from the other's teacher
+            shutil.copytree(merged, tmp, dirs_exist_ok=True)
+            swapped = [{**t, "source": other["source"]} for t, other in zip(teachers, reversed(teachers))]
+            (tmp / "dmm_merge.json").write_text(json.dumps({**read_record(merged), "teachers": swapped}))
+        return path
+
+    evaluated = []
+    monkeypatch.setattr(fast_job, "save_fast_model", save_then_a_merge_saves)
+    monkeypatch.setattr(fast_job, "evaluate_fast", lambda cfg, path, teachers, steps, out: evaluated.extend(teachers) or {})
+    fast_job.run_fast(cfg, merged, evaluate=True)
+    assert [t.source for t in evaluated] == [t["source"] for t in teachers]  # was: the other model's
+    assert evaluated[0].source != read_record(merged)["teachers"][0]["source"]
+
+
 def test_a_few_step_run_hashes_its_saved_model_request_once(tmp_path, monkeypatch):
     """_run_fast compared the folder's saved model with saved_model_request (in saved_by_this_training) and then
     computed it again for the save to record: now once, passed to both."""

@@ -270,7 +270,8 @@ def fast_dir(cfg: MergeConfig) -> Path:
 
 
 def teachers_of(cfg: MergeConfig, model_dir: Path) -> list:
-    """The merged model's own teachers (its dmm_merge.json), else the config's, in codebook order."""
+    """The merged model's own teachers (its dmm_merge.json), else the config's, in codebook order. A few-step model
+    keeps the record of the merged model it was saved from: its teachers."""
     return recorded_teachers(model_dir) or list(cfg.teachers)
 
 
@@ -810,7 +811,9 @@ def _run_fast(
             else:
                 steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_by)
             if evaluate and f.eval_steps:
-                result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, model_dir), f.eval_steps, out)
+                # the teachers of the merged model it was saved from, as its own dmm_merge.json keeps them: model_dir may
+                # hold another model by now (a merge that saved there after this job's save)
+                result.evaluations = evaluate_fast(cfg, result.model_path, teachers_of(cfg, result.model_path), f.eval_steps, out)
             result.seconds = time.time() - started
             if tracker is not None and tracker.enabled:
                 try:
