@@ -469,3 +469,37 @@ def test_eval_setup_from_an_incremental_merge_config_has_every_style_of_its_mode
     assert [t.name for t in load_eval_setup(config(tmp_path / "first")).teachers] == ["ink", "neon"]
     model(tmp_path / "merged", ["ink", "neon"])  # base_merged the merge has since replaced (its own output): neon listed once
     assert [t.name for t in load_eval_setup(config(tmp_path / "merged")).teachers] == ["ink", "neon"]
+
+
+def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_nothing(world, tmp_path, monkeypatch):
+    """jobs/evaluate.py --out elsewhere reads merge.lock only at its start: a merge started after it saved another model
+    in place of the one it sampled (each Ray actor loads the folder when it starts), and its FID matrix, made of samples
+    of the old model (or of both), was written under the new model's UNet checksum. evaluate_merge now compares the
+    checksum from before its sampling with the folder's after it, and writes nothing when they differ."""
+    import shutil
+
+    import dmm_ray.evaluation.api as api
+    from dmm_ray.merged_model import staged
+    from dmm_ray.output_lock import ModelReplacedError
+
+    merged = tmp_path / "run" / "merged"
+    shutil.copytree(world / "student", merged)
+    specs = load_zoo_manifest(world / "zoo.yaml").teachers
+    sample = api.evaluate_sources
+
+    def sampled_then_a_merge_saves(*args, **kwargs):
+        result = sample(*args, **kwargs)
+        with staged(merged) as tmp:  # as a merge's save: written beside it, then two renames
+            shutil.copytree(merged, tmp, dirs_exist_ok=True)
+            unet = StyleUNet.from_pretrained(merged / "unet")
+            with torch.no_grad():
+                unet.conv_in.weight.add_(0.05)
+            unet.save_pretrained(tmp / "unet")
+        return result
+
+    monkeypatch.setattr(api, "evaluate_sources", sampled_then_a_merge_saves)
+    with pytest.raises(ModelReplacedError, match=r"was replaced while this evaluation sampled it .*nothing was written"):
+        evaluate_merge(merged, specs, _cfg(world), output_dir=tmp_path / "eval", print_table=False)
+    assert not (tmp_path / "eval").exists()  # was: fid_matrix.json naming the new model's checksum
+    monkeypatch.setattr(api, "evaluate_sources", sample)
+    assert evaluate_merge(merged, specs, _cfg(world), output_dir=tmp_path / "eval", print_table=False).files  # run again

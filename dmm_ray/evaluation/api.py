@@ -40,13 +40,34 @@ def evaluate_merge(
     if student is not None and student_sampler is not None:
         student = FewStepStudent.wrap(student, *student_sampler)  # as the few-step stage's own evaluation does
     teachers = teacher_sources(teacher_specs, dtype)
+    # the model as its sampling starts: each Ray actor loads the folder when it starts, and a merge started after this
+    # job (jobs/evaluate.py checks merge.lock only at its start) may save another model there between two of them
+    made_by = sources_provenance(student_path, model_name, teacher_specs) if student is not None else None
     result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:
-        result.provenance.update(sources_provenance(student_path, model_name, teacher_specs))
+        check_still_sampled(student_path, made_by)
+        result.provenance.update(made_by)
         result.files = write_outputs(result, output_dir or eval_config.output_dir)
         if print_table:
             print(format_table(result))
     return result
+
+
+def check_still_sampled(student_path, made_by: dict) -> None:
+    """Refuse (output_lock.ModelReplacedError) an evaluation whose model folder holds another UNet than when its sampling
+    began (`made_by`: sources_provenance then): a merge saved another model there meanwhile, so some styles' samples may
+    be of one model and the rest of the other. Its numbers were written under the new model's checksum."""
+    from dmm_ray.output_lock import ModelReplacedError
+    from dmm_ray.teachers import files_checksum
+
+    unet = Path(student_path).resolve() / "unet"
+    before, now = made_by["model"]["unet_checksum"], files_checksum([unet]) if unet.is_dir() else None
+    if now != before:
+        raise ModelReplacedError(
+            f"{made_by['model']['path']} was replaced while this evaluation sampled it (its UNet checksum was {before}, now "
+            f"{now or 'no UNet there'}: a merge saved another model in its place), so its samples may come from both models; "
+            "nothing was written. Run it again: it evaluates the model now there (the teachers' statistics are cached)."
+        )
 
 
 def sources_provenance(student_path, model_name: str | None, teacher_specs: Sequence[Any], scheduler: str | None = None) -> dict:
