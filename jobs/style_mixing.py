@@ -156,11 +156,14 @@ def main(argv=None) -> int:
 
 
 def _compare(args, cfg, setup, model_path: Path, group, pair, wm_plan=None) -> int:
-    from dmm_ray.evaluation.api import default_extractor
+    from dmm_ray.evaluation.api import check_still_sampled, default_extractor, sources_provenance
     from dmm_ray.evaluation.mixing import interpolation_sweep, mixing_comparison
     from dmm_ray.evaluation.sources import pipeline_folder_source, student_source, teacher_sources
 
     student = student_source(model_path, cfg.dtype)
+    # the model as its sampling starts: a merge started after this job (it checks merge.lock only at its start) may save
+    # another model there while the studies sample it, each load reading whichever is there then
+    made_by = sources_provenance(model_path, args.model, setup.teachers)
     from dmm_ray.styles import StyleError
 
     for option, names in (("--group", group), ("--sweep", pair)):  # before the weighted merge, a teacher checksum or an image
@@ -206,11 +209,13 @@ def _compare(args, cfg, setup, model_path: Path, group, pair, wm_plan=None) -> i
             extractor,
             references=references,
         )
+        check_still_sampled(model_path, made_by)
         print(res.format_table())
         print("written:", res.write(out))
     if pair:
         a, b = pair
         sweep = interpolation_sweep(student, teachers[a], teachers[b], cfg, extractor)
+        check_still_sampled(model_path, made_by)
         for w, fa, fb in zip(sweep.weights, sweep.fid_a, sweep.fid_b):
             print(f"w({b})={w:.1f}  FID to {a}: {fa:9.4f}  FID to {b}: {fb:9.4f}")
         print("written:", sweep.write(out))

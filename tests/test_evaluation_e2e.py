@@ -2,6 +2,7 @@
 jobs/evaluate.py, and the Table-3 / Fig.-10 mixing studies (in-process, tiny, 2 steps)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -471,15 +472,25 @@ def test_eval_setup_from_an_incremental_merge_config_has_every_style_of_its_mode
     assert [t.name for t in load_eval_setup(config(tmp_path / "merged")).teachers] == ["ink", "neon"]
 
 
+def _save_another_model(merged: Path) -> None:
+    """Replace `merged` as a merge's save does (merged_model.staged: written beside it, then two renames) with another
+    model: the same parts, its UNet's weights moved."""
+    from dmm_ray.merged_model import staged
+
+    with staged(merged) as tmp:
+        shutil.copytree(merged, tmp, dirs_exist_ok=True)
+        unet = StyleUNet.from_pretrained(merged / "unet")
+        with torch.no_grad():
+            unet.conv_in.weight.add_(0.05)
+        unet.save_pretrained(tmp / "unet")
+
+
 def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_nothing(world, tmp_path, monkeypatch):
     """jobs/evaluate.py --out elsewhere reads merge.lock only at its start: a merge started after it saved another model
     in place of the one it sampled (each Ray actor loads the folder when it starts), and its FID matrix, made of samples
     of the old model (or of both), was written under the new model's UNet checksum. evaluate_merge now compares the
     checksum from before its sampling with the folder's after it, and writes nothing when they differ."""
-    import shutil
-
     import dmm_ray.evaluation.api as api
-    from dmm_ray.merged_model import staged
     from dmm_ray.output_lock import ModelReplacedError
 
     merged = tmp_path / "run" / "merged"
@@ -489,12 +500,7 @@ def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_noth
 
     def sampled_then_a_merge_saves(*args, **kwargs):
         result = sample(*args, **kwargs)
-        with staged(merged) as tmp:  # as a merge's save: written beside it, then two renames
-            shutil.copytree(merged, tmp, dirs_exist_ok=True)
-            unet = StyleUNet.from_pretrained(merged / "unet")
-            with torch.no_grad():
-                unet.conv_in.weight.add_(0.05)
-            unet.save_pretrained(tmp / "unet")
+        _save_another_model(merged)
         return result
 
     monkeypatch.setattr(api, "evaluate_sources", sampled_then_a_merge_saves)
@@ -503,3 +509,26 @@ def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_noth
     assert not (tmp_path / "eval").exists()  # was: fid_matrix.json naming the new model's checksum
     monkeypatch.setattr(api, "evaluate_sources", sample)
     assert evaluate_merge(merged, specs, _cfg(world), output_dir=tmp_path / "eval", print_table=False).files  # run again
+
+
+def test_a_style_mixing_study_whose_model_a_merge_replaced_while_it_sampled_writes_nothing(world, tmp_path, monkeypatch, capsys):
+    """jobs/style_mixing.py reads merge.lock only at its start: a merge started after it saved another model in place of
+    the one it sampled, and the study's table, of samples of the old model (or of both), was written for --model. It
+    now compares the UNet checksum from before its sampling with the folder's before it writes (check_still_sampled)."""
+    import dmm_ray.evaluation.mixing as mixing
+    from jobs.style_mixing import main
+
+    merged = tmp_path / "run" / "merged"
+    shutil.copytree(world / "student", merged)
+    sweep = mixing.interpolation_sweep
+
+    def swept_then_a_merge_saves(*args, **kwargs):
+        result = sweep(*args, **kwargs)
+        _save_another_model(merged)
+        return result
+
+    monkeypatch.setattr(mixing, "interpolation_sweep", swept_then_a_merge_saves)
+    args = ["--model", str(merged), "--teachers", str(world / "zoo.yaml"), "--sweep", ",".join(STYLES), "--no-ray", "--out", str(tmp_path / "mix")]
+    assert main(args + _fast_eval(world)) == 2
+    assert "was replaced while this evaluation sampled it" in capsys.readouterr().err
+    assert not list((tmp_path / "mix").glob("*"))  # was: the sweep written for --model
