@@ -59,9 +59,10 @@ def same_merge(cfg, out: Path) -> bool:
     """Whether the merge recorded in `out` (its merge_complete.json, the whole config) ran with `cfg`;
     its merged model need not be kept: the point holds the numbers."""
     from dmm_ray.completion import finished
-    from dmm_ray.merge import COMPLETE_RECORD, _merge_request
+    from dmm_ray.merge import COMPLETE_RECORD, _merge_request, _same_request
 
-    return finished(out, COMPLETE_RECORD, _merge_request(cfg), models=[]) is not None
+    # compared as the merge compares it: a record written before its teachers' checksums were is by its config
+    return finished(out, COMPLETE_RECORD, _merge_request(cfg), models=[], same=_same_request) is not None
 
 
 def _check_same_merge(cfg, out: Path) -> None:
@@ -78,8 +79,11 @@ def _check_same_merge(cfg, out: Path) -> None:
         recorded = flatten(json.loads((out / COMPLETE_RECORD).read_text())["asked"]["config"])
     except (OSError, ValueError, KeyError, TypeError):
         raise SystemExit(f"error: {out} holds a point without its merge's {COMPLETE_RECORD}; remove it or use another --out/--label") from None
+    checksums = {k: v for k, v in json.loads(json.dumps(asked)).items() if k != "config"}  # the teachers' (merge.TEACHERS)...
     asked = flatten(json.loads(json.dumps(asked["config"])))
     changed = [f"{k} {recorded.get(k)!r} -> {asked.get(k)!r}" for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
+    was = json.loads((out / COMPLETE_RECORD).read_text())["asked"]
+    changed += [f"{k} {was[k]!r} -> {v!r}" for k, v in checksums.items() if k in was and was[k] != v]  # ...re-made in place
     raise SystemExit(f"error: {out} holds the point of another merge ({'; '.join(changed)}); remove it or use another --out/--label")
 
 

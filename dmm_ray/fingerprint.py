@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +70,62 @@ class StaleStateError(ValueError):
     """`output_dir` holds state made with other settings."""
 
 
-def _teachers(cfg) -> list[dict]:
+# (what, files_checksum rule) -> checksum: the files hashed so far by check_resume, or within `hashing_once` by the
+# whole run of a merge. A run compares its completion record up to ~9 times (dmm_ray.merge._merge_request: every
+# teacher's checksum) and each stage's record with state, and hashed every teacher each time
+_HASHED: ContextVar[dict | None] = ContextVar("dmm_ray_fingerprint_hashed", default=None)
+
+
+@contextmanager
+def hashing_once():
+    """Within it (run_merge, a merge's --dry-run), each teacher (and an incremental merge's previous model, as the
+    completion record takes it) is hashed once per files_checksum rule, by every record compared or written: its
+    checksum as the run first read it. The merge writes neither, so nothing it hashed changes under it; the next
+    run hashes them again (a teacher re-made in place between two runs is seen). Nested: the outer one's memo."""
+    token = _HASHED.set(_run_hashed())
+    try:
+        yield
+    finally:
+        _HASHED.reset(token)
+
+
+def _run_hashed() -> dict:
+    """The memo of the `hashing_once` around this call; a new, empty one outside any."""
+    hashed = _HASHED.get()
+    return {} if hashed is None else hashed
+
+
+def _teacher_key(spec) -> tuple:
+    """A teacher's key in a memo of checksums: what teacher_checksum hashes and salts (not its name alone: a run may
+    compare two configs, as read and as given)."""
+    return ("teacher", spec.name, str(spec.source), spec.base and str(spec.base), spec.format, spec.lora_scale)
+
+
+def _memo(hashed: dict, key, rule: str, checksum_by):
+    if (key, rule) not in hashed:
+        hashed[key, rule] = checksum_by(rule)
+    return hashed[key, rule]
+
+
+def teacher_checksums(cfg, hashed: dict | None = None) -> dict[str, str]:
+    """{teacher name: teacher_checksum} of the config's teachers, by the current rule, each hashed once in `hashed`
+    (default: the run's, hashing_once): as the stages' records hold them and the merge's completion record does.
+    None for a teacher whose files are not there (nothing to read, as _checksum): a merge refuses it before it
+    compares a record (validate_before_ray), a reader of a finished merge's record (benchmarks/fidelity_curve.py)
+    need not have it."""
     from dmm_ray.teachers import teacher_checksum
 
+    hashed = _run_hashed() if hashed is None else hashed
+    return {
+        t.name: _memo(hashed, _teacher_key(t), "content", lambda rule, t=t: teacher_checksum(t, rule=rule))
+        if _present(t.source) and (not t.base or _present(t.base))
+        else None
+        for t in cfg.teachers
+    }
+
+
+def _teachers(cfg, hashed: dict | None = None) -> list[dict]:
+    checksums = teacher_checksums(cfg, hashed)
     return [
         {
             "name": t.name,
@@ -78,7 +133,7 @@ def _teachers(cfg) -> list[dict]:
             "source": str(t.source),
             "base": t.base and str(t.base),
             "lora_scale": t.lora_scale,
-            "checksum": teacher_checksum(t),
+            "checksum": checksums[t.name],
         }
         for t in cfg.teachers
     ]
@@ -161,8 +216,10 @@ def _checksum(key: str, cfg, model=None, rule: str = "content") -> str | None:
 def previous_model_checksum(cfg) -> str | None:
     """The checksum of an incremental merge's previous model (incremental.base_merged: its UNet) as the stages
     record it (PREVIOUS_MODEL_CHECKSUM), and the merge's completion record (dmm_ray.merge._merge_request); None
-    without one, or when its folder is not there (nothing to read)."""
-    return _checksum(PREVIOUS_MODEL_CHECKSUM, cfg)
+    without one, or when its folder is not there (nothing to read). Hashed once within hashing_once: the record
+    takes it only where the merge does not replace that model (not into its own output_dir)."""
+    key = (PREVIOUS_MODEL_CHECKSUM, cfg.incremental.base_merged)
+    return _memo(_run_hashed(), key, "content", lambda rule: _checksum(PREVIOUS_MODEL_CHECKSUM, cfg, rule=rule))
 
 
 def merged_unet_checksum(cfg, model_dir) -> str | None:
@@ -182,13 +239,14 @@ def base_parts_checksum(base: str, rule: str = "content") -> str | None:
     return files_checksum(parts, rule=rule) if parts else None
 
 
-def stage_inputs(cfg, stage: str) -> dict[str, Any]:
-    """Everything that determines `stage`'s result, as flat dotted keys."""
+def stage_inputs(cfg, stage: str, hashed: dict | None = None) -> dict[str, Any]:
+    """Everything that determines `stage`'s result, as flat dotted keys. `hashed`: the memo of the teachers'
+    checksums (teacher_checksums)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages with state: {STAGES}")
     s = cfg.synthesis
     synthesize = {
-        "teachers": _teachers(cfg),
+        "teachers": _teachers(cfg, hashed),
         "seed": cfg.seed,
         **{f"synthesis.{k}": getattr(s, k) for k in _SYNTHESIS_KEYS},
         "synthesis.prompts.checksum": _prompts_checksum(s.prompts),
@@ -419,7 +477,7 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
     their synthesized.* copies) left out of the comparison."""
     recorded = _read(out)
     problems = []
-    hashed: dict = {}  # (teacher or checksum key, rule) -> its checksum: hashed once for every stage's comparison
+    hashed = _run_hashed()  # (teacher or checksum key, rule) -> its checksum: hashed once for every stage's comparison
     for stage in stages:
         existing = [p for p in state_paths(cfg, out, stage) if _has_state(p)]
         if not existing:
@@ -427,7 +485,9 @@ def check_resume(cfg, out: Path | str, stages: list[str], ignore: tuple[str, ...
         if stage not in recorded:
             problems.append(f"{stage}: {existing[0]} exists but records no settings (made by an older run?)")
             continue
-        was, now = ({k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage)))
+        was, now = (
+            {k: v for k, v in d.items() if k.removeprefix("synthesized.") not in ignore} for d in (recorded[stage], stage_inputs(cfg, stage, hashed))
+        )
         diff = _differences(was, _same_layout(was, _by_the_recorded_rule(cfg, was, json.loads(json.dumps(now)), hashed)))
         if diff:
             problems.append(f"{stage} ({existing[0]}): " + "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""))
@@ -483,7 +543,7 @@ def _by_the_recorded_rule(cfg, was: dict, now: dict, hashed: dict | None = None,
         recorded, spec = t_old.get("checksum"), specs.get(t_new["name"])
         if spec is None or t_old.get("name") != t_new["name"] or recorded == t_new["checksum"]:
             continue
-        if recorded_by_an_earlier_rule(recorded, lambda rule: teacher_checksum(spec, rule=rule), hashed, ("teacher", spec.name)):
+        if recorded_by_an_earlier_rule(recorded, lambda rule: teacher_checksum(spec, rule=rule), hashed, _teacher_key(spec)):
             teachers[i] = {**t_new, "checksum": recorded}
     return {**now, "teachers": teachers}
 

@@ -52,6 +52,12 @@ COMPLETE_RECORD = "merge_complete.json"  # in the local work folder (dmm_ray/com
 # (fingerprint.previous_model_checksum). The config names that model by its path only, so one re-merged in place
 # since (other settings, --restart) left the re-run "already complete" with a model grown from the old one
 PREVIOUS_MODEL = "previous_model"
+# beside the config in a merge's completion record: {teacher name: checksum} (fingerprint.teacher_checksums), as the
+# stages' records hold them. The config names each teacher by its path only, so a teacher re-made in place since
+# (its stages' checkpoints deleted) left the re-run "already complete" with the model of the old teacher
+TEACHERS = "teachers"
+# recorded since a later version: a record made before one lacks it and is compared without it (_same_request)
+_ADDED_LATER = (PREVIOUS_MODEL, TEACHERS)
 
 
 def completed_merge(cfg: MergeConfig, out: Path) -> dict | None:
@@ -183,10 +189,13 @@ def _config_request(cfg: MergeConfig) -> dict:
 
 
 def _merge_request(cfg: MergeConfig) -> dict:
-    """What decides a merge's result, as its completion record compares it: the whole (absolute) config and, for
-    an incremental merge, its previous model's checksum (PREVIOUS_MODEL), but not for one into its own output_dir:
-    its save replaced that model (the record names the model it saved)."""
-    request = _config_request(cfg)
+    """What decides a merge's result, as its completion record compares it: the whole (absolute) config, its
+    teachers' checksums (TEACHERS) and, for an incremental merge, its previous model's (PREVIOUS_MODEL), but not for
+    one into its own output_dir: its save replaced that model (the record names the model it saved). Each is hashed
+    once in a run (fingerprint.hashing_once), however often the record is compared."""
+    from dmm_ray.fingerprint import teacher_checksums
+
+    request = {**_config_request(cfg), TEACHERS: teacher_checksums(cfg)}
     if cfg.incremental.base_merged and not _into_its_own_output(cfg):
         from dmm_ray.fingerprint import previous_model_checksum
 
@@ -196,35 +205,49 @@ def _merge_request(cfg: MergeConfig) -> dict:
 
 def _same_request(recorded: dict, asked: dict, sections: tuple[str, ...] = ()) -> bool:
     """A completion record's request against this merge's (`_merge_request`), the config's `sections` aside. A
-    record written before PREVIOUS_MODEL was lacks it and is compared by its config (as fingerprint's _ADDED_LATER):
-    else every incremental merge finished before would merge again."""
-    if PREVIOUS_MODEL not in recorded:
-        asked = {k: v for k, v in asked.items() if k != PREVIOUS_MODEL}
+    record written before one of _ADDED_LATER was lacks it and is compared without it (as fingerprint's
+    _ADDED_LATER): else every merge finished before would merge again."""
+    asked = {k: v for k, v in asked.items() if k not in _ADDED_LATER or k in recorded}
     return request_without(recorded, sections) == request_without(asked, sections)
 
 
-def _previous_model_changed(cfg: MergeConfig, out: Path) -> str | None:
+def _inputs_changed(cfg: MergeConfig, out: Path) -> str | None:
     """The line saying that this merge (the config, `fast:` and `evaluation:` aside) finished or saved its model in
-    `out` from a previous model that has changed since (PREVIOUS_MODEL: re-merged in place), so it merges again;
-    None otherwise."""
+    `out` from teachers (TEACHERS) or a previous model (PREVIOUS_MODEL) that have changed since (re-made in place),
+    so it merges again; None otherwise."""
+    changed = _changed_inputs(cfg, out)
+    return (
+        f"this merge, with this config, saved its merged model in {out} from other inputs: {changed}; so it merges again from the files there now"
+        if changed
+        else None
+    )
+
+
+def _changed_inputs(cfg: MergeConfig, out: Path) -> str | None:
+    """What _inputs_changed says changed ('teacher 'x' (source) has changed since (checksum a -> b)'; ...), or None."""
     from dmm_ray.completion import finished
 
-    def other_previous_model(recorded: dict, asked: dict) -> bool:
-        return (
-            PREVIOUS_MODEL in recorded
-            and recorded[PREVIOUS_MODEL] != asked.get(PREVIOUS_MODEL)
-            and _same_request({**recorded, PREVIOUS_MODEL: None}, {**asked, PREVIOUS_MODEL: None}, ("fast", "evaluation"))
+    def other_inputs(recorded: dict, asked: dict) -> bool:
+        unset = dict.fromkeys(_ADDED_LATER)
+        return any(k in recorded and recorded[k] != asked.get(k) for k in _ADDED_LATER) and _same_request(
+            {**recorded, **unset}, {**asked, **unset}, ("fast", "evaluation")
         )
 
     asked = _merge_request(cfg)
-    done = finished(out, COMPLETE_RECORD, asked, [out / "merged" / "model_index.json"], same=other_previous_model)
+    done = finished(out, COMPLETE_RECORD, asked, [out / "merged" / "model_index.json"], same=other_inputs)
     if done is None:
         return None
-    return (
-        f"this merge, with this config, saved its merged model in {out} from another previous model: incremental.base_merged "
-        f"{cfg.incremental.base_merged} has changed since (UNet checksum {done['asked'][PREVIOUS_MODEL]} -> {asked[PREVIOUS_MODEL]}), "
-        "so it merges again from the model there now"
-    )
+    recorded, changed = done["asked"], []
+    sources = {t.name: t.source for t in cfg.teachers}
+    for name, checksum in asked[TEACHERS].items():
+        if TEACHERS in recorded and recorded[TEACHERS].get(name) != checksum:
+            changed.append(f"teacher {name!r} ({sources[name]}) has changed since (checksum {recorded[TEACHERS].get(name)} -> {checksum})")
+    if PREVIOUS_MODEL in recorded and recorded[PREVIOUS_MODEL] != asked.get(PREVIOUS_MODEL):
+        changed.append(
+            f"incremental.base_merged {cfg.incremental.base_merged} has changed since "
+            f"(UNet checksum {recorded[PREVIOUS_MODEL]} -> {asked.get(PREVIOUS_MODEL)})"
+        )
+    return "; ".join(changed)
 
 
 def check_writable_outputs(cfg: MergeConfig) -> None:
@@ -370,11 +393,15 @@ def validate_before_ray(cfg: MergeConfig, deep: bool = False, restart: bool = Fa
         clash = sorted(set(old) & {t.name for t in cfg.teachers})
         if clash and not saved_into_its_base(cfg, restart):  # (saved: its new styles are those the save added)
             own = merged.resolve() == (Path(cfg.output_dir) / "merged").resolve()  # a save of this very merge replaced it
+            # finished there with this config from teachers re-made in place since: why it is not complete (saved_into_its_base)
+            changed = _changed_inputs(cfg.with_absolute_paths(), output_location(cfg.with_absolute_paths())[0]) if own else None
             raise TeacherError(
                 f"teachers {clash} are already styles of {merged} (styles: {old}); give new teachers unique names"
                 + (
                     f". {merged} is this merge's own output: a run of it already saved the merged model there in place of "
-                    "the previous one; to merge again, point incremental.base_merged at a copy of the previous model"
+                    "the previous one"
+                    + (f", from other inputs: {changed}" if changed else "")
+                    + "; to merge again, point incremental.base_merged at a copy of the previous model"
                     if own
                     else ""
                 )
@@ -745,6 +772,13 @@ def evaluate_stage(cfg: MergeConfig, merged_path, teachers: list | None = None):
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:
     """The whole merge, holding `output_dir`'s lock (dmm_ray/output_lock.py) from before Ray starts
     until it returns or raises: a second merge on the same folder refuses instead of mixing state."""
+    from dmm_ray import fingerprint
+
+    with fingerprint.hashing_once():  # each teacher hashed once, however often the records are compared
+        return _run_merge(cfg, tracker, restart)
+
+
+def _run_merge(cfg: MergeConfig, tracker, restart: bool) -> MergeResult:
     from dmm_ray import output_lock
 
     started = time.time()
@@ -857,7 +891,7 @@ def resume_point(cfg: MergeConfig, out: Path, restart: bool = False) -> tuple[di
             "the save run. --restart merges again"
         )
         return None, None, saved, note
-    return None, None, None, _previous_model_changed(cfg, out)
+    return None, None, None, _inputs_changed(cfg, out)
 
 
 def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
@@ -870,6 +904,13 @@ def check_before_run(cfg: MergeConfig, restart: bool = False) -> list[str]:
     (merged.old, fast/model.old; at an output_dir URI, the merged.old / evaluation.old an interrupted upload left)
     and its leftovers it would remove, and that the merge is complete already (nothing to do) or only its stages
     after the save would run, and then what its few-step stage finds (dmm_ray.fast.job.check_merge_stage_before_run)."""
+    from dmm_ray import fingerprint
+
+    with fingerprint.hashing_once():  # as run_merge: each teacher hashed once
+        return _check_before_run(cfg, restart)
+
+
+def _check_before_run(cfg: MergeConfig, restart: bool) -> list[str]:
     from dmm_ray import output_lock
 
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes

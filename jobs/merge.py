@@ -72,33 +72,36 @@ def main(argv=None) -> int:
 
     check_address(cfg.scaling.ray_address)  # an address where no Ray answers: said now, not after minutes of GCS retries
     if args.dry_run:
-        from dmm_ray.memory_plan import MemoryPlanError, describe_config
-        from dmm_ray.merge import as_read_before_it_starts
+        from dmm_ray.fingerprint import hashing_once
 
-        # an incremental merge's previous model where the run reads it: a killed save's merged.old it puts back first
-        # (check_before_run says so); the records the run compares take the config as given
-        read = as_read_before_it_starts(cfg)
-        try:
-            validate_before_ray(read, deep=args.deep, restart=args.restart)
-        except MemoryPlanError:  # a layout that does not fit: refused with its own plan
-            raise
-        except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here
-            print(describe_config(read), flush=True)
-            raise
-        print(describe_config(read), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
-        if args.deep:
-            print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
-        # what the run finds in output_dir: its lock held by a running merge, state of other settings (refused,
-        # as the run refuses them), a finished merge (the run would do nothing): said by the dry run too
-        found = check_before_run(cfg, restart=args.restart)
-        print(cfg.model_dump_json(indent=2))
-        from dmm_ray.merge import describe_layout
+        with hashing_once():  # as run_merge: each teacher hashed once by the checks below (check_before_run, validate_before_ray)
+            from dmm_ray.memory_plan import MemoryPlanError, describe_config
+            from dmm_ray.merge import as_read_before_it_starts
 
-        print(describe_layout(read))
-        for line in found:
-            print(line)
-        print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
-        return 0
+            # an incremental merge's previous model where the run reads it: a killed save's merged.old it puts back first
+            # (check_before_run says so); the records the run compares take the config as given
+            read = as_read_before_it_starts(cfg)
+            try:
+                validate_before_ray(read, deep=args.deep, restart=args.restart)
+            except MemoryPlanError:  # a layout that does not fit: refused with its own plan
+                raise
+            except (ValueError, OSError):  # the plan needs no weights or data: a layout can be planned before they are here
+                print(describe_config(read), flush=True)
+                raise
+            print(describe_config(read), flush=True)  # every kind of worker: teachers', the regulariser's, the few-step stage's
+            if args.deep:
+                print(f"--deep: every tensor of the {len(cfg.teachers)} teachers is finite", flush=True)
+            # what the run finds in output_dir: its lock held by a running merge, state of other settings (refused,
+            # as the run refuses them), a finished merge (the run would do nothing): said by the dry run too
+            found = check_before_run(cfg, restart=args.restart)
+            print(cfg.model_dump_json(indent=2))
+            from dmm_ray.merge import describe_layout
+
+            print(describe_layout(read))
+            for line in found:
+                print(line)
+            print(f"OK: {len(cfg.teachers)} teachers, {cfg.num_workers} workers")
+            return 0
     from dmm_ray.tracking import make_tracker
 
     result = run_merge(cfg, tracker=make_tracker(cfg), restart=args.restart)

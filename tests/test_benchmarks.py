@@ -174,6 +174,11 @@ def test_fidelity_curve_reads_back_a_point_only_of_the_same_merge(tmp_path, monk
     assert "ratio 2.000" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "curve" / "x" / "steps_2" / "merged")  # a point outlives its model (pruned to save disk)
     assert fc.main([*argv, "--set", "distill.lambda_feat=1"]) == 0 and len(runs) == 1
+    record = tmp_path / "curve" / "x" / "steps_2" / "merge_complete.json"
+    written = json.loads(record.read_text())
+    del written["asked"]["teachers"]  # a point whose merge recorded no teachers' checksums yet: compared by its config
+    record.write_text(json.dumps(written))
+    assert fc.main([*argv, "--set", "distill.lambda_feat=1"]) == 0 and len(runs) == 1
     with pytest.raises(SystemExit, match=r"steps_2 holds the point of another merge \(distill\.lambda_feat 1\.0 -> 3\.0\); remove it"):
         fc.main([*argv, "--set", "distill.lambda_feat=3"])
     assert len(runs) == 1

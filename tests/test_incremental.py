@@ -1,6 +1,7 @@
 """Incremental merging (paper 3.5): codebook growth, the frozen regulariser, early rejections."""
 
 import json
+import re
 import time
 
 import pytest
@@ -713,6 +714,33 @@ def test_a_finished_incremental_merge_whose_previous_model_was_re_merged_in_plac
     del record["asked"][merge.PREVIOUS_MODEL]  # written before the record held it: compared by the config alone
     (out / merge.COMPLETE_RECORD).write_text(json.dumps(record))
     assert merge.run_merge(cfg).already_complete and ran == []
+
+
+def test_a_finished_incremental_merge_into_its_own_output_whose_teacher_was_re_made_in_place_is_refused(merged_world, tmp_path, monkeypatch):
+    """base_merged = <output_dir>/merged, finished; its new teacher re-made in place since and the stages' checkpoints
+    deleted: the re-run said "already complete" (the completion record compared the config alone, which names the
+    teacher by its path) and kept the style of the old teacher. It cannot merge again (its save replaced the previous
+    model): refused, naming the teacher that changed. (Training is stubbed: the previous model + the new style.)"""
+    import shutil
+
+    from dmm_ray import merge
+    from dmm_ray.teachers import TeacherError
+
+    out = tmp_path / "out"
+    shutil.copytree(merged_world["merged"], out / "merged")
+    new = [{**t, "source": str(shutil.copytree(t["source"], tmp_path / "new0"))} for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(out / "merged")}))
+    ran = []
+    _stub_training(monkeypatch, ["new0"], ran)
+    merge.run_merge(cfg)
+    assert ran[:2] == ["distill", "save"] and merge.run_merge(cfg).already_complete
+    unet = next((tmp_path / "new0" / "unet").glob("*.safetensors"))
+    weights = bytearray(unet.read_bytes())
+    weights[-1] ^= 0xFF  # the teacher re-made in place: other weights at the same path
+    unet.write_bytes(bytes(weights))
+    shutil.rmtree(out / "ray_results")
+    with pytest.raises(TeacherError, match=re.escape(f"from other inputs: teacher 'new0' ({tmp_path / 'new0'}) has changed since")):
+        merge.run_merge(cfg)  # was "already complete"
 
 
 def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evaluate_or_track(merged_world, tmp_path, monkeypatch):

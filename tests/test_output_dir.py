@@ -917,6 +917,74 @@ def test_a_finished_merge_submitted_again_runs_nothing_until_its_config_changes(
         merge.run_merge(cfg)
 
 
+def test_a_finished_merge_whose_teacher_was_re_made_in_place_is_not_complete(world, tmp_path, monkeypatch, capsys):
+    """The completion record compared the config alone, which names each teacher by its path: a teacher re-made in
+    place since (other weights at the same path), the stages' checkpoints deleted, left the re-run (and its dry run)
+    "already complete" with the model of the old teacher. The record holds the teachers' checksums too: unchanged
+    teachers are still complete, each hashed once per run however often the record is compared; a changed one is
+    refused naming its checksum while the stages' state is there (check_resume), and merges again, saying which
+    teacher changed, once it is gone. A record written before the checksums is compared by its config alone."""
+    from collections import Counter
+
+    from dmm_ray import fingerprint, teachers
+    from jobs import merge as job
+
+    specs = [dict(t) for t in world["teachers"]]
+    specs[0]["source"] = str(shutil.copytree(specs[0]["source"], tmp_path / "teacher0"))  # (the world is shared)
+    out = tmp_path / "out"
+    config = tiny_merge_config(world, out, teachers=specs)
+    cfg = MergeConfig.model_validate(config).with_absolute_paths()
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ran: list[str] = []
+    _stub_training(monkeypatch, world, ran, set())
+    hashed: Counter = Counter()
+    teacher_checksum = teachers.teacher_checksum
+
+    def counted(spec, *args, **kwargs):
+        hashed[spec.name] += 1
+        return teacher_checksum(spec, *args, **kwargs)
+
+    monkeypatch.setattr(teachers, "teacher_checksum", counted)
+    once = {t["name"]: 1 for t in specs}
+    merge.run_merge(cfg)
+    assert ran == ["distill", "save", "evaluate"] and hashed == once
+    ran.clear()
+    hashed.clear()
+    assert merge.run_merge(cfg).already_complete and ran == [] and hashed == once  # the record compared ~5 times
+    hashed.clear()
+    assert job.main(["--config", str(path), "--dry-run"]) == 0 and hashed == once
+    assert f"already complete: this merge, with this config, finished in {out}" in capsys.readouterr().out
+
+    weights = next((tmp_path / "teacher0" / "unet").glob("*.safetensors"))
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 0xFF  # the teacher re-made in place: other weights at the same path
+    weights.write_bytes(bytes(changed))
+    name = specs[0]["name"]
+    with pytest.raises(fingerprint.StaleStateError, match=f"teacher '{name}': checksum changed"):  # its stages' state
+        merge.run_merge(cfg)
+    shutil.rmtree(out / "ray_results")  # the finished merge's checkpoints deleted: only its completion record is left
+    record = (out / merge.COMPLETE_RECORD).read_text()
+    said = f"teacher '{name}' ({tmp_path / 'teacher0'}) has changed since"
+    assert job.main(["--config", str(path), "--dry-run"]) == 0  # was "already complete", as the run
+    printed = capsys.readouterr().out
+    assert said in printed and "already complete" not in printed and (out / merge.COMPLETE_RECORD).read_text() == record
+    ran.clear()
+    hashed.clear()
+    result = merge.run_merge(cfg)  # was "already complete", the model of the old teacher kept
+    assert not result.already_complete and ran == ["distill", "save", "evaluate"] and hashed == once
+    assert said in capsys.readouterr().out
+    ran.clear()
+    assert merge.run_merge(cfg).already_complete and ran == []  # complete again, from the teacher there now
+
+    recorded = json.loads((out / merge.COMPLETE_RECORD).read_text())
+    del recorded["asked"][merge.TEACHERS]  # written before the record held the checksums: compared by the config
+    (out / merge.COMPLETE_RECORD).write_text(json.dumps(recorded))
+    weights.write_bytes(bytes(changed[:-1]) + b"\x00")
+    shutil.rmtree(out / "ray_results")
+    assert merge.run_merge(cfg).already_complete and ran == []
+
+
 def test_merge_dry_run_says_what_the_run_would_find_in_output_dir(world, tmp_path, capsys):
     """Finding: `jobs/merge.py --dry-run` said OK on an output_dir whose merge had finished (the run: 'already
     complete ...; nothing to do') and on one whose merge.lock a running merge held (the run: refused, exit 2).
