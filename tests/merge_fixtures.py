@@ -139,3 +139,19 @@ def hold_in_another_process(folder: Path, **kwargs) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def save_another_model(merged: Path) -> None:
+    """Replace the merged model `merged` as a merge's save does (merged_model.staged: written beside it, then two
+    renames) with another one: the same parts, its UNet's weights moved (a reader's model replaced under it)."""
+    import shutil
+
+    from dmm_ray.merged_model import staged
+    from dmm_ray.models.style_unet import StyleUNet
+
+    with staged(merged) as tmp:
+        shutil.copytree(merged, tmp, dirs_exist_ok=True)
+        unet = StyleUNet.from_pretrained(merged / "unet")
+        with torch.no_grad():
+            unet.conv_in.weight.add_(0.05)
+        unet.save_pretrained(tmp / "unet")

@@ -11,6 +11,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 from eval_helpers import SeededConvExtractor, fast_eval_config
+from merge_fixtures import save_another_model
 
 from dmm_ray import DMMPipeline, StyleUNet
 from dmm_ray.evaluation.api import evaluate_merge
@@ -472,19 +473,6 @@ def test_eval_setup_from_an_incremental_merge_config_has_every_style_of_its_mode
     assert [t.name for t in load_eval_setup(config(tmp_path / "merged")).teachers] == ["ink", "neon"]
 
 
-def _save_another_model(merged: Path) -> None:
-    """Replace `merged` as a merge's save does (merged_model.staged: written beside it, then two renames) with another
-    model: the same parts, its UNet's weights moved."""
-    from dmm_ray.merged_model import staged
-
-    with staged(merged) as tmp:
-        shutil.copytree(merged, tmp, dirs_exist_ok=True)
-        unet = StyleUNet.from_pretrained(merged / "unet")
-        with torch.no_grad():
-            unet.conv_in.weight.add_(0.05)
-        unet.save_pretrained(tmp / "unet")
-
-
 def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_nothing(world, tmp_path, monkeypatch):
     """jobs/evaluate.py --out elsewhere reads merge.lock only at its start: a merge started after it saved another model
     in place of the one it sampled (each Ray actor loads the folder when it starts), and its FID matrix, made of samples
@@ -500,7 +488,7 @@ def test_an_evaluation_whose_model_a_merge_replaced_while_it_sampled_writes_noth
 
     def sampled_then_a_merge_saves(*args, **kwargs):
         result = sample(*args, **kwargs)
-        _save_another_model(merged)
+        save_another_model(merged)
         return result
 
     monkeypatch.setattr(api, "evaluate_sources", sampled_then_a_merge_saves)
@@ -524,7 +512,7 @@ def test_a_style_mixing_study_whose_model_a_merge_replaced_while_it_sampled_writ
 
     def swept_then_a_merge_saves(*args, **kwargs):
         result = sweep(*args, **kwargs)
-        _save_another_model(merged)
+        save_another_model(merged)
         return result
 
     monkeypatch.setattr(mixing, "interpolation_sweep", swept_then_a_merge_saves)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from merge_fixtures import save_another_model
 
 from dmm_ray.fast.config import FastConfig
 from dmm_ray.fast.lcm import ConsistencyObjective, Draw, LCMSettings, add_lcm_lora
@@ -2078,19 +2079,6 @@ def test_a_few_step_run_killed_between_its_save_and_its_record_does_not_train_or
     assert read_record(out / "model")[merge.TRAINED_BY] == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) != first
 
 
-def _save_another_merged_model(merged: Path) -> None:
-    """Replace `merged` as a merge's save does (merged_model.staged: written beside it, then two renames) with another
-    merged model: the same parts, its UNet's weights moved."""
-    from dmm_ray.merged_model import staged
-
-    with staged(merged) as tmp:
-        shutil.copytree(merged, tmp, dirs_exist_ok=True)
-        unet = StyleUNet.from_pretrained(merged / "unet")
-        with torch.no_grad():
-            unet.conv_in.weight.add_(0.05)
-        unet.save_pretrained(tmp / "unet")
-
-
 def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_saves_nothing(merged_world, tmp_path, monkeypatch):
     """A merge started after jobs/fast.py began (it checks merge.lock only at its start) saved another merged model in
     place of the one the few-step job trains from: its save then fused the LoRA trained on the old UNet into the new
@@ -2117,7 +2105,7 @@ def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_sav
 
     def fit_then_a_merge_saves(trainer_cfg):
         trained = fit(trainer_cfg)
-        _save_another_merged_model(merged)
+        save_another_model(merged)
         return trained
 
     monkeypatch.setattr(trainer, "fit_stage", fit_then_a_merge_saves)
