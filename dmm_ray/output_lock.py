@@ -318,13 +318,14 @@ def reading(model, job: str = "reader") -> Iterator[None]:
     deadline = time.time() + REPLACE_WAIT_S + 60  # the save's own wait, then its swap
     while True:
         try:
-            _create(mine, me)
+            made = _create(mine, me)
         except OSError:  # a folder this process cannot write: loaded unannounced (a swap meanwhile is still caught below)
-            pass
+            made = False
         saver = read_owner(_marker(model, REPLACING))
         if not _live(saver):  # none, a dead one's, or one still being written (its save then looks for `mine` after)
             break
-        mine.unlink(missing_ok=True)  # out of its way: it swaps once the loads it waits for are done
+        if made:  # (only what it made: on a read-only mount even unlink(missing_ok=True) raises EROFS)
+            mine.unlink(missing_ok=True)  # out of its way: it swaps once the loads it waits for are done
         if time.time() > deadline:
             raise OutputDirBusyError(
                 f"{model} is being replaced by a save ({describe(saver)}; marker {_marker(model, REPLACING)}), which has not "
@@ -343,7 +344,8 @@ def reading(model, job: str = "reader") -> Iterator[None]:
         if _identity(model) != before:
             raise ModelReplacedError(_replaced(model))
     finally:
-        mine.unlink(missing_ok=True)
+        if made:  # a folder it could not write (a read-only mount: EROFS even for a missing file) has none to remove
+            mine.unlink(missing_ok=True)
 
 
 def _replaced(model: Path) -> str:

@@ -187,3 +187,41 @@ def test_markers_of_killed_readers_are_removed_and_a_live_save_is_waited_for(tmp
             waited = time.time() - t0
         timer.join()
     assert waited >= 0.4
+
+
+def test_a_load_from_a_read_only_mount_loads(tmp_path, monkeypatch):
+    """A merged/ on a read-only mount (a read-only NFS export, a Serve replica's ro volume): the reader cannot write
+    its marker, and on such a mount even unlink(missing_ok=True) of the marker it never made raises EROFS, which
+    failed every load after it had loaded (and while a save on another host swapped, before). It loads unannounced."""
+    import errno
+    import pathlib
+
+    dest = tmp_path / "merged"
+    dest.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.parent == tmp_path:
+            read_only()
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(output_lock, "_create", read_only)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    with output_lock.reading(dest):
+        pass
+
+    # a save swapping there from a host that can write (its marker): waited for, then loaded
+    monkeypatch.setattr(output_lock, "_POLL_S", 0.02)
+    flag = tmp_path / ".merged.replacing"
+    flag.write_text(json.dumps({"host": "another-host", "pid": 1, "started": time.time(), "job": "save"}))
+    timer = threading.Timer(0.3, lambda: os.remove(flag))
+    timer.start()
+    t0 = time.time()
+    with output_lock.reading(dest):
+        waited = time.time() - t0
+    timer.join()
+    assert waited >= 0.2
