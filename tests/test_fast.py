@@ -2246,6 +2246,45 @@ def test_the_merge_dry_run_says_that_its_few_step_stage_finds_its_model_saved_or
     assert fast_stage().already_complete and ran == []
 
 
+def test_a_few_step_model_saved_before_its_records_took_the_config_as_given_is_not_trained_again(merged_world, tmp_path, monkeypatch):
+    """A merge's few-step stage stopped between its save's swap and its completion record by a dmm-ray whose records
+    took the cluster plan's config (scaling.cpus_per_worker `auto` resolved to a number): its model records the hash
+    of that request (SAVED_BY). Re-run since the records take the config as given, the stage compared the hash of the
+    `auto` request alone, did not find its model saved, and trained, saved and registered it again (once), where the
+    run before the change skipped the training and the save. The planned request's hash is found too now."""
+    from types import SimpleNamespace
+
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import merge
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.resources import plan_resources
+
+    world, merged = merged_world
+    run_dir = tmp_path / "run"
+    shutil.copytree(merged, run_dir / "merged")
+    tree = tiny_merge_config(world, run_dir, fast={"enabled": True}, scaling={"cpus_per_worker": "auto"})
+    cfg = MergeConfig.model_validate(tree).with_absolute_paths()
+    planned = merge.with_plan(cfg, plan_resources(cfg, {"CPU": 4}))
+    assert planned.scaling.cpus_per_worker != cfg.scaling.cpus_per_worker
+
+    def fast_stage(asked):  # _merge's few-step stage; `asked` None: the records take the planned config (before)
+        result = merge.MergeResult(merged_path=run_dir / "merged")
+        merge.fast_stage(SimpleNamespace(cfg=planned, asked=asked, out=run_dir, remote=None, tracker=None, result=result))
+        return result.fast
+
+    ran: list[str] = []
+    kill_in = {"save"}
+    _stub_fast_training(monkeypatch, merged, ran, kill_in)
+    merge.record_complete(cfg, run_dir, merge.MergeResult(merged_path=run_dir / "merged", location=str(run_dir / "merged")), fast_pending=True)
+    with pytest.raises(SystemExit, match="between the save's swap and its record"):
+        fast_stage(None)  # saved by the earlier version, killed before its record
+    ran.clear()
+    kill_in.clear()
+    assert not fast_stage(cfg).already_complete and ran == []  # was ["train", "save"]
+    assert fast_stage(cfg).already_complete and ran == []  # its record takes the config as given
+
+
 def test_a_few_step_run_killed_after_registering_its_model_does_not_register_it_again(merged_world, tmp_path, monkeypatch):
     """A few-step run killed after it registered its model but before it recorded that it finished trained
     (resumed at its last step), saved and registered the same model again: a second MLflow version (the merge's

@@ -638,6 +638,15 @@ def saved_by_this_training(out: Path, saved_by: str) -> bool:
     return saved_from(out / "model", saved_by, fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
 
 
+def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, inputs: dict, evaluate: bool) -> bool:
+    """saved_by_this_training for a model saved by a merge's few-step stage of a dmm-ray whose records took the config
+    with the cluster plan's resources (`planned`: scaling.cpus_per_worker `auto` resolved), not as given: its SAVED_BY
+    is that request's hash, which the request as given never equals (a hash: not comparable as same_request compares
+    such a completion record). Without this, such a stage stopped between its save and its record trained, saved and
+    registered its model again once. A dry run, which plans no cluster, cannot find it: it says the stage trains."""
+    return saved_by_this_training(out, saved_model_request(_fast_request(planned, model_dir, inputs, evaluate)))
+
+
 def _saved_line(out: Path) -> str:
     return (
         f"this few-step run, with this model and config, already saved its few-step model ({out / 'model'}; its dmm_merge.json "
@@ -774,7 +783,9 @@ def _run_fast(
     # killed between its save's swap and its completion record (or after its registration): evaluate and register
     # the saved model; training again (resumed at its last step) saved it again and registered a second version
     saved_by = saved_model_request(asked)  # what the saved model records of this run: compared here, recorded by the save
-    saved = saved_by_this_training(out, saved_by)
+    saved = saved_by_this_training(out, saved_by) or (
+        requested is not None and requested != cfg and _saved_with_the_plan(cfg, model_dir, out, inputs, evaluate)
+    )
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
     if saved:
