@@ -170,10 +170,13 @@ def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
     return cfg.model_copy(update={"fast": cfg.fast.model_copy(update=update)})
 
 
-def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False) -> None:
+def record_complete(
+    cfg: MergeConfig, out: Path, result: MergeResult, fast_pending: bool = False, evaluate_pending: bool = False, request: dict | None = None
+) -> None:
     """`fast_pending`: every stage but `fast` finished (merged_before_fast), not the whole merge (completed_merge);
     `evaluate_pending`: the merged model is saved, evaluate and track are to come (saved_before_evaluate),
-    with what the training stages measured, for the track of a re-run that skips them."""
+    with what the training stages measured, for the track of a re-run that skips them. `request`: `_merge_request(cfg)`
+    as the merge computed it at its start (its previous model's checksum as it read that model), default now."""
     from dmm_ray.completion import record_finished
 
     info: dict = {"fast_pending": True} if fast_pending else {}
@@ -181,7 +184,7 @@ def record_complete(cfg: MergeConfig, out: Path, result: MergeResult, fast_pendi
         # the numbers track_stage logs (finish_stage: int and float values)
         measured = {stage: {k: v for k, v in m.items() if isinstance(v, (int, float))} for stage, m in result.stage_metrics.items()}
         info.update(evaluate_pending=True, stage_metrics=measured, seconds=result.seconds)
-    record_finished(out, COMPLETE_RECORD, _merge_request(cfg), location=result.location, run_id=result.run_id, **info)
+    record_finished(out, COMPLETE_RECORD, request or _merge_request(cfg), location=result.location, run_id=result.run_id, **info)
 
 
 def _config_request(cfg: MergeConfig) -> dict:
@@ -974,6 +977,9 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
     if merged is None and saved is None:
         forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     asked = cfg  # the config as given (below, the cluster plan fills in the resources)
+    # what its records name: the previous model's checksum as this merge reads it, now. Taken when a record was written, it
+    # named a model that another merge saved in its place meanwhile, and a re-run found "complete" a model grown from the old one
+    request = _merge_request(asked)
     we_started_ray = init_for_training(cfg.scaling.ray_address)
     try:  # a merge that fails leaves no private Ray behind it either
         plan = plan_cluster(cfg)  # before anything long: a layout the cluster cannot hold stops here
@@ -1013,10 +1019,10 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
                 # the merged model is saved and registered: a re-run after a failure here runs only this stage (not when
                 # its tracking failed: the record of the save stays, so a re-run logs it: track_stage)
                 if stage.name == "fast" and not result.tracking_failed:
-                    record_complete(asked, out, result, fast_pending=True)
+                    record_complete(asked, out, result, fast_pending=True, request=request)
                 stage.run(run)
                 if stage.name == "save":  # a re-run after a failure from here on skips the training and the save
-                    record_complete(asked, out, result, evaluate_pending=True)
+                    record_complete(asked, out, result, evaluate_pending=True, request=request)
             if merged is not None:  # (save_stage times a whole merge)
                 result.seconds = time.time() - started
         except BaseException as error:
@@ -1024,7 +1030,7 @@ def _merge(cfg: MergeConfig, out: Path, tracker, restart: bool, started: float, 
                 tracker.abort(error)  # FAILED, or KILLED when interrupted (re-running resumes); the last good model stays
             raise
         if not result.tracking_failed:  # else the record of the save stays: the same command tracks the model later
-            record_complete(asked, out, result)
+            record_complete(asked, out, result, request=request)
     finally:
         if we_started_ray:
             import ray

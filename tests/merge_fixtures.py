@@ -120,10 +120,10 @@ def kill_between_save_and_record(monkeypatch) -> None:
 
     record_complete = merge.record_complete
 
-    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after the swap
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False, request=None):  # the process dies after the swap
         if evaluate_pending:
             raise SystemExit("killed between the save's swap and its record")
-        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending, request=request)
 
     monkeypatch.setattr(merge, "record_complete", killed)
 

@@ -743,6 +743,40 @@ def test_a_finished_incremental_merge_into_its_own_output_whose_teacher_was_re_m
         merge.run_merge(cfg)  # was "already complete"
 
 
+def test_an_incremental_merge_whose_previous_model_is_re_merged_while_it_runs_records_the_model_it_read(merged_world, tmp_path, monkeypatch):
+    """The completion record took the previous model's checksum when the merge finished: a merge in that model's
+    output_dir that saved another model there while this one ran (after this one's start, whose lock check it
+    passed) left a record naming the new previous model, so once the stages' checkpoints were gone the re-run said
+    "already complete" and kept a model grown from the old one (what fa3dafd's record is for). It records the
+    checksum of the model as the merge read it (at its start), so the re-run merges again from the model there now."""
+    import shutil
+
+    from dmm_ray import merge
+
+    previous = shutil.copytree(merged_world["merged"], tmp_path / "first" / "merged")
+    out = tmp_path / "later"
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
+    ran = []
+    _stub_training(monkeypatch, ["new0"], ran)
+    distill = merge.STAGES[0].run
+
+    def distill_then_re_merged_there(run):  # grown from the previous model, then another merge saves over it
+        distill(run)
+        unet = next((previous / "unet").glob("*.safetensors"))
+        weights = bytearray(unet.read_bytes())
+        weights[-1] ^= 0xFF
+        unet.write_bytes(bytes(weights))
+
+    monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill_then_re_merged_there), *merge.STAGES[1:]))
+    merge.run_merge(cfg)
+    assert ran[:2] == ["distill", "save"]
+    shutil.rmtree(out / "ray_results")  # the finished merge's checkpoints deleted: only its completion record is left
+    ran.clear()
+    result = merge.run_merge(cfg)  # was "already complete": a model grown from the old previous model
+    assert not result.already_complete and ran[:2] == ["distill", "save"]
+
+
 def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evaluate_or_track(merged_world, tmp_path, monkeypatch):
     """base_merged = <output_dir>/merged: the save replaces the previous model, so a re-run after a crash
     in evaluate or track used to be refused ('already styles ... this merge's own output ... a copy of the

@@ -600,10 +600,10 @@ def test_a_merge_killed_after_registering_its_model_does_not_register_it_again(w
     _stub_training(monkeypatch, world, ran, set())
     record_complete = merge.record_complete
 
-    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False):  # the process dies after track
+    def killed(cfg, out, result, fast_pending=False, evaluate_pending=False, request=None):  # the process dies after track
         if not evaluate_pending:
             raise SystemExit("killed after track, before the completion record")
-        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending)
+        record_complete(cfg, out, result, fast_pending=fast_pending, evaluate_pending=evaluate_pending, request=request)
 
     monkeypatch.setattr(merge, "record_complete", killed)
     with pytest.raises(SystemExit, match="killed after track"):
