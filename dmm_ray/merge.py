@@ -30,7 +30,7 @@ from dmm_ray.merged_model import (
     staged,
     style_descriptions,
 )
-from dmm_ray.output_folders import fast_folder, output_location  # (re-exported: their home is dmm_ray.output_folders)
+from dmm_ray.output_folders import fast_folder, fast_synthesized, output_location  # (re-exported: their home is dmm_ray.output_folders)
 from dmm_ray.ray_session import init_for_training
 
 
@@ -157,16 +157,11 @@ def _into_its_own_output(cfg: MergeConfig) -> bool:
 
 
 def fast_stage_config(cfg: MergeConfig, local: Path) -> MergeConfig:
-    """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder, and for an
-    output_dir URI whose synthesized sets it reads (fast.synthetic_fraction > 0, the teachers'), fast.synthesized
-    the URI's <output_dir>/synthesized, where the merge writes them: by default the stage looked for them beside
-    the merged model, in the local staging folder, and stopped after the whole merge."""
-    from dmm_ray.data import fs as fsu
-
-    update = {"output_dir": str(fast_folder(cfg, local))}
-    remote = output_location(cfg)[1]
-    if remote and not cfg.fast.synthesized and cfg.fast.synthetic_fraction > 0 and cfg.fast.synthetic_source == "teachers":
-        update["synthesized"] = fsu.location_join(remote, "synthesized")
+    """The config the merge's few-step stage runs with (run_fast): fast.output_dir its fast_folder, and
+    fast.synthesized output_folders.fast_synthesized's (for an output_dir URI whose synthesized sets it reads, the
+    URI's <output_dir>/synthesized, where the merge writes them: by default the stage looked for them beside the
+    merged model, in the local staging folder, and stopped after the whole merge)."""
+    update = {"output_dir": str(fast_folder(cfg, local)), "synthesized": fast_synthesized(cfg)}
     return cfg.model_copy(update={"fast": cfg.fast.model_copy(update=update)})
 
 

@@ -101,6 +101,11 @@ def main(argv=None) -> int:
         # against the current directory); Path.resolve() made `--output-dir=~/x` a folder named `~` in it
         cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", args.output_dir)])
     cfg = cfg.with_absolute_paths()
+    from dmm_ray.output_folders import fast_synthesized
+
+    # the merge's synthesized sets where the merge's own few-step stage reads them (an output_dir URI: at the URI, not
+    # beside the staging folder's merged model, where jobs/fast.py looked and was refused)
+    cfg = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"synthesized": fast_synthesized(cfg)})})
     record = read_record(Path(args.model))
     update = {"enabled": False} if args.no_track else {}
     if record.get("name"):  # MLflow: the merge's own project, and a new version of its registered model

@@ -1480,6 +1480,42 @@ def test_missing_synthesized_sets_are_refused_before_ray_and_by_the_dry_run(merg
     assert job.main(args + ["--dry-run", "--set", "fast.synthetic_source=merged"]) == 0  # sampled by the stage itself
 
 
+def test_a_few_step_job_on_a_merge_into_a_uri_reads_the_synthesized_sets_where_the_merges_stage_does(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: jobs/fast.py --config <a merge config whose output_dir is a URI> with fast.synthetic_fraction > 0 looked
+    for the merge's synthesized sets beside the merged model it distills, the staging folder's merged/, found none and
+    was refused (set fast.synthesized), while the merge's own few-step stage reads them at <output_dir URI>/synthesized,
+    where the merge writes them. Both read them there now (dmm_ray.output_folders.fast_synthesized)."""
+    import shutil
+
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import merge
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.data import fs as fsu
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.paths import staging_dir
+    from jobs import fast as job
+
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    world, merged = merged_world
+    uri = f"file://{tmp_path}/remote_out"
+    staged = staging_dir(uri) / "merged"  # where the merge into the URI keeps its merged model (--model takes no URI)
+    shutil.copytree(merged, staged)
+    _synthesized_sets(tmp_path / "remote_out" / "synthesized", styles=2, rows=4)  # what its synthesis wrote at the URI
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(tiny_merge_config(world, uri, fast={"synthetic_fraction": 0.5})))
+    args = ["--model", str(staged), "--config", str(config), "--no-track", "--no-eval"]
+    assert job.main(args + ["--dry-run"]) == 0, capsys.readouterr().err  # was: refused, no style_<i>/ in the staging folder
+    ran = []
+    monkeypatch.setattr(fast_job, "run_fast", lambda cfg, model, **kw: ran.append(cfg) or fast_job.FastResult(model_path=tmp_path / "fast"))
+    assert job.main(args) == 0  # the run's config, as it reaches run_fast
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, uri, fast={"synthetic_fraction": 0.5})).with_absolute_paths()
+    stage = merge.fast_stage_config(cfg, merge.output_location(cfg)[0])  # the merge's own few-step stage's
+    assert ran[0].fast.synthesized == stage.fast.synthesized == fsu.location_join(uri, "synthesized")
+    assert fast_job.synthesized_shards(ran[0], staged) == [f"{uri}/synthesized/style_0", f"{uri}/synthesized/style_1"]
+
+
 @pytest.mark.parametrize("content", [None, "\n  \n"], ids=["missing", "empty"])
 @pytest.mark.parametrize(
     "samples", [["fast.synthetic_fraction=0.5", "fast.synthetic_source=merged"], ["fast.rollout_steps=2"]], ids=["merged", "rollout"]
