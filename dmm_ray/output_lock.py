@@ -220,13 +220,16 @@ def _guard(model) -> Optional[tuple[str, str, str]]:
     """(the lock beside it, what the folder is, the kind of job that replaces it) of a model folder a job's save
     replaces: a merge's `<output_dir>/merged`, a few-step `<folder>/model`; None for any other folder, and for a
     location that is no local folder (a URI, `models:/`, `runs:/`: read as a downloaded copy)."""
-    from dmm_ray.paths import is_mlflow_uri
+    from dmm_ray.paths import is_mlflow_uri, is_staging_dir
 
     if is_mlflow_uri(str(model)):
         return None
     model = Path(model).resolve()
+    # a merge into an output_dir URI keeps its model and merge.lock in its local staging folder: naming that folder its
+    # output_dir sent the reader looking for a merge into a local folder no config names
+    of = f"a merge into an output_dir URI (its local staging folder {model.parent})" if is_staging_dir(model.parent) else f"output_dir {model.parent}"
     guards = {  # folder name -> (its job's lock beside it, what the folder is, the kind of job that replaces it)
-        "merged": (LOCK_NAME, f"the merged model of output_dir {model.parent}", "merge"),
+        "merged": (LOCK_NAME, f"the merged model of {of}", "merge"),
         "model": (FAST_LOCK, f"the few-step model of the few-step folder {model.parent}", "few-step job"),
     }
     return guards.get(model.name)

@@ -106,7 +106,16 @@ def _uri_key(uri: str) -> str:
 def staging_dir(uri: str) -> Path:
     """The driver's local work folder for an `output_dir` URI (lock, stage students, the merged model
     before upload, evaluation outputs before upload)."""
-    return dmm_home() / "staging" / _uri_key(uri)
+    return _staging_root() / _uri_key(uri)
+
+
+def _staging_root() -> Path:
+    return dmm_home() / "staging"
+
+
+def is_staging_dir(folder: str | Path) -> bool:
+    """`folder` is an output_dir URI's staging folder (staging_dir), which is not itself the output_dir."""
+    return Path(folder).resolve().parent == _staging_root().resolve()
 
 
 def download_dir(uri: str) -> Path:

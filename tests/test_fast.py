@@ -1516,6 +1516,44 @@ def test_a_few_step_job_on_a_merge_into_a_uri_reads_the_synthesized_sets_where_t
     assert fast_job.synthesized_shards(ran[0], staged) == [f"{uri}/synthesized/style_0", f"{uri}/synthesized/style_1"]
 
 
+def test_a_few_step_job_refused_by_a_running_merge_into_a_uri_names_its_staging_folder_not_an_output_dir(merged_world, tmp_path, capsys, monkeypatch):
+    """Finding: jobs/fast.py --model <the staging folder's merged/> of a merge into an output_dir URI, while that merge
+    ran (its merge.lock in the staging folder), was refused as 'the merged model of output_dir <staging folder>': an
+    output_dir no config names (the merge's is the URI). It names the merge into an output_dir URI and its staging
+    folder now; a local output_dir is named as before."""
+    import shutil
+
+    from merge_fixtures import hold_in_another_process
+
+    from dmm_ray import output_lock
+    from dmm_ray.paths import staging_dir
+    from jobs import fast as job
+
+    world, merged = merged_world
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
+    staging = staging_dir(f"file://{tmp_path}/remote_out")
+    local = tmp_path / "out"
+    for folder in (staging, local):
+        shutil.copytree(merged, folder / "merged")
+    proc = hold_in_another_process(staging)  # the merge, in its staging folder
+    try:
+        assert job.main(["--model", str(staging / "merged"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"is the merged model of a merge into an output_dir URI (its local staging folder {staging}), whose merge.lock a running merge"
+        ) in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = hold_in_another_process(local)
+    try:
+        with pytest.raises(output_lock.OutputDirBusyError, match=f"is the merged model of output_dir {local}, whose merge.lock"):
+            output_lock.check_not_being_replaced(local / "merged")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("content", [None, "\n  \n"], ids=["missing", "empty"])
 @pytest.mark.parametrize(
     "samples", [["fast.synthetic_fraction=0.5", "fast.synthetic_source=merged"], ["fast.rollout_steps=2"]], ids=["merged", "rollout"]
