@@ -1516,6 +1516,33 @@ def test_a_few_step_job_on_a_merge_into_a_uri_reads_the_synthesized_sets_where_t
     assert fast_job.synthesized_shards(ran[0], staged) == [f"{uri}/synthesized/style_0", f"{uri}/synthesized/style_1"]
 
 
+def test_missing_synthesized_sets_of_the_configs_own_merge_are_not_told_to_be_set_to_themselves(merged_world, tmp_path):
+    """Finding: where the few-step stage looked in the config's own <output_dir>/synthesized (an output_dir URI's, its
+    default; a local merge's model beside them) and found no sets, the refusal advised 'set fast.synthesized to the
+    merge's <output_dir>/synthesized': the folder it had just looked in. It says that merge wrote none now; another
+    folder is refused with that advice as before."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import synthesized_shards
+
+    world, merged = merged_world
+    uri = f"file://{tmp_path}/remote_out"
+    for output_dir, synthesized, model in (
+        (uri, f"{uri}/synthesized", merged),
+        (str(tmp_path / "out"), None, tmp_path / "out" / "merged"),
+    ):
+        fast = {"synthetic_fraction": 0.5, "synthesized": synthesized}
+        cfg = MergeConfig.model_validate(tiny_merge_config(world, output_dir, fast=fast)).with_absolute_paths()
+        with pytest.raises(FileNotFoundError) as refused:
+            synthesized_shards(cfg, model)
+        assert f"no style_<i>/ folders: the merge into output_dir {output_dir} wrote none (a merge with" in str(refused.value), refused.value
+        assert "set fast.synthesized to the sets of the merge that made the model, or fast.synthetic_fraction=0" in str(refused.value)
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, uri, fast={"synthetic_fraction": 0.5, "synthesized": str(tmp_path / "x")}))
+    with pytest.raises(FileNotFoundError, match="no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized"):
+        synthesized_shards(cfg.with_absolute_paths(), merged)
+
+
 def test_a_few_step_job_refused_by_a_running_merge_into_a_uri_names_its_staging_folder_not_an_output_dir(merged_world, tmp_path, capsys, monkeypatch):
     """Finding: jobs/fast.py --model <the staging folder's merged/> of a merge into an output_dir URI, while that merge
     ran (its merge.lock in the staging folder), was refused as 'the merged model of output_dir <staging folder>': an

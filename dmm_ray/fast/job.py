@@ -292,10 +292,17 @@ def synthesized_shards(cfg: MergeConfig, model_dir: Path) -> list[str]:
     ours = [e.base_name for e in entries if e.type == pafs.FileType.Directory and re.fullmatch(r"style_\d+", e.base_name)]
     dirs = [str(fsu.location_join(folder, name)) for name in sorted(ours, key=lambda name: int(name.split("_")[-1]))]
     if not dirs:
+        writes = "a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them"
+        if _same_location(folder, fsu.location_join(cfg.output_dir, "synthesized")):
+            # the config's own merge's sets: "set fast.synthesized to the merge's <output_dir>/synthesized" named this folder
+            fix = (
+                f"the merge into output_dir {cfg.output_dir} wrote none ({writes}): set fast.synthesized to the sets of the merge that made the model"
+            )
+        else:
+            fix = f"set fast.synthesized to the merge's <output_dir>/synthesized ({writes})"
         raise FileNotFoundError(
             f"fast.synthetic_fraction={cfg.fast.synthetic_fraction} needs the merge's synthesized sets, but {folder} "
-            "has no style_<i>/ folders: set fast.synthesized to the merge's <output_dir>/synthesized "
-            "(a merge with data.synthetic_fraction > 0 or synthesis.finetune_steps > 0 writes them), or fast.synthetic_fraction=0"
+            f"has no style_<i>/ folders: {fix}, or fast.synthetic_fraction=0"
         )
     return dirs
 
