@@ -764,7 +764,8 @@ def evaluate_stage(cfg: MergeConfig, merged_path, teachers: list | None = None):
     from dmm_ray.evaluation.api import evaluate_merge
 
     log("stage evaluate")
-    return evaluate_merge(merged_path, all_teachers(cfg) if teachers is None else teachers, eval_cfg)
+    # (the merge holds its output_dir's lock: no other merge replaces the model it samples)
+    return evaluate_merge(merged_path, all_teachers(cfg) if teachers is None else teachers, eval_cfg, check_replaced=False)
 
 
 def run_merge(cfg: MergeConfig, tracker=None, restart: bool = False) -> MergeResult:

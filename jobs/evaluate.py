@@ -205,7 +205,15 @@ def main(argv=None) -> int:
         if model_path is not None:
             merged_style_names(model_path)  # a merged model (StyleUNet), not a plain diffusers folder: say so now
             student_sampler = few_step_sampler(model_path, cfg, args.overrides)
-        result = evaluate_merge(model_path, setup.teachers, cfg, print_table=False, model_name=args.model, student_sampler=student_sampler)
+        result = evaluate_merge(
+            model_path,
+            setup.teachers,
+            cfg,
+            print_table=False,
+            model_name=args.model,
+            student_sampler=student_sampler,
+            check_replaced=not merge_folder,
+        )
     if args.reference_only:
         print("M_ref (rows: teacher i seed set A, columns: teacher j seed set B):")
         for name, row in zip(result.style_names, result.ref_matrix):

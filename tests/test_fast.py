@@ -2288,7 +2288,7 @@ def test_a_few_step_run_hashes_its_saved_model_request_once(tmp_path, monkeypatc
     class Trained(Exception):  # the training itself is not this test's: stop where it would start
         pass
 
-    def train(cfg, model_dir, styles, out, inputs, result, tracking, saved_by):
+    def train(cfg, model_dir, styles, out, inputs, result, tracking, saved_by, merge_saved_model=False):
         raise Trained(saved_by)
 
     monkeypatch.setattr(fast_job, "_train_and_save", train)

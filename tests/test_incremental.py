@@ -410,7 +410,7 @@ def test_incremental_merge_end_to_end(ray_cluster, merged_world, tmp_path, monke
     from dmm_ray.merge import run_merge
 
     evaluated = []  # evaluation is a merge stage, over every style merged so far (the FID machinery has its own tests)
-    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append((path, [t.name for t in teachers])) or "fid")
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config, **kw: evaluated.append((path, [t.name for t in teachers])) or "fid")
 
     new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
     cfg = MergeConfig.model_validate(
@@ -457,7 +457,7 @@ def test_an_incremental_merge_into_its_own_output_evaluates_the_styles_it_saved(
         student.save_pretrained(run.student_dir)
 
     evaluated = []
-    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append([t.name for t in teachers]) or "fid")
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config, **kw: evaluated.append([t.name for t in teachers]) or "fid")
     monkeypatch.setattr(merge, "init_for_training", lambda address: False)
     monkeypatch.setattr(merge, "plan_cluster", lambda cfg: None)
     monkeypatch.setattr(merge, "with_plan", lambda cfg, plan: cfg)
@@ -793,7 +793,7 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_in_evalu
     cfg = cfg.with_absolute_paths()
     ran, evaluated, failing = [], [], {"evaluate", "track"}
 
-    def evaluate_merge(path, teachers, config):
+    def evaluate_merge(path, teachers, config, **kw):
         evaluated.append([t.name for t in teachers])
         if "evaluate" in failing:
             raise RuntimeError("the evaluation crashed")
@@ -907,7 +907,7 @@ def test_an_incremental_merge_into_its_own_output_resumes_after_a_crash_between_
     out, cfg = _adding_new0_into_its_own_output(merged_world, tmp_path)
     cfg = cfg.with_absolute_paths()
     ran, evaluated = [], []
-    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config: evaluated.append([t.name for t in teachers]))
+    monkeypatch.setattr(api, "evaluate_merge", lambda path, teachers, config, **kw: evaluated.append([t.name for t in teachers]))
     _stub_training(monkeypatch, ["new0"], ran)
     record_complete = merge.record_complete
     kill_between_save_and_record(monkeypatch)

@@ -294,9 +294,7 @@ def _copy_model(fs: pafs.FileSystem, src: str, dest: str, marker: str = MODEL_MA
     """Copy the folder `src` to `dest` inside `fs`, `marker` last: server-side where the store can
     (S3 CopyObject, GCS rewrite: no data through this machine), streamed through it for a file over
     SERVER_COPY_LIMIT where the store's copy has that limit (`_server_copy_limited`)."""
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
-    # some filesystems (fsspec's) list "/bucket/x" for "bucket/x": relative paths without the leading "/"
-    files = [(posixpath.relpath(i.path.lstrip("/"), src.strip("/") or "."), i.size) for i in infos]
+    files = [(rel, size) for rel, (_, size, _) in _listing(fs, src).items()]
     files.sort(key=lambda f: (posixpath.basename(f[0]) == marker, f[0]))
     made, limited = set(), _server_copy_limited(fs)
     for rel, size in files:

@@ -25,6 +25,7 @@ def evaluate_merge(
     print_table: bool = True,
     model_name: str | None = None,
     student_sampler: tuple[int, float] | None = None,
+    check_replaced: bool = True,
 ) -> EvalResult:
     """FID matrix M and M_ref of a merged model folder against its teachers (TeacherSpecs).
 
@@ -33,7 +34,9 @@ def evaluate_merge(
     `student_path=None` evaluates only the teacher reference M_ref. `model_name`: the model as the
     provenance names it, where `student_path` is a temporary copy (a models:/ URI's download).
     `student_sampler`: (steps, guidance) the student samples with instead of `eval_config.sampler`'s
-    (a few-step model's own: jobs/evaluate.py); the teachers keep `eval_config.sampler`.
+    (a few-step model's own: jobs/evaluate.py); the teachers keep `eval_config.sampler`. `check_replaced`: compare the
+    model's UNet after the sampling with the one before it (check_still_sampled); off where the caller holds the
+    model's merge.lock (the merge's own evaluate stage, jobs/evaluate.py into a merge's folder): none can replace it.
     """
     dtype = eval_config.dtype
     student = student_source(student_path, dtype) if student_path is not None else None
@@ -45,7 +48,8 @@ def evaluate_merge(
     made_by = sources_provenance(student_path, model_name, teacher_specs) if student is not None else None
     result = evaluate_sources(student, teachers, eval_config, extractor or default_extractor(eval_config))
     if student is not None:
-        check_still_sampled(student_path, made_by)
+        if check_replaced:
+            check_still_sampled(student_path, made_by)
         result.provenance.update(made_by)
         result.files = write_outputs(result, output_dir or eval_config.output_dir)
         if print_table:

@@ -699,17 +699,25 @@ def check_before_run(cfg: MergeConfig, model_dir: str | Path, evaluate: bool = T
     return lines + _found_done(cfg, model_dir, out, inputs, evaluate)
 
 
+def _finished_here(cfg: MergeConfig, asked: dict, out: Path) -> dict | None:
+    """The completion record in `out` of a few-step run that finished with `asked` (its model still there), compared
+    as fingerprint.same_request does (earlier checksum rules, the planned cpus_per_worker of older records); None
+    otherwise. One home for _run_fast and the dry runs (_found_done), which must agree."""
+    from dmm_ray import fingerprint
+    from dmm_ray.completion import finished
+
+    return finished(
+        out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, now: fingerprint.same_request(recorded, now, cfg)
+    )
+
+
 def _found_done(cfg: MergeConfig, model_dir: Path, out: Path, inputs: dict, evaluate: bool) -> list[str]:
     """The line _run_fast logs about its folder `out` before it would train (after any state it discards): this
     request finished there (nothing to do), or its model saved there (saved_by_this_training: only the evaluation
     and registration run); [] when it trains. For the dry runs (both jobs'), which print what the run then does."""
-    from dmm_ray import fingerprint
-    from dmm_ray.completion import finished
 
     asked = _fast_request(cfg, model_dir, inputs, evaluate)
-    done = finished(
-        out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
-    )
+    done = _finished_here(cfg, asked, out)
     if done is not None:
         return [_complete_line(out, done)]
     return [_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else []
@@ -757,7 +765,7 @@ def _run_fast(
     import ray
 
     from dmm_ray import fingerprint
-    from dmm_ray.completion import finished, forget, record_finished
+    from dmm_ray.completion import forget, record_finished
 
     # a save killed between its two renames (merged_model.swap_in) left the last good few-step model only as
     # model.old: put it back first, as the merge does for merged/ (recover_merged), whatever this run does next
@@ -781,9 +789,7 @@ def _run_fast(
         )
     fingerprint.check_fast_resume(cfg, model_dir, out, inputs)  # before anything slow
     asked = _fast_request(requested or cfg, model_dir, inputs, evaluate)
-    done = finished(
-        out, COMPLETE_RECORD, asked, [out / "model" / "model_index.json"], same=lambda recorded, asked: fingerprint.same_request(recorded, asked, cfg)
-    )
+    done = _finished_here(cfg, asked, out)
     if done is not None:  # the same job submitted again: no second save, evaluation or model version
         log(_complete_line(out, done))
         return FastResult(model_path=out / "model", model_uri=done.get("model_uri"), already_complete=True)
@@ -827,7 +833,7 @@ def _run_fast(
             if saved:  # the steps it was trained for, from its fast.json (its curves stay in the run that trained it)
                 steps = json.loads((result.model_path / FAST_RECORD).read_text()).get("steps", 0)
             else:
-                steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_by)
+                steps = _train_and_save(cfg, model_dir, styles, out, inputs, result, tracking, saved_by, merge_saved_model)
             if evaluate and f.eval_steps:
                 # the teachers of the merged model it was saved from, as its own dmm_merge.json keeps them: model_dir may
                 # hold another model by now (a merge that saved there after this job's save)
@@ -876,11 +882,21 @@ def _run_fast(
 
 
 def _train_and_save(
-    cfg: MergeConfig, model_dir: Path, styles: list[str], out: Path, inputs: dict, result: FastResult, tracking: dict | None, saved_by: str
+    cfg: MergeConfig,
+    model_dir: Path,
+    styles: list[str],
+    out: Path,
+    inputs: dict,
+    result: FastResult,
+    tracking: dict | None,
+    saved_by: str,
+    merge_saved_model: bool = False,
 ) -> int:
     """_run_fast's training (on the Ray it started) and the save of its model into `result.model_path`, recording
     `saved_by` (saved_model_request of the run) and the training state's id (saved_by_this_training reads them);
-    `result` gets the training's metrics and time. Returns the steps trained."""
+    `result` gets the training's metrics and time. Returns the steps trained. `merge_saved_model`: the stage of the
+    merge that saved `model_dir` and holds its output_dir's lock meanwhile, so no other merge replaced it: the save
+    does not hash the merged UNet again to compare (check_trained_from)."""
     from dmm_ray import fingerprint
     from dmm_ray.data.stream import build_latent_dataset
     from dmm_ray.distill.trainer import fit_stage
@@ -906,7 +922,7 @@ def _train_and_save(
             tracking=tracking,
             saved_by=saved_by,
             trained_by=fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN),
-            trained_from=inputs["model.unet.checksum"],
+            trained_from=None if merge_saved_model else inputs["model.unet.checksum"],
         )
     log(f"few-step model saved: {result.model_path} ({f.sampler.upper()} sampler, {f.num_inference_steps} steps, guidance {f.guidance_scale})")
     return int(trained.metrics.get("step", 0))
