@@ -106,6 +106,22 @@ def refuse_models_being_replaced(parser, args, *names: str) -> None:
             parser.error(str(error))
 
 
+def refuse_uris(parser, args, **what: str) -> None:
+    """Options (dests) that must name a local folder or file (`what`: "folder" or "path", as data.fs.require_local
+    says it): a URI given to one is a usage error (exit 2) naming it, before any work. Path("s3://b/x") is the local
+    s3:/b/x, so such a job wrote into a folder named `s3:` in the current one. Unset options and `none` are skipped."""
+    from dmm_ray.data.fs import require_local
+
+    for name, kind in what.items():
+        value = getattr(args, name, None)
+        if value is None or str(value).lower() == "none":
+            continue
+        try:
+            require_local(f"--{name.replace('_', '-')}", value, what=kind)
+        except ValueError as error:
+            parser.error(str(error))
+
+
 def given_options(parser, args, *names: str) -> list[str]:
     """The options among `names` (dests) that the command line set to other than their defaults, as
     written (`--registered-name`): for refusing options that only apply with another one."""

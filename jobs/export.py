@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, refuse_empty, refuse_uris, set_verbosity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +117,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "style", "weights", "out", "config_dir", "run_id", "tracking_uri")
     expand_path_args(args, "model", "out", "config_dir")
-    from dmm_ray.data.fs import require_local
-
-    try:  # Path("s3://b/x.safetensors") is the local s3:/b/x.safetensors: a URI was written to a local folder named `s3:`
-        for option, value in (("--out", args.out), ("--config-dir", args.config_dir)):
-            if value is not None and value.lower() != "none":
-                require_local(option, value, what="path" if option == "--out" else "folder")
-    except ValueError as error:
-        parser.error(str(error))
+    refuse_uris(parser, args, out="path", config_dir="folder")
     args.format = args.format or ("single_file" if Path(args.out).suffix.lower() == ".safetensors" else "diffusers")
     if args.format == "diffusers" and (args.config_dir or "none").lower() != "none":
         parser.error(

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, refuse_uris, set_verbosity
 from dmm_ray.overrides import add_set_argument
 
 
@@ -108,14 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "teachers", "group", "weighted_merge", "sweep", "config", "section", "out", "tracking_uri")
     expand_path_args(args, "model", "teachers", "config", "out", "weighted_merge")
-    from dmm_ray.data.fs import require_local
-
-    try:  # local folders: Path("s3://b/x") is the local s3:/b/x, a folder named `s3:` in the current one
-        for option, value in (("--out", args.out), ("--weighted-merge", args.weighted_merge)):
-            if value is not None:
-                require_local(option, value)
-    except ValueError as error:
-        parser.error(str(error))
+    refuse_uris(parser, args, out="folder", weighted_merge="folder")
     set_verbosity(args.verbose)
     if args.section and not args.config:
         parser.error("--section names a key of --config; give --config too")

@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -674,6 +675,28 @@ def test_each_increments_mlflow_run_names_what_it_adds(merged_world, tmp_path, m
     assert [r.data.tags["dmm.stage"] for r in runs] == ["incremental", "incremental"]
 
 
+def _on_another_folders_model(merged_world, tmp_path, monkeypatch):
+    """An incremental merge into tmp_path/later of the style new0 on a copy of the world's merged model in another
+    output folder (tmp_path/first/merged), training stubbed: (previous model, output_dir, config, stages run)."""
+    import shutil
+
+    previous = shutil.copytree(merged_world["merged"], tmp_path / "first" / "merged")
+    out = tmp_path / "later"
+    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
+    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
+    ran = []
+    _stub_training(monkeypatch, ["new0"], ran)
+    return previous, out, cfg, ran
+
+
+def _remake_in_place(folder: Path) -> None:
+    """Other weights at the same path (a model re-made in place): the last byte of its first safetensors file flipped."""
+    weights_file = next(Path(folder).glob("*.safetensors"))
+    weights = bytearray(weights_file.read_bytes())
+    weights[-1] ^= 0xFF
+    weights_file.write_bytes(bytes(weights))
+
+
 def test_a_finished_incremental_merge_whose_previous_model_was_re_merged_in_place_is_not_complete(merged_world, tmp_path, monkeypatch, capsys):
     """The completion record compared the config alone, which names the previous model (incremental.base_merged)
     by its path: that model re-merged in place since (other settings, --restart) left the re-run "already
@@ -686,21 +709,13 @@ def test_a_finished_incremental_merge_whose_previous_model_was_re_merged_in_plac
     from dmm_ray import merge
     from dmm_ray.fingerprint import StaleStateError
 
-    previous = shutil.copytree(merged_world["merged"], tmp_path / "first" / "merged")
-    out = tmp_path / "later"
-    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
-    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
-    ran = []
-    _stub_training(monkeypatch, ["new0"], ran)
+    previous, out, cfg, ran = _on_another_folders_model(merged_world, tmp_path, monkeypatch)
     merge.run_merge(cfg)
     assert ran[:2] == ["distill", "save"]
     ran.clear()
     assert merge.run_merge(cfg).already_complete and ran == []  # the same previous model: nothing to do
 
-    unet = next((previous / "unet").glob("*.safetensors"))
-    weights = bytearray(unet.read_bytes())
-    weights[-1] ^= 0xFF  # the previous model re-merged in place: other weights at the same path
-    unet.write_bytes(bytes(weights))
+    _remake_in_place(previous / "unet")  # the previous model re-merged in place: other weights at the same path
     with pytest.raises(StaleStateError, match="incremental.base_merged.checksum"):  # its stages' state: refused, as before
         merge.run_merge(cfg)
     shutil.rmtree(out / "ray_results")  # the finished merge's checkpoints deleted: only its completion record is left
@@ -734,10 +749,7 @@ def test_a_finished_incremental_merge_into_its_own_output_whose_teacher_was_re_m
     _stub_training(monkeypatch, ["new0"], ran)
     merge.run_merge(cfg)
     assert ran[:2] == ["distill", "save"] and merge.run_merge(cfg).already_complete
-    unet = next((tmp_path / "new0" / "unet").glob("*.safetensors"))
-    weights = bytearray(unet.read_bytes())
-    weights[-1] ^= 0xFF  # the teacher re-made in place: other weights at the same path
-    unet.write_bytes(bytes(weights))
+    _remake_in_place(tmp_path / "new0" / "unet")  # the teacher re-made in place: other weights at the same path
     shutil.rmtree(out / "ray_results")
     with pytest.raises(TeacherError, match=re.escape(f"from other inputs: teacher 'new0' ({tmp_path / 'new0'}) has changed since")):
         merge.run_merge(cfg)  # was "already complete"
@@ -753,20 +765,12 @@ def test_an_incremental_merge_whose_previous_model_is_re_merged_while_it_runs_re
 
     from dmm_ray import merge
 
-    previous = shutil.copytree(merged_world["merged"], tmp_path / "first" / "merged")
-    out = tmp_path / "later"
-    new = [t for t in merged_world["teachers"] if t["name"] == "new0"]
-    cfg = MergeConfig.model_validate(tiny_merge_config(merged_world, out, teachers=new, incremental={"base_merged": str(previous)}))
-    ran = []
-    _stub_training(monkeypatch, ["new0"], ran)
+    previous, out, cfg, ran = _on_another_folders_model(merged_world, tmp_path, monkeypatch)
     distill = merge.STAGES[0].run
 
     def distill_then_re_merged_there(run):  # grown from the previous model, then another merge saves over it
         distill(run)
-        unet = next((previous / "unet").glob("*.safetensors"))
-        weights = bytearray(unet.read_bytes())
-        weights[-1] ^= 0xFF
-        unet.write_bytes(bytes(weights))
+        _remake_in_place(previous / "unet")
 
     monkeypatch.setattr(merge, "STAGES", (merge.Stage("distill", distill_then_re_merged_there), *merge.STAGES[1:]))
     merge.run_merge(cfg)
