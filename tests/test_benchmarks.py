@@ -136,8 +136,13 @@ def _fake_curve_runs(monkeypatch, tmp_path, fail_evaluation: bool = False) -> tu
     tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(tiny_merge_config(world, tmp_path / "unused") | {"tracking": {"enabled": False}}))
     runs = []
+    real_run = subprocess.run
 
-    def run(cmd, cwd=None, stdout=None, stderr=None, **kwargs):
+    def run(cmd, *args, stdout=None, **kwargs):
+        if not (isinstance(cmd, list) and len(cmd) > 1 and str(cmd[1]).endswith(("merge.py", "evaluate.py"))):
+            # not a job: e.g. matplotlib's first import runs `fc-list` (through subprocess.run) to build its font
+            # cache, and got a fake result with no output (a TypeError) on a machine without that cache yet
+            return real_run(cmd, *args, stdout=stdout, **kwargs)
         runs.append(cmd)
         if cmd[1].endswith("merge.py"):
             cfg = load_config(cmd[3], cmd[5::2])

@@ -605,7 +605,8 @@ def test_from_official_loads_an_sdxl_folder_as_dmmxlpipeline(tmp_path):
     loaded = DMMXLPipeline.from_official(tmp_path, local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.unet, StyleUNet) and loaded.styles == STYLES
-    torch.testing.assert_close(_gen(loaded, ["a red circle"], style="neon"), _gen(xl, ["a red circle"], style="neon"), rtol=0, atol=1e-6)
+    # 1e-5: the loaded model's sums come out up to 1.7e-6 apart on an AMD EPYC
+    torch.testing.assert_close(_gen(loaded, ["a red circle"], style="neon"), _gen(xl, ["a red circle"], style="neon"), rtol=0, atol=1e-5)
 
 
 def test_from_official_loads_the_unet_in_the_asked_dtype(tiny_components, tmp_path):
