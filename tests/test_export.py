@@ -798,7 +798,9 @@ def test_run_id_of_another_run_is_where_the_export_is_logged_not_its_merge_run(m
 
     uri, merge_run = mlflow_store(tmp_path / "store")
     client = MlflowClient(uri)
-    other = client.create_run(client.create_experiment("another-project"), run_name="unrelated").info.run_id
+    other = client.create_run(
+        client.create_experiment("another-project", artifact_location=str(tmp_path / "other-artifacts")), run_name="unrelated"
+    ).info.run_id
     recorded = shutil.copytree(merged_dir, tmp_path / "recorded")
     record = json.loads((recorded / "dmm_merge.json").read_text())
     (recorded / "dmm_merge.json").write_text(json.dumps({**record, "mlflow": {"run_id": merge_run, "tracking_uri": uri}}))
