@@ -351,6 +351,29 @@ def test_the_few_step_dry_run_reads_the_merged_unet_once(world, tmp_path, monkey
     assert len(calls) == 1  # was 2
 
 
+def test_the_few_step_job_finds_the_merges_own_few_step_stage_finished(world, tmp_path):
+    """`jobs/fast.py --model OUT/merged --config C` after the merge with config C ran its own few-step stage
+    (`fast.enabled`): the stage recorded fast.output_dir filled in (<output_dir>/fast) and fast.enabled, the job asks
+    them unset (the same folder; the job runs whatever fast.enabled says), so the job trained, saved and registered
+    the same few-step model again. Now finished; another setting still is not."""
+    from dmm_ray.completion import record_finished
+    from dmm_ray.fast import job as fast_job
+    from dmm_ray.merge import fast_stage_config
+
+    model = Path(world["base"]).resolve()  # any folder with a unet/ stands for the merged model
+    asked = _cfg(world, tmp_path / "run")  # jobs/fast.py: fast.output_dir and fast.enabled unset
+    stage = fast_stage_config(_cfg(world, tmp_path / "run", fast={"enabled": True}), tmp_path / "run")  # the merge's stage
+    out = fast_job.fast_dir(asked)
+    assert fast_job.fast_dir(stage) == out and (stage.fast.output_dir, stage.fast.enabled) != (asked.fast.output_dir, asked.fast.enabled)
+    inputs = fingerprint.fast_inputs(stage, model)
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "model_index.json").write_text("{}")
+    record_finished(out, fast_job.COMPLETE_RECORD, fast_job._fast_request(stage, model, inputs, True))
+    assert "already complete" in fast_job.check_before_run(asked, model)[-1]  # the run's own check (_finished_here)
+    other = asked.model_copy(update={"fast": asked.fast.model_copy(update={"steps": asked.fast.steps + 1})})
+    assert not any("already complete" in line for line in fast_job.check_before_run(other, model))
+
+
 def test_a_record_made_before_an_input_was_recorded_still_resumes(world, tmp_path):
     """Inputs fingerprinted since a later version (_ADDED_LATER): a record without them (an output_dir of an
     older dmm-ray) resumes as before; once recorded, they are compared."""
