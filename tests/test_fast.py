@@ -439,6 +439,28 @@ def merged_world(tmp_path_factory):
     return world, merged
 
 
+def test_the_few_step_workers_load_the_merged_model_under_a_reader_marker(merged_world, tmp_path, monkeypatch):
+    """The stage's Ray workers read the merged UNet (two or three times), its text encoder and scheduler with no
+    reader marker (output_lock.reading), so a merge saving into that output_dir could swap the folder between two of
+    those reads: a worker then trained on one model's UNet with another's text encoder. load_models holds one
+    marker while it loads (a save waits for it) and none after."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.distill import conditioning
+    from dmm_ray.fast.loop import load_models
+
+    world, merged = merged_world
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"mode": "full"}))
+    markers = lambda: sorted(p.name for p in merged.parent.glob(".merged.reading-*"))  # noqa: E731
+    seen, real = [], conditioning.load_base_conditioner
+    monkeypatch.setattr(conditioning, "load_base_conditioner", lambda *a, **k: seen.append(markers()) or real(*a, **k))
+    teacher, student, params, target, conditioner, scheduler = load_models(merged, cfg.fast, torch.device("cpu"))
+    assert len(seen) == 1 and len(seen[0]) == 1, seen  # this process's marker while the text encoder loads
+    assert markers() == []  # none once loaded
+    assert teacher.num_styles == 2 and target is not None and params and scheduler is not None
+
+
 @pytest.fixture(scope="module")
 def fast_model(merged_world, tmp_path_factory):
     """A few-step model saved by `save_fast_model` from a LoRA checkpoint with non-zero weights (no Ray),

@@ -88,19 +88,39 @@ def synthesized_rows(shard, num_styles: int, seed: int) -> dict:
     return {k: v[order] for k, v in pooled.items()}
 
 
+def load_models(model_dir: Path, f, device) -> tuple:
+    """(teacher, student, its trainable parameters, target or None, conditioner, scheduler), all read from the merged
+    model folder `model_dir` under a reader marker (output_lock.reading), as load_dmm_pipeline reads one: a merge
+    saving into that output_dir meanwhile waits for this load, so a worker never pairs one model's UNet with another's
+    text encoder (a Ray Train restart loads again)."""
+    from diffusers import DDPMScheduler
+
+    from dmm_ray.distill.conditioning import load_base_conditioner
+    from dmm_ray.models.style_unet import StyleUNet
+    from dmm_ray.output_lock import reading
+
+    with reading(model_dir, job="few-step worker"):
+        teacher = StyleUNet.from_pretrained(model_dir / "unet").requires_grad_(False).eval().to(device)
+        student, params = build_student(model_dir, f)
+        student.to(device).train()
+        target = None
+        if f.mode == "full":  # the LCM target network: an EMA of the student
+            target = StyleUNet.from_pretrained(model_dir / "unet").requires_grad_(False).eval().to(device)
+        conditioner = load_base_conditioner(model_dir, device)  # the merged model's own text encoder, frozen
+        scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    return teacher, student, params, target, conditioner, scheduler
+
+
 def train_fast_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from diffusers import DDPMScheduler
 
     from dmm_ray._quiet import no_loading_bars
     from dmm_ray.config import MergeConfig
     from dmm_ray.data.stream import iter_noised_batches, load_tokenizer, tokenize
     from dmm_ray.distill.checkpointing import resume_checkpoint
-    from dmm_ray.distill.conditioning import load_base_conditioner
     from dmm_ray.distill.streams import EpochStream, cached_stream, join_batches
     from dmm_ray.fast.lcm import ConsistencyObjective, LCMSettings, update_ema
-    from dmm_ray.models.style_unet import StyleUNet
     from dmm_ray.tracking import worker_metric_logger
 
     no_loading_bars()
@@ -114,15 +134,8 @@ def train_fast_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, min(round(cpus), os.cpu_count() or 1)))
     torch.manual_seed(f.seed)  # identical LoRA init on every rank
 
-    teacher = StyleUNet.from_pretrained(model_dir / "unet").requires_grad_(False).eval().to(device)
+    teacher, student, params, target, conditioner, scheduler = load_models(model_dir, f, device)
     num_styles = teacher.num_styles
-    student, params = build_student(model_dir, f)
-    student.to(device).train()
-    target = None
-    if f.mode == "full":  # the LCM target network: an EMA of the student
-        target = StyleUNet.from_pretrained(model_dir / "unet").requires_grad_(False).eval().to(device)
-    conditioner = load_base_conditioner(model_dir, device)  # the merged model's own text encoder, frozen
-    scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
     opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay)
     from diffusers.optimization import get_scheduler
 
