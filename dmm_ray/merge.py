@@ -795,8 +795,15 @@ def _run_merge(cfg: MergeConfig, tracker, restart: bool) -> MergeResult:
             "and the merged model and evaluation are uploaded when saved. The merge lock is taken in the staging folder: "
             "it guards this machine only, so run one merge per output_dir URI"
         )
-    with output_lock.hold(out, warn=log):
+    with output_lock.hold(out, warn=log, **merge_lock_names(out, remote)):
         return _merge(cfg, out, tracker, restart, started, encode_plan=encode_plan)
+
+
+def merge_lock_names(local: Path, remote: str | None) -> dict:
+    """How the merge's lock (in `local`, output_location's first part) names what it guards, for output_lock's hold /
+    check: an output_dir URI (`remote`) by that URI, its lock being in the local staging folder. The refusal of a second
+    merge into the same URI named the staging folder as its output_dir, a folder no config of the user's names."""
+    return {"what": f"output_dir {remote} (its local staging folder {local})"} if remote else {}
 
 
 def fast_stage_runs(cfg: MergeConfig, local: Path, restart: bool = False) -> bool:
@@ -835,7 +842,7 @@ def put_back_parked_base(cfg: MergeConfig, out: Path) -> None:
         return
     from dmm_ray import output_lock
 
-    with output_lock.hold(out, warn=log):
+    with output_lock.hold(out, warn=log, **merge_lock_names(out, output_location(cfg)[1])):
         recover_merged(merged)
 
 
@@ -915,7 +922,8 @@ def _check_before_run(cfg: MergeConfig, restart: bool) -> list[str]:
     cfg = cfg.with_absolute_paths()  # as run_merge records and compares the merge it completes
     local, remote = output_location(cfg)
     fast_runs = fast_stage_runs(cfg, local, restart)
-    lines = [line for line in [output_lock.check(local)] if line] + check_fast_lock(cfg, local, restart, runs=fast_runs)
+    lines = [line for line in [output_lock.check(local, **merge_lock_names(local, remote))] if line]
+    lines += check_fast_lock(cfg, local, restart, runs=fast_runs)
     # what a killed save left, which the run puts back (or removes) before anything else: _merge's recover_merged
     # first, its few-step stage's run_fast at the stage's start. Said, not done (the dry run changes nothing)
     lines += recover(local / "merged", dry_run=True)

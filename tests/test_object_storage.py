@@ -435,6 +435,18 @@ def test_uri_strings_never_become_a_local_folder_named_s3(tmp_path, monkeypatch)
     )
     merge.run_merge(cfg)  # up to the point where Ray would start: lock + staging folder
     assert seen == {"out": paths.staging_dir(uri), "remote": uri} and seen["out"].is_dir()
+    # a second merge into the URI while one runs: refused naming the URI (it named the staging folder its output_dir)
+    from merge_fixtures import hold_in_another_process
+
+    from dmm_ray.output_lock import OutputDirBusyError
+
+    first = hold_in_another_process(paths.staging_dir(uri))
+    try:
+        for attempt in (lambda: merge.run_merge(cfg), lambda: merge.check_before_run(cfg)):  # the run, and --dry-run
+            with pytest.raises(OutputDirBusyError, match=f"^output_dir {uri} \\(its local staging folder {paths.staging_dir(uri)}\\) is in use by"):
+                attempt()
+    finally:
+        first.kill()
     assert not list(tmp_path.rglob("s3:")), "a local folder named s3: was created"
 
     # a URI that lost a slash is refused, naming the setting, before anything is created
