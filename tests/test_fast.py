@@ -351,6 +351,16 @@ def test_a_merged_model_given_as_a_uri_is_refused_naming_the_local_copy(tmp_path
             job.main(["--model", uri, "--dry-run"])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and f"--model {uri!r} is a URI, but --model must be a local folder" in err and hint in err, err
+    # the Python API (run_fast, check_model_folder) too: it said "--model s3:/bucket/...: no such folder"
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast.job import FastError, check_model_folder, run_fast
+
+    for call in (
+        lambda: check_model_folder("s3://bucket/merges/toy/merged"),
+        lambda: run_fast(MergeConfig.model_construct(), "s3://bucket/merges/toy/merged"),
+    ):
+        with pytest.raises(FastError, match="is a URI, but --model must be a local folder.*download the merged model first"):
+            call()
 
 
 def test_the_few_step_folder_of_a_uri_output_dir_is_its_staging_folders(tmp_path, monkeypatch):

@@ -50,13 +50,24 @@ class FastError(ValueError):
     """A bad few-step setup (model folder, mode, data), said before Ray starts."""
 
 
+def local_model(model_dir: str | Path) -> Path:
+    """`model_dir` as a local Path, or a FastError for a URI: the stage reads a local merged model folder. As a Path a
+    URI was `s3:/bucket/...` under the current folder, and the Python API (run_fast) said "no such folder"."""
+    from dmm_ray.data.fs import require_local
+
+    try:
+        return require_local("--model", model_dir)
+    except ValueError as error:
+        raise FastError(f"{error}; download the merged model first (or give the merged folder of a local output_dir)") from None
+
+
 def check_model_folder(model_dir: str | Path, fast=None) -> list[str]:
     """The merged model's style names, or a FastError that says what is wrong with the folder, or, with
     `fast` (a FastConfig), with the fast.* settings that depend on the model: its schedule (the solver
     grid and sub-steps) and its UNet's layers (fast.lora_targets)."""
     from dmm_ray.models.style_unet import merged_style_names
 
-    folder = Path(model_dir)
+    folder = local_model(model_dir)
     if not folder.is_dir():
         raise FastError(f"--model {folder}: no such folder (give a merged model folder, e.g. $DMM_HOME/outputs/dmm-toy/merged)")
     for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder", "tokenizer", "vae"):
@@ -602,7 +613,7 @@ def run_fast(
     from dmm_ray import output_lock
 
     started = time.time()
-    model_dir = Path(model_dir).resolve()
+    model_dir = local_model(model_dir).resolve()
     styles, _, encode_plan = check_before_ray(cfg, model_dir)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
