@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, refuse_empty, refuse_uris, set_verbosity
 from dmm_ray.overrides import add_set_argument, literal_override
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "config", "output_dir")
+    refuse_uris(parser, args, output_dir="folder")  # fast.output_dir's own check, naming the flag the user gave
     set_verbosity(args.verbose)
     from dmm_ray.paths import expand
 
@@ -93,10 +94,6 @@ def main(argv=None) -> int:
     check_model_folder(args.model)  # before anything slow
     cfg = load_config(config, args.overrides)  # the user's --set alone first: a bad one is refused naming its own key
     if args.output_dir:  # (applied with them, `--set fast=lora` was blamed on --output-dir's fast.output_dir)
-        try:
-            require_local("--output-dir", args.output_dir)  # fast.output_dir's own check, naming the flag the user gave
-        except ValueError as error:
-            parser.error(str(error))
         # as given: load_config resolves it as every path (dmm_ray.paths.resolve: `~` and $DMM_HOME expanded, then
         # against the current directory); Path.resolve() made `--output-dir=~/x` a folder named `~` in it
         cfg = load_config(config, [*args.overrides, literal_override("fast.output_dir", args.output_dir)])
