@@ -339,6 +339,16 @@ def test_local_copy_and_fetched_for_file_uris_and_plain_paths(tmp_path, monkeypa
     assert not folder.exists()  # a fetched URI's temporary copy is gone after use
     with pytest.raises(FileNotFoundError):
         fsu.local_copy((tmp_path / "nothing").as_uri())
+    # a fetch that fails (nothing there; a model refused half-way) leaves no temporary folder: it left one per failure
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for uri, model in (((tmp_path / "nothing").as_uri(), False), ((tmp_path / "store").as_uri(), True)):  # store: no model_index.json
+        with pytest.raises((FileNotFoundError, ValueError)):
+            with fsu.fetched(uri, model=model):
+                pass
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 SECOND_DOWNLOAD = """

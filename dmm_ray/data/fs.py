@@ -432,7 +432,11 @@ class fetched:
         import tempfile
 
         self._tmp = tempfile.mkdtemp(prefix="dmm-fetch-")
-        return local_copy(self.location, Path(self._tmp) / "folder", model=self.model)
+        try:
+            return local_copy(self.location, Path(self._tmp) / "folder", model=self.model)
+        except BaseException:  # __exit__ runs only after __enter__ returned: a refused or failed download left its folder
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:
