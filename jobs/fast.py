@@ -27,19 +27,6 @@ from dmm_ray.overrides import add_set_argument, literal_override
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_fast.yaml"
 
 
-def _local_model_hint(uri: str) -> str:
-    """Where a merged model given as a URI is found locally: a merge into an output_dir URI keeps its model in
-    the driver's staging folder (dmm_ray.paths.staging_dir) beside the upload, the folder to give here."""
-    from dmm_ray.paths import staging_dir
-
-    uri = uri.rstrip("/")
-    if uri.endswith("/merged"):
-        staged = staging_dir(uri[: -len("/merged")]) / "merged"
-        if (staged / "model_index.json").is_file():
-            return f"the merge that uploaded it keeps its local copy in {staged}: give that folder"
-    return "the few-step job reads a local merged model folder: download it first (or give the merged folder of a local output_dir)"
-
-
 @cli_main(interrupted="the training state stays in the output folder; re-run the same command to resume")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,13 +67,12 @@ def main(argv=None) -> int:
     config = expand(args.config) if args.config else str(DEFAULT_CONFIG)
 
     from dmm_ray.config import load_config
-    from dmm_ray.data.fs import require_local
+    from dmm_ray.fast.job import FastError, check_model_folder, local_model, run_fast
 
     try:  # a URI was read as the local Path `s3:/bucket/x/merged`: "no such folder", for a model that is there
-        require_local("--model", args.model)
-    except ValueError as error:
-        parser.error(f"{error}; {_local_model_hint(args.model)}")
-    from dmm_ray.fast.job import check_model_folder, run_fast
+        local_model(args.model)  # (its error names the merge's local copy where this machine has one)
+    except FastError as error:
+        parser.error(str(error))
     from dmm_ray.merged_model import read_record
     from dmm_ray.output_lock import check_not_being_replaced
 

@@ -351,16 +351,19 @@ def test_a_merged_model_given_as_a_uri_is_refused_naming_the_local_copy(tmp_path
             job.main(["--model", uri, "--dry-run"])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and f"--model {uri!r} is a URI, but --model must be a local folder" in err and hint in err, err
-    # the Python API (run_fast, check_model_folder) too: it said "--model s3:/bucket/...: no such folder"
+    # the Python API (run_fast, check_model_folder) too: it said "--model s3:/bucket/...: no such folder", then
+    # "download the merged model first" also where the merge's local copy is here (jobs/fast.py named it)
     from dmm_ray.config import MergeConfig
     from dmm_ray.fast.job import FastError, check_model_folder, run_fast
 
-    for call in (
-        lambda: check_model_folder("s3://bucket/merges/toy/merged"),
-        lambda: run_fast(MergeConfig.model_construct(), "s3://bucket/merges/toy/merged"),
+    for uri, hint in (
+        ("s3://bucket/merges/toy/merged", f"keeps its local copy in {staged}"),
+        ("s3://bucket/merges/other/merged", "download it first"),
     ):
-        with pytest.raises(FastError, match="is a URI, but --model must be a local folder.*download the merged model first"):
-            call()
+        for call in (lambda: check_model_folder(uri), lambda: run_fast(MergeConfig.model_construct(), uri)):
+            with pytest.raises(FastError, match="is a URI, but --model must be a local folder") as refused:
+                call()
+            assert hint in str(refused.value), refused.value
 
 
 def test_the_few_step_folder_of_a_uri_output_dir_is_its_staging_folders(tmp_path, monkeypatch):

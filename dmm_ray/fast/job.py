@@ -52,13 +52,27 @@ class FastError(ValueError):
 
 def local_model(model_dir: str | Path) -> Path:
     """`model_dir` as a local Path, or a FastError for a URI: the stage reads a local merged model folder. As a Path a
-    URI was `s3:/bucket/...` under the current folder, and the Python API (run_fast) said "no such folder"."""
+    URI was `s3:/bucket/...` under the current folder, and the Python API (run_fast) said "no such folder". The error
+    says where the model is found locally (jobs/fast.py --model says the same, exit 2)."""
     from dmm_ray.data.fs import require_local
 
     try:
         return require_local("--model", model_dir)
     except ValueError as error:
-        raise FastError(f"{error}; download the merged model first (or give the merged folder of a local output_dir)") from None
+        raise FastError(f"{error}; {_local_copy(str(model_dir))}") from None
+
+
+def _local_copy(uri: str) -> str:
+    """Where a merged model given as a URI is found locally: a merge into an output_dir URI keeps its model in
+    the driver's staging folder (dmm_ray.paths.staging_dir) beside the upload, the folder to give here."""
+    from dmm_ray.paths import staging_dir
+
+    uri = uri.rstrip("/")
+    if uri.endswith("/merged"):
+        model = staging_dir(uri[: -len("/merged")]) / "merged"
+        if (model / "model_index.json").is_file():
+            return f"the merge that uploaded it keeps its local copy in {model}: give that folder"
+    return "the few-step stage reads a local merged model folder: download it first (or give the merged folder of a local output_dir)"
 
 
 def check_model_folder(model_dir: str | Path, fast=None) -> list[str]:
