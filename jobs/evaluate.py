@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, set_verbosity
+from dmm_ray.console import add_verbose_argument, cli_main, expand_path_args, given_options, refuse_empty, refuse_uris, set_verbosity
 from dmm_ray.overrides import add_set_argument, literal_override
 
 
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     refuse_empty(parser, args, "model", "teachers", "config", "section", "out", "tracking_uri", "project")
     expand_path_args(args, "model", "teachers", "config", "out")
+    refuse_uris(parser, args, out="folder")  # before the teachers are read (as export and style_mixing refuse theirs)
     if args.model and args.reference_only:  # the model would be sampled and scored, then its numbers dropped
         parser.error("--reference-only computes M_ref from the teachers alone: leave --model out (or drop --reference-only to evaluate it)")
     if args.reference_only and args.out:  # M_ref goes to cache_dir and the terminal: --out would stay empty
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
     if not args.reference_only:  # (M_ref alone writes nothing there: a read-only cwd's default outputs/eval refused it)
         from dmm_ray.data.fs import require_local
 
-        try:  # (write_outputs refuses a URI too, but only once every image was sampled)
-            require_local("--out" if args.out else "output_dir", cfg.output_dir)
+        try:  # --config's output_dir (--out's: refused above); write_outputs refuses it too, but once every image was sampled
+            require_local("output_dir", cfg.output_dir)
         except ValueError as error:
             parser.error(str(error))
         check_writable_folder(cfg.output_dir, "--out" if args.out else "output_dir")  # before minutes of sampling

@@ -192,6 +192,15 @@ def test_evaluate_job_refuses_an_out_uri_before_it_samples(world, tmp_path, monk
         with pytest.raises(SystemExit) as exited:
             job.main(argv + _fast_eval(world))
         assert exited.value.code == 2 and f"--out {out!r} is a URI, but --out must be a local folder" in capsys.readouterr().err
+    # before the teachers are read: it said "teachers file ... not found" (exit 1), then the --out URI on the next try
+    with pytest.raises(SystemExit) as exited:
+        job.main(["--model", str(world / "student"), "--teachers", str(tmp_path / "missing.yaml"), "--out", "s3://bucket/eval"])
+    assert exited.value.code == 2 and "--out 's3://bucket/eval' is a URI" in capsys.readouterr().err
+    config = tmp_path / "eval.yaml"  # a --config's output_dir URI: refused naming output_dir
+    config.write_text("output_dir: s3://bucket/eval\n")
+    with pytest.raises(SystemExit) as exited:
+        job.main(["--model", str(world / "student"), "--teachers", str(world / "zoo.yaml"), "--config", str(config), "--no-ray", *_fast_eval(world)])
+    assert exited.value.code == 2 and "output_dir 's3://bucket/eval' is a URI, but output_dir must be a local folder" in capsys.readouterr().err
     assert not (tmp_path / "remote").exists()
 
 
