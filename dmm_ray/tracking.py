@@ -683,9 +683,19 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None, tracking_uri: str
 def local_model(uri: str | None, tracking_uri: str | None = None) -> Iterator[Path | None]:
     """`resolve_model_uri` for a job: the model as a local folder for the length of the block. A local
     path is used as it is; an MLflow URI is downloaded into a temporary folder that the end of the
-    block removes, errors included (a job never leaves a model copy in /tmp). None gives None."""
+    block removes, errors included (a job never leaves a model copy in /tmp). None gives None.
+    An object-storage URI of a merged model (s3://, gs://, file://: a merge's <output_dir URI>/merged) is
+    downloaded through pyarrow as Serve, jobs/export.py and load_dmm_pipeline read it (fsu.fetched): while
+    an upload replaces it, or after one was cut short, the complete previous model, never a half-uploaded one
+    (MLflow's download read whatever was there: 'holds no diffusers pipeline folder')."""
     if uri is None or not is_mlflow_uri(uri):
         yield None if uri is None else resolve_model_uri(uri)
+        return
+    from dmm_ray.data import fs as fsu
+
+    if fsu.is_uri(uri) and uri.split("://", 1)[0].lower() in fsu.SUPPORTED_SCHEMES:
+        with fsu.fetched(uri, model=True) as folder:
+            yield folder
         return
     with tempfile.TemporaryDirectory(prefix="dmm-model-") as tmp:
         yield resolve_model_uri(uri, dst=tmp, tracking_uri=tracking_uri)

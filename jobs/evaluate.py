@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
-        help="merged model folder or MLflow URI (models:/name/version, read from --tracking-uri's store; downloaded into a temporary folder, removed when the job ends); omit with --reference-only",
+        help="merged model folder, an object-storage URI of one (s3://, gs://, file://, as Serve reads it) or MLflow URI (models:/name/version, read from --tracking-uri's store); a URI is downloaded into a temporary folder, removed when the job ends; omit with --reference-only",
     )
     p.add_argument("--teachers", required=True, help="zoo.yaml (paths relative to it) or a merge config (its teachers and evaluation: section)")
     p.add_argument("--config", help="YAML with EvalConfig fields (or a merge config; see --section)")

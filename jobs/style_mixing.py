@@ -44,7 +44,9 @@ def _guidance(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="merged model folder or models:/name/version (downloaded into a temporary folder, removed when the job ends)"
+        "--model",
+        required=True,
+        help="merged model folder, an object-storage URI of one (s3://, gs://, file://, as Serve reads it) or models:/name/version (a URI is downloaded into a temporary folder, removed when the job ends)",
     )
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow store a models:/ --model is read from (default: the merge job's, sqlite:///$DMM_HOME/mlflow.db)"

@@ -473,6 +473,23 @@ def test_local_model_removes_its_download_when_the_block_ends(tmp_path, monkeypa
         assert folder is None
 
 
+def test_local_model_reads_an_object_storage_model_as_serve_does(tmp_path):
+    """Finding: jobs/evaluate.py and jobs/style_mixing.py --model file://.../merged (s3://, gs://: a merge's <output_dir
+    URI>/merged) downloaded it with MLflow, whatever was there: while a merge's upload replaced it, or after one was cut
+    short, 'holds no diffusers pipeline folder' (or a half-uploaded model), where Serve, jobs/export.py and
+    load_dmm_pipeline load the complete previous model (fsu.model_to_read). local_model reads it as they do."""
+    from dmm_ray.tracking import local_model
+
+    old = tmp_path / "bucket" / "merged.old"  # the previous model, aside while the upload replaces merged/
+    (old / "unet").mkdir(parents=True)
+    (old / "unet" / "config.json").write_text('{"previous": 1}')
+    (old / "model_index.json").write_text("{}")
+    (tmp_path / "bucket" / "merged" / "unet").mkdir(parents=True)  # half of the new one: no model_index.json yet
+    with local_model((tmp_path / "bucket" / "merged").as_uri()) as folder:
+        assert (folder / "unet" / "config.json").read_text() == '{"previous": 1}'
+    assert not folder.exists()  # a download, removed at the block's end
+
+
 def test_a_store_mlflow_cannot_open_is_refused_before_any_work(tmp_path, monkeypatch):
     """check_tracking_store: a file store (MLflow 3 refuses it), an unknown scheme; nothing contacted."""
     from dmm_ray.tracking import TrackingError, check_registered_name, check_tracking, check_tracking_store
