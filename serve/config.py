@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmm_ray import paths
-from dmm_ray.overrides import ConfigError, config_error, read_yaml_file
+from dmm_ray.overrides import ConfigError, config_error, deep_merge, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The merged model of the embedded default merge (jobs/configs/toy.yaml, name dmm-toy): what
@@ -236,7 +236,8 @@ class ServeConfig(BaseModel):
 
     @classmethod
     def from_env(cls, overrides: Optional[dict] = None, environ: Optional[dict] = None) -> "ServeConfig":
-        """Defaults < YAML at $DMM_SERVE_CONFIG < $DMM_MODEL / $DMM_API_KEY < `overrides`."""
+        """Defaults < YAML at $DMM_SERVE_CONFIG < $DMM_MODEL / $DMM_API_KEY < `overrides`, key by key (also
+        inside `limits` and `lora_adapters`)."""
         env = os.environ if environ is None else environ
         data: dict = {}
         if env.get("DMM_SERVE_CONFIG"):
@@ -256,7 +257,9 @@ class ServeConfig(BaseModel):
             data["model"] = env["DMM_MODEL"]
         if "DMM_API_KEY" in env:  # set but empty is a config error (the validator says so), never "no key"
             data["api_key"] = env["DMM_API_KEY"]
-        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        # key by key, into sections too: args' `limits: {max_steps: 50}` (serve/config.yaml's) over the file's
+        # `limits: {max_width: 1024}` keeps its max_width, and args' lora_adapters add to the file's
+        data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
         try:
             return cls.model_validate(data)
         except ValidationError as error:  # one line per key, the nearest known key for a typo

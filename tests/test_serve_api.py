@@ -328,6 +328,10 @@ def test_config_from_env_and_overrides(tmp_path):
     env = {"DMM_MODEL": "/models/m", "DMM_API_KEY": "k", "DMM_SERVE_CONFIG": str(yaml_file)}
     cfg = ServeConfig.from_env({"max_batch_size": "16"}, environ=env)
     assert (cfg.model, cfg.api_key, cfg.max_batch_size, cfg.limits.max_steps) == ("/models/m", "k", 16, 10)
+    # args override key by key inside sections too: serve/config.yaml's `limits: {max_steps, max_images}` dropped the
+    # file's limits.max_steps (and a file's max_width: 1024 went back to 768) without a word
+    cfg = ServeConfig.from_env({"limits": {"max_images": 2}}, environ=env)
+    assert (cfg.limits.max_steps, cfg.limits.max_images, cfg.max_batch_size) == (10, 2, 4)
     assert ServeConfig.from_env(environ={}).model == "$DMM_HOME/outputs/dmm-toy/merged"
     assert ServeConfig(model="models:/dmm/3").model_location() == "models:/dmm/3"
     assert ServeConfig(model="outputs/toy/merged").model_location().endswith("outputs/toy/merged")
