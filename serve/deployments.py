@@ -354,8 +354,11 @@ def build_deployments(cfg: ServeConfig):
     # `router_max_queued_requests` requests for the router (then Serve's own 503 + Retry-After).
     backpressure = BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)
     # Only the fields the user set: a size limit left unset follows the model's native size (ServeConfig.limits_for),
-    # which a full dump would turn into a set 768
-    settings = cfg.model_dump(exclude_unset=True)
+    # which a full dump would turn into a set 768. The model location resolved here, once, for both deployments: a
+    # relative folder (or $DMM_HOME) resolved again in the router replica's working directory and environment made
+    # /export_command name another folder than the one the model replica loads
+    location = cfg.model_location()
+    settings = cfg.model_dump(exclude_unset=True) | {"model": location}
     model_options = dict(
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.replica_num_gpus()},
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -366,7 +369,7 @@ def build_deployments(cfg: ServeConfig):
         # Left unset at 1 so a Serve config file may give autoscaling_config instead.
         model_options["num_replicas"] = cfg.num_replicas
     model = StyleModel.options(**model_options).bind(
-        cfg.model_location(), cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations(), settings
+        location, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.lora_locations(), settings
     )
     router = StyleRouter.options(
         max_ongoing_requests=cfg.router_max_ongoing_requests,

@@ -619,6 +619,21 @@ def test_serve_config_sets_serve_overload_limits():
         assert d.backpressure_config.status_code == 503 and d.backpressure_config.retry_after_s == 2
 
 
+def test_the_router_names_the_model_folder_the_model_replica_loads(tmp_path, monkeypatch):
+    """A relative `model` was resolved in the builder for the model replica but again in the router replica (another
+    working directory: another node, a cluster started elsewhere): /export_command named <repo root>/merged."""
+    from pathlib import Path
+
+    from serve.app import build_app
+
+    (tmp_path / "merged").mkdir()
+    monkeypatch.chdir(tmp_path)
+    router = build_app({"model": "merged"})._bound_deployment
+    model = router.init_args[0]._bound_deployment
+    monkeypatch.chdir(Path(__file__).parent)  # the router replica's working directory
+    assert ServeConfig.model_validate(router.init_args[1]).model_location() == model.init_args[0] == str(tmp_path / "merged")
+
+
 # ---- on the shared Ray cluster: the real app --------------------------------------------------
 
 
