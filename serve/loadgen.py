@@ -5,6 +5,7 @@ fixed-concurrency async client, latency statistics. Used by benchmarks/serve_*.p
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import time
@@ -20,7 +21,11 @@ PROMPT_WORDS = ("red", "green", "blue", "yellow", "circle", "square", "triangle"
 def check_loopback(url: str) -> None:
     """Refuse any target that is not this machine: load and fault traffic stays on loopback."""
     host = urlparse(url).hostname or ""
-    if not (host == "localhost" or host.startswith("127.") or host == "::1"):
+    try:  # an address, never a name that merely starts with "127." (127.example.com resolves wherever its DNS says)
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
         raise ValueError(f"load target {url!r} is not a loopback address (127.0.0.0/8, localhost, ::1)")
 
 
