@@ -907,6 +907,15 @@ def regional_call(
     # a whole float (height=512.0, which the plain call takes) as an int: the views' latent windows slice by it
     height, width = int(height), int(width)
     kwargs.update(height=height, width=width)
+    latents = kwargs.get("latents")
+    if isinstance(latents, torch.Tensor) and latents.ndim >= 2 and tuple(latents.shape[-2:]) != (height // f, width // f):
+        # diffusers' loop draws at the given latents' size whatever height/width say; the views are built for
+        # height x width, so the UNet saw part of the latent and the rest was never denoised (or a shape error)
+        h, w = latents.shape[-2:]
+        raise RegionError(
+            f"latents= are {h}x{w} latent cells (a {h * f}x{w * f} image) but the canvas is {height}x{width} (height x width: "
+            f"the call's, else the default), which the regions' views are built for; pass height={h * f}, width={w * f}"
+        )
 
     if regions is not None:
         if window_stride is not None:  # the region path never reads it: a stride would silently do nothing

@@ -648,6 +648,13 @@ def test_background_fills_what_the_regions_leave(pipe):
         (dict(regions=[Region(box=ALL, style="noir", feather=[1])]), RegionError, r"region 0: feather must be .*got \[1\]"),
         (dict(regions=[Region(box=ALL, style="noir", feather=float("nan"))]), RegionError, r"region 0: feather must be .*got nan"),
         (dict(regions=[Region(box=ALL, style="noir")], height=36), RegionError, r"height and width must be multiples of 8, got 36x32"),
+        # latents= wider than the canvas: the views covered the canvas's part of them and the rest was never denoised
+        (
+            dict(regions=[Region(box=LEFT, style="noir"), Region(box=RIGHT, style="neon")], latents=torch.zeros(1, 4, 16, 32)),
+            RegionError,
+            r"latents= are 16x32 latent cells \(a 32x64 image\) but the canvas is 32x32 .*pass height=32, width=64",
+        ),
+        (dict(style_map=sweep("noir", "neon"), latents=torch.zeros(1, 4, 8, 64)), RegionError, r"latents= are 8x64 .*canvas is 16x64"),
         # the region path never read window_stride: it did nothing, silently
         (dict(regions=[Region(box=ALL, style="noir")], window_stride=8), RegionError, r"window_stride= goes with a panorama .*region_window="),
     ],
