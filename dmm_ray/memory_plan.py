@@ -50,6 +50,9 @@ from pathlib import Path
 
 import torch
 
+from dmm_ray.console import cli_main, given_options, positive_int, refuse_empty
+from dmm_ray.overrides import add_set_argument
+
 GiB = 1024**3
 OVERHEAD_BYTES = int(1.5 * GiB)
 OVERHEAD_FRACTION = 0.05
@@ -1181,22 +1184,34 @@ def readme_table(batch: int = 4, lora_rank: int = 64) -> str:
     return "\n".join(out)
 
 
+@cli_main
 def main(argv=None) -> int:
+    """`python -m dmm_ray.memory_plan`: a job's command line (console.cli_main), so a config that does not load or
+    validate (a missing file, a `--set` typo, bad YAML) is one `error:` line and exit 2, as in jobs/merge.py, not a
+    traceback; a plan that does not fit exits 2 too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a merge config (YAML); --set overrides as in jobs/merge.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_set_argument(parser, help="with --config: override a config value by dotted key, as in jobs/merge.py (repeatable)")
     parser.add_argument("--table", action="store_true", help="the README table: SD1.5/SDXL, 8 full / 32 LoRA teachers, 24/48/80 GB")
-    parser.add_argument("--batch", type=int, default=4, help="--table: rows per style per step")
-    parser.add_argument("--lora-rank", type=int, default=64, help="rank of LoRAs whose files are not here (and of --table)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="--table: rows per style per step (default: %(default)s)")
+    parser.add_argument(
+        "--lora-rank", type=positive_int, default=64, help="rank of LoRAs whose files are not here (and of --table; default: %(default)s)"
+    )
     args = parser.parse_args(argv)
+    refuse_empty(parser, args, "config")
+    if args.table and (args.config or args.overrides):  # the table plans its own fixed cases: they were ignored
+        parser.error("--table plans the README's fixed cases: --config and --set do not apply to it; give --config or --table")
     if args.table:
         print(readme_table(args.batch, args.lora_rank))
         return 0
     if not args.config:
         parser.error("give --config or --table")
+    if given_options(parser, args, "batch"):  # ignored with --config: its rows per style are the config's
+        parser.error("--batch sizes --table's cases; --config's plan takes its rows per style from the config")
     from dmm_ray.config import load_config
+    from dmm_ray.paths import expand
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(expand(args.config), args.overrides)
     plans = largest_plans(cfg, args.lora_rank)
     print(describe_config(cfg, args.lora_rank))
     for plan in (p for p in plans if not p.fits):

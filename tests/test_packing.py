@@ -238,6 +238,36 @@ def test_sdxl_preset_plans_to_fit_an_80gb_gpu():
     assert plan.fits and plan.total < 80 * 2**30
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
+        (["--config", "{preset}", "--set", "distill.stepz=3"], "did you mean distill.steps?"),
+        (["--config", "{preset}", "--set", "distill.steps=[1"], "the value is not valid YAML"),
+        (["--table", "--batch", "0"], "argument --batch: expected a positive integer"),
+        (["--table", "--lora-rank", "-4"], "argument --lora-rank: expected a positive integer"),
+        (["--table", "--config", "{preset}"], "--config and --set do not apply to it"),
+        (["--config", "{preset}", "--batch", "8"], "--batch sizes --table's cases"),
+        (["--config", ""], "--config is empty"),
+    ],
+)
+def test_memory_plan_command_line_refuses_bad_input_with_one_line(argv, message, capsys):
+    """`python -m dmm_ray.memory_plan`: a missing config, a --set typo or bad YAML was a traceback (exit 1);
+    `--table --batch 0` printed a table of "does not fit" and exit 0, `--lora-rank -4` never finished, and
+    --config/--set beside --table, or --batch beside --config, were ignored. Each is one line and exit 2 now."""
+    from pathlib import Path
+
+    from dmm_ray.memory_plan import main
+
+    preset = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sd15_8styles_1gpu.yaml")
+    try:
+        code = main([a.format(preset=preset) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_planner_refuses_a_layout_that_does_not_fit_naming_the_number(tmp_path):
     from merge_fixtures import build_world, tiny_merge_config
 
