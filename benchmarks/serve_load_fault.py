@@ -29,7 +29,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmm_ray.console import refuse_models_being_replaced  # noqa: E402
+from dmm_ray.console import (  # noqa: E402
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    refuse_models_being_replaced,
+)
 from serve.loadgen import dumps, latency_summary, run_calls, run_open_loop, style_stream  # noqa: E402
 
 KILL_WINDOW_MARGIN_S = 5.0  # after the replacement is RUNNING, requests already queued may still fail
@@ -235,20 +241,27 @@ def check(report: dict) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="merged-model folder (default: a tiny 3-style model built in code)")
-    p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--malformed", type=float, default=0.1, help="fraction of malformed requests")
-    p.add_argument("--poisoned", type=float, default=0.05, help="fraction of poisoned requests (overflowing weights)")
-    p.add_argument("--overload", type=float, default=10.0, help="overload phase at this x the sustained rate (0: none)")
-    p.add_argument("--overload-s", type=float, default=10.0, help="length of the overload phase in seconds")
-    p.add_argument("--replicas", type=int, default=1, help="StyleModel replicas (one is killed)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
+    p.add_argument("--requests", type=positive_int, default=500)
+    p.add_argument("--concurrency", type=positive_int, default=32)
+    p.add_argument("--malformed", type=fraction, default=0.1, help="fraction of malformed requests")
+    p.add_argument("--poisoned", type=fraction, default=0.05, help="fraction of poisoned requests (overflowing weights)")
+    p.add_argument("--overload", type=non_negative_float, default=10.0, help="overload phase at this x the sustained rate (0: none)")
+    p.add_argument("--overload-s", type=positive_float, default=10.0, help="length of the overload phase in seconds")
+    p.add_argument("--replicas", type=positive_int, default=1, help="StyleModel replicas (one is killed)")
+    p.add_argument("--steps", type=positive_int, default=2)
+    p.add_argument("--size", type=positive_int, default=32)
+    p.add_argument("--num-cpus", type=positive_int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
     # (the replicas refuse it too, but one by one as Serve restarts them: said here at once)
     refuse_models_being_replaced(p, args, "model")  # refused while a running job's save may replace it
+    from serve.model import ModelLoadError, is_mlflow_uri, resolve_model_location
+
+    if args.model and "://" not in args.model and not is_mlflow_uri(args.model):
+        try:  # the replica's own check, before Ray starts: a missing folder failed each replica's start in turn
+            resolve_model_location(args.model)
+        except ModelLoadError as error:
+            p.error(f"--model: {error}")
 
     import ray
     from ray import serve

@@ -58,6 +58,35 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def _float_at_least(text: str, low: float, above: bool, high: float | None, expected: str) -> float:
+    """A finite number from `low` (`above`: excluded) up to `high` (or no limit), else a usage error saying `expected`."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse `type=` for a length or rate above 0 (`--overload-s 10`)."""
+    return _float_at_least(text, 0.0, True, None, "a number above 0, e.g. 10")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse `type=` for a factor where 0 means "none" (`--overload 0`), never below."""
+    return _float_at_least(text, 0.0, False, None, "a number of 0 or more, e.g. 10 (0: none)")
+
+
+def fraction(text: str) -> float:
+    """argparse `type=` for a share between 0 and 1 (`--malformed 0.1`)."""
+    return _float_at_least(text, 0.0, False, 1.0, "a share between 0 and 1, e.g. 0.1")
+
+
 def int_list_or_none(text: str) -> list[int]:
     """int_list, where an empty value means "none" (`--lora-ks ''` skips those runs) instead of an error."""
     return int_list(text) if text.strip() else []

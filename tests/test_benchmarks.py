@@ -103,6 +103,36 @@ def test_a_bad_number_list_is_a_usage_error(script, argv, monkeypatch, capsys):
     assert stop.value.code == 2 and "expected comma-separated positive integers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("serve_load_fault", ["--concurrency", "0"], "argument --concurrency: expected a positive integer"),
+        ("serve_load_fault", ["--requests", "-5"], "argument --requests: expected a positive integer"),
+        ("serve_load_fault", ["--malformed", "1.5"], "argument --malformed: expected a share between 0 and 1"),
+        ("serve_load_fault", ["--overload", "-1"], "argument --overload: expected a number of 0 or more"),
+        ("serve_load_fault", ["--overload-s", "0"], "argument --overload-s: expected a number above 0"),
+        ("serve_load_fault", ["--model", "{tmp}/nowhere"], "--model: merged-model folder '{tmp}/nowhere' does not exist"),
+        ("serve_load_fault", ["--model", "{tmp}"], "is not a merged-model folder"),
+        ("serve_styles", ["--concurrency", "0"], "argument --concurrency: expected a positive integer"),
+        ("serve_styles", ["--max-models", "0"], "argument --max-models: expected a positive integer"),
+        ("serve_styles", ["--num-cpus", "-2"], "argument --num-cpus: expected a positive integer"),
+    ],
+)
+def test_serve_benchmarks_refuse_bad_numbers_and_models_before_ray_starts(script, argv, message, tmp_path, monkeypatch, capsys):
+    """`--concurrency 0` started Ray and Serve, deployed the model, sent nothing and failed on the missing results
+    (an AttributeError traceback); negative counts, a --malformed share above 1 (silently no malformed requests)
+    and a --model folder that is not there (each replica's start failed in turn) likewise got past the parser.
+    Each is a usage error (exit 2) now, before Ray starts."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *(a.format(tmp=tmp_path) for a in argv)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message.format(tmp=tmp_path) in err, err
+
+
 def test_train_throughput_dry_run_plans_the_sd15_step_on_meta_tensors():
     """The SD1.5 architecture on meta tensors: no weights, no Ray; it must still build the real step."""
     proc = subprocess.run(
