@@ -11,8 +11,11 @@ Everything lands under $DMM_HOME (default ~/.dmm-ray; dmm_ray/paths.py), where `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from dmm_ray.console import cli_main, expand_path_args, refuse_empty
@@ -24,15 +27,33 @@ DEFAULT_CONFIG = REPO / "jobs" / "configs" / "toy.yaml"  # what jobs/merge.py ru
 
 class StepFailed(Exception):
     def __init__(self, step: str, code: int):
-        super().__init__(f"{step} stopped with exit code {code} (its error is above)")
+        said = "what it kept is above" if code in (130, 143) else "its error is above"  # interrupted (cli_main's codes)
+        super().__init__(f"{step} stopped with exit code {code} ({said})")
         self.code = code
+
+
+@contextlib.contextmanager
+def step_owns_ctrl_c():
+    """While a step runs: a Ctrl-C reaches it too (one process group), and the step answers it (the merge stops
+    Ray Train, says what it kept and exits 130). The demo's KeyboardInterrupt killed the step 0.25 s later
+    (subprocess.run) and ended in a traceback; the demo now waits for the step and stops with its exit code.
+    A no-op handler, not SIG_IGN: a child inherits an ignored SIGINT, and would not answer the Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(script: str, *args: str) -> None:
     """Run REPO/`script` in the caller's folder, so that a relative --zoo / --set path means the same
     folder to every step and to the summary (it did not: the steps ran in the repository)."""
     print("+ " + " ".join(["python", script, *args]), flush=True)
-    code = subprocess.run([sys.executable, str(REPO / script), *args]).returncode
+    with step_owns_ctrl_c():
+        code = subprocess.run([sys.executable, str(REPO / script), *args]).returncode
     if code:
         raise StepFailed(script, code)
 

@@ -536,6 +536,30 @@ def test_demo_stops_at_a_failed_step_with_its_exit_code(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "demo: jobs/merge.py stopped with exit code 2 (its error is above)"
 
 
+def test_a_ctrl_c_during_a_demo_step_is_the_steps_to_answer(monkeypatch, capsys):
+    """Ctrl-C in `make demo` reaches the running step too (one process group): the merge stops Ray Train, says
+    what it kept and exits 130. The demo's own KeyboardInterrupt made subprocess.run kill the step 0.25 s later,
+    mid clean-up, and ended in a traceback (exit by SIGINT). The demo waits for the step and stops with its code."""
+    import os
+    import signal
+    import subprocess
+
+    from jobs import demo
+
+    def interrupted_step(cmd, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C, delivered to the demo while the step runs
+        return subprocess.CompletedProcess(cmd, 130)  # the step answered it
+
+    monkeypatch.setattr(demo.subprocess, "run", interrupted_step)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        code = demo.main(["--set", "zoo=micro"])
+    except KeyboardInterrupt:
+        pytest.fail("the demo died of the Ctrl-C its step answered")
+    assert code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err.strip() == "demo: jobs/build_zoo.py stopped with exit code 130 (what it kept is above)"
+
+
 def test_demo_builds_the_zoo_its_merge_reads(monkeypatch, tmp_path):
     """`jobs/demo.py --set zoo=micro` (or a zoo folder): the build step built the full zoo whatever --set
     zoo= said (~11 minutes on 2 cores for nothing), and the merge then built or read another one. It
