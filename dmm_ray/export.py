@@ -147,10 +147,21 @@ def bake(pipe, style=None, style_weights=None):
 
     The VAE, text encoder(s), tokenizer(s), scheduler and any image encoder are shared with `pipe`
     (not copied); only the UNet is new. Exactly one of `style` (name or index) and
-    `style_weights` (dict name -> weight, or N weights; normalised) must be given."""
+    `style_weights` (dict name -> weight, or N weights; normalised) must be given.
+
+    The pipeline keeps `pipe`'s task: an img2img or inpainting pipeline (`DMMImg2ImgPipeline.from_pipe(pipe)`)
+    gives diffusers' StableDiffusion(XL)Img2ImgPipeline / InpaintPipeline, a ControlNet one (`with_controlnet`)
+    its stock ControlNet form with the same ControlNet. They used to give the text-to-image pipeline, which took
+    `image=`, `strength=` and `mask_image=` without a word and drew from noise, the ControlNet left out."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from dmm_ray.plugins import is_xl, plain_pipeline_class
+
     unet = bake_unet(pipe.unet, style, style_weights)
+    cls = plain_pipeline_class(pipe)
+    if cls not in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        # over pipe's own modules (its ControlNet, image encoder, config such as requires_aesthetics_score), the UNet baked
+        return cls.from_pipe(pipe, unet=unet, **({} if is_xl(pipe) else {"safety_checker": None, "requires_safety_checker": False}))
     common = dict(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -160,7 +171,7 @@ def bake(pipe, style=None, style_weights=None):
         image_encoder=getattr(pipe, "image_encoder", None),
         feature_extractor=getattr(pipe, "feature_extractor", None),
     )
-    if getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "components", {}):
+    if is_xl(pipe):
         force_zeros = pipe.config.get("force_zeros_for_empty_prompt", True) if hasattr(pipe, "config") else True
         return StableDiffusionXLPipeline(
             text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, force_zeros_for_empty_prompt=force_zeros, **common

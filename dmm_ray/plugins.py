@@ -37,11 +37,13 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 
 from dmm_ray.models.style_unet import StyleUNet, inner_unet
@@ -138,6 +140,11 @@ CONTROLNET_PIPELINES = {
         "inpaint": StableDiffusionXLControlNetInpaintPipeline,
     },
 }
+# SDXL -> diffusers' own pipeline of each task, for a plain or baked model (`dmm_ray.export.bake` keeps a pipeline's task)
+PLAIN_PIPELINES = {
+    False: {"text": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline, "inpaint": StableDiffusionInpaintPipeline},
+    True: {"text": StableDiffusionXLPipeline, "img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline},
+}
 # the pipelines whose task is img2img / inpainting (diffusers' ControlNet ones do not subclass the plain ones)
 IMAGE_TASKS = {
     "img2img": (
@@ -200,6 +207,25 @@ def check_controlnet(pipe, controlnet) -> None:
             )
 
 
+def is_xl(pipe) -> bool:
+    """Whether `pipe` is an SDXL pipeline (it has a second text encoder slot)."""
+    return getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "components", {})
+
+
+def pipeline_task(pipe) -> str:
+    """`pipe`'s task: "img2img", "inpaint" or "text" (text-to-image), ControlNet or not."""
+    return next((task for task, classes in IMAGE_TASKS.items() if isinstance(pipe, classes)), "text")
+
+
+def plain_pipeline_class(pipe):
+    """diffusers' own pipeline of `pipe`'s architecture and task, its ControlNet form when `pipe` has a ControlNet:
+    StableDiffusion(XL)(ControlNet)(Img2Img|Inpaint)Pipeline, what a style baked from `pipe` runs in (`bake`)."""
+    xl, task = is_xl(pipe), pipeline_task(pipe)
+    if getattr(pipe, "controlnet", None) is not None:
+        return CONTROLNET_PIPELINES[xl, False][task]
+    return PLAIN_PIPELINES[xl][task]
+
+
 def _config_value(value):
     """Config values compare as tuples: a list from a JSON config equals the tuple a model was built with."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
@@ -212,10 +238,9 @@ def with_controlnet(pipe, controlnet):
     pipeline used to give the text-to-image one, which takes no `strength=` and reads `image=` as the control.
     A ControlNet made for another UNet or VAE is refused here, naming what differs (`check_controlnet`)."""
     check_controlnet(pipe, controlnet)
-    xl = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in pipe.components
+    xl = is_xl(pipe)
     styled = isinstance(inner_unet(pipe.unet), StyleUNet)  # also a compiled one (`torch.compile(pipe.unet)`)
-    task = next((task for task, classes in IMAGE_TASKS.items() if isinstance(pipe, classes)), "text")
-    cls = CONTROLNET_PIPELINES[xl, styled][task]
+    cls = CONTROLNET_PIPELINES[xl, styled][pipeline_task(pipe)]
     # a pipeline without a safety checker (a merged model, a baked export) gives one without, and no warning
     # about it; one that has a checker (a stock SD1.5 pipeline) keeps it, as diffusers' from_pipe does
     kwargs = {} if xl or getattr(pipe, "safety_checker", None) is not None else {"safety_checker": None, "requires_safety_checker": False}

@@ -170,8 +170,10 @@ def test_lora_fuse_unfuse_keeps_the_style_module_intact(plugin_files):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_controlnet_from_merged_unet_starts_as_identity(arch):
     """`ControlNetModel.from_unet(merged.unet)` works; untrained (zero convs), it leaves the styled image as it is."""
+    import diffusers
     from diffusers import ControlNetModel
 
+    from dmm_ray.export import bake
     from dmm_ray.plugins import DMMControlNetPipeline, DMMXLControlNetPipeline, with_controlnet
     from dmm_ray.tiny_plugins import control_image
 
@@ -183,6 +185,8 @@ def test_controlnet_from_merged_unet_starts_as_identity(arch):
     assert cpipe.unet is pipe.unet and cpipe.vae is pipe.vae  # shared, not copied
     for selection in ({"style": "pixel"}, {"style_weights": MIXTURE}):
         assert differ(gen(cpipe, image=control_image(SIZE), **selection), gen(pipe, **selection)) < 1e-6
+    baked = bake(cpipe, style="pixel")  # keeps the ControlNet (was the text-to-image pipeline without it)
+    assert type(baked) is getattr(diffusers, f"StableDiffusion{'XL' if arch == 'sdxl' else ''}ControlNetPipeline") and baked.controlnet is net
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -404,7 +408,7 @@ def test_with_controlnet_keeps_an_img2img_or_inpainting_pipelines_task(arch, tas
 
     from dmm_ray import plugins
     from dmm_ray.export import bake
-    from dmm_ray.tiny_plugins import control_image
+    from dmm_ray.tiny_plugins import control_image, make_controlnet
 
     xl, kind = ("XL" if arch == "sdxl" else ""), ("Img2Img" if task == "img2img" else "Inpaint")
     merged = tiny_merged(arch)
@@ -421,6 +425,17 @@ def test_with_controlnet_keeps_an_img2img_or_inpainting_pipelines_task(arch, tas
     ink = gen(cpipe, style="ink", control_image=control_image(SIZE), **task_kw)
     np.testing.assert_allclose(ink, gen(source, style="ink", **task_kw), atol=1e-5)
     assert differ(ink, gen(cpipe, style="neon", control_image=control_image(SIZE), **task_kw)) > MIN_CHANGE
+    # baked, it keeps its task and its ControlNet (bake gave the text-to-image pipeline, which ignored image= and the
+    # control without a word): the same image as the merged model's, the ControlNet a trained one
+    trained = make_controlnet(merged.unet, seed=4, scale=0.1)
+    cpipe = plugins.with_controlnet(source, trained)
+    baked = bake(cpipe, style="ink")
+    assert type(baked) is getattr(diffusers, f"StableDiffusion{xl}ControlNet{kind}Pipeline") and baked.controlnet is trained
+    np.testing.assert_allclose(
+        gen(baked, styled=False, control_image=control_image(SIZE), **task_kw),
+        gen(cpipe, style="ink", control_image=control_image(SIZE), **task_kw),
+        atol=1e-5,
+    )
 
 
 def test_from_pipe_keeps_fuse_styles_off():
@@ -471,6 +486,9 @@ def test_img2img_and_inpainting_in_a_style_equal_diffusers_on_the_baked_style(ar
     stock = stock_cls.from_pipe(bake(merged, style="ink"))  # the baked style's stock pipeline
     ink = run(styled, style="ink")
     np.testing.assert_allclose(ink, run(stock), atol=1e-4)
+    baked = bake(styled, style="ink")  # baked from the img2img / inpainting pipeline itself: that task's stock pipeline
+    assert type(baked) is stock_cls and baked.vae is merged.vae  # was the text-to-image one, drawing from noise
+    np.testing.assert_allclose(run(baked), ink, atol=1e-4)
     assert differ(ink, run(styled, style="neon")) > MIN_CHANGE
     with pytest.raises(ValueError, match="starts from an image: regions= and panoramas"):
         run(styled, regions=_regions())
