@@ -67,7 +67,7 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
     from diffusers import UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
 
-    from dmm_ray.formats.single_file import has_ip_adapter, has_lora_layers
+    from dmm_ray.formats.single_file import has_ip_adapter, has_lora_layers, is_fused_projection
 
     unet = inner_unet(unet)  # also a compiled one (`pipe.unet = torch.compile(pipe.unet)`)
     if not isinstance(unet, StyleUNet):
@@ -94,7 +94,8 @@ def bake_unet(unet: StyleUNet, style=None, style_weights=None):
 
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k not in STYLE_CONFIG_KEYS}
     plain = UNet2DConditionModel(**config)
-    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    # the style module goes; so do diffusers' fused q/k/v copies (`fuse_qkv_projections`): the baked UNet is unfused
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.") and not is_fused_projection(k)}
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"the StyleUNet does not map onto a plain UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")

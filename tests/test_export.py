@@ -124,6 +124,29 @@ def test_a_compiled_unet_is_baked_and_exported_and_an_unbaked_one_refused(merged
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
+def test_fused_qkv_projections_are_baked_and_exported_as_the_plain_layers(tmp_path):
+    """`pipe.fuse_qkv_projections()` (a model without style adapters on q/k/v fuses, README) adds `to_qkv` / `to_kv`
+    copies of the projections to the UNet's and VAE's state dicts, kept after `unfuse_qkv_projections()`: bake failed
+    with "does not map onto a plain UNet: ... unexpected [...to_qkv.weight...]", and a baked pipeline fused
+    afterwards was written to its single file with them (the VAE's as `attn_1.to_qkto_v`), names no loader reads.
+    They are left out: the baked, unfused UNet gives the fused model's image, and the file holds no fused key."""
+    from safetensors import safe_open
+
+    from dmm_ray.export import bake, export_pipeline
+
+    pipe = tiny_merged("sd15")
+    reference = gen(pipe, style="ink")
+    pipe.fuse_qkv_projections()
+    plain = bake(pipe, style="ink")
+    assert np.abs(gen(plain, styled=False) - reference).max() < 1e-4
+    pipe.unfuse_qkv_projections()  # the fused copies stay in the state dict
+    plain = bake(pipe, style="ink")
+    plain.fuse_qkv_projections()
+    with safe_open(str(export_pipeline(plain, tmp_path / "ink.safetensors")), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "to_qk" in k or "to_kv" in k]
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_single_file_loads_with_from_single_file_and_carries_provenance(merged, arch, tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -189,12 +189,28 @@ def sdxl_text_encoder_2(path: str | os.PathLike, config_folder: str | os.PathLik
     return model.to(dtype=torch_dtype) if torch_dtype is not None else model
 
 
+FUSED_PROJECTION = re.compile(r"\.(to_qkv|to_kv|to_added_qkv)\.")
+
+
+def is_fused_projection(key: str) -> bool:
+    """Whether a state-dict key is one of diffusers' fused attention projections (`fuse_qkv_projections()`:
+    `to_qkv`, `to_kv`, `to_added_qkv`): concatenated copies of `to_q` / `to_k` / `to_v`, which stay in the
+    state dict beside them, also after `unfuse_qkv_projections()`. No checkpoint layout holds them: left in,
+    they went into a single file under names no loader reads (the VAE's as `attn_1.to_qkto_v`), and `bake`
+    failed on them."""
+    return FUSED_PROJECTION.search(key) is not None
+
+
 def to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
-    """The components' weights in one LDM-layout state dict (SDXL's layout when `text_encoder_2` is given)."""
+    """The components' weights in one LDM-layout state dict (SDXL's layout when `text_encoder_2` is given);
+    diffusers' fused attention projections are left out (`is_fused_projection`: `to_q`, `to_k`, `to_v` hold them)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
-        out[unet_key_to_ldm(key, unet.config)] = value
+        if not is_fused_projection(key):
+            out[unet_key_to_ldm(key, unet.config)] = value
     for key, value in vae.state_dict().items():
+        if is_fused_projection(key):
+            continue
         ldm_key = vae_key_to_ldm(key, vae.config)
         if ".mid.attn_1." in ldm_key and ldm_key.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
