@@ -2215,6 +2215,41 @@ def test_a_few_step_run_killed_between_its_save_and_its_record_does_not_train_or
     assert read_record(out / "model")[merge.TRAINED_BY] == fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN) != first
 
 
+def test_a_finished_few_step_run_evaluated_again_takes_its_saved_model_without_training_or_saving(merged_world, tmp_path, monkeypatch):
+    """`jobs/fast.py --no-eval`, then the same command without --no-eval (or with other fast.eval_steps, evaluation:
+    settings): the finished run's record was not this request's, and its saved model was looked for only where there was
+    no record, so the run trained again (resumed at its last step), saved the same model again and registered it again.
+    A finished run whose request differs only in what the saved model does not depend on is found by the model's
+    record (SAVED_BY, TRAINED_BY): only the evaluation (and registration) run. A training setting still trains."""
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.fast import job as fast_job
+
+    world, merged = merged_world
+    out = tmp_path / "fast"
+    cfg = MergeConfig.model_validate(tiny_merge_config(world, tmp_path / "run", fast={"output_dir": str(out)})).with_absolute_paths()
+    evaluated: list[tuple] = []
+    monkeypatch.setattr(fast_job, "evaluate_fast", lambda c, path, teachers, steps, *a, **k: evaluated.append(tuple(steps)) or {})
+    ran: list[str] = []
+    _stub_fast_training(monkeypatch, merged, ran, set())
+    fast_job.run_fast(cfg, merged, evaluate=False)  # --no-eval
+    assert ran == ["train", "save"] and evaluated == [] and (out / fast_job.COMPLETE_RECORD).is_file()
+    saved, ran[:] = _digest(out / "model"), []
+    assert any("a finished run with other evaluation settings saved it" in line for line in fast_job.check_before_run(cfg, merged))  # --dry-run
+    result = fast_job.run_fast(cfg, merged)  # was: trained (resumed at its last step) and saved again
+    assert ran == [] and evaluated == [tuple(cfg.fast.eval_steps)] and not result.already_complete and _digest(out / "model") == saved
+    assert fast_job.run_fast(cfg, merged).already_complete and ran == []
+    other_eval = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"eval_steps": [1]})})
+    fast_job.run_fast(other_eval, merged)
+    assert ran == [] and evaluated[-1] == (1,) and _digest(out / "model") == saved
+    other = "lcm" if cfg.fast.sampler == "tcd" else "tcd"
+    lcm = cfg.model_copy(update={"fast": cfg.fast.model_copy(update={"sampler": other})})  # a setting the saved model depends on
+    assert not any("already saved" in line for line in fast_job.check_before_run(lcm, merged))
+    fast_job.run_fast(lcm, merged)
+    assert ran == ["train", "save"]
+
+
 def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_saves_nothing(merged_world, tmp_path, monkeypatch):
     """A merge started after jobs/fast.py began (it checks merge.lock only at its start) saved another merged model in
     place of the one the few-step job trains from: its save then fused the LoRA trained on the old UNet into the new

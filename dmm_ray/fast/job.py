@@ -656,17 +656,17 @@ def saved_model_request(asked: dict) -> str:
 
 
 def saved_by_this_training(out: Path, saved_by: str) -> bool:
-    """A run of this request (`saved_by`: its `saved_model_request`) killed between its save's swap and its completion
-    record (none in `out`): the few-step model there records this request and the training state in `out`
-    now (its fingerprint.FAST_TRAINING_RUN), as dmm_ray.merge.saved_by_this_training finds a merged model. Training
-    again (resumed at its last step) only saved the same model again, and registered it again. A --restart killed
-    before its save left the model of the training before it, of the same config: another FAST_TRAINING_RUN (the
-    restart discarded that one), so False, and the re-run trains."""
+    """The few-step model in `out` is the one a run of this request (`saved_by`: its `saved_model_request`) saves: it
+    records this request and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
+    dmm_ray.merge.saved_by_this_training finds a merged model. Saved by a run of this request killed between its
+    save's swap and its completion record, or by a finished run whose request differs only in what the saved model
+    does not depend on (its evaluation: `jobs/fast.py --no-eval`, then without it). Training again (resumed at its
+    last step) only saved the same model again, and registered it again. A --restart killed before its save left the
+    model of the training before it, of the same config: another FAST_TRAINING_RUN (the restart discarded that
+    one), so False, and the re-run trains."""
     from dmm_ray import fingerprint
     from dmm_ray.merged_model import saved_from
 
-    if (out / COMPLETE_RECORD).exists():  # a finished run of another request: its model is that request's
-        return False
     return saved_from(out / "model", saved_by, fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
 
 
@@ -680,10 +680,14 @@ def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, input
 
 
 def _saved_line(out: Path) -> str:
+    why = (
+        "a finished run with other evaluation settings saved it"
+        if (out / COMPLETE_RECORD).is_file()
+        else "the run was stopped before it recorded that it finished"
+    )
     return (
         f"this few-step run, with this model and config, already saved its few-step model ({out / 'model'}; its dmm_merge.json "
-        "says so: the run was stopped before it recorded that it finished), so the training and the save are skipped and "
-        "the evaluation and registration run. --restart trains again"
+        f"says so: {why}), so the training and the save are skipped and the evaluation and registration run. --restart trains again"
     )
 
 
@@ -824,10 +828,11 @@ def _run_fast(
     saved = saved_by_this_training(out, saved_by) or (
         requested is not None and requested != cfg and _saved_with_the_plan(cfg, model_dir, out, inputs, evaluate)
     )
+    said = _saved_line(out) if saved else None  # (before the record it may name is forgotten)
     forget(out, COMPLETE_RECORD)  # from here on, the folder's model may change
     f = cfg.fast
     if saved:
-        log(_saved_line(out))
+        log(said)
     else:
         log(
             f"LCM distillation of {model_dir} ({len(styles)} styles: {', '.join(styles)}): mode {f.mode}"
