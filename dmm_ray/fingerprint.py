@@ -330,15 +330,16 @@ def same_request(recorded: dict, asked: dict, cfg=None) -> bool:
     was, now = recorded.get("inputs") or {}, asked.get("inputs") or {}
     if cfg is not None:
         now = _by_the_recorded_rule(cfg, was, now, model=now.get("model"))
-    return _in_its_folder(_as_asked_before_the_plan(rest(recorded), asked)) == _in_its_folder(rest(asked)) and not _differences(was, now)
+    return in_its_folder(_as_asked_before_the_plan(rest(recorded), asked)) == in_its_folder(rest(asked)) and not _differences(was, now)
 
 
-def _in_its_folder(request: dict) -> dict:
+def in_its_folder(request: dict) -> dict:
     """The request without fast.output_dir and fast.enabled. The completion record is read from fast.output_dir, so
     that is the same folder by construction, however it was given; fast.enabled only says whether a merge runs the
     stage (jobs/fast.py runs it either way). A merge's few-step stage recorded both (fast_folder filled in, enabled),
     while jobs/fast.py run on that merge's model with its config left them unset: the job trained, saved and
-    registered the stage's few-step model again."""
+    registered the stage's few-step model again. The few-step model's SAVED_BY is hashed without them too
+    (dmm_ray.fast.job.saved_model_request)."""
     config = request.get("config")
     fast = config.get("fast") if isinstance(config, dict) else None
     if not isinstance(fast, dict):

@@ -2223,8 +2223,10 @@ def test_a_finished_few_step_run_evaluated_again_takes_its_saved_model_without_t
     record (SAVED_BY, TRAINED_BY): only the evaluation (and registration) run. A training setting still trains."""
     from merge_fixtures import tiny_merge_config
 
+    from dmm_ray import fingerprint
     from dmm_ray.config import MergeConfig
     from dmm_ray.fast import job as fast_job
+    from dmm_ray.merged_model import SAVED_BY, read_record
 
     world, merged = merged_world
     out = tmp_path / "fast"
@@ -2235,8 +2237,14 @@ def test_a_finished_few_step_run_evaluated_again_takes_its_saved_model_without_t
     _stub_fast_training(monkeypatch, merged, ran, set())
     fast_job.run_fast(cfg, merged, evaluate=False)  # --no-eval
     assert ran == ["train", "save"] and evaluated == [] and (out / fast_job.COMPLETE_RECORD).is_file()
+    # as a dmm-ray recorded it that hashed fast.output_dir and fast.enabled into SAVED_BY: still this request's model
+    model = merged.resolve()
+    record = read_record(out / "model")
+    before = fast_job._saved_as_before(fast_job._fast_request(cfg, model, fingerprint.fast_inputs(cfg, model), False))
+    assert record[SAVED_BY] != before
+    (out / "model" / "dmm_merge.json").write_text(json.dumps({**record, SAVED_BY: before}))
     saved, ran[:] = _digest(out / "model"), []
-    assert any("a finished run with other evaluation settings saved it" in line for line in fast_job.check_before_run(cfg, merged))  # --dry-run
+    assert any("a finished run of this training saved it" in line for line in fast_job.check_before_run(cfg, merged))  # --dry-run
     result = fast_job.run_fast(cfg, merged)  # was: trained (resumed at its last step) and saved again
     assert ran == [] and evaluated == [tuple(cfg.fast.eval_steps)] and not result.already_complete and _digest(out / "model") == saved
     assert fast_job.run_fast(cfg, merged).already_complete and ran == []
@@ -2248,6 +2256,45 @@ def test_a_finished_few_step_run_evaluated_again_takes_its_saved_model_without_t
     assert not any("already saved" in line for line in fast_job.check_before_run(lcm, merged))
     fast_job.run_fast(lcm, merged)
     assert ran == ["train", "save"]
+
+
+def test_the_few_step_job_takes_the_model_its_merges_few_step_stage_saved(merged_world, tmp_path, monkeypatch, capsys):
+    """`jobs/fast.py --model OUT/merged --config C` after the merge with config C ran its few-step stage (fast.enabled)
+    unevaluated (evaluation.enabled false), to evaluate it: not complete (the job evaluates), and its saved model's
+    SAVED_BY hashed the stage's fast.output_dir and fast.enabled, which the job leaves unset, so the job trained
+    (resumed at its last step) and saved the same model again. SAVED_BY is hashed without them, as the completion
+    record is compared: the job evaluates the stage's model, nothing trained or saved."""
+    from types import SimpleNamespace
+
+    import yaml
+    from merge_fixtures import tiny_merge_config
+
+    from dmm_ray import merge
+    from dmm_ray.config import MergeConfig
+    from dmm_ray.evaluation.config import EvalConfig
+    from dmm_ray.fast import job as fast_job
+    from jobs import fast as job
+
+    world, merged = merged_world
+    run_dir = tmp_path / "run"
+    shutil.copytree(merged, run_dir / "merged")  # the merged model this merge saved
+    tree = tiny_merge_config(world, run_dir, fast={"enabled": True}, tracking={"enabled": False})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    cfg = MergeConfig.model_validate(tree).with_absolute_paths()
+    monkeypatch.setattr(EvalConfig, "check_ready", lambda self, *a, **k: None)  # (the tiny world has no evaluation inputs)
+    evaluated: list[Path] = []
+    monkeypatch.setattr(fast_job, "evaluate_fast", lambda c, path, *a, **k: evaluated.append(path) or {})
+    ran: list[str] = []
+    _stub_fast_training(monkeypatch, merged, ran, set())
+    merge.fast_stage(
+        SimpleNamespace(cfg=cfg, asked=cfg, out=run_dir, remote=None, tracker=None, result=merge.MergeResult(merged_path=run_dir / "merged"))
+    )
+    assert ran == ["train", "save"] and evaluated == []
+    saved, ran[:] = _digest(run_dir / "fast" / "model"), []
+    args = ["--model", str(run_dir / "merged"), "--config", str(tmp_path / "c.yaml")]
+    assert job.main(args + ["--dry-run"]) == 0 and "already saved its few-step model" in capsys.readouterr().out
+    assert job.main(args) == 0
+    assert ran == [] and evaluated == [run_dir / "fast" / "model"] and _digest(run_dir / "fast" / "model") == saved  # was: train, save
 
 
 def test_a_few_step_run_whose_merged_model_a_merge_replaced_while_it_trained_saves_nothing(merged_world, tmp_path, monkeypatch):

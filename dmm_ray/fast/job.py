@@ -646,17 +646,35 @@ def saved_model_request(asked: dict) -> str:
     """What a few-step model records of the run that saved it (dmm_ray.merged_model.SAVED_BY): the sha256 of its request
     (`_fast_request`) without what only the evaluation reads (`evaluate`, the evaluation: section, fast.eval_steps),
     as the merge's saved_model_request leaves out its evaluation: a re-run whose evaluation was changed (or failed)
-    still finds its saved model."""
-    from dmm_ray.merged_model import request_sha256, request_without
+    still finds its saved model; nor fast.output_dir and fast.enabled, as the completion record is compared
+    (fingerprint.in_its_folder): jobs/fast.py on a merge's model with its config finds the model the merge's few-step
+    stage saved (it trained and saved it again when the stage had evaluated and the job did not, or the other way round)."""
+    from dmm_ray import fingerprint
+    from dmm_ray.merged_model import request_sha256
+
+    return request_sha256(fingerprint.in_its_folder(_saved_model_fields(asked)))
+
+
+def _saved_as_before(asked: dict) -> str:
+    """SAVED_BY as a dmm-ray before saved_model_request left out fast.output_dir and fast.enabled recorded it: a model it
+    saved is still this request's (its run stopped between the save and its record, or another evaluation asked now)."""
+    from dmm_ray.merged_model import request_sha256
+
+    return request_sha256(_saved_model_fields(asked))
+
+
+def _saved_model_fields(asked: dict) -> dict:
+    from dmm_ray.merged_model import request_without
 
     request = request_without({k: v for k, v in asked.items() if k != "evaluate"}, ("evaluation",))
     config = request["config"]
     fast = {k: v for k, v in config["fast"].items() if k != "eval_steps"}
-    return request_sha256({**request, "config": {**config, "fast": fast}})
+    return {**request, "config": {**config, "fast": fast}}
 
 
-def saved_by_this_training(out: Path, saved_by: str) -> bool:
-    """The few-step model in `out` is the one a run of this request (`saved_by`: its `saved_model_request`) saves: it
+def saved_by_this_training(out: Path, *saved_by: str) -> bool:
+    """The few-step model in `out` is the one a run of this request (`saved_by`: its `saved_model_request`, and the hash
+    an earlier dmm-ray recorded, `_saved_as_before`) saves: it
     records this request and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
     dmm_ray.merge.saved_by_this_training finds a merged model. Saved by a run of this request killed between its
     save's swap and its completion record, or by a finished run whose request differs only in what the saved model
@@ -667,7 +685,8 @@ def saved_by_this_training(out: Path, saved_by: str) -> bool:
     from dmm_ray import fingerprint
     from dmm_ray.merged_model import saved_from
 
-    return saved_from(out / "model", saved_by, fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN))
+    trained_by = fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN)
+    return any(saved_from(out / "model", request, trained_by) for request in saved_by)
 
 
 def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, inputs: dict, evaluate: bool) -> bool:
@@ -676,12 +695,13 @@ def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, input
     is that request's hash, which the request as given never equals (a hash: not comparable as same_request compares
     such a completion record). Without this, such a stage stopped between its save and its record trained, saved and
     registered its model again once. A dry run, which plans no cluster, cannot find it: it says the stage trains."""
-    return saved_by_this_training(out, saved_model_request(_fast_request(planned, model_dir, inputs, evaluate)))
+    asked = _fast_request(planned, model_dir, inputs, evaluate)
+    return saved_by_this_training(out, saved_model_request(asked), _saved_as_before(asked))
 
 
 def _saved_line(out: Path) -> str:
     why = (
-        "a finished run with other evaluation settings saved it"
+        "a finished run of this training saved it, with other evaluation settings or as a merge's few-step stage"
         if (out / COMPLETE_RECORD).is_file()
         else "the run was stopped before it recorded that it finished"
     )
@@ -749,7 +769,7 @@ def _found_done(cfg: MergeConfig, model_dir: Path, out: Path, inputs: dict, eval
     done = _finished_here(cfg, asked, out)
     if done is not None:
         return [_complete_line(out, done)]
-    return [_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked)) else []
+    return [_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked), _saved_as_before(asked)) else []
 
 
 def check_merge_stage_before_run(fast_cfg: MergeConfig, model_dir: str | Path, evaluate: bool) -> list[str]:
@@ -825,7 +845,7 @@ def _run_fast(
     # killed between its save's swap and its completion record (or after its registration): evaluate and register
     # the saved model; training again (resumed at its last step) saved it again and registered a second version
     saved_by = saved_model_request(asked)  # what the saved model records of this run: compared here, recorded by the save
-    saved = saved_by_this_training(out, saved_by) or (
+    saved = saved_by_this_training(out, saved_by, _saved_as_before(asked)) or (
         requested is not None and requested != cfg and _saved_with_the_plan(cfg, model_dir, out, inputs, evaluate)
     )
     said = _saved_line(out) if saved else None  # (before the record it may name is forgotten)
