@@ -834,7 +834,9 @@ class StageTracker(MergeTracker):
             client.update_model_version(name, version, description=description)
         for key, value in (tags or {}).items():
             client.set_model_version_tag(name, version, key, str(value))
-        log.warning("%s version %s (MLflow run %s, stopped before its job recorded it) is this model: not registered again", name, version, saved_by)
+        log.warning(
+            "%s version %s (registered by MLflow run %s, which saved this model) is this model: not registered again", name, version, saved_by
+        )
         return f"models:/{name}/{version}"
 
     def close(self) -> None:

@@ -67,10 +67,10 @@ def main(argv=None) -> int:
     config = expand(args.config) if args.config else str(DEFAULT_CONFIG)
 
     from dmm_ray.config import load_config
-    from dmm_ray.fast.job import FastError, check_model_folder, local_model, run_fast
+    from dmm_ray.fast.job import FastError, check_model_folder, require_local_model, run_fast
 
     try:  # a URI was read as the local Path `s3:/bucket/x/merged`: "no such folder", for a model that is there
-        local_model(args.model)  # (its error names the merge's local copy where this machine has one)
+        require_local_model(args.model)  # (its error names the merge's local copy where this machine has one)
     except FastError as error:
         parser.error(str(error))
     from dmm_ray.merged_model import read_record

@@ -2237,6 +2237,10 @@ def test_a_finished_few_step_run_evaluated_again_takes_its_saved_model_without_t
     _stub_fast_training(monkeypatch, merged, ran, set())
     fast_job.run_fast(cfg, merged, evaluate=False)  # --no-eval
     assert ran == ["train", "save"] and evaluated == [] and (out / fast_job.COMPLETE_RECORD).is_file()
+    # the model as this dmm-ray saved it: found by its own SAVED_BY, also by a request with the other tracking
+    untracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": not cfg.tracking.enabled})})
+    for asked in (cfg, untracked):
+        assert any("a finished run of this training saved it" in line for line in fast_job.check_before_run(asked, merged))  # --dry-run
     # as a dmm-ray recorded it that hashed fast.output_dir and fast.enabled into SAVED_BY: still this request's model
     model = merged.resolve()
     record = read_record(out / "model")
@@ -2543,3 +2547,16 @@ def test_a_few_step_run_killed_after_registering_its_model_does_not_register_it_
     versions = client.search_model_versions("name = 'test-merge'")
     assert [int(v.version) for v in versions] == [1]  # was 1 and 2, of one model
     assert versions[0].tags["dmm.stage"] == "fast" and versions[0].description.startswith("few-step (LCM lora) model of test-merge")
+
+    # evaluated now (FIDt on the version), then --no-eval again: that version keeps its FIDt (the --no-eval re-run,
+    # which measured nothing, wrote a description without it over the evaluated one)
+    import numpy as np
+
+    from dmm_ray.evaluation.matrix import EvalResult
+
+    scored = EvalResult(["style0", "style1"], np.array([[2.0, 9.0], [9.0, 3.0]]), np.array([[1.0, 9.0], [9.0, 1.0]]), ["p"], 2, "x")
+    monkeypatch.setattr(fast_job, "evaluate_fast", lambda *a, **k: {cfg.fast.num_inference_steps: scored})
+    monkeypatch.setattr(fast_job, "log_fast_evaluations", lambda *a: None)
+    for evaluate in (True, False):
+        assert fast_job.run_fast(cfg, merged, tracker=make_tracker(cfg), evaluate=evaluate).model_uri == "models:/test-merge/1" and ran == []
+        assert ", FIDt 5.00" in client.get_model_version("test-merge", "1").description, evaluate

@@ -50,7 +50,7 @@ class FastError(ValueError):
     """A bad few-step setup (model folder, mode, data), said before Ray starts."""
 
 
-def local_model(model_dir: str | Path) -> Path:
+def require_local_model(model_dir: str | Path) -> Path:
     """`model_dir` as a local Path, or a FastError for a URI: the stage reads a local merged model folder. As a Path a
     URI was `s3:/bucket/...` under the current folder, and the Python API (run_fast) said "no such folder". The error
     says where the model is found locally (jobs/fast.py --model says the same, exit 2)."""
@@ -81,7 +81,7 @@ def check_model_folder(model_dir: str | Path, fast=None) -> list[str]:
     grid and sub-steps) and its UNet's layers (fast.lora_targets)."""
     from dmm_ray.models.style_unet import merged_style_names
 
-    folder = local_model(model_dir)
+    folder = require_local_model(model_dir)
     if not folder.is_dir():
         raise FastError(f"--model {folder}: no such folder (give a merged model folder, e.g. $DMM_HOME/outputs/dmm-toy/merged)")
     for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder", "tokenizer", "vae"):
@@ -627,7 +627,7 @@ def run_fast(
     from dmm_ray import output_lock
 
     started = time.time()
-    model_dir = local_model(model_dir).resolve()
+    model_dir = require_local_model(model_dir).resolve()
     styles, _, encode_plan = check_before_ray(cfg, model_dir)
     out = fast_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -648,16 +648,18 @@ def saved_model_request(asked: dict) -> str:
     as the merge's saved_model_request leaves out its evaluation: a re-run whose evaluation was changed (or failed)
     still finds its saved model; nor fast.output_dir and fast.enabled, as the completion record is compared
     (fingerprint.in_its_folder): jobs/fast.py on a merge's model with its config finds the model the merge's few-step
-    stage saved (it trained and saved it again when the stage had evaluated and the job did not, or the other way round)."""
+    stage saved (it trained and saved it again when the stage had evaluated and the job did not, or the other way round);
+    nor the tracking: section, which only says where the model is logged (a --no-track run after a tracked one trained
+    and saved it again, and the next tracked run registered a second version)."""
     from dmm_ray import fingerprint
-    from dmm_ray.merged_model import request_sha256
+    from dmm_ray.merged_model import request_sha256, request_without
 
-    return request_sha256(fingerprint.in_its_folder(_saved_model_fields(asked)))
+    return request_sha256(fingerprint.in_its_folder(request_without(_saved_model_fields(asked), ("tracking",))))
 
 
 def _saved_as_before(asked: dict) -> str:
-    """SAVED_BY as a dmm-ray before saved_model_request left out fast.output_dir and fast.enabled recorded it: a model it
-    saved is still this request's (its run stopped between the save and its record, or another evaluation asked now)."""
+    """SAVED_BY as a dmm-ray before saved_model_request left out fast.output_dir, fast.enabled and tracking: recorded it: a
+    model it saved is still this request's (its run stopped between the save and its record, or another evaluation asked now)."""
     from dmm_ray.merged_model import request_sha256
 
     return request_sha256(_saved_model_fields(asked))
@@ -672,10 +674,10 @@ def _saved_model_fields(asked: dict) -> dict:
     return {**request, "config": {**config, "fast": fast}}
 
 
-def saved_by_this_training(out: Path, *saved_by: str) -> bool:
-    """The few-step model in `out` is the one a run of this request (`saved_by`: its `saved_model_request`, and the hash
-    an earlier dmm-ray recorded, `_saved_as_before`) saves: it
-    records this request and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
+def saved_by_this_training(out: Path, asked: dict, saved_by: str | None = None) -> bool:
+    """The few-step model in `out` is the one a run of this request (`asked`, `_fast_request`) saves: it records its
+    `saved_model_request` (`saved_by`, when the caller has it already) or the hash an earlier dmm-ray recorded
+    (`_saved_as_before`), and and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
     dmm_ray.merge.saved_by_this_training finds a merged model. Saved by a run of this request killed between its
     save's swap and its completion record, or by a finished run whose request differs only in what the saved model
     does not depend on (its evaluation: `jobs/fast.py --no-eval`, then without it). Training again (resumed at its
@@ -686,7 +688,8 @@ def saved_by_this_training(out: Path, *saved_by: str) -> bool:
     from dmm_ray.merged_model import saved_from
 
     trained_by = fingerprint.training_run(out, fingerprint.FAST_TRAINING_RUN)
-    return any(saved_from(out / "model", request, trained_by) for request in saved_by)
+    hashes = (saved_by or saved_model_request(asked), _saved_as_before(asked))
+    return any(saved_from(out / "model", request, trained_by) for request in hashes)
 
 
 def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, inputs: dict, evaluate: bool) -> bool:
@@ -695,8 +698,7 @@ def _saved_with_the_plan(planned: MergeConfig, model_dir: Path, out: Path, input
     is that request's hash, which the request as given never equals (a hash: not comparable as same_request compares
     such a completion record). Without this, such a stage stopped between its save and its record trained, saved and
     registered its model again once. A dry run, which plans no cluster, cannot find it: it says the stage trains."""
-    asked = _fast_request(planned, model_dir, inputs, evaluate)
-    return saved_by_this_training(out, saved_model_request(asked), _saved_as_before(asked))
+    return saved_by_this_training(out, _fast_request(planned, model_dir, inputs, evaluate))
 
 
 def _saved_line(out: Path) -> str:
@@ -707,7 +709,8 @@ def _saved_line(out: Path) -> str:
     )
     return (
         f"this few-step run, with this model and config, already saved its few-step model ({out / 'model'}; its dmm_merge.json "
-        f"says so: {why}), so the training and the save are skipped and the evaluation and registration run. --restart trains again"
+        f"says so: {why}), so the training and the save are skipped; the evaluation and the registration run where asked. "
+        "--restart trains again"
     )
 
 
@@ -769,7 +772,7 @@ def _found_done(cfg: MergeConfig, model_dir: Path, out: Path, inputs: dict, eval
     done = _finished_here(cfg, asked, out)
     if done is not None:
         return [_complete_line(out, done)]
-    return [_saved_line(out)] if saved_by_this_training(out, saved_model_request(asked), _saved_as_before(asked)) else []
+    return [_saved_line(out)] if saved_by_this_training(out, asked) else []
 
 
 def check_merge_stage_before_run(fast_cfg: MergeConfig, model_dir: str | Path, evaluate: bool) -> list[str]:
@@ -845,7 +848,7 @@ def _run_fast(
     # killed between its save's swap and its completion record (or after its registration): evaluate and register
     # the saved model; training again (resumed at its last step) saved it again and registered a second version
     saved_by = saved_model_request(asked)  # what the saved model records of this run: compared here, recorded by the save
-    saved = saved_by_this_training(out, saved_by, _saved_as_before(asked)) or (
+    saved = saved_by_this_training(out, asked, saved_by) or (
         requested is not None and requested != cfg and _saved_with_the_plan(cfg, model_dir, out, inputs, evaluate)
     )
     said = _saved_line(out) if saved else None  # (before the record it may name is forgotten)
@@ -902,8 +905,10 @@ def _run_fast(
                         f"{f.num_inference_steps} steps, CFG off" + (f", FIDt {default.fidt:.2f}" if default else ""),
                         "tags": version_record("fast", result.model_path, default)["tags"],
                     }
-                    # registered by the run that saved it (its dmm_merge.json names that run), stopped before its record
-                    result.model_uri = tracker.complete_earlier_registration(result.model_path, **version) or tracker.log_merged_model(
+                    # registered by the run that saved it (its dmm_merge.json names that run): that version, which keeps its own
+                    # description and tags where this run measured nothing (a --no-eval re-run wrote a description without FIDt)
+                    earlier = version if result.evaluations or not saved else {}
+                    result.model_uri = tracker.complete_earlier_registration(result.model_path, **earlier) or tracker.log_merged_model(
                         result.model_path, **version
                     )
                     tracker.close()
