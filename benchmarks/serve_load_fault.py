@@ -255,11 +255,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # (the replicas refuse it too, but one by one as Serve restarts them: said here at once)
     refuse_models_being_replaced(p, args, "model")  # refused while a running job's save may replace it
+    from serve.config import ServeConfig
     from serve.model import ModelLoadError, is_mlflow_uri, resolve_model_location
 
     if args.model and "://" not in args.model and not is_mlflow_uri(args.model):
-        try:  # the replica's own check, before Ray starts: a missing folder failed each replica's start in turn
-            resolve_model_location(args.model)
+        try:  # the replica's own check, before Ray starts, on the folder the app gives it ($DMM_HOME, ~, the repo root)
+            resolve_model_location(ServeConfig(model=args.model).model_location())
         except ModelLoadError as error:
             p.error(f"--model: {error}")
 

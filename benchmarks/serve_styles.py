@@ -305,11 +305,13 @@ def lora_cost(args, merged: Path) -> dict:
 def fraction_list(text: str) -> list[float]:
     """argparse `type=` for --lora-fractions (`0,0.5,1`): shares of requests, each in [0, 1]. Parsed with the
     other options, so a bad entry is a usage error before Ray starts, not a ValueError traceback after."""
+    from dmm_ray.console import fraction
+
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        values = [fraction(part) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
         values = []
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
+    if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated shares of requests between 0 and 1, e.g. 0,0.5,1; got {text!r}")
     return values
 

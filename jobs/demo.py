@@ -27,6 +27,7 @@ DEFAULT_CONFIG = REPO / "jobs" / "configs" / "toy.yaml"  # what jobs/merge.py ru
 
 class StepFailed(Exception):
     def __init__(self, step: str, code: int):
+        code = 128 - code if code < 0 else code  # killed by signal N (Ctrl-C before its cli_main ran: -2): as a shell says, 128 + N
         said = "what it kept is above" if code in (130, 143) else "its error is above"  # interrupted (cli_main's codes)
         super().__init__(f"{step} stopped with exit code {code} ({said})")
         self.code = code
@@ -37,7 +38,8 @@ def step_owns_ctrl_c():
     """While a step runs: a Ctrl-C reaches it too (one process group), and the step answers it (the merge stops
     Ray Train, says what it kept and exits 130). The demo's KeyboardInterrupt killed the step 0.25 s later
     (subprocess.run) and ended in a traceback; the demo now waits for the step and stops with its exit code.
-    A no-op handler, not SIG_IGN: a child inherits an ignored SIGINT, and would not answer the Ctrl-C."""
+    A no-op handler, not SIG_IGN: a child inherits an ignored SIGINT, and would not answer the Ctrl-C. A SIGINT sent to
+    the demo's process alone (not its group) is dropped meanwhile; SIGTERM still ends it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -113,6 +113,8 @@ def test_a_bad_number_list_is_a_usage_error(script, argv, monkeypatch, capsys):
         ("serve_load_fault", ["--overload-s", "0"], "argument --overload-s: expected a number above 0"),
         ("serve_load_fault", ["--model", "{tmp}/nowhere"], "--model: merged-model folder '{tmp}/nowhere' does not exist"),
         ("serve_load_fault", ["--model", "{tmp}"], "is not a merged-model folder"),
+        # $DMM_HOME (and ~) expanded as the app expands it for its replicas: refused as '$DMM_HOME/nowhere' before
+        ("serve_load_fault", ["--model", "$DMM_HOME/nowhere"], "--model: merged-model folder '{tmp}/home/nowhere' does not exist"),
         ("serve_styles", ["--concurrency", "0"], "argument --concurrency: expected a positive integer"),
         ("serve_styles", ["--max-models", "0"], "argument --max-models: expected a positive integer"),
         ("serve_styles", ["--num-cpus", "-2"], "argument --num-cpus: expected a positive integer"),
@@ -126,6 +128,7 @@ def test_serve_benchmarks_refuse_bad_numbers_and_models_before_ray_starts(script
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setenv("DMM_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *(a.format(tmp=tmp_path) for a in argv)])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(REPO / f"benchmarks/{script}.py"), run_name="__main__")

@@ -621,3 +621,13 @@ def test_demo_names_the_evaluation_at_an_output_dir_uri(monkeypatch, capsys):
     monkeypatch.setattr("dmm_ray.merge.locations", lambda cfg: where)
     assert demo.main(["--set", "output_dir=s3://bucket/toy"]) == 0
     assert "  evaluation:     s3://bucket/toy/evaluation   (" in capsys.readouterr().out
+
+
+def test_a_demo_step_killed_by_a_signal_is_said_as_a_shell_says_it():
+    """A step killed by signal N (Ctrl-C before its own handler ran: -2; the OOM killer: -9) made the demo say
+    "exit code -2 (its error is above)" and exit 254: now 128 + N, and a Ctrl-C reads as an interruption."""
+    from jobs.demo import StepFailed
+
+    interrupted, killed = StepFailed("jobs/merge.py", -2), StepFailed("jobs/merge.py", -9)
+    assert interrupted.code == 130 and "exit code 130 (what it kept is above)" in str(interrupted)
+    assert killed.code == 137 and "exit code 137 (its error is above)" in str(killed)
