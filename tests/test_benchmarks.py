@@ -573,8 +573,10 @@ def test_serve_load_fault_writes_out_into_a_folder_not_there_yet(tmp_path, monke
     from ray import serve as ray_serve
 
     serve_app = importlib.import_module("serve.app")  # the module: the package's `app` attribute is the Serve app
+    serve_model = importlib.import_module("serve.model")
 
     for module, name in [
+        (serve_model, "resolve_model_location"),  # tmp_path stands for the model: no merged folder
         (ray, "init"),
         (ray, "shutdown"),
         (ray_serve, "start"),
