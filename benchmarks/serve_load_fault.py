@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     from serve.config import ServeConfig
     from serve.model import ModelLoadError, is_mlflow_uri, resolve_model_location
 
-    if args.model and "://" not in args.model and not is_mlflow_uri(args.model):
+    if args.model and not is_mlflow_uri(args.model):  # (a URI or models:/: the replica downloads it)
         try:  # the replica's own check, before Ray starts, on the folder the app gives it ($DMM_HOME, ~, the repo root)
             resolve_model_location(ServeConfig(model=args.model).model_location())
         except ModelLoadError as error:

@@ -693,7 +693,7 @@ def local_model(uri: str | None, tracking_uri: str | None = None) -> Iterator[Pa
         return
     from dmm_ray.data import fs as fsu
 
-    if fsu.is_uri(uri) and uri.split("://", 1)[0].lower() in fsu.SUPPORTED_SCHEMES:
+    if fsu.is_pyarrow_uri(uri):
         with fsu.fetched(uri, model=True) as folder:
             yield folder
         return

@@ -42,6 +42,16 @@ def is_uri(location) -> bool:
     return "://" in str(location)
 
 
+def scheme_of(location) -> str:
+    """A URI's scheme, lower case (`s3` of `S3://b/x`); "" for a plain path."""
+    return str(location).split("://", 1)[0].lower() if is_uri(location) else ""
+
+
+def is_pyarrow_uri(location) -> bool:
+    """A URI whose scheme pyarrow opens (SUPPORTED_SCHEMES: s3://, gs://, file://, ...), not an MLflow one."""
+    return scheme_of(location) in SUPPORTED_SCHEMES
+
+
 def check_location(setting: str, location: str) -> None:
     """A clear error, naming `setting`, for a location that is neither a local path nor a URI that
     pyarrow can open (`s3:/b` / `s3:` would otherwise become a local folder named `s3:`). No network."""
@@ -49,7 +59,7 @@ def check_location(setting: str, location: str) -> None:
 
     check_not_mangled(location, setting)
     if is_uri(location):
-        scheme = location.split("://", 1)[0].lower()
+        scheme = scheme_of(location)
         if scheme not in SUPPORTED_SCHEMES:
             raise ValueError(
                 f"{setting} {location!r}: scheme {scheme + '://'!r} is not supported; give a local path or a URI "
@@ -66,7 +76,7 @@ def _uri_syntax_problem(uri: str) -> Optional[str]:
     URI's one option, `?use_mmap=true`, is a query pyarrow reads."""
     if "#" in uri:
         return "'#' starts a URI fragment, which pyarrow drops with everything after it; write a '#' in a name as %23"
-    if uri.split("://", 1)[0].lower() == "file" and "?" in uri:
+    if scheme_of(uri) == "file" and "?" in uri:
         if any(option.split("=", 1)[0] != "use_mmap" for option in uri.split("?", 1)[1].split("&")):
             return (
                 "'?' starts a URI query, which pyarrow drops from a file:// URI with everything after it (its one option is use_mmap); "

@@ -677,7 +677,7 @@ def _saved_model_fields(asked: dict) -> dict:
 def saved_by_this_training(out: Path, asked: dict, saved_by: str | None = None) -> bool:
     """The few-step model in `out` is the one a run of this request (`asked`, `_fast_request`) saves: it records its
     `saved_model_request` (`saved_by`, when the caller has it already) or the hash an earlier dmm-ray recorded
-    (`_saved_as_before`), and and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
+    (`_saved_as_before`), and the training state in `out` now (its fingerprint.FAST_TRAINING_RUN), as
     dmm_ray.merge.saved_by_this_training finds a merged model. Saved by a run of this request killed between its
     save's swap and its completion record, or by a finished run whose request differs only in what the saved model
     does not depend on (its evaluation: `jobs/fast.py --no-eval`, then without it). Training again (resumed at its
